@@ -1,0 +1,43 @@
+//! Wire messages of pagecast.
+//!
+//! The messages are defined in `proto/pagecast/v1/*.proto` and compiled at
+//! build time by [protox](https://docs.rs/protox) and prost-build, so building
+//! needs no system `protoc`. This crate holds no logic beyond the constants
+//! every decoder must enforce: the protocol version and the size caps.
+//! Validation of a message's meaning (for example that a manifest's chunks
+//! cover every frame once) lives with the crate that owns the concept.
+
+/// Generated types of the `pagecast.v1` protobuf package.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/pagecast.v1.rs"));
+}
+
+/// The wire protocol version this build speaks.
+pub const WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion1;
+
+/// Guest page size in bytes; the only one pagecast handles.
+pub const PAGE_SIZE: u32 = 4096;
+
+/// Length of a page hash (BLAKE3-256) in bytes.
+pub const HASH_LEN: usize = 32;
+
+/// Most frames one [`v1::ManifestChunk`] may describe.
+pub const MAX_MANIFEST_CHUNK_FRAMES: u32 = 65_536;
+
+/// Most zero ranges one [`v1::ManifestChunk`] may carry (every other frame zero).
+pub const MAX_MANIFEST_CHUNK_ZERO_RANGES: usize = (MAX_MANIFEST_CHUNK_FRAMES as usize).div_ceil(2);
+
+/// Most bytes an encoded [`v1::ManifestChunk`] may take: the hashes of a full
+/// chunk plus the worst-case zero ranges, with room for field tags.
+pub const MAX_MANIFEST_CHUNK_BYTES: usize =
+    MAX_MANIFEST_CHUNK_FRAMES as usize * HASH_LEN + MAX_MANIFEST_CHUNK_ZERO_RANGES * 24 + 64;
+
+/// Most bytes an encoded [`v1::ManifestHeader`] may take.
+pub const MAX_MANIFEST_HEADER_BYTES: usize = 1024;
+
+/// Most frames a manifest may describe: 4 TiB of guest memory.
+pub const MAX_MANIFEST_FRAMES: u64 = 1 << 30;
+
+/// Longest VM name, in bytes.
+pub const MAX_VM_NAME_BYTES: usize = 128;
