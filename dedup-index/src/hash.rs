@@ -1,0 +1,712 @@
+//! Page hashes: the BLAKE3-256 digest of one 4 KiB page.
+//!
+//! [`PageHash`] is the one name for page content used across pagecast: in the
+//! index, in manifests, on the wire and in plans. Zero pages are never
+//! hashed; where a per-frame table needs a value for one, it stores
+//! [`PageHash::ZERO_PAGE`], the all-zero bit pattern, which no BLAKE3 output
+//! will ever equal in practice (probability 2^-256).
+//!
+//! [`hash_pages`] hashes many pages at once. A single 4 KiB page is only four
+//! BLAKE3 chunks, which leaves half of an AVX2 unit's eight lanes idle, so
+//! hashing pages one by one reaches about half of what BLAKE3 achieves on one
+//! long buffer. On x86-64 with AVX2 the batch kernel hashes eight pages side by
+//! side instead: 32 chunks in four 8-lane passes, the 16 inner parent nodes in
+//! two passes and the 8 roots in one, all lanes busy throughout. The output is
+//! bit-for-bit what `blake3::hash` returns for each page.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Size of a guest page in bytes.
+pub const PAGE_SIZE: usize = 4096;
+
+/// One guest page.
+pub type Page = [u8; PAGE_SIZE];
+
+/// The BLAKE3-256 hash of a page's content. Ordered bytewise, so sorted
+/// lists, key ranges and shard prefixes agree; displayed as lowercase hex.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PageHash([u8; 32]);
+
+impl PageHash {
+    /// The value stored for a zero page in per-frame tables. Zero pages are
+    /// never hashed, sent or indexed.
+    pub const ZERO_PAGE: PageHash = PageHash([0; 32]);
+
+    /// Wraps 32 raw bytes.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        PageHash(bytes)
+    }
+
+    /// Hash of one page's content (one call to `blake3::hash`). Use
+    /// [`hash_pages`] for many pages.
+    pub fn of_page(page: &Page) -> Self {
+        PageHash(*blake3::hash(page).as_bytes())
+    }
+
+    /// The 32 raw bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Whether this is the [`PageHash::ZERO_PAGE`] marker.
+    pub fn is_zero_page(&self) -> bool {
+        self.0 == [0; 32]
+    }
+
+    /// The first 8 bytes as a big-endian integer: a uniformly distributed
+    /// value for sharding and sketches, ordered like the hash itself.
+    pub fn prefix_u64(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[..8]);
+        u64::from_be_bytes(b)
+    }
+}
+
+impl fmt::Display for PageHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PageHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PageHash({self})")
+    }
+}
+
+/// Why a string or byte slice is not a [`PageHash`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseHashError {
+    /// The input has the wrong length.
+    #[error("a page hash is {expected} {unit}, got {got}")]
+    Length {
+        /// Expected length.
+        expected: usize,
+        /// Actual length.
+        got: usize,
+        /// "hex digits" or "bytes".
+        unit: &'static str,
+    },
+    /// A character is not a hex digit.
+    #[error("a page hash is hex, found {found:?} at position {position}")]
+    NotHex {
+        /// The offending character.
+        found: char,
+        /// Its character position.
+        position: usize,
+    },
+}
+
+impl FromStr for PageHash {
+    type Err = ParseHashError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let chars: Vec<char> = s.chars().collect();
+        if chars.len() != 64 {
+            return Err(ParseHashError::Length {
+                expected: 64,
+                got: chars.len(),
+                unit: "hex digits",
+            });
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in chars.chunks_exact(2).enumerate() {
+            let mut byte = 0u8;
+            for (j, c) in pair.iter().enumerate() {
+                let d = c.to_digit(16).ok_or(ParseHashError::NotHex {
+                    found: *c,
+                    position: 2 * i + j,
+                })?;
+                byte = (byte << 4) | d as u8;
+            }
+            out[i] = byte;
+        }
+        Ok(PageHash(out))
+    }
+}
+
+impl TryFrom<&[u8]> for PageHash {
+    type Error = ParseHashError;
+
+    fn try_from(b: &[u8]) -> Result<Self, Self::Error> {
+        let arr: [u8; 32] = b.try_into().map_err(|_| ParseHashError::Length {
+            expected: 32,
+            got: b.len(),
+            unit: "bytes",
+        })?;
+        Ok(PageHash(arr))
+    }
+}
+
+impl serde::Serialize for PageHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PageHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether a page is all zero bytes. Reads 64 bytes at a time and stops at
+/// the first non-zero block, so non-zero pages usually cost one cache line.
+pub fn is_zero_page(page: &Page) -> bool {
+    page.chunks_exact(64).all(|block| {
+        let mut acc = 0u64;
+        for w in block.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8-byte chunk"));
+        }
+        acc == 0
+    })
+}
+
+/// Hashes `pages[i]` into `out[i]` for every `i`, using the multi-page SIMD
+/// kernel where the CPU has one. Zero pages are hashed like any other page:
+/// callers that skip them (the fingerprinter does) leave them out of `pages`.
+///
+/// # Panics
+/// If `out` is shorter than `pages`.
+pub fn hash_pages(pages: &[&Page], out: &mut [PageHash]) {
+    assert!(out.len() >= pages.len(), "output shorter than input");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        let groups = pages.len() / avx2::PAGES;
+        for g in 0..groups {
+            let at = g * avx2::PAGES;
+            let group: &[&Page; avx2::PAGES] = pages[at..at + avx2::PAGES]
+                .try_into()
+                .expect("group of PAGES");
+            let mut hashes = [[0u8; 32]; avx2::PAGES];
+            // The first pages of the next group, prefetched meanwhile (the
+            // last group prefetches its own first pages again: harmless).
+            let next = match pages.get(at + avx2::PAGES..at + avx2::PAGES + 2) {
+                Some(n) => [n[0], n[1]],
+                None => [group[0], group[1]],
+            };
+            // SAFETY: `available()` confirmed at run time that this CPU
+            // supports AVX2, the only requirement of `hash8`.
+            unsafe { avx2::hash8(group, next, &mut hashes) };
+            for (o, h) in out[at..at + avx2::PAGES].iter_mut().zip(hashes) {
+                *o = PageHash(h);
+            }
+        }
+        done = groups * avx2::PAGES;
+    }
+    for (page, o) in pages[done..].iter().zip(&mut out[done..]) {
+        *o = PageHash::of_page(page);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! Eight BLAKE3 hashes of 4 KiB inputs at once with AVX2.
+    //!
+    //! State is kept transposed: vector `v[i]` holds state word `i` of all
+    //! eight lanes, and the message vectors likewise, so one instruction
+    //! advances eight independent compressions. A page is four chunks of
+    //! sixteen 64-byte blocks; its tree has two parents over chunk pairs and
+    //! a root over those. Because the chaining values come out transposed,
+    //! building the parents' messages only needs even/odd lane shuffles, not
+    //! a transpose; only the final root words are transposed back to bytes.
+
+    use super::Page;
+    use core::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    /// Pages hashed per call.
+    pub const PAGES: usize = 8;
+
+    const IV: [u32; 8] = [
+        0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB,
+        0x5BE0CD19,
+    ];
+    const CHUNK_START: u32 = 1;
+    const CHUNK_END: u32 = 2;
+    const PARENT: u32 = 4;
+    const ROOT: u32 = 8;
+    const BLOCK_LEN: u32 = 64;
+    const CHUNK_LEN: usize = 1024;
+
+    const MSG_PERMUTATION: [usize; 16] = [2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8];
+
+    /// `SCHEDULE[r][i]`: which original message word round `r` uses in slot `i`.
+    const SCHEDULE: [[usize; 16]; 7] = {
+        let mut s = [[0usize; 16]; 7];
+        let mut i = 0;
+        while i < 16 {
+            s[0][i] = i;
+            i += 1;
+        }
+        let mut r = 1;
+        while r < 7 {
+            let mut i = 0;
+            while i < 16 {
+                s[r][i] = s[r - 1][MSG_PERMUTATION[i]];
+                i += 1;
+            }
+            r += 1;
+        }
+        s
+    };
+
+    /// Whether the running CPU has AVX2 (checked once).
+    pub fn available() -> bool {
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2"))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn add(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_add_epi32(a, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn xor(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_xor_si256(a, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn splat(x: u32) -> __m256i {
+        _mm256_set1_epi32(x as i32)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn rot16(x: __m256i) -> __m256i {
+        // LLVM rewrites a constant-mask `vpshufb` that swaps 16-bit halves
+        // into `vpshuflw` + `vpshufhw`: two instructions where one does, in
+        // the innermost loop. Emitting it by hand keeps it at one.
+        static MASK: [u8; 32] = [
+            2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11,
+            8, 9, 14, 15, 12, 13,
+        ];
+        let out: __m256i;
+        // SAFETY: `vpshufb` reads the 32-byte static `MASK` and writes only
+        // `out`; the function is only compiled for AVX2.
+        unsafe {
+            std::arch::asm!(
+                "vpshufb {out}, {x}, ymmword ptr [{mask}]",
+                out = lateout(ymm_reg) out,
+                x = in(ymm_reg) x,
+                mask = in(reg) MASK.as_ptr(),
+                options(pure, readonly, nostack, preserves_flags),
+            );
+        }
+        out
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn rot12(x: __m256i) -> __m256i {
+        _mm256_or_si256(_mm256_srli_epi32(x, 12), _mm256_slli_epi32(x, 20))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn rot8(x: __m256i) -> __m256i {
+        _mm256_shuffle_epi8(
+            x,
+            _mm256_setr_epi8(
+                1, 2, 3, 0, 5, 6, 7, 4, 9, 10, 11, 8, 13, 14, 15, 12, 1, 2, 3, 0, 5, 6, 7, 4, 9,
+                10, 11, 8, 13, 14, 15, 12,
+            ),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn rot7(x: __m256i) -> __m256i {
+        _mm256_or_si256(_mm256_srli_epi32(x, 7), _mm256_slli_epi32(x, 25))
+    }
+
+    /// One BLAKE3 round on eight lanes: the four column G functions, then
+    /// the four diagonal ones, each step interleaved across the four.
+    ///
+    /// A macro rather than a function: `#[target_feature]` functions cannot
+    /// be `#[inline(always)]`, and a call per round costs a third of the speed.
+    macro_rules! round {
+        ($v:ident, $m:ident, $r:expr) => {{
+            let v = &mut $v;
+            let m = &$m;
+            let s = &SCHEDULE[$r];
+            // Columns: G(0,4,8,12) G(1,5,9,13) G(2,6,10,14) G(3,7,11,15).
+            v[0] = add(add(v[0], m[s[0]]), v[4]);
+            v[1] = add(add(v[1], m[s[2]]), v[5]);
+            v[2] = add(add(v[2], m[s[4]]), v[6]);
+            v[3] = add(add(v[3], m[s[6]]), v[7]);
+            v[12] = rot16(xor(v[12], v[0]));
+            v[13] = rot16(xor(v[13], v[1]));
+            v[14] = rot16(xor(v[14], v[2]));
+            v[15] = rot16(xor(v[15], v[3]));
+            v[8] = add(v[8], v[12]);
+            v[9] = add(v[9], v[13]);
+            v[10] = add(v[10], v[14]);
+            v[11] = add(v[11], v[15]);
+            v[4] = rot12(xor(v[4], v[8]));
+            v[5] = rot12(xor(v[5], v[9]));
+            v[6] = rot12(xor(v[6], v[10]));
+            v[7] = rot12(xor(v[7], v[11]));
+            v[0] = add(add(v[0], m[s[1]]), v[4]);
+            v[1] = add(add(v[1], m[s[3]]), v[5]);
+            v[2] = add(add(v[2], m[s[5]]), v[6]);
+            v[3] = add(add(v[3], m[s[7]]), v[7]);
+            v[12] = rot8(xor(v[12], v[0]));
+            v[13] = rot8(xor(v[13], v[1]));
+            v[14] = rot8(xor(v[14], v[2]));
+            v[15] = rot8(xor(v[15], v[3]));
+            v[8] = add(v[8], v[12]);
+            v[9] = add(v[9], v[13]);
+            v[10] = add(v[10], v[14]);
+            v[11] = add(v[11], v[15]);
+            v[4] = rot7(xor(v[4], v[8]));
+            v[5] = rot7(xor(v[5], v[9]));
+            v[6] = rot7(xor(v[6], v[10]));
+            v[7] = rot7(xor(v[7], v[11]));
+            // Diagonals: G(0,5,10,15) G(1,6,11,12) G(2,7,8,13) G(3,4,9,14).
+            v[0] = add(add(v[0], m[s[8]]), v[5]);
+            v[1] = add(add(v[1], m[s[10]]), v[6]);
+            v[2] = add(add(v[2], m[s[12]]), v[7]);
+            v[3] = add(add(v[3], m[s[14]]), v[4]);
+            v[15] = rot16(xor(v[15], v[0]));
+            v[12] = rot16(xor(v[12], v[1]));
+            v[13] = rot16(xor(v[13], v[2]));
+            v[14] = rot16(xor(v[14], v[3]));
+            v[10] = add(v[10], v[15]);
+            v[11] = add(v[11], v[12]);
+            v[8] = add(v[8], v[13]);
+            v[9] = add(v[9], v[14]);
+            v[5] = rot12(xor(v[5], v[10]));
+            v[6] = rot12(xor(v[6], v[11]));
+            v[7] = rot12(xor(v[7], v[8]));
+            v[4] = rot12(xor(v[4], v[9]));
+            v[0] = add(add(v[0], m[s[9]]), v[5]);
+            v[1] = add(add(v[1], m[s[11]]), v[6]);
+            v[2] = add(add(v[2], m[s[13]]), v[7]);
+            v[3] = add(add(v[3], m[s[15]]), v[4]);
+            v[15] = rot8(xor(v[15], v[0]));
+            v[12] = rot8(xor(v[12], v[1]));
+            v[13] = rot8(xor(v[13], v[2]));
+            v[14] = rot8(xor(v[14], v[3]));
+            v[10] = add(v[10], v[15]);
+            v[11] = add(v[11], v[12]);
+            v[8] = add(v[8], v[13]);
+            v[9] = add(v[9], v[14]);
+            v[5] = rot7(xor(v[5], v[10]));
+            v[6] = rot7(xor(v[6], v[11]));
+            v[7] = rot7(xor(v[7], v[8]));
+            v[4] = rot7(xor(v[4], v[9]));
+        }};
+    }
+
+    /// Compresses one 64-byte block in each of eight lanes, updating `cv`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn compress8(cv: &mut [__m256i; 8], m: &[__m256i; 16], counter: __m256i, flags: u32) {
+        let mut v = [
+            cv[0],
+            cv[1],
+            cv[2],
+            cv[3],
+            cv[4],
+            cv[5],
+            cv[6],
+            cv[7],
+            splat(IV[0]),
+            splat(IV[1]),
+            splat(IV[2]),
+            splat(IV[3]),
+            counter,
+            splat(0),
+            splat(BLOCK_LEN),
+            splat(flags),
+        ];
+        round!(v, m, 0);
+        round!(v, m, 1);
+        round!(v, m, 2);
+        round!(v, m, 3);
+        round!(v, m, 4);
+        round!(v, m, 5);
+        round!(v, m, 6);
+        for i in 0..8 {
+            cv[i] = xor(v[i], v[i + 8]);
+        }
+    }
+
+    /// Transposes an 8x8 matrix of 32-bit words held as eight rows.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose(r: [__m256i; 8]) -> [__m256i; 8] {
+        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+        let u0 = _mm256_unpacklo_epi64(t0, t2);
+        let u1 = _mm256_unpackhi_epi64(t0, t2);
+        let u2 = _mm256_unpacklo_epi64(t1, t3);
+        let u3 = _mm256_unpackhi_epi64(t1, t3);
+        let u4 = _mm256_unpacklo_epi64(t4, t6);
+        let u5 = _mm256_unpackhi_epi64(t4, t6);
+        let u6 = _mm256_unpacklo_epi64(t5, t7);
+        let u7 = _mm256_unpackhi_epi64(t5, t7);
+        [
+            _mm256_permute2x128_si256(u0, u4, 0x20),
+            _mm256_permute2x128_si256(u1, u5, 0x20),
+            _mm256_permute2x128_si256(u2, u6, 0x20),
+            _mm256_permute2x128_si256(u3, u7, 0x20),
+            _mm256_permute2x128_si256(u0, u4, 0x31),
+            _mm256_permute2x128_si256(u1, u5, 0x31),
+            _mm256_permute2x128_si256(u2, u6, 0x31),
+            _mm256_permute2x128_si256(u3, u7, 0x31),
+        ]
+    }
+
+    /// Lanes 0,2,4,6 of `a` then of `b`, and lanes 1,3,5,7 of `a` then of `b`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn split_even_odd(a: __m256i, b: __m256i) -> (__m256i, __m256i) {
+        let (fa, fb) = (_mm256_castsi256_ps(a), _mm256_castsi256_ps(b));
+        // Within each 128-bit half: [a0 a2 b0 b2 | a4 a6 b4 b6].
+        let even = _mm256_castps_si256(_mm256_shuffle_ps(fa, fb, 0b10_00_10_00));
+        let odd = _mm256_castps_si256(_mm256_shuffle_ps(fa, fb, 0b11_01_11_01));
+        // Reorder the 64-bit pairs to [a0 a2 a4 a6 b0 b2 b4 b6].
+        (
+            _mm256_permute4x64_epi64(even, 0b11_01_10_00),
+            _mm256_permute4x64_epi64(odd, 0b11_01_10_00),
+        )
+    }
+
+    /// Parent nodes of adjacent lane pairs: lane `j` of the result is the
+    /// parent of lanes `2j`, `2j+1` of the sixteen inputs `lo` (lanes 0..8)
+    /// and `hi` (lanes 8..16).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn parents8(lo: &[__m256i; 8], hi: &[__m256i; 8], flags: u32) -> [__m256i; 8] {
+        let mut m = [splat(0); 16];
+        for w in 0..8 {
+            let (left, right) = split_even_odd(lo[w], hi[w]);
+            m[w] = left;
+            m[w + 8] = right;
+        }
+        let mut cv = [splat(0); 8];
+        for (c, iv) in cv.iter_mut().zip(IV) {
+            *c = splat(iv);
+        }
+        compress8(&mut cv, &m, splat(0), PARENT | flags);
+        cv
+    }
+
+    /// Chaining values of the eight chunks of pages `a` and `b` (lanes 0..4
+    /// are `a`'s chunks 0..4, lanes 4..8 are `b`'s).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn chunks8(a: &Page, b: &Page, next: [&Page; 2]) -> [__m256i; 8] {
+        let lanes: [*const u8; 8] = [
+            a.as_ptr(),
+            a[CHUNK_LEN..].as_ptr(),
+            a[2 * CHUNK_LEN..].as_ptr(),
+            a[3 * CHUNK_LEN..].as_ptr(),
+            b.as_ptr(),
+            b[CHUNK_LEN..].as_ptr(),
+            b[2 * CHUNK_LEN..].as_ptr(),
+            b[3 * CHUNK_LEN..].as_ptr(),
+        ];
+        let counter = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+        let mut cv = [splat(0); 8];
+        for (c, iv) in cv.iter_mut().zip(IV) {
+            *c = splat(iv);
+        }
+        for block in 0..16 {
+            let off = block * 64;
+            let mut lo = [splat(0); 8];
+            let mut hi = [splat(0); 8];
+            // Eight strided streams that start cold at every pair defeat
+            // the hardware prefetcher. Instead, while this pair is hashed,
+            // the next pair is pulled into cache: one line per lane per
+            // block covers its 8 KiB exactly when this pair is done.
+            for page in next {
+                for c in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(page[c * CHUNK_LEN + off..].as_ptr() as *const i8);
+                }
+            }
+            for l in 0..8 {
+                // SAFETY: every lane pointer starts a 1024-byte chunk inside a
+                // page, and `off + 64 <= 1024`; unaligned loads are allowed.
+                unsafe {
+                    lo[l] = _mm256_loadu_si256(lanes[l].add(off) as *const __m256i);
+                    hi[l] = _mm256_loadu_si256(lanes[l].add(off + 32) as *const __m256i);
+                }
+            }
+            let lo = transpose(lo);
+            let hi = transpose(hi);
+            let mut m = [splat(0); 16];
+            m[..8].copy_from_slice(&lo);
+            m[8..].copy_from_slice(&hi);
+            let mut flags = 0;
+            if block == 0 {
+                flags |= CHUNK_START;
+            }
+            if block == 15 {
+                flags |= CHUNK_END;
+            }
+            compress8(&mut cv, &m, counter, flags);
+        }
+        cv
+    }
+
+    /// BLAKE3-256 of eight 4 KiB pages. Callers must first check that the
+    /// CPU supports AVX2 (see [`available`]).
+    #[target_feature(enable = "avx2")]
+    pub fn hash8(pages: &[&Page; PAGES], next: [&Page; 2], out: &mut [[u8; 32]; PAGES]) {
+        let c01 = chunks8(pages[0], pages[1], [pages[2], pages[3]]);
+        let c23 = chunks8(pages[2], pages[3], [pages[4], pages[5]]);
+        let c45 = chunks8(pages[4], pages[5], [pages[6], pages[7]]);
+        let c67 = chunks8(pages[6], pages[7], next);
+        // Lane j: parent j%2 of page j/2 (pages 0..4, then 4..8).
+        let p0123 = parents8(&c01, &c23, 0);
+        let p4567 = parents8(&c45, &c67, 0);
+        // Lane j: root of page j.
+        let roots = parents8(&p0123, &p4567, ROOT);
+        let rows = transpose(roots);
+        for (row, o) in rows.iter().zip(out.iter_mut()) {
+            // SAFETY: `o` is 32 writable bytes; unaligned stores are allowed.
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, *row) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn page_from_seed(seed: u64) -> Box<Page> {
+        let mut p = Box::new([0u8; PAGE_SIZE]);
+        let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        for w in p.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        p
+    }
+
+    #[test]
+    fn batch_kernel_matches_blake3_for_every_batch_length() {
+        let pages: Vec<Box<Page>> = (0..37).map(page_from_seed).collect();
+        for n in 0..pages.len() {
+            let refs: Vec<&Page> = pages[..n].iter().map(|p| &**p).collect();
+            let mut out = vec![PageHash::ZERO_PAGE; n];
+            hash_pages(&refs, &mut out);
+            for (p, h) in refs.iter().zip(&out) {
+                assert_eq!(*h.as_bytes(), *blake3::hash(*p).as_bytes(), "batch of {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn batch_kernel_handles_zero_and_repeated_pages() {
+        let zero = Box::new([0u8; PAGE_SIZE]);
+        let a = page_from_seed(7);
+        let refs: Vec<&Page> = [&*zero, &*a, &*zero, &*a, &*a, &*zero, &*zero, &*a]
+            .into_iter()
+            .collect();
+        let mut out = [PageHash::ZERO_PAGE; 8];
+        hash_pages(&refs, &mut out);
+        let hz = PageHash::of_page(&zero);
+        let ha = PageHash::of_page(&a);
+        assert_eq!(out, [hz, ha, hz, ha, ha, hz, hz, ha]);
+        assert!(
+            !hz.is_zero_page(),
+            "the hash of a zero page is not the marker"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn batch_kernel_matches_blake3_on_sparse_edits(
+            edits in proptest::collection::vec((0usize..8, 0usize..PAGE_SIZE, any::<u8>()), 1..64)
+        ) {
+            let mut pages: Vec<Box<Page>> = (0..8).map(|_| Box::new([0u8; PAGE_SIZE])).collect();
+            for (p, at, v) in edits {
+                pages[p][at] = v;
+            }
+            let refs: Vec<&Page> = pages.iter().map(|p| &**p).collect();
+            let mut out = [PageHash::ZERO_PAGE; 8];
+            hash_pages(&refs, &mut out);
+            for (p, h) in refs.iter().zip(out) {
+                prop_assert_eq!(h, PageHash::of_page(p));
+            }
+        }
+
+        #[test]
+        fn hex_round_trips(bytes in any::<[u8; 32]>()) {
+            let h = PageHash::from_bytes(bytes);
+            let s = h.to_string();
+            prop_assert_eq!(s.len(), 64);
+            prop_assert_eq!(s.parse::<PageHash>().unwrap(), h);
+        }
+
+        #[test]
+        fn parsing_arbitrary_text_never_panics(s in ".{0,80}") {
+            let _ = s.parse::<PageHash>();
+        }
+
+        #[test]
+        fn order_matches_byte_order_and_prefix(a in any::<[u8; 32]>(), b in any::<[u8; 32]>()) {
+            let (ha, hb) = (PageHash::from_bytes(a), PageHash::from_bytes(b));
+            prop_assert_eq!(ha.cmp(&hb), a.cmp(&b));
+            if ha <= hb {
+                prop_assert!(ha.prefix_u64() <= hb.prefix_u64());
+            }
+        }
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = Box::new([0u8; PAGE_SIZE]);
+        assert!(is_zero_page(&p));
+        for at in [0, 1, 63, 64, 2047, 4095] {
+            p[at] = 1;
+            assert!(!is_zero_page(&p), "byte {at} set");
+            p[at] = 0;
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_problem() {
+        assert_eq!(
+            "abc".parse::<PageHash>(),
+            Err(ParseHashError::Length {
+                expected: 64,
+                got: 3,
+                unit: "hex digits"
+            })
+        );
+        let mut s = "0".repeat(64);
+        s.replace_range(5..6, "g");
+        assert_eq!(
+            s.parse::<PageHash>(),
+            Err(ParseHashError::NotHex {
+                found: 'g',
+                position: 5
+            })
+        );
+        assert!(PageHash::try_from(&[0u8; 31][..]).is_err());
+    }
+}
