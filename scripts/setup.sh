@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what building and testing pagecast needs on Debian, beyond the
+# Rust toolchain: a C/C++ toolchain and binutils (the guest program test
+# re-assembles it), libclang (RocksDB's bindings), and the network tools the
+# namespace tests use. Idempotent: installs only what is missing.
+set -euo pipefail
+
+packages=(build-essential binutils pkg-config libclang-dev iproute2 nftables)
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo is not installed; install the Rust toolchain first (https://rustup.rs)" >&2
+    exit 1
+fi
+
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+    for p in "${packages[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+            missing+=("$p")
+        fi
+    done
+else
+    echo "note: not a Debian system; make sure these are installed: ${packages[*]}" >&2
+fi
+
+if ((${#missing[@]})); then
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then
+            sudo=(sudo)
+        else
+            echo "error: need root (or sudo) to install: ${missing[*]}" >&2
+            exit 1
+        fi
+    fi
+    echo "installing: ${missing[*]}" >&2
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
