@@ -7,5 +7,7 @@
 //! ([`hash_pages`]). Storage and replication come in later modules.
 
 pub mod hash;
+pub mod sketch;
 
 pub use hash::{PAGE_SIZE, Page, PageHash, ParseHashError, hash_pages, is_zero_page};
+pub use sketch::{HyperLogLog, MinHash, Sketch, SketchError};
