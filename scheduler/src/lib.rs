@@ -1,4 +1,28 @@
-//! Pure planning for pagecast: where evacuated VMs go, which destinations
-//! share a multicast group, in what order groups are sent, and what a plan
-//! costs on every link. The crate does no I/O. Nothing is implemented yet;
-//! see the project's open issues.
+//! Pure planning for pagecast's gang evacuations: which destination each
+//! VM goes to, which pages cross which links, in which multicast groups and
+//! order, what that costs, and sharing advice. No I/O: content comes through
+//! [`ContentSource`], which the content index implements and tests
+//! implement in memory.
+//!
+//! ```text
+//! Cluster + Evacuation + ContentSource
+//!     -> Planner::new        (validate, intern pages, ask what hosts hold)
+//!     -> Planner::plan(s)    (place with strategy s)
+//!          -> Transmission   (local copies, short-haul, groups, sequence)
+//!          -> CostReport     (bytes per link class, eviction time)
+//! ```
+
+pub mod advice;
+pub mod content;
+pub mod cost;
+pub mod model;
+pub mod placement;
+pub mod plan;
+pub mod transmission;
+
+pub use content::{ContentSource, ExactModel, InMemoryContent, Model, SketchModel};
+pub use cost::{CostReport, PAGE_BYTES};
+pub use model::{Cluster, Evacuation, Host, HostIdx, PlanError, Rack, RackIdx, Vm, VmIdx};
+pub use placement::{Assignment, Strategy, Weights};
+pub use plan::{Plan, Planner, SketchedPlan, place_sketched};
+pub use transmission::{Group, ShortHaul, Transmission};

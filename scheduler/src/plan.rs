@@ -1,0 +1,180 @@
+//! Planning a gang evacuation end to end.
+
+use std::collections::BTreeMap;
+
+use crate::content::{ContentSource, ExactModel, Model, SketchModel};
+use crate::cost::{CostReport, PAGE_BYTES, cost, precopy};
+use crate::model::{Cluster, Evacuation, HostIdx, PlanError, VmIdx};
+use crate::placement::{Assignment, Strategy, objective, place};
+use crate::transmission::{Transmission, build};
+
+/// One strategy's plan.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Where each moving VM goes.
+    pub assignment: Assignment,
+    /// What crosses the network.
+    pub transmission: Transmission,
+    /// Bytes per link and eviction time.
+    pub cost: CostReport,
+    /// The same placement moved by per-VM pre-copy.
+    pub precopy: CostReport,
+    /// The `pagecast` objective of the placement (lower is better).
+    pub objective: f64,
+}
+
+impl Plan {
+    /// Placement sorted by VM index.
+    pub fn placement(&self) -> Vec<(VmIdx, HostIdx)> {
+        let mut v: Vec<_> = self.assignment.iter().map(|(&a, &b)| (a, b)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Multicast groups (destination sets of two or more).
+    pub fn multicast_groups(&self) -> usize {
+        self.transmission
+            .groups
+            .iter()
+            .filter(|g| g.is_multicast())
+            .count()
+    }
+}
+
+/// Everything shared by the plans of one evacuation.
+pub struct Planner<'a> {
+    cluster: &'a Cluster,
+    evacuation: &'a Evacuation,
+    moving: Vec<VmIdx>,
+    model: ExactModel,
+}
+
+impl<'a> Planner<'a> {
+    /// Validates the problem and builds the exact content model (asking
+    /// `src` what the hosts of every destination rack hold).
+    pub fn new(
+        c: &'a Cluster,
+        e: &'a Evacuation,
+        src: &dyn ContentSource,
+    ) -> Result<Self, PlanError> {
+        let moving = e.validate(c)?;
+        let mut hosts: Vec<HostIdx> = Vec::new();
+        for &d in &e.to {
+            let r = c.hosts[d].rack;
+            hosts.extend((0..c.hosts.len()).filter(|&h| c.hosts[h].rack == r));
+        }
+        hosts.sort_unstable();
+        hosts.dedup();
+        let model = ExactModel::build(src, c, &moving, &hosts)?;
+        Ok(Planner {
+            cluster: c,
+            evacuation: e,
+            moving,
+            model,
+        })
+    }
+
+    /// VMs that move.
+    pub fn moving(&self) -> &[VmIdx] {
+        &self.moving
+    }
+
+    /// The exact content model.
+    pub fn model(&self) -> &ExactModel {
+        &self.model
+    }
+
+    /// Bytes a per-VM pre-copy sends: every non-zero page of every moving VM.
+    pub fn precopy_bytes(&self) -> u64 {
+        self.moving
+            .iter()
+            .map(|&v| self.cluster.vms[v].nonzero_pages * PAGE_BYTES)
+            .sum()
+    }
+
+    /// Places only.
+    pub fn place(&self, s: Strategy) -> Result<Assignment, PlanError> {
+        place(s, &self.model, self.cluster, self.evacuation, &self.moving)
+    }
+
+    /// Places, builds the transmission plan and costs it.
+    pub fn plan(&self, s: Strategy) -> Result<Plan, PlanError> {
+        let a = self.place(s)?;
+        Ok(self.plan_for(s, a))
+    }
+
+    /// The plan of a given assignment.
+    pub fn plan_for(&self, s: Strategy, a: Assignment) -> Plan {
+        let (c, e) = (self.cluster, self.evacuation);
+        let t = build(&self.model, c, e, &self.moving, &a);
+        Plan {
+            strategy: s,
+            cost: cost(c, &t),
+            precopy: precopy(c, e, &self.moving, &a),
+            objective: objective(&self.model, c, e, &a),
+            transmission: t,
+            assignment: a,
+        }
+    }
+
+    /// The objective of an assignment.
+    pub fn objective(&self, a: &Assignment) -> f64 {
+        objective(&self.model, self.cluster, self.evacuation, a)
+    }
+}
+
+/// A placement made from sketches, with its estimated cost.
+#[derive(Debug, Clone)]
+pub struct SketchedPlan {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Where each moving VM goes.
+    pub assignment: Assignment,
+    /// The estimated `pagecast` objective.
+    pub objective: f64,
+    /// Estimated pages crossing the core into each destination rack.
+    pub core_pages: BTreeMap<usize, f64>,
+}
+
+/// Places from sketches alone (no exact page sets), for clusters where
+/// only the index's sketches are at hand.
+pub fn place_sketched(
+    c: &Cluster,
+    e: &Evacuation,
+    src: &dyn ContentSource,
+    s: Strategy,
+) -> Result<SketchedPlan, PlanError> {
+    let moving = e.validate(c)?;
+    let m = SketchModel::build(src, c);
+    let a = place(s, &m, c, e, &moving)?;
+    let mut core_pages = BTreeMap::new();
+    let mut order: Vec<(VmIdx, HostIdx)> = a.iter().map(|(&v, &d)| (v, d)).collect();
+    order.sort_unstable();
+    let mut racks: Vec<usize> = e.to.iter().map(|&d| c.hosts[d].rack).collect();
+    racks.sort_unstable();
+    racks.dedup();
+    for r in racks {
+        let mut st = m.empty();
+        for (h, host) in c.hosts.iter().enumerate() {
+            if host.rack == r {
+                m.add_holdings(&mut st, h);
+            }
+        }
+        let mut pages = 0.0;
+        for &(v, d) in &order {
+            if c.hosts[d].rack == r {
+                pages += m.missing(v, &st);
+                m.add(&mut st, v);
+            }
+        }
+        core_pages.insert(r, pages);
+    }
+    Ok(SketchedPlan {
+        strategy: s,
+        objective: objective(&m, c, e, &a),
+        assignment: a,
+        core_pages,
+    })
+}
