@@ -6,4 +6,5 @@ pub mod fingerprint;
 pub mod manifest;
 pub mod memory;
 pub mod scan;
+pub mod topology;
 pub mod units;

@@ -1,5 +1,6 @@
 //! Command-line parsing and the subcommands.
 
+mod plan;
 mod progress;
 mod scan;
 mod synth;
@@ -32,6 +33,7 @@ pub struct Cli {
 enum Command {
     Scan(scan::ScanArgs),
     Synth(synth::SynthArgs),
+    Plan(plan::PlanArgs),
 }
 
 /// Runs the parsed command line.
@@ -44,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Scan(a) => scan::run(a, threads),
         Command::Synth(a) => synth::run(a, threads),
+        Command::Plan(a) => plan::run(a, threads),
     }
 }
 
