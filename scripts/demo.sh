@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # pagecast's main job, as far as it goes today: make a small cluster's worth
-# of synthetic guest memory images (three families, three VMs each) and scan
-# them: how much each VM holds, how much they share, and how many bytes a
-# gang transfer saves against per-VM pre-copy.
+# of synthetic guest memory images (three families, three VMs each), scan
+# them (how much each VM holds, how much they share, how many bytes a gang
+# transfer saves against per-VM pre-copy), then plan the evacuation of a
+# rack of them with every strategy (docs/examples/rack.toml).
 #
 # Environment: PAGECAST_DEMO_DIR (default ./demo-out), PAGECAST_DEMO_MEMORY
 # (per VM, default 128MiB).
@@ -23,3 +24,7 @@ echo "== writing synthetic guest images into $out/images" >&2
 
 echo "== scanning them" >&2
 "$pagecast" scan "$out"/images/*.raw
+
+echo "== planning the evacuation of rack A (docs/examples/rack.toml)" >&2
+cp docs/examples/rack.toml "$out/rack.toml"
+"$pagecast" plan --topology "$out/rack.toml" --advise
