@@ -41,3 +41,25 @@ pub const MAX_MANIFEST_FRAMES: u64 = 1 << 30;
 
 /// Longest VM name, in bytes.
 pub const MAX_VM_NAME_BYTES: usize = 128;
+
+/// Most bytes one control frame may carry (the payload of an authenticated
+/// frame, before its sequence number and MAC).
+pub const MAX_CONTROL_FRAME_BYTES: usize = 4 << 20;
+
+/// Most pages one [`v1::CastPages`] message lists.
+pub const MAX_CAST_PAGES_PER_FRAME: usize = 32_768;
+
+/// Most pages one cast session carries (16 GiB of pages).
+pub const MAX_CAST_PAGES: u32 = 4 << 20;
+
+/// Most multicast groups in one cast session.
+pub const MAX_CAST_GROUPS: usize = 1024;
+
+/// Version byte of pagecast's UDP datagrams.
+pub const DATAGRAM_VERSION: u8 = 1;
+
+/// Largest UDP datagram pagecast sends or accepts.
+pub const MAX_DATAGRAM_BYTES: usize = 9000;
+
+/// Length of the MAC that ends every datagram and control frame.
+pub const MAC_LEN: usize = 16;
