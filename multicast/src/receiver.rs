@@ -1,0 +1,813 @@
+//! The receiving side of a cast session.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use metrics::counter;
+use pagecast_index::{PAGE_SIZE, Page, PageHash};
+use pagecast_proto::{
+    MAX_CAST_GROUPS, MAX_CAST_PAGES, MAX_CAST_PAGES_PER_FRAME, MAX_MANIFEST_FRAMES, WIRE_VERSION,
+    v1,
+};
+
+use crate::auth::{Channel, ChannelWriter, Secret, random_bytes};
+use crate::session::*;
+use crate::socket::{self, RecvBatch};
+use crate::wire::{Body, Datagram, MAX_NACK_RANGES, Replay, ReplayWindow, WireError, decode};
+
+const PROGRESS_EVERY: Duration = Duration::from_millis(5);
+/// Don't ask again for a page just asked for. The sender ignores a NACK
+/// for a page it repaired after the NACK's `seen_through`, so asking again
+/// too early costs a datagram, never a duplicate repair.
+const REPAIR_WAIT: Duration = Duration::from_millis(50);
+/// Don't ask for what another receiver asked for this recently.
+const SUPPRESS: Duration = Duration::from_millis(30);
+/// Random delay before a NACK, so one receiver's NACK can suppress others'.
+const BACKOFF_MIN_MS: u64 = 4;
+const BACKOFF_SPAN_MS: u64 = 16;
+/// Most pages being reassembled from fragments at once.
+const MAX_ASSEMBLIES: usize = 4096;
+const PROBE_LISTEN: Duration = Duration::from_secs(1);
+
+enum Ctl {
+    Start(v1::CastStart),
+    Probe(v1::CastProbe),
+    Page(v1::CastPage),
+    Finish(v1::CastFinish),
+    Closed(String),
+}
+
+enum ChainEv {
+    Page(v1::CastPage),
+    Finish,
+    Closed(String),
+}
+
+struct MemberGroup {
+    index: usize,
+    addr: SocketAddrV4,
+    pages: Vec<u32>,
+    contiguous: u32,
+    heard_through: u32,
+    nack_due: Option<Instant>,
+}
+
+struct State<'a> {
+    sink: &'a mut dyn PageSink,
+    entries: Vec<PageEntry>,
+    needed: Vec<bool>,
+    held: Vec<bool>,
+    need_count: u32,
+    held_count: u32,
+    groups: Vec<MemberGroup>,
+    by_index: HashMap<usize, usize>,
+    key: [u8; 32],
+    session: u64,
+    id: u32,
+    frag: usize,
+    frags: u8,
+    replay: HashMap<u32, ReplayWindow>,
+    assembly: HashMap<u32, (Box<Page>, u8)>,
+    requested: HashMap<(usize, u32), Instant>,
+    others: Vec<(Instant, usize, u32, u32)>,
+    probes: HashSet<u32>,
+    counters: ReceiverCounters,
+    pages_main: u64,
+    pages_unicast: u64,
+    bytes: u64,
+    last_heard: Instant,
+    seq: u64,
+    seen_through: u64,
+}
+
+fn protocol(peer: &str, why: impl Into<String>) -> CastError {
+    CastError::Protocol {
+        peer: peer.to_owned(),
+        why: why.into(),
+    }
+}
+
+fn backoff() -> Duration {
+    let mut b = [0u8; 2];
+    let _ = random_bytes(&mut b);
+    Duration::from_millis(BACKOFF_MIN_MS + u64::from(u16::from_be_bytes(b)) % BACKOFF_SPAN_MS)
+}
+
+impl State<'_> {
+    fn store(&mut self, page: u32, data: &Page, main: bool) -> Result<bool, CastError> {
+        let p = page as usize;
+        if p >= self.entries.len() || !self.needed[p] {
+            return Ok(false);
+        }
+        if self.held[p] {
+            self.counters.duplicates += 1;
+            return Ok(false);
+        }
+        if PageHash::of_page(data) != self.entries[p].hash {
+            self.counters.bad_hash += 1;
+            counter!("pagecast_cast_bad_hash_total").increment(1);
+            return Ok(false);
+        }
+        self.sink
+            .put(&self.entries[p], data)
+            .map_err(CastError::Sink)?;
+        self.held[p] = true;
+        self.held_count += 1;
+        if main {
+            self.pages_main += 1;
+        } else {
+            self.pages_unicast += 1;
+        }
+        for g in self.groups.iter_mut() {
+            while (g.contiguous as usize) < g.pages.len()
+                && self.held[g.pages[g.contiguous as usize] as usize]
+            {
+                g.contiguous += 1;
+            }
+        }
+        Ok(true)
+    }
+
+    fn datagram(&mut self, buf: &[u8]) -> Result<(), CastError> {
+        self.bytes += buf.len() as u64;
+        let (groups, by_index, entries) = (&self.groups, &self.by_index, &self.entries);
+        let expected = |group: u32, index: u32| {
+            let g = &groups[*by_index.get(&(group as usize))?];
+            Some(entries[*g.pages.get(index as usize)? as usize].hash)
+        };
+        let d = match decode(buf, &self.key, self.session, expected) {
+            Ok(d) => d,
+            Err(WireError::Stale { .. }) => {
+                self.counters.stale += 1;
+                counter!("pagecast_cast_dropped_total", "why" => "stale").increment(1);
+                return Ok(());
+            }
+            // Data for a page of a group this receiver is not in: another
+            // receiver's traffic on a shared port, not an attack.
+            Err(WireError::Malformed("data for a page this receiver does not take")) => {
+                return Ok(());
+            }
+            Err(_) => {
+                self.counters.forged += 1;
+                counter!("pagecast_cast_dropped_total", "why" => "forged").increment(1);
+                return Ok(());
+            }
+        };
+        if d.from == self.id {
+            return Ok(());
+        }
+        if self.replay.entry(d.from).or_default().check(d.seq) != Replay::Fresh {
+            self.counters.replayed += 1;
+            counter!("pagecast_cast_dropped_total", "why" => "replayed").increment(1);
+            return Ok(());
+        }
+        if d.from == 0 {
+            self.last_heard = Instant::now();
+            self.seen_through = self.seen_through.max(d.seq);
+        }
+        match d.body {
+            Body::Data {
+                group,
+                index,
+                fragment,
+                fragments,
+                payload,
+            } => {
+                let Some(&gi) = self.by_index.get(&(group as usize)) else {
+                    return Ok(());
+                };
+                let Some(&page) = self.groups[gi].pages.get(index as usize) else {
+                    self.counters.forged += 1;
+                    return Ok(());
+                };
+                // Every fragment carries `frag` bytes; the last is padded.
+                if fragments != self.frags || payload.len() != self.frag {
+                    self.counters.forged += 1;
+                    return Ok(());
+                }
+                if self.held[page as usize] {
+                    if fragment == 0 {
+                        self.counters.duplicates += 1;
+                    }
+                    return Ok(());
+                }
+                if fragments == 1 {
+                    let data: &Page = payload.try_into().expect("a whole page");
+                    self.store(page, data, true)?;
+                    return Ok(());
+                }
+                if !self.assembly.contains_key(&page) && self.assembly.len() >= MAX_ASSEMBLIES {
+                    // Bounded memory: forget the lowest page's fragments
+                    // (it will be NACKed and resent).
+                    if let Some(&k) = self.assembly.keys().min() {
+                        self.assembly.remove(&k);
+                    }
+                }
+                let (buf, mask) = self
+                    .assembly
+                    .entry(page)
+                    .or_insert_with(|| (Box::new([0u8; PAGE_SIZE]), 0));
+                let at = fragment as usize * self.frag;
+                let n = self.frag.min(PAGE_SIZE - at);
+                buf[at..at + n].copy_from_slice(&payload[..n]);
+                *mask |= 1 << fragment;
+                if *mask == ((1u16 << fragments) - 1) as u8 {
+                    let (buf, _) = self.assembly.remove(&page).expect("present");
+                    self.store(page, &buf, true)?;
+                }
+            }
+            Body::Heartbeat {
+                group,
+                sent_through,
+                ..
+            } => {
+                if let Some(&gi) = self.by_index.get(&(group as usize)) {
+                    let g = &mut self.groups[gi];
+                    g.heard_through = g.heard_through.max(sent_through.min(g.pages.len() as u32));
+                }
+            }
+            Body::Nack { group, ranges, .. } => {
+                if let Some(&gi) = self.by_index.get(&(group as usize)) {
+                    let now = Instant::now();
+                    for (a, c) in ranges {
+                        self.others.push((now, gi, a, a.saturating_add(c)));
+                    }
+                }
+            }
+            Body::Probe { nonce } => {
+                self.probes.insert(nonce);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends NACKs for pages the sender has passed but we lack, after a
+    /// random backoff, leaving out what someone asked for just now.
+    fn nacks(&mut self, socks: &BTreeMap<u16, UdpSocket>) -> Result<(), CastError> {
+        let now = Instant::now();
+        self.others
+            .retain(|(t, ..)| now.duration_since(*t) < SUPPRESS);
+        self.requested
+            .retain(|_, t| now.duration_since(*t) < REPAIR_WAIT);
+        for gi in 0..self.groups.len() {
+            let g = &self.groups[gi];
+            let missing = (g.contiguous..g.heard_through)
+                .filter(|&i| {
+                    !self.held[g.pages[i as usize] as usize]
+                        && !self.requested.contains_key(&(gi, i))
+                })
+                .take(1);
+            if missing.count() == 0 {
+                continue;
+            }
+            let due = *self.groups[gi].nack_due.get_or_insert(now + backoff());
+            if now < due {
+                continue;
+            }
+            self.groups[gi].nack_due = None;
+            let g = &self.groups[gi];
+            let mut ranges: Vec<(u32, u32)> = Vec::new();
+            let mut suppressed = false;
+            for i in g.contiguous..g.heard_through {
+                if self.held[g.pages[i as usize] as usize] || self.requested.contains_key(&(gi, i))
+                {
+                    continue;
+                }
+                if self
+                    .others
+                    .iter()
+                    .any(|&(_, og, a, b)| og == gi && (a..b).contains(&i))
+                {
+                    suppressed = true;
+                    continue;
+                }
+                match ranges.last_mut() {
+                    Some((a, c)) if *a + *c == i => *c += 1,
+                    _ => {
+                        if ranges.len() == MAX_NACK_RANGES {
+                            break;
+                        }
+                        ranges.push((i, 1));
+                    }
+                }
+            }
+            if suppressed {
+                self.counters.nacks_suppressed += 1;
+            }
+            if ranges.is_empty() {
+                continue;
+            }
+            for &(a, c) in &ranges {
+                for i in a..a + c {
+                    self.requested.insert((gi, i), now);
+                }
+            }
+            self.seq += 1;
+            let mut b = Vec::new();
+            Datagram {
+                session: self.session,
+                epoch: 0,
+                seq: self.seq,
+                from: self.id,
+                body: Body::Nack {
+                    group: g.index as u32,
+                    seen_through: self.seen_through,
+                    ranges,
+                },
+            }
+            .encode(&self.key, &PageHash::ZERO_PAGE, &mut b);
+            let nack_port = g.addr.port().wrapping_add(1);
+            let sock = &socks[&nack_port];
+            socket::send_batch(sock, &[&b], SocketAddrV4::new(*g.addr.ip(), nack_port))
+                .map_err(CastError::io("sending a NACK"))?;
+            self.counters.nacks_sent += 1;
+            counter!("pagecast_cast_nacks_sent_total").increment(1);
+        }
+        Ok(())
+    }
+
+    fn progress(&self) -> v1::CastProgress {
+        let g = self
+            .groups
+            .iter()
+            .find(|g| (g.contiguous as usize) < g.pages.len());
+        v1::CastProgress {
+            group: g.map_or(u32::MAX, |g| g.index as u32),
+            contiguous: g.map_or(0, |g| g.contiguous),
+            held: self.held_count,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.held_count == self.need_count
+    }
+
+    fn done(&self) -> v1::CastDone {
+        let held: Vec<PageEntry> = self
+            .entries
+            .iter()
+            .zip(&self.needed)
+            .filter(|(_, n)| **n)
+            .map(|(e, _)| *e)
+            .collect();
+        v1::CastDone {
+            digest: digest(held.iter()).to_vec().into(),
+            pages: self.held_count,
+            forged: self.counters.forged,
+            replayed: self.counters.replayed,
+            stale: self.counters.stale,
+            bad_hash: self.counters.bad_hash,
+            duplicates: self.counters.duplicates,
+            nacks_sent: self.counters.nacks_sent,
+            nacks_suppressed: self.counters.nacks_suppressed,
+        }
+    }
+}
+
+fn frame(body: v1::cast_frame::Body) -> v1::CastFrame {
+    v1::CastFrame { body: Some(body) }
+}
+
+/// Joins a session as a receiver: authenticates to the sender, learns the
+/// session, takes pages by multicast (with NACK repair) or the chain,
+/// verifies each against its hash into `sink`, and reports. On any failure
+/// the sink is aborted, so no partial output is left behind.
+pub fn receive(
+    cfg: &ReceiverConfig,
+    secret: &Secret,
+    sink: &mut dyn PageSink,
+    progress: &dyn Fn(u64, u64),
+) -> Result<RecvReport, CastError> {
+    let r = receive_inner(cfg, secret, sink, progress);
+    if r.is_err() {
+        sink.abort();
+    }
+    r
+}
+
+fn receive_inner(
+    cfg: &ReceiverConfig,
+    secret: &Secret,
+    sink: &mut dyn PageSink,
+    progress: &dyn Fn(u64, u64),
+) -> Result<RecvReport, CastError> {
+    let chain_listener = TcpListener::bind((cfg.iface, 0))
+        .map_err(CastError::io(format!("chain listener on {}", cfg.iface)))?;
+    let chain_addr = chain_listener
+        .local_addr()
+        .map_err(CastError::io("chain listener"))?;
+    let stream = TcpStream::connect_timeout(&cfg.control, Duration::from_secs(10)).map_err(
+        CastError::io(format!("connecting to the sender at {}", cfg.control)),
+    )?;
+    let mut ch = Channel::client(stream, secret, &cfg.name)?;
+    let peer = ch.peer().to_owned();
+    let rcvbuf = socket::receive_buffer().map_err(CastError::io("measuring the receive buffer"))?;
+    ch.send(&frame(v1::cast_frame::Body::Hello(v1::CastHello {
+        version: WIRE_VERSION as i32,
+        name: cfg.name.clone(),
+        chain_addr: chain_addr.to_string(),
+        rcvbuf_bytes: rcvbuf as u64,
+    })))?;
+    ch.set_read_timeout(Some(cfg.silent_after))?;
+    let w: v1::CastFrame = ch.recv("welcome")?;
+    let Some(v1::cast_frame::Body::Welcome(w)) = w.body else {
+        return Err(protocol(&peer, "expected a welcome"));
+    };
+    if w.version != WIRE_VERSION as i32 {
+        return Err(protocol(
+            &peer,
+            format!("wire version {} (this build speaks 1)", w.version),
+        ));
+    }
+    if w.total_pages > MAX_CAST_PAGES
+        || w.image_frames > MAX_MANIFEST_FRAMES
+        || w.groups.is_empty()
+        || w.groups.len() > MAX_CAST_GROUPS
+    {
+        return Err(protocol(&peer, "session sizes out of range"));
+    }
+    if !(crate::wire::MIN_FRAGMENT as u32..=PAGE_SIZE as u32).contains(&w.fragment_payload) {
+        return Err(protocol(
+            &peer,
+            format!("fragment size {}", w.fragment_payload),
+        ));
+    }
+    let wrapped: [u8; 32] = w
+        .wrapped_key
+        .as_ref()
+        .try_into()
+        .map_err(|_| protocol(&peer, "session key is not 32 bytes"))?;
+    let key = ch.wrap_key(&wrapped);
+    let mut entries: Vec<PageEntry> = Vec::new();
+    while entries.len() < w.total_pages as usize {
+        let f: v1::CastFrame = ch.recv("page list")?;
+        let Some(v1::cast_frame::Body::Pages(p)) = f.body else {
+            return Err(protocol(&peer, "expected the page list"));
+        };
+        if p.first as usize != entries.len()
+            || p.keys.is_empty()
+            || p.keys.len() > MAX_CAST_PAGES_PER_FRAME
+            || p.hashes.len() != p.keys.len() * 32
+            || entries.len() + p.keys.len() > w.total_pages as usize
+        {
+            return Err(protocol(&peer, "malformed page list"));
+        }
+        for (k, h) in p.keys.iter().zip(p.hashes.chunks_exact(32)) {
+            if *k >= w.image_frames {
+                return Err(protocol(
+                    &peer,
+                    format!("page at frame {k} beyond the image's {}", w.image_frames),
+                ));
+            }
+            entries.push(PageEntry {
+                key: *k,
+                hash: PageHash::try_from(h).expect("32-byte chunk"),
+            });
+        }
+    }
+    let mut groups = Vec::new();
+    let mut needed = vec![false; entries.len()];
+    for (index, g) in w.groups.iter().enumerate() {
+        if !g.member {
+            continue;
+        }
+        let addr: SocketAddrV4 = g
+            .addr
+            .parse()
+            .map_err(|_| protocol(&peer, format!("group address {:?}", g.addr)))?;
+        if !addr.ip().is_multicast() {
+            return Err(protocol(&peer, format!("{addr} is not a multicast group")));
+        }
+        for &p in &g.pages {
+            *needed
+                .get_mut(p as usize)
+                .ok_or_else(|| protocol(&peer, format!("group page {p} out of range")))? = true;
+        }
+        groups.push(MemberGroup {
+            index,
+            addr,
+            pages: g.pages.clone(),
+            contiguous: 0,
+            heard_through: 0,
+            nack_due: None,
+        });
+    }
+    sink.begin(w.image_frames, &entries)
+        .map_err(CastError::Sink)?;
+
+    // Join the groups: data on each group's port, NACKs on the next.
+    let mut ports: BTreeMap<u16, Vec<Ipv4Addr>> = BTreeMap::new();
+    for g in &groups {
+        ports.entry(g.addr.port()).or_default().push(*g.addr.ip());
+    }
+    let mut data_socks = Vec::new();
+    let mut nack_socks: BTreeMap<u16, UdpSocket> = BTreeMap::new();
+    let mut joins = 0u32;
+    for (&port, addrs) in &ports {
+        let d = socket::group_socket(port, addrs, cfg.iface, cfg.ttl)
+            .map_err(CastError::io(format!("joining groups on port {port}")))?;
+        d.set_read_timeout(Some(Duration::from_millis(2)))
+            .map_err(CastError::io("data socket"))?;
+        data_socks.push(d);
+        let n = socket::group_socket(port.wrapping_add(1), addrs, cfg.iface, cfg.ttl).map_err(
+            CastError::io(format!("joining groups on port {}", port.wrapping_add(1))),
+        )?;
+        n.set_nonblocking(true)
+            .map_err(CastError::io("NACK socket"))?;
+        nack_socks.insert(port.wrapping_add(1), n);
+        joins += addrs.len() as u32;
+    }
+    counter!("pagecast_cast_joins_total").increment(u64::from(joins));
+    ch.send(&frame(v1::cast_frame::Body::Ready(v1::CastReady {
+        joined: joins,
+    })))?;
+
+    let need_count = needed.iter().filter(|&&n| n).count() as u32;
+    let by_index = groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.index, i))
+        .collect();
+    let frag = w.fragment_payload as usize;
+    let mut st = State {
+        sink,
+        held: vec![false; entries.len()],
+        entries,
+        needed,
+        need_count,
+        held_count: 0,
+        groups,
+        by_index,
+        key,
+        session: w.session_id,
+        id: w.receiver_id,
+        frag,
+        frags: PAGE_SIZE.div_ceil(frag) as u8,
+        replay: HashMap::new(),
+        assembly: HashMap::new(),
+        requested: HashMap::new(),
+        others: Vec::new(),
+        probes: HashSet::new(),
+        counters: ReceiverCounters::default(),
+        pages_main: 0,
+        pages_unicast: 0,
+        bytes: 0,
+        last_heard: Instant::now(),
+        seq: 0,
+        seen_through: 0,
+    };
+
+    ch.set_read_timeout(None)?;
+    let (mut reader, mut writer) = ch.split()?;
+    let (tx, rx) = mpsc::channel::<Ctl>();
+    let ctl_thread = std::thread::spawn(move || {
+        loop {
+            let ev = match reader.recv::<v1::CastFrame>("cast frame") {
+                Ok(v1::CastFrame { body: Some(b) }) => match b {
+                    v1::cast_frame::Body::Start(s) => Ctl::Start(s),
+                    v1::cast_frame::Body::Probe(p) => Ctl::Probe(p),
+                    v1::cast_frame::Body::Page(p) => Ctl::Page(p),
+                    v1::cast_frame::Body::Finish(f) => Ctl::Finish(f),
+                    other => Ctl::Closed(format!("unexpected frame {other:?}")),
+                },
+                Ok(_) => Ctl::Closed("empty frame".into()),
+                Err(e) => Ctl::Closed(e.to_string()),
+            };
+            let last = matches!(ev, Ctl::Closed(_) | Ctl::Finish(_));
+            if tx.send(ev).is_err() || last {
+                return;
+            }
+        }
+    });
+
+    let mut rb = RecvBatch::default();
+    let mut pending_probe: Option<(u32, Instant)> = None;
+    let mut transport = None;
+    let mut started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut chain_rx: Option<mpsc::Receiver<ChainEv>> = None;
+    let mut chain_thread = None;
+    let mut done_sent = false;
+    let mut leaves = 0u32;
+    let mut finished: Option<v1::CastFinish> = None;
+    let mut finish_time = None;
+    let mut control_closed: Option<String> = None;
+    let mut chain_broken: Option<String> = None;
+
+    loop {
+        // Datagrams.
+        for d in &data_socks {
+            let n = socket::recv_batch(d, &mut rb).map_err(CastError::io("receiving"))?;
+            for k in 0..n {
+                if let Some(buf) = rb.get(k) {
+                    st.datagram(buf)?;
+                } else {
+                    st.counters.forged += 1;
+                }
+            }
+        }
+        for s in nack_socks.values() {
+            let n = socket::recv_batch(s, &mut rb).map_err(CastError::io("receiving NACKs"))?;
+            for k in 0..n {
+                if let Some(buf) = rb.get(k) {
+                    st.datagram(buf)?;
+                }
+            }
+        }
+        if data_socks.is_empty() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Chain pages.
+        if let Some(crx) = &chain_rx {
+            while let Ok(ev) = crx.try_recv() {
+                st.last_heard = Instant::now();
+                match ev {
+                    ChainEv::Page(p) => {
+                        let Ok(data) = <&Page>::try_from(p.data.as_ref()) else {
+                            return Err(protocol("chain", "page of the wrong size"));
+                        };
+                        st.store(p.page, data, true)?;
+                    }
+                    ChainEv::Finish => {}
+                    ChainEv::Closed(why) => chain_broken = Some(why),
+                }
+            }
+        }
+        // Control.
+        while let Ok(ev) = rx.try_recv() {
+            st.last_heard = Instant::now();
+            match ev {
+                Ctl::Probe(p) => pending_probe = Some((p.nonce, Instant::now() + PROBE_LISTEN)),
+                Ctl::Start(s) => {
+                    started = Instant::now();
+                    if s.transport == v1::CastTransport::Chain as i32 {
+                        transport = Some(Transport::Chain);
+                        let (ctx, crx) = mpsc::sync_channel(1024);
+                        chain_rx = Some(crx);
+                        let listener = chain_listener
+                            .try_clone()
+                            .map_err(CastError::io("chain listener"))?;
+                        let secret = secret.clone();
+                        let name = cfg.name.clone();
+                        chain_thread = Some(std::thread::spawn(move || {
+                            chain_link(listener, &secret, &name, &s.chain_next, ctx)
+                        }));
+                    } else {
+                        transport = Some(Transport::Multicast);
+                    }
+                }
+                Ctl::Page(p) => {
+                    let Ok(data) = <&Page>::try_from(p.data.as_ref()) else {
+                        return Err(protocol(&peer, "unicast page of the wrong size"));
+                    };
+                    st.store(p.page, data, false)?;
+                }
+                Ctl::Finish(f) => {
+                    finished = Some(f);
+                }
+                Ctl::Closed(why) => control_closed = Some(why),
+            }
+        }
+        if let Some((nonce, deadline)) = pending_probe {
+            let heard = st.probes.contains(&nonce);
+            if heard || Instant::now() >= deadline {
+                writer.send(&frame(v1::cast_frame::Body::ProbeResult(
+                    v1::CastProbeResult { nonce, heard },
+                )))?;
+                pending_probe = None;
+            }
+        }
+        if transport == Some(Transport::Multicast) && !done_sent {
+            st.nacks(&nack_socks)?;
+        }
+        if transport.is_some() && !done_sent && last_progress.elapsed() >= PROGRESS_EVERY {
+            writer.send(&frame(v1::cast_frame::Body::Progress(st.progress())))?;
+            last_progress = Instant::now();
+            progress(u64::from(st.held_count), u64::from(st.need_count));
+        }
+        if transport.is_some() && st.complete() && !done_sent {
+            finish_time = Some(Instant::now());
+            writer.send(&frame(v1::cast_frame::Body::Done(st.done())))?;
+            done_sent = true;
+            progress(u64::from(st.held_count), u64::from(st.need_count));
+            for (d, (_, addrs)) in data_socks.iter().zip(&ports) {
+                for a in addrs {
+                    if socket::leave(d, *a, cfg.iface).is_ok() {
+                        leaves += 1;
+                    }
+                }
+            }
+            data_socks.clear();
+        }
+        if let Some(f) = &finished {
+            if !f.ok || !done_sent {
+                return Err(CastError::Ended(if f.reason.is_empty() {
+                    "incomplete".into()
+                } else {
+                    f.reason.clone()
+                }));
+            }
+            break;
+        }
+        if let Some(why) = &control_closed {
+            // Everything verified and reported: the pages are good even if
+            // the sender went away before saying goodbye.
+            if done_sent {
+                break;
+            }
+            return Err(CastError::Ended(format!("control connection lost: {why}")));
+        }
+        if st.last_heard.elapsed() > cfg.silent_after {
+            return Err(CastError::Silent {
+                peer,
+                after: cfg.silent_after,
+            });
+        }
+    }
+    writer.shutdown();
+    let _ = ctl_thread.join();
+    if let Some(t) = chain_thread {
+        let _ = t.join();
+    }
+    st.sink.finish().map_err(CastError::Sink)?;
+    Ok(RecvReport {
+        transport: transport.unwrap_or(Transport::Multicast),
+        id: st.id,
+        pages: st.held_count,
+        page_bytes: u64::from(st.held_count) * PAGE_SIZE as u64,
+        pages_main: st.pages_main,
+        pages_unicast: st.pages_unicast,
+        bytes_received: st.bytes,
+        joins,
+        leaves,
+        duration_s: finish_time
+            .unwrap_or_else(Instant::now)
+            .duration_since(started)
+            .as_secs_f64(),
+        counters: st.counters,
+        chain_broken,
+    })
+}
+
+/// One link of the TCP chain: take pages from the predecessor, hand each to
+/// the main loop and forward it to the successor.
+fn chain_link(
+    listener: TcpListener,
+    secret: &Secret,
+    name: &str,
+    next: &str,
+    tx: mpsc::SyncSender<ChainEv>,
+) {
+    let _ = listener.set_nonblocking(false);
+    let accepted = listener
+        .accept()
+        .map_err(|e| e.to_string())
+        .and_then(|(s, _)| Channel::server(s, secret, name).map_err(|e| e.to_string()));
+    let mut prev = match accepted {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(ChainEv::Closed(e));
+            return;
+        }
+    };
+    let mut succ: Option<ChannelWriter> = None;
+    if !next.is_empty() {
+        match TcpStream::connect(next)
+            .map_err(|e| e.to_string())
+            .and_then(|s| Channel::client(s, secret, name).map_err(|e| e.to_string()))
+        {
+            Ok(c) => succ = c.split().ok().map(|(_, w)| w),
+            Err(e) => {
+                let _ = tx.send(ChainEv::Closed(format!(
+                    "cannot reach the next receiver {next}: {e}"
+                )));
+            }
+        }
+    }
+    loop {
+        match prev.recv::<v1::CastFrame>("chain frame") {
+            Ok(f) => {
+                let finish = matches!(f.body, Some(v1::cast_frame::Body::Finish(_)));
+                // The successor died: the sender repairs it and everyone
+                // after it by unicast.
+                if succ.as_mut().is_some_and(|w| w.send(&f).is_err()) {
+                    succ = None;
+                }
+                let ev = match f.body {
+                    Some(v1::cast_frame::Body::Page(p)) => ChainEv::Page(p),
+                    Some(v1::cast_frame::Body::Finish(_)) => ChainEv::Finish,
+                    _ => ChainEv::Closed("unexpected chain frame".into()),
+                };
+                if tx.send(ev).is_err() || finish {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(ChainEv::Closed(e.to_string()));
+                return;
+            }
+        }
+    }
+}

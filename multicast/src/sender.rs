@@ -1,0 +1,1129 @@
+//! The sending side of a cast session.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use metrics::counter;
+use pagecast_index::{PAGE_SIZE, Page, PageHash};
+use pagecast_proto::{MAX_CAST_GROUPS, MAX_CAST_PAGES, MAX_CAST_PAGES_PER_FRAME, WIRE_VERSION, v1};
+
+use crate::auth::{Channel, ChannelReader, ChannelWriter, Secret, random_bytes};
+use crate::pacing::TokenBucket;
+use crate::session::*;
+use crate::socket::{self, RecvBatch};
+use crate::wire::{Body, Datagram, Replay, ReplayWindow, decode, fragment_payload};
+
+/// Pages sent per batch of datagrams (a batch of whole pages fills one
+/// 63 KiB GSO send).
+const PAGES_PER_BATCH: usize = 15;
+/// How often the sender tells receivers how far it got.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(2);
+/// How long receivers have to report a probe.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+enum Event {
+    Ready(usize),
+    Progress(usize, v1::CastProgress),
+    Done(usize, v1::CastDone),
+    Probe(usize, v1::CastProbeResult),
+    Closed(usize, String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Live,
+    Unicast(String),
+    Dropped(String),
+    Done {
+        at: Instant,
+        ok: bool,
+        unicast: Option<String>,
+    },
+}
+
+struct Peer {
+    id: u32,
+    name: String,
+    addr: String,
+    chain_addr: String,
+    rcvbuf: u64,
+    writer: Option<ChannelWriter>,
+    reader: Option<ChannelReader>,
+    state: State,
+    contiguous: Vec<u32>,
+    last_heard: Instant,
+    lagging_since: Option<Instant>,
+    groups: Vec<usize>,
+    pages: Vec<u32>,
+    digest: [u8; 32],
+    unicast_pages: u64,
+    counters: ReceiverCounters,
+}
+
+struct Group {
+    addr: SocketAddrV4,
+    pages: Vec<u32>,
+    members: Vec<usize>,
+}
+
+fn welcome_groups(groups: &[Group], peer: usize) -> Vec<v1::CastGroup> {
+    groups
+        .iter()
+        .map(|g| {
+            let member = g.members.contains(&peer);
+            v1::CastGroup {
+                addr: g.addr.to_string(),
+                pages: if member { g.pages.clone() } else { Vec::new() },
+                member,
+            }
+        })
+        .collect()
+}
+
+/// Runs a session as its sender: waits for the receivers, hands them the
+/// session key and page list, moves every page to each of them once per
+/// link, and reports. `progress` is called with pages sent so far.
+pub fn send(
+    cfg: &SenderConfig,
+    groups: Groups,
+    src: &dyn PageSource,
+    secret: &Secret,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<SendReport, CastError> {
+    let total = src.pages();
+    if total > MAX_CAST_PAGES {
+        return Err(CastError::Config(format!(
+            "{total} pages; a session carries at most {MAX_CAST_PAGES}"
+        )));
+    }
+    if cfg.receivers == 0 {
+        return Err(CastError::Config(
+            "a session needs at least one receiver".into(),
+        ));
+    }
+    let groups: Vec<Group> = match groups {
+        Groups::Single(addr) => vec![Group {
+            addr,
+            pages: (0..total).collect(),
+            members: (0..cfg.receivers).collect(),
+        }],
+        Groups::Plan(p) => p
+            .into_iter()
+            .map(|g| Group {
+                addr: g.addr,
+                pages: g.pages,
+                members: g.members,
+            })
+            .collect(),
+    };
+    if groups.is_empty() || groups.len() > MAX_CAST_GROUPS {
+        return Err(CastError::Config(format!(
+            "{} groups; a session has 1 to {MAX_CAST_GROUPS}",
+            groups.len()
+        )));
+    }
+    for g in &groups {
+        if !g.addr.ip().is_multicast() {
+            return Err(CastError::Config(format!(
+                "{} is not an IPv4 multicast address",
+                g.addr
+            )));
+        }
+        if let Some(&p) = g.pages.iter().find(|&&p| p >= total) {
+            return Err(CastError::Config(format!(
+                "group {} lists page {p} of {total}",
+                g.addr
+            )));
+        }
+        if let Some(&m) = g.members.iter().find(|&&m| m >= cfg.receivers) {
+            return Err(CastError::Config(format!(
+                "group {} lists receiver {m} of {}",
+                g.addr, cfg.receivers
+            )));
+        }
+    }
+
+    // 1. Receivers connect and authenticate.
+    let listener = TcpListener::bind(cfg.control)
+        .map_err(CastError::io(format!("listening on {}", cfg.control)))?;
+    let mut refused = 0u64;
+    let mut peers: Vec<Peer> = Vec::new();
+    let deadline = Instant::now() + cfg.accept_timeout;
+    listener
+        .set_nonblocking(true)
+        .map_err(CastError::io("control listener"))?;
+    while peers.len() < cfg.receivers {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                match accept_peer(stream, secret, &cfg.name) {
+                    Ok((ch, hello)) => {
+                        let idx = peers.len();
+                        let member: Vec<usize> = (0..groups.len())
+                            .filter(|&g| groups[g].members.contains(&idx))
+                            .collect();
+                        let mut pages: Vec<u32> = member
+                            .iter()
+                            .flat_map(|&g| groups[g].pages.iter().copied())
+                            .collect();
+                        pages.sort_unstable();
+                        pages.dedup();
+                        let (reader, writer) = ch.split()?;
+                        peers.push(Peer {
+                            id: idx as u32 + 1,
+                            name: hello.name,
+                            addr: writer.peer().to_owned(),
+                            chain_addr: hello.chain_addr,
+                            rcvbuf: hello.rcvbuf_bytes,
+                            writer: Some(writer),
+                            reader: Some(reader),
+                            state: State::Live,
+                            contiguous: vec![0; groups.len()],
+                            last_heard: Instant::now(),
+                            lagging_since: None,
+                            digest: digest(
+                                pages
+                                    .iter()
+                                    .map(|&p| src.entry(p))
+                                    .collect::<Vec<_>>()
+                                    .iter(),
+                            ),
+                            groups: member,
+                            pages,
+                            unicast_pages: 0,
+                            counters: ReceiverCounters::default(),
+                        });
+                    }
+                    Err(_) => {
+                        refused += 1;
+                        counter!("pagecast_cast_refused_total").increment(1);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(CastError::Accept {
+                        got: peers.len(),
+                        want: cfg.receivers,
+                        waited: cfg.accept_timeout,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(CastError::io("accepting a receiver")(e)),
+        }
+    }
+    drop(listener);
+
+    // 2. The session key, groups and page list.
+    let mut session_key = [0u8; 32];
+    random_bytes(&mut session_key)?;
+    let mut sid = [0u8; 8];
+    random_bytes(&mut sid)?;
+    let session_id = u64::from_be_bytes(sid);
+    let mtu = match cfg.mtu {
+        Some(m) => m,
+        None => socket::interface_mtu(cfg.iface)
+            .map_err(CastError::io(format!("finding the MTU of {}", cfg.iface)))?,
+    };
+    let largest = fragment_payload(mtu);
+    if largest < crate::wire::MIN_FRAGMENT {
+        return Err(CastError::Config(format!(
+            "MTU {mtu} is too small to carry pages"
+        )));
+    }
+    // Fragments of equal size (the last padded), so every data datagram of
+    // a session has one length and batches go out with GSO.
+    let frag = PAGE_SIZE.div_ceil(PAGE_SIZE.div_ceil(largest));
+    // Keep the pages in flight within the smallest receive buffer (with a
+    // quarter spare for repairs and heartbeats).
+    let smallest = peers.iter().map(|p| p.rcvbuf).min().unwrap_or(0) as usize;
+    let fits = (smallest * 3 / 4 / socket::page_cost(frag)).max(16) as u32;
+    let window = cfg.window.min(fits);
+    let entries: Vec<PageEntry> = (0..total).map(|i| src.entry(i)).collect();
+    for (idx, p) in peers.iter_mut().enumerate() {
+        let w = p
+            .writer
+            .as_mut()
+            .expect("writer present until the session runs");
+        let wrapped = w.wrap_key(&session_key);
+        w.send(&frame(v1::cast_frame::Body::Welcome(v1::CastWelcome {
+            version: WIRE_VERSION as i32,
+            receiver_id: p.id,
+            session_id,
+            wrapped_key: wrapped.to_vec().into(),
+            fragment_payload: frag as u32,
+            total_pages: total,
+            groups: welcome_groups(&groups, idx),
+            image_frames: src.frames(),
+        })))?;
+        for (c, chunk) in entries.chunks(MAX_CAST_PAGES_PER_FRAME).enumerate() {
+            let mut hashes = Vec::with_capacity(chunk.len() * 32);
+            for e in chunk {
+                hashes.extend_from_slice(e.hash.as_bytes());
+            }
+            w.send(&frame(v1::cast_frame::Body::Pages(v1::CastPages {
+                first: (c * MAX_CAST_PAGES_PER_FRAME) as u32,
+                keys: chunk.iter().map(|e| e.key).collect(),
+                hashes: hashes.into(),
+            })))?;
+        }
+    }
+
+    let (tx, rx) = mpsc::channel::<Event>();
+    std::thread::scope(|scope| -> Result<SendReport, CastError> {
+        for (i, p) in peers.iter_mut().enumerate() {
+            let mut reader = p.reader.take().expect("reader present");
+            let tx = tx.clone();
+            scope.spawn(move || {
+                loop {
+                    let ev = match reader.recv::<v1::CastFrame>("cast frame") {
+                        Ok(v1::CastFrame {
+                            body: Some(v1::cast_frame::Body::Progress(x)),
+                        }) => Event::Progress(i, x),
+                        Ok(v1::CastFrame {
+                            body: Some(v1::cast_frame::Body::Done(x)),
+                        }) => Event::Done(i, x),
+                        Ok(v1::CastFrame {
+                            body: Some(v1::cast_frame::Body::ProbeResult(x)),
+                        }) => Event::Probe(i, x),
+                        Ok(v1::CastFrame {
+                            body: Some(v1::cast_frame::Body::Ready(_)),
+                        }) => Event::Ready(i),
+                        Ok(other) => Event::Closed(i, format!("unexpected frame {other:?}")),
+                        Err(e) => Event::Closed(i, e.to_string()),
+                    };
+                    let last = matches!(ev, Event::Closed(..));
+                    if tx.send(ev).is_err() || last {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+
+        // 3. Wait until every receiver has joined its groups: a datagram
+        // sent before would be lost to it and cost a repair.
+        let mut ready = vec![false; peers.len()];
+        let deadline = Instant::now() + cfg.silent_after;
+        while ready.iter().any(|r| !r) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Event::Ready(i)) => ready[i] = true,
+                Ok(Event::Closed(i, why)) => {
+                    peers[i].state = State::Dropped(format!("left before the start: {why}"));
+                    ready[i] = true;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    for (i, r) in ready.iter_mut().enumerate() {
+                        if !*r {
+                            peers[i].state =
+                                State::Dropped(format!("not ready within {:?}", cfg.silent_after));
+                            if let Some(w) = &peers[i].writer {
+                                w.shutdown();
+                            }
+                            *r = true;
+                        }
+                    }
+                }
+            }
+        }
+
+        // 4. Probe multicast where asked to decide. Probes take sequence
+        // numbers from the same counter as everything the sender multicasts:
+        // receivers' replay windows follow one sequence per sender.
+        let mut seq = 0u64;
+        let transport = match cfg.transport {
+            TransportChoice::Multicast => Transport::Multicast,
+            TransportChoice::Chain => Transport::Chain,
+            TransportChoice::Auto => probe(
+                cfg,
+                &groups,
+                &mut peers,
+                &rx,
+                session_id,
+                &session_key,
+                &mut seq,
+            )?,
+        };
+        // The chain runs through the receivers still in the session.
+        let live: Vec<usize> = (0..peers.len())
+            .filter(|&i| peers[i].state == State::Live)
+            .collect();
+        if transport == Transport::Chain && live.iter().any(|&i| peers[i].chain_addr.is_empty()) {
+            return Err(CastError::Config(
+                "a receiver offered no chain address".into(),
+            ));
+        }
+        for (k, &i) in live.iter().enumerate() {
+            let next = match (transport, live.get(k + 1)) {
+                (Transport::Chain, Some(&n)) => peers[n].chain_addr.clone(),
+                _ => String::new(),
+            };
+            let p = &mut peers[i];
+            let start = frame(v1::cast_frame::Body::Start(v1::CastStart {
+                transport: match transport {
+                    Transport::Multicast => v1::CastTransport::Multicast as i32,
+                    Transport::Chain => v1::CastTransport::Chain as i32,
+                },
+                chain_next: next,
+            }));
+            if let Err(e) = p.writer.as_mut().expect("writer").send(&start) {
+                p.state = State::Dropped(format!("lost before the start: {e}"));
+            }
+            p.last_heard = Instant::now();
+        }
+
+        let mut run = Run {
+            cfg,
+            groups: &groups,
+            src,
+            peers: &mut peers,
+            rx: &rx,
+            session_id,
+            key: session_key,
+            frag,
+            window,
+            seq,
+            report: SendReport {
+                transport,
+                pages: total,
+                page_bytes: total as u64 * PAGE_SIZE as u64,
+                bytes_first: 0,
+                bytes_repair: 0,
+                bytes_unicast: 0,
+                bytes_control: 0,
+                bytes_heartbeat: 0,
+                nacks: 0,
+                repairs: 0,
+                fragments: PAGE_SIZE.div_ceil(frag) as u32,
+                window,
+                duration_s: 0.0,
+                refused,
+                receivers: Vec::new(),
+            },
+            started: Instant::now(),
+            progress,
+        };
+        let unicast = match transport {
+            Transport::Multicast => run.multicast(scope, secret)?,
+            Transport::Chain => run.chain(scope, secret)?,
+        };
+        Ok(run.finish(unicast))
+    })
+}
+
+fn frame(body: v1::cast_frame::Body) -> v1::CastFrame {
+    v1::CastFrame { body: Some(body) }
+}
+
+fn accept_peer(
+    stream: TcpStream,
+    secret: &Secret,
+    name: &str,
+) -> Result<(Channel, v1::CastHello), CastError> {
+    let mut ch = Channel::server(stream, secret, name)?;
+    ch.set_read_timeout(Some(crate::auth::HANDSHAKE_TIMEOUT))?;
+    let f: v1::CastFrame = ch.recv("hello")?;
+    let Some(v1::cast_frame::Body::Hello(hello)) = f.body else {
+        return Err(CastError::Protocol {
+            peer: ch.peer().to_owned(),
+            why: "first frame is not a hello".into(),
+        });
+    };
+    if hello.version != WIRE_VERSION as i32 {
+        return Err(CastError::Protocol {
+            peer: ch.peer().to_owned(),
+            why: format!("wire version {} (this build speaks 1)", hello.version),
+        });
+    }
+    ch.set_read_timeout(None)?;
+    Ok((ch, hello))
+}
+
+fn probe(
+    cfg: &SenderConfig,
+    groups: &[Group],
+    peers: &mut [Peer],
+    rx: &mpsc::Receiver<Event>,
+    session_id: u64,
+    key: &[u8; 32],
+    seq: &mut u64,
+) -> Result<Transport, CastError> {
+    let mut n = [0u8; 4];
+    random_bytes(&mut n)?;
+    let nonce = u32::from_be_bytes(n);
+    for p in peers.iter_mut().filter(|p| p.state == State::Live) {
+        if let Err(e) = p
+            .writer
+            .as_mut()
+            .expect("writer")
+            .send(&frame(v1::cast_frame::Body::Probe(v1::CastProbe { nonce })))
+        {
+            p.state = State::Dropped(format!("lost during the probe: {e}"));
+        }
+    }
+    let sock = socket::sender_socket(cfg.iface, cfg.ttl)
+        .map_err(CastError::io(format!("multicast socket on {}", cfg.iface)))?;
+    // Receivers already gone count as having heard (they do not vote).
+    let mut heard: Vec<Option<bool>> = peers
+        .iter()
+        .map(|p| (p.state != State::Live).then_some(true))
+        .collect();
+    let deadline = Instant::now() + PROBE_WAIT;
+    let mut next_probe = Instant::now();
+    while heard.iter().any(Option::is_none) && Instant::now() < deadline {
+        if Instant::now() >= next_probe {
+            for g in groups {
+                let mut b = Vec::new();
+                *seq += 1;
+                Datagram {
+                    session: session_id,
+                    epoch: 0,
+                    seq: *seq,
+                    from: 0,
+                    body: Body::Probe { nonce },
+                }
+                .encode(key, &PageHash::ZERO_PAGE, &mut b);
+                // A send failure means multicast does not work here.
+                let _ = socket::send_batch(&sock, &[&b], g.addr);
+            }
+            next_probe = Instant::now() + Duration::from_millis(100);
+        }
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(Event::Probe(i, r)) if r.nonce == nonce => heard[i] = Some(r.heard),
+            Ok(Event::Closed(i, why)) => {
+                peers[i].state = State::Dropped(why);
+                heard[i] = Some(true);
+            }
+            _ => {}
+        }
+    }
+    Ok(if heard.iter().all(|h| *h == Some(true)) {
+        Transport::Multicast
+    } else {
+        Transport::Chain
+    })
+}
+
+struct Run<'a> {
+    cfg: &'a SenderConfig,
+    groups: &'a [Group],
+    src: &'a dyn PageSource,
+    peers: &'a mut Vec<Peer>,
+    rx: &'a mpsc::Receiver<Event>,
+    session_id: u64,
+    key: [u8; 32],
+    frag: usize,
+    window: u32,
+    seq: u64,
+    report: SendReport,
+    started: Instant,
+    progress: &'a (dyn Fn(u64, u64) + Sync),
+}
+
+type UnicastJoin<'s> = std::thread::ScopedJoinHandle<'s, (Option<ChannelWriter>, u64, u64)>;
+
+impl<'a> Run<'a> {
+    /// Handles receiver events; returns false once no receiver is live.
+    fn events(&mut self, wait: Duration) {
+        let mut first = true;
+        loop {
+            let ev = if first && !wait.is_zero() {
+                self.rx.recv_timeout(wait).ok()
+            } else {
+                self.rx.try_recv().ok()
+            };
+            first = false;
+            let Some(ev) = ev else { return };
+            match ev {
+                Event::Progress(i, p) => {
+                    let peer = &mut self.peers[i];
+                    peer.last_heard = Instant::now();
+                    let g = (p.group as usize).min(self.groups.len());
+                    for earlier in 0..g {
+                        peer.contiguous[earlier] = self.groups[earlier].pages.len() as u32;
+                    }
+                    if g < self.groups.len() {
+                        let c = p.contiguous.min(self.groups[g].pages.len() as u32);
+                        peer.contiguous[g] = peer.contiguous[g].max(c);
+                    }
+                }
+                Event::Done(i, d) => {
+                    let peer = &mut self.peers[i];
+                    let ok =
+                        d.digest.as_ref() == peer.digest && d.pages as usize == peer.pages.len();
+                    peer.counters = ReceiverCounters {
+                        forged: d.forged,
+                        replayed: d.replayed,
+                        stale: d.stale,
+                        bad_hash: d.bad_hash,
+                        duplicates: d.duplicates,
+                        nacks_sent: d.nacks_sent,
+                        nacks_suppressed: d.nacks_suppressed,
+                    };
+                    let unicast = match &peer.state {
+                        State::Unicast(r) => Some(r.clone()),
+                        _ => None,
+                    };
+                    if !matches!(peer.state, State::Dropped(_)) {
+                        peer.state = State::Done {
+                            at: Instant::now(),
+                            ok,
+                            unicast,
+                        };
+                    }
+                    for g in 0..self.groups.len() {
+                        peer.contiguous[g] = self.groups[g].pages.len() as u32;
+                    }
+                }
+                Event::Probe(..) | Event::Ready(_) => {}
+                Event::Closed(i, why) => {
+                    let peer = &mut self.peers[i];
+                    if matches!(peer.state, State::Live | State::Unicast(_)) {
+                        peer.state = State::Dropped(format!("connection lost: {why}"));
+                        counter!("pagecast_cast_receivers_dropped_total").increment(1);
+                    }
+                }
+            }
+        }
+    }
+
+    fn silent_check(&mut self) {
+        let now = Instant::now();
+        for p in self.peers.iter_mut() {
+            if matches!(p.state, State::Live | State::Unicast(_))
+                && now.duration_since(p.last_heard) > self.cfg.silent_after
+            {
+                p.state = State::Dropped(format!("silent for {:?}", self.cfg.silent_after));
+                counter!("pagecast_cast_receivers_dropped_total").increment(1);
+                if let Some(w) = &p.writer {
+                    w.shutdown();
+                }
+            }
+        }
+    }
+
+    fn all_finished(&self) -> bool {
+        self.peers
+            .iter()
+            .all(|p| matches!(p.state, State::Done { .. } | State::Dropped(_)))
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Encodes page `idx` of group `g` into datagrams appended to `out`.
+    fn page_datagrams(
+        &mut self,
+        g: usize,
+        idx: u32,
+        epoch: u32,
+        out: &mut Vec<Vec<u8>>,
+        page: &mut Page,
+    ) -> Result<usize, CastError> {
+        let id = self.groups[g].pages[idx as usize];
+        self.src
+            .read(id, page)
+            .map_err(|source| CastError::Source { page: id, source })?;
+        let hash = self.src.entry(id).hash;
+        let frags = PAGE_SIZE.div_ceil(self.frag);
+        let mut bytes = 0;
+        let mut padded = [0u8; PAGE_SIZE];
+        for f in 0..frags {
+            let at = f * self.frag;
+            let payload: &[u8] = if at + self.frag <= PAGE_SIZE {
+                &page[at..at + self.frag]
+            } else {
+                let n = PAGE_SIZE - at;
+                padded[..n].copy_from_slice(&page[at..]);
+                padded[n..self.frag].fill(0);
+                &padded[..self.frag]
+            };
+            let mut b = Vec::with_capacity(payload.len() + 64);
+            let seq = self.next_seq();
+            Datagram {
+                session: self.session_id,
+                epoch,
+                seq,
+                from: 0,
+                body: Body::Data {
+                    group: g as u32,
+                    index: idx,
+                    fragment: f as u8,
+                    fragments: frags as u8,
+                    payload,
+                },
+            }
+            .encode(&self.key, &hash, &mut b);
+            bytes += b.len();
+            out.push(b);
+        }
+        Ok(bytes)
+    }
+
+    fn heartbeat(&mut self, sock: &UdpSocket, g: usize, sent: u32) -> Result<(), CastError> {
+        let len = self.groups[g].pages.len() as u32;
+        let mut b = Vec::new();
+        let seq = self.next_seq();
+        Datagram {
+            session: self.session_id,
+            epoch: 0,
+            seq,
+            from: 0,
+            body: Body::Heartbeat {
+                group: g as u32,
+                sent_through: sent,
+                group_len: len,
+                done: sent == len,
+            },
+        }
+        .encode(&self.key, &PageHash::ZERO_PAGE, &mut b);
+        self.report.bytes_heartbeat += b.len() as u64;
+        socket::send_batch(sock, &[&b], self.groups[g].addr)
+            .map_err(CastError::io("sending a heartbeat"))
+    }
+
+    /// Moves receiver `i` to unicast repair: a thread sends it, over its
+    /// control connection, every page of its groups from `g` on that it may
+    /// lack.
+    fn demote<'s>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        i: usize,
+        g: usize,
+        why: String,
+    ) -> Option<UnicastJoin<'s>>
+    where
+        'a: 's,
+    {
+        let peer = &mut self.peers[i];
+        let mut w = peer.writer.take()?;
+        peer.state = State::Unicast(why);
+        counter!("pagecast_cast_unicast_receivers_total").increment(1);
+        let mut pages: Vec<u32> = Vec::new();
+        for &pg in &peer.groups {
+            if pg < g {
+                continue;
+            }
+            let from = if pg == g {
+                peer.contiguous[pg] as usize
+            } else {
+                0
+            };
+            pages.extend(self.groups[pg].pages[from..].iter().copied());
+        }
+        let src = self.src;
+        Some(scope.spawn(move || {
+            let mut page = [0u8; PAGE_SIZE];
+            let before = w.sent_bytes();
+            let mut sent = 0u64;
+            for id in pages {
+                let ok = src.read(id, &mut page).is_ok()
+                    && w.send(&frame(v1::cast_frame::Body::Page(v1::CastPage {
+                        page: id,
+                        data: page.to_vec().into(),
+                    })))
+                    .is_ok();
+                if !ok {
+                    let bytes = w.sent_bytes() - before;
+                    return (None, sent, bytes);
+                }
+                sent += 1;
+            }
+            let bytes = w.sent_bytes() - before;
+            (Some(w), sent, bytes)
+        }))
+    }
+
+    fn multicast<'s>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        _secret: &Secret,
+    ) -> Result<Vec<(usize, UnicastJoin<'s>)>, CastError>
+    where
+        'a: 's,
+    {
+        let cfg = self.cfg;
+        let sock = socket::sender_socket(cfg.iface, cfg.ttl)
+            .map_err(CastError::io(format!("multicast socket on {}", cfg.iface)))?;
+        let mut by_port: HashMap<u16, Vec<Ipv4Addr>> = HashMap::new();
+        for g in self.groups {
+            by_port
+                .entry(g.addr.port().wrapping_add(1))
+                .or_default()
+                .push(*g.addr.ip());
+        }
+        let mut nack_socks = Vec::new();
+        for (port, addrs) in by_port {
+            let s = socket::group_socket(port, &addrs, cfg.iface, cfg.ttl)
+                .map_err(CastError::io(format!("NACK socket on port {port}")))?;
+            s.set_nonblocking(true)
+                .map_err(CastError::io("NACK socket"))?;
+            nack_socks.push(s);
+        }
+        let mut bucket = cfg
+            .rate_bps
+            .map(|r| TokenBucket::new(r, 64 * 1024, Instant::now()));
+        let mut gso = true;
+        let mut unicast: Vec<(usize, UnicastJoin<'s>)> = Vec::new();
+        let mut replay: HashMap<u32, ReplayWindow> = HashMap::new();
+        let mut repair: BTreeSet<(u32, u32)> = BTreeSet::new();
+        // Sequence number of the last datagram of each page's latest repair:
+        // a NACK whose sender had not yet seen that far was sent before the
+        // repair could arrive, and is ignored for that page.
+        let mut repaired_at: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut rb = RecvBatch::default();
+        let mut page = [0u8; PAGE_SIZE];
+        let mut g = 0usize;
+        let mut next: Vec<u32> = vec![0; self.groups.len()];
+        let mut last_beat = Instant::now();
+        let mut last_check = Instant::now();
+        let total: u64 = self.groups.iter().map(|g| g.pages.len() as u64).sum();
+        let mut sent_pages = 0u64;
+        self.started = Instant::now();
+        loop {
+            self.events(Duration::ZERO);
+            // NACKs from receivers, heard on the group.
+            for s in &nack_socks {
+                loop {
+                    let n =
+                        socket::recv_batch(s, &mut rb).map_err(CastError::io("reading NACKs"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    for k in 0..n {
+                        let Some(buf) = rb.get(k) else { continue };
+                        let Ok(d) = decode(buf, &self.key, self.session_id, |_, _| None) else {
+                            continue;
+                        };
+                        if d.from == 0
+                            || replay.entry(d.from).or_default().check(d.seq) != Replay::Fresh
+                        {
+                            continue;
+                        }
+                        if let Body::Nack {
+                            group,
+                            seen_through,
+                            ranges,
+                        } = d.body
+                        {
+                            let Some(grp) = self.groups.get(group as usize) else {
+                                continue;
+                            };
+                            self.report.nacks += 1;
+                            counter!("pagecast_cast_nacks_total").increment(1);
+                            let sent = next[group as usize];
+                            for (a, c) in ranges {
+                                for idx in
+                                    a..a.saturating_add(c).min(sent).min(grp.pages.len() as u32)
+                                {
+                                    if repaired_at
+                                        .get(&(group, idx))
+                                        .is_none_or(|&r| r <= seen_through)
+                                    {
+                                        repair.insert((group, idx));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if last_check.elapsed() > Duration::from_millis(20) {
+                last_check = Instant::now();
+                self.silent_check();
+                // Receivers holding the window back for too long go unicast.
+                if g < self.groups.len() {
+                    let now = Instant::now();
+                    let mut slow = Vec::new();
+                    for &m in &self.groups[g].members {
+                        let p = &mut self.peers[m];
+                        if p.state != State::Live {
+                            continue;
+                        }
+                        if next[g].saturating_sub(p.contiguous[g]) >= self.window {
+                            let since = *p.lagging_since.get_or_insert(now);
+                            if now.duration_since(since) > cfg.slow_after {
+                                slow.push(m);
+                            }
+                        } else {
+                            p.lagging_since = None;
+                        }
+                    }
+                    for m in slow {
+                        let why = format!("held the window back for over {:?}", cfg.slow_after);
+                        if let Some(j) = self.demote(scope, m, g, why) {
+                            unicast.push((m, j));
+                        }
+                    }
+                }
+            }
+            // Advance past groups every live member holds.
+            while g < self.groups.len() {
+                let len = self.groups[g].pages.len() as u32;
+                let all = self.groups[g].members.iter().all(|&m| {
+                    self.peers[m].state != State::Live || self.peers[m].contiguous[g] >= len
+                });
+                if next[g] == len && all {
+                    g += 1;
+                } else {
+                    break;
+                }
+            }
+            if g == self.groups.len() && self.all_finished() {
+                break;
+            }
+            if self
+                .peers
+                .iter()
+                .all(|p| matches!(p.state, State::Dropped(_)))
+            {
+                break;
+            }
+
+            // What to send: repairs first, then new pages within the window.
+            let mut batch: Vec<(usize, u32, u32)> = Vec::new();
+            while batch.len() < PAGES_PER_BATCH {
+                let Some((rg, ri)) = repair.pop_first() else {
+                    break;
+                };
+                batch.push((rg as usize, ri, 1));
+            }
+            let repairs_in_batch = batch.len();
+            if g < self.groups.len() {
+                let len = self.groups[g].pages.len() as u32;
+                let base = self.groups[g]
+                    .members
+                    .iter()
+                    .filter(|&&m| self.peers[m].state == State::Live)
+                    .map(|&m| self.peers[m].contiguous[g])
+                    .min()
+                    .unwrap_or(len);
+                let end = len.min(base.saturating_add(self.window));
+                while batch.len() < PAGES_PER_BATCH && next[g] < end {
+                    batch.push((g, next[g], 0));
+                    next[g] += 1;
+                }
+            }
+            if batch.is_empty() {
+                if g < self.groups.len() && last_beat.elapsed() >= HEARTBEAT_EVERY {
+                    self.heartbeat(&sock, g, next[g])?;
+                    last_beat = Instant::now();
+                }
+                self.events(Duration::from_millis(1));
+                continue;
+            }
+            // Encode, pace, send (per group address).
+            let mut datagrams: Vec<(usize, Vec<u8>)> = Vec::new();
+            let mut bytes_total = 0;
+            for (k, &(bg, idx, epoch)) in batch.iter().enumerate() {
+                let mut out = Vec::new();
+                let bytes = self.page_datagrams(bg, idx, epoch, &mut out, &mut page)?;
+                bytes_total += bytes;
+                if k < repairs_in_batch {
+                    repaired_at.insert((bg as u32, idx), self.seq);
+                    self.report.bytes_repair += bytes as u64;
+                    self.report.repairs += 1;
+                    counter!("pagecast_cast_repairs_total").increment(1);
+                } else {
+                    self.report.bytes_first += bytes as u64;
+                    sent_pages += 1;
+                }
+                datagrams.extend(out.into_iter().map(|d| (bg, d)));
+            }
+            if let Some(b) = bucket.as_mut() {
+                loop {
+                    let d = b.delay(bytes_total, Instant::now());
+                    if d.is_zero() {
+                        break;
+                    }
+                    std::thread::sleep(d);
+                }
+            }
+            let mut start = 0;
+            while start < datagrams.len() {
+                let grp = datagrams[start].0;
+                let end = datagrams[start..]
+                    .iter()
+                    .position(|d| d.0 != grp)
+                    .map_or(datagrams.len(), |p| start + p);
+                let refs: Vec<&[u8]> = datagrams[start..end]
+                    .iter()
+                    .map(|d| d.1.as_slice())
+                    .collect();
+                socket::send_segments(&sock, &refs, self.groups[grp].addr, &mut gso)
+                    .map_err(CastError::io("sending pages"))?;
+                start = end;
+            }
+            counter!("pagecast_cast_bytes_sent_total").increment(bytes_total as u64);
+            (self.progress)(sent_pages, total);
+            if last_beat.elapsed() >= HEARTBEAT_EVERY && g < self.groups.len() {
+                self.heartbeat(&sock, g, next[g])?;
+                last_beat = Instant::now();
+            }
+        }
+        Ok(unicast)
+    }
+
+    fn chain<'s>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        secret: &Secret,
+    ) -> Result<Vec<(usize, UnicastJoin<'s>)>, CastError>
+    where
+        'a: 's,
+    {
+        let Some(head) = self.peers.iter().position(|p| p.state == State::Live) else {
+            return Ok(Vec::new());
+        };
+        let first = self.peers[head].chain_addr.clone();
+        let stream = TcpStream::connect(&first)
+            .map_err(CastError::io(format!("connecting the chain to {first}")))?;
+        let mut link = Channel::client(stream, secret, &self.cfg.name)?;
+        let mut page = [0u8; PAGE_SIZE];
+        let total = self.src.pages();
+        self.started = Instant::now();
+        for i in 0..total {
+            self.src
+                .read(i, &mut page)
+                .map_err(|source| CastError::Source { page: i, source })?;
+            let f = frame(v1::cast_frame::Body::Page(v1::CastPage {
+                page: i,
+                data: page.to_vec().into(),
+            }));
+            if let Err(e) = link.send(&f) {
+                // The first receiver is gone; the rest come by unicast below.
+                self.peers[head].state = State::Dropped(format!("chain link lost: {e}"));
+                break;
+            }
+            self.report.bytes_first += PAGE_SIZE as u64 + 32;
+            (self.progress)(i as u64 + 1, total as u64);
+            if i % 256 == 0 {
+                self.events(Duration::ZERO);
+            }
+        }
+        let _ = link.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
+            ok: true,
+            reason: String::new(),
+        })));
+        // Wait for every receiver; downstream of a dropped one, repair by
+        // unicast from what each has reported.
+        let mut unicast = Vec::new();
+        loop {
+            self.events(Duration::from_millis(5));
+            self.silent_check();
+            let broken = self
+                .peers
+                .iter()
+                .position(|p| matches!(p.state, State::Dropped(_)));
+            if let Some(b) = broken {
+                for i in b + 1..self.peers.len() {
+                    if self.peers[i].state == State::Live {
+                        let why = format!("chain broken at receiver {}", self.peers[b].id);
+                        if let Some(j) = self.demote(scope, i, 0, why) {
+                            unicast.push((i, j));
+                        }
+                    }
+                }
+            }
+            if self.all_finished() {
+                break;
+            }
+        }
+        Ok(unicast)
+    }
+
+    fn finish<'s>(mut self, unicast: Vec<(usize, UnicastJoin<'s>)>) -> SendReport {
+        let duration = self.started.elapsed().as_secs_f64();
+        for (i, j) in unicast {
+            let (w, sent, bytes) = j.join().unwrap_or((None, 0, 0));
+            self.peers[i].writer = w;
+            self.peers[i].unicast_pages = sent;
+            self.report.bytes_unicast += bytes;
+        }
+        let start = self.started;
+        for p in self.peers.iter_mut() {
+            let (ok, reason) = match &p.state {
+                State::Done { ok: true, .. } => (true, String::new()),
+                State::Done { ok: false, .. } => (false, "digest mismatch".into()),
+                State::Dropped(r) | State::Unicast(r) => (false, r.clone()),
+                State::Live => (false, "did not finish".into()),
+            };
+            if let Some(w) = p.writer.as_mut() {
+                let _ = w.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
+                    ok,
+                    reason,
+                })));
+                w.shutdown();
+                self.report.bytes_control += w.sent_bytes();
+            }
+            let (status, completion) = match &p.state {
+                State::Done {
+                    at,
+                    ok: true,
+                    unicast: None,
+                } => (
+                    PeerStatus::Complete,
+                    Some(at.duration_since(start).as_secs_f64()),
+                ),
+                State::Done {
+                    at,
+                    ok: true,
+                    unicast: Some(r),
+                } => (
+                    PeerStatus::Unicast { reason: r.clone() },
+                    Some(at.duration_since(start).as_secs_f64()),
+                ),
+                State::Done { at, ok: false, .. } => (
+                    PeerStatus::Corrupt,
+                    Some(at.duration_since(start).as_secs_f64()),
+                ),
+                State::Dropped(r) | State::Unicast(r) => {
+                    (PeerStatus::Dropped { reason: r.clone() }, None)
+                }
+                State::Live => (
+                    PeerStatus::Dropped {
+                        reason: "did not finish".into(),
+                    },
+                    None,
+                ),
+            };
+            let page_bytes = p.pages.len() as f64 * PAGE_SIZE as f64;
+            let joined = if self.report.transport == Transport::Multicast {
+                p.groups.len() as u32
+            } else {
+                0
+            };
+            self.report.receivers.push(PeerReport {
+                id: p.id,
+                name: p.name.clone(),
+                addr: p.addr.clone(),
+                goodput_bps: completion.map(|s| page_bytes * 8.0 / s.max(1e-9)),
+                completion_s: completion,
+                pages: p.pages.len() as u32,
+                unicast_pages: p.unicast_pages,
+                joins: joined,
+                leaves: if matches!(status, PeerStatus::Dropped { .. }) {
+                    0
+                } else {
+                    joined
+                },
+                counters: p.counters.clone(),
+                status,
+            });
+        }
+        // Unicast repairs went over control connections; count them apart.
+        self.report.bytes_control = self
+            .report
+            .bytes_control
+            .saturating_sub(self.report.bytes_unicast);
+        self.report.duration_s = duration;
+        self.report
+    }
+}

@@ -1,0 +1,373 @@
+//! What a cast session moves and reports.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use pagecast_index::{Page, PageHash};
+use serde::Serialize;
+
+use crate::auth::AuthError;
+
+/// One page of a session: where it goes in the image, and its hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageEntry {
+    /// Image frame.
+    pub key: u64,
+    /// BLAKE3 of its content.
+    pub hash: PageHash,
+}
+
+/// Where a sender reads pages from.
+pub trait PageSource: Sync {
+    /// Pages in the session.
+    fn pages(&self) -> u32;
+    /// Page `i`'s frame and hash.
+    fn entry(&self, i: u32) -> PageEntry;
+    /// Page `i`'s content.
+    fn read(&self, i: u32, out: &mut Page) -> io::Result<()>;
+    /// Frames of the image the pages come from (the rest are zero).
+    fn frames(&self) -> u64;
+}
+
+/// Where a receiver puts pages.
+pub trait PageSink {
+    /// Called once, before any page, with the image size and page list.
+    fn begin(&mut self, frames: u64, pages: &[PageEntry]) -> io::Result<()>;
+    /// A verified page.
+    fn put(&mut self, entry: &PageEntry, data: &Page) -> io::Result<()>;
+    /// Every page arrived: make the result durable.
+    fn finish(&mut self) -> io::Result<()>;
+    /// The session failed: discard partial output.
+    fn abort(&mut self);
+}
+
+/// How pages travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// UDP multicast with NACK repair.
+    Multicast,
+    /// A pipelined TCP chain through the receivers.
+    Chain,
+}
+
+/// Which transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// Multicast, whatever the probe says.
+    Multicast,
+    /// The TCP chain.
+    Chain,
+    /// Multicast if every receiver hears the probe, else the chain.
+    Auto,
+}
+
+/// A multicast group of a session and the pages sent to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPlan {
+    /// Group address and data port (NACKs use the next port).
+    pub addr: SocketAddrV4,
+    /// Receivers in the group, by arrival order (0-based).
+    pub members: Vec<usize>,
+    /// Pages sent to it, by index into the page source.
+    pub pages: Vec<u32>,
+}
+
+/// The groups of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Groups {
+    /// One group: every receiver, every page.
+    Single(SocketAddrV4),
+    /// Several groups, sent in order (from the planner's sequence).
+    Plan(Vec<GroupPlan>),
+}
+
+/// Sender settings.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Where receivers connect.
+    pub control: SocketAddr,
+    /// The sender's interface address (multicast goes out of it).
+    pub iface: Ipv4Addr,
+    /// Receivers to wait for.
+    pub receivers: usize,
+    /// Pacing rate, bits per second (`None`: as fast as flow control allows).
+    pub rate_bps: Option<u64>,
+    /// Transport.
+    pub transport: TransportChoice,
+    /// Multicast TTL.
+    pub ttl: u32,
+    /// Path MTU (`None`: the interface's).
+    pub mtu: Option<usize>,
+    /// Most pages the sender runs ahead of the slowest live receiver.
+    pub window: u32,
+    /// How long to wait for every receiver to connect.
+    pub accept_timeout: Duration,
+    /// A receiver blocking the window this long moves to unicast repair.
+    pub slow_after: Duration,
+    /// A receiver silent this long is dropped.
+    pub silent_after: Duration,
+    /// The sender's name in handshakes and reports.
+    pub name: String,
+}
+
+impl SenderConfig {
+    /// Defaults for a sender on `control` and `iface`.
+    pub fn new(control: SocketAddr, iface: Ipv4Addr, receivers: usize) -> Self {
+        SenderConfig {
+            control,
+            iface,
+            receivers,
+            rate_bps: None,
+            transport: TransportChoice::Auto,
+            ttl: 1,
+            mtu: None,
+            window: 8192,
+            accept_timeout: Duration::from_secs(60),
+            slow_after: Duration::from_secs(3),
+            silent_after: Duration::from_secs(5),
+            name: "pagecast-sender".into(),
+        }
+    }
+}
+
+/// Receiver settings.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// The sender's control address.
+    pub control: SocketAddr,
+    /// The receiver's interface address.
+    pub iface: Ipv4Addr,
+    /// The receiver's name.
+    pub name: String,
+    /// Multicast TTL for NACKs.
+    pub ttl: u32,
+    /// Give up if the sender is silent this long.
+    pub silent_after: Duration,
+}
+
+impl ReceiverConfig {
+    /// Defaults for a receiver of `control` on `iface`.
+    pub fn new(control: SocketAddr, iface: Ipv4Addr, name: &str) -> Self {
+        ReceiverConfig {
+            control,
+            iface,
+            name: name.to_owned(),
+            ttl: 1,
+            silent_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a receiver's session ended, from the sender's side.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum PeerStatus {
+    /// Every page arrived and the digest matched.
+    Complete,
+    /// It finished after being moved to unicast repair.
+    Unicast {
+        /// Why it was moved.
+        reason: String,
+    },
+    /// It was dropped; the others went on.
+    Dropped {
+        /// Why.
+        reason: String,
+    },
+    /// It finished but its digest did not match.
+    Corrupt,
+}
+
+/// Counters a receiver reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReceiverCounters {
+    /// Datagrams whose MAC failed.
+    pub forged: u64,
+    /// Datagrams whose sequence was seen before.
+    pub replayed: u64,
+    /// Datagrams of another session.
+    pub stale: u64,
+    /// Pages whose hash did not match.
+    pub bad_hash: u64,
+    /// Pages received again after they were held.
+    pub duplicates: u64,
+    /// NACKs sent.
+    pub nacks_sent: u64,
+    /// NACKs not sent because another receiver asked first.
+    pub nacks_suppressed: u64,
+}
+
+/// One receiver in the sender's report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerReport {
+    /// Receiver id (1-based).
+    pub id: u32,
+    /// Its name.
+    pub name: String,
+    /// Its control address.
+    pub addr: String,
+    /// How it ended.
+    #[serde(flatten)]
+    pub status: PeerStatus,
+    /// Seconds from the first page sent to its completion.
+    pub completion_s: Option<f64>,
+    /// Page bytes delivered over its completion time, bits per second.
+    pub goodput_bps: Option<f64>,
+    /// Pages it had to receive.
+    pub pages: u32,
+    /// Pages sent to it by unicast repair.
+    pub unicast_pages: u64,
+    /// Multicast groups it joined and left.
+    pub joins: u32,
+    /// Groups it left.
+    pub leaves: u32,
+    /// What it counted.
+    pub counters: ReceiverCounters,
+}
+
+/// What a sender did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SendReport {
+    /// The transport used.
+    pub transport: Transport,
+    /// Pages in the session.
+    pub pages: u32,
+    /// Page bytes (pages x 4096).
+    pub page_bytes: u64,
+    /// Bytes of first sends (datagrams, or the chain's first link).
+    pub bytes_first: u64,
+    /// Bytes of multicast repairs.
+    pub bytes_repair: u64,
+    /// Bytes of unicast repairs over control connections.
+    pub bytes_unicast: u64,
+    /// Control bytes sent (handshakes excluded).
+    pub bytes_control: u64,
+    /// Heartbeat and probe bytes.
+    pub bytes_heartbeat: u64,
+    /// NACKs received.
+    pub nacks: u64,
+    /// Pages repaired by multicast.
+    pub repairs: u64,
+    /// Fragments per page (1 where a page fits the MTU).
+    pub fragments: u32,
+    /// Pages the sender let run ahead of the slowest receiver (the
+    /// configured window, capped by the smallest receive buffer).
+    pub window: u32,
+    /// Wall time from the first page sent to the end, seconds.
+    pub duration_s: f64,
+    /// Connections refused for failing authentication.
+    pub refused: u64,
+    /// Per receiver.
+    pub receivers: Vec<PeerReport>,
+}
+
+/// What a receiver got.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecvReport {
+    /// The transport used.
+    pub transport: Transport,
+    /// This receiver's id.
+    pub id: u32,
+    /// Pages it held at the end.
+    pub pages: u32,
+    /// Page bytes.
+    pub page_bytes: u64,
+    /// Pages that came by multicast (or chain).
+    pub pages_main: u64,
+    /// Pages that came by unicast repair.
+    pub pages_unicast: u64,
+    /// Datagram bytes received.
+    pub bytes_received: u64,
+    /// Groups joined.
+    pub joins: u32,
+    /// Groups left.
+    pub leaves: u32,
+    /// Seconds from the start message to the last page.
+    pub duration_s: f64,
+    /// What it counted.
+    pub counters: ReceiverCounters,
+    /// Why the chain link into this receiver broke, if it did (the rest
+    /// then came by unicast repair).
+    pub chain_broken: Option<String>,
+}
+
+/// Errors of cast sessions.
+#[derive(Debug, thiserror::Error)]
+pub enum CastError {
+    /// Authentication or control framing failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// A socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// Not every receiver connected in time.
+    #[error("only {got} of {want} receivers connected within {waited:?}")]
+    Accept {
+        /// Connected.
+        got: usize,
+        /// Expected.
+        want: usize,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The peer broke the protocol.
+    #[error("{peer}: protocol error: {why}")]
+    Protocol {
+        /// Who.
+        peer: String,
+        /// What.
+        why: String,
+    },
+    /// Bad settings.
+    #[error("{0}")]
+    Config(String),
+    /// The page source failed.
+    #[error("reading page {page}: {source}")]
+    Source {
+        /// The page.
+        page: u32,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The sink failed.
+    #[error("storing pages: {0}")]
+    Sink(#[source] io::Error),
+    /// The sender ended the session without this receiver completing.
+    #[error("the sender ended the session: {0}")]
+    Ended(String),
+    /// Nothing heard from the peer for too long.
+    #[error("{peer}: silent for {after:?}")]
+    Silent {
+        /// Who.
+        peer: String,
+        /// How long.
+        after: Duration,
+    },
+}
+
+impl CastError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> CastError {
+        let what = what.into();
+        move |source| CastError::Io { what, source }
+    }
+}
+
+/// The digest a receiver reports: BLAKE3 over (frame, hash) of each page it
+/// holds, in page order.
+pub fn digest<'a>(entries: impl Iterator<Item = &'a PageEntry>) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for e in entries {
+        h.update(&e.key.to_be_bytes());
+        h.update(e.hash.as_bytes());
+    }
+    *h.finalize().as_bytes()
+}

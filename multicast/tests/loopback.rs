@@ -1,0 +1,410 @@
+//! Cast sessions over loopback multicast (127.0.0.1), in one process: the
+//! sender and every receiver on their own threads.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pagecast_index::{PAGE_SIZE, Page, PageHash};
+use pagecast_multicast::*;
+
+const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+fn secret() -> Secret {
+    Secret::from_material(b"loopback test cluster secret")
+}
+
+/// A distinct control port and multicast group per test.
+fn endpoints() -> (SocketAddr, SocketAddrV4) {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let base = 20_000 + (std::process::id() % 2000) as u16 * 16 + n * 4;
+    (
+        SocketAddr::from((LO, base)),
+        SocketAddrV4::new(
+            Ipv4Addr::new(239, 71, (n / 200) as u8, (n % 200) as u8 + 1),
+            base + 2,
+        ),
+    )
+}
+
+struct Source {
+    pages: Vec<Box<Page>>,
+    frames: u64,
+}
+
+impl Source {
+    fn new(n: u32) -> Self {
+        let pages = (0..n)
+            .map(|i| {
+                let mut p = Box::new([0u8; PAGE_SIZE]);
+                let mut x = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                for w in p.chunks_exact_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    w.copy_from_slice(&x.to_le_bytes());
+                }
+                p
+            })
+            .collect();
+        Source {
+            pages,
+            frames: u64::from(n) * 2,
+        }
+    }
+}
+
+impl PageSource for Source {
+    fn pages(&self) -> u32 {
+        self.pages.len() as u32
+    }
+    fn entry(&self, i: u32) -> PageEntry {
+        PageEntry {
+            key: u64::from(i) * 2,
+            hash: PageHash::of_page(&self.pages[i as usize]),
+        }
+    }
+    fn read(&self, i: u32, out: &mut Page) -> std::io::Result<()> {
+        out.copy_from_slice(&self.pages[i as usize][..]);
+        Ok(())
+    }
+    fn frames(&self) -> u64 {
+        self.frames
+    }
+}
+
+#[derive(Default)]
+struct Sink {
+    got: Vec<(u64, Vec<u8>)>,
+    finished: bool,
+    aborted: bool,
+    fail_after: Option<usize>,
+}
+
+impl PageSink for Sink {
+    fn begin(&mut self, _frames: u64, _pages: &[PageEntry]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn put(&mut self, e: &PageEntry, data: &Page) -> std::io::Result<()> {
+        if self.fail_after.is_some_and(|n| self.got.len() >= n) {
+            return Err(std::io::Error::other("disk full (test)"));
+        }
+        self.got.push((e.key, data.to_vec()));
+        Ok(())
+    }
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.finished = true;
+        Ok(())
+    }
+    fn abort(&mut self) {
+        self.aborted = true;
+    }
+}
+
+fn check_sink(sink: &Sink, src: &Source, pages: &[u32]) {
+    assert!(sink.finished && !sink.aborted);
+    let mut got = sink.got.clone();
+    got.sort();
+    let mut want: Vec<(u64, Vec<u8>)> = pages
+        .iter()
+        .map(|&i| (u64::from(i) * 2, src.pages[i as usize].to_vec()))
+        .collect();
+    want.sort();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "received pages differ from the source");
+}
+
+/// What one run returns: the sender's result and each receiver's.
+type Outcome = (
+    Result<SendReport, CastError>,
+    Vec<(Result<RecvReport, CastError>, Sink)>,
+);
+
+fn run(
+    cfg: SenderConfig,
+    groups: Groups,
+    src: &Source,
+    receivers: Vec<(Secret, Option<usize>)>,
+) -> Outcome {
+    std::thread::scope(|s| {
+        let control = cfg.control;
+        let sender = s.spawn(move || send(&cfg, groups, src, &secret(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        let handles: Vec<_> = receivers
+            .into_iter()
+            .enumerate()
+            .map(|(i, (sec, fail_after))| {
+                s.spawn(move || {
+                    let mut sink = Sink {
+                        fail_after,
+                        ..Sink::default()
+                    };
+                    let cfg = ReceiverConfig::new(control, LO, &format!("r{i}"));
+                    let r = receive(&cfg, &sec, &mut sink, &|_, _| {});
+                    (r, sink)
+                })
+            })
+            .collect();
+        let recvs = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        (sender.join().unwrap(), recvs)
+    })
+}
+
+#[test]
+fn four_receivers_get_identical_copies_over_loopback_multicast() {
+    let (control, group) = endpoints();
+    let src = Source::new(3000);
+    let mut cfg = SenderConfig::new(control, LO, 4);
+    cfg.transport = TransportChoice::Auto;
+    let (sent, recvs) = run(
+        cfg,
+        Groups::Single(group),
+        &src,
+        (0..4).map(|_| (secret(), None)).collect(),
+    );
+    let report = sent.unwrap();
+    assert_eq!(
+        report.transport,
+        Transport::Multicast,
+        "loopback multicast works"
+    );
+    let all: Vec<u32> = (0..3000).collect();
+    for (r, sink) in &recvs {
+        let r = r.as_ref().unwrap();
+        assert_eq!(r.pages, 3000);
+        check_sink(sink, &src, &all);
+    }
+    assert_eq!(report.receivers.len(), 4);
+    for p in &report.receivers {
+        assert_eq!(p.status, PeerStatus::Complete, "{p:?}");
+        assert_eq!((p.joins, p.leaves), (1, 1));
+    }
+    // Each page crossed the sender's link once (plus whatever was repaired).
+    let once = 3000 * (PAGE_SIZE as u64 + 28 + 10 + 16);
+    assert_eq!(report.bytes_first, once);
+    assert!(
+        report.bytes_repair <= once / 2,
+        "repairs {}",
+        report.bytes_repair
+    );
+}
+
+#[test]
+fn small_mtu_fragments_pages_and_still_delivers() {
+    let (control, group) = endpoints();
+    let src = Source::new(500);
+    let mut cfg = SenderConfig::new(control, LO, 2);
+    cfg.transport = TransportChoice::Multicast;
+    cfg.mtu = Some(1500);
+    let (sent, recvs) = run(
+        cfg,
+        Groups::Single(group),
+        &src,
+        (0..2).map(|_| (secret(), None)).collect(),
+    );
+    let report = sent.unwrap();
+    assert_eq!(report.fragments, 3);
+    let all: Vec<u32> = (0..500).collect();
+    for (r, sink) in &recvs {
+        r.as_ref().unwrap();
+        check_sink(sink, &src, &all);
+    }
+}
+
+#[test]
+fn chain_delivers_the_same_as_multicast() {
+    let (control, _) = endpoints();
+    let src = Source::new(1500);
+    let mut cfg = SenderConfig::new(control, LO, 3);
+    cfg.transport = TransportChoice::Chain;
+    let group = SocketAddrV4::new(Ipv4Addr::new(239, 71, 250, 1), 29_000);
+    let (sent, recvs) = run(
+        cfg,
+        Groups::Single(group),
+        &src,
+        (0..3).map(|_| (secret(), None)).collect(),
+    );
+    let report = sent.unwrap();
+    assert_eq!(report.transport, Transport::Chain);
+    // The sender sends each page once, into the first link.
+    assert!(report.bytes_first < 1500 * (PAGE_SIZE as u64 + 64));
+    let all: Vec<u32> = (0..1500).collect();
+    for (r, sink) in &recvs {
+        let r = r.as_ref().unwrap();
+        assert_eq!(r.transport, Transport::Chain);
+        check_sink(sink, &src, &all);
+    }
+}
+
+#[test]
+fn a_receiver_that_dies_is_reported_and_the_others_complete() {
+    let (control, group) = endpoints();
+    let src = Source::new(4000);
+    let mut cfg = SenderConfig::new(control, LO, 3);
+    cfg.transport = TransportChoice::Multicast;
+    cfg.rate_bps = Some(400_000_000);
+    cfg.silent_after = Duration::from_secs(2);
+    let receivers = vec![(secret(), None), (secret(), Some(500)), (secret(), None)];
+    let (sent, recvs) = run(cfg, Groups::Single(group), &src, receivers);
+    let report = sent.unwrap();
+    let all: Vec<u32> = (0..4000).collect();
+    let dead = report
+        .receivers
+        .iter()
+        .filter(|p| matches!(p.status, PeerStatus::Dropped { .. }))
+        .count();
+    assert_eq!(dead, 1, "{:?}", report.receivers);
+    let mut ok = 0;
+    for (r, sink) in &recvs {
+        if r.is_ok() {
+            check_sink(sink, &src, &all);
+            ok += 1;
+        } else {
+            assert!(
+                sink.aborted && !sink.finished,
+                "the failed receiver keeps nothing"
+            );
+        }
+    }
+    assert_eq!(ok, 2);
+}
+
+#[test]
+fn groups_of_a_plan_reach_only_their_members() {
+    let (control, g0) = endpoints();
+    let g1 = SocketAddrV4::new(
+        Ipv4Addr::new(
+            g0.ip().octets()[0],
+            g0.ip().octets()[1],
+            g0.ip().octets()[2],
+            g0.ip().octets()[3] + 100,
+        ),
+        g0.port(),
+    );
+    let src = Source::new(900);
+    let mut cfg = SenderConfig::new(control, LO, 3);
+    cfg.transport = TransportChoice::Multicast;
+    // Group 0: receivers 0 and 1 get pages 0..300; group 1: receivers 1 and
+    // 2 get 300..900.
+    let plan = vec![
+        GroupPlan {
+            addr: g0,
+            members: vec![0, 1],
+            pages: (0..300).collect(),
+        },
+        GroupPlan {
+            addr: g1,
+            members: vec![1, 2],
+            pages: (300..900).collect(),
+        },
+    ];
+    let (sent, recvs) = run(
+        cfg,
+        Groups::Plan(plan),
+        &src,
+        (0..3).map(|_| (secret(), None)).collect(),
+    );
+    let report = sent.unwrap();
+    let want: Vec<Vec<u32>> = vec![(0..300).collect(), (0..900).collect(), (300..900).collect()];
+    // Receivers connect in an order the test does not control: match by name.
+    for p in &report.receivers {
+        assert_eq!(p.status, PeerStatus::Complete);
+    }
+    let mut seen: Vec<usize> = recvs
+        .iter()
+        .map(|(r, _)| r.as_ref().unwrap().pages as usize)
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec![300, 600, 900]);
+    for (r, sink) in &recvs {
+        let id = r.as_ref().unwrap().id as usize - 1;
+        check_sink(sink, &src, &want[id]);
+    }
+    let joins: u32 = report.receivers.iter().map(|p| p.joins).sum();
+    assert_eq!(joins, 4);
+}
+
+#[test]
+fn a_receiver_without_the_secret_is_refused() {
+    let (control, group) = endpoints();
+    let src = Source::new(200);
+    let mut cfg = SenderConfig::new(control, LO, 1);
+    cfg.transport = TransportChoice::Multicast;
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &secret(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        // First a receiver with the wrong secret: refused, and the session
+        // still waits for a real one.
+        let rc = ReceiverConfig::new(control, LO, "intruder");
+        let mut sink = Sink::default();
+        let err = receive(
+            &rc,
+            &Secret::from_material(b"not the cluster secret"),
+            &mut sink,
+            &|_, _| {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("authentication failed"), "{err}");
+        assert!(sink.aborted && sink.got.is_empty());
+        let rc = ReceiverConfig::new(control, LO, "member");
+        let mut sink = Sink::default();
+        receive(&rc, &secret(), &mut sink, &|_, _| {}).unwrap();
+        check_sink(&sink, &src, &(0..200).collect::<Vec<_>>());
+        let report = sender.join().unwrap().unwrap();
+        assert_eq!(report.refused, 1);
+        assert_eq!(report.receivers.len(), 1);
+        assert_eq!(report.receivers[0].name, "member");
+    });
+}
+
+#[test]
+fn forged_and_replayed_datagrams_are_dropped_and_counted() {
+    let (control, group) = endpoints();
+    let src = Source::new(3000);
+    let mut cfg = SenderConfig::new(control, LO, 1);
+    cfg.transport = TransportChoice::Multicast;
+    cfg.rate_bps = Some(200_000_000);
+    let stop = Arc::new(Mutex::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // Capture real datagrams from the group, then replay them and
+            // send forgeries with a flipped byte.
+            let spy = pagecast_multicast::socket::group_socket(group.port(), &[*group.ip()], LO, 1)
+                .unwrap();
+            spy.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            let out = pagecast_multicast::socket::sender_socket(LO, 1).unwrap();
+            let mut buf = [0u8; 9000];
+            let (mut replays, mut forgeries) = (0, 0);
+            while !*stop.lock().unwrap() {
+                if let Ok(n) = spy.recv(&mut buf) {
+                    out.send_to(&buf[..n], group).unwrap();
+                    replays += 1;
+                    let mut f = buf[..n].to_vec();
+                    let at = f.len() / 2;
+                    f[at] ^= 0x55;
+                    out.send_to(&f, group).unwrap();
+                    forgeries += 1;
+                }
+            }
+            (replays, forgeries)
+        })
+    };
+    let (sent, recvs) = run(cfg, Groups::Single(group), &src, vec![(secret(), None)]);
+    *stop.lock().unwrap() = true;
+    let (replays, forgeries) = attacker.join().unwrap();
+    sent.unwrap();
+    let (r, sink) = &recvs[0];
+    let r = r.as_ref().unwrap();
+    check_sink(sink, &src, &(0..3000).collect::<Vec<_>>());
+    assert!(
+        replays > 100 && forgeries > 100,
+        "attacker sent {replays} replays, {forgeries} forgeries"
+    );
+    assert!(r.counters.forged > 0, "{:?}", r.counters);
+    assert!(r.counters.replayed > 0, "{:?}", r.counters);
+    assert_eq!(r.counters.bad_hash, 0);
+}
