@@ -56,3 +56,75 @@ pub fn pagecast_json(args: &[&str]) -> serde_json::Value {
         )
     })
 }
+
+/// A child process killed when dropped, so a failing test leaves none.
+pub struct Child(pub std::process::Child);
+
+impl Child {
+    /// Spawns `pagecast` with `args` (stdout and stderr captured), wrapped
+    /// in `prefix` (e.g. `["ip", "netns", "exec", "ns"]`) if given.
+    pub fn pagecast(prefix: &[&str], args: &[&str]) -> Child {
+        let bin = pagecast_bin();
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        Child(cmd.spawn().expect("spawning pagecast"))
+    }
+
+    /// Waits up to `timeout`, then kills; returns the output either way.
+    pub fn wait(mut self, timeout: std::time::Duration) -> Output {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let child = std::mem::replace(
+            &mut self.0,
+            Command::new("true").spawn().expect("spawning true"),
+        );
+        child.wait_with_output().expect("collecting output")
+    }
+
+    /// Kills the process now (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The repository root (for scripts).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repository root")
+        .to_path_buf()
+}

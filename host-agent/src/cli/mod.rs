@@ -1,5 +1,6 @@
 //! Command-line parsing and the subcommands.
 
+mod cast;
 mod plan;
 mod progress;
 mod scan;
@@ -34,6 +35,50 @@ enum Command {
     Scan(scan::ScanArgs),
     Synth(synth::SynthArgs),
     Plan(plan::PlanArgs),
+    Cast(cast::CastArgs),
+    Secret(SecretCmd),
+}
+
+/// Manage the cluster secret that agents, peers and tools authenticate
+/// each other with.
+///
+/// Example:
+///
+///   pagecast secret new /etc/pagecast/cluster.secret
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+struct SecretCmd {
+    #[command(subcommand)]
+    command: SecretSub,
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretSub {
+    /// Write a new random secret (refuses to overwrite an existing file).
+    New {
+        /// The file to create.
+        file: std::path::PathBuf,
+    },
+}
+
+/// The cluster secret option every networked command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecretArg {
+    /// The cluster secret file (make one with `pagecast secret new FILE`).
+    #[arg(
+        long = "secret-file",
+        value_name = "FILE",
+        env = "PAGECAST_SECRET_FILE"
+    )]
+    pub secret_file: Option<std::path::PathBuf>,
+}
+
+/// Loads the cluster secret named by `--secret-file` or the environment.
+pub fn load_secret(a: &SecretArg) -> anyhow::Result<pagecast_multicast::Secret> {
+    let path = a.secret_file.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("no cluster secret: pass --secret-file FILE or set PAGECAST_SECRET_FILE (create one with `pagecast secret new FILE`)")
+    })?;
+    Ok(pagecast_multicast::Secret::load(path)?)
 }
 
 /// Runs the parsed command line.
@@ -47,6 +92,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Scan(a) => scan::run(a, threads),
         Command::Synth(a) => synth::run(a, threads),
         Command::Plan(a) => plan::run(a, threads),
+        Command::Cast(a) => cast::run(a, threads),
+        Command::Secret(SecretCmd {
+            command: SecretSub::New { file },
+        }) => {
+            pagecast_multicast::Secret::create_file(&file)?;
+            eprintln!(
+                "wrote a new cluster secret to {} (mode 0600); copy it to every host",
+                file.display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,373 @@
+//! `pagecast cast send | recv` as operators run them: separate processes,
+//! over loopback multicast and (as root) across network namespaces with
+//! rate limits and random loss.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use pagecast_tests::{Child, is_root, pagecast, repo_root};
+
+/// A distinct control port and group per test (tests run in parallel).
+fn ports() -> (u16, String) {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let base = 33_000 + (std::process::id() % 1000) as u16 * 8 + n * 2;
+    (
+        base,
+        format!(
+            "239.72.{}.{}:{}",
+            n,
+            1 + (std::process::id() % 200),
+            base + 4000
+        ),
+    )
+}
+
+fn setup(dir: &Path, memory: &str) {
+    let secret = dir.join("s.secret");
+    assert!(
+        pagecast(&["secret", "new", secret.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = pagecast(&[
+        "synth",
+        "--out",
+        dir.to_str().unwrap(),
+        "--family",
+        "web",
+        "--vms",
+        "1",
+        "--memory",
+        memory,
+    ]);
+    assert!(out.status.success());
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}); stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+struct Session<'a> {
+    dir: &'a Path,
+    control: String,
+    group: String,
+    iface: &'a str,
+}
+
+impl Session<'_> {
+    fn sender(&self, prefix: &[&str], receivers: usize, extra: &[&str]) -> Child {
+        let secret = self.dir.join("s.secret");
+        let mut args = vec![
+            "cast",
+            "send",
+            "--group",
+            &self.group,
+            "--iface",
+            self.iface,
+            "--control",
+            &self.control,
+            "--secret-file",
+            secret.to_str().unwrap(),
+            "--json",
+            "--accept-timeout",
+            "30",
+        ];
+        let n = receivers.to_string();
+        args.extend(["--receivers", &n]);
+        args.extend(extra);
+        let image = self.dir.join("web-0.raw");
+        args.push(image.to_str().unwrap());
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Child::pagecast(prefix, &refs)
+    }
+
+    fn receiver(&self, prefix: &[&str], iface: &str, out: &str) -> Child {
+        let out = self.dir.join(out);
+        let secret = self.dir.join("s.secret");
+        Child::pagecast(
+            prefix,
+            &[
+                "cast",
+                "recv",
+                "--control",
+                &self.control,
+                "--iface",
+                iface,
+                "--out",
+                out.to_str().unwrap(),
+                "--secret-file",
+                secret.to_str().unwrap(),
+                "--json",
+                "--name",
+                out.file_name().unwrap().to_str().unwrap(),
+            ],
+        )
+    }
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+#[test]
+fn loopback_multicast_to_four_receivers_is_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), "32MiB");
+    let (port, group) = ports();
+    let s = Session {
+        dir: dir.path(),
+        control: format!("127.0.0.1:{port}"),
+        group,
+        iface: "127.0.0.1",
+    };
+    let sender = s.sender(&[], 4, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let rs: Vec<Child> = (0..4)
+        .map(|i| s.receiver(&[], "127.0.0.1", &format!("copy{i}.raw")))
+        .collect();
+    let outs: Vec<_> = rs
+        .into_iter()
+        .map(|r| r.wait(Duration::from_secs(60)))
+        .collect();
+    let sent = sender.wait(Duration::from_secs(60));
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let report = json(&sent);
+    assert_eq!(report["transport"], "multicast");
+    for (i, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "receiver {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            same(
+                &dir.path().join("web-0.raw"),
+                &dir.path().join(format!("copy{i}.raw"))
+            ),
+            "copy {i} differs"
+        );
+    }
+    for r in report["receivers"].as_array().unwrap() {
+        assert_eq!(r["status"], "complete");
+        assert!(r["goodput_bps"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn a_killed_receiver_is_reported_and_the_others_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), "64MiB");
+    let (port, group) = ports();
+    let s = Session {
+        dir: dir.path(),
+        control: format!("127.0.0.1:{port}"),
+        group,
+        iface: "127.0.0.1",
+    };
+    // Paced so the session lasts a few seconds.
+    let sender = s.sender(&[], 3, &["--rate", "100M"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut rs: Vec<Child> = (0..3)
+        .map(|i| s.receiver(&[], "127.0.0.1", &format!("copy{i}.raw")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    rs[1].kill();
+    let outs: Vec<_> = rs
+        .into_iter()
+        .map(|r| r.wait(Duration::from_secs(60)))
+        .collect();
+    let sent = sender.wait(Duration::from_secs(60));
+    assert_eq!(
+        sent.status.code(),
+        Some(1),
+        "not every receiver completed, so the sender fails"
+    );
+    let report = json(&sent);
+    let statuses: Vec<&str> = report["receivers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "dropped").count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "complete").count(),
+        2,
+        "{statuses:?}"
+    );
+    for i in [0, 2] {
+        assert!(outs[i].status.success());
+        assert!(same(
+            &dir.path().join("web-0.raw"),
+            &dir.path().join(format!("copy{i}.raw"))
+        ));
+    }
+    assert!(
+        !dir.path().join("copy1.raw").exists(),
+        "the killed receiver wrote nothing in place"
+    );
+}
+
+#[test]
+fn the_chain_delivers_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), "16MiB");
+    let (port, group) = ports();
+    let s = Session {
+        dir: dir.path(),
+        control: format!("127.0.0.1:{port}"),
+        group,
+        iface: "127.0.0.1",
+    };
+    let sender = s.sender(&[], 3, &["--transport", "chain"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let rs: Vec<Child> = (0..3)
+        .map(|i| s.receiver(&[], "127.0.0.1", &format!("copy{i}.raw")))
+        .collect();
+    let outs: Vec<_> = rs
+        .into_iter()
+        .map(|r| r.wait(Duration::from_secs(60)))
+        .collect();
+    let sent = sender.wait(Duration::from_secs(60));
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert_eq!(json(&sent)["transport"], "chain");
+    for (i, o) in outs.iter().enumerate() {
+        assert!(o.status.success());
+        assert_eq!(json(o)["transport"], "chain");
+        assert!(same(
+            &dir.path().join("web-0.raw"),
+            &dir.path().join(format!("copy{i}.raw"))
+        ));
+    }
+}
+
+/// Brings a namespace topology up and down (as root).
+struct Topology(String);
+
+impl Topology {
+    fn up(prefix: &str, hosts: usize, args: &[&str]) -> Option<Topology> {
+        let script = repo_root().join("scripts/netns.sh");
+        let mut cmd = std::process::Command::new(&script);
+        cmd.args(["up", &hosts.to_string(), "--prefix", prefix])
+            .args(args);
+        let out = cmd.output().ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipping: the namespace topology did not come up: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Some(Topology(prefix.to_owned()))
+    }
+
+    fn loss(&self, pct: u32) {
+        let script = repo_root().join("scripts/netns.sh");
+        let out = std::process::Command::new(script)
+            .args(["loss", &pct.to_string(), "--prefix", &self.0])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let script = repo_root().join("scripts/netns.sh");
+        let _ = std::process::Command::new(script)
+            .args(["down", "--prefix", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn across_namespaces_with_loss_every_copy_is_byte_identical() {
+    if !is_root() {
+        eprintln!("skipping: the namespace topology needs root");
+        return;
+    }
+    let prefix = format!("pct{}", std::process::id() % 10_000);
+    let Some(topo) = Topology::up(&prefix, 4, &["--mtu", "1500", "--rate", "800mbit"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), "32MiB");
+    for loss in [1, 5] {
+        topo.loss(loss);
+        let s = Session {
+            dir: dir.path(),
+            control: "10.77.0.1:7100".into(),
+            group: "239.77.0.1:7000".into(),
+            iface: "10.77.0.1",
+        };
+        let h0 = format!("{prefix}-h0");
+        let sender = s.sender(
+            &["ip", "netns", "exec", &h0],
+            3,
+            &["--transport", "multicast"],
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let rs: Vec<Child> = (1..4)
+            .map(|i| {
+                let ns = format!("{prefix}-h{i}");
+                s.receiver(
+                    &["ip", "netns", "exec", &ns],
+                    &format!("10.77.0.{}", i + 1),
+                    &format!("loss{loss}-{i}.raw"),
+                )
+            })
+            .collect();
+        let outs: Vec<_> = rs
+            .into_iter()
+            .map(|r| r.wait(Duration::from_secs(120)))
+            .collect();
+        let sent = sender.wait(Duration::from_secs(120));
+        assert!(
+            sent.status.success(),
+            "loss {loss}%: {}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        let report = json(&sent);
+        assert_eq!(
+            report["fragments"], 3,
+            "1500-byte MTU: pages travel in fragments"
+        );
+        assert!(
+            report["repairs"].as_u64().unwrap() > 0,
+            "at {loss}% loss something was repaired"
+        );
+        assert!(report["nacks"].as_u64().unwrap() > 0);
+        for (i, o) in outs.iter().enumerate() {
+            assert!(
+                o.status.success(),
+                "receiver {i}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(same(
+                &dir.path().join("web-0.raw"),
+                &dir.path().join(format!("loss{loss}-{}.raw", i + 1))
+            ));
+        }
+    }
+}
