@@ -93,7 +93,7 @@ impl ImageSink {
 }
 
 impl PageSink for ImageSink {
-    fn begin(&mut self, frames: u64, _pages: &[PageEntry]) -> io::Result<()> {
+    fn begin(&mut self, frames: u64) -> io::Result<()> {
         let dir = self
             .target
             .parent()
@@ -108,6 +108,10 @@ impl PageSink for ImageSink {
 
     fn put(&mut self, e: &PageEntry, data: &Page) -> io::Result<()> {
         self.file()?.write_all_at(data, e.key * PAGE_SIZE as u64)
+    }
+
+    fn get(&mut self, key: u64, out: &mut Page) -> io::Result<()> {
+        self.file()?.read_exact_at(out, key * PAGE_SIZE as u64)
     }
 
     fn finish(&mut self) -> io::Result<()> {

@@ -8,27 +8,27 @@
 //! ```text
 //! sender                                         receiver (each of N)
 //!   | <- TCP connect, mutual auth (cluster secret) -|
-//!   | <---------------- CastHello {name, chain_addr}|
+//!   | <---------- CastHello {name, chain_addr, rcvbuf}
 //!   | CastWelcome {id, session, wrapped key,        |
-//!   |              groups, fragment size} --------> |  join member groups
-//!   | CastPages {frames, hashes} x k -------------> |
-//!   | CastProbe {nonce} --------------------------> |
+//!   |   groups as page ranges, fragment size} ----> |  join member groups
+//!   | <------------------------------ CastReady     |
+//!   | CastProbe {nonce} --------------------------> |  (transport auto)
 //!   | ~~ UDP probe datagrams to each group ~~~~~~~> |
-//!   | <--------------------- CastProbeResult{heard} |  any deaf: use the chain
+//!   | <--------------------- CastProbeResult{heard} |  any deaf: the chain
 //!   | CastStart {multicast | chain} --------------> |
-//!   | ~~ data datagrams, paced, windowed ~~~~~~~~~> |  verify each page's hash
+//!   | ~~ data {frame, check, page}, paced ~~~~~~~~> |  hash-check each page
 //!   | ~~ heartbeats {sent through} ~~~~~~~~~~~~~~~> |
-//!   | <~~~~~~~~~~~ NACK {ranges} to the group ~~~~~ |  random backoff; others
-//!   | ~~ repairs (multicast) ~~~~~~~~~~~~~~~~~~~~~> |  hearing it stay quiet
+//!   | <~~~~~~~~~ NACK {ranges, seen through} ~~~~~~ |  random backoff; others
+//!   | ~~ repairs, XOR-coded across receivers ~~~~~> |  hearing it stay quiet
 //!   | <----------------- CastProgress (every 5 ms)  |  window = slowest live
 //!   | CastPage (unicast repair of a slow one) ----> |
 //!   | <-------------------- CastDone {digest, ...}  |
-//!   | CastFinish {ok} ----------------------------> |  write the image
+//!   | CastFinish {ok} ----------------------------> |  keep the pages
 //! ```
 //!
 //! Control frames are authenticated ([`auth`]); datagrams carry a MAC under
 //! the per-session key and a sequence number checked against a replay
-//! window ([`wire`]). Where multicast is unavailable the pages travel a
+//! window ([`wire`]). See `docs/transport.md` for the design as a whole. Where multicast is unavailable the pages travel a
 //! pipelined TCP chain through the receivers instead, each keeping and
 //! forwarding every page, so the sender still sends each page once.
 

@@ -8,14 +8,15 @@ use std::time::{Duration, Instant};
 use metrics::counter;
 use pagecast_index::{PAGE_SIZE, Page, PageHash};
 use pagecast_proto::{
-    MAX_CAST_GROUPS, MAX_CAST_PAGES, MAX_CAST_PAGES_PER_FRAME, MAX_MANIFEST_FRAMES, WIRE_VERSION,
-    v1,
+    MAX_CAST_GROUP_RANGES, MAX_CAST_GROUPS, MAX_CAST_PAGES, MAX_MANIFEST_FRAMES, WIRE_VERSION, v1,
 };
 
 use crate::auth::{Channel, ChannelWriter, Secret, random_bytes};
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
-use crate::wire::{Body, Datagram, MAX_NACK_RANGES, Replay, ReplayWindow, WireError, decode};
+use crate::wire::{
+    Body, Check, Datagram, MAX_NACK_RANGES, Replay, ReplayWindow, WireError, check_of, decode,
+};
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(5);
 /// Don't ask again for a page just asked for. The sender ignores a NACK
@@ -56,7 +57,9 @@ struct MemberGroup {
 
 struct State<'a> {
     sink: &'a mut dyn PageSink,
-    entries: Vec<PageEntry>,
+    /// Frame and hash of each page, learnt as it arrives.
+    entries: Vec<Option<PageEntry>>,
+    frames: u64,
     needed: Vec<bool>,
     held: Vec<bool>,
     need_count: u32,
@@ -96,7 +99,16 @@ fn backoff() -> Duration {
 }
 
 impl State<'_> {
-    fn store(&mut self, page: u32, data: &Page, main: bool) -> Result<bool, CastError> {
+    /// Stores page `page` if it is wanted, new, and hashes to `check` (the
+    /// full hash it computes becomes the page's entry).
+    fn store(
+        &mut self,
+        page: u32,
+        key: u64,
+        check: Check,
+        data: &Page,
+        main: bool,
+    ) -> Result<bool, CastError> {
         let p = page as usize;
         if p >= self.entries.len() || !self.needed[p] {
             return Ok(false);
@@ -105,14 +117,15 @@ impl State<'_> {
             self.counters.duplicates += 1;
             return Ok(false);
         }
-        if PageHash::of_page(data) != self.entries[p].hash {
+        let hash = PageHash::of_page(data);
+        if key >= self.frames || check_of(&hash) != check {
             self.counters.bad_hash += 1;
             counter!("pagecast_cast_bad_hash_total").increment(1);
             return Ok(false);
         }
-        self.sink
-            .put(&self.entries[p], data)
-            .map_err(CastError::Sink)?;
+        let entry = PageEntry { key, hash };
+        self.sink.put(&entry, data).map_err(CastError::Sink)?;
+        self.entries[p] = Some(entry);
         self.held[p] = true;
         self.held_count += 1;
         if main {
@@ -132,12 +145,7 @@ impl State<'_> {
 
     fn datagram(&mut self, buf: &[u8]) -> Result<(), CastError> {
         self.bytes += buf.len() as u64;
-        let (groups, by_index, entries) = (&self.groups, &self.by_index, &self.entries);
-        let expected = |group: u32, index: u32| {
-            let g = &groups[*by_index.get(&(group as usize))?];
-            Some(entries[*g.pages.get(index as usize)? as usize].hash)
-        };
-        let d = match decode(buf, &self.key, self.session, expected) {
+        let d = match decode(buf, &self.key, self.session) {
             Ok(d) => d,
             Err(WireError::Stale { .. }) => {
                 self.counters.stale += 1;
@@ -173,15 +181,30 @@ impl State<'_> {
                 index,
                 fragment,
                 fragments,
+                pages,
                 payload,
             } => {
                 let Some(&gi) = self.by_index.get(&(group as usize)) else {
                     return Ok(());
                 };
-                let Some(&page) = self.groups[gi].pages.get(index as usize) else {
+                let g = &self.groups[gi];
+                let ids: Option<Vec<u32>> = (0..pages.len() as u32)
+                    .map(|k| g.pages.get(index.checked_add(k)? as usize).copied())
+                    .collect();
+                let Some(ids) = ids else {
                     self.counters.forged += 1;
                     return Ok(());
                 };
+                if fragments == 1 {
+                    for (k, (&page, &(key, check))) in ids.iter().zip(&pages).enumerate() {
+                        let data: &Page = payload[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]
+                            .try_into()
+                            .expect("a whole page");
+                        self.store(page, key, check, data, true)?;
+                    }
+                    return Ok(());
+                }
+                let (page, (key, check)) = (ids[0], pages[0]);
                 // Every fragment carries `frag` bytes; the last is padded.
                 if fragments != self.frags || payload.len() != self.frag {
                     self.counters.forged += 1;
@@ -191,11 +214,6 @@ impl State<'_> {
                     if fragment == 0 {
                         self.counters.duplicates += 1;
                     }
-                    return Ok(());
-                }
-                if fragments == 1 {
-                    let data: &Page = payload.try_into().expect("a whole page");
-                    self.store(page, data, true)?;
                     return Ok(());
                 }
                 if !self.assembly.contains_key(&page) && self.assembly.len() >= MAX_ASSEMBLIES {
@@ -215,7 +233,49 @@ impl State<'_> {
                 *mask |= 1 << fragment;
                 if *mask == ((1u16 << fragments) - 1) as u8 {
                     let (buf, _) = self.assembly.remove(&page).expect("present");
-                    self.store(page, &buf, true)?;
+                    self.store(page, key, check, &buf, true)?;
+                }
+            }
+            Body::Coded {
+                group,
+                pages,
+                payload,
+            } => {
+                let Some(&gi) = self.by_index.get(&(group as usize)) else {
+                    return Ok(());
+                };
+                let mut resolved = Vec::with_capacity(pages.len());
+                for &(index, key, check) in &pages {
+                    let Some(&page) = self.groups[gi].pages.get(index as usize) else {
+                        self.counters.forged += 1;
+                        return Ok(());
+                    };
+                    resolved.push((page, key, check));
+                }
+                let missing: Vec<&(u32, u64, Check)> = resolved
+                    .iter()
+                    .filter(|(p, ..)| !self.held[*p as usize])
+                    .collect();
+                match missing.len() {
+                    0 => self.counters.duplicates += 1,
+                    1 => {
+                        // XOR out every page we hold; what is left is the
+                        // one we lack, checked against its hash by `store`.
+                        let (page, key, check) = *missing[0];
+                        let mut buf: Box<Page> =
+                            Box::new(payload.try_into().expect("a whole page"));
+                        let mut other = [0u8; PAGE_SIZE];
+                        for (p, k, _) in &resolved {
+                            if *p != page {
+                                self.sink.get(*k, &mut other).map_err(CastError::Sink)?;
+                                for (b, o) in buf.iter_mut().zip(other.iter()) {
+                                    *b ^= o;
+                                }
+                            }
+                        }
+                        self.store(page, key, check, &buf, true)?;
+                    }
+                    _ => self.counters.undecodable += 1,
                 }
             }
             Body::Heartbeat {
@@ -308,7 +368,6 @@ impl State<'_> {
             let mut b = Vec::new();
             Datagram {
                 session: self.session,
-                epoch: 0,
                 seq: self.seq,
                 from: self.id,
                 body: Body::Nack {
@@ -317,7 +376,7 @@ impl State<'_> {
                     ranges,
                 },
             }
-            .encode(&self.key, &PageHash::ZERO_PAGE, &mut b);
+            .encode(&self.key, &mut b);
             let nack_port = g.addr.port().wrapping_add(1);
             let sock = &socks[&nack_port];
             socket::send_batch(sock, &[&b], SocketAddrV4::new(*g.addr.ip(), nack_port))
@@ -350,7 +409,7 @@ impl State<'_> {
             .iter()
             .zip(&self.needed)
             .filter(|(_, n)| **n)
-            .map(|(e, _)| *e)
+            .filter_map(|(e, _)| *e)
             .collect();
         v1::CastDone {
             digest: digest(held.iter()).to_vec().into(),
@@ -362,12 +421,20 @@ impl State<'_> {
             duplicates: self.counters.duplicates,
             nacks_sent: self.counters.nacks_sent,
             nacks_suppressed: self.counters.nacks_suppressed,
+            undecodable: self.counters.undecodable,
         }
     }
 }
 
 fn frame(body: v1::cast_frame::Body) -> v1::CastFrame {
     v1::CastFrame { body: Some(body) }
+}
+
+/// The frame, check and content of a page sent over TCP, if well formed.
+fn page_of(p: &v1::CastPage) -> Option<(u64, Check, &Page)> {
+    let data = <&Page>::try_from(p.data.as_ref()).ok()?;
+    let hash = PageHash::try_from(p.hash.as_ref()).ok()?;
+    Some((p.key, check_of(&hash), data))
 }
 
 /// Joins a session as a receiver: authenticates to the sender, learns the
@@ -440,35 +507,9 @@ fn receive_inner(
         .try_into()
         .map_err(|_| protocol(&peer, "session key is not 32 bytes"))?;
     let key = ch.wrap_key(&wrapped);
-    let mut entries: Vec<PageEntry> = Vec::new();
-    while entries.len() < w.total_pages as usize {
-        let f: v1::CastFrame = ch.recv("page list")?;
-        let Some(v1::cast_frame::Body::Pages(p)) = f.body else {
-            return Err(protocol(&peer, "expected the page list"));
-        };
-        if p.first as usize != entries.len()
-            || p.keys.is_empty()
-            || p.keys.len() > MAX_CAST_PAGES_PER_FRAME
-            || p.hashes.len() != p.keys.len() * 32
-            || entries.len() + p.keys.len() > w.total_pages as usize
-        {
-            return Err(protocol(&peer, "malformed page list"));
-        }
-        for (k, h) in p.keys.iter().zip(p.hashes.chunks_exact(32)) {
-            if *k >= w.image_frames {
-                return Err(protocol(
-                    &peer,
-                    format!("page at frame {k} beyond the image's {}", w.image_frames),
-                ));
-            }
-            entries.push(PageEntry {
-                key: *k,
-                hash: PageHash::try_from(h).expect("32-byte chunk"),
-            });
-        }
-    }
+    let total = w.total_pages as usize;
     let mut groups = Vec::new();
-    let mut needed = vec![false; entries.len()];
+    let mut needed = vec![false; total];
     for (index, g) in w.groups.iter().enumerate() {
         if !g.member {
             continue;
@@ -480,22 +521,44 @@ fn receive_inner(
         if !addr.ip().is_multicast() {
             return Err(protocol(&peer, format!("{addr} is not a multicast group")));
         }
-        for &p in &g.pages {
-            *needed
-                .get_mut(p as usize)
-                .ok_or_else(|| protocol(&peer, format!("group page {p} out of range")))? = true;
+        if g.page_ranges.len() % 2 != 0 || g.page_ranges.len() / 2 > MAX_CAST_GROUP_RANGES {
+            return Err(protocol(
+                &peer,
+                format!("group {addr}: malformed page ranges"),
+            ));
+        }
+        let mut pages = Vec::with_capacity(g.len.min(w.total_pages) as usize);
+        for r in g.page_ranges.chunks_exact(2) {
+            let (first, count) = (r[0] as usize, r[1] as usize);
+            if count == 0 || first + count > total || pages.len() + count > g.len as usize {
+                return Err(protocol(
+                    &peer,
+                    format!("group {addr}: page range {first}+{count} out of bounds"),
+                ));
+            }
+            needed[first..first + count].fill(true);
+            pages.extend(first as u32..(first + count) as u32);
+        }
+        if pages.len() != g.len as usize {
+            return Err(protocol(
+                &peer,
+                format!(
+                    "group {addr}: {} pages listed, {} announced",
+                    pages.len(),
+                    g.len
+                ),
+            ));
         }
         groups.push(MemberGroup {
             index,
             addr,
-            pages: g.pages.clone(),
+            pages,
             contiguous: 0,
             heard_through: 0,
             nack_due: None,
         });
     }
-    sink.begin(w.image_frames, &entries)
-        .map_err(CastError::Sink)?;
+    sink.begin(w.image_frames).map_err(CastError::Sink)?;
 
     // Join the groups: data on each group's port, NACKs on the next.
     let mut ports: BTreeMap<u16, Vec<Ipv4Addr>> = BTreeMap::new();
@@ -533,8 +596,9 @@ fn receive_inner(
     let frag = w.fragment_payload as usize;
     let mut st = State {
         sink,
-        held: vec![false; entries.len()],
-        entries,
+        held: vec![false; total],
+        entries: vec![None; total],
+        frames: w.image_frames,
         needed,
         need_count,
         held_count: 0,
@@ -625,10 +689,10 @@ fn receive_inner(
                 st.last_heard = Instant::now();
                 match ev {
                     ChainEv::Page(p) => {
-                        let Ok(data) = <&Page>::try_from(p.data.as_ref()) else {
-                            return Err(protocol("chain", "page of the wrong size"));
+                        let Some((key, check, data)) = page_of(&p) else {
+                            return Err(protocol("chain", "malformed page"));
                         };
-                        st.store(p.page, data, true)?;
+                        st.store(p.page, key, check, data, true)?;
                     }
                     ChainEv::Finish => {}
                     ChainEv::Closed(why) => chain_broken = Some(why),
@@ -659,10 +723,10 @@ fn receive_inner(
                     }
                 }
                 Ctl::Page(p) => {
-                    let Ok(data) = <&Page>::try_from(p.data.as_ref()) else {
-                        return Err(protocol(&peer, "unicast page of the wrong size"));
+                    let Some((key, check, data)) = page_of(&p) else {
+                        return Err(protocol(&peer, "malformed unicast page"));
                     };
-                    st.store(p.page, data, false)?;
+                    st.store(p.page, key, check, data, false)?;
                 }
                 Ctl::Finish(f) => {
                     finished = Some(f);

@@ -1,25 +1,33 @@
 //! The sending side of a cast session.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use metrics::counter;
-use pagecast_index::{PAGE_SIZE, Page, PageHash};
-use pagecast_proto::{MAX_CAST_GROUPS, MAX_CAST_PAGES, MAX_CAST_PAGES_PER_FRAME, WIRE_VERSION, v1};
+use pagecast_index::{PAGE_SIZE, Page};
+use pagecast_proto::{MAX_CAST_GROUPS, MAX_CAST_PAGES, WIRE_VERSION, v1};
 
 use crate::auth::{Channel, ChannelReader, ChannelWriter, Secret, random_bytes};
 use crate::pacing::TokenBucket;
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
-use crate::wire::{Body, Datagram, Replay, ReplayWindow, decode, fragment_payload};
+use crate::wire::{
+    Body, Datagram, MAX_CODED, Replay, ReplayWindow, check_of, decode, fragment_payload,
+};
 
-/// Pages sent per batch of datagrams (a batch of whole pages fills one
-/// 63 KiB GSO send).
-const PAGES_PER_BATCH: usize = 15;
+/// Pages sent per batch of datagrams (a batch of whole pages, one or two per
+/// datagram, fills one 63 KiB GSO send).
+const PAGES_PER_BATCH: usize = 14;
 /// How often the sender tells receivers how far it got.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(2);
+/// How long a repair request waits for requests from other receivers, so
+/// repairs of pages different receivers lack can share a coded datagram
+/// (a receiver asks again at most every 50 ms, see REPAIR_WAIT there).
+const COALESCE: Duration = Duration::from_millis(50);
+/// Most pending repairs the coder considers at once.
+const REPAIR_POOL: usize = 1024;
 /// How long receivers have to report a probe.
 const PROBE_WAIT: Duration = Duration::from_secs(2);
 
@@ -68,6 +76,20 @@ struct Group {
     members: Vec<usize>,
 }
 
+/// `(first, count)` pairs covering `pages` in order.
+fn ranges(pages: &[u32]) -> Vec<u32> {
+    let mut out: Vec<u32> = Vec::new();
+    for &p in pages {
+        let n = out.len();
+        if n >= 2 && out[n - 2] + out[n - 1] == p {
+            out[n - 1] += 1;
+        } else {
+            out.extend([p, 1]);
+        }
+    }
+    out
+}
+
 fn welcome_groups(groups: &[Group], peer: usize) -> Vec<v1::CastGroup> {
     groups
         .iter()
@@ -75,11 +97,53 @@ fn welcome_groups(groups: &[Group], peer: usize) -> Vec<v1::CastGroup> {
             let member = g.members.contains(&peer);
             v1::CastGroup {
                 addr: g.addr.to_string(),
-                pages: if member { g.pages.clone() } else { Vec::new() },
+                page_ranges: if member { ranges(&g.pages) } else { Vec::new() },
                 member,
+                len: g.pages.len() as u32,
             }
         })
         .collect()
+}
+
+/// A page to repair, `(group, index)`, and who asked for it (a bit per
+/// receiver, see [`requester`]).
+type Request = ((u32, u32), u64);
+
+/// Groups pages to repair into repair datagrams: up to `max_units`, each
+/// one page, or (with `coding`) up to [`MAX_CODED`] pages of one group whose
+/// requester sets are pairwise disjoint, so no receiver lacks two pages of
+/// a unit. Greedy in page order. Returns the units and the pages left over.
+fn repair_units(
+    mut pool: Vec<Request>,
+    coding: bool,
+    max_units: usize,
+) -> (Vec<Vec<(u32, u32)>>, Vec<Request>) {
+    let mut units = Vec::new();
+    while !pool.is_empty() && units.len() < max_units {
+        let (first, mut union) = pool.remove(0);
+        let mut unit = vec![first];
+        let mut k = 0;
+        while coding && k < pool.len() && unit.len() < MAX_CODED {
+            let ((group, _), mask) = pool[k];
+            if group == first.0 && mask & union == 0 {
+                union |= mask;
+                unit.push(pool.remove(k).0);
+            } else {
+                k += 1;
+            }
+        }
+        units.push(unit);
+    }
+    (units, pool)
+}
+
+/// A receiver's bit in a repair's requester set (all bits where there are
+/// more receivers than bits: such a repair is never coded with another).
+fn requester(from: u32) -> u64 {
+    match from {
+        1..=64 => 1 << (from - 1),
+        _ => u64::MAX,
+    }
 }
 
 /// Runs a session as its sender: waits for the receivers, hands them the
@@ -237,12 +301,17 @@ pub fn send(
     // Fragments of equal size (the last padded), so every data datagram of
     // a session has one length and batches go out with GSO.
     let frag = PAGE_SIZE.div_ceil(PAGE_SIZE.div_ceil(largest));
+    // Whole pages per datagram where the MTU allows more than one.
+    let pack = if frag == PAGE_SIZE {
+        crate::wire::pages_per_datagram(mtu).max(1)
+    } else {
+        1
+    };
     // Keep the pages in flight within the smallest receive buffer (with a
     // quarter spare for repairs and heartbeats).
     let smallest = peers.iter().map(|p| p.rcvbuf).min().unwrap_or(0) as usize;
-    let fits = (smallest * 3 / 4 / socket::page_cost(frag)).max(16) as u32;
+    let fits = (smallest * 3 / 4 / socket::page_cost(frag, pack)).max(16) as u32;
     let window = cfg.window.min(fits);
-    let entries: Vec<PageEntry> = (0..total).map(|i| src.entry(i)).collect();
     for (idx, p) in peers.iter_mut().enumerate() {
         let w = p
             .writer
@@ -259,19 +328,7 @@ pub fn send(
             groups: welcome_groups(&groups, idx),
             image_frames: src.frames(),
         })))?;
-        for (c, chunk) in entries.chunks(MAX_CAST_PAGES_PER_FRAME).enumerate() {
-            let mut hashes = Vec::with_capacity(chunk.len() * 32);
-            for e in chunk {
-                hashes.extend_from_slice(e.hash.as_bytes());
-            }
-            w.send(&frame(v1::cast_frame::Body::Pages(v1::CastPages {
-                first: (c * MAX_CAST_PAGES_PER_FRAME) as u32,
-                keys: chunk.iter().map(|e| e.key).collect(),
-                hashes: hashes.into(),
-            })))?;
-        }
     }
-
     let (tx, rx) = mpsc::channel::<Event>();
     std::thread::scope(|scope| -> Result<SendReport, CastError> {
         for (i, p) in peers.iter_mut().enumerate() {
@@ -386,6 +443,7 @@ pub fn send(
             session_id,
             key: session_key,
             frag,
+            pack,
             window,
             seq,
             report: SendReport {
@@ -399,7 +457,10 @@ pub fn send(
                 bytes_heartbeat: 0,
                 nacks: 0,
                 repairs: 0,
+                coded_repairs: 0,
+                datagrams: 0,
                 fragments: PAGE_SIZE.div_ceil(frag) as u32,
+                pages_per_datagram: pack as u32,
                 window,
                 duration_s: 0.0,
                 refused,
@@ -418,6 +479,18 @@ pub fn send(
 
 fn frame(body: v1::cast_frame::Body) -> v1::CastFrame {
     v1::CastFrame { body: Some(body) }
+}
+
+/// Page `id` as a TCP frame (unicast repair or chain), with its frame and
+/// hash.
+fn page_frame(src: &dyn PageSource, id: u32, data: &Page) -> v1::CastFrame {
+    let e = src.entry(id);
+    frame(v1::cast_frame::Body::Page(v1::CastPage {
+        page: id,
+        data: data.to_vec().into(),
+        key: e.key,
+        hash: e.hash.as_bytes().to_vec().into(),
+    }))
 }
 
 fn accept_peer(
@@ -482,12 +555,11 @@ fn probe(
                 *seq += 1;
                 Datagram {
                     session: session_id,
-                    epoch: 0,
                     seq: *seq,
                     from: 0,
                     body: Body::Probe { nonce },
                 }
-                .encode(key, &PageHash::ZERO_PAGE, &mut b);
+                .encode(key, &mut b);
                 // A send failure means multicast does not work here.
                 let _ = socket::send_batch(&sock, &[&b], g.addr);
             }
@@ -518,6 +590,7 @@ struct Run<'a> {
     session_id: u64,
     key: [u8; 32],
     frag: usize,
+    pack: usize,
     window: u32,
     seq: u64,
     report: SendReport,
@@ -564,6 +637,7 @@ impl<'a> Run<'a> {
                         duplicates: d.duplicates,
                         nacks_sent: d.nacks_sent,
                         nacks_suppressed: d.nacks_suppressed,
+                        undecodable: d.undecodable,
                     };
                     let unicast = match &peer.state {
                         State::Unicast(r) => Some(r.clone()),
@@ -618,26 +692,60 @@ impl<'a> Run<'a> {
         self.seq
     }
 
-    /// Encodes page `idx` of group `g` into datagrams appended to `out`.
+    /// Encodes `count` consecutive pages of group `g` from index `idx` as
+    /// one datagram (whole pages), or page `idx` as its fragments (where a
+    /// page exceeds the MTU; `count` is then 1), appended to `out`; returns
+    /// the bytes encoded.
     fn page_datagrams(
         &mut self,
         g: usize,
         idx: u32,
-        epoch: u32,
+        count: usize,
         out: &mut Vec<Vec<u8>>,
         page: &mut Page,
     ) -> Result<usize, CastError> {
-        let id = self.groups[g].pages[idx as usize];
-        self.src
-            .read(id, page)
-            .map_err(|source| CastError::Source { page: id, source })?;
-        let hash = self.src.entry(id).hash;
-        let frags = PAGE_SIZE.div_ceil(self.frag);
+        let mut entries = Vec::with_capacity(count);
+        let whole = self.frag == PAGE_SIZE;
+        let mut payload: Vec<u8> = Vec::with_capacity(if whole { count * PAGE_SIZE } else { 0 });
+        for i in 0..count as u32 {
+            let id = self.groups[g].pages[(idx + i) as usize];
+            self.src
+                .read(id, page)
+                .map_err(|source| CastError::Source { page: id, source })?;
+            let e = self.src.entry(id);
+            entries.push((e.key, check_of(&e.hash)));
+            if whole {
+                payload.extend_from_slice(&page[..]);
+            }
+        }
         let mut bytes = 0;
+        if whole {
+            let mut b = Vec::with_capacity(payload.len() + 128);
+            let seq = self.next_seq();
+            Datagram {
+                session: self.session_id,
+                seq,
+                from: 0,
+                body: Body::Data {
+                    group: g as u32,
+                    index: idx,
+                    fragment: 0,
+                    fragments: 1,
+                    pages: entries,
+                    payload: &payload,
+                },
+            }
+            .encode(&self.key, &mut b);
+            bytes += b.len();
+            out.push(b);
+            return Ok(bytes);
+        }
+        debug_assert_eq!(count, 1, "fragmented pages travel one at a time");
+        let frags = PAGE_SIZE.div_ceil(self.frag);
         let mut padded = [0u8; PAGE_SIZE];
         for f in 0..frags {
             let at = f * self.frag;
-            let payload: &[u8] = if at + self.frag <= PAGE_SIZE {
+            let piece: &[u8] = if at + self.frag <= PAGE_SIZE {
                 &page[at..at + self.frag]
             } else {
                 let n = PAGE_SIZE - at;
@@ -645,11 +753,10 @@ impl<'a> Run<'a> {
                 padded[n..self.frag].fill(0);
                 &padded[..self.frag]
             };
-            let mut b = Vec::with_capacity(payload.len() + 64);
+            let mut b = Vec::with_capacity(piece.len() + 96);
             let seq = self.next_seq();
             Datagram {
                 session: self.session_id,
-                epoch,
                 seq,
                 from: 0,
                 body: Body::Data {
@@ -657,14 +764,55 @@ impl<'a> Run<'a> {
                     index: idx,
                     fragment: f as u8,
                     fragments: frags as u8,
-                    payload,
+                    pages: entries.clone(),
+                    payload: piece,
                 },
             }
-            .encode(&self.key, &hash, &mut b);
+            .encode(&self.key, &mut b);
             bytes += b.len();
             out.push(b);
         }
         Ok(bytes)
+    }
+
+    /// Encodes the XOR of the pages `unit` (indices of group `g`) as one
+    /// coded repair appended to `out`; returns its size.
+    fn coded_datagram(
+        &mut self,
+        g: usize,
+        unit: &[(u32, u32)],
+        out: &mut Vec<Vec<u8>>,
+        page: &mut Page,
+    ) -> Result<usize, CastError> {
+        let mut xor = [0u8; PAGE_SIZE];
+        let mut pages = Vec::with_capacity(unit.len());
+        for &(_, idx) in unit {
+            let id = self.groups[g].pages[idx as usize];
+            self.src
+                .read(id, page)
+                .map_err(|source| CastError::Source { page: id, source })?;
+            for (x, b) in xor.iter_mut().zip(page.iter()) {
+                *x ^= b;
+            }
+            let e = self.src.entry(id);
+            pages.push((idx, e.key, check_of(&e.hash)));
+        }
+        let seq = self.next_seq();
+        let mut b = Vec::with_capacity(PAGE_SIZE + 64 + 44 * unit.len());
+        Datagram {
+            session: self.session_id,
+            seq,
+            from: 0,
+            body: Body::Coded {
+                group: g as u32,
+                pages,
+                payload: &xor,
+            },
+        }
+        .encode(&self.key, &mut b);
+        let n = b.len();
+        out.push(b);
+        Ok(n)
     }
 
     fn heartbeat(&mut self, sock: &UdpSocket, g: usize, sent: u32) -> Result<(), CastError> {
@@ -673,7 +821,6 @@ impl<'a> Run<'a> {
         let seq = self.next_seq();
         Datagram {
             session: self.session_id,
-            epoch: 0,
             seq,
             from: 0,
             body: Body::Heartbeat {
@@ -683,7 +830,7 @@ impl<'a> Run<'a> {
                 done: sent == len,
             },
         }
-        .encode(&self.key, &PageHash::ZERO_PAGE, &mut b);
+        .encode(&self.key, &mut b);
         self.report.bytes_heartbeat += b.len() as u64;
         socket::send_batch(sock, &[&b], self.groups[g].addr)
             .map_err(CastError::io("sending a heartbeat"))
@@ -724,12 +871,8 @@ impl<'a> Run<'a> {
             let before = w.sent_bytes();
             let mut sent = 0u64;
             for id in pages {
-                let ok = src.read(id, &mut page).is_ok()
-                    && w.send(&frame(v1::cast_frame::Body::Page(v1::CastPage {
-                        page: id,
-                        data: page.to_vec().into(),
-                    })))
-                    .is_ok();
+                let ok =
+                    src.read(id, &mut page).is_ok() && w.send(&page_frame(src, id, &page)).is_ok();
                 if !ok {
                     let bytes = w.sent_bytes() - before;
                     return (None, sent, bytes);
@@ -773,7 +916,10 @@ impl<'a> Run<'a> {
         let mut gso = true;
         let mut unicast: Vec<(usize, UnicastJoin<'s>)> = Vec::new();
         let mut replay: HashMap<u32, ReplayWindow> = HashMap::new();
-        let mut repair: BTreeSet<(u32, u32)> = BTreeSet::new();
+        // Pages to repair and which receivers asked for each, and when the
+        // oldest request still waiting came in.
+        let mut repair: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        let mut oldest_request: Option<Instant> = None;
         // Sequence number of the last datagram of each page's latest repair:
         // a NACK whose sender had not yet seen that far was sent before the
         // repair could arrive, and is ignored for that page.
@@ -799,7 +945,7 @@ impl<'a> Run<'a> {
                     }
                     for k in 0..n {
                         let Some(buf) = rb.get(k) else { continue };
-                        let Ok(d) = decode(buf, &self.key, self.session_id, |_, _| None) else {
+                        let Ok(d) = decode(buf, &self.key, self.session_id) else {
                             continue;
                         };
                         if d.from == 0
@@ -827,7 +973,9 @@ impl<'a> Run<'a> {
                                         .get(&(group, idx))
                                         .is_none_or(|&r| r <= seen_through)
                                     {
-                                        repair.insert((group, idx));
+                                        *repair.entry((group, idx)).or_default() |=
+                                            requester(d.from);
+                                        oldest_request.get_or_insert_with(Instant::now);
                                     }
                                 }
                             }
@@ -888,14 +1036,27 @@ impl<'a> Run<'a> {
             }
 
             // What to send: repairs first, then new pages within the window.
-            let mut batch: Vec<(usize, u32, u32)> = Vec::new();
-            while batch.len() < PAGES_PER_BATCH {
-                let Some((rg, ri)) = repair.pop_first() else {
-                    break;
-                };
-                batch.push((rg as usize, ri, 1));
+            // Repairs of one group whose requesters are disjoint are XORed
+            // together: each receiver lacks at most one of them and rebuilds
+            // it from the others, so one datagram repairs several receivers.
+            let mut pool: Vec<((u32, u32), u64)> = Vec::new();
+            let ripe = oldest_request.is_some_and(|t| t.elapsed() >= COALESCE)
+                || repair.len() >= REPAIR_POOL;
+            while ripe && pool.len() < REPAIR_POOL {
+                let Some(r) = repair.pop_first() else { break };
+                pool.push(r);
             }
-            let repairs_in_batch = batch.len();
+            let (units, rest) = repair_units(pool, self.frag == PAGE_SIZE, PAGES_PER_BATCH);
+            for (p, m) in rest {
+                *repair.entry(p).or_default() |= m;
+            }
+            if repair.is_empty() {
+                oldest_request = None;
+            } else if ripe {
+                // What is left has waited as long as what went out.
+                oldest_request = Some(Instant::now() - COALESCE);
+            }
+            let mut batch: Vec<(usize, u32)> = Vec::new();
             if g < self.groups.len() {
                 let len = self.groups[g].pages.len() as u32;
                 let base = self.groups[g]
@@ -907,11 +1068,11 @@ impl<'a> Run<'a> {
                     .unwrap_or(len);
                 let end = len.min(base.saturating_add(self.window));
                 while batch.len() < PAGES_PER_BATCH && next[g] < end {
-                    batch.push((g, next[g], 0));
+                    batch.push((g, next[g]));
                     next[g] += 1;
                 }
             }
-            if batch.is_empty() {
+            if batch.is_empty() && units.is_empty() {
                 if g < self.groups.len() && last_beat.elapsed() >= HEARTBEAT_EVERY {
                     self.heartbeat(&sock, g, next[g])?;
                     last_beat = Instant::now();
@@ -919,23 +1080,43 @@ impl<'a> Run<'a> {
                 self.events(Duration::from_millis(1));
                 continue;
             }
-            // Encode, pace, send (per group address).
+            // Encode, pace, send (per group address): repairs, then pages.
+            let mut repairs: Vec<(usize, Vec<u8>)> = Vec::new();
             let mut datagrams: Vec<(usize, Vec<u8>)> = Vec::new();
             let mut bytes_total = 0;
-            for (k, &(bg, idx, epoch)) in batch.iter().enumerate() {
+            for unit in &units {
+                let rg = unit[0].0 as usize;
                 let mut out = Vec::new();
-                let bytes = self.page_datagrams(bg, idx, epoch, &mut out, &mut page)?;
-                bytes_total += bytes;
-                if k < repairs_in_batch {
-                    repaired_at.insert((bg as u32, idx), self.seq);
-                    self.report.bytes_repair += bytes as u64;
-                    self.report.repairs += 1;
-                    counter!("pagecast_cast_repairs_total").increment(1);
+                let bytes = if unit.len() == 1 {
+                    self.page_datagrams(rg, unit[0].1, 1, &mut out, &mut page)?
                 } else {
-                    self.report.bytes_first += bytes as u64;
-                    sent_pages += 1;
+                    self.report.coded_repairs += 1;
+                    self.coded_datagram(rg, unit, &mut out, &mut page)?
+                };
+                for &(ug, ui) in unit {
+                    repaired_at.insert((ug, ui), self.seq);
                 }
+                bytes_total += bytes;
+                self.report.bytes_repair += bytes as u64;
+                self.report.repairs += unit.len() as u64;
+                counter!("pagecast_cast_repairs_total").increment(unit.len() as u64);
+                repairs.extend(out.into_iter().map(|d| (rg, d)));
+            }
+            // Consecutive pages of a group share a datagram where it fits.
+            let mut k = 0;
+            while k < batch.len() {
+                let (bg, idx) = batch[k];
+                let mut n = 1;
+                while n < self.pack && k + n < batch.len() && batch[k + n] == (bg, idx + n as u32) {
+                    n += 1;
+                }
+                let mut out = Vec::new();
+                let bytes = self.page_datagrams(bg, idx, n, &mut out, &mut page)?;
+                bytes_total += bytes;
+                self.report.bytes_first += bytes as u64;
+                sent_pages += n as u64;
                 datagrams.extend(out.into_iter().map(|d| (bg, d)));
+                k += n;
             }
             if let Some(b) = bucket.as_mut() {
                 loop {
@@ -945,6 +1126,10 @@ impl<'a> Run<'a> {
                     }
                     std::thread::sleep(d);
                 }
+            }
+            for (rg, d) in &repairs {
+                socket::send_batch(&sock, &[d], self.groups[*rg].addr)
+                    .map_err(CastError::io("sending repairs"))?;
             }
             let mut start = 0;
             while start < datagrams.len() {
@@ -993,10 +1178,7 @@ impl<'a> Run<'a> {
             self.src
                 .read(i, &mut page)
                 .map_err(|source| CastError::Source { page: i, source })?;
-            let f = frame(v1::cast_frame::Body::Page(v1::CastPage {
-                page: i,
-                data: page.to_vec().into(),
-            }));
+            let f = page_frame(self.src, i, &page);
             if let Err(e) = link.send(&f) {
                 // The first receiver is gone; the rest come by unicast below.
                 self.peers[head].state = State::Dropped(format!("chain link lost: {e}"));
@@ -1118,6 +1300,9 @@ impl<'a> Run<'a> {
                 status,
             });
         }
+        // Every datagram the sender encoded, probes included, took a sequence
+        // number, and every one was sent.
+        self.report.datagrams = self.seq;
         // Unicast repairs went over control connections; count them apart.
         self.report.bytes_control = self
             .report
@@ -1125,5 +1310,63 @@ impl<'a> Run<'a> {
             .saturating_sub(self.report.bytes_unicast);
         self.report.duration_s = duration;
         self.report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn disjoint_requesters_share_a_repair() {
+        // Receiver 1 lacks pages 0 and 2, receiver 2 page 1, receiver 3
+        // page 3; page 5 is in another group.
+        let pool = vec![
+            ((0, 0), requester(1)),
+            ((0, 1), requester(2)),
+            ((0, 2), requester(1)),
+            ((0, 3), requester(3)),
+            ((1, 5), requester(2)),
+        ];
+        let (units, rest) = repair_units(pool.clone(), true, 16);
+        assert_eq!(
+            units,
+            vec![vec![(0, 0), (0, 1), (0, 3)], vec![(0, 2)], vec![(1, 5)]]
+        );
+        assert!(rest.is_empty());
+        let (plain, _) = repair_units(pool, false, 16);
+        assert_eq!(
+            plain.len(),
+            5,
+            "without coding every page is its own repair"
+        );
+        assert_eq!(requester(100), u64::MAX, "too many receivers: never coded");
+    }
+
+    proptest! {
+        #[test]
+        fn units_are_decodable_by_every_requester(
+            pool in proptest::collection::btree_map((0u32..3, 0u32..200), 1u64..64, 0..120),
+            max in 1usize..20,
+        ) {
+            let pool: Vec<((u32, u32), u64)> = pool.into_iter().collect();
+            let n = pool.len();
+            let (units, rest) = repair_units(pool.clone(), true, max);
+            prop_assert!(units.len() <= max);
+            let mut seen: Vec<(u32, u32)> = units.iter().flatten().copied().chain(rest.iter().map(|r| r.0)).collect();
+            seen.sort_unstable();
+            prop_assert_eq!(seen.len(), n, "every page once, in a unit or left over");
+            let mask: HashMap<(u32, u32), u64> = pool.into_iter().collect();
+            for u in &units {
+                prop_assert!(u.len() <= MAX_CODED);
+                prop_assert!(u.iter().all(|p| p.0 == u[0].0), "one group per unit");
+                let mut union = 0u64;
+                for p in u {
+                    prop_assert_eq!(union & mask[p], 0, "a receiver would lack two pages of {:?}", u);
+                    union |= mask[p];
+                }
+            }
+        }
     }
 }

@@ -32,10 +32,12 @@ pub trait PageSource: Sync {
 
 /// Where a receiver puts pages.
 pub trait PageSink {
-    /// Called once, before any page, with the image size and page list.
-    fn begin(&mut self, frames: u64, pages: &[PageEntry]) -> io::Result<()>;
+    /// Called once, before any page, with the image's size in frames.
+    fn begin(&mut self, frames: u64) -> io::Result<()>;
     /// A verified page.
     fn put(&mut self, entry: &PageEntry, data: &Page) -> io::Result<()>;
+    /// A page stored earlier (to decode a coded repair against).
+    fn get(&mut self, key: u64, out: &mut Page) -> io::Result<()>;
     /// Every page arrived: make the result durable.
     fn finish(&mut self) -> io::Result<()>;
     /// The session failed: discard partial output.
@@ -197,6 +199,8 @@ pub struct ReceiverCounters {
     pub nacks_sent: u64,
     /// NACKs not sent because another receiver asked first.
     pub nacks_suppressed: u64,
+    /// Coded repairs it could not use (it lacked two or more of their pages).
+    pub undecodable: u64,
 }
 
 /// One receiver in the sender's report.
@@ -250,8 +254,15 @@ pub struct SendReport {
     pub nacks: u64,
     /// Pages repaired by multicast.
     pub repairs: u64,
+    /// Repair datagrams that carried the XOR of several pages.
+    pub coded_repairs: u64,
     /// Fragments per page (1 where a page fits the MTU).
     pub fragments: u32,
+    /// Whole pages per data datagram (2 where the MTU allows).
+    pub pages_per_datagram: u32,
+    /// UDP datagrams sent (each costs 42 bytes of Ethernet, IPv4 and UDP
+    /// headers on the wire beyond the bytes counted here).
+    pub datagrams: u64,
     /// Pages the sender let run ahead of the slowest receiver (the
     /// configured window, capped by the smallest receive buffer).
     pub window: u32,

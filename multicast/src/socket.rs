@@ -107,10 +107,17 @@ pub fn receive_buffer() -> io::Result<usize> {
 }
 
 /// Receive-buffer bytes one page costs in flight: the kernel charges each
-/// datagram its payload rounded up to an allocation, with headers.
-pub fn page_cost(fragment_payload: usize) -> usize {
-    let frags = pagecast_index::PAGE_SIZE.div_ceil(fragment_payload.max(1));
-    frags * (fragment_payload + 512).next_power_of_two()
+/// datagram its payload rounded up to an allocation, with headers. Pages
+/// travel `pack` to a datagram, or as fragments of `fragment_payload`.
+pub fn page_cost(fragment_payload: usize, pack: usize) -> usize {
+    let page = pagecast_index::PAGE_SIZE;
+    if fragment_payload >= page {
+        let pack = pack.max(1);
+        (pack * page + 512).next_power_of_two().div_ceil(pack)
+    } else {
+        let frags = page.div_ceil(fragment_payload.max(1));
+        frags * (fragment_payload + 512).next_power_of_two()
+    }
 }
 
 /// Leaves a group joined with [`group_socket`].

@@ -3,26 +3,33 @@
 //! Every datagram is `[header][body][16-byte MAC]`, big-endian:
 //!
 //! ```text
-//!  0  u8   version (1)            12  u32  epoch
-//!  1  u8   kind                   16  u64  sequence (per sender)
-//!  2  u16  body length            24  u32  from (0: the sender, n: receiver n)
-//!  4  u64  session id             28  ...  body, then the MAC
+//!  0  u8   version (1)            10  u64  sequence (per sender)
+//!  1  u8   kind                   18  u32  from (0: the sender, n: receiver n)
+//!  2  u64  session id             22  ...  body, then the MAC
 //! ```
 //!
-//! Bodies: **data** `u32 group, u32 index, u8 fragment, u8 fragments,
-//! payload` (one page, or a fragment of one where the path MTU is smaller);
+//! Bodies: **data** `u32 group, u32 index, u8 fragment, u8 fragments, u8
+//! count, count x (u64 frame, [16] check), payload`: `count` consecutive
+//! pages of the group from `index` (two where the MTU allows, halving the
+//! per-datagram overhead), or an equal-sized fragment of one page where the
+//! path MTU is below a page (the last fragment padded); `check` is the first
+//! 16 bytes of the page's BLAKE3 hash; **coded** `u32 group, u8 count, count x
+//! (u32 index, u64 frame, [16] check), payload` (the XOR of 2 to 8 whole
+//! pages: one repair for every receiver missing exactly one of them);
 //! **heartbeat** `u32 group, u32 sent_through, u32 group_len, u8 final`;
-//! **nack** `u32 group, u64 seen_through, u16 count, count x (u32 first,
-//! u32 len)` (`seen_through`: the highest sender sequence the receiver had
-//! seen, so the sender can tell a NACK sent before a repair arrived);
-//! **probe** `u32 nonce`. The MAC is a BLAKE3 keyed hash under the session
-//! key. For every kind but data it covers everything before it. For data it
-//! covers the header and data head and, instead of the payload, the
-//! BLAKE3 hash the page must have (from the authenticated page list): the
-//! receiver checks every page against that hash anyway, so a payload
-//! altered under a valid header is caught there, and no page is hashed
-//! twice. The sender, which knows every page's hash already, hashes only
-//! headers.
+//! **nack** `u32 group, u64 seen_through, u16 count, count x (u32 first, u32
+//! len)` (`seen_through`: the highest sender sequence the receiver had seen,
+//! so the sender can tell a NACK sent before a repair arrived); **probe**
+//! `u32 nonce`.
+//!
+//! The MAC is a BLAKE3 keyed hash under the session key. For data and coded
+//! datagrams it covers the header and body head, which carry each page's
+//! check, but not the payload: receivers hash every page anyway and compare
+//! with its check, so an altered payload is caught there and no page is
+//! hashed twice (the sender, which has every hash already, hashes only
+//! headers). A 128-bit check cannot be matched by a forged page (that is a
+//! second preimage of BLAKE3), and the header carrying it is authenticated.
+//! For the other kinds the MAC covers everything.
 //!
 //! [`decode`] checks, in order: length bounds, version, session id (a
 //! datagram of another session is *stale*), MAC (*forged* if it fails),
@@ -33,9 +40,21 @@ use pagecast_index::{PAGE_SIZE, PageHash};
 use pagecast_proto::{DATAGRAM_VERSION, MAC_LEN, MAX_DATAGRAM_BYTES};
 
 /// Bytes of the common header.
-pub const HEADER_LEN: usize = 28;
-/// Bytes of a data body before its payload.
-pub const DATA_HEAD: usize = 10;
+pub const HEADER_LEN: usize = 22;
+/// Bytes of a data body before its page entries.
+pub const DATA_HEAD: usize = 11;
+/// Bytes of each page entry of a data body.
+pub const DATA_ENTRY: usize = 24;
+/// Most whole pages one data datagram carries.
+pub const MAX_PACK: usize = 2;
+/// Bytes of a coded body before its page entries.
+const CODED_HEAD: usize = 5;
+/// Bytes of each page entry of a coded body.
+pub const CODED_ENTRY: usize = 28;
+/// Bytes of a page check (a prefix of its BLAKE3 hash).
+pub const CHECK_LEN: usize = 16;
+/// Most pages XORed into one coded repair.
+pub const MAX_CODED: usize = 8;
 /// Most ranges one NACK carries.
 pub const MAX_NACK_RANGES: usize = 64;
 /// Most fragments a page is split into.
@@ -47,21 +66,43 @@ const KIND_DATA: u8 = 1;
 const KIND_HEARTBEAT: u8 = 2;
 const KIND_NACK: u8 = 3;
 const KIND_PROBE: u8 = 4;
+const KIND_CODED: u8 = 5;
+
+/// The check a datagram carries for a page: the first bytes of its hash.
+pub type Check = [u8; CHECK_LEN];
+
+/// The check of a page hash.
+pub fn check_of(h: &PageHash) -> Check {
+    h.as_bytes()[..CHECK_LEN]
+        .try_into()
+        .expect("hash is longer than a check")
+}
 
 /// What a datagram carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body<'a> {
-    /// Page data.
+    /// Page data: whole consecutive pages, or a fragment of one.
     Data {
         /// Group index.
         group: u32,
-        /// Page index within the group.
+        /// Index within the group of the first page.
         index: u32,
-        /// Fragment number.
+        /// Fragment number (0 for whole pages).
         fragment: u8,
-        /// Fragments of the page.
+        /// Fragments of the page (1 for whole pages).
         fragments: u8,
-        /// The bytes.
+        /// `(image frame, check)` of each page carried.
+        pages: Vec<(u64, Check)>,
+        /// The bytes: every page whole, or one fragment.
+        payload: &'a [u8],
+    },
+    /// The XOR of several whole pages of one group.
+    Coded {
+        /// Group index.
+        group: u32,
+        /// `(index, frame, check)` of each page XORed in.
+        pages: Vec<(u32, u64, Check)>,
+        /// Their XOR.
         payload: &'a [u8],
     },
     /// The sender's progress in a group.
@@ -96,8 +137,6 @@ pub enum Body<'a> {
 pub struct Datagram<'a> {
     /// Session id.
     pub session: u64,
-    /// Epoch (0 for first sends, the repair round after).
-    pub epoch: u32,
     /// The sender's sequence number.
     pub seq: u64,
     /// Who sent it: 0 for the session's sender, n for receiver n.
@@ -132,36 +171,56 @@ pub enum WireError {
 }
 
 impl Datagram<'_> {
-    /// Appends the encoded, authenticated datagram to `out`. A data
-    /// datagram's MAC binds `page_hash`, the hash of the page it carries
-    /// (ignored for other kinds).
-    pub fn encode(&self, key: &[u8; 32], page_hash: &PageHash, out: &mut Vec<u8>) {
+    /// Appends the encoded, authenticated datagram to `out`.
+    pub fn encode(&self, key: &[u8; 32], out: &mut Vec<u8>) {
         let start = out.len();
-        let (kind, body_len) = match &self.body {
-            Body::Data { payload, .. } => (KIND_DATA, DATA_HEAD + payload.len()),
-            Body::Heartbeat { .. } => (KIND_HEARTBEAT, 13),
-            Body::Nack { ranges, .. } => (KIND_NACK, 14 + 8 * ranges.len()),
-            Body::Probe { .. } => (KIND_PROBE, 4),
+        let kind = match &self.body {
+            Body::Data { .. } => KIND_DATA,
+            Body::Coded { .. } => KIND_CODED,
+            Body::Heartbeat { .. } => KIND_HEARTBEAT,
+            Body::Nack { .. } => KIND_NACK,
+            Body::Probe { .. } => KIND_PROBE,
         };
         out.push(DATAGRAM_VERSION);
         out.push(kind);
-        out.extend_from_slice(&(body_len as u16).to_be_bytes());
         out.extend_from_slice(&self.session.to_be_bytes());
-        out.extend_from_slice(&self.epoch.to_be_bytes());
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.from.to_be_bytes());
+        let mut signed = None;
         match &self.body {
             Body::Data {
                 group,
                 index,
                 fragment,
                 fragments,
+                pages,
                 payload,
             } => {
                 out.extend_from_slice(&group.to_be_bytes());
                 out.extend_from_slice(&index.to_be_bytes());
                 out.push(*fragment);
                 out.push(*fragments);
+                out.push(pages.len() as u8);
+                for (frame, check) in pages {
+                    out.extend_from_slice(&frame.to_be_bytes());
+                    out.extend_from_slice(check);
+                }
+                signed = Some(out.len());
+                out.extend_from_slice(payload);
+            }
+            Body::Coded {
+                group,
+                pages,
+                payload,
+            } => {
+                out.extend_from_slice(&group.to_be_bytes());
+                out.push(pages.len() as u8);
+                for (index, frame, check) in pages {
+                    out.extend_from_slice(&index.to_be_bytes());
+                    out.extend_from_slice(&frame.to_be_bytes());
+                    out.extend_from_slice(check);
+                }
+                signed = Some(out.len());
                 out.extend_from_slice(payload);
             }
             Body::Heartbeat {
@@ -190,69 +249,74 @@ impl Datagram<'_> {
             }
             Body::Probe { nonce } => out.extend_from_slice(&nonce.to_be_bytes()),
         }
-        let mac = match self.body {
-            Body::Data { .. } => {
-                data_mac(key, &out[start..start + HEADER_LEN + DATA_HEAD], page_hash)
-            }
-            _ => blake3::keyed_hash(key, &out[start..]),
-        };
+        let end = signed.unwrap_or(out.len());
+        let mac = blake3::keyed_hash(key, &out[start..end]);
         out.extend_from_slice(&mac.as_bytes()[..MAC_LEN]);
     }
-}
-
-fn data_mac(key: &[u8; 32], head: &[u8], page_hash: &PageHash) -> blake3::Hash {
-    let mut h = blake3::Hasher::new_keyed(key);
-    h.update(head);
-    h.update(page_hash.as_bytes());
-    h.finalize()
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// Payload bytes per data datagram for a path MTU (IPv4 and UDP headers,
-/// our header, the data head and the MAC subtracted), at most a page.
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn check_at(b: &[u8], at: usize) -> Check {
+    b[at..at + CHECK_LEN].try_into().expect("check bytes")
+}
+
+/// Payload bytes per single-page data datagram for a path MTU (IPv4 and
+/// UDP headers, our header, one page entry and the MAC subtracted), at most
+/// a page.
 pub fn fragment_payload(mtu: usize) -> usize {
-    mtu.saturating_sub(20 + 8 + HEADER_LEN + DATA_HEAD + MAC_LEN)
+    mtu.saturating_sub(20 + 8 + HEADER_LEN + DATA_HEAD + DATA_ENTRY + MAC_LEN)
         .min(PAGE_SIZE)
 }
 
+/// Whole pages one data datagram can carry at a path MTU (0 if not even
+/// one: pages are fragmented).
+pub fn pages_per_datagram(mtu: usize) -> usize {
+    let room = mtu
+        .min(MAX_DATAGRAM_BYTES + 28)
+        .saturating_sub(20 + 8 + HEADER_LEN + DATA_HEAD + MAC_LEN);
+    (room / (DATA_ENTRY + PAGE_SIZE)).min(MAX_PACK)
+}
+
 /// Decodes and authenticates a datagram of session `session`.
-/// `page_hash(group, index)` gives the hash the page a data datagram
-/// carries must have, or `None` for a page the caller does not take (the
-/// datagram is then refused as malformed).
-pub fn decode<'a>(
-    buf: &'a [u8],
-    key: &[u8; 32],
-    session: u64,
-    page_hash: impl FnOnce(u32, u32) -> Option<PageHash>,
-) -> Result<Datagram<'a>, WireError> {
+pub fn decode<'a>(buf: &'a [u8], key: &[u8; 32], session: u64) -> Result<Datagram<'a>, WireError> {
     if buf.len() < HEADER_LEN + MAC_LEN || buf.len() > MAX_DATAGRAM_BYTES {
         return Err(WireError::Length(buf.len()));
     }
     if buf[0] != DATAGRAM_VERSION {
         return Err(WireError::Version(buf[0]));
     }
-    let got = u64::from_be_bytes(buf[4..12].try_into().expect("8 bytes"));
+    let got = u64_at(buf, 2);
     if got != session {
         return Err(WireError::Stale { got, want: session });
     }
     let (signed, mac) = buf.split_at(buf.len() - MAC_LEN);
-    let want = if buf[1] == KIND_DATA {
-        if signed.len() < HEADER_LEN + DATA_HEAD {
-            return Err(WireError::Malformed("data without payload"));
+    let body = &signed[HEADER_LEN..];
+    // Data and coded datagrams authenticate their head, not their payload;
+    // a body too short to hold its head is refused before anything reads it
+    // (any session member holds the key, so a valid MAC proves no shape).
+    let head = match buf[1] {
+        KIND_DATA if body.len() < DATA_HEAD => {
+            return Err(WireError::Malformed("data head truncated"));
         }
-        let (group, index) = (u32_at(signed, HEADER_LEN), u32_at(signed, HEADER_LEN + 4));
-        let Some(h) = page_hash(group, index) else {
-            return Err(WireError::Malformed(
-                "data for a page this receiver does not take",
-            ));
-        };
-        data_mac(key, &signed[..HEADER_LEN + DATA_HEAD], &h)
-    } else {
-        blake3::keyed_hash(key, signed)
+        KIND_CODED if body.len() < CODED_HEAD => {
+            return Err(WireError::Malformed("coded head truncated"));
+        }
+        KIND_DATA => DATA_HEAD + DATA_ENTRY * body[10] as usize,
+        KIND_CODED => CODED_HEAD + CODED_ENTRY * body[4] as usize,
+        _ => body.len(),
     };
+    if head > body.len() {
+        return Err(WireError::Length(buf.len()));
+    }
+    let want = blake3::keyed_hash(key, &signed[..HEADER_LEN + head]);
+    // Constant-time comparison of the truncated MAC.
     let mut a = [0u8; 32];
     a[..MAC_LEN].copy_from_slice(mac);
     let mut b = [0u8; 32];
@@ -260,30 +324,61 @@ pub fn decode<'a>(
     if blake3::Hash::from(a) != blake3::Hash::from(b) {
         return Err(WireError::Forged);
     }
-    let body_len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-    let body = &signed[HEADER_LEN..];
-    if body.len() != body_len {
-        return Err(WireError::Malformed("body length does not match"));
-    }
     let body = match buf[1] {
         KIND_DATA => {
-            if body.len() < DATA_HEAD + 1 {
-                return Err(WireError::Malformed("data without payload"));
-            }
-            let (fragment, fragments) = (body[8], body[9]);
+            let (fragment, fragments, count) = (body[8], body[9], body[10] as usize);
             if fragments == 0 || fragments > MAX_FRAGMENTS || fragment >= fragments {
                 return Err(WireError::Malformed("fragment numbering"));
             }
-            let payload = &body[DATA_HEAD..];
-            if payload.len() > PAGE_SIZE {
-                return Err(WireError::Malformed("payload larger than a page"));
+            if count == 0 || count > MAX_PACK || (fragments > 1 && count != 1) {
+                return Err(WireError::Malformed("page count"));
             }
+            let payload = &body[head..];
+            let fits = if fragments == 1 {
+                payload.len() == count * PAGE_SIZE
+            } else {
+                !payload.is_empty() && payload.len() <= PAGE_SIZE
+            };
+            if !fits {
+                return Err(WireError::Malformed("payload size"));
+            }
+            let pages = (0..count)
+                .map(|i| {
+                    let at = DATA_HEAD + DATA_ENTRY * i;
+                    (u64_at(body, at), check_at(body, at + 8))
+                })
+                .collect();
             Body::Data {
                 group: u32_at(body, 0),
                 index: u32_at(body, 4),
                 fragment,
                 fragments,
+                pages,
                 payload,
+            }
+        }
+        KIND_CODED => {
+            let n = body[4] as usize;
+            if !(2..=MAX_CODED).contains(&n) {
+                return Err(WireError::Malformed("coded page count"));
+            }
+            if body.len() != head + PAGE_SIZE {
+                return Err(WireError::Malformed("coded payload is not one page"));
+            }
+            let pages = (0..n)
+                .map(|i| {
+                    let at = CODED_HEAD + CODED_ENTRY * i;
+                    (
+                        u32_at(body, at),
+                        u64_at(body, at + 4),
+                        check_at(body, at + 12),
+                    )
+                })
+                .collect();
+            Body::Coded {
+                group: u32_at(body, 0),
+                pages,
+                payload: &body[head..],
             }
         }
         KIND_HEARTBEAT => {
@@ -319,7 +414,7 @@ pub fn decode<'a>(
             }
             Body::Nack {
                 group: u32_at(body, 0),
-                seen_through: u64::from_be_bytes(body[4..12].try_into().expect("8 bytes")),
+                seen_through: u64_at(body, 4),
                 ranges,
             }
         }
@@ -335,9 +430,8 @@ pub fn decode<'a>(
     };
     Ok(Datagram {
         session,
-        epoch: u32_at(buf, 12),
-        seq: u64::from_be_bytes(buf[16..24].try_into().expect("8 bytes")),
-        from: u32_at(buf, 24),
+        seq: u64_at(buf, 10),
+        from: u32_at(buf, 18),
         body,
     })
 }
@@ -411,29 +505,40 @@ mod tests {
     use proptest::prelude::*;
 
     const KEY: [u8; 32] = [9; 32];
-    const H: PageHash = PageHash::from_bytes([4; 32]);
-
-    fn any_page(_: u32, _: u32) -> Option<PageHash> {
-        Some(H)
-    }
+    const C: Check = [4; CHECK_LEN];
 
     fn round(d: &Datagram) -> Datagram<'static> {
         let mut b = Vec::new();
-        d.encode(&KEY, &H, &mut b);
+        d.encode(&KEY, &mut b);
         let leaked: &'static [u8] = Box::leak(b.into_boxed_slice());
-        decode(leaked, &KEY, d.session, any_page).unwrap()
+        decode(leaked, &KEY, d.session).unwrap()
     }
 
     #[test]
     fn every_kind_round_trips() {
         let payload = [5u8; 1000];
+        let page = [6u8; PAGE_SIZE];
         for body in [
             Body::Data {
                 group: 3,
                 index: 77,
                 fragment: 1,
                 fragments: 3,
+                pages: vec![(9, C)],
                 payload: &payload,
+            },
+            Body::Data {
+                group: 3,
+                index: 78,
+                fragment: 0,
+                fragments: 1,
+                pages: vec![(9, C), (11, [2; CHECK_LEN])],
+                payload: &[7u8; 2 * PAGE_SIZE],
+            },
+            Body::Coded {
+                group: 1,
+                pages: vec![(1, 10, C), (4, 40, [1; CHECK_LEN])],
+                payload: &page,
             },
             Body::Heartbeat {
                 group: 0,
@@ -450,7 +555,6 @@ mod tests {
         ] {
             let d = Datagram {
                 session: 0xfeed,
-                epoch: 2,
                 seq: 99,
                 from: 4,
                 body,
@@ -463,74 +567,93 @@ mod tests {
     fn forged_stale_and_malformed_are_told_apart() {
         let d = Datagram {
             session: 7,
-            epoch: 0,
             seq: 1,
             from: 0,
             body: Body::Probe { nonce: 1 },
         };
         let mut b = Vec::new();
-        d.encode(&KEY, &H, &mut b);
-        assert_eq!(decode(&b, &[8; 32], 7, any_page), Err(WireError::Forged));
+        d.encode(&KEY, &mut b);
+        assert_eq!(decode(&b, &[8; 32], 7), Err(WireError::Forged));
         assert_eq!(
-            decode(&b, &KEY, 8, any_page),
+            decode(&b, &KEY, 8),
             Err(WireError::Stale { got: 7, want: 8 })
         );
         let mut flipped = b.clone();
         flipped[HEADER_LEN] ^= 1;
-        assert_eq!(decode(&flipped, &KEY, 7, any_page), Err(WireError::Forged));
-        assert_eq!(
-            decode(&b[..20], &KEY, 7, any_page),
-            Err(WireError::Length(20))
-        );
+        assert_eq!(decode(&flipped, &KEY, 7), Err(WireError::Forged));
+        assert_eq!(decode(&b[..20], &KEY, 7), Err(WireError::Length(20)));
         let mut v2 = b.clone();
         v2[0] = 2;
-        assert_eq!(decode(&v2, &KEY, 7, any_page), Err(WireError::Version(2)));
+        assert_eq!(decode(&v2, &KEY, 7), Err(WireError::Version(2)));
         // Authenticated but impossible: a fragment numbered past the count.
         let p = [0u8; 10];
-        let bad = Datagram {
+        let page = [0u8; PAGE_SIZE];
+        let data = |fragment, fragments| Datagram {
             session: 7,
-            epoch: 0,
             seq: 1,
             from: 0,
             body: Body::Data {
                 group: 0,
                 index: 0,
-                fragment: 3,
-                fragments: 2,
-                payload: &p,
+                fragment,
+                fragments,
+                pages: vec![(3, C)],
+                payload: if fragments == 1 { &page[..] } else { &p[..] },
             },
         };
         let mut b = Vec::new();
-        bad.encode(&KEY, &H, &mut b);
+        data(3, 2).encode(&KEY, &mut b);
         assert_eq!(
-            decode(&b, &KEY, 7, any_page),
+            decode(&b, &KEY, 7),
             Err(WireError::Malformed("fragment numbering"))
         );
-        // Data bound to another page hash, or to a page not taken: refused.
-        let ok = Datagram {
+        // The MAC covers the check in the head: changing it is forgery; the
+        // payload is left to the page hash.
+        let mut b = Vec::new();
+        data(0, 1).encode(&KEY, &mut b);
+        assert!(decode(&b, &KEY, 7).is_ok());
+        let mut other = b.clone();
+        other[HEADER_LEN + DATA_HEAD + 10] ^= 1;
+        assert_eq!(decode(&other, &KEY, 7), Err(WireError::Forged));
+        let mut payload_changed = b.clone();
+        payload_changed[HEADER_LEN + DATA_HEAD + DATA_ENTRY] ^= 1;
+        assert!(decode(&payload_changed, &KEY, 7).is_ok());
+        // A coded repair must carry exactly one page of payload.
+        let short = Datagram {
             session: 7,
-            epoch: 0,
-            seq: 1,
+            seq: 2,
             from: 0,
-            body: Body::Data {
+            body: Body::Coded {
                 group: 0,
-                index: 0,
-                fragment: 0,
-                fragments: 1,
+                pages: vec![(0, 0, C), (1, 1, C)],
                 payload: &p,
             },
         };
         let mut b = Vec::new();
-        ok.encode(&KEY, &H, &mut b);
-        assert_eq!(
-            decode(&b, &KEY, 7, |_, _| Some(PageHash::from_bytes([5; 32]))),
-            Err(WireError::Forged)
-        );
-        assert!(matches!(
-            decode(&b, &KEY, 7, |_, _| None),
-            Err(WireError::Malformed(_))
-        ));
-        assert!(decode(&b, &KEY, 7, any_page).is_ok());
+        short.encode(&KEY, &mut b);
+        assert!(matches!(decode(&b, &KEY, 7), Err(WireError::Malformed(_))));
+    }
+
+    /// Found by the `datagram` fuzz target: a data datagram with a body
+    /// shorter than its head, authenticated over all of it, once indexed
+    /// past its end.
+    #[test]
+    fn truncated_heads_are_refused_whatever_the_mac() {
+        for kind in [KIND_DATA, KIND_CODED] {
+            for body_len in 0..12 {
+                let mut b = vec![DATAGRAM_VERSION, kind];
+                b.extend_from_slice(&7u64.to_be_bytes());
+                b.extend_from_slice(&1u64.to_be_bytes());
+                b.extend_from_slice(&0u32.to_be_bytes());
+                b.extend(std::iter::repeat_n(0xbe, body_len));
+                let mac = blake3::keyed_hash(&KEY, &b);
+                b.extend_from_slice(&mac.as_bytes()[..MAC_LEN]);
+                assert!(matches!(
+                    decode(&b, &KEY, 7),
+                    Err(WireError::Malformed(_) | WireError::Length(_) | WireError::Forged)
+                ));
+            }
+        }
     }
 
     #[test]
@@ -551,14 +674,21 @@ mod tests {
     fn mtus() {
         assert_eq!(fragment_payload(65536), PAGE_SIZE);
         assert_eq!(fragment_payload(9000), PAGE_SIZE);
-        assert_eq!(fragment_payload(1500), 1500 - 82);
+        assert_eq!(
+            fragment_payload(1500),
+            1500 - 20 - 8 - HEADER_LEN - DATA_HEAD - DATA_ENTRY - MAC_LEN
+        );
+        assert_eq!(pages_per_datagram(1500), 0);
+        assert_eq!(pages_per_datagram(4500), 1);
+        assert_eq!(pages_per_datagram(9000), 2);
+        assert_eq!(pages_per_datagram(65536), 2);
         assert!(PAGE_SIZE.div_ceil(fragment_payload(1500)) <= MAX_FRAGMENTS as usize);
     }
 
     proptest! {
         #[test]
         fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200), session in any::<u64>()) {
-            let _ = decode(&b, &KEY, session, any_page);
+            let _ = decode(&b, &KEY, session);
         }
 
         #[test]

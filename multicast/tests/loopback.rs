@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pagecast_index::{PAGE_SIZE, Page, PageHash};
+use pagecast_multicast::wire;
 use pagecast_multicast::*;
 
 const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -78,19 +79,29 @@ impl PageSource for Source {
 #[derive(Default)]
 struct Sink {
     got: Vec<(u64, Vec<u8>)>,
+    by_key: std::collections::HashMap<u64, usize>,
     finished: bool,
     aborted: bool,
     fail_after: Option<usize>,
 }
 
 impl PageSink for Sink {
-    fn begin(&mut self, _frames: u64, _pages: &[PageEntry]) -> std::io::Result<()> {
+    fn begin(&mut self, _frames: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn get(&mut self, key: u64, out: &mut Page) -> std::io::Result<()> {
+        let i = *self
+            .by_key
+            .get(&key)
+            .ok_or_else(|| std::io::Error::other("no such page"))?;
+        out.copy_from_slice(&self.got[i].1);
         Ok(())
     }
     fn put(&mut self, e: &PageEntry, data: &Page) -> std::io::Result<()> {
         if self.fail_after.is_some_and(|n| self.got.len() >= n) {
             return Err(std::io::Error::other("disk full (test)"));
         }
+        self.by_key.insert(e.key, self.got.len());
         self.got.push((e.key, data.to_vec()));
         Ok(())
     }
@@ -182,7 +193,10 @@ fn four_receivers_get_identical_copies_over_loopback_multicast() {
         assert_eq!((p.joins, p.leaves), (1, 1));
     }
     // Each page crossed the sender's link once (plus whatever was repaired).
-    let once = 3000 * (PAGE_SIZE as u64 + 28 + 10 + 16);
+    // Loopback's MTU fits two pages per datagram: 1,500 datagrams.
+    assert_eq!(report.pages_per_datagram, 2);
+    let once = 1500
+        * (wire::HEADER_LEN + wire::DATA_HEAD + 2 * (wire::DATA_ENTRY + PAGE_SIZE) + 16) as u64;
     assert_eq!(report.bytes_first, once);
     assert!(
         report.bytes_repair <= once / 2,

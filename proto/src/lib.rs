@@ -46,8 +46,8 @@ pub const MAX_VM_NAME_BYTES: usize = 128;
 /// frame, before its sequence number and MAC).
 pub const MAX_CONTROL_FRAME_BYTES: usize = 4 << 20;
 
-/// Most pages one [`v1::CastPages`] message lists.
-pub const MAX_CAST_PAGES_PER_FRAME: usize = 32_768;
+/// Most page ranges one [`v1::CastGroup`] lists.
+pub const MAX_CAST_GROUP_RANGES: usize = 1 << 20;
 
 /// Most pages one cast session carries (16 GiB of pages).
 pub const MAX_CAST_PAGES: u32 = 4 << 20;
