@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use metrics::counter;
+use metrics::{counter, gauge};
 use pagecast_index::{PAGE_SIZE, Page};
 use pagecast_proto::{MAX_CAST_GROUPS, MAX_CAST_PAGES, WIRE_VERSION, v1};
 
@@ -995,6 +995,9 @@ impl<'a> Run<'a> {
                         if p.state != State::Live {
                             continue;
                         }
+                        let lag = next[g].saturating_sub(p.contiguous[g]);
+                        gauge!("pagecast_cast_receiver_lag_pages", "receiver" => p.name.clone())
+                            .set(f64::from(lag));
                         if next[g].saturating_sub(p.contiguous[g]) >= self.window {
                             let since = *p.lagging_since.get_or_insert(now);
                             if now.duration_since(since) > cfg.slow_after {
