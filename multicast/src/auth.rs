@@ -16,6 +16,10 @@
 //! [`MAX_CONTROL_FRAME_BYTES`] ends the connection with an error naming the
 //! problem. Frames are authenticated, not encrypted; keys handed over them
 //! (a session key) are wrapped with a pad derived from the connection keys.
+//!
+//! The handshake ([`ClientHandshake`], [`ServerHandshake`]) and the frame
+//! layer ([`FrameKey`]) do no I/O, so a blocking connection ([`Channel`])
+//! and an asynchronous one (the agent's) share them.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -26,12 +30,13 @@ use pagecast_proto::{MAC_LEN, MAX_CONTROL_FRAME_BYTES, WIRE_VERSION, v1};
 use prost::Message;
 
 /// Largest handshake frame.
-const MAX_HANDSHAKE_BYTES: usize = 1024;
+pub const MAX_HANDSHAKE_BYTES: usize = 1024;
 /// Bytes of a nonce.
 const NONCE_LEN: usize = 32;
 /// How long a handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
+/// Bytes of an authenticated frame's head (length and sequence).
+pub const FRAME_HEAD: usize = 12;
 /// Errors of the cluster secret and authenticated channels.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -233,22 +238,18 @@ fn io_err(peer: &str) -> impl Fn(std::io::Error) -> AuthError + '_ {
     }
 }
 
-fn write_plain<M: Message>(s: &mut TcpStream, peer: &str, m: &M) -> Result<(), AuthError> {
+/// A handshake message framed for the wire: `[u32 length][protobuf]`.
+pub fn plain_frame<M: Message>(m: &M) -> Vec<u8> {
     let body = m.encode_to_vec();
     let mut buf = Vec::with_capacity(4 + body.len());
     buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
     buf.extend_from_slice(&body);
-    s.write_all(&buf).map_err(io_err(peer))
+    buf
 }
 
-fn read_plain<M: Message + Default>(
-    s: &mut TcpStream,
-    peer: &str,
-    what: &'static str,
-) -> Result<M, AuthError> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).map_err(io_err(peer))?;
-    let len = u32::from_be_bytes(len) as usize;
+/// The body length a handshake frame's 4-byte head announces, if allowed.
+pub fn plain_len(head: [u8; 4], peer: &str) -> Result<usize, AuthError> {
+    let len = u32::from_be_bytes(head) as usize;
     if len > MAX_HANDSHAKE_BYTES {
         return Err(AuthError::TooLarge {
             peer: peer.to_owned(),
@@ -256,13 +257,32 @@ fn read_plain<M: Message + Default>(
             max: MAX_HANDSHAKE_BYTES,
         });
     }
-    let mut body = vec![0u8; len];
+    Ok(len)
+}
+
+/// Decodes a handshake message body.
+pub fn plain_decode<M: Message + Default>(
+    body: &[u8],
+    peer: &str,
+    what: &'static str,
+) -> Result<M, AuthError> {
+    decode(peer, what, body)
+}
+
+fn write_plain<M: Message>(s: &mut TcpStream, peer: &str, m: &M) -> Result<(), AuthError> {
+    s.write_all(&plain_frame(m)).map_err(io_err(peer))
+}
+
+fn read_plain<M: Message + Default>(
+    s: &mut TcpStream,
+    peer: &str,
+    what: &'static str,
+) -> Result<M, AuthError> {
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).map_err(io_err(peer))?;
+    let mut body = vec![0u8; plain_len(head, peer)?];
     s.read_exact(&mut body).map_err(io_err(peer))?;
-    M::decode(&body[..]).map_err(|e| AuthError::Malformed {
-        peer: peer.to_owned(),
-        what,
-        why: e.to_string(),
-    })
+    plain_decode(&body, peer, what)
 }
 
 fn check_version(peer: &str, v: i32) -> Result<(), AuthError> {
@@ -284,110 +304,318 @@ fn nonce_of(peer: &str, b: &[u8]) -> Result<[u8; NONCE_LEN], AuthError> {
     })
 }
 
-/// One direction of an authenticated connection.
-struct Keys {
+fn decode<M: Message + Default>(peer: &str, what: &'static str, b: &[u8]) -> Result<M, AuthError> {
+    M::decode(b).map_err(|e| AuthError::Malformed {
+        peer: peer.to_owned(),
+        what,
+        why: e.to_string(),
+    })
+}
+
+fn same(a: &[u8], b: blake3::Hash) -> bool {
+    // blake3::Hash compares in constant time.
+    let a: [u8; 32] = a.try_into().unwrap_or([0; 32]);
+    blake3::Hash::from(a) == b
+}
+
+/// What an authenticated connection keeps: a frame key per direction, the
+/// key-wrapping pad and the peer's name.
+pub struct Established {
+    /// Seals frames we send.
+    pub send: FrameKey,
+    /// Opens frames we receive.
+    pub recv: FrameKey,
+    /// Pad that wraps keys sent over this connection.
+    pub pad: [u8; 32],
+    /// The name the peer gave.
+    pub peer_name: String,
+}
+
+impl Established {
+    /// Wraps (or unwraps: XOR is its own inverse) a 32-byte key for this
+    /// connection only.
+    pub fn wrap_key(&self, key: &[u8; 32]) -> [u8; 32] {
+        xor_pad(key, &self.pad)
+    }
+}
+
+fn xor_pad(key: &[u8; 32], pad: &[u8; 32]) -> [u8; 32] {
+    let mut out = *key;
+    for (o, p) in out.iter_mut().zip(pad) {
+        *o ^= p;
+    }
+    out
+}
+
+/// The client's side of a handshake: send [`ClientHandshake::hello`]'s
+/// message, then pass the server's challenge to
+/// [`ClientHandshake::answer`], send the proof it returns and read the
+/// server's [`v1::AuthResult`].
+pub struct ClientHandshake {
+    nonce: [u8; NONCE_LEN],
+    name: String,
+}
+
+impl ClientHandshake {
+    /// Starts a handshake as `name`.
+    pub fn hello(name: &str) -> Result<(Self, v1::AuthHello), AuthError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        random_bytes(&mut nonce)?;
+        let hello = v1::AuthHello {
+            version: WIRE_VERSION as i32,
+            nonce: nonce.to_vec().into(),
+            name: name.to_owned(),
+        };
+        Ok((
+            ClientHandshake {
+                nonce,
+                name: name.to_owned(),
+            },
+            hello,
+        ))
+    }
+
+    /// Checks the server's proof and answers with ours.
+    pub fn answer(
+        self,
+        secret: &Secret,
+        peer: &str,
+        ch: &v1::AuthChallenge,
+    ) -> Result<(v1::AuthProof, Established), AuthError> {
+        check_version(peer, ch.version)?;
+        let nonce_s = nonce_of(peer, &ch.nonce)?;
+        let (c, s, n) = (&self.nonce, &nonce_s, self.name.as_bytes());
+        if !same(
+            &ch.proof,
+            secret.mac(&[b"server", c, s, n, ch.name.as_bytes()]),
+        ) {
+            return Err(AuthError::Refused {
+                peer: peer.to_owned(),
+                why: "the server does not know the cluster secret".into(),
+            });
+        }
+        let proof = secret.mac(&[b"client", c, s, n, ch.name.as_bytes()]);
+        Ok((
+            v1::AuthProof {
+                proof: proof.as_bytes().to_vec().into(),
+            },
+            Established {
+                send: FrameKey::new(secret.derive("pagecast control c2s v1", c, s)),
+                recv: FrameKey::new(secret.derive("pagecast control s2c v1", c, s)),
+                pad: secret.derive("pagecast key wrap v1", c, s),
+                peer_name: ch.name.clone(),
+            },
+        ))
+    }
+}
+
+/// The server's side of a handshake: answer the client's hello with
+/// [`ServerHandshake::challenge`], then check its proof with
+/// [`ServerHandshake::check`] and send the [`v1::AuthResult`].
+pub struct ServerHandshake {
+    nonce_c: [u8; NONCE_LEN],
+    nonce_s: [u8; NONCE_LEN],
+    client: String,
+    name: String,
+}
+
+impl ServerHandshake {
+    /// Answers a client's hello as `name`.
+    pub fn challenge(
+        secret: &Secret,
+        peer: &str,
+        name: &str,
+        hello: &v1::AuthHello,
+    ) -> Result<(Self, v1::AuthChallenge), AuthError> {
+        check_version(peer, hello.version)?;
+        let nonce_c = nonce_of(peer, &hello.nonce)?;
+        let mut nonce_s = [0u8; NONCE_LEN];
+        random_bytes(&mut nonce_s)?;
+        let proof = secret.mac(&[
+            b"server",
+            &nonce_c,
+            &nonce_s,
+            hello.name.as_bytes(),
+            name.as_bytes(),
+        ]);
+        Ok((
+            ServerHandshake {
+                nonce_c,
+                nonce_s,
+                client: hello.name.clone(),
+                name: name.to_owned(),
+            },
+            v1::AuthChallenge {
+                version: WIRE_VERSION as i32,
+                nonce: nonce_s.to_vec().into(),
+                name: name.to_owned(),
+                proof: proof.as_bytes().to_vec().into(),
+            },
+        ))
+    }
+
+    /// Checks the client's proof.
+    pub fn check(
+        self,
+        secret: &Secret,
+        peer: &str,
+        p: &v1::AuthProof,
+    ) -> Result<Established, AuthError> {
+        let (c, s) = (&self.nonce_c, &self.nonce_s);
+        if !same(
+            &p.proof,
+            secret.mac(&[
+                b"client",
+                c,
+                s,
+                self.client.as_bytes(),
+                self.name.as_bytes(),
+            ]),
+        ) {
+            return Err(AuthError::Refused {
+                peer: peer.to_owned(),
+                why: "the client does not know the cluster secret".into(),
+            });
+        }
+        Ok(Established {
+            send: FrameKey::new(secret.derive("pagecast control s2c v1", c, s)),
+            recv: FrameKey::new(secret.derive("pagecast control c2s v1", c, s)),
+            pad: secret.derive("pagecast key wrap v1", c, s),
+            peer_name: self.client,
+        })
+    }
+}
+
+/// One direction of an authenticated connection: its key and the next
+/// sequence number.
+pub struct FrameKey {
     key: [u8; 32],
     seq: u64,
 }
 
-/// An authenticated, framed control connection.
-pub struct Channel {
-    stream: TcpStream,
-    peer: String,
-    peer_name: String,
-    send: Keys,
-    recv: Keys,
-    pad: [u8; 32],
+impl FrameKey {
+    /// A key starting at sequence 0.
+    pub fn new(key: [u8; 32]) -> Self {
+        FrameKey { key, seq: 0 }
+    }
+
+    /// The frame carrying `payload` (and advances the sequence).
+    pub fn seal(&mut self, peer: &str, payload: &[u8]) -> Result<Vec<u8>, AuthError> {
+        if payload.len() > MAX_CONTROL_FRAME_BYTES {
+            return Err(AuthError::TooLarge {
+                peer: peer.to_owned(),
+                len: payload.len(),
+                max: MAX_CONTROL_FRAME_BYTES,
+            });
+        }
+        let buf = encode_frame(&self.key, self.seq, payload);
+        self.seq += 1;
+        Ok(buf)
+    }
+
+    /// How many bytes follow a frame's head (payload and MAC), after
+    /// checking the length it announces.
+    pub fn rest_len(head: &[u8; FRAME_HEAD], peer: &str) -> Result<usize, AuthError> {
+        let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        if !(8..=8 + MAX_CONTROL_FRAME_BYTES).contains(&len) {
+            return Err(AuthError::TooLarge {
+                peer: peer.to_owned(),
+                len,
+                max: MAX_CONTROL_FRAME_BYTES,
+            });
+        }
+        Ok(len - 8 + MAC_LEN)
+    }
+
+    /// Checks a frame (its head and the `rest` after it) and returns its
+    /// payload: the MAC must verify and the sequence be the next one.
+    pub fn open(
+        &mut self,
+        head: &[u8; FRAME_HEAD],
+        mut rest: Vec<u8>,
+        peer: &str,
+    ) -> Result<Vec<u8>, AuthError> {
+        let seq = u64::from_be_bytes(head[4..].try_into().expect("8 bytes"));
+        if rest.len() < MAC_LEN {
+            return Err(AuthError::TooLarge {
+                peer: peer.to_owned(),
+                len: rest.len(),
+                max: MAX_CONTROL_FRAME_BYTES,
+            });
+        }
+        let body = rest.len() - MAC_LEN;
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(head);
+        h.update(&rest[..body]);
+        let want = h.finalize();
+        let mut got = [0u8; 32];
+        got[..MAC_LEN].copy_from_slice(&rest[body..]);
+        let mut expect = [0u8; 32];
+        expect[..MAC_LEN].copy_from_slice(&want.as_bytes()[..MAC_LEN]);
+        // Constant-time comparison of the MAC.
+        if blake3::Hash::from(got) != blake3::Hash::from(expect) {
+            return Err(AuthError::BadMac {
+                peer: peer.to_owned(),
+                seq,
+            });
+        }
+        if seq != self.seq {
+            return Err(AuthError::Sequence {
+                peer: peer.to_owned(),
+                got: seq,
+                want: self.seq,
+            });
+        }
+        self.seq += 1;
+        rest.truncate(body);
+        Ok(rest)
+    }
 }
 
-/// The sending half of a [`Channel`] (see [`Channel::split`]).
-pub struct ChannelWriter {
-    stream: TcpStream,
-    peer: String,
-    send: Keys,
-    pad: [u8; 32],
-    sent_bytes: u64,
-}
-
-/// The receiving half of a [`Channel`].
-pub struct ChannelReader {
-    stream: TcpStream,
-    peer: String,
-    recv: Keys,
+fn encode_frame(key: &[u8; 32], seq: u64, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u32;
+    let mut buf = Vec::with_capacity(4 + len as usize + MAC_LEN);
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&seq.to_be_bytes());
+    buf.extend_from_slice(payload);
+    let mac = blake3::keyed_hash(key, &buf);
+    buf.extend_from_slice(&mac.as_bytes()[..MAC_LEN]);
+    buf
 }
 
 fn send_frame(
     stream: &mut TcpStream,
     peer: &str,
-    keys: &mut Keys,
+    keys: &mut FrameKey,
     payload: &[u8],
 ) -> Result<(), AuthError> {
-    if payload.len() > MAX_CONTROL_FRAME_BYTES {
-        return Err(AuthError::TooLarge {
-            peer: peer.to_owned(),
-            len: payload.len(),
-            max: MAX_CONTROL_FRAME_BYTES,
-        });
-    }
-    let buf = FrameDecoder::encode(keys.key, keys.seq, payload);
-    keys.seq += 1;
+    let buf = keys.seal(peer, payload)?;
     stream.write_all(&buf).map_err(io_err(peer))
 }
 
-fn recv_frame(stream: &mut impl Read, peer: &str, keys: &mut Keys) -> Result<Vec<u8>, AuthError> {
-    let mut head = [0u8; 12];
+fn recv_frame(
+    stream: &mut impl Read,
+    peer: &str,
+    keys: &mut FrameKey,
+) -> Result<Vec<u8>, AuthError> {
+    let mut head = [0u8; FRAME_HEAD];
     stream.read_exact(&mut head).map_err(io_err(peer))?;
-    let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-    if !(8..=8 + MAX_CONTROL_FRAME_BYTES).contains(&len) {
-        return Err(AuthError::TooLarge {
-            peer: peer.to_owned(),
-            len,
-            max: MAX_CONTROL_FRAME_BYTES,
-        });
-    }
-    let seq = u64::from_be_bytes(head[4..].try_into().expect("8 bytes"));
-    let mut rest = vec![0u8; len - 8 + MAC_LEN];
+    let mut rest = vec![0u8; FrameKey::rest_len(&head, peer)?];
     stream.read_exact(&mut rest).map_err(io_err(peer))?;
-    let (payload, mac) = rest.split_at(len - 8);
-    let mut h = blake3::Hasher::new_keyed(&keys.key);
-    h.update(&head);
-    h.update(payload);
-    let want = h.finalize();
-    // Constant-time comparison of the MAC.
-    let mut got = [0u8; 32];
-    got[..MAC_LEN].copy_from_slice(mac);
-    let mut expect = [0u8; 32];
-    expect[..MAC_LEN].copy_from_slice(&want.as_bytes()[..MAC_LEN]);
-    if blake3::Hash::from(got) != blake3::Hash::from(expect) {
-        return Err(AuthError::BadMac {
-            peer: peer.to_owned(),
-            seq,
-        });
-    }
-    if seq != keys.seq {
-        return Err(AuthError::Sequence {
-            peer: peer.to_owned(),
-            got: seq,
-            want: keys.seq,
-        });
-    }
-    keys.seq += 1;
-    let mut payload = rest;
-    payload.truncate(len - 8);
-    Ok(payload)
+    keys.open(&head, rest, peer)
 }
 
 /// Decodes authenticated frames from a byte stream, as a [`Channel`] does
 /// after its handshake: for tests and fuzzing of the frame layer.
 pub struct FrameDecoder {
-    keys: Keys,
+    keys: FrameKey,
 }
 
 impl FrameDecoder {
     /// A decoder expecting frames under `key`, starting at sequence 0.
     pub fn new(key: [u8; 32]) -> Self {
         FrameDecoder {
-            keys: Keys { key, seq: 0 },
+            keys: FrameKey::new(key),
         }
     }
 
@@ -398,23 +626,34 @@ impl FrameDecoder {
 
     /// Encodes a frame under `key` with sequence `seq` (the sending side).
     pub fn encode(key: [u8; 32], seq: u64, payload: &[u8]) -> Vec<u8> {
-        let len = (8 + payload.len()) as u32;
-        let mut buf = Vec::with_capacity(4 + len as usize + MAC_LEN);
-        buf.extend_from_slice(&len.to_be_bytes());
-        buf.extend_from_slice(&seq.to_be_bytes());
-        buf.extend_from_slice(payload);
-        let mac = blake3::keyed_hash(&key, &buf);
-        buf.extend_from_slice(&mac.as_bytes()[..MAC_LEN]);
-        buf
+        encode_frame(&key, seq, payload)
     }
 }
 
-fn decode<M: Message + Default>(peer: &str, what: &'static str, b: &[u8]) -> Result<M, AuthError> {
-    M::decode(b).map_err(|e| AuthError::Malformed {
-        peer: peer.to_owned(),
-        what,
-        why: e.to_string(),
-    })
+/// An authenticated, framed control connection (blocking).
+pub struct Channel {
+    stream: TcpStream,
+    peer: String,
+    peer_name: String,
+    send: FrameKey,
+    recv: FrameKey,
+    pad: [u8; 32],
+}
+
+/// The sending half of a [`Channel`] (see [`Channel::split`]).
+pub struct ChannelWriter {
+    stream: TcpStream,
+    peer: String,
+    send: FrameKey,
+    pad: [u8; 32],
+    sent_bytes: u64,
+}
+
+/// The receiving half of a [`Channel`].
+pub struct ChannelReader {
+    stream: TcpStream,
+    peer: String,
+    recv: FrameKey,
 }
 
 impl std::fmt::Debug for Channel {
@@ -427,6 +666,23 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
+    /// A channel over a stream whose handshake another layer completed (an
+    /// asynchronous server handing a connection to blocking work).
+    pub fn from_established(stream: TcpStream, peer: String, e: Established) -> Self {
+        Self::from_parts(stream, peer, e)
+    }
+
+    fn from_parts(stream: TcpStream, peer: String, e: Established) -> Self {
+        Channel {
+            stream,
+            peer,
+            peer_name: e.peer_name,
+            send: e.send,
+            recv: e.recv,
+            pad: e.pad,
+        }
+    }
+
     /// Authenticates as a client on `stream`.
     pub fn client(mut stream: TcpStream, secret: &Secret, name: &str) -> Result<Self, AuthError> {
         let peer = stream
@@ -436,48 +692,11 @@ impl Channel {
         stream
             .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(io_err(&peer))?;
-        let mut nonce_c = [0u8; NONCE_LEN];
-        random_bytes(&mut nonce_c)?;
-        write_plain(
-            &mut stream,
-            &peer,
-            &v1::AuthHello {
-                version: WIRE_VERSION as i32,
-                nonce: nonce_c.to_vec().into(),
-                name: name.to_owned(),
-            },
-        )?;
+        let (hs, hello) = ClientHandshake::hello(name)?;
+        write_plain(&mut stream, &peer, &hello)?;
         let ch: v1::AuthChallenge = read_plain(&mut stream, &peer, "challenge")?;
-        check_version(&peer, ch.version)?;
-        let nonce_s = nonce_of(&peer, &ch.nonce)?;
-        let expect = secret.mac(&[
-            b"server",
-            &nonce_c,
-            &nonce_s,
-            name.as_bytes(),
-            ch.name.as_bytes(),
-        ]);
-        let proof: [u8; 32] = ch.proof.as_ref().try_into().unwrap_or([0; 32]);
-        if blake3::Hash::from(proof) != expect {
-            return Err(AuthError::Refused {
-                peer,
-                why: "the server does not know the cluster secret".into(),
-            });
-        }
-        let mine = secret.mac(&[
-            b"client",
-            &nonce_c,
-            &nonce_s,
-            name.as_bytes(),
-            ch.name.as_bytes(),
-        ]);
-        write_plain(
-            &mut stream,
-            &peer,
-            &v1::AuthProof {
-                proof: mine.as_bytes().to_vec().into(),
-            },
-        )?;
+        let (proof, est) = hs.answer(secret, &peer, &ch)?;
+        write_plain(&mut stream, &peer, &proof)?;
         let res: v1::AuthResult = read_plain(&mut stream, &peer, "authentication result")?;
         if !res.ok {
             return Err(AuthError::Refused {
@@ -486,20 +705,7 @@ impl Channel {
             });
         }
         stream.set_read_timeout(None).map_err(io_err(&peer))?;
-        Ok(Channel {
-            send: Keys {
-                key: secret.derive("pagecast control c2s v1", &nonce_c, &nonce_s),
-                seq: 0,
-            },
-            recv: Keys {
-                key: secret.derive("pagecast control s2c v1", &nonce_c, &nonce_s),
-                seq: 0,
-            },
-            pad: secret.derive("pagecast key wrap v1", &nonce_c, &nonce_s),
-            peer_name: ch.name,
-            stream,
-            peer,
-        })
+        Ok(Self::from_parts(stream, peer, est))
     }
 
     /// Authenticates as a server on an accepted `stream`. A client that
@@ -513,48 +719,20 @@ impl Channel {
             .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(io_err(&peer))?;
         let hello: v1::AuthHello = read_plain(&mut stream, &peer, "hello")?;
-        check_version(&peer, hello.version)?;
-        let nonce_c = nonce_of(&peer, &hello.nonce)?;
-        let mut nonce_s = [0u8; NONCE_LEN];
-        random_bytes(&mut nonce_s)?;
-        let proof = secret.mac(&[
-            b"server",
-            &nonce_c,
-            &nonce_s,
-            hello.name.as_bytes(),
-            name.as_bytes(),
-        ]);
-        write_plain(
-            &mut stream,
-            &peer,
-            &v1::AuthChallenge {
-                version: WIRE_VERSION as i32,
-                nonce: nonce_s.to_vec().into(),
-                name: name.to_owned(),
-                proof: proof.as_bytes().to_vec().into(),
-            },
-        )?;
+        let (hs, ch) = ServerHandshake::challenge(secret, &peer, name, &hello)?;
+        write_plain(&mut stream, &peer, &ch)?;
         let p: v1::AuthProof = read_plain(&mut stream, &peer, "proof")?;
-        let expect = secret.mac(&[
-            b"client",
-            &nonce_c,
-            &nonce_s,
-            hello.name.as_bytes(),
-            name.as_bytes(),
-        ]);
-        let got: [u8; 32] = p.proof.as_ref().try_into().unwrap_or([0; 32]);
-        if blake3::Hash::from(got) != expect {
-            let reason = "the client does not know the cluster secret".to_string();
-            let _ = write_plain(
-                &mut stream,
-                &peer,
-                &v1::AuthResult {
-                    ok: false,
-                    reason: reason.clone(),
-                },
-            );
-            return Err(AuthError::Refused { peer, why: reason });
-        }
+        let est = match hs.check(secret, &peer, &p) {
+            Ok(e) => e,
+            Err(e) => {
+                let reason = match &e {
+                    AuthError::Refused { why, .. } => why.clone(),
+                    other => other.to_string(),
+                };
+                let _ = write_plain(&mut stream, &peer, &v1::AuthResult { ok: false, reason });
+                return Err(e);
+            }
+        };
         write_plain(
             &mut stream,
             &peer,
@@ -564,20 +742,7 @@ impl Channel {
             },
         )?;
         stream.set_read_timeout(None).map_err(io_err(&peer))?;
-        Ok(Channel {
-            send: Keys {
-                key: secret.derive("pagecast control s2c v1", &nonce_c, &nonce_s),
-                seq: 0,
-            },
-            recv: Keys {
-                key: secret.derive("pagecast control c2s v1", &nonce_c, &nonce_s),
-                seq: 0,
-            },
-            pad: secret.derive("pagecast key wrap v1", &nonce_c, &nonce_s),
-            peer_name: hello.name,
-            stream,
-            peer,
-        })
+        Ok(Self::from_parts(stream, peer, est))
     }
 
     /// The peer's address.
@@ -614,11 +779,12 @@ impl Channel {
     /// Wraps (or unwraps: XOR is its own inverse) a 32-byte key for this
     /// connection only.
     pub fn wrap_key(&self, key: &[u8; 32]) -> [u8; 32] {
-        let mut out = *key;
-        for (o, p) in out.iter_mut().zip(self.pad) {
-            *o ^= p;
-        }
-        out
+        xor_pad(key, &self.pad)
+    }
+
+    /// Shuts the connection down in both directions.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
     /// Splits into halves usable from two threads.
@@ -645,7 +811,7 @@ impl ChannelWriter {
     /// Sends one message.
     pub fn send<M: Message>(&mut self, m: &M) -> Result<(), AuthError> {
         let payload = m.encode_to_vec();
-        self.sent_bytes += (4 + 8 + payload.len() + MAC_LEN) as u64;
+        self.sent_bytes += (FRAME_HEAD + payload.len() + MAC_LEN) as u64;
         send_frame(&mut self.stream, &self.peer, &mut self.send, &payload)
     }
 
@@ -657,11 +823,7 @@ impl ChannelWriter {
     /// Wraps (or unwraps) a 32-byte key for this connection only; see
     /// [`Channel::wrap_key`].
     pub fn wrap_key(&self, key: &[u8; 32]) -> [u8; 32] {
-        let mut out = *key;
-        for (o, p) in out.iter_mut().zip(self.pad) {
-            *o ^= p;
-        }
-        out
+        xor_pad(key, &self.pad)
     }
 
     /// Shuts the connection down in both directions (wakes the reader).
@@ -756,7 +918,7 @@ mod tests {
         let (mut srv, cli) = (srv.unwrap(), cli.unwrap());
         let mut raw = cli.stream.try_clone().unwrap();
         // A frame with a MAC under the wrong key.
-        let mut bad = Keys {
+        let mut bad = FrameKey {
             key: [1; 32],
             seq: 0,
         };
@@ -770,7 +932,7 @@ mod tests {
         let (srv, cli) = pair(s.clone(), s.clone());
         let (mut srv, mut cli) = (srv.unwrap(), cli.unwrap());
         // Replay: the same sequence number twice.
-        let mut copy = Keys {
+        let mut copy = FrameKey {
             key: cli.send.key,
             seq: 0,
         };
