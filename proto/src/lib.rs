@@ -63,3 +63,9 @@ pub const MAX_DATAGRAM_BYTES: usize = 9000;
 
 /// Length of the MAC that ends every datagram and control frame.
 pub const MAC_LEN: usize = 16;
+
+/// Most pages one migration `Pages` or `PagesByHash` message carries.
+pub const MAX_MIGRATE_PAGES_PER_FRAME: usize = 64;
+
+/// Most hashes one `NeedHashes` message carries.
+pub const MAX_NEED_HASHES_PER_FRAME: usize = 32_768;
