@@ -6,6 +6,7 @@ pub mod castio;
 pub mod fingerprint;
 pub mod manifest;
 pub mod memory;
+pub mod migrate;
 pub mod scan;
 pub mod topology;
 pub mod units;

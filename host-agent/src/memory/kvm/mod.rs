@@ -99,6 +99,16 @@ pub enum VmError {
     /// The vCPU thread panicked.
     #[error("the vCPU thread panicked")]
     Panicked,
+    /// Migrated vCPU state of the wrong size.
+    #[error("vCPU {what} of {got} bytes, expected {want}")]
+    VcpuStateSize {
+        /// Which structure.
+        what: String,
+        /// Bytes received.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
     /// A memory error.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -142,6 +152,38 @@ pub struct VcpuState {
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers.
     pub sregs: kvm_sregs,
+}
+
+impl VcpuState {
+    /// The raw bytes of both structures (fixed sizes, host layout).
+    pub fn to_bytes(&self) -> (Vec<u8>, Vec<u8>) {
+        use zerocopy::IntoBytes;
+        (
+            self.regs.as_bytes().to_vec(),
+            self.sregs.as_bytes().to_vec(),
+        )
+    }
+
+    /// Rebuilds the state from [`VcpuState::to_bytes`], checking the sizes.
+    pub fn from_bytes(regs: &[u8], sregs: &[u8]) -> Result<Self, VmError> {
+        use zerocopy::FromBytes;
+        let bad = |what: &str, got: usize, want: usize| VmError::VcpuStateSize {
+            what: what.to_owned(),
+            got,
+            want,
+        };
+        Ok(VcpuState {
+            regs: kvm_regs::read_from_bytes(regs)
+                .map_err(|_| bad("registers", regs.len(), std::mem::size_of::<kvm_regs>()))?,
+            sregs: kvm_sregs::read_from_bytes(sregs).map_err(|_| {
+                bad(
+                    "special registers",
+                    sregs.len(),
+                    std::mem::size_of::<kvm_sregs>(),
+                )
+            })?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,23 +314,7 @@ impl MicroVm {
         }
         install_program(&region, &config.working_set, batch_for(config.dirty_rate))?;
 
-        let kvm = Kvm::new().map_err(VmError::Open)?;
-        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        vm.set_tss_address(TSS_ADDR)
-            .map_err(kvm_err("set TSS address"))?;
-        let slot = kvm_userspace_memory_region {
-            slot: SLOT,
-            flags: KVM_MEM_LOG_DIRTY_PAGES,
-            guest_phys_addr: 0,
-            memory_size: bytes,
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the region is a live, page-aligned mapping of `bytes`
-        // bytes that outlives the VM: `region` is declared after `vm` in
-        // `MicroVm`, so it is dropped after the VM file descriptor is closed.
-        unsafe { vm.set_user_memory_region(slot) }.map_err(kvm_err("set memory region"))?;
-
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
+        let (kvm, vm, vcpu) = create(&region)?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("get special registers"))?;
         sregs.cs = flat_segment(0x08, 0xb);
         let data = flat_segment(0x10, 0x3);
@@ -310,6 +336,38 @@ impl MicroVm {
         vcpu.set_regs(&regs).map_err(kvm_err("set registers"))?;
 
         Ok(Self::start(kvm, vm, vcpu, region, config))
+    }
+
+    /// Recreates a VM from migrated memory and vCPU state and starts it.
+    /// `region` must hold the guest's whole memory (the program and its
+    /// parameters included) and must have been populated before this call,
+    /// as [`Region::anonymous`] does.
+    pub fn restore(region: Region, state: &VcpuState, dirty_rate: u64) -> Result<Self, VmError> {
+        let bytes = region.len() as u64;
+        if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&bytes) {
+            return Err(VmError::MemorySize { bytes });
+        }
+        let (kvm, vm, vcpu) = create(&region)?;
+        vcpu.set_sregs(&state.sregs)
+            .map_err(kvm_err("restore special registers"))?;
+        vcpu.set_regs(&state.regs)
+            .map_err(kvm_err("restore registers"))?;
+        let config = MicroVmConfig {
+            memory_bytes: bytes,
+            working_set: Vec::new(),
+            dirty_rate,
+        };
+        Ok(Self::start(kvm, vm, vcpu, region, &config))
+    }
+
+    /// The page-write rate the host paces the guest to.
+    pub fn dirty_rate(&self) -> u64 {
+        self.shared.lock().rate
+    }
+
+    /// The current throttle, in percent.
+    pub fn throttle(&self) -> u8 {
+        self.shared.lock().throttle_pct
     }
 
     fn start(kvm: Kvm, vm: VmFd, vcpu: VcpuFd, region: Region, config: &MicroVmConfig) -> Self {
@@ -458,6 +516,28 @@ impl Drop for MicroVm {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// A KVM VM with `region` as its one memory slot (dirty logging on) and one
+/// vCPU. The region's pages must already be populated.
+fn create(region: &Region) -> Result<(Kvm, VmFd, VcpuFd), VmError> {
+    let kvm = Kvm::new().map_err(VmError::Open)?;
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    vm.set_tss_address(TSS_ADDR)
+        .map_err(kvm_err("set TSS address"))?;
+    let slot = kvm_userspace_memory_region {
+        slot: SLOT,
+        flags: KVM_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: 0,
+        memory_size: region.len() as u64,
+        userspace_addr: region.as_ptr() as u64,
+    };
+    // SAFETY: the region is a live, page-aligned mapping of `len` bytes
+    // that outlives the VM: `MicroVm` declares `region` after `vm`, so it
+    // is dropped after the VM file descriptor is closed.
+    unsafe { vm.set_user_memory_region(slot) }.map_err(kvm_err("set memory region"))?;
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
+    Ok((kvm, vm, vcpu))
 }
 
 /// Writes the program, the GDT and the parameter block into frames 0 and 1.
