@@ -2,6 +2,7 @@
 //! fingerprinting, manifests and the figures `pagecast scan` reports. The
 //! `pagecast` binary is a thin command line over it.
 
+pub mod agent;
 pub mod castio;
 pub mod fingerprint;
 pub mod manifest;

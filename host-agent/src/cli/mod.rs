@@ -1,5 +1,6 @@
 //! Command-line parsing and the subcommands.
 
+mod agent;
 mod cast;
 mod plan;
 mod progress;
@@ -37,6 +38,9 @@ enum Command {
     Plan(plan::PlanArgs),
     Cast(cast::CastArgs),
     Secret(SecretCmd),
+    Agent(agent::AgentArgs),
+    Vm(agent::VmArgs),
+    Migrate(agent::MigrateArgs),
 }
 
 /// Manage the cluster secret that agents, peers and tools authenticate
@@ -93,6 +97,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(a) => synth::run(a, threads),
         Command::Plan(a) => plan::run(a, threads),
         Command::Cast(a) => cast::run(a, threads),
+        Command::Agent(a) => agent::run_agent(a, threads),
+        Command::Vm(a) => agent::run_vm(a),
+        Command::Migrate(a) => agent::run_migrate(a),
         Command::Secret(SecretCmd {
             command: SecretSub::New { file },
         }) => {

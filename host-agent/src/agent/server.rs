@@ -1,0 +1,318 @@
+//! The agent's network side: a tokio accept loop that authenticates each
+//! connection, reads one [`v1::AgentRequest`] and answers it. Anything that
+//! touches guest memory or hashes pages runs on blocking threads (the
+//! hashing itself on the agent's rayon pool), never on the runtime.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::counter;
+use pagecast_multicast::{AuthError, Channel};
+use pagecast_proto::v1;
+use tokio::net::TcpListener;
+
+use super::achannel::AsyncChannel;
+use super::{Agent, AgentConfig, AgentError};
+use crate::migrate::{ChannelLink, MigrationError};
+
+type Resp = v1::agent_response::Body;
+
+/// How long a client has to send its request once authenticated.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the content map takes in pages the VMs dirtied.
+pub const CONTENT_REFRESH: Duration = Duration::from_secs(1);
+/// At most this many progress reports per second reach a migrating client.
+const PROGRESS_PER_SECOND: u32 = 10;
+
+/// Writes one line of the agent's log to stderr.
+pub fn log(agent: &str, msg: std::fmt::Arguments<'_>) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    eprintln!(
+        "{}.{:03} agent {agent}: {msg}",
+        t.as_secs(),
+        t.subsec_millis()
+    );
+}
+
+macro_rules! alog {
+    ($agent:expr, $($arg:tt)*) => { log($agent, format_args!($($arg)*)) };
+}
+
+/// Runs an agent until SIGINT or SIGTERM. `ready` is called with the bound
+/// control address once the agent accepts connections.
+pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), AgentError> {
+    let agent = Arc::new(Agent::new(
+        &config.name,
+        config.secret.clone(),
+        config.data.clone(),
+        config.threads,
+    )?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pagecast-agent")
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let result = rt.block_on(async {
+        let listener = TcpListener::bind(config.listen).await.map_err(|source| AgentError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+        let local = listener.local_addr().map_err(|source| AgentError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+        if let Some(m) = config.metrics {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(m)
+                .install()
+                .map_err(|e| AgentError::Metrics(format!("{m}: {e}")))?;
+            alog!(agent.name(), "metrics on http://{m}/metrics");
+        }
+        alog!(agent.name(), "listening on {local}");
+        ready(local);
+        tokio::spawn(refresher(agent.clone()));
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                s = &mut stop => {
+                    alog!(agent.name(), "{s}: stopping {} VM(s) and exiting", agent.vm_list().vms.len());
+                    return Ok::<(), AgentError>(());
+                }
+                a = listener.accept() => match a {
+                    Ok((stream, _)) => {
+                        tokio::spawn(connection(agent.clone(), stream));
+                    }
+                    Err(e) => {
+                        // Out of descriptors and the like: back off, keep serving.
+                        alog!(agent.name(), "accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    });
+    agent.shutdown();
+    rt.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = term.recv() => "terminated",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "interrupted"
+}
+
+async fn refresher(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(CONTENT_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let a = agent.clone();
+        if tokio::task::spawn_blocking(move || a.refresh_content())
+            .await
+            .is_err()
+        {
+            alog!(agent.name(), "content refresh panicked");
+        }
+    }
+}
+
+fn error(e: impl std::fmt::Display) -> Resp {
+    Resp::Error(v1::AgentError {
+        message: e.to_string(),
+    })
+}
+
+async fn reply(ch: &mut AsyncChannel, body: Resp) {
+    let _ = ch.send(&v1::AgentResponse { body: Some(body) }).await;
+}
+
+async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
+    let mut ch = match AsyncChannel::server(stream, agent.secret(), agent.name()).await {
+        Ok(ch) => ch,
+        Err(e) => {
+            counter!("pagecast_agent_refused_total").increment(1);
+            alog!(agent.name(), "refused {peer}: {e}");
+            return;
+        }
+    };
+    let req: v1::AgentRequest = match ch.recv("request", REQUEST_TIMEOUT).await {
+        Ok(r) => r,
+        Err(e) => {
+            counter!("pagecast_agent_bad_requests_total").increment(1);
+            alog!(
+                agent.name(),
+                "bad request from {} ({peer}): {e}",
+                ch.peer_name()
+            );
+            if !matches!(e, AuthError::Closed { .. } | AuthError::Io { .. }) {
+                reply(&mut ch, error(format!("malformed request: {e}"))).await;
+            }
+            return;
+        }
+    };
+    let Some(body) = req.body else {
+        counter!("pagecast_agent_bad_requests_total").increment(1);
+        reply(&mut ch, error("malformed request: it names no operation")).await;
+        return;
+    };
+    use v1::agent_request::Body as B;
+    match body {
+        B::VmList(_) => {
+            let a = agent.clone();
+            let list = tokio::task::spawn_blocking(move || a.vm_list()).await;
+            reply(&mut ch, list.map_or_else(error, Resp::List)).await;
+        }
+        B::VmStart(r) => {
+            let a = agent.clone();
+            let who = ch.peer_name().to_owned();
+            let res = tokio::task::spawn_blocking(move || {
+                let r2 = r.clone();
+                (r2, a.vm_start(&r))
+            })
+            .await;
+            let body = match res {
+                Ok((r, Ok(info))) => {
+                    alog!(
+                        agent.name(),
+                        "started VM {} ({}) for {who}",
+                        info.name,
+                        if r.image.is_empty() {
+                            &r.synthetic
+                        } else {
+                            &r.image
+                        }
+                    );
+                    Resp::Vm(info)
+                }
+                Ok((r, Err(e))) => {
+                    alog!(agent.name(), "could not start VM {:?}: {e}", r.name);
+                    error(e)
+                }
+                Err(e) => error(e),
+            };
+            reply(&mut ch, body).await;
+        }
+        B::VmStop(r) => {
+            let a = agent.clone();
+            let res = tokio::task::spawn_blocking(move || a.vm_stop(&r.name)).await;
+            let body = match res {
+                Ok(Ok(info)) => {
+                    alog!(agent.name(), "stopped VM {}", info.name);
+                    Resp::Vm(info)
+                }
+                Ok(Err(e)) => error(e),
+                Err(e) => error(e),
+            };
+            reply(&mut ch, body).await;
+        }
+        B::Migrate(r) => match ch.into_blocking() {
+            Ok(ch) => {
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || migrate_out(&a, ch, r)).await;
+            }
+            Err(e) => alog!(agent.name(), "migration request from {peer}: {e}"),
+        },
+        B::Incoming(i) => match ch.into_blocking() {
+            Ok(ch) => {
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || migrate_in(&a, ch, &i.source)).await;
+            }
+            Err(e) => alog!(agent.name(), "incoming migration from {peer}: {e}"),
+        },
+    }
+}
+
+/// Runs a migration out for a client, streaming progress to it. If the
+/// client goes away the migration carries on (its outcome shows in
+/// `vm list` and the agent's log).
+fn migrate_out(agent: &Agent, mut ch: Channel, r: v1::MigrateRequest) {
+    alog!(
+        agent.name(),
+        "migrating {} to {} for {}",
+        r.vm,
+        r.to,
+        ch.peer_name()
+    );
+    let mut client_gone = false;
+    let mut last: Option<Instant> = None;
+    let gap = Duration::from_secs(1) / PROGRESS_PER_SECOND;
+    let res = agent.migrate_out(&r, &mut |p| {
+        if client_gone || last.is_some_and(|t| t.elapsed() < gap) {
+            return;
+        }
+        last = Some(Instant::now());
+        let msg = v1::AgentResponse {
+            body: Some(Resp::Progress(p.to_proto())),
+        };
+        client_gone = ch.send(&msg).is_err();
+    });
+    let result = match res {
+        Ok(rep) => {
+            alog!(
+                agent.name(),
+                "migrated {} to {}: {} pages sent, {} filled there, downtime {:.1} ms, total {:.0} ms",
+                r.vm,
+                r.to,
+                rep.pages_sent,
+                rep.pages_local,
+                rep.downtime_ms,
+                rep.total_ms
+            );
+            rep.to_proto()
+        }
+        Err(e) => {
+            let in_doubt = matches!(e, AgentError::Migration(MigrationError::InDoubt(_)));
+            alog!(
+                agent.name(),
+                "migration of {} to {} failed: {e}",
+                r.vm,
+                r.to
+            );
+            v1::MigrateResult {
+                ok: false,
+                error: e.to_string(),
+                in_doubt,
+                ..Default::default()
+            }
+        }
+    };
+    let _ = ch.send(&v1::AgentResponse {
+        body: Some(Resp::Result(result)),
+    });
+}
+
+fn migrate_in(agent: &Agent, ch: Channel, source: &str) {
+    let from = format!("{source} ({})", ch.peer());
+    let mut link = ChannelLink::new(ch);
+    match agent.migrate_in(&mut link, source) {
+        Ok(rep) => alog!(
+            agent.name(),
+            "received {} from {from}: {} pages filled locally, {} received, running",
+            rep.vm,
+            rep.pages_local,
+            rep.pages_received
+        ),
+        Err(e) => alog!(
+            agent.name(),
+            "incoming migration from {from} failed, nothing kept: {e}"
+        ),
+    }
+}
