@@ -1,0 +1,519 @@
+//! `pagecast agent`, `vm` and `migrate` as operators run them: agents as
+//! separate processes on loopback, KVM micro-VMs, and failures injected by
+//! killing processes. The tests that need KVM say they skip without it.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pagecast_multicast::{Channel, Secret};
+use pagecast_proto::v1;
+use pagecast_tests::{pagecast, pagecast_bin};
+
+fn kvm_or_skip(test: &str) -> bool {
+    let ok = Path::new("/dev/kvm").exists();
+    if !ok {
+        eprintln!("skipping {test}: /dev/kvm is not available on this host");
+    }
+    ok
+}
+
+/// An agent process, killed when dropped; its log goes to a file.
+struct Agent {
+    child: std::process::Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, name: &str) -> Agent {
+        Self::start_with(dir, name, &dir.join("s.secret"))
+    }
+
+    fn start_with(dir: &Path, name: &str, secret: &Path) -> Agent {
+        let log = dir.join(format!("{name}.log"));
+        let mut child = Command::new(pagecast_bin())
+            .args([
+                "agent",
+                "--name",
+                name,
+                "--listen",
+                "127.0.0.1:0",
+                "--secret-file",
+            ])
+            .arg(secret)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning the agent");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "agent {name} printed {line:?}; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .to_owned();
+        Agent { child, addr, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("s.secret");
+    assert!(
+        pagecast(&["secret", "new", secret.to_str().unwrap()])
+            .status
+            .success()
+    );
+    dir
+}
+
+/// Runs a client command with the test's secret; returns its output.
+fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(pagecast_bin())
+        .args(args)
+        .env("PAGECAST_SECRET_FILE", dir.join("s.secret"))
+        .output()
+        .expect("running pagecast")
+}
+
+fn ok_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = cli(dir, args);
+    assert!(
+        out.status.success(),
+        "pagecast {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn vms(dir: &Path, agent: &Agent) -> Vec<serde_json::Value> {
+    ok_json(dir, &["vm", "list", "--agent", &agent.addr, "--json"])["vms"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn vm<'a>(list: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::Value> {
+    list.iter().find(|v| v["name"] == name)
+}
+
+fn start_vm(dir: &Path, agent: &Agent, name: &str, profile: &str, memory: &str, rate: &str) {
+    ok_json(
+        dir,
+        &[
+            "vm",
+            "start",
+            "--agent",
+            &agent.addr,
+            "--name",
+            name,
+            "--synthetic",
+            profile,
+            "--memory",
+            memory,
+            "--dirty-rate",
+            rate,
+            "--json",
+        ],
+    );
+}
+
+fn progress(dir: &Path, agent: &Agent, name: &str) -> u64 {
+    let l = vms(dir, agent);
+    let v = vm(&l, name).unwrap_or_else(|| panic!("{name} is not on {}: {l:?}", agent.addr));
+    assert_eq!(v["state"], "running", "{v}");
+    v["progress"].as_u64().unwrap()
+}
+
+/// Waits until the agent's log has a line containing `what`.
+fn wait_for_log(agent: &Agent, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} in the log: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The counter of `name` on `agent` advances within a few seconds.
+fn assert_advancing(dir: &Path, agent: &Agent, name: &str) {
+    let before = progress(dir, agent, name);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while progress(dir, agent, name) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "{name} on {} stopped at {before}",
+            agent.addr
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_dirtying_vm_migrates_between_agents_and_keeps_running() {
+    if !kvm_or_skip("a_dirtying_vm_migrates_between_agents_and_keeps_running") {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    let b = Agent::start(d, "host-b");
+    start_vm(d, &a, "web1", "web", "64MiB", "3000");
+    // A VM of the same family at the destination: what it holds is filled
+    // there, not sent.
+    start_vm(d, &b, "web2", "web:index=1", "64MiB", "0");
+    assert_advancing(d, &a, "web1");
+
+    let r = ok_json(
+        d,
+        &[
+            "migrate",
+            "--vm",
+            "web1",
+            "--from",
+            &a.addr,
+            "--to",
+            &b.addr,
+            "--bandwidth",
+            "1G",
+            "--verify-full",
+            "--json",
+        ],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["verified"], true, "{r}");
+    let nonzero = r["nonzero_pages"].as_u64().unwrap();
+    let local = r["pages_local"].as_u64().unwrap();
+    let sent = r["pages_sent"].as_u64().unwrap();
+    assert!(
+        local > nonzero / 10,
+        "only {local} of {nonzero} pages filled locally: {r}"
+    );
+    assert!(sent + local >= nonzero - nonzero / 5, "{r}");
+    assert!(r["bytes_sent"].as_u64().unwrap() < nonzero * 4096, "{r}");
+    assert!(r["rounds"].as_u64().unwrap() >= 2, "{r}");
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["total_ms"].as_f64().unwrap() >= r["downtime_ms"].as_f64().unwrap(),
+        "{r}"
+    );
+    for key in ["bytes_manifest", "bytes_pages", "bytes_vcpu"] {
+        assert!(r[key].as_u64().unwrap() > 0, "{key}: {r}");
+    }
+
+    // Exactly one copy runs: on the destination, advancing; gone from the
+    // source.
+    assert!(
+        vm(&vms(d, &a), "web1").is_none(),
+        "web1 still on the source"
+    );
+    let after = r["progress_after"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while progress(d, &b, "web1") <= after {
+        assert!(
+            Instant::now() < deadline,
+            "web1 does not advance on the destination"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for_log(&b, "received web1 from host-a");
+
+    // The same name cannot migrate back over a VM that exists there.
+    start_vm(d, &a, "web1", "web", "64MiB", "0");
+    let out = cli(
+        d,
+        &[
+            "migrate", "--vm", "web1", "--from", &a.addr, "--to", &b.addr, "--quiet",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already runs") && err.contains("keeps running"),
+        "{err}"
+    );
+    assert_advancing(d, &a, "web1");
+}
+
+/// Starts a migration slow enough to interrupt, and waits until the
+/// destination lists the VM as incoming.
+fn slow_migration(d: &Path, a: &Agent, b: &Agent) -> std::process::Child {
+    start_vm(d, a, "db1", "db", "256MiB", "2000");
+    let child = Command::new(pagecast_bin())
+        .args([
+            "migrate",
+            "--vm",
+            "db1",
+            "--from",
+            &a.addr,
+            "--to",
+            &b.addr,
+            "--bandwidth",
+            "100M",
+            "--json",
+        ])
+        .env("PAGECAST_SECRET_FILE", d.join("s.secret"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if vm(&vms(d, b), "db1").is_some_and(|v| v["state"] == "incoming") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "db1 never showed as incoming on the destination"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Well into sending pages.
+    std::thread::sleep(Duration::from_millis(1500));
+    child
+}
+
+fn finish(child: std::process::Child) -> (serde_json::Value, String) {
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the migration did not fail");
+    (
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source() {
+    if !kvm_or_skip("a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source") {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    let mut b = Agent::start(d, "host-b");
+    let child = slow_migration(d, &a, &b);
+    b.kill();
+    let (r, err) = finish(child);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["in_doubt"], false, "{r}");
+    assert!(err.contains("keeps running on"), "{err}");
+    assert_advancing(d, &a, "db1");
+    // The destination restarted holds nothing.
+    let b = Agent::start(d, "host-b");
+    assert!(vms(d, &b).is_empty());
+    // And the VM can still go there.
+    let r = ok_json(
+        d,
+        &[
+            "migrate", "--vm", "db1", "--from", &a.addr, "--to", &b.addr, "--json",
+        ],
+    );
+    assert_eq!(r["verified"], true, "{r}");
+    assert_advancing(d, &b, "db1");
+}
+
+#[test]
+fn a_source_killed_mid_migration_leaves_nothing_at_the_destination() {
+    if !kvm_or_skip("a_source_killed_mid_migration_leaves_nothing_at_the_destination") {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let mut a = Agent::start(d, "host-a");
+    let b = Agent::start(d, "host-b");
+    let child = slow_migration(d, &a, &b);
+    a.kill();
+    let (_, err) = finish(child);
+    assert!(!err.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !vms(d, &b).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the destination kept {:?}",
+            vms(d, &b)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_log(&b, "nothing kept");
+}
+
+#[test]
+fn clients_without_the_cluster_secret_are_refused() {
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    let other = d.join("other.secret");
+    assert!(
+        pagecast(&["secret", "new", other.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = Command::new(pagecast_bin())
+        .args(["vm", "list", "--agent", &a.addr, "--secret-file"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("secret") || err.contains("refused") || err.contains("authenticat"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // No secret at all: a clear error before connecting.
+    let out = Command::new(pagecast_bin())
+        .args(["vm", "list", "--agent", &a.addr])
+        .env_remove("PAGECAST_SECRET_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--secret-file"));
+
+    // Garbage instead of a handshake: the agent drops it and keeps serving.
+    use std::io::Write;
+    let mut s = TcpStream::connect(&a.addr).unwrap();
+    let _ = s.write_all(&[0xde; 4096]);
+    drop(s);
+    let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
+    assert_eq!(l["agent"], "host-a");
+    let log = a.log();
+    assert_eq!(log.matches("refused").count(), 2, "{log}");
+}
+
+/// Sends `m` as an authenticated request and returns the agent's error.
+fn answer_to<M: prost::Message>(addr: &str, secret: &Secret, m: &M) -> String {
+    let s = TcpStream::connect(addr).unwrap();
+    let mut ch = Channel::client(s, secret, "fuzzy-client").unwrap();
+    ch.send(m).unwrap();
+    ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r: v1::AgentResponse = ch.recv("response").unwrap();
+    match r.body {
+        Some(v1::agent_response::Body::Error(e)) => e.message,
+        // A migration reports its failure as a result.
+        Some(v1::agent_response::Body::Result(r)) if !r.ok => r.error,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn malformed_requests_get_a_clear_error() {
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    let secret = Secret::load(&d.join("s.secret")).unwrap();
+
+    // Bytes that are no AgentRequest (field 1 holds an invalid message).
+    let e = answer_to(&a.addr, &secret, &vec![0xffu8; 16]);
+    assert!(e.starts_with("malformed request"), "{e}");
+    // A request naming no operation.
+    let e = answer_to(&a.addr, &secret, &v1::AgentRequest { body: None });
+    assert!(e.contains("names no operation"), "{e}");
+    // Requests that contradict themselves or name what is not there.
+    let start = |r: v1::VmStartRequest| v1::AgentRequest {
+        body: Some(v1::agent_request::Body::VmStart(r)),
+    };
+    let e = answer_to(
+        &a.addr,
+        &secret,
+        &start(v1::VmStartRequest {
+            name: "x".into(),
+            image: "a.raw".into(),
+            synthetic: "web".into(),
+            ..Default::default()
+        }),
+    );
+    assert!(e.contains("exactly one"), "{e}");
+    let e = answer_to(
+        &a.addr,
+        &secret,
+        &start(v1::VmStartRequest {
+            name: "../etc".into(),
+            synthetic: "web".into(),
+            ..Default::default()
+        }),
+    );
+    assert!(e.contains("must be 1 to 64"), "{e}");
+    let e = answer_to(
+        &a.addr,
+        &secret,
+        &start(v1::VmStartRequest {
+            name: "big".into(),
+            synthetic: "web".into(),
+            memory_bytes: 1 << 40,
+            ..Default::default()
+        }),
+    );
+    assert!(e.contains("1099511627776"), "{e}");
+    let e = answer_to(
+        &a.addr,
+        &secret,
+        &v1::AgentRequest {
+            body: Some(v1::agent_request::Body::Migrate(v1::MigrateRequest {
+                vm: "nope".into(),
+                to: a.addr.clone(),
+                ..Default::default()
+            })),
+        },
+    );
+    assert!(e.contains("no VM named \"nope\""), "{e}");
+    // An agent that is not a migration source sends frames that are no
+    // migration: the destination refuses them and keeps nothing.
+    let s = TcpStream::connect(&a.addr).unwrap();
+    let mut ch = Channel::client(s, &secret, "rogue").unwrap();
+    ch.send(&v1::AgentRequest {
+        body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+            source: "rogue".into(),
+        })),
+    })
+    .unwrap();
+    ch.send(&v1::MigrateFrame {
+        body: Some(v1::migrate_frame::Body::Begin(v1::MigrateBegin {
+            version: 1,
+            vm: "huge".into(),
+            memory_bytes: u64::MAX,
+            ..Default::default()
+        })),
+    })
+    .unwrap();
+    ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let f: v1::MigrateFrame = ch.recv("accept").unwrap();
+    match f.body {
+        Some(v1::migrate_frame::Body::Accept(acc)) => {
+            assert!(!acc.ok);
+            assert!(acc.reason.contains("out of range"), "{}", acc.reason);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
+    assert!(l["vms"].as_array().unwrap().is_empty(), "{l}");
+}
