@@ -3,7 +3,9 @@
 # of synthetic guest memory images (three families, three VMs each), scan
 # them (how much each VM holds, how much they share, how many bytes a gang
 # transfer saves against per-VM pre-copy), then plan the evacuation of a
-# rack of them with every strategy (docs/examples/rack.toml).
+# rack of them with every strategy (docs/examples/rack.toml), and, where
+# /dev/kvm exists, start two host agents and live-migrate a running micro-VM
+# from one to the other (docs/migration.md).
 #
 # Environment: PAGECAST_DEMO_DIR (default ./demo-out), PAGECAST_DEMO_MEMORY
 # (per VM, default 128MiB).
@@ -28,3 +30,39 @@ echo "== scanning them" >&2
 echo "== planning the evacuation of rack A (docs/examples/rack.toml)" >&2
 cp docs/examples/rack.toml "$out/rack.toml"
 "$pagecast" plan --topology "$out/rack.toml" --advise
+
+if [ ! -e /dev/kvm ]; then
+    echo "== skipping the live migration: /dev/kvm is not available here" >&2
+    exit 0
+fi
+
+echo "== starting two host agents on loopback" >&2
+secret="$out/cluster.secret"
+[ -f "$secret" ] || "$pagecast" secret new "$secret"
+export PAGECAST_SECRET_FILE="$secret"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+start_agent() { # name -> prints its address
+    local fifo="$out/$1.addr"
+    rm -f "$fifo"
+    mkfifo "$fifo"
+    "$pagecast" agent --name "$1" --listen 127.0.0.1:0 >"$fifo" 2>"$out/$1.log" &
+    pids+=($!)
+    local line
+    read -r line <"$fifo"
+    rm -f "$fifo"
+    echo "${line#listening on }"
+}
+a=$(start_agent host-a)
+b=$(start_agent host-b)
+echo "   host-a on $a, host-b on $b (logs in $out/host-*.log)" >&2
+
+echo "== starting web1 on host-a (writing 5000 pages/s) and web2, of the same family, on host-b" >&2
+"$pagecast" vm start --agent "$a" --name web1 --synthetic web --memory 256MiB --dirty-rate 5000
+"$pagecast" vm start --agent "$b" --name web2 --synthetic web:index=1 --memory 256MiB
+sleep 1
+
+echo "== migrating web1 to host-b at 1 Gbit/s" >&2
+"$pagecast" migrate --vm web1 --from "$a" --to "$b" --bandwidth 1G
+sleep 1
+"$pagecast" vm list --agent "$b"
