@@ -117,8 +117,8 @@ enum VmCommand {
 /// Start a KVM micro-VM on an agent.
 ///
 /// Its memory comes from a raw image on the agent's host or from the
-/// synthetic generator (`pagecast synth --help` describes profiles: VMs of
-/// one FAMILY share content, as clones of one template do). A small guest
+/// synthetic generator (--synthetic FAMILY[:key=value,...]: VMs of one
+/// family share content, as clones of one template do). A small guest
 /// program writes --dirty-rate pages per second across a working set of
 /// --working-set pages (from frame 16 up) and counts its progress.
 ///
@@ -150,7 +150,12 @@ struct VmStartArgs {
     )]
     image: Option<String>,
 
-    /// A synthetic memory profile, FAMILY[:key=value,...].
+    /// A synthetic memory profile, FAMILY[:key=value,...]. VMs of one
+    /// family share content as clones of one template do; keys: index (the
+    /// VM's number in its family, default 0), seed, and the content
+    /// fractions zero, common, kernel, libs, libs-pool, cache, cache-pool,
+    /// near-dup, heap-dup (see `pagecast synth --help`). Example:
+    /// web:index=2,zero=0.1
     #[arg(long, value_name = "PROFILE")]
     synthetic: Option<String>,
 
