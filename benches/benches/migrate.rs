@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagecast_agent::agent::Agent;
+use pagecast_agent::memory::kvm::kvm_or_skip;
 use pagecast_agent::memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_agent::migrate::{ChannelLink, MigrationReport};
 use pagecast_index::PAGE_SIZE;
@@ -75,10 +76,6 @@ fn start(agent: &Agent, name: &str, image: &Path, rate: u64, ws: u64) {
         .unwrap();
 }
 
-struct Run {
-    rep: MigrationReport,
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -90,8 +87,7 @@ fn main() {
     let reps: usize = env_or("PAGECAST_BENCH_REPS", 3);
     let ws: u64 = env_or("PAGECAST_BENCH_WS", 65_536);
     let settle: u64 = env_or("PAGECAST_BENCH_SETTLE_MS", 500);
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipping the migration benchmark: /dev/kvm is not available");
+    if !kvm_or_skip("the migration benchmark") {
         return;
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -129,7 +125,7 @@ fn main() {
         ("dirty 50000/s", 50_000, false),
         ("dest holds half, dirty 0/s", 0, true),
     ];
-    let mut runs: Vec<Vec<Run>> = (0..scenarios.len()).map(|_| Vec::new()).collect();
+    let mut runs: Vec<Vec<MigrationReport>> = (0..scenarios.len()).map(|_| Vec::new()).collect();
     for n in 0..reps {
         for (i, &(label, rate, holds_half)) in scenarios.iter().enumerate() {
             let name = format!("vm{i}-{n}");
@@ -172,7 +168,7 @@ fn main() {
             if holds_half {
                 dst.vm_stop("resident").unwrap();
             }
-            runs[i].push(Run { rep });
+            runs[i].push(rep);
         }
     }
 
@@ -192,22 +188,18 @@ fn main() {
     );
     for (i, &(label, _, _)) in scenarios.iter().enumerate() {
         let r = &runs[i];
-        let total = median(r.iter().map(|x| x.rep.total_ms).collect());
+        let total = median(r.iter().map(|x| x.total_ms).collect());
         let wire = median(
             r.iter()
-                .map(|x| x.rep.bytes_sent as f64 / rate_bytes * 1e3)
+                .map(|x| x.bytes_sent as f64 / rate_bytes * 1e3)
                 .collect(),
         );
-        let nz = r[0].rep.nonzero_pages as f64 * PAGE_SIZE as f64;
+        let nz = r[0].nonzero_pages as f64 * PAGE_SIZE as f64;
         let qemu = nz / rate_bytes * 1e3;
-        let down = median(r.iter().map(|x| x.rep.downtime_ms).collect());
-        let bytes = median(r.iter().map(|x| x.rep.bytes_sent as f64 / nz).collect());
-        let rounds = median(r.iter().map(|x| x.rep.rounds.len() as f64).collect());
-        let thr = median(
-            r.iter()
-                .map(|x| f64::from(x.rep.max_throttle_pct))
-                .collect(),
-        );
+        let down = median(r.iter().map(|x| x.downtime_ms).collect());
+        let bytes = median(r.iter().map(|x| x.bytes_sent as f64 / nz).collect());
+        let rounds = median(r.iter().map(|x| x.rounds.len() as f64).collect());
+        let thr = median(r.iter().map(|x| f64::from(x.max_throttle_pct)).collect());
         println!(
             "{label:<28} {total:>9.0} {wire:>10.0} {:>9.2}x {qemu:>7.0} {:>9.2}x {down:>7.1} {bytes:>9.3}x {rounds:>9.0} {thr:>8.0}%",
             total / wire,

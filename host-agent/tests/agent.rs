@@ -4,18 +4,11 @@
 use std::time::Duration;
 
 use pagecast_agent::agent::Agent;
+use pagecast_agent::memory::kvm::kvm_or_skip;
 use pagecast_agent::migrate::LocalContent;
 use pagecast_index::{PAGE_SIZE, PageHash};
 use pagecast_multicast::Secret;
 use pagecast_proto::v1;
-
-fn kvm_or_skip(test: &str) -> bool {
-    let ok = std::path::Path::new("/dev/kvm").exists();
-    if !ok {
-        eprintln!("skipping {test}: /dev/kvm is not available on this host");
-    }
-    ok
-}
 
 fn entries(a: &Agent) -> u64 {
     a.vm_list().content_entries

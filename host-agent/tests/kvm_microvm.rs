@@ -6,19 +6,10 @@ use std::ops::Range;
 use std::time::Duration;
 
 use pagecast_agent::memory::kvm::{
-    InitialMemory, MicroVm, MicroVmConfig, VmError, guest, kvm_available,
+    InitialMemory, MicroVm, MicroVmConfig, VmError, guest, kvm_or_skip,
 };
 use pagecast_agent::memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_agent::memory::{GuestMemory, PAGE_SIZE};
-
-fn kvm_or_skip(test: &str) -> bool {
-    if kvm_available() {
-        true
-    } else {
-        eprintln!("skipping {test}: /dev/kvm is not available on this host");
-        false
-    }
-}
 
 fn snapshot(vm: &MicroVm) -> Vec<u8> {
     // SAFETY: we only copy the bytes; the tests account for concurrent

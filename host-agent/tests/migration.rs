@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pagecast_agent::fingerprint::Fingerprinter;
 use pagecast_agent::memory::kvm::{
-    InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError, kvm_available,
+    InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError, kvm_or_skip,
 };
 use pagecast_agent::memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_agent::memory::{DirtyBitmap, GuestMemory, MemoryError, Page, Region};
@@ -16,15 +16,6 @@ use pagecast_agent::migrate::*;
 use pagecast_index::PageHash;
 use pagecast_multicast::{Channel, Secret};
 use pagecast_proto::v1;
-
-fn kvm_or_skip(test: &str) -> bool {
-    if kvm_available() {
-        true
-    } else {
-        eprintln!("skipping {test}: /dev/kvm is not available on this host");
-        false
-    }
-}
 
 /// A micro-VM as the engine's source.
 struct Src<'a>(&'a MicroVm);

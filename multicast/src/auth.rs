@@ -223,7 +223,19 @@ impl Secret {
     }
 }
 
-fn io_err(peer: &str) -> impl Fn(std::io::Error) -> AuthError + '_ {
+/// What a server tells a client whose proof failed with `e`.
+pub fn refusal(e: &AuthError) -> v1::AuthResult {
+    let reason = match e {
+        AuthError::Refused { why, .. } => why.clone(),
+        other => other.to_string(),
+    };
+    v1::AuthResult { ok: false, reason }
+}
+
+/// Maps an I/O error on the connection to `peer`: end of stream is
+/// [`AuthError::Closed`], anything else [`AuthError::Io`]. Shared by every
+/// channel implementation, blocking or async.
+pub fn io_err(peer: &str) -> impl Fn(std::io::Error) -> AuthError + '_ {
     move |source| {
         if source.kind() == std::io::ErrorKind::UnexpectedEof {
             AuthError::Closed {
@@ -725,11 +737,7 @@ impl Channel {
         let est = match hs.check(secret, &peer, &p) {
             Ok(e) => e,
             Err(e) => {
-                let reason = match &e {
-                    AuthError::Refused { why, .. } => why.clone(),
-                    other => other.to_string(),
-                };
-                let _ = write_plain(&mut stream, &peer, &v1::AuthResult { ok: false, reason });
+                let _ = write_plain(&mut stream, &peer, &refusal(&e));
                 return Err(e);
             }
         };

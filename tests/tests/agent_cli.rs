@@ -8,17 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pagecast_agent::memory::kvm::kvm_or_skip;
 use pagecast_multicast::{Channel, Secret};
 use pagecast_proto::v1;
 use pagecast_tests::{pagecast, pagecast_bin};
-
-fn kvm_or_skip(test: &str) -> bool {
-    let ok = Path::new("/dev/kvm").exists();
-    if !ok {
-        eprintln!("skipping {test}: /dev/kvm is not available on this host");
-    }
-    ok
-}
 
 /// An agent process, killed when dropped; its log goes to a file.
 struct Agent {

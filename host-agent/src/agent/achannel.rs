@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use pagecast_multicast::auth::{
-    Established, FRAME_HEAD, FrameKey, HANDSHAKE_TIMEOUT, ServerHandshake, plain_decode,
-    plain_frame, plain_len,
+    Established, FRAME_HEAD, FrameKey, HANDSHAKE_TIMEOUT, ServerHandshake, io_err, plain_decode,
+    plain_frame, plain_len, refusal,
 };
 use pagecast_multicast::{AuthError, Channel, Secret};
 use pagecast_proto::v1;
@@ -22,30 +22,15 @@ pub struct AsyncChannel {
     est: Established,
 }
 
-fn io(peer: &str) -> impl Fn(std::io::Error) -> AuthError + '_ {
-    move |source| {
-        if source.kind() == std::io::ErrorKind::UnexpectedEof {
-            AuthError::Closed {
-                peer: peer.to_owned(),
-            }
-        } else {
-            AuthError::Io {
-                peer: peer.to_owned(),
-                source,
-            }
-        }
-    }
-}
-
 async fn read_plain<M: Message + Default>(
     s: &mut TcpStream,
     peer: &str,
     what: &'static str,
 ) -> Result<M, AuthError> {
     let mut head = [0u8; 4];
-    s.read_exact(&mut head).await.map_err(io(peer))?;
+    s.read_exact(&mut head).await.map_err(io_err(peer))?;
     let mut body = vec![0u8; plain_len(head, peer)?];
-    s.read_exact(&mut body).await.map_err(io(peer))?;
+    s.read_exact(&mut body).await.map_err(io_err(peer))?;
     plain_decode(&body, peer, what)
 }
 
@@ -67,7 +52,7 @@ impl AsyncChannel {
             stream
                 .write_all(&plain_frame(&ch))
                 .await
-                .map_err(io(&peer))?;
+                .map_err(io_err(&peer))?;
             let proof: v1::AuthProof = read_plain(&mut stream, &peer, "proof").await?;
             match hs.check(secret, &peer, &proof) {
                 Ok(est) => {
@@ -78,17 +63,11 @@ impl AsyncChannel {
                     stream
                         .write_all(&plain_frame(&ok))
                         .await
-                        .map_err(io(&peer))?;
+                        .map_err(io_err(&peer))?;
                     Ok(est)
                 }
                 Err(e) => {
-                    let reason = match &e {
-                        AuthError::Refused { why, .. } => why.clone(),
-                        other => other.to_string(),
-                    };
-                    let _ = stream
-                        .write_all(&plain_frame(&v1::AuthResult { ok: false, reason }))
-                        .await;
+                    let _ = stream.write_all(&plain_frame(&refusal(&e))).await;
                     Err(e)
                 }
             }
@@ -121,7 +100,10 @@ impl AsyncChannel {
     /// Sends one message.
     pub async fn send<M: Message>(&mut self, m: &M) -> Result<(), AuthError> {
         let frame = self.est.send.seal(&self.peer, &m.encode_to_vec())?;
-        self.stream.write_all(&frame).await.map_err(io(&self.peer))
+        self.stream
+            .write_all(&frame)
+            .await
+            .map_err(io_err(&self.peer))
     }
 
     /// Receives one message, waiting at most `timeout`.
@@ -133,9 +115,15 @@ impl AsyncChannel {
         let peer = self.peer.clone();
         let read = async {
             let mut head = [0u8; FRAME_HEAD];
-            self.stream.read_exact(&mut head).await.map_err(io(&peer))?;
+            self.stream
+                .read_exact(&mut head)
+                .await
+                .map_err(io_err(&peer))?;
             let mut rest = vec![0u8; FrameKey::rest_len(&head, &peer)?];
-            self.stream.read_exact(&mut rest).await.map_err(io(&peer))?;
+            self.stream
+                .read_exact(&mut rest)
+                .await
+                .map_err(io_err(&peer))?;
             let payload = self.est.recv.open(&head, rest, &peer)?;
             plain_decode::<M>(&payload, &peer, what)
         };
@@ -155,8 +143,8 @@ impl AsyncChannel {
     /// a blocking thread.
     pub fn into_blocking(self) -> Result<Channel, AuthError> {
         let peer = self.peer;
-        let std = self.stream.into_std().map_err(io(&peer))?;
-        std.set_nonblocking(false).map_err(io(&peer))?;
+        let std = self.stream.into_std().map_err(io_err(&peer))?;
+        std.set_nonblocking(false).map_err(io_err(&peer))?;
         Ok(Channel::from_established(std, peer, self.est))
     }
 }

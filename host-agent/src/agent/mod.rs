@@ -351,7 +351,7 @@ impl Agent {
     /// Adds every page of a VM to the content map.
     fn index(&self, entry: &Arc<VmEntry>) {
         let _ = entry.pull();
-        lock(&entry.for_content).clone_from(&DirtyBitmap::new(entry.page_count()));
+        *lock(&entry.for_content) = DirtyBitmap::new(entry.page_count());
         let f = self.fp.fingerprint(&**entry, &|_| {});
         let mut map = self.content.write().unwrap_or_else(|e| e.into_inner());
         if !self.registered(entry) {

@@ -183,27 +183,20 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
         B::VmStart(r) => {
             let a = agent.clone();
             let who = ch.peer_name().to_owned();
-            let res = tokio::task::spawn_blocking(move || {
-                let r2 = r.clone();
-                (r2, a.vm_start(&r))
-            })
-            .await;
+            let name = r.name.clone();
+            let res = tokio::task::spawn_blocking(move || a.vm_start(&r)).await;
             let body = match res {
-                Ok((r, Ok(info))) => {
+                Ok(Ok(info)) => {
                     alog!(
                         agent.name(),
                         "started VM {} ({}) for {who}",
                         info.name,
-                        if r.image.is_empty() {
-                            &r.synthetic
-                        } else {
-                            &r.image
-                        }
+                        info.origin
                     );
                     Resp::Vm(info)
                 }
-                Ok((r, Err(e))) => {
-                    alog!(agent.name(), "could not start VM {:?}: {e}", r.name);
+                Ok(Err(e)) => {
+                    alog!(agent.name(), "could not start VM {name:?}: {e}");
                     error(e)
                 }
                 Err(e) => error(e),
