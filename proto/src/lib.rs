@@ -69,3 +69,16 @@ pub const MAX_MIGRATE_PAGES_PER_FRAME: usize = 64;
 
 /// Most hashes one `NeedHashes` message carries.
 pub const MAX_NEED_HASHES_PER_FRAME: usize = 32_768;
+
+/// Version byte that follows the length of every content-index frame.
+pub const INDEX_FRAME_VERSION: u8 = 1;
+
+/// Most bytes one content-index frame may carry after its length (the
+/// version byte and the message).
+pub const MAX_INDEX_FRAME_BYTES: usize = 8 << 20;
+
+/// Largest raft message (a shard snapshot) a replica reassembles from parts.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 1 << 30;
+
+/// Most hashes one content-index lookup or delta batch may carry.
+pub const MAX_INDEX_BATCH: usize = 65_536;

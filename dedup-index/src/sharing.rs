@@ -1,0 +1,219 @@
+//! Sharing questions answered from sketches alone: how alike two VMs are,
+//! how much of a VM a host already holds, and the best hosts and most
+//! similar VMs for one VM. Only loaded VMs count; a host's sketch is the
+//! merge of its loaded VMs' sketches.
+
+use std::collections::BTreeMap;
+
+use pagecast_proto::v1::{
+    AdviseResponse, Candidate, HostInfo, PairRequest, PairResponse, VmRecord, VmState,
+};
+
+use crate::Sketch;
+
+fn loaded(vms: &[VmRecord]) -> impl Iterator<Item = &VmRecord> {
+    vms.iter().filter(|v| v.state == VmState::Loaded as i32)
+}
+
+fn sketch_of(v: &VmRecord) -> Result<Sketch, String> {
+    Sketch::from_bytes(&v.sketch).map_err(|e| format!("VM {}: {e}", v.name))
+}
+
+fn host_name(hosts: &[HostInfo], n: u32) -> String {
+    hosts
+        .iter()
+        .find(|h| h.index == n)
+        .map_or_else(|| format!("#{n}"), |h| h.name.clone())
+}
+
+/// The merged sketch of every loaded VM on host `host`, leaving out the VM
+/// named `except`.
+pub fn host_sketch(vms: &[VmRecord], host: u32, except: &str) -> Result<Sketch, String> {
+    let mut s = Sketch::default();
+    for v in loaded(vms).filter(|v| v.host == host && v.name != except) {
+        s.merge(&sketch_of(v)?);
+    }
+    Ok(s)
+}
+
+fn subject(vms: &[VmRecord], hosts: &[HostInfo], vm: &str, host: &str) -> Result<Sketch, String> {
+    match (vm.is_empty(), host.is_empty()) {
+        (false, true) => {
+            let v = vms
+                .iter()
+                .find(|v| v.name == vm)
+                .ok_or_else(|| format!("VM {vm} is not in the index"))?;
+            sketch_of(v)
+        }
+        (true, false) => {
+            let h = hosts
+                .iter()
+                .find(|h| h.name == host)
+                .ok_or_else(|| format!("host {host} is not in the index"))?;
+            host_sketch(vms, h.index, "")
+        }
+        _ => Err("name exactly one of a VM or a host on each side".into()),
+    }
+}
+
+/// Jaccard and shared pages between two subjects.
+pub fn pair(vms: &[VmRecord], hosts: &[HostInfo], p: &PairRequest) -> Result<PairResponse, String> {
+    let a = subject(vms, hosts, &p.vm_a, &p.host_a)?;
+    let b = subject(vms, hosts, &p.vm_b, &p.host_b)?;
+    Ok(PairResponse {
+        jaccard: a.jaccard(&b),
+        shared_pages: a.shared(&b),
+        distinct_a: a.distinct(),
+        distinct_b: b.distinct(),
+    })
+}
+
+/// The `top` hosts holding most of VM `vm`'s distinct pages (its own host
+/// counted without it) and the `top` VMs most like it.
+pub fn advise(
+    vms: &[VmRecord],
+    hosts: &[HostInfo],
+    vm: &str,
+    top: usize,
+) -> Result<AdviseResponse, String> {
+    let target = vms
+        .iter()
+        .find(|v| v.name == vm)
+        .ok_or_else(|| format!("VM {vm} is not in the index"))?;
+    let s = sketch_of(target)?;
+    let mut by_host: BTreeMap<u32, Sketch> = BTreeMap::new();
+    for v in loaded(vms).filter(|v| v.name != vm) {
+        by_host.entry(v.host).or_default().merge(&sketch_of(v)?);
+    }
+    let mut hs: Vec<Candidate> = by_host
+        .iter()
+        .map(|(h, hsk)| Candidate {
+            name: host_name(hosts, *h),
+            host: host_name(hosts, *h),
+            jaccard: s.jaccard(hsk),
+            shared_pages: s.shared(hsk),
+        })
+        .collect();
+    let mut others: Vec<Candidate> = Vec::new();
+    for v in loaded(vms).filter(|v| v.name != vm) {
+        let o = sketch_of(v)?;
+        others.push(Candidate {
+            name: v.name.clone(),
+            host: host_name(hosts, v.host),
+            jaccard: s.jaccard(&o),
+            shared_pages: s.shared(&o),
+        });
+    }
+    let order = |a: &Candidate, b: &Candidate| {
+        b.shared_pages
+            .total_cmp(&a.shared_pages)
+            .then_with(|| a.name.cmp(&b.name))
+    };
+    hs.sort_by(order);
+    others.sort_by(order);
+    hs.truncate(top);
+    others.truncate(top);
+    Ok(AdviseResponse {
+        vm: Some(target.clone()),
+        vm_host: host_name(hosts, target.host),
+        hosts: hs,
+        vms: others,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PageHash;
+
+    fn page(i: u64) -> PageHash {
+        let mut b = *blake3::hash(&i.to_le_bytes()).as_bytes();
+        b[31] |= 1;
+        PageHash::from_bytes(b)
+    }
+
+    fn vm(name: &str, host: u32, pages: std::ops::Range<u64>) -> VmRecord {
+        let hs: Vec<PageHash> = pages.map(page).collect();
+        VmRecord {
+            name: name.into(),
+            host,
+            sketch: Sketch::of(hs.iter()).to_bytes().into(),
+            distinct: hs.len() as u64,
+            state: VmState::Loaded as i32,
+            ..Default::default()
+        }
+    }
+
+    fn hosts() -> Vec<HostInfo> {
+        (1..=3)
+            .map(|i| HostInfo {
+                index: i,
+                name: format!("h{i}"),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// Synthetic VMs with known overlap: the estimates must land within
+    /// the stated error of the exact figures.
+    #[test]
+    fn estimates_track_exact_sharing() {
+        // a: 0..40000; b shares 30000 of them; c shares 10000; d none.
+        let vms = vec![
+            vm("a", 1, 0..40_000),
+            vm("b", 2, 10_000..50_000),
+            vm("c", 3, 30_000..70_000),
+            vm("d", 3, 100_000..120_000),
+        ];
+        let cases = [
+            ("b", 30_000.0, 50_000.0),
+            ("c", 10_000.0, 70_000.0),
+            ("d", 0.0, 60_000.0),
+        ];
+        let r = advise(&vms, &hosts(), "a", 10).unwrap();
+        for (name, shared, union) in cases {
+            let c = r.vms.iter().find(|c| c.name == name).unwrap();
+            let exact_j = shared / union;
+            assert!(
+                (c.jaccard - exact_j).abs() <= 0.08,
+                "{name}: J {} vs {exact_j}",
+                c.jaccard
+            );
+            assert!(
+                (c.shared_pages - shared).abs() <= 0.10 * 40_000.0,
+                "{name}: shared {} vs {shared}",
+                c.shared_pages
+            );
+        }
+        assert_eq!(r.vms[0].name, "b");
+        assert_eq!(r.hosts[0].name, "h2");
+        // Host 3 holds c and d: 10000 of a's pages.
+        let h3 = r.hosts.iter().find(|c| c.name == "h3").unwrap();
+        assert!(
+            (h3.shared_pages - 10_000.0).abs() <= 4_000.0,
+            "{}",
+            h3.shared_pages
+        );
+        let p = pair(
+            &vms,
+            &hosts(),
+            &PairRequest {
+                vm_a: "a".into(),
+                host_b: "h2".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!((p.shared_pages - 30_000.0).abs() <= 4_000.0);
+        assert!(advise(&vms, &hosts(), "zz", 3).is_err());
+    }
+
+    #[test]
+    fn unloaded_vms_do_not_count() {
+        let mut vms = vec![vm("a", 1, 0..1000), vm("b", 2, 0..1000)];
+        vms[1].state = VmState::Unloading as i32;
+        let r = advise(&vms, &hosts(), "a", 5).unwrap();
+        assert!(r.vms.is_empty());
+        assert!(r.hosts.is_empty());
+    }
+}

@@ -1,0 +1,253 @@
+//! Frames of the content index's TCP protocol (see `index.proto`).
+//!
+//! A frame is a 4-byte big-endian length `n`, then `n` bytes: one version
+//! byte ([`INDEX_FRAME_VERSION`]) and an encoded [`IndexFrame`]. A length
+//! of zero or above [`MAX_INDEX_FRAME_BYTES`], another version, or a message
+//! prost cannot decode is an error naming the peer; nothing is allocated
+//! before the length is checked.
+
+use std::io::{Read, Write};
+
+use pagecast_proto::v1::IndexFrame;
+use pagecast_proto::{INDEX_FRAME_VERSION, MAX_INDEX_FRAME_BYTES};
+use prost::Message;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The connection failed or closed.
+    #[error("{peer}: {source}")]
+    Io {
+        /// Who was on the other end.
+        peer: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes end before the frame does.
+    #[error("{peer}: frame truncated: {have} of {need} bytes")]
+    Truncated {
+        /// Who sent it.
+        peer: String,
+        /// Bytes present.
+        have: usize,
+        /// Bytes the frame needs.
+        need: usize,
+    },
+    /// The frame is longer than allowed.
+    #[error("{peer}: frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Who sent it.
+        peer: String,
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A zero-length frame.
+    #[error("{peer}: empty frame")]
+    Empty {
+        /// Who sent it.
+        peer: String,
+    },
+    /// Another protocol version.
+    #[error("{peer}: frame version {got}, this build speaks {INDEX_FRAME_VERSION}")]
+    Version {
+        /// Who sent it.
+        peer: String,
+        /// The version byte received.
+        got: u8,
+    },
+    /// Not a valid message.
+    #[error("{peer}: undecodable frame: {source}")]
+    Decode {
+        /// Who sent it.
+        peer: String,
+        /// What prost said.
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+/// Encodes `frame` with its length and version.
+pub fn encode_frame(frame: &IndexFrame) -> Vec<u8> {
+    let len = frame.encoded_len() + 1;
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.push(INDEX_FRAME_VERSION);
+    frame.encode(&mut out).expect("a Vec grows");
+    out
+}
+
+fn check_len(head: [u8; 4], peer: &str) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(head) as usize;
+    if len == 0 {
+        return Err(WireError::Empty { peer: peer.into() });
+    }
+    if len > MAX_INDEX_FRAME_BYTES {
+        return Err(WireError::TooLarge {
+            peer: peer.into(),
+            len,
+            max: MAX_INDEX_FRAME_BYTES,
+        });
+    }
+    Ok(len)
+}
+
+fn decode_body(body: &[u8], peer: &str) -> Result<IndexFrame, WireError> {
+    if body[0] != INDEX_FRAME_VERSION {
+        return Err(WireError::Version {
+            peer: peer.into(),
+            got: body[0],
+        });
+    }
+    IndexFrame::decode(&body[1..]).map_err(|source| WireError::Decode {
+        peer: peer.into(),
+        source,
+    })
+}
+
+/// Decodes the first frame of `buf`, returning it and the bytes it took.
+pub fn decode_frame(buf: &[u8], peer: &str) -> Result<(IndexFrame, usize), WireError> {
+    let Some(head) = buf.get(..4) else {
+        return Err(WireError::Truncated {
+            peer: peer.into(),
+            have: buf.len(),
+            need: 4,
+        });
+    };
+    let len = check_len(head.try_into().expect("4 bytes"), peer)?;
+    let Some(body) = buf.get(4..4 + len) else {
+        return Err(WireError::Truncated {
+            peer: peer.into(),
+            have: buf.len(),
+            need: 4 + len,
+        });
+    };
+    Ok((decode_body(body, peer)?, 4 + len))
+}
+
+/// Reads one frame. A connection closed cleanly before the frame starts is
+/// an `Io` error of kind `UnexpectedEof`.
+pub fn read_frame(r: &mut impl Read, peer: &str) -> Result<IndexFrame, WireError> {
+    let io = |source| WireError::Io {
+        peer: peer.into(),
+        source,
+    };
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head).map_err(io)?;
+    let len = check_len(head, peer)?;
+    let mut body = vec![0u8; len];
+    let mut have = 0;
+    while have < len {
+        match r.read(&mut body[have..]) {
+            Ok(0) => {
+                return Err(WireError::Truncated {
+                    peer: peer.into(),
+                    have: 4 + have,
+                    need: 4 + len,
+                });
+            }
+            Ok(n) => have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    decode_body(&body, peer)
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, frame: &IndexFrame, peer: &str) -> Result<(), WireError> {
+    let bytes = encode_frame(frame);
+    if bytes.len() - 4 > MAX_INDEX_FRAME_BYTES {
+        return Err(WireError::TooLarge {
+            peer: peer.into(),
+            len: bytes.len() - 4,
+            max: MAX_INDEX_FRAME_BYTES,
+        });
+    }
+    w.write_all(&bytes).map_err(|source| WireError::Io {
+        peer: peer.into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagecast_proto::v1::{IndexHello, RaftChunk, index_frame::Kind};
+    use proptest::prelude::*;
+
+    fn hello() -> IndexFrame {
+        IndexFrame {
+            kind: Some(Kind::Hello(IndexHello {
+                peer_id: 2,
+                shards: 4,
+            })),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_stream() {
+        let mut buf = encode_frame(&hello());
+        let raft = IndexFrame {
+            kind: Some(Kind::Raft(RaftChunk {
+                shard: 1,
+                data: vec![7u8; 1000].into(),
+                more: true,
+            })),
+        };
+        buf.extend(encode_frame(&raft));
+        let (a, n) = decode_frame(&buf, "t").unwrap();
+        assert_eq!(a, hello());
+        let (b, m) = decode_frame(&buf[n..], "t").unwrap();
+        assert_eq!(b, raft);
+        assert_eq!(n + m, buf.len());
+        let mut r = &buf[..];
+        assert_eq!(read_frame(&mut r, "t").unwrap(), hello());
+        assert_eq!(read_frame(&mut r, "t").unwrap(), raft);
+    }
+
+    #[test]
+    fn bad_frames_get_clear_errors() {
+        let good = encode_frame(&hello());
+        let e = decode_frame(&good[..good.len() - 1], "peer-x").unwrap_err();
+        assert!(matches!(e, WireError::Truncated { .. }), "{e}");
+        assert!(e.to_string().starts_with("peer-x: frame truncated"), "{e}");
+        let e = read_frame(&mut &good[..good.len() - 1], "p").unwrap_err();
+        assert!(matches!(e, WireError::Truncated { .. }), "{e}");
+
+        let big = ((MAX_INDEX_FRAME_BYTES + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            decode_frame(&big, "p"),
+            Err(WireError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            read_frame(&mut &big[..], "p"),
+            Err(WireError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode_frame(&[0, 0, 0, 0], "p"),
+            Err(WireError::Empty { .. })
+        ));
+
+        let mut v2 = good.clone();
+        v2[4] = 2;
+        let e = decode_frame(&v2, "p").unwrap_err();
+        assert_eq!(e.to_string(), "p: frame version 2, this build speaks 1");
+
+        let garbage = [0, 0, 0, 5, 1, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            decode_frame(&garbage, "p"),
+            Err(WireError::Decode { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_frame(&b, "p");
+            let _ = read_frame(&mut &b[..], "p");
+        }
+    }
+}
