@@ -1,0 +1,674 @@
+//! One shard's raft-rs `RawNode` and the requests waiting on it.
+//!
+//! A [`ShardNode`] knows nothing of sockets: the caller feeds it ticks, raft
+//! messages from peers and client requests, and sends the raft messages
+//! [`ShardNode::ready`] returns. The replica process drives one per shard
+//! from a thread; tests drive several through a lossy in-process network.
+//!
+//! Writes are proposed on the leader and answered once their entry is
+//! committed and applied here. Linearizable reads go through ReadIndex and
+//! are answered once this replica has applied up to the read index; stale
+//! reads are answered at once from the applied state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pagecast_proto::v1::{
+    HostsResponse, IndexCommand, IndexRequest, IndexResponse, LookupResponse, NotLeader,
+    ShardStatus, VmsResponse, index_request::Op as ReqOp, index_response::Result as Resp,
+};
+use pagecast_proto::{HASH_LEN, MAX_INDEX_BATCH};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, MessageType};
+use raft::{RawNode, StateRole};
+
+use crate::raftlog::ShardStorage;
+use crate::store::{Store, StoreError};
+use crate::{PageHash, sharing};
+
+/// Sends a response back to whoever asked.
+pub type Reply = Box<dyn FnOnce(IndexResponse) + Send>;
+
+/// Tuning of one shard's raft group.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This replica's id.
+    pub id: u64,
+    /// Every replica's id, this one included.
+    pub voters: Vec<u64>,
+    /// Ticks without a leader before an election (randomised up to twice).
+    pub election_ticks: usize,
+    /// Ticks between heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Compact the log once this many applied entries are in it.
+    pub compact_after: u64,
+    /// ... or once this many bytes of entries were appended since the last
+    /// compaction (big batches reach a byte bound long before an entry
+    /// bound).
+    pub compact_bytes: u64,
+    /// Applied entries left in the log after compaction, for followers
+    /// slightly behind.
+    pub keep_entries: u64,
+    /// How long a proposal or read may wait before it is answered with an
+    /// error (the client then retries).
+    pub request_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for replica `id` of `voters`: 50 ms ticks make elections
+    /// start 0.5 to 1 s after the leader goes quiet.
+    pub fn new(id: u64, voters: Vec<u64>) -> Self {
+        NodeConfig {
+            id,
+            voters,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compact_after: 512,
+            compact_bytes: 32 << 20,
+            keep_entries: 64,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How often the runtime should call [`ShardNode::tick`].
+pub const TICK: Duration = Duration::from_millis(50);
+
+/// Errors of a shard node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// raft-rs refused.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Waiting {
+    reply: Reply,
+    since: Instant,
+}
+
+struct Read {
+    op: ReqOp,
+    reply: Reply,
+    since: Instant,
+}
+
+/// Counters shown by `index status`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeCounters {
+    /// Snapshots this replica sent.
+    pub snapshots_sent: u64,
+    /// Snapshots this replica installed.
+    pub snapshots_received: u64,
+}
+
+/// One shard's raft group member.
+pub struct ShardNode {
+    node: RawNode<ShardStorage>,
+    store: Arc<Store>,
+    shard: u32,
+    cfg: NodeConfig,
+    next_ctx: u64,
+    proposals: HashMap<u64, Waiting>,
+    reads: HashMap<u64, Read>,
+    /// Reads whose read index is known, waiting for apply.
+    ready_reads: Vec<(u64, Read)>,
+    applied: u64,
+    /// Bytes of entries appended since the last compaction (or start).
+    log_bytes: u64,
+    was_leader: bool,
+    counters: NodeCounters,
+}
+
+/// A logger for raft-rs that writes its messages at `min` or above to
+/// standard error, prefixed with the replica and shard.
+pub fn raft_logger(min: slog::Level) -> slog::Logger {
+    struct Stderr(slog::Level);
+    impl slog::Drain for Stderr {
+        type Ok = ();
+        type Err = slog::Never;
+        fn log(&self, r: &slog::Record<'_>, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+            if r.level().is_at_least(self.0) {
+                struct Kv(String);
+                impl slog::Serializer for Kv {
+                    fn emit_arguments(
+                        &mut self,
+                        key: slog::Key,
+                        val: &std::fmt::Arguments<'_>,
+                    ) -> slog::Result {
+                        self.0.push_str(&format!(" {key}={val}"));
+                        Ok(())
+                    }
+                }
+                let mut kv = Kv(String::new());
+                let _ = slog::KV::serialize(values, r, &mut kv);
+                eprintln!("raft{}: {}", kv.0, r.msg());
+            }
+            Ok(())
+        }
+    }
+    slog::Logger::root(slog::Drain::fuse(Stderr(min)), slog::o!())
+}
+
+fn error(msg: impl Into<String>) -> IndexResponse {
+    IndexResponse {
+        result: Some(Resp::Error(msg.into())),
+    }
+}
+
+impl ShardNode {
+    /// Opens shard `shard` of `store` as member `cfg.id`.
+    pub fn new(
+        store: Arc<Store>,
+        shard: u32,
+        cfg: NodeConfig,
+        logger: &slog::Logger,
+    ) -> Result<Self, NodeError> {
+        let storage = ShardStorage::open(store.clone(), shard, &cfg.voters)?;
+        let applied = store.applied(shard)?.index;
+        // Entries are applied as soon as they commit, and the new commit
+        // index is persisted with the next append: a crash in between
+        // leaves applied above the stored commit, which raft-rs refuses.
+        // Everything applied was committed, so the commit index moves up.
+        if applied > storage.hard_state().commit {
+            storage.set_commit(applied)?;
+        }
+        let rc = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        rc.validate()?;
+        let logger = logger.new(slog::o!("replica" => cfg.id, "shard" => shard));
+        let node = RawNode::new(&rc, storage, &logger)?;
+        Ok(ShardNode {
+            node,
+            store,
+            shard,
+            cfg,
+            next_ctx: 1,
+            proposals: HashMap::new(),
+            reads: HashMap::new(),
+            ready_reads: Vec::new(),
+            applied,
+            log_bytes: 0,
+            was_leader: false,
+            counters: NodeCounters::default(),
+        })
+    }
+
+    /// The shard this node serves.
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    /// Whether this replica leads the shard now.
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    /// The leader this replica knows of (0: none).
+    pub fn leader(&self) -> u64 {
+        self.node.raft.leader_id
+    }
+
+    /// The applied index.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Advances raft's clock by one [`TICK`].
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    /// Hands a message from a peer to raft. Messages for another shard or
+    /// replica are dropped.
+    pub fn step(&mut self, mut m: Message) {
+        if m.to != self.cfg.id {
+            return;
+        }
+        // A leader tells a follower to commit up to what it believes the
+        // follower holds. A replica whose directory was wiped holds less
+        // than the leader remembers, and raft-rs would abort on a commit
+        // past its log's end: commit no further than the log reaches, and
+        // let the leader's probe (after `peer_connected`) send a snapshot.
+        if m.get_msg_type() == MessageType::MsgHeartbeat {
+            let last = self.node.raft.raft_log.last_index();
+            if m.commit > last {
+                m.commit = last;
+            }
+        }
+        // raft-rs refuses messages from unknown peers and stale terms by
+        // itself; such errors are not this replica's failure.
+        let _ = self.node.step(m);
+    }
+
+    /// Replica `id` opened a new connection to this one: it may have
+    /// restarted, perhaps with less than it held (its directory wiped). A
+    /// leader forgets how far that replica's log was known to match and
+    /// probes it afresh: a replica that kept its log answers the probe
+    /// and is matched again at once; a wiped one rejects it and is sent
+    /// the entries, or a snapshot where they were compacted. Lowering a
+    /// match only delays commits that need this replica; it never undoes
+    /// one.
+    pub fn peer_connected(&mut self, id: u64) {
+        if id == self.cfg.id || self.node.raft.state != StateRole::Leader {
+            return;
+        }
+        if let Some(pr) = self.node.raft.mut_prs().get_mut(id) {
+            pr.become_probe();
+            pr.matched = 0;
+        }
+    }
+
+    /// Starts serving a request; `reply` is called once, now or later.
+    pub fn request(&mut self, req: IndexRequest, reply: Reply) {
+        let Some(op) = req.op else {
+            return reply(error("a request without an operation"));
+        };
+        match op {
+            ReqOp::Status(_) => reply(IndexResponse {
+                result: Some(Resp::Status(pagecast_proto::v1::StatusResponse {
+                    replica: self.cfg.id,
+                    shards: vec![self.status()],
+                    peers: Vec::new(),
+                })),
+            }),
+            ReqOp::Write(cmd) => self.propose(cmd, reply),
+            op if req.stale => {
+                let r = self.read(&op);
+                reply(r)
+            }
+            op => {
+                if !self.is_leader() {
+                    return reply(self.not_leader());
+                }
+                let ctx = self.next_ctx;
+                self.next_ctx += 1;
+                self.node.read_index(ctx.to_le_bytes().to_vec());
+                self.reads.insert(
+                    ctx,
+                    Read {
+                        op,
+                        reply,
+                        since: Instant::now(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn not_leader(&self) -> IndexResponse {
+        IndexResponse {
+            result: Some(Resp::NotLeader(NotLeader {
+                leader: self.leader(),
+                leader_addr: String::new(),
+            })),
+        }
+    }
+
+    fn propose(&mut self, cmd: IndexCommand, reply: Reply) {
+        if !self.is_leader() {
+            return reply(self.not_leader());
+        }
+        if let Some(pagecast_proto::v1::index_command::Op::Deltas(d)) = &cmd.op
+            && d.deltas.len() > MAX_INDEX_BATCH
+        {
+            return reply(error(format!(
+                "a batch of {} deltas exceeds the limit of {MAX_INDEX_BATCH}",
+                d.deltas.len()
+            )));
+        }
+        let ctx = self.next_ctx;
+        self.next_ctx += 1;
+        match self
+            .node
+            .propose(ctx.to_le_bytes().to_vec(), cmd.encode_to_vec())
+        {
+            Ok(()) => {
+                metrics::counter!("pagecast_index_proposals_total").increment(1);
+                self.proposals.insert(
+                    ctx,
+                    Waiting {
+                        reply,
+                        since: Instant::now(),
+                    },
+                );
+            }
+            Err(raft::Error::ProposalDropped) => reply(self.not_leader()),
+            Err(e) => reply(error(format!("proposal refused: {e}"))),
+        }
+    }
+
+    /// Answers a read from the applied state.
+    fn read(&self, op: &ReqOp) -> IndexResponse {
+        match self.read_inner(op) {
+            Ok(r) => IndexResponse { result: Some(r) },
+            Err(e) => error(e),
+        }
+    }
+
+    fn read_inner(&self, op: &ReqOp) -> Result<Resp, String> {
+        let s = |e: StoreError| e.to_string();
+        match op {
+            ReqOp::Lookup(l) => {
+                if l.hashes.len() % HASH_LEN != 0 {
+                    return Err(format!(
+                        "lookup: {} bytes is not a whole number of hashes",
+                        l.hashes.len()
+                    ));
+                }
+                let n = l.hashes.len() / HASH_LEN;
+                if n > MAX_INDEX_BATCH {
+                    return Err(format!(
+                        "lookup of {n} hashes exceeds the limit of {MAX_INDEX_BATCH}"
+                    ));
+                }
+                let hashes: Vec<PageHash> = l
+                    .hashes
+                    .chunks_exact(HASH_LEN)
+                    .map(|c| PageHash::from_bytes(c.try_into().expect("32")))
+                    .collect();
+                for (i, h) in hashes.iter().enumerate() {
+                    if crate::keys::shard_of(h, self.store.shards()) != self.shard {
+                        return Err(format!(
+                            "lookup: hash {i} ({h}) is not in shard {}",
+                            self.shard
+                        ));
+                    }
+                }
+                let lists = self.store.holders(&hashes).map_err(s)?;
+                let mut r = LookupResponse::default();
+                for (i, list) in lists.iter().enumerate() {
+                    for &(host, frames) in list.entries() {
+                        if l.hosts.is_empty() || l.hosts.contains(&host) {
+                            r.hash_index.push(i as u32);
+                            r.host.push(host);
+                            r.frames.push(frames);
+                        }
+                    }
+                }
+                Ok(Resp::Lookup(r))
+            }
+            other if self.shard != 0 => Err(format!(
+                "{} is answered by shard 0, not shard {}",
+                req_name(other),
+                self.shard
+            )),
+            ReqOp::Vms(_) => Ok(Resp::Vms(VmsResponse {
+                vms: self.store.vms().map_err(s)?,
+            })),
+            ReqOp::Hosts(_) => Ok(Resp::Hosts(HostsResponse {
+                hosts: self.store.hosts().map_err(s)?,
+            })),
+            ReqOp::Advise(a) => {
+                let vms = self.store.vms().map_err(s)?;
+                let hosts = self.store.hosts().map_err(s)?;
+                let top = if a.top == 0 {
+                    5
+                } else {
+                    a.top.min(1000) as usize
+                };
+                sharing::advise(&vms, &hosts, &a.vm, top).map(Resp::Advise)
+            }
+            ReqOp::Pair(p) => {
+                let vms = self.store.vms().map_err(s)?;
+                let hosts = self.store.hosts().map_err(s)?;
+                sharing::pair(&vms, &hosts, p).map(Resp::Pair)
+            }
+            ReqOp::Status(_) | ReqOp::Write(_) => Err("not a read".into()),
+        }
+    }
+
+    /// This shard's row of `index status`.
+    pub fn status(&self) -> ShardStatus {
+        let st = self.node.store();
+        let applied = self.store.applied(self.shard).unwrap_or_default();
+        ShardStatus {
+            shard: self.shard,
+            replica: self.cfg.id,
+            role: format!("{:?}", self.node.raft.state).to_lowercase(),
+            leader: self.leader(),
+            term: self.node.raft.term,
+            commit: self.node.raft.raft_log.committed,
+            applied: self.applied,
+            first_index: st.first(),
+            last_index: st.last(),
+            distinct_hashes: applied.distinct,
+            holder_frames: applied.frames,
+            snapshots_sent: self.counters.snapshots_sent,
+            snapshots_received: self.counters.snapshots_received,
+        }
+    }
+
+    /// Answers with an error every request older than the timeout, and
+    /// every proposal and read if this replica stopped leading.
+    pub fn expire(&mut self) {
+        let now = Instant::now();
+        let leader = self.is_leader();
+        let lost = self.was_leader && !leader;
+        self.was_leader = leader;
+        let timeout = self.cfg.request_timeout;
+        let late = |since: Instant| now.duration_since(since) > timeout;
+        let nl = self.not_leader();
+        let ids: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, w)| lost || late(w.since))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in ids {
+            let w = self.proposals.remove(&id).expect("listed");
+            (w.reply)(if lost {
+                nl.clone()
+            } else {
+                error("timed out waiting for the write to commit")
+            });
+        }
+        let ids: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| lost || late(r.since))
+            .map(|(k, _)| *k)
+            .collect();
+        for id in ids {
+            let r = self.reads.remove(&id).expect("listed");
+            (r.reply)(if lost {
+                nl.clone()
+            } else {
+                error("timed out confirming leadership for a read")
+            });
+        }
+        let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready_reads)
+            .into_iter()
+            .partition(|(_, r)| late(r.since));
+        self.ready_reads = keep;
+        for (_, r) in old {
+            (r.reply)(error("timed out waiting for this replica to apply"));
+        }
+    }
+
+    /// Handles raft's pending work: persists entries and state, applies
+    /// committed entries, answers what they complete, and returns the
+    /// messages to send to peers.
+    pub fn ready(&mut self) -> Result<Vec<Message>, NodeError> {
+        let mut out = Vec::new();
+        if !self.node.has_ready() {
+            self.expire();
+            return Ok(out);
+        }
+        let mut rd = self.node.ready();
+        out.extend(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.node.store().apply_snapshot(&snap)?;
+            self.applied = snap.get_metadata().index;
+            self.counters.snapshots_received += 1;
+            metrics::counter!("pagecast_index_snapshots_received_total").increment(1);
+        }
+        for rs in rd.take_read_states() {
+            let ctx = u64::from_le_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            if let Some(r) = self.reads.remove(&ctx) {
+                self.ready_reads.push((rs.index, r));
+            }
+        }
+        self.apply(rd.take_committed_entries())?;
+        let store = self.node.store();
+        if !rd.entries().is_empty() || rd.hs().is_some() {
+            self.log_bytes += rd.entries().iter().map(|e| e.data.len() as u64).sum::<u64>();
+            store.append(rd.entries(), rd.hs())?;
+        }
+        out.extend(rd.take_persisted_messages());
+        let mut light = self.node.advance(rd);
+        if let Some(c) = light.commit_index() {
+            self.node.store().set_commit(c)?;
+        }
+        out.extend(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.node.advance_apply();
+        self.serve_reads();
+        self.maybe_compact()?;
+        self.expire();
+        let snap_to: Vec<u64> = out
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        // raft-rs holds a replica's progress until told how its snapshot
+        // went. Report it delivered as soon as it is handed to the link: if
+        // it was lost, the replica's next answer shows it still lacks the
+        // entries and the leader probes (and sends a snapshot) again. A
+        // replica that already reported holding the snapshot's index (one
+        // wiped and restarted) would otherwise never be sent more.
+        for to in &snap_to {
+            self.node.report_snapshot(*to, raft::SnapshotStatus::Finish);
+        }
+        let sent = snap_to.len() as u64;
+        if sent > 0 {
+            self.counters.snapshots_sent += sent;
+            metrics::counter!("pagecast_index_snapshots_sent_total").increment(sent);
+        }
+        Ok(out)
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.applied;
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready_reads)
+            .into_iter()
+            .partition(|(i, _)| *i <= applied);
+        self.ready_reads = later;
+        for (_, r) in now {
+            let resp = self.read(&r.op);
+            (r.reply)(resp);
+        }
+    }
+
+    fn apply(&mut self, entries: Vec<raft::eraftpb::Entry>) -> Result<(), NodeError> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let (last_index, last_term) = (last.index, last.term);
+        let started = Instant::now();
+        let mut cmds = Vec::with_capacity(entries.len());
+        let mut ctxs = Vec::with_capacity(entries.len());
+        for e in &entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    let cmd = if e.data.is_empty() {
+                        None
+                    } else {
+                        // Only commands that decoded on the leader are
+                        // proposed; one that does not decode here is
+                        // applied as a no-op on every replica alike.
+                        IndexCommand::decode(&e.data[..]).ok()
+                    };
+                    cmds.push((e.index, cmd));
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| {
+                        NodeError::Store(StoreError::Corrupt {
+                            what: "conf change",
+                            detail: x.to_string(),
+                        })
+                    })?;
+                    self.node.apply_conf_change(&cc)?;
+                    cmds.push((e.index, None));
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| {
+                        NodeError::Store(StoreError::Corrupt {
+                            what: "conf change",
+                            detail: x.to_string(),
+                        })
+                    })?;
+                    self.node.apply_conf_change(&cc)?;
+                    cmds.push((e.index, None));
+                }
+            }
+            ctxs.push(u64::from_le_bytes(
+                e.context.as_ref().try_into().unwrap_or([0; 8]),
+            ));
+        }
+        let results = self.store.apply(self.shard, &cmds, last_term)?;
+        self.applied = last_index;
+        metrics::counter!("pagecast_index_commits_total").increment(entries.len() as u64);
+        metrics::histogram!("pagecast_index_apply_seconds").record(started.elapsed().as_secs_f64());
+        for (ctx, r) in ctxs.into_iter().zip(results) {
+            if ctx == 0 {
+                continue;
+            }
+            if let Some(w) = self.proposals.remove(&ctx) {
+                (w.reply)(match r {
+                    Ok(w) => IndexResponse {
+                        result: Some(Resp::Write(w)),
+                    },
+                    Err(e) => error(e),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), NodeError> {
+        let store = self.node.store();
+        let first = store.first();
+        if self.applied >= first
+            && (self.applied - first + 1 >= self.cfg.compact_after
+                || self.log_bytes >= self.cfg.compact_bytes)
+        {
+            let to = self.applied.saturating_sub(self.cfg.keep_entries);
+            if to >= first {
+                store.compact(to)?;
+                self.log_bytes = 0;
+            }
+        }
+        let n = store.last().saturating_sub(store.first()) + 1;
+        metrics::gauge!("pagecast_index_log_entries", "shard" => self.shard.to_string())
+            .set(n as f64);
+        Ok(())
+    }
+}
+
+fn req_name(op: &ReqOp) -> &'static str {
+    match op {
+        ReqOp::Status(_) => "status",
+        ReqOp::Write(_) => "a write",
+        ReqOp::Lookup(_) => "lookup",
+        ReqOp::Vms(_) => "the VM list",
+        ReqOp::Hosts(_) => "the host list",
+        ReqOp::Advise(_) => "advice",
+        ReqOp::Pair(_) => "pair sharing",
+    }
+}

@@ -1,0 +1,561 @@
+//! The replica process: one RocksDB, one [`ShardNode`] thread per shard,
+//! TCP links to the other replicas, and a listener for peers and clients.
+//!
+//! Threads, not tasks: each shard thread owns its raft node and blocks on
+//! its event queue between ticks; each connection has a reader thread;
+//! each peer has a sender thread with a bounded queue (a full queue drops
+//! the message, which raft retransmits). Raft messages larger than a frame
+//! (snapshots) are cut into parts of [`CHUNK`] bytes and reassembled up to
+//! [`MAX_RAFT_MESSAGE_BYTES`].
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pagecast_proto::MAX_RAFT_MESSAGE_BYTES;
+use pagecast_proto::v1::{
+    IndexFrame, IndexHello, IndexRequest, IndexResponse, RaftChunk, StatusResponse,
+    index_frame::Kind, index_request::Op as ReqOp, index_response::Result as Resp,
+};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+
+use crate::node::{NodeConfig, NodeError, Reply, ShardNode, TICK};
+use crate::store::{Store, StoreError};
+use crate::wire::{WireError, read_frame, write_frame};
+
+/// Bytes of one raft message part.
+pub const CHUNK: usize = 4 << 20;
+
+/// Most client and peer connections served at once.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// How long a connection may take to say who it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a client request may wait for its shard.
+const REQUEST_WAIT: Duration = Duration::from_secs(20);
+
+/// Errors of starting a replica.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A shard's raft node could not start.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is inconsistent.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What one replica needs to run.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// This replica's id (a key of `peers`).
+    pub id: u64,
+    /// Where to listen for peers and clients.
+    pub listen: String,
+    /// Every replica's id and address, this one included.
+    pub peers: BTreeMap<u64, String>,
+    /// The RocksDB directory.
+    pub data: PathBuf,
+    /// Shards of the hash space (fixed when the cluster is created).
+    pub shards: u32,
+    /// Sync the raft log to disk on every append.
+    pub sync: bool,
+    /// Compact a shard's log once it holds this many applied entries...
+    pub compact_after: u64,
+    /// ... or once this many bytes were appended to it since the last time.
+    pub compact_bytes: u64,
+    /// raft-rs messages at or above this level go to standard error.
+    pub raft_log_level: slog::Level,
+}
+
+/// Parses `1=HOST:PORT,2=HOST:PORT,...`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|i| *i > 0)
+            .ok_or_else(|| format!("{part:?}: a replica id is a number from 1"))?;
+        let addr = addr.trim();
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(format!("{part:?}: expected HOST:PORT after the '='"));
+        }
+        if out.insert(id, addr.to_owned()).is_some() {
+            return Err(format!("replica {id} is listed twice"));
+        }
+    }
+    if out.is_empty() {
+        return Err("no replicas listed".into());
+    }
+    Ok(out)
+}
+
+enum Event {
+    Raft(Message),
+    /// A replica opened a new link to this one.
+    PeerConnected(u64),
+    Request(IndexRequest, Reply),
+}
+
+/// A running replica.
+pub struct Replica {
+    addr: SocketAddr,
+    store: Arc<Store>,
+}
+
+impl Replica {
+    /// The replica's database (for measurements and maintenance).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The address the replica listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn resolve(a: &str) -> Option<SocketAddr> {
+    a.to_socket_addrs().ok()?.next()
+}
+
+/// Opens the store, starts every shard and the listener, and returns once
+/// the replica accepts connections. Its threads run until the process ends.
+pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
+    if !cfg.peers.contains_key(&cfg.id) {
+        return Err(ReplicaError::Config(format!(
+            "--id {} is not in --peers ({})",
+            cfg.id,
+            cfg.peers
+                .keys()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if cfg.shards == 0 || cfg.shards > crate::keys::MAX_SHARDS {
+        return Err(ReplicaError::Config(format!(
+            "--shards must be 1 to {}, not {}",
+            crate::keys::MAX_SHARDS,
+            cfg.shards
+        )));
+    }
+    std::fs::create_dir_all(&cfg.data)
+        .map_err(|e| ReplicaError::Config(format!("cannot create {}: {e}", cfg.data.display())))?;
+    let store = Arc::new(Store::open(&cfg.data, cfg.id, cfg.shards, cfg.sync)?);
+    let listener = TcpListener::bind(&cfg.listen).map_err(|source| ReplicaError::Listen {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ReplicaError::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    let logger = crate::node::raft_logger(cfg.raft_log_level);
+    let voters: Vec<u64> = cfg.peers.keys().copied().collect();
+    let mut links: BTreeMap<u64, SyncSender<(u32, Vec<u8>)>> = BTreeMap::new();
+    for (&pid, paddr) in &cfg.peers {
+        if pid != cfg.id {
+            links.insert(pid, spawn_link(cfg.id, pid, paddr.clone(), cfg.shards));
+        }
+    }
+    let links = Arc::new(links);
+    let mut shard_tx = Vec::new();
+    for s in 0..cfg.shards {
+        let mut ncfg = NodeConfig::new(cfg.id, voters.clone());
+        ncfg.compact_after = cfg.compact_after;
+        ncfg.compact_bytes = cfg.compact_bytes;
+        ncfg.keep_entries = ncfg.keep_entries.min(cfg.compact_after / 2);
+        let node = ShardNode::new(store.clone(), s, ncfg, &logger)?;
+        let (tx, rx) = mpsc::channel();
+        shard_tx.push(tx);
+        let links = links.clone();
+        std::thread::Builder::new()
+            .name(format!("shard-{s}"))
+            .spawn(move || run_shard(node, rx, &links))
+            .expect("spawn a shard thread");
+    }
+    let shared = Arc::new(Shared {
+        id: cfg.id,
+        shards: cfg.shards,
+        peers: cfg.peers.clone(),
+        shard_tx: Mutex::new(shard_tx),
+        connections: AtomicUsize::new(0),
+    });
+    std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let n = shared.connections.fetch_add(1, Ordering::SeqCst);
+                if n >= MAX_CONNECTIONS {
+                    shared.connections.fetch_sub(1, Ordering::SeqCst);
+                    eprintln!("index: refusing a connection: {MAX_CONNECTIONS} already open");
+                    continue;
+                }
+                let sh = shared.clone();
+                let _ = std::thread::Builder::new().name("conn".into()).spawn(move || {
+                    let peer = conn
+                        .peer_addr()
+                        .map_or_else(|_| "unknown".into(), |a| a.to_string());
+                    if let Err(e) = serve_conn(&sh, conn, &peer) {
+                        let quiet = matches!(&e, WireError::Io { source, .. }
+                            if matches!(source.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset));
+                        if !quiet {
+                            eprintln!("index: connection from {e}");
+                        }
+                    }
+                    sh.connections.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        })
+        .expect("spawn the accept thread");
+    Ok(Replica { addr, store })
+}
+
+struct Shared {
+    id: u64,
+    shards: u32,
+    peers: BTreeMap<u64, String>,
+    shard_tx: Mutex<Vec<Sender<Event>>>,
+    connections: AtomicUsize,
+}
+
+impl Shared {
+    fn send(&self, shard: u32, ev: Event) -> bool {
+        let tx = self.shard_tx.lock().expect("not poisoned")[shard as usize].clone();
+        tx.send(ev).is_ok()
+    }
+}
+
+fn run_shard(
+    mut node: ShardNode,
+    rx: Receiver<Event>,
+    links: &BTreeMap<u64, SyncSender<(u32, Vec<u8>)>>,
+) {
+    let shard = node.shard();
+    let mut next_tick = Instant::now() + TICK;
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let handle = |ev: Event, node: &mut ShardNode| match ev {
+            Event::Raft(m) => node.step(m),
+            Event::PeerConnected(id) => node.peer_connected(id),
+            Event::Request(r, reply) => node.request(r, reply),
+        };
+        match rx.recv_timeout(wait) {
+            Ok(ev) => {
+                handle(ev, &mut node);
+                // Take whatever else is queued before one ready round.
+                for _ in 0..1024 {
+                    match rx.try_recv() {
+                        Ok(ev) => handle(ev, &mut node),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if Instant::now() >= next_tick {
+            node.tick();
+            next_tick += TICK;
+            if next_tick < Instant::now() {
+                next_tick = Instant::now() + TICK;
+            }
+        }
+        match node.ready() {
+            Ok(msgs) => {
+                for m in msgs {
+                    if let Some(link) = links.get(&m.to) {
+                        let bytes = m.write_to_bytes().expect("encodes");
+                        // A full queue drops the message: raft resends.
+                        let _ = link.try_send((shard, bytes));
+                    }
+                }
+            }
+            Err(e) => {
+                // Storage failing under raft leaves no safe way on: stop
+                // the process rather than serve from a state we cannot
+                // persist.
+                eprintln!("index: shard {shard}: {e}; stopping");
+                std::process::exit(3);
+            }
+        }
+    }
+}
+
+/// Starts the sender thread of the link to replica `to` at `addr`.
+fn spawn_link(me: u64, to: u64, addr: String, shards: u32) -> SyncSender<(u32, Vec<u8>)> {
+    let (tx, rx) = mpsc::sync_channel::<(u32, Vec<u8>)>(4096);
+    std::thread::Builder::new()
+        .name(format!("link-{to}"))
+        .spawn(move || {
+            let mut conn: Option<BufWriter<TcpStream>> = None;
+            let mut warned = false;
+            let mut next_try = Instant::now();
+            let mut queued: Option<(u32, Vec<u8>)> = None;
+            loop {
+                let (shard, bytes) = match queued.take() {
+                    Some(m) => m,
+                    None => match rx.recv() {
+                        Ok(m) => m,
+                        Err(_) => return,
+                    },
+                };
+                if conn.is_none() && Instant::now() >= next_try {
+                    conn = connect_peer(me, &addr, shards);
+                    match (&conn, warned) {
+                        (None, false) => {
+                            eprintln!("index: replica {to} at {addr} is unreachable; retrying");
+                            warned = true;
+                        }
+                        (Some(_), true) => {
+                            eprintln!("index: replica {to} at {addr} is reachable again");
+                            warned = false;
+                        }
+                        _ => {}
+                    }
+                    if conn.is_none() {
+                        next_try = Instant::now() + Duration::from_millis(200);
+                    }
+                }
+                let Some(w) = conn.as_mut() else { continue };
+                let mut ok = send_chunks(w, shard, &bytes, &addr).is_ok();
+                if ok {
+                    // Flush only when nothing else is waiting, so bursts
+                    // share writes.
+                    match rx.try_recv() {
+                        Ok(m) => queued = Some(m),
+                        Err(_) => ok = w.flush().is_ok(),
+                    }
+                }
+                if !ok {
+                    conn = None;
+                }
+            }
+        })
+        .expect("spawn a link thread");
+    tx
+}
+
+fn connect_peer(me: u64, addr: &str, shards: u32) -> Option<BufWriter<TcpStream>> {
+    let sa = resolve(addr)?;
+    let s = TcpStream::connect_timeout(&sa, Duration::from_millis(500)).ok()?;
+    s.set_nodelay(true).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut w = BufWriter::with_capacity(256 << 10, s);
+    let hello = IndexFrame {
+        kind: Some(Kind::Hello(IndexHello {
+            peer_id: me,
+            shards,
+        })),
+    };
+    write_frame(&mut w, &hello, addr).ok()?;
+    Some(w)
+}
+
+fn send_chunks(w: &mut impl Write, shard: u32, bytes: &[u8], addr: &str) -> Result<(), WireError> {
+    let mut parts = bytes.chunks(CHUNK).peekable();
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    while let Some(p) = parts.next() {
+        let f = IndexFrame {
+            kind: Some(Kind::Raft(RaftChunk {
+                shard,
+                data: p.to_vec().into(),
+                more: parts.peek().is_some(),
+            })),
+        };
+        write_frame(w, &f, addr)?;
+    }
+    Ok(())
+}
+
+fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError> {
+    conn.set_nodelay(true).ok();
+    conn.set_read_timeout(Some(HELLO_TIMEOUT)).ok();
+    let mut r = std::io::BufReader::with_capacity(
+        256 << 10,
+        conn.try_clone().map_err(|source| WireError::Io {
+            peer: peer.into(),
+            source,
+        })?,
+    );
+    let first = read_frame(&mut r, peer)?;
+    let Some(Kind::Hello(hello)) = first.kind else {
+        eprintln!("index: {peer}: the first frame must be a hello; closing");
+        return Ok(());
+    };
+    conn.set_read_timeout(None).ok();
+    if hello.peer_id == 0 {
+        return serve_client(sh, r, conn, peer);
+    }
+    if !sh.peers.contains_key(&hello.peer_id) || hello.peer_id == sh.id {
+        eprintln!(
+            "index: {peer}: replica {} is not a member; closing",
+            hello.peer_id
+        );
+        return Ok(());
+    }
+    if hello.shards != sh.shards {
+        eprintln!(
+            "index: {peer}: replica {} has {} shards, this one {}; closing",
+            hello.peer_id, hello.shards, sh.shards
+        );
+        return Ok(());
+    }
+    for s in 0..sh.shards {
+        sh.send(s, Event::PeerConnected(hello.peer_id));
+    }
+    let mut parts: Vec<u8> = Vec::new();
+    let mut part_shard = None;
+    loop {
+        let f = read_frame(&mut r, peer)?;
+        let Some(Kind::Raft(c)) = f.kind else {
+            eprintln!(
+                "index: {peer}: replica {} sent a non-raft frame; closing",
+                hello.peer_id
+            );
+            return Ok(());
+        };
+        if c.shard >= sh.shards || part_shard.is_some_and(|s| s != c.shard) {
+            eprintln!(
+                "index: {peer}: bad shard {} in a raft frame; closing",
+                c.shard
+            );
+            return Ok(());
+        }
+        if parts.len() + c.data.len() > MAX_RAFT_MESSAGE_BYTES {
+            eprintln!("index: {peer}: raft message over {MAX_RAFT_MESSAGE_BYTES} bytes; closing");
+            return Ok(());
+        }
+        parts.extend_from_slice(&c.data);
+        if c.more {
+            part_shard = Some(c.shard);
+            continue;
+        }
+        part_shard = None;
+        let bytes = std::mem::take(&mut parts);
+        match Message::parse_from_bytes(&bytes) {
+            Ok(m) if m.from == hello.peer_id && m.to == sh.id => {
+                sh.send(c.shard, Event::Raft(m));
+            }
+            Ok(m) => eprintln!(
+                "index: {peer}: dropped a raft message from {} to {} on a link from replica {}",
+                m.from, m.to, hello.peer_id
+            ),
+            Err(e) => {
+                eprintln!("index: {peer}: undecodable raft message: {e}; closing");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn ask(sh: &Shared, shard: u32, req: IndexRequest) -> IndexResponse {
+    let (tx, rx) = mpsc::channel();
+    let reply: Reply = Box::new(move |r| {
+        let _ = tx.send(r);
+    });
+    if !sh.send(shard, Event::Request(req, reply)) {
+        return err("the shard is not running");
+    }
+    match rx.recv_timeout(REQUEST_WAIT) {
+        Ok(r) => r,
+        Err(_) => err("the shard did not answer in time"),
+    }
+}
+
+fn err(m: &str) -> IndexResponse {
+    IndexResponse {
+        result: Some(Resp::Error(m.into())),
+    }
+}
+
+fn serve_client(
+    sh: &Shared,
+    mut r: impl std::io::Read,
+    conn: TcpStream,
+    peer: &str,
+) -> Result<(), WireError> {
+    let mut w = BufWriter::new(conn);
+    loop {
+        let f = read_frame(&mut r, peer)?;
+        let resp = match f.kind {
+            Some(Kind::Request(req)) => handle_request(sh, req),
+            _ => err("expected a request"),
+        };
+        let out = IndexFrame {
+            kind: Some(Kind::Response(resp)),
+        };
+        write_frame(&mut w, &out, peer)?;
+        w.flush().map_err(|source| WireError::Io {
+            peer: peer.into(),
+            source,
+        })?;
+    }
+}
+
+fn handle_request(sh: &Shared, req: IndexRequest) -> IndexResponse {
+    if matches!(req.op, Some(ReqOp::Status(_))) {
+        let mut all = StatusResponse {
+            replica: sh.id,
+            shards: Vec::new(),
+            peers: sh.peers.iter().map(|(i, a)| format!("{i}={a}")).collect(),
+        };
+        for s in 0..sh.shards {
+            match ask(sh, s, req.clone()).result {
+                Some(Resp::Status(st)) => all.shards.extend(st.shards),
+                Some(Resp::Error(e)) => return err(&e),
+                _ => return err("unexpected status answer"),
+            }
+        }
+        return IndexResponse {
+            result: Some(Resp::Status(all)),
+        };
+    }
+    if req.shard >= sh.shards {
+        return err(&format!(
+            "shard {} does not exist: this cluster has {} shards",
+            req.shard, sh.shards
+        ));
+    }
+    let mut resp = ask(sh, req.shard, req);
+    if let Some(Resp::NotLeader(nl)) = &mut resp.result
+        && let Some(a) = sh.peers.get(&nl.leader)
+    {
+        nl.leader_addr = a.clone();
+    }
+    resp
+}

@@ -1,0 +1,824 @@
+//! One replica's RocksDB: the raft log and state of every shard, and the
+//! state machine the log builds (holder lists, hosts, VMs, writer
+//! sessions).
+//!
+//! Column families, one per concern: `log` (raft entries), `raft` (hard
+//! state, conf state, compaction point), `meta` (applied index and
+//! counters, sessions, hosts, VMs) and `holders` (one holder list per
+//! distinct hash). Keys come from [`crate::keys`]. Applying committed
+//! entries writes every state change and the new applied index in one
+//! `WriteBatch`, so a crash leaves the shard at some applied index, never
+//! between two.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use pagecast_proto::v1::{
+    HostInfo, IndexCommand, VmRecord, VmState, WriteResponse, index_command::Op,
+};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions,
+};
+
+use crate::holders::HolderList;
+use crate::keys::{self, StateKind};
+use crate::{PageHash, Sketch};
+
+/// Column family of raft log entries.
+pub const CF_LOG: &str = "log";
+/// Column family of raft state records.
+pub const CF_RAFT: &str = "raft";
+/// Column family of applied indexes, sessions, hosts and VMs.
+pub const CF_META: &str = "meta";
+/// Column family of holder lists.
+pub const CF_HOLDERS: &str = "holders";
+
+/// Longest host or VM name.
+pub const MAX_NAME: usize = 64;
+
+/// Errors of the replica's storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB failed.
+    #[error("storage: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A stored record does not decode.
+    #[error("storage: corrupt {what} record: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The directory was created for another replica or shard count.
+    #[error(
+        "{dir}: this directory belongs to replica {id} of a {shards}-shard cluster, not replica {want_id} of {want_shards}"
+    )]
+    Identity {
+        /// The directory.
+        dir: String,
+        /// Replica id recorded there.
+        id: u64,
+        /// Shard count recorded there.
+        shards: u32,
+        /// Replica id asked for.
+        want_id: u64,
+        /// Shard count asked for.
+        want_shards: u32,
+    },
+    /// A snapshot's bytes are malformed.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+}
+
+/// A shard's applied index and the counters kept with it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Last applied raft index.
+    pub index: u64,
+    /// Its term.
+    pub term: u64,
+    /// Distinct hashes with at least one holder.
+    pub distinct: u64,
+    /// Sum of all holders' frames.
+    pub frames: u64,
+    /// Next host number (shard 0 only).
+    pub next_host: u32,
+}
+
+impl Applied {
+    fn encode(&self) -> [u8; 36] {
+        let mut b = [0u8; 36];
+        b[..8].copy_from_slice(&self.index.to_le_bytes());
+        b[8..16].copy_from_slice(&self.term.to_le_bytes());
+        b[16..24].copy_from_slice(&self.distinct.to_le_bytes());
+        b[24..32].copy_from_slice(&self.frames.to_le_bytes());
+        b[32..].copy_from_slice(&self.next_host.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() != 36 {
+            return Err(StoreError::Corrupt {
+                what: "applied",
+                detail: format!("{} bytes", b.len()),
+            });
+        }
+        let u = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8"));
+        Ok(Applied {
+            index: u(0..8),
+            term: u(8..16),
+            distinct: u(16..24),
+            frames: u(24..32),
+            next_host: u32::from_le_bytes(b[32..].try_into().expect("4")),
+        })
+    }
+}
+
+/// The outcome of applying one command.
+pub type CommandResult = Result<WriteResponse, String>;
+
+/// One replica's database.
+pub struct Store {
+    db: DB,
+    shards: u32,
+    sync: bool,
+}
+
+fn cf_options(kind: &str) -> Options {
+    let mut o = Options::default();
+    o.set_compression_type(rocksdb::DBCompressionType::None);
+    if kind == CF_HOLDERS || kind == CF_META {
+        let mut t = BlockBasedOptions::default();
+        t.set_bloom_filter(10.0, false);
+        t.set_block_size(16 << 10);
+        o.set_block_based_table_factory(&t);
+    }
+    if kind == CF_HOLDERS {
+        o.set_level_compaction_dynamic_level_bytes(true);
+        // Most page hashes are new: a bloom filter over the memtable's keys
+        // answers most lookups without walking its skip list.
+        o.set_memtable_whole_key_filtering(true);
+        o.set_memtable_prefix_bloom_ratio(0.1);
+    }
+    o
+}
+
+pub(crate) fn name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= MAX_NAME
+        && n.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+impl Store {
+    /// Opens (creating if needed) the database of replica `id` of a
+    /// `shards`-shard cluster in `dir`. `sync` makes every raft log write
+    /// wait for the disk.
+    pub fn open(dir: &Path, id: u64, shards: u32, sync: bool) -> Result<Self, StoreError> {
+        let mut o = Options::default();
+        o.create_if_missing(true);
+        o.create_missing_column_families(true);
+        o.set_max_background_jobs(2);
+        o.set_keep_log_file_num(4);
+        let cfs = [CF_LOG, CF_RAFT, CF_META, CF_HOLDERS]
+            .into_iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, cf_options(n)));
+        let db = DB::open_cf_descriptors(&o, dir, cfs)?;
+        let s = Store { db, shards, sync };
+        let key = keys::raft_state(0, StateKind::Identity);
+        let mut want = [0u8; 12];
+        want[..8].copy_from_slice(&id.to_le_bytes());
+        want[8..].copy_from_slice(&shards.to_le_bytes());
+        match s.db.get_cf(s.cf(CF_RAFT), key)? {
+            Some(v) if v == want => {}
+            Some(v) if v.len() == 12 => {
+                return Err(StoreError::Identity {
+                    dir: dir.display().to_string(),
+                    id: u64::from_le_bytes(v[..8].try_into().expect("8")),
+                    shards: u32::from_le_bytes(v[8..].try_into().expect("4")),
+                    want_id: id,
+                    want_shards: shards,
+                });
+            }
+            Some(_) => {
+                return Err(StoreError::Corrupt {
+                    what: "identity",
+                    detail: "wrong length".into(),
+                });
+            }
+            None => {
+                let mut w = WriteOptions::default();
+                w.set_sync(true);
+                s.db.put_cf_opt(s.cf(CF_RAFT), key, want, &w)?;
+            }
+        }
+        Ok(s)
+    }
+
+    /// The shard count.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// The RocksDB handle.
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// A column family handle.
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
+    }
+
+    /// Write options for raft log and state.
+    pub fn log_write_options(&self) -> WriteOptions {
+        let mut w = WriteOptions::default();
+        w.set_sync(self.sync);
+        w
+    }
+
+    /// The applied index and counters of `shard`.
+    pub fn applied(&self, shard: u32) -> Result<Applied, StoreError> {
+        match self.db.get_cf(self.cf(CF_META), keys::applied(shard))? {
+            Some(v) => Applied::decode(&v),
+            None => Ok(Applied::default()),
+        }
+    }
+
+    fn session(&self, shard: u32, client: u64) -> Result<u64, StoreError> {
+        Ok(
+            match self
+                .db
+                .get_cf(self.cf(CF_META), keys::session(shard, client))?
+            {
+                Some(v) if v.len() == 8 => u64::from_le_bytes(v[..].try_into().expect("8")),
+                Some(_) => {
+                    return Err(StoreError::Corrupt {
+                        what: "session",
+                        detail: "wrong length".into(),
+                    });
+                }
+                None => 0,
+            },
+        )
+    }
+
+    /// The holder lists of `hashes`, in order.
+    pub fn holders(&self, hashes: &[PageHash]) -> Result<Vec<HolderList>, StoreError> {
+        let ks: Vec<[u8; 33]> = hashes.iter().map(keys::holders).collect();
+        let got = self
+            .db
+            .batched_multi_get_cf(self.cf(CF_HOLDERS), &ks, false);
+        got.into_iter()
+            .map(|r| match r? {
+                Some(v) => HolderList::decode(&v).map_err(|e| StoreError::Corrupt {
+                    what: "holders",
+                    detail: e.to_string(),
+                }),
+                None => Ok(HolderList::default()),
+            })
+            .collect()
+    }
+
+    fn meta_get<M: prost::Message + Default>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<M>, StoreError> {
+        match self.db.get_cf(self.cf(CF_META), key)? {
+            Some(v) => M::decode(&v[..])
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what,
+                    detail: e.to_string(),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    fn scan_meta<M: prost::Message + Default>(
+        &self,
+        prefix: u8,
+        what: &'static str,
+    ) -> Result<Vec<M>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(vec![prefix + 1]);
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf_opt(
+            self.cf(CF_META),
+            ro,
+            IteratorMode::From(&[prefix], Direction::Forward),
+        );
+        for kv in it {
+            let (_, v) = kv?;
+            out.push(M::decode(&v[..]).map_err(|e| StoreError::Corrupt {
+                what,
+                detail: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Every VM record (shard 0's state).
+    pub fn vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let mut v: Vec<VmRecord> = self.scan_meta(keys::VM, "vm")?;
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// Every host record (shard 0's state).
+    pub fn hosts(&self) -> Result<Vec<HostInfo>, StoreError> {
+        self.scan_meta(keys::HOST, "host")
+    }
+
+    /// Applies committed commands of `shard`, in order, and records
+    /// `index`/`term` as applied, in one write. `commands` holds, for each
+    /// entry, its decoded command or `None` for an empty entry.
+    pub fn apply(
+        &self,
+        shard: u32,
+        entries: &[(u64, Option<IndexCommand>)],
+        term: u64,
+    ) -> Result<Vec<CommandResult>, StoreError> {
+        let Some(&(last, _)) = entries.last() else {
+            return Ok(Vec::new());
+        };
+        let mut a = Apply {
+            store: self,
+            shard,
+            applied: self.applied(shard)?,
+            holders: HashMap::new(),
+            meta: HashMap::new(),
+            sessions: HashMap::new(),
+        };
+        let mut results = Vec::with_capacity(entries.len());
+        for (index, cmd) in entries {
+            let Some(cmd) = cmd else {
+                results.push(Ok(WriteResponse::default()));
+                continue;
+            };
+            results.push(a.command(*index, cmd)?);
+        }
+        a.applied.index = last;
+        a.applied.term = term;
+        let mut wb = WriteBatch::default();
+        let hcf = self.cf(CF_HOLDERS);
+        // In key order: the memtable's skip list then finds each insert's
+        // place next to the previous one instead of from its top.
+        let mut staged: Vec<(&[u8; 33], &HolderList)> = a.holders.iter().collect();
+        staged.sort_unstable_by_key(|(k, _)| *k);
+        for (k, l) in staged {
+            if l.is_empty() {
+                wb.delete_cf(hcf, k);
+            } else {
+                wb.put_cf(hcf, k, l.encode());
+            }
+        }
+        let mcf = self.cf(CF_META);
+        for (k, v) in &a.meta {
+            match v {
+                Some(v) => wb.put_cf(mcf, k, v),
+                None => wb.delete_cf(mcf, k),
+            }
+        }
+        for (c, s) in &a.sessions {
+            wb.put_cf(mcf, keys::session(shard, *c), s.to_le_bytes());
+        }
+        wb.put_cf(mcf, keys::applied(shard), a.applied.encode());
+        self.db.write_opt(wb, &WriteOptions::default())?;
+        Ok(results)
+    }
+
+    /// Encodes every record of `shard`'s state machine for a snapshot.
+    pub fn snapshot_data(&self, shard: u32) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        let (lo, hi) = keys::holders_range(shard, self.shards);
+        let mut ranges = vec![(CF_HOLDERS, lo, hi)];
+        for (lo, hi) in keys::meta_ranges(shard) {
+            ranges.push((CF_META, lo, hi));
+        }
+        for (cf, lo, hi) in ranges {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(hi);
+            let tag = if cf == CF_HOLDERS { 1u8 } else { 2u8 };
+            for kv in self.db.iterator_cf_opt(
+                self.cf(cf),
+                ro,
+                IteratorMode::From(&lo, Direction::Forward),
+            ) {
+                let (k, v) = kv?;
+                out.push(tag);
+                out.extend_from_slice(&(k.len() as u16).to_le_bytes());
+                out.extend_from_slice(&k);
+                out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                out.extend_from_slice(&v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds to `wb` the replacement of `shard`'s state machine by snapshot
+    /// `data`, refusing records outside the shard's ranges.
+    pub fn restore_snapshot(
+        &self,
+        shard: u32,
+        data: &[u8],
+        wb: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        let (hlo, hhi) = keys::holders_range(shard, self.shards);
+        let meta = keys::meta_ranges(shard);
+        wb.delete_range_cf(self.cf(CF_HOLDERS), &hlo, &hhi);
+        for (lo, hi) in &meta {
+            wb.delete_range_cf(self.cf(CF_META), lo, hi);
+        }
+        let bad = |s: &str| StoreError::Snapshot(s.to_owned());
+        let mut at = 0;
+        while at < data.len() {
+            let tag = data[at];
+            let klen = data
+                .get(at + 1..at + 3)
+                .ok_or_else(|| bad("truncated key length"))?;
+            let klen = u16::from_le_bytes(klen.try_into().expect("2")) as usize;
+            let k = data
+                .get(at + 3..at + 3 + klen)
+                .ok_or_else(|| bad("truncated key"))?;
+            let p = at + 3 + klen;
+            let vlen = data
+                .get(p..p + 4)
+                .ok_or_else(|| bad("truncated value length"))?;
+            let vlen = u32::from_le_bytes(vlen.try_into().expect("4")) as usize;
+            let v = data
+                .get(p + 4..p + 4 + vlen)
+                .ok_or_else(|| bad("truncated value"))?;
+            at = p + 4 + vlen;
+            let inside = |lo: &[u8], hi: &[u8]| k >= lo && k < hi;
+            match tag {
+                1 if inside(&hlo, &hhi) => {
+                    HolderList::decode(v).map_err(|e| bad(&e.to_string()))?;
+                    wb.put_cf(self.cf(CF_HOLDERS), k, v);
+                }
+                2 if meta.iter().any(|(lo, hi)| inside(lo, hi)) => {
+                    wb.put_cf(self.cf(CF_META), k, v);
+                }
+                _ => return Err(bad("record outside the shard")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of live SST files of each column family.
+    pub fn disk_bytes(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for cf in [CF_LOG, CF_RAFT, CF_META, CF_HOLDERS] {
+            let n = self
+                .db
+                .property_int_value_cf(self.cf(cf), "rocksdb.live-sst-files-size")?
+                .unwrap_or(0);
+            out.push((cf, n));
+        }
+        Ok(out)
+    }
+
+    /// Flushes memtables and compacts every column family fully.
+    pub fn compact_all(&self) -> Result<(), StoreError> {
+        for cf in [CF_LOG, CF_RAFT, CF_META, CF_HOLDERS] {
+            self.db.flush_cf(self.cf(cf))?;
+            let mut o = rocksdb::CompactOptions::default();
+            o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+            self.db
+                .compact_range_cf_opt(self.cf(cf), None::<&[u8]>, None::<&[u8]>, &o);
+        }
+        Ok(())
+    }
+}
+
+/// The state of one `apply` call: reads see the writes of earlier entries
+/// of the same call.
+struct Apply<'a> {
+    store: &'a Store,
+    shard: u32,
+    applied: Applied,
+    holders: HashMap<[u8; 33], HolderList>,
+    meta: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    sessions: HashMap<u64, u64>,
+}
+
+impl Apply<'_> {
+    fn session(&self, client: u64) -> Result<u64, StoreError> {
+        match self.sessions.get(&client) {
+            Some(s) => Ok(*s),
+            None => self.store.session(self.shard, client),
+        }
+    }
+
+    fn meta_get<M: prost::Message + Default>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<M>, StoreError> {
+        match self.meta.get(key) {
+            Some(Some(v)) => M::decode(&v[..])
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what,
+                    detail: e.to_string(),
+                }),
+            Some(None) => Ok(None),
+            None => self.store.meta_get(key, what),
+        }
+    }
+
+    fn meta_put(&mut self, key: &[u8], m: &impl prost::Message) {
+        self.meta.insert(key.to_vec(), Some(m.encode_to_vec()));
+    }
+
+    fn command(&mut self, index: u64, cmd: &IndexCommand) -> Result<CommandResult, StoreError> {
+        if cmd.client != 0 {
+            let last = self.session(cmd.client)?;
+            if cmd.seq <= last {
+                return Ok(Ok(WriteResponse {
+                    duplicate: true,
+                    applied_index: index,
+                    ..Default::default()
+                }));
+            }
+        }
+        let r = match &cmd.op {
+            Some(Op::Deltas(d)) => self.deltas(&d.deltas)?,
+            Some(op) if self.shard != 0 => Err(format!(
+                "{} goes to shard 0, not shard {}",
+                op_name(op),
+                self.shard
+            )),
+            Some(Op::RegisterHost(r)) => self.register_host(&r.name)?,
+            Some(Op::BeginVm(b)) => match &b.vm {
+                Some(vm) => self.begin_vm(index, vm)?,
+                None => Err("begin_vm without a VM".into()),
+            },
+            Some(Op::SetVmState(s)) => self.set_vm_state(&s.name, s.host, s.state)?,
+            Some(Op::RemoveVm(r)) => self.remove_vm(&r.name, r.host)?,
+            None => Err("empty command".into()),
+        };
+        // A refused command still ends its session's sequence number, so a
+        // re-send gets the same answer rather than a second try.
+        if cmd.client != 0 {
+            self.sessions.insert(cmd.client, cmd.seq);
+        }
+        Ok(r.map(|mut w| {
+            w.applied_index = index;
+            w
+        }))
+    }
+
+    fn deltas(
+        &mut self,
+        deltas: &[pagecast_proto::v1::HolderDelta],
+    ) -> Result<CommandResult, StoreError> {
+        let n = self.store.shards;
+        let mut parsed = Vec::with_capacity(deltas.len());
+        for (i, d) in deltas.iter().enumerate() {
+            let Ok(b) = <[u8; 32]>::try_from(&d.hash[..]) else {
+                return Ok(Err(format!(
+                    "delta {i}: a hash is 32 bytes, not {}",
+                    d.hash.len()
+                )));
+            };
+            let h = PageHash::from_bytes(b);
+            if crate::keys::shard_of(&h, n) != self.shard {
+                return Ok(Err(format!(
+                    "delta {i}: hash {h} is not in shard {}",
+                    self.shard
+                )));
+            }
+            if h.is_zero_page() {
+                return Ok(Err(format!("delta {i}: the zero page is not indexed")));
+            }
+            parsed.push((keys::holders(&h), d.host, d.frames));
+        }
+        // Fetch what this call has not touched yet, in one multi-get.
+        let mut missing: Vec<[u8; 33]> = parsed
+            .iter()
+            .map(|p| p.0)
+            .filter(|k| !self.holders.contains_key(k))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let cf = self.store.cf(CF_HOLDERS);
+        let got = self.store.db.batched_multi_get_cf(cf, &missing, true);
+        let mut fetched = HashMap::with_capacity(missing.len());
+        for (k, r) in missing.iter().zip(got) {
+            let l = match r? {
+                Some(v) => HolderList::decode(&v).map_err(|e| StoreError::Corrupt {
+                    what: "holders",
+                    detail: e.to_string(),
+                })?,
+                None => HolderList::default(),
+            };
+            fetched.insert(*k, l);
+        }
+        // Stage every change; a delta that would go below zero refuses the
+        // whole command, identically on every replica.
+        let mut staged: HashMap<[u8; 33], HolderList> = HashMap::new();
+        let mut frames = self.applied.frames as i128;
+        for (i, (k, host, d)) in parsed.iter().enumerate() {
+            let l = staged.entry(*k).or_insert_with(|| {
+                self.holders
+                    .get(k)
+                    .or_else(|| fetched.get(k))
+                    .cloned()
+                    .unwrap_or_default()
+            });
+            if !l.apply(*host, *d) {
+                let h = keys::parse_holders(k).expect("holder key");
+                return Ok(Err(format!(
+                    "delta {i}: host {host} holds {} frames of {h}, cannot add {d}",
+                    l.frames_of(*host)
+                )));
+            }
+            frames += i128::from(*d);
+        }
+        for (k, l) in staged {
+            let before_empty = self
+                .holders
+                .get(&k)
+                .or_else(|| fetched.get(&k))
+                .is_none_or(|l| l.is_empty());
+            match (before_empty, l.is_empty()) {
+                (true, false) => self.applied.distinct += 1,
+                (false, true) => self.applied.distinct -= 1,
+                _ => {}
+            }
+            self.holders.insert(k, l);
+        }
+        self.applied.frames = frames.max(0) as u64;
+        Ok(Ok(WriteResponse::default()))
+    }
+
+    fn register_host(&mut self, name: &str) -> Result<CommandResult, StoreError> {
+        if !name_ok(name) {
+            return Ok(Err(format!(
+                "host name {name:?}: use 1 to {MAX_NAME} letters, digits, '-', '_' or '.'"
+            )));
+        }
+        let nk = keys::host_name(name);
+        if let Some(v) = self
+            .meta
+            .get(&nk[..])
+            .cloned()
+            .flatten()
+            .or(self.store.db.get_cf(self.store.cf(CF_META), nk)?)
+        {
+            let host = u32::from_le_bytes(v[..].try_into().map_err(|_| StoreError::Corrupt {
+                what: "host name",
+                detail: "wrong length".into(),
+            })?);
+            return Ok(Ok(WriteResponse {
+                host,
+                ..Default::default()
+            }));
+        }
+        let host = self.applied.next_host.max(1);
+        self.applied.next_host = host + 1;
+        self.meta
+            .insert(nk.to_vec(), Some(host.to_le_bytes().to_vec()));
+        let rec = HostInfo {
+            index: host,
+            name: name.to_owned(),
+            vms: 0,
+            frames: 0,
+        };
+        self.meta_put(&keys::host(host), &rec);
+        Ok(Ok(WriteResponse {
+            host,
+            ..Default::default()
+        }))
+    }
+
+    fn host_record(&self, host: u32) -> Result<Option<HostInfo>, StoreError> {
+        self.meta_get(&keys::host(host), "host")
+    }
+
+    fn begin_vm(&mut self, index: u64, vm: &VmRecord) -> Result<CommandResult, StoreError> {
+        if !name_ok(&vm.name) {
+            return Ok(Err(format!(
+                "VM name {:?}: use 1 to {MAX_NAME} letters, digits, '-', '_' or '.'",
+                vm.name
+            )));
+        }
+        if Sketch::from_bytes(&vm.sketch).is_err() {
+            return Ok(Err(format!("VM {}: the sketch does not decode", vm.name)));
+        }
+        if vm.digest.len() != 32 {
+            return Ok(Err(format!("VM {}: the digest is 32 bytes", vm.name)));
+        }
+        if self.host_record(vm.host)?.is_none() {
+            return Ok(Err(format!("host number {} is not registered", vm.host)));
+        }
+        let key = keys::vm(&vm.name);
+        if let Some(old) = self.meta_get::<VmRecord>(&key, "vm")? {
+            if old.state == VmState::Loading as i32
+                && old.host == vm.host
+                && old.digest == vm.digest
+            {
+                return Ok(Ok(WriteResponse {
+                    host: vm.host,
+                    generation: old.generation,
+                    duplicate: true,
+                    ..Default::default()
+                }));
+            }
+            let on = self
+                .host_record(old.host)?
+                .map_or_else(|| old.host.to_string(), |h| h.name);
+            let state = VmState::try_from(old.state).map_or("unknown", |s| s.as_str_name());
+            return Ok(Err(format!(
+                "VM {} is already in the index on host {on} ({}){}",
+                vm.name,
+                state.trim_start_matches("VM_STATE_").to_lowercase(),
+                if old.host == vm.host && old.state == VmState::Loading as i32 {
+                    " with other content; unload it first"
+                } else {
+                    "; unload it first"
+                }
+            )));
+        }
+        let mut rec = vm.clone();
+        rec.generation = index;
+        rec.state = VmState::Loading as i32;
+        self.meta_put(&key, &rec);
+        Ok(Ok(WriteResponse {
+            host: vm.host,
+            generation: index,
+            ..Default::default()
+        }))
+    }
+
+    fn set_vm_state(
+        &mut self,
+        name: &str,
+        host: u32,
+        state: i32,
+    ) -> Result<CommandResult, StoreError> {
+        let key = keys::vm(name);
+        let Some(mut rec) = self.meta_get::<VmRecord>(&key, "vm")? else {
+            return Ok(Err(format!("VM {name} is not in the index")));
+        };
+        if rec.host != host {
+            return Ok(Err(format!("VM {name} is on another host")));
+        }
+        let ok = matches!(
+            (VmState::try_from(rec.state), VmState::try_from(state)),
+            (Ok(VmState::Loading), Ok(VmState::Loaded))
+                | (Ok(VmState::Loaded), Ok(VmState::Unloading))
+        );
+        let done = WriteResponse {
+            host,
+            generation: rec.generation,
+            ..Default::default()
+        };
+        if rec.state == state {
+            return Ok(Ok(WriteResponse {
+                duplicate: true,
+                ..done
+            }));
+        }
+        if !ok {
+            return Ok(Err(format!(
+                "VM {name}: cannot go from state {} to {}",
+                rec.state, state
+            )));
+        }
+        let Some(mut h) = self.host_record(host)? else {
+            return Ok(Err(format!("host number {host} is not registered")));
+        };
+        if state == VmState::Loaded as i32 {
+            h.vms += 1;
+            h.frames += rec.nonzero_frames;
+        } else {
+            h.vms = h.vms.saturating_sub(1);
+            h.frames = h.frames.saturating_sub(rec.nonzero_frames);
+        }
+        rec.state = state;
+        self.meta_put(&key, &rec);
+        self.meta_put(&keys::host(host), &h);
+        Ok(Ok(done))
+    }
+
+    fn remove_vm(&mut self, name: &str, host: u32) -> Result<CommandResult, StoreError> {
+        let key = keys::vm(name);
+        let Some(rec) = self.meta_get::<VmRecord>(&key, "vm")? else {
+            return Ok(Ok(WriteResponse {
+                duplicate: true,
+                ..Default::default()
+            }));
+        };
+        if rec.host != host {
+            return Ok(Err(format!("VM {name} is on another host")));
+        }
+        if rec.state != VmState::Unloading as i32 {
+            return Ok(Err(format!(
+                "VM {name} is not being unloaded; its holders must be removed first"
+            )));
+        }
+        self.meta.insert(key.to_vec(), None);
+        Ok(Ok(WriteResponse {
+            host,
+            generation: rec.generation,
+            ..Default::default()
+        }))
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Deltas(_) => "deltas",
+        Op::RegisterHost(_) => "register_host",
+        Op::BeginVm(_) => "begin_vm",
+        Op::SetVmState(_) => "set_vm_state",
+        Op::RemoveVm(_) => "remove_vm",
+    }
+}
