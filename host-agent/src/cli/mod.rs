@@ -2,6 +2,7 @@
 
 mod agent;
 mod cast;
+mod index;
 mod plan;
 mod progress;
 mod scan;
@@ -41,6 +42,8 @@ enum Command {
     Agent(agent::AgentArgs),
     Vm(agent::VmArgs),
     Migrate(agent::MigrateArgs),
+    Index(index::IndexCmd),
+    Advise(index::AdviseArgs),
 }
 
 /// Manage the cluster secret that agents, peers and tools authenticate
@@ -100,6 +103,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(a) => agent::run_agent(a, threads),
         Command::Vm(a) => agent::run_vm(a),
         Command::Migrate(a) => agent::run_migrate(a),
+        Command::Index(a) => index::run(a, threads),
+        Command::Advise(a) => index::advise(a),
         Command::Secret(SecretCmd {
             command: SecretSub::New { file },
         }) => {

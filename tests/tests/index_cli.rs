@@ -1,0 +1,565 @@
+//! `pagecast index` and `pagecast advise` as operators run them: three
+//! replica processes on loopback, images published and queried through the
+//! CLI, and failures injected by killing and wiping replicas.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pagecast_index::PageHash;
+use pagecast_index::client::IndexClient;
+use pagecast_proto::v1::{HolderDelta, HolderDeltas, IndexCommand, index_command::Op};
+use pagecast_tests::{pagecast, pagecast_bin, pagecast_json};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Replica {
+    id: u64,
+    addr: String,
+    dir: PathBuf,
+    log: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+struct Cluster {
+    reps: Vec<Replica>,
+    peers: String,
+    shards: u32,
+    _root: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(shards: u32) -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let reps: Vec<Replica> = (1..=3)
+            .map(|id| Replica {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                dir: root.path().join(format!("r{id}")),
+                log: root.path().join(format!("r{id}.log")),
+                child: None,
+            })
+            .collect();
+        let peers = reps
+            .iter()
+            .map(|r| format!("{}={}", r.id, r.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            reps,
+            peers,
+            shards,
+            _root: root,
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        c.wait_leaders();
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let r = &mut self.reps[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&r.log)
+            .unwrap();
+        let child = Command::new(pagecast_bin())
+            .args([
+                "index",
+                "serve",
+                "--id",
+                &r.id.to_string(),
+                "--listen",
+                &r.addr,
+            ])
+            .args(["--peers", &self.peers, "--shards", &self.shards.to_string()])
+            .args(["--compact-after", "16", "--raft-log", "warning", "--data"])
+            .arg(&r.dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning a replica");
+        r.child = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.reps[i].child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn addrs(&self) -> String {
+        self.reps
+            .iter()
+            .map(|r| r.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn logs(&self) -> String {
+        self.reps
+            .iter()
+            .map(|r| {
+                format!(
+                    "--- replica {}:\n{}",
+                    r.id,
+                    std::fs::read_to_string(&r.log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// Status of replica `i`, or None if it does not answer.
+    fn status(&self, i: usize) -> Option<pagecast_proto::v1::StatusResponse> {
+        let mut c = IndexClient::new(&[self.reps[i].addr.clone()]).unwrap();
+        c.status_of(&self.reps[i].addr).ok()
+    }
+
+    /// The replica index leading `shard`, among the running ones.
+    fn leader_of(&self, shard: u32) -> Option<usize> {
+        (0..3).filter(|i| self.reps[*i].child.is_some()).find(|i| {
+            self.status(*i).is_some_and(|s| {
+                s.shards
+                    .iter()
+                    .any(|x| x.shard == shard && x.role == "leader")
+            })
+        })
+    }
+
+    fn wait_leaders(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if (0..self.shards).all(|s| self.leader_of(s).is_some()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no leaders after 20 s\n{}", self.logs());
+    }
+
+    /// Waits until replica `i` has applied as far as the leader of every
+    /// shard had when called.
+    fn wait_caught_up(&self, i: usize) -> pagecast_proto::v1::StatusResponse {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let target: Vec<u64> = (0..self.shards)
+                .map(|s| {
+                    let l = self.leader_of(s).expect("a leader");
+                    self.status(l).unwrap().shards[s as usize].commit
+                })
+                .collect();
+            if let Some(st) = self.status(i)
+                && st.shards.iter().zip(&target).all(|(x, t)| x.applied >= *t)
+            {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {} did not catch up\n{}",
+                i + 1,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.reps.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Writes an image of `pages` pages where page i holds content `seed + i`
+/// (a non-zero pattern), and `zeros` zero pages after them.
+fn image(dir: &Path, name: &str, contents: impl Iterator<Item = u64>, zeros: usize) -> PathBuf {
+    let mut b = Vec::new();
+    for c in contents {
+        let mut page = vec![0u8; 4096];
+        for (j, chunk) in page.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(
+                &(c.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ j as u64 | 1).to_le_bytes(),
+            );
+        }
+        b.extend_from_slice(&page);
+    }
+    b.resize(b.len() + zeros * 4096, 0);
+    let p = dir.join(name);
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = pagecast(args);
+    assert!(
+        out.status.success(),
+        "pagecast {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = pagecast(args);
+    assert!(!out.status.success(), "pagecast {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn load_query_advise_and_unload_through_the_cli() {
+    let c = Cluster::start(3);
+    let d = tempfile::tempdir().unwrap();
+    let ix = c.addrs();
+    let first = c.reps[0].addr.clone();
+    // a: contents 0..2000 (each twice), b: 1000..3000, n: nothing shared.
+    let a = image(d.path(), "a.img", (0..2000).chain(0..2000), 100);
+    let b = image(d.path(), "b.img", 1000..3000, 0);
+    let n = image(d.path(), "n.img", 50_000..50_500, 0);
+    let (a, b, n) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        n.to_str().unwrap(),
+    );
+
+    let out = pagecast_json(&[
+        "index",
+        "load",
+        "--index",
+        &first,
+        "--host",
+        "h1",
+        "--vm",
+        &format!("a={a}"),
+        "--batch",
+        "500",
+        "--json",
+    ]);
+    assert_eq!(out[0]["distinct"], 2000);
+    assert_eq!(out[0]["frames"], 4100);
+    assert!(out[0]["updates_per_second"].as_f64().unwrap() > 0.0);
+    let text = ok(&[
+        "index",
+        "load",
+        "--index",
+        &ix,
+        "--host",
+        "h2",
+        "--vm",
+        &format!("b={b}"),
+    ]);
+    assert!(
+        text.contains("loaded b on h2") && text.contains("updates/s"),
+        "{text}"
+    );
+
+    // The same VM name again is refused, whatever the host.
+    let e = fails(&[
+        "index",
+        "load",
+        "--index",
+        &ix,
+        "--host",
+        "h2",
+        "--vm",
+        &format!("a={b}"),
+    ]);
+    assert!(e.contains("VM a is already in the index on host h1"), "{e}");
+
+    let h = pagecast_json(&["index", "holders", "--index", &ix, "--image", b, "--json"]);
+    assert_eq!(h["distinct"], 2000);
+    assert_eq!(h["hosts"]["h1"], 1000);
+    assert_eq!(h["hosts"]["h2"], 2000);
+    assert_eq!(h["held_by_none"], 0);
+    let h = pagecast_json(&[
+        "index", "holders", "--index", &ix, "--image", n, "--json", "--stale",
+    ]);
+    assert_eq!(h["held_by_none"], 500);
+    assert!(h["hosts"].as_object().unwrap().is_empty());
+
+    let adv = pagecast_json(&[
+        "advise", "--index", &ix, "--vm", "a", "--top", "3", "--json",
+    ]);
+    assert_eq!(adv["host"], "h1");
+    assert_eq!(adv["hosts"][0]["name"], "h2");
+    let shared = adv["hosts"][0]["shared_pages"].as_f64().unwrap();
+    assert!(
+        (shared - 1000.0).abs() < 150.0,
+        "estimated {shared} of 1000 shared"
+    );
+    assert_eq!(adv["vms"][0]["name"], "b");
+    let j = adv["vms"][0]["jaccard"].as_f64().unwrap();
+    assert!((j - 1.0 / 3.0).abs() < 0.08, "jaccard {j}");
+    let text = ok(&["advise", "--index", &ix, "--vm", "b"]);
+    assert!(
+        text.contains("hosts holding most of its content") && text.contains("h1"),
+        "{text}"
+    );
+
+    let st = pagecast_json(&["index", "status", "--index", &first, "--json"]);
+    let reps = st["replicas"].as_array().unwrap();
+    assert_eq!(reps.len(), 3, "one address shows every replica: {st}");
+    let distinct: u64 = reps
+        .iter()
+        .flat_map(|r| r["shards"].as_array().unwrap().clone())
+        .filter(|s| s["role"] == "leader")
+        .map(|s| s["distinct_hashes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(distinct, 3000);
+    let text = ok(&["index", "status", "--index", &first]);
+    assert!(
+        text.contains("SHARD") && text.contains("leader") && text.contains("follower"),
+        "{text}"
+    );
+
+    // Unload a: only b's holders remain.
+    let e = fails(&[
+        "index", "unload", "--index", &ix, "--host", "h2", "--vm", "a",
+    ]);
+    assert!(e.contains("held by h1, not h2"), "{e}");
+    ok(&[
+        "index", "unload", "--index", &ix, "--host", "h1", "--vm", "a",
+    ]);
+    let h = pagecast_json(&["index", "holders", "--index", &ix, "--image", a, "--json"]);
+    assert!(h["hosts"].get("h1").is_none(), "{h}");
+    assert_eq!(h["hosts"]["h2"], 1000);
+    assert_eq!(h["held_by_none"], 1000);
+    let e = fails(&["advise", "--index", &ix, "--vm", "a"]);
+    assert!(e.contains("VM a is not in the index"), "{e}");
+    // It can be loaded again after the unload.
+    ok(&[
+        "index",
+        "load",
+        "--index",
+        &ix,
+        "--host",
+        "h3",
+        "--vm",
+        &format!("a={a}"),
+    ]);
+    let h = pagecast_json(&["index", "holders", "--index", &ix, "--image", a, "--json"]);
+    assert_eq!(h["hosts"]["h3"], 2000);
+}
+
+#[test]
+fn operator_mistakes_get_clear_errors() {
+    let e = fails(&[
+        "index",
+        "serve",
+        "--id",
+        "4",
+        "--listen",
+        "127.0.0.1:0",
+        "--peers",
+        "1=127.0.0.1:1,2=127.0.0.1:2",
+        "--data",
+        "/nonexistent/x",
+    ]);
+    assert!(e.contains("--id 4 is not in --peers (1, 2)"), "{e}");
+    let e = fails(&[
+        "index",
+        "serve",
+        "--id",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--peers",
+        "1=nohost",
+        "--data",
+        "/tmp/x",
+    ]);
+    assert!(e.contains("expected HOST:PORT"), "{e}");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let e = fails(&["index", "status", "--index", &dead]);
+    assert!(e.contains("no replica answered"), "{e}");
+    let e = fails(&[
+        "index", "load", "--index", &dead, "--host", "h", "--vm", "novalue",
+    ]);
+    assert!(e.contains("expected VMNAME=IMAGE"), "{e}");
+    let out = pagecast(&["index", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for sub in ["serve", "status", "load", "unload", "holders"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}
+
+#[test]
+fn a_data_directory_refuses_another_replica_id() {
+    let d = tempfile::tempdir().unwrap();
+    let p = free_port();
+    let peers = format!("1=127.0.0.1:{p},2=127.0.0.1:{}", free_port());
+    let data = d.path().join("r");
+    let mut ch = Command::new(pagecast_bin())
+        .args([
+            "index",
+            "serve",
+            "--id",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--peers",
+            &peers,
+            "--data",
+        ])
+        .arg(&data)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    ch.kill().unwrap();
+    ch.wait().unwrap();
+    let e = fails(&[
+        "index",
+        "serve",
+        "--id",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--peers",
+        &peers,
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("belongs to replica 1 of a 4-shard cluster, not replica 2 of 4"),
+        "{e}"
+    );
+}
+
+fn hash(i: u64) -> PageHash {
+    let mut b = *blake3::hash(&i.to_le_bytes()).as_bytes();
+    b[31] |= 1;
+    PageHash::from_bytes(b)
+}
+
+/// Every acknowledged batch's hashes, read back linearizably (or from one
+/// replica's state with `only`), must be there with one frame.
+fn check_acked(addrs: &[String], acked: &[u64], per_batch: u64, stale: bool) {
+    let mut c = IndexClient::new(addrs).unwrap();
+    let hashes: Vec<PageHash> = acked
+        .iter()
+        .flat_map(|b| (b * per_batch..(b + 1) * per_batch).map(hash))
+        .collect();
+    for chunk in hashes.chunks(4096) {
+        let l = c.lookup(0, chunk, &[], stale).unwrap();
+        assert_eq!(
+            l.hash_index.len(),
+            chunk.len(),
+            "acknowledged hashes missing"
+        );
+        assert!(l.frames.iter().all(|f| *f == 1), "a batch applied twice");
+    }
+}
+
+#[test]
+fn killed_leader_restarts_and_a_wiped_replica_catches_up() {
+    let mut c = Cluster::start(1);
+    let addrs: Vec<String> = c.reps.iter().map(|r| r.addr.clone()).collect();
+    let per_batch = 200u64;
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, addrs) = (acked.clone(), stop.clone(), addrs.clone());
+        std::thread::spawn(move || {
+            let mut cl = IndexClient::new(&addrs).unwrap();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                seq += 1;
+                let deltas = (seq * per_batch..(seq + 1) * per_batch)
+                    .map(|i| HolderDelta {
+                        hash: hash(i).as_bytes().to_vec().into(),
+                        host: 1,
+                        frames: 1,
+                    })
+                    .collect();
+                let cmd = IndexCommand {
+                    client: 99,
+                    seq,
+                    op: Some(Op::Deltas(HolderDeltas { deltas })),
+                };
+                // The client retries across replicas until acknowledged.
+                cl.write(0, cmd).expect("a batch was never acknowledged");
+                acked.lock().unwrap().push(seq);
+            }
+        })
+    };
+    let wait_acks = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().unwrap().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "writes stalled at {}",
+                acked.lock().unwrap().len()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_acks(30);
+    let old = c.leader_of(0).expect("a leader");
+    c.kill(old);
+    let killed_at = Instant::now();
+    let new = loop {
+        if let Some(l) = c.leader_of(0) {
+            break l;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(5),
+            "no new leader\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = killed_at.elapsed();
+    assert_ne!(new, old);
+    assert!(took < Duration::from_secs(2), "a new leader took {took:?}");
+    let before = acked.lock().unwrap().len();
+    wait_acks(before + 30);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let acked: Vec<u64> = acked.lock().unwrap().clone();
+    check_acked(&addrs, &acked, per_batch, false);
+
+    // The killed replica rejoins and catches up.
+    c.spawn(old);
+    c.wait_caught_up(old);
+    check_acked(&[addrs[old].clone()], &acked, per_batch, true);
+
+    // Restart every replica: the same content.
+    let distinct = c.status(new).unwrap().shards[0].distinct_hashes;
+    assert_eq!(distinct, acked.len() as u64 * per_batch);
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_leaders();
+    check_acked(&addrs, &acked, per_batch, false);
+    for i in 0..3 {
+        let st = c.wait_caught_up(i);
+        assert_eq!(st.shards[0].distinct_hashes, distinct, "replica {}", i + 1);
+    }
+
+    // Wipe a follower's directory: it comes back through a snapshot (the
+    // log was compacted long ago).
+    let f = (0..3).find(|i| Some(*i) != c.leader_of(0)).unwrap();
+    c.kill(f);
+    std::fs::remove_dir_all(&c.reps[f].dir).unwrap();
+    c.spawn(f);
+    let st = c.wait_caught_up(f);
+    assert!(st.shards[0].snapshots_received >= 1, "{st:?}");
+    assert_eq!(st.shards[0].distinct_hashes, distinct);
+    check_acked(&[addrs[f].clone()], &acked, per_batch, true);
+}
