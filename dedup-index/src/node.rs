@@ -527,7 +527,11 @@ impl ShardNode {
         self.apply(rd.take_committed_entries())?;
         let store = self.node.store();
         if !rd.entries().is_empty() || rd.hs().is_some() {
-            self.log_bytes += rd.entries().iter().map(|e| e.data.len() as u64).sum::<u64>();
+            self.log_bytes += rd
+                .entries()
+                .iter()
+                .map(|e| e.data.len() as u64)
+                .sum::<u64>();
             store.append(rd.entries(), rd.hs())?;
         }
         out.extend(rd.take_persisted_messages());
