@@ -11,6 +11,7 @@
 //! between two.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 
 use pagecast_proto::v1::{
@@ -331,7 +332,7 @@ impl Store {
             store: self,
             shard,
             applied: self.applied(shard)?,
-            holders: HashMap::new(),
+            holders: KeyMap::default(),
             meta: HashMap::new(),
             sessions: HashMap::new(),
         };
@@ -482,7 +483,7 @@ struct Apply<'a> {
     store: &'a Store,
     shard: u32,
     applied: Applied,
-    holders: HashMap<[u8; 33], HolderList>,
+    holders: KeyMap<HolderList>,
     meta: HashMap<Vec<u8>, Option<Vec<u8>>>,
     sessions: HashMap<u64, u64>,
 }
@@ -589,7 +590,7 @@ impl Apply<'_> {
         missing.dedup();
         let cf = self.store.cf(CF_HOLDERS);
         let got = self.store.db.batched_multi_get_cf(cf, &missing, true);
-        let mut fetched = HashMap::with_capacity(missing.len());
+        let mut fetched = KeyMap::with_capacity_and_hasher(missing.len(), Default::default());
         for (k, r) in missing.iter().zip(got) {
             let l = match r? {
                 Some(v) => HolderList::decode(&v).map_err(|e| StoreError::Corrupt {
@@ -602,7 +603,7 @@ impl Apply<'_> {
         }
         // Stage every change; a delta that would go below zero refuses the
         // whole command, identically on every replica.
-        let mut staged: HashMap<[u8; 33], HolderList> = HashMap::new();
+        let mut staged: KeyMap<HolderList> = KeyMap::default();
         let mut frames = self.applied.frames as i128;
         for (i, (k, host, d)) in parsed.iter().enumerate() {
             let l = staged.entry(*k).or_insert_with(|| {
@@ -810,6 +811,28 @@ impl Apply<'_> {
             generation: rec.generation,
             ..Default::default()
         }))
+    }
+}
+
+/// A map keyed by holder keys. Their bytes after the prefix are a BLAKE3
+/// hash, already uniform, so the map hashes eight of them instead of
+/// running SipHash over all 33 (a tenth of apply's time went there).
+type KeyMap<V> = HashMap<[u8; 33], V, BuildHasherDefault<KeyHasher>>;
+
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // A key arrives whole (after its length); mix anything else in too.
+        let mut b = [0u8; 8];
+        let tail = bytes.get(1..9).unwrap_or(bytes);
+        b[..tail.len().min(8)].copy_from_slice(&tail[..tail.len().min(8)]);
+        self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
     }
 }
 
