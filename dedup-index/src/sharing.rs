@@ -174,6 +174,10 @@ mod tests {
         for (name, shared, union) in cases {
             let c = r.vms.iter().find(|c| c.name == name).unwrap();
             let exact_j = shared / union;
+            eprintln!(
+                "{name}: J {:.4} (exact {exact_j:.4}), shared {:.0} (exact {shared})",
+                c.jaccard, c.shared_pages
+            );
             assert!(
                 (c.jaccard - exact_j).abs() <= 0.08,
                 "{name}: J {} vs {exact_j}",

@@ -536,7 +536,10 @@ pub fn advise(a: AdviseArgs) -> anyhow::Result<()> {
         "{} on {}: {} distinct non-zero pages",
         vm.name, r.vm_host, vm.distinct
     );
-    println!("\nhosts holding most of its content:");
+    println!(
+        "\nhosts holding most of its content (in other VMs; {} itself not counted):",
+        vm.name
+    );
     println!("{:<24} {:>14} {:>8}", "HOST", "SHARED PAGES", "JACCARD");
     for h in &r.hosts {
         println!("{:<24} {:>14.0} {:>8.3}", h.name, h.shared_pages, h.jaccard);
