@@ -3,7 +3,9 @@
 # of synthetic guest memory images (three families, three VMs each), scan
 # them (how much each VM holds, how much they share, how many bytes a gang
 # transfer saves against per-VM pre-copy), then plan the evacuation of a
-# rack of them with every strategy (docs/examples/rack.toml), and, where
+# rack of them with every strategy (docs/examples/rack.toml), run a
+# three-replica content index on loopback, publish the images to it as VMs
+# of three hosts and ask it who holds what (docs/index.md), and, where
 # /dev/kvm exists, start two host agents and live-migrate a running micro-VM
 # from one to the other (docs/migration.md).
 #
@@ -31,6 +33,36 @@ echo "== planning the evacuation of rack A (docs/examples/rack.toml)" >&2
 cp docs/examples/rack.toml "$out/rack.toml"
 "$pagecast" plan --topology "$out/rack.toml" --advise
 
+echo "== starting a three-replica content index on loopback (logs in $out/index-*.log)" >&2
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+base=$((20000 + RANDOM % 20000))
+ports=($base $((base + 1)) $((base + 2)))
+peers="1=127.0.0.1:${ports[0]},2=127.0.0.1:${ports[1]},3=127.0.0.1:${ports[2]}"
+rm -rf "$out/index"
+for id in 1 2 3; do
+    "$pagecast" index serve --id "$id" --listen "127.0.0.1:${ports[$((id - 1))]}" --peers "$peers" \
+        --data "$out/index/r$id" --shards 4 2>"$out/index-$id.log" &
+    pids+=($!)
+done
+export PAGECAST_INDEX="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
+for _ in $(seq 50); do
+    "$pagecast" index status >/dev/null 2>&1 && break
+    sleep 0.2
+done
+i=0
+for img in "$out"/images/*.raw; do
+    name=$(basename "$img" .raw)
+    host=host-$((i % 3 + 1))
+    i=$((i + 1))
+    [ "$name" = web-2 ] && continue # kept out: the image we ask about below
+    "$pagecast" index load --host "$host" --vm "$name=$img" --no-progress
+done
+"$pagecast" index status
+echo "== who already holds web-2's pages, and where should it go?" >&2
+"$pagecast" index holders --image "$out/images/web-2.raw" --no-progress
+"$pagecast" advise --vm web-0 --top 3
+
 if [ ! -e /dev/kvm ]; then
     echo "== skipping the live migration: /dev/kvm is not available here" >&2
     exit 0
@@ -40,8 +72,6 @@ echo "== starting two host agents on loopback" >&2
 secret="$out/cluster.secret"
 [ -f "$secret" ] || "$pagecast" secret new "$secret"
 export PAGECAST_SECRET_FILE="$secret"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 start_agent() { # name -> prints its address
     local fifo="$out/$1.addr"
     rm -f "$fifo"
