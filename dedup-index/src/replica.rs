@@ -298,6 +298,19 @@ fn run_shard(
                 for m in msgs {
                     if let Some(link) = links.get(&m.to) {
                         let bytes = m.write_to_bytes().expect("encodes");
+                        if bytes.len() > MAX_RAFT_MESSAGE_BYTES {
+                            // The peer would refuse it; say why here, where
+                            // the operator can act (more shards).
+                            eprintln!(
+                                "index: shard {shard}: a {:?} to replica {} is {} bytes, over the \
+                                 {MAX_RAFT_MESSAGE_BYTES} a raft message may carry; not sent \
+                                 (a shard this large needs a cluster with more shards)",
+                                m.get_msg_type(),
+                                m.to,
+                                bytes.len()
+                            );
+                            continue;
+                        }
                         // A full queue drops the message: raft resends.
                         let _ = link.try_send((shard, bytes));
                     }
