@@ -463,28 +463,15 @@ impl ShardNode {
         let timeout = self.cfg.request_timeout;
         let late = |since: Instant| now.duration_since(since) > timeout;
         let nl = self.not_leader();
-        let ids: Vec<u64> = self
-            .proposals
-            .iter()
-            .filter(|(_, w)| lost || late(w.since))
-            .map(|(k, _)| *k)
-            .collect();
-        for id in ids {
-            let w = self.proposals.remove(&id).expect("listed");
+        let expired = |since: Instant| lost || late(since);
+        for (_, w) in self.proposals.extract_if(|_, w| expired(w.since)) {
             (w.reply)(if lost {
                 nl.clone()
             } else {
                 error("timed out waiting for the write to commit")
             });
         }
-        let ids: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, r)| lost || late(r.since))
-            .map(|(k, _)| *k)
-            .collect();
-        for id in ids {
-            let r = self.reads.remove(&id).expect("listed");
+        for (_, r) in self.reads.extract_if(|_, r| expired(r.since)) {
             (r.reply)(if lost {
                 nl.clone()
             } else {
