@@ -588,22 +588,13 @@ impl ShardNode {
                     cmds.push((e.index, cmd));
                 }
                 EntryType::EntryConfChange => {
-                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| {
-                        NodeError::Store(StoreError::Corrupt {
-                            what: "conf change",
-                            detail: x.to_string(),
-                        })
-                    })?;
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(corrupt_conf_change)?;
                     self.node.apply_conf_change(&cc)?;
                     cmds.push((e.index, None));
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| {
-                        NodeError::Store(StoreError::Corrupt {
-                            what: "conf change",
-                            detail: x.to_string(),
-                        })
-                    })?;
+                    let cc =
+                        ConfChangeV2::parse_from_bytes(&e.data).map_err(corrupt_conf_change)?;
                     self.node.apply_conf_change(&cc)?;
                     cmds.push((e.index, None));
                 }
@@ -662,4 +653,11 @@ fn req_name(op: &ReqOp) -> &'static str {
         ReqOp::Advise(_) => "advice",
         ReqOp::Pair(_) => "pair sharing",
     }
+}
+
+fn corrupt_conf_change(e: protobuf::ProtobufError) -> NodeError {
+    NodeError::Store(StoreError::Corrupt {
+        what: "conf change",
+        detail: e.to_string(),
+    })
 }
