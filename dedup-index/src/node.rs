@@ -87,7 +87,11 @@ pub enum NodeError {
     Store(#[from] StoreError),
 }
 
+/// A proposed write, waiting for the entry raft placed it at.
 struct Waiting {
+    /// The term it was proposed in: an entry at the same index from
+    /// another term means it was overwritten by another leader's log.
+    term: u64,
     reply: Reply,
     since: Instant,
 }
@@ -113,7 +117,11 @@ pub struct ShardNode {
     store: Arc<Store>,
     shard: u32,
     cfg: NodeConfig,
+    /// Context of the next ReadIndex request.
     next_ctx: u64,
+    /// Writes proposed here, by the log index of their entry. (Not by a
+    /// counter carried in the entry: a new leader commits its
+    /// predecessors' entries, whose counters may equal its own.)
     proposals: HashMap<u64, Waiting>,
     reads: HashMap<u64, Read>,
     /// Reads whose read index is known, waiting for apply.
@@ -331,17 +339,15 @@ impl ShardNode {
                 d.deltas.len()
             )));
         }
-        let ctx = self.next_ctx;
-        self.next_ctx += 1;
-        match self
-            .node
-            .propose(ctx.to_le_bytes().to_vec(), cmd.encode_to_vec())
-        {
+        match self.node.propose(Vec::new(), cmd.encode_to_vec()) {
             Ok(()) => {
                 metrics::counter!("pagecast_index_proposals_total").increment(1);
+                // A leader appends a proposal to its log at once.
+                let index = self.node.raft.raft_log.last_index();
                 self.proposals.insert(
-                    ctx,
+                    index,
                     Waiting {
+                        term: self.node.raft.term,
                         reply,
                         since: Instant::now(),
                     },
@@ -573,7 +579,6 @@ impl ShardNode {
         let (last_index, last_term) = (last.index, last.term);
         let started = Instant::now();
         let mut cmds = Vec::with_capacity(entries.len());
-        let mut ctxs = Vec::with_capacity(entries.len());
         for e in &entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
@@ -599,26 +604,27 @@ impl ShardNode {
                     cmds.push((e.index, None));
                 }
             }
-            ctxs.push(u64::from_le_bytes(
-                e.context.as_ref().try_into().unwrap_or([0; 8]),
-            ));
         }
         let results = self.store.apply(self.shard, &cmds, last_term)?;
         self.applied = last_index;
         metrics::counter!("pagecast_index_commits_total").increment(entries.len() as u64);
         metrics::histogram!("pagecast_index_apply_seconds").record(started.elapsed().as_secs_f64());
-        for (ctx, r) in ctxs.into_iter().zip(results) {
-            if ctx == 0 {
+        for (e, r) in entries.iter().zip(results) {
+            let Some(w) = self.proposals.remove(&e.index) else {
                 continue;
-            }
-            if let Some(w) = self.proposals.remove(&ctx) {
-                (w.reply)(match r {
+            };
+            (w.reply)(if w.term != e.term {
+                // Another leader's entry took its place: the write was
+                // never applied, and the client tries again.
+                self.not_leader()
+            } else {
+                match r {
                     Ok(w) => IndexResponse {
                         result: Some(Resp::Write(w)),
                     },
                     Err(e) => error(e),
-                });
-            }
+                }
+            });
         }
         Ok(())
     }

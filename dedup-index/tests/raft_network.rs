@@ -392,3 +392,51 @@ fn reads_are_linearizable_on_the_leader_and_refused_elsewhere() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A new leader commits entries its predecessor proposed. Those must not
+/// answer the new leader's own waiting writes: here the old leader's first
+/// proposal (refused when applied) is committed under the new leader while
+/// the new leader's first proposal (which succeeds) waits.
+#[test]
+fn a_new_leader_answers_its_writes_with_their_own_results() {
+    let mut c = Cluster::new(3, 11, 0, 0);
+    let old = c.wait_leader();
+    // Let the followers match the leader's log, so it streams appends.
+    c.run(10);
+    let answers: Answers = Arc::default();
+    // Refused when applied: host 1 holds no frame of hash 1.
+    c.send(old, 1, write(8, 1, &[1], 1, -2), &answers);
+    // One step: the leader appends it and sends it; the next, the followers
+    // append it. Then cut the old leader off before it hears back.
+    c.run(2);
+    c.net.cut.push(old);
+    c.net.flight.retain(|(_, m)| m.to != old && m.from != old);
+    let mut new = old;
+    for _ in 0..400 {
+        c.run(1);
+        if let Some(l) = c.leader() {
+            new = l;
+            break;
+        }
+    }
+    assert_ne!(new, old, "no new leader");
+    c.send(new, 2, write(9, 1, &[2], 1, 1), &answers);
+    c.run(50);
+    let got: Vec<(u64, IndexResponse)> = answers.lock().unwrap().clone();
+    let mine = got
+        .iter()
+        .find(|(tag, _)| *tag == 2)
+        .expect("the new leader answered its write");
+    assert!(
+        matches!(&mine.1.result, Some(Resp::Write(w)) if !w.duplicate),
+        "the new leader's write got {:?}",
+        mine.1.result
+    );
+    // Both entries were applied, each with its own outcome.
+    let others: Vec<u64> = c.stores.keys().copied().filter(|id| *id != old).collect();
+    for id in others {
+        let s = &c.stores[&id];
+        assert_eq!(s.holders(&[hash(2)]).unwrap()[0].frames_of(1), 1);
+        assert_eq!(s.holders(&[hash(1)]).unwrap()[0].frames_of(1), 0);
+    }
+}
