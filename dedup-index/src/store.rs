@@ -544,9 +544,10 @@ impl Apply<'_> {
             Some(Op::RemoveVm(r)) => self.remove_vm(&r.name, r.host)?,
             None => Err("empty command".into()),
         };
-        // A refused command still ends its session's sequence number, so a
-        // re-send gets the same answer rather than a second try.
-        if cmd.client != 0 {
+        // Only an applied command ends its session's sequence number: a
+        // refused one changed nothing, and a re-send is judged again (and
+        // refused again, unless the state it needed has come about since).
+        if cmd.client != 0 && r.is_ok() {
             self.sessions.insert(cmd.client, cmd.seq);
         }
         Ok(r.map(|mut w| {

@@ -360,6 +360,15 @@ fn a_resent_batch_is_applied_once() {
     for s in c.stores.values() {
         assert_eq!(s.holders(&[hash(1)]).unwrap()[0].frames_of(1), 1);
     }
+    // Re-sent, the refused batch is judged again, not taken for done.
+    c.send(l, 2, write(8, 1, &[1], 1, -2), &answers);
+    c.run(100);
+    let r = answers.lock().unwrap().pop().unwrap().1;
+    assert!(
+        matches!(&r.result, Some(Resp::Error(e)) if e.contains("cannot add -2")),
+        "a re-sent refused batch got {:?}",
+        r.result
+    );
 }
 
 #[test]
