@@ -19,7 +19,7 @@ out=${PAGECAST_DEMO_DIR:-demo-out}
 memory=${PAGECAST_DEMO_MEMORY:-128MiB}
 
 echo "== building pagecast (release)" >&2
-cargo build --release --locked -p pagecast-agent --bin pagecast
+cargo build --release --locked -p pagecast-cli --bin pagecast
 pagecast=./target/release/pagecast
 
 echo "== writing synthetic guest images into $out/images" >&2

@@ -29,14 +29,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagecast_agent::castio::{ImageSink, ImageSource};
-use pagecast_agent::fingerprint::Fingerprinter;
-use pagecast_agent::memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_benches::env_or;
-use pagecast_index::{PAGE_SIZE, PageHash};
+use pagecast_channel::Secret;
+use pagecast_cli::castio::{ImageSink, ImageSource};
+use pagecast_memory::fingerprint::Fingerprinter;
+use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_multicast::{
-    Groups, PageEntry, PageSink, PageSource, ReceiverConfig, Secret, SenderConfig, TransportChoice,
+    Groups, PageEntry, PageSink, PageSource, ReceiverConfig, SenderConfig, TransportChoice,
 };
+use pagecast_pages::{PAGE_SIZE, PageHash};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Debug, Default, Clone)]
@@ -85,12 +86,13 @@ fn role(args: &[String]) -> Option<()> {
                     "{:?}",
                     rep.receivers
                 );
+                // UDP payloads plus 42 bytes of Ethernet, IPv4 and UDP
+                // headers per datagram; TCP bytes (control, unicast repair)
+                // as a TCP wire carries them.
+                let udp = rep.bytes_first + rep.bytes_repair + rep.bytes_heartbeat;
+                let tcp = rep.bytes_unicast + rep.bytes_control;
                 serde_json::to_string(&SenderOut {
-                    sent_bytes: rep.bytes_first
-                        + rep.bytes_repair
-                        + rep.bytes_unicast
-                        + rep.bytes_heartbeat
-                        + rep.bytes_control,
+                    sent_bytes: udp + 42 * rep.datagrams + tcp_wire(tcp, mtu),
                     page_bytes: rep.page_bytes,
                     repairs: rep.repairs,
                 })

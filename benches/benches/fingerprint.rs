@@ -17,11 +17,11 @@
 
 use std::time::Instant;
 
-use pagecast_agent::fingerprint::Fingerprinter;
-use pagecast_agent::memory::GuestMemory;
-use pagecast_agent::memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_benches::{env_or, median};
-use pagecast_index::{PAGE_SIZE, Page, PageHash};
+use pagecast_memory::GuestMemory;
+use pagecast_memory::fingerprint::Fingerprinter;
+use pagecast_memory::synth::{SynthSpec, SyntheticVm};
+use pagecast_pages::{PAGE_SIZE, Page, PageHash};
 use rayon::prelude::*;
 
 fn main() {
@@ -32,8 +32,13 @@ fn main() {
         spec.profile.zero = zero;
         let vm = SyntheticVm::new(spec).expect("valid profile");
         let mem = vm.materialize(None).expect("memory for the benchmark");
-        // SAFETY: nothing writes this memory while the benchmark runs.
-        let bytes = unsafe { mem.region().bytes() };
+        // The baselines hash plain bytes, so they get a private copy; pagecast
+        // reads the guest memory itself, through volatile copies.
+        let mut owned = vec![0u8; mem.region().len()];
+        mem.region()
+            .read_bytes(0, &mut owned)
+            .expect("whole region");
+        let bytes = &owned[..];
         let gb = bytes.len() as f64 / 1e9;
         println!(
             "fingerprint: {mib} MiB of synthetic memory (family web, {label}), median of {runs} runs"
@@ -59,7 +64,7 @@ fn main() {
                 (vec![], vec![], vec![], vec![], vec![]);
             for _ in 0..runs {
                 let t = Instant::now();
-                fp.fingerprint_bytes(bytes, &mut ours, &|_| {});
+                ours = fp.fingerprint(&mem, &|_| {}).hashes;
                 let fp_rate = gb / t.elapsed().as_secs_f64();
                 let t = Instant::now();
                 pool.install(|| {

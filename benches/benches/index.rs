@@ -24,10 +24,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagecast_benches::{env_or, median, process_cpu_seconds};
-use pagecast_index::PageHash;
 use pagecast_index::client::IndexClient;
 use pagecast_index::replica::{self, ReplicaConfig};
 use pagecast_index::store::{CF_HOLDERS, Store};
+use pagecast_pages::PageHash;
 use pagecast_proto::v1::{HolderDelta, HolderDeltas, IndexCommand, index_command::Op};
 
 const BATCH: usize = 8192;

@@ -22,12 +22,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagecast_agent::agent::Agent;
-use pagecast_agent::memory::kvm::kvm_or_skip;
-use pagecast_agent::memory::synth::{SynthSpec, SyntheticVm};
-use pagecast_agent::migrate::{ChannelLink, MigrationReport};
-use pagecast_index::PAGE_SIZE;
-use pagecast_multicast::{Channel, Secret};
+use pagecast_agent::Agent;
+use pagecast_channel::{Channel, Secret};
+use pagecast_memory::kvm::kvm_or_skip;
+use pagecast_memory::synth::{SynthSpec, SyntheticVm};
+use pagecast_migrate::{ChannelLink, MigrationReport};
+use pagecast_pages::PAGE_SIZE;
 use pagecast_proto::v1;
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {

@@ -13,11 +13,11 @@
 
 use std::time::Instant;
 
-use pagecast_agent::fingerprint::Fingerprinter;
-use pagecast_agent::memory::synth::{SharingProfile, SynthSpec, SyntheticVm};
-use pagecast_agent::units::format_bytes;
 use pagecast_benches::median;
-use pagecast_index::PageHash;
+use pagecast_memory::fingerprint::Fingerprinter;
+use pagecast_memory::synth::{SharingProfile, SynthSpec, SyntheticVm};
+use pagecast_pages::PageHash;
+use pagecast_pages::units::format_bytes;
 use pagecast_scheduler::{
     Cluster, Evacuation, Host, InMemoryContent, Planner, Rack, Strategy, Vm, place_sketched,
 };

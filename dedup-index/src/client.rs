@@ -18,11 +18,12 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use pagecast_proto::refusal;
 use pagecast_proto::v1::{
     AdviseRequest, AdviseResponse, BeginVm, HolderDelta, HolderDeltas, HostInfo, HostsRequest,
     IndexCommand, IndexFrame, IndexHello, IndexRequest, LookupRequest, LookupResponse, PairRequest,
-    PairResponse, RegisterHost, RemoveVm, SetVmState, StatusRequest, StatusResponse, VmRecord,
-    VmState, VmsRequest, WriteResponse, index_command::Op as CmdOp, index_frame::Kind,
+    PairResponse, RefusalCode, RegisterHost, RemoveVm, SetVmState, StatusRequest, StatusResponse,
+    VmRecord, VmState, VmsRequest, WriteResponse, index_command::Op as CmdOp, index_frame::Kind,
     index_request::Op as ReqOp, index_response::Result as Resp,
 };
 
@@ -41,9 +42,14 @@ pub enum ClientError {
         /// The last failure.
         last: String,
     },
-    /// A replica answered with an error.
-    #[error("{0}")]
-    Remote(String),
+    /// A replica refused the request.
+    #[error("{message}")]
+    Refused {
+        /// Why, for programs.
+        code: RefusalCode,
+        /// Why, for people.
+        message: String,
+    },
     /// An answer of the wrong kind.
     #[error("unexpected answer from the index: {0}")]
     Unexpected(String),
@@ -52,23 +58,43 @@ pub enum ClientError {
     Invalid(String),
 }
 
+impl ClientError {
+    /// The refusal code, if a replica refused.
+    pub fn code(&self) -> Option<RefusalCode> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
 struct Conn {
     r: BufReader<TcpStream>,
     w: BufWriter<TcpStream>,
 }
+
+/// How long connecting to one replica may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long one attempt (one request to one replica) may take before the
+/// client gives up on that replica and tries another: a replica that hangs
+/// (stopped, partitioned with its connections open) costs this much, not
+/// the whole request.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a replica that failed an attempt is tried last.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
 /// A connection pool to the replicas of one index.
 pub struct IndexClient {
     addrs: Vec<String>,
     conns: HashMap<String, Conn>,
     leaders: HashMap<u32, String>,
+    /// Replicas that failed an attempt lately, and when.
+    suspect: HashMap<String, Instant>,
     next: usize,
     /// How long one request may take, retries included.
     pub timeout: Duration,
-}
-
-fn is_retryable(e: &str) -> bool {
-    e.starts_with("timed out") || e.contains("did not answer in time")
+    /// How long one attempt at one replica may take.
+    pub attempt_timeout: Duration,
 }
 
 impl IndexClient {
@@ -87,8 +113,10 @@ impl IndexClient {
             addrs,
             conns: HashMap::new(),
             leaders: HashMap::new(),
+            suspect: HashMap::new(),
             next: 0,
             timeout: Duration::from_secs(30),
+            attempt_timeout: ATTEMPT_TIMEOUT,
         })
     }
 
@@ -97,16 +125,19 @@ impl IndexClient {
         &self.addrs
     }
 
-    fn connect(addr: &str) -> Result<Conn, String> {
+    fn connect(addr: &str, attempt: Duration) -> Result<Conn, String> {
         let sa = addr
             .to_socket_addrs()
             .map_err(|e| format!("{addr}: {e}"))?
             .next()
             .ok_or_else(|| format!("{addr}: no address"))?;
-        let s = TcpStream::connect_timeout(&sa, Duration::from_secs(2))
+        let s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT.min(attempt))
             .map_err(|e| format!("{addr}: {e}"))?;
         s.set_nodelay(true).ok();
-        s.set_read_timeout(Some(Duration::from_secs(25))).ok();
+        // Every read and write of an attempt has the attempt's deadline: a
+        // replica that accepts but never answers costs one attempt.
+        s.set_read_timeout(Some(attempt)).ok();
+        s.set_write_timeout(Some(attempt)).ok();
         let r = BufReader::new(s.try_clone().map_err(|e| format!("{addr}: {e}"))?);
         let mut w = BufWriter::new(s);
         let hello = IndexFrame {
@@ -122,7 +153,7 @@ impl IndexClient {
     /// Sends `req` to `addr` and reads the answer.
     fn exchange(&mut self, addr: &str, req: &IndexRequest) -> Result<Resp, String> {
         if !self.conns.contains_key(addr) {
-            let c = Self::connect(addr)?;
+            let c = Self::connect(addr, self.attempt_timeout)?;
             self.conns.insert(addr.to_owned(), c);
         }
         let c = self.conns.get_mut(addr).expect("inserted");
@@ -138,14 +169,37 @@ impl IndexClient {
             loop {
                 let f = read_frame(&mut c.r, addr)?;
                 if let Some(Kind::Response(r)) = f.kind {
-                    return Ok(r.result.unwrap_or(Resp::Error("an empty answer".into())));
+                    return Ok(r.result.unwrap_or(Resp::Error(refusal(
+                        RefusalCode::Internal,
+                        "an empty answer",
+                    ))));
                 }
             }
         })();
         res.map_err(|e| {
             self.conns.remove(addr);
+            self.suspect.insert(addr.to_owned(), Instant::now());
             e.to_string()
         })
+    }
+
+    /// The next replica to try when no leader is known: round robin over
+    /// the replicas, those that failed lately last.
+    fn pick(&mut self) -> String {
+        let n = self.addrs.len();
+        let now = Instant::now();
+        self.suspect
+            .retain(|_, t| now.duration_since(*t) < SUSPECT_FOR);
+        for k in 0..n {
+            let a = &self.addrs[(self.next + k) % n];
+            if !self.suspect.contains_key(a) {
+                self.next += k + 1;
+                return a.clone();
+            }
+        }
+        let a = self.addrs[self.next % n].clone();
+        self.next += 1;
+        a
     }
 
     /// Sends `req` to the replica that can answer it, following leader
@@ -158,11 +212,7 @@ impl IndexClient {
         loop {
             let addr = match target.take() {
                 Some(a) => a,
-                None => {
-                    let a = self.addrs[self.next % self.addrs.len()].clone();
-                    self.next += 1;
-                    a
-                }
+                None => self.pick(),
             };
             match self.exchange(&addr, &req) {
                 Ok(Resp::NotLeader(nl)) => {
@@ -175,11 +225,16 @@ impl IndexClient {
                     }
                     last = format!("{addr}: not the leader of shard {shard}");
                 }
-                Ok(Resp::Error(e)) if is_retryable(&e) => {
+                Ok(Resp::Error(e)) if e.kind().is_retryable() => {
                     self.leaders.remove(&shard);
                     last = format!("{addr}: {e}");
                 }
-                Ok(Resp::Error(e)) => return Err(ClientError::Remote(e)),
+                Ok(Resp::Error(e)) => {
+                    return Err(ClientError::Refused {
+                        code: e.kind(),
+                        message: e.message,
+                    });
+                }
                 Ok(r) => {
                     if !req.stale {
                         self.leaders.insert(shard, addr);

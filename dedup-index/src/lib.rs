@@ -1,25 +1,26 @@
 //! The content index of pagecast.
 //!
 //! For every distinct non-zero page content in the cluster the index knows
-//! which hosts hold it and how many guest frames hold it there. This crate
-//! owns the [`PageHash`] type that names a page's content everywhere in
-//! pagecast, and the batched BLAKE3 kernel that computes it
-//! ([`hash_pages`]), the sketches that answer sharing questions, and (with
-//! the `replica` feature) the replicated store: RocksDB for state, raft-rs
-//! for replication, one raft group per shard of the hash space.
+//! which hosts hold it and how many guest frames hold it there, and it
+//! keeps a record of every host and VM with the VM's sketch. Page hashes
+//! and sketches are the shared vocabulary of `pagecast-pages`; this crate
+//! owns key encoding ([`keys`]), holder lists ([`holders`]), the frame
+//! codec ([`wire`]), the sharing answers over VM records ([`sharing`]) and
+//! (with the `replica` feature) the replicated store: RocksDB for state,
+//! raft-rs for replication, one raft group per shard of the hash space.
+//! The client ([`client`]) needs neither.
 //!
-//! The wire codec ([`wire`]), key encoding ([`keys`]) and holder lists
-//! ([`holders`]) build without the feature, so fuzz targets need no RocksDB.
+//! The wire codec, key encoding, holder lists and the client build without
+//! the feature, so agents, tools and fuzz targets need no RocksDB.
 
-pub mod hash;
+pub mod client;
 pub mod holders;
 pub mod keys;
 pub mod sharing;
-pub mod sketch;
 pub mod wire;
 
 #[cfg(feature = "replica")]
-pub mod client;
+pub mod metrics;
 #[cfg(feature = "replica")]
 pub mod node;
 #[cfg(feature = "replica")]
@@ -29,5 +30,4 @@ pub mod replica;
 #[cfg(feature = "replica")]
 pub mod store;
 
-pub use hash::{PAGE_SIZE, Page, PageHash, ParseHashError, hash_pages, is_zero_page};
-pub use sketch::{HyperLogLog, MinHash, Sketch, SketchError};
+pub use pagecast_pages::{PageHash, Sketch};

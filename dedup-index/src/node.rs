@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagecast_proto::v1::{
-    HostsResponse, IndexCommand, IndexRequest, IndexResponse, LookupResponse, NotLeader,
-    ShardStatus, VmsResponse, index_request::Op as ReqOp, index_response::Result as Resp,
+    HostsResponse, IndexCommand, IndexRequest, IndexResponse, LookupResponse, NotLeader, Refusal,
+    RefusalCode, ShardStatus, VmsResponse, index_request::Op as ReqOp,
+    index_response::Result as Resp,
 };
-use pagecast_proto::{HASH_LEN, MAX_INDEX_BATCH};
+use pagecast_proto::{HASH_LEN, MAX_INDEX_BATCH, refusal};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, MessageType};
@@ -68,7 +69,9 @@ impl NodeConfig {
             compact_after: 512,
             compact_bytes: 32 << 20,
             keep_entries: 64,
-            request_timeout: Duration::from_secs(5),
+            // Below the client's attempt timeout, so a client hears "busy"
+            // from a live leader before it gives up on it.
+            request_timeout: Duration::from_millis(2500),
         }
     }
 }
@@ -133,11 +136,11 @@ pub struct ShardNode {
     counters: NodeCounters,
 }
 
-/// A logger for raft-rs that writes its messages at `min` or above to
-/// standard error, prefixed with the replica and shard.
+/// A logger for raft-rs that passes its messages at `min` or above to
+/// `tracing` (target `raft`), with the replica and shard as fields.
 pub fn raft_logger(min: slog::Level) -> slog::Logger {
-    struct Stderr(slog::Level);
-    impl slog::Drain for Stderr {
+    struct ToTracing(slog::Level);
+    impl slog::Drain for ToTracing {
         type Ok = ();
         type Err = slog::Never;
         fn log(&self, r: &slog::Record<'_>, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
@@ -155,17 +158,24 @@ pub fn raft_logger(min: slog::Level) -> slog::Logger {
                 }
                 let mut kv = Kv(String::new());
                 let _ = slog::KV::serialize(values, r, &mut kv);
-                eprintln!("raft{}: {}", kv.0, r.msg());
+                match r.level() {
+                    slog::Level::Critical | slog::Level::Error => {
+                        tracing::error!(target: "raft", "{}{}", r.msg(), kv.0)
+                    }
+                    slog::Level::Warning => tracing::warn!(target: "raft", "{}{}", r.msg(), kv.0),
+                    slog::Level::Info => tracing::info!(target: "raft", "{}{}", r.msg(), kv.0),
+                    _ => tracing::debug!(target: "raft", "{}{}", r.msg(), kv.0),
+                }
             }
             Ok(())
         }
     }
-    slog::Logger::root(slog::Drain::fuse(Stderr(min)), slog::o!())
+    slog::Logger::root(slog::Drain::fuse(ToTracing(min)), slog::o!())
 }
 
-fn error(msg: impl Into<String>) -> IndexResponse {
+fn error(code: RefusalCode, msg: impl Into<String>) -> IndexResponse {
     IndexResponse {
-        result: Some(Resp::Error(msg.into())),
+        result: Some(Resp::Error(refusal(code, msg))),
     }
 }
 
@@ -284,7 +294,10 @@ impl ShardNode {
     /// Starts serving a request; `reply` is called once, now or later.
     pub fn request(&mut self, req: IndexRequest, reply: Reply) {
         let Some(op) = req.op else {
-            return reply(error("a request without an operation"));
+            return reply(error(
+                RefusalCode::Invalid,
+                "a request without an operation",
+            ));
         };
         match op {
             ReqOp::Status(_) => reply(IndexResponse {
@@ -334,14 +347,17 @@ impl ShardNode {
         if let Some(pagecast_proto::v1::index_command::Op::Deltas(d)) = &cmd.op
             && d.deltas.len() > MAX_INDEX_BATCH
         {
-            return reply(error(format!(
-                "a batch of {} deltas exceeds the limit of {MAX_INDEX_BATCH}",
-                d.deltas.len()
-            )));
+            return reply(error(
+                RefusalCode::Invalid,
+                format!(
+                    "a batch of {} deltas exceeds the limit of {MAX_INDEX_BATCH}",
+                    d.deltas.len()
+                ),
+            ));
         }
         match self.node.propose(Vec::new(), cmd.encode_to_vec()) {
             Ok(()) => {
-                metrics::counter!("pagecast_index_proposals_total").increment(1);
+                metrics::counter!(crate::metrics::PROPOSALS).increment(1);
                 // A leader appends a proposal to its log at once.
                 let index = self.node.raft.raft_log.last_index();
                 self.proposals.insert(
@@ -354,7 +370,7 @@ impl ShardNode {
                 );
             }
             Err(raft::Error::ProposalDropped) => reply(self.not_leader()),
-            Err(e) => reply(error(format!("proposal refused: {e}"))),
+            Err(e) => reply(error(RefusalCode::Busy, format!("proposal refused: {e}"))),
         }
     }
 
@@ -362,25 +378,28 @@ impl ShardNode {
     fn read(&self, op: &ReqOp) -> IndexResponse {
         match self.read_inner(op) {
             Ok(r) => IndexResponse { result: Some(r) },
-            Err(e) => error(e),
+            Err(e) => IndexResponse {
+                result: Some(Resp::Error(e)),
+            },
         }
     }
 
-    fn read_inner(&self, op: &ReqOp) -> Result<Resp, String> {
-        let s = |e: StoreError| e.to_string();
+    fn read_inner(&self, op: &ReqOp) -> Result<Resp, Refusal> {
+        let s = |e: StoreError| refusal(RefusalCode::Internal, e.to_string());
+        let invalid = |m: String| refusal(RefusalCode::Invalid, m);
         match op {
             ReqOp::Lookup(l) => {
                 if l.hashes.len() % HASH_LEN != 0 {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "lookup: {} bytes is not a whole number of hashes",
                         l.hashes.len()
-                    ));
+                    )));
                 }
                 let n = l.hashes.len() / HASH_LEN;
                 if n > MAX_INDEX_BATCH {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "lookup of {n} hashes exceeds the limit of {MAX_INDEX_BATCH}"
-                    ));
+                    )));
                 }
                 let hashes: Vec<PageHash> = l
                     .hashes
@@ -389,10 +408,10 @@ impl ShardNode {
                     .collect();
                 for (i, h) in hashes.iter().enumerate() {
                     if crate::keys::shard_of(h, self.store.shards()) != self.shard {
-                        return Err(format!(
+                        return Err(invalid(format!(
                             "lookup: hash {i} ({h}) is not in shard {}",
                             self.shard
-                        ));
+                        )));
                     }
                 }
                 let lists = self.store.holders(&hashes).map_err(s)?;
@@ -408,11 +427,11 @@ impl ShardNode {
                 }
                 Ok(Resp::Lookup(r))
             }
-            other if self.shard != 0 => Err(format!(
+            other if self.shard != 0 => Err(invalid(format!(
                 "{} is answered by shard 0, not shard {}",
                 req_name(other),
                 self.shard
-            )),
+            ))),
             ReqOp::Vms(_) => Ok(Resp::Vms(VmsResponse {
                 vms: self.store.vms().map_err(s)?,
             })),
@@ -434,7 +453,7 @@ impl ShardNode {
                 let hosts = self.store.hosts().map_err(s)?;
                 sharing::pair(&vms, &hosts, p).map(Resp::Pair)
             }
-            ReqOp::Status(_) | ReqOp::Write(_) => Err("not a read".into()),
+            ReqOp::Status(_) | ReqOp::Write(_) => Err(invalid("not a read".into())),
         }
     }
 
@@ -474,14 +493,20 @@ impl ShardNode {
             (w.reply)(if lost {
                 nl.clone()
             } else {
-                error("timed out waiting for the write to commit")
+                error(
+                    RefusalCode::Busy,
+                    "timed out waiting for the write to commit",
+                )
             });
         }
         for (_, r) in self.reads.extract_if(|_, r| expired(r.since)) {
             (r.reply)(if lost {
                 nl.clone()
             } else {
-                error("timed out confirming leadership for a read")
+                error(
+                    RefusalCode::Busy,
+                    "timed out confirming leadership for a read",
+                )
             });
         }
         let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready_reads)
@@ -489,7 +514,10 @@ impl ShardNode {
             .partition(|(_, r)| late(r.since));
         self.ready_reads = keep;
         for (_, r) in old {
-            (r.reply)(error("timed out waiting for this replica to apply"));
+            (r.reply)(error(
+                RefusalCode::Busy,
+                "timed out waiting for this replica to apply",
+            ));
         }
     }
 
@@ -509,7 +537,7 @@ impl ShardNode {
             self.node.store().apply_snapshot(&snap)?;
             self.applied = snap.get_metadata().index;
             self.counters.snapshots_received += 1;
-            metrics::counter!("pagecast_index_snapshots_received_total").increment(1);
+            metrics::counter!(crate::metrics::SNAPSHOTS_RECEIVED).increment(1);
         }
         for rs in rd.take_read_states() {
             let ctx = u64::from_le_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
@@ -555,7 +583,7 @@ impl ShardNode {
         let sent = snap_to.len() as u64;
         if sent > 0 {
             self.counters.snapshots_sent += sent;
-            metrics::counter!("pagecast_index_snapshots_sent_total").increment(sent);
+            metrics::counter!(crate::metrics::SNAPSHOTS_SENT).increment(sent);
         }
         Ok(out)
     }
@@ -607,8 +635,8 @@ impl ShardNode {
         }
         let results = self.store.apply(self.shard, &cmds, last_term)?;
         self.applied = last_index;
-        metrics::counter!("pagecast_index_commits_total").increment(entries.len() as u64);
-        metrics::histogram!("pagecast_index_apply_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!(crate::metrics::COMMITS).increment(entries.len() as u64);
+        metrics::histogram!(crate::metrics::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
         for (e, r) in entries.iter().zip(results) {
             let Some(w) = self.proposals.remove(&e.index) else {
                 continue;
@@ -622,7 +650,9 @@ impl ShardNode {
                     Ok(w) => IndexResponse {
                         result: Some(Resp::Write(w)),
                     },
-                    Err(e) => error(e),
+                    Err(e) => IndexResponse {
+                        result: Some(Resp::Error(e)),
+                    },
                 }
             });
         }
@@ -643,7 +673,7 @@ impl ShardNode {
             }
         }
         let n = store.last().saturating_sub(store.first()) + 1;
-        metrics::gauge!("pagecast_index_log_entries", "shard" => self.shard.to_string())
+        metrics::gauge!(crate::metrics::LOG_ENTRIES, "shard" => self.shard.to_string())
             .set(n as f64);
         Ok(())
     }

@@ -17,11 +17,11 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pagecast_proto::MAX_RAFT_MESSAGE_BYTES;
 use pagecast_proto::v1::{
-    IndexFrame, IndexHello, IndexRequest, IndexResponse, RaftChunk, StatusResponse,
+    IndexFrame, IndexHello, IndexRequest, IndexResponse, RaftChunk, RefusalCode, StatusResponse,
     index_frame::Kind, index_request::Op as ReqOp, index_response::Result as Resp,
 };
+use pagecast_proto::{MAX_RAFT_MESSAGE_BYTES, refusal};
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 
@@ -220,7 +220,7 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
                 let n = shared.connections.fetch_add(1, Ordering::SeqCst);
                 if n >= MAX_CONNECTIONS {
                     shared.connections.fetch_sub(1, Ordering::SeqCst);
-                    eprintln!("index: refusing a connection: {MAX_CONNECTIONS} already open");
+                    tracing::warn!("refusing a connection: {MAX_CONNECTIONS} already open");
                     continue;
                 }
                 let sh = shared.clone();
@@ -232,7 +232,7 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
                         let quiet = matches!(&e, WireError::Io { source, .. }
                             if matches!(source.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset));
                         if !quiet {
-                            eprintln!("index: connection from {e}");
+                            tracing::warn!("connection from {e}");
                         }
                     }
                     sh.connections.fetch_sub(1, Ordering::SeqCst);
@@ -301,8 +301,8 @@ fn run_shard(
                         if bytes.len() > MAX_RAFT_MESSAGE_BYTES {
                             // The peer would refuse it; say why here, where
                             // the operator can act (more shards).
-                            eprintln!(
-                                "index: shard {shard}: a {:?} to replica {} is {} bytes, over the \
+                            tracing::warn!(
+                                "shard {shard}: a {:?} to replica {} is {} bytes, over the \
                                  {MAX_RAFT_MESSAGE_BYTES} a raft message may carry; not sent \
                                  (a shard this large needs a cluster with more shards)",
                                 m.get_msg_type(),
@@ -320,7 +320,7 @@ fn run_shard(
                 // Storage failing under raft leaves no safe way on: stop
                 // the process rather than serve from a state we cannot
                 // persist.
-                eprintln!("index: shard {shard}: {e}; stopping");
+                tracing::warn!("shard {shard}: {e}; stopping");
                 std::process::exit(3);
             }
         }
@@ -349,11 +349,11 @@ fn spawn_link(me: u64, to: u64, addr: String, shards: u32) -> SyncSender<(u32, V
                     conn = connect_peer(me, &addr, shards);
                     match (&conn, warned) {
                         (None, false) => {
-                            eprintln!("index: replica {to} at {addr} is unreachable; retrying");
+                            tracing::warn!("replica {to} at {addr} is unreachable; retrying");
                             warned = true;
                         }
                         (Some(_), true) => {
-                            eprintln!("index: replica {to} at {addr} is reachable again");
+                            tracing::info!("replica {to} at {addr} is reachable again");
                             warned = false;
                         }
                         _ => {}
@@ -427,7 +427,7 @@ fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError>
     );
     let first = read_frame(&mut r, peer)?;
     let Some(Kind::Hello(hello)) = first.kind else {
-        eprintln!("index: {peer}: the first frame must be a hello; closing");
+        tracing::warn!("{peer}: the first frame must be a hello; closing");
         return Ok(());
     };
     conn.set_read_timeout(None).ok();
@@ -435,16 +435,15 @@ fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError>
         return serve_client(sh, r, conn, peer);
     }
     if !sh.peers.contains_key(&hello.peer_id) || hello.peer_id == sh.id {
-        eprintln!(
-            "index: {peer}: replica {} is not a member; closing",
-            hello.peer_id
-        );
+        tracing::warn!("{peer}: replica {} is not a member; closing", hello.peer_id);
         return Ok(());
     }
     if hello.shards != sh.shards {
-        eprintln!(
-            "index: {peer}: replica {} has {} shards, this one {}; closing",
-            hello.peer_id, hello.shards, sh.shards
+        tracing::warn!(
+            "{peer}: replica {} has {} shards, this one {}; closing",
+            hello.peer_id,
+            hello.shards,
+            sh.shards
         );
         return Ok(());
     }
@@ -456,21 +455,18 @@ fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError>
     loop {
         let f = read_frame(&mut r, peer)?;
         let Some(Kind::Raft(c)) = f.kind else {
-            eprintln!(
-                "index: {peer}: replica {} sent a non-raft frame; closing",
+            tracing::warn!(
+                "{peer}: replica {} sent a non-raft frame; closing",
                 hello.peer_id
             );
             return Ok(());
         };
         if c.shard >= sh.shards || part_shard.is_some_and(|s| s != c.shard) {
-            eprintln!(
-                "index: {peer}: bad shard {} in a raft frame; closing",
-                c.shard
-            );
+            tracing::warn!("{peer}: bad shard {} in a raft frame; closing", c.shard);
             return Ok(());
         }
         if parts.len() + c.data.len() > MAX_RAFT_MESSAGE_BYTES {
-            eprintln!("index: {peer}: raft message over {MAX_RAFT_MESSAGE_BYTES} bytes; closing");
+            tracing::warn!("{peer}: raft message over {MAX_RAFT_MESSAGE_BYTES} bytes; closing");
             return Ok(());
         }
         parts.extend_from_slice(&c.data);
@@ -484,12 +480,14 @@ fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError>
             Ok(m) if m.from == hello.peer_id && m.to == sh.id => {
                 sh.send(c.shard, Event::Raft(m));
             }
-            Ok(m) => eprintln!(
-                "index: {peer}: dropped a raft message from {} to {} on a link from replica {}",
-                m.from, m.to, hello.peer_id
+            Ok(m) => tracing::warn!(
+                "{peer}: dropped a raft message from {} to {} on a link from replica {}",
+                m.from,
+                m.to,
+                hello.peer_id
             ),
             Err(e) => {
-                eprintln!("index: {peer}: undecodable raft message: {e}; closing");
+                tracing::warn!("{peer}: undecodable raft message: {e}; closing");
                 return Ok(());
             }
         }
@@ -502,17 +500,17 @@ fn ask(sh: &Shared, shard: u32, req: IndexRequest) -> IndexResponse {
         let _ = tx.send(r);
     });
     if !sh.send(shard, Event::Request(req, reply)) {
-        return err("the shard is not running");
+        return err(RefusalCode::Unavailable, "the shard is not running");
     }
     match rx.recv_timeout(REQUEST_WAIT) {
         Ok(r) => r,
-        Err(_) => err("the shard did not answer in time"),
+        Err(_) => err(RefusalCode::Busy, "the shard did not answer in time"),
     }
 }
 
-fn err(m: &str) -> IndexResponse {
+fn err(code: RefusalCode, m: &str) -> IndexResponse {
     IndexResponse {
-        result: Some(Resp::Error(m.into())),
+        result: Some(Resp::Error(refusal(code, m))),
     }
 }
 
@@ -527,7 +525,7 @@ fn serve_client(
         let f = read_frame(&mut r, peer)?;
         let resp = match f.kind {
             Some(Kind::Request(req)) => handle_request(sh, req),
-            _ => err("expected a request"),
+            _ => err(RefusalCode::Invalid, "expected a request"),
         };
         let out = IndexFrame {
             kind: Some(Kind::Response(resp)),
@@ -550,8 +548,12 @@ fn handle_request(sh: &Shared, req: IndexRequest) -> IndexResponse {
         for s in 0..sh.shards {
             match ask(sh, s, req.clone()).result {
                 Some(Resp::Status(st)) => all.shards.extend(st.shards),
-                Some(Resp::Error(e)) => return err(&e),
-                _ => return err("unexpected status answer"),
+                Some(Resp::Error(e)) => {
+                    return IndexResponse {
+                        result: Some(Resp::Error(e)),
+                    };
+                }
+                _ => return err(RefusalCode::Internal, "unexpected status answer"),
             }
         }
         return IndexResponse {
@@ -559,10 +561,13 @@ fn handle_request(sh: &Shared, req: IndexRequest) -> IndexResponse {
         };
     }
     if req.shard >= sh.shards {
-        return err(&format!(
-            "shard {} does not exist: this cluster has {} shards",
-            req.shard, sh.shards
-        ));
+        return err(
+            RefusalCode::Invalid,
+            &format!(
+                "shard {} does not exist: this cluster has {} shards",
+                req.shard, sh.shards
+            ),
+        );
     }
     let mut resp = ask(sh, req.shard, req);
     if let Some(Resp::NotLeader(nl)) = &mut resp.result

@@ -5,9 +5,13 @@
 
 use std::collections::BTreeMap;
 
+use pagecast_proto::refusal;
 use pagecast_proto::v1::{
-    AdviseResponse, Candidate, HostInfo, PairRequest, PairResponse, VmRecord, VmState,
+    AdviseResponse, Candidate, HostInfo, PairRequest, PairResponse, Refusal, RefusalCode, VmRecord,
+    VmState,
 };
+
+use pagecast_pages::sharing::rank;
 
 use crate::Sketch;
 
@@ -15,8 +19,9 @@ fn loaded(vms: &[VmRecord]) -> impl Iterator<Item = &VmRecord> {
     vms.iter().filter(|v| v.state == VmState::Loaded as i32)
 }
 
-fn sketch_of(v: &VmRecord) -> Result<Sketch, String> {
-    Sketch::from_bytes(&v.sketch).map_err(|e| format!("VM {}: {e}", v.name))
+fn sketch_of(v: &VmRecord) -> Result<Sketch, Refusal> {
+    Sketch::from_bytes(&v.sketch)
+        .map_err(|e| refusal(RefusalCode::Internal, format!("VM {}: {e}", v.name)))
 }
 
 fn host_name(hosts: &[HostInfo], n: u32) -> String {
@@ -28,7 +33,7 @@ fn host_name(hosts: &[HostInfo], n: u32) -> String {
 
 /// The merged sketch of every loaded VM on host `host`, leaving out the VM
 /// named `except`.
-pub fn host_sketch(vms: &[VmRecord], host: u32, except: &str) -> Result<Sketch, String> {
+pub fn host_sketch(vms: &[VmRecord], host: u32, except: &str) -> Result<Sketch, Refusal> {
     let mut s = Sketch::default();
     for v in loaded(vms).filter(|v| v.host == host && v.name != except) {
         s.merge(&sketch_of(v)?);
@@ -36,28 +41,39 @@ pub fn host_sketch(vms: &[VmRecord], host: u32, except: &str) -> Result<Sketch, 
     Ok(s)
 }
 
-fn subject(vms: &[VmRecord], hosts: &[HostInfo], vm: &str, host: &str) -> Result<Sketch, String> {
+fn subject(vms: &[VmRecord], hosts: &[HostInfo], vm: &str, host: &str) -> Result<Sketch, Refusal> {
     match (vm.is_empty(), host.is_empty()) {
         (false, true) => {
-            let v = vms
-                .iter()
-                .find(|v| v.name == vm)
-                .ok_or_else(|| format!("VM {vm} is not in the index"))?;
+            let v = vms.iter().find(|v| v.name == vm).ok_or_else(|| {
+                refusal(
+                    RefusalCode::NotFound,
+                    format!("VM {vm} is not in the index"),
+                )
+            })?;
             sketch_of(v)
         }
         (true, false) => {
-            let h = hosts
-                .iter()
-                .find(|h| h.name == host)
-                .ok_or_else(|| format!("host {host} is not in the index"))?;
+            let h = hosts.iter().find(|h| h.name == host).ok_or_else(|| {
+                refusal(
+                    RefusalCode::NotFound,
+                    format!("host {host} is not in the index"),
+                )
+            })?;
             host_sketch(vms, h.index, "")
         }
-        _ => Err("name exactly one of a VM or a host on each side".into()),
+        _ => Err(refusal(
+            RefusalCode::Invalid,
+            "name exactly one of a VM or a host on each side",
+        )),
     }
 }
 
 /// Jaccard and shared pages between two subjects.
-pub fn pair(vms: &[VmRecord], hosts: &[HostInfo], p: &PairRequest) -> Result<PairResponse, String> {
+pub fn pair(
+    vms: &[VmRecord],
+    hosts: &[HostInfo],
+    p: &PairRequest,
+) -> Result<PairResponse, Refusal> {
     let a = subject(vms, hosts, &p.vm_a, &p.host_a)?;
     let b = subject(vms, hosts, &p.vm_b, &p.host_b)?;
     Ok(PairResponse {
@@ -75,44 +91,42 @@ pub fn advise(
     hosts: &[HostInfo],
     vm: &str,
     top: usize,
-) -> Result<AdviseResponse, String> {
-    let target = vms
-        .iter()
-        .find(|v| v.name == vm)
-        .ok_or_else(|| format!("VM {vm} is not in the index"))?;
+) -> Result<AdviseResponse, Refusal> {
+    let target = vms.iter().find(|v| v.name == vm).ok_or_else(|| {
+        refusal(
+            RefusalCode::NotFound,
+            format!("VM {vm} is not in the index"),
+        )
+    })?;
     let s = sketch_of(target)?;
-    let mut by_host: BTreeMap<u32, Sketch> = BTreeMap::new();
-    for v in loaded(vms).filter(|v| v.name != vm) {
-        by_host.entry(v.host).or_default().merge(&sketch_of(v)?);
-    }
-    let mut hs: Vec<Candidate> = by_host
-        .iter()
-        .map(|(h, hsk)| Candidate {
-            name: host_name(hosts, *h),
-            host: host_name(hosts, *h),
-            jaccard: s.jaccard(hsk),
-            shared_pages: s.shared(hsk),
-        })
-        .collect();
-    let mut others: Vec<Candidate> = Vec::new();
+    let mut by_host: BTreeMap<String, Sketch> = BTreeMap::new();
+    let mut others: Vec<((String, String), Sketch)> = Vec::new();
     for v in loaded(vms).filter(|v| v.name != vm) {
         let o = sketch_of(v)?;
-        others.push(Candidate {
-            name: v.name.clone(),
-            host: host_name(hosts, v.host),
-            jaccard: s.jaccard(&o),
-            shared_pages: s.shared(&o),
-        });
+        by_host
+            .entry(host_name(hosts, v.host))
+            .or_default()
+            .merge(&o);
+        others.push(((v.name.clone(), host_name(hosts, v.host)), o));
     }
-    let order = |a: &Candidate, b: &Candidate| {
-        b.shared_pages
-            .total_cmp(&a.shared_pages)
-            .then_with(|| a.name.cmp(&b.name))
-    };
-    hs.sort_by(order);
-    others.sort_by(order);
-    hs.truncate(top);
-    others.truncate(top);
+    let hs: Vec<Candidate> = rank(&s, by_host.iter().map(|(h, sk)| (h.clone(), sk)), top)
+        .into_iter()
+        .map(|m| Candidate {
+            name: m.key.clone(),
+            host: m.key,
+            jaccard: m.jaccard,
+            shared_pages: m.shared_pages,
+        })
+        .collect();
+    let others: Vec<Candidate> = rank(&s, others.iter().map(|(k, sk)| (k.clone(), sk)), top)
+        .into_iter()
+        .map(|m| Candidate {
+            name: m.key.0,
+            host: m.key.1,
+            jaccard: m.jaccard,
+            shared_pages: m.shared_pages,
+        })
+        .collect();
     Ok(AdviseResponse {
         vm: Some(target.clone()),
         vm_host: host_name(hosts, target.host),

@@ -14,8 +14,10 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 
+use pagecast_proto::refusal;
 use pagecast_proto::v1::{
-    HostInfo, IndexCommand, VmRecord, VmState, WriteResponse, index_command::Op,
+    HostInfo, IndexCommand, Refusal, RefusalCode, VmRecord, VmState, WriteResponse,
+    index_command::Op,
 };
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
@@ -117,8 +119,20 @@ impl Applied {
     }
 }
 
-/// The outcome of applying one command.
-pub type CommandResult = Result<WriteResponse, String>;
+/// The outcome of applying one command: refusals carry a code.
+pub type CommandResult = Result<WriteResponse, Refusal>;
+
+fn invalid(m: impl Into<String>) -> Refusal {
+    refusal(RefusalCode::Invalid, m)
+}
+
+fn refused(m: impl Into<String>) -> Refusal {
+    refusal(RefusalCode::Refused, m)
+}
+
+fn not_found(m: impl Into<String>) -> Refusal {
+    refusal(RefusalCode::NotFound, m)
+}
 
 /// One replica's database.
 pub struct Store {
@@ -530,19 +544,19 @@ impl Apply<'_> {
         }
         let r = match &cmd.op {
             Some(Op::Deltas(d)) => self.deltas(&d.deltas)?,
-            Some(op) if self.shard != 0 => Err(format!(
+            Some(op) if self.shard != 0 => Err(invalid(format!(
                 "{} goes to shard 0, not shard {}",
                 op_name(op),
                 self.shard
-            )),
+            ))),
             Some(Op::RegisterHost(r)) => self.register_host(&r.name)?,
             Some(Op::BeginVm(b)) => match &b.vm {
                 Some(vm) => self.begin_vm(index, vm)?,
-                None => Err("begin_vm without a VM".into()),
+                None => Err(invalid("begin_vm without a VM")),
             },
             Some(Op::SetVmState(s)) => self.set_vm_state(&s.name, s.host, s.state)?,
             Some(Op::RemoveVm(r)) => self.remove_vm(&r.name, r.host)?,
-            None => Err("empty command".into()),
+            None => Err(invalid("empty command")),
         };
         // Only an applied command ends its session's sequence number: a
         // refused one changed nothing, and a re-send is judged again (and
@@ -564,20 +578,22 @@ impl Apply<'_> {
         let mut parsed = Vec::with_capacity(deltas.len());
         for (i, d) in deltas.iter().enumerate() {
             let Ok(b) = <[u8; 32]>::try_from(&d.hash[..]) else {
-                return Ok(Err(format!(
+                return Ok(Err(invalid(format!(
                     "delta {i}: a hash is 32 bytes, not {}",
                     d.hash.len()
-                )));
+                ))));
             };
             let h = PageHash::from_bytes(b);
             if crate::keys::shard_of(&h, n) != self.shard {
-                return Ok(Err(format!(
+                return Ok(Err(invalid(format!(
                     "delta {i}: hash {h} is not in shard {}",
                     self.shard
-                )));
+                ))));
             }
             if h.is_zero_page() {
-                return Ok(Err(format!("delta {i}: the zero page is not indexed")));
+                return Ok(Err(invalid(format!(
+                    "delta {i}: the zero page is not indexed"
+                ))));
             }
             parsed.push((keys::holders(&h), d.host, d.frames));
         }
@@ -616,10 +632,10 @@ impl Apply<'_> {
             });
             if !l.apply(*host, *d) {
                 let h = keys::parse_holders(k).expect("holder key");
-                return Ok(Err(format!(
+                return Ok(Err(refused(format!(
                     "delta {i}: host {host} holds {} frames of {h}, cannot add {d}",
                     l.frames_of(*host)
-                )));
+                ))));
             }
             frames += i128::from(*d);
         }
@@ -642,9 +658,9 @@ impl Apply<'_> {
 
     fn register_host(&mut self, name: &str) -> Result<CommandResult, StoreError> {
         if !name_ok(name) {
-            return Ok(Err(format!(
+            return Ok(Err(invalid(format!(
                 "host name {name:?}: use 1 to {MAX_NAME} letters, digits, '-', '_' or '.'"
-            )));
+            ))));
         }
         let nk = keys::host_name(name);
         if let Some(v) = self
@@ -686,19 +702,28 @@ impl Apply<'_> {
 
     fn begin_vm(&mut self, index: u64, vm: &VmRecord) -> Result<CommandResult, StoreError> {
         if !name_ok(&vm.name) {
-            return Ok(Err(format!(
+            return Ok(Err(invalid(format!(
                 "VM name {:?}: use 1 to {MAX_NAME} letters, digits, '-', '_' or '.'",
                 vm.name
-            )));
+            ))));
         }
         if Sketch::from_bytes(&vm.sketch).is_err() {
-            return Ok(Err(format!("VM {}: the sketch does not decode", vm.name)));
+            return Ok(Err(invalid(format!(
+                "VM {}: the sketch does not decode",
+                vm.name
+            ))));
         }
         if vm.digest.len() != 32 {
-            return Ok(Err(format!("VM {}: the digest is 32 bytes", vm.name)));
+            return Ok(Err(invalid(format!(
+                "VM {}: the digest is 32 bytes",
+                vm.name
+            ))));
         }
         if self.host_record(vm.host)?.is_none() {
-            return Ok(Err(format!("host number {} is not registered", vm.host)));
+            return Ok(Err(not_found(format!(
+                "host number {} is not registered",
+                vm.host
+            ))));
         }
         let key = keys::vm(&vm.name);
         if let Some(old) = self.meta_get::<VmRecord>(&key, "vm")? {
@@ -717,7 +742,7 @@ impl Apply<'_> {
                 .host_record(old.host)?
                 .map_or_else(|| old.host.to_string(), |h| h.name);
             let state = VmState::try_from(old.state).map_or("unknown", |s| s.as_str_name());
-            return Ok(Err(format!(
+            return Ok(Err(refused(format!(
                 "VM {} is already in the index on host {on} ({}){}",
                 vm.name,
                 state.trim_start_matches("VM_STATE_").to_lowercase(),
@@ -726,7 +751,7 @@ impl Apply<'_> {
                 } else {
                     "; unload it first"
                 }
-            )));
+            ))));
         }
         let mut rec = vm.clone();
         rec.generation = index;
@@ -747,10 +772,10 @@ impl Apply<'_> {
     ) -> Result<CommandResult, StoreError> {
         let key = keys::vm(name);
         let Some(mut rec) = self.meta_get::<VmRecord>(&key, "vm")? else {
-            return Ok(Err(format!("VM {name} is not in the index")));
+            return Ok(Err(not_found(format!("VM {name} is not in the index"))));
         };
         if rec.host != host {
-            return Ok(Err(format!("VM {name} is on another host")));
+            return Ok(Err(refused(format!("VM {name} is on another host"))));
         }
         let ok = matches!(
             (VmState::try_from(rec.state), VmState::try_from(state)),
@@ -769,13 +794,15 @@ impl Apply<'_> {
             }));
         }
         if !ok {
-            return Ok(Err(format!(
+            return Ok(Err(refused(format!(
                 "VM {name}: cannot go from state {} to {}",
                 rec.state, state
-            )));
+            ))));
         }
         let Some(mut h) = self.host_record(host)? else {
-            return Ok(Err(format!("host number {host} is not registered")));
+            return Ok(Err(not_found(format!(
+                "host number {host} is not registered"
+            ))));
         };
         if state == VmState::Loaded as i32 {
             h.vms += 1;
@@ -799,12 +826,12 @@ impl Apply<'_> {
             }));
         };
         if rec.host != host {
-            return Ok(Err(format!("VM {name} is on another host")));
+            return Ok(Err(refused(format!("VM {name} is on another host"))));
         }
         if rec.state != VmState::Unloading as i32 {
-            return Ok(Err(format!(
+            return Ok(Err(refused(format!(
                 "VM {name} is not being unloaded; its holders must be removed first"
-            )));
+            ))));
         }
         self.meta.insert(key.to_vec(), None);
         Ok(Ok(WriteResponse {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pagecast_multicast::auth::FrameDecoder;
+use pagecast_channel::FrameDecoder;
 use pagecast_proto::v1;
 use prost::Message;
 

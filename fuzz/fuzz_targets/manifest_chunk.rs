@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pagecast_agent::manifest::ManifestDecoder;
+use pagecast_memory::manifest::ManifestDecoder;
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {

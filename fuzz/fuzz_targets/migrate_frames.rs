@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use pagecast_agent::fingerprint::Fingerprinter;
-use pagecast_agent::migrate::{MigrationError, MigrationLink, NoLocalContent, migrate_in};
+use pagecast_memory::fingerprint::Fingerprinter;
+use pagecast_migrate::{MigrationError, MigrationLink, NoLocalContent, migrate_in};
 use pagecast_proto::v1;
 use prost::Message;
 

@@ -26,13 +26,14 @@
 //!   | CastFinish {ok} ----------------------------> |  keep the pages
 //! ```
 //!
-//! Control frames are authenticated ([`auth`]); datagrams carry a MAC under
+//! Control frames travel on the authenticated channel of
+//! `pagecast-channel`; datagrams carry a MAC under
 //! the per-session key and a sequence number checked against a replay
 //! window ([`wire`]). See `docs/transport.md` for the design as a whole. Where multicast is unavailable the pages travel a
 //! pipelined TCP chain through the receivers instead, each keeping and
 //! forwarding every page, so the sender still sends each page once.
 
-pub mod auth;
+pub mod metrics;
 pub mod pacing;
 pub mod receiver;
 pub mod sender;
@@ -40,7 +41,6 @@ pub mod session;
 pub mod socket;
 pub mod wire;
 
-pub use auth::{AuthError, Channel, ChannelReader, ChannelWriter, Secret};
 pub use receiver::receive;
 pub use sender::send;
 pub use session::*;

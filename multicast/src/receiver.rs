@@ -6,17 +6,17 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use metrics::counter;
-use pagecast_index::{PAGE_SIZE, Page, PageHash};
+use pagecast_pages::{PAGE_SIZE, Page, PageHash};
 use pagecast_proto::{
     MAX_CAST_GROUP_RANGES, MAX_CAST_GROUPS, MAX_CAST_PAGES, MAX_MANIFEST_FRAMES, WIRE_VERSION, v1,
 };
 
-use crate::auth::{Channel, ChannelWriter, Secret, random_bytes};
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
 use crate::wire::{
     Body, Check, Datagram, MAX_NACK_RANGES, Replay, ReplayWindow, WireError, check_of, decode,
 };
+use pagecast_channel::{Channel, ChannelWriter, Secret, random_bytes};
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(5);
 /// Don't ask again for a page just asked for. The sender ignores a NACK
@@ -120,7 +120,7 @@ impl State<'_> {
         let hash = PageHash::of_page(data);
         if key >= self.frames || check_of(&hash) != check {
             self.counters.bad_hash += 1;
-            counter!("pagecast_cast_bad_hash_total").increment(1);
+            counter!(crate::metrics::BAD_HASH).increment(1);
             return Ok(false);
         }
         let entry = PageEntry { key, hash };
@@ -149,7 +149,7 @@ impl State<'_> {
             Ok(d) => d,
             Err(WireError::Stale { .. }) => {
                 self.counters.stale += 1;
-                counter!("pagecast_cast_dropped_total", "why" => "stale").increment(1);
+                counter!(crate::metrics::DROPPED, "why" => "stale").increment(1);
                 return Ok(());
             }
             // Data for a page of a group this receiver is not in: another
@@ -159,7 +159,7 @@ impl State<'_> {
             }
             Err(_) => {
                 self.counters.forged += 1;
-                counter!("pagecast_cast_dropped_total", "why" => "forged").increment(1);
+                counter!(crate::metrics::DROPPED, "why" => "forged").increment(1);
                 return Ok(());
             }
         };
@@ -168,7 +168,7 @@ impl State<'_> {
         }
         if self.replay.entry(d.from).or_default().check(d.seq) != Replay::Fresh {
             self.counters.replayed += 1;
-            counter!("pagecast_cast_dropped_total", "why" => "replayed").increment(1);
+            counter!(crate::metrics::DROPPED, "why" => "replayed").increment(1);
             return Ok(());
         }
         if d.from == 0 {
@@ -382,7 +382,7 @@ impl State<'_> {
             socket::send_batch(sock, &[&b], SocketAddrV4::new(*g.addr.ip(), nack_port))
                 .map_err(CastError::io("sending a NACK"))?;
             self.counters.nacks_sent += 1;
-            counter!("pagecast_cast_nacks_sent_total").increment(1);
+            counter!(crate::metrics::NACKS_SENT).increment(1);
         }
         Ok(())
     }
@@ -582,7 +582,7 @@ fn receive_inner(
         nack_socks.insert(port.wrapping_add(1), n);
         joins += addrs.len() as u32;
     }
-    counter!("pagecast_cast_joins_total").increment(u64::from(joins));
+    counter!(crate::metrics::JOINS).increment(u64::from(joins));
     ch.send(&frame(v1::cast_frame::Body::Ready(v1::CastReady {
         joined: joins,
     })))?;

@@ -6,16 +6,16 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
-use pagecast_index::{PAGE_SIZE, Page};
+use pagecast_pages::{PAGE_SIZE, Page};
 use pagecast_proto::{MAX_CAST_GROUPS, MAX_CAST_PAGES, WIRE_VERSION, v1};
 
-use crate::auth::{Channel, ChannelReader, ChannelWriter, Secret, random_bytes};
 use crate::pacing::TokenBucket;
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
 use crate::wire::{
     Body, Datagram, MAX_CODED, Replay, ReplayWindow, check_of, decode, fragment_payload,
 };
+use pagecast_channel::{Channel, ChannelReader, ChannelWriter, Secret, random_bytes};
 
 /// Pages sent per batch of datagrams (a batch of whole pages, one or two per
 /// datagram, fills one 63 KiB GSO send).
@@ -262,7 +262,7 @@ pub fn send(
                     }
                     Err(_) => {
                         refused += 1;
-                        counter!("pagecast_cast_refused_total").increment(1);
+                        counter!(crate::metrics::REFUSED).increment(1);
                     }
                 }
             }
@@ -499,7 +499,7 @@ fn accept_peer(
     name: &str,
 ) -> Result<(Channel, v1::CastHello), CastError> {
     let mut ch = Channel::server(stream, secret, name)?;
-    ch.set_read_timeout(Some(crate::auth::HANDSHAKE_TIMEOUT))?;
+    ch.set_read_timeout(Some(pagecast_channel::HANDSHAKE_TIMEOUT))?;
     let f: v1::CastFrame = ch.recv("hello")?;
     let Some(v1::cast_frame::Body::Hello(hello)) = f.body else {
         return Err(CastError::Protocol {
@@ -659,7 +659,7 @@ impl<'a> Run<'a> {
                     let peer = &mut self.peers[i];
                     if matches!(peer.state, State::Live | State::Unicast(_)) {
                         peer.state = State::Dropped(format!("connection lost: {why}"));
-                        counter!("pagecast_cast_receivers_dropped_total").increment(1);
+                        counter!(crate::metrics::RECEIVERS_DROPPED).increment(1);
                     }
                 }
             }
@@ -673,7 +673,7 @@ impl<'a> Run<'a> {
                 && now.duration_since(p.last_heard) > self.cfg.silent_after
             {
                 p.state = State::Dropped(format!("silent for {:?}", self.cfg.silent_after));
-                counter!("pagecast_cast_receivers_dropped_total").increment(1);
+                counter!(crate::metrics::RECEIVERS_DROPPED).increment(1);
                 if let Some(w) = &p.writer {
                     w.shutdown();
                 }
@@ -852,7 +852,7 @@ impl<'a> Run<'a> {
         let peer = &mut self.peers[i];
         let mut w = peer.writer.take()?;
         peer.state = State::Unicast(why);
-        counter!("pagecast_cast_unicast_receivers_total").increment(1);
+        counter!(crate::metrics::UNICAST_RECEIVERS).increment(1);
         let mut pages: Vec<u32> = Vec::new();
         for &pg in &peer.groups {
             if pg < g {
@@ -963,7 +963,7 @@ impl<'a> Run<'a> {
                                 continue;
                             };
                             self.report.nacks += 1;
-                            counter!("pagecast_cast_nacks_total").increment(1);
+                            counter!(crate::metrics::NACKS).increment(1);
                             let sent = next[group as usize];
                             for (a, c) in ranges {
                                 for idx in
@@ -996,7 +996,7 @@ impl<'a> Run<'a> {
                             continue;
                         }
                         let lag = next[g].saturating_sub(p.contiguous[g]);
-                        gauge!("pagecast_cast_receiver_lag_pages", "receiver" => p.name.clone())
+                        gauge!(crate::metrics::RECEIVER_LAG, "receiver" => p.name.clone())
                             .set(f64::from(lag));
                         if next[g].saturating_sub(p.contiguous[g]) >= self.window {
                             let since = *p.lagging_since.get_or_insert(now);
@@ -1102,7 +1102,7 @@ impl<'a> Run<'a> {
                 bytes_total += bytes;
                 self.report.bytes_repair += bytes as u64;
                 self.report.repairs += unit.len() as u64;
-                counter!("pagecast_cast_repairs_total").increment(unit.len() as u64);
+                counter!(crate::metrics::REPAIRS).increment(unit.len() as u64);
                 repairs.extend(out.into_iter().map(|d| (rg, d)));
             }
             // Consecutive pages of a group share a datagram where it fits.
@@ -1149,7 +1149,7 @@ impl<'a> Run<'a> {
                     .map_err(CastError::io("sending pages"))?;
                 start = end;
             }
-            counter!("pagecast_cast_bytes_sent_total").increment(bytes_total as u64);
+            counter!(crate::metrics::BYTES_SENT).increment(bytes_total as u64);
             (self.progress)(sent_pages, total);
             if last_beat.elapsed() >= HEARTBEAT_EVERY && g < self.groups.len() {
                 self.heartbeat(&sock, g, next[g])?;

@@ -4,10 +4,10 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use pagecast_index::{Page, PageHash};
+use pagecast_pages::{Page, PageHash};
 use serde::Serialize;
 
-use crate::auth::AuthError;
+use pagecast_channel::AuthError;
 
 /// One page of a session: where it goes in the image, and its hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

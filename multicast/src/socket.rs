@@ -110,7 +110,7 @@ pub fn receive_buffer() -> io::Result<usize> {
 /// datagram its payload rounded up to an allocation, with headers. Pages
 /// travel `pack` to a datagram, or as fragments of `fragment_payload`.
 pub fn page_cost(fragment_payload: usize, pack: usize) -> usize {
-    let page = pagecast_index::PAGE_SIZE;
+    let page = pagecast_pages::PAGE_SIZE;
     if fragment_payload >= page {
         let pack = pack.max(1);
         (pack * page + 512).next_power_of_two().div_ceil(pack)

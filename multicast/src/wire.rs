@@ -36,7 +36,7 @@
 //! then every field: kind, fragment numbering, payload length, range counts.
 //! The replay check (by sequence) is the caller's, with [`ReplayWindow`].
 
-use pagecast_index::{PAGE_SIZE, PageHash};
+use pagecast_pages::{PAGE_SIZE, PageHash};
 use pagecast_proto::{DATAGRAM_VERSION, MAC_LEN, MAX_DATAGRAM_BYTES};
 
 /// Bytes of the common header.

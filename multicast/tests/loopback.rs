@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pagecast_index::{PAGE_SIZE, Page, PageHash};
+use pagecast_channel::Secret;
 use pagecast_multicast::wire;
 use pagecast_multicast::*;
+use pagecast_pages::{PAGE_SIZE, Page, PageHash};
 
 const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
 

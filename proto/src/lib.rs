@@ -16,9 +16,6 @@ pub mod v1 {
 /// The wire protocol version this build speaks.
 pub const WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion1;
 
-/// Guest page size in bytes; the only one pagecast handles.
-pub const PAGE_SIZE: u32 = 4096;
-
 /// Length of a page hash (BLAKE3-256) in bytes.
 pub const HASH_LEN: usize = 32;
 
@@ -82,3 +79,51 @@ pub const MAX_RAFT_MESSAGE_BYTES: usize = 1 << 30;
 
 /// Most hashes one content-index lookup or delta batch may carry.
 pub const MAX_INDEX_BATCH: usize = 65_536;
+
+/// A refusal: `code` for programs, `message` for people.
+pub fn refusal(code: v1::RefusalCode, message: impl Into<String>) -> v1::Refusal {
+    v1::Refusal {
+        code: code as i32,
+        message: message.into(),
+    }
+}
+
+impl v1::Refusal {
+    /// The code, [`v1::RefusalCode::Unspecified`] for a value this build
+    /// does not know.
+    pub fn kind(&self) -> v1::RefusalCode {
+        v1::RefusalCode::try_from(self.code).unwrap_or(v1::RefusalCode::Unspecified)
+    }
+}
+
+impl std::fmt::Display for v1::Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl v1::RefusalCode {
+    /// Whether sending the same request again may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            v1::RefusalCode::Busy | v1::RefusalCode::NotLeader | v1::RefusalCode::Unavailable
+        )
+    }
+
+    /// The code's short name (`busy`, `not-found`, ...), as reports print it.
+    pub fn label(self) -> &'static str {
+        match self {
+            v1::RefusalCode::Unspecified => "unspecified",
+            v1::RefusalCode::NotLeader => "not-leader",
+            v1::RefusalCode::Busy => "busy",
+            v1::RefusalCode::Invalid => "invalid",
+            v1::RefusalCode::NotFound => "not-found",
+            v1::RefusalCode::Refused => "refused",
+            v1::RefusalCode::Internal => "internal",
+            v1::RefusalCode::Unavailable => "unavailable",
+            v1::RefusalCode::Verification => "verification",
+            v1::RefusalCode::Cancelled => "cancelled",
+        }
+    }
+}

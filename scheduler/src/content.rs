@@ -2,9 +2,10 @@
 //! about it.
 //!
 //! The planner is fed through [`ContentSource`]: VMs' page sets (exact,
-//! from manifests or images) or sketches (from the index), and which pages
-//! each host already holds. The content index implements it over the
-//! network; tests and `pagecast plan` use [`InMemoryContent`].
+//! from manifests or images) or sketches, and which pages each host
+//! already holds. Today `pagecast plan` (from a topology file's images)
+//! and the tests use [`InMemoryContent`]; nothing reads it from the
+//! content index yet.
 //!
 //! Internally a [`Model`] answers the one question placement asks: how many
 //! of VM v's pages are *not* yet in a set of content (a host's, a rack's)?
@@ -12,7 +13,7 @@
 //! keeps per-set counts; [`SketchModel`] estimates from MinHash and
 //! HyperLogLog sketches, for clusters too large for exact sets.
 
-use pagecast_index::{PageHash, Sketch};
+use pagecast_pages::{PageHash, Sketch};
 
 use crate::model::{Cluster, HostIdx, VmIdx};
 

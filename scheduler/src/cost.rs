@@ -19,8 +19,7 @@ use crate::model::{Cluster, Evacuation, HostIdx, RackIdx, VmIdx};
 use crate::placement::Assignment;
 use crate::transmission::Transmission;
 
-/// Bytes of a page.
-pub const PAGE_BYTES: u64 = 4096;
+pub use pagecast_pages::PAGE_BYTES;
 
 /// Predicted bytes per link and the time they take.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -1,8 +1,9 @@
 //! Pure planning for pagecast's gang evacuations: which destination each
 //! VM goes to, which pages cross which links, in which multicast groups and
-//! order, what that costs, and sharing advice. No I/O: content comes through
-//! [`ContentSource`], which the content index implements and tests
-//! implement in memory.
+//! order, and what that costs. No I/O: content comes through
+//! [`ContentSource`] ([`InMemoryContent`] today). Sharing estimates from
+//! sketches live in `pagecast_pages::sharing`; executing a plan is the
+//! coordinator's work (`pagecast-coordinator`, beside this crate).
 //!
 //! ```text
 //! Cluster + Evacuation + ContentSource
@@ -12,7 +13,6 @@
 //!          -> CostReport     (bytes per link class, eviction time)
 //! ```
 
-pub mod advice;
 pub mod content;
 pub mod cost;
 pub mod model;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use pagecast_index::PageHash;
+use pagecast_pages::PageHash;
 use pagecast_scheduler::{
     Assignment, Cluster, Evacuation, Host, HostIdx, InMemoryContent, Plan, PlanError, Planner,
     Rack, Strategy, Vm, VmIdx, place_sketched,

@@ -21,7 +21,7 @@ pub fn pagecast_bin() -> PathBuf {
         if !bin.exists() {
             let release = profile_dir.file_name().is_some_and(|n| n == "release");
             let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cargo.args(["build", "-p", "pagecast-agent", "--bin", "pagecast"]);
+            cargo.args(["build", "-p", "pagecast-cli", "--bin", "pagecast"]);
             if release {
                 cargo.arg("--release");
             }

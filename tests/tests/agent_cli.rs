@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagecast_agent::memory::kvm::kvm_or_skip;
-use pagecast_multicast::{Channel, Secret};
+use pagecast_channel::{Channel, Secret};
+use pagecast_memory::kvm::kvm_or_skip;
 use pagecast_proto::v1;
 use pagecast_tests::{pagecast, pagecast_bin};
 

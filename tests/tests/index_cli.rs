@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pagecast_index::PageHash;
 use pagecast_index::client::IndexClient;
+use pagecast_pages::PageHash;
 use pagecast_proto::v1::{HolderDelta, HolderDeltas, IndexCommand, index_command::Op};
 use pagecast_tests::{pagecast, pagecast_bin, pagecast_json};
 

@@ -4,8 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use pagecast_agent::memory::synth::{SynthSpec, SyntheticVm};
-use pagecast_index::PAGE_SIZE;
+use pagecast_memory::synth::{SynthSpec, SyntheticVm};
+use pagecast_pages::PAGE_SIZE;
 use pagecast_tests::{pagecast, pagecast_json};
 
 /// Figures computed the slow, obvious way.

@@ -1,0 +1,770 @@
+//! The host agent: owns this host's micro-VMs, keeps a map of the page
+//! contents they hold (so incoming migrations copy what is already here),
+//! and serves the control API (see `proto/proto/pagecast/v1/agent.proto`):
+//! starting, listing and stopping VMs, migrating them out, and receiving
+//! them. The network side is in [`server`] (tokio); everything here is
+//! blocking and runs on blocking threads, the hashing on a rayon pool.
+
+pub mod client;
+pub mod metrics;
+pub mod server;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use ::metrics::{counter, gauge, histogram};
+use pagecast_channel::{AuthError, Channel, Secret};
+use pagecast_pages::{PAGE_SIZE, Page, PageHash};
+use pagecast_proto::v1;
+use pagecast_proto::v1::RefusalCode;
+
+use pagecast_memory::fingerprint::{FingerprintError, Fingerprinter, read_and_hash};
+use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError};
+use pagecast_memory::synth::{SynthError, SynthSpec, SyntheticVm};
+use pagecast_memory::{DirtyBitmap, GuestMemory, ImageFile, MemoryError, Region};
+use pagecast_migrate::{
+    ChannelLink, IncomingReport, LocalContent, MigrateOptions, MigrationError, MigrationLink,
+    MigrationReport, Progress, SourceVm, migrate_in, migrate_out,
+};
+
+/// Errors of the agent's operations. Each is sent back to the client as
+/// its message.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The listen or metrics address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No VM of that name here.
+    #[error("no VM named {0:?} on this agent")]
+    NoSuchVm(String),
+    /// A VM of that name already runs here.
+    #[error("a VM named {0:?} already runs on this agent")]
+    VmExists(String),
+    /// A VM name the agent does not accept.
+    #[error("VM name {0:?} must be 1 to 64 letters, digits, '-', '_' or '.'")]
+    BadName(String),
+    /// A request missing or contradicting what it needs.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The VM is busy (migrating, in doubt).
+    #[error("VM {vm:?} is {state}")]
+    Busy {
+        /// The VM.
+        vm: String,
+        /// What it is doing.
+        state: &'static str,
+    },
+    /// The destination agent could not be reached.
+    #[error("cannot reach the agent at {addr}: {source}")]
+    Connect {
+        /// Its address.
+        addr: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent answered with an error.
+    #[error("the agent at {addr} says: {message}")]
+    Remote {
+        /// Its address.
+        addr: String,
+        /// Why, for programs.
+        code: RefusalCode,
+        /// What it said.
+        message: String,
+    },
+    /// The agent answered with something the request does not expect.
+    #[error("unexpected answer from the agent at {addr}: {what}")]
+    Unexpected {
+        /// Its address.
+        addr: String,
+        /// What came.
+        what: String,
+    },
+    /// Authentication or framing failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// A VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A synthetic profile was refused.
+    #[error(transparent)]
+    Synth(#[from] SynthError),
+    /// The hashing pool failed.
+    #[error(transparent)]
+    Fingerprint(#[from] FingerprintError),
+    /// A migration failed.
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    /// The metrics exporter could not start.
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
+    /// The runtime could not start.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl AgentError {
+    /// The refusal code this error travels under.
+    pub fn code(&self) -> RefusalCode {
+        match self {
+            AgentError::NoSuchVm(_) => RefusalCode::NotFound,
+            AgentError::VmExists(_) => RefusalCode::Refused,
+            AgentError::BadName(_) | AgentError::BadRequest(_) | AgentError::Synth(_) => {
+                RefusalCode::Invalid
+            }
+            AgentError::Busy { .. } => RefusalCode::Busy,
+            AgentError::Connect { .. } | AgentError::Auth(_) => RefusalCode::Unavailable,
+            AgentError::Remote { code, .. } => *code,
+            AgentError::Migration(e) => e.code(),
+            AgentError::Bind { .. }
+            | AgentError::Unexpected { .. }
+            | AgentError::Vm(_)
+            | AgentError::Memory(_)
+            | AgentError::Fingerprint(_)
+            | AgentError::Metrics(_)
+            | AgentError::Runtime(_) => RefusalCode::Internal,
+        }
+    }
+
+    /// The error as the control API carries it.
+    pub fn to_proto(&self) -> v1::AgentError {
+        v1::AgentError {
+            message: self.to_string(),
+            code: self.code() as i32,
+        }
+    }
+}
+
+/// What a VM here is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VmState {
+    Running,
+    MigratingOut,
+    /// Commit was sent but the destination never confirmed: the VM stays
+    /// paused here and may be running there.
+    InDoubt,
+}
+
+impl VmState {
+    fn name(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::MigratingOut => "migrating-out",
+            VmState::InDoubt => "in-doubt",
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A VM this agent runs. KVM's dirty log is read in one place
+/// ([`VmEntry::pull`]) and its bits kept twice, once for a migration and
+/// once for the content map, so neither consumer steals the other's.
+pub struct VmEntry {
+    name: String,
+    origin: String,
+    vm: MicroVm,
+    state: Mutex<VmState>,
+    for_migration: Mutex<DirtyBitmap>,
+    for_content: Mutex<DirtyBitmap>,
+    /// The content of each frame as the content map last saw it, so a
+    /// rewritten frame's old content leaves the map.
+    seen: Mutex<Vec<PageHash>>,
+}
+
+impl VmEntry {
+    fn new(name: &str, origin: String, vm: MicroVm) -> Self {
+        let pages = vm.page_count();
+        VmEntry {
+            name: name.to_owned(),
+            origin,
+            vm,
+            state: Mutex::new(VmState::Running),
+            for_migration: Mutex::new(DirtyBitmap::new(pages)),
+            for_content: Mutex::new(DirtyBitmap::new(pages)),
+            seen: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Reads KVM's dirty log into both bitmaps. The migration bitmap stays
+    /// locked from the read to the merge, so a migration taking its bits
+    /// never misses some that another thread has read but not yet merged.
+    fn pull_into(&self, m: &mut DirtyBitmap) -> Result<(), MemoryError> {
+        let d = self.vm.take_dirty()?;
+        m.merge(&d)?;
+        lock(&self.for_content).merge(&d)
+    }
+
+    fn pull(&self) -> Result<(), MemoryError> {
+        self.pull_into(&mut lock(&self.for_migration))
+    }
+
+    fn info(&self) -> v1::VmInfo {
+        v1::VmInfo {
+            name: self.name.clone(),
+            memory_bytes: self.vm.region().len() as u64,
+            state: lock(&self.state).name().to_owned(),
+            progress: self.vm.progress().unwrap_or(0),
+            dirty_rate: self.vm.dirty_rate(),
+            throttle_pct: u32::from(self.vm.throttle()),
+            origin: self.origin.clone(),
+        }
+    }
+}
+
+impl GuestMemory for VmEntry {
+    fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
+        self.vm.write_page(frame, data)
+    }
+
+    fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
+        let mut m = lock(&self.for_migration);
+        self.pull_into(&mut m)?;
+        Ok(std::mem::replace(
+            &mut *m,
+            DirtyBitmap::new(self.page_count()),
+        ))
+    }
+
+    fn mark_dirty(&self, pages: &DirtyBitmap) -> Result<(), MemoryError> {
+        lock(&self.for_migration).merge(pages)
+    }
+
+    fn region(&self) -> &Region {
+        self.vm.region()
+    }
+}
+
+impl SourceVm for VmEntry {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn origin(&self) -> String {
+        self.origin.clone()
+    }
+    fn dirty_rate(&self) -> u64 {
+        self.vm.dirty_rate()
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        self.vm.pause()
+    }
+    fn resume(&self) {
+        self.vm.resume()
+    }
+    fn vcpu_state(&self) -> Result<VcpuState, VmError> {
+        self.vm.vcpu_state()
+    }
+    fn set_throttle(&self, pct: u8) {
+        self.vm.set_throttle(pct)
+    }
+}
+
+/// Settings of an agent.
+pub struct AgentConfig {
+    /// This host's name.
+    pub name: String,
+    /// Control address.
+    pub listen: std::net::SocketAddr,
+    /// Base directory for relative image paths.
+    pub data: Option<PathBuf>,
+    /// Prometheus endpoint.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// The cluster secret.
+    pub secret: Secret,
+    /// Hashing threads.
+    pub threads: usize,
+}
+
+/// The agent's state.
+pub struct Agent {
+    name: String,
+    secret: Secret,
+    data: Option<PathBuf>,
+    fp: Fingerprinter,
+    vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
+    /// Names of VMs migrating in (reserved until they start or fail).
+    incoming: Mutex<HashMap<String, &'static str>>,
+    /// A resident frame holding each content (a hint: checked on use).
+    content: RwLock<HashMap<PageHash, (Arc<VmEntry>, u64)>>,
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Default memory of a synthetic VM.
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+/// Default working set, in pages.
+pub const DEFAULT_WORKING_SET: u64 = 1024;
+/// First frame of the working set.
+const WORKING_SET_START: u64 = 16;
+
+impl Agent {
+    /// A new agent with no VMs.
+    pub fn new(
+        name: &str,
+        secret: Secret,
+        data: Option<PathBuf>,
+        threads: usize,
+    ) -> Result<Self, AgentError> {
+        Ok(Agent {
+            name: name.to_owned(),
+            secret,
+            data,
+            fp: Fingerprinter::new(threads)?,
+            vms: Mutex::new(BTreeMap::new()),
+            incoming: Mutex::new(HashMap::new()),
+            content: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// This agent's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The cluster secret.
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        match (&self.data, p.is_relative()) {
+            (Some(d), true) => d.join(p),
+            _ => p.to_owned(),
+        }
+    }
+
+    fn reserve(&self, name: &str, state: &'static str) -> Result<(), AgentError> {
+        if !valid_name(name) {
+            return Err(AgentError::BadName(name.to_owned()));
+        }
+        let vms = lock(&self.vms);
+        let mut incoming = lock(&self.incoming);
+        if vms.contains_key(name) || incoming.contains_key(name) {
+            return Err(AgentError::VmExists(name.to_owned()));
+        }
+        incoming.insert(name.to_owned(), state);
+        Ok(())
+    }
+
+    fn register(&self, entry: Arc<VmEntry>) {
+        lock(&self.incoming).remove(&entry.name);
+        lock(&self.vms).insert(entry.name.clone(), entry.clone());
+        gauge!(crate::metrics::VMS).set(lock(&self.vms).len() as f64);
+        self.index(&entry);
+    }
+
+    /// Whether `e` is still one of this agent's VMs. Checked under the
+    /// content map's write lock: [`Agent::forget`] removes a VM from the
+    /// list before it purges the map, so a VM checked here is purged after.
+    fn registered(&self, e: &Arc<VmEntry>) -> bool {
+        lock(&self.vms)
+            .get(&e.name)
+            .is_some_and(|v| Arc::ptr_eq(v, e))
+    }
+
+    /// Adds every page of a VM to the content map.
+    fn index(&self, entry: &Arc<VmEntry>) {
+        let _ = entry.pull();
+        *lock(&entry.for_content) = DirtyBitmap::new(entry.page_count());
+        let f = self.fp.fingerprint(&**entry, &|_| {});
+        let mut map = self.content.write().unwrap_or_else(|e| e.into_inner());
+        if !self.registered(entry) {
+            // Stopped meanwhile: its pages must not keep it alive.
+            return;
+        }
+        for (frame, h) in f.hashes.iter().enumerate() {
+            if !h.is_zero_page() {
+                map.entry(*h)
+                    .or_insert_with(|| (entry.clone(), frame as u64));
+            }
+        }
+        *lock(&entry.seen) = f.hashes;
+        gauge!(crate::metrics::CONTENT_ENTRIES).set(map.len() as f64);
+    }
+
+    fn forget(&self, name: &str) -> Option<Arc<VmEntry>> {
+        let e = lock(&self.vms).remove(name)?;
+        self.content
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (vm, _)| !Arc::ptr_eq(vm, &e));
+        gauge!(crate::metrics::VMS).set(lock(&self.vms).len() as f64);
+        Some(e)
+    }
+
+    /// Starts a VM.
+    pub fn vm_start(&self, r: &v1::VmStartRequest) -> Result<v1::VmInfo, AgentError> {
+        self.reserve(&r.name, "starting")?;
+        let started = self.boot(r);
+        match started {
+            Ok(entry) => {
+                let info = entry.info();
+                self.register(entry);
+                Ok(info)
+            }
+            Err(e) => {
+                lock(&self.incoming).remove(&r.name);
+                Err(e)
+            }
+        }
+    }
+
+    fn boot(&self, r: &v1::VmStartRequest) -> Result<Arc<VmEntry>, AgentError> {
+        let (memory, origin, synth) = match (r.image.is_empty(), r.synthetic.is_empty()) {
+            (false, true) => {
+                let path = self.resolve(&r.image);
+                let len = ImageFile::open(&path)?.len_bytes();
+                if r.memory_bytes != 0 && r.memory_bytes != len {
+                    return Err(AgentError::BadRequest(format!(
+                        "image {} holds {len} bytes, not the {} asked for",
+                        path.display(),
+                        r.memory_bytes
+                    )));
+                }
+                (len, path.display().to_string(), None)
+            }
+            (true, false) => {
+                let memory = if r.memory_bytes == 0 {
+                    DEFAULT_MEMORY
+                } else {
+                    r.memory_bytes
+                };
+                let spec = SynthSpec::parse(&r.synthetic, memory)?;
+                (
+                    spec.memory_bytes(),
+                    format!("synthetic {}", r.synthetic),
+                    Some(SyntheticVm::new(spec)?),
+                )
+            }
+            _ => {
+                return Err(AgentError::BadRequest(
+                    "give exactly one of an image and a synthetic profile".into(),
+                ));
+            }
+        };
+        let pages = memory / PAGE_SIZE as u64;
+        let ws = if r.working_set_pages == 0 {
+            DEFAULT_WORKING_SET
+        } else {
+            r.working_set_pages
+        };
+        let start = WORKING_SET_START.min(pages.saturating_sub(1)).max(2);
+        let end = (start + ws).min(pages);
+        let config = MicroVmConfig {
+            memory_bytes: memory,
+            working_set: (end > start).then_some(start..end).into_iter().collect(),
+            dirty_rate: r.dirty_rate,
+        };
+        let initial = match &synth {
+            Some(s) => InitialMemory::Synthetic(s),
+            None => InitialMemory::Image(Path::new(&origin)),
+        };
+        let vm = self.fp.pool().install(|| MicroVm::boot(&config, initial))?;
+        Ok(Arc::new(VmEntry::new(&r.name, origin, vm)))
+    }
+
+    /// Lists the VMs.
+    pub fn vm_list(&self) -> v1::VmList {
+        let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
+        let mut infos: Vec<v1::VmInfo> = vms.iter().map(|e| e.info()).collect();
+        infos.extend(lock(&self.incoming).iter().map(|(n, s)| v1::VmInfo {
+            name: n.clone(),
+            state: (*s).into(),
+            ..Default::default()
+        }));
+        v1::VmList {
+            agent: self.name.clone(),
+            vms: infos,
+            content_entries: self.content.read().unwrap_or_else(|e| e.into_inner()).len() as u64,
+        }
+    }
+
+    /// Stops a VM (also one left in doubt by a migration).
+    pub fn vm_stop(&self, name: &str) -> Result<v1::VmInfo, AgentError> {
+        {
+            let vms = lock(&self.vms);
+            let e = vms
+                .get(name)
+                .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
+            let s = *lock(&e.state);
+            if s == VmState::MigratingOut {
+                return Err(AgentError::Busy {
+                    vm: name.to_owned(),
+                    state: s.name(),
+                });
+            }
+        }
+        let e = self
+            .forget(name)
+            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
+        let info = e.info();
+        // The VM stops when the last reference goes (its Drop joins the vCPU).
+        drop(e);
+        Ok(info)
+    }
+
+    /// Migrates a VM to the agent at `r.to`, reporting progress.
+    pub fn migrate_out(
+        &self,
+        r: &v1::MigrateRequest,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<MigrationReport, AgentError> {
+        let entry = lock(&self.vms)
+            .get(&r.vm)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchVm(r.vm.clone()))?;
+        {
+            let mut s = lock(&entry.state);
+            if *s != VmState::Running {
+                return Err(AgentError::Busy {
+                    vm: r.vm.clone(),
+                    state: s.name(),
+                });
+            }
+            *s = VmState::MigratingOut;
+        }
+        let result = self.run_out(&entry, r, progress);
+        let mut s = lock(&entry.state);
+        match &result {
+            Ok(rep) => {
+                drop(s);
+                // Released: the destination runs it now.
+                self.forget(&r.vm);
+                counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "ok")
+                    .increment(1);
+                histogram!(crate::metrics::DOWNTIME_SECONDS).record(rep.downtime_ms / 1e3);
+                counter!(crate::metrics::MIGRATION_BYTES, "class" => "pages")
+                    .increment(rep.bytes_pages);
+                counter!(crate::metrics::MIGRATION_BYTES, "class" => "manifest")
+                    .increment(rep.bytes_manifest);
+                counter!(crate::metrics::PAGES_LOCAL).increment(rep.pages_local);
+            }
+            Err(AgentError::Migration(MigrationError::InDoubt(_))) => {
+                *s = VmState::InDoubt;
+                counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "in-doubt")
+                    .increment(1);
+            }
+            Err(_) => {
+                *s = VmState::Running;
+                counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "failed")
+                    .increment(1);
+            }
+        }
+        result
+    }
+
+    fn run_out(
+        &self,
+        entry: &VmEntry,
+        r: &v1::MigrateRequest,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<MigrationReport, AgentError> {
+        let addr = r
+            .to
+            .to_socket_addrs()
+            .map_err(|source| AgentError::Connect {
+                addr: r.to.clone(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| AgentError::BadRequest(format!("{} resolves to no address", r.to)))?;
+        let stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|source| {
+                AgentError::Connect {
+                    addr: r.to.clone(),
+                    source,
+                }
+            })?;
+        let mut ch = Channel::client(stream, &self.secret, &self.name)?;
+        ch.send(&v1::AgentRequest {
+            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+                source: self.name.clone(),
+            })),
+        })?;
+        let mut link = ChannelLink::new(ch);
+        let opts = MigrateOptions {
+            bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
+            max_downtime: Duration::from_millis(if r.max_downtime_ms == 0 {
+                50
+            } else {
+                u64::from(r.max_downtime_ms)
+            }),
+            verify_full: r.verify_full,
+            ..MigrateOptions::default()
+        };
+        Ok(migrate_out(entry, &mut link, &self.fp, &opts, progress)?)
+    }
+
+    /// Receives a VM over `link` from the agent named `source`.
+    pub fn migrate_in(
+        &self,
+        link: &mut dyn MigrationLink,
+        source: &str,
+    ) -> Result<IncomingReport, AgentError> {
+        let begin = match link.recv(Some(Duration::from_secs(10)))? {
+            v1::migrate_frame::Body::Begin(b) => b,
+            other => {
+                return Err(AgentError::BadRequest(format!(
+                    "expected a migration to begin, got {other:?}"
+                )));
+            }
+        };
+        if let Err(e) = self.reserve(&begin.vm, "incoming") {
+            let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
+                ok: false,
+                reason: e.to_string(),
+                code: e.code() as i32,
+            }));
+            return Err(e);
+        }
+        let origin = if begin.origin.is_empty() {
+            format!("migrated from {source}")
+        } else {
+            format!("{} (migrated from {source})", begin.origin)
+        };
+        let mut started: Option<Arc<VmEntry>> = None;
+        let result = migrate_in(
+            link,
+            &begin,
+            self,
+            &self.fp,
+            &mut |region: Region, state: VcpuState| {
+                let vm = MicroVm::restore(region, &state, begin.dirty_rate)
+                    .map_err(|e| e.to_string())?;
+                let p = vm.progress().map_err(|e| e.to_string())?;
+                // Listed as running before the source hears it resumed, so a
+                // `vm list` after the migration reports success shows it here.
+                let entry = Arc::new(VmEntry::new(&begin.vm, origin.clone(), vm));
+                {
+                    let mut vms = lock(&self.vms);
+                    lock(&self.incoming).remove(&begin.vm);
+                    vms.insert(begin.vm.clone(), entry.clone());
+                    gauge!(crate::metrics::VMS).set(vms.len() as f64);
+                }
+                started = Some(entry);
+                Ok(p)
+            },
+        );
+        match (result, started) {
+            (result, Some(entry)) => {
+                // Committed and resumed: it runs here whatever happened to
+                // the confirmation (the source then holds its copy paused,
+                // in doubt). Its contents join the map off the switchover path.
+                self.index(&entry);
+                counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "ok")
+                    .increment(1);
+                match result {
+                    Ok(rep) => Ok(rep),
+                    Err(e) => Err(AgentError::Migration(MigrationError::InDoubt(format!(
+                        "the VM runs here but the source was not told: {e}"
+                    )))),
+                }
+            }
+            (result, None) => {
+                lock(&self.incoming).remove(&begin.vm);
+                counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "failed")
+                    .increment(1);
+                Err(match result {
+                    Err(e) => e.into(),
+                    Ok(_) => {
+                        AgentError::Migration(MigrationError::Start("the VM did not start".into()))
+                    }
+                })
+            }
+        }
+    }
+
+    /// Re-hashes pages the VMs dirtied since the last call and adds their new
+    /// contents to the content map (stale entries are caught when used).
+    pub fn refresh_content(&self) {
+        // The hashing runs on the agent's pool, like all its hashing.
+        self.fp.pool().install(|| self.refresh_inner());
+    }
+
+    fn refresh_inner(&self) {
+        let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
+        let (mut buf, mut hashes) = (Vec::new(), Vec::new());
+        for e in vms {
+            if e.pull().is_err() {
+                continue;
+            }
+            let pages = e.page_count();
+            let dirty = std::mem::replace(&mut *lock(&e.for_content), DirtyBitmap::new(pages));
+            let frames: Vec<u64> = dirty.iter().collect();
+            for chunk in frames.chunks(64) {
+                if read_and_hash(&*e, chunk, &mut buf, &mut hashes).is_err() {
+                    break;
+                }
+                let mut map = self.content.write().unwrap_or_else(|e| e.into_inner());
+                if !self.registered(&e) {
+                    break;
+                }
+                let mut seen = lock(&e.seen);
+                for (i, &f) in chunk.iter().enumerate() {
+                    // The frame's old content leaves the map if this frame
+                    // was where the map found it.
+                    if let Some(old) = seen.get_mut(f as usize) {
+                        if map
+                            .get(old)
+                            .is_some_and(|(vm, fr)| Arc::ptr_eq(vm, &e) && *fr == f)
+                        {
+                            map.remove(old);
+                        }
+                        *old = hashes[i];
+                    }
+                    if !hashes[i].is_zero_page() {
+                        map.insert(hashes[i], (e.clone(), f));
+                    }
+                }
+            }
+        }
+        gauge!(crate::metrics::CONTENT_ENTRIES)
+            .set(self.content.read().unwrap_or_else(|e| e.into_inner()).len() as f64);
+    }
+
+    /// Stops every VM (at shutdown).
+    pub fn shutdown(&self) {
+        self.content
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let vms = std::mem::take(&mut *lock(&self.vms));
+        drop(vms);
+    }
+}
+
+impl LocalContent for Agent {
+    fn copy(&self, h: &PageHash, out: &mut Page) -> bool {
+        let hit = self
+            .content
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(h)
+            .cloned();
+        match hit {
+            Some((e, f)) => e.read_page(f, out).is_ok() && PageHash::of_page(out) == *h,
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! The agent's network side: a tokio accept loop that authenticates each
+//! connection, reads one [`v1::AgentRequest`] and answers it. Anything that
+//! touches guest memory or hashes pages runs on blocking threads (the
+//! hashing itself on the agent's rayon pool), never on the runtime.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::counter;
+use pagecast_channel::{AuthError, Channel};
+use pagecast_proto::v1;
+use pagecast_proto::v1::RefusalCode;
+use tokio::net::TcpListener;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::{Agent, AgentConfig, AgentError};
+use pagecast_channel::AsyncChannel;
+use pagecast_migrate::{ChannelLink, MigrationError};
+
+type Resp = v1::agent_response::Body;
+
+/// How long a client has to send its request once authenticated.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the content map takes in pages the VMs dirtied.
+pub const CONTENT_REFRESH: Duration = Duration::from_secs(1);
+/// At most this many progress reports per second reach a migrating client.
+const PROGRESS_PER_SECOND: u32 = 10;
+
+/// Runs an agent until SIGINT or SIGTERM. `ready` is called with the bound
+/// control address once the agent accepts connections.
+pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), AgentError> {
+    let agent = Arc::new(Agent::new(
+        &config.name,
+        config.secret.clone(),
+        config.data.clone(),
+        config.threads,
+    )?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pagecast-agent")
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let span = info_span!("agent", host = %config.name);
+    let result = rt.block_on(
+        async {
+            let listener =
+                TcpListener::bind(config.listen)
+                    .await
+                    .map_err(|source| AgentError::Bind {
+                        addr: config.listen.to_string(),
+                        source,
+                    })?;
+            let local = listener.local_addr().map_err(|source| AgentError::Bind {
+                addr: config.listen.to_string(),
+                source,
+            })?;
+            if let Some(m) = config.metrics {
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .with_http_listener(m)
+                    .install()
+                    .map_err(|e| AgentError::Metrics(format!("{m}: {e}")))?;
+                info!("metrics on http://{m}/metrics");
+            }
+            info!("listening on {local}");
+            ready(local);
+            tokio::spawn(refresher(agent.clone()).in_current_span());
+            let stop = shutdown_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    s = &mut stop => {
+                        info!("{s}: stopping {} VM(s) and exiting", agent.vm_list().vms.len());
+                        return Ok::<(), AgentError>(());
+                    }
+                    a = listener.accept() => match a {
+                        Ok((stream, _)) => {
+                            tokio::spawn(connection(agent.clone(), stream).in_current_span());
+                        }
+                        Err(e) => {
+                            // Out of descriptors and the like: back off, keep serving.
+                            warn!("accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
+                }
+            }
+        }
+        .instrument(span.clone()),
+    );
+    let _g = span.enter();
+    agent.shutdown();
+    rt.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = term.recv() => "terminated",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "interrupted"
+}
+
+async fn refresher(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(CONTENT_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let a = agent.clone();
+        if tokio::task::spawn_blocking(move || a.refresh_content())
+            .await
+            .is_err()
+        {
+            error!("content refresh panicked");
+        }
+    }
+}
+
+fn error(code: RefusalCode, e: impl std::fmt::Display) -> Resp {
+    Resp::Error(v1::AgentError {
+        code: code as i32,
+        message: e.to_string(),
+    })
+}
+
+async fn reply(ch: &mut AsyncChannel, body: Resp) {
+    let _ = ch.send(&v1::AgentResponse { body: Some(body) }).await;
+}
+
+async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
+    let mut ch = match AsyncChannel::server(stream, agent.secret(), agent.name()).await {
+        Ok(ch) => ch,
+        Err(e) => {
+            counter!(crate::metrics::REFUSED).increment(1);
+            warn!("refused {peer}: {e}");
+            return;
+        }
+    };
+    let req: v1::AgentRequest = match ch.recv("request", REQUEST_TIMEOUT).await {
+        Ok(r) => r,
+        Err(e) => {
+            counter!(crate::metrics::BAD_REQUESTS).increment(1);
+            warn!("bad request from {} ({peer}): {e}", ch.peer_name());
+            if !matches!(e, AuthError::Closed { .. } | AuthError::Io { .. }) {
+                reply(
+                    &mut ch,
+                    error(RefusalCode::Invalid, format!("malformed request: {e}")),
+                )
+                .await;
+            }
+            return;
+        }
+    };
+    let Some(body) = req.body else {
+        counter!(crate::metrics::BAD_REQUESTS).increment(1);
+        reply(
+            &mut ch,
+            error(
+                RefusalCode::Invalid,
+                "malformed request: it names no operation",
+            ),
+        )
+        .await;
+        return;
+    };
+    use v1::agent_request::Body as B;
+    match body {
+        B::VmList(_) => {
+            let a = agent.clone();
+            let list = tokio::task::spawn_blocking(move || a.vm_list()).await;
+            reply(
+                &mut ch,
+                list.map_or_else(|e| error(RefusalCode::Internal, e), Resp::List),
+            )
+            .await;
+        }
+        B::VmStart(r) => {
+            let a = agent.clone();
+            let who = ch.peer_name().to_owned();
+            let name = r.name.clone();
+            let res = tokio::task::spawn_blocking(move || a.vm_start(&r)).await;
+            let body = match res {
+                Ok(Ok(info)) => {
+                    info!("started VM {} ({}) for {who}", info.name, info.origin);
+                    Resp::Vm(info)
+                }
+                Ok(Err(e)) => {
+                    warn!("could not start VM {name:?}: {e}");
+                    Resp::Error(e.to_proto())
+                }
+                Err(e) => error(RefusalCode::Internal, e),
+            };
+            reply(&mut ch, body).await;
+        }
+        B::VmStop(r) => {
+            let a = agent.clone();
+            let res = tokio::task::spawn_blocking(move || a.vm_stop(&r.name)).await;
+            let body = match res {
+                Ok(Ok(info)) => {
+                    info!("stopped VM {}", info.name);
+                    Resp::Vm(info)
+                }
+                Ok(Err(e)) => Resp::Error(e.to_proto()),
+                Err(e) => error(RefusalCode::Internal, e),
+            };
+            reply(&mut ch, body).await;
+        }
+        B::Migrate(r) => match ch.into_blocking() {
+            Ok(ch) => {
+                let a = agent.clone();
+                let span = info_span!("migration", vm = %r.vm, to = %r.to, role = "source");
+                let _ =
+                    tokio::task::spawn_blocking(move || span.in_scope(|| migrate_out(&a, ch, r)))
+                        .await;
+            }
+            Err(e) => warn!("migration request from {peer}: {e}"),
+        },
+        B::Incoming(i) => match ch.into_blocking() {
+            Ok(ch) => {
+                let a = agent.clone();
+                let span = info_span!("migration", from = %i.source, role = "destination");
+                let _ = tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| migrate_in(&a, ch, &i.source))
+                })
+                .await;
+            }
+            Err(e) => warn!("incoming migration from {peer}: {e}"),
+        },
+    }
+}
+
+/// Runs a migration out for a client, streaming progress to it. If the
+/// client goes away the migration carries on (its outcome shows in
+/// `vm list` and the agent's log).
+fn migrate_out(agent: &Agent, mut ch: Channel, r: v1::MigrateRequest) {
+    info!("migrating {} to {} for {}", r.vm, r.to, ch.peer_name());
+    let mut client_gone = false;
+    let mut last: Option<Instant> = None;
+    let gap = Duration::from_secs(1) / PROGRESS_PER_SECOND;
+    let res = agent.migrate_out(&r, &mut |p| {
+        if client_gone || last.is_some_and(|t| t.elapsed() < gap) {
+            return;
+        }
+        last = Some(Instant::now());
+        let msg = v1::AgentResponse {
+            body: Some(Resp::Progress(p.to_proto())),
+        };
+        client_gone = ch.send(&msg).is_err();
+    });
+    let result = match res {
+        Ok(rep) => {
+            info!(
+                "migrated {} to {}: {} pages sent, {} filled there, downtime {:.1} ms, total {:.0} ms",
+                r.vm, r.to, rep.pages_sent, rep.pages_local, rep.downtime_ms, rep.total_ms
+            );
+            rep.to_proto()
+        }
+        Err(e) => {
+            let in_doubt = matches!(e, AgentError::Migration(MigrationError::InDoubt(_)));
+            warn!("migration of {} to {} failed: {e}", r.vm, r.to);
+            v1::MigrateResult {
+                ok: false,
+                error: e.to_string(),
+                error_code: e.code() as i32,
+                in_doubt,
+                ..Default::default()
+            }
+        }
+    };
+    let _ = ch.send(&v1::AgentResponse {
+        body: Some(Resp::Result(result)),
+    });
+}
+
+fn migrate_in(agent: &Agent, ch: Channel, source: &str) {
+    let from = format!("{source} ({})", ch.peer());
+    let mut link = ChannelLink::new(ch);
+    match agent.migrate_in(&mut link, source) {
+        Ok(rep) => info!(
+            "received {} from {from}: {} pages filled locally, {} received, running",
+            rep.vm, rep.pages_local, rep.pages_received
+        ),
+        Err(e) => warn!("incoming migration from {from} failed, nothing kept: {e}"),
+    }
+}

@@ -1,0 +1,563 @@
+//! `pagecast agent`, `pagecast vm start | list | stop` and `pagecast migrate`.
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pagecast_agent::client::AgentClient;
+use pagecast_agent::{AgentConfig, server};
+use pagecast_pages::units::{format_bytes, parse_bits_per_second, parse_size};
+use pagecast_proto::v1;
+use serde::Serialize;
+
+use super::{SecretArg, load_secret};
+
+/// Run this host's agent: it owns the host's micro-VMs and migrates them.
+///
+/// The agent serves an authenticated control API (prost frames over TCP,
+/// see docs/migration.md) on --listen: `pagecast vm` and `pagecast migrate`
+/// talk to it, and agents talk to each other to migrate VMs. It keeps a map
+/// of the page contents its VMs hold, so a VM migrating here copies those
+/// pages locally instead of receiving them. It runs until SIGINT or
+/// SIGTERM, and then stops its VMs.
+///
+/// On start it prints `listening on ADDR` on stdout (useful with port 0).
+///
+/// Example, two agents on one host:
+///
+///   pagecast secret new cluster.secret
+///
+///   pagecast agent --name host-a --listen 127.0.0.1:7400 --secret-file cluster.secret
+///
+///   pagecast agent --name host-b --listen 127.0.0.1:7401 --secret-file cluster.secret
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct AgentArgs {
+    /// This host's name, as other agents and tools see it.
+    #[arg(long, value_name = "HOST")]
+    name: String,
+
+    /// Control address (TCP).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+
+    /// Directory that relative image paths of `vm start --image` are
+    /// resolved against (default: the agent's working directory); created
+    /// if missing.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
+
+    #[command(flatten)]
+    secret: SecretArg,
+}
+
+fn resolve(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    s.to_socket_addrs()
+        .with_context(|| format!("{what} {s:?} is not HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{what} {s:?} resolves to no address"))
+}
+
+/// Runs `pagecast agent`.
+pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
+    let secret = load_secret(&a.secret)?;
+    if let Some(d) = &a.data {
+        std::fs::create_dir_all(d)
+            .with_context(|| format!("--data {}: cannot create it", d.display()))?;
+        anyhow::ensure!(d.is_dir(), "--data {}: not a directory", d.display());
+    }
+    let config = AgentConfig {
+        name: a.name,
+        listen: resolve("--listen", &a.listen)?,
+        data: a.data,
+        metrics: a
+            .metrics
+            .as_deref()
+            .map(|m| resolve("--metrics", m))
+            .transpose()?,
+        secret,
+        threads,
+    };
+    server::serve(config, |addr| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {addr}");
+        let _ = out.flush();
+    })?;
+    Ok(())
+}
+
+/// Start, list and stop micro-VMs on an agent.
+///
+/// Examples:
+///
+///   pagecast vm start --agent 127.0.0.1:7400 --name web1 --synthetic web --memory 256MiB --dirty-rate 2000
+///
+///   pagecast vm list --agent 127.0.0.1:7400
+///
+///   pagecast vm stop --agent 127.0.0.1:7400 --name web1
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct VmArgs {
+    #[command(subcommand)]
+    command: VmCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    Start(VmStartArgs),
+    List(VmListArgs),
+    Stop(VmStopArgs),
+}
+
+/// Start a KVM micro-VM on an agent.
+///
+/// Its memory comes from a raw image on the agent's host or from the
+/// synthetic generator (--synthetic FAMILY[:key=value,...]: VMs of one
+/// family share content, as clones of one template do). A small guest
+/// program writes --dirty-rate pages per second across a working set of
+/// --working-set pages (from frame 16 up) and counts its progress.
+///
+/// Examples:
+///
+///   pagecast vm start --agent 127.0.0.1:7400 --name web1 --synthetic web --memory 256MiB --dirty-rate 2000
+///
+///   pagecast vm start --agent 127.0.0.1:7400 --name web2 --synthetic web:index=1 --memory 256MiB
+///
+///   pagecast vm start --agent 127.0.0.1:7400 --name db1 --image /var/lib/pagecast/db1.raw
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+struct VmStartArgs {
+    /// The agent, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    agent: String,
+
+    /// The VM's name (letters, digits, '-', '_', '.'; at most 64).
+    #[arg(long, value_name = "VM")]
+    name: String,
+
+    /// A raw memory image on the agent's host (a relative path is relative
+    /// to the agent's --data directory).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
+    image: Option<String>,
+
+    /// A synthetic memory profile, FAMILY[:key=value,...]. VMs of one
+    /// family share content as clones of one template do; keys: index (the
+    /// VM's number in its family, default 0), seed, and the content
+    /// fractions zero, common, kernel, libs, libs-pool, cache, cache-pool,
+    /// near-dup, heap-dup (see `pagecast synth --help`). Example:
+    /// web:index=2,zero=0.1
+    #[arg(long, value_name = "PROFILE")]
+    synthetic: Option<String>,
+
+    /// Memory size (e.g. 256MiB, 1GiB); default: the image's size, or
+    /// 64 MiB for a synthetic VM.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
+
+    /// Pages per second the guest writes.
+    #[arg(long, value_name = "PAGES_PER_S", default_value_t = 0)]
+    dirty_rate: u64,
+
+    /// Pages the guest writes to, round-robin.
+    #[arg(long, value_name = "PAGES", default_value_t = 1024)]
+    working_set: u64,
+
+    #[command(flatten)]
+    secret: SecretArg,
+
+    /// Print the VM as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// List an agent's VMs: state, memory, the guest's progress counter, its
+/// dirty rate and throttle, and where its memory came from.
+///
+/// States: running; migrating-out; starting and incoming (a name reserved
+/// while a VM boots or migrates here); in-doubt (a migration's switchover
+/// lost contact with the destination: the VM stays paused here, since it
+/// may be running there; check the destination, then `vm stop` the copy
+/// that must go).
+#[derive(Debug, Args)]
+struct VmListArgs {
+    /// The agent, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    agent: String,
+
+    #[command(flatten)]
+    secret: SecretArg,
+
+    /// Print the list as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Stop a VM and free its memory (refused while it migrates out).
+#[derive(Debug, Args)]
+struct VmStopArgs {
+    /// The agent, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    agent: String,
+
+    /// The VM's name.
+    #[arg(long, value_name = "VM")]
+    name: String,
+
+    #[command(flatten)]
+    secret: SecretArg,
+
+    /// Print the stopped VM as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct VmOut<'a> {
+    name: &'a str,
+    state: &'a str,
+    memory_bytes: u64,
+    progress: u64,
+    dirty_rate: u64,
+    throttle_pct: u32,
+    origin: &'a str,
+}
+
+fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
+    VmOut {
+        name: &v.name,
+        state: &v.state,
+        memory_bytes: v.memory_bytes,
+        progress: v.progress,
+        dirty_rate: v.dirty_rate,
+        throttle_pct: v.throttle_pct,
+        origin: &v.origin,
+    }
+}
+
+/// Runs `pagecast vm ...`.
+pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
+    match a.command {
+        VmCommand::Start(a) => {
+            let secret = load_secret(&a.secret)?;
+            let c = AgentClient::connect(&a.agent, &secret, "pagecast-cli")?;
+            let req = v1::VmStartRequest {
+                name: a.name,
+                image: a.image.unwrap_or_default(),
+                synthetic: a.synthetic.unwrap_or_default(),
+                memory_bytes: a.memory.unwrap_or(0),
+                dirty_rate: a.dirty_rate,
+                working_set_pages: a.working_set,
+            };
+            let agent = c.agent_name().to_owned();
+            let v = c.vm_start(req)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);
+            } else {
+                println!(
+                    "started {} on {agent}: {}, {}, writing {} pages/s",
+                    v.name,
+                    format_bytes(v.memory_bytes),
+                    v.origin,
+                    v.dirty_rate
+                );
+            }
+        }
+        VmCommand::List(a) => {
+            let secret = load_secret(&a.secret)?;
+            let l = AgentClient::connect(&a.agent, &secret, "pagecast-cli")?.vm_list()?;
+            if a.json {
+                #[derive(Serialize)]
+                struct ListOut<'a> {
+                    agent: &'a str,
+                    content_entries: u64,
+                    vms: Vec<VmOut<'a>>,
+                }
+                let out = ListOut {
+                    agent: &l.agent,
+                    content_entries: l.content_entries,
+                    vms: l.vms.iter().map(vm_out).collect(),
+                };
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", render_list(&l));
+            }
+        }
+        VmCommand::Stop(a) => {
+            let secret = load_secret(&a.secret)?;
+            let v = AgentClient::connect(&a.agent, &secret, "pagecast-cli")?.vm_stop(&a.name)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);
+            } else {
+                println!("stopped {} (progress counter {})", v.name, v.progress);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn render_list(l: &v1::VmList) -> String {
+    let mut s = format!(
+        "agent {}: {} VM(s), {} distinct page contents held\n",
+        l.agent,
+        l.vms.len(),
+        l.content_entries
+    );
+    if l.vms.is_empty() {
+        return s;
+    }
+    s.push_str(&format!(
+        "{:<20} {:<14} {:>10} {:>12} {:>8} {:>8}  {}\n",
+        "NAME", "STATE", "MEMORY", "PROGRESS", "DIRTY/S", "THROTTLE", "ORIGIN"
+    ));
+    for v in &l.vms {
+        s.push_str(&format!(
+            "{:<20} {:<14} {:>10} {:>12} {:>8} {:>7}%  {}\n",
+            v.name,
+            v.state,
+            format_bytes(v.memory_bytes),
+            v.progress,
+            v.dirty_rate,
+            v.throttle_pct,
+            v.origin
+        ));
+    }
+    s
+}
+
+/// Live-migrate a VM from one agent to another.
+///
+/// The destination first receives the VM's manifest (the hash of every
+/// page) and fills each page it already holds from its own VMs, checking
+/// each copy's hash; the source sends the rest, then rounds of the pages
+/// the guest dirtied meanwhile, and stops the VM for the final copy once
+/// what is left fits --max-downtime (slowing a guest that dirties faster
+/// than the link drains). The vCPU state moves last; the destination
+/// checks its memory hashes equal the source's, resumes the VM, and the
+/// source releases it. On any failure before switchover the VM keeps
+/// running on the source and the destination keeps nothing.
+///
+/// Prints progress while it runs (on a terminal), then a report: pages per
+/// round, pages filled locally, bytes on the wire by class, downtime, total
+/// time and the verification result. Exits non-zero if it failed.
+///
+/// Example:
+///
+///   pagecast migrate --vm web1 --from 127.0.0.1:7400 --to 127.0.0.1:7401 --bandwidth 1G --secret-file cluster.secret
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct MigrateArgs {
+    /// The VM to move.
+    #[arg(long, value_name = "NAME")]
+    vm: String,
+
+    /// The agent running it, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    from: String,
+
+    /// The destination agent, HOST:PORT, as the source agent reaches it.
+    #[arg(long, value_name = "ADDR")]
+    to: String,
+
+    /// Bits per second the migration may use (e.g. 1G, 500M); default:
+    /// unlimited.
+    #[arg(long, value_name = "BITS/S", value_parser = parse_bits_per_second)]
+    bandwidth: Option<u64>,
+
+    /// Longest pause of the guest at switchover, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    max_downtime: u32,
+
+    /// At switchover also hash all memory on both sides (slower; the
+    /// default check compares the hash of every page the source knows
+    /// against the destination's).
+    #[arg(long)]
+    verify_full: bool,
+
+    #[command(flatten)]
+    secret: SecretArg,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+
+    /// Never draw progress.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Serialize)]
+struct RoundOut {
+    round: u32,
+    pages: u64,
+    seconds: f64,
+    throttle_pct: u32,
+}
+
+#[derive(Serialize)]
+struct MigrateOut<'a> {
+    vm: &'a str,
+    from: &'a str,
+    to: &'a str,
+    ok: bool,
+    error: &'a str,
+    in_doubt: bool,
+    verified: bool,
+    rounds: usize,
+    per_round: Vec<RoundOut>,
+    pages_sent: u64,
+    pages_local: u64,
+    nonzero_pages: u64,
+    bytes_sent: u64,
+    bytes_manifest: u64,
+    bytes_pages: u64,
+    bytes_vcpu: u64,
+    bytes_control: u64,
+    downtime_ms: f64,
+    total_ms: f64,
+    max_throttle_pct: u32,
+    progress_after: u64,
+}
+
+/// Runs `pagecast migrate`.
+pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
+    let secret = load_secret(&a.secret)?;
+    let client = AgentClient::connect(&a.from, &secret, "pagecast-cli")?;
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(10))
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("static template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.set_message(format!("migrating {} to {}", a.vm, a.to));
+    let req = v1::MigrateRequest {
+        vm: a.vm.clone(),
+        to: a.to.clone(),
+        bandwidth_bps: a.bandwidth.unwrap_or(0),
+        max_downtime_ms: a.max_downtime,
+        verify_full: a.verify_full,
+    };
+    let r = client.migrate(req, &mut |p| {
+        bar.set_message(format!(
+            "{:<14} round {:>2}  {} pages sent ({}), {} filled locally, {} dirty, throttle {}%",
+            p.phase,
+            p.round,
+            p.pages_sent,
+            format_bytes(p.bytes_sent),
+            p.pages_local,
+            p.dirty_pages,
+            p.throttle_pct
+        ));
+    });
+    bar.finish_and_clear();
+    let r = r?;
+    let out = MigrateOut {
+        vm: &a.vm,
+        from: &a.from,
+        to: &a.to,
+        ok: r.ok,
+        error: &r.error,
+        in_doubt: r.in_doubt,
+        verified: r.verified,
+        rounds: r.rounds.len(),
+        per_round: r
+            .rounds
+            .iter()
+            .map(|x| RoundOut {
+                round: x.round,
+                pages: x.pages,
+                seconds: x.seconds,
+                throttle_pct: x.throttle_pct,
+            })
+            .collect(),
+        pages_sent: r.pages_sent,
+        pages_local: r.pages_local,
+        nonzero_pages: r.nonzero_pages,
+        bytes_sent: r.bytes_sent,
+        bytes_manifest: r.bytes_manifest,
+        bytes_pages: r.bytes_pages,
+        bytes_vcpu: r.bytes_vcpu,
+        bytes_control: r.bytes_control,
+        downtime_ms: r.downtime_ms,
+        total_ms: r.total_ms,
+        max_throttle_pct: r.max_throttle_pct,
+        progress_after: r.progress_after,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if r.ok {
+        print!("{}", render_report(&out));
+    }
+    if !r.ok {
+        if r.in_doubt {
+            anyhow::bail!(
+                "migration of {} in doubt: {} (the VM stays paused on {}; check `pagecast vm list --agent {}` and stop the copy that must go)",
+                a.vm,
+                r.error,
+                a.from,
+                a.to
+            );
+        }
+        anyhow::bail!(
+            "migration of {} failed, it keeps running on {}: {}",
+            a.vm,
+            a.from,
+            r.error
+        );
+    }
+    Ok(())
+}
+
+fn render_report(o: &MigrateOut<'_>) -> String {
+    let mut s = format!(
+        "migrated {} from {} to {} in {:.0} ms, downtime {:.1} ms, verified: {}\n",
+        o.vm,
+        o.from,
+        o.to,
+        o.total_ms,
+        o.downtime_ms,
+        if o.verified { "yes" } else { "NO" }
+    );
+    s.push_str(&format!(
+        "  pages: {} non-zero, {} filled locally at the destination, {} sent\n",
+        o.nonzero_pages, o.pages_local, o.pages_sent
+    ));
+    s.push_str(&format!(
+        "  wire:  {} in all = manifest {} + pages {} + vCPU {} + control {}\n",
+        format_bytes(o.bytes_sent),
+        format_bytes(o.bytes_manifest),
+        format_bytes(o.bytes_pages),
+        format_bytes(o.bytes_vcpu),
+        format_bytes(o.bytes_control)
+    ));
+    s.push_str(&format!(
+        "  rounds: {} (the last is stop-and-copy)\n",
+        o.rounds
+    ));
+    for r in &o.per_round {
+        s.push_str(&format!(
+            "    round {:>2}: {:>9} pages in {:>7.3} s, throttle {}%\n",
+            r.round, r.pages, r.seconds, r.throttle_pct
+        ));
+    }
+    s.push_str(&format!(
+        "  guest progress counter on the destination after resuming: {}\n",
+        o.progress_after
+    ));
+    s
+}

@@ -1,0 +1,568 @@
+//! `pagecast index ...` and `pagecast advise`: run a replica of the content
+//! index, and publish VMs to it and ask it questions.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use pagecast_index::client::{self, IndexClient, VmContent};
+use pagecast_index::replica::{self, ReplicaConfig};
+use pagecast_memory::GuestMemory;
+use pagecast_memory::fingerprint::{Fingerprinter, fingerprint_images};
+use pagecast_pages::PageHash;
+use pagecast_proto::v1::VmState;
+
+use super::progress::pages_bar;
+
+/// Run and query the replicated content index.
+///
+/// Three (or five) replicas form a cluster; each runs `index serve` with
+/// the same --peers list and --shards. Clients take any replica's address
+/// (or several, comma-separated) and find each shard's leader themselves.
+///
+/// A local three-replica cluster:
+///
+///   pagecast index serve --id 1 --listen 127.0.0.1:7401 --data /tmp/ix1 \
+///       --peers 1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403 &
+///   (and the same with --id 2 and 3, their own --listen and --data)
+///   pagecast index status --index 127.0.0.1:7401
+///   pagecast index load --index 127.0.0.1:7401 --host h1 --vm web1=web1.img
+///   pagecast index holders --index 127.0.0.1:7401 --image web2.img
+///   pagecast advise --index 127.0.0.1:7401 --vm web1
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct IndexCmd {
+    #[command(subcommand)]
+    command: IndexSub,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum IndexSub {
+    Serve(ServeArgs),
+    Status(StatusArgs),
+    Load(LoadArgs),
+    Unload(UnloadArgs),
+    Holders(HoldersArgs),
+}
+
+/// Run one replica of the index until interrupted.
+///
+/// Every replica of a cluster gets the same --peers and --shards; the shard
+/// count is fixed when the cluster is created (a data directory remembers
+/// its replica id and shard count and refuses others). A replica restarted
+/// on its directory rejoins with its data; a replica started on an empty
+/// directory catches up from the leader (by snapshot if the log moved on).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// This replica's id, one of those in --peers.
+    #[arg(long, value_name = "N")]
+    id: u64,
+    /// Address to listen on for replicas and clients.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+    /// Every replica of the cluster, this one included.
+    #[arg(long, value_name = "1=HOST:PORT,2=HOST:PORT,...")]
+    peers: String,
+    /// RocksDB directory of this replica (created if missing).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Shards of the hash space, each its own raft group (1 to 256).
+    #[arg(long, default_value_t = 4, value_name = "S")]
+    shards: u32,
+    /// Do not fsync the raft log on every append (faster; a power loss on a
+    /// majority of replicas can then lose acknowledged writes).
+    #[arg(long)]
+    no_sync: bool,
+    /// Compact a shard's raft log once it holds this many applied entries,
+    /// keeping the newest min(64, ENTRIES/2) for replicas that lag a little
+    /// (those further behind are sent a snapshot).
+    #[arg(long, default_value_t = 512, value_name = "ENTRIES")]
+    compact_after: u64,
+    /// ... or once this many MiB of entries were appended to it since the
+    /// last compaction, whichever comes first.
+    #[arg(long, default_value_t = 32, value_name = "MIB")]
+    compact_log_mib: u64,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
+    /// Least level of raft's own log lines on stderr: debug, info, warning, error.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    raft_log: String,
+}
+
+/// Which replicas to talk to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IndexAddrs {
+    /// Index replicas, HOST:PORT[,HOST:PORT...]; any one is enough.
+    #[arg(long = "index", value_name = "ADDRS", env = "PAGECAST_INDEX")]
+    index: String,
+}
+
+impl IndexAddrs {
+    fn list(&self) -> Vec<String> {
+        self.index
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+/// Per shard and replica: role, leader, term, commit and applied index,
+/// log entries, distinct hashes.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Fingerprint memory images and publish them as VMs held by a host.
+///
+/// Each VM's distinct non-zero pages go to the shards in numbered batches;
+/// an interrupted load is finished by running the same command again (the
+/// batches already applied are skipped). A VM name is unique in the index.
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+    /// The host that holds these VMs.
+    #[arg(long, value_name = "NAME")]
+    host: String,
+    /// A VM and its raw memory image; repeat for more.
+    #[arg(long = "vm", value_name = "VMNAME=IMAGE", required = true)]
+    vms: Vec<String>,
+    /// Holder deltas per raft proposal.
+    #[arg(long, default_value_t = 8192, value_name = "N")]
+    batch: usize,
+    /// Never draw a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Remove a VM from the index.
+///
+/// The VM's image is read again (from where it was loaded, or --image) to
+/// know what to remove; it must still hold the content that was loaded.
+#[derive(Debug, clap::Args)]
+pub struct UnloadArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+    /// The host that holds the VM.
+    #[arg(long, value_name = "NAME")]
+    host: String,
+    /// The VM.
+    #[arg(long, value_name = "VMNAME")]
+    vm: String,
+    /// Read the content from this image instead of the one recorded at load.
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<PathBuf>,
+    /// Holder deltas per raft proposal.
+    #[arg(long, default_value_t = 8192, value_name = "N")]
+    batch: usize,
+    /// Never draw a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// For the distinct non-zero pages of an image: how many each host holds,
+/// and how many no host holds.
+#[derive(Debug, clap::Args)]
+pub struct HoldersArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+    /// A raw memory image.
+    #[arg(long, value_name = "IMAGE")]
+    image: PathBuf,
+    /// Answer from any replica's applied state, without a leader round trip.
+    #[arg(long)]
+    stale: bool,
+    /// Never draw a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The hosts that already hold most of a VM's content, and the VMs most
+/// like it, estimated from sketches.
+///
+/// "shared" is the estimated number of the VM's distinct pages also present
+/// there; a VM's own host is counted without the VM itself.
+#[derive(Debug, clap::Args)]
+pub struct AdviseArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+    /// The VM (as loaded with `index load`).
+    #[arg(long, value_name = "VMNAME")]
+    vm: String,
+    /// How many hosts and VMs to list.
+    #[arg(long, default_value_t = 5, value_name = "K")]
+    top: u32,
+    /// Answer from any replica's applied state (faster, maybe slightly old).
+    #[arg(long)]
+    stale: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `pagecast index ...`.
+pub fn run(cmd: IndexCmd, threads: usize) -> anyhow::Result<()> {
+    match cmd.command {
+        IndexSub::Serve(a) => serve(a),
+        IndexSub::Status(a) => status(a),
+        IndexSub::Load(a) => load(a, threads),
+        IndexSub::Unload(a) => unload(a, threads),
+        IndexSub::Holders(a) => holders(a, threads),
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let peers = replica::parse_peers(&a.peers).map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
+    let level = match a.raft_log.as_str() {
+        "debug" => slog::Level::Debug,
+        "info" => slog::Level::Info,
+        "warning" | "warn" => slog::Level::Warning,
+        "error" => slog::Level::Error,
+        other => bail!("--raft-log {other:?}: use debug, info, warning or error"),
+    };
+    if let Some(m) = &a.metrics {
+        let addr: std::net::SocketAddr = m.parse().with_context(|| format!("--metrics {m}"))?;
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
+    let cfg = ReplicaConfig {
+        id: a.id,
+        listen: a.listen.clone(),
+        peers: peers.clone(),
+        data: a.data.clone(),
+        shards: a.shards,
+        sync: !a.no_sync,
+        compact_after: a.compact_after.max(2),
+        compact_bytes: a.compact_log_mib.max(1) << 20,
+        raft_log_level: level,
+    };
+    let r = replica::start(cfg)?;
+    tracing::info!(
+        "index replica {} of {} serving {} shards on {}, data in {}",
+        a.id,
+        peers.len(),
+        a.shards,
+        r.local_addr(),
+        a.data.display()
+    );
+    loop {
+        std::thread::park();
+    }
+}
+
+fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let addrs = a.index.list();
+    let mut c = IndexClient::new(&addrs)?;
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for addr in &addrs {
+        match c.status_of(addr) {
+            Ok(s) => rows.push((addr.clone(), s)),
+            Err(e) => failures.push(e),
+        }
+    }
+    // Ask the other replicas the first one knows of, so that one address
+    // shows the whole cluster.
+    if let Some((_, first)) = rows.first() {
+        let known: Vec<String> = first
+            .peers
+            .iter()
+            .filter_map(|p| p.split_once('=').map(|(_, a)| a.to_owned()))
+            .filter(|p| !addrs.contains(p))
+            .collect();
+        for addr in known {
+            match c.status_of(&addr) {
+                Ok(s) => rows.push((addr, s)),
+                Err(e) => failures.push(e),
+            }
+        }
+    }
+    if rows.is_empty() {
+        bail!("no replica answered: {}", failures.join("; "));
+    }
+    if a.json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(addr, s)| {
+                serde_json::json!({
+                    "address": addr,
+                    "replica": s.replica,
+                    "shards": s.shards.iter().map(|x| serde_json::json!({
+                        "shard": x.shard, "role": x.role, "leader": x.leader, "term": x.term,
+                        "commit": x.commit, "applied": x.applied, "first_index": x.first_index,
+                        "last_index": x.last_index,
+                        "entries": (x.last_index + 1).saturating_sub(x.first_index),
+                        "distinct_hashes": x.distinct_hashes, "holder_frames": x.holder_frames,
+                        "snapshots_sent": x.snapshots_sent, "snapshots_received": x.snapshots_received,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"replicas": v, "unreachable": failures})
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:>5} {:>7} {:<21} {:<10} {:>6} {:>5} {:>9} {:>9} {:>8} {:>12} {:>5}",
+        "SHARD",
+        "REPLICA",
+        "ADDRESS",
+        "ROLE",
+        "LEADER",
+        "TERM",
+        "COMMIT",
+        "APPLIED",
+        "ENTRIES",
+        "DISTINCT",
+        "SNAPS"
+    );
+    let mut lines = Vec::new();
+    for (addr, s) in &rows {
+        for x in &s.shards {
+            lines.push((x.shard, s.replica, addr.clone(), x.clone()));
+        }
+    }
+    lines.sort_by_key(|l| (l.0, l.1));
+    for (shard, rep, addr, x) in lines {
+        println!(
+            "{:>5} {:>7} {:<21} {:<10} {:>6} {:>5} {:>9} {:>9} {:>8} {:>12} {:>5}",
+            shard,
+            rep,
+            addr,
+            x.role,
+            x.leader,
+            x.term,
+            x.commit,
+            x.applied,
+            (x.last_index + 1).saturating_sub(x.first_index),
+            x.distinct_hashes,
+            format!("{}/{}", x.snapshots_sent, x.snapshots_received)
+        );
+    }
+    for f in failures {
+        println!("unreachable: {f}");
+    }
+    Ok(())
+}
+
+fn fingerprint_image(
+    fp: &Fingerprinter,
+    path: &Path,
+    label: &str,
+    quiet: bool,
+) -> anyhow::Result<Vec<PageHash>> {
+    let bar = pages_bar(0, label, quiet);
+    let img = fingerprint_images(
+        &[path],
+        fp,
+        &mut |_, img| bar.set_length(img.page_count()),
+        &|n| bar.inc(n),
+    )
+    .with_context(|| format!("{}", path.display()))?
+    .pop()
+    .expect("one image");
+    bar.finish_and_clear();
+    Ok(img.fingerprints.hashes)
+}
+
+fn absolute(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn load(a: LoadArgs, threads: usize) -> anyhow::Result<()> {
+    let mut pairs = Vec::new();
+    for v in &a.vms {
+        let (name, image) = v
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--vm {v:?}: expected VMNAME=IMAGE"))?;
+        pairs.push((name.to_owned(), PathBuf::from(image)));
+    }
+    let fp = Fingerprinter::new(threads)?;
+    let addrs = a.index.list();
+    let mut out = Vec::new();
+    for (name, image) in pairs {
+        let t0 = Instant::now();
+        let hashes = fingerprint_image(&fp, &image, "hashing", a.no_progress)?;
+        let content = VmContent::from_frames(&name, &absolute(&image), &hashes);
+        let hash_s = t0.elapsed().as_secs_f64();
+        let bar = pages_bar(content.counts.len() as u64, "publishing", a.no_progress);
+        let rep = client::load_vm(&addrs, &a.host, &content, a.batch, &|n| bar.inc(n))
+            .with_context(|| format!("loading VM {name}"))?;
+        bar.finish_and_clear();
+        let rate = rep.deltas as f64 / rep.elapsed.as_secs_f64().max(1e-9);
+        if a.json {
+            out.push(serde_json::json!({
+                "vm": name, "host": a.host, "image": content.image, "frames": content.frames,
+                "distinct": content.counts.len(), "deltas": rep.deltas, "batches": rep.batches,
+                "already_applied_batches": rep.duplicates, "resumed": rep.resumed,
+                "hash_seconds": hash_s, "publish_seconds": rep.elapsed.as_secs_f64(),
+                "updates_per_second": rate,
+            }));
+        } else {
+            println!(
+                "loaded {name} on {}: {} frames, {} distinct non-zero pages, {} batches{}; {:.0} updates/s ({:.2} s publishing, {:.2} s hashing)",
+                a.host,
+                content.frames,
+                content.counts.len(),
+                rep.batches,
+                if rep.resumed {
+                    format!(" (resumed; {} already applied)", rep.duplicates)
+                } else {
+                    String::new()
+                },
+                rate,
+                rep.elapsed.as_secs_f64(),
+                hash_s
+            );
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+fn unload(a: UnloadArgs, threads: usize) -> anyhow::Result<()> {
+    let fp = Fingerprinter::new(threads)?;
+    let addrs = a.index.list();
+    let bar = pages_bar(0, "removing", a.no_progress);
+    let rep = client::unload_vm(
+        &addrs,
+        &a.host,
+        &a.vm,
+        a.batch,
+        |rec| {
+            let path = a.image.clone().unwrap_or_else(|| PathBuf::from(&rec.image));
+            let hashes = fingerprint_image(&fp, &path, "hashing", a.no_progress)
+                .map_err(|e| format!("{e:#} (pass --image if the image moved)"))?;
+            let c = VmContent::from_frames(&rec.name, &rec.image, &hashes);
+            bar.set_length(c.counts.len() as u64);
+            Ok(c)
+        },
+        &|n| bar.inc(n),
+    )
+    .with_context(|| format!("unloading VM {}", a.vm))?;
+    bar.finish_and_clear();
+    println!(
+        "unloaded {} from {}: {} distinct pages in {} batches ({:.0} updates/s)",
+        a.vm,
+        a.host,
+        rep.deltas,
+        rep.batches,
+        rep.deltas as f64 / rep.elapsed.as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
+
+fn holders(a: HoldersArgs, threads: usize) -> anyhow::Result<()> {
+    let fp = Fingerprinter::new(threads)?;
+    let hashes = fingerprint_image(&fp, &a.image, "hashing", a.no_progress)?;
+    let rep = client::holders_of(&a.index.list(), &hashes, a.stale)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "image": a.image.display().to_string(),
+                "distinct": rep.distinct,
+                "hosts": rep.by_host,
+                "held_by_none": rep.held_by_none,
+            }))?
+        );
+        return Ok(());
+    }
+    let pct = |n: u64| 100.0 * n as f64 / rep.distinct.max(1) as f64;
+    println!(
+        "{}: {} distinct non-zero pages",
+        a.image.display(),
+        rep.distinct
+    );
+    let mut hosts: Vec<_> = rep.by_host.iter().collect();
+    hosts.sort_by(|x, y| y.1.cmp(x.1).then(x.0.cmp(y.0)));
+    println!("{:<24} {:>12} {:>7}", "HOST", "PAGES", "%");
+    for (h, n) in hosts {
+        println!("{:<24} {:>12} {:>6.1}%", h, n, pct(*n));
+    }
+    println!(
+        "{:<24} {:>12} {:>6.1}%",
+        "(no host)",
+        rep.held_by_none,
+        pct(rep.held_by_none)
+    );
+    Ok(())
+}
+
+/// Runs `pagecast advise`.
+pub fn advise(a: AdviseArgs) -> anyhow::Result<()> {
+    let mut c = IndexClient::new(&a.index.list())?;
+    c.timeout = Duration::from_secs(20);
+    let r = c.advise(&a.vm, a.top.max(1), a.stale)?;
+    let vm = r.vm.clone().unwrap_or_default();
+    if a.json {
+        let cand = |v: &[pagecast_proto::v1::Candidate]| {
+            v.iter()
+                .map(|c| serde_json::json!({"name": c.name, "host": c.host, "jaccard": c.jaccard, "shared_pages": c.shared_pages}))
+                .collect::<Vec<_>>()
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "vm": vm.name, "host": r.vm_host, "distinct": vm.distinct,
+                "state": VmState::try_from(vm.state).map_or("unknown", |s| s.as_str_name()),
+                "hosts": cand(&r.hosts), "vms": cand(&r.vms),
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{} on {}: {} distinct non-zero pages",
+        vm.name, r.vm_host, vm.distinct
+    );
+    println!(
+        "\nhosts holding most of its content (in other VMs; {} itself not counted):",
+        vm.name
+    );
+    println!("{:<24} {:>14} {:>8}", "HOST", "SHARED PAGES", "JACCARD");
+    for h in &r.hosts {
+        println!("{:<24} {:>14.0} {:>8.3}", h.name, h.shared_pages, h.jaccard);
+    }
+    if r.hosts.is_empty() {
+        println!("(no other loaded VMs)");
+    }
+    println!("\nmost similar VMs:");
+    println!(
+        "{:<24} {:<16} {:>14} {:>8}",
+        "VM", "HOST", "SHARED PAGES", "JACCARD"
+    );
+    for v in &r.vms {
+        println!(
+            "{:<24} {:<16} {:>14.0} {:>8.3}",
+            v.name, v.host, v.shared_pages, v.jaccard
+        );
+    }
+    if r.vms.is_empty() {
+        println!("(no other loaded VMs)");
+    }
+    Ok(())
+}

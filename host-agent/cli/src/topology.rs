@@ -1,0 +1,404 @@
+//! Topology files for `pagecast plan`: racks, hosts, the VMs they run (as
+//! raw memory images) and what to evacuate. TOML:
+//!
+//! ```toml
+//! core_gbps = 100                       # optional: core capacity
+//!
+//! [[racks]]
+//! name = "A"
+//! uplink_gbps = 40
+//! [[racks.hosts]]
+//! name = "a1"
+//! memory_gib = 8
+//! link_gbps = 10
+//! vms = [ { name = "vm1", image = "images/vm1.raw" } ]
+//!
+//! [evacuate]
+//! from = ["a1"]
+//! to = ["b1", "b2"]
+//! anti_affinity = [["vm1", "vm2"]]      # optional
+//! pinned = { vm3 = "b2" }               # optional
+//! ```
+//!
+//! Image paths are relative to the topology file. Every name must be unique
+//! in its kind; every count and size is bounded.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use pagecast_pages::PageHash;
+use pagecast_scheduler::{Cluster, Evacuation, Host, InMemoryContent, Rack, Vm};
+use serde::Deserialize;
+
+use pagecast_memory::fingerprint::{Fingerprinter, fingerprint_images};
+use pagecast_memory::{GuestMemory, MemoryError};
+
+/// Largest topology file accepted.
+pub const MAX_TOPOLOGY_BYTES: u64 = 4 << 20;
+/// Most racks, hosts and VMs in one topology.
+pub const MAX_RACKS: usize = 1024;
+/// Most hosts.
+pub const MAX_HOSTS: usize = 16_384;
+/// Most VMs.
+pub const MAX_VMS: usize = 100_000;
+
+/// Why a topology was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is too large.
+    #[error("{}: {len} bytes is more than the {MAX_TOPOLOGY_BYTES}-byte limit", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+    /// Not valid TOML of the expected shape.
+    #[error("{}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A semantic problem, named.
+    #[error("{}: {message}", path.display())]
+    Invalid {
+        /// What is wrong.
+        message: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// An image could not be used.
+    #[error(transparent)]
+    Image(#[from] MemoryError),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    core_gbps: Option<f64>,
+    racks: Vec<RackSpec>,
+    evacuate: EvacSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RackSpec {
+    name: String,
+    uplink_gbps: f64,
+    #[serde(default)]
+    hosts: Vec<HostSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostSpec {
+    name: String,
+    memory_gib: f64,
+    link_gbps: f64,
+    #[serde(default)]
+    vms: Vec<VmSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmSpec {
+    name: String,
+    image: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvacSpec {
+    from: Vec<String>,
+    to: Vec<String>,
+    #[serde(default)]
+    anti_affinity: Vec<Vec<String>>,
+    #[serde(default)]
+    pinned: BTreeMap<String, String>,
+}
+
+/// A parsed topology: the planner's inputs, and each VM's image.
+#[derive(Debug)]
+pub struct Topology {
+    /// The cluster (VM memory sizes and non-zero page counts filled in by
+    /// [`Topology::fingerprint`]).
+    pub cluster: Cluster,
+    /// What to evacuate.
+    pub evacuation: Evacuation,
+    /// Image of each VM, by VM index.
+    pub images: Vec<PathBuf>,
+}
+
+fn positive(what: &str, name: &str, v: f64, path: &Path) -> Result<f64, TopologyError> {
+    if v.is_finite() && v > 0.0 && v < 1e9 {
+        Ok(v)
+    } else {
+        Err(TopologyError::Invalid {
+            message: format!("{what} of {name} is {v}; it must be a positive number"),
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Topology {
+    /// Reads and validates a topology file (images are checked later, when
+    /// fingerprinted).
+    pub fn load(path: &Path) -> Result<Self, TopologyError> {
+        let len = std::fs::metadata(path)
+            .map_err(|source| TopologyError::Read {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        if len > MAX_TOPOLOGY_BYTES {
+            return Err(TopologyError::TooLarge {
+                path: path.to_owned(),
+                len,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base, path)
+    }
+
+    /// Parses topology text; `base` resolves relative image paths, `path`
+    /// names the file in errors.
+    pub fn parse(text: &str, base: &Path, path: &Path) -> Result<Self, TopologyError> {
+        let f: File = toml::from_str(text).map_err(|e| TopologyError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        let invalid = |message: String| TopologyError::Invalid {
+            message,
+            path: path.to_owned(),
+        };
+        if f.racks.is_empty() || f.racks.len() > MAX_RACKS {
+            return Err(invalid(format!(
+                "{} racks; there must be 1 to {MAX_RACKS}",
+                f.racks.len()
+            )));
+        }
+        let mut c = Cluster {
+            core_bps: f
+                .core_gbps
+                .map(|g| positive("core_gbps", "the core", g, path))
+                .transpose()?
+                .map(|g| g * 1e9),
+            ..Cluster::default()
+        };
+        let mut images = Vec::new();
+        let mut host_ix: HashMap<String, usize> = HashMap::new();
+        let mut vm_ix: HashMap<String, usize> = HashMap::new();
+        let mut rack_names = HashSet::new();
+        for r in &f.racks {
+            if !rack_names.insert(r.name.clone()) {
+                return Err(invalid(format!("rack {:?} is defined twice", r.name)));
+            }
+            let rack = c.racks.len();
+            c.racks.push(Rack {
+                name: r.name.clone(),
+                uplink_bps: positive("uplink_gbps", &r.name, r.uplink_gbps, path)? * 1e9,
+            });
+            for h in &r.hosts {
+                if host_ix.insert(h.name.clone(), c.hosts.len()).is_some() {
+                    return Err(invalid(format!("host {:?} is defined twice", h.name)));
+                }
+                let memory = positive("memory_gib", &h.name, h.memory_gib, path)?;
+                c.hosts.push(Host {
+                    name: h.name.clone(),
+                    rack,
+                    memory_bytes: (memory * (1u64 << 30) as f64) as u64,
+                    link_bps: positive("link_gbps", &h.name, h.link_gbps, path)? * 1e9,
+                });
+                for v in &h.vms {
+                    if vm_ix.insert(v.name.clone(), c.vms.len()).is_some() {
+                        return Err(invalid(format!("VM {:?} is defined twice", v.name)));
+                    }
+                    c.vms.push(Vm {
+                        name: v.name.clone(),
+                        host: c.hosts.len() - 1,
+                        memory_bytes: 0,
+                        nonzero_pages: 0,
+                    });
+                    images.push(base.join(&v.image));
+                }
+            }
+        }
+        if c.hosts.len() > MAX_HOSTS || c.vms.len() > MAX_VMS {
+            return Err(invalid(format!(
+                "{} hosts and {} VMs; at most {MAX_HOSTS} and {MAX_VMS}",
+                c.hosts.len(),
+                c.vms.len()
+            )));
+        }
+        let host = |n: &String| {
+            host_ix
+                .get(n)
+                .copied()
+                .ok_or_else(|| invalid(format!("unknown host {n:?} in [evacuate]")))
+        };
+        let vm = |n: &String| {
+            vm_ix
+                .get(n)
+                .copied()
+                .ok_or_else(|| invalid(format!("unknown VM {n:?} in [evacuate]")))
+        };
+        let evacuation = Evacuation {
+            from: f.evacuate.from.iter().map(host).collect::<Result<_, _>>()?,
+            to: f.evacuate.to.iter().map(host).collect::<Result<_, _>>()?,
+            anti_affinity: f
+                .evacuate
+                .anti_affinity
+                .iter()
+                .map(|g| g.iter().map(vm).collect::<Result<Vec<_>, _>>())
+                .collect::<Result<_, _>>()?,
+            pinned: f
+                .evacuate
+                .pinned
+                .iter()
+                .map(|(v, h)| Ok((vm(v)?, host(h)?)))
+                .collect::<Result<_, TopologyError>>()?,
+        };
+        if evacuation.from.is_empty() {
+            return Err(invalid(
+                "[evacuate] from is empty: name the hosts to evacuate".into(),
+            ));
+        }
+        Ok(Topology {
+            cluster: c,
+            evacuation,
+            images,
+        })
+    }
+
+    /// Fingerprints every VM's image, filling in memory sizes and non-zero
+    /// page counts, and returns the content the planner needs. `progress`
+    /// gets pages hashed; `on_image` each image's index and page count.
+    pub fn fingerprint(
+        &mut self,
+        fp: &Fingerprinter,
+        on_image: &mut dyn FnMut(usize, u64),
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<InMemoryContent, TopologyError> {
+        let images = fingerprint_images(
+            &self.images,
+            fp,
+            &mut |i, img| on_image(i, img.page_count()),
+            progress,
+        )?;
+        let mut pages: Vec<Vec<PageHash>> = Vec::with_capacity(images.len());
+        for (i, img) in images.into_iter().enumerate() {
+            let vm = &mut self.cluster.vms[i];
+            vm.memory_bytes = img.image.len_bytes();
+            vm.nonzero_pages = img.fingerprints.nonzero();
+            pages.push(img.fingerprints.distinct());
+        }
+        Ok(InMemoryContent::new(&self.cluster, pages))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        core_gbps = 100
+        [[racks]]
+        name = "A"
+        uplink_gbps = 40
+        [[racks.hosts]]
+        name = "a1"
+        memory_gib = 8
+        link_gbps = 10
+        vms = [ { name = "vm1", image = "images/vm1.raw" }, { name = "vm2", image = "/abs/vm2.raw" } ]
+        [[racks]]
+        name = "B"
+        uplink_gbps = 40
+        [[racks.hosts]]
+        name = "b1"
+        memory_gib = 0.5
+        link_gbps = 10
+        [evacuate]
+        from = ["a1"]
+        to = ["b1"]
+        anti_affinity = [["vm1", "vm2"]]
+        pinned = { vm2 = "b1" }
+    "#;
+
+    fn parse(t: &str) -> Result<Topology, TopologyError> {
+        Topology::parse(t, Path::new("/topo"), Path::new("t.toml"))
+    }
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let t = parse(GOOD).unwrap();
+        assert_eq!(t.cluster.racks.len(), 2);
+        assert_eq!(t.cluster.hosts[1].memory_bytes, 512 << 20);
+        assert_eq!(t.cluster.core_bps, Some(100e9));
+        assert_eq!(
+            t.images,
+            vec![
+                PathBuf::from("/topo/images/vm1.raw"),
+                PathBuf::from("/abs/vm2.raw")
+            ]
+        );
+        assert_eq!(t.evacuation.from, vec![0]);
+        assert_eq!(t.evacuation.pinned, vec![(1, 1)]);
+        assert_eq!(t.evacuation.anti_affinity, vec![vec![0, 1]]);
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let cases = [
+            (
+                GOOD.replace("name = \"b1\"", "name = \"a1\""),
+                "host \"a1\" is defined twice",
+            ),
+            (
+                GOOD.replace("to = [\"b1\"]", "to = [\"c9\"]"),
+                "unknown host \"c9\"",
+            ),
+            (
+                GOOD.replace(
+                    "uplink_gbps = 40\n        [[racks.hosts]]\n        name = \"b1\"",
+                    "uplink_gbps = -1\n        [[racks.hosts]]\n        name = \"b1\"",
+                ),
+                "uplink_gbps of B is -1",
+            ),
+            (
+                GOOD.replace("memory_gib = 8", "memory_gib = 8\n        colour = \"red\""),
+                "unknown field `colour`",
+            ),
+            (
+                GOOD.replace("from = [\"a1\"]", "from = []"),
+                "from is empty",
+            ),
+            (
+                GOOD.replace("vm2 = \"b1\"", "vm9 = \"b1\""),
+                "unknown VM \"vm9\"",
+            ),
+            ("racks = 3".to_string(), "t.toml"),
+            ("[[racks]\n".to_string(), "t.toml"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should contain {want:?}");
+            assert!(e.starts_with("t.toml"), "{e}");
+            assert!(!e.contains('\n'), "{e:?}");
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! Fingerprinting guest memory: the BLAKE3-256 hash of every non-zero page.
+//!
+//! Work is split into units of [`UNIT_PAGES`] pages spread over a rayon pool
+//! whose size the caller chooses ([`Fingerprinter::new`]). Inside a unit,
+//! pages are copied out of guest memory eight at a time (volatile copies:
+//! a guest may be writing them), zero pages are detected on the copy and
+//! skipped (they get [`PageHash::ZERO_PAGE`] and are never hashed), and the
+//! rest go through the multi-page kernel [`pagecast_pages::hash_pages`],
+//! eight pages side by side in the SIMD lanes.
+
+use pagecast_pages::{PAGE_SIZE, Page, PageHash, hash_pages, is_zero_page};
+use rayon::prelude::*;
+
+use crate::{GuestMemory, ImageFile, MemoryError, Region};
+
+/// Pages per work unit (1 MiB): large enough to amortise scheduling, small
+/// enough to balance two threads and report progress smoothly.
+pub const UNIT_PAGES: usize = 256;
+
+/// Errors of the fingerprinter.
+#[derive(Debug, thiserror::Error)]
+pub enum FingerprintError {
+    /// The thread pool could not be built.
+    #[error("cannot start {threads} hashing threads: {source}")]
+    Pool {
+        /// Threads asked for.
+        threads: usize,
+        /// Why not.
+        #[source]
+        source: rayon::ThreadPoolBuildError,
+    },
+    /// Zero threads asked for.
+    #[error("the hashing pool needs at least one thread")]
+    NoThreads,
+}
+
+/// The hash of every frame of a guest, zero frames marked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprints {
+    /// One entry per frame; [`PageHash::ZERO_PAGE`] for zero pages.
+    pub hashes: Vec<PageHash>,
+    /// Number of zero frames.
+    pub zero: u64,
+}
+
+impl Fingerprints {
+    /// Number of frames.
+    pub fn frames(&self) -> u64 {
+        self.hashes.len() as u64
+    }
+
+    /// Number of non-zero frames.
+    pub fn nonzero(&self) -> u64 {
+        self.frames() - self.zero
+    }
+
+    /// The distinct non-zero hashes, sorted.
+    pub fn distinct(&self) -> Vec<PageHash> {
+        let mut v: Vec<PageHash> = self
+            .hashes
+            .iter()
+            .copied()
+            .filter(|h| !h.is_zero_page())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// Hashes pages on a rayon pool of a chosen size.
+pub struct Fingerprinter {
+    pool: rayon::ThreadPool,
+}
+
+impl Fingerprinter {
+    /// A fingerprinter with its own pool of `threads` threads.
+    pub fn new(threads: usize) -> Result<Self, FingerprintError> {
+        if threads == 0 {
+            return Err(FingerprintError::NoThreads);
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("pagecast-hash-{i}"))
+            .build()
+            .map_err(|source| FingerprintError::Pool { threads, source })?;
+        Ok(Fingerprinter { pool })
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// The pool, for other CPU-heavy work that should share it.
+    pub fn pool(&self) -> &rayon::ThreadPool {
+        &self.pool
+    }
+
+    /// Fingerprints all of `mem`. `progress` is called with the number of
+    /// pages finished, from the hashing threads, once per unit.
+    ///
+    /// Pages are copied out of guest memory (volatile copies, eight pages
+    /// at a time) and hashed from the copy. If a running guest writes a
+    /// page while it is copied, the hash is of a torn copy; the page is in
+    /// the dirty log from that write on, which every user of a fingerprint
+    /// consults before trusting it.
+    pub fn fingerprint(
+        &self,
+        mem: &dyn GuestMemory,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Fingerprints {
+        self.fingerprint_region(mem.region(), progress)
+    }
+
+    /// [`Fingerprinter::fingerprint`] of a bare region.
+    pub fn fingerprint_region(
+        &self,
+        region: &Region,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Fingerprints {
+        self.fingerprint_observed(region, progress, &|_, _, _| {})
+    }
+
+    /// [`Fingerprinter::fingerprint_region`], calling `observe(frame, copy,
+    /// hash)` for every non-zero page with the very copy its hash was
+    /// computed from (for tests that check hashing under concurrent writes).
+    pub fn fingerprint_observed(
+        &self,
+        region: &Region,
+        progress: &(dyn Fn(u64) + Sync),
+        observe: &(dyn Fn(u64, &Page, &PageHash) + Sync),
+    ) -> Fingerprints {
+        let mut hashes = vec![PageHash::ZERO_PAGE; region.pages() as usize];
+        let zero = self.pool.install(|| {
+            hashes
+                .par_chunks_mut(UNIT_PAGES)
+                .enumerate()
+                .map(|(unit, out)| {
+                    let first = (unit * UNIT_PAGES) as u64;
+                    let zero = hash_unit(region, first, out, observe);
+                    progress(out.len() as u64);
+                    zero
+                })
+                .sum()
+        });
+        Fingerprints { hashes, zero }
+    }
+
+    /// Hashes the pages of `bytes` (a whole number of pages of memory this
+    /// process owns, not guest memory) into `out`, one entry per page, and
+    /// returns how many were zero.
+    ///
+    /// # Panics
+    /// If `bytes` is not a whole number of pages or `out` has the wrong length.
+    pub fn fingerprint_bytes(
+        &self,
+        bytes: &[u8],
+        out: &mut [PageHash],
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> u64 {
+        assert_eq!(bytes.len() % PAGE_SIZE, 0, "whole pages");
+        assert_eq!(bytes.len() / PAGE_SIZE, out.len(), "one hash per page");
+        self.pool.install(|| {
+            bytes
+                .par_chunks(UNIT_PAGES * PAGE_SIZE)
+                .zip(out.par_chunks_mut(UNIT_PAGES))
+                .map(|(unit, out)| {
+                    let pages = unit
+                        .chunks_exact(PAGE_SIZE)
+                        .map(|p| <&Page>::try_from(p).expect("page-sized chunk"));
+                    let zero = hash_skipping_zero(pages, out);
+                    progress(out.len() as u64);
+                    zero
+                })
+                .sum()
+        })
+    }
+
+    /// Hashes a list of pages (for example the dirty pages of a round) into
+    /// `out`, zero pages marked. Returns how many were zero.
+    pub fn fingerprint_pages(&self, pages: &[&Page], out: &mut [PageHash]) -> u64 {
+        assert_eq!(pages.len(), out.len(), "one hash per page");
+        self.pool.install(|| {
+            pages
+                .par_chunks(UNIT_PAGES)
+                .zip(out.par_chunks_mut(UNIT_PAGES))
+                .map(|(pages, out)| hash_skipping_zero(pages.iter().copied(), out))
+                .sum()
+        })
+    }
+}
+
+/// One image, opened and fingerprinted by [`fingerprint_images`].
+pub struct FingerprintedImage {
+    /// The open image.
+    pub image: ImageFile,
+    /// Every frame's hash.
+    pub fingerprints: Fingerprints,
+    /// How long hashing it took.
+    pub elapsed: std::time::Duration,
+}
+
+/// Opens every image of `paths` first (so a bad last image costs no
+/// hashing of the others), then fingerprints each in turn: `on_image` is
+/// called before each with its index and the open image, `progress` with
+/// pages hashed. This is how `scan`, `plan`, `index load` and `cast send`
+/// read images.
+pub fn fingerprint_images<P: AsRef<std::path::Path>>(
+    paths: &[P],
+    fp: &Fingerprinter,
+    on_image: &mut dyn FnMut(usize, &ImageFile),
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<FingerprintedImage>, MemoryError> {
+    let images = paths
+        .iter()
+        .map(ImageFile::open)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(images
+        .into_iter()
+        .enumerate()
+        .map(|(i, image)| {
+            on_image(i, &image);
+            let t = std::time::Instant::now();
+            let fingerprints = fp.fingerprint(&image, progress);
+            FingerprintedImage {
+                image,
+                fingerprints,
+                elapsed: t.elapsed(),
+            }
+        })
+        .collect())
+}
+
+/// Pages copied out of guest memory at once: one batch of the hash kernel.
+const COPY_PAGES: usize = 8;
+
+/// Hashes the unit of pages starting at frame `first` (as many as `out`
+/// holds), copying them out of the region eight at a time; returns its
+/// zero-page count.
+fn hash_unit(
+    region: &Region,
+    first: u64,
+    out: &mut [PageHash],
+    observe: &(dyn Fn(u64, &Page, &PageHash) + Sync),
+) -> u64 {
+    let mut copy = [[0u8; PAGE_SIZE]; COPY_PAGES];
+    // Non-zero pages waiting for a full batch, and where each goes.
+    let mut batch = [[0u8; PAGE_SIZE]; COPY_PAGES];
+    let mut slots = [0usize; COPY_PAGES];
+    let mut waiting = 0;
+    let mut zero = 0;
+    let flush = |batch: &[[u8; PAGE_SIZE]; COPY_PAGES],
+                 slots: &[usize; COPY_PAGES],
+                 n: usize,
+                 out: &mut [PageHash]| {
+        let refs: Vec<&Page> = batch[..n].iter().collect();
+        let mut hashed = [PageHash::ZERO_PAGE; COPY_PAGES];
+        hash_pages(&refs, &mut hashed[..n]);
+        for i in 0..n {
+            observe(first + slots[i] as u64, &batch[i], &hashed[i]);
+            out[slots[i]] = hashed[i];
+        }
+    };
+    let mut at = 0;
+    while at < out.len() {
+        let n = (out.len() - at).min(COPY_PAGES);
+        for (i, page) in copy[..n].iter_mut().enumerate() {
+            region
+                .read_page(first + (at + i) as u64, page)
+                .expect("the unit lies inside the region");
+        }
+        for (i, page) in copy[..n].iter().enumerate() {
+            if is_zero_page(page) {
+                out[at + i] = PageHash::ZERO_PAGE;
+                zero += 1;
+                continue;
+            }
+            batch[waiting] = *page;
+            slots[waiting] = at + i;
+            waiting += 1;
+            if waiting == COPY_PAGES {
+                flush(&batch, &slots, waiting, out);
+                waiting = 0;
+            }
+        }
+        at += n;
+    }
+    if waiting > 0 {
+        flush(&batch, &slots, waiting, out);
+    }
+    zero
+}
+
+fn hash_skipping_zero<'a>(pages: impl Iterator<Item = &'a Page>, out: &mut [PageHash]) -> u64 {
+    let mut nonzero: Vec<&Page> = Vec::with_capacity(out.len());
+    let mut slots: Vec<usize> = Vec::with_capacity(out.len());
+    let mut zero = 0;
+    for (i, page) in pages.enumerate() {
+        if is_zero_page(page) {
+            out[i] = PageHash::ZERO_PAGE;
+            zero += 1;
+        } else {
+            nonzero.push(page);
+            slots.push(i);
+        }
+    }
+    let mut hashed = vec![PageHash::ZERO_PAGE; nonzero.len()];
+    hash_pages(&nonzero, &mut hashed);
+    for (slot, h) in slots.into_iter().zip(hashed) {
+        out[slot] = h;
+    }
+    zero
+}
+
+/// Copies the pages `frames` of `mem` into `buf` (resized to fit, one page
+/// after another) and hashes each copy into `hashes` (the zero marker for a
+/// zero page): the one read-then-hash step that migration rounds, dirty
+/// refreshes and local fills share. Meant for short lists (a frame of
+/// pages); whole memories go through [`Fingerprinter`].
+pub fn read_and_hash(
+    mem: &dyn GuestMemory,
+    frames: &[u64],
+    buf: &mut Vec<u8>,
+    hashes: &mut Vec<PageHash>,
+) -> Result<(), MemoryError> {
+    buf.resize(frames.len() * PAGE_SIZE, 0);
+    for (i, &f) in frames.iter().enumerate() {
+        let page: &mut Page = (&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+            .try_into()
+            .expect("page");
+        mem.read_page(f, page)?;
+    }
+    hashes.clear();
+    hashes.resize(frames.len(), PageHash::ZERO_PAGE);
+    let pages: Vec<&Page> = buf
+        .chunks_exact(PAGE_SIZE)
+        .map(|p| p.try_into().expect("page"))
+        .collect();
+    hash_skipping_zero(pages.into_iter(), hashes);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::{SynthSpec, SyntheticVm};
+
+    #[test]
+    fn matches_blake3_page_by_page_and_flags_zero() {
+        let vm = SyntheticVm::new(SynthSpec::new("web", 0, 3 << 20).unwrap()).unwrap();
+        let mem = vm.materialize(None).unwrap();
+        for threads in [1, 2, 3] {
+            let fp = Fingerprinter::new(threads).unwrap();
+            let done = std::sync::atomic::AtomicU64::new(0);
+            let f = fp.fingerprint(&mem, &|n| {
+                done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            });
+            assert_eq!(done.into_inner(), vm.pages());
+            let mut page = [0u8; PAGE_SIZE];
+            let mut zero = 0;
+            for frame in 0..vm.pages() {
+                vm.fill_page(frame, &mut page);
+                let h = f.hashes[frame as usize];
+                if page.iter().all(|&b| b == 0) {
+                    assert!(h.is_zero_page());
+                    zero += 1;
+                } else {
+                    assert_eq!(h, PageHash::of_page(&page), "frame {frame}");
+                }
+            }
+            assert_eq!(f.zero, zero);
+            assert!(zero > 0 && zero < vm.pages());
+        }
+    }
+
+    #[test]
+    fn page_lists() {
+        let a = [7u8; PAGE_SIZE];
+        let z = [0u8; PAGE_SIZE];
+        let pages: Vec<&Page> = (0..20).map(|i| if i % 3 == 0 { &z } else { &a }).collect();
+        let mut out = vec![PageHash::ZERO_PAGE; pages.len()];
+        let zero = Fingerprinter::new(2)
+            .unwrap()
+            .fingerprint_pages(&pages, &mut out);
+        assert_eq!(zero, 7);
+        for (i, h) in out.iter().enumerate() {
+            assert_eq!(h.is_zero_page(), i % 3 == 0);
+            if i % 3 != 0 {
+                assert_eq!(*h, PageHash::of_page(&a));
+            }
+        }
+        assert!(matches!(
+            Fingerprinter::new(0),
+            Err(FingerprintError::NoThreads)
+        ));
+    }
+}

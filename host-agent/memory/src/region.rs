@@ -1,0 +1,230 @@
+//! One page-aligned mapping of guest memory, read and written only through
+//! volatile copies.
+//!
+//! Guest memory is shared with whoever else can write it: a running vCPU,
+//! another host thread filling pages, another process mapping the same
+//! image. Rust references (`&[u8]`) over such memory would be a data race
+//! in Rust's memory model, so the region never hands one out: every access
+//! is a copy through rust-vmm's `vm-memory` (`MmapRegion`, `VolatileSlice`),
+//! the access layer cloud-hypervisor and firecracker use for guest memory.
+//! A copy may still catch a page mid-write; pagecast never trusts such a
+//! copy for long, because every page written after it is read shows up in
+//! the dirty log and is read again, and every page used as content is
+//! hash-checked.
+
+use std::fs::File;
+use std::path::Path;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
+
+use crate::{MemoryError, PAGE_SIZE, Page};
+
+/// A page-aligned mapping that holds guest memory: anonymous memory (for
+/// synthetic and KVM guests) or a memory-mapped image file.
+pub struct Region {
+    map: MmapRegion<()>,
+    len: usize,
+    writable: bool,
+    kind: &'static str,
+}
+
+fn vm_err(what: &str, bytes: u64, e: vm_memory::mmap::MmapRegionError) -> MemoryError {
+    let source = match e {
+        vm_memory::mmap::MmapRegionError::Mmap(io) => io,
+        other => std::io::Error::other(other.to_string()),
+    };
+    MemoryError::Map {
+        what: what.to_owned(),
+        bytes,
+        source,
+    }
+}
+
+impl Region {
+    /// Maps `len` bytes of zeroed anonymous memory, populated up front (every
+    /// page faulted in, so a later write by a guest is a write to an existing
+    /// page). `len` must be a non-zero multiple of the page size.
+    pub fn anonymous(len: u64) -> Result<Self, MemoryError> {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(MemoryError::Map {
+                what: "guest memory".into(),
+                bytes: len,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "size must be a non-zero multiple of 4096",
+                ),
+            });
+        }
+        let size = usize::try_from(len).map_err(|_| MemoryError::Map {
+            what: "guest memory".into(),
+            bytes: len,
+            source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+        })?;
+        let map = MmapRegionBuilder::new(size)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_POPULATE)
+            .build()
+            .map_err(|e| vm_err("guest memory", len, e))?;
+        Ok(Region {
+            map,
+            len: size,
+            writable: true,
+            kind: "anonymous",
+        })
+    }
+
+    /// Maps an open image file of `len` bytes (already validated), read-only
+    /// or shared-writable.
+    pub(crate) fn file(
+        file: &File,
+        path: &Path,
+        len: u64,
+        writable: bool,
+    ) -> Result<Self, MemoryError> {
+        let what = path.display().to_string();
+        let size = usize::try_from(len).map_err(|_| MemoryError::Map {
+            what: what.clone(),
+            bytes: len,
+            source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+        })?;
+        let own = file.try_clone().map_err(|source| MemoryError::Map {
+            what: what.clone(),
+            bytes: len,
+            source,
+        })?;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let map = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::new(own, 0))
+            .with_mmap_prot(prot)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .build()
+            .map_err(|e| vm_err(&what, len, e))?;
+        Ok(Region {
+            map,
+            len: size,
+            writable,
+            kind: if writable {
+                "file (shared)"
+            } else {
+                "file (read-only)"
+            },
+        })
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region has no bytes (never true for a constructed region).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether [`write_page`](Region::write_page) is allowed.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Address of the first byte, for handing the region to KVM.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    fn offset(&self, frame: u64) -> Result<usize, MemoryError> {
+        if frame >= self.pages() {
+            return Err(MemoryError::FrameOutOfRange {
+                frame,
+                pages: self.pages(),
+            });
+        }
+        Ok(frame as usize * PAGE_SIZE)
+    }
+
+    fn range(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(MemoryError::FrameOutOfRange {
+                frame: (offset.saturating_add(len) / PAGE_SIZE) as u64,
+                pages: self.pages(),
+            }),
+        }
+    }
+
+    fn slice(&self, offset: usize, len: usize) -> vm_memory::VolatileSlice<'_, ()> {
+        self.map
+            .get_slice(offset, len)
+            .expect("range checked against the mapping's length")
+    }
+
+    /// Copies page `frame` into `out`.
+    pub fn read_page(&self, frame: u64, out: &mut Page) -> Result<(), MemoryError> {
+        let at = self.offset(frame)?;
+        self.slice(at, PAGE_SIZE).copy_to(&mut out[..]);
+        Ok(())
+    }
+
+    /// Copies the pages from `first` on into `out` (a whole number of
+    /// pages), in one volatile copy.
+    pub fn read_pages(&self, first: u64, out: &mut [u8]) -> Result<(), MemoryError> {
+        assert!(out.len().is_multiple_of(PAGE_SIZE), "whole pages");
+        let at = self.offset(first)?;
+        self.read_bytes(at, out)
+    }
+
+    /// Overwrites page `frame` with `data`.
+    pub fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
+        if !self.writable {
+            return Err(MemoryError::ReadOnly);
+        }
+        let at = self.offset(frame)?;
+        self.slice(at, PAGE_SIZE).copy_from(&data[..]);
+        Ok(())
+    }
+
+    /// Copies `data` into the region starting at byte `offset`; used to load
+    /// an image or a program into fresh guest memory.
+    pub fn write_bytes(&self, offset: usize, data: &[u8]) -> Result<(), MemoryError> {
+        if !self.writable {
+            return Err(MemoryError::ReadOnly);
+        }
+        self.range(offset, data.len())?;
+        if !data.is_empty() {
+            self.slice(offset, data.len()).copy_from(data);
+        }
+        Ok(())
+    }
+
+    /// Copies bytes starting at `offset` into `out`.
+    pub fn read_bytes(&self, offset: usize, out: &mut [u8]) -> Result<(), MemoryError> {
+        self.range(offset, out.len())?;
+        if !out.is_empty() {
+            self.slice(offset, out.len()).copy_to(out);
+        }
+        Ok(())
+    }
+
+    /// Which kind of mapping backs the region (for diagnostics).
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("kind", &self.kind())
+            .field("len", &self.len)
+            .finish()
+    }
+}

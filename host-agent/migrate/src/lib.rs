@@ -1,0 +1,369 @@
+//! Live migration of one VM to one destination.
+//!
+//! The engine is transport-agnostic: the source ([`migrate_out`]) and the
+//! destination ([`migrate_in`]) exchange [`v1::MigrateFrame`]s over any
+//! [`MigrationLink`]; the one link that exists today is [`ChannelLink`],
+//! an authenticated TCP connection between two agents. The source reads
+//! guest memory through [`SourceVm`], and the destination fills what it
+//! already holds through [`LocalContent`]. See `docs/migration.md` for the
+//! exchange, the states and failure handling.
+
+mod dest;
+mod source;
+
+use std::time::Duration;
+
+use pagecast_channel::{AuthError, Channel};
+use pagecast_pages::{Page, PageHash};
+use pagecast_proto::v1;
+use pagecast_proto::v1::RefusalCode;
+use prost::Message;
+use serde::Serialize;
+
+pub use dest::{IncomingReport, migrate_in};
+pub use source::migrate_out;
+
+use pagecast_memory::kvm::{VcpuState, VmError};
+use pagecast_memory::manifest::ManifestError;
+use pagecast_memory::{GuestMemory, MemoryError};
+
+/// Errors of a migration. Every one names what failed; on the source the
+/// VM keeps running after any of them except [`MigrationError::InDoubt`].
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The connection failed (including authentication and framing).
+    #[error("migration connection: {0}")]
+    Link(#[from] AuthError),
+    /// The peer sent something the protocol does not allow here.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The manifest was malformed.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The destination refused the migration.
+    #[error("the destination refused: {reason}")]
+    Refused {
+        /// Why, for programs.
+        code: RefusalCode,
+        /// Why, for people.
+        reason: String,
+    },
+    /// The peer aborted.
+    #[error("the peer aborted: {reason}")]
+    Aborted {
+        /// Why, for programs.
+        code: RefusalCode,
+        /// Why, for people.
+        reason: String,
+    },
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The destination's memory does not match the source's.
+    #[error("verification failed: {0}")]
+    Verification(String),
+    /// The peer did not answer in time.
+    #[error("no {what} from the peer within {after:?}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        after: Duration,
+    },
+    /// The source sent Commit but heard no Resumed: the destination may or
+    /// may not run the VM. The source keeps it paused, never resumes it.
+    #[error(
+        "switchover in doubt: commit sent, no word from the destination ({0}); the source VM stays paused"
+    )]
+    InDoubt(String),
+    /// The destination could not start the migrated VM.
+    #[error("the destination could not start the VM: {0}")]
+    Start(String),
+}
+
+impl MigrationError {
+    /// The refusal code this error travels under.
+    pub fn code(&self) -> RefusalCode {
+        match self {
+            MigrationError::Link(_) | MigrationError::Timeout { .. } => RefusalCode::Unavailable,
+            MigrationError::InDoubt(_) => RefusalCode::Unavailable,
+            MigrationError::Protocol(_) | MigrationError::Manifest(_) => RefusalCode::Invalid,
+            MigrationError::Refused { code, .. } | MigrationError::Aborted { code, .. } => *code,
+            MigrationError::Vm(_) | MigrationError::Memory(_) | MigrationError::Start(_) => {
+                RefusalCode::Internal
+            }
+            MigrationError::Verification(_) => RefusalCode::Verification,
+        }
+    }
+
+    /// An `Abort` frame telling the peer why.
+    pub fn to_abort(&self) -> v1::Abort {
+        v1::Abort {
+            reason: self.to_string(),
+            code: self.code() as i32,
+        }
+    }
+
+    /// The error a peer's `Abort` frame stands for.
+    pub fn from_abort(a: v1::Abort) -> Self {
+        MigrationError::Aborted {
+            code: v1::RefusalCode::try_from(a.code).unwrap_or(RefusalCode::Unspecified),
+            reason: a.reason,
+        }
+    }
+}
+
+/// A two-way channel of migration frames.
+pub trait MigrationLink: Send {
+    /// Sends one frame.
+    fn send(&mut self, body: v1::migrate_frame::Body) -> Result<(), MigrationError>;
+    /// Receives one frame, waiting at most `timeout` (`None`: forever).
+    fn recv(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<v1::migrate_frame::Body, MigrationError>;
+}
+
+/// A [`MigrationLink`] over an authenticated [`Channel`].
+pub struct ChannelLink {
+    ch: Channel,
+}
+
+impl ChannelLink {
+    /// Wraps an authenticated channel.
+    pub fn new(ch: Channel) -> Self {
+        ChannelLink { ch }
+    }
+
+    /// The channel back.
+    pub fn into_inner(self) -> Channel {
+        self.ch
+    }
+}
+
+impl MigrationLink for ChannelLink {
+    fn send(&mut self, body: v1::migrate_frame::Body) -> Result<(), MigrationError> {
+        Ok(self.ch.send(&v1::MigrateFrame { body: Some(body) })?)
+    }
+
+    fn recv(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<v1::migrate_frame::Body, MigrationError> {
+        self.ch.set_read_timeout(timeout)?;
+        match self.ch.recv::<v1::MigrateFrame>("migration frame") {
+            Ok(v1::MigrateFrame { body: Some(b) }) => Ok(b),
+            Ok(_) => Err(MigrationError::Protocol("empty migration frame".into())),
+            Err(AuthError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(MigrationError::Timeout {
+                    what: "frame",
+                    after: timeout.unwrap_or_default(),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// What the source engine needs from the VM it migrates.
+pub trait SourceVm: GuestMemory {
+    /// The VM's name.
+    fn name(&self) -> &str;
+    /// Where its memory came from (for the destination's `vm list`).
+    fn origin(&self) -> String;
+    /// The page-write rate its guest is paced to.
+    fn dirty_rate(&self) -> u64;
+    /// Stops the vCPU at its next exit; memory is then quiescent.
+    fn pause(&self) -> Result<(), VmError>;
+    /// Lets the vCPU run again.
+    fn resume(&self);
+    /// The vCPU registers (the VM must be paused).
+    fn vcpu_state(&self) -> Result<VcpuState, VmError>;
+    /// Slows the guest to `100 - pct` percent of its rate.
+    fn set_throttle(&self, pct: u8);
+}
+
+/// Where the destination finds content it already holds.
+pub trait LocalContent: Sync {
+    /// Copies a resident page whose content hashes to `h` into `out`,
+    /// checking the copy's hash; false if there is none (or it changed).
+    fn copy(&self, h: &PageHash, out: &mut Page) -> bool;
+}
+
+/// No local content (a destination that fetches everything).
+pub struct NoLocalContent;
+
+impl LocalContent for NoLocalContent {
+    fn copy(&self, _: &PageHash, _: &mut Page) -> bool {
+        false
+    }
+}
+
+/// Migration settings.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Bits per second the migration may use (`None`: unlimited).
+    pub bandwidth_bps: Option<u64>,
+    /// Stop-and-copy once the remaining dirty pages fit this downtime.
+    pub max_downtime: Duration,
+    /// Stop-and-copy after this many pre-copy rounds regardless.
+    pub max_rounds: u32,
+    /// Also hash all memory on both sides at switchover.
+    pub verify_full: bool,
+    /// How long to wait for each answer from the peer.
+    pub reply_timeout: Duration,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            bandwidth_bps: None,
+            max_downtime: Duration::from_millis(50),
+            max_rounds: 30,
+            verify_full: false,
+            reply_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One pre-copy round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Round {
+    /// Round number (0: the pages the destination lacked).
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// How long it took.
+    pub seconds: f64,
+    /// The guest's throttle during it, percent.
+    pub throttle_pct: u8,
+}
+
+/// What a migration did, from the source's side.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct MigrationReport {
+    /// Pages sent per round.
+    pub rounds: Vec<Round>,
+    /// Frames the destination filled from pages it already held.
+    pub pages_local: u64,
+    /// Pages sent in all.
+    pub pages_sent: u64,
+    /// Non-zero pages of the VM when the migration started.
+    pub nonzero_pages: u64,
+    /// Bytes of the manifest.
+    pub bytes_manifest: u64,
+    /// Bytes of page data and their hashes.
+    pub bytes_pages: u64,
+    /// Bytes of vCPU state.
+    pub bytes_vcpu: u64,
+    /// Bytes of everything else (begin, switchover, digest, commit).
+    pub bytes_control: u64,
+    /// All bytes sent to the destination.
+    pub bytes_sent: u64,
+    /// From pausing the source VM to the destination confirming it resumed.
+    pub downtime_ms: f64,
+    /// From start to finish.
+    pub total_ms: f64,
+    /// The destination's memory matched the source's at switchover.
+    pub verified: bool,
+    /// Also checked by hashing all memory on both sides.
+    pub verified_full: bool,
+    /// The destination's guest progress counter after resuming.
+    pub progress_after: u64,
+    /// The highest throttle applied, percent.
+    pub max_throttle_pct: u8,
+}
+
+impl MigrationReport {
+    /// The report as the agent protocol carries it.
+    pub fn to_proto(&self) -> v1::MigrateResult {
+        v1::MigrateResult {
+            ok: true,
+            error: String::new(),
+            rounds: self
+                .rounds
+                .iter()
+                .map(|r| v1::RoundStat {
+                    round: r.round,
+                    pages: r.pages,
+                    seconds: r.seconds,
+                    throttle_pct: u32::from(r.throttle_pct),
+                })
+                .collect(),
+            pages_local: self.pages_local,
+            bytes_manifest: self.bytes_manifest,
+            bytes_pages: self.bytes_pages,
+            bytes_vcpu: self.bytes_vcpu,
+            bytes_control: self.bytes_control,
+            bytes_sent: self.bytes_sent,
+            downtime_ms: self.downtime_ms,
+            total_ms: self.total_ms,
+            verified: self.verified,
+            nonzero_pages: self.nonzero_pages,
+            pages_sent: self.pages_sent,
+            progress_after: self.progress_after,
+            max_throttle_pct: u32::from(self.max_throttle_pct),
+            in_doubt: false,
+            error_code: 0,
+        }
+    }
+}
+
+/// Bytes a frame body takes on the wire (payload, length, sequence, MAC).
+fn wire_len(body: &v1::migrate_frame::Body) -> u64 {
+    let f = v1::MigrateFrame {
+        body: Some(body.clone()),
+    };
+    (f.encoded_len() + pagecast_channel::FRAME_HEAD + pagecast_proto::MAC_LEN) as u64
+}
+
+/// BLAKE3 over the 32-byte hash of every frame, in order.
+pub fn table_digest(table: &[PageHash]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for t in table {
+        h.update(t.as_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Progress of a running migration.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// What is happening.
+    pub phase: &'static str,
+    /// The current round.
+    pub round: u32,
+    /// Pages sent so far.
+    pub pages_sent: u64,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Dirty pages of the current round.
+    pub dirty_pages: u64,
+    /// The guest's throttle.
+    pub throttle_pct: u8,
+    /// Frames the destination filled locally.
+    pub pages_local: u64,
+}
+
+impl Progress {
+    /// As the agent protocol carries it.
+    pub fn to_proto(&self) -> v1::MigrateProgress {
+        v1::MigrateProgress {
+            phase: self.phase.to_owned(),
+            round: self.round,
+            pages_sent: self.pages_sent,
+            bytes_sent: self.bytes_sent,
+            dirty_pages: self.dirty_pages,
+            throttle_pct: u32::from(self.throttle_pct),
+            pages_local: self.pages_local,
+        }
+    }
+}
