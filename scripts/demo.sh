@@ -6,8 +6,9 @@
 # rack of them with every strategy (docs/examples/rack.toml), run a
 # three-replica content index on loopback, publish the images to it as VMs
 # of three hosts and ask it who holds what (docs/index.md), and, where
-# /dev/kvm exists, start two host agents and live-migrate a running micro-VM
-# from one to the other (docs/migration.md).
+# /dev/kvm exists, start two host agents that publish their VMs to the
+# index, live-migrate a running micro-VM from one to the other
+# (docs/migration.md), and show the cluster as the index sees it.
 #
 # Environment: PAGECAST_DEMO_DIR (default ./demo-out), PAGECAST_DEMO_MEMORY
 # (per VM, default 128MiB).
@@ -72,19 +73,23 @@ echo "== starting two host agents on loopback" >&2
 secret="$out/cluster.secret"
 [ -f "$secret" ] || "$pagecast" secret new "$secret"
 export PAGECAST_SECRET_FILE="$secret"
-start_agent() { # name -> prints its address
+start_agent() { # name rack -> sets $addr (in this shell, so the trap knows its pid)
     local fifo="$out/$1.addr"
     rm -f "$fifo"
     mkfifo "$fifo"
-    "$pagecast" agent --name "$1" --listen 127.0.0.1:0 >"$fifo" 2>"$out/$1.log" &
+    # PAGECAST_INDEX is set: the agent publishes its VMs to the index.
+    "$pagecast" agent --name "$1" --listen 127.0.0.1:0 --rack "$2" --link 10G \
+        --capacity 2GiB >"$fifo" 2>"$out/$1.log" &
     pids+=($!)
     local line
     read -r line <"$fifo"
     rm -f "$fifo"
-    echo "${line#listening on }"
+    addr="${line#listening on }"
 }
-a=$(start_agent host-a)
-b=$(start_agent host-b)
+start_agent host-a rack-a
+a=$addr
+start_agent host-b rack-b
+b=$addr
 echo "   host-a on $a, host-b on $b (logs in $out/host-*.log)" >&2
 
 echo "== starting web1 on host-a (writing 5000 pages/s) and web2, of the same family, on host-b" >&2
@@ -96,3 +101,11 @@ echo "== migrating web1 to host-b at 1 Gbit/s" >&2
 "$pagecast" migrate --vm web1 --from "$a" --to "$b" --bandwidth 1G
 sleep 1
 "$pagecast" vm list --agent "$b"
+
+echo "== the cluster as the index sees it (the agents keep it current)" >&2
+sleep 2
+"$pagecast" hosts
+echo "== advice for the live cluster" >&2
+"$pagecast" advise --vm web1 --top 3
+"$pagecast" advise --cluster
+"$pagecast" advise --image "$out/images/web-2.raw" --no-progress

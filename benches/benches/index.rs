@@ -23,10 +23,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagecast_benches::{env_or, median, process_cpu_seconds};
+use pagecast_benches::{env_or, free_port, median, process_cpu_seconds, raw_rocksdb};
 use pagecast_index::client::IndexClient;
 use pagecast_index::replica::{self, ReplicaConfig};
-use pagecast_index::store::{CF_HOLDERS, Store};
+use pagecast_index::store::Store;
 use pagecast_pages::PageHash;
 use pagecast_proto::v1::{HolderDelta, HolderDeltas, IndexCommand, index_command::Op};
 
@@ -37,14 +37,6 @@ fn hash(i: u64) -> PageHash {
     let mut b = *blake3::hash(&i.to_le_bytes()).as_bytes();
     b[31] |= 1;
     PageHash::from_bytes(b)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Deltas of writer `w`: hash i for i = w, w + WRITERS, ...; host 1 for
@@ -69,41 +61,6 @@ fn deltas(w: usize, n: u64) -> Vec<HolderDelta> {
         i += WRITERS as u64;
     }
     out
-}
-
-fn raw_rocksdb(all: &[Vec<HolderDelta>]) -> f64 {
-    let d = tempfile::tempdir().unwrap();
-    let mut o = rocksdb::Options::default();
-    o.create_if_missing(true);
-    o.create_missing_column_families(true);
-    o.set_compression_type(rocksdb::DBCompressionType::None);
-    let db = rocksdb::DB::open_cf(&o, d.path(), [CF_HOLDERS]).unwrap();
-    let cf = db.cf_handle(CF_HOLDERS).unwrap();
-    let mut w = rocksdb::WriteOptions::default();
-    w.set_sync(true);
-    let n: usize = all.iter().map(Vec::len).sum();
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for ds in all {
-            let (db, cf, w) = (&db, &cf, &w);
-            s.spawn(move || {
-                for chunk in ds.chunks(BATCH) {
-                    let mut wb = rocksdb::WriteBatch::default();
-                    for d in chunk {
-                        let mut k = [0u8; 33];
-                        k[0] = b'h';
-                        k[1..].copy_from_slice(&d.hash);
-                        let mut v = [0u8; 12];
-                        v[..4].copy_from_slice(&d.host.to_le_bytes());
-                        v[4..].copy_from_slice(&d.frames.to_le_bytes());
-                        wb.put_cf(cf, k, v);
-                    }
-                    db.write_opt(wb, w).unwrap();
-                }
-            });
-        }
-    });
-    n as f64 / t.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -145,7 +102,7 @@ fn main() {
 
     // Raw RocksDB first and last, replicated ingest between: the raw figure
     // is the mean of the two, so drift in the machine shows in both.
-    let raw1 = raw_rocksdb(&all);
+    let raw1 = raw_rocksdb(&all, BATCH);
     let cpu = process_cpu_seconds();
     let t = Instant::now();
     std::thread::scope(|s| {
@@ -169,7 +126,7 @@ fn main() {
     let secs = t.elapsed().as_secs_f64();
     let replicated = total as f64 / secs;
     let busy = (process_cpu_seconds() - cpu) / secs;
-    let raw2 = raw_rocksdb(&all);
+    let raw2 = raw_rocksdb(&all, BATCH);
     let raw = (raw1 + raw2) / 2.0;
     println!(
         "  raw RocksDB WriteBatch (synced): {raw:>12.0} deltas/s  (mean of runs {raw1:.0}, {raw2:.0})"

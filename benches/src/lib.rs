@@ -29,3 +29,52 @@ pub fn process_cpu_seconds() -> f64 {
     let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     s(ru.ru_utime) + s(ru.ru_stime)
 }
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
+/// The baseline the content index is measured against: the same holder
+/// deltas written straight into RocksDB (one column family, no
+/// compression), one synced `WriteBatch` of `batch` deltas at a time, one
+/// writer thread per list. Returns deltas per second.
+pub fn raw_rocksdb(all: &[Vec<pagecast_proto::v1::HolderDelta>], batch: usize) -> f64 {
+    let d = tempfile::tempdir().expect("a temporary directory");
+    let mut o = rocksdb::Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    o.set_compression_type(rocksdb::DBCompressionType::None);
+    let cf_name = pagecast_index::store::CF_HOLDERS;
+    let db = rocksdb::DB::open_cf(&o, d.path(), [cf_name]).expect("RocksDB");
+    let cf = db.cf_handle(cf_name).expect("column family");
+    let mut w = rocksdb::WriteOptions::default();
+    w.set_sync(true);
+    let n: usize = all.iter().map(Vec::len).sum();
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for ds in all {
+            let (db, cf, w) = (&db, &cf, &w);
+            s.spawn(move || {
+                for chunk in ds.chunks(batch) {
+                    let mut wb = rocksdb::WriteBatch::default();
+                    for d in chunk {
+                        let mut k = [0u8; 33];
+                        k[0] = b'h';
+                        k[1..].copy_from_slice(&d.hash);
+                        let mut v = [0u8; 12];
+                        v[..4].copy_from_slice(&d.host.to_le_bytes());
+                        v[4..].copy_from_slice(&d.frames.to_le_bytes());
+                        wb.put_cf(cf, k, v);
+                    }
+                    db.write_opt(wb, w).expect("RocksDB write");
+                }
+            });
+        }
+    });
+    n as f64 / t.elapsed().as_secs_f64()
+}

@@ -20,13 +20,15 @@ use std::time::{Duration, Instant};
 
 use pagecast_proto::refusal;
 use pagecast_proto::v1::{
-    AdviseRequest, AdviseResponse, BeginVm, HolderDelta, HolderDeltas, HostInfo, HostsRequest,
-    IndexCommand, IndexFrame, IndexHello, IndexRequest, LookupRequest, LookupResponse, PairRequest,
-    PairResponse, RefusalCode, RegisterHost, RemoveVm, SetVmState, StatusRequest, StatusResponse,
-    VmRecord, VmState, VmsRequest, WriteResponse, index_command::Op as CmdOp, index_frame::Kind,
-    index_request::Op as ReqOp, index_response::Result as Resp,
+    AdviseRequest, AdviseResponse, BeginVm, HolderDelta, HolderDeltas, HoldingsRequest, HostInfo,
+    HostsRequest, IndexCommand, IndexFrame, IndexHello, IndexRequest, ListHoldingsRequest,
+    LookupRequest, LookupResponse, PairRequest, PairResponse, RefusalCode, RegisterHost, RemoveVm,
+    SetVmState, StatusRequest, StatusResponse, VmRecord, VmState, VmsRequest, WriteResponse,
+    index_command::Op as CmdOp, index_frame::Kind, index_request::Op as ReqOp,
+    index_response::Result as Resp,
 };
 
+use crate::holders::{HoldingSum, HoldingsPage};
 use crate::keys::shard_of;
 use crate::wire::{WireError, read_frame, write_frame};
 use crate::{PageHash, Sketch};
@@ -79,7 +81,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// client gives up on that replica and tries another: a replica that hangs
 /// (stopped, partitioned with its connections open) costs this much, not
 /// the whole request.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a replica that failed an attempt is tried last.
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
@@ -362,6 +364,102 @@ impl IndexClient {
         })? {
             Resp::Advise(a) => Ok(a),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// What host `host` holds in `shard`, summed (linearizable).
+    pub fn holdings(&mut self, shard: u32, host: u32) -> Result<HoldingSum, ClientError> {
+        let all = self.holdings_of(shard, host, false)?;
+        Ok(all
+            .into_iter()
+            .find(|(h, _)| *h == host)
+            .map(|(_, s)| s)
+            .unwrap_or_default())
+    }
+
+    /// What each host (or only `host`, if not 0) holds in `shard`, summed.
+    pub fn holdings_of(
+        &mut self,
+        shard: u32,
+        host: u32,
+        stale: bool,
+    ) -> Result<Vec<(u32, HoldingSum)>, ClientError> {
+        match self.call(IndexRequest {
+            shard,
+            stale,
+            op: Some(ReqOp::Holdings(HoldingsRequest { host })),
+        })? {
+            Resp::Holdings(h) => h
+                .hosts
+                .into_iter()
+                .map(|x| {
+                    HoldingSum::decode(&x.sum)
+                        .map(|s| (x.host, s))
+                        .ok_or_else(|| ClientError::Unexpected("a malformed holding sum".into()))
+                })
+                .collect(),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Up to `limit` (hash, frames) pairs host `host` holds in `shard`
+    /// after `after`, and where the next page starts (`None`: done).
+    pub fn list_holdings(
+        &mut self,
+        shard: u32,
+        host: u32,
+        after: Option<PageHash>,
+        limit: u32,
+    ) -> Result<HoldingsPage, ClientError> {
+        let r = match self.call(IndexRequest {
+            shard,
+            stale: false,
+            op: Some(ReqOp::ListHoldings(ListHoldingsRequest {
+                host,
+                after: after
+                    .map(|a| a.as_bytes().to_vec())
+                    .unwrap_or_default()
+                    .into(),
+                limit,
+            })),
+        })? {
+            Resp::ListHoldings(r) => r,
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        if r.hashes.len() != r.frames.len() * 32 {
+            return Err(ClientError::Unexpected(
+                "a listing whose hashes and counts disagree".into(),
+            ));
+        }
+        let pairs = r
+            .hashes
+            .chunks_exact(32)
+            .zip(r.frames)
+            .map(|(h, f)| (PageHash::try_from(h).expect("32 bytes"), f))
+            .collect();
+        let next = match r.next.len() {
+            0 => None,
+            32 => Some(PageHash::try_from(&r.next[..]).expect("32 bytes")),
+            _ => return Err(ClientError::Unexpected("a malformed listing cursor".into())),
+        };
+        Ok((pairs, next))
+    }
+
+    /// Everything host `host` holds in `shard`.
+    pub fn list_all_holdings(
+        &mut self,
+        shard: u32,
+        host: u32,
+    ) -> Result<Vec<(PageHash, u64)>, ClientError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = self.list_holdings(shard, host, after, 16_384)?;
+            out.extend(page);
+            match next {
+                Some(n) => after = Some(n),
+                None => return Ok(out),
+            }
         }
     }
 

@@ -162,6 +162,79 @@ impl HolderList {
     }
 }
 
+/// What one host holds in one shard, summed: distinct contents, frames,
+/// and an order-independent digest of its `(hash, frames)` pairs (the sum,
+/// modulo 2^128, of a keyed BLAKE3 of each pair). The index keeps one per
+/// shard and host, updated by every delta; an agent computes the same over
+/// what it believes the index holds for it, so one small read tells
+/// whether the two agree, without listing anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldingSum {
+    /// Contents held in at least one frame.
+    pub distinct: u64,
+    /// Frames, summed over contents.
+    pub frames: u64,
+    /// Sum of [`holding_term`] over every held pair.
+    pub digest: u128,
+}
+
+/// One page of a host's holdings in a shard: `(hash, frames)` pairs in
+/// hash order, and the hash to continue after (`None`: the last page).
+pub type HoldingsPage = (Vec<(crate::PageHash, u64)>, Option<crate::PageHash>);
+
+/// Bytes of an encoded [`HoldingSum`].
+pub const HOLDING_SUM_BYTES: usize = 32;
+
+/// The digest term of one held pair: content `hash` in `frames` frames.
+pub fn holding_term(hash: &[u8; 32], frames: u64) -> u128 {
+    let mut h = blake3::Hasher::new_keyed(&HOLDING_KEY);
+    h.update(hash);
+    h.update(&frames.to_le_bytes());
+    u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
+}
+
+const HOLDING_KEY: [u8; 32] = *b"pagecast holding digest, v1 ....";
+
+impl HoldingSum {
+    /// Accounts for `hash` going from `before` to `after` frames.
+    pub fn change(&mut self, hash: &[u8; 32], before: u64, after: u64) {
+        if before == after {
+            return;
+        }
+        if before > 0 {
+            self.distinct -= 1;
+            self.frames -= before;
+            self.digest = self.digest.wrapping_sub(holding_term(hash, before));
+        }
+        if after > 0 {
+            self.distinct += 1;
+            self.frames += after;
+            self.digest = self.digest.wrapping_add(holding_term(hash, after));
+        }
+    }
+
+    /// The 32-byte encoding (little-endian distinct, frames, digest).
+    pub fn encode(&self) -> [u8; HOLDING_SUM_BYTES] {
+        let mut b = [0u8; HOLDING_SUM_BYTES];
+        b[..8].copy_from_slice(&self.distinct.to_le_bytes());
+        b[8..16].copy_from_slice(&self.frames.to_le_bytes());
+        b[16..].copy_from_slice(&self.digest.to_le_bytes());
+        b
+    }
+
+    /// Decodes [`HoldingSum::encode`]'s bytes.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != HOLDING_SUM_BYTES {
+            return None;
+        }
+        Some(HoldingSum {
+            distinct: u64::from_le_bytes(b[..8].try_into().ok()?),
+            frames: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            digest: u128::from_le_bytes(b[16..].try_into().ok()?),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +307,32 @@ mod tests {
                 prop_assert_eq!(l.encode(), b);
             }
         }
+    }
+
+    #[test]
+    fn holding_sums_do_not_depend_on_order_and_undo_exactly() {
+        let hs: Vec<[u8; 32]> = (0u8..50).map(|i| [i; 32]).collect();
+        let mut a = HoldingSum::default();
+        for (i, h) in hs.iter().enumerate() {
+            a.change(h, 0, i as u64 % 3 + 1);
+        }
+        let mut b = HoldingSum::default();
+        for (i, h) in hs.iter().enumerate().rev() {
+            b.change(h, 0, 7);
+            b.change(h, 7, i as u64 % 3 + 1);
+        }
+        assert_eq!(a, b);
+        assert_eq!(a.distinct, 50);
+        let mut c = a;
+        c.change(&hs[3], 1, 2);
+        assert_ne!(c, a, "a changed count changes the digest");
+        c.change(&hs[3], 2, 1);
+        assert_eq!(c, a);
+        for (i, h) in hs.iter().enumerate() {
+            c.change(h, i as u64 % 3 + 1, 0);
+        }
+        assert_eq!(c, HoldingSum::default());
+        assert_eq!(HoldingSum::decode(&a.encode()), Some(a));
+        assert_eq!(HoldingSum::decode(&[0; 31]), None);
     }
 }

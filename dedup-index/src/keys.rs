@@ -16,6 +16,7 @@
 //! | `N`    | `meta`   | BLAKE3(host name)[..16]           | host number u32               |
 //! | `O`    | `meta`   | host number u32                   | host record                   |
 //! | `V`    | `meta`   | BLAKE3(VM name)[..16]             | VM record                     |
+//! | `H`    | `meta`   | shard u16, host number u32        | what the host holds there ([`crate::holders::HoldingSum`]) |
 //! | `h`    | `holders`| page hash (32 bytes)              | holder list ([`crate::holders`]) |
 //!
 //! Shards split the hash space by prefix: shard `s` of `n` owns the hashes
@@ -38,6 +39,8 @@ pub const HOST_NAME: u8 = b'N';
 pub const HOST: u8 = b'O';
 /// Namespace prefix of VM records.
 pub const VM: u8 = b'V';
+/// Namespace prefix of per-host holding totals.
+pub const HOLDING: u8 = b'H';
 /// Namespace prefix of holder lists.
 pub const HOLDERS: u8 = b'h';
 
@@ -142,6 +145,25 @@ pub fn vm(name: &str) -> [u8; 17] {
     name_key(VM, name)
 }
 
+/// Key of what host `host` holds in `shard`, summed.
+pub fn holding(shard: u32, host: u32) -> [u8; 7] {
+    let mut k = [0u8; 7];
+    k[0] = HOLDING;
+    k[1..3].copy_from_slice(&(shard as u16).to_be_bytes());
+    k[3..].copy_from_slice(&host.to_be_bytes());
+    k
+}
+
+/// The host number a holding key names.
+pub fn parse_holding(k: &[u8]) -> Option<(u32, u32)> {
+    if k.len() != 7 || k[0] != HOLDING {
+        return None;
+    }
+    let shard = u16::from_be_bytes([k[1], k[2]]);
+    let host = u32::from_be_bytes(k[3..].try_into().ok()?);
+    Some((u32::from(shard), host))
+}
+
 /// Key of the holder list of `hash`.
 pub fn holders(hash: &PageHash) -> [u8; 33] {
     let mut k = [0u8; 33];
@@ -171,13 +193,14 @@ pub fn holders_range(s: u32, n: u32) -> (Vec<u8>, Vec<u8>) {
     (lo_k, hi_k)
 }
 
-/// The meta keys that belong to `shard` in a snapshot: its applied record
-/// and sessions, and for shard 0 the hosts and VMs.
+/// The meta keys that belong to `shard` in a snapshot: its applied record,
+/// sessions and holding totals, and for shard 0 the hosts and VMs.
 pub fn meta_ranges(shard: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
     let (a, b) = session_range(shard);
     let mut r = vec![
         (applied(shard).to_vec(), applied(shard + 1).to_vec()),
         (a.to_vec(), b.to_vec()),
+        (holding(shard, 0).to_vec(), holding(shard + 1, 0).to_vec()),
     ];
     if shard == 0 {
         for p in [HOST_NAME, HOST, VM] {

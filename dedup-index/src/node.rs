@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagecast_proto::v1::{
-    HostsResponse, IndexCommand, IndexRequest, IndexResponse, LookupResponse, NotLeader, Refusal,
-    RefusalCode, ShardStatus, VmsResponse, index_request::Op as ReqOp,
-    index_response::Result as Resp,
+    HoldingsResponse, HostHolding, HostsResponse, IndexCommand, IndexRequest, IndexResponse,
+    ListHoldingsResponse, LookupResponse, NotLeader, Refusal, RefusalCode, ShardStatus,
+    VmsResponse, index_request::Op as ReqOp, index_response::Result as Resp,
 };
 use pagecast_proto::{HASH_LEN, MAX_INDEX_BATCH, refusal};
 use prost::Message as _;
@@ -71,10 +71,14 @@ impl NodeConfig {
             keep_entries: 64,
             // Below the client's attempt timeout, so a client hears "busy"
             // from a live leader before it gives up on it.
-            request_timeout: Duration::from_millis(2500),
+            request_timeout: Duration::from_millis(1500),
         }
     }
 }
+
+/// Most holder lists one holdings listing reads (a page of the listing
+/// ends there even if it found fewer pairs than asked).
+const LIST_SCAN: usize = 65_536;
 
 /// How often the runtime should call [`ShardNode::tick`].
 pub const TICK: Duration = Duration::from_millis(50);
@@ -427,6 +431,47 @@ impl ShardNode {
                 }
                 Ok(Resp::Lookup(r))
             }
+            ReqOp::Holdings(h) => Ok(Resp::Holdings(HoldingsResponse {
+                hosts: self
+                    .store
+                    .holdings(self.shard, h.host)
+                    .map_err(s)?
+                    .into_iter()
+                    .map(|(host, sum)| HostHolding {
+                        host,
+                        sum: sum.encode().to_vec().into(),
+                    })
+                    .collect(),
+            })),
+            ReqOp::ListHoldings(l) => {
+                let after = match l.after.len() {
+                    0 => None,
+                    HASH_LEN => Some(PageHash::from_bytes(
+                        l.after[..].try_into().expect("32 bytes"),
+                    )),
+                    n => return Err(invalid(format!("list: `after` is {n} bytes, not 32"))),
+                };
+                if l.host == 0 {
+                    return Err(invalid("list: name a host".into()));
+                }
+                let limit = (l.limit as usize).clamp(1, MAX_INDEX_BATCH);
+                let (pairs, next) = self
+                    .store
+                    .list_holdings(self.shard, l.host, after, limit, LIST_SCAN)
+                    .map_err(s)?;
+                let mut r = ListHoldingsResponse::default();
+                let mut hashes = Vec::with_capacity(pairs.len() * HASH_LEN);
+                for (h, f) in pairs {
+                    hashes.extend_from_slice(h.as_bytes());
+                    r.frames.push(f);
+                }
+                r.hashes = hashes.into();
+                r.next = next
+                    .map(|n| n.as_bytes().to_vec())
+                    .unwrap_or_default()
+                    .into();
+                Ok(Resp::ListHoldings(r))
+            }
             other if self.shard != 0 => Err(invalid(format!(
                 "{} is answered by shard 0, not shard {}",
                 req_name(other),
@@ -688,6 +733,8 @@ fn req_name(op: &ReqOp) -> &'static str {
         ReqOp::Hosts(_) => "the host list",
         ReqOp::Advise(_) => "advice",
         ReqOp::Pair(_) => "pair sharing",
+        ReqOp::Holdings(_) => "holdings",
+        ReqOp::ListHoldings(_) => "a holdings listing",
     }
 }
 

@@ -1,7 +1,7 @@
 //! Sharing questions answered from sketches alone: how alike two VMs are,
 //! how much of a VM a host already holds, and the best hosts and most
-//! similar VMs for one VM. Only loaded VMs count; a host's sketch is the
-//! merge of its loaded VMs' sketches.
+//! similar VMs for one VM. Only loaded VMs and running VMs (published by
+//! their agents) count; a host's sketch is the merge of theirs.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +16,8 @@ use pagecast_pages::sharing::rank;
 use crate::Sketch;
 
 fn loaded(vms: &[VmRecord]) -> impl Iterator<Item = &VmRecord> {
-    vms.iter().filter(|v| v.state == VmState::Loaded as i32)
+    vms.iter()
+        .filter(|v| v.state == VmState::Loaded as i32 || v.state == VmState::Running as i32)
 }
 
 fn sketch_of(v: &VmRecord) -> Result<Sketch, Refusal> {

@@ -24,7 +24,7 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions,
 };
 
-use crate::holders::HolderList;
+use crate::holders::{HolderList, HoldingSum, HoldingsPage};
 use crate::keys::{self, StateKind};
 use crate::{PageHash, Sketch};
 
@@ -39,6 +39,10 @@ pub const CF_HOLDERS: &str = "holders";
 
 /// Longest host or VM name.
 pub const MAX_NAME: usize = 64;
+/// Most VMs one host report lists.
+pub const MAX_REPORTED_VMS: usize = 4096;
+/// Longest address or rack name in a host report.
+pub const MAX_FIELD: usize = 256;
 
 /// Errors of the replica's storage.
 #[derive(Debug, thiserror::Error)]
@@ -330,6 +334,92 @@ impl Store {
         self.scan_meta(keys::HOST, "host")
     }
 
+    /// What each host holds in `shard` (`host` 0: every host), summed.
+    pub fn holdings(&self, shard: u32, host: u32) -> Result<Vec<(u32, HoldingSum)>, StoreError> {
+        let (lo, hi) = if host == 0 {
+            (keys::holding(shard, 0), keys::holding(shard + 1, 0))
+        } else {
+            let mut hi = keys::holding(shard, host);
+            hi[6] = hi[6].wrapping_add(1);
+            if hi[6] == 0 {
+                hi = keys::holding(shard, host.saturating_add(1));
+            }
+            (keys::holding(shard, host), hi)
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(hi.to_vec());
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf_opt(
+            self.cf(CF_META),
+            ro,
+            IteratorMode::From(&lo, Direction::Forward),
+        ) {
+            let (k, v) = kv?;
+            let corrupt = || StoreError::Corrupt {
+                what: "holding",
+                detail: format!("{} bytes", v.len()),
+            };
+            let (_, h) = keys::parse_holding(&k).ok_or_else(corrupt)?;
+            out.push((h, HoldingSum::decode(&v).ok_or_else(corrupt)?));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` (hash, frames) pairs host `host` holds in `shard`, in
+    /// hash order after `after`, scanning at most `scan` holder lists;
+    /// returns them and where to go on (`None`: the end of the shard).
+    pub fn list_holdings(
+        &self,
+        shard: u32,
+        host: u32,
+        after: Option<PageHash>,
+        limit: usize,
+        scan: usize,
+    ) -> Result<HoldingsPage, StoreError> {
+        let (lo, hi) = keys::holders_range(shard, self.shards);
+        let start = match after {
+            Some(a) => {
+                let mut k = keys::holders(&a).to_vec();
+                // The smallest key after `a`'s.
+                k.push(0);
+                k
+            }
+            None => lo,
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(hi);
+        let mut out = Vec::new();
+        let mut last = None;
+        for (scanned, kv) in self
+            .db
+            .iterator_cf_opt(
+                self.cf(CF_HOLDERS),
+                ro,
+                IteratorMode::From(&start, Direction::Forward),
+            )
+            .enumerate()
+        {
+            let (k, v) = kv?;
+            let h = keys::parse_holders(&k).ok_or_else(|| StoreError::Corrupt {
+                what: "holders key",
+                detail: format!("{} bytes", k.len()),
+            })?;
+            if out.len() >= limit || scanned >= scan {
+                return Ok((out, last));
+            }
+            let l = HolderList::decode(&v).map_err(|e| StoreError::Corrupt {
+                what: "holders",
+                detail: e.to_string(),
+            })?;
+            let f = l.frames_of(host);
+            if f > 0 {
+                out.push((h, f));
+            }
+            last = Some(h);
+        }
+        Ok((out, None))
+    }
+
     /// Applies committed commands of `shard`, in order, and records
     /// `index`/`term` as applied, in one write. `commands` holds, for each
     /// entry, its decoded command or `None` for an empty entry.
@@ -556,6 +646,13 @@ impl Apply<'_> {
             },
             Some(Op::SetVmState(s)) => self.set_vm_state(&s.name, s.host, s.state)?,
             Some(Op::RemoveVm(r)) => self.remove_vm(&r.name, r.host)?,
+            Some(Op::HostReport(r)) => self.host_report(r)?,
+            Some(Op::PutVm(p)) => match &p.vm {
+                Some(vm) => self.put_vm(vm)?,
+                None => Err(invalid("put_vm without a VM")),
+            },
+            Some(Op::DropVm(d)) => self.drop_vm(&d.name, d.host)?,
+            Some(Op::MoveVm(m)) => self.move_vm(&m.name, m.from, &m.to)?,
             None => Err(invalid("empty command")),
         };
         // Only an applied command ends its session's sequence number: a
@@ -639,6 +736,24 @@ impl Apply<'_> {
             }
             frames += i128::from(*d);
         }
+        // Each (content, host) pair touched: its host's totals in this shard.
+        let mut touched: Vec<([u8; 33], u32)> = parsed.iter().map(|p| (p.0, p.1)).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for (k, host) in touched {
+            let before = self
+                .holders
+                .get(&k)
+                .or_else(|| fetched.get(&k))
+                .map_or(0, |l| l.frames_of(host));
+            let after = staged.get(&k).map_or(0, |l| l.frames_of(host));
+            if before != after {
+                let mut sum = self.holding(host)?;
+                let hash: [u8; 32] = k[1..].try_into().expect("holder key");
+                sum.change(&hash, before, after);
+                self.set_holding(host, sum);
+            }
+        }
         for (k, l) in staged {
             let before_empty = self
                 .holders
@@ -686,14 +801,162 @@ impl Apply<'_> {
         let rec = HostInfo {
             index: host,
             name: name.to_owned(),
-            vms: 0,
-            frames: 0,
+            ..Default::default()
         };
         self.meta_put(&keys::host(host), &rec);
         Ok(Ok(WriteResponse {
             host,
             ..Default::default()
         }))
+    }
+
+    fn holding(&self, host: u32) -> Result<HoldingSum, StoreError> {
+        let key = keys::holding(self.shard, host);
+        let raw = match self.meta.get(&key[..]) {
+            Some(v) => v.clone(),
+            None => self.store.db.get_cf(self.store.cf(CF_META), key)?,
+        };
+        match raw {
+            None => Ok(HoldingSum::default()),
+            Some(v) => HoldingSum::decode(&v).ok_or_else(|| StoreError::Corrupt {
+                what: "holding",
+                detail: format!("{} bytes", v.len()),
+            }),
+        }
+    }
+
+    fn set_holding(&mut self, host: u32, sum: HoldingSum) {
+        let key = keys::holding(self.shard, host).to_vec();
+        let v = (sum != HoldingSum::default()).then(|| sum.encode().to_vec());
+        self.meta.insert(key, v);
+    }
+
+    /// The number of host `name`, registering it if it is new.
+    fn host_number(&mut self, name: &str) -> Result<Result<u32, Refusal>, StoreError> {
+        Ok(self.register_host(name)?.map(|w| w.host))
+    }
+
+    fn host_report(
+        &mut self,
+        r: &pagecast_proto::v1::HostReport,
+    ) -> Result<CommandResult, StoreError> {
+        let host = match self.host_number(&r.name)? {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
+        if r.vms.len() > MAX_REPORTED_VMS || r.vms.iter().any(|v| !name_ok(v)) {
+            return Ok(Err(invalid(format!(
+                "host {}: a report lists at most {MAX_REPORTED_VMS} VMs, each a valid name",
+                r.name
+            ))));
+        }
+        if [&r.address, &r.rack, &r.cast_addr]
+            .iter()
+            .any(|s| s.len() > MAX_FIELD)
+        {
+            return Ok(Err(invalid(format!(
+                "host {}: address, rack and cast address are at most {MAX_FIELD} bytes",
+                r.name
+            ))));
+        }
+        let Some(mut h) = self.host_record(host)? else {
+            return Ok(Err(not_found(format!(
+                "host number {host} is not registered"
+            ))));
+        };
+        h.address = r.address.clone();
+        h.rack = r.rack.clone();
+        h.link_bps = r.link_bps;
+        h.capacity_bytes = r.capacity_bytes;
+        h.used_bytes = r.used_bytes;
+        h.vm_names = r.vms.clone();
+        h.cast_addr = r.cast_addr.clone();
+        h.hot_pages = r.hot_pages;
+        h.reported_ms = r.reported_ms;
+        self.meta_put(&keys::host(host), &h);
+        Ok(Ok(WriteResponse {
+            host,
+            ..Default::default()
+        }))
+    }
+
+    fn put_vm(&mut self, vm: &VmRecord) -> Result<CommandResult, StoreError> {
+        if !name_ok(&vm.name) {
+            return Ok(Err(invalid(format!(
+                "VM name {:?}: use 1 to {MAX_NAME} letters, digits, '-', '_' or '.'",
+                vm.name
+            ))));
+        }
+        if Sketch::from_bytes(&vm.sketch).is_err() || vm.digest.len() != 32 {
+            return Ok(Err(invalid(format!(
+                "VM {}: a record needs a sketch that decodes and a 32-byte digest",
+                vm.name
+            ))));
+        }
+        if self.host_record(vm.host)?.is_none() {
+            return Ok(Err(not_found(format!(
+                "host number {} is not registered",
+                vm.host
+            ))));
+        }
+        let key = keys::vm(&vm.name);
+        if let Some(old) = self.meta_get::<VmRecord>(&key, "vm")?
+            && old.state != VmState::Running as i32
+        {
+            return Ok(Err(refused(format!(
+                "VM {} is in the index as a loaded image; unload it first",
+                vm.name
+            ))));
+        }
+        let mut rec = vm.clone();
+        rec.state = VmState::Running as i32;
+        self.meta_put(&key, &rec);
+        Ok(Ok(WriteResponse {
+            host: vm.host,
+            ..Default::default()
+        }))
+    }
+
+    fn drop_vm(&mut self, name: &str, host: u32) -> Result<CommandResult, StoreError> {
+        let key = keys::vm(name);
+        match self.meta_get::<VmRecord>(&key, "vm")? {
+            Some(rec) if rec.host == host && rec.state == VmState::Running as i32 => {
+                self.meta.insert(key.to_vec(), None);
+                Ok(Ok(WriteResponse {
+                    host,
+                    ..Default::default()
+                }))
+            }
+            // Gone already, or another host's now: nothing to do.
+            _ => Ok(Ok(WriteResponse {
+                host,
+                duplicate: true,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn move_vm(&mut self, name: &str, from: u32, to: &str) -> Result<CommandResult, StoreError> {
+        let to = match self.host_number(to)? {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
+        let key = keys::vm(name);
+        match self.meta_get::<VmRecord>(&key, "vm")? {
+            Some(mut rec) if rec.host == from && rec.state == VmState::Running as i32 => {
+                rec.host = to;
+                self.meta_put(&key, &rec);
+                Ok(Ok(WriteResponse {
+                    host: to,
+                    ..Default::default()
+                }))
+            }
+            _ => Ok(Ok(WriteResponse {
+                host: to,
+                duplicate: true,
+                ..Default::default()
+            })),
+        }
     }
 
     fn host_record(&self, host: u32) -> Result<Option<HostInfo>, StoreError> {
@@ -871,5 +1134,9 @@ fn op_name(op: &Op) -> &'static str {
         Op::BeginVm(_) => "begin_vm",
         Op::SetVmState(_) => "set_vm_state",
         Op::RemoveVm(_) => "remove_vm",
+        Op::HostReport(_) => "host_report",
+        Op::PutVm(_) => "put_vm",
+        Op::DropVm(_) => "drop_vm",
+        Op::MoveVm(_) => "move_vm",
     }
 }

@@ -128,3 +128,5 @@ pub fn repo_root() -> PathBuf {
         .expect("tests/ sits in the repository root")
         .to_path_buf()
 }
+
+pub mod cluster;

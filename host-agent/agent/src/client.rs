@@ -118,6 +118,35 @@ impl AgentClient {
         }
     }
 
+    /// Changes a VM's page-write rate.
+    pub fn vm_set(mut self, name: &str, dirty_rate: u64) -> Result<v1::VmInfo, AgentError> {
+        self.send(Req::VmSet(v1::VmSetRequest {
+            name: name.to_owned(),
+            dirty_rate,
+        }))?;
+        match self.recv()? {
+            Resp::Vm(v) => Ok(v),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// What the index should list for this agent's host, from a fresh hash
+    /// of its VMs' memory, for an index of `shards` shards.
+    pub fn audit(
+        mut self,
+        shards: u32,
+        ledger_only: bool,
+    ) -> Result<v1::AuditResponse, AgentError> {
+        self.send(Req::Audit(v1::AuditRequest {
+            shards,
+            ledger_only,
+        }))?;
+        match self.recv()? {
+            Resp::Audit(a) => Ok(a),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     /// Asks the agent to migrate a VM, calling `progress` with each report
     /// until the result arrives. A failed migration is a result with
     /// `ok == false`, not an error: errors are about this connection.

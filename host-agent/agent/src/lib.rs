@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod metrics;
+pub mod publish;
 pub mod server;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,6 +22,8 @@ use pagecast_pages::{PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 use pagecast_proto::v1::RefusalCode;
 
+use pagecast_index::holders::HoldingSum;
+use pagecast_index::keys::shard_of;
 use pagecast_memory::fingerprint::{FingerprintError, Fingerprinter, read_and_hash};
 use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError};
 use pagecast_memory::synth::{SynthError, SynthSpec, SyntheticVm};
@@ -29,6 +32,7 @@ use pagecast_migrate::{
     ChannelLink, IncomingReport, LocalContent, MigrateOptions, MigrationError, MigrationLink,
     MigrationReport, Progress, SourceVm, migrate_in, migrate_out,
 };
+use publish::{HostMeta, HostNow, IndexLink, Publication, VmOp};
 
 /// Errors of the agent's operations. Each is sent back to the client as
 /// its message.
@@ -185,6 +189,8 @@ pub struct VmEntry {
     /// The content of each frame as the content map last saw it, so a
     /// rewritten frame's old content leaves the map.
     seen: Mutex<Vec<PageHash>>,
+    /// What the content index should list for each frame.
+    publication: Mutex<Publication>,
 }
 
 impl VmEntry {
@@ -198,6 +204,7 @@ impl VmEntry {
             for_migration: Mutex::new(DirtyBitmap::new(pages)),
             for_content: Mutex::new(DirtyBitmap::new(pages)),
             seen: Mutex::new(Vec::new()),
+            publication: Mutex::new(Publication::new(pages)),
         }
     }
 
@@ -288,6 +295,8 @@ pub struct AgentConfig {
     pub secret: Secret,
     /// Hashing threads.
     pub threads: usize,
+    /// The content index to publish to, and what to tell it of this host.
+    pub index: Option<(Vec<String>, HostMeta)>,
 }
 
 /// The agent's state.
@@ -301,6 +310,8 @@ pub struct Agent {
     incoming: Mutex<HashMap<String, &'static str>>,
     /// A resident frame holding each content (a hint: checked on use).
     content: RwLock<HashMap<PageHash, (Arc<VmEntry>, u64)>>,
+    /// The content index this agent publishes to, if any.
+    index: Option<Arc<IndexLink>>,
 }
 
 fn valid_name(n: &str) -> bool {
@@ -333,7 +344,84 @@ impl Agent {
             vms: Mutex::new(BTreeMap::new()),
             incoming: Mutex::new(HashMap::new()),
             content: RwLock::new(HashMap::new()),
+            index: None,
         })
+    }
+
+    /// Publishes this agent's VMs to the content index at `addrs`
+    /// (before the agent is shared; [`Agent::publish_loop`] does the
+    /// sending).
+    pub fn set_index(&mut self, addrs: Vec<String>, meta: HostMeta) {
+        self.index = Some(IndexLink::new(addrs, self.name.clone(), meta));
+    }
+
+    /// The link to the content index, if this agent publishes.
+    pub fn index_link(&self) -> Option<&Arc<IndexLink>> {
+        self.index.as_ref()
+    }
+
+    /// Sends this agent's content to the index until `stop` is set on the
+    /// link (run on a thread of its own).
+    pub fn publish_loop(&self) {
+        if let Some(link) = &self.index {
+            publish::run(link, &|| self.host_now());
+        }
+    }
+
+    /// What the host report says of the VMs now.
+    pub fn host_now(&self) -> HostNow {
+        let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
+        HostNow {
+            vms: vms.iter().map(|v| v.name.clone()).collect(),
+            used_bytes: vms.iter().map(|v| v.vm.region().len() as u64).sum(),
+            hot_pages: vms.iter().map(|v| lock(&v.publication).unpublished()).sum(),
+        }
+    }
+
+    /// Recomputes, from a fresh hash of all memory, what the index should
+    /// list for this host in each of `shards` shards (hot frames left out
+    /// as they are from publication), beside what the agent's ledger says.
+    pub fn audit(&self, shards: u32, ledger_only: bool) -> v1::AuditResponse {
+        let vms: Vec<Arc<VmEntry>> = if ledger_only {
+            Vec::new()
+        } else {
+            lock(&self.vms).values().cloned().collect()
+        };
+        let n = shards.max(1);
+        let mut fresh: HashMap<PageHash, u64> = HashMap::new();
+        let mut hot = 0u64;
+        for v in &vms {
+            let f = self.fp.fingerprint(&**v, &|_| {});
+            let p = lock(&v.publication);
+            for (frame, h) in f.hashes.iter().enumerate() {
+                if p.is_hot(frame as u64) {
+                    hot += 1;
+                } else if !h.is_zero_page() {
+                    *fresh.entry(*h).or_default() += 1;
+                }
+            }
+        }
+        let mut fresh_sums = vec![HoldingSum::default(); n as usize];
+        for (h, c) in &fresh {
+            fresh_sums[shard_of(h, n) as usize].change(h.as_bytes(), 0, *c);
+        }
+        let ledger = self.index.as_ref().map(|l| {
+            let g = l.ledger();
+            (0..n).map(|s| g.desired_sum(s, n)).collect::<Vec<_>>()
+        });
+        v1::AuditResponse {
+            fresh: fresh_sums
+                .iter()
+                .map(|s| s.encode().to_vec().into())
+                .collect(),
+            desired: ledger
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.encode().to_vec().into())
+                .collect(),
+            hot_frames: hot,
+            vms: lock(&self.vms).len() as u32,
+        }
     }
 
     /// This agent's name.
@@ -399,17 +487,43 @@ impl Agent {
                     .or_insert_with(|| (entry.clone(), frame as u64));
             }
         }
-        *lock(&entry.seen) = f.hashes;
         gauge!(crate::metrics::CONTENT_ENTRIES).set(map.len() as f64);
+        let mut seen = lock(&entry.seen);
+        *seen = f.hashes;
+        if let Some(link) = &self.index {
+            let mut changes = Vec::new();
+            let mut p = lock(&entry.publication);
+            p.publish_all(&seen, &mut changes);
+            let record = publish::vm_record(&entry.name, &entry.origin, p.intended());
+            drop(p);
+            drop(seen);
+            drop(map);
+            link.apply(&changes);
+            link.vm_op(VmOp::Put(record));
+        }
     }
 
-    fn forget(&self, name: &str) -> Option<Arc<VmEntry>> {
+    /// Removes a VM from the agent: its pages leave the content map and
+    /// the index (withdrawn; its record dropped, or moved to `moved_to`).
+    fn forget(&self, name: &str, moved_to: Option<&str>) -> Option<Arc<VmEntry>> {
         let e = lock(&self.vms).remove(name)?;
         self.content
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, (vm, _)| !Arc::ptr_eq(vm, &e));
         gauge!(crate::metrics::VMS).set(lock(&self.vms).len() as f64);
+        if let Some(link) = &self.index {
+            let mut changes = Vec::new();
+            lock(&e.publication).withdraw_all(&mut changes);
+            link.apply(&changes);
+            link.vm_op(match moved_to {
+                Some(to) => VmOp::Move {
+                    name: name.to_owned(),
+                    to: to.to_owned(),
+                },
+                None => VmOp::Drop(name.to_owned()),
+            });
+        }
         Some(e)
     }
 
@@ -516,12 +630,22 @@ impl Agent {
             }
         }
         let e = self
-            .forget(name)
+            .forget(name, None)
             .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
         let info = e.info();
         // The VM stops when the last reference goes (its Drop joins the vCPU).
         drop(e);
         Ok(info)
+    }
+
+    /// Changes a VM's page-write rate (0: its guest only ticks).
+    pub fn vm_set(&self, r: &v1::VmSetRequest) -> Result<v1::VmInfo, AgentError> {
+        let e = lock(&self.vms)
+            .get(&r.name)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchVm(r.name.clone()))?;
+        e.vm.set_dirty_rate(r.dirty_rate)?;
+        Ok(e.info())
     }
 
     /// Migrates a VM to the agent at `r.to`, reporting progress.
@@ -547,10 +671,10 @@ impl Agent {
         let result = self.run_out(&entry, r, progress);
         let mut s = lock(&entry.state);
         match &result {
-            Ok(rep) => {
+            Ok((rep, dest)) => {
                 drop(s);
                 // Released: the destination runs it now.
-                self.forget(&r.vm);
+                self.forget(&r.vm, Some(dest));
                 counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "ok")
                     .increment(1);
                 histogram!(crate::metrics::DOWNTIME_SECONDS).record(rep.downtime_ms / 1e3);
@@ -571,15 +695,16 @@ impl Agent {
                     .increment(1);
             }
         }
-        result
+        result.map(|(rep, _)| rep)
     }
 
+    /// Runs a migration out; returns its report and the destination's name.
     fn run_out(
         &self,
         entry: &VmEntry,
         r: &v1::MigrateRequest,
         progress: &mut dyn FnMut(&Progress),
-    ) -> Result<MigrationReport, AgentError> {
+    ) -> Result<(MigrationReport, String), AgentError> {
         let addr = r
             .to
             .to_socket_addrs()
@@ -613,7 +738,11 @@ impl Agent {
             verify_full: r.verify_full,
             ..MigrateOptions::default()
         };
-        Ok(migrate_out(entry, &mut link, &self.fp, &opts, progress)?)
+        let dest = link.peer_name().to_owned();
+        Ok((
+            migrate_out(entry, &mut link, &self.fp, &opts, progress)?,
+            dest,
+        ))
     }
 
     /// Receives a VM over `link` from the agent named `source`.
@@ -711,6 +840,11 @@ impl Agent {
             }
             let pages = e.page_count();
             let dirty = std::mem::replace(&mut *lock(&e.for_content), DirtyBitmap::new(pages));
+            if lock(&e.seen).len() as u64 != pages {
+                // Still being indexed: its first full hash takes these in.
+                let _ = lock(&e.for_content).merge(&dirty);
+                continue;
+            }
             let frames: Vec<u64> = dirty.iter().collect();
             for chunk in frames.chunks(64) {
                 if read_and_hash(&*e, chunk, &mut buf, &mut hashes).is_err() {
@@ -738,13 +872,33 @@ impl Agent {
                     }
                 }
             }
+            if let Some(link) = &self.index {
+                let mut changes = Vec::new();
+                let seen = lock(&e.seen);
+                lock(&e.publication).on_refresh(
+                    &dirty,
+                    &seen,
+                    publish::FRAME_UPDATES_PER_REFRESH,
+                    &mut changes,
+                );
+                drop(seen);
+                link.apply(&changes);
+            }
+        }
+        if let Some(link) = &self.index {
+            gauge!(crate::metrics::HOT_PAGES).set(self.host_now().hot_pages as f64);
+            gauge!(crate::metrics::PUBLISH_BACKLOG).set(link.ledger().behind() as f64);
         }
         gauge!(crate::metrics::CONTENT_ENTRIES)
             .set(self.content.read().unwrap_or_else(|e| e.into_inner()).len() as f64);
     }
 
-    /// Stops every VM (at shutdown).
+    /// Stops every VM (at shutdown), withdrawing them from the index.
     pub fn shutdown(&self) {
+        let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
+        for n in names {
+            self.forget(&n, None);
+        }
         self.content
             .write()
             .unwrap_or_else(|e| e.into_inner())

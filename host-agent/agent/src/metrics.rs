@@ -18,3 +18,20 @@ pub const DOWNTIME_SECONDS: &str = "pagecast_migration_downtime_seconds";
 pub const MIGRATION_BYTES: &str = "pagecast_migration_bytes_total";
 /// Counter: pages destinations filled from content they held.
 pub const PAGES_LOCAL: &str = "pagecast_migration_pages_local_total";
+/// Counter: holder deltas sent to the content index (a batch sent again
+/// after a lost answer counts again).
+pub const INDEX_DELTAS: &str = "pagecast_agent_index_deltas_total";
+/// Counter: reconciliations that found the index holding something else
+/// than the agent believed, and corrected it.
+pub const RECONCILIATIONS: &str = "pagecast_agent_index_reconciliations_total";
+/// Counter: seconds the content index was unreachable (added when it is
+/// reachable again).
+pub const INDEX_UNREACHABLE_SECONDS: &str = "pagecast_agent_index_unreachable_seconds_total";
+/// Gauge: frames the index does not show as they are (hot, or waiting for
+/// the update bound).
+pub const HOT_PAGES: &str = "pagecast_agent_hot_pages";
+/// Gauge: contents whose listing in the index is behind the agent's.
+pub const PUBLISH_BACKLOG: &str = "pagecast_agent_index_backlog";
+/// Histogram: seconds from a refresh of the content map until the index
+/// acknowledged all it changed (publish lag).
+pub const PUBLISH_LAG_SECONDS: &str = "pagecast_agent_index_lag_seconds";

@@ -24,18 +24,26 @@ type Resp = v1::agent_response::Body;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the content map takes in pages the VMs dirtied.
 pub const CONTENT_REFRESH: Duration = Duration::from_secs(1);
+/// How long a stopping agent waits for the index to hear that its VMs are
+/// gone.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 /// At most this many progress reports per second reach a migrating client.
 const PROGRESS_PER_SECOND: u32 = 10;
 
 /// Runs an agent until SIGINT or SIGTERM. `ready` is called with the bound
 /// control address once the agent accepts connections.
 pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), AgentError> {
-    let agent = Arc::new(Agent::new(
+    let mut agent = Agent::new(
         &config.name,
         config.secret.clone(),
         config.data.clone(),
         config.threads,
-    )?);
+    )?;
+    if let Some((addrs, meta)) = config.index.clone() {
+        agent.set_index(addrs, meta);
+    }
+    let agent = Arc::new(agent);
+    let mut publisher = None;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("pagecast-agent")
@@ -64,6 +72,18 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
                 info!("metrics on http://{m}/metrics");
             }
             info!("listening on {local}");
+            if let Some(link) = agent.index_link() {
+                link.set_address(local.to_string());
+                // The publisher: its own thread, so a slow or unreachable index
+                // never holds up the runtime.
+                let a = agent.clone();
+                let span = tracing::Span::current();
+                publisher = Some(
+                    std::thread::Builder::new()
+                        .name("pagecast-publish".into())
+                        .spawn(move || span.in_scope(|| a.publish_loop())),
+                );
+            }
             ready(local);
             tokio::spawn(refresher(agent.clone()).in_current_span());
             let stop = shutdown_signal();
@@ -91,6 +111,19 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
     );
     let _g = span.enter();
     agent.shutdown();
+    if let Some(link) = agent.index_link() {
+        // Give the publisher a moment to withdraw the stopped VMs; what it
+        // cannot send now, the next start withdraws.
+        let until = Instant::now() + SHUTDOWN_FLUSH;
+        while !link.ledger().idle() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        link.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        link.notify();
+    }
+    if let Some(Ok(p)) = publisher {
+        let _ = p.join();
+    }
     rt.shutdown_timeout(Duration::from_secs(5));
     result
 }
@@ -203,6 +236,25 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
                 Err(e) => error(RefusalCode::Internal, e),
             };
             reply(&mut ch, body).await;
+        }
+        B::VmSet(r) => {
+            let a = agent.clone();
+            let res = tokio::task::spawn_blocking(move || a.vm_set(&r)).await;
+            let body = match res {
+                Ok(Ok(info)) => Resp::Vm(info),
+                Ok(Err(e)) => Resp::Error(e.to_proto()),
+                Err(e) => error(RefusalCode::Internal, e),
+            };
+            reply(&mut ch, body).await;
+        }
+        B::Audit(r) => {
+            let a = agent.clone();
+            let res = tokio::task::spawn_blocking(move || a.audit(r.shards, r.ledger_only)).await;
+            reply(
+                &mut ch,
+                res.map_or_else(|e| error(RefusalCode::Internal, e), Resp::Audit),
+            )
+            .await;
         }
         B::VmStop(r) => {
             let a = agent.clone();

@@ -142,6 +142,11 @@ impl ChannelLink {
     pub fn into_inner(self) -> Channel {
         self.ch
     }
+
+    /// The name the peer gave in the handshake.
+    pub fn peer_name(&self) -> &str {
+        self.ch.peer_name()
+    }
 }
 
 impl MigrationLink for ChannelLink {

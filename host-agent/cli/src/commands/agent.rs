@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagecast_agent::client::AgentClient;
+use pagecast_agent::publish::HostMeta;
 use pagecast_agent::{AgentConfig, server};
 use pagecast_pages::units::{format_bytes, parse_bits_per_second, parse_size};
 use pagecast_proto::v1;
@@ -27,13 +28,25 @@ use super::{SecretArg, load_secret};
 ///
 /// On start it prints `listening on ADDR` on stdout (useful with port 0).
 ///
+/// With --index (or PAGECAST_INDEX) the agent keeps the content index
+/// current: it registers its host (address, rack, link, capacity, VMs),
+/// publishes every VM's pages when it starts or arrives, updates them from
+/// the dirty log every second (pages rewritten in each of the last 3
+/// refreshes are left out until they settle; at most 2,048 frames change
+/// per VM per second), withdraws them when it stops or leaves, and every
+/// 30 s checks each shard's totals for this host, correcting any
+/// difference. An unreachable index never stops VMs or migrations; the
+/// agent catches up when it returns. At start it withdraws whatever a
+/// previous run left in the index under its name.
+///
 /// Example, two agents on one host:
 ///
 ///   pagecast secret new cluster.secret
 ///
 ///   pagecast agent --name host-a --listen 127.0.0.1:7400 --secret-file cluster.secret
 ///
-///   pagecast agent --name host-b --listen 127.0.0.1:7401 --secret-file cluster.secret
+///   pagecast agent --name host-b --listen 127.0.0.1:7401 --secret-file cluster.secret \
+///       --index 127.0.0.1:7600 --rack r1 --link 10G --capacity 64GiB
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct AgentArgs {
@@ -57,6 +70,42 @@ pub struct AgentArgs {
 
     #[command(flatten)]
     secret: SecretArg,
+
+    /// Content index replicas to publish to, HOST:PORT[,HOST:PORT...]
+    /// (without it the agent does not publish).
+    #[arg(long, value_name = "ADDRS", env = "PAGECAST_INDEX")]
+    index: Option<String>,
+
+    /// This host's rack, as placement sees it.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    rack: String,
+
+    /// This host's link rate in bits per second (e.g. 10G, 1000M, 800mbit).
+    #[arg(long, value_name = "RATE", value_parser = parse_bits_per_second)]
+    link: Option<u64>,
+
+    /// Memory this host offers VMs (e.g. 64GiB); default: the machine's
+    /// total memory.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    capacity: Option<u64>,
+
+    /// The address this host multicasts from (default: the --listen
+    /// address's IP).
+    #[arg(long, value_name = "ADDR")]
+    cast_addr: Option<String>,
+}
+
+/// The machine's memory, bytes (0 if unknown).
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map_or(0, |k| k * 1024)
 }
 
 fn resolve(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
@@ -74,9 +123,31 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
             .with_context(|| format!("--data {}: cannot create it", d.display()))?;
         anyhow::ensure!(d.is_dir(), "--data {}: not a directory", d.display());
     }
+    let listen = resolve("--listen", &a.listen)?;
+    let index = a.index.as_deref().map(|addrs| {
+        let addrs: Vec<String> = addrs
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let meta = HostMeta {
+            address: listen.to_string(),
+            rack: a.rack.clone(),
+            link_bps: a.link.unwrap_or(0),
+            capacity_bytes: a.capacity.unwrap_or_else(total_memory),
+            cast_addr: a
+                .cast_addr
+                .clone()
+                .unwrap_or_else(|| listen.ip().to_string()),
+        };
+        (addrs, meta)
+    });
+    if let Some((addrs, _)) = &index {
+        anyhow::ensure!(!addrs.is_empty(), "--index: no address given");
+    }
     let config = AgentConfig {
         name: a.name,
-        listen: resolve("--listen", &a.listen)?,
+        listen,
         data: a.data,
         metrics: a
             .metrics
@@ -85,6 +156,7 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
             .transpose()?,
         secret,
         threads,
+        index,
     };
     server::serve(config, |addr| {
         let mut out = std::io::stdout().lock();
@@ -115,6 +187,36 @@ enum VmCommand {
     Start(VmStartArgs),
     List(VmListArgs),
     Stop(VmStopArgs),
+    Set(VmSetArgs),
+}
+
+/// Change a running VM's page-write rate (0: the guest only ticks its
+/// progress counter).
+///
+/// Example:
+///
+///   pagecast vm set --agent 127.0.0.1:7400 --name web1 --dirty-rate 5000
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+struct VmSetArgs {
+    /// The agent, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    agent: String,
+
+    /// The VM's name.
+    #[arg(long, value_name = "VM")]
+    name: String,
+
+    /// Pages per second the guest writes.
+    #[arg(long, value_name = "PAGES_PER_S")]
+    dirty_rate: u64,
+
+    #[command(flatten)]
+    secret: SecretArg,
+
+    /// Print the VM as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Start a KVM micro-VM on an agent.
@@ -293,6 +395,16 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print!("{}", render_list(&l));
+            }
+        }
+        VmCommand::Set(a) => {
+            let secret = load_secret(&a.secret)?;
+            let v = AgentClient::connect(&a.agent, &secret, "pagecast-cli")?
+                .vm_set(&a.name, a.dirty_rate)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);
+            } else {
+                println!("{} now writes {} pages/s", v.name, v.dirty_rate);
             }
         }
         VmCommand::Stop(a) => {

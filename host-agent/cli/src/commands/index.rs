@@ -1,6 +1,7 @@
 //! `pagecast index ...` and `pagecast advise`: run a replica of the content
 //! index, and publish VMs to it and ask it questions.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,8 @@ use pagecast_index::client::{self, IndexClient, VmContent};
 use pagecast_index::replica::{self, ReplicaConfig};
 use pagecast_memory::GuestMemory;
 use pagecast_memory::fingerprint::{Fingerprinter, fingerprint_images};
-use pagecast_pages::PageHash;
+use pagecast_pages::units::format_bytes;
+use pagecast_pages::{PageHash, Sketch, sharing};
 use pagecast_proto::v1::VmState;
 
 use super::progress::pages_bar;
@@ -190,21 +192,95 @@ pub struct HoldersArgs {
     json: bool,
 }
 
-/// The hosts that already hold most of a VM's content, and the VMs most
-/// like it, estimated from sketches.
+/// Sharing advice for placing VMs, from the content index.
 ///
-/// "shared" is the estimated number of the VM's distinct pages also present
-/// there; a VM's own host is counted without the VM itself.
+/// Three forms:
+///
+///   --vm NAME: the hosts that already hold most of a VM's content and the
+///   VMs most like it (running VMs their agents publish, or VMs loaded with
+///   `index load`), estimated from sketches; a VM's own host is counted
+///   without the VM itself.
+///
+///   --image FILE: for a VM not yet started, which hosts hold most of its
+///   distinct pages (looked up exactly, page by page) and have the capacity
+///   to run it (capacity minus memory in use, as their agents report).
+///
+///   --cluster: every pair of VMs' estimated Jaccard index of their page
+///   sets, and the groups worth placing together (average-linkage
+///   clustering at --threshold).
+///
+/// JSON (--json):
+///
+///   --vm: {"vm", "host", "distinct", "state", "hosts": [{"name", "host",
+///   "jaccard", "shared_pages"}], "vms": [same]}
+///
+///   --image: {"image", "memory_bytes", "distinct", "held_by_none",
+///   "hosts": [{"host", "held_pages", "fraction", "capacity_bytes",
+///   "free_bytes", "fits"}]}, best first
+///
+///   --cluster: {"vms": [{"name", "host"}], "matrix": [[jaccard]],
+///   "groups": [[name]], "threshold"}
+///
+/// Examples:
+///
+///   pagecast advise --index 10.0.0.1:7600 --vm web1
+///
+///   pagecast advise --index 10.0.0.1:7600 --image /images/web-next.raw
+///
+///   pagecast advise --index 10.0.0.1:7600 --cluster --json
 #[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+#[command(group(clap::ArgGroup::new("subject").required(true).args(["vm", "image", "cluster"])))]
 pub struct AdviseArgs {
     #[command(flatten)]
     index: IndexAddrs,
-    /// The VM (as loaded with `index load`).
+    /// A VM the index knows (running, or loaded with `index load`).
     #[arg(long, value_name = "VMNAME")]
-    vm: String,
+    vm: Option<String>,
+    /// A raw memory image of a VM not yet started.
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<PathBuf>,
+    /// The whole cluster: pairwise sharing and co-location groups.
+    #[arg(long)]
+    cluster: bool,
     /// How many hosts and VMs to list.
     #[arg(long, default_value_t = 5, value_name = "K")]
     top: u32,
+    /// Least average Jaccard index of a co-location group (--cluster).
+    #[arg(long, default_value_t = 0.1, value_name = "J")]
+    threshold: f64,
+    /// Answer from any replica's applied state (faster, maybe slightly old).
+    #[arg(long)]
+    stale: bool,
+    /// Never draw a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The cluster as the content index sees it: per host, its address, rack,
+/// link, capacity, memory in use, VMs, distinct pages held, pages left out
+/// as hot, and when its agent last reported.
+///
+/// "hot" counts frames whose current content the index does not show:
+/// rewritten in each of the last few refreshes (left out until they
+/// settle), or waiting for the per-VM update bound. A host that `index
+/// load` named but no agent runs on shows no address.
+///
+/// JSON (--json): {"hosts": [{"name", "address", "rack", "link_bps",
+/// "capacity_bytes", "used_bytes", "vms": [names], "pages", "hot_pages",
+/// "last_seen_s"}]} (last_seen_s is null for a host no agent reported).
+///
+/// Example:
+///
+///   pagecast hosts --index 10.0.0.1:7600
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct HostsArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
     /// Answer from any replica's applied state (faster, maybe slightly old).
     #[arg(long)]
     stale: bool,
@@ -514,10 +590,20 @@ fn holders(a: HoldersArgs, threads: usize) -> anyhow::Result<()> {
 }
 
 /// Runs `pagecast advise`.
-pub fn advise(a: AdviseArgs) -> anyhow::Result<()> {
+pub fn advise(a: AdviseArgs, threads: usize) -> anyhow::Result<()> {
+    if let Some(vm) = a.vm.clone() {
+        return advise_vm(&a, &vm);
+    }
+    if let Some(image) = a.image.clone() {
+        return advise_image(&a, &image, threads);
+    }
+    advise_cluster(&a)
+}
+
+fn advise_vm(a: &AdviseArgs, vm_name: &str) -> anyhow::Result<()> {
     let mut c = IndexClient::new(&a.index.list())?;
     c.timeout = Duration::from_secs(20);
-    let r = c.advise(&a.vm, a.top.max(1), a.stale)?;
+    let r = c.advise(vm_name, a.top.max(1), a.stale)?;
     let vm = r.vm.clone().unwrap_or_default();
     if a.json {
         let cand = |v: &[pagecast_proto::v1::Candidate]| {
@@ -548,7 +634,7 @@ pub fn advise(a: AdviseArgs) -> anyhow::Result<()> {
         println!("{:<24} {:>14.0} {:>8.3}", h.name, h.shared_pages, h.jaccard);
     }
     if r.hosts.is_empty() {
-        println!("(no other loaded VMs)");
+        println!("(no other VMs)");
     }
     println!("\nmost similar VMs:");
     println!(
@@ -562,7 +648,242 @@ pub fn advise(a: AdviseArgs) -> anyhow::Result<()> {
         );
     }
     if r.vms.is_empty() {
-        println!("(no other loaded VMs)");
+        println!("(no other VMs)");
     }
     Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct ImageHost {
+    host: String,
+    held_pages: u64,
+    fraction: f64,
+    capacity_bytes: u64,
+    free_bytes: u64,
+    fits: bool,
+}
+
+fn advise_image(a: &AdviseArgs, image: &Path, threads: usize) -> anyhow::Result<()> {
+    let fp = Fingerprinter::new(threads)?;
+    let hashes = fingerprint_image(&fp, image, "hashing", a.no_progress || a.json)?;
+    let memory = hashes.len() as u64 * pagecast_pages::PAGE_BYTES;
+    let addrs = a.index.list();
+    let rep = client::holders_of(&addrs, &hashes, a.stale)?;
+    let mut c = IndexClient::new(&addrs)?;
+    let hosts = c.hosts(a.stale)?;
+    let mut rows: Vec<ImageHost> = hosts
+        .iter()
+        .map(|h| {
+            let free = h.capacity_bytes.saturating_sub(h.used_bytes);
+            let held = rep.by_host.get(&h.name).copied().unwrap_or(0);
+            ImageHost {
+                host: h.name.clone(),
+                held_pages: held,
+                fraction: held as f64 / rep.distinct.max(1) as f64,
+                capacity_bytes: h.capacity_bytes,
+                free_bytes: free,
+                fits: h.capacity_bytes > 0 && free >= memory,
+            }
+        })
+        .collect();
+    rows.sort_by(|x, y| {
+        y.fits
+            .cmp(&x.fits)
+            .then(y.held_pages.cmp(&x.held_pages))
+            .then(x.host.cmp(&y.host))
+    });
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "image": image.display().to_string(),
+                "memory_bytes": memory,
+                "distinct": rep.distinct,
+                "held_by_none": rep.held_by_none,
+                "hosts": rows,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: {}, {} distinct non-zero pages, {} held by no host",
+        image.display(),
+        format_bytes(memory),
+        rep.distinct,
+        rep.held_by_none
+    );
+    println!(
+        "{:<24} {:>12} {:>7} {:>12}  FITS",
+        "HOST", "HELD PAGES", "%", "FREE"
+    );
+    for r in &rows {
+        println!(
+            "{:<24} {:>12} {:>6.1}% {:>12}  {}",
+            r.host,
+            r.held_pages,
+            r.fraction * 100.0,
+            if r.capacity_bytes == 0 {
+                "unknown".to_owned()
+            } else {
+                format_bytes(r.free_bytes)
+            },
+            if r.fits { "yes" } else { "no" }
+        );
+    }
+    Ok(())
+}
+
+fn advise_cluster(a: &AdviseArgs) -> anyhow::Result<()> {
+    let mut c = IndexClient::new(&a.index.list())?;
+    c.timeout = Duration::from_secs(20);
+    let hosts: HashMap<u32, String> = c
+        .hosts(a.stale)?
+        .into_iter()
+        .map(|h| (h.index, h.name))
+        .collect();
+    let vms: Vec<_> = c
+        .vms(a.stale)?
+        .into_iter()
+        .filter(|v| v.state == VmState::Loaded as i32 || v.state == VmState::Running as i32)
+        .collect();
+    let mut sketches = Vec::with_capacity(vms.len());
+    for v in &vms {
+        sketches.push(
+            Sketch::from_bytes(&v.sketch)
+                .with_context(|| format!("VM {}: its sketch in the index", v.name))?,
+        );
+    }
+    let matrix = sharing::sharing_matrix(&sketches);
+    let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+    let groups: Vec<Vec<&str>> = sharing::colocation_groups(&matrix, a.threshold)
+        .into_iter()
+        .map(|g| g.into_iter().map(|i| names[i]).collect())
+        .collect();
+    let host_of = |v: &pagecast_proto::v1::VmRecord| {
+        hosts
+            .get(&v.host)
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", v.host))
+    };
+    if a.json {
+        let list: Vec<_> = vms
+            .iter()
+            .map(|v| serde_json::json!({"name": v.name, "host": host_of(v)}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "vms": list, "matrix": matrix, "groups": groups, "threshold": a.threshold,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{} VMs; estimated Jaccard index of their page sets:",
+        vms.len()
+    );
+    print!("{:<16}", "");
+    for n in &names {
+        print!(" {:>8.8}", n);
+    }
+    println!();
+    for (i, row) in matrix.iter().enumerate() {
+        print!("{:<16.16}", names[i]);
+        for v in row {
+            print!(" {v:>8.3}");
+        }
+        println!();
+    }
+    println!(
+        "\ngroups worth placing together (average Jaccard >= {}):",
+        a.threshold
+    );
+    for g in &groups {
+        println!("  {}", g.join(", "));
+    }
+    Ok(())
+}
+
+/// Runs `pagecast hosts`.
+pub fn hosts(a: HostsArgs) -> anyhow::Result<()> {
+    let mut c = IndexClient::new(&a.index.list())?;
+    c.timeout = Duration::from_secs(20);
+    let hosts = c.hosts(a.stale)?;
+    let shards = c.shards()?;
+    let mut pages: HashMap<u32, u64> = HashMap::new();
+    for s in 0..shards {
+        for (h, sum) in c.holdings_of(s, 0, a.stale)? {
+            *pages.entry(h).or_default() += sum.distinct;
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let rows: Vec<serde_json::Value> = hosts
+        .iter()
+        .map(|h| {
+            let last_seen =
+                (h.reported_ms > 0).then(|| now.saturating_sub(h.reported_ms) as f64 / 1e3);
+            serde_json::json!({
+                "name": h.name,
+                "address": h.address,
+                "rack": h.rack,
+                "link_bps": h.link_bps,
+                "capacity_bytes": h.capacity_bytes,
+                "used_bytes": h.used_bytes,
+                "vms": h.vm_names,
+                "pages": pages.get(&h.index).copied().unwrap_or(0),
+                "hot_pages": h.hot_pages,
+                "last_seen_s": last_seen,
+            })
+        })
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "hosts": rows }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:<21} {:<8} {:>9} {:>10} {:>10} {:>10} {:>8} {:>6}  VMS",
+        "HOST", "ADDRESS", "RACK", "LINK", "CAPACITY", "USED", "PAGES", "HOT", "SEEN"
+    );
+    for (h, r) in hosts.iter().zip(&rows) {
+        let seen = r["last_seen_s"]
+            .as_f64()
+            .map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));
+        println!(
+            "{:<14} {:<21} {:<8} {:>9} {:>10} {:>10} {:>10} {:>8} {:>6}  {}",
+            h.name,
+            if h.address.is_empty() {
+                "-"
+            } else {
+                &h.address
+            },
+            if h.rack.is_empty() { "-" } else { &h.rack },
+            if h.link_bps == 0 {
+                "-".to_owned()
+            } else {
+                format_rate(h.link_bps)
+            },
+            format_bytes(h.capacity_bytes),
+            format_bytes(h.used_bytes),
+            r["pages"],
+            h.hot_pages,
+            seen,
+            h.vm_names.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn format_rate(bps: u64) -> String {
+    if bps >= 1_000_000_000 {
+        format!("{:.1}G", bps as f64 / 1e9)
+    } else if bps >= 1_000_000 {
+        format!("{:.0}M", bps as f64 / 1e6)
+    } else {
+        format!("{bps}")
+    }
 }

@@ -50,6 +50,7 @@ enum Command {
     Migrate(agent::MigrateArgs),
     Index(index::IndexCmd),
     Advise(index::AdviseArgs),
+    Hosts(index::HostsArgs),
 }
 
 /// Manage the cluster secret that agents, peers and tools authenticate
@@ -134,7 +135,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(a) => agent::run_vm(a),
         Command::Migrate(a) => agent::run_migrate(a),
         Command::Index(a) => index::run(a, threads),
-        Command::Advise(a) => index::advise(a),
+        Command::Advise(a) => index::advise(a, threads),
+        Command::Hosts(a) => index::hosts(a),
         Command::Secret(SecretCmd {
             command: SecretSub::New { file },
         }) => {

@@ -1,0 +1,393 @@
+//! A local pagecast cluster made of real processes: three `index serve`
+//! replicas and any number of `pagecast agent`s on loopback, each with its
+//! log in a file, all killed when dropped. Processes can be killed
+//! (SIGKILL), frozen (SIGSTOP) and thawed (SIGCONT), and restarted.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pagecast_index::client::IndexClient;
+use pagecast_proto::v1;
+
+use crate::{pagecast, pagecast_bin};
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill(2) on a child we spawned and have not reaped; a stale
+    // pid at worst gets ESRCH, which we ignore.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+/// One index replica.
+pub struct Replica {
+    /// Its raft id (1..=3).
+    pub id: u64,
+    /// Its address.
+    pub addr: String,
+    dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Three replicas of `pagecast index serve`.
+pub struct IndexCluster {
+    /// The replicas.
+    pub reps: Vec<Replica>,
+    peers: String,
+    /// Shards.
+    pub shards: u32,
+}
+
+impl IndexCluster {
+    /// Starts three replicas of `shards` shards under `dir` and waits for
+    /// every shard to have a leader.
+    pub fn start(dir: &Path, shards: u32) -> IndexCluster {
+        let reps: Vec<Replica> = (1..=3)
+            .map(|id| Replica {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                dir: dir.join(format!("replica{id}")),
+                log: dir.join(format!("replica{id}.log")),
+                child: None,
+            })
+            .collect();
+        let peers = reps
+            .iter()
+            .map(|r| format!("{}={}", r.id, r.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = IndexCluster {
+            reps,
+            peers,
+            shards,
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        c.wait_leaders();
+        c
+    }
+
+    /// Starts replica `i` (again).
+    pub fn spawn(&mut self, i: usize) {
+        let r = &mut self.reps[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&r.log)
+            .expect("replica log");
+        let child = Command::new(pagecast_bin())
+            .args(["index", "serve", "--id", &r.id.to_string()])
+            .args(["--listen", &r.addr, "--peers", &self.peers])
+            .args(["--shards", &self.shards.to_string()])
+            .args(["--raft-log", "warning", "--data"])
+            .arg(&r.dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning a replica");
+        r.child = Some(child);
+    }
+
+    /// Kills replica `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.reps[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Freezes replica `i` (SIGSTOP): its connections stay open.
+    pub fn freeze(&self, i: usize) {
+        if let Some(c) = &self.reps[i].child {
+            signal(c, libc::SIGSTOP);
+        }
+    }
+
+    /// Thaws replica `i` (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        if let Some(c) = &self.reps[i].child {
+            signal(c, libc::SIGCONT);
+        }
+    }
+
+    /// Every replica's address, comma-separated.
+    pub fn addrs(&self) -> String {
+        self.reps
+            .iter()
+            .map(|r| r.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The replicas' logs.
+    pub fn logs(&self) -> String {
+        self.reps
+            .iter()
+            .map(|r| {
+                format!(
+                    "--- replica {}:\n{}",
+                    r.id,
+                    std::fs::read_to_string(&r.log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// A client of every replica.
+    pub fn client(&self) -> IndexClient {
+        let mut c = IndexClient::new(&[self.addrs()]).expect("addresses");
+        c.timeout = Duration::from_secs(20);
+        c
+    }
+
+    /// Status of replica `i`, or None if it does not answer.
+    pub fn status(&self, i: usize) -> Option<v1::StatusResponse> {
+        let mut c = IndexClient::new(&[self.reps[i].addr.clone()]).ok()?;
+        c.attempt_timeout = Duration::from_millis(500);
+        c.status_of(&self.reps[i].addr).ok()
+    }
+
+    /// The replica (index into `reps`) leading `shard`, among the running
+    /// ones.
+    pub fn leader_of(&self, shard: u32) -> Option<usize> {
+        (0..3).filter(|i| self.reps[*i].child.is_some()).find(|i| {
+            self.status(*i).is_some_and(|s| {
+                s.shards
+                    .iter()
+                    .any(|x| x.shard == shard && x.role == "leader")
+            })
+        })
+    }
+
+    /// Waits (up to 30 s) for every shard to have a leader.
+    pub fn wait_leaders(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if (0..self.shards).all(|s| self.leader_of(s).is_some()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no leaders after 30 s\n{}", self.logs());
+    }
+}
+
+impl Drop for IndexCluster {
+    fn drop(&mut self) {
+        for i in 0..self.reps.len() {
+            self.thaw(i);
+            self.kill(i);
+        }
+    }
+}
+
+/// A `pagecast agent` process.
+pub struct AgentProc {
+    /// Its name.
+    pub name: String,
+    /// Its control address.
+    pub addr: String,
+    /// Its metrics address, if asked for.
+    pub metrics: Option<String>,
+    child: Child,
+    log: PathBuf,
+    args: Vec<String>,
+    dir: PathBuf,
+}
+
+impl AgentProc {
+    /// Starts agent `name` with the cluster secret of `dir` and `extra`
+    /// arguments (e.g. `--index ADDRS --rack r1`); waits until it listens.
+    pub fn start(dir: &Path, name: &str, extra: &[&str]) -> AgentProc {
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(dir, name, args, None)
+    }
+
+    /// As [`AgentProc::start`], with a Prometheus endpoint.
+    pub fn start_with_metrics(dir: &Path, name: &str, extra: &[&str]) -> AgentProc {
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let m = format!("127.0.0.1:{}", free_port());
+        Self::spawn(dir, name, args, Some(m))
+    }
+
+    fn spawn(dir: &Path, name: &str, args: Vec<String>, metrics: Option<String>) -> AgentProc {
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new(pagecast_bin());
+        cmd.args(["agent", "--name", name, "--listen", "127.0.0.1:0"])
+            .arg("--secret-file")
+            .arg(dir.join("cluster.secret"))
+            .args(&args);
+        if let Some(m) = &metrics {
+            cmd.args(["--metrics", m]);
+        }
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("agent log");
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(logf)
+            .spawn()
+            .expect("spawning an agent");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reading the agent's first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "agent {name} printed {line:?}; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .to_owned();
+        AgentProc {
+            name: name.to_owned(),
+            addr,
+            metrics,
+            child,
+            log,
+            args,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Kills the agent (SIGKILL) and starts it again with the same name and
+    /// arguments (a crash and restart: it comes back with no VMs).
+    pub fn restart(&mut self) {
+        self.kill();
+        let again = Self::spawn(
+            &self.dir,
+            &self.name,
+            self.args.clone(),
+            self.metrics.clone(),
+        );
+        *self = again;
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the agent (SIGKILL).
+    pub fn kill(&mut self) {
+        signal(&self.child, libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Freezes the agent (SIGSTOP): its connections stay open.
+    pub fn freeze(&self) {
+        signal(&self.child, libc::SIGSTOP);
+    }
+
+    /// Thaws the agent (SIGCONT).
+    pub fn thaw(&self) {
+        signal(&self.child, libc::SIGCONT);
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of a counter or gauge on its metrics endpoint (0 if the
+    /// metric has not appeared yet).
+    pub fn metric(&self, name: &str) -> f64 {
+        let addr = self.metrics.as_ref().expect("started with metrics");
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            return 0.0;
+        };
+        use std::io::{Read, Write};
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(
+            s,
+            "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        );
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes a cluster secret to `dir/cluster.secret`.
+pub fn make_secret(dir: &Path) -> PathBuf {
+    let p = dir.join("cluster.secret");
+    let out = pagecast(&["secret", "new", p.to_str().expect("utf-8 path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p
+}
+
+/// Runs `pagecast` with the secret of `dir`; returns its output.
+pub fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(pagecast_bin())
+        .args(args)
+        .env("PAGECAST_SECRET_FILE", dir.join("cluster.secret"))
+        .env_remove("PAGECAST_INDEX")
+        .output()
+        .expect("running pagecast")
+}
+
+/// Runs `pagecast ... --json` with the secret of `dir`, requires success and
+/// parses its output.
+pub fn cli_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = cli(dir, args);
+    assert!(
+        out.status.success(),
+        "pagecast {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "pagecast {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics with `what`
+/// and the last `Err` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("{what}: not within {timeout:?}: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
