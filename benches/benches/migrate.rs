@@ -141,6 +141,7 @@ fn main() {
                 bandwidth_bps: bps,
                 max_downtime_ms: 50,
                 verify_full: false,
+                ..Default::default()
             };
             let t0 = std::time::Instant::now();
             let mut phases: Vec<(&'static str, u128)> = Vec::new();

@@ -42,5 +42,5 @@ pub mod socket;
 pub mod wire;
 
 pub use receiver::receive;
-pub use sender::send;
+pub use sender::{send, send_on};
 pub use session::*;

@@ -156,6 +156,21 @@ pub fn send(
     secret: &Secret,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<SendReport, CastError> {
+    let listener = TcpListener::bind(cfg.control)
+        .map_err(CastError::io(format!("listening on {}", cfg.control)))?;
+    send_on(listener, cfg, groups, src, secret, progress)
+}
+
+/// [`send`] on a control listener the caller bound (to learn its port
+/// before receivers connect).
+pub fn send_on(
+    listener: TcpListener,
+    cfg: &SenderConfig,
+    groups: Groups,
+    src: &dyn PageSource,
+    secret: &Secret,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<SendReport, CastError> {
     let total = src.pages();
     if total > MAX_CAST_PAGES {
         return Err(CastError::Config(format!(
@@ -209,22 +224,41 @@ pub fn send(
         }
     }
 
+    if !cfg.expected.is_empty() && cfg.expected.len() != cfg.receivers {
+        return Err(CastError::Config(format!(
+            "{} receivers expected by name, {} in all",
+            cfg.expected.len(),
+            cfg.receivers
+        )));
+    }
     // 1. Receivers connect and authenticate.
-    let listener = TcpListener::bind(cfg.control)
-        .map_err(CastError::io(format!("listening on {}", cfg.control)))?;
     let mut refused = 0u64;
-    let mut peers: Vec<Peer> = Vec::new();
+    let mut slots: Vec<Option<Peer>> = (0..cfg.receivers).map(|_| None).collect();
+    let mut connected = 0usize;
     let deadline = Instant::now() + cfg.accept_timeout;
     listener
         .set_nonblocking(true)
         .map_err(CastError::io("control listener"))?;
-    while peers.len() < cfg.receivers {
+    while connected < cfg.receivers {
         match listener.accept() {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
                 match accept_peer(stream, secret, &cfg.name) {
                     Ok((ch, hello)) => {
-                        let idx = peers.len();
+                        // By name where the caller named them, else in
+                        // order of arrival.
+                        let idx = if cfg.expected.is_empty() {
+                            connected
+                        } else {
+                            match cfg.expected.iter().position(|n| *n == hello.name) {
+                                Some(i) if slots[i].is_none() => i,
+                                _ => {
+                                    refused += 1;
+                                    counter!(crate::metrics::REFUSED).increment(1);
+                                    continue;
+                                }
+                            }
+                        };
                         let member: Vec<usize> = (0..groups.len())
                             .filter(|&g| groups[g].members.contains(&idx))
                             .collect();
@@ -235,7 +269,8 @@ pub fn send(
                         pages.sort_unstable();
                         pages.dedup();
                         let (reader, writer) = ch.split()?;
-                        peers.push(Peer {
+                        connected += 1;
+                        slots[idx] = Some(Peer {
                             id: idx as u32 + 1,
                             name: hello.name,
                             addr: writer.peer().to_owned(),
@@ -269,7 +304,7 @@ pub fn send(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
                     return Err(CastError::Accept {
-                        got: peers.len(),
+                        got: connected,
                         want: cfg.receivers,
                         waited: cfg.accept_timeout,
                     });
@@ -280,6 +315,10 @@ pub fn send(
         }
     }
     drop(listener);
+    let mut peers: Vec<Peer> = slots
+        .into_iter()
+        .map(|p| p.expect("every slot filled"))
+        .collect();
 
     // 2. The session key, groups and page list.
     let mut session_key = [0u8; 32];

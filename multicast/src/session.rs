@@ -112,6 +112,9 @@ pub struct SenderConfig {
     pub silent_after: Duration,
     /// The sender's name in handshakes and reports.
     pub name: String,
+    /// Receivers by name, in the order group plans number them (empty:
+    /// numbered in order of arrival). Others are refused.
+    pub expected: Vec<String>,
 }
 
 impl SenderConfig {
@@ -130,6 +133,7 @@ impl SenderConfig {
             slow_after: Duration::from_secs(3),
             silent_after: Duration::from_secs(5),
             name: "pagecast-sender".into(),
+            expected: Vec::new(),
         }
     }
 }

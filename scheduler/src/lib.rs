@@ -24,5 +24,5 @@ pub use content::{ContentSource, ExactModel, InMemoryContent, Model, SketchModel
 pub use cost::{CostReport, PAGE_BYTES};
 pub use model::{Cluster, Evacuation, Host, HostIdx, PlanError, Rack, RackIdx, Vm, VmIdx};
 pub use placement::{Assignment, Strategy, Weights};
-pub use plan::{Plan, Planner, SketchedPlan, place_sketched};
+pub use plan::{Objective, Plan, Planner, SketchedPlan, place_sketched};
 pub use transmission::{Group, ShortHaul, Transmission};

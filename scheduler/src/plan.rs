@@ -43,6 +43,34 @@ impl Plan {
     }
 }
 
+/// What a placement is judged by first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// The predicted eviction time (the most loaded link), then the bytes
+    /// that leave the sources.
+    Eviction,
+    /// The bytes that leave the sources, then the eviction time.
+    Bytes,
+}
+
+impl Objective {
+    fn key(self, c: &CostReport) -> (f64, f64) {
+        match self {
+            Objective::Eviction => (c.eviction_s, c.source_total as f64),
+            Objective::Bytes => (c.source_total as f64, c.eviction_s),
+        }
+    }
+}
+
+/// A key strictly better than another by more than a rounding error.
+fn better(a: (f64, f64), b: (f64, f64)) -> bool {
+    let eps = |x: f64| x.abs() * 1e-9 + 1e-12;
+    if a.0 < b.0 - eps(b.0) {
+        return true;
+    }
+    (a.0 - b.0).abs() <= eps(b.0) && a.1 < b.1 - eps(b.1)
+}
+
 /// Everything shared by the plans of one evacuation.
 pub struct Planner<'a> {
     cluster: &'a Cluster,
@@ -117,6 +145,57 @@ impl<'a> Planner<'a> {
             transmission: t,
             assignment: a,
         }
+    }
+
+    /// Improves `a` by moving single VMs to other destinations while that
+    /// lowers the plan's cost under `obj` (eviction time first, or bytes
+    /// first), within capacity; pinned VMs stay and anti-affinity holds.
+    /// Stops after `max_passes` passes, or when no move helps.
+    pub fn refine(&self, s: Strategy, a: Assignment, obj: Objective, max_passes: usize) -> Plan {
+        let (c, e) = (self.cluster, self.evacuation);
+        let mut best = self.plan_for(s, a);
+        let pinned: std::collections::HashSet<VmIdx> = e.pinned.iter().map(|p| p.0).collect();
+        let mut free = c.free_memory(&self.moving);
+        for (&v, &d) in &best.assignment {
+            free[d] = free[d].saturating_sub(c.vms[v].memory_bytes);
+        }
+        for _ in 0..max_passes {
+            let mut improved = false;
+            for &v in &self.moving {
+                if pinned.contains(&v) {
+                    continue;
+                }
+                let from = best.assignment[&v];
+                let mem = c.vms[v].memory_bytes;
+                for &to in &e.to {
+                    if to == from || free[to] < mem {
+                        continue;
+                    }
+                    let conflict = e.anti_affinity.iter().any(|g| {
+                        g.contains(&v)
+                            && g.iter()
+                                .any(|u| *u != v && best.assignment.get(u) == Some(&to))
+                    });
+                    if conflict {
+                        continue;
+                    }
+                    let mut a = best.assignment.clone();
+                    a.insert(v, to);
+                    let p = self.plan_for(s, a);
+                    if better(obj.key(&p.cost), obj.key(&best.cost)) {
+                        free[from] += mem;
+                        free[to] -= mem;
+                        best = p;
+                        improved = true;
+                        break;
+                    }
+                }
+            }
+            if !improved {
+                break;
+            }
+        }
+        best
     }
 
     /// The objective of an assignment.

@@ -164,4 +164,214 @@ impl AgentClient {
             }
         }
     }
+
+    /// Starts a migration and returns the connection it reports on (for a
+    /// held migration: [`HeldMigration::go`] releases it).
+    pub fn start_migrate(mut self, r: v1::MigrateRequest) -> Result<HeldMigration, AgentError> {
+        self.send(Req::Migrate(r))?;
+        let (reader, writer) = self.ch.split()?;
+        Ok(HeldMigration {
+            addr: self.addr,
+            reader,
+            writer: std::sync::Arc::new(std::sync::Mutex::new(writer)),
+        })
+    }
+
+    /// The distinct contents of a VM as the agent's content map holds them
+    /// now: hashes, frames, non-zero frames, memory bytes.
+    pub fn vm_content(mut self, name: &str) -> Result<VmContentAnswer, AgentError> {
+        self.send(Req::VmContent(v1::VmContentRequest {
+            name: name.to_owned(),
+        }))?;
+        let mut out = VmContentAnswer::default();
+        loop {
+            match self.recv()? {
+                Resp::Content(p) => {
+                    if p.hashes.len() % 32 != 0 {
+                        return Err(self.unexpected("hashes of the wrong length"));
+                    }
+                    out.hashes.extend(
+                        p.hashes
+                            .chunks_exact(32)
+                            .map(|h| pagecast_pages::PageHash::try_from(h).expect("32 bytes")),
+                    );
+                    out.frames = p.frames;
+                    out.nonzero_frames = p.nonzero_frames;
+                    out.memory_bytes = p.memory_bytes;
+                    if p.last {
+                        return Ok(out);
+                    }
+                }
+                other => return Err(self.unexpected(other)),
+            }
+        }
+    }
+
+    /// Asks the agent to send a cast; returns where receivers connect and
+    /// the connection the result comes on.
+    pub fn cast_send(
+        mut self,
+        r: v1::CastSendRequest,
+    ) -> Result<(v1::CastOpen, CastWait), AgentError> {
+        self.send(Req::CastSend(r))?;
+        match self.recv()? {
+            Resp::CastOpen(o) => Ok((o, CastWait { client: self })),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Asks the agent to receive a cast into a job's arriving VMs.
+    pub fn cast_recv(mut self, r: v1::CastRecvRequest) -> Result<v1::CastResult, AgentError> {
+        self.send(Req::CastRecv(r))?;
+        match self.recv()? {
+            Resp::CastResult(c) => Ok(c),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Cancels a gang job on the agent.
+    pub fn cancel_job(mut self, job: &str) -> Result<bool, AgentError> {
+        self.send(Req::CancelJob(v1::CancelJobRequest {
+            job: job.to_owned(),
+        }))?;
+        match self.recv()? {
+            Resp::Cancelled(c) => Ok(c.newly),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Asks the agent to fetch pages from a rack-mate into a job's arriving
+    /// VMs.
+    pub fn fetch(mut self, r: v1::FetchRequest) -> Result<v1::FetchResult, AgentError> {
+        self.send(Req::Fetch(r))?;
+        match self.recv()? {
+            Resp::FetchResult(f) => Ok(f),
+            other => Err(self.unexpected(other)),
+        }
+    }
+}
+
+/// What [`AgentClient::vm_content`] answers.
+#[derive(Debug, Clone, Default)]
+pub struct VmContentAnswer {
+    /// Distinct non-zero contents, sorted.
+    pub hashes: Vec<pagecast_pages::PageHash>,
+    /// Guest frames.
+    pub frames: u64,
+    /// Non-zero frames.
+    pub nonzero_frames: u64,
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+}
+
+/// A cast under way: its result comes on this connection.
+pub struct CastWait {
+    client: AgentClient,
+}
+
+impl CastWait {
+    /// Waits for the cast's result.
+    pub fn result(mut self) -> Result<v1::CastResult, AgentError> {
+        match self.client.recv()? {
+            Resp::CastResult(c) => Ok(c),
+            other => Err(self.client.unexpected(other)),
+        }
+    }
+}
+
+/// What a migration under way reports.
+#[derive(Debug, Clone)]
+pub enum MigrationEvent {
+    /// Progress.
+    Progress(v1::MigrateProgress),
+    /// It is held: the destination lacks these contents, having filled
+    /// this many frames from what it holds.
+    Held(Vec<pagecast_pages::PageHash>, u64),
+    /// It ended.
+    Result(v1::MigrateResult),
+}
+
+/// A migration under way, reporting on its connection.
+pub struct HeldMigration {
+    addr: String,
+    reader: pagecast_channel::ChannelReader,
+    writer: std::sync::Arc<std::sync::Mutex<pagecast_channel::ChannelWriter>>,
+}
+
+/// A way to release or stop a migration under way from another thread.
+#[derive(Clone)]
+pub struct MigrationHandle {
+    writer: std::sync::Arc<std::sync::Mutex<pagecast_channel::ChannelWriter>>,
+}
+
+impl MigrationHandle {
+    /// Releases a held migration (or, with `abort`, gives it up; sent after
+    /// the release, `abort` stops the migration before its switchover). The
+    /// VM then stays at its source.
+    pub fn go(&self, abort: bool, reason: &str) -> Result<(), AgentError> {
+        Ok(self
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(&v1::AgentRequest {
+                body: Some(Req::Go(v1::JobGo {
+                    abort,
+                    reason: reason.to_owned(),
+                })),
+            })?)
+    }
+}
+
+impl HeldMigration {
+    /// A handle to release or stop it from another thread.
+    pub fn handle(&self) -> MigrationHandle {
+        MigrationHandle {
+            writer: self.writer.clone(),
+        }
+    }
+
+    fn unexpected(&self, what: impl std::fmt::Debug) -> AgentError {
+        AgentError::Unexpected {
+            addr: self.addr.clone(),
+            what: format!("{what:?}"),
+        }
+    }
+
+    /// The next report (a Held list comes whole).
+    pub fn next_event(&mut self) -> Result<MigrationEvent, AgentError> {
+        let mut held: Vec<pagecast_pages::PageHash> = Vec::new();
+        loop {
+            let r: v1::AgentResponse = self.reader.recv("migration report")?;
+            match r.body {
+                Some(Resp::Progress(p)) => {
+                    if held.is_empty() {
+                        return Ok(MigrationEvent::Progress(p));
+                    }
+                }
+                Some(Resp::Held(h)) => {
+                    if h.hashes.len() % 32 != 0 {
+                        return Err(self.unexpected("held hashes of the wrong length"));
+                    }
+                    held.extend(
+                        h.hashes
+                            .chunks_exact(32)
+                            .map(|x| pagecast_pages::PageHash::try_from(x).expect("32 bytes")),
+                    );
+                    if h.last {
+                        return Ok(MigrationEvent::Held(held, h.pages_local));
+                    }
+                }
+                Some(Resp::Result(r)) => return Ok(MigrationEvent::Result(r)),
+                Some(Resp::Error(e)) => {
+                    return Err(AgentError::Remote {
+                        addr: self.addr.clone(),
+                        code: v1::RefusalCode::try_from(e.code)
+                            .unwrap_or(v1::RefusalCode::Unspecified),
+                        message: e.message,
+                    });
+                }
+                other => return Err(self.unexpected(other)),
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! blocking and runs on blocking threads, the hashing on a rayon pool.
 
 pub mod client;
+pub mod job;
 pub mod metrics;
 pub mod publish;
 pub mod server;
@@ -22,6 +23,7 @@ use pagecast_pages::{PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 use pagecast_proto::v1::RefusalCode;
 
+use job::{JobContent, JobSlots, Jobs};
 use pagecast_index::holders::HoldingSum;
 use pagecast_index::keys::shard_of;
 use pagecast_memory::fingerprint::{FingerprintError, Fingerprinter, read_and_hash};
@@ -29,8 +31,8 @@ use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmE
 use pagecast_memory::synth::{SynthError, SynthSpec, SyntheticVm};
 use pagecast_memory::{DirtyBitmap, GuestMemory, ImageFile, MemoryError, Region};
 use pagecast_migrate::{
-    ChannelLink, IncomingReport, LocalContent, MigrateOptions, MigrationError, MigrationLink,
-    MigrationReport, Progress, SourceVm, migrate_in, migrate_out,
+    ChannelLink, Hold, IncomingReport, LocalContent, MigrateOptions, MigrationError, MigrationLink,
+    MigrationReport, Progress, SourceVm, migrate_in_job, migrate_out_held,
 };
 use publish::{HostMeta, HostNow, IndexLink, Publication, VmOp};
 
@@ -191,6 +193,8 @@ pub struct VmEntry {
     seen: Mutex<Vec<PageHash>>,
     /// What the content index should list for each frame.
     publication: Mutex<Publication>,
+    /// Held while the VM's content map is refreshed.
+    refreshing: Mutex<()>,
 }
 
 impl VmEntry {
@@ -205,6 +209,7 @@ impl VmEntry {
             for_content: Mutex::new(DirtyBitmap::new(pages)),
             seen: Mutex::new(Vec::new()),
             publication: Mutex::new(Publication::new(pages)),
+            refreshing: Mutex::new(()),
         }
     }
 
@@ -257,6 +262,55 @@ impl GuestMemory for VmEntry {
     }
 }
 
+/// A VM on its way out, seen by the migration engine: the VM, with the
+/// agent's content map for its manifest.
+struct Outgoing<'a> {
+    agent: &'a Agent,
+    entry: &'a Arc<VmEntry>,
+}
+
+impl GuestMemory for Outgoing<'_> {
+    fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
+        self.entry.write_page(frame, data)
+    }
+    fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
+        self.entry.take_dirty()
+    }
+    fn mark_dirty(&self, pages: &DirtyBitmap) -> Result<(), MemoryError> {
+        self.entry.mark_dirty(pages)
+    }
+    fn region(&self) -> &Region {
+        self.entry.region()
+    }
+}
+
+impl SourceVm for Outgoing<'_> {
+    fn name(&self) -> &str {
+        &self.entry.name
+    }
+    fn origin(&self) -> String {
+        self.entry.origin.clone()
+    }
+    fn dirty_rate(&self) -> u64 {
+        self.entry.vm.dirty_rate()
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        self.entry.vm.pause()
+    }
+    fn resume(&self) {
+        self.entry.vm.resume()
+    }
+    fn vcpu_state(&self) -> Result<VcpuState, VmError> {
+        self.entry.vm.vcpu_state()
+    }
+    fn set_throttle(&self, pct: u8) {
+        self.entry.vm.set_throttle(pct)
+    }
+    fn current_hashes(&self) -> Option<Vec<PageHash>> {
+        self.agent.current_hashes(self.entry)
+    }
+}
+
 impl SourceVm for VmEntry {
     fn name(&self) -> &str {
         &self.name
@@ -297,6 +351,8 @@ pub struct AgentConfig {
     pub threads: usize,
     /// The content index to publish to, and what to tell it of this host.
     pub index: Option<(Vec<String>, HostMeta)>,
+    /// The address this host multicasts from (default: the listen IP).
+    pub cast_iface: Option<std::net::Ipv4Addr>,
 }
 
 /// The agent's state.
@@ -312,6 +368,12 @@ pub struct Agent {
     content: RwLock<HashMap<PageHash, (Arc<VmEntry>, u64)>>,
     /// The content index this agent publishes to, if any.
     index: Option<Arc<IndexLink>>,
+    /// VMs arriving for gang jobs.
+    jobs: Jobs,
+    /// Gang jobs an operator cancelled (`pagecast cancel`).
+    cancelled_jobs: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// The address this host multicasts from.
+    cast_iface: Mutex<std::net::Ipv4Addr>,
 }
 
 fn valid_name(n: &str) -> bool {
@@ -345,7 +407,56 @@ impl Agent {
             incoming: Mutex::new(HashMap::new()),
             content: RwLock::new(HashMap::new()),
             index: None,
+            jobs: Jobs::default(),
+            cancelled_jobs: Arc::default(),
+            cast_iface: Mutex::new(std::net::Ipv4Addr::LOCALHOST),
         })
+    }
+
+    /// VMs arriving here for gang jobs.
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    /// Cancels a gang job here: its held and running migrations stop
+    /// before switchover (their VMs stay), its arriving VMs are discarded.
+    pub fn cancel_job(&self, job: &str) -> bool {
+        !job.is_empty() && lock(&self.cancelled_jobs).insert(job.to_owned())
+    }
+
+    /// Whether `job` was cancelled here, as a check migrations can keep.
+    pub fn job_cancel_flag(&self, job: &str) -> Box<dyn Fn() -> bool + Send> {
+        let set = self.cancelled_jobs.clone();
+        let job = job.to_owned();
+        Box::new(move || !job.is_empty() && lock(&set).contains(&job))
+    }
+
+    /// The address this host multicasts from.
+    pub fn cast_iface(&self) -> std::net::Ipv4Addr {
+        *lock(&self.cast_iface)
+    }
+
+    /// Sets the address this host multicasts from.
+    pub fn set_cast_iface(&self, a: std::net::Ipv4Addr) {
+        *lock(&self.cast_iface) = a;
+    }
+
+    /// The hashing pool (for other CPU-heavy work).
+    pub fn fp_pool(&self) -> &rayon::ThreadPool {
+        self.fp.pool()
+    }
+
+    /// A VM's frame hashes as the content map has them now, and its memory.
+    pub fn vm_hashes(&self, name: &str) -> Result<(Vec<PageHash>, u64), AgentError> {
+        let e = lock(&self.vms)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
+        let h = self.current_hashes(&e).ok_or_else(|| AgentError::Busy {
+            vm: name.to_owned(),
+            state: "still being indexed",
+        })?;
+        Ok((h, e.vm.region().len() as u64))
     }
 
     /// Publishes this agent's VMs to the content index at `addrs`
@@ -654,6 +765,17 @@ impl Agent {
         r: &v1::MigrateRequest,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationReport, AgentError> {
+        self.migrate_out_held(r, progress, None)
+    }
+
+    /// [`Agent::migrate_out`], held for a gang job by `hold` after the
+    /// destination says what it lacks.
+    pub fn migrate_out_held(
+        &self,
+        r: &v1::MigrateRequest,
+        progress: &mut dyn FnMut(&Progress),
+        hold: Option<&mut dyn Hold>,
+    ) -> Result<MigrationReport, AgentError> {
         let entry = lock(&self.vms)
             .get(&r.vm)
             .cloned()
@@ -668,7 +790,7 @@ impl Agent {
             }
             *s = VmState::MigratingOut;
         }
-        let result = self.run_out(&entry, r, progress);
+        let result = self.run_out(&entry, r, progress, hold);
         let mut s = lock(&entry.state);
         match &result {
             Ok((rep, dest)) => {
@@ -701,9 +823,10 @@ impl Agent {
     /// Runs a migration out; returns its report and the destination's name.
     fn run_out(
         &self,
-        entry: &VmEntry,
+        entry: &Arc<VmEntry>,
         r: &v1::MigrateRequest,
         progress: &mut dyn FnMut(&Progress),
+        hold: Option<&mut dyn Hold>,
     ) -> Result<(MigrationReport, String), AgentError> {
         let addr = r
             .to
@@ -736,11 +859,15 @@ impl Agent {
                 u64::from(r.max_downtime_ms)
             }),
             verify_full: r.verify_full,
+            job: r.job.clone(),
+            no_local: r.no_local,
+            per_frame: r.per_frame,
             ..MigrateOptions::default()
         };
         let dest = link.peer_name().to_owned();
+        let vm = Outgoing { agent: self, entry };
         Ok((
-            migrate_out(entry, &mut link, &self.fp, &opts, progress)?,
+            migrate_out_held(&vm, &mut link, &self.fp, &opts, progress, hold)?,
             dest,
         ))
     }
@@ -773,11 +900,20 @@ impl Agent {
             format!("{} (migrated from {source})", begin.origin)
         };
         let mut started: Option<Arc<VmEntry>> = None;
-        let result = migrate_in(
+        let local = JobContent {
+            agent: self,
+            job: &begin.job,
+        };
+        let mut events = JobSlots {
+            jobs: &self.jobs,
+            job: begin.job.clone(),
+        };
+        let result = migrate_in_job(
             link,
             &begin,
-            self,
+            &local,
             &self.fp,
+            &mut events,
             &mut |region: Region, state: VcpuState| {
                 let vm = MicroVm::restore(region, &state, begin.dirty_rate)
                     .map_err(|e| e.to_string())?;
@@ -833,57 +969,8 @@ impl Agent {
 
     fn refresh_inner(&self) {
         let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
-        let (mut buf, mut hashes) = (Vec::new(), Vec::new());
         for e in vms {
-            if e.pull().is_err() {
-                continue;
-            }
-            let pages = e.page_count();
-            let dirty = std::mem::replace(&mut *lock(&e.for_content), DirtyBitmap::new(pages));
-            if lock(&e.seen).len() as u64 != pages {
-                // Still being indexed: its first full hash takes these in.
-                let _ = lock(&e.for_content).merge(&dirty);
-                continue;
-            }
-            let frames: Vec<u64> = dirty.iter().collect();
-            for chunk in frames.chunks(64) {
-                if read_and_hash(&*e, chunk, &mut buf, &mut hashes).is_err() {
-                    break;
-                }
-                let mut map = self.content.write().unwrap_or_else(|e| e.into_inner());
-                if !self.registered(&e) {
-                    break;
-                }
-                let mut seen = lock(&e.seen);
-                for (i, &f) in chunk.iter().enumerate() {
-                    // The frame's old content leaves the map if this frame
-                    // was where the map found it.
-                    if let Some(old) = seen.get_mut(f as usize) {
-                        if map
-                            .get(old)
-                            .is_some_and(|(vm, fr)| Arc::ptr_eq(vm, &e) && *fr == f)
-                        {
-                            map.remove(old);
-                        }
-                        *old = hashes[i];
-                    }
-                    if !hashes[i].is_zero_page() {
-                        map.insert(hashes[i], (e.clone(), f));
-                    }
-                }
-            }
-            if let Some(link) = &self.index {
-                let mut changes = Vec::new();
-                let seen = lock(&e.seen);
-                lock(&e.publication).on_refresh(
-                    &dirty,
-                    &seen,
-                    publish::FRAME_UPDATES_PER_REFRESH,
-                    &mut changes,
-                );
-                drop(seen);
-                link.apply(&changes);
-            }
+            self.refresh_vm(&e);
         }
         if let Some(link) = &self.index {
             gauge!(crate::metrics::HOT_PAGES).set(self.host_now().hot_pages as f64);
@@ -891,6 +978,73 @@ impl Agent {
         }
         gauge!(crate::metrics::CONTENT_ENTRIES)
             .set(self.content.read().unwrap_or_else(|e| e.into_inner()).len() as f64);
+    }
+
+    /// Takes in the pages one VM dirtied since its last refresh: their new
+    /// contents enter the content map (the old leave it) and, when this
+    /// agent publishes, the index's intended listing.
+    fn refresh_vm(&self, e: &Arc<VmEntry>) {
+        // One refresh of a VM at a time (the refresher and a migration's
+        // manifest may both ask), so publication sees whole refreshes.
+        let _one = lock(&e.refreshing);
+        if e.pull().is_err() {
+            return;
+        }
+        let pages = e.page_count();
+        let dirty = std::mem::replace(&mut *lock(&e.for_content), DirtyBitmap::new(pages));
+        if lock(&e.seen).len() as u64 != pages {
+            // Still being indexed: its first full hash takes these in.
+            let _ = lock(&e.for_content).merge(&dirty);
+            return;
+        }
+        let (mut buf, mut hashes) = (Vec::new(), Vec::new());
+        let frames: Vec<u64> = dirty.iter().collect();
+        for chunk in frames.chunks(64) {
+            if read_and_hash(&**e, chunk, &mut buf, &mut hashes).is_err() {
+                break;
+            }
+            let mut map = self.content.write().unwrap_or_else(|e| e.into_inner());
+            if !self.registered(e) {
+                return;
+            }
+            let mut seen = lock(&e.seen);
+            for (i, &f) in chunk.iter().enumerate() {
+                // The frame's old content leaves the map if this frame
+                // was where the map found it.
+                if let Some(old) = seen.get_mut(f as usize) {
+                    if map
+                        .get(old)
+                        .is_some_and(|(vm, fr)| Arc::ptr_eq(vm, e) && *fr == f)
+                    {
+                        map.remove(old);
+                    }
+                    *old = hashes[i];
+                }
+                if !hashes[i].is_zero_page() {
+                    map.insert(hashes[i], (e.clone(), f));
+                }
+            }
+        }
+        if let Some(link) = &self.index {
+            let mut changes = Vec::new();
+            let seen = lock(&e.seen);
+            lock(&e.publication).on_refresh(
+                &dirty,
+                &seen,
+                publish::FRAME_UPDATES_PER_REFRESH,
+                &mut changes,
+            );
+            drop(seen);
+            link.apply(&changes);
+        }
+    }
+
+    /// Every frame's hash of a VM as it is now: the content map, brought
+    /// up to date with the dirty log (no fresh hash of all memory).
+    pub fn current_hashes(&self, e: &Arc<VmEntry>) -> Option<Vec<PageHash>> {
+        self.fp.pool().install(|| self.refresh_vm(e));
+        let seen = lock(&e.seen);
+        (seen.len() as u64 == e.page_count()).then(|| seen.clone())
     }
 
     /// Stops every VM (at shutdown), withdrawing them from the index.

@@ -4,7 +4,7 @@
 //! hashing itself on the agent's rayon pool), never on the runtime.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::counter;
@@ -42,6 +42,11 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
     if let Some((addrs, meta)) = config.index.clone() {
         agent.set_index(addrs, meta);
     }
+    agent.set_cast_iface(
+        config
+            .cast_iface
+            .unwrap_or_else(|| crate::job::default_cast_iface(&config.listen)),
+    );
     let agent = Arc::new(agent);
     let mut publisher = None;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -279,6 +284,123 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
             }
             Err(e) => warn!("migration request from {peer}: {e}"),
         },
+        B::CancelJob(r) => {
+            let newly = agent.cancel_job(&r.job);
+            if newly {
+                info!("job {} cancelled", r.job);
+            }
+            reply(&mut ch, Resp::Cancelled(v1::JobCancelled { newly })).await;
+        }
+        B::Go(_) => {
+            reply(
+                &mut ch,
+                error(
+                    RefusalCode::Invalid,
+                    "go: no migration is held on this connection",
+                ),
+            )
+            .await;
+        }
+        B::VmContent(r) => match ch.into_blocking() {
+            Ok(mut ch) => {
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    match crate::job::vm_content(&a, &r.name) {
+                        Ok(parts) => {
+                            for p in parts {
+                                if send_blocking(&mut ch, Resp::Content(p)).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let _ = send_blocking(&mut ch, Resp::Error(e.to_proto()));
+                        }
+                    }
+                })
+                .await;
+            }
+            Err(e) => warn!("content request from {peer}: {e}"),
+        },
+        B::CastSend(r) => match ch.into_blocking() {
+            Ok(mut ch) => {
+                let a = agent.clone();
+                let span = info_span!("cast", job = %r.job, role = "sender");
+                let _ = tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| {
+                        let res = crate::job::cast_send(&a, &r, &mut |b| send_blocking(&mut ch, b));
+                        let body = match res {
+                            Ok(c) => {
+                                if c.ok {
+                                    info!("cast for job {} sent, {} bytes", r.job, c.bytes_sent);
+                                } else {
+                                    warn!("cast for job {} failed: {}", r.job, c.error);
+                                }
+                                Resp::CastResult(c)
+                            }
+                            Err(e) => Resp::Error(e.to_proto()),
+                        };
+                        let _ = send_blocking(&mut ch, body);
+                    })
+                })
+                .await;
+            }
+            Err(e) => warn!("cast request from {peer}: {e}"),
+        },
+        B::CastRecv(r) => {
+            let a = agent.clone();
+            let span = info_span!("cast", job = %r.job, role = "receiver");
+            let res = tokio::task::spawn_blocking(move || {
+                span.in_scope(|| crate::job::cast_recv(&a, &r))
+            })
+            .await;
+            let body = match res {
+                Ok(Ok(c)) => Resp::CastResult(c),
+                Ok(Err(e)) => Resp::Error(e.to_proto()),
+                Err(e) => error(RefusalCode::Internal, e),
+            };
+            reply(&mut ch, body).await;
+        }
+        B::Fetch(r) => {
+            let a = agent.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                let secret = a.secret().clone();
+                crate::job::fetch(&a, &secret, &r)
+            })
+            .await;
+            let body = match res {
+                Ok(f) => Resp::FetchResult(f),
+                Err(e) => error(RefusalCode::Internal, e),
+            };
+            reply(&mut ch, body).await;
+        }
+        B::FetchPages(r) => match ch.into_blocking() {
+            Ok(mut ch) => {
+                let a = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    // One connection may ask several times, a list at a time.
+                    let mut next = Some(r);
+                    while let Some(r) = next.take() {
+                        let served = crate::job::hashes_of(&r.hashes).and_then(|h| {
+                            crate::job::serve_fetch(&a, &h, &mut |b| send_blocking(&mut ch, b))
+                        });
+                        if let Err(e) = served {
+                            let _ = send_blocking(&mut ch, Resp::Error(e.to_proto()));
+                            return;
+                        }
+                        let _ = ch.set_read_timeout(Some(REQUEST_TIMEOUT));
+                        if let Ok(v1::AgentRequest {
+                            body: Some(v1::agent_request::Body::FetchPages(r)),
+                        }) = ch.recv("fetch request")
+                        {
+                            next = Some(r);
+                        }
+                    }
+                })
+                .await;
+            }
+            Err(e) => warn!("fetch request from {peer}: {e}"),
+        },
         B::Incoming(i) => match ch.into_blocking() {
             Ok(ch) => {
                 let a = agent.clone();
@@ -293,24 +415,53 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
     }
 }
 
+fn send_blocking(ch: &mut Channel, body: Resp) -> Result<(), AgentError> {
+    Ok(ch.send(&v1::AgentResponse { body: Some(body) })?)
+}
+
 /// Runs a migration out for a client, streaming progress to it. If the
 /// client goes away the migration carries on (its outcome shows in
-/// `vm list` and the agent's log).
-fn migrate_out(agent: &Agent, mut ch: Channel, r: v1::MigrateRequest) {
+/// `vm list` and the agent's log), except while it is held for a gang job:
+/// then it is abandoned and the VM stays here.
+fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest) {
     info!("migrating {} to {} for {}", r.vm, r.to, ch.peer_name());
+    let (reader, writer) = match ch.split() {
+        Ok(x) => x,
+        Err(e) => {
+            warn!("migration of {}: {e}", r.vm);
+            return;
+        }
+    };
+    let writer = Arc::new(Mutex::new(writer));
+    let cancelled = agent.job_cancel_flag(&r.job);
+    let mut hold = Some(crate::job::CoordinatorHold::new(
+        writer.clone(),
+        reader,
+        r.hold,
+        cancelled,
+    ));
     let mut client_gone = false;
     let mut last: Option<Instant> = None;
     let gap = Duration::from_secs(1) / PROGRESS_PER_SECOND;
-    let res = agent.migrate_out(&r, &mut |p| {
-        if client_gone || last.is_some_and(|t| t.elapsed() < gap) {
-            return;
-        }
-        last = Some(Instant::now());
-        let msg = v1::AgentResponse {
-            body: Some(Resp::Progress(p.to_proto())),
-        };
-        client_gone = ch.send(&msg).is_err();
-    });
+    let w = writer.clone();
+    let res = agent.migrate_out_held(
+        &r,
+        &mut |p| {
+            if client_gone || last.is_some_and(|t| t.elapsed() < gap) && p.phase != "held" {
+                return;
+            }
+            last = Some(Instant::now());
+            let msg = v1::AgentResponse {
+                body: Some(Resp::Progress(p.to_proto())),
+            };
+            client_gone = w
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(&msg)
+                .is_err();
+        },
+        hold.as_mut().map(|h| h as &mut dyn pagecast_migrate::Hold),
+    );
     let result = match res {
         Ok(rep) => {
             info!(
@@ -331,9 +482,12 @@ fn migrate_out(agent: &Agent, mut ch: Channel, r: v1::MigrateRequest) {
             }
         }
     };
-    let _ = ch.send(&v1::AgentResponse {
-        body: Some(Resp::Result(result)),
-    });
+    let _ = writer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(&v1::AgentResponse {
+            body: Some(Resp::Result(result)),
+        });
 }
 
 fn migrate_in(agent: &Agent, ch: Channel, source: &str) {

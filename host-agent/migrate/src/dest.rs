@@ -1,6 +1,7 @@
 //! The destination side of a migration.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pagecast_pages::{PAGE_SIZE, Page, PageHash, hash_pages, is_zero_page};
@@ -10,11 +11,11 @@ use pagecast_proto::{
 };
 use serde::Serialize;
 
-use crate::{LocalContent, MigrationError, MigrationLink, table_digest};
-use pagecast_memory::Region;
+use crate::{LocalContent, MigrationError, MigrationLink, REPLY_TIMEOUT, table_digest};
 use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_memory::kvm::{MAX_MEMORY_BYTES, MIN_MEMORY_BYTES, VcpuState};
 use pagecast_memory::manifest::ManifestDecoder;
+use pagecast_memory::{MemoryError, Region};
 
 type Body = v1::migrate_frame::Body;
 
@@ -33,13 +34,145 @@ pub struct IncomingReport {
     pub switchover_ms: f64,
 }
 
+/// A VM arriving here, while its memory fills: the engine writes pages it
+/// receives into it, and a gang job's casts and fetches (other threads)
+/// write pages they bring for it, each page hash-checked by whoever brings
+/// it. Shared through [`SlotEvents`] while the migration runs.
+pub struct IncomingSlot {
+    vm: String,
+    region: Region,
+    state: Mutex<SlotState>,
+}
+
+struct SlotState {
+    /// Hash of what each frame holds (None until filled).
+    table: Vec<Option<PageHash>>,
+    /// Per content the manifest names: its frames.
+    frames_of: HashMap<PageHash, Vec<u64>>,
+    /// A frame already holding each content (for copies).
+    here: HashMap<PageHash, u64>,
+    /// Frames filled by others (casts, fetches).
+    filled_by_others: u64,
+}
+
+impl IncomingSlot {
+    fn new(vm: &str, region: Region) -> Self {
+        let pages = region.pages() as usize;
+        IncomingSlot {
+            vm: vm.to_owned(),
+            region,
+            state: Mutex::new(SlotState {
+                table: vec![None; pages],
+                frames_of: HashMap::new(),
+                here: HashMap::new(),
+                filled_by_others: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The VM's name.
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// Whether some frame still waits for content `h`.
+    pub fn wants(&self, h: &PageHash) -> bool {
+        let st = self.lock();
+        st.frames_of
+            .get(h)
+            .is_some_and(|fs| fs.iter().any(|&f| st.table[f as usize].is_none()))
+    }
+
+    /// Contents some frame still waits for.
+    pub fn missing(&self) -> Vec<PageHash> {
+        let st = self.lock();
+        let mut v: Vec<PageHash> = st
+            .frames_of
+            .iter()
+            .filter(|(_, fs)| fs.iter().any(|&f| st.table[f as usize].is_none()))
+            .map(|(h, _)| *h)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Writes `page`, whose hash the caller checked is `h`, into every frame
+    /// still waiting for `h`; returns how many.
+    pub fn fill(&self, h: &PageHash, page: &Page) -> Result<u64, MemoryError> {
+        let mut st = self.lock();
+        let Some(frames) = st.frames_of.get(h).cloned() else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for f in frames {
+            if st.table[f as usize].is_none() {
+                self.region.write_page(f, page)?;
+                st.table[f as usize] = Some(*h);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            let first = st.frames_of[h][0];
+            st.here.entry(*h).or_insert(first);
+            st.filled_by_others += n;
+        }
+        Ok(n)
+    }
+
+    /// Copies content `h` from a frame of this VM that holds it, checking
+    /// the copy's hash; false if none does.
+    pub fn copy(&self, h: &PageHash, out: &mut Page) -> bool {
+        let f = {
+            let st = self.lock();
+            match st.here.get(h) {
+                Some(&f) if st.table[f as usize] == Some(*h) => f,
+                _ => return false,
+            }
+        };
+        self.region.read_page(f, out).is_ok() && PageHash::of_page(out) == *h
+    }
+
+    /// Frames filled by a gang job's casts and fetches.
+    pub fn filled_by_others(&self) -> u64 {
+        self.lock().filled_by_others
+    }
+
+    fn write(&self, f: u64, h: PageHash, page: &Page) -> Result<(), MemoryError> {
+        let mut st = self.lock();
+        self.region.write_page(f, page)?;
+        st.table[f as usize] = Some(h);
+        if !h.is_zero_page() {
+            st.here.insert(h, f);
+        }
+        Ok(())
+    }
+}
+
+/// What the destination engine tells its caller about the arriving VM's
+/// slot: it exists (a gang job's casts may now fill it) and it is gone.
+pub trait SlotEvents {
+    /// The slot is ready: its manifest is known and the local fill done.
+    fn opened(&mut self, slot: &Arc<IncomingSlot>);
+    /// The slot is closing: nobody else may write it any more.
+    fn closed(&mut self, slot: &Arc<IncomingSlot>);
+}
+
+/// No gang job: nobody else fills the slot.
+pub struct NoSlotEvents;
+
+impl SlotEvents for NoSlotEvents {
+    fn opened(&mut self, _: &Arc<IncomingSlot>) {}
+    fn closed(&mut self, _: &Arc<IncomingSlot>) {}
+}
+
 struct In<'a> {
     link: &'a mut dyn MigrationLink,
     timeout: Duration,
-    /// The new VM's memory, until it is handed to `start`.
-    region: Option<Region>,
-    /// Hash of what each frame holds (None until filled).
-    table: Vec<Option<PageHash>>,
+    slot: Arc<IncomingSlot>,
     report: IncomingReport,
 }
 
@@ -53,6 +186,20 @@ pub fn migrate_in(
     begin: &v1::MigrateBegin,
     local: &dyn LocalContent,
     fp: &Fingerprinter,
+    start: &mut dyn FnMut(Region, VcpuState) -> Result<u64, String>,
+) -> Result<IncomingReport, MigrationError> {
+    migrate_in_job(link, begin, local, fp, &mut NoSlotEvents, start)
+}
+
+/// [`migrate_in`], telling `events` when the arriving VM's memory can be
+/// filled by others (a gang job's casts and fetches) and when it can no
+/// longer.
+pub fn migrate_in_job(
+    link: &mut dyn MigrationLink,
+    begin: &v1::MigrateBegin,
+    local: &dyn LocalContent,
+    fp: &Fingerprinter,
+    events: &mut dyn SlotEvents,
     start: &mut dyn FnMut(Region, VcpuState) -> Result<u64, String>,
 ) -> Result<IncomingReport, MigrationError> {
     let refuse = |link: &mut dyn MigrationLink, code: RefusalCode, why: String| {
@@ -91,19 +238,18 @@ pub fn migrate_in(
         ok: true,
         ..Default::default()
     }))?;
-    let pages = region.pages();
     let mut st = In {
         link,
-        timeout: Duration::from_secs(30),
-        table: vec![None; pages as usize],
-        region: Some(region),
+        timeout: REPLY_TIMEOUT,
+        slot: Arc::new(IncomingSlot::new(&begin.vm, region)),
         report: IncomingReport {
             vm: begin.vm.clone(),
             ..IncomingReport::default()
         },
     };
-    let r = st.run(begin, local, fp, start);
+    let r = st.run(begin, local, fp, events, start);
     if let Err(e) = &r {
+        events.closed(&st.slot);
         let _ = st.link.send(Body::Abort(e.to_abort()));
     }
     r
@@ -111,15 +257,45 @@ pub fn migrate_in(
 
 impl In<'_> {
     fn mem(&self) -> &Region {
-        self.region
-            .as_ref()
-            .expect("memory is held until the VM starts")
+        &self.slot.region
     }
 
+    /// The next frame; keep-alives from a holding source are answered and
+    /// skipped.
     fn next(&mut self) -> Result<Body, MigrationError> {
-        match self.link.recv(Some(self.timeout))? {
-            Body::Abort(a) => Err(MigrationError::from_abort(a)),
-            b => Ok(b),
+        loop {
+            match self.link.recv(Some(self.timeout))? {
+                Body::Abort(a) => return Err(MigrationError::from_abort(a)),
+                Body::KeepAlive(_) => {
+                    self.link.send(Body::KeepAlive(v1::KeepAlive {}))?;
+                }
+                b => return Ok(b),
+            }
+        }
+    }
+
+    /// Sends the contents still missing, in NeedHashes frames.
+    fn send_needs(&mut self, needed: &[PageHash]) -> Result<(), MigrationError> {
+        let mut chunks = needed.chunks(MAX_NEED_HASHES_PER_FRAME).peekable();
+        loop {
+            let chunk = chunks.next().unwrap_or(&[]);
+            let last = chunks.peek().is_none();
+            let mut hashes = Vec::with_capacity(chunk.len() * 32);
+            for h in chunk {
+                hashes.extend_from_slice(h.as_bytes());
+            }
+            self.link.send(Body::Need(v1::NeedHashes {
+                hashes: hashes.into(),
+                last,
+                filled_locally: if last {
+                    self.report.pages_local + self.slot.filled_by_others()
+                } else {
+                    0
+                },
+            }))?;
+            if last {
+                return Ok(());
+            }
         }
     }
 
@@ -128,6 +304,7 @@ impl In<'_> {
         begin: &v1::MigrateBegin,
         local: &dyn LocalContent,
         fp: &Fingerprinter,
+        events: &mut dyn SlotEvents,
         start: &mut dyn FnMut(Region, VcpuState) -> Result<u64, String>,
     ) -> Result<IncomingReport, MigrationError> {
         let pages = self.mem().pages();
@@ -159,29 +336,21 @@ impl In<'_> {
         }
         let manifest = dec.finish()?;
 
-        // Fill what this host holds; a content already copied into the new
-        // VM is copied within it.
+        // Fill what this host holds (unless told not to reuse anything); a
+        // content already copied into the new VM is copied within it.
         let mut frames_of: HashMap<PageHash, Vec<u64>> = HashMap::new();
-        let mut here: HashMap<PageHash, u64> = HashMap::new();
         let mut page = [0u8; PAGE_SIZE];
         for (f, h) in manifest.hashes.iter().enumerate() {
             let f = f as u64;
             if h.is_zero_page() {
                 // Fresh memory is zero.
-                self.table[f as usize] = Some(PageHash::ZERO_PAGE);
+                self.slot.lock().table[f as usize] = Some(PageHash::ZERO_PAGE);
                 continue;
             }
-            let filled = match here.get(h) {
-                Some(&g) => {
-                    self.mem().read_page(g, &mut page)?;
-                    true
-                }
-                None => local.copy(h, &mut page),
-            };
+            let filled =
+                !begin.no_local && (self.slot.copy(h, &mut page) || local.copy(h, &mut page));
             if filled {
-                self.mem().write_page(f, &page)?;
-                self.table[f as usize] = Some(*h);
-                here.entry(*h).or_insert(f);
+                self.slot.write(f, *h, &page)?;
                 self.report.pages_local += 1;
             } else {
                 frames_of.entry(*h).or_default().push(f);
@@ -189,22 +358,24 @@ impl In<'_> {
         }
         let mut needed: Vec<PageHash> = frames_of.keys().copied().collect();
         needed.sort_unstable();
-        let mut chunks = needed.chunks(MAX_NEED_HASHES_PER_FRAME).peekable();
-        loop {
-            let chunk = chunks.next().unwrap_or(&[]);
-            let last = chunks.peek().is_none();
-            let mut hashes = Vec::with_capacity(chunk.len() * 32);
-            for h in chunk {
-                hashes.extend_from_slice(h.as_bytes());
+        self.slot.lock().frames_of = frames_of;
+        if !begin.job.is_empty() {
+            events.opened(&self.slot);
+        }
+        self.send_needs(&needed)?;
+        if begin.held {
+            // A gang job fills what it can while the source holds; then the
+            // source asks again.
+            match self.next()? {
+                Body::Refill(_) => {}
+                other => {
+                    return Err(MigrationError::Protocol(format!(
+                        "expected refill after a hold, got {other:?}"
+                    )));
+                }
             }
-            self.link.send(Body::Need(v1::NeedHashes {
-                hashes: hashes.into(),
-                last,
-                filled_locally: if last { self.report.pages_local } else { 0 },
-            }))?;
-            if last {
-                break;
-            }
+            let still = self.slot.missing();
+            self.send_needs(&still)?;
         }
 
         // Pages until switchover, then the rest, the vCPU and the digest.
@@ -212,7 +383,7 @@ impl In<'_> {
         let mut vcpu: Option<VcpuState> = None;
         loop {
             match self.next()? {
-                Body::ByHash(b) => self.by_hash(&b, &frames_of)?,
+                Body::ByHash(b) => self.by_hash(&b)?,
                 Body::Pages(p) => self.pages(&p)?,
                 Body::Switchover(_) => switched = Some(Instant::now()),
                 Body::Vcpu(v) => vcpu = Some(VcpuState::from_bytes(&v.regs, &v.sregs)?),
@@ -240,10 +411,8 @@ impl In<'_> {
                             )));
                         }
                     }
-                    let region = self
-                        .region
-                        .take()
-                        .expect("memory is held until the VM starts");
+                    events.closed(&self.slot);
+                    let region = self.take_region()?;
                     let progress = start(region, state).map_err(MigrationError::Start)?;
                     self.report.progress = progress;
                     self.report.switchover_ms =
@@ -299,25 +468,32 @@ impl In<'_> {
         Ok(out)
     }
 
-    fn by_hash(
-        &mut self,
-        b: &v1::PagesByHash,
-        frames_of: &HashMap<PageHash, Vec<u64>>,
-    ) -> Result<(), MigrationError> {
+    fn by_hash(&mut self, b: &v1::PagesByHash) -> Result<(), MigrationError> {
         let n = b.hashes.len() / 32;
         for (page, h) in Self::checked(&b.hashes, &b.data, n)? {
-            let Some(frames) = frames_of.get(&h) else {
+            if !self.slot.lock().frames_of.contains_key(&h) {
                 return Err(MigrationError::Protocol(format!(
                     "received {h}, which no frame needs"
                 )));
-            };
-            for &f in frames {
-                self.mem().write_page(f, page)?;
-                self.table[f as usize] = Some(h);
-                self.report.pages_received += 1;
             }
+            self.report.pages_received += self.slot.fill(&h, page)?;
         }
         Ok(())
+    }
+
+    /// The memory back from the slot once nobody else holds it.
+    fn take_region(&mut self) -> Result<Region, MigrationError> {
+        let placeholder = Arc::new(IncomingSlot::new(
+            &self.slot.vm,
+            Region::anonymous(PAGE_SIZE as u64)?,
+        ));
+        let slot = std::mem::replace(&mut self.slot, placeholder);
+        match Arc::try_unwrap(slot) {
+            Ok(s) => Ok(s.region),
+            Err(_) => Err(MigrationError::Protocol(
+                "the arriving VM's memory is still shared with a cast".into(),
+            )),
+        }
     }
 
     fn pages(&mut self, p: &v1::Pages) -> Result<(), MigrationError> {
@@ -329,16 +505,16 @@ impl In<'_> {
                     "page for frame {f} beyond memory"
                 )));
             }
-            self.mem().write_page(f, page)?;
-            self.table[f as usize] = Some(h);
+            self.slot.write(f, h, page)?;
             self.report.pages_received += 1;
         }
         Ok(())
     }
 
     fn verify(&self, d: &v1::Digest, full: bool, fp: &Fingerprinter) -> Result<(), MigrationError> {
-        let mut table = Vec::with_capacity(self.table.len());
-        for (f, h) in self.table.iter().enumerate() {
+        let st = self.slot.lock();
+        let mut table = Vec::with_capacity(st.table.len());
+        for (f, h) in st.table.iter().enumerate() {
             match h {
                 Some(h) => table.push(*h),
                 None => {
@@ -348,6 +524,7 @@ impl In<'_> {
                 }
             }
         }
+        drop(st);
         if d.digest.as_ref() != table_digest(&table) {
             return Err(MigrationError::Verification(
                 "page hashes differ from the source's".into(),

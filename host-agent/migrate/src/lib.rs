@@ -20,8 +20,15 @@ use pagecast_proto::v1::RefusalCode;
 use prost::Message;
 use serde::Serialize;
 
-pub use dest::{IncomingReport, migrate_in};
-pub use source::migrate_out;
+pub use dest::{
+    IncomingReport, IncomingSlot, NoSlotEvents, SlotEvents, migrate_in, migrate_in_job,
+};
+pub use source::{Hold, HoldPoll, migrate_out, migrate_out_held};
+
+/// How long either side waits for the other's next answer; a peer silent
+/// this long (dead, frozen, or partitioned with the connection open) has
+/// failed the migration.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 use pagecast_memory::kvm::{VcpuState, VmError};
 use pagecast_memory::manifest::ManifestError;
@@ -82,6 +89,9 @@ pub enum MigrationError {
     /// The destination could not start the migrated VM.
     #[error("the destination could not start the VM: {0}")]
     Start(String),
+    /// The job this migration belongs to was cancelled.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
 }
 
 impl MigrationError {
@@ -96,6 +106,7 @@ impl MigrationError {
                 RefusalCode::Internal
             }
             MigrationError::Verification(_) => RefusalCode::Verification,
+            MigrationError::Cancelled(_) => RefusalCode::Cancelled,
         }
     }
 
@@ -194,6 +205,14 @@ pub trait SourceVm: GuestMemory {
     fn vcpu_state(&self) -> Result<VcpuState, VmError>;
     /// Slows the guest to `100 - pct` percent of its rate.
     fn set_throttle(&self, pct: u8);
+    /// The hash of every frame as it is now, if the VM keeps a map of its
+    /// content current (the agent's content map, refreshed from the dirty
+    /// log); `None` makes the engine hash all of memory. Called after the
+    /// migration's dirty log was reset, so anything written later is sent
+    /// in a pre-copy round.
+    fn current_hashes(&self) -> Option<Vec<PageHash>> {
+        None
+    }
 }
 
 /// Where the destination finds content it already holds.
@@ -225,6 +244,12 @@ pub struct MigrateOptions {
     pub verify_full: bool,
     /// How long to wait for each answer from the peer.
     pub reply_timeout: Duration,
+    /// The gang job this migration belongs to ("" for none).
+    pub job: String,
+    /// Fill nothing from content the destination already holds.
+    pub no_local: bool,
+    /// Round 0 sends every non-zero frame (no deduplication within the VM).
+    pub per_frame: bool,
 }
 
 impl Default for MigrateOptions {
@@ -234,7 +259,10 @@ impl Default for MigrateOptions {
             max_downtime: Duration::from_millis(50),
             max_rounds: 30,
             verify_full: false,
-            reply_timeout: Duration::from_secs(30),
+            reply_timeout: REPLY_TIMEOUT,
+            job: String::new(),
+            no_local: false,
+            per_frame: false,
         }
     }
 }

@@ -28,6 +28,41 @@ enum Class {
     Control,
 }
 
+/// What a held migration hears from whoever holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldPoll {
+    /// Keep holding.
+    Wait,
+    /// Go on: ask the destination what it still needs and finish.
+    Go,
+    /// Give up (the VM stays here, running).
+    Abort(String),
+}
+
+/// A gang job's hold: after the destination says what it lacks, the job
+/// fills what it can (casts, rack-mates) before the migration goes on.
+pub trait Hold {
+    /// The destination lacks `needed` after filling `filled_locally` frames
+    /// from what it held; called once.
+    fn needs(&mut self, needed: &[PageHash], filled_locally: u64) -> Result<(), MigrationError>;
+    /// Polled every 100 ms until it says go or abort.
+    fn poll(&mut self) -> HoldPoll;
+    /// Whether the engine holds at all (false: it only asks
+    /// [`Hold::cancelled`]).
+    fn holds(&self) -> bool {
+        true
+    }
+    /// Asked before every pre-copy round and before switchover: a reason
+    /// means stop (the VM stays here, running).
+    fn cancelled(&mut self) -> Option<String> {
+        None
+    }
+}
+
+/// How often a held source tells the destination it is alive, and expects
+/// the same back.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+
 struct Out<'a> {
     vm: &'a dyn SourceVm,
     link: &'a mut dyn MigrationLink,
@@ -55,6 +90,19 @@ pub fn migrate_out(
     opts: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
+    migrate_out_held(vm, link, fp, opts, progress, None)
+}
+
+/// [`migrate_out`], holding after the destination's first answer for a
+/// gang job (`hold`), with keep-alives both ways meanwhile.
+pub fn migrate_out_held(
+    vm: &dyn SourceVm,
+    link: &mut dyn MigrationLink,
+    fp: &Fingerprinter,
+    opts: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+    hold: Option<&mut dyn Hold>,
+) -> Result<MigrationReport, MigrationError> {
     let mut out = Out {
         vm,
         link,
@@ -70,7 +118,7 @@ pub fn migrate_out(
         committed: false,
     };
     let started = Instant::now();
-    match out.run(fp, started) {
+    match out.run(fp, started, hold) {
         Ok(()) => Ok(out.report),
         Err(e) if out.committed => Err(match e {
             MigrationError::InDoubt(w) => MigrationError::InDoubt(w),
@@ -216,15 +264,101 @@ impl Out<'_> {
         Ok(sent)
     }
 
-    fn run(&mut self, fp: &Fingerprinter, started: Instant) -> Result<(), MigrationError> {
+    /// Reads one batch of NeedHashes frames (up to `last`).
+    fn read_needs(&mut self, pages: u64) -> Result<Vec<PageHash>, MigrationError> {
+        let mut needed: Vec<PageHash> = Vec::new();
+        loop {
+            match self.expect("list of needed pages")? {
+                Body::Need(n) => {
+                    if n.hashes.len() % 32 != 0 {
+                        return Err(MigrationError::Protocol(
+                            "needed hashes are not 32-byte multiples".into(),
+                        ));
+                    }
+                    needed.extend(
+                        n.hashes
+                            .chunks_exact(32)
+                            .map(|h| PageHash::try_from(h).expect("32 bytes")),
+                    );
+                    if needed.len() as u64 > pages {
+                        return Err(MigrationError::Protocol(
+                            "more needed pages than frames".into(),
+                        ));
+                    }
+                    if n.last {
+                        self.report.pages_local = n.filled_locally.min(pages);
+                        self.prog.pages_local = self.report.pages_local;
+                        return Ok(needed);
+                    }
+                }
+                Body::KeepAlive(_) => {}
+                other => {
+                    return Err(MigrationError::Protocol(format!(
+                        "expected needed pages, got {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Holds for a gang job, keeping the link alive both ways, until the
+    /// job says go (or abort).
+    fn hold(&mut self, hold: &mut dyn Hold, needed: &[PageHash]) -> Result<(), MigrationError> {
+        self.tell("held");
+        hold.needs(needed, self.report.pages_local)?;
+        let mut last_sent = Instant::now();
+        let mut last_heard = Instant::now();
+        loop {
+            match hold.poll() {
+                HoldPoll::Go => return Ok(()),
+                HoldPoll::Abort(why) => return Err(MigrationError::Cancelled(why)),
+                HoldPoll::Wait => {}
+            }
+            if last_sent.elapsed() >= KEEPALIVE_EVERY {
+                self.send(Body::KeepAlive(v1::KeepAlive {}), Class::Control)?;
+                last_sent = Instant::now();
+            }
+            match self.link.recv(Some(Duration::from_millis(100))) {
+                Ok(Body::KeepAlive(_)) => last_heard = Instant::now(),
+                Ok(Body::Abort(a)) => return Err(MigrationError::from_abort(a)),
+                Ok(other) => {
+                    return Err(MigrationError::Protocol(format!(
+                        "unexpected {other:?} while held"
+                    )));
+                }
+                Err(MigrationError::Timeout { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            if last_heard.elapsed() > self.opts.reply_timeout {
+                return Err(MigrationError::Timeout {
+                    what: "keep-alive while held",
+                    after: self.opts.reply_timeout,
+                });
+            }
+        }
+    }
+
+    fn run(
+        &mut self,
+        fp: &Fingerprinter,
+        started: Instant,
+        hold: Option<&mut dyn Hold>,
+    ) -> Result<(), MigrationError> {
         let pages = self.vm.page_count();
         // Everything dirtied from here on shows up in the dirty log; the
-        // fingerprints below may see torn pages, which the log then covers.
+        // hashes below may see torn pages, which the log then covers.
         self.take_dirty()?;
-        self.tell("fingerprinting");
-        let f = fp.pool().install(|| fp.fingerprint(self.vm, &|_| {}));
-        self.report.nonzero_pages = f.nonzero();
-        self.table = f.hashes;
+        self.table = match self.vm.current_hashes() {
+            // The agent's content map, kept current by the dirty log.
+            Some(t) if t.len() as u64 == pages => t,
+            _ => {
+                self.tell("fingerprinting");
+                fp.pool()
+                    .install(|| fp.fingerprint(self.vm, &|_| {}))
+                    .hashes
+            }
+        };
+        self.report.nonzero_pages = self.table.iter().filter(|h| !h.is_zero_page()).count() as u64;
 
         self.send(
             Body::Begin(v1::MigrateBegin {
@@ -235,6 +369,10 @@ impl Out<'_> {
                 source: String::new(),
                 verify_full: self.opts.verify_full,
                 origin: self.vm.origin(),
+                job: self.opts.job.clone(),
+                no_local: self.opts.no_local,
+                per_frame: self.opts.per_frame,
+                held: hold.as_ref().is_some_and(|h| h.holds()),
             }),
             Class::Control,
         )?;
@@ -264,42 +402,29 @@ impl Out<'_> {
         }
         drop(manifest);
 
-        let mut needed: Vec<PageHash> = Vec::new();
-        loop {
-            match self.expect("list of needed pages")? {
-                Body::Need(n) => {
-                    if n.hashes.len() % 32 != 0 {
-                        return Err(MigrationError::Protocol(
-                            "needed hashes are not 32-byte multiples".into(),
-                        ));
-                    }
-                    needed.extend(
-                        n.hashes
-                            .chunks_exact(32)
-                            .map(|h| PageHash::try_from(h).expect("32 bytes")),
-                    );
-                    if needed.len() as u64 > pages {
-                        return Err(MigrationError::Protocol(
-                            "more needed pages than frames".into(),
-                        ));
-                    }
-                    if n.last {
-                        self.report.pages_local = n.filled_locally.min(pages);
-                        self.prog.pages_local = self.report.pages_local;
-                        break;
-                    }
-                }
-                other => {
-                    return Err(MigrationError::Protocol(format!(
-                        "expected needed pages, got {other:?}"
-                    )));
-                }
-            }
+        let mut hold = hold;
+        let mut needed = self.read_needs(pages)?;
+        if let Some(h) = hold.as_deref_mut().filter(|h| h.holds()) {
+            self.hold(h, &needed)?;
+            self.send(Body::Refill(v1::Refill {}), Class::Control)?;
+            needed = self.read_needs(pages)?;
         }
 
         self.tell("round 0");
         let t = Instant::now();
-        let n = self.send_needed(&needed)?;
+        let n = if self.opts.per_frame {
+            // As a per-VM pre-copy does: every non-zero frame, each once.
+            let frames: Vec<u64> = self
+                .table
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| !h.is_zero_page())
+                .map(|(f, _)| f as u64)
+                .collect();
+            self.send_frames(&frames, 0)?
+        } else {
+            self.send_needed(&needed)?
+        };
         let mut last = Round {
             round: 0,
             pages: n,
@@ -315,6 +440,9 @@ impl Out<'_> {
         let mut previous = u64::MAX;
         let mut round = 1u32;
         let last_dirty = loop {
+            if let Some(why) = hold.as_deref_mut().and_then(|h| h.cancelled()) {
+                return Err(MigrationError::Cancelled(why));
+            }
             let dirty = self.take_dirty()?;
             let count = dirty.count();
             self.prog.round = round;
@@ -356,6 +484,9 @@ impl Out<'_> {
         };
 
         // Stop and copy.
+        if let Some(why) = hold.and_then(|h| h.cancelled()) {
+            return Err(MigrationError::Cancelled(why));
+        }
         self.tell("switchover");
         let paused = Instant::now();
         self.vm.pause()?;

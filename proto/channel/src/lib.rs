@@ -45,6 +45,8 @@ pub const MAX_HANDSHAKE_BYTES: usize = 1024;
 const NONCE_LEN: usize = 32;
 /// How long a handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one send may block on a peer that does not read.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of an authenticated frame's head (length and sequence).
 pub const FRAME_HEAD: usize = 12;
 /// Errors of the cluster secret and authenticated channels.
@@ -695,6 +697,10 @@ impl Channel {
     }
 
     fn from_parts(stream: TcpStream, peer: String, e: Established) -> Self {
+        // A peer that stops reading (frozen, or partitioned with the
+        // connection open) fails a send within this long instead of
+        // blocking it forever once the socket buffers are full.
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         Channel {
             stream,
             peer,

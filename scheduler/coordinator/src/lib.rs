@@ -1,13 +1,88 @@
-//! The coordinator: the part of pagecast that executes a plan.
+//! The coordinator: executes gang jobs (`pagecast evacuate`, `pagecast
+//! clone`) over the running cluster.
 //!
-//! Planning (`pagecast-scheduler`) is pure: it turns hosts, VMs and their
-//! content into placements, multicast groups, a sending order and a cost.
-//! Executing a plan is the opposite: it asks the content index what runs
-//! where, drives the host agents (which stay engines: they own guest
-//! memory, the dirty log and the migration protocol), opens one-to-many
-//! page casts, and follows every VM until it is verified at its
-//! destination or back, running, at its source.
+//! Planning (`pagecast-scheduler`) is pure; this crate does the I/O around
+//! it. It reads the cluster from the content index (hosts, racks, links,
+//! capacities, running VMs and their sketches), asks source agents for the
+//! exact contents of the VMs that move (from their content maps, not a
+//! fresh hash), asks the index which hosts hold those contents, plans, and
+//! then drives the agents, which stay engines:
 //!
-//! This crate is the room for that work; it holds no code yet. Today
-//! `pagecast migrate` moves one VM between two agents and `pagecast plan`
-//! prints what a gang evacuation would send, but nothing runs a plan.
+//! ```text
+//! coordinator          source agents              destination agents
+//!  | migrate (held) ----> | begin, manifest --------> | fill what it holds
+//!  |                      | <----- what it lacks ----- | (hash-checked)
+//!  | <---- Held(needs) -- |                           |
+//!  | plan the casts: each missing content once, from one source, to
+//!  | every destination lacking it; rack-mates' contents short-haul
+//!  | cast send ---------> | ~~ multicast ~~~~~~~~~~~> | into the arriving
+//!  | cast recv / fetch -----------------------------> | VMs' memory
+//!  | go ----------------> | refill, round 0 (the rest), pre-copy rounds,
+//!  |                      | switchover, verify, resume there, release here
+//!  | <---- result ------- |                           |
+//! ```
+//!
+//! Every failure before a VM's switchover leaves it running at its source:
+//! a held migration whose coordinator goes away is abandoned by its agent,
+//! a dead or frozen destination fails its migrations within the keep-alive
+//! timeout, a receiver that falls behind gets its pages by unicast. Running
+//! the same evacuation again moves what is still at the sources.
+//!
+//! See `docs/evacuation.md` for the sequence, who sends what to whom, and
+//! the failure table.
+
+pub mod evacuate;
+pub mod report;
+pub mod view;
+
+pub use evacuate::{EvacuateSpec, Method, clone, evacuate};
+pub use report::{CloneReport, EvacuationReport, VmOutcome};
+pub use view::ClusterView;
+
+use pagecast_agent::AgentError;
+use pagecast_index::client::ClientError;
+
+/// Why a job could not run, or not all of it.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    /// The content index could not be read.
+    #[error("content index: {0}")]
+    Index(#[from] ClientError),
+    /// An agent failed.
+    #[error("agent {host}: {source}")]
+    Agent {
+        /// The host.
+        host: String,
+        /// What went wrong.
+        #[source]
+        source: AgentError,
+    },
+    /// The request names something that is not there, or is not possible.
+    #[error("{0}")]
+    Invalid(String),
+    /// The planner refused.
+    #[error("planning: {0}")]
+    Plan(#[from] pagecast_scheduler::PlanError),
+    /// The job was cancelled.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+}
+
+/// What a job reports as it goes (for progress displays).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A step of the whole job.
+    Step(String),
+    /// A VM's phase changed or it made progress.
+    Vm {
+        /// The VM.
+        name: String,
+        /// Its phase (`manifest`, `held`, `cast`, `round 0`, `pre-copy`,
+        /// `switchover`, `done`, `failed`).
+        phase: String,
+        /// Bytes its migration link carried so far.
+        bytes: u64,
+        /// Frames filled at the destination without crossing the source link.
+        pages_local: u64,
+    },
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagecast_agent::client::AgentClient;
+use pagecast_agent::client::{AgentClient, MigrationEvent};
 use pagecast_agent::publish::HostMeta;
 use pagecast_agent::{AgentConfig, server};
 use pagecast_pages::units::{format_bytes, parse_bits_per_second, parse_size};
@@ -157,6 +157,14 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
         secret,
         threads,
         index,
+        cast_iface: a
+            .cast_addr
+            .as_deref()
+            .map(|c| {
+                c.parse()
+                    .with_context(|| format!("--cast-addr {c}: not an IPv4 address"))
+            })
+            .transpose()?,
     };
     server::serve(config, |addr| {
         let mut out = std::io::stdout().lock();
@@ -563,19 +571,35 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
         bandwidth_bps: a.bandwidth.unwrap_or(0),
         max_downtime_ms: a.max_downtime,
         verify_full: a.verify_full,
+        ..Default::default()
     };
-    let r = client.migrate(req, &mut |p| {
-        bar.set_message(format!(
-            "{:<14} round {:>2}  {} pages sent ({}), {} filled locally, {} dirty, throttle {}%",
-            p.phase,
-            p.round,
-            p.pages_sent,
-            format_bytes(p.bytes_sent),
-            p.pages_local,
-            p.dirty_pages,
-            p.throttle_pct
-        ));
+    // Ctrl-C stops the migration before its switchover (the VM stays).
+    let stop = super::evacuate::catch_interrupts();
+    let mut m = client.start_migrate(req)?;
+    let handle = m.handle();
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = handle.go(true, "interrupted by the operator");
     });
+    let r = loop {
+        match m.next_event() {
+            Ok(MigrationEvent::Progress(p)) => bar.set_message(format!(
+                "{:<14} round {:>2}  {} pages sent ({}), {} filled locally, {} dirty, throttle {}%",
+                p.phase,
+                p.round,
+                p.pages_sent,
+                format_bytes(p.bytes_sent),
+                p.pages_local,
+                p.dirty_pages,
+                p.throttle_pct
+            )),
+            Ok(MigrationEvent::Held(..)) => {}
+            Ok(MigrationEvent::Result(r)) => break Ok(r),
+            Err(e) => break Err(e),
+        }
+    };
     bar.finish_and_clear();
     let r = r?;
     let out = MigrateOut {

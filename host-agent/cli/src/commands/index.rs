@@ -101,7 +101,8 @@ pub struct IndexAddrs {
 }
 
 impl IndexAddrs {
-    fn list(&self) -> Vec<String> {
+    /// The addresses.
+    pub fn list(&self) -> Vec<String> {
         self.index
             .split(',')
             .map(|s| s.trim().to_owned())

@@ -2,6 +2,7 @@
 
 mod agent;
 mod cast;
+mod evacuate;
 mod index;
 mod plan;
 mod progress;
@@ -51,6 +52,8 @@ enum Command {
     Index(index::IndexCmd),
     Advise(index::AdviseArgs),
     Hosts(index::HostsArgs),
+    Evacuate(evacuate::EvacuateArgs),
+    Cancel(evacuate::CancelArgs),
 }
 
 /// Manage the cluster secret that agents, peers and tools authenticate
@@ -137,6 +140,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Index(a) => index::run(a, threads),
         Command::Advise(a) => index::advise(a, threads),
         Command::Hosts(a) => index::hosts(a),
+        Command::Evacuate(a) => evacuate::run_evacuate(a),
+        Command::Cancel(a) => evacuate::run_cancel(a),
         Command::Secret(SecretCmd {
             command: SecretSub::New { file },
         }) => {

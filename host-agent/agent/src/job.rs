@@ -1,0 +1,633 @@
+//! The agent's part in gang jobs (`pagecast evacuate`, `pagecast clone`):
+//! the agent stays an engine, the coordinator decides.
+//!
+//! - **Held migrations.** A migration started with `hold` stops after the
+//!   destination says what it lacks; the agent forwards that list to the
+//!   coordinator ([`v1::Held`]) and waits for [`v1::JobGo`] on the same
+//!   connection (the connection dropping meanwhile aborts it: the VM stays
+//!   here, running).
+//! - **Arriving VMs of a job** register their memory ([`IncomingSlot`]) in
+//!   [`Jobs`], so the job's casts and fetches write pages straight into
+//!   them, every page hash-checked, each page into every frame of every
+//!   arriving VM of the job that waits for it. They also fill each other:
+//!   a content that arrived for one VM is copied into the next
+//!   ([`JobContent`]).
+//! - **Casts.** On [`v1::CastSendRequest`] the agent reads the listed
+//!   contents from its VMs into memory (so the session's pages cannot change
+//!   under it; a content no VM holds any more is left out and travels later
+//!   in the migration's own rounds) and sends them once to their receivers;
+//!   on [`v1::CastRecvRequest`] it receives into the job's arriving VMs.
+//! - **Rack-mates.** On [`v1::FetchRequest`] a destination asks the agent of
+//!   a host in its rack for pages ([`v1::FetchPagesRequest`]), which that
+//!   agent reads from its content map, hash-checked.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pagecast_channel::{Channel, ChannelWriter, Secret};
+use pagecast_migrate::{Hold, HoldPoll, IncomingSlot, LocalContent, MigrationError, SlotEvents};
+use pagecast_multicast::{
+    GroupPlan, Groups, PageEntry, PageSink, PageSource, ReceiverConfig, SenderConfig,
+    TransportChoice,
+};
+use pagecast_pages::{PAGE_SIZE, Page, PageHash};
+use pagecast_proto::v1;
+
+use crate::{Agent, AgentError};
+
+type Resp = v1::agent_response::Body;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Most hashes one Held, VmContentPart or fetch frame carries.
+pub const HASHES_PER_FRAME: usize = 65_536;
+/// Most pages one fetch answer carries.
+const PAGES_PER_FETCH_FRAME: usize = 64;
+
+/// Hashes from their concatenated bytes.
+pub fn hashes_of(b: &[u8]) -> Result<Vec<PageHash>, AgentError> {
+    if !b.len().is_multiple_of(32) {
+        return Err(AgentError::BadRequest(format!(
+            "{} bytes of hashes is not a whole number of 32-byte hashes",
+            b.len()
+        )));
+    }
+    Ok(b.chunks_exact(32)
+        .map(|h| PageHash::try_from(h).expect("32 bytes"))
+        .collect())
+}
+
+/// Concatenated bytes of hashes.
+pub fn bytes_of(h: &[PageHash]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(h.len() * 32);
+    for x in h {
+        out.extend_from_slice(x.as_bytes());
+    }
+    out
+}
+
+/// The arriving VMs of every gang job on this host.
+#[derive(Default)]
+pub struct Jobs {
+    slots: Mutex<HashMap<String, Vec<Arc<IncomingSlot>>>>,
+}
+
+impl Jobs {
+    /// The arriving VMs of `job`.
+    pub fn slots(&self, job: &str) -> Vec<Arc<IncomingSlot>> {
+        lock(&self.slots).get(job).cloned().unwrap_or_default()
+    }
+
+    fn open(&self, job: &str, slot: &Arc<IncomingSlot>) {
+        lock(&self.slots)
+            .entry(job.to_owned())
+            .or_default()
+            .push(slot.clone());
+    }
+
+    fn close(&self, job: &str, slot: &Arc<IncomingSlot>) {
+        let mut m = lock(&self.slots);
+        if let Some(v) = m.get_mut(job) {
+            v.retain(|s| !Arc::ptr_eq(s, slot));
+            if v.is_empty() {
+                m.remove(job);
+            }
+        }
+    }
+}
+
+/// Registers an arriving VM's slot with its job for as long as it fills.
+pub struct JobSlots<'a> {
+    /// The registry.
+    pub jobs: &'a Jobs,
+    /// The job.
+    pub job: String,
+}
+
+impl SlotEvents for JobSlots<'_> {
+    fn opened(&mut self, slot: &Arc<IncomingSlot>) {
+        self.jobs.open(&self.job, slot);
+    }
+    fn closed(&mut self, slot: &Arc<IncomingSlot>) {
+        self.jobs.close(&self.job, slot);
+    }
+}
+
+/// What an arriving VM of a job copies locally: what this host's VMs hold,
+/// then what the job's other arriving VMs already received.
+pub struct JobContent<'a> {
+    /// The agent.
+    pub agent: &'a Agent,
+    /// The job ("" for none).
+    pub job: &'a str,
+}
+
+impl LocalContent for JobContent<'_> {
+    fn copy(&self, h: &PageHash, out: &mut Page) -> bool {
+        if self.agent.copy(h, out) {
+            return true;
+        }
+        !self.job.is_empty()
+            && self
+                .agent
+                .jobs()
+                .slots(self.job)
+                .iter()
+                .any(|s| s.copy(h, out))
+    }
+}
+
+/// A migration's link to whoever asked for it: for a gang job, the needs
+/// go out as Held frames and the go (or abort) comes back on the same
+/// connection; for any migration, a later abort there (Ctrl-C, `pagecast
+/// cancel`) stops it before switchover. A thread reads the connection.
+pub struct CoordinatorHold {
+    writer: Arc<Mutex<ChannelWriter>>,
+    state: Arc<Mutex<(HoldPoll, Option<String>)>>,
+    holds: bool,
+    job_cancelled: Box<dyn Fn() -> bool + Send>,
+}
+
+impl CoordinatorHold {
+    /// Starts reading from `reader`. `holds`: the migration holds for a gang
+    /// job (then the connection dropping before the go aborts it; otherwise
+    /// a client that goes away does not stop the migration).
+    pub fn new(
+        writer: Arc<Mutex<ChannelWriter>>,
+        mut reader: pagecast_channel::ChannelReader,
+        holds: bool,
+        job_cancelled: Box<dyn Fn() -> bool + Send>,
+    ) -> Self {
+        let state = Arc::new(Mutex::new((HoldPoll::Wait, None::<String>)));
+        let st = state.clone();
+        let _ = std::thread::Builder::new()
+            .name("pagecast-hold".into())
+            .spawn(move || {
+                loop {
+                    let r: Result<v1::AgentRequest, _> = reader.recv("job go");
+                    let mut s = lock(&st);
+                    match r {
+                        Ok(v1::AgentRequest {
+                            body: Some(v1::agent_request::Body::Go(g)),
+                        }) => {
+                            if g.abort {
+                                if s.0 == HoldPoll::Wait {
+                                    s.0 = HoldPoll::Abort(g.reason.clone());
+                                }
+                                s.1 = Some(g.reason);
+                                return;
+                            }
+                            if s.0 == HoldPoll::Wait {
+                                s.0 = HoldPoll::Go;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            if holds && s.0 == HoldPoll::Wait {
+                                s.0 = HoldPoll::Abort(format!("the coordinator went away: {e}"));
+                            }
+                            return;
+                        }
+                    }
+                }
+            });
+        CoordinatorHold {
+            writer,
+            state,
+            holds,
+            job_cancelled,
+        }
+    }
+}
+
+impl Hold for CoordinatorHold {
+    fn needs(&mut self, needed: &[PageHash], filled_locally: u64) -> Result<(), MigrationError> {
+        let mut w = lock(&self.writer);
+        let mut chunks = needed.chunks(HASHES_PER_FRAME).peekable();
+        loop {
+            let chunk = chunks.next().unwrap_or(&[]);
+            let last = chunks.peek().is_none();
+            w.send(&v1::AgentResponse {
+                body: Some(Resp::Held(v1::Held {
+                    hashes: bytes_of(chunk).into(),
+                    last,
+                    pages_local: if last { filled_locally } else { 0 },
+                })),
+            })
+            .map_err(MigrationError::Link)?;
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
+    fn poll(&mut self) -> HoldPoll {
+        if (self.job_cancelled)() {
+            return HoldPoll::Abort("the job was cancelled".into());
+        }
+        lock(&self.state).0.clone()
+    }
+
+    fn holds(&self) -> bool {
+        self.holds
+    }
+
+    fn cancelled(&mut self) -> Option<String> {
+        if (self.job_cancelled)() {
+            return Some("the job was cancelled".into());
+        }
+        lock(&self.state).1.clone()
+    }
+}
+
+/// Pages read out of this host's VMs for one cast, fixed for the session.
+pub struct Staged {
+    entries: Vec<PageEntry>,
+    data: Vec<u8>,
+}
+
+impl Staged {
+    /// Reads each of `hashes` that some VM here holds (hash-checked); the
+    /// page's key is its index in `hashes`. Returns the staged pages and,
+    /// per input index, its index in the session (None: left out).
+    pub fn read(agent: &Agent, hashes: &[PageHash]) -> (Self, Vec<Option<u32>>) {
+        let mut entries = Vec::new();
+        let mut data = Vec::new();
+        let mut index = Vec::with_capacity(hashes.len());
+        let mut page = [0u8; PAGE_SIZE];
+        for (i, h) in hashes.iter().enumerate() {
+            if agent.copy(h, &mut page) {
+                index.push(Some(entries.len() as u32));
+                entries.push(PageEntry {
+                    key: i as u64,
+                    hash: *h,
+                });
+                data.extend_from_slice(&page);
+            } else {
+                index.push(None);
+            }
+        }
+        (Staged { entries, data }, index)
+    }
+}
+
+impl PageSource for Staged {
+    fn pages(&self) -> u32 {
+        self.entries.len() as u32
+    }
+    fn entry(&self, i: u32) -> PageEntry {
+        self.entries[i as usize]
+    }
+    fn read(&self, i: u32, out: &mut Page) -> io::Result<()> {
+        let at = i as usize * PAGE_SIZE;
+        out.copy_from_slice(&self.data[at..at + PAGE_SIZE]);
+        Ok(())
+    }
+    fn frames(&self) -> u64 {
+        self.entries.last().map_or(0, |e| e.key + 1)
+    }
+}
+
+/// Where a destination's cast pages go: into the job's arriving VMs.
+pub struct SlotSink {
+    slots: Vec<Arc<IncomingSlot>>,
+    keys: HashMap<u64, PageHash>,
+    /// Frames filled.
+    pub filled: u64,
+}
+
+impl SlotSink {
+    /// A sink filling `slots`.
+    pub fn new(slots: Vec<Arc<IncomingSlot>>) -> Self {
+        SlotSink {
+            slots,
+            keys: HashMap::new(),
+            filled: 0,
+        }
+    }
+}
+
+impl PageSink for SlotSink {
+    fn begin(&mut self, _frames: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn put(&mut self, entry: &PageEntry, data: &Page) -> io::Result<()> {
+        // The transport checked the page against its hash.
+        self.keys.insert(entry.key, entry.hash);
+        for s in &self.slots {
+            self.filled += s.fill(&entry.hash, data).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+    fn get(&mut self, key: u64, out: &mut Page) -> io::Result<()> {
+        let h = self
+            .keys
+            .get(&key)
+            .ok_or_else(|| io::Error::other(format!("page {key} was never received")))?;
+        if self.slots.iter().any(|s| s.copy(h, out)) {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("page {key} is no longer held")))
+        }
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn abort(&mut self) {
+        // Pages already written were verified: they stay.
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, AgentError> {
+    s.to_socket_addrs()
+        .map_err(|source| AgentError::Connect {
+            addr: s.to_owned(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| AgentError::BadRequest(format!("{s} resolves to no address")))
+}
+
+/// Runs a cast from this agent: stages the pages, answers CastOpen on
+/// `writer`, sends, returns the outcome.
+pub fn cast_send(
+    agent: &Agent,
+    r: &v1::CastSendRequest,
+    writer: &mut dyn FnMut(Resp) -> Result<(), AgentError>,
+) -> Result<v1::CastResult, AgentError> {
+    let hashes = hashes_of(&r.hashes)?;
+    if hashes.len() > pagecast_proto::MAX_CAST_PAGES as usize {
+        return Err(AgentError::BadRequest(format!(
+            "{} pages in one cast; at most {}",
+            hashes.len(),
+            pagecast_proto::MAX_CAST_PAGES
+        )));
+    }
+    if r.receivers.is_empty() || r.groups.is_empty() {
+        return Err(AgentError::BadRequest(
+            "a cast needs receivers and groups".into(),
+        ));
+    }
+    let (staged, index) = agent.fp_pool().install(|| Staged::read(agent, &hashes));
+    let left_out = index.iter().filter(|i| i.is_none()).count() as u64;
+    let mut plans = Vec::new();
+    for g in &r.groups {
+        let addr: std::net::SocketAddrV4 = g.addr.parse().map_err(|_| {
+            AgentError::BadRequest(format!("group address {:?} is not ADDR:PORT", g.addr))
+        })?;
+        let mut members = Vec::new();
+        for m in &g.members {
+            let Some(i) = r.receivers.iter().position(|x| x == m) else {
+                return Err(AgentError::BadRequest(format!(
+                    "group member {m} is not a receiver"
+                )));
+            };
+            members.push(i);
+        }
+        let pages: Vec<u32> = g
+            .pages
+            .iter()
+            .filter_map(|&p| index.get(p as usize).copied().flatten())
+            .collect();
+        if !pages.is_empty() {
+            plans.push(GroupPlan {
+                addr,
+                members,
+                pages,
+            });
+        }
+    }
+    let iface = agent.cast_iface();
+    let listener = TcpListener::bind((iface, 0)).map_err(|source| AgentError::Bind {
+        addr: format!("{iface}:0"),
+        source,
+    })?;
+    let control = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: format!("{iface}:0"),
+        source,
+    })?;
+    writer(Resp::CastOpen(v1::CastOpen {
+        control: control.to_string(),
+        left_out,
+    }))?;
+    if plans.is_empty() {
+        // Nothing left to send: receivers are told so by an empty group.
+        plans.push(GroupPlan {
+            addr: r.groups[0].addr.parse().expect("checked above"),
+            members: (0..r.receivers.len()).collect(),
+            pages: Vec::new(),
+        });
+    }
+    let mut cfg = SenderConfig::new(control, iface, r.receivers.len());
+    cfg.name = agent.name().to_owned();
+    cfg.expected = r.receivers.clone();
+    cfg.rate_bps = (r.rate_bps > 0).then_some(r.rate_bps);
+    cfg.accept_timeout = Duration::from_secs(20);
+    cfg.transport = match v1::CastTransport::try_from(r.transport) {
+        Ok(v1::CastTransport::Multicast) => TransportChoice::Multicast,
+        Ok(v1::CastTransport::Chain) => TransportChoice::Chain,
+        _ => TransportChoice::Auto,
+    };
+    let res = pagecast_multicast::send_on(
+        listener,
+        &cfg,
+        Groups::Plan(plans),
+        &staged,
+        agent.secret(),
+        &|_, _| {},
+    );
+    Ok(match res {
+        Ok(rep) => v1::CastResult {
+            ok: true,
+            error: String::new(),
+            bytes_sent: rep.bytes_first
+                + rep.bytes_repair
+                + rep.bytes_heartbeat
+                + rep.bytes_unicast
+                + rep.bytes_control,
+            report: serde_json::to_string(&rep).unwrap_or_default(),
+            frames_filled: 0,
+        },
+        Err(e) => v1::CastResult {
+            ok: false,
+            error: e.to_string(),
+            ..Default::default()
+        },
+    })
+}
+
+/// Receives a cast into the job's arriving VMs.
+pub fn cast_recv(agent: &Agent, r: &v1::CastRecvRequest) -> Result<v1::CastResult, AgentError> {
+    let control = parse_addr(&r.control)?;
+    let slots = agent.jobs().slots(&r.job);
+    let mut sink = SlotSink::new(slots);
+    let mut cfg = ReceiverConfig::new(control, agent.cast_iface(), agent.name());
+    cfg.silent_after = Duration::from_secs(10);
+    let res = pagecast_multicast::receive(&cfg, agent.secret(), &mut sink, &|_, _| {});
+    Ok(match res {
+        Ok(rep) => v1::CastResult {
+            ok: true,
+            error: String::new(),
+            report: serde_json::to_string(&rep).unwrap_or_default(),
+            frames_filled: sink.filled,
+            bytes_sent: 0,
+        },
+        Err(e) => v1::CastResult {
+            ok: false,
+            error: e.to_string(),
+            frames_filled: sink.filled,
+            ..Default::default()
+        },
+    })
+}
+
+/// Serves a rack-mate's fetch: the pages of `hashes` this host holds.
+pub fn serve_fetch(
+    agent: &Agent,
+    hashes: &[PageHash],
+    send: &mut dyn FnMut(Resp) -> Result<(), AgentError>,
+) -> Result<(), AgentError> {
+    let mut page = [0u8; PAGE_SIZE];
+    let (mut hs, mut data) = (Vec::new(), Vec::new());
+    for h in hashes {
+        if agent.copy(h, &mut page) {
+            hs.extend_from_slice(h.as_bytes());
+            data.extend_from_slice(&page);
+            if hs.len() / 32 == PAGES_PER_FETCH_FRAME {
+                send(Resp::Pages(v1::PagesByHash {
+                    hashes: std::mem::take(&mut hs).into(),
+                    data: std::mem::take(&mut data).into(),
+                }))?;
+            }
+        }
+    }
+    if !hs.is_empty() {
+        send(Resp::Pages(v1::PagesByHash {
+            hashes: hs.into(),
+            data: data.into(),
+        }))?;
+    }
+    // The end: an empty frame.
+    send(Resp::Pages(v1::PagesByHash::default()))
+}
+
+/// Fetches pages from a rack-mate's agent into the job's arriving VMs.
+pub fn fetch(agent: &Agent, secret: &Secret, r: &v1::FetchRequest) -> v1::FetchResult {
+    let mut out = v1::FetchResult::default();
+    let run = || -> Result<(u64, u64, u64), AgentError> {
+        let hashes = hashes_of(&r.hashes)?;
+        let addr = parse_addr(&r.from)?;
+        let stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
+                AgentError::Connect {
+                    addr: r.from.clone(),
+                    source,
+                }
+            })?;
+        let mut ch = Channel::client(stream, secret, agent.name())?;
+        ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
+        let slots = agent.jobs().slots(&r.job);
+        let (mut pages, mut frames, mut bytes) = (0u64, 0u64, 0u64);
+        for chunk in hashes.chunks(HASHES_PER_FRAME) {
+            ch.send(&v1::AgentRequest {
+                body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
+                    hashes: bytes_of(chunk).into(),
+                })),
+            })?;
+            loop {
+                let resp: v1::AgentResponse = ch.recv("fetched pages")?;
+                let p = match resp.body {
+                    Some(Resp::Pages(p)) => p,
+                    Some(Resp::Error(e)) => {
+                        return Err(AgentError::Remote {
+                            addr: r.from.clone(),
+                            code: v1::RefusalCode::try_from(e.code)
+                                .unwrap_or(v1::RefusalCode::Unspecified),
+                            message: e.message,
+                        });
+                    }
+                    other => {
+                        return Err(AgentError::Unexpected {
+                            addr: r.from.clone(),
+                            what: format!("{other:?}"),
+                        });
+                    }
+                };
+                if p.hashes.is_empty() {
+                    break;
+                }
+                let n = p.hashes.len() / 32;
+                if p.hashes.len() % 32 != 0 || p.data.len() != n * PAGE_SIZE {
+                    return Err(AgentError::BadRequest(
+                        "fetched pages of the wrong size".into(),
+                    ));
+                }
+                bytes += (p.hashes.len() + p.data.len()) as u64;
+                for i in 0..n {
+                    let h = PageHash::try_from(&p.hashes[i * 32..(i + 1) * 32]).expect("32");
+                    let page: &Page = p.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                        .try_into()
+                        .expect("page");
+                    if PageHash::of_page(page) != h {
+                        // A rack-mate's page that does not match its hash
+                        // is not used; the source sends it instead.
+                        continue;
+                    }
+                    pages += 1;
+                    for s in &slots {
+                        frames += s.fill(&h, page)?;
+                    }
+                }
+            }
+        }
+        Ok((pages, frames, bytes))
+    };
+    match run() {
+        Ok((p, f, b)) => {
+            out.pages = p;
+            out.frames_filled = f;
+            out.bytes = b;
+        }
+        Err(e) => out.error = e.to_string(),
+    }
+    out
+}
+
+/// The distinct contents of a VM, from the content map, in frames.
+pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, AgentError> {
+    let (hashes, memory) = agent.vm_hashes(name)?;
+    let frames = hashes.len() as u64;
+    let nonzero = hashes.iter().filter(|h| !h.is_zero_page()).count() as u64;
+    let mut distinct: Vec<PageHash> = hashes.into_iter().filter(|h| !h.is_zero_page()).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let mut parts = Vec::new();
+    let mut chunks = distinct.chunks(HASHES_PER_FRAME).peekable();
+    loop {
+        let chunk = chunks.next().unwrap_or(&[]);
+        let last = chunks.peek().is_none();
+        parts.push(v1::VmContentPart {
+            hashes: bytes_of(chunk).into(),
+            last,
+            frames,
+            nonzero_frames: nonzero,
+            memory_bytes: memory,
+        });
+        if last {
+            return Ok(parts);
+        }
+    }
+}
+
+/// The multicast interface of an agent listening on `listen`, unless given.
+pub fn default_cast_iface(listen: &SocketAddr) -> Ipv4Addr {
+    match listen.ip() {
+        std::net::IpAddr::V4(v4) if !v4.is_unspecified() => v4,
+        _ => Ipv4Addr::LOCALHOST,
+    }
+}

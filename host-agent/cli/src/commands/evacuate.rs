@@ -1,0 +1,415 @@
+//! `pagecast evacuate`, `pagecast clone` and `pagecast cancel`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pagecast_agent::client::AgentClient;
+use pagecast_coordinator::{CoordError, EvacuateSpec, EvacuationReport, Event, Method};
+use pagecast_pages::units::{format_bytes, parse_bits_per_second};
+use pagecast_proto::v1;
+use pagecast_scheduler::Objective;
+
+use super::index::IndexAddrs;
+use super::{SecretArg, load_secret};
+
+/// Move every VM off one or more hosts (a rack, for maintenance), each
+/// unique page leaving its source once.
+///
+/// Reads the cluster from the content index (hosts, racks, links,
+/// capacities, running VMs), asks the source agents what the moving VMs
+/// hold (their content maps, no fresh hash), asks the index which hosts
+/// hold those pages, and plans where each VM goes. Then every migration
+/// starts and holds once its destination has filled what it already holds;
+/// pages a host in the destination's rack holds come from that rack-mate;
+/// every other missing page leaves one source once, multicast to every
+/// destination that lacks it; then each VM finishes live: the pages dirtied
+/// meanwhile, a switchover within --max-downtime, verification, resume at
+/// the destination, release at the source.
+///
+/// Strategies: pagecast (the above; placement minimises the most loaded
+/// link's time first, or bytes with --objective bytes); vmscatter
+/// (VMScatter as published: content-blind placement, pages shared by the
+/// moving VMs multicast once, nothing reused from destinations); precopy
+/// (each VM its own pre-copy migration, every non-zero page sent, at most
+/// --parallel at a time per source host).
+///
+/// A VM whose migration fails keeps running at its source; running the
+/// same command again moves what is still there. Ctrl-C, or `pagecast
+/// cancel JOB` from anywhere, stops every VM not yet switched over (they
+/// stay at their sources). Exits non-zero unless every VM moved verified.
+///
+/// JSON (--json): {"job", "ok", "strategy", "dry_run", "vms": [{"name",
+/// "from", "to", "ok", "verified", "downtime_ms", "bytes_sent",
+/// "pages_local", "pages_short_haul", "pages_cast", "error", "in_doubt"}],
+/// "source_bytes", "core_bytes", "bytes_by_class": {"multicast",
+/// "unicast", "short_haul", "repair"}, "eviction_s", "total_s",
+/// "predicted": {"source_bytes", "core_bytes", "eviction_s",
+/// "bottleneck", "precopy_source_bytes", "placement"}, "bytes_by_source"}
+///
+/// Examples:
+///
+///   pagecast evacuate --index 10.0.0.1:7600 --from h1,h2 --dry-run
+///
+///   pagecast evacuate --index 10.0.0.1:7600 --from h1,h2 --to h5,h6 --max-downtime 300
+///
+///   pagecast evacuate --index 10.0.0.1:7600 --from h1 --strategy precopy --parallel 2 --json
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct EvacuateArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+
+    /// Hosts to empty.
+    #[arg(
+        long,
+        value_name = "HOST[,HOST..]",
+        value_delimiter = ',',
+        required = true
+    )]
+    from: Vec<String>,
+
+    /// Hosts that may receive VMs (default: every other host whose agent
+    /// reports to the index).
+    #[arg(long, value_name = "HOST[,HOST..]", value_delimiter = ',')]
+    to: Vec<String>,
+
+    /// pagecast, vmscatter or precopy.
+    #[arg(long, default_value = "pagecast", value_parser = ["pagecast", "vmscatter", "precopy"])]
+    strategy: String,
+
+    /// Migrations at once per source host (precopy; KubeVirt's default).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    parallel: usize,
+
+    /// Bits per second each source may send (e.g. 1G); default: each
+    /// source's link rate as its agent reported it.
+    #[arg(long, value_name = "BITS/S", value_parser = parse_bits_per_second)]
+    bandwidth: Option<u64>,
+
+    /// Longest pause of each VM at switchover, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    max_downtime: u32,
+
+    /// What placement minimises first: eviction (the most loaded link's
+    /// time) or bytes (that leave the sources).
+    #[arg(long, default_value = "eviction", value_parser = ["eviction", "bytes"])]
+    objective: String,
+
+    /// How shared pages travel: auto (multicast where every receiver hears
+    /// it, else a TCP chain), multicast, chain.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "multicast", "chain"])]
+    transport: String,
+
+    /// Print the plan and its predicted cost; move nothing.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// The job's id (default: a new one), for `pagecast cancel`.
+    #[arg(long, value_name = "ID")]
+    job: Option<String>,
+
+    #[command(flatten)]
+    secret: SecretArg,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+
+    /// Never draw progress.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// Stop every VM of a gang job that has not switched over yet (they stay
+/// at their sources; clones in progress are discarded).
+///
+/// Tells every agent that reports to the index; the job's own command then
+/// ends with the VMs it could not move listed as cancelled.
+///
+/// Example:
+///
+///   pagecast cancel --index 10.0.0.1:7600 ev-1a2b3c4d
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+
+    /// The job's id, as `evacuate` or `clone` printed it.
+    #[arg(value_name = "JOB")]
+    job: String,
+
+    #[command(flatten)]
+    secret: SecretArg,
+}
+
+/// Set by SIGINT or SIGTERM.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Makes Ctrl-C (and SIGTERM) set [`STOP`] instead of killing the process,
+/// so a job can stop its VMs cleanly.
+pub fn catch_interrupts() -> &'static AtomicBool {
+    // SAFETY: the handler only stores to an atomic, which is
+    // async-signal-safe; `signal` is given a valid function pointer of the
+    // type it expects.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    &STOP
+}
+
+fn new_job_id(prefix: &str) -> String {
+    let mut b = [0u8; 4];
+    let _ = pagecast_channel::random_bytes(&mut b);
+    format!("{prefix}-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
+}
+
+/// Per-VM progress lines and a total that never runs backwards.
+struct Progress {
+    multi: MultiProgress,
+    total: ProgressBar,
+    vms: Mutex<BTreeMap<String, ProgressBar>>,
+    done: Mutex<u64>,
+    count: u64,
+}
+
+impl Progress {
+    fn new(quiet: bool, count: u64) -> Self {
+        let multi = if quiet {
+            MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+        } else {
+            MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10))
+        };
+        let total = multi.add(ProgressBar::new(count.max(1)));
+        total.set_style(
+            ProgressStyle::with_template("{elapsed:>4} [{bar:20}] {pos}/{len} VMs  {msg}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        Progress {
+            multi,
+            total,
+            vms: Mutex::new(BTreeMap::new()),
+            done: Mutex::new(0),
+            count,
+        }
+    }
+
+    fn event(&self, e: Event) {
+        match e {
+            Event::Step(s) => {
+                self.total.set_message(s.clone());
+                if self.multi.is_hidden() {
+                    tracing::info!("{s}");
+                }
+            }
+            Event::Vm {
+                name,
+                phase,
+                bytes,
+                pages_local,
+            } => {
+                let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+                let bar = vms.entry(name.clone()).or_insert_with(|| {
+                    let b = self.multi.add(ProgressBar::new_spinner());
+                    b.set_style(
+                        ProgressStyle::with_template("  {prefix:<16} {msg}")
+                            .expect("static template"),
+                    );
+                    b.set_prefix(name.clone());
+                    b
+                });
+                bar.set_message(format!(
+                    "{phase:<12} {:>10} sent, {pages_local} pages filled at the destination",
+                    format_bytes(bytes)
+                ));
+                if phase == "done" || phase == "failed" {
+                    let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
+                    *d += 1;
+                    self.total.set_position((*d).min(self.count));
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        for b in self.vms.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            b.finish_and_clear();
+        }
+        self.total.finish_and_clear();
+    }
+}
+
+fn render(r: &EvacuationReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let verb = if r.dry_run { "plan" } else { "evacuation" };
+    let _ = writeln!(
+        s,
+        "{verb} {} ({}): {} VM(s)",
+        r.job,
+        r.strategy,
+        r.vms.len()
+    );
+    let _ = writeln!(
+        s,
+        "{:<16} {:<12} {:<12} {:<9} {:>10} {:>10} {:>9} {:>9} {:>9}",
+        "VM", "FROM", "TO", "RESULT", "DOWNTIME", "SENT", "LOCAL", "RACKMATE", "CAST"
+    );
+    for v in &r.vms {
+        let result = if r.dry_run {
+            "planned"
+        } else if v.ok && v.verified {
+            "verified"
+        } else if v.in_doubt {
+            "IN DOUBT"
+        } else {
+            "FAILED"
+        };
+        let _ = writeln!(
+            s,
+            "{:<16} {:<12} {:<12} {:<9} {:>8.1}ms {:>10} {:>9} {:>9} {:>9}",
+            v.name,
+            v.from,
+            v.to,
+            result,
+            v.downtime_ms,
+            format_bytes(v.bytes_sent),
+            v.pages_local,
+            v.pages_short_haul,
+            v.pages_cast
+        );
+    }
+    for v in r.vms.iter().filter(|v| !v.error.is_empty()) {
+        let where_ = if v.in_doubt {
+            "paused at its source, maybe running at its destination"
+        } else {
+            "still runs at its source"
+        };
+        let _ = writeln!(s, "  {}: {} ({where_})", v.name, v.error);
+    }
+    let p = &r.predicted;
+    let _ = writeln!(
+        s,
+        "predicted: {} from the sources ({} by per-VM pre-copy), {} into other racks, eviction {:.2} s (bottleneck {})",
+        format_bytes(p.source_bytes),
+        format_bytes(p.precopy_source_bytes),
+        format_bytes(p.core_bytes),
+        p.eviction_s,
+        p.bottleneck
+    );
+    if !r.dry_run {
+        let b = &r.bytes_by_class;
+        let _ = writeln!(
+            s,
+            "measured:  {} from the sources, {} into other racks; multicast {}, unicast {}, rack-mates {}, repair {}",
+            format_bytes(r.source_bytes),
+            format_bytes(r.core_bytes),
+            format_bytes(b.multicast),
+            format_bytes(b.unicast),
+            format_bytes(b.short_haul),
+            format_bytes(b.repair)
+        );
+        let _ = writeln!(
+            s,
+            "eviction {:.2} s, total {:.2} s",
+            r.eviction_s, r.total_s
+        );
+    }
+    s
+}
+
+/// Runs `pagecast evacuate`.
+pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
+    let secret = load_secret(&a.secret)?;
+    let stop = catch_interrupts();
+    let job = a.job.clone().unwrap_or_else(|| new_job_id("ev"));
+    let spec = EvacuateSpec {
+        from: a.from.clone(),
+        to: a.to.clone(),
+        method: Method::parse(&a.strategy).expect("clap checked the value"),
+        parallel: a.parallel,
+        bandwidth_bps: a.bandwidth,
+        max_downtime_ms: a.max_downtime,
+        objective: if a.objective == "bytes" {
+            Objective::Bytes
+        } else {
+            Objective::Eviction
+        },
+        dry_run: a.dry_run,
+        job: job.clone(),
+        transport: match a.transport.as_str() {
+            "multicast" => v1::CastTransport::Multicast,
+            "chain" => v1::CastTransport::Chain,
+            _ => v1::CastTransport::Unspecified,
+        },
+    };
+    if !a.json {
+        eprintln!("job {job} (stop it with Ctrl-C or `pagecast cancel {job}`)");
+    }
+    let progress = Progress::new(a.no_progress || a.json, 0);
+    let res = pagecast_coordinator::evacuate(
+        &a.index.list(),
+        &secret,
+        &spec,
+        &|e| progress.event(e),
+        stop,
+    );
+    progress.finish();
+    let r = match res {
+        Ok(r) => r,
+        Err(CoordError::Invalid(m)) => anyhow::bail!("{m}; nothing was moved"),
+        Err(e) => return Err(e).context("nothing was moved"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", render(&r));
+    }
+    if !r.ok {
+        let failed = r.vms.iter().filter(|v| !(v.ok && v.verified)).count();
+        anyhow::bail!(
+            "{failed} of {} VM(s) did not move; they run at their sources{}",
+            r.vms.len(),
+            if stop.load(Ordering::Relaxed) {
+                " (stopped)"
+            } else {
+                "; run the same command again to move them"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Runs `pagecast cancel`.
+pub fn run_cancel(a: CancelArgs) -> anyhow::Result<()> {
+    let secret = load_secret(&a.secret)?;
+    let mut c = pagecast_index::client::IndexClient::new(&a.index.list())?;
+    c.timeout = Duration::from_secs(20);
+    let hosts = c.hosts(true)?;
+    let mut told = 0;
+    let mut failed = Vec::new();
+    for h in hosts.iter().filter(|h| !h.address.is_empty()) {
+        match AgentClient::connect(&h.address, &secret, "pagecast-cli")
+            .and_then(|x| x.cancel_job(&a.job))
+        {
+            Ok(_) => told += 1,
+            Err(e) => failed.push(format!("{}: {e}", h.name)),
+        }
+    }
+    println!("job {} cancelled on {told} agent(s)", a.job);
+    if !failed.is_empty() {
+        anyhow::bail!("could not reach: {}", failed.join("; "));
+    }
+    Ok(())
+}

@@ -1,0 +1,1073 @@
+//! Gang evacuation: plan from the index, move every VM off the source
+//! hosts, each unique page leaving its source once.
+//!
+//! Three methods, each from the same starting state:
+//!
+//! - `pagecast`: content-aware placement (eviction time first, or bytes
+//!   first); every migration is held after the destination filled what it
+//!   holds; contents a rack-mate of the destination holds come from it;
+//!   every remaining content leaves one source once, multicast to every
+//!   destination that lacks it (unicast where one does); then each
+//!   migration finishes (the rest, pre-copy rounds, switchover).
+//! - `vmscatter`: VMScatter as published: content-blind placement,
+//!   identical pages among the moving VMs merged and multicast once, no
+//!   reuse of what destinations already hold (nor rack-mates).
+//! - `precopy`: what a user runs today: each VM its own pre-copy migration,
+//!   every non-zero page sent (zero pages skipped, as QEMU does), no reuse,
+//!   at most `parallel` at a time per source host (KubeVirt's default is
+//!   2); placement spreads VMs over the destinations with the most free
+//!   memory first (as a resource scheduler does).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pagecast_agent::client::{AgentClient, MigrationEvent, MigrationHandle};
+use pagecast_channel::Secret;
+use pagecast_index::client::IndexClient;
+use pagecast_index::keys::shard_of;
+use pagecast_pages::{PAGE_BYTES, PageHash, Sketch};
+use pagecast_proto::v1;
+use pagecast_scheduler::{
+    Cluster, ContentSource, Evacuation, Host, HostIdx, Objective, Planner, Rack, Strategy, Vm,
+    VmIdx,
+};
+
+use crate::report::{
+    BytesByClass, CloneOutcome, CloneReport, EvacuationReport, Predicted, VmOutcome,
+};
+use crate::view::ClusterView;
+use crate::{CoordError, Event};
+
+/// How a job moves VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Content-aware placement, local fill, short haul, multicast.
+    Pagecast,
+    /// VMScatter as published.
+    VmScatter,
+    /// Per-VM pre-copy, no reuse.
+    Precopy,
+}
+
+impl Method {
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Pagecast => "pagecast",
+            Method::VmScatter => "vmscatter",
+            Method::Precopy => "precopy",
+        }
+    }
+
+    /// Parses [`Method::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Method::Pagecast, Method::VmScatter, Method::Precopy]
+            .into_iter()
+            .find(|m| m.name() == s)
+    }
+}
+
+/// What to evacuate, and how.
+#[derive(Debug, Clone)]
+pub struct EvacuateSpec {
+    /// Hosts to empty.
+    pub from: Vec<String>,
+    /// Hosts that may receive (empty: every other host with an agent).
+    pub to: Vec<String>,
+    /// How.
+    pub method: Method,
+    /// Migrations at once per source host (precopy).
+    pub parallel: usize,
+    /// Bits per second each source may send (None: its link rate from the
+    /// index, unpaced if unknown).
+    pub bandwidth_bps: Option<u64>,
+    /// Downtime target per VM.
+    pub max_downtime_ms: u32,
+    /// What placement minimises first.
+    pub objective: Objective,
+    /// Plan only.
+    pub dry_run: bool,
+    /// The job's id (for `pagecast cancel`).
+    pub job: String,
+    /// How casts travel (UNSPECIFIED: multicast where every receiver
+    /// hears it, else the TCP chain).
+    pub transport: v1::CastTransport,
+}
+
+/// Most pages one cast session carries (the source stages them in memory).
+const CAST_CHUNK: usize = 131_072;
+
+/// The exact content the planner reasons with: the moving VMs' distinct
+/// contents from their agents, and which hosts hold them from the index.
+struct ExactContent {
+    vm_pages: HashMap<VmIdx, Vec<PageHash>>,
+    sketches: Vec<Sketch>,
+    held: HashMap<HostIdx, HashSet<PageHash>>,
+    host_vms: HashMap<HostIdx, Vec<VmIdx>>,
+}
+
+impl ContentSource for ExactContent {
+    fn vm_pages(&self, vm: VmIdx) -> Option<&[PageHash]> {
+        self.vm_pages.get(&vm).map(Vec::as_slice)
+    }
+    fn vm_sketch(&self, vm: VmIdx) -> Sketch {
+        match self.vm_pages.get(&vm) {
+            Some(p) => Sketch::of(p.iter()),
+            None => self.sketches[vm].clone(),
+        }
+    }
+    fn host_holds(&self, host: HostIdx, pages: &[PageHash]) -> Vec<bool> {
+        let set = self.held.get(&host);
+        pages
+            .iter()
+            .map(|p| set.is_some_and(|s| s.contains(p)))
+            .collect()
+    }
+    fn host_sketch(&self, host: HostIdx) -> Sketch {
+        let mut s = Sketch::default();
+        for &v in self.host_vms.get(&host).map(Vec::as_slice).unwrap_or(&[]) {
+            s.merge(&self.sketches[v]);
+        }
+        s
+    }
+}
+
+/// A VM that moves.
+#[derive(Debug, Clone)]
+struct Moving {
+    name: String,
+    from: String,
+    to: String,
+}
+
+/// Everything decided before anything moves.
+struct Prepared {
+    view: ClusterView,
+    moving: Vec<Moving>,
+    predicted: Predicted,
+}
+
+fn now_s(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+/// Reads the cluster, checks the request, asks the agents what the moving
+/// VMs hold and the index who holds it, and plans.
+fn prepare(
+    index: &[String],
+    secret: &Secret,
+    spec: &EvacuateSpec,
+    on: &(dyn Fn(Event) + Sync),
+) -> Result<Prepared, CoordError> {
+    let mut ic = IndexClient::new(index)?;
+    ic.timeout = Duration::from_secs(20);
+    on(Event::Step("reading the cluster from the index".into()));
+    let view = ClusterView::read(&mut ic)?;
+    if spec.from.is_empty() {
+        return Err(CoordError::Invalid(
+            "name at least one host to evacuate".into(),
+        ));
+    }
+    for h in &spec.from {
+        match view.host(h) {
+            None => return Err(CoordError::Invalid(format!("unknown host {h}"))),
+            Some(x) if x.address.is_empty() => {
+                return Err(CoordError::Invalid(format!(
+                    "host {h} has no agent reporting to the index"
+                )));
+            }
+            _ => {}
+        }
+    }
+    let to: Vec<String> = if spec.to.is_empty() {
+        view.hosts
+            .iter()
+            .filter(|h| !h.address.is_empty() && !spec.from.contains(&h.name))
+            .map(|h| h.name.clone())
+            .collect()
+    } else {
+        for h in &spec.to {
+            match view.host(h) {
+                None => return Err(CoordError::Invalid(format!("unknown host {h}"))),
+                Some(x) if x.address.is_empty() => {
+                    return Err(CoordError::Invalid(format!(
+                        "host {h} has no agent reporting to the index"
+                    )));
+                }
+                _ if spec.from.contains(h) => {
+                    return Err(CoordError::Invalid(format!(
+                        "--to names {h}, which is being evacuated"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        spec.to.clone()
+    };
+    if to.is_empty() {
+        return Err(CoordError::Invalid(
+            "no destination host has an agent".into(),
+        ));
+    }
+
+    // The model: every host, rack and running VM.
+    let mut racks: Vec<String> = view.hosts.iter().map(|h| view.rack_of(&h.name)).collect();
+    racks.sort();
+    racks.dedup();
+    let default_link = spec.bandwidth_bps.unwrap_or(10_000_000_000) as f64;
+    let mut cluster = Cluster::default();
+    for r in &racks {
+        let uplink: f64 = view
+            .hosts
+            .iter()
+            .filter(|h| view.rack_of(&h.name) == *r)
+            .map(|h| {
+                if h.link_bps > 0 {
+                    h.link_bps as f64
+                } else {
+                    default_link
+                }
+            })
+            .sum();
+        cluster.racks.push(Rack {
+            name: r.clone(),
+            uplink_bps: uplink.max(1.0),
+        });
+    }
+    let host_idx: HashMap<String, HostIdx> = view
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.name.clone(), i))
+        .collect();
+    for h in &view.hosts {
+        let rack = racks
+            .iter()
+            .position(|r| *r == view.rack_of(&h.name))
+            .expect("listed");
+        let link = match spec.bandwidth_bps {
+            Some(b) if spec.from.contains(&h.name) => b as f64,
+            _ if h.link_bps > 0 => h.link_bps as f64,
+            _ => default_link,
+        };
+        cluster.hosts.push(Host {
+            name: h.name.clone(),
+            rack,
+            memory_bytes: if h.capacity_bytes > 0 {
+                h.capacity_bytes
+            } else {
+                u64::MAX / 4
+            },
+            link_bps: link,
+        });
+    }
+    let mut sketches = Vec::new();
+    let mut host_vms: HashMap<HostIdx, Vec<VmIdx>> = HashMap::new();
+    for v in &view.vms {
+        let h = host_idx[&v.host];
+        host_vms.entry(h).or_default().push(cluster.vms.len());
+        cluster.vms.push(Vm {
+            name: v.name.clone(),
+            host: h,
+            memory_bytes: v.memory_bytes(),
+            nonzero_pages: v.nonzero_frames,
+        });
+        sketches.push(v.sketch.clone());
+    }
+    let evac = Evacuation {
+        from: spec.from.iter().map(|h| host_idx[h]).collect(),
+        to: to.iter().map(|h| host_idx[h]).collect(),
+        ..Evacuation::default()
+    };
+    let moving_idx: Vec<VmIdx> = (0..cluster.vms.len())
+        .filter(|&v| evac.from.contains(&cluster.vms[v].host))
+        .collect();
+
+    // The moving VMs' exact contents, from their agents' content maps.
+    on(Event::Step(format!(
+        "asking the source agents what {} VM(s) hold",
+        moving_idx.len()
+    )));
+    let contents: Vec<Result<pagecast_agent::client::VmContentAnswer, CoordError>> =
+        std::thread::scope(|s| {
+            let handles: Vec<_> = moving_idx
+                .iter()
+                .map(|&v| {
+                    let vm = &cluster.vms[v];
+                    let host = &view.host(&cluster.hosts[vm.host].name).expect("known").address;
+                    let hname = cluster.hosts[vm.host].name.clone();
+                    s.spawn(move || {
+                        AgentClient::connect(host, secret, "pagecast-coordinator")
+                            .and_then(|c| c.vm_content(&vm.name))
+                            .map_err(|e| match e {
+                                pagecast_agent::AgentError::Remote {
+                                    code: v1::RefusalCode::NotFound,
+                                    ..
+                                } => CoordError::Invalid(format!(
+                                    "VM {} is not on {hname} any more (the index is behind); run again",
+                                    vm.name
+                                )),
+                                other => CoordError::Agent {
+                                    host: hname.clone(),
+                                    source: other,
+                                },
+                            })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a content thread panicked"))
+                .collect()
+        });
+    let mut vm_pages = HashMap::new();
+    for (&v, c) in moving_idx.iter().zip(contents) {
+        let c = c?;
+        cluster.vms[v].memory_bytes = c.memory_bytes;
+        cluster.vms[v].nonzero_pages = c.nonzero_frames;
+        vm_pages.insert(v, c.hashes);
+    }
+
+    // Who holds those contents, from the index.
+    on(Event::Step("asking the index who holds those pages".into()));
+    let mut all: Vec<PageHash> = vm_pages.values().flatten().copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    let shards = ic.shards()?;
+    let mut by_shard: Vec<Vec<PageHash>> = vec![Vec::new(); shards as usize];
+    for h in &all {
+        by_shard[shard_of(h, shards) as usize].push(*h);
+    }
+    let by_number: HashMap<u32, HostIdx> = view
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.index, i))
+        .collect();
+    let mut held: HashMap<HostIdx, HashSet<PageHash>> = HashMap::new();
+    for (s, hs) in by_shard.iter().enumerate() {
+        for chunk in hs.chunks(16_384) {
+            let l = ic.lookup(s as u32, chunk, &[], false)?;
+            for (i, host) in l.hash_index.iter().zip(&l.host) {
+                if let (Some(&h), Some(p)) = (by_number.get(host), chunk.get(*i as usize)) {
+                    held.entry(h).or_default().insert(*p);
+                }
+            }
+        }
+    }
+    let content = ExactContent {
+        vm_pages,
+        sketches,
+        held,
+        host_vms,
+    };
+
+    on(Event::Step(format!("planning ({})", spec.method.name())));
+    let planner = Planner::new(&cluster, &evac, &content)?;
+    let plan = match spec.method {
+        Method::Pagecast => {
+            let a = planner.place(Strategy::Pagecast)?;
+            planner.refine(Strategy::Pagecast, a, spec.objective, 16)
+        }
+        Method::VmScatter => planner.plan(Strategy::VmScatter)?,
+        Method::Precopy => {
+            // Largest first, each to the destination with the most free
+            // memory (a resource scheduler's spreading).
+            let mut free = cluster.free_memory(planner.moving());
+            let mut order: Vec<VmIdx> = planner.moving().to_vec();
+            order.sort_by_key(|&v| std::cmp::Reverse(cluster.vms[v].memory_bytes));
+            let mut a = pagecast_scheduler::Assignment::new();
+            for v in order {
+                let mem = cluster.vms[v].memory_bytes;
+                let best = evac
+                    .to
+                    .iter()
+                    .copied()
+                    .filter(|&d| free[d] >= mem)
+                    .max_by_key(|&d| (free[d], std::cmp::Reverse(d)))
+                    .ok_or_else(|| {
+                        CoordError::Invalid(format!(
+                            "VM {} ({} bytes) fits on no destination",
+                            cluster.vms[v].name, mem
+                        ))
+                    })?;
+                free[best] -= mem;
+                a.insert(v, best);
+            }
+            planner.plan_for(Strategy::FirstFit, a)
+        }
+    };
+    let moving: Vec<Moving> = plan
+        .placement()
+        .into_iter()
+        .map(|(v, d)| Moving {
+            name: cluster.vms[v].name.clone(),
+            from: cluster.hosts[cluster.vms[v].host].name.clone(),
+            to: cluster.hosts[d].name.clone(),
+        })
+        .collect();
+    let cost = if spec.method == Method::Precopy {
+        &plan.precopy
+    } else {
+        &plan.cost
+    };
+    let predicted = Predicted {
+        source_bytes: cost.source_total,
+        core_bytes: cost.core_bytes,
+        eviction_s: cost.eviction_s,
+        bottleneck: cost.bottleneck.clone(),
+        precopy_source_bytes: plan.precopy.source_total,
+        placement: moving
+            .iter()
+            .map(|m| (m.name.clone(), m.to.clone()))
+            .collect(),
+    };
+    Ok(Prepared {
+        view,
+        moving,
+        predicted,
+    })
+}
+
+/// What one VM's worker thread reports.
+enum Report {
+    Held(usize, Vec<PageHash>, u64),
+    Done(usize, v1::MigrateResult, f64),
+    Failed(usize, String),
+}
+
+/// Runs one VM's migration on its own thread: starts it, forwards its
+/// needs when held, waits for the go, reports its result.
+#[allow(clippy::too_many_arguments)]
+fn run_vm(
+    i: usize,
+    m: &Moving,
+    src_addr: &str,
+    req: v1::MigrateRequest,
+    secret: &Secret,
+    tx: mpsc::Sender<Report>,
+    handles: &Mutex<HashMap<usize, MigrationHandle>>,
+    on: &(dyn Fn(Event) + Sync),
+    started: Instant,
+) {
+    let mut s = match AgentClient::connect(src_addr, secret, "pagecast-coordinator")
+        .and_then(|c| c.start_migrate(req))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Report::Failed(i, format!("{}: {e}", m.from)));
+            return;
+        }
+    };
+    handles
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(i, s.handle());
+    loop {
+        match s.next_event() {
+            Ok(MigrationEvent::Progress(p)) => on(Event::Vm {
+                name: m.name.clone(),
+                phase: p.phase.clone(),
+                bytes: p.bytes_sent,
+                pages_local: p.pages_local,
+            }),
+            Ok(MigrationEvent::Held(needs, local)) => {
+                on(Event::Vm {
+                    name: m.name.clone(),
+                    phase: "held".into(),
+                    bytes: 0,
+                    pages_local: local,
+                });
+                let _ = tx.send(Report::Held(i, needs, local));
+            }
+            Ok(MigrationEvent::Result(r)) => {
+                on(Event::Vm {
+                    name: m.name.clone(),
+                    phase: if r.ok { "done".into() } else { "failed".into() },
+                    bytes: r.bytes_sent,
+                    pages_local: r.pages_local,
+                });
+                let _ = tx.send(Report::Done(i, r, now_s(started)));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Report::Failed(i, format!("{}: {e}", m.from)));
+                return;
+            }
+        }
+    }
+}
+
+/// Cast and fetch figures of a job.
+#[derive(Default)]
+struct Traffic {
+    /// Per source: bytes its casts sent.
+    cast_bytes: BTreeMap<String, u64>,
+    multicast: u64,
+    unicast: u64,
+    repair: u64,
+    short_haul: u64,
+    core: u64,
+    /// Per destination: frames filled by casts and by fetches.
+    cast_frames: HashMap<String, u64>,
+    fetch_frames: HashMap<String, u64>,
+    errors: Vec<String>,
+}
+
+/// One source's sends: per content, the destinations it goes to.
+type SourcePlan = BTreeMap<String, Vec<(PageHash, Vec<String>)>>;
+
+/// Plans the casts and fetches from the destinations' exact needs: each
+/// content from one source, to every destination that lacks it; contents a
+/// rack-mate of the destination holds (pagecast only) from that rack-mate.
+fn plan_transfers(
+    prep: &Prepared,
+    needs: &HashMap<usize, Vec<PageHash>>,
+    method: Method,
+    held: &HashMap<String, HashSet<PageHash>>,
+) -> (SourcePlan, BTreeMap<(String, String), Vec<PageHash>>) {
+    let sources: HashSet<&str> = prep.moving.iter().map(|m| m.from.as_str()).collect();
+    // Per destination: contents it lacks, and which moving VMs' sources
+    // can send each.
+    let mut dest_needs: BTreeMap<String, BTreeSet<PageHash>> = BTreeMap::new();
+    let mut senders: HashMap<PageHash, BTreeSet<String>> = HashMap::new();
+    for (&i, n) in needs {
+        let m = &prep.moving[i];
+        let d = dest_needs.entry(m.to.clone()).or_default();
+        for h in n {
+            d.insert(*h);
+            senders.entry(*h).or_default().insert(m.from.clone());
+        }
+    }
+    let mut fetches: BTreeMap<(String, String), Vec<PageHash>> = BTreeMap::new();
+    if method == Method::Pagecast {
+        for (d, hs) in dest_needs.iter_mut() {
+            let rack = prep.view.rack_of(d);
+            let mates: Vec<&str> = prep
+                .view
+                .hosts
+                .iter()
+                .filter(|h| {
+                    h.name != *d
+                        && !h.address.is_empty()
+                        && !sources.contains(h.name.as_str())
+                        && prep.view.rack_of(&h.name) == rack
+                        && !h.rack.is_empty()
+                })
+                .map(|h| h.name.as_str())
+                .collect();
+            if mates.is_empty() {
+                continue;
+            }
+            let mut taken = Vec::new();
+            for h in hs.iter() {
+                if let Some(mate) = mates
+                    .iter()
+                    .find(|m| held.get(**m).is_some_and(|s| s.contains(h)))
+                {
+                    fetches
+                        .entry((d.clone(), (*mate).to_owned()))
+                        .or_default()
+                        .push(*h);
+                    taken.push(*h);
+                }
+            }
+            for h in taken {
+                hs.remove(&h);
+            }
+        }
+    }
+    // Each remaining content once, from the least loaded source that has it.
+    let mut members: BTreeMap<PageHash, Vec<String>> = BTreeMap::new();
+    for (d, hs) in &dest_needs {
+        for h in hs {
+            members.entry(*h).or_default().push(d.clone());
+        }
+    }
+    let mut load: HashMap<String, u64> = HashMap::new();
+    let mut plan: SourcePlan = BTreeMap::new();
+    for (h, ds) in members {
+        let Some(cands) = senders.get(&h) else {
+            continue;
+        };
+        let src = cands
+            .iter()
+            .min_by_key(|s| (load.get(*s).copied().unwrap_or(0), (*s).clone()))
+            .expect("a content someone needs has a sender")
+            .clone();
+        *load.entry(src.clone()).or_default() += ds.len() as u64;
+        plan.entry(src).or_default().push((h, ds));
+    }
+    (plan, fetches)
+}
+
+fn group_addr(job: &str, source: usize, group: usize) -> String {
+    let j = job
+        .bytes()
+        .fold(7u32, |a, b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let x = ((j as usize + source * 17) % 200) + 20;
+    let y = group % 250 + 1;
+    let port = 40_000 + 2 * (group / 250) + 400 * (source % 50);
+    format!("239.193.{x}.{y}:{port}")
+}
+
+/// Runs the casts of one source, chunk by chunk, and the receivers'
+/// sides; adds to `t`.
+#[allow(clippy::too_many_arguments)]
+fn run_source_casts(
+    prep: &Prepared,
+    spec: &EvacuateSpec,
+    secret: &Secret,
+    source_idx: usize,
+    source: &str,
+    sends: &[(PageHash, Vec<String>)],
+    t: &Mutex<Traffic>,
+    on: &(dyn Fn(Event) + Sync),
+) {
+    let addr = prep.view.host(source).expect("known").address.clone();
+    let src_rack = prep.view.rack_of(source);
+    let rate = spec.bandwidth_bps.or_else(|| {
+        let l = prep.view.host(source).map_or(0, |h| h.link_bps);
+        (l > 0).then_some(l)
+    });
+    for (ci, chunk) in sends.chunks(CAST_CHUNK).enumerate() {
+        let mut receivers: BTreeSet<String> = BTreeSet::new();
+        let mut groups: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
+        for (i, (_, ds)) in chunk.iter().enumerate() {
+            receivers.extend(ds.iter().cloned());
+            groups.entry(ds.clone()).or_default().push(i as u32);
+        }
+        let receivers: Vec<String> = receivers.into_iter().collect();
+        let mut hashes = Vec::with_capacity(chunk.len() * 32);
+        for (h, _) in chunk {
+            hashes.extend_from_slice(h.as_bytes());
+        }
+        // Largest groups first: the most shared pages go out first.
+        let mut glist: Vec<(Vec<String>, Vec<u32>)> = groups.into_iter().collect();
+        glist.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(b.1.len().cmp(&a.1.len())));
+        let group_pages: Vec<(Vec<String>, usize)> =
+            glist.iter().map(|(m, p)| (m.clone(), p.len())).collect();
+        let req = v1::CastSendRequest {
+            job: spec.job.clone(),
+            hashes: hashes.into(),
+            groups: glist
+                .into_iter()
+                .enumerate()
+                .map(|(g, (members, pages))| v1::JobCastGroup {
+                    members,
+                    pages,
+                    addr: group_addr(&spec.job, source_idx * 8 + ci % 8, g),
+                })
+                .collect(),
+            receivers: receivers.clone(),
+            rate_bps: rate.unwrap_or(0),
+            transport: spec.transport as i32,
+        };
+        on(Event::Step(format!(
+            "{source}: casting {} pages to {}",
+            chunk.len(),
+            receivers.join(", ")
+        )));
+        let opened = AgentClient::connect(&addr, secret, "pagecast-coordinator")
+            .and_then(|c| c.cast_send(req));
+        let (open, wait) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                lock(t).errors.push(format!("cast from {source}: {e}"));
+                return;
+            }
+        };
+        let results: Vec<(String, Result<v1::CastResult, String>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = receivers
+                .iter()
+                .map(|r| {
+                    let raddr = prep.view.host(r).expect("known").address.clone();
+                    let control = open.control.clone();
+                    let job = spec.job.clone();
+                    s.spawn(move || {
+                        let res = AgentClient::connect(&raddr, secret, "pagecast-coordinator")
+                            .and_then(|c| c.cast_recv(v1::CastRecvRequest { job, control }))
+                            .map_err(|e| e.to_string());
+                        (r.clone(), res)
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("a receiver thread panicked"))
+                .collect()
+        });
+        let sent = wait.result();
+        let mut tr = lock(t);
+        for (r, res) in results {
+            match res {
+                Ok(c) if c.ok => {
+                    *tr.cast_frames.entry(r).or_default() += c.frames_filled;
+                }
+                Ok(c) => {
+                    *tr.cast_frames.entry(r.clone()).or_default() += c.frames_filled;
+                    tr.errors.push(format!("cast into {r}: {}", c.error));
+                }
+                Err(e) => tr.errors.push(format!("cast into {r}: {e}")),
+            }
+        }
+        match sent {
+            Ok(c) => {
+                *tr.cast_bytes.entry(source.to_owned()).or_default() += c.bytes_sent;
+                let rep: serde_json::Value =
+                    serde_json::from_str(&c.report).unwrap_or(serde_json::Value::Null);
+                let num = |k: &str| rep[k].as_u64().unwrap_or(0);
+                let first = num("bytes_first");
+                let other = num("bytes_heartbeat") + num("bytes_control");
+                let repair = num("bytes_repair") + num("bytes_unicast");
+                let pages: usize = group_pages.iter().map(|g| g.1).sum::<usize>().max(1);
+                for (members, n) in &group_pages {
+                    let share = first as f64 * *n as f64 / pages as f64;
+                    if members.len() > 1 {
+                        tr.multicast += share as u64;
+                    } else {
+                        tr.unicast += share as u64;
+                    }
+                    let racks: BTreeSet<String> = members
+                        .iter()
+                        .map(|m| prep.view.rack_of(m))
+                        .filter(|r| *r != src_rack)
+                        .collect();
+                    tr.core += (share * racks.len() as f64) as u64;
+                }
+                tr.unicast += other;
+                tr.repair += repair;
+                if !c.ok {
+                    tr.errors.push(format!("cast from {source}: {}", c.error));
+                }
+            }
+            Err(e) => tr.errors.push(format!("cast from {source}: {e}")),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Evacuates `spec.from`. Returns the report (with `ok` false if any VM
+/// failed: each failed VM still runs at its source, unless in doubt).
+/// `stop` set meanwhile (Ctrl-C) aborts every VM not yet switched over.
+pub fn evacuate(
+    index: &[String],
+    secret: &Secret,
+    spec: &EvacuateSpec,
+    on: &(dyn Fn(Event) + Sync),
+    stop: &AtomicBool,
+) -> Result<EvacuationReport, CoordError> {
+    let started = Instant::now();
+    let prep = prepare(index, secret, spec, on)?;
+    let mut report = EvacuationReport {
+        job: spec.job.clone(),
+        strategy: spec.method.name().into(),
+        dry_run: spec.dry_run,
+        predicted: prep.predicted.clone(),
+        ..Default::default()
+    };
+    report.vms = prep
+        .moving
+        .iter()
+        .map(|m| VmOutcome {
+            name: m.name.clone(),
+            from: m.from.clone(),
+            to: m.to.clone(),
+            ..Default::default()
+        })
+        .collect();
+    if spec.dry_run || prep.moving.is_empty() {
+        // A plan was made (or there was nothing to move).
+        report.ok = true;
+        report.total_s = now_s(started);
+        return Ok(report);
+    }
+    let held = spec.method != Method::Precopy;
+    let (tx, rx) = mpsc::channel::<Report>();
+    let handles: Mutex<HashMap<usize, MigrationHandle>> = Mutex::new(HashMap::new());
+    let traffic = Mutex::new(Traffic::default());
+    let n = prep.moving.len();
+    let mut results: HashMap<usize, (v1::MigrateResult, f64)> = HashMap::new();
+    let mut failures: HashMap<usize, String> = HashMap::new();
+    let mut local: HashMap<usize, u64> = HashMap::new();
+    let request = |m: &Moving| v1::MigrateRequest {
+        vm: m.name.clone(),
+        to: prep.view.host(&m.to).expect("known").address.clone(),
+        bandwidth_bps: spec.bandwidth_bps.unwrap_or(0),
+        max_downtime_ms: spec.max_downtime_ms,
+        verify_full: false,
+        job: spec.job.clone(),
+        hold: held,
+        no_local: spec.method != Method::Pagecast,
+        per_frame: spec.method == Method::Precopy,
+    };
+    std::thread::scope(|s| {
+        if held {
+            // 1. Every migration starts and holds once its destination has
+            //    filled what it holds.
+            on(Event::Step(format!(
+                "starting {n} migrations (held until the shared pages are sent)"
+            )));
+            for (i, m) in prep.moving.iter().enumerate() {
+                let tx = tx.clone();
+                let (handles, req) = (&handles, request(m));
+                let src = prep.view.host(&m.from).expect("known").address.clone();
+                s.spawn(move || run_vm(i, m, &src, req, secret, tx, handles, on, started));
+            }
+            let mut needs: HashMap<usize, Vec<PageHash>> = HashMap::new();
+            while needs.len() + failures.len() + results.len() < n {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(Report::Held(i, h, l)) => {
+                        local.insert(i, l);
+                        needs.insert(i, h);
+                    }
+                    Ok(Report::Done(i, r, t)) => {
+                        results.insert(i, (r, t));
+                    }
+                    Ok(Report::Failed(i, e)) => {
+                        failures.insert(i, e);
+                    }
+                    Err(_) => {}
+                }
+            }
+            if !stop.load(Ordering::Relaxed) {
+                // 2. Casts and fetches fill the held migrations' memory.
+                let held_sets = holders_of_needs(index, &prep, &needs);
+                let (plan, fetches) = plan_transfers(&prep, &needs, spec.method, &held_sets);
+                let sources: Vec<String> = plan.keys().cloned().collect();
+                std::thread::scope(|s2| {
+                    for (si, src) in sources.iter().enumerate() {
+                        let sends = &plan[src];
+                        let (prep, traffic) = (&prep, &traffic);
+                        s2.spawn(move || {
+                            run_source_casts(prep, spec, secret, si, src, sends, traffic, on)
+                        });
+                    }
+                    for ((d, mate), hs) in &fetches {
+                        let (prep, traffic) = (&prep, &traffic);
+                        s2.spawn(move || {
+                            on(Event::Step(format!(
+                                "{d}: fetching {} pages from rack-mate {mate}",
+                                hs.len()
+                            )));
+                            let daddr = &prep.view.host(d).expect("known").address;
+                            let maddr = &prep.view.host(mate).expect("known").address;
+                            let r = AgentClient::connect(daddr, secret, "pagecast-coordinator")
+                                .and_then(|c| {
+                                    c.fetch(v1::FetchRequest {
+                                        job: spec.job.clone(),
+                                        from: maddr.clone(),
+                                        hashes: pagecast_agent::job::bytes_of(hs).into(),
+                                    })
+                                });
+                            let mut t = lock(traffic);
+                            match r {
+                                Ok(f) => {
+                                    t.short_haul += f.bytes;
+                                    *t.fetch_frames.entry(d.clone()).or_default() +=
+                                        f.frames_filled;
+                                    if !f.error.is_empty() {
+                                        t.errors.push(format!("fetch into {d}: {}", f.error));
+                                    }
+                                }
+                                Err(e) => t.errors.push(format!("fetch into {d}: {e}")),
+                            }
+                        });
+                    }
+                });
+            }
+            // 3. Go (or, stopped, give up).
+            let stopped = stop.load(Ordering::Relaxed);
+            for (_, h) in lock(&handles).iter() {
+                let _ = if stopped {
+                    h.go(true, "the job was stopped")
+                } else {
+                    h.go(false, "")
+                };
+            }
+            on(Event::Step("finishing the migrations".into()));
+        } else {
+            // Per-VM pre-copy, `parallel` at a time per source.
+            let mut queues: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            for (i, m) in prep.moving.iter().enumerate() {
+                queues.entry(m.from.clone()).or_default().push(i);
+            }
+            for (src, q) in queues {
+                let per = spec.parallel.max(1);
+                let q = Arc::new(Mutex::new(q));
+                for _ in 0..per {
+                    let q = q.clone();
+                    let tx = tx.clone();
+                    let (prep, handles, src) = (&prep, &handles, src.clone());
+                    let request = &request;
+                    s.spawn(move || {
+                        let addr = prep.view.host(&src).expect("known").address.clone();
+                        loop {
+                            if stop.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            let Some(i) = lock(&q).pop() else {
+                                return;
+                            };
+                            let (itx, irx) = mpsc::channel();
+                            let m = &prep.moving[i];
+                            run_vm(i, m, &addr, request(m), secret, itx, handles, on, started);
+                            for r in irx.try_iter() {
+                                let _ = tx.send(r);
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        drop(tx);
+        // Results, and on a stop, aborts for migrations still running.
+        let mut aborted = false;
+        loop {
+            if stop.load(Ordering::Relaxed) && !aborted {
+                aborted = true;
+                for (_, h) in lock(&handles).iter() {
+                    let _ = h.go(true, "the job was stopped");
+                }
+            }
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Report::Done(i, r, t)) => {
+                    results.insert(i, (r, t));
+                }
+                Ok(Report::Failed(i, e)) => {
+                    failures.insert(i, e);
+                }
+                Ok(Report::Held(..)) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    });
+
+    // The report.
+    let t = traffic.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut per_dest_vms: HashMap<String, u64> = HashMap::new();
+    for m in &prep.moving {
+        *per_dest_vms.entry(m.to.clone()).or_default() += 1;
+    }
+    let mut eviction: f64 = 0.0;
+    let mut all_ok = true;
+    for (i, o) in report.vms.iter_mut().enumerate() {
+        let m = &prep.moving[i];
+        let k = per_dest_vms[&m.to].max(1);
+        o.pages_short_haul = t.fetch_frames.get(&m.to).copied().unwrap_or(0) / k;
+        o.pages_cast = t.cast_frames.get(&m.to).copied().unwrap_or(0) / k;
+        if let Some((r, at)) = results.get(&i) {
+            o.ok = r.ok;
+            o.verified = r.ok && r.verified;
+            o.downtime_ms = r.downtime_ms;
+            o.bytes_sent = r.bytes_sent;
+            o.pages_local = local.get(&i).copied().unwrap_or(r.pages_local);
+            o.error = r.error.clone();
+            o.in_doubt = r.in_doubt;
+            *report.bytes_by_source.entry(m.from.clone()).or_default() += r.bytes_sent;
+            if r.ok {
+                eviction = eviction.max(*at);
+            }
+            report.bytes_by_class.unicast += r.bytes_sent;
+            if prep.view.rack_of(&m.from) != prep.view.rack_of(&m.to) {
+                report.core_bytes += r.bytes_sent;
+            }
+        } else if let Some(e) = failures.get(&i) {
+            o.error = e.clone();
+        } else {
+            o.error = "stopped before it started".into();
+        }
+        all_ok &= o.ok && o.verified;
+    }
+    for (src, b) in &t.cast_bytes {
+        *report.bytes_by_source.entry(src.clone()).or_default() += b;
+    }
+    report.bytes_by_class = BytesByClass {
+        multicast: t.multicast,
+        unicast: report.bytes_by_class.unicast + t.unicast,
+        short_haul: t.short_haul,
+        repair: t.repair,
+    };
+    report.core_bytes += t.core;
+    report.source_bytes = report.bytes_by_source.values().sum();
+    report.eviction_s = eviction;
+    report.total_s = now_s(started);
+    report.ok = all_ok;
+    if !t.errors.is_empty() {
+        on(Event::Step(format!(
+            "some pages travelled in the migrations instead: {}",
+            t.errors.join("; ")
+        )));
+    }
+    if stop.load(Ordering::Relaxed) && !all_ok {
+        on(Event::Step(
+            "stopped: VMs that had not switched over run at their sources".into(),
+        ));
+    }
+    Ok(report)
+}
+
+/// Which hosts the index says hold each needed content (for short haul).
+fn holders_of_needs(
+    index: &[String],
+    prep: &Prepared,
+    needs: &HashMap<usize, Vec<PageHash>>,
+) -> HashMap<String, HashSet<PageHash>> {
+    let mut out: HashMap<String, HashSet<PageHash>> = HashMap::new();
+    let mut all: Vec<PageHash> = needs.values().flatten().copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    let Ok(mut c) = IndexClient::new(index) else {
+        return out;
+    };
+    c.timeout = Duration::from_secs(10);
+    let Ok(shards) = c.shards() else {
+        return out;
+    };
+    let names: HashMap<u32, &str> = prep
+        .view
+        .hosts
+        .iter()
+        .map(|h| (h.index, h.name.as_str()))
+        .collect();
+    let mut by_shard: Vec<Vec<PageHash>> = vec![Vec::new(); shards as usize];
+    for h in &all {
+        by_shard[shard_of(h, shards) as usize].push(*h);
+    }
+    for (s, hs) in by_shard.iter().enumerate() {
+        for chunk in hs.chunks(16_384) {
+            // The index is a hint: without it, everything comes from sources.
+            let Ok(l) = c.lookup(s as u32, chunk, &[], true) else {
+                return out;
+            };
+            for (i, host) in l.hash_index.iter().zip(&l.host) {
+                if let (Some(n), Some(p)) = (names.get(host), chunk.get(*i as usize)) {
+                    out.entry((*n).to_owned()).or_default().insert(*p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Clones a running VM to several hosts (see `pagecast clone`).
+pub fn clone(
+    _index: &[String],
+    _secret: &Secret,
+    _vm: &str,
+    _to: &[String],
+    _names: &str,
+    _on: &(dyn Fn(Event) + Sync),
+) -> Result<CloneReport, CoordError> {
+    let _ = (CloneOutcome::default(), PAGE_BYTES);
+    Err(CoordError::Invalid("clone is not built yet".into()))
+}

@@ -1,0 +1,131 @@
+//! What a job reports: per VM, and the bytes and times of the whole.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// One VM's outcome.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VmOutcome {
+    /// The VM.
+    pub name: String,
+    /// Its source host.
+    pub from: String,
+    /// Its planned destination host.
+    pub to: String,
+    /// It runs at its destination now.
+    pub ok: bool,
+    /// Its memory at the destination matched the source's at switchover.
+    pub verified: bool,
+    /// From pausing at the source to resuming at the destination.
+    pub downtime_ms: f64,
+    /// Bytes its migration link carried (the cast bytes of the job are
+    /// counted in the job's totals, not here).
+    pub bytes_sent: u64,
+    /// Frames filled from what the destination already held.
+    pub pages_local: u64,
+    /// Frames filled from a rack-mate of the destination (estimated per
+    /// VM from its destination's fetches).
+    pub pages_short_haul: u64,
+    /// Frames filled by the job's casts (estimated per VM likewise).
+    pub pages_cast: u64,
+    /// Why it failed ("" if it did not); a failed VM still runs at its
+    /// source unless `in_doubt`.
+    pub error: String,
+    /// The switchover lost contact: the source holds the VM paused, the
+    /// destination may run it.
+    pub in_doubt: bool,
+}
+
+/// Bytes by how they travelled.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BytesByClass {
+    /// Cast datagrams to groups of two or more destinations (first pass).
+    pub multicast: u64,
+    /// Migration links, and cast pages to a single destination.
+    pub unicast: u64,
+    /// Pages from rack-mates of destinations.
+    pub short_haul: u64,
+    /// Cast repairs (multicast and unicast).
+    pub repair: u64,
+}
+
+/// What an evacuation did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EvacuationReport {
+    /// The job's id.
+    pub job: String,
+    /// Every VM verified and running at its destination.
+    pub ok: bool,
+    /// `pagecast`, `vmscatter` or `precopy`.
+    pub strategy: String,
+    /// Only planned, nothing moved.
+    pub dry_run: bool,
+    /// Per VM.
+    pub vms: Vec<VmOutcome>,
+    /// Bytes that left the source hosts, every protocol byte counted
+    /// (migration links with framing, cast datagrams and control).
+    pub source_bytes: u64,
+    /// Bytes that crossed rack boundaries (a multicast datagram counts once
+    /// per other rack it reaches).
+    pub core_bytes: u64,
+    /// Bytes by class.
+    pub bytes_by_class: BytesByClass,
+    /// From the start until the last VM left its source.
+    pub eviction_s: f64,
+    /// From the start until everything ended.
+    pub total_s: f64,
+    /// What the plan predicted.
+    pub predicted: Predicted,
+    /// Per source host: bytes it sent.
+    pub bytes_by_source: BTreeMap<String, u64>,
+}
+
+/// The plan's own figures, beside what was measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Predicted {
+    /// Bytes the sources would send.
+    pub source_bytes: u64,
+    /// Bytes into other racks.
+    pub core_bytes: u64,
+    /// Eviction time at the links' rates.
+    pub eviction_s: f64,
+    /// The link that decides it.
+    pub bottleneck: String,
+    /// Bytes a per-VM pre-copy of the same placement would send.
+    pub precopy_source_bytes: u64,
+    /// Where each VM goes.
+    pub placement: BTreeMap<String, String>,
+}
+
+/// One clone's outcome.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CloneOutcome {
+    /// The clone's name.
+    pub name: String,
+    /// Its host.
+    pub host: String,
+    /// It runs there.
+    pub ok: bool,
+    /// Its memory matched the source's at the switchover point.
+    pub verified: bool,
+    /// Why it failed.
+    pub error: String,
+}
+
+/// What a clone did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CloneReport {
+    /// The job's id.
+    pub job: String,
+    /// Every clone verified and running.
+    pub ok: bool,
+    /// Per clone.
+    pub clones: Vec<CloneOutcome>,
+    /// Bytes that left the source host.
+    pub source_bytes: u64,
+    /// The longest the source VM was paused.
+    pub source_downtime_ms: f64,
+    /// From the start until every clone ran.
+    pub total_s: f64,
+}
