@@ -218,3 +218,68 @@ fn a_rack_evacuates_verified_with_shared_pages_sent_once() {
         "{rep}"
     );
 }
+
+#[test]
+fn a_vm_clones_live_to_three_hosts_and_runs_on() {
+    if !kvm_or_skip("a_vm_clones_live_to_three_hosts_and_runs_on") {
+        return;
+    }
+    let r = rig(&[]);
+    r.vm_start("h1", "tmpl", "web:index=3", 64, 2000);
+    r.vm_start("h4", "web0", "web:index=0", 48, 0);
+    r.wait_published(&["tmpl", "web0"]);
+    let addrs = r.idx.addrs();
+    let t = Instant::now();
+    let out = cli(
+        r.d(),
+        &[
+            "clone",
+            "--index",
+            &addrs,
+            "--vm",
+            "tmpl",
+            "--to",
+            "h4,h5,h6",
+            "--max-downtime",
+            "300",
+            "--json",
+        ],
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    eprintln!(
+        "{}\ncloned in {:.1} s",
+        serde_json::to_string_pretty(&rep).unwrap(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        out.status.success(),
+        "clone failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        r.logs()
+    );
+    assert_eq!(rep["clones"].as_array().unwrap().len(), 3);
+    for c in rep["clones"].as_array().unwrap() {
+        assert_eq!(c["verified"], true, "{c}");
+        let host = c["host"].as_str().unwrap();
+        let name = c["name"].as_str().unwrap();
+        assert!(
+            r.vms_on(host)
+                .iter()
+                .any(|(n, s)| n == name && s == "running"),
+            "{name} runs on {host}"
+        );
+    }
+    // The source still runs its VM.
+    assert!(
+        r.vms_on("h1")
+            .iter()
+            .any(|(n, s)| n == "tmpl" && s == "running")
+    );
+    // Each page left the source about once: far less than three copies.
+    let one_copy = 64u64 << 20;
+    let sent = rep["source_bytes"].as_u64().unwrap();
+    assert!(
+        sent < 2 * one_copy,
+        "sent {sent} bytes for three clones of {one_copy}"
+    );
+}

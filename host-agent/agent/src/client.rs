@@ -229,6 +229,22 @@ impl AgentClient {
         }
     }
 
+    /// Asks the agent to clone a VM, calling `progress` with its reports.
+    pub fn clone_vm(
+        mut self,
+        r: v1::CloneRequest,
+        progress: &mut dyn FnMut(&v1::MigrateProgress),
+    ) -> Result<v1::CloneResult, AgentError> {
+        self.send(Req::Clone(r))?;
+        loop {
+            match self.recv()? {
+                Resp::Progress(p) => progress(&p),
+                Resp::CloneResult(c) => return Ok(c),
+                other => return Err(self.unexpected(other)),
+            }
+        }
+    }
+
     /// Cancels a gang job on the agent.
     pub fn cancel_job(mut self, job: &str) -> Result<bool, AgentError> {
         self.send(Req::CancelJob(v1::CancelJobRequest {

@@ -101,21 +101,210 @@ impl Jobs {
     }
 }
 
-/// Registers an arriving VM's slot with its job for as long as it fills.
+/// Registers an arriving VM's slot with its job for as long as it fills,
+/// and joins the casts its source invites it to.
 pub struct JobSlots<'a> {
-    /// The registry.
-    pub jobs: &'a Jobs,
+    /// The agent.
+    pub agent: &'a Agent,
     /// The job.
     pub job: String,
 }
 
 impl SlotEvents for JobSlots<'_> {
     fn opened(&mut self, slot: &Arc<IncomingSlot>) {
-        self.jobs.open(&self.job, slot);
+        self.agent.jobs().open(&self.job, slot);
     }
     fn closed(&mut self, slot: &Arc<IncomingSlot>) {
-        self.jobs.close(&self.job, slot);
+        self.agent.jobs().close(&self.job, slot);
     }
+    fn join_cast(
+        &mut self,
+        slot: &Arc<IncomingSlot>,
+        control: &str,
+        by_frame: bool,
+    ) -> Result<u64, String> {
+        let control = parse_addr(control).map_err(|e| e.to_string())?;
+        let mut cfg = ReceiverConfig::new(control, self.agent.cast_iface(), self.agent.name());
+        cfg.silent_after = Duration::from_secs(10);
+        if by_frame {
+            let mut sink = FrameSink {
+                slot: slot.clone(),
+                filled: 0,
+            };
+            pagecast_multicast::receive(&cfg, self.agent.secret(), &mut sink, &|_, _| {})
+                .map_err(|e| e.to_string())?;
+            Ok(sink.filled)
+        } else {
+            let mut sink = SlotSink::new(vec![slot.clone()]);
+            pagecast_multicast::receive(&cfg, self.agent.secret(), &mut sink, &|_, _| {})
+                .map_err(|e| e.to_string())?;
+            Ok(sink.filled)
+        }
+    }
+}
+
+/// Where a clone's dirty-round pages go: each into its own frame.
+struct FrameSink {
+    slot: Arc<IncomingSlot>,
+    filled: u64,
+}
+
+impl PageSink for FrameSink {
+    fn begin(&mut self, _frames: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn put(&mut self, entry: &PageEntry, data: &Page) -> io::Result<()> {
+        self.slot
+            .write_frame(entry.key, entry.hash, data)
+            .map_err(io::Error::other)?;
+        self.filled += 1;
+        Ok(())
+    }
+    fn get(&mut self, key: u64, out: &mut Page) -> io::Result<()> {
+        self.slot.read_frame(key, out).map_err(io::Error::other)
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn abort(&mut self) {}
+}
+
+/// The source side's caster for clones: stages the VM's frames, sends
+/// them once with the agent's transport, inviting each destination over its
+/// migration link.
+pub struct AgentCaster<'a> {
+    /// The agent.
+    pub agent: &'a Agent,
+    /// The VM's memory.
+    pub vm: &'a dyn pagecast_memory::GuestMemory,
+    /// Pacing, bits per second.
+    pub rate_bps: Option<u64>,
+    /// The job (for group addresses).
+    pub job: String,
+    /// Casts so far (for group addresses).
+    pub casts: usize,
+}
+
+impl pagecast_migrate::Caster for AgentCaster<'_> {
+    fn cast(
+        &mut self,
+        frames: &[u64],
+        members: &[Vec<usize>],
+        _by_frame: bool,
+        receivers: &[String],
+        invite: &mut dyn FnMut(usize, &str) -> Result<(), MigrationError>,
+    ) -> Result<pagecast_migrate::CastOutcome, MigrationError> {
+        // Stage: read and hash every frame now. Zero pages do not travel
+        // in casts (their marker is not a hash of their bytes); the engine
+        // sends them over the links.
+        let (mut buf, mut hashes) = (Vec::new(), Vec::new());
+        let mut entries = Vec::with_capacity(frames.len());
+        let mut data = Vec::with_capacity(frames.len() * PAGE_SIZE);
+        let mut staged_hashes = Vec::with_capacity(frames.len());
+        let all: Vec<usize> = (0..receivers.len()).collect();
+        let mut groups: std::collections::BTreeMap<Vec<usize>, Vec<u32>> = Default::default();
+        for (c, chunk) in frames.chunks(64).enumerate() {
+            pagecast_memory::fingerprint::read_and_hash(self.vm, chunk, &mut buf, &mut hashes)?;
+            for (k, &f) in chunk.iter().enumerate() {
+                staged_hashes.push(hashes[k]);
+                if hashes[k].is_zero_page() {
+                    continue;
+                }
+                let m = if members.is_empty() {
+                    all.clone()
+                } else {
+                    members[c * 64 + k].clone()
+                };
+                if m.is_empty() {
+                    continue;
+                }
+                groups.entry(m).or_default().push(entries.len() as u32);
+                entries.push(PageEntry {
+                    key: f,
+                    hash: hashes[k],
+                });
+                data.extend_from_slice(&buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+            }
+        }
+        let staged = Staged { entries, data };
+        let mut complete = vec![true; receivers.len()];
+        if groups.is_empty() {
+            // Nothing to cast (every page zero): nothing is missing.
+            return Ok(pagecast_migrate::CastOutcome {
+                hashes: staged_hashes,
+                complete,
+                bytes: 0,
+            });
+        }
+        self.casts += 1;
+        let plans: Vec<GroupPlan> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(g, (members, pages))| GroupPlan {
+                addr: clone_group_addr(&self.job, self.casts, g),
+                members,
+                pages,
+            })
+            .collect();
+        let iface = self.agent.cast_iface();
+        let listener = TcpListener::bind((iface, 0))
+            .map_err(|e| MigrationError::Protocol(format!("cannot listen for a cast: {e}")))?;
+        let control = listener
+            .local_addr()
+            .map_err(|e| MigrationError::Protocol(format!("cannot listen for a cast: {e}")))?;
+        // Receivers a link cannot invite are dropped from the session.
+        // A receiver that cannot be invited fails the cast: the engine then
+        // sends over the links (receivers already invited give up on a
+        // sender that never answers).
+        for r in 0..receivers.len() {
+            invite(r, &control.to_string())?;
+        }
+        let mut cfg = SenderConfig::new(control, iface, receivers.len());
+        cfg.name = self.agent.name().to_owned();
+        cfg.expected = receivers.to_vec();
+        cfg.rate_bps = self.rate_bps;
+        cfg.accept_timeout = Duration::from_secs(10);
+        let rep = pagecast_multicast::send_on(
+            listener,
+            &cfg,
+            Groups::Plan(plans),
+            &staged,
+            self.agent.secret(),
+            &|_, _| {},
+        )
+        .map_err(|e| MigrationError::Protocol(format!("cast: {e}")))?;
+        for p in &rep.receivers {
+            let i = (p.id as usize).saturating_sub(1);
+            if let Some(c) = complete.get_mut(i) {
+                *c &= matches!(
+                    p.status,
+                    pagecast_multicast::PeerStatus::Complete
+                        | pagecast_multicast::PeerStatus::Unicast { .. }
+                );
+            }
+        }
+        Ok(pagecast_migrate::CastOutcome {
+            hashes: staged_hashes,
+            complete,
+            bytes: rep.bytes_first
+                + rep.bytes_repair
+                + rep.bytes_heartbeat
+                + rep.bytes_unicast
+                + rep.bytes_control,
+        })
+    }
+}
+
+fn clone_group_addr(job: &str, cast: usize, group: usize) -> std::net::SocketAddrV4 {
+    let j = job
+        .bytes()
+        .fold(11u32, |a, b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let x = ((j as usize + cast) % 200) as u8 + 20;
+    let y = (group % 250) as u8 + 1;
+    std::net::SocketAddrV4::new(
+        Ipv4Addr::new(239, 194, x, y),
+        41_000 + 2 * (group / 250) as u16,
+    )
 }
 
 /// What an arriving VM of a job copies locally: what this host's VMs hold,
@@ -289,7 +478,8 @@ impl PageSource for Staged {
         Ok(())
     }
     fn frames(&self) -> u64 {
-        self.entries.last().map_or(0, |e| e.key + 1)
+        // Keys need not come in order (a clone's pages go in content order).
+        self.entries.iter().map(|e| e.key + 1).max().unwrap_or(0)
     }
 }
 

@@ -820,6 +820,140 @@ impl Agent {
         result.map(|(rep, _)| rep)
     }
 
+    /// Clones a running VM to every target of `r`, live; the VM runs on here.
+    pub fn clone_out(
+        &self,
+        r: &v1::CloneRequest,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<v1::CloneResult, AgentError> {
+        let entry = lock(&self.vms)
+            .get(&r.vm)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchVm(r.vm.clone()))?;
+        if r.targets.is_empty() {
+            return Err(AgentError::BadRequest(
+                "a clone needs at least one target".into(),
+            ));
+        }
+        for t in &r.targets {
+            if !valid_name(&t.name) {
+                return Err(AgentError::BadName(t.name.clone()));
+            }
+        }
+        {
+            let mut s = lock(&entry.state);
+            if *s != VmState::Running {
+                return Err(AgentError::Busy {
+                    vm: r.vm.clone(),
+                    state: s.name(),
+                });
+            }
+            *s = VmState::MigratingOut;
+        }
+        let result = self.run_clone(&entry, r, progress);
+        *lock(&entry.state) = VmState::Running;
+        result
+    }
+
+    fn run_clone(
+        &self,
+        entry: &Arc<VmEntry>,
+        r: &v1::CloneRequest,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<v1::CloneResult, AgentError> {
+        let mut targets = Vec::new();
+        let mut failed = Vec::new();
+        for t in &r.targets {
+            let link = (|| -> Result<(String, ChannelLink), AgentError> {
+                let addr = t
+                    .addr
+                    .to_socket_addrs()
+                    .map_err(|source| AgentError::Connect {
+                        addr: t.addr.clone(),
+                        source,
+                    })?
+                    .next()
+                    .ok_or_else(|| {
+                        AgentError::BadRequest(format!("{} resolves to nothing", t.addr))
+                    })?;
+                let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(
+                    |source| AgentError::Connect {
+                        addr: t.addr.clone(),
+                        source,
+                    },
+                )?;
+                let mut ch = Channel::client(stream, &self.secret, &self.name)?;
+                ch.send(&v1::AgentRequest {
+                    body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+                        source: self.name.clone(),
+                    })),
+                })?;
+                let host = ch.peer_name().to_owned();
+                Ok((host, ChannelLink::new(ch)))
+            })();
+            match link {
+                Ok((host, link)) => targets.push(pagecast_migrate::CloneTarget {
+                    name: t.name.clone(),
+                    host,
+                    link: Box::new(link),
+                }),
+                Err(e) => failed.push(v1::CloneOne {
+                    name: t.name.clone(),
+                    host: t.addr.clone(),
+                    ok: false,
+                    verified: false,
+                    error: e.to_string(),
+                }),
+            }
+        }
+        let opts = MigrateOptions {
+            bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
+            max_downtime: Duration::from_millis(if r.max_downtime_ms == 0 {
+                50
+            } else {
+                u64::from(r.max_downtime_ms)
+            }),
+            job: r.job.clone(),
+            ..MigrateOptions::default()
+        };
+        let vm = Outgoing { agent: self, entry };
+        let mut caster = job::AgentCaster {
+            agent: self,
+            vm: &vm,
+            rate_bps: opts.bandwidth_bps,
+            job: r.job.clone(),
+            casts: 0,
+        };
+        let rep = pagecast_migrate::clone_out(&vm, targets, &mut caster, &self.fp, &opts, progress);
+        let mut clones: Vec<v1::CloneOne> = rep
+            .clones
+            .iter()
+            .map(|c| v1::CloneOne {
+                name: c.name.clone(),
+                host: c.host.clone(),
+                ok: c.ok,
+                verified: c.verified,
+                error: c.error.clone(),
+            })
+            .collect();
+        clones.extend(failed);
+        let ok = clones.iter().all(|c| c.ok && c.verified);
+        Ok(v1::CloneResult {
+            ok,
+            error: if ok {
+                String::new()
+            } else {
+                "some clones failed".into()
+            },
+            clones,
+            bytes_sent: rep.bytes_links + rep.bytes_cast,
+            bytes_cast: rep.bytes_cast,
+            downtime_ms: rep.downtime_ms,
+            total_ms: rep.total_ms,
+            rounds: rep.rounds,
+        })
+    }
+
     /// Runs a migration out; returns its report and the destination's name.
     fn run_out(
         &self,
@@ -905,7 +1039,7 @@ impl Agent {
             job: &begin.job,
         };
         let mut events = JobSlots {
-            jobs: &self.jobs,
+            agent: self,
             job: begin.job.clone(),
         };
         let result = migrate_in_job(

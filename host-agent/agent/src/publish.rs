@@ -168,10 +168,11 @@ impl Publication {
         }
         for f in dirty.iter() {
             let s = &mut self.streak[f as usize];
-            if *s + 1 == HOT_AFTER {
+            if *s == HOT_AFTER - 1 {
                 self.hot += 1;
             }
-            *s = s.saturating_add(1);
+            // Saturates: a frame dirty in every refresh stays hot, counted once.
+            *s = s.saturating_add(1).min(HOT_AFTER);
             self.streaking.push(f);
             self.pending.insert(f);
         }

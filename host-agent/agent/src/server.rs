@@ -284,6 +284,43 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
             }
             Err(e) => warn!("migration request from {peer}: {e}"),
         },
+        B::Clone(r) => match ch.into_blocking() {
+            Ok(mut ch) => {
+                let a = agent.clone();
+                let span = info_span!("clone", vm = %r.vm, job = %r.job);
+                let _ = tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| {
+                        let mut last: Option<Instant> = None;
+                        let mut gone = false;
+                        let res = a.clone_out(&r, &mut |p| {
+                            if gone
+                                || last.is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+                            {
+                                return;
+                            }
+                            last = Some(Instant::now());
+                            gone = send_blocking(&mut ch, Resp::Progress(p.to_proto())).is_err();
+                        });
+                        let body = match res {
+                            Ok(c) => {
+                                info!(
+                                    "cloned {} to {} host(s): ok {}, downtime {:.1} ms",
+                                    r.vm,
+                                    c.clones.len(),
+                                    c.ok,
+                                    c.downtime_ms
+                                );
+                                Resp::CloneResult(c)
+                            }
+                            Err(e) => Resp::Error(e.to_proto()),
+                        };
+                        let _ = send_blocking(&mut ch, body);
+                    })
+                })
+                .await;
+            }
+            Err(e) => warn!("clone request from {peer}: {e}"),
+        },
         B::CancelJob(r) => {
             let newly = agent.cancel_job(&r.job);
             if newly {

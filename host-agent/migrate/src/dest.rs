@@ -141,6 +141,22 @@ impl IncomingSlot {
         self.lock().filled_by_others
     }
 
+    /// Copies frame `f` as it is now.
+    pub fn read_frame(&self, f: u64, out: &mut Page) -> Result<(), MemoryError> {
+        self.region.read_page(f, out)
+    }
+
+    /// Writes `page` (content `h`, checked by the caller) into frame `f`.
+    pub fn write_frame(&self, f: u64, h: PageHash, page: &Page) -> Result<(), MemoryError> {
+        if f >= self.region.pages() {
+            return Err(MemoryError::FrameOutOfRange {
+                frame: f,
+                pages: self.region.pages(),
+            });
+        }
+        self.write(f, h, page)
+    }
+
     fn write(&self, f: u64, h: PageHash, page: &Page) -> Result<(), MemoryError> {
         let mut st = self.lock();
         self.region.write_page(f, page)?;
@@ -159,6 +175,18 @@ pub trait SlotEvents {
     fn opened(&mut self, slot: &Arc<IncomingSlot>);
     /// The slot is closing: nobody else may write it any more.
     fn closed(&mut self, slot: &Arc<IncomingSlot>);
+    /// The source invites this destination to the cast whose sender listens
+    /// on `control`: receive it into `slot` (by content, or `by_frame`) and
+    /// return the frames filled. Blocks until the cast ends.
+    fn join_cast(
+        &mut self,
+        slot: &Arc<IncomingSlot>,
+        control: &str,
+        by_frame: bool,
+    ) -> Result<u64, String> {
+        let _ = (slot, control, by_frame);
+        Err("this destination cannot join casts".into())
+    }
 }
 
 /// No gang job: nobody else fills the slot.
@@ -366,12 +394,15 @@ impl In<'_> {
         if begin.held {
             // A gang job fills what it can while the source holds; then the
             // source asks again.
-            match self.next()? {
-                Body::Refill(_) => {}
-                other => {
-                    return Err(MigrationError::Protocol(format!(
-                        "expected refill after a hold, got {other:?}"
-                    )));
+            loop {
+                match self.next()? {
+                    Body::Refill(_) => break,
+                    Body::CastJoin(j) => self.join(events, &j),
+                    other => {
+                        return Err(MigrationError::Protocol(format!(
+                            "expected refill after a hold, got {other:?}"
+                        )));
+                    }
                 }
             }
             let still = self.slot.missing();
@@ -386,6 +417,7 @@ impl In<'_> {
                 Body::ByHash(b) => self.by_hash(&b)?,
                 Body::Pages(p) => self.pages(&p)?,
                 Body::Switchover(_) => switched = Some(Instant::now()),
+                Body::CastJoin(j) => self.join(events, &j),
                 Body::Vcpu(v) => vcpu = Some(VcpuState::from_bytes(&v.regs, &v.sregs)?),
                 Body::Digest(d) => {
                     let verdict = self.verify(&d, begin.verify_full, fp);
@@ -479,6 +511,17 @@ impl In<'_> {
             self.report.pages_received += self.slot.fill(&h, page)?;
         }
         Ok(())
+    }
+
+    /// Joins a cast the source invites to. A cast that fails is not fatal:
+    /// the source sends what it could not deliver over this link.
+    fn join(&mut self, events: &mut dyn SlotEvents, j: &v1::CastJoin) {
+        match events.join_cast(&self.slot, &j.control, j.by_frame) {
+            Ok(n) => self.report.pages_received += n,
+            Err(e) => {
+                let _ = e;
+            }
+        }
     }
 
     /// The memory back from the slot once nobody else holds it.

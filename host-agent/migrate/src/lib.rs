@@ -8,6 +8,7 @@
 //! already holds through [`LocalContent`]. See `docs/migration.md` for the
 //! exchange, the states and failure handling.
 
+mod clone;
 mod dest;
 mod source;
 
@@ -20,6 +21,9 @@ use pagecast_proto::v1::RefusalCode;
 use prost::Message;
 use serde::Serialize;
 
+pub use clone::{
+    CAST_MIN_PAGES, CastOutcome, Caster, CloneReportAll, CloneResultOne, CloneTarget, clone_out,
+};
 pub use dest::{
     IncomingReport, IncomingSlot, NoSlotEvents, SlotEvents, migrate_in, migrate_in_job,
 };

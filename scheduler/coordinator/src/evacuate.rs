@@ -28,7 +28,7 @@ use pagecast_agent::client::{AgentClient, MigrationEvent, MigrationHandle};
 use pagecast_channel::Secret;
 use pagecast_index::client::IndexClient;
 use pagecast_index::keys::shard_of;
-use pagecast_pages::{PAGE_BYTES, PageHash, Sketch};
+use pagecast_pages::{PageHash, Sketch};
 use pagecast_proto::v1;
 use pagecast_scheduler::{
     Cluster, ContentSource, Evacuation, Host, HostIdx, Objective, Planner, Rack, Strategy, Vm,
@@ -1059,15 +1059,137 @@ fn holders_of_needs(
     out
 }
 
-/// Clones a running VM to several hosts (see `pagecast clone`).
+/// What to clone, where, and how.
+#[derive(Debug, Clone)]
+pub struct CloneSpec {
+    /// The VM.
+    pub vm: String,
+    /// Hosts to clone it to.
+    pub to: Vec<String>,
+    /// Clone names: `{vm}` and `{host}` are replaced (default
+    /// `{vm}-{host}`).
+    pub names: String,
+    /// Bits per second the source may send.
+    pub bandwidth_bps: Option<u64>,
+    /// Longest pause of the source VM.
+    pub max_downtime_ms: u32,
+    /// The job's id.
+    pub job: String,
+}
+
+/// Clones a running VM to several hosts, live (see `pagecast clone`).
 pub fn clone(
-    _index: &[String],
-    _secret: &Secret,
-    _vm: &str,
-    _to: &[String],
-    _names: &str,
-    _on: &(dyn Fn(Event) + Sync),
+    index: &[String],
+    secret: &Secret,
+    spec: &CloneSpec,
+    on: &(dyn Fn(Event) + Sync),
 ) -> Result<CloneReport, CoordError> {
-    let _ = (CloneOutcome::default(), PAGE_BYTES);
-    Err(CoordError::Invalid("clone is not built yet".into()))
+    let started = Instant::now();
+    let mut ic = IndexClient::new(index)?;
+    ic.timeout = Duration::from_secs(20);
+    on(Event::Step("reading the cluster from the index".into()));
+    let view = ClusterView::read(&mut ic)?;
+    let vm = view
+        .vm(&spec.vm)
+        .ok_or_else(|| CoordError::Invalid(format!("no running VM {} in the index", spec.vm)))?
+        .clone();
+    let source = view.host(&vm.host).expect("a VM's host is listed").clone();
+    if source.address.is_empty() {
+        return Err(CoordError::Invalid(format!(
+            "host {} has no agent",
+            source.name
+        )));
+    }
+    if spec.to.is_empty() {
+        return Err(CoordError::Invalid(
+            "name at least one host to clone to".into(),
+        ));
+    }
+    let mut targets = Vec::new();
+    let mut seen = HashSet::new();
+    for h in &spec.to {
+        let host = view
+            .host(h)
+            .ok_or_else(|| CoordError::Invalid(format!("unknown host {h}")))?;
+        if host.address.is_empty() {
+            return Err(CoordError::Invalid(format!("host {h} has no agent")));
+        }
+        if !seen.insert(h.clone()) {
+            return Err(CoordError::Invalid(format!("host {h} is named twice")));
+        }
+        let free = host.capacity_bytes.saturating_sub(host.used_bytes);
+        if host.capacity_bytes > 0 && free < vm.memory_bytes() {
+            return Err(CoordError::Invalid(format!(
+                "host {h} has {free} bytes free, the clone needs {}",
+                vm.memory_bytes()
+            )));
+        }
+        let name = spec.names.replace("{vm}", &vm.name).replace("{host}", h);
+        if view.vm(&name).is_some() {
+            return Err(CoordError::Invalid(format!(
+                "a VM named {name} already runs"
+            )));
+        }
+        targets.push(v1::CloneTarget {
+            name,
+            addr: host.address.clone(),
+        });
+    }
+    on(Event::Step(format!(
+        "cloning {} from {} to {}",
+        vm.name,
+        source.name,
+        spec.to.join(", ")
+    )));
+    let r = AgentClient::connect(&source.address, secret, "pagecast-coordinator")
+        .and_then(|c| {
+            c.clone_vm(
+                v1::CloneRequest {
+                    vm: vm.name.clone(),
+                    targets: targets.clone(),
+                    job: spec.job.clone(),
+                    bandwidth_bps: spec.bandwidth_bps.unwrap_or(0),
+                    max_downtime_ms: spec.max_downtime_ms,
+                },
+                &mut |p| {
+                    on(Event::Vm {
+                        name: vm.name.clone(),
+                        phase: p.phase.clone(),
+                        bytes: p.bytes_sent,
+                        pages_local: p.pages_local,
+                    })
+                },
+            )
+        })
+        .map_err(|source| CoordError::Agent {
+            host: vm.host.clone(),
+            source,
+        })?;
+    let host_of: HashMap<&str, &str> = targets
+        .iter()
+        .zip(&spec.to)
+        .map(|(t, h)| (t.name.as_str(), h.as_str()))
+        .collect();
+    Ok(CloneReport {
+        job: spec.job.clone(),
+        ok: r.ok,
+        clones: r
+            .clones
+            .iter()
+            .map(|c| CloneOutcome {
+                name: c.name.clone(),
+                host: host_of
+                    .get(c.name.as_str())
+                    .copied()
+                    .unwrap_or(&c.host)
+                    .to_owned(),
+                ok: c.ok,
+                verified: c.verified,
+                error: c.error.clone(),
+            })
+            .collect(),
+        source_bytes: r.bytes_sent,
+        source_downtime_ms: r.downtime_ms,
+        total_s: now_s(started),
+    })
 }

@@ -35,7 +35,7 @@ pub mod evacuate;
 pub mod report;
 pub mod view;
 
-pub use evacuate::{EvacuateSpec, Method, clone, evacuate};
+pub use evacuate::{CloneSpec, EvacuateSpec, Method, clone, evacuate};
 pub use report::{CloneReport, EvacuationReport, VmOutcome};
 pub use view::ClusterView;
 

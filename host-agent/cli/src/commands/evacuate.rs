@@ -125,6 +125,72 @@ pub struct EvacuateArgs {
     no_progress: bool,
 }
 
+/// Clone a running VM to several hosts, live, each page leaving its host
+/// once.
+///
+/// Every destination fills what it already holds (its own VMs' pages,
+/// hash-checked); each page some destination lacks leaves the source once,
+/// multicast to every destination lacking it; pages the guest dirties
+/// meanwhile go in rounds, multicast too; then the source pauses (at most
+/// about --max-downtime), the last pages and the vCPU state go to every
+/// destination, each clone is verified against the source's memory at that
+/// moment and starts under its own name, and the source runs on.
+///
+/// JSON (--json): {"job", "ok", "clones": [{"name", "host", "ok",
+/// "verified", "error"}], "source_bytes", "source_downtime_ms", "total_s"}
+///
+/// Example:
+///
+///   pagecast clone --index 10.0.0.1:7600 --vm web1 --to h4,h5,h6
+///
+///   pagecast clone --index 10.0.0.1:7600 --vm web1 --to h4,h5 --names 'web-{host}'
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct CloneArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+
+    /// The VM to clone.
+    #[arg(long, value_name = "NAME")]
+    vm: String,
+
+    /// Hosts to clone it to.
+    #[arg(
+        long,
+        value_name = "HOST[,HOST..]",
+        value_delimiter = ',',
+        required = true
+    )]
+    to: Vec<String>,
+
+    /// Clone names: {vm} and {host} are replaced.
+    #[arg(long, value_name = "PATTERN", default_value = "{vm}-{host}")]
+    names: String,
+
+    /// Bits per second the source may send (e.g. 1G).
+    #[arg(long, value_name = "BITS/S", value_parser = parse_bits_per_second)]
+    bandwidth: Option<u64>,
+
+    /// Longest pause of the source VM, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    max_downtime: u32,
+
+    /// The job's id (default: a new one), for `pagecast cancel`.
+    #[arg(long, value_name = "ID")]
+    job: Option<String>,
+
+    #[command(flatten)]
+    secret: SecretArg,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+
+    /// Never draw progress.
+    #[arg(long)]
+    no_progress: bool,
+}
+
 /// Stop every VM of a gang job that has not switched over yet (they stay
 /// at their sources; clones in progress are discarded).
 ///
@@ -391,22 +457,93 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `pagecast cancel`.
-pub fn run_cancel(a: CancelArgs) -> anyhow::Result<()> {
+/// Runs `pagecast clone`.
+pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
     let secret = load_secret(&a.secret)?;
-    let mut c = pagecast_index::client::IndexClient::new(&a.index.list())?;
+    let stop = catch_interrupts();
+    let job = a.job.clone().unwrap_or_else(|| new_job_id("cl"));
+    if !a.json {
+        eprintln!("job {job} (stop it with Ctrl-C or `pagecast cancel {job}`)");
+    }
+    // Ctrl-C cancels the job on every agent: the clone in progress is
+    // discarded, the source runs on.
+    let addrs = a.index.list();
+    let (job2, secret2, addrs2) = (job.clone(), secret.clone(), addrs.clone());
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = cancel_everywhere(&addrs2, &secret2, &job2);
+    });
+    let spec = pagecast_coordinator::CloneSpec {
+        vm: a.vm.clone(),
+        to: a.to.clone(),
+        names: a.names.clone(),
+        bandwidth_bps: a.bandwidth,
+        max_downtime_ms: a.max_downtime,
+        job: job.clone(),
+    };
+    let progress = Progress::new(a.no_progress || a.json, 0);
+    let res = pagecast_coordinator::clone(&addrs, &secret, &spec, &|e| progress.event(e));
+    progress.finish();
+    let r = match res {
+        Ok(r) => r,
+        Err(CoordError::Invalid(m)) => anyhow::bail!("{m}; nothing was cloned"),
+        Err(e) => return Err(e).context("the clone failed"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("clone {} of {}:", r.job, a.vm);
+        for c in &r.clones {
+            if c.ok && c.verified {
+                println!("  {:<20} on {:<12} verified, running", c.name, c.host);
+            } else {
+                println!("  {:<20} on {:<12} FAILED: {}", c.name, c.host, c.error);
+            }
+        }
+        println!(
+            "{} from the source, source paused {:.1} ms, total {:.2} s",
+            format_bytes(r.source_bytes),
+            r.source_downtime_ms,
+            r.total_s
+        );
+    }
+    if !r.ok {
+        anyhow::bail!(
+            "{} of {} clone(s) failed",
+            r.clones.iter().filter(|c| !(c.ok && c.verified)).count(),
+            r.clones.len()
+        );
+    }
+    Ok(())
+}
+
+fn cancel_everywhere(
+    index: &[String],
+    secret: &pagecast_channel::Secret,
+    job: &str,
+) -> anyhow::Result<(usize, Vec<String>)> {
+    let mut c = pagecast_index::client::IndexClient::new(index)?;
     c.timeout = Duration::from_secs(20);
     let hosts = c.hosts(true)?;
     let mut told = 0;
     let mut failed = Vec::new();
     for h in hosts.iter().filter(|h| !h.address.is_empty()) {
-        match AgentClient::connect(&h.address, &secret, "pagecast-cli")
-            .and_then(|x| x.cancel_job(&a.job))
+        match AgentClient::connect(&h.address, secret, "pagecast-cli")
+            .and_then(|x| x.cancel_job(job))
         {
             Ok(_) => told += 1,
             Err(e) => failed.push(format!("{}: {e}", h.name)),
         }
     }
+    Ok((told, failed))
+}
+
+/// Runs `pagecast cancel`.
+pub fn run_cancel(a: CancelArgs) -> anyhow::Result<()> {
+    let secret = load_secret(&a.secret)?;
+    let (told, failed) = cancel_everywhere(&a.index.list(), &secret, &a.job)?;
     println!("job {} cancelled on {told} agent(s)", a.job);
     if !failed.is_empty() {
         anyhow::bail!("could not reach: {}", failed.join("; "));

@@ -53,6 +53,7 @@ enum Command {
     Advise(index::AdviseArgs),
     Hosts(index::HostsArgs),
     Evacuate(evacuate::EvacuateArgs),
+    Clone(evacuate::CloneArgs),
     Cancel(evacuate::CancelArgs),
 }
 
@@ -141,6 +142,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Advise(a) => index::advise(a, threads),
         Command::Hosts(a) => index::hosts(a),
         Command::Evacuate(a) => evacuate::run_evacuate(a),
+        Command::Clone(a) => evacuate::run_clone(a),
         Command::Cancel(a) => evacuate::run_cancel(a),
         Command::Secret(SecretCmd {
             command: SecretSub::New { file },
