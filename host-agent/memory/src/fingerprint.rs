@@ -2,8 +2,8 @@
 //!
 //! Work is split into units of [`UNIT_PAGES`] pages spread over a rayon pool
 //! whose size the caller chooses ([`Fingerprinter::new`]). Inside a unit,
-//! pages are copied out of guest memory eight at a time (volatile copies:
-//! a guest may be writing them), zero pages are detected on the copy and
+//! pages are copied out of guest memory 32 at a time (volatile copies: a
+//! guest may be writing them), zero pages are detected on the copy and
 //! skipped (they get [`PageHash::ZERO_PAGE`] and are never hashed), and the
 //! rest go through the multi-page kernel [`pagecast_pages::hash_pages`],
 //! eight pages side by side in the SIMD lanes.
@@ -100,8 +100,8 @@ impl Fingerprinter {
     /// Fingerprints all of `mem`. `progress` is called with the number of
     /// pages finished, from the hashing threads, once per unit.
     ///
-    /// Pages are copied out of guest memory (volatile copies, eight pages
-    /// at a time) and hashed from the copy. If a running guest writes a
+    /// Pages are copied out of guest memory (volatile copies, 32 pages at a
+    /// time) and hashed from the copy. If a running guest writes a
     /// page while it is copied, the hash is of a torn copy; the page is in
     /// the dirty log from that write on, which every user of a fingerprint
     /// consults before trusting it.
@@ -232,64 +232,58 @@ pub fn fingerprint_images<P: AsRef<std::path::Path>>(
         .collect())
 }
 
-/// Pages copied out of guest memory at once: one batch of the hash kernel.
-const COPY_PAGES: usize = 8;
+/// Pages copied out of guest memory at once (128 KiB: the copy stays in
+/// the core's L2 cache while the batch kernel hashes it).
+const STAGE_PAGES: usize = 32;
+
+thread_local! {
+    /// Each hashing thread's staging area, reused from unit to unit.
+    static STAGE: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(vec![0u8; STAGE_PAGES * PAGE_SIZE]);
+}
 
 /// Hashes the unit of pages starting at frame `first` (as many as `out`
-/// holds), copying them out of the region eight at a time; returns its
-/// zero-page count.
+/// holds), copying them out of the region 32 at a time (one volatile copy
+/// each) and hashing the copies; returns its zero-page count.
 fn hash_unit(
     region: &Region,
     first: u64,
     out: &mut [PageHash],
     observe: &(dyn Fn(u64, &Page, &PageHash) + Sync),
 ) -> u64 {
-    let mut copy = [[0u8; PAGE_SIZE]; COPY_PAGES];
-    // Non-zero pages waiting for a full batch, and where each goes.
-    let mut batch = [[0u8; PAGE_SIZE]; COPY_PAGES];
-    let mut slots = [0usize; COPY_PAGES];
-    let mut waiting = 0;
-    let mut zero = 0;
-    let flush = |batch: &[[u8; PAGE_SIZE]; COPY_PAGES],
-                 slots: &[usize; COPY_PAGES],
-                 n: usize,
-                 out: &mut [PageHash]| {
-        let refs: Vec<&Page> = batch[..n].iter().collect();
-        let mut hashed = [PageHash::ZERO_PAGE; COPY_PAGES];
-        hash_pages(&refs, &mut hashed[..n]);
-        for i in 0..n {
-            observe(first + slots[i] as u64, &batch[i], &hashed[i]);
-            out[slots[i]] = hashed[i];
-        }
-    };
-    let mut at = 0;
-    while at < out.len() {
-        let n = (out.len() - at).min(COPY_PAGES);
-        for (i, page) in copy[..n].iter_mut().enumerate() {
+    STAGE.with(|stage| {
+        let mut stage = stage.borrow_mut();
+        let mut zero = 0;
+        let mut hashed = [PageHash::ZERO_PAGE; STAGE_PAGES];
+        let mut at = 0;
+        while at < out.len() {
+            let n = (out.len() - at).min(STAGE_PAGES);
+            let block = &mut stage[..n * PAGE_SIZE];
             region
-                .read_page(first + (at + i) as u64, page)
+                .read_pages(first + at as u64, block)
                 .expect("the unit lies inside the region");
-        }
-        for (i, page) in copy[..n].iter().enumerate() {
-            if is_zero_page(page) {
-                out[at + i] = PageHash::ZERO_PAGE;
-                zero += 1;
-                continue;
+            let mut refs: Vec<&Page> = Vec::with_capacity(n);
+            let mut slots = [0usize; STAGE_PAGES];
+            for (i, p) in block.chunks_exact(PAGE_SIZE).enumerate() {
+                let page: &Page = p.try_into().expect("page-sized chunk");
+                if is_zero_page(page) {
+                    out[at + i] = PageHash::ZERO_PAGE;
+                    zero += 1;
+                } else {
+                    slots[refs.len()] = at + i;
+                    refs.push(page);
+                }
             }
-            batch[waiting] = *page;
-            slots[waiting] = at + i;
-            waiting += 1;
-            if waiting == COPY_PAGES {
-                flush(&batch, &slots, waiting, out);
-                waiting = 0;
+            let k = refs.len();
+            hash_pages(&refs, &mut hashed[..k]);
+            for j in 0..k {
+                observe(first + slots[j] as u64, refs[j], &hashed[j]);
+                out[slots[j]] = hashed[j];
             }
+            at += n;
         }
-        at += n;
-    }
-    if waiting > 0 {
-        flush(&batch, &slots, waiting, out);
-    }
-    zero
+        zero
+    })
 }
 
 fn hash_skipping_zero<'a>(pages: impl Iterator<Item = &'a Page>, out: &mut [PageHash]) -> u64 {
