@@ -225,6 +225,69 @@ fn a_killed_receiver_is_reported_and_the_others_complete() {
     );
 }
 
+/// A receiver that hangs (SIGSTOP: its connection stays open) is a failed
+/// one: the sender drops it within seconds and returns, and the healthy
+/// receivers keep their verified copies.
+#[test]
+fn a_frozen_receiver_is_dropped_and_the_others_keep_their_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), "64MiB");
+    let (port, group) = ports();
+    let s = Session {
+        dir: dir.path(),
+        control: format!("127.0.0.1:{port}"),
+        group,
+        iface: "127.0.0.1",
+    };
+    let sender = s.sender(&[], 3, &["--rate", "100M"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let rs: Vec<Child> = (0..3)
+        .map(|i| s.receiver(&[], "127.0.0.1", &format!("copy{i}.raw")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(rs[1].0.id() as libc::pid_t, libc::SIGSTOP);
+    }
+    let t = std::time::Instant::now();
+    let sent = sender.wait(Duration::from_secs(60));
+    let took = t.elapsed();
+    let mut rs = rs.into_iter();
+    let out0 = rs.next().unwrap().wait(Duration::from_secs(30));
+    let frozen = rs.next().unwrap();
+    let out2 = rs.next().unwrap().wait(Duration::from_secs(30));
+    drop(frozen);
+    let outs = [out0, out2];
+    eprintln!("the sender returned {took:?} after the freeze");
+    assert!(
+        took < Duration::from_secs(40),
+        "the sender returned after {took:?}"
+    );
+    let report = json(&sent);
+    let statuses: Vec<&str> = report["receivers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "dropped").count(),
+        1,
+        "{statuses:?}"
+    );
+    for (k, i) in [0, 2].into_iter().enumerate() {
+        assert!(
+            outs[k].status.success(),
+            "receiver {i}: {}",
+            String::from_utf8_lossy(&outs[k].stderr)
+        );
+        assert!(same(
+            &dir.path().join("web-0.raw"),
+            &dir.path().join(format!("copy{i}.raw"))
+        ));
+    }
+}
+
 #[test]
 fn the_chain_delivers_the_same_image() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,8 +15,11 @@ type Req = v1::agent_request::Body;
 /// How long to wait to connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for an answer (a large synthetic VM takes a while to
-/// boot; a migration sends progress at least this often).
+/// boot).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a migration under way may go without a report before its agent
+/// counts as failed.
+pub const MIGRATION_SILENCE: Duration = Duration::from_secs(30);
 
 /// One authenticated connection to an agent.
 pub struct AgentClient {
@@ -53,6 +56,12 @@ impl AgentClient {
                 "the name resolves to no address",
             )
         })))
+    }
+
+    /// Waits at most `d` for each answer from now on.
+    pub fn with_answer_timeout(self, d: Duration) -> Result<Self, AgentError> {
+        self.ch.set_read_timeout(Some(d))?;
+        Ok(self)
     }
 
     /// The agent's address as given.
@@ -170,6 +179,9 @@ impl AgentClient {
     pub fn start_migrate(mut self, r: v1::MigrateRequest) -> Result<HeldMigration, AgentError> {
         self.send(Req::Migrate(r))?;
         let (reader, writer) = self.ch.split()?;
+        // A migration reports at least every 2 s (also while held); an agent
+        // silent this long is dead or frozen.
+        reader.set_read_timeout(Some(MIGRATION_SILENCE))?;
         Ok(HeldMigration {
             addr: self.addr,
             reader,

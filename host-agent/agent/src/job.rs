@@ -631,6 +631,15 @@ pub fn cast_send(
         agent.secret(),
         &|_, _| {},
     );
+    if let Ok(rep) = &res {
+        ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "cast").increment(
+            rep.bytes_first
+                + rep.bytes_repair
+                + rep.bytes_heartbeat
+                + rep.bytes_unicast
+                + rep.bytes_control,
+        );
+    }
     Ok(match res {
         Ok(rep) => v1::CastResult {
             ok: true,

@@ -475,8 +475,20 @@ impl Agent {
     /// link (run on a thread of its own).
     pub fn publish_loop(&self) {
         if let Some(link) = &self.index {
-            publish::run(link, &|| self.host_now());
+            publish::run(link, &|| self.host_now(), &|| self.vm_records());
         }
+    }
+
+    /// The records of the VMs that run here (published, fully indexed).
+    pub fn vm_records(&self) -> Vec<v1::VmRecord> {
+        let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
+        vms.iter()
+            .filter_map(|v| {
+                let p = lock(&v.publication);
+                p.is_live()
+                    .then(|| publish::vm_record(&v.name, &v.origin, p.intended()))
+            })
+            .collect()
     }
 
     /// What the host report says of the VMs now.
@@ -805,6 +817,8 @@ impl Agent {
                 counter!(crate::metrics::MIGRATION_BYTES, "class" => "manifest")
                     .increment(rep.bytes_manifest);
                 counter!(crate::metrics::PAGES_LOCAL).increment(rep.pages_local);
+                counter!(crate::metrics::BYTES_SENT, "kind" => "migration")
+                    .increment(rep.bytes_sent);
             }
             Err(AgentError::Migration(MigrationError::InDoubt(_))) => {
                 *s = VmState::InDoubt;
@@ -925,6 +939,8 @@ impl Agent {
             casts: 0,
         };
         let rep = pagecast_migrate::clone_out(&vm, targets, &mut caster, &self.fp, &opts, progress);
+        counter!(crate::metrics::BYTES_SENT, "kind" => "clone")
+            .increment(rep.bytes_links + rep.bytes_cast);
         let mut clones: Vec<v1::CloneOne> = rep
             .clones
             .iter()

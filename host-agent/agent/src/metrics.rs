@@ -16,6 +16,10 @@ pub const MIGRATIONS: &str = "pagecast_migrations_total";
 pub const DOWNTIME_SECONDS: &str = "pagecast_migration_downtime_seconds";
 /// Counter, label `class` (`pages`, `manifest`): bytes migrations sent.
 pub const MIGRATION_BYTES: &str = "pagecast_migration_bytes_total";
+/// Counter, label `kind` (`migration`, `cast`, `clone`): every protocol
+/// byte this agent sent moving VMs out (migration links with their
+/// framing, cast datagrams and control).
+pub const BYTES_SENT: &str = "pagecast_agent_bytes_sent_total";
 /// Counter: pages destinations filled from content they held.
 pub const PAGES_LOCAL: &str = "pagecast_migration_pages_local_total";
 /// Counter: holder deltas sent to the content index (a batch sent again

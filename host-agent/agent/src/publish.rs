@@ -108,6 +108,11 @@ impl Publication {
         self.hot
     }
 
+    /// Whether the VM is published (and not withdrawn).
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
     /// Whether frame `f` is left out as hot.
     pub fn is_hot(&self, f: u64) -> bool {
         self.streak.get(f as usize).is_some_and(|s| *s >= HOT_AFTER)
@@ -563,8 +568,9 @@ fn session_id(host: &str) -> u64 {
 }
 
 /// Runs the publisher until `link.stop` is set. `now` describes the host's
-/// VMs for the host report.
-pub fn run(link: &IndexLink, now: &dyn Fn() -> HostNow) {
+/// VMs for the host report; `records` gives their records, for comparing
+/// with the VM records the index keeps under this host.
+pub fn run(link: &IndexLink, now: &dyn Fn() -> HostNow, records: &dyn Fn() -> Vec<VmRecord>) {
     let mut client = match IndexClient::new(&link.addrs) {
         Ok(c) => c,
         Err(e) => {
@@ -594,7 +600,7 @@ pub fn run(link: &IndexLink, now: &dyn Fn() -> HostNow) {
         if behind_since.is_none() && link.ledger().behind() > 0 {
             behind_since = Some(Instant::now());
         }
-        let result = l.round(now);
+        let result = l.round(now, records);
         if let Some(t) = behind_since
             && link.ledger().behind() == 0
         {
@@ -687,7 +693,11 @@ impl Loop<'_> {
         Ok(())
     }
 
-    fn round(&mut self, now: &dyn Fn() -> HostNow) -> Result<(), ClientError> {
+    fn round(
+        &mut self,
+        now: &dyn Fn() -> HostNow,
+        records: &dyn Fn() -> Vec<VmRecord>,
+    ) -> Result<(), ClientError> {
         if self.shards == 0 {
             self.connect(now)?;
         }
@@ -700,6 +710,10 @@ impl Loop<'_> {
         if self.last_check.elapsed() >= CHECK_EVERY {
             self.check.iter_mut().for_each(|c| *c = true);
             self.last_check = Instant::now();
+        }
+        if self.check.first().copied().unwrap_or(false) {
+            self.reconcile_vms(records)?;
+            self.vm_ops()?;
         }
         for shard in 0..self.shards {
             self.flush(shard)?;
@@ -796,6 +810,41 @@ impl Loop<'_> {
                 }
             }
         }
+    }
+
+    /// Compares the VM records the index keeps under this host with the
+    /// VMs that run here: records of VMs gone (a crash, a lost drop) are
+    /// dropped, missing ones put.
+    fn reconcile_vms(&mut self, records: &dyn Fn() -> Vec<VmRecord>) -> Result<(), ClientError> {
+        let listed = self.client.vms(false)?;
+        let local = records();
+        let mut l = self.link.ledger();
+        for r in listed
+            .iter()
+            .filter(|r| r.host == self.host && r.state == v1::VmState::Running as i32)
+        {
+            if !local.iter().any(|x| x.name == r.name) {
+                info!(
+                    "the index lists VM {} here, which does not run here; dropping it",
+                    r.name
+                );
+                l.vm_ops.push_back(VmOp::Drop(r.name.clone()));
+            }
+        }
+        for x in local {
+            let here = listed
+                .iter()
+                .any(|r| r.name == x.name && r.host == self.host);
+            if !here
+                && !l
+                    .vm_ops
+                    .iter()
+                    .any(|op| matches!(op, VmOp::Put(p) if p.name == x.name))
+            {
+                l.vm_ops.push_back(VmOp::Put(x));
+            }
+        }
+        Ok(())
     }
 
     /// Compares `shard`'s totals for this host with the agent's; lists and

@@ -308,7 +308,13 @@ impl Out<'_> {
         hold.needs(needed, self.report.pages_local)?;
         let mut last_sent = Instant::now();
         let mut last_heard = Instant::now();
+        let mut last_told = Instant::now();
         loop {
+            if last_told.elapsed() >= Duration::from_secs(2) {
+                // Whoever holds us hears we are alive too.
+                self.tell("held");
+                last_told = Instant::now();
+            }
             match hold.poll() {
                 HoldPoll::Go => return Ok(()),
                 HoldPoll::Abort(why) => return Err(MigrationError::Cancelled(why)),

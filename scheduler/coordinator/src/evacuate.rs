@@ -28,7 +28,7 @@ use pagecast_agent::client::{AgentClient, MigrationEvent, MigrationHandle};
 use pagecast_channel::Secret;
 use pagecast_index::client::IndexClient;
 use pagecast_index::keys::shard_of;
-use pagecast_pages::{PageHash, Sketch};
+use pagecast_pages::{PAGE_BYTES, PageHash, Sketch};
 use pagecast_proto::v1;
 use pagecast_scheduler::{
     Cluster, ContentSource, Evacuation, Host, HostIdx, Objective, Planner, Rack, Strategy, Vm,
@@ -671,7 +671,15 @@ fn run_source_casts(
             chunk.len(),
             receivers.join(", ")
         )));
+        // How long the cast may take: its bytes at the source's rate (1
+        // Gbit/s if unknown), doubled, plus set-up; an agent silent past
+        // that is frozen.
+        let bytes = chunk.len() as f64 * PAGE_BYTES as f64 * receivers.len() as f64;
+        let expect = Duration::from_secs_f64(
+            bytes * 8.0 / rate.unwrap_or(1_000_000_000).max(1) as f64 * 2.0 + 30.0,
+        );
         let opened = AgentClient::connect(&addr, secret, "pagecast-coordinator")
+            .and_then(|c| c.with_answer_timeout(expect))
             .and_then(|c| c.cast_send(req));
         let (open, wait) = match opened {
             Ok(x) => x,
@@ -680,27 +688,41 @@ fn run_source_casts(
                 return;
             }
         };
-        let results: Vec<(String, Result<v1::CastResult, String>)> = std::thread::scope(|s| {
-            let hs: Vec<_> = receivers
-                .iter()
-                .map(|r| {
-                    let raddr = prep.view.host(r).expect("known").address.clone();
-                    let control = open.control.clone();
-                    let job = spec.job.clone();
-                    s.spawn(move || {
-                        let res = AgentClient::connect(&raddr, secret, "pagecast-coordinator")
-                            .and_then(|c| c.cast_recv(v1::CastRecvRequest { job, control }))
-                            .map_err(|e| e.to_string());
-                        (r.clone(), res)
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("a receiver thread panicked"))
-                .collect()
-        });
+        // Receivers answer when the cast ends for them; one that hangs
+        // must not hold the job, so they answer on a channel and are given
+        // a grace period once the sender is done.
+        let (rtx, rrx) = mpsc::channel::<(String, Result<v1::CastResult, String>)>();
+        for r in &receivers {
+            let raddr = prep.view.host(r).expect("known").address.clone();
+            let control = open.control.clone();
+            let job = spec.job.clone();
+            let (rtx, secret, r) = (rtx.clone(), secret.clone(), r.clone());
+            std::thread::spawn(move || {
+                let res = AgentClient::connect(&raddr, &secret, "pagecast-coordinator")
+                    .and_then(|c| c.with_answer_timeout(expect))
+                    .and_then(|c| c.cast_recv(v1::CastRecvRequest { job, control }))
+                    .map_err(|e| e.to_string());
+                let _ = rtx.send((r, res));
+            });
+        }
+        drop(rtx);
         let sent = wait.result();
+        let mut results = Vec::new();
+        let grace = Instant::now() + Duration::from_secs(15);
+        while results.len() < receivers.len() {
+            let left = grace.saturating_duration_since(Instant::now());
+            match rrx.recv_timeout(left) {
+                Ok(x) => results.push(x),
+                Err(_) => break,
+            }
+        }
         let mut tr = lock(t);
+        for r in &receivers {
+            if !results.iter().any(|(x, _)| x == r) {
+                tr.errors
+                    .push(format!("cast into {r}: its agent did not answer (frozen?)"));
+            }
+        }
         for (r, res) in results {
             match res {
                 Ok(c) if c.ok => {
@@ -795,10 +817,32 @@ pub fn evacuate(
     let mut results: HashMap<usize, (v1::MigrateResult, f64)> = HashMap::new();
     let mut failures: HashMap<usize, String> = HashMap::new();
     let mut local: HashMap<usize, u64> = HashMap::new();
+    // A source's link is shared by its migrations running at once: each
+    // gets its share of the source's rate (--bandwidth, or the link rate
+    // its agent reported; unpaced if neither is known).
+    let mut per_source: HashMap<&str, u64> = HashMap::new();
+    for m in &prep.moving {
+        *per_source.entry(m.from.as_str()).or_default() += 1;
+    }
+    let share = |m: &Moving| -> u64 {
+        let rate = spec
+            .bandwidth_bps
+            .or_else(|| {
+                let l = prep.view.host(&m.from).map_or(0, |h| h.link_bps);
+                (l > 0).then_some(l)
+            })
+            .unwrap_or(0);
+        let at_once = if held {
+            per_source[m.from.as_str()]
+        } else {
+            (spec.parallel.max(1) as u64).min(per_source[m.from.as_str()])
+        };
+        rate / at_once.max(1)
+    };
     let request = |m: &Moving| v1::MigrateRequest {
         vm: m.name.clone(),
         to: prep.view.host(&m.to).expect("known").address.clone(),
-        bandwidth_bps: spec.bandwidth_bps.unwrap_or(0),
+        bandwidth_bps: share(m),
         max_downtime_ms: spec.max_downtime_ms,
         verify_full: false,
         job: spec.job.clone(),
@@ -860,7 +904,9 @@ pub fn evacuate(
                             )));
                             let daddr = &prep.view.host(d).expect("known").address;
                             let maddr = &prep.view.host(mate).expect("known").address;
+                            let expect = Duration::from_secs(30 + hs.len() as u64 / 2_000);
                             let r = AgentClient::connect(daddr, secret, "pagecast-coordinator")
+                                .and_then(|c| c.with_answer_timeout(expect))
                                 .and_then(|c| {
                                     c.fetch(v1::FetchRequest {
                                         job: spec.job.clone(),
