@@ -140,11 +140,33 @@ fn rig(extra_agent_args: &[&str]) -> Rig {
                 "512MiB",
             ];
             args.extend_from_slice(extra_agent_args);
-            AgentProc::start(dir.path(), name, &args)
+            AgentProc::start_with_metrics(dir.path(), name, &args)
         })
         .collect();
     Rig { dir, idx, agents }
 }
+
+/// Every VM of `names` runs on exactly one host, and where.
+fn where_each_runs(r: &Rig, names: &[&str]) -> std::collections::BTreeMap<String, String> {
+    let mut at = std::collections::BTreeMap::new();
+    for a in &r.agents {
+        for (n, state) in r.vms_on(&a.name) {
+            if names.contains(&n.as_str()) {
+                assert_eq!(state, "running", "{n} on {} is {state}", a.name);
+                assert!(
+                    at.insert(n.clone(), a.name.clone()).is_none(),
+                    "{n} runs on two hosts"
+                );
+            }
+        }
+    }
+    for n in names {
+        assert!(at.contains_key(*n), "{n} runs nowhere");
+    }
+    at
+}
+
+const MOVING: [&str; 4] = ["web1", "db1", "web2", "db2"];
 
 fn populate(r: &Rig) -> Vec<&'static str> {
     // Moving: two web and two db VMs on h1, h2, dirtying memory.
@@ -282,4 +304,350 @@ fn a_vm_clones_live_to_three_hosts_and_runs_on() {
         sent < 2 * one_copy,
         "sent {sent} bytes for three clones of {one_copy}"
     );
+}
+
+#[test]
+fn bad_requests_are_refused_before_anything_moves() {
+    if !kvm_or_skip("bad_requests_are_refused_before_anything_moves") {
+        return;
+    }
+    let r = rig(&[]);
+    populate(&r);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--from", "nope"], "unknown host nope"),
+        (
+            vec!["--from", "h1", "--to", "h1,h4"],
+            "which is being evacuated",
+        ),
+        (vec!["--from", "h1", "--to", "zz"], "unknown host zz"),
+    ];
+    for (args, want) in cases {
+        let (out, _) = r.evacuate(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(err.contains("nothing was moved"), "{err}");
+    }
+    // A destination without room: h6 holds 48 MiB of 512; fill it up.
+    for i in 0..9 {
+        r.vm_start("h6", &format!("filler{i}"), "cache", 48, 0);
+    }
+    let fillers: Vec<String> = (0..9).map(|i| format!("filler{i}")).collect();
+    let names: Vec<&str> = fillers.iter().map(String::as_str).collect();
+    r.wait_published(&names);
+    let (out, _) = r.evacuate(&["--from", "h1,h2", "--to", "h6"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("fits on no destination"), "{err}");
+    // A VM the index lists but its agent no longer runs.
+    let mut c = r.idx.client();
+    let host = c
+        .hosts(false)
+        .unwrap()
+        .into_iter()
+        .find(|h| h.name == "h1")
+        .unwrap();
+    let ghost = pagecast_agent::publish::vm_record("ghost", "test", &[]);
+    c.write(
+        0,
+        pagecast_proto::v1::IndexCommand {
+            client: 0,
+            seq: 0,
+            op: Some(pagecast_proto::v1::index_command::Op::PutVm(
+                pagecast_proto::v1::PutVm {
+                    vm: Some(pagecast_proto::v1::VmRecord {
+                        host: host.index,
+                        ..ghost
+                    }),
+                },
+            )),
+        },
+    )
+    .unwrap();
+    let (out, _) = r.evacuate(&["--from", "h1", "--to", "h4"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("ghost is not on h1"), "{err}");
+    // Nothing moved in any of these.
+    where_each_runs(&r, &MOVING);
+    assert_eq!(r.vms_on("h1").len(), 2);
+    assert_eq!(r.vms_on("h2").len(), 2);
+}
+
+/// Runs an evacuation in the background, slowed so failures can be
+/// injected while it runs.
+fn evacuate_bg(r: &Rig, extra: &[&str]) -> pagecast_tests::Child {
+    let addrs = r.idx.addrs();
+    let secret = r.d().join("cluster.secret");
+    let mut args = vec![
+        "evacuate",
+        "--index",
+        &addrs,
+        "--from",
+        "h1,h2",
+        "--to",
+        "h4,h5",
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--json",
+        "--max-downtime",
+        "300",
+    ];
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    pagecast_tests::Child::pagecast(&[], &refs)
+}
+
+fn report_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no report ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A destination that dies mid-job: its VMs stay at their sources, the
+/// others arrive verified.
+#[test]
+fn a_dead_destination_leaves_its_vms_at_their_sources() {
+    if !kvm_or_skip("a_dead_destination_leaves_its_vms_at_their_sources") {
+        return;
+    }
+    let mut r = rig(&[]);
+    populate(&r);
+    let job = evacuate_bg(&r, &["--bandwidth", "100M"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let i = r.agents.iter().position(|a| a.name == "h5").unwrap();
+    r.agents[i].kill();
+    let out = job.wait(Duration::from_secs(120));
+    let rep = report_of(&out);
+    assert!(
+        !out.status.success(),
+        "a VM could not move, so the job fails"
+    );
+    let alive: Vec<&str> = MOVING.to_vec();
+    let mut at = std::collections::BTreeMap::new();
+    for a in r.agents.iter().filter(|a| a.name != "h5") {
+        for (n, state) in r.vms_on(&a.name) {
+            if alive.contains(&n.as_str()) {
+                assert_eq!(state, "running", "{n} on {}", a.name);
+                assert!(at.insert(n.clone(), a.name.clone()).is_none(), "{n} twice");
+            }
+        }
+    }
+    for v in rep["vms"].as_array().unwrap() {
+        let name = v["name"].as_str().unwrap();
+        if v["to"] == "h5" {
+            assert_eq!(v["ok"], false, "{v}");
+            assert_eq!(
+                at[name],
+                v["from"].as_str().unwrap(),
+                "{name} stays at its source"
+            );
+        } else {
+            assert_eq!(v["verified"], true, "{v}");
+            assert_eq!(at[name], "h4");
+        }
+    }
+}
+
+/// A destination that hangs (SIGSTOP, connections open) is a failed one,
+/// detected within seconds on every channel.
+#[test]
+fn a_frozen_destination_is_treated_as_failed() {
+    if !kvm_or_skip("a_frozen_destination_is_treated_as_failed") {
+        return;
+    }
+    let r = rig(&[]);
+    populate(&r);
+    let t = Instant::now();
+    let job = evacuate_bg(&r, &["--bandwidth", "100M"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    r.agent("h5").freeze();
+    let out = job.wait(Duration::from_secs(120));
+    let took = t.elapsed();
+    r.agent("h5").thaw();
+    let rep = report_of(&out);
+    eprintln!("the job ended {took:?} after it started");
+    assert!(took < Duration::from_secs(60), "the job took {took:?}");
+    assert!(!out.status.success());
+    for v in rep["vms"].as_array().unwrap() {
+        if v["to"] == "h5" {
+            assert_eq!(v["ok"], false, "{v}");
+            assert_eq!(v["in_doubt"], false, "{v}");
+        } else {
+            assert_eq!(v["verified"], true, "{v}");
+        }
+    }
+    // Thawed, h5 keeps nothing of them; each VM runs on one host.
+    std::thread::sleep(Duration::from_secs(2));
+    let at = where_each_runs(&r, &MOVING);
+    for v in rep["vms"].as_array().unwrap() {
+        let want = if v["to"] == "h5" {
+            &v["from"]
+        } else {
+            &v["to"]
+        };
+        assert_eq!(at[v["name"].as_str().unwrap()], want.as_str().unwrap());
+    }
+}
+
+/// One index replica down changes nothing.
+#[test]
+fn one_index_replica_down_changes_nothing() {
+    if !kvm_or_skip("one_index_replica_down_changes_nothing") {
+        return;
+    }
+    let mut r = rig(&[]);
+    populate(&r);
+    r.idx.kill(0);
+    let (out, rep) = r.evacuate(&["--from", "h1,h2", "--to", "h4,h5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rep["ok"], true);
+    let at = where_each_runs(&r, &MOVING);
+    assert!(at.values().all(|h| h == "h4" || h == "h5"), "{at:?}");
+}
+
+/// The coordinator killed mid-job: every VM runs on exactly one host, and
+/// the same command run again finishes the job.
+#[test]
+fn a_killed_coordinator_leaves_one_copy_and_a_rerun_finishes() {
+    if !kvm_or_skip("a_killed_coordinator_leaves_one_copy_and_a_rerun_finishes") {
+        return;
+    }
+    let r = rig(&[]);
+    populate(&r);
+    let mut job = evacuate_bg(&r, &["--bandwidth", "100M"]);
+    std::thread::sleep(Duration::from_millis(2000));
+    job.kill();
+    drop(job);
+    // Held migrations are abandoned by their agents; running ones finish.
+    std::thread::sleep(Duration::from_secs(12));
+    let at = where_each_runs(&r, &MOVING);
+    eprintln!("after the kill: {at:?}");
+    r.wait_published(&MOVING);
+    // The index may still be catching up; the rerun retries until planned.
+    let out = eventually(Duration::from_secs(60), "a rerun", || {
+        let (out, rep) = r.evacuate(&["--from", "h1,h2", "--to", "h4,h5"]);
+        if out.status.success() {
+            Ok(rep)
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    assert_eq!(out["ok"], true);
+    let at = where_each_runs(&r, &MOVING);
+    assert!(at.values().all(|h| h == "h4" || h == "h5"), "{at:?}");
+}
+
+/// `pagecast cancel JOB` stops the job: VMs not switched over stay.
+#[test]
+fn cancel_stops_the_job_and_vms_stay() {
+    if !kvm_or_skip("cancel_stops_the_job_and_vms_stay") {
+        return;
+    }
+    let r = rig(&[]);
+    populate(&r);
+    let job = evacuate_bg(&r, &["--bandwidth", "50M", "--job", "ev-test"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let addrs = r.idx.addrs();
+    let out = cli(r.d(), &["cancel", "--index", &addrs, "ev-test"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = job.wait(Duration::from_secs(60));
+    assert!(!out.status.success(), "a cancelled job fails");
+    let rep = report_of(&out);
+    let moved = rep["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["ok"] == true)
+        .count();
+    assert!(
+        moved < MOVING.len(),
+        "the cancel came too late to test anything"
+    );
+    where_each_runs(&r, &MOVING);
+}
+
+/// The report's bytes add up to what the source agents counted sending.
+#[test]
+fn the_report_adds_up_to_the_agents_counters() {
+    if !kvm_or_skip("the_report_adds_up_to_the_agents_counters") {
+        return;
+    }
+    let r = rig(&[]);
+    populate(&r);
+    let before: f64 = ["h1", "h2"]
+        .iter()
+        .map(|h| r.agent(h).metric("pagecast_agent_bytes_sent_total"))
+        .sum();
+    let (out, rep) = r.evacuate(&["--from", "h1,h2", "--to", "h4,h5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: f64 = ["h1", "h2"]
+        .iter()
+        .map(|h| r.agent(h).metric("pagecast_agent_bytes_sent_total"))
+        .sum();
+    let counted = (after - before) as u64;
+    let reported = rep["source_bytes"].as_u64().unwrap();
+    eprintln!("reported {reported}, the agents counted {counted}");
+    assert_eq!(reported, counted);
+    let by = &rep["bytes_by_class"];
+    let classes = ["multicast", "unicast", "repair"]
+        .iter()
+        .map(|k| by[k].as_u64().unwrap())
+        .sum::<u64>();
+    // Classes count payloads; the source total adds cast control frames.
+    assert!(
+        classes <= reported && classes as f64 >= reported as f64 * 0.95,
+        "{classes} vs {reported}"
+    );
+}
+
+/// The baselines move the same VMs, verified: VMScatter (no reuse of what
+/// destinations hold) and per-VM pre-copy (every non-zero page).
+#[test]
+fn the_baselines_move_every_vm_verified() {
+    if !kvm_or_skip("the_baselines_move_every_vm_verified") {
+        return;
+    }
+    let r = rig(&[]);
+    populate(&r);
+    let (out, rep) = r.evacuate(&["--from", "h1", "--to", "h4,h5", "--strategy", "vmscatter"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for v in rep["vms"].as_array().unwrap() {
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["pages_local"], 0, "vmscatter reuses nothing: {v}");
+    }
+    let (out, rep) = r.evacuate(&["--from", "h2", "--to", "h4,h5", "--strategy", "precopy"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for v in rep["vms"].as_array().unwrap() {
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["pages_local"], 0, "precopy reuses nothing: {v}");
+    }
+    assert_eq!(rep["bytes_by_class"]["multicast"], 0);
+    where_each_runs(&r, &MOVING);
+    assert!(r.vms_on("h1").is_empty() && r.vms_on("h2").is_empty());
 }
