@@ -97,6 +97,11 @@ pub struct IndexClient {
     pub timeout: Duration,
     /// How long one attempt at one replica may take.
     pub attempt_timeout: Duration,
+    /// If set, how long a request may go on while the replicas answer
+    /// that they are busy (reachable, with work queued): a bulk writer
+    /// waits out a long queue instead of giving up at [`Self::timeout`],
+    /// which still applies when the replicas do not answer.
+    pub busy_timeout: Option<Duration>,
 }
 
 impl IndexClient {
@@ -119,6 +124,7 @@ impl IndexClient {
             next: 0,
             timeout: Duration::from_secs(30),
             attempt_timeout: ATTEMPT_TIMEOUT,
+            busy_timeout: None,
         })
     }
 
@@ -207,15 +213,22 @@ impl IndexClient {
     /// Sends `req` to the replica that can answer it, following leader
     /// hints and retrying elsewhere on failure until [`Self::timeout`].
     pub fn call(&mut self, req: IndexRequest) -> Result<Resp, ClientError> {
-        let deadline = Instant::now() + self.timeout;
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let busy_deadline = self
+            .busy_timeout
+            .map_or(deadline, |b| (start + b).max(deadline));
         let shard = req.shard;
         let mut last;
+        // The last attempt was answered "busy" (reachable, queue full).
+        let mut busy;
         let mut target = self.leaders.get(&shard).cloned();
         loop {
             let addr = match target.take() {
                 Some(a) => a,
                 None => self.pick(),
             };
+            busy = false;
             match self.exchange(&addr, &req) {
                 Ok(Resp::NotLeader(nl)) => {
                     self.leaders.remove(&shard);
@@ -228,6 +241,7 @@ impl IndexClient {
                     last = format!("{addr}: not the leader of shard {shard}");
                 }
                 Ok(Resp::Error(e)) if e.kind().is_retryable() => {
+                    busy = e.kind() == pagecast_proto::v1::RefusalCode::Busy;
                     self.leaders.remove(&shard);
                     last = format!("{addr}: {e}");
                 }
@@ -249,7 +263,8 @@ impl IndexClient {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
-            if Instant::now() >= deadline {
+            let limit = if busy { busy_deadline } else { deadline };
+            if Instant::now() >= limit {
                 return Err(ClientError::Unavailable {
                     addrs: self.addrs.join(","),
                     last,
@@ -846,4 +861,93 @@ pub fn holders_of(
     }
     rep.held_by_none = rep.distinct - held;
     Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagecast_proto::v1::IndexResponse;
+    use std::net::TcpListener;
+
+    /// A replica that answers every request "busy"; returns its address.
+    fn always_busy() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    let mut w = BufWriter::new(s);
+                    while let Ok(f) = read_frame(&mut r, "client") {
+                        if let Some(Kind::Request(_)) = f.kind {
+                            let busy = IndexFrame {
+                                kind: Some(Kind::Response(IndexResponse {
+                                    result: Some(Resp::Error(refusal(
+                                        RefusalCode::Busy,
+                                        "queue full",
+                                    ))),
+                                })),
+                            };
+                            if write_frame(&mut w, &busy, "client").is_err() || w.flush().is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn status() -> IndexRequest {
+        IndexRequest {
+            shard: 0,
+            op: Some(ReqOp::Status(StatusRequest {})),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn busy_answers_are_waited_out_until_the_busy_deadline() {
+        let addr = always_busy();
+        let mut c = IndexClient::new(std::slice::from_ref(&addr)).unwrap();
+        c.timeout = Duration::from_millis(200);
+        c.busy_timeout = Some(Duration::from_millis(1500));
+        let t = Instant::now();
+        let e = c.call(status()).unwrap_err();
+        assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");
+        assert!(e.to_string().contains("queue full"), "{e}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(1400),
+            "gave up after {:?}",
+            t.elapsed()
+        );
+
+        // Without a busy deadline the plain deadline applies.
+        c.busy_timeout = None;
+        let t = Instant::now();
+        c.call(status()).unwrap_err();
+        assert!(
+            t.elapsed() < Duration::from_millis(1400),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn an_unreachable_index_fails_at_the_plain_deadline_despite_a_busy_deadline() {
+        // A port nothing listens on: bound, then released.
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let mut c = IndexClient::new(&[dead]).unwrap();
+        c.timeout = Duration::from_millis(300);
+        c.busy_timeout = Some(Duration::from_secs(20));
+        let t = Instant::now();
+        let e = c.call(status()).unwrap_err();
+        assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
 }

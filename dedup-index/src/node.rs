@@ -99,7 +99,9 @@ struct Waiting {
     /// The term it was proposed in: an entry at the same index from
     /// another term means it was overwritten by another leader's log.
     term: u64,
-    reply: Reply,
+    /// Everyone waiting for this entry: the proposer, and clients that
+    /// resent the same (client, seq) while it was in flight.
+    replies: Vec<Reply>,
     since: Instant,
 }
 
@@ -130,6 +132,13 @@ pub struct ShardNode {
     /// counter carried in the entry: a new leader commits its
     /// predecessors' entries, whose counters may equal its own.)
     proposals: HashMap<u64, Waiting>,
+    /// Session writes proposed here and not yet applied: (client, seq) ->
+    /// (log index, term). A client that resends a write still in flight
+    /// (its answer was late) waits for the same entry instead of a second
+    /// one; under load that keeps resends from adding raft work.
+    in_flight: HashMap<(u64, u64), (u64, u64)>,
+    /// The same, by log index, to forget them once applied.
+    in_flight_at: std::collections::BTreeMap<u64, (u64, u64)>,
     reads: HashMap<u64, Read>,
     /// Reads whose read index is known, waiting for apply.
     ready_reads: Vec<(u64, Read)>,
@@ -221,6 +230,8 @@ impl ShardNode {
             cfg,
             next_ctx: 1,
             proposals: HashMap::new(),
+            in_flight: HashMap::new(),
+            in_flight_at: std::collections::BTreeMap::new(),
             reads: HashMap::new(),
             ready_reads: Vec::new(),
             applied,
@@ -359,6 +370,29 @@ impl ShardNode {
                 ),
             ));
         }
+        let key = (cmd.client != 0).then_some((cmd.client, cmd.seq));
+        let term = self.node.raft.term;
+        if let Some(&(index, t)) = key.and_then(|k| self.in_flight.get(&k))
+            && t == term
+            && index > self.applied
+        {
+            // The same write is in this leader's log, in this term: it
+            // commits or this replica stops leading; wait for it.
+            match self.proposals.get_mut(&index) {
+                Some(w) => w.replies.push(reply),
+                None => {
+                    self.proposals.insert(
+                        index,
+                        Waiting {
+                            term,
+                            replies: vec![reply],
+                            since: Instant::now(),
+                        },
+                    );
+                }
+            }
+            return;
+        }
         match self.node.propose(Vec::new(), cmd.encode_to_vec()) {
             Ok(()) => {
                 metrics::counter!(crate::metrics::PROPOSALS).increment(1);
@@ -367,11 +401,15 @@ impl ShardNode {
                 self.proposals.insert(
                     index,
                     Waiting {
-                        term: self.node.raft.term,
-                        reply,
+                        term,
+                        replies: vec![reply],
                         since: Instant::now(),
                     },
                 );
+                if let Some(k) = key {
+                    self.in_flight.insert(k, (index, term));
+                    self.in_flight_at.insert(index, k);
+                }
             }
             Err(raft::Error::ProposalDropped) => reply(self.not_leader()),
             Err(e) => reply(error(RefusalCode::Busy, format!("proposal refused: {e}"))),
@@ -534,15 +572,21 @@ impl ShardNode {
         let late = |since: Instant| now.duration_since(since) > timeout;
         let nl = self.not_leader();
         let expired = |since: Instant| lost || late(since);
+        if lost {
+            self.in_flight.clear();
+            self.in_flight_at.clear();
+        }
         for (_, w) in self.proposals.extract_if(|_, w| expired(w.since)) {
-            (w.reply)(if lost {
-                nl.clone()
-            } else {
-                error(
-                    RefusalCode::Busy,
-                    "timed out waiting for the write to commit",
-                )
-            });
+            for reply in w.replies {
+                reply(if lost {
+                    nl.clone()
+                } else {
+                    error(
+                        RefusalCode::Busy,
+                        "timed out waiting for the write to commit",
+                    )
+                });
+            }
         }
         for (_, r) in self.reads.extract_if(|_, r| expired(r.since)) {
             (r.reply)(if lost {
@@ -682,11 +726,15 @@ impl ShardNode {
         self.applied = last_index;
         metrics::counter!(crate::metrics::COMMITS).increment(entries.len() as u64);
         metrics::histogram!(crate::metrics::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
+        let later = self.in_flight_at.split_off(&(last_index + 1));
+        for k in std::mem::replace(&mut self.in_flight_at, later).into_values() {
+            self.in_flight.remove(&k);
+        }
         for (e, r) in entries.iter().zip(results) {
             let Some(w) = self.proposals.remove(&e.index) else {
                 continue;
             };
-            (w.reply)(if w.term != e.term {
+            let answer = if w.term != e.term {
                 // Another leader's entry took its place: the write was
                 // never applied, and the client tries again.
                 self.not_leader()
@@ -699,7 +747,10 @@ impl ShardNode {
                         result: Some(Resp::Error(e)),
                     },
                 }
-            });
+            };
+            for reply in w.replies {
+                reply(answer.clone());
+            }
         }
         Ok(())
     }

@@ -395,6 +395,35 @@ fn a_resent_batch_is_applied_once() {
 }
 
 #[test]
+fn a_batch_resent_while_in_flight_is_proposed_once() {
+    let mut c = Cluster::new(3, 11, 0, 1);
+    write_until_acked(&mut c, 1, &[1]);
+    c.run(50);
+    let l = c.wait_leader();
+    let before = c.nodes[&l].status().last_index;
+    let answers: Answers = Arc::default();
+    // The same (client, seq) three times before it commits, as a client
+    // does whose attempts time out under load.
+    for tag in 0..3 {
+        c.send(l, tag, write(7, 2, &[10, 11], 1, 1), &answers);
+    }
+    c.run(200);
+    let got = answers.lock().unwrap();
+    assert_eq!(got.len(), 3, "every sender is answered");
+    for (_, r) in got.iter() {
+        assert!(matches!(&r.result, Some(Resp::Write(_))), "{r:?}");
+    }
+    assert_eq!(
+        c.nodes[&l].status().last_index,
+        before + 1,
+        "one log entry for the three sends"
+    );
+    for s in c.stores.values() {
+        assert_eq!(s.holders(&[hash(10)]).unwrap()[0].frames_of(1), 1);
+    }
+}
+
+#[test]
 fn reads_are_linearizable_on_the_leader_and_refused_elsewhere() {
     let mut c = Cluster::new(3, 7, 0, 1);
     write_until_acked(&mut c, 1, &[5]);
