@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use pagecast_index::client::{ClientError, IndexClient};
 use pagecast_index::holders::HoldingSum;
-use pagecast_index::keys::shard_of;
+use pagecast_index::keys::{shard_of, shard_prefix_range};
 use pagecast_memory::DirtyBitmap;
 use pagecast_pages::PageHash;
 use pagecast_proto::v1::{
@@ -53,6 +53,13 @@ pub const HOT_AFTER: u8 = 3;
 pub const FRAME_UPDATES_PER_REFRESH: usize = 2048;
 /// Most deltas in one batch.
 pub const BATCH: usize = 8192;
+/// How long one call to the index may take when no replica answers.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(8);
+/// How long one holder batch may wait while the replicas answer that they
+/// are busy: under a cold start's load a shard's queue can hold several
+/// seconds of work, and a batch sent again while in flight only waits for
+/// the same raft entry.
+pub const BUSY_DEADLINE: Duration = Duration::from_secs(30);
 /// How often every shard's totals are compared with the agent's.
 pub const CHECK_EVERY: Duration = Duration::from_secs(30);
 /// How often the host report goes out (also whenever the VMs change).
@@ -253,14 +260,27 @@ struct Counts {
 #[derive(Debug, Default)]
 pub struct Ledger {
     counts: HashMap<PageHash, Counts>,
-    /// Contents whose desired and acked may differ.
-    changed: HashSet<PageHash>,
+    /// Contents whose desired and acked may differ, in 256 buckets by the
+    /// hash's first byte: a shard owns a range of hash prefixes, so taking
+    /// its batch looks at its own buckets only (empty until first used).
+    changed: Vec<HashSet<PageHash>>,
+    /// How many contents `changed` holds.
+    changed_len: usize,
     vm_ops: VecDeque<VmOp>,
     /// The VM set changed: send a host report soon.
     report_due: bool,
 }
 
 impl Ledger {
+    fn mark_changed(&mut self, h: PageHash) {
+        if self.changed.is_empty() {
+            self.changed = (0..256).map(|_| HashSet::new()).collect();
+        }
+        if self.changed[h.as_bytes()[0] as usize].insert(h) {
+            self.changed_len += 1;
+        }
+    }
+
     /// Applies frame-level changes to what this host should be listed with.
     pub fn apply(&mut self, changes: &[(PageHash, i64)]) {
         for &(h, d) in changes {
@@ -274,7 +294,7 @@ impl Ledger {
             if *c == Counts::default() {
                 self.counts.remove(&h);
             }
-            self.changed.insert(h);
+            self.mark_changed(h);
         }
     }
 
@@ -286,12 +306,12 @@ impl Ledger {
 
     /// Contents whose listing is not yet what it should be.
     pub fn behind(&self) -> usize {
-        self.changed.len()
+        self.changed_len
     }
 
     /// Nothing left to send: no holder change, no VM record change.
     pub fn idle(&self) -> bool {
-        self.changed.is_empty() && self.vm_ops.is_empty()
+        self.changed_len == 0 && self.vm_ops.is_empty()
     }
 
     /// Frames this host should be listed with for `h`.
@@ -324,22 +344,33 @@ impl Ledger {
     /// contents they cover leave `changed` (a failed send puts them back).
     fn take_batch(&mut self, shard: u32, n: u32, max: usize) -> Vec<(PageHash, i64)> {
         let mut out = Vec::new();
+        if self.changed.is_empty() {
+            return out;
+        }
+        let (lo, hi) = shard_prefix_range(shard, n);
+        if lo >= hi {
+            return out;
+        }
         let mut covered = Vec::new();
-        for h in &self.changed {
-            if shard_of(h, n) != shard {
-                continue;
-            }
-            covered.push(*h);
-            let c = self.counts.get(h).copied().unwrap_or_default();
-            if c.desired != c.acked {
-                out.push((*h, c.desired as i64 - c.acked as i64));
-                if out.len() >= max {
-                    break;
+        'buckets: for b in (lo >> 8)..=((hi - 1) >> 8) {
+            for h in &self.changed[b as usize] {
+                if shard_of(h, n) != shard {
+                    continue;
+                }
+                covered.push(*h);
+                let c = self.counts.get(h).copied().unwrap_or_default();
+                if c.desired != c.acked {
+                    out.push((*h, c.desired as i64 - c.acked as i64));
+                    if out.len() >= max {
+                        break 'buckets;
+                    }
                 }
             }
         }
         for h in covered {
-            self.changed.remove(&h);
+            if self.changed[h.as_bytes()[0] as usize].remove(&h) {
+                self.changed_len -= 1;
+            }
         }
         out
     }
@@ -356,7 +387,9 @@ impl Ledger {
     }
 
     fn retry(&mut self, batch: &[(PageHash, i64)]) {
-        self.changed.extend(batch.iter().map(|b| b.0));
+        for &(h, _) in batch {
+            self.mark_changed(h);
+        }
     }
 
     /// Replaces what the index is known to hold in `shard` by `actual`
@@ -391,7 +424,7 @@ impl Ledger {
         for h in seen_here {
             let c = self.counts[&h];
             if c.desired != c.acked {
-                self.changed.insert(h);
+                self.mark_changed(h);
             }
             if c == Counts::default() {
                 self.counts.remove(&h);
@@ -530,6 +563,78 @@ struct Inflight {
     deltas: Vec<(PageHash, i64)>,
 }
 
+/// What sends one shard's batches: its own client (connection), the next
+/// sequence number, the batch whose answer is still owed.
+struct ShardWriter {
+    client: IndexClient,
+    seq: u64,
+    inflight: Option<Inflight>,
+}
+
+/// How a shard's flush ended without a transport error.
+enum Flushed {
+    /// Nothing left to send.
+    Done,
+    /// The shard refused a batch: the index holds something else than the
+    /// agent believes; reconcile, and (for `Refused`) flush again after.
+    Refused(RefusalCode),
+}
+
+/// Sends what `shard` lacks, one batch at a time, until nothing is left.
+fn flush_shard(
+    link: &IndexLink,
+    w: &mut ShardWriter,
+    shard: u32,
+    shards: u32,
+    session: u64,
+    host: u32,
+) -> Result<Flushed, ClientError> {
+    loop {
+        let batch = match w.inflight.take() {
+            Some(b) => b,
+            None => {
+                let deltas = link.ledger().take_batch(shard, shards, BATCH);
+                if deltas.is_empty() {
+                    return Ok(Flushed::Done);
+                }
+                let seq = w.seq;
+                w.seq += 1;
+                Inflight { seq, deltas }
+            }
+        };
+        let cmd = IndexCommand {
+            client: session,
+            seq: batch.seq,
+            op: Some(Op::Deltas(HolderDeltas {
+                deltas: batch
+                    .deltas
+                    .iter()
+                    .map(|(h, d)| HolderDelta {
+                        hash: h.as_bytes().to_vec().into(),
+                        host,
+                        frames: *d,
+                    })
+                    .collect(),
+            })),
+        };
+        lock(&link.status).deltas_sent += batch.deltas.len() as u64;
+        ::metrics::counter!(crate::metrics::INDEX_DELTAS).increment(batch.deltas.len() as u64);
+        match w.client.write(shard, cmd) {
+            Ok(_) => link.ledger().acked(&batch.deltas),
+            Err(ClientError::Refused { code, message }) if !code.is_retryable() => {
+                warn!("shard {shard} refused a batch ({message}); reconciling");
+                link.ledger().retry(&batch.deltas);
+                return Ok(Flushed::Refused(code));
+            }
+            Err(e) => {
+                // Unknown outcome: the same batch goes again.
+                w.inflight = Some(batch);
+                return Err(e);
+            }
+        }
+    }
+}
+
 struct Loop<'a> {
     link: &'a IndexLink,
     client: IndexClient,
@@ -543,9 +648,9 @@ struct Loop<'a> {
     meta_seq: u64,
     shards: u32,
     host: u32,
-    /// Next sequence number per shard.
-    seq: Vec<u64>,
-    inflight: Vec<Option<Inflight>>,
+    /// One writer per shard: the shards' batches travel in parallel, each
+    /// shard's one at a time.
+    writers: Vec<ShardWriter>,
     check: Vec<bool>,
     last_check: Instant,
     last_report: Option<Instant>,
@@ -579,7 +684,7 @@ pub fn run(link: &IndexLink, now: &dyn Fn() -> HostNow, records: &dyn Fn() -> Ve
         }
     };
     // One call gives up within seconds: the loop itself retries forever.
-    client.timeout = Duration::from_secs(8);
+    client.timeout = CALL_DEADLINE;
     let mut l = Loop {
         link,
         client,
@@ -588,8 +693,7 @@ pub fn run(link: &IndexLink, now: &dyn Fn() -> HostNow, records: &dyn Fn() -> Ve
         meta_seq: 1,
         shards: 0,
         host: 0,
-        seq: Vec::new(),
-        inflight: Vec::new(),
+        writers: Vec::new(),
         check: Vec::new(),
         last_check: Instant::now(),
         last_report: None,
@@ -660,8 +764,18 @@ impl Loop<'_> {
     fn connect(&mut self, now: &dyn Fn() -> HostNow) -> Result<(), ClientError> {
         let shards = self.client.shards()?;
         self.shards = shards;
-        self.seq = vec![1; shards as usize];
-        self.inflight = (0..shards).map(|_| None).collect();
+        self.writers = (0..shards)
+            .map(|_| {
+                let mut client = IndexClient::new(&self.link.addrs)?;
+                client.timeout = CALL_DEADLINE;
+                client.busy_timeout = Some(BUSY_DEADLINE);
+                Ok(ShardWriter {
+                    client,
+                    seq: 1,
+                    inflight: None,
+                })
+            })
+            .collect::<Result<_, ClientError>>()?;
         self.check = vec![true; shards as usize];
         self.report(now)?;
         info!(
@@ -715,15 +829,69 @@ impl Loop<'_> {
             self.reconcile_vms(records)?;
             self.vm_ops()?;
         }
+        self.flush_all()?;
         for shard in 0..self.shards {
-            self.flush(shard)?;
             if self.check[shard as usize] {
                 self.reconcile(shard)?;
                 self.check[shard as usize] = false;
-                self.flush(shard)?;
+                self.flush_all()?;
             }
         }
         Ok(())
+    }
+
+    /// Flushes every shard, the shards in parallel; a shard that refused a
+    /// batch is reconciled and flushed again. The first transport error
+    /// is returned after every shard has stopped.
+    fn flush_all(&mut self) -> Result<(), ClientError> {
+        loop {
+            let pending = self.link.ledger().behind() > 0
+                || self.writers.iter().any(|w| w.inflight.is_some());
+            if !pending {
+                return Ok(());
+            }
+            let (link, shards, session, host) = (self.link, self.shards, self.session, self.host);
+            let results: Vec<Result<Flushed, ClientError>> = std::thread::scope(|s| {
+                let handles: Vec<_> = self
+                    .writers
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        s.spawn(move || flush_shard(link, w, i as u32, shards, session, host))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(ClientError::Unexpected(
+                                "a publisher thread panicked".into(),
+                            ))
+                        })
+                    })
+                    .collect()
+            });
+            let mut again = false;
+            let mut first_err = None;
+            for (shard, r) in results.into_iter().enumerate() {
+                match r {
+                    Ok(Flushed::Done) => {}
+                    Ok(Flushed::Refused(code)) => {
+                        self.reconcile(shard as u32)?;
+                        again |= code == RefusalCode::Refused;
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            if !again {
+                return Ok(());
+            }
+        }
     }
 
     fn vm_ops(&mut self) -> Result<(), ClientError> {
@@ -754,61 +922,6 @@ impl Loop<'_> {
                 Err(e) => return Err(e),
             }
             self.link.ledger().vm_ops.pop_front();
-        }
-    }
-
-    /// Sends what `shard` lacks, one batch at a time, until nothing is left.
-    fn flush(&mut self, shard: u32) -> Result<(), ClientError> {
-        loop {
-            let batch = match self.inflight[shard as usize].take() {
-                Some(b) => b,
-                None => {
-                    let deltas = self.link.ledger().take_batch(shard, self.shards, BATCH);
-                    if deltas.is_empty() {
-                        return Ok(());
-                    }
-                    let seq = self.seq[shard as usize];
-                    self.seq[shard as usize] += 1;
-                    Inflight { seq, deltas }
-                }
-            };
-            let cmd = IndexCommand {
-                client: self.session,
-                seq: batch.seq,
-                op: Some(Op::Deltas(HolderDeltas {
-                    deltas: batch
-                        .deltas
-                        .iter()
-                        .map(|(h, d)| HolderDelta {
-                            hash: h.as_bytes().to_vec().into(),
-                            host: self.host,
-                            frames: *d,
-                        })
-                        .collect(),
-                })),
-            };
-            lock(&self.link.status).deltas_sent += batch.deltas.len() as u64;
-            ::metrics::counter!(crate::metrics::INDEX_DELTAS).increment(batch.deltas.len() as u64);
-            match self.client.write(shard, cmd) {
-                Ok(_) => {
-                    self.link.ledger().acked(&batch.deltas);
-                }
-                Err(ClientError::Refused { code, message }) if !code.is_retryable() => {
-                    // The index holds something else than this agent
-                    // believes: find out what, then send the difference.
-                    warn!("shard {shard} refused a batch ({message}); reconciling");
-                    self.link.ledger().retry(&batch.deltas);
-                    self.reconcile(shard)?;
-                    if code != RefusalCode::Refused {
-                        return Ok(());
-                    }
-                }
-                Err(e) => {
-                    // Unknown outcome: the same batch goes again.
-                    self.inflight[shard as usize] = Some(batch);
-                    return Err(e);
-                }
-            }
         }
     }
 
