@@ -30,13 +30,19 @@ if [ ! -e /dev/kvm ]; then
 fi
 
 mkdir -p "$out"
-pids=()
+index_pids=()
+agent_pids=()
+stop() {
+    if (($#)); then
+        kill "$@" 2>/dev/null || true
+        wait "$@" 2>/dev/null || true
+    fi
+}
 cleanup() {
     trap - EXIT INT TERM
-    if ((${#pids[@]})); then
-        kill "${pids[@]}" 2>/dev/null || true
-        wait "${pids[@]}" 2>/dev/null || true
-    fi
+    # Agents first: they withdraw their VMs from the index as they stop.
+    stop "${agent_pids[@]}"
+    stop "${index_pids[@]}"
 }
 trap cleanup EXIT
 trap 'echo "== interrupted: stopping the cluster" >&2; exit 130' INT TERM
@@ -49,7 +55,7 @@ rm -rf "$out/index"
 for id in 1 2 3; do
     "$pagecast" index serve --id "$id" --listen "127.0.0.1:${ports[$((id - 1))]}" --peers "$peers" \
         --data "$out/index/r$id" --shards 4 --raft-log warning 2>"$out/index-$id.log" &
-    pids+=($!)
+    index_pids+=($!)
 done
 export PAGECAST_INDEX="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
 for _ in $(seq 100); do
@@ -68,7 +74,7 @@ start_agent() { # name rack
     mkfifo "$fifo"
     "$pagecast" agent --name "$1" --listen 127.0.0.1:0 --rack "$2" --link 10G \
         --capacity 1GiB >"$fifo" 2>"$out/$1.log" &
-    pids+=($!)
+    agent_pids+=($!)
     local line
     read -r line <"$fifo"
     rm -f "$fifo"

@@ -13,13 +13,26 @@ use pagecast_proto::v1;
 
 use crate::{pagecast, pagecast_bin};
 
-/// A free TCP port on 127.0.0.1 (bound and released).
+/// A free TCP port on 127.0.0.1 for a process to bind later.
+///
+/// Ports come from below Linux's ephemeral range (32768 and up), so an
+/// outgoing connection of another test cannot take one between this check
+/// and the bind; each test process walks its own window (by pid), and a port
+/// something already listens on is skipped.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("its address")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    let base = (std::process::id() % 100) * 200;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (base + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {}", LOW + SPAN)
 }
 
 fn signal(child: &Child, sig: libc::c_int) {
@@ -54,6 +67,7 @@ impl IndexCluster {
     /// Starts three replicas of `shards` shards under `dir` and waits for
     /// every shard to have a leader.
     pub fn start(dir: &Path, shards: u32) -> IndexCluster {
+        std::fs::create_dir_all(dir).expect("the cluster's directory");
         let reps: Vec<Replica> = (1..=3)
             .map(|id| Replica {
                 id,
@@ -225,6 +239,27 @@ impl AgentProc {
     }
 
     fn spawn(dir: &Path, name: &str, args: Vec<String>, metrics: Option<String>) -> AgentProc {
+        // A free port found by binding and closing can be taken by another
+        // test before the agent binds it: pick another and try again.
+        let mut metrics = metrics;
+        for _ in 0..4 {
+            match Self::try_spawn(dir, name, args.clone(), metrics.clone()) {
+                Ok(agent) => return agent,
+                Err(log) if metrics.is_some() && log.contains("Address already in use") => {
+                    metrics = Some(format!("127.0.0.1:{}", free_port()));
+                }
+                Err(log) => panic!("agent {name} did not start; log: {log}"),
+            }
+        }
+        panic!("agent {name}: no free metrics port after 4 tries")
+    }
+
+    fn try_spawn(
+        dir: &Path,
+        name: &str,
+        args: Vec<String>,
+        metrics: Option<String>,
+    ) -> Result<AgentProc, String> {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new(pagecast_bin());
         cmd.args(["agent", "--name", name, "--listen", "127.0.0.1:0"])
@@ -249,17 +284,15 @@ impl AgentProc {
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)
             .expect("reading the agent's first line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "agent {name} printed {line:?}; log: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            })
-            .to_owned();
-        AgentProc {
+        let Some(addr) = line.trim().strip_prefix("listening on ").map(str::to_owned) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "printed {line:?}; {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        };
+        Ok(AgentProc {
             name: name.to_owned(),
             addr,
             metrics,
@@ -267,7 +300,7 @@ impl AgentProc {
             log,
             args,
             dir: dir.to_owned(),
-        }
+        })
     }
 
     /// Kills the agent (SIGKILL) and starts it again with the same name and

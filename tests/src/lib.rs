@@ -1,12 +1,13 @@
-//! Helpers for pagecast's cross-crate tests: finding (or building) the
+//! Helpers for pagecast's cross-crate tests and benchmarks: finding the
 //! `pagecast` binary and running it.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-/// Path of the `pagecast` binary of this build profile, built on first use
-/// if the test run did not build it already.
+/// Path of the `pagecast` binary of this build profile (`cargo test
+/// --workspace` builds it; benchmarks need `cargo build --release -p
+/// pagecast-cli` first).
 pub fn pagecast_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -18,16 +19,15 @@ pub fn pagecast_bin() -> PathBuf {
             .expect("target/<profile>/deps/<test>")
             .to_path_buf();
         let bin = profile_dir.join("pagecast");
-        if !bin.exists() {
-            let release = profile_dir.file_name().is_some_and(|n| n == "release");
-            let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cargo.args(["build", "-p", "pagecast-cli", "--bin", "pagecast"]);
-            if release {
-                cargo.arg("--release");
-            }
-            let status = cargo.status().expect("running cargo build");
-            assert!(status.success(), "cargo build of pagecast failed");
-        }
+        // Cargo holds the build directory while tests and benches run, so
+        // building it from here would wait forever: say what to run.
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        assert!(
+            bin.exists(),
+            "{} is missing: build it first with `cargo build{} -p pagecast-cli --bin pagecast`",
+            bin.display(),
+            if release { " --release" } else { "" }
+        );
         bin
     })
     .clone()

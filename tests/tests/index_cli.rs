@@ -13,13 +13,7 @@ use pagecast_pages::PageHash;
 use pagecast_proto::v1::{HolderDelta, HolderDeltas, IndexCommand, index_command::Op};
 use pagecast_tests::{pagecast, pagecast_bin, pagecast_json};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use pagecast_tests::cluster::free_port;
 
 struct Replica {
     id: u64,

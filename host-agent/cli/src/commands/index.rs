@@ -870,7 +870,7 @@ pub fn hosts(a: HostsArgs) -> anyhow::Result<()> {
             },
             format_bytes(h.capacity_bytes),
             format_bytes(h.used_bytes),
-            r["pages"],
+            r["pages"].to_string(),
             h.hot_pages,
             seen,
             h.vm_names.join(",")
