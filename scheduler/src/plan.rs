@@ -152,6 +152,22 @@ impl<'a> Planner<'a> {
     /// first), within capacity; pinned VMs stay and anti-affinity holds.
     /// Stops after `max_passes` passes, or when no move helps.
     pub fn refine(&self, s: Strategy, a: Assignment, obj: Objective, max_passes: usize) -> Plan {
+        self.refine_until(s, a, obj, max_passes, None)
+    }
+
+    /// As [`Planner::refine`], stopping also at `until` (the best plan found
+    /// by then): each step re-plans every moving page, so a large
+    /// evacuation bounds its search by time.
+    pub fn refine_until(
+        &self,
+        s: Strategy,
+        a: Assignment,
+        obj: Objective,
+        max_passes: usize,
+        until: impl Into<Option<std::time::Instant>>,
+    ) -> Plan {
+        let until = until.into();
+        let late = || until.is_some_and(|u| std::time::Instant::now() >= u);
         let (c, e) = (self.cluster, self.evacuation);
         let mut best = self.plan_for(s, a);
         let pinned: std::collections::HashSet<VmIdx> = e.pinned.iter().map(|p| p.0).collect();
@@ -164,6 +180,9 @@ impl<'a> Planner<'a> {
             for &v in &self.moving {
                 if pinned.contains(&v) {
                     continue;
+                }
+                if late() {
+                    return best;
                 }
                 let from = best.assignment[&v];
                 let mem = c.vms[v].memory_bytes;

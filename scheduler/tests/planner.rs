@@ -410,3 +410,32 @@ fn sketched_placement_agrees_with_exact_on_a_clear_case() {
     assert_eq!(exact.assignment[&0], 1);
     assert_eq!(sketched.assignment[&0], 1);
 }
+
+#[test]
+fn refining_stops_at_its_deadline_and_never_worsens_the_plan() {
+    use pagecast_scheduler::Objective;
+    let mut improved = 0;
+    for seed in 0..20 {
+        let inst = instance(seed, 10, 3, 3, false);
+        let p = Planner::new(&inst.cluster, &inst.evac, &inst.content).unwrap();
+        let a = p.place(Strategy::FirstFit).unwrap();
+        let start = p.plan_for(Strategy::Pagecast, a.clone());
+        // A deadline already past: the plan it started from, unchanged.
+        let past = p.refine_until(
+            Strategy::Pagecast,
+            a.clone(),
+            Objective::Eviction,
+            16,
+            std::time::Instant::now(),
+        );
+        assert_eq!(past.assignment, start.assignment, "seed {seed}");
+        // No deadline: never worse on the objective's key, and on some
+        // instances better.
+        let free = p.refine(Strategy::Pagecast, a, Objective::Eviction, 16);
+        let key = |p: &Plan| (p.cost.eviction_s, p.cost.source_total as f64);
+        let (k0, k1) = (key(&start), key(&free));
+        assert!(k1 <= k0, "seed {seed}: {k1:?} after {k0:?}");
+        improved += usize::from(k1 < k0);
+    }
+    assert!(improved > 0, "refining improved no instance");
+}

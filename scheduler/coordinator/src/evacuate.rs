@@ -98,7 +98,15 @@ pub struct EvacuateSpec {
 }
 
 /// Most pages one cast session carries (the source stages them in memory).
-const CAST_CHUNK: usize = 131_072;
+/// Its request lists 32 bytes of hash and a page number per page, which
+/// must fit a control frame ([`pagecast_proto::MAX_CONTROL_FRAME_BYTES`],
+/// 4 MiB): 65,536 pages take about 2.3 MiB.
+const CAST_CHUNK: usize = 65_536;
+
+/// How long the placement search may refine a plan: each step re-plans the
+/// transmission of every moving page (seconds per pass at a million pages
+/// on two cores), so a large job keeps the best plan found by then.
+const REFINE_BUDGET: Duration = Duration::from_secs(1);
 
 /// The exact content the planner reasons with: the moving VMs' distinct
 /// contents from their agents, and which hosts hold them from the index.
@@ -347,15 +355,42 @@ fn prepare(
         .enumerate()
         .map(|(i, h)| (h.index, i))
         .collect();
+    // Every shard at once, each from any replica's applied state: who
+    // holds what is a hint (every page used is hash-checked), and a
+    // linearizable read per 16,384 hashes costs seconds at a million pages.
+    let per_shard: Vec<Result<Vec<(HostIdx, PageHash)>, CoordError>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = by_shard
+            .iter()
+            .enumerate()
+            .map(|(s, hs)| {
+                let by_number = &by_number;
+                sc.spawn(move || -> Result<Vec<(HostIdx, PageHash)>, CoordError> {
+                    let mut c = IndexClient::new(index)?;
+                    c.timeout = Duration::from_secs(20);
+                    let mut out = Vec::new();
+                    for chunk in hs.chunks(16_384) {
+                        let l = c.lookup(s as u32, chunk, &[], true)?;
+                        for (i, host) in l.hash_index.iter().zip(&l.host) {
+                            if let (Some(&h), Some(p)) =
+                                (by_number.get(host), chunk.get(*i as usize))
+                            {
+                                out.push((h, *p));
+                            }
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a lookup thread panicked"))
+            .collect()
+    });
     let mut held: HashMap<HostIdx, HashSet<PageHash>> = HashMap::new();
-    for (s, hs) in by_shard.iter().enumerate() {
-        for chunk in hs.chunks(16_384) {
-            let l = ic.lookup(s as u32, chunk, &[], false)?;
-            for (i, host) in l.hash_index.iter().zip(&l.host) {
-                if let (Some(&h), Some(p)) = (by_number.get(host), chunk.get(*i as usize)) {
-                    held.entry(h).or_default().insert(*p);
-                }
-            }
+    for r in per_shard {
+        for (h, p) in r? {
+            held.entry(h).or_default().insert(p);
         }
     }
     let content = ExactContent {
@@ -370,7 +405,13 @@ fn prepare(
     let plan = match spec.method {
         Method::Pagecast => {
             let a = planner.place(Strategy::Pagecast)?;
-            planner.refine(Strategy::Pagecast, a, spec.objective, 16)
+            planner.refine_until(
+                Strategy::Pagecast,
+                a,
+                spec.objective,
+                16,
+                Instant::now() + REFINE_BUDGET,
+            )
         }
         Method::VmScatter => planner.plan(Strategy::VmScatter)?,
         Method::Precopy => {
@@ -635,19 +676,28 @@ fn run_source_casts(
     });
     for (ci, chunk) in sends.chunks(CAST_CHUNK).enumerate() {
         let mut receivers: BTreeSet<String> = BTreeSet::new();
-        let mut groups: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
-        for (i, (_, ds)) in chunk.iter().enumerate() {
+        let mut groups: BTreeMap<Vec<String>, Vec<&PageHash>> = BTreeMap::new();
+        for (h, ds) in chunk {
             receivers.extend(ds.iter().cloned());
-            groups.entry(ds.clone()).or_default().push(i as u32);
+            groups.entry(ds.clone()).or_default().push(h);
         }
         let receivers: Vec<String> = receivers.into_iter().collect();
+        // Largest groups first: the most shared pages go out first. The
+        // session's pages are numbered group by group, so each group is
+        // one range of page numbers (the receivers' page lists stay small).
+        let mut by_group: Vec<(Vec<String>, Vec<&PageHash>)> = groups.into_iter().collect();
+        by_group.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(b.1.len().cmp(&a.1.len())));
         let mut hashes = Vec::with_capacity(chunk.len() * 32);
-        for (h, _) in chunk {
-            hashes.extend_from_slice(h.as_bytes());
+        let mut glist: Vec<(Vec<String>, Vec<u32>)> = Vec::with_capacity(by_group.len());
+        let mut next = 0u32;
+        for (members, hs) in by_group {
+            let first = next;
+            for h in &hs {
+                hashes.extend_from_slice(h.as_bytes());
+            }
+            next += hs.len() as u32;
+            glist.push((members, (first..next).collect()));
         }
-        // Largest groups first: the most shared pages go out first.
-        let mut glist: Vec<(Vec<String>, Vec<u32>)> = groups.into_iter().collect();
-        glist.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(b.1.len().cmp(&a.1.len())));
         let group_pages: Vec<(Vec<String>, usize)> =
             glist.iter().map(|(m, p)| (m.clone(), p.len())).collect();
         let req = v1::CastSendRequest {
