@@ -46,6 +46,55 @@ impl Region {
     /// page faulted in, so a later write by a guest is a write to an existing
     /// page). `len` must be a non-zero multiple of the page size.
     pub fn anonymous(len: u64) -> Result<Self, MemoryError> {
+        Self::anonymous_with(len, libc::MAP_POPULATE)
+    }
+
+    /// As [`Region::anonymous`], not populated: mapping is instant, and the
+    /// pages are faulted in as they are written or by [`Region::populate`]
+    /// (which a region must go through before a guest runs on it).
+    pub fn anonymous_unpopulated(len: u64) -> Result<Self, MemoryError> {
+        Self::anonymous_with(len, 0)
+    }
+
+    /// Faults in every page of the region for writing without changing its
+    /// contents, so it is safe while other threads write the region.
+    pub fn populate(&self) -> Result<(), MemoryError> {
+        const STEP: usize = 64 << 20;
+        let mut at = 0;
+        while at < self.len {
+            let n = STEP.min(self.len - at);
+            // SAFETY: the range lies inside this mapping, which lives as long
+            // as `self`; MADV_POPULATE_WRITE only faults pages in (as a write
+            // of nothing would), it never changes their contents.
+            let r = unsafe {
+                libc::madvise(self.as_ptr().add(at).cast(), n, libc::MADV_POPULATE_WRITE)
+            };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(MemoryError::Map {
+                        what: "populating guest memory".into(),
+                        bytes: self.len as u64,
+                        source: e,
+                    });
+                }
+                // A kernel before 5.14: an atomic no-op write per page.
+                for page in (at..at + n).step_by(PAGE_SIZE) {
+                    // SAFETY: `page` is inside the mapping and aligned; an
+                    // atomic OR of zero writes the byte's own value, so it
+                    // races with no other writer's data.
+                    unsafe {
+                        std::sync::atomic::AtomicU8::from_ptr(self.as_ptr().add(page))
+                            .fetch_or(0, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn anonymous_with(len: u64, populate: libc::c_int) -> Result<Self, MemoryError> {
         if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
             return Err(MemoryError::Map {
                 what: "guest memory".into(),
@@ -63,7 +112,7 @@ impl Region {
         })?;
         let map = MmapRegionBuilder::new(size)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_POPULATE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | populate)
             .build()
             .map_err(|e| vm_err("guest memory", len, e))?;
         Ok(Region {

@@ -202,6 +202,8 @@ struct In<'a> {
     timeout: Duration,
     slot: Arc<IncomingSlot>,
     report: IncomingReport,
+    /// Faulting in the arriving VM's memory, off the handshake's path.
+    populating: Option<std::thread::JoinHandle<Result<(), pagecast_memory::MemoryError>>>,
 }
 
 /// Receives a migration announced by `begin` over `link`: reserves memory,
@@ -258,7 +260,10 @@ pub fn migrate_in_job(
     if begin.vm.is_empty() || begin.vm.len() > MAX_VM_NAME_BYTES {
         return refuse(link, RefusalCode::Invalid, "bad VM name".into());
     }
-    let region = match Region::anonymous(bytes) {
+    // Mapped now, populated by a thread after the answer: faulting in a
+    // large VM's memory on a busy host takes seconds, which the source
+    // would otherwise wait for before anything else can happen.
+    let region = match Region::anonymous_unpopulated(bytes) {
         Ok(r) => r,
         Err(e) => return refuse(link, RefusalCode::Internal, e.to_string()),
     };
@@ -266,14 +271,21 @@ pub fn migrate_in_job(
         ok: true,
         ..Default::default()
     }))?;
+    let slot = Arc::new(IncomingSlot::new(&begin.vm, region));
+    let filling = slot.clone();
+    let populating = std::thread::Builder::new()
+        .name("pagecast-populate".into())
+        .spawn(move || filling.region.populate())
+        .ok();
     let mut st = In {
         link,
         timeout: REPLY_TIMEOUT,
-        slot: Arc::new(IncomingSlot::new(&begin.vm, region)),
+        slot,
         report: IncomingReport {
             vm: begin.vm.clone(),
             ..IncomingReport::default()
         },
+        populating,
     };
     let r = st.run(begin, local, fp, events, start);
     if let Err(e) = &r {
@@ -524,8 +536,21 @@ impl In<'_> {
         }
     }
 
-    /// The memory back from the slot once nobody else holds it.
+    /// The memory back from the slot once nobody else holds it, every page
+    /// faulted in (a guest must not run on unpopulated memory: a page it
+    /// faults in first can be missing from the dirty log).
     fn take_region(&mut self) -> Result<Region, MigrationError> {
+        match self.populating.take().map(|t| t.join()) {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => return Err(e.into()),
+            Some(Err(_)) => {
+                return Err(MigrationError::Protocol(
+                    "populating the arriving VM's memory panicked".into(),
+                ));
+            }
+            // The thread could not be spawned: populate here.
+            None => self.slot.region.populate()?,
+        }
         let placeholder = Arc::new(IncomingSlot::new(
             &self.slot.vm,
             Region::anonymous(PAGE_SIZE as u64)?,
