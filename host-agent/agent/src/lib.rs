@@ -1036,6 +1036,12 @@ impl Agent {
                 )));
             }
         };
+        tracing::debug!(
+            "incoming VM {} of {} MiB (job {:?})",
+            begin.vm,
+            begin.memory_bytes >> 20,
+            begin.job
+        );
         if let Err(e) = self.reserve(&begin.vm, "incoming") {
             let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
                 ok: false,
@@ -1176,14 +1182,18 @@ impl Agent {
             }
         }
         if let Some(link) = &self.index {
+            // A VM migrating out is withdrawn at its switchover: what its
+            // guest rewrites meanwhile waits (coalesced, as over-budget
+            // frames do) instead of costing the index writes, and is
+            // published if the migration fails and the VM stays.
+            let budget = if *lock(&e.state) == VmState::MigratingOut {
+                0
+            } else {
+                publish::FRAME_UPDATES_PER_REFRESH
+            };
             let mut changes = Vec::new();
             let seen = lock(&e.seen);
-            lock(&e.publication).on_refresh(
-                &dirty,
-                &seen,
-                publish::FRAME_UPDATES_PER_REFRESH,
-                &mut changes,
-            );
+            lock(&e.publication).on_refresh(&dirty, &seen, budget, &mut changes);
             drop(seen);
             link.apply(&changes);
         }

@@ -12,7 +12,7 @@ use pagecast_channel::{AuthError, Channel};
 use pagecast_proto::v1;
 use pagecast_proto::v1::RefusalCode;
 use tokio::net::TcpListener;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{Agent, AgentConfig, AgentError};
 use pagecast_channel::AsyncChannel;
@@ -537,6 +537,7 @@ fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest) {
 
 fn migrate_in(agent: &Agent, ch: Channel, source: &str) {
     let from = format!("{source} ({})", ch.peer());
+    debug!("incoming migration from {from}");
     let mut link = ChannelLink::new(ch);
     match agent.migrate_in(&mut link, source) {
         Ok(rep) => info!(
