@@ -20,7 +20,10 @@
 //!
 //! Run: `cargo bench -p pagecast-benches --bench evacuate` (needs
 //! /dev/kvm; says so and exits otherwise). Knobs: PAGECAST_BENCH_VM_MIB
-//! (512), PAGECAST_BENCH_RATE (1G).
+//! (512), PAGECAST_BENCH_RATE (1G), PAGECAST_BENCH_STRATEGIES (a comma
+//! list; the ratios need precopy and pagecast), PAGECAST_BENCH_NO_CLONE
+//! (set: skip the clone), PAGECAST_BENCH_STEPS (set: print each job's
+//! steps with their times, and where the agents' logs are).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -141,7 +144,11 @@ fn main() {
     let vm_mib: u64 = env_or("PAGECAST_BENCH_VM_MIB", 512);
     let rate: String = env_or("PAGECAST_BENCH_RATE", "1G".to_owned());
     let rate_bps = pagecast_pages::units::parse_bits_per_second(&rate).expect("a rate");
-    let root = tempfile::tempdir().unwrap();
+    let mut root = tempfile::tempdir().unwrap();
+    if std::env::var_os("PAGECAST_BENCH_STEPS").is_some() {
+        root.disable_cleanup(true);
+        println!("logs kept in {}", root.path().display());
+    }
     let dir = root.path();
     make_secret(dir);
     let idx = IndexCluster::start(dir, 4);
@@ -185,8 +192,13 @@ fn main() {
         "{:<10} {:>11} {:>11} {:>10} {:>9} {:>22}  ok",
         "strategy", "source", "core", "eviction", "total", "downtime min/med/max"
     );
+    let strategies: String = env_or(
+        "PAGECAST_BENCH_STRATEGIES",
+        "precopy,vmscatter,pagecast".to_owned(),
+    );
+    let show_steps = std::env::var_os("PAGECAST_BENCH_STEPS").is_some();
     let mut rows = Vec::new();
-    for strategy in ["precopy", "vmscatter", "pagecast"] {
+    for strategy in strategies.split(',') {
         rig.populate();
         let out = cli(
             dir,
@@ -206,6 +218,9 @@ fn main() {
                 "--no-progress",
             ],
         );
+        if show_steps {
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        }
         let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "{strategy}: no report ({e}): {}",
@@ -235,23 +250,34 @@ fn main() {
             downs.last().copied().unwrap_or(0.0),
             rep["ok"]
         );
+        for v in rep["vms"].as_array().unwrap() {
+            if v["ok"] != true || v["verified"] != true {
+                println!("  {} did not move: {}", v["name"], v["error"]);
+            }
+        }
         rows.push((strategy, src, ev, rep));
     }
-    let (_, pre_src, pre_ev, _) = &rows[0];
-    let (_, pc_src, pc_ev, pc) = &rows[2];
-    let wire = pc["predicted"]["source_bytes"].as_f64().unwrap();
-    let wire_s = wire * 8.0 / rate_bps as f64;
-    println!(
-        "pagecast: source bytes {:.2}x the wire limit ({}; target <= 1.05x), {:.2}x precopy (target <= 0.5x)",
-        pc_src / wire,
-        mib(wire),
-        pc_src / pre_src
-    );
-    println!(
-        "pagecast: eviction {:.2}x the wire limit's time ({wire_s:.2} s at {rate}bit/s; target <= 1.25x), {:.2}x precopy (target <= 0.5x)",
-        pc_ev / wire_s,
-        pc_ev / pre_ev
-    );
+    let find = |name: &str| rows.iter().find(|r| r.0 == name);
+    if let (Some((_, pre_src, pre_ev, _)), Some((_, pc_src, pc_ev, pc))) =
+        (find("precopy"), find("pagecast"))
+    {
+        let wire = pc["predicted"]["source_bytes"].as_f64().unwrap();
+        let wire_s = wire * 8.0 / rate_bps as f64;
+        println!(
+            "pagecast: source bytes {:.2}x the wire limit ({}; target <= 1.05x), {:.2}x precopy (target <= 0.5x)",
+            pc_src / wire,
+            mib(wire),
+            pc_src / pre_src
+        );
+        println!(
+            "pagecast: eviction {:.2}x the wire limit's time ({wire_s:.2} s at {rate}bit/s; target <= 1.25x), {:.2}x precopy (target <= 0.5x)",
+            pc_ev / wire_s,
+            pc_ev / pre_ev
+        );
+    }
+    if std::env::var_os("PAGECAST_BENCH_NO_CLONE").is_some() {
+        return;
+    }
 
     // Clone to 4 hosts beside 4 sequential migrations.
     rig.clear();

@@ -274,8 +274,10 @@ impl AgentProc {
             .append(true)
             .open(&log)
             .expect("agent log");
+        // PAGECAST_TEST_AGENT_LOG: the agents' log filter (default info).
+        let filter = std::env::var("PAGECAST_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into());
         let mut child = cmd
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
             .stderr(logf)
             .spawn()
