@@ -557,7 +557,12 @@ impl In<'_> {
         ));
         let slot = std::mem::replace(&mut self.slot, placeholder);
         match Arc::try_unwrap(slot) {
-            Ok(s) => Ok(s.region),
+            Ok(IncomingSlot { region, state, .. }) => {
+                // The slot's tables hold an allocation per content: freeing
+                // them took 20-35 ms for 512 MiB, inside the downtime.
+                std::thread::spawn(move || drop(state));
+                Ok(region)
+            }
             Err(_) => Err(MigrationError::Protocol(
                 "the arriving VM's memory is still shared with a cast".into(),
             )),

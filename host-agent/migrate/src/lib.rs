@@ -364,9 +364,17 @@ fn wire_len(body: &v1::migrate_frame::Body) -> u64 {
 
 /// BLAKE3 over the 32-byte hash of every frame, in order.
 pub fn table_digest(table: &[PageHash]) -> [u8; 32] {
+    // The same digest as hashing each 32-byte hash in turn, fed to BLAKE3
+    // 32 KiB at a time: both sides compute it inside the downtime, and
+    // 32-byte updates made it several times slower.
     let mut h = blake3::Hasher::new();
-    for t in table {
-        h.update(t.as_bytes());
+    let mut buf = Vec::with_capacity(1024 * 32);
+    for chunk in table.chunks(1024) {
+        buf.clear();
+        for t in chunk {
+            buf.extend_from_slice(t.as_bytes());
+        }
+        h.update(&buf);
     }
     *h.finalize().as_bytes()
 }
