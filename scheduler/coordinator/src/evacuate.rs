@@ -1289,3 +1289,39 @@ pub fn clone(
         total_s: now_s(started),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// A cast request of a full chunk fits one control frame, whatever
+    /// the grouping (page numbers as large as they get, names as long as
+    /// agents allow).
+    #[test]
+    fn a_full_cast_request_fits_a_control_frame() {
+        let name = "h".repeat(64);
+        let groups: Vec<v1::JobCastGroup> = (0..8)
+            .map(|g| v1::JobCastGroup {
+                members: vec![name.clone(); 4],
+                pages: (0..CAST_CHUNK as u32).filter(|p| p % 8 == g).collect(),
+                addr: group_addr("ev-00000000", 7, g as usize),
+            })
+            .collect();
+        let req = v1::AgentRequest {
+            body: Some(v1::agent_request::Body::CastSend(v1::CastSendRequest {
+                job: "ev-00000000".into(),
+                hashes: vec![0xa5u8; CAST_CHUNK * 32].into(),
+                groups,
+                receivers: vec![name; 4],
+                rate_bps: u64::MAX,
+                transport: v1::CastTransport::Multicast as i32,
+            })),
+        };
+        let len = req.encoded_len() + pagecast_proto::MAC_LEN + 64;
+        assert!(
+            len <= pagecast_proto::MAX_CONTROL_FRAME_BYTES,
+            "{len} bytes for {CAST_CHUNK} pages"
+        );
+    }
+}
