@@ -143,7 +143,7 @@ impl State<'_> {
         Ok(true)
     }
 
-    fn datagram(&mut self, buf: &[u8]) -> Result<(), CastError> {
+    fn datagram(&mut self, buf: &mut [u8]) -> Result<(), CastError> {
         self.bytes += buf.len() as u64;
         let d = match decode(buf, &self.key, self.session) {
             Ok(d) => d,
@@ -665,7 +665,7 @@ fn receive_inner(
         for d in &data_socks {
             let n = socket::recv_batch(d, &mut rb).map_err(CastError::io("receiving"))?;
             for k in 0..n {
-                if let Some(buf) = rb.get(k) {
+                if let Some(buf) = rb.get_mut(k) {
                     st.datagram(buf)?;
                 } else {
                     st.counters.forged += 1;
@@ -675,7 +675,7 @@ fn receive_inner(
         for s in nack_socks.values() {
             let n = socket::recv_batch(s, &mut rb).map_err(CastError::io("receiving NACKs"))?;
             for k in 0..n {
-                if let Some(buf) = rb.get(k) {
+                if let Some(buf) = rb.get_mut(k) {
                     st.datagram(buf)?;
                 }
             }

@@ -983,7 +983,7 @@ impl<'a> Run<'a> {
                         break;
                     }
                     for k in 0..n {
-                        let Some(buf) = rb.get(k) else { continue };
+                        let Some(buf) = rb.get_mut(k) else { continue };
                         let Ok(d) = decode(buf, &self.key, self.session_id) else {
                             continue;
                         };

@@ -189,7 +189,7 @@ pub enum PeerStatus {
 /// Counters a receiver reports.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ReceiverCounters {
-    /// Datagrams whose MAC failed.
+    /// Datagrams that did not open (wrong key, altered, or truncated).
     pub forged: u64,
     /// Datagrams whose sequence was seen before.
     pub replayed: u64,

@@ -293,6 +293,11 @@ impl RecvBatch {
     pub fn get(&self, i: usize) -> Option<&[u8]> {
         (!self.truncated[i]).then(|| &self.bufs[i][..self.lens[i]])
     }
+
+    /// As [`RecvBatch::get`], writable (datagrams are decrypted in place).
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+        (!self.truncated[i]).then(|| &mut self.bufs[i][..self.lens[i]])
+    }
 }
 
 /// Receives up to [`BATCH`] datagrams: waits (up to the socket's read

@@ -1,6 +1,6 @@
 //! UDP datagrams of a cast session.
 //!
-//! Every datagram is `[header][body][16-byte MAC]`, big-endian:
+//! Every datagram is `[header][encrypted body][16-byte tag]`, big-endian:
 //!
 //! ```text
 //!  0  u8   version (1)            10  u64  sequence (per sender)
@@ -22,20 +22,23 @@
 //! so the sender can tell a NACK sent before a repair arrived); **probe**
 //! `u32 nonce`.
 //!
-//! The MAC is a BLAKE3 keyed hash under the session key. For data and coded
-//! datagrams it covers the header and body head, which carry each page's
-//! check, but not the payload: receivers hash every page anyway and compare
-//! with its check, so an altered payload is caught there and no page is
-//! hashed twice (the sender, which has every hash already, hashes only
-//! headers). A 128-bit check cannot be matched by a forged page (that is a
-//! second preimage of BLAKE3), and the header carrying it is authenticated.
-//! For the other kinds the MAC covers everything.
+//! Everything after the header is encrypted and authenticated with
+//! ChaCha20-Poly1305 under the session key (random per session, handed to
+//! each receiver over its authenticated control connection), the header
+//! being the associated data; the last 16 bytes are the Poly1305 tag. The
+//! nonce is the datagram's sender number and sequence number: each member
+//! numbers its own datagrams and never reuses a number, so no nonce repeats
+//! under a key. A receiver that is not a member learns the header and the
+//! datagram's length, nothing of the pages or their hashes.
 //!
 //! [`decode`] checks, in order: length bounds, version, session id (a
-//! datagram of another session is *stale*), MAC (*forged* if it fails),
+//! datagram of another session is *stale*), tag (*forged* if the datagram
+//! does not open),
 //! then every field: kind, fragment numbering, payload length, range counts.
 //! The replay check (by sequence) is the caller's, with [`ReplayWindow`].
 
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use pagecast_pages::{PAGE_SIZE, PageHash};
 use pagecast_proto::{DATAGRAM_VERSION, MAC_LEN, MAX_DATAGRAM_BYTES};
 
@@ -186,7 +189,6 @@ impl Datagram<'_> {
         out.extend_from_slice(&self.session.to_be_bytes());
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.from.to_be_bytes());
-        let mut signed = None;
         match &self.body {
             Body::Data {
                 group,
@@ -205,7 +207,6 @@ impl Datagram<'_> {
                     out.extend_from_slice(&frame.to_be_bytes());
                     out.extend_from_slice(check);
                 }
-                signed = Some(out.len());
                 out.extend_from_slice(payload);
             }
             Body::Coded {
@@ -220,7 +221,6 @@ impl Datagram<'_> {
                     out.extend_from_slice(&frame.to_be_bytes());
                     out.extend_from_slice(check);
                 }
-                signed = Some(out.len());
                 out.extend_from_slice(payload);
             }
             Body::Heartbeat {
@@ -249,9 +249,65 @@ impl Datagram<'_> {
             }
             Body::Probe { nonce } => out.extend_from_slice(&nonce.to_be_bytes()),
         }
-        let end = signed.unwrap_or(out.len());
-        let mac = blake3::keyed_hash(key, &out[start..end]);
-        out.extend_from_slice(&mac.as_bytes()[..MAC_LEN]);
+        seal_at(key, out, start);
+    }
+}
+
+/// Seals raw datagram bytes in place: `buf` holds a header and a body in
+/// the clear; the body is encrypted under `key` with the nonce the header
+/// names and the tag appended. [`Datagram::encode`] does this; it is public
+/// for fuzzing the decoder with arbitrary sealed bodies.
+///
+/// # Panics
+/// If `buf` is shorter than a header.
+pub fn seal(key: &[u8; 32], buf: &mut Vec<u8>) {
+    seal_at(key, buf, 0);
+}
+
+fn seal_at(key: &[u8; 32], out: &mut Vec<u8>, start: usize) {
+    let (from, seq) = (u32_at(out, start + 18), u64_at(out, start + 10));
+    let (head, body) = out[start..].split_at_mut(HEADER_LEN);
+    let tag = if cleartext() {
+        blake3::keyed_hash(key, head).as_bytes()[..MAC_LEN].to_vec()
+    } else {
+        cipher(key)
+            .encrypt_in_place_detached(&nonce(from, seq), head, body)
+            .expect("a datagram is far below ChaCha20-Poly1305's length limit")
+            .to_vec()
+    };
+    out.extend_from_slice(&tag);
+}
+
+fn cipher(key: &[u8; 32]) -> ChaCha20Poly1305 {
+    ChaCha20Poly1305::new(Key::from_slice(key))
+}
+
+/// The nonce of a datagram: who sent it and its sequence number. Every
+/// session member numbers its own datagrams from 1 and never reuses a
+/// number, and member numbers are unique within a session, so no nonce is
+/// used twice under a session's key (keys are random per session).
+fn nonce(from: u32, seq: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[..4].copy_from_slice(&from.to_be_bytes());
+    n[4..].copy_from_slice(&seq.to_be_bytes());
+    *Nonce::from_slice(&n)
+}
+
+/// Debug builds only: `PAGECAST_INSECURE_CLEARTEXT_DATAGRAMS=1` sends
+/// datagrams unencrypted (the header still authenticated), so a test can
+/// show that its capture would find what encryption hides. Release builds
+/// always encrypt.
+fn cleartext() -> bool {
+    #[cfg(debug_assertions)]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            std::env::var_os("PAGECAST_INSECURE_CLEARTEXT_DATAGRAMS").is_some_and(|v| v == "1")
+        })
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        false
     }
 }
 
@@ -284,8 +340,13 @@ pub fn pages_per_datagram(mtu: usize) -> usize {
     (room / (DATA_ENTRY + PAGE_SIZE)).min(MAX_PACK)
 }
 
-/// Decodes and authenticates a datagram of session `session`.
-pub fn decode<'a>(buf: &'a [u8], key: &[u8; 32], session: u64) -> Result<Datagram<'a>, WireError> {
+/// Decodes, authenticates and decrypts (in place) a datagram of session
+/// `session`.
+pub fn decode<'a>(
+    buf: &'a mut [u8],
+    key: &[u8; 32],
+    session: u64,
+) -> Result<Datagram<'a>, WireError> {
     if buf.len() < HEADER_LEN + MAC_LEN || buf.len() > MAX_DATAGRAM_BYTES {
         return Err(WireError::Length(buf.len()));
     }
@@ -296,12 +357,31 @@ pub fn decode<'a>(buf: &'a [u8], key: &[u8; 32], session: u64) -> Result<Datagra
     if got != session {
         return Err(WireError::Stale { got, want: session });
     }
-    let (signed, mac) = buf.split_at(buf.len() - MAC_LEN);
-    let body = &signed[HEADER_LEN..];
-    // Data and coded datagrams authenticate their head, not their payload;
-    // a body too short to hold its head is refused before anything reads it
-    // (any session member holds the key, so a valid MAC proves no shape).
-    let head = match buf[1] {
+    let kind = buf[1];
+    let (seq, from) = (u64_at(buf, 10), u32_at(buf, 18));
+    let n = buf.len();
+    let (head, rest) = buf.split_at_mut(HEADER_LEN);
+    let (body, tag) = rest.split_at_mut(n - HEADER_LEN - MAC_LEN);
+    let opened = if cleartext() {
+        // Constant-time comparison of the truncated MAC over the header.
+        let want = blake3::keyed_hash(key, head);
+        let mut a = [0u8; 32];
+        a[..MAC_LEN].copy_from_slice(tag);
+        let mut b = [0u8; 32];
+        b[..MAC_LEN].copy_from_slice(&want.as_bytes()[..MAC_LEN]);
+        blake3::Hash::from(a) == blake3::Hash::from(b)
+    } else {
+        cipher(key)
+            .decrypt_in_place_detached(&nonce(from, seq), head, body, Tag::from_slice(tag))
+            .is_ok()
+    };
+    if !opened {
+        return Err(WireError::Forged);
+    }
+    let body: &'a [u8] = body;
+    // Authenticated: now every field is checked (any session member holds
+    // the key, so a datagram that opens proves no shape).
+    let head = match kind {
         KIND_DATA if body.len() < DATA_HEAD => {
             return Err(WireError::Malformed("data head truncated"));
         }
@@ -313,18 +393,9 @@ pub fn decode<'a>(buf: &'a [u8], key: &[u8; 32], session: u64) -> Result<Datagra
         _ => body.len(),
     };
     if head > body.len() {
-        return Err(WireError::Length(buf.len()));
+        return Err(WireError::Malformed("head longer than the datagram"));
     }
-    let want = blake3::keyed_hash(key, &signed[..HEADER_LEN + head]);
-    // Constant-time comparison of the truncated MAC.
-    let mut a = [0u8; 32];
-    a[..MAC_LEN].copy_from_slice(mac);
-    let mut b = [0u8; 32];
-    b[..MAC_LEN].copy_from_slice(&want.as_bytes()[..MAC_LEN]);
-    if blake3::Hash::from(a) != blake3::Hash::from(b) {
-        return Err(WireError::Forged);
-    }
-    let body = match buf[1] {
+    let body = match kind {
         KIND_DATA => {
             let (fragment, fragments, count) = (body[8], body[9], body[10] as usize);
             if fragments == 0 || fragments > MAX_FRAGMENTS || fragment >= fragments {
@@ -430,8 +501,8 @@ pub fn decode<'a>(buf: &'a [u8], key: &[u8; 32], session: u64) -> Result<Datagra
     };
     Ok(Datagram {
         session,
-        seq: u64_at(buf, 10),
-        from: u32_at(buf, 18),
+        seq,
+        from,
         body,
     })
 }
@@ -510,7 +581,7 @@ mod tests {
     fn round(d: &Datagram) -> Datagram<'static> {
         let mut b = Vec::new();
         d.encode(&KEY, &mut b);
-        let leaked: &'static [u8] = Box::leak(b.into_boxed_slice());
+        let leaked: &'static mut [u8] = Box::leak(b.into_boxed_slice());
         decode(leaked, &KEY, d.session).unwrap()
     }
 
@@ -573,18 +644,26 @@ mod tests {
         };
         let mut b = Vec::new();
         d.encode(&KEY, &mut b);
-        assert_eq!(decode(&b, &[8; 32], 7), Err(WireError::Forged));
+        assert_eq!(decode(&mut b.clone(), &[8; 32], 7), Err(WireError::Forged));
         assert_eq!(
-            decode(&b, &KEY, 8),
+            decode(&mut b.clone(), &KEY, 8),
             Err(WireError::Stale { got: 7, want: 8 })
         );
         let mut flipped = b.clone();
         flipped[HEADER_LEN] ^= 1;
-        assert_eq!(decode(&flipped, &KEY, 7), Err(WireError::Forged));
-        assert_eq!(decode(&b[..20], &KEY, 7), Err(WireError::Length(20)));
+        assert_eq!(decode(&mut flipped, &KEY, 7), Err(WireError::Forged));
+        assert_eq!(
+            decode(&mut b.clone()[..20], &KEY, 7),
+            Err(WireError::Length(20))
+        );
         let mut v2 = b.clone();
         v2[0] = 2;
-        assert_eq!(decode(&v2, &KEY, 7), Err(WireError::Version(2)));
+        assert_eq!(decode(&mut v2, &KEY, 7), Err(WireError::Version(2)));
+        // The header is authenticated too: another sequence number (or
+        // sender) is another nonce, and the datagram does not open.
+        let mut reseq = b.clone();
+        reseq[17] ^= 1;
+        assert_eq!(decode(&mut reseq, &KEY, 7), Err(WireError::Forged));
         // Authenticated but impossible: a fragment numbered past the count.
         let p = [0u8; 10];
         let page = [0u8; PAGE_SIZE];
@@ -604,20 +683,23 @@ mod tests {
         let mut b = Vec::new();
         data(3, 2).encode(&KEY, &mut b);
         assert_eq!(
-            decode(&b, &KEY, 7),
+            decode(&mut b, &KEY, 7),
             Err(WireError::Malformed("fragment numbering"))
         );
-        // The MAC covers the check in the head: changing it is forgery; the
-        // payload is left to the page hash.
+        // Every byte is authenticated: the check in the head and the
+        // payload alike.
         let mut b = Vec::new();
         data(0, 1).encode(&KEY, &mut b);
-        assert!(decode(&b, &KEY, 7).is_ok());
+        assert!(decode(&mut b.clone(), &KEY, 7).is_ok());
         let mut other = b.clone();
         other[HEADER_LEN + DATA_HEAD + 10] ^= 1;
-        assert_eq!(decode(&other, &KEY, 7), Err(WireError::Forged));
+        assert_eq!(decode(&mut other, &KEY, 7), Err(WireError::Forged));
         let mut payload_changed = b.clone();
         payload_changed[HEADER_LEN + DATA_HEAD + DATA_ENTRY] ^= 1;
-        assert!(decode(&payload_changed, &KEY, 7).is_ok());
+        assert_eq!(
+            decode(&mut payload_changed, &KEY, 7),
+            Err(WireError::Forged)
+        );
         // A coded repair must carry exactly one page of payload.
         let short = Datagram {
             session: 7,
@@ -631,7 +713,53 @@ mod tests {
         };
         let mut b = Vec::new();
         short.encode(&KEY, &mut b);
-        assert!(matches!(decode(&b, &KEY, 7), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode(&mut b, &KEY, 7),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    /// What an eavesdropper on the group sees: no byte of a page, no check
+    /// of its hash; only the header (version, kind, session, sequence,
+    /// sender) is in the clear.
+    #[test]
+    fn pages_and_checks_travel_encrypted() {
+        let page = [0x5au8; PAGE_SIZE];
+        let check = [0xc3u8; CHECK_LEN];
+        let d = Datagram {
+            session: 7,
+            seq: 3,
+            from: 0,
+            body: Body::Data {
+                group: 0,
+                index: 0,
+                fragment: 0,
+                fragments: 1,
+                pages: vec![(1, check)],
+                payload: &page,
+            },
+        };
+        let mut b = Vec::new();
+        d.encode(&KEY, &mut b);
+        let wire = &b[HEADER_LEN..];
+        assert!(
+            !wire.windows(16).any(|w| w == &page[..16]),
+            "page in the clear"
+        );
+        assert!(
+            !wire.windows(CHECK_LEN).any(|w| w == check),
+            "check in the clear"
+        );
+        // The same datagram under another sequence number encrypts
+        // differently (a fresh nonce).
+        let mut again = Vec::new();
+        Datagram {
+            seq: 4,
+            ..d.clone()
+        }
+        .encode(&KEY, &mut again);
+        assert_ne!(b[HEADER_LEN..], again[HEADER_LEN..]);
+        assert_eq!(decode(&mut b, &KEY, 7).unwrap(), d);
     }
 
     /// Found by the `datagram` fuzz target: a data datagram with a body
@@ -646,11 +774,10 @@ mod tests {
                 b.extend_from_slice(&1u64.to_be_bytes());
                 b.extend_from_slice(&0u32.to_be_bytes());
                 b.extend(std::iter::repeat_n(0xbe, body_len));
-                let mac = blake3::keyed_hash(&KEY, &b);
-                b.extend_from_slice(&mac.as_bytes()[..MAC_LEN]);
+                seal(&KEY, &mut b);
                 assert!(matches!(
-                    decode(&b, &KEY, 7),
-                    Err(WireError::Malformed(_) | WireError::Length(_) | WireError::Forged)
+                    decode(&mut b, &KEY, 7),
+                    Err(WireError::Malformed(_) | WireError::Length(_))
                 ));
             }
         }
@@ -687,8 +814,23 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200), session in any::<u64>()) {
-            let _ = decode(&b, &KEY, session);
+        fn garbage_never_panics(mut b in proptest::collection::vec(any::<u8>(), 0..200), session in any::<u64>()) {
+            let _ = decode(&mut b, &KEY, session);
+        }
+
+        /// Any body sealed under the session key reaches the field checks,
+        /// which refuse or accept it without panicking.
+        #[test]
+        fn sealed_garbage_never_panics(kind in 0u8..8, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut b = vec![DATAGRAM_VERSION, kind];
+            b.extend_from_slice(&7u64.to_be_bytes());
+            b.extend_from_slice(&1u64.to_be_bytes());
+            b.extend_from_slice(&0u32.to_be_bytes());
+            b.extend_from_slice(&body);
+            seal(&KEY, &mut b);
+            if let Err(e) = decode(&mut b, &KEY, 7) {
+                prop_assert!(matches!(e, WireError::Malformed(_) | WireError::Length(_)), "{e}");
+            }
         }
 
         #[test]
