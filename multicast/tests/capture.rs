@@ -240,6 +240,26 @@ fn the_marker_never_crosses_the_wire_in_the_clear() {
         eprintln!("skipped: capturing packets needs root");
         return;
     }
+    // Root without CAP_NET_RAW (some containers): say so and skip.
+    // SAFETY: plain socket(2), closed at once.
+    let probe = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            libc::c_int::from((libc::ETH_P_ALL as u16).to_be()),
+        )
+    };
+    if probe < 0 {
+        eprintln!(
+            "skipped: no packet socket here ({})",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    // SAFETY: the descriptor opened above, closed once.
+    unsafe {
+        libc::close(probe);
+    }
     let port = 21_000 + (std::process::id() % 1000) as u16 * 8;
     let (received, bytes, marked) = run_child(false, port);
     assert_eq!(received, u64::from(PAGES), "every page arrived");
