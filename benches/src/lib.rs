@@ -31,13 +31,7 @@ pub fn process_cpu_seconds() -> f64 {
 }
 
 /// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("its address")
-        .port()
-}
+pub use pagecast_tests::cluster::free_port;
 
 /// The baseline the content index is measured against: the same holder
 /// deltas written straight into RocksDB (one column family, no

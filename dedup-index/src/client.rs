@@ -220,15 +220,14 @@ impl IndexClient {
             .map_or(deadline, |b| (start + b).max(deadline));
         let shard = req.shard;
         let mut last;
-        // The last attempt was answered "busy" (reachable, queue full).
-        let mut busy;
         let mut target = self.leaders.get(&shard).cloned();
         loop {
             let addr = match target.take() {
                 Some(a) => a,
                 None => self.pick(),
             };
-            busy = false;
+            // This attempt was answered "busy" (reachable, queue full).
+            let mut busy = false;
             match self.exchange(&addr, &req) {
                 Ok(Resp::NotLeader(nl)) => {
                     self.leaders.remove(&shard);

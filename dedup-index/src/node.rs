@@ -378,19 +378,15 @@ impl ShardNode {
         {
             // The same write is in this leader's log, in this term: it
             // commits or this replica stops leading; wait for it.
-            match self.proposals.get_mut(&index) {
-                Some(w) => w.replies.push(reply),
-                None => {
-                    self.proposals.insert(
-                        index,
-                        Waiting {
-                            term,
-                            replies: vec![reply],
-                            since: Instant::now(),
-                        },
-                    );
-                }
-            }
+            self.proposals
+                .entry(index)
+                .or_insert_with(|| Waiting {
+                    term,
+                    replies: Vec::new(),
+                    since: Instant::now(),
+                })
+                .replies
+                .push(reply);
             return;
         }
         match self.node.propose(Vec::new(), cmd.encode_to_vec()) {

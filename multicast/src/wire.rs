@@ -267,14 +267,16 @@ pub fn seal(key: &[u8; 32], buf: &mut Vec<u8>) {
 fn seal_at(key: &[u8; 32], out: &mut Vec<u8>, start: usize) {
     let (from, seq) = (u32_at(out, start + 18), u64_at(out, start + 10));
     let (head, body) = out[start..].split_at_mut(HEADER_LEN);
-    let tag = if cleartext() {
-        blake3::keyed_hash(key, head).as_bytes()[..MAC_LEN].to_vec()
+    let mut tag = [0u8; MAC_LEN];
+    if cleartext() {
+        tag.copy_from_slice(&blake3::keyed_hash(key, head).as_bytes()[..MAC_LEN]);
     } else {
-        cipher(key)
-            .encrypt_in_place_detached(&nonce(from, seq), head, body)
-            .expect("a datagram is far below ChaCha20-Poly1305's length limit")
-            .to_vec()
-    };
+        tag.copy_from_slice(
+            &cipher(key)
+                .encrypt_in_place_detached(&nonce(from, seq), head, body)
+                .expect("a datagram is far below ChaCha20-Poly1305's length limit"),
+        );
+    }
     out.extend_from_slice(&tag);
 }
 

@@ -100,27 +100,15 @@ impl Capture {
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
             assert_eq!(r, 0, "bind to lo: {}", std::io::Error::last_os_error());
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 100_000,
-            };
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-            // A large buffer: the capture must not drop frames.
-            let size: libc::c_int = 64 << 20;
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            );
         }
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        set_option(fd, libc::SO_RCVTIMEO, &tv);
+        // A large buffer: the capture must not drop frames.
+        let size: libc::c_int = 64 << 20;
+        set_option(fd, libc::SO_RCVBUFFORCE, &size);
         Capture(fd)
     }
 
@@ -130,6 +118,26 @@ impl Capture {
         let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
         (n > 0).then_some(n as usize)
     }
+}
+
+/// Sets a `SOL_SOCKET` option of `fd` to `value`.
+fn set_option<T>(fd: libc::c_int, option: libc::c_int, value: &T) {
+    // SAFETY: `value` is a live `T` and its size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setsockopt {option}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Drop for Capture {

@@ -264,8 +264,6 @@ pub struct Ledger {
     /// hash's first byte: a shard owns a range of hash prefixes, so taking
     /// its batch looks at its own buckets only (empty until first used).
     changed: Vec<HashSet<PageHash>>,
-    /// How many contents `changed` holds.
-    changed_len: usize,
     vm_ops: VecDeque<VmOp>,
     /// The VM set changed: send a host report soon.
     report_due: bool,
@@ -276,9 +274,7 @@ impl Ledger {
         if self.changed.is_empty() {
             self.changed = (0..256).map(|_| HashSet::new()).collect();
         }
-        if self.changed[h.as_bytes()[0] as usize].insert(h) {
-            self.changed_len += 1;
-        }
+        self.changed[h.as_bytes()[0] as usize].insert(h);
     }
 
     /// Applies frame-level changes to what this host should be listed with.
@@ -306,12 +302,12 @@ impl Ledger {
 
     /// Contents whose listing is not yet what it should be.
     pub fn behind(&self) -> usize {
-        self.changed_len
+        self.changed.iter().map(HashSet::len).sum()
     }
 
     /// Nothing left to send: no holder change, no VM record change.
     pub fn idle(&self) -> bool {
-        self.changed_len == 0 && self.vm_ops.is_empty()
+        self.behind() == 0 && self.vm_ops.is_empty()
     }
 
     /// Frames this host should be listed with for `h`.
@@ -368,9 +364,7 @@ impl Ledger {
             }
         }
         for h in covered {
-            if self.changed[h.as_bytes()[0] as usize].remove(&h) {
-                self.changed_len -= 1;
-            }
+            self.changed[h.as_bytes()[0] as usize].remove(&h);
         }
         out
     }

@@ -104,8 +104,9 @@ pub struct EvacuateSpec {
 const CAST_CHUNK: usize = 65_536;
 
 /// How long the placement search may refine a plan: each step re-plans the
-/// transmission of every moving page (seconds per pass at a million pages
-/// on two cores), so a large job keeps the best plan found by then.
+/// transmission of every moving page (planning with up to 16 passes took
+/// 10.8 s for 8 VMs of 512 MiB on two cores), so a large job keeps the best
+/// plan found by then.
 const REFINE_BUDGET: Duration = Duration::from_secs(1);
 
 /// The exact content the planner reasons with: the moving VMs' distinct
@@ -341,55 +342,15 @@ fn prepare(
 
     // Who holds those contents, from the index.
     on(Event::Step("asking the index who holds those pages".into()));
-    let mut all: Vec<PageHash> = vm_pages.values().flatten().copied().collect();
-    all.sort_unstable();
-    all.dedup();
-    let shards = ic.shards()?;
-    let mut by_shard: Vec<Vec<PageHash>> = vec![Vec::new(); shards as usize];
-    for h in &all {
-        by_shard[shard_of(h, shards) as usize].push(*h);
-    }
     let by_number: HashMap<u32, HostIdx> = view
         .hosts
         .iter()
         .enumerate()
         .map(|(i, h)| (h.index, i))
         .collect();
-    // Every shard at once, each from any replica's applied state: who
-    // holds what is a hint (every page used is hash-checked), and a
-    // linearizable read per 16,384 hashes costs seconds at a million pages.
-    let per_shard: Vec<Result<Vec<(HostIdx, PageHash)>, CoordError>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = by_shard
-            .iter()
-            .enumerate()
-            .map(|(s, hs)| {
-                let by_number = &by_number;
-                sc.spawn(move || -> Result<Vec<(HostIdx, PageHash)>, CoordError> {
-                    let mut c = IndexClient::new(index)?;
-                    c.timeout = Duration::from_secs(20);
-                    let mut out = Vec::new();
-                    for chunk in hs.chunks(16_384) {
-                        let l = c.lookup(s as u32, chunk, &[], true)?;
-                        for (i, host) in l.hash_index.iter().zip(&l.host) {
-                            if let (Some(&h), Some(p)) =
-                                (by_number.get(host), chunk.get(*i as usize))
-                            {
-                                out.push((h, *p));
-                            }
-                        }
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a lookup thread panicked"))
-            .collect()
-    });
     let mut held: HashMap<HostIdx, HashSet<PageHash>> = HashMap::new();
-    for r in per_shard {
-        for (h, p) in r? {
+    for (host, p) in who_holds(index, vm_pages.values().flatten(), Duration::from_secs(20))? {
+        if let Some(&h) = by_number.get(&host) {
             held.entry(h).or_default().insert(p);
         }
     }
@@ -1118,41 +1079,76 @@ fn holders_of_needs(
     prep: &Prepared,
     needs: &HashMap<usize, Vec<PageHash>>,
 ) -> HashMap<String, HashSet<PageHash>> {
-    let mut out: HashMap<String, HashSet<PageHash>> = HashMap::new();
-    let mut all: Vec<PageHash> = needs.values().flatten().copied().collect();
-    all.sort_unstable();
-    all.dedup();
-    let Ok(mut c) = IndexClient::new(index) else {
-        return out;
-    };
-    c.timeout = Duration::from_secs(10);
-    let Ok(shards) = c.shards() else {
-        return out;
-    };
     let names: HashMap<u32, &str> = prep
         .view
         .hosts
         .iter()
         .map(|h| (h.index, h.name.as_str()))
         .collect();
+    let mut out: HashMap<String, HashSet<PageHash>> = HashMap::new();
+    // The index is a hint: without it, everything comes from sources.
+    let Ok(held) = who_holds(index, needs.values().flatten(), Duration::from_secs(10)) else {
+        return out;
+    };
+    for (host, p) in held {
+        if let Some(n) = names.get(&host) {
+            out.entry((*n).to_owned()).or_default().insert(p);
+        }
+    }
+    out
+}
+
+/// `(host number, content)` for every host the index lists as holding one
+/// of `hashes`. Every shard is asked at once, each from any replica's
+/// applied state: who holds what is a hint (every page used is
+/// hash-checked), and a linearizable read per 16,384 hashes costs seconds
+/// at a million pages.
+fn who_holds<'a>(
+    index: &[String],
+    hashes: impl Iterator<Item = &'a PageHash>,
+    timeout: Duration,
+) -> Result<Vec<(u32, PageHash)>, CoordError> {
+    let mut all: Vec<PageHash> = hashes.copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    let mut c = IndexClient::new(index)?;
+    c.timeout = timeout;
+    let shards = c.shards()?;
     let mut by_shard: Vec<Vec<PageHash>> = vec![Vec::new(); shards as usize];
     for h in &all {
         by_shard[shard_of(h, shards) as usize].push(*h);
     }
-    for (s, hs) in by_shard.iter().enumerate() {
-        for chunk in hs.chunks(16_384) {
-            // The index is a hint: without it, everything comes from sources.
-            let Ok(l) = c.lookup(s as u32, chunk, &[], true) else {
-                return out;
-            };
-            for (i, host) in l.hash_index.iter().zip(&l.host) {
-                if let (Some(n), Some(p)) = (names.get(host), chunk.get(*i as usize)) {
-                    out.entry((*n).to_owned()).or_default().insert(*p);
-                }
-            }
-        }
+    let per_shard: Vec<Result<Vec<(u32, PageHash)>, CoordError>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = by_shard
+            .iter()
+            .enumerate()
+            .map(|(s, hs)| {
+                sc.spawn(move || -> Result<Vec<(u32, PageHash)>, CoordError> {
+                    let mut c = IndexClient::new(index)?;
+                    c.timeout = timeout;
+                    let mut out = Vec::new();
+                    for chunk in hs.chunks(16_384) {
+                        let l = c.lookup(s as u32, chunk, &[], true)?;
+                        for (i, host) in l.hash_index.iter().zip(&l.host) {
+                            if let Some(p) = chunk.get(*i as usize) {
+                                out.push((*host, *p));
+                            }
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a lookup thread panicked"))
+            .collect()
+    });
+    let mut out = Vec::new();
+    for r in per_shard {
+        out.extend(r?);
     }
-    out
+    Ok(out)
 }
 
 /// What to clone, where, and how.
