@@ -47,6 +47,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "== interrupted: stopping the cluster" >&2; exit 130' INT TERM
 
+echo "== making the cluster's CA and a certificate per node (mutual TLS everywhere)" >&2
+tls="$out/tls"
+rm -rf "$tls"
+"$pagecast" ca init --dir "$tls/ca" 2>>"$out/ca.log"
+issue() { # name role
+    "$pagecast" ca issue --dir "$tls/ca" --name "$1" --role "$2" --out "$tls/$1" 2>>"$out/ca.log"
+}
+for id in 1 2 3; do issue "index-$id" index; done
+for h in a1 a2 b1 b2 b3; do issue "$h" host; done
+issue operator operator
+export PAGECAST_TLS="$tls/operator"
+
 echo "== starting a three-replica content index on loopback (logs in $out/)" >&2
 base=$((20000 + RANDOM % 20000))
 ports=($base $((base + 1)) $((base + 2)))
@@ -54,7 +66,8 @@ peers="1=127.0.0.1:${ports[0]},2=127.0.0.1:${ports[1]},3=127.0.0.1:${ports[2]}"
 rm -rf "$out/index"
 for id in 1 2 3; do
     "$pagecast" index serve --id "$id" --listen "127.0.0.1:${ports[$((id - 1))]}" --peers "$peers" \
-        --data "$out/index/r$id" --shards 4 --raft-log warning 2>"$out/index-$id.log" &
+        --data "$out/index/r$id" --shards 4 --raft-log warning --tls "$tls/index-$id" \
+        2>"$out/index-$id.log" &
     index_pids+=($!)
 done
 export PAGECAST_INDEX="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
@@ -63,17 +76,13 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-secret="$out/cluster.secret"
-[ -f "$secret" ] || "$pagecast" secret new "$secret"
-export PAGECAST_SECRET_FILE="$secret"
-
 declare -A addr
 start_agent() { # name rack
     local fifo="$out/$1.addr"
     rm -f "$fifo"
     mkfifo "$fifo"
     "$pagecast" agent --name "$1" --listen 127.0.0.1:0 --rack "$2" --link 10G \
-        --capacity 1GiB >"$fifo" 2>"$out/$1.log" &
+        --capacity 1GiB --tls "$tls/$1" >"$fifo" 2>"$out/$1.log" &
     agent_pids+=($!)
     local line
     read -r line <"$fifo"

@@ -30,7 +30,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pagecast_benches::env_or;
-use pagecast_channel::Secret;
+use pagecast_channel::Role;
+use pagecast_channel::Tls;
+use pagecast_channel::ca::Authority;
 use pagecast_cli::castio::{ImageSink, ImageSource};
 use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
@@ -58,7 +60,7 @@ fn role(args: &[String]) -> Option<()> {
     let pos = args.iter().position(|a| a == "--role")?;
     let r = &args[pos + 1..];
     let get = |k: &str| r.iter().position(|a| a == k).map(|i| r[i + 1].clone());
-    let secret = Secret::load(Path::new(&get("--secret")?)).expect("secret");
+    let secret = Tls::load(Path::new(&get("--tls")?)).expect("a TLS identity");
     let control: SocketAddr = get("--control")?.parse().expect("control address");
     let iface: Ipv4Addr = get("--iface")?.parse().expect("iface");
     let out = match r[0].as_str() {
@@ -283,8 +285,8 @@ fn run(
             &group,
             "--image",
             image.to_str().unwrap(),
-            "--secret",
-            secret.to_str().unwrap(),
+            "--tls",
+            secret.join("sender").to_str().unwrap(),
             "--mtu",
             &net.mtu.to_string(),
         ]
@@ -304,8 +306,8 @@ fn run(
                     &(net.iface)(i),
                     "--out",
                     out.to_str().unwrap(),
-                    "--secret",
-                    secret.to_str().unwrap(),
+                    "--tls",
+                    secret.join(format!("receiver-{i}")).to_str().unwrap(),
                 ]
                 .map(String::from),
             )
@@ -384,8 +386,16 @@ fn main() {
         .unwrap()
         .write_image(&image, &|_| {})
         .unwrap();
-    let secret = dir.path().join("secret");
-    Secret::create_file(&secret).unwrap();
+    // Host identities for the sender and every receiver, of one CA.
+    let secret = dir.path().join("tls");
+    let ca = Authority::generate().unwrap();
+    ca.issue_to("sender", Role::Host, 1, &secret.join("sender"))
+        .unwrap();
+    for i in 1..=8 {
+        let name = format!("receiver-{i}");
+        ca.issue_to(&name, Role::Host, 1, &secret.join(&name))
+            .unwrap();
+    }
 
     let mut nets = vec![(
         Net {

@@ -29,7 +29,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pagecast_benches::env_or;
-use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, make_secret};
+use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json};
 
 const FAMILIES: [&str; 4] = ["web", "db", "cache", "batch"];
 
@@ -150,7 +150,6 @@ fn main() {
         println!("logs kept in {}", root.path().display());
     }
     let dir = root.path();
-    make_secret(dir);
     let idx = IndexCluster::start(dir, 4);
     let addrs = idx.addrs();
     let hosts = [

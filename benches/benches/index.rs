@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagecast_benches::{env_or, free_port, median, process_cpu_seconds, raw_rocksdb};
+use pagecast_channel::Role;
+use pagecast_channel::ca::Authority;
 use pagecast_index::client::IndexClient;
 use pagecast_index::replica::{self, ReplicaConfig};
 use pagecast_index::store::Store;
@@ -66,6 +68,8 @@ fn deltas(w: usize, n: u64) -> Vec<HolderDelta> {
 fn main() {
     let n: u64 = env_or("PAGECAST_BENCH_INDEX_DELTAS", 1_000_000);
     let root = tempfile::tempdir().unwrap();
+    let ca = Authority::generate().unwrap();
+    let client_tls = ca.issue("bench", Role::Operator, 1).unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peers: BTreeMap<u64, String> = (1..=3u64)
         .map(|i| (i, format!("127.0.0.1:{}", ports[i as usize - 1])))
@@ -82,13 +86,14 @@ fn main() {
                 compact_after: 512,
                 compact_bytes: 32 << 20,
                 raft_log_level: slog::Level::Warning,
+                tls: ca.issue(&format!("index-{id}"), Role::Index, 1).unwrap(),
             })
             .unwrap()
         })
         .collect();
     let addrs: Vec<String> = peers.values().cloned().collect();
     // Wait for a leader.
-    let mut c = IndexClient::new(&addrs).unwrap();
+    let mut c = IndexClient::new(&addrs, client_tls.clone()).unwrap();
     let t = Instant::now();
     while c.lookup(0, &[hash(u64::MAX)], &[], false).is_err() {
         assert!(t.elapsed() < Duration::from_secs(20), "no leader");
@@ -107,9 +112,9 @@ fn main() {
     let t = Instant::now();
     std::thread::scope(|s| {
         for (w, ds) in all.iter().enumerate() {
-            let addrs = &addrs;
+            let (addrs, client_tls) = (&addrs, &client_tls);
             s.spawn(move || {
-                let mut c = IndexClient::new(addrs).unwrap();
+                let mut c = IndexClient::new(addrs, client_tls.clone()).unwrap();
                 for (i, chunk) in ds.chunks(BATCH).enumerate() {
                     let cmd = IndexCommand {
                         client: 1000 + w as u64,
@@ -142,7 +147,7 @@ fn main() {
     // Lookups.
     let leader = (0..3)
         .find(|i| {
-            IndexClient::new(&[addrs[*i].clone()])
+            IndexClient::new(&[addrs[*i].clone()], client_tls.clone())
                 .unwrap()
                 .status_of(&addrs[*i])
                 .is_ok_and(|s| s.shards[0].role == "leader")
@@ -155,7 +160,7 @@ fn main() {
         ("leader, linearizable", leader, false),
         ("follower, stale", follower, true),
     ] {
-        let mut c = IndexClient::new(&[addrs[at].clone()]).unwrap();
+        let mut c = IndexClient::new(&[addrs[at].clone()], client_tls.clone()).unwrap();
         let mut runs = Vec::new();
         for _ in 0..3 {
             let t = Instant::now();

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pagecast_agent::Agent;
-use pagecast_channel::{Channel, Secret};
+use pagecast_channel::ca::Authority;
+use pagecast_channel::{Channel, Role};
 use pagecast_memory::kvm::kvm_or_skip;
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_migrate::{ChannelLink, MigrationReport};
@@ -52,7 +53,7 @@ fn destination(agent: Arc<Agent>) -> String {
 }
 
 fn serve(agent: &Agent, s: TcpStream) {
-    let mut ch = Channel::server(s, agent.secret(), agent.name()).unwrap();
+    let mut ch = Channel::server(s, agent.tls()).unwrap();
     let req: v1::AgentRequest = ch.recv("request").unwrap();
     let Some(v1::agent_request::Body::Incoming(i)) = req.body else {
         panic!("expected an incoming migration");
@@ -110,9 +111,10 @@ fn main() {
         f.set_len((mib << 20) / 2).unwrap();
         f.set_len(mib << 20).unwrap();
     }
-    let secret = Secret::from_material(b"pagecast migration benchmark secret");
-    let src = Agent::new("bench-src", secret.clone(), None, threads).unwrap();
-    let dst = Arc::new(Agent::new("bench-dst", secret, None, threads).unwrap());
+    let ca = Authority::generate().unwrap();
+    let host = |n: &str| ca.issue(n, Role::Host, 1).unwrap();
+    let src = Agent::new("bench-src", host("bench-src"), None, threads).unwrap();
+    let dst = Arc::new(Agent::new("bench-dst", host("bench-dst"), None, threads).unwrap());
     let to = destination(dst.clone());
 
     println!(

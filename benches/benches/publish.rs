@@ -30,12 +30,12 @@ use std::time::{Duration, Instant};
 
 use pagecast_agent::client::AgentClient;
 use pagecast_benches::{env_or, raw_rocksdb};
-use pagecast_channel::Secret;
+use pagecast_channel::{Role, Tls};
 use pagecast_index::holders::HoldingSum;
 use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_proto::v1::HolderDelta;
-use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, make_secret};
+use pagecast_tests::cluster::{AgentProc, IndexCluster, cli};
 
 const SHARDS: u32 = 4;
 
@@ -75,9 +75,8 @@ fn vm_start(
 }
 
 /// Whether the index lists what `agent`'s ledger says it should.
-fn published(idx: &IndexCluster, secret: &Secret, agent: &AgentProc) -> bool {
-    let Ok(a) =
-        AgentClient::connect(&agent.addr, secret, "bench").and_then(|c| c.audit(SHARDS, true))
+fn published(idx: &IndexCluster, secret: &Tls, agent: &AgentProc) -> bool {
+    let Ok(a) = AgentClient::connect(&agent.addr, secret).and_then(|c| c.audit(SHARDS, true))
     else {
         return false;
     };
@@ -97,7 +96,7 @@ fn published(idx: &IndexCluster, secret: &Secret, agent: &AgentProc) -> bool {
 
 fn wait_published(
     idx: &IndexCluster,
-    secret: &Secret,
+    secret: &Tls,
     agents: &[AgentProc],
     limit: Duration,
 ) -> Duration {
@@ -178,8 +177,7 @@ fn main() {
     let run = |part: u32| only == 0 || only == part;
     let root = tempfile::tempdir().unwrap();
     let dir = root.path();
-    make_secret(dir);
-    let secret = Secret::load(&dir.join("cluster.secret")).unwrap();
+    let secret = pagecast_tests::pki::tls("operator", Role::Operator);
 
     let idx = IndexCluster::start(&dir.join("ix1"), SHARDS);
     if run(1) {
@@ -286,7 +284,7 @@ fn main() {
         let needed: u64 = agents
             .iter()
             .map(|a| {
-                let audit = AgentClient::connect(&a.addr, &secret, "bench")
+                let audit = AgentClient::connect(&a.addr, &secret)
                     .and_then(|c| c.audit(SHARDS, true))
                     .expect("audit");
                 audit

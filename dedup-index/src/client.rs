@@ -13,8 +13,10 @@
 //! the same numbered batches and the shards skip those already applied.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::BufReader;
 use std::net::{TcpStream, ToSocketAddrs};
+
+use pagecast_channel::{Role, Tls, TlsStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -71,8 +73,7 @@ impl ClientError {
 }
 
 struct Conn {
-    r: BufReader<TcpStream>,
-    w: BufWriter<TcpStream>,
+    s: BufReader<TlsStream>,
 }
 
 /// How long connecting to one replica may take.
@@ -88,6 +89,7 @@ const SUSPECT_FOR: Duration = Duration::from_secs(10);
 /// A connection pool to the replicas of one index.
 pub struct IndexClient {
     addrs: Vec<String>,
+    tls: Tls,
     conns: HashMap<String, Conn>,
     leaders: HashMap<u32, String>,
     /// Replicas that failed an attempt lately, and when.
@@ -105,8 +107,10 @@ pub struct IndexClient {
 }
 
 impl IndexClient {
-    /// A client of the replicas at `addrs` (any of them; at least one).
-    pub fn new(addrs: &[String]) -> Result<Self, ClientError> {
+    /// A client of the replicas at `addrs` (any of them; at least one),
+    /// connecting with the identity `tls` (replicas present index
+    /// certificates of the same CA).
+    pub fn new(addrs: &[String], tls: Tls) -> Result<Self, ClientError> {
         let addrs: Vec<String> = addrs
             .iter()
             .flat_map(|a| a.split(','))
@@ -118,6 +122,7 @@ impl IndexClient {
         }
         Ok(IndexClient {
             addrs,
+            tls,
             conns: HashMap::new(),
             leaders: HashMap::new(),
             suspect: HashMap::new(),
@@ -133,7 +138,7 @@ impl IndexClient {
         &self.addrs
     }
 
-    fn connect(addr: &str, attempt: Duration) -> Result<Conn, String> {
+    fn connect(&self, addr: &str, attempt: Duration) -> Result<Conn, String> {
         let sa = addr
             .to_socket_addrs()
             .map_err(|e| format!("{addr}: {e}"))?
@@ -146,8 +151,14 @@ impl IndexClient {
         // replica that accepts but never answers costs one attempt.
         s.set_read_timeout(Some(attempt)).ok();
         s.set_write_timeout(Some(attempt)).ok();
-        let r = BufReader::new(s.try_clone().map_err(|e| format!("{addr}: {e}"))?);
-        let mut w = BufWriter::new(s);
+        let mut w = self.tls.connect(s).map_err(|e| e.to_string())?;
+        pagecast_channel::require(
+            w.identity(),
+            &[Role::Index],
+            addr,
+            "serve as an index replica",
+        )
+        .map_err(|e| e.to_string())?;
         let hello = IndexFrame {
             kind: Some(Kind::Hello(IndexHello {
                 peer_id: 0,
@@ -155,13 +166,15 @@ impl IndexClient {
             })),
         };
         write_frame(&mut w, &hello, addr).map_err(|e| e.to_string())?;
-        Ok(Conn { r, w })
+        Ok(Conn {
+            s: BufReader::new(w),
+        })
     }
 
     /// Sends `req` to `addr` and reads the answer.
     fn exchange(&mut self, addr: &str, req: &IndexRequest) -> Result<Resp, String> {
         if !self.conns.contains_key(addr) {
-            let c = Self::connect(addr, self.attempt_timeout)?;
+            let c = self.connect(addr, self.attempt_timeout)?;
             self.conns.insert(addr.to_owned(), c);
         }
         let c = self.conns.get_mut(addr).expect("inserted");
@@ -169,13 +182,9 @@ impl IndexClient {
             kind: Some(Kind::Request(req.clone())),
         };
         let res = (|| -> Result<Resp, WireError> {
-            write_frame(&mut c.w, &f, addr)?;
-            c.w.flush().map_err(|source| WireError::Io {
-                peer: addr.into(),
-                source,
-            })?;
+            write_frame(c.s.get_mut(), &f, addr)?;
             loop {
-                let f = read_frame(&mut c.r, addr)?;
+                let f = read_frame(&mut c.s, addr)?;
                 if let Some(Kind::Response(r)) = f.kind {
                     return Ok(r.result.unwrap_or(Resp::Error(refusal(
                         RefusalCode::Internal,
@@ -576,6 +585,7 @@ fn cmd(op: CmdOp) -> IndexCommand {
 /// Where and how [`send_deltas`] sends.
 struct Sending<'a> {
     addrs: &'a [String],
+    tls: &'a Tls,
     shards: u32,
     host: u32,
     /// Remove rather than add.
@@ -594,6 +604,7 @@ fn send_deltas(
 ) -> Result<(u64, u64, u64), ClientError> {
     let Sending {
         addrs,
+        tls,
         shards,
         host,
         negative,
@@ -621,7 +632,7 @@ fn send_deltas(
             .map(|(shard, deltas)| {
                 let (batches, dups) = (&batches, &dups);
                 s.spawn(move || -> Result<(), ClientError> {
-                    let mut c = IndexClient::new(addrs)?;
+                    let mut c = IndexClient::new(addrs, tls.clone())?;
                     for (i, chunk) in deltas.chunks(batch).enumerate() {
                         let w = c.write(
                             shard as u32,
@@ -661,12 +672,13 @@ fn send_deltas(
 /// Publishes `content` as a VM held by host `host`.
 pub fn load_vm(
     addrs: &[String],
+    tls: &Tls,
     host: &str,
     content: &VmContent,
     batch: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<PublishReport, ClientError> {
-    let mut c = IndexClient::new(addrs)?;
+    let mut c = IndexClient::new(addrs, tls.clone())?;
     let shards = c.shards()?;
     let hostn = c
         .write(
@@ -691,6 +703,7 @@ pub fn load_vm(
     let started = Instant::now();
     let to = Sending {
         addrs,
+        tls,
         shards,
         host: hostn,
         negative: false,
@@ -722,13 +735,14 @@ pub fn load_vm(
 /// recorded at load, or nothing is changed.
 pub fn unload_vm(
     addrs: &[String],
+    tls: &Tls,
     host: &str,
     name: &str,
     batch: usize,
     content: impl FnOnce(&VmRecord) -> Result<VmContent, String>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<PublishReport, ClientError> {
-    let mut c = IndexClient::new(addrs)?;
+    let mut c = IndexClient::new(addrs, tls.clone())?;
     let shards = c.shards()?;
     let hosts = c.hosts(false)?;
     let Some(h) = hosts.iter().find(|h| h.name == host) else {
@@ -774,6 +788,7 @@ pub fn unload_vm(
     let started = Instant::now();
     let to = Sending {
         addrs,
+        tls,
         shards,
         host: h.index,
         negative: true,
@@ -813,10 +828,11 @@ pub struct HoldersReport {
 /// Which hosts hold the distinct pages `hashes` (zero pages ignored).
 pub fn holders_of(
     addrs: &[String],
+    tls: &Tls,
     hashes: &[PageHash],
     stale: bool,
 ) -> Result<HoldersReport, ClientError> {
-    let mut c = IndexClient::new(addrs)?;
+    let mut c = IndexClient::new(addrs, tls.clone())?;
     let shards = c.shards()?;
     let names: HashMap<u32, String> = c
         .hosts(stale)?
@@ -865,18 +881,32 @@ pub fn holders_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pagecast_channel::ca::Authority;
     use pagecast_proto::v1::IndexResponse;
+    use std::io::Write;
     use std::net::TcpListener;
+    use std::sync::OnceLock;
+
+    fn ca() -> &'static Authority {
+        static CA: OnceLock<Authority> = OnceLock::new();
+        CA.get_or_init(|| Authority::generate().unwrap())
+    }
+
+    fn client_tls() -> Tls {
+        ca().issue("ops", Role::Operator, 1).unwrap()
+    }
 
     /// A replica that answers every request "busy"; returns its address.
     fn always_busy() -> String {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
+        let tls = ca().issue("index-1", Role::Index, 1).unwrap();
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
+                let tls = tls.clone();
                 std::thread::spawn(move || {
-                    let mut r = BufReader::new(s.try_clone().unwrap());
-                    let mut w = BufWriter::new(s);
+                    let Ok(s) = tls.accept(s) else { return };
+                    let mut r = BufReader::new(s);
                     while let Ok(f) = read_frame(&mut r, "client") {
                         if let Some(Kind::Request(_)) = f.kind {
                             let busy = IndexFrame {
@@ -887,7 +917,8 @@ mod tests {
                                     ))),
                                 })),
                             };
-                            if write_frame(&mut w, &busy, "client").is_err() || w.flush().is_err() {
+                            let w = r.get_mut();
+                            if write_frame(w, &busy, "client").is_err() || w.flush().is_err() {
                                 return;
                             }
                         }
@@ -909,7 +940,7 @@ mod tests {
     #[test]
     fn busy_answers_are_waited_out_until_the_busy_deadline() {
         let addr = always_busy();
-        let mut c = IndexClient::new(std::slice::from_ref(&addr)).unwrap();
+        let mut c = IndexClient::new(std::slice::from_ref(&addr), client_tls()).unwrap();
         c.timeout = Duration::from_millis(200);
         c.busy_timeout = Some(Duration::from_millis(1500));
         let t = Instant::now();
@@ -941,7 +972,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .to_string();
-        let mut c = IndexClient::new(&[dead]).unwrap();
+        let mut c = IndexClient::new(&[dead], client_tls()).unwrap();
         c.timeout = Duration::from_millis(300);
         c.busy_timeout = Some(Duration::from_secs(20));
         let t = Instant::now();

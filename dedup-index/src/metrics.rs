@@ -13,3 +13,11 @@ pub const LOG_ENTRIES: &str = "pagecast_index_log_entries";
 pub const SNAPSHOTS_SENT: &str = "pagecast_index_snapshots_sent_total";
 /// Counter: snapshots received and applied.
 pub const SNAPSHOTS_RECEIVED: &str = "pagecast_index_snapshots_received_total";
+/// Counter: connections that failed the TLS handshake (no certificate,
+/// another CA, expired, silent too long).
+pub const REFUSED: &str = "pagecast_index_refused_total";
+/// Counter: requests or raft links refused for the caller's role or for
+/// writing another host's records.
+pub const FORBIDDEN: &str = "pagecast_index_forbidden_total";
+/// Counter: connections turned away at the per-peer or total cap.
+pub const OVER_LIMIT: &str = "pagecast_index_connections_over_limit_total";

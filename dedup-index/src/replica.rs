@@ -28,15 +28,24 @@ use raft::eraftpb::Message;
 use crate::node::{NodeConfig, NodeError, Reply, ShardNode, TICK};
 use crate::store::{Store, StoreError};
 use crate::wire::{WireError, read_frame, write_frame};
+use pagecast_channel::{Identity, Role, Tls, TlsStream};
 
 /// Bytes of one raft message part.
 pub const CHUNK: usize = 4 << 20;
 
 /// Most client and peer connections served at once.
 pub const MAX_CONNECTIONS: usize = 512;
+/// Most connections served at once from one peer address.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
 
-/// How long a connection may take to say who it is.
+/// How long a connection may take to say who it is (after TLS).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client connection may stay silent between requests before
+/// the replica closes it (clients reconnect on their next request).
+pub const CLIENT_IDLE: Duration = Duration::from_secs(120);
+/// How long a replica link may stay silent (raft heartbeats flow many
+/// times a second on a live link).
+const PEER_IDLE: Duration = Duration::from_secs(30);
 
 /// How long a client request may wait for its shard.
 const REQUEST_WAIT: Duration = Duration::from_secs(20);
@@ -85,6 +94,8 @@ pub struct ReplicaConfig {
     pub compact_bytes: u64,
     /// raft-rs messages at or above this level go to standard error.
     pub raft_log_level: slog::Level,
+    /// This replica's identity: an `index` certificate of the cluster CA.
+    pub tls: Tls,
 }
 
 /// Parses `1=HOST:PORT,2=HOST:PORT,...`.
@@ -168,6 +179,12 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
             cfg.shards
         )));
     }
+    let me = cfg.tls.identity();
+    if me.role != Role::Index {
+        return Err(ReplicaError::Config(format!(
+            "a replica needs an index certificate (`pagecast ca issue --role index`); this one is {me}"
+        )));
+    }
     std::fs::create_dir_all(&cfg.data)
         .map_err(|e| ReplicaError::Config(format!("cannot create {}: {e}", cfg.data.display())))?;
     let store = Arc::new(Store::open(&cfg.data, cfg.id, cfg.shards, cfg.sync)?);
@@ -186,7 +203,10 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
     let mut links: BTreeMap<u64, SyncSender<(u32, Vec<u8>)>> = BTreeMap::new();
     for (&pid, paddr) in &cfg.peers {
         if pid != cfg.id {
-            links.insert(pid, spawn_link(cfg.id, pid, paddr.clone(), cfg.shards));
+            links.insert(
+                pid,
+                spawn_link(cfg.id, pid, paddr.clone(), cfg.shards, cfg.tls.clone()),
+            );
         }
     }
     let links = Arc::new(links);
@@ -211,23 +231,24 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
         peers: cfg.peers.clone(),
         shard_tx: Mutex::new(shard_tx),
         connections: AtomicUsize::new(0),
+        per_peer: Mutex::new(BTreeMap::new()),
+        tls: cfg.tls.clone(),
+        store: store.clone(),
     });
     std::thread::Builder::new()
         .name("accept".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let n = shared.connections.fetch_add(1, Ordering::SeqCst);
-                if n >= MAX_CONNECTIONS {
-                    shared.connections.fetch_sub(1, Ordering::SeqCst);
-                    tracing::warn!("refusing a connection: {MAX_CONNECTIONS} already open");
+                let Ok(from) = conn.peer_addr() else { continue };
+                if !shared.take_slot(from.ip()) {
+                    metrics::counter!(crate::metrics::OVER_LIMIT).increment(1);
+                    tracing::warn!("turned away {from}: too many open connections");
                     continue;
                 }
                 let sh = shared.clone();
                 let _ = std::thread::Builder::new().name("conn".into()).spawn(move || {
-                    let peer = conn
-                        .peer_addr()
-                        .map_or_else(|_| "unknown".into(), |a| a.to_string());
+                    let peer = from.to_string();
                     if let Err(e) = serve_conn(&sh, conn, &peer) {
                         let quiet = matches!(&e, WireError::Io { source, .. }
                             if matches!(source.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset));
@@ -235,7 +256,7 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
                             tracing::warn!("connection from {e}");
                         }
                     }
-                    sh.connections.fetch_sub(1, Ordering::SeqCst);
+                    sh.give_slot(from.ip());
                 });
             }
         })
@@ -249,9 +270,36 @@ struct Shared {
     peers: BTreeMap<u64, String>,
     shard_tx: Mutex<Vec<Sender<Event>>>,
     connections: AtomicUsize,
+    per_peer: Mutex<BTreeMap<std::net::IpAddr, usize>>,
+    tls: Tls,
+    store: Arc<Store>,
 }
 
 impl Shared {
+    fn take_slot(&self, ip: std::net::IpAddr) -> bool {
+        let mut per = self.per_peer.lock().expect("not poisoned");
+        let here = per.entry(ip).or_default();
+        if *here >= MAX_CONNECTIONS_PER_PEER
+            || self.connections.load(Ordering::SeqCst) >= MAX_CONNECTIONS
+        {
+            return false;
+        }
+        *here += 1;
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    fn give_slot(&self, ip: std::net::IpAddr) {
+        let mut per = self.per_peer.lock().expect("not poisoned");
+        if let Some(n) = per.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&ip);
+            }
+        }
+        self.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+
     fn send(&self, shard: u32, ev: Event) -> bool {
         let tx = self.shard_tx.lock().expect("not poisoned")[shard as usize].clone();
         tx.send(ev).is_ok()
@@ -328,12 +376,12 @@ fn run_shard(
 }
 
 /// Starts the sender thread of the link to replica `to` at `addr`.
-fn spawn_link(me: u64, to: u64, addr: String, shards: u32) -> SyncSender<(u32, Vec<u8>)> {
+fn spawn_link(me: u64, to: u64, addr: String, shards: u32, tls: Tls) -> SyncSender<(u32, Vec<u8>)> {
     let (tx, rx) = mpsc::sync_channel::<(u32, Vec<u8>)>(4096);
     std::thread::Builder::new()
         .name(format!("link-{to}"))
         .spawn(move || {
-            let mut conn: Option<BufWriter<TcpStream>> = None;
+            let mut conn: Option<BufWriter<TlsStream>> = None;
             let mut warned = false;
             let mut next_try = Instant::now();
             let mut queued: Option<(u32, Vec<u8>)> = None;
@@ -346,7 +394,7 @@ fn spawn_link(me: u64, to: u64, addr: String, shards: u32) -> SyncSender<(u32, V
                     },
                 };
                 if conn.is_none() && Instant::now() >= next_try {
-                    conn = connect_peer(me, &addr, shards);
+                    conn = connect_peer(me, &addr, shards, &tls);
                     match (&conn, warned) {
                         (None, false) => {
                             tracing::warn!("replica {to} at {addr} is unreachable; retrying");
@@ -381,11 +429,22 @@ fn spawn_link(me: u64, to: u64, addr: String, shards: u32) -> SyncSender<(u32, V
     tx
 }
 
-fn connect_peer(me: u64, addr: &str, shards: u32) -> Option<BufWriter<TcpStream>> {
+fn connect_peer(me: u64, addr: &str, shards: u32, tls: &Tls) -> Option<BufWriter<TlsStream>> {
     let sa = resolve(addr)?;
     let s = TcpStream::connect_timeout(&sa, Duration::from_millis(500)).ok()?;
     s.set_nodelay(true).ok()?;
     s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+    let s = match tls.connect(s) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!("replica link to {addr}: {e}");
+            return None;
+        }
+    };
+    if let Err(e) = pagecast_channel::require(s.identity(), &[Role::Index], addr, "be a replica") {
+        tracing::warn!("{e}");
+        return None;
+    }
     let mut w = BufWriter::with_capacity(256 << 10, s);
     let hello = IndexFrame {
         kind: Some(Kind::Hello(IndexHello {
@@ -417,22 +476,35 @@ fn send_chunks(w: &mut impl Write, shard: u32, bytes: &[u8], addr: &str) -> Resu
 
 fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError> {
     conn.set_nodelay(true).ok();
-    conn.set_read_timeout(Some(HELLO_TIMEOUT)).ok();
-    let mut r = std::io::BufReader::with_capacity(
-        256 << 10,
-        conn.try_clone().map_err(|source| WireError::Io {
-            peer: peer.into(),
-            source,
-        })?,
-    );
+    conn.set_write_timeout(Some(Duration::from_secs(10))).ok();
+    let s = match sh.tls.accept(conn) {
+        Ok(s) => s,
+        Err(e) => {
+            metrics::counter!(crate::metrics::REFUSED).increment(1);
+            tracing::warn!("refused {peer}: {e}");
+            return Ok(());
+        }
+    };
+    s.socket().set_read_timeout(Some(HELLO_TIMEOUT)).ok();
+    let who = s.identity().clone();
+    let mut r = std::io::BufReader::with_capacity(256 << 10, s);
     let first = read_frame(&mut r, peer)?;
     let Some(Kind::Hello(hello)) = first.kind else {
         tracing::warn!("{peer}: the first frame must be a hello; closing");
         return Ok(());
     };
-    conn.set_read_timeout(None).ok();
     if hello.peer_id == 0 {
-        return serve_client(sh, r, conn, peer);
+        r.get_ref()
+            .socket()
+            .set_read_timeout(Some(CLIENT_IDLE))
+            .ok();
+        return serve_client(sh, r, peer, &who);
+    }
+    r.get_ref().socket().set_read_timeout(Some(PEER_IDLE)).ok();
+    if who.role != Role::Index {
+        metrics::counter!(crate::metrics::FORBIDDEN).increment(1);
+        tracing::warn!("{peer}: {who} may not speak raft (only index certificates); closing");
+        return Ok(());
     }
     if !sh.peers.contains_key(&hello.peer_id) || hello.peer_id == sh.id {
         tracing::warn!("{peer}: replica {} is not a member; closing", hello.peer_id);
@@ -516,25 +588,94 @@ fn err(code: RefusalCode, m: &str) -> IndexResponse {
 
 fn serve_client(
     sh: &Shared,
-    mut r: impl std::io::Read,
-    conn: TcpStream,
+    mut r: std::io::BufReader<TlsStream>,
     peer: &str,
+    who: &Identity,
 ) -> Result<(), WireError> {
-    let mut w = BufWriter::new(conn);
+    let mut host_number = None;
     loop {
         let f = read_frame(&mut r, peer)?;
         let resp = match f.kind {
-            Some(Kind::Request(req)) => handle_request(sh, req),
+            Some(Kind::Request(req)) => match authorize(sh, &req, who, &mut host_number) {
+                Ok(()) => handle_request(sh, req),
+                Err(why) => {
+                    metrics::counter!(crate::metrics::FORBIDDEN).increment(1);
+                    tracing::warn!("{peer}: refused: {why}");
+                    err(RefusalCode::Forbidden, &why)
+                }
+            },
             _ => err(RefusalCode::Invalid, "expected a request"),
         };
         let out = IndexFrame {
             kind: Some(Kind::Response(resp)),
         };
-        write_frame(&mut w, &out, peer)?;
-        w.flush().map_err(|source| WireError::Io {
-            peer: peer.into(),
-            source,
-        })?;
+        write_frame(r.get_mut(), &out, peer)?;
+    }
+}
+
+/// Whether `who` may make `req`: anyone may read; operators may write
+/// anything (loads, unloads, repairs); a host may write only its own
+/// records and holders; readers and replicas may not write.
+fn authorize(
+    sh: &Shared,
+    req: &IndexRequest,
+    who: &Identity,
+    host_number: &mut Option<u32>,
+) -> Result<(), String> {
+    let Some(ReqOp::Write(cmd)) = &req.op else {
+        return Ok(());
+    };
+    match who.role {
+        Role::Operator => return Ok(()),
+        Role::Host => {}
+        Role::Reader | Role::Index => return Err(format!("{who} may not write to the index")),
+    }
+    use pagecast_proto::v1::index_command::Op;
+    let Some(op) = &cmd.op else { return Ok(()) };
+    let named = |name: &str| {
+        if name == who.name {
+            Ok(())
+        } else {
+            Err(format!("{who} may not write the records of host {name:?}"))
+        }
+    };
+    match op {
+        Op::RegisterHost(r) => return named(&r.name),
+        Op::HostReport(r) => return named(&r.name),
+        _ => {}
+    }
+    // The rest name hosts by number: find this host's.
+    let mine = match *host_number {
+        Some(n) => n,
+        None => {
+            let hosts = sh
+                .store
+                .hosts()
+                .map_err(|e| format!("cannot read hosts: {e}"))?;
+            let Some(h) = hosts.iter().find(|h| h.name == who.name) else {
+                return Err(format!(
+                    "{who} is not registered in the index yet (report the host first)"
+                ));
+            };
+            *host_number = Some(h.index);
+            h.index
+        }
+    };
+    let numbers: Vec<u32> = match op {
+        Op::Deltas(d) => d.deltas.iter().map(|d| d.host).collect(),
+        Op::BeginVm(b) => vec![b.vm.as_ref().map_or(0, |v| v.host)],
+        Op::PutVm(p) => vec![p.vm.as_ref().map_or(0, |v| v.host)],
+        Op::SetVmState(v) => vec![v.host],
+        Op::RemoveVm(v) => vec![v.host],
+        Op::DropVm(v) => vec![v.host],
+        Op::MoveVm(v) => vec![v.from],
+        Op::RegisterHost(_) | Op::HostReport(_) => Vec::new(),
+    };
+    match numbers.iter().find(|&&n| n != mine) {
+        None => Ok(()),
+        Some(n) => Err(format!(
+            "{who} (host number {mine}) may not write the holders or records of host number {n}"
+        )),
     }
 }
 

@@ -7,9 +7,9 @@
 //!
 //! ```text
 //! sender                                         receiver (each of N)
-//!   | <- TCP connect, mutual auth (cluster secret) -|
+//!   | <- TCP connect, mutual TLS (cluster CA) ------|
 //!   | <---------- CastHello {name, chain_addr, rcvbuf}
-//!   | CastWelcome {id, session, wrapped key,        |
+//!   | CastWelcome {id, session, session key,        |
 //!   |   groups as page ranges, fragment size} ----> |  join member groups
 //!   | <------------------------------ CastReady     |
 //!   | CastProbe {nonce} --------------------------> |  (transport auto)

@@ -16,7 +16,7 @@ use crate::socket::{self, RecvBatch};
 use crate::wire::{
     Body, Check, Datagram, MAX_NACK_RANGES, Replay, ReplayWindow, WireError, check_of, decode,
 };
-use pagecast_channel::{Channel, ChannelWriter, Secret, random_bytes};
+use pagecast_channel::{Channel, ChannelWriter, Role, Tls, random_bytes};
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(5);
 /// Don't ask again for a page just asked for. The sender ignores a NACK
@@ -443,11 +443,11 @@ fn page_of(p: &v1::CastPage) -> Option<(u64, Check, &Page)> {
 /// the sink is aborted, so no partial output is left behind.
 pub fn receive(
     cfg: &ReceiverConfig,
-    secret: &Secret,
+    tls: &Tls,
     sink: &mut dyn PageSink,
     progress: &dyn Fn(u64, u64),
 ) -> Result<RecvReport, CastError> {
-    let r = receive_inner(cfg, secret, sink, progress);
+    let r = receive_inner(cfg, tls, sink, progress);
     if r.is_err() {
         sink.abort();
     }
@@ -456,7 +456,7 @@ pub fn receive(
 
 fn receive_inner(
     cfg: &ReceiverConfig,
-    secret: &Secret,
+    tls: &Tls,
     sink: &mut dyn PageSink,
     progress: &dyn Fn(u64, u64),
 ) -> Result<RecvReport, CastError> {
@@ -468,7 +468,8 @@ fn receive_inner(
     let stream = TcpStream::connect_timeout(&cfg.control, Duration::from_secs(10)).map_err(
         CastError::io(format!("connecting to the sender at {}", cfg.control)),
     )?;
-    let mut ch = Channel::client(stream, secret, &cfg.name)?;
+    let mut ch = Channel::client(stream, tls)?;
+    pagecast_channel::require(ch.identity(), &[Role::Host], ch.peer(), "send a cast")?;
     let peer = ch.peer().to_owned();
     let rcvbuf = socket::receive_buffer().map_err(CastError::io("measuring the receive buffer"))?;
     ch.send(&frame(v1::cast_frame::Body::Hello(v1::CastHello {
@@ -501,12 +502,11 @@ fn receive_inner(
             format!("fragment size {}", w.fragment_payload),
         ));
     }
-    let wrapped: [u8; 32] = w
-        .wrapped_key
+    let key: [u8; 32] = w
+        .session_key
         .as_ref()
         .try_into()
         .map_err(|_| protocol(&peer, "session key is not 32 bytes"))?;
-    let key = ch.wrap_key(&wrapped);
     let total = w.total_pages as usize;
     let mut groups = Vec::new();
     let mut needed = vec![false; total];
@@ -713,10 +713,9 @@ fn receive_inner(
                         let listener = chain_listener
                             .try_clone()
                             .map_err(CastError::io("chain listener"))?;
-                        let secret = secret.clone();
-                        let name = cfg.name.clone();
+                        let tls = tls.clone();
                         chain_thread = Some(std::thread::spawn(move || {
-                            chain_link(listener, &secret, &name, &s.chain_next, ctx)
+                            chain_link(listener, &tls, &s.chain_next, ctx)
                         }));
                     } else {
                         transport = Some(Transport::Multicast);
@@ -817,18 +816,17 @@ fn receive_inner(
 
 /// One link of the TCP chain: take pages from the predecessor, hand each to
 /// the main loop and forward it to the successor.
-fn chain_link(
-    listener: TcpListener,
-    secret: &Secret,
-    name: &str,
-    next: &str,
-    tx: mpsc::SyncSender<ChainEv>,
-) {
+fn chain_link(listener: TcpListener, tls: &Tls, next: &str, tx: mpsc::SyncSender<ChainEv>) {
     let _ = listener.set_nonblocking(false);
     let accepted = listener
         .accept()
         .map_err(|e| e.to_string())
-        .and_then(|(s, _)| Channel::server(s, secret, name).map_err(|e| e.to_string()));
+        .and_then(|(s, _)| {
+            let ch = Channel::server(s, tls).map_err(|e| e.to_string())?;
+            pagecast_channel::require(ch.identity(), &[Role::Host], ch.peer(), "relay a cast")
+                .map_err(|e| e.to_string())?;
+            Ok(ch)
+        });
     let mut prev = match accepted {
         Ok(c) => c,
         Err(e) => {
@@ -838,9 +836,9 @@ fn chain_link(
     };
     let mut succ: Option<ChannelWriter> = None;
     if !next.is_empty() {
-        match TcpStream::connect(next)
+        match crate::session::connect(next)
             .map_err(|e| e.to_string())
-            .and_then(|s| Channel::client(s, secret, name).map_err(|e| e.to_string()))
+            .and_then(|s| Channel::client(s, tls).map_err(|e| e.to_string()))
         {
             Ok(c) => succ = c.split().ok().map(|(_, w)| w),
             Err(e) => {

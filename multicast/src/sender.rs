@@ -15,7 +15,7 @@ use crate::socket::{self, RecvBatch};
 use crate::wire::{
     Body, Datagram, MAX_CODED, Replay, ReplayWindow, check_of, decode, fragment_payload,
 };
-use pagecast_channel::{Channel, ChannelReader, ChannelWriter, Secret, random_bytes};
+use pagecast_channel::{Channel, ChannelReader, ChannelWriter, Role, Tls, random_bytes};
 
 /// Pages sent per batch of datagrams (a batch of whole pages, one or two per
 /// datagram, fills one 63 KiB GSO send).
@@ -153,12 +153,12 @@ pub fn send(
     cfg: &SenderConfig,
     groups: Groups,
     src: &dyn PageSource,
-    secret: &Secret,
+    tls: &Tls,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<SendReport, CastError> {
     let listener = TcpListener::bind(cfg.control)
         .map_err(CastError::io(format!("listening on {}", cfg.control)))?;
-    send_on(listener, cfg, groups, src, secret, progress)
+    send_on(listener, cfg, groups, src, tls, progress)
 }
 
 /// [`send`] on a control listener the caller bound (to learn its port
@@ -168,7 +168,7 @@ pub fn send_on(
     cfg: &SenderConfig,
     groups: Groups,
     src: &dyn PageSource,
-    secret: &Secret,
+    tls: &Tls,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<SendReport, CastError> {
     let total = src.pages();
@@ -243,7 +243,7 @@ pub fn send_on(
         match listener.accept() {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
-                match accept_peer(stream, secret, &cfg.name) {
+                match accept_peer(stream, tls) {
                     Ok((ch, hello)) => {
                         // By name where the caller named them, else in
                         // order of arrival.
@@ -356,12 +356,11 @@ pub fn send_on(
             .writer
             .as_mut()
             .expect("writer present until the session runs");
-        let wrapped = w.wrap_key(&session_key);
         w.send(&frame(v1::cast_frame::Body::Welcome(v1::CastWelcome {
             version: WIRE_VERSION as i32,
             receiver_id: p.id,
             session_id,
-            wrapped_key: wrapped.to_vec().into(),
+            session_key: session_key.to_vec().into(),
             fragment_payload: frag as u32,
             total_pages: total,
             groups: welcome_groups(&groups, idx),
@@ -509,8 +508,8 @@ pub fn send_on(
             progress,
         };
         let unicast = match transport {
-            Transport::Multicast => run.multicast(scope, secret)?,
-            Transport::Chain => run.chain(scope, secret)?,
+            Transport::Multicast => run.multicast(scope, tls)?,
+            Transport::Chain => run.chain(scope, tls)?,
         };
         Ok(run.finish(unicast))
     })
@@ -532,12 +531,9 @@ fn page_frame(src: &dyn PageSource, id: u32, data: &Page) -> v1::CastFrame {
     }))
 }
 
-fn accept_peer(
-    stream: TcpStream,
-    secret: &Secret,
-    name: &str,
-) -> Result<(Channel, v1::CastHello), CastError> {
-    let mut ch = Channel::server(stream, secret, name)?;
+fn accept_peer(stream: TcpStream, tls: &Tls) -> Result<(Channel, v1::CastHello), CastError> {
+    let mut ch = Channel::server(stream, tls)?;
+    pagecast_channel::require(ch.identity(), &[Role::Host], ch.peer(), "receive a cast")?;
     ch.set_read_timeout(Some(pagecast_channel::HANDSHAKE_TIMEOUT))?;
     let f: v1::CastFrame = ch.recv("hello")?;
     let Some(v1::cast_frame::Body::Hello(hello)) = f.body else {
@@ -926,7 +922,7 @@ impl<'a> Run<'a> {
     fn multicast<'s>(
         &mut self,
         scope: &'s std::thread::Scope<'s, '_>,
-        _secret: &Secret,
+        _tls: &Tls,
     ) -> Result<Vec<(usize, UnicastJoin<'s>)>, CastError>
     where
         'a: 's,
@@ -1201,7 +1197,7 @@ impl<'a> Run<'a> {
     fn chain<'s>(
         &mut self,
         scope: &'s std::thread::Scope<'s, '_>,
-        secret: &Secret,
+        tls: &Tls,
     ) -> Result<Vec<(usize, UnicastJoin<'s>)>, CastError>
     where
         'a: 's,
@@ -1210,9 +1206,10 @@ impl<'a> Run<'a> {
             return Ok(Vec::new());
         };
         let first = self.peers[head].chain_addr.clone();
-        let stream = TcpStream::connect(&first)
+        let stream = crate::session::connect(&first)
             .map_err(CastError::io(format!("connecting the chain to {first}")))?;
-        let mut link = Channel::client(stream, secret, &self.cfg.name)?;
+        let mut link = Channel::client(stream, tls)?;
+        pagecast_channel::require(link.identity(), &[Role::Host], link.peer(), "relay a cast")?;
         let mut page = [0u8; PAGE_SIZE];
         let total = self.src.pages();
         self.started = Instant::now();

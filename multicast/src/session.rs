@@ -386,3 +386,15 @@ pub fn digest<'a>(entries: impl Iterator<Item = &'a PageEntry>) -> [u8; 32] {
     }
     *h.finalize().as_bytes()
 }
+
+/// How long opening a TCP connection to a peer of a cast may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `addr` (`host:port`) within [`CONNECT_TIMEOUT`].
+pub fn connect(addr: &str) -> io::Result<std::net::TcpStream> {
+    use std::net::ToSocketAddrs;
+    let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{addr}: no address"))
+    })?;
+    std::net::TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
+}

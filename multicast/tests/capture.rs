@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use pagecast_channel::Secret;
+use pagecast_channel::Role;
+use pagecast_channel::ca::Authority;
 use pagecast_multicast::*;
 use pagecast_pages::{PAGE_SIZE, Page, PageHash};
 
@@ -186,7 +187,9 @@ fn capture_child() {
             (datagrams, marked)
         })
     };
-    let secret = Secret::from_material(b"capture test cluster secret");
+    let secret = Authority::generate()
+        .and_then(|ca| ca.issue("host", Role::Host, 1))
+        .expect("a certificate");
     let received = std::thread::scope(|s| {
         let mut cfg = SenderConfig::new(control, LO, 1);
         cfg.transport = TransportChoice::Multicast;

@@ -6,15 +6,26 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pagecast_channel::Secret;
+use std::sync::OnceLock;
+
+use pagecast_channel::ca::Authority;
+use pagecast_channel::{Role, Tls};
 use pagecast_multicast::wire;
 use pagecast_multicast::*;
 use pagecast_pages::{PAGE_SIZE, Page, PageHash};
 
 const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
-fn secret() -> Secret {
-    Secret::from_material(b"loopback test cluster secret")
+fn cluster() -> &'static Authority {
+    static CA: OnceLock<Authority> = OnceLock::new();
+    CA.get_or_init(|| Authority::generate().expect("a CA"))
+}
+
+/// A host identity of this test process's cluster.
+fn secret() -> Tls {
+    cluster()
+        .issue("host", Role::Host, 1)
+        .expect("a certificate")
 }
 
 /// A distinct control port and multicast group per test.
@@ -138,7 +149,7 @@ fn run(
     cfg: SenderConfig,
     groups: Groups,
     src: &Source,
-    receivers: Vec<(Secret, Option<usize>)>,
+    receivers: Vec<(Tls, Option<usize>)>,
 ) -> Outcome {
     std::thread::scope(|s| {
         let control = cfg.control;
@@ -342,7 +353,7 @@ fn groups_of_a_plan_reach_only_their_members() {
 }
 
 #[test]
-fn a_receiver_without_the_secret_is_refused() {
+fn receivers_of_another_ca_or_without_the_host_role_are_refused() {
     let (control, group) = endpoints();
     let src = Source::new(200);
     let mut cfg = SenderConfig::new(control, LO, 1);
@@ -350,32 +361,41 @@ fn a_receiver_without_the_secret_is_refused() {
     std::thread::scope(|s| {
         let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &secret(), &|_, _| {}));
         std::thread::sleep(Duration::from_millis(50));
-        // First a receiver with the wrong secret: refused, and the session
-        // still waits for a real one.
+        // First a receiver whose certificate another CA signed: refused,
+        // and the session still waits for a real one.
+        let other = Authority::generate().unwrap();
+        let now = std::time::SystemTime::now();
+        let (cert, key) = other
+            .sign("intruder", Role::Host, now, now + Duration::from_secs(600))
+            .unwrap();
+        let intruder = Tls::from_pem(cluster().cert_pem(), &cert, &key).unwrap();
         let rc = ReceiverConfig::new(control, LO, "intruder");
         let mut sink = Sink::default();
-        let err = receive(
-            &rc,
-            &Secret::from_material(b"not the cluster secret"),
-            &mut sink,
-            &|_, _| {},
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("authentication failed"), "{err}");
+        let err = receive(&rc, &intruder, &mut sink, &|_, _| {}).unwrap_err();
+        assert!(
+            err.to_string().contains("UnknownCA") || err.to_string().contains("closed"),
+            "{err}"
+        );
+        assert!(sink.aborted && sink.got.is_empty());
+        // Then a reader of this cluster: not a host, refused.
+        let reader = cluster().issue("curious", Role::Reader, 1).unwrap();
+        let rc = ReceiverConfig::new(control, LO, "curious");
+        let mut sink = Sink::default();
+        receive(&rc, &reader, &mut sink, &|_, _| {}).unwrap_err();
         assert!(sink.aborted && sink.got.is_empty());
         let rc = ReceiverConfig::new(control, LO, "member");
         let mut sink = Sink::default();
         receive(&rc, &secret(), &mut sink, &|_, _| {}).unwrap();
         check_sink(&sink, &src, &(0..200).collect::<Vec<_>>());
         let report = sender.join().unwrap().unwrap();
-        assert_eq!(report.refused, 1);
+        assert_eq!(report.refused, 2);
         assert_eq!(report.receivers.len(), 1);
         assert_eq!(report.receivers[0].name, "member");
     });
 }
 
 #[test]
-fn forged_and_replayed_datagrams_are_dropped_and_counted() {
+fn forged_replayed_and_truncated_datagrams_are_dropped_and_counted() {
     let (control, group) = endpoints();
     let src = Source::new(3000);
     let mut cfg = SenderConfig::new(control, LO, 1);
@@ -386,7 +406,7 @@ fn forged_and_replayed_datagrams_are_dropped_and_counted() {
         let stop = stop.clone();
         std::thread::spawn(move || {
             // Capture real datagrams from the group, then replay them and
-            // send forgeries with a flipped byte.
+            // send forgeries with a flipped byte and truncated copies.
             let spy = pagecast_multicast::socket::group_socket(group.port(), &[*group.ip()], LO, 1)
                 .unwrap();
             spy.set_read_timeout(Some(Duration::from_millis(50)))
@@ -402,6 +422,9 @@ fn forged_and_replayed_datagrams_are_dropped_and_counted() {
                     let at = f.len() / 2;
                     f[at] ^= 0x55;
                     out.send_to(&f, group).unwrap();
+                    // And a truncated copy (counted with the forgeries: it
+                    // does not open either).
+                    out.send_to(&buf[..n - n.min(7)], group).unwrap();
                     forgeries += 1;
                 }
             }
@@ -419,7 +442,7 @@ fn forged_and_replayed_datagrams_are_dropped_and_counted() {
         replays > 100 && forgeries > 100,
         "attacker sent {replays} replays, {forgeries} forgeries"
     );
-    assert!(r.counters.forged > 0, "{:?}", r.counters);
+    assert!(r.counters.forged >= 2, "{:?}", r.counters);
     assert!(r.counters.replayed > 0, "{:?}", r.counters);
     assert_eq!(r.counters.bad_hash, 0);
 }

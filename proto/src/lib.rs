@@ -39,8 +39,8 @@ pub const MAX_MANIFEST_FRAMES: u64 = 1 << 30;
 /// Longest VM name, in bytes.
 pub const MAX_VM_NAME_BYTES: usize = 128;
 
-/// Most bytes one control frame may carry (the payload of an authenticated
-/// frame, before its sequence number and MAC).
+/// Most bytes one control frame may carry (a frame's protobuf payload,
+/// after its 4-byte length; frames travel inside TLS).
 pub const MAX_CONTROL_FRAME_BYTES: usize = 4 << 20;
 
 /// Most page ranges one [`v1::CastGroup`] lists.
@@ -58,7 +58,7 @@ pub const DATAGRAM_VERSION: u8 = 1;
 /// Largest UDP datagram pagecast sends or accepts.
 pub const MAX_DATAGRAM_BYTES: usize = 9000;
 
-/// Length of the MAC that ends every datagram and control frame.
+/// Length of the AEAD tag that ends every datagram.
 pub const MAC_LEN: usize = 16;
 
 /// Most pages one migration `Pages` or `PagesByHash` message carries.
@@ -124,6 +124,7 @@ impl v1::RefusalCode {
             v1::RefusalCode::Unavailable => "unavailable",
             v1::RefusalCode::Verification => "verification",
             v1::RefusalCode::Cancelled => "cancelled",
+            v1::RefusalCode::Forbidden => "forbidden",
         }
     }
 }

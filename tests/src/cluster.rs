@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use pagecast_channel::Role;
 use pagecast_index::client::IndexClient;
 use pagecast_proto::v1;
 
-use crate::{pagecast, pagecast_bin};
+use crate::pagecast_bin;
 
 /// A free TCP port on 127.0.0.1 for a process to bind later.
 ///
@@ -108,6 +109,8 @@ impl IndexCluster {
             .args(["--shards", &self.shards.to_string()])
             .args(["--raft-log", "warning", "--data"])
             .arg(&r.dir)
+            .arg("--tls")
+            .arg(crate::pki::node(&format!("index-{}", r.id), Role::Index))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -163,14 +166,19 @@ impl IndexCluster {
 
     /// A client of every replica.
     pub fn client(&self) -> IndexClient {
-        let mut c = IndexClient::new(&[self.addrs()]).expect("addresses");
+        let mut c = IndexClient::new(&[self.addrs()], crate::pki::tls("operator", Role::Operator))
+            .expect("addresses");
         c.timeout = Duration::from_secs(20);
         c
     }
 
     /// Status of replica `i`, or None if it does not answer.
     pub fn status(&self, i: usize) -> Option<v1::StatusResponse> {
-        let mut c = IndexClient::new(&[self.reps[i].addr.clone()]).ok()?;
+        let mut c = IndexClient::new(
+            &[self.reps[i].addr.clone()],
+            crate::pki::tls("operator", Role::Operator),
+        )
+        .ok()?;
         c.attempt_timeout = Duration::from_millis(500);
         c.status_of(&self.reps[i].addr).ok()
     }
@@ -224,7 +232,8 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    /// Starts agent `name` with the cluster secret of `dir` and `extra`
+    /// Starts agent `name` (its host certificate from [`crate::pki`]) with
+    /// its log in `dir` and `extra`
     /// arguments (e.g. `--index ADDRS --rack r1`); waits until it listens.
     pub fn start(dir: &Path, name: &str, extra: &[&str]) -> AgentProc {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -263,8 +272,8 @@ impl AgentProc {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new(pagecast_bin());
         cmd.args(["agent", "--name", name, "--listen", "127.0.0.1:0"])
-            .arg("--secret-file")
-            .arg(dir.join("cluster.secret"))
+            .arg("--tls")
+            .arg(crate::pki::node(name, Role::Host))
             .args(&args);
         if let Some(m) = &metrics {
             cmd.args(["--metrics", m]);
@@ -373,29 +382,18 @@ impl Drop for AgentProc {
     }
 }
 
-/// Writes a cluster secret to `dir/cluster.secret`.
-pub fn make_secret(dir: &Path) -> PathBuf {
-    let p = dir.join("cluster.secret");
-    let out = pagecast(&["secret", "new", p.to_str().expect("utf-8 path")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    p
-}
-
-/// Runs `pagecast` with the secret of `dir`; returns its output.
+/// Runs `pagecast` as the test operator, in `dir`; returns its output.
 pub fn cli(dir: &Path, args: &[&str]) -> Output {
     Command::new(pagecast_bin())
         .args(args)
-        .env("PAGECAST_SECRET_FILE", dir.join("cluster.secret"))
+        .current_dir(dir)
+        .env("PAGECAST_TLS", crate::pki::operator())
         .env_remove("PAGECAST_INDEX")
         .output()
         .expect("running pagecast")
 }
 
-/// Runs `pagecast ... --json` with the secret of `dir`, requires success and
+/// Runs `pagecast ... --json` as the test operator, requires success and
 /// parses its output.
 pub fn cli_json(dir: &Path, args: &[&str]) -> serde_json::Value {
     let out = cli(dir, args);

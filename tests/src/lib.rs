@@ -33,10 +33,12 @@ pub fn pagecast_bin() -> PathBuf {
     .clone()
 }
 
-/// Runs `pagecast` with `args` and returns its output.
+/// Runs `pagecast` with `args` and returns its output; the test
+/// operator's identity is in `PAGECAST_TLS` (an explicit `--tls` wins).
 pub fn pagecast(args: &[&str]) -> Output {
     Command::new(pagecast_bin())
         .args(args)
+        .env("PAGECAST_TLS", pki::operator())
         .output()
         .expect("running pagecast")
 }
@@ -74,6 +76,7 @@ impl Child {
             None => Command::new(&bin),
         };
         cmd.args(args)
+            .env("PAGECAST_TLS", pki::operator())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         Child(cmd.spawn().expect("spawning pagecast"))
@@ -130,3 +133,4 @@ pub fn repo_root() -> PathBuf {
 }
 
 pub mod cluster;
+pub mod pki;

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagecast_channel::{Channel, Secret};
+use pagecast_channel::{Channel, Role, Tls};
 use pagecast_memory::kvm::kvm_or_skip;
 use pagecast_proto::v1;
+use pagecast_tests::pki;
 use pagecast_tests::{pagecast, pagecast_bin};
 
 /// An agent process, killed when dropped; its log goes to a file.
@@ -22,20 +23,13 @@ struct Agent {
 
 impl Agent {
     fn start(dir: &Path, name: &str) -> Agent {
-        Self::start_with(dir, name, &dir.join("s.secret"))
+        Self::start_with(dir, name, &pki::node(name, Role::Host))
     }
 
     fn start_with(dir: &Path, name: &str, secret: &Path) -> Agent {
         let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(pagecast_bin())
-            .args([
-                "agent",
-                "--name",
-                name,
-                "--listen",
-                "127.0.0.1:0",
-                "--secret-file",
-            ])
+            .args(["agent", "--name", name, "--listen", "127.0.0.1:0", "--tls"])
             .arg(secret)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -75,23 +69,12 @@ impl Drop for Agent {
 }
 
 fn setup() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("s.secret");
-    assert!(
-        pagecast(&["secret", "new", secret.to_str().unwrap()])
-            .status
-            .success()
-    );
-    dir
+    tempfile::tempdir().unwrap()
 }
 
-/// Runs a client command with the test's secret; returns its output.
-fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(pagecast_bin())
-        .args(args)
-        .env("PAGECAST_SECRET_FILE", dir.join("s.secret"))
-        .output()
-        .expect("running pagecast")
+/// Runs a client command as the test operator; returns its output.
+fn cli(_dir: &Path, args: &[&str]) -> std::process::Output {
+    pagecast(args)
 }
 
 fn ok_json(dir: &Path, args: &[&str]) -> serde_json::Value {
@@ -274,7 +257,7 @@ fn slow_migration(d: &Path, a: &Agent, b: &Agent) -> std::process::Child {
             "100M",
             "--json",
         ])
-        .env("PAGECAST_SECRET_FILE", d.join("s.secret"))
+        .env("PAGECAST_TLS", pki::operator())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -359,38 +342,65 @@ fn a_source_killed_mid_migration_leaves_nothing_at_the_destination() {
     wait_for_log(&b, "nothing kept");
 }
 
+/// Runs `vm list` against `addr` as the identity in `tls_dir`.
+fn list_as(addr: &str, tls_dir: &Path) -> std::process::Output {
+    Command::new(pagecast_bin())
+        .args(["vm", "list", "--agent", addr, "--tls"])
+        .arg(tls_dir)
+        .output()
+        .unwrap()
+}
+
 #[test]
-fn clients_without_the_cluster_secret_are_refused() {
+fn clients_of_another_ca_expired_or_without_a_certificate_are_refused() {
     let dir = setup();
     let d = dir.path();
     let a = Agent::start(d, "host-a");
-    let other = d.join("other.secret");
-    assert!(
-        pagecast(&["secret", "new", other.to_str().unwrap()])
-            .status
-            .success()
-    );
-    let out = Command::new(pagecast_bin())
-        .args(["vm", "list", "--agent", &a.addr, "--secret-file"])
-        .arg(&other)
-        .output()
+    let one_line_error = |out: &std::process::Output, want: &[&str]| {
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(want.iter().any(|w| err.contains(w)), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    };
+    // A certificate from another CA (which the client trusts, so only the
+    // agent can refuse it).
+    let other = pagecast_channel::ca::Authority::generate().unwrap();
+    let now = std::time::SystemTime::now();
+    let (cert, key) = other
+        .sign(
+            "mallory",
+            Role::Operator,
+            now,
+            now + Duration::from_secs(600),
+        )
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("secret") || err.contains("refused") || err.contains("authenticat"),
-        "{err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let foreign = d.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::copy(pki::operator().join("ca.crt"), foreign.join("ca.crt")).unwrap();
+    std::fs::write(foreign.join("node.crt"), cert).unwrap();
+    std::fs::write(foreign.join("node.key"), key).unwrap();
+    one_line_error(&list_as(&a.addr, &foreign), &["TLS", "closed", "reset"]);
+    // An expired certificate of the cluster CA.
+    let ca = pagecast_channel::ca::Authority::load(&pki::ca_dir()).unwrap();
+    let day = Duration::from_secs(86_400);
+    let expired = d.join("expired");
+    ca.write_node(
+        "old-ops",
+        Role::Operator,
+        now - 3 * day,
+        now - day,
+        &expired,
+    )
+    .unwrap();
+    one_line_error(&list_as(&a.addr, &expired), &["TLS", "closed", "reset"]);
 
-    // No secret at all: a clear error before connecting.
+    // No identity at all: a clear error before connecting.
     let out = Command::new(pagecast_bin())
         .args(["vm", "list", "--agent", &a.addr])
-        .env_remove("PAGECAST_SECRET_FILE")
+        .env_remove("PAGECAST_TLS")
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--secret-file"));
+    one_line_error(&out, &["--tls"]);
 
     // Garbage instead of a handshake: the agent drops it and keeps serving.
     use std::io::Write;
@@ -400,13 +410,102 @@ fn clients_without_the_cluster_secret_are_refused() {
     let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
     assert_eq!(l["agent"], "host-a");
     let log = a.log();
-    assert_eq!(log.matches("refused").count(), 2, "{log}");
+    assert!(log.contains("UnknownIssuer"), "{log}");
+    assert!(log.contains("expired"), "{log}");
+    assert_eq!(log.matches("refused 127.0.0.1").count(), 3, "{log}");
+}
+
+#[test]
+fn each_role_may_do_only_its_own_part() {
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    // A reader may list, not start.
+    let reader = pki::node("auditor", Role::Reader);
+    assert!(list_as(&a.addr, &reader).status.success());
+    let out = Command::new(pagecast_bin())
+        .args([
+            "vm",
+            "start",
+            "--agent",
+            &a.addr,
+            "--name",
+            "x",
+            "--synthetic",
+            "web",
+        ])
+        .args(["--memory", "8MiB", "--tls"])
+        .arg(&reader)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("auditor (reader) may not start VMs"), "{err}");
+    // A host may not start VMs on another host either, nor migrate a VM in
+    // under another host's name.
+    let host_b = pki::tls("host-b", Role::Host);
+    let e = answer_to(
+        &a.addr,
+        &host_b,
+        &v1::AgentRequest {
+            body: Some(v1::agent_request::Body::VmStop(v1::VmStopRequest {
+                name: "x".into(),
+            })),
+        },
+    );
+    assert!(e.contains("host-b (host) may not stop VMs"), "{e}");
+    let e = answer_to(
+        &a.addr,
+        &host_b,
+        &v1::AgentRequest {
+            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+                source: "host-c".into(),
+            })),
+        },
+    );
+    assert!(
+        e.contains("may not migrate a VM in as host \"host-c\""),
+        "{e}"
+    );
+    // An operator may not pose as a migration source.
+    let e = answer_to(
+        &a.addr,
+        &pki::tls("operator", Role::Operator),
+        &v1::AgentRequest {
+            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+                source: "operator".into(),
+            })),
+        },
+    );
+    assert!(e.contains("may not migrate a VM in"), "{e}");
+    assert_eq!(
+        a.log().matches("refused a request").count(),
+        4,
+        "{}",
+        a.log()
+    );
+    // An agent refuses to run with a certificate that is not its host's.
+    let out = Command::new(pagecast_bin())
+        .args([
+            "agent",
+            "--name",
+            "host-z",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+        ])
+        .arg(pki::node("host-y", Role::Host))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate names host \"host-y\""), "{err}");
 }
 
 /// Sends `m` as an authenticated request and returns the agent's error.
-fn answer_to<M: prost::Message>(addr: &str, secret: &Secret, m: &M) -> String {
+fn answer_to<M: prost::Message>(addr: &str, secret: &Tls, m: &M) -> String {
     let s = TcpStream::connect(addr).unwrap();
-    let mut ch = Channel::client(s, secret, "fuzzy-client").unwrap();
+    let mut ch = Channel::client(s, secret).unwrap();
     ch.send(m).unwrap();
     ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let r: v1::AgentResponse = ch.recv("response").unwrap();
@@ -423,7 +522,7 @@ fn malformed_requests_get_a_clear_error() {
     let dir = setup();
     let d = dir.path();
     let a = Agent::start(d, "host-a");
-    let secret = Secret::load(&d.join("s.secret")).unwrap();
+    let secret = pki::tls("operator", Role::Operator);
 
     // Bytes that are no AgentRequest (field 1 holds an invalid message).
     let e = answer_to(&a.addr, &secret, &vec![0xffu8; 16]);
@@ -482,7 +581,7 @@ fn malformed_requests_get_a_clear_error() {
     // An agent that is not a migration source sends frames that are no
     // migration: the destination refuses them and keeps nothing.
     let s = TcpStream::connect(&a.addr).unwrap();
-    let mut ch = Channel::client(s, &secret, "rogue").unwrap();
+    let mut ch = Channel::client(s, &pki::tls("rogue", Role::Host)).unwrap();
     ch.send(&v1::AgentRequest {
         body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
             source: "rogue".into(),

@@ -25,12 +25,6 @@ fn ports() -> (u16, String) {
 }
 
 fn setup(dir: &Path, memory: &str) {
-    let secret = dir.join("s.secret");
-    assert!(
-        pagecast(&["secret", "new", secret.to_str().unwrap()])
-            .status
-            .success()
-    );
     let out = pagecast(&[
         "synth",
         "--out",
@@ -64,7 +58,7 @@ struct Session<'a> {
 
 impl Session<'_> {
     fn sender(&self, prefix: &[&str], receivers: usize, extra: &[&str]) -> Child {
-        let secret = self.dir.join("s.secret");
+        let secret = pagecast_tests::pki::node("cast-sender", pagecast_channel::Role::Host);
         let mut args = vec![
             "cast",
             "send",
@@ -74,7 +68,7 @@ impl Session<'_> {
             self.iface,
             "--control",
             &self.control,
-            "--secret-file",
+            "--tls",
             secret.to_str().unwrap(),
             "--json",
             "--accept-timeout",
@@ -92,7 +86,8 @@ impl Session<'_> {
 
     fn receiver(&self, prefix: &[&str], iface: &str, out: &str) -> Child {
         let out = self.dir.join(out);
-        let secret = self.dir.join("s.secret");
+        let name = out.file_name().unwrap().to_str().unwrap();
+        let secret = pagecast_tests::pki::node(name, pagecast_channel::Role::Host);
         Child::pagecast(
             prefix,
             &[
@@ -104,7 +99,7 @@ impl Session<'_> {
                 iface,
                 "--out",
                 out.to_str().unwrap(),
-                "--secret-file",
+                "--tls",
                 secret.to_str().unwrap(),
                 "--json",
                 "--name",

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pagecast_memory::kvm::kvm_or_skip;
-use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, eventually, make_secret};
+use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, eventually};
 
 const SHARDS: u32 = 4;
 
@@ -116,7 +116,6 @@ impl Rig {
 /// (a rack-mate of theirs that receives nothing).
 fn rig(extra_agent_args: &[&str]) -> Rig {
     let dir = tempfile::tempdir().unwrap();
-    make_secret(dir.path());
     let idx = IndexCluster::start(dir.path(), SHARDS);
     let addrs = idx.addrs();
     let hosts = [
@@ -378,7 +377,6 @@ fn bad_requests_are_refused_before_anything_moves() {
 /// injected while it runs.
 fn evacuate_bg(r: &Rig, extra: &[&str]) -> pagecast_tests::Child {
     let addrs = r.idx.addrs();
-    let secret = r.d().join("cluster.secret");
     let mut args = vec![
         "evacuate",
         "--index",
@@ -387,8 +385,6 @@ fn evacuate_bg(r: &Rig, extra: &[&str]) -> pagecast_tests::Child {
         "h1,h2",
         "--to",
         "h4,h5",
-        "--secret-file",
-        secret.to_str().unwrap(),
         "--json",
         "--max-downtime",
         "300",

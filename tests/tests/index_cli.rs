@@ -14,6 +14,14 @@ use pagecast_proto::v1::{HolderDelta, HolderDeltas, IndexCommand, index_command:
 use pagecast_tests::{pagecast, pagecast_bin, pagecast_json};
 
 use pagecast_tests::cluster::free_port;
+use pagecast_tests::pki;
+
+use pagecast_channel::{Role, Tls};
+use pagecast_proto::v1::{RefusalCode, RegisterHost};
+
+fn operator() -> Tls {
+    pki::tls("operator", Role::Operator)
+}
 
 struct Replica {
     id: u64,
@@ -79,6 +87,8 @@ impl Cluster {
             .args(["--peers", &self.peers, "--shards", &self.shards.to_string()])
             .args(["--compact-after", "16", "--raft-log", "warning", "--data"])
             .arg(&r.dir)
+            .arg("--tls")
+            .arg(pki::node(&format!("index-{}", r.id), Role::Index))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -116,7 +126,7 @@ impl Cluster {
 
     /// Status of replica `i`, or None if it does not answer.
     fn status(&self, i: usize) -> Option<pagecast_proto::v1::StatusResponse> {
-        let mut c = IndexClient::new(&[self.reps[i].addr.clone()]).unwrap();
+        let mut c = IndexClient::new(&[self.reps[i].addr.clone()], operator()).unwrap();
         c.status_of(&self.reps[i].addr).ok()
     }
 
@@ -408,6 +418,8 @@ fn a_data_directory_refuses_another_replica_id() {
             "--data",
         ])
         .arg(&data)
+        .arg("--tls")
+        .arg(pki::node("index-1", Role::Index))
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -425,6 +437,8 @@ fn a_data_directory_refuses_another_replica_id() {
         &peers,
         "--data",
         data.to_str().unwrap(),
+        "--tls",
+        pki::node("index-2", Role::Index).to_str().unwrap(),
     ]);
     assert!(
         e.contains("belongs to replica 1 of a 4-shard cluster, not replica 2 of 4"),
@@ -441,7 +455,7 @@ fn hash(i: u64) -> PageHash {
 /// Every acknowledged batch's hashes, read back linearizably (or from one
 /// replica's state with `only`), must be there with one frame.
 fn check_acked(addrs: &[String], acked: &[u64], per_batch: u64, stale: bool) {
-    let mut c = IndexClient::new(addrs).unwrap();
+    let mut c = IndexClient::new(addrs, operator()).unwrap();
     let hashes: Vec<PageHash> = acked
         .iter()
         .flat_map(|b| (b * per_batch..(b + 1) * per_batch).map(hash))
@@ -467,7 +481,7 @@ fn killed_leader_restarts_and_a_wiped_replica_catches_up() {
     let writer = {
         let (acked, stop, addrs) = (acked.clone(), stop.clone(), addrs.clone());
         std::thread::spawn(move || {
-            let mut cl = IndexClient::new(&addrs).unwrap();
+            let mut cl = IndexClient::new(&addrs, operator()).unwrap();
             let mut seq = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 seq += 1;
@@ -556,4 +570,54 @@ fn killed_leader_restarts_and_a_wiped_replica_catches_up() {
     assert!(st.shards[0].snapshots_received >= 1, "{st:?}");
     assert_eq!(st.shards[0].distinct_hashes, distinct);
     check_acked(&[addrs[f].clone()], &acked, per_batch, true);
+}
+
+#[test]
+fn writes_are_limited_to_what_the_certificate_allows() {
+    let c = Cluster::start(1);
+    let addrs = vec![c.addrs()];
+    let client = |name: &str, role: Role| {
+        let mut cl = IndexClient::new(&addrs, pki::tls(name, role)).unwrap();
+        cl.timeout = Duration::from_secs(20);
+        cl
+    };
+    let register = |name: &str| IndexCommand {
+        client: 0,
+        seq: 0,
+        op: Some(Op::RegisterHost(RegisterHost { name: name.into() })),
+    };
+    let deltas = |host: u32, session: u64| IndexCommand {
+        client: session,
+        seq: 1,
+        op: Some(Op::Deltas(HolderDeltas {
+            deltas: vec![HolderDelta {
+                hash: hash(7).as_bytes().to_vec().into(),
+                host,
+                frames: 1,
+            }],
+        })),
+    };
+    let (mut h1, mut h2) = (client("w-h1", Role::Host), client("w-h2", Role::Host));
+    let n1 = h1.write(0, register("w-h1")).unwrap().host;
+    let n2 = h2.write(0, register("w-h2")).unwrap().host;
+    assert_ne!(n1, n2);
+    // A host registering under another's name, writing another's holders.
+    let e = h2.write(0, register("w-h1")).unwrap_err();
+    assert_eq!(e.code(), Some(RefusalCode::Forbidden), "{e}");
+    let e = h2.write(0, deltas(n1, 501)).unwrap_err();
+    assert_eq!(e.code(), Some(RefusalCode::Forbidden), "{e}");
+    assert!(e.to_string().contains("may not write the holders"), "{e}");
+    // A reader may not write at all, but may read.
+    let mut reader = client("w-reader", Role::Reader);
+    let e = reader.write(0, deltas(n2, 502)).unwrap_err();
+    assert_eq!(e.code(), Some(RefusalCode::Forbidden), "{e}");
+    assert!(
+        e.to_string().contains("w-reader (reader) may not write"),
+        "{e}"
+    );
+    assert_eq!(reader.hosts(false).unwrap().len(), 2);
+    // The host's own holders go through.
+    h2.write(0, deltas(n2, 503)).unwrap();
+    let l = reader.lookup(0, &[hash(7)], &[], false).unwrap();
+    assert_eq!(l.host, vec![n2], "only the permitted write landed");
 }

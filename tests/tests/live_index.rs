@@ -10,26 +10,22 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pagecast_agent::client::AgentClient;
-use pagecast_channel::Secret;
+use pagecast_channel::Role;
 use pagecast_index::holders::HoldingSum;
 use pagecast_memory::kvm::kvm_or_skip;
-use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, eventually, make_secret};
+use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, eventually};
 
 const SHARDS: u32 = 4;
 
 /// Whether the index lists for `agent`'s host exactly what a fresh hash of
 /// its VMs' memory holds, shard by shard.
-fn exact(
-    c: &mut pagecast_index::client::IndexClient,
-    dir: &Path,
-    agent: &AgentProc,
-) -> Result<(), String> {
+fn exact(c: &mut pagecast_index::client::IndexClient, agent: &AgentProc) -> Result<(), String> {
     let hosts = c.hosts(false).map_err(|e| e.to_string())?;
     let Some(host) = hosts.iter().find(|h| h.name == agent.name) else {
         return Err(format!("host {} is not in the index", agent.name));
     };
-    let secret = Secret::load(&dir.join("cluster.secret")).map_err(|e| e.to_string())?;
-    let audit = AgentClient::connect(&agent.addr, &secret, "test")
+    let secret = pagecast_tests::pki::tls("operator", Role::Operator);
+    let audit = AgentClient::connect(&agent.addr, &secret)
         .and_then(|a| a.audit(SHARDS, false))
         .map_err(|e| e.to_string())?;
     for s in 0..SHARDS {
@@ -51,7 +47,7 @@ fn exact(
     Ok(())
 }
 
-fn all_exact(idx: &IndexCluster, dir: &Path, agents: &[&AgentProc], timeout: Duration, what: &str) {
+fn all_exact(idx: &IndexCluster, agents: &[&AgentProc], timeout: Duration, what: &str) {
     let t = Instant::now();
     // One client for the whole wait: it remembers which replica failed.
     let mut c = idx.client();
@@ -59,7 +55,7 @@ fn all_exact(idx: &IndexCluster, dir: &Path, agents: &[&AgentProc], timeout: Dur
         eventually(
             timeout,
             &format!("{what}: index exact for {}", a.name),
-            || exact(&mut c, dir, a),
+            || exact(&mut c, a),
         );
     }
     eprintln!("{what}: exact after {:.1} s", t.elapsed().as_secs_f64());
@@ -153,7 +149,6 @@ struct Setup {
 
 fn setup(names: &[(&str, &str)]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    make_secret(dir.path());
     let idx = IndexCluster::start(dir.path(), SHARDS);
     let addrs = idx.addrs();
     let agents = names
@@ -191,7 +186,7 @@ fn the_index_follows_starts_dirtying_migrations_stops_and_crashes() {
     start_vm(&d, &s.agents[1], "db0", "db:index=0", 0);
     start_vm(&d, &s.agents[2], "db1", "db:index=1", 0);
     let refs: Vec<&AgentProc> = s.agents.iter().collect();
-    all_exact(&s.idx, &d, &refs, long, "after start");
+    all_exact(&s.idx, &refs, long, "after start");
 
     // `hosts` as operators see it.
     let h = hosts_json(&d, &s.idx);
@@ -289,11 +284,11 @@ fn the_index_follows_starts_dirtying_migrations_stops_and_crashes() {
     for (a, vm) in [(0, "web0"), (1, "web1"), (1, "db0"), (2, "db1")] {
         set_rate(&d, &s.agents[a], vm, 0);
     }
-    all_exact(&s.idx, &d, &refs, long, "after dirtying");
+    all_exact(&s.idx, &refs, long, "after dirtying");
 
     // A migration moves the VM's record and its holders together.
     migrate(&d, "web0", &s.agents[0], &s.agents[2]);
-    all_exact(&s.idx, &d, &refs, long, "after a migration");
+    all_exact(&s.idx, &refs, long, "after a migration");
     let on_h3 = eventually(long, "web0 listed on h3", || {
         let v = host_vms(&d, &s.idx, "h3");
         let recs = s.idx.client().vms(false).map_err(|e| e.to_string())?;
@@ -312,13 +307,13 @@ fn the_index_follows_starts_dirtying_migrations_stops_and_crashes() {
         &["vm", "stop", "--agent", &s.agents[2].addr, "--name", "db1"],
     );
     assert!(out.status.success());
-    all_exact(&s.idx, &d, &refs, long, "after a stop");
+    all_exact(&s.idx, &refs, long, "after a stop");
 
     // An agent killed with its VMs: when it comes back (with none), it
     // withdraws what the index still lists under its name.
     s.agents[1].restart();
     let refs: Vec<&AgentProc> = s.agents.iter().collect();
-    all_exact(&s.idx, &d, &refs, long, "after an agent crash");
+    all_exact(&s.idx, &refs, long, "after an agent crash");
     let h = hosts_json(&d, &s.idx);
     let h2 = h["hosts"]
         .as_array()
@@ -351,7 +346,7 @@ fn the_index_survives_replica_failures_and_a_whole_outage() {
     set_rate(&d, &s.agents[0], "v0", 0);
     set_rate(&d, &s.agents[1], "v1", 0);
     let refs: Vec<&AgentProc> = s.agents.iter().collect();
-    all_exact(&s.idx, &d, &refs, long, "after a replica restart");
+    all_exact(&s.idx, &refs, long, "after a replica restart");
 
     // A replica that hangs rather than dies (SIGSTOP: its connections stay
     // open): the agents go on through the other two.
@@ -360,7 +355,7 @@ fn the_index_survives_replica_failures_and_a_whole_outage() {
     set_rate(&d, &s.agents[0], "v0", 3000);
     std::thread::sleep(Duration::from_secs(3));
     set_rate(&d, &s.agents[0], "v0", 0);
-    all_exact(&s.idx, &d, &refs, long, "with the shard 0 leader frozen");
+    all_exact(&s.idx, &refs, long, "with the shard 0 leader frozen");
     s.idx.thaw(frozen);
 
     // The whole index down: VMs keep running and migrating.
@@ -383,7 +378,7 @@ fn the_index_survives_replica_failures_and_a_whole_outage() {
         s.idx.spawn(i);
     }
     s.idx.wait_leaders();
-    all_exact(&s.idx, &d, &refs, long, "after the index came back");
+    all_exact(&s.idx, &refs, long, "after the index came back");
     let log = s.agents[0].log();
     assert!(
         log.contains("index unreachable") && log.contains("index reachable again"),
@@ -396,7 +391,6 @@ fn the_index_survives_replica_failures_and_a_whole_outage() {
 #[test]
 fn a_frozen_replica_costs_seconds_not_minutes() {
     let dir = tempfile::tempdir().unwrap();
-    make_secret(dir.path());
     let d = dir.path();
     let idx = IndexCluster::start(d, SHARDS);
     // Freeze the replica that leads the most shards.
@@ -495,7 +489,6 @@ fn a_vm_dirtying_fast_does_not_flood_the_index() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    make_secret(dir.path());
     let d = dir.path();
     let idx = IndexCluster::start(d, SHARDS);
     let addrs = idx.addrs();
@@ -539,9 +532,9 @@ fn a_vm_dirtying_fast_does_not_flood_the_index() {
             Err(format!("{a} -> {b}"))
         }
     });
-    let secret = Secret::load(&d.join("cluster.secret")).unwrap();
+    let secret = pagecast_tests::pki::tls("operator", Role::Operator);
     let progress = || {
-        AgentClient::connect(&agent.addr, &secret, "test")
+        AgentClient::connect(&agent.addr, &secret)
             .unwrap()
             .vm_list()
             .unwrap()

@@ -4,7 +4,7 @@
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use pagecast_channel::{Channel, Secret};
+use pagecast_channel::{Channel, Tls};
 use pagecast_proto::v1;
 
 use crate::AgentError;
@@ -28,9 +28,9 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// Connects to the agent at `addr` (HOST:PORT) and authenticates as
-    /// `name` with the cluster secret.
-    pub fn connect(addr: &str, secret: &Secret, name: &str) -> Result<Self, AgentError> {
+    /// Connects to the agent at `addr` (HOST:PORT) over mutual TLS with the
+    /// identity `tls`; the agent must present a host certificate.
+    pub fn connect(addr: &str, tls: &Tls) -> Result<Self, AgentError> {
         let connect_err = |source| AgentError::Connect {
             addr: addr.to_owned(),
             source,
@@ -40,7 +40,13 @@ impl AgentClient {
         for a in addrs {
             match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
                 Ok(s) => {
-                    let ch = Channel::client(s, secret, name)?;
+                    let ch = Channel::client(s, tls)?;
+                    pagecast_channel::require(
+                        ch.identity(),
+                        &[pagecast_channel::Role::Host],
+                        ch.peer(),
+                        "serve as an agent",
+                    )?;
                     ch.set_read_timeout(Some(ANSWER_TIMEOUT))?;
                     return Ok(AgentClient {
                         addr: addr.to_owned(),

@@ -27,7 +27,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use pagecast_channel::{Channel, ChannelWriter, Secret};
+use pagecast_channel::ChannelWriter;
 use pagecast_migrate::{Hold, HoldPoll, IncomingSlot, LocalContent, MigrationError, SlotEvents};
 use pagecast_multicast::{
     GroupPlan, Groups, PageEntry, PageSink, PageSource, ReceiverConfig, SenderConfig,
@@ -131,12 +131,12 @@ impl SlotEvents for JobSlots<'_> {
                 slot: slot.clone(),
                 filled: 0,
             };
-            pagecast_multicast::receive(&cfg, self.agent.secret(), &mut sink, &|_, _| {})
+            pagecast_multicast::receive(&cfg, self.agent.tls(), &mut sink, &|_, _| {})
                 .map_err(|e| e.to_string())?;
             Ok(sink.filled)
         } else {
             let mut sink = SlotSink::new(vec![slot.clone()]);
-            pagecast_multicast::receive(&cfg, self.agent.secret(), &mut sink, &|_, _| {})
+            pagecast_multicast::receive(&cfg, self.agent.tls(), &mut sink, &|_, _| {})
                 .map_err(|e| e.to_string())?;
             Ok(sink.filled)
         }
@@ -269,7 +269,7 @@ impl pagecast_migrate::Caster for AgentCaster<'_> {
             &cfg,
             Groups::Plan(plans),
             &staged,
-            self.agent.secret(),
+            self.agent.tls(),
             &|_, _| {},
         )
         .map_err(|e| MigrationError::Protocol(format!("cast: {e}")))?;
@@ -628,7 +628,7 @@ pub fn cast_send(
         &cfg,
         Groups::Plan(plans),
         &staged,
-        agent.secret(),
+        agent.tls(),
         &|_, _| {},
     );
     if let Ok(rep) = &res {
@@ -667,7 +667,7 @@ pub fn cast_recv(agent: &Agent, r: &v1::CastRecvRequest) -> Result<v1::CastResul
     let mut sink = SlotSink::new(slots);
     let mut cfg = ReceiverConfig::new(control, agent.cast_iface(), agent.name());
     cfg.silent_after = Duration::from_secs(10);
-    let res = pagecast_multicast::receive(&cfg, agent.secret(), &mut sink, &|_, _| {});
+    let res = pagecast_multicast::receive(&cfg, agent.tls(), &mut sink, &|_, _| {});
     Ok(match res {
         Ok(rep) => v1::CastResult {
             ok: true,
@@ -716,7 +716,7 @@ pub fn serve_fetch(
 }
 
 /// Fetches pages from a rack-mate's agent into the job's arriving VMs.
-pub fn fetch(agent: &Agent, secret: &Secret, r: &v1::FetchRequest) -> v1::FetchResult {
+pub fn fetch(agent: &Agent, r: &v1::FetchRequest) -> v1::FetchResult {
     let mut out = v1::FetchResult::default();
     let run = || -> Result<(u64, u64, u64), AgentError> {
         let hashes = hashes_of(&r.hashes)?;
@@ -728,7 +728,7 @@ pub fn fetch(agent: &Agent, secret: &Secret, r: &v1::FetchRequest) -> v1::FetchR
                     source,
                 }
             })?;
-        let mut ch = Channel::client(stream, secret, agent.name())?;
+        let mut ch = agent.host_channel(stream, "serve pages to fetch")?;
         ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
         let slots = agent.jobs().slots(&r.job);
         let (mut pages, mut frames, mut bytes) = (0u64, 0u64, 0u64);

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use ::metrics::{counter, gauge, histogram};
-use pagecast_channel::{AuthError, Channel, Secret};
+use pagecast_channel::{AuthError, Channel, Role, Tls};
 use pagecast_pages::{PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 use pagecast_proto::v1::RefusalCode;
@@ -345,8 +345,8 @@ pub struct AgentConfig {
     pub data: Option<PathBuf>,
     /// Prometheus endpoint.
     pub metrics: Option<std::net::SocketAddr>,
-    /// The cluster secret.
-    pub secret: Secret,
+    /// This node's TLS identity (certificate, key, cluster CA).
+    pub tls: Tls,
     /// Hashing threads.
     pub threads: usize,
     /// The content index to publish to, and what to tell it of this host.
@@ -358,7 +358,7 @@ pub struct AgentConfig {
 /// The agent's state.
 pub struct Agent {
     name: String,
-    secret: Secret,
+    tls: Tls,
     data: Option<PathBuf>,
     fp: Fingerprinter,
     vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
@@ -394,13 +394,26 @@ impl Agent {
     /// A new agent with no VMs.
     pub fn new(
         name: &str,
-        secret: Secret,
+        tls: Tls,
         data: Option<PathBuf>,
         threads: usize,
     ) -> Result<Self, AgentError> {
+        let me = tls.identity();
+        if me.role != Role::Host {
+            return Err(AgentError::BadRequest(format!(
+                "an agent needs a host certificate; this one is {me}"
+            )));
+        }
+        if me.name != name {
+            return Err(AgentError::BadRequest(format!(
+                "the agent is named {name:?} but its certificate names host {:?} \
+                 (issue one with `pagecast ca issue --name {name} --role host`)",
+                me.name
+            )));
+        }
         Ok(Agent {
             name: name.to_owned(),
-            secret,
+            tls,
             data,
             fp: Fingerprinter::new(threads)?,
             vms: Mutex::new(BTreeMap::new()),
@@ -463,7 +476,12 @@ impl Agent {
     /// (before the agent is shared; [`Agent::publish_loop`] does the
     /// sending).
     pub fn set_index(&mut self, addrs: Vec<String>, meta: HostMeta) {
-        self.index = Some(IndexLink::new(addrs, self.name.clone(), meta));
+        self.index = Some(IndexLink::new(
+            addrs,
+            self.tls.clone(),
+            self.name.clone(),
+            meta,
+        ));
     }
 
     /// The link to the content index, if this agent publishes.
@@ -552,9 +570,18 @@ impl Agent {
         &self.name
     }
 
-    /// The cluster secret.
-    pub fn secret(&self) -> &Secret {
-        &self.secret
+    /// This node's TLS identity (certificate, key, cluster CA).
+    pub fn tls(&self) -> &Tls {
+        &self.tls
+    }
+
+    /// Opens a channel to another host's agent over `stream`, refusing a
+    /// peer whose certificate is not a host's (it would be trusted to
+    /// `what`).
+    pub fn host_channel(&self, stream: TcpStream, what: &str) -> Result<Channel, AgentError> {
+        let ch = Channel::client(stream, &self.tls)?;
+        pagecast_channel::require(ch.identity(), &[Role::Host], ch.peer(), what)?;
+        Ok(ch)
     }
 
     fn resolve(&self, p: &str) -> PathBuf {
@@ -896,7 +923,7 @@ impl Agent {
                         source,
                     },
                 )?;
-                let mut ch = Channel::client(stream, &self.secret, &self.name)?;
+                let mut ch = self.host_channel(stream, "receive a clone")?;
                 ch.send(&v1::AgentRequest {
                     body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
                         source: self.name.clone(),
@@ -994,7 +1021,7 @@ impl Agent {
                     source,
                 }
             })?;
-        let mut ch = Channel::client(stream, &self.secret, &self.name)?;
+        let mut ch = self.host_channel(stream, "receive a migrated VM")?;
         ch.send(&v1::AgentRequest {
             body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
                 source: self.name.clone(),

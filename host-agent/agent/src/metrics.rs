@@ -5,8 +5,15 @@
 pub const VMS: &str = "pagecast_agent_vms";
 /// Gauge: distinct contents in the content map.
 pub const CONTENT_ENTRIES: &str = "pagecast_agent_content_entries";
-/// Counter: connections that failed authentication.
+/// Counter: connections that failed the TLS handshake (no certificate,
+/// another CA, expired, silent past the handshake timeout).
 pub const REFUSED: &str = "pagecast_agent_refused_total";
+/// Counter: requests refused because the caller's role does not allow them.
+pub const FORBIDDEN: &str = "pagecast_agent_forbidden_total";
+/// Counter: connections turned away because their peer address already
+/// had [`crate::server::MAX_CONNECTIONS_PER_PEER`] open, or the agent
+/// [`crate::server::MAX_CONNECTIONS`].
+pub const OVER_LIMIT: &str = "pagecast_agent_connections_over_limit_total";
 /// Counter: requests that did not decode.
 pub const BAD_REQUESTS: &str = "pagecast_agent_bad_requests_total";
 /// Counter, labels `role` (`source`, `destination`) and `result` (`ok`,

@@ -474,6 +474,8 @@ pub struct PublishStatus {
 pub struct IndexLink {
     /// The replicas.
     pub addrs: Vec<String>,
+    /// This host's identity, for the replicas.
+    pub tls: pagecast_channel::Tls,
     /// This host's name.
     pub host: String,
     /// What the host report carries.
@@ -488,9 +490,15 @@ pub struct IndexLink {
 
 impl IndexLink {
     /// A link to the index at `addrs` for host `host`.
-    pub fn new(addrs: Vec<String>, host: String, meta: HostMeta) -> Arc<Self> {
+    pub fn new(
+        addrs: Vec<String>,
+        tls: pagecast_channel::Tls,
+        host: String,
+        meta: HostMeta,
+    ) -> Arc<Self> {
         Arc::new(IndexLink {
             addrs,
+            tls,
             host,
             meta: Mutex::new(meta),
             ledger: Mutex::new(Ledger {
@@ -670,7 +678,7 @@ fn session_id(host: &str) -> u64 {
 /// VMs for the host report; `records` gives their records, for comparing
 /// with the VM records the index keeps under this host.
 pub fn run(link: &IndexLink, now: &dyn Fn() -> HostNow, records: &dyn Fn() -> Vec<VmRecord>) {
-    let mut client = match IndexClient::new(&link.addrs) {
+    let mut client = match IndexClient::new(&link.addrs, link.tls.clone()) {
         Ok(c) => c,
         Err(e) => {
             warn!("index publishing disabled: {e}");
@@ -760,7 +768,7 @@ impl Loop<'_> {
         self.shards = shards;
         self.writers = (0..shards)
             .map(|_| {
-                let mut client = IndexClient::new(&self.link.addrs)?;
+                let mut client = IndexClient::new(&self.link.addrs, self.link.tls.clone())?;
                 client.timeout = CALL_DEADLINE;
                 client.busy_timeout = Some(BUSY_DEADLINE);
                 Ok(ShardWriter {

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::counter;
-use pagecast_channel::{AuthError, Channel};
+use std::collections::HashMap;
+
+use pagecast_channel::{AuthError, Channel, Role};
 use pagecast_proto::v1;
 use pagecast_proto::v1::RefusalCode;
 use tokio::net::TcpListener;
@@ -22,6 +24,52 @@ type Resp = v1::agent_response::Body;
 
 /// How long a client has to send its request once authenticated.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections open at once from one peer address.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 256;
+/// Most connections open at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Open connections per peer address: a peer that opens connections
+/// without end gets [`MAX_CONNECTIONS_PER_PEER`] and no more.
+#[derive(Default)]
+struct Slots {
+    open: std::sync::Mutex<(usize, HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// One connection's slot, given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    ip: std::net::IpAddr,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Slot> {
+        let mut g = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let here = g.1.get(&ip).copied().unwrap_or(0);
+        if g.0 >= MAX_CONNECTIONS || here >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        g.0 += 1;
+        *g.1.entry(ip).or_default() += 1;
+        Some(Slot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 -= 1;
+        if let Some(n) = g.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                g.1.remove(&self.ip);
+            }
+        }
+    }
+}
 /// How often the content map takes in pages the VMs dirtied.
 pub const CONTENT_REFRESH: Duration = Duration::from_secs(1);
 /// How long a stopping agent waits for the index to hear that its VMs are
@@ -35,7 +83,7 @@ const PROGRESS_PER_SECOND: u32 = 10;
 pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), AgentError> {
     let mut agent = Agent::new(
         &config.name,
-        config.secret.clone(),
+        config.tls.clone(),
         config.data.clone(),
         config.threads,
     )?;
@@ -91,6 +139,7 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
             }
             ready(local);
             tokio::spawn(refresher(agent.clone()).in_current_span());
+            let slots = Arc::new(Slots::default());
             let stop = shutdown_signal();
             tokio::pin!(stop);
             loop {
@@ -100,9 +149,17 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
                         return Ok::<(), AgentError>(());
                     }
                     a = listener.accept() => match a {
-                        Ok((stream, _)) => {
-                            tokio::spawn(connection(agent.clone(), stream).in_current_span());
-                        }
+                        Ok((stream, from)) => match slots.take(from.ip()) {
+                            Some(slot) => {
+                                tokio::spawn(
+                                    connection(agent.clone(), stream, slot).in_current_span(),
+                                );
+                            }
+                            None => {
+                                counter!(crate::metrics::OVER_LIMIT).increment(1);
+                                warn!("turned away {from}: too many open connections");
+                            }
+                        },
                         Err(e) => {
                             // Out of descriptors and the like: back off, keep serving.
                             warn!("accept failed: {e}");
@@ -182,11 +239,33 @@ async fn reply(ch: &mut AsyncChannel, body: Resp) {
     let _ = ch.send(&v1::AgentResponse { body: Some(body) }).await;
 }
 
-async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
+/// The roles that may make a request.
+fn allowed(body: &v1::agent_request::Body) -> (&'static [Role], &'static str) {
+    use v1::agent_request::Body as B;
+    const ANY: &[Role] = &[Role::Reader, Role::Operator, Role::Host];
+    match body {
+        B::VmList(_) => (ANY, "list VMs"),
+        B::Audit(_) => (ANY, "audit the agent"),
+        B::VmContent(_) => (ANY, "read a VM's content map"),
+        B::FetchPages(_) => (&[Role::Host], "fetch pages (host to host)"),
+        B::Incoming(_) => (&[Role::Host], "migrate a VM in (host to host)"),
+        B::VmStart(_) => (&[Role::Operator], "start VMs"),
+        B::VmStop(_) => (&[Role::Operator], "stop VMs"),
+        B::VmSet(_) => (&[Role::Operator], "change VMs"),
+        B::Migrate(_) => (&[Role::Operator], "migrate VMs"),
+        B::Clone(_) => (&[Role::Operator], "clone VMs"),
+        B::CancelJob(_) => (&[Role::Operator], "cancel jobs"),
+        B::Go(_) => (&[Role::Operator], "release held migrations"),
+        B::CastSend(_) | B::CastRecv(_) => (&[Role::Operator], "start casts"),
+        B::Fetch(_) => (&[Role::Operator], "order fetches"),
+    }
+}
+
+async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slot) {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
-    let mut ch = match AsyncChannel::server(stream, agent.secret(), agent.name()).await {
+    let mut ch = match AsyncChannel::server(stream, agent.tls()).await {
         Ok(ch) => ch,
         Err(e) => {
             counter!(crate::metrics::REFUSED).increment(1);
@@ -222,6 +301,26 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
         return;
     };
     use v1::agent_request::Body as B;
+    let (roles, what) = allowed(&body);
+    let who = ch.identity().clone();
+    let forbidden = if !roles.contains(&who.role) {
+        Some(format!("{who} may not {what}"))
+    } else if let B::Incoming(i) = &body
+        && i.source != who.name
+    {
+        Some(format!(
+            "{who} may not migrate a VM in as host {:?}",
+            i.source
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = forbidden {
+        counter!(crate::metrics::FORBIDDEN).increment(1);
+        warn!("refused a request from {peer}: {why}");
+        reply(&mut ch, error(RefusalCode::Forbidden, why)).await;
+        return;
+    }
     match body {
         B::VmList(_) => {
             let a = agent.clone();
@@ -408,11 +507,7 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
         }
         B::Fetch(r) => {
             let a = agent.clone();
-            let res = tokio::task::spawn_blocking(move || {
-                let secret = a.secret().clone();
-                crate::job::fetch(&a, &secret, &r)
-            })
-            .await;
+            let res = tokio::task::spawn_blocking(move || crate::job::fetch(&a, &r)).await;
             let body = match res {
                 Ok(f) => Resp::FetchResult(f),
                 Err(e) => error(RefusalCode::Internal, e),

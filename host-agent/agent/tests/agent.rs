@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use pagecast_agent::Agent;
-use pagecast_channel::Secret;
+use pagecast_channel::Role;
+use pagecast_channel::ca::Authority;
 use pagecast_memory::kvm::kvm_or_skip;
 use pagecast_migrate::LocalContent;
 use pagecast_pages::{PAGE_SIZE, PageHash};
@@ -19,7 +20,16 @@ fn the_content_map_follows_dirtying_vms_and_forgets_stopped_ones() {
     if !kvm_or_skip("the_content_map_follows_dirtying_vms_and_forgets_stopped_ones") {
         return;
     }
-    let a = Agent::new("t", Secret::from_material(b"test secret material"), None, 2).unwrap();
+    let a = Agent::new(
+        "t",
+        Authority::generate()
+            .unwrap()
+            .issue("t", Role::Host, 1)
+            .unwrap(),
+        None,
+        2,
+    )
+    .unwrap();
     let ws = 256u64;
     a.vm_start(&v1::VmStartRequest {
         name: "busy".into(),

@@ -354,12 +354,12 @@ impl MigrationReport {
     }
 }
 
-/// Bytes a frame body takes on the wire (payload, length, sequence, MAC).
+/// Bytes a frame body takes on the wire (payload, length, TLS records).
 fn wire_len(body: &v1::migrate_frame::Body) -> u64 {
     let f = v1::MigrateFrame {
         body: Some(body.clone()),
     };
-    (f.encoded_len() + pagecast_channel::FRAME_HEAD + pagecast_proto::MAC_LEN) as u64
+    pagecast_channel::wire_bytes(f.encoded_len())
 }
 
 /// BLAKE3 over the 32-byte hash of every frame, in order.

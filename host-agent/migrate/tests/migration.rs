@@ -6,7 +6,8 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use pagecast_channel::{Channel, Secret};
+use pagecast_channel::ca::Authority;
+use pagecast_channel::{Channel, Role};
 use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_memory::kvm::{
     InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError, kvm_or_skip,
@@ -89,12 +90,15 @@ impl LocalContent for Resident {
 }
 
 fn links() -> (ChannelLink, ChannelLink) {
-    let secret = Secret::from_material(b"migration test cluster secret");
+    let ca = Authority::generate().unwrap();
+    let (secret, s2) = (
+        ca.issue("src", Role::Host, 1).unwrap(),
+        ca.issue("dst", Role::Host, 1).unwrap(),
+    );
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let s2 = secret.clone();
-    let t = std::thread::spawn(move || Channel::server(l.accept().unwrap().0, &s2, "dst").unwrap());
-    let c = Channel::client(TcpStream::connect(addr).unwrap(), &secret, "src").unwrap();
+    let t = std::thread::spawn(move || Channel::server(l.accept().unwrap().0, &s2).unwrap());
+    let c = Channel::client(TcpStream::connect(addr).unwrap(), &secret).unwrap();
     (ChannelLink::new(c), ChannelLink::new(t.join().unwrap()))
 }
 

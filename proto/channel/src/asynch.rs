@@ -1,89 +1,52 @@
-//! An authenticated control channel on tokio: the same handshake and frames
-//! as [`crate::Channel`] (they share its I/O-free core), for
-//! the agent's accept loop, which hands connections that carry heavy work
-//! over to blocking threads with [`AsyncChannel::into_blocking`].
+//! A TLS channel on tokio, for the agent's accept loop: the same
+//! handshake checks and frames as [`crate::Channel`]; connections that
+//! carry heavy work go to blocking threads with
+//! [`AsyncChannel::into_blocking`].
 
 use std::time::Duration;
 
 use crate::{
-    AuthError, Channel, Established, FRAME_HEAD, FrameKey, HANDSHAKE_TIMEOUT, Secret,
-    ServerHandshake, io_err, plain_decode, plain_frame, plain_len, refusal,
+    AuthError, Channel, FRAME_HEAD, HANDSHAKE_TIMEOUT, Identity, Tls, decode, frame, frame_len,
+    io_err, peer_identity,
 };
-use pagecast_proto::v1;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
-/// An authenticated connection accepted by the agent.
+/// A mutually authenticated connection accepted by the agent.
 pub struct AsyncChannel {
-    stream: TcpStream,
+    stream: TlsStream<TcpStream>,
     peer: String,
-    est: Established,
+    identity: Identity,
 }
 
-async fn read_plain<M: Message + Default>(
-    s: &mut TcpStream,
-    peer: &str,
-    what: &'static str,
-) -> Result<M, AuthError> {
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).await.map_err(io_err(peer))?;
-    let mut body = vec![0u8; plain_len(head, peer)?];
-    s.read_exact(&mut body).await.map_err(io_err(peer))?;
-    plain_decode(&body, peer, what)
+fn timed_out(peer: String, what: String) -> AuthError {
+    AuthError::Io {
+        peer,
+        source: std::io::Error::new(std::io::ErrorKind::TimedOut, what),
+    }
 }
 
 impl AsyncChannel {
-    /// Authenticates a client on an accepted stream as the server `name`;
-    /// the whole handshake must finish within [`HANDSHAKE_TIMEOUT`].
-    pub async fn server(
-        mut stream: TcpStream,
-        secret: &Secret,
-        name: &str,
-    ) -> Result<Self, AuthError> {
+    /// Runs the server side of the TLS handshake on an accepted stream;
+    /// it must finish within [`HANDSHAKE_TIMEOUT`].
+    pub async fn server(stream: TcpStream, tls: &Tls) -> Result<Self, AuthError> {
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".into(), |a| a.to_string());
         let _ = stream.set_nodelay(true);
-        let hs = async {
-            let hello: v1::AuthHello = read_plain(&mut stream, &peer, "hello").await?;
-            let (hs, ch) = ServerHandshake::challenge(secret, &peer, name, &hello)?;
-            stream
-                .write_all(&plain_frame(&ch))
-                .await
-                .map_err(io_err(&peer))?;
-            let proof: v1::AuthProof = read_plain(&mut stream, &peer, "proof").await?;
-            match hs.check(secret, &peer, &proof) {
-                Ok(est) => {
-                    let ok = v1::AuthResult {
-                        ok: true,
-                        reason: String::new(),
-                    };
-                    stream
-                        .write_all(&plain_frame(&ok))
-                        .await
-                        .map_err(io_err(&peer))?;
-                    Ok(est)
-                }
-                Err(e) => {
-                    let _ = stream.write_all(&plain_frame(&refusal(&e))).await;
-                    Err(e)
-                }
-            }
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(r) => r.map_err(io_err(&peer))?,
+            Err(_) => return Err(timed_out(peer, "TLS handshake took too long".into())),
         };
-        let est = match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(AuthError::Io {
-                    peer,
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "handshake took too long",
-                    ),
-                });
-            }
-        };
-        Ok(AsyncChannel { stream, peer, est })
+        let identity = peer_identity(stream.get_ref().1.peer_certificates(), &peer)?;
+        Ok(AsyncChannel {
+            stream,
+            peer,
+            identity,
+        })
     }
 
     /// The peer's address.
@@ -91,18 +54,23 @@ impl AsyncChannel {
         &self.peer
     }
 
-    /// The name the peer gave.
+    /// The peer's name, from its certificate.
     pub fn peer_name(&self) -> &str {
-        &self.est.peer_name
+        &self.identity.name
+    }
+
+    /// The peer's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     /// Sends one message.
     pub async fn send<M: Message>(&mut self, m: &M) -> Result<(), AuthError> {
-        let frame = self.est.send.seal(&self.peer, &m.encode_to_vec())?;
         self.stream
-            .write_all(&frame)
+            .write_all(&frame(m))
             .await
-            .map_err(io_err(&self.peer))
+            .map_err(io_err(&self.peer))?;
+        self.stream.flush().await.map_err(io_err(&self.peer))
     }
 
     /// Receives one message, waiting at most `timeout`.
@@ -118,23 +86,16 @@ impl AsyncChannel {
                 .read_exact(&mut head)
                 .await
                 .map_err(io_err(&peer))?;
-            let mut rest = vec![0u8; FrameKey::rest_len(&head, &peer)?];
+            let mut body = vec![0u8; frame_len(head, &peer)?];
             self.stream
-                .read_exact(&mut rest)
+                .read_exact(&mut body)
                 .await
                 .map_err(io_err(&peer))?;
-            let payload = self.est.recv.open(&head, rest, &peer)?;
-            plain_decode::<M>(&payload, &peer, what)
+            decode::<M>(&peer, what, &body)
         };
         match tokio::time::timeout(timeout, read).await {
             Ok(r) => r,
-            Err(_) => Err(AuthError::Io {
-                peer,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no {what} within {timeout:?}"),
-                ),
-            }),
+            Err(_) => Err(timed_out(peer, format!("no {what} within {timeout:?}"))),
         }
     }
 
@@ -142,8 +103,9 @@ impl AsyncChannel {
     /// a blocking thread.
     pub fn into_blocking(self) -> Result<Channel, AuthError> {
         let peer = self.peer;
-        let std = self.stream.into_std().map_err(io_err(&peer))?;
+        let (tcp, conn) = self.stream.into_inner();
+        let std = tcp.into_std().map_err(io_err(&peer))?;
         std.set_nonblocking(false).map_err(io_err(&peer))?;
-        Ok(Channel::from_established(std, peer, self.est))
+        Channel::from_conn(rustls::Connection::Server(conn), std, peer, self.identity)
     }
 }

@@ -1,88 +1,71 @@
-//! The cluster secret, mutual authentication of TCP control connections,
-//! and the authenticated frames that follow.
+//! Mutual TLS for every pagecast TCP connection, the identities and roles a
+//! cluster certificate carries, and the length-prefixed protobuf frames that
+//! travel inside.
 //!
-//! Every agent, CLI and peer holds the same cluster secret (a file). A
-//! connection starts with a challenge-response handshake (see
-//! `proto/proto/pagecast/v1/auth.proto`): each side proves knowledge of the
-//! secret with a BLAKE3 keyed hash over both random nonces and both names,
-//! compared in constant time, so a peer without the secret is refused and a
-//! recorded handshake cannot be replayed. Both sides then derive one frame
-//! key per direction from the secret and the nonces.
+//! A cluster has a small certificate authority ([`ca`]): `pagecast ca init`
+//! makes it, `pagecast ca issue` signs one certificate per node with its
+//! name (subject CN) and its [`Role`] (subject OU). A node's directory holds
+//! `ca.crt`, `node.crt` and `node.key`; [`Tls::load`] reads it.
 //!
-//! After the handshake every frame is
-//! `[u32 length][u64 sequence][payload][16-byte MAC]`, the MAC a BLAKE3
-//! keyed hash over length, sequence and payload. A frame whose MAC does not
-//! verify, whose sequence is not the next one, or whose length exceeds
-//! [`MAX_CONTROL_FRAME_BYTES`] ends the connection with an error naming the
-//! problem. Frames are authenticated, not encrypted; keys handed over them
-//! (a session key) are wrapped with a pad derived from the connection keys.
+//! Every connection is TLS 1.3 (rustls, ring), both sides present a
+//! certificate and both check that it chains to the cluster CA and is
+//! within its validity: a peer with no certificate, one from another CA or
+//! an expired one fails the handshake. Server names are not checked against
+//! addresses (nodes are reached by IP and port); what a peer may do is
+//! decided from its [`Identity`] after the handshake, by the service.
 //!
-//! The handshake ([`ClientHandshake`], [`ServerHandshake`]) and the frame
-//! layer ([`FrameKey`]) do no I/O, so a blocking connection ([`Channel`])
-//! and an asynchronous one (`AsyncChannel`, feature `tokio`, the agent's
-//! accept loop) share them.
-//!
-//! Agents, migrations between agents and cast control connections use this
-//! channel. The content index speaks its own framed protocol
-//! (`dedup-index/src/wire.rs`), not yet authenticated.
+//! Inside TLS every message is a frame `[u32 big-endian length][protobuf]`
+//! of at most [`MAX_CONTROL_FRAME_BYTES`]; a longer announced length ends
+//! the connection before anything is allocated. Blocking connections are
+//! [`Channel`]s (split into a [`ChannelReader`] and a [`ChannelWriter`] that
+//! two threads may use at once); the agent's accept loop uses
+//! `AsyncChannel` (feature `tokio`) and hands heavy work to a blocking
+//! thread. Services with their own framing (the content index) use
+//! [`TlsStream`], a blocking `Read + Write` stream.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pagecast_proto::{MAC_LEN, MAX_CONTROL_FRAME_BYTES, WIRE_VERSION, v1};
+use pagecast_proto::MAX_CONTROL_FRAME_BYTES;
 use prost::Message;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+pub mod ca;
+mod der;
+mod verify;
 
 #[cfg(feature = "tokio")]
 mod asynch;
 #[cfg(feature = "tokio")]
 pub use asynch::AsyncChannel;
 
-/// Largest handshake frame.
-pub const MAX_HANDSHAKE_BYTES: usize = 1024;
-/// Bytes of a nonce.
-const NONCE_LEN: usize = 32;
-/// How long a handshake may take.
+/// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one send may block on a peer that does not read.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of an authenticated frame's head (length and sequence).
-pub const FRAME_HEAD: usize = 12;
-/// Errors of the cluster secret and authenticated channels.
+/// Bytes of a frame's head (its length).
+pub const FRAME_HEAD: usize = 4;
+/// Bytes TLS 1.3 adds to each record (header, content type, AEAD tag).
+pub const TLS_RECORD_OVERHEAD: usize = 5 + 1 + 16;
+/// Largest TLS record payload.
+const TLS_RECORD: usize = 16 << 10;
+
+/// Errors of identities and of TLS channels.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    /// The secret file could not be read.
-    #[error("{}: cannot read the cluster secret: {source}", path.display())]
-    SecretRead {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What the OS said.
-        #[source]
-        source: std::io::Error,
+    /// A certificate, key or CA file could not be read or is not valid.
+    #[error("{}: {why}", path.display())]
+    Pki {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
     },
-    /// The secret file is too short or too long.
-    #[error("{}: a cluster secret must be 16 to 4096 bytes, this one is {len}", path.display())]
-    SecretSize {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Its length.
-        len: u64,
-    },
-    /// A new secret file could not be written.
-    #[error("{}: cannot write a new cluster secret: {source}", path.display())]
-    SecretWrite {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What the OS said.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The OS random source failed.
-    #[error("the system random source failed: {0}")]
-    Random(String),
     /// I/O on the connection failed.
-    #[error("control connection to {peer}: {source}")]
+    #[error("connection to {peer}: {source}")]
     Io {
         /// The peer's address.
         peer: String,
@@ -91,13 +74,31 @@ pub enum AuthError {
         source: std::io::Error,
     },
     /// The peer closed the connection.
-    #[error("control connection to {peer} closed")]
+    #[error("connection to {peer} closed")]
     Closed {
         /// The peer's address.
         peer: String,
     },
+    /// The TLS layer refused the peer or the connection failed (a
+    /// certificate from another CA, expired or missing; a forged record).
+    #[error("connection to {peer}: TLS: {source}")]
+    Tls {
+        /// The peer's address.
+        peer: String,
+        /// What rustls said.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The peer's certificate chains to the CA but names no usable identity.
+    #[error("connection to {peer}: the peer's certificate {why}")]
+    Identity {
+        /// The peer's address.
+        peer: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A frame longer than allowed.
-    #[error("control connection to {peer}: frame of {len} bytes exceeds the {max}-byte limit")]
+    #[error("connection to {peer}: frame of {len} bytes exceeds the {max}-byte limit")]
     TooLarge {
         /// The peer's address.
         peer: String,
@@ -107,7 +108,7 @@ pub enum AuthError {
         max: usize,
     },
     /// A frame that does not decode.
-    #[error("control connection to {peer}: malformed {what}: {why}")]
+    #[error("connection to {peer}: malformed {what}: {why}")]
     Malformed {
         /// The peer's address.
         peer: String,
@@ -116,53 +117,37 @@ pub enum AuthError {
         /// The decoder's message.
         why: String,
     },
-    /// A protocol version this build does not speak.
-    #[error(
-        "control connection to {peer}: wire version {got} is not supported (this build speaks 1)"
-    )]
-    Version {
+    /// The peer's role may not use this service.
+    #[error("connection to {peer}: {identity} may not {what}")]
+    Forbidden {
         /// The peer's address.
         peer: String,
-        /// The version received.
-        got: i32,
+        /// Who it is.
+        identity: Identity,
+        /// What it tried.
+        what: String,
     },
-    /// The peer's proof is wrong: it does not hold the cluster secret.
-    #[error("control connection to {peer}: authentication failed: {why}")]
-    Refused {
-        /// The peer's address.
-        peer: String,
-        /// Which side failed and how.
-        why: String,
-    },
-    /// A frame whose MAC does not verify.
-    #[error("control connection to {peer}: frame {seq} fails authentication (forged or corrupted)")]
-    BadMac {
-        /// The peer's address.
-        peer: String,
-        /// Its sequence number.
-        seq: u64,
-    },
-    /// A frame out of sequence (replayed, dropped or reordered).
-    #[error(
-        "control connection to {peer}: frame sequence {got}, expected {want} (replayed or reordered)"
-    )]
-    Sequence {
-        /// The peer's address.
-        peer: String,
-        /// Received.
-        got: u64,
-        /// Expected.
-        want: u64,
-    },
+    /// The OS random source failed.
+    #[error("the system random source failed: {0}")]
+    Random(String),
 }
 
-/// The cluster secret.
-#[derive(Clone)]
-pub struct Secret([u8; 32]);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(..)")
+/// Checks that `identity` (at `peer`) has one of `roles`, else
+/// [`AuthError::Forbidden`] saying it may not `what`.
+pub fn require(
+    identity: &Identity,
+    roles: &[Role],
+    peer: &str,
+    what: &str,
+) -> Result<(), AuthError> {
+    if roles.contains(&identity.role) {
+        Ok(())
+    } else {
+        Err(AuthError::Forbidden {
+            peer: peer.to_owned(),
+            identity: identity.clone(),
+            what: what.to_owned(),
+        })
     }
 }
 
@@ -171,602 +156,344 @@ pub fn random_bytes(buf: &mut [u8]) -> Result<(), AuthError> {
     getrandom::fill(buf).map_err(|e| AuthError::Random(e.to_string()))
 }
 
-impl Secret {
-    /// Derives the secret from any bytes (the contents of a secret file).
-    pub fn from_material(material: &[u8]) -> Self {
-        Secret(blake3::derive_key("pagecast cluster secret v1", material))
-    }
+/// What a certificate allows its holder to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// A host: its own agent, its own holders in the index, migration and
+    /// cast traffic with other hosts.
+    Host,
+    /// An operator: start, stop, migrate, evacuate, clone; index loads.
+    Operator,
+    /// Queries only: advise, holders, hosts, status, VM lists.
+    Reader,
+    /// An index replica: raft traffic with the other replicas.
+    Index,
+}
 
-    /// Reads a secret file: 16 to 4096 bytes of anything (a new one holds
-    /// 64 random hex digits).
-    pub fn load(path: &Path) -> Result<Self, AuthError> {
-        let read_err = |source| AuthError::SecretRead {
-            path: path.to_owned(),
-            source,
-        };
-        let len = std::fs::metadata(path).map_err(read_err)?.len();
-        if !(16..=4096).contains(&len) {
-            return Err(AuthError::SecretSize {
-                path: path.to_owned(),
-                len,
-            });
+impl Role {
+    /// Every role, in the order `--help` lists them.
+    pub const ALL: [Role; 4] = [Role::Host, Role::Operator, Role::Reader, Role::Index];
+
+    /// The name in certificates and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Host => "host",
+            Role::Operator => "operator",
+            Role::Reader => "reader",
+            Role::Index => "index",
         }
-        let bytes = std::fs::read(path).map_err(read_err)?;
-        Ok(Self::from_material(bytes.trim_ascii()))
-    }
-
-    /// Writes a new random secret file readable only by its owner; refuses
-    /// to overwrite an existing file.
-    pub fn create_file(path: &Path) -> Result<(), AuthError> {
-        let mut raw = [0u8; 32];
-        random_bytes(&mut raw)?;
-        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let werr = |source| AuthError::SecretWrite {
-            path: path.to_owned(),
-            source,
-        };
-        let mut f = opts.open(path).map_err(werr)?;
-        f.write_all(format!("{hex}\n").as_bytes()).map_err(werr)?;
-        f.sync_all().map_err(werr)
-    }
-
-    fn mac(&self, parts: &[&[u8]]) -> blake3::Hash {
-        let mut h = blake3::Hasher::new_keyed(&self.0);
-        for p in parts {
-            h.update(&(p.len() as u64).to_be_bytes());
-            h.update(p);
-        }
-        h.finalize()
-    }
-
-    fn derive(&self, context: &str, nonce_c: &[u8], nonce_s: &[u8]) -> [u8; 32] {
-        let mut material = Vec::with_capacity(96);
-        material.extend_from_slice(&self.0);
-        material.extend_from_slice(nonce_c);
-        material.extend_from_slice(nonce_s);
-        blake3::derive_key(context, &material)
     }
 }
 
-/// What a server tells a client whose proof failed with `e`.
-pub fn refusal(e: &AuthError) -> v1::AuthResult {
-    let reason = match e {
-        AuthError::Refused { why, .. } => why.clone(),
-        other => other.to_string(),
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role {s:?}: expected host, operator, reader or index"))
+    }
+}
+
+/// Who is on the other end: the name and role its certificate carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The certificate's common name (a host's name for hosts).
+    pub name: String,
+    /// The certificate's role.
+    pub role: Role,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.role)
+    }
+}
+
+/// Reads the identity of a certificate (DER): CN is the name, OU the role.
+pub fn identity_of(der: &[u8]) -> Result<Identity, String> {
+    let attrs = der::subject(der).ok_or("does not parse as an X.509 certificate")?;
+    let one = |oid: &[u8], what: &str| -> Result<String, String> {
+        let v: Vec<&String> = attrs
+            .iter()
+            .filter(|(o, _)| o == oid)
+            .map(|(_, v)| v)
+            .collect();
+        match v.as_slice() {
+            [a] => Ok((*a).clone()),
+            [] => Err(format!("names no {what}")),
+            _ => Err(format!("names more than one {what}")),
+        }
     };
-    v1::AuthResult { ok: false, reason }
+    let name = one(der::CN, "common name (node name)")?;
+    let role = one(der::OU, "organizational unit (role)")?;
+    let role = role
+        .parse()
+        .map_err(|e| format!("has role {role:?}, not a pagecast role: {e}"))?;
+    if name.is_empty() {
+        return Err("has an empty name".into());
+    }
+    Ok(Identity { name, role })
+}
+
+/// A node's TLS identity and configuration: what every connection it opens
+/// or accepts uses. Cheap to clone.
+#[derive(Clone)]
+pub struct Tls {
+    me: Identity,
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("me", &self.me).finish()
+    }
+}
+
+/// The files of a node directory.
+pub const CA_CERT: &str = "ca.crt";
+/// The node's certificate.
+pub const NODE_CERT: &str = "node.crt";
+/// The node's private key.
+pub const NODE_KEY: &str = "node.key";
+
+/// Largest certificate or key file read.
+const MAX_PEM_BYTES: u64 = 64 << 10;
+
+fn read_pem(path: &Path) -> Result<String, AuthError> {
+    let pki = |why: String| AuthError::Pki {
+        path: path.to_owned(),
+        why,
+    };
+    let len = std::fs::metadata(path)
+        .map_err(|e| pki(format!("cannot read: {e}")))?
+        .len();
+    if len > MAX_PEM_BYTES {
+        return Err(pki(format!(
+            "{len} bytes, more than the {MAX_PEM_BYTES} a PEM file may have"
+        )));
+    }
+    std::fs::read_to_string(path).map_err(|e| pki(format!("cannot read: {e}")))
+}
+
+impl Tls {
+    /// Reads a node directory (`ca.crt`, `node.crt`, `node.key`, as
+    /// `pagecast ca issue` writes them).
+    pub fn load(dir: &Path) -> Result<Self, AuthError> {
+        if !dir.is_dir() {
+            return Err(AuthError::Pki {
+                path: dir.to_owned(),
+                why: "is not a directory (a node directory from `pagecast ca issue --out`)".into(),
+            });
+        }
+        let ca = read_pem(&dir.join(CA_CERT))?;
+        let cert = read_pem(&dir.join(NODE_CERT))?;
+        let key = read_pem(&dir.join(NODE_KEY))?;
+        Self::from_pem(&ca, &cert, &key).map_err(|why| AuthError::Pki {
+            path: dir.to_owned(),
+            why,
+        })
+    }
+
+    /// Builds from PEM text: the CA's certificate, the node's certificate
+    /// and its private key.
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, String> {
+        let ca = CertificateDer::from_pem_slice(ca.as_bytes())
+            .map_err(|e| format!("{CA_CERT} holds no certificate: {e}"))?;
+        let cert = CertificateDer::from_pem_slice(cert.as_bytes())
+            .map_err(|e| format!("{NODE_CERT} holds no certificate: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+            .map_err(|e| format!("{NODE_KEY} holds no private key: {e}"))?;
+        let me = identity_of(&cert).map_err(|e| format!("{NODE_CERT} {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(ca)
+            .map_err(|e| format!("{CA_CERT} is not a usable CA certificate: {e}"))?;
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verify::ClusterServerVerifier::new(
+                roots.clone(),
+                provider.clone(),
+            )))
+            .with_client_auth_cert(vec![cert.clone()], key.clone_key())
+            .map_err(|e| format!("{NODE_KEY} does not match {NODE_CERT}: {e}"))?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| e.to_string())?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![cert], key)
+            .map_err(|e| format!("{NODE_KEY} does not match {NODE_CERT}: {e}"))?;
+        // No resumption: every connection proves its certificate.
+        server.send_tls13_tickets = 0;
+        Ok(Tls {
+            me,
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.me
+    }
+
+    /// The server side's rustls configuration (for async acceptors).
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server.clone()
+    }
+
+    /// Runs the client side of the handshake on `sock` (within
+    /// [`HANDSHAKE_TIMEOUT`], or the socket's read timeout if shorter).
+    pub fn connect(&self, sock: TcpStream) -> Result<TlsStream, AuthError> {
+        let name =
+            rustls::pki_types::ServerName::try_from("pagecast.invalid").expect("a valid name");
+        let peer = peer_of(&sock);
+        let conn = rustls::ClientConnection::new(self.client.clone(), name).map_err(|source| {
+            AuthError::Tls {
+                peer: peer.clone(),
+                source,
+            }
+        })?;
+        TlsStream::handshake(rustls::Connection::Client(conn), sock, peer)
+    }
+
+    /// Runs the server side of the handshake on an accepted `sock` (within
+    /// [`HANDSHAKE_TIMEOUT`]: a client that connects and says nothing holds
+    /// the caller no longer).
+    pub fn accept(&self, sock: TcpStream) -> Result<TlsStream, AuthError> {
+        let peer = peer_of(&sock);
+        let conn = rustls::ServerConnection::new(self.server.clone()).map_err(|source| {
+            AuthError::Tls {
+                peer: peer.clone(),
+                source,
+            }
+        })?;
+        TlsStream::handshake(rustls::Connection::Server(conn), sock, peer)
+    }
+}
+
+fn peer_of(sock: &TcpStream) -> String {
+    sock.peer_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string())
+}
+
+/// The identity in a finished handshake's peer certificate.
+fn peer_identity(certs: Option<&[CertificateDer<'_>]>, peer: &str) -> Result<Identity, AuthError> {
+    let Some(first) = certs.and_then(|c| c.first()) else {
+        return Err(AuthError::Identity {
+            peer: peer.into(),
+            why: "is missing".into(),
+        });
+    };
+    identity_of(first).map_err(|why| AuthError::Identity {
+        peer: peer.into(),
+        why,
+    })
 }
 
 /// Maps an I/O error on the connection to `peer`: end of stream is
-/// [`AuthError::Closed`], anything else [`AuthError::Io`]. Shared by every
-/// channel implementation, blocking or async.
+/// [`AuthError::Closed`], a TLS failure [`AuthError::Tls`], anything else
+/// [`AuthError::Io`].
 pub fn io_err(peer: &str) -> impl Fn(std::io::Error) -> AuthError + '_ {
     move |source| {
         if source.kind() == std::io::ErrorKind::UnexpectedEof {
-            AuthError::Closed {
+            return AuthError::Closed {
                 peer: peer.to_owned(),
-            }
-        } else {
-            AuthError::Io {
-                peer: peer.to_owned(),
-                source,
-            }
+            };
         }
-    }
-}
-
-/// A handshake message framed for the wire: `[u32 length][protobuf]`.
-pub fn plain_frame<M: Message>(m: &M) -> Vec<u8> {
-    let body = m.encode_to_vec();
-    let mut buf = Vec::with_capacity(4 + body.len());
-    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    buf.extend_from_slice(&body);
-    buf
-}
-
-/// The body length a handshake frame's 4-byte head announces, if allowed.
-pub fn plain_len(head: [u8; 4], peer: &str) -> Result<usize, AuthError> {
-    let len = u32::from_be_bytes(head) as usize;
-    if len > MAX_HANDSHAKE_BYTES {
-        return Err(AuthError::TooLarge {
+        if source.kind() == std::io::ErrorKind::InvalidData
+            && let Some(e) = source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            return AuthError::Tls {
+                peer: peer.to_owned(),
+                source: e.clone(),
+            };
+        }
+        AuthError::Io {
             peer: peer.to_owned(),
-            len,
-            max: MAX_HANDSHAKE_BYTES,
-        });
-    }
-    Ok(len)
-}
-
-/// Decodes a handshake message body.
-pub fn plain_decode<M: Message + Default>(
-    body: &[u8],
-    peer: &str,
-    what: &'static str,
-) -> Result<M, AuthError> {
-    decode(peer, what, body)
-}
-
-fn write_plain<M: Message>(s: &mut TcpStream, peer: &str, m: &M) -> Result<(), AuthError> {
-    s.write_all(&plain_frame(m)).map_err(io_err(peer))
-}
-
-fn read_plain<M: Message + Default>(
-    s: &mut TcpStream,
-    peer: &str,
-    what: &'static str,
-) -> Result<M, AuthError> {
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).map_err(io_err(peer))?;
-    let mut body = vec![0u8; plain_len(head, peer)?];
-    s.read_exact(&mut body).map_err(io_err(peer))?;
-    plain_decode(&body, peer, what)
-}
-
-fn check_version(peer: &str, v: i32) -> Result<(), AuthError> {
-    if v == WIRE_VERSION as i32 {
-        Ok(())
-    } else {
-        Err(AuthError::Version {
-            peer: peer.to_owned(),
-            got: v,
-        })
-    }
-}
-
-fn nonce_of(peer: &str, b: &[u8]) -> Result<[u8; NONCE_LEN], AuthError> {
-    b.try_into().map_err(|_| AuthError::Malformed {
-        peer: peer.to_owned(),
-        what: "nonce",
-        why: format!("{} bytes, expected {NONCE_LEN}", b.len()),
-    })
-}
-
-fn decode<M: Message + Default>(peer: &str, what: &'static str, b: &[u8]) -> Result<M, AuthError> {
-    M::decode(b).map_err(|e| AuthError::Malformed {
-        peer: peer.to_owned(),
-        what,
-        why: e.to_string(),
-    })
-}
-
-fn same(a: &[u8], b: blake3::Hash) -> bool {
-    // blake3::Hash compares in constant time.
-    let a: [u8; 32] = a.try_into().unwrap_or([0; 32]);
-    blake3::Hash::from(a) == b
-}
-
-/// What an authenticated connection keeps: a frame key per direction, the
-/// key-wrapping pad and the peer's name.
-pub struct Established {
-    /// Seals frames we send.
-    pub send: FrameKey,
-    /// Opens frames we receive.
-    pub recv: FrameKey,
-    /// Pad that wraps keys sent over this connection.
-    pub pad: [u8; 32],
-    /// The name the peer gave.
-    pub peer_name: String,
-}
-
-impl Established {
-    /// Wraps (or unwraps: XOR is its own inverse) a 32-byte key for this
-    /// connection only.
-    pub fn wrap_key(&self, key: &[u8; 32]) -> [u8; 32] {
-        xor_pad(key, &self.pad)
-    }
-}
-
-fn xor_pad(key: &[u8; 32], pad: &[u8; 32]) -> [u8; 32] {
-    let mut out = *key;
-    for (o, p) in out.iter_mut().zip(pad) {
-        *o ^= p;
-    }
-    out
-}
-
-/// The client's side of a handshake: send [`ClientHandshake::hello`]'s
-/// message, then pass the server's challenge to
-/// [`ClientHandshake::answer`], send the proof it returns and read the
-/// server's [`v1::AuthResult`].
-pub struct ClientHandshake {
-    nonce: [u8; NONCE_LEN],
-    name: String,
-}
-
-impl ClientHandshake {
-    /// Starts a handshake as `name`.
-    pub fn hello(name: &str) -> Result<(Self, v1::AuthHello), AuthError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        random_bytes(&mut nonce)?;
-        let hello = v1::AuthHello {
-            version: WIRE_VERSION as i32,
-            nonce: nonce.to_vec().into(),
-            name: name.to_owned(),
-        };
-        Ok((
-            ClientHandshake {
-                nonce,
-                name: name.to_owned(),
-            },
-            hello,
-        ))
-    }
-
-    /// Checks the server's proof and answers with ours.
-    pub fn answer(
-        self,
-        secret: &Secret,
-        peer: &str,
-        ch: &v1::AuthChallenge,
-    ) -> Result<(v1::AuthProof, Established), AuthError> {
-        check_version(peer, ch.version)?;
-        let nonce_s = nonce_of(peer, &ch.nonce)?;
-        let (c, s, n) = (&self.nonce, &nonce_s, self.name.as_bytes());
-        if !same(
-            &ch.proof,
-            secret.mac(&[b"server", c, s, n, ch.name.as_bytes()]),
-        ) {
-            return Err(AuthError::Refused {
-                peer: peer.to_owned(),
-                why: "the server does not know the cluster secret".into(),
-            });
-        }
-        let proof = secret.mac(&[b"client", c, s, n, ch.name.as_bytes()]);
-        Ok((
-            v1::AuthProof {
-                proof: proof.as_bytes().to_vec().into(),
-            },
-            Established {
-                send: FrameKey::new(secret.derive("pagecast control c2s v1", c, s)),
-                recv: FrameKey::new(secret.derive("pagecast control s2c v1", c, s)),
-                pad: secret.derive("pagecast key wrap v1", c, s),
-                peer_name: ch.name.clone(),
-            },
-        ))
-    }
-}
-
-/// The server's side of a handshake: answer the client's hello with
-/// [`ServerHandshake::challenge`], then check its proof with
-/// [`ServerHandshake::check`] and send the [`v1::AuthResult`].
-pub struct ServerHandshake {
-    nonce_c: [u8; NONCE_LEN],
-    nonce_s: [u8; NONCE_LEN],
-    client: String,
-    name: String,
-}
-
-impl ServerHandshake {
-    /// Answers a client's hello as `name`.
-    pub fn challenge(
-        secret: &Secret,
-        peer: &str,
-        name: &str,
-        hello: &v1::AuthHello,
-    ) -> Result<(Self, v1::AuthChallenge), AuthError> {
-        check_version(peer, hello.version)?;
-        let nonce_c = nonce_of(peer, &hello.nonce)?;
-        let mut nonce_s = [0u8; NONCE_LEN];
-        random_bytes(&mut nonce_s)?;
-        let proof = secret.mac(&[
-            b"server",
-            &nonce_c,
-            &nonce_s,
-            hello.name.as_bytes(),
-            name.as_bytes(),
-        ]);
-        Ok((
-            ServerHandshake {
-                nonce_c,
-                nonce_s,
-                client: hello.name.clone(),
-                name: name.to_owned(),
-            },
-            v1::AuthChallenge {
-                version: WIRE_VERSION as i32,
-                nonce: nonce_s.to_vec().into(),
-                name: name.to_owned(),
-                proof: proof.as_bytes().to_vec().into(),
-            },
-        ))
-    }
-
-    /// Checks the client's proof.
-    pub fn check(
-        self,
-        secret: &Secret,
-        peer: &str,
-        p: &v1::AuthProof,
-    ) -> Result<Established, AuthError> {
-        let (c, s) = (&self.nonce_c, &self.nonce_s);
-        if !same(
-            &p.proof,
-            secret.mac(&[
-                b"client",
-                c,
-                s,
-                self.client.as_bytes(),
-                self.name.as_bytes(),
-            ]),
-        ) {
-            return Err(AuthError::Refused {
-                peer: peer.to_owned(),
-                why: "the client does not know the cluster secret".into(),
-            });
-        }
-        Ok(Established {
-            send: FrameKey::new(secret.derive("pagecast control s2c v1", c, s)),
-            recv: FrameKey::new(secret.derive("pagecast control c2s v1", c, s)),
-            pad: secret.derive("pagecast key wrap v1", c, s),
-            peer_name: self.client,
-        })
-    }
-}
-
-/// One direction of an authenticated connection: its key and the next
-/// sequence number.
-pub struct FrameKey {
-    key: [u8; 32],
-    seq: u64,
-}
-
-impl FrameKey {
-    /// A key starting at sequence 0.
-    pub fn new(key: [u8; 32]) -> Self {
-        FrameKey { key, seq: 0 }
-    }
-
-    /// The frame carrying `payload` (and advances the sequence).
-    pub fn seal(&mut self, peer: &str, payload: &[u8]) -> Result<Vec<u8>, AuthError> {
-        if payload.len() > MAX_CONTROL_FRAME_BYTES {
-            return Err(AuthError::TooLarge {
-                peer: peer.to_owned(),
-                len: payload.len(),
-                max: MAX_CONTROL_FRAME_BYTES,
-            });
-        }
-        let buf = encode_frame(&self.key, self.seq, payload);
-        self.seq += 1;
-        Ok(buf)
-    }
-
-    /// How many bytes follow a frame's head (payload and MAC), after
-    /// checking the length it announces.
-    pub fn rest_len(head: &[u8; FRAME_HEAD], peer: &str) -> Result<usize, AuthError> {
-        let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-        if !(8..=8 + MAX_CONTROL_FRAME_BYTES).contains(&len) {
-            return Err(AuthError::TooLarge {
-                peer: peer.to_owned(),
-                len,
-                max: MAX_CONTROL_FRAME_BYTES,
-            });
-        }
-        Ok(len - 8 + MAC_LEN)
-    }
-
-    /// Checks a frame (its head and the `rest` after it) and returns its
-    /// payload: the MAC must verify and the sequence be the next one.
-    pub fn open(
-        &mut self,
-        head: &[u8; FRAME_HEAD],
-        mut rest: Vec<u8>,
-        peer: &str,
-    ) -> Result<Vec<u8>, AuthError> {
-        let seq = u64::from_be_bytes(head[4..].try_into().expect("8 bytes"));
-        if rest.len() < MAC_LEN {
-            return Err(AuthError::TooLarge {
-                peer: peer.to_owned(),
-                len: rest.len(),
-                max: MAX_CONTROL_FRAME_BYTES,
-            });
-        }
-        let body = rest.len() - MAC_LEN;
-        let mut h = blake3::Hasher::new_keyed(&self.key);
-        h.update(head);
-        h.update(&rest[..body]);
-        let want = h.finalize();
-        let mut got = [0u8; 32];
-        got[..MAC_LEN].copy_from_slice(&rest[body..]);
-        let mut expect = [0u8; 32];
-        expect[..MAC_LEN].copy_from_slice(&want.as_bytes()[..MAC_LEN]);
-        // Constant-time comparison of the MAC.
-        if blake3::Hash::from(got) != blake3::Hash::from(expect) {
-            return Err(AuthError::BadMac {
-                peer: peer.to_owned(),
-                seq,
-            });
-        }
-        if seq != self.seq {
-            return Err(AuthError::Sequence {
-                peer: peer.to_owned(),
-                got: seq,
-                want: self.seq,
-            });
-        }
-        self.seq += 1;
-        rest.truncate(body);
-        Ok(rest)
-    }
-}
-
-fn encode_frame(key: &[u8; 32], seq: u64, payload: &[u8]) -> Vec<u8> {
-    let len = (8 + payload.len()) as u32;
-    let mut buf = Vec::with_capacity(4 + len as usize + MAC_LEN);
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&seq.to_be_bytes());
-    buf.extend_from_slice(payload);
-    let mac = blake3::keyed_hash(key, &buf);
-    buf.extend_from_slice(&mac.as_bytes()[..MAC_LEN]);
-    buf
-}
-
-fn send_frame(
-    stream: &mut TcpStream,
-    peer: &str,
-    keys: &mut FrameKey,
-    payload: &[u8],
-) -> Result<(), AuthError> {
-    let buf = keys.seal(peer, payload)?;
-    stream.write_all(&buf).map_err(io_err(peer))
-}
-
-fn recv_frame(
-    stream: &mut impl Read,
-    peer: &str,
-    keys: &mut FrameKey,
-) -> Result<Vec<u8>, AuthError> {
-    let mut head = [0u8; FRAME_HEAD];
-    stream.read_exact(&mut head).map_err(io_err(peer))?;
-    let mut rest = vec![0u8; FrameKey::rest_len(&head, peer)?];
-    stream.read_exact(&mut rest).map_err(io_err(peer))?;
-    keys.open(&head, rest, peer)
-}
-
-/// Decodes authenticated frames from a byte stream, as a [`Channel`] does
-/// after its handshake: for tests and fuzzing of the frame layer.
-pub struct FrameDecoder {
-    keys: FrameKey,
-}
-
-impl FrameDecoder {
-    /// A decoder expecting frames under `key`, starting at sequence 0.
-    pub fn new(key: [u8; 32]) -> Self {
-        FrameDecoder {
-            keys: FrameKey::new(key),
+            source,
         }
     }
-
-    /// Reads and checks the next frame's payload from `input`.
-    pub fn next(&mut self, input: &mut impl Read) -> Result<Vec<u8>, AuthError> {
-        recv_frame(input, "input", &mut self.keys)
-    }
-
-    /// Encodes a frame under `key` with sequence `seq` (the sending side).
-    pub fn encode(key: [u8; 32], seq: u64, payload: &[u8]) -> Vec<u8> {
-        encode_frame(&key, seq, payload)
-    }
 }
 
-/// An authenticated, framed control connection (blocking).
-pub struct Channel {
-    stream: TcpStream,
+/// A blocking TLS connection with a verified peer: `Read + Write`.
+pub struct TlsStream {
+    conn: rustls::Connection,
+    sock: TcpStream,
     peer: String,
-    peer_name: String,
-    send: FrameKey,
-    recv: FrameKey,
-    pad: [u8; 32],
+    identity: Identity,
 }
 
-/// The sending half of a [`Channel`] (see [`Channel::split`]).
-pub struct ChannelWriter {
-    stream: TcpStream,
-    peer: String,
-    send: FrameKey,
-    pad: [u8; 32],
-    sent_bytes: u64,
-}
-
-/// The receiving half of a [`Channel`].
-pub struct ChannelReader {
-    stream: TcpStream,
-    peer: String,
-    recv: FrameKey,
-}
-
-impl std::fmt::Debug for Channel {
+impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Channel")
+        f.debug_struct("TlsStream")
             .field("peer", &self.peer)
-            .field("peer_name", &self.peer_name)
-            .finish_non_exhaustive()
+            .field("identity", &self.identity)
+            .finish()
     }
 }
 
-impl Channel {
-    /// A channel over a stream whose handshake another layer completed (an
-    /// asynchronous server handing a connection to blocking work).
-    pub fn from_established(stream: TcpStream, peer: String, e: Established) -> Self {
-        Self::from_parts(stream, peer, e)
-    }
-
-    fn from_parts(stream: TcpStream, peer: String, e: Established) -> Self {
-        // A peer that stops reading (frozen, or partitioned with the
-        // connection open) fails a send within this long instead of
-        // blocking it forever once the socket buffers are full.
-        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-        Channel {
-            stream,
-            peer,
-            peer_name: e.peer_name,
-            send: e.send,
-            recv: e.recv,
-            pad: e.pad,
-        }
-    }
-
-    /// Authenticates as a client on `stream`.
-    pub fn client(mut stream: TcpStream, secret: &Secret, name: &str) -> Result<Self, AuthError> {
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string());
-        let _ = stream.set_nodelay(true);
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(io_err(&peer))?;
-        let (hs, hello) = ClientHandshake::hello(name)?;
-        write_plain(&mut stream, &peer, &hello)?;
-        let ch: v1::AuthChallenge = read_plain(&mut stream, &peer, "challenge")?;
-        let (proof, est) = hs.answer(secret, &peer, &ch)?;
-        write_plain(&mut stream, &peer, &proof)?;
-        let res: v1::AuthResult = read_plain(&mut stream, &peer, "authentication result")?;
-        if !res.ok {
-            return Err(AuthError::Refused {
-                peer,
-                why: res.reason,
-            });
-        }
-        stream.set_read_timeout(None).map_err(io_err(&peer))?;
-        Ok(Self::from_parts(stream, peer, est))
-    }
-
-    /// Authenticates as a server on an accepted `stream`. A client that
-    /// fails is told why and gets an error here.
-    pub fn server(mut stream: TcpStream, secret: &Secret, name: &str) -> Result<Self, AuthError> {
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string());
-        let _ = stream.set_nodelay(true);
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(io_err(&peer))?;
-        let hello: v1::AuthHello = read_plain(&mut stream, &peer, "hello")?;
-        let (hs, ch) = ServerHandshake::challenge(secret, &peer, name, &hello)?;
-        write_plain(&mut stream, &peer, &ch)?;
-        let p: v1::AuthProof = read_plain(&mut stream, &peer, "proof")?;
-        let est = match hs.check(secret, &peer, &p) {
-            Ok(e) => e,
-            Err(e) => {
-                let _ = write_plain(&mut stream, &peer, &refusal(&e));
-                return Err(e);
+impl TlsStream {
+    fn handshake(
+        mut conn: rustls::Connection,
+        mut sock: TcpStream,
+        peer: String,
+    ) -> Result<Self, AuthError> {
+        let _ = sock.set_nodelay(true);
+        let old_read = sock.read_timeout().ok().flatten();
+        let old_write = sock.write_timeout().ok().flatten();
+        // A caller with a shorter deadline (set as the socket's read
+        // timeout) keeps it for the handshake too.
+        let limit = old_read.map_or(HANDSHAKE_TIMEOUT, |t| t.min(HANDSHAKE_TIMEOUT));
+        sock.set_read_timeout(Some(limit)).map_err(io_err(&peer))?;
+        sock.set_write_timeout(Some(limit)).map_err(io_err(&peer))?;
+        let deadline = std::time::Instant::now() + limit;
+        while conn.is_handshaking() {
+            if std::time::Instant::now() > deadline {
+                return Err(AuthError::Io {
+                    peer,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "TLS handshake took too long",
+                    ),
+                });
             }
-        };
-        write_plain(
-            &mut stream,
-            &peer,
-            &v1::AuthResult {
-                ok: true,
-                reason: String::new(),
-            },
-        )?;
-        stream.set_read_timeout(None).map_err(io_err(&peer))?;
-        Ok(Self::from_parts(stream, peer, est))
+            if let Err(e) = conn.complete_io(&mut sock) {
+                // Tell the peer why, if rustls has an alert queued.
+                let _ = conn.write_tls(&mut sock);
+                return Err(io_err(&peer)(e));
+            }
+        }
+        // Flush what the handshake left (the client's Finished).
+        while conn.wants_write() {
+            conn.write_tls(&mut sock).map_err(io_err(&peer))?;
+        }
+        let identity = peer_identity(conn.peer_certificates(), &peer)?;
+        sock.set_read_timeout(old_read).map_err(io_err(&peer))?;
+        sock.set_write_timeout(old_write).map_err(io_err(&peer))?;
+        Ok(TlsStream {
+            conn,
+            sock,
+            peer,
+            identity,
+        })
     }
 
     /// The peer's address.
@@ -774,85 +501,289 @@ impl Channel {
         &self.peer
     }
 
-    /// The name the peer gave in the handshake.
+    /// The peer's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The TCP socket (for timeouts and shutdown).
+    pub fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    fn into_parts(self) -> (rustls::Connection, TcpStream, String, Identity) {
+        (self.conn, self.sock, self.peer, self.identity)
+    }
+
+    fn push(&mut self) -> std::io::Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut self.sock)?;
+        }
+        Ok(())
+    }
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            self.push()?;
+            if self.conn.read_tls(&mut self.sock)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.conn
+                .process_new_packets()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        }
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.conn.writer().write(buf)?;
+        self.push()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.push()
+    }
+}
+
+/// A message framed for the wire: `[u32 length][protobuf]`.
+pub fn frame<M: Message>(m: &M) -> Vec<u8> {
+    let len = m.encoded_len();
+    let mut buf = Vec::with_capacity(FRAME_HEAD + len);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    m.encode(&mut buf).expect("a Vec grows");
+    buf
+}
+
+/// The body length a frame's head announces, if allowed.
+pub fn frame_len(head: [u8; FRAME_HEAD], peer: &str) -> Result<usize, AuthError> {
+    let len = u32::from_be_bytes(head) as usize;
+    if len > MAX_CONTROL_FRAME_BYTES {
+        return Err(AuthError::TooLarge {
+            peer: peer.to_owned(),
+            len,
+            max: MAX_CONTROL_FRAME_BYTES,
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame's body as `M`.
+pub fn decode<M: Message + Default>(
+    peer: &str,
+    what: &'static str,
+    b: &[u8],
+) -> Result<M, AuthError> {
+    M::decode(b).map_err(|e| AuthError::Malformed {
+        peer: peer.to_owned(),
+        what,
+        why: e.to_string(),
+    })
+}
+
+/// Reads frames from a plaintext byte stream (what TLS delivers): for the
+/// fuzz target and tests, and the channel's reader.
+#[derive(Debug, Default)]
+pub struct FrameDecoder;
+
+impl FrameDecoder {
+    /// Reads the next frame's body from `input`.
+    pub fn next(&mut self, input: &mut impl Read, peer: &str) -> Result<Vec<u8>, AuthError> {
+        let mut head = [0u8; FRAME_HEAD];
+        input.read_exact(&mut head).map_err(io_err(peer))?;
+        let mut body = vec![0u8; frame_len(head, peer)?];
+        input.read_exact(&mut body).map_err(io_err(peer))?;
+        Ok(body)
+    }
+}
+
+/// Bytes a frame of `payload` bytes puts on the wire inside TLS.
+pub fn wire_bytes(payload: usize) -> u64 {
+    let plain = FRAME_HEAD + payload;
+    (plain + plain.div_ceil(TLS_RECORD) * TLS_RECORD_OVERHEAD) as u64
+}
+
+struct Shared {
+    conn: Mutex<rustls::Connection>,
+}
+
+/// Receives frames of a [`Channel`].
+pub struct ChannelReader {
+    sock: TcpStream,
+    shared: Arc<Shared>,
+    peer: String,
+    /// Decrypted bytes not yet returned, from `pos`.
+    plain: Vec<u8>,
+    pos: usize,
+    raw: Box<[u8]>,
+}
+
+/// Sends frames of a [`Channel`].
+pub struct ChannelWriter {
+    sock: TcpStream,
+    shared: Arc<Shared>,
+    peer: String,
+    sent_bytes: u64,
+    out: Vec<u8>,
+}
+
+/// A blocking, mutually authenticated connection carrying protobuf frames.
+pub struct Channel {
+    r: ChannelReader,
+    w: ChannelWriter,
+    identity: Identity,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("peer", &self.r.peer)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Channel {
+    /// Connects as a client over `stream` (TLS handshake included).
+    pub fn client(stream: TcpStream, tls: &Tls) -> Result<Self, AuthError> {
+        Self::from_tls(tls.connect(stream)?)
+    }
+
+    /// Accepts a client on `stream` (TLS handshake included).
+    pub fn server(stream: TcpStream, tls: &Tls) -> Result<Self, AuthError> {
+        Self::from_tls(tls.accept(stream)?)
+    }
+
+    /// A channel on an established TLS stream.
+    pub fn from_tls(s: TlsStream) -> Result<Self, AuthError> {
+        let (conn, sock, peer, identity) = s.into_parts();
+        Self::from_conn(conn, sock, peer, identity)
+    }
+
+    fn from_conn(
+        mut conn: rustls::Connection,
+        sock: TcpStream,
+        peer: String,
+        identity: Identity,
+    ) -> Result<Self, AuthError> {
+        // A peer that stops reading (frozen, or partitioned with the
+        // connection open) fails a send within this long instead of
+        // blocking it forever once the socket buffers are full.
+        let _ = sock.set_write_timeout(Some(WRITE_TIMEOUT));
+        conn.set_buffer_limit(None);
+        // Plaintext the handshake's reads already decrypted (a request sent
+        // right behind the handshake) is waiting in the connection.
+        let st = conn
+            .process_new_packets()
+            .map_err(|source| AuthError::Tls {
+                peer: peer.clone(),
+                source,
+            })?;
+        let mut plain = vec![0u8; st.plaintext_bytes_to_read()];
+        conn.reader()
+            .read_exact(&mut plain)
+            .map_err(io_err(&peer))?;
+        let other = sock.try_clone().map_err(io_err(&peer))?;
+        let shared = Arc::new(Shared {
+            conn: Mutex::new(conn),
+        });
+        Ok(Channel {
+            r: ChannelReader {
+                sock,
+                shared: shared.clone(),
+                peer: peer.clone(),
+                plain,
+                pos: 0,
+                raw: vec![0u8; 64 << 10].into_boxed_slice(),
+            },
+            w: ChannelWriter {
+                sock: other,
+                shared,
+                peer,
+                sent_bytes: 0,
+                out: Vec::new(),
+            },
+            identity,
+        })
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &str {
+        &self.r.peer
+    }
+
+    /// The peer's name, from its certificate.
     pub fn peer_name(&self) -> &str {
-        &self.peer_name
+        &self.identity.name
+    }
+
+    /// The peer's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     /// Sends one message.
     pub fn send<M: Message>(&mut self, m: &M) -> Result<(), AuthError> {
-        send_frame(
-            &mut self.stream,
-            &self.peer,
-            &mut self.send,
-            &m.encode_to_vec(),
-        )
+        self.w.send(m)
     }
 
-    /// Receives one message (blocking; see [`Channel::set_read_timeout`]).
+    /// Receives one message.
     pub fn recv<M: Message + Default>(&mut self, what: &'static str) -> Result<M, AuthError> {
-        let b = recv_frame(&mut self.stream, &self.peer, &mut self.recv)?;
-        decode(&self.peer, what, &b)
+        self.r.recv(what)
     }
 
-    /// Bounds how long [`Channel::recv`] waits.
+    /// Sets how long a receive may wait (`None`: forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), AuthError> {
-        self.stream.set_read_timeout(t).map_err(io_err(&self.peer))
+        self.r.set_read_timeout(t)
     }
 
-    /// Wraps (or unwraps: XOR is its own inverse) a 32-byte key for this
-    /// connection only.
-    pub fn wrap_key(&self, key: &[u8; 32]) -> [u8; 32] {
-        xor_pad(key, &self.pad)
-    }
-
-    /// Shuts the connection down in both directions.
+    /// Closes the connection both ways.
     pub fn shutdown(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.w.shutdown();
     }
 
-    /// Splits into halves usable from two threads.
+    /// Splits into halves two threads can use at once.
     pub fn split(self) -> Result<(ChannelReader, ChannelWriter), AuthError> {
-        let other = self.stream.try_clone().map_err(io_err(&self.peer))?;
-        Ok((
-            ChannelReader {
-                stream: self.stream,
-                peer: self.peer.clone(),
-                recv: self.recv,
-            },
-            ChannelWriter {
-                stream: other,
-                peer: self.peer,
-                send: self.send,
-                pad: self.pad,
-                sent_bytes: 0,
-            },
-        ))
+        Ok((self.r, self.w))
     }
+}
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, rustls::Connection> {
+    s.conn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ChannelWriter {
     /// Sends one message.
     pub fn send<M: Message>(&mut self, m: &M) -> Result<(), AuthError> {
-        let payload = m.encode_to_vec();
-        self.sent_bytes += (FRAME_HEAD + payload.len() + MAC_LEN) as u64;
-        send_frame(&mut self.stream, &self.peer, &mut self.send, &payload)
+        let f = frame(m);
+        self.sent_bytes += wire_bytes(f.len() - FRAME_HEAD);
+        self.out.clear();
+        {
+            let mut c = lock(&self.shared);
+            c.writer().write_all(&f).map_err(io_err(&self.peer))?;
+            while c.wants_write() {
+                c.write_tls(&mut self.out).map_err(io_err(&self.peer))?;
+            }
+        }
+        // The socket write happens outside the lock, so the reader can go
+        // on decrypting while a slow peer drains this.
+        self.sock.write_all(&self.out).map_err(io_err(&self.peer))
     }
 
-    /// Bytes sent through this half so far.
+    /// Bytes sent so far, framing and TLS records included.
     pub fn sent_bytes(&self) -> u64 {
         self.sent_bytes
     }
 
-    /// Wraps (or unwraps) a 32-byte key for this connection only; see
-    /// [`Channel::wrap_key`].
-    pub fn wrap_key(&self, key: &[u8; 32]) -> [u8; 32] {
-        xor_pad(key, &self.pad)
-    }
-
-    /// Shuts the connection down in both directions (wakes the reader).
+    /// Closes the connection both ways (the reader too).
     pub fn shutdown(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }
 
     /// The peer's address.
@@ -864,184 +795,66 @@ impl ChannelWriter {
 impl ChannelReader {
     /// Receives one message.
     pub fn recv<M: Message + Default>(&mut self, what: &'static str) -> Result<M, AuthError> {
-        let b = recv_frame(&mut self.stream, &self.peer, &mut self.recv)?;
-        decode(&self.peer, what, &b)
+        self.want(FRAME_HEAD)?;
+        let head: [u8; FRAME_HEAD] = self.plain[self.pos..self.pos + FRAME_HEAD]
+            .try_into()
+            .expect("4 bytes");
+        let len = frame_len(head, &self.peer)?;
+        self.want(FRAME_HEAD + len)?;
+        let body = &self.plain[self.pos + FRAME_HEAD..self.pos + FRAME_HEAD + len];
+        let m = decode(&self.peer, what, body);
+        self.pos += FRAME_HEAD + len;
+        m
     }
 
-    /// Bounds how long [`ChannelReader::recv`] waits.
+    /// Sets how long a receive may wait (`None`: forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), AuthError> {
-        self.stream.set_read_timeout(t).map_err(io_err(&self.peer))
+        self.sock.set_read_timeout(t).map_err(io_err(&self.peer))
+    }
+
+    /// Reads and decrypts until `n` plaintext bytes are buffered.
+    fn want(&mut self, n: usize) -> Result<(), AuthError> {
+        if self.pos > 0 && self.plain.len() - self.pos < n {
+            self.plain.drain(..self.pos);
+            self.pos = 0;
+        }
+        while self.plain.len() - self.pos < n {
+            let got = match self.sock.read(&mut self.raw) {
+                Ok(0) => {
+                    return Err(AuthError::Closed {
+                        peer: self.peer.clone(),
+                    });
+                }
+                Ok(k) => k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(&self.peer)(e)),
+            };
+            let mut c = lock(&self.shared);
+            let mut input = &self.raw[..got];
+            while !input.is_empty() {
+                c.read_tls(&mut input).map_err(io_err(&self.peer))?;
+                let st = c.process_new_packets().map_err(|source| AuthError::Tls {
+                    peer: self.peer.clone(),
+                    source,
+                })?;
+                let k = st.plaintext_bytes_to_read();
+                if k > 0 {
+                    let at = self.plain.len();
+                    self.plain.resize(at + k, 0);
+                    c.reader()
+                        .read_exact(&mut self.plain[at..])
+                        .map_err(io_err(&self.peer))?;
+                }
+                if st.peer_has_closed() && self.plain.len() - self.pos < n {
+                    return Err(AuthError::Closed {
+                        peer: self.peer.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::TcpListener;
-
-    fn pair(
-        server_secret: Secret,
-        client_secret: Secret,
-    ) -> (Result<Channel, AuthError>, Result<Channel, AuthError>) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let t = std::thread::spawn(move || {
-            let (s, _) = l.accept().unwrap();
-            Channel::server(s, &server_secret, "srv")
-        });
-        let c = Channel::client(TcpStream::connect(addr).unwrap(), &client_secret, "cli");
-        (t.join().unwrap(), c)
-    }
-
-    #[test]
-    fn authenticated_frames_flow_both_ways() {
-        let s = Secret::from_material(b"correct horse battery staple");
-        let (srv, cli) = pair(s.clone(), s);
-        let (mut srv, mut cli) = (srv.unwrap(), cli.unwrap());
-        assert_eq!(srv.peer_name(), "cli");
-        assert_eq!(cli.peer_name(), "srv");
-        let m = v1::CastProgress {
-            group: 1,
-            contiguous: 2,
-            held: 3,
-        };
-        cli.send(&m).unwrap();
-        assert_eq!(srv.recv::<v1::CastProgress>("progress").unwrap(), m);
-        srv.send(&m).unwrap();
-        assert_eq!(cli.recv::<v1::CastProgress>("progress").unwrap(), m);
-        let key = [7u8; 32];
-        assert_eq!(
-            cli.wrap_key(&srv.wrap_key(&key)),
-            key,
-            "both ends share the pad"
-        );
-        assert_ne!(srv.wrap_key(&key), key);
-    }
-
-    #[test]
-    fn a_wrong_secret_is_refused_on_both_sides() {
-        let (srv, cli) = pair(
-            Secret::from_material(b"the real secret!"),
-            Secret::from_material(b"a guessed secret"),
-        );
-        let (srv, cli) = (srv.unwrap_err().to_string(), cli.unwrap_err().to_string());
-        assert!(
-            srv.contains("authentication failed") || srv.contains("closed"),
-            "{srv}"
-        );
-        assert!(
-            cli.contains("server does not know the cluster secret"),
-            "{cli}"
-        );
-    }
-
-    #[test]
-    fn forged_replayed_and_oversized_frames_are_refused() {
-        let s = Secret::from_material(b"correct horse battery staple");
-        let (srv, cli) = pair(s.clone(), s.clone());
-        let (mut srv, cli) = (srv.unwrap(), cli.unwrap());
-        let mut raw = cli.stream.try_clone().unwrap();
-        // A frame with a MAC under the wrong key.
-        let mut bad = FrameKey {
-            key: [1; 32],
-            seq: 0,
-        };
-        send_frame(&mut raw, "x", &mut bad, b"hello").unwrap();
-        let e = srv
-            .recv::<v1::CastProgress>("progress")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("fails authentication"), "{e}");
-
-        let (srv, cli) = pair(s.clone(), s.clone());
-        let (mut srv, mut cli) = (srv.unwrap(), cli.unwrap());
-        // Replay: the same sequence number twice.
-        let mut copy = FrameKey {
-            key: cli.send.key,
-            seq: 0,
-        };
-        cli.send(&v1::CastProbe { nonce: 1 }).unwrap();
-        srv.recv::<v1::CastProbe>("probe").unwrap();
-        send_frame(
-            &mut cli.stream,
-            "x",
-            &mut copy,
-            &v1::CastProbe { nonce: 1 }.encode_to_vec(),
-        )
-        .unwrap();
-        let e = srv.recv::<v1::CastProbe>("probe").unwrap_err().to_string();
-        assert!(e.contains("expected 1"), "{e}");
-
-        let (srv, cli) = pair(s.clone(), s);
-        let (mut srv, mut cli) = (srv.unwrap(), cli.unwrap());
-        cli.stream.write_all(&u32::MAX.to_be_bytes()).unwrap();
-        cli.stream.write_all(&[0u8; 8]).unwrap();
-        let e = srv.recv::<v1::CastProbe>("probe").unwrap_err().to_string();
-        assert!(e.contains("exceeds"), "{e}");
-    }
-
-    #[test]
-    fn garbage_and_silence_during_the_handshake_fail_cleanly() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let t = std::thread::spawn(move || {
-            let (s, _) = l.accept().unwrap();
-            Channel::server(s, &Secret::from_material(b"0123456789abcdef"), "srv")
-        });
-        let mut c = TcpStream::connect(addr).unwrap();
-        c.write_all(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff])
-            .unwrap();
-        let e = t.join().unwrap().unwrap_err().to_string();
-        assert!(
-            e.contains("malformed hello") || e.contains("version"),
-            "{e}"
-        );
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn frame_layer_accepts_exactly_what_was_sent(
-            payloads in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 1..5),
-            flip in proptest::option::of((0usize..400, 1u8..=255)),
-        ) {
-            let key = [3u8; 32];
-            let mut stream = Vec::new();
-            for (i, p) in payloads.iter().enumerate() {
-                stream.extend(FrameDecoder::encode(key, i as u64, p));
-            }
-            if let Some((at, x)) = flip.filter(|&(at, _)| at < stream.len()) {
-                stream[at] ^= x;
-            }
-            let mut d = FrameDecoder::new(key);
-            let mut input = &stream[..];
-            for p in &payloads {
-                match d.next(&mut input) {
-                    Ok(got) => proptest::prop_assert_eq!(&got, p),
-                    // Only a flipped byte may make it fail.
-                    Err(_) => { proptest::prop_assert!(flip.is_some()); break; }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn secret_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("secret");
-        Secret::create_file(&p).unwrap();
-        assert!(Secret::create_file(&p).is_err(), "never overwrites");
-        let a = Secret::load(&p).unwrap();
-        assert_eq!(a.0, Secret::load(&p).unwrap().0);
-        std::fs::write(dir.path().join("short"), b"abc").unwrap();
-        let e = Secret::load(&dir.path().join("short"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("16 to 4096 bytes"), "{e}");
-        assert!(
-            Secret::load(&dir.path().join("missing"))
-                .unwrap_err()
-                .to_string()
-                .contains("cannot read")
-        );
-    }
-}
+mod tests;

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pagecast_agent::client::{AgentClient, MigrationEvent, MigrationHandle};
-use pagecast_channel::Secret;
+use pagecast_channel::Tls;
 use pagecast_index::client::IndexClient;
 use pagecast_index::keys::shard_of;
 use pagecast_pages::{PAGE_BYTES, PageHash, Sketch};
@@ -167,11 +167,11 @@ fn now_s(t: Instant) -> f64 {
 /// VMs hold and the index who holds it, and plans.
 fn prepare(
     index: &[String],
-    secret: &Secret,
+    tls: &Tls,
     spec: &EvacuateSpec,
     on: &(dyn Fn(Event) + Sync),
 ) -> Result<Prepared, CoordError> {
-    let mut ic = IndexClient::new(index)?;
+    let mut ic = IndexClient::new(index, tls.clone())?;
     ic.timeout = Duration::from_secs(20);
     on(Event::Step("reading the cluster from the index".into()));
     let view = ClusterView::read(&mut ic)?;
@@ -309,7 +309,7 @@ fn prepare(
                     let host = &view.host(&cluster.hosts[vm.host].name).expect("known").address;
                     let hname = cluster.hosts[vm.host].name.clone();
                     s.spawn(move || {
-                        AgentClient::connect(host, secret, "pagecast-coordinator")
+                        AgentClient::connect(host, tls)
                             .and_then(|c| c.vm_content(&vm.name))
                             .map_err(|e| match e {
                                 pagecast_agent::AgentError::Remote {
@@ -349,7 +349,12 @@ fn prepare(
         .map(|(i, h)| (h.index, i))
         .collect();
     let mut held: HashMap<HostIdx, HashSet<PageHash>> = HashMap::new();
-    for (host, p) in who_holds(index, vm_pages.values().flatten(), Duration::from_secs(20))? {
+    for (host, p) in who_holds(
+        index,
+        tls,
+        vm_pages.values().flatten(),
+        Duration::from_secs(20),
+    )? {
         if let Some(&h) = by_number.get(&host) {
             held.entry(h).or_default().insert(p);
         }
@@ -449,15 +454,13 @@ fn run_vm(
     m: &Moving,
     src_addr: &str,
     req: v1::MigrateRequest,
-    secret: &Secret,
+    tls: &Tls,
     tx: mpsc::Sender<Report>,
     handles: &Mutex<HashMap<usize, MigrationHandle>>,
     on: &(dyn Fn(Event) + Sync),
     started: Instant,
 ) {
-    let mut s = match AgentClient::connect(src_addr, secret, "pagecast-coordinator")
-        .and_then(|c| c.start_migrate(req))
-    {
+    let mut s = match AgentClient::connect(src_addr, tls).and_then(|c| c.start_migrate(req)) {
         Ok(s) => s,
         Err(e) => {
             let _ = tx.send(Report::Failed(i, format!("{}: {e}", m.from)));
@@ -622,7 +625,7 @@ fn group_addr(job: &str, source: usize, group: usize) -> String {
 fn run_source_casts(
     prep: &Prepared,
     spec: &EvacuateSpec,
-    secret: &Secret,
+    tls: &Tls,
     source_idx: usize,
     source: &str,
     sends: &[(PageHash, Vec<String>)],
@@ -689,7 +692,7 @@ fn run_source_casts(
         let expect = Duration::from_secs_f64(
             bytes * 8.0 / rate.unwrap_or(1_000_000_000).max(1) as f64 * 2.0 + 30.0,
         );
-        let opened = AgentClient::connect(&addr, secret, "pagecast-coordinator")
+        let opened = AgentClient::connect(&addr, tls)
             .and_then(|c| c.with_answer_timeout(expect))
             .and_then(|c| c.cast_send(req));
         let (open, wait) = match opened {
@@ -707,9 +710,9 @@ fn run_source_casts(
             let raddr = prep.view.host(r).expect("known").address.clone();
             let control = open.control.clone();
             let job = spec.job.clone();
-            let (rtx, secret, r) = (rtx.clone(), secret.clone(), r.clone());
+            let (rtx, tls, r) = (rtx.clone(), tls.clone(), r.clone());
             std::thread::spawn(move || {
-                let res = AgentClient::connect(&raddr, &secret, "pagecast-coordinator")
+                let res = AgentClient::connect(&raddr, &tls)
                     .and_then(|c| c.with_answer_timeout(expect))
                     .and_then(|c| c.cast_recv(v1::CastRecvRequest { job, control }))
                     .map_err(|e| e.to_string());
@@ -790,13 +793,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `stop` set meanwhile (Ctrl-C) aborts every VM not yet switched over.
 pub fn evacuate(
     index: &[String],
-    secret: &Secret,
+    tls: &Tls,
     spec: &EvacuateSpec,
     on: &(dyn Fn(Event) + Sync),
     stop: &AtomicBool,
 ) -> Result<EvacuationReport, CoordError> {
     let started = Instant::now();
-    let prep = prepare(index, secret, spec, on)?;
+    let prep = prepare(index, tls, spec, on)?;
     let mut report = EvacuationReport {
         job: spec.job.clone(),
         strategy: spec.method.name().into(),
@@ -872,7 +875,7 @@ pub fn evacuate(
                 let tx = tx.clone();
                 let (handles, req) = (&handles, request(m));
                 let src = prep.view.host(&m.from).expect("known").address.clone();
-                s.spawn(move || run_vm(i, m, &src, req, secret, tx, handles, on, started));
+                s.spawn(move || run_vm(i, m, &src, req, tls, tx, handles, on, started));
             }
             let mut needs: HashMap<usize, Vec<PageHash>> = HashMap::new();
             while needs.len() + failures.len() + results.len() < n {
@@ -895,7 +898,7 @@ pub fn evacuate(
             }
             if !stop.load(Ordering::Relaxed) {
                 // 2. Casts and fetches fill the held migrations' memory.
-                let held_sets = holders_of_needs(index, &prep, &needs);
+                let held_sets = holders_of_needs(index, tls, &prep, &needs);
                 let (plan, fetches) = plan_transfers(&prep, &needs, spec.method, &held_sets);
                 let sources: Vec<String> = plan.keys().cloned().collect();
                 std::thread::scope(|s2| {
@@ -903,7 +906,7 @@ pub fn evacuate(
                         let sends = &plan[src];
                         let (prep, traffic) = (&prep, &traffic);
                         s2.spawn(move || {
-                            run_source_casts(prep, spec, secret, si, src, sends, traffic, on)
+                            run_source_casts(prep, spec, tls, si, src, sends, traffic, on)
                         });
                     }
                     for ((d, mate), hs) in &fetches {
@@ -916,7 +919,7 @@ pub fn evacuate(
                             let daddr = &prep.view.host(d).expect("known").address;
                             let maddr = &prep.view.host(mate).expect("known").address;
                             let expect = Duration::from_secs(30 + hs.len() as u64 / 2_000);
-                            let r = AgentClient::connect(daddr, secret, "pagecast-coordinator")
+                            let r = AgentClient::connect(daddr, tls)
                                 .and_then(|c| c.with_answer_timeout(expect))
                                 .and_then(|c| {
                                     c.fetch(v1::FetchRequest {
@@ -976,7 +979,7 @@ pub fn evacuate(
                             };
                             let (itx, irx) = mpsc::channel();
                             let m = &prep.moving[i];
-                            run_vm(i, m, &addr, request(m), secret, itx, handles, on, started);
+                            run_vm(i, m, &addr, request(m), tls, itx, handles, on, started);
                             for r in irx.try_iter() {
                                 let _ = tx.send(r);
                             }
@@ -1076,6 +1079,7 @@ pub fn evacuate(
 /// Which hosts the index says hold each needed content (for short haul).
 fn holders_of_needs(
     index: &[String],
+    tls: &Tls,
     prep: &Prepared,
     needs: &HashMap<usize, Vec<PageHash>>,
 ) -> HashMap<String, HashSet<PageHash>> {
@@ -1087,7 +1091,12 @@ fn holders_of_needs(
         .collect();
     let mut out: HashMap<String, HashSet<PageHash>> = HashMap::new();
     // The index is a hint: without it, everything comes from sources.
-    let Ok(held) = who_holds(index, needs.values().flatten(), Duration::from_secs(10)) else {
+    let Ok(held) = who_holds(
+        index,
+        tls,
+        needs.values().flatten(),
+        Duration::from_secs(10),
+    ) else {
         return out;
     };
     for (host, p) in held {
@@ -1105,13 +1114,14 @@ fn holders_of_needs(
 /// at a million pages.
 fn who_holds<'a>(
     index: &[String],
+    tls: &Tls,
     hashes: impl Iterator<Item = &'a PageHash>,
     timeout: Duration,
 ) -> Result<Vec<(u32, PageHash)>, CoordError> {
     let mut all: Vec<PageHash> = hashes.copied().collect();
     all.sort_unstable();
     all.dedup();
-    let mut c = IndexClient::new(index)?;
+    let mut c = IndexClient::new(index, tls.clone())?;
     c.timeout = timeout;
     let shards = c.shards()?;
     let mut by_shard: Vec<Vec<PageHash>> = vec![Vec::new(); shards as usize];
@@ -1124,7 +1134,7 @@ fn who_holds<'a>(
             .enumerate()
             .map(|(s, hs)| {
                 sc.spawn(move || -> Result<Vec<(u32, PageHash)>, CoordError> {
-                    let mut c = IndexClient::new(index)?;
+                    let mut c = IndexClient::new(index, tls.clone())?;
                     c.timeout = timeout;
                     let mut out = Vec::new();
                     for chunk in hs.chunks(16_384) {
@@ -1172,12 +1182,12 @@ pub struct CloneSpec {
 /// Clones a running VM to several hosts, live (see `pagecast clone`).
 pub fn clone(
     index: &[String],
-    secret: &Secret,
+    tls: &Tls,
     spec: &CloneSpec,
     on: &(dyn Fn(Event) + Sync),
 ) -> Result<CloneReport, CoordError> {
     let started = Instant::now();
-    let mut ic = IndexClient::new(index)?;
+    let mut ic = IndexClient::new(index, tls.clone())?;
     ic.timeout = Duration::from_secs(20);
     on(Event::Step("reading the cluster from the index".into()));
     let view = ClusterView::read(&mut ic)?;
@@ -1233,7 +1243,7 @@ pub fn clone(
         source.name,
         spec.to.join(", ")
     )));
-    let r = AgentClient::connect(&source.address, secret, "pagecast-coordinator")
+    let r = AgentClient::connect(&source.address, tls)
         .and_then(|c| {
             c.clone_vm(
                 v1::CloneRequest {
@@ -1314,7 +1324,7 @@ mod tests {
                 transport: v1::CastTransport::Multicast as i32,
             })),
         };
-        let len = req.encoded_len() + pagecast_proto::MAC_LEN + 64;
+        let len = req.encoded_len();
         assert!(
             len <= pagecast_proto::MAX_CONTROL_FRAME_BYTES,
             "{len} bytes for {CAST_CHUNK} pages"

@@ -15,7 +15,7 @@ use pagecast_pages::units::{format_bytes, parse_bits_per_second, parse_size};
 use pagecast_proto::v1;
 use serde::Serialize;
 
-use super::{SecretArg, load_secret};
+use super::{TlsArg, load_tls};
 
 /// Run this host's agent: it owns the host's micro-VMs and migrates them.
 ///
@@ -41,18 +41,21 @@ use super::{SecretArg, load_secret};
 ///
 /// Example, two agents on one host:
 ///
-///   pagecast secret new cluster.secret
+///   pagecast ca init --dir ca
+///   pagecast ca issue --dir ca --name host-a --role host --out host-a
+///   pagecast ca issue --dir ca --name host-b --role host --out host-b
 ///
-///   pagecast agent --name host-a --listen 127.0.0.1:7400 --secret-file cluster.secret
+///   pagecast agent --name host-a --listen 127.0.0.1:7400 --tls host-a
 ///
-///   pagecast agent --name host-b --listen 127.0.0.1:7401 --secret-file cluster.secret \
+///   pagecast agent --name host-b --listen 127.0.0.1:7401 --tls host-b \
 ///       --index 127.0.0.1:7600 --rack r1 --link 10G --capacity 64GiB
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct AgentArgs {
-    /// This host's name, as other agents and tools see it.
+    /// This host's name, as other agents and tools see it: the name its
+    /// host certificate carries (the default; another name is refused).
     #[arg(long, value_name = "HOST")]
-    name: String,
+    name: Option<String>,
 
     /// Control address (TCP).
     #[arg(long, value_name = "HOST:PORT")]
@@ -69,7 +72,7 @@ pub struct AgentArgs {
     metrics: Option<String>,
 
     #[command(flatten)]
-    secret: SecretArg,
+    tls: TlsArg,
 
     /// Content index replicas to publish to, HOST:PORT[,HOST:PORT...]
     /// (without it the agent does not publish).
@@ -117,7 +120,7 @@ fn resolve(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
 
 /// Runs `pagecast agent`.
 pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
-    let secret = load_secret(&a.secret)?;
+    let tls = load_tls(&a.tls)?;
     if let Some(d) = &a.data {
         std::fs::create_dir_all(d)
             .with_context(|| format!("--data {}: cannot create it", d.display()))?;
@@ -146,7 +149,7 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
         anyhow::ensure!(!addrs.is_empty(), "--index: no address given");
     }
     let config = AgentConfig {
-        name: a.name,
+        name: a.name.unwrap_or_else(|| tls.identity().name.clone()),
         listen,
         data: a.data,
         metrics: a
@@ -154,7 +157,7 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
             .as_deref()
             .map(|m| resolve("--metrics", m))
             .transpose()?,
-        secret,
+        tls,
         threads,
         index,
         cast_iface: a
@@ -220,7 +223,7 @@ struct VmSetArgs {
     dirty_rate: u64,
 
     #[command(flatten)]
-    secret: SecretArg,
+    tls: TlsArg,
 
     /// Print the VM as JSON.
     #[arg(long)]
@@ -286,7 +289,7 @@ struct VmStartArgs {
     working_set: u64,
 
     #[command(flatten)]
-    secret: SecretArg,
+    tls: TlsArg,
 
     /// Print the VM as JSON.
     #[arg(long)]
@@ -308,7 +311,7 @@ struct VmListArgs {
     agent: String,
 
     #[command(flatten)]
-    secret: SecretArg,
+    tls: TlsArg,
 
     /// Print the list as JSON.
     #[arg(long)]
@@ -327,7 +330,7 @@ struct VmStopArgs {
     name: String,
 
     #[command(flatten)]
-    secret: SecretArg,
+    tls: TlsArg,
 
     /// Print the stopped VM as JSON.
     #[arg(long)]
@@ -361,8 +364,8 @@ fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
 pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
     match a.command {
         VmCommand::Start(a) => {
-            let secret = load_secret(&a.secret)?;
-            let c = AgentClient::connect(&a.agent, &secret, "pagecast-cli")?;
+            let tls = load_tls(&a.tls)?;
+            let c = AgentClient::connect(&a.agent, &tls)?;
             let req = v1::VmStartRequest {
                 name: a.name,
                 image: a.image.unwrap_or_default(),
@@ -386,8 +389,8 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
             }
         }
         VmCommand::List(a) => {
-            let secret = load_secret(&a.secret)?;
-            let l = AgentClient::connect(&a.agent, &secret, "pagecast-cli")?.vm_list()?;
+            let tls = load_tls(&a.tls)?;
+            let l = AgentClient::connect(&a.agent, &tls)?.vm_list()?;
             if a.json {
                 #[derive(Serialize)]
                 struct ListOut<'a> {
@@ -406,9 +409,8 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
             }
         }
         VmCommand::Set(a) => {
-            let secret = load_secret(&a.secret)?;
-            let v = AgentClient::connect(&a.agent, &secret, "pagecast-cli")?
-                .vm_set(&a.name, a.dirty_rate)?;
+            let tls = load_tls(&a.tls)?;
+            let v = AgentClient::connect(&a.agent, &tls)?.vm_set(&a.name, a.dirty_rate)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);
             } else {
@@ -416,8 +418,8 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
             }
         }
         VmCommand::Stop(a) => {
-            let secret = load_secret(&a.secret)?;
-            let v = AgentClient::connect(&a.agent, &secret, "pagecast-cli")?.vm_stop(&a.name)?;
+            let tls = load_tls(&a.tls)?;
+            let v = AgentClient::connect(&a.agent, &tls)?.vm_stop(&a.name)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);
             } else {
@@ -475,7 +477,7 @@ fn render_list(l: &v1::VmList) -> String {
 ///
 /// Example:
 ///
-///   pagecast migrate --vm web1 --from 127.0.0.1:7400 --to 127.0.0.1:7401 --bandwidth 1G --secret-file cluster.secret
+///   pagecast migrate --vm web1 --from 127.0.0.1:7400 --to 127.0.0.1:7401 --bandwidth 1G --tls ~/.pagecast
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct MigrateArgs {
@@ -507,7 +509,7 @@ pub struct MigrateArgs {
     verify_full: bool,
 
     #[command(flatten)]
-    secret: SecretArg,
+    tls: TlsArg,
 
     /// Print the report as JSON.
     #[arg(long)]
@@ -553,8 +555,8 @@ struct MigrateOut<'a> {
 
 /// Runs `pagecast migrate`.
 pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
-    let secret = load_secret(&a.secret)?;
-    let client = AgentClient::connect(&a.from, &secret, "pagecast-cli")?;
+    let tls = load_tls(&a.tls)?;
+    let client = AgentClient::connect(&a.from, &tls)?;
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {

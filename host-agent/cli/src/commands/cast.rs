@@ -17,12 +17,12 @@ use pagecast_pages::units::{format_bytes, parse_bits_per_second};
 use serde::Serialize;
 
 use super::progress::pages_bar;
-use super::{SecretArg, load_secret};
+use super::{TlsArg, load_tls};
 
 /// Send an image's pages to many receivers at once, or receive them.
 ///
-/// The sender waits for N receivers on its control address, authenticates
-/// each with the cluster secret, hands out a per-session key, probes
+/// The sender waits for N receivers on its control address, checks each
+/// one's host certificate (mutual TLS), hands out a per-session key, probes
 /// multicast, then sends every non-zero page once: UDP multicast with NACK
 /// repair (or, where multicast does not get through, a TCP chain through
 /// the receivers). Each receiver checks every page against its BLAKE3 hash
@@ -30,13 +30,14 @@ use super::{SecretArg, load_secret};
 ///
 /// Example, three shells on one host (loopback multicast works):
 ///
-///   pagecast secret new cluster.secret
+///   pagecast ca init --dir ca
+///   for h in a b c; do pagecast ca issue --dir ca --name $h --role host --out $h; done
 ///
-///   pagecast cast send --group 239.1.1.1:7000 --iface 127.0.0.1 --control 127.0.0.1:7100 --receivers 2 --secret-file cluster.secret vm.raw
+///   pagecast cast send --group 239.1.1.1:7000 --iface 127.0.0.1 --control 127.0.0.1:7100 --receivers 2 --tls a vm.raw
 ///
-///   pagecast cast recv --control 127.0.0.1:7100 --iface 127.0.0.1 --out copy1.raw --secret-file cluster.secret
+///   pagecast cast recv --control 127.0.0.1:7100 --iface 127.0.0.1 --out copy1.raw --tls b
 ///
-///   pagecast cast recv --control 127.0.0.1:7100 --iface 127.0.0.1 --out copy2.raw --secret-file cluster.secret
+///   pagecast cast recv --control 127.0.0.1:7100 --iface 127.0.0.1 --out copy2.raw --tls c
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct CastArgs {
@@ -64,7 +65,7 @@ enum TransportArg {
 ///
 /// Example:
 ///
-///   pagecast cast send --group 239.1.1.1:7000 --iface 10.0.0.1 --control 10.0.0.1:7100 --receivers 4 --rate 5G --secret-file cluster.secret vm.raw
+///   pagecast cast send --group 239.1.1.1:7000 --iface 10.0.0.1 --control 10.0.0.1:7100 --receivers 4 --rate 5G --tls /etc/pagecast/node vm.raw
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 struct SendArgs {
@@ -111,7 +112,7 @@ struct SendArgs {
     accept_timeout: u64,
 
     #[command(flatten)]
-    secret: SecretArg,
+    tls: TlsArg,
 
     /// Print the report as JSON.
     #[arg(long)]
@@ -134,7 +135,7 @@ struct SendArgs {
 ///
 /// Example:
 ///
-///   pagecast cast recv --control 10.0.0.1:7100 --iface 10.0.0.2 --out vm.raw --secret-file cluster.secret
+///   pagecast cast recv --control 10.0.0.1:7100 --iface 10.0.0.2 --out vm.raw --tls /etc/pagecast/node
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 struct RecvArgs {
@@ -159,7 +160,7 @@ struct RecvArgs {
     silent_after: u64,
 
     #[command(flatten)]
-    secret: SecretArg,
+    tls: TlsArg,
 
     /// Print the report as JSON.
     #[arg(long)]
@@ -187,7 +188,7 @@ struct SendOut<'a> {
 }
 
 fn run_send(a: SendArgs, threads: usize) -> anyhow::Result<()> {
-    let secret = load_secret(&a.secret)?;
+    let tls = load_tls(&a.tls)?;
     if !a.group.ip().is_multicast() {
         anyhow::bail!(
             "--group {} is not an IPv4 multicast address (224.0.0.0/4)",
@@ -222,7 +223,7 @@ fn run_send(a: SendArgs, threads: usize) -> anyhow::Result<()> {
         "sending",
         a.no_progress,
     );
-    let report = send(&cfg, Groups::Single(a.group), &src, &secret, &|done, _| {
+    let report = send(&cfg, Groups::Single(a.group), &src, &tls, &|done, _| {
         bar.set_position(done)
     })
     .context("cast session failed")?;
@@ -330,7 +331,7 @@ struct RecvOut<'a> {
 }
 
 fn run_recv(a: RecvArgs) -> anyhow::Result<()> {
-    let secret = load_secret(&a.secret)?;
+    let tls = load_tls(&a.tls)?;
     let name = a.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}:{}", host.trim(), std::process::id())
@@ -339,7 +340,7 @@ fn run_recv(a: RecvArgs) -> anyhow::Result<()> {
     cfg.silent_after = Duration::from_secs(a.silent_after);
     let mut sink = ImageSink::new(&a.out);
     let bar = pages_bar(0, "receiving", a.no_progress);
-    let report = receive(&cfg, &secret, &mut sink, &|held, need| {
+    let report = receive(&cfg, &tls, &mut sink, &|held, need| {
         bar.set_length(need);
         bar.set_position(held);
     })

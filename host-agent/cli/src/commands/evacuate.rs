@@ -15,7 +15,6 @@ use pagecast_proto::v1;
 use pagecast_scheduler::Objective;
 
 use super::index::IndexAddrs;
-use super::{SecretArg, load_secret};
 
 /// Move every VM off one or more hosts (a rack, for maintenance), each
 /// unique page leaving its source once.
@@ -113,9 +112,6 @@ pub struct EvacuateArgs {
     #[arg(long, value_name = "ID")]
     job: Option<String>,
 
-    #[command(flatten)]
-    secret: SecretArg,
-
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -179,9 +175,6 @@ pub struct CloneArgs {
     #[arg(long, value_name = "ID")]
     job: Option<String>,
 
-    #[command(flatten)]
-    secret: SecretArg,
-
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -209,9 +202,6 @@ pub struct CancelArgs {
     /// The job's id, as `evacuate` or `clone` printed it.
     #[arg(value_name = "JOB")]
     job: String,
-
-    #[command(flatten)]
-    secret: SecretArg,
 }
 
 /// Set by SIGINT or SIGTERM.
@@ -397,7 +387,7 @@ fn render(r: &EvacuationReport) -> String {
 
 /// Runs `pagecast evacuate`.
 pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
-    let secret = load_secret(&a.secret)?;
+    let tls = a.index.identity()?;
     let stop = catch_interrupts();
     let job = a.job.clone().unwrap_or_else(|| new_job_id("ev"));
     let spec = EvacuateSpec {
@@ -424,13 +414,8 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         eprintln!("job {job} (stop it with Ctrl-C or `pagecast cancel {job}`)");
     }
     let progress = Progress::new(a.no_progress || a.json, 0);
-    let res = pagecast_coordinator::evacuate(
-        &a.index.list(),
-        &secret,
-        &spec,
-        &|e| progress.event(e),
-        stop,
-    );
+    let res =
+        pagecast_coordinator::evacuate(&a.index.list(), &tls, &spec, &|e| progress.event(e), stop);
     progress.finish();
     let r = match res {
         Ok(r) => r,
@@ -459,7 +444,7 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
 
 /// Runs `pagecast clone`.
 pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
-    let secret = load_secret(&a.secret)?;
+    let tls = a.index.identity()?;
     let stop = catch_interrupts();
     let job = a.job.clone().unwrap_or_else(|| new_job_id("cl"));
     if !a.json {
@@ -468,12 +453,12 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
     // Ctrl-C cancels the job on every agent: the clone in progress is
     // discarded, the source runs on.
     let addrs = a.index.list();
-    let (job2, secret2, addrs2) = (job.clone(), secret.clone(), addrs.clone());
+    let (job2, tls2, addrs2) = (job.clone(), tls.clone(), addrs.clone());
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = cancel_everywhere(&addrs2, &secret2, &job2);
+        let _ = cancel_everywhere(&addrs2, &tls2, &job2);
     });
     let spec = pagecast_coordinator::CloneSpec {
         vm: a.vm.clone(),
@@ -484,7 +469,7 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
         job: job.clone(),
     };
     let progress = Progress::new(a.no_progress || a.json, 0);
-    let res = pagecast_coordinator::clone(&addrs, &secret, &spec, &|e| progress.event(e));
+    let res = pagecast_coordinator::clone(&addrs, &tls, &spec, &|e| progress.event(e));
     progress.finish();
     let r = match res {
         Ok(r) => r,
@@ -521,18 +506,16 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
 
 fn cancel_everywhere(
     index: &[String],
-    secret: &pagecast_channel::Secret,
+    tls: &pagecast_channel::Tls,
     job: &str,
 ) -> anyhow::Result<(usize, Vec<String>)> {
-    let mut c = pagecast_index::client::IndexClient::new(index)?;
+    let mut c = pagecast_index::client::IndexClient::new(index, tls.clone())?;
     c.timeout = Duration::from_secs(20);
     let hosts = c.hosts(true)?;
     let mut told = 0;
     let mut failed = Vec::new();
     for h in hosts.iter().filter(|h| !h.address.is_empty()) {
-        match AgentClient::connect(&h.address, secret, "pagecast-cli")
-            .and_then(|x| x.cancel_job(job))
-        {
+        match AgentClient::connect(&h.address, tls).and_then(|x| x.cancel_job(job)) {
             Ok(_) => told += 1,
             Err(e) => failed.push(format!("{}: {e}", h.name)),
         }
@@ -542,8 +525,8 @@ fn cancel_everywhere(
 
 /// Runs `pagecast cancel`.
 pub fn run_cancel(a: CancelArgs) -> anyhow::Result<()> {
-    let secret = load_secret(&a.secret)?;
-    let (told, failed) = cancel_everywhere(&a.index.list(), &secret, &a.job)?;
+    let tls = a.index.identity()?;
+    let (told, failed) = cancel_everywhere(&a.index.list(), &tls, &a.job)?;
     println!("job {} cancelled on {told} agent(s)", a.job);
     if !failed.is_empty() {
         anyhow::bail!("could not reach: {}", failed.join("; "));

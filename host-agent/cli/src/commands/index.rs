@@ -15,6 +15,7 @@ use pagecast_pages::{PageHash, Sketch, sharing};
 use pagecast_proto::v1::VmState;
 
 use super::progress::pages_bar;
+use super::{TlsArg, load_tls};
 
 /// Run and query the replicated content index.
 ///
@@ -90,6 +91,10 @@ pub struct ServeArgs {
     /// Least level of raft's own log lines on stderr: debug, info, warning, error.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     raft_log: String,
+    /// This replica's identity: a node directory with an `index`
+    /// certificate (`pagecast ca issue --role index`).
+    #[command(flatten)]
+    tls: TlsArg,
 }
 
 /// Which replicas to talk to.
@@ -98,6 +103,8 @@ pub struct IndexAddrs {
     /// Index replicas, HOST:PORT[,HOST:PORT...]; any one is enough.
     #[arg(long = "index", value_name = "ADDRS", env = "PAGECAST_INDEX")]
     index: String,
+    #[command(flatten)]
+    pub tls: TlsArg,
 }
 
 impl IndexAddrs {
@@ -108,6 +115,16 @@ impl IndexAddrs {
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
             .collect()
+    }
+
+    /// This command's TLS identity.
+    pub fn identity(&self) -> anyhow::Result<pagecast_channel::Tls> {
+        load_tls(&self.tls)
+    }
+
+    /// A client of these replicas.
+    pub fn client(&self) -> anyhow::Result<IndexClient> {
+        Ok(IndexClient::new(&self.list(), self.identity()?)?)
     }
 }
 
@@ -327,6 +344,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         compact_after: a.compact_after.max(2),
         compact_bytes: a.compact_log_mib.max(1) << 20,
         raft_log_level: level,
+        tls: load_tls(&a.tls)?,
     };
     let r = replica::start(cfg)?;
     tracing::info!(
@@ -344,7 +362,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 
 fn status(a: StatusArgs) -> anyhow::Result<()> {
     let addrs = a.index.list();
-    let mut c = IndexClient::new(&addrs)?;
+    let mut c = IndexClient::new(&addrs, a.index.identity()?)?;
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for addr in &addrs {
@@ -478,6 +496,7 @@ fn load(a: LoadArgs, threads: usize) -> anyhow::Result<()> {
     }
     let fp = Fingerprinter::new(threads)?;
     let addrs = a.index.list();
+    let tls = a.index.identity()?;
     let mut out = Vec::new();
     for (name, image) in pairs {
         let t0 = Instant::now();
@@ -485,7 +504,7 @@ fn load(a: LoadArgs, threads: usize) -> anyhow::Result<()> {
         let content = VmContent::from_frames(&name, &absolute(&image), &hashes);
         let hash_s = t0.elapsed().as_secs_f64();
         let bar = pages_bar(content.counts.len() as u64, "publishing", a.no_progress);
-        let rep = client::load_vm(&addrs, &a.host, &content, a.batch, &|n| bar.inc(n))
+        let rep = client::load_vm(&addrs, &tls, &a.host, &content, a.batch, &|n| bar.inc(n))
             .with_context(|| format!("loading VM {name}"))?;
         bar.finish_and_clear();
         let rate = rep.deltas as f64 / rep.elapsed.as_secs_f64().max(1e-9);
@@ -527,6 +546,7 @@ fn unload(a: UnloadArgs, threads: usize) -> anyhow::Result<()> {
     let bar = pages_bar(0, "removing", a.no_progress);
     let rep = client::unload_vm(
         &addrs,
+        &a.index.identity()?,
         &a.host,
         &a.vm,
         a.batch,
@@ -556,7 +576,7 @@ fn unload(a: UnloadArgs, threads: usize) -> anyhow::Result<()> {
 fn holders(a: HoldersArgs, threads: usize) -> anyhow::Result<()> {
     let fp = Fingerprinter::new(threads)?;
     let hashes = fingerprint_image(&fp, &a.image, "hashing", a.no_progress)?;
-    let rep = client::holders_of(&a.index.list(), &hashes, a.stale)?;
+    let rep = client::holders_of(&a.index.list(), &a.index.identity()?, &hashes, a.stale)?;
     if a.json {
         println!(
             "{}",
@@ -602,7 +622,7 @@ pub fn advise(a: AdviseArgs, threads: usize) -> anyhow::Result<()> {
 }
 
 fn advise_vm(a: &AdviseArgs, vm_name: &str) -> anyhow::Result<()> {
-    let mut c = IndexClient::new(&a.index.list())?;
+    let mut c = a.index.client()?;
     c.timeout = Duration::from_secs(20);
     let r = c.advise(vm_name, a.top.max(1), a.stale)?;
     let vm = r.vm.clone().unwrap_or_default();
@@ -669,8 +689,8 @@ fn advise_image(a: &AdviseArgs, image: &Path, threads: usize) -> anyhow::Result<
     let hashes = fingerprint_image(&fp, image, "hashing", a.no_progress || a.json)?;
     let memory = hashes.len() as u64 * pagecast_pages::PAGE_BYTES;
     let addrs = a.index.list();
-    let rep = client::holders_of(&addrs, &hashes, a.stale)?;
-    let mut c = IndexClient::new(&addrs)?;
+    let rep = client::holders_of(&addrs, &a.index.identity()?, &hashes, a.stale)?;
+    let mut c = IndexClient::new(&addrs, a.index.identity()?)?;
     let hosts = c.hosts(a.stale)?;
     let mut rows: Vec<ImageHost> = hosts
         .iter()
@@ -735,7 +755,7 @@ fn advise_image(a: &AdviseArgs, image: &Path, threads: usize) -> anyhow::Result<
 }
 
 fn advise_cluster(a: &AdviseArgs) -> anyhow::Result<()> {
-    let mut c = IndexClient::new(&a.index.list())?;
+    let mut c = a.index.client()?;
     c.timeout = Duration::from_secs(20);
     let hosts: HashMap<u32, String> = c
         .hosts(a.stale)?
@@ -807,7 +827,7 @@ fn advise_cluster(a: &AdviseArgs) -> anyhow::Result<()> {
 
 /// Runs `pagecast hosts`.
 pub fn hosts(a: HostsArgs) -> anyhow::Result<()> {
-    let mut c = IndexClient::new(&a.index.list())?;
+    let mut c = a.index.client()?;
     c.timeout = Duration::from_secs(20);
     let hosts = c.hosts(a.stale)?;
     let shards = c.shards()?;

@@ -9,6 +9,8 @@ mod progress;
 mod scan;
 mod synth;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 
 /// pagecast: a cluster-wide page-deduplication index and multicast
@@ -45,7 +47,7 @@ enum Command {
     Synth(synth::SynthArgs),
     Plan(plan::PlanArgs),
     Cast(cast::CastArgs),
-    Secret(SecretCmd),
+    Ca(CaCmd),
     Agent(agent::AgentArgs),
     Vm(agent::VmArgs),
     Migrate(agent::MigrateArgs),
@@ -57,46 +59,76 @@ enum Command {
     Cancel(evacuate::CancelArgs),
 }
 
-/// Manage the cluster secret that agents, peers and tools authenticate
-/// each other with.
+/// The cluster's certificate authority: every daemon and tool proves who
+/// it is with a certificate it signed (mutual TLS on every connection).
+///
+/// Roles: `host` (an agent: its own VMs and index records, migration and
+/// cast traffic with other hosts), `operator` (start, stop, migrate,
+/// evacuate, clone, index loads), `reader` (queries only), `index` (an
+/// index replica).
 ///
 /// Example:
 ///
-///   pagecast secret new /etc/pagecast/cluster.secret
+///   pagecast ca init --dir /etc/pagecast/ca
+///   pagecast ca issue --dir /etc/pagecast/ca --name host-a --role host --out /etc/pagecast/host-a
+///   pagecast ca issue --dir /etc/pagecast/ca --name alice --role operator --out ~/.pagecast
+///   pagecast agent --name host-a --listen 10.0.0.1:7400 --tls /etc/pagecast/host-a
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
-struct SecretCmd {
+struct CaCmd {
     #[command(subcommand)]
-    command: SecretSub,
+    command: CaSub,
 }
 
 #[derive(Debug, Subcommand)]
-enum SecretSub {
-    /// Write a new random secret (refuses to overwrite an existing file).
-    New {
-        /// The file to create.
-        file: std::path::PathBuf,
+enum CaSub {
+    /// Make a new CA in DIR: ca.crt and ca.key (owner-only). Refuses to
+    /// replace an existing CA. Keep DIR off the hosts: whoever holds ca.key
+    /// can issue any identity.
+    Init {
+        /// The CA directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate: writes OUT/ca.crt, OUT/node.crt and
+    /// OUT/node.key (owner-only); refuses to replace an existing key.
+    Issue {
+        /// The CA directory (from `ca init`).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node's name: an agent's --name for hosts; any label for
+        /// operators, readers and replicas.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// What the holder may do: host, operator, reader or index.
+        #[arg(long, value_name = "ROLE")]
+        role: pagecast_channel::Role,
+        /// The node directory to write (created if missing).
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, value_name = "N", default_value_t = pagecast_channel::ca::DEFAULT_DAYS)]
+        days: u32,
     },
 }
 
-/// The cluster secret option every networked command takes.
+/// The TLS identity option every networked command takes.
 #[derive(Debug, Clone, clap::Args)]
-pub struct SecretArg {
-    /// The cluster secret file (make one with `pagecast secret new FILE`).
-    #[arg(
-        long = "secret-file",
-        value_name = "FILE",
-        env = "PAGECAST_SECRET_FILE"
-    )]
-    pub secret_file: Option<std::path::PathBuf>,
+pub struct TlsArg {
+    /// This node's directory from `pagecast ca issue --out DIR` (ca.crt,
+    /// node.crt, node.key).
+    #[arg(long = "tls", value_name = "DIR", env = "PAGECAST_TLS")]
+    pub tls: Option<PathBuf>,
 }
 
-/// Loads the cluster secret named by `--secret-file` or the environment.
-pub fn load_secret(a: &SecretArg) -> anyhow::Result<pagecast_channel::Secret> {
-    let path = a.secret_file.as_ref().ok_or_else(|| {
-        anyhow::anyhow!("no cluster secret: pass --secret-file FILE or set PAGECAST_SECRET_FILE (create one with `pagecast secret new FILE`)")
+/// Loads the identity named by `--tls` or the environment.
+pub fn load_tls(a: &TlsArg) -> anyhow::Result<pagecast_channel::Tls> {
+    let dir = a.tls.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no TLS identity: pass --tls DIR or set PAGECAST_TLS (make one with `pagecast ca issue ... --out DIR`)"
+        )
     })?;
-    Ok(pagecast_channel::Secret::load(path)?)
+    Ok(pagecast_channel::Tls::load(dir)?)
 }
 
 /// How log lines are written.
@@ -144,13 +176,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evacuate(a) => evacuate::run_evacuate(a),
         Command::Clone(a) => evacuate::run_clone(a),
         Command::Cancel(a) => evacuate::run_cancel(a),
-        Command::Secret(SecretCmd {
-            command: SecretSub::New { file },
+        Command::Ca(CaCmd {
+            command: CaSub::Init { dir },
         }) => {
-            pagecast_channel::Secret::create_file(&file)?;
+            pagecast_channel::ca::Authority::init(&dir)?;
             eprintln!(
-                "wrote a new cluster secret to {} (mode 0600); copy it to every host",
-                file.display()
+                "made a cluster CA in {} (ca.key is owner-only: keep it off the hosts)",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Ca(CaCmd {
+            command:
+                CaSub::Issue {
+                    dir,
+                    name,
+                    role,
+                    out,
+                    days,
+                },
+        }) => {
+            let ca = pagecast_channel::ca::Authority::load(&dir)?;
+            ca.issue_to(&name, role, days, &out)?;
+            eprintln!(
+                "issued {name} ({role}) for {days} days in {}",
+                out.display()
             );
             Ok(())
         }

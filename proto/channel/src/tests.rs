@@ -1,0 +1,315 @@
+use super::*;
+use std::net::TcpListener;
+use std::time::SystemTime;
+
+use pagecast_proto::v1;
+
+use crate::ca::Authority;
+
+fn pair(server: Tls, client: Tls) -> (Result<Channel, AuthError>, Result<Channel, AuthError>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        Channel::server(s, &server)
+    });
+    let c = Channel::client(TcpStream::connect(addr).unwrap(), &client);
+    (t.join().unwrap(), c)
+}
+
+#[test]
+fn frames_flow_both_ways_and_each_side_knows_the_other() {
+    let ca = Authority::generate().unwrap();
+    let (srv, cli) = pair(
+        ca.issue("host-a", Role::Host, 1).unwrap(),
+        ca.issue("ops", Role::Operator, 1).unwrap(),
+    );
+    let (mut srv, mut cli) = (srv.unwrap(), cli.unwrap());
+    assert_eq!(
+        srv.identity(),
+        &Identity {
+            name: "ops".into(),
+            role: Role::Operator
+        }
+    );
+    assert_eq!(cli.peer_name(), "host-a");
+    assert_eq!(cli.identity().role, Role::Host);
+    let m = v1::CastProgress {
+        group: 1,
+        contiguous: 2,
+        held: 3,
+    };
+    cli.send(&m).unwrap();
+    assert_eq!(srv.recv::<v1::CastProgress>("progress").unwrap(), m);
+    // A frame larger than a TLS record, then a burst, through split halves.
+    let (mut r, mut w) = srv.split().unwrap();
+    let big = v1::CastProbe { nonce: 0x0123_4567 };
+    let t = std::thread::spawn(move || {
+        for _ in 0..1000 {
+            w.send(&big).unwrap();
+        }
+        w.send(&v1::VmInfo {
+            name: "x".repeat(100_000),
+            ..Default::default()
+        })
+        .unwrap();
+        w.sent_bytes()
+    });
+    for _ in 0..1000 {
+        assert_eq!(cli.recv::<v1::CastProbe>("probe").unwrap(), big);
+    }
+    assert_eq!(cli.recv::<v1::VmInfo>("vm").unwrap().name.len(), 100_000);
+    let sent = t.join().unwrap();
+    assert!(sent > 100_000 + 1000 * 10, "{sent}");
+    cli.send(&m).unwrap();
+    assert_eq!(r.recv::<v1::CastProgress>("progress").unwrap(), m);
+}
+
+fn refused(server: Tls, client: Tls) -> (String, String) {
+    let (s, c) = pair(server, client);
+    let s = s.map(|_| ()).unwrap_err().to_string();
+    // A client may only learn of the refusal at its first read.
+    let c = match c {
+        Err(e) => e.to_string(),
+        Ok(mut c) => c.recv::<v1::CastProbe>("probe").unwrap_err().to_string(),
+    };
+    (s, c)
+}
+
+#[test]
+fn another_ca_and_an_expired_certificate_are_refused() {
+    let ca = Authority::generate().unwrap();
+    let other = Authority::generate().unwrap();
+    // A client that trusts the cluster CA but holds a certificate from
+    // another CA.
+    let now = SystemTime::now();
+    let (cert, key) = other
+        .sign(
+            "intruder",
+            Role::Operator,
+            now,
+            now + Duration::from_secs(3600),
+        )
+        .unwrap();
+    let intruder = Tls::from_pem(ca.cert_pem(), &cert, &key).unwrap();
+    let (s, c) = refused(ca.issue("host-a", Role::Host, 1).unwrap(), intruder);
+    assert!(s.contains("TLS") && s.contains("UnknownIssuer"), "{s}");
+    assert!(c.contains("TLS") || c.contains("closed"), "{c}");
+    // The other way round: a server the client's CA did not sign.
+    let (_, c) = refused(
+        other.issue("fake-host", Role::Host, 1).unwrap(),
+        ca.issue("ops", Role::Operator, 1).unwrap(),
+    );
+    assert!(c.contains("UnknownIssuer"), "{c}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let day = Duration::from_secs(86_400);
+    ca.write_node("old", Role::Operator, now - 3 * day, now - day, dir.path())
+        .unwrap();
+    let expired = Tls::load(dir.path()).unwrap();
+    let (s, _) = refused(ca.issue("host-a", Role::Host, 1).unwrap(), expired);
+    assert!(s.contains("certificate expired"), "{s}");
+}
+
+#[test]
+fn a_client_without_a_certificate_is_refused() {
+    let ca = Authority::generate().unwrap();
+    let server = ca.issue("host-a", Role::Host, 1).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        Channel::server(s, &server).map(|_| ())
+    });
+    // A client trusting the CA but presenting no certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(verify::ClusterServerVerifier::new(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )))
+    .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(
+        Arc::new(cfg),
+        rustls::pki_types::ServerName::try_from("pagecast.invalid").unwrap(),
+    )
+    .unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    let _ = TlsStream::handshake(rustls::Connection::Client(conn), sock, "srv".into());
+    let e = t.join().unwrap().unwrap_err().to_string();
+    assert!(e.contains("peer sent no certificates"), "{e}");
+}
+
+#[test]
+fn silence_and_garbage_during_the_handshake_fail_cleanly() {
+    let ca = Authority::generate().unwrap();
+    let server = ca.issue("host-a", Role::Host, 1).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let a = Channel::server(s, &server).map(|_| ());
+        let (s, _) = l.accept().unwrap();
+        let started = std::time::Instant::now();
+        let b = Channel::server(s, &server).map(|_| ());
+        (a, b, started.elapsed())
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
+    let _silent = {
+        // Wait for the first to be refused, then connect and say nothing.
+        std::thread::sleep(Duration::from_millis(200));
+        TcpStream::connect(addr).unwrap()
+    };
+    let (a, b, took) = t.join().unwrap();
+    let a = a.unwrap_err().to_string();
+    assert!(a.contains("TLS") || a.contains("closed"), "{a}");
+    let b = b.unwrap_err().to_string();
+    assert!(
+        b.contains("timed out")
+            || b.contains("too long")
+            || b.contains("Resource temporarily unavailable"),
+        "{b}"
+    );
+    assert!(
+        took <= HANDSHAKE_TIMEOUT + Duration::from_secs(2),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn an_oversized_frame_ends_the_connection() {
+    let ca = Authority::generate().unwrap();
+    let (srv, cli) = pair(
+        ca.issue("host-a", Role::Host, 1).unwrap(),
+        ca.issue("ops", Role::Operator, 1).unwrap(),
+    );
+    let (mut srv, cli) = (srv.unwrap(), cli.unwrap());
+    let (_, mut w) = cli.split().unwrap();
+    {
+        let mut c = lock(&w.shared);
+        c.writer().write_all(&u32::MAX.to_be_bytes()).unwrap();
+        let mut out = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut out).unwrap();
+        }
+        drop(c);
+        w.sock.write_all(&out).unwrap();
+    }
+    let e = srv.recv::<v1::CastProbe>("probe").unwrap_err().to_string();
+    assert!(e.contains("exceeds"), "{e}");
+    // Tampered ciphertext fails authentication.
+    let (srv, cli) = pair(
+        ca.issue("host-a", Role::Host, 1).unwrap(),
+        ca.issue("ops", Role::Operator, 1).unwrap(),
+    );
+    let (mut srv, cli) = (srv.unwrap(), cli.unwrap());
+    let (_, mut w) = cli.split().unwrap();
+    {
+        let mut c = lock(&w.shared);
+        c.writer()
+            .write_all(&frame(&v1::CastProbe { nonce: 9 }))
+            .unwrap();
+        let mut out = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut out).unwrap();
+        }
+        drop(c);
+        let n = out.len();
+        out[n - 3] ^= 1;
+        w.sock.write_all(&out).unwrap();
+    }
+    let e = srv.recv::<v1::CastProbe>("probe").unwrap_err().to_string();
+    assert!(e.contains("TLS") && e.contains("cannot decrypt"), "{e}");
+    let _ = &mut w;
+}
+
+#[test]
+fn ca_files_round_trip_and_are_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    Authority::init(&ca_dir).unwrap();
+    let e = Authority::init(&ca_dir).unwrap_err().to_string();
+    assert!(e.contains("already holds a CA"), "{e}");
+    let ca = Authority::load(&ca_dir).unwrap();
+    let node = dir.path().join("h1");
+    ca.issue_to("h1", Role::Reader, 30, &node).unwrap();
+    let tls = Tls::load(&node).unwrap();
+    assert_eq!(
+        tls.identity(),
+        &Identity {
+            name: "h1".into(),
+            role: Role::Reader
+        }
+    );
+    let e = ca
+        .issue_to("h1", Role::Host, 30, &node)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already holds a node key"), "{e}");
+    let e = ca
+        .issue_to("bad name", Role::Host, 30, &dir.path().join("x"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("may hold letters"), "{e}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(node.join(NODE_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the key is the owner's only");
+    }
+    std::fs::write(node.join(NODE_KEY), "not a key").unwrap();
+    let e = Tls::load(&node).unwrap_err().to_string();
+    assert!(e.contains("no private key"), "{e}");
+    let e = Tls::load(&dir.path().join("missing"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a directory"), "{e}");
+}
+
+proptest::proptest! {
+    #[test]
+    fn the_frame_decoder_accepts_exactly_what_was_framed(
+        payloads in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 1..5),
+        cut in proptest::option::of(0usize..400),
+    ) {
+        let mut stream = Vec::new();
+        for p in &payloads {
+            stream.extend(frame(&v1::CastFrame { body: None }).iter().take(0));
+            stream.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            stream.extend_from_slice(p);
+        }
+        let whole = stream.len();
+        if let Some(c) = cut { stream.truncate(c.min(whole)); }
+        let mut input = &stream[..];
+        let mut d = FrameDecoder;
+        for p in &payloads {
+            match d.next(&mut input, "t") {
+                Ok(got) => proptest::prop_assert_eq!(&got, p),
+                Err(e) => {
+                    proptest::prop_assert!(stream.len() < whole);
+                    proptest::prop_assert!(matches!(e, AuthError::Closed { .. }), "{e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn any_length_head_is_checked_before_allocating(head in proptest::prelude::any::<[u8; 4]>()) {
+        let len = u32::from_be_bytes(head) as usize;
+        proptest::prop_assert_eq!(frame_len(head, "t").is_ok(), len <= MAX_CONTROL_FRAME_BYTES);
+    }
+}
