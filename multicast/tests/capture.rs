@@ -4,8 +4,13 @@
 //! appears in no captured byte; sent in the clear (a debug-build-only
 //! switch), the same capture finds it, which shows the test can fail.
 //!
-//! Needs root (a packet socket); says so and skips otherwise. Each half runs
-//! in a child process, since the switch is read once per process.
+//! The same for the TCP side: migration-sized frames of marked pages
+//! through a TLS channel leave no marker in the capture, while the same
+//! frames on plain TCP (the control) do.
+//!
+//! Needs root (a packet socket); says so and skips otherwise. Each half of
+//! the cast test runs in a child process, since the switch is read once per
+//! process.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::Command;
@@ -293,4 +298,138 @@ fn the_marker_never_crosses_the_wire_in_the_clear() {
     } else {
         eprintln!("release build: the cleartext switch does not exist, half of the test skipped");
     }
+}
+
+/// Captures TCP segments to or from `port` on `lo` while `talk` runs;
+/// returns the payload bytes seen and the marker's occurrences.
+fn capture_tcp(port: u16, talk: impl FnOnce()) -> (u64, u64) {
+    let cap = Capture::open();
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut bytes, mut marked) = (0u64, 0u64);
+            let mut buf = vec![0u8; 70_000];
+            while !stop.load(Ordering::Relaxed) {
+                let Some(n) = cap.next(&mut buf) else {
+                    continue;
+                };
+                let f = &buf[..n];
+                // Ethernet (14 bytes on lo), IPv4, TCP.
+                if n < 14 + 20 + 20 || f[12..14] != [0x08, 0x00] || f[14 + 9] != 6 {
+                    continue;
+                }
+                let ihl = usize::from(f[14] & 0x0f) * 4;
+                let t = &f[14 + ihl..];
+                let (sport, dport) = (
+                    u16::from_be_bytes([t[0], t[1]]),
+                    u16::from_be_bytes([t[2], t[3]]),
+                );
+                if sport != port && dport != port {
+                    continue;
+                }
+                let doff = usize::from(t[12] >> 4) * 4;
+                bytes += t.len().saturating_sub(doff) as u64;
+                marked += f.windows(MARKER.len()).filter(|w| *w == MARKER).count() as u64;
+            }
+            (bytes, marked)
+        })
+    };
+    talk();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    seen.join().unwrap()
+}
+
+/// Sends the marked pages as migration-sized frames over `port`, through
+/// TLS or (the control) the same framing on plain TCP.
+fn stream_pages(port: u16, tls: bool) {
+    use pagecast_channel::{Channel, FrameDecoder, frame};
+    use std::io::Write;
+    let ca = Authority::generate().unwrap();
+    let (a, b) = (
+        ca.issue("src", Role::Host, 1).unwrap(),
+        ca.issue("dst", Role::Host, 1).unwrap(),
+    );
+    let l = std::net::TcpListener::bind((LO, port)).unwrap();
+    let rx = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut got = 0usize;
+        if tls {
+            let mut ch = Channel::server(s, &b).unwrap();
+            for _ in 0..PAGES {
+                let m: pagecast_proto::v1::RaftChunk = ch.recv("page").unwrap();
+                got += m.data.len();
+            }
+        } else {
+            let mut s = s;
+            for _ in 0..PAGES {
+                got += FrameDecoder.next(&mut s, "plain").unwrap().len();
+            }
+        }
+        got
+    });
+    let s = std::net::TcpStream::connect((LO, port)).unwrap();
+    let msg = |i: u32| pagecast_proto::v1::RaftChunk {
+        shard: i,
+        data: page(i).to_vec().into(),
+        more: false,
+    };
+    if tls {
+        let mut ch = Channel::client(s, &a).unwrap();
+        for i in 0..PAGES {
+            ch.send(&msg(i)).unwrap();
+        }
+    } else {
+        let mut s = s;
+        for i in 0..PAGES {
+            s.write_all(&frame(&msg(i))).unwrap();
+        }
+    }
+    assert!(rx.join().unwrap() >= PAGES as usize * PAGE_SIZE);
+}
+
+#[test]
+fn the_marker_never_crosses_a_tls_channel_in_the_clear() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: capturing packets needs root");
+        return;
+    }
+    // SAFETY: plain socket(2), closed at once.
+    let probe = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            libc::c_int::from((libc::ETH_P_ALL as u16).to_be()),
+        )
+    };
+    if probe < 0 {
+        eprintln!(
+            "skipped: no packet socket ({})",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    // SAFETY: the descriptor just opened.
+    unsafe { libc::close(probe) };
+    let port = 29_000 + (std::process::id() % 500) as u16 * 2;
+    // The control: the same frames on plain TCP show in the capture.
+    let (plain_bytes, plain_marked) = capture_tcp(port, || stream_pages(port, false));
+    assert!(
+        plain_bytes >= u64::from(PAGES) * PAGE_SIZE as u64,
+        "{plain_bytes}"
+    );
+    assert!(
+        plain_marked >= u64::from(PAGES) * 100,
+        "plain TCP: {plain_marked} markers"
+    );
+    // Through TLS: as many bytes, no marker.
+    let (bytes, marked) = capture_tcp(port + 1, || stream_pages(port + 1, true));
+    assert!(bytes >= u64::from(PAGES) * PAGE_SIZE as u64, "{bytes}");
+    assert_eq!(marked, 0, "TLS: {marked} markers in {bytes} bytes");
+    println!(
+        "TLS channel: {bytes} bytes captured, no marker; plain TCP: {plain_bytes} bytes, \
+         {plain_marked} markers"
+    );
 }
