@@ -232,6 +232,7 @@ pub fn send_on(
         )));
     }
     // 1. Receivers connect and authenticate.
+    const MAX_HANDSHAKES: usize = 64;
     let mut refused = 0u64;
     let mut slots: Vec<Option<Peer>> = (0..cfg.receivers).map(|_| None).collect();
     let mut connected = 0usize;
@@ -239,67 +240,87 @@ pub fn send_on(
     listener
         .set_nonblocking(true)
         .map_err(CastError::io("control listener"))?;
+    // Handshakes run on their own threads, so a peer that connects and says
+    // nothing holds up no one (it is dropped at the handshake timeout).
+    let (hs_tx, hs_rx) = std::sync::mpsc::channel::<Result<(Channel, v1::CastHello), CastError>>();
+    let mut in_flight = 0usize;
     while connected < cfg.receivers {
+        while let Ok(res) = hs_rx.try_recv() {
+            in_flight -= 1;
+            match res {
+                Ok((ch, hello)) => {
+                    // By name where the caller named them, else in
+                    // order of arrival.
+                    let idx = if cfg.expected.is_empty() {
+                        connected
+                    } else {
+                        match cfg.expected.iter().position(|n| *n == hello.name) {
+                            Some(i) if slots[i].is_none() => i,
+                            _ => {
+                                refused += 1;
+                                counter!(crate::metrics::REFUSED).increment(1);
+                                continue;
+                            }
+                        }
+                    };
+                    let member: Vec<usize> = (0..groups.len())
+                        .filter(|&g| groups[g].members.contains(&idx))
+                        .collect();
+                    let mut pages: Vec<u32> = member
+                        .iter()
+                        .flat_map(|&g| groups[g].pages.iter().copied())
+                        .collect();
+                    pages.sort_unstable();
+                    pages.dedup();
+                    let (reader, writer) = ch.split()?;
+                    connected += 1;
+                    slots[idx] = Some(Peer {
+                        id: idx as u32 + 1,
+                        name: hello.name,
+                        addr: writer.peer().to_owned(),
+                        chain_addr: hello.chain_addr,
+                        rcvbuf: hello.rcvbuf_bytes,
+                        writer: Some(writer),
+                        reader: Some(reader),
+                        state: State::Live,
+                        contiguous: vec![0; groups.len()],
+                        last_heard: Instant::now(),
+                        lagging_since: None,
+                        digest: digest(
+                            pages
+                                .iter()
+                                .map(|&p| src.entry(p))
+                                .collect::<Vec<_>>()
+                                .iter(),
+                        ),
+                        groups: member,
+                        pages,
+                        unicast_pages: 0,
+                        counters: ReceiverCounters::default(),
+                    });
+                }
+                Err(_) => {
+                    refused += 1;
+                    counter!(crate::metrics::REFUSED).increment(1);
+                }
+            }
+        }
+        if connected >= cfg.receivers {
+            break;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                match accept_peer(stream, tls) {
-                    Ok((ch, hello)) => {
-                        // By name where the caller named them, else in
-                        // order of arrival.
-                        let idx = if cfg.expected.is_empty() {
-                            connected
-                        } else {
-                            match cfg.expected.iter().position(|n| *n == hello.name) {
-                                Some(i) if slots[i].is_none() => i,
-                                _ => {
-                                    refused += 1;
-                                    counter!(crate::metrics::REFUSED).increment(1);
-                                    continue;
-                                }
-                            }
-                        };
-                        let member: Vec<usize> = (0..groups.len())
-                            .filter(|&g| groups[g].members.contains(&idx))
-                            .collect();
-                        let mut pages: Vec<u32> = member
-                            .iter()
-                            .flat_map(|&g| groups[g].pages.iter().copied())
-                            .collect();
-                        pages.sort_unstable();
-                        pages.dedup();
-                        let (reader, writer) = ch.split()?;
-                        connected += 1;
-                        slots[idx] = Some(Peer {
-                            id: idx as u32 + 1,
-                            name: hello.name,
-                            addr: writer.peer().to_owned(),
-                            chain_addr: hello.chain_addr,
-                            rcvbuf: hello.rcvbuf_bytes,
-                            writer: Some(writer),
-                            reader: Some(reader),
-                            state: State::Live,
-                            contiguous: vec![0; groups.len()],
-                            last_heard: Instant::now(),
-                            lagging_since: None,
-                            digest: digest(
-                                pages
-                                    .iter()
-                                    .map(|&p| src.entry(p))
-                                    .collect::<Vec<_>>()
-                                    .iter(),
-                            ),
-                            groups: member,
-                            pages,
-                            unicast_pages: 0,
-                            counters: ReceiverCounters::default(),
-                        });
-                    }
-                    Err(_) => {
-                        refused += 1;
-                        counter!(crate::metrics::REFUSED).increment(1);
-                    }
+                if in_flight >= MAX_HANDSHAKES {
+                    refused += 1;
+                    counter!(crate::metrics::REFUSED).increment(1);
+                    continue;
                 }
+                let _ = stream.set_nonblocking(false);
+                in_flight += 1;
+                let (tx, tls) = (hs_tx.clone(), tls.clone());
+                std::thread::spawn(move || {
+                    let _ = tx.send(accept_peer(stream, &tls));
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {

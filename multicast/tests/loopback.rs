@@ -446,3 +446,31 @@ fn forged_replayed_and_truncated_datagrams_are_dropped_and_counted() {
     assert!(r.counters.replayed > 0, "{:?}", r.counters);
     assert_eq!(r.counters.bad_hash, 0);
 }
+
+#[test]
+fn a_peer_that_connects_and_says_nothing_holds_up_no_one() {
+    let (control, group) = endpoints();
+    let src = Source::new(200);
+    let mut cfg = SenderConfig::new(control, LO, 1);
+    cfg.transport = TransportChoice::Multicast;
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &secret(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        // Connects, never starts TLS.
+        let _silent = std::net::TcpStream::connect(control).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let t = std::time::Instant::now();
+        let rc = ReceiverConfig::new(control, LO, "member");
+        let mut sink = Sink::default();
+        receive(&rc, &secret(), &mut sink, &|_, _| {}).unwrap();
+        // The handshake timeout is 5 s: a member served behind the silent
+        // peer would have waited that long.
+        assert!(
+            t.elapsed() < pagecast_channel::HANDSHAKE_TIMEOUT - Duration::from_secs(1),
+            "the member waited {:?}",
+            t.elapsed()
+        );
+        check_sink(&sink, &src, &(0..200).collect::<Vec<_>>());
+        sender.join().unwrap().unwrap();
+    });
+}
