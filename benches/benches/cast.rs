@@ -60,7 +60,7 @@ fn role(args: &[String]) -> Option<()> {
     let pos = args.iter().position(|a| a == "--role")?;
     let r = &args[pos + 1..];
     let get = |k: &str| r.iter().position(|a| a == k).map(|i| r[i + 1].clone());
-    let secret = Tls::load(Path::new(&get("--tls")?)).expect("a TLS identity");
+    let tls = Tls::load(Path::new(&get("--tls")?)).expect("a TLS identity");
     let control: SocketAddr = get("--control")?.parse().expect("control address");
     let iface: Ipv4Addr = get("--iface")?.parse().expect("iface");
     let out = match r[0].as_str() {
@@ -73,14 +73,9 @@ fn role(args: &[String]) -> Option<()> {
                 let mut cfg = SenderConfig::new(control, iface, n);
                 cfg.transport = TransportChoice::Multicast;
                 let group: SocketAddrV4 = get("--group")?.parse().expect("group");
-                let rep = pagecast_multicast::send(
-                    &cfg,
-                    Groups::Single(group),
-                    &src,
-                    &secret,
-                    &|_, _| {},
-                )
-                .expect("cast session");
+                let rep =
+                    pagecast_multicast::send(&cfg, Groups::Single(group), &src, &tls, &|_, _| {})
+                        .expect("cast session");
                 assert!(
                     rep.receivers
                         .iter()
@@ -108,7 +103,7 @@ fn role(args: &[String]) -> Option<()> {
             let cfg = ReceiverConfig::new(control, iface, "bench");
             let mut sink = ImageSink::new(Path::new(&get("--out")?));
             let rep =
-                pagecast_multicast::receive(&cfg, &secret, &mut sink, &|_, _| {}).expect("receive");
+                pagecast_multicast::receive(&cfg, &tls, &mut sink, &|_, _| {}).expect("receive");
             serde_json::to_string(&ReceiverOut {
                 page_bytes: rep.page_bytes,
                 seconds: rep.duration_s,
@@ -259,7 +254,7 @@ fn run(
     mcast: bool,
     n: usize,
     image: &Path,
-    secret: &Path,
+    tls: &Path,
     dir: &Path,
     port: u16,
 ) -> Outcome {
@@ -286,7 +281,7 @@ fn run(
             "--image",
             image.to_str().unwrap(),
             "--tls",
-            secret.join("sender").to_str().unwrap(),
+            tls.join("sender").to_str().unwrap(),
             "--mtu",
             &net.mtu.to_string(),
         ]
@@ -307,7 +302,7 @@ fn run(
                     "--out",
                     out.to_str().unwrap(),
                     "--tls",
-                    secret.join(format!("receiver-{i}")).to_str().unwrap(),
+                    tls.join(format!("receiver-{i}")).to_str().unwrap(),
                 ]
                 .map(String::from),
             )
@@ -387,14 +382,13 @@ fn main() {
         .write_image(&image, &|_| {})
         .unwrap();
     // Host identities for the sender and every receiver, of one CA.
-    let secret = dir.path().join("tls");
+    let tls = dir.path().join("tls");
     let ca = Authority::generate().unwrap();
-    ca.issue_to("sender", Role::Host, 1, &secret.join("sender"))
+    ca.issue_to("sender", Role::Host, 1, &tls.join("sender"))
         .unwrap();
     for i in 1..=8 {
         let name = format!("receiver-{i}");
-        ca.issue_to(&name, Role::Host, 1, &secret.join(&name))
-            .unwrap();
+        ca.issue_to(&name, Role::Host, 1, &tls.join(&name)).unwrap();
     }
 
     let mut nets = vec![(
@@ -460,9 +454,9 @@ fn main() {
         let mut tcp1 = None;
         for n in [1usize, 2, 4] {
             port += 4;
-            let t = run(net, false, n, &image, &secret, dir.path(), port);
+            let t = run(net, false, n, &image, &tls, dir.path(), port);
             port += 4;
-            let m = run(net, true, n, &image, &secret, dir.path(), port);
+            let m = run(net, true, n, &image, &tls, dir.path(), port);
             let base = *tcp1.get_or_insert(t.goodput_gbps);
             println!(
                 "{:>9}  {:>7.2} {:>7.2} Gbit/s  {:>8.2} {:>8.2}  {:>12.3} {:>8.3}  {:>10}  {:>8.2}x",

@@ -75,9 +75,8 @@ fn vm_start(
 }
 
 /// Whether the index lists what `agent`'s ledger says it should.
-fn published(idx: &IndexCluster, secret: &Tls, agent: &AgentProc) -> bool {
-    let Ok(a) = AgentClient::connect(&agent.addr, secret).and_then(|c| c.audit(SHARDS, true))
-    else {
+fn published(idx: &IndexCluster, tls: &Tls, agent: &AgentProc) -> bool {
+    let Ok(a) = AgentClient::connect(&agent.addr, tls).and_then(|c| c.audit(SHARDS, true)) else {
         return false;
     };
     let mut c = idx.client();
@@ -96,7 +95,7 @@ fn published(idx: &IndexCluster, secret: &Tls, agent: &AgentProc) -> bool {
 
 fn wait_published(
     idx: &IndexCluster,
-    secret: &Tls,
+    tls: &Tls,
     agents: &[AgentProc],
     limit: Duration,
 ) -> Duration {
@@ -106,7 +105,7 @@ fn wait_published(
         assert!(t.elapsed() < limit, "not published within {limit:?}");
         for (i, a) in agents.iter().enumerate() {
             if !done[i] {
-                done[i] = published(idx, secret, a);
+                done[i] = published(idx, tls, a);
             }
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -177,7 +176,7 @@ fn main() {
     let run = |part: u32| only == 0 || only == part;
     let root = tempfile::tempdir().unwrap();
     let dir = root.path();
-    let secret = pagecast_tests::pki::tls("operator", Role::Operator);
+    let tls = pagecast_tests::pki::tls("operator", Role::Operator);
 
     let idx = IndexCluster::start(&dir.join("ix1"), SHARDS);
     if run(1) {
@@ -211,7 +210,7 @@ fn main() {
                     .map(|sum| sum.distinct)
                     .sum();
                 // The guest's program shares a few pages with the memory.
-                if got + 64 >= want && published(&idx, &secret, &agent) {
+                if got + 64 >= want && published(&idx, &tls, &agent) {
                     break;
                 }
             }
@@ -276,7 +275,7 @@ fn main() {
         }
         idx.wait_leaders();
         let t = Instant::now();
-        wait_published(&idx, &secret, &agents, Duration::from_secs(900));
+        wait_published(&idx, &tls, &agents, Duration::from_secs(900));
         let secs = t.elapsed().as_secs_f64();
         // Deltas the index had to take: one per (content, host), what the
         // agents' ledgers list; batches sent again after a timeout are
@@ -284,7 +283,7 @@ fn main() {
         let needed: u64 = agents
             .iter()
             .map(|a| {
-                let audit = AgentClient::connect(&a.addr, &secret)
+                let audit = AgentClient::connect(&a.addr, &tls)
                     .and_then(|c| c.audit(SHARDS, true))
                     .expect("audit");
                 audit

@@ -26,7 +26,7 @@
 //!   | CastFinish {ok} ----------------------------> |  keep the pages
 //! ```
 //!
-//! Control frames travel on the authenticated channel of
+//! Control frames travel on the mutual-TLS channel of
 //! `pagecast-channel`; datagrams are encrypted and authenticated
 //! (ChaCha20-Poly1305) under the per-session key and carry a sequence
 //! number checked against a replay window ([`wire`]). See `docs/transport.md` for the design as a whole. Where multicast is unavailable the pages travel a

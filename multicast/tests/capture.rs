@@ -192,20 +192,19 @@ fn capture_child() {
             (datagrams, marked)
         })
     };
-    let secret = Authority::generate()
+    let tls = Authority::generate()
         .and_then(|ca| ca.issue("host", Role::Host, 1))
         .expect("a certificate");
     let received = std::thread::scope(|s| {
         let mut cfg = SenderConfig::new(control, LO, 1);
         cfg.transport = TransportChoice::Multicast;
-        let secret = &secret;
-        let sender =
-            s.spawn(move || send(&cfg, Groups::Single(group), &Marked, secret, &|_, _| {}));
+        let tls = &tls;
+        let sender = s.spawn(move || send(&cfg, Groups::Single(group), &Marked, tls, &|_, _| {}));
         std::thread::sleep(Duration::from_millis(50));
         let mut sink = Sink::default();
         let r = receive(
             &ReceiverConfig::new(control, LO, "r0"),
-            secret,
+            tls,
             &mut sink,
             &|_, _| {},
         );

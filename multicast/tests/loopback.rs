@@ -22,7 +22,7 @@ fn cluster() -> &'static Authority {
 }
 
 /// A host identity of this test process's cluster.
-fn secret() -> Tls {
+fn tls() -> Tls {
     cluster()
         .issue("host", Role::Host, 1)
         .expect("a certificate")
@@ -153,7 +153,7 @@ fn run(
 ) -> Outcome {
     std::thread::scope(|s| {
         let control = cfg.control;
-        let sender = s.spawn(move || send(&cfg, groups, src, &secret(), &|_, _| {}));
+        let sender = s.spawn(move || send(&cfg, groups, src, &tls(), &|_, _| {}));
         std::thread::sleep(Duration::from_millis(50));
         let handles: Vec<_> = receivers
             .into_iter()
@@ -185,7 +185,7 @@ fn four_receivers_get_identical_copies_over_loopback_multicast() {
         cfg,
         Groups::Single(group),
         &src,
-        (0..4).map(|_| (secret(), None)).collect(),
+        (0..4).map(|_| (tls(), None)).collect(),
     );
     let report = sent.unwrap();
     assert_eq!(
@@ -228,7 +228,7 @@ fn small_mtu_fragments_pages_and_still_delivers() {
         cfg,
         Groups::Single(group),
         &src,
-        (0..2).map(|_| (secret(), None)).collect(),
+        (0..2).map(|_| (tls(), None)).collect(),
     );
     let report = sent.unwrap();
     assert_eq!(report.fragments, 3);
@@ -250,7 +250,7 @@ fn chain_delivers_the_same_as_multicast() {
         cfg,
         Groups::Single(group),
         &src,
-        (0..3).map(|_| (secret(), None)).collect(),
+        (0..3).map(|_| (tls(), None)).collect(),
     );
     let report = sent.unwrap();
     assert_eq!(report.transport, Transport::Chain);
@@ -272,7 +272,7 @@ fn a_receiver_that_dies_is_reported_and_the_others_complete() {
     cfg.transport = TransportChoice::Multicast;
     cfg.rate_bps = Some(400_000_000);
     cfg.silent_after = Duration::from_secs(2);
-    let receivers = vec![(secret(), None), (secret(), Some(500)), (secret(), None)];
+    let receivers = vec![(tls(), None), (tls(), Some(500)), (tls(), None)];
     let (sent, recvs) = run(cfg, Groups::Single(group), &src, receivers);
     let report = sent.unwrap();
     let all: Vec<u32> = (0..4000).collect();
@@ -330,7 +330,7 @@ fn groups_of_a_plan_reach_only_their_members() {
         cfg,
         Groups::Plan(plan),
         &src,
-        (0..3).map(|_| (secret(), None)).collect(),
+        (0..3).map(|_| (tls(), None)).collect(),
     );
     let report = sent.unwrap();
     let want: Vec<Vec<u32>> = vec![(0..300).collect(), (0..900).collect(), (300..900).collect()];
@@ -359,7 +359,7 @@ fn receivers_of_another_ca_or_without_the_host_role_are_refused() {
     let mut cfg = SenderConfig::new(control, LO, 1);
     cfg.transport = TransportChoice::Multicast;
     std::thread::scope(|s| {
-        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &secret(), &|_, _| {}));
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
         std::thread::sleep(Duration::from_millis(50));
         // First a receiver whose certificate another CA signed: refused,
         // and the session still waits for a real one.
@@ -385,7 +385,7 @@ fn receivers_of_another_ca_or_without_the_host_role_are_refused() {
         assert!(sink.aborted && sink.got.is_empty());
         let rc = ReceiverConfig::new(control, LO, "member");
         let mut sink = Sink::default();
-        receive(&rc, &secret(), &mut sink, &|_, _| {}).unwrap();
+        receive(&rc, &tls(), &mut sink, &|_, _| {}).unwrap();
         check_sink(&sink, &src, &(0..200).collect::<Vec<_>>());
         let report = sender.join().unwrap().unwrap();
         assert_eq!(report.refused, 2);
@@ -431,7 +431,7 @@ fn forged_replayed_and_truncated_datagrams_are_dropped_and_counted() {
             (replays, forgeries)
         })
     };
-    let (sent, recvs) = run(cfg, Groups::Single(group), &src, vec![(secret(), None)]);
+    let (sent, recvs) = run(cfg, Groups::Single(group), &src, vec![(tls(), None)]);
     *stop.lock().unwrap() = true;
     let (replays, forgeries) = attacker.join().unwrap();
     sent.unwrap();
@@ -454,7 +454,7 @@ fn a_peer_that_connects_and_says_nothing_holds_up_no_one() {
     let mut cfg = SenderConfig::new(control, LO, 1);
     cfg.transport = TransportChoice::Multicast;
     std::thread::scope(|s| {
-        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &secret(), &|_, _| {}));
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
         std::thread::sleep(Duration::from_millis(50));
         // Connects, never starts TLS.
         let _silent = std::net::TcpStream::connect(control).unwrap();
@@ -462,7 +462,7 @@ fn a_peer_that_connects_and_says_nothing_holds_up_no_one() {
         let t = std::time::Instant::now();
         let rc = ReceiverConfig::new(control, LO, "member");
         let mut sink = Sink::default();
-        receive(&rc, &secret(), &mut sink, &|_, _| {}).unwrap();
+        receive(&rc, &tls(), &mut sink, &|_, _| {}).unwrap();
         // The handshake timeout is 5 s: a member served behind the silent
         // peer would have waited that long.
         assert!(

@@ -26,11 +26,11 @@ impl Agent {
         Self::start_with(dir, name, &pki::node(name, Role::Host))
     }
 
-    fn start_with(dir: &Path, name: &str, secret: &Path) -> Agent {
+    fn start_with(dir: &Path, name: &str, tls: &Path) -> Agent {
         let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(pagecast_bin())
             .args(["agent", "--name", name, "--listen", "127.0.0.1:0", "--tls"])
-            .arg(secret)
+            .arg(tls)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -503,9 +503,9 @@ fn each_role_may_do_only_its_own_part() {
 }
 
 /// Sends `m` as an authenticated request and returns the agent's error.
-fn answer_to<M: prost::Message>(addr: &str, secret: &Tls, m: &M) -> String {
+fn answer_to<M: prost::Message>(addr: &str, tls: &Tls, m: &M) -> String {
     let s = TcpStream::connect(addr).unwrap();
-    let mut ch = Channel::client(s, secret).unwrap();
+    let mut ch = Channel::client(s, tls).unwrap();
     ch.send(m).unwrap();
     ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let r: v1::AgentResponse = ch.recv("response").unwrap();
@@ -522,13 +522,13 @@ fn malformed_requests_get_a_clear_error() {
     let dir = setup();
     let d = dir.path();
     let a = Agent::start(d, "host-a");
-    let secret = pki::tls("operator", Role::Operator);
+    let tls = pki::tls("operator", Role::Operator);
 
     // Bytes that are no AgentRequest (field 1 holds an invalid message).
-    let e = answer_to(&a.addr, &secret, &vec![0xffu8; 16]);
+    let e = answer_to(&a.addr, &tls, &vec![0xffu8; 16]);
     assert!(e.starts_with("malformed request"), "{e}");
     // A request naming no operation.
-    let e = answer_to(&a.addr, &secret, &v1::AgentRequest { body: None });
+    let e = answer_to(&a.addr, &tls, &v1::AgentRequest { body: None });
     assert!(e.contains("names no operation"), "{e}");
     // Requests that contradict themselves or name what is not there.
     let start = |r: v1::VmStartRequest| v1::AgentRequest {
@@ -536,7 +536,7 @@ fn malformed_requests_get_a_clear_error() {
     };
     let e = answer_to(
         &a.addr,
-        &secret,
+        &tls,
         &start(v1::VmStartRequest {
             name: "x".into(),
             image: "a.raw".into(),
@@ -547,7 +547,7 @@ fn malformed_requests_get_a_clear_error() {
     assert!(e.contains("exactly one"), "{e}");
     let e = answer_to(
         &a.addr,
-        &secret,
+        &tls,
         &start(v1::VmStartRequest {
             name: "../etc".into(),
             synthetic: "web".into(),
@@ -557,7 +557,7 @@ fn malformed_requests_get_a_clear_error() {
     assert!(e.contains("must be 1 to 64"), "{e}");
     let e = answer_to(
         &a.addr,
-        &secret,
+        &tls,
         &start(v1::VmStartRequest {
             name: "big".into(),
             synthetic: "web".into(),
@@ -568,7 +568,7 @@ fn malformed_requests_get_a_clear_error() {
     assert!(e.contains("1099511627776"), "{e}");
     let e = answer_to(
         &a.addr,
-        &secret,
+        &tls,
         &v1::AgentRequest {
             body: Some(v1::agent_request::Body::Migrate(v1::MigrateRequest {
                 vm: "nope".into(),

@@ -58,7 +58,7 @@ struct Session<'a> {
 
 impl Session<'_> {
     fn sender(&self, prefix: &[&str], receivers: usize, extra: &[&str]) -> Child {
-        let secret = pagecast_tests::pki::node("cast-sender", pagecast_channel::Role::Host);
+        let tls = pagecast_tests::pki::node("cast-sender", pagecast_channel::Role::Host);
         let mut args = vec![
             "cast",
             "send",
@@ -69,7 +69,7 @@ impl Session<'_> {
             "--control",
             &self.control,
             "--tls",
-            secret.to_str().unwrap(),
+            tls.to_str().unwrap(),
             "--json",
             "--accept-timeout",
             "30",
@@ -87,7 +87,7 @@ impl Session<'_> {
     fn receiver(&self, prefix: &[&str], iface: &str, out: &str) -> Child {
         let out = self.dir.join(out);
         let name = out.file_name().unwrap().to_str().unwrap();
-        let secret = pagecast_tests::pki::node(name, pagecast_channel::Role::Host);
+        let tls = pagecast_tests::pki::node(name, pagecast_channel::Role::Host);
         Child::pagecast(
             prefix,
             &[
@@ -100,7 +100,7 @@ impl Session<'_> {
                 "--out",
                 out.to_str().unwrap(),
                 "--tls",
-                secret.to_str().unwrap(),
+                tls.to_str().unwrap(),
                 "--json",
                 "--name",
                 out.file_name().unwrap().to_str().unwrap(),

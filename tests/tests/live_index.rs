@@ -24,8 +24,8 @@ fn exact(c: &mut pagecast_index::client::IndexClient, agent: &AgentProc) -> Resu
     let Some(host) = hosts.iter().find(|h| h.name == agent.name) else {
         return Err(format!("host {} is not in the index", agent.name));
     };
-    let secret = pagecast_tests::pki::tls("operator", Role::Operator);
-    let audit = AgentClient::connect(&agent.addr, &secret)
+    let tls = pagecast_tests::pki::tls("operator", Role::Operator);
+    let audit = AgentClient::connect(&agent.addr, &tls)
         .and_then(|a| a.audit(SHARDS, false))
         .map_err(|e| e.to_string())?;
     for s in 0..SHARDS {
@@ -532,9 +532,9 @@ fn a_vm_dirtying_fast_does_not_flood_the_index() {
             Err(format!("{a} -> {b}"))
         }
     });
-    let secret = pagecast_tests::pki::tls("operator", Role::Operator);
+    let tls = pagecast_tests::pki::tls("operator", Role::Operator);
     let progress = || {
-        AgentClient::connect(&agent.addr, &secret)
+        AgentClient::connect(&agent.addr, &tls)
             .unwrap()
             .vm_list()
             .unwrap()

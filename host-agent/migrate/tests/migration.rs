@@ -91,14 +91,14 @@ impl LocalContent for Resident {
 
 fn links() -> (ChannelLink, ChannelLink) {
     let ca = Authority::generate().unwrap();
-    let (secret, s2) = (
+    let (tls, s2) = (
         ca.issue("src", Role::Host, 1).unwrap(),
         ca.issue("dst", Role::Host, 1).unwrap(),
     );
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let t = std::thread::spawn(move || Channel::server(l.accept().unwrap().0, &s2).unwrap());
-    let c = Channel::client(TcpStream::connect(addr).unwrap(), &secret).unwrap();
+    let c = Channel::client(TcpStream::connect(addr).unwrap(), &tls).unwrap();
     (ChannelLink::new(c), ChannelLink::new(t.join().unwrap()))
 }
 
