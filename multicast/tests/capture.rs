@@ -248,12 +248,13 @@ fn run_child(cleartext: bool, port: u16) -> (u64, u64, u64) {
     (field("received"), field("bytes"), field("marked"))
 }
 
-#[test]
-fn the_marker_never_crosses_the_wire_in_the_clear() {
+/// Whether this process may open a packet socket; says why not and
+/// returns false otherwise (the capture tests then skip).
+fn can_capture() -> bool {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: capturing packets needs root");
-        return;
+        return false;
     }
     // Root without CAP_NET_RAW (some containers): say so and skip.
     // SAFETY: plain socket(2), closed at once.
@@ -269,11 +270,19 @@ fn the_marker_never_crosses_the_wire_in_the_clear() {
             "skipped: no packet socket here ({})",
             std::io::Error::last_os_error()
         );
-        return;
+        return false;
     }
     // SAFETY: the descriptor opened above, closed once.
     unsafe {
         libc::close(probe);
+    }
+    true
+}
+
+#[test]
+fn the_marker_never_crosses_the_wire_in_the_clear() {
+    if !can_capture() {
+        return;
     }
     let port = 21_000 + (std::process::id() % 1000) as u16 * 8;
     let (received, bytes, marked) = run_child(false, port);
@@ -390,28 +399,9 @@ fn stream_pages(port: u16, tls: bool) {
 
 #[test]
 fn the_marker_never_crosses_a_tls_channel_in_the_clear() {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: capturing packets needs root");
+    if !can_capture() {
         return;
     }
-    // SAFETY: plain socket(2), closed at once.
-    let probe = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            libc::c_int::from((libc::ETH_P_ALL as u16).to_be()),
-        )
-    };
-    if probe < 0 {
-        eprintln!(
-            "skipped: no packet socket ({})",
-            std::io::Error::last_os_error()
-        );
-        return;
-    }
-    // SAFETY: the descriptor just opened.
-    unsafe { libc::close(probe) };
     let port = 29_000 + (std::process::id() % 500) as u16 * 2;
     // The control: the same frames on plain TCP show in the capture.
     let (plain_bytes, plain_marked) = capture_tcp(port, || stream_pages(port, false));
