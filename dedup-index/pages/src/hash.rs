@@ -167,41 +167,111 @@ pub fn is_zero_page(page: &Page) -> bool {
     })
 }
 
-/// Hashes `pages[i]` into `out[i]` for every `i`, using the multi-page SIMD
-/// kernel where the CPU has one. Zero pages are hashed like any other page:
-/// callers that skip them (the fingerprinter does) leave them out of `pages`.
+/// Hashes `pages[i]` into `out[i]` for every `i` with plain BLAKE3 (the
+/// cluster-wide dedup domain), using the multi-page SIMD kernel where the
+/// CPU has one. Zero pages are hashed like any other page: callers that
+/// skip them (the fingerprinter does) leave them out of `pages`.
 ///
 /// # Panics
 /// If `out` is shorter than `pages`.
 pub fn hash_pages(pages: &[&Page], out: &mut [PageHash]) {
-    assert!(out.len() >= pages.len(), "output shorter than input");
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        let groups = pages.len() / avx2::PAGES;
-        for g in 0..groups {
-            let at = g * avx2::PAGES;
-            let group: &[&Page; avx2::PAGES] = pages[at..at + avx2::PAGES]
-                .try_into()
-                .expect("group of PAGES");
-            let mut hashes = [[0u8; 32]; avx2::PAGES];
-            // The first pages of the next group, prefetched meanwhile (the
-            // last group prefetches its own first pages again: harmless).
-            let next = match pages.get(at + avx2::PAGES..at + avx2::PAGES + 2) {
-                Some(n) => [n[0], n[1]],
-                None => [group[0], group[1]],
-            };
-            // SAFETY: `available()` confirmed at run time that this CPU
-            // supports AVX2, the only requirement of `hash8`.
-            unsafe { avx2::hash8(group, next, &mut hashes) };
-            for (o, h) in out[at..at + avx2::PAGES].iter_mut().zip(hashes) {
-                *o = PageHash(h);
-            }
+    ContentKey::CLUSTER.hash_pages(pages, out)
+}
+
+/// How page content is named in one dedup domain: plain BLAKE3 for the
+/// cluster-wide domain, keyed BLAKE3 with the domain's key for any other.
+/// Equal pages of two different domains get unrelated hashes, so nothing
+/// that compares hashes (the index, manifests, local fills, casts) can
+/// match content across domains. Debug output never shows the key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ContentKey {
+    /// `None`: plain BLAKE3 (the cluster-wide domain).
+    key: Option<[u8; 32]>,
+}
+
+impl fmt::Debug for ContentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.key {
+            None => f.write_str("ContentKey(cluster)"),
+            Some(_) => write!(f, "ContentKey(keyed, check {:016x})", self.check()),
         }
-        done = groups * avx2::PAGES;
     }
-    for (page, o) in pages[done..].iter().zip(&mut out[done..]) {
-        *o = PageHash::of_page(page);
+}
+
+impl ContentKey {
+    /// The cluster-wide domain: plain, unkeyed BLAKE3-256.
+    pub const CLUSTER: ContentKey = ContentKey { key: None };
+
+    /// Keyed BLAKE3 with `key`.
+    pub const fn keyed(key: [u8; 32]) -> Self {
+        ContentKey { key: Some(key) }
+    }
+
+    /// Whether this is the cluster-wide (unkeyed) domain.
+    pub const fn is_cluster(&self) -> bool {
+        self.key.is_none()
+    }
+
+    /// A value that tells two hosts whether they derived the same key,
+    /// without revealing it (the first 8 bytes of the key's hash of a fixed
+    /// string).
+    pub fn check(&self) -> u64 {
+        const PROBE: &[u8] = b"pagecast dedup domain key check";
+        let h = match &self.key {
+            None => blake3::hash(PROBE),
+            Some(k) => blake3::keyed_hash(k, PROBE),
+        };
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h.as_bytes()[..8]);
+        u64::from_be_bytes(b)
+    }
+
+    /// The hash of one page's content in this domain.
+    pub fn hash_page(&self, page: &Page) -> PageHash {
+        match &self.key {
+            None => PageHash::of_page(page),
+            Some(k) => PageHash(*blake3::keyed_hash(k, page).as_bytes()),
+        }
+    }
+
+    /// Hashes `pages[i]` into `out[i]` for every `i` in this domain, eight
+    /// pages side by side on x86-64 with AVX2. Zero pages are hashed like
+    /// any other page.
+    ///
+    /// # Panics
+    /// If `out` is shorter than `pages`.
+    pub fn hash_pages(&self, pages: &[&Page], out: &mut [PageHash]) {
+        assert!(out.len() >= pages.len(), "output shorter than input");
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            let mode = avx2::Mode::of(self.key.as_ref());
+            let groups = pages.len() / avx2::PAGES;
+            for g in 0..groups {
+                let at = g * avx2::PAGES;
+                let group: &[&Page; avx2::PAGES] = pages[at..at + avx2::PAGES]
+                    .try_into()
+                    .expect("group of PAGES");
+                let mut hashes = [[0u8; 32]; avx2::PAGES];
+                // The first pages of the next group, prefetched meanwhile
+                // (the last group prefetches its own first pages again:
+                // harmless).
+                let next = match pages.get(at + avx2::PAGES..at + avx2::PAGES + 2) {
+                    Some(n) => [n[0], n[1]],
+                    None => [group[0], group[1]],
+                };
+                // SAFETY: `available()` confirmed at run time that this CPU
+                // supports AVX2, the only requirement of `hash8`.
+                unsafe { avx2::hash8(&mode, group, next, &mut hashes) };
+                for (o, h) in out[at..at + avx2::PAGES].iter_mut().zip(hashes) {
+                    *o = PageHash(h);
+                }
+            }
+            done = groups * avx2::PAGES;
+        }
+        for (page, o) in pages[done..].iter().zip(&mut out[done..]) {
+            *o = self.hash_page(page);
+        }
     }
 }
 
@@ -232,6 +302,7 @@ mod avx2 {
     const CHUNK_END: u32 = 2;
     const PARENT: u32 = 4;
     const ROOT: u32 = 8;
+    const KEYED_HASH: u32 = 16;
     const BLOCK_LEN: u32 = 64;
     const CHUNK_LEN: usize = 1024;
 
@@ -256,6 +327,36 @@ mod avx2 {
         }
         s
     };
+
+    /// Plain or keyed hashing: the chaining value every chunk and parent
+    /// starts from (the IV, or the key's words) and the flag bits every
+    /// compression carries.
+    pub struct Mode {
+        start: [u32; 8],
+        flags: u32,
+    }
+
+    impl Mode {
+        /// Plain BLAKE3 for `None`, keyed BLAKE3 with the key otherwise.
+        pub fn of(key: Option<&[u8; 32]>) -> Self {
+            match key {
+                None => Mode {
+                    start: IV,
+                    flags: 0,
+                },
+                Some(k) => {
+                    let mut start = [0u32; 8];
+                    for (w, b) in start.iter_mut().zip(k.chunks_exact(4)) {
+                        *w = u32::from_le_bytes(b.try_into().expect("4 bytes"));
+                    }
+                    Mode {
+                        start,
+                        flags: KEYED_HASH,
+                    }
+                }
+            }
+        }
+    }
 
     /// Whether the running CPU has AVX2 (checked once).
     pub fn available() -> bool {
@@ -495,7 +596,7 @@ mod avx2 {
     /// and `hi` (lanes 8..16).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn parents8(lo: &[__m256i; 8], hi: &[__m256i; 8], flags: u32) -> [__m256i; 8] {
+    fn parents8(mode: &Mode, lo: &[__m256i; 8], hi: &[__m256i; 8], flags: u32) -> [__m256i; 8] {
         let mut m = [splat(0); 16];
         for w in 0..8 {
             let (left, right) = split_even_odd(lo[w], hi[w]);
@@ -503,10 +604,10 @@ mod avx2 {
             m[w + 8] = right;
         }
         let mut cv = [splat(0); 8];
-        for (c, iv) in cv.iter_mut().zip(IV) {
-            *c = splat(iv);
+        for (c, w) in cv.iter_mut().zip(mode.start) {
+            *c = splat(w);
         }
-        compress8(&mut cv, &m, splat(0), PARENT | flags);
+        compress8(&mut cv, &m, splat(0), PARENT | flags | mode.flags);
         cv
     }
 
@@ -514,7 +615,7 @@ mod avx2 {
     /// are `a`'s chunks 0..4, lanes 4..8 are `b`'s).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn chunks8(a: &Page, b: &Page, next: [&Page; 2]) -> [__m256i; 8] {
+    fn chunks8(mode: &Mode, a: &Page, b: &Page, next: [&Page; 2]) -> [__m256i; 8] {
         let lanes: [*const u8; 8] = [
             a.as_ptr(),
             a[CHUNK_LEN..].as_ptr(),
@@ -527,8 +628,8 @@ mod avx2 {
         ];
         let counter = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
         let mut cv = [splat(0); 8];
-        for (c, iv) in cv.iter_mut().zip(IV) {
-            *c = splat(iv);
+        for (c, w) in cv.iter_mut().zip(mode.start) {
+            *c = splat(w);
         }
         for block in 0..16 {
             let off = block * 64;
@@ -556,7 +657,7 @@ mod avx2 {
             let mut m = [splat(0); 16];
             m[..8].copy_from_slice(&lo);
             m[8..].copy_from_slice(&hi);
-            let mut flags = 0;
+            let mut flags = mode.flags;
             if block == 0 {
                 flags |= CHUNK_START;
             }
@@ -568,19 +669,25 @@ mod avx2 {
         cv
     }
 
-    /// BLAKE3-256 of eight 4 KiB pages. Callers must first check that the
-    /// CPU supports AVX2 (see [`available`]).
+    /// BLAKE3-256 (plain or keyed, per `mode`) of eight 4 KiB pages.
+    /// Callers must first check that the CPU supports AVX2 (see
+    /// [`available`]).
     #[target_feature(enable = "avx2")]
-    pub fn hash8(pages: &[&Page; PAGES], next: [&Page; 2], out: &mut [[u8; 32]; PAGES]) {
-        let c01 = chunks8(pages[0], pages[1], [pages[2], pages[3]]);
-        let c23 = chunks8(pages[2], pages[3], [pages[4], pages[5]]);
-        let c45 = chunks8(pages[4], pages[5], [pages[6], pages[7]]);
-        let c67 = chunks8(pages[6], pages[7], next);
+    pub fn hash8(
+        mode: &Mode,
+        pages: &[&Page; PAGES],
+        next: [&Page; 2],
+        out: &mut [[u8; 32]; PAGES],
+    ) {
+        let c01 = chunks8(mode, pages[0], pages[1], [pages[2], pages[3]]);
+        let c23 = chunks8(mode, pages[2], pages[3], [pages[4], pages[5]]);
+        let c45 = chunks8(mode, pages[4], pages[5], [pages[6], pages[7]]);
+        let c67 = chunks8(mode, pages[6], pages[7], next);
         // Lane j: parent j%2 of page j/2 (pages 0..4, then 4..8).
-        let p0123 = parents8(&c01, &c23, 0);
-        let p4567 = parents8(&c45, &c67, 0);
+        let p0123 = parents8(mode, &c01, &c23, 0);
+        let p4567 = parents8(mode, &c45, &c67, 0);
         // Lane j: root of page j.
-        let roots = parents8(&p0123, &p4567, ROOT);
+        let roots = parents8(mode, &p0123, &p4567, ROOT);
         let rows = transpose(roots);
         for (row, o) in rows.iter().zip(out.iter_mut()) {
             // SAFETY: `o` is 32 writable bytes; unaligned stores are allowed.
@@ -620,6 +727,42 @@ mod tests {
     }
 
     #[test]
+    fn keyed_batch_kernel_matches_blake3_keyed_hash_for_every_batch_length() {
+        let pages: Vec<Box<Page>> = (0..37).map(page_from_seed).collect();
+        let key: [u8; 32] = core::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0xa5);
+        let k = ContentKey::keyed(key);
+        for n in 0..pages.len() {
+            let refs: Vec<&Page> = pages[..n].iter().map(|p| &**p).collect();
+            let mut out = vec![PageHash::ZERO_PAGE; n];
+            k.hash_pages(&refs, &mut out);
+            for (p, h) in refs.iter().zip(&out) {
+                assert_eq!(
+                    *h.as_bytes(),
+                    *blake3::keyed_hash(&key, *p).as_bytes(),
+                    "batch of {n}"
+                );
+                assert_ne!(*h, PageHash::of_page(p), "keyed equals plain");
+            }
+        }
+    }
+
+    #[test]
+    fn domains_name_equal_pages_differently_and_checks_tell_keys_apart() {
+        let p = page_from_seed(3);
+        let a = ContentKey::keyed([1; 32]);
+        let b = ContentKey::keyed([2; 32]);
+        assert_ne!(a.hash_page(&p), b.hash_page(&p));
+        assert_ne!(a.hash_page(&p), ContentKey::CLUSTER.hash_page(&p));
+        assert_eq!(ContentKey::CLUSTER.hash_page(&p), PageHash::of_page(&p));
+        assert_ne!(a.check(), b.check());
+        assert_eq!(a.check(), ContentKey::keyed([1; 32]).check());
+        assert!(
+            !format!("{a:?}").contains("1, 1"),
+            "debug output shows the key"
+        );
+    }
+
+    #[test]
     fn batch_kernel_handles_zero_and_repeated_pages() {
         let zero = Box::new([0u8; PAGE_SIZE]);
         let a = page_from_seed(7);
@@ -651,6 +794,24 @@ mod tests {
             hash_pages(&refs, &mut out);
             for (p, h) in refs.iter().zip(out) {
                 prop_assert_eq!(h, PageHash::of_page(p));
+            }
+        }
+
+        #[test]
+        fn keyed_batch_kernel_matches_blake3_on_any_key(
+            key in any::<[u8; 32]>(),
+            edits in proptest::collection::vec((0usize..8, 0usize..PAGE_SIZE, any::<u8>()), 1..32)
+        ) {
+            let mut pages: Vec<Box<Page>> = (0..8).map(|_| Box::new([0u8; PAGE_SIZE])).collect();
+            for (p, at, v) in edits {
+                pages[p][at] = v;
+            }
+            let refs: Vec<&Page> = pages.iter().map(|p| &**p).collect();
+            let mut out = [PageHash::ZERO_PAGE; 8];
+            let k = ContentKey::keyed(key);
+            k.hash_pages(&refs, &mut out);
+            for (p, h) in refs.iter().zip(out) {
+                prop_assert_eq!(*h.as_bytes(), *blake3::keyed_hash(&key, *p).as_bytes());
             }
         }
 

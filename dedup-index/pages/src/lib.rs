@@ -4,7 +4,9 @@
 //! wire, in the content index and in plans. [`hash_pages`] is the batched
 //! BLAKE3 kernel that computes it (eight pages side by side where AVX2 is
 //! available), [`is_zero_page`] the test that keeps zero pages out of
-//! everything. [`Sketch`] (MinHash + HyperLogLog) answers sharing questions
+//! everything. [`ContentKey`] names pages within a dedup domain ([`domain`]):
+//! plain BLAKE3 for the cluster-wide one, keyed BLAKE3 for any other.
+//! [`Sketch`] (MinHash + HyperLogLog) answers sharing questions
 //! in a few KiB per VM; [`sharing`] turns sketches into rankings, matrices
 //! and co-location groups. [`units`] parses and prints sizes and rates the
 //! way operators write them, and [`SplitMix64`] is the one seeded generator
@@ -13,13 +15,15 @@
 //! The crate does no I/O and depends on nothing of pagecast's, so the
 //! transport and the planner can use it without knowing an index exists.
 
+pub mod domain;
 pub mod hash;
 pub mod rng;
 pub mod sharing;
 pub mod sketch;
 pub mod units;
 
-pub use hash::{PAGE_SIZE, Page, PageHash, ParseHashError, hash_pages, is_zero_page};
+pub use domain::{CLUSTER_DOMAIN, DomainError, DomainSecret};
+pub use hash::{ContentKey, PAGE_SIZE, Page, PageHash, ParseHashError, hash_pages, is_zero_page};
 pub use rng::SplitMix64;
 pub use sketch::{HyperLogLog, MinHash, Sketch, SketchError};
 
