@@ -5,11 +5,15 @@
 # template do). It shows the cluster as the index sees it, asks for
 # placement advice, plans the evacuation of rack A, evacuates it (every
 # unique page sent once, multicast, each VM verified) with a report, and
-# clones one VM to three hosts. Everything it starts is stopped when it
-# ends, Ctrl-C included.
+# clones one VM to three hosts. One VM (web2) runs in a dedup domain of
+# its own, tenant-b: its memory is the web template's, yet it shares
+# nothing with the other VMs, and the plan's savings show the cost.
+# Everything it starts is stopped when it ends, Ctrl-C included.
 #
 # Environment: PAGECAST_DEMO_DIR (default ./demo-out), PAGECAST_DEMO_MEMORY
-# (per VM, default 96MiB).
+# (per VM, default 96MiB), PAGECAST_DEMO_TENANT (web2's dedup domain,
+# default tenant-b; "cluster" puts it with the others), PAGECAST_DEMO_PROFILE
+# (cargo profile to build, default release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -17,9 +21,12 @@ cd "$(dirname "$0")/.."
 out=${PAGECAST_DEMO_DIR:-demo-out}
 memory=${PAGECAST_DEMO_MEMORY:-96MiB}
 
-echo "== building pagecast (release)" >&2
-cargo build --release --locked -p pagecast-cli --bin pagecast
-pagecast=${CARGO_TARGET_DIR:-$PWD/target}/release/pagecast
+tenant=${PAGECAST_DEMO_TENANT:-tenant-b}
+profile=${PAGECAST_DEMO_PROFILE:-release}
+echo "== building pagecast ($profile)" >&2
+cargo build --profile "$profile" --locked -p pagecast-cli --bin pagecast
+case "$profile" in dev) dir=debug ;; *) dir=$profile ;; esac
+pagecast=${CARGO_TARGET_DIR:-$PWD/target}/$dir/pagecast
 
 if [ ! -e /dev/kvm ]; then
     echo "== /dev/kvm is not available here: the agents cannot run micro-VMs; showing a plan from images instead" >&2
@@ -93,14 +100,14 @@ echo "== starting host agents: rack-a (a1, a2) and rack-b (b1, b2, b3)" >&2
 for h in a1 a2; do start_agent "$h" rack-a; done
 for h in b1 b2 b3; do start_agent "$h" rack-b; done
 
-vm() { # host name profile dirty-rate
+vm() { # host name profile dirty-rate [domain]
     "$pagecast" vm start --agent "${addr[$1]}" --name "$2" --synthetic "$3" \
-        --memory "$memory" --dirty-rate "$4" --working-set 2000 >/dev/null
+        --memory "$memory" --dirty-rate "$4" --working-set 2000 --domain "${5:-cluster}" >/dev/null
 }
-echo "== starting VMs: web and db on rack A (writing to memory), residents of the same families on rack B" >&2
+echo "== starting VMs: web and db on rack A (writing to memory), residents of the same families on rack B; web2 in dedup domain $tenant" >&2
 vm a1 web1 web:index=1 1000
 vm a1 db1 db:index=1 500
-vm a2 web2 web:index=2 1000
+vm a2 web2 web:index=2 1000 "$tenant"
 vm a2 cache1 cache:index=1 500
 vm b1 web0 web:index=0 0
 vm b2 db0 db:index=0 0
@@ -112,6 +119,9 @@ echo "== the cluster as the index sees it" >&2
 echo "== which VMs share memory, and where web1's content already is" >&2
 "$pagecast" advise --cluster
 "$pagecast" advise --vm web1 --top 3
+echo "== web2 is a web VM too, but in dedup domain $tenant: pages are shared only within a domain" >&2
+"$pagecast" advise --vm web2 --top 3
+"$pagecast" vm list --agent "${addr[a2]}"
 
 echo "== the plan for evacuating rack A (nothing moves)" >&2
 "$pagecast" evacuate --from a1,a2 --dry-run --no-progress

@@ -64,7 +64,9 @@ fn main() {
                 (vec![], vec![], vec![], vec![], vec![]);
             for _ in 0..runs {
                 let t = Instant::now();
-                ours = fp.fingerprint(&mem, &|_| {}).hashes;
+                ours = fp
+                    .fingerprint(&mem, &pagecast_pages::ContentKey::CLUSTER, &|_| {})
+                    .hashes;
                 let fp_rate = gb / t.elapsed().as_secs_f64();
                 let t = Instant::now();
                 pool.install(|| {

@@ -73,6 +73,7 @@ fn start(agent: &Agent, name: &str, image: &Path, rate: u64, ws: u64) {
             memory_bytes: 0,
             dirty_rate: rate,
             working_set_pages: ws,
+            domain: String::new(),
         })
         .unwrap();
 }

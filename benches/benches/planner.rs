@@ -56,7 +56,7 @@ fn pages(
     spec.profile = *profile;
     let vm = SyntheticVm::new(spec).expect("vm");
     let mem = vm.materialize(Some(fp.pool())).expect("memory");
-    let f = fp.fingerprint(&mem, &|_| {});
+    let f = fp.fingerprint(&mem, &pagecast_pages::ContentKey::CLUSTER, &|_| {});
     (f.distinct(), f.nonzero())
 }
 

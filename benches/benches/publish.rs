@@ -185,7 +185,7 @@ fn main() {
         let mem = synth.materialize(None).unwrap();
         let fp = Fingerprinter::new(2).unwrap();
         let t = Instant::now();
-        let f = fp.fingerprint(&mem, &|_| {});
+        let f = fp.fingerprint(&mem, &pagecast_pages::ContentKey::CLUSTER, &|_| {});
         let fp_s = t.elapsed().as_secs_f64();
         drop(mem);
         let agent = AgentProc::start(dir, "big", &["--index", &idx.addrs()]);

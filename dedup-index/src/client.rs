@@ -697,6 +697,8 @@ pub fn load_vm(
         sketch: content.sketch.to_bytes().into(),
         generation: 0,
         state: VmState::Loading as i32,
+        // Loaded images are in the cluster-wide dedup domain.
+        domain: String::new(),
     };
     let begun = c.write(0, cmd(CmdOp::BeginVm(BeginVm { vm: Some(rec) })))?;
     let client = session_id(hostn, &content.name, begun.generation, "load");

@@ -1,7 +1,9 @@
 //! Sharing questions answered from sketches alone: how alike two VMs are,
 //! how much of a VM a host already holds, and the best hosts and most
 //! similar VMs for one VM. Only loaded VMs and running VMs (published by
-//! their agents) count; a host's sketch is the merge of theirs.
+//! their agents) count; a host's sketch is the merge of theirs. Advice for
+//! a VM looks only at VMs of its dedup domain: hashes of two domains never
+//! match, and a sketch comparison across them would only report noise.
 
 use std::collections::BTreeMap;
 
@@ -85,8 +87,14 @@ pub fn pair(
     })
 }
 
+/// Whether two VMs are in the same dedup domain ("" and "cluster" alike).
+pub fn same_domain(a: &VmRecord, b: &VmRecord) -> bool {
+    pagecast_pages::domain::normalize(&a.domain) == pagecast_pages::domain::normalize(&b.domain)
+}
+
 /// The `top` hosts holding most of VM `vm`'s distinct pages (its own host
-/// counted without it) and the `top` VMs most like it.
+/// counted without it) and the `top` VMs most like it, among the VMs of
+/// its dedup domain.
 pub fn advise(
     vms: &[VmRecord],
     hosts: &[HostInfo],
@@ -102,7 +110,7 @@ pub fn advise(
     let s = sketch_of(target)?;
     let mut by_host: BTreeMap<String, Sketch> = BTreeMap::new();
     let mut others: Vec<((String, String), Sketch)> = Vec::new();
-    for v in loaded(vms).filter(|v| v.name != vm) {
+    for v in loaded(vms).filter(|v| v.name != vm && same_domain(v, target)) {
         let o = sketch_of(v)?;
         by_host
             .entry(host_name(hosts, v.host))

@@ -887,6 +887,9 @@ impl Apply<'_> {
                 vm.name
             ))));
         }
+        if let Err(e) = pagecast_pages::domain::check_domain(&vm.domain) {
+            return Ok(Err(invalid(format!("VM {}: {e}", vm.name))));
+        }
         if Sketch::from_bytes(&vm.sketch).is_err() || vm.digest.len() != 32 {
             return Ok(Err(invalid(format!(
                 "VM {}: a record needs a sketch that decodes and a 32-byte digest",
@@ -969,6 +972,9 @@ impl Apply<'_> {
                 "VM name {:?}: use 1 to {MAX_NAME} letters, digits, '-', '_' or '.'",
                 vm.name
             ))));
+        }
+        if let Err(e) = pagecast_pages::domain::check_domain(&vm.domain) {
+            return Ok(Err(invalid(format!("VM {}: {e}", vm.name))));
         }
         if Sketch::from_bytes(&vm.sketch).is_err() {
             return Ok(Err(invalid(format!(

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use metrics::counter;
-use pagecast_pages::{PAGE_SIZE, Page, PageHash};
+use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::{
     MAX_CAST_GROUP_RANGES, MAX_CAST_GROUPS, MAX_CAST_PAGES, MAX_MANIFEST_FRAMES, WIRE_VERSION, v1,
 };
@@ -62,6 +62,8 @@ struct State<'a> {
     frames: u64,
     needed: Vec<bool>,
     held: Vec<bool>,
+    /// The dedup domains the pages are named in (each is checked with them).
+    content_keys: Vec<ContentKey>,
     need_count: u32,
     held_count: u32,
     groups: Vec<MemberGroup>,
@@ -117,12 +119,16 @@ impl State<'_> {
             self.counters.duplicates += 1;
             return Ok(false);
         }
-        let hash = PageHash::of_page(data);
-        if key >= self.frames || check_of(&hash) != check {
+        let hash = self
+            .content_keys
+            .iter()
+            .map(|k| k.hash_page(data))
+            .find(|h| check_of(h) == check);
+        let Some(hash) = hash.filter(|_| key < self.frames) else {
             self.counters.bad_hash += 1;
             counter!(crate::metrics::BAD_HASH).increment(1);
             return Ok(false);
-        }
+        };
         let entry = PageEntry { key, hash };
         self.sink.put(&entry, data).map_err(CastError::Sink)?;
         self.entries[p] = Some(entry);
@@ -599,6 +605,7 @@ fn receive_inner(
         held: vec![false; total],
         entries: vec![None; total],
         frames: w.image_frames,
+        content_keys: cfg.content_keys.clone(),
         needed,
         need_count,
         held_count: 0,

@@ -4,7 +4,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use pagecast_pages::{Page, PageHash};
+use pagecast_pages::{ContentKey, Page, PageHash};
 use serde::Serialize;
 
 use pagecast_channel::AuthError;
@@ -151,6 +151,10 @@ pub struct ReceiverConfig {
     pub ttl: u32,
     /// Give up if the sender is silent this long.
     pub silent_after: Duration,
+    /// The dedup domains the session's pages are named in: a page is taken
+    /// if its hash under one of these keys matches (one key, usually; a gang
+    /// job's receiver lists the domains of the VMs it fills).
+    pub content_keys: Vec<ContentKey>,
 }
 
 impl ReceiverConfig {
@@ -162,6 +166,7 @@ impl ReceiverConfig {
             name: name.to_owned(),
             ttl: 1,
             silent_after: Duration::from_secs(10),
+            content_keys: vec![ContentKey::CLUSTER],
         }
     }
 }

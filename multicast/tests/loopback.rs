@@ -12,7 +12,7 @@ use pagecast_channel::ca::Authority;
 use pagecast_channel::{Role, Tls};
 use pagecast_multicast::wire;
 use pagecast_multicast::*;
-use pagecast_pages::{PAGE_SIZE, Page, PageHash};
+use pagecast_pages::{ContentKey, PAGE_SIZE, Page};
 
 const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
@@ -45,6 +45,8 @@ fn endpoints() -> (SocketAddr, SocketAddrV4) {
 struct Source {
     pages: Vec<Box<Page>>,
     frames: u64,
+    /// The dedup domain the pages are named in.
+    key: ContentKey,
 }
 
 impl Source {
@@ -65,6 +67,7 @@ impl Source {
         Source {
             pages,
             frames: u64::from(n) * 2,
+            key: ContentKey::CLUSTER,
         }
     }
 }
@@ -76,7 +79,7 @@ impl PageSource for Source {
     fn entry(&self, i: u32) -> PageEntry {
         PageEntry {
             key: u64::from(i) * 2,
-            hash: PageHash::of_page(&self.pages[i as usize]),
+            hash: self.key.hash_page(&self.pages[i as usize]),
         }
     }
     fn read(&self, i: u32, out: &mut Page) -> std::io::Result<()> {
@@ -151,6 +154,17 @@ fn run(
     src: &Source,
     receivers: Vec<(Tls, Option<usize>)>,
 ) -> Outcome {
+    run_keyed(cfg, groups, src, receivers, &[ContentKey::CLUSTER])
+}
+
+/// [`run`], the receivers checking pages under `keys`.
+fn run_keyed(
+    cfg: SenderConfig,
+    groups: Groups,
+    src: &Source,
+    receivers: Vec<(Tls, Option<usize>)>,
+    keys: &[ContentKey],
+) -> Outcome {
     std::thread::scope(|s| {
         let control = cfg.control;
         let sender = s.spawn(move || send(&cfg, groups, src, &tls(), &|_, _| {}));
@@ -164,7 +178,8 @@ fn run(
                         fail_after,
                         ..Sink::default()
                     };
-                    let cfg = ReceiverConfig::new(control, LO, &format!("r{i}"));
+                    let mut cfg = ReceiverConfig::new(control, LO, &format!("r{i}"));
+                    cfg.content_keys = keys.to_vec();
                     let r = receive(&cfg, &sec, &mut sink, &|_, _| {});
                     (r, sink)
                 })
@@ -173,6 +188,30 @@ fn run(
         let recvs = handles.into_iter().map(|h| h.join().unwrap()).collect();
         (sender.join().unwrap(), recvs)
     })
+}
+
+#[test]
+fn pages_of_a_dedup_domain_are_checked_under_its_key() {
+    let (control, group) = endpoints();
+    let mut src = Source::new(600);
+    src.key = ContentKey::keyed([7; 32]);
+    let cfg = SenderConfig::new(control, LO, 2);
+    // A receiver filling VMs of two domains checks each page under both
+    // keys; the keyed pages match the second.
+    let (sent, recvs) = run_keyed(
+        cfg,
+        Groups::Single(group),
+        &src,
+        vec![(tls(), None), (tls(), None)],
+        &[ContentKey::CLUSTER, ContentKey::keyed([7; 32])],
+    );
+    sent.unwrap();
+    let all: Vec<u32> = (0..600).collect();
+    for (r, sink) in &recvs {
+        let r = r.as_ref().unwrap();
+        assert_eq!((r.pages, r.counters.bad_hash), (600, 0));
+        check_sink(sink, &src, &all);
+    }
 }
 
 #[test]

@@ -38,7 +38,8 @@ fn authority() -> &'static Authority {
     CA.get_or_init(|| Authority::load(&root().join("ca")).expect("the test CA"))
 }
 
-/// The node directory of `name` with `role` (issued if missing).
+/// The node directory of `name` with `role` (issued if missing; a host's
+/// holds the cluster's dedup-domain secret, `domains.key`).
 pub fn node(name: &str, role: Role) -> PathBuf {
     let dir = root().join(format!("{role}-{name}"));
     if !dir.join("node.key").exists() {

@@ -62,6 +62,10 @@ fn all_exact(idx: &IndexCluster, agents: &[&AgentProc], timeout: Duration, what:
 }
 
 fn start_vm(dir: &Path, agent: &AgentProc, name: &str, profile: &str, rate: u64) {
+    start_vm_in(dir, agent, name, profile, rate, "cluster");
+}
+
+fn start_vm_in(dir: &Path, agent: &AgentProc, name: &str, profile: &str, rate: u64, domain: &str) {
     let out = cli(
         dir,
         &[
@@ -79,6 +83,8 @@ fn start_vm(dir: &Path, agent: &AgentProc, name: &str, profile: &str, rate: u64)
             &rate.to_string(),
             "--working-set",
             "3000",
+            "--domain",
+            domain,
         ],
     );
     assert!(
@@ -171,6 +177,169 @@ fn setup(names: &[(&str, &str)]) -> Setup {
         })
         .collect();
     Setup { dir, idx, agents }
+}
+
+/// `advise --vm` for `vm`: (shared pages on `host`, Jaccard with `other`),
+/// zero where the index lists none.
+fn advice(dir: &Path, idx: &IndexCluster, vm: &str, host: &str, other: &str) -> (f64, f64) {
+    let a = cli_json(
+        dir,
+        &["advise", "--index", &idx.addrs(), "--vm", vm, "--json"],
+    );
+    let find = |list: &str, name: &str, field: &str| {
+        a[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .map_or(0.0, |c| c[field].as_f64().unwrap())
+    };
+    (
+        find("hosts", host, "shared_pages"),
+        find("vms", other, "jaccard"),
+    )
+}
+
+#[test]
+fn dedup_domains_keep_identical_vms_apart() {
+    if !kvm_or_skip("dedup_domains_keep_identical_vms_apart") {
+        return;
+    }
+    let s = setup(&[("h1", "r1"), ("h2", "r1")]);
+    let d = s.dir.path().to_owned();
+    let long = Duration::from_secs(30);
+    // Identical memory (one family, one index), two domains.
+    start_vm_in(&d, &s.agents[0], "red1", "web:index=0", 0, "red");
+    start_vm_in(&d, &s.agents[1], "blue1", "web:index=0", 0, "blue");
+    let refs: Vec<&AgentProc> = s.agents.iter().collect();
+    // The index lists what a fresh hash in each VM's domain holds.
+    all_exact(&s.idx, &refs, long, "two domains");
+    let list = cli_json(&d, &["vm", "list", "--agent", &s.agents[1].addr, "--json"]);
+    assert_eq!(list["vms"][0]["domain"], "blue", "{list}");
+
+    // The index shows no sharing between them: their hashes differ.
+    let (on_h2, with_blue) = advice(&d, &s.idx, "red1", "h2", "blue1");
+    assert_eq!((on_h2, with_blue), (0.0, 0.0), "red1 against blue1");
+    let mut c = s.idx.client();
+    let hosts = c.hosts(false).unwrap();
+    let (h1, h2) = (
+        hosts.iter().find(|h| h.name == "h1").unwrap().index,
+        hosts.iter().find(|h| h.name == "h2").unwrap().index,
+    );
+    // Not one of red1's pages is listed as held by h2 (which holds blue1,
+    // the same memory): the index cannot tell the two domains share it.
+    let tls = pagecast_tests::pki::tls("operator", Role::Operator);
+    let red = AgentClient::connect(&s.agents[0].addr, &tls)
+        .unwrap()
+        .vm_content("red1")
+        .unwrap();
+    assert!(
+        red.hashes.len() > 1000,
+        "{} distinct pages",
+        red.hashes.len()
+    );
+    let (mut on_h1, mut on_h2) = (0usize, 0usize);
+    for shard in 0..SHARDS {
+        let mine: Vec<_> = red
+            .hashes
+            .iter()
+            .filter(|h| pagecast_index::keys::shard_of(h, SHARDS) == shard)
+            .copied()
+            .collect();
+        on_h1 += c.lookup(shard, &mine, &[h1], false).unwrap().host.len();
+        on_h2 += c.lookup(shard, &mine, &[h2], false).unwrap().host.len();
+    }
+    // (The page the guest keeps its counter in changes all the time and is
+    // left out as hot.)
+    assert!(
+        on_h1 + 8 >= red.hashes.len(),
+        "h1 holds {on_h1} of red1's {} pages",
+        red.hashes.len()
+    );
+    assert_eq!(on_h2, 0, "the index shows h2 holding red1's pages");
+
+    // A migration into a host holding identical memory of another domain
+    // fills nothing locally.
+    let r = cli_json(
+        &d,
+        &[
+            "migrate",
+            "--vm",
+            "red1",
+            "--from",
+            &s.agents[0].addr,
+            "--to",
+            &s.agents[1].addr,
+            "--json",
+        ],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["pages_local"], 0, "filled from another domain: {r}");
+    let list = cli_json(&d, &["vm", "list", "--agent", &s.agents[1].addr, "--json"]);
+    let red = list["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "red1")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        red["domain"], "red",
+        "the domain travels with the VM: {list}"
+    );
+
+    // In one domain, the same memory is shared and filled locally.
+    start_vm_in(&d, &s.agents[0], "red2", "web:index=0", 0, "red");
+    all_exact(&s.idx, &refs, long, "red2 started");
+    let (on_h2, with_red1) = advice(&d, &s.idx, "red2", "h2", "red1");
+    assert!(
+        on_h2 > 1000.0 && with_red1 > 0.9,
+        "red2: {on_h2} {with_red1}"
+    );
+    let r = cli_json(
+        &d,
+        &[
+            "migrate",
+            "--vm",
+            "red2",
+            "--from",
+            &s.agents[0].addr,
+            "--to",
+            &s.agents[1].addr,
+            "--json",
+        ],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let local = r["pages_local"].as_u64().unwrap();
+    let nonzero = r["nonzero_pages"].as_u64().unwrap();
+    assert!(
+        local * 10 >= nonzero * 9,
+        "one domain: {local} of {nonzero} pages filled locally"
+    );
+    all_exact(&s.idx, &refs, long, "after both migrations");
+
+    // A bad domain name is refused with a clear message.
+    let out = cli(
+        &d,
+        &[
+            "vm",
+            "start",
+            "--agent",
+            &s.agents[0].addr,
+            "--name",
+            "bad",
+            "--synthetic",
+            "web",
+            "--domain",
+            "no/such",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("domain name"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

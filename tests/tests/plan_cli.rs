@@ -198,3 +198,47 @@ fn bad_topologies_fail_with_one_line() {
     let out = pagecast(&["plan", "--topology", "rack.toml", "--strategy", "random"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown strategy"));
 }
+
+#[test]
+fn a_dedup_domain_of_its_own_costs_its_shared_pages() {
+    let dir = setup();
+    let topo = dir.path().join("rack.toml");
+    let source_bytes = |plan: &serde_json::Value| {
+        plan["strategies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "pagecast")
+            .unwrap()["source_bytes"]
+            .as_f64()
+            .unwrap()
+    };
+    let shared = pagecast_json(&["plan", "--topology", topo.to_str().unwrap(), "--json"]);
+    // web-1 (moving, a web VM like web-0) in a domain of its own.
+    let apart = TOPOLOGY.replace(
+        r#"{ name = "web-1", image = "images/web-1.raw" }"#,
+        r#"{ name = "web-1", image = "images/web-1.raw", domain = "tenant-b" }"#,
+    );
+    assert_ne!(apart, TOPOLOGY);
+    let topo2 = dir.path().join("apart.toml");
+    std::fs::write(&topo2, apart).unwrap();
+    let split = pagecast_json(&["plan", "--topology", topo2.to_str().unwrap(), "--json"]);
+    let (a, b) = (source_bytes(&shared), source_bytes(&split));
+    assert!(
+        b > a * 1.1,
+        "one domain: {a} source bytes; web-1 apart: {b}"
+    );
+    // A bad domain name is refused with the VM named.
+    let bad = TOPOLOGY.replace(
+        r#"{ name = "web-1", image = "images/web-1.raw" }"#,
+        r#"{ name = "web-1", image = "images/web-1.raw", domain = "no/such" }"#,
+    );
+    std::fs::write(&topo2, bad).unwrap();
+    let out = pagecast(&["plan", "--topology", topo2.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("web-1") && err.contains("domain name"),
+        "{err}"
+    );
+}

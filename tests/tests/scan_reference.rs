@@ -217,3 +217,43 @@ fn synth_writes_what_scan_then_measures() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     assert_eq!(std::fs::read(out.join("web-0.raw")).unwrap(), bytes[0]);
 }
+
+#[test]
+fn scan_counts_sharing_within_dedup_domains_only() {
+    let dir = tempfile::tempdir().unwrap();
+    // A and B hold the same four contents, C two of them.
+    let paths: Vec<String> = [image(&[1, 2, 3, 4]), image(&[1, 2, 3, 4]), image(&[1, 2])]
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            let p = dir.path().join(format!("{i}.raw"));
+            std::fs::write(&p, img).unwrap();
+            p.to_str().unwrap().to_owned()
+        })
+        .collect();
+    let scan = |domains: &str| {
+        let mut args = vec!["scan", "--json", "--no-progress", "--domains", domains];
+        args.extend(paths.iter().map(String::as_str));
+        pagecast_json(&args)
+    };
+    let one = scan("cluster,cluster,cluster");
+    assert_eq!(one["union_distinct"], 4);
+    assert_eq!(one["jaccard"][0][1], 1.0);
+    // B in a domain of its own: its pages count once more, and it shares
+    // nothing with A; A and C still share.
+    let two = scan("red,blue,red");
+    assert_eq!(two["union_distinct"], 8);
+    assert_eq!(two["jaccard"][0][1], 0.0);
+    assert_eq!(two["jaccard"][0][2], 0.5);
+    assert_eq!(two["images"][1]["domain"], "blue");
+    // One domain name per image, or a clear error.
+    let mut args = vec!["scan", "--domains", "red"];
+    args.extend(paths.iter().map(String::as_str));
+    let out = pagecast(&args);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("one per image"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -33,7 +33,7 @@ use pagecast_multicast::{
     GroupPlan, Groups, PageEntry, PageSink, PageSource, ReceiverConfig, SenderConfig,
     TransportChoice,
 };
-use pagecast_pages::{PAGE_SIZE, Page, PageHash};
+use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 
 use crate::{Agent, AgentError};
@@ -126,6 +126,7 @@ impl SlotEvents for JobSlots<'_> {
         let control = parse_addr(control).map_err(|e| e.to_string())?;
         let mut cfg = ReceiverConfig::new(control, self.agent.cast_iface(), self.agent.name());
         cfg.silent_after = Duration::from_secs(10);
+        cfg.content_keys = vec![*slot.key()];
         if by_frame {
             let mut sink = FrameSink {
                 slot: slot.clone(),
@@ -177,6 +178,8 @@ pub struct AgentCaster<'a> {
     pub agent: &'a Agent,
     /// The VM's memory.
     pub vm: &'a dyn pagecast_memory::GuestMemory,
+    /// The key of the VM's dedup domain.
+    pub key: ContentKey,
     /// Pacing, bits per second.
     pub rate_bps: Option<u64>,
     /// The job (for group addresses).
@@ -204,7 +207,13 @@ impl pagecast_migrate::Caster for AgentCaster<'_> {
         let all: Vec<usize> = (0..receivers.len()).collect();
         let mut groups: std::collections::BTreeMap<Vec<usize>, Vec<u32>> = Default::default();
         for (c, chunk) in frames.chunks(64).enumerate() {
-            pagecast_memory::fingerprint::read_and_hash(self.vm, chunk, &mut buf, &mut hashes)?;
+            pagecast_memory::fingerprint::read_and_hash(
+                self.vm,
+                &self.key,
+                chunk,
+                &mut buf,
+                &mut hashes,
+            )?;
             for (k, &f) in chunk.iter().enumerate() {
                 staged_hashes.push(hashes[k]);
                 if hashes[k].is_zero_page() {
@@ -317,8 +326,8 @@ pub struct JobContent<'a> {
 }
 
 impl LocalContent for JobContent<'_> {
-    fn copy(&self, h: &PageHash, out: &mut Page) -> bool {
-        if self.agent.copy(h, out) {
+    fn copy(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
+        if self.agent.copy(key, h, out) {
             return true;
         }
         !self.job.is_empty()
@@ -327,7 +336,11 @@ impl LocalContent for JobContent<'_> {
                 .jobs()
                 .slots(self.job)
                 .iter()
-                .any(|s| s.copy(h, out))
+                .any(|s| s.key() == key && s.copy(h, out))
+    }
+
+    fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
+        self.agent.domain_key(domain).map_err(|e| e.to_string())
     }
 }
 
@@ -450,7 +463,7 @@ impl Staged {
         let mut index = Vec::with_capacity(hashes.len());
         let mut page = [0u8; PAGE_SIZE];
         for (i, h) in hashes.iter().enumerate() {
-            if agent.copy(h, &mut page) {
+            if agent.copy_any(h, &mut page).is_some() {
                 index.push(Some(entries.len() as u32));
                 entries.push(PageEntry {
                     key: i as u64,
@@ -664,9 +677,19 @@ pub fn cast_send(
 pub fn cast_recv(agent: &Agent, r: &v1::CastRecvRequest) -> Result<v1::CastResult, AgentError> {
     let control = parse_addr(&r.control)?;
     let slots = agent.jobs().slots(&r.job);
-    let mut sink = SlotSink::new(slots);
     let mut cfg = ReceiverConfig::new(control, agent.cast_iface(), agent.name());
     cfg.silent_after = Duration::from_secs(10);
+    // Pages are checked in the domains of the VMs they may fill.
+    let mut keys: Vec<ContentKey> = Vec::new();
+    for s in &slots {
+        if !keys.contains(s.key()) {
+            keys.push(*s.key());
+        }
+    }
+    if !keys.is_empty() {
+        cfg.content_keys = keys;
+    }
+    let mut sink = SlotSink::new(slots);
     let res = pagecast_multicast::receive(&cfg, agent.tls(), &mut sink, &|_, _| {});
     Ok(match res {
         Ok(rep) => v1::CastResult {
@@ -685,16 +708,19 @@ pub fn cast_recv(agent: &Agent, r: &v1::CastRecvRequest) -> Result<v1::CastResul
     })
 }
 
-/// Serves a rack-mate's fetch: the pages of `hashes` this host holds.
+/// Serves a rack-mate's fetch: the pages of `hashes` this host's VMs of
+/// dedup domain `domain` hold.
 pub fn serve_fetch(
     agent: &Agent,
+    domain: &str,
     hashes: &[PageHash],
     send: &mut dyn FnMut(Resp) -> Result<(), AgentError>,
 ) -> Result<(), AgentError> {
+    let key = agent.domain_key(domain)?;
     let mut page = [0u8; PAGE_SIZE];
     let (mut hs, mut data) = (Vec::new(), Vec::new());
     for h in hashes {
-        if agent.copy(h, &mut page) {
+        if agent.copy(&key, h, &mut page) {
             hs.extend_from_slice(h.as_bytes());
             data.extend_from_slice(&page);
             if hs.len() / 32 == PAGES_PER_FETCH_FRAME {
@@ -730,59 +756,30 @@ pub fn fetch(agent: &Agent, r: &v1::FetchRequest) -> v1::FetchResult {
             })?;
         let mut ch = agent.host_channel(stream, "serve pages to fetch")?;
         ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
-        let slots = agent.jobs().slots(&r.job);
-        let (mut pages, mut frames, mut bytes) = (0u64, 0u64, 0u64);
-        for chunk in hashes.chunks(HASHES_PER_FRAME) {
-            ch.send(&v1::AgentRequest {
-                body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
-                    hashes: bytes_of(chunk).into(),
-                })),
-            })?;
-            loop {
-                let resp: v1::AgentResponse = ch.recv("fetched pages")?;
-                let p = match resp.body {
-                    Some(Resp::Pages(p)) => p,
-                    Some(Resp::Error(e)) => {
-                        return Err(AgentError::Remote {
-                            addr: r.from.clone(),
-                            code: v1::RefusalCode::try_from(e.code)
-                                .unwrap_or(v1::RefusalCode::Unspecified),
-                            message: e.message,
-                        });
-                    }
-                    other => {
-                        return Err(AgentError::Unexpected {
-                            addr: r.from.clone(),
-                            what: format!("{other:?}"),
-                        });
-                    }
-                };
-                if p.hashes.is_empty() {
-                    break;
-                }
-                let n = p.hashes.len() / 32;
-                if p.hashes.len() % 32 != 0 || p.data.len() != n * PAGE_SIZE {
-                    return Err(AgentError::BadRequest(
-                        "fetched pages of the wrong size".into(),
-                    ));
-                }
-                bytes += (p.hashes.len() + p.data.len()) as u64;
-                for i in 0..n {
-                    let h = PageHash::try_from(&p.hashes[i * 32..(i + 1) * 32]).expect("32");
-                    let page: &Page = p.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-                        .try_into()
-                        .expect("page");
-                    if PageHash::of_page(page) != h {
-                        // A rack-mate's page that does not match its hash
-                        // is not used; the source sends it instead.
-                        continue;
-                    }
-                    pages += 1;
-                    for s in &slots {
-                        frames += s.fill(&h, page)?;
-                    }
-                }
+        // The job's arriving VMs by dedup domain: each domain's pages are
+        // asked for, checked and filled apart from the others'.
+        let mut domains: Vec<(String, ContentKey, Vec<Arc<IncomingSlot>>)> = Vec::new();
+        for s in agent.jobs().slots(&r.job) {
+            match domains.iter_mut().find(|d| d.1 == *s.key()) {
+                Some(d) => d.2.push(s),
+                None => domains.push((s.domain().to_owned(), *s.key(), vec![s])),
             }
+        }
+        let (mut pages, mut frames, mut bytes) = (0u64, 0u64, 0u64);
+        for (domain, key, slots) in &domains {
+            let wanted: Vec<PageHash> = if domains.len() == 1 {
+                hashes.clone()
+            } else {
+                hashes
+                    .iter()
+                    .filter(|h| slots.iter().any(|s| s.wants(h)))
+                    .copied()
+                    .collect()
+            };
+            let (p, f, b) = fetch_domain(&mut ch, &r.from, domain, key, slots, &wanted)?;
+            pages += p;
+            frames += f;
+            bytes += b;
         }
         Ok((pages, frames, bytes))
     };
@@ -795,6 +792,73 @@ pub fn fetch(agent: &Agent, r: &v1::FetchRequest) -> v1::FetchResult {
         Err(e) => out.error = e.to_string(),
     }
     out
+}
+
+/// Fetches the pages of `hashes` in dedup domain `domain` (key `key`) over
+/// `ch` into `slots`; returns pages, frames filled and bytes received.
+fn fetch_domain(
+    ch: &mut pagecast_channel::Channel,
+    from: &str,
+    domain: &str,
+    key: &ContentKey,
+    slots: &[Arc<IncomingSlot>],
+    hashes: &[PageHash],
+) -> Result<(u64, u64, u64), AgentError> {
+    let (mut pages, mut frames, mut bytes) = (0u64, 0u64, 0u64);
+    for chunk in hashes.chunks(HASHES_PER_FRAME) {
+        ch.send(&v1::AgentRequest {
+            body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
+                hashes: bytes_of(chunk).into(),
+                domain: domain.to_owned(),
+            })),
+        })?;
+        loop {
+            let resp: v1::AgentResponse = ch.recv("fetched pages")?;
+            let p = match resp.body {
+                Some(Resp::Pages(p)) => p,
+                Some(Resp::Error(e)) => {
+                    return Err(AgentError::Remote {
+                        addr: from.to_owned(),
+                        code: v1::RefusalCode::try_from(e.code)
+                            .unwrap_or(v1::RefusalCode::Unspecified),
+                        message: e.message,
+                    });
+                }
+                other => {
+                    return Err(AgentError::Unexpected {
+                        addr: from.to_owned(),
+                        what: format!("{other:?}"),
+                    });
+                }
+            };
+            if p.hashes.is_empty() {
+                break;
+            }
+            let n = p.hashes.len() / 32;
+            if p.hashes.len() % 32 != 0 || p.data.len() != n * PAGE_SIZE {
+                return Err(AgentError::BadRequest(
+                    "fetched pages of the wrong size".into(),
+                ));
+            }
+            bytes += (p.hashes.len() + p.data.len()) as u64;
+            for i in 0..n {
+                let h = PageHash::try_from(&p.hashes[i * 32..(i + 1) * 32]).expect("32");
+                let page: &Page = p.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                    .try_into()
+                    .expect("page");
+                if key.hash_page(page) != h {
+                    // A rack-mate's page that does not match its hash
+                    // is not used; the source sends it instead.
+                    continue;
+                }
+                pages += 1;
+                for s in slots {
+                    frames += s.fill(&h, page)?;
+                }
+            }
+        }
+    }
+    Ok((pages, frames, bytes))
 }
 
 /// The distinct contents of a VM, from the content map, in frames.

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use ::metrics::{counter, gauge, histogram};
 use pagecast_channel::{AuthError, Channel, Role, Tls};
-use pagecast_pages::{PAGE_SIZE, Page, PageHash};
+use pagecast_pages::{ContentKey, DomainSecret, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 use pagecast_proto::v1::RefusalCode;
 
@@ -184,6 +184,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct VmEntry {
     name: String,
     origin: String,
+    /// Its dedup domain ("cluster" for the cluster-wide one) and the key
+    /// its pages are named with there.
+    domain: String,
+    key: ContentKey,
     vm: MicroVm,
     state: Mutex<VmState>,
     for_migration: Mutex<DirtyBitmap>,
@@ -198,11 +202,13 @@ pub struct VmEntry {
 }
 
 impl VmEntry {
-    fn new(name: &str, origin: String, vm: MicroVm) -> Self {
+    fn new(name: &str, origin: String, domain: (&str, ContentKey), vm: MicroVm) -> Self {
         let pages = vm.page_count();
         VmEntry {
             name: name.to_owned(),
             origin,
+            domain: pagecast_pages::domain::normalize(domain.0).to_owned(),
+            key: domain.1,
             vm,
             state: Mutex::new(VmState::Running),
             for_migration: Mutex::new(DirtyBitmap::new(pages)),
@@ -235,6 +241,7 @@ impl VmEntry {
             dirty_rate: self.vm.dirty_rate(),
             throttle_pct: u32::from(self.vm.throttle()),
             origin: self.origin.clone(),
+            domain: self.domain.clone(),
         }
     }
 }
@@ -309,6 +316,12 @@ impl SourceVm for Outgoing<'_> {
     fn current_hashes(&self) -> Option<Vec<PageHash>> {
         self.agent.current_hashes(self.entry)
     }
+    fn domain(&self) -> &str {
+        &self.entry.domain
+    }
+    fn content_key(&self) -> ContentKey {
+        self.entry.key
+    }
 }
 
 impl SourceVm for VmEntry {
@@ -333,6 +346,12 @@ impl SourceVm for VmEntry {
     fn set_throttle(&self, pct: u8) {
         self.vm.set_throttle(pct)
     }
+    fn domain(&self) -> &str {
+        &self.domain
+    }
+    fn content_key(&self) -> ContentKey {
+        self.key
+    }
 }
 
 /// Settings of an agent.
@@ -353,6 +372,9 @@ pub struct AgentConfig {
     pub index: Option<(Vec<String>, HostMeta)>,
     /// The address this host multicasts from (default: the listen IP).
     pub cast_iface: Option<std::net::Ipv4Addr>,
+    /// The cluster's dedup-domain secret (`domains.key` beside the TLS
+    /// identity); without it only the cluster-wide domain can be used.
+    pub domain_secret: Option<DomainSecret>,
 }
 
 /// The agent's state.
@@ -374,6 +396,8 @@ pub struct Agent {
     cancelled_jobs: Arc<Mutex<std::collections::HashSet<String>>>,
     /// The address this host multicasts from.
     cast_iface: Mutex<std::net::Ipv4Addr>,
+    /// The cluster's dedup-domain secret, if this host holds it.
+    domain_secret: Option<DomainSecret>,
 }
 
 fn valid_name(n: &str) -> bool {
@@ -423,7 +447,20 @@ impl Agent {
             jobs: Jobs::default(),
             cancelled_jobs: Arc::default(),
             cast_iface: Mutex::new(std::net::Ipv4Addr::LOCALHOST),
+            domain_secret: None,
         })
+    }
+
+    /// Gives the agent the cluster's dedup-domain secret (before it is
+    /// shared), so VMs may run in domains other than the cluster-wide one.
+    pub fn set_domain_secret(&mut self, s: Option<DomainSecret>) {
+        self.domain_secret = s;
+    }
+
+    /// The key of dedup domain `domain` on this host.
+    pub fn domain_key(&self, domain: &str) -> Result<ContentKey, AgentError> {
+        pagecast_pages::domain::key_for(self.domain_secret.as_ref(), domain)
+            .map_err(|e| AgentError::BadRequest(e.to_string()))
     }
 
     /// VMs arriving here for gang jobs.
@@ -504,7 +541,7 @@ impl Agent {
             .filter_map(|v| {
                 let p = lock(&v.publication);
                 p.is_live()
-                    .then(|| publish::vm_record(&v.name, &v.origin, p.intended()))
+                    .then(|| publish::vm_record(&v.name, &v.origin, &v.domain, p.intended()))
             })
             .collect()
     }
@@ -532,7 +569,7 @@ impl Agent {
         let mut fresh: HashMap<PageHash, u64> = HashMap::new();
         let mut hot = 0u64;
         for v in &vms {
-            let f = self.fp.fingerprint(&**v, &|_| {});
+            let f = self.fp.fingerprint(&**v, &v.key, &|_| {});
             let p = lock(&v.publication);
             for (frame, h) in f.hashes.iter().enumerate() {
                 if p.is_hot(frame as u64) {
@@ -625,7 +662,7 @@ impl Agent {
     fn index(&self, entry: &Arc<VmEntry>) {
         let _ = entry.pull();
         *lock(&entry.for_content) = DirtyBitmap::new(entry.page_count());
-        let f = self.fp.fingerprint(&**entry, &|_| {});
+        let f = self.fp.fingerprint(&**entry, &entry.key, &|_| {});
         let mut map = self.content.write().unwrap_or_else(|e| e.into_inner());
         if !self.registered(entry) {
             // Stopped meanwhile: its pages must not keep it alive.
@@ -644,7 +681,8 @@ impl Agent {
             let mut changes = Vec::new();
             let mut p = lock(&entry.publication);
             p.publish_all(&seen, &mut changes);
-            let record = publish::vm_record(&entry.name, &entry.origin, p.intended());
+            let record =
+                publish::vm_record(&entry.name, &entry.origin, &entry.domain, p.intended());
             drop(p);
             drop(seen);
             drop(map);
@@ -695,6 +733,7 @@ impl Agent {
     }
 
     fn boot(&self, r: &v1::VmStartRequest) -> Result<Arc<VmEntry>, AgentError> {
+        let key = self.domain_key(&r.domain)?;
         let (memory, origin, synth) = match (r.image.is_empty(), r.synthetic.is_empty()) {
             (false, true) => {
                 let path = self.resolve(&r.image);
@@ -745,7 +784,12 @@ impl Agent {
             None => InitialMemory::Image(Path::new(&origin)),
         };
         let vm = self.fp.pool().install(|| MicroVm::boot(&config, initial))?;
-        Ok(Arc::new(VmEntry::new(&r.name, origin, vm)))
+        Ok(Arc::new(VmEntry::new(
+            &r.name,
+            origin,
+            (&r.domain, key),
+            vm,
+        )))
     }
 
     /// Lists the VMs.
@@ -961,6 +1005,7 @@ impl Agent {
         let mut caster = job::AgentCaster {
             agent: self,
             vm: &vm,
+            key: entry.key,
             rate_bps: opts.bandwidth_bps,
             job: r.job.clone(),
             casts: 0,
@@ -1103,7 +1148,13 @@ impl Agent {
                 let p = vm.progress().map_err(|e| e.to_string())?;
                 // Listed as running before the source hears it resumed, so a
                 // `vm list` after the migration reports success shows it here.
-                let entry = Arc::new(VmEntry::new(&begin.vm, origin.clone(), vm));
+                let key = self.domain_key(&begin.domain).map_err(|e| e.to_string())?;
+                let entry = Arc::new(VmEntry::new(
+                    &begin.vm,
+                    origin.clone(),
+                    (&begin.domain, key),
+                    vm,
+                ));
                 {
                     let mut vms = lock(&self.vms);
                     lock(&self.incoming).remove(&begin.vm);
@@ -1183,7 +1234,7 @@ impl Agent {
         let (mut buf, mut hashes) = (Vec::new(), Vec::new());
         let frames: Vec<u64> = dirty.iter().collect();
         for chunk in frames.chunks(64) {
-            if read_and_hash(&**e, chunk, &mut buf, &mut hashes).is_err() {
+            if read_and_hash(&**e, &e.key, chunk, &mut buf, &mut hashes).is_err() {
                 break;
             }
             let mut map = self.content.write().unwrap_or_else(|e| e.into_inner());
@@ -1249,8 +1300,24 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Copies a resident page whose content hashes to `h` in the domain of
+    /// the VM holding it (checked under that VM's key) into `out`; returns
+    /// that key. For a source's casts, which send what the coordinator
+    /// names by hash whatever its domain.
+    pub fn copy_any(&self, h: &PageHash, out: &mut Page) -> Option<ContentKey> {
+        let (e, f) = self
+            .content
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(h)
+            .cloned()?;
+        (e.read_page(f, out).is_ok() && e.key.hash_page(out) == *h).then_some(e.key)
+    }
+}
+
 impl LocalContent for Agent {
-    fn copy(&self, h: &PageHash, out: &mut Page) -> bool {
+    fn copy(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
         let hit = self
             .content
             .read()
@@ -1258,8 +1325,16 @@ impl LocalContent for Agent {
             .get(h)
             .cloned();
         match hit {
-            Some((e, f)) => e.read_page(f, out).is_ok() && PageHash::of_page(out) == *h,
-            None => false,
+            // Only a VM of the same domain answers, and the copy is checked
+            // under that domain's key.
+            Some((e, f)) if e.key == *key => {
+                e.read_page(f, out).is_ok() && key.hash_page(out) == *h
+            }
+            _ => false,
         }
+    }
+
+    fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
+        Agent::domain_key(self, domain).map_err(|e| e.to_string())
     }
 }

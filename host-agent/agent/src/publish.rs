@@ -996,7 +996,7 @@ impl Loop<'_> {
 }
 
 /// A VM's record as the index keeps it, from what it publishes.
-pub fn vm_record(name: &str, image: &str, intended: &[PageHash]) -> VmRecord {
+pub fn vm_record(name: &str, image: &str, domain: &str, intended: &[PageHash]) -> VmRecord {
     let c = pagecast_index::client::VmContent::from_frames(name, image, intended);
     VmRecord {
         name: name.to_owned(),
@@ -1009,6 +1009,7 @@ pub fn vm_record(name: &str, image: &str, intended: &[PageHash]) -> VmRecord {
         sketch: c.sketch.to_bytes().into(),
         generation: 0,
         state: v1::VmState::Running as i32,
+        domain: domain.to_owned(),
     }
 }
 

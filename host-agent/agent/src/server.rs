@@ -90,6 +90,7 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
     if let Some((addrs, meta)) = config.index.clone() {
         agent.set_index(addrs, meta);
     }
+    agent.set_domain_secret(config.domain_secret.clone());
     agent.set_cast_iface(
         config
             .cast_iface
@@ -522,7 +523,9 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
                     let mut next = Some(r);
                     while let Some(r) = next.take() {
                         let served = crate::job::hashes_of(&r.hashes).and_then(|h| {
-                            crate::job::serve_fetch(&a, &h, &mut |b| send_blocking(&mut ch, b))
+                            crate::job::serve_fetch(&a, &r.domain, &h, &mut |b| {
+                                send_blocking(&mut ch, b)
+                            })
                         });
                         if let Err(e) = served {
                             let _ = send_blocking(&mut ch, Resp::Error(e.to_proto()));

@@ -68,5 +68,9 @@ fn the_content_map_follows_dirtying_vms_and_forgets_stopped_ones() {
     assert_eq!(entries(&a), 0);
     // Nothing left to copy from.
     let mut page = [0u8; PAGE_SIZE];
-    assert!(!a.copy(&PageHash::of_page(&[7u8; PAGE_SIZE]), &mut page));
+    assert!(!a.copy(
+        &pagecast_pages::ContentKey::CLUSTER,
+        &PageHash::of_page(&[7u8; PAGE_SIZE]),
+        &mut page
+    ));
 }

@@ -26,9 +26,15 @@ impl ImageSource {
         fp: &Fingerprinter,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Self, MemoryError> {
-        let img = fingerprint_images(&[path], fp, &mut |_, _| {}, progress)?
-            .pop()
-            .expect("one image");
+        let img = fingerprint_images(
+            &[path],
+            &[pagecast_pages::ContentKey::CLUSTER],
+            fp,
+            &mut |_, _| {},
+            progress,
+        )?
+        .pop()
+        .expect("one image");
         let image = img.image;
         let entries = img
             .fingerprints

@@ -12,6 +12,8 @@ use pagecast_memory::{GuestMemory, MemoryError};
 pub struct ImageFigures {
     /// The image as named on the command line.
     pub name: String,
+    /// Its dedup domain: pages count as shared only within one.
+    pub domain: String,
     /// Pages in the image.
     pub pages: u64,
     /// Zero pages.
@@ -55,16 +57,24 @@ pub struct ScanSets {
     pub sets: Vec<Vec<PageHash>>,
 }
 
-/// Fingerprints each named image in turn. `progress` gets pages hashed;
-/// `on_image` is called before each image with its index and page count.
+/// Fingerprints each named image in turn, image `i` in dedup domain
+/// `domains[i]` (keys for analysis only), so sharing is counted within
+/// domains (names checked by the caller). `progress` gets pages hashed; `on_image` is called before each
+/// image with its index and page count.
 pub fn scan_images(
     paths: &[String],
+    domains: &[String],
     fp: &Fingerprinter,
     on_image: &mut dyn FnMut(usize, u64),
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(ScanSets, u64, f64), MemoryError> {
+    let keys: Vec<_> = domains
+        .iter()
+        .map(|d| pagecast_pages::domain::analysis_key(d).expect("domain names checked"))
+        .collect();
     let images = fingerprint_images(
         paths,
+        &keys,
         fp,
         &mut |i, img| on_image(i, img.page_count()),
         progress,
@@ -73,13 +83,14 @@ pub fn scan_images(
     let mut sets = Vec::with_capacity(images.len());
     let mut hashed = 0u64;
     let mut seconds = 0.0;
-    for (img, name) in images.iter().zip(paths) {
+    for ((img, name), domain) in images.iter().zip(paths).zip(domains) {
         let f = &img.fingerprints;
         seconds += img.elapsed.as_secs_f64();
         hashed += img.image.len_bytes();
         let distinct = f.distinct();
         figures.push(ImageFigures {
             name: name.clone(),
+            domain: pagecast_pages::domain::normalize(domain).to_owned(),
             pages: f.frames(),
             zero: f.zero,
             distinct: distinct.len() as u64,

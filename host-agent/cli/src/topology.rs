@@ -11,7 +11,8 @@
 //! name = "a1"
 //! memory_gib = 8
 //! link_gbps = 10
-//! vms = [ { name = "vm1", image = "images/vm1.raw" } ]
+//! vms = [ { name = "vm1", image = "images/vm1.raw" },
+//!         { name = "vm2", image = "images/vm2.raw", domain = "acme" } ]
 //!
 //! [evacuate]
 //! from = ["a1"]
@@ -20,7 +21,9 @@
 //! pinned = { vm3 = "b2" }               # optional
 //! ```
 //!
-//! Image paths are relative to the topology file. Every name must be unique
+//! A VM's `domain` (default: the cluster-wide one) is its dedup domain: its
+//! pages count as shared only with VMs of the same domain. Image paths are
+//! relative to the topology file. Every name must be unique
 //! in its kind; every count and size is bounded.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -115,6 +118,9 @@ struct HostSpec {
 struct VmSpec {
     name: String,
     image: PathBuf,
+    /// Its dedup domain (default: the cluster-wide one).
+    #[serde(default)]
+    domain: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +144,8 @@ pub struct Topology {
     pub evacuation: Evacuation,
     /// Image of each VM, by VM index.
     pub images: Vec<PathBuf>,
+    /// Dedup domain of each VM, by VM index ("cluster" unless given).
+    pub domains: Vec<String>,
 }
 
 fn positive(what: &str, name: &str, v: f64, path: &Path) -> Result<f64, TopologyError> {
@@ -201,6 +209,7 @@ impl Topology {
             ..Cluster::default()
         };
         let mut images = Vec::new();
+        let mut domains = Vec::new();
         let mut host_ix: HashMap<String, usize> = HashMap::new();
         let mut vm_ix: HashMap<String, usize> = HashMap::new();
         let mut rack_names = HashSet::new();
@@ -234,7 +243,10 @@ impl Topology {
                         memory_bytes: 0,
                         nonzero_pages: 0,
                     });
+                    pagecast_pages::domain::check_domain(&v.domain)
+                        .map_err(|e| invalid(format!("VM {:?}: {e}", v.name)))?;
                     images.push(base.join(&v.image));
+                    domains.push(pagecast_pages::domain::normalize(&v.domain).to_owned());
                 }
             }
         }
@@ -282,6 +294,7 @@ impl Topology {
             cluster: c,
             evacuation,
             images,
+            domains,
         })
     }
 
@@ -294,8 +307,16 @@ impl Topology {
         on_image: &mut dyn FnMut(usize, u64),
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<InMemoryContent, TopologyError> {
+        // Each VM's image is hashed in its domain (keys for analysis only),
+        // so sharing is counted within domains, as the cluster would.
+        let keys: Vec<_> = self
+            .domains
+            .iter()
+            .map(|d| pagecast_pages::domain::analysis_key(d).expect("checked when parsed"))
+            .collect();
         let images = fingerprint_images(
             &self.images,
+            &keys,
             fp,
             &mut |i, img| on_image(i, img.page_count()),
             progress,

@@ -5,10 +5,11 @@
 //! pages are copied out of guest memory 32 at a time (volatile copies: a
 //! guest may be writing them), zero pages are detected on the copy and
 //! skipped (they get [`PageHash::ZERO_PAGE`] and are never hashed), and the
-//! rest go through the multi-page kernel [`pagecast_pages::hash_pages`],
-//! eight pages side by side in the SIMD lanes.
+//! rest go through the multi-page kernel ([`ContentKey::hash_pages`]),
+//! eight pages side by side in the SIMD lanes. Every call names the dedup
+//! domain's [`ContentKey`] the hashes are taken in.
 
-use pagecast_pages::{PAGE_SIZE, Page, PageHash, hash_pages, is_zero_page};
+use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash, is_zero_page};
 use rayon::prelude::*;
 
 use crate::{GuestMemory, ImageFile, MemoryError, Region};
@@ -108,18 +109,20 @@ impl Fingerprinter {
     pub fn fingerprint(
         &self,
         mem: &dyn GuestMemory,
+        key: &ContentKey,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Fingerprints {
-        self.fingerprint_region(mem.region(), progress)
+        self.fingerprint_region(mem.region(), key, progress)
     }
 
     /// [`Fingerprinter::fingerprint`] of a bare region.
     pub fn fingerprint_region(
         &self,
         region: &Region,
+        key: &ContentKey,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Fingerprints {
-        self.fingerprint_observed(region, progress, &|_, _, _| {})
+        self.fingerprint_observed(region, key, progress, &|_, _, _| {})
     }
 
     /// [`Fingerprinter::fingerprint_region`], calling `observe(frame, copy,
@@ -128,6 +131,7 @@ impl Fingerprinter {
     pub fn fingerprint_observed(
         &self,
         region: &Region,
+        key: &ContentKey,
         progress: &(dyn Fn(u64) + Sync),
         observe: &(dyn Fn(u64, &Page, &PageHash) + Sync),
     ) -> Fingerprints {
@@ -138,7 +142,7 @@ impl Fingerprinter {
                 .enumerate()
                 .map(|(unit, out)| {
                     let first = (unit * UNIT_PAGES) as u64;
-                    let zero = hash_unit(region, first, out, observe);
+                    let zero = hash_unit(region, key, first, out, observe);
                     progress(out.len() as u64);
                     zero
                 })
@@ -156,6 +160,7 @@ impl Fingerprinter {
     pub fn fingerprint_bytes(
         &self,
         bytes: &[u8],
+        key: &ContentKey,
         out: &mut [PageHash],
         progress: &(dyn Fn(u64) + Sync),
     ) -> u64 {
@@ -169,7 +174,7 @@ impl Fingerprinter {
                     let pages = unit
                         .chunks_exact(PAGE_SIZE)
                         .map(|p| <&Page>::try_from(p).expect("page-sized chunk"));
-                    let zero = hash_skipping_zero(pages, out);
+                    let zero = hash_skipping_zero(key, pages, out);
                     progress(out.len() as u64);
                     zero
                 })
@@ -179,13 +184,18 @@ impl Fingerprinter {
 
     /// Hashes a list of pages (for example the dirty pages of a round) into
     /// `out`, zero pages marked. Returns how many were zero.
-    pub fn fingerprint_pages(&self, pages: &[&Page], out: &mut [PageHash]) -> u64 {
+    pub fn fingerprint_pages(
+        &self,
+        pages: &[&Page],
+        key: &ContentKey,
+        out: &mut [PageHash],
+    ) -> u64 {
         assert_eq!(pages.len(), out.len(), "one hash per page");
         self.pool.install(|| {
             pages
                 .par_chunks(UNIT_PAGES)
                 .zip(out.par_chunks_mut(UNIT_PAGES))
-                .map(|(pages, out)| hash_skipping_zero(pages.iter().copied(), out))
+                .map(|(pages, out)| hash_skipping_zero(key, pages.iter().copied(), out))
                 .sum()
         })
     }
@@ -205,13 +215,18 @@ pub struct FingerprintedImage {
 /// hashing of the others), then fingerprints each in turn: `on_image` is
 /// called before each with its index and the open image, `progress` with
 /// pages hashed. This is how `scan`, `plan`, `index load` and `cast send`
-/// read images.
+/// read images. `keys[i]` is the dedup domain image `i` is hashed in.
+///
+/// # Panics
+/// If `keys` and `paths` differ in length.
 pub fn fingerprint_images<P: AsRef<std::path::Path>>(
     paths: &[P],
+    keys: &[ContentKey],
     fp: &Fingerprinter,
     on_image: &mut dyn FnMut(usize, &ImageFile),
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<FingerprintedImage>, MemoryError> {
+    assert_eq!(paths.len(), keys.len(), "one key per image");
     let images = paths
         .iter()
         .map(ImageFile::open)
@@ -222,7 +237,7 @@ pub fn fingerprint_images<P: AsRef<std::path::Path>>(
         .map(|(i, image)| {
             on_image(i, &image);
             let t = std::time::Instant::now();
-            let fingerprints = fp.fingerprint(&image, progress);
+            let fingerprints = fp.fingerprint(&image, &keys[i], progress);
             FingerprintedImage {
                 image,
                 fingerprints,
@@ -247,6 +262,7 @@ thread_local! {
 /// each) and hashing the copies; returns its zero-page count.
 fn hash_unit(
     region: &Region,
+    key: &ContentKey,
     first: u64,
     out: &mut [PageHash],
     observe: &(dyn Fn(u64, &Page, &PageHash) + Sync),
@@ -275,7 +291,7 @@ fn hash_unit(
                 }
             }
             let k = refs.len();
-            hash_pages(&refs, &mut hashed[..k]);
+            key.hash_pages(&refs, &mut hashed[..k]);
             for j in 0..k {
                 observe(first + slots[j] as u64, refs[j], &hashed[j]);
                 out[slots[j]] = hashed[j];
@@ -286,7 +302,11 @@ fn hash_unit(
     })
 }
 
-fn hash_skipping_zero<'a>(pages: impl Iterator<Item = &'a Page>, out: &mut [PageHash]) -> u64 {
+fn hash_skipping_zero<'a>(
+    key: &ContentKey,
+    pages: impl Iterator<Item = &'a Page>,
+    out: &mut [PageHash],
+) -> u64 {
     let mut nonzero: Vec<&Page> = Vec::with_capacity(out.len());
     let mut slots: Vec<usize> = Vec::with_capacity(out.len());
     let mut zero = 0;
@@ -300,7 +320,7 @@ fn hash_skipping_zero<'a>(pages: impl Iterator<Item = &'a Page>, out: &mut [Page
         }
     }
     let mut hashed = vec![PageHash::ZERO_PAGE; nonzero.len()];
-    hash_pages(&nonzero, &mut hashed);
+    key.hash_pages(&nonzero, &mut hashed);
     for (slot, h) in slots.into_iter().zip(hashed) {
         out[slot] = h;
     }
@@ -314,6 +334,7 @@ fn hash_skipping_zero<'a>(pages: impl Iterator<Item = &'a Page>, out: &mut [Page
 /// pages); whole memories go through [`Fingerprinter`].
 pub fn read_and_hash(
     mem: &dyn GuestMemory,
+    key: &ContentKey,
     frames: &[u64],
     buf: &mut Vec<u8>,
     hashes: &mut Vec<PageHash>,
@@ -331,7 +352,7 @@ pub fn read_and_hash(
         .chunks_exact(PAGE_SIZE)
         .map(|p| p.try_into().expect("page"))
         .collect();
-    hash_skipping_zero(pages.into_iter(), hashes);
+    hash_skipping_zero(key, pages.into_iter(), hashes);
     Ok(())
 }
 
@@ -347,7 +368,7 @@ mod tests {
         for threads in [1, 2, 3] {
             let fp = Fingerprinter::new(threads).unwrap();
             let done = std::sync::atomic::AtomicU64::new(0);
-            let f = fp.fingerprint(&mem, &|n| {
+            let f = fp.fingerprint(&mem, &ContentKey::CLUSTER, &|n| {
                 done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             });
             assert_eq!(done.into_inner(), vm.pages());
@@ -374,9 +395,11 @@ mod tests {
         let z = [0u8; PAGE_SIZE];
         let pages: Vec<&Page> = (0..20).map(|i| if i % 3 == 0 { &z } else { &a }).collect();
         let mut out = vec![PageHash::ZERO_PAGE; pages.len()];
-        let zero = Fingerprinter::new(2)
-            .unwrap()
-            .fingerprint_pages(&pages, &mut out);
+        let zero = Fingerprinter::new(2).unwrap().fingerprint_pages(
+            &pages,
+            &ContentKey::CLUSTER,
+            &mut out,
+        );
         assert_eq!(zero, 7);
         for (i, h) in out.iter().enumerate() {
             assert_eq!(h.is_zero_page(), i % 3 == 0);
@@ -388,5 +411,29 @@ mod tests {
             Fingerprinter::new(0),
             Err(FingerprintError::NoThreads)
         ));
+    }
+
+    #[test]
+    fn a_domain_key_names_every_page_in_that_domain() {
+        let vm = SyntheticVm::new(SynthSpec::new("web", 0, 1 << 20).unwrap()).unwrap();
+        let mem = vm.materialize(None).unwrap();
+        let key = ContentKey::keyed([5; 32]);
+        let fp = Fingerprinter::new(2).unwrap();
+        let keyed = fp.fingerprint(&mem, &key, &|_| {});
+        let plain = fp.fingerprint(&mem, &ContentKey::CLUSTER, &|_| {});
+        assert_eq!(keyed.zero, plain.zero);
+        let mut page = [0u8; PAGE_SIZE];
+        for frame in 0..vm.pages() {
+            let (k, p) = (keyed.hashes[frame as usize], plain.hashes[frame as usize]);
+            assert_eq!(k.is_zero_page(), p.is_zero_page());
+            if !k.is_zero_page() {
+                vm.fill_page(frame, &mut page);
+                assert_eq!(k, key.hash_page(&page), "frame {frame}");
+                assert_ne!(k, p, "frame {frame} has the same name in two domains");
+            }
+        }
+        let (mut buf, mut hashes) = (Vec::new(), Vec::new());
+        read_and_hash(&mem, &key, &[0, 1, 2, 3], &mut buf, &mut hashes).unwrap();
+        assert_eq!(hashes, keyed.hashes[..4]);
     }
 }

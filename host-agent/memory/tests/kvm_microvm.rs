@@ -290,12 +290,17 @@ fn hashes_match_their_copies_while_the_guest_writes() {
     let mut distinct_passes = std::collections::HashSet::new();
     let p0 = vm.progress().unwrap();
     for _ in 0..20 {
-        let f = fp.fingerprint_observed(vm.region(), &|_| {}, &|_, copy, hash| {
-            checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if PageHash::of_page(copy) != *hash {
-                mismatched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
+        let f = fp.fingerprint_observed(
+            vm.region(),
+            &pagecast_pages::ContentKey::CLUSTER,
+            &|_| {},
+            &|_, copy, hash| {
+                checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if PageHash::of_page(copy) != *hash {
+                    mismatched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            },
+        );
         // The working set's content differs from pass to pass.
         distinct_passes.insert(f.distinct());
     }

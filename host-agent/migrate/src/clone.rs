@@ -274,7 +274,13 @@ impl Cl<'_> {
     fn send_frames(&mut self, i: usize, frames: &[u64], round: u32) -> Result<(), MigrationError> {
         let (mut buf, mut hashes) = (Vec::new(), Vec::new());
         for chunk in frames.chunks(MAX_MIGRATE_PAGES_PER_FRAME) {
-            read_and_hash(self.vm, chunk, &mut buf, &mut hashes)?;
+            read_and_hash(
+                self.vm,
+                &self.vm.content_key(),
+                chunk,
+                &mut buf,
+                &mut hashes,
+            )?;
             let mut hb = Vec::with_capacity(chunk.len() * 32);
             for (&f, h) in chunk.iter().zip(&hashes) {
                 self.table[f as usize] = *h;
@@ -309,7 +315,7 @@ impl Cl<'_> {
             let known: Vec<&PageHash> =
                 chunk.iter().filter(|h| frames_of.contains_key(h)).collect();
             let firsts: Vec<u64> = known.iter().map(|h| frames_of[*h][0]).collect();
-            read_and_hash(self.vm, &firsts, &mut buf, &mut now)?;
+            read_and_hash(self.vm, &self.vm.content_key(), &firsts, &mut buf, &mut now)?;
             let (mut hb, mut data) = (Vec::new(), Vec::new());
             for (k, h) in known.iter().enumerate() {
                 if now[k] == **h {
@@ -378,7 +384,13 @@ impl Cl<'_> {
         // Read once, send to each.
         let (mut buf, mut hashes) = (Vec::new(), Vec::new());
         for chunk in frames.chunks(MAX_MIGRATE_PAGES_PER_FRAME) {
-            read_and_hash(self.vm, chunk, &mut buf, &mut hashes)?;
+            read_and_hash(
+                self.vm,
+                &self.vm.content_key(),
+                chunk,
+                &mut buf,
+                &mut hashes,
+            )?;
             let mut hb = Vec::with_capacity(chunk.len() * 32);
             for (&f, h) in chunk.iter().zip(&hashes) {
                 self.table[f as usize] = *h;
@@ -433,7 +445,7 @@ impl Cl<'_> {
             _ => {
                 self.tell("fingerprinting");
                 fp.pool()
-                    .install(|| fp.fingerprint(self.vm, &|_| {}))
+                    .install(|| fp.fingerprint(self.vm, &self.vm.content_key(), &|_| {}))
                     .hashes
             }
         };
@@ -452,6 +464,8 @@ impl Cl<'_> {
                 no_local: self.opts.no_local,
                 per_frame: false,
                 held: true,
+                domain: self.vm.domain().to_owned(),
+                domain_check: self.vm.content_key().check(),
             });
             self.send(i, begin);
             match self.expect(i, "answer to the clone request") {

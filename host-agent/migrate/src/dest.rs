@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pagecast_pages::{PAGE_SIZE, Page, PageHash, hash_pages, is_zero_page};
+use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash, is_zero_page};
 use pagecast_proto::v1::RefusalCode;
 use pagecast_proto::{
     MAX_MIGRATE_PAGES_PER_FRAME, MAX_NEED_HASHES_PER_FRAME, MAX_VM_NAME_BYTES, WIRE_VERSION, v1,
@@ -40,6 +40,10 @@ pub struct IncomingReport {
 /// it. Shared through [`SlotEvents`] while the migration runs.
 pub struct IncomingSlot {
     vm: String,
+    /// The VM's dedup domain ("" for the cluster-wide one) and its key:
+    /// every page is checked with it.
+    domain: String,
+    key: ContentKey,
     region: Region,
     state: Mutex<SlotState>,
 }
@@ -56,10 +60,13 @@ struct SlotState {
 }
 
 impl IncomingSlot {
-    fn new(vm: &str, region: Region) -> Self {
+    fn new(vm: &str, domain: (&str, ContentKey), region: Region) -> Self {
         let pages = region.pages() as usize;
+        let (domain, key) = domain;
         IncomingSlot {
             vm: vm.to_owned(),
+            domain: domain.to_owned(),
+            key,
             region,
             state: Mutex::new(SlotState {
                 table: vec![None; pages],
@@ -77,6 +84,17 @@ impl IncomingSlot {
     /// The VM's name.
     pub fn vm(&self) -> &str {
         &self.vm
+    }
+
+    /// The key of the arriving VM's dedup domain: whoever brings a page
+    /// checks it with this key.
+    pub fn key(&self) -> &ContentKey {
+        &self.key
+    }
+
+    /// The arriving VM's dedup domain ("" for the cluster-wide one).
+    pub fn domain(&self) -> &str {
+        &self.domain
     }
 
     /// Whether some frame still waits for content `h`.
@@ -133,7 +151,7 @@ impl IncomingSlot {
                 _ => return false,
             }
         };
-        self.region.read_page(f, out).is_ok() && PageHash::of_page(out) == *h
+        self.region.read_page(f, out).is_ok() && self.key.hash_page(out) == *h
     }
 
     /// Frames filled by a gang job's casts and fetches.
@@ -263,6 +281,21 @@ pub fn migrate_in_job(
     // Mapped now, populated by a thread after the answer: faulting in a
     // large VM's memory on a busy host takes seconds, which the source
     // would otherwise wait for before anything else can happen.
+    let key = match local.domain_key(&begin.domain) {
+        Ok(k) => k,
+        Err(why) => return refuse(link, RefusalCode::Refused, why),
+    };
+    if key.check() != begin.domain_check {
+        return refuse(
+            link,
+            RefusalCode::Refused,
+            format!(
+                "dedup domain {:?}: this host's key differs from the source's (the two hosts \
+                 hold different domain secrets)",
+                pagecast_pages::domain::normalize(&begin.domain)
+            ),
+        );
+    }
     let region = match Region::anonymous_unpopulated(bytes) {
         Ok(r) => r,
         Err(e) => return refuse(link, RefusalCode::Internal, e.to_string()),
@@ -271,7 +304,7 @@ pub fn migrate_in_job(
         ok: true,
         ..Default::default()
     }))?;
-    let slot = Arc::new(IncomingSlot::new(&begin.vm, region));
+    let slot = Arc::new(IncomingSlot::new(&begin.vm, (&begin.domain, key), region));
     let filling = slot.clone();
     let populating = std::thread::Builder::new()
         .name("pagecast-populate".into())
@@ -387,8 +420,8 @@ impl In<'_> {
                 self.slot.lock().table[f as usize] = Some(PageHash::ZERO_PAGE);
                 continue;
             }
-            let filled =
-                !begin.no_local && (self.slot.copy(h, &mut page) || local.copy(h, &mut page));
+            let filled = !begin.no_local
+                && (self.slot.copy(h, &mut page) || local.copy(&self.slot.key, h, &mut page));
             if filled {
                 self.slot.write(f, *h, &page)?;
                 self.report.pages_local += 1;
@@ -476,6 +509,7 @@ impl In<'_> {
     /// Checks a batch of page contents against their hashes (with the SIMD
     /// kernel), returning the pages.
     fn checked<'b>(
+        key: &ContentKey,
         hashes: &[u8],
         data: &'b [u8],
         n: usize,
@@ -493,7 +527,7 @@ impl In<'_> {
             .map(|p| p.try_into().expect("page"))
             .collect();
         let mut got = vec![PageHash::ZERO_PAGE; n];
-        hash_pages(&pages, &mut got);
+        key.hash_pages(&pages, &mut got);
         let mut out = Vec::with_capacity(n);
         for (i, p) in pages.into_iter().enumerate() {
             let want = PageHash::try_from(&hashes[i * 32..(i + 1) * 32]).expect("32 bytes");
@@ -514,7 +548,7 @@ impl In<'_> {
 
     fn by_hash(&mut self, b: &v1::PagesByHash) -> Result<(), MigrationError> {
         let n = b.hashes.len() / 32;
-        for (page, h) in Self::checked(&b.hashes, &b.data, n)? {
+        for (page, h) in Self::checked(&self.slot.key, &b.hashes, &b.data, n)? {
             if !self.slot.lock().frames_of.contains_key(&h) {
                 return Err(MigrationError::Protocol(format!(
                     "received {h}, which no frame needs"
@@ -553,6 +587,7 @@ impl In<'_> {
         }
         let placeholder = Arc::new(IncomingSlot::new(
             &self.slot.vm,
+            (&self.slot.domain, self.slot.key),
             Region::anonymous(PAGE_SIZE as u64)?,
         ));
         let slot = std::mem::replace(&mut self.slot, placeholder);
@@ -571,7 +606,7 @@ impl In<'_> {
 
     fn pages(&mut self, p: &v1::Pages) -> Result<(), MigrationError> {
         let n = p.frames.len();
-        let pages = Self::checked(&p.hashes, &p.data, n)?;
+        let pages = Self::checked(&self.slot.key, &p.hashes, &p.data, n)?;
         for (&f, (page, h)) in p.frames.iter().zip(pages) {
             if f >= self.mem().pages() {
                 return Err(MigrationError::Protocol(format!(
@@ -604,7 +639,9 @@ impl In<'_> {
             ));
         }
         if full {
-            let hashes = fp.fingerprint_region(self.mem(), &|_| {}).hashes;
+            let hashes = fp
+                .fingerprint_region(self.mem(), &self.slot.key, &|_| {})
+                .hashes;
             if hashes != table || d.full.as_ref() != table_digest(&hashes) {
                 return Err(MigrationError::Verification(
                     "memory hashed in full differs from the source's".into(),

@@ -15,7 +15,7 @@ mod source;
 use std::time::Duration;
 
 use pagecast_channel::{AuthError, Channel};
-use pagecast_pages::{Page, PageHash};
+use pagecast_pages::{ContentKey, Page, PageHash};
 use pagecast_proto::v1;
 use pagecast_proto::v1::RefusalCode;
 use prost::Message;
@@ -217,20 +217,35 @@ pub trait SourceVm: GuestMemory {
     fn current_hashes(&self) -> Option<Vec<PageHash>> {
         None
     }
+    /// The VM's dedup domain ("" for the cluster-wide one).
+    fn domain(&self) -> &str {
+        ""
+    }
+    /// The key its pages are named with in that domain.
+    fn content_key(&self) -> ContentKey {
+        ContentKey::CLUSTER
+    }
 }
 
 /// Where the destination finds content it already holds.
 pub trait LocalContent: Sync {
-    /// Copies a resident page whose content hashes to `h` into `out`,
-    /// checking the copy's hash; false if there is none (or it changed).
-    fn copy(&self, h: &PageHash, out: &mut Page) -> bool;
+    /// Copies a resident page of dedup domain `key` whose content hashes to
+    /// `h` into `out`, checking the copy's hash; false if there is none (or
+    /// it changed). Pages of other domains never answer.
+    fn copy(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool;
+
+    /// The key of dedup domain `domain` on this host, or why there is none.
+    /// By default only the cluster-wide domain is known.
+    fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
+        pagecast_pages::domain::key_for(None, domain).map_err(|e| e.to_string())
+    }
 }
 
 /// No local content (a destination that fetches everything).
 pub struct NoLocalContent;
 
 impl LocalContent for NoLocalContent {
-    fn copy(&self, _: &PageHash, _: &mut Page) -> bool {
+    fn copy(&self, _: &ContentKey, _: &PageHash, _: &mut Page) -> bool {
         false
     }
 }

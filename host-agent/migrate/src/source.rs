@@ -186,7 +186,13 @@ impl Out<'_> {
     fn send_frames(&mut self, frames: &[u64], round: u32) -> Result<u64, MigrationError> {
         let (mut buf, mut hashes) = (Vec::new(), Vec::new());
         for chunk in frames.chunks(MAX_MIGRATE_PAGES_PER_FRAME) {
-            read_and_hash(self.vm, chunk, &mut buf, &mut hashes)?;
+            read_and_hash(
+                self.vm,
+                &self.vm.content_key(),
+                chunk,
+                &mut buf,
+                &mut hashes,
+            )?;
             let mut hash_bytes = Vec::with_capacity(chunk.len() * 32);
             for (&f, h) in chunk.iter().zip(&hashes) {
                 self.table[f as usize] = *h;
@@ -232,7 +238,7 @@ impl Out<'_> {
                 };
                 firsts.push(frames[0]);
             }
-            read_and_hash(self.vm, &firsts, &mut buf, &mut now)?;
+            read_and_hash(self.vm, &self.vm.content_key(), &firsts, &mut buf, &mut now)?;
             let n = chunk.len();
             let (mut hashes, mut data) = (Vec::new(), Vec::new());
             for i in 0..n {
@@ -360,7 +366,7 @@ impl Out<'_> {
             _ => {
                 self.tell("fingerprinting");
                 fp.pool()
-                    .install(|| fp.fingerprint(self.vm, &|_| {}))
+                    .install(|| fp.fingerprint(self.vm, &self.vm.content_key(), &|_| {}))
                     .hashes
             }
         };
@@ -379,6 +385,8 @@ impl Out<'_> {
                 no_local: self.opts.no_local,
                 per_frame: self.opts.per_frame,
                 held: hold.as_ref().is_some_and(|h| h.holds()),
+                domain: self.vm.domain().to_owned(),
+                domain_check: self.vm.content_key().check(),
             }),
             Class::Control,
         )?;
@@ -519,7 +527,9 @@ impl Out<'_> {
         )?;
         let digest = table_digest(&self.table);
         let full = if self.opts.verify_full {
-            let f = fp.pool().install(|| fp.fingerprint(self.vm, &|_| {}));
+            let f = fp
+                .pool()
+                .install(|| fp.fingerprint(self.vm, &self.vm.content_key(), &|_| {}));
             if f.hashes != self.table {
                 return Err(MigrationError::Verification(
                     "the source's memory differs from what it sent (dirty tracking lost a page)"

@@ -15,11 +15,12 @@ use pagecast_memory::kvm::{
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_memory::{DirtyBitmap, GuestMemory, MemoryError, Page, Region};
 use pagecast_migrate::*;
-use pagecast_pages::PageHash;
+use pagecast_pages::{ContentKey, PageHash};
 use pagecast_proto::v1;
 
-/// A micro-VM as the engine's source.
-struct Src<'a>(&'a MicroVm);
+/// A micro-VM as the engine's source, in a dedup domain (name and key;
+/// `None`: the cluster-wide one).
+struct Src<'a>(&'a MicroVm, Option<(&'static str, ContentKey)>);
 
 impl GuestMemory for Src<'_> {
     fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
@@ -58,17 +59,36 @@ impl SourceVm for Src<'_> {
     fn set_throttle(&self, pct: u8) {
         self.0.set_throttle(pct)
     }
+    fn domain(&self) -> &str {
+        self.1.map_or("", |d| d.0)
+    }
+    fn content_key(&self) -> ContentKey {
+        self.1.map_or(ContentKey::CLUSTER, |d| d.1)
+    }
 }
 
 /// Content held by a resident VM on the destination.
 struct Resident {
     vm: MicroVm,
     by_hash: std::collections::HashMap<PageHash, u64>,
+    /// The one keyed domain this destination knows, if any.
+    domain: Option<(&'static str, ContentKey)>,
 }
 
 impl Resident {
     fn new(vm: MicroVm, fp: &Fingerprinter) -> Self {
-        let f = fp.fingerprint(&vm, &|_| {});
+        Self::in_domain(vm, fp, None)
+    }
+
+    /// A resident VM of `domain`, which is the one domain this destination
+    /// has a key for.
+    fn in_domain(
+        vm: MicroVm,
+        fp: &Fingerprinter,
+        domain: Option<(&'static str, ContentKey)>,
+    ) -> Self {
+        let key = domain.map_or(ContentKey::CLUSTER, |d| d.1);
+        let f = fp.fingerprint(&vm, &key, &|_| {});
         let by_hash = f
             .hashes
             .iter()
@@ -76,16 +96,27 @@ impl Resident {
             .filter(|(_, h)| !h.is_zero_page())
             .map(|(i, h)| (*h, i as u64))
             .collect();
-        Resident { vm, by_hash }
+        Resident {
+            vm,
+            by_hash,
+            domain,
+        }
     }
 }
 
 impl LocalContent for Resident {
-    fn copy(&self, h: &PageHash, out: &mut Page) -> bool {
+    fn copy(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
         let Some(&f) = self.by_hash.get(h) else {
             return false;
         };
-        self.vm.read_page(f, out).is_ok() && PageHash::of_page(out) == *h
+        self.vm.read_page(f, out).is_ok() && key.hash_page(out) == *h
+    }
+
+    fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
+        match self.domain {
+            Some((name, key)) if name == domain => Ok(key),
+            _ => pagecast_pages::domain::key_for(None, domain).map_err(|e| e.to_string()),
+        }
     }
 }
 
@@ -110,6 +141,15 @@ struct Outcome {
 
 fn migrate(
     src: &MicroVm,
+    local: &dyn LocalContent,
+    opts: MigrateOptions,
+    kill_dest_after: Option<u64>,
+) -> Outcome {
+    migrate_src(&Src(src, None), local, opts, kill_dest_after)
+}
+
+fn migrate_src(
+    src: &Src<'_>,
     local: &dyn LocalContent,
     opts: MigrateOptions,
     kill_dest_after: Option<u64>,
@@ -143,7 +183,7 @@ fn migrate(
                 Ok(p)
             })
         });
-        let report = migrate_out(&Src(src), &mut a, &fp, &opts, &mut |_| {});
+        let report = migrate_out(src, &mut a, &fp, &opts, &mut |_| {});
         (report, dst.join().unwrap())
     });
     Outcome {
@@ -231,7 +271,7 @@ fn pages_the_destination_holds_are_filled_there_and_not_sent() {
     // What the resident can supply: frames of the source whose content it
     // holds (zero pages aside).
     src.pause().unwrap();
-    let f = fp.fingerprint(&src, &|_| {});
+    let f = fp.fingerprint(&src, &ContentKey::CLUSTER, &|_| {});
     src.resume();
     let shared = f
         .hashes
@@ -272,6 +312,78 @@ fn pages_the_destination_holds_are_filled_there_and_not_sent() {
     out.dest_vm.unwrap().stop().unwrap();
     src.stop().unwrap();
     local.vm.stop().unwrap();
+}
+
+#[test]
+fn a_vm_of_a_dedup_domain_is_filled_only_from_its_domain_and_checked_under_its_key() {
+    if !kvm_or_skip(
+        "a_vm_of_a_dedup_domain_is_filled_only_from_its_domain_and_checked_under_its_key",
+    ) {
+        return;
+    }
+    let fp = Fingerprinter::new(2).unwrap();
+    let red = ("red", ContentKey::keyed([1; 32]));
+    let src = boot("db", 0, 32, 0, 64);
+    // A resident of the same family in the same domain fills most pages.
+    let local = Resident::in_domain(boot("db", 1, 32, 0, 64), &fp, Some(red));
+    let out = migrate_src(
+        &Src(&src, Some(red)),
+        &local,
+        MigrateOptions::default(),
+        None,
+    );
+    let report = out.report.unwrap();
+    assert!(report.verified, "{report:?}");
+    assert!(
+        report.pages_local > 1000,
+        "{} filled locally",
+        report.pages_local
+    );
+    out.dest_vm.unwrap().stop().unwrap();
+    local.vm.stop().unwrap();
+
+    // The same resident, named in another domain: nothing is filled.
+    let blue = Resident::in_domain(
+        boot("db", 1, 32, 0, 64),
+        &fp,
+        Some(("blue", ContentKey::keyed([3; 32]))),
+    );
+    let other = Resident {
+        domain: Some(red),
+        ..blue
+    };
+    let out = migrate_src(
+        &Src(&src, Some(red)),
+        &other,
+        MigrateOptions::default(),
+        None,
+    );
+    let report = out.report.unwrap();
+    assert_eq!(report.pages_local, 0, "filled across domains");
+    out.dest_vm.unwrap().stop().unwrap();
+    other.vm.stop().unwrap();
+
+    // A destination whose key for the domain differs refuses at once.
+    let wrong = Resident::in_domain(
+        boot("db", 1, 32, 0, 64),
+        &fp,
+        Some(("red", ContentKey::keyed([2; 32]))),
+    );
+    let out = migrate_src(
+        &Src(&src, Some(red)),
+        &wrong,
+        MigrateOptions::default(),
+        None,
+    );
+    let err = out.report.unwrap_err().to_string();
+    assert!(err.contains("key differs"), "{err}");
+    assert!(out.dest_vm.is_none());
+    wrong.vm.stop().unwrap();
+    // The source runs on after the refusal.
+    let p = src.progress().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(src.progress().unwrap() > p, "the source still runs");
+    src.stop().unwrap();
 }
 
 #[test]

@@ -1,10 +1,13 @@
 //! The cluster's certificate authority: `pagecast ca init` and
 //! `pagecast ca issue`.
 //!
-//! A CA directory holds `ca.crt` and `ca.key` (owner-only). A node
-//! directory holds `ca.crt`, `node.crt` and `node.key`. Keys are ECDSA
-//! P-256; a node certificate names its holder (subject CN), its role
-//! (subject OU) and serves as both TLS client and server.
+//! A CA directory holds `ca.crt` and `ca.key` (owner-only), and
+//! `domains.key` (owner-only): the cluster's dedup-domain secret, 32 random
+//! bytes in hex from which each dedup domain's page-hash key is derived. A
+//! node directory holds `ca.crt`, `node.crt` and `node.key`; a host's also
+//! holds a copy of `domains.key`. Keys are ECDSA P-256; a node certificate
+//! names its holder (subject CN), its role (subject OU) and serves as both
+//! TLS client and server.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -20,6 +23,11 @@ use crate::{AuthError, CA_CERT, NODE_CERT, NODE_KEY, Role, Tls, read_pem};
 
 /// The CA's private key file.
 pub const CA_KEY: &str = "ca.key";
+/// The cluster's dedup-domain secret (in the CA directory and every host's
+/// node directory).
+pub const DOMAINS_KEY: &str = "domains.key";
+/// Longest `domains.key` read (64 hex digits and whitespace).
+const MAX_DOMAINS_KEY_BYTES: u64 = 256;
 /// How long a CA is valid.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// How long a node certificate is valid unless told otherwise.
@@ -29,6 +37,8 @@ pub const DEFAULT_DAYS: u32 = 365;
 pub struct Authority {
     cert_pem: String,
     key: KeyPair,
+    /// `domains.key`'s text: 64 hex digits and a newline.
+    domains: Option<String>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -88,6 +98,49 @@ fn write_private(path: &Path, text: &str, private: bool) -> Result<(), AuthError
         .map_err(|e| pki(path, format!("cannot write: {e}")))
 }
 
+/// A new dedup-domain secret in its file form.
+fn new_domains_secret() -> Result<String, AuthError> {
+    let mut b = [0u8; 32];
+    crate::random_bytes(&mut b)?;
+    let mut s: String = b.iter().map(|b| format!("{b:02x}")).collect();
+    s.push('\n');
+    Ok(s)
+}
+
+/// Reads `domains.key` (bounded, 64 hex digits), or reads the one of a
+/// node directory. Errors name the file.
+pub fn read_domains_secret(path: &Path) -> Result<String, AuthError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| pki(path, format!("cannot open: {e}")))?;
+    let mut text = String::new();
+    f.take(MAX_DOMAINS_KEY_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| pki(path, format!("cannot read: {e}")))?;
+    let t = text.trim();
+    if text.len() as u64 > MAX_DOMAINS_KEY_BYTES
+        || t.len() != 64
+        || !t.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Err(pki(path, "is not a domain secret (64 hex digits)"));
+    }
+    Ok(format!("{t}\n"))
+}
+
+/// The CA's dedup-domain secret; a CA made before domains existed gets one
+/// now (written owner-only, once: a concurrent writer's file wins).
+fn load_domains_secret(dir: &Path) -> Result<String, AuthError> {
+    let path = dir.join(DOMAINS_KEY);
+    if !path.exists() {
+        let fresh = new_domains_secret()?;
+        match write_private(&path, &fresh, true) {
+            Ok(()) => return Ok(fresh),
+            Err(_) if path.exists() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    read_domains_secret(&path)
+}
+
 impl Authority {
     /// A new CA (in memory).
     pub fn generate() -> Result<Self, AuthError> {
@@ -109,6 +162,7 @@ impl Authority {
         Ok(Authority {
             cert_pem: cert.pem(),
             key,
+            domains: Some(new_domains_secret()?),
         })
     }
 
@@ -124,6 +178,9 @@ impl Authority {
         let a = Self::generate()?;
         write_private(&dir.join(CA_KEY), &a.key.serialize_pem(), true)?;
         write_private(&dir.join(CA_CERT), &a.cert_pem, false)?;
+        if let Some(d) = &a.domains {
+            write_private(&dir.join(DOMAINS_KEY), d, true)?;
+        }
         Ok(a)
     }
 
@@ -133,7 +190,12 @@ impl Authority {
         let key_path = dir.join(CA_KEY);
         let key = KeyPair::from_pem(&read_pem(&key_path)?)
             .map_err(|e| pki(&key_path, format!("is not a private key: {e}")))?;
-        let a = Authority { cert_pem, key };
+        let domains = load_domains_secret(dir)?;
+        let a = Authority {
+            cert_pem,
+            key,
+            domains: Some(domains),
+        };
         // Check that the two belong together before handing it out: a
         // certificate it signs must chain to the CA certificate.
         a.check().map_err(|why| {
@@ -282,6 +344,16 @@ impl Authority {
             std::fs::remove_file(&ca).map_err(|e| pki(&ca, format!("cannot replace: {e}")))?;
         }
         write_private(&ca, &self.cert_pem, false)?;
+        if role == Role::Host
+            && let Some(d) = &self.domains
+        {
+            let path = out.join(DOMAINS_KEY);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .map_err(|e| pki(&path, format!("cannot replace: {e}")))?;
+            }
+            write_private(&path, d, true)?;
+        }
         Ok(out.to_owned())
     }
 }

@@ -221,6 +221,53 @@ fn an_oversized_frame_or_tampered_record_ends_the_connection() {
 }
 
 #[test]
+fn hosts_and_only_hosts_get_the_domain_secret() {
+    use crate::ca::{DOMAINS_KEY, read_domains_secret};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    let ca = Authority::init(&ca_dir).unwrap();
+    let secret = read_domains_secret(&ca_dir.join(DOMAINS_KEY)).unwrap();
+    assert_eq!(secret.trim().len(), 64);
+    ca.issue_to("h1", Role::Host, 30, &dir.path().join("h1"))
+        .unwrap();
+    ca.issue_to("op", Role::Operator, 30, &dir.path().join("op"))
+        .unwrap();
+    assert_eq!(
+        read_domains_secret(&dir.path().join("h1").join(DOMAINS_KEY)).unwrap(),
+        secret
+    );
+    assert!(!dir.path().join("op").join(DOMAINS_KEY).exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [
+            ca_dir.join(DOMAINS_KEY),
+            dir.path().join("h1").join(DOMAINS_KEY),
+        ] {
+            let mode = std::fs::metadata(&f).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} is the owner's only", f.display());
+        }
+    }
+    // A CA made before domains gets a secret on load, then keeps it.
+    std::fs::remove_file(ca_dir.join(DOMAINS_KEY)).unwrap();
+    Authority::load(&ca_dir).unwrap();
+    let fresh = read_domains_secret(&ca_dir.join(DOMAINS_KEY)).unwrap();
+    assert_ne!(fresh, secret);
+    Authority::load(&ca_dir).unwrap();
+    assert_eq!(
+        read_domains_secret(&ca_dir.join(DOMAINS_KEY)).unwrap(),
+        fresh
+    );
+    // A damaged secret is named, not used.
+    std::fs::write(ca_dir.join(DOMAINS_KEY), "zz").unwrap();
+    let e = Authority::load(&ca_dir).unwrap_err().to_string();
+    assert!(
+        e.contains("domains.key") && e.contains("64 hex digits"),
+        "{e}"
+    );
+}
+
+#[test]
 fn ca_files_round_trip_and_are_never_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");

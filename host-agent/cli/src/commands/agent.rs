@@ -119,8 +119,25 @@ fn resolve(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Runs `pagecast agent`.
+/// The cluster's dedup-domain secret beside the agent's TLS identity
+/// (`domains.key`), if there is one: without it the agent runs VMs of the
+/// cluster-wide domain only.
+fn load_domain_secret(a: &TlsArg) -> anyhow::Result<Option<pagecast_pages::DomainSecret>> {
+    let Some(dir) = &a.tls else { return Ok(None) };
+    let path = dir.join(pagecast_channel::ca::DOMAINS_KEY);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = pagecast_channel::ca::read_domains_secret(&path)?;
+    Ok(Some(
+        pagecast_pages::DomainSecret::parse(&text)
+            .with_context(|| format!("{}", path.display()))?,
+    ))
+}
+
 pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
     let tls = load_tls(&a.tls)?;
+    let domain_secret = load_domain_secret(&a.tls)?;
     if let Some(d) = &a.data {
         std::fs::create_dir_all(d)
             .with_context(|| format!("--data {}: cannot create it", d.display()))?;
@@ -168,6 +185,7 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
                     .with_context(|| format!("--cast-addr {c}: not an IPv4 address"))
             })
             .transpose()?,
+        domain_secret,
     };
     server::serve(config, |addr| {
         let mut out = std::io::stdout().lock();
@@ -245,6 +263,16 @@ struct VmSetArgs {
 ///   pagecast vm start --agent 127.0.0.1:7400 --name web2 --synthetic web:index=1 --memory 256MiB
 ///
 ///   pagecast vm start --agent 127.0.0.1:7400 --name db1 --image /var/lib/pagecast/db1.raw
+///
+///   pagecast vm start --agent 127.0.0.1:7400 --name acme1 --synthetic web --domain acme
+///
+/// Dedup domains (--domain): pages are shared, filled locally and
+/// multicast only between VMs of one domain. The default is one
+/// cluster-wide domain, "cluster", whose pages are named by plain BLAKE3;
+/// any other domain names them by keyed BLAKE3 under a key derived from the
+/// cluster's domain secret (domains.key, which `pagecast ca issue --role
+/// host` gives every host), so the index cannot tell that two domains hold
+/// the same page.
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 struct VmStartArgs {
@@ -287,6 +315,11 @@ struct VmStartArgs {
     /// Pages the guest writes to, round-robin.
     #[arg(long, value_name = "PAGES", default_value_t = 1024)]
     working_set: u64,
+
+    /// The VM's dedup domain (letters, digits, '.', '_', '-'; at most 64):
+    /// its pages are shared only with VMs of the same domain.
+    #[arg(long, value_name = "NAME", default_value = pagecast_pages::CLUSTER_DOMAIN)]
+    domain: String,
 
     #[command(flatten)]
     tls: TlsArg,
@@ -346,6 +379,7 @@ struct VmOut<'a> {
     dirty_rate: u64,
     throttle_pct: u32,
     origin: &'a str,
+    domain: &'a str,
 }
 
 fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
@@ -357,6 +391,7 @@ fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
         dirty_rate: v.dirty_rate,
         throttle_pct: v.throttle_pct,
         origin: &v.origin,
+        domain: pagecast_pages::domain::normalize(&v.domain),
     }
 }
 
@@ -373,6 +408,7 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
                 memory_bytes: a.memory.unwrap_or(0),
                 dirty_rate: a.dirty_rate,
                 working_set_pages: a.working_set,
+                domain: a.domain,
             };
             let agent = c.agent_name().to_owned();
             let v = c.vm_start(req)?;
@@ -380,11 +416,12 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);
             } else {
                 println!(
-                    "started {} on {agent}: {}, {}, writing {} pages/s",
+                    "started {} on {agent}: {}, {}, writing {} pages/s, dedup domain {}",
                     v.name,
                     format_bytes(v.memory_bytes),
                     v.origin,
-                    v.dirty_rate
+                    v.dirty_rate,
+                    pagecast_pages::domain::normalize(&v.domain)
                 );
             }
         }
@@ -441,18 +478,23 @@ fn render_list(l: &v1::VmList) -> String {
         return s;
     }
     s.push_str(&format!(
-        "{:<20} {:<14} {:>10} {:>12} {:>8} {:>8}  {}\n",
-        "NAME", "STATE", "MEMORY", "PROGRESS", "DIRTY/S", "THROTTLE", "ORIGIN"
+        "{:<20} {:<14} {:>10} {:>12} {:>8} {:>8}  {:<12} {}\n",
+        "NAME", "STATE", "MEMORY", "PROGRESS", "DIRTY/S", "THROTTLE", "DOMAIN", "ORIGIN"
     ));
     for v in &l.vms {
         s.push_str(&format!(
-            "{:<20} {:<14} {:>10} {:>12} {:>8} {:>7}%  {}\n",
+            "{:<20} {:<14} {:>10} {:>12} {:>8} {:>7}%  {:<12} {}\n",
             v.name,
             v.state,
             format_bytes(v.memory_bytes),
             v.progress,
             v.dirty_rate,
             v.throttle_pct,
+            if v.state == "starting" || v.state == "incoming" {
+                ""
+            } else {
+                pagecast_pages::domain::normalize(&v.domain)
+            },
             v.origin
         ));
     }

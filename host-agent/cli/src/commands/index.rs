@@ -217,26 +217,27 @@ pub struct HoldersArgs {
 ///   --vm NAME: the hosts that already hold most of a VM's content and the
 ///   VMs most like it (running VMs their agents publish, or VMs loaded with
 ///   `index load`), estimated from sketches; a VM's own host is counted
-///   without the VM itself.
+///   without the VM itself. Only VMs of its dedup domain count: pages are
+///   never shared across domains.
 ///
 ///   --image FILE: for a VM not yet started, which hosts hold most of its
 ///   distinct pages (looked up exactly, page by page) and have the capacity
 ///   to run it (capacity minus memory in use, as their agents report).
 ///
 ///   --cluster: every pair of VMs' estimated Jaccard index of their page
-///   sets, and the groups worth placing together (average-linkage
-///   clustering at --threshold).
+///   sets (0 between VMs of different dedup domains), and the groups worth
+///   placing together (average-linkage clustering at --threshold).
 ///
 /// JSON (--json):
 ///
-///   --vm: {"vm", "host", "distinct", "state", "hosts": [{"name", "host",
-///   "jaccard", "shared_pages"}], "vms": [same]}
+///   --vm: {"vm", "host", "distinct", "domain", "state", "hosts":
+///   [{"name", "host", "jaccard", "shared_pages"}], "vms": [same]}
 ///
 ///   --image: {"image", "memory_bytes", "distinct", "held_by_none",
 ///   "hosts": [{"host", "held_pages", "fraction", "capacity_bytes",
 ///   "free_bytes", "fits"}]}, best first
 ///
-///   --cluster: {"vms": [{"name", "host"}], "matrix": [[jaccard]],
+///   --cluster: {"vms": [{"name", "host", "domain"}], "matrix": [[jaccard]],
 ///   "groups": [[name]], "threshold"}
 ///
 /// Examples:
@@ -466,8 +467,10 @@ fn fingerprint_image(
     quiet: bool,
 ) -> anyhow::Result<Vec<PageHash>> {
     let bar = pages_bar(0, label, quiet);
+    // Loaded images are in the cluster-wide dedup domain.
     let img = fingerprint_images(
         &[path],
+        &[pagecast_pages::ContentKey::CLUSTER],
         fp,
         &mut |_, img| bar.set_length(img.page_count()),
         &|n| bar.inc(n),
@@ -626,6 +629,7 @@ fn advise_vm(a: &AdviseArgs, vm_name: &str) -> anyhow::Result<()> {
     c.timeout = Duration::from_secs(20);
     let r = c.advise(vm_name, a.top.max(1), a.stale)?;
     let vm = r.vm.clone().unwrap_or_default();
+    let domain = pagecast_pages::domain::normalize(&vm.domain);
     if a.json {
         let cand = |v: &[pagecast_proto::v1::Candidate]| {
             v.iter()
@@ -635,7 +639,7 @@ fn advise_vm(a: &AdviseArgs, vm_name: &str) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "vm": vm.name, "host": r.vm_host, "distinct": vm.distinct,
+                "vm": vm.name, "host": r.vm_host, "distinct": vm.distinct, "domain": domain,
                 "state": VmState::try_from(vm.state).map_or("unknown", |s| s.as_str_name()),
                 "hosts": cand(&r.hosts), "vms": cand(&r.vms),
             }))?
@@ -643,11 +647,12 @@ fn advise_vm(a: &AdviseArgs, vm_name: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} on {}: {} distinct non-zero pages",
+        "{} on {}: {} distinct non-zero pages, dedup domain {domain}",
         vm.name, r.vm_host, vm.distinct
     );
     println!(
-        "\nhosts holding most of its content (in other VMs; {} itself not counted):",
+        "\nhosts holding most of its content (in other VMs of domain {domain}; {} itself not \
+         counted):",
         vm.name
     );
     println!("{:<24} {:>14} {:>8}", "HOST", "SHARED PAGES", "JACCARD");
@@ -774,7 +779,16 @@ fn advise_cluster(a: &AdviseArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("VM {}: its sketch in the index", v.name))?,
         );
     }
-    let matrix = sharing::sharing_matrix(&sketches);
+    let mut matrix = sharing::sharing_matrix(&sketches);
+    // Pages are shared only within a dedup domain: pairs across domains
+    // share nothing (their estimate would be sketch noise).
+    for (i, row) in matrix.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            if !pagecast_index::sharing::same_domain(&vms[i], &vms[j]) {
+                *v = 0.0;
+            }
+        }
+    }
     let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
     let groups: Vec<Vec<&str>> = sharing::colocation_groups(&matrix, a.threshold)
         .into_iter()
@@ -789,7 +803,10 @@ fn advise_cluster(a: &AdviseArgs) -> anyhow::Result<()> {
     if a.json {
         let list: Vec<_> = vms
             .iter()
-            .map(|v| serde_json::json!({"name": v.name, "host": host_of(v)}))
+            .map(|v| {
+                serde_json::json!({"name": v.name, "host": host_of(v),
+                    "domain": pagecast_pages::domain::normalize(&v.domain)})
+            })
             .collect();
         println!(
             "{}",

@@ -82,16 +82,19 @@ struct CaCmd {
 
 #[derive(Debug, Subcommand)]
 enum CaSub {
-    /// Make a new CA in DIR: ca.crt and ca.key (owner-only). Refuses to
-    /// replace an existing CA. Keep DIR off the hosts: whoever holds ca.key
-    /// can issue any identity.
+    /// Make a new CA in DIR: ca.crt, ca.key and domains.key (the cluster's
+    /// dedup-domain secret; both owner-only). Refuses to replace an
+    /// existing CA. Keep DIR off the hosts: whoever holds ca.key can issue
+    /// any identity.
     Init {
         /// The CA directory (created if missing).
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
     },
     /// Issue a node certificate: writes OUT/ca.crt, OUT/node.crt and
-    /// OUT/node.key (owner-only); refuses to replace an existing key.
+    /// OUT/node.key (owner-only), and for a host OUT/domains.key (the
+    /// dedup-domain secret agents derive domain keys from; a CA made before
+    /// domains gets one on first issue); refuses to replace an existing key.
     Issue {
         /// The CA directory (from `ca init`).
         #[arg(long, value_name = "DIR")]
@@ -181,7 +184,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             pagecast_channel::ca::Authority::init(&dir)?;
             eprintln!(
-                "made a cluster CA in {} (ca.key is owner-only: keep it off the hosts)",
+                "made a cluster CA in {} (ca.key and domains.key are owner-only: keep ca.key off \
+                 the hosts)",
                 dir.display()
             );
             Ok(())
@@ -199,8 +203,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let ca = pagecast_channel::ca::Authority::load(&dir)?;
             ca.issue_to(&name, role, days, &out)?;
             eprintln!(
-                "issued {name} ({role}) for {days} days in {}",
-                out.display()
+                "issued {name} ({role}) for {days} days in {}{}",
+                out.display(),
+                if role == pagecast_channel::Role::Host {
+                    " with the cluster's dedup-domain secret (domains.key)"
+                } else {
+                    ""
+                }
             );
             Ok(())
         }

@@ -33,6 +33,13 @@ pub struct ScanArgs {
     #[arg(required = true, value_name = "IMAGE")]
     images: Vec<String>,
 
+    /// Dedup domain of each image, in order, comma-separated (default:
+    /// every image in the cluster-wide domain). Pages count as shared only
+    /// between images of one domain, as the cluster keeps them. Example:
+    /// --domains acme,acme,globex
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    domains: Vec<String>,
+
     /// Print the figures as JSON on stdout (keys: images[].{name, pages,
     /// zero, distinct, duplicates}, union_distinct, precopy_bytes,
     /// gang_bytes, jaccard, hash_rate_gbps, ...).
@@ -48,8 +55,23 @@ pub fn run(args: ScanArgs, threads: usize) -> anyhow::Result<()> {
     let fp = Fingerprinter::new(threads)?;
     let bar = pages_bar(0, "scanning", args.no_progress);
     let names = &args.images;
+    let domains: Vec<String> = if args.domains.is_empty() {
+        vec![pagecast_pages::CLUSTER_DOMAIN.to_owned(); names.len()]
+    } else {
+        args.domains.clone()
+    };
+    anyhow::ensure!(
+        domains.len() == names.len(),
+        "--domains lists {} domain(s) for {} image(s); give one per image",
+        domains.len(),
+        names.len()
+    );
+    for d in &domains {
+        pagecast_pages::domain::check_domain(d)?;
+    }
     let (sets, hashed, seconds) = scan_images(
         names,
+        &domains,
         &fp,
         &mut |i, pages| {
             bar.set_length(bar.length().unwrap_or(0) + pages);
@@ -79,14 +101,14 @@ fn render(r: &ScanReport) -> String {
         .max(5);
     let _ = writeln!(
         s,
-        "{:>3}  {:<width$}  {:>10}  {:>10}  {:>10}  {:>10}",
-        "#", "IMAGE", "PAGES", "ZERO", "DISTINCT", "DUPLICATES"
+        "{:>3}  {:<width$}  {:<12}  {:>10}  {:>10}  {:>10}  {:>10}",
+        "#", "IMAGE", "DOMAIN", "PAGES", "ZERO", "DISTINCT", "DUPLICATES"
     );
     for (i, img) in r.images.iter().enumerate() {
         let _ = writeln!(
             s,
-            "{:>3}  {:<width$}  {:>10}  {:>10}  {:>10}  {:>10}",
-            i, img.name, img.pages, img.zero, img.distinct, img.duplicates
+            "{:>3}  {:<width$}  {:<12}  {:>10}  {:>10}  {:>10}  {:>10}",
+            i, img.name, img.domain, img.pages, img.zero, img.distinct, img.duplicates
         );
     }
     let _ = writeln!(s);
