@@ -132,5 +132,6 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+pub mod capture;
 pub mod cluster;
 pub mod pki;

@@ -1,16 +1,19 @@
-//! What an eavesdropper on the LAN sees of a cast: a raw packet socket on
-//! the loopback interface captures every datagram of a session whose pages
-//! all hold a marker string. Encrypted (always, in every build), the marker
-//! appears in no captured byte; sent in the clear (a debug-build-only
-//! switch), the same capture finds it, which shows the test can fail.
+//! What an eavesdropper on the LAN sees: a raw packet socket on the
+//! loopback interface (`pagecast_tests::capture`) captures traffic whose
+//! pages all hold a marker string.
 //!
-//! The same for the TCP side: migration-sized frames of marked pages
-//! through a TLS channel leave no marker in the capture, while the same
-//! frames on plain TCP (the control) do.
+//! - A cast: encrypted (always, in every build), the marker appears in no
+//!   captured byte; sent in the clear (a debug-build-only switch), the same
+//!   capture finds it, which shows the test can fail. Each half runs in a
+//!   child process, since the switch is read once per process.
+//! - Migration-sized frames of marked pages through a TLS channel leave no
+//!   marker, while the same frames on plain TCP (the control) do.
+//! - A live migration between two agent processes of a KVM micro-VM whose
+//!   memory holds the marker: none in the capture of the destination's
+//!   port. (Agents have no cleartext switch; the control above is the same
+//!   channel in the clear.)
 //!
-//! Needs root (a packet socket); says so and skips otherwise. Each half of
-//! the cast test runs in a child process, since the switch is read once per
-//! process.
+//! Needs root (a packet socket); says so and skips otherwise.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::Command;
@@ -22,6 +25,7 @@ use pagecast_channel::Role;
 use pagecast_channel::ca::Authority;
 use pagecast_multicast::*;
 use pagecast_pages::{PAGE_SIZE, Page, PageHash};
+use pagecast_tests::capture::{Capture, can_capture, capture_tcp};
 
 const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const MARKER: &[u8] = b"PAGECAST-CAPTURE-MARKER";
@@ -79,80 +83,6 @@ impl PageSink for Sink {
         Ok(())
     }
     fn abort(&mut self) {}
-}
-
-/// A raw packet socket on `lo` that sees every frame sent on it.
-struct Capture(libc::c_int);
-
-impl Capture {
-    fn open() -> Capture {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2); the descriptor is owned by the result.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(proto)) };
-        assert!(
-            fd >= 0,
-            "packet socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: a zeroed sockaddr_ll filled for `lo`, passed with its size.
-        unsafe {
-            let mut sa: libc::sockaddr_ll = std::mem::zeroed();
-            sa.sll_family = libc::AF_PACKET as u16;
-            sa.sll_protocol = proto;
-            sa.sll_ifindex = libc::if_nametoindex(c"lo".as_ptr()) as i32;
-            let r = libc::bind(
-                fd,
-                (&sa as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(r, 0, "bind to lo: {}", std::io::Error::last_os_error());
-        }
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        set_option(fd, libc::SO_RCVTIMEO, &tv);
-        // A large buffer: the capture must not drop frames.
-        let size: libc::c_int = 64 << 20;
-        set_option(fd, libc::SO_RCVBUFFORCE, &size);
-        Capture(fd)
-    }
-
-    /// One frame, or `None` after the timeout.
-    fn next(&self, buf: &mut [u8]) -> Option<usize> {
-        // SAFETY: reads at most `buf.len()` bytes into `buf`.
-        let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        (n > 0).then_some(n as usize)
-    }
-}
-
-/// Sets a `SOL_SOCKET` option of `fd` to `value`.
-fn set_option<T>(fd: libc::c_int, option: libc::c_int, value: &T) {
-    // SAFETY: `value` is a live `T` and its size is passed with it.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as u32,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setsockopt {option}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        // SAFETY: our own descriptor, closed once.
-        unsafe {
-            libc::close(self.0);
-        }
-    }
 }
 
 /// The child's work: capture while a session sends the marked pages to
@@ -248,37 +178,6 @@ fn run_child(cleartext: bool, port: u16) -> (u64, u64, u64) {
     (field("received"), field("bytes"), field("marked"))
 }
 
-/// Whether this process may open a packet socket; says why not and
-/// returns false otherwise (the capture tests then skip).
-fn can_capture() -> bool {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: capturing packets needs root");
-        return false;
-    }
-    // Root without CAP_NET_RAW (some containers): say so and skip.
-    // SAFETY: plain socket(2), closed at once.
-    let probe = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            libc::c_int::from((libc::ETH_P_ALL as u16).to_be()),
-        )
-    };
-    if probe < 0 {
-        eprintln!(
-            "skipped: no packet socket here ({})",
-            std::io::Error::last_os_error()
-        );
-        return false;
-    }
-    // SAFETY: the descriptor opened above, closed once.
-    unsafe {
-        libc::close(probe);
-    }
-    true
-}
-
 #[test]
 fn the_marker_never_crosses_the_wire_in_the_clear() {
     if !can_capture() {
@@ -306,47 +205,6 @@ fn the_marker_never_crosses_the_wire_in_the_clear() {
     } else {
         eprintln!("release build: the cleartext switch does not exist, half of the test skipped");
     }
-}
-
-/// Captures TCP segments to or from `port` on `lo` while `talk` runs;
-/// returns the payload bytes seen and the marker's occurrences.
-fn capture_tcp(port: u16, talk: impl FnOnce()) -> (u64, u64) {
-    let cap = Capture::open();
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut bytes, mut marked) = (0u64, 0u64);
-            let mut buf = vec![0u8; 70_000];
-            while !stop.load(Ordering::Relaxed) {
-                let Some(n) = cap.next(&mut buf) else {
-                    continue;
-                };
-                let f = &buf[..n];
-                // Ethernet (14 bytes on lo), IPv4, TCP.
-                if n < 14 + 20 + 20 || f[12..14] != [0x08, 0x00] || f[14 + 9] != 6 {
-                    continue;
-                }
-                let ihl = usize::from(f[14] & 0x0f) * 4;
-                let t = &f[14 + ihl..];
-                let (sport, dport) = (
-                    u16::from_be_bytes([t[0], t[1]]),
-                    u16::from_be_bytes([t[2], t[3]]),
-                );
-                if sport != port && dport != port {
-                    continue;
-                }
-                let doff = usize::from(t[12] >> 4) * 4;
-                bytes += t.len().saturating_sub(doff) as u64;
-                marked += f.windows(MARKER.len()).filter(|w| *w == MARKER).count() as u64;
-            }
-            (bytes, marked)
-        })
-    };
-    talk();
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    seen.join().unwrap()
 }
 
 /// Sends the marked pages as migration-sized frames over `port`, through
@@ -404,7 +262,7 @@ fn the_marker_never_crosses_a_tls_channel_in_the_clear() {
     }
     let port = 29_000 + (std::process::id() % 500) as u16 * 2;
     // The control: the same frames on plain TCP show in the capture.
-    let (plain_bytes, plain_marked) = capture_tcp(port, || stream_pages(port, false));
+    let (plain_bytes, plain_marked) = capture_tcp(port, MARKER, || stream_pages(port, false));
     assert!(
         plain_bytes >= u64::from(PAGES) * PAGE_SIZE as u64,
         "{plain_bytes}"
@@ -414,11 +272,68 @@ fn the_marker_never_crosses_a_tls_channel_in_the_clear() {
         "plain TCP: {plain_marked} markers"
     );
     // Through TLS: as many bytes, no marker.
-    let (bytes, marked) = capture_tcp(port + 1, || stream_pages(port + 1, true));
+    let (bytes, marked) = capture_tcp(port + 1, MARKER, || stream_pages(port + 1, true));
     assert!(bytes >= u64::from(PAGES) * PAGE_SIZE as u64, "{bytes}");
     assert_eq!(marked, 0, "TLS: {marked} markers in {bytes} bytes");
     println!(
         "TLS channel: {bytes} bytes captured, no marker; plain TCP: {plain_bytes} bytes, \
          {plain_marked} markers"
     );
+}
+
+#[test]
+fn a_live_migration_between_agents_shows_no_marker() {
+    use pagecast_memory::kvm::kvm_or_skip;
+    use pagecast_tests::cluster::{AgentProc, cli_json};
+    if !can_capture() || !kvm_or_skip("a_live_migration_between_agents_shows_no_marker") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 16 MiB of memory: frames from 64 up each hold the marker (and their
+    // number, so every page is distinct and travels).
+    let frames = 4096u32;
+    let mut image = vec![0u8; frames as usize * PAGE_SIZE];
+    for f in 64..frames {
+        image[f as usize * PAGE_SIZE..(f as usize + 1) * PAGE_SIZE].copy_from_slice(&page(f)[..]);
+    }
+    let path = dir.path().join("marked.raw");
+    std::fs::write(&path, &image).unwrap();
+    let h1 = AgentProc::start(dir.path(), "h1", &[]);
+    let h2 = AgentProc::start(dir.path(), "h2", &[]);
+    let started = cli_json(
+        dir.path(),
+        &[
+            "vm",
+            "start",
+            "--agent",
+            &h1.addr,
+            "--name",
+            "marked",
+            "--image",
+            path.to_str().unwrap(),
+            "--dirty-rate",
+            "200",
+            "--json",
+        ],
+    );
+    assert_eq!(started["name"], "marked", "{started}");
+    let port: u16 = h2.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let mut report = serde_json::Value::Null;
+    let (bytes, marked) = capture_tcp(port, MARKER, || {
+        report = cli_json(
+            dir.path(),
+            &[
+                "migrate", "--vm", "marked", "--from", &h1.addr, "--to", &h2.addr, "--json",
+            ],
+        );
+    });
+    assert_eq!(report["ok"], true, "{report}");
+    let sent = report["pages_sent"].as_u64().unwrap();
+    assert!(sent >= u64::from(frames - 64), "{report}");
+    assert!(
+        bytes >= sent * PAGE_SIZE as u64,
+        "the capture saw {bytes} bytes of {sent} pages"
+    );
+    assert_eq!(marked, 0, "{marked} markers in {bytes} captured bytes");
+    println!("agent migration: {sent} pages, {bytes} bytes captured, no marker");
 }
