@@ -19,9 +19,17 @@
 //! multicast goodput per receiver at least 0.8x that of TCP to a single
 //! receiver.
 //!
+//! With PAGECAST_BENCH_CLEAR=1 in a build with debug assertions, each
+//! multicast case runs a third time with datagrams in the clear (the
+//! debug-only `PAGECAST_INSECURE_CLEARTEXT_DATAGRAMS` switch), and the
+//! table adds the encrypted goodput over the clear one (target >= 0.9x):
+//! `PAGECAST_BENCH_CLEAR=1 cargo bench --profile dev -p pagecast-benches
+//! --bench cast`. Release builds have no such switch and skip it.
+//!
 //! Run: `cargo bench -p pagecast-benches --bench cast`
 //! Knobs: PAGECAST_BENCH_MIB (image size, default 256),
-//! PAGECAST_BENCH_RATE (namespace link rate, default 1gbit).
+//! PAGECAST_BENCH_RATE (namespace link rate, default 1gbit),
+//! PAGECAST_BENCH_CLEAR (see above).
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -192,9 +200,9 @@ fn tcp_recv(control: SocketAddr, out: &Path) -> ReceiverOut {
     }
 }
 
-/// Runs `exe --role ...` (inside a namespace if `ns` is given) and returns
-/// its stdout, user+system CPU seconds.
-fn spawn(ns: Option<&str>, args: &[String]) -> std::process::Child {
+/// Runs `exe --role ...` (inside a namespace if `ns` is given), its
+/// datagrams in the clear if `clear` (debug builds only).
+fn spawn(ns: Option<&str>, args: &[String], clear: bool) -> std::process::Child {
     let exe = std::env::current_exe().unwrap();
     let mut c = match ns {
         Some(ns) => {
@@ -208,6 +216,11 @@ fn spawn(ns: Option<&str>, args: &[String]) -> std::process::Child {
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    if clear {
+        c.env("PAGECAST_INSECURE_CLEARTEXT_DATAGRAMS", "1");
+    } else {
+        c.env_remove("PAGECAST_INSECURE_CLEARTEXT_DATAGRAMS");
+    }
     c.spawn().expect("spawn role")
 }
 
@@ -249,9 +262,11 @@ struct Outcome {
     repairs: u64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     net: &Net,
     mcast: bool,
+    clear: bool,
     n: usize,
     image: &Path,
     tls: &Path,
@@ -286,8 +301,15 @@ fn run(
             &net.mtu.to_string(),
         ]
         .map(String::from),
+        clear,
     );
-    std::thread::sleep(Duration::from_millis(400));
+    // The sender hashes the image before it listens: far slower in a debug
+    // build (PAGECAST_BENCH_CLEAR runs one).
+    std::thread::sleep(Duration::from_millis(if cfg!(debug_assertions) {
+        4000
+    } else {
+        400
+    }));
     let receivers: Vec<_> = (1..=n)
         .map(|i| {
             let out = dir.join(format!("out{i}.raw"));
@@ -305,6 +327,7 @@ fn run(
                     tls.join(format!("receiver-{i}")).to_str().unwrap(),
                 ]
                 .map(String::from),
+                clear,
             )
         })
         .collect();
@@ -367,6 +390,13 @@ fn main() {
     }
     let mib: u64 = env_or("PAGECAST_BENCH_MIB", 256);
     let rate: String = env_or("PAGECAST_BENCH_RATE", "1gbit".to_string());
+    let clear = std::env::var_os("PAGECAST_BENCH_CLEAR").is_some();
+    if clear && !cfg!(debug_assertions) {
+        println!(
+            "(PAGECAST_BENCH_CLEAR: a release build has no cleartext switch; run with --profile dev)"
+        );
+    }
+    let clear = clear && cfg!(debug_assertions);
     // Copies land on tmpfs where there is one: the transports are measured,
     // not the disk's writeback of the previous run's copies.
     let dir = if Path::new("/dev/shm").is_dir() {
@@ -454,9 +484,20 @@ fn main() {
         let mut tcp1 = None;
         for n in [1usize, 2, 4] {
             port += 4;
-            let t = run(net, false, n, &image, &tls, dir.path(), port);
+            let t = run(net, false, false, n, &image, &tls, dir.path(), port);
             port += 4;
-            let m = run(net, true, n, &image, &tls, dir.path(), port);
+            let m = run(net, true, false, n, &image, &tls, dir.path(), port);
+            if clear {
+                port += 4;
+                let c = run(net, true, true, n, &image, &tls, dir.path(), port);
+                println!(
+                    "{:>9}  in the clear {:.2} Gbit/s, cpu {:.2} s/GB: encrypted/clear goodput {:.2}x (target >= 0.90)",
+                    n,
+                    c.goodput_gbps,
+                    c.cpu_per_gb,
+                    m.goodput_gbps / c.goodput_gbps
+                );
+            }
             let base = *tcp1.get_or_insert(t.goodput_gbps);
             println!(
                 "{:>9}  {:>7.2} {:>7.2} Gbit/s  {:>8.2} {:>8.2}  {:>12.3} {:>8.3}  {:>10}  {:>8.2}x",
