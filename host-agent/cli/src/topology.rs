@@ -1,5 +1,5 @@
 //! Topology files for `pagecast plan`: racks, hosts, the VMs they run (as
-//! raw memory images) and what to evacuate. TOML:
+//! raw memory images or synthetic profiles) and what to evacuate. TOML:
 //!
 //! ```toml
 //! core_gbps = 100                       # optional: core capacity
@@ -12,7 +12,8 @@
 //! memory_gib = 8
 //! link_gbps = 10
 //! vms = [ { name = "vm1", image = "images/vm1.raw" },
-//!         { name = "vm2", image = "images/vm2.raw", domain = "acme" } ]
+//!         { name = "vm2", image = "images/vm2.raw", domain = "acme" },
+//!         { name = "vm3", synthetic = "web:index=3", memory = "256MiB" } ]
 //!
 //! [evacuate]
 //! from = ["a1"]
@@ -21,6 +22,8 @@
 //! pinned = { vm3 = "b2" }               # optional
 //! ```
 //!
+//! A VM's memory is a raw image or a synthetic profile (`pagecast synth
+//! --help`; `memory` defaults to 64 MiB), generated where it is needed.
 //! A VM's `domain` (default: the cluster-wide one) is its dedup domain: its
 //! pages count as shared only with VMs of the same domain. Image paths are
 //! relative to the topology file. Every name must be unique
@@ -29,6 +32,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_pages::PageHash;
 use pagecast_scheduler::{Cluster, Evacuation, Host, InMemoryContent, Rack, Vm};
 use serde::Deserialize;
@@ -84,6 +88,9 @@ pub enum TopologyError {
     /// An image could not be used.
     #[error(transparent)]
     Image(#[from] MemoryError),
+    /// A synthetic VM could not be generated.
+    #[error(transparent)]
+    Synth(#[from] pagecast_memory::synth::SynthError),
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,7 +124,12 @@ struct HostSpec {
 #[serde(deny_unknown_fields)]
 struct VmSpec {
     name: String,
-    image: PathBuf,
+    /// A raw memory image, relative to the file; or
+    image: Option<PathBuf>,
+    /// a synthetic profile (`pagecast synth`), with
+    synthetic: Option<String>,
+    /// its memory size (e.g. "256MiB"; default 64 MiB).
+    memory: Option<String>,
     /// Its dedup domain (default: the cluster-wide one).
     #[serde(default)]
     domain: String,
@@ -142,8 +154,8 @@ pub struct Topology {
     pub cluster: Cluster,
     /// What to evacuate.
     pub evacuation: Evacuation,
-    /// Image of each VM, by VM index.
-    pub images: Vec<PathBuf>,
+    /// Where each VM's memory comes from, by VM index.
+    pub sources: Vec<VmSource>,
     /// Dedup domain of each VM, by VM index ("cluster" unless given).
     pub domains: Vec<String>,
 }
@@ -208,7 +220,7 @@ impl Topology {
                 .map(|g| g * 1e9),
             ..Cluster::default()
         };
-        let mut images = Vec::new();
+        let mut sources = Vec::new();
         let mut domains = Vec::new();
         let mut host_ix: HashMap<String, usize> = HashMap::new();
         let mut vm_ix: HashMap<String, usize> = HashMap::new();
@@ -245,7 +257,30 @@ impl Topology {
                     });
                     pagecast_pages::domain::check_domain(&v.domain)
                         .map_err(|e| invalid(format!("VM {:?}: {e}", v.name)))?;
-                    images.push(base.join(&v.image));
+                    sources.push(match (&v.image, &v.synthetic) {
+                        (Some(img), None) if v.memory.is_none() => VmSource::Image(base.join(img)),
+                        (None, Some(profile)) => {
+                            let memory = match &v.memory {
+                                Some(m) => pagecast_pages::units::parse_size(m).map_err(|e| {
+                                    invalid(format!("VM {:?}: memory {m:?}: {e}", v.name))
+                                })?,
+                                None => DEFAULT_SYNTHETIC_MEMORY,
+                            };
+                            let spec = SynthSpec::parse(profile, memory)
+                                .map_err(|e| invalid(format!("VM {:?}: {e}", v.name)))?;
+                            VmSource::Synthetic {
+                                profile: profile.clone(),
+                                spec,
+                            }
+                        }
+                        _ => {
+                            return Err(invalid(format!(
+                                "VM {:?}: give either image or synthetic (with an optional \
+                                 memory)",
+                                v.name
+                            )));
+                        }
+                    });
                     domains.push(pagecast_pages::domain::normalize(&v.domain).to_owned());
                 }
             }
@@ -293,44 +328,89 @@ impl Topology {
         Ok(Topology {
             cluster: c,
             evacuation,
-            images,
+            sources,
             domains,
         })
     }
 
-    /// Fingerprints every VM's image, filling in memory sizes and non-zero
-    /// page counts, and returns the content the planner needs. `progress`
-    /// gets pages hashed; `on_image` each image's index and page count.
+    /// Fingerprints every VM's memory (its image, or its synthetic profile
+    /// generated here), filling in memory sizes and non-zero page counts,
+    /// and returns the content the planner needs. Images are all opened
+    /// before any is hashed. `progress` gets pages hashed; `on_image` each
+    /// VM's index and page count.
     pub fn fingerprint(
         &mut self,
         fp: &Fingerprinter,
         on_image: &mut dyn FnMut(usize, u64),
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<InMemoryContent, TopologyError> {
-        // Each VM's image is hashed in its domain (keys for analysis only),
-        // so sharing is counted within domains, as the cluster would.
+        // Each VM is hashed in its domain (keys for analysis only), so
+        // sharing is counted within domains, as the cluster would.
         let keys: Vec<_> = self
             .domains
             .iter()
             .map(|d| pagecast_pages::domain::analysis_key(d).expect("checked when parsed"))
             .collect();
-        let images = fingerprint_images(
-            &self.images,
-            &keys,
+        let (img_ix, paths): (Vec<usize>, Vec<PathBuf>) = self
+            .sources
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                VmSource::Image(p) => Some((i, p.clone())),
+                VmSource::Synthetic { .. } => None,
+            })
+            .unzip();
+        let img_keys: Vec<_> = img_ix.iter().map(|&i| keys[i]).collect();
+        let mut images = fingerprint_images(
+            &paths,
+            &img_keys,
             fp,
-            &mut |i, img| on_image(i, img.page_count()),
+            &mut |k, img| on_image(img_ix[k], img.page_count()),
             progress,
-        )?;
-        let mut pages: Vec<Vec<PageHash>> = Vec::with_capacity(images.len());
-        for (i, img) in images.into_iter().enumerate() {
+        )?
+        .into_iter();
+        let mut pages: Vec<Vec<PageHash>> = Vec::with_capacity(self.sources.len());
+        for (i, src) in self.sources.iter().enumerate() {
+            let (bytes, f) = match src {
+                VmSource::Image(_) => {
+                    let img = images.next().expect("one per image");
+                    (img.image.len_bytes(), img.fingerprints)
+                }
+                VmSource::Synthetic { spec, .. } => {
+                    let vm = SyntheticVm::new(spec.clone())?;
+                    on_image(i, vm.pages());
+                    let mem = vm.materialize(None)?;
+                    (
+                        spec.memory_bytes(),
+                        fp.fingerprint(&mem, &keys[i], progress),
+                    )
+                }
+            };
             let vm = &mut self.cluster.vms[i];
-            vm.memory_bytes = img.image.len_bytes();
-            vm.nonzero_pages = img.fingerprints.nonzero();
-            pages.push(img.fingerprints.distinct());
+            vm.memory_bytes = bytes;
+            vm.nonzero_pages = f.nonzero();
+            pages.push(f.distinct());
         }
         Ok(InMemoryContent::new(&self.cluster, pages))
     }
 }
+
+/// Where a VM's memory comes from.
+#[derive(Debug, Clone)]
+pub enum VmSource {
+    /// A raw image (resolved against the topology file's directory).
+    Image(PathBuf),
+    /// A synthetic profile and its size.
+    Synthetic {
+        /// The profile as written (`FAMILY[:key=value,...]`).
+        profile: String,
+        /// It parsed.
+        spec: SynthSpec,
+    },
+}
+
+/// Memory of a synthetic VM whose topology entry gives none.
+pub const DEFAULT_SYNTHETIC_MEMORY: u64 = 64 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -370,8 +450,16 @@ mod tests {
         assert_eq!(t.cluster.racks.len(), 2);
         assert_eq!(t.cluster.hosts[1].memory_bytes, 512 << 20);
         assert_eq!(t.cluster.core_bps, Some(100e9));
+        let images: Vec<_> = t
+            .sources
+            .iter()
+            .map(|s| match s {
+                VmSource::Image(p) => p.clone(),
+                VmSource::Synthetic { .. } => panic!("an image VM parsed as synthetic"),
+            })
+            .collect();
         assert_eq!(
-            t.images,
+            images,
             vec![
                 PathBuf::from("/topo/images/vm1.raw"),
                 PathBuf::from("/abs/vm2.raw")
@@ -380,6 +468,39 @@ mod tests {
         assert_eq!(t.evacuation.from, vec![0]);
         assert_eq!(t.evacuation.pinned, vec![(1, 1)]);
         assert_eq!(t.evacuation.anti_affinity, vec![vec![0, 1]]);
+    }
+
+    #[test]
+    fn synthetic_vms_and_their_refusals() {
+        let t = parse(&GOOD.replace(
+            r#"{ name = "vm2", image = "/abs/vm2.raw" }"#,
+            r#"{ name = "vm2", synthetic = "web:index=1", memory = "8MiB" }"#,
+        ))
+        .unwrap();
+        match &t.sources[1] {
+            VmSource::Synthetic { profile, spec } => {
+                assert_eq!(profile, "web:index=1");
+                assert_eq!(spec.memory_bytes(), 8 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (vm, why) in [
+            (r#"{ name = "vm2" }"#, "either image or synthetic"),
+            (
+                r#"{ name = "vm2", image = "a.raw", synthetic = "web" }"#,
+                "either image or synthetic",
+            ),
+            (
+                r#"{ name = "vm2", synthetic = "web", memory = "lots" }"#,
+                "memory",
+            ),
+            (r#"{ name = "vm2", synthetic = "web:bogus=1" }"#, "vm2"),
+        ] {
+            let e = parse(&GOOD.replace(r#"{ name = "vm2", image = "/abs/vm2.raw" }"#, vm))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{vm}: {e}");
+        }
     }
 
     #[test]

@@ -151,7 +151,7 @@ pub fn run(args: PlanArgs, threads: usize) -> anyhow::Result<()> {
     let mut topo = Topology::load(&args.topology)?;
     let fp = Fingerprinter::new(threads)?;
     let bar = pages_bar(0, "hashing", args.no_progress);
-    let n = topo.images.len();
+    let n = topo.sources.len();
     let content = topo.fingerprint(
         &fp,
         &mut |i, pages| {
