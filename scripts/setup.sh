@@ -2,10 +2,11 @@
 # Installs what building and testing pagecast needs on Debian, beyond the
 # Rust toolchain: a C/C++ toolchain and binutils (the guest program test
 # re-assembles it), libclang (RocksDB's bindings), and the network tools the
-# namespace tests use. Idempotent: installs only what is missing.
+# namespace tests and the evaluation use (iproute2, nftables, ethtool).
+# Idempotent: installs only what is missing.
 set -euo pipefail
 
-packages=(build-essential binutils pkg-config libclang-dev iproute2 nftables)
+packages=(build-essential binutils pkg-config libclang-dev iproute2 nftables ethtool)
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo is not installed; install the Rust toolchain first (https://rustup.rs)" >&2

@@ -3,6 +3,7 @@
 mod agent;
 mod cast;
 mod evacuate;
+mod evaluate;
 mod index;
 mod plan;
 mod progress;
@@ -57,6 +58,7 @@ enum Command {
     Evacuate(evacuate::EvacuateArgs),
     Clone(evacuate::CloneArgs),
     Cancel(evacuate::CancelArgs),
+    Evaluate(evaluate::EvaluateArgs),
 }
 
 /// The cluster's certificate authority: every daemon and tool proves who
@@ -179,6 +181,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evacuate(a) => evacuate::run_evacuate(a),
         Command::Clone(a) => evacuate::run_clone(a),
         Command::Cancel(a) => evacuate::run_cancel(a),
+        Command::Evaluate(a) => evaluate::run(a),
         Command::Ca(CaCmd {
             command: CaSub::Init { dir },
         }) => {

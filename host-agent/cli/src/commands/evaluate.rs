@@ -1,0 +1,1230 @@
+//! `pagecast evaluate`: the strategies side by side on an emulated
+//! multi-rack network, measured from the interfaces' counters.
+//!
+//! The network is built from the topology file in network namespaces: one
+//! per host, a bridge per rack (in the rack's namespace), each rack's
+//! uplink a veth pair into a core bridge, and one namespace for the index
+//! replicas and the operator's commands, also on the core. Every host link
+//! is shaped to its rate with `tc tbf` in both directions, every uplink
+//! likewise; all bridges form one layer-2 domain with multicast snooping
+//! off, so multicast reaches every rack. Segmentation offloads are switched
+//! off on every veth (ethtool), so interface counters count every packet's
+//! headers as a wire would.
+//!
+//! Each strategy runs from the same starting state on a fresh cluster
+//! (three replicas, an agent per host, the topology's VMs booted), then the
+//! optional clone case. Bytes come from the interfaces' counters read
+//! before and after; times, downtimes and verification from the commands'
+//! own reports; the planner's prediction from `evacuate`'s report.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use pagecast_channel::Role;
+use pagecast_channel::ca::Authority;
+use pagecast_pages::units::format_bytes;
+use serde::Serialize;
+use serde_json::Value;
+
+use pagecast_cli::topology::{Topology, VmSource};
+
+/// Run the evacuation strategies (and a clone) on an emulated multi-rack
+/// network and report bytes per link from the interfaces' counters.
+///
+/// Builds the topology file's racks and hosts as network namespaces
+/// (bridges per rack, shaped host links and rack uplinks into a core),
+/// starts three index replicas and an agent per host, boots the VMs, and
+/// runs each strategy from a fresh cluster: `evacuate --strategy S` of the
+/// file's [evacuate] section. Then, with --clone VM:N, clones VM to N
+/// hosts. Writes OUTDIR/report.json, OUTDIR/report.md and SVG plots, and
+/// the processes' logs under OUTDIR/logs. Needs root, /dev/kvm, iproute2,
+/// nftables and ethtool (scripts/setup.sh installs them). Everything it
+/// starts is stopped and every namespace removed when it ends, Ctrl-C
+/// included.
+///
+/// --quick caps every VM at 32 MiB and runs precopy and pagecast only
+/// (unless --strategies is given): the CI check.
+///
+/// Example:
+///
+///   pagecast evaluate --topology docs/examples/eval.toml --out eval-out
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct EvaluateArgs {
+    /// The topology file (`pagecast plan --help` describes it).
+    #[arg(long, value_name = "FILE")]
+    topology: PathBuf,
+    /// Where the report, plots and logs go (created).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Strategies to run, in order.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    strategies: Vec<String>,
+    /// Also clone VM to N hosts (a fresh cluster).
+    #[arg(long, value_name = "VM:N")]
+    clone: Option<String>,
+    /// Small VMs (at most 32 MiB), precopy and pagecast only.
+    #[arg(long)]
+    quick: bool,
+    /// Pages per second every VM's guest writes.
+    #[arg(long, value_name = "PAGES_PER_S", default_value_t = 500)]
+    dirty_rate: u64,
+    /// Longest pause of each VM at switchover, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    max_downtime: u32,
+    /// Prefix of the namespaces' names.
+    #[arg(long, value_name = "NAME", default_value = "pce")]
+    prefix: String,
+}
+
+/// Most hosts a topology may have here (addresses are 10.79.RACK.HOST).
+const MAX_RACKS: usize = 200;
+const MAX_HOSTS_PER_RACK: usize = 200;
+/// The index's replicas listen on 10.79.0.1 at these ports.
+const INDEX_PORTS: [u16; 3] = [7601, 7602, 7603];
+const AGENT_PORT: u16 = 7400;
+const MTU: u32 = 9000;
+/// Memory of each VM in --quick runs.
+const QUICK_MEMORY: u64 = 32 << 20;
+
+fn ip(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip -n {ns} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn in_ns(ns: &str, cmd: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .output()
+        .with_context(|| format!("running {} in {ns}", cmd[0]))?;
+    if !out.status.success() {
+        bail!(
+            "{} in {ns}: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One end of a link whose counters are read: an interface in a namespace.
+#[derive(Debug, Clone, Serialize)]
+struct Port {
+    ns: String,
+    dev: String,
+}
+
+/// The emulated network. Dropping it removes every namespace it made.
+struct Net {
+    prefix: String,
+    made: Vec<String>,
+    idx: String,
+    /// Per host: its namespace, address, and the port of its link (eth0).
+    hosts: Vec<(String, Ipv4Addr, Port)>,
+    /// Per rack: the rack side of its uplink.
+    uplinks: Vec<Port>,
+    offloads_off: bool,
+}
+
+impl Net {
+    fn add_ns(&mut self, name: String) -> anyhow::Result<String> {
+        let out = Command::new("ip").args(["netns", "add", &name]).output()?;
+        if !out.status.success() {
+            bail!(
+                "ip netns add {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        self.made.push(name.clone());
+        ip(&name, &["link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    fn bridge(ns: &str) -> anyhow::Result<()> {
+        ip(
+            ns,
+            &[
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
+        ip(ns, &["link", "set", "br0", "mtu", &MTU.to_string(), "up"])
+    }
+
+    /// A veth pair `a` in `ns_a` and `b` (enslaved to br0) in `ns_b`, each
+    /// end shaped to `bps` on egress, offloads off.
+    fn wire(&mut self, ns_a: &str, a: &str, ns_b: &str, b: &str, bps: f64) -> anyhow::Result<()> {
+        let out = Command::new("ip")
+            .args([
+                "link", "add", a, "netns", ns_a, "type", "veth", "peer", "name", b,
+            ])
+            .args(["netns", ns_b])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "veth {ns_a}/{a} - {ns_b}/{b}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        ip(
+            ns_b,
+            &[
+                "link",
+                "set",
+                b,
+                "mtu",
+                &MTU.to_string(),
+                "master",
+                "br0",
+                "up",
+            ],
+        )?;
+        ip(ns_a, &["link", "set", a, "mtu", &MTU.to_string(), "up"])?;
+        for (ns, dev) in [(ns_a, a), (ns_b, b)] {
+            let rate = format!("{}bit", bps.round() as u64);
+            let burst = (MTU * 64).to_string();
+            in_ns(
+                ns,
+                &[
+                    "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst",
+                    &burst, "latency", "20ms",
+                ],
+            )?;
+            if self.offloads_off {
+                in_ns(
+                    ns,
+                    &[
+                        "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off",
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the namespaces of `topo`.
+    fn build(topo: &Topology, prefix: &str) -> anyhow::Result<Net> {
+        Net::remove_all(prefix);
+        let offloads_off = Command::new("ethtool")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let mut net = Net {
+            prefix: prefix.to_owned(),
+            made: Vec::new(),
+            idx: String::new(),
+            hosts: Vec::new(),
+            uplinks: Vec::new(),
+            offloads_off,
+        };
+        let c = &topo.cluster;
+        if c.racks.len() > MAX_RACKS {
+            bail!(
+                "{} racks; the evaluation handles at most {MAX_RACKS}",
+                c.racks.len()
+            );
+        }
+        let core = net.add_ns(format!("{prefix}-core"))?;
+        Net::bridge(&core)?;
+        net.idx = net.add_ns(format!("{prefix}-idx"))?;
+        let idx = net.idx.clone();
+        // The control namespace's link is not measured: 100 Gbit/s.
+        net.wire(&idx, "eth0", &core, "idx", 100e9)?;
+        ip(&idx, &["addr", "add", "10.79.0.1/16", "dev", "eth0"])?;
+        let mut per_rack = vec![0usize; c.racks.len()];
+        for (k, r) in c.racks.iter().enumerate() {
+            let rns = net.add_ns(format!("{prefix}-r{k}"))?;
+            Net::bridge(&rns)?;
+            net.wire(&rns, "up0", &core, &format!("r{k}"), r.uplink_bps)?;
+            ip(&rns, &["link", "set", "up0", "master", "br0"])?;
+            net.uplinks.push(Port {
+                ns: rns,
+                dev: "up0".into(),
+            });
+        }
+        for (i, h) in c.hosts.iter().enumerate() {
+            let j = per_rack[h.rack];
+            per_rack[h.rack] += 1;
+            if j >= MAX_HOSTS_PER_RACK {
+                bail!(
+                    "rack {} has more than {MAX_HOSTS_PER_RACK} hosts",
+                    c.racks[h.rack].name
+                );
+            }
+            let hns = net.add_ns(format!("{prefix}-h{i}"))?;
+            let rns = net.uplinks[h.rack].ns.clone();
+            net.wire(&hns, "eth0", &rns, &format!("h{i}"), h.link_bps)?;
+            let addr = Ipv4Addr::new(10, 79, h.rack as u8 + 1, j as u8 + 1);
+            ip(&hns, &["addr", "add", &format!("{addr}/16"), "dev", "eth0"])?;
+            ip(&hns, &["route", "add", "224.0.0.0/4", "dev", "eth0"])?;
+            net.hosts.push((
+                hns.clone(),
+                addr,
+                Port {
+                    ns: hns,
+                    dev: "eth0".into(),
+                },
+            ));
+        }
+        Ok(net)
+    }
+
+    /// Removes every namespace named `PREFIX-...` (left by an earlier run).
+    fn remove_all(prefix: &str) {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(&format!("{prefix}-")) {
+                kill_in(name);
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.made.iter().rev() {
+            kill_in(ns);
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = &self.prefix;
+    }
+}
+
+/// Kills every process left in namespace `ns`.
+fn kill_in(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill(2) on a process id listed for the namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Bytes each way through `p` so far.
+fn counters(p: &Port) -> anyhow::Result<(u64, u64)> {
+    let out = Command::new("ip")
+        .args(["-n", &p.ns, "-s", "-j", "link", "show", "dev", &p.dev])
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("counters of {}/{}", p.ns, p.dev))?;
+    let s = &v[0]["stats64"];
+    let get = |d: &str| {
+        s[d]["bytes"]
+            .as_u64()
+            .with_context(|| format!("no {d} bytes for {}/{}", p.ns, p.dev))
+    };
+    Ok((get("tx")?, get("rx")?))
+}
+
+/// Bytes sent and received on one link during a run.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+struct LinkBytes {
+    tx: u64,
+    rx: u64,
+}
+
+/// The processes of one cluster. Dropping it kills them.
+struct Cluster {
+    children: Vec<Child>,
+    index: String,
+    operator: PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // SAFETY: SIGTERM to our own child, so agents withdraw cleanly.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let t = Instant::now();
+        for c in &mut self.children {
+            while t.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Ctx<'a> {
+    exe: PathBuf,
+    /// OUTDIR, absolute.
+    out: PathBuf,
+    net: &'a Net,
+    topo: &'a Topology,
+    tls: PathBuf,
+    stop: &'static AtomicBool,
+    args: &'a EvaluateArgs,
+}
+
+impl Ctx<'_> {
+    fn spawn(&self, ns: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
+        let logf = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&self.exe)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(logf)
+            .spawn()
+            .context("spawning a pagecast process")
+    }
+
+    /// A pagecast command in the control namespace as the operator; its
+    /// stdout as JSON.
+    fn operator_json(&self, cl: &Cluster, args: &[&str]) -> anyhow::Result<Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.net.idx])
+            .arg(&self.exe)
+            .args(args)
+            .env("PAGECAST_TLS", &cl.operator)
+            .env("PAGECAST_INDEX", &cl.index)
+            .output()?;
+        let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "pagecast {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+        Ok(v)
+    }
+
+    fn check_stop(&self) -> anyhow::Result<()> {
+        if self.stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+
+    /// A fresh cluster: replicas, agents, the topology's VMs, indexed.
+    fn start_cluster(&self, run: &str) -> anyhow::Result<Cluster> {
+        let dir = self.out.join("data").join(run);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let logs = self.out.join("logs").join(run);
+        std::fs::create_dir_all(&logs)?;
+        let peers: Vec<String> = INDEX_PORTS
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=10.79.0.1:{p}", i + 1))
+            .collect();
+        let index: Vec<String> = INDEX_PORTS
+            .iter()
+            .map(|p| format!("10.79.0.1:{p}"))
+            .collect();
+        let mut cl = Cluster {
+            children: Vec::new(),
+            index: index.join(","),
+            operator: self.tls.join("operator"),
+        };
+        for (i, p) in INDEX_PORTS.iter().enumerate() {
+            let id = (i + 1).to_string();
+            let args: Vec<String> = [
+                "index",
+                "serve",
+                "--id",
+                &id,
+                "--listen",
+                &format!("10.79.0.1:{p}"),
+                "--peers",
+                &peers.join(","),
+                "--raft-log",
+                "warning",
+                "--data",
+                dir.join(format!("replica{id}"))
+                    .to_str()
+                    .unwrap_or_default(),
+                "--tls",
+                self.tls
+                    .join(format!("index-{id}"))
+                    .to_str()
+                    .unwrap_or_default(),
+            ]
+            .map(String::from)
+            .to_vec();
+            let child = self.spawn(&self.net.idx, &args, &logs.join(format!("replica{id}.log")))?;
+            cl.children.push(child);
+        }
+        // Leaders elected: `hosts` answers.
+        let t = Instant::now();
+        loop {
+            self.check_stop()?;
+            if self.operator_json(&cl, &["hosts", "--json"]).is_ok() {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "the index did not answer within 60 s (logs in {})",
+                    logs.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let c = &self.topo.cluster;
+        let mut agents = Vec::new();
+        for (i, h) in c.hosts.iter().enumerate() {
+            let (ns, addr, _) = &self.net.hosts[i];
+            let args: Vec<String> = [
+                "agent",
+                "--name",
+                &h.name,
+                "--listen",
+                &format!("{addr}:{AGENT_PORT}"),
+                "--tls",
+                self.tls.join(&h.name).to_str().unwrap_or_default(),
+                "--index",
+                &cl.index,
+                "--rack",
+                &c.racks[h.rack].name,
+                "--link",
+                &(h.link_bps.round() as u64).to_string(),
+                "--capacity",
+                &h.memory_bytes.to_string(),
+                "--cast-addr",
+                &addr.to_string(),
+            ]
+            .map(String::from)
+            .to_vec();
+            let mut child = self.spawn(ns, &args, &logs.join(format!("{}.log", h.name)))?;
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().context("agent stdout")?).read_line(&mut line)?;
+            cl.children.push(child);
+            if !line.starts_with("listening on ") {
+                bail!(
+                    "agent {} did not start (log: {})",
+                    h.name,
+                    logs.join(format!("{}.log", h.name)).display()
+                );
+            }
+            agents.push(format!("{addr}:{AGENT_PORT}"));
+        }
+        for (v, vm) in c.vms.iter().enumerate() {
+            self.check_stop()?;
+            let mut args: Vec<String> = [
+                "vm",
+                "start",
+                "--agent",
+                &agents[vm.host],
+                "--name",
+                &vm.name,
+                "--dirty-rate",
+                &self.args.dirty_rate.to_string(),
+                "--working-set",
+                "2000",
+                "--domain",
+                &self.topo.domains[v],
+                "--json",
+            ]
+            .map(String::from)
+            .to_vec();
+            match &self.topo.sources[v] {
+                VmSource::Image(p) => {
+                    args.push("--image".into());
+                    args.push(p.display().to_string());
+                }
+                VmSource::Synthetic { profile, spec } => {
+                    let mem = if self.args.quick {
+                        spec.memory_bytes().min(QUICK_MEMORY)
+                    } else {
+                        spec.memory_bytes()
+                    };
+                    args.extend(["--synthetic".into(), profile.clone()]);
+                    args.extend(["--memory".into(), mem.to_string()]);
+                }
+            }
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let v = self
+                .operator_json(&cl, &refs)
+                .with_context(|| format!("starting VM {}", vm.name))?;
+            if v["name"] != vm.name.as_str() {
+                bail!("starting VM {}: {v}", vm.name);
+            }
+        }
+        // Every VM published, nothing hot.
+        let t = Instant::now();
+        loop {
+            self.check_stop()?;
+            let h = self.operator_json(&cl, &["hosts", "--json"])?;
+            let listed: usize = h["hosts"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x["vms"].as_array().map_or(0, Vec::len))
+                        .sum()
+                })
+                .unwrap_or(0);
+            if listed == c.vms.len() {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "the index lists {listed} of {} VMs after 120 s",
+                    c.vms.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(cl)
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Vec<(u64, u64)>> {
+        self.net
+            .hosts
+            .iter()
+            .map(|h| &h.2)
+            .chain(self.net.uplinks.iter())
+            .map(counters)
+            .collect()
+    }
+
+    /// Bytes per link between two snapshots, named host:NAME and
+    /// uplink:RACK.
+    fn deltas(&self, before: &[(u64, u64)], after: &[(u64, u64)]) -> BTreeMap<String, LinkBytes> {
+        let c = &self.topo.cluster;
+        let names = c
+            .hosts
+            .iter()
+            .map(|h| format!("host:{}", h.name))
+            .chain(c.racks.iter().map(|r| format!("uplink:{}", r.name)));
+        names
+            .zip(before.iter().zip(after))
+            .map(|(n, (b, a))| {
+                (
+                    n,
+                    LinkBytes {
+                        tx: a.0.saturating_sub(b.0),
+                        rx: a.1.saturating_sub(b.1),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// One VM's outcome in a run.
+#[derive(Debug, Clone, Serialize)]
+struct VmOutcome {
+    name: String,
+    downtime_ms: f64,
+    verified: bool,
+}
+
+/// What the planner predicted for a run.
+#[derive(Debug, Clone, Serialize, Default)]
+struct Predicted {
+    source_bytes: Option<f64>,
+    eviction_s: Option<f64>,
+}
+
+/// One strategy's (or the clone's) measured run.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    strategy: String,
+    ok: bool,
+    /// Bytes that left the source hosts: their links' transmit counters.
+    source_bytes: u64,
+    /// Bytes that entered the core: every rack uplink's transmit counter.
+    core_bytes: u64,
+    bytes_by_link: BTreeMap<String, LinkBytes>,
+    eviction_s: f64,
+    total_s: f64,
+    vms: Vec<VmOutcome>,
+    predicted: Predicted,
+    /// What the command itself counted as sent from the sources.
+    reported_source_bytes: f64,
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+struct Report {
+    topology: String,
+    commit: String,
+    machine: String,
+    command: String,
+    quick: bool,
+    offloads_off: bool,
+    strategies: Vec<Run>,
+    clone: Option<Run>,
+}
+
+pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("evaluate builds network namespaces: it needs root");
+    }
+    if !Path::new("/dev/kvm").exists() {
+        bail!("evaluate runs KVM micro-VMs: /dev/kvm is missing");
+    }
+    let topo = Topology::load(&a.topology)?;
+    let mut strategies = a.strategies.clone();
+    if strategies.is_empty() {
+        strategies = if a.quick {
+            vec!["precopy".into(), "pagecast".into()]
+        } else {
+            vec!["precopy".into(), "vmscatter".into(), "pagecast".into()]
+        };
+    }
+    for s in &strategies {
+        if !["precopy", "vmscatter", "pagecast"].contains(&s.as_str()) {
+            bail!("--strategies: {s:?} is not precopy, vmscatter or pagecast");
+        }
+    }
+    let clone = match &a.clone {
+        None => None,
+        Some(c) => {
+            let (vm, n) = c
+                .split_once(':')
+                .with_context(|| format!("--clone {c}: give VM:N"))?;
+            let n: usize = n
+                .parse()
+                .with_context(|| format!("--clone {c}: N is a number"))?;
+            let vi = topo
+                .cluster
+                .vms
+                .iter()
+                .position(|v| v.name == vm)
+                .with_context(|| format!("--clone {c}: no VM {vm} in the topology"))?;
+            if n == 0 || n >= topo.cluster.hosts.len() {
+                bail!(
+                    "--clone {c}: N must be 1 to {} (the other hosts)",
+                    topo.cluster.hosts.len() - 1
+                );
+            }
+            Some((vi, n))
+        }
+    };
+    let stop = super::evacuate::catch_interrupts();
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let out = a.out.canonicalize()?;
+    eprintln!("== certificates");
+    let tls = out.join("tls");
+    let _ = std::fs::remove_dir_all(&tls);
+    let ca = Authority::init(&tls.join("ca"))?;
+    for id in 1..=3 {
+        ca.issue_to(
+            &format!("index-{id}"),
+            Role::Index,
+            30,
+            &tls.join(format!("index-{id}")),
+        )?;
+    }
+    for h in &topo.cluster.hosts {
+        ca.issue_to(&h.name, Role::Host, 30, &tls.join(&h.name))?;
+    }
+    ca.issue_to("operator", Role::Operator, 30, &tls.join("operator"))?;
+    eprintln!(
+        "== network: {} racks, {} hosts in namespaces {}-*",
+        topo.cluster.racks.len(),
+        topo.cluster.hosts.len(),
+        a.prefix
+    );
+    let net = Net::build(&topo, &a.prefix)?;
+    let ctx = Ctx {
+        exe: std::env::current_exe()?,
+        out: out.clone(),
+        net: &net,
+        topo: &topo,
+        tls,
+        stop,
+        args: &a,
+    };
+    let c = &topo.cluster;
+    let from: Vec<String> = topo
+        .evacuation
+        .from
+        .iter()
+        .map(|&h| c.hosts[h].name.clone())
+        .collect();
+    let to: Vec<String> = topo
+        .evacuation
+        .to
+        .iter()
+        .map(|&h| c.hosts[h].name.clone())
+        .collect();
+    let mut runs = Vec::new();
+    for s in &strategies {
+        eprintln!("== {s}: starting a fresh cluster");
+        let cl = ctx.start_cluster(s)?;
+        eprintln!("== {s}: evacuating {}", from.join(","));
+        let before = ctx.snapshot()?;
+        let mut args = vec![
+            "evacuate".to_owned(),
+            "--from".into(),
+            from.join(","),
+            "--strategy".into(),
+            s.clone(),
+            "--max-downtime".into(),
+            a.max_downtime.to_string(),
+            "--json".into(),
+            "--no-progress".into(),
+        ];
+        if !to.is_empty() {
+            args.extend(["--to".into(), to.join(",")]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t = Instant::now();
+        let rep = ctx.operator_json(&cl, &refs)?;
+        let wall = t.elapsed().as_secs_f64();
+        std::fs::write(
+            out.join("logs").join(s).join("evacuate.json"),
+            serde_json::to_string_pretty(&rep)?,
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        let after = ctx.snapshot()?;
+        let links = ctx.deltas(&before, &after);
+        let source_bytes = from.iter().map(|h| links[&format!("host:{h}")].tx).sum();
+        let core_bytes = c
+            .racks
+            .iter()
+            .map(|r| links[&format!("uplink:{}", r.name)].tx)
+            .sum();
+        let vms = rep["vms"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|x| VmOutcome {
+                        name: x["name"].as_str().unwrap_or("").to_owned(),
+                        downtime_ms: num(&x["downtime_ms"]),
+                        verified: x["verified"] == true,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let run = Run {
+            strategy: s.clone(),
+            ok: rep["ok"] == true,
+            source_bytes,
+            core_bytes,
+            bytes_by_link: links,
+            eviction_s: num(&rep["eviction_s"]),
+            total_s: if rep["total_s"].is_number() {
+                num(&rep["total_s"])
+            } else {
+                wall
+            },
+            vms,
+            predicted: Predicted {
+                source_bytes: rep["predicted"]["source_bytes"].as_f64(),
+                eviction_s: rep["predicted"]["eviction_s"].as_f64(),
+            },
+            reported_source_bytes: num(&rep["source_bytes"]),
+        };
+        eprintln!(
+            "== {s}: {} from the sources, {} into the core, eviction {:.2} s, {}",
+            format_bytes(run.source_bytes),
+            format_bytes(run.core_bytes),
+            run.eviction_s,
+            if run.ok {
+                "all verified"
+            } else {
+                "NOT all verified"
+            }
+        );
+        runs.push(run);
+        drop(cl);
+    }
+    let clone_run = match clone {
+        None => None,
+        Some((vi, n)) => {
+            let vm = &c.vms[vi];
+            let src = vm.host;
+            // Destinations: other racks first, then the source's rack.
+            let mut hosts: Vec<usize> = (0..c.hosts.len()).filter(|&h| h != src).collect();
+            hosts.sort_by_key(|&h| (c.hosts[h].rack == c.hosts[src].rack, h));
+            let dests: Vec<String> = hosts[..n]
+                .iter()
+                .map(|&h| c.hosts[h].name.clone())
+                .collect();
+            eprintln!("== clone: starting a fresh cluster");
+            let cl = ctx.start_cluster("clone")?;
+            eprintln!("== clone: {} to {}", vm.name, dests.join(","));
+            let before = ctx.snapshot()?;
+            let rep = ctx.operator_json(
+                &cl,
+                &[
+                    "clone",
+                    "--vm",
+                    &vm.name,
+                    "--to",
+                    &dests.join(","),
+                    "--max-downtime",
+                    &a.max_downtime.to_string(),
+                    "--json",
+                ],
+            )?;
+            std::fs::write(
+                out.join("logs").join("clone").join("clone.json"),
+                serde_json::to_string_pretty(&rep)?,
+            )?;
+            std::thread::sleep(Duration::from_millis(500));
+            let after = ctx.snapshot()?;
+            let links = ctx.deltas(&before, &after);
+            let source = links[&format!("host:{}", c.hosts[src].name)].tx;
+            let core = c
+                .racks
+                .iter()
+                .map(|r| links[&format!("uplink:{}", r.name)].tx)
+                .sum();
+            let vms = rep["clones"]
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .map(|x| VmOutcome {
+                            name: x["name"].as_str().unwrap_or("").to_owned(),
+                            downtime_ms: num(&rep["source_downtime_ms"]),
+                            verified: x["verified"] == true,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            drop(cl);
+            Some(Run {
+                strategy: format!("clone {}:{n}", vm.name),
+                ok: rep["ok"] == true,
+                source_bytes: source,
+                core_bytes: core,
+                bytes_by_link: links,
+                eviction_s: num(&rep["total_s"]),
+                total_s: num(&rep["total_s"]),
+                vms,
+                predicted: Predicted::default(),
+                reported_source_bytes: num(&rep["source_bytes"]),
+            })
+        }
+    };
+    let report = Report {
+        topology: a.topology.display().to_string(),
+        commit: git_commit(),
+        machine: machine(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        quick: a.quick,
+        offloads_off: net.offloads_off,
+        strategies: runs,
+        clone: clone_run,
+    };
+    drop(net);
+    write_report(&out, &report, c, &from)?;
+    eprintln!("== wrote {}", out.join("report.md").display());
+    Ok(())
+}
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores, {} of memory, Linux {}",
+        format_bytes(mem * 1024),
+        kernel.trim()
+    )
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn write_report(
+    out: &Path,
+    r: &Report,
+    c: &pagecast_scheduler::Cluster,
+    from: &[String],
+) -> anyhow::Result<()> {
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(r)?)?;
+    let base = r.strategies.iter().find(|s| s.strategy == "precopy");
+    let mut md = String::new();
+    md.push_str("# pagecast evaluation\n\n");
+    md.push_str(&format!(
+        "- topology: `{}`\n- commit: {}\n- machine: {}\n- command: `{}`\n- segmentation offloads on the veths: {}\n\n",
+        r.topology,
+        r.commit,
+        r.machine,
+        r.command,
+        if r.offloads_off { "off (counters count every packet's headers)" } else { "on (headers counted once per super-packet)" }
+    ));
+    md.push_str("Bytes are the interfaces' counters: source bytes leave the evacuated hosts' links, core bytes enter the core through the rack uplinks. Ratios are of precopy's.\n\n");
+    md.push_str("| strategy | source bytes | vs precopy | core bytes | vs precopy | eviction | vs precopy | downtime min / median / max | verified | predicted source bytes | measured / predicted |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for s in &r.strategies {
+        let mut d: Vec<f64> = s.vms.iter().map(|v| v.downtime_ms).collect();
+        d.sort_by(f64::total_cmp);
+        let (lo, med, hi) = if d.is_empty() {
+            (0.0, 0.0, 0.0)
+        } else {
+            (d[0], d[d.len() / 2], d[d.len() - 1])
+        };
+        let verified = s.vms.iter().filter(|v| v.verified).count();
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.2} s | {} | {:.0} / {:.0} / {:.0} ms | {verified} of {} | {} | {} |\n",
+            s.strategy,
+            format_bytes(s.source_bytes),
+            base.map_or("-".into(), |b| ratio(s.source_bytes as f64, b.source_bytes as f64)),
+            format_bytes(s.core_bytes),
+            base.map_or("-".into(), |b| ratio(s.core_bytes as f64, b.core_bytes as f64)),
+            s.eviction_s,
+            base.map_or("-".into(), |b| ratio(s.eviction_s, b.eviction_s)),
+            lo,
+            med,
+            hi,
+            s.vms.len(),
+            s.predicted
+                .source_bytes
+                .map_or("-".into(), |p| format_bytes(p as u64)),
+            s.predicted
+                .source_bytes
+                .map_or("-".into(), |p| ratio(s.source_bytes as f64, p)),
+        ));
+    }
+    if let Some(cl) = &r.clone {
+        md.push_str(&format!(
+            "\n**{}**: {} from the source, {} into the core, {:.2} s, {} of {} clones verified.\n",
+            cl.strategy,
+            format_bytes(cl.source_bytes),
+            format_bytes(cl.core_bytes),
+            cl.total_s,
+            cl.vms.iter().filter(|v| v.verified).count(),
+            cl.vms.len()
+        ));
+    }
+    md.push_str("\nPlots: `bytes.svg` (bytes per link class), `downtime.svg` (per VM), `predicted.svg` (measured against predicted source bytes and eviction time).\n");
+    std::fs::write(out.join("report.md"), md)?;
+    plots(out, &r.strategies, c, from)?;
+    let _ = std::io::stderr().flush();
+    Ok(())
+}
+
+/// A grouped bar chart: one group per entry of `groups`, one bar per
+/// series in each, written as SVG to `path`.
+fn bars(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    groups: &[String],
+    series: &[(String, Vec<f64>)],
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let top = series
+        .iter()
+        .flat_map(|s| s.1.iter().copied())
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.15;
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let n = groups.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..n, 0f64..top)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let labels = groups.to_vec();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups.len().max(1))
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 0.01 && i < labels.len() {
+                labels[i].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let k = series.len().max(1) as f64;
+    let width = 0.8 / k;
+    for (si, (name, values)) in series.iter().enumerate() {
+        let color = Palette99::pick(si).to_rgba();
+        chart
+            .draw_series(values.iter().enumerate().map(|(g, &v)| {
+                let x0 = g as f64 + 0.1 + si as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], color.filled())
+            }))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn plots(
+    out: &Path,
+    runs: &[Run],
+    c: &pagecast_scheduler::Cluster,
+    from: &[String],
+) -> anyhow::Result<()> {
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let names: Vec<String> = runs.iter().map(|r| r.strategy.clone()).collect();
+    // Bytes per link class.
+    let class = |r: &Run, f: &dyn Fn(&str, &LinkBytes) -> f64| -> f64 {
+        r.bytes_by_link.iter().map(|(n, b)| f(n, b)).sum()
+    };
+    let is_source = |n: &str| {
+        n.strip_prefix("host:")
+            .is_some_and(|h| from.iter().any(|f| f == h))
+    };
+    let series = vec![
+        (
+            "source host links (sent)".to_owned(),
+            runs.iter()
+                .map(|r| {
+                    mib(class(r, &|n, b| {
+                        if is_source(n) { b.tx as f64 } else { 0.0 }
+                    }))
+                })
+                .collect(),
+        ),
+        (
+            "other host links (received)".to_owned(),
+            runs.iter()
+                .map(|r| {
+                    mib(class(r, &|n, b| {
+                        if n.starts_with("host:") && !is_source(n) {
+                            b.rx as f64
+                        } else {
+                            0.0
+                        }
+                    }))
+                })
+                .collect(),
+        ),
+        (
+            "rack uplinks (into the core)".to_owned(),
+            runs.iter().map(|r| mib(r.core_bytes as f64)).collect(),
+        ),
+    ];
+    bars(
+        &out.join("bytes.svg"),
+        "Bytes per link class",
+        "MiB",
+        &names,
+        &series,
+    )?;
+    // Downtime per VM.
+    let mut vms: Vec<String> = runs
+        .iter()
+        .flat_map(|r| r.vms.iter().map(|v| v.name.clone()))
+        .collect();
+    vms.sort();
+    vms.dedup();
+    let series: Vec<(String, Vec<f64>)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r.strategy.clone(),
+                vms.iter()
+                    .map(|n| {
+                        r.vms
+                            .iter()
+                            .find(|v| &v.name == n)
+                            .map_or(0.0, |v| v.downtime_ms)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    bars(
+        &out.join("downtime.svg"),
+        "Downtime per VM",
+        "ms",
+        &vms,
+        &series,
+    )?;
+    // Measured against predicted.
+    let series = vec![
+        (
+            "measured source bytes".to_owned(),
+            runs.iter().map(|r| mib(r.source_bytes as f64)).collect(),
+        ),
+        (
+            "predicted source bytes".to_owned(),
+            runs.iter()
+                .map(|r| mib(r.predicted.source_bytes.unwrap_or(0.0)))
+                .collect(),
+        ),
+    ];
+    bars(
+        &out.join("predicted.svg"),
+        "Source bytes: measured (interface counters) and predicted (planner)",
+        "MiB",
+        &names,
+        &series,
+    )?;
+    let _ = c;
+    Ok(())
+}
