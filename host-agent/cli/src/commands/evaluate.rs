@@ -1067,37 +1067,50 @@ fn bars(
     series: &[(String, Vec<f64>)],
 ) -> anyhow::Result<()> {
     use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
     let top = series
         .iter()
         .flat_map(|s| s.1.iter().copied())
         .fold(0.0f64, f64::max)
         .max(1e-9)
-        * 1.15;
+        * 1.35;
     let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let n = groups.len().max(1) as f64;
+    // The band below zero holds each group's name, under its bars.
+    let floor = -top * 0.08;
     let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
+        .caption(format!("{title}, {y_label}"), ("sans-serif", 20))
         .margin(12)
-        .x_label_area_size(40)
+        .x_label_area_size(10)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..n, 0f64..top)
+        .build_cartesian_2d(0f64..n, floor..top)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let labels = groups.to_vec();
     chart
         .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(groups.len().max(1))
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            if (x - i as f64 - 0.5).abs() < 0.01 && i < labels.len() {
-                labels[i].clone()
-            } else {
+        .disable_mesh()
+        .disable_x_axis()
+        .y_label_formatter(&|y| {
+            if *y < 0.0 {
                 String::new()
+            } else {
+                format!("{y:.0}")
             }
         })
         .y_desc(y_label)
         .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .draw_series(groups.iter().enumerate().map(|(i, g)| {
+            Text::new(
+                g.clone(),
+                (i as f64 + 0.5, floor * 0.35),
+                ("sans-serif", 14)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, VPos::Center)),
+            )
+        }))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let k = series.len().max(1) as f64;
     let width = 0.8 / k;
@@ -1114,6 +1127,7 @@ fn bars(
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .border_style(BLACK)
         .background_style(WHITE.mix(0.8))
         .draw()
