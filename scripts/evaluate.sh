@@ -2,7 +2,7 @@
 # Runs pagecast's strategies side by side on an emulated multi-rack network
 # and writes a report measured from the interfaces' counters:
 #
-#   scripts/evaluate.sh TOPOLOGY.toml OUTDIR [--strategies precopy,vmscatter,pagecast] [--clone VM:N] [--quick]
+#   scripts/evaluate.sh TOPOLOGY.toml OUTDIR [--strategies precopy,vmscatter,pagecast] [--clone VM:N] [--quick] [--loss PCT]
 #
 # TOPOLOGY.toml is the file `pagecast plan` reads (docs/examples/eval.toml
 # is the default two-rack one); OUTDIR gets report.json, report.md, the SVG

@@ -82,6 +82,10 @@ pub struct EvaluateArgs {
     /// Prefix of the namespaces' names.
     #[arg(long, value_name = "NAME", default_value = "pce")]
     prefix: String,
+    /// Drop this percentage of multicast datagrams arriving at every host
+    /// (an nftables `numgen random` rule in each host's namespace).
+    #[arg(long, value_name = "PCT", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=50))]
+    loss: u8,
 }
 
 /// Most hosts a topology may have here (addresses are 10.79.RACK.HOST).
@@ -228,7 +232,7 @@ impl Net {
     }
 
     /// Builds the namespaces of `topo`.
-    fn build(topo: &Topology, prefix: &str) -> anyhow::Result<Net> {
+    fn build(topo: &Topology, prefix: &str, loss: u8) -> anyhow::Result<Net> {
         Net::remove_all(prefix);
         let offloads_off = Command::new("ethtool")
             .arg("--version")
@@ -282,6 +286,43 @@ impl Net {
             let addr = Ipv4Addr::new(10, 79, h.rack as u8 + 1, j as u8 + 1);
             ip(&hns, &["addr", "add", &format!("{addr}/16"), "dev", "eth0"])?;
             ip(&hns, &["route", "add", "224.0.0.0/4", "dev", "eth0"])?;
+            if loss > 0 {
+                let pct = loss.to_string();
+                in_ns(&hns, &["nft", "add", "table", "inet", "pagecast_loss"])?;
+                in_ns(
+                    &hns,
+                    &[
+                        "nft",
+                        "add",
+                        "chain",
+                        "inet",
+                        "pagecast_loss",
+                        "input",
+                        "{ type filter hook input priority 0 ; policy accept ; }",
+                    ],
+                )?;
+                in_ns(
+                    &hns,
+                    &[
+                        "nft",
+                        "add",
+                        "rule",
+                        "inet",
+                        "pagecast_loss",
+                        "input",
+                        "ip",
+                        "daddr",
+                        "224.0.0.0/4",
+                        "numgen",
+                        "random",
+                        "mod",
+                        "100",
+                        "<",
+                        &pct,
+                        "drop",
+                    ],
+                )?;
+            }
             net.hosts.push((
                 hns.clone(),
                 addr,
@@ -685,6 +726,7 @@ struct Report {
     machine: String,
     command: String,
     quick: bool,
+    loss_pct: u8,
     offloads_off: bool,
     strategies: Vec<Run>,
     clone: Option<Run>,
@@ -762,7 +804,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         topo.cluster.hosts.len(),
         a.prefix
     );
-    let net = Net::build(&topo, &a.prefix)?;
+    let net = Net::build(&topo, &a.prefix, a.loss)?;
     let ctx = Ctx {
         exe: std::env::current_exe()?,
         out: out.clone(),
@@ -942,6 +984,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         machine: machine(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         quick: a.quick,
+        loss_pct: a.loss,
         offloads_off: net.offloads_off,
         strategies: runs,
         clone: clone_run,
@@ -1000,11 +1043,12 @@ fn write_report(
     let mut md = String::new();
     md.push_str("# pagecast evaluation\n\n");
     md.push_str(&format!(
-        "- topology: `{}`\n- commit: {}\n- machine: {}\n- command: `{}`\n- segmentation offloads on the veths: {}\n\n",
+        "- topology: `{}`\n- commit: {}\n- machine: {}\n- command: `{}`\n- multicast loss at every host: {}%\n- segmentation offloads on the veths: {}\n\n",
         r.topology,
         r.commit,
         r.machine,
         r.command,
+        r.loss_pct,
         if r.offloads_off { "off (counters count every packet's headers)" } else { "on (headers counted once per super-packet)" }
     ));
     md.push_str("Bytes are the interfaces' counters: source bytes leave the evacuated hosts' links, core bytes enter the core through the rack uplinks. Ratios are of precopy's.\n\n");
