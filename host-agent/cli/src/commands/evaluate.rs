@@ -395,9 +395,11 @@ struct LinkBytes {
     rx: u64,
 }
 
-/// The processes of one cluster. Dropping it kills them.
+/// The processes of one cluster. Dropping it kills them and removes their
+/// data (the replicas' databases; logs stay).
 struct Cluster {
     children: Vec<Child>,
+    data: PathBuf,
     index: String,
     operator: PathBuf,
 }
@@ -419,6 +421,7 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.data);
     }
 }
 
@@ -493,6 +496,7 @@ impl Ctx<'_> {
             .collect();
         let mut cl = Cluster {
             children: Vec::new(),
+            data: dir.clone(),
             index: index.join(","),
             operator: self.tls.join("operator"),
         };
@@ -990,6 +994,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         clone: clone_run,
     };
     drop(net);
+    let _ = std::fs::remove_dir_all(out.join("data"));
     write_report(&out, &report, c, &from)?;
     eprintln!("== wrote {}", out.join("report.md").display());
     Ok(())
