@@ -136,7 +136,15 @@ impl<'a> Planner<'a> {
     /// The plan of a given assignment.
     pub fn plan_for(&self, s: Strategy, a: Assignment) -> Plan {
         let (c, e) = (self.cluster, self.evacuation);
-        let t = build(&self.model, c, e, &self.moving, &a);
+        // VMScatter as published reuses nothing the destinations hold.
+        let t = build(
+            &self.model,
+            c,
+            e,
+            &self.moving,
+            &a,
+            s != Strategy::VmScatter,
+        );
         Plan {
             strategy: s,
             cost: cost(c, &t),

@@ -56,13 +56,17 @@ pub struct Transmission {
     pub leaves: u64,
 }
 
-/// Builds the transmission plan for assignment `a`.
+/// Builds the transmission plan for assignment `a`. With `reuse`, a
+/// destination copies the pages it already holds and takes pages a
+/// rack-mate holds short-haul (pagecast); without, every page it needs
+/// comes from a source (VMScatter, which reuses nothing at destinations).
 pub fn build(
     m: &ExactModel,
     c: &Cluster,
     e: &Evacuation,
     moving: &[VmIdx],
     a: &Assignment,
+    reuse: bool,
 ) -> Transmission {
     let n = m.universe.len();
     let evacuated: HashSet<HostIdx> = e.from.iter().copied().collect();
@@ -100,14 +104,14 @@ pub fn build(
             if !bits.get(p as usize) {
                 continue;
             }
-            if m.held(d, p) {
+            if reuse && m.held(d, p) {
                 loc.push(p);
                 continue;
             }
             let provider = providers
                 .iter()
                 .copied()
-                .filter(|&h| m.held(h, p))
+                .filter(|&h| reuse && m.held(h, p))
                 .min_by_key(|h| (short_load.get(h).copied().unwrap_or(0), *h));
             match provider {
                 Some(h) => {

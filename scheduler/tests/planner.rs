@@ -439,3 +439,26 @@ fn refining_stops_at_its_deadline_and_never_worsens_the_plan() {
     }
     assert!(improved > 0, "refining improved no instance");
 }
+
+#[test]
+fn vmscatter_reuses_nothing_the_destinations_hold() {
+    // Over many random clusters: VMScatter's plan copies nothing locally
+    // and takes nothing short-haul, so its sources send every distinct page
+    // its destinations need; pagecast's plan, on the same placement, sends
+    // no more, and less wherever a destination holds some of it.
+    let mut fewer = 0;
+    for seed in 0..40 {
+        let inst = instance(seed, 4, 2, 3, false);
+        let p = Planner::new(&inst.cluster, &inst.evac, &inst.content).unwrap();
+        let vs = p.plan(Strategy::VmScatter).unwrap();
+        assert!(vs.transmission.local.is_empty(), "seed {seed}");
+        assert!(vs.transmission.short_haul.is_empty(), "seed {seed}");
+        assert_eq!(vs.cost.local_bytes, 0);
+        let pc = p.plan_for(Strategy::Pagecast, vs.assignment.clone());
+        assert!(pc.cost.source_total <= vs.cost.source_total, "seed {seed}");
+        if pc.cost.source_total < vs.cost.source_total {
+            fewer += 1;
+        }
+    }
+    assert!(fewer > 0, "no instance where reuse saved anything");
+}
