@@ -172,8 +172,23 @@ fn a_quick_evaluation_reports_what_the_interfaces_counted() {
             assert_eq!(vms.len(), 4);
             assert!(vms.iter().all(|v| v["verified"] == true), "{s}");
             assert!(s["predicted"]["source_bytes"].as_f64().unwrap() > 0.0);
+            // Every VM's phases, in time order, ending done.
+            let phases = s["phases"].as_object().unwrap();
+            assert_eq!(phases.len(), 4, "{s}");
+            for (vm, list) in phases {
+                let list = list.as_array().unwrap();
+                let at: Vec<f64> = list.iter().map(|p| p["at_s"].as_f64().unwrap()).collect();
+                assert!(at.windows(2).all(|w| w[0] <= w[1]), "{vm}: {list:?}");
+                assert_eq!(list.last().unwrap()["phase"], "done", "{vm}: {list:?}");
+            }
         }
-        for svg in ["bytes.svg", "downtime.svg", "predicted.svg"] {
+        for svg in [
+            "bytes.svg",
+            "downtime.svg",
+            "predicted.svg",
+            "timeline-precopy.svg",
+            "timeline-pagecast.svg",
+        ] {
             let text = std::fs::read_to_string(out.join(svg)).unwrap();
             if let Err(e) = well_formed_svg(&text) {
                 panic!("{svg}: {e}");

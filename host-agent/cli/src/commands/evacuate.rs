@@ -48,7 +48,10 @@ use super::index::IndexAddrs;
 /// "source_bytes", "core_bytes", "bytes_by_class": {"multicast",
 /// "unicast", "short_haul", "repair"}, "eviction_s", "total_s",
 /// "predicted": {"source_bytes", "core_bytes", "eviction_s",
-/// "bottleneck", "precopy_source_bytes", "placement"}, "bytes_by_source"}
+/// "bottleneck", "precopy_source_bytes", "placement"}, "bytes_by_source",
+/// "phases": {VM: [{"phase", "at_s"}]}} (when each VM entered each phase:
+/// manifest, held, cast, round 0, pre-copy, switchover, done or failed,
+/// seconds from the command's start)
 ///
 /// Examples:
 ///
@@ -414,8 +417,20 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         eprintln!("job {job} (stop it with Ctrl-C or `pagecast cancel {job}`)");
     }
     let progress = Progress::new(a.no_progress || a.json, 0);
-    let res =
-        pagecast_coordinator::evacuate(&a.index.list(), &tls, &spec, &|e| progress.event(e), stop);
+    // When each VM entered each phase, for the JSON report's timeline.
+    let started = std::time::Instant::now();
+    let phases: Mutex<BTreeMap<String, Vec<(String, f64)>>> = Mutex::new(BTreeMap::new());
+    let on = |e: Event| {
+        if let Event::Vm { name, phase, .. } = &e {
+            let mut p = phases.lock().unwrap_or_else(|e| e.into_inner());
+            let list = p.entry(name.clone()).or_default();
+            if list.last().is_none_or(|(last, _)| last != phase) {
+                list.push((phase.clone(), started.elapsed().as_secs_f64()));
+            }
+        }
+        progress.event(e)
+    };
+    let res = pagecast_coordinator::evacuate(&a.index.list(), &tls, &spec, &on, stop);
     progress.finish();
     let r = match res {
         Ok(r) => r,
@@ -423,7 +438,21 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e).context("nothing was moved"),
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        let phases = phases.into_inner().unwrap_or_else(|e| e.into_inner());
+        v["phases"] = serde_json::json!(
+            phases
+                .into_iter()
+                .map(|(vm, list)| {
+                    let list: Vec<_> = list
+                        .into_iter()
+                        .map(|(phase, at_s)| serde_json::json!({"phase": phase, "at_s": at_s}))
+                        .collect();
+                    (vm, serde_json::Value::Array(list))
+                })
+                .collect::<serde_json::Map<_, _>>()
+        );
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", render(&r));
     }

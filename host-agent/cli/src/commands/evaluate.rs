@@ -716,6 +716,16 @@ struct Run {
     predicted: Predicted,
     /// What the command itself counted as sent from the sources.
     reported_source_bytes: f64,
+    /// Per VM: when it entered each phase, seconds from the command's
+    /// start (empty for the clone).
+    phases: BTreeMap<String, Vec<Phase>>,
+}
+
+/// A VM entering a phase.
+#[derive(Debug, Clone, Serialize)]
+struct Phase {
+    phase: String,
+    at_s: f64,
 }
 
 fn num(v: &Value) -> f64 {
@@ -898,6 +908,27 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
                 eviction_s: rep["predicted"]["eviction_s"].as_f64(),
             },
             reported_source_bytes: num(&rep["source_bytes"]),
+            phases: rep["phases"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(vm, list)| {
+                            let list = list
+                                .as_array()
+                                .map(|l| {
+                                    l.iter()
+                                        .map(|p| Phase {
+                                            phase: p["phase"].as_str().unwrap_or("").to_owned(),
+                                            at_s: num(&p["at_s"]),
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            (vm.clone(), list)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         eprintln!(
             "== {s}: {} from the sources, {} into the core, eviction {:.2} s, {}",
@@ -979,6 +1010,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
                 vms,
                 predicted: Predicted::default(),
                 reported_source_bytes: num(&rep["source_bytes"]),
+                phases: BTreeMap::new(),
             })
         }
     };
@@ -1099,7 +1131,7 @@ fn write_report(
             cl.vms.len()
         ));
     }
-    md.push_str("\nPlots: `bytes.svg` (bytes per link class), `downtime.svg` (per VM), `predicted.svg` (measured against predicted source bytes and eviction time).\n");
+    md.push_str("\nPlots: `bytes.svg` (bytes per link class), `downtime.svg` (per VM), `predicted.svg` (measured against predicted source bytes), `timeline-STRATEGY.svg` (each VM's phases over time).\n");
     std::fs::write(out.join("report.md"), md)?;
     plots(out, &r.strategies, c, from)?;
     let _ = std::io::stderr().flush();
@@ -1288,6 +1320,107 @@ fn plots(
         &names,
         &series,
     )?;
+    for r in runs {
+        timeline(&out.join(format!("timeline-{}.svg", r.strategy)), r)?;
+    }
     let _ = c;
+    Ok(())
+}
+
+/// Each VM's phases over time in one run: a bar per VM, a colour per phase.
+fn timeline(path: &Path, r: &Run) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    const PHASES: [&str; 8] = [
+        "manifest",
+        "held",
+        "cast",
+        "round 0",
+        "pre-copy",
+        "switchover",
+        "done",
+        "failed",
+    ];
+    let end = r
+        .phases
+        .values()
+        .flat_map(|l| l.iter().map(|p| p.at_s))
+        .fold(r.total_s, f64::max)
+        .max(1e-3);
+    let n = r.phases.len().max(1) as f64;
+    let left = -end * 0.18;
+    let root = SVGBackend::new(path, (900, 120 + 40 * r.phases.len() as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{}: each VM's phases, seconds", r.strategy),
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(10)
+        .build_cartesian_2d(left..end * 1.3, 0f64..n)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .disable_y_axis()
+        .x_label_formatter(&|x| {
+            if *x < 0.0 {
+                String::new()
+            } else {
+                format!("{x:.1}")
+            }
+        })
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let names: Vec<&String> = r.phases.keys().collect();
+    chart
+        .draw_series(names.iter().enumerate().map(|(i, name)| {
+            Text::new(
+                (*name).clone(),
+                (left * 0.95, i as f64 + 0.5),
+                ("sans-serif", 14)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Left, VPos::Center)),
+            )
+        }))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (k, phase) in PHASES.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        let mut bars = Vec::new();
+        for (i, list) in r.phases.values().enumerate() {
+            for (j, p) in list.iter().enumerate() {
+                if p.phase != *phase {
+                    continue;
+                }
+                let until = list.get(j + 1).map_or(p.at_s + end * 0.01, |q| q.at_s);
+                bars.push(Rectangle::new(
+                    [
+                        (p.at_s, i as f64 + 0.2),
+                        (until.max(p.at_s + end * 0.003), i as f64 + 0.8),
+                    ],
+                    color.filled(),
+                ));
+            }
+        }
+        if bars.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(bars)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(*phase)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
