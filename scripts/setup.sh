@@ -2,11 +2,13 @@
 # Installs what building and testing pagecast needs on Debian, beyond the
 # Rust toolchain: a C/C++ toolchain and binutils (the guest program test
 # re-assembles it), libclang (RocksDB's bindings), and the network tools the
-# namespace tests and the evaluation use (iproute2, nftables, ethtool).
-# Idempotent: installs only what is missing.
+# namespace tests and the evaluation use (iproute2, nftables; ethtool if it
+# can, which the evaluation uses to switch segmentation offloads off and
+# otherwise does without). Idempotent: installs only what is missing.
 set -euo pipefail
 
-packages=(build-essential binutils pkg-config libclang-dev iproute2 nftables ethtool)
+packages=(build-essential binutils pkg-config libclang-dev iproute2 nftables)
+optional=(ethtool)
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo is not installed; install the Rust toolchain first (https://rustup.rs)" >&2
@@ -38,3 +40,16 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Optional tools: tried, never fatal.
+for p in "${optional[@]}"; do
+    if command -v dpkg-query >/dev/null 2>&1 &&
+        ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        if [ "$(id -u)" -eq 0 ] &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null 2>&1; then
+            echo "installed: $p" >&2
+        else
+            echo "note: $p is not installed (optional; pagecast evaluate then keeps offloads on)" >&2
+        fi
+    fi
+done
