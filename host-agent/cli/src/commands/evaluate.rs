@@ -651,6 +651,52 @@ impl Ctx<'_> {
         Ok(cl)
     }
 
+    /// Packets every shaper (tbf) of every namespace dropped so far.
+    fn shaper_drops(&self) -> u64 {
+        self.net
+            .made
+            .iter()
+            .map(|ns| {
+                let out = in_ns(ns, &["tc", "-s", "-j", "qdisc", "show"]).unwrap_or_default();
+                serde_json::from_str::<Value>(&out)
+                    .ok()
+                    .and_then(|v| {
+                        v.as_array().map(|qs| {
+                            qs.iter()
+                                .filter(|q| q["kind"] == "tbf")
+                                .map(|q| q["drops"].as_u64().unwrap_or(0))
+                                .sum::<u64>()
+                        })
+                    })
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Per host: UDP datagrams its kernel dropped for a full socket buffer,
+    /// and UDP input errors in all (`/proc/net/snmp` of its namespace).
+    fn udp_drops(&self) -> Vec<(u64, u64)> {
+        self.net
+            .hosts
+            .iter()
+            .map(|h| {
+                let snmp = in_ns(&h.0, &["cat", "/proc/net/snmp"]).unwrap_or_default();
+                let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+                let (Some(head), Some(vals)) = (lines.next(), lines.next()) else {
+                    return (0, 0);
+                };
+                let field = |name: &str| {
+                    head.split_whitespace()
+                        .position(|f| f == name)
+                        .and_then(|i| vals.split_whitespace().nth(i))
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                (field("RcvbufErrors"), field("InErrors"))
+            })
+            .collect()
+    }
+
     fn snapshot(&self) -> anyhow::Result<Vec<(u64, u64)>> {
         self.net
             .hosts
@@ -658,6 +704,22 @@ impl Ctx<'_> {
             .map(|h| &h.2)
             .chain(self.net.uplinks.iter())
             .map(counters)
+            .collect()
+    }
+
+    /// UDP drops per host since `before`.
+    fn udp_diff(&self, before: &[(u64, u64)]) -> BTreeMap<String, (u64, u64)> {
+        self.topo
+            .cluster
+            .hosts
+            .iter()
+            .zip(before.iter().zip(self.udp_drops()))
+            .map(|(h, (b, a))| {
+                (
+                    h.name.clone(),
+                    (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)),
+                )
+            })
             .collect()
     }
 
@@ -710,6 +772,11 @@ struct Run {
     /// Bytes that entered the core: every rack uplink's transmit counter.
     core_bytes: u64,
     bytes_by_link: BTreeMap<String, LinkBytes>,
+    /// Per host: UDP datagrams dropped at a full receive buffer, and UDP
+    /// input errors in all, during the run.
+    udp_drops: BTreeMap<String, (u64, u64)>,
+    /// Packets the links' shapers dropped during the run.
+    shaper_drops: u64,
     eviction_s: f64,
     total_s: f64,
     vms: Vec<VmOutcome>,
@@ -847,6 +914,8 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         let cl = ctx.start_cluster(s)?;
         eprintln!("== {s}: evacuating {}", from.join(","));
         let before = ctx.snapshot()?;
+        let udp_before = ctx.udp_drops();
+        let shaped_before = ctx.shaper_drops();
         let mut args = vec![
             "evacuate".to_owned(),
             "--from".into(),
@@ -871,6 +940,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         )?;
         std::thread::sleep(Duration::from_millis(500));
         let after = ctx.snapshot()?;
+        let udp = ctx.udp_diff(&udp_before);
         let links = ctx.deltas(&before, &after);
         let source_bytes = from.iter().map(|h| links[&format!("host:{h}")].tx).sum();
         let core_bytes = c
@@ -896,6 +966,8 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             source_bytes,
             core_bytes,
             bytes_by_link: links,
+            udp_drops: udp,
+            shaper_drops: ctx.shaper_drops().saturating_sub(shaped_before),
             eviction_s: num(&rep["eviction_s"]),
             total_s: if rep["total_s"].is_number() {
                 num(&rep["total_s"])
@@ -960,6 +1032,8 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             let cl = ctx.start_cluster("clone")?;
             eprintln!("== clone: {} to {}", vm.name, dests.join(","));
             let before = ctx.snapshot()?;
+            let udp_before = ctx.udp_drops();
+            let shaped_before = ctx.shaper_drops();
             let rep = ctx.operator_json(
                 &cl,
                 &[
@@ -979,6 +1053,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             )?;
             std::thread::sleep(Duration::from_millis(500));
             let after = ctx.snapshot()?;
+            let udp = ctx.udp_diff(&udp_before);
             let links = ctx.deltas(&before, &after);
             let source = links[&format!("host:{}", c.hosts[src].name)].tx;
             let core = c
@@ -1005,6 +1080,8 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
                 source_bytes: source,
                 core_bytes: core,
                 bytes_by_link: links,
+                udp_drops: udp,
+                shaper_drops: ctx.shaper_drops().saturating_sub(shaped_before),
                 eviction_s: num(&rep["total_s"]),
                 total_s: num(&rep["total_s"]),
                 vms,
