@@ -115,7 +115,8 @@ fn set_rate(dir: &Path, agent: &AgentProc, name: &str, rate: u64) {
     );
 }
 
-fn migrate(dir: &Path, vm: &str, from: &AgentProc, to: &AgentProc) {
+/// Migrates `vm` and returns the report (which must say ok).
+fn migrate(dir: &Path, vm: &str, from: &AgentProc, to: &AgentProc) -> serde_json::Value {
     let r = cli_json(
         dir,
         &[
@@ -123,6 +124,7 @@ fn migrate(dir: &Path, vm: &str, from: &AgentProc, to: &AgentProc) {
         ],
     );
     assert_eq!(r["ok"], true, "{r}");
+    r
 }
 
 fn hosts_json(dir: &Path, idx: &IndexCluster) -> serde_json::Value {
@@ -260,20 +262,7 @@ fn dedup_domains_keep_identical_vms_apart() {
 
     // A migration into a host holding identical memory of another domain
     // fills nothing locally.
-    let r = cli_json(
-        &d,
-        &[
-            "migrate",
-            "--vm",
-            "red1",
-            "--from",
-            &s.agents[0].addr,
-            "--to",
-            &s.agents[1].addr,
-            "--json",
-        ],
-    );
-    assert_eq!(r["ok"], true, "{r}");
+    let r = migrate(&d, "red1", &s.agents[0], &s.agents[1]);
     assert_eq!(r["pages_local"], 0, "filled from another domain: {r}");
     let list = cli_json(&d, &["vm", "list", "--agent", &s.agents[1].addr, "--json"]);
     let red = list["vms"]
@@ -296,20 +285,7 @@ fn dedup_domains_keep_identical_vms_apart() {
         on_h2 > 1000.0 && with_red1 > 0.9,
         "red2: {on_h2} {with_red1}"
     );
-    let r = cli_json(
-        &d,
-        &[
-            "migrate",
-            "--vm",
-            "red2",
-            "--from",
-            &s.agents[0].addr,
-            "--to",
-            &s.agents[1].addr,
-            "--json",
-        ],
-    );
-    assert_eq!(r["ok"], true, "{r}");
+    let r = migrate(&d, "red2", &s.agents[0], &s.agents[1]);
     let local = r["pages_local"].as_u64().unwrap();
     let nonzero = r["nonzero_pages"].as_u64().unwrap();
     assert!(

@@ -19,6 +19,8 @@ use rcgen::{
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
+use pagecast_pages::DomainSecret;
+
 use crate::{AuthError, CA_CERT, NODE_CERT, NODE_KEY, Role, Tls, read_pem};
 
 /// The CA's private key file.
@@ -37,8 +39,8 @@ pub const DEFAULT_DAYS: u32 = 365;
 pub struct Authority {
     cert_pem: String,
     key: KeyPair,
-    /// `domains.key`'s text: 64 hex digits and a newline.
-    domains: Option<String>,
+    /// The cluster's dedup-domain secret (`domains.key`).
+    domains: DomainSecret,
 }
 
 impl std::fmt::Debug for Authority {
@@ -98,41 +100,38 @@ fn write_private(path: &Path, text: &str, private: bool) -> Result<(), AuthError
         .map_err(|e| pki(path, format!("cannot write: {e}")))
 }
 
-/// A new dedup-domain secret in its file form.
-fn new_domains_secret() -> Result<String, AuthError> {
+/// A new dedup-domain secret.
+fn new_domains_secret() -> Result<DomainSecret, AuthError> {
     let mut b = [0u8; 32];
     crate::random_bytes(&mut b)?;
-    let mut s: String = b.iter().map(|b| format!("{b:02x}")).collect();
-    s.push('\n');
-    Ok(s)
+    Ok(DomainSecret::from_bytes(b))
 }
 
-/// Reads `domains.key` (bounded, 64 hex digits), or reads the one of a
-/// node directory. Errors name the file.
-pub fn read_domains_secret(path: &Path) -> Result<String, AuthError> {
+/// Reads and checks a `domains.key` (bounded; 64 hex digits, the format
+/// `DomainSecret` parses). Errors name the file.
+pub fn read_domains_secret(path: &Path) -> Result<DomainSecret, AuthError> {
     use std::io::Read;
     let f = std::fs::File::open(path).map_err(|e| pki(path, format!("cannot open: {e}")))?;
     let mut text = String::new();
     f.take(MAX_DOMAINS_KEY_BYTES + 1)
         .read_to_string(&mut text)
         .map_err(|e| pki(path, format!("cannot read: {e}")))?;
-    let t = text.trim();
-    if text.len() as u64 > MAX_DOMAINS_KEY_BYTES
-        || t.len() != 64
-        || !t.bytes().all(|b| b.is_ascii_hexdigit())
-    {
-        return Err(pki(path, "is not a domain secret (64 hex digits)"));
+    if text.len() as u64 > MAX_DOMAINS_KEY_BYTES {
+        return Err(pki(
+            path,
+            "is not a domain secret (64 hex digits): too long",
+        ));
     }
-    Ok(format!("{t}\n"))
+    DomainSecret::parse(&text).map_err(|e| pki(path, e.to_string()))
 }
 
 /// The CA's dedup-domain secret; a CA made before domains existed gets one
 /// now (written owner-only, once: a concurrent writer's file wins).
-fn load_domains_secret(dir: &Path) -> Result<String, AuthError> {
+fn load_domains_secret(dir: &Path) -> Result<DomainSecret, AuthError> {
     let path = dir.join(DOMAINS_KEY);
     if !path.exists() {
         let fresh = new_domains_secret()?;
-        match write_private(&path, &fresh, true) {
+        match write_private(&path, &fresh.to_text(), true) {
             Ok(()) => return Ok(fresh),
             Err(_) if path.exists() => {}
             Err(e) => return Err(e),
@@ -162,7 +161,7 @@ impl Authority {
         Ok(Authority {
             cert_pem: cert.pem(),
             key,
-            domains: Some(new_domains_secret()?),
+            domains: new_domains_secret()?,
         })
     }
 
@@ -178,9 +177,7 @@ impl Authority {
         let a = Self::generate()?;
         write_private(&dir.join(CA_KEY), &a.key.serialize_pem(), true)?;
         write_private(&dir.join(CA_CERT), &a.cert_pem, false)?;
-        if let Some(d) = &a.domains {
-            write_private(&dir.join(DOMAINS_KEY), d, true)?;
-        }
+        write_private(&dir.join(DOMAINS_KEY), &a.domains.to_text(), true)?;
         Ok(a)
     }
 
@@ -194,7 +191,7 @@ impl Authority {
         let a = Authority {
             cert_pem,
             key,
-            domains: Some(domains),
+            domains,
         };
         // Check that the two belong together before handing it out: a
         // certificate it signs must chain to the CA certificate.
@@ -344,15 +341,13 @@ impl Authority {
             std::fs::remove_file(&ca).map_err(|e| pki(&ca, format!("cannot replace: {e}")))?;
         }
         write_private(&ca, &self.cert_pem, false)?;
-        if role == Role::Host
-            && let Some(d) = &self.domains
-        {
+        if role == Role::Host {
             let path = out.join(DOMAINS_KEY);
             if path.exists() {
                 std::fs::remove_file(&path)
                     .map_err(|e| pki(&path, format!("cannot replace: {e}")))?;
             }
-            write_private(&path, d, true)?;
+            write_private(&path, &self.domains.to_text(), true)?;
         }
         Ok(out.to_owned())
     }

@@ -227,7 +227,6 @@ fn hosts_and_only_hosts_get_the_domain_secret() {
     let ca_dir = dir.path().join("ca");
     let ca = Authority::init(&ca_dir).unwrap();
     let secret = read_domains_secret(&ca_dir.join(DOMAINS_KEY)).unwrap();
-    assert_eq!(secret.trim().len(), 64);
     ca.issue_to("h1", Role::Host, 30, &dir.path().join("h1"))
         .unwrap();
     ca.issue_to("op", Role::Operator, 30, &dir.path().join("op"))

@@ -128,11 +128,7 @@ fn load_domain_secret(a: &TlsArg) -> anyhow::Result<Option<pagecast_pages::Domai
     if !path.exists() {
         return Ok(None);
     }
-    let text = pagecast_channel::ca::read_domains_secret(&path)?;
-    Ok(Some(
-        pagecast_pages::DomainSecret::parse(&text)
-            .with_context(|| format!("{}", path.display()))?,
-    ))
+    Ok(Some(pagecast_channel::ca::read_domains_secret(&path)?))
 }
 
 pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {

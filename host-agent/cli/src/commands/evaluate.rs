@@ -18,7 +18,7 @@
 //! own reports; the planner's prediction from `evacuate`'s report.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,8 +49,9 @@ use pagecast_cli::topology::{Topology, VmSource};
 /// starts is stopped and every namespace removed when it ends, Ctrl-C
 /// included.
 ///
-/// --quick caps every VM at 32 MiB and runs precopy and pagecast only
-/// (unless --strategies is given): the CI check.
+/// --quick caps every synthetic VM at 32 MiB (images keep their size) and
+/// runs precopy and pagecast only (unless --strategies is given): the CI
+/// check.
 ///
 /// Example:
 ///
@@ -70,7 +71,7 @@ pub struct EvaluateArgs {
     /// Also clone VM to N hosts (a fresh cluster).
     #[arg(long, value_name = "VM:N")]
     clone: Option<String>,
-    /// Small VMs (at most 32 MiB), precopy and pagecast only.
+    /// Small synthetic VMs (at most 32 MiB), precopy and pagecast only.
     #[arg(long)]
     quick: bool,
     /// Pages per second every VM's guest writes.
@@ -132,7 +133,7 @@ fn in_ns(ns: &str, cmd: &[&str]) -> anyhow::Result<String> {
 }
 
 /// One end of a link whose counters are read: an interface in a namespace.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 struct Port {
     ns: String,
     dev: String,
@@ -140,7 +141,6 @@ struct Port {
 
 /// The emulated network. Dropping it removes every namespace it made.
 struct Net {
-    prefix: String,
     made: Vec<String>,
     idx: String,
     /// Per host: its namespace, address, and the port of its link (eth0).
@@ -239,7 +239,6 @@ impl Net {
             .output()
             .is_ok_and(|o| o.status.success());
         let mut net = Net {
-            prefix: prefix.to_owned(),
             made: Vec::new(),
             idx: String::new(),
             hosts: Vec::new(),
@@ -356,7 +355,6 @@ impl Drop for Net {
             kill_in(ns);
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = &self.prefix;
     }
 }
 
@@ -707,6 +705,38 @@ impl Ctx<'_> {
             .collect()
     }
 
+    /// Runs the operator command `args` on `cl` with --json, saves its
+    /// report to `save`, and measures the links meanwhile.
+    fn measured(&self, cl: &Cluster, args: &[&str], save: &Path) -> anyhow::Result<Measured> {
+        let before = self.snapshot()?;
+        let udp_before = self.udp_drops();
+        let shaped_before = self.shaper_drops();
+        let t = Instant::now();
+        let rep = self.operator_json(cl, args)?;
+        let wall_s = t.elapsed().as_secs_f64();
+        std::fs::write(save, serde_json::to_string_pretty(&rep)?)?;
+        // Let the last segments reach the counters.
+        std::thread::sleep(Duration::from_millis(500));
+        let after = self.snapshot()?;
+        Ok(Measured {
+            rep,
+            wall_s,
+            links: self.deltas(&before, &after),
+            udp: self.udp_diff(&udp_before),
+            shaper_drops: self.shaper_drops().saturating_sub(shaped_before),
+        })
+    }
+
+    /// Bytes that entered the core: every rack uplink's transmit counter.
+    fn core_bytes(&self, links: &BTreeMap<String, LinkBytes>) -> u64 {
+        self.topo
+            .cluster
+            .racks
+            .iter()
+            .map(|r| links[&format!("uplink:{}", r.name)].tx)
+            .sum()
+    }
+
     /// UDP drops per host since `before`.
     fn udp_diff(&self, before: &[(u64, u64)]) -> BTreeMap<String, (u64, u64)> {
         self.topo
@@ -745,6 +775,20 @@ impl Ctx<'_> {
             })
             .collect()
     }
+}
+
+/// What a measured command reported, and what the links counted meanwhile.
+struct Measured {
+    rep: Value,
+    wall_s: f64,
+    links: BTreeMap<String, LinkBytes>,
+    udp: BTreeMap<String, (u64, u64)>,
+    shaper_drops: u64,
+}
+
+/// Bytes the links of `hosts` sent.
+fn tx_of(links: &BTreeMap<String, LinkBytes>, hosts: &[String]) -> u64 {
+    hosts.iter().map(|h| links[&format!("host:{h}")].tx).sum()
 }
 
 /// One VM's outcome in a run.
@@ -789,7 +833,7 @@ struct Run {
 }
 
 /// A VM entering a phase.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Phase {
     phase: String,
     at_s: f64,
@@ -913,9 +957,6 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         eprintln!("== {s}: starting a fresh cluster");
         let cl = ctx.start_cluster(s)?;
         eprintln!("== {s}: evacuating {}", from.join(","));
-        let before = ctx.snapshot()?;
-        let udp_before = ctx.udp_drops();
-        let shaped_before = ctx.shaper_drops();
         let mut args = vec![
             "evacuate".to_owned(),
             "--from".into(),
@@ -931,23 +972,9 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             args.extend(["--to".into(), to.join(",")]);
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let t = Instant::now();
-        let rep = ctx.operator_json(&cl, &refs)?;
-        let wall = t.elapsed().as_secs_f64();
-        std::fs::write(
-            out.join("logs").join(s).join("evacuate.json"),
-            serde_json::to_string_pretty(&rep)?,
-        )?;
-        std::thread::sleep(Duration::from_millis(500));
-        let after = ctx.snapshot()?;
-        let udp = ctx.udp_diff(&udp_before);
-        let links = ctx.deltas(&before, &after);
-        let source_bytes = from.iter().map(|h| links[&format!("host:{h}")].tx).sum();
-        let core_bytes = c
-            .racks
-            .iter()
-            .map(|r| links[&format!("uplink:{}", r.name)].tx)
-            .sum();
+        let m = ctx.measured(&cl, &refs, &out.join("logs").join(s).join("evacuate.json"))?;
+        drop(cl);
+        let rep = &m.rep;
         let vms = rep["vms"]
             .as_array()
             .map(|v| {
@@ -963,44 +990,20 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         let run = Run {
             strategy: s.clone(),
             ok: rep["ok"] == true,
-            source_bytes,
-            core_bytes,
-            bytes_by_link: links,
-            udp_drops: udp,
-            shaper_drops: ctx.shaper_drops().saturating_sub(shaped_before),
+            source_bytes: tx_of(&m.links, &from),
+            core_bytes: ctx.core_bytes(&m.links),
             eviction_s: num(&rep["eviction_s"]),
-            total_s: if rep["total_s"].is_number() {
-                num(&rep["total_s"])
-            } else {
-                wall
-            },
+            total_s: rep["total_s"].as_f64().unwrap_or(m.wall_s),
             vms,
             predicted: Predicted {
                 source_bytes: rep["predicted"]["source_bytes"].as_f64(),
                 eviction_s: rep["predicted"]["eviction_s"].as_f64(),
             },
             reported_source_bytes: num(&rep["source_bytes"]),
-            phases: rep["phases"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(vm, list)| {
-                            let list = list
-                                .as_array()
-                                .map(|l| {
-                                    l.iter()
-                                        .map(|p| Phase {
-                                            phase: p["phase"].as_str().unwrap_or("").to_owned(),
-                                            at_s: num(&p["at_s"]),
-                                        })
-                                        .collect()
-                                })
-                                .unwrap_or_default();
-                            (vm.clone(), list)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            phases: serde_json::from_value(rep["phases"].clone()).unwrap_or_default(),
+            bytes_by_link: m.links,
+            udp_drops: m.udp,
+            shaper_drops: m.shaper_drops,
         };
         eprintln!(
             "== {s}: {} from the sources, {} into the core, eviction {:.2} s, {}",
@@ -1014,7 +1017,6 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             }
         );
         runs.push(run);
-        drop(cl);
     }
     let clone_run = match clone {
         None => None,
@@ -1031,10 +1033,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             eprintln!("== clone: starting a fresh cluster");
             let cl = ctx.start_cluster("clone")?;
             eprintln!("== clone: {} to {}", vm.name, dests.join(","));
-            let before = ctx.snapshot()?;
-            let udp_before = ctx.udp_drops();
-            let shaped_before = ctx.shaper_drops();
-            let rep = ctx.operator_json(
+            let m = ctx.measured(
                 &cl,
                 &[
                     "clone",
@@ -1046,21 +1045,10 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
                     &a.max_downtime.to_string(),
                     "--json",
                 ],
+                &out.join("logs").join("clone").join("clone.json"),
             )?;
-            std::fs::write(
-                out.join("logs").join("clone").join("clone.json"),
-                serde_json::to_string_pretty(&rep)?,
-            )?;
-            std::thread::sleep(Duration::from_millis(500));
-            let after = ctx.snapshot()?;
-            let udp = ctx.udp_diff(&udp_before);
-            let links = ctx.deltas(&before, &after);
-            let source = links[&format!("host:{}", c.hosts[src].name)].tx;
-            let core = c
-                .racks
-                .iter()
-                .map(|r| links[&format!("uplink:{}", r.name)].tx)
-                .sum();
+            drop(cl);
+            let rep = &m.rep;
             let vms = rep["clones"]
                 .as_array()
                 .map(|v| {
@@ -1073,21 +1061,20 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
                         .collect()
                 })
                 .unwrap_or_default();
-            drop(cl);
             Some(Run {
                 strategy: format!("clone {}:{n}", vm.name),
                 ok: rep["ok"] == true,
-                source_bytes: source,
-                core_bytes: core,
-                bytes_by_link: links,
-                udp_drops: udp,
-                shaper_drops: ctx.shaper_drops().saturating_sub(shaped_before),
+                source_bytes: tx_of(&m.links, std::slice::from_ref(&c.hosts[src].name)),
+                core_bytes: ctx.core_bytes(&m.links),
                 eviction_s: num(&rep["total_s"]),
                 total_s: num(&rep["total_s"]),
                 vms,
                 predicted: Predicted::default(),
                 reported_source_bytes: num(&rep["source_bytes"]),
                 phases: BTreeMap::new(),
+                bytes_by_link: m.links,
+                udp_drops: m.udp,
+                shaper_drops: m.shaper_drops,
             })
         }
     };
@@ -1104,7 +1091,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
     };
     drop(net);
     let _ = std::fs::remove_dir_all(out.join("data"));
-    write_report(&out, &report, c, &from)?;
+    write_report(&out, &report, &from)?;
     eprintln!("== wrote {}", out.join("report.md").display());
     Ok(())
 }
@@ -1146,12 +1133,7 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn write_report(
-    out: &Path,
-    r: &Report,
-    c: &pagecast_scheduler::Cluster,
-    from: &[String],
-) -> anyhow::Result<()> {
+fn write_report(out: &Path, r: &Report, from: &[String]) -> anyhow::Result<()> {
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(r)?)?;
     let base = r.strategies.iter().find(|s| s.strategy == "precopy");
     let mut md = String::new();
@@ -1210,8 +1192,7 @@ fn write_report(
     }
     md.push_str("\nPlots: `bytes.svg` (bytes per link class), `downtime.svg` (per VM), `predicted.svg` (measured against predicted source bytes), `timeline-STRATEGY.svg` (each VM's phases over time).\n");
     std::fs::write(out.join("report.md"), md)?;
-    plots(out, &r.strategies, c, from)?;
-    let _ = std::io::stderr().flush();
+    plots(out, &r.strategies, from)?;
     Ok(())
 }
 
@@ -1294,12 +1275,7 @@ fn bars(
     Ok(())
 }
 
-fn plots(
-    out: &Path,
-    runs: &[Run],
-    c: &pagecast_scheduler::Cluster,
-    from: &[String],
-) -> anyhow::Result<()> {
+fn plots(out: &Path, runs: &[Run], from: &[String]) -> anyhow::Result<()> {
     let mib = |b: f64| b / (1u64 << 20) as f64;
     let names: Vec<String> = runs.iter().map(|r| r.strategy.clone()).collect();
     // Bytes per link class.
@@ -1400,7 +1376,6 @@ fn plots(
     for r in runs {
         timeline(&out.join(format!("timeline-{}.svg", r.strategy)), r)?;
     }
-    let _ = c;
     Ok(())
 }
 
