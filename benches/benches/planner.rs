@@ -113,6 +113,7 @@ fn scenario(fp: &Fingerprinter, profile: &SharingProfile, s: &Shape) -> Scenario
             host,
             memory_bytes: s.vm_bytes,
             nonzero_pages: nonzero,
+            rewrite_pages_per_s: 0.0,
         });
         vm_pages.push(p);
     };

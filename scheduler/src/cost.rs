@@ -41,6 +41,9 @@ pub struct CostReport {
     pub local_bytes: u64,
     /// Bytes taken short-haul inside racks.
     pub short_haul_bytes: u64,
+    /// Of the bytes sent, those re-sending pages the guests rewrote while
+    /// they moved (0 unless a VM's rewrite rate is known).
+    pub rewrite_bytes: u64,
     /// Predicted time until every source has sent its last byte.
     pub eviction_s: f64,
     /// The link that decides `eviction_s`.
@@ -51,96 +54,161 @@ fn secs(bytes: u64, bps: f64) -> f64 {
     bytes as f64 * 8.0 / bps
 }
 
-/// Costs `t` on cluster `c`.
-pub fn cost(c: &Cluster, t: &Transmission) -> CostReport {
-    let mut src: BTreeMap<HostIdx, u64> = BTreeMap::new();
-    let mut host_up: BTreeMap<HostIdx, u64> = BTreeMap::new();
-    let mut dest: BTreeMap<HostIdx, u64> = BTreeMap::new();
-    let mut rack_up: BTreeMap<RackIdx, u64> = BTreeMap::new();
-    let mut rack_down: BTreeMap<RackIdx, u64> = BTreeMap::new();
-    let mut core = 0u64;
-    for g in &t.groups {
-        let bytes = g.pages.len() as u64 * PAGE_BYTES;
-        *src.entry(g.source).or_default() += bytes;
-        let rs = c.hosts[g.source].rack;
-        let mut racks: Vec<RackIdx> = g.members.iter().map(|&d| c.hosts[d].rack).collect();
-        racks.sort_unstable();
-        racks.dedup();
-        if racks.iter().any(|&r| r != rs) {
-            *rack_up.entry(rs).or_default() += bytes;
-        }
-        for &r in racks.iter().filter(|&&r| r != rs) {
-            core += bytes;
-            *rack_down.entry(r).or_default() += bytes;
-        }
-        for &d in &g.members {
-            *dest.entry(d).or_default() += bytes;
-        }
-    }
-    let mut short_haul = 0;
-    for s in &t.short_haul {
-        let bytes = s.pages.len() as u64 * PAGE_BYTES;
-        short_haul += bytes;
-        *host_up.entry(s.from).or_default() += bytes;
-        *dest.entry(s.to).or_default() += bytes;
-    }
-    let local = t.local.values().map(|v| v.len() as u64 * PAGE_BYTES).sum();
+/// Bytes on every link, before they are turned into times.
+#[derive(Clone, Default)]
+struct Loads {
+    src: BTreeMap<HostIdx, u64>,
+    dest: BTreeMap<HostIdx, u64>,
+    rack_up: BTreeMap<RackIdx, u64>,
+    rack_down: BTreeMap<RackIdx, u64>,
+    core: u64,
+    short_haul: u64,
+    local: u64,
+    rewrites: u64,
+}
 
-    let mut worst = (0.0, "nothing to send".to_string());
-    let mut consider = |s: f64, what: String| {
-        if s > worst.0 {
-            worst = (s, what);
+impl Loads {
+    fn of(c: &Cluster, t: &Transmission) -> Self {
+        let mut l = Loads::default();
+        for g in &t.groups {
+            let bytes = g.pages.len() as u64 * PAGE_BYTES;
+            *l.src.entry(g.source).or_default() += bytes;
+            let rs = c.hosts[g.source].rack;
+            let mut racks: Vec<RackIdx> = g.members.iter().map(|&d| c.hosts[d].rack).collect();
+            racks.sort_unstable();
+            racks.dedup();
+            if racks.iter().any(|&r| r != rs) {
+                *l.rack_up.entry(rs).or_default() += bytes;
+            }
+            for &r in racks.iter().filter(|&&r| r != rs) {
+                l.core += bytes;
+                *l.rack_down.entry(r).or_default() += bytes;
+            }
+            for &d in &g.members {
+                *l.dest.entry(d).or_default() += bytes;
+            }
         }
-    };
-    for (&h, &b) in &src {
-        consider(
-            secs(b, c.hosts[h].link_bps),
-            format!("source link of {}", c.hosts[h].name),
-        );
+        for s in &t.short_haul {
+            let bytes = s.pages.len() as u64 * PAGE_BYTES;
+            l.short_haul += bytes;
+            *l.dest.entry(s.to).or_default() += bytes;
+        }
+        l.local = t.local.values().map(|v| v.len() as u64 * PAGE_BYTES).sum();
+        l
     }
-    for (&h, &b) in &dest {
-        consider(
-            secs(b, c.hosts[h].link_bps),
-            format!("link of destination {}", c.hosts[h].name),
-        );
+
+    /// Adds `bytes` sent by `from` to `to` alone (a pre-copy round).
+    fn unicast(&mut self, c: &Cluster, from: HostIdx, to: HostIdx, bytes: u64) {
+        *self.src.entry(from).or_default() += bytes;
+        *self.dest.entry(to).or_default() += bytes;
+        let (rs, rd) = (c.hosts[from].rack, c.hosts[to].rack);
+        if rs != rd {
+            *self.rack_up.entry(rs).or_default() += bytes;
+            *self.rack_down.entry(rd).or_default() += bytes;
+            self.core += bytes;
+        }
     }
-    for (&r, &b) in &rack_up {
-        consider(
-            secs(b, c.racks[r].uplink_bps),
-            format!("uplink of rack {}", c.racks[r].name),
-        );
+
+    fn report(&self, c: &Cluster) -> CostReport {
+        let mut worst = (0.0, "nothing to send".to_string());
+        let mut consider = |s: f64, what: String| {
+            if s > worst.0 {
+                worst = (s, what);
+            }
+        };
+        for (&h, &b) in &self.src {
+            consider(
+                secs(b, c.hosts[h].link_bps),
+                format!("source link of {}", c.hosts[h].name),
+            );
+        }
+        for (&h, &b) in &self.dest {
+            consider(
+                secs(b, c.hosts[h].link_bps),
+                format!("link of destination {}", c.hosts[h].name),
+            );
+        }
+        for (&r, &b) in &self.rack_up {
+            consider(
+                secs(b, c.racks[r].uplink_bps),
+                format!("uplink of rack {}", c.racks[r].name),
+            );
+        }
+        for (&r, &b) in &self.rack_down {
+            consider(
+                secs(b, c.racks[r].uplink_bps),
+                format!("downlink of rack {}", c.racks[r].name),
+            );
+        }
+        if let Some(bps) = c.core_bps {
+            consider(secs(self.core, bps), "core".to_string());
+        }
+        let host_name = |m: &BTreeMap<HostIdx, u64>| -> BTreeMap<String, u64> {
+            m.iter()
+                .map(|(&h, &b)| (c.hosts[h].name.clone(), b))
+                .collect()
+        };
+        let rack_name = |m: &BTreeMap<RackIdx, u64>| -> BTreeMap<String, u64> {
+            m.iter()
+                .map(|(&r, &b)| (c.racks[r].name.clone(), b))
+                .collect()
+        };
+        CostReport {
+            source_total: self.src.values().sum(),
+            source_bytes: host_name(&self.src),
+            rack_up_bytes: rack_name(&self.rack_up),
+            rack_down_bytes: rack_name(&self.rack_down),
+            core_bytes: self.core,
+            destination_bytes: host_name(&self.dest),
+            local_bytes: self.local,
+            short_haul_bytes: self.short_haul,
+            rewrite_bytes: self.rewrites,
+            eviction_s: worst.0,
+            bottleneck: worst.1,
+        }
     }
-    for (&r, &b) in &rack_down {
-        consider(
-            secs(b, c.racks[r].uplink_bps),
-            format!("downlink of rack {}", c.racks[r].name),
-        );
+}
+
+/// Costs `t` on cluster `c`, as if no guest wrote while it moves.
+pub fn cost(c: &Cluster, t: &Transmission) -> CostReport {
+    Loads::of(c, t).report(c)
+}
+
+/// Costs `t` with the pages the moving guests rewrite meanwhile: live
+/// migration sends a rewritten page again in a later pre-copy round,
+/// unicast from its source to its destination. A VM rewriting `r` distinct
+/// pages a second ([`crate::model::Vm::rewrite_pages_per_s`]) for the
+/// whole eviction of `T` seconds re-sends `r * T` pages (at most its
+/// memory), and those bytes lengthen `T`: the time is found as a fixed
+/// point, a few rounds from the time without rewrites. With no VM
+/// rewriting this is [`cost`].
+pub fn cost_rewriting(c: &Cluster, t: &Transmission, a: &Assignment) -> CostReport {
+    let base = Loads::of(c, t);
+    let mut r = base.report(c);
+    if !a.keys().any(|&v| c.vms[v].rewrite_pages_per_s > 0.0) {
+        return r;
     }
-    if let Some(bps) = c.core_bps {
-        consider(secs(core, bps), "core".to_string());
+    for _ in 0..16 {
+        let mut l = base.clone();
+        for (&v, &d) in a {
+            let vm = &c.vms[v];
+            if vm.rewrite_pages_per_s <= 0.0 {
+                continue;
+            }
+            let most = (vm.memory_bytes / PAGE_BYTES) as f64;
+            let pages = (vm.rewrite_pages_per_s * r.eviction_s).min(most);
+            let bytes = pages as u64 * PAGE_BYTES;
+            l.unicast(c, vm.host, d, bytes);
+            l.rewrites += bytes;
+        }
+        let next = l.report(c);
+        let settled = (next.eviction_s - r.eviction_s).abs() <= 1e-3 * r.eviction_s.max(1e-9);
+        r = next;
+        if settled {
+            break;
+        }
     }
-    let host_name = |m: BTreeMap<HostIdx, u64>| -> BTreeMap<String, u64> {
-        m.into_iter()
-            .map(|(h, b)| (c.hosts[h].name.clone(), b))
-            .collect()
-    };
-    let rack_name = |m: BTreeMap<RackIdx, u64>| -> BTreeMap<String, u64> {
-        m.into_iter()
-            .map(|(r, b)| (c.racks[r].name.clone(), b))
-            .collect()
-    };
-    CostReport {
-        source_total: src.values().sum(),
-        source_bytes: host_name(src),
-        rack_up_bytes: rack_name(rack_up),
-        rack_down_bytes: rack_name(rack_down),
-        core_bytes: core,
-        destination_bytes: host_name(dest),
-        local_bytes: local,
-        short_haul_bytes: short_haul,
-        eviction_s: worst.0,
-        bottleneck: worst.1,
-    }
+    r
 }
 
 /// What a per-VM pre-copy of the same placement costs: every non-zero page
@@ -164,5 +232,5 @@ pub fn precopy(c: &Cluster, e: &Evacuation, moving: &[VmIdx], a: &Assignment) ->
         leaves: 0,
         groups,
     };
-    cost(c, &t)
+    cost_rewriting(c, &t, a)
 }

@@ -42,6 +42,10 @@ pub struct Vm {
     pub memory_bytes: u64,
     /// Non-zero pages, duplicates included (what a per-VM pre-copy sends).
     pub nonzero_pages: u64,
+    /// Distinct pages its guest rewrites a second, as its agent measured
+    /// from the dirty log (0: unknown, or a guest that writes nothing).
+    /// Rewritten pages are sent again while the VM moves.
+    pub rewrite_pages_per_s: f64,
 }
 
 /// The cluster as the planner sees it.

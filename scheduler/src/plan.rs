@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::content::{ContentSource, ExactModel, Model, SketchModel};
-use crate::cost::{CostReport, PAGE_BYTES, cost, precopy};
+use crate::cost::{CostReport, PAGE_BYTES, cost_rewriting, precopy};
 use crate::model::{Cluster, Evacuation, HostIdx, PlanError, VmIdx};
 use crate::placement::{Assignment, Strategy, objective, place};
 use crate::transmission::{Transmission, build};
@@ -147,7 +147,7 @@ impl<'a> Planner<'a> {
         );
         Plan {
             strategy: s,
-            cost: cost(c, &t),
+            cost: cost_rewriting(c, &t, &a),
             precopy: precopy(c, e, &self.moving, &a),
             objective: objective(&self.model, c, e, &a),
             transmission: t,

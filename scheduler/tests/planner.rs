@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use pagecast_pages::PageHash;
+use pagecast_pages::{PAGE_BYTES, PageHash};
 use pagecast_scheduler::{
     Assignment, Cluster, Evacuation, Host, HostIdx, InMemoryContent, Plan, PlanError, Planner,
     Rack, Strategy, Vm, VmIdx, place_sketched,
@@ -65,6 +65,7 @@ fn instance(seed: u64, moving: usize, racks: usize, per_rack: usize, tight: bool
                 host,
                 memory_bytes: (1 + next(2)) << 20,
                 nonzero_pages: p.len() as u64,
+                rewrite_pages_per_s: 0.0,
             });
             pages.push(p);
         };
@@ -383,18 +384,21 @@ fn sketched_placement_agrees_with_exact_on_a_clear_case() {
         host: 0,
         memory_bytes: 1 << 20,
         nonzero_pages: 3000,
+        rewrite_pages_per_s: 0.0,
     });
     c.vms.push(Vm {
         name: "resident-a".into(),
         host: 1,
         memory_bytes: 1 << 20,
         nonzero_pages: 3000,
+        rewrite_pages_per_s: 0.0,
     });
     c.vms.push(Vm {
         name: "resident-b".into(),
         host: 2,
         memory_bytes: 1 << 20,
         nonzero_pages: 3000,
+        rewrite_pages_per_s: 0.0,
     });
     let content = InMemoryContent::new(&c, vec![fam(0), fam(500), fam(100_000)]);
     let e = Evacuation {
@@ -461,4 +465,80 @@ fn vmscatter_reuses_nothing_the_destinations_hold() {
         }
     }
     assert!(fewer > 0, "no instance where reuse saved anything");
+}
+
+#[test]
+fn guests_that_rewrite_pages_cost_their_rewrites_on_top() {
+    // One VM of 3,000 distinct pages moving over a 100 Mbit/s link to a
+    // destination in another rack.
+    let mut c = Cluster::default();
+    for r in ["a", "b"] {
+        c.racks.push(Rack {
+            name: r.into(),
+            uplink_bps: 10e9,
+        });
+    }
+    for (h, rack) in [("src", 0), ("dst", 1)] {
+        c.hosts.push(Host {
+            name: h.into(),
+            rack,
+            memory_bytes: 1 << 30,
+            link_bps: 100e6,
+        });
+    }
+    c.vms.push(Vm {
+        name: "v".into(),
+        host: 0,
+        memory_bytes: 64 << 20,
+        nonzero_pages: 3000,
+        rewrite_pages_per_s: 0.0,
+    });
+    let content = InMemoryContent::new(&c, vec![(0..3000).map(page).collect()]);
+    let e = Evacuation {
+        from: vec![0],
+        to: vec![1],
+        ..Evacuation::default()
+    };
+    let still = Planner::new(&c, &e, &content)
+        .unwrap()
+        .plan(Strategy::Pagecast)
+        .unwrap();
+    assert_eq!(still.cost.rewrite_bytes, 0);
+    assert_eq!(still.cost.source_total, 3000 * PAGE_BYTES);
+    let t0 = still.cost.eviction_s;
+    assert!((t0 - 3000.0 * PAGE_BYTES as f64 * 8.0 / 100e6).abs() < 1e-9);
+
+    // The guest rewrites 200 distinct pages a second: the plan re-sends
+    // what it rewrites during the whole (longer) eviction, T = T0 + r*T*page/rate.
+    c.vms[0].rewrite_pages_per_s = 200.0;
+    let busy = Planner::new(&c, &e, &content)
+        .unwrap()
+        .plan(Strategy::Pagecast)
+        .unwrap();
+    let page_s = PAGE_BYTES as f64 * 8.0 / 100e6;
+    let t = t0 / (1.0 - 200.0 * page_s);
+    assert!(
+        (busy.cost.eviction_s - t).abs() / t < 0.01,
+        "{} vs {t}",
+        busy.cost.eviction_s
+    );
+    let rewritten = busy.cost.rewrite_bytes as f64 / PAGE_BYTES as f64;
+    assert!((rewritten - 200.0 * t).abs() < 2.0, "{rewritten} pages");
+    assert_eq!(
+        busy.cost.source_total,
+        3000 * PAGE_BYTES + busy.cost.rewrite_bytes
+    );
+    // Across racks: the rewrites cross the core too; pre-copy pays them alike.
+    assert_eq!(busy.cost.core_bytes, busy.cost.source_total);
+    assert!(busy.precopy.rewrite_bytes > 0);
+
+    // A guest rewriting faster than its link can carry: capped at its
+    // memory, never an endless prediction.
+    c.vms[0].rewrite_pages_per_s = 1e6;
+    let hot = Planner::new(&c, &e, &content)
+        .unwrap()
+        .plan(Strategy::Pagecast)
+        .unwrap();
+    assert!(hot.cost.rewrite_bytes <= 64 << 20);
+    assert!(hot.cost.eviction_s.is_finite());
 }

@@ -216,6 +216,11 @@ impl AgentClient {
                     out.frames = p.frames;
                     out.nonzero_frames = p.nonzero_frames;
                     out.memory_bytes = p.memory_bytes;
+                    out.rewrite_pages_per_s = if p.rewrite_pages_per_s.is_finite() {
+                        p.rewrite_pages_per_s.clamp(0.0, 1e9)
+                    } else {
+                        0.0
+                    };
                     if p.last {
                         return Ok(out);
                     }
@@ -296,6 +301,8 @@ pub struct VmContentAnswer {
     pub nonzero_frames: u64,
     /// Memory, bytes.
     pub memory_bytes: u64,
+    /// Distinct pages its guest rewrites a second (0: not measured yet).
+    pub rewrite_pages_per_s: f64,
 }
 
 /// A cast under way: its result comes on this connection.

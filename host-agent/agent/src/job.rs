@@ -864,6 +864,7 @@ fn fetch_domain(
 /// The distinct contents of a VM, from the content map, in frames.
 pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, AgentError> {
     let (hashes, memory) = agent.vm_hashes(name)?;
+    let rewrites = agent.vm_rewrite_rate(name)?;
     let frames = hashes.len() as u64;
     let nonzero = hashes.iter().filter(|h| !h.is_zero_page()).count() as u64;
     let mut distinct: Vec<PageHash> = hashes.into_iter().filter(|h| !h.is_zero_page()).collect();
@@ -880,6 +881,7 @@ pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, A
             frames,
             nonzero_frames: nonzero,
             memory_bytes: memory,
+            rewrite_pages_per_s: rewrites,
         });
         if last {
             return Ok(parts);

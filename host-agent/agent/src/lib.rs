@@ -199,6 +199,49 @@ pub struct VmEntry {
     publication: Mutex<Publication>,
     /// Held while the VM's content map is refreshed.
     refreshing: Mutex<()>,
+    /// How fast the guest rewrites pages, from the refreshes' dirty bits.
+    rewrites: Mutex<RewriteMeter>,
+}
+
+/// Distinct pages a guest rewrites a second: each content refresh sees the
+/// frames dirtied since the one before, and the meter keeps a moving
+/// average weighted by time (about the last [`RewriteMeter::HORIZON_S`]
+/// seconds), which the planner uses to predict what pre-copy re-sends.
+#[derive(Debug, Default)]
+struct RewriteMeter {
+    last: Option<std::time::Instant>,
+    /// Frames seen since `last`.
+    pending: u64,
+    rate: Option<f64>,
+}
+
+impl RewriteMeter {
+    const HORIZON_S: f64 = 10.0;
+
+    /// Takes in `pages` frames dirtied since the previous sample.
+    fn sample(&mut self, pages: u64, now: std::time::Instant) {
+        let Some(last) = self.last else {
+            self.last = Some(now);
+            return;
+        };
+        self.pending += pages;
+        let dt = now.saturating_duration_since(last).as_secs_f64();
+        if dt < 0.05 {
+            // Too short to rate: the frames count towards the next sample.
+            return;
+        }
+        let r = std::mem::take(&mut self.pending) as f64 / dt;
+        self.last = Some(now);
+        let w = 1.0 - (-dt / Self::HORIZON_S).exp();
+        self.rate = Some(match self.rate {
+            Some(old) => old + w * (r - old),
+            None => r,
+        });
+    }
+
+    fn rate(&self) -> f64 {
+        self.rate.unwrap_or(0.0)
+    }
 }
 
 impl VmEntry {
@@ -216,6 +259,7 @@ impl VmEntry {
             seen: Mutex::new(Vec::new()),
             publication: Mutex::new(Publication::new(pages)),
             refreshing: Mutex::new(()),
+            rewrites: Mutex::new(RewriteMeter::default()),
         }
     }
 
@@ -507,6 +551,17 @@ impl Agent {
             state: "still being indexed",
         })?;
         Ok((h, e.vm.region().len() as u64))
+    }
+
+    /// Distinct pages VM `name`'s guest rewrote a second lately, from the
+    /// dirty log (0 until two content refreshes have run).
+    pub fn vm_rewrite_rate(&self, name: &str) -> Result<f64, AgentError> {
+        let e = lock(&self.vms)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
+        let r = lock(&e.rewrites).rate();
+        Ok(r)
     }
 
     /// Publishes this agent's VMs to the content index at `addrs`
@@ -1225,7 +1280,12 @@ impl Agent {
             return;
         }
         let pages = e.page_count();
+        let mut meter = lock(&e.rewrites);
         let dirty = std::mem::replace(&mut *lock(&e.for_content), DirtyBitmap::new(pages));
+        if meter.last.is_none() || lock(&e.seen).len() as u64 == pages {
+            meter.sample(dirty.count(), std::time::Instant::now());
+        }
+        drop(meter);
         if lock(&e.seen).len() as u64 != pages {
             // Still being indexed: its first full hash takes these in.
             let _ = lock(&e.for_content).merge(&dirty);
@@ -1324,5 +1384,31 @@ impl LocalContent for Agent {
 
     fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
         Agent::domain_key(self, domain).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod rewrite_tests {
+    use super::RewriteMeter;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_meter_rates_dirty_frames_over_time_and_keeps_short_samples() {
+        let t0 = Instant::now();
+        let mut m = RewriteMeter::default();
+        m.sample(10_000, t0);
+        assert_eq!(m.rate(), 0.0, "one sample has no interval");
+        m.sample(500, t0 + Duration::from_secs(1));
+        assert!((m.rate() - 500.0).abs() < 1e-9, "{}", m.rate());
+        // A refresh right after another: its frames wait for the next.
+        m.sample(40, t0 + Duration::from_millis(1010));
+        assert!((m.rate() - 500.0).abs() < 1e-9);
+        m.sample(460, t0 + Duration::from_secs(2));
+        assert!((m.rate() - 500.0).abs() < 1e-6, "{}", m.rate());
+        // A guest that stops writing: the rate decays, not at once.
+        for s in 3..=30 {
+            m.sample(0, t0 + Duration::from_secs(s));
+        }
+        assert!(m.rate() < 500.0 * 0.1 && m.rate() > 0.0, "{}", m.rate());
     }
 }

@@ -254,6 +254,7 @@ impl Topology {
                         host: c.hosts.len() - 1,
                         memory_bytes: 0,
                         nonzero_pages: 0,
+                        rewrite_pages_per_s: 0.0,
                     });
                     pagecast_pages::domain::check_domain(&v.domain)
                         .map_err(|e| invalid(format!("VM {:?}: {e}", v.name)))?;

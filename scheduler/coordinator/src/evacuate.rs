@@ -283,6 +283,7 @@ fn prepare(
             host: h,
             memory_bytes: v.memory_bytes(),
             nonzero_pages: v.nonzero_frames,
+            rewrite_pages_per_s: 0.0,
         });
         sketches.push(v.sketch.clone());
     }
@@ -337,6 +338,7 @@ fn prepare(
         let c = c?;
         cluster.vms[v].memory_bytes = c.memory_bytes;
         cluster.vms[v].nonzero_pages = c.nonzero_frames;
+        cluster.vms[v].rewrite_pages_per_s = c.rewrite_pages_per_s;
         vm_pages.insert(v, c.hashes);
     }
 
@@ -423,6 +425,7 @@ fn prepare(
     };
     let predicted = Predicted {
         source_bytes: cost.source_total,
+        rewrite_bytes: cost.rewrite_bytes,
         core_bytes: cost.core_bytes,
         eviction_s: cost.eviction_s,
         bottleneck: cost.bottleneck.clone(),

@@ -86,6 +86,9 @@ pub struct EvacuationReport {
 pub struct Predicted {
     /// Bytes the sources would send.
     pub source_bytes: u64,
+    /// Of those, bytes re-sending pages the guests rewrite meanwhile (at
+    /// the rates their agents measured).
+    pub rewrite_bytes: u64,
     /// Bytes into other racks.
     pub core_bytes: u64,
     /// Eviction time at the links' rates.

@@ -47,7 +47,7 @@ use super::index::IndexAddrs;
 /// "pages_local", "pages_short_haul", "pages_cast", "error", "in_doubt"}],
 /// "source_bytes", "core_bytes", "bytes_by_class": {"multicast",
 /// "unicast", "short_haul", "repair"}, "eviction_s", "total_s",
-/// "predicted": {"source_bytes", "core_bytes", "eviction_s",
+/// "predicted": {"source_bytes", "rewrite_bytes", "core_bytes", "eviction_s",
 /// "bottleneck", "precopy_source_bytes", "placement"}, "bytes_by_source",
 /// "phases": {VM: [{"phase", "at_s"}]}} (when each VM entered each phase:
 /// manifest, held, cast, round 0, pre-copy, switchover, done or failed,
@@ -360,8 +360,9 @@ fn render(r: &EvacuationReport) -> String {
     let p = &r.predicted;
     let _ = writeln!(
         s,
-        "predicted: {} from the sources ({} by per-VM pre-copy), {} into other racks, eviction {:.2} s (bottleneck {})",
+        "predicted: {} from the sources, {} of them rewritten pages sent again ({} by per-VM pre-copy), {} into other racks, eviction {:.2} s (bottleneck {})",
         format_bytes(p.source_bytes),
+        format_bytes(p.rewrite_bytes),
         format_bytes(p.precopy_source_bytes),
         format_bytes(p.core_bytes),
         p.eviction_s,

@@ -803,6 +803,8 @@ struct VmOutcome {
 #[derive(Debug, Clone, Serialize, Default)]
 struct Predicted {
     source_bytes: Option<f64>,
+    /// Of `source_bytes`, the re-sending of pages the guests rewrite.
+    rewrite_bytes: Option<f64>,
     eviction_s: Option<f64>,
 }
 
@@ -997,6 +999,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             vms,
             predicted: Predicted {
                 source_bytes: rep["predicted"]["source_bytes"].as_f64(),
+                rewrite_bytes: rep["predicted"]["rewrite_bytes"].as_f64(),
                 eviction_s: rep["predicted"]["eviction_s"].as_f64(),
             },
             reported_source_bytes: num(&rep["source_bytes"]),
