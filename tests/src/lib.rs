@@ -135,3 +135,4 @@ pub fn repo_root() -> PathBuf {
 pub mod capture;
 pub mod cluster;
 pub mod pki;
+pub mod qemu;

@@ -113,6 +113,15 @@ impl AgentClient {
         }
     }
 
+    /// Adopts a QEMU VM.
+    pub fn vm_adopt(mut self, r: v1::VmAdoptRequest) -> Result<v1::VmInfo, AgentError> {
+        self.send(Req::VmAdopt(r))?;
+        match self.recv()? {
+            Resp::Vm(v) => Ok(v),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     /// Lists the VMs.
     pub fn vm_list(mut self) -> Result<v1::VmList, AgentError> {
         self.send(Req::VmList(v1::VmListRequest {}))?;

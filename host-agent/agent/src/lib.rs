@@ -9,6 +9,7 @@ pub mod client;
 pub mod job;
 pub mod metrics;
 pub mod publish;
+pub mod qemu;
 pub mod server;
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,6 +62,9 @@ pub enum AgentError {
     /// A request missing or contradicting what it needs.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// An adopted QEMU VM's QEMU failed or refused.
+    #[error("QEMU: {0}")]
+    Qemu(String),
     /// The VM is busy (migrating, in doubt).
     #[error("VM {vm:?} is {state}")]
     Busy {
@@ -141,7 +145,8 @@ impl AgentError {
             | AgentError::Memory(_)
             | AgentError::Fingerprint(_)
             | AgentError::Metrics(_)
-            | AgentError::Runtime(_) => RefusalCode::Internal,
+            | AgentError::Runtime(_)
+            | AgentError::Qemu(_) => RefusalCode::Internal,
         }
     }
 
@@ -286,6 +291,7 @@ impl VmEntry {
             throttle_pct: u32::from(self.vm.throttle()),
             origin: self.origin.clone(),
             domain: self.domain.clone(),
+            kind: "micro-vm".into(),
         }
     }
 }
@@ -442,6 +448,11 @@ pub struct Agent {
     cast_iface: Mutex<std::net::Ipv4Addr>,
     /// The cluster's dedup-domain secret, if this host holds it.
     domain_secret: Option<DomainSecret>,
+    /// QEMU VMs taken on with `vm adopt`.
+    adopted: Mutex<BTreeMap<String, Arc<qemu::Adopted>>>,
+    /// A frame of an adopted VM holding each content, as its last scan saw
+    /// it (a hint: checked on use).
+    adopted_content: RwLock<HashMap<PageHash, (Arc<qemu::Adopted>, u64)>>,
 }
 
 fn valid_name(n: &str) -> bool {
@@ -492,6 +503,8 @@ impl Agent {
             cancelled_jobs: Arc::default(),
             cast_iface: Mutex::new(std::net::Ipv4Addr::LOCALHOST),
             domain_secret: None,
+            adopted: Mutex::new(BTreeMap::new()),
+            adopted_content: RwLock::new(HashMap::new()),
         })
     }
 
@@ -592,13 +605,16 @@ impl Agent {
     /// The records of the VMs that run here (published, fully indexed).
     pub fn vm_records(&self) -> Vec<v1::VmRecord> {
         let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
-        vms.iter()
+        let mut records: Vec<v1::VmRecord> = vms
+            .iter()
             .filter_map(|v| {
                 let p = lock(&v.publication);
                 p.is_live()
                     .then(|| publish::vm_record(&v.name, &v.origin, &v.domain, p.intended()))
             })
-            .collect()
+            .collect();
+        records.extend(self.adopted_records());
+        records
     }
 
     /// What the host report says of the VMs now.
@@ -690,7 +706,7 @@ impl Agent {
         }
         let vms = lock(&self.vms);
         let mut incoming = lock(&self.incoming);
-        if vms.contains_key(name) || incoming.contains_key(name) {
+        if vms.contains_key(name) || incoming.contains_key(name) || self.is_adopted(name) {
             return Err(AgentError::VmExists(name.to_owned()));
         }
         incoming.insert(name.to_owned(), state);
@@ -856,6 +872,8 @@ impl Agent {
             state: (*s).into(),
             ..Default::default()
         }));
+        infos.extend(self.adopted_infos());
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
         v1::VmList {
             agent: self.name.clone(),
             vms: infos,
@@ -865,6 +883,12 @@ impl Agent {
 
     /// Stops a VM (also one left in doubt by a migration).
     pub fn vm_stop(&self, name: &str) -> Result<v1::VmInfo, AgentError> {
+        if self.is_adopted(name) {
+            // Only forgotten: QEMU is the operator's to stop.
+            return self
+                .forget_adopted(name, None)
+                .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()));
+        }
         {
             let vms = lock(&self.vms);
             let e = vms
@@ -1261,6 +1285,7 @@ impl Agent {
         for e in vms {
             self.refresh_vm(&e);
         }
+        self.rescan_adopted();
         if let Some(link) = &self.index {
             gauge!(crate::metrics::HOT_PAGES).set(self.host_now().hot_pages as f64);
             gauge!(crate::metrics::PUBLISH_BACKLOG).set(link.ledger().behind() as f64);
@@ -1366,13 +1391,19 @@ impl Agent {
     /// that key. For a source's casts, which send what the coordinator
     /// names by hash whatever its domain.
     pub fn copy_any(&self, h: &PageHash, out: &mut Page) -> Option<ContentKey> {
-        let (e, f) = self
+        let e = self
             .content
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(h)
-            .cloned()?;
-        (e.read_page(f, out).is_ok() && e.key.hash_page(out) == *h).then_some(e.key)
+            .cloned();
+        if let Some((e, f)) = e
+            && e.read_page(f, out).is_ok()
+            && e.key.hash_page(out) == *h
+        {
+            return Some(e.key);
+        }
+        self.copy_adopted(h, out)
     }
 }
 

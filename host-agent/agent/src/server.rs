@@ -250,6 +250,8 @@ fn allowed(body: &v1::agent_request::Body) -> (&'static [Role], &'static str) {
         B::VmContent(_) => (ANY, "read a VM's content map"),
         B::FetchPages(_) => (&[Role::Host], "fetch pages (host to host)"),
         B::Incoming(_) => (&[Role::Host], "migrate a VM in (host to host)"),
+        B::QemuIncoming(_) => (&[Role::Host], "migrate a QEMU VM in (host to host)"),
+        B::VmAdopt(_) => (&[Role::Operator], "adopt QEMU VMs"),
         B::VmStart(_) => (&[Role::Operator], "start VMs"),
         B::VmStop(_) => (&[Role::Operator], "stop VMs"),
         B::VmSet(_) => (&[Role::Operator], "change VMs"),
@@ -306,13 +308,11 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
     let who = ch.identity().clone();
     let forbidden = if !roles.contains(&who.role) {
         Some(format!("{who} may not {what}"))
-    } else if let B::Incoming(i) = &body
-        && i.source != who.name
+    } else if let B::Incoming(v1::MigrateIncoming { source, .. })
+    | B::QemuIncoming(v1::QemuIncoming { source, .. }) = &body
+        && *source != who.name
     {
-        Some(format!(
-            "{who} may not migrate a VM in as host {:?}",
-            i.source
-        ))
+        Some(format!("{who} may not migrate a VM in as host {source:?}"))
     } else {
         None
     };
@@ -377,6 +377,38 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
                     info!("stopped VM {}", info.name);
                     Resp::Vm(info)
                 }
+                Ok(Err(e)) => Resp::Error(e.to_proto()),
+                Err(e) => error(RefusalCode::Internal, e),
+            };
+            reply(&mut ch, body).await;
+        }
+        B::Migrate(r) if agent.is_adopted(&r.vm) => match ch.into_blocking() {
+            Ok(ch) => {
+                let a = agent.clone();
+                let span = info_span!("qemu migration", vm = %r.vm, to = %r.to, role = "source");
+                let _ = tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| qemu_migrate_out(&a, ch, &r))
+                })
+                .await;
+            }
+            Err(e) => warn!("migration request from {peer}: {e}"),
+        },
+        B::QemuIncoming(i) => match ch.into_blocking() {
+            Ok(ch) => {
+                let a = agent.clone();
+                let span = info_span!("qemu migration", vm = %i.vm, from = %i.source, role = "destination");
+                let _ = tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| a.qemu_migrate_in(ch, &i))
+                })
+                .await;
+            }
+            Err(e) => warn!("QEMU migration from {peer}: {e}"),
+        },
+        B::VmAdopt(r) => {
+            let a = agent.clone();
+            let res = tokio::task::spawn_blocking(move || a.vm_adopt(&r)).await;
+            let body = match res {
+                Ok(Ok(info)) => Resp::Vm(info),
                 Ok(Err(e)) => Resp::Error(e.to_proto()),
                 Err(e) => error(RefusalCode::Internal, e),
             };
@@ -556,6 +588,48 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
             Err(e) => warn!("incoming migration from {peer}: {e}"),
         },
     }
+}
+
+/// Migrates an adopted QEMU VM for a client; QEMU reports no progress the
+/// proxy could pass on, so the client hears a heartbeat every second
+/// (phase "qemu") until the result.
+fn qemu_migrate_out(agent: &Agent, ch: Channel, r: &v1::MigrateRequest) {
+    let Ok((_reader, writer)) = ch.split() else {
+        return;
+    };
+    let writer = Arc::new(Mutex::new(writer));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beat = {
+        let (w, done) = (writer.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let msg = v1::AgentResponse {
+                    body: Some(Resp::Progress(v1::MigrateProgress {
+                        phase: "qemu".into(),
+                        ..v1::MigrateProgress::default()
+                    })),
+                };
+                if w.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(&msg)
+                    .is_err()
+                {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let body = match agent.qemu_migrate_out(r) {
+        Ok(res) => Resp::Result(res),
+        Err(e) => Resp::Error(e.to_proto()),
+    };
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = beat.join();
+    let _ = writer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(&v1::AgentResponse { body: Some(body) });
 }
 
 fn send_blocking(ch: &mut Channel, body: Resp) -> Result<(), AgentError> {

@@ -365,6 +365,8 @@ impl MigrationReport {
             max_throttle_pct: u32::from(self.max_throttle_pct),
             in_doubt: false,
             error_code: 0,
+            contents_local: 0,
+            kind: String::new(),
         }
     }
 }

@@ -210,9 +210,66 @@ pub struct VmArgs {
 #[derive(Debug, Subcommand)]
 enum VmCommand {
     Start(VmStartArgs),
+    Adopt(VmAdoptArgs),
     List(VmListArgs),
     Stop(VmStopArgs),
     Set(VmSetArgs),
+}
+
+/// Adopt a QEMU VM: the agent takes on a QEMU guest it did not start.
+///
+/// QEMU must keep the guest's RAM in a shared file and offer a QMP socket:
+///
+///   qemu-system-x86_64 -m 1G \
+///     -object memory-backend-file,id=mem,size=1G,mem-path=/dev/shm/vm1.ram,share=on \
+///     -machine pc,memory-backend=mem -qmp unix:/run/vm1.qmp,server=on,wait=off ...
+///
+/// The agent maps the file read-only, hashes it every 5 s (it cannot see
+/// QEMU's dirty log, so what it publishes may be that stale; every page it
+/// copies is hash-checked), publishes it to the content index and uses its
+/// pages as local content for VMs migrating in. With --incoming the QEMU
+/// must wait for a migration (-incoming defer): it is the destination of
+/// `pagecast migrate --vm NAME`. `vm stop` of an adopted VM only forgets
+/// it; QEMU keeps running. docs/qemu.md has the whole procedure.
+///
+/// Examples:
+///
+///   pagecast vm adopt --agent 127.0.0.1:7400 --name vm1 --qmp /run/vm1.qmp --memory-file /dev/shm/vm1.ram
+///
+///   pagecast vm adopt --agent 127.0.0.1:7401 --name vm1 --qmp /run/vm1-in.qmp --memory-file /dev/shm/vm1-in.ram --incoming
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+struct VmAdoptArgs {
+    /// The agent, HOST:PORT (on the QEMU's host).
+    #[arg(long, value_name = "ADDR")]
+    agent: String,
+
+    /// The name pagecast knows the VM by (letters, digits, '-', '_', '.').
+    #[arg(long, value_name = "VM")]
+    name: String,
+
+    /// QEMU's QMP socket on the agent's host (-qmp unix:PATH,server=on,wait=off).
+    #[arg(long, value_name = "SOCKET")]
+    qmp: String,
+
+    /// The file holding the guest's RAM (memory-backend-file mem-path, share=on).
+    #[arg(long, value_name = "PATH")]
+    memory_file: String,
+
+    /// QEMU waits for a migration (started with -incoming defer).
+    #[arg(long)]
+    incoming: bool,
+
+    /// The VM's dedup domain (see `vm start --help`).
+    #[arg(long, value_name = "NAME", default_value = pagecast_pages::CLUSTER_DOMAIN)]
+    domain: String,
+
+    #[command(flatten)]
+    tls: TlsArg,
+
+    /// Print the VM as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Change a running VM's page-write rate (0: the guest only ticks its
@@ -376,6 +433,7 @@ struct VmOut<'a> {
     throttle_pct: u32,
     origin: &'a str,
     domain: &'a str,
+    kind: &'a str,
 }
 
 fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
@@ -388,6 +446,11 @@ fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
         throttle_pct: v.throttle_pct,
         origin: &v.origin,
         domain: pagecast_pages::domain::normalize(&v.domain),
+        kind: if v.kind.is_empty() {
+            "micro-vm"
+        } else {
+            &v.kind
+        },
     }
 }
 
@@ -417,6 +480,29 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
                     format_bytes(v.memory_bytes),
                     v.origin,
                     v.dirty_rate,
+                    pagecast_pages::domain::normalize(&v.domain)
+                );
+            }
+        }
+        VmCommand::Adopt(a) => {
+            let tls = load_tls(&a.tls)?;
+            let c = AgentClient::connect(&a.agent, &tls)?;
+            let agent = c.agent_name().to_owned();
+            let v = c.vm_adopt(v1::VmAdoptRequest {
+                name: a.name,
+                qmp: a.qmp,
+                memory_file: a.memory_file,
+                incoming: a.incoming,
+                domain: a.domain,
+            })?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);
+            } else {
+                println!(
+                    "adopted QEMU VM {} on {agent}: {}, {}, dedup domain {}",
+                    v.name,
+                    format_bytes(v.memory_bytes),
+                    v.state,
                     pagecast_pages::domain::normalize(&v.domain)
                 );
             }
@@ -455,6 +541,8 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
             let v = AgentClient::connect(&a.agent, &tls)?.vm_stop(&a.name)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);
+            } else if v.kind == "qemu" {
+                println!("forgot QEMU VM {} (QEMU keeps running)", v.name);
             } else {
                 println!("stopped {} (progress counter {})", v.name, v.progress);
             }
@@ -474,13 +562,18 @@ fn render_list(l: &v1::VmList) -> String {
         return s;
     }
     s.push_str(&format!(
-        "{:<20} {:<14} {:>10} {:>12} {:>8} {:>8}  {:<12} {}\n",
-        "NAME", "STATE", "MEMORY", "PROGRESS", "DIRTY/S", "THROTTLE", "DOMAIN", "ORIGIN"
+        "{:<20} {:<9} {:<14} {:>10} {:>12} {:>8} {:>8}  {:<12} {}\n",
+        "NAME", "KIND", "STATE", "MEMORY", "PROGRESS", "DIRTY/S", "THROTTLE", "DOMAIN", "ORIGIN"
     ));
     for v in &l.vms {
         s.push_str(&format!(
-            "{:<20} {:<14} {:>10} {:>12} {:>8} {:>7}%  {:<12} {}\n",
+            "{:<20} {:<9} {:<14} {:>10} {:>12} {:>8} {:>7}%  {:<12} {}\n",
             v.name,
+            if v.kind.is_empty() {
+                "micro-vm"
+            } else {
+                &v.kind
+            },
             v.state,
             format_bytes(v.memory_bytes),
             v.progress,
@@ -579,6 +672,10 @@ struct MigrateOut<'a> {
     per_round: Vec<RoundOut>,
     pages_sent: u64,
     pages_local: u64,
+    /// Distinct contents filled locally (QEMU VMs).
+    contents_local: u64,
+    /// "qemu" or "micro-vm".
+    kind: &'a str,
     nonzero_pages: u64,
     bytes_sent: u64,
     bytes_manifest: u64,
@@ -663,6 +760,12 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
             .collect(),
         pages_sent: r.pages_sent,
         pages_local: r.pages_local,
+        contents_local: r.contents_local,
+        kind: if r.kind.is_empty() {
+            "micro-vm"
+        } else {
+            &r.kind
+        },
         nonzero_pages: r.nonzero_pages,
         bytes_sent: r.bytes_sent,
         bytes_manifest: r.bytes_manifest,
@@ -700,6 +803,21 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
 }
 
 fn render_report(o: &MigrateOut<'_>) -> String {
+    if o.kind == "qemu" {
+        return format!(
+            "migrated QEMU VM {} from {} to {} in {:.0} ms, downtime {:.1} ms (QEMU's figure)\n  pages: {} in QEMU's stream, {} of them ({} distinct contents) filled from the destination's memory, {} sent\n  wire:  {} between the agents\n",
+            o.vm,
+            o.from,
+            o.to,
+            o.total_ms,
+            o.downtime_ms,
+            o.nonzero_pages,
+            o.pages_local,
+            o.contents_local,
+            o.pages_sent,
+            format_bytes(o.bytes_sent)
+        );
+    }
     let mut s = format!(
         "migrated {} from {} to {} in {:.0} ms, downtime {:.1} ms, verified: {}\n",
         o.vm,

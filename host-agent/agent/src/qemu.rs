@@ -1,0 +1,897 @@
+//! Adopted QEMU VMs: unmodified QEMU guests whose RAM lives in a shared
+//! file, and their migration through pagecast as a stream proxy.
+//!
+//! The agent maps an adopted VM's memory file read-only and hashes all of
+//! it every [`RESCAN`] (it cannot see QEMU's dirty log), so its content map
+//! and the index's listing of it may be up to that stale; every use of a
+//! page is hash-checked, so staleness costs bytes, never correctness.
+//!
+//! Migration: the source agent offers the destination the distinct
+//! contents of the source VM; the destination sets aside (copies, checked)
+//! those it holds and says which; the source agent has its QEMU migrate to
+//! a local Unix socket, parses the stream ([`pagecast_qemu::stream`]) and
+//! sends every byte in order to the destination agent, a RAM page whose
+//! content was set aside as its 32-byte hash; the destination agent
+//! rebuilds the exact stream into its QEMU (started with `-incoming defer`,
+//! pointed at a local socket with `migrate-incoming`). QEMU keeps its own
+//! rounds, auto-converge and downtime limit.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pagecast_channel::{Channel, wire_bytes};
+use pagecast_memory::ImageFile;
+use pagecast_memory::{GuestMemory, Page};
+use pagecast_pages::{ContentKey, PageHash};
+use pagecast_proto::v1;
+use pagecast_qemu::{PAGE, Qmp, Sink, StreamError};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::publish::{self, Publication, VmOp};
+use crate::{Agent, AgentError, lock, valid_name};
+
+/// How often an adopted VM's memory is hashed again.
+pub const RESCAN: Duration = Duration::from_secs(5);
+/// Hashes per offer message.
+const OFFER_PART: usize = 8192;
+/// Stream bytes per part sent to the destination.
+const PART_BYTES: usize = 256 << 10;
+/// Longest the proxy waits for either QEMU or the peer agent to move.
+const STALL: Duration = Duration::from_secs(60);
+
+/// A QEMU VM the agent took on.
+pub(crate) struct Adopted {
+    pub(crate) name: String,
+    qmp: PathBuf,
+    file: PathBuf,
+    image: ImageFile,
+    pub(crate) domain: String,
+    pub(crate) key: ContentKey,
+    /// "running", "incoming" (waiting to be fed), "migrating-out",
+    /// "migrating-in".
+    state: Mutex<&'static str>,
+    /// Each frame's content at the last scan.
+    seen: Mutex<Vec<PageHash>>,
+    publication: Mutex<Publication>,
+    last_scan: Mutex<Option<Instant>>,
+}
+
+impl Adopted {
+    fn info(&self) -> v1::VmInfo {
+        v1::VmInfo {
+            name: self.name.clone(),
+            memory_bytes: self.image.len_bytes(),
+            state: (*lock(&self.state)).to_owned(),
+            origin: format!("qemu {}", self.file.display()),
+            domain: self.domain.clone(),
+            kind: "qemu".into(),
+            ..v1::VmInfo::default()
+        }
+    }
+
+    /// Copies frame `f` if its content still hashes to `h`.
+    pub(crate) fn copy(&self, f: u64, h: &PageHash, out: &mut Page) -> bool {
+        self.image.read_page(f, out).is_ok() && self.key.hash_page(out) == *h
+    }
+
+    /// A QMP connection. QEMU serves one QMP client at a time: while
+    /// another holds the socket, this retries for a few seconds.
+    fn qmp(&self) -> Result<Qmp, AgentError> {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            match Qmp::connect(&self.qmp) {
+                Ok(q) => return Ok(q),
+                Err(e) if Instant::now() > until => {
+                    return Err(AgentError::Qemu(format!(
+                        "{e} (does another client hold QEMU's only QMP connection?)"
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+fn qemu_err(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Qemu(e.to_string())
+}
+
+impl Agent {
+    /// Takes on a running QEMU VM (or, with `incoming`, one waiting for a
+    /// migration).
+    pub fn vm_adopt(&self, r: &v1::VmAdoptRequest) -> Result<v1::VmInfo, AgentError> {
+        if !valid_name(&r.name) {
+            return Err(AgentError::BadName(r.name.clone()));
+        }
+        let key = self.domain_key(&r.domain)?;
+        let image = ImageFile::open(&r.memory_file).map_err(|e| {
+            AgentError::BadRequest(format!(
+                "--memory-file {}: {e} (start QEMU with -object memory-backend-file,...,mem-path=FILE,share=on)",
+                r.memory_file
+            ))
+        })?;
+        let mut q = Qmp::connect(Path::new(&r.qmp))
+            .map_err(|e| AgentError::BadRequest(format!("--qmp {}: {e}", r.qmp)))?;
+        let status = q.status().map_err(qemu_err)?;
+        if r.incoming != (status == "inmigrate") {
+            return Err(AgentError::BadRequest(if r.incoming {
+                format!(
+                    "--incoming: QEMU at {} is {status:?}, not waiting for a migration (start it with -incoming defer)",
+                    r.qmp
+                )
+            } else {
+                format!(
+                    "QEMU at {} waits for a migration (-incoming): adopt it with --incoming",
+                    r.qmp
+                )
+            }));
+        }
+        let pages = image.page_count();
+        let a = Arc::new(Adopted {
+            name: r.name.clone(),
+            qmp: PathBuf::from(&r.qmp),
+            file: PathBuf::from(&r.memory_file),
+            image,
+            domain: pagecast_pages::domain::normalize(&r.domain).to_owned(),
+            key,
+            state: Mutex::new(if r.incoming { "incoming" } else { "running" }),
+            seen: Mutex::new(Vec::new()),
+            publication: Mutex::new(Publication::new(pages)),
+            last_scan: Mutex::new(None),
+        });
+        {
+            let vms = lock(&self.vms);
+            let incoming = lock(&self.incoming);
+            let mut adopted = lock(&self.adopted);
+            if vms.contains_key(&r.name)
+                || incoming.contains_key(&r.name)
+                || adopted.contains_key(&r.name)
+            {
+                return Err(AgentError::VmExists(r.name.clone()));
+            }
+            adopted.insert(r.name.clone(), a.clone());
+        }
+        if !r.incoming {
+            self.fp.pool().install(|| self.scan_adopted(&a));
+        }
+        info!(
+            "adopted QEMU VM {} ({}, {} MiB, {status})",
+            r.name,
+            r.qmp,
+            pages >> 8
+        );
+        Ok(a.info())
+    }
+
+    /// Adopted VMs as `vm list` shows them.
+    pub(crate) fn adopted_infos(&self) -> Vec<v1::VmInfo> {
+        lock(&self.adopted).values().map(|a| a.info()).collect()
+    }
+
+    /// Forgets an adopted VM (QEMU keeps running): its pages leave the
+    /// content map and the index.
+    pub(crate) fn forget_adopted(&self, name: &str, moved_to: Option<&str>) -> Option<v1::VmInfo> {
+        let a = lock(&self.adopted).remove(name)?;
+        self.adopted_content
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (v, _)| !Arc::ptr_eq(v, &a));
+        if let Some(link) = &self.index {
+            let mut p = lock(&a.publication);
+            if p.is_live() {
+                let mut changes = Vec::new();
+                p.withdraw_all(&mut changes);
+                link.apply(&changes);
+                link.vm_op(match moved_to {
+                    Some(to) => VmOp::Move {
+                        name: name.to_owned(),
+                        to: to.to_owned(),
+                    },
+                    None => VmOp::Drop(name.to_owned()),
+                });
+            }
+        }
+        Some(a.info())
+    }
+
+    /// Whether `name` is an adopted VM.
+    pub fn is_adopted(&self, name: &str) -> bool {
+        lock(&self.adopted).contains_key(name)
+    }
+
+    /// Index records of adopted VMs that are published.
+    pub(crate) fn adopted_records(&self) -> Vec<v1::VmRecord> {
+        lock(&self.adopted)
+            .values()
+            .filter_map(|a| {
+                let p = lock(&a.publication);
+                p.is_live().then(|| {
+                    publish::vm_record(
+                        &a.name,
+                        &format!("qemu {}", a.file.display()),
+                        &a.domain,
+                        p.intended(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Rescans adopted VMs whose last scan is older than [`RESCAN`].
+    pub(crate) fn rescan_adopted(&self) {
+        let due: Vec<Arc<Adopted>> = lock(&self.adopted)
+            .values()
+            .filter(|a| {
+                *lock(&a.state) == "running"
+                    && lock(&a.last_scan).is_none_or(|t| t.elapsed() >= RESCAN)
+            })
+            .cloned()
+            .collect();
+        for a in due {
+            self.scan_adopted(&a);
+        }
+    }
+
+    /// Hashes all of an adopted VM's memory; its new contents replace the
+    /// old in the content map and in what the index lists.
+    fn scan_adopted(&self, a: &Arc<Adopted>) {
+        let f = self.fp.fingerprint(&a.image, &a.key, &|_| {});
+        *lock(&a.last_scan) = Some(Instant::now());
+        let mut map = self
+            .adopted_content
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if !lock(&self.adopted)
+            .get(&a.name)
+            .is_some_and(|x| Arc::ptr_eq(x, a))
+        {
+            return;
+        }
+        let mut seen = lock(&a.seen);
+        let first = seen.is_empty();
+        let mut dirty = pagecast_memory::DirtyBitmap::new(f.hashes.len() as u64);
+        if !first {
+            for (frame, (old, new)) in seen.iter().zip(&f.hashes).enumerate() {
+                if old != new {
+                    if map
+                        .get(old)
+                        .is_some_and(|(v, fr)| Arc::ptr_eq(v, a) && *fr == frame as u64)
+                    {
+                        map.remove(old);
+                    }
+                    let _ = dirty.set(frame as u64);
+                }
+            }
+        }
+        for (frame, h) in f.hashes.iter().enumerate() {
+            if !h.is_zero_page() {
+                map.entry(*h).or_insert_with(|| (a.clone(), frame as u64));
+            }
+        }
+        *seen = f.hashes;
+        drop(map);
+        if let Some(link) = &self.index {
+            let mut changes = Vec::new();
+            let mut p = lock(&a.publication);
+            if first {
+                p.publish_all(&seen, &mut changes);
+            } else {
+                p.on_refresh(
+                    &dirty,
+                    &seen,
+                    publish::FRAME_UPDATES_PER_REFRESH,
+                    &mut changes,
+                );
+            }
+            let record = publish::vm_record(
+                &a.name,
+                &format!("qemu {}", a.file.display()),
+                &a.domain,
+                p.intended(),
+            );
+            drop(p);
+            drop(seen);
+            link.apply(&changes);
+            if first {
+                link.vm_op(VmOp::Put(record));
+            }
+        }
+    }
+
+    /// Copies a page of an adopted VM whose content hashes to `h`.
+    pub(crate) fn copy_adopted(&self, h: &PageHash, out: &mut Page) -> Option<ContentKey> {
+        let (a, f) = self
+            .adopted_content
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(h)
+            .cloned()?;
+        a.copy(f, h, out).then_some(a.key)
+    }
+
+    /// Migrates adopted VM `r.vm` to the agent at `r.to`, which has
+    /// adopted a waiting QEMU of the same name with `--incoming`.
+    pub fn qemu_migrate_out(
+        &self,
+        r: &v1::MigrateRequest,
+    ) -> Result<v1::MigrateResult, AgentError> {
+        let a = lock(&self.adopted)
+            .get(&r.vm)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchVm(r.vm.clone()))?;
+        {
+            let mut s = lock(&a.state);
+            if *s != "running" {
+                return Err(AgentError::Busy {
+                    vm: r.vm.clone(),
+                    state: *s,
+                });
+            }
+            *s = "migrating-out";
+        }
+        let started = Instant::now();
+        let res = self.qemu_out(&a, r, started);
+        match &res {
+            Ok(out) if out.ok => {
+                // The destination runs it: QEMU here is stopped (postmigrate).
+                let dest = r.to.clone();
+                self.forget_adopted(&r.vm, Some(&dest));
+                info!("migrated QEMU VM {} to {}", r.vm, r.to);
+            }
+            _ => {
+                *lock(&a.state) = "running";
+                // QEMU's own semantics: a failed migration leaves the source
+                // running; if QEMU had finished sending and stopped, it
+                // runs again here.
+                if let Ok(mut q) = a.qmp() {
+                    match q.migration() {
+                        Ok((s, _)) if s == "active" || s == "setup" || s == "pre-switchover" => {
+                            let _ = q.execute("migrate_cancel", json!({}));
+                        }
+                        _ => {}
+                    }
+                    // Cancelling takes a moment to settle.
+                    let until = Instant::now() + Duration::from_secs(10);
+                    while Instant::now() < until {
+                        match q.status().as_deref() {
+                            Ok("running") => break,
+                            Ok("postmigrate") | Ok("paused") => {
+                                let _ = q.execute("cont", json!({}));
+                            }
+                            _ => {}
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+        res
+    }
+
+    fn qemu_out(
+        &self,
+        a: &Arc<Adopted>,
+        r: &v1::MigrateRequest,
+        started: Instant,
+    ) -> Result<v1::MigrateResult, AgentError> {
+        let mut q = a.qmp()?;
+        let caps = q.capabilities().map_err(qemu_err)?;
+        if let Some((cap, why)) = pagecast_qemu::refused_capability(&caps) {
+            return Err(AgentError::BadRequest(format!(
+                "QEMU VM {} has migration capability {cap:?} on, which {why}; pagecast cannot carry that stream: turn it off (migrate-set-capabilities {cap} false) and migrate again",
+                a.name
+            )));
+        }
+        // What it holds now.
+        self.fp.pool().install(|| self.scan_adopted(a));
+        let mut offer: Vec<PageHash> = lock(&a.seen)
+            .iter()
+            .filter(|h| !h.is_zero_page())
+            .copied()
+            .collect();
+        offer.sort_unstable();
+        offer.dedup();
+
+        let mut ch = self.connect_host(&r.to, "receive a migrated QEMU VM")?;
+        let dest = ch.peer_name().to_owned();
+        ch.send(&v1::AgentRequest {
+            body: Some(v1::agent_request::Body::QemuIncoming(v1::QemuIncoming {
+                source: self.name.clone(),
+                vm: a.name.clone(),
+                domain: a.domain.clone(),
+                domain_check: a.key.check().to_be_bytes().to_vec().into(),
+            })),
+        })?;
+        ch.set_read_timeout(Some(STALL))?;
+        let mut sent = 0u64;
+        let mut chunks = offer.chunks(OFFER_PART).peekable();
+        loop {
+            let c = chunks.next().unwrap_or(&[]);
+            let last = chunks.peek().is_none();
+            let f = frame(v1::qemu_frame::Body::Offer(v1::QemuOffer {
+                hashes: c
+                    .iter()
+                    .flat_map(|h| h.as_bytes().iter().copied())
+                    .collect::<Vec<u8>>()
+                    .into(),
+                last,
+            }));
+            sent += send(&mut ch, &f)?;
+            if last {
+                break;
+            }
+        }
+        let held = match recv(&mut ch)? {
+            v1::qemu_frame::Body::Held(h) => h,
+            other => return Err(unexpected(&dest, &other)),
+        };
+        if held.bits.len() != offer.len().div_ceil(8) {
+            return Err(AgentError::Unexpected {
+                addr: dest,
+                what: "a held-set of the wrong length".into(),
+            });
+        }
+        let held: HashSet<PageHash> = offer
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| held.bits[i / 8] & (1 << (i % 8)) != 0)
+            .map(|(_, h)| *h)
+            .collect();
+        info!(
+            "migrating QEMU VM {} to {dest}: it holds {} of {} distinct contents",
+            a.name,
+            held.len(),
+            offer.len()
+        );
+
+        // QEMU migrates to a socket of ours.
+        let sock = socket_path(self, &a.name, "out");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock)
+            .map_err(|e| AgentError::Qemu(format!("cannot listen on {}: {e}", sock.display())))?;
+        let _cleanup = RemoveOnDrop(sock.clone());
+        q.execute(
+            "migrate",
+            json!({ "uri": format!("unix:{}", sock.display()) }),
+        )
+        .map_err(qemu_err)?;
+        listener.set_nonblocking(true).map_err(qemu_err)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut input = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(AgentError::Qemu(
+                            "QEMU did not connect to the migration socket within 10 s".into(),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(qemu_err(e)),
+            }
+        };
+        input.set_nonblocking(false).map_err(qemu_err)?;
+        input.set_read_timeout(Some(STALL)).map_err(qemu_err)?;
+        let mut sink = PartSink {
+            ch: &mut ch,
+            key: a.key,
+            held: &held,
+            data: Vec::with_capacity(PART_BYTES + PAGE),
+            held_at: Vec::new(),
+            held_hashes: Vec::new(),
+            sent: 0,
+            pages_held: 0,
+        };
+        let st = match pagecast_qemu::proxy(&mut input, &mut sink) {
+            Ok(st) => st,
+            Err(e @ StreamError::Unsupported { .. }) => {
+                return Err(AgentError::BadRequest(e.to_string()));
+            }
+            Err(e @ StreamError::Sink(_)) => {
+                // The destination hung up: its reason, if it gave one.
+                let _ = ch.set_read_timeout(Some(Duration::from_secs(2)));
+                return Err(match recv(&mut ch) {
+                    Ok(v1::qemu_frame::Body::Done(d)) if !d.ok => AgentError::Qemu(format!(
+                        "the destination {dest} stopped the migration: {}",
+                        d.error
+                    )),
+                    _ => AgentError::Qemu(e.to_string()),
+                });
+            }
+            Err(e) => return Err(AgentError::Qemu(e.to_string())),
+        };
+        sink.flush(true)?;
+        let pages_held = sink.pages_held;
+        sent += sink.sent;
+        drop(input);
+        let done = match recv(&mut ch)? {
+            v1::qemu_frame::Body::Done(d) => d,
+            v1::qemu_frame::Body::Error(e) => {
+                return Err(AgentError::Remote {
+                    addr: dest,
+                    code: v1::RefusalCode::try_from(e.code).unwrap_or(v1::RefusalCode::Internal),
+                    message: e.message,
+                });
+            }
+            other => return Err(unexpected(&dest, &other)),
+        };
+        // QEMU's own account: completed, with its downtime.
+        let until = Instant::now() + Duration::from_secs(10);
+        let (status, m) = loop {
+            let (s, m) = q.migration().map_err(qemu_err)?;
+            if s != "active" && s != "setup" && s != "device" || Instant::now() > until {
+                break (s, m);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut out = v1::MigrateResult {
+            ok: done.ok && status == "completed",
+            error: if !done.ok {
+                format!(
+                    "the destination's QEMU did not take the stream: {}",
+                    done.error
+                )
+            } else if status != "completed" {
+                format!("the source QEMU says the migration is {status}")
+            } else {
+                String::new()
+            },
+            pages_local: pages_held,
+            contents_local: held.len() as u64,
+            kind: "qemu".into(),
+            bytes_sent: sent,
+            pages_sent: st.pages - pages_held,
+            nonzero_pages: st.pages,
+            downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            verified: false,
+            ..v1::MigrateResult::default()
+        };
+        if !out.ok {
+            out.error_code = v1::RefusalCode::Internal as i32;
+        }
+        info!(
+            "QEMU stream of {}: {} bytes, {} pages ({} sent as hashes), {} zero pages; {} bytes to {dest}",
+            a.name, st.bytes, st.pages, pages_held, st.zero_pages, sent
+        );
+        Ok(out)
+    }
+
+    fn connect_host(&self, to: &str, what: &str) -> Result<Channel, AgentError> {
+        use std::net::ToSocketAddrs;
+        let addr = to
+            .to_socket_addrs()
+            .map_err(|source| AgentError::Connect {
+                addr: to.to_owned(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| AgentError::BadRequest(format!("{to} resolves to no address")))?;
+        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(
+            |source| AgentError::Connect {
+                addr: to.to_owned(),
+                source,
+            },
+        )?;
+        self.host_channel(stream, what)
+    }
+
+    /// Receives a QEMU VM's migration stream for the adopted incoming VM
+    /// of the same name and feeds it to that QEMU.
+    pub fn qemu_migrate_in(&self, mut ch: Channel, inc: &v1::QemuIncoming) {
+        let res = self.qemu_in(&mut ch, inc);
+        let body = match res {
+            Ok(done) => v1::qemu_frame::Body::Done(done),
+            Err(e) => {
+                warn!("incoming QEMU migration of {} failed: {e}", inc.vm);
+                v1::qemu_frame::Body::Done(v1::QemuDone {
+                    ok: false,
+                    error: e.to_string(),
+                    ..v1::QemuDone::default()
+                })
+            }
+        };
+        let _ = ch.send(&frame(body));
+    }
+
+    fn qemu_in(
+        &self,
+        ch: &mut Channel,
+        inc: &v1::QemuIncoming,
+    ) -> Result<v1::QemuDone, AgentError> {
+        let a = lock(&self.adopted)
+            .get(&inc.vm)
+            .cloned()
+            .ok_or_else(|| {
+                AgentError::BadRequest(format!(
+                    "no QEMU VM {:?} waits here: start QEMU with -incoming defer and adopt it with `pagecast vm adopt --incoming --name {}`",
+                    inc.vm, inc.vm
+                ))
+            })?;
+        {
+            let mut s = lock(&a.state);
+            if *s != "incoming" {
+                return Err(AgentError::Busy {
+                    vm: inc.vm.clone(),
+                    state: *s,
+                });
+            }
+            *s = "migrating-in";
+        }
+        let res = self.qemu_in_run(ch, inc, &a);
+        *lock(&a.state) = if res.as_ref().is_ok_and(|d| d.ok) {
+            "running"
+        } else {
+            "incoming"
+        };
+        if res.as_ref().is_ok_and(|d| d.ok) {
+            self.fp.pool().install(|| self.scan_adopted(&a));
+        }
+        res
+    }
+
+    fn qemu_in_run(
+        &self,
+        ch: &mut Channel,
+        inc: &v1::QemuIncoming,
+        a: &Arc<Adopted>,
+    ) -> Result<v1::QemuDone, AgentError> {
+        if pagecast_pages::domain::normalize(&inc.domain) != a.domain
+            || inc.domain_check[..] != a.key.check().to_be_bytes()[..]
+        {
+            return Err(AgentError::BadRequest(format!(
+                "VM {} is in domain {:?} at the source and {:?} here, or the two hosts hold different domain secrets",
+                inc.vm, inc.domain, a.domain
+            )));
+        }
+        ch.set_read_timeout(Some(STALL))?;
+        let peer = ch.peer_name().to_owned();
+        // The offer, and what of it this host sets aside.
+        let most = a.image.page_count() as usize;
+        let mut offer: Vec<PageHash> = Vec::new();
+        loop {
+            let o = match recv(ch)? {
+                v1::qemu_frame::Body::Offer(o) => o,
+                other => return Err(unexpected(&peer, &other)),
+            };
+            if o.hashes.len() % 32 != 0 || offer.len() + o.hashes.len() / 32 > most {
+                return Err(AgentError::BadRequest(
+                    "an offer of more contents than the VM has pages".into(),
+                ));
+            }
+            offer.extend(
+                o.hashes
+                    .chunks_exact(32)
+                    .map(|h| PageHash::try_from(h).expect("32 bytes")),
+            );
+            if o.last {
+                break;
+            }
+        }
+        let mut stash: HashMap<PageHash, Box<Page>> = HashMap::new();
+        let mut bits = vec![0u8; offer.len().div_ceil(8)];
+        let mut page: Page = [0; PAGE];
+        for (i, h) in offer.iter().enumerate() {
+            let got = self.copy_any(h, &mut page) == Some(a.key);
+            if got {
+                stash.insert(*h, Box::new(page));
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        let count = stash.len() as u64;
+        ch.send(&frame(v1::qemu_frame::Body::Held(v1::QemuHeld {
+            bits: bits.into(),
+            count,
+        })))?;
+
+        // The waiting QEMU listens on a socket of ours.
+        let sock = socket_path(self, &a.name, "in");
+        let _ = std::fs::remove_file(&sock);
+        let _cleanup = RemoveOnDrop(sock.clone());
+        let mut q = a.qmp()?;
+        q.execute(
+            "migrate-incoming",
+            json!({ "uri": format!("unix:{}", sock.display()) }),
+        )
+        .map_err(qemu_err)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = loop {
+            match UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(AgentError::Qemu(format!(
+                        "cannot reach QEMU's incoming socket {}: {e}",
+                        sock.display()
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        out.set_write_timeout(Some(STALL)).map_err(qemu_err)?;
+        let mut bytes = 0u64;
+        let mut local = 0u64;
+        loop {
+            let p = match recv(ch)? {
+                v1::qemu_frame::Body::Part(p) => p,
+                other => return Err(unexpected(&peer, &other)),
+            };
+            if p.held.len() != 32 * p.held_at.len() || p.data.len() > PART_BYTES + PAGE {
+                return Err(AgentError::BadRequest("a malformed stream part".into()));
+            }
+            let mut at = 0usize;
+            for (i, &pos) in p.held_at.iter().enumerate() {
+                let pos = pos as usize;
+                if pos < at || pos > p.data.len() {
+                    return Err(AgentError::BadRequest(
+                        "a stream part with pages out of order".into(),
+                    ));
+                }
+                let h = PageHash::try_from(&p.held[32 * i..32 * i + 32]).expect("32 bytes");
+                let pg = stash.get(&h).ok_or_else(|| {
+                    AgentError::BadRequest(
+                        "the source named a page this host did not set aside".into(),
+                    )
+                })?;
+                write_all(&mut out, &p.data[at..pos])?;
+                write_all(&mut out, &pg[..])?;
+                bytes += (pos - at + PAGE) as u64;
+                at = pos;
+                local += 1;
+            }
+            write_all(&mut out, &p.data[at..])?;
+            bytes += (p.data.len() - at) as u64;
+            if p.last {
+                break;
+            }
+        }
+        let _ = out.shutdown(std::net::Shutdown::Write);
+        // QEMU loads the devices and resumes the guest.
+        let until = Instant::now() + STALL;
+        loop {
+            let (m, _) = q.migration().map_err(qemu_err)?;
+            let status = q.status().map_err(qemu_err)?;
+            if m == "failed" {
+                return Err(AgentError::Qemu(
+                    "the destination QEMU refused the migration stream (see its log)".into(),
+                ));
+            }
+            if status == "running" || (m == "completed" && status == "paused") {
+                break;
+            }
+            if Instant::now() > until {
+                return Err(AgentError::Qemu(format!(
+                    "the destination QEMU is still {status} (migration {m}) 60 s after the stream ended"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        info!(
+            "QEMU VM {} arrived: {bytes} stream bytes, {local} pages from this host",
+            a.name
+        );
+        Ok(v1::QemuDone {
+            ok: true,
+            error: String::new(),
+            pages_local: local,
+            stream_bytes: bytes,
+        })
+    }
+}
+
+fn write_all(out: &mut UnixStream, b: &[u8]) -> Result<(), AgentError> {
+    out.write_all(b)
+        .map_err(|e| AgentError::Qemu(format!("writing to the destination QEMU: {e}")))
+}
+
+fn frame(body: v1::qemu_frame::Body) -> v1::QemuFrame {
+    v1::QemuFrame { body: Some(body) }
+}
+
+fn send(ch: &mut Channel, f: &v1::QemuFrame) -> Result<u64, AgentError> {
+    use prost::Message;
+    ch.send(f)?;
+    Ok(wire_bytes(f.encoded_len()))
+}
+
+fn recv(ch: &mut Channel) -> Result<v1::qemu_frame::Body, AgentError> {
+    let f: v1::QemuFrame = ch.recv("QEMU migration frame")?;
+    f.body
+        .ok_or_else(|| AgentError::BadRequest("an empty QEMU migration frame".into()))
+}
+
+fn unexpected(peer: &str, b: &v1::qemu_frame::Body) -> AgentError {
+    let what = match b {
+        v1::qemu_frame::Body::Offer(_) => "an offer",
+        v1::qemu_frame::Body::Held(_) => "a held-set",
+        v1::qemu_frame::Body::Part(_) => "a stream part",
+        v1::qemu_frame::Body::Done(_) => "a result",
+        v1::qemu_frame::Body::Error(e) => {
+            return AgentError::Qemu(format!("{peer}: {}", e.message));
+        }
+    };
+    AgentError::Unexpected {
+        addr: peer.to_owned(),
+        what: format!("{what} out of turn"),
+    }
+}
+
+/// A socket path for VM `name`'s migration (`dir`: in or out), in the
+/// agent's data directory or the temporary directory.
+fn socket_path(agent: &Agent, name: &str, dir: &str) -> PathBuf {
+    let base = agent.data.clone().unwrap_or_else(std::env::temp_dir);
+    base.join(format!("qemu-{name}-{dir}-{}.sock", std::process::id()))
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Batches the stream into parts, pages the destination set aside as
+/// hashes.
+struct PartSink<'a> {
+    ch: &'a mut Channel,
+    key: ContentKey,
+    held: &'a HashSet<PageHash>,
+    data: Vec<u8>,
+    held_at: Vec<u32>,
+    held_hashes: Vec<u8>,
+    sent: u64,
+    pages_held: u64,
+}
+
+impl PartSink<'_> {
+    fn flush(&mut self, last: bool) -> Result<(), AgentError> {
+        let p = v1::QemuStreamPart {
+            data: std::mem::take(&mut self.data).into(),
+            held_at: std::mem::take(&mut self.held_at),
+            held: std::mem::take(&mut self.held_hashes).into(),
+            last,
+        };
+        self.sent += send(self.ch, &frame(v1::qemu_frame::Body::Part(p)))?;
+        Ok(())
+    }
+
+    fn full(&mut self) -> Result<(), StreamError> {
+        if self.data.len() >= PART_BYTES || self.held_at.len() >= 4096 {
+            self.flush(false)
+                .map_err(|e| StreamError::Sink(format!("sending to the destination: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for PartSink<'_> {
+    fn raw(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = rest
+                .len()
+                .min(PART_BYTES.saturating_sub(self.data.len()).max(1));
+            self.data.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            self.full()?;
+        }
+        Ok(())
+    }
+
+    fn page(&mut self, _block: &str, _offset: u64, page: &[u8; PAGE]) -> Result<(), StreamError> {
+        let h = self.key.hash_page(page);
+        if !h.is_zero_page() && self.held.contains(&h) {
+            self.held_at.push(self.data.len() as u32);
+            self.held_hashes.extend_from_slice(h.as_bytes());
+            self.pages_held += 1;
+        } else {
+            self.data.extend_from_slice(page);
+        }
+        self.full()
+    }
+}

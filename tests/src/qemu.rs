@@ -1,0 +1,254 @@
+//! Real QEMU guests for tests: a busybox initramfs built here, the host's
+//! Debian kernel, QEMU under TCG (a full kernel boot under nested KVM hangs
+//! on some hosts), RAM in a shared file and a QMP socket, as docs/qemu.md
+//! tells operators to start them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pagecast_qemu::Qmp;
+
+/// Guest memory.
+pub const GUEST_MIB: u64 = 128;
+
+/// QEMU and a kernel, or why the QEMU tests skip.
+pub fn qemu_or_skip() -> Option<(PathBuf, PathBuf)> {
+    let qemu = [
+        "/usr/bin/qemu-system-x86_64",
+        "/usr/local/bin/qemu-system-x86_64",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
+    let kernel = std::fs::read_dir("/boot").ok().and_then(|d| {
+        let mut k: Vec<PathBuf> = d
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz-"))
+            })
+            .collect();
+        k.sort();
+        k.pop()
+    });
+    let busybox = busybox();
+    match (qemu, kernel, busybox) {
+        (Some(q), Some(k), Some(_)) => Some((q, k)),
+        (q, k, b) => {
+            eprintln!(
+                "skipped: needs qemu-system-x86_64 ({}), a kernel in /boot ({}) and a static busybox ({}); scripts/setup.sh installs them",
+                if q.is_some() { "found" } else { "missing" },
+                if k.is_some() { "found" } else { "missing" },
+                if b.is_some() { "found" } else { "missing" },
+            );
+            None
+        }
+    }
+}
+
+fn busybox() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// The guest's init: fills a tmpfs with eight copies of busybox (content
+/// that identical guests share), then writes `tick N` to the console five
+/// times a second.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmpfs /tmp
+i=0; while [ $i -lt 8 ]; do cat /bin/busybox > /tmp/b$i; i=$((i+1)); done
+n=0
+while true; do n=$((n+1)); echo "tick $n" > /dev/ttyS0; sleep 0.2; done
+"#;
+
+fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+    let namesize = name.len() + 1;
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        0,
+        0,
+        namesize as u32,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
+
+/// Writes the guests' initramfs (newc cpio) to `path`.
+pub fn initramfs(path: &Path) {
+    let bb = std::fs::read(busybox().expect("busybox")).expect("reading busybox");
+    let mut out = Vec::new();
+    let mut ino = 1;
+    for d in [".", "bin", "proc", "tmp", "dev"] {
+        cpio_entry(&mut out, ino, d, 0o040755, &[]);
+        ino += 1;
+    }
+    cpio_entry(&mut out, ino, "bin/busybox", 0o100755, &bb);
+    cpio_entry(&mut out, ino + 1, "init", 0o100755, INIT.as_bytes());
+    cpio_entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+    std::fs::File::create(path)
+        .and_then(|mut f| f.write_all(&out))
+        .expect("writing the initramfs");
+}
+
+/// A QEMU process, killed when dropped.
+pub struct Guest {
+    /// Its name.
+    pub name: String,
+    child: std::process::Child,
+    /// Its QMP socket.
+    pub qmp: PathBuf,
+    /// Its RAM file.
+    pub ram: PathBuf,
+    /// Its console output.
+    pub serial: PathBuf,
+}
+
+/// How a guest starts.
+pub enum Start<'a> {
+    /// Boots the kernel.
+    Boot,
+    /// Waits for a migration (`-incoming defer`).
+    Defer,
+    /// Listens for a migration on this TCP address (`-incoming tcp:...`).
+    Listen(&'a str),
+}
+
+impl Guest {
+    /// Starts guest `name` in `dir`.
+    pub fn start(dir: &Path, name: &str, qemu: &Path, kernel: &Path, how: Start<'_>) -> Guest {
+        let qmp = dir.join(format!("{name}.qmp"));
+        let ram = dir.join(format!("{name}.ram"));
+        let serial = dir.join(format!("{name}.serial"));
+        let log = std::fs::File::create(dir.join(format!("{name}.qemu.log"))).unwrap();
+        let mut cmd = Command::new(qemu);
+        cmd.args(["-accel", "tcg", "-m", &format!("{GUEST_MIB}M")])
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-file,id=mem,size={GUEST_MIB}M,mem-path={},share=on",
+                ram.display()
+            ))
+            .args(["-machine", "pc,memory-backend=mem", "-kernel"])
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(dir.join("initrd.cpio"))
+            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .args(["-display", "none", "-nodefaults", "-no-reboot", "-serial"])
+            .arg(format!("file:{}", serial.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        match how {
+            Start::Boot => {}
+            Start::Defer => {
+                cmd.args(["-incoming", "defer"]);
+            }
+            Start::Listen(a) => {
+                cmd.args(["-incoming", &format!("tcp:{a}")]);
+            }
+        }
+        if !dir.join("initrd.cpio").exists() {
+            initramfs(&dir.join("initrd.cpio"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting QEMU");
+        let g = Guest {
+            name: name.to_owned(),
+            child,
+            qmp,
+            ram,
+            serial,
+        };
+        let until = Instant::now() + Duration::from_secs(20);
+        while !g.qmp.exists() {
+            assert!(Instant::now() < until, "QEMU {name} made no QMP socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        g
+    }
+
+    /// A QMP connection.
+    pub fn qmp(&self) -> Qmp {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Qmp::connect(&self.qmp) {
+                Ok(q) => return q,
+                Err(e) if Instant::now() > until => panic!("QMP of {}: {e}", self.name),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// The last `tick N` its console shows.
+    pub fn ticks(&self) -> u64 {
+        std::fs::read_to_string(&self.serial)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the guest has booted (its console ticks).
+    pub fn wait_booted(&self, within: Duration) {
+        let until = Instant::now() + within;
+        while self.ticks() < 3 {
+            assert!(
+                Instant::now() < until,
+                "guest {} did not boot within {within:?}; console: {}",
+                self.name,
+                std::fs::read_to_string(&self.serial).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Whether its ticks advance over `d` (the guest runs).
+    pub fn advances(&self, d: Duration) -> bool {
+        let t0 = self.ticks();
+        std::thread::sleep(d);
+        self.ticks() > t0
+    }
+
+    /// Kills QEMU.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
