@@ -4,10 +4,13 @@
 # re-assembles it), libclang (RocksDB's bindings), and the network tools the
 # namespace tests and the evaluation use (iproute2, nftables; ethtool if it
 # can, which the evaluation uses to switch segmentation offloads off and
-# otherwise does without). Idempotent: installs only what is missing.
+# otherwise does without), and what the QEMU tests boot: QEMU, a Debian
+# kernel and a static busybox for the guests' initramfs. Idempotent:
+# installs only what is missing.
 set -euo pipefail
 
-packages=(build-essential binutils pkg-config libclang-dev iproute2 nftables)
+packages=(build-essential binutils pkg-config libclang-dev iproute2 nftables
+    qemu-system-x86 linux-image-amd64 busybox-static)
 optional=(ethtool)
 
 if ! command -v cargo >/dev/null 2>&1; then

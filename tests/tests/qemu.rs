@@ -29,8 +29,8 @@ fn adopt(dir: &std::path::Path, agent: &AgentProc, g: &Guest, incoming: bool) ->
     cli_json(dir, &a)
 }
 
-/// Renames an adopted destination to the source's name: pagecast pairs the
-/// source VM with the waiting QEMU adopted under the same name.
+/// `pagecast migrate` of adopted VM `vm`: the source agent pairs it with
+/// the waiting QEMU the destination agent adopted under the same name.
 fn migrate(
     dir: &std::path::Path,
     vm: &str,

@@ -443,10 +443,11 @@ impl Agent {
             .map(|(_, h)| *h)
             .collect();
         info!(
-            "migrating QEMU VM {} to {dest}: it holds {} of {} distinct contents",
+            "migrating QEMU VM {} to {dest}: it holds {} of {} distinct contents ({:.0} ms to find out)",
             a.name,
             held.len(),
-            offer.len()
+            offer.len(),
+            started.elapsed().as_secs_f64() * 1e3
         );
 
         // QEMU migrates to a socket of ours.
@@ -462,7 +463,7 @@ impl Agent {
         .map_err(qemu_err)?;
         listener.set_nonblocking(true).map_err(qemu_err)?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut input = loop {
+        let input = loop {
             match listener.accept() {
                 Ok((s, _)) => break s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -488,6 +489,7 @@ impl Agent {
             sent: 0,
             pages_held: 0,
         };
+        let mut input = std::io::BufReader::with_capacity(256 << 10, input);
         let st = match pagecast_qemu::proxy(&mut input, &mut sink) {
             Ok(st) => st,
             Err(e @ StreamError::Unsupported { .. }) => {
@@ -528,7 +530,7 @@ impl Agent {
             if s != "active" && s != "setup" && s != "device" || Instant::now() > until {
                 break (s, m);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
         };
         let mut out = v1::MigrateResult {
             ok: done.ok && status == "completed",
@@ -557,8 +559,14 @@ impl Agent {
             out.error_code = v1::RefusalCode::Internal as i32;
         }
         info!(
-            "QEMU stream of {}: {} bytes, {} pages ({} sent as hashes), {} zero pages; {} bytes to {dest}",
-            a.name, st.bytes, st.pages, pages_held, st.zero_pages, sent
+            "QEMU stream of {}: {} bytes, {} pages ({} sent as hashes), {} zero pages; {} bytes to {dest}; {:.0} ms in all",
+            a.name,
+            st.bytes,
+            st.pages,
+            pages_held,
+            st.zero_pages,
+            sent,
+            started.elapsed().as_secs_f64() * 1e3
         );
         Ok(out)
     }
@@ -769,7 +777,7 @@ impl Agent {
                     "the destination QEMU is still {status} (migration {m}) 60 s after the stream ended"
                 )));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
         }
         info!(
             "QEMU VM {} arrived: {bytes} stream bytes, {local} pages from this host",
@@ -884,7 +892,12 @@ impl Sink for PartSink<'_> {
     }
 
     fn page(&mut self, _block: &str, _offset: u64, page: &[u8; PAGE]) -> Result<(), StreamError> {
-        let h = self.key.hash_page(page);
+        // Nothing held there: no page need be named.
+        let h = if self.held.is_empty() {
+            PageHash::ZERO_PAGE
+        } else {
+            self.key.hash_page(page)
+        };
         if !h.is_zero_page() && self.held.contains(&h) {
             self.held_at.push(self.data.len() as u32);
             self.held_hashes.extend_from_slice(h.as_bytes());

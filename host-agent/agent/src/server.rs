@@ -598,11 +598,11 @@ fn qemu_migrate_out(agent: &Agent, ch: Channel, r: &v1::MigrateRequest) {
         return;
     };
     let writer = Arc::new(Mutex::new(writer));
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let beat = {
-        let (w, done) = (writer.clone(), done.clone());
+        let w = writer.clone();
         std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            loop {
                 let msg = v1::AgentResponse {
                     body: Some(Resp::Progress(v1::MigrateProgress {
                         phase: "qemu".into(),
@@ -616,7 +616,11 @@ fn qemu_migrate_out(agent: &Agent, ch: Channel, r: &v1::MigrateRequest) {
                 {
                     return;
                 }
-                std::thread::sleep(Duration::from_secs(1));
+                // Stops at once when the migration ends.
+                match stopped.recv_timeout(Duration::from_secs(1)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
             }
         })
     };
@@ -624,7 +628,7 @@ fn qemu_migrate_out(agent: &Agent, ch: Channel, r: &v1::MigrateRequest) {
         Ok(res) => Resp::Result(res),
         Err(e) => Resp::Error(e.to_proto()),
     };
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(stop);
     let _ = beat.join();
     let _ = writer
         .lock()
