@@ -289,6 +289,18 @@ fn qemu_guests_migrate_through_pagecast() {
         .find(|v| v["name"] == "vm3")
         .map(|v| v["state"].clone());
     assert_eq!(st, Some(json!("running")));
+    // Gang jobs refuse adopted VMs by name (the coordinator starts from
+    // each moving VM's content).
+    let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
+    let e = pagecast_agent::client::AgentClient::connect(&a.addr, &op)
+        .unwrap()
+        .vm_content("vm3")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("adopted QEMU VM") && e.contains("pagecast migrate"),
+        "{e}"
+    );
     // vm stop only forgets an adopted VM: QEMU runs on.
     cli_json(
         dir,

@@ -863,6 +863,7 @@ fn fetch_domain(
 
 /// The distinct contents of a VM, from the content map, in frames.
 pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, AgentError> {
+    agent.not_adopted(name, "a gang job (evacuate, clone)")?;
     let (hashes, memory) = agent.vm_hashes(name)?;
     let rewrites = agent.vm_rewrite_rate(name)?;
     let frames = hashes.len() as u64;

@@ -199,6 +199,17 @@ impl Agent {
         Some(a.info())
     }
 
+    /// Refuses gang operations (`what`) on an adopted QEMU VM, which they
+    /// do not move yet.
+    pub(crate) fn not_adopted(&self, name: &str, what: &str) -> Result<(), AgentError> {
+        if self.is_adopted(name) {
+            return Err(AgentError::BadRequest(format!(
+                "{name} is an adopted QEMU VM, and {what} does not move QEMU VMs yet: move it with `pagecast migrate --vm {name}` (docs/qemu.md)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether `name` is an adopted VM.
     pub fn is_adopted(&self, name: &str) -> bool {
         lock(&self.adopted).contains_key(name)
