@@ -289,12 +289,28 @@ fn qemu_guests_migrate_through_pagecast() {
         .find(|v| v["name"] == "vm3")
         .map(|v| v["state"].clone());
     assert_eq!(st, Some(json!("running")));
-    // Gang jobs refuse adopted VMs by name (the coordinator starts from
-    // each moving VM's content).
+    // The coordinator sees an adopted VM's content and kind; a clone of
+    // one is refused by name (QEMU VMs are not cloned yet).
     let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
-    let e = pagecast_agent::client::AgentClient::connect(&a.addr, &op)
+    let c = pagecast_agent::client::AgentClient::connect(&a.addr, &op)
         .unwrap()
         .vm_content("vm3")
+        .unwrap();
+    assert_eq!(c.kind, "qemu");
+    assert!(c.hashes.len() > 1000);
+    let e = pagecast_agent::client::AgentClient::connect(&a.addr, &op)
+        .unwrap()
+        .clone_vm(
+            pagecast_proto::v1::CloneRequest {
+                vm: "vm3".into(),
+                targets: vec![pagecast_proto::v1::CloneTarget {
+                    name: "vm3-copy".into(),
+                    addr: b.addr.clone(),
+                }],
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
         .unwrap_err()
         .to_string();
     assert!(
@@ -307,4 +323,140 @@ fn qemu_guests_migrate_through_pagecast() {
         &["vm", "stop", "--agent", &a.addr, "--name", "vm3", "--json"],
     );
     assert_eq!(vm3.qmp().status().unwrap(), "running");
+}
+
+/// Two QEMU guests of one image evacuated together from one host to two:
+/// each goes where its waiting QEMU was adopted, and the contents they
+/// share leave the source once, multicast to both destinations.
+#[test]
+fn qemu_guests_evacuate_together_and_share_one_cast() {
+    use pagecast_tests::cluster::{IndexCluster, eventually};
+    let Some((qemu, kernel)) = qemu_or_skip() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let idx = IndexCluster::start(dir, 2);
+    let addrs = idx.addrs();
+    let agent = |name: &str, rack: &str| {
+        AgentProc::start(
+            dir,
+            name,
+            &[
+                "--index",
+                &addrs,
+                "--rack",
+                rack,
+                "--link",
+                "10G",
+                "--capacity",
+                "1GiB",
+            ],
+        )
+    };
+    let a = agent("ga", "r1");
+    let b = agent("gb", "r2");
+    let c = agent("gc", "r2");
+    let vm1 = Guest::start(dir, "vm1", &qemu, &kernel, Start::Boot);
+    let vm2 = Guest::start(dir, "vm2", &qemu, &kernel, Start::Boot);
+    let mut vm1_in = Guest::start(dir, "vm1-in", &qemu, &kernel, Start::Defer);
+    let mut vm2_in = Guest::start(dir, "vm2-in", &qemu, &kernel, Start::Defer);
+    for g in [&vm1, &vm2] {
+        g.wait_booted(Duration::from_secs(240));
+    }
+    adopt(dir, &a, &vm1, false);
+    adopt(dir, &a, &vm2, false);
+    // vm1 waits at gc, vm2 at gb: the plan must follow the waiting QEMUs.
+    vm1_in.name = "vm1".into();
+    vm2_in.name = "vm2".into();
+    adopt(dir, &c, &vm1_in, true);
+    adopt(dir, &b, &vm2_in, true);
+    eventually(Duration::from_secs(30), "QEMU VMs published", || {
+        let recs = idx.client().vms(false).map_err(|e| e.to_string())?;
+        let n = recs
+            .iter()
+            .filter(|r| r.name == "vm1" || r.name == "vm2")
+            .count();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} of 2 listed"))
+        }
+    });
+    // What two separate migrations would have to send at the least: each
+    // VM's distinct contents.
+    let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
+    let distinct = |vm: &str| {
+        pagecast_agent::client::AgentClient::connect(&a.addr, &op)
+            .unwrap()
+            .vm_content(vm)
+            .unwrap()
+            .hashes
+    };
+    let (h1, h2) = (distinct("vm1"), distinct("vm2"));
+    let separate = (h1.len() + h2.len()) as f64 * 4096.0;
+    let shared = h1.iter().filter(|h| h2.binary_search(h).is_ok()).count();
+    assert!(shared > 2000, "the two guests share only {shared} contents");
+
+    let out = cli(
+        dir,
+        &[
+            "evacuate", "--index", &addrs, "--from", "ga", "--to", "gb,gc", "--json",
+        ],
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(
+        out.status.success() && rep["ok"] == true,
+        "evacuate failed: {}\n{rep:#}\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log(),
+        b.log(),
+        c.log()
+    );
+    let placed: Vec<(String, String, String)> = rep["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().into(),
+                v["to"].as_str().unwrap().into(),
+                v["kind"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(
+        placed.contains(&("vm1".into(), "gc".into(), "qemu".into())),
+        "{placed:?}"
+    );
+    assert!(
+        placed.contains(&("vm2".into(), "gb".into(), "qemu".into())),
+        "{placed:?}"
+    );
+    for g in [&vm1_in, &vm2_in] {
+        assert_eq!(
+            wait_status(g, "running", Duration::from_secs(60)),
+            "running"
+        );
+        assert!(
+            g.advances(Duration::from_secs(2)),
+            "{} does not run",
+            g.name
+        );
+    }
+    let multicast = rep["bytes_by_class"]["multicast"].as_f64().unwrap();
+    let source = rep["source_bytes"].as_f64().unwrap();
+    eprintln!(
+        "shared {shared} contents; source sent {source} bytes ({multicast} multicast), separate migrations would send at least {separate}"
+    );
+    assert!(
+        multicast > shared as f64 * 4096.0 * 0.9,
+        "the shared contents were not cast: {multicast}"
+    );
+    // Sending the shared contents once saves most of them (the rest of
+    // the difference is the streams' page records and device state).
+    assert!(
+        source < separate - 0.6 * shared as f64 * 4096.0,
+        "the source sent {source} bytes; separate migrations would send {separate}, and {shared} contents are shared"
+    );
 }

@@ -225,6 +225,7 @@ impl AgentClient {
                     out.frames = p.frames;
                     out.nonzero_frames = p.nonzero_frames;
                     out.memory_bytes = p.memory_bytes;
+                    out.kind = p.kind.clone();
                     out.rewrite_pages_per_s = if p.rewrite_pages_per_s.is_finite() {
                         p.rewrite_pages_per_s.clamp(0.0, 1e9)
                     } else {
@@ -312,6 +313,8 @@ pub struct VmContentAnswer {
     pub memory_bytes: u64,
     /// Distinct pages its guest rewrites a second (0: not measured yet).
     pub rewrite_pages_per_s: f64,
+    /// "qemu" for an adopted QEMU VM ("micro-vm" or "" otherwise).
+    pub kind: String,
 }
 
 /// A cast under way: its result comes on this connection.

@@ -90,6 +90,16 @@ impl Jobs {
             .push(slot.clone());
     }
 
+    /// Registers a landing slot (an adopted QEMU VM arriving) with `job`.
+    pub(crate) fn open_slot(&self, job: &str, slot: &Arc<IncomingSlot>) {
+        self.open(job, slot);
+    }
+
+    /// Unregisters a landing slot.
+    pub(crate) fn close_slot(&self, job: &str, slot: &Arc<IncomingSlot>) {
+        self.close(job, slot);
+    }
+
     fn close(&self, job: &str, slot: &Arc<IncomingSlot>) {
         let mut m = lock(&self.slots);
         if let Some(v) = m.get_mut(job) {
@@ -863,9 +873,13 @@ fn fetch_domain(
 
 /// The distinct contents of a VM, from the content map, in frames.
 pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, AgentError> {
-    agent.not_adopted(name, "a gang job (evacuate, clone)")?;
     let (hashes, memory) = agent.vm_hashes(name)?;
     let rewrites = agent.vm_rewrite_rate(name)?;
+    let kind = if agent.is_adopted(name) {
+        "qemu"
+    } else {
+        "micro-vm"
+    };
     let frames = hashes.len() as u64;
     let nonzero = hashes.iter().filter(|h| !h.is_zero_page()).count() as u64;
     let mut distinct: Vec<PageHash> = hashes.into_iter().filter(|h| !h.is_zero_page()).collect();
@@ -883,6 +897,7 @@ pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, A
             nonzero_frames: nonzero,
             memory_bytes: memory,
             rewrite_pages_per_s: rewrites,
+            kind: kind.into(),
         });
         if last {
             return Ok(parts);

@@ -555,6 +555,9 @@ impl Agent {
 
     /// A VM's frame hashes as the content map has them now, and its memory.
     pub fn vm_hashes(&self, name: &str) -> Result<(Vec<PageHash>, u64), AgentError> {
+        if self.is_adopted(name) {
+            return self.adopted_hashes(name);
+        }
         let e = lock(&self.vms)
             .get(name)
             .cloned()
@@ -569,6 +572,9 @@ impl Agent {
     /// Distinct pages VM `name`'s guest rewrote a second lately, from the
     /// dirty log (0 until two content refreshes have run).
     pub fn vm_rewrite_rate(&self, name: &str) -> Result<f64, AgentError> {
+        if let Some(r) = self.adopted_rewrite_rate(name) {
+            return Ok(r);
+        }
         let e = lock(&self.vms)
             .get(name)
             .cloned()

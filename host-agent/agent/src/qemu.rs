@@ -59,6 +59,9 @@ pub(crate) struct Adopted {
     seen: Mutex<Vec<PageHash>>,
     publication: Mutex<Publication>,
     last_scan: Mutex<Option<Instant>>,
+    /// Pages changed between scans, a second (a lower bound of the guest's
+    /// rewrite rate: a page rewritten twice between scans counts once).
+    rewrites: Mutex<crate::RewriteMeter>,
 }
 
 impl Adopted {
@@ -143,6 +146,7 @@ impl Agent {
             seen: Mutex::new(Vec::new()),
             publication: Mutex::new(Publication::new(pages)),
             last_scan: Mutex::new(None),
+            rewrites: Mutex::new(crate::RewriteMeter::default()),
         });
         {
             let vms = lock(&self.vms);
@@ -208,6 +212,31 @@ impl Agent {
             )));
         }
         Ok(())
+    }
+
+    /// An adopted VM's frames' contents, freshly hashed, and its memory
+    /// size.
+    pub(crate) fn adopted_hashes(&self, name: &str) -> Result<(Vec<PageHash>, u64), AgentError> {
+        let a = lock(&self.adopted)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
+        if *lock(&a.state) != "running" {
+            return Err(AgentError::Busy {
+                vm: name.to_owned(),
+                state: *lock(&a.state),
+            });
+        }
+        self.fp.pool().install(|| self.scan_adopted(&a));
+        let h = lock(&a.seen).clone();
+        Ok((h, a.image.len_bytes()))
+    }
+
+    /// An adopted VM's rewrite rate as its scans saw it.
+    pub(crate) fn adopted_rewrite_rate(&self, name: &str) -> Option<f64> {
+        let a = lock(&self.adopted).get(name).cloned()?;
+        let r = lock(&a.rewrites).rate();
+        Some(r)
     }
 
     /// Whether `name` is an adopted VM.
@@ -286,6 +315,7 @@ impl Agent {
         }
         *seen = f.hashes;
         drop(map);
+        lock(&a.rewrites).sample(dirty.count(), Instant::now());
         if let Some(link) = &self.index {
             let mut changes = Vec::new();
             let mut p = lock(&a.publication);
@@ -326,10 +356,13 @@ impl Agent {
     }
 
     /// Migrates adopted VM `r.vm` to the agent at `r.to`, which has
-    /// adopted a waiting QEMU of the same name with `--incoming`.
+    /// adopted a waiting QEMU of the same name with `--incoming`. With
+    /// `r.hold` (a gang job) it tells `hold` what the destination lacks and
+    /// waits for its go before QEMU starts sending.
     pub fn qemu_migrate_out(
         &self,
         r: &v1::MigrateRequest,
+        hold: Option<&mut dyn pagecast_migrate::Hold>,
     ) -> Result<v1::MigrateResult, AgentError> {
         let a = lock(&self.adopted)
             .get(&r.vm)
@@ -346,7 +379,7 @@ impl Agent {
             *s = "migrating-out";
         }
         let started = Instant::now();
-        let res = self.qemu_out(&a, r, started);
+        let res = self.qemu_out(&a, r, started, hold);
         match &res {
             Ok(out) if out.ok => {
                 // The destination runs it: QEMU here is stopped (postmigrate).
@@ -389,6 +422,7 @@ impl Agent {
         a: &Arc<Adopted>,
         r: &v1::MigrateRequest,
         started: Instant,
+        hold: Option<&mut dyn pagecast_migrate::Hold>,
     ) -> Result<v1::MigrateResult, AgentError> {
         let mut q = a.qmp()?;
         let caps = q.capabilities().map_err(qemu_err)?;
@@ -416,6 +450,7 @@ impl Agent {
                 vm: a.name.clone(),
                 domain: a.domain.clone(),
                 domain_check: a.key.check().to_be_bytes().to_vec().into(),
+                job: if r.hold { r.job.clone() } else { String::new() },
             })),
         })?;
         ch.set_read_timeout(Some(STALL))?;
@@ -437,22 +472,38 @@ impl Agent {
                 break;
             }
         }
-        let held = match recv(&mut ch)? {
-            v1::qemu_frame::Body::Held(h) => h,
-            other => return Err(unexpected(&dest, &other)),
-        };
-        if held.bits.len() != offer.len().div_ceil(8) {
-            return Err(AgentError::Unexpected {
-                addr: dest,
-                what: "a held-set of the wrong length".into(),
-            });
+        let mut held = held_set(&mut ch, &dest, &offer)?;
+        if r.hold
+            && let Some(hold) = hold
+        {
+            // A gang job: the coordinator learns what the destination
+            // lacks, has the job's casts and fetches bring it, then says go.
+            let needs: Vec<PageHash> = offer
+                .iter()
+                .filter(|h| !held.contains(h))
+                .copied()
+                .collect();
+            hold.needs(&needs, held.len() as u64)
+                .map_err(|e| AgentError::Qemu(format!("telling the coordinator: {e}")))?;
+            loop {
+                match hold.poll() {
+                    pagecast_migrate::HoldPoll::Go => break,
+                    pagecast_migrate::HoldPoll::Abort(why) => {
+                        return Err(AgentError::Qemu(format!(
+                            "the gang job stopped before the migration: {why}"
+                        )));
+                    }
+                    pagecast_migrate::HoldPoll::Wait => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+            sent += send(
+                &mut ch,
+                &frame(v1::qemu_frame::Body::Recheck(v1::QemuRecheck {})),
+            )?;
+            held = held_set(&mut ch, &dest, &offer)?;
         }
-        let held: HashSet<PageHash> = offer
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| held.bits[i / 8] & (1 << (i % 8)) != 0)
-            .map(|(_, h)| *h)
-            .collect();
         info!(
             "migrating QEMU VM {} to {dest}: it holds {} of {} distinct contents ({:.0} ms to find out)",
             a.name,
@@ -705,9 +756,46 @@ impl Agent {
         }
         let count = stash.len() as u64;
         ch.send(&frame(v1::qemu_frame::Body::Held(v1::QemuHeld {
-            bits: bits.into(),
+            bits: bits.clone().into(),
             count,
         })))?;
+        // In a gang job, the job's casts and fetches bring what it lacks
+        // into a landing slot until the source asks again.
+        let mut first_part = None;
+        if !inc.job.is_empty() {
+            let lacking: Vec<PageHash> = offer
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| bits[i / 8] & (1 << (i % 8)) == 0)
+                .map(|(_, h)| *h)
+                .collect();
+            let slot = Arc::new(
+                pagecast_migrate::IncomingSlot::landing(&a.name, (&a.domain, a.key), &lacking)
+                    .map_err(|e| AgentError::Qemu(format!("a landing slot: {e}")))?,
+            );
+            self.jobs().open_slot(&inc.job, &slot);
+            let _close = CloseSlot(self, inc.job.clone(), slot.clone());
+            // The whole job's transfers run before the go: wait long.
+            ch.set_read_timeout(Some(Duration::from_secs(600)))?;
+            match recv(ch)? {
+                v1::qemu_frame::Body::Recheck(_) => {
+                    for (i, h) in offer.iter().enumerate() {
+                        if bits[i / 8] & (1 << (i % 8)) == 0 && slot.copy(h, &mut page) {
+                            stash.insert(*h, Box::new(page));
+                            bits[i / 8] |= 1 << (i % 8);
+                        }
+                    }
+                    ch.send(&frame(v1::qemu_frame::Body::Held(v1::QemuHeld {
+                        bits: bits.into(),
+                        count: stash.len() as u64,
+                    })))?;
+                }
+                // A source that does not hold: straight to the stream.
+                v1::qemu_frame::Body::Part(p) => first_part = Some(p),
+                other => return Err(unexpected(&peer, &other)),
+            }
+            ch.set_read_timeout(Some(STALL))?;
+        }
 
         // The waiting QEMU listens on a socket of ours.
         let sock = socket_path(self, &a.name, "in");
@@ -736,9 +824,12 @@ impl Agent {
         let mut bytes = 0u64;
         let mut local = 0u64;
         loop {
-            let p = match recv(ch)? {
-                v1::qemu_frame::Body::Part(p) => p,
-                other => return Err(unexpected(&peer, &other)),
+            let p = match first_part.take() {
+                Some(p) => p,
+                None => match recv(ch)? {
+                    v1::qemu_frame::Body::Part(p) => p,
+                    other => return Err(unexpected(&peer, &other)),
+                },
             };
             if p.held.len() != 32 * p.held_at.len() || p.data.len() > PART_BYTES + PAGE {
                 return Err(AgentError::BadRequest("a malformed stream part".into()));
@@ -803,6 +894,30 @@ impl Agent {
     }
 }
 
+/// The destination's answer to an offer: the offered contents it holds.
+fn held_set(
+    ch: &mut Channel,
+    dest: &str,
+    offer: &[PageHash],
+) -> Result<HashSet<PageHash>, AgentError> {
+    let held = match recv(ch)? {
+        v1::qemu_frame::Body::Held(h) => h,
+        other => return Err(unexpected(dest, &other)),
+    };
+    if held.bits.len() != offer.len().div_ceil(8) {
+        return Err(AgentError::Unexpected {
+            addr: dest.to_owned(),
+            what: "a held-set of the wrong length".into(),
+        });
+    }
+    Ok(offer
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| held.bits[i / 8] & (1 << (i % 8)) != 0)
+        .map(|(_, h)| *h)
+        .collect())
+}
+
 fn write_all(out: &mut UnixStream, b: &[u8]) -> Result<(), AgentError> {
     out.write_all(b)
         .map_err(|e| AgentError::Qemu(format!("writing to the destination QEMU: {e}")))
@@ -830,6 +945,7 @@ fn unexpected(peer: &str, b: &v1::qemu_frame::Body) -> AgentError {
         v1::qemu_frame::Body::Held(_) => "a held-set",
         v1::qemu_frame::Body::Part(_) => "a stream part",
         v1::qemu_frame::Body::Done(_) => "a result",
+        v1::qemu_frame::Body::Recheck(_) => "a recheck",
         v1::qemu_frame::Body::Error(e) => {
             return AgentError::Qemu(format!("{peer}: {}", e.message));
         }
@@ -845,6 +961,14 @@ fn unexpected(peer: &str, b: &v1::qemu_frame::Body) -> AgentError {
 fn socket_path(agent: &Agent, name: &str, dir: &str) -> PathBuf {
     let base = agent.data.clone().unwrap_or_else(std::env::temp_dir);
     base.join(format!("qemu-{name}-{dir}-{}.sock", std::process::id()))
+}
+
+/// Closes a landing slot (no cast may write it any more) when dropped.
+struct CloseSlot<'a>(&'a Agent, String, Arc<pagecast_migrate::IncomingSlot>);
+impl Drop for CloseSlot<'_> {
+    fn drop(&mut self) {
+        self.0.jobs().close_slot(&self.1, &self.2);
+    }
 }
 
 struct RemoveOnDrop(PathBuf);

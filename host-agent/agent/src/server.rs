@@ -594,10 +594,17 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
 /// proxy could pass on, so the client hears a heartbeat every second
 /// (phase "qemu") until the result.
 fn qemu_migrate_out(agent: &Agent, ch: Channel, r: &v1::MigrateRequest) {
-    let Ok((_reader, writer)) = ch.split() else {
+    let Ok((reader, writer)) = ch.split() else {
         return;
     };
     let writer = Arc::new(Mutex::new(writer));
+    // A gang job's needs and go travel on this connection.
+    let mut hold = crate::job::CoordinatorHold::new(
+        writer.clone(),
+        reader,
+        r.hold,
+        agent.job_cancel_flag(&r.job),
+    );
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let beat = {
         let w = writer.clone();
@@ -624,7 +631,7 @@ fn qemu_migrate_out(agent: &Agent, ch: Channel, r: &v1::MigrateRequest) {
             }
         })
     };
-    let body = match agent.qemu_migrate_out(r) {
+    let body = match agent.qemu_migrate_out(r, Some(&mut hold)) {
         Ok(res) => Resp::Result(res),
         Err(e) => Resp::Error(e.to_proto()),
     };

@@ -77,6 +77,27 @@ impl IncomingSlot {
         }
     }
 
+    /// A landing slot for contents a gang job brings to a VM whose memory
+    /// is not this host's to write (an adopted QEMU VM arriving through
+    /// its stream proxy): one scratch frame per content in `wants`, which
+    /// the job's casts and fetches fill, hash-checked, and
+    /// [`IncomingSlot::copy`] reads back.
+    pub fn landing(
+        vm: &str,
+        domain: (&str, ContentKey),
+        wants: &[PageHash],
+    ) -> Result<Self, MemoryError> {
+        let region = Region::anonymous_unpopulated((wants.len().max(1) * PAGE_SIZE) as u64)?;
+        let slot = Self::new(vm, domain, region);
+        {
+            let mut st = slot.lock();
+            for (i, h) in wants.iter().enumerate() {
+                st.frames_of.entry(*h).or_default().push(i as u64);
+            }
+        }
+        Ok(slot)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

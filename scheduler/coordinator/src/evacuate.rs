@@ -334,12 +334,62 @@ fn prepare(
                 .collect()
         });
     let mut vm_pages = HashMap::new();
+    let mut qemu_vms = Vec::new();
     for (&v, c) in moving_idx.iter().zip(contents) {
         let c = c?;
         cluster.vms[v].memory_bytes = c.memory_bytes;
         cluster.vms[v].nonzero_pages = c.nonzero_frames;
         cluster.vms[v].rewrite_pages_per_s = c.rewrite_pages_per_s;
+        if c.kind == "qemu" {
+            qemu_vms.push(v);
+        }
         vm_pages.insert(v, c.hashes);
+    }
+    // An adopted QEMU VM goes where the operator started its waiting QEMU
+    // (adopted there with --incoming under the same name).
+    let mut evac = evac;
+    if !qemu_vms.is_empty() {
+        on(Event::Step(format!(
+            "finding the waiting QEMUs of {} QEMU VM(s)",
+            qemu_vms.len()
+        )));
+        let mut waiting: HashMap<String, Vec<HostIdx>> = HashMap::new();
+        for &d in &evac.to {
+            let h = &cluster.hosts[d].name;
+            let addr = &view.host(h).expect("known").address;
+            let list = AgentClient::connect(addr, tls)
+                .and_then(|c| c.vm_list())
+                .map_err(|e| CoordError::Agent {
+                    host: h.clone(),
+                    source: e,
+                })?;
+            for v in list.vms {
+                if v.kind == "qemu" && v.state == "incoming" {
+                    waiting.entry(v.name).or_default().push(d);
+                }
+            }
+        }
+        for v in qemu_vms {
+            let name = &cluster.vms[v].name;
+            match waiting.get(name).map(Vec::as_slice) {
+                Some([d]) => evac.pinned.push((v, *d)),
+                Some(many) => {
+                    return Err(CoordError::Invalid(format!(
+                        "QEMU VM {name} has a waiting QEMU on {} destinations ({}): keep one",
+                        many.len(),
+                        many.iter()
+                            .map(|&d| cluster.hosts[d].name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                None => {
+                    return Err(CoordError::Invalid(format!(
+                        "QEMU VM {name} has no waiting QEMU on any destination: start one with -incoming defer on the host it should go to and adopt it there with `pagecast vm adopt --incoming --name {name}` (docs/qemu.md)"
+                    )));
+                }
+            }
+        }
     }
 
     // Who holds those contents, from the index.
@@ -391,6 +441,11 @@ fn prepare(
             let mut a = pagecast_scheduler::Assignment::new();
             for v in order {
                 let mem = cluster.vms[v].memory_bytes;
+                if let Some(&(_, d)) = evac.pinned.iter().find(|p| p.0 == v) {
+                    free[d] = free[d].saturating_sub(mem);
+                    a.insert(v, d);
+                    continue;
+                }
                 let best = evac
                     .to
                     .iter()
@@ -1075,6 +1130,11 @@ pub fn evacuate(
         if let Some((r, at)) = results.get(&i) {
             o.ok = r.ok;
             o.verified = r.ok && r.verified;
+            o.kind = if r.kind.is_empty() {
+                "micro-vm".into()
+            } else {
+                r.kind.clone()
+            };
             o.downtime_ms = r.downtime_ms;
             o.bytes_sent = r.bytes_sent;
             o.pages_local = local.get(&i).copied().unwrap_or(r.pages_local);
@@ -1093,7 +1153,7 @@ pub fn evacuate(
         } else {
             o.error = "stopped before it started".into();
         }
-        all_ok &= o.ok && o.verified;
+        all_ok &= o.ok && (o.verified || o.kind == "qemu");
     }
     for (src, b) in &t.cast_bytes {
         *report.bytes_by_source.entry(src.clone()).or_default() += b;

@@ -15,8 +15,12 @@ pub struct VmOutcome {
     pub to: String,
     /// It runs at its destination now.
     pub ok: bool,
-    /// Its memory at the destination matched the source's at switchover.
+    /// Its memory at the destination matched the source's at switchover
+    /// (micro-VMs; an adopted QEMU VM's memory is QEMU's to move, and
+    /// pagecast checks only the pages it fills: false for those).
     pub verified: bool,
+    /// "micro-vm", or "qemu" for an adopted QEMU VM.
+    pub kind: String,
     /// From pausing at the source to resuming at the destination.
     pub downtime_ms: f64,
     /// Bytes its migration link carried (the cast bytes of the job are

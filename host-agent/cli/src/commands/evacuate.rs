@@ -43,7 +43,7 @@ use super::index::IndexAddrs;
 /// stay at their sources). Exits non-zero unless every VM moved verified.
 ///
 /// JSON (--json): {"job", "ok", "strategy", "dry_run", "vms": [{"name",
-/// "from", "to", "ok", "verified", "downtime_ms", "bytes_sent",
+/// "from", "to", "ok", "verified", "kind", "downtime_ms", "bytes_sent",
 /// "pages_local", "pages_short_haul", "pages_cast", "error", "in_doubt"}],
 /// "source_bytes", "core_bytes", "bytes_by_class": {"multicast",
 /// "unicast", "short_haul", "repair"}, "eviction_s", "total_s",
