@@ -2,8 +2,9 @@
 //! file, and their migration through pagecast as a stream proxy.
 //!
 //! The agent maps an adopted VM's memory file read-only and hashes all of
-//! it every [`RESCAN`] (it cannot see QEMU's dirty log), so its content map
-//! and the index's listing of it may be up to that stale; every use of a
+//! it every [`RESCAN`] (longer for VMs whose scan is slow; it cannot see
+//! QEMU's dirty log), so its content map and the index's listing of it may
+//! be up to that stale; every use of a
 //! page is hash-checked, so staleness costs bytes, never correctness.
 //!
 //! Migration: the source agent offers the destination the distinct
@@ -35,7 +36,9 @@ use tracing::{info, warn};
 use crate::publish::{self, Publication, VmOp};
 use crate::{Agent, AgentError, lock, valid_name};
 
-/// How often an adopted VM's memory is hashed again.
+/// How often an adopted VM's memory is hashed again, at most: a VM whose
+/// scan takes longer than a twentieth of this is scanned every twenty scan
+/// durations instead, so scanning costs at most 5% of the hashing threads.
 pub const RESCAN: Duration = Duration::from_secs(5);
 /// Hashes per offer message.
 const OFFER_PART: usize = 8192;
@@ -59,6 +62,8 @@ pub(crate) struct Adopted {
     seen: Mutex<Vec<PageHash>>,
     publication: Mutex<Publication>,
     last_scan: Mutex<Option<Instant>>,
+    /// How long the last scan took.
+    scan_took: Mutex<Duration>,
     /// Pages changed between scans, a second (a lower bound of the guest's
     /// rewrite rate: a page rewritten twice between scans counts once).
     rewrites: Mutex<crate::RewriteMeter>,
@@ -146,6 +151,7 @@ impl Agent {
             seen: Mutex::new(Vec::new()),
             publication: Mutex::new(Publication::new(pages)),
             last_scan: Mutex::new(None),
+            scan_took: Mutex::new(Duration::ZERO),
             rewrites: Mutex::new(crate::RewriteMeter::default()),
         });
         {
@@ -267,8 +273,9 @@ impl Agent {
         let due: Vec<Arc<Adopted>> = lock(&self.adopted)
             .values()
             .filter(|a| {
+                let every = RESCAN.max(*lock(&a.scan_took) * 20);
                 *lock(&a.state) == "running"
-                    && lock(&a.last_scan).is_none_or(|t| t.elapsed() >= RESCAN)
+                    && lock(&a.last_scan).is_none_or(|t| t.elapsed() >= every)
             })
             .cloned()
             .collect();
@@ -280,7 +287,9 @@ impl Agent {
     /// Hashes all of an adopted VM's memory; its new contents replace the
     /// old in the content map and in what the index lists.
     fn scan_adopted(&self, a: &Arc<Adopted>) {
+        let t0 = Instant::now();
         let f = self.fp.fingerprint(&a.image, &a.key, &|_| {});
+        *lock(&a.scan_took) = t0.elapsed();
         *lock(&a.last_scan) = Some(Instant::now());
         let mut map = self
             .adopted_content
