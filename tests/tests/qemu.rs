@@ -289,8 +289,7 @@ fn qemu_guests_migrate_through_pagecast() {
         .find(|v| v["name"] == "vm3")
         .map(|v| v["state"].clone());
     assert_eq!(st, Some(json!("running")));
-    // The coordinator sees an adopted VM's content and kind; a clone of
-    // one is refused by name (QEMU VMs are not cloned yet).
+    // The coordinator sees an adopted VM's content and kind.
     let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
     let c = pagecast_agent::client::AgentClient::connect(&a.addr, &op)
         .unwrap()
@@ -298,25 +297,6 @@ fn qemu_guests_migrate_through_pagecast() {
         .unwrap();
     assert_eq!(c.kind, "qemu");
     assert!(c.hashes.len() > 1000);
-    let e = pagecast_agent::client::AgentClient::connect(&a.addr, &op)
-        .unwrap()
-        .clone_vm(
-            pagecast_proto::v1::CloneRequest {
-                vm: "vm3".into(),
-                targets: vec![pagecast_proto::v1::CloneTarget {
-                    name: "vm3-copy".into(),
-                    addr: b.addr.clone(),
-                }],
-                ..Default::default()
-            },
-            &mut |_| {},
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("adopted QEMU VM") && e.contains("pagecast migrate"),
-        "{e}"
-    );
     // vm stop only forgets an adopted VM: QEMU runs on.
     cli_json(
         dir,
@@ -327,9 +307,10 @@ fn qemu_guests_migrate_through_pagecast() {
 
 /// Two QEMU guests of one image evacuated together from one host to two:
 /// each goes where its waiting QEMU was adopted, and the contents they
-/// share leave the source once, multicast to both destinations.
+/// share leave the source once, multicast to both destinations. Then one
+/// is cloned to two hosts, its contents cast once to both.
 #[test]
-fn qemu_guests_evacuate_together_and_share_one_cast() {
+fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
     use pagecast_tests::cluster::{IndexCluster, eventually};
     let Some((qemu, kernel)) = qemu_or_skip() else {
         return;
@@ -458,5 +439,57 @@ fn qemu_guests_evacuate_together_and_share_one_cast() {
     assert!(
         source < separate - 0.6 * shared as f64 * 4096.0,
         "the source sent {source} bytes; separate migrations would send {separate}, and {shared} contents are shared"
+    );
+
+    // Clone vm1 (now at gc) to ga, which holds nothing, and gb, which runs
+    // vm2 of the same image: waiting QEMUs adopted there under the clone
+    // names. What they lack is cast once; the source runs on.
+    let c1 = Guest::start(dir, "vm1-ga", &qemu, &kernel, Start::Defer);
+    let c2 = Guest::start(dir, "vm1-gb", &qemu, &kernel, Start::Defer);
+    adopt(dir, &a, &c1, true);
+    adopt(dir, &b, &c2, true);
+    let out = cli(
+        dir,
+        &[
+            "clone", "--index", &addrs, "--vm", "vm1", "--to", "ga,gb", "--json",
+        ],
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(
+        out.status.success() && rep["ok"] == true,
+        "clone failed: {}\n{rep:#}\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log(),
+        b.log(),
+        c.log()
+    );
+    for g in [&c1, &c2] {
+        assert_eq!(
+            wait_status(g, "running", Duration::from_secs(60)),
+            "running"
+        );
+        assert!(
+            g.advances(Duration::from_secs(2)),
+            "clone {} does not run",
+            g.name
+        );
+    }
+    assert_eq!(
+        wait_status(&vm1_in, "running", Duration::from_secs(20)),
+        "running"
+    );
+    assert!(
+        vm1_in.advances(Duration::from_secs(2)),
+        "the clone's source stopped"
+    );
+    let source = rep["source_bytes"].as_f64().unwrap();
+    let one_copy = h1.len() as f64 * 4096.0;
+    eprintln!(
+        "clone to 2 hosts: {source} bytes from the source; one copy of vm1's distinct contents is {one_copy}"
+    );
+    assert!(
+        source < 1.5 * one_copy,
+        "cloning to two hosts sent {source} bytes, not much less than two copies ({})",
+        2.0 * one_copy
     );
 }

@@ -996,7 +996,6 @@ impl Agent {
         r: &v1::CloneRequest,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<v1::CloneResult, AgentError> {
-        self.not_adopted(&r.vm, "clone")?;
         let entry = lock(&self.vms)
             .get(&r.vm)
             .cloned()

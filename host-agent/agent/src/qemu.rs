@@ -105,6 +105,76 @@ impl Adopted {
     }
 }
 
+/// Makes sure the source QEMU runs: cancels a migration still under way
+/// and resumes a guest QEMU stopped after sending everything.
+fn resume_source(a: &Adopted) {
+    let Ok(mut q) = a.qmp() else {
+        return;
+    };
+    match q.migration() {
+        Ok((s, _)) if s == "active" || s == "setup" || s == "pre-switchover" => {
+            let _ = q.execute("migrate_cancel", json!({}));
+        }
+        _ => {}
+    }
+    // Cancelling takes a moment to settle.
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        match q.status().as_deref() {
+            Ok("running") => break,
+            Ok("postmigrate") | Ok("paused") => {
+                let _ = q.execute("cont", json!({}));
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Has QEMU migrate to a Unix socket of ours at `sock` and returns the
+/// connection its stream comes on.
+fn start_stream(q: &mut Qmp, sock: &Path) -> Result<UnixStream, AgentError> {
+    let _ = std::fs::remove_file(sock);
+    let listener = UnixListener::bind(sock)
+        .map_err(|e| AgentError::Qemu(format!("cannot listen on {}: {e}", sock.display())))?;
+    q.execute(
+        "migrate",
+        json!({ "uri": format!("unix:{}", sock.display()) }),
+    )
+    .map_err(qemu_err)?;
+    listener.set_nonblocking(true).map_err(qemu_err)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let input = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(AgentError::Qemu(
+                        "QEMU did not connect to the migration socket within 10 s".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(qemu_err(e)),
+        }
+    };
+    input.set_nonblocking(false).map_err(qemu_err)?;
+    input.set_read_timeout(Some(STALL)).map_err(qemu_err)?;
+    Ok(input)
+}
+
+/// Refuses a migration stream the proxy cannot carry, naming the
+/// capability to turn off.
+fn check_capabilities(q: &mut Qmp, name: &str) -> Result<(), AgentError> {
+    let caps = q.capabilities().map_err(qemu_err)?;
+    if let Some((cap, why)) = pagecast_qemu::refused_capability(&caps) {
+        return Err(AgentError::BadRequest(format!(
+            "QEMU VM {name} has migration capability {cap:?} on, which {why}; pagecast cannot carry that stream: turn it off (migrate-set-capabilities {cap} false) and migrate again"
+        )));
+    }
+    Ok(())
+}
+
 fn qemu_err(e: impl std::fmt::Display) -> AgentError {
     AgentError::Qemu(e.to_string())
 }
@@ -207,17 +277,6 @@ impl Agent {
             }
         }
         Some(a.info())
-    }
-
-    /// Refuses gang operations (`what`) on an adopted QEMU VM, which they
-    /// do not move yet.
-    pub(crate) fn not_adopted(&self, name: &str, what: &str) -> Result<(), AgentError> {
-        if self.is_adopted(name) {
-            return Err(AgentError::BadRequest(format!(
-                "{name} is an adopted QEMU VM, and {what} does not move QEMU VMs yet: move it with `pagecast migrate --vm {name}` (docs/qemu.md)"
-            )));
-        }
-        Ok(())
     }
 
     /// An adopted VM's frames' contents, freshly hashed, and its memory
@@ -401,26 +460,7 @@ impl Agent {
                 // QEMU's own semantics: a failed migration leaves the source
                 // running; if QEMU had finished sending and stopped, it
                 // runs again here.
-                if let Ok(mut q) = a.qmp() {
-                    match q.migration() {
-                        Ok((s, _)) if s == "active" || s == "setup" || s == "pre-switchover" => {
-                            let _ = q.execute("migrate_cancel", json!({}));
-                        }
-                        _ => {}
-                    }
-                    // Cancelling takes a moment to settle.
-                    let until = Instant::now() + Duration::from_secs(10);
-                    while Instant::now() < until {
-                        match q.status().as_deref() {
-                            Ok("running") => break,
-                            Ok("postmigrate") | Ok("paused") => {
-                                let _ = q.execute("cont", json!({}));
-                            }
-                            _ => {}
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
+                resume_source(&a);
             }
         }
         res
@@ -434,13 +474,7 @@ impl Agent {
         hold: Option<&mut dyn pagecast_migrate::Hold>,
     ) -> Result<v1::MigrateResult, AgentError> {
         let mut q = a.qmp()?;
-        let caps = q.capabilities().map_err(qemu_err)?;
-        if let Some((cap, why)) = pagecast_qemu::refused_capability(&caps) {
-            return Err(AgentError::BadRequest(format!(
-                "QEMU VM {} has migration capability {cap:?} on, which {why}; pagecast cannot carry that stream: turn it off (migrate-set-capabilities {cap} false) and migrate again",
-                a.name
-            )));
-        }
+        check_capabilities(&mut q, &a.name)?;
         // What it holds now.
         self.fp.pool().install(|| self.scan_adopted(a));
         let mut offer: Vec<PageHash> = lock(&a.seen)
@@ -523,33 +557,8 @@ impl Agent {
 
         // QEMU migrates to a socket of ours.
         let sock = socket_path(self, &a.name, "out");
-        let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock)
-            .map_err(|e| AgentError::Qemu(format!("cannot listen on {}: {e}", sock.display())))?;
         let _cleanup = RemoveOnDrop(sock.clone());
-        q.execute(
-            "migrate",
-            json!({ "uri": format!("unix:{}", sock.display()) }),
-        )
-        .map_err(qemu_err)?;
-        listener.set_nonblocking(true).map_err(qemu_err)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let input = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        return Err(AgentError::Qemu(
-                            "QEMU did not connect to the migration socket within 10 s".into(),
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(qemu_err(e)),
-            }
-        };
-        input.set_nonblocking(false).map_err(qemu_err)?;
-        input.set_read_timeout(Some(STALL)).map_err(qemu_err)?;
+        let input = start_stream(&mut q, &sock)?;
         let mut sink = PartSink {
             ch: &mut ch,
             key: a.key,
@@ -640,6 +649,318 @@ impl Agent {
             started.elapsed().as_secs_f64() * 1e3
         );
         Ok(out)
+    }
+
+    /// Clones adopted VM `r.vm` to the agents of `r.targets`, each of
+    /// which has adopted a waiting QEMU under the clone's name: the
+    /// contents some target lacks are cast once (multicast) into their
+    /// landing slots, then QEMU's stream goes to every target with the
+    /// pages each holds as hashes. The source runs on (resumed if QEMU
+    /// stopped it at the end of the stream).
+    pub fn qemu_clone_out(&self, r: &v1::CloneRequest) -> Result<v1::CloneResult, AgentError> {
+        let a = lock(&self.adopted)
+            .get(&r.vm)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchVm(r.vm.clone()))?;
+        if r.targets.is_empty() {
+            return Err(AgentError::BadRequest(
+                "a clone needs at least one target".into(),
+            ));
+        }
+        {
+            let mut s = lock(&a.state);
+            if *s != "running" {
+                return Err(AgentError::Busy {
+                    vm: r.vm.clone(),
+                    state: *s,
+                });
+            }
+            *s = "cloning";
+        }
+        let res = self.qemu_clone_run(&a, r);
+        *lock(&a.state) = "running";
+        let t = Instant::now();
+        resume_source(&a);
+        let mut res = res?;
+        res.downtime_ms += t.elapsed().as_secs_f64() * 1e3;
+        Ok(res)
+    }
+
+    fn qemu_clone_run(
+        &self,
+        a: &Arc<Adopted>,
+        r: &v1::CloneRequest,
+    ) -> Result<v1::CloneResult, AgentError> {
+        let started = Instant::now();
+        let mut q = a.qmp()?;
+        check_capabilities(&mut q, &a.name)?;
+        self.fp.pool().install(|| self.scan_adopted(a));
+        let mut frame_of: HashMap<PageHash, u64> = HashMap::new();
+        for (f, h) in lock(&a.seen).iter().enumerate() {
+            if !h.is_zero_page() {
+                frame_of.entry(*h).or_insert(f as u64);
+            }
+        }
+        let mut offer: Vec<PageHash> = frame_of.keys().copied().collect();
+        offer.sort_unstable();
+        let job = if r.job.is_empty() {
+            format!("clone-{}", a.name)
+        } else {
+            r.job.clone()
+        };
+
+        // Every target: its channel, what it holds, how it ends.
+        struct Target {
+            name: String,
+            ch: Option<Channel>,
+            peer: String,
+            held: HashSet<PageHash>,
+            error: String,
+        }
+        impl FanTarget for Target {
+            fn channel(&mut self) -> Option<&mut Channel> {
+                self.ch.as_mut()
+            }
+            fn holds(&self, h: &PageHash) -> bool {
+                self.held.contains(h)
+            }
+            fn fail(&mut self, why: String) {
+                self.error = why;
+            }
+        }
+        let mut sent = 0u64;
+        let mut targets: Vec<Target> = Vec::new();
+        for t in &r.targets {
+            let mut x = Target {
+                name: t.name.clone(),
+                ch: None,
+                peer: t.addr.clone(),
+                held: HashSet::new(),
+                error: String::new(),
+            };
+            let opened = (|| -> Result<(Channel, HashSet<PageHash>, u64), AgentError> {
+                let mut ch = self.connect_host(&t.addr, "receive a cloned QEMU VM")?;
+                let peer = ch.peer_name().to_owned();
+                ch.send(&v1::AgentRequest {
+                    body: Some(v1::agent_request::Body::QemuIncoming(v1::QemuIncoming {
+                        source: self.name.clone(),
+                        vm: t.name.clone(),
+                        domain: a.domain.clone(),
+                        domain_check: a.key.check().to_be_bytes().to_vec().into(),
+                        job: job.clone(),
+                    })),
+                })?;
+                ch.set_read_timeout(Some(STALL))?;
+                let mut n = 0;
+                let mut chunks = offer.chunks(OFFER_PART).peekable();
+                loop {
+                    let c = chunks.next().unwrap_or(&[]);
+                    let last = chunks.peek().is_none();
+                    n += send(
+                        &mut ch,
+                        &frame(v1::qemu_frame::Body::Offer(v1::QemuOffer {
+                            hashes: c
+                                .iter()
+                                .flat_map(|h| h.as_bytes().iter().copied())
+                                .collect::<Vec<u8>>()
+                                .into(),
+                            last,
+                        })),
+                    )?;
+                    if last {
+                        break;
+                    }
+                }
+                let held = held_set(&mut ch, &peer, &offer)?;
+                Ok((ch, held, n))
+            })();
+            match opened {
+                Ok((ch, held, n)) => {
+                    x.peer = ch.peer_name().to_owned();
+                    x.ch = Some(ch);
+                    x.held = held;
+                    sent += n;
+                }
+                Err(e) => x.error = e.to_string(),
+            }
+            targets.push(x);
+        }
+        let live: Vec<usize> = (0..targets.len())
+            .filter(|&i| targets[i].ch.is_some())
+            .collect();
+        if live.is_empty() {
+            return Err(AgentError::Qemu(format!(
+                "no target could be reached: {}",
+                targets
+                    .iter()
+                    .map(|t| format!("{}: {}", t.name, t.error))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
+        }
+
+        // One cast of every content some live target lacks, each page to
+        // the targets lacking it.
+        let mut frames = Vec::new();
+        let mut members = Vec::new();
+        for h in &offer {
+            let m: Vec<usize> = live
+                .iter()
+                .enumerate()
+                .filter(|(_, ti)| !targets[**ti].held.contains(h))
+                .map(|(k, _)| k)
+                .collect();
+            if !m.is_empty() {
+                frames.push(frame_of[h]);
+                members.push(m);
+            }
+        }
+        let mut cast_bytes = 0;
+        if !frames.is_empty() {
+            let receivers: Vec<String> = live.iter().map(|&i| targets[i].peer.clone()).collect();
+            let mut caster = crate::job::AgentCaster {
+                agent: self,
+                vm: &a.image,
+                key: a.key,
+                rate_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
+                job: job.clone(),
+                casts: 0,
+            };
+            let mut invite =
+                |k: usize, control: &str| -> Result<(), pagecast_migrate::MigrationError> {
+                    let ch = targets[live[k]].ch.as_mut().expect("live");
+                    ch.send(&frame(v1::qemu_frame::Body::Join(v1::QemuJoin {
+                        control: control.to_owned(),
+                    })))
+                    .map_err(pagecast_migrate::MigrationError::Link)
+                };
+            match pagecast_migrate::Caster::cast(
+                &mut caster,
+                &frames,
+                &members,
+                false,
+                &receivers,
+                &mut invite,
+            ) {
+                Ok(o) => cast_bytes = o.bytes,
+                // Its pages then travel in the stream.
+                Err(e) => warn!("the clone's cast of {} failed: {e}", a.name),
+            }
+        }
+        for &i in &live {
+            let t = &mut targets[i];
+            let ch = t.ch.as_mut().expect("live");
+            let again = send(
+                ch,
+                &frame(v1::qemu_frame::Body::Recheck(v1::QemuRecheck {})),
+            )
+            .and_then(|n| Ok((n, held_set(ch, &t.peer, &offer)?)));
+            match again {
+                Ok((n, held)) => {
+                    sent += n;
+                    t.held = held;
+                }
+                Err(e) => {
+                    t.error = e.to_string();
+                    t.ch = None;
+                }
+            }
+        }
+
+        // QEMU's stream, to every target at once.
+        let sock = socket_path(self, &a.name, "clone");
+        let _cleanup = RemoveOnDrop(sock.clone());
+        let input = start_stream(&mut q, &sock)?;
+        let mut input = std::io::BufReader::with_capacity(256 << 10, input);
+        let mut outs: Vec<(usize, PartSinkState)> = targets
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.ch.is_some())
+            .map(|(i, _)| (i, PartSinkState::default()))
+            .collect();
+        let mut fan = FanSink {
+            key: a.key,
+            targets: &mut targets,
+            outs: &mut outs,
+        };
+        let st = pagecast_qemu::proxy(&mut input, &mut fan).map_err(|e| match e {
+            StreamError::Unsupported { .. } => AgentError::BadRequest(e.to_string()),
+            other => AgentError::Qemu(other.to_string()),
+        })?;
+        fan.finish();
+        drop(input);
+        for (i, o) in &outs {
+            sent += o.sent;
+            let t = &mut targets[*i];
+            let Some(ch) = t.ch.as_mut() else { continue };
+            match recv(ch) {
+                Ok(v1::qemu_frame::Body::Done(d)) if d.ok => {}
+                Ok(v1::qemu_frame::Body::Done(d)) => t.error = d.error,
+                Ok(other) => t.error = unexpected(&t.peer, &other).to_string(),
+                Err(e) => t.error = e.to_string(),
+            }
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        let (status, m) = loop {
+            let (s, m) = q.migration().map_err(qemu_err)?;
+            if s != "active" && s != "setup" && s != "device" || Instant::now() > until {
+                break (s, m);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        drop(q);
+        let clones: Vec<v1::CloneOne> = targets
+            .iter()
+            .map(|t| v1::CloneOne {
+                name: t.name.clone(),
+                host: t.peer.clone(),
+                ok: t.error.is_empty() && t.ch.is_some() && status == "completed",
+                verified: false,
+                error: if status != "completed" && t.error.is_empty() {
+                    format!("the source QEMU says the migration is {status}")
+                } else {
+                    t.error.clone()
+                },
+            })
+            .collect();
+        info!(
+            "cloned QEMU VM {} to {} target(s): stream of {} bytes, {} pages; {} bytes cast, {} bytes in all",
+            a.name,
+            clones.iter().filter(|c| c.ok).count(),
+            st.bytes,
+            st.pages,
+            cast_bytes,
+            sent + cast_bytes
+        );
+        Ok(v1::CloneResult {
+            ok: clones.iter().all(|c| c.ok),
+            error: String::new(),
+            bytes_sent: sent + cast_bytes,
+            bytes_cast: cast_bytes,
+            downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            rounds: 0,
+            clones,
+        })
+    }
+
+    /// Receives a clone's cast into a landing slot.
+    fn join_qemu_cast(
+        &self,
+        slot: &Arc<pagecast_migrate::IncomingSlot>,
+        control: &str,
+    ) -> Result<u64, String> {
+        let control: std::net::SocketAddr = control
+            .parse()
+            .map_err(|_| format!("bad cast address {control:?}"))?;
+        let mut cfg =
+            pagecast_multicast::ReceiverConfig::new(control, self.cast_iface(), self.name());
+        cfg.silent_after = Duration::from_secs(10);
+        cfg.content_keys = vec![*slot.key()];
+        let mut sink = crate::job::SlotSink::new(vec![slot.clone()]);
+        pagecast_multicast::receive(&cfg, self.tls(), &mut sink, &|_, _| {})
+            .map_err(|e| e.to_string())?;
+        Ok(sink.filled)
     }
 
     fn connect_host(&self, to: &str, what: &str) -> Result<Channel, AgentError> {
@@ -786,7 +1107,19 @@ impl Agent {
             let _close = CloseSlot(self, inc.job.clone(), slot.clone());
             // The whole job's transfers run before the go: wait long.
             ch.set_read_timeout(Some(Duration::from_secs(600)))?;
-            match recv(ch)? {
+            let mut next = recv(ch)?;
+            while let v1::qemu_frame::Body::Join(j) = &next {
+                // A clone's cast: receive it into the landing slot.
+                let filled = self.join_qemu_cast(&slot, &j.control);
+                if let Err(e) = filled {
+                    warn!(
+                        "QEMU VM {}: the clone's cast failed here ({e}); its pages come in the stream",
+                        a.name
+                    );
+                }
+                next = recv(ch)?;
+            }
+            match next {
                 v1::qemu_frame::Body::Recheck(_) => {
                     for (i, h) in offer.iter().enumerate() {
                         if bits[i / 8] & (1 << (i % 8)) == 0 && slot.copy(h, &mut page) {
@@ -955,6 +1288,7 @@ fn unexpected(peer: &str, b: &v1::qemu_frame::Body) -> AgentError {
         v1::qemu_frame::Body::Part(_) => "a stream part",
         v1::qemu_frame::Body::Done(_) => "a result",
         v1::qemu_frame::Body::Recheck(_) => "a recheck",
+        v1::qemu_frame::Body::Join(_) => "a cast invitation",
         v1::qemu_frame::Body::Error(e) => {
             return AgentError::Qemu(format!("{peer}: {}", e.message));
         }
@@ -984,6 +1318,116 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// One clone target's part being built.
+#[derive(Default)]
+struct PartSinkState {
+    data: Vec<u8>,
+    held_at: Vec<u32>,
+    held: Vec<u8>,
+    sent: u64,
+    failed: bool,
+}
+
+/// The stream to every clone target, each with the pages it holds as
+/// hashes. A target whose link fails is dropped; the others go on.
+struct FanSink<'a, T> {
+    key: ContentKey,
+    targets: &'a mut [T],
+    outs: &'a mut Vec<(usize, PartSinkState)>,
+}
+
+trait FanTarget {
+    fn channel(&mut self) -> Option<&mut Channel>;
+    fn holds(&self, h: &PageHash) -> bool;
+    fn fail(&mut self, why: String);
+}
+
+impl<T: FanTarget> FanSink<'_, T> {
+    fn flush(&mut self, last: bool) {
+        for (i, o) in self.outs.iter_mut() {
+            if o.failed {
+                continue;
+            }
+            let p = v1::QemuStreamPart {
+                data: std::mem::take(&mut o.data).into(),
+                held_at: std::mem::take(&mut o.held_at),
+                held: std::mem::take(&mut o.held).into(),
+                last,
+            };
+            let t = &mut self.targets[*i];
+            let res = match t.channel() {
+                Some(ch) => send(ch, &frame(v1::qemu_frame::Body::Part(p))),
+                None => Err(AgentError::Qemu("no link".into())),
+            };
+            match res {
+                Ok(n) => o.sent += n,
+                Err(e) => {
+                    o.failed = true;
+                    t.fail(format!("sending the stream: {e}"));
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.flush(true);
+    }
+
+    fn full(&mut self) {
+        if self
+            .outs
+            .iter()
+            .any(|(_, o)| !o.failed && (o.data.len() >= PART_BYTES || o.held_at.len() >= 4096))
+        {
+            self.flush(false);
+        }
+    }
+}
+
+impl<T: FanTarget> Sink for FanSink<'_, T> {
+    fn raw(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let longest = self
+                .outs
+                .iter()
+                .filter(|(_, o)| !o.failed)
+                .map(|(_, o)| o.data.len())
+                .max()
+                .unwrap_or(0);
+            let n = rest.len().min(PART_BYTES.saturating_sub(longest).max(1));
+            for (_, o) in self.outs.iter_mut() {
+                if !o.failed {
+                    o.data.extend_from_slice(&rest[..n]);
+                }
+            }
+            rest = &rest[n..];
+            self.full();
+        }
+        if self.outs.iter().all(|(_, o)| o.failed) {
+            return Err(StreamError::Sink("every clone target failed".into()));
+        }
+        Ok(())
+    }
+
+    fn page(&mut self, _block: &str, _offset: u64, page: &[u8; PAGE]) -> Result<(), StreamError> {
+        let h = self.key.hash_page(page);
+        for (i, o) in self.outs.iter_mut() {
+            if o.failed {
+                continue;
+            }
+            if !h.is_zero_page() && self.targets[*i].holds(&h) {
+                o.held_at.push(o.data.len() as u32);
+                o.held.extend_from_slice(h.as_bytes());
+            } else {
+                o.data.extend_from_slice(page);
+            }
+        }
+        self.full();
+        Ok(())
     }
 }
 

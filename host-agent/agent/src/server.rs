@@ -432,15 +432,21 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
                     span.in_scope(|| {
                         let mut last: Option<Instant> = None;
                         let mut gone = false;
-                        let res = a.clone_out(&r, &mut |p| {
-                            if gone
-                                || last.is_some_and(|t| t.elapsed() < Duration::from_millis(100))
-                            {
-                                return;
-                            }
-                            last = Some(Instant::now());
-                            gone = send_blocking(&mut ch, Resp::Progress(p.to_proto())).is_err();
-                        });
+                        let res = if a.is_adopted(&r.vm) {
+                            a.qemu_clone_out(&r)
+                        } else {
+                            a.clone_out(&r, &mut |p| {
+                                if gone
+                                    || last
+                                        .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+                                {
+                                    return;
+                                }
+                                last = Some(Instant::now());
+                                gone =
+                                    send_blocking(&mut ch, Resp::Progress(p.to_proto())).is_err();
+                            })
+                        };
                         let body = match res {
                             Ok(c) => {
                                 info!(
