@@ -364,9 +364,34 @@ fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
             Err(format!("{n} of 2 listed"))
         }
     });
+    let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
+    // The index lists exactly what the adopted VMs' scans hold (the
+    // agent's audit against the index's holdings, shard by shard).
+    let mut ic = idx.client();
+    eventually(Duration::from_secs(30), "the index exact for ga", || {
+        let hosts = ic.hosts(false).map_err(|e| e.to_string())?;
+        let host = hosts
+            .iter()
+            .find(|h| h.name == "ga")
+            .ok_or("ga not listed")?;
+        let audit = pagecast_agent::client::AgentClient::connect(&a.addr, &op)
+            .and_then(|x| x.audit(2, false))
+            .map_err(|e| e.to_string())?;
+        for s in 0..2u32 {
+            let fresh = pagecast_index::holders::HoldingSum::decode(&audit.fresh[s as usize])
+                .ok_or("bad audit")?;
+            let listed = ic.holdings(s, host.index).map_err(|e| e.to_string())?;
+            if fresh != listed || fresh.distinct == 0 {
+                return Err(format!(
+                    "shard {s}: scans hold {} contents, the index lists {}",
+                    fresh.distinct, listed.distinct
+                ));
+            }
+        }
+        Ok(())
+    });
     // What two separate migrations would have to send at the least: each
     // VM's distinct contents.
-    let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
     let distinct = |vm: &str| {
         pagecast_agent::client::AgentClient::connect(&a.addr, &op)
             .unwrap()

@@ -656,6 +656,11 @@ impl Agent {
                 }
             }
         }
+        if !ledger_only {
+            // Adopted QEMU VMs as their last scan saw them (what their
+            // listing is made from; their memory may have moved on since).
+            self.adopted_audit(&mut fresh, &mut hot);
+        }
         let mut fresh_sums = vec![HoldingSum::default(); n as usize];
         for (h, c) in &fresh {
             fresh_sums[shard_of(h, n) as usize].change(h.as_bytes(), 0, *c);

@@ -297,6 +297,27 @@ impl Agent {
         Ok((h, a.image.len_bytes()))
     }
 
+    /// Adds what published adopted VMs hold, per their last scan, to an
+    /// audit's counts (hot frames, left out of listings, counted apart).
+    pub(crate) fn adopted_audit(&self, fresh: &mut HashMap<PageHash, u64>, hot: &mut u64) {
+        let all: Vec<Arc<Adopted>> = lock(&self.adopted).values().cloned().collect();
+        for a in all {
+            // The scan's order: its hashes, then its publication.
+            let seen = lock(&a.seen);
+            let p = lock(&a.publication);
+            if !p.is_live() {
+                continue;
+            }
+            for (frame, h) in seen.iter().enumerate() {
+                if p.is_hot(frame as u64) {
+                    *hot += 1;
+                } else if !h.is_zero_page() {
+                    *fresh.entry(*h).or_default() += 1;
+                }
+            }
+        }
+    }
+
     /// An adopted VM's rewrite rate as its scans saw it.
     pub(crate) fn adopted_rewrite_rate(&self, name: &str) -> Option<f64> {
         let a = lock(&self.adopted).get(name).cloned()?;
