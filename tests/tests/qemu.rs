@@ -289,6 +289,49 @@ fn qemu_guests_migrate_through_pagecast() {
         .find(|v| v["name"] == "vm3")
         .map(|v| v["state"].clone());
     assert_eq!(st, Some(json!("running")));
+    // Ctrl-C of `pagecast migrate` stops a QEMU migration under way; the
+    // source runs on. (The dead destination is forgotten, a new one waits.)
+    cli_json(
+        dir,
+        &["vm", "stop", "--agent", &b.addr, "--name", "vm3", "--json"],
+    );
+    let mut vm3_again = Guest::start(dir, "vm3-again", &qemu, &kernel, Start::Defer);
+    vm3_again.name = "vm3".into();
+    adopt(dir, &b, &vm3_again, true);
+    let child = std::process::Command::new(pagecast_tests::pagecast_bin())
+        .args(["migrate", "--vm", "vm3", "--from", &a.addr, "--to", &b.addr])
+        .env("PAGECAST_TLS", pagecast_tests::pki::operator())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    let blank = std::fs::read(&vm3_again.ram).unwrap();
+    while std::fs::read(&vm3_again.ram).unwrap() == blank {
+        assert!(
+            Instant::now() < until,
+            "vm3's second migration never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(blank);
+    // SAFETY: sending SIGINT to our own child process, which is alive.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an interrupted migration succeeded");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(
+        wait_status(&vm3, "running", Duration::from_secs(20)),
+        "running"
+    );
+    assert!(
+        vm3.advances(Duration::from_secs(2)),
+        "the source stopped after Ctrl-C"
+    );
+
     // The coordinator sees an adopted VM's content and kind.
     let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
     let c = pagecast_agent::client::AgentClient::connect(&a.addr, &op)

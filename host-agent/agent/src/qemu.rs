@@ -537,8 +537,9 @@ impl Agent {
             }
         }
         let mut held = held_set(&mut ch, &dest, &offer)?;
+        let mut hold = hold;
         if r.hold
-            && let Some(hold) = hold
+            && let Some(hold) = hold.as_deref_mut()
         {
             // A gang job: the coordinator learns what the destination
             // lacks, has the job's casts and fetches bring it, then says go.
@@ -582,6 +583,7 @@ impl Agent {
         let input = start_stream(&mut q, &sock)?;
         let mut sink = PartSink {
             ch: &mut ch,
+            hold: hold.as_deref_mut(),
             key: a.key,
             held: &held,
             data: Vec::with_capacity(PART_BYTES + PAGE),
@@ -595,6 +597,11 @@ impl Agent {
             Ok(st) => st,
             Err(e @ StreamError::Unsupported { .. }) => {
                 return Err(AgentError::BadRequest(e.to_string()));
+            }
+            Err(StreamError::Sink(why)) if why.starts_with("stopped: ") => {
+                return Err(AgentError::Qemu(format!(
+                    "the migration was {why}; the VM runs on here"
+                )));
             }
             Err(e @ StreamError::Sink(_)) => {
                 // The destination hung up: its reason, if it gave one.
@@ -1454,8 +1461,11 @@ impl<T: FanTarget> Sink for FanSink<'_, T> {
 
 /// Batches the stream into parts, pages the destination set aside as
 /// hashes.
-struct PartSink<'a> {
+struct PartSink<'a, 'h> {
     ch: &'a mut Channel,
+    /// Asked at every part whether the client stopped the migration
+    /// (Ctrl-C, `pagecast cancel`).
+    hold: Option<&'a mut (dyn pagecast_migrate::Hold + 'h)>,
     key: ContentKey,
     held: &'a HashSet<PageHash>,
     data: Vec<u8>,
@@ -1465,7 +1475,7 @@ struct PartSink<'a> {
     pages_held: u64,
 }
 
-impl PartSink<'_> {
+impl PartSink<'_, '_> {
     fn flush(&mut self, last: bool) -> Result<(), AgentError> {
         let p = v1::QemuStreamPart {
             data: std::mem::take(&mut self.data).into(),
@@ -1479,6 +1489,9 @@ impl PartSink<'_> {
 
     fn full(&mut self) -> Result<(), StreamError> {
         if self.data.len() >= PART_BYTES || self.held_at.len() >= 4096 {
+            if let Some(why) = self.hold.as_deref_mut().and_then(|h| h.cancelled()) {
+                return Err(StreamError::Sink(format!("stopped: {why}")));
+            }
             self.flush(false)
                 .map_err(|e| StreamError::Sink(format!("sending to the destination: {e}")))?;
         }
@@ -1486,7 +1499,7 @@ impl PartSink<'_> {
     }
 }
 
-impl Sink for PartSink<'_> {
+impl Sink for PartSink<'_, '_> {
     fn raw(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
         let mut rest = bytes;
         while !rest.is_empty() {
