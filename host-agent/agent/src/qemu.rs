@@ -583,7 +583,7 @@ impl Agent {
         let input = start_stream(&mut q, &sock)?;
         let mut sink = PartSink {
             ch: &mut ch,
-            hold: hold.as_deref_mut(),
+            hold,
             key: a.key,
             held: &held,
             data: Vec::with_capacity(PART_BYTES + PAGE),
