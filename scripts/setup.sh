@@ -5,13 +5,13 @@
 # namespace tests and the evaluation use (iproute2, nftables; ethtool if it
 # can, which the evaluation uses to switch segmentation offloads off and
 # otherwise does without), and what the QEMU tests boot: QEMU, a Debian
-# kernel and a static busybox for the guests' initramfs. Idempotent:
-# installs only what is missing.
+# kernel and a static busybox for the guests' initramfs (tried, never
+# fatal: without them those tests say they skip). Idempotent: installs
+# only what is missing.
 set -euo pipefail
 
-packages=(build-essential binutils pkg-config libclang-dev iproute2 nftables
-    qemu-system-x86 linux-image-amd64 busybox-static)
-optional=(ethtool)
+packages=(build-essential binutils pkg-config libclang-dev iproute2 nftables)
+optional=(ethtool qemu-system-x86 linux-image-amd64 busybox-static)
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo is not installed; install the Rust toolchain first (https://rustup.rs)" >&2
@@ -41,6 +41,7 @@ if ((${#missing[@]})); then
     fi
     echo "installing: ${missing[*]}" >&2
     "${sudo[@]}" apt-get update -qq
+    updated=1
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
@@ -48,11 +49,15 @@ fi
 for p in "${optional[@]}"; do
     if command -v dpkg-query >/dev/null 2>&1 &&
         ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        if [ "$(id -u)" -eq 0 ] && [ "${updated:-0}" -eq 0 ]; then
+            apt-get update -qq >/dev/null 2>&1 || true
+            updated=1
+        fi
         if [ "$(id -u)" -eq 0 ] &&
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null 2>&1; then
             echo "installed: $p" >&2
         else
-            echo "note: $p is not installed (optional; pagecast evaluate then keeps offloads on)" >&2
+            echo "note: $p is not installed (optional: without ethtool pagecast evaluate keeps offloads on; without QEMU, a kernel or busybox the QEMU tests skip)" >&2
         fi
     fi
 done
