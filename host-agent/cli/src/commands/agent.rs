@@ -224,13 +224,16 @@ enum VmCommand {
 ///     -object memory-backend-file,id=mem,size=1G,mem-path=/dev/shm/vm1.ram,share=on \
 ///     -machine pc,memory-backend=mem -qmp unix:/run/vm1.qmp,server=on,wait=off ...
 ///
-/// The agent maps the file read-only, hashes it every 5 s (it cannot see
-/// QEMU's dirty log, so what it publishes may be that stale; every page it
-/// copies is hash-checked), publishes it to the content index and uses its
-/// pages as local content for VMs migrating in. With --incoming the QEMU
-/// must wait for a migration (-incoming defer): it is the destination of
-/// `pagecast migrate --vm NAME`. `vm stop` of an adopted VM only forgets
-/// it; QEMU keeps running. docs/qemu.md has the whole procedure.
+/// The agent maps the file read-only, hashes it every 5 s, longer for
+/// large VMs (it cannot see QEMU's dirty log, so what it publishes may be
+/// that stale; every page it copies is hash-checked), publishes it to the
+/// content index and uses its pages as local content for VMs migrating in.
+/// With --incoming the QEMU must wait for a migration (-incoming defer): it
+/// is the destination of `pagecast migrate --vm NAME` or of an evacuation
+/// of NAME, or, adopted under a clone's name, of `pagecast clone`. An
+/// adopted VM can be migrated, evacuated and cloned like a micro-VM.
+/// `vm stop` of an adopted VM only forgets it; QEMU keeps running.
+/// docs/qemu.md has the whole procedure.
 ///
 /// Examples:
 ///
