@@ -424,3 +424,35 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Resul
         }
     }
 }
+
+/// Whether the index lists for `agent`'s host exactly what the agent's
+/// audit says its VMs hold (a fresh hash of micro-VMs' memory, adopted QEMU
+/// VMs as their last scan saw them), shard by shard, over `shards` shards.
+pub fn index_exact(c: &mut IndexClient, agent: &AgentProc, shards: u32) -> Result<(), String> {
+    let hosts = c.hosts(false).map_err(|e| e.to_string())?;
+    let Some(host) = hosts.iter().find(|h| h.name == agent.name) else {
+        return Err(format!("host {} is not in the index", agent.name));
+    };
+    let tls = crate::pki::tls("operator", Role::Operator);
+    let audit = pagecast_agent::client::AgentClient::connect(&agent.addr, &tls)
+        .and_then(|a| a.audit(shards, false))
+        .map_err(|e| e.to_string())?;
+    for s in 0..shards {
+        let fresh = pagecast_index::holders::HoldingSum::decode(&audit.fresh[s as usize])
+            .ok_or("bad audit")?;
+        let listed = c.holdings(s, host.index).map_err(|e| e.to_string())?;
+        if fresh != listed {
+            return Err(format!(
+                "{} shard {s}: memory holds {} contents in {} frames, the index lists {} in {} \
+                 ({} hot frames left out)",
+                agent.name,
+                fresh.distinct,
+                fresh.frames,
+                listed.distinct,
+                listed.frames,
+                audit.hot_frames
+            ));
+        }
+    }
+    Ok(())
+}

@@ -11,41 +11,10 @@ use std::time::{Duration, Instant};
 
 use pagecast_agent::client::AgentClient;
 use pagecast_channel::Role;
-use pagecast_index::holders::HoldingSum;
 use pagecast_memory::kvm::kvm_or_skip;
-use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, eventually};
+use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, eventually, index_exact};
 
 const SHARDS: u32 = 4;
-
-/// Whether the index lists for `agent`'s host exactly what a fresh hash of
-/// its VMs' memory holds, shard by shard.
-fn exact(c: &mut pagecast_index::client::IndexClient, agent: &AgentProc) -> Result<(), String> {
-    let hosts = c.hosts(false).map_err(|e| e.to_string())?;
-    let Some(host) = hosts.iter().find(|h| h.name == agent.name) else {
-        return Err(format!("host {} is not in the index", agent.name));
-    };
-    let tls = pagecast_tests::pki::tls("operator", Role::Operator);
-    let audit = AgentClient::connect(&agent.addr, &tls)
-        .and_then(|a| a.audit(SHARDS, false))
-        .map_err(|e| e.to_string())?;
-    for s in 0..SHARDS {
-        let fresh = HoldingSum::decode(&audit.fresh[s as usize]).ok_or("bad audit")?;
-        let listed = c.holdings(s, host.index).map_err(|e| e.to_string())?;
-        if fresh != listed {
-            return Err(format!(
-                "{} shard {s}: memory holds {} contents in {} frames, the index lists {} in {} \
-                 ({} hot frames left out)",
-                agent.name,
-                fresh.distinct,
-                fresh.frames,
-                listed.distinct,
-                listed.frames,
-                audit.hot_frames
-            ));
-        }
-    }
-    Ok(())
-}
 
 fn all_exact(idx: &IndexCluster, agents: &[&AgentProc], timeout: Duration, what: &str) {
     let t = Instant::now();
@@ -55,7 +24,7 @@ fn all_exact(idx: &IndexCluster, agents: &[&AgentProc], timeout: Duration, what:
         eventually(
             timeout,
             &format!("{what}: index exact for {}", a.name),
-            || exact(&mut c, a),
+            || index_exact(&mut c, a, SHARDS),
         );
     }
     eprintln!("{what}: exact after {:.1} s", t.elapsed().as_secs_f64());

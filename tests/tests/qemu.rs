@@ -354,7 +354,7 @@ fn qemu_guests_migrate_through_pagecast() {
 /// is cloned to two hosts, its contents cast once to both.
 #[test]
 fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
-    use pagecast_tests::cluster::{IndexCluster, eventually};
+    use pagecast_tests::cluster::{IndexCluster, eventually, index_exact};
     let Some((qemu, kernel)) = qemu_or_skip() else {
         return;
     };
@@ -412,24 +412,16 @@ fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
     // agent's audit against the index's holdings, shard by shard).
     let mut ic = idx.client();
     eventually(Duration::from_secs(30), "the index exact for ga", || {
+        index_exact(&mut ic, &a, 2)?;
+        // Not vacuously: the adopted VMs are listed.
         let hosts = ic.hosts(false).map_err(|e| e.to_string())?;
-        let host = hosts
+        let ga = hosts
             .iter()
             .find(|h| h.name == "ga")
             .ok_or("ga not listed")?;
-        let audit = pagecast_agent::client::AgentClient::connect(&a.addr, &op)
-            .and_then(|x| x.audit(2, false))
-            .map_err(|e| e.to_string())?;
-        for s in 0..2u32 {
-            let fresh = pagecast_index::holders::HoldingSum::decode(&audit.fresh[s as usize])
-                .ok_or("bad audit")?;
-            let listed = ic.holdings(s, host.index).map_err(|e| e.to_string())?;
-            if fresh != listed || fresh.distinct == 0 {
-                return Err(format!(
-                    "shard {s}: scans hold {} contents, the index lists {}",
-                    fresh.distinct, listed.distinct
-                ));
-            }
+        let listed = ic.holdings(0, ga.index).map_err(|e| e.to_string())?;
+        if listed.distinct == 0 {
+            return Err("the index lists nothing for ga".into());
         }
         Ok(())
     });

@@ -703,6 +703,26 @@ impl Agent {
         Ok(ch)
     }
 
+    /// Connects to the agent at `to` (10 s deadline) as a host channel
+    /// (see [`Agent::host_channel`]).
+    pub(crate) fn connect_host(&self, to: &str, what: &str) -> Result<Channel, AgentError> {
+        let addr = to
+            .to_socket_addrs()
+            .map_err(|source| AgentError::Connect {
+                addr: to.to_owned(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| AgentError::BadRequest(format!("{to} resolves to no address")))?;
+        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(
+            |source| AgentError::Connect {
+                addr: to.to_owned(),
+                source,
+            },
+        )?;
+        self.host_channel(stream, what)
+    }
+
     fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         match (&self.data, p.is_relative()) {
@@ -1140,23 +1160,7 @@ impl Agent {
         progress: &mut dyn FnMut(&Progress),
         hold: Option<&mut dyn Hold>,
     ) -> Result<(MigrationReport, String), AgentError> {
-        let addr = r
-            .to
-            .to_socket_addrs()
-            .map_err(|source| AgentError::Connect {
-                addr: r.to.clone(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| AgentError::BadRequest(format!("{} resolves to no address", r.to)))?;
-        let stream =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|source| {
-                AgentError::Connect {
-                    addr: r.to.clone(),
-                    source,
-                }
-            })?;
-        let mut ch = self.host_channel(stream, "receive a migrated VM")?;
+        let mut ch = self.connect_host(&r.to, "receive a migrated VM")?;
         ch.send(&v1::AgentRequest {
             body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
                 source: self.name.clone(),

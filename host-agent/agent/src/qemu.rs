@@ -453,20 +453,7 @@ impl Agent {
         r: &v1::MigrateRequest,
         hold: Option<&mut dyn pagecast_migrate::Hold>,
     ) -> Result<v1::MigrateResult, AgentError> {
-        let a = lock(&self.adopted)
-            .get(&r.vm)
-            .cloned()
-            .ok_or_else(|| AgentError::NoSuchVm(r.vm.clone()))?;
-        {
-            let mut s = lock(&a.state);
-            if *s != "running" {
-                return Err(AgentError::Busy {
-                    vm: r.vm.clone(),
-                    state: *s,
-                });
-            }
-            *s = "migrating-out";
-        }
+        let a = self.claim(&r.vm, "migrating-out")?;
         let started = Instant::now();
         let res = self.qemu_out(&a, r, started, hold);
         match &res {
@@ -506,37 +493,10 @@ impl Agent {
         offer.sort_unstable();
         offer.dedup();
 
-        let mut ch = self.connect_host(&r.to, "receive a migrated QEMU VM")?;
+        let job = if r.hold { r.job.as_str() } else { "" };
+        let (mut ch, mut held, mut sent) =
+            self.offer_to(a, &r.to, &a.name, job, &offer, "receive a migrated QEMU VM")?;
         let dest = ch.peer_name().to_owned();
-        ch.send(&v1::AgentRequest {
-            body: Some(v1::agent_request::Body::QemuIncoming(v1::QemuIncoming {
-                source: self.name.clone(),
-                vm: a.name.clone(),
-                domain: a.domain.clone(),
-                domain_check: a.key.check().to_be_bytes().to_vec().into(),
-                job: if r.hold { r.job.clone() } else { String::new() },
-            })),
-        })?;
-        ch.set_read_timeout(Some(STALL))?;
-        let mut sent = 0u64;
-        let mut chunks = offer.chunks(OFFER_PART).peekable();
-        loop {
-            let c = chunks.next().unwrap_or(&[]);
-            let last = chunks.peek().is_none();
-            let f = frame(v1::qemu_frame::Body::Offer(v1::QemuOffer {
-                hashes: c
-                    .iter()
-                    .flat_map(|h| h.as_bytes().iter().copied())
-                    .collect::<Vec<u8>>()
-                    .into(),
-                last,
-            }));
-            sent += send(&mut ch, &f)?;
-            if last {
-                break;
-            }
-        }
-        let mut held = held_set(&mut ch, &dest, &offer)?;
         let mut hold = hold;
         if r.hold
             && let Some(hold) = hold.as_deref_mut()
@@ -686,25 +646,12 @@ impl Agent {
     /// pages each holds as hashes. The source runs on (resumed if QEMU
     /// stopped it at the end of the stream).
     pub fn qemu_clone_out(&self, r: &v1::CloneRequest) -> Result<v1::CloneResult, AgentError> {
-        let a = lock(&self.adopted)
-            .get(&r.vm)
-            .cloned()
-            .ok_or_else(|| AgentError::NoSuchVm(r.vm.clone()))?;
         if r.targets.is_empty() {
             return Err(AgentError::BadRequest(
                 "a clone needs at least one target".into(),
             ));
         }
-        {
-            let mut s = lock(&a.state);
-            if *s != "running" {
-                return Err(AgentError::Busy {
-                    vm: r.vm.clone(),
-                    state: *s,
-                });
-            }
-            *s = "cloning";
-        }
+        let a = self.claim(&r.vm, "cloning")?;
         let res = self.qemu_clone_run(&a, r);
         *lock(&a.state) = "running";
         let t = Instant::now();
@@ -766,42 +713,14 @@ impl Agent {
                 held: HashSet::new(),
                 error: String::new(),
             };
-            let opened = (|| -> Result<(Channel, HashSet<PageHash>, u64), AgentError> {
-                let mut ch = self.connect_host(&t.addr, "receive a cloned QEMU VM")?;
-                let peer = ch.peer_name().to_owned();
-                ch.send(&v1::AgentRequest {
-                    body: Some(v1::agent_request::Body::QemuIncoming(v1::QemuIncoming {
-                        source: self.name.clone(),
-                        vm: t.name.clone(),
-                        domain: a.domain.clone(),
-                        domain_check: a.key.check().to_be_bytes().to_vec().into(),
-                        job: job.clone(),
-                    })),
-                })?;
-                ch.set_read_timeout(Some(STALL))?;
-                let mut n = 0;
-                let mut chunks = offer.chunks(OFFER_PART).peekable();
-                loop {
-                    let c = chunks.next().unwrap_or(&[]);
-                    let last = chunks.peek().is_none();
-                    n += send(
-                        &mut ch,
-                        &frame(v1::qemu_frame::Body::Offer(v1::QemuOffer {
-                            hashes: c
-                                .iter()
-                                .flat_map(|h| h.as_bytes().iter().copied())
-                                .collect::<Vec<u8>>()
-                                .into(),
-                            last,
-                        })),
-                    )?;
-                    if last {
-                        break;
-                    }
-                }
-                let held = held_set(&mut ch, &peer, &offer)?;
-                Ok((ch, held, n))
-            })();
+            let opened = self.offer_to(
+                a,
+                &t.addr,
+                &t.name,
+                &job,
+                &offer,
+                "receive a cloned QEMU VM",
+            );
             match opened {
                 Ok((ch, held, n)) => {
                     x.peer = ch.peer_name().to_owned();
@@ -991,23 +910,66 @@ impl Agent {
         Ok(sink.filled)
     }
 
-    fn connect_host(&self, to: &str, what: &str) -> Result<Channel, AgentError> {
-        use std::net::ToSocketAddrs;
-        let addr = to
-            .to_socket_addrs()
-            .map_err(|source| AgentError::Connect {
-                addr: to.to_owned(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| AgentError::BadRequest(format!("{to} resolves to no address")))?;
-        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(
-            |source| AgentError::Connect {
-                addr: to.to_owned(),
-                source,
-            },
-        )?;
-        self.host_channel(stream, what)
+    /// Opens a QEMU migration of adopted VM `a` to the agent at `to`, into
+    /// its waiting QEMU `vm` (in gang job `job`, "" for none), and offers
+    /// it `offer`: the channel, the offered contents it holds, the bytes
+    /// sent.
+    fn offer_to(
+        &self,
+        a: &Adopted,
+        to: &str,
+        vm: &str,
+        job: &str,
+        offer: &[PageHash],
+        what: &str,
+    ) -> Result<(Channel, HashSet<PageHash>, u64), AgentError> {
+        let mut ch = self.connect_host(to, what)?;
+        let peer = ch.peer_name().to_owned();
+        ch.send(&v1::AgentRequest {
+            body: Some(v1::agent_request::Body::QemuIncoming(v1::QemuIncoming {
+                source: self.name.clone(),
+                vm: vm.to_owned(),
+                domain: a.domain.clone(),
+                domain_check: a.key.check().to_be_bytes().to_vec().into(),
+                job: job.to_owned(),
+            })),
+        })?;
+        ch.set_read_timeout(Some(STALL))?;
+        let mut sent = 0;
+        let mut chunks = offer.chunks(OFFER_PART).peekable();
+        loop {
+            let c = chunks.next().unwrap_or(&[]);
+            let last = chunks.peek().is_none();
+            let f = frame(v1::qemu_frame::Body::Offer(v1::QemuOffer {
+                hashes: crate::job::bytes_of(c).into(),
+                last,
+            }));
+            sent += send(&mut ch, &f)?;
+            if last {
+                break;
+            }
+        }
+        let held = held_set(&mut ch, &peer, offer)?;
+        Ok((ch, held, sent))
+    }
+
+    /// Takes adopted VM `name` for an operation (`state` while it runs);
+    /// refuses one that is not running.
+    fn claim(&self, name: &str, state: &'static str) -> Result<Arc<Adopted>, AgentError> {
+        let a = lock(&self.adopted)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
+        let mut s = lock(&a.state);
+        if *s != "running" {
+            return Err(AgentError::Busy {
+                vm: name.to_owned(),
+                state: *s,
+            });
+        }
+        *s = state;
+        drop(s);
+        Ok(a)
     }
 
     /// Receives a QEMU VM's migration stream for the adopted incoming VM
@@ -1119,7 +1081,6 @@ impl Agent {
         })))?;
         // In a gang job, the job's casts and fetches bring what it lacks
         // into a landing slot until the source asks again.
-        let mut first_part = None;
         if !inc.job.is_empty() {
             let lacking: Vec<PageHash> = offer
                 .iter()
@@ -1160,8 +1121,6 @@ impl Agent {
                         count: stash.len() as u64,
                     })))?;
                 }
-                // A source that does not hold: straight to the stream.
-                v1::qemu_frame::Body::Part(p) => first_part = Some(p),
                 other => return Err(unexpected(&peer, &other)),
             }
             ch.set_read_timeout(Some(STALL))?;
@@ -1194,12 +1153,9 @@ impl Agent {
         let mut bytes = 0u64;
         let mut local = 0u64;
         loop {
-            let p = match first_part.take() {
-                Some(p) => p,
-                None => match recv(ch)? {
-                    v1::qemu_frame::Body::Part(p) => p,
-                    other => return Err(unexpected(&peer, &other)),
-                },
+            let p = match recv(ch)? {
+                v1::qemu_frame::Body::Part(p) => p,
+                other => return Err(unexpected(&peer, &other)),
             };
             if p.held.len() != 32 * p.held_at.len() || p.data.len() > PART_BYTES + PAGE {
                 return Err(AgentError::BadRequest("a malformed stream part".into()));
