@@ -342,6 +342,23 @@ pub fn pages_per_datagram(mtu: usize) -> usize {
     (room / (DATA_ENTRY + PAGE_SIZE)).min(MAX_PACK)
 }
 
+/// Bytes one page of a cast's first sends takes on an Ethernet link at a
+/// path MTU: its data and entry and its share of its datagram's headers
+/// (Ethernet 14, IPv4 20, UDP 8, this wire's header, data head and
+/// check), or, where pages are fragmented, every fragment's (fragments of
+/// one size, the last padded, as the sender makes them).
+pub fn link_bytes_per_page(mtu: usize) -> f64 {
+    let head = 14 + 20 + 8 + HEADER_LEN + DATA_HEAD + MAC_LEN;
+    let pack = pages_per_datagram(mtu);
+    if pack > 0 {
+        head as f64 / pack as f64 + (DATA_ENTRY + PAGE_SIZE) as f64
+    } else {
+        let n = PAGE_SIZE.div_ceil(fragment_payload(mtu).max(1));
+        let frag = PAGE_SIZE.div_ceil(n);
+        (n * (head + DATA_ENTRY + frag)) as f64
+    }
+}
+
 /// Decodes, authenticates and decrypts (in place) a datagram of session
 /// `session`.
 pub fn decode<'a>(
@@ -585,6 +602,43 @@ mod tests {
         d.encode(&KEY, &mut b);
         let leaked: &'static mut [u8] = Box::leak(b.into_boxed_slice());
         decode(leaked, &KEY, d.session).unwrap()
+    }
+
+    /// What the planner is told a page costs on a link is what the
+    /// datagrams the sender makes take, headers included.
+    #[test]
+    fn a_page_on_the_link_is_its_datagrams_share() {
+        let encoded = |pages: usize, payload: usize| {
+            let data = vec![7u8; payload];
+            let mut b = Vec::new();
+            Datagram {
+                session: 1,
+                seq: 1,
+                from: 0,
+                body: Body::Data {
+                    group: 0,
+                    index: 0,
+                    fragment: 0,
+                    fragments: 1,
+                    pages: vec![(0, C); pages],
+                    payload: &data,
+                },
+            }
+            .encode(&KEY, &mut b);
+            b.len() + 14 + 20 + 8
+        };
+        // Jumbo frames: two pages a datagram.
+        assert_eq!(pages_per_datagram(9000), 2);
+        let two = encoded(2, 2 * PAGE_SIZE) as f64 / 2.0;
+        assert!((link_bytes_per_page(9000) - two).abs() < 1e-9, "{two}");
+        // 1500 bytes: fragments of one size, each a datagram.
+        assert_eq!(pages_per_datagram(1500), 0);
+        let n = PAGE_SIZE.div_ceil(fragment_payload(1500));
+        let frag = PAGE_SIZE.div_ceil(n);
+        assert!(encoded(1, frag) + 14 <= 1500 + 14);
+        let page = (n * encoded(1, frag)) as f64;
+        assert!((link_bytes_per_page(1500) - page).abs() < 1e-9, "{page}");
+        assert!(link_bytes_per_page(1500) > link_bytes_per_page(9000));
     }
 
     #[test]

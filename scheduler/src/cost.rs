@@ -44,6 +44,10 @@ pub struct CostReport {
     /// Of the bytes sent, those re-sending pages the guests rewrote while
     /// they moved (0 unless a VM's rewrite rate is known).
     pub rewrite_bytes: u64,
+    /// Of the bytes sent, the manifests: every live migration first tells
+    /// its destination the hash of each non-zero page
+    /// ([`MANIFEST_BYTES_PER_PAGE`]), whatever the strategy.
+    pub manifest_bytes: u64,
     /// Predicted time until every source has sent its last byte.
     pub eviction_s: f64,
     /// The link that decides `eviction_s`.
@@ -65,6 +69,7 @@ struct Loads {
     short_haul: u64,
     local: u64,
     rewrites: u64,
+    manifests: u64,
 }
 
 impl Loads {
@@ -163,13 +168,19 @@ impl Loads {
             local_bytes: self.local,
             short_haul_bytes: self.short_haul,
             rewrite_bytes: self.rewrites,
+            manifest_bytes: self.manifests,
             eviction_s: worst.0,
             bottleneck: worst.1,
         }
     }
 }
 
-/// Costs `t` on cluster `c`, as if no guest wrote while it moves.
+/// Bytes of a moving VM's manifest per non-zero page: its 32-byte hash
+/// (zero pages travel as ranges, a few bytes for the lot).
+pub const MANIFEST_BYTES_PER_PAGE: u64 = 32;
+
+/// Costs `t` on cluster `c`, as if no guest wrote while it moves and
+/// nothing but pages crossed the links.
 pub fn cost(c: &Cluster, t: &Transmission) -> CostReport {
     Loads::of(c, t).report(c)
 }
@@ -180,10 +191,16 @@ pub fn cost(c: &Cluster, t: &Transmission) -> CostReport {
 /// pages a second ([`crate::model::Vm::rewrite_pages_per_s`]) for the
 /// whole eviction of `T` seconds re-sends `r * T` pages (at most its
 /// memory), and those bytes lengthen `T`: the time is found as a fixed
-/// point, a few rounds from the time without rewrites. With no VM
-/// rewriting this is [`cost`].
+/// point, a few rounds from the time without rewrites. Each moving VM's
+/// manifest is sent too, unicast source to destination.
 pub fn cost_rewriting(c: &Cluster, t: &Transmission, a: &Assignment) -> CostReport {
-    let base = Loads::of(c, t);
+    let mut base = Loads::of(c, t);
+    for (&v, &d) in a {
+        let vm = &c.vms[v];
+        let bytes = vm.nonzero_pages * MANIFEST_BYTES_PER_PAGE;
+        base.unicast(c, vm.host, d, bytes);
+        base.manifests += bytes;
+    }
     let mut r = base.report(c);
     if !a.keys().any(|&v| c.vms[v].rewrite_pages_per_s > 0.0) {
         return r;

@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use pagecast_pages::{PAGE_BYTES, PageHash};
+use pagecast_scheduler::cost::MANIFEST_BYTES_PER_PAGE;
 use pagecast_scheduler::{
     Assignment, Cluster, Evacuation, Host, HostIdx, InMemoryContent, Plan, PlanError, Planner,
     Rack, Strategy, Vm, VmIdx, place_sketched,
@@ -504,9 +505,12 @@ fn guests_that_rewrite_pages_cost_their_rewrites_on_top() {
         .plan(Strategy::Pagecast)
         .unwrap();
     assert_eq!(still.cost.rewrite_bytes, 0);
-    assert_eq!(still.cost.source_total, 3000 * PAGE_BYTES);
+    // Its pages and its manifest (a 32-byte hash per non-zero page).
+    let manifest = 3000 * MANIFEST_BYTES_PER_PAGE;
+    assert_eq!(still.cost.manifest_bytes, manifest);
+    assert_eq!(still.cost.source_total, 3000 * PAGE_BYTES + manifest);
     let t0 = still.cost.eviction_s;
-    assert!((t0 - 3000.0 * PAGE_BYTES as f64 * 8.0 / 100e6).abs() < 1e-9);
+    assert!((t0 - (3000 * PAGE_BYTES + manifest) as f64 * 8.0 / 100e6).abs() < 1e-9);
 
     // The guest rewrites 200 distinct pages a second: the plan re-sends
     // what it rewrites during the whole (longer) eviction, T = T0 + r*T*page/rate.
@@ -526,7 +530,7 @@ fn guests_that_rewrite_pages_cost_their_rewrites_on_top() {
     assert!((rewritten - 200.0 * t).abs() < 2.0, "{rewritten} pages");
     assert_eq!(
         busy.cost.source_total,
-        3000 * PAGE_BYTES + busy.cost.rewrite_bytes
+        3000 * PAGE_BYTES + manifest + busy.cost.rewrite_bytes
     );
     // Across racks: the rewrites cross the core too; pre-copy pays them alike.
     assert_eq!(busy.cost.core_bytes, busy.cost.source_total);

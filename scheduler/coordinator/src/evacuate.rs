@@ -84,6 +84,8 @@ pub struct EvacuateSpec {
     /// Bits per second each source may send (None: its link rate from the
     /// index, unpaced if unknown).
     pub bandwidth_bps: Option<u64>,
+    /// The network's MTU: predictions then count the frames' headers.
+    pub mtu: Option<u32>,
     /// Downtime target per VM.
     pub max_downtime_ms: u32,
     /// What placement minimises first.
@@ -157,6 +159,20 @@ struct Prepared {
     view: ClusterView,
     moving: Vec<Moving>,
     predicted: Predicted,
+    /// Who held the moving VMs' contents when the plan was made, from the
+    /// index (a hint: every page used is hash-checked).
+    held: HashMap<String, HashSet<PageHash>>,
+}
+
+/// Header bytes of `payload` bytes sent over the agents' TLS on TCP at
+/// `mtu`: a TLS record (5 bytes of header, 16 of tag, 1 of type) per 16
+/// KiB, and Ethernet, IPv4 and TCP with timestamps (66 bytes) per segment
+/// of `mtu - 52` bytes.
+fn tcp_headers(payload: u64, mtu: u32) -> u64 {
+    let tls = payload as f64 * 22.0 / 16_384.0;
+    let mss = f64::from(mtu.saturating_sub(52).max(1));
+    let wire = (payload as f64 + tls) * (1.0 + 66.0 / mss);
+    (wire - payload as f64) as u64
 }
 
 fn now_s(t: Instant) -> f64 {
@@ -478,9 +494,24 @@ fn prepare(
     } else {
         &plan.cost
     };
+    // Headers: casts carry the pages (all of them for pre-copy go over
+    // TCP), manifests and re-sent pages go over the agents' TLS.
+    let header_bytes = spec.mtu.map_or(0, |mtu| {
+        let tcp = cost.rewrite_bytes + cost.manifest_bytes;
+        let pages = cost.source_total - tcp;
+        if spec.method == Method::Precopy {
+            tcp_headers(pages + tcp, mtu)
+        } else {
+            let per_page =
+                pagecast_multicast::wire::link_bytes_per_page(mtu as usize) - PAGE_BYTES as f64;
+            (pages as f64 / PAGE_BYTES as f64 * per_page) as u64 + tcp_headers(tcp, mtu)
+        }
+    });
     let predicted = Predicted {
-        source_bytes: cost.source_total,
+        source_bytes: cost.source_total + header_bytes,
+        header_bytes,
         rewrite_bytes: cost.rewrite_bytes,
+        manifest_bytes: cost.manifest_bytes,
         core_bytes: cost.core_bytes,
         eviction_s: cost.eviction_s,
         bottleneck: cost.bottleneck.clone(),
@@ -490,10 +521,17 @@ fn prepare(
             .map(|m| (m.name.clone(), m.to.clone()))
             .collect(),
     };
+    drop(planner);
+    let held = content
+        .held
+        .into_iter()
+        .map(|(h, s)| (cluster.hosts[h].name.clone(), s))
+        .collect();
     Ok(Prepared {
         view,
         moving,
         predicted,
+        held,
     })
 }
 
@@ -592,29 +630,46 @@ fn plan_transfers(
     method: Method,
     held: &HashMap<String, HashSet<PageHash>>,
 ) -> (SourcePlan, BTreeMap<(String, String), Vec<PageHash>>) {
+    // Hosts by number here: the sets below hold a page each.
+    let mut names: Vec<&str> = Vec::new();
+    for m in &prep.moving {
+        for h in [m.to.as_str(), m.from.as_str()] {
+            if !names.contains(&h) {
+                names.push(h);
+            }
+        }
+    }
+    let num = |h: &str| -> usize { names.iter().position(|x| *x == h).expect("listed above") };
     let sources: HashSet<&str> = prep.moving.iter().map(|m| m.from.as_str()).collect();
-    // Per destination: contents it lacks, and which moving VMs' sources
-    // can send each.
-    let mut dest_needs: BTreeMap<String, BTreeSet<PageHash>> = BTreeMap::new();
-    let mut senders: HashMap<PageHash, BTreeSet<String>> = HashMap::new();
-    for (&i, n) in needs {
+    // Per destination: contents it lacks; per content, which moving VMs'
+    // sources can send it.
+    let mut dest_needs: BTreeMap<usize, HashSet<PageHash>> = BTreeMap::new();
+    let mut senders: HashMap<PageHash, Vec<usize>> = HashMap::new();
+    let mut order: Vec<usize> = needs.keys().copied().collect();
+    order.sort_unstable();
+    for i in order {
         let m = &prep.moving[i];
-        let d = dest_needs.entry(m.to.clone()).or_default();
-        for h in n {
-            d.insert(*h);
-            senders.entry(*h).or_default().insert(m.from.clone());
+        let (d, s) = (num(&m.to), num(&m.from));
+        let dn = dest_needs.entry(d).or_default();
+        for h in &needs[&i] {
+            dn.insert(*h);
+            let v = senders.entry(*h).or_default();
+            if !v.contains(&s) {
+                v.push(s);
+            }
         }
     }
     let mut fetches: BTreeMap<(String, String), Vec<PageHash>> = BTreeMap::new();
     if method == Method::Pagecast {
-        for (d, hs) in dest_needs.iter_mut() {
-            let rack = prep.view.rack_of(d);
+        for (&d, hs) in dest_needs.iter_mut() {
+            let dname = names[d];
+            let rack = prep.view.rack_of(dname);
             let mates: Vec<&str> = prep
                 .view
                 .hosts
                 .iter()
                 .filter(|h| {
-                    h.name != *d
+                    h.name != dname
                         && !h.address.is_empty()
                         && !sources.contains(h.name.as_str())
                         && prep.view.rack_of(&h.name) == rack
@@ -625,44 +680,52 @@ fn plan_transfers(
             if mates.is_empty() {
                 continue;
             }
-            let mut taken = Vec::new();
-            for h in hs.iter() {
-                if let Some(mate) = mates
-                    .iter()
-                    .find(|m| held.get(**m).is_some_and(|s| s.contains(h)))
-                {
+            let mates: Vec<(&str, &HashSet<PageHash>)> = mates
+                .into_iter()
+                .filter_map(|m| held.get(m).map(|s| (m, s)))
+                .collect();
+            let mut sorted: Vec<PageHash> = hs.iter().copied().collect();
+            sorted.sort_unstable();
+            for h in sorted {
+                if let Some((mate, _)) = mates.iter().find(|(_, s)| s.contains(&h)) {
                     fetches
-                        .entry((d.clone(), (*mate).to_owned()))
+                        .entry((dname.to_owned(), (*mate).to_owned()))
                         .or_default()
-                        .push(*h);
-                    taken.push(*h);
+                        .push(h);
+                    hs.remove(&h);
                 }
             }
-            for h in taken {
-                hs.remove(&h);
-            }
         }
     }
-    // Each remaining content once, from the least loaded source that has it.
-    let mut members: BTreeMap<PageHash, Vec<String>> = BTreeMap::new();
-    for (d, hs) in &dest_needs {
+    // Each remaining content once, from the least loaded source that has
+    // it, in content order (the plan is the same every time).
+    let mut members: HashMap<PageHash, Vec<usize>> = HashMap::new();
+    for (&d, hs) in &dest_needs {
         for h in hs {
-            members.entry(*h).or_default().push(d.clone());
+            members.entry(*h).or_default().push(d);
         }
     }
-    let mut load: HashMap<String, u64> = HashMap::new();
+    let mut contents: Vec<(PageHash, Vec<usize>)> = members.into_iter().collect();
+    contents.sort_unstable_by_key(|c| c.0);
+    let mut load: Vec<u64> = vec![0; names.len()];
+    let mut sets: HashMap<Vec<usize>, Vec<String>> = HashMap::new();
     let mut plan: SourcePlan = BTreeMap::new();
-    for (h, ds) in members {
+    for (h, ds) in contents {
         let Some(cands) = senders.get(&h) else {
             continue;
         };
-        let src = cands
+        let src = *cands
             .iter()
-            .min_by_key(|s| (load.get(*s).copied().unwrap_or(0), (*s).clone()))
-            .expect("a content someone needs has a sender")
+            .min_by_key(|&&s| (load[s], names[s]))
+            .expect("a content someone needs has a sender");
+        load[src] += ds.len() as u64;
+        let set = sets
+            .entry(ds)
+            .or_insert_with_key(|ds| ds.iter().map(|&d| names[d].to_owned()).collect())
             .clone();
-        *load.entry(src.clone()).or_default() += ds.len() as u64;
-        plan.entry(src).or_default().push((h, ds));
+        plan.entry(names[src].to_owned())
+            .or_default()
+            .push((h, set));
     }
     (plan, fetches)
 }
@@ -677,59 +740,143 @@ fn group_addr(job: &str, source: usize, group: usize) -> String {
     format!("239.193.{x}.{y}:{port}")
 }
 
-/// Runs the casts of one source, chunk by chunk, and the receivers'
-/// sides; adds to `t`.
-#[allow(clippy::too_many_arguments)]
-/// How many sources cast to each destination in `plan`.
-fn fan_in(plan: &SourcePlan) -> HashMap<String, u64> {
-    let mut n: HashMap<String, u64> = HashMap::new();
-    for sends in plan.values() {
-        let dests: BTreeSet<&String> = sends.iter().flat_map(|(_, ds)| ds.iter()).collect();
-        for d in dests {
-            *n.entry(d.clone()).or_default() += 1;
+/// Fewest pages a cast of its own carries: a source's sends to a set of
+/// destinations smaller than this go out together in one cast (a cast's
+/// set-up, its receivers joining and finishing, costs about as much as
+/// sending this many pages at 1 Gbit/s).
+const MIN_CAST_PAGES: usize = 2_048;
+
+/// One cast: a source's sends to one set of destinations (its footprint).
+#[derive(Debug)]
+struct CastTask {
+    source: String,
+    sends: Vec<(PageHash, Vec<String>)>,
+    footprint: BTreeSet<String>,
+    /// Its bits per second (None: unpaced).
+    rate: Option<u64>,
+    /// Its expected seconds at `rate` (pages when unpaced): the larger go
+    /// first.
+    weight: f64,
+}
+
+/// Splits every source's sends into casts by destination set, smaller
+/// sets of a source merged into one cast, and gives each its rate: the
+/// operator's `--bandwidth` if given, else the slower of the source's link
+/// and its destinations' links, less 3% for the datagrams' headers (the
+/// casts are scheduled so that no two feed one destination at once, see
+/// [`schedule_casts`]).
+fn cast_tasks(
+    plan: &SourcePlan,
+    link: &dyn Fn(&str) -> u64,
+    bandwidth: Option<u64>,
+) -> Vec<CastTask> {
+    let mut tasks = Vec::new();
+    for (src, sends) in plan {
+        let mut by_set: BTreeMap<Vec<String>, Vec<(PageHash, Vec<String>)>> = BTreeMap::new();
+        for (h, ds) in sends {
+            let mut key = ds.clone();
+            key.sort();
+            by_set.entry(key).or_default().push((*h, ds.clone()));
+        }
+        let mut rest: Vec<(PageHash, Vec<String>)> = Vec::new();
+        let mut own: Vec<Vec<(PageHash, Vec<String>)>> = Vec::new();
+        for (_, s) in by_set {
+            if s.len() < MIN_CAST_PAGES {
+                rest.extend(s);
+            } else {
+                own.push(s);
+            }
+        }
+        if !rest.is_empty() {
+            own.push(rest);
+        }
+        for sends in own {
+            let footprint: BTreeSet<String> = sends
+                .iter()
+                .flat_map(|(_, ds)| ds.iter().cloned())
+                .collect();
+            let rate = bandwidth.or_else(|| {
+                let own = link(src);
+                (own > 0).then(|| {
+                    let slowest = footprint
+                        .iter()
+                        .map(|d| link(d))
+                        .filter(|&l| l > 0)
+                        .min()
+                        .unwrap_or(own);
+                    own.min(slowest) / 100 * 97
+                })
+            });
+            let bits = sends.len() as f64 * PAGE_BYTES as f64 * 8.0;
+            let weight = rate.map_or(sends.len() as f64, |r| bits / r.max(1) as f64);
+            tasks.push(CastTask {
+                source: src.clone(),
+                sends,
+                footprint,
+                rate,
+                weight,
+            });
         }
     }
-    n
+    tasks
 }
 
-/// The rate `source`'s casts are paced to: the operator's `--bandwidth`
-/// if given; else its link's rate, but no more than each receiving
-/// destination's link shared among the sources casting to it (datagrams
-/// beyond a destination's link are dropped there and come back as unicast
-/// repairs: `pagecast evaluate` measured 600 packets dropped by the
-/// destinations' shapers and 16-111 MiB of repairs with two sources casting
-/// to one 1 Gbit/s destination), less 3% for the datagrams' headers.
-fn cast_rate(
-    prep: &Prepared,
-    spec: &EvacuateSpec,
-    source: &str,
-    sends: &[(PageHash, Vec<String>)],
-    fan_in: &HashMap<String, u64>,
-) -> Option<u64> {
-    if spec.bandwidth_bps.is_some() {
-        return spec.bandwidth_bps;
-    }
-    let link = |h: &str| prep.view.host(h).map_or(0, |h| h.link_bps);
-    let own = link(source);
-    if own == 0 {
-        return None;
-    }
-    let dests: BTreeSet<&String> = sends.iter().flat_map(|(_, ds)| ds.iter()).collect();
-    let share = dests
-        .iter()
-        .filter(|d| link(d) > 0)
-        .map(|d| link(d) / fan_in.get(*d).copied().unwrap_or(1).max(1))
-        .min()
-        .unwrap_or(own);
-    Some(own.min(share) / 100 * 97)
+/// Runs `tasks` with `run`, as many at once as can be without two of them
+/// sharing a source or a destination: a destination hears one source at a
+/// time, so each cast may use its whole link (datagrams beyond a
+/// destination's link are dropped there and come back as unicast repairs:
+/// `pagecast evaluate` measured 600 packets dropped by the destinations'
+/// shapers and 16-111 MiB of repairs with two sources casting to one
+/// 1 Gbit/s destination at once). Whenever a cast ends, the longest
+/// waiting ones that can start do.
+fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &CastTask) + Sync)) {
+    tasks.sort_by(|a, b| b.weight.total_cmp(&a.weight));
+    let mut pending: Vec<(usize, CastTask)> = tasks.into_iter().enumerate().collect();
+    let (tx, rx) = mpsc::channel::<(usize, CastTask)>();
+    std::thread::scope(|s| {
+        let mut sources: HashSet<String> = HashSet::new();
+        let mut dests: HashSet<String> = HashSet::new();
+        let mut running = 0usize;
+        loop {
+            let mut i = 0;
+            while i < pending.len() {
+                let t = &pending[i].1;
+                if sources.contains(&t.source) || t.footprint.iter().any(|d| dests.contains(d)) {
+                    i += 1;
+                    continue;
+                }
+                let (n, t) = pending.remove(i);
+                sources.insert(t.source.clone());
+                dests.extend(t.footprint.iter().cloned());
+                running += 1;
+                let tx = tx.clone();
+                s.spawn(move || {
+                    run(n, &t);
+                    let _ = tx.send((n, t));
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok((_, t)) = rx.recv() else { break };
+            running -= 1;
+            sources.remove(&t.source);
+            for d in &t.footprint {
+                dests.remove(d);
+            }
+        }
+    });
 }
 
+/// Runs the casts of one source's task, chunk by chunk, and the
+/// receivers' sides; adds to `t`. `cast_idx` keeps its groups' addresses
+/// apart from other casts of the job.
 #[allow(clippy::too_many_arguments)]
 fn run_source_casts(
     prep: &Prepared,
     spec: &EvacuateSpec,
     tls: &Tls,
-    source_idx: usize,
+    cast_idx: usize,
     source: &str,
     sends: &[(PageHash, Vec<String>)],
     rate: Option<u64>,
@@ -773,7 +920,7 @@ fn run_source_casts(
                 .map(|(g, (members, pages))| v1::JobCastGroup {
                     members,
                     pages,
-                    addr: group_addr(&spec.job, source_idx * 8 + ci % 8, g),
+                    addr: group_addr(&spec.job, cast_idx * 8 + ci % 8, g),
                 })
                 .collect(),
             receivers: receivers.clone(),
@@ -998,19 +1145,18 @@ pub fn evacuate(
             }
             if !stop.load(Ordering::Relaxed) {
                 // 2. Casts and fetches fill the held migrations' memory.
-                let held_sets = holders_of_needs(index, tls, &prep, &needs);
-                let (plan, fetches) = plan_transfers(&prep, &needs, spec.method, &held_sets);
-                let sources: Vec<String> = plan.keys().cloned().collect();
-                let fan = fan_in(&plan);
+                // Rack-mates that can serve a destination's needs: the
+                // index's answer of a moment ago, asked when planning.
+                let (plan, fetches) = plan_transfers(&prep, &needs, spec.method, &prep.held);
+                let link = |h: &str| prep.view.host(h).map_or(0, |h| h.link_bps);
+                let tasks = cast_tasks(&plan, &link, spec.bandwidth_bps);
                 std::thread::scope(|s2| {
-                    for (si, src) in sources.iter().enumerate() {
-                        let sends = &plan[src];
-                        let rate = cast_rate(&prep, spec, src, sends, &fan);
-                        let (prep, traffic) = (&prep, &traffic);
-                        s2.spawn(move || {
-                            run_source_casts(prep, spec, tls, si, src, sends, rate, traffic, on)
-                        });
-                    }
+                    let (p, tr) = (&prep, &traffic);
+                    s2.spawn(move || {
+                        schedule_casts(tasks, &|n, t| {
+                            run_source_casts(p, spec, tls, n, &t.source, &t.sends, t.rate, tr, on)
+                        })
+                    });
                     for ((d, mate), hs) in &fetches {
                         let (prep, traffic) = (&prep, &traffic);
                         s2.spawn(move || {
@@ -1181,37 +1327,6 @@ pub fn evacuate(
         ));
     }
     Ok(report)
-}
-
-/// Which hosts the index says hold each needed content (for short haul).
-fn holders_of_needs(
-    index: &[String],
-    tls: &Tls,
-    prep: &Prepared,
-    needs: &HashMap<usize, Vec<PageHash>>,
-) -> HashMap<String, HashSet<PageHash>> {
-    let names: HashMap<u32, &str> = prep
-        .view
-        .hosts
-        .iter()
-        .map(|h| (h.index, h.name.as_str()))
-        .collect();
-    let mut out: HashMap<String, HashSet<PageHash>> = HashMap::new();
-    // The index is a hint: without it, everything comes from sources.
-    let Ok(held) = who_holds(
-        index,
-        tls,
-        needs.values().flatten(),
-        Duration::from_secs(10),
-    ) else {
-        return out;
-    };
-    for (host, p) in held {
-        if let Some(n) = names.get(&host) {
-            out.entry((*n).to_owned()).or_default().insert(p);
-        }
-    }
-    out
 }
 
 /// `(host number, content)` for every host the index lists as holding one
@@ -1408,22 +1523,133 @@ mod tests {
     use super::*;
     use prost::Message;
 
+    fn sends(from: u8, n: usize, ds: &[&str]) -> Vec<(PageHash, Vec<String>)> {
+        (0..n)
+            .map(|i| {
+                let mut b = [from; 32];
+                b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                (
+                    PageHash::from_bytes(b),
+                    ds.iter().map(|d| (*d).to_owned()).collect(),
+                )
+            })
+            .collect()
+    }
+
     #[test]
-    fn fan_in_counts_the_sources_casting_to_each_destination() {
-        let h = |i: u8| PageHash::from_bytes([i; 32]);
+    fn casts_are_split_by_destination_set_and_paced_to_the_slower_link() {
         let mut plan: SourcePlan = BTreeMap::new();
-        plan.insert(
-            "a1".into(),
+        let mut a1 = sends(1, 3_000, &["b1", "b2"]);
+        a1.extend(sends(2, 2_500, &["b1"]));
+        a1.extend(sends(3, 100, &["b2"]));
+        a1.extend(sends(4, 100, &["b3"]));
+        plan.insert("a1".into(), a1);
+        plan.insert("a2".into(), sends(5, 10, &["b2"]));
+        let link = |h: &str| {
+            if h == "b3" {
+                100_000_000
+            } else {
+                1_000_000_000
+            }
+        };
+        let tasks = cast_tasks(&plan, &link, None);
+        let of = |src: &str| -> Vec<(Vec<&str>, usize, Option<u64>)> {
+            let mut v: Vec<_> = tasks
+                .iter()
+                .filter(|t| t.source == src)
+                .map(|t| {
+                    (
+                        t.footprint.iter().map(String::as_str).collect(),
+                        t.sends.len(),
+                        t.rate,
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            of("a1"),
             vec![
-                (h(1), vec!["b1".into(), "b2".into()]),
-                (h(2), vec!["b1".into()]),
-            ],
+                (vec!["b1"], 2_500, Some(970_000_000)),
+                (vec!["b1", "b2"], 3_000, Some(970_000_000)),
+                // The small sets go together, at the slowest member's rate.
+                (vec!["b2", "b3"], 200, Some(97_000_000)),
+            ]
         );
-        plan.insert("a2".into(), vec![(h(3), vec!["b1".into()])]);
-        let n = fan_in(&plan);
-        assert_eq!(n["b1"], 2, "two sources cast to b1");
-        assert_eq!(n["b2"], 1);
-        assert!(!n.contains_key("a1"));
+        assert_eq!(of("a2"), vec![(vec!["b2"], 10, Some(970_000_000))]);
+        // --bandwidth wins.
+        let capped = cast_tasks(&plan, &link, Some(5));
+        assert!(capped.iter().all(|t| t.rate == Some(5)));
+        // Unknown links: unpaced.
+        assert!(
+            cast_tasks(&plan, &|_| 0, None)
+                .iter()
+                .all(|t| t.rate.is_none())
+        );
+    }
+
+    #[test]
+    fn no_two_casts_feed_one_destination_at_once_and_disjoint_ones_overlap() {
+        let task = |src: &str, ds: &[&str], weight: f64| CastTask {
+            source: src.into(),
+            sends: Vec::new(),
+            footprint: ds.iter().map(|d| (*d).to_owned()).collect(),
+            rate: None,
+            weight,
+        };
+        let tasks = vec![
+            task("a1", &["b1", "b2"], 5.0),
+            task("a1", &["b1"], 3.0),
+            task("a1", &["b2"], 1.0),
+            task("a2", &["b1", "b2"], 4.0),
+            task("a2", &["b2"], 3.0),
+            task("a2", &["b1"], 1.0),
+            task("a3", &["c1"], 0.5),
+        ];
+        let busy: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+        let running: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        // Each cast as it starts, with the casts running then.
+        let starts: Mutex<Vec<(String, Vec<String>)>> = Mutex::new(Vec::new());
+        let name = |t: &CastTask| format!("{}>{:?}", t.source, t.footprint);
+        schedule_casts(tasks, &|_, t| {
+            let mine: Vec<String> = std::iter::once(format!("src:{}", t.source))
+                .chain(t.footprint.iter().cloned())
+                .collect();
+            {
+                let mut b = lock(&busy);
+                for r in &mine {
+                    assert!(b.insert(r.clone()), "{r} used by two casts at once");
+                }
+                let mut r = lock(&running);
+                lock(&starts).push((name(t), r.clone()));
+                r.push(name(t));
+            }
+            std::thread::sleep(Duration::from_millis(40));
+            lock(&running).retain(|x| *x != name(t));
+            let mut b = lock(&busy);
+            for r in &mine {
+                b.remove(r);
+            }
+        });
+        let starts = lock(&starts).clone();
+        assert_eq!(starts.len(), 7, "every cast ran: {starts:?}");
+        // The heaviest first, with nothing running.
+        assert_eq!(starts[0], ("a1>{\"b1\", \"b2\"}".to_owned(), vec![]));
+        // a3's cast shares nothing: it starts beside the first.
+        assert!(starts.contains(&(
+            "a3>{\"c1\"}".to_owned(),
+            vec!["a1>{\"b1\", \"b2\"}".to_owned()]
+        )));
+        // a1 -> b1 and a2 -> b2 share nothing: they ran side by side.
+        let (x, y) = ("a1>{\"b1\"}", "a2>{\"b2\"}");
+        assert!(
+            starts
+                .iter()
+                .any(|(n, r)| (n == x && r.iter().any(|o| o == y))
+                    || (n == y && r.iter().any(|o| o == x))),
+            "{starts:?}"
+        );
     }
 
     /// A cast request of a full chunk fits one control frame, whatever

@@ -88,11 +88,16 @@ pub struct EvacuationReport {
 /// The plan's own figures, beside what was measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Predicted {
-    /// Bytes the sources would send.
+    /// Bytes the sources would send (on the wire, headers included, when
+    /// the MTU was given).
     pub source_bytes: u64,
     /// Of those, bytes re-sending pages the guests rewrite meanwhile (at
     /// the rates their agents measured).
     pub rewrite_bytes: u64,
+    /// Of those, the moving VMs' manifests (a hash per non-zero page).
+    pub manifest_bytes: u64,
+    /// Of those, the frames' headers (0 unless the MTU was given).
+    pub header_bytes: u64,
     /// Bytes into other racks.
     pub core_bytes: u64,
     /// Eviction time at the links' rates.

@@ -47,7 +47,8 @@ use super::index::IndexAddrs;
 /// "pages_local", "pages_short_haul", "pages_cast", "error", "in_doubt"}],
 /// "source_bytes", "core_bytes", "bytes_by_class": {"multicast",
 /// "unicast", "short_haul", "repair"}, "eviction_s", "total_s",
-/// "predicted": {"source_bytes", "rewrite_bytes", "core_bytes", "eviction_s",
+/// "predicted": {"source_bytes", "rewrite_bytes", "manifest_bytes",
+/// "header_bytes", "core_bytes", "eviction_s",
 /// "bottleneck", "precopy_source_bytes", "placement"}, "bytes_by_source",
 /// "phases": {VM: [{"phase", "at_s"}]}} (when each VM entered each phase:
 /// manifest, held, cast, round 0, pre-copy, switchover, done or failed,
@@ -92,6 +93,13 @@ pub struct EvacuateArgs {
     /// source's link rate as its agent reported it.
     #[arg(long, value_name = "BITS/S", value_parser = parse_bits_per_second)]
     bandwidth: Option<u64>,
+
+    /// The network's MTU in bytes: the prediction then counts the frames'
+    /// headers (Ethernet, IP, UDP or TCP, TLS and pagecast's own) in the
+    /// bytes on the wire; without it, only pages, manifests and re-sent
+    /// pages are predicted.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65_535))]
+    mtu: Option<u32>,
 
     /// Longest pause of each VM at switchover, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50)]
@@ -360,9 +368,10 @@ fn render(r: &EvacuationReport) -> String {
     let p = &r.predicted;
     let _ = writeln!(
         s,
-        "predicted: {} from the sources, {} of them rewritten pages sent again ({} by per-VM pre-copy), {} into other racks, eviction {:.2} s (bottleneck {})",
+        "predicted: {} from the sources, {} of them rewritten pages sent again and {} manifests ({} by per-VM pre-copy), {} into other racks, eviction {:.2} s (bottleneck {})",
         format_bytes(p.source_bytes),
         format_bytes(p.rewrite_bytes),
+        format_bytes(p.manifest_bytes),
         format_bytes(p.precopy_source_bytes),
         format_bytes(p.core_bytes),
         p.eviction_s,
@@ -400,6 +409,7 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         method: Method::parse(&a.strategy).expect("clap checked the value"),
         parallel: a.parallel,
         bandwidth_bps: a.bandwidth,
+        mtu: a.mtu,
         max_downtime_ms: a.max_downtime,
         objective: if a.objective == "bytes" {
             Objective::Bytes

@@ -6,8 +6,10 @@
 //! uplink a veth pair into a core bridge, and one namespace for the index
 //! replicas and the operator's commands, also on the core. Every host link
 //! is shaped to its rate with `tc tbf` in both directions, every uplink
-//! likewise; all bridges form one layer-2 domain with multicast snooping
-//! off, so multicast reaches every rack. Segmentation offloads are switched
+//! likewise; all bridges form one layer-2 domain with IGMP snooping on
+//! (every bridge a querier, as data-centre switches are), so a multicast
+//! group reaches the hosts that joined it and no others; `--flood` turns
+//! snooping off (multicast reaches every host). Segmentation offloads are switched
 //! off on every veth (ethtool), so interface counters count every packet's
 //! headers as a wire would.
 //!
@@ -87,6 +89,11 @@ pub struct EvaluateArgs {
     /// (an nftables `numgen random` rule in each host's namespace).
     #[arg(long, value_name = "PCT", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=50))]
     loss: u8,
+    /// Bridges without IGMP snooping: every multicast datagram reaches
+    /// every host, members of its group or not (switches that flood
+    /// multicast). By default a group reaches only the hosts that joined it.
+    #[arg(long)]
+    flood: bool,
 }
 
 /// Most hosts a topology may have here (addresses are 10.79.RACK.HOST).
@@ -164,19 +171,26 @@ impl Net {
         Ok(name)
     }
 
-    fn bridge(ns: &str) -> anyhow::Result<()> {
-        ip(
-            ns,
-            &[
-                "link",
-                "add",
-                "br0",
-                "type",
-                "bridge",
+    /// A bridge in `ns`: with IGMP snooping and its own querier (queries
+    /// each second at start-up, answers within a second, so snooping is in
+    /// force well before any cast), or flooding multicast (`flood`).
+    fn bridge(ns: &str, flood: bool) -> anyhow::Result<()> {
+        let mut args = vec!["link", "add", "br0", "type", "bridge"];
+        if flood {
+            args.extend(["mcast_snooping", "0"]);
+        } else {
+            args.extend([
                 "mcast_snooping",
-                "0",
-            ],
-        )?;
+                "1",
+                "mcast_querier",
+                "1",
+                "mcast_query_response_interval",
+                "100",
+                "mcast_startup_query_interval",
+                "100",
+            ]);
+        }
+        ip(ns, &args)?;
         ip(ns, &["link", "set", "br0", "mtu", &MTU.to_string(), "up"])
     }
 
@@ -232,7 +246,7 @@ impl Net {
     }
 
     /// Builds the namespaces of `topo`.
-    fn build(topo: &Topology, prefix: &str, loss: u8) -> anyhow::Result<Net> {
+    fn build(topo: &Topology, prefix: &str, loss: u8, flood: bool) -> anyhow::Result<Net> {
         Net::remove_all(prefix);
         let offloads_off = Command::new("ethtool")
             .arg("--version")
@@ -253,7 +267,7 @@ impl Net {
             );
         }
         let core = net.add_ns(format!("{prefix}-core"))?;
-        Net::bridge(&core)?;
+        Net::bridge(&core, flood)?;
         net.idx = net.add_ns(format!("{prefix}-idx"))?;
         let idx = net.idx.clone();
         // The control namespace's link is not measured: 100 Gbit/s.
@@ -262,7 +276,7 @@ impl Net {
         let mut per_rack = vec![0usize; c.racks.len()];
         for (k, r) in c.racks.iter().enumerate() {
             let rns = net.add_ns(format!("{prefix}-r{k}"))?;
-            Net::bridge(&rns)?;
+            Net::bridge(&rns, flood)?;
             net.wire(&rns, "up0", &core, &format!("r{k}"), r.uplink_bps)?;
             ip(&rns, &["link", "set", "up0", "master", "br0"])?;
             net.uplinks.push(Port {
@@ -442,7 +456,10 @@ impl Ctx<'_> {
             .args(["netns", "exec", ns])
             .arg(&self.exe)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(logf)
             .spawn()
@@ -805,6 +822,10 @@ struct Predicted {
     source_bytes: Option<f64>,
     /// Of `source_bytes`, the re-sending of pages the guests rewrite.
     rewrite_bytes: Option<f64>,
+    /// Of `source_bytes`, the manifests (a hash per non-zero page).
+    manifest_bytes: Option<f64>,
+    /// Of `source_bytes`, the frames' headers.
+    header_bytes: Option<f64>,
     eviction_s: Option<f64>,
 }
 
@@ -855,6 +876,9 @@ struct Report {
     quick: bool,
     loss_pct: u8,
     offloads_off: bool,
+    /// Whether the bridges flooded multicast (`--flood`) rather than
+    /// deliver each group to its members only (IGMP snooping).
+    multicast_flood: bool,
     strategies: Vec<Run>,
     clone: Option<Run>,
 }
@@ -931,7 +955,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         topo.cluster.hosts.len(),
         a.prefix
     );
-    let net = Net::build(&topo, &a.prefix, a.loss)?;
+    let net = Net::build(&topo, &a.prefix, a.loss, a.flood)?;
     let ctx = Ctx {
         exe: std::env::current_exe()?,
         out: out.clone(),
@@ -969,6 +993,9 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             a.max_downtime.to_string(),
             "--json".into(),
             "--no-progress".into(),
+            // The prediction counts headers as the counters do.
+            "--mtu".into(),
+            MTU.to_string(),
         ];
         if !to.is_empty() {
             args.extend(["--to".into(), to.join(",")]);
@@ -1000,6 +1027,8 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             predicted: Predicted {
                 source_bytes: rep["predicted"]["source_bytes"].as_f64(),
                 rewrite_bytes: rep["predicted"]["rewrite_bytes"].as_f64(),
+                manifest_bytes: rep["predicted"]["manifest_bytes"].as_f64(),
+                header_bytes: rep["predicted"]["header_bytes"].as_f64(),
                 eviction_s: rep["predicted"]["eviction_s"].as_f64(),
             },
             reported_source_bytes: num(&rep["source_bytes"]),
@@ -1089,6 +1118,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         quick: a.quick,
         loss_pct: a.loss,
         offloads_off: net.offloads_off,
+        multicast_flood: a.flood,
         strategies: runs,
         clone: clone_run,
     };
@@ -1142,12 +1172,13 @@ fn write_report(out: &Path, r: &Report, from: &[String]) -> anyhow::Result<()> {
     let mut md = String::new();
     md.push_str("# pagecast evaluation\n\n");
     md.push_str(&format!(
-        "- topology: `{}`\n- commit: {}\n- machine: {}\n- command: `{}`\n- multicast loss at every host: {}%\n- segmentation offloads on the veths: {}\n\n",
+        "- topology: `{}`\n- commit: {}\n- machine: {}\n- command: `{}`\n- multicast loss at every host: {}%\n- multicast delivery: {}\n- segmentation offloads on the veths: {}\n\n",
         r.topology,
         r.commit,
         r.machine,
         r.command,
         r.loss_pct,
+        if r.multicast_flood { "flooded to every host (--flood)" } else { "to each group's members (IGMP snooping)" },
         if r.offloads_off { "off (counters count every packet's headers)" } else { "on (headers counted once per super-packet)" }
     ));
     md.push_str("Bytes are the interfaces' counters: source bytes leave the evacuated hosts' links, core bytes enter the core through the rack uplinks. Ratios are of precopy's.\n\n");
