@@ -45,6 +45,24 @@ fn migrate(
     )
 }
 
+/// Whether a socket listens on IPv4 `addr` here (/proc/net/tcp).
+fn listening(addr: &str) -> bool {
+    let at: std::net::SocketAddrV4 = addr.parse().unwrap();
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(at.ip().octets()),
+        at.port()
+    );
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "0A"
+        })
+}
+
 fn wait_status(g: &Guest, want: &str, within: Duration) -> String {
     let until = Instant::now() + within;
     let mut q = g.qmp();
@@ -77,10 +95,20 @@ fn qemu_guests_migrate_through_pagecast() {
     let vm1 = Guest::start(dir, "vm1", &qemu, &kernel, Start::Boot);
     let vm2 = Guest::start(dir, "vm2", &qemu, &kernel, Start::Boot);
     let vm3 = Guest::start(dir, "vm3", &qemu, &kernel, Start::Boot);
+    // vm4 goes as libvirt would move it: its destination QEMU listens on a
+    // loopback address of b's host, the migration is started at the
+    // source QEMU towards a loopback port of a's agent.
+    let route_port = free_port();
+    let (route_src, route_dst) = (
+        format!("127.0.0.2:{route_port}"),
+        format!("127.0.0.3:{route_port}"),
+    );
+    let vm4 = Guest::start(dir, "vm4", &qemu, &kernel, Start::Boot);
+    let vm4_in = Guest::start(dir, "vm4-in", &qemu, &kernel, Start::Listen(&route_dst));
     let mut vm1_in = Guest::start(dir, "vm1-in", &qemu, &kernel, Start::Defer);
     let vm2_in = Guest::start(dir, "vm2-in", &qemu, &kernel, Start::Listen(&direct_addr));
     let mut vm3_in = Guest::start(dir, "vm3-in", &qemu, &kernel, Start::Defer);
-    for g in [&resident, &vm1, &vm2, &vm3] {
+    for g in [&resident, &vm1, &vm2, &vm3, &vm4] {
         g.wait_booted(Duration::from_secs(240));
     }
 
@@ -330,6 +358,97 @@ fn qemu_guests_migrate_through_pagecast() {
     assert!(
         vm3.advances(Duration::from_secs(2)),
         "the source stopped after Ctrl-C"
+    );
+
+    // The libvirt route: the source agent listens where libvirt's
+    // --migrateuri points the source QEMU, the destination agent feeds the
+    // QEMU libvirt started listening (not adopted).
+    adopt(dir, &a, &vm4, false);
+    let out = cli(
+        dir,
+        &[
+            "migrate",
+            "--vm",
+            "vm4",
+            "--from",
+            &a.addr,
+            "--to",
+            &b.addr,
+            "--qemu-listen",
+            "0.0.0.0:4444",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("loopback"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mig = std::thread::spawn({
+        let dir = dir.to_owned();
+        let (from, to) = (a.addr.clone(), b.addr.clone());
+        let (l, c) = (route_src.clone(), route_dst.clone());
+        move || {
+            cli(
+                &dir,
+                &[
+                    "migrate",
+                    "--vm",
+                    "vm4",
+                    "--from",
+                    &from,
+                    "--to",
+                    &to,
+                    "--qemu-listen",
+                    &l,
+                    "--qemu-connect",
+                    &c,
+                    "--qemu-wait",
+                    "120",
+                    "--json",
+                ],
+            )
+        }
+    });
+    let until = Instant::now() + Duration::from_secs(60);
+    while !listening(&route_src) {
+        assert!(
+            Instant::now() < until,
+            "a's agent never listened on {route_src}\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What libvirt does at the source: QEMU migrates to the URI.
+    vm4.qmp()
+        .execute("migrate", json!({"uri": format!("tcp:{route_src}")}))
+        .unwrap();
+    let out = mig.join().unwrap();
+    assert!(
+        out.status.success(),
+        "the libvirt route failed: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log(),
+        b.log()
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["kind"], "qemu");
+    assert_eq!(
+        wait_status(&vm4_in, "running", Duration::from_secs(60)),
+        "running"
+    );
+    assert!(
+        vm4_in.advances(Duration::from_secs(2)),
+        "the guest moved by the libvirt route does not run"
+    );
+    assert_eq!(vm4.qmp().status().unwrap(), "postmigrate");
+    let bytes = rep["bytes_sent"].as_u64().unwrap();
+    let held = rep["contents_local"].as_u64().unwrap();
+    eprintln!("libvirt route: {bytes} bytes, {held} distinct contents from b");
+    assert!(held > 2000, "only {held} contents were found at b");
+    assert!(
+        bytes + held * 4096 <= direct_bytes,
+        "the libvirt route sent {bytes} bytes, direct QEMU {direct_bytes}"
     );
 
     // The coordinator sees an adopted VM's content and kind.

@@ -18,7 +18,8 @@
 //! rounds, auto-converge and downtime limit.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -46,6 +47,11 @@ const OFFER_PART: usize = 8192;
 const PART_BYTES: usize = 256 << 10;
 /// Longest the proxy waits for either QEMU or the peer agent to move.
 const STALL: Duration = Duration::from_secs(60);
+/// Hash-checked copies of offered contents a destination holds.
+type Stash = HashMap<PageHash, Box<Page>>;
+/// Most distinct contents a libvirt-route offer may list (the destination
+/// has no adopted VM to bound it by): 64 GiB of distinct memory.
+const MAX_ROUTE_OFFER: usize = 16 << 20;
 
 /// A QEMU VM the agent took on.
 pub(crate) struct Adopted {
@@ -161,6 +167,55 @@ fn start_stream(q: &mut Qmp, sock: &Path) -> Result<UnixStream, AgentError> {
     input.set_nonblocking(false).map_err(qemu_err)?;
     input.set_read_timeout(Some(STALL)).map_err(qemu_err)?;
     Ok(input)
+}
+
+/// `addr` as a loopback socket address: the libvirt route's ports carry a
+/// QEMU stream between QEMU and its own host's agent only.
+fn loopback(addr: &str, flag: &str) -> Result<SocketAddr, AgentError> {
+    let at: SocketAddr = addr
+        .parse()
+        .map_err(|_| AgentError::BadRequest(format!("{flag} {addr:?} is not ADDR:PORT")))?;
+    if !at.ip().is_loopback() || at.port() == 0 {
+        return Err(AgentError::BadRequest(format!(
+            "{flag} {addr}: QEMU's stream goes to or from this host only, so give a loopback address and a port (127.0.0.1:49152)"
+        )));
+    }
+    Ok(at)
+}
+
+/// Waits on `l` for QEMU's migration stream (libvirt starts it) for at
+/// most `wait`, or until the operator stops the migration.
+fn accept_qemu<'h>(
+    l: &TcpListener,
+    wait: Duration,
+    mut hold: Option<&mut (dyn pagecast_migrate::Hold + 'h)>,
+) -> Result<TcpStream, AgentError> {
+    l.set_nonblocking(true).map_err(qemu_err)?;
+    let deadline = Instant::now() + wait;
+    let s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(why) = hold.as_deref_mut().and_then(|h| h.cancelled()) {
+                    return Err(AgentError::Qemu(format!(
+                        "the migration was stopped before QEMU connected: {why}"
+                    )));
+                }
+                if Instant::now() > deadline {
+                    return Err(AgentError::Qemu(format!(
+                        "QEMU did not migrate to tcp:{} within {wait:?} (start it with virsh migrate --migrateuri tcp:{})",
+                        l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                        l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(qemu_err(e)),
+        }
+    };
+    s.set_nonblocking(false).map_err(qemu_err)?;
+    s.set_read_timeout(Some(STALL)).map_err(qemu_err)?;
+    Ok(s)
 }
 
 /// Refuses a migration stream the proxy cannot carry, naming the
@@ -481,6 +536,25 @@ impl Agent {
         started: Instant,
         hold: Option<&mut dyn pagecast_migrate::Hold>,
     ) -> Result<v1::MigrateResult, AgentError> {
+        // The libvirt route: someone else starts QEMU's migration towards
+        // a loopback port of ours, and the destination's QEMU listens on
+        // one of its host.
+        let route = if r.qemu_listen.is_empty() {
+            None
+        } else {
+            if r.hold {
+                return Err(AgentError::BadRequest(
+                    "a QEMU VM migrated by libvirt (--qemu-listen) moves on its own, not in a gang job".into(),
+                ));
+            }
+            let at = loopback(&r.qemu_listen, "--qemu-listen")?;
+            loopback(&r.qemu_connect, "--qemu-connect")?;
+            let l = TcpListener::bind(at).map_err(|source| AgentError::Bind {
+                addr: at.to_string(),
+                source,
+            })?;
+            Some(l)
+        };
         let mut q = a.qmp()?;
         check_capabilities(&mut q, &a.name)?;
         // What it holds now.
@@ -494,8 +568,15 @@ impl Agent {
         offer.dedup();
 
         let job = if r.hold { r.job.as_str() } else { "" };
-        let (mut ch, mut held, mut sent) =
-            self.offer_to(a, &r.to, &a.name, job, &offer, "receive a migrated QEMU VM")?;
+        let (mut ch, mut held, mut sent) = self.offer_to(
+            a,
+            &r.to,
+            &a.name,
+            job,
+            &r.qemu_connect,
+            &offer,
+            "receive a migrated QEMU VM",
+        )?;
         let dest = ch.peer_name().to_owned();
         let mut hold = hold;
         if r.hold
@@ -537,10 +618,30 @@ impl Agent {
             started.elapsed().as_secs_f64() * 1e3
         );
 
-        // QEMU migrates to a socket of ours.
+        // QEMU migrates to a socket of ours: one we name, or, on the
+        // libvirt route, the port libvirt names (QMP is let go meanwhile:
+        // QEMU serves one client at a time).
         let sock = socket_path(self, &a.name, "out");
         let _cleanup = RemoveOnDrop(sock.clone());
-        let input = start_stream(&mut q, &sock)?;
+        let input: Box<dyn Read> = match &route {
+            None => Box::new(start_stream(&mut q, &sock)?),
+            Some(l) => {
+                drop(q);
+                let wait = Duration::from_secs(match r.qemu_wait_s {
+                    0 => 300,
+                    s => u64::from(s),
+                });
+                info!(
+                    "QEMU VM {}: waiting up to {wait:?} for its QEMU to migrate to tcp:{}",
+                    a.name, r.qemu_listen
+                );
+                let s = accept_qemu(l, wait, hold.as_deref_mut())?;
+                // Whoever started it set QEMU's capabilities just before.
+                q = a.qmp()?;
+                check_capabilities(&mut q, &a.name)?;
+                Box::new(s)
+            }
+        };
         let mut sink = PartSink {
             ch: &mut ch,
             hold,
@@ -718,6 +819,7 @@ impl Agent {
                 &t.addr,
                 &t.name,
                 &job,
+                "",
                 &offer,
                 "receive a cloned QEMU VM",
             );
@@ -914,12 +1016,14 @@ impl Agent {
     /// its waiting QEMU `vm` (in gang job `job`, "" for none), and offers
     /// it `offer`: the channel, the offered contents it holds, the bytes
     /// sent.
+    #[allow(clippy::too_many_arguments)]
     fn offer_to(
         &self,
         a: &Adopted,
         to: &str,
         vm: &str,
         job: &str,
+        connect: &str,
         offer: &[PageHash],
         what: &str,
     ) -> Result<(Channel, HashSet<PageHash>, u64), AgentError> {
@@ -932,6 +1036,7 @@ impl Agent {
                 domain: a.domain.clone(),
                 domain_check: a.key.check().to_be_bytes().to_vec().into(),
                 job: job.to_owned(),
+                connect: connect.to_owned(),
             })),
         })?;
         ch.set_read_timeout(Some(STALL))?;
@@ -995,6 +1100,9 @@ impl Agent {
         ch: &mut Channel,
         inc: &v1::QemuIncoming,
     ) -> Result<v1::QemuDone, AgentError> {
+        if !inc.connect.is_empty() {
+            return self.qemu_in_route(ch, inc);
+        }
         let a = lock(&self.adopted)
             .get(&inc.vm)
             .cloned()
@@ -1026,6 +1134,90 @@ impl Agent {
         res
     }
 
+    /// Sets aside hash-checked copies of the offered contents this host
+    /// holds (under `key`) and tells the source which.
+    fn set_aside(
+        &self,
+        ch: &mut Channel,
+        offer: &[PageHash],
+        key: ContentKey,
+    ) -> Result<(Stash, Vec<u8>), AgentError> {
+        let mut stash: HashMap<PageHash, Box<Page>> = HashMap::new();
+        let mut bits = vec![0u8; offer.len().div_ceil(8)];
+        let mut page: Page = [0; PAGE];
+        for (i, h) in offer.iter().enumerate() {
+            if self.copy_any(h, &mut page) == Some(key) {
+                stash.insert(*h, Box::new(page));
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        ch.send(&frame(v1::qemu_frame::Body::Held(v1::QemuHeld {
+            bits: bits.clone().into(),
+            count: stash.len() as u64,
+        })))?;
+        Ok((stash, bits))
+    }
+
+    /// The libvirt route's destination: a QEMU this agent has not adopted
+    /// listens on `inc.connect` (libvirt started it with `-incoming tcp:`);
+    /// the stream is rebuilt into it with the pages this host holds. QEMU
+    /// here is libvirt's to watch: the stream ending is this side's end.
+    fn qemu_in_route(
+        &self,
+        ch: &mut Channel,
+        inc: &v1::QemuIncoming,
+    ) -> Result<v1::QemuDone, AgentError> {
+        let at = loopback(&inc.connect, "the destination QEMU's address")?;
+        if !inc.job.is_empty() {
+            return Err(AgentError::BadRequest(
+                "a QEMU VM migrated by libvirt moves on its own, not in a gang job".into(),
+            ));
+        }
+        let domain = pagecast_pages::domain::normalize(&inc.domain);
+        let key = self.domain_key(domain)?;
+        if inc.domain_check[..] != key.check().to_be_bytes()[..] {
+            return Err(AgentError::BadRequest(format!(
+                "VM {} is in domain {domain:?}, whose key differs here: the two hosts hold different domain secrets",
+                inc.vm
+            )));
+        }
+        ch.set_read_timeout(Some(STALL))?;
+        let offer = receive_offer(ch, MAX_ROUTE_OFFER)?;
+        let (stash, _) = self.set_aside(ch, &offer, key)?;
+        // The first part comes once the source QEMU has connected, by
+        // when libvirt's QEMU here listens.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = loop {
+            match TcpStream::connect_timeout(&at, Duration::from_secs(2)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(AgentError::Qemu(format!(
+                        "cannot reach the destination QEMU on tcp:{at}: {e} (is it listening, -incoming tcp:{at}?)"
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        out.set_write_timeout(Some(STALL)).map_err(qemu_err)?;
+        let (bytes, local) = feed(ch, &mut out, &stash)?;
+        let _ = out.shutdown(std::net::Shutdown::Write);
+        // QEMU closes its end once it has loaded the stream (or exits if
+        // it refused it).
+        let _ = out.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut sink = [0u8; 64];
+        while matches!(out.read(&mut sink), Ok(n) if n > 0) {}
+        info!(
+            "QEMU VM {} handed to the QEMU on tcp:{at}: {bytes} stream bytes, {local} pages from this host",
+            inc.vm
+        );
+        Ok(v1::QemuDone {
+            ok: true,
+            error: String::new(),
+            pages_local: local,
+            stream_bytes: bytes,
+        })
+    }
+
     fn qemu_in_run(
         &self,
         ch: &mut Channel,
@@ -1043,42 +1235,9 @@ impl Agent {
         ch.set_read_timeout(Some(STALL))?;
         let peer = ch.peer_name().to_owned();
         // The offer, and what of it this host sets aside.
-        let most = a.image.page_count() as usize;
-        let mut offer: Vec<PageHash> = Vec::new();
-        loop {
-            let o = match recv(ch)? {
-                v1::qemu_frame::Body::Offer(o) => o,
-                other => return Err(unexpected(&peer, &other)),
-            };
-            if o.hashes.len() % 32 != 0 || offer.len() + o.hashes.len() / 32 > most {
-                return Err(AgentError::BadRequest(
-                    "an offer of more contents than the VM has pages".into(),
-                ));
-            }
-            offer.extend(
-                o.hashes
-                    .chunks_exact(32)
-                    .map(|h| PageHash::try_from(h).expect("32 bytes")),
-            );
-            if o.last {
-                break;
-            }
-        }
-        let mut stash: HashMap<PageHash, Box<Page>> = HashMap::new();
-        let mut bits = vec![0u8; offer.len().div_ceil(8)];
+        let offer = receive_offer(ch, a.image.page_count() as usize)?;
+        let (mut stash, mut bits) = self.set_aside(ch, &offer, a.key)?;
         let mut page: Page = [0; PAGE];
-        for (i, h) in offer.iter().enumerate() {
-            let got = self.copy_any(h, &mut page) == Some(a.key);
-            if got {
-                stash.insert(*h, Box::new(page));
-                bits[i / 8] |= 1 << (i % 8);
-            }
-        }
-        let count = stash.len() as u64;
-        ch.send(&frame(v1::qemu_frame::Body::Held(v1::QemuHeld {
-            bits: bits.clone().into(),
-            count,
-        })))?;
         // In a gang job, the job's casts and fetches bring what it lacks
         // into a landing slot until the source asks again.
         if !inc.job.is_empty() {
@@ -1150,42 +1309,7 @@ impl Agent {
             }
         };
         out.set_write_timeout(Some(STALL)).map_err(qemu_err)?;
-        let mut bytes = 0u64;
-        let mut local = 0u64;
-        loop {
-            let p = match recv(ch)? {
-                v1::qemu_frame::Body::Part(p) => p,
-                other => return Err(unexpected(&peer, &other)),
-            };
-            if p.held.len() != 32 * p.held_at.len() || p.data.len() > PART_BYTES + PAGE {
-                return Err(AgentError::BadRequest("a malformed stream part".into()));
-            }
-            let mut at = 0usize;
-            for (i, &pos) in p.held_at.iter().enumerate() {
-                let pos = pos as usize;
-                if pos < at || pos > p.data.len() {
-                    return Err(AgentError::BadRequest(
-                        "a stream part with pages out of order".into(),
-                    ));
-                }
-                let h = PageHash::try_from(&p.held[32 * i..32 * i + 32]).expect("32 bytes");
-                let pg = stash.get(&h).ok_or_else(|| {
-                    AgentError::BadRequest(
-                        "the source named a page this host did not set aside".into(),
-                    )
-                })?;
-                write_all(&mut out, &p.data[at..pos])?;
-                write_all(&mut out, &pg[..])?;
-                bytes += (pos - at + PAGE) as u64;
-                at = pos;
-                local += 1;
-            }
-            write_all(&mut out, &p.data[at..])?;
-            bytes += (p.data.len() - at) as u64;
-            if p.last {
-                break;
-            }
-        }
+        let (bytes, local) = feed(ch, &mut out, &stash)?;
         let _ = out.shutdown(std::net::Shutdown::Write);
         // QEMU loads the devices and resumes the guest.
         let until = Instant::now() + STALL;
@@ -1220,6 +1344,71 @@ impl Agent {
     }
 }
 
+/// Reads the source's offer of distinct contents (at most `most`).
+fn receive_offer(ch: &mut Channel, most: usize) -> Result<Vec<PageHash>, AgentError> {
+    let peer = ch.peer_name().to_owned();
+    let mut offer: Vec<PageHash> = Vec::new();
+    loop {
+        let o = match recv(ch)? {
+            v1::qemu_frame::Body::Offer(o) => o,
+            other => return Err(unexpected(&peer, &other)),
+        };
+        if o.hashes.len() % 32 != 0 || offer.len() + o.hashes.len() / 32 > most {
+            return Err(AgentError::BadRequest(format!(
+                "an offer of more contents than the VM has pages ({most})"
+            )));
+        }
+        offer.extend(
+            o.hashes
+                .chunks_exact(32)
+                .map(|h| PageHash::try_from(h).expect("32 bytes")),
+        );
+        if o.last {
+            return Ok(offer);
+        }
+    }
+}
+
+/// Feeds the source's stream parts into `out`, the pages sent as hashes
+/// from `stash`; returns the stream's bytes and the pages from here.
+fn feed(ch: &mut Channel, out: &mut dyn Write, stash: &Stash) -> Result<(u64, u64), AgentError> {
+    let peer = ch.peer_name().to_owned();
+    let mut bytes = 0u64;
+    let mut local = 0u64;
+    loop {
+        let p = match recv(ch)? {
+            v1::qemu_frame::Body::Part(p) => p,
+            other => return Err(unexpected(&peer, &other)),
+        };
+        if p.held.len() != 32 * p.held_at.len() || p.data.len() > PART_BYTES + PAGE {
+            return Err(AgentError::BadRequest("a malformed stream part".into()));
+        }
+        let mut at = 0usize;
+        for (i, &pos) in p.held_at.iter().enumerate() {
+            let pos = pos as usize;
+            if pos < at || pos > p.data.len() {
+                return Err(AgentError::BadRequest(
+                    "a stream part with pages out of order".into(),
+                ));
+            }
+            let h = PageHash::try_from(&p.held[32 * i..32 * i + 32]).expect("32 bytes");
+            let pg = stash.get(&h).ok_or_else(|| {
+                AgentError::BadRequest("the source named a page this host did not set aside".into())
+            })?;
+            write_all(out, &p.data[at..pos])?;
+            write_all(out, &pg[..])?;
+            bytes += (pos - at + PAGE) as u64;
+            at = pos;
+            local += 1;
+        }
+        write_all(out, &p.data[at..])?;
+        bytes += (p.data.len() - at) as u64;
+        if p.last {
+            return Ok((bytes, local));
+        }
+    }
+}
+
 /// The destination's answer to an offer: the offered contents it holds.
 fn held_set(
     ch: &mut Channel,
@@ -1244,7 +1433,7 @@ fn held_set(
         .collect())
 }
 
-fn write_all(out: &mut UnixStream, b: &[u8]) -> Result<(), AgentError> {
+fn write_all(out: &mut dyn Write, b: &[u8]) -> Result<(), AgentError> {
     out.write_all(b)
         .map_err(|e| AgentError::Qemu(format!("writing to the destination QEMU: {e}")))
 }

@@ -1110,6 +1110,7 @@ pub fn evacuate(
         hold: held,
         no_local: spec.method != Method::Pagecast,
         per_frame: spec.method == Method::Precopy,
+        ..Default::default()
     };
     std::thread::scope(|s| {
         if held {

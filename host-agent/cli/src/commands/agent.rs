@@ -642,6 +642,31 @@ pub struct MigrateArgs {
     #[arg(long)]
     verify_full: bool,
 
+    /// For an adopted QEMU VM that libvirt migrates: the source agent
+    /// listens on this loopback ADDR:PORT for the source QEMU's stream and
+    /// starts nothing itself; give libvirt the same address:
+    /// `virsh migrate --live DOMAIN DEST_URI --migrateuri tcp:ADDR:PORT
+    /// --listen-address ADDR` (docs/qemu.md).
+    #[arg(long, value_name = "ADDR:PORT")]
+    qemu_listen: Option<String>,
+
+    /// With --qemu-listen: the loopback ADDR:PORT where the destination
+    /// host's QEMU listens for the stream (libvirt's --listen-address and
+    /// the port of --migrateuri); default: the --qemu-listen address. That
+    /// QEMU need not be adopted.
+    #[arg(long, value_name = "ADDR:PORT", requires = "qemu_listen")]
+    qemu_connect: Option<String>,
+
+    /// With --qemu-listen: how long the source agent waits for QEMU to
+    /// connect, in seconds.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 300,
+        requires = "qemu_listen"
+    )]
+    qemu_wait: u32,
+
     #[command(flatten)]
     tls: TlsArg,
 
@@ -711,8 +736,23 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
         bandwidth_bps: a.bandwidth.unwrap_or(0),
         max_downtime_ms: a.max_downtime,
         verify_full: a.verify_full,
+        qemu_listen: a.qemu_listen.clone().unwrap_or_default(),
+        qemu_connect: a
+            .qemu_connect
+            .clone()
+            .or_else(|| a.qemu_listen.clone())
+            .unwrap_or_default(),
+        qemu_wait_s: a.qemu_wait,
         ..Default::default()
     };
+    if let Some(l) = &a.qemu_listen {
+        bar.suspend(|| {
+            eprintln!(
+                "{}: the source agent takes QEMU's stream on tcp:{l} (up to {} s): start the migration, e.g. virsh migrate --live {} DEST_URI --migrateuri tcp:{l}",
+                a.vm, a.qemu_wait, a.vm
+            )
+        });
+    }
     // Ctrl-C stops the migration before its switchover (the VM stays).
     let stop = super::evacuate::catch_interrupts();
     let mut m = client.start_migrate(req)?;
