@@ -26,6 +26,12 @@ fi
 step "cargo test"
 cargo test --workspace --locked
 
+# One run of the QEMU benchmark (direct QEMU against pagecast), test
+# profile: it prints its figures and ratios and fails only if a migration
+# fails; it says it skips where QEMU, a kernel or busybox is missing.
+step "QEMU benchmark, one run"
+PAGECAST_BENCH_RUNS=1 cargo bench --locked --profile dev -p pagecast-benches --bench qemu
+
 step "fuzz targets build"
 cargo build --locked --manifest-path fuzz/Cargo.toml --bins
 

@@ -47,6 +47,8 @@ const OFFER_PART: usize = 8192;
 const PART_BYTES: usize = 256 << 10;
 /// Longest the proxy waits for either QEMU or the peer agent to move.
 const STALL: Duration = Duration::from_secs(60);
+/// Stream parts queued for the sending thread (each PART_BYTES).
+const PARTS_IN_FLIGHT: usize = 8;
 /// Hash-checked copies of offered contents a destination holds.
 type Stash = HashMap<PageHash, Box<Page>>;
 /// Most distinct contents a libvirt-route offer may list (the destination
@@ -557,8 +559,12 @@ impl Agent {
         };
         let mut q = a.qmp()?;
         check_capabilities(&mut q, &a.name)?;
-        // What it holds now.
-        self.fp.pool().install(|| self.scan_adopted(a));
+        // What it holds: the last scan if it is recent (every page is
+        // hashed again as it streams, so a content changed since only
+        // travels whole), else a fresh one.
+        if lock(&a.last_scan).is_none_or(|t| t.elapsed() > RESCAN) {
+            self.fp.pool().install(|| self.scan_adopted(a));
+        }
         let mut offer: Vec<PageHash> = lock(&a.seen)
             .iter()
             .filter(|h| !h.is_zero_page())
@@ -642,19 +648,41 @@ impl Agent {
                 Box::new(s)
             }
         };
-        let mut sink = PartSink {
-            ch: &mut ch,
-            hold,
-            key: a.key,
-            held: &held,
-            data: Vec::with_capacity(PART_BYTES + PAGE),
-            held_at: Vec::new(),
-            held_hashes: Vec::new(),
-            sent: 0,
-            pages_held: 0,
-        };
+        // Parsing QEMU's stream and sending its parts overlap: a thread
+        // sends while QEMU goes on writing (a few parts in flight).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<v1::QemuStreamPart>(PARTS_IN_FLIGHT);
         let mut input = std::io::BufReader::with_capacity(256 << 10, input);
-        let st = match pagecast_qemu::proxy(&mut input, &mut sink) {
+        let (st, flushed, pages_held, link) = std::thread::scope(|scope| {
+            let chan = &mut ch;
+            let sender = scope.spawn(move || -> (u64, Option<AgentError>) {
+                let mut n = 0;
+                for p in rx {
+                    match send(chan, &frame(v1::qemu_frame::Body::Part(p))) {
+                        Ok(b) => n += b,
+                        Err(e) => return (n, Some(e)),
+                    }
+                }
+                (n, None)
+            });
+            let mut sink = PartSink {
+                tx,
+                hold,
+                key: a.key,
+                held: &held,
+                data: Vec::with_capacity(PART_BYTES + PAGE),
+                held_at: Vec::new(),
+                held_hashes: Vec::new(),
+                pages_held: 0,
+            };
+            let st = pagecast_qemu::proxy(&mut input, &mut sink);
+            let flushed = if st.is_ok() { sink.flush(true) } else { Ok(()) };
+            let pages_held = sink.pages_held;
+            drop(sink);
+            let link = sender.join().unwrap_or((0, None));
+            (st, flushed, pages_held, link)
+        });
+        sent += link.0;
+        let st = match st {
             Ok(st) => st,
             Err(e @ StreamError::Unsupported { .. }) => {
                 return Err(AgentError::BadRequest(e.to_string()));
@@ -672,14 +700,18 @@ impl Agent {
                         "the destination {dest} stopped the migration: {}",
                         d.error
                     )),
-                    _ => AgentError::Qemu(e.to_string()),
+                    _ => match link.1 {
+                        Some(l) => AgentError::Qemu(format!("sending to the destination: {l}")),
+                        None => AgentError::Qemu(e.to_string()),
+                    },
                 });
             }
             Err(e) => return Err(AgentError::Qemu(e.to_string())),
         };
-        sink.flush(true)?;
-        let pages_held = sink.pages_held;
-        sent += sink.sent;
+        if let Some(e) = link.1 {
+            return Err(e);
+        }
+        flushed?;
         drop(input);
         let done = match recv(&mut ch)? {
             v1::qemu_frame::Body::Done(d) => d,
@@ -1371,42 +1403,77 @@ fn receive_offer(ch: &mut Channel, most: usize) -> Result<Vec<PageHash>, AgentEr
 
 /// Feeds the source's stream parts into `out`, the pages sent as hashes
 /// from `stash`; returns the stream's bytes and the pages from here.
-fn feed(ch: &mut Channel, out: &mut dyn Write, stash: &Stash) -> Result<(u64, u64), AgentError> {
+/// Receiving and writing overlap: a thread writes to QEMU while the next
+/// parts arrive.
+fn feed(
+    ch: &mut Channel,
+    out: &mut (dyn Write + Send),
+    stash: &Stash,
+) -> Result<(u64, u64), AgentError> {
     let peer = ch.peer_name().to_owned();
-    let mut bytes = 0u64;
-    let mut local = 0u64;
-    loop {
-        let p = match recv(ch)? {
-            v1::qemu_frame::Body::Part(p) => p,
-            other => return Err(unexpected(&peer, &other)),
-        };
-        if p.held.len() != 32 * p.held_at.len() || p.data.len() > PART_BYTES + PAGE {
-            return Err(AgentError::BadRequest("a malformed stream part".into()));
-        }
-        let mut at = 0usize;
-        for (i, &pos) in p.held_at.iter().enumerate() {
-            let pos = pos as usize;
-            if pos < at || pos > p.data.len() {
-                return Err(AgentError::BadRequest(
-                    "a stream part with pages out of order".into(),
-                ));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<v1::QemuStreamPart>(PARTS_IN_FLIGHT);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<(u64, u64), AgentError> {
+            let mut bytes = 0u64;
+            let mut local = 0u64;
+            for p in rx {
+                let mut at = 0usize;
+                for (i, &pos) in p.held_at.iter().enumerate() {
+                    let pos = pos as usize;
+                    if pos < at || pos > p.data.len() {
+                        return Err(AgentError::BadRequest(
+                            "a stream part with pages out of order".into(),
+                        ));
+                    }
+                    let h = PageHash::try_from(&p.held[32 * i..32 * i + 32]).expect("32 bytes");
+                    let pg = stash.get(&h).ok_or_else(|| {
+                        AgentError::BadRequest(
+                            "the source named a page this host did not set aside".into(),
+                        )
+                    })?;
+                    write_all(out, &p.data[at..pos])?;
+                    write_all(out, &pg[..])?;
+                    bytes += (pos - at + PAGE) as u64;
+                    at = pos;
+                    local += 1;
+                }
+                write_all(out, &p.data[at..])?;
+                bytes += (p.data.len() - at) as u64;
             }
-            let h = PageHash::try_from(&p.held[32 * i..32 * i + 32]).expect("32 bytes");
-            let pg = stash.get(&h).ok_or_else(|| {
-                AgentError::BadRequest("the source named a page this host did not set aside".into())
-            })?;
-            write_all(out, &p.data[at..pos])?;
-            write_all(out, &pg[..])?;
-            bytes += (pos - at + PAGE) as u64;
-            at = pos;
-            local += 1;
+            Ok((bytes, local))
+        });
+        let mut failed = None;
+        loop {
+            let p = match recv(ch) {
+                Ok(v1::qemu_frame::Body::Part(p)) => p,
+                Ok(other) => {
+                    failed = Some(unexpected(&peer, &other));
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            if p.held.len() != 32 * p.held_at.len() || p.data.len() > PART_BYTES + PAGE {
+                failed = Some(AgentError::BadRequest("a malformed stream part".into()));
+                break;
+            }
+            let last = p.last;
+            // The writer stopped (its error below), or the stream ended.
+            if tx.send(p).is_err() || last {
+                break;
+            }
         }
-        write_all(out, &p.data[at..])?;
-        bytes += (p.data.len() - at) as u64;
-        if p.last {
-            return Ok((bytes, local));
+        drop(tx);
+        let wrote = writer
+            .join()
+            .unwrap_or_else(|_| Err(AgentError::Qemu("the stream writer failed".into())));
+        match (wrote, failed) {
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+            (Ok(x), None) => Ok(x),
         }
-    }
+    })
 }
 
 /// The destination's answer to an offer: the offered contents it holds.
@@ -1607,7 +1674,8 @@ impl<T: FanTarget> Sink for FanSink<'_, T> {
 /// Batches the stream into parts, pages the destination set aside as
 /// hashes.
 struct PartSink<'a, 'h> {
-    ch: &'a mut Channel,
+    /// To the thread that sends parts to the destination.
+    tx: std::sync::mpsc::SyncSender<v1::QemuStreamPart>,
     /// Asked at every part whether the client stopped the migration
     /// (Ctrl-C, `pagecast cancel`).
     hold: Option<&'a mut (dyn pagecast_migrate::Hold + 'h)>,
@@ -1616,7 +1684,6 @@ struct PartSink<'a, 'h> {
     data: Vec<u8>,
     held_at: Vec<u32>,
     held_hashes: Vec<u8>,
-    sent: u64,
     pages_held: u64,
 }
 
@@ -1628,8 +1695,9 @@ impl PartSink<'_, '_> {
             held: std::mem::take(&mut self.held_hashes).into(),
             last,
         };
-        self.sent += send(self.ch, &frame(v1::qemu_frame::Body::Part(p)))?;
-        Ok(())
+        self.tx
+            .send(p)
+            .map_err(|_| AgentError::Qemu("the link to the destination failed".into()))
     }
 
     fn full(&mut self) -> Result<(), StreamError> {
