@@ -86,6 +86,9 @@ pub struct EvacuateSpec {
     pub bandwidth_bps: Option<u64>,
     /// The network's MTU: predictions then count the frames' headers.
     pub mtu: Option<u32>,
+    /// The network delivers every multicast datagram to every host (no
+    /// IGMP snooping): casts then run one at a time.
+    pub multicast_floods: bool,
     /// Downtime target per VM.
     pub max_downtime_ms: u32,
     /// What placement minimises first.
@@ -751,7 +754,9 @@ const MIN_CAST_PAGES: usize = 2_048;
 struct CastTask {
     source: String,
     sends: Vec<(PageHash, Vec<String>)>,
-    footprint: BTreeSet<String>,
+    /// The hosts whose links its datagrams arrive on: its destinations,
+    /// or, where the network floods multicast, every destination of the job.
+    reaches: BTreeSet<String>,
     /// Its bits per second (None: unpaced).
     rate: Option<u64>,
     /// Its expected seconds at `rate` (pages when unpaced): the larger go
@@ -769,7 +774,12 @@ fn cast_tasks(
     plan: &SourcePlan,
     link: &dyn Fn(&str) -> u64,
     bandwidth: Option<u64>,
+    floods: bool,
 ) -> Vec<CastTask> {
+    let everyone: BTreeSet<String> = plan
+        .values()
+        .flat_map(|s| s.iter().flat_map(|(_, ds)| ds.iter().cloned()))
+        .collect();
     let mut tasks = Vec::new();
     for (src, sends) in plan {
         let mut by_set: BTreeMap<Vec<String>, Vec<(PageHash, Vec<String>)>> = BTreeMap::new();
@@ -809,10 +819,15 @@ fn cast_tasks(
             });
             let bits = sends.len() as f64 * PAGE_BYTES as f64 * 8.0;
             let weight = rate.map_or(sends.len() as f64, |r| bits / r.max(1) as f64);
+            let reaches = if floods {
+                everyone.clone()
+            } else {
+                footprint.clone()
+            };
             tasks.push(CastTask {
                 source: src.clone(),
                 sends,
-                footprint,
+                reaches,
                 rate,
                 weight,
             });
@@ -841,13 +856,13 @@ fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &CastTask) + Sy
             let mut i = 0;
             while i < pending.len() {
                 let t = &pending[i].1;
-                if sources.contains(&t.source) || t.footprint.iter().any(|d| dests.contains(d)) {
+                if sources.contains(&t.source) || t.reaches.iter().any(|d| dests.contains(d)) {
                     i += 1;
                     continue;
                 }
                 let (n, t) = pending.remove(i);
                 sources.insert(t.source.clone());
-                dests.extend(t.footprint.iter().cloned());
+                dests.extend(t.reaches.iter().cloned());
                 running += 1;
                 let tx = tx.clone();
                 s.spawn(move || {
@@ -861,7 +876,7 @@ fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &CastTask) + Sy
             let Ok((_, t)) = rx.recv() else { break };
             running -= 1;
             sources.remove(&t.source);
-            for d in &t.footprint {
+            for d in &t.reaches {
                 dests.remove(d);
             }
         }
@@ -1150,7 +1165,7 @@ pub fn evacuate(
                 // index's answer of a moment ago, asked when planning.
                 let (plan, fetches) = plan_transfers(&prep, &needs, spec.method, &prep.held);
                 let link = |h: &str| prep.view.host(h).map_or(0, |h| h.link_bps);
-                let tasks = cast_tasks(&plan, &link, spec.bandwidth_bps);
+                let tasks = cast_tasks(&plan, &link, spec.bandwidth_bps, spec.multicast_floods);
                 std::thread::scope(|s2| {
                     let (p, tr) = (&prep, &traffic);
                     s2.spawn(move || {
@@ -1553,14 +1568,14 @@ mod tests {
                 1_000_000_000
             }
         };
-        let tasks = cast_tasks(&plan, &link, None);
+        let tasks = cast_tasks(&plan, &link, None, false);
         let of = |src: &str| -> Vec<(Vec<&str>, usize, Option<u64>)> {
             let mut v: Vec<_> = tasks
                 .iter()
                 .filter(|t| t.source == src)
                 .map(|t| {
                     (
-                        t.footprint.iter().map(String::as_str).collect(),
+                        t.reaches.iter().map(String::as_str).collect(),
                         t.sends.len(),
                         t.rate,
                     )
@@ -1580,14 +1595,18 @@ mod tests {
         );
         assert_eq!(of("a2"), vec![(vec!["b2"], 10, Some(970_000_000))]);
         // --bandwidth wins.
-        let capped = cast_tasks(&plan, &link, Some(5));
+        let capped = cast_tasks(&plan, &link, Some(5), false);
         assert!(capped.iter().all(|t| t.rate == Some(5)));
         // Unknown links: unpaced.
         assert!(
-            cast_tasks(&plan, &|_| 0, None)
+            cast_tasks(&plan, &|_| 0, None, false)
                 .iter()
                 .all(|t| t.rate.is_none())
         );
+        // A flooding network brings every cast to every destination of
+        // the job.
+        let flooded = cast_tasks(&plan, &link, None, true);
+        assert!(flooded.iter().all(|t| t.reaches.len() == 3));
     }
 
     #[test]
@@ -1595,7 +1614,7 @@ mod tests {
         let task = |src: &str, ds: &[&str], weight: f64| CastTask {
             source: src.into(),
             sends: Vec::new(),
-            footprint: ds.iter().map(|d| (*d).to_owned()).collect(),
+            reaches: ds.iter().map(|d| (*d).to_owned()).collect(),
             rate: None,
             weight,
         };
@@ -1612,10 +1631,10 @@ mod tests {
         let running: Mutex<Vec<String>> = Mutex::new(Vec::new());
         // Each cast as it starts, with the casts running then.
         let starts: Mutex<Vec<(String, Vec<String>)>> = Mutex::new(Vec::new());
-        let name = |t: &CastTask| format!("{}>{:?}", t.source, t.footprint);
+        let name = |t: &CastTask| format!("{}>{:?}", t.source, t.reaches);
         schedule_casts(tasks, &|_, t| {
             let mine: Vec<String> = std::iter::once(format!("src:{}", t.source))
-                .chain(t.footprint.iter().cloned())
+                .chain(t.reaches.iter().cloned())
                 .collect();
             {
                 let mut b = lock(&busy);

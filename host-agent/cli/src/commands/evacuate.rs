@@ -101,6 +101,13 @@ pub struct EvacuateArgs {
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65_535))]
     mtu: Option<u32>,
 
+    /// The network delivers every multicast datagram to every host (no
+    /// IGMP snooping, or snooping without a querier): casts then run one
+    /// at a time, since two at once would overflow every host's link. By
+    /// default casts into different destinations run side by side.
+    #[arg(long)]
+    multicast_floods: bool,
+
     /// Longest pause of each VM at switchover, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50)]
     max_downtime: u32,
@@ -410,6 +417,7 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         parallel: a.parallel,
         bandwidth_bps: a.bandwidth,
         mtu: a.mtu,
+        multicast_floods: a.multicast_floods,
         max_downtime_ms: a.max_downtime,
         objective: if a.objective == "bytes" {
             Objective::Bytes

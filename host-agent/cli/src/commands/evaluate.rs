@@ -997,6 +997,9 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             "--mtu".into(),
             MTU.to_string(),
         ];
+        if a.flood {
+            args.push("--multicast-floods".into());
+        }
         if !to.is_empty() {
             args.extend(["--to".into(), to.join(",")]);
         }
