@@ -1475,6 +1475,21 @@ pub fn clone(
             addr: host.address.clone(),
         });
     }
+    // Unless the operator gave a rate, the clone's casts and streams go
+    // at the slowest link among the source's and the targets' (less 3% for
+    // headers): faster, the targets' links drop the excess and it comes
+    // back as repairs.
+    let rate = spec.bandwidth_bps.unwrap_or_else(|| {
+        std::iter::once(source.link_bps)
+            .chain(
+                spec.to
+                    .iter()
+                    .filter_map(|h| view.host(h).map(|x| x.link_bps)),
+            )
+            .filter(|&l| l > 0)
+            .min()
+            .map_or(0, |l| l / 100 * 97)
+    });
     on(Event::Step(format!(
         "cloning {} from {} to {}",
         vm.name,
@@ -1488,7 +1503,7 @@ pub fn clone(
                     vm: vm.name.clone(),
                     targets: targets.clone(),
                     job: spec.job.clone(),
-                    bandwidth_bps: spec.bandwidth_bps.unwrap_or(0),
+                    bandwidth_bps: rate,
                     max_downtime_ms: spec.max_downtime_ms,
                 },
                 &mut |p| {

@@ -181,7 +181,9 @@ pub struct CloneArgs {
     #[arg(long, value_name = "PATTERN", default_value = "{vm}-{host}")]
     names: String,
 
-    /// Bits per second the source may send (e.g. 1G).
+    /// Bits per second the source may send (e.g. 1G); default: the
+    /// slowest link among the source's and the destinations' as their
+    /// agents reported them (unpaced if none is known).
     #[arg(long, value_name = "BITS/S", value_parser = parse_bits_per_second)]
     bandwidth: Option<u64>,
 
