@@ -619,6 +619,10 @@ struct Traffic {
     cast_frames: HashMap<String, u64>,
     fetch_frames: HashMap<String, u64>,
     errors: Vec<String>,
+    /// Destinations a cast found dead or frozen: later casts leave them
+    /// out (their migrations fail anyway), so one stuck host holds up each
+    /// chain of casts once, not once per cast.
+    dead: HashSet<String>,
 }
 
 /// One source's sends: per content, the destinations it goes to.
@@ -901,12 +905,21 @@ fn run_source_casts(
     let addr = prep.view.host(source).expect("known").address.clone();
     let src_rack = prep.view.rack_of(source);
     for (ci, chunk) in sends.chunks(CAST_CHUNK).enumerate() {
+        let dead = lock(t).dead.clone();
         let mut receivers: BTreeSet<String> = BTreeSet::new();
         let mut groups: BTreeMap<Vec<String>, Vec<&PageHash>> = BTreeMap::new();
         for (h, ds) in chunk {
+            let ds: Vec<String> = ds.iter().filter(|d| !dead.contains(*d)).cloned().collect();
+            if ds.is_empty() {
+                continue;
+            }
             receivers.extend(ds.iter().cloned());
-            groups.entry(ds.clone()).or_default().push(h);
+            groups.entry(ds).or_default().push(h);
         }
+        if receivers.is_empty() {
+            continue;
+        }
+        let chunk_pages: usize = groups.values().map(Vec::len).sum();
         let receivers: Vec<String> = receivers.into_iter().collect();
         // Largest groups first: the most shared pages go out first. The
         // session's pages are numbered group by group, so each group is
@@ -943,14 +956,13 @@ fn run_source_casts(
             transport: spec.transport as i32,
         };
         on(Event::Step(format!(
-            "{source}: casting {} pages to {}",
-            chunk.len(),
+            "{source}: casting {chunk_pages} pages to {}",
             receivers.join(", ")
         )));
         // How long the cast may take: its bytes at the source's rate (1
         // Gbit/s if unknown), doubled, plus set-up; an agent silent past
         // that is frozen.
-        let bytes = chunk.len() as f64 * PAGE_BYTES as f64 * receivers.len() as f64;
+        let bytes = chunk_pages as f64 * PAGE_BYTES as f64 * receivers.len() as f64;
         let expect = Duration::from_secs_f64(
             bytes * 8.0 / rate.unwrap_or(1_000_000_000).max(1) as f64 * 2.0 + 30.0,
         );
@@ -997,6 +1009,7 @@ fn run_source_casts(
             if !results.iter().any(|(x, _)| x == r) {
                 tr.errors
                     .push(format!("cast into {r}: its agent did not answer (frozen?)"));
+                tr.dead.insert(r.clone());
             }
         }
         for (r, res) in results {
@@ -1008,7 +1021,10 @@ fn run_source_casts(
                     *tr.cast_frames.entry(r.clone()).or_default() += c.frames_filled;
                     tr.errors.push(format!("cast into {r}: {}", c.error));
                 }
-                Err(e) => tr.errors.push(format!("cast into {r}: {e}")),
+                Err(e) => {
+                    tr.errors.push(format!("cast into {r}: {e}"));
+                    tr.dead.insert(r);
+                }
             }
         }
         match sent {
