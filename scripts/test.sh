@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of pagecast: formatting, clippy with warnings as
 # errors, the whole workspace's tests (unit, integration, cross-crate, doc),
-# and a build of the fuzz targets. Tests that need /dev/kvm or root say that
-# they skip where those are missing.
+# one run of the QEMU benchmark and a build of the fuzz targets. Tests that
+# need /dev/kvm or root say that they skip where those are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh

@@ -15,7 +15,10 @@
 //! content was set aside as its 32-byte hash; the destination agent
 //! rebuilds the exact stream into its QEMU (started with `-incoming defer`,
 //! pointed at a local socket with `migrate-incoming`). QEMU keeps its own
-//! rounds, auto-converge and downtime limit.
+//! rounds, auto-converge and downtime limit. On the libvirt route libvirt
+//! starts both ends: the source QEMU migrates to a loopback TCP port the
+//! source agent listens on, and the destination agent connects to the
+//! loopback port where libvirt's destination QEMU (not adopted) listens.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -151,24 +154,55 @@ fn start_stream(q: &mut Qmp, sock: &Path) -> Result<UnixStream, AgentError> {
     )
     .map_err(qemu_err)?;
     listener.set_nonblocking(true).map_err(qemu_err)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let input = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
+    let input = accept_within(
+        || listener.accept().map(|(s, _)| s),
+        Duration::from_secs(10),
+        || None,
+        || "QEMU did not connect to the migration socket within 10 s".into(),
+    )?;
+    input.set_nonblocking(false).map_err(qemu_err)?;
+    input.set_read_timeout(Some(STALL)).map_err(qemu_err)?;
+    Ok(input)
+}
+
+/// QEMU's connection on a non-blocking listener (`accept`), polled until
+/// `wait` has passed (`late` says why that fails) or `stopped` has a
+/// reason.
+fn accept_within<S>(
+    mut accept: impl FnMut() -> std::io::Result<S>,
+    wait: Duration,
+    mut stopped: impl FnMut() -> Option<String>,
+    late: impl FnOnce() -> String,
+) -> Result<S, AgentError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match accept() {
+            Ok(s) => return Ok(s),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(why) = stopped() {
+                    return Err(AgentError::Qemu(why));
+                }
                 if Instant::now() > deadline {
-                    return Err(AgentError::Qemu(
-                        "QEMU did not connect to the migration socket within 10 s".into(),
-                    ));
+                    return Err(AgentError::Qemu(late()));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(qemu_err(e)),
         }
-    };
-    input.set_nonblocking(false).map_err(qemu_err)?;
-    input.set_read_timeout(Some(STALL)).map_err(qemu_err)?;
-    Ok(input)
+    }
+}
+
+/// Waits until QEMU's migration has left its running states (at most
+/// 10 s) and returns its status and QEMU's account of it.
+fn settled_migration(q: &mut Qmp) -> Result<(String, serde_json::Value), AgentError> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, m) = q.migration().map_err(qemu_err)?;
+        if s != "active" && s != "setup" && s != "device" || Instant::now() > until {
+            return Ok((s, m));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// `addr` as a loopback socket address: the libvirt route's ports carry a
@@ -193,28 +227,21 @@ fn accept_qemu<'h>(
     mut hold: Option<&mut (dyn pagecast_migrate::Hold + 'h)>,
 ) -> Result<TcpStream, AgentError> {
     l.set_nonblocking(true).map_err(qemu_err)?;
-    let deadline = Instant::now() + wait;
-    let s = loop {
-        match l.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if let Some(why) = hold.as_deref_mut().and_then(|h| h.cancelled()) {
-                    return Err(AgentError::Qemu(format!(
-                        "the migration was stopped before QEMU connected: {why}"
-                    )));
-                }
-                if Instant::now() > deadline {
-                    return Err(AgentError::Qemu(format!(
-                        "QEMU did not migrate to tcp:{} within {wait:?} (start it with virsh migrate --migrateuri tcp:{})",
-                        l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                        l.local_addr().map(|a| a.to_string()).unwrap_or_default()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(qemu_err(e)),
-        }
-    };
+    let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let s = accept_within(
+        || l.accept().map(|(s, _)| s),
+        wait,
+        || {
+            hold.as_deref_mut()
+                .and_then(|h| h.cancelled())
+                .map(|why| format!("the migration was stopped before QEMU connected: {why}"))
+        },
+        || {
+            format!(
+                "QEMU did not migrate to tcp:{at} within {wait:?} (start it with virsh migrate --migrateuri tcp:{at})"
+            )
+        },
+    )?;
     s.set_nonblocking(false).map_err(qemu_err)?;
     s.set_read_timeout(Some(STALL)).map_err(qemu_err)?;
     Ok(s)
@@ -627,10 +654,13 @@ impl Agent {
         // QEMU migrates to a socket of ours: one we name, or, on the
         // libvirt route, the port libvirt names (QMP is let go meanwhile:
         // QEMU serves one client at a time).
-        let sock = socket_path(self, &a.name, "out");
-        let _cleanup = RemoveOnDrop(sock.clone());
+        let mut _cleanup = None;
         let input: Box<dyn Read> = match &route {
-            None => Box::new(start_stream(&mut q, &sock)?),
+            None => {
+                let sock = socket_path(self, &a.name, "out");
+                _cleanup = Some(RemoveOnDrop(sock.clone()));
+                Box::new(start_stream(&mut q, &sock)?)
+            }
             Some(l) => {
                 drop(q);
                 let wait = Duration::from_secs(match r.qemu_wait_s {
@@ -725,14 +755,7 @@ impl Agent {
             other => return Err(unexpected(&dest, &other)),
         };
         // QEMU's own account: completed, with its downtime.
-        let until = Instant::now() + Duration::from_secs(10);
-        let (status, m) = loop {
-            let (s, m) = q.migration().map_err(qemu_err)?;
-            if s != "active" && s != "setup" && s != "device" || Instant::now() > until {
-                break (s, m);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let (status, m) = settled_migration(&mut q)?;
         let mut out = v1::MigrateResult {
             ok: done.ok && status == "completed",
             error: if !done.ok {
@@ -981,14 +1004,7 @@ impl Agent {
                 Err(e) => t.error = e.to_string(),
             }
         }
-        let until = Instant::now() + Duration::from_secs(10);
-        let (status, m) = loop {
-            let (s, m) = q.migration().map_err(qemu_err)?;
-            if s != "active" && s != "setup" && s != "device" || Instant::now() > until {
-                break (s, m);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let (status, m) = settled_migration(&mut q)?;
         drop(q);
         let clones: Vec<v1::CloneOne> = targets
             .iter()
@@ -1174,7 +1190,7 @@ impl Agent {
         offer: &[PageHash],
         key: ContentKey,
     ) -> Result<(Stash, Vec<u8>), AgentError> {
-        let mut stash: HashMap<PageHash, Box<Page>> = HashMap::new();
+        let mut stash = Stash::new();
         let mut bits = vec![0u8; offer.len().div_ceil(8)];
         let mut page: Page = [0; PAGE];
         for (i, h) in offer.iter().enumerate() {

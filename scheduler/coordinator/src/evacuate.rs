@@ -753,7 +753,7 @@ fn group_addr(job: &str, source: usize, group: usize) -> String {
 /// sending this many pages at 1 Gbit/s).
 const MIN_CAST_PAGES: usize = 2_048;
 
-/// One cast: a source's sends to one set of destinations (its footprint).
+/// One cast: a source's sends to a set of destinations.
 #[derive(Debug)]
 struct CastTask {
     source: String,
@@ -780,10 +780,14 @@ fn cast_tasks(
     bandwidth: Option<u64>,
     floods: bool,
 ) -> Vec<CastTask> {
-    let everyone: BTreeSet<String> = plan
-        .values()
-        .flat_map(|s| s.iter().flat_map(|(_, ds)| ds.iter().cloned()))
-        .collect();
+    // On a flooding network every cast reaches every destination.
+    let everyone: BTreeSet<String> = if floods {
+        plan.values()
+            .flat_map(|s| s.iter().flat_map(|(_, ds)| ds.iter().cloned()))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
     let mut tasks = Vec::new();
     for (src, sends) in plan {
         let mut by_set: BTreeMap<Vec<String>, Vec<(PageHash, Vec<String>)>> = BTreeMap::new();

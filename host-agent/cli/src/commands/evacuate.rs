@@ -377,10 +377,11 @@ fn render(r: &EvacuationReport) -> String {
     let p = &r.predicted;
     let _ = writeln!(
         s,
-        "predicted: {} from the sources, {} of them rewritten pages sent again and {} manifests ({} by per-VM pre-copy), {} into other racks, eviction {:.2} s (bottleneck {})",
+        "predicted: {} from the sources, {} of them rewritten pages sent again, {} manifests and {} headers ({} by per-VM pre-copy), {} into other racks, eviction {:.2} s (bottleneck {})",
         format_bytes(p.source_bytes),
         format_bytes(p.rewrite_bytes),
         format_bytes(p.manifest_bytes),
+        format_bytes(p.header_bytes),
         format_bytes(p.precopy_source_bytes),
         format_bytes(p.core_bytes),
         p.eviction_s,
