@@ -25,11 +25,11 @@ use std::time::Duration;
 use pagecast_agent::Agent;
 use pagecast_channel::ca::Authority;
 use pagecast_channel::{Channel, Role};
-use pagecast_memory::kvm::kvm_or_skip;
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_migrate::{ChannelLink, MigrationReport};
 use pagecast_pages::PAGE_SIZE;
 use pagecast_proto::v1;
+use pagecast_testkit::{Need, needs};
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(k)
@@ -89,7 +89,7 @@ fn main() {
     let reps: usize = env_or("PAGECAST_BENCH_REPS", 3);
     let ws: u64 = env_or("PAGECAST_BENCH_WS", 65_536);
     let settle: u64 = env_or("PAGECAST_BENCH_SETTLE_MS", 500);
-    if !kvm_or_skip("the migration benchmark") {
+    if !needs("the migration benchmark", &[Need::Kvm]) {
         return;
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

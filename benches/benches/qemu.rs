@@ -147,7 +147,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let Some((qemu, kernel)) = qemu_or_skip() else {
+    let Some((qemu, kernel)) = qemu_or_skip("qemu benchmark") else {
         return;
     };
     let runs: usize = std::env::var("PAGECAST_BENCH_RUNS")

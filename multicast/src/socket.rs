@@ -405,6 +405,13 @@ mod tests {
 
     #[test]
     fn loopback_multicast_batches_arrive_only_at_joined_sockets() {
+        use pagecast_testkit::{Need, needs};
+        if !needs(
+            "loopback_multicast_batches_arrive_only_at_joined_sockets",
+            &[Need::LoopbackMulticast],
+        ) {
+            return;
+        }
         let lo = Ipv4Addr::LOCALHOST;
         let port = 40_000 + (std::process::id() % 10_000) as u16;
         let (g1, g2) = (Ipv4Addr::new(239, 77, 1, 1), Ipv4Addr::new(239, 77, 1, 2));

@@ -13,6 +13,7 @@ use pagecast_channel::{Role, Tls};
 use pagecast_multicast::wire;
 use pagecast_multicast::*;
 use pagecast_pages::{ContentKey, PAGE_SIZE, Page};
+use pagecast_testkit::{Need, needs};
 
 const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
@@ -192,6 +193,12 @@ fn run_keyed(
 
 #[test]
 fn pages_of_a_dedup_domain_are_checked_under_its_key() {
+    if !needs(
+        "pages_of_a_dedup_domain_are_checked_under_its_key",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let (control, group) = endpoints();
     let mut src = Source::new(600);
     src.key = ContentKey::keyed([7; 32]);
@@ -216,6 +223,12 @@ fn pages_of_a_dedup_domain_are_checked_under_its_key() {
 
 #[test]
 fn four_receivers_get_identical_copies_over_loopback_multicast() {
+    if !needs(
+        "four_receivers_get_identical_copies_over_loopback_multicast",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let (control, group) = endpoints();
     let src = Source::new(3000);
     let mut cfg = SenderConfig::new(control, LO, 4);
@@ -258,6 +271,12 @@ fn four_receivers_get_identical_copies_over_loopback_multicast() {
 
 #[test]
 fn small_mtu_fragments_pages_and_still_delivers() {
+    if !needs(
+        "small_mtu_fragments_pages_and_still_delivers",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let (control, group) = endpoints();
     let src = Source::new(500);
     let mut cfg = SenderConfig::new(control, LO, 2);
@@ -305,6 +324,12 @@ fn chain_delivers_the_same_as_multicast() {
 
 #[test]
 fn a_receiver_that_dies_is_reported_and_the_others_complete() {
+    if !needs(
+        "a_receiver_that_dies_is_reported_and_the_others_complete",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let (control, group) = endpoints();
     let src = Source::new(4000);
     let mut cfg = SenderConfig::new(control, LO, 3);
@@ -338,6 +363,12 @@ fn a_receiver_that_dies_is_reported_and_the_others_complete() {
 
 #[test]
 fn groups_of_a_plan_reach_only_their_members() {
+    if !needs(
+        "groups_of_a_plan_reach_only_their_members",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let (control, g0) = endpoints();
     let g1 = SocketAddrV4::new(
         Ipv4Addr::new(
@@ -393,6 +424,12 @@ fn groups_of_a_plan_reach_only_their_members() {
 
 #[test]
 fn receivers_of_another_ca_or_without_the_host_role_are_refused() {
+    if !needs(
+        "receivers_of_another_ca_or_without_the_host_role_are_refused",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let (control, group) = endpoints();
     let src = Source::new(200);
     let mut cfg = SenderConfig::new(control, LO, 1);
@@ -435,6 +472,12 @@ fn receivers_of_another_ca_or_without_the_host_role_are_refused() {
 
 #[test]
 fn forged_replayed_and_truncated_datagrams_are_dropped_and_counted() {
+    if !needs(
+        "forged_replayed_and_truncated_datagrams_are_dropped_and_counted",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let (control, group) = endpoints();
     let src = Source::new(3000);
     let mut cfg = SenderConfig::new(control, LO, 1);
@@ -488,6 +531,12 @@ fn forged_replayed_and_truncated_datagrams_are_dropped_and_counted() {
 
 #[test]
 fn a_peer_that_connects_and_says_nothing_holds_up_no_one() {
+    if !needs(
+        "a_peer_that_connects_and_says_nothing_holds_up_no_one",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let (control, group) = endpoints();
     let src = Source::new(200);
     let mut cfg = SenderConfig::new(control, LO, 1);

@@ -1,7 +1,7 @@
 //! Packet capture on the loopback interface for tests that check what an
 //! eavesdropper sees: a raw `AF_PACKET` socket on `lo` that receives every
-//! frame sent there. Needs root with `CAP_NET_RAW`; [`can_capture`] says
-//! so and lets the caller skip otherwise.
+//! frame sent there. Needs root with `CAP_NET_RAW` and `CAP_NET_ADMIN`
+//! (`pagecast_testkit::Need::PacketCapture`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,37 +81,6 @@ impl Drop for Capture {
             libc::close(self.0);
         }
     }
-}
-
-/// Whether this process may open a packet socket; says why not and
-/// returns false otherwise (the capture tests then skip).
-pub fn can_capture() -> bool {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: capturing packets needs root");
-        return false;
-    }
-    // Root without CAP_NET_RAW (some containers): say so and skip.
-    // SAFETY: plain socket(2), closed at once.
-    let probe = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            libc::c_int::from((libc::ETH_P_ALL as u16).to_be()),
-        )
-    };
-    if probe < 0 {
-        eprintln!(
-            "skipped: no packet socket here ({})",
-            std::io::Error::last_os_error()
-        );
-        return false;
-    }
-    // SAFETY: the descriptor opened above, closed once.
-    unsafe {
-        libc::close(probe);
-    }
-    true
 }
 
 /// Captures TCP segments to or from `port` on `lo` while `talk` runs;

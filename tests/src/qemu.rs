@@ -9,51 +9,20 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pagecast_qemu::Qmp;
+use pagecast_testkit::{Need, needs};
 
 /// Guest memory.
 pub const GUEST_MIB: u64 = 128;
 
-/// QEMU and a kernel, or why the QEMU tests skip.
-pub fn qemu_or_skip() -> Option<(PathBuf, PathBuf)> {
-    let qemu = [
-        "/usr/bin/qemu-system-x86_64",
-        "/usr/local/bin/qemu-system-x86_64",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists());
-    let kernel = std::fs::read_dir("/boot").ok().and_then(|d| {
-        let mut k: Vec<PathBuf> = d
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("vmlinuz-"))
-            })
-            .collect();
-        k.sort();
-        k.pop()
-    });
-    let busybox = busybox();
-    match (qemu, kernel, busybox) {
-        (Some(q), Some(k), Some(_)) => Some((q, k)),
-        (q, k, b) => {
-            eprintln!(
-                "skipped: needs qemu-system-x86_64 ({}), a kernel in /boot ({}) and a static busybox ({}); scripts/setup.sh installs them",
-                if q.is_some() { "found" } else { "missing" },
-                if k.is_some() { "found" } else { "missing" },
-                if b.is_some() { "found" } else { "missing" },
-            );
-            None
-        }
+/// QEMU and a kernel for `test`, or `None` where the machine lacks them
+/// (`pagecast_testkit::needs`: the test skips, saying so, or fails under
+/// `PAGECAST_REQUIRE`).
+pub fn qemu_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
+    if !needs(test, &[Need::Qemu]) {
+        return None;
     }
-}
-
-fn busybox() -> Option<PathBuf> {
-    ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    let q = pagecast_testkit::qemu().expect("probed above");
+    Some((q.qemu, q.kernel))
 }
 
 /// The guest's init: fills a tmpfs with eight copies of busybox (content
@@ -103,7 +72,12 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
 
 /// Writes the guests' initramfs (newc cpio) to `path`.
 pub fn initramfs(path: &Path) {
-    let bb = std::fs::read(busybox().expect("busybox")).expect("reading busybox");
+    let bb = std::fs::read(
+        pagecast_testkit::qemu()
+            .expect("QEMU, a kernel and busybox")
+            .busybox,
+    )
+    .expect("reading busybox");
     let mut out = Vec::new();
     let mut ino = 1;
     for d in [".", "bin", "proc", "tmp", "dev"] {

@@ -6,10 +6,10 @@ use std::time::Duration;
 use pagecast_agent::Agent;
 use pagecast_channel::Role;
 use pagecast_channel::ca::Authority;
-use pagecast_memory::kvm::kvm_or_skip;
 use pagecast_migrate::LocalContent;
 use pagecast_pages::{PAGE_SIZE, PageHash};
 use pagecast_proto::v1;
+use pagecast_testkit::{Need, needs};
 
 fn entries(a: &Agent) -> u64 {
     a.vm_list().content_entries
@@ -17,7 +17,10 @@ fn entries(a: &Agent) -> u64 {
 
 #[test]
 fn the_content_map_follows_dirtying_vms_and_forgets_stopped_ones() {
-    if !kvm_or_skip("the_content_map_follows_dirtying_vms_and_forgets_stopped_ones") {
+    if !needs(
+        "the_content_map_follows_dirtying_vms_and_forgets_stopped_ones",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let a = Agent::new(

@@ -6,10 +6,11 @@ use std::ops::Range;
 use std::time::Duration;
 
 use pagecast_memory::fingerprint::Fingerprinter;
-use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VmError, guest, kvm_or_skip};
+use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VmError, guest};
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_memory::{GuestMemory, PAGE_SIZE};
 use pagecast_pages::PageHash;
+use pagecast_testkit::{Need, needs};
 
 fn snapshot(vm: &MicroVm) -> Vec<u8> {
     let mut out = vec![0u8; vm.region().len()];
@@ -45,7 +46,10 @@ fn config(rate: u64) -> MicroVmConfig {
 
 #[test]
 fn dirty_log_catches_every_write_of_a_paused_guest() {
-    if !kvm_or_skip("dirty_log_catches_every_write_of_a_paused_guest") {
+    if !needs(
+        "dirty_log_catches_every_write_of_a_paused_guest",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let cfg = config(200_000);
@@ -83,7 +87,10 @@ fn dirty_log_catches_every_write_of_a_paused_guest() {
 
 #[test]
 fn dirty_log_of_a_running_guest_loses_nothing_across_rounds() {
-    if !kvm_or_skip("dirty_log_of_a_running_guest_loses_nothing_across_rounds") {
+    if !needs(
+        "dirty_log_of_a_running_guest_loses_nothing_across_rounds",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let cfg = config(100_000);
@@ -120,7 +127,7 @@ fn dirty_log_of_a_running_guest_loses_nothing_across_rounds() {
 
 #[test]
 fn failed_sends_are_marked_dirty_again() {
-    if !kvm_or_skip("failed_sends_are_marked_dirty_again") {
+    if !needs("failed_sends_are_marked_dirty_again", &[Need::Kvm]) {
         return;
     }
     let vm = MicroVm::boot(&config(0), InitialMemory::Zero).unwrap();
@@ -137,7 +144,10 @@ fn failed_sends_are_marked_dirty_again() {
 
 #[test]
 fn memory_loads_from_a_synthetic_vm_and_guest_runs_on_it() {
-    if !kvm_or_skip("memory_loads_from_a_synthetic_vm_and_guest_runs_on_it") {
+    if !needs(
+        "memory_loads_from_a_synthetic_vm_and_guest_runs_on_it",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let synth = SyntheticVm::new(SynthSpec::new("web", 0, 8 << 20).unwrap()).unwrap();
@@ -181,7 +191,10 @@ fn memory_loads_from_a_synthetic_vm_and_guest_runs_on_it() {
 
 #[test]
 fn pacing_never_exceeds_the_rate_and_throttling_slows_the_guest() {
-    if !kvm_or_skip("pacing_never_exceeds_the_rate_and_throttling_slows_the_guest") {
+    if !needs(
+        "pacing_never_exceeds_the_rate_and_throttling_slows_the_guest",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let vm = MicroVm::boot(&config(20_000), InitialMemory::Zero).unwrap();
@@ -274,7 +287,10 @@ fn bad_configurations_are_refused() {
 /// real concurrency rather than a quiet guest.
 #[test]
 fn hashes_match_their_copies_while_the_guest_writes() {
-    if !kvm_or_skip("hashes_match_their_copies_while_the_guest_writes") {
+    if !needs(
+        "hashes_match_their_copies_while_the_guest_writes",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let cfg = MicroVmConfig {

@@ -1,6 +1,5 @@
 //! The migration engine between two real micro-VMs in one process, over an
-//! authenticated loopback connection. Needs `/dev/kvm`; says so and passes
-//! without it.
+//! authenticated loopback connection. Needs `/dev/kvm` (`pagecast_testkit`).
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::Mutex;
@@ -9,14 +8,13 @@ use std::time::Duration;
 use pagecast_channel::ca::Authority;
 use pagecast_channel::{Channel, Role};
 use pagecast_memory::fingerprint::Fingerprinter;
-use pagecast_memory::kvm::{
-    InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError, kvm_or_skip,
-};
+use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError};
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_memory::{DirtyBitmap, GuestMemory, MemoryError, Page, Region};
 use pagecast_migrate::*;
 use pagecast_pages::{ContentKey, PageHash};
 use pagecast_proto::v1;
+use pagecast_testkit::{Need, needs};
 
 /// A micro-VM as the engine's source, in a dedup domain (name and key;
 /// `None`: the cluster-wide one).
@@ -205,7 +203,10 @@ fn boot(family: &str, index: u32, mib: u64, rate: u64, ws: u64) -> MicroVm {
 
 #[test]
 fn a_dirtying_guest_moves_verified_and_keeps_running() {
-    if !kvm_or_skip("a_dirtying_guest_moves_verified_and_keeps_running") {
+    if !needs(
+        "a_dirtying_guest_moves_verified_and_keeps_running",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let src = boot("web", 0, 64, 20_000, 2048);
@@ -261,7 +262,10 @@ fn a_dirtying_guest_moves_verified_and_keeps_running() {
 
 #[test]
 fn pages_the_destination_holds_are_filled_there_and_not_sent() {
-    if !kvm_or_skip("pages_the_destination_holds_are_filled_there_and_not_sent") {
+    if !needs(
+        "pages_the_destination_holds_are_filled_there_and_not_sent",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let src = boot("db", 0, 32, 0, 64);
@@ -316,8 +320,9 @@ fn pages_the_destination_holds_are_filled_there_and_not_sent() {
 
 #[test]
 fn a_vm_of_a_dedup_domain_is_filled_only_from_its_domain_and_checked_under_its_key() {
-    if !kvm_or_skip(
+    if !needs(
         "a_vm_of_a_dedup_domain_is_filled_only_from_its_domain_and_checked_under_its_key",
+        &[Need::Kvm],
     ) {
         return;
     }
@@ -388,7 +393,10 @@ fn a_vm_of_a_dedup_domain_is_filled_only_from_its_domain_and_checked_under_its_k
 
 #[test]
 fn a_destination_that_dies_leaves_the_source_running() {
-    if !kvm_or_skip("a_destination_that_dies_leaves_the_source_running") {
+    if !needs(
+        "a_destination_that_dies_leaves_the_source_running",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let src = boot("web", 2, 32, 5_000, 512);
@@ -407,7 +415,10 @@ fn a_destination_that_dies_leaves_the_source_running() {
 
 #[test]
 fn a_guest_dirtying_faster_than_the_link_converges_by_throttling() {
-    if !kvm_or_skip("a_guest_dirtying_faster_than_the_link_converges_by_throttling") {
+    if !needs(
+        "a_guest_dirtying_faster_than_the_link_converges_by_throttling",
+        &[Need::Kvm],
+    ) {
         return;
     }
     // 50,000 page writes/s over 4,096 pages against a 100 Mbit/s link

@@ -57,10 +57,16 @@ mod tests {
     use super::*;
     use std::process::Command;
 
-    /// The embedded bytes must be what guest.S assembles to. Skips (and
-    /// says so) where GNU as and objcopy are not installed.
+    /// The embedded bytes must be what guest.S assembles to (needs GNU as
+    /// and objcopy: `pagecast_testkit`).
     #[test]
     fn program_matches_its_source() {
+        if !pagecast_testkit::needs(
+            "program_matches_its_source",
+            &[pagecast_testkit::Need::Binutils],
+        ) {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/kvm/guest.S");
         let obj = dir.path().join("guest.o");
@@ -70,18 +76,12 @@ mod tests {
             .arg(&obj)
             .arg(src)
             .output();
-        match assembled {
-            Ok(out) => assert!(
-                out.status.success(),
-                "as failed on guest.S: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("skipping: GNU as is not installed to re-assemble guest.S (binutils)");
-                return;
-            }
-            Err(e) => panic!("cannot run as: {e}"),
-        }
+        let out = assembled.expect("running as");
+        assert!(
+            out.status.success(),
+            "as failed on guest.S: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let copied = Command::new("objcopy")
             .args(["-O", "binary", "-j", ".text"])
             .arg(&obj)

@@ -123,16 +123,6 @@ pub fn kvm_available() -> bool {
     Kvm::new().is_ok()
 }
 
-/// For tests and benchmarks that need KVM: whether it is available, saying
-/// on stderr that `what` skips when it is not.
-pub fn kvm_or_skip(what: &str) -> bool {
-    let ok = kvm_available();
-    if !ok {
-        eprintln!("skipping {what}: /dev/kvm is not available on this host");
-    }
-    ok
-}
-
 /// What a micro-VM does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MicroVmConfig {

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use pagecast_tests::{Child, is_root, pagecast, repo_root};
+use pagecast_testkit::{Need, needs};
+use pagecast_tests::{Child, pagecast, repo_root};
 
 /// A distinct control port and group per test (tests run in parallel).
 fn ports() -> (u16, String) {
@@ -115,6 +116,12 @@ fn same(a: &Path, b: &Path) -> bool {
 
 #[test]
 fn loopback_multicast_to_four_receivers_is_byte_identical() {
+    if !needs(
+        "loopback_multicast_to_four_receivers_is_byte_identical",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), "32MiB");
     let (port, group) = ports();
@@ -163,6 +170,12 @@ fn loopback_multicast_to_four_receivers_is_byte_identical() {
 
 #[test]
 fn a_killed_receiver_is_reported_and_the_others_complete() {
+    if !needs(
+        "a_killed_receiver_is_reported_and_the_others_complete",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), "64MiB");
     let (port, group) = ports();
@@ -173,7 +186,7 @@ fn a_killed_receiver_is_reported_and_the_others_complete() {
         iface: "127.0.0.1",
     };
     // Paced so the session lasts a few seconds.
-    let sender = s.sender(&[], 3, &["--rate", "100M"]);
+    let sender = s.sender(&[], 3, &["--rate", "100M", "--transport", "multicast"]);
     std::thread::sleep(Duration::from_millis(300));
     let mut rs: Vec<Child> = (0..3)
         .map(|i| s.receiver(&[], "127.0.0.1", &format!("copy{i}.raw")))
@@ -225,6 +238,12 @@ fn a_killed_receiver_is_reported_and_the_others_complete() {
 /// receivers keep their verified copies.
 #[test]
 fn a_frozen_receiver_is_dropped_and_the_others_keep_their_copies() {
+    if !needs(
+        "a_frozen_receiver_is_dropped_and_the_others_keep_their_copies",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), "64MiB");
     let (port, group) = ports();
@@ -234,7 +253,7 @@ fn a_frozen_receiver_is_dropped_and_the_others_keep_their_copies() {
         group,
         iface: "127.0.0.1",
     };
-    let sender = s.sender(&[], 3, &["--rate", "100M"]);
+    let sender = s.sender(&[], 3, &["--rate", "100M", "--transport", "multicast"]);
     std::thread::sleep(Duration::from_millis(300));
     let rs: Vec<Child> = (0..3)
         .map(|i| s.receiver(&[], "127.0.0.1", &format!("copy{i}.raw")))
@@ -324,13 +343,9 @@ fn the_chain_delivers_the_same_image() {
 struct Topology(String);
 
 impl Topology {
-    /// Builds the topology; `None` (and says why) only where this process
-    /// is not root. As root, a topology that does not come up fails the test.
-    fn up(prefix: &str, hosts: usize, args: &[&str]) -> Option<Topology> {
-        if !is_root() {
-            eprintln!("skipping: network namespaces need root");
-            return None;
-        }
+    /// Builds the topology (the caller checked that namespaces, shaping
+    /// and nftables are there); one that does not come up fails the test.
+    fn up(prefix: &str, hosts: usize, args: &[&str]) -> Topology {
         let script = repo_root().join("scripts/netns.sh");
         let mut cmd = std::process::Command::new(&script);
         cmd.args(["up", &hosts.to_string(), "--prefix", prefix])
@@ -341,7 +356,7 @@ impl Topology {
             "the namespace topology did not come up: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Some(Topology(prefix.to_owned()))
+        Topology(prefix.to_owned())
     }
 
     fn loss(&self, pct: u32) {
@@ -418,17 +433,22 @@ fn namespace_session(prefix: &str, dir: &Path, tag: &str) -> serde_json::Value {
 
 #[test]
 fn across_namespaces_with_loss_every_copy_is_byte_identical() {
-    if !is_root() {
-        eprintln!("skipping: the namespace topology needs root");
+    if !needs(
+        "across_namespaces_with_loss_every_copy_is_byte_identical",
+        &[
+            Need::Root,
+            Need::Namespaces,
+            Need::TrafficShaping,
+            Need::Nftables,
+        ],
+    ) {
         return;
     }
     let prefix = format!("pct{}", std::process::id() % 10_000);
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), "32MiB");
     {
-        let Some(topo) = Topology::up(&prefix, 4, &["--mtu", "9000", "--rate", "800mbit"]) else {
-            return;
-        };
+        let topo = Topology::up(&prefix, 4, &["--mtu", "9000", "--rate", "800mbit"]);
         for loss in [1, 5] {
             topo.loss(loss);
             let report = namespace_session(&prefix, dir.path(), &format!("loss{loss}"));
@@ -447,9 +467,7 @@ fn across_namespaces_with_loss_every_copy_is_byte_identical() {
         }
     }
     // A 1500-byte MTU: pages travel as three fragments each.
-    let Some(topo) = Topology::up(&prefix, 4, &["--mtu", "1500", "--rate", "800mbit"]) else {
-        return;
-    };
+    let topo = Topology::up(&prefix, 4, &["--mtu", "1500", "--rate", "800mbit"]);
     topo.loss(1);
     let report = namespace_session(&prefix, dir.path(), "mtu1500");
     assert_eq!(report["fragments"], 3);

@@ -1,15 +1,19 @@
 //! `pagecast evacuate` end to end, as processes on loopback with multicast:
 //! three index replicas, agents in two racks, KVM micro-VMs of synthetic
 //! families dirtying memory. Each failure of the list is its own
-//! test. The tests say they skip where /dev/kvm is missing.
+//! test. The tests need KVM and loopback multicast (`pagecast_testkit`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pagecast_memory::kvm::kvm_or_skip;
+use pagecast_testkit::{Need, needs};
 use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, eventually};
 
 const SHARDS: u32 = 4;
+
+/// What every test here needs: agents run KVM micro-VMs, and casts go
+/// over loopback multicast.
+const RIG: &[Need] = &[Need::Kvm, Need::LoopbackMulticast];
 
 struct Rig {
     dir: tempfile::TempDir,
@@ -185,7 +189,7 @@ fn populate(r: &Rig) -> Vec<&'static str> {
 
 #[test]
 fn a_rack_evacuates_verified_with_shared_pages_sent_once() {
-    if !kvm_or_skip("a_rack_evacuates_verified_with_shared_pages_sent_once") {
+    if !needs("a_rack_evacuates_verified_with_shared_pages_sent_once", RIG) {
         return;
     }
     let r = rig(&[]);
@@ -242,7 +246,7 @@ fn a_rack_evacuates_verified_with_shared_pages_sent_once() {
 
 #[test]
 fn a_vm_clones_live_to_three_hosts_and_runs_on() {
-    if !kvm_or_skip("a_vm_clones_live_to_three_hosts_and_runs_on") {
+    if !needs("a_vm_clones_live_to_three_hosts_and_runs_on", RIG) {
         return;
     }
     let r = rig(&[]);
@@ -307,7 +311,7 @@ fn a_vm_clones_live_to_three_hosts_and_runs_on() {
 
 #[test]
 fn bad_requests_are_refused_before_anything_moves() {
-    if !kvm_or_skip("bad_requests_are_refused_before_anything_moves") {
+    if !needs("bad_requests_are_refused_before_anything_moves", RIG) {
         return;
     }
     let r = rig(&[]);
@@ -409,7 +413,7 @@ fn report_of(out: &std::process::Output) -> serde_json::Value {
 /// others arrive verified.
 #[test]
 fn a_dead_destination_leaves_its_vms_at_their_sources() {
-    if !kvm_or_skip("a_dead_destination_leaves_its_vms_at_their_sources") {
+    if !needs("a_dead_destination_leaves_its_vms_at_their_sources", RIG) {
         return;
     }
     let mut r = rig(&[]);
@@ -454,7 +458,7 @@ fn a_dead_destination_leaves_its_vms_at_their_sources() {
 /// detected within seconds on every channel.
 #[test]
 fn a_frozen_destination_is_treated_as_failed() {
-    if !kvm_or_skip("a_frozen_destination_is_treated_as_failed") {
+    if !needs("a_frozen_destination_is_treated_as_failed", RIG) {
         return;
     }
     let r = rig(&[]);
@@ -494,7 +498,7 @@ fn a_frozen_destination_is_treated_as_failed() {
 /// One index replica down changes nothing.
 #[test]
 fn one_index_replica_down_changes_nothing() {
-    if !kvm_or_skip("one_index_replica_down_changes_nothing") {
+    if !needs("one_index_replica_down_changes_nothing", RIG) {
         return;
     }
     let mut r = rig(&[]);
@@ -515,7 +519,10 @@ fn one_index_replica_down_changes_nothing() {
 /// the same command run again finishes the job.
 #[test]
 fn a_killed_coordinator_leaves_one_copy_and_a_rerun_finishes() {
-    if !kvm_or_skip("a_killed_coordinator_leaves_one_copy_and_a_rerun_finishes") {
+    if !needs(
+        "a_killed_coordinator_leaves_one_copy_and_a_rerun_finishes",
+        RIG,
+    ) {
         return;
     }
     let r = rig(&[]);
@@ -546,7 +553,7 @@ fn a_killed_coordinator_leaves_one_copy_and_a_rerun_finishes() {
 /// `pagecast cancel JOB` stops the job: VMs not switched over stay.
 #[test]
 fn cancel_stops_the_job_and_vms_stay() {
-    if !kvm_or_skip("cancel_stops_the_job_and_vms_stay") {
+    if !needs("cancel_stops_the_job_and_vms_stay", RIG) {
         return;
     }
     let r = rig(&[]);
@@ -579,7 +586,7 @@ fn cancel_stops_the_job_and_vms_stay() {
 /// The report's bytes add up to what the source agents counted sending.
 #[test]
 fn the_report_adds_up_to_the_agents_counters() {
-    if !kvm_or_skip("the_report_adds_up_to_the_agents_counters") {
+    if !needs("the_report_adds_up_to_the_agents_counters", RIG) {
         return;
     }
     let r = rig(&[]);
@@ -618,7 +625,7 @@ fn the_report_adds_up_to_the_agents_counters() {
 /// destinations hold) and per-VM pre-copy (every non-zero page).
 #[test]
 fn the_baselines_move_every_vm_verified() {
-    if !kvm_or_skip("the_baselines_move_every_vm_verified") {
+    if !needs("the_baselines_move_every_vm_verified", RIG) {
         return;
     }
     let r = rig(&[]);

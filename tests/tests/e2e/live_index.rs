@@ -4,14 +4,14 @@
 //! and restarted, a replica killed, the whole index down, a replica
 //! frozen) the index must list for each host exactly what a fresh hash of
 //! that host's VMs' memory holds (frames left out as hot aside). The KVM
-//! tests say they skip where /dev/kvm is missing.
+//! tests ask `pagecast_testkit` for /dev/kvm.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pagecast_agent::client::AgentClient;
 use pagecast_channel::Role;
-use pagecast_memory::kvm::kvm_or_skip;
+use pagecast_testkit::{Need, needs};
 use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, eventually, index_exact};
 
 const SHARDS: u32 = 4;
@@ -173,7 +173,7 @@ fn advice(dir: &Path, idx: &IndexCluster, vm: &str, host: &str, other: &str) -> 
 
 #[test]
 fn dedup_domains_keep_identical_vms_apart() {
-    if !kvm_or_skip("dedup_domains_keep_identical_vms_apart") {
+    if !needs("dedup_domains_keep_identical_vms_apart", &[Need::Kvm]) {
         return;
     }
     let s = setup(&[("h1", "r1"), ("h2", "r1")]);
@@ -289,7 +289,10 @@ fn dedup_domains_keep_identical_vms_apart() {
 
 #[test]
 fn the_index_follows_starts_dirtying_migrations_stops_and_crashes() {
-    if !kvm_or_skip("the_index_follows_starts_dirtying_migrations_stops_and_crashes") {
+    if !needs(
+        "the_index_follows_starts_dirtying_migrations_stops_and_crashes",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let mut s = setup(&[("h1", "r1"), ("h2", "r1"), ("h3", "r2")]);
@@ -442,7 +445,10 @@ fn the_index_follows_starts_dirtying_migrations_stops_and_crashes() {
 
 #[test]
 fn the_index_survives_replica_failures_and_a_whole_outage() {
-    if !kvm_or_skip("the_index_survives_replica_failures_and_a_whole_outage") {
+    if !needs(
+        "the_index_survives_replica_failures_and_a_whole_outage",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let mut s = setup(&[("a1", "r1"), ("a2", "r2")]);
@@ -599,7 +605,7 @@ fn a_frozen_replica_costs_seconds_not_minutes() {
 /// FRAME_UPDATES_PER_REFRESH frame changes per refresh (one a second).
 #[test]
 fn a_vm_dirtying_fast_does_not_flood_the_index() {
-    if !kvm_or_skip("a_vm_dirtying_fast_does_not_flood_the_index") {
+    if !needs("a_vm_dirtying_fast_does_not_flood_the_index", &[Need::Kvm]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

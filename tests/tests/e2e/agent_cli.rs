@@ -1,6 +1,6 @@
 //! `pagecast agent`, `vm` and `migrate` as operators run them: agents as
 //! separate processes on loopback, KVM micro-VMs, and failures injected by
-//! killing processes. The tests that need KVM say they skip without it.
+//! killing processes. The tests that need KVM ask `pagecast_testkit`.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pagecast_channel::{Channel, Role, Tls};
-use pagecast_memory::kvm::kvm_or_skip;
 use pagecast_proto::v1;
+use pagecast_testkit::{Need, needs};
 use pagecast_tests::pki;
 use pagecast_tests::{pagecast, pagecast_bin};
 
@@ -156,7 +156,10 @@ fn assert_advancing(dir: &Path, agent: &Agent, name: &str) {
 
 #[test]
 fn a_dirtying_vm_migrates_between_agents_and_keeps_running() {
-    if !kvm_or_skip("a_dirtying_vm_migrates_between_agents_and_keeps_running") {
+    if !needs(
+        "a_dirtying_vm_migrates_between_agents_and_keeps_running",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let dir = setup();
@@ -289,7 +292,10 @@ fn finish(child: std::process::Child) -> (serde_json::Value, String) {
 
 #[test]
 fn a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source() {
-    if !kvm_or_skip("a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source") {
+    if !needs(
+        "a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let dir = setup();
@@ -319,7 +325,10 @@ fn a_destination_killed_mid_migration_leaves_the_vm_running_at_the_source() {
 
 #[test]
 fn a_source_killed_mid_migration_leaves_nothing_at_the_destination() {
-    if !kvm_or_skip("a_source_killed_mid_migration_leaves_nothing_at_the_destination") {
+    if !needs(
+        "a_source_killed_mid_migration_leaves_nothing_at_the_destination",
+        &[Need::Kvm],
+    ) {
         return;
     }
     let dir = setup();

@@ -13,7 +13,7 @@
 //!   port. (Agents have no cleartext switch; the control above is the same
 //!   channel in the clear.)
 //!
-//! Needs root (a packet socket); says so and skips otherwise.
+//! Needs root with a packet socket (`pagecast_testkit`).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::Command;
@@ -25,7 +25,8 @@ use pagecast_channel::Role;
 use pagecast_channel::ca::Authority;
 use pagecast_multicast::*;
 use pagecast_pages::{PAGE_SIZE, Page, PageHash};
-use pagecast_tests::capture::{Capture, can_capture, capture_tcp};
+use pagecast_testkit::{Need, needs};
+use pagecast_tests::capture::{Capture, capture_tcp};
 
 const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const MARKER: &[u8] = b"PAGECAST-CAPTURE-MARKER";
@@ -150,8 +151,13 @@ fn capture_child() {
 
 fn run_child(cleartext: bool, port: u16) -> (u64, u64, u64) {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "capture_child", "--ignored", "--nocapture"])
-        .env("CAPTURE_PORT", port.to_string());
+    cmd.args([
+        "--exact",
+        "capture::capture_child",
+        "--ignored",
+        "--nocapture",
+    ])
+    .env("CAPTURE_PORT", port.to_string());
     if cleartext {
         cmd.env("PAGECAST_INSECURE_CLEARTEXT_DATAGRAMS", "1");
     } else {
@@ -180,7 +186,10 @@ fn run_child(cleartext: bool, port: u16) -> (u64, u64, u64) {
 
 #[test]
 fn the_marker_never_crosses_the_wire_in_the_clear() {
-    if !can_capture() {
+    if !needs(
+        "the_marker_never_crosses_the_wire_in_the_clear",
+        &[Need::PacketCapture, Need::LoopbackMulticast],
+    ) {
         return;
     }
     let port = 21_000 + (std::process::id() % 1000) as u16 * 8;
@@ -257,7 +266,10 @@ fn stream_pages(port: u16, tls: bool) {
 
 #[test]
 fn the_marker_never_crosses_a_tls_channel_in_the_clear() {
-    if !can_capture() {
+    if !needs(
+        "the_marker_never_crosses_a_tls_channel_in_the_clear",
+        &[Need::PacketCapture],
+    ) {
         return;
     }
     let port = 29_000 + (std::process::id() % 500) as u16 * 2;
@@ -283,9 +295,11 @@ fn the_marker_never_crosses_a_tls_channel_in_the_clear() {
 
 #[test]
 fn a_live_migration_between_agents_shows_no_marker() {
-    use pagecast_memory::kvm::kvm_or_skip;
     use pagecast_tests::cluster::{AgentProc, cli_json};
-    if !can_capture() || !kvm_or_skip("a_live_migration_between_agents_shows_no_marker") {
+    if !needs(
+        "a_live_migration_between_agents_shows_no_marker",
+        &[Need::PacketCapture, Need::Kvm],
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

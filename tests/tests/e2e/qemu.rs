@@ -1,6 +1,6 @@
 //! Unmodified QEMU guests migrated through pagecast (`vm adopt`, the
 //! stream proxy): real Linux guests under TCG, agents as processes on
-//! loopback. Skips, saying so, where QEMU, a kernel or busybox is missing.
+//! loopback. Needs QEMU, a kernel and a static busybox (`pagecast_testkit`).
 
 use std::time::{Duration, Instant};
 
@@ -77,7 +77,7 @@ fn wait_status(g: &Guest, want: &str, within: Duration) -> String {
 
 #[test]
 fn qemu_guests_migrate_through_pagecast() {
-    let Some((qemu, kernel)) = qemu_or_skip() else {
+    let Some((qemu, kernel)) = qemu_or_skip("qemu_guests_migrate_through_pagecast") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -474,7 +474,11 @@ fn qemu_guests_migrate_through_pagecast() {
 #[test]
 fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
     use pagecast_tests::cluster::{IndexCluster, eventually, index_exact};
-    let Some((qemu, kernel)) = qemu_or_skip() else {
+    let test = "qemu_guests_evacuate_and_clone_with_shared_pages_cast_once";
+    if !pagecast_testkit::needs(test, &[pagecast_testkit::Need::LoopbackMulticast]) {
+        return;
+    }
+    let Some((qemu, kernel)) = qemu_or_skip(test) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -2,25 +2,30 @@
 //! the report's byte counts agree with the interface counters it read and
 //! with what the commands themselves counted, every VM moved verified, the
 //! plots are well-formed SVG, nothing is left behind (a second run right
-//! after works), and Ctrl-C tears everything down. Needs root and
-//! /dev/kvm; says so and skips otherwise.
+//! after works), and Ctrl-C tears everything down. Needs root, network
+//! namespaces and /dev/kvm (`pagecast_testkit`).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagecast_tests::{is_root, pagecast_bin, repo_root};
+use pagecast_testkit::{Need, needs};
+use pagecast_tests::{pagecast_bin, repo_root};
 
+/// What `pagecast evaluate` needs: namespaces, bridges, shaping and
+/// nftables as root, and KVM for the agents' micro-VMs.
 fn can_run(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("{test}: skipped (needs root for network namespaces)");
-        return false;
-    }
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("{test}: skipped (needs /dev/kvm)");
-        return false;
-    }
-    true
+    needs(
+        test,
+        &[
+            Need::Root,
+            Need::Kvm,
+            Need::Namespaces,
+            Need::TrafficShaping,
+            Need::Nftables,
+            Need::LoopbackMulticast,
+        ],
+    )
 }
 
 fn namespaces(prefix: &str) -> Vec<String> {
