@@ -5,7 +5,8 @@
 //! keeps a record of every host and VM with the VM's sketch. Page hashes
 //! and sketches are the shared vocabulary of `pagecast-pages`; this crate
 //! owns key encoding ([`keys`]), holder lists ([`holders`]), the frame
-//! codec ([`wire`]), the sharing answers over VM records ([`sharing`]) and
+//! codec ([`wire`]), raft messages in parts ([`chunks`]), the snapshot
+//! record format ([`snapshot`]), the sharing answers over VM records ([`sharing`]) and
 //! (with the `replica` feature) the replicated store: RocksDB for state,
 //! raft-rs for replication, one raft group per shard of the hash space.
 //! The client ([`client`]) needs neither.
@@ -13,10 +14,12 @@
 //! The wire codec, key encoding, holder lists and the client build without
 //! the feature, so agents, tools and fuzz targets need no RocksDB.
 
+pub mod chunks;
 pub mod client;
 pub mod holders;
 pub mod keys;
 pub mod sharing;
+pub mod snapshot;
 pub mod wire;
 
 #[cfg(feature = "replica")]

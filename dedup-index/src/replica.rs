@@ -6,7 +6,7 @@
 //! each peer has a sender thread with a bounded queue (a full queue drops
 //! the message, which raft retransmits). Raft messages larger than a frame
 //! (snapshots) are cut into parts of [`CHUNK`] bytes and reassembled up to
-//! [`MAX_RAFT_MESSAGE_BYTES`].
+//! [`MAX_RAFT_MESSAGE_BYTES`] ([`crate::chunks`]).
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pagecast_proto::v1::{
-    IndexFrame, IndexHello, IndexRequest, IndexResponse, RaftChunk, RefusalCode, StatusResponse,
+    IndexFrame, IndexHello, IndexRequest, IndexResponse, RefusalCode, StatusResponse,
     index_frame::Kind, index_request::Op as ReqOp, index_response::Result as Resp,
 };
 use pagecast_proto::{MAX_RAFT_MESSAGE_BYTES, refusal};
@@ -457,17 +457,9 @@ fn connect_peer(me: u64, addr: &str, shards: u32, tls: &Tls) -> Option<BufWriter
 }
 
 fn send_chunks(w: &mut impl Write, shard: u32, bytes: &[u8], addr: &str) -> Result<(), WireError> {
-    let mut parts = bytes.chunks(CHUNK).peekable();
-    if bytes.is_empty() {
-        return Ok(());
-    }
-    while let Some(p) = parts.next() {
+    for c in crate::chunks::split(shard, bytes, CHUNK) {
         let f = IndexFrame {
-            kind: Some(Kind::Raft(RaftChunk {
-                shard,
-                data: p.to_vec().into(),
-                more: parts.peek().is_some(),
-            })),
+            kind: Some(Kind::Raft(c)),
         };
         write_frame(w, &f, addr)?;
     }
@@ -522,8 +514,7 @@ fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError>
     for s in 0..sh.shards {
         sh.send(s, Event::PeerConnected(hello.peer_id));
     }
-    let mut parts: Vec<u8> = Vec::new();
-    let mut part_shard = None;
+    let mut parts = crate::chunks::Reassembler::new(sh.shards);
     loop {
         let f = read_frame(&mut r, peer)?;
         let Some(Kind::Raft(c)) = f.kind else {
@@ -533,24 +524,17 @@ fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError>
             );
             return Ok(());
         };
-        if c.shard >= sh.shards || part_shard.is_some_and(|s| s != c.shard) {
-            tracing::warn!("{peer}: bad shard {} in a raft frame; closing", c.shard);
-            return Ok(());
-        }
-        if parts.len() + c.data.len() > MAX_RAFT_MESSAGE_BYTES {
-            tracing::warn!("{peer}: raft message over {MAX_RAFT_MESSAGE_BYTES} bytes; closing");
-            return Ok(());
-        }
-        parts.extend_from_slice(&c.data);
-        if c.more {
-            part_shard = Some(c.shard);
-            continue;
-        }
-        part_shard = None;
-        let bytes = std::mem::take(&mut parts);
+        let (shard, bytes) = match parts.push(c) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("{peer}: {e}; closing");
+                return Ok(());
+            }
+        };
         match Message::parse_from_bytes(&bytes) {
             Ok(m) if m.from == hello.peer_id && m.to == sh.id => {
-                sh.send(c.shard, Event::Raft(m));
+                sh.send(shard, Event::Raft(m));
             }
             Ok(m) => tracing::warn!(
                 "{peer}: dropped a raft message from {} to {} on a link from replica {}",

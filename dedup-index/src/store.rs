@@ -26,6 +26,7 @@ use rocksdb::{
 
 use crate::holders::{HolderList, HoldingSum, HoldingsPage};
 use crate::keys::{self, StateKind};
+use crate::snapshot;
 use crate::{PageHash, Sketch};
 
 /// Column family of raft log entries.
@@ -76,7 +77,7 @@ pub enum StoreError {
     },
     /// A snapshot's bytes are malformed.
     #[error("snapshot: {0}")]
-    Snapshot(String),
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// A shard's applied index and the counters kept with it.
@@ -489,18 +490,18 @@ impl Store {
         for (cf, lo, hi) in ranges {
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(hi);
-            let tag = if cf == CF_HOLDERS { 1u8 } else { 2u8 };
+            let column = if cf == CF_HOLDERS {
+                snapshot::Column::Holders
+            } else {
+                snapshot::Column::Meta
+            };
             for kv in self.db.iterator_cf_opt(
                 self.cf(cf),
                 ro,
                 IteratorMode::From(&lo, Direction::Forward),
             ) {
                 let (k, v) = kv?;
-                out.push(tag);
-                out.extend_from_slice(&(k.len() as u16).to_le_bytes());
-                out.extend_from_slice(&k);
-                out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                out.extend_from_slice(&v);
+                snapshot::encode_record(&mut out, column, &k, &v);
             }
         }
         Ok(out)
@@ -520,37 +521,13 @@ impl Store {
         for (lo, hi) in &meta {
             wb.delete_range_cf(self.cf(CF_META), lo, hi);
         }
-        let bad = |s: &str| StoreError::Snapshot(s.to_owned());
-        let mut at = 0;
-        while at < data.len() {
-            let tag = data[at];
-            let klen = data
-                .get(at + 1..at + 3)
-                .ok_or_else(|| bad("truncated key length"))?;
-            let klen = u16::from_le_bytes(klen.try_into().expect("2")) as usize;
-            let k = data
-                .get(at + 3..at + 3 + klen)
-                .ok_or_else(|| bad("truncated key"))?;
-            let p = at + 3 + klen;
-            let vlen = data
-                .get(p..p + 4)
-                .ok_or_else(|| bad("truncated value length"))?;
-            let vlen = u32::from_le_bytes(vlen.try_into().expect("4")) as usize;
-            let v = data
-                .get(p + 4..p + 4 + vlen)
-                .ok_or_else(|| bad("truncated value"))?;
-            at = p + 4 + vlen;
-            let inside = |lo: &[u8], hi: &[u8]| k >= lo && k < hi;
-            match tag {
-                1 if inside(&hlo, &hhi) => {
-                    HolderList::decode(v).map_err(|e| bad(&e.to_string()))?;
-                    wb.put_cf(self.cf(CF_HOLDERS), k, v);
-                }
-                2 if meta.iter().any(|(lo, hi)| inside(lo, hi)) => {
-                    wb.put_cf(self.cf(CF_META), k, v);
-                }
-                _ => return Err(bad("record outside the shard")),
-            }
+        for r in snapshot::records(shard, self.shards, data) {
+            let r = r?;
+            let cf = match r.column {
+                snapshot::Column::Holders => CF_HOLDERS,
+                snapshot::Column::Meta => CF_META,
+            };
+            wb.put_cf(self.cf(cf), r.key, r.value);
         }
         Ok(())
     }

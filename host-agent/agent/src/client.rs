@@ -8,6 +8,7 @@ use pagecast_channel::{Channel, Tls};
 use pagecast_proto::v1;
 
 use crate::AgentError;
+use crate::answers::{self, AnswerError};
 
 type Resp = v1::agent_response::Body;
 type Req = v1::agent_request::Body;
@@ -86,15 +87,7 @@ impl AgentClient {
 
     fn recv(&mut self) -> Result<Resp, AgentError> {
         let r: v1::AgentResponse = self.ch.recv("agent response")?;
-        match r.body {
-            Some(Resp::Error(e)) => Err(AgentError::Remote {
-                addr: self.addr.clone(),
-                code: v1::RefusalCode::try_from(e.code).unwrap_or(v1::RefusalCode::Unspecified),
-                message: e.message,
-            }),
-            Some(b) => Ok(b),
-            None => Err(self.unexpected("an empty response")),
-        }
+        answers::body(r).map_err(|e| answer_error(&self.addr, e))
     }
 
     fn unexpected(&self, what: impl std::fmt::Debug) -> AgentError {
@@ -199,6 +192,7 @@ impl AgentClient {
         reader.set_read_timeout(Some(MIGRATION_SILENCE))?;
         Ok(HeldMigration {
             addr: self.addr,
+            reports: answers::MigrationReports::default(),
             reader,
             writer: std::sync::Arc::new(std::sync::Mutex::new(writer)),
         })
@@ -210,32 +204,11 @@ impl AgentClient {
         self.send(Req::VmContent(v1::VmContentRequest {
             name: name.to_owned(),
         }))?;
-        let mut out = VmContentAnswer::default();
+        let mut parts = answers::ContentParts::default();
         loop {
-            match self.recv()? {
-                Resp::Content(p) => {
-                    if p.hashes.len() % 32 != 0 {
-                        return Err(self.unexpected("hashes of the wrong length"));
-                    }
-                    out.hashes.extend(
-                        p.hashes
-                            .chunks_exact(32)
-                            .map(|h| pagecast_pages::PageHash::try_from(h).expect("32 bytes")),
-                    );
-                    out.frames = p.frames;
-                    out.nonzero_frames = p.nonzero_frames;
-                    out.memory_bytes = p.memory_bytes;
-                    out.kind = p.kind.clone();
-                    out.rewrite_pages_per_s = if p.rewrite_pages_per_s.is_finite() {
-                        p.rewrite_pages_per_s.clamp(0.0, 1e9)
-                    } else {
-                        0.0
-                    };
-                    if p.last {
-                        return Ok(out);
-                    }
-                }
-                other => return Err(self.unexpected(other)),
+            let r: v1::AgentResponse = self.ch.recv("agent response")?;
+            if let Some(all) = parts.push(r).map_err(|e| answer_error(&self.addr, e))? {
+                return Ok(all);
             }
         }
     }
@@ -347,6 +320,7 @@ pub enum MigrationEvent {
 /// A migration under way, reporting on its connection.
 pub struct HeldMigration {
     addr: String,
+    reports: answers::MigrationReports,
     reader: pagecast_channel::ChannelReader,
     writer: std::sync::Arc<std::sync::Mutex<pagecast_channel::ChannelWriter>>,
 }
@@ -383,48 +357,32 @@ impl HeldMigration {
         }
     }
 
-    fn unexpected(&self, what: impl std::fmt::Debug) -> AgentError {
-        AgentError::Unexpected {
-            addr: self.addr.clone(),
-            what: format!("{what:?}"),
-        }
-    }
-
     /// The next report (a Held list comes whole).
     pub fn next_event(&mut self) -> Result<MigrationEvent, AgentError> {
-        let mut held: Vec<pagecast_pages::PageHash> = Vec::new();
         loop {
             let r: v1::AgentResponse = self.reader.recv("migration report")?;
-            match r.body {
-                Some(Resp::Progress(p)) => {
-                    if held.is_empty() {
-                        return Ok(MigrationEvent::Progress(p));
-                    }
-                }
-                Some(Resp::Held(h)) => {
-                    if h.hashes.len() % 32 != 0 {
-                        return Err(self.unexpected("held hashes of the wrong length"));
-                    }
-                    held.extend(
-                        h.hashes
-                            .chunks_exact(32)
-                            .map(|x| pagecast_pages::PageHash::try_from(x).expect("32 bytes")),
-                    );
-                    if h.last {
-                        return Ok(MigrationEvent::Held(held, h.pages_local));
-                    }
-                }
-                Some(Resp::Result(r)) => return Ok(MigrationEvent::Result(r)),
-                Some(Resp::Error(e)) => {
-                    return Err(AgentError::Remote {
-                        addr: self.addr.clone(),
-                        code: v1::RefusalCode::try_from(e.code)
-                            .unwrap_or(v1::RefusalCode::Unspecified),
-                        message: e.message,
-                    });
-                }
-                other => return Err(self.unexpected(other)),
+            if let Some(e) = self
+                .reports
+                .push(r)
+                .map_err(|e| answer_error(&self.addr, e))?
+            {
+                return Ok(e);
             }
         }
+    }
+}
+
+/// An answer refused by [`answers`], as the error of the agent at `addr`.
+fn answer_error(addr: &str, e: AnswerError) -> AgentError {
+    match e {
+        AnswerError::Remote { code, message } => AgentError::Remote {
+            addr: addr.to_owned(),
+            code,
+            message,
+        },
+        other => AgentError::Unexpected {
+            addr: addr.to_owned(),
+            what: other.to_string(),
+        },
     }
 }

@@ -5,6 +5,7 @@
 //! them. The network side is in [`server`] (tokio); everything here is
 //! blocking and runs on blocking threads, the hashing on a rayon pool.
 
+pub mod answers;
 pub mod client;
 pub mod job;
 pub mod metrics;

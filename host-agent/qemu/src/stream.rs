@@ -490,46 +490,33 @@ fn footer<R: Read, S: Sink>(r: &mut Reader<'_, R, S>, id: u32) -> Result<(), Str
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
+/// Small streams written as QEMU writes them, for tests, fuzz seeds and
+/// benchmarks: a header, the configuration section if asked, RAM setup
+/// with its blocks, RAM parts and the end of RAM, a device section, EOF.
+pub mod sample {
     use super::*;
-    use proptest::prelude::*;
-
-    /// A sink that joins what it is handed, pages in place.
-    #[derive(Default)]
-    struct Join {
-        out: Vec<u8>,
-        pages: Vec<(String, u64)>,
-    }
-    impl Sink for Join {
-        fn raw(&mut self, b: &[u8]) -> Result<(), StreamError> {
-            self.out.extend_from_slice(b);
-            Ok(())
-        }
-        fn page(&mut self, b: &str, o: u64, p: &[u8; PAGE]) -> Result<(), StreamError> {
-            self.out.extend_from_slice(p);
-            self.pages.push((b.to_owned(), o));
-            Ok(())
-        }
-    }
 
     /// What a stream's RAM holds, to write one.
     #[derive(Debug, Clone)]
-    enum Rec {
+    pub enum Rec {
+        /// A zero page: block index, page index within the block.
         Zero(usize, u64),
+        /// A page filled with one byte: block, page, the byte.
         Page(usize, u64, u8),
+        /// The end of a RAM part (`RAM_SAVE_FLAG_EOS`), a new part after it.
         Eos,
     }
 
-    fn name(b: &mut Vec<u8>, s: &str) {
+    /// Appends a one-byte-length name.
+    pub(super) fn name(b: &mut Vec<u8>, s: &str) {
         b.push(s.len() as u8);
         b.extend_from_slice(s.as_bytes());
     }
 
-    /// Writes a stream as QEMU does: header, configuration, RAM start with
+    /// Writes a stream as QEMU 7.2 does: header, configuration, RAM start with
     /// the blocks, RAM parts split at `Eos`, RAM end, a device section and
     /// EOF passed through.
-    fn write(blocks: &[(&str, u64)], recs: &[Rec], config: bool) -> Vec<u8> {
+    pub fn write(blocks: &[(&str, u64)], recs: &[Rec], config: bool) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(&MAGIC.to_be_bytes());
         b.extend_from_slice(&VERSION.to_be_bytes());
@@ -599,6 +586,31 @@ mod tests {
             0, 0, 0, 0, 0, 0, 0, 2, 1, 2, 3, SEC_FOOTER, 0, 0, 0, 0, SEC_EOF,
         ]);
         b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample::{Rec, name, write};
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A sink that joins what it is handed, pages in place.
+    #[derive(Default)]
+    struct Join {
+        out: Vec<u8>,
+        pages: Vec<(String, u64)>,
+    }
+    impl Sink for Join {
+        fn raw(&mut self, b: &[u8]) -> Result<(), StreamError> {
+            self.out.extend_from_slice(b);
+            Ok(())
+        }
+        fn page(&mut self, b: &str, o: u64, p: &[u8; PAGE]) -> Result<(), StreamError> {
+            self.out.extend_from_slice(p);
+            self.pages.push((b.to_owned(), o));
+            Ok(())
+        }
     }
 
     const BLOCKS: &[(&str, u64)] = &[("mem", 64 << 12), ("pc.bios", 4 << 12)];
