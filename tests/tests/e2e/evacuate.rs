@@ -151,22 +151,29 @@ fn rig(extra_agent_args: &[&str]) -> Rig {
 
 /// Every VM of `names` runs on exactly one host, and where.
 fn where_each_runs(r: &Rig, names: &[&str]) -> std::collections::BTreeMap<String, String> {
+    settled(r, names).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Where each VM of `names` runs, if each runs (state `running`) on
+/// exactly one host; otherwise what is not so.
+fn settled(r: &Rig, names: &[&str]) -> Result<std::collections::BTreeMap<String, String>, String> {
     let mut at = std::collections::BTreeMap::new();
     for a in &r.agents {
         for (n, state) in r.vms_on(&a.name) {
             if names.contains(&n.as_str()) {
-                assert_eq!(state, "running", "{n} on {} is {state}", a.name);
-                assert!(
-                    at.insert(n.clone(), a.name.clone()).is_none(),
-                    "{n} runs on two hosts"
-                );
+                if state != "running" {
+                    return Err(format!("{n} on {} is {state}", a.name));
+                }
+                if let Some(other) = at.insert(n.clone(), a.name.clone()) {
+                    return Err(format!("{n} runs on {other} and {}", a.name));
+                }
             }
         }
     }
-    for n in names {
-        assert!(at.contains_key(*n), "{n} runs nowhere");
+    match names.iter().find(|n| !at.contains_key(**n)) {
+        Some(n) => Err(format!("{n} runs nowhere")),
+        None => Ok(at),
     }
-    at
 }
 
 const MOVING: [&str; 4] = ["web1", "db1", "web2", "db2"];
@@ -495,7 +502,8 @@ fn a_frozen_destination_is_treated_as_failed() {
     }
 }
 
-/// One index replica down changes nothing.
+/// One index replica down, the one leading the most shards, changes
+/// nothing.
 #[test]
 fn one_index_replica_down_changes_nothing() {
     if !needs("one_index_replica_down_changes_nothing", RIG) {
@@ -503,7 +511,19 @@ fn one_index_replica_down_changes_nothing() {
     }
     let mut r = rig(&[]);
     populate(&r);
-    r.idx.kill(0);
+    // The replica that leads the most shards goes: the agents and the
+    // coordinator must find the new leaders of its shards.
+    let led = |i: usize| {
+        (0..SHARDS)
+            .filter(|&s| r.idx.leader_of(s) == Some(i))
+            .count()
+    };
+    let victim = (0..3).max_by_key(|&i| led(i)).unwrap();
+    let its: Vec<u32> = (0..SHARDS)
+        .filter(|&s| r.idx.leader_of(s) == Some(victim))
+        .collect();
+    assert!(!its.is_empty(), "replica {victim} leads no shard");
+    r.idx.kill(victim);
     let (out, rep) = r.evacuate(&["--from", "h1,h2", "--to", "h4,h5"]);
     assert!(
         out.status.success(),
@@ -513,6 +533,14 @@ fn one_index_replica_down_changes_nothing() {
     assert_eq!(rep["ok"], true);
     let at = where_each_runs(&r, &MOVING);
     assert!(at.values().all(|h| h == "h4" || h == "h5"), "{at:?}");
+    // Its shards are led elsewhere now.
+    for s in its {
+        let l = r.idx.leader_of(s);
+        assert!(
+            l.is_some_and(|l| l != victim),
+            "shard {s}: leader {l:?} after replica {victim} died"
+        );
+    }
 }
 
 /// The coordinator killed mid-job: every VM runs on exactly one host, and
@@ -528,12 +556,31 @@ fn a_killed_coordinator_leaves_one_copy_and_a_rerun_finishes() {
     let r = rig(&[]);
     populate(&r);
     let mut job = evacuate_bg(&r, &["--bandwidth", "100M"]);
-    std::thread::sleep(Duration::from_millis(2000));
+    // The coordinator dies while migrations are under way: a source's VM
+    // is migrating out when it is killed.
+    let under_way = eventually(Duration::from_secs(60), "a migration under way", || {
+        let out: Vec<String> = ["h1", "h2"]
+            .iter()
+            .flat_map(|h| r.vms_on(h))
+            .filter(|(_, s)| s == "migrating-out")
+            .map(|(n, _)| n)
+            .collect();
+        if out.is_empty() {
+            Err("no VM is migrating out yet".into())
+        } else {
+            Ok(out)
+        }
+    });
     job.kill();
     drop(job);
-    // Held migrations are abandoned by their agents; running ones finish.
-    std::thread::sleep(Duration::from_secs(12));
-    let at = where_each_runs(&r, &MOVING);
+    eprintln!("killed the coordinator while {under_way:?} migrated out");
+    // Held migrations are abandoned by their agents, running ones finish:
+    // soon every VM runs on exactly one host.
+    let at = eventually(
+        Duration::from_secs(60),
+        "every VM settled on one host",
+        || settled(&r, &MOVING),
+    );
     eprintln!("after the kill: {at:?}");
     r.wait_published(&MOVING);
     // The index may still be catching up; the rerun retries until planned.

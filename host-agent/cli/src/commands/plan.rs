@@ -97,7 +97,8 @@ struct HostAdvice {
 
 #[derive(Serialize)]
 struct Advice {
-    /// Per moving VM, the hosts (other than its own) holding most of it.
+    /// Per moving VM, the evacuation's destinations holding most of it
+    /// (never a host being emptied: the VM cannot go there).
     top_hosts: BTreeMap<String, Vec<HostAdvice>>,
     /// The moving VMs, in the order of `sharing`'s rows.
     vms: Vec<String>,
@@ -175,7 +176,7 @@ pub fn run(args: PlanArgs, threads: usize) -> anyhow::Result<()> {
         vms_moving: planner.moving().len(),
         precopy_bytes: planner.precopy_bytes(),
         strategies: reports,
-        advice: advice(c, planner.moving(), &content, args.top),
+        advice: advice(c, e, planner.moving(), &content, args.top),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -190,20 +191,18 @@ pub fn run(args: PlanArgs, threads: usize) -> anyhow::Result<()> {
 
 fn advice(
     c: &pagecast_scheduler::Cluster,
+    e: &pagecast_scheduler::Evacuation,
     moving: &[usize],
     content: &dyn ContentSource,
     k: usize,
 ) -> Advice {
-    let hosts: Vec<Sketch> = (0..c.hosts.len()).map(|h| content.host_sketch(h)).collect();
+    // Only hosts the VMs may go to: the evacuation's destinations.
+    let hosts: Vec<(usize, Sketch)> = e.to.iter().map(|&h| (h, content.host_sketch(h))).collect();
     let vms: Vec<Sketch> = moving.iter().map(|&v| content.vm_sketch(v)).collect();
     let mut top_hosts = BTreeMap::new();
     for (&v, sketch) in moving.iter().zip(&vms) {
-        // Its own host holds all of it; ask one more and drop that one.
-        let own = c.vms[v].host;
-        let list = sharing::rank(sketch, hosts.iter().enumerate(), k + 1)
+        let list = sharing::rank(sketch, hosts.iter().map(|(h, s)| (*h, s)), k)
             .into_iter()
-            .filter(|m| m.key != own)
-            .take(k)
             .map(|m| HostAdvice {
                 host: c.hosts[m.key].name.clone(),
                 shared_pages: m.shared_pages.round(),
@@ -228,7 +227,7 @@ fn advice(
 
 fn render_advice(a: &Advice) -> String {
     use std::fmt::Write;
-    let mut s = String::from("\nadvice: hosts already holding each VM's content\n");
+    let mut s = String::from("\nadvice: destinations already holding each VM's content\n");
     for (vm, hosts) in &a.top_hosts {
         let list: Vec<String> = hosts
             .iter()
