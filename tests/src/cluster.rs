@@ -228,6 +228,7 @@ pub struct AgentProc {
     child: Child,
     log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     dir: PathBuf,
 }
 
@@ -237,22 +238,51 @@ impl AgentProc {
     /// arguments (e.g. `--index ADDRS --rack r1`); waits until it listens.
     pub fn start(dir: &Path, name: &str, extra: &[&str]) -> AgentProc {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Self::spawn(dir, name, args, None)
+        Self::spawn(dir, name, args, Vec::new(), None, "127.0.0.1:0")
     }
 
     /// As [`AgentProc::start`], with a Prometheus endpoint.
     pub fn start_with_metrics(dir: &Path, name: &str, extra: &[&str]) -> AgentProc {
-        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let m = format!("127.0.0.1:{}", free_port());
-        Self::spawn(dir, name, args, Some(m))
+        Self::start_with_env(dir, name, extra, &[])
     }
 
-    fn spawn(dir: &Path, name: &str, args: Vec<String>, metrics: Option<String>) -> AgentProc {
+    /// As [`AgentProc::start_with_metrics`], with `env` set in its
+    /// environment (e.g. `PAGECAST_FAILPOINT`).
+    pub fn start_with_env(
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProc {
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let m = format!("127.0.0.1:{}", free_port());
+        Self::spawn(dir, name, args, env, Some(m), "127.0.0.1:0")
+    }
+
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        metrics: Option<String>,
+        listen: &str,
+    ) -> AgentProc {
         // A free port found by binding and closing can be taken by another
         // test before the agent binds it: pick another and try again.
         let mut metrics = metrics;
         for _ in 0..4 {
-            match Self::try_spawn(dir, name, args.clone(), metrics.clone()) {
+            match Self::try_spawn(
+                dir,
+                name,
+                args.clone(),
+                env.clone(),
+                metrics.clone(),
+                listen,
+            ) {
                 Ok(agent) => return agent,
                 Err(log) if metrics.is_some() && log.contains("Address already in use") => {
                     metrics = Some(format!("127.0.0.1:{}", free_port()));
@@ -267,11 +297,13 @@ impl AgentProc {
         dir: &Path,
         name: &str,
         args: Vec<String>,
+        env: Vec<(String, String)>,
         metrics: Option<String>,
+        listen: &str,
     ) -> Result<AgentProc, String> {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new(pagecast_bin());
-        cmd.args(["agent", "--name", name, "--listen", "127.0.0.1:0"])
+        cmd.args(["agent", "--name", name, "--listen", listen])
             .arg("--tls")
             .arg(crate::pki::node(name, Role::Host))
             .args(&args);
@@ -286,6 +318,7 @@ impl AgentProc {
         // PAGECAST_TEST_AGENT_LOG: the agents' log filter (default info).
         let filter = std::env::var("PAGECAST_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into());
         let mut child = cmd
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
             .stderr(logf)
@@ -310,21 +343,50 @@ impl AgentProc {
             child,
             log,
             args,
+            env,
             dir: dir.to_owned(),
         })
     }
 
-    /// Kills the agent (SIGKILL) and starts it again with the same name and
-    /// arguments (a crash and restart: it comes back with no VMs).
+    /// Kills the agent (SIGKILL) and starts it again with the same name,
+    /// arguments and address, as a host keeps its address (a crash and
+    /// restart: it comes back with no VMs).
     pub fn restart(&mut self) {
         self.kill();
         let again = Self::spawn(
             &self.dir,
             &self.name,
             self.args.clone(),
+            self.env.clone(),
             self.metrics.clone(),
+            &self.addr.clone(),
         );
         *self = again;
+    }
+
+    /// As [`AgentProc::restart`], with `env` as its environment's additions
+    /// from now on (empty: none).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.restart();
+    }
+
+    /// Waits (up to `within`) for the process to exit by itself; its exit
+    /// status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + within;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Its process id.

@@ -115,6 +115,21 @@ impl AgentClient {
         }
     }
 
+    /// Where the VM `name` stands at this agent (asked host to host after
+    /// an unconfirmed switchover).
+    pub fn whereabouts(mut self, name: &str) -> Result<v1::Whereabouts, AgentError> {
+        self.send(Req::Whereabouts(v1::VmWhereabouts {
+            vm: name.to_owned(),
+        }))?;
+        match self.recv()? {
+            Resp::Whereabouts(w) => match v1::Whereabouts::try_from(w.state) {
+                Ok(w) if w != v1::Whereabouts::Unspecified => Ok(w),
+                _ => Err(self.unexpected(format!("whereabouts {}", w.state))),
+            },
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     /// Lists the VMs.
     pub fn vm_list(mut self) -> Result<v1::VmList, AgentError> {
         self.send(Req::VmList(v1::VmListRequest {}))?;

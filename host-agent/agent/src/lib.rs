@@ -207,6 +207,22 @@ pub struct VmEntry {
     refreshing: Mutex<()>,
     /// How fast the guest rewrites pages, from the refreshes' dirty bits.
     rewrites: Mutex<RewriteMeter>,
+    /// While the VM is in doubt: where it may run, and when to ask next.
+    in_doubt: Mutex<Option<InDoubt>>,
+}
+
+/// A switchover that went unconfirmed: the destination to ask where the VM
+/// stands, and when to ask next.
+#[derive(Debug, Clone)]
+struct InDoubt {
+    /// The destination agent, HOST:PORT.
+    to: String,
+    /// When to ask next.
+    next: std::time::Instant,
+    /// Questions that went unanswered so far.
+    tries: u32,
+    /// When it was last said that the VM stays in doubt.
+    told: Option<std::time::Instant>,
 }
 
 /// Distinct pages a guest rewrites a second: each content refresh sees the
@@ -266,6 +282,7 @@ impl VmEntry {
             publication: Mutex::new(Publication::new(pages)),
             refreshing: Mutex::new(()),
             rewrites: Mutex::new(RewriteMeter::default()),
+            in_doubt: Mutex::new(None),
         }
     }
 
@@ -943,6 +960,90 @@ impl Agent {
         Ok(info)
     }
 
+    /// Where the VM `name` stands here, for the source of a migration
+    /// whose switchover went unconfirmed.
+    pub fn whereabouts(&self, name: &str) -> v1::Whereabouts {
+        if lock(&self.vms).contains_key(name) || self.is_adopted(name) {
+            v1::Whereabouts::Running
+        } else if lock(&self.incoming).contains_key(name) {
+            v1::Whereabouts::Arriving
+        } else {
+            v1::Whereabouts::Absent
+        }
+    }
+
+    /// Settles the VMs in doubt whose time to ask has come: each one's
+    /// destination says where the VM stands. Running there: the copy here
+    /// is released. Absent there (it died before or after starting the VM,
+    /// and came back without it): the copy here resumes. Arriving, or no
+    /// answer: it stays paused and is asked again later (1 s, doubling to
+    /// 30 s). Exactly one copy runs in every case.
+    pub fn resolve_in_doubt(&self) {
+        let now = std::time::Instant::now();
+        let due: Vec<(Arc<VmEntry>, InDoubt)> = lock(&self.vms)
+            .values()
+            .filter_map(|e| {
+                let d = lock(&e.in_doubt).clone()?;
+                (d.next <= now).then(|| (e.clone(), d))
+            })
+            .collect();
+        for (e, d) in due {
+            let answer = ask_whereabouts(self, &d.to, &e.name);
+            self.settle(&e, d, answer);
+        }
+    }
+
+    fn settle(
+        &self,
+        e: &Arc<VmEntry>,
+        mut d: InDoubt,
+        answer: Result<(v1::Whereabouts, String), AgentError>,
+    ) {
+        let mut state = lock(&e.state);
+        if *state != VmState::InDoubt {
+            return;
+        }
+        match answer {
+            Ok((v1::Whereabouts::Running, dest)) => {
+                *lock(&e.in_doubt) = None;
+                drop(state);
+                tracing::warn!(
+                    "VM {}: its unconfirmed switchover went through: it runs at {dest}; \
+                     released here",
+                    e.name
+                );
+                counter!(crate::metrics::IN_DOUBT_SETTLED, "outcome" => "released").increment(1);
+                self.forget(&e.name, Some(&dest));
+            }
+            Ok((v1::Whereabouts::Absent, dest)) => {
+                *lock(&e.in_doubt) = None;
+                *state = VmState::Running;
+                e.vm.set_throttle(0);
+                e.vm.resume();
+                tracing::warn!(
+                    "VM {}: its unconfirmed switchover never started it at {dest}; resumed here",
+                    e.name
+                );
+                counter!(crate::metrics::IN_DOUBT_SETTLED, "outcome" => "resumed").increment(1);
+            }
+            other => {
+                let why = match other {
+                    Ok((w, dest)) => format!("{dest} says it is {}", w.as_str_name()),
+                    Err(err) => format!("cannot ask {}: {err}", d.to),
+                };
+                let now = std::time::Instant::now();
+                if d.told.is_none_or(|t| now - t >= Duration::from_secs(30)) {
+                    tracing::warn!("VM {} stays paused, in doubt: {why}", e.name);
+                    d.told = Some(now);
+                }
+                d.tries = d.tries.saturating_add(1);
+                d.next =
+                    now + Duration::from_secs(1 << d.tries.min(5)).min(Duration::from_secs(30));
+                *lock(&e.in_doubt) = Some(d);
+            }
+        }
+    }
+
     /// Changes a VM's page-write rate (0: its guest only ticks).
     pub fn vm_set(&self, r: &v1::VmSetRequest) -> Result<v1::VmInfo, AgentError> {
         let e = lock(&self.vms)
@@ -1004,6 +1105,13 @@ impl Agent {
             }
             Err(AgentError::Migration(MigrationError::InDoubt(_))) => {
                 *s = VmState::InDoubt;
+                // Settled by asking the destination ([`Agent::resolve_in_doubt`]).
+                *lock(&entry.in_doubt) = Some(InDoubt {
+                    to: r.to.clone(),
+                    next: std::time::Instant::now(),
+                    tries: 0,
+                    told: None,
+                });
                 counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "in-doubt")
                     .increment(1);
             }
@@ -1432,6 +1540,19 @@ impl LocalContent for Agent {
     fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
         Agent::domain_key(self, domain).map_err(|e| e.to_string())
     }
+}
+
+/// Asks the agent at `to` where the VM `name` stands (as `agent`, a host),
+/// within a few seconds; the answer and the destination's name.
+fn ask_whereabouts(
+    agent: &Agent,
+    to: &str,
+    name: &str,
+) -> Result<(v1::Whereabouts, String), AgentError> {
+    let c = client::AgentClient::connect(to, agent.tls())?
+        .with_answer_timeout(Duration::from_secs(5))?;
+    let dest = c.agent_name().to_owned();
+    Ok((c.whereabouts(name)?, dest))
 }
 
 #[cfg(test)]

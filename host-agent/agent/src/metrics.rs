@@ -19,6 +19,10 @@ pub const BAD_REQUESTS: &str = "pagecast_agent_bad_requests_total";
 /// Counter, labels `role` (`source`, `destination`) and `result` (`ok`,
 /// `failed`, `in-doubt`): migrations.
 pub const MIGRATIONS: &str = "pagecast_migrations_total";
+/// Counter, label `outcome` (`released`: it runs at its destination;
+/// `resumed`: it runs here again): switchovers in doubt settled by asking
+/// the destination.
+pub const IN_DOUBT_SETTLED: &str = "pagecast_migrations_in_doubt_settled_total";
 /// Histogram: migration downtimes, seconds.
 pub const DOWNTIME_SECONDS: &str = "pagecast_migration_downtime_seconds";
 /// Counter, label `class` (`pages`, `manifest`): bytes migrations sent.

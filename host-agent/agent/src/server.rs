@@ -140,6 +140,7 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
             }
             ready(local);
             tokio::spawn(refresher(agent.clone()).in_current_span());
+            tokio::spawn(in_doubt_resolver(agent.clone()).in_current_span());
             let slots = Arc::new(Slots::default());
             let stop = shutdown_signal();
             tokio::pin!(stop);
@@ -229,6 +230,23 @@ async fn refresher(agent: Arc<Agent>) {
     }
 }
 
+/// Every second, settles the VMs whose switchover went unconfirmed and
+/// whose time to ask their destination has come.
+async fn in_doubt_resolver(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let a = agent.clone();
+        if tokio::task::spawn_blocking(move || a.resolve_in_doubt())
+            .await
+            .is_err()
+        {
+            error!("settling switchovers in doubt panicked");
+        }
+    }
+}
+
 fn error(code: RefusalCode, e: impl std::fmt::Display) -> Resp {
     Resp::Error(v1::AgentError {
         code: code as i32,
@@ -261,6 +279,7 @@ fn allowed(body: &v1::agent_request::Body) -> (&'static [Role], &'static str) {
         B::Go(_) => (&[Role::Operator], "release held migrations"),
         B::CastSend(_) | B::CastRecv(_) => (&[Role::Operator], "start casts"),
         B::Fetch(_) => (&[Role::Operator], "order fetches"),
+        B::Whereabouts(_) => (&[Role::Host], "ask where a VM stands (host to host)"),
     }
 }
 
@@ -323,6 +342,21 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
         return;
     }
     match body {
+        B::Whereabouts(q) => {
+            let state = agent.whereabouts(&q.vm);
+            info!(
+                "{who} asked where VM {:?} stands: {}",
+                q.vm,
+                state.as_str_name()
+            );
+            reply(
+                &mut ch,
+                Resp::Whereabouts(v1::VmWhereaboutsAnswer {
+                    state: state as i32,
+                }),
+            )
+            .await;
+        }
         B::VmList(_) => {
             let a = agent.clone();
             let list = tokio::task::spawn_blocking(move || a.vm_list()).await;

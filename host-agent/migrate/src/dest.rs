@@ -509,9 +509,11 @@ impl In<'_> {
                             )));
                         }
                     }
+                    crate::failpoint::hit(crate::failpoint::Point::DestCommit)?;
                     events.closed(&self.slot);
                     let region = self.take_region()?;
                     let progress = start(region, state).map_err(MigrationError::Start)?;
+                    crate::failpoint::hit(crate::failpoint::Point::DestResumed)?;
                     self.report.progress = progress;
                     self.report.switchover_ms =
                         switched.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);

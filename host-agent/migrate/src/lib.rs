@@ -10,6 +10,7 @@
 
 mod clone;
 mod dest;
+pub mod failpoint;
 mod source;
 
 use std::time::Duration;

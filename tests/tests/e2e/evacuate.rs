@@ -119,6 +119,14 @@ impl Rig {
 /// Two racks: r1 = h1, h2 (the sources); r2 = h4, h5 (destinations) and h6
 /// (a rack-mate of theirs that receives nothing).
 fn rig(extra_agent_args: &[&str]) -> Rig {
+    rig_env(extra_agent_args, |_| Vec::new())
+}
+
+/// [`rig`], each agent with `env(name)` in its environment.
+fn rig_env(
+    extra_agent_args: &[&str],
+    env: impl Fn(&str) -> Vec<(&'static str, &'static str)>,
+) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let idx = IndexCluster::start(dir.path(), SHARDS);
     let addrs = idx.addrs();
@@ -143,7 +151,7 @@ fn rig(extra_agent_args: &[&str]) -> Rig {
                 "512MiB",
             ];
             args.extend_from_slice(extra_agent_args);
-            AgentProc::start_with_metrics(dir.path(), name, &args)
+            AgentProc::start_with_env(dir.path(), name, &args, &env(name))
         })
         .collect();
     Rig { dir, idx, agents }
@@ -595,6 +603,198 @@ fn a_killed_coordinator_leaves_one_copy_and_a_rerun_finishes() {
     assert_eq!(out["ok"], true);
     let at = where_each_runs(&r, &MOVING);
     assert!(at.values().all(|h| h == "h4" || h == "h5"), "{at:?}");
+}
+
+/// A source agent killed mid-evacuation (its VMs die with it): they are
+/// reported failed, not in doubt; nothing of them is left arriving at a
+/// destination; the other source's VMs arrive verified; and once the
+/// source is back (empty) the same command completes.
+#[test]
+fn a_source_killed_mid_evacuation_fails_its_vms_and_the_others_finish() {
+    if !needs(
+        "a_source_killed_mid_evacuation_fails_its_vms_and_the_others_finish",
+        RIG,
+    ) {
+        return;
+    }
+    let mut r = rig(&[]);
+    populate(&r);
+    let job = evacuate_bg(&r, &["--bandwidth", "100M"]);
+    eventually(Duration::from_secs(60), "h1 migrating out", || {
+        let v = r.vms_on("h1");
+        if v.iter().any(|(_, s)| s == "migrating-out") {
+            Ok(())
+        } else {
+            Err(format!("h1: {v:?}"))
+        }
+    });
+    let i = r.agents.iter().position(|a| a.name == "h1").unwrap();
+    r.agents[i].kill();
+    let out = job.wait(Duration::from_secs(120));
+    let rep = report_of(&out);
+    assert!(!out.status.success(), "h1's VMs did not move: {rep}");
+    let mut lost = Vec::new();
+    for v in rep["vms"].as_array().unwrap() {
+        let name = v["name"].as_str().unwrap().to_owned();
+        assert_eq!(v["in_doubt"], false, "{v}");
+        if v["from"] == "h1" && v["ok"] == false {
+            lost.push(name);
+        } else {
+            assert_eq!(v["verified"], true, "{v}");
+        }
+    }
+    assert!(
+        !lost.is_empty(),
+        "h1 died before any of its VMs moved: {rep}"
+    );
+    // The destinations keep nothing of the lost VMs, not even a reservation.
+    eventually(Duration::from_secs(30), "no trace of h1's lost VMs", || {
+        let left: Vec<(String, String, String)> = ["h4", "h5", "h6"]
+            .iter()
+            .flat_map(|h| {
+                r.vms_on(h)
+                    .into_iter()
+                    .filter(|(n, _)| lost.contains(n))
+                    .map(|(n, s)| (h.to_string(), n, s))
+            })
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    });
+    let moved: Vec<&str> = MOVING
+        .iter()
+        .copied()
+        .filter(|m| !lost.iter().any(|l| l == m))
+        .collect();
+    // The source comes back empty; the same command completes.
+    r.agents[i].restart();
+    assert!(r.vms_on("h1").is_empty());
+    let at = where_each_runs(&r, &moved);
+    assert!(at.values().all(|h| h == "h4" || h == "h5"), "{at:?}");
+    let rep = eventually(Duration::from_secs(60), "a rerun", || {
+        let (out, rep) = r.evacuate(&["--from", "h1,h2", "--to", "h4,h5"]);
+        if out.status.success() {
+            Ok(rep)
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    assert_eq!(rep["ok"], true, "{rep}");
+    assert!(r.vms_on("h1").is_empty() && r.vms_on("h2").is_empty());
+    where_each_runs(&r, &moved);
+}
+
+/// The VMs the report says are in doubt: (name, source), each bound for
+/// `to`.
+fn in_doubt(rep: &serde_json::Value, to: &str) -> Vec<(String, String)> {
+    let vms: Vec<(String, String)> = rep["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["in_doubt"] == true)
+        .map(|v| {
+            assert_eq!(v["to"], to, "{v}");
+            assert_eq!(v["ok"], false, "{v}");
+            (
+                v["name"].as_str().unwrap().to_owned(),
+                v["from"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(!vms.is_empty(), "no VM in doubt: {rep}");
+    vms
+}
+
+/// A destination killed at the switchover point (Commit received, the VM
+/// not started: `PAGECAST_FAILPOINT=dest-commit:exit`): the report says
+/// the VM is in doubt and its source keeps it paused; when the destination
+/// is back, without it, the source asks it and resumes its own copy.
+/// Exactly one copy runs, at the source.
+#[test]
+fn a_kill_at_switchover_is_in_doubt_until_the_source_resumes_its_copy() {
+    if !needs(
+        "a_kill_at_switchover_is_in_doubt_until_the_source_resumes_its_copy",
+        RIG,
+    ) {
+        return;
+    }
+    let mut r = rig_env(&[], |name| {
+        if name == "h5" {
+            vec![("PAGECAST_FAILPOINT", "dest-commit:exit")]
+        } else {
+            Vec::new()
+        }
+    });
+    populate(&r);
+    let (out, rep) = r.evacuate(&["--from", "h1,h2", "--to", "h4,h5"]);
+    assert!(!out.status.success(), "a VM did not move, so the job fails");
+    let doubtful = in_doubt(&rep, "h5");
+    let i = r.agents.iter().position(|a| a.name == "h5").unwrap();
+    let status = r.agents[i].wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(137),
+        "h5 died at the switchover point"
+    );
+    // Paused at its source, in doubt, while the destination is gone.
+    std::thread::sleep(Duration::from_secs(2));
+    for (name, from) in &doubtful {
+        let state = r.vms_on(from).into_iter().find(|(n, _)| n == name);
+        assert_eq!(
+            state.map(|(_, s)| s).as_deref(),
+            Some("in-doubt"),
+            "{name} on {from}"
+        );
+    }
+    // The destination comes back without the VM: the source resumes it.
+    r.agents[i].restart_with_env(&[]);
+    let at = eventually(
+        Duration::from_secs(30),
+        "every VM settled on one host",
+        || settled(&r, &MOVING),
+    );
+    for (name, from) in &doubtful {
+        assert_eq!(&at[name], from, "{name} runs again at its source");
+    }
+    assert!(r.agent(&doubtful[0].1).log().contains("resumed here"));
+}
+
+/// The link breaks at the switchover point after the destination started
+/// the VM (`PAGECAST_FAILPOINT=dest-resumed:drop`): the source never hears
+/// `Resumed`, so the VM is in doubt; the source asks the destination, hears
+/// the VM runs there, and releases its copy. Exactly one copy runs, at the
+/// destination.
+#[test]
+fn a_lost_confirmation_is_in_doubt_until_the_source_releases_its_copy() {
+    if !needs(
+        "a_lost_confirmation_is_in_doubt_until_the_source_releases_its_copy",
+        RIG,
+    ) {
+        return;
+    }
+    let r = rig_env(&[], |name| {
+        if name == "h5" {
+            vec![("PAGECAST_FAILPOINT", "dest-resumed:drop")]
+        } else {
+            Vec::new()
+        }
+    });
+    populate(&r);
+    let (out, rep) = r.evacuate(&["--from", "h1,h2", "--to", "h4,h5"]);
+    assert!(!out.status.success(), "a VM's move went unconfirmed");
+    let doubtful = in_doubt(&rep, "h5");
+    let at = eventually(
+        Duration::from_secs(30),
+        "every VM settled on one host",
+        || settled(&r, &MOVING),
+    );
+    for (name, _) in &doubtful {
+        assert_eq!(at[name], "h5", "{name} runs at its destination");
+    }
+    assert!(r.agent(&doubtful[0].1).log().contains("released here"));
 }
 
 /// `pagecast cancel JOB` stops the job: VMs not switched over stay.

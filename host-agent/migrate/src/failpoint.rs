@@ -1,0 +1,109 @@
+//! Failure injection at exact points of a migration, for the tests of what
+//! follows when a process dies or a link drops there (a kill at the
+//! switchover point cannot be timed from outside).
+//!
+//! `PAGECAST_FAILPOINT=POINT:ACTION[,POINT:ACTION...]`, read once per
+//! process. Points:
+//! - `dest-commit`: the destination has received Commit and not yet
+//!   started the VM;
+//! - `dest-resumed`: the destination has started the VM and not yet told
+//!   the source (`Resumed`).
+//!
+//! Actions: `exit` (the process exits at once with status 137, as if
+//! killed: nothing after the point runs) or `drop` (the migration's link
+//! fails there, as a connection that breaks would). Unset, nothing
+//! happens; an unknown point or action is ignored with a warning on
+//! standard error.
+
+use std::sync::OnceLock;
+
+/// What to do at a point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Exit the process at once.
+    Exit,
+    /// Fail the link.
+    Drop,
+}
+
+/// A point where a failure can be injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// Commit received, the VM not yet started.
+    DestCommit,
+    /// The VM started, Resumed not yet sent.
+    DestResumed,
+}
+
+impl Point {
+    fn name(self) -> &'static str {
+        match self {
+            Point::DestCommit => "dest-commit",
+            Point::DestResumed => "dest-resumed",
+        }
+    }
+}
+
+fn parse(spec: &str) -> Vec<(Point, Action)> {
+    let mut out = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parsed = item.split_once(':').and_then(|(p, a)| {
+            let point = [Point::DestCommit, Point::DestResumed]
+                .into_iter()
+                .find(|x| x.name() == p)?;
+            let action = match a {
+                "exit" => Action::Exit,
+                "drop" => Action::Drop,
+                _ => return None,
+            };
+            Some((point, action))
+        });
+        match parsed {
+            Some(x) => out.push(x),
+            None => eprintln!(
+                "PAGECAST_FAILPOINT: ignoring {item:?} (points: dest-commit, dest-resumed; actions: exit, drop)"
+            ),
+        }
+    }
+    out
+}
+
+/// The action set for `point`, if any.
+pub fn at(point: Point) -> Option<Action> {
+    static SET: OnceLock<Vec<(Point, Action)>> = OnceLock::new();
+    SET.get_or_init(|| parse(&std::env::var("PAGECAST_FAILPOINT").unwrap_or_default()))
+        .iter()
+        .find(|(p, _)| *p == point)
+        .map(|(_, a)| *a)
+}
+
+/// Runs `point`'s action: exits, or returns the link failure to raise.
+pub(crate) fn hit(point: Point) -> Result<(), crate::MigrationError> {
+    match at(point) {
+        None => Ok(()),
+        Some(Action::Exit) => std::process::exit(137),
+        Some(Action::Drop) => Err(crate::MigrationError::Link(
+            pagecast_channel::AuthError::Closed {
+                peer: format!("failpoint {}", point.name()),
+            },
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_bad_items_are_skipped() {
+        assert_eq!(
+            parse("dest-commit:exit, dest-resumed:drop"),
+            vec![
+                (Point::DestCommit, Action::Exit),
+                (Point::DestResumed, Action::Drop)
+            ]
+        );
+        assert_eq!(parse("nowhere:exit,dest-commit:explode,"), vec![]);
+        assert_eq!(parse(""), vec![]);
+    }
+}
