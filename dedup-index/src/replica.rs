@@ -140,9 +140,36 @@ enum Event {
 pub struct Replica {
     addr: SocketAddr,
     store: Arc<Store>,
+    stopped: Mutex<Receiver<Stopped>>,
+}
+
+/// A shard stopped because its storage failed: raft's state could not be
+/// persisted, and there is no safe way on in this process (a RocksDB that
+/// failed a write refuses every later one). The replica stops serving that
+/// shard; whoever runs it decides what follows (`pagecast index serve`
+/// waits for disk space and starts again when the disk was full).
+#[derive(Debug)]
+pub struct Stopped {
+    /// The shard.
+    pub shard: u32,
+    /// What failed.
+    pub error: NodeError,
 }
 
 impl Replica {
+    /// Waits until a shard stops on a storage failure.
+    pub fn wait_stopped(&self) -> Stopped {
+        let rx = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        match rx.recv() {
+            Ok(s) => s,
+            // Every shard thread is gone without a word: not reachable, as
+            // each holds a sender until it returns.
+            Err(_) => loop {
+                std::thread::park();
+            },
+        }
+    }
+
     /// The replica's database (for measurements and maintenance).
     pub fn store(&self) -> &Arc<Store> {
         &self.store
@@ -210,6 +237,7 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
         }
     }
     let links = Arc::new(links);
+    let (stopped_tx, stopped_rx) = mpsc::channel();
     let mut shard_tx = Vec::new();
     for s in 0..cfg.shards {
         let mut ncfg = NodeConfig::new(cfg.id, voters.clone());
@@ -220,9 +248,10 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
         let (tx, rx) = mpsc::channel();
         shard_tx.push(tx);
         let links = links.clone();
+        let stopped = stopped_tx.clone();
         std::thread::Builder::new()
             .name(format!("shard-{s}"))
-            .spawn(move || run_shard(node, rx, &links))
+            .spawn(move || run_shard(node, rx, &links, &stopped))
             .expect("spawn a shard thread");
     }
     let shared = Arc::new(Shared {
@@ -261,7 +290,11 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
             }
         })
         .expect("spawn the accept thread");
-    Ok(Replica { addr, store })
+    Ok(Replica {
+        addr,
+        store,
+        stopped: Mutex::new(stopped_rx),
+    })
 }
 
 struct Shared {
@@ -310,6 +343,7 @@ fn run_shard(
     mut node: ShardNode,
     rx: Receiver<Event>,
     links: &BTreeMap<u64, SyncSender<(u32, Vec<u8>)>>,
+    stopped: &Sender<Stopped>,
 ) {
     let shard = node.shard();
     let mut next_tick = Instant::now() + TICK;
@@ -364,12 +398,13 @@ fn run_shard(
                     }
                 }
             }
-            Err(e) => {
+            Err(error) => {
                 // Storage failing under raft leaves no safe way on: stop
-                // the process rather than serve from a state we cannot
-                // persist.
-                tracing::warn!("shard {shard}: {e}; stopping");
-                std::process::exit(3);
+                // serving the shard rather than serve from a state that
+                // cannot be persisted, and say so to whoever runs us.
+                tracing::error!("shard {shard}: {error}; this replica stops serving it");
+                let _ = stopped.send(Stopped { shard, error });
+                return;
             }
         }
     }

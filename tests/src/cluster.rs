@@ -53,6 +53,20 @@ pub struct Replica {
     dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// The cgroup it runs in, if any.
+    group: Option<std::sync::Arc<crate::host::Group>>,
+    extra: Vec<String>,
+}
+
+/// How one replica of [`IndexCluster::start_with`] runs.
+#[derive(Default, Clone)]
+pub struct ReplicaOpts {
+    /// Its data directory (default: `replicaN` in the cluster's directory).
+    pub data: Option<PathBuf>,
+    /// A cgroup to run it in (so a [`crate::host::Partition`] can cut it off).
+    pub group: Option<std::sync::Arc<crate::host::Group>>,
+    /// More arguments of `index serve`.
+    pub extra: Vec<String>,
 }
 
 /// Three replicas of `pagecast index serve`.
@@ -68,14 +82,24 @@ impl IndexCluster {
     /// Starts three replicas of `shards` shards under `dir` and waits for
     /// every shard to have a leader.
     pub fn start(dir: &Path, shards: u32) -> IndexCluster {
+        Self::start_with(dir, shards, vec![ReplicaOpts::default(); 3])
+    }
+
+    /// As [`IndexCluster::start`], replica `i` run as `opts[i]` says.
+    pub fn start_with(dir: &Path, shards: u32, opts: Vec<ReplicaOpts>) -> IndexCluster {
         std::fs::create_dir_all(dir).expect("the cluster's directory");
-        let reps: Vec<Replica> = (1..=3)
-            .map(|id| Replica {
+        assert_eq!(opts.len(), 3, "three replicas");
+        let reps: Vec<Replica> = opts
+            .into_iter()
+            .zip(1..=3)
+            .map(|(o, id)| Replica {
                 id,
                 addr: format!("127.0.0.1:{}", free_port()),
-                dir: dir.join(format!("replica{id}")),
+                dir: o.data.unwrap_or_else(|| dir.join(format!("replica{id}"))),
                 log: dir.join(format!("replica{id}.log")),
                 child: None,
+                group: o.group,
+                extra: o.extra,
             })
             .collect();
         let peers = reps
@@ -103,7 +127,11 @@ impl IndexCluster {
             .append(true)
             .open(&r.log)
             .expect("replica log");
-        let child = Command::new(pagecast_bin())
+        let mut cmd = match &r.group {
+            Some(g) => g.command(&pagecast_bin()),
+            None => Command::new(pagecast_bin()),
+        };
+        let child = cmd
             .args(["index", "serve", "--id", &r.id.to_string()])
             .args(["--listen", &r.addr, "--peers", &self.peers])
             .args(["--shards", &self.shards.to_string()])
@@ -111,6 +139,7 @@ impl IndexCluster {
             .arg(&r.dir)
             .arg("--tls")
             .arg(crate::pki::node(&format!("index-{}", r.id), Role::Index))
+            .args(&r.extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -125,6 +154,29 @@ impl IndexCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The port replica `i` listens on.
+    pub fn port(&self, i: usize) -> u16 {
+        self.reps[i]
+            .addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("HOST:PORT")
+    }
+
+    /// Whether replica `i`'s process runs (not exited by itself).
+    pub fn running(&mut self, i: usize) -> bool {
+        match &mut self.reps[i].child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Replica `i`'s log.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.reps[i].log).unwrap_or_default()
     }
 
     /// Freezes replica `i` (SIGSTOP): its connections stay open.

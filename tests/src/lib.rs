@@ -134,5 +134,6 @@ pub fn repo_root() -> PathBuf {
 
 pub mod capture;
 pub mod cluster;
+pub mod host;
 pub mod pki;
 pub mod qemu;

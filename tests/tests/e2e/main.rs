@@ -10,6 +10,7 @@ mod capture;
 mod cast_cli;
 mod evacuate;
 mod evaluate;
+mod host_faults;
 mod index_cli;
 mod live_index;
 mod plan_cli;

@@ -55,6 +55,13 @@ enum IndexSub {
 /// its replica id and shard count and refuses others). A replica restarted
 /// on its directory rejoins with its data; a replica started on an empty
 /// directory catches up from the leader (by snapshot if the log moved on).
+///
+/// A full disk stops nothing for good: a replica whose file system has
+/// less than --min-free waits (saying so) before it starts, and one whose
+/// storage fails while the disk is that full stops serving, waits for the
+/// space to return and starts again in the same process, catching up from
+/// the others. The others go on meanwhile; nothing acknowledged is lost.
+/// Any other storage failure ends the process with an error.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// This replica's id, one of those in --peers.
@@ -91,6 +98,10 @@ pub struct ServeArgs {
     /// Least level of raft's own log lines on stderr: debug, info, warning, error.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     raft_log: String,
+    /// Free space the data directory's file system needs to start on (see
+    /// above), e.g. 16MiB.
+    #[arg(long, default_value = "16MiB", value_name = "SIZE", value_parser = pagecast_pages::units::parse_size)]
+    min_free: u64,
     /// This replica's identity: a node directory with an `index`
     /// certificate (`pagecast ca issue --role index`).
     #[command(flatten)]
@@ -347,6 +358,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         raft_log_level: level,
         tls: load_tls(&a.tls)?,
     };
+    wait_for_space(&a.data, a.min_free);
     let r = replica::start(cfg)?;
     tracing::info!(
         "index replica {} of {} serving {} shards on {}, data in {}",
@@ -356,8 +368,89 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         r.local_addr(),
         a.data.display()
     );
+    let stopped = r.wait_stopped();
+    let free = free_bytes(&a.data);
+    if free.is_some_and(|f| f < a.min_free) {
+        tracing::error!(
+            "replica {}: shard {} could not write to {} ({}), whose file system has {} free: \
+             this replica waits for {} free, then starts again and catches up from the others",
+            a.id,
+            stopped.shard,
+            a.data.display(),
+            stopped.error,
+            format_bytes(free.unwrap_or(0)),
+            format_bytes(a.min_free)
+        );
+        wait_for_space(&a.data, a.min_free);
+        tracing::info!("replica {}: space is back; starting again", a.id);
+        let err = restart_self();
+        bail!("replica {}: cannot start again: {err}", a.id);
+    }
+    bail!(
+        "replica {}: shard {} stopped: {} (data in {}); nothing it acknowledged is lost: start it \
+         again once the cause is fixed and it catches up from the others",
+        a.id,
+        stopped.shard,
+        stopped.error,
+        a.data.display()
+    )
+}
+
+/// Bytes free to unprivileged writers on the file system of `dir` (or of
+/// its nearest existing ancestor), if it can be read.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let at = dir.ancestors().find(|p| p.exists())?;
+    let at = if at.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        at
+    };
+    let c = std::ffi::CString::new(at.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) fills the zeroed struct we pass; `c` is a
+    // NUL-terminated path that outlives the call.
+    let s = unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return None;
+        }
+        s
+    };
+    Some(s.f_bavail * s.f_frsize)
+}
+
+/// Waits until the file system of `dir` has `min` bytes free, saying so
+/// when it starts waiting and every 30 s.
+fn wait_for_space(dir: &Path, min: u64) {
+    let mut told: Option<Instant> = None;
     loop {
-        std::thread::park();
+        let Some(free) = free_bytes(dir) else { return };
+        if free >= min {
+            return;
+        }
+        if told.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            tracing::warn!(
+                "{}: {} free, waiting for {} (--min-free) before serving",
+                dir.display(),
+                format_bytes(free),
+                format_bytes(min)
+            );
+            told = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Replaces this process with a fresh run of the same command: RocksDB
+/// reopens its directory and raft recovers from what it persisted. Returns
+/// only on failure.
+fn restart_self() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .exec(),
+        Err(e) => e,
     }
 }
 
