@@ -124,3 +124,22 @@ pub fn capture_tcp(port: u16, marker: &[u8], talk: impl FnOnce()) -> (u64, u64) 
     stop.store(true, Ordering::Relaxed);
     seen.join().unwrap()
 }
+
+/// The string every marked page holds, many times over.
+pub const MARKER: &[u8] = b"PAGECAST-CAPTURE-MARKER";
+/// Marked pages a capture test sends.
+pub const PAGES: u32 = 400;
+
+/// Marked page `i`: the marker over and over, each copy with a number so
+/// that every page is distinct.
+pub fn page(i: u32) -> Box<pagecast_pages::Page> {
+    let mut p = Box::new([0u8; pagecast_pages::PAGE_SIZE]);
+    for (k, c) in p.chunks_mut(MARKER.len() + 4).enumerate() {
+        let n = c.len().min(MARKER.len());
+        c[..n].copy_from_slice(&MARKER[..n]);
+        if c.len() >= MARKER.len() + 4 {
+            c[MARKER.len()..].copy_from_slice(&(i ^ k as u32).to_le_bytes());
+        }
+    }
+    p
+}
