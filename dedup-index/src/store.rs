@@ -39,7 +39,7 @@ pub const CF_META: &str = "meta";
 pub const CF_HOLDERS: &str = "holders";
 
 /// Longest host or VM name.
-pub const MAX_NAME: usize = 64;
+pub const MAX_NAME: usize = pagecast_proto::MAX_VM_NAME_BYTES;
 /// Most VMs one host report lists.
 pub const MAX_REPORTED_VMS: usize = 4096;
 /// Longest address or rack name in a host report.
@@ -166,10 +166,7 @@ fn cf_options(kind: &str) -> Options {
 }
 
 pub(crate) fn name_ok(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= MAX_NAME
-        && n.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    pagecast_proto::name_ok(n)
 }
 
 impl Store {

@@ -36,8 +36,23 @@ pub const MAX_MANIFEST_HEADER_BYTES: usize = 1024;
 /// Most frames a manifest may describe: 4 TiB of guest memory.
 pub const MAX_MANIFEST_FRAMES: u64 = 1 << 30;
 
-/// Longest VM name, in bytes.
-pub const MAX_VM_NAME_BYTES: usize = 128;
+/// Longest VM or host name, in bytes (see [`name_ok`]).
+pub const MAX_VM_NAME_BYTES: usize = 64;
+
+/// Whether `name` is a VM or host name every part of pagecast accepts: 1 to
+/// [`MAX_VM_NAME_BYTES`] ASCII letters, digits, `-`, `_` or `.`. The one
+/// rule: the agent, the index, the migration engine and the manifest
+/// decoder all check names with it.
+pub fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_VM_NAME_BYTES
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// What [`name_ok`] requires, for error messages.
+pub const NAME_RULE: &str = "1 to 64 letters, digits, '-', '_' or '.'";
 
 /// Most bytes one control frame may carry (a frame's protobuf payload,
 /// after its 4-byte length; frames travel inside TLS).

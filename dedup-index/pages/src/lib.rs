@@ -17,6 +17,7 @@
 
 pub mod domain;
 pub mod hash;
+pub mod packed;
 pub mod rng;
 pub mod sharing;
 pub mod sketch;

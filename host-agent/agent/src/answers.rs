@@ -8,6 +8,7 @@
 //! the largest VM a manifest may describe.
 
 use pagecast_pages::PageHash;
+use pagecast_pages::packed::{self, PackedError};
 use pagecast_proto::v1;
 
 use crate::client::{MigrationEvent, VmContentAnswer};
@@ -84,24 +85,19 @@ impl Hashes {
 
     /// Appends the hashes in `bytes`, checked before anything is kept.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), AnswerError> {
-        if !bytes.len().is_multiple_of(32) {
-            return Err(AnswerError::HashLength {
+        let room =
+            usize::try_from(self.max.saturating_sub(self.list.len() as u64)).unwrap_or(usize::MAX);
+        let more = packed::iter(bytes, room).map_err(|e| match e {
+            PackedError::Length { len } => AnswerError::HashLength {
                 what: self.what,
-                len: bytes.len(),
-            });
-        }
-        let n = (bytes.len() / 32) as u64;
-        if self.list.len() as u64 + n > self.max {
-            return Err(AnswerError::TooManyHashes {
+                len,
+            },
+            PackedError::TooMany { .. } => AnswerError::TooManyHashes {
                 what: self.what,
                 max: self.max,
-            });
-        }
-        self.list.extend(
-            bytes
-                .chunks_exact(32)
-                .map(|h| PageHash::try_from(h).expect("32 bytes")),
-        );
+            },
+        })?;
+        self.list.extend(more);
         Ok(())
     }
 

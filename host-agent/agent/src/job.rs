@@ -21,10 +21,11 @@
 //!   a host in its rack for pages ([`v1::FetchPagesRequest`]), which that
 //!   agent reads from its content map, hash-checked.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pagecast_channel::ChannelWriter;
@@ -33,6 +34,7 @@ use pagecast_multicast::{
     GroupPlan, Groups, PageEntry, PageSink, PageSource, ReceiverConfig, SenderConfig,
     TransportChoice,
 };
+use pagecast_pages::packed;
 use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 
@@ -40,35 +42,15 @@ use crate::{Agent, AgentError};
 
 type Resp = v1::agent_response::Body;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Most hashes one Held, VmContentPart or fetch frame carries.
 pub const HASHES_PER_FRAME: usize = 65_536;
 /// Most pages one fetch answer carries.
 const PAGES_PER_FETCH_FRAME: usize = 64;
 
-/// Hashes from their concatenated bytes.
+/// Hashes from their packed bytes (at most a control frame's worth).
 pub fn hashes_of(b: &[u8]) -> Result<Vec<PageHash>, AgentError> {
-    if !b.len().is_multiple_of(32) {
-        return Err(AgentError::BadRequest(format!(
-            "{} bytes of hashes is not a whole number of 32-byte hashes",
-            b.len()
-        )));
-    }
-    Ok(b.chunks_exact(32)
-        .map(|h| PageHash::try_from(h).expect("32 bytes"))
-        .collect())
-}
-
-/// Concatenated bytes of hashes.
-pub fn bytes_of(h: &[PageHash]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(h.len() * 32);
-    for x in h {
-        out.extend_from_slice(x.as_bytes());
-    }
-    out
+    packed::unpack(b, pagecast_proto::MAX_CONTROL_FRAME_BYTES / 32)
+        .map_err(|e| AgentError::BadRequest(e.to_string()))
 }
 
 /// The arriving VMs of every gang job on this host.
@@ -426,7 +408,7 @@ impl Hold for CoordinatorHold {
             let last = chunks.peek().is_none();
             w.send(&v1::AgentResponse {
                 body: Some(Resp::Held(v1::Held {
-                    hashes: bytes_of(chunk).into(),
+                    hashes: packed::pack(chunk).into(),
                     last,
                     pages_local: if last { filled_locally } else { 0 },
                 })),
@@ -818,7 +800,7 @@ fn fetch_domain(
     for chunk in hashes.chunks(HASHES_PER_FRAME) {
         ch.send(&v1::AgentRequest {
             body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
-                hashes: bytes_of(chunk).into(),
+                hashes: packed::pack(chunk).into(),
                 domain: domain.to_owned(),
             })),
         })?;
@@ -891,7 +873,7 @@ pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, A
         let chunk = chunks.next().unwrap_or(&[]);
         let last = chunks.peek().is_none();
         parts.push(v1::VmContentPart {
-            hashes: bytes_of(chunk).into(),
+            hashes: packed::pack(chunk).into(),
             last,
             frames,
             nonzero_frames: nonzero,

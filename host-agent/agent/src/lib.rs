@@ -12,13 +12,15 @@ pub mod metrics;
 pub mod publish;
 pub mod qemu;
 pub mod server;
+mod sync;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::sync::{lock, read, write};
 use ::metrics::{counter, gauge, histogram};
 use pagecast_channel::{AuthError, Channel, Role, Tls};
 use pagecast_pages::{ContentKey, DomainSecret, PAGE_SIZE, Page, PageHash};
@@ -178,10 +180,6 @@ impl VmState {
             VmState::InDoubt => "in-doubt",
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A VM this agent runs. KVM's dirty log is read in one place
@@ -474,10 +472,7 @@ pub struct Agent {
 }
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 64
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    pagecast_proto::name_ok(n)
 }
 
 /// Default memory of a synthetic VM.
@@ -783,7 +778,7 @@ impl Agent {
         let _ = entry.pull();
         *lock(&entry.for_content) = DirtyBitmap::new(entry.page_count());
         let f = self.fp.fingerprint(&**entry, &entry.key, &|_| {});
-        let mut map = self.content.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = write(&self.content);
         if !self.registered(entry) {
             // Stopped meanwhile: its pages must not keep it alive.
             return;
@@ -926,7 +921,7 @@ impl Agent {
         v1::VmList {
             agent: self.name.clone(),
             vms: infos,
-            content_entries: self.content.read().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            content_entries: read(&self.content).len() as u64,
         }
     }
 
@@ -1414,8 +1409,7 @@ impl Agent {
             gauge!(crate::metrics::HOT_PAGES).set(self.host_now().hot_pages as f64);
             gauge!(crate::metrics::PUBLISH_BACKLOG).set(link.ledger().behind() as f64);
         }
-        gauge!(crate::metrics::CONTENT_ENTRIES)
-            .set(self.content.read().unwrap_or_else(|e| e.into_inner()).len() as f64);
+        gauge!(crate::metrics::CONTENT_ENTRIES).set(read(&self.content).len() as f64);
     }
 
     /// Takes in the pages one VM dirtied since its last refresh: their new
@@ -1446,7 +1440,7 @@ impl Agent {
             if read_and_hash(&**e, &e.key, chunk, &mut buf, &mut hashes).is_err() {
                 break;
             }
-            let mut map = self.content.write().unwrap_or_else(|e| e.into_inner());
+            let mut map = write(&self.content);
             if !self.registered(e) {
                 return;
             }

@@ -29,6 +29,7 @@
 //! migrations; the loop keeps retrying, and `acked` stays exact because
 //! nothing is taken as applied without an answer.
 
+use crate::sync::lock;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -66,10 +67,6 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(30);
 pub const REPORT_EVERY: Duration = Duration::from_secs(5);
 /// Most hashes one listing of a shard's holdings returns.
 const LIST_LIMIT: u32 = 16_384;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// What one VM's frames should be listed as.
 #[derive(Debug)]

@@ -1094,7 +1094,7 @@ impl Agent {
             let c = chunks.next().unwrap_or(&[]);
             let last = chunks.peek().is_none();
             let f = frame(v1::qemu_frame::Body::Offer(v1::QemuOffer {
-                hashes: crate::job::bytes_of(c).into(),
+                hashes: pagecast_pages::packed::pack(c).into(),
                 last,
             }));
             sent += send(&mut ch, &f)?;

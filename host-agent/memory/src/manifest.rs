@@ -27,7 +27,7 @@
 use pagecast_pages::{PAGE_SIZE, PageHash};
 use pagecast_proto::{
     HASH_LEN, MAX_MANIFEST_CHUNK_BYTES, MAX_MANIFEST_CHUNK_FRAMES, MAX_MANIFEST_CHUNK_ZERO_RANGES,
-    MAX_MANIFEST_FRAMES, MAX_MANIFEST_HEADER_BYTES, MAX_VM_NAME_BYTES, WIRE_VERSION, v1,
+    MAX_MANIFEST_FRAMES, MAX_MANIFEST_HEADER_BYTES, WIRE_VERSION, v1,
 };
 use prost::Message;
 
@@ -60,8 +60,8 @@ pub enum ManifestError {
     /// A page size other than 4096.
     #[error("manifest page size {0} is not supported (only 4096)")]
     PageSize(u32),
-    /// A VM name that is empty or too long.
-    #[error("manifest VM name of {0} bytes must be 1 to 128 bytes")]
+    /// A VM name outside [`pagecast_proto::name_ok`].
+    #[error("manifest VM name of {0} bytes: use 1 to 64 letters, digits, '-', '_' or '.'")]
     VmName(usize),
     /// More frames than pagecast handles.
     #[error("manifest of {frames} frames exceeds the limit of {max}")]
@@ -247,7 +247,7 @@ impl ManifestDecoder {
         if h.page_size != PAGE_SIZE as u32 {
             return Err(ManifestError::PageSize(h.page_size));
         }
-        if h.vm.is_empty() || h.vm.len() > MAX_VM_NAME_BYTES {
+        if !pagecast_proto::name_ok(&h.vm) {
             return Err(ManifestError::VmName(h.vm.len()));
         }
         if h.frames > MAX_MANIFEST_FRAMES {

@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash, is_zero_page};
 use pagecast_proto::v1::RefusalCode;
-use pagecast_proto::{
-    MAX_MIGRATE_PAGES_PER_FRAME, MAX_NEED_HASHES_PER_FRAME, MAX_VM_NAME_BYTES, WIRE_VERSION, v1,
-};
+use pagecast_proto::{MAX_MIGRATE_PAGES_PER_FRAME, MAX_NEED_HASHES_PER_FRAME, WIRE_VERSION, v1};
 use serde::Serialize;
 
 use crate::{LocalContent, MigrationError, MigrationLink, REPLY_TIMEOUT, table_digest};
@@ -296,8 +294,12 @@ pub fn migrate_in_job(
             format!("memory of {bytes} bytes is out of range"),
         );
     }
-    if begin.vm.is_empty() || begin.vm.len() > MAX_VM_NAME_BYTES {
-        return refuse(link, RefusalCode::Invalid, "bad VM name".into());
+    if !pagecast_proto::name_ok(&begin.vm) {
+        return refuse(
+            link,
+            RefusalCode::Invalid,
+            format!("VM name {:?}: use {}", begin.vm, pagecast_proto::NAME_RULE),
+        );
     }
     // Mapped now, populated by a thread after the answer: faulting in a
     // large VM's memory on a busy host takes seconds, which the source

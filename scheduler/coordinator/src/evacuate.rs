@@ -1209,7 +1209,7 @@ pub fn evacuate(
                                     c.fetch(v1::FetchRequest {
                                         job: spec.job.clone(),
                                         from: maddr.clone(),
-                                        hashes: pagecast_agent::job::bytes_of(hs).into(),
+                                        hashes: pagecast_pages::packed::pack(hs).into(),
                                     })
                                 });
                             let mut t = lock(traffic);
