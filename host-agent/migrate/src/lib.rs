@@ -11,6 +11,7 @@
 mod clone;
 mod dest;
 pub mod failpoint;
+pub mod mem;
 mod source;
 
 use std::time::Duration;
@@ -36,6 +37,11 @@ pub use source::{Hold, HoldPoll, migrate_out, migrate_out_held};
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 use pagecast_memory::kvm::{VcpuState, VmError};
+
+/// Locks `m`, taking over from a holder that panicked.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 use pagecast_memory::manifest::ManifestError;
 use pagecast_memory::{GuestMemory, MemoryError};
 

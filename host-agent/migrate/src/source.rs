@@ -326,7 +326,9 @@ impl Out<'_> {
                 HoldPoll::Abort(why) => return Err(MigrationError::Cancelled(why)),
                 HoldPoll::Wait => {}
             }
-            if last_sent.elapsed() >= KEEPALIVE_EVERY {
+            // Often enough that an answer comes well within the reply
+            // timeout, however short it is set.
+            if last_sent.elapsed() >= KEEPALIVE_EVERY.min(self.opts.reply_timeout / 4) {
                 self.send(Body::KeepAlive(v1::KeepAlive {}), Class::Control)?;
                 last_sent = Instant::now();
             }

@@ -1,0 +1,514 @@
+//! The migration engine over an in-memory link and synthetic memory
+//! (`pagecast_migrate::mem`): no KVM, no sockets, every machine. These pin
+//! what the source and the destination do at each step, and what every
+//! failure leaves behind, for any change to the engine.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pagecast_memory::fingerprint::Fingerprinter;
+use pagecast_memory::kvm::VcpuState;
+use pagecast_memory::synth::{SynthSpec, SyntheticMemory, SyntheticVm};
+use pagecast_memory::{DirtyBitmap, GuestMemory, Page, Region};
+use pagecast_migrate::mem::{MemLink, SyntheticSource, link_pair};
+use pagecast_migrate::*;
+use pagecast_pages::{ContentKey, PAGE_SIZE, PageHash};
+use pagecast_proto::v1;
+use pagecast_proto::v1::migrate_frame::Body;
+
+fn memory(family: &str, index: u32, mib: u64) -> SyntheticMemory {
+    SyntheticVm::new(SynthSpec::new(family, index, mib << 20).unwrap())
+        .unwrap()
+        .materialize(None)
+        .unwrap()
+}
+
+fn fp() -> Fingerprinter {
+    Fingerprinter::new(2).unwrap()
+}
+
+/// Content held by a resident VM at the destination.
+struct Resident {
+    mem: SyntheticMemory,
+    by_hash: HashMap<PageHash, u64>,
+}
+
+impl Resident {
+    fn new(mem: SyntheticMemory) -> Self {
+        let f = fp().fingerprint(&mem, &ContentKey::CLUSTER, &|_| {});
+        let by_hash = f
+            .hashes
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| !h.is_zero_page())
+            .map(|(i, h)| (*h, i as u64))
+            .collect();
+        Resident { mem, by_hash }
+    }
+}
+
+impl LocalContent for Resident {
+    fn copy(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
+        let Some(&f) = self.by_hash.get(h) else {
+            return false;
+        };
+        self.mem.read_page(f, out).is_ok() && key.hash_page(out) == *h
+    }
+}
+
+/// A destination's link that dies (drops both directions) when a frame
+/// `dies` says so arrives.
+struct Dying {
+    link: Option<MemLink>,
+    dies: Box<dyn FnMut(&Body) -> bool + Send>,
+}
+
+impl MigrationLink for Dying {
+    fn send(&mut self, body: Body) -> Result<(), MigrationError> {
+        match &mut self.link {
+            Some(l) => l.send(body),
+            None => Err(MigrationError::Protocol("dead".into())),
+        }
+    }
+    fn recv(&mut self, t: Option<Duration>) -> Result<Body, MigrationError> {
+        let l = self
+            .link
+            .as_mut()
+            .ok_or(MigrationError::Protocol("dead".into()))?;
+        let f = l.recv(t)?;
+        if (self.dies)(&f) {
+            self.link = None;
+            return Err(MigrationError::Protocol("the destination died".into()));
+        }
+        Ok(f)
+    }
+}
+
+struct Outcome {
+    report: Result<MigrationReport, MigrationError>,
+    incoming: Result<IncomingReport, MigrationError>,
+    copy: Option<Region>,
+}
+
+/// Migrates `src` to a destination holding `local`, whose link is
+/// `wrap(link)`; `hold` holds it for a gang job.
+fn migrate(
+    src: &SyntheticSource,
+    local: &(dyn LocalContent + Sync),
+    opts: MigrateOptions,
+    wrap: impl FnOnce(MemLink) -> Box<dyn MigrationLink> + Send,
+    hold: Option<&mut dyn Hold>,
+) -> Outcome {
+    let (mut a, b) = link_pair();
+    let fp = fp();
+    let mut copy = None;
+    let (report, incoming) = std::thread::scope(|s| {
+        let dst = s.spawn(|| {
+            let mut b = wrap(b);
+            let begin = match b.recv(Some(Duration::from_secs(10)))? {
+                Body::Begin(b) => b,
+                other => panic!("expected begin, got {other:?}"),
+            };
+            migrate_in(
+                &mut *b,
+                &begin,
+                local,
+                &fp,
+                &mut |region, _state: VcpuState| {
+                    copy = Some(region);
+                    Ok(7)
+                },
+            )
+        });
+        let report = migrate_out_held(src, &mut a, &fp, &opts, &mut |_| {}, hold);
+        (report, dst.join().unwrap())
+    });
+    Outcome {
+        report,
+        incoming,
+        copy,
+    }
+}
+
+fn plain(l: MemLink) -> Box<dyn MigrationLink> {
+    Box::new(l)
+}
+
+/// Frames whose contents differ between two regions.
+fn differing(a: &Region, b: &dyn GuestMemory) -> Vec<u64> {
+    let (mut x, mut y) = (Box::new([0u8; PAGE_SIZE]), Box::new([0u8; PAGE_SIZE]));
+    (0..b.page_count())
+        .filter(|&f| {
+            a.read_page(f, &mut x).unwrap();
+            b.read_page(f, &mut y).unwrap();
+            x != y
+        })
+        .collect()
+}
+
+#[test]
+fn memory_arrives_whole_verified_and_each_content_once() {
+    let src = SyntheticSource::new("vm1", memory("web", 1, 8));
+    let out = migrate(
+        &src,
+        &NoLocalContent,
+        MigrateOptions::default(),
+        plain,
+        None,
+    );
+    let r = out.report.unwrap();
+    let i = out.incoming.unwrap();
+    assert!(r.verified);
+    assert_eq!(i.progress, 7, "the destination's start result comes back");
+    let copy = out.copy.expect("the destination started the VM");
+    assert_eq!(differing(&copy, &*src), Vec::<u64>::new());
+    // Round 0 sends each distinct content once: repeated pages are copied
+    // at the destination from the first one received.
+    let f = fp().fingerprint(&*src, &ContentKey::CLUSTER, &|_| {});
+    let distinct: std::collections::HashSet<_> =
+        f.hashes.iter().filter(|h| !h.is_zero_page()).collect();
+    assert_eq!(r.rounds[0].pages, distinct.len() as u64, "{:?}", r.rounds);
+    assert!(
+        distinct.len() < r.nonzero_pages as usize,
+        "the VM repeats pages"
+    );
+    assert!(
+        src.is_paused(),
+        "a migrated source stays paused for its agent to release"
+    );
+}
+
+#[test]
+fn pages_the_destination_holds_are_filled_there_and_not_sent() {
+    let src = SyntheticSource::new("vm1", memory("web", 1, 8));
+    let resident = Resident::new(memory("web", 2, 8));
+    let out = migrate(&src, &resident, MigrateOptions::default(), plain, None);
+    let r = out.report.unwrap();
+    assert!(r.pages_local > r.nonzero_pages / 4, "{r:?}");
+    assert!(
+        r.rounds[0].pages < r.nonzero_pages - r.pages_local / 2,
+        "{r:?}"
+    );
+    assert_eq!(differing(&out.copy.unwrap(), &*src), Vec::<u64>::new());
+    // Without local content (as VMScatter and pre-copy do), all is sent.
+    let src2 = SyntheticSource::new("vm2", memory("web", 1, 8));
+    let opts = MigrateOptions {
+        no_local: true,
+        ..MigrateOptions::default()
+    };
+    let r2 = migrate(&src2, &resident, opts, plain, None).report.unwrap();
+    assert_eq!(r2.pages_local, 0);
+}
+
+#[test]
+fn a_dirtying_guest_converges_and_the_copy_is_its_memory_at_the_pause() {
+    // 4,000 page writes a second over 512 pages, on a link of 200 Mbit/s
+    // (about 6,000 pages a second): rounds shrink until the rest fits.
+    let src = SyntheticSource::dirtying("vm1", memory("db", 1, 16), 4000, 16..528);
+    std::thread::sleep(Duration::from_millis(100));
+    let opts = MigrateOptions {
+        bandwidth_bps: Some(200_000_000),
+        max_downtime: Duration::from_millis(100),
+        ..MigrateOptions::default()
+    };
+    let out = migrate(&src, &NoLocalContent, opts, plain, None);
+    let r = out.report.unwrap();
+    assert!(r.rounds.len() >= 2, "pre-copy rounds ran: {:?}", r.rounds);
+    assert!(r.verified);
+    assert!(src.written() > 0);
+    assert!(src.is_paused());
+    assert_eq!(differing(&out.copy.unwrap(), &*src), Vec::<u64>::new());
+}
+
+#[test]
+fn a_destination_that_dies_gets_every_dirty_bit_handed_back_and_the_source_runs_on() {
+    let src = SyntheticSource::dirtying("vm1", memory("web", 3, 8), 500, 16..64);
+    // Frames the guest never writes, dirty before the migration: the
+    // engine takes them, and must give them back.
+    let pages = src.page_count();
+    let mut taken = DirtyBitmap::new(pages);
+    for f in (1000..pages).step_by(31) {
+        taken.set(f).unwrap();
+    }
+    src.mark_dirty(&taken).unwrap();
+    let mut seen = 0;
+    let out = migrate(
+        &src,
+        &NoLocalContent,
+        MigrateOptions::default(),
+        |l| {
+            Box::new(Dying {
+                link: Some(l),
+                dies: Box::new(move |_| {
+                    seen += 1;
+                    seen == 6
+                }),
+            })
+        },
+        None,
+    );
+    assert!(out.report.is_err());
+    assert!(out.incoming.is_err());
+    assert!(out.copy.is_none(), "nothing started at the destination");
+    assert!(!src.is_paused(), "the source runs on");
+    let d = src.take_dirty().unwrap();
+    let lost: Vec<u64> = taken.iter().filter(|&f| !d.get(f)).collect();
+    assert!(lost.is_empty(), "dirty bits lost: {lost:?}");
+}
+
+#[test]
+fn no_confirmation_after_commit_is_in_doubt_and_the_source_stays_paused() {
+    let src = SyntheticSource::new("vm1", memory("web", 4, 4));
+    let out = migrate(
+        &src,
+        &NoLocalContent,
+        MigrateOptions {
+            reply_timeout: Duration::from_secs(2),
+            ..MigrateOptions::default()
+        },
+        |l| {
+            Box::new(Dying {
+                link: Some(l),
+                dies: Box::new(|b| matches!(b, Body::Commit(_))),
+            })
+        },
+        None,
+    );
+    match out.report {
+        Err(MigrationError::InDoubt(_)) => {}
+        other => panic!("expected in doubt, got {other:?}"),
+    }
+    assert!(src.is_paused(), "never resumed once committed");
+    assert_eq!(src.resumes(), 0);
+}
+
+#[test]
+fn a_destination_that_refuses_is_named_and_the_source_never_pauses() {
+    // A VM of a dedup domain the destination has no key for.
+    struct NoDomains;
+    impl LocalContent for NoDomains {
+        fn copy(&self, _: &ContentKey, _: &PageHash, _: &mut Page) -> bool {
+            false
+        }
+        fn domain_key(&self, d: &str) -> Result<ContentKey, String> {
+            Err(format!("no key for domain {d}"))
+        }
+    }
+    struct InDomain(std::sync::Arc<SyntheticSource>);
+    impl GuestMemory for InDomain {
+        fn write_page(&self, f: u64, d: &Page) -> Result<(), pagecast_memory::MemoryError> {
+            self.0.write_page(f, d)
+        }
+        fn take_dirty(&self) -> Result<DirtyBitmap, pagecast_memory::MemoryError> {
+            self.0.take_dirty()
+        }
+        fn mark_dirty(&self, p: &DirtyBitmap) -> Result<(), pagecast_memory::MemoryError> {
+            self.0.mark_dirty(p)
+        }
+        fn region(&self) -> &Region {
+            self.0.region()
+        }
+    }
+    impl SourceVm for InDomain {
+        fn name(&self) -> &str {
+            "vm1"
+        }
+        fn origin(&self) -> String {
+            String::new()
+        }
+        fn dirty_rate(&self) -> u64 {
+            0
+        }
+        fn pause(&self) -> Result<(), pagecast_memory::kvm::VmError> {
+            self.0.pause()
+        }
+        fn resume(&self) {
+            self.0.resume()
+        }
+        fn vcpu_state(&self) -> Result<VcpuState, pagecast_memory::kvm::VmError> {
+            self.0.vcpu_state()
+        }
+        fn set_throttle(&self, p: u8) {
+            self.0.set_throttle(p)
+        }
+        fn domain(&self) -> &str {
+            "tenant-a"
+        }
+        fn content_key(&self) -> ContentKey {
+            ContentKey::keyed([3; 32])
+        }
+    }
+    let src = InDomain(SyntheticSource::new("vm1", memory("web", 5, 4)));
+    let (mut a, mut b) = link_pair();
+    let fp = fp();
+    let (report, _) = std::thread::scope(|s| {
+        let dst = s.spawn(|| {
+            let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
+                Body::Begin(b) => b,
+                other => panic!("{other:?}"),
+            };
+            migrate_in(&mut b, &begin, &NoDomains, &fp, &mut |_, _| Ok(0))
+        });
+        let r = migrate_out(&src, &mut a, &fp, &MigrateOptions::default(), &mut |_| {});
+        (r, dst.join().unwrap())
+    });
+    match report {
+        Err(MigrationError::Refused { reason, .. }) => {
+            assert!(reason.contains("tenant-a"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!src.0.is_paused());
+}
+
+/// A gang job's hold: records what the destination lacked, says go (or
+/// abort) after `after`.
+struct TimedHold {
+    needed: Option<usize>,
+    local: u64,
+    until: Instant,
+    abort: bool,
+}
+
+impl Hold for TimedHold {
+    fn needs(&mut self, needed: &[PageHash], filled_locally: u64) -> Result<(), MigrationError> {
+        self.needed = Some(needed.len());
+        self.local = filled_locally;
+        Ok(())
+    }
+    fn poll(&mut self) -> HoldPoll {
+        if Instant::now() < self.until {
+            HoldPoll::Wait
+        } else if self.abort {
+            HoldPoll::Abort("the job said no".into())
+        } else {
+            HoldPoll::Go
+        }
+    }
+}
+
+#[test]
+fn a_held_migration_outlasts_the_reply_timeout_on_keepalives_then_goes() {
+    let src = SyntheticSource::new("vm1", memory("web", 6, 4));
+    let opts = MigrateOptions {
+        reply_timeout: Duration::from_secs(1),
+        ..MigrateOptions::default()
+    };
+    let mut hold = TimedHold {
+        needed: None,
+        local: 0,
+        until: Instant::now() + Duration::from_millis(2500),
+        abort: false,
+    };
+    let t = Instant::now();
+    let out = migrate(&src, &NoLocalContent, opts, plain, Some(&mut hold));
+    let r = out.report.unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(2500), "it held");
+    assert!(r.verified);
+    assert!(
+        hold.needed.is_some_and(|n| n > 0),
+        "the hold heard the needs"
+    );
+    assert_eq!(differing(&out.copy.unwrap(), &*src), Vec::<u64>::new());
+}
+
+#[test]
+fn an_aborted_hold_is_a_cancel_and_the_source_runs_on() {
+    let src = SyntheticSource::new("vm1", memory("web", 7, 4));
+    let mut hold = TimedHold {
+        needed: None,
+        local: 0,
+        until: Instant::now() + Duration::from_millis(300),
+        abort: true,
+    };
+    let out = migrate(
+        &src,
+        &NoLocalContent,
+        MigrateOptions::default(),
+        plain,
+        Some(&mut hold),
+    );
+    assert!(matches!(out.report, Err(MigrationError::Cancelled(_))));
+    assert!(out.copy.is_none());
+    assert!(!src.is_paused());
+}
+
+/// A caster that casts nothing: every page goes over the links.
+struct NoCasts;
+
+impl Caster for NoCasts {
+    fn cast(
+        &mut self,
+        _: &[u64],
+        _: &[Vec<usize>],
+        _: bool,
+        _: &[String],
+        _: &mut dyn FnMut(usize, &str) -> Result<(), MigrationError>,
+    ) -> Result<CastOutcome, MigrationError> {
+        Err(MigrationError::Protocol("no casts here".into()))
+    }
+}
+
+#[test]
+fn a_clone_reaches_every_destination_identically_and_the_source_runs_on() {
+    let src = SyntheticSource::dirtying("tmpl", memory("web", 8, 8), 1000, 16..128);
+    let fp = fp();
+    let mut copies: Vec<Option<Region>> = (0..3).map(|_| None).collect();
+    let report = std::thread::scope(|s| {
+        let mut targets = Vec::new();
+        let mut dests = Vec::new();
+        for (i, slot) in copies.iter_mut().enumerate() {
+            let (a, mut b) = link_pair();
+            targets.push(CloneTarget {
+                name: format!("copy{i}"),
+                host: format!("h{i}"),
+                link: Box::new(a),
+            });
+            let fp = &fp;
+            dests.push(s.spawn(move || {
+                let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
+                    Body::Begin(b) => b,
+                    other => panic!("{other:?}"),
+                };
+                assert_eq!(begin.vm, format!("copy{i}"));
+                migrate_in(&mut b, &begin, &NoLocalContent, fp, &mut |region, _| {
+                    *slot = Some(region);
+                    Ok(0)
+                })
+            }));
+        }
+        let r = clone_out(
+            &*src,
+            targets,
+            &mut NoCasts,
+            &fp,
+            &MigrateOptions::default(),
+            &mut |_| {},
+        );
+        for d in dests {
+            d.join().unwrap().unwrap();
+        }
+        r
+    });
+    assert!(
+        report.clones.iter().all(|c| c.ok && c.verified),
+        "{:?}",
+        report.clones
+    );
+    assert!(!src.is_paused(), "the source runs on after a clone");
+    // Each copy is the source as it was at the pause; the guest has run
+    // since, so compare the copies with each other and with a hash table
+    // of the source taken before it resumed: identical copies.
+    let first = copies[0].take().unwrap();
+    for c in copies.iter().skip(1) {
+        let c = c.as_ref().unwrap();
+        let mut x = Box::new([0u8; PAGE_SIZE]);
+        let mut y = Box::new([0u8; PAGE_SIZE]);
+        for f in 0..src.page_count() {
+            first.read_page(f, &mut x).unwrap();
+            c.read_page(f, &mut y).unwrap();
+            assert_eq!(x, y, "frame {f} differs between copies");
+        }
+    }
+    let _ = v1::RefusalCode::Unspecified;
+}
