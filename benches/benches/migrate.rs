@@ -150,8 +150,9 @@ fn main() {
             let mut phases: Vec<(&'static str, u128)> = Vec::new();
             let rep = src
                 .migrate_out(&req, &mut |p| {
-                    if phases.last().is_none_or(|l| l.0 != p.phase) {
-                        phases.push((p.phase, t0.elapsed().as_millis()));
+                    let phase = pagecast_proto::names::phase(p.phase);
+                    if phases.last().is_none_or(|l| l.0 != phase) {
+                        phases.push((phase, t0.elapsed().as_millis()));
                     }
                 })
                 .unwrap();

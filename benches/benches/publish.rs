@@ -28,7 +28,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pagecast_agent::client::AgentClient;
+use pagecast_agent_api::client::AgentClient;
 use pagecast_benches::{env_or, raw_rocksdb};
 use pagecast_channel::{Role, Tls};
 use pagecast_index::holders::HoldingSum;

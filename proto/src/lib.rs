@@ -143,3 +143,75 @@ impl v1::RefusalCode {
         }
     }
 }
+
+/// The names operators read and scripts match for the agents' enums (in
+/// `vm list`, reports and progress), one per value.
+pub mod names {
+    use crate::v1::{HostedVmState, MigratePhase, VmKind};
+
+    /// `micro-vm` or `qemu`.
+    pub fn kind(k: VmKind) -> &'static str {
+        match k {
+            VmKind::Qemu => "qemu",
+            VmKind::MicroVm | VmKind::Unspecified => "micro-vm",
+        }
+    }
+
+    /// `running`, `starting`, `incoming`, `migrating-out`, `migrating-in`,
+    /// `cloning` or `in-doubt`.
+    pub fn state(s: HostedVmState) -> &'static str {
+        match s {
+            HostedVmState::Running => "running",
+            HostedVmState::Starting => "starting",
+            HostedVmState::Incoming => "incoming",
+            HostedVmState::MigratingOut => "migrating-out",
+            HostedVmState::MigratingIn => "migrating-in",
+            HostedVmState::Cloning => "cloning",
+            HostedVmState::InDoubt => "in-doubt",
+            HostedVmState::Unspecified => "unknown",
+        }
+    }
+
+    /// A migration's phase as progress displays show it.
+    pub fn phase(p: MigratePhase) -> &'static str {
+        match p {
+            MigratePhase::Fingerprinting => "fingerprinting",
+            MigratePhase::Manifest => "manifest",
+            MigratePhase::Held => "held",
+            MigratePhase::Cast => "cast",
+            MigratePhase::Round0 => "round 0",
+            MigratePhase::Precopy => "pre-copy",
+            MigratePhase::Switchover => "switchover",
+            MigratePhase::Postcopy => "post-copy",
+            MigratePhase::QemuStream => "qemu",
+            MigratePhase::Done => "done",
+            MigratePhase::Failed => "failed",
+            MigratePhase::Unspecified => "",
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_value_has_its_own_name() {
+            let states: Vec<&str> = (0..=7)
+                .filter_map(|i| HostedVmState::try_from(i).ok())
+                .map(state)
+                .collect();
+            let mut unique = states.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), states.len(), "{states:?}");
+            let phases: Vec<&str> = (0..=11)
+                .filter_map(|i| MigratePhase::try_from(i).ok())
+                .map(phase)
+                .collect();
+            let mut unique = phases.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), phases.len(), "{phases:?}");
+        }
+    }
+}

@@ -548,7 +548,7 @@ pub fn index_exact(c: &mut IndexClient, agent: &AgentProc, shards: u32) -> Resul
         return Err(format!("host {} is not in the index", agent.name));
     };
     let tls = crate::pki::tls("operator", Role::Operator);
-    let audit = pagecast_agent::client::AgentClient::connect(&agent.addr, &tls)
+    let audit = pagecast_agent_api::client::AgentClient::connect(&agent.addr, &tls)
         .and_then(|a| a.audit(shards, false))
         .map_err(|e| e.to_string())?;
     for s in 0..shards {

@@ -17,8 +17,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use pagecast_agent::answers::{ContentParts, MAX_HASHES, MigrationReports};
-use pagecast_agent::client::MigrationEvent;
+use pagecast_agent_api::answers::{ContentParts, MAX_HASHES, MigrationReports};
+use pagecast_agent_api::client::MigrationEvent;
 use pagecast_channel::FrameDecoder;
 use pagecast_index::chunks::{Reassembler, split};
 use pagecast_index::holders::HolderList;

@@ -306,7 +306,7 @@ fn agent_response() -> Vec<Vec<u8>> {
             nonzero_frames: 60,
             memory_bytes: 409_600,
             rewrite_pages_per_s: 12.5,
-            kind: "micro-vm".into(),
+            kind: v1::VmKind::MicroVm as i32,
         }))
     };
     let held = |h: Vec<u8>, last| {

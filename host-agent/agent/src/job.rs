@@ -654,7 +654,7 @@ pub fn cast_send(
                 + rep.bytes_heartbeat
                 + rep.bytes_unicast
                 + rep.bytes_control,
-            report: serde_json::to_string(&rep).unwrap_or_default(),
+            stats: Some(send_stats(&rep)),
             frames_filled: 0,
         },
         Err(e) => v1::CastResult {
@@ -687,7 +687,7 @@ pub fn cast_recv(agent: &Agent, r: &v1::CastRecvRequest) -> Result<v1::CastResul
         Ok(rep) => v1::CastResult {
             ok: true,
             error: String::new(),
-            report: serde_json::to_string(&rep).unwrap_or_default(),
+            stats: Some(recv_stats(&rep)),
             frames_filled: sink.filled,
             bytes_sent: 0,
         },
@@ -858,9 +858,9 @@ pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, A
     let (hashes, memory) = agent.vm_hashes(name)?;
     let rewrites = agent.vm_rewrite_rate(name)?;
     let kind = if agent.is_adopted(name) {
-        "qemu"
+        v1::VmKind::Qemu
     } else {
-        "micro-vm"
+        v1::VmKind::MicroVm
     };
     let frames = hashes.len() as u64;
     let nonzero = hashes.iter().filter(|h| !h.is_zero_page()).count() as u64;
@@ -879,7 +879,7 @@ pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, A
             nonzero_frames: nonzero,
             memory_bytes: memory,
             rewrite_pages_per_s: rewrites,
-            kind: kind.into(),
+            kind: kind as i32,
         });
         if last {
             return Ok(parts);
@@ -892,5 +892,46 @@ pub fn default_cast_iface(listen: &SocketAddr) -> Ipv4Addr {
     match listen.ip() {
         std::net::IpAddr::V4(v4) if !v4.is_unspecified() => v4,
         _ => Ipv4Addr::LOCALHOST,
+    }
+}
+
+fn transport(t: pagecast_multicast::Transport) -> v1::CastTransport {
+    match t {
+        pagecast_multicast::Transport::Multicast => v1::CastTransport::Multicast,
+        pagecast_multicast::Transport::Chain => v1::CastTransport::Chain,
+    }
+}
+
+/// A sender's report as the control API carries it.
+fn send_stats(r: &pagecast_multicast::SendReport) -> v1::CastStats {
+    v1::CastStats {
+        transport: transport(r.transport) as i32,
+        pages: r.pages,
+        bytes_first: r.bytes_first,
+        bytes_repair: r.bytes_repair,
+        bytes_unicast: r.bytes_unicast,
+        bytes_control: r.bytes_control,
+        bytes_heartbeat: r.bytes_heartbeat,
+        nacks: r.nacks,
+        repairs: r.repairs,
+        coded_repairs: r.coded_repairs,
+        datagrams: r.datagrams,
+        duration_s: r.duration_s,
+        ..v1::CastStats::default()
+    }
+}
+
+/// A receiver's report as the control API carries it.
+fn recv_stats(r: &pagecast_multicast::RecvReport) -> v1::CastStats {
+    v1::CastStats {
+        transport: transport(r.transport) as i32,
+        pages: r.pages,
+        pages_main: r.pages_main,
+        pages_unicast: r.pages_unicast,
+        bytes_received: r.bytes_received,
+        joins: r.joins,
+        leaves: r.leaves,
+        duration_s: r.duration_s,
+        ..v1::CastStats::default()
     }
 }

@@ -5,8 +5,6 @@
 //! them. The network side is in [`server`] (tokio); everything here is
 //! blocking and runs on blocking threads, the hashing on a rayon pool.
 
-pub mod answers;
-pub mod client;
 pub mod job;
 pub mod metrics;
 pub mod publish;
@@ -85,6 +83,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// Another agent, called by this one, failed.
+    #[error(transparent)]
+    Peer(#[from] pagecast_agent_api::ClientError),
     /// The agent answered with an error.
     #[error("the agent at {addr} says: {message}")]
     Remote {
@@ -141,6 +142,7 @@ impl AgentError {
             AgentError::Busy { .. } => RefusalCode::Busy,
             AgentError::Connect { .. } | AgentError::Auth(_) => RefusalCode::Unavailable,
             AgentError::Remote { code, .. } => *code,
+            AgentError::Peer(e) => e.code(),
             AgentError::Migration(e) => e.code(),
             AgentError::Bind { .. }
             | AgentError::Unexpected { .. }
@@ -173,12 +175,16 @@ enum VmState {
 }
 
 impl VmState {
-    fn name(self) -> &'static str {
+    fn proto(self) -> v1::HostedVmState {
         match self {
-            VmState::Running => "running",
-            VmState::MigratingOut => "migrating-out",
-            VmState::InDoubt => "in-doubt",
+            VmState::Running => v1::HostedVmState::Running,
+            VmState::MigratingOut => v1::HostedVmState::MigratingOut,
+            VmState::InDoubt => v1::HostedVmState::InDoubt,
         }
+    }
+
+    fn name(self) -> &'static str {
+        pagecast_proto::names::state(self.proto())
     }
 }
 
@@ -301,13 +307,13 @@ impl VmEntry {
         v1::VmInfo {
             name: self.name.clone(),
             memory_bytes: self.vm.region().len() as u64,
-            state: lock(&self.state).name().to_owned(),
+            state: lock(&self.state).proto() as i32,
             progress: self.vm.progress().unwrap_or(0),
             dirty_rate: self.vm.dirty_rate(),
             throttle_pct: u32::from(self.vm.throttle()),
             origin: self.origin.clone(),
             domain: self.domain.clone(),
-            kind: "micro-vm".into(),
+            kind: v1::VmKind::MicroVm as i32,
         }
     }
 }
@@ -451,7 +457,7 @@ pub struct Agent {
     fp: Fingerprinter,
     vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
     /// Names of VMs migrating in (reserved until they start or fail).
-    incoming: Mutex<HashMap<String, &'static str>>,
+    incoming: Mutex<HashMap<String, v1::HostedVmState>>,
     /// A resident frame holding each content (a hint: checked on use).
     content: RwLock<HashMap<PageHash, (Arc<VmEntry>, u64)>>,
     /// The content index this agent publishes to, if any.
@@ -744,7 +750,7 @@ impl Agent {
         }
     }
 
-    fn reserve(&self, name: &str, state: &'static str) -> Result<(), AgentError> {
+    fn reserve(&self, name: &str, state: v1::HostedVmState) -> Result<(), AgentError> {
         if !valid_name(name) {
             return Err(AgentError::BadName(name.to_owned()));
         }
@@ -832,7 +838,7 @@ impl Agent {
 
     /// Starts a VM.
     pub fn vm_start(&self, r: &v1::VmStartRequest) -> Result<v1::VmInfo, AgentError> {
-        self.reserve(&r.name, "starting")?;
+        self.reserve(&r.name, v1::HostedVmState::Starting)?;
         let started = self.boot(r);
         match started {
             Ok(entry) => {
@@ -913,7 +919,7 @@ impl Agent {
         let mut infos: Vec<v1::VmInfo> = vms.iter().map(|e| e.info()).collect();
         infos.extend(lock(&self.incoming).iter().map(|(n, s)| v1::VmInfo {
             name: n.clone(),
-            state: (*s).into(),
+            state: *s as i32,
             ..Default::default()
         }));
         infos.extend(self.adopted_infos());
@@ -1312,7 +1318,7 @@ impl Agent {
             begin.memory_bytes >> 20,
             begin.job
         );
-        if let Err(e) = self.reserve(&begin.vm, "incoming") {
+        if let Err(e) = self.reserve(&begin.vm, v1::HostedVmState::Incoming) {
             let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
                 ok: false,
                 reason: e.to_string(),
@@ -1543,7 +1549,7 @@ fn ask_whereabouts(
     to: &str,
     name: &str,
 ) -> Result<(v1::Whereabouts, String), AgentError> {
-    let c = client::AgentClient::connect(to, agent.tls())?
+    let c = pagecast_agent_api::AgentClient::connect(to, agent.tls())?
         .with_answer_timeout(Duration::from_secs(5))?;
     let dest = c.agent_name().to_owned();
     Ok((c.whereabouts(name)?, dest))

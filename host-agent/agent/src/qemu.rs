@@ -68,7 +68,7 @@ pub(crate) struct Adopted {
     pub(crate) key: ContentKey,
     /// "running", "incoming" (waiting to be fed), "migrating-out",
     /// "migrating-in".
-    state: Mutex<&'static str>,
+    state: Mutex<v1::HostedVmState>,
     /// Each frame's content at the last scan.
     seen: Mutex<Vec<PageHash>>,
     publication: Mutex<Publication>,
@@ -85,10 +85,10 @@ impl Adopted {
         v1::VmInfo {
             name: self.name.clone(),
             memory_bytes: self.image.len_bytes(),
-            state: (*lock(&self.state)).to_owned(),
+            state: *lock(&self.state) as i32,
             origin: format!("qemu {}", self.file.display()),
             domain: self.domain.clone(),
-            kind: "qemu".into(),
+            kind: v1::VmKind::Qemu as i32,
             ..v1::VmInfo::default()
         }
     }
@@ -301,7 +301,11 @@ impl Agent {
             image,
             domain: pagecast_pages::domain::normalize(&r.domain).to_owned(),
             key,
-            state: Mutex::new(if r.incoming { "incoming" } else { "running" }),
+            state: Mutex::new(if r.incoming {
+                v1::HostedVmState::Incoming
+            } else {
+                v1::HostedVmState::Running
+            }),
             seen: Mutex::new(Vec::new()),
             publication: Mutex::new(Publication::new(pages)),
             last_scan: Mutex::new(None),
@@ -370,10 +374,10 @@ impl Agent {
             .get(name)
             .cloned()
             .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
-        if *lock(&a.state) != "running" {
+        if *lock(&a.state) != v1::HostedVmState::Running {
             return Err(AgentError::Busy {
                 vm: name.to_owned(),
-                state: *lock(&a.state),
+                state: pagecast_proto::names::state(*lock(&a.state)),
             });
         }
         self.fp.pool().install(|| self.scan_adopted(&a));
@@ -438,7 +442,7 @@ impl Agent {
             .values()
             .filter(|a| {
                 let every = RESCAN.max(*lock(&a.scan_took) * 20);
-                *lock(&a.state) == "running"
+                *lock(&a.state) == v1::HostedVmState::Running
                     && lock(&a.last_scan).is_none_or(|t| t.elapsed() >= every)
             })
             .cloned()
@@ -537,7 +541,7 @@ impl Agent {
         r: &v1::MigrateRequest,
         hold: Option<&mut dyn pagecast_migrate::Hold>,
     ) -> Result<v1::MigrateResult, AgentError> {
-        let a = self.claim(&r.vm, "migrating-out")?;
+        let a = self.claim(&r.vm, v1::HostedVmState::MigratingOut)?;
         let started = Instant::now();
         let res = self.qemu_out(&a, r, started, hold);
         match &res {
@@ -548,7 +552,7 @@ impl Agent {
                 info!("migrated QEMU VM {} to {}", r.vm, r.to);
             }
             _ => {
-                *lock(&a.state) = "running";
+                *lock(&a.state) = v1::HostedVmState::Running;
                 // QEMU's own semantics: a failed migration leaves the source
                 // running; if QEMU had finished sending and stopped, it
                 // runs again here.
@@ -770,7 +774,7 @@ impl Agent {
             },
             pages_local: pages_held,
             contents_local: held.len() as u64,
-            kind: "qemu".into(),
+            kind: v1::VmKind::Qemu as i32,
             bytes_sent: sent,
             pages_sent: st.pages - pages_held,
             nonzero_pages: st.pages,
@@ -807,9 +811,9 @@ impl Agent {
                 "a clone needs at least one target".into(),
             ));
         }
-        let a = self.claim(&r.vm, "cloning")?;
+        let a = self.claim(&r.vm, v1::HostedVmState::Cloning)?;
         let res = self.qemu_clone_run(&a, r);
-        *lock(&a.state) = "running";
+        *lock(&a.state) = v1::HostedVmState::Running;
         let t = Instant::now();
         resume_source(&a);
         let mut res = res?;
@@ -1108,16 +1112,16 @@ impl Agent {
 
     /// Takes adopted VM `name` for an operation (`state` while it runs);
     /// refuses one that is not running.
-    fn claim(&self, name: &str, state: &'static str) -> Result<Arc<Adopted>, AgentError> {
+    fn claim(&self, name: &str, state: v1::HostedVmState) -> Result<Arc<Adopted>, AgentError> {
         let a = lock(&self.adopted)
             .get(name)
             .cloned()
             .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
         let mut s = lock(&a.state);
-        if *s != "running" {
+        if *s != v1::HostedVmState::Running {
             return Err(AgentError::Busy {
                 vm: name.to_owned(),
-                state: *s,
+                state: pagecast_proto::names::state(*s),
             });
         }
         *s = state;
@@ -1162,19 +1166,19 @@ impl Agent {
             })?;
         {
             let mut s = lock(&a.state);
-            if *s != "incoming" {
+            if *s != v1::HostedVmState::Incoming {
                 return Err(AgentError::Busy {
                     vm: inc.vm.clone(),
-                    state: *s,
+                    state: pagecast_proto::names::state(*s),
                 });
             }
-            *s = "migrating-in";
+            *s = v1::HostedVmState::MigratingIn;
         }
         let res = self.qemu_in_run(ch, inc, &a);
         *lock(&a.state) = if res.as_ref().is_ok_and(|d| d.ok) {
-            "running"
+            v1::HostedVmState::Running
         } else {
-            "incoming"
+            v1::HostedVmState::Incoming
         };
         if res.as_ref().is_ok_and(|d| d.ok) {
             self.fp.pool().install(|| self.scan_adopted(&a));

@@ -652,7 +652,7 @@ fn qemu_migrate_out(agent: &Agent, ch: Channel, r: &v1::MigrateRequest) {
             loop {
                 let msg = v1::AgentResponse {
                     body: Some(Resp::Progress(v1::MigrateProgress {
-                        phase: "qemu".into(),
+                        phase: v1::MigratePhase::QemuStream as i32,
                         ..v1::MigrateProgress::default()
                     })),
                 };
@@ -715,7 +715,9 @@ fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest) {
     let res = agent.migrate_out_held(
         &r,
         &mut |p| {
-            if client_gone || last.is_some_and(|t| t.elapsed() < gap) && p.phase != "held" {
+            if client_gone
+                || last.is_some_and(|t| t.elapsed() < gap) && p.phase != v1::MigratePhase::Held
+            {
                 return;
             }
             last = Some(Instant::now());

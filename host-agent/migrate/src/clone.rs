@@ -182,7 +182,7 @@ pub fn clone_out(
 }
 
 impl Cl<'_> {
-    fn tell(&mut self, phase: &'static str) {
+    fn tell(&mut self, phase: v1::MigratePhase) {
         self.prog.phase = phase;
         (self.progress)(&self.prog);
     }
@@ -443,14 +443,14 @@ impl Cl<'_> {
         self.table = match self.vm.current_hashes() {
             Some(t) if t.len() as u64 == pages => t,
             _ => {
-                self.tell("fingerprinting");
+                self.tell(v1::MigratePhase::Fingerprinting);
                 fp.pool()
                     .install(|| fp.fingerprint(self.vm, &self.vm.content_key(), &|_| {}))
                     .hashes
             }
         };
         // Begin and manifest, to each.
-        self.tell("manifest");
+        self.tell(v1::MigratePhase::Manifest);
         for i in 0..self.dests.len() {
             let begin = Body::Begin(v1::MigrateBegin {
                 version: WIRE_VERSION as i32,
@@ -507,7 +507,7 @@ impl Cl<'_> {
                 }
             }
         }
-        self.tell("cast");
+        self.tell(v1::MigratePhase::Cast);
         let alive = self.alive();
         if !lacking.is_empty() && !alive.is_empty() {
             let mut first: HashMap<PageHash, u64> = HashMap::new();
@@ -537,7 +537,7 @@ impl Cl<'_> {
         for i in self.alive() {
             self.send(i, Body::Refill(v1::Refill {}));
         }
-        self.tell("round 0");
+        self.tell(v1::MigratePhase::Round0);
         for i in self.alive() {
             if let Some(n) = self.read_needs(i) {
                 self.send_needed(i, &n)?;
@@ -565,14 +565,14 @@ impl Cl<'_> {
                 self.vm.set_throttle(throttle);
             }
             previous = count;
-            self.tell("pre-copy");
+            self.tell(v1::MigratePhase::Precopy);
             let frames: Vec<u64> = dirty.iter().collect();
             self.send_round(caster, &frames, round)?;
             round += 1;
         };
         self.report.rounds = round - 1;
         // Switchover: the source pauses until every clone resumed.
-        self.tell("switchover");
+        self.tell(v1::MigratePhase::Switchover);
         let paused = Instant::now();
         self.vm.pause()?;
         let mut rest = last;
@@ -626,7 +626,7 @@ impl Cl<'_> {
             }
         }
         self.report.downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
-        self.tell("done");
+        self.tell(v1::MigratePhase::Done);
         Ok(())
     }
 }

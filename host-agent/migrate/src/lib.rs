@@ -373,7 +373,7 @@ impl MigrationReport {
             in_doubt: false,
             error_code: 0,
             contents_local: 0,
-            kind: String::new(),
+            kind: v1::VmKind::MicroVm as i32,
         }
     }
 }
@@ -407,7 +407,7 @@ pub fn table_digest(table: &[PageHash]) -> [u8; 32] {
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
     /// What is happening.
-    pub phase: &'static str,
+    pub phase: v1::MigratePhase,
     /// The current round.
     pub round: u32,
     /// Pages sent so far.
@@ -426,7 +426,7 @@ impl Progress {
     /// As the agent protocol carries it.
     pub fn to_proto(&self) -> v1::MigrateProgress {
         v1::MigrateProgress {
-            phase: self.phase.to_owned(),
+            phase: self.phase as i32,
             round: self.round,
             pages_sent: self.pages_sent,
             bytes_sent: self.bytes_sent,

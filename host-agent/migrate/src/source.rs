@@ -175,7 +175,7 @@ impl Out<'_> {
         Ok(d)
     }
 
-    fn tell(&mut self, phase: &'static str) {
+    fn tell(&mut self, phase: v1::MigratePhase) {
         self.prog.phase = phase;
         (self.progress)(&self.prog);
     }
@@ -310,7 +310,7 @@ impl Out<'_> {
     /// Holds for a gang job, keeping the link alive both ways, until the
     /// job says go (or abort).
     fn hold(&mut self, hold: &mut dyn Hold, needed: &[PageHash]) -> Result<(), MigrationError> {
-        self.tell("held");
+        self.tell(v1::MigratePhase::Held);
         hold.needs(needed, self.report.pages_local)?;
         let mut last_sent = Instant::now();
         let mut last_heard = Instant::now();
@@ -318,7 +318,7 @@ impl Out<'_> {
         loop {
             if last_told.elapsed() >= Duration::from_secs(2) {
                 // Whoever holds us hears we are alive too.
-                self.tell("held");
+                self.tell(v1::MigratePhase::Held);
                 last_told = Instant::now();
             }
             match hold.poll() {
@@ -366,7 +366,7 @@ impl Out<'_> {
             // The agent's content map, kept current by the dirty log.
             Some(t) if t.len() as u64 == pages => t,
             _ => {
-                self.tell("fingerprinting");
+                self.tell(v1::MigratePhase::Fingerprinting);
                 fp.pool()
                     .install(|| fp.fingerprint(self.vm, &self.vm.content_key(), &|_| {}))
                     .hashes
@@ -407,7 +407,7 @@ impl Out<'_> {
             }
         }
 
-        self.tell("manifest");
+        self.tell(v1::MigratePhase::Manifest);
         let manifest = Manifest {
             vm: self.vm.name().to_owned(),
             hashes: self.table.clone(),
@@ -426,7 +426,7 @@ impl Out<'_> {
             needed = self.read_needs(pages)?;
         }
 
-        self.tell("round 0");
+        self.tell(v1::MigratePhase::Round0);
         let t = Instant::now();
         let n = if self.opts.per_frame {
             // As a per-VM pre-copy does: every non-zero frame, each once.
@@ -485,7 +485,7 @@ impl Out<'_> {
                 self.prog.throttle_pct = throttle;
             }
             previous = count;
-            self.tell("pre-copy");
+            self.tell(v1::MigratePhase::Precopy);
             let frames: Vec<u64> = dirty.iter().collect();
             let t = Instant::now();
             let n = self.send_frames(&frames, round)?;
@@ -503,7 +503,7 @@ impl Out<'_> {
         if let Some(why) = hold.and_then(|h| h.cancelled()) {
             return Err(MigrationError::Cancelled(why));
         }
-        self.tell("switchover");
+        self.tell(v1::MigratePhase::Switchover);
         let paused = Instant::now();
         self.vm.pause()?;
         self.send(Body::Switchover(v1::Switchover { round }), Class::Control)?;
@@ -574,7 +574,7 @@ impl Out<'_> {
         self.report.total_ms = started.elapsed().as_secs_f64() * 1e3;
         self.report.verified = true;
         self.report.verified_full = self.opts.verify_full;
-        self.tell("done");
+        self.tell(v1::MigratePhase::Done);
         Ok(())
     }
 

@@ -31,23 +31,51 @@
 //! See `docs/evacuation.md` for the sequence, who sends what to whom, and
 //! the failure table.
 
+pub mod clone;
 pub mod evacuate;
+pub mod fake;
+pub mod index;
 pub mod report;
 pub mod view;
 
-pub use evacuate::{CloneSpec, EvacuateSpec, Method, clone, evacuate};
+pub use clone::{CloneSpec, clone};
+pub use evacuate::{EvacuateSpec, Method, evacuate};
+pub use index::{IndexApi, IndexService};
 pub use report::{CloneReport, EvacuationReport, VmOutcome};
 pub use view::ClusterView;
 
-use pagecast_agent::AgentError;
-use pagecast_index::client::ClientError;
+use std::sync::Arc;
+
+use pagecast_agent_api::{AgentApi, ClientError};
+
+/// What a job talks to: the content index and the agents (over the
+/// network: [`IndexService`] and `pagecast_agent_api::Remote`; in tests,
+/// [`fake::FakeCluster`] is both).
+#[derive(Clone)]
+pub struct Services {
+    /// The content index.
+    pub index: Arc<dyn IndexApi>,
+    /// The agents.
+    pub agents: Arc<dyn AgentApi>,
+}
+
+impl Services {
+    /// The index at `index` and the agents over the network, both called
+    /// as the holder of `tls`.
+    pub fn remote(index: &[String], tls: pagecast_channel::Tls) -> Self {
+        Services {
+            index: Arc::new(IndexService::new(index, tls.clone())),
+            agents: Arc::new(pagecast_agent_api::Remote::new(tls)),
+        }
+    }
+}
 
 /// Why a job could not run, or not all of it.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
     /// The content index could not be read.
     #[error("content index: {0}")]
-    Index(#[from] ClientError),
+    Index(#[from] pagecast_index::client::ClientError),
     /// An agent failed.
     #[error("agent {host}: {source}")]
     Agent {
@@ -55,7 +83,7 @@ pub enum CoordError {
         host: String,
         /// What went wrong.
         #[source]
-        source: AgentError,
+        source: ClientError,
     },
     /// The request names something that is not there, or is not possible.
     #[error("{0}")]
@@ -68,6 +96,11 @@ pub enum CoordError {
     Cancelled(String),
 }
 
+/// Locks `m`, taking over from a holder that panicked.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What a job reports as it goes (for progress displays).
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -77,9 +110,8 @@ pub enum Event {
     Vm {
         /// The VM.
         name: String,
-        /// Its phase (`manifest`, `held`, `cast`, `round 0`, `pre-copy`,
-        /// `switchover`, `done`, `failed`).
-        phase: String,
+        /// Its phase.
+        phase: pagecast_proto::v1::MigratePhase,
         /// Bytes its migration link carried so far.
         bytes: u64,
         /// Frames filled at the destination without crossing the source link.

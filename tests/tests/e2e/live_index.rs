@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pagecast_agent::client::AgentClient;
+use pagecast_agent_api::client::AgentClient;
 use pagecast_channel::Role;
 use pagecast_testkit::{Need, needs};
 use pagecast_tests::cluster::{AgentProc, IndexCluster, cli, cli_json, eventually, index_exact};

@@ -453,11 +453,11 @@ fn qemu_guests_migrate_through_pagecast() {
 
     // The coordinator sees an adopted VM's content and kind.
     let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
-    let c = pagecast_agent::client::AgentClient::connect(&a.addr, &op)
+    let c = pagecast_agent_api::client::AgentClient::connect(&a.addr, &op)
         .unwrap()
         .vm_content("vm3")
         .unwrap();
-    assert_eq!(c.kind, "qemu");
+    assert_eq!(c.kind, pagecast_proto::v1::VmKind::Qemu);
     assert!(c.hashes.len() > 1000);
     // vm stop only forgets an adopted VM: QEMU runs on.
     cli_json(
@@ -551,7 +551,7 @@ fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
     // What two separate migrations would have to send at the least: each
     // VM's distinct contents.
     let distinct = |vm: &str| {
-        pagecast_agent::client::AgentClient::connect(&a.addr, &op)
+        pagecast_agent_api::client::AgentClient::connect(&a.addr, &op)
             .unwrap()
             .vm_content(vm)
             .unwrap()

@@ -8,10 +8,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagecast_agent::client::{AgentClient, MigrationEvent};
 use pagecast_agent::publish::HostMeta;
 use pagecast_agent::{AgentConfig, server};
+use pagecast_agent_api::client::{AgentClient, MigrationEvent};
 use pagecast_pages::units::{format_bytes, parse_bits_per_second, parse_size};
+use pagecast_proto::names;
 use pagecast_proto::v1;
 use serde::Serialize;
 
@@ -442,18 +443,14 @@ struct VmOut<'a> {
 fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
     VmOut {
         name: &v.name,
-        state: &v.state,
+        state: names::state(v.state()),
         memory_bytes: v.memory_bytes,
         progress: v.progress,
         dirty_rate: v.dirty_rate,
         throttle_pct: v.throttle_pct,
         origin: &v.origin,
         domain: pagecast_pages::domain::normalize(&v.domain),
-        kind: if v.kind.is_empty() {
-            "micro-vm"
-        } else {
-            &v.kind
-        },
+        kind: names::kind(v.kind()),
     }
 }
 
@@ -544,7 +541,7 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
             let v = AgentClient::connect(&a.agent, &tls)?.vm_stop(&a.name)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);
-            } else if v.kind == "qemu" {
+            } else if v.kind() == v1::VmKind::Qemu {
                 println!("forgot QEMU VM {} (QEMU keeps running)", v.name);
             } else {
                 println!("stopped {} (progress counter {})", v.name, v.progress);
@@ -572,17 +569,16 @@ fn render_list(l: &v1::VmList) -> String {
         s.push_str(&format!(
             "{:<20} {:<9} {:<14} {:>10} {:>12} {:>8} {:>7}%  {:<12} {}\n",
             v.name,
-            if v.kind.is_empty() {
-                "micro-vm"
-            } else {
-                &v.kind
-            },
-            v.state,
+            names::kind(v.kind()),
+            names::state(v.state()),
             format_bytes(v.memory_bytes),
             v.progress,
             v.dirty_rate,
             v.throttle_pct,
-            if v.state == "starting" || v.state == "incoming" {
+            if matches!(
+                v.state(),
+                v1::HostedVmState::Starting | v1::HostedVmState::Incoming
+            ) {
                 ""
             } else {
                 pagecast_pages::domain::normalize(&v.domain)
@@ -804,11 +800,7 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
         pages_sent: r.pages_sent,
         pages_local: r.pages_local,
         contents_local: r.contents_local,
-        kind: if r.kind.is_empty() {
-            "micro-vm"
-        } else {
-            &r.kind
-        },
+        kind: names::kind(r.kind()),
         nonzero_pages: r.nonzero_pages,
         bytes_sent: r.bytes_sent,
         bytes_manifest: r.bytes_manifest,

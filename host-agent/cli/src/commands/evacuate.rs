@@ -8,10 +8,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagecast_agent::client::AgentClient;
+use pagecast_agent_api::client::AgentClient;
 use pagecast_coordinator::{CoordError, EvacuateSpec, EvacuationReport, Event, Method};
 use pagecast_pages::units::{format_bytes, parse_bits_per_second};
 use pagecast_proto::v1;
+use pagecast_proto::v1::MigratePhase;
 use pagecast_scheduler::Objective;
 
 use super::index::IndexAddrs;
@@ -306,10 +307,11 @@ impl Progress {
                     b
                 });
                 bar.set_message(format!(
-                    "{phase:<12} {:>10} sent, {pages_local} pages filled at the destination",
+                    "{:<12} {:>10} sent, {pages_local} pages filled at the destination",
+                    pagecast_proto::names::phase(phase),
                     format_bytes(bytes)
                 ));
-                if phase == "done" || phase == "failed" {
+                if matches!(phase, MigratePhase::Done | MigratePhase::Failed) {
                     let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
                     *d += 1;
                     self.total.set_position((*d).min(self.count));
@@ -446,13 +448,15 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         if let Event::Vm { name, phase, .. } = &e {
             let mut p = phases.lock().unwrap_or_else(|e| e.into_inner());
             let list = p.entry(name.clone()).or_default();
+            let phase = pagecast_proto::names::phase(*phase);
             if list.last().is_none_or(|(last, _)| last != phase) {
-                list.push((phase.clone(), started.elapsed().as_secs_f64()));
+                list.push((phase.to_owned(), started.elapsed().as_secs_f64()));
             }
         }
         progress.event(e)
     };
-    let res = pagecast_coordinator::evacuate(&a.index.list(), &tls, &spec, &on, stop);
+    let svc = pagecast_coordinator::Services::remote(&a.index.list(), tls.clone());
+    let res = pagecast_coordinator::evacuate(&svc, &spec, &on, stop);
     progress.finish();
     let r = match res {
         Ok(r) => r,
@@ -520,7 +524,8 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
         job: job.clone(),
     };
     let progress = Progress::new(a.no_progress || a.json, 0);
-    let res = pagecast_coordinator::clone(&addrs, &tls, &spec, &|e| progress.event(e));
+    let svc = pagecast_coordinator::Services::remote(&addrs, tls.clone());
+    let res = pagecast_coordinator::clone(&svc, &spec, &|e| progress.event(e));
     progress.finish();
     let r = match res {
         Ok(r) => r,

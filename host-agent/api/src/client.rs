@@ -1,5 +1,6 @@
-//! A blocking client of the agent's control API, for the CLI and for tools
-//! that drive agents.
+//! A blocking client of the agent's control API over mutual TLS: one
+//! connection per request (a migration or a cast reports on its own until
+//! it ends).
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use pagecast_channel::{Channel, Tls};
 use pagecast_proto::v1;
 
-use crate::AgentError;
+use crate::ClientError;
 use crate::answers::{self, AnswerError};
 
 type Resp = v1::agent_response::Body;
@@ -31,8 +32,8 @@ pub struct AgentClient {
 impl AgentClient {
     /// Connects to the agent at `addr` (HOST:PORT) over mutual TLS with the
     /// identity `tls`; the agent must present a host certificate.
-    pub fn connect(addr: &str, tls: &Tls) -> Result<Self, AgentError> {
-        let connect_err = |source| AgentError::Connect {
+    pub fn connect(addr: &str, tls: &Tls) -> Result<Self, ClientError> {
+        let connect_err = |source| ClientError::Connect {
             addr: addr.to_owned(),
             source,
         };
@@ -66,7 +67,7 @@ impl AgentClient {
     }
 
     /// Waits at most `d` for each answer from now on.
-    pub fn with_answer_timeout(self, d: Duration) -> Result<Self, AgentError> {
+    pub fn with_answer_timeout(self, d: Duration) -> Result<Self, ClientError> {
         self.ch.set_read_timeout(Some(d))?;
         Ok(self)
     }
@@ -81,24 +82,24 @@ impl AgentClient {
         self.ch.peer_name()
     }
 
-    fn send(&mut self, body: Req) -> Result<(), AgentError> {
+    fn send(&mut self, body: Req) -> Result<(), ClientError> {
         Ok(self.ch.send(&v1::AgentRequest { body: Some(body) })?)
     }
 
-    fn recv(&mut self) -> Result<Resp, AgentError> {
+    fn recv(&mut self) -> Result<Resp, ClientError> {
         let r: v1::AgentResponse = self.ch.recv("agent response")?;
         answers::body(r).map_err(|e| answer_error(&self.addr, e))
     }
 
-    fn unexpected(&self, what: impl std::fmt::Debug) -> AgentError {
-        AgentError::Unexpected {
+    fn unexpected(&self, what: impl std::fmt::Debug) -> ClientError {
+        ClientError::Unexpected {
             addr: self.addr.clone(),
             what: format!("{what:?}"),
         }
     }
 
     /// Starts a VM.
-    pub fn vm_start(mut self, r: v1::VmStartRequest) -> Result<v1::VmInfo, AgentError> {
+    pub fn vm_start(mut self, r: v1::VmStartRequest) -> Result<v1::VmInfo, ClientError> {
         self.send(Req::VmStart(r))?;
         match self.recv()? {
             Resp::Vm(v) => Ok(v),
@@ -107,7 +108,7 @@ impl AgentClient {
     }
 
     /// Adopts a QEMU VM.
-    pub fn vm_adopt(mut self, r: v1::VmAdoptRequest) -> Result<v1::VmInfo, AgentError> {
+    pub fn vm_adopt(mut self, r: v1::VmAdoptRequest) -> Result<v1::VmInfo, ClientError> {
         self.send(Req::VmAdopt(r))?;
         match self.recv()? {
             Resp::Vm(v) => Ok(v),
@@ -117,7 +118,7 @@ impl AgentClient {
 
     /// Where the VM `name` stands at this agent (asked host to host after
     /// an unconfirmed switchover).
-    pub fn whereabouts(mut self, name: &str) -> Result<v1::Whereabouts, AgentError> {
+    pub fn whereabouts(mut self, name: &str) -> Result<v1::Whereabouts, ClientError> {
         self.send(Req::Whereabouts(v1::VmWhereabouts {
             vm: name.to_owned(),
         }))?;
@@ -131,7 +132,7 @@ impl AgentClient {
     }
 
     /// Lists the VMs.
-    pub fn vm_list(mut self) -> Result<v1::VmList, AgentError> {
+    pub fn vm_list(mut self) -> Result<v1::VmList, ClientError> {
         self.send(Req::VmList(v1::VmListRequest {}))?;
         match self.recv()? {
             Resp::List(l) => Ok(l),
@@ -140,7 +141,7 @@ impl AgentClient {
     }
 
     /// Stops a VM.
-    pub fn vm_stop(mut self, name: &str) -> Result<v1::VmInfo, AgentError> {
+    pub fn vm_stop(mut self, name: &str) -> Result<v1::VmInfo, ClientError> {
         self.send(Req::VmStop(v1::VmStopRequest {
             name: name.to_owned(),
         }))?;
@@ -151,7 +152,7 @@ impl AgentClient {
     }
 
     /// Changes a VM's page-write rate.
-    pub fn vm_set(mut self, name: &str, dirty_rate: u64) -> Result<v1::VmInfo, AgentError> {
+    pub fn vm_set(mut self, name: &str, dirty_rate: u64) -> Result<v1::VmInfo, ClientError> {
         self.send(Req::VmSet(v1::VmSetRequest {
             name: name.to_owned(),
             dirty_rate,
@@ -168,7 +169,7 @@ impl AgentClient {
         mut self,
         shards: u32,
         ledger_only: bool,
-    ) -> Result<v1::AuditResponse, AgentError> {
+    ) -> Result<v1::AuditResponse, ClientError> {
         self.send(Req::Audit(v1::AuditRequest {
             shards,
             ledger_only,
@@ -179,27 +180,9 @@ impl AgentClient {
         }
     }
 
-    /// Asks the agent to migrate a VM, calling `progress` with each report
-    /// until the result arrives. A failed migration is a result with
-    /// `ok == false`, not an error: errors are about this connection.
-    pub fn migrate(
-        mut self,
-        r: v1::MigrateRequest,
-        progress: &mut dyn FnMut(&v1::MigrateProgress),
-    ) -> Result<v1::MigrateResult, AgentError> {
-        self.send(Req::Migrate(r))?;
-        loop {
-            match self.recv()? {
-                Resp::Progress(p) => progress(&p),
-                Resp::Result(r) => return Ok(r),
-                other => return Err(self.unexpected(other)),
-            }
-        }
-    }
-
     /// Starts a migration and returns the connection it reports on (for a
     /// held migration: [`HeldMigration::go`] releases it).
-    pub fn start_migrate(mut self, r: v1::MigrateRequest) -> Result<HeldMigration, AgentError> {
+    pub fn start_migrate(mut self, r: v1::MigrateRequest) -> Result<HeldMigration, ClientError> {
         self.send(Req::Migrate(r))?;
         let (reader, writer) = self.ch.split()?;
         // A migration reports at least every 2 s (also while held); an agent
@@ -215,7 +198,7 @@ impl AgentClient {
 
     /// The distinct contents of a VM as the agent's content map holds them
     /// now: hashes, frames, non-zero frames, memory bytes.
-    pub fn vm_content(mut self, name: &str) -> Result<VmContentAnswer, AgentError> {
+    pub fn vm_content(mut self, name: &str) -> Result<VmContentAnswer, ClientError> {
         self.send(Req::VmContent(v1::VmContentRequest {
             name: name.to_owned(),
         }))?;
@@ -233,7 +216,7 @@ impl AgentClient {
     pub fn cast_send(
         mut self,
         r: v1::CastSendRequest,
-    ) -> Result<(v1::CastOpen, CastWait), AgentError> {
+    ) -> Result<(v1::CastOpen, CastWait), ClientError> {
         self.send(Req::CastSend(r))?;
         match self.recv()? {
             Resp::CastOpen(o) => Ok((o, CastWait { client: self })),
@@ -242,7 +225,7 @@ impl AgentClient {
     }
 
     /// Asks the agent to receive a cast into a job's arriving VMs.
-    pub fn cast_recv(mut self, r: v1::CastRecvRequest) -> Result<v1::CastResult, AgentError> {
+    pub fn cast_recv(mut self, r: v1::CastRecvRequest) -> Result<v1::CastResult, ClientError> {
         self.send(Req::CastRecv(r))?;
         match self.recv()? {
             Resp::CastResult(c) => Ok(c),
@@ -255,7 +238,7 @@ impl AgentClient {
         mut self,
         r: v1::CloneRequest,
         progress: &mut dyn FnMut(&v1::MigrateProgress),
-    ) -> Result<v1::CloneResult, AgentError> {
+    ) -> Result<v1::CloneResult, ClientError> {
         self.send(Req::Clone(r))?;
         loop {
             match self.recv()? {
@@ -267,7 +250,7 @@ impl AgentClient {
     }
 
     /// Cancels a gang job on the agent.
-    pub fn cancel_job(mut self, job: &str) -> Result<bool, AgentError> {
+    pub fn cancel_job(mut self, job: &str) -> Result<bool, ClientError> {
         self.send(Req::CancelJob(v1::CancelJobRequest {
             job: job.to_owned(),
         }))?;
@@ -279,7 +262,7 @@ impl AgentClient {
 
     /// Asks the agent to fetch pages from a rack-mate into a job's arriving
     /// VMs.
-    pub fn fetch(mut self, r: v1::FetchRequest) -> Result<v1::FetchResult, AgentError> {
+    pub fn fetch(mut self, r: v1::FetchRequest) -> Result<v1::FetchResult, ClientError> {
         self.send(Req::Fetch(r))?;
         match self.recv()? {
             Resp::FetchResult(f) => Ok(f),
@@ -301,8 +284,8 @@ pub struct VmContentAnswer {
     pub memory_bytes: u64,
     /// Distinct pages its guest rewrites a second (0: not measured yet).
     pub rewrite_pages_per_s: f64,
-    /// "qemu" for an adopted QEMU VM ("micro-vm" or "" otherwise).
-    pub kind: String,
+    /// Its kind.
+    pub kind: v1::VmKind,
 }
 
 /// A cast under way: its result comes on this connection.
@@ -312,7 +295,7 @@ pub struct CastWait {
 
 impl CastWait {
     /// Waits for the cast's result.
-    pub fn result(mut self) -> Result<v1::CastResult, AgentError> {
+    pub fn result(mut self) -> Result<v1::CastResult, ClientError> {
         match self.client.recv()? {
             Resp::CastResult(c) => Ok(c),
             other => Err(self.client.unexpected(other)),
@@ -350,7 +333,7 @@ impl MigrationHandle {
     /// Releases a held migration (or, with `abort`, gives it up; sent after
     /// the release, `abort` stops the migration before its switchover). The
     /// VM then stays at its source.
-    pub fn go(&self, abort: bool, reason: &str) -> Result<(), AgentError> {
+    pub fn go(&self, abort: bool, reason: &str) -> Result<(), ClientError> {
         Ok(self
             .writer
             .lock()
@@ -373,7 +356,7 @@ impl HeldMigration {
     }
 
     /// The next report (a Held list comes whole).
-    pub fn next_event(&mut self) -> Result<MigrationEvent, AgentError> {
+    pub fn next_event(&mut self) -> Result<MigrationEvent, ClientError> {
         loop {
             let r: v1::AgentResponse = self.reader.recv("migration report")?;
             if let Some(e) = self
@@ -387,15 +370,15 @@ impl HeldMigration {
     }
 }
 
-/// An answer refused by [`answers`], as the error of the agent at `addr`.
-fn answer_error(addr: &str, e: AnswerError) -> AgentError {
+/// An answer refused by [`answers`], as a failure of the agent at `addr`.
+fn answer_error(addr: &str, e: AnswerError) -> ClientError {
     match e {
-        AnswerError::Remote { code, message } => AgentError::Remote {
+        AnswerError::Remote { code, message } => ClientError::Refused {
             addr: addr.to_owned(),
             code,
             message,
         },
-        other => AgentError::Unexpected {
+        other => ClientError::Unexpected {
             addr: addr.to_owned(),
             what: other.to_string(),
         },

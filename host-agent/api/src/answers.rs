@@ -144,7 +144,7 @@ impl ContentParts {
         self.out.frames = p.frames;
         self.out.nonzero_frames = p.nonzero_frames;
         self.out.memory_bytes = p.memory_bytes;
-        self.out.kind = p.kind;
+        self.out.kind = p.kind();
         self.out.rewrite_pages_per_s = if p.rewrite_pages_per_s.is_finite() {
             p.rewrite_pages_per_s.clamp(0.0, 1e9)
         } else {
@@ -214,7 +214,7 @@ mod tests {
             nonzero_frames: 5,
             memory_bytes: 40960,
             rewrite_pages_per_s: f64::NAN,
-            kind: "micro-vm".into(),
+            kind: v1::VmKind::MicroVm as i32,
             last,
         }))
     }

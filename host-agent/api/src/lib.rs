@@ -1,0 +1,201 @@
+//! The agents' control API as its callers see it.
+//!
+//! - [`AgentApi`]: every request a caller makes of an agent, one call per
+//!   request, to the agent at an address (`HOST:PORT`). The coordinator,
+//!   the CLI and the tests drive agents through it; the coordinator's unit
+//!   tests drive an in-memory cluster that implements it.
+//! - [`Remote`]: the implementation over the network: one connection per
+//!   request, mutual TLS, the caller's identity ([`client::AgentClient`]).
+//! - [`answers`]: the answers, checked and bounded before they are used.
+//! - [`ClientError`]: why a call failed, with the refusal code to decide on.
+//!
+//! This crate carries none of the daemon's weight (KVM, QEMU, tokio): a
+//! program that only drives agents builds without it.
+
+pub mod answers;
+pub mod client;
+mod error;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pagecast_channel::Tls;
+use pagecast_proto::v1;
+
+pub use client::{AgentClient, MigrationEvent, VmContentAnswer};
+pub use error::ClientError;
+
+/// A migration under way: its reports, one at a time, until its result.
+pub trait Migration: Send {
+    /// The next report (a held list comes whole).
+    fn next_event(&mut self) -> Result<MigrationEvent, ClientError>;
+    /// A way to release or stop it from another thread.
+    fn control(&self) -> Arc<dyn MigrationControl>;
+}
+
+/// Releases or stops a migration under way.
+pub trait MigrationControl: Send + Sync {
+    /// Releases a held migration (or, with `abort`, gives it up; sent after
+    /// the release, `abort` stops the migration before its switchover: the
+    /// VM stays at its source).
+    fn go(&self, abort: bool, reason: &str) -> Result<(), ClientError>;
+}
+
+/// A cast under way at its sender: its result, when it ends.
+pub trait CastPending: Send {
+    /// Waits for the cast's result.
+    fn result(self: Box<Self>) -> Result<v1::CastResult, ClientError>;
+}
+
+/// Every request a caller makes of an agent.
+pub trait AgentApi: Send + Sync {
+    /// The agent's VMs.
+    fn vm_list(&self, agent: &str) -> Result<v1::VmList, ClientError>;
+    /// The distinct contents of a VM as the agent's content map holds them.
+    fn vm_content(&self, agent: &str, vm: &str) -> Result<VmContentAnswer, ClientError>;
+    /// Starts a migration (held for a gang job if `r.hold`).
+    fn migrate(
+        &self,
+        agent: &str,
+        r: v1::MigrateRequest,
+    ) -> Result<Box<dyn Migration>, ClientError>;
+    /// Starts a cast at its sender, answered within `within`: where
+    /// receivers connect, and its result to come.
+    fn cast_send(
+        &self,
+        agent: &str,
+        r: v1::CastSendRequest,
+        within: Duration,
+    ) -> Result<(v1::CastOpen, Box<dyn CastPending>), ClientError>;
+    /// Receives a cast into a job's arriving VMs; its result within `within`.
+    fn cast_recv(
+        &self,
+        agent: &str,
+        r: v1::CastRecvRequest,
+        within: Duration,
+    ) -> Result<v1::CastResult, ClientError>;
+    /// Fetches pages from a rack-mate into a job's arriving VMs; its result
+    /// within `within`.
+    fn fetch(
+        &self,
+        agent: &str,
+        r: v1::FetchRequest,
+        within: Duration,
+    ) -> Result<v1::FetchResult, ClientError>;
+    /// Clones a VM to the request's targets, reporting progress.
+    fn clone_vm(
+        &self,
+        agent: &str,
+        r: v1::CloneRequest,
+        progress: &mut dyn FnMut(&v1::MigrateProgress),
+    ) -> Result<v1::CloneResult, ClientError>;
+    /// Cancels a job on the agent: true if it was not cancelled before.
+    fn cancel_job(&self, agent: &str, job: &str) -> Result<bool, ClientError>;
+}
+
+/// The agents over the network, as the holder of `tls`.
+#[derive(Clone)]
+pub struct Remote {
+    tls: Tls,
+}
+
+impl Remote {
+    /// Calls agents with the identity `tls`.
+    pub fn new(tls: Tls) -> Self {
+        Remote { tls }
+    }
+
+    fn connect(&self, agent: &str) -> Result<AgentClient, ClientError> {
+        AgentClient::connect(agent, &self.tls)
+    }
+}
+
+struct RemoteMigration {
+    m: client::HeldMigration,
+}
+
+impl Migration for RemoteMigration {
+    fn next_event(&mut self) -> Result<MigrationEvent, ClientError> {
+        self.m.next_event()
+    }
+    fn control(&self) -> Arc<dyn MigrationControl> {
+        Arc::new(self.m.handle())
+    }
+}
+
+impl MigrationControl for client::MigrationHandle {
+    fn go(&self, abort: bool, reason: &str) -> Result<(), ClientError> {
+        client::MigrationHandle::go(self, abort, reason)
+    }
+}
+
+impl CastPending for client::CastWait {
+    fn result(self: Box<Self>) -> Result<v1::CastResult, ClientError> {
+        client::CastWait::result(*self)
+    }
+}
+
+impl AgentApi for Remote {
+    fn vm_list(&self, agent: &str) -> Result<v1::VmList, ClientError> {
+        self.connect(agent)?.vm_list()
+    }
+
+    fn vm_content(&self, agent: &str, vm: &str) -> Result<VmContentAnswer, ClientError> {
+        self.connect(agent)?.vm_content(vm)
+    }
+
+    fn migrate(
+        &self,
+        agent: &str,
+        r: v1::MigrateRequest,
+    ) -> Result<Box<dyn Migration>, ClientError> {
+        let m = self.connect(agent)?.start_migrate(r)?;
+        Ok(Box::new(RemoteMigration { m }))
+    }
+
+    fn cast_send(
+        &self,
+        agent: &str,
+        r: v1::CastSendRequest,
+        within: Duration,
+    ) -> Result<(v1::CastOpen, Box<dyn CastPending>), ClientError> {
+        let (open, wait) = self
+            .connect(agent)?
+            .with_answer_timeout(within)?
+            .cast_send(r)?;
+        Ok((open, Box::new(wait)))
+    }
+
+    fn cast_recv(
+        &self,
+        agent: &str,
+        r: v1::CastRecvRequest,
+        within: Duration,
+    ) -> Result<v1::CastResult, ClientError> {
+        self.connect(agent)?
+            .with_answer_timeout(within)?
+            .cast_recv(r)
+    }
+
+    fn fetch(
+        &self,
+        agent: &str,
+        r: v1::FetchRequest,
+        within: Duration,
+    ) -> Result<v1::FetchResult, ClientError> {
+        self.connect(agent)?.with_answer_timeout(within)?.fetch(r)
+    }
+
+    fn clone_vm(
+        &self,
+        agent: &str,
+        r: v1::CloneRequest,
+        progress: &mut dyn FnMut(&v1::MigrateProgress),
+    ) -> Result<v1::CloneResult, ClientError> {
+        self.connect(agent)?.clone_vm(r, progress)
+    }
+
+    fn cancel_job(&self, agent: &str, job: &str) -> Result<bool, ClientError> {
+        self.connect(agent)?.cancel_job(job)
+    }
+}

@@ -1,0 +1,186 @@
+//! One-to-many cloning: a running VM copied live to several hosts, each
+//! page leaving the source once (the source agent casts what the targets
+//! lack), the source running on.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use pagecast_proto::v1;
+
+use crate::report::{CloneOutcome, CloneReport};
+use crate::view::{ClusterView, HostView, VmView};
+use crate::{CoordError, Event, Services};
+
+/// What to clone, where, and how.
+#[derive(Debug, Clone)]
+pub struct CloneSpec {
+    /// The VM.
+    pub vm: String,
+    /// Hosts to clone it to.
+    pub to: Vec<String>,
+    /// Clone names: `{vm}` and `{host}` are replaced (default
+    /// `{vm}-{host}`).
+    pub names: String,
+    /// Bits per second the source may send.
+    pub bandwidth_bps: Option<u64>,
+    /// Longest pause of the source VM.
+    pub max_downtime_ms: u32,
+    /// The job's id.
+    pub job: String,
+}
+
+/// Clones a running VM to several hosts, live (see `pagecast clone`).
+pub fn clone(
+    svc: &Services,
+    spec: &CloneSpec,
+    on: &(dyn Fn(Event) + Sync),
+) -> Result<CloneReport, CoordError> {
+    let started = Instant::now();
+    on(Event::Step("reading the cluster from the index".into()));
+    let view = svc.index.cluster()?;
+    let (vm, source) = source(&view, spec)?;
+    let targets = targets(&view, spec, &vm)?;
+    let rate = rate(&view, spec, &source);
+    on(Event::Step(format!(
+        "cloning {} from {} to {}",
+        vm.name,
+        source.name,
+        spec.to.join(", ")
+    )));
+    let req = v1::CloneRequest {
+        vm: vm.name.clone(),
+        targets: targets.clone(),
+        job: spec.job.clone(),
+        bandwidth_bps: rate,
+        max_downtime_ms: spec.max_downtime_ms,
+    };
+    let r = svc
+        .agents
+        .clone_vm(&source.address, req, &mut |p| {
+            on(Event::Vm {
+                name: vm.name.clone(),
+                phase: p.phase(),
+                bytes: p.bytes_sent,
+                pages_local: p.pages_local,
+            })
+        })
+        .map_err(|source| CoordError::Agent {
+            host: vm.host.clone(),
+            source,
+        })?;
+    Ok(report(spec, &targets, &r, started))
+}
+
+/// The VM to clone and its host, which must have an agent.
+fn source(view: &ClusterView, spec: &CloneSpec) -> Result<(VmView, HostView), CoordError> {
+    let vm = view
+        .vm(&spec.vm)
+        .ok_or_else(|| CoordError::Invalid(format!("no running VM {} in the index", spec.vm)))?
+        .clone();
+    let source = view.host(&vm.host).expect("a VM's host is listed").clone();
+    if source.address.is_empty() {
+        return Err(CoordError::Invalid(format!(
+            "host {} has no agent",
+            source.name
+        )));
+    }
+    Ok((vm, source))
+}
+
+/// The clones: each target host known, with an agent, named once, with
+/// room for the clone, and the clone's name free.
+fn targets(
+    view: &ClusterView,
+    spec: &CloneSpec,
+    vm: &VmView,
+) -> Result<Vec<v1::CloneTarget>, CoordError> {
+    if spec.to.is_empty() {
+        return Err(CoordError::Invalid(
+            "name at least one host to clone to".into(),
+        ));
+    }
+    let mut targets = Vec::new();
+    let mut seen = HashSet::new();
+    for h in &spec.to {
+        let host = view
+            .host(h)
+            .ok_or_else(|| CoordError::Invalid(format!("unknown host {h}")))?;
+        if host.address.is_empty() {
+            return Err(CoordError::Invalid(format!("host {h} has no agent")));
+        }
+        if !seen.insert(h.clone()) {
+            return Err(CoordError::Invalid(format!("host {h} is named twice")));
+        }
+        let free = host.capacity_bytes.saturating_sub(host.used_bytes);
+        if host.capacity_bytes > 0 && free < vm.memory_bytes() {
+            return Err(CoordError::Invalid(format!(
+                "host {h} has {free} bytes free, the clone needs {}",
+                vm.memory_bytes()
+            )));
+        }
+        let name = spec.names.replace("{vm}", &vm.name).replace("{host}", h);
+        if view.vm(&name).is_some() {
+            return Err(CoordError::Invalid(format!(
+                "a VM named {name} already runs"
+            )));
+        }
+        targets.push(v1::CloneTarget {
+            name,
+            addr: host.address.clone(),
+        });
+    }
+    Ok(targets)
+}
+
+/// Unless the operator gave a rate, the clone's casts and streams go at
+/// the slowest link among the source's and the targets' (less 3% for
+/// headers): faster, the targets' links drop the excess and it comes back
+/// as repairs.
+fn rate(view: &ClusterView, spec: &CloneSpec, source: &HostView) -> u64 {
+    spec.bandwidth_bps.unwrap_or_else(|| {
+        std::iter::once(source.link_bps)
+            .chain(
+                spec.to
+                    .iter()
+                    .filter_map(|h| view.host(h).map(|x| x.link_bps)),
+            )
+            .filter(|&l| l > 0)
+            .min()
+            .map_or(0, |l| l / 100 * 97)
+    })
+}
+
+fn report(
+    spec: &CloneSpec,
+    targets: &[v1::CloneTarget],
+    r: &v1::CloneResult,
+    started: Instant,
+) -> CloneReport {
+    let host_of: HashMap<&str, &str> = targets
+        .iter()
+        .zip(&spec.to)
+        .map(|(t, h)| (t.name.as_str(), h.as_str()))
+        .collect();
+    CloneReport {
+        job: spec.job.clone(),
+        ok: r.ok,
+        clones: r
+            .clones
+            .iter()
+            .map(|c| CloneOutcome {
+                name: c.name.clone(),
+                host: host_of
+                    .get(c.name.as_str())
+                    .copied()
+                    .unwrap_or(&c.host)
+                    .to_owned(),
+                ok: c.ok,
+                verified: c.verified,
+                error: c.error.clone(),
+            })
+            .collect(),
+        source_bytes: r.bytes_sent,
+        source_downtime_ms: r.downtime_ms,
+        total_s: started.elapsed().as_secs_f64(),
+    }
+}

@@ -1,0 +1,174 @@
+//! Gang evacuation: plan from the index, move every VM off the source
+//! hosts, each unique page leaving its source once.
+//!
+//! Three methods, each from the same starting state:
+//!
+//! - `pagecast`: content-aware placement (eviction time first, or bytes
+//!   first); every migration is held after the destination filled what it
+//!   holds; contents a rack-mate of the destination holds come from it;
+//!   every remaining content leaves one source once, multicast to every
+//!   destination that lacks it (unicast where one does); then each
+//!   migration finishes (the rest, pre-copy rounds, switchover).
+//! - `vmscatter`: VMScatter as published: content-blind placement,
+//!   identical pages among the moving VMs merged and multicast once, no
+//!   reuse of what destinations already hold (nor rack-mates).
+//! - `precopy`: what a user runs today: each VM its own pre-copy migration,
+//!   every non-zero page sent (zero pages skipped, as QEMU does), no reuse,
+//!   at most `parallel` at a time per source host (KubeVirt's default is
+//!   2); placement spreads VMs over the destinations with the most free
+//!   memory first (as a resource scheduler does).
+//!
+//! The phases, each its own module, with typed values between them:
+//! [`prepare`] (the request checked, the model, the exact contents, the
+//! plan) → [`run`] (migrations started, held, released; or queued per
+//! source for pre-copy) with [`transfer`] (casts and fetches into the held
+//! migrations) → [`outcome`] (the report).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use pagecast_pages::PageHash;
+use pagecast_proto::v1;
+use pagecast_scheduler::Objective;
+
+use crate::report::{EvacuationReport, Predicted};
+use crate::view::ClusterView;
+use crate::{CoordError, Event, Services};
+
+mod outcome;
+mod prepare;
+mod run;
+mod transfer;
+
+#[cfg(test)]
+mod tests;
+
+/// How a job moves VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Content-aware placement, local fill, short haul, multicast.
+    Pagecast,
+    /// VMScatter as published.
+    VmScatter,
+    /// Per-VM pre-copy, no reuse.
+    Precopy,
+}
+
+impl Method {
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Pagecast => "pagecast",
+            Method::VmScatter => "vmscatter",
+            Method::Precopy => "precopy",
+        }
+    }
+
+    /// Parses [`Method::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Method::Pagecast, Method::VmScatter, Method::Precopy]
+            .into_iter()
+            .find(|m| m.name() == s)
+    }
+
+    /// Whether its migrations hold for the job's casts.
+    fn holds(self) -> bool {
+        self != Method::Precopy
+    }
+}
+
+/// What to evacuate, and how.
+#[derive(Debug, Clone)]
+pub struct EvacuateSpec {
+    /// Hosts to empty.
+    pub from: Vec<String>,
+    /// Hosts that may receive (empty: every other host with an agent).
+    pub to: Vec<String>,
+    /// How.
+    pub method: Method,
+    /// Migrations at once per source host (precopy).
+    pub parallel: usize,
+    /// Bits per second each source may send (None: its link rate from the
+    /// index, unpaced if unknown).
+    pub bandwidth_bps: Option<u64>,
+    /// The network's MTU: predictions then count the frames' headers.
+    pub mtu: Option<u32>,
+    /// The network delivers every multicast datagram to every host (no
+    /// IGMP snooping): casts then run one at a time.
+    pub multicast_floods: bool,
+    /// Downtime target per VM.
+    pub max_downtime_ms: u32,
+    /// What placement minimises first.
+    pub objective: Objective,
+    /// Plan only.
+    pub dry_run: bool,
+    /// The job's id (for `pagecast cancel`).
+    pub job: String,
+    /// How casts travel (UNSPECIFIED: multicast where every receiver
+    /// hears it, else the TCP chain).
+    pub transport: v1::CastTransport,
+}
+
+/// A VM that moves.
+#[derive(Debug, Clone)]
+struct Moving {
+    name: String,
+    from: String,
+    to: String,
+}
+
+/// Everything decided before anything moves.
+struct Prepared {
+    view: ClusterView,
+    moving: Vec<Moving>,
+    predicted: Predicted,
+    /// Who held the moving VMs' contents when the plan was made, from the
+    /// index (a hint: every page used is hash-checked).
+    held: HashMap<String, HashSet<PageHash>>,
+}
+
+impl Prepared {
+    /// The control address of `host`'s agent (every host of a plan has
+    /// one: [`prepare`] checks).
+    fn address(&self, host: &str) -> &str {
+        &self
+            .view
+            .host(host)
+            .expect("every host of a plan is in its view")
+            .address
+    }
+}
+
+fn now_s(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+/// Evacuates `spec.from`. Returns the report (with `ok` false if any VM
+/// failed: each failed VM still runs at its source, unless in doubt).
+/// `stop` set meanwhile (Ctrl-C) aborts every VM not yet switched over.
+pub fn evacuate(
+    svc: &Services,
+    spec: &EvacuateSpec,
+    on: &(dyn Fn(Event) + Sync),
+    stop: &AtomicBool,
+) -> Result<EvacuationReport, CoordError> {
+    let started = Instant::now();
+    let prep = prepare::prepare(svc, spec, on)?;
+    let mut report = outcome::planned(spec, &prep);
+    if spec.dry_run || prep.moving.is_empty() {
+        // A plan was made (or there was nothing to move).
+        report.ok = true;
+        report.total_s = now_s(started);
+        return Ok(report);
+    }
+    let run = run::Run::new(svc, spec, &prep, on, started);
+    let finished = if spec.method.holds() {
+        run.held(stop)
+    } else {
+        run.queued(stop)
+    };
+    Ok(outcome::measured(
+        report, &prep, finished, started, on, stop,
+    ))
+}

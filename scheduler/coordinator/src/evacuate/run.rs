@@ -1,0 +1,320 @@
+//! The migrations of a job: one worker per VM talks to its source agent.
+//! Held (pagecast, vmscatter): all start, each holds once its destination
+//! filled what it holds and says what it lacks; the casts and fetches of
+//! [`super::transfer`] fill those needs; then all are released. Queued
+//! (pre-copy): at most `parallel` at once per source, none held.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pagecast_agent_api::{MigrationControl, MigrationEvent};
+use pagecast_pages::PageHash;
+use pagecast_proto::v1;
+
+use super::transfer::{self, Traffic};
+use super::{EvacuateSpec, Method, Moving, Prepared, now_s};
+use crate::{Event, Services, lock};
+
+/// What one VM's worker reports.
+pub(super) enum Report {
+    /// Held: the contents its destination lacks, and the frames it filled.
+    Held(usize, Vec<PageHash>, u64),
+    /// Ended (ok or not), and when, in seconds since the job started.
+    Done(usize, v1::MigrateResult, f64),
+    /// Its source agent failed it or could not be asked.
+    Failed(usize, String),
+}
+
+/// How to release or stop a migration under way, and what it was told.
+type Control = (Arc<dyn MigrationControl>, Told);
+
+/// What a migration under way was told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Told {
+    Nothing,
+    Go,
+    Stop,
+}
+
+/// What the migrations came to.
+#[derive(Default)]
+pub(super) struct Finished {
+    /// Per VM (index into the plan's moves): its result and when it came.
+    pub results: HashMap<usize, (v1::MigrateResult, f64)>,
+    /// Per VM: why it failed without a result.
+    pub failures: HashMap<usize, String>,
+    /// Per VM: frames its destination filled from what it held.
+    pub local: HashMap<usize, u64>,
+    /// The casts' and fetches' figures.
+    pub traffic: Traffic,
+}
+
+impl Finished {
+    fn take(&mut self, r: Report) {
+        match r {
+            Report::Held(i, _, local) => {
+                self.local.insert(i, local);
+            }
+            Report::Done(i, r, t) => {
+                self.results.insert(i, (r, t));
+            }
+            Report::Failed(i, e) => {
+                self.failures.insert(i, e);
+            }
+        }
+    }
+
+    fn ended(&self) -> usize {
+        self.results.len() + self.failures.len()
+    }
+}
+
+/// A job's migrations, as they run.
+pub(super) struct Run<'a> {
+    svc: &'a Services,
+    spec: &'a EvacuateSpec,
+    prep: &'a Prepared,
+    on: &'a (dyn Fn(Event) + Sync),
+    started: Instant,
+    /// Per VM under way: how to release or stop it, and what it was told.
+    controls: Mutex<HashMap<usize, Control>>,
+    /// Per source: the migrations it runs at once.
+    at_once: HashMap<String, u64>,
+}
+
+impl<'a> Run<'a> {
+    pub(super) fn new(
+        svc: &'a Services,
+        spec: &'a EvacuateSpec,
+        prep: &'a Prepared,
+        on: &'a (dyn Fn(Event) + Sync),
+        started: Instant,
+    ) -> Self {
+        let mut per_source: HashMap<String, u64> = HashMap::new();
+        for m in &prep.moving {
+            *per_source.entry(m.from.clone()).or_default() += 1;
+        }
+        let at_once = per_source
+            .into_iter()
+            .map(|(s, n)| {
+                let k = if spec.method.holds() {
+                    n
+                } else {
+                    (spec.parallel.max(1) as u64).min(n)
+                };
+                (s, k)
+            })
+            .collect();
+        Run {
+            svc,
+            spec,
+            prep,
+            on,
+            started,
+            controls: Mutex::new(HashMap::new()),
+            at_once,
+        }
+    }
+
+    /// The request that starts `m`'s migration. A source's link is shared
+    /// by its migrations running at once: each gets its share of the
+    /// source's rate (`--bandwidth`, or the link rate its agent reported;
+    /// unpaced if neither is known).
+    fn request(&self, m: &Moving) -> v1::MigrateRequest {
+        let rate = self
+            .spec
+            .bandwidth_bps
+            .or_else(|| {
+                let l = self.prep.view.host(&m.from).map_or(0, |h| h.link_bps);
+                (l > 0).then_some(l)
+            })
+            .unwrap_or(0);
+        let method = self.spec.method;
+        v1::MigrateRequest {
+            vm: m.name.clone(),
+            to: self.prep.address(&m.to).to_owned(),
+            bandwidth_bps: rate / self.at_once[&m.from].max(1),
+            max_downtime_ms: self.spec.max_downtime_ms,
+            verify_full: false,
+            job: self.spec.job.clone(),
+            hold: method.holds(),
+            no_local: method != Method::Pagecast,
+            per_frame: method == Method::Precopy,
+            ..Default::default()
+        }
+    }
+
+    /// Runs VM `i`'s migration to its end: starts it, forwards its needs
+    /// when held, reports its result.
+    fn run_vm(&self, i: usize, tx: &mpsc::Sender<Report>) {
+        let m = &self.prep.moving[i];
+        let failed = |e: String| {
+            let _ = tx.send(Report::Failed(i, format!("{}: {e}", m.from)));
+        };
+        let mut s = match self
+            .svc
+            .agents
+            .migrate(self.prep.address(&m.from), self.request(m))
+        {
+            Ok(s) => s,
+            Err(e) => return failed(e.to_string()),
+        };
+        lock(&self.controls).insert(i, (s.control(), Told::Nothing));
+        loop {
+            let ev = match s.next_event() {
+                Ok(ev) => ev,
+                Err(e) => return failed(e.to_string()),
+            };
+            let (phase, bytes, local) = match &ev {
+                MigrationEvent::Progress(p) => (p.phase(), p.bytes_sent, p.pages_local),
+                MigrationEvent::Held(_, local) => (v1::MigratePhase::Held, 0, *local),
+                MigrationEvent::Result(r) if r.ok => {
+                    (v1::MigratePhase::Done, r.bytes_sent, r.pages_local)
+                }
+                MigrationEvent::Result(r) => {
+                    (v1::MigratePhase::Failed, r.bytes_sent, r.pages_local)
+                }
+            };
+            (self.on)(Event::Vm {
+                name: m.name.clone(),
+                phase,
+                bytes,
+                pages_local: local,
+            });
+            match ev {
+                MigrationEvent::Progress(_) => {}
+                MigrationEvent::Held(needs, local) => {
+                    let _ = tx.send(Report::Held(i, needs, local));
+                }
+                MigrationEvent::Result(r) => {
+                    let _ = tx.send(Report::Done(i, r, now_s(self.started)));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Releases every migration under way not told anything yet.
+    fn release_all(&self) {
+        for (c, told) in lock(&self.controls).values_mut() {
+            if *told == Told::Nothing {
+                *told = Told::Go;
+                let _ = c.go(false, "");
+            }
+        }
+    }
+
+    /// Stops every migration under way not stopped yet (one released
+    /// already gives up before its switchover). Called again while the
+    /// job winds down, it reaches the migrations that started since.
+    fn stop_all(&self) {
+        for (c, told) in lock(&self.controls).values_mut() {
+            if *told != Told::Stop {
+                *told = Told::Stop;
+                let _ = c.go(true, "the job was stopped");
+            }
+        }
+    }
+
+    /// Held migrations: all start; once every one is held (or ended), the
+    /// casts and fetches fill their needs; then all are released.
+    pub(super) fn held(&self, stop: &AtomicBool) -> Finished {
+        let n = self.prep.moving.len();
+        (self.on)(Event::Step(format!(
+            "starting {n} migrations (held until the shared pages are sent)"
+        )));
+        let (tx, rx) = mpsc::channel::<Report>();
+        let mut fin = Finished::default();
+        std::thread::scope(|s| {
+            for i in 0..n {
+                let tx = tx.clone();
+                s.spawn(move || self.run_vm(i, &tx));
+            }
+            drop(tx);
+            let needs = self.wait_held(&rx, stop, &mut fin);
+            if !stop.load(Ordering::Relaxed) {
+                let filler = transfer::Filler::new(self.svc, self.spec, self.prep, self.on);
+                fin.traffic = filler.fill(&needs);
+            }
+            if stop.load(Ordering::Relaxed) {
+                self.stop_all();
+            } else {
+                self.release_all();
+            }
+            (self.on)(Event::Step("finishing the migrations".into()));
+            self.collect(&rx, stop, &mut fin);
+        });
+        fin
+    }
+
+    /// Waits until every migration is held or has ended (or the job is
+    /// stopped); each held one's needs.
+    fn wait_held(
+        &self,
+        rx: &mpsc::Receiver<Report>,
+        stop: &AtomicBool,
+        fin: &mut Finished,
+    ) -> HashMap<usize, Vec<PageHash>> {
+        let n = self.prep.moving.len();
+        let mut needs = HashMap::new();
+        while needs.len() + fin.ended() < n && !stop.load(Ordering::Relaxed) {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Report::Held(i, h, l)) => {
+                    fin.local.insert(i, l);
+                    needs.insert(i, h);
+                }
+                Ok(r) => fin.take(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        needs
+    }
+
+    /// Collects every result; on a stop, first tells the migrations still
+    /// running to give up.
+    fn collect(&self, rx: &mpsc::Receiver<Report>, stop: &AtomicBool, fin: &mut Finished) {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                self.stop_all();
+            }
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Report::Held(..)) => {}
+                Ok(r) => fin.take(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    }
+
+    /// Per-VM pre-copy: at most `parallel` at once per source, each as
+    /// the one before it ends.
+    pub(super) fn queued(&self, stop: &AtomicBool) -> Finished {
+        let mut queues: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, m) in self.prep.moving.iter().enumerate() {
+            queues.entry(m.from.as_str()).or_default().push(i);
+        }
+        let (tx, rx) = mpsc::channel::<Report>();
+        let mut fin = Finished::default();
+        std::thread::scope(|s| {
+            for (_, q) in queues {
+                let q = Arc::new(Mutex::new(q));
+                for _ in 0..self.spec.parallel.max(1) {
+                    let (q, tx) = (q.clone(), tx.clone());
+                    s.spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            let Some(i) = lock(&q).pop() else { return };
+                            self.run_vm(i, &tx);
+                        }
+                    });
+                }
+            }
+            drop(tx);
+            self.collect(&rx, stop, &mut fin);
+        });
+        fin
+    }
+}

@@ -1,0 +1,505 @@
+//! Unit tests of the evacuation's pure steps (cast splitting and
+//! scheduling, request sizes) and, over the in-memory cluster
+//! ([`crate::fake::FakeCluster`]), of its phases: planning to execution, a
+//! failed destination, a stop, hold and release.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pagecast_pages::PageHash;
+use pagecast_proto::v1;
+use prost::Message;
+
+use super::transfer::{CAST_CHUNK, CastTask, SourcePlan, cast_tasks, group_addr, schedule_casts};
+use crate::lock;
+
+fn sends(from: u8, n: usize, ds: &[&str]) -> Vec<(PageHash, Vec<String>)> {
+    (0..n)
+        .map(|i| {
+            let mut b = [from; 32];
+            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            (
+                PageHash::from_bytes(b),
+                ds.iter().map(|d| (*d).to_owned()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn casts_are_split_by_destination_set_and_paced_to_the_slower_link() {
+    let mut plan: SourcePlan = BTreeMap::new();
+    let mut a1 = sends(1, 3_000, &["b1", "b2"]);
+    a1.extend(sends(2, 2_500, &["b1"]));
+    a1.extend(sends(3, 100, &["b2"]));
+    a1.extend(sends(4, 100, &["b3"]));
+    plan.insert("a1".into(), a1);
+    plan.insert("a2".into(), sends(5, 10, &["b2"]));
+    let link = |h: &str| {
+        if h == "b3" {
+            100_000_000
+        } else {
+            1_000_000_000
+        }
+    };
+    let tasks = cast_tasks(&plan, &link, None, false);
+    let of = |src: &str| -> Vec<(Vec<&str>, usize, Option<u64>)> {
+        let mut v: Vec<_> = tasks
+            .iter()
+            .filter(|t| t.source == src)
+            .map(|t| {
+                (
+                    t.reaches.iter().map(String::as_str).collect(),
+                    t.sends.len(),
+                    t.rate,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        of("a1"),
+        vec![
+            (vec!["b1"], 2_500, Some(970_000_000)),
+            (vec!["b1", "b2"], 3_000, Some(970_000_000)),
+            // The small sets go together, at the slowest member's rate.
+            (vec!["b2", "b3"], 200, Some(97_000_000)),
+        ]
+    );
+    assert_eq!(of("a2"), vec![(vec!["b2"], 10, Some(970_000_000))]);
+    // --bandwidth wins.
+    let capped = cast_tasks(&plan, &link, Some(5), false);
+    assert!(capped.iter().all(|t| t.rate == Some(5)));
+    // Unknown links: unpaced.
+    assert!(
+        cast_tasks(&plan, &|_| 0, None, false)
+            .iter()
+            .all(|t| t.rate.is_none())
+    );
+    // A flooding network brings every cast to every destination of
+    // the job.
+    let flooded = cast_tasks(&plan, &link, None, true);
+    assert!(flooded.iter().all(|t| t.reaches.len() == 3));
+}
+
+#[test]
+fn no_two_casts_feed_one_destination_at_once_and_disjoint_ones_overlap() {
+    let task = |src: &str, ds: &[&str], weight: f64| CastTask {
+        source: src.into(),
+        sends: Vec::new(),
+        reaches: ds.iter().map(|d| (*d).to_owned()).collect(),
+        rate: None,
+        weight,
+    };
+    let tasks = vec![
+        task("a1", &["b1", "b2"], 5.0),
+        task("a1", &["b1"], 3.0),
+        task("a1", &["b2"], 1.0),
+        task("a2", &["b1", "b2"], 4.0),
+        task("a2", &["b2"], 3.0),
+        task("a2", &["b1"], 1.0),
+        task("a3", &["c1"], 0.5),
+    ];
+    let busy: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let running: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    // Each cast as it starts, with the casts running then.
+    let starts: Mutex<Vec<(String, Vec<String>)>> = Mutex::new(Vec::new());
+    let name = |t: &CastTask| format!("{}>{:?}", t.source, t.reaches);
+    schedule_casts(tasks, &|_, t| {
+        let mine: Vec<String> = std::iter::once(format!("src:{}", t.source))
+            .chain(t.reaches.iter().cloned())
+            .collect();
+        {
+            let mut b = lock(&busy);
+            for r in &mine {
+                assert!(b.insert(r.clone()), "{r} used by two casts at once");
+            }
+            let mut r = lock(&running);
+            lock(&starts).push((name(t), r.clone()));
+            r.push(name(t));
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        lock(&running).retain(|x| *x != name(t));
+        let mut b = lock(&busy);
+        for r in &mine {
+            b.remove(r);
+        }
+    });
+    let starts = lock(&starts).clone();
+    assert_eq!(starts.len(), 7, "every cast ran: {starts:?}");
+    // The heaviest starts at once, beside at most the one cast that shares
+    // nothing with it.
+    let first = starts
+        .iter()
+        .find(|(n, _)| n == "a1>{\"b1\", \"b2\"}")
+        .unwrap();
+    assert!(first.1.iter().all(|r| r == "a3>{\"c1\"}"), "{starts:?}");
+    // a3's cast shares nothing: it starts beside the first.
+    assert!(starts.contains(&(
+        "a3>{\"c1\"}".to_owned(),
+        vec!["a1>{\"b1\", \"b2\"}".to_owned()]
+    )));
+    // a1 -> b1 and a2 -> b2 share nothing: they ran side by side.
+    let (x, y) = ("a1>{\"b1\"}", "a2>{\"b2\"}");
+    assert!(
+        starts
+            .iter()
+            .any(|(n, r)| (n == x && r.iter().any(|o| o == y))
+                || (n == y && r.iter().any(|o| o == x))),
+        "{starts:?}"
+    );
+}
+
+/// A cast request of a full chunk fits one control frame, whatever
+/// the grouping (page numbers as large as they get, names as long as
+/// agents allow).
+#[test]
+fn a_full_cast_request_fits_a_control_frame() {
+    let name = "h".repeat(64);
+    let groups: Vec<v1::JobCastGroup> = (0..8)
+        .map(|g| v1::JobCastGroup {
+            members: vec![name.clone(); 4],
+            pages: (0..CAST_CHUNK as u32).filter(|p| p % 8 == g).collect(),
+            addr: group_addr("ev-00000000", 7, g as usize),
+        })
+        .collect();
+    let req = v1::AgentRequest {
+        body: Some(v1::agent_request::Body::CastSend(v1::CastSendRequest {
+            job: "ev-00000000".into(),
+            hashes: vec![0xa5u8; CAST_CHUNK * 32].into(),
+            groups,
+            receivers: vec![name; 4],
+            rate_bps: u64::MAX,
+            transport: v1::CastTransport::Multicast as i32,
+        })),
+    };
+    let len = req.encoded_len();
+    assert!(
+        len <= pagecast_proto::MAX_CONTROL_FRAME_BYTES,
+        "{len} bytes for {CAST_CHUNK} pages"
+    );
+}
+
+// ---- The phases, over the in-memory cluster. ----
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pagecast_scheduler::Objective;
+
+use super::{EvacuateSpec, Method, evacuate};
+use crate::fake::{Call, FakeCluster};
+use crate::{CoordError, Event, Services};
+
+/// Content `i` of family `tag`.
+fn c(tag: u8, i: u32) -> PageHash {
+    let mut b = [tag; 32];
+    b[..4].copy_from_slice(&i.to_le_bytes());
+    PageHash::from_bytes(b)
+}
+
+fn frames(parts: &[(u8, std::ops::Range<u32>)]) -> Vec<PageHash> {
+    parts
+        .iter()
+        .flat_map(|(t, r)| r.clone().map(move |i| c(*t, i)))
+        .collect()
+}
+
+const GB: u64 = 1 << 30;
+
+/// Rack A (a1, a2) is evacuated to rack B (b1, b2); b3, in rack B too,
+/// holds database pages; b1 already runs a web VM.
+fn cluster() -> FakeCluster {
+    FakeCluster::new()
+        .host("a1", "A", 10_000_000_000, 4 * GB)
+        .host("a2", "A", 10_000_000_000, 4 * GB)
+        .host("b1", "B", 10_000_000_000, 4 * GB)
+        .host("b2", "B", 10_000_000_000, 4 * GB)
+        .host("b3", "B", 10_000_000_000, 4 * GB)
+        .vm("a1", "web1", frames(&[(1, 0..300), (11, 0..100)]))
+        .vm("a1", "db1", frames(&[(2, 0..200), (21, 0..100)]))
+        .vm("a2", "web2", frames(&[(1, 0..300), (12, 0..100)]))
+        .vm("a2", "db2", frames(&[(2, 0..200), (22, 0..100)]))
+        .vm("b1", "web0", frames(&[(1, 0..200), (10, 0..50)]))
+        .vm("b3", "db9", frames(&[(2, 0..120), (29, 0..10)]))
+}
+
+fn spec(method: Method) -> EvacuateSpec {
+    EvacuateSpec {
+        from: vec!["a1".into(), "a2".into()],
+        to: vec!["b1".into(), "b2".into()],
+        method,
+        parallel: 2,
+        bandwidth_bps: None,
+        mtu: None,
+        multicast_floods: false,
+        max_downtime_ms: 50,
+        objective: Objective::Eviction,
+        dry_run: false,
+        job: "ev-test".into(),
+        transport: v1::CastTransport::Unspecified,
+    }
+}
+
+fn services(f: &FakeCluster) -> Services {
+    Services {
+        index: Arc::new(f.clone()),
+        agents: Arc::new(f.clone()),
+    }
+}
+
+const MOVING: [&str; 4] = ["web1", "db1", "web2", "db2"];
+
+fn run(
+    f: &FakeCluster,
+    s: &EvacuateSpec,
+    on: &(dyn Fn(Event) + Sync),
+    stop: &AtomicBool,
+) -> Result<crate::EvacuationReport, CoordError> {
+    evacuate(&services(f), s, on, stop)
+}
+
+#[test]
+fn every_migration_holds_then_each_content_is_cast_once_then_all_are_released() {
+    let f = cluster();
+    let rep = run(
+        &f,
+        &spec(Method::Pagecast),
+        &|_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(rep.ok, "{rep:?}");
+    for vm in MOVING {
+        let at = f.where_is(vm).unwrap();
+        assert!(at == "b1" || at == "b2", "{vm} at {at}");
+    }
+    let calls = f.calls();
+    let pos = |p: &dyn Fn(&Call) -> bool| -> Vec<usize> {
+        calls
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| p(c))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let held = pos(&|c| matches!(c, Call::Held { .. }));
+    let fills = pos(&|c| matches!(c, Call::Cast { .. } | Call::Fetch { .. }));
+    let gos = pos(&|c| matches!(c, Call::Go { .. }));
+    assert_eq!(held.len(), 4, "{calls:?}");
+    assert_eq!(gos.len(), 4, "{calls:?}");
+    assert!(!fills.is_empty(), "{calls:?}");
+    assert!(
+        held.iter().max() < fills.iter().min(),
+        "every hold before any fill"
+    );
+    assert!(
+        fills.iter().max() < gos.iter().min(),
+        "every fill before any go"
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|c| !matches!(c, Call::Go { abort: true, .. }))
+    );
+    // Each content leaves a source once.
+    let mut cast: Vec<PageHash> = calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Cast { contents, .. } => Some(contents.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let n = cast.len();
+    cast.sort();
+    cast.dedup();
+    assert_eq!(cast.len(), n, "a content cast twice");
+    // The database pages a rack-mate of the destinations holds come from it.
+    assert!(
+        calls
+            .iter()
+            .any(|c| matches!(c, Call::Fetch { from, .. } if from == "b3")),
+        "{calls:?}"
+    );
+    assert!(
+        !cast.iter().any(|h| (0..120).any(|i| *h == c(2, i))),
+        "b3's pages were cast"
+    );
+}
+
+#[test]
+fn a_failed_destination_fails_its_vms_which_stay_and_the_others_arrive() {
+    let f = cluster();
+    f.refuse_incoming("b2");
+    let rep = run(
+        &f,
+        &spec(Method::Pagecast),
+        &|_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(!rep.ok);
+    let mut failed = 0;
+    for v in &rep.vms {
+        if v.to == "b2" {
+            failed += 1;
+            assert!(!v.ok && !v.in_doubt, "{v:?}");
+            assert!(v.error.contains("b2"), "{v:?}");
+            assert_eq!(f.where_is(&v.name).unwrap(), v.from);
+        } else {
+            assert!(v.ok && v.verified, "{v:?}");
+            assert_eq!(f.where_is(&v.name).unwrap(), "b1");
+        }
+    }
+    assert!(failed > 0, "the plan sent nothing to b2: {rep:?}");
+}
+
+#[test]
+fn a_stop_while_held_releases_nothing_and_every_vm_stays() {
+    let f = cluster();
+    let stop = AtomicBool::new(false);
+    let on = |e: Event| {
+        if matches!(
+            e,
+            Event::Vm {
+                phase: v1::MigratePhase::Held,
+                ..
+            }
+        ) {
+            stop.store(true, Ordering::SeqCst);
+        }
+    };
+    let rep = run(&f, &spec(Method::Pagecast), &on, &stop).unwrap();
+    assert!(!rep.ok);
+    let calls = f.calls();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Cast { .. } | Call::Fetch { .. }))
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| matches!(c, Call::Go { abort: true, .. }))
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Go { abort: false, .. }))
+    );
+    for vm in MOVING {
+        let at = f.where_is(vm).unwrap();
+        assert!(at == "a1" || at == "a2", "{vm} moved to {at}");
+    }
+}
+
+#[test]
+fn an_unreachable_source_agent_stops_the_job_before_anything_moves() {
+    let f = cluster();
+    f.down("a2");
+    match run(
+        &f,
+        &spec(Method::Pagecast),
+        &|_| {},
+        &AtomicBool::new(false),
+    ) {
+        Err(CoordError::Agent { host, .. }) => assert_eq!(host, "a2"),
+        other => panic!("expected an agent error, got {:?}", other.map(|r| r.ok)),
+    }
+    assert!(!f.calls().iter().any(|c| matches!(c, Call::Migrate { .. })));
+}
+
+#[test]
+fn precopy_runs_at_most_parallel_per_source_and_holds_nothing() {
+    for parallel in [1, 2] {
+        let f = cluster();
+        let mut s = spec(Method::Precopy);
+        s.parallel = parallel;
+        let rep = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap();
+        assert!(rep.ok, "{rep:?}");
+        assert_eq!(f.most_at_once("a1"), parallel);
+        let calls = f.calls();
+        assert!(!calls.iter().any(|c| matches!(
+            c,
+            Call::Held { .. } | Call::Cast { .. } | Call::Fetch { .. }
+        )));
+        assert!(
+            calls
+                .iter()
+                .all(|c| !matches!(c, Call::Migrate { hold: true, .. }))
+        );
+    }
+}
+
+#[test]
+fn vmscatter_sends_what_the_destinations_hold() {
+    let f = cluster();
+    let rep = run(
+        &f,
+        &spec(Method::VmScatter),
+        &|_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(rep.ok, "{rep:?}");
+    let needs: usize = f
+        .calls()
+        .iter()
+        .filter_map(|c| match c {
+            Call::Held { needs, .. } => Some(*needs),
+            _ => None,
+        })
+        .sum();
+    // Every distinct content of every moving VM: 400 + 300 + 400 + 300.
+    assert_eq!(needs, 1400);
+    assert!(!f.calls().iter().any(|c| matches!(c, Call::Fetch { .. })));
+}
+
+#[test]
+fn a_dry_run_plans_and_moves_nothing() {
+    let f = cluster();
+    let mut s = spec(Method::Pagecast);
+    s.dry_run = true;
+    let rep = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap();
+    assert!(rep.ok && rep.dry_run);
+    assert_eq!(rep.predicted.placement.len(), 4);
+    assert!(f.calls().is_empty(), "{:?}", f.calls());
+}
+
+#[test]
+fn bad_requests_are_refused_by_name() {
+    let f = cluster();
+    let mut s = spec(Method::Pagecast);
+    s.to = vec!["a1".into()];
+    let e = run(&f, &s, &|_| {}, &AtomicBool::new(false)).err().unwrap();
+    assert!(e.to_string().contains("being evacuated"), "{e}");
+    s.to = vec!["zz".into()];
+    let e = run(&f, &s, &|_| {}, &AtomicBool::new(false)).err().unwrap();
+    assert!(e.to_string().contains("unknown host zz"), "{e}");
+    assert!(f.calls().is_empty());
+}
+
+#[test]
+fn a_clone_goes_to_every_target_and_the_source_keeps_its_vm() {
+    let f = cluster();
+    let spec = crate::CloneSpec {
+        vm: "web1".into(),
+        to: vec!["b1".into(), "b2".into()],
+        names: "{vm}-{host}".into(),
+        bandwidth_bps: None,
+        max_downtime_ms: 50,
+        job: "cl-test".into(),
+    };
+    let rep = crate::clone(&services(&f), &spec, &|_| {}).unwrap();
+    assert!(rep.ok);
+    assert_eq!(f.where_is("web1-b1").as_deref(), Some("b1"));
+    assert_eq!(f.where_is("web1-b2").as_deref(), Some("b2"));
+    assert_eq!(f.where_is("web1").as_deref(), Some("a1"));
+    let mut again = spec.clone();
+    again.to = vec!["b1".into()];
+    let e = crate::clone(&services(&f), &again, &|_| {}).err().unwrap();
+    assert!(e.to_string().contains("already runs"), "{e}");
+}

@@ -1,0 +1,670 @@
+//! Filling the held migrations' memory: from the destinations' exact needs,
+//! each content from one source once, to every destination that lacks it
+//! (a cast), or from a rack-mate of the destination (a fetch); the casts
+//! scheduled so that no destination hears two sources at once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use pagecast_pages::{PAGE_BYTES, PageHash};
+use pagecast_proto::v1;
+
+use super::{EvacuateSpec, Method, Prepared};
+use crate::{Event, Services, lock};
+
+/// Most pages one cast session carries (the source stages them in memory).
+/// Its request lists 32 bytes of hash and a page number per page, which
+/// must fit a control frame ([`pagecast_proto::MAX_CONTROL_FRAME_BYTES`],
+/// 4 MiB): 65,536 pages take about 2.3 MiB.
+pub(super) const CAST_CHUNK: usize = 65_536;
+
+/// Fewest pages a cast of its own carries: a source's sends to a set of
+/// destinations smaller than this go out together in one cast (a cast's
+/// set-up, its receivers joining and finishing, costs about as much as
+/// sending this many pages at 1 Gbit/s).
+const MIN_CAST_PAGES: usize = 2_048;
+
+/// Cast and fetch figures of a job.
+#[derive(Default)]
+pub(super) struct Traffic {
+    /// Per source: bytes its casts sent.
+    pub cast_bytes: BTreeMap<String, u64>,
+    pub multicast: u64,
+    pub unicast: u64,
+    pub repair: u64,
+    pub short_haul: u64,
+    pub core: u64,
+    /// Per destination: frames filled by casts and by fetches.
+    pub cast_frames: HashMap<String, u64>,
+    pub fetch_frames: HashMap<String, u64>,
+    pub errors: Vec<String>,
+    /// Destinations a cast found dead or frozen: later casts leave them
+    /// out (their migrations fail anyway), so one stuck host holds up each
+    /// chain of casts once, not once per cast.
+    pub dead: HashSet<String>,
+}
+
+/// One source's sends: per content, the destinations it goes to.
+pub(super) type SourcePlan = BTreeMap<String, Vec<(PageHash, Vec<String>)>>;
+
+/// Per (destination, rack-mate): the contents the destination fetches from
+/// the rack-mate.
+pub(super) type Fetches = BTreeMap<(String, String), Vec<PageHash>>;
+
+/// Plans the casts and fetches from the destinations' exact needs: each
+/// content from one source, to every destination that lacks it; contents a
+/// rack-mate of the destination holds (pagecast only) from that rack-mate.
+pub(super) fn plan_transfers(
+    prep: &Prepared,
+    needs: &HashMap<usize, Vec<PageHash>>,
+    method: Method,
+    held: &HashMap<String, HashSet<PageHash>>,
+) -> (SourcePlan, Fetches) {
+    let hosts = Hosts::of(prep);
+    let (mut dest_needs, senders) = hosts.needs(prep, needs);
+    let fetches = if method == Method::Pagecast {
+        rack_mates(prep, &hosts, &mut dest_needs, held)
+    } else {
+        Fetches::new()
+    };
+    (hosts.senders_plan(&dest_needs, &senders), fetches)
+}
+
+/// The plan's hosts by number (the sets of a plan hold a number per page).
+struct Hosts<'a> {
+    names: Vec<&'a str>,
+}
+
+impl<'a> Hosts<'a> {
+    fn of(prep: &'a Prepared) -> Self {
+        let mut names: Vec<&str> = Vec::new();
+        for m in &prep.moving {
+            for h in [m.to.as_str(), m.from.as_str()] {
+                if !names.contains(&h) {
+                    names.push(h);
+                }
+            }
+        }
+        Hosts { names }
+    }
+
+    fn num(&self, h: &str) -> usize {
+        self.names
+            .iter()
+            .position(|x| *x == h)
+            .expect("a host of the plan")
+    }
+
+    /// Per destination, the contents it lacks; per content, the sources
+    /// (of the VMs that need it) that can send it.
+    fn needs(
+        &self,
+        prep: &Prepared,
+        needs: &HashMap<usize, Vec<PageHash>>,
+    ) -> (
+        BTreeMap<usize, HashSet<PageHash>>,
+        HashMap<PageHash, Vec<usize>>,
+    ) {
+        let mut dest_needs: BTreeMap<usize, HashSet<PageHash>> = BTreeMap::new();
+        let mut senders: HashMap<PageHash, Vec<usize>> = HashMap::new();
+        let mut order: Vec<usize> = needs.keys().copied().collect();
+        order.sort_unstable();
+        for i in order {
+            let m = &prep.moving[i];
+            let (d, s) = (self.num(&m.to), self.num(&m.from));
+            let dn = dest_needs.entry(d).or_default();
+            for h in &needs[&i] {
+                dn.insert(*h);
+                let v = senders.entry(*h).or_default();
+                if !v.contains(&s) {
+                    v.push(s);
+                }
+            }
+        }
+        (dest_needs, senders)
+    }
+
+    /// Each remaining content once, from the least loaded source that has
+    /// it, in content order (the plan is the same every time).
+    fn senders_plan(
+        &self,
+        dest_needs: &BTreeMap<usize, HashSet<PageHash>>,
+        senders: &HashMap<PageHash, Vec<usize>>,
+    ) -> SourcePlan {
+        let mut members: HashMap<PageHash, Vec<usize>> = HashMap::new();
+        for (&d, hs) in dest_needs {
+            for h in hs {
+                members.entry(*h).or_default().push(d);
+            }
+        }
+        let mut contents: Vec<(PageHash, Vec<usize>)> = members.into_iter().collect();
+        contents.sort_unstable_by_key(|c| c.0);
+        let mut load: Vec<u64> = vec![0; self.names.len()];
+        let mut sets: HashMap<Vec<usize>, Vec<String>> = HashMap::new();
+        let mut plan = SourcePlan::new();
+        for (h, ds) in contents {
+            let Some(cands) = senders.get(&h) else {
+                continue;
+            };
+            let src = *cands
+                .iter()
+                .min_by_key(|&&s| (load[s], self.names[s]))
+                .expect("a content someone needs has a sender");
+            load[src] += ds.len() as u64;
+            let set = sets
+                .entry(ds)
+                .or_insert_with_key(|ds| ds.iter().map(|&d| self.names[d].to_owned()).collect())
+                .clone();
+            plan.entry(self.names[src].to_owned())
+                .or_default()
+                .push((h, set));
+        }
+        plan
+    }
+}
+
+/// Takes out of each destination's needs what a rack-mate of it (with an
+/// agent, not a source of the job) holds: those contents are fetched from
+/// the rack-mate.
+fn rack_mates(
+    prep: &Prepared,
+    hosts: &Hosts<'_>,
+    dest_needs: &mut BTreeMap<usize, HashSet<PageHash>>,
+    held: &HashMap<String, HashSet<PageHash>>,
+) -> Fetches {
+    let sources: HashSet<&str> = prep.moving.iter().map(|m| m.from.as_str()).collect();
+    let mut fetches = Fetches::new();
+    for (&d, hs) in dest_needs.iter_mut() {
+        let dname = hosts.names[d];
+        let rack = prep.view.rack_of(dname);
+        let mates: Vec<(&str, &HashSet<PageHash>)> = prep
+            .view
+            .hosts
+            .iter()
+            .filter(|h| {
+                h.name != dname
+                    && !h.address.is_empty()
+                    && !sources.contains(h.name.as_str())
+                    && !h.rack.is_empty()
+                    && prep.view.rack_of(&h.name) == rack
+            })
+            .filter_map(|h| held.get(&h.name).map(|s| (h.name.as_str(), s)))
+            .collect();
+        if mates.is_empty() {
+            continue;
+        }
+        let mut sorted: Vec<PageHash> = hs.iter().copied().collect();
+        sorted.sort_unstable();
+        for h in sorted {
+            if let Some((mate, _)) = mates.iter().find(|(_, s)| s.contains(&h)) {
+                fetches
+                    .entry((dname.to_owned(), (*mate).to_owned()))
+                    .or_default()
+                    .push(h);
+                hs.remove(&h);
+            }
+        }
+    }
+    fetches
+}
+
+/// The multicast group of a job's cast `source` (its index among the
+/// job's casts) and its `group`.
+pub(super) fn group_addr(job: &str, source: usize, group: usize) -> String {
+    let j = job
+        .bytes()
+        .fold(7u32, |a, b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let x = ((j as usize + source * 17) % 200) + 20;
+    let y = group % 250 + 1;
+    let port = 40_000 + 2 * (group / 250) + 400 * (source % 50);
+    format!("239.193.{x}.{y}:{port}")
+}
+
+/// One cast: a source's sends to a set of destinations.
+#[derive(Debug)]
+pub(super) struct CastTask {
+    pub source: String,
+    pub sends: Vec<(PageHash, Vec<String>)>,
+    /// The hosts whose links its datagrams arrive on: its destinations,
+    /// or, where the network floods multicast, every destination of the job.
+    pub reaches: BTreeSet<String>,
+    /// Its bits per second (None: unpaced).
+    pub rate: Option<u64>,
+    /// Its expected seconds at `rate` (pages when unpaced): the larger go
+    /// first.
+    pub weight: f64,
+}
+
+/// Splits every source's sends into casts by destination set, smaller
+/// sets of a source merged into one cast, and gives each its rate: the
+/// operator's `--bandwidth` if given, else the slower of the source's link
+/// and its destinations' links, less 3% for the datagrams' headers (the
+/// casts are scheduled so that no two feed one destination at once, see
+/// [`schedule_casts`]).
+pub(super) fn cast_tasks(
+    plan: &SourcePlan,
+    link: &dyn Fn(&str) -> u64,
+    bandwidth: Option<u64>,
+    floods: bool,
+) -> Vec<CastTask> {
+    // On a flooding network every cast reaches every destination.
+    let everyone: BTreeSet<String> = if floods {
+        plan.values()
+            .flat_map(|s| s.iter().flat_map(|(_, ds)| ds.iter().cloned()))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let mut tasks = Vec::new();
+    for (src, sends) in plan {
+        for sends in by_destination_set(sends) {
+            let footprint: BTreeSet<String> = sends
+                .iter()
+                .flat_map(|(_, ds)| ds.iter().cloned())
+                .collect();
+            let rate = bandwidth.or_else(|| {
+                let own = link(src);
+                (own > 0).then(|| {
+                    let slowest = footprint
+                        .iter()
+                        .map(|d| link(d))
+                        .filter(|&l| l > 0)
+                        .min()
+                        .unwrap_or(own);
+                    own.min(slowest) / 100 * 97
+                })
+            });
+            let bits = sends.len() as f64 * PAGE_BYTES as f64 * 8.0;
+            let weight = rate.map_or(sends.len() as f64, |r| bits / r.max(1) as f64);
+            tasks.push(CastTask {
+                source: src.clone(),
+                sends,
+                reaches: if floods { everyone.clone() } else { footprint },
+                rate,
+                weight,
+            });
+        }
+    }
+    tasks
+}
+
+/// A source's sends grouped by destination set, the sets smaller than
+/// [`MIN_CAST_PAGES`] together in one group.
+fn by_destination_set(sends: &[(PageHash, Vec<String>)]) -> Vec<Vec<(PageHash, Vec<String>)>> {
+    let mut by_set: BTreeMap<Vec<String>, Vec<(PageHash, Vec<String>)>> = BTreeMap::new();
+    for (h, ds) in sends {
+        let mut key = ds.clone();
+        key.sort();
+        by_set.entry(key).or_default().push((*h, ds.clone()));
+    }
+    let mut rest = Vec::new();
+    let mut own = Vec::new();
+    for (_, s) in by_set {
+        if s.len() < MIN_CAST_PAGES {
+            rest.extend(s);
+        } else {
+            own.push(s);
+        }
+    }
+    if !rest.is_empty() {
+        own.push(rest);
+    }
+    own
+}
+
+/// Runs `tasks` with `run`, as many at once as can be without two of them
+/// sharing a source or a destination: a destination hears one source at a
+/// time, so each cast may use its whole link (datagrams beyond a
+/// destination's link are dropped there and come back as unicast repairs:
+/// `pagecast evaluate` measured 600 packets dropped by the destinations'
+/// shapers and 16-111 MiB of repairs with two sources casting to one
+/// 1 Gbit/s destination at once). Whenever a cast ends, the longest
+/// waiting ones that can start do.
+pub(super) fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &CastTask) + Sync)) {
+    tasks.sort_by(|a, b| b.weight.total_cmp(&a.weight));
+    let mut pending: Vec<(usize, CastTask)> = tasks.into_iter().enumerate().collect();
+    let (tx, rx) = mpsc::channel::<(usize, CastTask)>();
+    std::thread::scope(|s| {
+        let mut sources: HashSet<String> = HashSet::new();
+        let mut dests: HashSet<String> = HashSet::new();
+        let mut running = 0usize;
+        loop {
+            let mut i = 0;
+            while i < pending.len() {
+                let t = &pending[i].1;
+                if sources.contains(&t.source) || t.reaches.iter().any(|d| dests.contains(d)) {
+                    i += 1;
+                    continue;
+                }
+                let (n, t) = pending.remove(i);
+                sources.insert(t.source.clone());
+                dests.extend(t.reaches.iter().cloned());
+                running += 1;
+                let tx = tx.clone();
+                s.spawn(move || {
+                    run(n, &t);
+                    let _ = tx.send((n, t));
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok((_, t)) = rx.recv() else { break };
+            running -= 1;
+            sources.remove(&t.source);
+            for d in &t.reaches {
+                dests.remove(d);
+            }
+        }
+    });
+}
+
+/// One cast session of a source: its request and what it carries.
+struct Session {
+    req: v1::CastSendRequest,
+    receivers: Vec<String>,
+    /// Per group: its members and its pages.
+    groups: Vec<(Vec<String>, usize)>,
+    pages: usize,
+}
+
+/// Fills the held migrations: plans, casts and fetches.
+pub(super) struct Filler<'a> {
+    svc: &'a Services,
+    spec: &'a EvacuateSpec,
+    prep: &'a Prepared,
+    on: &'a (dyn Fn(Event) + Sync),
+    traffic: Mutex<Traffic>,
+}
+
+impl<'a> Filler<'a> {
+    pub(super) fn new(
+        svc: &'a Services,
+        spec: &'a EvacuateSpec,
+        prep: &'a Prepared,
+        on: &'a (dyn Fn(Event) + Sync),
+    ) -> Self {
+        Filler {
+            svc,
+            spec,
+            prep,
+            on,
+            traffic: Mutex::new(Traffic::default()),
+        }
+    }
+
+    /// Casts and fetches every need: rack-mates that can serve a
+    /// destination's needs are the index's answer of a moment ago, asked
+    /// when planning.
+    pub(super) fn fill(self, needs: &HashMap<usize, Vec<PageHash>>) -> Traffic {
+        let (plan, fetches) = plan_transfers(self.prep, needs, self.spec.method, &self.prep.held);
+        let link = |h: &str| self.prep.view.host(h).map_or(0, |h| h.link_bps);
+        let tasks = cast_tasks(
+            &plan,
+            &link,
+            self.spec.bandwidth_bps,
+            self.spec.multicast_floods,
+        );
+        std::thread::scope(|s| {
+            let me = &self;
+            s.spawn(move || schedule_casts(tasks, &|n, t| me.casts(n, t)));
+            for ((d, mate), hs) in &fetches {
+                s.spawn(move || me.fetch(d, mate, hs));
+            }
+        });
+        self.traffic.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fetches `hashes` into destination `d` from its rack-mate `mate`.
+    fn fetch(&self, d: &str, mate: &str, hashes: &[PageHash]) {
+        (self.on)(Event::Step(format!(
+            "{d}: fetching {} pages from rack-mate {mate}",
+            hashes.len()
+        )));
+        let within = Duration::from_secs(30 + hashes.len() as u64 / 2_000);
+        let r = self.svc.agents.fetch(
+            self.prep.address(d),
+            v1::FetchRequest {
+                job: self.spec.job.clone(),
+                from: self.prep.address(mate).to_owned(),
+                hashes: pagecast_pages::packed::pack(hashes).into(),
+            },
+            within,
+        );
+        let mut t = lock(&self.traffic);
+        match r {
+            Ok(f) => {
+                t.short_haul += f.bytes;
+                *t.fetch_frames.entry(d.to_owned()).or_default() += f.frames_filled;
+                if !f.error.is_empty() {
+                    t.errors.push(format!("fetch into {d}: {}", f.error));
+                }
+            }
+            Err(e) => t.errors.push(format!("fetch into {d}: {e}")),
+        }
+    }
+
+    /// Runs cast task `t` (the `n`th of the job), chunk by chunk.
+    fn casts(&self, n: usize, t: &CastTask) {
+        for (ci, chunk) in t.sends.chunks(CAST_CHUNK).enumerate() {
+            let dead = lock(&self.traffic).dead.clone();
+            let Some(session) = self.session(chunk, &dead, n * 8 + ci % 8, t.rate) else {
+                continue;
+            };
+            if !self.cast(&t.source, session, t.rate) {
+                return;
+            }
+        }
+    }
+
+    /// The cast session of `chunk`, leaving out `dead` destinations; None
+    /// if no live destination needs any of it. Its groups are numbered
+    /// from `idx`.
+    fn session(
+        &self,
+        chunk: &[(PageHash, Vec<String>)],
+        dead: &HashSet<String>,
+        idx: usize,
+        rate: Option<u64>,
+    ) -> Option<Session> {
+        let mut receivers: BTreeSet<String> = BTreeSet::new();
+        let mut groups: BTreeMap<Vec<String>, Vec<&PageHash>> = BTreeMap::new();
+        for (h, ds) in chunk {
+            let ds: Vec<String> = ds.iter().filter(|d| !dead.contains(*d)).cloned().collect();
+            if ds.is_empty() {
+                continue;
+            }
+            receivers.extend(ds.iter().cloned());
+            groups.entry(ds).or_default().push(h);
+        }
+        if receivers.is_empty() {
+            return None;
+        }
+        let receivers: Vec<String> = receivers.into_iter().collect();
+        // Largest groups first: the most shared pages go out first. The
+        // session's pages are numbered group by group, so each group is
+        // one range of page numbers (the receivers' page lists stay small).
+        let mut by_group: Vec<(Vec<String>, Vec<&PageHash>)> = groups.into_iter().collect();
+        by_group.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(b.1.len().cmp(&a.1.len())));
+        let mut hashes = Vec::with_capacity(chunk.len() * 32);
+        let mut req_groups = Vec::with_capacity(by_group.len());
+        let mut sizes = Vec::with_capacity(by_group.len());
+        let mut next = 0u32;
+        for (g, (members, hs)) in by_group.into_iter().enumerate() {
+            let first = next;
+            for h in &hs {
+                hashes.extend_from_slice(h.as_bytes());
+            }
+            next += hs.len() as u32;
+            sizes.push((members.clone(), hs.len()));
+            req_groups.push(v1::JobCastGroup {
+                members,
+                pages: (first..next).collect(),
+                addr: group_addr(&self.spec.job, idx, g),
+            });
+        }
+        Some(Session {
+            req: v1::CastSendRequest {
+                job: self.spec.job.clone(),
+                hashes: hashes.into(),
+                groups: req_groups,
+                receivers: receivers.clone(),
+                rate_bps: rate.unwrap_or(0),
+                transport: self.spec.transport as i32,
+            },
+            receivers,
+            groups: sizes,
+            pages: next as usize,
+        })
+    }
+
+    /// Runs one cast session from `source` and its receivers' sides;
+    /// false if the source could not start it (the rest of its casts are
+    /// given up).
+    fn cast(&self, source: &str, s: Session, rate: Option<u64>) -> bool {
+        (self.on)(Event::Step(format!(
+            "{source}: casting {} pages to {}",
+            s.pages,
+            s.receivers.join(", ")
+        )));
+        // How long the cast may take: its bytes at the source's rate (1
+        // Gbit/s if unknown), doubled, plus set-up; an agent silent past
+        // that is frozen.
+        let bytes = s.pages as f64 * PAGE_BYTES as f64 * s.receivers.len() as f64;
+        let within = Duration::from_secs_f64(
+            bytes * 8.0 / rate.unwrap_or(1_000_000_000).max(1) as f64 * 2.0 + 30.0,
+        );
+        let (open, pending) =
+            match self
+                .svc
+                .agents
+                .cast_send(self.prep.address(source), s.req.clone(), within)
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    lock(&self.traffic)
+                        .errors
+                        .push(format!("cast from {source}: {e}"));
+                    return false;
+                }
+            };
+        let answered = self.receive(&s.receivers, &open.control, within, || pending.result());
+        self.account(source, &s, answered);
+        true
+    }
+
+    /// Tells every receiver to join the cast at `control`, waits for the
+    /// sender (`sent`), then gives the receivers 15 s more: one that hangs
+    /// must not hold the job.
+    fn receive(
+        &self,
+        receivers: &[String],
+        control: &str,
+        within: Duration,
+        sent: impl FnOnce() -> Result<v1::CastResult, pagecast_agent_api::ClientError>,
+    ) -> Answered {
+        let (rtx, rrx) = mpsc::channel::<(String, Result<v1::CastResult, String>)>();
+        for r in receivers {
+            let (rtx, r) = (rtx.clone(), r.clone());
+            let req = v1::CastRecvRequest {
+                job: self.spec.job.clone(),
+                control: control.to_owned(),
+            };
+            let addr = self.prep.address(&r).to_owned();
+            let agents = self.svc.agents.clone();
+            // Not joined: a receiver that hangs is left behind (its call
+            // ends at its own deadline).
+            std::thread::spawn(move || {
+                let res = agents
+                    .cast_recv(&addr, req, within)
+                    .map_err(|e| e.to_string());
+                let _ = rtx.send((r, res));
+            });
+        }
+        drop(rtx);
+        let sent = sent();
+        let mut results = Vec::new();
+        let grace = Instant::now() + Duration::from_secs(15);
+        while results.len() < receivers.len() {
+            match rrx.recv_timeout(grace.saturating_duration_since(Instant::now())) {
+                Ok(x) => results.push(x),
+                Err(_) => break,
+            }
+        }
+        Answered {
+            sent,
+            silent: receivers
+                .iter()
+                .filter(|r| !results.iter().any(|(x, _)| x == *r))
+                .cloned()
+                .collect(),
+            results,
+        }
+    }
+
+    /// Adds what a cast session did to the job's figures.
+    fn account(&self, source: &str, s: &Session, a: Answered) {
+        let mut tr = lock(&self.traffic);
+        for r in a.silent {
+            tr.errors
+                .push(format!("cast into {r}: its agent did not answer (frozen?)"));
+            tr.dead.insert(r);
+        }
+        for (r, res) in a.results {
+            match res {
+                Ok(c) => {
+                    *tr.cast_frames.entry(r.clone()).or_default() += c.frames_filled;
+                    if !c.ok {
+                        tr.errors.push(format!("cast into {r}: {}", c.error));
+                    }
+                }
+                Err(e) => {
+                    tr.errors.push(format!("cast into {r}: {e}"));
+                    tr.dead.insert(r);
+                }
+            }
+        }
+        match a.sent {
+            Ok(c) => self.account_sent(&mut tr, source, s, &c),
+            Err(e) => tr.errors.push(format!("cast from {source}: {e}")),
+        }
+    }
+
+    /// The sender's bytes, by class: the first pass split between
+    /// multicast (groups of two or more) and unicast by the groups' pages,
+    /// the rest heartbeats, control and repairs; bytes into other racks.
+    fn account_sent(&self, tr: &mut Traffic, source: &str, s: &Session, c: &v1::CastResult) {
+        *tr.cast_bytes.entry(source.to_owned()).or_default() += c.bytes_sent;
+        let st = c.stats.unwrap_or_default();
+        let src_rack = self.prep.view.rack_of(source);
+        let pages = s.pages.max(1);
+        for (members, n) in &s.groups {
+            let share = st.bytes_first as f64 * *n as f64 / pages as f64;
+            if members.len() > 1 {
+                tr.multicast += share as u64;
+            } else {
+                tr.unicast += share as u64;
+            }
+            let racks: BTreeSet<String> = members
+                .iter()
+                .map(|m| self.prep.view.rack_of(m))
+                .filter(|r| *r != src_rack)
+                .collect();
+            tr.core += (share * racks.len() as f64) as u64;
+        }
+        tr.unicast += st.bytes_heartbeat + st.bytes_control;
+        tr.repair += st.bytes_repair + st.bytes_unicast;
+        if !c.ok {
+            tr.errors.push(format!("cast from {source}: {}", c.error));
+        }
+    }
+}
+
+/// What a cast session's receivers and sender answered.
+struct Answered {
+    sent: Result<v1::CastResult, pagecast_agent_api::ClientError>,
+    results: Vec<(String, Result<v1::CastResult, String>)>,
+    /// Receivers that did not answer within the grace period.
+    silent: Vec<String>,
+}

@@ -1,0 +1,741 @@
+//! An in-memory cluster for tests: an index and agents that keep each VM
+//! as the list of its frames' contents and carry out what a job asks, as a
+//! real cluster would, without KVM or sockets. A migration holds when
+//! asked, says what its destination lacks, waits for the go, then moves
+//! the VM, counting what it had to send itself; casts and fetches fill
+//! destinations. Failures can be injected: an agent that cannot be
+//! reached, a destination that fails every migration into it. Every call
+//! is logged in order, for tests that check the sequence of a job.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use pagecast_agent_api::{
+    AgentApi, CastPending, ClientError, Migration, MigrationControl, MigrationEvent,
+    VmContentAnswer,
+};
+use pagecast_pages::{PAGE_BYTES, PageHash, Sketch};
+use pagecast_proto::v1;
+
+use crate::view::{ClusterView, HostView, VmView};
+use crate::{CoordError, IndexApi, lock};
+
+/// What the fake cluster was asked, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// A migration started.
+    Migrate {
+        /// The VM.
+        vm: String,
+        /// Its destination host.
+        to: String,
+        /// Held for the job.
+        hold: bool,
+    },
+    /// A migration said what its destination lacks.
+    Held {
+        /// The VM.
+        vm: String,
+        /// Contents lacking.
+        needs: usize,
+    },
+    /// A migration was released (or, `abort`, stopped).
+    Go {
+        /// The VM.
+        vm: String,
+        /// Stopped.
+        abort: bool,
+    },
+    /// A migration ended.
+    Ended {
+        /// The VM.
+        vm: String,
+        /// It runs at its destination.
+        ok: bool,
+    },
+    /// A cast started at a source.
+    Cast {
+        /// The source host.
+        source: String,
+        /// Its contents.
+        contents: Vec<PageHash>,
+        /// Its receivers.
+        receivers: Vec<String>,
+    },
+    /// A destination fetched contents from a rack-mate.
+    Fetch {
+        /// The destination.
+        host: String,
+        /// The rack-mate.
+        from: String,
+        /// Contents.
+        contents: usize,
+    },
+    /// A VM was cloned.
+    Clone {
+        /// The VM.
+        vm: String,
+        /// The clones' names.
+        clones: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct FakeHost {
+    name: String,
+    index: u32,
+    rack: String,
+    link_bps: u64,
+    capacity_bytes: u64,
+    down: bool,
+    refuses_incoming: bool,
+}
+
+#[derive(Debug, Clone)]
+struct FakeVm {
+    name: String,
+    host: String,
+    frames: Vec<PageHash>,
+}
+
+impl FakeVm {
+    fn distinct(&self) -> Vec<PageHash> {
+        let s: BTreeSet<PageHash> = self
+            .frames
+            .iter()
+            .filter(|h| !h.is_zero_page())
+            .copied()
+            .collect();
+        s.into_iter().collect()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    hosts: Vec<FakeHost>,
+    vms: Vec<FakeVm>,
+    /// Per host: contents casts and fetches brought there.
+    filled: HashMap<String, HashSet<PageHash>>,
+    /// Per migration id: the go it heard (None: none yet).
+    gos: HashMap<u64, Option<bool>>,
+    calls: Vec<Call>,
+    /// Per source host: migrations running now, and the most at once.
+    running: HashMap<String, usize>,
+    most: HashMap<String, usize>,
+}
+
+impl State {
+    fn host_of_addr(&self, addr: &str) -> Result<&FakeHost, ClientError> {
+        let h = self
+            .hosts
+            .iter()
+            .find(|h| address(&h.name) == addr)
+            .ok_or_else(|| ClientError::Connect {
+                addr: addr.to_owned(),
+                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            })?;
+        if h.down {
+            return Err(ClientError::Connect {
+                addr: addr.to_owned(),
+                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            });
+        }
+        Ok(h)
+    }
+
+    /// Contents `host` holds: its VMs' and what was brought there.
+    fn holds(&self, host: &str) -> HashSet<PageHash> {
+        let mut s: HashSet<PageHash> = self
+            .vms
+            .iter()
+            .filter(|v| v.host == host)
+            .flat_map(|v| v.frames.iter().copied())
+            .filter(|h| !h.is_zero_page())
+            .collect();
+        if let Some(f) = self.filled.get(host) {
+            s.extend(f.iter().copied());
+        }
+        s
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    next: AtomicU64,
+}
+
+/// An in-memory cluster: an [`IndexApi`] and an [`AgentApi`] at once.
+#[derive(Clone)]
+pub struct FakeCluster {
+    s: Arc<Shared>,
+}
+
+impl Default for FakeCluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The control address of `host`'s fake agent.
+pub fn address(host: &str) -> String {
+    format!("fake-agent:{host}")
+}
+
+impl FakeCluster {
+    /// An empty cluster.
+    pub fn new() -> Self {
+        FakeCluster {
+            s: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+                next: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Adds host `name` in `rack` with a link of `link_bps` and room for
+    /// `capacity_bytes` of VMs.
+    pub fn host(self, name: &str, rack: &str, link_bps: u64, capacity_bytes: u64) -> Self {
+        {
+            let mut st = lock(&self.s.state);
+            let index = st.hosts.len() as u32 + 1;
+            st.hosts.push(FakeHost {
+                name: name.into(),
+                index,
+                rack: rack.into(),
+                link_bps,
+                capacity_bytes,
+                down: false,
+                refuses_incoming: false,
+            });
+        }
+        self
+    }
+
+    /// Adds VM `name` on `host`, one content per frame.
+    pub fn vm(self, host: &str, name: &str, frames: Vec<PageHash>) -> Self {
+        lock(&self.s.state).vms.push(FakeVm {
+            name: name.into(),
+            host: host.into(),
+            frames,
+        });
+        self
+    }
+
+    /// Makes `host`'s agent unreachable.
+    pub fn down(&self, host: &str) {
+        let mut st = lock(&self.s.state);
+        if let Some(h) = st.hosts.iter_mut().find(|h| h.name == host) {
+            h.down = true;
+        }
+    }
+
+    /// Makes `host` fail every migration into it (it refuses at the
+    /// switchover, as a destination that died there would).
+    pub fn refuse_incoming(&self, host: &str) {
+        let mut st = lock(&self.s.state);
+        if let Some(h) = st.hosts.iter_mut().find(|h| h.name == host) {
+            h.refuses_incoming = true;
+        }
+    }
+
+    /// Where VM `name` runs now.
+    pub fn where_is(&self, name: &str) -> Option<String> {
+        lock(&self.s.state)
+            .vms
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| v.host.clone())
+    }
+
+    /// The most migrations `host` ran at once as a source.
+    pub fn most_at_once(&self, host: &str) -> usize {
+        lock(&self.s.state).most.get(host).copied().unwrap_or(0)
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<Call> {
+        lock(&self.s.state).calls.clone()
+    }
+
+    fn log(&self, c: Call) {
+        lock(&self.s.state).calls.push(c);
+    }
+}
+
+impl IndexApi for FakeCluster {
+    fn cluster(&self) -> Result<ClusterView, CoordError> {
+        let st = lock(&self.s.state);
+        let mut hosts: Vec<HostView> = st
+            .hosts
+            .iter()
+            .map(|h| HostView {
+                name: h.name.clone(),
+                index: h.index,
+                address: address(&h.name),
+                rack: h.rack.clone(),
+                link_bps: h.link_bps,
+                capacity_bytes: h.capacity_bytes,
+                used_bytes: st
+                    .vms
+                    .iter()
+                    .filter(|v| v.host == h.name)
+                    .map(|v| v.frames.len() as u64 * PAGE_BYTES)
+                    .sum(),
+                vms: st
+                    .vms
+                    .iter()
+                    .filter(|v| v.host == h.name)
+                    .map(|v| v.name.clone())
+                    .collect(),
+            })
+            .collect();
+        hosts.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut vms: Vec<VmView> = st
+            .vms
+            .iter()
+            .map(|v| VmView {
+                name: v.name.clone(),
+                host: v.host.clone(),
+                frames: v.frames.len() as u64,
+                nonzero_frames: v.frames.iter().filter(|h| !h.is_zero_page()).count() as u64,
+                sketch: Sketch::of(v.distinct().iter()),
+            })
+            .collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(ClusterView { hosts, vms })
+    }
+
+    fn holders(&self, hashes: &[PageHash]) -> Result<Vec<(u32, PageHash)>, CoordError> {
+        let st = lock(&self.s.state);
+        let wanted: HashSet<&PageHash> = hashes.iter().collect();
+        let mut out = Vec::new();
+        for h in &st.hosts {
+            let holds: HashSet<PageHash> = st
+                .vms
+                .iter()
+                .filter(|v| v.host == h.name)
+                .flat_map(|v| v.frames.iter().copied())
+                .filter(|p| !p.is_zero_page() && wanted.contains(p))
+                .collect();
+            out.extend(holds.into_iter().map(|p| (h.index, p)));
+        }
+        Ok(out)
+    }
+}
+
+/// A migration under way in the fake cluster.
+struct FakeMigration {
+    c: FakeCluster,
+    id: u64,
+    vm: String,
+    from: String,
+    to: String,
+    req: v1::MigrateRequest,
+    /// Events still to come before the result.
+    script: Vec<MigrationEvent>,
+    /// Contents the destination lacked when asked.
+    needs: Vec<PageHash>,
+    ended: bool,
+}
+
+struct FakeControl {
+    c: FakeCluster,
+    id: u64,
+    vm: String,
+}
+
+impl MigrationControl for FakeControl {
+    fn go(&self, abort: bool, _reason: &str) -> Result<(), ClientError> {
+        let mut st = lock(&self.c.s.state);
+        st.calls.push(Call::Go {
+            vm: self.vm.clone(),
+            abort,
+        });
+        st.gos.insert(self.id, Some(abort));
+        self.c.s.changed.notify_all();
+        Ok(())
+    }
+}
+
+impl FakeMigration {
+    /// Waits (up to 10 s) for a go; whether it says abort.
+    fn wait_go(&self) -> Option<bool> {
+        let mut st = lock(&self.c.s.state);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(Some(abort)) = st.gos.get(&self.id) {
+                return Some(*abort);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            st = self
+                .c
+                .s
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The migration's end: the VM moves unless stopped or refused; what
+    /// the destination still lacked went over the link.
+    fn finish(&mut self) -> v1::MigrateResult {
+        if self.req.hold {
+            match self.wait_go() {
+                Some(false) => {}
+                Some(true) => return failed(v1::RefusalCode::Cancelled, "the job was stopped"),
+                None => return failed(v1::RefusalCode::Unavailable, "no word from the job"),
+            }
+        } else {
+            // Long enough for migrations of one source to overlap.
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let mut st = lock(&self.c.s.state);
+        let refused = st
+            .hosts
+            .iter()
+            .find(|h| h.name == self.to)
+            .is_none_or(|h| h.down || h.refuses_incoming);
+        if refused {
+            return failed(
+                v1::RefusalCode::Unavailable,
+                &format!("destination {} failed", self.to),
+            );
+        }
+        let there = st.holds(&self.to);
+        let sent = self.needs.iter().filter(|h| !there.contains(h)).count() as u64;
+        let v = st
+            .vms
+            .iter_mut()
+            .find(|v| v.name == self.vm)
+            .expect("a migrating VM exists");
+        v.host = self.to.clone();
+        let frames = v.frames.len() as u64;
+        v1::MigrateResult {
+            ok: true,
+            verified: true,
+            bytes_sent: sent * PAGE_BYTES,
+            pages_sent: sent,
+            nonzero_pages: frames,
+            kind: v1::VmKind::MicroVm as i32,
+            ..Default::default()
+        }
+    }
+}
+
+fn failed(code: v1::RefusalCode, why: &str) -> v1::MigrateResult {
+    v1::MigrateResult {
+        ok: false,
+        error: why.to_owned(),
+        error_code: code as i32,
+        kind: v1::VmKind::MicroVm as i32,
+        ..Default::default()
+    }
+}
+
+impl Migration for FakeMigration {
+    fn next_event(&mut self) -> Result<MigrationEvent, ClientError> {
+        if !self.script.is_empty() {
+            let ev = self.script.remove(0);
+            if let MigrationEvent::Held(needs, _) = &ev {
+                self.c.log(Call::Held {
+                    vm: self.vm.clone(),
+                    needs: needs.len(),
+                });
+            }
+            return Ok(ev);
+        }
+        if self.ended {
+            return Err(ClientError::Unexpected {
+                addr: address(&self.from),
+                what: "a report after the result".into(),
+            });
+        }
+        self.ended = true;
+        let r = self.finish();
+        if let Some(n) = lock(&self.c.s.state).running.get_mut(&self.from) {
+            *n -= 1;
+        }
+        self.c.log(Call::Ended {
+            vm: self.vm.clone(),
+            ok: r.ok,
+        });
+        Ok(MigrationEvent::Result(r))
+    }
+
+    fn control(&self) -> Arc<dyn MigrationControl> {
+        Arc::new(FakeControl {
+            c: self.c.clone(),
+            id: self.id,
+            vm: self.vm.clone(),
+        })
+    }
+}
+
+/// A cast's result at its sender.
+struct FakePending(v1::CastResult);
+
+impl CastPending for FakePending {
+    fn result(self: Box<Self>) -> Result<v1::CastResult, ClientError> {
+        Ok(self.0)
+    }
+}
+
+impl AgentApi for FakeCluster {
+    fn vm_list(&self, agent: &str) -> Result<v1::VmList, ClientError> {
+        let st = lock(&self.s.state);
+        let h = st.host_of_addr(agent)?;
+        Ok(v1::VmList {
+            agent: h.name.clone(),
+            vms: st
+                .vms
+                .iter()
+                .filter(|v| v.host == h.name)
+                .map(|v| v1::VmInfo {
+                    name: v.name.clone(),
+                    memory_bytes: v.frames.len() as u64 * PAGE_BYTES,
+                    state: v1::HostedVmState::Running as i32,
+                    kind: v1::VmKind::MicroVm as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            content_entries: 0,
+        })
+    }
+
+    fn vm_content(&self, agent: &str, vm: &str) -> Result<VmContentAnswer, ClientError> {
+        let st = lock(&self.s.state);
+        let h = st.host_of_addr(agent)?;
+        let v = st
+            .vms
+            .iter()
+            .find(|v| v.name == vm && v.host == h.name)
+            .ok_or_else(|| ClientError::Refused {
+                addr: agent.to_owned(),
+                code: v1::RefusalCode::NotFound,
+                message: format!("no VM named {vm:?} on this agent"),
+            })?;
+        Ok(VmContentAnswer {
+            hashes: v.distinct(),
+            frames: v.frames.len() as u64,
+            nonzero_frames: v.frames.iter().filter(|h| !h.is_zero_page()).count() as u64,
+            memory_bytes: v.frames.len() as u64 * PAGE_BYTES,
+            rewrite_pages_per_s: 0.0,
+            kind: v1::VmKind::MicroVm,
+        })
+    }
+
+    fn migrate(
+        &self,
+        agent: &str,
+        r: v1::MigrateRequest,
+    ) -> Result<Box<dyn Migration>, ClientError> {
+        let mut st = lock(&self.s.state);
+        let from = st.host_of_addr(agent)?.name.clone();
+        let to = st
+            .hosts
+            .iter()
+            .find(|h| address(&h.name) == r.to)
+            .map(|h| h.name.clone())
+            .unwrap_or_default();
+        let v = st
+            .vms
+            .iter()
+            .find(|v| v.name == r.vm && v.host == from)
+            .ok_or_else(|| ClientError::Refused {
+                addr: agent.to_owned(),
+                code: v1::RefusalCode::NotFound,
+                message: format!("no VM named {:?} on this agent", r.vm),
+            })?;
+        let there = st.holds(&to);
+        let distinct = v.distinct();
+        let needs: Vec<PageHash> = distinct
+            .iter()
+            .filter(|h| r.no_local || !there.contains(h))
+            .copied()
+            .collect();
+        let local = if r.no_local {
+            0
+        } else {
+            v.frames.iter().filter(|h| there.contains(h)).count() as u64
+        };
+        let mut script = vec![MigrationEvent::Progress(v1::MigrateProgress {
+            phase: v1::MigratePhase::Manifest as i32,
+            ..Default::default()
+        })];
+        if r.hold {
+            script.push(MigrationEvent::Held(needs.clone(), local));
+        }
+        let n = st.running.entry(from.clone()).or_default();
+        *n += 1;
+        let n = *n;
+        let most = st.most.entry(from.clone()).or_default();
+        *most = (*most).max(n);
+        drop(st);
+        let id = self.s.next.fetch_add(1, Ordering::Relaxed);
+        self.log(Call::Migrate {
+            vm: r.vm.clone(),
+            to: to.clone(),
+            hold: r.hold,
+        });
+        Ok(Box::new(FakeMigration {
+            c: self.clone(),
+            id,
+            vm: r.vm.clone(),
+            from,
+            to,
+            req: r,
+            script,
+            needs,
+            ended: false,
+        }))
+    }
+
+    fn cast_send(
+        &self,
+        agent: &str,
+        r: v1::CastSendRequest,
+        _within: Duration,
+    ) -> Result<(v1::CastOpen, Box<dyn CastPending>), ClientError> {
+        let contents = pagecast_pages::packed::unpack(&r.hashes, usize::MAX).map_err(|e| {
+            ClientError::Unexpected {
+                addr: agent.to_owned(),
+                what: e.to_string(),
+            }
+        })?;
+        let mut st = lock(&self.s.state);
+        let source = st.host_of_addr(agent)?.name.clone();
+        for g in &r.groups {
+            for m in &g.members {
+                let f = st.filled.entry(m.clone()).or_default();
+                f.extend(g.pages.iter().filter_map(|&p| contents.get(p as usize)));
+            }
+        }
+        let bytes = contents.len() as u64 * PAGE_BYTES;
+        st.calls.push(Call::Cast {
+            source,
+            contents,
+            receivers: r.receivers.clone(),
+        });
+        let id = self.s.next.fetch_add(1, Ordering::Relaxed);
+        Ok((
+            v1::CastOpen {
+                control: format!("fake-cast-{id}"),
+                ..Default::default()
+            },
+            Box::new(FakePending(v1::CastResult {
+                ok: true,
+                bytes_sent: bytes,
+                stats: Some(v1::CastStats {
+                    bytes_first: bytes,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        ))
+    }
+
+    fn cast_recv(
+        &self,
+        agent: &str,
+        _r: v1::CastRecvRequest,
+        _within: Duration,
+    ) -> Result<v1::CastResult, ClientError> {
+        lock(&self.s.state).host_of_addr(agent)?;
+        Ok(v1::CastResult {
+            ok: true,
+            ..Default::default()
+        })
+    }
+
+    fn fetch(
+        &self,
+        agent: &str,
+        r: v1::FetchRequest,
+        _within: Duration,
+    ) -> Result<v1::FetchResult, ClientError> {
+        let hashes = pagecast_pages::packed::unpack(&r.hashes, usize::MAX).map_err(|e| {
+            ClientError::Unexpected {
+                addr: agent.to_owned(),
+                what: e.to_string(),
+            }
+        })?;
+        let mut st = lock(&self.s.state);
+        let host = st.host_of_addr(agent)?.name.clone();
+        let from = st.host_of_addr(&r.from)?.name.clone();
+        let n = hashes.len() as u64;
+        st.filled.entry(host.clone()).or_default().extend(hashes);
+        st.calls.push(Call::Fetch {
+            host,
+            from,
+            contents: n as usize,
+        });
+        Ok(v1::FetchResult {
+            bytes: n * PAGE_BYTES,
+            frames_filled: n,
+            ..Default::default()
+        })
+    }
+
+    fn clone_vm(
+        &self,
+        agent: &str,
+        r: v1::CloneRequest,
+        progress: &mut dyn FnMut(&v1::MigrateProgress),
+    ) -> Result<v1::CloneResult, ClientError> {
+        progress(&v1::MigrateProgress {
+            phase: v1::MigratePhase::Cast as i32,
+            ..Default::default()
+        });
+        let mut st = lock(&self.s.state);
+        st.host_of_addr(agent)?;
+        let v = st
+            .vms
+            .iter()
+            .find(|v| v.name == r.vm)
+            .cloned()
+            .ok_or_else(|| ClientError::Refused {
+                addr: agent.to_owned(),
+                code: v1::RefusalCode::NotFound,
+                message: format!("no VM named {:?}", r.vm),
+            })?;
+        let mut clones = Vec::new();
+        for t in &r.targets {
+            let host = st.host_of_addr(&t.addr)?.name.clone();
+            st.vms.push(FakeVm {
+                name: t.name.clone(),
+                host: host.clone(),
+                frames: v.frames.clone(),
+            });
+            clones.push(v1::CloneOne {
+                name: t.name.clone(),
+                host,
+                ok: true,
+                verified: true,
+                ..Default::default()
+            });
+        }
+        st.calls.push(Call::Clone {
+            vm: r.vm.clone(),
+            clones: clones.iter().map(|c| c.name.clone()).collect(),
+        });
+        Ok(v1::CloneResult {
+            ok: true,
+            clones,
+            bytes_sent: v.distinct().len() as u64 * PAGE_BYTES,
+            ..Default::default()
+        })
+    }
+
+    fn cancel_job(&self, agent: &str, _job: &str) -> Result<bool, ClientError> {
+        lock(&self.s.state).host_of_addr(agent)?;
+        Ok(true)
+    }
+}
