@@ -103,6 +103,11 @@ pub fn refusal(code: v1::RefusalCode, message: impl Into<String>) -> v1::Refusal
     }
 }
 
+/// The message of a result's refusal, "" if it has none.
+pub fn refusal_text(r: &Option<v1::Refusal>) -> &str {
+    r.as_ref().map_or("", |r| r.message.as_str())
+}
+
 impl v1::Refusal {
     /// The code, [`v1::RefusalCode::Unspecified`] for a value this build
     /// does not know.

@@ -648,7 +648,7 @@ pub fn cast_send(
     Ok(match res {
         Ok(rep) => v1::CastResult {
             ok: true,
-            error: String::new(),
+            error: None,
             bytes_sent: rep.bytes_first
                 + rep.bytes_repair
                 + rep.bytes_heartbeat
@@ -659,7 +659,10 @@ pub fn cast_send(
         },
         Err(e) => v1::CastResult {
             ok: false,
-            error: e.to_string(),
+            error: Some(pagecast_proto::refusal(
+                v1::RefusalCode::Unavailable,
+                e.to_string(),
+            )),
             ..Default::default()
         },
     })
@@ -686,14 +689,17 @@ pub fn cast_recv(agent: &Agent, r: &v1::CastRecvRequest) -> Result<v1::CastResul
     Ok(match res {
         Ok(rep) => v1::CastResult {
             ok: true,
-            error: String::new(),
+            error: None,
             stats: Some(recv_stats(&rep)),
             frames_filled: sink.filled,
             bytes_sent: 0,
         },
         Err(e) => v1::CastResult {
             ok: false,
-            error: e.to_string(),
+            error: Some(pagecast_proto::refusal(
+                v1::RefusalCode::Unavailable,
+                e.to_string(),
+            )),
             frames_filled: sink.filled,
             ..Default::default()
         },
@@ -781,7 +787,7 @@ pub fn fetch(agent: &Agent, r: &v1::FetchRequest) -> v1::FetchResult {
             out.frames_filled = f;
             out.bytes = b;
         }
-        Err(e) => out.error = e.to_string(),
+        Err(e) => out.error = Some(e.refusal()),
     }
     out
 }

@@ -155,6 +155,11 @@ impl AgentError {
         }
     }
 
+    /// The error as a result's refusal.
+    pub fn refusal(&self) -> v1::Refusal {
+        pagecast_proto::refusal(self.code(), self.to_string())
+    }
+
     /// The error as the control API carries it.
     pub fn to_proto(&self) -> v1::AgentError {
         v1::AgentError {
@@ -1207,7 +1212,7 @@ impl Agent {
                     host: t.addr.clone(),
                     ok: false,
                     verified: false,
-                    error: e.to_string(),
+                    error: Some(e.refusal()),
                 }),
             }
         }
@@ -1248,11 +1253,9 @@ impl Agent {
         let ok = clones.iter().all(|c| c.ok && c.verified);
         Ok(v1::CloneResult {
             ok,
-            error: if ok {
-                String::new()
-            } else {
-                "some clones failed".into()
-            },
+            error: (!ok).then(|| {
+                pagecast_proto::refusal(v1::RefusalCode::Unavailable, "some clones failed")
+            }),
             clones,
             bytes_sent: rep.bytes_links + rep.bytes_cast,
             bytes_cast: rep.bytes_cast,

@@ -721,10 +721,12 @@ impl Agent {
             Err(e @ StreamError::Unsupported { .. }) => {
                 return Err(AgentError::BadRequest(e.to_string()));
             }
-            Err(StreamError::Sink(why)) if why.starts_with("stopped: ") => {
-                return Err(AgentError::Qemu(format!(
-                    "the migration was {why}; the VM runs on here"
-                )));
+            Err(StreamError::Stopped(why)) => {
+                return Err(AgentError::Migration(
+                    pagecast_migrate::MigrationError::Cancelled(format!(
+                        "{why}; the VM runs on here"
+                    )),
+                ));
             }
             Err(e @ StreamError::Sink(_)) => {
                 // The destination hung up: its reason, if it gave one.
@@ -732,7 +734,7 @@ impl Agent {
                 return Err(match recv(&mut ch) {
                     Ok(v1::qemu_frame::Body::Done(d)) if !d.ok => AgentError::Qemu(format!(
                         "the destination {dest} stopped the migration: {}",
-                        d.error
+                        pagecast_proto::refusal_text(&d.error)
                     )),
                     _ => match link.1 {
                         Some(l) => AgentError::Qemu(format!("sending to the destination: {l}")),
@@ -760,17 +762,25 @@ impl Agent {
         };
         // QEMU's own account: completed, with its downtime.
         let (status, m) = settled_migration(&mut q)?;
-        let mut out = v1::MigrateResult {
+        let out = v1::MigrateResult {
             ok: done.ok && status == "completed",
             error: if !done.ok {
-                format!(
-                    "the destination's QEMU did not take the stream: {}",
+                Some(pagecast_proto::refusal(
                     done.error
-                )
+                        .as_ref()
+                        .map_or(v1::RefusalCode::Internal, |e| e.kind()),
+                    format!(
+                        "the destination's QEMU did not take the stream: {}",
+                        pagecast_proto::refusal_text(&done.error)
+                    ),
+                ))
             } else if status != "completed" {
-                format!("the source QEMU says the migration is {status}")
+                Some(pagecast_proto::refusal(
+                    v1::RefusalCode::Internal,
+                    format!("the source QEMU says the migration is {status}"),
+                ))
             } else {
-                String::new()
+                None
             },
             pages_local: pages_held,
             contents_local: held.len() as u64,
@@ -783,9 +793,6 @@ impl Agent {
             verified: false,
             ..v1::MigrateResult::default()
         };
-        if !out.ok {
-            out.error_code = v1::RefusalCode::Internal as i32;
-        }
         info!(
             "QEMU stream of {}: {} bytes, {} pages ({} sent as hashes), {} zero pages; {} bytes to {dest}; {:.0} ms in all",
             a.name,
@@ -1003,7 +1010,9 @@ impl Agent {
             let Some(ch) = t.ch.as_mut() else { continue };
             match recv(ch) {
                 Ok(v1::qemu_frame::Body::Done(d)) if d.ok => {}
-                Ok(v1::qemu_frame::Body::Done(d)) => t.error = d.error,
+                Ok(v1::qemu_frame::Body::Done(d)) => {
+                    t.error = pagecast_proto::refusal_text(&d.error).to_owned()
+                }
                 Ok(other) => t.error = unexpected(&t.peer, &other).to_string(),
                 Err(e) => t.error = e.to_string(),
             }
@@ -1018,9 +1027,17 @@ impl Agent {
                 ok: t.error.is_empty() && t.ch.is_some() && status == "completed",
                 verified: false,
                 error: if status != "completed" && t.error.is_empty() {
-                    format!("the source QEMU says the migration is {status}")
+                    Some(pagecast_proto::refusal(
+                        v1::RefusalCode::Internal,
+                        format!("the source QEMU says the migration is {status}"),
+                    ))
+                } else if t.error.is_empty() {
+                    None
                 } else {
-                    t.error.clone()
+                    Some(pagecast_proto::refusal(
+                        v1::RefusalCode::Unavailable,
+                        t.error.clone(),
+                    ))
                 },
             })
             .collect();
@@ -1033,9 +1050,12 @@ impl Agent {
             cast_bytes,
             sent + cast_bytes
         );
+        let ok = clones.iter().all(|c| c.ok);
         Ok(v1::CloneResult {
-            ok: clones.iter().all(|c| c.ok),
-            error: String::new(),
+            ok,
+            error: (!ok).then(|| {
+                pagecast_proto::refusal(v1::RefusalCode::Unavailable, "some clones failed")
+            }),
             bytes_sent: sent + cast_bytes,
             bytes_cast: cast_bytes,
             downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),
@@ -1139,7 +1159,7 @@ impl Agent {
                 warn!("incoming QEMU migration of {} failed: {e}", inc.vm);
                 v1::qemu_frame::Body::Done(v1::QemuDone {
                     ok: false,
-                    error: e.to_string(),
+                    error: Some(e.refusal()),
                     ..v1::QemuDone::default()
                 })
             }
@@ -1264,7 +1284,7 @@ impl Agent {
         );
         Ok(v1::QemuDone {
             ok: true,
-            error: String::new(),
+            error: None,
             pages_local: local,
             stream_bytes: bytes,
         })
@@ -1389,7 +1409,7 @@ impl Agent {
         );
         Ok(v1::QemuDone {
             ok: true,
-            error: String::new(),
+            error: None,
             pages_local: local,
             stream_bytes: bytes,
         })
@@ -1723,7 +1743,7 @@ impl PartSink<'_, '_> {
     fn full(&mut self) -> Result<(), StreamError> {
         if self.data.len() >= PART_BYTES || self.held_at.len() >= 4096 {
             if let Some(why) = self.hold.as_deref_mut().and_then(|h| h.cancelled()) {
-                return Err(StreamError::Sink(format!("stopped: {why}")));
+                return Err(StreamError::Stopped(why));
             }
             self.flush(false)
                 .map_err(|e| StreamError::Sink(format!("sending to the destination: {e}")))?;

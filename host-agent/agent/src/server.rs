@@ -551,7 +551,11 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
                                 if c.ok {
                                     info!("cast for job {} sent, {} bytes", r.job, c.bytes_sent);
                                 } else {
-                                    warn!("cast for job {} failed: {}", r.job, c.error);
+                                    warn!(
+                                        "cast for job {} failed: {}",
+                                        r.job,
+                                        pagecast_proto::refusal_text(&c.error)
+                                    );
                                 }
                                 Resp::CastResult(c)
                             }
@@ -745,8 +749,7 @@ fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest) {
             warn!("migration of {} to {} failed: {e}", r.vm, r.to);
             v1::MigrateResult {
                 ok: false,
-                error: e.to_string(),
-                error_code: e.code() as i32,
+                error: Some(e.refusal()),
                 in_doubt,
                 ..Default::default()
             }

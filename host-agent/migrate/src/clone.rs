@@ -92,7 +92,7 @@ pub struct CloneResultOne {
     /// Its memory matched the source's at switchover.
     pub verified: bool,
     /// Why not.
-    pub error: String,
+    pub error: Option<v1::Refusal>,
 }
 
 /// What a clone did.
@@ -115,7 +115,7 @@ pub struct CloneReportAll {
 struct Dest {
     t: CloneTarget,
     alive: bool,
-    error: String,
+    error: Option<v1::Refusal>,
     verified: bool,
 }
 
@@ -146,7 +146,7 @@ pub fn clone_out(
             .map(|t| Dest {
                 t,
                 alive: true,
-                error: String::new(),
+                error: None,
                 verified: false,
             })
             .collect(),
@@ -159,7 +159,7 @@ pub fn clone_out(
     if let Err(e) = c.run(caster, fp) {
         for d in c.dests.iter_mut().filter(|d| d.alive) {
             d.alive = false;
-            d.error = e.to_string();
+            d.error = Some(e.refusal());
             let _ = d.t.link.send(Body::Abort(e.to_abort()));
         }
     }
@@ -206,7 +206,7 @@ impl Cl<'_> {
         let d = &mut self.dests[i];
         if d.alive {
             d.alive = false;
-            d.error = e.to_string();
+            d.error = Some(e.refusal());
             let _ = d.t.link.send(Body::Abort(e.to_abort()));
         }
     }

@@ -121,6 +121,11 @@ impl MigrationError {
         }
     }
 
+    /// The error as a result's refusal.
+    pub fn refusal(&self) -> v1::Refusal {
+        pagecast_proto::refusal(self.code(), self.to_string())
+    }
+
     /// An `Abort` frame telling the peer why.
     pub fn to_abort(&self) -> v1::Abort {
         v1::Abort {
@@ -346,7 +351,7 @@ impl MigrationReport {
     pub fn to_proto(&self) -> v1::MigrateResult {
         v1::MigrateResult {
             ok: true,
-            error: String::new(),
+            error: None,
             rounds: self
                 .rounds
                 .iter()
@@ -371,7 +376,6 @@ impl MigrationReport {
             progress_after: self.progress_after,
             max_throttle_pct: u32::from(self.max_throttle_pct),
             in_doubt: false,
-            error_code: 0,
             contents_local: 0,
             kind: v1::VmKind::MicroVm as i32,
         }

@@ -88,6 +88,10 @@ pub enum StreamError {
     /// The sink refused (its own error, as text).
     #[error("{0}")]
     Sink(String),
+    /// The sink was told to stop (a job cancelled): not a failure of the
+    /// stream or of where it goes.
+    #[error("stopped: {0}")]
+    Stopped(String),
 }
 
 /// Where [`proxy`] hands the stream.

@@ -176,7 +176,7 @@ fn report(
                     .to_owned(),
                 ok: c.ok,
                 verified: c.verified,
-                error: c.error.clone(),
+                error: pagecast_proto::refusal_text(&c.error).to_owned(),
             })
             .collect(),
         source_bytes: r.bytes_sent,

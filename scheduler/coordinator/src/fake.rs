@@ -433,8 +433,7 @@ impl FakeMigration {
 fn failed(code: v1::RefusalCode, why: &str) -> v1::MigrateResult {
     v1::MigrateResult {
         ok: false,
-        error: why.to_owned(),
-        error_code: code as i32,
+        error: Some(pagecast_proto::refusal(code, why)),
         kind: v1::VmKind::MicroVm as i32,
         ..Default::default()
     }

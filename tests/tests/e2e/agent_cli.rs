@@ -521,7 +521,7 @@ fn answer_to<M: prost::Message>(addr: &str, tls: &Tls, m: &M) -> String {
     match r.body {
         Some(v1::agent_response::Body::Error(e)) => e.message,
         // A migration reports its failure as a result.
-        Some(v1::agent_response::Body::Result(r)) if !r.ok => r.error,
+        Some(v1::agent_response::Body::Result(r)) if !r.ok => r.error.unwrap_or_default().message,
         other => panic!("expected an error, got {other:?}"),
     }
 }

@@ -783,7 +783,7 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
         from: &a.from,
         to: &a.to,
         ok: r.ok,
-        error: &r.error,
+        error: pagecast_proto::refusal_text(&r.error),
         in_doubt: r.in_doubt,
         verified: r.verified,
         rounds: r.rounds.len(),
@@ -822,7 +822,7 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
             anyhow::bail!(
                 "migration of {} in doubt: {} (the VM stays paused on {}; check `pagecast vm list --agent {}` and stop the copy that must go)",
                 a.vm,
-                r.error,
+                pagecast_proto::refusal_text(&r.error),
                 a.from,
                 a.to
             );
@@ -831,7 +831,7 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
             "migration of {} failed, it keeps running on {}: {}",
             a.vm,
             a.from,
-            r.error
+            pagecast_proto::refusal_text(&r.error)
         );
     }
     Ok(())

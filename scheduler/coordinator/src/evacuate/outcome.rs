@@ -110,6 +110,6 @@ fn result(o: &mut VmOutcome, r: &v1::MigrateResult, held_local: Option<u64>) {
     o.downtime_ms = r.downtime_ms;
     o.bytes_sent = r.bytes_sent;
     o.pages_local = held_local.unwrap_or(r.pages_local);
-    o.error = r.error.clone();
+    o.error = pagecast_proto::refusal_text(&r.error).to_owned();
     o.in_doubt = r.in_doubt;
 }

@@ -437,8 +437,8 @@ impl<'a> Filler<'a> {
             Ok(f) => {
                 t.short_haul += f.bytes;
                 *t.fetch_frames.entry(d.to_owned()).or_default() += f.frames_filled;
-                if !f.error.is_empty() {
-                    t.errors.push(format!("fetch into {d}: {}", f.error));
+                if let Some(e) = &f.error {
+                    t.errors.push(format!("fetch into {d}: {e}"));
                 }
             }
             Err(e) => t.errors.push(format!("fetch into {d}: {e}")),
@@ -616,7 +616,10 @@ impl<'a> Filler<'a> {
                 Ok(c) => {
                     *tr.cast_frames.entry(r.clone()).or_default() += c.frames_filled;
                     if !c.ok {
-                        tr.errors.push(format!("cast into {r}: {}", c.error));
+                        tr.errors.push(format!(
+                            "cast into {r}: {}",
+                            pagecast_proto::refusal_text(&c.error)
+                        ));
                     }
                 }
                 Err(e) => {
@@ -656,7 +659,10 @@ impl<'a> Filler<'a> {
         tr.unicast += st.bytes_heartbeat + st.bytes_control;
         tr.repair += st.bytes_repair + st.bytes_unicast;
         if !c.ok {
-            tr.errors.push(format!("cast from {source}: {}", c.error));
+            tr.errors.push(format!(
+                "cast from {source}: {}",
+                pagecast_proto::refusal_text(&c.error)
+            ));
         }
     }
 }
