@@ -26,7 +26,7 @@ use pagecast_agent::Agent;
 use pagecast_channel::ca::Authority;
 use pagecast_channel::{Channel, Role};
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
-use pagecast_migrate::{ChannelLink, MigrationReport};
+use pagecast_migrate::ChannelLink;
 use pagecast_pages::PAGE_SIZE;
 use pagecast_proto::v1;
 use pagecast_testkit::{Need, needs};
@@ -128,7 +128,7 @@ fn main() {
         ("dirty 50000/s", 50_000, false),
         ("dest holds half, dirty 0/s", 0, true),
     ];
-    let mut runs: Vec<Vec<MigrationReport>> = (0..scenarios.len()).map(|_| Vec::new()).collect();
+    let mut runs: Vec<Vec<v1::MigrateResult>> = (0..scenarios.len()).map(|_| Vec::new()).collect();
     for n in 0..reps {
         for (i, &(label, rate, holds_half)) in scenarios.iter().enumerate() {
             let name = format!("vm{i}-{n}");

@@ -861,13 +861,8 @@ fn fetch_domain(
 
 /// The distinct contents of a VM, from the content map, in frames.
 pub fn vm_content(agent: &Agent, name: &str) -> Result<Vec<v1::VmContentPart>, AgentError> {
-    let (hashes, memory) = agent.vm_hashes(name)?;
+    let (hashes, memory, kind) = agent.vm_hashes(name)?;
     let rewrites = agent.vm_rewrite_rate(name)?;
-    let kind = if agent.is_adopted(name) {
-        v1::VmKind::Qemu
-    } else {
-        v1::VmKind::MicroVm
-    };
     let frames = hashes.len() as u64;
     let nonzero = hashes.iter().filter(|h| !h.is_zero_page()).count() as u64;
     let mut distinct: Vec<PageHash> = hashes.into_iter().filter(|h| !h.is_zero_page()).collect();

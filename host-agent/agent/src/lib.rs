@@ -5,38 +5,40 @@
 //! them. The network side is in [`server`] (tokio); everything here is
 //! blocking and runs on blocking threads, the hashing on a rayon pool.
 
+pub mod hosted;
 pub mod job;
 pub mod metrics;
+pub mod micro;
 pub mod publish;
 pub mod qemu;
 pub mod server;
 mod sync;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::sync::{lock, read, write};
-use ::metrics::{counter, gauge, histogram};
+use ::metrics::{counter, gauge};
 use pagecast_channel::{AuthError, Channel, Role, Tls};
-use pagecast_pages::{ContentKey, DomainSecret, PAGE_SIZE, Page, PageHash};
+use pagecast_pages::{ContentKey, DomainSecret, Page, PageHash};
 use pagecast_proto::v1;
 use pagecast_proto::v1::RefusalCode;
 
-use job::{JobContent, JobSlots, Jobs};
+use hosted::{Hosted, InDoubt, Look, Outbound, Registry};
+use job::Jobs;
 use pagecast_index::holders::HoldingSum;
 use pagecast_index::keys::shard_of;
 use pagecast_memory::fingerprint::{FingerprintError, Fingerprinter, read_and_hash};
-use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError};
-use pagecast_memory::synth::{SynthError, SynthSpec, SyntheticVm};
-use pagecast_memory::{DirtyBitmap, GuestMemory, ImageFile, MemoryError, Region};
-use pagecast_migrate::{
-    ChannelLink, Hold, IncomingReport, LocalContent, MigrateOptions, MigrationError, MigrationLink,
-    MigrationReport, Progress, SourceVm, migrate_in_job, migrate_out_held,
-};
-use publish::{HostMeta, HostNow, IndexLink, Publication, VmOp};
+use pagecast_memory::kvm::VmError;
+use pagecast_memory::synth::SynthError;
+use pagecast_memory::{DirtyBitmap, MemoryError};
+use pagecast_migrate::{Hold, LocalContent, MigrationError, Progress};
+use publish::{HostMeta, HostNow, IndexLink, VmOp};
+
+pub use micro::{DEFAULT_MEMORY, DEFAULT_WORKING_SET};
 
 /// Errors of the agent's operations. Each is sent back to the client as
 /// its message.
@@ -169,268 +171,6 @@ impl AgentError {
     }
 }
 
-/// What a VM here is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VmState {
-    Running,
-    MigratingOut,
-    /// Commit was sent but the destination never confirmed: the VM stays
-    /// paused here and may be running there.
-    InDoubt,
-}
-
-impl VmState {
-    fn proto(self) -> v1::HostedVmState {
-        match self {
-            VmState::Running => v1::HostedVmState::Running,
-            VmState::MigratingOut => v1::HostedVmState::MigratingOut,
-            VmState::InDoubt => v1::HostedVmState::InDoubt,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        pagecast_proto::names::state(self.proto())
-    }
-}
-
-/// A VM this agent runs. KVM's dirty log is read in one place
-/// ([`VmEntry::pull`]) and its bits kept twice, once for a migration and
-/// once for the content map, so neither consumer steals the other's.
-pub struct VmEntry {
-    name: String,
-    origin: String,
-    /// Its dedup domain ("cluster" for the cluster-wide one) and the key
-    /// its pages are named with there.
-    domain: String,
-    key: ContentKey,
-    vm: MicroVm,
-    state: Mutex<VmState>,
-    for_migration: Mutex<DirtyBitmap>,
-    for_content: Mutex<DirtyBitmap>,
-    /// The content of each frame as the content map last saw it, so a
-    /// rewritten frame's old content leaves the map.
-    seen: Mutex<Vec<PageHash>>,
-    /// What the content index should list for each frame.
-    publication: Mutex<Publication>,
-    /// Held while the VM's content map is refreshed.
-    refreshing: Mutex<()>,
-    /// How fast the guest rewrites pages, from the refreshes' dirty bits.
-    rewrites: Mutex<RewriteMeter>,
-    /// While the VM is in doubt: where it may run, and when to ask next.
-    in_doubt: Mutex<Option<InDoubt>>,
-}
-
-/// A switchover that went unconfirmed: the destination to ask where the VM
-/// stands, and when to ask next.
-#[derive(Debug, Clone)]
-struct InDoubt {
-    /// The destination agent, HOST:PORT.
-    to: String,
-    /// When to ask next.
-    next: std::time::Instant,
-    /// Questions that went unanswered so far.
-    tries: u32,
-    /// When it was last said that the VM stays in doubt.
-    told: Option<std::time::Instant>,
-}
-
-/// Distinct pages a guest rewrites a second: each content refresh sees the
-/// frames dirtied since the one before, and the meter keeps a moving
-/// average weighted by time (about the last [`RewriteMeter::HORIZON_S`]
-/// seconds), which the planner uses to predict what pre-copy re-sends.
-#[derive(Debug, Default)]
-struct RewriteMeter {
-    last: Option<std::time::Instant>,
-    /// Frames seen since `last`.
-    pending: u64,
-    rate: Option<f64>,
-}
-
-impl RewriteMeter {
-    const HORIZON_S: f64 = 10.0;
-
-    /// Takes in `pages` frames dirtied since the previous sample.
-    fn sample(&mut self, pages: u64, now: std::time::Instant) {
-        let Some(last) = self.last else {
-            self.last = Some(now);
-            return;
-        };
-        self.pending += pages;
-        let dt = now.saturating_duration_since(last).as_secs_f64();
-        if dt < 0.05 {
-            // Too short to rate: the frames count towards the next sample.
-            return;
-        }
-        let r = std::mem::take(&mut self.pending) as f64 / dt;
-        self.last = Some(now);
-        let w = 1.0 - (-dt / Self::HORIZON_S).exp();
-        self.rate = Some(match self.rate {
-            Some(old) => old + w * (r - old),
-            None => r,
-        });
-    }
-
-    fn rate(&self) -> f64 {
-        self.rate.unwrap_or(0.0)
-    }
-}
-
-impl VmEntry {
-    fn new(name: &str, origin: String, domain: (&str, ContentKey), vm: MicroVm) -> Self {
-        let pages = vm.page_count();
-        VmEntry {
-            name: name.to_owned(),
-            origin,
-            domain: pagecast_pages::domain::normalize(domain.0).to_owned(),
-            key: domain.1,
-            vm,
-            state: Mutex::new(VmState::Running),
-            for_migration: Mutex::new(DirtyBitmap::new(pages)),
-            for_content: Mutex::new(DirtyBitmap::new(pages)),
-            seen: Mutex::new(Vec::new()),
-            publication: Mutex::new(Publication::new(pages)),
-            refreshing: Mutex::new(()),
-            rewrites: Mutex::new(RewriteMeter::default()),
-            in_doubt: Mutex::new(None),
-        }
-    }
-
-    /// Reads KVM's dirty log into both bitmaps. The migration bitmap stays
-    /// locked from the read to the merge, so a migration taking its bits
-    /// never misses some that another thread has read but not yet merged.
-    fn pull_into(&self, m: &mut DirtyBitmap) -> Result<(), MemoryError> {
-        let d = self.vm.take_dirty()?;
-        m.merge(&d)?;
-        lock(&self.for_content).merge(&d)
-    }
-
-    fn pull(&self) -> Result<(), MemoryError> {
-        self.pull_into(&mut lock(&self.for_migration))
-    }
-
-    fn info(&self) -> v1::VmInfo {
-        v1::VmInfo {
-            name: self.name.clone(),
-            memory_bytes: self.vm.region().len() as u64,
-            state: lock(&self.state).proto() as i32,
-            progress: self.vm.progress().unwrap_or(0),
-            dirty_rate: self.vm.dirty_rate(),
-            throttle_pct: u32::from(self.vm.throttle()),
-            origin: self.origin.clone(),
-            domain: self.domain.clone(),
-            kind: v1::VmKind::MicroVm as i32,
-        }
-    }
-}
-
-impl GuestMemory for VmEntry {
-    fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
-        self.vm.write_page(frame, data)
-    }
-
-    fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
-        let mut m = lock(&self.for_migration);
-        self.pull_into(&mut m)?;
-        Ok(std::mem::replace(
-            &mut *m,
-            DirtyBitmap::new(self.page_count()),
-        ))
-    }
-
-    fn mark_dirty(&self, pages: &DirtyBitmap) -> Result<(), MemoryError> {
-        lock(&self.for_migration).merge(pages)
-    }
-
-    fn region(&self) -> &Region {
-        self.vm.region()
-    }
-}
-
-/// A VM on its way out, seen by the migration engine: the VM, with the
-/// agent's content map for its manifest.
-struct Outgoing<'a> {
-    agent: &'a Agent,
-    entry: &'a Arc<VmEntry>,
-}
-
-impl GuestMemory for Outgoing<'_> {
-    fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
-        self.entry.write_page(frame, data)
-    }
-    fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
-        self.entry.take_dirty()
-    }
-    fn mark_dirty(&self, pages: &DirtyBitmap) -> Result<(), MemoryError> {
-        self.entry.mark_dirty(pages)
-    }
-    fn region(&self) -> &Region {
-        self.entry.region()
-    }
-}
-
-impl SourceVm for Outgoing<'_> {
-    fn name(&self) -> &str {
-        &self.entry.name
-    }
-    fn origin(&self) -> String {
-        self.entry.origin.clone()
-    }
-    fn dirty_rate(&self) -> u64 {
-        self.entry.vm.dirty_rate()
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        self.entry.vm.pause()
-    }
-    fn resume(&self) {
-        self.entry.vm.resume()
-    }
-    fn vcpu_state(&self) -> Result<VcpuState, VmError> {
-        self.entry.vm.vcpu_state()
-    }
-    fn set_throttle(&self, pct: u8) {
-        self.entry.vm.set_throttle(pct)
-    }
-    fn current_hashes(&self) -> Option<Vec<PageHash>> {
-        self.agent.current_hashes(self.entry)
-    }
-    fn domain(&self) -> &str {
-        &self.entry.domain
-    }
-    fn content_key(&self) -> ContentKey {
-        self.entry.key
-    }
-}
-
-impl SourceVm for VmEntry {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn origin(&self) -> String {
-        self.origin.clone()
-    }
-    fn dirty_rate(&self) -> u64 {
-        self.vm.dirty_rate()
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        self.vm.pause()
-    }
-    fn resume(&self) {
-        self.vm.resume()
-    }
-    fn vcpu_state(&self) -> Result<VcpuState, VmError> {
-        self.vm.vcpu_state()
-    }
-    fn set_throttle(&self, pct: u8) {
-        self.vm.set_throttle(pct)
-    }
-    fn domain(&self) -> &str {
-        &self.domain
-    }
-    fn content_key(&self) -> ContentKey {
-        self.key
-    }
-}
-
 /// Settings of an agent.
 pub struct AgentConfig {
     /// This host's name.
@@ -453,18 +193,16 @@ pub struct AgentConfig {
     /// identity); without it only the cluster-wide domain can be used.
     pub domain_secret: Option<DomainSecret>,
 }
-
 /// The agent's state.
 pub struct Agent {
     name: String,
     tls: Tls,
     data: Option<PathBuf>,
     fp: Fingerprinter,
-    vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
-    /// Names of VMs migrating in (reserved until they start or fail).
-    incoming: Mutex<HashMap<String, v1::HostedVmState>>,
-    /// A resident frame holding each content (a hint: checked on use).
-    content: RwLock<HashMap<PageHash, (Arc<VmEntry>, u64)>>,
+    /// Every VM here, and the names held for VMs starting or arriving.
+    vms: Mutex<Registry>,
+    /// A frame holding each content (a hint: checked on use).
+    content: RwLock<HashMap<PageHash, (Arc<Hosted>, u64)>>,
     /// The content index this agent publishes to, if any.
     index: Option<Arc<IndexLink>>,
     /// VMs arriving for gang jobs.
@@ -475,23 +213,7 @@ pub struct Agent {
     cast_iface: Mutex<std::net::Ipv4Addr>,
     /// The cluster's dedup-domain secret, if this host holds it.
     domain_secret: Option<DomainSecret>,
-    /// QEMU VMs taken on with `vm adopt`.
-    adopted: Mutex<BTreeMap<String, Arc<qemu::Adopted>>>,
-    /// A frame of an adopted VM holding each content, as its last scan saw
-    /// it (a hint: checked on use).
-    adopted_content: RwLock<HashMap<PageHash, (Arc<qemu::Adopted>, u64)>>,
 }
-
-fn valid_name(n: &str) -> bool {
-    pagecast_proto::name_ok(n)
-}
-
-/// Default memory of a synthetic VM.
-pub const DEFAULT_MEMORY: u64 = 64 << 20;
-/// Default working set, in pages.
-pub const DEFAULT_WORKING_SET: u64 = 1024;
-/// First frame of the working set.
-const WORKING_SET_START: u64 = 16;
 
 impl Agent {
     /// A new agent with no VMs.
@@ -519,16 +241,13 @@ impl Agent {
             tls,
             data,
             fp: Fingerprinter::new(threads)?,
-            vms: Mutex::new(BTreeMap::new()),
-            incoming: Mutex::new(HashMap::new()),
+            vms: Mutex::new(Registry::default()),
             content: RwLock::new(HashMap::new()),
             index: None,
             jobs: Jobs::default(),
             cancelled_jobs: Arc::default(),
             cast_iface: Mutex::new(std::net::Ipv4Addr::LOCALHOST),
             domain_secret: None,
-            adopted: Mutex::new(BTreeMap::new()),
-            adopted_content: RwLock::new(HashMap::new()),
         })
     }
 
@@ -577,33 +296,30 @@ impl Agent {
         self.fp.pool()
     }
 
-    /// A VM's frame hashes as the content map has them now, and its memory.
-    pub fn vm_hashes(&self, name: &str) -> Result<(Vec<PageHash>, u64), AgentError> {
-        if self.is_adopted(name) {
-            return self.adopted_hashes(name);
-        }
-        let e = lock(&self.vms)
-            .get(name)
+    /// The VM named `name`.
+    pub fn hosted(&self, name: &str) -> Result<Arc<Hosted>, AgentError> {
+        lock(&self.vms)
+            .vm(name)
             .cloned()
-            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
-        let h = self.current_hashes(&e).ok_or_else(|| AgentError::Busy {
+            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))
+    }
+
+    /// A VM's frame hashes as the content map has them now (brought up to
+    /// date first), its memory, and its kind.
+    pub fn vm_hashes(&self, name: &str) -> Result<(Vec<PageHash>, u64, v1::VmKind), AgentError> {
+        let vm = self.hosted(name)?;
+        let h = self.current_hashes(&vm).ok_or_else(|| AgentError::Busy {
             vm: name.to_owned(),
             state: "still being indexed",
         })?;
-        Ok((h, e.vm.region().len() as u64))
+        Ok((h, vm.memory_bytes(), vm.backend.kind()))
     }
 
-    /// Distinct pages VM `name`'s guest rewrote a second lately, from the
-    /// dirty log (0 until two content refreshes have run).
+    /// Distinct pages VM `name`'s guest rewrote a second lately (0 until
+    /// two content refreshes have run).
     pub fn vm_rewrite_rate(&self, name: &str) -> Result<f64, AgentError> {
-        if let Some(r) = self.adopted_rewrite_rate(name) {
-            return Ok(r);
-        }
-        let e = lock(&self.vms)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
-        let r = lock(&e.rewrites).rate();
+        let vm = self.hosted(name)?;
+        let r = lock(&vm.rewrites).rate();
         Ok(r)
     }
 
@@ -632,27 +348,28 @@ impl Agent {
         }
     }
 
+    fn all_vms(&self) -> Vec<Arc<Hosted>> {
+        lock(&self.vms).vms()
+    }
+
     /// The records of the VMs that run here (published, fully indexed).
     pub fn vm_records(&self) -> Vec<v1::VmRecord> {
-        let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
-        let mut records: Vec<v1::VmRecord> = vms
+        self.all_vms()
             .iter()
             .filter_map(|v| {
                 let p = lock(&v.publication);
                 p.is_live()
                     .then(|| publish::vm_record(&v.name, &v.origin, &v.domain, p.intended()))
             })
-            .collect();
-        records.extend(self.adopted_records());
-        records
+            .collect()
     }
 
     /// What the host report says of the VMs now.
     pub fn host_now(&self) -> HostNow {
-        let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
+        let vms = self.all_vms();
         HostNow {
             vms: vms.iter().map(|v| v.name.clone()).collect(),
-            used_bytes: vms.iter().map(|v| v.vm.region().len() as u64).sum(),
+            used_bytes: vms.iter().map(|v| v.memory_bytes()).sum(),
             hot_pages: vms.iter().map(|v| lock(&v.publication).unpublished()).sum(),
         }
     }
@@ -660,30 +377,36 @@ impl Agent {
     /// Recomputes, from a fresh hash of all memory, what the index should
     /// list for this host in each of `shards` shards (hot frames left out
     /// as they are from publication), beside what the agent's ledger says.
+    /// A VM whose changes the agent only sees by rescanning counts as its
+    /// last scan saw it (what its listing is made from).
     pub fn audit(&self, shards: u32, ledger_only: bool) -> v1::AuditResponse {
-        let vms: Vec<Arc<VmEntry>> = if ledger_only {
+        let vms = if ledger_only {
             Vec::new()
         } else {
-            lock(&self.vms).values().cloned().collect()
+            self.all_vms()
         };
         let n = shards.max(1);
         let mut fresh: HashMap<PageHash, u64> = HashMap::new();
         let mut hot = 0u64;
         for v in &vms {
-            let f = self.fp.fingerprint(&**v, &v.key, &|_| {});
+            let hashes = if v.backend.exact() {
+                self.fp
+                    .fingerprint(v.backend.memory(), &v.key, &|_| {})
+                    .hashes
+            } else {
+                lock(&v.seen).clone()
+            };
             let p = lock(&v.publication);
-            for (frame, h) in f.hashes.iter().enumerate() {
+            if !p.is_live() {
+                continue;
+            }
+            for (frame, h) in hashes.iter().enumerate() {
                 if p.is_hot(frame as u64) {
                     hot += 1;
                 } else if !h.is_zero_page() {
                     *fresh.entry(*h).or_default() += 1;
                 }
             }
-        }
-        if !ledger_only {
-            // Adopted QEMU VMs as their last scan saw them (what their
-            // listing is made from; their memory may have moved on since).
-            self.adopted_audit(&mut fresh, &mut hot);
         }
         let mut fresh_sums = vec![HoldingSum::default(); n as usize];
         for (h, c) in &fresh {
@@ -704,7 +427,7 @@ impl Agent {
                 .map(|s| s.encode().to_vec().into())
                 .collect(),
             hot_frames: hot,
-            vms: lock(&self.vms).len() as u32,
+            vms: lock(&self.vms).count() as u32,
         }
     }
 
@@ -755,60 +478,64 @@ impl Agent {
         }
     }
 
+    /// Holds `name` while a VM starts or arrives.
     fn reserve(&self, name: &str, state: v1::HostedVmState) -> Result<(), AgentError> {
-        if !valid_name(name) {
-            return Err(AgentError::BadName(name.to_owned()));
-        }
-        let vms = lock(&self.vms);
-        let mut incoming = lock(&self.incoming);
-        if vms.contains_key(name) || incoming.contains_key(name) || self.is_adopted(name) {
-            return Err(AgentError::VmExists(name.to_owned()));
-        }
-        incoming.insert(name.to_owned(), state);
+        lock(&self.vms).reserve(name, state)
+    }
+
+    /// Lets a reservation go.
+    fn release(&self, name: &str) {
+        lock(&self.vms).release(name);
+    }
+
+    /// Lists a VM (in place of its reservation) without indexing it yet.
+    fn arrived(&self, vm: &Arc<Hosted>) -> Result<(), AgentError> {
+        let mut vms = lock(&self.vms);
+        vms.insert(vm.clone())?;
+        gauge!(crate::metrics::VMS).set(vms.count() as f64);
         Ok(())
     }
 
-    fn register(&self, entry: Arc<VmEntry>) {
-        lock(&self.incoming).remove(&entry.name);
-        lock(&self.vms).insert(entry.name.clone(), entry.clone());
-        gauge!(crate::metrics::VMS).set(lock(&self.vms).len() as f64);
-        self.index(&entry);
+    /// Lists a VM and adds its pages to the content map.
+    fn register(&self, vm: Arc<Hosted>) -> Result<(), AgentError> {
+        self.arrived(&vm)?;
+        self.index(&vm);
+        Ok(())
     }
 
-    /// Whether `e` is still one of this agent's VMs. Checked under the
+    /// Whether `vm` is still one of this agent's VMs. Checked under the
     /// content map's write lock: [`Agent::forget`] removes a VM from the
     /// list before it purges the map, so a VM checked here is purged after.
-    fn registered(&self, e: &Arc<VmEntry>) -> bool {
-        lock(&self.vms)
-            .get(&e.name)
-            .is_some_and(|v| Arc::ptr_eq(v, e))
+    fn registered(&self, vm: &Arc<Hosted>) -> bool {
+        lock(&self.vms).holds(vm)
     }
 
-    /// Adds every page of a VM to the content map.
-    fn index(&self, entry: &Arc<VmEntry>) {
-        let _ = entry.pull();
-        *lock(&entry.for_content) = DirtyBitmap::new(entry.page_count());
-        let f = self.fp.fingerprint(&**entry, &entry.key, &|_| {});
+    /// Adds every page of a VM to the content map (a first full hash).
+    fn index(&self, vm: &Arc<Hosted>) {
+        let _one = lock(&vm.refreshing);
+        vm.backend.reset_look();
+        let t0 = Instant::now();
+        let f = self.fp.fingerprint(vm.backend.memory(), &vm.key, &|_| {});
+        vm.backend.scanned(t0.elapsed());
+        lock(&vm.rewrites).sample(0, Instant::now());
         let mut map = write(&self.content);
-        if !self.registered(entry) {
+        if !self.registered(vm) {
             // Stopped meanwhile: its pages must not keep it alive.
             return;
         }
         for (frame, h) in f.hashes.iter().enumerate() {
             if !h.is_zero_page() {
-                map.entry(*h)
-                    .or_insert_with(|| (entry.clone(), frame as u64));
+                map.entry(*h).or_insert_with(|| (vm.clone(), frame as u64));
             }
         }
         gauge!(crate::metrics::CONTENT_ENTRIES).set(map.len() as f64);
-        let mut seen = lock(&entry.seen);
+        let mut seen = lock(&vm.seen);
         *seen = f.hashes;
         if let Some(link) = &self.index {
             let mut changes = Vec::new();
-            let mut p = lock(&entry.publication);
+            let mut p = lock(&vm.publication);
             p.publish_all(&seen, &mut changes);
-            let record =
-                publish::vm_record(&entry.name, &entry.origin, &entry.domain, p.intended());
+            let record = publish::vm_record(&vm.name, &vm.origin, &vm.domain, p.intended());
             drop(p);
             drop(seen);
             drop(map);
@@ -819,115 +546,45 @@ impl Agent {
 
     /// Removes a VM from the agent: its pages leave the content map and
     /// the index (withdrawn; its record dropped, or moved to `moved_to`).
-    fn forget(&self, name: &str, moved_to: Option<&str>) -> Option<Arc<VmEntry>> {
-        let e = lock(&self.vms).remove(name)?;
-        self.content
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, (vm, _)| !Arc::ptr_eq(vm, &e));
-        gauge!(crate::metrics::VMS).set(lock(&self.vms).len() as f64);
+    fn forget(&self, name: &str, moved_to: Option<&str>) -> Option<Arc<Hosted>> {
+        let vm = {
+            let mut vms = lock(&self.vms);
+            let vm = vms.remove(name)?;
+            gauge!(crate::metrics::VMS).set(vms.count() as f64);
+            vm
+        };
+        write(&self.content).retain(|_, (v, _)| !Arc::ptr_eq(v, &vm));
         if let Some(link) = &self.index {
-            let mut changes = Vec::new();
-            lock(&e.publication).withdraw_all(&mut changes);
-            link.apply(&changes);
-            link.vm_op(match moved_to {
-                Some(to) => VmOp::Move {
-                    name: name.to_owned(),
-                    to: to.to_owned(),
-                },
-                None => VmOp::Drop(name.to_owned()),
-            });
-        }
-        Some(e)
-    }
-
-    /// Starts a VM.
-    pub fn vm_start(&self, r: &v1::VmStartRequest) -> Result<v1::VmInfo, AgentError> {
-        self.reserve(&r.name, v1::HostedVmState::Starting)?;
-        let started = self.boot(r);
-        match started {
-            Ok(entry) => {
-                let info = entry.info();
-                self.register(entry);
-                Ok(info)
-            }
-            Err(e) => {
-                lock(&self.incoming).remove(&r.name);
-                Err(e)
+            let mut p = lock(&vm.publication);
+            if p.is_live() {
+                let mut changes = Vec::new();
+                p.withdraw_all(&mut changes);
+                drop(p);
+                link.apply(&changes);
+                link.vm_op(match moved_to {
+                    Some(to) => VmOp::Move {
+                        name: name.to_owned(),
+                        to: to.to_owned(),
+                    },
+                    None => VmOp::Drop(name.to_owned()),
+                });
             }
         }
-    }
-
-    fn boot(&self, r: &v1::VmStartRequest) -> Result<Arc<VmEntry>, AgentError> {
-        let key = self.domain_key(&r.domain)?;
-        let (memory, origin, synth) = match (r.image.is_empty(), r.synthetic.is_empty()) {
-            (false, true) => {
-                let path = self.resolve(&r.image);
-                let len = ImageFile::open(&path)?.len_bytes();
-                if r.memory_bytes != 0 && r.memory_bytes != len {
-                    return Err(AgentError::BadRequest(format!(
-                        "image {} holds {len} bytes, not the {} asked for",
-                        path.display(),
-                        r.memory_bytes
-                    )));
-                }
-                (len, path.display().to_string(), None)
-            }
-            (true, false) => {
-                let memory = if r.memory_bytes == 0 {
-                    DEFAULT_MEMORY
-                } else {
-                    r.memory_bytes
-                };
-                let spec = SynthSpec::parse(&r.synthetic, memory)?;
-                (
-                    spec.memory_bytes(),
-                    format!("synthetic {}", r.synthetic),
-                    Some(SyntheticVm::new(spec)?),
-                )
-            }
-            _ => {
-                return Err(AgentError::BadRequest(
-                    "give exactly one of an image and a synthetic profile".into(),
-                ));
-            }
-        };
-        let pages = memory / PAGE_SIZE as u64;
-        let ws = if r.working_set_pages == 0 {
-            DEFAULT_WORKING_SET
-        } else {
-            r.working_set_pages
-        };
-        let start = WORKING_SET_START.min(pages.saturating_sub(1)).max(2);
-        let end = (start + ws).min(pages);
-        let config = MicroVmConfig {
-            memory_bytes: memory,
-            working_set: (end > start).then_some(start..end).into_iter().collect(),
-            dirty_rate: r.dirty_rate,
-        };
-        let initial = match &synth {
-            Some(s) => InitialMemory::Synthetic(s),
-            None => InitialMemory::Image(Path::new(&origin)),
-        };
-        let vm = self.fp.pool().install(|| MicroVm::boot(&config, initial))?;
-        Ok(Arc::new(VmEntry::new(
-            &r.name,
-            origin,
-            (&r.domain, key),
-            vm,
-        )))
+        Some(vm)
     }
 
     /// Lists the VMs.
     pub fn vm_list(&self) -> v1::VmList {
-        let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
-        let mut infos: Vec<v1::VmInfo> = vms.iter().map(|e| e.info()).collect();
-        infos.extend(lock(&self.incoming).iter().map(|(n, s)| v1::VmInfo {
-            name: n.clone(),
-            state: *s as i32,
+        let (vms, reserved) = {
+            let g = lock(&self.vms);
+            (g.vms(), g.reserved())
+        };
+        let mut infos: Vec<v1::VmInfo> = vms.iter().map(|v| v.info()).collect();
+        infos.extend(reserved.into_iter().map(|(n, s)| v1::VmInfo {
+            name: n,
+            state: s as i32,
             ..Default::default()
         }));
-        infos.extend(self.adopted_infos());
         infos.sort_by(|a, b| a.name.cmp(&b.name));
         v1::VmList {
             agent: self.name.clone(),
@@ -936,45 +593,43 @@ impl Agent {
         }
     }
 
-    /// Stops a VM (also one left in doubt by a migration).
+    /// Stops a VM (also one left in doubt by a migration). A micro-VM stops
+    /// with its last reference; an adopted QEMU VM is only let go (QEMU is
+    /// the operator's to stop).
     pub fn vm_stop(&self, name: &str) -> Result<v1::VmInfo, AgentError> {
-        if self.is_adopted(name) {
-            // Only forgotten: QEMU is the operator's to stop.
-            return self
-                .forget_adopted(name, None)
-                .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()));
+        let vm = self.hosted(name)?;
+        let s = vm.state();
+        if matches!(
+            s,
+            v1::HostedVmState::MigratingOut
+                | v1::HostedVmState::Cloning
+                | v1::HostedVmState::MigratingIn
+        ) {
+            return Err(AgentError::Busy {
+                vm: name.to_owned(),
+                state: pagecast_proto::names::state(s),
+            });
         }
-        {
-            let vms = lock(&self.vms);
-            let e = vms
-                .get(name)
-                .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
-            let s = *lock(&e.state);
-            if s == VmState::MigratingOut {
-                return Err(AgentError::Busy {
-                    vm: name.to_owned(),
-                    state: s.name(),
-                });
-            }
-        }
-        let e = self
+        let vm = self
             .forget(name, None)
             .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
-        let info = e.info();
-        // The VM stops when the last reference goes (its Drop joins the vCPU).
-        drop(e);
+        let info = vm.info();
+        drop(vm);
         Ok(info)
     }
 
     /// Where the VM `name` stands here, for the source of a migration
-    /// whose switchover went unconfirmed.
+    /// whose switchover went unconfirmed. A VM still waiting for its
+    /// stream (an adopted QEMU) is not here yet.
     pub fn whereabouts(&self, name: &str) -> v1::Whereabouts {
-        if lock(&self.vms).contains_key(name) || self.is_adopted(name) {
-            v1::Whereabouts::Running
-        } else if lock(&self.incoming).contains_key(name) {
-            v1::Whereabouts::Arriving
-        } else {
-            v1::Whereabouts::Absent
+        match lock(&self.vms).get(name) {
+            Some(hosted::Slot::Vm(v)) => match v.state() {
+                v1::HostedVmState::Incoming => v1::Whereabouts::Absent,
+                v1::HostedVmState::MigratingIn => v1::Whereabouts::Arriving,
+                _ => v1::Whereabouts::Running,
+            },
+            Some(hosted::Slot::Reserved(_)) => v1::Whereabouts::Arriving,
+            None => v1::Whereabouts::Absent,
         }
     }
 
@@ -985,50 +640,51 @@ impl Agent {
     /// answer: it stays paused and is asked again later (1 s, doubling to
     /// 30 s). Exactly one copy runs in every case.
     pub fn resolve_in_doubt(&self) {
-        let now = std::time::Instant::now();
-        let due: Vec<(Arc<VmEntry>, InDoubt)> = lock(&self.vms)
-            .values()
-            .filter_map(|e| {
-                let d = lock(&e.in_doubt).clone()?;
-                (d.next <= now).then(|| (e.clone(), d))
+        let now = Instant::now();
+        let due: Vec<(Arc<Hosted>, InDoubt)> = self
+            .all_vms()
+            .into_iter()
+            .filter_map(|v| {
+                let d = lock(&v.in_doubt).clone()?;
+                (d.next <= now).then_some((v, d))
             })
             .collect();
-        for (e, d) in due {
-            let answer = ask_whereabouts(self, &d.to, &e.name);
-            self.settle(&e, d, answer);
+        for (v, d) in due {
+            let answer = ask_whereabouts(self, &d.to, &v.name);
+            self.settle(&v, d, answer);
         }
     }
 
     fn settle(
         &self,
-        e: &Arc<VmEntry>,
+        vm: &Arc<Hosted>,
         mut d: InDoubt,
         answer: Result<(v1::Whereabouts, String), AgentError>,
     ) {
-        let mut state = lock(&e.state);
-        if *state != VmState::InDoubt {
+        let mut state = lock(&vm.state);
+        if *state != v1::HostedVmState::InDoubt {
             return;
         }
         match answer {
             Ok((v1::Whereabouts::Running, dest)) => {
-                *lock(&e.in_doubt) = None;
+                *lock(&vm.in_doubt) = None;
                 drop(state);
                 tracing::warn!(
                     "VM {}: its unconfirmed switchover went through: it runs at {dest}; \
                      released here",
-                    e.name
+                    vm.name
                 );
                 counter!(crate::metrics::IN_DOUBT_SETTLED, "outcome" => "released").increment(1);
-                self.forget(&e.name, Some(&dest));
+                self.forget(&vm.name, Some(&dest));
             }
             Ok((v1::Whereabouts::Absent, dest)) => {
-                *lock(&e.in_doubt) = None;
-                *state = VmState::Running;
-                e.vm.set_throttle(0);
-                e.vm.resume();
+                *lock(&vm.in_doubt) = None;
+                *state = v1::HostedVmState::Running;
+                drop(state);
+                vm.backend.resume();
                 tracing::warn!(
                     "VM {}: its unconfirmed switchover never started it at {dest}; resumed here",
-                    e.name
+                    vm.name
                 );
                 counter!(crate::metrics::IN_DOUBT_SETTLED, "outcome" => "resumed").increment(1);
             }
@@ -1037,27 +693,19 @@ impl Agent {
                     Ok((w, dest)) => format!("{dest} says it is {}", w.as_str_name()),
                     Err(err) => format!("cannot ask {}: {err}", d.to),
                 };
-                let now = std::time::Instant::now();
-                if d.told.is_none_or(|t| now - t >= Duration::from_secs(30)) {
-                    tracing::warn!("VM {} stays paused, in doubt: {why}", e.name);
-                    d.told = Some(now);
+                if d.again(Instant::now()) {
+                    tracing::warn!("VM {} stays paused, in doubt: {why}", vm.name);
                 }
-                d.tries = d.tries.saturating_add(1);
-                d.next =
-                    now + Duration::from_secs(1 << d.tries.min(5)).min(Duration::from_secs(30));
-                *lock(&e.in_doubt) = Some(d);
+                *lock(&vm.in_doubt) = Some(d);
             }
         }
     }
 
     /// Changes a VM's page-write rate (0: its guest only ticks).
     pub fn vm_set(&self, r: &v1::VmSetRequest) -> Result<v1::VmInfo, AgentError> {
-        let e = lock(&self.vms)
-            .get(&r.name)
-            .cloned()
-            .ok_or_else(|| AgentError::NoSuchVm(r.name.clone()))?;
-        e.vm.set_dirty_rate(r.dirty_rate)?;
-        Ok(e.info())
+        let vm = self.hosted(&r.name)?;
+        vm.backend.set_dirty_rate(r.dirty_rate)?;
+        Ok(vm.info())
     }
 
     /// Migrates a VM to the agent at `r.to`, reporting progress.
@@ -1065,64 +713,44 @@ impl Agent {
         &self,
         r: &v1::MigrateRequest,
         progress: &mut dyn FnMut(&Progress),
-    ) -> Result<MigrationReport, AgentError> {
+    ) -> Result<v1::MigrateResult, AgentError> {
         self.migrate_out_held(r, progress, None)
     }
 
     /// [`Agent::migrate_out`], held for a gang job by `hold` after the
-    /// destination says what it lacks.
+    /// destination says what it lacks. Whatever the VM's kind: on success
+    /// it is released here, on a switchover in doubt it stays paused until
+    /// its destination says where it runs, on any other failure it runs on
+    /// here.
     pub fn migrate_out_held(
         &self,
         r: &v1::MigrateRequest,
         progress: &mut dyn FnMut(&Progress),
         hold: Option<&mut dyn Hold>,
-    ) -> Result<MigrationReport, AgentError> {
-        let entry = lock(&self.vms)
-            .get(&r.vm)
-            .cloned()
-            .ok_or_else(|| AgentError::NoSuchVm(r.vm.clone()))?;
-        {
-            let mut s = lock(&entry.state);
-            if *s != VmState::Running {
-                return Err(AgentError::Busy {
-                    vm: r.vm.clone(),
-                    state: s.name(),
-                });
-            }
-            *s = VmState::MigratingOut;
-        }
-        let result = self.run_out(&entry, r, progress, hold);
-        let mut s = lock(&entry.state);
+    ) -> Result<v1::MigrateResult, AgentError> {
+        let vm = self.hosted(&r.vm)?;
+        vm.claim(v1::HostedVmState::MigratingOut)?;
+        let out = Outbound {
+            agent: self,
+            vm: &vm,
+        };
+        let result = vm.backend.migrate_out(out, r, progress, hold);
         match &result {
             Ok((rep, dest)) => {
-                drop(s);
                 // Released: the destination runs it now.
                 self.forget(&r.vm, Some(dest));
-                counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "ok")
-                    .increment(1);
-                histogram!(crate::metrics::DOWNTIME_SECONDS).record(rep.downtime_ms / 1e3);
-                counter!(crate::metrics::MIGRATION_BYTES, "class" => "pages")
-                    .increment(rep.bytes_pages);
-                counter!(crate::metrics::MIGRATION_BYTES, "class" => "manifest")
-                    .increment(rep.bytes_manifest);
-                counter!(crate::metrics::PAGES_LOCAL).increment(rep.pages_local);
-                counter!(crate::metrics::BYTES_SENT, "kind" => "migration")
-                    .increment(rep.bytes_sent);
+                metrics::migrated(rep);
             }
             Err(AgentError::Migration(MigrationError::InDoubt(_))) => {
-                *s = VmState::InDoubt;
                 // Settled by asking the destination ([`Agent::resolve_in_doubt`]).
-                *lock(&entry.in_doubt) = Some(InDoubt {
-                    to: r.to.clone(),
-                    next: std::time::Instant::now(),
-                    tries: 0,
-                    told: None,
-                });
+                *lock(&vm.in_doubt) = Some(InDoubt::new(&r.to));
+                vm.set_state(v1::HostedVmState::InDoubt);
                 counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "in-doubt")
                     .increment(1);
             }
             Err(_) => {
-                *s = VmState::Running;
+                vm.backend.recover();
+                vm.set_state(v1::HostedVmState::Running);
                 counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "failed")
                     .increment(1);
             }
@@ -1136,284 +764,38 @@ impl Agent {
         r: &v1::CloneRequest,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<v1::CloneResult, AgentError> {
-        let entry = lock(&self.vms)
-            .get(&r.vm)
-            .cloned()
-            .ok_or_else(|| AgentError::NoSuchVm(r.vm.clone()))?;
+        let vm = self.hosted(&r.vm)?;
         if r.targets.is_empty() {
             return Err(AgentError::BadRequest(
                 "a clone needs at least one target".into(),
             ));
         }
         for t in &r.targets {
-            if !valid_name(&t.name) {
+            if !pagecast_proto::name_ok(&t.name) {
                 return Err(AgentError::BadName(t.name.clone()));
             }
         }
-        {
-            let mut s = lock(&entry.state);
-            if *s != VmState::Running {
-                return Err(AgentError::Busy {
-                    vm: r.vm.clone(),
-                    state: s.name(),
-                });
-            }
-            *s = VmState::MigratingOut;
-        }
-        let result = self.run_clone(&entry, r, progress);
-        *lock(&entry.state) = VmState::Running;
+        vm.claim(v1::HostedVmState::Cloning)?;
+        let out = Outbound {
+            agent: self,
+            vm: &vm,
+        };
+        let result = vm.backend.clone_out(out, r, progress);
+        vm.set_state(v1::HostedVmState::Running);
         result
     }
 
-    fn run_clone(
-        &self,
-        entry: &Arc<VmEntry>,
-        r: &v1::CloneRequest,
-        progress: &mut dyn FnMut(&Progress),
-    ) -> Result<v1::CloneResult, AgentError> {
-        let mut targets = Vec::new();
-        let mut failed = Vec::new();
-        for t in &r.targets {
-            let link = (|| -> Result<(String, ChannelLink), AgentError> {
-                let addr = t
-                    .addr
-                    .to_socket_addrs()
-                    .map_err(|source| AgentError::Connect {
-                        addr: t.addr.clone(),
-                        source,
-                    })?
-                    .next()
-                    .ok_or_else(|| {
-                        AgentError::BadRequest(format!("{} resolves to nothing", t.addr))
-                    })?;
-                let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(
-                    |source| AgentError::Connect {
-                        addr: t.addr.clone(),
-                        source,
-                    },
-                )?;
-                let mut ch = self.host_channel(stream, "receive a clone")?;
-                ch.send(&v1::AgentRequest {
-                    body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
-                        source: self.name.clone(),
-                    })),
-                })?;
-                let host = ch.peer_name().to_owned();
-                Ok((host, ChannelLink::new(ch)))
-            })();
-            match link {
-                Ok((host, link)) => targets.push(pagecast_migrate::CloneTarget {
-                    name: t.name.clone(),
-                    host,
-                    link: Box::new(link),
-                }),
-                Err(e) => failed.push(v1::CloneOne {
-                    name: t.name.clone(),
-                    host: t.addr.clone(),
-                    ok: false,
-                    verified: false,
-                    error: Some(e.refusal()),
-                }),
-            }
-        }
-        let opts = MigrateOptions {
-            bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
-            max_downtime: Duration::from_millis(if r.max_downtime_ms == 0 {
-                50
-            } else {
-                u64::from(r.max_downtime_ms)
-            }),
-            job: r.job.clone(),
-            ..MigrateOptions::default()
-        };
-        let vm = Outgoing { agent: self, entry };
-        let mut caster = job::AgentCaster {
-            agent: self,
-            vm: &vm,
-            key: entry.key,
-            rate_bps: opts.bandwidth_bps,
-            job: r.job.clone(),
-            casts: 0,
-        };
-        let rep = pagecast_migrate::clone_out(&vm, targets, &mut caster, &self.fp, &opts, progress);
-        counter!(crate::metrics::BYTES_SENT, "kind" => "clone")
-            .increment(rep.bytes_links + rep.bytes_cast);
-        let mut clones: Vec<v1::CloneOne> = rep
-            .clones
-            .iter()
-            .map(|c| v1::CloneOne {
-                name: c.name.clone(),
-                host: c.host.clone(),
-                ok: c.ok,
-                verified: c.verified,
-                error: c.error.clone(),
-            })
-            .collect();
-        clones.extend(failed);
-        let ok = clones.iter().all(|c| c.ok && c.verified);
-        Ok(v1::CloneResult {
-            ok,
-            error: (!ok).then(|| {
-                pagecast_proto::refusal(v1::RefusalCode::Unavailable, "some clones failed")
-            }),
-            clones,
-            bytes_sent: rep.bytes_links + rep.bytes_cast,
-            bytes_cast: rep.bytes_cast,
-            downtime_ms: rep.downtime_ms,
-            total_ms: rep.total_ms,
-            rounds: rep.rounds,
-        })
-    }
-
-    /// Runs a migration out; returns its report and the destination's name.
-    fn run_out(
-        &self,
-        entry: &Arc<VmEntry>,
-        r: &v1::MigrateRequest,
-        progress: &mut dyn FnMut(&Progress),
-        hold: Option<&mut dyn Hold>,
-    ) -> Result<(MigrationReport, String), AgentError> {
-        let mut ch = self.connect_host(&r.to, "receive a migrated VM")?;
-        ch.send(&v1::AgentRequest {
-            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
-                source: self.name.clone(),
-            })),
-        })?;
-        let mut link = ChannelLink::new(ch);
-        let opts = MigrateOptions {
-            bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
-            max_downtime: Duration::from_millis(if r.max_downtime_ms == 0 {
-                50
-            } else {
-                u64::from(r.max_downtime_ms)
-            }),
-            verify_full: r.verify_full,
-            job: r.job.clone(),
-            no_local: r.no_local,
-            per_frame: r.per_frame,
-            ..MigrateOptions::default()
-        };
-        let dest = link.peer_name().to_owned();
-        let vm = Outgoing { agent: self, entry };
-        Ok((
-            migrate_out_held(&vm, &mut link, &self.fp, &opts, progress, hold)?,
-            dest,
-        ))
-    }
-
-    /// Receives a VM over `link` from the agent named `source`.
-    pub fn migrate_in(
-        &self,
-        link: &mut dyn MigrationLink,
-        source: &str,
-    ) -> Result<IncomingReport, AgentError> {
-        let begin = match link.recv(Some(Duration::from_secs(10)))? {
-            v1::migrate_frame::Body::Begin(b) => b,
-            other => {
-                return Err(AgentError::BadRequest(format!(
-                    "expected a migration to begin, got {other:?}"
-                )));
-            }
-        };
-        tracing::debug!(
-            "incoming VM {} of {} MiB (job {:?})",
-            begin.vm,
-            begin.memory_bytes >> 20,
-            begin.job
-        );
-        if let Err(e) = self.reserve(&begin.vm, v1::HostedVmState::Incoming) {
-            let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
-                ok: false,
-                reason: e.to_string(),
-                code: e.code() as i32,
-            }));
-            return Err(e);
-        }
-        let origin = if begin.origin.is_empty() {
-            format!("migrated from {source}")
-        } else {
-            format!("{} (migrated from {source})", begin.origin)
-        };
-        let mut started: Option<Arc<VmEntry>> = None;
-        let local = JobContent {
-            agent: self,
-            job: &begin.job,
-        };
-        let mut events = JobSlots {
-            agent: self,
-            job: begin.job.clone(),
-        };
-        let result = migrate_in_job(
-            link,
-            &begin,
-            &local,
-            &self.fp,
-            &mut events,
-            &mut |region: Region, state: VcpuState| {
-                let vm = MicroVm::restore(region, &state, begin.dirty_rate)
-                    .map_err(|e| e.to_string())?;
-                let p = vm.progress().map_err(|e| e.to_string())?;
-                // Listed as running before the source hears it resumed, so a
-                // `vm list` after the migration reports success shows it here.
-                let key = self.domain_key(&begin.domain).map_err(|e| e.to_string())?;
-                let entry = Arc::new(VmEntry::new(
-                    &begin.vm,
-                    origin.clone(),
-                    (&begin.domain, key),
-                    vm,
-                ));
-                {
-                    let mut vms = lock(&self.vms);
-                    lock(&self.incoming).remove(&begin.vm);
-                    vms.insert(begin.vm.clone(), entry.clone());
-                    gauge!(crate::metrics::VMS).set(vms.len() as f64);
-                }
-                started = Some(entry);
-                Ok(p)
-            },
-        );
-        match (result, started) {
-            (result, Some(entry)) => {
-                // Committed and resumed: it runs here whatever happened to
-                // the confirmation (the source then holds its copy paused,
-                // in doubt). Its contents join the map off the switchover path.
-                self.index(&entry);
-                counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "ok")
-                    .increment(1);
-                match result {
-                    Ok(rep) => Ok(rep),
-                    Err(e) => Err(AgentError::Migration(MigrationError::InDoubt(format!(
-                        "the VM runs here but the source was not told: {e}"
-                    )))),
-                }
-            }
-            (result, None) => {
-                lock(&self.incoming).remove(&begin.vm);
-                counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "failed")
-                    .increment(1);
-                Err(match result {
-                    Err(e) => e.into(),
-                    Ok(_) => {
-                        AgentError::Migration(MigrationError::Start("the VM did not start".into()))
-                    }
-                })
-            }
-        }
-    }
-
-    /// Re-hashes pages the VMs dirtied since the last call and adds their new
-    /// contents to the content map (stale entries are caught when used).
+    /// Re-hashes pages the VMs changed since the last call and adds their
+    /// new contents to the content map (stale entries are caught when used).
     pub fn refresh_content(&self) {
         // The hashing runs on the agent's pool, like all its hashing.
         self.fp.pool().install(|| self.refresh_inner());
     }
 
     fn refresh_inner(&self) {
-        let vms: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
-        for e in vms {
-            self.refresh_vm(&e);
+        for vm in self.all_vms() {
+            self.refresh_vm(&vm, false);
         }
-        self.rescan_adopted();
         if let Some(link) = &self.index {
             gauge!(crate::metrics::HOT_PAGES).set(self.host_now().hot_pages as f64);
             gauge!(crate::metrics::PUBLISH_BACKLOG).set(link.ledger().behind() as f64);
@@ -1421,116 +803,140 @@ impl Agent {
         gauge!(crate::metrics::CONTENT_ENTRIES).set(read(&self.content).len() as f64);
     }
 
-    /// Takes in the pages one VM dirtied since its last refresh: their new
+    /// Takes in the pages one VM changed since its last refresh: their new
     /// contents enter the content map (the old leave it) and, when this
-    /// agent publishes, the index's intended listing.
-    fn refresh_vm(&self, e: &Arc<VmEntry>) {
+    /// agent publishes, the index's intended listing. `force`: bring the
+    /// map up to date now, whatever the VM's rescan schedule says.
+    fn refresh_vm(&self, vm: &Arc<Hosted>, force: bool) {
         // One refresh of a VM at a time (the refresher and a migration's
         // manifest may both ask), so publication sees whole refreshes.
-        let _one = lock(&e.refreshing);
-        if e.pull().is_err() {
+        let _one = lock(&vm.refreshing);
+        if !vm.indexed() {
+            // Not hashed whole yet (still arriving, or its first hash runs).
             return;
         }
-        let pages = e.page_count();
-        let mut meter = lock(&e.rewrites);
-        let dirty = std::mem::replace(&mut *lock(&e.for_content), DirtyBitmap::new(pages));
-        if meter.last.is_none() || lock(&e.seen).len() as u64 == pages {
-            meter.sample(dirty.count(), std::time::Instant::now());
-        }
-        drop(meter);
-        if lock(&e.seen).len() as u64 != pages {
-            // Still being indexed: its first full hash takes these in.
-            let _ = lock(&e.for_content).merge(&dirty);
-            return;
-        }
-        let (mut buf, mut hashes) = (Vec::new(), Vec::new());
-        let frames: Vec<u64> = dirty.iter().collect();
-        for chunk in frames.chunks(64) {
-            if read_and_hash(&**e, &e.key, chunk, &mut buf, &mut hashes).is_err() {
-                break;
-            }
-            let mut map = write(&self.content);
-            if !self.registered(e) {
-                return;
-            }
-            let mut seen = lock(&e.seen);
-            for (i, &f) in chunk.iter().enumerate() {
-                // The frame's old content leaves the map if this frame
-                // was where the map found it.
-                if let Some(old) = seen.get_mut(f as usize) {
-                    if map
-                        .get(old)
-                        .is_some_and(|(vm, fr)| Arc::ptr_eq(vm, e) && *fr == f)
-                    {
-                        map.remove(old);
-                    }
-                    *old = hashes[i];
-                }
-                if !hashes[i].is_zero_page() {
-                    map.insert(hashes[i], (e.clone(), f));
-                }
-            }
-        }
+        let state = vm.state();
+        let dirty = match vm.backend.look(state, force) {
+            Ok(Look::Frames(d)) => self.rehash(vm, d),
+            Ok(Look::All) => self.rescan(vm),
+            Ok(Look::NotDue) | Err(_) => return,
+        };
+        let Some(dirty) = dirty else { return };
+        lock(&vm.rewrites).sample(dirty.count(), Instant::now());
         if let Some(link) = &self.index {
             // A VM migrating out is withdrawn at its switchover: what its
             // guest rewrites meanwhile waits (coalesced, as over-budget
             // frames do) instead of costing the index writes, and is
             // published if the migration fails and the VM stays.
-            let budget = if *lock(&e.state) == VmState::MigratingOut {
+            let budget = if state == v1::HostedVmState::MigratingOut {
                 0
             } else {
                 publish::FRAME_UPDATES_PER_REFRESH
             };
             let mut changes = Vec::new();
-            let seen = lock(&e.seen);
-            lock(&e.publication).on_refresh(&dirty, &seen, budget, &mut changes);
+            let seen = lock(&vm.seen);
+            lock(&vm.publication).on_refresh(&dirty, &seen, budget, &mut changes);
             drop(seen);
             link.apply(&changes);
         }
     }
 
-    /// Every frame's hash of a VM as it is now: the content map, brought
-    /// up to date with the dirty log (no fresh hash of all memory).
-    pub fn current_hashes(&self, e: &Arc<VmEntry>) -> Option<Vec<PageHash>> {
-        self.fp.pool().install(|| self.refresh_vm(e));
-        let seen = lock(&e.seen);
-        (seen.len() as u64 == e.page_count()).then(|| seen.clone())
+    /// Re-hashes the frames `dirty` of a VM into the content map; `None`
+    /// if the VM left meanwhile.
+    fn rehash(&self, vm: &Arc<Hosted>, dirty: DirtyBitmap) -> Option<DirtyBitmap> {
+        let (mut buf, mut hashes) = (Vec::new(), Vec::new());
+        let frames: Vec<u64> = dirty.iter().collect();
+        for chunk in frames.chunks(64) {
+            if read_and_hash(vm.backend.memory(), &vm.key, chunk, &mut buf, &mut hashes).is_err() {
+                break;
+            }
+            let mut map = write(&self.content);
+            if !self.registered(vm) {
+                return None;
+            }
+            let mut seen = lock(&vm.seen);
+            for (i, &f) in chunk.iter().enumerate() {
+                if let Some(old) = seen.get_mut(f as usize) {
+                    replace_in_map(&mut map, vm, f, old, hashes[i]);
+                }
+            }
+        }
+        Some(dirty)
     }
 
-    /// Stops every VM (at shutdown), withdrawing them from the index.
+    /// Hashes all of a VM's memory again; its new contents replace the old
+    /// in the content map. Returns the frames that changed (`None` if the
+    /// VM left meanwhile).
+    fn rescan(&self, vm: &Arc<Hosted>) -> Option<DirtyBitmap> {
+        let t0 = Instant::now();
+        let f = self.fp.fingerprint(vm.backend.memory(), &vm.key, &|_| {});
+        vm.backend.scanned(t0.elapsed());
+        let mut map = write(&self.content);
+        if !self.registered(vm) {
+            return None;
+        }
+        let mut seen = lock(&vm.seen);
+        let mut dirty = DirtyBitmap::new(f.hashes.len() as u64);
+        for (frame, new) in f.hashes.iter().enumerate() {
+            let Some(old) = seen.get_mut(frame) else {
+                continue;
+            };
+            if *old != *new {
+                let _ = dirty.set(frame as u64);
+                replace_in_map(&mut map, vm, frame as u64, old, *new);
+            }
+        }
+        Some(dirty)
+    }
+
+    /// Every frame's hash of a VM as it is now: the content map, brought
+    /// up to date (from the dirty log, or a fresh scan), without a fresh
+    /// hash of memory the log says is unchanged.
+    pub fn current_hashes(&self, vm: &Arc<Hosted>) -> Option<Vec<PageHash>> {
+        self.fp.pool().install(|| self.refresh_vm(vm, true));
+        let seen = lock(&vm.seen);
+        (seen.len() as u64 == vm.page_count()).then(|| seen.clone())
+    }
+
+    /// Lets every VM go (at shutdown), withdrawing them from the index:
+    /// micro-VMs stop, adopted QEMU VMs run on.
     pub fn shutdown(&self) {
-        let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
+        let names: Vec<String> = self.all_vms().iter().map(|v| v.name.clone()).collect();
         for n in names {
             self.forget(&n, None);
         }
-        self.content
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        let vms = std::mem::take(&mut *lock(&self.vms));
-        drop(vms);
+        write(&self.content).clear();
     }
-}
 
-impl Agent {
     /// Copies a resident page whose content hashes to `h` in the domain of
     /// the VM holding it (checked under that VM's key) into `out`; returns
     /// that key. For a source's casts, which send what the coordinator
     /// names by hash whatever its domain.
     pub fn copy_any(&self, h: &PageHash, out: &mut Page) -> Option<ContentKey> {
-        let e = self
-            .content
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(h)
-            .cloned();
-        if let Some((e, f)) = e
-            && e.read_page(f, out).is_ok()
-            && e.key.hash_page(out) == *h
-        {
-            return Some(e.key);
-        }
-        self.copy_adopted(h, out)
+        let (vm, f) = read(&self.content).get(h).cloned()?;
+        vm.copy(f, h, out).then_some(vm.key)
+    }
+}
+
+/// Frame `f` of `vm` now holds `new` where it held `*old`: the old content
+/// leaves the map if this frame was where the map found it, the new one
+/// enters it.
+fn replace_in_map(
+    map: &mut HashMap<PageHash, (Arc<Hosted>, u64)>,
+    vm: &Arc<Hosted>,
+    f: u64,
+    old: &mut PageHash,
+    new: PageHash,
+) {
+    if map
+        .get(old)
+        .is_some_and(|(v, fr)| Arc::ptr_eq(v, vm) && *fr == f)
+    {
+        map.remove(old);
+    }
+    *old = new;
+    if !new.is_zero_page() {
+        map.insert(new, (vm.clone(), f));
     }
 }
 
@@ -1556,30 +962,4 @@ fn ask_whereabouts(
         .with_answer_timeout(Duration::from_secs(5))?;
     let dest = c.agent_name().to_owned();
     Ok((c.whereabouts(name)?, dest))
-}
-
-#[cfg(test)]
-mod rewrite_tests {
-    use super::RewriteMeter;
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn the_meter_rates_dirty_frames_over_time_and_keeps_short_samples() {
-        let t0 = Instant::now();
-        let mut m = RewriteMeter::default();
-        m.sample(10_000, t0);
-        assert_eq!(m.rate(), 0.0, "one sample has no interval");
-        m.sample(500, t0 + Duration::from_secs(1));
-        assert!((m.rate() - 500.0).abs() < 1e-9, "{}", m.rate());
-        // A refresh right after another: its frames wait for the next.
-        m.sample(40, t0 + Duration::from_millis(1010));
-        assert!((m.rate() - 500.0).abs() < 1e-9);
-        m.sample(460, t0 + Duration::from_secs(2));
-        assert!((m.rate() - 500.0).abs() < 1e-6, "{}", m.rate());
-        // A guest that stops writing: the rate decays, not at once.
-        for s in 3..=30 {
-            m.sample(0, t0 + Duration::from_secs(s));
-        }
-        assert!(m.rate() < 500.0 * 0.1 && m.rate() > 0.0, "{}", m.rate());
-    }
 }

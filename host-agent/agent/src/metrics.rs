@@ -50,3 +50,14 @@ pub const PUBLISH_BACKLOG: &str = "pagecast_agent_index_backlog";
 /// Histogram: seconds from a refresh of the content map until the index
 /// acknowledged all it changed (publish lag).
 pub const PUBLISH_LAG_SECONDS: &str = "pagecast_agent_index_lag_seconds";
+
+/// Counts a migration out that went through, whatever the VM's kind.
+pub(crate) fn migrated(rep: &pagecast_proto::v1::MigrateResult) {
+    use ::metrics::{counter, histogram};
+    counter!(MIGRATIONS, "role" => "source", "result" => "ok").increment(1);
+    histogram!(DOWNTIME_SECONDS).record(rep.downtime_ms / 1e3);
+    counter!(MIGRATION_BYTES, "class" => "pages").increment(rep.bytes_pages);
+    counter!(MIGRATION_BYTES, "class" => "manifest").increment(rep.bytes_manifest);
+    counter!(PAGES_LOCAL).increment(rep.pages_local);
+    counter!(BYTES_SENT, "kind" => "migration").increment(rep.bytes_sent);
+}

@@ -29,16 +29,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pagecast_channel::{Channel, wire_bytes};
-use pagecast_memory::ImageFile;
-use pagecast_memory::{GuestMemory, Page};
+use pagecast_memory::{GuestMemory, ImageFile, MemoryError, Page};
+use pagecast_migrate::{Hold, Progress};
 use pagecast_pages::{ContentKey, PageHash};
 use pagecast_proto::v1;
 use pagecast_qemu::{PAGE, Qmp, Sink, StreamError};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::publish::{self, Publication, VmOp};
-use crate::{Agent, AgentError, lock, valid_name};
+use crate::hosted::{Backend, Hosted, Look, Outbound};
+use crate::sync::lock;
+use crate::{Agent, AgentError};
 
 /// How often an adopted VM's memory is hashed again, at most: a VM whose
 /// scan takes longer than a twentieth of this is scanned every twenty scan
@@ -58,46 +59,17 @@ type Stash = HashMap<PageHash, Box<Page>>;
 /// has no adopted VM to bound it by): 64 GiB of distinct memory.
 const MAX_ROUTE_OFFER: usize = 16 << 20;
 
-/// A QEMU VM the agent took on.
-pub(crate) struct Adopted {
-    pub(crate) name: String,
+/// An adopted QEMU VM: QEMU runs the guest, this agent reads its RAM file
+/// (mapped read-only) and speaks QMP to it.
+pub struct QemuBackend {
     qmp: PathBuf,
-    file: PathBuf,
     image: ImageFile,
-    pub(crate) domain: String,
-    pub(crate) key: ContentKey,
-    /// "running", "incoming" (waiting to be fed), "migrating-out",
-    /// "migrating-in".
-    state: Mutex<v1::HostedVmState>,
-    /// Each frame's content at the last scan.
-    seen: Mutex<Vec<PageHash>>,
-    publication: Mutex<Publication>,
     last_scan: Mutex<Option<Instant>>,
     /// How long the last scan took.
     scan_took: Mutex<Duration>,
-    /// Pages changed between scans, a second (a lower bound of the guest's
-    /// rewrite rate: a page rewritten twice between scans counts once).
-    rewrites: Mutex<crate::RewriteMeter>,
 }
 
-impl Adopted {
-    fn info(&self) -> v1::VmInfo {
-        v1::VmInfo {
-            name: self.name.clone(),
-            memory_bytes: self.image.len_bytes(),
-            state: *lock(&self.state) as i32,
-            origin: format!("qemu {}", self.file.display()),
-            domain: self.domain.clone(),
-            kind: v1::VmKind::Qemu as i32,
-            ..v1::VmInfo::default()
-        }
-    }
-
-    /// Copies frame `f` if its content still hashes to `h`.
-    pub(crate) fn copy(&self, f: u64, h: &PageHash, out: &mut Page) -> bool {
-        self.image.read_page(f, out).is_ok() && self.key.hash_page(out) == *h
-    }
-
+impl QemuBackend {
     /// A QMP connection. QEMU serves one QMP client at a time: while
     /// another holds the socket, this retries for a few seconds.
     fn qmp(&self) -> Result<Qmp, AgentError> {
@@ -114,11 +86,114 @@ impl Adopted {
             }
         }
     }
+
+    /// Whether the last scan is older than `age` (or there was none).
+    fn scanned_before(&self, age: Duration) -> bool {
+        lock(&self.last_scan).is_none_or(|t| t.elapsed() >= age)
+    }
+}
+
+impl Backend for QemuBackend {
+    fn kind(&self) -> v1::VmKind {
+        v1::VmKind::Qemu
+    }
+
+    fn memory(&self) -> &dyn GuestMemory {
+        &self.image
+    }
+
+    /// QEMU's dirty log is not this agent's to read: all memory is hashed
+    /// again every [`RESCAN`] (every twenty scan durations for a VM whose
+    /// scan is slow) while the guest runs here, and at once when asked.
+    fn look(&self, state: v1::HostedVmState, force: bool) -> Result<Look, MemoryError> {
+        let guest_here = matches!(
+            state,
+            v1::HostedVmState::Running
+                | v1::HostedVmState::MigratingOut
+                | v1::HostedVmState::Cloning
+        );
+        let every = RESCAN.max(*lock(&self.scan_took) * 20);
+        Ok(if !guest_here {
+            Look::NotDue
+        } else if force || state == v1::HostedVmState::Running && self.scanned_before(every) {
+            Look::All
+        } else {
+            Look::NotDue
+        })
+    }
+
+    fn reset_look(&self) {}
+
+    fn scanned(&self, took: Duration) {
+        *lock(&self.scan_took) = took;
+        *lock(&self.last_scan) = Some(Instant::now());
+    }
+
+    fn exact(&self) -> bool {
+        false
+    }
+
+    fn set_dirty_rate(&self, _rate: u64) -> Result<(), AgentError> {
+        Err(AgentError::BadRequest(
+            "a QEMU VM's guest writes as it does: only micro-VMs are paced by the agent".into(),
+        ))
+    }
+
+    fn migrate_out(
+        &self,
+        out: Outbound<'_>,
+        r: &v1::MigrateRequest,
+        progress: &mut dyn FnMut(&Progress),
+        hold: Option<&mut dyn Hold>,
+    ) -> Result<(v1::MigrateResult, String), AgentError> {
+        // QEMU reports nothing the proxy could pass on but its stream.
+        progress(&Progress {
+            phase: v1::MigratePhase::QemuStream,
+            ..Progress::default()
+        });
+        let res = self.qemu_out(out, r, Instant::now(), hold)?;
+        info!("migrated QEMU VM {} to {}", r.vm, r.to);
+        Ok((res, r.to.clone()))
+    }
+
+    fn clone_out(
+        &self,
+        out: Outbound<'_>,
+        r: &v1::CloneRequest,
+        _progress: &mut dyn FnMut(&Progress),
+    ) -> Result<v1::CloneResult, AgentError> {
+        let res = self.qemu_clone_run(out, r);
+        // The source runs on, resumed if QEMU stopped it at the stream's end.
+        let t = Instant::now();
+        resume_source(self);
+        let mut res = res?;
+        res.downtime_ms += t.elapsed().as_secs_f64() * 1e3;
+        Ok(res)
+    }
+
+    /// QEMU's own semantics: a failed migration leaves the source running;
+    /// if QEMU had finished sending and stopped, it runs again here.
+    fn recover(&self) {
+        resume_source(self);
+    }
+
+    fn resume(&self) {
+        resume_source(self);
+    }
+
+    fn receive_stream(
+        &self,
+        into: Outbound<'_>,
+        ch: &mut Channel,
+        inc: &v1::QemuIncoming,
+    ) -> Result<v1::QemuDone, AgentError> {
+        self.qemu_in_run(into, ch, inc)
+    }
 }
 
 /// Makes sure the source QEMU runs: cancels a migration still under way
 /// and resumes a guest QEMU stopped after sending everything.
-fn resume_source(a: &Adopted) {
+fn resume_source(a: &QemuBackend) {
     let Ok(mut q) = a.qmp() else {
         return;
     };
@@ -267,7 +342,7 @@ impl Agent {
     /// Takes on a running QEMU VM (or, with `incoming`, one waiting for a
     /// migration).
     pub fn vm_adopt(&self, r: &v1::VmAdoptRequest) -> Result<v1::VmInfo, AgentError> {
-        if !valid_name(&r.name) {
+        if !pagecast_proto::name_ok(&r.name) {
             return Err(AgentError::BadName(r.name.clone()));
         }
         let key = self.domain_key(&r.domain)?;
@@ -294,38 +369,28 @@ impl Agent {
             }));
         }
         let pages = image.page_count();
-        let a = Arc::new(Adopted {
-            name: r.name.clone(),
-            qmp: PathBuf::from(&r.qmp),
-            file: PathBuf::from(&r.memory_file),
-            image,
-            domain: pagecast_pages::domain::normalize(&r.domain).to_owned(),
-            key,
-            state: Mutex::new(if r.incoming {
+        let vm = Arc::new(Hosted::new(
+            &r.name,
+            format!("qemu {}", r.memory_file),
+            (&r.domain, key),
+            if r.incoming {
                 v1::HostedVmState::Incoming
             } else {
                 v1::HostedVmState::Running
+            },
+            Box::new(QemuBackend {
+                qmp: PathBuf::from(&r.qmp),
+                image,
+                last_scan: Mutex::new(None),
+                scan_took: Mutex::new(Duration::ZERO),
             }),
-            seen: Mutex::new(Vec::new()),
-            publication: Mutex::new(Publication::new(pages)),
-            last_scan: Mutex::new(None),
-            scan_took: Mutex::new(Duration::ZERO),
-            rewrites: Mutex::new(crate::RewriteMeter::default()),
-        });
-        {
-            let vms = lock(&self.vms);
-            let incoming = lock(&self.incoming);
-            let mut adopted = lock(&self.adopted);
-            if vms.contains_key(&r.name)
-                || incoming.contains_key(&r.name)
-                || adopted.contains_key(&r.name)
-            {
-                return Err(AgentError::VmExists(r.name.clone()));
-            }
-            adopted.insert(r.name.clone(), a.clone());
-        }
-        if !r.incoming {
-            self.fp.pool().install(|| self.scan_adopted(&a));
+        ));
+        let info = vm.info();
+        if r.incoming {
+            // Nothing to hash until its stream arrives.
+            self.arrived(&vm)?;
+        } else {
+            self.register(vm)?;
         }
         info!(
             "adopted QEMU VM {} ({}, {} MiB, {status})",
@@ -333,242 +398,151 @@ impl Agent {
             r.qmp,
             pages >> 8
         );
-        Ok(a.info())
+        Ok(info)
     }
 
-    /// Adopted VMs as `vm list` shows them.
-    pub(crate) fn adopted_infos(&self) -> Vec<v1::VmInfo> {
-        lock(&self.adopted).values().map(|a| a.info()).collect()
-    }
-
-    /// Forgets an adopted VM (QEMU keeps running): its pages leave the
-    /// content map and the index.
-    pub(crate) fn forget_adopted(&self, name: &str, moved_to: Option<&str>) -> Option<v1::VmInfo> {
-        let a = lock(&self.adopted).remove(name)?;
-        self.adopted_content
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, (v, _)| !Arc::ptr_eq(v, &a));
-        if let Some(link) = &self.index {
-            let mut p = lock(&a.publication);
-            if p.is_live() {
-                let mut changes = Vec::new();
-                p.withdraw_all(&mut changes);
-                link.apply(&changes);
-                link.vm_op(match moved_to {
-                    Some(to) => VmOp::Move {
-                        name: name.to_owned(),
-                        to: to.to_owned(),
-                    },
-                    None => VmOp::Drop(name.to_owned()),
-                });
-            }
-        }
-        Some(a.info())
-    }
-
-    /// An adopted VM's frames' contents, freshly hashed, and its memory
-    /// size.
-    pub(crate) fn adopted_hashes(&self, name: &str) -> Result<(Vec<PageHash>, u64), AgentError> {
-        let a = lock(&self.adopted)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
-        if *lock(&a.state) != v1::HostedVmState::Running {
-            return Err(AgentError::Busy {
-                vm: name.to_owned(),
-                state: pagecast_proto::names::state(*lock(&a.state)),
-            });
-        }
-        self.fp.pool().install(|| self.scan_adopted(&a));
-        let h = lock(&a.seen).clone();
-        Ok((h, a.image.len_bytes()))
-    }
-
-    /// Adds what published adopted VMs hold, per their last scan, to an
-    /// audit's counts (hot frames, left out of listings, counted apart).
-    pub(crate) fn adopted_audit(&self, fresh: &mut HashMap<PageHash, u64>, hot: &mut u64) {
-        let all: Vec<Arc<Adopted>> = lock(&self.adopted).values().cloned().collect();
-        for a in all {
-            // The scan's order: its hashes, then its publication.
-            let seen = lock(&a.seen);
-            let p = lock(&a.publication);
-            if !p.is_live() {
-                continue;
-            }
-            for (frame, h) in seen.iter().enumerate() {
-                if p.is_hot(frame as u64) {
-                    *hot += 1;
-                } else if !h.is_zero_page() {
-                    *fresh.entry(*h).or_default() += 1;
-                }
-            }
-        }
-    }
-
-    /// An adopted VM's rewrite rate as its scans saw it.
-    pub(crate) fn adopted_rewrite_rate(&self, name: &str) -> Option<f64> {
-        let a = lock(&self.adopted).get(name).cloned()?;
-        let r = lock(&a.rewrites).rate();
-        Some(r)
-    }
-
-    /// Whether `name` is an adopted VM.
-    pub fn is_adopted(&self, name: &str) -> bool {
-        lock(&self.adopted).contains_key(name)
-    }
-
-    /// Index records of adopted VMs that are published.
-    pub(crate) fn adopted_records(&self) -> Vec<v1::VmRecord> {
-        lock(&self.adopted)
-            .values()
-            .filter_map(|a| {
-                let p = lock(&a.publication);
-                p.is_live().then(|| {
-                    publish::vm_record(
-                        &a.name,
-                        &format!("qemu {}", a.file.display()),
-                        &a.domain,
-                        p.intended(),
-                    )
+    /// Receives a QEMU VM's migration stream for the adopted incoming VM
+    /// of the same name (or, on the libvirt route, for a QEMU this agent
+    /// has not adopted) and feeds it to that QEMU.
+    pub fn qemu_migrate_in(&self, mut ch: Channel, inc: &v1::QemuIncoming) {
+        let res = self.qemu_in(&mut ch, inc);
+        let body = match res {
+            Ok(done) => v1::qemu_frame::Body::Done(done),
+            Err(e) => {
+                warn!("incoming QEMU migration of {} failed: {e}", inc.vm);
+                v1::qemu_frame::Body::Done(v1::QemuDone {
+                    ok: false,
+                    error: Some(e.refusal()),
+                    ..v1::QemuDone::default()
                 })
-            })
-            .collect()
+            }
+        };
+        let _ = ch.send(&frame(body));
     }
 
-    /// Rescans adopted VMs whose last scan is older than [`RESCAN`].
-    pub(crate) fn rescan_adopted(&self) {
-        let due: Vec<Arc<Adopted>> = lock(&self.adopted)
-            .values()
-            .filter(|a| {
-                let every = RESCAN.max(*lock(&a.scan_took) * 20);
-                *lock(&a.state) == v1::HostedVmState::Running
-                    && lock(&a.last_scan).is_none_or(|t| t.elapsed() >= every)
-            })
-            .cloned()
-            .collect();
-        for a in due {
-            self.scan_adopted(&a);
-        }
-    }
-
-    /// Hashes all of an adopted VM's memory; its new contents replace the
-    /// old in the content map and in what the index lists.
-    fn scan_adopted(&self, a: &Arc<Adopted>) {
-        let t0 = Instant::now();
-        let f = self.fp.fingerprint(&a.image, &a.key, &|_| {});
-        *lock(&a.scan_took) = t0.elapsed();
-        *lock(&a.last_scan) = Some(Instant::now());
-        let mut map = self
-            .adopted_content
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        if !lock(&self.adopted)
-            .get(&a.name)
-            .is_some_and(|x| Arc::ptr_eq(x, a))
-        {
-            return;
-        }
-        let mut seen = lock(&a.seen);
-        let first = seen.is_empty();
-        let mut dirty = pagecast_memory::DirtyBitmap::new(f.hashes.len() as u64);
-        if !first {
-            for (frame, (old, new)) in seen.iter().zip(&f.hashes).enumerate() {
-                if old != new {
-                    if map
-                        .get(old)
-                        .is_some_and(|(v, fr)| Arc::ptr_eq(v, a) && *fr == frame as u64)
-                    {
-                        map.remove(old);
-                    }
-                    let _ = dirty.set(frame as u64);
-                }
-            }
-        }
-        for (frame, h) in f.hashes.iter().enumerate() {
-            if !h.is_zero_page() {
-                map.entry(*h).or_insert_with(|| (a.clone(), frame as u64));
-            }
-        }
-        *seen = f.hashes;
-        drop(map);
-        lock(&a.rewrites).sample(dirty.count(), Instant::now());
-        if let Some(link) = &self.index {
-            let mut changes = Vec::new();
-            let mut p = lock(&a.publication);
-            if first {
-                p.publish_all(&seen, &mut changes);
-            } else {
-                p.on_refresh(
-                    &dirty,
-                    &seen,
-                    publish::FRAME_UPDATES_PER_REFRESH,
-                    &mut changes,
-                );
-            }
-            let record = publish::vm_record(
-                &a.name,
-                &format!("qemu {}", a.file.display()),
-                &a.domain,
-                p.intended(),
-            );
-            drop(p);
-            drop(seen);
-            link.apply(&changes);
-            if first {
-                link.vm_op(VmOp::Put(record));
-            }
-        }
-    }
-
-    /// Copies a page of an adopted VM whose content hashes to `h`.
-    pub(crate) fn copy_adopted(&self, h: &PageHash, out: &mut Page) -> Option<ContentKey> {
-        let (a, f) = self
-            .adopted_content
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(h)
-            .cloned()?;
-        a.copy(f, h, out).then_some(a.key)
-    }
-
-    /// Migrates adopted VM `r.vm` to the agent at `r.to`, which has
-    /// adopted a waiting QEMU of the same name with `--incoming`. With
-    /// `r.hold` (a gang job) it tells `hold` what the destination lacks and
-    /// waits for its go before QEMU starts sending.
-    pub fn qemu_migrate_out(
+    fn qemu_in(
         &self,
-        r: &v1::MigrateRequest,
-        hold: Option<&mut dyn pagecast_migrate::Hold>,
-    ) -> Result<v1::MigrateResult, AgentError> {
-        let a = self.claim(&r.vm, v1::HostedVmState::MigratingOut)?;
-        let started = Instant::now();
-        let res = self.qemu_out(&a, r, started, hold);
-        match &res {
-            Ok(out) if out.ok => {
-                // The destination runs it: QEMU here is stopped (postmigrate).
-                let dest = r.to.clone();
-                self.forget_adopted(&r.vm, Some(&dest));
-                info!("migrated QEMU VM {} to {}", r.vm, r.to);
-            }
-            _ => {
-                *lock(&a.state) = v1::HostedVmState::Running;
-                // QEMU's own semantics: a failed migration leaves the source
-                // running; if QEMU had finished sending and stopped, it
-                // runs again here.
-                resume_source(&a);
-            }
+        ch: &mut Channel,
+        inc: &v1::QemuIncoming,
+    ) -> Result<v1::QemuDone, AgentError> {
+        if !inc.connect.is_empty() {
+            return self.qemu_in_route(ch, inc);
+        }
+        let vm = self.hosted(&inc.vm).map_err(|_| {
+            AgentError::BadRequest(format!(
+                "no QEMU VM {:?} waits here: start QEMU with -incoming defer and adopt it with `pagecast vm adopt --incoming --name {}`",
+                inc.vm, inc.vm
+            ))
+        })?;
+        vm.change(v1::HostedVmState::Incoming, v1::HostedVmState::MigratingIn)?;
+        let into = Outbound {
+            agent: self,
+            vm: &vm,
+        };
+        let res = vm.backend.receive_stream(into, ch, inc);
+        if res.as_ref().is_ok_and(|d| d.ok) {
+            vm.set_state(v1::HostedVmState::Running);
+            self.index(&vm);
+        } else {
+            vm.set_state(v1::HostedVmState::Incoming);
         }
         res
     }
 
+    /// Sets aside hash-checked copies of the offered contents this host
+    /// holds (under `key`) and tells the source which.
+    fn set_aside(
+        &self,
+        ch: &mut Channel,
+        offer: &[PageHash],
+        key: ContentKey,
+    ) -> Result<(Stash, Vec<u8>), AgentError> {
+        let mut stash = Stash::new();
+        let mut bits = vec![0u8; offer.len().div_ceil(8)];
+        let mut page: Page = [0; PAGE];
+        for (i, h) in offer.iter().enumerate() {
+            if self.copy_any(h, &mut page) == Some(key) {
+                stash.insert(*h, Box::new(page));
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        ch.send(&frame(v1::qemu_frame::Body::Held(v1::QemuHeld {
+            bits: bits.clone().into(),
+            count: stash.len() as u64,
+        })))?;
+        Ok((stash, bits))
+    }
+
+    /// The libvirt route's destination: a QEMU this agent has not adopted
+    /// listens on `inc.connect` (libvirt started it with `-incoming tcp:`);
+    /// the stream is rebuilt into it with the pages this host holds. QEMU
+    /// here is libvirt's to watch: the stream ending is this side's end.
+    fn qemu_in_route(
+        &self,
+        ch: &mut Channel,
+        inc: &v1::QemuIncoming,
+    ) -> Result<v1::QemuDone, AgentError> {
+        let at = loopback(&inc.connect, "the destination QEMU's address")?;
+        if !inc.job.is_empty() {
+            return Err(AgentError::BadRequest(
+                "a QEMU VM migrated by libvirt moves on its own, not in a gang job".into(),
+            ));
+        }
+        let domain = pagecast_pages::domain::normalize(&inc.domain);
+        let key = self.domain_key(domain)?;
+        if inc.domain_check[..] != key.check().to_be_bytes()[..] {
+            return Err(AgentError::BadRequest(format!(
+                "VM {} is in domain {domain:?}, whose key differs here: the two hosts hold different domain secrets",
+                inc.vm
+            )));
+        }
+        ch.set_read_timeout(Some(STALL))?;
+        let offer = receive_offer(ch, MAX_ROUTE_OFFER)?;
+        let (stash, _) = self.set_aside(ch, &offer, key)?;
+        // The first part comes once the source QEMU has connected, by
+        // when libvirt's QEMU here listens.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = loop {
+            match TcpStream::connect_timeout(&at, Duration::from_secs(2)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(AgentError::Qemu(format!(
+                        "cannot reach the destination QEMU on tcp:{at}: {e} (is it listening, -incoming tcp:{at}?)"
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        out.set_write_timeout(Some(STALL)).map_err(qemu_err)?;
+        let (bytes, local) = feed(ch, &mut out, &stash)?;
+        let _ = out.shutdown(std::net::Shutdown::Write);
+        // QEMU closes its end once it has loaded the stream (or exits if
+        // it refused it).
+        let _ = out.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut sink = [0u8; 64];
+        while matches!(out.read(&mut sink), Ok(n) if n > 0) {}
+        info!(
+            "QEMU VM {} handed to the QEMU on tcp:{at}: {bytes} stream bytes, {local} pages from this host",
+            inc.vm
+        );
+        Ok(v1::QemuDone {
+            ok: true,
+            error: None,
+            pages_local: local,
+            stream_bytes: bytes,
+        })
+    }
+}
+
+impl QemuBackend {
     fn qemu_out(
         &self,
-        a: &Arc<Adopted>,
+        out: Outbound<'_>,
         r: &v1::MigrateRequest,
         started: Instant,
         hold: Option<&mut dyn pagecast_migrate::Hold>,
     ) -> Result<v1::MigrateResult, AgentError> {
+        let (agent, a) = (out.agent, out.vm);
         // The libvirt route: someone else starts QEMU's migration towards
         // a loopback port of ours, and the destination's QEMU listens on
         // one of its host.
@@ -588,13 +562,13 @@ impl Agent {
             })?;
             Some(l)
         };
-        let mut q = a.qmp()?;
+        let mut q = self.qmp()?;
         check_capabilities(&mut q, &a.name)?;
         // What it holds: the last scan if it is recent (every page is
         // hashed again as it streams, so a content changed since only
         // travels whole), else a fresh one.
-        if lock(&a.last_scan).is_none_or(|t| t.elapsed() > RESCAN) {
-            self.fp.pool().install(|| self.scan_adopted(a));
+        if self.scanned_before(RESCAN) {
+            agent.current_hashes(a);
         }
         let mut offer: Vec<PageHash> = lock(&a.seen)
             .iter()
@@ -606,7 +580,7 @@ impl Agent {
 
         let job = if r.hold { r.job.as_str() } else { "" };
         let (mut ch, mut held, mut sent) = self.offer_to(
-            a,
+            out,
             &r.to,
             &a.name,
             job,
@@ -661,7 +635,7 @@ impl Agent {
         let mut _cleanup = None;
         let input: Box<dyn Read> = match &route {
             None => {
-                let sock = socket_path(self, &a.name, "out");
+                let sock = socket_path(agent, &a.name, "out");
                 _cleanup = Some(RemoveOnDrop(sock.clone()));
                 Box::new(start_stream(&mut q, &sock)?)
             }
@@ -677,7 +651,7 @@ impl Agent {
                 );
                 let s = accept_qemu(l, wait, hold.as_deref_mut())?;
                 // Whoever started it set QEMU's capabilities just before.
-                q = a.qmp()?;
+                q = self.qmp()?;
                 check_capabilities(&mut q, &a.name)?;
                 Box::new(s)
             }
@@ -806,37 +780,21 @@ impl Agent {
         Ok(out)
     }
 
-    /// Clones adopted VM `r.vm` to the agents of `r.targets`, each of
-    /// which has adopted a waiting QEMU under the clone's name: the
-    /// contents some target lacks are cast once (multicast) into their
-    /// landing slots, then QEMU's stream goes to every target with the
-    /// pages each holds as hashes. The source runs on (resumed if QEMU
-    /// stopped it at the end of the stream).
-    pub fn qemu_clone_out(&self, r: &v1::CloneRequest) -> Result<v1::CloneResult, AgentError> {
+    fn qemu_clone_run(
+        &self,
+        out: Outbound<'_>,
+        r: &v1::CloneRequest,
+    ) -> Result<v1::CloneResult, AgentError> {
+        let (agent, a) = (out.agent, out.vm);
         if r.targets.is_empty() {
             return Err(AgentError::BadRequest(
                 "a clone needs at least one target".into(),
             ));
         }
-        let a = self.claim(&r.vm, v1::HostedVmState::Cloning)?;
-        let res = self.qemu_clone_run(&a, r);
-        *lock(&a.state) = v1::HostedVmState::Running;
-        let t = Instant::now();
-        resume_source(&a);
-        let mut res = res?;
-        res.downtime_ms += t.elapsed().as_secs_f64() * 1e3;
-        Ok(res)
-    }
-
-    fn qemu_clone_run(
-        &self,
-        a: &Arc<Adopted>,
-        r: &v1::CloneRequest,
-    ) -> Result<v1::CloneResult, AgentError> {
         let started = Instant::now();
-        let mut q = a.qmp()?;
+        let mut q = self.qmp()?;
         check_capabilities(&mut q, &a.name)?;
-        self.fp.pool().install(|| self.scan_adopted(a));
+        agent.current_hashes(a);
         let mut frame_of: HashMap<PageHash, u64> = HashMap::new();
         for (f, h) in lock(&a.seen).iter().enumerate() {
             if !h.is_zero_page() {
@@ -881,7 +839,7 @@ impl Agent {
                 error: String::new(),
             };
             let opened = self.offer_to(
-                a,
+                out,
                 &t.addr,
                 &t.name,
                 &job,
@@ -934,8 +892,8 @@ impl Agent {
         if !frames.is_empty() {
             let receivers: Vec<String> = live.iter().map(|&i| targets[i].peer.clone()).collect();
             let mut caster = crate::job::AgentCaster {
-                agent: self,
-                vm: &a.image,
+                agent,
+                vm: &self.image,
                 key: a.key,
                 rate_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
                 job: job.clone(),
@@ -983,7 +941,7 @@ impl Agent {
         }
 
         // QEMU's stream, to every target at once.
-        let sock = socket_path(self, &a.name, "clone");
+        let sock = socket_path(agent, &a.name, "clone");
         let _cleanup = RemoveOnDrop(sock.clone());
         let input = start_stream(&mut q, &sock)?;
         let mut input = std::io::BufReader::with_capacity(256 << 10, input);
@@ -1067,7 +1025,7 @@ impl Agent {
 
     /// Receives a clone's cast into a landing slot.
     fn join_qemu_cast(
-        &self,
+        agent: &Agent,
         slot: &Arc<pagecast_migrate::IncomingSlot>,
         control: &str,
     ) -> Result<u64, String> {
@@ -1075,11 +1033,11 @@ impl Agent {
             .parse()
             .map_err(|_| format!("bad cast address {control:?}"))?;
         let mut cfg =
-            pagecast_multicast::ReceiverConfig::new(control, self.cast_iface(), self.name());
+            pagecast_multicast::ReceiverConfig::new(control, agent.cast_iface(), agent.name());
         cfg.silent_after = Duration::from_secs(10);
         cfg.content_keys = vec![*slot.key()];
         let mut sink = crate::job::SlotSink::new(vec![slot.clone()]);
-        pagecast_multicast::receive(&cfg, self.tls(), &mut sink, &|_, _| {})
+        pagecast_multicast::receive(&cfg, agent.tls(), &mut sink, &|_, _| {})
             .map_err(|e| e.to_string())?;
         Ok(sink.filled)
     }
@@ -1091,7 +1049,7 @@ impl Agent {
     #[allow(clippy::too_many_arguments)]
     fn offer_to(
         &self,
-        a: &Adopted,
+        out: Outbound<'_>,
         to: &str,
         vm: &str,
         job: &str,
@@ -1099,11 +1057,12 @@ impl Agent {
         offer: &[PageHash],
         what: &str,
     ) -> Result<(Channel, HashSet<PageHash>, u64), AgentError> {
-        let mut ch = self.connect_host(to, what)?;
+        let (agent, a) = (out.agent, out.vm);
+        let mut ch = agent.connect_host(to, what)?;
         let peer = ch.peer_name().to_owned();
         ch.send(&v1::AgentRequest {
             body: Some(v1::agent_request::Body::QemuIncoming(v1::QemuIncoming {
-                source: self.name.clone(),
+                source: agent.name().to_owned(),
                 vm: vm.to_owned(),
                 domain: a.domain.clone(),
                 domain_check: a.key.check().to_be_bytes().to_vec().into(),
@@ -1130,172 +1089,13 @@ impl Agent {
         Ok((ch, held, sent))
     }
 
-    /// Takes adopted VM `name` for an operation (`state` while it runs);
-    /// refuses one that is not running.
-    fn claim(&self, name: &str, state: v1::HostedVmState) -> Result<Arc<Adopted>, AgentError> {
-        let a = lock(&self.adopted)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
-        let mut s = lock(&a.state);
-        if *s != v1::HostedVmState::Running {
-            return Err(AgentError::Busy {
-                vm: name.to_owned(),
-                state: pagecast_proto::names::state(*s),
-            });
-        }
-        *s = state;
-        drop(s);
-        Ok(a)
-    }
-
-    /// Receives a QEMU VM's migration stream for the adopted incoming VM
-    /// of the same name and feeds it to that QEMU.
-    pub fn qemu_migrate_in(&self, mut ch: Channel, inc: &v1::QemuIncoming) {
-        let res = self.qemu_in(&mut ch, inc);
-        let body = match res {
-            Ok(done) => v1::qemu_frame::Body::Done(done),
-            Err(e) => {
-                warn!("incoming QEMU migration of {} failed: {e}", inc.vm);
-                v1::qemu_frame::Body::Done(v1::QemuDone {
-                    ok: false,
-                    error: Some(e.refusal()),
-                    ..v1::QemuDone::default()
-                })
-            }
-        };
-        let _ = ch.send(&frame(body));
-    }
-
-    fn qemu_in(
-        &self,
-        ch: &mut Channel,
-        inc: &v1::QemuIncoming,
-    ) -> Result<v1::QemuDone, AgentError> {
-        if !inc.connect.is_empty() {
-            return self.qemu_in_route(ch, inc);
-        }
-        let a = lock(&self.adopted)
-            .get(&inc.vm)
-            .cloned()
-            .ok_or_else(|| {
-                AgentError::BadRequest(format!(
-                    "no QEMU VM {:?} waits here: start QEMU with -incoming defer and adopt it with `pagecast vm adopt --incoming --name {}`",
-                    inc.vm, inc.vm
-                ))
-            })?;
-        {
-            let mut s = lock(&a.state);
-            if *s != v1::HostedVmState::Incoming {
-                return Err(AgentError::Busy {
-                    vm: inc.vm.clone(),
-                    state: pagecast_proto::names::state(*s),
-                });
-            }
-            *s = v1::HostedVmState::MigratingIn;
-        }
-        let res = self.qemu_in_run(ch, inc, &a);
-        *lock(&a.state) = if res.as_ref().is_ok_and(|d| d.ok) {
-            v1::HostedVmState::Running
-        } else {
-            v1::HostedVmState::Incoming
-        };
-        if res.as_ref().is_ok_and(|d| d.ok) {
-            self.fp.pool().install(|| self.scan_adopted(&a));
-        }
-        res
-    }
-
-    /// Sets aside hash-checked copies of the offered contents this host
-    /// holds (under `key`) and tells the source which.
-    fn set_aside(
-        &self,
-        ch: &mut Channel,
-        offer: &[PageHash],
-        key: ContentKey,
-    ) -> Result<(Stash, Vec<u8>), AgentError> {
-        let mut stash = Stash::new();
-        let mut bits = vec![0u8; offer.len().div_ceil(8)];
-        let mut page: Page = [0; PAGE];
-        for (i, h) in offer.iter().enumerate() {
-            if self.copy_any(h, &mut page) == Some(key) {
-                stash.insert(*h, Box::new(page));
-                bits[i / 8] |= 1 << (i % 8);
-            }
-        }
-        ch.send(&frame(v1::qemu_frame::Body::Held(v1::QemuHeld {
-            bits: bits.clone().into(),
-            count: stash.len() as u64,
-        })))?;
-        Ok((stash, bits))
-    }
-
-    /// The libvirt route's destination: a QEMU this agent has not adopted
-    /// listens on `inc.connect` (libvirt started it with `-incoming tcp:`);
-    /// the stream is rebuilt into it with the pages this host holds. QEMU
-    /// here is libvirt's to watch: the stream ending is this side's end.
-    fn qemu_in_route(
-        &self,
-        ch: &mut Channel,
-        inc: &v1::QemuIncoming,
-    ) -> Result<v1::QemuDone, AgentError> {
-        let at = loopback(&inc.connect, "the destination QEMU's address")?;
-        if !inc.job.is_empty() {
-            return Err(AgentError::BadRequest(
-                "a QEMU VM migrated by libvirt moves on its own, not in a gang job".into(),
-            ));
-        }
-        let domain = pagecast_pages::domain::normalize(&inc.domain);
-        let key = self.domain_key(domain)?;
-        if inc.domain_check[..] != key.check().to_be_bytes()[..] {
-            return Err(AgentError::BadRequest(format!(
-                "VM {} is in domain {domain:?}, whose key differs here: the two hosts hold different domain secrets",
-                inc.vm
-            )));
-        }
-        ch.set_read_timeout(Some(STALL))?;
-        let offer = receive_offer(ch, MAX_ROUTE_OFFER)?;
-        let (stash, _) = self.set_aside(ch, &offer, key)?;
-        // The first part comes once the source QEMU has connected, by
-        // when libvirt's QEMU here listens.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut out = loop {
-            match TcpStream::connect_timeout(&at, Duration::from_secs(2)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => {
-                    return Err(AgentError::Qemu(format!(
-                        "cannot reach the destination QEMU on tcp:{at}: {e} (is it listening, -incoming tcp:{at}?)"
-                    )));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
-        out.set_write_timeout(Some(STALL)).map_err(qemu_err)?;
-        let (bytes, local) = feed(ch, &mut out, &stash)?;
-        let _ = out.shutdown(std::net::Shutdown::Write);
-        // QEMU closes its end once it has loaded the stream (or exits if
-        // it refused it).
-        let _ = out.set_read_timeout(Some(Duration::from_secs(10)));
-        let mut sink = [0u8; 64];
-        while matches!(out.read(&mut sink), Ok(n) if n > 0) {}
-        info!(
-            "QEMU VM {} handed to the QEMU on tcp:{at}: {bytes} stream bytes, {local} pages from this host",
-            inc.vm
-        );
-        Ok(v1::QemuDone {
-            ok: true,
-            error: None,
-            pages_local: local,
-            stream_bytes: bytes,
-        })
-    }
-
     fn qemu_in_run(
         &self,
+        into: Outbound<'_>,
         ch: &mut Channel,
         inc: &v1::QemuIncoming,
-        a: &Arc<Adopted>,
     ) -> Result<v1::QemuDone, AgentError> {
+        let (agent, a) = (into.agent, into.vm);
         if pagecast_pages::domain::normalize(&inc.domain) != a.domain
             || inc.domain_check[..] != a.key.check().to_be_bytes()[..]
         {
@@ -1307,8 +1107,8 @@ impl Agent {
         ch.set_read_timeout(Some(STALL))?;
         let peer = ch.peer_name().to_owned();
         // The offer, and what of it this host sets aside.
-        let offer = receive_offer(ch, a.image.page_count() as usize)?;
-        let (mut stash, mut bits) = self.set_aside(ch, &offer, a.key)?;
+        let offer = receive_offer(ch, self.image.page_count() as usize)?;
+        let (mut stash, mut bits) = agent.set_aside(ch, &offer, a.key)?;
         let mut page: Page = [0; PAGE];
         // In a gang job, the job's casts and fetches bring what it lacks
         // into a landing slot until the source asks again.
@@ -1323,14 +1123,14 @@ impl Agent {
                 pagecast_migrate::IncomingSlot::landing(&a.name, (&a.domain, a.key), &lacking)
                     .map_err(|e| AgentError::Qemu(format!("a landing slot: {e}")))?,
             );
-            self.jobs().open_slot(&inc.job, &slot);
-            let _close = CloseSlot(self, inc.job.clone(), slot.clone());
+            agent.jobs().open_slot(&inc.job, &slot);
+            let _close = CloseSlot(agent, inc.job.clone(), slot.clone());
             // The whole job's transfers run before the go: wait long.
             ch.set_read_timeout(Some(Duration::from_secs(600)))?;
             let mut next = recv(ch)?;
             while let v1::qemu_frame::Body::Join(j) = &next {
                 // A clone's cast: receive it into the landing slot.
-                let filled = self.join_qemu_cast(&slot, &j.control);
+                let filled = Self::join_qemu_cast(agent, &slot, &j.control);
                 if let Err(e) = filled {
                     warn!(
                         "QEMU VM {}: the clone's cast failed here ({e}); its pages come in the stream",
@@ -1358,10 +1158,10 @@ impl Agent {
         }
 
         // The waiting QEMU listens on a socket of ours.
-        let sock = socket_path(self, &a.name, "in");
+        let sock = socket_path(agent, &a.name, "in");
         let _ = std::fs::remove_file(&sock);
         let _cleanup = RemoveOnDrop(sock.clone());
-        let mut q = a.qmp()?;
+        let mut q = self.qmp()?;
         q.execute(
             "migrate-incoming",
             json!({ "uri": format!("unix:{}", sock.display()) }),

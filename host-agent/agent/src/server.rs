@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{Agent, AgentConfig, AgentError};
 use pagecast_channel::AsyncChannel;
-use pagecast_migrate::{ChannelLink, MigrationError};
+use pagecast_migrate::{ChannelLink, MigrationError, Progress};
 
 type Resp = v1::agent_response::Body;
 
@@ -416,17 +416,6 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
             };
             reply(&mut ch, body).await;
         }
-        B::Migrate(r) if agent.is_adopted(&r.vm) => match ch.into_blocking() {
-            Ok(ch) => {
-                let a = agent.clone();
-                let span = info_span!("qemu migration", vm = %r.vm, to = %r.to, role = "source");
-                let _ = tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| qemu_migrate_out(&a, ch, &r))
-                })
-                .await;
-            }
-            Err(e) => warn!("migration request from {peer}: {e}"),
-        },
         B::QemuIncoming(i) => match ch.into_blocking() {
             Ok(ch) => {
                 let a = agent.clone();
@@ -459,45 +448,12 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
             Err(e) => warn!("migration request from {peer}: {e}"),
         },
         B::Clone(r) => match ch.into_blocking() {
-            Ok(mut ch) => {
+            Ok(ch) => {
                 let a = agent.clone();
                 let span = info_span!("clone", vm = %r.vm, job = %r.job);
-                let _ = tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| {
-                        let mut last: Option<Instant> = None;
-                        let mut gone = false;
-                        let res = if a.is_adopted(&r.vm) {
-                            a.qemu_clone_out(&r)
-                        } else {
-                            a.clone_out(&r, &mut |p| {
-                                if gone
-                                    || last
-                                        .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
-                                {
-                                    return;
-                                }
-                                last = Some(Instant::now());
-                                gone =
-                                    send_blocking(&mut ch, Resp::Progress(p.to_proto())).is_err();
-                            })
-                        };
-                        let body = match res {
-                            Ok(c) => {
-                                info!(
-                                    "cloned {} to {} host(s): ok {}, downtime {:.1} ms",
-                                    r.vm,
-                                    c.clones.len(),
-                                    c.ok,
-                                    c.downtime_ms
-                                );
-                                Resp::CloneResult(c)
-                            }
-                            Err(e) => Resp::Error(e.to_proto()),
-                        };
-                        let _ = send_blocking(&mut ch, body);
-                    })
-                })
-                .await;
+                let _ =
+                    tokio::task::spawn_blocking(move || span.in_scope(|| clone_out(&a, ch, &r)))
+                        .await;
             }
             Err(e) => warn!("clone request from {peer}: {e}"),
         },
@@ -634,67 +590,93 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
     }
 }
 
-/// Migrates an adopted QEMU VM for a client; QEMU reports no progress the
-/// proxy could pass on, so the client hears a heartbeat every second
-/// (phase "qemu") until the result.
-fn qemu_migrate_out(agent: &Agent, ch: Channel, r: &v1::MigrateRequest) {
-    let Ok((reader, writer)) = ch.split() else {
-        return;
-    };
-    let writer = Arc::new(Mutex::new(writer));
-    // A gang job's needs and go travel on this connection.
-    let mut hold = crate::job::CoordinatorHold::new(
-        writer.clone(),
-        reader,
-        r.hold,
-        agent.job_cancel_flag(&r.job),
-    );
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let beat = {
-        let w = writer.clone();
-        std::thread::spawn(move || {
-            loop {
-                let msg = v1::AgentResponse {
-                    body: Some(Resp::Progress(v1::MigrateProgress {
-                        phase: v1::MigratePhase::QemuStream as i32,
-                        ..v1::MigrateProgress::default()
-                    })),
-                };
-                if w.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .send(&msg)
-                    .is_err()
-                {
-                    return;
-                }
-                // Stops at once when the migration ends.
-                match stopped.recv_timeout(Duration::from_secs(1)) {
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
-            }
-        })
-    };
-    let body = match agent.qemu_migrate_out(r, Some(&mut hold)) {
-        Ok(res) => Resp::Result(res),
-        Err(e) => Resp::Error(e.to_proto()),
-    };
-    drop(stop);
-    let _ = beat.join();
-    let _ = writer
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send(&v1::AgentResponse { body: Some(body) });
-}
-
 fn send_blocking(ch: &mut Channel, body: Resp) -> Result<(), AgentError> {
     Ok(ch.send(&v1::AgentResponse { body: Some(body) })?)
 }
 
-/// Runs a migration out for a client, streaming progress to it. If the
-/// client goes away the migration carries on (its outcome shows in
-/// `vm list` and the agent's log), except while it is held for a gang job:
-/// then it is abandoned and the VM stays here.
+/// Progress to a client: at most [`PROGRESS_PER_SECOND`] reports a second
+/// (every change of phase to held goes at once), and the last one again
+/// every second while nothing new comes (a QEMU stream reports nothing
+/// the proxy could pass on), so the client can tell a slow migration from
+/// a stuck agent.
+struct ProgressLink {
+    writer: Arc<Mutex<pagecast_channel::ChannelWriter>>,
+    last: Mutex<(Option<Instant>, v1::MigrateProgress)>,
+    gone: std::sync::atomic::AtomicBool,
+}
+
+impl ProgressLink {
+    fn new(writer: Arc<Mutex<pagecast_channel::ChannelWriter>>) -> Arc<Self> {
+        Arc::new(ProgressLink {
+            writer,
+            last: Mutex::new((None, v1::MigrateProgress::default())),
+            gone: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn send(&self, body: Resp) -> bool {
+        let ok = self
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(&v1::AgentResponse { body: Some(body) })
+            .is_ok();
+        if !ok {
+            self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Passes `p` on unless one went less than a tenth of a second ago.
+    fn progress(&self, p: &Progress) {
+        if self.gone.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let gap = Duration::from_secs(1) / PROGRESS_PER_SECOND;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.1 = p.to_proto();
+        if last.0.is_some_and(|t| t.elapsed() < gap) && p.phase != v1::MigratePhase::Held {
+            return;
+        }
+        last.0 = Some(Instant::now());
+        let msg = last.1;
+        drop(last);
+        self.send(Resp::Progress(msg));
+    }
+
+    /// Re-sends the last report each second nothing else went, until
+    /// `stop` is dropped.
+    fn heartbeat(
+        self: &Arc<Self>,
+        stop: std::sync::mpsc::Receiver<()>,
+    ) -> std::thread::JoinHandle<()> {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            loop {
+                match stop.recv_timeout(Duration::from_millis(250)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                if me.gone.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let mut last = me.last.lock().unwrap_or_else(|e| e.into_inner());
+                if last.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                    continue;
+                }
+                last.0 = Some(Instant::now());
+                let msg = last.1;
+                drop(last);
+                me.send(Resp::Progress(msg));
+            }
+        })
+    }
+}
+
+/// Runs a migration out for a client, whatever the VM's kind, streaming
+/// progress to it. If the client goes away the migration carries on (its
+/// outcome shows in `vm list` and the agent's log), except while it is
+/// held for a gang job: then it is abandoned and the VM stays here.
 fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest) {
     info!("migrating {} to {} for {}", r.vm, r.to, ch.peer_name());
     let (reader, writer) = match ch.split() {
@@ -705,44 +687,26 @@ fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest) {
         }
     };
     let writer = Arc::new(Mutex::new(writer));
-    let cancelled = agent.job_cancel_flag(&r.job);
-    let mut hold = Some(crate::job::CoordinatorHold::new(
+    // A gang job's needs and go travel on this connection.
+    let mut hold = crate::job::CoordinatorHold::new(
         writer.clone(),
         reader,
         r.hold,
-        cancelled,
-    ));
-    let mut client_gone = false;
-    let mut last: Option<Instant> = None;
-    let gap = Duration::from_secs(1) / PROGRESS_PER_SECOND;
-    let w = writer.clone();
-    let res = agent.migrate_out_held(
-        &r,
-        &mut |p| {
-            if client_gone
-                || last.is_some_and(|t| t.elapsed() < gap) && p.phase != v1::MigratePhase::Held
-            {
-                return;
-            }
-            last = Some(Instant::now());
-            let msg = v1::AgentResponse {
-                body: Some(Resp::Progress(p.to_proto())),
-            };
-            client_gone = w
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(&msg)
-                .is_err();
-        },
-        hold.as_mut().map(|h| h as &mut dyn pagecast_migrate::Hold),
+        agent.job_cancel_flag(&r.job),
     );
+    let link = ProgressLink::new(writer);
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let beat = link.heartbeat(stopped);
+    let res = agent.migrate_out_held(&r, &mut |p| link.progress(p), Some(&mut hold));
+    drop(stop);
+    let _ = beat.join();
     let result = match res {
         Ok(rep) => {
             info!(
                 "migrated {} to {}: {} pages sent, {} filled there, downtime {:.1} ms, total {:.0} ms",
                 r.vm, r.to, rep.pages_sent, rep.pages_local, rep.downtime_ms, rep.total_ms
             );
-            rep.to_proto()
+            rep
         }
         Err(e) => {
             let in_doubt = matches!(e, AgentError::Migration(MigrationError::InDoubt(_)));
@@ -755,12 +719,38 @@ fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest) {
             }
         }
     };
-    let _ = writer
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send(&v1::AgentResponse {
-            body: Some(Resp::Result(result)),
-        });
+    link.send(Resp::Result(result));
+}
+
+/// Runs a clone for a client, whatever the VM's kind, streaming progress.
+fn clone_out(agent: &Agent, ch: Channel, r: &v1::CloneRequest) {
+    let (_reader, writer) = match ch.split() {
+        Ok(x) => x,
+        Err(e) => {
+            warn!("clone of {}: {e}", r.vm);
+            return;
+        }
+    };
+    let link = ProgressLink::new(Arc::new(Mutex::new(writer)));
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let beat = link.heartbeat(stopped);
+    let res = agent.clone_out(r, &mut |p| link.progress(p));
+    drop(stop);
+    let _ = beat.join();
+    let body = match res {
+        Ok(c) => {
+            info!(
+                "cloned {} to {} host(s): ok {}, downtime {:.1} ms",
+                r.vm,
+                c.clones.len(),
+                c.ok,
+                c.downtime_ms
+            );
+            Resp::CloneResult(c)
+        }
+        Err(e) => Resp::Error(e.to_proto()),
+    };
+    link.send(body);
 }
 
 fn migrate_in(agent: &Agent, ch: Channel, source: &str) {

@@ -1,0 +1,505 @@
+//! The KVM micro-VM backend: a guest whose memory this agent maps and
+//! whose dirty log it reads. KVM's log is read in one place
+//! ([`MicroBackend::pull_into`]) and its bits kept twice, once for a
+//! migration and once for the content map, so neither consumer steals the
+//! other's.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ::metrics::counter;
+use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError};
+use pagecast_memory::synth::{SynthSpec, SyntheticVm};
+use pagecast_memory::{DirtyBitmap, GuestMemory, ImageFile, MemoryError, Region};
+use pagecast_migrate::{
+    ChannelLink, Hold, IncomingReport, MigrateOptions, MigrationError, MigrationLink, Progress,
+    SourceVm, migrate_in_job, migrate_out_held,
+};
+use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
+use pagecast_proto::v1;
+
+use crate::hosted::{Backend, Hosted, Look, Outbound};
+use crate::job::{JobContent, JobSlots};
+use crate::sync::lock;
+use crate::{Agent, AgentError};
+
+/// Default memory of a synthetic VM.
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+/// Default working set, in pages.
+pub const DEFAULT_WORKING_SET: u64 = 1024;
+/// First frame of the working set.
+const WORKING_SET_START: u64 = 16;
+
+/// A KVM micro-VM run by this agent.
+pub struct MicroBackend {
+    vm: MicroVm,
+    for_migration: Mutex<DirtyBitmap>,
+    for_content: Mutex<DirtyBitmap>,
+}
+
+impl MicroBackend {
+    fn new(vm: MicroVm) -> Self {
+        let pages = vm.page_count();
+        MicroBackend {
+            vm,
+            for_migration: Mutex::new(DirtyBitmap::new(pages)),
+            for_content: Mutex::new(DirtyBitmap::new(pages)),
+        }
+    }
+
+    /// Reads KVM's dirty log into both bitmaps. The migration bitmap stays
+    /// locked from the read to the merge, so a migration taking its bits
+    /// never misses some that another thread has read but not yet merged.
+    fn pull_into(&self, m: &mut DirtyBitmap) -> Result<(), MemoryError> {
+        let d = self.vm.take_dirty()?;
+        m.merge(&d)?;
+        lock(&self.for_content).merge(&d)
+    }
+
+    fn pull(&self) -> Result<(), MemoryError> {
+        self.pull_into(&mut lock(&self.for_migration))
+    }
+}
+
+impl GuestMemory for MicroBackend {
+    fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
+        self.vm.write_page(frame, data)
+    }
+
+    /// The migration's bits (the content map keeps its own).
+    fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
+        let mut m = lock(&self.for_migration);
+        self.pull_into(&mut m)?;
+        Ok(std::mem::replace(
+            &mut *m,
+            DirtyBitmap::new(self.page_count()),
+        ))
+    }
+
+    fn mark_dirty(&self, pages: &DirtyBitmap) -> Result<(), MemoryError> {
+        lock(&self.for_migration).merge(pages)
+    }
+
+    fn region(&self) -> &Region {
+        self.vm.region()
+    }
+}
+
+impl Backend for MicroBackend {
+    fn kind(&self) -> v1::VmKind {
+        v1::VmKind::MicroVm
+    }
+
+    fn memory(&self) -> &dyn GuestMemory {
+        self
+    }
+
+    fn look(&self, _state: v1::HostedVmState, _force: bool) -> Result<Look, MemoryError> {
+        self.pull()?;
+        let pages = self.page_count();
+        Ok(Look::Frames(std::mem::replace(
+            &mut *lock(&self.for_content),
+            DirtyBitmap::new(pages),
+        )))
+    }
+
+    fn reset_look(&self) {
+        let _ = self.pull();
+        *lock(&self.for_content) = DirtyBitmap::new(self.page_count());
+    }
+
+    fn exact(&self) -> bool {
+        true
+    }
+
+    fn status(&self, info: &mut v1::VmInfo) {
+        info.progress = self.vm.progress().unwrap_or(0);
+        info.dirty_rate = self.vm.dirty_rate();
+        info.throttle_pct = u32::from(self.vm.throttle());
+    }
+
+    fn set_dirty_rate(&self, rate: u64) -> Result<(), AgentError> {
+        Ok(self.vm.set_dirty_rate(rate)?)
+    }
+
+    fn migrate_out(
+        &self,
+        out: Outbound<'_>,
+        r: &v1::MigrateRequest,
+        progress: &mut dyn FnMut(&Progress),
+        hold: Option<&mut dyn Hold>,
+    ) -> Result<(v1::MigrateResult, String), AgentError> {
+        let mut ch = out.agent.connect_host(&r.to, "receive a migrated VM")?;
+        ch.send(&v1::AgentRequest {
+            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+                source: out.agent.name().to_owned(),
+            })),
+        })?;
+        let mut link = ChannelLink::new(ch);
+        let opts = MigrateOptions {
+            bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
+            max_downtime: downtime(r.max_downtime_ms),
+            verify_full: r.verify_full,
+            job: r.job.clone(),
+            no_local: r.no_local,
+            per_frame: r.per_frame,
+            ..MigrateOptions::default()
+        };
+        let dest = link.peer_name().to_owned();
+        let vm = Outgoing { out, micro: self };
+        let rep = migrate_out_held(&vm, &mut link, &out.agent.fp, &opts, progress, hold)?;
+        Ok((rep.to_proto(), dest))
+    }
+
+    fn clone_out(
+        &self,
+        out: Outbound<'_>,
+        r: &v1::CloneRequest,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<v1::CloneResult, AgentError> {
+        run_clone(out, self, r, progress)
+    }
+
+    fn recover(&self) {
+        // The engine resumed it and handed its dirty bits back.
+    }
+
+    fn resume(&self) {
+        self.vm.set_throttle(0);
+        self.vm.resume();
+    }
+}
+
+/// The longest pause asked for, 50 ms if none.
+pub(crate) fn downtime(ms: u32) -> Duration {
+    Duration::from_millis(if ms == 0 { 50 } else { u64::from(ms) })
+}
+
+/// A micro-VM on its way out, seen by the migration engine: the VM, with
+/// the agent's content map for its manifest.
+struct Outgoing<'a> {
+    out: Outbound<'a>,
+    micro: &'a MicroBackend,
+}
+
+impl GuestMemory for Outgoing<'_> {
+    fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
+        self.micro.write_page(frame, data)
+    }
+    fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
+        self.micro.take_dirty()
+    }
+    fn mark_dirty(&self, pages: &DirtyBitmap) -> Result<(), MemoryError> {
+        self.micro.mark_dirty(pages)
+    }
+    fn region(&self) -> &Region {
+        self.micro.region()
+    }
+}
+
+impl SourceVm for Outgoing<'_> {
+    fn name(&self) -> &str {
+        &self.out.vm.name
+    }
+    fn origin(&self) -> String {
+        self.out.vm.origin.clone()
+    }
+    fn dirty_rate(&self) -> u64 {
+        self.micro.vm.dirty_rate()
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        self.micro.vm.pause()
+    }
+    fn resume(&self) {
+        self.micro.vm.resume()
+    }
+    fn vcpu_state(&self) -> Result<VcpuState, VmError> {
+        self.micro.vm.vcpu_state()
+    }
+    fn set_throttle(&self, pct: u8) {
+        self.micro.vm.set_throttle(pct)
+    }
+    fn current_hashes(&self) -> Option<Vec<PageHash>> {
+        self.out.agent.current_hashes(self.out.vm)
+    }
+    fn domain(&self) -> &str {
+        &self.out.vm.domain
+    }
+    fn content_key(&self) -> ContentKey {
+        self.out.vm.key
+    }
+}
+
+/// Connects to clone target `t` and opens its incoming migration: the
+/// target agent's name and the link.
+fn open_target(agent: &Agent, t: &v1::CloneTarget) -> Result<(String, ChannelLink), AgentError> {
+    let addr = t
+        .addr
+        .to_socket_addrs()
+        .map_err(|source| AgentError::Connect {
+            addr: t.addr.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| AgentError::BadRequest(format!("{} resolves to nothing", t.addr)))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|source| {
+        AgentError::Connect {
+            addr: t.addr.clone(),
+            source,
+        }
+    })?;
+    let mut ch = agent.host_channel(stream, "receive a clone")?;
+    ch.send(&v1::AgentRequest {
+        body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+            source: agent.name().to_owned(),
+        })),
+    })?;
+    let host = ch.peer_name().to_owned();
+    Ok((host, ChannelLink::new(ch)))
+}
+
+fn run_clone(
+    out: Outbound<'_>,
+    micro: &MicroBackend,
+    r: &v1::CloneRequest,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<v1::CloneResult, AgentError> {
+    let agent = out.agent;
+    let mut targets = Vec::new();
+    let mut failed = Vec::new();
+    for t in &r.targets {
+        match open_target(agent, t) {
+            Ok((host, link)) => targets.push(pagecast_migrate::CloneTarget {
+                name: t.name.clone(),
+                host,
+                link: Box::new(link),
+            }),
+            Err(e) => failed.push(v1::CloneOne {
+                name: t.name.clone(),
+                host: t.addr.clone(),
+                ok: false,
+                verified: false,
+                error: Some(e.refusal()),
+            }),
+        }
+    }
+    let opts = MigrateOptions {
+        bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
+        max_downtime: downtime(r.max_downtime_ms),
+        job: r.job.clone(),
+        ..MigrateOptions::default()
+    };
+    let vm = Outgoing { out, micro };
+    let mut caster = crate::job::AgentCaster {
+        agent,
+        vm: &vm,
+        key: out.vm.key,
+        rate_bps: opts.bandwidth_bps,
+        job: r.job.clone(),
+        casts: 0,
+    };
+    let rep = pagecast_migrate::clone_out(&vm, targets, &mut caster, &agent.fp, &opts, progress);
+    counter!(crate::metrics::BYTES_SENT, "kind" => "clone")
+        .increment(rep.bytes_links + rep.bytes_cast);
+    let mut clones: Vec<v1::CloneOne> = rep
+        .clones
+        .iter()
+        .map(|c| v1::CloneOne {
+            name: c.name.clone(),
+            host: c.host.clone(),
+            ok: c.ok,
+            verified: c.verified,
+            error: c.error.clone(),
+        })
+        .collect();
+    clones.extend(failed);
+    let ok = clones.iter().all(|c| c.ok && c.verified);
+    Ok(v1::CloneResult {
+        ok,
+        error: (!ok)
+            .then(|| pagecast_proto::refusal(v1::RefusalCode::Unavailable, "some clones failed")),
+        clones,
+        bytes_sent: rep.bytes_links + rep.bytes_cast,
+        bytes_cast: rep.bytes_cast,
+        downtime_ms: rep.downtime_ms,
+        total_ms: rep.total_ms,
+        rounds: rep.rounds,
+    })
+}
+
+impl Agent {
+    /// Starts a micro-VM.
+    pub fn vm_start(&self, r: &v1::VmStartRequest) -> Result<v1::VmInfo, AgentError> {
+        self.reserve(&r.name, v1::HostedVmState::Starting)?;
+        match self.boot(r) {
+            Ok(vm) => {
+                let info = vm.info();
+                self.register(vm)?;
+                Ok(info)
+            }
+            Err(e) => {
+                self.release(&r.name);
+                Err(e)
+            }
+        }
+    }
+
+    fn boot(&self, r: &v1::VmStartRequest) -> Result<Arc<Hosted>, AgentError> {
+        let key = self.domain_key(&r.domain)?;
+        let (memory, origin, synth) = match (r.image.is_empty(), r.synthetic.is_empty()) {
+            (false, true) => {
+                let path = self.resolve(&r.image);
+                let len = ImageFile::open(&path)?.len_bytes();
+                if r.memory_bytes != 0 && r.memory_bytes != len {
+                    return Err(AgentError::BadRequest(format!(
+                        "image {} holds {len} bytes, not the {} asked for",
+                        path.display(),
+                        r.memory_bytes
+                    )));
+                }
+                (len, path.display().to_string(), None)
+            }
+            (true, false) => {
+                let memory = if r.memory_bytes == 0 {
+                    DEFAULT_MEMORY
+                } else {
+                    r.memory_bytes
+                };
+                let spec = SynthSpec::parse(&r.synthetic, memory)?;
+                (
+                    spec.memory_bytes(),
+                    format!("synthetic {}", r.synthetic),
+                    Some(SyntheticVm::new(spec)?),
+                )
+            }
+            _ => {
+                return Err(AgentError::BadRequest(
+                    "give exactly one of an image and a synthetic profile".into(),
+                ));
+            }
+        };
+        let pages = memory / PAGE_SIZE as u64;
+        let ws = if r.working_set_pages == 0 {
+            DEFAULT_WORKING_SET
+        } else {
+            r.working_set_pages
+        };
+        let start = WORKING_SET_START.min(pages.saturating_sub(1)).max(2);
+        let end = (start + ws).min(pages);
+        let config = MicroVmConfig {
+            memory_bytes: memory,
+            working_set: (end > start).then_some(start..end).into_iter().collect(),
+            dirty_rate: r.dirty_rate,
+        };
+        let initial = match &synth {
+            Some(s) => InitialMemory::Synthetic(s),
+            None => InitialMemory::Image(Path::new(&origin)),
+        };
+        let vm = self.fp.pool().install(|| MicroVm::boot(&config, initial))?;
+        Ok(Arc::new(Hosted::new(
+            &r.name,
+            origin,
+            (&r.domain, key),
+            v1::HostedVmState::Running,
+            Box::new(MicroBackend::new(vm)),
+        )))
+    }
+
+    /// Receives a micro-VM over `link` from the agent named `source`.
+    pub fn migrate_in(
+        &self,
+        link: &mut dyn MigrationLink,
+        source: &str,
+    ) -> Result<IncomingReport, AgentError> {
+        let begin = match link.recv(Some(Duration::from_secs(10)))? {
+            v1::migrate_frame::Body::Begin(b) => b,
+            other => {
+                return Err(AgentError::BadRequest(format!(
+                    "expected a migration to begin, got {other:?}"
+                )));
+            }
+        };
+        tracing::debug!(
+            "incoming VM {} of {} MiB (job {:?})",
+            begin.vm,
+            begin.memory_bytes >> 20,
+            begin.job
+        );
+        if let Err(e) = self.reserve(&begin.vm, v1::HostedVmState::Incoming) {
+            let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
+                ok: false,
+                reason: e.to_string(),
+                code: e.code() as i32,
+            }));
+            return Err(e);
+        }
+        let origin = if begin.origin.is_empty() {
+            format!("migrated from {source}")
+        } else {
+            format!("{} (migrated from {source})", begin.origin)
+        };
+        let mut started: Option<Arc<Hosted>> = None;
+        let local = JobContent {
+            agent: self,
+            job: &begin.job,
+        };
+        let mut events = JobSlots {
+            agent: self,
+            job: begin.job.clone(),
+        };
+        let result = migrate_in_job(
+            link,
+            &begin,
+            &local,
+            &self.fp,
+            &mut events,
+            &mut |region: Region, state: VcpuState| {
+                let vm = MicroVm::restore(region, &state, begin.dirty_rate)
+                    .map_err(|e| e.to_string())?;
+                let p = vm.progress().map_err(|e| e.to_string())?;
+                // Listed as running before the source hears it resumed, so a
+                // `vm list` after the migration reports success shows it here.
+                let key = self.domain_key(&begin.domain).map_err(|e| e.to_string())?;
+                let vm = Arc::new(Hosted::new(
+                    &begin.vm,
+                    origin.clone(),
+                    (&begin.domain, key),
+                    v1::HostedVmState::Running,
+                    Box::new(MicroBackend::new(vm)),
+                ));
+                self.arrived(&vm).map_err(|e| e.to_string())?;
+                started = Some(vm);
+                Ok(p)
+            },
+        );
+        match (result, started) {
+            (result, Some(vm)) => {
+                // Committed and resumed: it runs here whatever happened to
+                // the confirmation (the source then holds its copy paused,
+                // in doubt). Its contents join the map off the switchover path.
+                self.index(&vm);
+                counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "ok")
+                    .increment(1);
+                match result {
+                    Ok(rep) => Ok(rep),
+                    Err(e) => Err(AgentError::Migration(MigrationError::InDoubt(format!(
+                        "the VM runs here but the source was not told: {e}"
+                    )))),
+                }
+            }
+            (result, None) => {
+                self.release(&begin.vm);
+                counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "failed")
+                    .increment(1);
+                Err(match result {
+                    Err(e) => e.into(),
+                    Ok(_) => {
+                        AgentError::Migration(MigrationError::Start("the VM did not start".into()))
+                    }
+                })
+            }
+        }
+    }
+}
