@@ -157,7 +157,7 @@ fn control_frame() -> Vec<Vec<u8>> {
 
 fn begin(pages: u64) -> v1::MigrateBegin {
     v1::MigrateBegin {
-        version: pagecast_proto::WIRE_VERSION as i32,
+        version: pagecast_proto::MIGRATE_WIRE_VERSION as i32,
         vm: "vm1".into(),
         memory_bytes: pages * PAGE_SIZE as u64,
         dirty_rate: 100,

@@ -84,25 +84,25 @@ pub trait Backend: Send + Sync {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<v1::CloneResult, AgentError>;
 
-    /// After a migration out failed before its switchover: makes sure the
-    /// guest runs here again.
-    fn recover(&self);
-
     /// After a switchover in doubt turned out never to have started the VM
     /// at its destination: lets the paused guest run here again.
     fn resume(&self);
 
-    /// Receives a QEMU migration stream into this VM, which waits for one
-    /// (`vm adopt --incoming`). Kinds that take no stream refuse.
-    fn receive_stream(
+    /// Receives a migration into this VM, which waits for one (an adopted
+    /// QEMU started with `-incoming`). Kinds that never wait refuse.
+    fn receive(
         &self,
         _into: Outbound<'_>,
-        _ch: &mut pagecast_channel::Channel,
-        _inc: &v1::QemuIncoming,
-    ) -> Result<v1::QemuDone, AgentError> {
-        Err(AgentError::BadRequest(
-            "this VM does not wait for a QEMU migration stream".into(),
-        ))
+        link: &mut dyn pagecast_migrate::MigrationLink,
+        begin: &v1::MigrateBegin,
+    ) -> Result<pagecast_migrate::IncomingReport, AgentError> {
+        let e = AgentError::VmExists(begin.vm.clone());
+        let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
+            ok: false,
+            reason: e.to_string(),
+            code: e.code() as i32,
+        }));
+        Err(e)
     }
 }
 
@@ -517,7 +517,6 @@ mod tests {
         ) -> Result<v1::CloneResult, AgentError> {
             unreachable!()
         }
-        fn recover(&self) {}
         fn resume(&self) {}
     }
 

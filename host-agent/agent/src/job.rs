@@ -72,16 +72,6 @@ impl Jobs {
             .push(slot.clone());
     }
 
-    /// Registers a landing slot (an adopted QEMU VM arriving) with `job`.
-    pub(crate) fn open_slot(&self, job: &str, slot: &Arc<IncomingSlot>) {
-        self.open(job, slot);
-    }
-
-    /// Unregisters a landing slot.
-    pub(crate) fn close_slot(&self, job: &str, slot: &Arc<IncomingSlot>) {
-        self.close(job, slot);
-    }
-
     fn close(&self, job: &str, slot: &Arc<IncomingSlot>) {
         let mut m = lock(&self.slots);
         if let Some(v) = m.get_mut(job) {
@@ -436,6 +426,34 @@ impl Hold for CoordinatorHold {
             return Some("the job was cancelled".into());
         }
         lock(&self.state).1.clone()
+    }
+}
+
+/// A job's cancel, for a clone (never held): asked before every round,
+/// before switchover and at every part of a relayed stream.
+pub struct JobCancel {
+    cancelled: Box<dyn Fn() -> bool + Send>,
+}
+
+impl JobCancel {
+    /// A check of `cancelled` (see [`Agent::job_cancel_flag`]).
+    pub fn new(cancelled: Box<dyn Fn() -> bool + Send>) -> Self {
+        JobCancel { cancelled }
+    }
+}
+
+impl Hold for JobCancel {
+    fn needs(&mut self, _: &[PageHash], _: u64) -> Result<(), MigrationError> {
+        Ok(())
+    }
+    fn poll(&mut self) -> HoldPoll {
+        HoldPoll::Go
+    }
+    fn holds(&self) -> bool {
+        false
+    }
+    fn cancelled(&mut self) -> Option<String> {
+        (self.cancelled)().then(|| "the job was cancelled".into())
     }
 }
 

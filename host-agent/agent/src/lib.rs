@@ -749,7 +749,7 @@ impl Agent {
                     .increment(1);
             }
             Err(_) => {
-                vm.backend.recover();
+                // The engine handed back what it took and resumed the guest.
                 vm.set_state(v1::HostedVmState::Running);
                 counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "failed")
                     .increment(1);
@@ -898,6 +898,89 @@ impl Agent {
         (seen.len() as u64 == vm.page_count()).then(|| seen.clone())
     }
 
+    /// Opens an incoming migration to each target of a clone: the targets
+    /// reached, and the outcome of those that could not be.
+    pub(crate) fn clone_targets(
+        &self,
+        r: &v1::CloneRequest,
+    ) -> (Vec<pagecast_migrate::CloneTarget>, Vec<v1::CloneOne>) {
+        let mut targets = Vec::new();
+        let mut failed = Vec::new();
+        for t in &r.targets {
+            let opened = self
+                .connect_host(&t.addr, "receive a clone")
+                .and_then(|mut ch| {
+                    ch.send(&v1::AgentRequest {
+                        body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+                            source: self.name.clone(),
+                        })),
+                    })?;
+                    Ok(ch)
+                });
+            match opened {
+                Ok(ch) => targets.push(pagecast_migrate::CloneTarget {
+                    name: t.name.clone(),
+                    host: ch.peer_name().to_owned(),
+                    link: Box::new(pagecast_migrate::ChannelLink::new(ch)),
+                }),
+                Err(e) => failed.push(v1::CloneOne {
+                    name: t.name.clone(),
+                    host: t.addr.clone(),
+                    ok: false,
+                    verified: false,
+                    error: Some(e.refusal()),
+                }),
+            }
+        }
+        (targets, failed)
+    }
+
+    /// Receives a QEMU VM: into the waiting QEMU adopted under its name,
+    /// or, on the libvirt route, into the QEMU at its address.
+    fn qemu_in(
+        &self,
+        link: &mut dyn pagecast_migrate::MigrationLink,
+        begin: &v1::MigrateBegin,
+    ) -> Result<pagecast_migrate::IncomingReport, AgentError> {
+        if !begin.connect.is_empty() {
+            return self.qemu_route_in(link, begin);
+        }
+        let waiting = self.hosted(&begin.vm).and_then(|vm| {
+            vm.change(v1::HostedVmState::Incoming, v1::HostedVmState::MigratingIn)?;
+            Ok(vm)
+        });
+        let vm = match waiting {
+            Ok(vm) => vm,
+            Err(e) => {
+                let e = match e {
+                    AgentError::NoSuchVm(_) => AgentError::BadRequest(format!(
+                        "no QEMU VM {:?} waits here: start QEMU with -incoming defer and adopt it with `pagecast vm adopt --incoming --name {}`",
+                        begin.vm, begin.vm
+                    )),
+                    other => other,
+                };
+                let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
+                    ok: false,
+                    reason: e.to_string(),
+                    code: e.code() as i32,
+                }));
+                return Err(e);
+            }
+        };
+        let into = Outbound {
+            agent: self,
+            vm: &vm,
+        };
+        let res = vm.backend.receive(into, link, begin);
+        if res.is_ok() {
+            vm.set_state(v1::HostedVmState::Running);
+            self.index(&vm);
+        } else {
+            vm.set_state(v1::HostedVmState::Incoming);
+        }
+        res
+    }
+
     /// Lets every VM go (at shutdown), withdrawing them from the index:
     /// micro-VMs stop, adopted QEMU VMs run on.
     pub fn shutdown(&self) {
@@ -915,6 +998,43 @@ impl Agent {
     pub fn copy_any(&self, h: &PageHash, out: &mut Page) -> Option<ContentKey> {
         let (vm, f) = read(&self.content).get(h).cloned()?;
         vm.copy(f, h, out).then_some(vm.key)
+    }
+}
+
+/// A clone's result as the control API carries it: each target's outcome,
+/// those that could not even be reached (`failed`) among them. With
+/// `verified`, a clone counts only if its memory was checked against the
+/// source's.
+pub(crate) fn clone_result(
+    rep: &pagecast_migrate::CloneReportAll,
+    failed: Vec<v1::CloneOne>,
+    verified: bool,
+) -> v1::CloneResult {
+    counter!(crate::metrics::BYTES_SENT, "kind" => "clone")
+        .increment(rep.bytes_links + rep.bytes_cast);
+    let mut clones: Vec<v1::CloneOne> = rep
+        .clones
+        .iter()
+        .map(|c| v1::CloneOne {
+            name: c.name.clone(),
+            host: c.host.clone(),
+            ok: c.ok && (c.verified || !verified),
+            verified: c.verified,
+            error: c.error.clone(),
+        })
+        .collect();
+    clones.extend(failed);
+    let ok = clones.iter().all(|c| c.ok);
+    v1::CloneResult {
+        ok,
+        error: (!ok)
+            .then(|| pagecast_proto::refusal(v1::RefusalCode::Unavailable, "some clones failed")),
+        clones,
+        bytes_sent: rep.bytes_links + rep.bytes_cast,
+        bytes_cast: rep.bytes_cast,
+        downtime_ms: rep.downtime_ms,
+        total_ms: rep.total_ms,
+        rounds: rep.rounds,
     }
 }
 

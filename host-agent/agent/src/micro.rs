@@ -4,7 +4,6 @@
 //! migration and once for the content map, so neither consumer steals the
 //! other's.
 
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,14 +13,14 @@ use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmE
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_memory::{DirtyBitmap, GuestMemory, ImageFile, MemoryError, Region};
 use pagecast_migrate::{
-    ChannelLink, Hold, IncomingReport, MigrateOptions, MigrationError, MigrationLink, Progress,
-    SourceVm, migrate_in_job, migrate_out_held,
+    ChannelLink, Hold, How, IncomingReport, MigrateOptions, MigrationError, MigrationLink,
+    Progress, SourceVm, migrate_in_job, migrate_out_held,
 };
 use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 
 use crate::hosted::{Backend, Hosted, Look, Outbound};
-use crate::job::{JobContent, JobSlots};
+use crate::job::{JobCancel, JobContent, JobSlots};
 use crate::sync::lock;
 use crate::{Agent, AgentError};
 
@@ -162,10 +161,6 @@ impl Backend for MicroBackend {
         run_clone(out, self, r, progress)
     }
 
-    fn recover(&self) {
-        // The engine resumed it and handed its dirty bits back.
-    }
-
     fn resume(&self) {
         self.vm.set_throttle(0);
         self.vm.resume();
@@ -232,34 +227,6 @@ impl SourceVm for Outgoing<'_> {
     }
 }
 
-/// Connects to clone target `t` and opens its incoming migration: the
-/// target agent's name and the link.
-fn open_target(agent: &Agent, t: &v1::CloneTarget) -> Result<(String, ChannelLink), AgentError> {
-    let addr = t
-        .addr
-        .to_socket_addrs()
-        .map_err(|source| AgentError::Connect {
-            addr: t.addr.clone(),
-            source,
-        })?
-        .next()
-        .ok_or_else(|| AgentError::BadRequest(format!("{} resolves to nothing", t.addr)))?;
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|source| {
-        AgentError::Connect {
-            addr: t.addr.clone(),
-            source,
-        }
-    })?;
-    let mut ch = agent.host_channel(stream, "receive a clone")?;
-    ch.send(&v1::AgentRequest {
-        body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
-            source: agent.name().to_owned(),
-        })),
-    })?;
-    let host = ch.peer_name().to_owned();
-    Ok((host, ChannelLink::new(ch)))
-}
-
 fn run_clone(
     out: Outbound<'_>,
     micro: &MicroBackend,
@@ -267,24 +234,7 @@ fn run_clone(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<v1::CloneResult, AgentError> {
     let agent = out.agent;
-    let mut targets = Vec::new();
-    let mut failed = Vec::new();
-    for t in &r.targets {
-        match open_target(agent, t) {
-            Ok((host, link)) => targets.push(pagecast_migrate::CloneTarget {
-                name: t.name.clone(),
-                host,
-                link: Box::new(link),
-            }),
-            Err(e) => failed.push(v1::CloneOne {
-                name: t.name.clone(),
-                host: t.addr.clone(),
-                ok: false,
-                verified: false,
-                error: Some(e.refusal()),
-            }),
-        }
-    }
+    let (targets, failed) = agent.clone_targets(r);
     let opts = MigrateOptions {
         bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
         max_downtime: downtime(r.max_downtime_ms),
@@ -300,33 +250,18 @@ fn run_clone(
         job: r.job.clone(),
         casts: 0,
     };
-    let rep = pagecast_migrate::clone_out(&vm, targets, &mut caster, &agent.fp, &opts, progress);
-    counter!(crate::metrics::BYTES_SENT, "kind" => "clone")
-        .increment(rep.bytes_links + rep.bytes_cast);
-    let mut clones: Vec<v1::CloneOne> = rep
-        .clones
-        .iter()
-        .map(|c| v1::CloneOne {
-            name: c.name.clone(),
-            host: c.host.clone(),
-            ok: c.ok,
-            verified: c.verified,
-            error: c.error.clone(),
-        })
-        .collect();
-    clones.extend(failed);
-    let ok = clones.iter().all(|c| c.ok && c.verified);
-    Ok(v1::CloneResult {
-        ok,
-        error: (!ok)
-            .then(|| pagecast_proto::refusal(v1::RefusalCode::Unavailable, "some clones failed")),
-        clones,
-        bytes_sent: rep.bytes_links + rep.bytes_cast,
-        bytes_cast: rep.bytes_cast,
-        downtime_ms: rep.downtime_ms,
-        total_ms: rep.total_ms,
-        rounds: rep.rounds,
-    })
+    let mut cancel = JobCancel::new(agent.job_cancel_flag(&r.job));
+    let rep = pagecast_migrate::clone_out(
+        &vm,
+        targets,
+        &mut caster,
+        &agent.fp,
+        &opts,
+        progress,
+        Some(&mut cancel),
+        How::Rounds,
+    );
+    Ok(crate::clone_result(&rep, failed, true))
 }
 
 impl Agent {
@@ -407,7 +342,9 @@ impl Agent {
         )))
     }
 
-    /// Receives a micro-VM over `link` from the agent named `source`.
+    /// Receives a VM over `link` from the agent named `source`: a micro-VM
+    /// starts here; a QEMU VM goes to the waiting QEMU adopted under its
+    /// name (or, on the libvirt route, to the QEMU at its address).
     pub fn migrate_in(
         &self,
         link: &mut dyn MigrationLink,
@@ -427,6 +364,9 @@ impl Agent {
             begin.memory_bytes >> 20,
             begin.job
         );
+        if begin.kind == v1::VmKind::Qemu as i32 {
+            return self.qemu_in(link, &begin);
+        }
         if let Err(e) = self.reserve(&begin.vm, v1::HostedVmState::Incoming) {
             let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
                 ok: false,

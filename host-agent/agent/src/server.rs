@@ -268,7 +268,6 @@ fn allowed(body: &v1::agent_request::Body) -> (&'static [Role], &'static str) {
         B::VmContent(_) => (ANY, "read a VM's content map"),
         B::FetchPages(_) => (&[Role::Host], "fetch pages (host to host)"),
         B::Incoming(_) => (&[Role::Host], "migrate a VM in (host to host)"),
-        B::QemuIncoming(_) => (&[Role::Host], "migrate a QEMU VM in (host to host)"),
         B::VmAdopt(_) => (&[Role::Operator], "adopt QEMU VMs"),
         B::VmStart(_) => (&[Role::Operator], "start VMs"),
         B::VmStop(_) => (&[Role::Operator], "stop VMs"),
@@ -327,8 +326,7 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
     let who = ch.identity().clone();
     let forbidden = if !roles.contains(&who.role) {
         Some(format!("{who} may not {what}"))
-    } else if let B::Incoming(v1::MigrateIncoming { source, .. })
-    | B::QemuIncoming(v1::QemuIncoming { source, .. }) = &body
+    } else if let B::Incoming(v1::MigrateIncoming { source, .. }) = &body
         && *source != who.name
     {
         Some(format!("{who} may not migrate a VM in as host {source:?}"))
@@ -416,17 +414,6 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
             };
             reply(&mut ch, body).await;
         }
-        B::QemuIncoming(i) => match ch.into_blocking() {
-            Ok(ch) => {
-                let a = agent.clone();
-                let span = info_span!("qemu migration", vm = %i.vm, from = %i.source, role = "destination");
-                let _ = tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| a.qemu_migrate_in(ch, &i))
-                })
-                .await;
-            }
-            Err(e) => warn!("QEMU migration from {peer}: {e}"),
-        },
         B::VmAdopt(r) => {
             let a = agent.clone();
             let res = tokio::task::spawn_blocking(move || a.vm_adopt(&r)).await;

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash, is_zero_page};
 use pagecast_proto::v1::RefusalCode;
-use pagecast_proto::{MAX_MIGRATE_PAGES_PER_FRAME, MAX_NEED_HASHES_PER_FRAME, WIRE_VERSION, v1};
+use pagecast_proto::{
+    MAX_MIGRATE_PAGES_PER_FRAME, MAX_NEED_HASHES_PER_FRAME, MIGRATE_WIRE_VERSION, v1,
+};
 use serde::Serialize;
 
 use crate::{LocalContent, MigrationError, MigrationLink, REPLY_TIMEOUT, table_digest};
@@ -234,13 +236,161 @@ impl SlotEvents for NoSlotEvents {
     fn closed(&mut self, _: &Arc<IncomingSlot>) {}
 }
 
-struct In<'a> {
+/// How an arriving VM's memory is laid out while it fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// The VM's own memory, frame for frame (a micro-VM this host runs).
+    Frames,
+    /// One scratch frame per distinct content the manifest names (an
+    /// adopted QEMU VM: its memory is its QEMU's to write, and QEMU's own
+    /// stream says where each page goes).
+    Contents,
+}
+
+/// Largest guest an arriving QEMU VM may have (its stream parser's bound).
+const MAX_CONTENTS_MEMORY: u64 = 16 << 40;
+
+/// An arriving VM after the part of the exchange every kind shares: the
+/// offer accepted, the manifest read, what this host held filled in, the
+/// needs answered, and (a gang job's hold) what the job brought taken in
+/// and the needs answered again. What follows is the kind's own:
+/// [`Arrival::rounds`] for a micro-VM, a QEMU stream for a QEMU VM.
+pub struct Arrival<'a> {
     link: &'a mut dyn MigrationLink,
     timeout: Duration,
     slot: Arc<IncomingSlot>,
     report: IncomingReport,
     /// Faulting in the arriving VM's memory, off the handshake's path.
     populating: Option<std::thread::JoinHandle<Result<(), pagecast_memory::MemoryError>>>,
+    /// The VM runs here: whatever fails now, the source must not hear
+    /// Abort (it would resume its copy).
+    started: bool,
+}
+
+/// Refuses a migration at its first frame.
+fn refuse<T>(
+    link: &mut dyn MigrationLink,
+    code: RefusalCode,
+    why: String,
+) -> Result<T, MigrationError> {
+    let _ = link.send(Body::Accept(v1::MigrateAccept {
+        ok: false,
+        reason: why.clone(),
+        code: code as i32,
+    }));
+    Err(MigrationError::Refused { code, reason: why })
+}
+
+/// Checks a migration's first frame; returns the key of its domain here.
+fn check_begin(
+    begin: &v1::MigrateBegin,
+    local: &dyn LocalContent,
+    shape: Shape,
+) -> Result<ContentKey, (RefusalCode, String)> {
+    if begin.version != MIGRATE_WIRE_VERSION as i32 {
+        return Err((
+            RefusalCode::Invalid,
+            format!(
+                "wire version {} is not supported (this agent speaks {})",
+                begin.version, MIGRATE_WIRE_VERSION as i32
+            ),
+        ));
+    }
+    let bytes = begin.memory_bytes;
+    let range = match shape {
+        Shape::Frames => MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES,
+        Shape::Contents => PAGE_SIZE as u64..=MAX_CONTENTS_MEMORY,
+    };
+    if !range.contains(&bytes) || !bytes.is_multiple_of(PAGE_SIZE as u64) {
+        return Err((
+            RefusalCode::Invalid,
+            format!("memory of {bytes} bytes is out of range"),
+        ));
+    }
+    if !pagecast_proto::name_ok(&begin.vm) {
+        return Err((
+            RefusalCode::Invalid,
+            format!("VM name {:?}: use {}", begin.vm, pagecast_proto::NAME_RULE),
+        ));
+    }
+    let key = local
+        .domain_key(&begin.domain)
+        .map_err(|why| (RefusalCode::Refused, why))?;
+    if key.check() != begin.domain_check {
+        return Err((
+            RefusalCode::Refused,
+            format!(
+                "dedup domain {:?}: this host's key differs from the source's (the two hosts \
+                 hold different domain secrets)",
+                pagecast_pages::domain::normalize(&begin.domain)
+            ),
+        ));
+    }
+    Ok(key)
+}
+
+/// Receives what every kind of arriving VM shares, up to the moment its
+/// own transfer starts (see [`Arrival`]). `shape` says how its memory is
+/// held meanwhile. On any failure the source is told (Abort) and nothing
+/// is kept.
+pub fn receive_front<'a>(
+    link: &'a mut dyn MigrationLink,
+    begin: &v1::MigrateBegin,
+    local: &dyn LocalContent,
+    events: &mut dyn SlotEvents,
+    shape: Shape,
+) -> Result<Arrival<'a>, MigrationError> {
+    let key = match check_begin(begin, local, shape) {
+        Ok(k) => k,
+        Err((code, why)) => return refuse(link, code, why),
+    };
+    // A micro-VM's memory is mapped now and populated by a thread after
+    // the answer: faulting in a large VM's memory on a busy host takes
+    // seconds, which the source would otherwise wait for. A QEMU VM's
+    // scratch frames wait for the manifest (they are one per content).
+    let region = match shape {
+        Shape::Frames => match Region::anonymous_unpopulated(begin.memory_bytes) {
+            Ok(r) => Some(r),
+            Err(e) => return refuse(link, RefusalCode::Internal, e.to_string()),
+        },
+        Shape::Contents => None,
+    };
+    link.send(Body::Accept(v1::MigrateAccept {
+        ok: true,
+        ..Default::default()
+    }))?;
+    let mut arrival = Arrival {
+        link,
+        timeout: REPLY_TIMEOUT,
+        slot: Arc::new(IncomingSlot::new(
+            &begin.vm,
+            (&begin.domain, key),
+            Region::anonymous(PAGE_SIZE as u64)?,
+        )),
+        report: IncomingReport {
+            vm: begin.vm.clone(),
+            ..IncomingReport::default()
+        },
+        populating: None,
+        started: false,
+    };
+    if let Some(region) = region {
+        arrival.slot = Arc::new(IncomingSlot::new(&begin.vm, (&begin.domain, key), region));
+        let filling = arrival.slot.clone();
+        arrival.populating = std::thread::Builder::new()
+            .name("pagecast-populate".into())
+            .spawn(move || filling.region.populate())
+            .ok();
+    }
+    let mut opened = false;
+    let r = arrival.front(begin, local, events, shape, key, &mut opened);
+    if let Err(e) = &r {
+        if opened {
+            events.closed(&arrival.slot);
+        }
+        let _ = arrival.link.send(Body::Abort(e.to_abort()));
+    }
+    r.map(|()| arrival)
 }
 
 /// Receives a migration announced by `begin` over `link`: reserves memory,
@@ -269,96 +419,58 @@ pub fn migrate_in_job(
     events: &mut dyn SlotEvents,
     start: &mut dyn FnMut(Region, VcpuState) -> Result<u64, String>,
 ) -> Result<IncomingReport, MigrationError> {
-    let refuse = |link: &mut dyn MigrationLink, code: RefusalCode, why: String| {
-        let _ = link.send(Body::Accept(v1::MigrateAccept {
-            ok: false,
-            reason: why.clone(),
-            code: code as i32,
-        }));
-        Err(MigrationError::Refused { code, reason: why })
-    };
-    if begin.version != WIRE_VERSION as i32 {
-        return refuse(
-            link,
-            RefusalCode::Invalid,
-            format!("wire version {} is not supported", begin.version),
-        );
-    }
-    let bytes = begin.memory_bytes;
-    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&bytes)
-        || !bytes.is_multiple_of(PAGE_SIZE as u64)
-    {
-        return refuse(
-            link,
-            RefusalCode::Invalid,
-            format!("memory of {bytes} bytes is out of range"),
-        );
-    }
-    if !pagecast_proto::name_ok(&begin.vm) {
-        return refuse(
-            link,
-            RefusalCode::Invalid,
-            format!("VM name {:?}: use {}", begin.vm, pagecast_proto::NAME_RULE),
-        );
-    }
-    // Mapped now, populated by a thread after the answer: faulting in a
-    // large VM's memory on a busy host takes seconds, which the source
-    // would otherwise wait for before anything else can happen.
-    let key = match local.domain_key(&begin.domain) {
-        Ok(k) => k,
-        Err(why) => return refuse(link, RefusalCode::Refused, why),
-    };
-    if key.check() != begin.domain_check {
-        return refuse(
-            link,
-            RefusalCode::Refused,
-            format!(
-                "dedup domain {:?}: this host's key differs from the source's (the two hosts \
-                 hold different domain secrets)",
-                pagecast_pages::domain::normalize(&begin.domain)
-            ),
-        );
-    }
-    let region = match Region::anonymous_unpopulated(bytes) {
-        Ok(r) => r,
-        Err(e) => return refuse(link, RefusalCode::Internal, e.to_string()),
-    };
-    link.send(Body::Accept(v1::MigrateAccept {
-        ok: true,
-        ..Default::default()
-    }))?;
-    let slot = Arc::new(IncomingSlot::new(&begin.vm, (&begin.domain, key), region));
-    let filling = slot.clone();
-    let populating = std::thread::Builder::new()
-        .name("pagecast-populate".into())
-        .spawn(move || filling.region.populate())
-        .ok();
-    let mut st = In {
-        link,
-        timeout: REPLY_TIMEOUT,
-        slot,
-        report: IncomingReport {
-            vm: begin.vm.clone(),
-            ..IncomingReport::default()
-        },
-        populating,
-    };
-    let r = st.run(begin, local, fp, events, start);
+    let mut arrival = receive_front(link, begin, local, events, Shape::Frames)?;
+    let r = arrival.rounds(begin, fp, events, start);
     if let Err(e) = &r {
-        events.closed(&st.slot);
-        let _ = st.link.send(Body::Abort(e.to_abort()));
+        arrival.fail(events, e);
     }
     r
 }
 
-impl In<'_> {
+impl Arrival<'_> {
     fn mem(&self) -> &Region {
         &self.slot.region
     }
 
+    /// The arriving VM's memory as it fills (for a QEMU VM: one frame per
+    /// content).
+    pub fn slot(&self) -> &Arc<IncomingSlot> {
+        &self.slot
+    }
+
+    /// What arrived so far.
+    pub fn report(&mut self) -> &mut IncomingReport {
+        &mut self.report
+    }
+
+    /// Sends `body` to the source.
+    pub fn send(&mut self, body: Body) -> Result<(), MigrationError> {
+        self.link.send(body)
+    }
+
+    /// Ends a failed arrival: the slot closes, and the source hears why
+    /// unless the VM already runs here (then it is left to ask).
+    pub fn fail(&mut self, events: &mut dyn SlotEvents, e: &MigrationError) {
+        events.closed(&self.slot);
+        if !self.started {
+            let _ = self.link.send(Body::Abort(e.to_abort()));
+        }
+    }
+
+    /// How long to wait for each frame from now on (a relayed stream may
+    /// pause longer than the reply timeout while its source works).
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    /// Marks the VM as running here (see [`Arrival::fail`]).
+    pub fn started(&mut self) {
+        self.started = true;
+    }
+
     /// The next frame; keep-alives from a holding source are answered and
     /// skipped.
-    fn next(&mut self) -> Result<Body, MigrationError> {
+    pub fn next_frame(&mut self) -> Result<Body, MigrationError> {
         loop {
             match self.link.recv(Some(self.timeout))? {
                 Body::Abort(a) => return Err(MigrationError::from_abort(a)),
@@ -395,17 +507,9 @@ impl In<'_> {
         }
     }
 
-    fn run(
-        &mut self,
-        begin: &v1::MigrateBegin,
-        local: &dyn LocalContent,
-        fp: &Fingerprinter,
-        events: &mut dyn SlotEvents,
-        start: &mut dyn FnMut(Region, VcpuState) -> Result<u64, String>,
-    ) -> Result<IncomingReport, MigrationError> {
-        let pages = self.mem().pages();
-        // The manifest.
-        let header = match self.next()? {
+    /// Reads the manifest (`frames` of them, for VM `vm`).
+    fn manifest(&mut self, vm: &str, frames: u64) -> Result<Vec<PageHash>, MigrationError> {
+        let header = match self.next_frame()? {
             Body::ManifestHeader(h) => h,
             other => {
                 return Err(MigrationError::Protocol(format!(
@@ -413,15 +517,15 @@ impl In<'_> {
                 )));
             }
         };
-        if header.frames != pages || header.vm != begin.vm {
+        if header.frames != frames || header.vm != vm {
             return Err(MigrationError::Protocol(format!(
-                "manifest of {} frames for {:?}; expected {pages} frames of {:?}",
-                header.frames, header.vm, begin.vm
+                "manifest of {} frames for {:?}; expected {frames} frames of {vm:?}",
+                header.frames, header.vm
             )));
         }
         let mut dec = ManifestDecoder::new(&header)?;
-        while dec.received() < pages {
-            match self.next()? {
+        while dec.received() < frames {
+            match self.next_frame()? {
                 Body::ManifestChunk(c) => dec.push(&c)?,
                 other => {
                     return Err(MigrationError::Protocol(format!(
@@ -430,20 +534,28 @@ impl In<'_> {
                 }
             }
         }
-        let manifest = dec.finish()?;
+        Ok(dec.finish()?.hashes)
+    }
 
-        // Fill what this host holds (unless told not to reuse anything); a
-        // content already copied into the new VM is copied within it.
+    /// Fills a VM's own frames from what this host holds (unless told not
+    /// to reuse anything); a content already copied into the new VM is
+    /// copied within it. Returns what is still needed.
+    fn fill_frames(
+        &mut self,
+        manifest: &[PageHash],
+        local: &dyn LocalContent,
+        no_local: bool,
+    ) -> Result<Vec<PageHash>, MigrationError> {
         let mut frames_of: HashMap<PageHash, Vec<u64>> = HashMap::new();
         let mut page = [0u8; PAGE_SIZE];
-        for (f, h) in manifest.hashes.iter().enumerate() {
+        for (f, h) in manifest.iter().enumerate() {
             let f = f as u64;
             if h.is_zero_page() {
                 // Fresh memory is zero.
                 self.slot.lock().table[f as usize] = Some(PageHash::ZERO_PAGE);
                 continue;
             }
-            let filled = !begin.no_local
+            let filled = !no_local
                 && (self.slot.copy(h, &mut page) || local.copy(&self.slot.key, h, &mut page));
             if filled {
                 self.slot.write(f, *h, &page)?;
@@ -455,15 +567,71 @@ impl In<'_> {
         let mut needed: Vec<PageHash> = frames_of.keys().copied().collect();
         needed.sort_unstable();
         self.slot.lock().frames_of = frames_of;
+        Ok(needed)
+    }
+
+    /// Makes the scratch frames of a QEMU VM, one per distinct content of
+    /// the manifest, and fills those this host holds. Frames filled count
+    /// the VM's frames holding those contents. Returns what is still
+    /// needed.
+    fn fill_contents(
+        &mut self,
+        begin: &v1::MigrateBegin,
+        manifest: &[PageHash],
+        local: &dyn LocalContent,
+        key: ContentKey,
+    ) -> Result<Vec<PageHash>, MigrationError> {
+        let mut count: HashMap<PageHash, u64> = HashMap::new();
+        for h in manifest.iter().filter(|h| !h.is_zero_page()) {
+            *count.entry(*h).or_default() += 1;
+        }
+        let mut distinct: Vec<PageHash> = count.keys().copied().collect();
+        distinct.sort_unstable();
+        self.slot = Arc::new(IncomingSlot::landing(
+            &begin.vm,
+            (&begin.domain, key),
+            &distinct,
+        )?);
+        let mut page = [0u8; PAGE_SIZE];
+        let mut needed = Vec::new();
+        for (i, h) in distinct.iter().enumerate() {
+            if !begin.no_local && local.copy(&key, h, &mut page) {
+                self.slot.write(i as u64, *h, &page)?;
+                self.report.pages_local += count[h];
+            } else {
+                needed.push(*h);
+            }
+        }
+        Ok(needed)
+    }
+
+    /// Everything up to the kind's own transfer (see [`receive_front`]).
+    fn front(
+        &mut self,
+        begin: &v1::MigrateBegin,
+        local: &dyn LocalContent,
+        events: &mut dyn SlotEvents,
+        shape: Shape,
+        key: ContentKey,
+        opened: &mut bool,
+    ) -> Result<(), MigrationError> {
+        let frames = begin.memory_bytes / PAGE_SIZE as u64;
+        let manifest = self.manifest(&begin.vm, frames)?;
+        let needed = match shape {
+            Shape::Frames => self.fill_frames(&manifest, local, begin.no_local)?,
+            Shape::Contents => self.fill_contents(begin, &manifest, local, key)?,
+        };
+        drop(manifest);
         if !begin.job.is_empty() {
             events.opened(&self.slot);
+            *opened = true;
         }
         self.send_needs(&needed)?;
         if begin.held {
             // A gang job fills what it can while the source holds; then the
             // source asks again.
             loop {
-                match self.next()? {
+                match self.next_frame()? {
                     Body::Refill(_) => break,
                     Body::CastJoin(j) => self.join(events, &j),
                     other => {
@@ -476,34 +644,33 @@ impl In<'_> {
             let still = self.slot.missing();
             self.send_needs(&still)?;
         }
+        Ok(())
+    }
 
-        // Pages until switchover, then the rest, the vCPU and the digest.
+    /// A micro-VM's transfer: pages until switchover, then the rest, the
+    /// vCPU and the digest; Ready, Commit, and the VM starts here.
+    pub fn rounds(
+        &mut self,
+        begin: &v1::MigrateBegin,
+        fp: &Fingerprinter,
+        events: &mut dyn SlotEvents,
+        start: &mut dyn FnMut(Region, VcpuState) -> Result<u64, String>,
+    ) -> Result<IncomingReport, MigrationError> {
         let mut switched: Option<Instant> = None;
         let mut vcpu: Option<VcpuState> = None;
         loop {
-            match self.next()? {
+            match self.next_frame()? {
                 Body::ByHash(b) => self.by_hash(&b)?,
                 Body::Pages(p) => self.pages(&p)?,
                 Body::Switchover(_) => switched = Some(Instant::now()),
                 Body::CastJoin(j) => self.join(events, &j),
                 Body::Vcpu(v) => vcpu = Some(VcpuState::from_bytes(&v.regs, &v.sregs)?),
                 Body::Digest(d) => {
-                    let verdict = self.verify(&d, begin.verify_full, fp);
-                    let ok = verdict.is_ok();
-                    self.link.send(Body::Ready(v1::Ready {
-                        ok,
-                        reason: verdict
-                            .as_ref()
-                            .err()
-                            .map(|e| e.to_string())
-                            .unwrap_or_default(),
-                        code: verdict.as_ref().err().map_or(0, |e| e.code() as i32),
-                    }))?;
-                    verdict?;
                     let Some(state) = vcpu.take() else {
                         return Err(MigrationError::Protocol("digest before vCPU state".into()));
                     };
-                    match self.next()? {
+                    self.ready(&d, begin.verify_full, fp)?;
+                    match self.next_frame()? {
                         Body::Commit(_) => {}
                         other => {
                             return Err(MigrationError::Protocol(format!(
@@ -511,16 +678,7 @@ impl In<'_> {
                             )));
                         }
                     }
-                    crate::failpoint::hit(crate::failpoint::Point::DestCommit)?;
-                    events.closed(&self.slot);
-                    let region = self.take_region()?;
-                    let progress = start(region, state).map_err(MigrationError::Start)?;
-                    crate::failpoint::hit(crate::failpoint::Point::DestResumed)?;
-                    self.report.progress = progress;
-                    self.report.switchover_ms =
-                        switched.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
-                    self.link.send(Body::Resumed(v1::Resumed { progress }))?;
-                    return Ok(self.report.clone());
+                    return self.start(events, state, switched, start);
                 }
                 other => {
                     return Err(MigrationError::Protocol(format!(
@@ -529,6 +687,46 @@ impl In<'_> {
                 }
             }
         }
+    }
+
+    /// Checks the digest and says whether the VM is ready to commit.
+    fn ready(
+        &mut self,
+        d: &v1::Digest,
+        full: bool,
+        fp: &Fingerprinter,
+    ) -> Result<(), MigrationError> {
+        let verdict = self.verify(d, full, fp);
+        self.link.send(Body::Ready(v1::Ready {
+            ok: verdict.is_ok(),
+            reason: verdict
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            code: verdict.as_ref().err().map_or(0, |e| e.code() as i32),
+        }))?;
+        verdict
+    }
+
+    /// Committed: the VM starts here on its memory and vCPU state.
+    fn start(
+        &mut self,
+        events: &mut dyn SlotEvents,
+        state: VcpuState,
+        switched: Option<Instant>,
+        start: &mut dyn FnMut(Region, VcpuState) -> Result<u64, String>,
+    ) -> Result<IncomingReport, MigrationError> {
+        crate::failpoint::hit(crate::failpoint::Point::DestCommit)?;
+        events.closed(&self.slot);
+        let region = self.take_region()?;
+        let progress = start(region, state).map_err(MigrationError::Start)?;
+        self.started = true;
+        crate::failpoint::hit(crate::failpoint::Point::DestResumed)?;
+        self.report.progress = progress;
+        self.report.switchover_ms = switched.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        self.link.send(Body::Resumed(v1::Resumed { progress }))?;
+        Ok(self.report.clone())
     }
 
     /// Checks a batch of page contents against their hashes (with the SIMD

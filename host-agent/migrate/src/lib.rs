@@ -1,18 +1,21 @@
-//! Live migration of one VM to one destination.
+//! Live migration of a VM to one destination or, as a clone, to several.
 //!
-//! The engine is transport-agnostic: the source ([`migrate_out`]) and the
-//! destination ([`migrate_in`]) exchange [`v1::MigrateFrame`]s over any
-//! [`MigrationLink`]; the one link that exists today is [`ChannelLink`],
-//! an authenticated TCP connection between two agents. The source reads
-//! guest memory through [`SourceVm`], and the destination fills what it
-//! already holds through [`LocalContent`]. See `docs/migration.md` for the
-//! exchange, the states and failure handling.
+//! One engine ([`engine`]) serves every migration out, whatever the VM's
+//! kind: the source and the destinations ([`migrate_in`], or
+//! [`receive_front`] and the kind's own transfer) exchange
+//! [`v1::MigrateFrame`]s over any [`MigrationLink`]; the one link that
+//! exists today is [`ChannelLink`], an authenticated TCP connection
+//! between two agents. The source reads guest memory through
+//! [`SourceVm`], and a destination fills what it already holds through
+//! [`LocalContent`]. See `docs/migration.md` for the exchange, the states
+//! and failure handling.
 
-mod clone;
 mod dest;
+pub mod engine;
+mod entry;
 pub mod failpoint;
 pub mod mem;
-mod source;
+mod plug;
 
 use std::time::Duration;
 
@@ -23,13 +26,15 @@ use pagecast_proto::v1::RefusalCode;
 use prost::Message;
 use serde::Serialize;
 
-pub use clone::{
-    CAST_MIN_PAGES, CastOutcome, Caster, CloneReportAll, CloneResultOne, CloneTarget, clone_out,
-};
 pub use dest::{
-    IncomingReport, IncomingSlot, NoSlotEvents, SlotEvents, migrate_in, migrate_in_job,
+    Arrival, IncomingReport, IncomingSlot, NoSlotEvents, Shape, SlotEvents, migrate_in,
+    migrate_in_job, receive_front,
 };
-pub use source::{Hold, HoldPoll, migrate_out, migrate_out_held};
+pub use engine::{How, StreamEnd, StreamSource};
+pub use entry::{
+    CloneReportAll, CloneResultOne, CloneTarget, clone_out, migrate_out, migrate_out_held, move_one,
+};
+pub use plug::{CAST_MIN_PAGES, CastOutcome, Caster, Hold, HoldPoll};
 
 /// How long either side waits for the other's next answer; a peer silent
 /// this long (dead, frozen, or partitioned with the connection open) has
@@ -103,6 +108,18 @@ pub enum MigrationError {
     /// The job this migration belongs to was cancelled.
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// The VM's own migration stream failed at the source (QEMU refused,
+    /// stalled, or sent what the relay cannot carry).
+    #[error("the source's stream: {reason}")]
+    Stream {
+        /// Why, for programs.
+        code: RefusalCode,
+        /// Why, for people.
+        reason: String,
+    },
+    /// Every destination failed (each one's error says why).
+    #[error("every destination failed")]
+    NoneLeft,
 }
 
 impl MigrationError {
@@ -112,7 +129,10 @@ impl MigrationError {
             MigrationError::Link(_) | MigrationError::Timeout { .. } => RefusalCode::Unavailable,
             MigrationError::InDoubt(_) => RefusalCode::Unavailable,
             MigrationError::Protocol(_) | MigrationError::Manifest(_) => RefusalCode::Invalid,
-            MigrationError::Refused { code, .. } | MigrationError::Aborted { code, .. } => *code,
+            MigrationError::Refused { code, .. }
+            | MigrationError::Aborted { code, .. }
+            | MigrationError::Stream { code, .. } => *code,
+            MigrationError::NoneLeft => RefusalCode::Unavailable,
             MigrationError::Vm(_) | MigrationError::Memory(_) | MigrationError::Start(_) => {
                 RefusalCode::Internal
             }
@@ -213,12 +233,17 @@ pub trait SourceVm: GuestMemory {
     fn origin(&self) -> String;
     /// The page-write rate its guest is paced to.
     fn dirty_rate(&self) -> u64;
-    /// Stops the vCPU at its next exit; memory is then quiescent.
-    fn pause(&self) -> Result<(), VmError>;
-    /// Lets the vCPU run again.
+    /// Stops the vCPU at its next exit; memory is then quiescent (only the
+    /// engine's own rounds pause a VM).
+    fn pause(&self) -> Result<(), VmError> {
+        Err(VmError::Unsupported("pausing the guest"))
+    }
+    /// Lets the guest run again.
     fn resume(&self);
     /// The vCPU registers (the VM must be paused).
-    fn vcpu_state(&self) -> Result<VcpuState, VmError>;
+    fn vcpu_state(&self) -> Result<VcpuState, VmError> {
+        Err(VmError::Unsupported("reading the vCPU"))
+    }
     /// Slows the guest to `100 - pct` percent of its rate.
     fn set_throttle(&self, pct: u8);
     /// The hash of every frame as it is now, if the VM keeps a map of its
@@ -236,6 +261,10 @@ pub trait SourceVm: GuestMemory {
     /// The key its pages are named with in that domain.
     fn content_key(&self) -> ContentKey {
         ContentKey::CLUSTER
+    }
+    /// What runs the guest.
+    fn kind(&self) -> v1::VmKind {
+        v1::VmKind::MicroVm
     }
 }
 
@@ -281,6 +310,9 @@ pub struct MigrateOptions {
     pub no_local: bool,
     /// Round 0 sends every non-zero frame (no deduplication within the VM).
     pub per_frame: bool,
+    /// A QEMU VM's stream goes to a QEMU listening on this loopback
+    /// address at the destination ("": the adopted VM waiting there).
+    pub connect: String,
 }
 
 impl Default for MigrateOptions {
@@ -294,6 +326,7 @@ impl Default for MigrateOptions {
             job: String::new(),
             no_local: false,
             per_frame: false,
+            connect: String::new(),
         }
     }
 }
@@ -344,6 +377,12 @@ pub struct MigrationReport {
     pub progress_after: u64,
     /// The highest throttle applied, percent.
     pub max_throttle_pct: u8,
+    /// Distinct contents the destinations held (a relayed stream: those
+    /// sent as hashes).
+    pub contents_local: u64,
+    /// What ran the guest.
+    #[serde(skip)]
+    pub kind: v1::VmKind,
 }
 
 impl MigrationReport {
@@ -376,8 +415,8 @@ impl MigrationReport {
             progress_after: self.progress_after,
             max_throttle_pct: u32::from(self.max_throttle_pct),
             in_doubt: false,
-            contents_local: 0,
-            kind: v1::VmKind::MicroVm as i32,
+            contents_local: self.contents_local,
+            kind: self.kind as i32,
         }
     }
 }

@@ -484,6 +484,8 @@ fn a_clone_reaches_every_destination_identically_and_the_source_runs_on() {
             &fp,
             &MigrateOptions::default(),
             &mut |_| {},
+            None,
+            How::Rounds,
         );
         for d in dests {
             d.join().unwrap().unwrap();

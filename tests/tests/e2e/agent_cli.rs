@@ -588,32 +588,38 @@ fn malformed_requests_get_a_clear_error() {
     );
     assert!(e.contains("no VM named \"nope\""), "{e}");
     // An agent that is not a migration source sends frames that are no
-    // migration: the destination refuses them and keeps nothing.
-    let s = TcpStream::connect(&a.addr).unwrap();
-    let mut ch = Channel::client(s, &pki::tls("rogue", Role::Host)).unwrap();
-    ch.send(&v1::AgentRequest {
-        body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
-            source: "rogue".into(),
-        })),
-    })
-    .unwrap();
-    ch.send(&v1::MigrateFrame {
-        body: Some(v1::migrate_frame::Body::Begin(v1::MigrateBegin {
-            version: 1,
-            vm: "huge".into(),
-            memory_bytes: u64::MAX,
-            ..Default::default()
-        })),
-    })
-    .unwrap();
-    ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let f: v1::MigrateFrame = ch.recv("accept").unwrap();
-    match f.body {
-        Some(v1::migrate_frame::Body::Accept(acc)) => {
-            assert!(!acc.ok);
-            assert!(acc.reason.contains("out of range"), "{}", acc.reason);
+    // migration (or of an older wire version): the destination refuses
+    // them and keeps nothing.
+    for (version, says) in [
+        (pagecast_proto::MIGRATE_WIRE_VERSION as i32, "out of range"),
+        (1, "wire version 1 is not supported"),
+    ] {
+        let s = TcpStream::connect(&a.addr).unwrap();
+        let mut ch = Channel::client(s, &pki::tls("rogue", Role::Host)).unwrap();
+        ch.send(&v1::AgentRequest {
+            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+                source: "rogue".into(),
+            })),
+        })
+        .unwrap();
+        ch.send(&v1::MigrateFrame {
+            body: Some(v1::migrate_frame::Body::Begin(v1::MigrateBegin {
+                version,
+                vm: "huge".into(),
+                memory_bytes: u64::MAX,
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+        ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let f: v1::MigrateFrame = ch.recv("accept").unwrap();
+        match f.body {
+            Some(v1::migrate_frame::Body::Accept(acc)) => {
+                assert!(!acc.ok);
+                assert!(acc.reason.contains(says), "{}", acc.reason);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
         }
-        other => panic!("expected a refusal, got {other:?}"),
     }
     let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
     assert!(l["vms"].as_array().unwrap().is_empty(), "{l}");

@@ -47,6 +47,10 @@ const SLOT: u32 = 0;
 /// Errors of micro-VMs.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// An operation this kind of VM leaves to whatever runs it (QEMU
+    /// pauses its own guest and sends its own device state).
+    #[error("{0} is not this agent's to do for this VM")]
+    Unsupported(&'static str),
     /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm: {0}")]
     Open(#[source] kvm_ioctls::Error),

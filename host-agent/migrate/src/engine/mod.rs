@@ -1,0 +1,472 @@
+//! One engine for every migration out, whatever the VM's kind and however
+//! many destinations: N = 1 moves a VM ([`Mode::Move`]), N > 1 clones it
+//! ([`Mode::Clone`]). It runs as stages, each written once:
+//!
+//! | stage | what happens | module |
+//! |---|---|---|
+//! | table | the hash of every frame (the agent's content map, or a fresh hash) | [`stages`] |
+//! | offer | `MigrateBegin` and the manifest to each destination | [`stages`] |
+//! | local fill | each destination fills what it holds and says what it lacks | [`stages`] |
+//! | hold | a gang job's hold: keep-alives both ways until go or abort | [`stages`] |
+//! | cast | each lacking content once, multicast to those lacking it | [`stages`] |
+//! | refill | each destination says again what it lacks | [`stages`] |
+//! | transfer: round 0, pre-copy, switchover | [`Transfer`]: the engine's own rounds ([`rounds`], a micro-VM), or the VM's own stream relayed ([`stream`], QEMU) | |
+//! | post-copy | not yet: the VM would resume at its destinations before every page arrived, its missing pages pulled on demand ([`Transfer::postcopy`]) | |
+//! | commit | the destinations start the VM; the source hears they did | [`Transfer`] |
+//! | finish | a move releases or hands everything back; a clone's source runs on | here |
+//!
+//! What passes between stages is typed: a [`Fleet`] of destinations, each
+//! with its state and what it lacks, the frame table, and the report.
+//!
+//! A destination that fails drops out and the others go on; a move has one
+//! destination, so its failure is the move's. Before commit a failed move
+//! hands every dirty bit it took back and resumes the VM; after commit
+//! with no word from the destination it is in doubt and the VM stays
+//! paused. A clone's source always runs on.
+
+mod rounds;
+mod stages;
+mod stream;
+
+use std::time::{Duration, Instant};
+
+use pagecast_memory::DirtyBitmap;
+use pagecast_memory::fingerprint::Fingerprinter;
+use pagecast_multicast::pacing::TokenBucket;
+use pagecast_pages::PageHash;
+use pagecast_proto::v1;
+
+use crate::{
+    Caster, Hold, MigrateOptions, MigrationError, MigrationLink, MigrationReport, Progress,
+    SourceVm, wire_len,
+};
+
+pub use stream::{StreamEnd, StreamSource};
+
+type Body = v1::migrate_frame::Body;
+
+/// Whether the VM leaves its source or is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One destination; on success the source VM is left paused for the
+    /// caller to release.
+    Move,
+    /// One or more destinations, each a copy; the source VM runs on.
+    Clone,
+}
+
+/// One destination of a migration.
+pub struct Target<'a> {
+    /// The VM's name there.
+    pub name: String,
+    /// The destination agent's name (its name as a cast receiver).
+    pub host: String,
+    /// The link to it.
+    pub link: Box<dyn MigrationLink + 'a>,
+}
+
+/// How the pages travel after the destinations' needs are known.
+pub enum How<'a> {
+    /// The engine's own rounds: round 0 of what each lacks, pre-copy rounds
+    /// from the dirty log, a stop-and-copy switchover and a digest (a VM
+    /// whose memory and vCPU this host controls).
+    Rounds,
+    /// The VM's own migration stream (QEMU's rounds, switchover and device
+    /// state), relayed with each page a destination holds as its hash.
+    Stream(&'a mut dyn StreamSource),
+}
+
+/// Everything one run of the engine needs.
+pub struct Spec<'a> {
+    /// The VM.
+    pub vm: &'a dyn SourceVm,
+    /// Move or clone.
+    pub mode: Mode,
+    /// Where to (one for a move).
+    pub targets: Vec<Target<'a>>,
+    /// Settings.
+    pub opts: &'a MigrateOptions,
+    /// Told at every stage and page batch.
+    pub progress: &'a mut dyn FnMut(&Progress),
+    /// A gang job's hold, and the job's cancel (asked in every mode).
+    pub hold: Option<&'a mut dyn Hold>,
+    /// Multicast for pages several destinations lack (clones).
+    pub caster: Option<&'a mut dyn Caster>,
+    /// How pages travel.
+    pub how: How<'a>,
+}
+
+/// What became of one destination.
+#[derive(Debug)]
+pub struct DestOutcome {
+    /// The VM's name there.
+    pub name: String,
+    /// The destination agent's name.
+    pub host: String,
+    /// The VM runs there, confirmed.
+    pub ok: bool,
+    /// Its memory matched the source's at switchover.
+    pub verified: bool,
+    /// Its guest's progress counter once resumed.
+    pub progress_after: u64,
+    /// Why not ok, if it was this destination's own failure (an in-doubt
+    /// error: it may run there unconfirmed); `None` with `ok` false: the
+    /// source's failure ([`Outcome::source_error`]) ended it.
+    pub error: Option<MigrationError>,
+}
+
+impl DestOutcome {
+    /// Why it failed, with the source's failure where that ended it.
+    pub fn refusal(&self, source: Option<&MigrationError>) -> Option<v1::Refusal> {
+        if self.ok {
+            return None;
+        }
+        Some(match (&self.error, source) {
+            (Some(e), _) | (None, Some(e)) => e.refusal(),
+            (None, None) => pagecast_proto::refusal(v1::RefusalCode::Internal, "left unfinished"),
+        })
+    }
+}
+
+/// What a run of the engine did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Totals over every destination (bytes, rounds, downtime).
+    pub report: MigrationReport,
+    /// Bytes the casts sent (beside the links' in `report`).
+    pub bytes_cast: u64,
+    /// Per destination, in the order given.
+    pub dests: Vec<DestOutcome>,
+    /// The source's own failure (reading memory, pausing, a stream that
+    /// failed, a cancel), if one ended the run.
+    pub source_error: Option<MigrationError>,
+}
+
+/// Where a destination stands.
+#[derive(Debug)]
+pub(crate) enum DestState {
+    Live,
+    Failed(MigrationError),
+    /// Told to start the VM; no word since.
+    InDoubt(String),
+    /// The source's failure ended it (told so).
+    Stopped,
+    /// Runs the VM, confirmed.
+    Done,
+}
+
+/// One destination while the engine runs.
+pub(crate) struct Dest<'a> {
+    pub t: Target<'a>,
+    pub state: DestState,
+    /// Contents it lacks, as it last said.
+    pub needs: Vec<PageHash>,
+    pub verified: bool,
+    pub progress_after: u64,
+}
+
+impl Dest<'_> {
+    pub fn live(&self) -> bool {
+        matches!(self.state, DestState::Live)
+    }
+}
+
+/// Which byte class a frame counts under.
+#[derive(Clone, Copy)]
+pub(crate) enum Class {
+    Manifest,
+    Pages,
+    Vcpu,
+    Control,
+}
+
+/// The state every stage works on.
+pub(crate) struct Fleet<'a> {
+    pub vm: &'a dyn SourceVm,
+    pub mode: Mode,
+    pub dests: Vec<Dest<'a>>,
+    pub opts: &'a MigrateOptions,
+    progress: &'a mut dyn FnMut(&Progress),
+    pub prog: Progress,
+    bucket: Option<TokenBucket>,
+    /// Every dirty bit taken from the VM, handed back if a move fails.
+    pub taken: DirtyBitmap,
+    /// The hash of each frame as last read (the zero marker for zero pages).
+    pub table: Vec<PageHash>,
+    pub report: MigrationReport,
+    pub bytes_cast: u64,
+    /// The destinations may run the VM from here on.
+    pub committed: bool,
+    pub started: Instant,
+}
+
+impl Fleet<'_> {
+    /// Indexes of the destinations still in the run.
+    pub fn alive(&self) -> Vec<usize> {
+        (0..self.dests.len())
+            .filter(|&i| self.dests[i].live())
+            .collect()
+    }
+
+    /// Stops the run if no destination is left (each says why).
+    pub fn any_left(&self) -> Result<(), MigrationError> {
+        if self.dests.iter().any(Dest::live) {
+            Ok(())
+        } else {
+            Err(MigrationError::NoneLeft)
+        }
+    }
+
+    pub fn tell(&mut self, phase: v1::MigratePhase) {
+        self.prog.phase = phase;
+        (self.progress)(&self.prog);
+    }
+
+    pub fn told(&mut self) {
+        (self.progress)(&self.prog);
+    }
+
+    /// Waits for the bandwidth limit to allow `n` more bytes.
+    pub fn pace(&mut self, n: u64) {
+        if let Some(b) = self.bucket.as_mut() {
+            loop {
+                let d = b.delay(n as usize, Instant::now());
+                if d.is_zero() {
+                    break;
+                }
+                std::thread::sleep(d);
+            }
+        }
+    }
+
+    /// Counts `n` bytes sent under `class`.
+    pub fn count(&mut self, n: u64, class: Class) {
+        self.report.bytes_sent += n;
+        match class {
+            Class::Manifest => self.report.bytes_manifest += n,
+            Class::Pages => self.report.bytes_pages += n,
+            Class::Vcpu => self.report.bytes_vcpu += n,
+            Class::Control => self.report.bytes_control += n,
+        }
+        self.prog.bytes_sent = self.report.bytes_sent + self.bytes_cast;
+    }
+
+    /// Sends to destination `i` (paced); a failure drops it.
+    pub fn send(&mut self, i: usize, body: Body, class: Class) {
+        if !self.dests[i].live() {
+            return;
+        }
+        let n = wire_len(&body);
+        self.pace(n);
+        match self.dests[i].t.link.send(body) {
+            Ok(()) => self.count(n, class),
+            Err(e) => self.fail(i, e),
+        }
+    }
+
+    /// Drops destination `i` for `e`, telling it why.
+    pub fn fail(&mut self, i: usize, e: MigrationError) {
+        let d = &mut self.dests[i];
+        if d.live() {
+            let _ = d.t.link.send(Body::Abort(e.to_abort()));
+            d.state = DestState::Failed(e);
+        }
+    }
+
+    /// The next frame from destination `i` other than a keep-alive, within
+    /// `timeout`; a failure (its Abort, silence, a broken link) drops it.
+    pub fn expect_within(
+        &mut self,
+        i: usize,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Option<Body> {
+        if !self.dests[i].live() {
+            return None;
+        }
+        loop {
+            match self.dests[i].t.link.recv(Some(timeout)) {
+                Ok(Body::KeepAlive(_)) => continue,
+                Ok(Body::Abort(a)) => {
+                    // It gave up: nothing to tell it.
+                    self.dests[i].state = DestState::Failed(MigrationError::from_abort(a));
+                    return None;
+                }
+                Ok(b) => return Some(b),
+                Err(MigrationError::Timeout { after, .. }) => {
+                    self.fail(i, MigrationError::Timeout { what, after });
+                    return None;
+                }
+                Err(e) => {
+                    self.fail(i, e);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// [`Fleet::expect_within`] the reply timeout.
+    pub fn expect(&mut self, i: usize, what: &'static str) -> Option<Body> {
+        self.expect_within(i, what, self.opts.reply_timeout)
+    }
+
+    /// Takes the VM's dirty bits, remembering them to hand back.
+    pub fn take_dirty(&mut self) -> Result<DirtyBitmap, MigrationError> {
+        let d = self.vm.take_dirty()?;
+        self.taken.merge(&d)?;
+        Ok(d)
+    }
+
+    /// Stops if the job was cancelled (the VM stays, running).
+    pub fn check_cancel(&mut self, hold: &mut Option<&mut dyn Hold>) -> Result<(), MigrationError> {
+        match hold.as_deref_mut().and_then(|h| h.cancelled()) {
+            Some(why) => Err(MigrationError::Cancelled(why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What the transfer after the needs does, per kind of VM. The engine
+/// calls the stages in order; a transfer that cannot do one says so.
+pub(crate) trait Transfer {
+    /// Everything up to the moment the destinations have a whole VM ready
+    /// to start: round 0, the pre-copy rounds, the switchover (the source
+    /// paused), the device state and the verification.
+    fn transfer(
+        &mut self,
+        fleet: &mut Fleet,
+        hold: &mut Option<&mut dyn Hold>,
+        caster: &mut Option<&mut dyn Caster>,
+        fp: &Fingerprinter,
+    ) -> Result<(), MigrationError>;
+
+    /// The place of post-copy: the VM resumes at its destinations before
+    /// every page arrived and its missing pages are pulled on demand. No
+    /// transfer does it yet: every page has arrived when this runs.
+    fn postcopy(&mut self, _fleet: &mut Fleet) -> Result<(), MigrationError> {
+        Ok(())
+    }
+
+    /// The destinations start the VM; each says it runs (Done), failed
+    /// before starting it (Failed), or is not heard from (InDoubt).
+    fn commit(&mut self, fleet: &mut Fleet) -> Result<(), MigrationError>;
+}
+
+/// Runs one migration or clone: the stages in order, then the finish the
+/// mode asks for. Never leaves a destination uninformed: every one that
+/// failed was sent an Abort.
+pub fn run(spec: Spec<'_>, fp: &Fingerprinter) -> Outcome {
+    let Spec {
+        vm,
+        mode,
+        targets,
+        opts,
+        progress,
+        mut hold,
+        mut caster,
+        how,
+    } = spec;
+    let mut fleet = Fleet {
+        vm,
+        mode,
+        dests: targets
+            .into_iter()
+            .map(|t| Dest {
+                t,
+                state: DestState::Live,
+                needs: Vec::new(),
+                verified: false,
+                progress_after: 0,
+            })
+            .collect(),
+        opts,
+        progress,
+        prog: Progress::default(),
+        bucket: opts
+            .bandwidth_bps
+            .map(|b| TokenBucket::new(b, 256 * 1024, Instant::now())),
+        taken: DirtyBitmap::new(vm.page_count()),
+        table: Vec::new(),
+        report: MigrationReport {
+            kind: vm.kind(),
+            ..MigrationReport::default()
+        },
+        bytes_cast: 0,
+        committed: false,
+        started: Instant::now(),
+    };
+    let mut rounds = rounds::Rounds::default();
+    let mut relay;
+    let transfer: &mut dyn Transfer = match how {
+        How::Rounds => &mut rounds,
+        How::Stream(source) => {
+            relay = stream::Relay::new(source);
+            &mut relay
+        }
+    };
+    let ran = stages::run(&mut fleet, transfer, &mut hold, &mut caster, fp);
+    finish(fleet, ran)
+}
+
+/// Ends a run: a move that moved nothing hands its dirty bits back and
+/// resumes the VM; a clone's source always runs on; every destination
+/// still in the run when the source failed hears why.
+fn finish(mut fleet: Fleet, ran: Result<(), MigrationError>) -> Outcome {
+    let source_error = ran.err().filter(|e| !matches!(e, MigrationError::NoneLeft));
+    if let Some(e) = &source_error {
+        for d in &mut fleet.dests {
+            if !d.live() {
+                continue;
+            }
+            d.state = if fleet.committed {
+                DestState::InDoubt(e.to_string())
+            } else {
+                let _ = d.t.link.send(Body::Abort(e.to_abort()));
+                DestState::Stopped
+            };
+        }
+    }
+    let moved = fleet.mode == Mode::Move
+        && fleet
+            .dests
+            .iter()
+            .any(|d| matches!(d.state, DestState::Done | DestState::InDoubt(_)));
+    if !moved {
+        // Nothing runs elsewhere instead: the VM runs on here, with every
+        // change it made meanwhile still to send next time.
+        let _ = fleet.vm.mark_dirty(&fleet.taken);
+        fleet.vm.set_throttle(0);
+        let t = Instant::now();
+        fleet.vm.resume();
+        if fleet.mode == Mode::Clone {
+            fleet.report.downtime_ms += t.elapsed().as_secs_f64() * 1e3;
+        }
+    }
+    fleet.report.total_ms = fleet.started.elapsed().as_secs_f64() * 1e3;
+    let dests = fleet
+        .dests
+        .into_iter()
+        .map(|d| {
+            let (ok, error) = match d.state {
+                DestState::Done => (true, None),
+                DestState::Failed(e) => (false, Some(e)),
+                DestState::InDoubt(why) => (false, Some(MigrationError::InDoubt(why))),
+                DestState::Live | DestState::Stopped => (false, None),
+            };
+            DestOutcome {
+                name: d.t.name,
+                host: d.t.host,
+                ok,
+                verified: d.verified,
+                progress_after: d.progress_after,
+                error,
+            }
+        })
+        .collect();
+    Outcome {
+        report: fleet.report,
+        bytes_cast: fleet.bytes_cast,
+        dests,
+        source_error,
+    }
+}

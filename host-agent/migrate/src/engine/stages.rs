@@ -1,0 +1,324 @@
+//! The stages every migration runs before its transfer: table, offer,
+//! local fill, hold, cast and refill, and the order of all of them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use pagecast_memory::fingerprint::Fingerprinter;
+use pagecast_memory::manifest::Manifest;
+use pagecast_pages::{PAGE_SIZE, PageHash};
+use pagecast_proto::{MAX_MANIFEST_CHUNK_FRAMES, MIGRATE_WIRE_VERSION, v1};
+
+use super::{Body, Class, Fleet, Mode, Transfer};
+use crate::{Caster, Hold, HoldPoll, MigrationError, wire_len};
+
+/// How often a held source tells the destinations it is alive, and
+/// expects the same back.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Every stage in order.
+pub(super) fn run(
+    fleet: &mut Fleet,
+    transfer: &mut dyn Transfer,
+    hold: &mut Option<&mut dyn Hold>,
+    caster: &mut Option<&mut dyn Caster>,
+    fp: &Fingerprinter,
+) -> Result<(), MigrationError> {
+    table(fleet, fp)?;
+    offer(
+        fleet,
+        hold.as_ref().is_some_and(|h| h.holds()) || caster.is_some(),
+    );
+    fleet.any_left()?;
+    needs(fleet);
+    fleet.any_left()?;
+    let mut refill = false;
+    if let Some(h) = hold.as_deref_mut().filter(|h| h.holds()) {
+        held(fleet, h)?;
+        refill = true;
+    }
+    if let Some(c) = caster.as_deref_mut() {
+        cast_lacking(fleet, c);
+        refill = true;
+    }
+    if refill {
+        for i in fleet.alive() {
+            fleet.send(i, Body::Refill(v1::Refill {}), Class::Control);
+        }
+        needs(fleet);
+        fleet.any_left()?;
+    }
+    transfer.transfer(fleet, hold, caster, fp)?;
+    transfer.postcopy(fleet)?;
+    fleet.any_left()?;
+    transfer.commit(fleet)?;
+    fleet.tell(v1::MigratePhase::Done);
+    Ok(())
+}
+
+/// The hash of every frame: the VM's own map if it keeps one current
+/// (read after the dirty log was reset, so anything written later goes in
+/// a pre-copy round), else a fresh hash of all memory.
+fn table(fleet: &mut Fleet, fp: &Fingerprinter) -> Result<(), MigrationError> {
+    let pages = fleet.vm.page_count();
+    fleet.take_dirty()?;
+    fleet.table = match fleet.vm.current_hashes() {
+        Some(t) if t.len() as u64 == pages => t,
+        _ => {
+            fleet.tell(v1::MigratePhase::Fingerprinting);
+            let key = fleet.vm.content_key();
+            fp.pool()
+                .install(|| fp.fingerprint(fleet.vm, &key, &|_| {}))
+                .hashes
+        }
+    };
+    fleet.report.nonzero_pages = fleet.table.iter().filter(|h| !h.is_zero_page()).count() as u64;
+    Ok(())
+}
+
+/// `MigrateBegin`, its answer and the manifest, to each destination.
+/// `held`: the destinations wait for a Refill after their first needs.
+fn offer(fleet: &mut Fleet, held: bool) {
+    fleet.tell(v1::MigratePhase::Manifest);
+    let pages = fleet.vm.page_count();
+    let clone = fleet.mode == Mode::Clone;
+    for i in 0..fleet.dests.len() {
+        let begin = v1::MigrateBegin {
+            version: MIGRATE_WIRE_VERSION as i32,
+            vm: fleet.dests[i].t.name.clone(),
+            memory_bytes: pages * PAGE_SIZE as u64,
+            dirty_rate: fleet.vm.dirty_rate(),
+            source: String::new(),
+            verify_full: fleet.opts.verify_full,
+            origin: if clone {
+                format!("clone of {}", fleet.vm.name())
+            } else {
+                fleet.vm.origin()
+            },
+            job: fleet.opts.job.clone(),
+            no_local: fleet.opts.no_local,
+            per_frame: fleet.opts.per_frame,
+            held,
+            domain: fleet.vm.domain().to_owned(),
+            domain_check: fleet.vm.content_key().check(),
+            kind: fleet.vm.kind() as i32,
+            connect: fleet.opts.connect.clone(),
+        };
+        fleet.send(i, Body::Begin(begin), Class::Control);
+        match fleet.expect(i, "answer to the migration request") {
+            Some(Body::Accept(a)) if a.ok => {}
+            Some(Body::Accept(a)) => fleet.fail(
+                i,
+                MigrationError::Refused {
+                    code: v1::RefusalCode::try_from(a.code).unwrap_or(v1::RefusalCode::Refused),
+                    reason: a.reason,
+                },
+            ),
+            Some(other) => fleet.fail(
+                i,
+                MigrationError::Protocol(format!("expected accept, got {other:?}")),
+            ),
+            None => {}
+        }
+    }
+    let mut manifest = Manifest {
+        vm: String::new(),
+        hashes: std::mem::take(&mut fleet.table),
+    };
+    for i in fleet.alive() {
+        manifest.vm = fleet.dests[i].t.name.clone();
+        fleet.send(i, Body::ManifestHeader(manifest.header()), Class::Manifest);
+        for c in manifest.chunks(MAX_MANIFEST_CHUNK_FRAMES) {
+            fleet.send(i, Body::ManifestChunk(c), Class::Manifest);
+        }
+    }
+    fleet.table = manifest.hashes;
+}
+
+/// Each destination's answer: the contents it lacks, and the frames it
+/// filled from what it held.
+fn needs(fleet: &mut Fleet) {
+    let mut local = 0;
+    for i in fleet.alive() {
+        if let Some((n, filled)) = read_needs(fleet, i) {
+            fleet.dests[i].needs = n;
+            local += filled;
+        }
+    }
+    fleet.report.pages_local = local;
+    fleet.prog.pages_local = local;
+}
+
+/// One batch of NeedHashes frames from destination `i` (up to `last`).
+fn read_needs(fleet: &mut Fleet, i: usize) -> Option<(Vec<PageHash>, u64)> {
+    let pages = fleet.table.len();
+    let mut needed: Vec<PageHash> = Vec::new();
+    loop {
+        match fleet.expect(i, "list of needed pages")? {
+            Body::Need(n) if n.hashes.len() % 32 == 0 => {
+                needed.extend(
+                    n.hashes
+                        .chunks_exact(32)
+                        .map(|h| PageHash::try_from(h).expect("32 bytes")),
+                );
+                if needed.len() > pages {
+                    fleet.fail(
+                        i,
+                        MigrationError::Protocol("more needed pages than frames".into()),
+                    );
+                    return None;
+                }
+                if n.last {
+                    return Some((needed, n.filled_locally.min(pages as u64)));
+                }
+            }
+            Body::Need(_) => {
+                fleet.fail(
+                    i,
+                    MigrationError::Protocol("needed hashes are not 32-byte multiples".into()),
+                );
+                return None;
+            }
+            other => {
+                fleet.fail(
+                    i,
+                    MigrationError::Protocol(format!("expected needed pages, got {other:?}")),
+                );
+                return None;
+            }
+        }
+    }
+}
+
+/// Holds for a gang job, keeping every link alive both ways, until the
+/// job says go (or abort, or a destination falls silent).
+fn held(fleet: &mut Fleet, hold: &mut dyn Hold) -> Result<(), MigrationError> {
+    fleet.tell(v1::MigratePhase::Held);
+    let mut needed: Vec<PageHash> = fleet
+        .dests
+        .iter()
+        .filter(|d| d.live())
+        .flat_map(|d| d.needs.iter().copied())
+        .collect();
+    needed.sort_unstable();
+    needed.dedup();
+    hold.needs(&needed, fleet.report.pages_local)?;
+    let timeout = fleet.opts.reply_timeout;
+    let mut last_sent = Instant::now();
+    let mut last_told = Instant::now();
+    let mut heard: Vec<Instant> = vec![Instant::now(); fleet.dests.len()];
+    loop {
+        if last_told.elapsed() >= Duration::from_secs(2) {
+            // Whoever holds us hears we are alive too.
+            fleet.tell(v1::MigratePhase::Held);
+            last_told = Instant::now();
+        }
+        match hold.poll() {
+            HoldPoll::Go => return Ok(()),
+            HoldPoll::Abort(why) => return Err(MigrationError::Cancelled(why)),
+            HoldPoll::Wait => {}
+        }
+        // Often enough that an answer comes well within the reply
+        // timeout, however short it is set.
+        if last_sent.elapsed() >= KEEPALIVE_EVERY.min(timeout / 4) {
+            for i in fleet.alive() {
+                fleet.send(i, Body::KeepAlive(v1::KeepAlive {}), Class::Control);
+            }
+            last_sent = Instant::now();
+        }
+        let alive = fleet.alive();
+        let wait = Duration::from_millis(100) / alive.len().max(1) as u32;
+        for i in alive {
+            listen_held(fleet, i, wait, &mut heard[i]);
+            if fleet.dests[i].live() && heard[i].elapsed() > timeout {
+                fleet.fail(
+                    i,
+                    MigrationError::Timeout {
+                        what: "keep-alive while held",
+                        after: timeout,
+                    },
+                );
+            }
+        }
+        fleet.any_left()?;
+    }
+}
+
+/// What destination `i` says while held, for up to `wait`.
+fn listen_held(fleet: &mut Fleet, i: usize, wait: Duration, heard: &mut Instant) {
+    match fleet.dests[i].t.link.recv(Some(wait)) {
+        Ok(Body::KeepAlive(_)) => *heard = Instant::now(),
+        Ok(Body::Abort(a)) => {
+            fleet.dests[i].state = super::DestState::Failed(MigrationError::from_abort(a));
+        }
+        Ok(other) => fleet.fail(
+            i,
+            MigrationError::Protocol(format!("unexpected {other:?} while held")),
+        ),
+        Err(MigrationError::Timeout { .. }) => {}
+        Err(e) => fleet.fail(i, e),
+    }
+}
+
+/// Casts each content some destination lacks once, from the first frame
+/// holding it, to the destinations lacking it. A failed cast is not fatal:
+/// what it did not deliver travels over the links.
+fn cast_lacking(fleet: &mut Fleet, caster: &mut dyn Caster) {
+    let alive = fleet.alive();
+    let mut lacking: BTreeMap<PageHash, Vec<usize>> = BTreeMap::new();
+    for (k, &i) in alive.iter().enumerate() {
+        for h in &fleet.dests[i].needs {
+            lacking.entry(*h).or_default().push(k);
+        }
+    }
+    if lacking.is_empty() {
+        return;
+    }
+    fleet.tell(v1::MigratePhase::Cast);
+    let mut first: HashMap<PageHash, u64> = HashMap::new();
+    for (f, h) in fleet.table.iter().enumerate() {
+        if lacking.contains_key(h) {
+            first.entry(*h).or_insert(f as u64);
+        }
+    }
+    let (mut frames, mut members) = (Vec::new(), Vec::new());
+    for (h, who) in lacking {
+        if let Some(&f) = first.get(&h) {
+            frames.push(f);
+            members.push(who);
+        }
+    }
+    let _ = cast(fleet, caster, &frames, &members, false, &alive);
+}
+
+/// One cast of `frames` to the destinations `alive` (page `k` to
+/// `members[k]`, indexes into `alive`; empty: all), each invited over its
+/// link.
+pub(super) fn cast(
+    fleet: &mut Fleet,
+    caster: &mut dyn Caster,
+    frames: &[u64],
+    members: &[Vec<usize>],
+    by_frame: bool,
+    alive: &[usize],
+) -> Result<crate::CastOutcome, MigrationError> {
+    let receivers: Vec<String> = alive
+        .iter()
+        .map(|&i| fleet.dests[i].t.host.clone())
+        .collect();
+    let dests = &mut fleet.dests;
+    let mut invited = 0u64;
+    let out = caster.cast(frames, members, by_frame, &receivers, &mut |r, control| {
+        let body = Body::CastJoin(v1::CastJoin {
+            control: control.to_owned(),
+            by_frame,
+        });
+        invited += wire_len(&body);
+        dests[alive[r]].t.link.send(body)
+    });
+    fleet.count(invited, Class::Control);
+    let out = out?;
+    fleet.bytes_cast += out.bytes;
+    fleet.prog.bytes_sent = fleet.report.bytes_sent + fleet.bytes_cast;
+    Ok(out)
+}

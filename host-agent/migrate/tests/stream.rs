@@ -1,0 +1,372 @@
+//! The engine relaying a VM's own migration stream (a QEMU VM's), over
+//! in-memory links and a sample stream written as QEMU writes one: no
+//! QEMU, no sockets. These pin that every destination gets the exact
+//! stream, the pages it holds as hashes, and that a stream whose end went
+//! unconfirmed leaves the source paused, in doubt, never resumed.
+
+use std::collections::HashMap;
+use std::io::{Cursor, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use pagecast_memory::fingerprint::Fingerprinter;
+use pagecast_memory::synth::{SynthSpec, SyntheticMemory, SyntheticVm};
+use pagecast_memory::{DirtyBitmap, GuestMemory, MemoryError, Page, Region};
+use pagecast_migrate::mem::{MemLink, link_pair};
+use pagecast_migrate::*;
+use pagecast_pages::{ContentKey, PAGE_SIZE, PageHash};
+use pagecast_proto::v1;
+use pagecast_proto::v1::migrate_frame::Body;
+use pagecast_qemu::stream::sample::{Rec, write};
+
+/// Frames of the sample VM whose page is filled with one byte: frame `i`
+/// with byte `i + 1`.
+const FILLED: u64 = 24;
+
+fn memory() -> SyntheticMemory {
+    let mem = SyntheticVm::new(SynthSpec::new("idle", 1, 1 << 20).unwrap())
+        .unwrap()
+        .materialize(None)
+        .unwrap();
+    for f in 0..FILLED {
+        mem.write_page(f, &[f as u8 + 1; PAGE_SIZE]).unwrap();
+    }
+    let _ = mem.take_dirty();
+    mem
+}
+
+/// The stream QEMU would send for that memory: every filled page, some
+/// twice (a later round), zero pages, and device state.
+fn stream() -> Vec<u8> {
+    let mut recs: Vec<Rec> = (0..FILLED).map(|f| Rec::Page(0, f, f as u8 + 1)).collect();
+    recs.push(Rec::Zero(0, 200));
+    recs.push(Rec::Eos);
+    recs.extend((0..4).map(|f| Rec::Page(0, f, f as u8 + 1)));
+    // A page rewritten since the manifest: no destination holds it.
+    recs.push(Rec::Page(0, 5, 0xee));
+    write(&[("pc.ram", 1 << 20)], &recs, true)
+}
+
+/// A VM that migrates itself: the engine reads its memory for the
+/// manifest; its stream comes from [`Sample`].
+struct Adopted {
+    mem: SyntheticMemory,
+    resumes: AtomicU64,
+}
+
+impl GuestMemory for Adopted {
+    fn write_page(&self, f: u64, d: &Page) -> Result<(), MemoryError> {
+        self.mem.write_page(f, d)
+    }
+    fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
+        Ok(DirtyBitmap::new(self.page_count()))
+    }
+    fn mark_dirty(&self, _: &DirtyBitmap) -> Result<(), MemoryError> {
+        Ok(())
+    }
+    fn region(&self) -> &Region {
+        self.mem.region()
+    }
+}
+
+impl SourceVm for Adopted {
+    fn name(&self) -> &str {
+        "q1"
+    }
+    fn origin(&self) -> String {
+        "sample".into()
+    }
+    fn dirty_rate(&self) -> u64 {
+        0
+    }
+    fn resume(&self) {
+        self.resumes.fetch_add(1, Ordering::SeqCst);
+    }
+    fn set_throttle(&self, _: u8) {}
+    fn kind(&self) -> v1::VmKind {
+        v1::VmKind::Qemu
+    }
+}
+
+/// The sample stream as a source hands it out.
+struct Sample {
+    bytes: Vec<u8>,
+    started: bool,
+}
+
+impl StreamSource for Sample {
+    fn start(
+        &mut self,
+        _: &mut dyn FnMut() -> Option<String>,
+    ) -> Result<Box<dyn Read + Send>, MigrationError> {
+        self.started = true;
+        Ok(Box::new(Cursor::new(self.bytes.clone())))
+    }
+    fn settled(&mut self) -> Result<StreamEnd, MigrationError> {
+        Ok(StreamEnd {
+            completed: true,
+            status: "completed".into(),
+            downtime_ms: 12.0,
+        })
+    }
+}
+
+/// Pages a destination holds, by content.
+struct Holds(HashMap<PageHash, Box<Page>>);
+
+impl Holds {
+    /// The filled pages of frames `frames`.
+    fn frames(frames: std::ops::Range<u64>) -> Self {
+        Holds(
+            frames
+                .map(|f| {
+                    let p = Box::new([f as u8 + 1; PAGE_SIZE]);
+                    (ContentKey::CLUSTER.hash_page(&p), p)
+                })
+                .collect(),
+        )
+    }
+}
+
+impl LocalContent for Holds {
+    fn copy(&self, _: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
+        match self.0.get(h) {
+            Some(p) => {
+                out.copy_from_slice(&p[..]);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// What a destination did with the stream.
+struct Got {
+    /// The stream as rebuilt (held pages put back).
+    bytes: Vec<u8>,
+    /// Pages that came as hashes.
+    held: u64,
+    /// Bytes of page data that travelled.
+    data: u64,
+}
+
+/// A destination: the shared front, then the stream's parts rebuilt;
+/// answers Resumed if `confirm`.
+fn destination(mut link: MemLink, holds: &Holds, confirm: bool) -> Result<Got, MigrationError> {
+    let begin = match link.recv(Some(Duration::from_secs(10)))? {
+        Body::Begin(b) => b,
+        other => panic!("expected begin, got {other:?}"),
+    };
+    assert_eq!(begin.kind, v1::VmKind::Qemu as i32);
+    let mut arrival = receive_front(&mut link, &begin, holds, &mut NoSlotEvents, Shape::Contents)?;
+    let slot = arrival.slot().clone();
+    let mut got = Got {
+        bytes: Vec::new(),
+        held: 0,
+        data: 0,
+    };
+    let mut page = [0u8; PAGE_SIZE];
+    loop {
+        let p = match arrival.next_frame()? {
+            Body::Stream(p) => p,
+            other => panic!("expected the stream, got {other:?}"),
+        };
+        let mut at = 0;
+        for (i, &pos) in p.held_at.iter().enumerate() {
+            let h = PageHash::try_from(&p.held[32 * i..32 * i + 32]).unwrap();
+            assert!(slot.copy(&h, &mut page), "named a page not set aside");
+            got.bytes.extend_from_slice(&p.data[at..pos as usize]);
+            got.bytes.extend_from_slice(&page);
+            at = pos as usize;
+            got.held += 1;
+        }
+        got.bytes.extend_from_slice(&p.data[at..]);
+        got.data += p.data.len() as u64;
+        if p.last {
+            break;
+        }
+    }
+    if confirm {
+        arrival.started();
+        arrival.send(Body::Resumed(v1::Resumed { progress: 0 }))?;
+    }
+    // Stay until the source is done with the link.
+    let _ = link.recv(Some(Duration::from_secs(2)));
+    Ok(got)
+}
+
+struct NoCasts;
+impl Caster for NoCasts {
+    fn cast(
+        &mut self,
+        _: &[u64],
+        _: &[Vec<usize>],
+        _: bool,
+        _: &[String],
+        _: &mut dyn FnMut(usize, &str) -> Result<(), MigrationError>,
+    ) -> Result<CastOutcome, MigrationError> {
+        Err(MigrationError::Protocol("no casts here".into()))
+    }
+}
+
+#[test]
+fn every_destination_gets_the_exact_stream_with_what_it_holds_as_hashes() {
+    let vm = Adopted {
+        mem: memory(),
+        resumes: AtomicU64::new(0),
+    };
+    let fp = Fingerprinter::new(2).unwrap();
+    let original = stream();
+    // One destination holds the first half of the filled pages, one the
+    // second, one nothing.
+    let holds = [
+        Holds::frames(0..FILLED / 2),
+        Holds::frames(FILLED / 2..FILLED),
+        Holds::frames(0..0),
+    ];
+    let mut sample = Sample {
+        bytes: original.clone(),
+        started: false,
+    };
+    let (report, got) = std::thread::scope(|s| {
+        let mut targets = Vec::new();
+        let mut dests = Vec::new();
+        for (i, h) in holds.iter().enumerate() {
+            let (a, b) = link_pair();
+            targets.push(CloneTarget {
+                name: format!("c{i}"),
+                host: format!("h{i}"),
+                link: Box::new(a),
+            });
+            dests.push(s.spawn(move || destination(b, h, true)));
+        }
+        let report = clone_out(
+            &vm,
+            targets,
+            &mut NoCasts,
+            &fp,
+            &MigrateOptions::default(),
+            &mut |_| {},
+            None,
+            How::Stream(&mut sample),
+        );
+        let got: Vec<Got> = dests
+            .into_iter()
+            .map(|d| d.join().unwrap().unwrap())
+            .collect();
+        (report, got)
+    });
+    assert!(sample.started);
+    assert!(report.clones.iter().all(|c| c.ok), "{:?}", report.clones);
+    assert_eq!(
+        vm.resumes.load(Ordering::SeqCst),
+        1,
+        "a clone's source runs on"
+    );
+    for (i, g) in got.iter().enumerate() {
+        assert!(
+            g.bytes == original,
+            "destination {i} rebuilt another stream"
+        );
+    }
+    // Each held half is named by hash (the four pages sent again in the
+    // later round too, for the first); the rewritten page never is.
+    assert_eq!(got[0].held, FILLED / 2 + 4);
+    assert_eq!(got[1].held, FILLED / 2);
+    assert_eq!(got[2].held, 0);
+    let page = PAGE_SIZE as u64;
+    assert!(
+        got[2].data - got[0].data >= (FILLED / 2 + 4) * page,
+        "held pages did not travel as data: {} vs {} bytes",
+        got[0].data,
+        got[2].data
+    );
+}
+
+#[test]
+fn a_move_whose_end_goes_unconfirmed_is_in_doubt_and_the_source_never_resumes() {
+    let vm = Adopted {
+        mem: memory(),
+        resumes: AtomicU64::new(0),
+    };
+    let fp = Fingerprinter::new(2).unwrap();
+    let mut sample = Sample {
+        bytes: stream(),
+        started: false,
+    };
+    let opts = MigrateOptions {
+        reply_timeout: Duration::from_millis(500),
+        ..MigrateOptions::default()
+    };
+    let holds = Holds::frames(0..4);
+    let (a, b) = link_pair();
+    let (res, got) = std::thread::scope(|s| {
+        let d = s.spawn(|| destination(b, &holds, false));
+        let res = move_one(
+            &vm,
+            Box::new(a),
+            &fp,
+            &opts,
+            &mut |_| {},
+            None,
+            How::Stream(&mut sample),
+        );
+        (res, d.join().unwrap())
+    });
+    assert!(got.is_ok(), "the destination got the whole stream");
+    match res {
+        Err(MigrationError::InDoubt(_)) => {}
+        other => panic!("expected in doubt, got {other:?}"),
+    }
+    assert_eq!(
+        vm.resumes.load(Ordering::SeqCst),
+        0,
+        "the source resumed a VM that may run at its destination"
+    );
+}
+
+#[test]
+fn a_destination_that_fails_mid_stream_leaves_the_source_running() {
+    let vm = Adopted {
+        mem: memory(),
+        resumes: AtomicU64::new(0),
+    };
+    let fp = Fingerprinter::new(2).unwrap();
+    // Long enough for several parts.
+    let mut recs: Vec<Rec> = (0..200u64)
+        .map(|f| Rec::Page(0, f, (f % 250) as u8))
+        .collect();
+    recs.push(Rec::Eos);
+    recs.extend((0..200u64).map(|f| Rec::Page(0, f, (f % 250) as u8)));
+    let mut sample = Sample {
+        bytes: write(&[("pc.ram", 1 << 20)], &recs, true),
+        started: false,
+    };
+    let (a, b) = link_pair();
+    // The link breaks once the source has sent its offer (begin, manifest
+    // header and chunk) and the first part of the stream: the rest of the
+    // stream never goes, so the destination cannot run the VM.
+    let a = a.cut_after(4);
+    let res = std::thread::scope(|s| {
+        let d = s.spawn(move || {
+            let holds = Holds::frames(0..0);
+            destination(b, &holds, true)
+        });
+        let res = move_one(
+            &vm,
+            Box::new(a),
+            &fp,
+            &MigrateOptions::default(),
+            &mut |_| {},
+            None,
+            How::Stream(&mut sample),
+        );
+        let _ = d.join().unwrap();
+        res
+    });
+    assert!(
+        res.is_err() && !matches!(res, Err(MigrationError::InDoubt(_))),
+        "{res:?}"
+    );
+    assert_eq!(vm.resumes.load(Ordering::SeqCst), 1, "the source runs on");
+}
