@@ -59,7 +59,7 @@ fn serve(agent: &Agent, s: TcpStream) {
         panic!("expected an incoming migration");
     };
     let mut link = ChannelLink::new(ch);
-    if let Err(e) = agent.migrate_in(&mut link, &i.source) {
+    if let Err(e) = agent.migrate_in(&mut link, &i.source, &i.job) {
         eprintln!("destination: {e}");
     }
 }
@@ -117,6 +117,20 @@ fn main() {
     let src = Agent::new("bench-src", host("bench-src"), None, threads).unwrap();
     let dst = Arc::new(Agent::new("bench-dst", host("bench-dst"), None, threads).unwrap());
     let to = destination(dst.clone());
+    // Every arrival belongs to a job the destination knows.
+    let operator = pagecast_channel::Identity {
+        name: "bench".into(),
+        role: Role::Operator,
+    };
+    dst.open_job(
+        &v1::JobOpen {
+            job: "bench".into(),
+            deadline_ms: 24 * 3600 * 1000,
+            ..Default::default()
+        },
+        &operator,
+    )
+    .unwrap();
 
     println!(
         "migration of a {mib} MiB micro-VM over loopback paced to {:.2} Gbit/s, working set {ws} pages, {reps} reps (medians)",
@@ -144,6 +158,7 @@ fn main() {
                 bandwidth_bps: bps,
                 max_downtime_ms: 50,
                 verify_full: false,
+                job: "bench".into(),
                 ..Default::default()
             };
             let t0 = std::time::Instant::now();

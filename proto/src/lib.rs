@@ -149,6 +149,7 @@ impl v1::RefusalCode {
             v1::RefusalCode::Verification => "verification",
             v1::RefusalCode::Cancelled => "cancelled",
             v1::RefusalCode::Forbidden => "forbidden",
+            v1::RefusalCode::UnknownJob => "unknown-job",
         }
     }
 }

@@ -95,6 +95,7 @@ pub trait Backend: Send + Sync {
         _into: Outbound<'_>,
         link: &mut dyn pagecast_migrate::MigrationLink,
         begin: &v1::MigrateBegin,
+        _job: &Arc<crate::jobs::Job>,
     ) -> Result<pagecast_migrate::IncomingReport, AgentError> {
         let e = AgentError::VmExists(begin.vm.clone());
         let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
@@ -350,6 +351,8 @@ impl Registry {
 pub struct InDoubt {
     /// The destination agent, HOST:PORT.
     pub to: String,
+    /// The migration's job (named in the question).
+    pub job: String,
     /// When to ask next.
     pub next: Instant,
     /// Questions that went unanswered so far.
@@ -360,9 +363,10 @@ pub struct InDoubt {
 
 impl InDoubt {
     /// A switchover to `to` just left in doubt: ask at once.
-    pub fn new(to: &str) -> Self {
+    pub fn new(to: &str, job: &str) -> Self {
         InDoubt {
             to: to.to_owned(),
+            job: job.to_owned(),
             next: Instant::now(),
             tries: 0,
             told: None,
@@ -451,7 +455,7 @@ mod tests {
     #[test]
     fn questions_in_doubt_back_off_to_thirty_seconds_and_speak_twice_a_minute() {
         let t0 = Instant::now();
-        let mut d = InDoubt::new("b:1");
+        let mut d = InDoubt::new("b:1", "j");
         assert!(d.next <= Instant::now());
         assert!(d.again(t0), "the first miss is said");
         assert_eq!(d.next, t0 + Duration::from_secs(2));

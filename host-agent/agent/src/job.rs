@@ -38,6 +38,7 @@ use pagecast_pages::packed;
 use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 
+use crate::jobs::Job;
 use crate::{Agent, AgentError};
 
 type Resp = v1::agent_response::Body;
@@ -53,51 +54,21 @@ pub fn hashes_of(b: &[u8]) -> Result<Vec<PageHash>, AgentError> {
         .map_err(|e| AgentError::BadRequest(e.to_string()))
 }
 
-/// The arriving VMs of every gang job on this host.
-#[derive(Default)]
-pub struct Jobs {
-    slots: Mutex<HashMap<String, Vec<Arc<IncomingSlot>>>>,
-}
-
-impl Jobs {
-    /// The arriving VMs of `job`.
-    pub fn slots(&self, job: &str) -> Vec<Arc<IncomingSlot>> {
-        lock(&self.slots).get(job).cloned().unwrap_or_default()
-    }
-
-    fn open(&self, job: &str, slot: &Arc<IncomingSlot>) {
-        lock(&self.slots)
-            .entry(job.to_owned())
-            .or_default()
-            .push(slot.clone());
-    }
-
-    fn close(&self, job: &str, slot: &Arc<IncomingSlot>) {
-        let mut m = lock(&self.slots);
-        if let Some(v) = m.get_mut(job) {
-            v.retain(|s| !Arc::ptr_eq(s, slot));
-            if v.is_empty() {
-                m.remove(job);
-            }
-        }
-    }
-}
-
 /// Registers an arriving VM's slot with its job for as long as it fills,
 /// and joins the casts its source invites it to.
 pub struct JobSlots<'a> {
     /// The agent.
     pub agent: &'a Agent,
     /// The job.
-    pub job: String,
+    pub job: Arc<Job>,
 }
 
 impl SlotEvents for JobSlots<'_> {
     fn opened(&mut self, slot: &Arc<IncomingSlot>) {
-        self.agent.jobs().open(&self.job, slot);
+        self.job.open_slot(slot);
     }
     fn closed(&mut self, slot: &Arc<IncomingSlot>) {
-        self.agent.jobs().close(&self.job, slot);
+        self.job.close_slot(slot);
     }
     fn join_cast(
         &mut self,
@@ -303,8 +274,8 @@ fn clone_group_addr(job: &str, cast: usize, group: usize) -> std::net::SocketAdd
 pub struct JobContent<'a> {
     /// The agent.
     pub agent: &'a Agent,
-    /// The job ("" for none).
-    pub job: &'a str,
+    /// The job.
+    pub job: &'a Job,
 }
 
 impl LocalContent for JobContent<'_> {
@@ -312,13 +283,10 @@ impl LocalContent for JobContent<'_> {
         if self.agent.copy(key, h, out) {
             return true;
         }
-        !self.job.is_empty()
-            && self
-                .agent
-                .jobs()
-                .slots(self.job)
-                .iter()
-                .any(|s| s.key() == key && s.copy(h, out))
+        self.job
+            .slots()
+            .iter()
+            .any(|s| s.key() == key && s.copy(h, out))
     }
 
     fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
@@ -326,54 +294,51 @@ impl LocalContent for JobContent<'_> {
     }
 }
 
-/// A migration's link to whoever asked for it: for a gang job, the needs
-/// go out as Held frames and the go (or abort) comes back on the same
-/// connection; for any migration, a later abort there (Ctrl-C, `pagecast
-/// cancel`) stops it before switchover. A thread reads the connection.
+/// A migration's link to whoever asked for it, through its job: for a
+/// gang job, the needs go out as Held frames on the connection and the go
+/// (or abort) comes back on it, or alone (`JobGo` naming the job and the
+/// VM); for any migration, a later abort (Ctrl-C, `pagecast cancel`, the
+/// job's end or deadline) stops it before switchover. A thread reads the
+/// connection and hands what it hears to the job.
 pub struct CoordinatorHold {
     writer: Arc<Mutex<ChannelWriter>>,
-    state: Arc<Mutex<(HoldPoll, Option<String>)>>,
+    job: Arc<Job>,
+    vm: String,
     holds: bool,
-    job_cancelled: Box<dyn Fn() -> bool + Send>,
 }
 
 impl CoordinatorHold {
-    /// Starts reading from `reader`. `holds`: the migration holds for a gang
-    /// job (then the connection dropping before the go aborts it; otherwise
-    /// a client that goes away does not stop the migration).
+    /// Registers the migration of `vm` with `job` and starts reading from
+    /// `reader`. `holds`: it holds for a gang job (then the connection
+    /// dropping before the go aborts it; otherwise a client that goes away
+    /// does not stop the migration).
     pub fn new(
         writer: Arc<Mutex<ChannelWriter>>,
         mut reader: pagecast_channel::ChannelReader,
         holds: bool,
-        job_cancelled: Box<dyn Fn() -> bool + Send>,
+        job: Arc<Job>,
+        vm: &str,
     ) -> Self {
-        let state = Arc::new(Mutex::new((HoldPoll::Wait, None::<String>)));
-        let st = state.clone();
+        job.hold(vm);
+        let (j, v) = (job.clone(), vm.to_owned());
         let _ = std::thread::Builder::new()
             .name("pagecast-hold".into())
             .spawn(move || {
                 loop {
                     let r: Result<v1::AgentRequest, _> = reader.recv("job go");
-                    let mut s = lock(&st);
                     match r {
                         Ok(v1::AgentRequest {
                             body: Some(v1::agent_request::Body::Go(g)),
                         }) => {
+                            j.go(&v, g.abort, &g.reason);
                             if g.abort {
-                                if s.0 == HoldPoll::Wait {
-                                    s.0 = HoldPoll::Abort(g.reason.clone());
-                                }
-                                s.1 = Some(g.reason);
                                 return;
-                            }
-                            if s.0 == HoldPoll::Wait {
-                                s.0 = HoldPoll::Go;
                             }
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            if holds && s.0 == HoldPoll::Wait {
-                                s.0 = HoldPoll::Abort(format!("the coordinator went away: {e}"));
+                            if holds && j.poll(&v) == HoldPoll::Wait {
+                                j.go(&v, true, &format!("the coordinator went away: {e}"));
                             }
                             return;
                         }
@@ -382,10 +347,16 @@ impl CoordinatorHold {
             });
         CoordinatorHold {
             writer,
-            state,
+            job,
+            vm: vm.to_owned(),
             holds,
-            job_cancelled,
         }
+    }
+}
+
+impl Drop for CoordinatorHold {
+    fn drop(&mut self) {
+        self.job.unhold(&self.vm);
     }
 }
 
@@ -411,10 +382,7 @@ impl Hold for CoordinatorHold {
     }
 
     fn poll(&mut self) -> HoldPoll {
-        if (self.job_cancelled)() {
-            return HoldPoll::Abort("the job was cancelled".into());
-        }
-        lock(&self.state).0.clone()
+        self.job.poll(&self.vm)
     }
 
     fn holds(&self) -> bool {
@@ -422,23 +390,20 @@ impl Hold for CoordinatorHold {
     }
 
     fn cancelled(&mut self) -> Option<String> {
-        if (self.job_cancelled)() {
-            return Some("the job was cancelled".into());
-        }
-        lock(&self.state).1.clone()
+        self.job.cancelled(&self.vm)
     }
 }
 
 /// A job's cancel, for a clone (never held): asked before every round,
 /// before switchover and at every part of a relayed stream.
 pub struct JobCancel {
-    cancelled: Box<dyn Fn() -> bool + Send>,
+    job: Arc<Job>,
 }
 
 impl JobCancel {
-    /// A check of `cancelled` (see [`Agent::job_cancel_flag`]).
-    pub fn new(cancelled: Box<dyn Fn() -> bool + Send>) -> Self {
-        JobCancel { cancelled }
+    /// The cancel of `job`.
+    pub fn new(job: Arc<Job>) -> Self {
+        JobCancel { job }
     }
 }
 
@@ -453,7 +418,7 @@ impl Hold for JobCancel {
         false
     }
     fn cancelled(&mut self) -> Option<String> {
-        (self.cancelled)().then(|| "the job was cancelled".into())
+        self.job.stopped()
     }
 }
 
@@ -687,9 +652,13 @@ pub fn cast_send(
 }
 
 /// Receives a cast into the job's arriving VMs.
-pub fn cast_recv(agent: &Agent, r: &v1::CastRecvRequest) -> Result<v1::CastResult, AgentError> {
+pub fn cast_recv(
+    agent: &Agent,
+    job: &Job,
+    r: &v1::CastRecvRequest,
+) -> Result<v1::CastResult, AgentError> {
     let control = parse_addr(&r.control)?;
-    let slots = agent.jobs().slots(&r.job);
+    let slots = job.slots();
     let mut cfg = ReceiverConfig::new(control, agent.cast_iface(), agent.name());
     cfg.silent_after = Duration::from_secs(10);
     // Pages are checked in the domains of the VMs they may fill.
@@ -758,7 +727,7 @@ pub fn serve_fetch(
 }
 
 /// Fetches pages from a rack-mate's agent into the job's arriving VMs.
-pub fn fetch(agent: &Agent, r: &v1::FetchRequest) -> v1::FetchResult {
+pub fn fetch(agent: &Agent, job: &Job, r: &v1::FetchRequest) -> v1::FetchResult {
     let mut out = v1::FetchResult::default();
     let run = || -> Result<(u64, u64, u64), AgentError> {
         let hashes = hashes_of(&r.hashes)?;
@@ -775,7 +744,7 @@ pub fn fetch(agent: &Agent, r: &v1::FetchRequest) -> v1::FetchResult {
         // The job's arriving VMs by dedup domain: each domain's pages are
         // asked for, checked and filled apart from the others'.
         let mut domains: Vec<(String, ContentKey, Vec<Arc<IncomingSlot>>)> = Vec::new();
-        for s in agent.jobs().slots(&r.job) {
+        for s in job.slots() {
             match domains.iter_mut().find(|d| d.1 == *s.key()) {
                 Some(d) => d.2.push(s),
                 None => domains.push((s.domain().to_owned(), *s.key(), vec![s])),
@@ -792,7 +761,8 @@ pub fn fetch(agent: &Agent, r: &v1::FetchRequest) -> v1::FetchResult {
                     .copied()
                     .collect()
             };
-            let (p, f, b) = fetch_domain(&mut ch, &r.from, domain, key, slots, &wanted)?;
+            let at = (&r.from[..], &r.job[..]);
+            let (p, f, b) = fetch_domain(&mut ch, at, domain, key, slots, &wanted)?;
             pages += p;
             frames += f;
             bytes += b;
@@ -814,7 +784,7 @@ pub fn fetch(agent: &Agent, r: &v1::FetchRequest) -> v1::FetchResult {
 /// `ch` into `slots`; returns pages, frames filled and bytes received.
 fn fetch_domain(
     ch: &mut pagecast_channel::Channel,
-    from: &str,
+    (from, job): (&str, &str),
     domain: &str,
     key: &ContentKey,
     slots: &[Arc<IncomingSlot>],
@@ -826,6 +796,7 @@ fn fetch_domain(
             body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
                 hashes: packed::pack(chunk).into(),
                 domain: domain.to_owned(),
+                job: job.to_owned(),
             })),
         })?;
         loop {

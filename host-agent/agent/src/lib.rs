@@ -7,6 +7,7 @@
 
 pub mod hosted;
 pub mod job;
+pub mod jobs;
 pub mod metrics;
 pub mod micro;
 pub mod publish;
@@ -28,7 +29,7 @@ use pagecast_proto::v1;
 use pagecast_proto::v1::RefusalCode;
 
 use hosted::{Hosted, InDoubt, Look, Outbound, Registry};
-use job::Jobs;
+use jobs::JobBook;
 use pagecast_index::holders::HoldingSum;
 use pagecast_index::keys::shard_of;
 use pagecast_memory::fingerprint::{FingerprintError, Fingerprinter, read_and_hash};
@@ -106,6 +107,10 @@ pub enum AgentError {
         /// What came.
         what: String,
     },
+    /// The request names a job this agent does not know, or one that
+    /// ended.
+    #[error("{0}")]
+    UnknownJob(String),
     /// Authentication or framing failed.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -142,6 +147,7 @@ impl AgentError {
                 RefusalCode::Invalid
             }
             AgentError::Busy { .. } => RefusalCode::Busy,
+            AgentError::UnknownJob(_) => RefusalCode::UnknownJob,
             AgentError::Connect { .. } | AgentError::Auth(_) => RefusalCode::Unavailable,
             AgentError::Remote { code, .. } => *code,
             AgentError::Peer(e) => e.code(),
@@ -205,10 +211,8 @@ pub struct Agent {
     content: RwLock<HashMap<PageHash, (Arc<Hosted>, u64)>>,
     /// The content index this agent publishes to, if any.
     index: Option<Arc<IndexLink>>,
-    /// VMs arriving for gang jobs.
-    jobs: Jobs,
-    /// Gang jobs an operator cancelled (`pagecast cancel`).
-    cancelled_jobs: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// The jobs this agent takes part in.
+    jobs: JobBook,
     /// The address this host multicasts from.
     cast_iface: Mutex<std::net::Ipv4Addr>,
     /// The cluster's dedup-domain secret, if this host holds it.
@@ -244,8 +248,7 @@ impl Agent {
             vms: Mutex::new(Registry::default()),
             content: RwLock::new(HashMap::new()),
             index: None,
-            jobs: Jobs::default(),
-            cancelled_jobs: Arc::default(),
+            jobs: JobBook::default(),
             cast_iface: Mutex::new(std::net::Ipv4Addr::LOCALHOST),
             domain_secret: None,
         })
@@ -263,22 +266,26 @@ impl Agent {
             .map_err(|e| AgentError::BadRequest(e.to_string()))
     }
 
-    /// VMs arriving here for gang jobs.
-    pub fn jobs(&self) -> &Jobs {
+    /// The jobs this agent takes part in.
+    pub fn jobs(&self) -> &JobBook {
         &self.jobs
     }
 
-    /// Cancels a gang job here: its held and running migrations stop
-    /// before switchover (their VMs stay), its arriving VMs are discarded.
-    pub fn cancel_job(&self, job: &str) -> bool {
-        !job.is_empty() && lock(&self.cancelled_jobs).insert(job.to_owned())
+    /// Opens (or joins) a job for `who`, from an operator's `JobOpen`.
+    pub fn open_job(
+        &self,
+        r: &v1::JobOpen,
+        who: &pagecast_channel::Identity,
+    ) -> Result<bool, AgentError> {
+        let deadline = (r.deadline_ms > 0).then(|| Duration::from_millis(r.deadline_ms));
+        Ok(self.jobs.open(&r.job, who, &r.peers, deadline)?.1)
     }
 
-    /// Whether `job` was cancelled here, as a check migrations can keep.
-    pub fn job_cancel_flag(&self, job: &str) -> Box<dyn Fn() -> bool + Send> {
-        let set = self.cancelled_jobs.clone();
-        let job = job.to_owned();
-        Box::new(move || !job.is_empty() && lock(&set).contains(&job))
+    /// Cancels a job here: its held and running migrations stop before
+    /// switchover (their VMs stay), its arriving VMs are refused further
+    /// pages, and no request may name it any more.
+    pub fn cancel_job(&self, job: &str) -> bool {
+        self.jobs.cancel(job, "the job was cancelled")
     }
 
     /// The address this host multicasts from.
@@ -650,7 +657,7 @@ impl Agent {
             })
             .collect();
         for (v, d) in due {
-            let answer = ask_whereabouts(self, &d.to, &v.name);
+            let answer = ask_whereabouts(self, &d.to, &v.name, &d.job);
             self.settle(&v, d, answer);
         }
     }
@@ -743,7 +750,7 @@ impl Agent {
             }
             Err(AgentError::Migration(MigrationError::InDoubt(_))) => {
                 // Settled by asking the destination ([`Agent::resolve_in_doubt`]).
-                *lock(&vm.in_doubt) = Some(InDoubt::new(&r.to));
+                *lock(&vm.in_doubt) = Some(InDoubt::new(&r.to, &r.job));
                 vm.set_state(v1::HostedVmState::InDoubt);
                 counter!(crate::metrics::MIGRATIONS, "role" => "source", "result" => "in-doubt")
                     .increment(1);
@@ -913,6 +920,7 @@ impl Agent {
                     ch.send(&v1::AgentRequest {
                         body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
                             source: self.name.clone(),
+                            job: r.job.clone(),
                         })),
                     })?;
                     Ok(ch)
@@ -941,6 +949,7 @@ impl Agent {
         &self,
         link: &mut dyn pagecast_migrate::MigrationLink,
         begin: &v1::MigrateBegin,
+        job: &Arc<jobs::Job>,
     ) -> Result<pagecast_migrate::IncomingReport, AgentError> {
         if !begin.connect.is_empty() {
             return self.qemu_route_in(link, begin);
@@ -971,7 +980,7 @@ impl Agent {
             agent: self,
             vm: &vm,
         };
-        let res = vm.backend.receive(into, link, begin);
+        let res = vm.backend.receive(into, link, begin, job);
         if res.is_ok() {
             vm.set_state(v1::HostedVmState::Running);
             self.index(&vm);
@@ -1077,9 +1086,10 @@ fn ask_whereabouts(
     agent: &Agent,
     to: &str,
     name: &str,
+    job: &str,
 ) -> Result<(v1::Whereabouts, String), AgentError> {
     let c = pagecast_agent_api::AgentClient::connect(to, agent.tls())?
         .with_answer_timeout(Duration::from_secs(5))?;
     let dest = c.agent_name().to_owned();
-    Ok((c.whereabouts(name)?, dest))
+    Ok((c.whereabouts(name, job)?, dest))
 }

@@ -134,6 +134,7 @@ impl Backend for MicroBackend {
         ch.send(&v1::AgentRequest {
             body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
                 source: out.agent.name().to_owned(),
+                job: r.job.clone(),
             })),
         })?;
         let mut link = ChannelLink::new(ch);
@@ -250,7 +251,7 @@ fn run_clone(
         job: r.job.clone(),
         casts: 0,
     };
-    let mut cancel = JobCancel::new(agent.job_cancel_flag(&r.job));
+    let mut cancel = JobCancel::new(agent.jobs().get(&r.job)?);
     let rep = pagecast_migrate::clone_out(
         &vm,
         targets,
@@ -265,6 +266,22 @@ fn run_clone(
 }
 
 impl Agent {
+    /// The job an arriving VM belongs to: named by the request and by the
+    /// migration's first frame alike, and open here.
+    fn arrival_job(
+        &self,
+        begin: &v1::MigrateBegin,
+        job: &str,
+    ) -> Result<Arc<crate::jobs::Job>, AgentError> {
+        if begin.job != job {
+            return Err(AgentError::BadRequest(format!(
+                "the migration names job {:?} but its request job {job:?}",
+                begin.job
+            )));
+        }
+        self.jobs().get(job)
+    }
+
     /// Starts a micro-VM.
     pub fn vm_start(&self, r: &v1::VmStartRequest) -> Result<v1::VmInfo, AgentError> {
         self.reserve(&r.name, v1::HostedVmState::Starting)?;
@@ -349,6 +366,7 @@ impl Agent {
         &self,
         link: &mut dyn MigrationLink,
         source: &str,
+        job: &str,
     ) -> Result<IncomingReport, AgentError> {
         let begin = match link.recv(Some(Duration::from_secs(10)))? {
             v1::migrate_frame::Body::Begin(b) => b,
@@ -364,8 +382,20 @@ impl Agent {
             begin.memory_bytes >> 20,
             begin.job
         );
+        // Every arrival belongs to a job this agent knows and that is open.
+        let job = match self.arrival_job(&begin, job) {
+            Ok(j) => j,
+            Err(e) => {
+                let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
+                    ok: false,
+                    reason: e.to_string(),
+                    code: e.code() as i32,
+                }));
+                return Err(e);
+            }
+        };
         if begin.kind == v1::VmKind::Qemu as i32 {
-            return self.qemu_in(link, &begin);
+            return self.qemu_in(link, &begin, &job);
         }
         if let Err(e) = self.reserve(&begin.vm, v1::HostedVmState::Incoming) {
             let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
@@ -383,11 +413,11 @@ impl Agent {
         let mut started: Option<Arc<Hosted>> = None;
         let local = JobContent {
             agent: self,
-            job: &begin.job,
+            job: &job,
         };
         let mut events = JobSlots {
             agent: self,
-            job: begin.job.clone(),
+            job: job.clone(),
         };
         let result = migrate_in_job(
             link,

@@ -150,6 +150,7 @@ impl Backend for QemuBackend {
         ch.send(&v1::AgentRequest {
             body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
                 source: out.agent.name().to_owned(),
+                job: r.job.clone(),
             })),
         })?;
         let dest = ch.peer_name().to_owned();
@@ -198,7 +199,7 @@ impl Backend for QemuBackend {
             job: r.job.clone(),
             casts: 0,
         };
-        let mut cancel = JobCancel::new(out.agent.job_cancel_flag(&r.job));
+        let mut cancel = JobCancel::new(out.agent.jobs().get(&r.job)?);
         let mut stream = Stream::new(self, out, "clone", None);
         let rep = pagecast_migrate::clone_out(
             &src,
@@ -223,8 +224,9 @@ impl Backend for QemuBackend {
         into: Outbound<'_>,
         link: &mut dyn MigrationLink,
         begin: &v1::MigrateBegin,
+        job: &Arc<crate::jobs::Job>,
     ) -> Result<IncomingReport, AgentError> {
-        self.receive_stream(into, link, begin)
+        self.receive_stream(into, link, begin, job)
     }
 }
 
@@ -625,6 +627,7 @@ impl QemuBackend {
         into: Outbound<'_>,
         link: &mut dyn MigrationLink,
         begin: &v1::MigrateBegin,
+        job: &Arc<crate::jobs::Job>,
     ) -> Result<IncomingReport, AgentError> {
         let (agent, vm) = (into.agent, into.vm);
         if begin.memory_bytes != vm.memory_bytes()
@@ -642,13 +645,10 @@ impl QemuBackend {
                 )),
             );
         }
-        let local = JobContent {
-            agent,
-            job: &begin.job,
-        };
+        let local = JobContent { agent, job };
         let mut events = JobSlots {
             agent,
-            job: begin.job.clone(),
+            job: job.clone(),
         };
         let mut arrival =
             pagecast_migrate::receive_front(link, begin, &local, &mut events, Shape::Contents)?;
@@ -770,11 +770,11 @@ impl Agent {
             Ok(a) => a,
             Err(e) => return refuse_begin(link, e),
         };
-        if !begin.job.is_empty() {
+        if begin.held {
             return refuse_begin(
                 link,
                 AgentError::BadRequest(
-                    "a QEMU VM migrated by libvirt moves on its own, not in a gang job".into(),
+                    "a QEMU VM migrated by libvirt moves on its own, not held in a gang job".into(),
                 ),
             );
         }

@@ -247,6 +247,55 @@ async fn in_doubt_resolver(agent: Arc<Agent>) {
     }
 }
 
+/// Runs a cast at its sender for a client: where receivers connect, then
+/// the cast's result.
+async fn cast_send(agent: &Arc<Agent>, ch: AsyncChannel, r: v1::CastSendRequest, peer: &str) {
+    let mut ch = match ch.into_blocking() {
+        Ok(ch) => ch,
+        Err(e) => return warn!("cast request from {peer}: {e}"),
+    };
+    let a = agent.clone();
+    let span = info_span!("cast", job = %r.job, role = "sender");
+    let _ = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| {
+            let res = crate::job::cast_send(&a, &r, &mut |b| send_blocking(&mut ch, b));
+            let body = match res {
+                Ok(c) => {
+                    if c.ok {
+                        info!("cast for job {} sent, {} bytes", r.job, c.bytes_sent);
+                    } else {
+                        warn!(
+                            "cast for job {} failed: {}",
+                            r.job,
+                            pagecast_proto::refusal_text(&c.error)
+                        );
+                    }
+                    Resp::CastResult(c)
+                }
+                Err(e) => Resp::Error(e.to_proto()),
+            };
+            let _ = send_blocking(&mut ch, body);
+        })
+    })
+    .await;
+}
+
+/// A job id for a migration whose request named none.
+fn implicit_job(vm: &str) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("migrate:{vm}:{ms}")
+}
+
+/// A peer of a job, as a request names it.
+fn job_peer(host: &str, role: v1::JobRole) -> v1::JobPeer {
+    v1::JobPeer {
+        host: host.to_owned(),
+        role: role as i32,
+    }
+}
+
 fn error(code: RefusalCode, e: impl std::fmt::Display) -> Resp {
     Resp::Error(v1::AgentError {
         code: code as i32,
@@ -276,6 +325,7 @@ fn allowed(body: &v1::agent_request::Body) -> (&'static [Role], &'static str) {
         B::Clone(_) => (&[Role::Operator], "clone VMs"),
         B::CancelJob(_) => (&[Role::Operator], "cancel jobs"),
         B::Go(_) => (&[Role::Operator], "release held migrations"),
+        B::JobOpen(_) | B::JobClose(_) => (&[Role::Operator], "open and close jobs"),
         B::CastSend(_) | B::CastRecv(_) => (&[Role::Operator], "start casts"),
         B::Fetch(_) => (&[Role::Operator], "order fetches"),
         B::Whereabouts(_) => (&[Role::Host], "ask where a VM stands (host to host)"),
@@ -341,6 +391,14 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
     }
     match body {
         B::Whereabouts(q) => {
+            if agent.jobs().known(&q.job).is_none() {
+                // Answered all the same: jobs do not outlive a restart, and
+                // a VM in doubt must be settled after one.
+                debug!(
+                    "{who} asks about VM {:?} of job {:?}, unknown here",
+                    q.vm, q.job
+                );
+            }
             let state = agent.whereabouts(&q.vm);
             info!(
                 "{who} asked where VM {:?} stands: {}",
@@ -424,26 +482,74 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
             };
             reply(&mut ch, body).await;
         }
-        B::Migrate(r) => match ch.into_blocking() {
-            Ok(ch) => {
-                let a = agent.clone();
-                let span = info_span!("migration", vm = %r.vm, to = %r.to, role = "source");
-                let _ =
-                    tokio::task::spawn_blocking(move || span.in_scope(|| migrate_out(&a, ch, r)))
-                        .await;
+        B::Migrate(mut r) => {
+            // Starts (or joins) the job at the source. A request naming none
+            // runs as a job of its own here, which its destination refuses
+            // unless told of it (`pagecast migrate` tells it).
+            if r.job.is_empty() {
+                r.job = implicit_job(&r.vm);
             }
-            Err(e) => warn!("migration request from {peer}: {e}"),
-        },
-        B::Clone(r) => match ch.into_blocking() {
-            Ok(ch) => {
-                let a = agent.clone();
-                let span = info_span!("clone", vm = %r.vm, job = %r.job);
-                let _ =
-                    tokio::task::spawn_blocking(move || span.in_scope(|| clone_out(&a, ch, &r)))
-                        .await;
+            let peers = [job_peer(&r.to, v1::JobRole::Destination)];
+            let job = match agent.jobs().open(&r.job, &who, &peers, None) {
+                Ok((j, _)) => j,
+                Err(e) => return reply(&mut ch, Resp::Error(e.to_proto())).await,
+            };
+            match ch.into_blocking() {
+                Ok(ch) => {
+                    let a = agent.clone();
+                    let span = info_span!("migration", vm = %r.vm, to = %r.to, job = %r.job, role = "source");
+                    let _ = tokio::task::spawn_blocking(move || {
+                        span.in_scope(|| migrate_out(&a, ch, r, job))
+                    })
+                    .await;
+                }
+                Err(e) => warn!("migration request from {peer}: {e}"),
             }
-            Err(e) => warn!("clone request from {peer}: {e}"),
-        },
+        }
+        B::Clone(r) => {
+            let peers: Vec<v1::JobPeer> = r
+                .targets
+                .iter()
+                .map(|t| job_peer(&t.addr, v1::JobRole::Destination))
+                .collect();
+            if let Err(e) = agent.jobs().open(&r.job, &who, &peers, None) {
+                return reply(&mut ch, Resp::Error(e.to_proto())).await;
+            }
+            match ch.into_blocking() {
+                Ok(ch) => {
+                    let a = agent.clone();
+                    let span = info_span!("clone", vm = %r.vm, job = %r.job);
+                    let _ = tokio::task::spawn_blocking(move || {
+                        span.in_scope(|| clone_out(&a, ch, &r))
+                    })
+                    .await;
+                }
+                Err(e) => warn!("clone request from {peer}: {e}"),
+            }
+        }
+        B::JobOpen(r) => {
+            let body = match agent.open_job(&r, &who) {
+                Ok(newly) => {
+                    if newly {
+                        info!(
+                            "job {} opened by {who} with {} peer(s)",
+                            r.job,
+                            r.peers.len()
+                        );
+                    }
+                    Resp::JobOpened(v1::JobOpened { newly })
+                }
+                Err(e) => Resp::Error(e.to_proto()),
+            };
+            reply(&mut ch, body).await;
+        }
+        B::JobClose(r) => {
+            let newly = agent.jobs().close(&r.job);
+            if newly {
+                info!("job {} closed by {who}", r.job);
+            }
+            reply(&mut ch, Resp::JobOpened(v1::JobOpened { newly })).await;
+        }
         B::CancelJob(r) => {
             let newly = agent.cancel_job(&r.job);
             if newly {
@@ -451,15 +557,17 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
             }
             reply(&mut ch, Resp::Cancelled(v1::JobCancelled { newly })).await;
         }
-        B::Go(_) => {
-            reply(
-                &mut ch,
-                error(
-                    RefusalCode::Invalid,
-                    "go: no migration is held on this connection",
+        B::Go(g) => {
+            // Alone, a go names its job and VM.
+            let body = match agent.jobs().get(&g.job) {
+                Ok(j) if j.go(&g.vm, g.abort, &g.reason) => Resp::GoTaken(v1::GoTaken {}),
+                Ok(_) => error(
+                    RefusalCode::NotFound,
+                    format!("job {}: no migration of VM {:?} is held here", g.job, g.vm),
                 ),
-            )
-            .await;
+                Err(e) => Resp::Error(e.to_proto()),
+            };
+            reply(&mut ch, body).await;
         }
         B::VmContent(r) => match ch.into_blocking() {
             Ok(mut ch) => {
@@ -482,40 +590,26 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
             }
             Err(e) => warn!("content request from {peer}: {e}"),
         },
-        B::CastSend(r) => match ch.into_blocking() {
-            Ok(mut ch) => {
-                let a = agent.clone();
-                let span = info_span!("cast", job = %r.job, role = "sender");
-                let _ = tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| {
-                        let res = crate::job::cast_send(&a, &r, &mut |b| send_blocking(&mut ch, b));
-                        let body = match res {
-                            Ok(c) => {
-                                if c.ok {
-                                    info!("cast for job {} sent, {} bytes", r.job, c.bytes_sent);
-                                } else {
-                                    warn!(
-                                        "cast for job {} failed: {}",
-                                        r.job,
-                                        pagecast_proto::refusal_text(&c.error)
-                                    );
-                                }
-                                Resp::CastResult(c)
-                            }
-                            Err(e) => Resp::Error(e.to_proto()),
-                        };
-                        let _ = send_blocking(&mut ch, body);
-                    })
-                })
-                .await;
+        B::CastSend(r) => {
+            let peers: Vec<v1::JobPeer> = r
+                .receivers
+                .iter()
+                .map(|h| job_peer(h, v1::JobRole::Destination))
+                .collect();
+            if let Err(e) = agent.jobs().open(&r.job, &who, &peers, None) {
+                return reply(&mut ch, Resp::Error(e.to_proto())).await;
             }
-            Err(e) => warn!("cast request from {peer}: {e}"),
-        },
+            cast_send(&agent, ch, r, &peer).await;
+        }
         B::CastRecv(r) => {
+            let job = match agent.jobs().get(&r.job) {
+                Ok(j) => j,
+                Err(e) => return reply(&mut ch, Resp::Error(e.to_proto())).await,
+            };
             let a = agent.clone();
             let span = info_span!("cast", job = %r.job, role = "receiver");
             let res = tokio::task::spawn_blocking(move || {
-                span.in_scope(|| crate::job::cast_recv(&a, &r))
+                span.in_scope(|| crate::job::cast_recv(&a, &job, &r))
             })
             .await;
             let body = match res {
@@ -526,8 +620,12 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
             reply(&mut ch, body).await;
         }
         B::Fetch(r) => {
+            let job = match agent.jobs().get(&r.job) {
+                Ok(j) => j,
+                Err(e) => return reply(&mut ch, Resp::Error(e.to_proto())).await,
+            };
             let a = agent.clone();
-            let res = tokio::task::spawn_blocking(move || crate::job::fetch(&a, &r)).await;
+            let res = tokio::task::spawn_blocking(move || crate::job::fetch(&a, &job, &r)).await;
             let body = match res {
                 Ok(f) => Resp::FetchResult(f),
                 Err(e) => error(RefusalCode::Internal, e),
@@ -541,11 +639,15 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
                     // One connection may ask several times, a list at a time.
                     let mut next = Some(r);
                     while let Some(r) = next.take() {
-                        let served = crate::job::hashes_of(&r.hashes).and_then(|h| {
-                            crate::job::serve_fetch(&a, &r.domain, &h, &mut |b| {
-                                send_blocking(&mut ch, b)
-                            })
-                        });
+                        let served = a
+                            .jobs()
+                            .get(&r.job)
+                            .and_then(|_| crate::job::hashes_of(&r.hashes))
+                            .and_then(|h| {
+                                crate::job::serve_fetch(&a, &r.domain, &h, &mut |b| {
+                                    send_blocking(&mut ch, b)
+                                })
+                            });
                         if let Err(e) = served {
                             let _ = send_blocking(&mut ch, Resp::Error(e.to_proto()));
                             return;
@@ -568,7 +670,7 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
                 let a = agent.clone();
                 let span = info_span!("migration", from = %i.source, role = "destination");
                 let _ = tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| migrate_in(&a, ch, &i.source))
+                    span.in_scope(|| migrate_in(&a, ch, &i.source, &i.job))
                 })
                 .await;
             }
@@ -664,7 +766,7 @@ impl ProgressLink {
 /// progress to it. If the client goes away the migration carries on (its
 /// outcome shows in `vm list` and the agent's log), except while it is
 /// held for a gang job: then it is abandoned and the VM stays here.
-fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest) {
+fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest, job: Arc<crate::jobs::Job>) {
     info!("migrating {} to {} for {}", r.vm, r.to, ch.peer_name());
     let (reader, writer) = match ch.split() {
         Ok(x) => x,
@@ -675,12 +777,7 @@ fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest) {
     };
     let writer = Arc::new(Mutex::new(writer));
     // A gang job's needs and go travel on this connection.
-    let mut hold = crate::job::CoordinatorHold::new(
-        writer.clone(),
-        reader,
-        r.hold,
-        agent.job_cancel_flag(&r.job),
-    );
+    let mut hold = crate::job::CoordinatorHold::new(writer.clone(), reader, r.hold, job, &r.vm);
     let link = ProgressLink::new(writer);
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let beat = link.heartbeat(stopped);
@@ -740,11 +837,11 @@ fn clone_out(agent: &Agent, ch: Channel, r: &v1::CloneRequest) {
     link.send(body);
 }
 
-fn migrate_in(agent: &Agent, ch: Channel, source: &str) {
+fn migrate_in(agent: &Agent, ch: Channel, source: &str, job: &str) {
     let from = format!("{source} ({})", ch.peer());
-    debug!("incoming migration from {from}");
+    debug!("incoming migration from {from} (job {job})");
     let mut link = ChannelLink::new(ch);
-    match agent.migrate_in(&mut link, source) {
+    match agent.migrate_in(&mut link, source, job) {
         Ok(rep) => info!(
             "received {} from {from}: {} pages filled locally, {} received, running",
             rep.vm, rep.pages_local, rep.pages_received

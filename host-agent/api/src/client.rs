@@ -118,9 +118,10 @@ impl AgentClient {
 
     /// Where the VM `name` stands at this agent (asked host to host after
     /// an unconfirmed switchover).
-    pub fn whereabouts(mut self, name: &str) -> Result<v1::Whereabouts, ClientError> {
+    pub fn whereabouts(mut self, name: &str, job: &str) -> Result<v1::Whereabouts, ClientError> {
         self.send(Req::Whereabouts(v1::VmWhereabouts {
             vm: name.to_owned(),
+            job: job.to_owned(),
         }))?;
         match self.recv()? {
             Resp::Whereabouts(w) => match v1::Whereabouts::try_from(w.state) {
@@ -249,6 +250,41 @@ impl AgentClient {
         }
     }
 
+    /// Opens (or joins) a job on the agent: true if it is new there.
+    pub fn open_job(mut self, r: v1::JobOpen) -> Result<bool, ClientError> {
+        self.send(Req::JobOpen(r))?;
+        match self.recv()? {
+            Resp::JobOpened(o) => Ok(o.newly),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Closes a job on the agent: true if it was open there.
+    pub fn close_job(mut self, job: &str) -> Result<bool, ClientError> {
+        self.send(Req::JobClose(v1::JobClose {
+            job: job.to_owned(),
+        }))?;
+        match self.recv()? {
+            Resp::JobOpened(o) => Ok(o.newly),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Releases (or, `abort`, gives up) the held migration of `vm` in
+    /// `job`, from any connection.
+    pub fn go(mut self, job: &str, vm: &str, abort: bool, reason: &str) -> Result<(), ClientError> {
+        self.send(Req::Go(v1::JobGo {
+            abort,
+            reason: reason.to_owned(),
+            job: job.to_owned(),
+            vm: vm.to_owned(),
+        }))?;
+        match self.recv()? {
+            Resp::GoTaken(_) => Ok(()),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     /// Cancels a gang job on the agent.
     pub fn cancel_job(mut self, job: &str) -> Result<bool, ClientError> {
         self.send(Req::CancelJob(v1::CancelJobRequest {
@@ -342,6 +378,7 @@ impl MigrationHandle {
                 body: Some(Req::Go(v1::JobGo {
                     abort,
                     reason: reason.to_owned(),
+                    ..v1::JobGo::default()
                 })),
             })?)
     }

@@ -91,6 +91,10 @@ pub trait AgentApi: Send + Sync {
     ) -> Result<v1::CloneResult, ClientError>;
     /// Cancels a job on the agent: true if it was not cancelled before.
     fn cancel_job(&self, agent: &str, job: &str) -> Result<bool, ClientError>;
+    /// Opens (or joins) a job on the agent: true if it is new there.
+    fn open_job(&self, agent: &str, r: v1::JobOpen) -> Result<bool, ClientError>;
+    /// Closes a job on the agent: true if it was open there.
+    fn close_job(&self, agent: &str, job: &str) -> Result<bool, ClientError>;
 }
 
 /// The agents over the network, as the holder of `tls`.
@@ -197,5 +201,11 @@ impl AgentApi for Remote {
 
     fn cancel_job(&self, agent: &str, job: &str) -> Result<bool, ClientError> {
         self.connect(agent)?.cancel_job(job)
+    }
+    fn open_job(&self, agent: &str, r: v1::JobOpen) -> Result<bool, ClientError> {
+        self.connect(agent)?.open_job(r)
+    }
+    fn close_job(&self, agent: &str, job: &str) -> Result<bool, ClientError> {
+        self.connect(agent)?.close_job(job)
     }
 }

@@ -54,6 +54,8 @@ pub fn clone(
         bandwidth_bps: rate,
         max_downtime_ms: spec.max_downtime_ms,
     };
+    // Each target takes the clone only for a job it was told of.
+    open_job(svc, spec, &source, &targets);
     let r = svc
         .agents
         .clone_vm(&source.address, req, &mut |p| {
@@ -67,8 +69,30 @@ pub fn clone(
         .map_err(|source| CoordError::Agent {
             host: vm.host.clone(),
             source,
-        })?;
-    Ok(report(spec, &targets, &r, started))
+        });
+    for t in &targets {
+        let _ = svc.agents.close_job(&t.addr, &spec.job);
+    }
+    let _ = svc.agents.close_job(&source.address, &spec.job);
+    Ok(report(spec, &targets, &r?, started))
+}
+
+/// Opens the clone's job at each target (its source the peer). A target
+/// that cannot be told refuses the clone, which says so in its outcome.
+fn open_job(svc: &Services, spec: &CloneSpec, source: &HostView, targets: &[v1::CloneTarget]) {
+    for t in targets {
+        let _ = svc.agents.open_job(
+            &t.addr,
+            v1::JobOpen {
+                job: spec.job.clone(),
+                peers: vec![v1::JobPeer {
+                    host: source.name.clone(),
+                    role: v1::JobRole::Source as i32,
+                }],
+                deadline_ms: 0,
+            },
+        );
+    }
 }
 
 /// The VM to clone and its host, which must have an agent.

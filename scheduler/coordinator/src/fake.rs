@@ -73,6 +73,22 @@ pub enum Call {
         /// Contents.
         contents: usize,
     },
+    /// A job was opened (or joined) at a host.
+    JobOpen {
+        /// The host.
+        host: String,
+        /// The job.
+        job: String,
+        /// Its peers there, each as `host:role`.
+        peers: Vec<String>,
+    },
+    /// A job was closed at a host.
+    JobClose {
+        /// The host.
+        host: String,
+        /// The job.
+        job: String,
+    },
     /// A VM was cloned.
     Clone {
         /// The VM.
@@ -121,12 +137,19 @@ struct State {
     /// Per migration id: the go it heard (None: none yet).
     gos: HashMap<u64, Option<bool>>,
     calls: Vec<Call>,
+    /// Per host: the jobs open there (as an agent keeps them: a
+    /// host-to-host request naming a job not open there is refused).
+    jobs: HashMap<String, HashSet<String>>,
     /// Per source host: migrations running now, and the most at once.
     running: HashMap<String, usize>,
     most: HashMap<String, usize>,
 }
 
 impl State {
+    fn job_open(&self, host: &str, job: &str) -> bool {
+        self.jobs.get(host).is_some_and(|j| j.contains(job))
+    }
+
     fn host_of_addr(&self, addr: &str) -> Result<&FakeHost, ClientError> {
         let h = self
             .hosts
@@ -340,6 +363,8 @@ struct FakeMigration {
     /// Contents the destination lacked when asked.
     needs: Vec<PageHash>,
     ended: bool,
+    /// Why the destination refused it at once, if it did.
+    refused: Option<String>,
 }
 
 struct FakeControl {
@@ -387,6 +412,9 @@ impl FakeMigration {
     /// The migration's end: the VM moves unless stopped or refused; what
     /// the destination still lacked went over the link.
     fn finish(&mut self) -> v1::MigrateResult {
+        if let Some(why) = &self.refused {
+            return failed(v1::RefusalCode::UnknownJob, why);
+        }
         if self.req.hold {
             match self.wait_go() {
                 Some(false) => {}
@@ -569,7 +597,15 @@ impl AgentApi for FakeCluster {
             phase: v1::MigratePhase::Manifest as i32,
             ..Default::default()
         })];
-        if r.hold {
+        // The source opens the job; the destination refuses a job it was
+        // not told of, before anything else.
+        st.jobs
+            .entry(from.clone())
+            .or_default()
+            .insert(r.job.clone());
+        let refused =
+            (!st.job_open(&to, &r.job)).then(|| format!("job {} is not open at {to}", r.job));
+        if r.hold && refused.is_none() {
             script.push(MigrationEvent::Held(needs.clone(), local));
         }
         let n = st.running.entry(from.clone()).or_default();
@@ -594,6 +630,7 @@ impl AgentApi for FakeCluster {
             script,
             needs,
             ended: false,
+            refused,
         }))
     }
 
@@ -644,10 +681,18 @@ impl AgentApi for FakeCluster {
     fn cast_recv(
         &self,
         agent: &str,
-        _r: v1::CastRecvRequest,
+        r: v1::CastRecvRequest,
         _within: Duration,
     ) -> Result<v1::CastResult, ClientError> {
-        lock(&self.s.state).host_of_addr(agent)?;
+        let st = lock(&self.s.state);
+        let host = st.host_of_addr(agent)?.name.clone();
+        if !st.job_open(&host, &r.job) {
+            return Err(ClientError::Refused {
+                addr: agent.to_owned(),
+                code: v1::RefusalCode::UnknownJob,
+                message: format!("job {} is not open at {host}", r.job),
+            });
+        }
         Ok(v1::CastResult {
             ok: true,
             ..Default::default()
@@ -669,6 +714,17 @@ impl AgentApi for FakeCluster {
         let mut st = lock(&self.s.state);
         let host = st.host_of_addr(agent)?.name.clone();
         let from = st.host_of_addr(&r.from)?.name.clone();
+        for h in [&host, &from] {
+            if !st.job_open(h, &r.job) {
+                return Ok(v1::FetchResult {
+                    error: Some(pagecast_proto::refusal(
+                        v1::RefusalCode::UnknownJob,
+                        format!("job {} is not open at {h}", r.job),
+                    )),
+                    ..Default::default()
+                });
+            }
+        }
         let n = hashes.len() as u64;
         st.filled.entry(host.clone()).or_default().extend(hashes);
         st.calls.push(Call::Fetch {
@@ -708,6 +764,18 @@ impl AgentApi for FakeCluster {
         let mut clones = Vec::new();
         for t in &r.targets {
             let host = st.host_of_addr(&t.addr)?.name.clone();
+            if !st.job_open(&host, &r.job) {
+                clones.push(v1::CloneOne {
+                    name: t.name.clone(),
+                    host: host.clone(),
+                    error: Some(pagecast_proto::refusal(
+                        v1::RefusalCode::UnknownJob,
+                        format!("job {} is not open at {host}", r.job),
+                    )),
+                    ..Default::default()
+                });
+                continue;
+            }
             st.vms.push(FakeVm {
                 name: t.name.clone(),
                 host: host.clone(),
@@ -726,7 +794,7 @@ impl AgentApi for FakeCluster {
             clones: clones.iter().map(|c| c.name.clone()).collect(),
         });
         Ok(v1::CloneResult {
-            ok: true,
+            ok: clones.iter().all(|c| c.ok),
             clones,
             bytes_sent: v.distinct().len() as u64 * PAGE_BYTES,
             ..Default::default()
@@ -736,5 +804,40 @@ impl AgentApi for FakeCluster {
     fn cancel_job(&self, agent: &str, _job: &str) -> Result<bool, ClientError> {
         lock(&self.s.state).host_of_addr(agent)?;
         Ok(true)
+    }
+
+    fn open_job(&self, agent: &str, r: v1::JobOpen) -> Result<bool, ClientError> {
+        let mut st = lock(&self.s.state);
+        let host = st.host_of_addr(agent)?.name.clone();
+        let newly = st
+            .jobs
+            .entry(host.clone())
+            .or_default()
+            .insert(r.job.clone());
+        let peers = r
+            .peers
+            .iter()
+            .map(|p| {
+                let role = v1::JobRole::try_from(p.role).unwrap_or_default();
+                format!("{}:{}", p.host, role.as_str_name())
+            })
+            .collect();
+        st.calls.push(Call::JobOpen {
+            host,
+            job: r.job,
+            peers,
+        });
+        Ok(newly)
+    }
+
+    fn close_job(&self, agent: &str, job: &str) -> Result<bool, ClientError> {
+        let mut st = lock(&self.s.state);
+        let host = st.host_of_addr(agent)?.name.clone();
+        let was = st.jobs.get_mut(&host).is_some_and(|j| j.remove(job));
+        st.calls.push(Call::JobClose {
+            host,
+            job: job.to_owned(),
+        });
+        Ok(was)
     }
 }

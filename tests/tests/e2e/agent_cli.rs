@@ -469,6 +469,7 @@ fn each_role_may_do_only_its_own_part() {
         &v1::AgentRequest {
             body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
                 source: "host-c".into(),
+                ..Default::default()
             })),
         },
     );
@@ -483,6 +484,7 @@ fn each_role_may_do_only_its_own_part() {
         &v1::AgentRequest {
             body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
                 source: "operator".into(),
+                ..Default::default()
             })),
         },
     );
@@ -587,18 +589,52 @@ fn malformed_requests_get_a_clear_error() {
         },
     );
     assert!(e.contains("no VM named \"nope\""), "{e}");
-    // An agent that is not a migration source sends frames that are no
-    // migration (or of an older wire version): the destination refuses
-    // them and keeps nothing.
-    for (version, says) in [
-        (pagecast_proto::MIGRATE_WIRE_VERSION as i32, "out of range"),
-        (1, "wire version 1 is not supported"),
+    // Another host's migration into a job this agent was never told of is
+    // refused before anything else; in a job it knows, frames that are no
+    // migration (or of an older wire version) are refused too. Nothing is
+    // kept.
+    pagecast_agent_api::client::AgentClient::connect(
+        &a.addr,
+        &pki::tls("operator", Role::Operator),
+    )
+    .unwrap()
+    .open_job(v1::JobOpen {
+        job: "j-rogue".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    for (job, version, code, says) in [
+        (
+            "",
+            pagecast_proto::MIGRATE_WIRE_VERSION as i32,
+            v1::RefusalCode::UnknownJob,
+            "names no job",
+        ),
+        (
+            "j-unknown",
+            pagecast_proto::MIGRATE_WIRE_VERSION as i32,
+            v1::RefusalCode::UnknownJob,
+            "job j-unknown is not open",
+        ),
+        (
+            "j-rogue",
+            pagecast_proto::MIGRATE_WIRE_VERSION as i32,
+            v1::RefusalCode::Invalid,
+            "out of range",
+        ),
+        (
+            "j-rogue",
+            1,
+            v1::RefusalCode::Invalid,
+            "wire version 1 is not supported",
+        ),
     ] {
         let s = TcpStream::connect(&a.addr).unwrap();
         let mut ch = Channel::client(s, &pki::tls("rogue", Role::Host)).unwrap();
         ch.send(&v1::AgentRequest {
             body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
                 source: "rogue".into(),
+                job: job.into(),
             })),
         })
         .unwrap();
@@ -607,6 +643,7 @@ fn malformed_requests_get_a_clear_error() {
                 version,
                 vm: "huge".into(),
                 memory_bytes: u64::MAX,
+                job: job.into(),
                 ..Default::default()
             })),
         })
@@ -616,11 +653,69 @@ fn malformed_requests_get_a_clear_error() {
         match f.body {
             Some(v1::migrate_frame::Body::Accept(acc)) => {
                 assert!(!acc.ok);
+                assert_eq!(acc.code, code as i32, "{}", acc.reason);
                 assert!(acc.reason.contains(says), "{}", acc.reason);
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
     }
+    // Every other request of a job it does not know (or that ended) is
+    // refused by name: a rack-mate's fetch, a cast into its arrivals, a go
+    // for a held migration; a closed job is refused as ended.
+    let rogue = pki::tls("rogue", Role::Host);
+    let e = answer_to(
+        &a.addr,
+        &rogue,
+        &v1::AgentRequest {
+            body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
+                job: "j-unknown".into(),
+                ..Default::default()
+            })),
+        },
+    );
+    assert!(e.contains("job j-unknown is not open"), "{e}");
+    let e = answer_to(
+        &a.addr,
+        &tls,
+        &v1::AgentRequest {
+            body: Some(v1::agent_request::Body::CastRecv(v1::CastRecvRequest {
+                job: "j-unknown".into(),
+                control: "127.0.0.1:9".into(),
+            })),
+        },
+    );
+    assert!(e.contains("job j-unknown is not open"), "{e}");
+    let e = answer_to(
+        &a.addr,
+        &tls,
+        &v1::AgentRequest {
+            body: Some(v1::agent_request::Body::Go(v1::JobGo {
+                job: "j-rogue".into(),
+                vm: "nothing-held".into(),
+                ..Default::default()
+            })),
+        },
+    );
+    assert!(
+        e.contains("no migration of VM \"nothing-held\" is held"),
+        "{e}"
+    );
+    let closed = pagecast_agent_api::client::AgentClient::connect(&a.addr, &tls)
+        .unwrap()
+        .close_job("j-rogue")
+        .unwrap();
+    assert!(closed);
+    let e = answer_to(
+        &a.addr,
+        &rogue,
+        &v1::AgentRequest {
+            body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
+                job: "j-rogue".into(),
+                ..Default::default()
+            })),
+        },
+    );
+    assert!(e.contains("job j-rogue ended here"), "{e}");
     let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
     assert!(l["vms"].as_array().unwrap().is_empty(), "{l}");
 }

@@ -663,6 +663,11 @@ pub struct MigrateArgs {
     )]
     qemu_wait: u32,
 
+    /// The job the migration runs as (default: migrate:VM:TIME). Both
+    /// agents are told of it first; `pagecast cancel --job` stops it.
+    #[arg(long, value_name = "ID")]
+    job: Option<String>,
+
     #[command(flatten)]
     tls: TlsArg,
 
@@ -712,10 +717,40 @@ struct MigrateOut<'a> {
     progress_after: u64,
 }
 
+/// Tells the destination agent of a migration's job: the VM may arrive
+/// from `source` in it.
+fn open_migration_job(
+    tls: &pagecast_channel::Tls,
+    job: &str,
+    source: &str,
+    to: &str,
+) -> anyhow::Result<()> {
+    AgentClient::connect(to, tls)
+        .and_then(|c| {
+            c.open_job(v1::JobOpen {
+                job: job.to_owned(),
+                peers: vec![v1::JobPeer {
+                    host: source.to_owned(),
+                    role: v1::JobRole::Source as i32,
+                }],
+                deadline_ms: 0,
+            })
+        })
+        .with_context(|| format!("telling the destination agent at {to} of job {job}"))?;
+    Ok(())
+}
+
 /// Runs `pagecast migrate`.
 pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
     let tls = load_tls(&a.tls)?;
     let client = AgentClient::connect(&a.from, &tls)?;
+    let job = a.job.clone().unwrap_or_else(|| {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        format!("migrate:{}:{ms}", a.vm)
+    });
+    open_migration_job(&tls, &job, client.agent_name(), &a.to)?;
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {
@@ -739,6 +774,7 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
             .or_else(|| a.qemu_listen.clone())
             .unwrap_or_default(),
         qemu_wait_s: a.qemu_wait,
+        job: job.clone(),
         ..Default::default()
     };
     if let Some(l) = &a.qemu_listen {
@@ -777,6 +813,11 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
         }
     };
     bar.finish_and_clear();
+    // The job is over at both ends (a VM left in doubt is still settled:
+    // that question is answered whatever the job's state).
+    for at in [&a.from, &a.to] {
+        let _ = AgentClient::connect(at, &tls).and_then(|c| c.close_job(&job));
+    }
     let r = r?;
     let out = MigrateOut {
         vm: &a.vm,

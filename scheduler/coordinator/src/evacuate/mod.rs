@@ -36,6 +36,7 @@ use crate::report::{EvacuationReport, Predicted};
 use crate::view::ClusterView;
 use crate::{CoordError, Event, Services};
 
+mod jobs;
 mod outcome;
 mod prepare;
 mod run;
@@ -162,12 +163,19 @@ pub fn evacuate(
         report.total_s = now_s(started);
         return Ok(report);
     }
+    let opened = jobs::open(svc, &prep, &spec.job, on);
     let run = run::Run::new(svc, spec, &prep, on, started);
     let finished = if spec.method.holds() {
         run.held(stop)
     } else {
         run.queued(stop)
     };
+    let mut closing = opened;
+    closing.extend(finished.traffic.fetch_frames.keys().cloned());
+    closing.extend(finished.traffic.mates.iter().cloned());
+    closing.sort();
+    closing.dedup();
+    jobs::close(svc, &prep, &spec.job, &closing);
     Ok(outcome::measured(
         report, &prep, finished, started, on, stop,
     ))

@@ -136,20 +136,20 @@ fn no_two_casts_feed_one_destination_at_once_and_disjoint_ones_overlap() {
         .find(|(n, _)| n == "a1>{\"b1\", \"b2\"}")
         .unwrap();
     assert!(first.1.iter().all(|r| r == "a3>{\"c1\"}"), "{starts:?}");
-    // a3's cast shares nothing: it starts beside the first.
-    assert!(starts.contains(&(
-        "a3>{\"c1\"}".to_owned(),
-        vec!["a1>{\"b1\", \"b2\"}".to_owned()]
-    )));
-    // a1 -> b1 and a2 -> b2 share nothing: they ran side by side.
-    let (x, y) = ("a1>{\"b1\"}", "a2>{\"b2\"}");
+    // Whether x and y ran side by side: whichever of the two started
+    // second saw the other running (both start at once, in either order).
+    let overlapped = |x: &str, y: &str| {
+        starts.iter().any(|(n, r)| {
+            (n == x && r.iter().any(|o| o == y)) || (n == y && r.iter().any(|o| o == x))
+        })
+    };
+    // a3's cast shares nothing: it runs beside the first.
     assert!(
-        starts
-            .iter()
-            .any(|(n, r)| (n == x && r.iter().any(|o| o == y))
-                || (n == y && r.iter().any(|o| o == x))),
+        overlapped("a3>{\"c1\"}", "a1>{\"b1\", \"b2\"}"),
         "{starts:?}"
     );
+    // a1 -> b1 and a2 -> b2 share nothing: they ran side by side.
+    assert!(overlapped("a1>{\"b1\"}", "a2>{\"b2\"}"), "{starts:?}");
 }
 
 /// A cast request of a full chunk fits one control frame, whatever
@@ -502,4 +502,111 @@ fn a_clone_goes_to_every_target_and_the_source_keeps_its_vm() {
     again.to = vec!["b1".into()];
     let e = crate::clone(&services(&f), &again, &|_| {}).err().unwrap();
     assert!(e.to_string().contains("already runs"), "{e}");
+}
+
+#[test]
+fn the_job_is_opened_at_every_agent_before_it_is_used_and_closed_after() {
+    let f = cluster();
+    let rep = run(
+        &f,
+        &spec(Method::Pagecast),
+        &|_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(rep.ok, "{rep:?}");
+    let calls = f.calls();
+    let first = |p: &dyn Fn(&Call) -> bool| calls.iter().position(p);
+    let opened_at = |h: &str| {
+        first(&|c| matches!(c, Call::JobOpen { host, job, .. } if host == h && job == "ev-test"))
+    };
+    // Every destination knows the job (and each source sending to it)
+    // before the first migration starts.
+    let first_migration = first(&|c| matches!(c, Call::Migrate { .. })).unwrap();
+    for h in ["b1", "b2"] {
+        let at = opened_at(h).unwrap_or_else(|| panic!("never opened at {h}: {calls:?}"));
+        assert!(
+            at < first_migration,
+            "opened at {h} after a migration began"
+        );
+    }
+    let peers_of = |h: &str| -> Vec<String> {
+        calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::JobOpen { host, peers, .. } if host == h => Some(peers.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let b_peers: Vec<String> = peers_of("b1").into_iter().chain(peers_of("b2")).collect();
+    for src in ["a1", "a2"] {
+        assert!(
+            b_peers
+                .iter()
+                .any(|p| p == &format!("{src}:JOB_ROLE_SOURCE")),
+            "{b_peers:?}"
+        );
+    }
+    // The rack-mate serving database pages is told before its fetch, with
+    // the fetching destination as its peer.
+    let fetch = first(&|c| matches!(c, Call::Fetch { from, .. } if from == "b3")).unwrap();
+    assert!(opened_at("b3").is_some_and(|at| at < fetch), "{calls:?}");
+    assert!(
+        peers_of("b3")
+            .iter()
+            .any(|p| p.ends_with(":JOB_ROLE_DESTINATION")),
+        "{:?}",
+        peers_of("b3")
+    );
+    // Closed everywhere it was opened, after every migration ended.
+    let last_end = calls
+        .iter()
+        .rposition(|c| matches!(c, Call::Ended { .. }))
+        .unwrap();
+    for h in ["a1", "a2", "b1", "b2", "b3"] {
+        let closed = calls
+            .iter()
+            .position(|c| matches!(c, Call::JobClose { host, .. } if host == h))
+            .unwrap_or_else(|| panic!("never closed at {h}"));
+        assert!(
+            closed > last_end,
+            "closed at {h} before the migrations ended"
+        );
+    }
+}
+
+#[test]
+fn a_destination_never_told_of_the_job_refuses_its_migrations() {
+    // A coordinator that skipped opening the job: the fake agents refuse
+    // as real ones do, and the VMs stay.
+    let f = cluster();
+    let svc = services(&f);
+    {
+        let vm = "web1";
+        let mut m = svc
+            .agents
+            .migrate(
+                &crate::fake::address("a1"),
+                v1::MigrateRequest {
+                    vm: vm.into(),
+                    to: crate::fake::address("b1"),
+                    job: "never-opened".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let r = loop {
+            if let pagecast_agent_api::MigrationEvent::Result(r) = m.next_event().unwrap() {
+                break r;
+            }
+        };
+        assert!(!r.ok);
+        assert_eq!(
+            r.error.as_ref().map(|e| e.code),
+            Some(v1::RefusalCode::UnknownJob as i32)
+        );
+        assert_eq!(f.where_is(vm).as_deref(), Some("a1"));
+    }
 }

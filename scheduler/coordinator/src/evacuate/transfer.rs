@@ -43,6 +43,8 @@ pub(super) struct Traffic {
     /// out (their migrations fail anyway), so one stuck host holds up each
     /// chain of casts once, not once per cast.
     pub dead: HashSet<String>,
+    /// Rack-mates the job fetched from (the job was opened there).
+    pub mates: BTreeSet<String>,
 }
 
 /// One source's sends: per content, the destinations it goes to.
@@ -423,15 +425,19 @@ impl<'a> Filler<'a> {
             hashes.len()
         )));
         let within = Duration::from_secs(30 + hashes.len() as u64 / 2_000);
-        let r = self.svc.agents.fetch(
-            self.prep.address(d),
-            v1::FetchRequest {
-                job: self.spec.job.clone(),
-                from: self.prep.address(mate).to_owned(),
-                hashes: pagecast_pages::packed::pack(hashes).into(),
-            },
-            within,
-        );
+        lock(&self.traffic).mates.insert(mate.to_owned());
+        let r =
+            super::jobs::open_fetch(self.svc, self.prep, &self.spec.job, d, mate).and_then(|()| {
+                self.svc.agents.fetch(
+                    self.prep.address(d),
+                    v1::FetchRequest {
+                        job: self.spec.job.clone(),
+                        from: self.prep.address(mate).to_owned(),
+                        hashes: pagecast_pages::packed::pack(hashes).into(),
+                    },
+                    within,
+                )
+            });
         let mut t = lock(&self.traffic);
         match r {
             Ok(f) => {

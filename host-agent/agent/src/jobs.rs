@@ -1,0 +1,457 @@
+//! The jobs this agent takes part in. A job is what every host-to-host
+//! request belongs to: a migration arriving, a rack-mate's fetch, a
+//! question about a VM in doubt. An agent learns a job from the
+//! operator's request that starts or joins it (`JobOpen`; a `Migrate`,
+//! `Clone` or `CastSend` naming it opens it implicitly at the agent that
+//! starts the work) and knows who ordered it, which peers take part in
+//! which role, and until when it runs. A request naming a job this agent
+//! does not know, or one that ended, is refused (`UNKNOWN_JOB`).
+//!
+//! Holds, releases and cancels go through the job: each held migration's
+//! go or abort is kept in its job, whether it came on the migration's own
+//! connection or alone (`JobGo` naming the job and the VM), and a cancel
+//! reaches every migration of the job, held or running.
+//!
+//! Jobs live in memory: an agent that restarts knows none, and ended jobs
+//! are forgotten [`RETAIN`] after they end.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pagecast_channel::Identity;
+use pagecast_migrate::{HoldPoll, IncomingSlot};
+use pagecast_proto::v1;
+
+use crate::AgentError;
+use crate::sync::lock;
+
+/// How long a job runs when its opener names no deadline.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3600);
+/// Longest deadline a job may ask for.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long an ended job is remembered (so a late request gets "ended",
+/// not "unknown", in the log).
+pub const RETAIN: Duration = Duration::from_secs(3600);
+/// Most jobs open on one agent at once.
+pub const MAX_JOBS: usize = 4096;
+/// Most peers one job may list.
+pub const MAX_PEERS: usize = 4096;
+
+/// Where a job stands on this agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Requests naming it are served.
+    Open,
+    /// Its operator cancelled it: its migrations stop before switchover.
+    Cancelled(String),
+    /// Its operator closed it.
+    Closed,
+}
+
+/// A held migration's word from whoever holds it.
+#[derive(Debug, Clone)]
+struct HoldWord {
+    poll: HoldPoll,
+    /// Set by an abort after the go: stop before switchover.
+    stop: Option<String>,
+}
+
+/// One job, as this agent knows it.
+pub struct Job {
+    id: String,
+    /// Who opened it here.
+    ordered_by: Identity,
+    inner: Mutex<JobInner>,
+}
+
+struct JobInner {
+    peers: BTreeMap<String, BTreeSet<i32>>,
+    deadline: Instant,
+    state: JobState,
+    ended: Option<Instant>,
+    /// The arriving VMs' memory, for the job's casts and fetches.
+    slots: Vec<Arc<IncomingSlot>>,
+    /// Held migrations out of here, by VM.
+    holds: HashMap<String, HoldWord>,
+}
+
+impl Job {
+    /// Its id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Who opened it here.
+    pub fn ordered_by(&self) -> &Identity {
+        &self.ordered_by
+    }
+
+    /// Its state now (a job past its deadline has ended).
+    pub fn state(&self) -> JobState {
+        let g = lock(&self.inner);
+        if g.state == JobState::Open && Instant::now() > g.deadline {
+            return JobState::Cancelled("its deadline passed".into());
+        }
+        g.state.clone()
+    }
+
+    /// Whether requests naming it are served.
+    pub fn is_open(&self) -> bool {
+        self.state() == JobState::Open
+    }
+
+    /// Why its migrations must stop, if they must.
+    pub fn stopped(&self) -> Option<String> {
+        match self.state() {
+            JobState::Open => None,
+            JobState::Cancelled(why) => Some(why),
+            JobState::Closed => Some("the job was closed".into()),
+        }
+    }
+
+    /// When it expires.
+    pub fn deadline(&self) -> Instant {
+        lock(&self.inner).deadline
+    }
+
+    /// Whether `host` takes part in `role`.
+    pub fn has_peer(&self, host: &str, role: v1::JobRole) -> bool {
+        lock(&self.inner)
+            .peers
+            .get(host)
+            .is_some_and(|r| r.contains(&(role as i32)))
+    }
+
+    /// Every peer and its roles.
+    pub fn peers(&self) -> Vec<(String, Vec<v1::JobRole>)> {
+        lock(&self.inner)
+            .peers
+            .iter()
+            .map(|(h, rs)| {
+                (
+                    h.clone(),
+                    rs.iter()
+                        .filter_map(|r| v1::JobRole::try_from(*r).ok())
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn add_peers(&self, peers: &[v1::JobPeer]) {
+        let mut g = lock(&self.inner);
+        for p in peers {
+            g.peers.entry(p.host.clone()).or_default().insert(p.role);
+        }
+    }
+
+    /// The arriving VMs' memory.
+    pub fn slots(&self) -> Vec<Arc<IncomingSlot>> {
+        lock(&self.inner).slots.clone()
+    }
+
+    /// Lets the job's casts and fetches fill an arriving VM.
+    pub fn open_slot(&self, slot: &Arc<IncomingSlot>) {
+        lock(&self.inner).slots.push(slot.clone());
+    }
+
+    /// No more: the VM started or failed.
+    pub fn close_slot(&self, slot: &Arc<IncomingSlot>) {
+        lock(&self.inner).slots.retain(|s| !Arc::ptr_eq(s, slot));
+    }
+
+    /// Registers a held migration of VM `vm` out of here.
+    pub fn hold(&self, vm: &str) {
+        lock(&self.inner).holds.insert(
+            vm.to_owned(),
+            HoldWord {
+                poll: HoldPoll::Wait,
+                stop: None,
+            },
+        );
+    }
+
+    /// The migration of `vm` is over.
+    pub fn unhold(&self, vm: &str) {
+        lock(&self.inner).holds.remove(vm);
+    }
+
+    /// Go on with the held migration of `vm` (or, `abort`, give it up; an
+    /// abort after the go stops it before switchover). False if no
+    /// migration of `vm` is held in this job.
+    pub fn go(&self, vm: &str, abort: bool, reason: &str) -> bool {
+        let mut g = lock(&self.inner);
+        let Some(w) = g.holds.get_mut(vm) else {
+            return false;
+        };
+        if abort {
+            if w.poll == HoldPoll::Wait {
+                w.poll = HoldPoll::Abort(reason.to_owned());
+            }
+            w.stop = Some(reason.to_owned());
+        } else if w.poll == HoldPoll::Wait {
+            w.poll = HoldPoll::Go;
+        }
+        true
+    }
+
+    /// What the held migration of `vm` hears: the job's own end first.
+    pub fn poll(&self, vm: &str) -> HoldPoll {
+        if let Some(why) = self.stopped() {
+            return HoldPoll::Abort(why);
+        }
+        lock(&self.inner)
+            .holds
+            .get(vm)
+            .map_or(HoldPoll::Wait, |w| w.poll.clone())
+    }
+
+    /// Why the migration of `vm` must stop before switchover, if it must.
+    pub fn cancelled(&self, vm: &str) -> Option<String> {
+        self.stopped()
+            .or_else(|| lock(&self.inner).holds.get(vm).and_then(|w| w.stop.clone()))
+    }
+}
+
+/// Every job this agent knows.
+#[derive(Default)]
+pub struct JobBook {
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+}
+
+/// A job id: 1 to 128 letters, digits, '-', '_', '.' or ':'.
+pub fn id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+impl JobBook {
+    /// Opens `job` (or joins it, adding peers and moving its deadline
+    /// later) for `who`. Returns the job and whether it is new here. A job
+    /// that ended stays ended: it cannot be opened again.
+    pub fn open(
+        &self,
+        job: &str,
+        who: &Identity,
+        peers: &[v1::JobPeer],
+        deadline: Option<Duration>,
+    ) -> Result<(Arc<Job>, bool), AgentError> {
+        if !id_ok(job) {
+            return Err(AgentError::BadRequest(format!(
+                "job {job:?}: use 1 to 128 letters, digits, '-', '_', '.' or ':'"
+            )));
+        }
+        if peers.len() > MAX_PEERS
+            || peers
+                .iter()
+                .any(|p| !pagecast_proto::name_ok(&p.host) && !p.host.contains(':'))
+        {
+            return Err(AgentError::BadRequest(format!(
+                "job {job}: at most {MAX_PEERS} peers, each a host name"
+            )));
+        }
+        let deadline = deadline.unwrap_or(DEFAULT_DEADLINE).min(MAX_DEADLINE);
+        let mut jobs = lock(&self.jobs);
+        Self::sweep(&mut jobs);
+        if let Some(j) = jobs.get(job) {
+            if let Some(why) = j.stopped() {
+                return Err(AgentError::UnknownJob(format!(
+                    "job {job} ended here: {why}"
+                )));
+            }
+            j.add_peers(peers);
+            let mut g = lock(&j.inner);
+            g.deadline = g.deadline.max(Instant::now() + deadline);
+            drop(g);
+            return Ok((j.clone(), false));
+        }
+        if jobs.len() >= MAX_JOBS {
+            return Err(AgentError::Busy {
+                vm: String::new(),
+                state: "holding as many jobs as it may",
+            });
+        }
+        let j = Arc::new(Job {
+            id: job.to_owned(),
+            ordered_by: who.clone(),
+            inner: Mutex::new(JobInner {
+                peers: BTreeMap::new(),
+                deadline: Instant::now() + deadline,
+                state: JobState::Open,
+                ended: None,
+                slots: Vec::new(),
+                holds: HashMap::new(),
+            }),
+        });
+        j.add_peers(peers);
+        jobs.insert(job.to_owned(), j.clone());
+        Ok((j, true))
+    }
+
+    /// The open job `job`, for a request naming it; refused if unknown or
+    /// ended.
+    pub fn get(&self, job: &str) -> Result<Arc<Job>, AgentError> {
+        let j = lock(&self.jobs).get(job).cloned();
+        match j {
+            Some(j) => match j.stopped() {
+                None => Ok(j),
+                Some(why) => Err(AgentError::UnknownJob(format!(
+                    "job {job} ended here: {why}"
+                ))),
+            },
+            None if job.is_empty() => Err(AgentError::UnknownJob(
+                "the request names no job: open one with JobOpen first (pagecast migrate, \
+                 evacuate and clone do)"
+                    .into(),
+            )),
+            None => Err(AgentError::UnknownJob(format!(
+                "job {job} is not open on this agent (open it with JobOpen first)"
+            ))),
+        }
+    }
+
+    /// Job `job` whatever its state, if this agent knows it.
+    pub fn known(&self, job: &str) -> Option<Arc<Job>> {
+        lock(&self.jobs).get(job).cloned()
+    }
+
+    /// Cancels `job`: true if it was open here.
+    pub fn cancel(&self, job: &str, why: &str) -> bool {
+        self.end(job, JobState::Cancelled(why.to_owned()))
+    }
+
+    /// Closes `job`: true if it was open here.
+    pub fn close(&self, job: &str) -> bool {
+        self.end(job, JobState::Closed)
+    }
+
+    fn end(&self, job: &str, to: JobState) -> bool {
+        let Some(j) = lock(&self.jobs).get(job).cloned() else {
+            return false;
+        };
+        let mut g = lock(&j.inner);
+        if g.state != JobState::Open {
+            return false;
+        }
+        g.state = to;
+        g.ended = Some(Instant::now());
+        true
+    }
+
+    /// How many jobs are open.
+    pub fn open_count(&self) -> usize {
+        lock(&self.jobs).values().filter(|j| j.is_open()).count()
+    }
+
+    /// Forgets jobs that ended (or expired) more than [`RETAIN`] ago.
+    fn sweep(jobs: &mut HashMap<String, Arc<Job>>) {
+        let now = Instant::now();
+        jobs.retain(|_, j| {
+            let g = lock(&j.inner);
+            let ended = g.ended.or((now > g.deadline).then_some(g.deadline));
+            ended.is_none_or(|t| now.saturating_duration_since(t) < RETAIN)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagecast_channel::Role;
+
+    fn op() -> Identity {
+        Identity {
+            name: "ops".into(),
+            role: Role::Operator,
+        }
+    }
+
+    fn peer(host: &str, role: v1::JobRole) -> v1::JobPeer {
+        v1::JobPeer {
+            host: host.into(),
+            role: role as i32,
+        }
+    }
+
+    #[test]
+    fn a_job_is_known_once_opened_and_refused_once_ended() {
+        let book = JobBook::default();
+        assert!(matches!(book.get("j1"), Err(AgentError::UnknownJob(_))));
+        assert!(matches!(book.get(""), Err(AgentError::UnknownJob(_))));
+        let (j, newly) = book
+            .open("j1", &op(), &[peer("a", v1::JobRole::Source)], None)
+            .unwrap();
+        assert!(newly);
+        assert_eq!(j.ordered_by().name, "ops");
+        let (_, again) = book
+            .open("j1", &op(), &[peer("b", v1::JobRole::RackMate)], None)
+            .unwrap();
+        assert!(!again, "opening it again joins it");
+        let j = book.get("j1").unwrap();
+        assert!(j.has_peer("a", v1::JobRole::Source));
+        assert!(j.has_peer("b", v1::JobRole::RackMate));
+        assert!(!j.has_peer("a", v1::JobRole::Destination));
+        assert!(book.close("j1"));
+        assert!(!book.close("j1"), "closed once");
+        let e = book.get("j1").err().unwrap();
+        assert_eq!(e.code(), v1::RefusalCode::UnknownJob, "{e}");
+        assert!(e.to_string().contains("ended"), "{e}");
+        assert!(
+            book.open("j1", &op(), &[], None).is_err(),
+            "an ended job is not opened again"
+        );
+        assert!(book.known("j1").is_some(), "remembered after it ended");
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_has_ended_and_stops_its_migrations() {
+        let book = JobBook::default();
+        let (j, _) = book
+            .open("j2", &op(), &[], Some(Duration::from_millis(30)))
+            .unwrap();
+        j.hold("vm1");
+        assert_eq!(j.poll("vm1"), HoldPoll::Wait);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(book.get("j2").is_err());
+        assert!(matches!(j.poll("vm1"), HoldPoll::Abort(w) if w.contains("deadline")));
+        assert!(j.cancelled("vm1").is_some());
+    }
+
+    #[test]
+    fn holds_go_through_the_job_and_a_cancel_reaches_every_migration() {
+        let book = JobBook::default();
+        let (j, _) = book.open("j3", &op(), &[], None).unwrap();
+        assert!(!j.go("vm1", false, ""), "nothing held yet");
+        j.hold("vm1");
+        j.hold("vm2");
+        assert!(j.go("vm1", false, ""));
+        assert_eq!(j.poll("vm1"), HoldPoll::Go);
+        assert_eq!(j.poll("vm2"), HoldPoll::Wait);
+        // An abort after the go stops it before switchover; the go stands.
+        assert!(j.go("vm1", true, "operator"));
+        assert_eq!(j.poll("vm1"), HoldPoll::Go);
+        assert_eq!(j.cancelled("vm1").as_deref(), Some("operator"));
+        assert!(book.cancel("j3", "the job was cancelled"));
+        assert!(matches!(j.poll("vm2"), HoldPoll::Abort(_)));
+        assert!(j.cancelled("vm2").is_some());
+        assert!(!book.cancel("j3", "again"));
+        assert!(!book.cancel("unknown", "x"));
+    }
+
+    #[test]
+    fn bad_ids_and_too_many_peers_are_refused() {
+        let book = JobBook::default();
+        for bad in ["", "has space", &"x".repeat(129)] {
+            assert!(book.open(bad, &op(), &[], None).is_err(), "{bad:?}");
+        }
+        let many: Vec<v1::JobPeer> = (0..=MAX_PEERS)
+            .map(|i| peer(&format!("h{i}"), v1::JobRole::Destination))
+            .collect();
+        assert!(book.open("j4", &op(), &many, None).is_err());
+        assert!(book.open("evacuate:r1.2", &op(), &many[..2], None).is_ok());
+    }
+}
