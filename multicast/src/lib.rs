@@ -8,7 +8,7 @@
 //! ```text
 //! sender                                         receiver (each of N)
 //!   | <- TCP connect, mutual TLS (cluster CA) ------|
-//!   | <---------- CastHello {name, chain_addr, rcvbuf}
+//!   | <------ CastHello {name, job, chain_addr, rcvbuf}
 //!   | CastWelcome {id, session, session key,        |
 //!   |   groups as page ranges, fragment size} ----> |  join member groups
 //!   | <------------------------------ CastReady     |

@@ -483,6 +483,7 @@ fn receive_inner(
         name: cfg.name.clone(),
         chain_addr: chain_addr.to_string(),
         rcvbuf_bytes: rcvbuf as u64,
+        job: cfg.job.clone(),
     })))?;
     ch.set_read_timeout(Some(cfg.silent_after))?;
     let w: v1::CastFrame = ch.recv("welcome")?;

@@ -172,6 +172,88 @@ pub fn send_on(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<SendReport, CastError> {
     let total = src.pages();
+    let groups = checked_groups(cfg, groups, total)?;
+    // 1. Receivers connect and authenticate.
+    let (mut peers, refused) = accept_receivers(listener, cfg, &groups, src, tls)?;
+    // 2. The session key, groups and page list.
+    let shape = SessionShape::new(cfg, &peers)?;
+    welcome(&mut peers, &groups, src, &shape)?;
+    let (tx, rx) = mpsc::channel::<Event>();
+    std::thread::scope(|scope| -> Result<SendReport, CastError> {
+        for (i, p) in peers.iter_mut().enumerate() {
+            let reader = p.reader.take().expect("reader present");
+            let tx = tx.clone();
+            scope.spawn(move || read_peer(i, reader, tx));
+        }
+        drop(tx);
+        // 3. Wait until every receiver has joined its groups: a datagram
+        // sent before would be lost to it and cost a repair.
+        wait_ready(cfg, &mut peers, &rx);
+        // 4. Probe multicast where asked to decide. Probes take sequence
+        // numbers from the same counter as everything the sender multicasts:
+        // receivers' replay windows follow one sequence per sender.
+        let mut seq = 0u64;
+        let transport = match cfg.transport {
+            TransportChoice::Multicast => Transport::Multicast,
+            TransportChoice::Chain => Transport::Chain,
+            TransportChoice::Auto => probe(
+                cfg,
+                &groups,
+                &mut peers,
+                &rx,
+                shape.session_id,
+                &shape.key,
+                &mut seq,
+            )?,
+        };
+        start(transport, &mut peers)?;
+        // 5. The pages.
+        let report = SendReport {
+            transport,
+            pages: total,
+            page_bytes: total as u64 * PAGE_SIZE as u64,
+            bytes_first: 0,
+            bytes_repair: 0,
+            bytes_unicast: 0,
+            bytes_control: 0,
+            bytes_heartbeat: 0,
+            nacks: 0,
+            repairs: 0,
+            coded_repairs: 0,
+            datagrams: 0,
+            fragments: PAGE_SIZE.div_ceil(shape.frag) as u32,
+            pages_per_datagram: shape.pack as u32,
+            window: shape.window,
+            duration_s: 0.0,
+            refused,
+            receivers: Vec::new(),
+        };
+        let mut run = Run {
+            cfg,
+            groups: &groups,
+            src,
+            peers: &mut peers,
+            rx: &rx,
+            session_id: shape.session_id,
+            key: shape.key,
+            frag: shape.frag,
+            pack: shape.pack,
+            window: shape.window,
+            seq,
+            report,
+            started: Instant::now(),
+            progress,
+        };
+        let unicast = match transport {
+            Transport::Multicast => run.multicast(scope, tls)?,
+            Transport::Chain => run.chain(scope, tls)?,
+        };
+        Ok(run.finish(unicast))
+    })
+}
+
+/// The session's groups, checked against its pages and receivers.
+fn checked_groups(cfg: &SenderConfig, groups: Groups, total: u32) -> Result<Vec<Group>, CastError> {
     if total > MAX_CAST_PAGES {
         return Err(CastError::Config(format!(
             "{total} pages; a session carries at most {MAX_CAST_PAGES}"
@@ -181,6 +263,13 @@ pub fn send_on(
         return Err(CastError::Config(
             "a session needs at least one receiver".into(),
         ));
+    }
+    if !cfg.expected.is_empty() && cfg.expected.len() != cfg.receivers {
+        return Err(CastError::Config(format!(
+            "{} receivers expected by name, {} in all",
+            cfg.expected.len(),
+            cfg.receivers
+        )));
     }
     let groups: Vec<Group> = match groups {
         Groups::Single(addr) => vec![Group {
@@ -223,86 +312,48 @@ pub fn send_on(
             )));
         }
     }
+    Ok(groups)
+}
 
-    if !cfg.expected.is_empty() && cfg.expected.len() != cfg.receivers {
-        return Err(CastError::Config(format!(
-            "{} receivers expected by name, {} in all",
-            cfg.expected.len(),
-            cfg.receivers
-        )));
-    }
-    // 1. Receivers connect and authenticate.
+/// Waits for every receiver to connect, authenticate and say hello, until
+/// the accept timeout. Handshakes run on threads of their own, so a peer
+/// that connects and says nothing holds up no one (it is dropped at the
+/// handshake timeout). Returns the receivers in slot order and how many
+/// were refused.
+fn accept_receivers(
+    listener: TcpListener,
+    cfg: &SenderConfig,
+    groups: &[Group],
+    src: &dyn PageSource,
+    tls: &Tls,
+) -> Result<(Vec<Peer>, u64), CastError> {
     const MAX_HANDSHAKES: usize = 64;
     let mut refused = 0u64;
+    let mut refuse = || {
+        refused += 1;
+        counter!(crate::metrics::REFUSED).increment(1);
+    };
     let mut slots: Vec<Option<Peer>> = (0..cfg.receivers).map(|_| None).collect();
     let mut connected = 0usize;
     let deadline = Instant::now() + cfg.accept_timeout;
     listener
         .set_nonblocking(true)
         .map_err(CastError::io("control listener"))?;
-    // Handshakes run on their own threads, so a peer that connects and says
-    // nothing holds up no one (it is dropped at the handshake timeout).
-    let (hs_tx, hs_rx) = std::sync::mpsc::channel::<Result<(Channel, v1::CastHello), CastError>>();
+    let (hs_tx, hs_rx) = mpsc::channel::<Result<(Channel, v1::CastHello), CastError>>();
     let mut in_flight = 0usize;
     while connected < cfg.receivers {
         while let Ok(res) = hs_rx.try_recv() {
             in_flight -= 1;
-            match res {
-                Ok((ch, hello)) => {
-                    // By name where the caller named them, else in
-                    // order of arrival.
-                    let idx = if cfg.expected.is_empty() {
-                        connected
-                    } else {
-                        match cfg.expected.iter().position(|n| *n == hello.name) {
-                            Some(i) if slots[i].is_none() => i,
-                            _ => {
-                                refused += 1;
-                                counter!(crate::metrics::REFUSED).increment(1);
-                                continue;
-                            }
-                        }
-                    };
-                    let member: Vec<usize> = (0..groups.len())
-                        .filter(|&g| groups[g].members.contains(&idx))
-                        .collect();
-                    let mut pages: Vec<u32> = member
-                        .iter()
-                        .flat_map(|&g| groups[g].pages.iter().copied())
-                        .collect();
-                    pages.sort_unstable();
-                    pages.dedup();
-                    let (reader, writer) = ch.split()?;
+            let Ok((ch, hello)) = res else {
+                refuse();
+                continue;
+            };
+            match slot_of(cfg, &slots, connected, &hello) {
+                Some(idx) => {
+                    slots[idx] = Some(new_peer(idx, ch, hello, groups, src)?);
                     connected += 1;
-                    slots[idx] = Some(Peer {
-                        id: idx as u32 + 1,
-                        name: hello.name,
-                        addr: writer.peer().to_owned(),
-                        chain_addr: hello.chain_addr,
-                        rcvbuf: hello.rcvbuf_bytes,
-                        writer: Some(writer),
-                        reader: Some(reader),
-                        state: State::Live,
-                        contiguous: vec![0; groups.len()],
-                        last_heard: Instant::now(),
-                        lagging_since: None,
-                        digest: digest(
-                            pages
-                                .iter()
-                                .map(|&p| src.entry(p))
-                                .collect::<Vec<_>>()
-                                .iter(),
-                        ),
-                        groups: member,
-                        pages,
-                        unicast_pages: 0,
-                        counters: ReceiverCounters::default(),
-                    });
                 }
-                Err(_) => {
-                    refused += 1;
-                    counter!(crate::metrics::REFUSED).increment(1);
-                }
+                None => refuse(),
             }
         }
         if connected >= cfg.receivers {
@@ -311,8 +362,7 @@ pub fn send_on(
         match listener.accept() {
             Ok((stream, _)) => {
                 if in_flight >= MAX_HANDSHAKES {
-                    refused += 1;
-                    counter!(crate::metrics::REFUSED).increment(1);
+                    refuse();
                     continue;
                 }
                 let _ = stream.set_nonblocking(false);
@@ -335,43 +385,131 @@ pub fn send_on(
             Err(e) => return Err(CastError::io("accepting a receiver")(e)),
         }
     }
-    drop(listener);
-    let mut peers: Vec<Peer> = slots
+    let peers = slots
         .into_iter()
         .map(|p| p.expect("every slot filled"))
         .collect();
+    Ok((peers, refused))
+}
 
-    // 2. The session key, groups and page list.
-    let mut session_key = [0u8; 32];
-    random_bytes(&mut session_key)?;
-    let mut sid = [0u8; 8];
-    random_bytes(&mut sid)?;
-    let session_id = u64::from_be_bytes(sid);
-    let mtu = match cfg.mtu {
-        Some(m) => m,
-        None => socket::interface_mtu(cfg.iface)
-            .map_err(CastError::io(format!("finding the MTU of {}", cfg.iface)))?,
-    };
-    let largest = fragment_payload(mtu);
-    if largest < crate::wire::MIN_FRAGMENT {
-        return Err(CastError::Config(format!(
-            "MTU {mtu} is too small to carry pages"
-        )));
+/// The slot a receiver's hello takes: by name where the caller named
+/// them, else in order of arrival. `None` refuses it (another job's
+/// receiver, a name not expected, or a slot already taken).
+fn slot_of(
+    cfg: &SenderConfig,
+    slots: &[Option<Peer>],
+    connected: usize,
+    hello: &v1::CastHello,
+) -> Option<usize> {
+    if !cfg.job.is_empty() && hello.job != cfg.job {
+        return None;
     }
-    // Fragments of equal size (the last padded), so every data datagram of
-    // a session has one length and batches go out with GSO.
-    let frag = PAGE_SIZE.div_ceil(PAGE_SIZE.div_ceil(largest));
-    // Whole pages per datagram where the MTU allows more than one.
-    let pack = if frag == PAGE_SIZE {
-        crate::wire::pages_per_datagram(mtu).max(1)
-    } else {
-        1
-    };
-    // Keep the pages in flight within the smallest receive buffer (with a
-    // quarter spare for repairs and heartbeats).
-    let smallest = peers.iter().map(|p| p.rcvbuf).min().unwrap_or(0) as usize;
-    let fits = (smallest * 3 / 4 / socket::page_cost(frag, pack)).max(16) as u32;
-    let window = cfg.window.min(fits);
+    if cfg.expected.is_empty() {
+        return Some(connected);
+    }
+    match cfg.expected.iter().position(|n| *n == hello.name) {
+        Some(i) if slots[i].is_none() => Some(i),
+        _ => None,
+    }
+}
+
+/// Receiver `idx` as its hello introduced it: its groups, pages and the
+/// digest it must end with.
+fn new_peer(
+    idx: usize,
+    ch: Channel,
+    hello: v1::CastHello,
+    groups: &[Group],
+    src: &dyn PageSource,
+) -> Result<Peer, CastError> {
+    let member: Vec<usize> = (0..groups.len())
+        .filter(|&g| groups[g].members.contains(&idx))
+        .collect();
+    let mut pages: Vec<u32> = member
+        .iter()
+        .flat_map(|&g| groups[g].pages.iter().copied())
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    let (reader, writer) = ch.split()?;
+    let entries: Vec<_> = pages.iter().map(|&p| src.entry(p)).collect();
+    Ok(Peer {
+        id: idx as u32 + 1,
+        name: hello.name,
+        addr: writer.peer().to_owned(),
+        chain_addr: hello.chain_addr,
+        rcvbuf: hello.rcvbuf_bytes,
+        writer: Some(writer),
+        reader: Some(reader),
+        state: State::Live,
+        contiguous: vec![0; groups.len()],
+        last_heard: Instant::now(),
+        lagging_since: None,
+        digest: digest(entries.iter()),
+        groups: member,
+        pages,
+        unicast_pages: 0,
+        counters: ReceiverCounters::default(),
+    })
+}
+
+/// What every datagram of a session shares: its key and id, fragment
+/// size, pages per datagram, and the window of pages in flight.
+struct SessionShape {
+    key: [u8; 32],
+    session_id: u64,
+    frag: usize,
+    pack: usize,
+    window: u32,
+}
+
+impl SessionShape {
+    fn new(cfg: &SenderConfig, peers: &[Peer]) -> Result<SessionShape, CastError> {
+        let mut key = [0u8; 32];
+        random_bytes(&mut key)?;
+        let mut sid = [0u8; 8];
+        random_bytes(&mut sid)?;
+        let mtu = match cfg.mtu {
+            Some(m) => m,
+            None => socket::interface_mtu(cfg.iface)
+                .map_err(CastError::io(format!("finding the MTU of {}", cfg.iface)))?,
+        };
+        let largest = fragment_payload(mtu);
+        if largest < crate::wire::MIN_FRAGMENT {
+            return Err(CastError::Config(format!(
+                "MTU {mtu} is too small to carry pages"
+            )));
+        }
+        // Fragments of equal size (the last padded), so every data datagram
+        // of a session has one length and batches go out with GSO.
+        let frag = PAGE_SIZE.div_ceil(PAGE_SIZE.div_ceil(largest));
+        // Whole pages per datagram where the MTU allows more than one.
+        let pack = if frag == PAGE_SIZE {
+            crate::wire::pages_per_datagram(mtu).max(1)
+        } else {
+            1
+        };
+        // Keep the pages in flight within the smallest receive buffer (with
+        // a quarter spare for repairs and heartbeats).
+        let smallest = peers.iter().map(|p| p.rcvbuf).min().unwrap_or(0) as usize;
+        let fits = (smallest * 3 / 4 / socket::page_cost(frag, pack)).max(16) as u32;
+        Ok(SessionShape {
+            key,
+            session_id: u64::from_be_bytes(sid),
+            frag,
+            pack,
+            window: cfg.window.min(fits),
+        })
+    }
+}
+
+/// Hands each receiver the session key, its groups and the page list.
+fn welcome(
+    peers: &mut [Peer],
+    groups: &[Group],
+    src: &dyn PageSource,
+    shape: &SessionShape,
+) -> Result<(), CastError> {
     for (idx, p) in peers.iter_mut().enumerate() {
         let w = p
             .writer
@@ -380,160 +518,99 @@ pub fn send_on(
         w.send(&frame(v1::cast_frame::Body::Welcome(v1::CastWelcome {
             version: WIRE_VERSION as i32,
             receiver_id: p.id,
-            session_id,
-            session_key: session_key.to_vec().into(),
-            fragment_payload: frag as u32,
-            total_pages: total,
-            groups: welcome_groups(&groups, idx),
+            session_id: shape.session_id,
+            session_key: shape.key.to_vec().into(),
+            fragment_payload: shape.frag as u32,
+            total_pages: src.pages(),
+            groups: welcome_groups(groups, idx),
             image_frames: src.frames(),
         })))?;
     }
-    let (tx, rx) = mpsc::channel::<Event>();
-    std::thread::scope(|scope| -> Result<SendReport, CastError> {
-        for (i, p) in peers.iter_mut().enumerate() {
-            let mut reader = p.reader.take().expect("reader present");
-            let tx = tx.clone();
-            scope.spawn(move || {
-                loop {
-                    let ev = match reader.recv::<v1::CastFrame>("cast frame") {
-                        Ok(v1::CastFrame {
-                            body: Some(v1::cast_frame::Body::Progress(x)),
-                        }) => Event::Progress(i, x),
-                        Ok(v1::CastFrame {
-                            body: Some(v1::cast_frame::Body::Done(x)),
-                        }) => Event::Done(i, x),
-                        Ok(v1::CastFrame {
-                            body: Some(v1::cast_frame::Body::ProbeResult(x)),
-                        }) => Event::Probe(i, x),
-                        Ok(v1::CastFrame {
-                            body: Some(v1::cast_frame::Body::Ready(_)),
-                        }) => Event::Ready(i),
-                        Ok(other) => Event::Closed(i, format!("unexpected frame {other:?}")),
-                        Err(e) => Event::Closed(i, e.to_string()),
-                    };
-                    let last = matches!(ev, Event::Closed(..));
-                    if tx.send(ev).is_err() || last {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(tx);
+    Ok(())
+}
 
-        // 3. Wait until every receiver has joined its groups: a datagram
-        // sent before would be lost to it and cost a repair.
-        let mut ready = vec![false; peers.len()];
-        let deadline = Instant::now() + cfg.silent_after;
-        while ready.iter().any(|r| !r) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(Event::Ready(i)) => ready[i] = true,
-                Ok(Event::Closed(i, why)) => {
-                    peers[i].state = State::Dropped(format!("left before the start: {why}"));
-                    ready[i] = true;
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    for (i, r) in ready.iter_mut().enumerate() {
-                        if !*r {
-                            peers[i].state =
-                                State::Dropped(format!("not ready within {:?}", cfg.silent_after));
-                            if let Some(w) = &peers[i].writer {
-                                w.shutdown();
-                            }
-                            *r = true;
-                        }
-                    }
-                }
-            }
-        }
-
-        // 4. Probe multicast where asked to decide. Probes take sequence
-        // numbers from the same counter as everything the sender multicasts:
-        // receivers' replay windows follow one sequence per sender.
-        let mut seq = 0u64;
-        let transport = match cfg.transport {
-            TransportChoice::Multicast => Transport::Multicast,
-            TransportChoice::Chain => Transport::Chain,
-            TransportChoice::Auto => probe(
-                cfg,
-                &groups,
-                &mut peers,
-                &rx,
-                session_id,
-                &session_key,
-                &mut seq,
-            )?,
-        };
-        // The chain runs through the receivers still in the session.
-        let live: Vec<usize> = (0..peers.len())
-            .filter(|&i| peers[i].state == State::Live)
-            .collect();
-        if transport == Transport::Chain && live.iter().any(|&i| peers[i].chain_addr.is_empty()) {
-            return Err(CastError::Config(
-                "a receiver offered no chain address".into(),
-            ));
-        }
-        for (k, &i) in live.iter().enumerate() {
-            let next = match (transport, live.get(k + 1)) {
-                (Transport::Chain, Some(&n)) => peers[n].chain_addr.clone(),
-                _ => String::new(),
-            };
-            let p = &mut peers[i];
-            let start = frame(v1::cast_frame::Body::Start(v1::CastStart {
-                transport: match transport {
-                    Transport::Multicast => v1::CastTransport::Multicast as i32,
-                    Transport::Chain => v1::CastTransport::Chain as i32,
-                },
-                chain_next: next,
-            }));
-            if let Err(e) = p.writer.as_mut().expect("writer").send(&start) {
-                p.state = State::Dropped(format!("lost before the start: {e}"));
-            }
-            p.last_heard = Instant::now();
-        }
-
-        let mut run = Run {
-            cfg,
-            groups: &groups,
-            src,
-            peers: &mut peers,
-            rx: &rx,
-            session_id,
-            key: session_key,
-            frag,
-            pack,
-            window,
-            seq,
-            report: SendReport {
-                transport,
-                pages: total,
-                page_bytes: total as u64 * PAGE_SIZE as u64,
-                bytes_first: 0,
-                bytes_repair: 0,
-                bytes_unicast: 0,
-                bytes_control: 0,
-                bytes_heartbeat: 0,
-                nacks: 0,
-                repairs: 0,
-                coded_repairs: 0,
-                datagrams: 0,
-                fragments: PAGE_SIZE.div_ceil(frag) as u32,
-                pages_per_datagram: pack as u32,
-                window,
-                duration_s: 0.0,
-                refused,
-                receivers: Vec::new(),
+/// Passes receiver `i`'s frames on as events until it closes.
+fn read_peer(i: usize, mut reader: ChannelReader, tx: mpsc::Sender<Event>) {
+    use v1::cast_frame::Body as F;
+    loop {
+        let ev = match reader.recv::<v1::CastFrame>("cast frame") {
+            Ok(v1::CastFrame { body: Some(b) }) => match b {
+                F::Progress(x) => Event::Progress(i, x),
+                F::Done(x) => Event::Done(i, x),
+                F::ProbeResult(x) => Event::Probe(i, x),
+                F::Ready(_) => Event::Ready(i),
+                other => Event::Closed(i, format!("unexpected frame {other:?}")),
             },
-            started: Instant::now(),
-            progress,
+            Ok(other) => Event::Closed(i, format!("unexpected frame {other:?}")),
+            Err(e) => Event::Closed(i, e.to_string()),
         };
-        let unicast = match transport {
-            Transport::Multicast => run.multicast(scope, tls)?,
-            Transport::Chain => run.chain(scope, tls)?,
+        let last = matches!(ev, Event::Closed(..));
+        if tx.send(ev).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Waits until every receiver says it is ready, or has left, or its time
+/// (the silence limit) is up; the late are dropped.
+fn wait_ready(cfg: &SenderConfig, peers: &mut [Peer], rx: &mpsc::Receiver<Event>) {
+    let mut ready = vec![false; peers.len()];
+    let deadline = Instant::now() + cfg.silent_after;
+    while ready.iter().any(|r| !r) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Event::Ready(i)) => ready[i] = true,
+            Ok(Event::Closed(i, why)) => {
+                peers[i].state = State::Dropped(format!("left before the start: {why}"));
+                ready[i] = true;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                for (i, r) in ready.iter_mut().enumerate() {
+                    if !*r {
+                        peers[i].state =
+                            State::Dropped(format!("not ready within {:?}", cfg.silent_after));
+                        if let Some(w) = &peers[i].writer {
+                            w.shutdown();
+                        }
+                        *r = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Tells each live receiver the transport and, on a chain, whom it
+/// forwards to (the chain runs through the receivers still in the session).
+fn start(transport: Transport, peers: &mut [Peer]) -> Result<(), CastError> {
+    let live: Vec<usize> = (0..peers.len())
+        .filter(|&i| peers[i].state == State::Live)
+        .collect();
+    if transport == Transport::Chain && live.iter().any(|&i| peers[i].chain_addr.is_empty()) {
+        return Err(CastError::Config(
+            "a receiver offered no chain address".into(),
+        ));
+    }
+    for (k, &i) in live.iter().enumerate() {
+        let next = match (transport, live.get(k + 1)) {
+            (Transport::Chain, Some(&n)) => peers[n].chain_addr.clone(),
+            _ => String::new(),
         };
-        Ok(run.finish(unicast))
-    })
+        let p = &mut peers[i];
+        let start = frame(v1::cast_frame::Body::Start(v1::CastStart {
+            transport: match transport {
+                Transport::Multicast => v1::CastTransport::Multicast as i32,
+                Transport::Chain => v1::CastTransport::Chain as i32,
+            },
+            chain_next: next,
+        }));
+        if let Err(e) = p.writer.as_mut().expect("writer").send(&start) {
+            p.state = State::Dropped(format!("lost before the start: {e}"));
+        }
+        p.last_heard = Instant::now();
+    }
+    Ok(())
 }
 
 fn frame(body: v1::cast_frame::Body) -> v1::CastFrame {

@@ -115,6 +115,9 @@ pub struct SenderConfig {
     /// Receivers by name, in the order group plans number them (empty:
     /// numbered in order of arrival). Others are refused.
     pub expected: Vec<String>,
+    /// The job the session belongs to: a receiver whose hello names
+    /// another is refused (empty: any).
+    pub job: String,
 }
 
 impl SenderConfig {
@@ -134,6 +137,7 @@ impl SenderConfig {
             silent_after: Duration::from_secs(5),
             name: "pagecast-sender".into(),
             expected: Vec::new(),
+            job: String::new(),
         }
     }
 }
@@ -155,6 +159,9 @@ pub struct ReceiverConfig {
     /// if its hash under one of these keys matches (one key, usually; a gang
     /// job's receiver lists the domains of the VMs it fills).
     pub content_keys: Vec<ContentKey>,
+    /// The job its hello names (the sender refuses another job's
+    /// receivers).
+    pub job: String,
 }
 
 impl ReceiverConfig {
@@ -167,6 +174,7 @@ impl ReceiverConfig {
             ttl: 1,
             silent_after: Duration::from_secs(10),
             content_keys: vec![ContentKey::CLUSTER],
+            job: String::new(),
         }
     }
 }

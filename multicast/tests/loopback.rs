@@ -470,6 +470,42 @@ fn receivers_of_another_ca_or_without_the_host_role_are_refused() {
     });
 }
 
+/// A session belongs to one job: a host whose hello names another job
+/// (or none) is refused, however real its certificate.
+#[test]
+fn receivers_of_another_job_are_refused() {
+    if !needs(
+        "receivers_of_another_job_are_refused",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    let (control, group) = endpoints();
+    let src = Source::new(100);
+    let mut cfg = SenderConfig::new(control, LO, 1);
+    cfg.transport = TransportChoice::Multicast;
+    cfg.job = "job-a".into();
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        for job in ["job-b", ""] {
+            let mut rc = ReceiverConfig::new(control, LO, "member");
+            rc.job = job.into();
+            let mut sink = Sink::default();
+            receive(&rc, &tls(), &mut sink, &|_, _| {}).unwrap_err();
+            assert!(sink.got.is_empty(), "a receiver of job {job:?} got pages");
+        }
+        let mut rc = ReceiverConfig::new(control, LO, "member");
+        rc.job = "job-a".into();
+        let mut sink = Sink::default();
+        receive(&rc, &tls(), &mut sink, &|_, _| {}).unwrap();
+        check_sink(&sink, &src, &(0..100).collect::<Vec<_>>());
+        let report = sender.join().unwrap().unwrap();
+        assert_eq!(report.refused, 2);
+        assert_eq!(report.receivers.len(), 1);
+    });
+}
+
 #[test]
 fn forged_replayed_and_truncated_datagrams_are_dropped_and_counted() {
     if !needs(

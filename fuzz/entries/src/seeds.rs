@@ -143,6 +143,7 @@ fn control_frame() -> Vec<Vec<u8>> {
     let content = v1::AgentRequest {
         body: Some(v1::agent_request::Body::VmContent(v1::VmContentRequest {
             name: "web1".into(),
+            job: String::new(),
         })),
     };
     let begin = v1::MigrateFrame {

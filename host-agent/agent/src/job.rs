@@ -80,6 +80,7 @@ impl SlotEvents for JobSlots<'_> {
         let mut cfg = ReceiverConfig::new(control, self.agent.cast_iface(), self.agent.name());
         cfg.silent_after = Duration::from_secs(10);
         cfg.content_keys = vec![*slot.key()];
+        cfg.job = self.job.id().to_owned();
         if by_frame {
             let mut sink = FrameSink {
                 slot: slot.clone(),
@@ -224,6 +225,7 @@ impl pagecast_migrate::Caster for AgentCaster<'_> {
         let mut cfg = SenderConfig::new(control, iface, receivers.len());
         cfg.name = self.agent.name().to_owned();
         cfg.expected = receivers.to_vec();
+        cfg.job = self.job.clone();
         cfg.rate_bps = self.rate_bps;
         cfg.accept_timeout = Duration::from_secs(10);
         let rep = pagecast_multicast::send_on(
@@ -604,6 +606,7 @@ pub fn cast_send(
     let mut cfg = SenderConfig::new(control, iface, r.receivers.len());
     cfg.name = agent.name().to_owned();
     cfg.expected = r.receivers.clone();
+    cfg.job = r.job.clone();
     cfg.rate_bps = (r.rate_bps > 0).then_some(r.rate_bps);
     cfg.accept_timeout = Duration::from_secs(20);
     cfg.transport = match v1::CastTransport::try_from(r.transport) {
@@ -661,6 +664,7 @@ pub fn cast_recv(
     let slots = job.slots();
     let mut cfg = ReceiverConfig::new(control, agent.cast_iface(), agent.name());
     cfg.silent_after = Duration::from_secs(10);
+    cfg.job = r.job.clone();
     // Pages are checked in the domains of the VMs they may fill.
     let mut keys: Vec<ContentKey> = Vec::new();
     for s in &slots {

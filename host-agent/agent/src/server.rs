@@ -20,6 +20,8 @@ use crate::{Agent, AgentConfig, AgentError};
 use pagecast_channel::AsyncChannel;
 use pagecast_migrate::{ChannelLink, MigrationError, Progress};
 
+mod requests;
+
 type Resp = v1::agent_response::Body;
 
 /// How long a client has to send its request once authenticated.
@@ -247,39 +249,6 @@ async fn in_doubt_resolver(agent: Arc<Agent>) {
     }
 }
 
-/// Runs a cast at its sender for a client: where receivers connect, then
-/// the cast's result.
-async fn cast_send(agent: &Arc<Agent>, ch: AsyncChannel, r: v1::CastSendRequest, peer: &str) {
-    let mut ch = match ch.into_blocking() {
-        Ok(ch) => ch,
-        Err(e) => return warn!("cast request from {peer}: {e}"),
-    };
-    let a = agent.clone();
-    let span = info_span!("cast", job = %r.job, role = "sender");
-    let _ = tokio::task::spawn_blocking(move || {
-        span.in_scope(|| {
-            let res = crate::job::cast_send(&a, &r, &mut |b| send_blocking(&mut ch, b));
-            let body = match res {
-                Ok(c) => {
-                    if c.ok {
-                        info!("cast for job {} sent, {} bytes", r.job, c.bytes_sent);
-                    } else {
-                        warn!(
-                            "cast for job {} failed: {}",
-                            r.job,
-                            pagecast_proto::refusal_text(&c.error)
-                        );
-                    }
-                    Resp::CastResult(c)
-                }
-                Err(e) => Resp::Error(e.to_proto()),
-            };
-            let _ = send_blocking(&mut ch, body);
-        })
-    })
-    .await;
-}
-
 /// A job id for a migration whose request named none.
 fn implicit_job(vm: &str) -> String {
     let ms = std::time::SystemTime::now()
@@ -332,7 +301,20 @@ fn allowed(body: &v1::agent_request::Body) -> (&'static [Role], &'static str) {
     }
 }
 
+/// Serves one connection: admits its request, then hands it to its
+/// handler.
 async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slot) {
+    if let Some((call, body)) = admit(agent, stream).await {
+        requests::dispatch(call, body).await;
+    }
+}
+
+/// Authenticates a connection, reads its one request and checks that the
+/// caller's role may make it; refusals are answered and counted here.
+async fn admit(
+    agent: Arc<Agent>,
+    stream: tokio::net::TcpStream,
+) -> Option<(requests::Call, v1::agent_request::Body)> {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
@@ -341,341 +323,59 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
         Err(e) => {
             counter!(crate::metrics::REFUSED).increment(1);
             warn!("refused {peer}: {e}");
-            return;
+            return None;
         }
     };
-    let req: v1::AgentRequest = match ch.recv("request", REQUEST_TIMEOUT).await {
-        Ok(r) => r,
+    let body = match ch
+        .recv::<v1::AgentRequest>("request", REQUEST_TIMEOUT)
+        .await
+    {
+        Ok(v1::AgentRequest { body: Some(b) }) => b,
+        Ok(v1::AgentRequest { body: None }) => {
+            counter!(crate::metrics::BAD_REQUESTS).increment(1);
+            let why = "malformed request: it names no operation";
+            reply(&mut ch, error(RefusalCode::Invalid, why)).await;
+            return None;
+        }
         Err(e) => {
             counter!(crate::metrics::BAD_REQUESTS).increment(1);
             warn!("bad request from {} ({peer}): {e}", ch.peer_name());
             if !matches!(e, AuthError::Closed { .. } | AuthError::Io { .. }) {
-                reply(
-                    &mut ch,
-                    error(RefusalCode::Invalid, format!("malformed request: {e}")),
-                )
-                .await;
+                let why = format!("malformed request: {e}");
+                reply(&mut ch, error(RefusalCode::Invalid, why)).await;
             }
-            return;
+            return None;
         }
     };
-    let Some(body) = req.body else {
-        counter!(crate::metrics::BAD_REQUESTS).increment(1);
-        reply(
-            &mut ch,
-            error(
-                RefusalCode::Invalid,
-                "malformed request: it names no operation",
-            ),
-        )
-        .await;
-        return;
-    };
-    use v1::agent_request::Body as B;
-    let (roles, what) = allowed(&body);
     let who = ch.identity().clone();
-    let forbidden = if !roles.contains(&who.role) {
-        Some(format!("{who} may not {what}"))
-    } else if let B::Incoming(v1::MigrateIncoming { source, .. }) = &body
-        && *source != who.name
-    {
-        Some(format!("{who} may not migrate a VM in as host {source:?}"))
-    } else {
-        None
-    };
-    if let Some(why) = forbidden {
+    if let Some(why) = forbidden(&who, &body) {
         counter!(crate::metrics::FORBIDDEN).increment(1);
         warn!("refused a request from {peer}: {why}");
         reply(&mut ch, error(RefusalCode::Forbidden, why)).await;
-        return;
+        return None;
+    }
+    let call = requests::Call {
+        agent,
+        ch,
+        who,
+        peer,
+    };
+    Some((call, body))
+}
+
+/// Why `who` may not make request `body`, if it may not.
+fn forbidden(who: &pagecast_channel::Identity, body: &v1::agent_request::Body) -> Option<String> {
+    let (roles, what) = allowed(body);
+    if !roles.contains(&who.role) {
+        return Some(format!("{who} may not {what}"));
     }
     match body {
-        B::Whereabouts(q) => {
-            if agent.jobs().known(&q.job).is_none() {
-                // Answered all the same: jobs do not outlive a restart, and
-                // a VM in doubt must be settled after one.
-                debug!(
-                    "{who} asks about VM {:?} of job {:?}, unknown here",
-                    q.vm, q.job
-                );
-            }
-            let state = agent.whereabouts(&q.vm);
-            info!(
-                "{who} asked where VM {:?} stands: {}",
-                q.vm,
-                state.as_str_name()
-            );
-            reply(
-                &mut ch,
-                Resp::Whereabouts(v1::VmWhereaboutsAnswer {
-                    state: state as i32,
-                }),
-            )
-            .await;
+        v1::agent_request::Body::Incoming(v1::MigrateIncoming { source, .. })
+            if *source != who.name =>
+        {
+            Some(format!("{who} may not migrate a VM in as host {source:?}"))
         }
-        B::VmList(_) => {
-            let a = agent.clone();
-            let list = tokio::task::spawn_blocking(move || a.vm_list()).await;
-            reply(
-                &mut ch,
-                list.map_or_else(|e| error(RefusalCode::Internal, e), Resp::List),
-            )
-            .await;
-        }
-        B::VmStart(r) => {
-            let a = agent.clone();
-            let who = ch.peer_name().to_owned();
-            let name = r.name.clone();
-            let res = tokio::task::spawn_blocking(move || a.vm_start(&r)).await;
-            let body = match res {
-                Ok(Ok(info)) => {
-                    info!("started VM {} ({}) for {who}", info.name, info.origin);
-                    Resp::Vm(info)
-                }
-                Ok(Err(e)) => {
-                    warn!("could not start VM {name:?}: {e}");
-                    Resp::Error(e.to_proto())
-                }
-                Err(e) => error(RefusalCode::Internal, e),
-            };
-            reply(&mut ch, body).await;
-        }
-        B::VmSet(r) => {
-            let a = agent.clone();
-            let res = tokio::task::spawn_blocking(move || a.vm_set(&r)).await;
-            let body = match res {
-                Ok(Ok(info)) => Resp::Vm(info),
-                Ok(Err(e)) => Resp::Error(e.to_proto()),
-                Err(e) => error(RefusalCode::Internal, e),
-            };
-            reply(&mut ch, body).await;
-        }
-        B::Audit(r) => {
-            let a = agent.clone();
-            let res = tokio::task::spawn_blocking(move || a.audit(r.shards, r.ledger_only)).await;
-            reply(
-                &mut ch,
-                res.map_or_else(|e| error(RefusalCode::Internal, e), Resp::Audit),
-            )
-            .await;
-        }
-        B::VmStop(r) => {
-            let a = agent.clone();
-            let res = tokio::task::spawn_blocking(move || a.vm_stop(&r.name)).await;
-            let body = match res {
-                Ok(Ok(info)) => {
-                    info!("stopped VM {}", info.name);
-                    Resp::Vm(info)
-                }
-                Ok(Err(e)) => Resp::Error(e.to_proto()),
-                Err(e) => error(RefusalCode::Internal, e),
-            };
-            reply(&mut ch, body).await;
-        }
-        B::VmAdopt(r) => {
-            let a = agent.clone();
-            let res = tokio::task::spawn_blocking(move || a.vm_adopt(&r)).await;
-            let body = match res {
-                Ok(Ok(info)) => Resp::Vm(info),
-                Ok(Err(e)) => Resp::Error(e.to_proto()),
-                Err(e) => error(RefusalCode::Internal, e),
-            };
-            reply(&mut ch, body).await;
-        }
-        B::Migrate(mut r) => {
-            // Starts (or joins) the job at the source. A request naming none
-            // runs as a job of its own here, which its destination refuses
-            // unless told of it (`pagecast migrate` tells it).
-            if r.job.is_empty() {
-                r.job = implicit_job(&r.vm);
-            }
-            let peers = [job_peer(&r.to, v1::JobRole::Destination)];
-            let job = match agent.jobs().open(&r.job, &who, &peers, None) {
-                Ok((j, _)) => j,
-                Err(e) => return reply(&mut ch, Resp::Error(e.to_proto())).await,
-            };
-            match ch.into_blocking() {
-                Ok(ch) => {
-                    let a = agent.clone();
-                    let span = info_span!("migration", vm = %r.vm, to = %r.to, job = %r.job, role = "source");
-                    let _ = tokio::task::spawn_blocking(move || {
-                        span.in_scope(|| migrate_out(&a, ch, r, job))
-                    })
-                    .await;
-                }
-                Err(e) => warn!("migration request from {peer}: {e}"),
-            }
-        }
-        B::Clone(r) => {
-            let peers: Vec<v1::JobPeer> = r
-                .targets
-                .iter()
-                .map(|t| job_peer(&t.addr, v1::JobRole::Destination))
-                .collect();
-            if let Err(e) = agent.jobs().open(&r.job, &who, &peers, None) {
-                return reply(&mut ch, Resp::Error(e.to_proto())).await;
-            }
-            match ch.into_blocking() {
-                Ok(ch) => {
-                    let a = agent.clone();
-                    let span = info_span!("clone", vm = %r.vm, job = %r.job);
-                    let _ = tokio::task::spawn_blocking(move || {
-                        span.in_scope(|| clone_out(&a, ch, &r))
-                    })
-                    .await;
-                }
-                Err(e) => warn!("clone request from {peer}: {e}"),
-            }
-        }
-        B::JobOpen(r) => {
-            let body = match agent.open_job(&r, &who) {
-                Ok(newly) => {
-                    if newly {
-                        info!(
-                            "job {} opened by {who} with {} peer(s)",
-                            r.job,
-                            r.peers.len()
-                        );
-                    }
-                    Resp::JobOpened(v1::JobOpened { newly })
-                }
-                Err(e) => Resp::Error(e.to_proto()),
-            };
-            reply(&mut ch, body).await;
-        }
-        B::JobClose(r) => {
-            let newly = agent.jobs().close(&r.job);
-            if newly {
-                info!("job {} closed by {who}", r.job);
-            }
-            reply(&mut ch, Resp::JobOpened(v1::JobOpened { newly })).await;
-        }
-        B::CancelJob(r) => {
-            let newly = agent.cancel_job(&r.job);
-            if newly {
-                info!("job {} cancelled", r.job);
-            }
-            reply(&mut ch, Resp::Cancelled(v1::JobCancelled { newly })).await;
-        }
-        B::Go(g) => {
-            // Alone, a go names its job and VM.
-            let body = match agent.jobs().get(&g.job) {
-                Ok(j) if j.go(&g.vm, g.abort, &g.reason) => Resp::GoTaken(v1::GoTaken {}),
-                Ok(_) => error(
-                    RefusalCode::NotFound,
-                    format!("job {}: no migration of VM {:?} is held here", g.job, g.vm),
-                ),
-                Err(e) => Resp::Error(e.to_proto()),
-            };
-            reply(&mut ch, body).await;
-        }
-        B::VmContent(r) => match ch.into_blocking() {
-            Ok(mut ch) => {
-                let a = agent.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    match crate::job::vm_content(&a, &r.name) {
-                        Ok(parts) => {
-                            for p in parts {
-                                if send_blocking(&mut ch, Resp::Content(p)).is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let _ = send_blocking(&mut ch, Resp::Error(e.to_proto()));
-                        }
-                    }
-                })
-                .await;
-            }
-            Err(e) => warn!("content request from {peer}: {e}"),
-        },
-        B::CastSend(r) => {
-            let peers: Vec<v1::JobPeer> = r
-                .receivers
-                .iter()
-                .map(|h| job_peer(h, v1::JobRole::Destination))
-                .collect();
-            if let Err(e) = agent.jobs().open(&r.job, &who, &peers, None) {
-                return reply(&mut ch, Resp::Error(e.to_proto())).await;
-            }
-            cast_send(&agent, ch, r, &peer).await;
-        }
-        B::CastRecv(r) => {
-            let job = match agent.jobs().get(&r.job) {
-                Ok(j) => j,
-                Err(e) => return reply(&mut ch, Resp::Error(e.to_proto())).await,
-            };
-            let a = agent.clone();
-            let span = info_span!("cast", job = %r.job, role = "receiver");
-            let res = tokio::task::spawn_blocking(move || {
-                span.in_scope(|| crate::job::cast_recv(&a, &job, &r))
-            })
-            .await;
-            let body = match res {
-                Ok(Ok(c)) => Resp::CastResult(c),
-                Ok(Err(e)) => Resp::Error(e.to_proto()),
-                Err(e) => error(RefusalCode::Internal, e),
-            };
-            reply(&mut ch, body).await;
-        }
-        B::Fetch(r) => {
-            let job = match agent.jobs().get(&r.job) {
-                Ok(j) => j,
-                Err(e) => return reply(&mut ch, Resp::Error(e.to_proto())).await,
-            };
-            let a = agent.clone();
-            let res = tokio::task::spawn_blocking(move || crate::job::fetch(&a, &job, &r)).await;
-            let body = match res {
-                Ok(f) => Resp::FetchResult(f),
-                Err(e) => error(RefusalCode::Internal, e),
-            };
-            reply(&mut ch, body).await;
-        }
-        B::FetchPages(r) => match ch.into_blocking() {
-            Ok(mut ch) => {
-                let a = agent.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    // One connection may ask several times, a list at a time.
-                    let mut next = Some(r);
-                    while let Some(r) = next.take() {
-                        let served = a
-                            .jobs()
-                            .get(&r.job)
-                            .and_then(|_| crate::job::hashes_of(&r.hashes))
-                            .and_then(|h| {
-                                crate::job::serve_fetch(&a, &r.domain, &h, &mut |b| {
-                                    send_blocking(&mut ch, b)
-                                })
-                            });
-                        if let Err(e) = served {
-                            let _ = send_blocking(&mut ch, Resp::Error(e.to_proto()));
-                            return;
-                        }
-                        let _ = ch.set_read_timeout(Some(REQUEST_TIMEOUT));
-                        if let Ok(v1::AgentRequest {
-                            body: Some(v1::agent_request::Body::FetchPages(r)),
-                        }) = ch.recv("fetch request")
-                        {
-                            next = Some(r);
-                        }
-                    }
-                })
-                .await;
-            }
-            Err(e) => warn!("fetch request from {peer}: {e}"),
-        },
-        B::Incoming(i) => match ch.into_blocking() {
-            Ok(ch) => {
-                let a = agent.clone();
-                let span = info_span!("migration", from = %i.source, role = "destination");
-                let _ = tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| migrate_in(&a, ch, &i.source, &i.job))
-                })
-                .await;
-            }
-            Err(e) => warn!("incoming migration from {peer}: {e}"),
-        },
+        _ => None,
     }
 }
 

@@ -199,9 +199,12 @@ impl AgentClient {
 
     /// The distinct contents of a VM as the agent's content map holds them
     /// now: hashes, frames, non-zero frames, memory bytes.
-    pub fn vm_content(mut self, name: &str) -> Result<VmContentAnswer, ClientError> {
+    /// `job` names the job it is read for (empty: for planning, which
+    /// only an operator or a reader may do).
+    pub fn vm_content(mut self, name: &str, job: &str) -> Result<VmContentAnswer, ClientError> {
         self.send(Req::VmContent(v1::VmContentRequest {
             name: name.to_owned(),
+            job: job.to_owned(),
         }))?;
         let mut parts = answers::ContentParts::default();
         loop {

@@ -52,7 +52,8 @@ pub trait AgentApi: Send + Sync {
     /// The agent's VMs.
     fn vm_list(&self, agent: &str) -> Result<v1::VmList, ClientError>;
     /// The distinct contents of a VM as the agent's content map holds them.
-    fn vm_content(&self, agent: &str, vm: &str) -> Result<VmContentAnswer, ClientError>;
+    /// `job` names the job it is read for.
+    fn vm_content(&self, agent: &str, vm: &str, job: &str) -> Result<VmContentAnswer, ClientError>;
     /// Starts a migration (held for a gang job if `r.hold`).
     fn migrate(
         &self,
@@ -144,8 +145,8 @@ impl AgentApi for Remote {
         self.connect(agent)?.vm_list()
     }
 
-    fn vm_content(&self, agent: &str, vm: &str) -> Result<VmContentAnswer, ClientError> {
-        self.connect(agent)?.vm_content(vm)
+    fn vm_content(&self, agent: &str, vm: &str, job: &str) -> Result<VmContentAnswer, ClientError> {
+        self.connect(agent)?.vm_content(vm, job)
     }
 
     fn migrate(

@@ -537,7 +537,12 @@ impl AgentApi for FakeCluster {
         })
     }
 
-    fn vm_content(&self, agent: &str, vm: &str) -> Result<VmContentAnswer, ClientError> {
+    fn vm_content(
+        &self,
+        agent: &str,
+        vm: &str,
+        _job: &str,
+    ) -> Result<VmContentAnswer, ClientError> {
         let st = lock(&self.s.state);
         let h = st.host_of_addr(agent)?;
         let v = st

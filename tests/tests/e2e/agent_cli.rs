@@ -674,6 +674,32 @@ fn malformed_requests_get_a_clear_error() {
         },
     );
     assert!(e.contains("job j-unknown is not open"), "{e}");
+    // A host reads a VM's content map only within a job (an operator
+    // planning needs none).
+    for job in ["", "j-unknown"] {
+        let e = answer_to(
+            &a.addr,
+            &rogue,
+            &v1::AgentRequest {
+                body: Some(v1::agent_request::Body::VmContent(v1::VmContentRequest {
+                    name: "nope".into(),
+                    job: job.into(),
+                })),
+            },
+        );
+        assert!(e.contains("not open") || e.contains("names no job"), "{e}");
+    }
+    let e = answer_to(
+        &a.addr,
+        &tls,
+        &v1::AgentRequest {
+            body: Some(v1::agent_request::Body::VmContent(v1::VmContentRequest {
+                name: "nope".into(),
+                job: String::new(),
+            })),
+        },
+    );
+    assert!(e.contains("no VM named \"nope\""), "{e}");
     let e = answer_to(
         &a.addr,
         &tls,

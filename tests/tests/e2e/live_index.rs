@@ -202,7 +202,7 @@ fn dedup_domains_keep_identical_vms_apart() {
     let tls = pagecast_tests::pki::tls("operator", Role::Operator);
     let red = AgentClient::connect(&s.agents[0].addr, &tls)
         .unwrap()
-        .vm_content("red1")
+        .vm_content("red1", "")
         .unwrap();
     assert!(
         red.hashes.len() > 1000,

@@ -455,7 +455,7 @@ fn qemu_guests_migrate_through_pagecast() {
     let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
     let c = pagecast_agent_api::client::AgentClient::connect(&a.addr, &op)
         .unwrap()
-        .vm_content("vm3")
+        .vm_content("vm3", "")
         .unwrap();
     assert_eq!(c.kind, pagecast_proto::v1::VmKind::Qemu);
     assert!(c.hashes.len() > 1000);
@@ -553,7 +553,7 @@ fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
     let distinct = |vm: &str| {
         pagecast_agent_api::client::AgentClient::connect(&a.addr, &op)
             .unwrap()
-            .vm_content(vm)
+            .vm_content(vm, "")
             .unwrap()
             .hashes
     };

@@ -40,7 +40,7 @@ pub(super) fn prepare(
         "asking the source agents what {} VM(s) hold",
         model.moving.len()
     )));
-    let contents = exact_contents(svc, &view, &model)?;
+    let contents = exact_contents(svc, &view, &model, &spec.job)?;
     let (vm_pages, qemu_vms) = model.take(contents);
     if !qemu_vms.is_empty() {
         on(Event::Step(format!(
@@ -221,6 +221,7 @@ fn exact_contents(
     svc: &Services,
     view: &ClusterView,
     model: &Model,
+    job: &str,
 ) -> Result<Vec<(VmIdx, VmContentAnswer)>, CoordError> {
     let cluster = &model.cluster;
     let answers: Vec<Result<(VmIdx, VmContentAnswer), CoordError>> = std::thread::scope(|s| {
@@ -231,7 +232,7 @@ fn exact_contents(
                 let vm = &cluster.vms[v];
                 let host = &cluster.hosts[vm.host].name;
                 let addr = &view.host(host).expect("known").address;
-                s.spawn(move || match svc.agents.vm_content(addr, &vm.name) {
+                s.spawn(move || match svc.agents.vm_content(addr, &vm.name, job) {
                     Ok(c) => Ok((v, c)),
                     Err(e) if e.code() == RefusalCode::NotFound => {
                         Err(CoordError::Invalid(format!(
