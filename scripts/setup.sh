@@ -62,7 +62,7 @@ if command -v dpkg-query >/dev/null 2>&1; then
             echo "error: $p did not install, and PAGECAST_REQUIRE=$PAGECAST_REQUIRE needs every test to run" >&2
             exit 1
         else
-            echo "note: $p is not installed: the tests that need it skip, saying so (without ethtool pagecast evaluate keeps offloads on)" >&2
+            echo "note: $p is not installed: the tests that need it skip, saying so (without ethtool pagecast-evaluate keeps offloads on)" >&2
         fi
     done
 else

@@ -100,6 +100,55 @@ fn backoff() -> Duration {
     Duration::from_millis(BACKOFF_MIN_MS + u64::from(u16::from_be_bytes(b)) % BACKOFF_SPAN_MS)
 }
 
+impl<'a> State<'a> {
+    /// A receiver's state at the start of a session `w` planned as `plan`.
+    fn new(
+        sink: &'a mut dyn PageSink,
+        cfg: &ReceiverConfig,
+        w: &v1::CastWelcome,
+        plan: SessionPlan,
+    ) -> State<'a> {
+        let total = plan.needed.len();
+        let need_count = plan.needed.iter().filter(|&&n| n).count() as u32;
+        let by_index = plan
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.index, i))
+            .collect();
+        let frag = w.fragment_payload as usize;
+        State {
+            sink,
+            held: vec![false; total],
+            entries: vec![None; total],
+            frames: w.image_frames,
+            content_keys: cfg.content_keys.clone(),
+            needed: plan.needed,
+            need_count,
+            held_count: 0,
+            groups: plan.groups,
+            by_index,
+            key: plan.key,
+            session: w.session_id,
+            id: w.receiver_id,
+            frag,
+            frags: PAGE_SIZE.div_ceil(frag) as u8,
+            replay: HashMap::new(),
+            assembly: HashMap::new(),
+            requested: HashMap::new(),
+            others: Vec::new(),
+            probes: HashSet::new(),
+            counters: ReceiverCounters::default(),
+            pages_main: 0,
+            pages_unicast: 0,
+            bytes: 0,
+            last_heard: Instant::now(),
+            seq: 0,
+            seen_through: 0,
+        }
+    }
+}
+
 impl State<'_> {
     /// Stores page `page` if it is wanted, new, and hashes to `check` (the
     /// full hash it computes becomes the page's entry).
@@ -150,37 +199,9 @@ impl State<'_> {
     }
 
     fn datagram(&mut self, buf: &mut [u8]) -> Result<(), CastError> {
-        self.bytes += buf.len() as u64;
-        let d = match decode(buf, &self.key, self.session) {
-            Ok(d) => d,
-            Err(WireError::Stale { .. }) => {
-                self.counters.stale += 1;
-                counter!(crate::metrics::DROPPED, "why" => "stale").increment(1);
-                return Ok(());
-            }
-            // Data for a page of a group this receiver is not in: another
-            // receiver's traffic on a shared port, not an attack.
-            Err(WireError::Malformed("data for a page this receiver does not take")) => {
-                return Ok(());
-            }
-            Err(_) => {
-                self.counters.forged += 1;
-                counter!(crate::metrics::DROPPED, "why" => "forged").increment(1);
-                return Ok(());
-            }
+        let Some(d) = self.admit(buf) else {
+            return Ok(());
         };
-        if d.from == self.id {
-            return Ok(());
-        }
-        if self.replay.entry(d.from).or_default().check(d.seq) != Replay::Fresh {
-            self.counters.replayed += 1;
-            counter!(crate::metrics::DROPPED, "why" => "replayed").increment(1);
-            return Ok(());
-        }
-        if d.from == 0 {
-            self.last_heard = Instant::now();
-            self.seen_through = self.seen_through.max(d.seq);
-        }
         match d.body {
             Body::Data {
                 group,
@@ -190,15 +211,7 @@ impl State<'_> {
                 pages,
                 payload,
             } => {
-                let Some(&gi) = self.by_index.get(&(group as usize)) else {
-                    return Ok(());
-                };
-                let g = &self.groups[gi];
-                let ids: Option<Vec<u32>> = (0..pages.len() as u32)
-                    .map(|k| g.pages.get(index.checked_add(k)? as usize).copied())
-                    .collect();
-                let Some(ids) = ids else {
-                    self.counters.forged += 1;
+                let Some(ids) = self.page_ids(group, index, pages.len()) else {
                     return Ok(());
                 };
                 if fragments == 1 {
@@ -210,80 +223,14 @@ impl State<'_> {
                     }
                     return Ok(());
                 }
-                let (page, (key, check)) = (ids[0], pages[0]);
-                // Every fragment carries `frag` bytes; the last is padded.
-                if fragments != self.frags || payload.len() != self.frag {
-                    self.counters.forged += 1;
-                    return Ok(());
-                }
-                if self.held[page as usize] {
-                    if fragment == 0 {
-                        self.counters.duplicates += 1;
-                    }
-                    return Ok(());
-                }
-                if !self.assembly.contains_key(&page) && self.assembly.len() >= MAX_ASSEMBLIES {
-                    // Bounded memory: forget the lowest page's fragments
-                    // (it will be NACKed and resent).
-                    if let Some(&k) = self.assembly.keys().min() {
-                        self.assembly.remove(&k);
-                    }
-                }
-                let (buf, mask) = self
-                    .assembly
-                    .entry(page)
-                    .or_insert_with(|| (Box::new([0u8; PAGE_SIZE]), 0));
-                let at = fragment as usize * self.frag;
-                let n = self.frag.min(PAGE_SIZE - at);
-                buf[at..at + n].copy_from_slice(&payload[..n]);
-                *mask |= 1 << fragment;
-                if *mask == ((1u16 << fragments) - 1) as u8 {
-                    let (buf, _) = self.assembly.remove(&page).expect("present");
-                    self.store(page, key, check, &buf, true)?;
-                }
+                let (key, check) = pages[0];
+                self.fragment(ids[0], key, check, (fragment, fragments), payload)?;
             }
             Body::Coded {
                 group,
                 pages,
                 payload,
-            } => {
-                let Some(&gi) = self.by_index.get(&(group as usize)) else {
-                    return Ok(());
-                };
-                let mut resolved = Vec::with_capacity(pages.len());
-                for &(index, key, check) in &pages {
-                    let Some(&page) = self.groups[gi].pages.get(index as usize) else {
-                        self.counters.forged += 1;
-                        return Ok(());
-                    };
-                    resolved.push((page, key, check));
-                }
-                let missing: Vec<&(u32, u64, Check)> = resolved
-                    .iter()
-                    .filter(|(p, ..)| !self.held[*p as usize])
-                    .collect();
-                match missing.len() {
-                    0 => self.counters.duplicates += 1,
-                    1 => {
-                        // XOR out every page we hold; what is left is the
-                        // one we lack, checked against its hash by `store`.
-                        let (page, key, check) = *missing[0];
-                        let mut buf: Box<Page> =
-                            Box::new(payload.try_into().expect("a whole page"));
-                        let mut other = [0u8; PAGE_SIZE];
-                        for (p, k, _) in &resolved {
-                            if *p != page {
-                                self.sink.get(*k, &mut other).map_err(CastError::Sink)?;
-                                for (b, o) in buf.iter_mut().zip(other.iter()) {
-                                    *b ^= o;
-                                }
-                            }
-                        }
-                        self.store(page, key, check, &buf, true)?;
-                    }
-                    _ => self.counters.undecodable += 1,
-                }
-            }
+            } => self.coded(group, &pages, payload)?,
             Body::Heartbeat {
                 group,
                 sent_through,
@@ -305,6 +252,145 @@ impl State<'_> {
             Body::Probe { nonce } => {
                 self.probes.insert(nonce);
             }
+        }
+        Ok(())
+    }
+
+    /// A datagram that opens, is not our own, and is fresh; the rest are
+    /// counted (stale, forged, replayed) and dropped.
+    fn admit<'b>(&mut self, buf: &'b mut [u8]) -> Option<Datagram<'b>> {
+        self.bytes += buf.len() as u64;
+        let d = match decode(buf, &self.key, self.session) {
+            Ok(d) => d,
+            Err(WireError::Stale { .. }) => {
+                self.counters.stale += 1;
+                counter!(crate::metrics::DROPPED, "why" => "stale").increment(1);
+                return None;
+            }
+            // Data for a page of a group this receiver is not in: another
+            // receiver's traffic on a shared port, not an attack.
+            Err(WireError::Malformed("data for a page this receiver does not take")) => {
+                return None;
+            }
+            Err(_) => {
+                self.counters.forged += 1;
+                counter!(crate::metrics::DROPPED, "why" => "forged").increment(1);
+                return None;
+            }
+        };
+        if d.from == self.id {
+            return None;
+        }
+        if self.replay.entry(d.from).or_default().check(d.seq) != Replay::Fresh {
+            self.counters.replayed += 1;
+            counter!(crate::metrics::DROPPED, "why" => "replayed").increment(1);
+            return None;
+        }
+        if d.from == 0 {
+            self.last_heard = Instant::now();
+            self.seen_through = self.seen_through.max(d.seq);
+        }
+        Some(d)
+    }
+
+    /// The session page numbers of `count` pages from `index` of `group`
+    /// (`None`: not a group of ours, or out of its range, counted forged).
+    fn page_ids(&mut self, group: u32, index: u32, count: usize) -> Option<Vec<u32>> {
+        let &gi = self.by_index.get(&(group as usize))?;
+        let g = &self.groups[gi];
+        let ids: Option<Vec<u32>> = (0..count as u32)
+            .map(|k| g.pages.get(index.checked_add(k)? as usize).copied())
+            .collect();
+        if ids.is_none() {
+            self.counters.forged += 1;
+        }
+        ids
+    }
+
+    /// One fragment of page `page`; the page is stored once all its
+    /// fragments are in.
+    fn fragment(
+        &mut self,
+        page: u32,
+        key: u64,
+        check: Check,
+        (fragment, fragments): (u8, u8),
+        payload: &[u8],
+    ) -> Result<(), CastError> {
+        // Every fragment carries `frag` bytes; the last is padded.
+        if fragments != self.frags || payload.len() != self.frag {
+            self.counters.forged += 1;
+            return Ok(());
+        }
+        if self.held[page as usize] {
+            if fragment == 0 {
+                self.counters.duplicates += 1;
+            }
+            return Ok(());
+        }
+        if !self.assembly.contains_key(&page) && self.assembly.len() >= MAX_ASSEMBLIES {
+            // Bounded memory: forget the lowest page's fragments (it will be
+            // NACKed and resent).
+            if let Some(&k) = self.assembly.keys().min() {
+                self.assembly.remove(&k);
+            }
+        }
+        let (buf, mask) = self
+            .assembly
+            .entry(page)
+            .or_insert_with(|| (Box::new([0u8; PAGE_SIZE]), 0));
+        let at = fragment as usize * self.frag;
+        let n = self.frag.min(PAGE_SIZE - at);
+        buf[at..at + n].copy_from_slice(&payload[..n]);
+        *mask |= 1 << fragment;
+        if *mask == ((1u16 << fragments) - 1) as u8 {
+            let (buf, _) = self.assembly.remove(&page).expect("present");
+            self.store(page, key, check, &buf, true)?;
+        }
+        Ok(())
+    }
+
+    /// A coded repair: the XOR of pages of one group. If we lack exactly
+    /// one of them, XORing out the ones we hold leaves it (checked against
+    /// its hash by `store`).
+    fn coded(
+        &mut self,
+        group: u32,
+        pages: &[(u32, u64, Check)],
+        payload: &[u8],
+    ) -> Result<(), CastError> {
+        let Some(&gi) = self.by_index.get(&(group as usize)) else {
+            return Ok(());
+        };
+        let mut resolved = Vec::with_capacity(pages.len());
+        for &(index, key, check) in pages {
+            let Some(&page) = self.groups[gi].pages.get(index as usize) else {
+                self.counters.forged += 1;
+                return Ok(());
+            };
+            resolved.push((page, key, check));
+        }
+        let missing: Vec<&(u32, u64, Check)> = resolved
+            .iter()
+            .filter(|(p, ..)| !self.held[*p as usize])
+            .collect();
+        match missing.len() {
+            0 => self.counters.duplicates += 1,
+            1 => {
+                let (page, key, check) = *missing[0];
+                let mut buf: Box<Page> = Box::new(payload.try_into().expect("a whole page"));
+                let mut other = [0u8; PAGE_SIZE];
+                for (p, k, _) in &resolved {
+                    if *p != page {
+                        self.sink.get(*k, &mut other).map_err(CastError::Sink)?;
+                        for (b, o) in buf.iter_mut().zip(other.iter()) {
+                            *b ^= o;
+                        }
+                    }
+                }
+                self.store(page, key, check, &buf, true)?;
+            }
+            _ => self.counters.undecodable += 1,
         }
         Ok(())
     }
@@ -466,6 +552,73 @@ fn receive_inner(
     sink: &mut dyn PageSink,
     progress: &dyn Fn(u64, u64),
 ) -> Result<RecvReport, CastError> {
+    let (mut ch, chain_listener, w) = handshake(cfg, tls)?;
+    let peer = ch.peer().to_owned();
+    let plan = SessionPlan::of(&peer, &w)?;
+    sink.begin(w.image_frames).map_err(CastError::Sink)?;
+    let mut joined = Joined::groups(cfg, &plan.groups)?;
+    ch.send(&frame(v1::cast_frame::Body::Ready(v1::CastReady {
+        joined: joined.joins,
+    })))?;
+    let mut st = State::new(sink, cfg, &w, plan);
+    ch.set_read_timeout(None)?;
+    let (reader, writer) = ch.split()?;
+    let (tx, rx) = mpsc::channel::<Ctl>();
+    let ctl_thread = std::thread::spawn(move || read_control(reader, tx));
+    let mut run = Session {
+        cfg,
+        tls,
+        peer,
+        writer,
+        ctl: rx,
+        chain_listener,
+        rb: RecvBatch::default(),
+        pending_probe: None,
+        transport: None,
+        started: Instant::now(),
+        last_progress: Instant::now(),
+        chain_rx: None,
+        chain_thread: None,
+        done_sent: false,
+        leaves: 0,
+        finished: None,
+        finish_time: None,
+        control_closed: None,
+        chain_broken: None,
+    };
+    run.run(&mut st, &mut joined, progress)?;
+    run.writer.shutdown();
+    let _ = ctl_thread.join();
+    if let Some(t) = run.chain_thread.take() {
+        let _ = t.join();
+    }
+    st.sink.finish().map_err(CastError::Sink)?;
+    Ok(RecvReport {
+        transport: run.transport.unwrap_or(Transport::Multicast),
+        id: st.id,
+        pages: st.held_count,
+        page_bytes: u64::from(st.held_count) * PAGE_SIZE as u64,
+        pages_main: st.pages_main,
+        pages_unicast: st.pages_unicast,
+        bytes_received: st.bytes,
+        joins: joined.joins,
+        leaves: run.leaves,
+        duration_s: run
+            .finish_time
+            .unwrap_or_else(Instant::now)
+            .duration_since(run.started)
+            .as_secs_f64(),
+        counters: st.counters,
+        chain_broken: run.chain_broken,
+    })
+}
+
+/// Connects to the sender, says hello (with a chain listener ready) and
+/// reads its welcome.
+fn handshake(
+    cfg: &ReceiverConfig,
+    tls: &Tls,
+) -> Result<(Channel, TcpListener, v1::CastWelcome), CastError> {
     let chain_listener = TcpListener::bind((cfg.iface, 0))
         .map_err(CastError::io(format!("chain listener on {}", cfg.iface)))?;
     let chain_addr = chain_listener
@@ -476,7 +629,6 @@ fn receive_inner(
     )?;
     let mut ch = Channel::client(stream, tls)?;
     pagecast_channel::require(ch.identity(), &[Role::Host], ch.peer(), "send a cast")?;
-    let peer = ch.peer().to_owned();
     let rcvbuf = socket::receive_buffer().map_err(CastError::io("measuring the receive buffer"))?;
     ch.send(&frame(v1::cast_frame::Body::Hello(v1::CastHello {
         version: WIRE_VERSION as i32,
@@ -488,338 +640,393 @@ fn receive_inner(
     ch.set_read_timeout(Some(cfg.silent_after))?;
     let w: v1::CastFrame = ch.recv("welcome")?;
     let Some(v1::cast_frame::Body::Welcome(w)) = w.body else {
-        return Err(protocol(&peer, "expected a welcome"));
+        return Err(protocol(ch.peer(), "expected a welcome"));
     };
-    if w.version != WIRE_VERSION as i32 {
-        return Err(protocol(
-            &peer,
-            format!("wire version {} (this build speaks 1)", w.version),
-        ));
-    }
-    if w.total_pages > MAX_CAST_PAGES
-        || w.image_frames > MAX_MANIFEST_FRAMES
-        || w.groups.is_empty()
-        || w.groups.len() > MAX_CAST_GROUPS
-    {
-        return Err(protocol(&peer, "session sizes out of range"));
-    }
-    if !(crate::wire::MIN_FRAGMENT as u32..=PAGE_SIZE as u32).contains(&w.fragment_payload) {
-        return Err(protocol(
-            &peer,
-            format!("fragment size {}", w.fragment_payload),
-        ));
-    }
-    let key: [u8; 32] = w
-        .session_key
-        .as_ref()
-        .try_into()
-        .map_err(|_| protocol(&peer, "session key is not 32 bytes"))?;
-    let total = w.total_pages as usize;
-    let mut groups = Vec::new();
-    let mut needed = vec![false; total];
-    for (index, g) in w.groups.iter().enumerate() {
-        if !g.member {
-            continue;
-        }
-        let addr: SocketAddrV4 = g
-            .addr
-            .parse()
-            .map_err(|_| protocol(&peer, format!("group address {:?}", g.addr)))?;
-        if !addr.ip().is_multicast() {
-            return Err(protocol(&peer, format!("{addr} is not a multicast group")));
-        }
-        if g.page_ranges.len() % 2 != 0 || g.page_ranges.len() / 2 > MAX_CAST_GROUP_RANGES {
+    Ok((ch, chain_listener, w))
+}
+
+/// What a welcome says, checked: the session key, the pages this
+/// receiver needs and the groups it is a member of.
+struct SessionPlan {
+    key: [u8; 32],
+    needed: Vec<bool>,
+    groups: Vec<MemberGroup>,
+}
+
+impl SessionPlan {
+    fn of(peer: &str, w: &v1::CastWelcome) -> Result<SessionPlan, CastError> {
+        if w.version != WIRE_VERSION as i32 {
             return Err(protocol(
-                &peer,
-                format!("group {addr}: malformed page ranges"),
+                peer,
+                format!("wire version {} (this build speaks 1)", w.version),
             ));
         }
-        let mut pages = Vec::with_capacity(g.len.min(w.total_pages) as usize);
-        for r in g.page_ranges.chunks_exact(2) {
-            let (first, count) = (r[0] as usize, r[1] as usize);
-            if count == 0 || first + count > total || pages.len() + count > g.len as usize {
-                return Err(protocol(
-                    &peer,
-                    format!("group {addr}: page range {first}+{count} out of bounds"),
-                ));
-            }
-            needed[first..first + count].fill(true);
-            pages.extend(first as u32..(first + count) as u32);
+        if w.total_pages > MAX_CAST_PAGES
+            || w.image_frames > MAX_MANIFEST_FRAMES
+            || w.groups.is_empty()
+            || w.groups.len() > MAX_CAST_GROUPS
+        {
+            return Err(protocol(peer, "session sizes out of range"));
         }
-        if pages.len() != g.len as usize {
+        if !(crate::wire::MIN_FRAGMENT as u32..=PAGE_SIZE as u32).contains(&w.fragment_payload) {
             return Err(protocol(
-                &peer,
-                format!(
-                    "group {addr}: {} pages listed, {} announced",
-                    pages.len(),
-                    g.len
-                ),
+                peer,
+                format!("fragment size {}", w.fragment_payload),
             ));
         }
-        groups.push(MemberGroup {
-            index,
-            addr,
-            pages,
-            contiguous: 0,
-            heard_through: 0,
-            nack_due: None,
-        });
-    }
-    sink.begin(w.image_frames).map_err(CastError::Sink)?;
-
-    // Join the groups: data on each group's port, NACKs on the next.
-    let mut ports: BTreeMap<u16, Vec<Ipv4Addr>> = BTreeMap::new();
-    for g in &groups {
-        ports.entry(g.addr.port()).or_default().push(*g.addr.ip());
-    }
-    let mut data_socks = Vec::new();
-    let mut nack_socks: BTreeMap<u16, UdpSocket> = BTreeMap::new();
-    let mut joins = 0u32;
-    for (&port, addrs) in &ports {
-        let d = socket::group_socket(port, addrs, cfg.iface, cfg.ttl)
-            .map_err(CastError::io(format!("joining groups on port {port}")))?;
-        d.set_read_timeout(Some(Duration::from_millis(2)))
-            .map_err(CastError::io("data socket"))?;
-        data_socks.push(d);
-        let n = socket::group_socket(port.wrapping_add(1), addrs, cfg.iface, cfg.ttl).map_err(
-            CastError::io(format!("joining groups on port {}", port.wrapping_add(1))),
-        )?;
-        n.set_nonblocking(true)
-            .map_err(CastError::io("NACK socket"))?;
-        nack_socks.insert(port.wrapping_add(1), n);
-        joins += addrs.len() as u32;
-    }
-    counter!(crate::metrics::JOINS).increment(u64::from(joins));
-    ch.send(&frame(v1::cast_frame::Body::Ready(v1::CastReady {
-        joined: joins,
-    })))?;
-
-    let need_count = needed.iter().filter(|&&n| n).count() as u32;
-    let by_index = groups
-        .iter()
-        .enumerate()
-        .map(|(i, g)| (g.index, i))
-        .collect();
-    let frag = w.fragment_payload as usize;
-    let mut st = State {
-        sink,
-        held: vec![false; total],
-        entries: vec![None; total],
-        frames: w.image_frames,
-        content_keys: cfg.content_keys.clone(),
-        needed,
-        need_count,
-        held_count: 0,
-        groups,
-        by_index,
-        key,
-        session: w.session_id,
-        id: w.receiver_id,
-        frag,
-        frags: PAGE_SIZE.div_ceil(frag) as u8,
-        replay: HashMap::new(),
-        assembly: HashMap::new(),
-        requested: HashMap::new(),
-        others: Vec::new(),
-        probes: HashSet::new(),
-        counters: ReceiverCounters::default(),
-        pages_main: 0,
-        pages_unicast: 0,
-        bytes: 0,
-        last_heard: Instant::now(),
-        seq: 0,
-        seen_through: 0,
-    };
-
-    ch.set_read_timeout(None)?;
-    let (mut reader, mut writer) = ch.split()?;
-    let (tx, rx) = mpsc::channel::<Ctl>();
-    let ctl_thread = std::thread::spawn(move || {
-        loop {
-            let ev = match reader.recv::<v1::CastFrame>("cast frame") {
-                Ok(v1::CastFrame { body: Some(b) }) => match b {
-                    v1::cast_frame::Body::Start(s) => Ctl::Start(s),
-                    v1::cast_frame::Body::Probe(p) => Ctl::Probe(p),
-                    v1::cast_frame::Body::Page(p) => Ctl::Page(p),
-                    v1::cast_frame::Body::Finish(f) => Ctl::Finish(f),
-                    other => Ctl::Closed(format!("unexpected frame {other:?}")),
-                },
-                Ok(_) => Ctl::Closed("empty frame".into()),
-                Err(e) => Ctl::Closed(e.to_string()),
-            };
-            let last = matches!(ev, Ctl::Closed(_) | Ctl::Finish(_));
-            if tx.send(ev).is_err() || last {
-                return;
+        let key: [u8; 32] = w
+            .session_key
+            .as_ref()
+            .try_into()
+            .map_err(|_| protocol(peer, "session key is not 32 bytes"))?;
+        let mut needed = vec![false; w.total_pages as usize];
+        let mut groups = Vec::new();
+        for (index, g) in w.groups.iter().enumerate() {
+            if g.member {
+                groups.push(member_group(peer, index, g, &mut needed)?);
             }
         }
-    });
+        Ok(SessionPlan {
+            key,
+            needed,
+            groups,
+        })
+    }
+}
 
-    let mut rb = RecvBatch::default();
-    let mut pending_probe: Option<(u32, Instant)> = None;
-    let mut transport = None;
-    let mut started = Instant::now();
-    let mut last_progress = Instant::now();
-    let mut chain_rx: Option<mpsc::Receiver<ChainEv>> = None;
-    let mut chain_thread = None;
-    let mut done_sent = false;
-    let mut leaves = 0u32;
-    let mut finished: Option<v1::CastFinish> = None;
-    let mut finish_time = None;
-    let mut control_closed: Option<String> = None;
-    let mut chain_broken: Option<String> = None;
+/// Group `index` of a welcome, checked, its pages marked in `needed`.
+fn member_group(
+    peer: &str,
+    index: usize,
+    g: &v1::CastGroup,
+    needed: &mut [bool],
+) -> Result<MemberGroup, CastError> {
+    let total = needed.len();
+    let addr: SocketAddrV4 = g
+        .addr
+        .parse()
+        .map_err(|_| protocol(peer, format!("group address {:?}", g.addr)))?;
+    if !addr.ip().is_multicast() {
+        return Err(protocol(peer, format!("{addr} is not a multicast group")));
+    }
+    if !g.page_ranges.len().is_multiple_of(2) || g.page_ranges.len() / 2 > MAX_CAST_GROUP_RANGES {
+        return Err(protocol(
+            peer,
+            format!("group {addr}: malformed page ranges"),
+        ));
+    }
+    let mut pages = Vec::with_capacity((g.len as usize).min(total));
+    for r in g.page_ranges.chunks_exact(2) {
+        let (first, count) = (r[0] as usize, r[1] as usize);
+        if count == 0 || first + count > total || pages.len() + count > g.len as usize {
+            return Err(protocol(
+                peer,
+                format!("group {addr}: page range {first}+{count} out of bounds"),
+            ));
+        }
+        needed[first..first + count].fill(true);
+        pages.extend(first as u32..(first + count) as u32);
+    }
+    if pages.len() != g.len as usize {
+        return Err(protocol(
+            peer,
+            format!(
+                "group {addr}: {} pages listed, {} announced",
+                pages.len(),
+                g.len
+            ),
+        ));
+    }
+    Ok(MemberGroup {
+        index,
+        addr,
+        pages,
+        contiguous: 0,
+        heard_through: 0,
+        nack_due: None,
+    })
+}
 
+/// The sockets of the groups joined: data on each group's port, NACKs on
+/// the next.
+struct Joined {
+    ports: BTreeMap<u16, Vec<Ipv4Addr>>,
+    data: Vec<UdpSocket>,
+    nacks: BTreeMap<u16, UdpSocket>,
+    joins: u32,
+}
+
+impl Joined {
+    fn groups(cfg: &ReceiverConfig, groups: &[MemberGroup]) -> Result<Joined, CastError> {
+        let mut ports: BTreeMap<u16, Vec<Ipv4Addr>> = BTreeMap::new();
+        for g in groups {
+            ports.entry(g.addr.port()).or_default().push(*g.addr.ip());
+        }
+        let mut data = Vec::new();
+        let mut nacks: BTreeMap<u16, UdpSocket> = BTreeMap::new();
+        let mut joins = 0u32;
+        for (&port, addrs) in &ports {
+            let d = socket::group_socket(port, addrs, cfg.iface, cfg.ttl)
+                .map_err(CastError::io(format!("joining groups on port {port}")))?;
+            d.set_read_timeout(Some(Duration::from_millis(2)))
+                .map_err(CastError::io("data socket"))?;
+            data.push(d);
+            let n = socket::group_socket(port.wrapping_add(1), addrs, cfg.iface, cfg.ttl).map_err(
+                CastError::io(format!("joining groups on port {}", port.wrapping_add(1))),
+            )?;
+            n.set_nonblocking(true)
+                .map_err(CastError::io("NACK socket"))?;
+            nacks.insert(port.wrapping_add(1), n);
+            joins += addrs.len() as u32;
+        }
+        counter!(crate::metrics::JOINS).increment(u64::from(joins));
+        Ok(Joined {
+            ports,
+            data,
+            nacks,
+            joins,
+        })
+    }
+
+    /// Leaves every data group; returns how many it left.
+    fn leave(&mut self, iface: Ipv4Addr) -> u32 {
+        let mut leaves = 0;
+        for (d, (_, addrs)) in self.data.iter().zip(&self.ports) {
+            for a in addrs {
+                if socket::leave(d, *a, iface).is_ok() {
+                    leaves += 1;
+                }
+            }
+        }
+        self.data.clear();
+        leaves
+    }
+}
+
+/// Passes the sender's control frames on as events until it closes or
+/// finishes.
+fn read_control(mut reader: pagecast_channel::ChannelReader, tx: mpsc::Sender<Ctl>) {
+    use v1::cast_frame::Body as F;
     loop {
-        // Datagrams.
-        for d in &data_socks {
-            let n = socket::recv_batch(d, &mut rb).map_err(CastError::io("receiving"))?;
+        let ev = match reader.recv::<v1::CastFrame>("cast frame") {
+            Ok(v1::CastFrame { body: Some(b) }) => match b {
+                F::Start(s) => Ctl::Start(s),
+                F::Probe(p) => Ctl::Probe(p),
+                F::Page(p) => Ctl::Page(p),
+                F::Finish(f) => Ctl::Finish(f),
+                other => Ctl::Closed(format!("unexpected frame {other:?}")),
+            },
+            Ok(_) => Ctl::Closed("empty frame".into()),
+            Err(e) => Ctl::Closed(e.to_string()),
+        };
+        let last = matches!(ev, Ctl::Closed(_) | Ctl::Finish(_));
+        if tx.send(ev).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// A receiver's session once it has joined: the control link, the chain
+/// (if the sender chose it) and where the session stands.
+struct Session<'a> {
+    cfg: &'a ReceiverConfig,
+    tls: &'a Tls,
+    peer: String,
+    writer: ChannelWriter,
+    ctl: mpsc::Receiver<Ctl>,
+    chain_listener: TcpListener,
+    rb: RecvBatch,
+    pending_probe: Option<(u32, Instant)>,
+    transport: Option<Transport>,
+    started: Instant,
+    last_progress: Instant,
+    chain_rx: Option<mpsc::Receiver<ChainEv>>,
+    chain_thread: Option<std::thread::JoinHandle<()>>,
+    done_sent: bool,
+    leaves: u32,
+    finished: Option<v1::CastFinish>,
+    finish_time: Option<Instant>,
+    control_closed: Option<String>,
+    chain_broken: Option<String>,
+}
+
+impl Session<'_> {
+    /// Takes datagrams, chain pages and control frames until the session
+    /// ends: the sender's finish, or a lost control link after everything
+    /// was verified and reported.
+    fn run(
+        &mut self,
+        st: &mut State<'_>,
+        joined: &mut Joined,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(), CastError> {
+        loop {
+            self.datagrams(st, joined)?;
+            self.chain_pages(st)?;
+            self.control(st)?;
+            self.report(st, joined, progress)?;
+            if self.ended(st)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn datagrams(&mut self, st: &mut State<'_>, joined: &Joined) -> Result<(), CastError> {
+        for d in &joined.data {
+            let n = socket::recv_batch(d, &mut self.rb).map_err(CastError::io("receiving"))?;
             for k in 0..n {
-                if let Some(buf) = rb.get_mut(k) {
+                if let Some(buf) = self.rb.get_mut(k) {
                     st.datagram(buf)?;
                 } else {
                     st.counters.forged += 1;
                 }
             }
         }
-        for s in nack_socks.values() {
-            let n = socket::recv_batch(s, &mut rb).map_err(CastError::io("receiving NACKs"))?;
+        for s in joined.nacks.values() {
+            let n =
+                socket::recv_batch(s, &mut self.rb).map_err(CastError::io("receiving NACKs"))?;
             for k in 0..n {
-                if let Some(buf) = rb.get_mut(k) {
+                if let Some(buf) = self.rb.get_mut(k) {
                     st.datagram(buf)?;
                 }
             }
         }
-        if data_socks.is_empty() {
+        if joined.data.is_empty() {
             std::thread::sleep(Duration::from_millis(2));
         }
-        // Chain pages.
-        if let Some(crx) = &chain_rx {
-            while let Ok(ev) = crx.try_recv() {
-                st.last_heard = Instant::now();
-                match ev {
-                    ChainEv::Page(p) => {
-                        let Some((key, check, data)) = page_of(&p) else {
-                            return Err(protocol("chain", "malformed page"));
-                        };
-                        st.store(p.page, key, check, data, true)?;
-                    }
-                    ChainEv::Finish => {}
-                    ChainEv::Closed(why) => chain_broken = Some(why),
-                }
-            }
-        }
-        // Control.
-        while let Ok(ev) = rx.try_recv() {
+        Ok(())
+    }
+
+    fn chain_pages(&mut self, st: &mut State<'_>) -> Result<(), CastError> {
+        let Some(crx) = &self.chain_rx else {
+            return Ok(());
+        };
+        while let Ok(ev) = crx.try_recv() {
             st.last_heard = Instant::now();
             match ev {
-                Ctl::Probe(p) => pending_probe = Some((p.nonce, Instant::now() + PROBE_LISTEN)),
-                Ctl::Start(s) => {
-                    started = Instant::now();
-                    if s.transport == v1::CastTransport::Chain as i32 {
-                        transport = Some(Transport::Chain);
-                        let (ctx, crx) = mpsc::sync_channel(1024);
-                        chain_rx = Some(crx);
-                        let listener = chain_listener
-                            .try_clone()
-                            .map_err(CastError::io("chain listener"))?;
-                        let tls = tls.clone();
-                        chain_thread = Some(std::thread::spawn(move || {
-                            chain_link(listener, &tls, &s.chain_next, ctx)
-                        }));
-                    } else {
-                        transport = Some(Transport::Multicast);
-                    }
+                ChainEv::Page(p) => {
+                    let Some((key, check, data)) = page_of(&p) else {
+                        return Err(protocol("chain", "malformed page"));
+                    };
+                    st.store(p.page, key, check, data, true)?;
                 }
+                ChainEv::Finish => {}
+                ChainEv::Closed(why) => self.chain_broken = Some(why),
+            }
+        }
+        Ok(())
+    }
+
+    fn control(&mut self, st: &mut State<'_>) -> Result<(), CastError> {
+        while let Ok(ev) = self.ctl.try_recv() {
+            st.last_heard = Instant::now();
+            match ev {
+                Ctl::Probe(p) => {
+                    self.pending_probe = Some((p.nonce, Instant::now() + PROBE_LISTEN))
+                }
+                Ctl::Start(s) => self.start(s)?,
                 Ctl::Page(p) => {
                     let Some((key, check, data)) = page_of(&p) else {
-                        return Err(protocol(&peer, "malformed unicast page"));
+                        return Err(protocol(&self.peer, "malformed unicast page"));
                     };
                     st.store(p.page, key, check, data, false)?;
                 }
-                Ctl::Finish(f) => {
-                    finished = Some(f);
-                }
-                Ctl::Closed(why) => control_closed = Some(why),
+                Ctl::Finish(f) => self.finished = Some(f),
+                Ctl::Closed(why) => self.control_closed = Some(why),
             }
         }
-        if let Some((nonce, deadline)) = pending_probe {
+        if let Some((nonce, deadline)) = self.pending_probe {
             let heard = st.probes.contains(&nonce);
             if heard || Instant::now() >= deadline {
-                writer.send(&frame(v1::cast_frame::Body::ProbeResult(
+                self.writer.send(&frame(v1::cast_frame::Body::ProbeResult(
                     v1::CastProbeResult { nonce, heard },
                 )))?;
-                pending_probe = None;
+                self.pending_probe = None;
             }
         }
-        if transport == Some(Transport::Multicast) && !done_sent {
-            st.nacks(&nack_socks)?;
+        Ok(())
+    }
+
+    /// The sender's start: multicast, or a chain link to run.
+    fn start(&mut self, s: v1::CastStart) -> Result<(), CastError> {
+        self.started = Instant::now();
+        if s.transport != v1::CastTransport::Chain as i32 {
+            self.transport = Some(Transport::Multicast);
+            return Ok(());
         }
-        if transport.is_some() && !done_sent && last_progress.elapsed() >= PROGRESS_EVERY {
-            writer.send(&frame(v1::cast_frame::Body::Progress(st.progress())))?;
-            last_progress = Instant::now();
+        self.transport = Some(Transport::Chain);
+        let (ctx, crx) = mpsc::sync_channel(1024);
+        self.chain_rx = Some(crx);
+        let listener = self
+            .chain_listener
+            .try_clone()
+            .map_err(CastError::io("chain listener"))?;
+        let tls = self.tls.clone();
+        self.chain_thread = Some(std::thread::spawn(move || {
+            chain_link(listener, &tls, &s.chain_next, ctx)
+        }));
+        Ok(())
+    }
+
+    /// NACKs, progress, and once every page is held, done (and the groups
+    /// left).
+    fn report(
+        &mut self,
+        st: &mut State<'_>,
+        joined: &mut Joined,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(), CastError> {
+        if self.transport.is_none() || self.done_sent {
+            return Ok(());
+        }
+        if self.transport == Some(Transport::Multicast) {
+            st.nacks(&joined.nacks)?;
+        }
+        if self.last_progress.elapsed() >= PROGRESS_EVERY {
+            self.writer
+                .send(&frame(v1::cast_frame::Body::Progress(st.progress())))?;
+            self.last_progress = Instant::now();
             progress(u64::from(st.held_count), u64::from(st.need_count));
         }
-        if transport.is_some() && st.complete() && !done_sent {
-            finish_time = Some(Instant::now());
-            writer.send(&frame(v1::cast_frame::Body::Done(st.done())))?;
-            done_sent = true;
+        if st.complete() {
+            self.finish_time = Some(Instant::now());
+            self.writer
+                .send(&frame(v1::cast_frame::Body::Done(st.done())))?;
+            self.done_sent = true;
             progress(u64::from(st.held_count), u64::from(st.need_count));
-            for (d, (_, addrs)) in data_socks.iter().zip(&ports) {
-                for a in addrs {
-                    if socket::leave(d, *a, cfg.iface).is_ok() {
-                        leaves += 1;
-                    }
-                }
-            }
-            data_socks.clear();
+            self.leaves = joined.leave(self.cfg.iface);
         }
-        if let Some(f) = &finished {
-            if !f.ok || !done_sent {
+        Ok(())
+    }
+
+    /// Whether the session is over (an error if it ended badly).
+    fn ended(&self, st: &State<'_>) -> Result<bool, CastError> {
+        if let Some(f) = &self.finished {
+            if !f.ok || !self.done_sent {
                 return Err(CastError::Ended(if f.reason.is_empty() {
                     "incomplete".into()
                 } else {
                     f.reason.clone()
                 }));
             }
-            break;
+            return Ok(true);
         }
-        if let Some(why) = &control_closed {
+        if let Some(why) = &self.control_closed {
             // Everything verified and reported: the pages are good even if
             // the sender went away before saying goodbye.
-            if done_sent {
-                break;
+            if self.done_sent {
+                return Ok(true);
             }
             return Err(CastError::Ended(format!("control connection lost: {why}")));
         }
-        if st.last_heard.elapsed() > cfg.silent_after {
+        if st.last_heard.elapsed() > self.cfg.silent_after {
             return Err(CastError::Silent {
-                peer,
-                after: cfg.silent_after,
+                peer: self.peer.clone(),
+                after: self.cfg.silent_after,
             });
         }
+        Ok(false)
     }
-    writer.shutdown();
-    let _ = ctl_thread.join();
-    if let Some(t) = chain_thread {
-        let _ = t.join();
-    }
-    st.sink.finish().map_err(CastError::Sink)?;
-    Ok(RecvReport {
-        transport: transport.unwrap_or(Transport::Multicast),
-        id: st.id,
-        pages: st.held_count,
-        page_bytes: u64::from(st.held_count) * PAGE_SIZE as u64,
-        pages_main: st.pages_main,
-        pages_unicast: st.pages_unicast,
-        bytes_received: st.bytes,
-        joins,
-        leaves,
-        duration_s: finish_time
-            .unwrap_or_else(Instant::now)
-            .duration_since(started)
-            .as_secs_f64(),
-        counters: st.counters,
-        chain_broken,
-    })
 }
 
 /// One link of the TCP chain: take pages from the predecessor, hand each to

@@ -714,6 +714,114 @@ fn probe(
     })
 }
 
+/// Where a multicast run stands: its sockets, pacing, what was sent of
+/// each group, and the repairs receivers asked for.
+struct Flow {
+    sock: UdpSocket,
+    nack_socks: Vec<UdpSocket>,
+    bucket: Option<TokenBucket>,
+    /// Whether the kernel takes GSO sends (cleared on the first refusal).
+    gso: bool,
+    replay: HashMap<u32, ReplayWindow>,
+    /// Pages to repair and which receivers asked for each.
+    repair: BTreeMap<(u32, u32), u64>,
+    /// When the oldest request still waiting came in.
+    oldest_request: Option<Instant>,
+    /// Sequence number of the last datagram of each page's latest repair:
+    /// a NACK whose sender had not yet seen that far was sent before the
+    /// repair could arrive, and is ignored for that page.
+    repaired_at: HashMap<(u32, u32), u64>,
+    rb: RecvBatch,
+    page: Page,
+    /// The group being sent.
+    g: usize,
+    /// Pages sent of each group.
+    next: Vec<u32>,
+    last_beat: Instant,
+    last_check: Instant,
+    /// Pages of all groups, and sent so far.
+    total: u64,
+    sent_pages: u64,
+}
+
+impl Flow {
+    fn open(cfg: &SenderConfig, groups: &[Group]) -> Result<Flow, CastError> {
+        let sock = socket::sender_socket(cfg.iface, cfg.ttl)
+            .map_err(CastError::io(format!("multicast socket on {}", cfg.iface)))?;
+        let mut by_port: HashMap<u16, Vec<Ipv4Addr>> = HashMap::new();
+        for g in groups {
+            by_port
+                .entry(g.addr.port().wrapping_add(1))
+                .or_default()
+                .push(*g.addr.ip());
+        }
+        let mut nack_socks = Vec::new();
+        for (port, addrs) in by_port {
+            let s = socket::group_socket(port, &addrs, cfg.iface, cfg.ttl)
+                .map_err(CastError::io(format!("NACK socket on port {port}")))?;
+            s.set_nonblocking(true)
+                .map_err(CastError::io("NACK socket"))?;
+            nack_socks.push(s);
+        }
+        Ok(Flow {
+            sock,
+            nack_socks,
+            bucket: cfg
+                .rate_bps
+                .map(|r| TokenBucket::new(r, 64 * 1024, Instant::now())),
+            gso: true,
+            replay: HashMap::new(),
+            repair: BTreeMap::new(),
+            oldest_request: None,
+            repaired_at: HashMap::new(),
+            rb: RecvBatch::default(),
+            page: [0u8; PAGE_SIZE],
+            g: 0,
+            next: vec![0; groups.len()],
+            last_beat: Instant::now(),
+            last_check: Instant::now(),
+            total: groups.iter().map(|g| g.pages.len() as u64).sum(),
+            sent_pages: 0,
+        })
+    }
+
+    /// Repairs to send now: once the oldest request has waited
+    /// [`COALESCE`] (or the pool is full). Repairs of one group whose
+    /// requesters are disjoint are XORed together (`coding`): each
+    /// receiver lacks at most one of them and rebuilds it from the others,
+    /// so one datagram repairs several receivers.
+    fn ripe_repairs(&mut self, coding: bool) -> Vec<Vec<(u32, u32)>> {
+        let mut pool: Vec<((u32, u32), u64)> = Vec::new();
+        let ripe = self.oldest_request.is_some_and(|t| t.elapsed() >= COALESCE)
+            || self.repair.len() >= REPAIR_POOL;
+        while ripe && pool.len() < REPAIR_POOL {
+            let Some(r) = self.repair.pop_first() else {
+                break;
+            };
+            pool.push(r);
+        }
+        let (units, rest) = repair_units(pool, coding, PAGES_PER_BATCH);
+        for (p, m) in rest {
+            *self.repair.entry(p).or_default() |= m;
+        }
+        if self.repair.is_empty() {
+            self.oldest_request = None;
+        } else if ripe {
+            // What is left has waited as long as what went out.
+            self.oldest_request = Some(Instant::now() - COALESCE);
+        }
+        units
+    }
+}
+
+/// One batch's datagrams: repairs and new pages by group, and their bytes.
+#[derive(Default)]
+struct Outgoing {
+    repairs: Vec<(usize, Vec<u8>)>,
+    pages: Vec<(usize, Vec<u8>)>,
+    bytes: usize,
+}
+
 struct Run<'a> {
     cfg: &'a SenderConfig,
     groups: &'a [Group],
@@ -1025,142 +1133,25 @@ impl<'a> Run<'a> {
     where
         'a: 's,
     {
-        let cfg = self.cfg;
-        let sock = socket::sender_socket(cfg.iface, cfg.ttl)
-            .map_err(CastError::io(format!("multicast socket on {}", cfg.iface)))?;
-        let mut by_port: HashMap<u16, Vec<Ipv4Addr>> = HashMap::new();
-        for g in self.groups {
-            by_port
-                .entry(g.addr.port().wrapping_add(1))
-                .or_default()
-                .push(*g.addr.ip());
-        }
-        let mut nack_socks = Vec::new();
-        for (port, addrs) in by_port {
-            let s = socket::group_socket(port, &addrs, cfg.iface, cfg.ttl)
-                .map_err(CastError::io(format!("NACK socket on port {port}")))?;
-            s.set_nonblocking(true)
-                .map_err(CastError::io("NACK socket"))?;
-            nack_socks.push(s);
-        }
-        let mut bucket = cfg
-            .rate_bps
-            .map(|r| TokenBucket::new(r, 64 * 1024, Instant::now()));
-        let mut gso = true;
+        let mut f = Flow::open(self.cfg, self.groups)?;
         let mut unicast: Vec<(usize, UnicastJoin<'s>)> = Vec::new();
-        let mut replay: HashMap<u32, ReplayWindow> = HashMap::new();
-        // Pages to repair and which receivers asked for each, and when the
-        // oldest request still waiting came in.
-        let mut repair: BTreeMap<(u32, u32), u64> = BTreeMap::new();
-        let mut oldest_request: Option<Instant> = None;
-        // Sequence number of the last datagram of each page's latest repair:
-        // a NACK whose sender had not yet seen that far was sent before the
-        // repair could arrive, and is ignored for that page.
-        let mut repaired_at: HashMap<(u32, u32), u64> = HashMap::new();
-        let mut rb = RecvBatch::default();
-        let mut page = [0u8; PAGE_SIZE];
-        let mut g = 0usize;
-        let mut next: Vec<u32> = vec![0; self.groups.len()];
-        let mut last_beat = Instant::now();
-        let mut last_check = Instant::now();
-        let total: u64 = self.groups.iter().map(|g| g.pages.len() as u64).sum();
-        let mut sent_pages = 0u64;
         self.started = Instant::now();
         loop {
             self.events(Duration::ZERO);
-            // NACKs from receivers, heard on the group.
-            for s in &nack_socks {
-                loop {
-                    let n =
-                        socket::recv_batch(s, &mut rb).map_err(CastError::io("reading NACKs"))?;
-                    if n == 0 {
-                        break;
-                    }
-                    for k in 0..n {
-                        let Some(buf) = rb.get_mut(k) else { continue };
-                        let Ok(d) = decode(buf, &self.key, self.session_id) else {
-                            continue;
-                        };
-                        if d.from == 0
-                            || replay.entry(d.from).or_default().check(d.seq) != Replay::Fresh
-                        {
-                            continue;
-                        }
-                        if let Body::Nack {
-                            group,
-                            seen_through,
-                            ranges,
-                        } = d.body
-                        {
-                            let Some(grp) = self.groups.get(group as usize) else {
-                                continue;
-                            };
-                            self.report.nacks += 1;
-                            counter!(crate::metrics::NACKS).increment(1);
-                            let sent = next[group as usize];
-                            for (a, c) in ranges {
-                                for idx in
-                                    a..a.saturating_add(c).min(sent).min(grp.pages.len() as u32)
-                                {
-                                    if repaired_at
-                                        .get(&(group, idx))
-                                        .is_none_or(|&r| r <= seen_through)
-                                    {
-                                        *repair.entry((group, idx)).or_default() |=
-                                            requester(d.from);
-                                        oldest_request.get_or_insert_with(Instant::now);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            if last_check.elapsed() > Duration::from_millis(20) {
-                last_check = Instant::now();
+            self.hear_nacks(&mut f)?;
+            if f.last_check.elapsed() > Duration::from_millis(20) {
+                f.last_check = Instant::now();
                 self.silent_check();
                 // Receivers holding the window back for too long go unicast.
-                if g < self.groups.len() {
-                    let now = Instant::now();
-                    let mut slow = Vec::new();
-                    for &m in &self.groups[g].members {
-                        let p = &mut self.peers[m];
-                        if p.state != State::Live {
-                            continue;
-                        }
-                        let lag = next[g].saturating_sub(p.contiguous[g]);
-                        gauge!(crate::metrics::RECEIVER_LAG, "receiver" => p.name.clone())
-                            .set(f64::from(lag));
-                        if next[g].saturating_sub(p.contiguous[g]) >= self.window {
-                            let since = *p.lagging_since.get_or_insert(now);
-                            if now.duration_since(since) > cfg.slow_after {
-                                slow.push(m);
-                            }
-                        } else {
-                            p.lagging_since = None;
-                        }
-                    }
-                    for m in slow {
-                        let why = format!("held the window back for over {:?}", cfg.slow_after);
-                        if let Some(j) = self.demote(scope, m, g, why) {
-                            unicast.push((m, j));
-                        }
+                for m in self.slow_receivers(&f) {
+                    let why = format!("held the window back for over {:?}", self.cfg.slow_after);
+                    if let Some(j) = self.demote(scope, m, f.g, why) {
+                        unicast.push((m, j));
                     }
                 }
             }
-            // Advance past groups every live member holds.
-            while g < self.groups.len() {
-                let len = self.groups[g].pages.len() as u32;
-                let all = self.groups[g].members.iter().all(|&m| {
-                    self.peers[m].state != State::Live || self.peers[m].contiguous[g] >= len
-                });
-                if next[g] == len && all {
-                    g += 1;
-                } else {
-                    break;
-                }
-            }
-            if g == self.groups.len() && self.all_finished() {
+            self.advance(&mut f);
+            if f.g == self.groups.len() && self.all_finished() {
                 break;
             }
             if self
@@ -1170,126 +1161,222 @@ impl<'a> Run<'a> {
             {
                 break;
             }
-
-            // What to send: repairs first, then new pages within the window.
-            // Repairs of one group whose requesters are disjoint are XORed
-            // together: each receiver lacks at most one of them and rebuilds
-            // it from the others, so one datagram repairs several receivers.
-            let mut pool: Vec<((u32, u32), u64)> = Vec::new();
-            let ripe = oldest_request.is_some_and(|t| t.elapsed() >= COALESCE)
-                || repair.len() >= REPAIR_POOL;
-            while ripe && pool.len() < REPAIR_POOL {
-                let Some(r) = repair.pop_first() else { break };
-                pool.push(r);
-            }
-            let (units, rest) = repair_units(pool, self.frag == PAGE_SIZE, PAGES_PER_BATCH);
-            for (p, m) in rest {
-                *repair.entry(p).or_default() |= m;
-            }
-            if repair.is_empty() {
-                oldest_request = None;
-            } else if ripe {
-                // What is left has waited as long as what went out.
-                oldest_request = Some(Instant::now() - COALESCE);
-            }
-            let mut batch: Vec<(usize, u32)> = Vec::new();
-            if g < self.groups.len() {
-                let len = self.groups[g].pages.len() as u32;
-                let base = self.groups[g]
-                    .members
-                    .iter()
-                    .filter(|&&m| self.peers[m].state == State::Live)
-                    .map(|&m| self.peers[m].contiguous[g])
-                    .min()
-                    .unwrap_or(len);
-                let end = len.min(base.saturating_add(self.window));
-                while batch.len() < PAGES_PER_BATCH && next[g] < end {
-                    batch.push((g, next[g]));
-                    next[g] += 1;
-                }
-            }
+            let units = f.ripe_repairs(self.frag == PAGE_SIZE);
+            let batch = self.new_pages(&mut f);
             if batch.is_empty() && units.is_empty() {
-                if g < self.groups.len() && last_beat.elapsed() >= HEARTBEAT_EVERY {
-                    self.heartbeat(&sock, g, next[g])?;
-                    last_beat = Instant::now();
+                if f.g < self.groups.len() && f.last_beat.elapsed() >= HEARTBEAT_EVERY {
+                    self.heartbeat(&f.sock, f.g, f.next[f.g])?;
+                    f.last_beat = Instant::now();
                 }
                 self.events(Duration::from_millis(1));
                 continue;
             }
-            // Encode, pace, send (per group address): repairs, then pages.
-            let mut repairs: Vec<(usize, Vec<u8>)> = Vec::new();
-            let mut datagrams: Vec<(usize, Vec<u8>)> = Vec::new();
-            let mut bytes_total = 0;
-            for unit in &units {
-                let rg = unit[0].0 as usize;
-                let mut out = Vec::new();
-                let bytes = if unit.len() == 1 {
-                    self.page_datagrams(rg, unit[0].1, 1, &mut out, &mut page)?
-                } else {
-                    self.report.coded_repairs += 1;
-                    self.coded_datagram(rg, unit, &mut out, &mut page)?
-                };
-                for &(ug, ui) in unit {
-                    repaired_at.insert((ug, ui), self.seq);
-                }
-                bytes_total += bytes;
-                self.report.bytes_repair += bytes as u64;
-                self.report.repairs += unit.len() as u64;
-                counter!(crate::metrics::REPAIRS).increment(unit.len() as u64);
-                repairs.extend(out.into_iter().map(|d| (rg, d)));
-            }
-            // Consecutive pages of a group share a datagram where it fits.
-            let mut k = 0;
-            while k < batch.len() {
-                let (bg, idx) = batch[k];
-                let mut n = 1;
-                while n < self.pack && k + n < batch.len() && batch[k + n] == (bg, idx + n as u32) {
-                    n += 1;
-                }
-                let mut out = Vec::new();
-                let bytes = self.page_datagrams(bg, idx, n, &mut out, &mut page)?;
-                bytes_total += bytes;
-                self.report.bytes_first += bytes as u64;
-                sent_pages += n as u64;
-                datagrams.extend(out.into_iter().map(|d| (bg, d)));
-                k += n;
-            }
-            if let Some(b) = bucket.as_mut() {
-                loop {
-                    let d = b.delay(bytes_total, Instant::now());
-                    if d.is_zero() {
-                        break;
-                    }
-                    std::thread::sleep(d);
-                }
-            }
-            for (rg, d) in &repairs {
-                socket::send_batch(&sock, &[d], self.groups[*rg].addr)
-                    .map_err(CastError::io("sending repairs"))?;
-            }
-            let mut start = 0;
-            while start < datagrams.len() {
-                let grp = datagrams[start].0;
-                let end = datagrams[start..]
-                    .iter()
-                    .position(|d| d.0 != grp)
-                    .map_or(datagrams.len(), |p| start + p);
-                let refs: Vec<&[u8]> = datagrams[start..end]
-                    .iter()
-                    .map(|d| d.1.as_slice())
-                    .collect();
-                socket::send_segments(&sock, &refs, self.groups[grp].addr, &mut gso)
-                    .map_err(CastError::io("sending pages"))?;
-                start = end;
-            }
-            counter!(crate::metrics::BYTES_SENT).increment(bytes_total as u64);
-            (self.progress)(sent_pages, total);
-            if last_beat.elapsed() >= HEARTBEAT_EVERY && g < self.groups.len() {
-                self.heartbeat(&sock, g, next[g])?;
-                last_beat = Instant::now();
+            let out = self.encode(&mut f, &units, &batch)?;
+            self.send_out(&mut f, out)?;
+            (self.progress)(f.sent_pages, f.total);
+            if f.last_beat.elapsed() >= HEARTBEAT_EVERY && f.g < self.groups.len() {
+                self.heartbeat(&f.sock, f.g, f.next[f.g])?;
+                f.last_beat = Instant::now();
             }
         }
         Ok(unicast)
+    }
+
+    /// Takes in the NACKs receivers multicast on the groups' NACK ports:
+    /// each page asked for (sent already, and not repaired since the
+    /// asker's `seen_through`) joins the repairs with the asker's bit.
+    fn hear_nacks(&mut self, f: &mut Flow) -> Result<(), CastError> {
+        for s in &f.nack_socks {
+            loop {
+                let n = socket::recv_batch(s, &mut f.rb).map_err(CastError::io("reading NACKs"))?;
+                if n == 0 {
+                    break;
+                }
+                for k in 0..n {
+                    let Some(buf) = f.rb.get_mut(k) else { continue };
+                    let Ok(d) = decode(buf, &self.key, self.session_id) else {
+                        continue;
+                    };
+                    if d.from == 0
+                        || f.replay.entry(d.from).or_default().check(d.seq) != Replay::Fresh
+                    {
+                        continue;
+                    }
+                    let Body::Nack {
+                        group,
+                        seen_through,
+                        ranges,
+                    } = d.body
+                    else {
+                        continue;
+                    };
+                    let Some(grp) = self.groups.get(group as usize) else {
+                        continue;
+                    };
+                    self.report.nacks += 1;
+                    counter!(crate::metrics::NACKS).increment(1);
+                    let sent = f.next[group as usize];
+                    for (a, c) in ranges {
+                        for idx in a..a.saturating_add(c).min(sent).min(grp.pages.len() as u32) {
+                            if f.repaired_at
+                                .get(&(group, idx))
+                                .is_none_or(|&r| r <= seen_through)
+                            {
+                                *f.repair.entry((group, idx)).or_default() |= requester(d.from);
+                                f.oldest_request.get_or_insert_with(Instant::now);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The live receivers of the current group that have held the window
+    /// back for longer than the config allows.
+    fn slow_receivers(&mut self, f: &Flow) -> Vec<usize> {
+        let g = f.g;
+        if g >= self.groups.len() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let mut slow = Vec::new();
+        for &m in &self.groups[g].members {
+            let p = &mut self.peers[m];
+            if p.state != State::Live {
+                continue;
+            }
+            let lag = f.next[g].saturating_sub(p.contiguous[g]);
+            gauge!(crate::metrics::RECEIVER_LAG, "receiver" => p.name.clone()).set(f64::from(lag));
+            if lag >= self.window {
+                let since = *p.lagging_since.get_or_insert(now);
+                if now.duration_since(since) > self.cfg.slow_after {
+                    slow.push(m);
+                }
+            } else {
+                p.lagging_since = None;
+            }
+        }
+        slow
+    }
+
+    /// Moves past groups that are sent and that every live member holds.
+    fn advance(&self, f: &mut Flow) {
+        while f.g < self.groups.len() {
+            let g = f.g;
+            let len = self.groups[g].pages.len() as u32;
+            let all = self.groups[g]
+                .members
+                .iter()
+                .all(|&m| self.peers[m].state != State::Live || self.peers[m].contiguous[g] >= len);
+            if f.next[g] == len && all {
+                f.g += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// New pages of the current group within the window (at most a batch).
+    fn new_pages(&self, f: &mut Flow) -> Vec<(usize, u32)> {
+        let mut batch: Vec<(usize, u32)> = Vec::new();
+        let g = f.g;
+        if g >= self.groups.len() {
+            return batch;
+        }
+        let len = self.groups[g].pages.len() as u32;
+        let base = self.groups[g]
+            .members
+            .iter()
+            .filter(|&&m| self.peers[m].state == State::Live)
+            .map(|&m| self.peers[m].contiguous[g])
+            .min()
+            .unwrap_or(len);
+        let end = len.min(base.saturating_add(self.window));
+        while batch.len() < PAGES_PER_BATCH && f.next[g] < end {
+            batch.push((g, f.next[g]));
+            f.next[g] += 1;
+        }
+        batch
+    }
+
+    /// Repair units then new pages as datagrams (consecutive pages of a
+    /// group share a datagram where it fits).
+    fn encode(
+        &mut self,
+        f: &mut Flow,
+        units: &[Vec<(u32, u32)>],
+        batch: &[(usize, u32)],
+    ) -> Result<Outgoing, CastError> {
+        let mut out = Outgoing::default();
+        for unit in units {
+            let rg = unit[0].0 as usize;
+            let mut dgs = Vec::new();
+            let bytes = if unit.len() == 1 {
+                self.page_datagrams(rg, unit[0].1, 1, &mut dgs, &mut f.page)?
+            } else {
+                self.report.coded_repairs += 1;
+                self.coded_datagram(rg, unit, &mut dgs, &mut f.page)?
+            };
+            for &(ug, ui) in unit {
+                f.repaired_at.insert((ug, ui), self.seq);
+            }
+            out.bytes += bytes;
+            self.report.bytes_repair += bytes as u64;
+            self.report.repairs += unit.len() as u64;
+            counter!(crate::metrics::REPAIRS).increment(unit.len() as u64);
+            out.repairs.extend(dgs.into_iter().map(|d| (rg, d)));
+        }
+        let mut k = 0;
+        while k < batch.len() {
+            let (bg, idx) = batch[k];
+            let mut n = 1;
+            while n < self.pack && k + n < batch.len() && batch[k + n] == (bg, idx + n as u32) {
+                n += 1;
+            }
+            let mut dgs = Vec::new();
+            let bytes = self.page_datagrams(bg, idx, n, &mut dgs, &mut f.page)?;
+            out.bytes += bytes;
+            self.report.bytes_first += bytes as u64;
+            f.sent_pages += n as u64;
+            out.pages.extend(dgs.into_iter().map(|d| (bg, d)));
+            k += n;
+        }
+        Ok(out)
+    }
+
+    /// Paces, then sends repairs one by one and pages in runs per group
+    /// address (one GSO send per run where the kernel allows).
+    fn send_out(&mut self, f: &mut Flow, out: Outgoing) -> Result<(), CastError> {
+        if let Some(b) = f.bucket.as_mut() {
+            loop {
+                let d = b.delay(out.bytes, Instant::now());
+                if d.is_zero() {
+                    break;
+                }
+                std::thread::sleep(d);
+            }
+        }
+        for (rg, d) in &out.repairs {
+            socket::send_batch(&f.sock, &[d], self.groups[*rg].addr)
+                .map_err(CastError::io("sending repairs"))?;
+        }
+        let dgs = &out.pages;
+        let mut start = 0;
+        while start < dgs.len() {
+            let grp = dgs[start].0;
+            let end = dgs[start..]
+                .iter()
+                .position(|d| d.0 != grp)
+                .map_or(dgs.len(), |p| start + p);
+            let refs: Vec<&[u8]> = dgs[start..end].iter().map(|d| d.1.as_slice()).collect();
+            socket::send_segments(&f.sock, &refs, self.groups[grp].addr, &mut f.gso)
+                .map_err(CastError::io("sending pages"))?;
+            start = end;
+        }
+        counter!(crate::metrics::BYTES_SENT).increment(out.bytes as u64);
+        Ok(())
     }
 
     fn chain<'s>(

@@ -366,6 +366,39 @@ pub fn decode<'a>(
     key: &[u8; 32],
     session: u64,
 ) -> Result<Datagram<'a>, WireError> {
+    let (kind, seq, from, body) = open(buf, key, session)?;
+    // Authenticated: now every field is checked (any session member holds
+    // the key, so a datagram that opens proves no shape).
+    let body = match kind {
+        KIND_DATA => data_body(body)?,
+        KIND_CODED => coded_body(body)?,
+        KIND_HEARTBEAT => heartbeat_body(body)?,
+        KIND_NACK => nack_body(body)?,
+        KIND_PROBE => {
+            if body.len() != 4 {
+                return Err(WireError::Malformed("probe"));
+            }
+            Body::Probe {
+                nonce: u32_at(body, 0),
+            }
+        }
+        _ => return Err(WireError::Malformed("unknown kind")),
+    };
+    Ok(Datagram {
+        session,
+        seq,
+        from,
+        body,
+    })
+}
+
+/// Checks a datagram's header and opens it: its kind, sequence, sender
+/// and (decrypted) body.
+fn open<'a>(
+    buf: &'a mut [u8],
+    key: &[u8; 32],
+    session: u64,
+) -> Result<(u8, u64, u32, &'a [u8]), WireError> {
     if buf.len() < HEADER_LEN + MAC_LEN || buf.len() > MAX_DATAGRAM_BYTES {
         return Err(WireError::Length(buf.len()));
     }
@@ -397,132 +430,117 @@ pub fn decode<'a>(
     if !opened {
         return Err(WireError::Forged);
     }
-    let body: &'a [u8] = body;
-    // Authenticated: now every field is checked (any session member holds
-    // the key, so a datagram that opens proves no shape).
-    let head = match kind {
-        KIND_DATA if body.len() < DATA_HEAD => {
-            return Err(WireError::Malformed("data head truncated"));
-        }
-        KIND_CODED if body.len() < CODED_HEAD => {
-            return Err(WireError::Malformed("coded head truncated"));
-        }
-        KIND_DATA => DATA_HEAD + DATA_ENTRY * body[10] as usize,
-        KIND_CODED => CODED_HEAD + CODED_ENTRY * body[4] as usize,
-        _ => body.len(),
-    };
+    Ok((kind, seq, from, body))
+}
+
+fn data_body(body: &[u8]) -> Result<Body<'_>, WireError> {
+    if body.len() < DATA_HEAD {
+        return Err(WireError::Malformed("data head truncated"));
+    }
+    let (fragment, fragments, count) = (body[8], body[9], body[10] as usize);
+    let head = DATA_HEAD + DATA_ENTRY * count;
     if head > body.len() {
         return Err(WireError::Malformed("head longer than the datagram"));
     }
-    let body = match kind {
-        KIND_DATA => {
-            let (fragment, fragments, count) = (body[8], body[9], body[10] as usize);
-            if fragments == 0 || fragments > MAX_FRAGMENTS || fragment >= fragments {
-                return Err(WireError::Malformed("fragment numbering"));
-            }
-            if count == 0 || count > MAX_PACK || (fragments > 1 && count != 1) {
-                return Err(WireError::Malformed("page count"));
-            }
-            let payload = &body[head..];
-            let fits = if fragments == 1 {
-                payload.len() == count * PAGE_SIZE
-            } else {
-                !payload.is_empty() && payload.len() <= PAGE_SIZE
-            };
-            if !fits {
-                return Err(WireError::Malformed("payload size"));
-            }
-            let pages = (0..count)
-                .map(|i| {
-                    let at = DATA_HEAD + DATA_ENTRY * i;
-                    (u64_at(body, at), check_at(body, at + 8))
-                })
-                .collect();
-            Body::Data {
-                group: u32_at(body, 0),
-                index: u32_at(body, 4),
-                fragment,
-                fragments,
-                pages,
-                payload,
-            }
-        }
-        KIND_CODED => {
-            let n = body[4] as usize;
-            if !(2..=MAX_CODED).contains(&n) {
-                return Err(WireError::Malformed("coded page count"));
-            }
-            if body.len() != head + PAGE_SIZE {
-                return Err(WireError::Malformed("coded payload is not one page"));
-            }
-            let pages = (0..n)
-                .map(|i| {
-                    let at = CODED_HEAD + CODED_ENTRY * i;
-                    (
-                        u32_at(body, at),
-                        u64_at(body, at + 4),
-                        check_at(body, at + 12),
-                    )
-                })
-                .collect();
-            Body::Coded {
-                group: u32_at(body, 0),
-                pages,
-                payload: &body[head..],
-            }
-        }
-        KIND_HEARTBEAT => {
-            if body.len() != 13 || body[12] > 1 {
-                return Err(WireError::Malformed("heartbeat"));
-            }
-            let (sent_through, group_len) = (u32_at(body, 4), u32_at(body, 8));
-            if sent_through > group_len {
-                return Err(WireError::Malformed("heartbeat beyond the group"));
-            }
-            Body::Heartbeat {
-                group: u32_at(body, 0),
-                sent_through,
-                group_len,
-                done: body[12] == 1,
-            }
-        }
-        KIND_NACK => {
-            if body.len() < 14 {
-                return Err(WireError::Malformed("nack"));
-            }
-            let n = u16::from_be_bytes([body[12], body[13]]) as usize;
-            if n == 0 || n > MAX_NACK_RANGES || body.len() != 14 + 8 * n {
-                return Err(WireError::Malformed("nack range count"));
-            }
-            let mut ranges = Vec::with_capacity(n);
-            for i in 0..n {
-                let (a, c) = (u32_at(body, 14 + 8 * i), u32_at(body, 18 + 8 * i));
-                if c == 0 || a.checked_add(c).is_none() {
-                    return Err(WireError::Malformed("nack range"));
-                }
-                ranges.push((a, c));
-            }
-            Body::Nack {
-                group: u32_at(body, 0),
-                seen_through: u64_at(body, 4),
-                ranges,
-            }
-        }
-        KIND_PROBE => {
-            if body.len() != 4 {
-                return Err(WireError::Malformed("probe"));
-            }
-            Body::Probe {
-                nonce: u32_at(body, 0),
-            }
-        }
-        _ => return Err(WireError::Malformed("unknown kind")),
+    if fragments == 0 || fragments > MAX_FRAGMENTS || fragment >= fragments {
+        return Err(WireError::Malformed("fragment numbering"));
+    }
+    if count == 0 || count > MAX_PACK || (fragments > 1 && count != 1) {
+        return Err(WireError::Malformed("page count"));
+    }
+    let payload = &body[head..];
+    let fits = if fragments == 1 {
+        payload.len() == count * PAGE_SIZE
+    } else {
+        !payload.is_empty() && payload.len() <= PAGE_SIZE
     };
-    Ok(Datagram {
-        session,
-        seq,
-        from,
-        body,
+    if !fits {
+        return Err(WireError::Malformed("payload size"));
+    }
+    let pages = (0..count)
+        .map(|i| {
+            let at = DATA_HEAD + DATA_ENTRY * i;
+            (u64_at(body, at), check_at(body, at + 8))
+        })
+        .collect();
+    Ok(Body::Data {
+        group: u32_at(body, 0),
+        index: u32_at(body, 4),
+        fragment,
+        fragments,
+        pages,
+        payload,
+    })
+}
+
+fn coded_body(body: &[u8]) -> Result<Body<'_>, WireError> {
+    if body.len() < CODED_HEAD {
+        return Err(WireError::Malformed("coded head truncated"));
+    }
+    let n = body[4] as usize;
+    let head = CODED_HEAD + CODED_ENTRY * n;
+    if head > body.len() {
+        return Err(WireError::Malformed("head longer than the datagram"));
+    }
+    if !(2..=MAX_CODED).contains(&n) {
+        return Err(WireError::Malformed("coded page count"));
+    }
+    if body.len() != head + PAGE_SIZE {
+        return Err(WireError::Malformed("coded payload is not one page"));
+    }
+    let pages = (0..n)
+        .map(|i| {
+            let at = CODED_HEAD + CODED_ENTRY * i;
+            (
+                u32_at(body, at),
+                u64_at(body, at + 4),
+                check_at(body, at + 12),
+            )
+        })
+        .collect();
+    Ok(Body::Coded {
+        group: u32_at(body, 0),
+        pages,
+        payload: &body[head..],
+    })
+}
+
+fn heartbeat_body(body: &[u8]) -> Result<Body<'_>, WireError> {
+    if body.len() != 13 || body[12] > 1 {
+        return Err(WireError::Malformed("heartbeat"));
+    }
+    let (sent_through, group_len) = (u32_at(body, 4), u32_at(body, 8));
+    if sent_through > group_len {
+        return Err(WireError::Malformed("heartbeat beyond the group"));
+    }
+    Ok(Body::Heartbeat {
+        group: u32_at(body, 0),
+        sent_through,
+        group_len,
+        done: body[12] == 1,
+    })
+}
+
+fn nack_body(body: &[u8]) -> Result<Body<'_>, WireError> {
+    if body.len() < 14 {
+        return Err(WireError::Malformed("nack"));
+    }
+    let n = u16::from_be_bytes([body[12], body[13]]) as usize;
+    if n == 0 || n > MAX_NACK_RANGES || body.len() != 14 + 8 * n {
+        return Err(WireError::Malformed("nack range count"));
+    }
+    let mut ranges = Vec::with_capacity(n);
+    for i in 0..n {
+        let (a, c) = (u32_at(body, 14 + 8 * i), u32_at(body, 18 + 8 * i));
+        if c == 0 || a.checked_add(c).is_none() {
+            return Err(WireError::Malformed("nack range"));
+        }
+        ranges.push((a, c));
+    }
+    Ok(Body::Nack {
+        group: u32_at(body, 0),
+        seen_through: u64_at(body, 4),
+        ranges,
     })
 }
 

@@ -376,10 +376,23 @@ impl AgentProc {
             .stderr(logf)
             .spawn()
             .expect("spawning an agent");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("reading the agent's first line");
+        // The first line within a minute: an agent that hangs before it
+        // listens fails the test with its log instead of stalling it.
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "printed nothing within 60 s; {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        };
         let Some(addr) = line.trim().strip_prefix("listening on ").map(str::to_owned) else {
             let _ = child.kill();
             let _ = child.wait();

@@ -4,5 +4,6 @@
 //! themselves live in the binary (`src/commands/`).
 
 pub mod castio;
+pub mod interrupts;
 pub mod scan;
 pub mod topology;

@@ -1,4 +1,4 @@
-//! `pagecast evaluate --quick` on the default topology, as CI runs it:
+//! `pagecast-evaluate --quick` on the default topology, as CI runs it:
 //! the report's byte counts agree with the interface counters it read and
 //! with what the commands themselves counted, every VM moved verified, the
 //! plots are well-formed SVG, nothing is left behind (a second run right
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use pagecast_testkit::{Need, needs};
 use pagecast_tests::{pagecast_bin, repo_root};
 
-/// What `pagecast evaluate` needs: namespaces, bridges, shaping and
+/// What `pagecast-evaluate` needs: namespaces, bridges, shaping and
 /// nftables as root, and KVM for the agents' micro-VMs.
 fn can_run(test: &str) -> bool {
     needs(
@@ -28,6 +28,18 @@ fn can_run(test: &str) -> bool {
     )
 }
 
+/// The harness, beside the `pagecast` binary (its crate's tests make
+/// cargo build it).
+fn evaluate_bin() -> std::path::PathBuf {
+    let bin = pagecast_bin().with_file_name("pagecast-evaluate");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p pagecast-evaluate`",
+        bin.display()
+    );
+    bin
+}
+
 fn namespaces(prefix: &str) -> Vec<String> {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
@@ -39,8 +51,8 @@ fn namespaces(prefix: &str) -> Vec<String> {
 }
 
 fn evaluate(out: &Path, prefix: &str) -> std::process::Output {
-    Command::new(pagecast_bin())
-        .args(["evaluate", "--quick", "--prefix", prefix, "--topology"])
+    Command::new(evaluate_bin())
+        .args(["--quick", "--prefix", prefix, "--topology"])
         .arg(repo_root().join("docs/examples/eval.toml"))
         .arg("--out")
         .arg(out)
@@ -214,8 +226,8 @@ fn ctrl_c_stops_everything_and_removes_the_namespaces() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(pagecast_bin())
-        .args(["evaluate", "--quick", "--prefix", "pci", "--topology"])
+    let mut child = Command::new(evaluate_bin())
+        .args(["--quick", "--prefix", "pci", "--topology"])
         .arg(repo_root().join("docs/examples/eval.toml"))
         .arg("--out")
         .arg(dir.path())

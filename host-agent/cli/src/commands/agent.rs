@@ -786,7 +786,7 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
         });
     }
     // Ctrl-C stops the migration before its switchover (the VM stays).
-    let stop = super::evacuate::catch_interrupts();
+    let stop = pagecast_cli::interrupts::catch();
     let mut m = client.start_migrate(req)?;
     let handle = m.handle();
     std::thread::spawn(move || {

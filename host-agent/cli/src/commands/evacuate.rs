@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -225,26 +225,6 @@ pub struct CancelArgs {
     job: String,
 }
 
-/// Set by SIGINT or SIGTERM.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// Makes Ctrl-C (and SIGTERM) set [`STOP`] instead of killing the process,
-/// so a job can stop its VMs cleanly.
-pub fn catch_interrupts() -> &'static AtomicBool {
-    // SAFETY: the handler only stores to an atomic, which is
-    // async-signal-safe; `signal` is given a valid function pointer of the
-    // type it expects.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    &STOP
-}
-
 fn new_job_id(prefix: &str) -> String {
     let mut b = [0u8; 4];
     let _ = pagecast_channel::random_bytes(&mut b);
@@ -413,7 +393,7 @@ fn render(r: &EvacuationReport) -> String {
 /// Runs `pagecast evacuate`.
 pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     let tls = a.index.identity()?;
-    let stop = catch_interrupts();
+    let stop = pagecast_cli::interrupts::catch();
     let job = a.job.clone().unwrap_or_else(|| new_job_id("ev"));
     let spec = EvacuateSpec {
         from: a.from.clone(),
@@ -500,7 +480,7 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
 /// Runs `pagecast clone`.
 pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
     let tls = a.index.identity()?;
-    let stop = catch_interrupts();
+    let stop = pagecast_cli::interrupts::catch();
     let job = a.job.clone().unwrap_or_else(|| new_job_id("cl"));
     if !a.json {
         eprintln!("job {job} (stop it with Ctrl-C or `pagecast cancel {job}`)");

@@ -3,7 +3,6 @@
 mod agent;
 mod cast;
 mod evacuate;
-mod evaluate;
 mod index;
 mod plan;
 mod progress;
@@ -58,7 +57,6 @@ enum Command {
     Evacuate(evacuate::EvacuateArgs),
     Clone(evacuate::CloneArgs),
     Cancel(evacuate::CancelArgs),
-    Evaluate(evaluate::EvaluateArgs),
 }
 
 /// The cluster's certificate authority: every daemon and tool proves who
@@ -181,7 +179,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evacuate(a) => evacuate::run_evacuate(a),
         Command::Clone(a) => evacuate::run_clone(a),
         Command::Cancel(a) => evacuate::run_cancel(a),
-        Command::Evaluate(a) => evaluate::run(a),
         Command::Ca(CaCmd {
             command: CaSub::Init { dir },
         }) => {

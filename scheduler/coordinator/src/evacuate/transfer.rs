@@ -319,7 +319,7 @@ fn by_destination_set(sends: &[(PageHash, Vec<String>)]) -> Vec<Vec<(PageHash, V
 /// sharing a source or a destination: a destination hears one source at a
 /// time, so each cast may use its whole link (datagrams beyond a
 /// destination's link are dropped there and come back as unicast repairs:
-/// `pagecast evaluate` measured 600 packets dropped by the destinations'
+/// `pagecast-evaluate` measured 600 packets dropped by the destinations'
 /// shapers and 16-111 MiB of repairs with two sources casting to one
 /// 1 Gbit/s destination at once). Whenever a cast ends, the longest
 /// waiting ones that can start do.

@@ -1,4 +1,4 @@
-//! `pagecast evaluate`: the strategies side by side on an emulated
+//! The evaluation harness: the strategies side by side on an emulated
 //! multi-rack network, measured from the interfaces' counters.
 //!
 //! The network is built from the topology file in network namespaces: one
@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::Parser;
 use pagecast_channel::Role;
 use pagecast_channel::ca::Authority;
 use pagecast_pages::units::format_bytes;
@@ -57,9 +57,9 @@ use pagecast_cli::topology::{Topology, VmSource};
 ///
 /// Example:
 ///
-///   pagecast evaluate --topology docs/examples/eval.toml --out eval-out
-#[derive(Debug, Args)]
-#[command(verbatim_doc_comment)]
+///   pagecast-evaluate --topology docs/examples/eval.toml --out eval-out
+#[derive(Debug, Parser)]
+#[command(name = "pagecast-evaluate", version, verbatim_doc_comment)]
 pub struct EvaluateArgs {
     /// The topology file (`pagecast plan --help` describes it).
     #[arg(long, value_name = "FILE")]
@@ -94,6 +94,29 @@ pub struct EvaluateArgs {
     /// multicast). By default a group reaches only the hosts that joined it.
     #[arg(long)]
     flood: bool,
+    /// The `pagecast` binary the cluster runs (default: the one beside
+    /// this program, as cargo builds them).
+    #[arg(long, value_name = "PATH")]
+    pagecast: Option<PathBuf>,
+}
+
+/// The `pagecast` binary: `given`, or the one beside this program.
+fn pagecast_exe(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let exe = match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this program's directory")?
+            .join("pagecast"),
+    };
+    if !exe.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build -p pagecast-cli --bin pagecast` \
+             (or name it with --pagecast)",
+            exe.display()
+        );
+    }
+    Ok(exe)
 }
 
 /// Most hosts a topology may have here (addresses are 10.79.RACK.HOST).
@@ -500,11 +523,6 @@ impl Ctx<'_> {
         std::fs::create_dir_all(&dir)?;
         let logs = self.out.join("logs").join(run);
         std::fs::create_dir_all(&logs)?;
-        let peers: Vec<String> = INDEX_PORTS
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("{}=10.79.0.1:{p}", i + 1))
-            .collect();
         let index: Vec<String> = INDEX_PORTS
             .iter()
             .map(|p| format!("10.79.0.1:{p}"))
@@ -515,6 +533,20 @@ impl Ctx<'_> {
             index: index.join(","),
             operator: self.tls.join("operator"),
         };
+        self.start_replicas(&mut cl, &dir, &logs)?;
+        let agents = self.start_agents(&mut cl, &logs)?;
+        self.start_vms(&cl, &agents)?;
+        self.wait_published(&cl)?;
+        Ok(cl)
+    }
+
+    /// Three index replicas, until leaders are elected (`hosts` answers).
+    fn start_replicas(&self, cl: &mut Cluster, dir: &Path, logs: &Path) -> anyhow::Result<()> {
+        let peers: Vec<String> = INDEX_PORTS
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=10.79.0.1:{p}", i + 1))
+            .collect();
         for (i, p) in INDEX_PORTS.iter().enumerate() {
             let id = (i + 1).to_string();
             let args: Vec<String> = [
@@ -543,12 +575,11 @@ impl Ctx<'_> {
             let child = self.spawn(&self.net.idx, &args, &logs.join(format!("replica{id}.log")))?;
             cl.children.push(child);
         }
-        // Leaders elected: `hosts` answers.
         let t = Instant::now();
         loop {
             self.check_stop()?;
-            if self.operator_json(&cl, &["hosts", "--json"]).is_ok() {
-                break;
+            if self.operator_json(cl, &["hosts", "--json"]).is_ok() {
+                return Ok(());
             }
             if t.elapsed() > Duration::from_secs(60) {
                 bail!(
@@ -558,6 +589,10 @@ impl Ctx<'_> {
             }
             std::thread::sleep(Duration::from_millis(300));
         }
+    }
+
+    /// An agent per host, each in its namespace; returns their addresses.
+    fn start_agents(&self, cl: &mut Cluster, logs: &Path) -> anyhow::Result<Vec<String>> {
         let c = &self.topo.cluster;
         let mut agents = Vec::new();
         for (i, h) in c.hosts.iter().enumerate() {
@@ -596,7 +631,12 @@ impl Ctx<'_> {
             }
             agents.push(format!("{addr}:{AGENT_PORT}"));
         }
-        for (v, vm) in c.vms.iter().enumerate() {
+        Ok(agents)
+    }
+
+    /// The topology's VMs, each on its host's agent.
+    fn start_vms(&self, cl: &Cluster, agents: &[String]) -> anyhow::Result<()> {
+        for (v, vm) in self.topo.cluster.vms.iter().enumerate() {
             self.check_stop()?;
             let mut args: Vec<String> = [
                 "vm",
@@ -632,17 +672,23 @@ impl Ctx<'_> {
             }
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             let v = self
-                .operator_json(&cl, &refs)
+                .operator_json(cl, &refs)
                 .with_context(|| format!("starting VM {}", vm.name))?;
             if v["name"] != vm.name.as_str() {
                 bail!("starting VM {}: {v}", vm.name);
             }
         }
-        // Every VM published, nothing hot.
+        Ok(())
+    }
+
+    /// Waits until the index lists every VM, then a moment more so that
+    /// nothing is hot.
+    fn wait_published(&self, cl: &Cluster) -> anyhow::Result<()> {
+        let want = self.topo.cluster.vms.len();
         let t = Instant::now();
         loop {
             self.check_stop()?;
-            let h = self.operator_json(&cl, &["hosts", "--json"])?;
+            let h = self.operator_json(cl, &["hosts", "--json"])?;
             let listed: usize = h["hosts"]
                 .as_array()
                 .map(|a| {
@@ -651,19 +697,16 @@ impl Ctx<'_> {
                         .sum()
                 })
                 .unwrap_or(0);
-            if listed == c.vms.len() {
+            if listed == want {
                 break;
             }
             if t.elapsed() > Duration::from_secs(120) {
-                bail!(
-                    "the index lists {listed} of {} VMs after 120 s",
-                    c.vms.len()
-                );
+                bail!("the index lists {listed} of {want} VMs after 120 s");
             }
             std::thread::sleep(Duration::from_millis(500));
         }
         std::thread::sleep(Duration::from_secs(2));
-        Ok(cl)
+        Ok(())
     }
 
     /// Packets every shaper (tbf) of every namespace dropped so far.
@@ -883,59 +926,69 @@ struct Report {
     clone: Option<Run>,
 }
 
-pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("evaluate builds network namespaces: it needs root");
-    }
-    if !Path::new("/dev/kvm").exists() {
-        bail!("evaluate runs KVM micro-VMs: /dev/kvm is missing");
-    }
-    let topo = Topology::load(&a.topology)?;
-    let mut strategies = a.strategies.clone();
-    if strategies.is_empty() {
-        strategies = if a.quick {
-            vec!["precopy".into(), "pagecast".into()]
-        } else {
-            vec!["precopy".into(), "vmscatter".into(), "pagecast".into()]
-        };
-    }
-    for s in &strategies {
-        if !["precopy", "vmscatter", "pagecast"].contains(&s.as_str()) {
-            bail!("--strategies: {s:?} is not precopy, vmscatter or pagecast");
+/// What the arguments ask for, checked against the topology.
+struct Choice {
+    topo: Topology,
+    strategies: Vec<String>,
+    /// The VM to clone and to how many hosts.
+    clone: Option<(usize, usize)>,
+}
+
+impl Choice {
+    fn of(a: &EvaluateArgs) -> anyhow::Result<Choice> {
+        let topo = Topology::load(&a.topology)?;
+        let mut strategies = a.strategies.clone();
+        if strategies.is_empty() {
+            strategies = if a.quick {
+                vec!["precopy".into(), "pagecast".into()]
+            } else {
+                vec!["precopy".into(), "vmscatter".into(), "pagecast".into()]
+            };
         }
-    }
-    let clone = match &a.clone {
-        None => None,
-        Some(c) => {
-            let (vm, n) = c
-                .split_once(':')
-                .with_context(|| format!("--clone {c}: give VM:N"))?;
-            let n: usize = n
-                .parse()
-                .with_context(|| format!("--clone {c}: N is a number"))?;
-            let vi = topo
-                .cluster
-                .vms
-                .iter()
-                .position(|v| v.name == vm)
-                .with_context(|| format!("--clone {c}: no VM {vm} in the topology"))?;
-            if n == 0 || n >= topo.cluster.hosts.len() {
-                bail!(
-                    "--clone {c}: N must be 1 to {} (the other hosts)",
-                    topo.cluster.hosts.len() - 1
-                );
+        for s in &strategies {
+            if !["precopy", "vmscatter", "pagecast"].contains(&s.as_str()) {
+                bail!("--strategies: {s:?} is not precopy, vmscatter or pagecast");
             }
-            Some((vi, n))
         }
-    };
-    let stop = super::evacuate::catch_interrupts();
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
-    let out = a.out.canonicalize()?;
-    eprintln!("== certificates");
-    let tls = out.join("tls");
-    let _ = std::fs::remove_dir_all(&tls);
+        let clone = match &a.clone {
+            None => None,
+            Some(c) => Some(clone_choice(&topo, c)?),
+        };
+        Ok(Choice {
+            topo,
+            strategies,
+            clone,
+        })
+    }
+}
+
+/// `--clone VM:N`: the VM's index and N.
+fn clone_choice(topo: &Topology, c: &str) -> anyhow::Result<(usize, usize)> {
+    let (vm, n) = c
+        .split_once(':')
+        .with_context(|| format!("--clone {c}: give VM:N"))?;
+    let n: usize = n
+        .parse()
+        .with_context(|| format!("--clone {c}: N is a number"))?;
+    let vi = topo
+        .cluster
+        .vms
+        .iter()
+        .position(|v| v.name == vm)
+        .with_context(|| format!("--clone {c}: no VM {vm} in the topology"))?;
+    if n == 0 || n >= topo.cluster.hosts.len() {
+        bail!(
+            "--clone {c}: N must be 1 to {} (the other hosts)",
+            topo.cluster.hosts.len() - 1
+        );
+    }
+    Ok((vi, n))
+}
+
+/// A certificate authority and every certificate the cluster needs, under
+/// `tls` (made afresh).
+fn certificates(tls: &Path, topo: &Topology) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(tls);
     let ca = Authority::init(&tls.join("ca"))?;
     for id in 1..=3 {
         ca.issue_to(
@@ -949,46 +1002,91 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         ca.issue_to(&h.name, Role::Host, 30, &tls.join(&h.name))?;
     }
     ca.issue_to("operator", Role::Operator, 30, &tls.join("operator"))?;
+    Ok(())
+}
+
+pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
+    // The arguments first: a mistake there costs no namespace.
+    let choice = Choice::of(&a)?;
+    let exe = pagecast_exe(a.pagecast.as_deref())?;
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("evaluate builds network namespaces: it needs root");
+    }
+    if !Path::new("/dev/kvm").exists() {
+        bail!("evaluate runs KVM micro-VMs: /dev/kvm is missing");
+    }
+    let topo = &choice.topo;
+    let stop = pagecast_cli::interrupts::catch();
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let out = a.out.canonicalize()?;
+    eprintln!("== certificates");
+    let tls = out.join("tls");
+    certificates(&tls, topo)?;
     eprintln!(
         "== network: {} racks, {} hosts in namespaces {}-*",
         topo.cluster.racks.len(),
         topo.cluster.hosts.len(),
         a.prefix
     );
-    let net = Net::build(&topo, &a.prefix, a.loss, a.flood)?;
+    let net = Net::build(topo, &a.prefix, a.loss, a.flood)?;
     let ctx = Ctx {
-        exe: std::env::current_exe()?,
+        exe,
         out: out.clone(),
         net: &net,
-        topo: &topo,
+        topo,
         tls,
         stop,
         args: &a,
     };
-    let c = &topo.cluster;
-    let from: Vec<String> = topo
-        .evacuation
-        .from
-        .iter()
-        .map(|&h| c.hosts[h].name.clone())
-        .collect();
-    let to: Vec<String> = topo
-        .evacuation
-        .to
-        .iter()
-        .map(|&h| c.hosts[h].name.clone())
-        .collect();
+    let names = |hs: &[usize]| -> Vec<String> {
+        hs.iter()
+            .map(|&h| topo.cluster.hosts[h].name.clone())
+            .collect()
+    };
+    let (from, to) = (names(&topo.evacuation.from), names(&topo.evacuation.to));
     let mut runs = Vec::new();
-    for s in &strategies {
+    for s in &choice.strategies {
+        runs.push(ctx.evacuation(s, &from, &to)?);
+    }
+    let clone_run = match choice.clone {
+        None => None,
+        Some((vi, n)) => Some(ctx.clone_case(vi, n)?),
+    };
+    let report = Report {
+        topology: a.topology.display().to_string(),
+        commit: git_commit(),
+        machine: machine(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        quick: a.quick,
+        loss_pct: a.loss,
+        offloads_off: net.offloads_off,
+        multicast_flood: a.flood,
+        strategies: runs,
+        clone: clone_run,
+    };
+    drop(net);
+    let _ = std::fs::remove_dir_all(out.join("data"));
+    write_report(&out, &report, &from)?;
+    eprintln!("== wrote {}", out.join("report.md").display());
+    Ok(())
+}
+
+impl Ctx<'_> {
+    /// Strategy `s` on a fresh cluster: evacuates `from` (onto `to`, or
+    /// where the planner chooses), measured.
+    fn evacuation(&self, s: &str, from: &[String], to: &[String]) -> anyhow::Result<Run> {
+        let a = self.args;
         eprintln!("== {s}: starting a fresh cluster");
-        let cl = ctx.start_cluster(s)?;
+        let cl = self.start_cluster(s)?;
         eprintln!("== {s}: evacuating {}", from.join(","));
         let mut args = vec![
             "evacuate".to_owned(),
             "--from".into(),
             from.join(","),
             "--strategy".into(),
-            s.clone(),
+            s.to_owned(),
             "--max-downtime".into(),
             a.max_downtime.to_string(),
             "--json".into(),
@@ -1004,26 +1102,16 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
             args.extend(["--to".into(), to.join(",")]);
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let m = ctx.measured(&cl, &refs, &out.join("logs").join(s).join("evacuate.json"))?;
+        let log = self.out.join("logs").join(s).join("evacuate.json");
+        let m = self.measured(&cl, &refs, &log)?;
         drop(cl);
         let rep = &m.rep;
-        let vms = rep["vms"]
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .map(|x| VmOutcome {
-                        name: x["name"].as_str().unwrap_or("").to_owned(),
-                        downtime_ms: num(&x["downtime_ms"]),
-                        verified: x["verified"] == true,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let vms = outcomes(&rep["vms"], |x| num(&x["downtime_ms"]));
         let run = Run {
-            strategy: s.clone(),
+            strategy: s.to_owned(),
             ok: rep["ok"] == true,
-            source_bytes: tx_of(&m.links, &from),
-            core_bytes: ctx.core_bytes(&m.links),
+            source_bytes: tx_of(&m.links, from),
+            core_bytes: self.core_bytes(&m.links),
             eviction_s: num(&rep["eviction_s"]),
             total_s: rep["total_s"].as_f64().unwrap_or(m.wall_s),
             vms,
@@ -1051,85 +1139,73 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
                 "NOT all verified"
             }
         );
-        runs.push(run);
+        Ok(run)
     }
-    let clone_run = match clone {
-        None => None,
-        Some((vi, n)) => {
-            let vm = &c.vms[vi];
-            let src = vm.host;
-            // Destinations: other racks first, then the source's rack.
-            let mut hosts: Vec<usize> = (0..c.hosts.len()).filter(|&h| h != src).collect();
-            hosts.sort_by_key(|&h| (c.hosts[h].rack == c.hosts[src].rack, h));
-            let dests: Vec<String> = hosts[..n]
-                .iter()
-                .map(|&h| c.hosts[h].name.clone())
-                .collect();
-            eprintln!("== clone: starting a fresh cluster");
-            let cl = ctx.start_cluster("clone")?;
-            eprintln!("== clone: {} to {}", vm.name, dests.join(","));
-            let m = ctx.measured(
-                &cl,
-                &[
-                    "clone",
-                    "--vm",
-                    &vm.name,
-                    "--to",
-                    &dests.join(","),
-                    "--max-downtime",
-                    &a.max_downtime.to_string(),
-                    "--json",
-                ],
-                &out.join("logs").join("clone").join("clone.json"),
-            )?;
-            drop(cl);
-            let rep = &m.rep;
-            let vms = rep["clones"]
-                .as_array()
-                .map(|v| {
-                    v.iter()
-                        .map(|x| VmOutcome {
-                            name: x["name"].as_str().unwrap_or("").to_owned(),
-                            downtime_ms: num(&rep["source_downtime_ms"]),
-                            verified: x["verified"] == true,
-                        })
-                        .collect()
+
+    /// The clone case on a fresh cluster: VM `vi` to `n` hosts, other
+    /// racks first, then the source's rack.
+    fn clone_case(&self, vi: usize, n: usize) -> anyhow::Result<Run> {
+        let c = &self.topo.cluster;
+        let vm = &c.vms[vi];
+        let src = vm.host;
+        let mut hosts: Vec<usize> = (0..c.hosts.len()).filter(|&h| h != src).collect();
+        hosts.sort_by_key(|&h| (c.hosts[h].rack == c.hosts[src].rack, h));
+        let dests: Vec<String> = hosts[..n]
+            .iter()
+            .map(|&h| c.hosts[h].name.clone())
+            .collect();
+        eprintln!("== clone: starting a fresh cluster");
+        let cl = self.start_cluster("clone")?;
+        eprintln!("== clone: {} to {}", vm.name, dests.join(","));
+        let m = self.measured(
+            &cl,
+            &[
+                "clone",
+                "--vm",
+                &vm.name,
+                "--to",
+                &dests.join(","),
+                "--max-downtime",
+                &self.args.max_downtime.to_string(),
+                "--json",
+            ],
+            &self.out.join("logs").join("clone").join("clone.json"),
+        )?;
+        drop(cl);
+        let rep = &m.rep;
+        let vms = outcomes(&rep["clones"], |_| num(&rep["source_downtime_ms"]));
+        Ok(Run {
+            strategy: format!("clone {}:{n}", vm.name),
+            ok: rep["ok"] == true,
+            source_bytes: tx_of(&m.links, std::slice::from_ref(&c.hosts[src].name)),
+            core_bytes: self.core_bytes(&m.links),
+            eviction_s: num(&rep["total_s"]),
+            total_s: num(&rep["total_s"]),
+            vms,
+            predicted: Predicted::default(),
+            reported_source_bytes: num(&rep["source_bytes"]),
+            phases: BTreeMap::new(),
+            bytes_by_link: m.links,
+            udp_drops: m.udp,
+            shaper_drops: m.shaper_drops,
+        })
+    }
+}
+
+/// Each VM of a report's list: its name, downtime and whether it was
+/// verified.
+fn outcomes(list: &Value, downtime: impl Fn(&Value) -> f64) -> Vec<VmOutcome> {
+    list.as_array()
+        .map(|v| {
+            v.iter()
+                .map(|x| VmOutcome {
+                    name: x["name"].as_str().unwrap_or("").to_owned(),
+                    downtime_ms: downtime(x),
+                    verified: x["verified"] == true,
                 })
-                .unwrap_or_default();
-            Some(Run {
-                strategy: format!("clone {}:{n}", vm.name),
-                ok: rep["ok"] == true,
-                source_bytes: tx_of(&m.links, std::slice::from_ref(&c.hosts[src].name)),
-                core_bytes: ctx.core_bytes(&m.links),
-                eviction_s: num(&rep["total_s"]),
-                total_s: num(&rep["total_s"]),
-                vms,
-                predicted: Predicted::default(),
-                reported_source_bytes: num(&rep["source_bytes"]),
-                phases: BTreeMap::new(),
-                bytes_by_link: m.links,
-                udp_drops: m.udp,
-                shaper_drops: m.shaper_drops,
-            })
-        }
-    };
-    let report = Report {
-        topology: a.topology.display().to_string(),
-        commit: git_commit(),
-        machine: machine(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        quick: a.quick,
-        loss_pct: a.loss,
-        offloads_off: net.offloads_off,
-        multicast_flood: a.flood,
-        strategies: runs,
-        clone: clone_run,
-    };
-    drop(net);
-    let _ = std::fs::remove_dir_all(out.join("data"));
-    write_report(&out, &report, &from)?;
-    eprintln!("== wrote {}", out.join("report.md").display());
-    Ok(())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn git_commit() -> String {
