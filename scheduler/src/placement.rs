@@ -335,115 +335,33 @@ fn pagecast<M: Model>(
     out: &mut Assignment,
     start: Option<Assignment>,
 ) -> Result<(), PlanError> {
-    let w = Weights::from_cluster(c);
-    let mut sets = Sets::<M> {
-        host: HashMap::new(),
-        rack: HashMap::new(),
+    let mut s = Search {
+        m,
+        c,
+        e,
+        w: Weights::from_cluster(c),
+        sets: Sets::of(m, c, e),
+        f,
+        out,
     };
-    for &d in &e.to {
-        let mut s = m.empty();
-        m.add_holdings(&mut s, d);
-        sets.host.insert(d, s);
-        let r = c.hosts[d].rack;
-        sets.rack.entry(r).or_insert_with(|| {
-            // Everything any host of the rack holds, sources included: a
-            // page a source in the same rack sends never crosses the core.
-            let mut s = m.empty();
-            for (h, host) in c.hosts.iter().enumerate() {
-                if host.rack == r {
-                    m.add_holdings(&mut s, h);
-                }
-            }
-            s
-        });
-    }
     // With a starting placement (already in `out` and `f`), every VM is
     // in the sets and only local search runs.
-    let seeded = start.is_some();
-    for (&v, &d) in out.iter() {
-        add_to(m, c, &mut sets, v, d);
+    let placed: Vec<(VmIdx, HostIdx)> = s.out.iter().map(|(&v, &d)| (v, d)).collect();
+    for (v, d) in placed {
+        add_to(m, c, &mut s.sets, v, d);
     }
-    let cost = |sets: &Sets<M>, v: VmIdx, d: HostIdx| {
-        let r = c.hosts[d].rack;
-        w.core[r] * m.missing(v, &sets.rack[&r]) + w.host * m.missing(v, &sets.host[&d])
-    };
-
-    // Greedy: largest VMs first (they are hardest to fit), each to the
-    // destination where it costs least.
+    // Largest VMs first (they are hardest to fit).
     let mut order: Vec<VmIdx> = rest.to_vec();
     order.sort_by_key(|&v| (std::cmp::Reverse(c.vms[v].memory_bytes), v));
-    for &v in order.iter().filter(|_| !seeded) {
-        let best =
-            e.to.iter()
-                .copied()
-                .filter(|&d| f.can(v, d))
-                .map(|d| (d, cost(&sets, v, d)))
-                .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-        let Some((d, _)) = best else {
-            return Err(no_room(c, v, f));
-        };
-        f.put(v, d);
-        out.insert(v, d);
-        add_to(m, c, &mut sets, v, d);
+    if start.is_none() {
+        s.greedy(&order)?;
     }
-
-    // Local search. Removing v from its destination lowers the total cost
-    // by exactly cost(v, d) measured without v, and adding it elsewhere
-    // raises it by cost(v, d'), so a move is taken only when it helps.
-    const EPS: f64 = 1e-9;
     for _pass in 0..m.search_passes() {
-        let mut improved = false;
-        for &v in &order {
-            let d1 = out[&v];
-            remove_from(m, c, &mut sets, v, d1);
-            f.take(v, d1);
-            let here = cost(&sets, v, d1);
-            let mut best = (d1, here);
-            for &d2 in &e.to {
-                if d2 != d1 && f.can(v, d2) {
-                    let there = cost(&sets, v, d2);
-                    if there < best.1 - EPS {
-                        best = (d2, there);
-                    }
-                }
-            }
-            f.put(v, best.0);
-            out.insert(v, best.0);
-            add_to(m, c, &mut sets, v, best.0);
-            improved |= best.0 != d1;
-        }
+        let mut improved = s.moves(&order);
         // Swaps help where capacity blocks single moves; quadratic, so only
         // on small instances.
         if order.len() <= 64 {
-            for i in 0..order.len() {
-                for j in i + 1..order.len() {
-                    let (v, u) = (order[i], order[j]);
-                    let (dv, du) = (out[&v], out[&u]);
-                    if dv == du {
-                        continue;
-                    }
-                    remove_from(m, c, &mut sets, v, dv);
-                    remove_from(m, c, &mut sets, u, du);
-                    f.take(v, dv);
-                    f.take(u, du);
-                    let before = cost(&sets, v, dv) + cost(&sets, u, du);
-                    let after = cost(&sets, v, du) + cost(&sets, u, dv);
-                    let swap = after < before - EPS && f.can(v, du) && {
-                        f.put(v, du);
-                        let ok = f.can(u, dv);
-                        f.take(v, du);
-                        ok
-                    };
-                    let (nv, nu) = if swap { (du, dv) } else { (dv, du) };
-                    f.put(v, nv);
-                    f.put(u, nu);
-                    out.insert(v, nv);
-                    out.insert(u, nu);
-                    add_to(m, c, &mut sets, v, nv);
-                    add_to(m, c, &mut sets, u, nu);
-                    improved |= swap;
-                }
-            }
+            improved |= s.swaps(&order);
         }
         if !improved {
             break;
@@ -451,6 +369,142 @@ fn pagecast<M: Model>(
     }
     Ok(())
 }
+
+impl<M: Model> Sets<M> {
+    /// Each destination's holdings, and each destination rack's: everything
+    /// any host of the rack holds, sources included (a page a source in the
+    /// same rack sends never crosses the core).
+    fn of(m: &M, c: &Cluster, e: &Evacuation) -> Sets<M> {
+        let mut sets = Sets::<M> {
+            host: HashMap::new(),
+            rack: HashMap::new(),
+        };
+        for &d in &e.to {
+            let mut s = m.empty();
+            m.add_holdings(&mut s, d);
+            sets.host.insert(d, s);
+            let r = c.hosts[d].rack;
+            sets.rack.entry(r).or_insert_with(|| {
+                let mut s = m.empty();
+                for (h, host) in c.hosts.iter().enumerate() {
+                    if host.rack == r {
+                        m.add_holdings(&mut s, h);
+                    }
+                }
+                s
+            });
+        }
+        sets
+    }
+}
+
+/// The `pagecast` strategy's search: the content sets as VMs are placed,
+/// and what fits where.
+struct Search<'a, M: Model> {
+    m: &'a M,
+    c: &'a Cluster,
+    e: &'a Evacuation,
+    w: Weights,
+    sets: Sets<M>,
+    f: &'a mut Feasibility,
+    out: &'a mut Assignment,
+}
+
+impl<M: Model> Search<'_, M> {
+    /// What placing `v` on `d` costs given the sets now: its content the
+    /// rack lacks, over the core, and what the host lacks, over its link.
+    fn cost(&self, v: VmIdx, d: HostIdx) -> f64 {
+        let r = self.c.hosts[d].rack;
+        self.w.core[r] * self.m.missing(v, &self.sets.rack[&r])
+            + self.w.host * self.m.missing(v, &self.sets.host[&d])
+    }
+
+    fn place(&mut self, v: VmIdx, d: HostIdx) {
+        self.f.put(v, d);
+        self.out.insert(v, d);
+        add_to(self.m, self.c, &mut self.sets, v, d);
+    }
+
+    fn unplace(&mut self, v: VmIdx, d: HostIdx) {
+        remove_from(self.m, self.c, &mut self.sets, v, d);
+        self.f.take(v, d);
+    }
+
+    /// Each VM of `order` to the destination where it costs least.
+    fn greedy(&mut self, order: &[VmIdx]) -> Result<(), PlanError> {
+        for &v in order {
+            let best = self
+                .e
+                .to
+                .iter()
+                .copied()
+                .filter(|&d| self.f.can(v, d))
+                .map(|d| (d, self.cost(v, d)))
+                .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+            let Some((d, _)) = best else {
+                return Err(no_room(self.c, v, self.f));
+            };
+            self.place(v, d);
+        }
+        Ok(())
+    }
+
+    /// One pass of single moves. Removing v from its destination lowers
+    /// the total cost by exactly cost(v, d) measured without v, and adding
+    /// it elsewhere raises it by cost(v, d'), so a move is taken only when
+    /// it helps. Returns whether any VM moved.
+    fn moves(&mut self, order: &[VmIdx]) -> bool {
+        let mut improved = false;
+        for &v in order {
+            let d1 = self.out[&v];
+            self.unplace(v, d1);
+            let mut best = (d1, self.cost(v, d1));
+            for &d2 in &self.e.to {
+                if d2 != d1 && self.f.can(v, d2) {
+                    let there = self.cost(v, d2);
+                    if there < best.1 - EPS {
+                        best = (d2, there);
+                    }
+                }
+            }
+            self.place(v, best.0);
+            improved |= best.0 != d1;
+        }
+        improved
+    }
+
+    /// One pass of pairwise swaps; returns whether any pair swapped.
+    fn swaps(&mut self, order: &[VmIdx]) -> bool {
+        let mut improved = false;
+        for i in 0..order.len() {
+            for j in i + 1..order.len() {
+                let (v, u) = (order[i], order[j]);
+                let (dv, du) = (self.out[&v], self.out[&u]);
+                if dv == du {
+                    continue;
+                }
+                self.unplace(v, dv);
+                self.unplace(u, du);
+                let before = self.cost(v, dv) + self.cost(u, du);
+                let after = self.cost(v, du) + self.cost(u, dv);
+                let swap = after < before - EPS && self.f.can(v, du) && {
+                    self.f.put(v, du);
+                    let ok = self.f.can(u, dv);
+                    self.f.take(v, du);
+                    ok
+                };
+                let (nv, nu) = if swap { (du, dv) } else { (dv, du) };
+                self.place(v, nv);
+                self.place(u, nu);
+                improved |= swap;
+            }
+        }
+        improved
+    }
+}
+
+/// Cost differences below this are ties (floating-point noise).
+const EPS: f64 = 1e-9;
 
 fn add_to<M: Model>(m: &M, c: &Cluster, sets: &mut Sets<M>, v: VmIdx, d: HostIdx) {
     m.add(sets.host.get_mut(&d).expect("destination set"), v);

@@ -258,30 +258,7 @@ impl Topology {
                     });
                     pagecast_pages::domain::check_domain(&v.domain)
                         .map_err(|e| invalid(format!("VM {:?}: {e}", v.name)))?;
-                    sources.push(match (&v.image, &v.synthetic) {
-                        (Some(img), None) if v.memory.is_none() => VmSource::Image(base.join(img)),
-                        (None, Some(profile)) => {
-                            let memory = match &v.memory {
-                                Some(m) => pagecast_pages::units::parse_size(m).map_err(|e| {
-                                    invalid(format!("VM {:?}: memory {m:?}: {e}", v.name))
-                                })?,
-                                None => DEFAULT_SYNTHETIC_MEMORY,
-                            };
-                            let spec = SynthSpec::parse(profile, memory)
-                                .map_err(|e| invalid(format!("VM {:?}: {e}", v.name)))?;
-                            VmSource::Synthetic {
-                                profile: profile.clone(),
-                                spec,
-                            }
-                        }
-                        _ => {
-                            return Err(invalid(format!(
-                                "VM {:?}: give either image or synthetic (with an optional \
-                                 memory)",
-                                v.name
-                            )));
-                        }
-                    });
+                    sources.push(vm_source(v, base).map_err(invalid)?);
                     domains.push(pagecast_pages::domain::normalize(&v.domain).to_owned());
                 }
             }
@@ -293,34 +270,7 @@ impl Topology {
                 c.vms.len()
             )));
         }
-        let host = |n: &String| {
-            host_ix
-                .get(n)
-                .copied()
-                .ok_or_else(|| invalid(format!("unknown host {n:?} in [evacuate]")))
-        };
-        let vm = |n: &String| {
-            vm_ix
-                .get(n)
-                .copied()
-                .ok_or_else(|| invalid(format!("unknown VM {n:?} in [evacuate]")))
-        };
-        let evacuation = Evacuation {
-            from: f.evacuate.from.iter().map(host).collect::<Result<_, _>>()?,
-            to: f.evacuate.to.iter().map(host).collect::<Result<_, _>>()?,
-            anti_affinity: f
-                .evacuate
-                .anti_affinity
-                .iter()
-                .map(|g| g.iter().map(vm).collect::<Result<Vec<_>, _>>())
-                .collect::<Result<_, _>>()?,
-            pinned: f
-                .evacuate
-                .pinned
-                .iter()
-                .map(|(v, h)| Ok((vm(v)?, host(h)?)))
-                .collect::<Result<_, TopologyError>>()?,
-        };
+        let evacuation = evacuation_of(&f.evacuate, &host_ix, &vm_ix).map_err(invalid)?;
         if evacuation.from.is_empty() {
             return Err(invalid(
                 "[evacuate] from is empty: name the hosts to evacuate".into(),
@@ -412,6 +362,66 @@ pub enum VmSource {
 
 /// Memory of a synthetic VM whose topology entry gives none.
 pub const DEFAULT_SYNTHETIC_MEMORY: u64 = 64 << 20;
+
+/// Where a VM's memory comes from: an image (relative to `base`) or a
+/// synthetic profile with its memory size; `Err` says what is wrong.
+fn vm_source(v: &VmSpec, base: &Path) -> Result<VmSource, String> {
+    match (&v.image, &v.synthetic) {
+        (Some(img), None) if v.memory.is_none() => Ok(VmSource::Image(base.join(img))),
+        (None, Some(profile)) => {
+            let memory = match &v.memory {
+                Some(m) => pagecast_pages::units::parse_size(m)
+                    .map_err(|e| format!("VM {:?}: memory {m:?}: {e}", v.name))?,
+                None => DEFAULT_SYNTHETIC_MEMORY,
+            };
+            let spec =
+                SynthSpec::parse(profile, memory).map_err(|e| format!("VM {:?}: {e}", v.name))?;
+            Ok(VmSource::Synthetic {
+                profile: profile.clone(),
+                spec,
+            })
+        }
+        _ => Err(format!(
+            "VM {:?}: give either image or synthetic (with an optional memory)",
+            v.name
+        )),
+    }
+}
+
+/// The `[evacuate]` section with hosts and VMs as indexes; `Err` names
+/// what it does not know.
+fn evacuation_of(
+    e: &EvacSpec,
+    host_ix: &HashMap<String, usize>,
+    vm_ix: &HashMap<String, usize>,
+) -> Result<Evacuation, String> {
+    let host = |n: &String| {
+        host_ix
+            .get(n)
+            .copied()
+            .ok_or_else(|| format!("unknown host {n:?} in [evacuate]"))
+    };
+    let vm = |n: &String| {
+        vm_ix
+            .get(n)
+            .copied()
+            .ok_or_else(|| format!("unknown VM {n:?} in [evacuate]"))
+    };
+    Ok(Evacuation {
+        from: e.from.iter().map(host).collect::<Result<_, _>>()?,
+        to: e.to.iter().map(host).collect::<Result<_, _>>()?,
+        anti_affinity: e
+            .anti_affinity
+            .iter()
+            .map(|g| g.iter().map(vm).collect::<Result<Vec<_>, _>>())
+            .collect::<Result<_, _>>()?,
+        pinned: e
+            .pinned
+            .iter()
+            .map(|(v, h)| Ok((vm(v)?, host(h)?)))
+            .collect::<Result<_, String>>()?,
+    })
+}
 
 #[cfg(test)]
 mod tests {

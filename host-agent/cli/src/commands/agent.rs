@@ -761,7 +761,50 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar.set_message(format!("migrating {} to {}", a.vm, a.to));
-    let req = v1::MigrateRequest {
+    if let Some(l) = &a.qemu_listen {
+        bar.suspend(|| {
+            eprintln!(
+                "{}: the source agent takes QEMU's stream on tcp:{l} (up to {} s): start the migration, e.g. virsh migrate --live {} DEST_URI --migrateuri tcp:{l}",
+                a.vm, a.qemu_wait, a.vm
+            )
+        });
+    }
+    let r = follow_migration(client, migrate_request(&a, &job), &bar);
+    bar.finish_and_clear();
+    // The job is over at both ends (a VM left in doubt is still settled:
+    // that question is answered whatever the job's state).
+    for at in [&a.from, &a.to] {
+        let _ = AgentClient::connect(at, &tls).and_then(|c| c.close_job(&job));
+    }
+    let r = r?;
+    let out = migrate_out(&a, &r);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if r.ok {
+        print!("{}", render_report(&out));
+    }
+    if !r.ok {
+        if r.in_doubt {
+            anyhow::bail!(
+                "migration of {} in doubt: {} (the VM stays paused on {}; check `pagecast vm list --agent {}` and stop the copy that must go)",
+                a.vm,
+                pagecast_proto::refusal_text(&r.error),
+                a.from,
+                a.to
+            );
+        }
+        anyhow::bail!(
+            "migration of {} failed, it keeps running on {}: {}",
+            a.vm,
+            a.from,
+            pagecast_proto::refusal_text(&r.error)
+        );
+    }
+    Ok(())
+}
+
+fn migrate_request(a: &MigrateArgs, job: &str) -> v1::MigrateRequest {
+    v1::MigrateRequest {
         vm: a.vm.clone(),
         to: a.to.clone(),
         bandwidth_bps: a.bandwidth.unwrap_or(0),
@@ -774,18 +817,18 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
             .or_else(|| a.qemu_listen.clone())
             .unwrap_or_default(),
         qemu_wait_s: a.qemu_wait,
-        job: job.clone(),
+        job: job.to_owned(),
         ..Default::default()
-    };
-    if let Some(l) = &a.qemu_listen {
-        bar.suspend(|| {
-            eprintln!(
-                "{}: the source agent takes QEMU's stream on tcp:{l} (up to {} s): start the migration, e.g. virsh migrate --live {} DEST_URI --migrateuri tcp:{l}",
-                a.vm, a.qemu_wait, a.vm
-            )
-        });
     }
-    // Ctrl-C stops the migration before its switchover (the VM stays).
+}
+
+/// Starts the migration and shows its progress until its result; Ctrl-C
+/// stops it before its switchover (the VM stays).
+fn follow_migration(
+    client: AgentClient,
+    req: v1::MigrateRequest,
+    bar: &ProgressBar,
+) -> Result<v1::MigrateResult, pagecast_agent_api::ClientError> {
     let stop = pagecast_cli::interrupts::catch();
     let mut m = client.start_migrate(req)?;
     let handle = m.handle();
@@ -795,9 +838,9 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
         }
         let _ = handle.go(true, "interrupted by the operator");
     });
-    let r = loop {
-        match m.next_event() {
-            Ok(MigrationEvent::Progress(p)) => bar.set_message(format!(
+    loop {
+        match m.next_event()? {
+            MigrationEvent::Progress(p) => bar.set_message(format!(
                 "{:<14} round {:>2}  {} pages sent ({}), {} filled locally, {} dirty, throttle {}%",
                 p.phase,
                 p.round,
@@ -807,19 +850,14 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
                 p.dirty_pages,
                 p.throttle_pct
             )),
-            Ok(MigrationEvent::Held(..)) => {}
-            Ok(MigrationEvent::Result(r)) => break Ok(r),
-            Err(e) => break Err(e),
+            MigrationEvent::Held(..) => {}
+            MigrationEvent::Result(r) => return Ok(r),
         }
-    };
-    bar.finish_and_clear();
-    // The job is over at both ends (a VM left in doubt is still settled:
-    // that question is answered whatever the job's state).
-    for at in [&a.from, &a.to] {
-        let _ = AgentClient::connect(at, &tls).and_then(|c| c.close_job(&job));
     }
-    let r = r?;
-    let out = MigrateOut {
+}
+
+fn migrate_out<'a>(a: &'a MigrateArgs, r: &'a v1::MigrateResult) -> MigrateOut<'a> {
+    MigrateOut {
         vm: &a.vm,
         from: &a.from,
         to: &a.to,
@@ -852,30 +890,7 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
         total_ms: r.total_ms,
         max_throttle_pct: r.max_throttle_pct,
         progress_after: r.progress_after,
-    };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else if r.ok {
-        print!("{}", render_report(&out));
     }
-    if !r.ok {
-        if r.in_doubt {
-            anyhow::bail!(
-                "migration of {} in doubt: {} (the VM stays paused on {}; check `pagecast vm list --agent {}` and stop the copy that must go)",
-                a.vm,
-                pagecast_proto::refusal_text(&r.error),
-                a.from,
-                a.to
-            );
-        }
-        anyhow::bail!(
-            "migration of {} failed, it keeps running on {}: {}",
-            a.vm,
-            a.from,
-            pagecast_proto::refusal_text(&r.error)
-        );
-    }
-    Ok(())
 }
 
 fn render_report(o: &MigrateOut<'_>) -> String {
