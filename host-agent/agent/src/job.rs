@@ -929,3 +929,26 @@ fn recv_stats(r: &pagecast_multicast::RecvReport) -> v1::CastStats {
         ..v1::CastStats::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_hashes_are_whole_and_bounded() {
+        let hs: Vec<PageHash> = (0u8..3)
+            .map(|i| PageHash::of_page(&[i; PAGE_SIZE]))
+            .collect();
+        let mut b = Vec::new();
+        for h in &hs {
+            b.extend_from_slice(h.as_bytes());
+        }
+        assert_eq!(hashes_of(&b).unwrap(), hs);
+        assert!(hashes_of(&[]).unwrap().is_empty());
+        let e = hashes_of(&b[..33]).unwrap_err();
+        assert!(matches!(e, AgentError::BadRequest(_)), "{e}");
+        let too_many = vec![0u8; pagecast_proto::MAX_CONTROL_FRAME_BYTES + 32];
+        let e = hashes_of(&too_many).unwrap_err();
+        assert!(matches!(e, AgentError::BadRequest(_)), "{e}");
+    }
+}

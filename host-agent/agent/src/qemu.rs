@@ -927,3 +927,112 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_libvirt_route_takes_loopback_ports_only() {
+        assert_eq!(
+            loopback("127.0.0.1:49152", "--qemu-listen").unwrap(),
+            "127.0.0.1:49152".parse::<SocketAddr>().unwrap()
+        );
+        assert!(loopback("[::1]:49152", "--qemu-listen").is_ok());
+        for (bad, says) in [
+            ("10.0.0.1:49152", "loopback"),
+            ("127.0.0.1:0", "loopback"),
+            ("localhost", "is not ADDR:PORT"),
+            ("", "is not ADDR:PORT"),
+        ] {
+            let e = loopback(bad, "--qemu-connect").unwrap_err().to_string();
+            assert!(
+                e.contains("--qemu-connect") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_libvirt_migration_is_no_gang_member_and_checks_both_ends() {
+        let mut r = v1::MigrateRequest {
+            qemu_listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        };
+        // No listen address: the agent's own route, nothing bound here.
+        assert!(route(&v1::MigrateRequest::default()).unwrap().is_none());
+        r.hold = true;
+        let e = route(&r).unwrap_err().to_string();
+        assert!(e.contains("not in a gang job"), "{e}");
+        r.hold = false;
+        r.qemu_listen = "127.0.0.1:1".into();
+        r.qemu_connect = "192.0.2.1:5".into();
+        let e = route(&r).unwrap_err().to_string();
+        assert!(e.contains("--qemu-connect"), "{e}");
+        // A free port of our own: bound, with the default wait.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        r.qemu_listen = format!("127.0.0.1:{port}");
+        r.qemu_connect = "127.0.0.1:49153".into();
+        let (l, wait) = route(&r).unwrap().unwrap();
+        assert_eq!(l.local_addr().unwrap().port(), port);
+        assert_eq!(wait, Duration::from_secs(300));
+        r.qemu_wait_s = 7;
+        drop(l);
+        let (_, wait) = route(&r).unwrap().unwrap();
+        assert_eq!(wait, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn waiting_for_a_stream_ends_on_a_stop_or_the_deadline() {
+        let would_block = || -> std::io::Result<()> { Err(std::io::ErrorKind::WouldBlock.into()) };
+        // Stopped: the reason comes back at once.
+        let t = Instant::now();
+        let e = accept_within(
+            would_block,
+            Duration::from_secs(30),
+            || Some("cancelled by the operator".into()),
+            || "late".into(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cancelled by the operator"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // Nothing comes: the deadline's message.
+        let e = accept_within(
+            would_block,
+            Duration::from_millis(50),
+            || None,
+            || "no stream within 50 ms".into(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no stream within 50 ms"), "{e}");
+        // A real error ends the wait; a connection is returned.
+        let e = accept_within(
+            || -> std::io::Result<()> { Err(std::io::ErrorKind::PermissionDenied.into()) },
+            Duration::from_secs(30),
+            || None,
+            || "late".into(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, AgentError::Qemu(_)), "{e}");
+        let mut n = 0;
+        let got = accept_within(
+            || {
+                n += 1;
+                if n < 3 {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(n)
+                }
+            },
+            Duration::from_secs(30),
+            || None,
+            || "late".into(),
+        )
+        .unwrap();
+        assert_eq!(got, 3);
+    }
+}

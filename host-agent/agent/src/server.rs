@@ -549,3 +549,73 @@ fn migrate_in(agent: &Agent, ch: Channel, source: &str, job: &str) {
         Err(e) => warn!("incoming migration from {from} failed, nothing kept: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagecast_channel::Identity;
+    use v1::agent_request::Body as B;
+
+    fn who(name: &str, role: Role) -> Identity {
+        Identity {
+            name: name.into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn each_request_is_open_to_its_roles_only() {
+        let host = who("h1", Role::Host);
+        let op = who("ops", Role::Operator);
+        let reader = who("r", Role::Reader);
+        let index = who("index-1", Role::Index);
+        let list = B::VmList(v1::VmListRequest {});
+        for w in [&host, &op, &reader] {
+            assert!(forbidden(w, &list).is_none(), "{w} lists VMs");
+        }
+        assert!(forbidden(&index, &list).is_some());
+        let start = B::VmStart(v1::VmStartRequest::default());
+        assert!(forbidden(&op, &start).is_none());
+        for w in [&host, &reader] {
+            let why = forbidden(w, &start).unwrap();
+            assert!(why.contains("may not start VMs"), "{why}");
+        }
+        // Host to host only: an operator does not push a migration in, and
+        // a host does not order one.
+        let incoming = B::Incoming(v1::MigrateIncoming {
+            source: "h1".into(),
+            job: "j".into(),
+        });
+        assert!(forbidden(&host, &incoming).is_none());
+        assert!(forbidden(&op, &incoming).is_some());
+        assert!(forbidden(&host, &B::Migrate(v1::MigrateRequest::default())).is_some());
+        for b in [
+            B::JobOpen(v1::JobOpen::default()),
+            B::Go(v1::JobGo::default()),
+            B::CastRecv(v1::CastRecvRequest::default()),
+        ] {
+            assert!(forbidden(&host, &b).is_some(), "{b:?}");
+            assert!(forbidden(&op, &b).is_none(), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn a_host_migrates_in_under_its_own_name_only() {
+        let incoming = |source: &str| {
+            B::Incoming(v1::MigrateIncoming {
+                source: source.into(),
+                job: "j".into(),
+            })
+        };
+        let why = forbidden(&who("h2", Role::Host), &incoming("h1")).unwrap();
+        assert!(why.contains("as host \"h1\""), "{why}");
+        assert!(forbidden(&who("h1", Role::Host), &incoming("h1")).is_none());
+    }
+
+    #[test]
+    fn an_implicit_job_names_its_vm() {
+        let j = implicit_job("web1");
+        let ms = j.strip_prefix("migrate:web1:").unwrap();
+        assert!(ms.parse::<u128>().unwrap() > 0, "{j}");
+    }
+}
