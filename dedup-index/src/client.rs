@@ -515,6 +515,24 @@ pub struct VmContent {
 }
 
 impl VmContent {
+    /// The VM's record as the index keeps it (running, on no host yet: the
+    /// index sets the host from the writer's certificate).
+    pub fn record(&self, domain: &str) -> VmRecord {
+        VmRecord {
+            name: self.name.clone(),
+            host: 0,
+            image: self.image.clone(),
+            frames: self.frames,
+            nonzero_frames: self.nonzero_frames(),
+            distinct: self.counts.len() as u64,
+            digest: self.digest().to_vec().into(),
+            sketch: self.sketch.to_bytes().into(),
+            generation: 0,
+            state: VmState::Running as i32,
+            domain: domain.to_owned(),
+        }
+    }
+
     /// Builds the content from every frame's hash (zero pages included).
     pub fn from_frames(name: &str, image: &str, hashes: &[PageHash]) -> Self {
         let mut m: HashMap<PageHash, u64> = HashMap::new();

@@ -98,6 +98,10 @@ pub const MAX_RAFT_MESSAGE_BYTES: usize = 1 << 30;
 
 /// Most hashes one content-index lookup or delta batch may carry.
 pub const MAX_INDEX_BATCH: usize = 65_536;
+/// Most frames of one VM whose published content an agent changes per
+/// refresh (each costs the index at most two deltas): what a guest that
+/// rewrites its memory fast can cost the index.
+pub const MAX_FRAME_UPDATES_PER_REFRESH: usize = 2048;
 
 /// A refusal: `code` for programs, `message` for people.
 pub fn refusal(code: v1::RefusalCode, message: impl Into<String>) -> v1::Refusal {

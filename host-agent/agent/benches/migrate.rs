@@ -14,7 +14,7 @@
 //! PAGECAST_BENCH_RATE (bits/s, default 1e9), PAGECAST_BENCH_REPS (3),
 //! PAGECAST_BENCH_WS (working-set pages, default 65536).
 //!
-//! Run: `cargo bench -p pagecast-benches --bench migrate`
+//! Run: `cargo bench -p pagecast-agent --bench migrate`
 
 use std::fs::OpenOptions;
 use std::net::{TcpListener, TcpStream};

@@ -51,7 +51,7 @@ use tracing::{info, warn};
 pub const HOT_AFTER: u8 = 3;
 /// Most frames whose published content changes per VM per refresh (each
 /// costs at most two deltas).
-pub const FRAME_UPDATES_PER_REFRESH: usize = 2048;
+pub const FRAME_UPDATES_PER_REFRESH: usize = pagecast_proto::MAX_FRAME_UPDATES_PER_REFRESH;
 /// Most deltas in one batch.
 pub const BATCH: usize = 8192;
 /// How long one call to the index may take when no replica answers.
@@ -994,20 +994,7 @@ impl Loop<'_> {
 
 /// A VM's record as the index keeps it, from what it publishes.
 pub fn vm_record(name: &str, image: &str, domain: &str, intended: &[PageHash]) -> VmRecord {
-    let c = pagecast_index::client::VmContent::from_frames(name, image, intended);
-    VmRecord {
-        name: name.to_owned(),
-        host: 0,
-        image: image.to_owned(),
-        frames: c.frames,
-        nonzero_frames: c.nonzero_frames(),
-        distinct: c.counts.len() as u64,
-        digest: c.digest().to_vec().into(),
-        sketch: c.sketch.to_bytes().into(),
-        generation: 0,
-        state: v1::VmState::Running as i32,
-        domain: domain.to_owned(),
-    }
+    pagecast_index::client::VmContent::from_frames(name, image, intended).record(domain)
 }
 
 #[cfg(test)]

@@ -365,7 +365,7 @@ fn bad_requests_are_refused_before_anything_moves() {
         .into_iter()
         .find(|h| h.name == "h1")
         .unwrap();
-    let ghost = pagecast_agent::publish::vm_record("ghost", "test", "", &[]);
+    let ghost = pagecast_index::client::VmContent::from_frames("ghost", "test", &[]).record("");
     c.write(
         0,
         pagecast_proto::v1::IndexCommand {

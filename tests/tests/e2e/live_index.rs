@@ -668,7 +668,7 @@ fn a_vm_dirtying_fast_does_not_flood_the_index() {
     let sent = agent.metric(metric) - before;
     let secs = t.elapsed().as_secs_f64();
     let written = progress() - p0;
-    let bound = 2.0 * pagecast_agent::publish::FRAME_UPDATES_PER_REFRESH as f64;
+    let bound = 2.0 * pagecast_proto::MAX_FRAME_UPDATES_PER_REFRESH as f64;
     eprintln!(
         "the guest wrote {:.0} pages/s; the agent sent {:.0} deltas/s (bound {bound:.0})",
         written as f64 / secs,
