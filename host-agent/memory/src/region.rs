@@ -59,7 +59,10 @@ impl Region {
     /// Faults in every page of the region for writing without changing its
     /// contents, so it is safe while other threads write the region.
     pub fn populate(&self) -> Result<(), MemoryError> {
-        const STEP: usize = 64 << 20;
+        // Small steps: each holds the address space's lock for reading, and
+        // every mmap, mprotect and thread start of the process (malloc
+        // growing its heap included) waits behind a step in progress.
+        const STEP: usize = 2 << 20;
         let mut at = 0;
         while at < self.len {
             let n = STEP.min(self.len - at);
