@@ -477,6 +477,24 @@ impl Agent {
         self.host_channel(stream, what)
     }
 
+    /// Opens an incoming migration of job `job` at the agent at `to`: the
+    /// channel the migration then runs on.
+    pub(crate) fn open_incoming(
+        &self,
+        to: &str,
+        job: &str,
+        what: &str,
+    ) -> Result<Channel, AgentError> {
+        let mut ch = self.connect_host(to, what)?;
+        ch.send(&v1::AgentRequest {
+            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+                source: self.name.clone(),
+                job: job.to_owned(),
+            })),
+        })?;
+        Ok(ch)
+    }
+
     fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         match (&self.data, p.is_relative()) {
@@ -914,17 +932,7 @@ impl Agent {
         let mut targets = Vec::new();
         let mut failed = Vec::new();
         for t in &r.targets {
-            let opened = self
-                .connect_host(&t.addr, "receive a clone")
-                .and_then(|mut ch| {
-                    ch.send(&v1::AgentRequest {
-                        body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
-                            source: self.name.clone(),
-                            job: r.job.clone(),
-                        })),
-                    })?;
-                    Ok(ch)
-                });
+            let opened = self.open_incoming(&t.addr, &r.job, "receive a clone");
             match opened {
                 Ok(ch) => targets.push(pagecast_migrate::CloneTarget {
                     name: t.name.clone(),

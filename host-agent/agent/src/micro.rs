@@ -130,13 +130,9 @@ impl Backend for MicroBackend {
         progress: &mut dyn FnMut(&Progress),
         hold: Option<&mut dyn Hold>,
     ) -> Result<(v1::MigrateResult, String), AgentError> {
-        let mut ch = out.agent.connect_host(&r.to, "receive a migrated VM")?;
-        ch.send(&v1::AgentRequest {
-            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
-                source: out.agent.name().to_owned(),
-                job: r.job.clone(),
-            })),
-        })?;
+        let ch = out
+            .agent
+            .open_incoming(&r.to, &r.job, "receive a migrated VM")?;
         let mut link = ChannelLink::new(ch);
         let opts = MigrateOptions {
             bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
@@ -368,6 +364,25 @@ impl Agent {
         source: &str,
         job: &str,
     ) -> Result<IncomingReport, AgentError> {
+        let (begin, job) = self.admit_arrival(link, job)?;
+        if begin.kind == v1::VmKind::Qemu as i32 {
+            return self.qemu_in(link, &begin, &job);
+        }
+        if let Err(e) = self.reserve(&begin.vm, v1::HostedVmState::Incoming) {
+            return crate::qemu::refuse_begin(link, e);
+        }
+        let mut started: Option<Arc<Hosted>> = None;
+        let result = self.receive_micro(link, &begin, source, &job, &mut started);
+        self.arrival_outcome(&begin.vm, result, started)
+    }
+
+    /// The arrival's begin, and its job: every arrival belongs to a job
+    /// this agent knows and that is open (refused otherwise).
+    fn admit_arrival(
+        &self,
+        link: &mut dyn MigrationLink,
+        job: &str,
+    ) -> Result<(v1::MigrateBegin, Arc<crate::jobs::Job>), AgentError> {
         let begin = match link.recv(Some(Duration::from_secs(10)))? {
             v1::migrate_frame::Body::Begin(b) => b,
             other => {
@@ -382,46 +397,36 @@ impl Agent {
             begin.memory_bytes >> 20,
             begin.job
         );
-        // Every arrival belongs to a job this agent knows and that is open.
-        let job = match self.arrival_job(&begin, job) {
-            Ok(j) => j,
-            Err(e) => {
-                let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
-                    ok: false,
-                    reason: e.to_string(),
-                    code: e.code() as i32,
-                }));
-                return Err(e);
-            }
-        };
-        if begin.kind == v1::VmKind::Qemu as i32 {
-            return self.qemu_in(link, &begin, &job);
+        match self.arrival_job(&begin, job) {
+            Ok(j) => Ok((begin, j)),
+            Err(e) => crate::qemu::refuse_begin(link, e),
         }
-        if let Err(e) = self.reserve(&begin.vm, v1::HostedVmState::Incoming) {
-            let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
-                ok: false,
-                reason: e.to_string(),
-                code: e.code() as i32,
-            }));
-            return Err(e);
-        }
+    }
+
+    /// A micro-VM's migration in, its name reserved: the engine's
+    /// destination side, with the VM restored and listed as running when
+    /// it commits (`started`).
+    fn receive_micro(
+        &self,
+        link: &mut dyn MigrationLink,
+        begin: &v1::MigrateBegin,
+        source: &str,
+        job: &Arc<crate::jobs::Job>,
+        started: &mut Option<Arc<Hosted>>,
+    ) -> Result<IncomingReport, MigrationError> {
         let origin = if begin.origin.is_empty() {
             format!("migrated from {source}")
         } else {
             format!("{} (migrated from {source})", begin.origin)
         };
-        let mut started: Option<Arc<Hosted>> = None;
-        let local = JobContent {
-            agent: self,
-            job: &job,
-        };
+        let local = JobContent { agent: self, job };
         let mut events = JobSlots {
             agent: self,
             job: job.clone(),
         };
-        let result = migrate_in_job(
+        migrate_in_job(
             link,
-            &begin,
+            begin,
             &local,
             &self.fp,
             &mut events,
@@ -440,27 +445,35 @@ impl Agent {
                     Box::new(MicroBackend::new(vm)),
                 ));
                 self.arrived(&vm).map_err(|e| e.to_string())?;
-                started = Some(vm);
+                *started = Some(vm);
                 Ok(p)
             },
-        );
+        )
+    }
+
+    /// What an arrival came to: a VM that started runs here whatever
+    /// happened to the confirmation (the source then holds its copy paused,
+    /// in doubt), and its contents join the map off the switchover path;
+    /// one that did not start lets its name go.
+    fn arrival_outcome(
+        &self,
+        name: &str,
+        result: Result<IncomingReport, MigrationError>,
+        started: Option<Arc<Hosted>>,
+    ) -> Result<IncomingReport, AgentError> {
         match (result, started) {
             (result, Some(vm)) => {
-                // Committed and resumed: it runs here whatever happened to
-                // the confirmation (the source then holds its copy paused,
-                // in doubt). Its contents join the map off the switchover path.
                 self.index(&vm);
                 counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "ok")
                     .increment(1);
-                match result {
-                    Ok(rep) => Ok(rep),
-                    Err(e) => Err(AgentError::Migration(MigrationError::InDoubt(format!(
+                result.map_err(|e| {
+                    AgentError::Migration(MigrationError::InDoubt(format!(
                         "the VM runs here but the source was not told: {e}"
-                    )))),
-                }
+                    )))
+                })
             }
             (result, None) => {
-                self.release(&begin.vm);
+                self.release(name);
                 counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "failed")
                     .increment(1);
                 Err(match result {

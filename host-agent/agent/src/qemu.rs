@@ -144,15 +144,9 @@ impl Backend for QemuBackend {
     ) -> Result<(v1::MigrateResult, String), AgentError> {
         let route = route(r)?;
         check_capabilities(&mut self.qmp()?, &out.vm.name)?;
-        let mut ch = out
+        let ch = out
             .agent
-            .connect_host(&r.to, "receive a migrated QEMU VM")?;
-        ch.send(&v1::AgentRequest {
-            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
-                source: out.agent.name().to_owned(),
-                job: r.job.clone(),
-            })),
-        })?;
+            .open_incoming(&r.to, &r.job, "receive a migrated QEMU VM")?;
         let dest = ch.peer_name().to_owned();
         let opts = MigrateOptions {
             job: r.job.clone(),
@@ -655,26 +649,12 @@ impl QemuBackend {
         let sock = socket_path(agent, &vm.name, "in");
         let _cleanup = RemoveOnDrop(sock.clone());
         let loaded = self.load(&mut arrival, &sock);
-        match loaded {
-            Ok((bytes, held)) => {
-                events.closed(arrival.slot());
-                arrival.started();
-                arrival.send(v1::migrate_frame::Body::Resumed(v1::Resumed {
-                    progress: 0,
-                }))?;
-                info!(
-                    "QEMU VM {} arrived: {bytes} stream bytes, {held} pages from this host",
-                    vm.name
-                );
-                let rep = arrival.report();
-                rep.pages_local = held;
-                Ok(rep.clone())
-            }
-            Err(e) => {
-                arrival.fail(&mut events, &to_migration(&e));
-                Err(e)
-            }
-        }
+        end_arrival(&mut arrival, &mut events, loaded, |bytes, held| {
+            format!(
+                "QEMU VM {} arrived: {bytes} stream bytes, {held} pages from this host",
+                vm.name
+            )
+        })
     }
 
     /// Points the waiting QEMU at a socket of ours, feeds it the stream,
@@ -721,7 +701,11 @@ impl QemuBackend {
 }
 
 /// Refuses a migration at its first frame.
-fn refuse_begin<T>(link: &mut dyn MigrationLink, e: AgentError) -> Result<T, AgentError> {
+/// Refuses a migration at its begin, with `e`'s code and text.
+pub(crate) fn refuse_begin<T>(
+    link: &mut dyn MigrationLink,
+    e: AgentError,
+) -> Result<T, AgentError> {
     let _ = link.send(v1::migrate_frame::Body::Accept(v1::MigrateAccept {
         ok: false,
         reason: e.to_string(),
@@ -782,26 +766,40 @@ impl Agent {
         let mut arrival =
             pagecast_migrate::receive_front(link, begin, self, &mut events, Shape::Contents)?;
         let fed = route_feed(&mut arrival, at);
-        match fed {
-            Ok((bytes, held)) => {
-                arrival.started();
-                arrival.send(v1::migrate_frame::Body::Resumed(v1::Resumed {
-                    progress: 0,
-                }))?;
-                info!(
-                    "QEMU VM {} handed to the QEMU on tcp:{at}: {bytes} stream bytes, {held} pages from this host",
-                    begin.vm
-                );
-                let rep = arrival.report();
-                rep.pages_local = held;
-                Ok(rep.clone())
-            }
-            Err(e) => {
-                arrival.fail(&mut events, &to_migration(&e));
-                Err(e)
-            }
-        }
+        end_arrival(&mut arrival, &mut events, fed, |bytes, held| {
+            format!(
+                "QEMU VM {} handed to the QEMU on tcp:{at}: {bytes} stream bytes, {held} pages from this host",
+                begin.vm
+            )
+        })
     }
+}
+
+/// Ends an arrival whose stream went to QEMU (`fed`: the stream's bytes
+/// and the pages this host supplied): its slot let go, started and
+/// `Resumed` sent; or failed, nothing kept.
+fn end_arrival(
+    arrival: &mut Arrival<'_>,
+    events: &mut dyn SlotEvents,
+    fed: Result<(u64, u64), AgentError>,
+    done: impl FnOnce(u64, u64) -> String,
+) -> Result<IncomingReport, AgentError> {
+    let (bytes, held) = match fed {
+        Ok(f) => f,
+        Err(e) => {
+            arrival.fail(events, &to_migration(&e));
+            return Err(e);
+        }
+    };
+    events.closed(arrival.slot());
+    arrival.started();
+    arrival.send(v1::migrate_frame::Body::Resumed(v1::Resumed {
+        progress: 0,
+    }))?;
+    info!("{}", done(bytes, held));
+    let rep = arrival.report();
+    rep.pages_local = held;
+    Ok(rep.clone())
 }
 
 /// The libvirt route's feeding: the stream into the QEMU listening on

@@ -176,10 +176,16 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
         .instrument(span.clone()),
     );
     let _g = span.enter();
+    stop(&agent, publisher);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+/// Stops the agent's VMs and lets the publisher withdraw them from the
+/// index for a moment (what it cannot send now, the next start withdraws).
+fn stop(agent: &Agent, publisher: Option<std::io::Result<std::thread::JoinHandle<()>>>) {
     agent.shutdown();
     if let Some(link) = agent.index_link() {
-        // Give the publisher a moment to withdraw the stopped VMs; what it
-        // cannot send now, the next start withdraws.
         let until = Instant::now() + SHUTDOWN_FLUSH;
         while !link.ledger().idle() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(50));
@@ -198,8 +204,6 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
             let _ = p.join();
         }
     }
-    rt.shutdown_timeout(Duration::from_secs(5));
-    result
 }
 
 async fn shutdown_signal() -> &'static str {

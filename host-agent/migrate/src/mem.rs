@@ -16,7 +16,7 @@ use pagecast_memory::{DirtyBitmap, GuestMemory, MemoryError, Page, Region};
 use pagecast_pages::SplitMix64;
 use pagecast_proto::v1::migrate_frame::Body;
 
-use crate::{MigrationError, MigrationLink, SourceVm};
+use crate::{CastOutcome, Caster, MigrationError, MigrationLink, SourceVm};
 
 /// Two ends of an in-memory link: what one sends, the other receives.
 pub fn link_pair() -> (MemLink, MemLink) {
@@ -256,5 +256,21 @@ impl SourceVm for SyntheticSource {
     }
     fn set_throttle(&self, pct: u8) {
         self.throttle.store(pct, Ordering::Relaxed);
+    }
+}
+
+/// A caster that casts nothing: a clone's pages all go over its links.
+pub struct NoCasts;
+
+impl Caster for NoCasts {
+    fn cast(
+        &mut self,
+        _: &[u64],
+        _: &[Vec<usize>],
+        _: bool,
+        _: &[String],
+        _: &mut dyn FnMut(usize, &str) -> Result<(), MigrationError>,
+    ) -> Result<CastOutcome, MigrationError> {
+        Err(MigrationError::Protocol("no casts here".into()))
     }
 }

@@ -10,7 +10,7 @@ use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_memory::kvm::VcpuState;
 use pagecast_memory::synth::{SynthSpec, SyntheticMemory, SyntheticVm};
 use pagecast_memory::{DirtyBitmap, GuestMemory, Page, Region};
-use pagecast_migrate::mem::{MemLink, SyntheticSource, link_pair};
+use pagecast_migrate::mem::{MemLink, NoCasts, SyntheticSource, link_pair};
 use pagecast_migrate::*;
 use pagecast_pages::{ContentKey, PAGE_SIZE, PageHash};
 use pagecast_proto::v1;
@@ -431,22 +431,6 @@ fn an_aborted_hold_is_a_cancel_and_the_source_runs_on() {
     assert!(matches!(out.report, Err(MigrationError::Cancelled(_))));
     assert!(out.copy.is_none());
     assert!(!src.is_paused());
-}
-
-/// A caster that casts nothing: every page goes over the links.
-struct NoCasts;
-
-impl Caster for NoCasts {
-    fn cast(
-        &mut self,
-        _: &[u64],
-        _: &[Vec<usize>],
-        _: bool,
-        _: &[String],
-        _: &mut dyn FnMut(usize, &str) -> Result<(), MigrationError>,
-    ) -> Result<CastOutcome, MigrationError> {
-        Err(MigrationError::Protocol("no casts here".into()))
-    }
 }
 
 #[test]

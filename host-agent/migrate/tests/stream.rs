@@ -12,7 +12,7 @@ use std::time::Duration;
 use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_memory::synth::{SynthSpec, SyntheticMemory, SyntheticVm};
 use pagecast_memory::{DirtyBitmap, GuestMemory, MemoryError, Page, Region};
-use pagecast_migrate::mem::{MemLink, link_pair};
+use pagecast_migrate::mem::{MemLink, NoCasts, link_pair};
 use pagecast_migrate::*;
 use pagecast_pages::{ContentKey, PAGE_SIZE, PageHash};
 use pagecast_proto::v1;
@@ -193,20 +193,6 @@ fn destination(mut link: MemLink, holds: &Holds, confirm: bool) -> Result<Got, M
     // Stay until the source is done with the link.
     let _ = link.recv(Some(Duration::from_secs(2)));
     Ok(got)
-}
-
-struct NoCasts;
-impl Caster for NoCasts {
-    fn cast(
-        &mut self,
-        _: &[u64],
-        _: &[Vec<usize>],
-        _: bool,
-        _: &[String],
-        _: &mut dyn FnMut(usize, &str) -> Result<(), MigrationError>,
-    ) -> Result<CastOutcome, MigrationError> {
-        Err(MigrationError::Protocol("no casts here".into()))
-    }
 }
 
 #[test]
