@@ -429,7 +429,7 @@ impl RewriteMeter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -472,7 +472,8 @@ mod tests {
         );
     }
 
-    struct Fake(pagecast_memory::Region);
+    /// A hosted VM's backend over plain memory, for the crate's tests.
+    pub(crate) struct Fake(pub(crate) pagecast_memory::Region);
     impl GuestMemory for Fake {
         fn write_page(&self, f: u64, d: &pagecast_pages::Page) -> Result<(), MemoryError> {
             self.0.write_page(f, d)
@@ -524,7 +525,8 @@ mod tests {
         fn resume(&self) {}
     }
 
-    fn vm(name: &str) -> Arc<Hosted> {
+    /// A running VM of four zero pages.
+    pub(crate) fn vm(name: &str) -> Arc<Hosted> {
         let region = pagecast_memory::Region::anonymous(4 * 4096).unwrap();
         Arc::new(Hosted::new(
             name,

@@ -813,11 +813,6 @@ impl Agent {
     /// Re-hashes pages the VMs changed since the last call and adds their
     /// new contents to the content map (stale entries are caught when used).
     pub fn refresh_content(&self) {
-        // The hashing runs on the agent's pool, like all its hashing.
-        self.fp.pool().install(|| self.refresh_inner());
-    }
-
-    fn refresh_inner(&self) {
         for vm in self.all_vms() {
             self.refresh_vm(&vm, false);
         }
@@ -832,6 +827,10 @@ impl Agent {
     /// contents enter the content map (the old leave it) and, when this
     /// agent publishes, the index's intended listing. `force`: bring the
     /// map up to date now, whatever the VM's rescan schedule says.
+    ///
+    /// Never called on the hashing pool: it waits for the VM's other
+    /// refresh or first hash, which needs the pool's threads to finish (a
+    /// pool thread waiting here once deadlocked an agent).
     fn refresh_vm(&self, vm: &Arc<Hosted>, force: bool) {
         // One refresh of a VM at a time (the refresher and a migration's
         // manifest may both ask), so publication sees whole refreshes.
@@ -841,11 +840,16 @@ impl Agent {
             return;
         }
         let state = vm.state();
-        let dirty = match vm.backend.look(state, force) {
-            Ok(Look::Frames(d)) => self.rehash(vm, d),
-            Ok(Look::All) => self.rescan(vm),
-            Ok(Look::NotDue) | Err(_) => return,
-        };
+        // The hashing runs on the agent's pool, like all its hashing.
+        let dirty = self
+            .fp
+            .pool()
+            .install(|| match vm.backend.look(state, force) {
+                Ok(Look::Frames(d)) => Ok(self.rehash(vm, d)),
+                Ok(Look::All) => Ok(self.rescan(vm)),
+                Ok(Look::NotDue) | Err(_) => Err(()),
+            });
+        let Ok(dirty) = dirty else { return };
         let Some(dirty) = dirty else { return };
         lock(&vm.rewrites).sample(dirty.count(), Instant::now());
         if let Some(link) = &self.index {
@@ -918,7 +922,7 @@ impl Agent {
     /// up to date (from the dirty log, or a fresh scan), without a fresh
     /// hash of memory the log says is unchanged.
     pub fn current_hashes(&self, vm: &Arc<Hosted>) -> Option<Vec<PageHash>> {
-        self.fp.pool().install(|| self.refresh_vm(vm, true));
+        self.refresh_vm(vm, true);
         let seen = lock(&vm.seen);
         (seen.len() as u64 == vm.page_count()).then(|| seen.clone())
     }
@@ -1100,4 +1104,54 @@ fn ask_whereabouts(
         .with_answer_timeout(Duration::from_secs(5))?;
     let dest = c.agent_name().to_owned();
     Ok((c.whereabouts(name, job)?, dest))
+}
+
+#[cfg(test)]
+mod refresh_tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// An agent named `h1` with a hashing pool of two threads.
+    fn agent(dir: &Path) -> Agent {
+        let ca = pagecast_channel::ca::Authority::init(&dir.join("ca")).unwrap();
+        ca.issue_to("h1", Role::Host, 1, &dir.join("h1")).unwrap();
+        Agent::new("h1", Tls::load(&dir.join("h1")).unwrap(), None, 2).unwrap()
+    }
+
+    /// A refresh waiting for a VM's other refresh (or first hash) waits
+    /// off the hashing pool: the holder's hashing needs every pool thread.
+    /// Before, the refresher waited on a pool thread, and an agent whose
+    /// first hash of a new VM ran at that moment hung for good.
+    #[test]
+    fn a_refresh_waiting_for_a_vm_leaves_the_hashing_pool_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(agent(dir.path()));
+        let vm = crate::hosted::tests::vm("a");
+        a.register(vm.clone()).unwrap();
+        let held = lock(&vm.refreshing);
+        let refresher = {
+            let a = a.clone();
+            std::thread::spawn(move || a.refresh_content())
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        // Work that needs both pool threads at once, as a hash of a VM's
+        // memory does.
+        let (tx, rx) = mpsc::channel();
+        {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let both = std::sync::Barrier::new(2);
+                a.fp_pool()
+                    .install(|| rayon::join(|| both.wait(), || both.wait()));
+                let _ = tx.send(());
+            });
+        }
+        let done = rx.recv_timeout(Duration::from_secs(10));
+        drop(held);
+        refresher.join().unwrap();
+        assert!(
+            done.is_ok(),
+            "the pool was stuck behind a refresh waiting for the VM"
+        );
+    }
 }
