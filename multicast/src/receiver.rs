@@ -694,6 +694,14 @@ impl SessionPlan {
     }
 }
 
+/// Checks a welcome as a receiver does before joining: the pages it would
+/// take in across its groups (at most the session's `total_pages`, since
+/// no page is listed twice), or why it is refused. For fuzzing and tests.
+pub fn check_welcome(peer: &str, w: &v1::CastWelcome) -> Result<usize, CastError> {
+    let plan = SessionPlan::of(peer, w)?;
+    Ok(plan.groups.iter().map(|g| g.pages.len()).sum())
+}
+
 /// Group `index` of a welcome, checked, its pages marked in `needed`.
 fn member_group(
     peer: &str,
@@ -722,6 +730,15 @@ fn member_group(
             return Err(protocol(
                 peer,
                 format!("group {addr}: page range {first}+{count} out of bounds"),
+            ));
+        }
+        // Each page goes out in one group: a range that overlaps one
+        // already listed (in this group or another) is refused, so what a
+        // welcome makes a receiver allocate is bounded by its pages.
+        if needed[first..first + count].iter().any(|&n| n) {
+            return Err(protocol(
+                peer,
+                format!("group {addr}: page range {first}+{count} overlaps another"),
             ));
         }
         needed[first..first + count].fill(true);
@@ -1084,6 +1101,66 @@ fn chain_link(listener: TcpListener, tls: &Tls, next: &str, tx: mpsc::SyncSender
             Err(e) => {
                 let _ = tx.send(ChainEv::Closed(e.to_string()));
                 return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn welcome(total: u32, groups: Vec<(u32, Vec<u32>)>) -> v1::CastWelcome {
+        v1::CastWelcome {
+            version: WIRE_VERSION as i32,
+            total_pages: total,
+            fragment_payload: PAGE_SIZE as u32,
+            session_key: vec![7; 32].into(),
+            groups: groups
+                .into_iter()
+                .enumerate()
+                .map(|(i, (len, page_ranges))| v1::CastGroup {
+                    addr: format!("239.1.1.{}:41000", i + 1),
+                    member: true,
+                    len,
+                    page_ranges,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn overlapping_page_ranges_are_refused_before_anything_is_allocated() {
+        // Two disjoint groups are fine.
+        let ok = welcome(10, vec![(4, vec![0, 4]), (6, vec![4, 6])]);
+        assert_eq!(check_welcome("s", &ok).unwrap(), 10);
+        // The same pages in two groups: once an allocation of every
+        // group's length (4 Mi pages x 1,024 groups made 16 GiB).
+        let twice = welcome(10, vec![(10, vec![0, 10]), (10, vec![0, 10])]);
+        let e = check_welcome("s", &twice).unwrap_err().to_string();
+        assert!(e.contains("overlaps another"), "{e}");
+        // Overlapping ranges within one group.
+        let within = welcome(10, vec![(8, vec![0, 4, 2, 4])]);
+        let e = check_welcome("s", &within).unwrap_err().to_string();
+        assert!(e.contains("overlaps another"), "{e}");
+    }
+
+    proptest! {
+        /// Whatever the welcome says, a receiver plans at most the
+        /// session's pages.
+        #[test]
+        fn a_welcome_never_plans_more_pages_than_the_session_has(
+            total in 1u32..512,
+            groups in proptest::collection::vec(
+                (0u32..600, proptest::collection::vec(0u32..600, 0..8)),
+                1..6,
+            ),
+        ) {
+            let w = welcome(total, groups);
+            if let Ok(pages) = check_welcome("s", &w) {
+                prop_assert!(pages <= total as usize);
             }
         }
     }

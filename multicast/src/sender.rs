@@ -348,7 +348,8 @@ fn accept_receivers(
                 refuse();
                 continue;
             };
-            match slot_of(cfg, &slots, connected, &hello) {
+            let certified = ch.identity().name.clone();
+            match slot_of(cfg, &slots, connected, &hello, &certified) {
                 Some(idx) => {
                     slots[idx] = Some(new_peer(idx, ch, hello, groups, src)?);
                     connected += 1;
@@ -392,14 +393,17 @@ fn accept_receivers(
     Ok((peers, refused))
 }
 
-/// The slot a receiver's hello takes: by name where the caller named
-/// them, else in order of arrival. `None` refuses it (another job's
-/// receiver, a name not expected, or a slot already taken).
+/// The slot a receiver's hello takes: where the caller named its
+/// receivers, the slot of the name its certificate holds (`certified`),
+/// which its hello must also say; else in order of arrival. `None`
+/// refuses it (another job's receiver, a name not expected, a hello that
+/// claims another's name, or a slot already taken).
 fn slot_of(
     cfg: &SenderConfig,
     slots: &[Option<Peer>],
     connected: usize,
     hello: &v1::CastHello,
+    certified: &str,
 ) -> Option<usize> {
     if !cfg.job.is_empty() && hello.job != cfg.job {
         return None;
@@ -407,7 +411,10 @@ fn slot_of(
     if cfg.expected.is_empty() {
         return Some(connected);
     }
-    match cfg.expected.iter().position(|n| *n == hello.name) {
+    if hello.name != certified {
+        return None;
+    }
+    match cfg.expected.iter().position(|n| n == certified) {
         Some(i) if slots[i].is_none() => Some(i),
         _ => None,
     }

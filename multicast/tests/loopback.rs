@@ -598,3 +598,42 @@ fn a_peer_that_connects_and_says_nothing_holds_up_no_one() {
         sender.join().unwrap().unwrap();
     });
 }
+
+/// A named receiver's slot is its certificate's: a member holding a real
+/// host certificate cannot take another member's slot (and so its groups
+/// and pages) by saying the other's name in its hello, nor take a slot at
+/// all under a name the sender does not expect.
+#[test]
+fn a_receiver_takes_the_slot_of_its_certificate_not_of_the_name_it_says() {
+    if !needs(
+        "a_receiver_takes_the_slot_of_its_certificate_not_of_the_name_it_says",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    let (control, group) = endpoints();
+    let src = Source::new(100);
+    let mut cfg = SenderConfig::new(control, LO, 1);
+    cfg.transport = TransportChoice::Multicast;
+    cfg.expected = vec!["victim".into()];
+    let victim = cluster().issue("victim", Role::Host, 1).unwrap();
+    let thief = cluster().issue("thief", Role::Host, 1).unwrap();
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        // The thief says it is the victim, then says its own name.
+        for says in ["victim", "thief"] {
+            let rc = ReceiverConfig::new(control, LO, says);
+            let mut sink = Sink::default();
+            receive(&rc, &thief, &mut sink, &|_, _| {}).unwrap_err();
+            assert!(sink.got.is_empty(), "the thief saying {says:?} got pages");
+        }
+        let rc = ReceiverConfig::new(control, LO, "victim");
+        let mut sink = Sink::default();
+        receive(&rc, &victim, &mut sink, &|_, _| {}).unwrap();
+        check_sink(&sink, &src, &(0..100).collect::<Vec<_>>());
+        let report = sender.join().unwrap().unwrap();
+        assert_eq!(report.refused, 2);
+        assert_eq!(report.receivers[0].name, "victim");
+    });
+}

@@ -145,7 +145,15 @@ pub fn control_frame(data: &[u8]) {
     let mut d = FrameDecoder;
     let mut input = data;
     while let Ok(p) = d.next(&mut input, "fuzz") {
-        let _ = v1::CastFrame::decode(&p[..]);
+        if let Ok(v1::CastFrame {
+            body: Some(v1::cast_frame::Body::Welcome(w)),
+        }) = v1::CastFrame::decode(&p[..])
+        {
+            // What a receiver does with a welcome: bounded by its pages.
+            if let Ok(pages) = pagecast_multicast::receiver::check_welcome("fuzz", &w) {
+                assert!(pages <= w.total_pages as usize);
+            }
+        }
         let _ = v1::AgentRequest::decode(&p[..]);
         let _ = v1::MigrateFrame::decode(&p[..]);
     }
