@@ -616,7 +616,7 @@ fn serve_client(
         let f = read_frame(&mut r, peer)?;
         let resp = match f.kind {
             Some(Kind::Request(req)) => match authorize(sh, &req, who, &mut host_number) {
-                Ok(()) => handle_request(sh, req),
+                Ok(()) => handle_request(sh, bind_session(req, who)),
                 Err(why) => {
                     metrics::counter!(crate::metrics::FORBIDDEN).increment(1);
                     tracing::warn!("{peer}: refused: {why}");
@@ -632,15 +632,27 @@ fn serve_client(
     }
 }
 
-/// Whether `who` may make `req`: anyone may read; operators may write
-/// anything (loads, unloads, repairs); a host may write only its own
-/// records and holders; readers and replicas may not write.
+/// Whether `who` may make `req`: anyone may read counts and look up
+/// hashes it names; only an operator lists a host's holdings (its page
+/// hashes), and a host its own; operators may write anything (loads,
+/// unloads, repairs); a host may write only its own records and holders;
+/// readers and replicas may not write.
 fn authorize(
     sh: &Shared,
     req: &IndexRequest,
     who: &Identity,
     host_number: &mut Option<u32>,
 ) -> Result<(), String> {
+    if let Some(ReqOp::ListHoldings(l)) = &req.op {
+        return match who.role {
+            Role::Operator => Ok(()),
+            Role::Host if my_number(sh, who, host_number)? == l.host => Ok(()),
+            _ => Err(format!(
+                "{who} may not list the page hashes host number {} holds",
+                l.host
+            )),
+        };
+    }
     let Some(ReqOp::Write(cmd)) = &req.op else {
         return Ok(());
     };
@@ -664,22 +676,7 @@ fn authorize(
         _ => {}
     }
     // The rest name hosts by number: find this host's.
-    let mine = match *host_number {
-        Some(n) => n,
-        None => {
-            let hosts = sh
-                .store
-                .hosts()
-                .map_err(|e| format!("cannot read hosts: {e}"))?;
-            let Some(h) = hosts.iter().find(|h| h.name == who.name) else {
-                return Err(format!(
-                    "{who} is not registered in the index yet (report the host first)"
-                ));
-            };
-            *host_number = Some(h.index);
-            h.index
-        }
-    };
+    let mine = my_number(sh, who, host_number)?;
     let numbers: Vec<u32> = match op {
         Op::Deltas(d) => d.deltas.iter().map(|d| d.host).collect(),
         Op::BeginVm(b) => vec![b.vm.as_ref().map_or(0, |v| v.host)],
@@ -696,6 +693,50 @@ fn authorize(
             "{who} (host number {mine}) may not write the holders or records of host number {n}"
         )),
     }
+}
+
+/// A writer session belongs to the identity that opened it: the session
+/// id a write names is bound to its writer's certificate (name and role),
+/// so no other writer can acknowledge, and so suppress, its batches
+/// (session ids are computed from public data: host, VM, generation).
+/// The same writer retrying through any replica gets the same session.
+fn bind_session(mut req: IndexRequest, who: &Identity) -> IndexRequest {
+    if let Some(ReqOp::Write(cmd)) = &mut req.op
+        && cmd.client != 0
+    {
+        cmd.client = session_of(who, cmd.client);
+    }
+    req
+}
+
+/// The session id writer `who` gets for the id `named`.
+fn session_of(who: &Identity, named: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"pagecast index writer session\0");
+    h.update(who.role.to_string().as_bytes());
+    h.update(b"\0");
+    h.update(who.name.as_bytes());
+    h.update(b"\0");
+    h.update(&named.to_le_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes")) | 1
+}
+
+/// The number of host `who` in the index (looked up once a connection).
+fn my_number(sh: &Shared, who: &Identity, host_number: &mut Option<u32>) -> Result<u32, String> {
+    if let Some(n) = *host_number {
+        return Ok(n);
+    }
+    let hosts = sh
+        .store
+        .hosts()
+        .map_err(|e| format!("cannot read hosts: {e}"))?;
+    let Some(h) = hosts.iter().find(|h| h.name == who.name) else {
+        return Err(format!(
+            "{who} is not registered in the index yet (report the host first)"
+        ));
+    };
+    *host_number = Some(h.index);
+    Ok(h.index)
 }
 
 fn handle_request(sh: &Shared, req: IndexRequest) -> IndexResponse {

@@ -877,13 +877,21 @@ impl Apply<'_> {
             ))));
         }
         let key = keys::vm(&vm.name);
-        if let Some(old) = self.meta_get::<VmRecord>(&key, "vm")?
-            && old.state != VmState::Running as i32
-        {
-            return Ok(Err(refused(format!(
-                "VM {} is in the index as a loaded image; unload it first",
-                vm.name
-            ))));
+        if let Some(old) = self.meta_get::<VmRecord>(&key, "vm")? {
+            if old.state != VmState::Running as i32 {
+                return Ok(Err(refused(format!(
+                    "VM {} is in the index as a loaded image; unload it first",
+                    vm.name
+                ))));
+            }
+            // A running VM's record changes hosts only by a move from the
+            // host that holds it: another host cannot take it over.
+            if old.host != vm.host {
+                return Ok(Err(refused(format!(
+                    "VM {} is in the index on host number {}: only that host moves or drops its record",
+                    vm.name, old.host
+                ))));
+            }
         }
         let mut rec = vm.clone();
         rec.state = VmState::Running as i32;

@@ -620,4 +620,54 @@ fn writes_are_limited_to_what_the_certificate_allows() {
     h2.write(0, deltas(n2, 503)).unwrap();
     let l = reader.lookup(0, &[hash(7)], &[], false).unwrap();
     assert_eq!(l.host, vec![n2], "only the permitted write landed");
+
+    // A VM's record: h2 cannot take over h1's by putting one of its own
+    // under the same name (before, the put replaced it).
+    let put = |host: u32| IndexCommand {
+        client: 0,
+        seq: 0,
+        op: Some(Op::PutVm(pagecast_proto::v1::PutVm {
+            vm: Some(pagecast_proto::v1::VmRecord {
+                host,
+                ..pagecast_index::client::VmContent::from_frames("w-vm", "test", &[hash(9)])
+                    .record("")
+            }),
+        })),
+    };
+    h1.write(0, put(n1)).unwrap();
+    let e = h2.write(0, put(n2)).unwrap_err();
+    assert_eq!(e.code(), Some(RefusalCode::Refused), "{e}");
+    assert!(
+        e.to_string().contains("only that host moves or drops"),
+        "{e}"
+    );
+    let vm = reader.vms(false).unwrap();
+    assert_eq!(
+        vm.iter()
+            .map(|v| (v.name.as_str(), v.host))
+            .collect::<Vec<_>>(),
+        [("w-vm", n1)]
+    );
+    // A writer session is its writer's: h2 naming h1's session id with a
+    // high sequence number (session ids are computed from public data)
+    // does not make the shard acknowledge h1's batches unapplied.
+    let mut forged = deltas(n2, 777);
+    forged.seq = 1_000_000;
+    h2.write(0, forged).unwrap();
+    let mine = h1.write(0, deltas(n1, 777)).unwrap();
+    assert!(!mine.duplicate, "h1's batch was taken for a duplicate");
+    let mut l = reader.lookup(0, &[hash(7)], &[], false).unwrap().host;
+    l.sort_unstable();
+    assert_eq!(l, [n1.min(n2), n1.max(n2)], "h1's batch was not applied");
+    // A host's page hashes: listed to an operator and to that host, to no
+    // other host and to no reader.
+    assert_eq!(h1.list_holdings(0, n1, None, 10).unwrap().0.len(), 1);
+    for (who, c) in [("another host", &mut h2), ("a reader", &mut reader)] {
+        let e = c.list_holdings(0, n1, None, 10).unwrap_err();
+        assert_eq!(e.code(), Some(RefusalCode::Forbidden), "{who}: {e}");
+        assert!(
+            e.to_string().contains("may not list the page hashes"),
+            "{who}: {e}"
+        );
+    }
 }
