@@ -123,6 +123,20 @@ impl Job {
             .is_some_and(|r| r.contains(&(role as i32)))
     }
 
+    /// Admits host `who` to a request of this job that needs `role`:
+    /// refused unless the operator who opened the job here listed it so.
+    /// `what` names the request, for the refusal.
+    pub fn admit(&self, who: &Identity, role: v1::JobRole, what: &str) -> Result<(), AgentError> {
+        if self.has_peer(&who.name, role) {
+            return Ok(());
+        }
+        Err(AgentError::Forbidden(format!(
+            "{who} may not {what} in job {}: the job does not list it as a {}",
+            self.id,
+            role_name(role)
+        )))
+    }
+
     /// Every peer and its roles.
     pub fn peers(&self) -> Vec<(String, Vec<v1::JobRole>)> {
         lock(&self.inner)
@@ -211,6 +225,16 @@ impl Job {
     pub fn cancelled(&self, vm: &str) -> Option<String> {
         self.stopped()
             .or_else(|| lock(&self.inner).holds.get(vm).and_then(|w| w.stop.clone()))
+    }
+}
+
+/// A role's name as refusals say it.
+fn role_name(role: v1::JobRole) -> &'static str {
+    match role {
+        v1::JobRole::Source => "source",
+        v1::JobRole::Destination => "destination",
+        v1::JobRole::RackMate => "rack-mate",
+        v1::JobRole::Unspecified => "peer",
     }
 }
 

@@ -123,6 +123,10 @@ pub enum AgentError {
     /// A synthetic profile was refused.
     #[error(transparent)]
     Synth(#[from] SynthError),
+    /// The caller may not do this: it takes no part in the job named in
+    /// the role the request needs.
+    #[error("{0}")]
+    Forbidden(String),
     /// The hashing pool failed.
     #[error(transparent)]
     Fingerprint(#[from] FingerprintError),
@@ -148,6 +152,7 @@ impl AgentError {
             }
             AgentError::Busy { .. } => RefusalCode::Busy,
             AgentError::UnknownJob(_) => RefusalCode::UnknownJob,
+            AgentError::Forbidden(_) => RefusalCode::Forbidden,
             AgentError::Connect { .. } | AgentError::Auth(_) => RefusalCode::Unavailable,
             AgentError::Remote { code, .. } => *code,
             AgentError::Peer(e) => e.code(),
@@ -386,13 +391,21 @@ impl Agent {
     /// as they are from publication), beside what the agent's ledger says.
     /// A VM whose changes the agent only sees by rescanning counts as its
     /// last scan saw it (what its listing is made from).
-    pub fn audit(&self, shards: u32, ledger_only: bool) -> v1::AuditResponse {
+    /// `shards` is bounded before anything is allocated: 1 to the index's
+    /// [`MAX_SHARDS`](pagecast_index::keys::MAX_SHARDS).
+    pub fn audit(&self, shards: u32, ledger_only: bool) -> Result<v1::AuditResponse, AgentError> {
+        let max = pagecast_index::keys::MAX_SHARDS;
+        if shards == 0 || shards > max {
+            return Err(AgentError::BadRequest(format!(
+                "an audit of {shards} shards: the index has 1 to {max}"
+            )));
+        }
         let vms = if ledger_only {
             Vec::new()
         } else {
             self.all_vms()
         };
-        let n = shards.max(1);
+        let n = shards;
         let mut fresh: HashMap<PageHash, u64> = HashMap::new();
         let mut hot = 0u64;
         for v in &vms {
@@ -423,7 +436,7 @@ impl Agent {
             let g = l.ledger();
             (0..n).map(|s| g.desired_sum(s, n)).collect::<Vec<_>>()
         });
-        v1::AuditResponse {
+        Ok(v1::AuditResponse {
             fresh: fresh_sums
                 .iter()
                 .map(|s| s.encode().to_vec().into())
@@ -435,7 +448,7 @@ impl Agent {
                 .collect(),
             hot_frames: hot,
             vms: lock(&self.vms).count() as u32,
-        }
+        })
     }
 
     /// This agent's name.

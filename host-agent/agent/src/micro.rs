@@ -267,6 +267,7 @@ impl Agent {
     fn arrival_job(
         &self,
         begin: &v1::MigrateBegin,
+        source: &str,
         job: &str,
     ) -> Result<Arc<crate::jobs::Job>, AgentError> {
         if begin.job != job {
@@ -275,7 +276,13 @@ impl Agent {
                 begin.job
             )));
         }
-        self.jobs().get(job)
+        let j = self.jobs().get(job)?;
+        let who = pagecast_channel::Identity {
+            name: source.to_owned(),
+            role: pagecast_channel::Role::Host,
+        };
+        j.admit(&who, v1::JobRole::Source, "migrate a VM in")?;
+        Ok(j)
     }
 
     /// Starts a micro-VM.
@@ -364,7 +371,7 @@ impl Agent {
         source: &str,
         job: &str,
     ) -> Result<IncomingReport, AgentError> {
-        let (begin, job) = self.admit_arrival(link, job)?;
+        let (begin, job) = self.admit_arrival(link, source, job)?;
         if begin.kind == v1::VmKind::Qemu as i32 {
             return self.qemu_in(link, &begin, &job);
         }
@@ -381,6 +388,7 @@ impl Agent {
     fn admit_arrival(
         &self,
         link: &mut dyn MigrationLink,
+        source: &str,
         job: &str,
     ) -> Result<(v1::MigrateBegin, Arc<crate::jobs::Job>), AgentError> {
         let begin = match link.recv(Some(Duration::from_secs(10)))? {
@@ -397,7 +405,7 @@ impl Agent {
             begin.memory_bytes >> 20,
             begin.job
         );
-        match self.arrival_job(&begin, job) {
+        match self.arrival_job(&begin, source, job) {
             Ok(j) => Ok((begin, j)),
             Err(e) => crate::qemu::refuse_begin(link, e),
         }

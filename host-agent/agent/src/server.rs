@@ -287,7 +287,10 @@ fn allowed(body: &v1::agent_request::Body) -> (&'static [Role], &'static str) {
     match body {
         B::VmList(_) => (ANY, "list VMs"),
         B::Audit(_) => (ANY, "audit the agent"),
-        B::VmContent(_) => (ANY, "read a VM's content map"),
+        B::VmContent(_) => (
+            &[Role::Operator],
+            "read a VM's page list (a reader sees counts in vm list)",
+        ),
         B::FetchPages(_) => (&[Role::Host], "fetch pages (host to host)"),
         B::Incoming(_) => (&[Role::Host], "migrate a VM in (host to host)"),
         B::VmAdopt(_) => (&[Role::Operator], "adopt QEMU VMs"),

@@ -600,6 +600,10 @@ fn malformed_requests_get_a_clear_error() {
     .unwrap()
     .open_job(v1::JobOpen {
         job: "j-rogue".into(),
+        peers: vec![v1::JobPeer {
+            host: "rogue".into(),
+            role: v1::JobRole::Source as i32,
+        }],
         ..Default::default()
     })
     .unwrap();
@@ -674,9 +678,9 @@ fn malformed_requests_get_a_clear_error() {
         },
     );
     assert!(e.contains("job j-unknown is not open"), "{e}");
-    // A host reads a VM's content map only within a job (an operator
+    // No host reads a VM's page list, in a job or not (an operator
     // planning needs none).
-    for job in ["", "j-unknown"] {
+    for job in ["", "j-unknown", "j-rogue"] {
         let e = answer_to(
             &a.addr,
             &rogue,
@@ -687,7 +691,7 @@ fn malformed_requests_get_a_clear_error() {
                 })),
             },
         );
-        assert!(e.contains("not open") || e.contains("names no job"), "{e}");
+        assert!(e.contains("may not read a VM's page list"), "{e}");
     }
     let e = answer_to(
         &a.addr,
@@ -744,4 +748,184 @@ fn malformed_requests_get_a_clear_error() {
     assert!(e.contains("job j-rogue ended here"), "{e}");
     let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
     assert!(l["vms"].as_array().unwrap().is_empty(), "{l}");
+}
+
+/// Sends a rack-mate's fetch of `hashes` in `job` as `tls`: the pages
+/// served, or the refusal's text.
+fn fetch_as(
+    addr: &str,
+    tls: &Tls,
+    job: &str,
+    hashes: &[pagecast_pages::PageHash],
+) -> Result<usize, String> {
+    let s = TcpStream::connect(addr).unwrap();
+    let mut ch = Channel::client(s, tls).unwrap();
+    ch.send(&v1::AgentRequest {
+        body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
+            hashes: hashes
+                .iter()
+                .flat_map(|h| *h.as_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+            domain: String::new(),
+            job: job.into(),
+        })),
+    })
+    .unwrap();
+    ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut pages = 0;
+    loop {
+        let r: v1::AgentResponse = ch.recv("pages").unwrap();
+        match r.body {
+            Some(v1::agent_response::Body::Pages(p)) if p.hashes.is_empty() => return Ok(pages),
+            Some(v1::agent_response::Body::Pages(p)) => pages += p.hashes.len() / 32,
+            Some(v1::agent_response::Body::Error(e)) => return Err(e.message),
+            other => panic!("expected pages, got {other:?}"),
+        }
+    }
+}
+
+/// Least privilege between hosts, played by hostile peers holding real
+/// certificates and speaking the wire protocol: a host reads another
+/// host's VM only in the role a job the operator opened gives it. Before,
+/// a host in no job listed every page hash of another host's VM and
+/// fetched its pages, and a reader listed the hashes too.
+#[test]
+fn a_host_reaches_another_hosts_vm_only_in_its_role_in_a_job() {
+    if !needs(
+        "a_host_reaches_another_hosts_vm_only_in_its_role_in_a_job",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    start_vm(d, &a, "secret", "web", "64MiB", "0");
+    let op = pki::tls("operator", Role::Operator);
+    let rogue = pki::tls("rogue", Role::Host);
+    let reader = pki::tls("auditor", Role::Reader);
+    let client =
+        |tls: &Tls| pagecast_agent_api::client::AgentClient::connect(&a.addr, tls).unwrap();
+    // The page list: an operator's to read, nobody else's.
+    let content = client(&op).vm_content("secret", "").unwrap();
+    assert!(
+        content.hashes.len() > 1000,
+        "{} hashes",
+        content.hashes.len()
+    );
+    for (who, tls) in [("a host", &rogue), ("a reader", &reader)] {
+        let e = client(tls)
+            .vm_content("secret", "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("may not read a VM's page list"), "{who}: {e}");
+    }
+    let some = &content.hashes[..64];
+    // Pages: only to a host the job lists as a destination.
+    let e = fetch_as(&a.addr, &rogue, "j-none", some).unwrap_err();
+    assert!(e.contains("job j-none is not open"), "{e}");
+    let open = |job: &str, host: &str, role: v1::JobRole| {
+        client(&op)
+            .open_job(v1::JobOpen {
+                job: job.into(),
+                peers: vec![v1::JobPeer {
+                    host: host.into(),
+                    role: role as i32,
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+    };
+    open("j-other", "host-b", v1::JobRole::Destination);
+    open("j-mate", "rogue", v1::JobRole::RackMate);
+    for job in ["j-other", "j-mate"] {
+        let e = fetch_as(&a.addr, &rogue, job, some).unwrap_err();
+        assert!(
+            e.contains("rogue (host) may not fetch pages in job")
+                && e.contains("does not list it as a destination"),
+            "{job}: {e}"
+        );
+    }
+    // The same request from the destination the job names is served.
+    open("j-dest", "rogue", v1::JobRole::Destination);
+    assert_eq!(fetch_as(&a.addr, &rogue, "j-dest", some), Ok(64));
+    // A migration in: only from the host the job lists as its source.
+    for job in ["j-other", "j-dest"] {
+        let s = TcpStream::connect(&a.addr).unwrap();
+        let mut ch = Channel::client(s, &rogue).unwrap();
+        ch.send(&v1::AgentRequest {
+            body: Some(v1::agent_request::Body::Incoming(v1::MigrateIncoming {
+                source: "rogue".into(),
+                job: job.into(),
+            })),
+        })
+        .unwrap();
+        ch.send(&v1::MigrateFrame {
+            body: Some(v1::migrate_frame::Body::Begin(v1::MigrateBegin {
+                version: pagecast_proto::MIGRATE_WIRE_VERSION as i32,
+                vm: "planted".into(),
+                memory_bytes: 64 << 20,
+                job: job.into(),
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+        ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let f: v1::MigrateFrame = ch.recv("accept").unwrap();
+        match f.body {
+            Some(v1::migrate_frame::Body::Accept(acc)) => {
+                assert!(!acc.ok);
+                assert_eq!(
+                    acc.code,
+                    v1::RefusalCode::Forbidden as i32,
+                    "{}",
+                    acc.reason
+                );
+                assert!(
+                    acc.reason.contains("does not list it as a source"),
+                    "{}",
+                    acc.reason
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
+    let names: Vec<&str> = l["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["secret"], "{l}");
+}
+
+/// A reader's audit names a shard count: bounded before anything is
+/// allocated. Before, 4,000,000,000 shards aborted the agent, and its
+/// running VM with it.
+#[test]
+fn a_readers_audit_of_billions_of_shards_is_refused_and_the_agent_runs_on() {
+    if !needs(
+        "a_readers_audit_of_billions_of_shards_is_refused_and_the_agent_runs_on",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    start_vm(d, &a, "busy", "web", "64MiB", "1000");
+    let reader = pki::tls("auditor", Role::Reader);
+    let audit = |shards: u32| {
+        pagecast_agent_api::client::AgentClient::connect(&a.addr, &reader)
+            .unwrap()
+            .audit(shards, false)
+    };
+    for shards in [4_000_000_000, 257, 0] {
+        let e = audit(shards).unwrap_err().to_string();
+        assert!(e.contains(&format!("an audit of {shards} shards")), "{e}");
+    }
+    assert_eq!(audit(256).unwrap().fresh.len(), 256);
+    assert_advancing(d, &a, "busy");
 }

@@ -90,7 +90,7 @@ pub(super) async fn dispatch(call: Call, body: v1::agent_request::Body) {
                 .await
         }
         B::Audit(r) => {
-            call.answer_blocking(move |a| Ok(Resp::Audit(a.audit(r.shards, r.ledger_only))))
+            call.answer_blocking(move |a| Ok(Resp::Audit(a.audit(r.shards, r.ledger_only)?)))
                 .await
         }
         B::VmStop(r) => {
@@ -237,12 +237,10 @@ async fn go(call: Call, g: v1::JobGo) {
     call.answer(body).await
 }
 
-/// A VM's content map. A host asks for it only within a job it knows of;
-/// an operator or a reader may ask to plan.
-async fn vm_content(mut call: Call, r: v1::VmContentRequest) {
-    if call.who.role == pagecast_channel::Role::Host && call.job(&r.job).await.is_none() {
-        return;
-    }
+/// A VM's content map: every distinct page hash, for an operator
+/// planning (readers see counts in `vm list`; no host needs another's
+/// list).
+async fn vm_content(call: Call, r: v1::VmContentRequest) {
     call.blocking(
         "content request",
         move |a, mut ch| match crate::job::vm_content(&a, &r.name) {
@@ -318,13 +316,15 @@ async fn fetch(mut call: Call, r: v1::FetchRequest) {
 /// Serves a rack-mate's fetch: one connection may ask several times, a
 /// list at a time, each list within a job this agent knows.
 async fn fetch_pages(call: Call, r: v1::FetchPagesRequest) {
+    let who = call.who.clone();
     call.blocking("fetch request", move |a, mut ch| {
         let mut next = Some(r);
         while let Some(r) = next.take() {
             let served = a
                 .jobs()
                 .get(&r.job)
-                .and_then(|_| crate::job::hashes_of(&r.hashes))
+                .and_then(|j| j.admit(&who, v1::JobRole::Destination, "fetch pages"))
+                .and_then(|()| crate::job::hashes_of(&r.hashes))
                 .and_then(|h| {
                     crate::job::serve_fetch(&a, &r.domain, &h, &mut |b| send_blocking(&mut ch, b))
                 });
