@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use raft::eraftpb::Message;
 use crate::node::{NodeConfig, NodeError, Reply, ShardNode, TICK};
 use crate::store::{Store, StoreError};
 use crate::wire::{WireError, read_frame, write_frame};
+use pagecast_channel::gate::{Arrival, Gate, Limits, Refused};
 use pagecast_channel::{Identity, Role, Tls, TlsStream};
 
 /// Bytes of one raft message part.
@@ -37,6 +38,12 @@ pub const CHUNK: usize = 4 << 20;
 pub const MAX_CONNECTIONS: usize = 512;
 /// Most connections served at once from one peer address.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
+/// Handshakes under way from one peer address, and in all: past either,
+/// the oldest handshake is dropped to make room, so peers that connect and
+/// say nothing hold no slot a real client needs.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 8;
+/// See [`MAX_HANDSHAKES_PER_PEER`].
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// How long a connection may take to say who it is (after TLS).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -215,10 +222,12 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
     std::fs::create_dir_all(&cfg.data)
         .map_err(|e| ReplicaError::Config(format!("cannot create {}: {e}", cfg.data.display())))?;
     let store = Arc::new(Store::open(&cfg.data, cfg.id, cfg.shards, cfg.sync)?);
-    let listener = TcpListener::bind(&cfg.listen).map_err(|source| ReplicaError::Listen {
-        addr: cfg.listen.clone(),
-        source,
-    })?;
+    let listener = TcpListener::bind(&cfg.listen)
+        .and_then(|l| pagecast_channel::gate::deepen_backlog(&l).map(|()| l))
+        .map_err(|source| ReplicaError::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
     let addr = listener
         .local_addr()
         .map_err(|source| ReplicaError::Listen {
@@ -259,8 +268,12 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
         shards: cfg.shards,
         peers: cfg.peers.clone(),
         shard_tx: Mutex::new(shard_tx),
-        connections: AtomicUsize::new(0),
-        per_peer: Mutex::new(BTreeMap::new()),
+        gate: Gate::new(Limits {
+            handshakes_per_peer: MAX_HANDSHAKES_PER_PEER,
+            handshakes: MAX_HANDSHAKES,
+            open_per_peer: MAX_CONNECTIONS_PER_PEER,
+            open: MAX_CONNECTIONS,
+        }),
         tls: cfg.tls.clone(),
         store: store.clone(),
     });
@@ -270,22 +283,24 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let Ok(from) = conn.peer_addr() else { continue };
-                if !shared.take_slot(from.ip()) {
-                    metrics::counter!(crate::metrics::OVER_LIMIT).increment(1);
-                    tracing::warn!("turned away {from}: too many open connections");
-                    continue;
+                let Ok(handle) = conn.try_clone() else { continue };
+                let evict = Box::new(move || {
+                    let _ = handle.shutdown(std::net::Shutdown::Both);
+                });
+                let (arrival, dropped) = shared.gate.arrive(from.ip(), evict);
+                if dropped > 0 {
+                    metrics::counter!(crate::metrics::OVER_LIMIT).increment(dropped as u64);
                 }
                 let sh = shared.clone();
                 let _ = std::thread::Builder::new().name("conn".into()).spawn(move || {
                     let peer = from.to_string();
-                    if let Err(e) = serve_conn(&sh, conn, &peer) {
+                    if let Err(e) = serve_conn(&sh, conn, arrival, &peer) {
                         let quiet = matches!(&e, WireError::Io { source, .. }
                             if matches!(source.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset));
                         if !quiet {
                             tracing::warn!("connection from {e}");
                         }
                     }
-                    sh.give_slot(from.ip());
                 });
             }
         })
@@ -302,37 +317,12 @@ struct Shared {
     shards: u32,
     peers: BTreeMap<u64, String>,
     shard_tx: Mutex<Vec<Sender<Event>>>,
-    connections: AtomicUsize,
-    per_peer: Mutex<BTreeMap<std::net::IpAddr, usize>>,
+    gate: Arc<Gate>,
     tls: Tls,
     store: Arc<Store>,
 }
 
 impl Shared {
-    fn take_slot(&self, ip: std::net::IpAddr) -> bool {
-        let mut per = self.per_peer.lock().expect("not poisoned");
-        let here = per.entry(ip).or_default();
-        if *here >= MAX_CONNECTIONS_PER_PEER
-            || self.connections.load(Ordering::SeqCst) >= MAX_CONNECTIONS
-        {
-            return false;
-        }
-        *here += 1;
-        self.connections.fetch_add(1, Ordering::SeqCst);
-        true
-    }
-
-    fn give_slot(&self, ip: std::net::IpAddr) {
-        let mut per = self.per_peer.lock().expect("not poisoned");
-        if let Some(n) = per.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&ip);
-            }
-        }
-        self.connections.fetch_sub(1, Ordering::SeqCst);
-    }
-
     fn send(&self, shard: u32, ev: Event) -> bool {
         let tx = self.shard_tx.lock().expect("not poisoned")[shard as usize].clone();
         tx.send(ev).is_ok()
@@ -501,7 +491,7 @@ fn send_chunks(w: &mut impl Write, shard: u32, bytes: &[u8], addr: &str) -> Resu
     Ok(())
 }
 
-fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError> {
+fn serve_conn(sh: &Shared, conn: TcpStream, arrival: Arrival, peer: &str) -> Result<(), WireError> {
     conn.set_nodelay(true).ok();
     conn.set_write_timeout(Some(Duration::from_secs(10))).ok();
     let s = match sh.tls.accept(conn) {
@@ -509,6 +499,19 @@ fn serve_conn(sh: &Shared, conn: TcpStream, peer: &str) -> Result<(), WireError>
         Err(e) => {
             metrics::counter!(crate::metrics::REFUSED).increment(1);
             tracing::warn!("refused {peer}: {e}");
+            return Ok(());
+        }
+    };
+    // Held while the connection is served.
+    let _slot = match arrival.admit() {
+        Ok(slot) => slot,
+        Err(Refused::Evicted) => {
+            tracing::debug!("dropped {peer}'s handshake to make room for newer ones");
+            return Ok(());
+        }
+        Err(e @ Refused::Full) => {
+            metrics::counter!(crate::metrics::OVER_LIMIT).increment(1);
+            tracing::warn!("turned away {peer}: {e}");
             return Ok(());
         }
     };

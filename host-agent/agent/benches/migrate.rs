@@ -117,20 +117,28 @@ fn main() {
     let src = Agent::new("bench-src", host("bench-src"), None, threads).unwrap();
     let dst = Arc::new(Agent::new("bench-dst", host("bench-dst"), None, threads).unwrap());
     let to = destination(dst.clone());
-    // Every arrival belongs to a job the destination knows.
+    // Every arrival belongs to a job the destination knows, which lists
+    // the source and the VM it sends (opened again for each VM).
     let operator = pagecast_channel::Identity {
         name: "bench".into(),
         role: Role::Operator,
     };
-    dst.open_job(
-        &v1::JobOpen {
-            job: "bench".into(),
-            deadline_ms: 24 * 3600 * 1000,
-            ..Default::default()
-        },
-        &operator,
-    )
-    .unwrap();
+    let expect = |vm: &str| {
+        dst.open_job(
+            &v1::JobOpen {
+                job: "bench".into(),
+                deadline_ms: 24 * 3600 * 1000,
+                peers: vec![v1::JobPeer {
+                    host: "bench-src".into(),
+                    role: v1::JobRole::Source as i32,
+                    vms: vec![vm.to_owned()],
+                }],
+                ..Default::default()
+            },
+            &operator,
+        )
+        .unwrap();
+    };
 
     println!(
         "migration of a {mib} MiB micro-VM over loopback paced to {:.2} Gbit/s, working set {ws} pages, {reps} reps (medians)",
@@ -150,6 +158,7 @@ fn main() {
                 start(&dst, "resident", &half, 0, 1);
             }
             start(&src, &name, &image, rate, ws);
+            expect(&name);
             // Let the guest reach its pace.
             std::thread::sleep(Duration::from_millis(settle));
             let req = v1::MigrateRequest {

@@ -37,6 +37,10 @@ pub const RETAIN: Duration = Duration::from_secs(3600);
 pub const MAX_JOBS: usize = 4096;
 /// Most peers one job may list.
 pub const MAX_PEERS: usize = 4096;
+/// Most arriving VMs one job may list.
+pub const MAX_ARRIVALS: usize = 65_536;
+/// Most QEMU addresses one job may name.
+pub const MAX_QEMU_CONNECT: usize = 64;
 
 /// Where a job stands on this agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +71,10 @@ pub struct Job {
 
 struct JobInner {
     peers: BTreeMap<String, BTreeSet<i32>>,
+    /// The VMs each source may send here, by the name they arrive under.
+    arrivals: BTreeMap<String, BTreeSet<String>>,
+    /// The QEMUs (loopback addresses) the job's QEMU streams may feed.
+    qemu_connect: BTreeSet<String>,
     deadline: Instant,
     state: JobState,
     ended: Option<Instant>,
@@ -137,6 +145,40 @@ impl Job {
         )))
     }
 
+    /// Admits VM `vm` arriving from host `source`: the job must list
+    /// `source` as a source that may send `vm` here.
+    pub fn admit_arrival(&self, source: &str, vm: &str) -> Result<(), AgentError> {
+        let who = Identity {
+            name: source.to_owned(),
+            role: pagecast_channel::Role::Host,
+        };
+        self.admit(&who, v1::JobRole::Source, "migrate a VM in")?;
+        if lock(&self.inner)
+            .arrivals
+            .get(source)
+            .is_some_and(|vms| vms.contains(vm))
+        {
+            return Ok(());
+        }
+        Err(AgentError::Forbidden(format!(
+            "{who} may not send VM {vm:?} here in job {}: the job does not list that VM from it",
+            self.id
+        )))
+    }
+
+    /// Admits a QEMU stream into the QEMU listening on `addr`: only one
+    /// the operator named when it opened the job here.
+    pub fn admit_qemu(&self, addr: &str) -> Result<(), AgentError> {
+        if lock(&self.inner).qemu_connect.contains(addr) {
+            return Ok(());
+        }
+        Err(AgentError::Forbidden(format!(
+            "job {} names no QEMU on {addr} here: the operator names the destination QEMU's \
+             address when it opens the job (pagecast migrate --qemu-connect)",
+            self.id
+        )))
+    }
+
     /// Every peer and its roles.
     pub fn peers(&self) -> Vec<(String, Vec<v1::JobRole>)> {
         lock(&self.inner)
@@ -153,11 +195,18 @@ impl Job {
             .collect()
     }
 
-    fn add_peers(&self, peers: &[v1::JobPeer]) {
+    fn add_peers(&self, peers: &[v1::JobPeer], qemu_connect: &[String]) {
         let mut g = lock(&self.inner);
         for p in peers {
             g.peers.entry(p.host.clone()).or_default().insert(p.role);
+            if p.role == v1::JobRole::Source as i32 {
+                g.arrivals
+                    .entry(p.host.clone())
+                    .or_default()
+                    .extend(p.vms.iter().cloned());
+            }
         }
+        g.qemu_connect.extend(qemu_connect.iter().cloned());
     }
 
     /// The arriving VMs' memory.
@@ -264,9 +313,44 @@ impl JobBook {
         peers: &[v1::JobPeer],
         deadline: Option<Duration>,
     ) -> Result<(Arc<Job>, bool), AgentError> {
+        self.open_with(job, who, peers, &[], deadline)
+    }
+
+    /// [`JobBook::open`], also naming the QEMUs on this host the job's
+    /// QEMU streams may feed (loopback addresses).
+    pub fn open_with(
+        &self,
+        job: &str,
+        who: &Identity,
+        peers: &[v1::JobPeer],
+        qemu_connect: &[String],
+        deadline: Option<Duration>,
+    ) -> Result<(Arc<Job>, bool), AgentError> {
         if !id_ok(job) {
             return Err(AgentError::BadRequest(format!(
                 "job {job:?}: use 1 to 128 letters, digits, '-', '_', '.' or ':'"
+            )));
+        }
+        let arrivals: usize = peers.iter().map(|p| p.vms.len()).sum();
+        if arrivals > MAX_ARRIVALS
+            || peers
+                .iter()
+                .flat_map(|p| &p.vms)
+                .any(|v| !pagecast_proto::name_ok(v))
+        {
+            return Err(AgentError::BadRequest(format!(
+                "job {job}: at most {MAX_ARRIVALS} arriving VMs, each a VM name"
+            )));
+        }
+        if qemu_connect.len() > MAX_QEMU_CONNECT
+            || qemu_connect.iter().any(|a| {
+                a.parse::<std::net::SocketAddr>()
+                    .map_or(true, |a| !a.ip().is_loopback())
+            })
+        {
+            return Err(AgentError::BadRequest(format!(
+                "job {job}: at most {MAX_QEMU_CONNECT} QEMU addresses, each a loopback address \
+                 and port"
             )));
         }
         if peers.len() > MAX_PEERS
@@ -287,7 +371,7 @@ impl JobBook {
                     "job {job} ended here: {why}"
                 )));
             }
-            j.add_peers(peers);
+            j.add_peers(peers, qemu_connect);
             let mut g = lock(&j.inner);
             g.deadline = g.deadline.max(Instant::now() + deadline);
             drop(g);
@@ -304,6 +388,8 @@ impl JobBook {
             ordered_by: who.clone(),
             inner: Mutex::new(JobInner {
                 peers: BTreeMap::new(),
+                arrivals: BTreeMap::new(),
+                qemu_connect: BTreeSet::new(),
                 deadline: Instant::now() + deadline,
                 state: JobState::Open,
                 ended: None,
@@ -311,7 +397,7 @@ impl JobBook {
                 holds: HashMap::new(),
             }),
         });
-        j.add_peers(peers);
+        j.add_peers(peers, qemu_connect);
         jobs.insert(job.to_owned(), j.clone());
         Ok((j, true))
     }
@@ -398,6 +484,67 @@ mod tests {
         v1::JobPeer {
             host: host.into(),
             role: role as i32,
+            vms: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_job_admits_each_peer_only_in_its_role_and_a_source_only_its_vms() {
+        let book = JobBook::default();
+        let src = v1::JobPeer {
+            vms: vec!["vm1".into()],
+            ..peer("s", v1::JobRole::Source)
+        };
+        let (j, _) = book
+            .open_with(
+                "j",
+                &op(),
+                &[src, peer("d", v1::JobRole::Destination)],
+                &["127.0.0.1:4444".into()],
+                None,
+            )
+            .unwrap();
+        let host = |n: &str| Identity {
+            name: n.into(),
+            role: Role::Host,
+        };
+        j.admit(&host("d"), v1::JobRole::Destination, "fetch pages")
+            .unwrap();
+        let e = j
+            .admit(&host("s"), v1::JobRole::Destination, "fetch pages")
+            .unwrap_err();
+        assert_eq!(e.code(), v1::RefusalCode::Forbidden);
+        assert!(e.to_string().contains("as a destination"), "{e}");
+        j.admit_arrival("s", "vm1").unwrap();
+        for (from, vm) in [("s", "vm2"), ("d", "vm1"), ("x", "vm1")] {
+            let e = j.admit_arrival(from, vm).unwrap_err();
+            assert_eq!(e.code(), v1::RefusalCode::Forbidden, "{from} {vm}: {e}");
+        }
+        // Joining adds VMs for a source; nothing else widens.
+        let more = v1::JobPeer {
+            vms: vec!["vm2".into()],
+            ..peer("s", v1::JobRole::Source)
+        };
+        book.open("j", &op(), &[more], None).unwrap();
+        j.admit_arrival("s", "vm2").unwrap();
+        j.admit_qemu("127.0.0.1:4444").unwrap();
+        let e = j.admit_qemu("127.0.0.1:22").unwrap_err();
+        assert!(
+            e.to_string().contains("names no QEMU on 127.0.0.1:22"),
+            "{e}"
+        );
+        // Grants are bounded and checked: names, loopback addresses.
+        let bad = v1::JobPeer {
+            vms: vec!["../x".into()],
+            ..peer("s", v1::JobRole::Source)
+        };
+        assert!(book.open("j9", &op(), &[bad], None).is_err());
+        for addr in ["10.0.0.1:80", "nonsense"] {
+            let e = book
+                .open_with("j9", &op(), &[], &[addr.into()], None)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("loopback"), "{addr}: {e}");
         }
     }
 

@@ -283,7 +283,10 @@ impl Agent {
         who: &pagecast_channel::Identity,
     ) -> Result<bool, AgentError> {
         let deadline = (r.deadline_ms > 0).then(|| Duration::from_millis(r.deadline_ms));
-        Ok(self.jobs.open(&r.job, who, &r.peers, deadline)?.1)
+        Ok(self
+            .jobs
+            .open_with(&r.job, who, &r.peers, &r.qemu_connect, deadline)?
+            .1)
     }
 
     /// Cancels a job here: its held and running migrations stop before
@@ -977,6 +980,9 @@ impl Agent {
         job: &Arc<jobs::Job>,
     ) -> Result<pagecast_migrate::IncomingReport, AgentError> {
         if !begin.connect.is_empty() {
+            if let Err(e) = job.admit_qemu(&begin.connect) {
+                return crate::qemu::refuse_begin(link, e);
+            }
             return self.qemu_route_in(link, begin);
         }
         let waiting = self.hosted(&begin.vm).and_then(|vm| {

@@ -277,11 +277,7 @@ impl Agent {
             )));
         }
         let j = self.jobs().get(job)?;
-        let who = pagecast_channel::Identity {
-            name: source.to_owned(),
-            role: pagecast_channel::Role::Host,
-        };
-        j.admit(&who, v1::JobRole::Source, "migrate a VM in")?;
+        j.admit_arrival(source, &begin.vm)?;
         Ok(j)
     }
 

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::counter;
-use std::collections::HashMap;
 
 use pagecast_channel::{AuthError, Channel, Role};
 use pagecast_proto::v1;
@@ -18,6 +17,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{Agent, AgentConfig, AgentError};
 use pagecast_channel::AsyncChannel;
+use pagecast_channel::gate::{Arrival, Gate, Limits};
 use pagecast_migrate::{ChannelLink, MigrationError, Progress};
 
 mod requests;
@@ -31,47 +31,23 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 256;
 /// Most connections open at once.
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// Open connections per peer address: a peer that opens connections
-/// without end gets [`MAX_CONNECTIONS_PER_PEER`] and no more.
-#[derive(Default)]
-struct Slots {
-    open: std::sync::Mutex<(usize, HashMap<std::net::IpAddr, usize>)>,
+/// Handshakes under way from one peer address, and in all: past either,
+/// the oldest handshake (of that address, or of all) is dropped to make
+/// room, so peers that connect and say nothing hold no slot a real client
+/// needs ([`pagecast_channel::gate`]).
+pub const MAX_HANDSHAKES_PER_PEER: usize = 16;
+/// See [`MAX_HANDSHAKES_PER_PEER`].
+pub const MAX_HANDSHAKES: usize = 1024;
+
+fn gate() -> Arc<Gate> {
+    Gate::new(Limits {
+        handshakes_per_peer: MAX_HANDSHAKES_PER_PEER,
+        handshakes: MAX_HANDSHAKES,
+        open_per_peer: MAX_CONNECTIONS_PER_PEER,
+        open: MAX_CONNECTIONS,
+    })
 }
 
-/// One connection's slot, given back when dropped.
-struct Slot {
-    slots: Arc<Slots>,
-    ip: std::net::IpAddr,
-}
-
-impl Slots {
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Slot> {
-        let mut g = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let here = g.1.get(&ip).copied().unwrap_or(0);
-        if g.0 >= MAX_CONNECTIONS || here >= MAX_CONNECTIONS_PER_PEER {
-            return None;
-        }
-        g.0 += 1;
-        *g.1.entry(ip).or_default() += 1;
-        Some(Slot {
-            slots: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut g = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
-        g.0 -= 1;
-        if let Some(n) = g.1.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                g.1.remove(&self.ip);
-            }
-        }
-    }
-}
 /// How often the content map takes in pages the VMs dirtied.
 pub const CONTENT_REFRESH: Duration = Duration::from_secs(1);
 /// How long a stopping agent waits for the index to hear that its VMs are
@@ -116,6 +92,12 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
                         addr: config.listen.to_string(),
                         source,
                     })?;
+            pagecast_channel::gate::deepen_backlog(&listener).map_err(|source| {
+                AgentError::Bind {
+                    addr: config.listen.to_string(),
+                    source,
+                }
+            })?;
             let local = listener.local_addr().map_err(|source| AgentError::Bind {
                 addr: config.listen.to_string(),
                 source,
@@ -143,7 +125,7 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
             ready(local);
             tokio::spawn(refresher(agent.clone()).in_current_span());
             tokio::spawn(in_doubt_resolver(agent.clone()).in_current_span());
-            let slots = Arc::new(Slots::default());
+            let gate = gate();
             let stop = shutdown_signal();
             tokio::pin!(stop);
             loop {
@@ -153,17 +135,19 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
                         return Ok::<(), AgentError>(());
                     }
                     a = listener.accept() => match a {
-                        Ok((stream, from)) => match slots.take(from.ip()) {
-                            Some(slot) => {
-                                tokio::spawn(
-                                    connection(agent.clone(), stream, slot).in_current_span(),
-                                );
+                        Ok((stream, from)) => {
+                            let evicted = Arc::new(tokio::sync::Notify::new());
+                            let wake = evicted.clone();
+                            let (arrival, dropped) =
+                                gate.arrive(from.ip(), Box::new(move || wake.notify_one()));
+                            if dropped > 0 {
+                                counter!(crate::metrics::OVER_LIMIT).increment(dropped as u64);
                             }
-                            None => {
-                                counter!(crate::metrics::OVER_LIMIT).increment(1);
-                                warn!("turned away {from}: too many open connections");
-                            }
-                        },
+                            tokio::spawn(
+                                connection(agent.clone(), stream, (arrival, evicted))
+                                    .in_current_span(),
+                            );
+                        }
                         Err(e) => {
                             // Out of descriptors and the like: back off, keep serving.
                             warn!("accept failed: {e}");
@@ -266,6 +250,7 @@ fn job_peer(host: &str, role: v1::JobRole) -> v1::JobPeer {
     v1::JobPeer {
         host: host.to_owned(),
         role: role as i32,
+        vms: Vec::new(),
     }
 }
 
@@ -310,8 +295,12 @@ fn allowed(body: &v1::agent_request::Body) -> (&'static [Role], &'static str) {
 
 /// Serves one connection: admits its request, then hands it to its
 /// handler.
-async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slot) {
-    if let Some((call, body)) = admit(agent, stream).await {
+async fn connection(
+    agent: Arc<Agent>,
+    stream: tokio::net::TcpStream,
+    arrival: (Arrival, Arc<tokio::sync::Notify>),
+) {
+    if let Some((call, body)) = admit(agent, stream, arrival).await {
         requests::dispatch(call, body).await;
     }
 }
@@ -321,15 +310,31 @@ async fn connection(agent: Arc<Agent>, stream: tokio::net::TcpStream, _slot: Slo
 async fn admit(
     agent: Arc<Agent>,
     stream: tokio::net::TcpStream,
+    (arrival, evicted): (Arrival, Arc<tokio::sync::Notify>),
 ) -> Option<(requests::Call, v1::agent_request::Body)> {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
-    let mut ch = match AsyncChannel::server(stream, agent.tls()).await {
+    let handshake = tokio::select! {
+        r = AsyncChannel::server(stream, agent.tls()) => r,
+        () = evicted.notified() => {
+            debug!("dropped {peer}'s handshake to make room for newer ones");
+            return None;
+        }
+    };
+    let mut ch = match handshake {
         Ok(ch) => ch,
         Err(e) => {
             counter!(crate::metrics::REFUSED).increment(1);
             warn!("refused {peer}: {e}");
+            return None;
+        }
+    };
+    let slot = match arrival.admit() {
+        Ok(s) => s,
+        Err(e) => {
+            counter!(crate::metrics::OVER_LIMIT).increment(1);
+            warn!("turned away {peer} ({}): {e}", ch.peer_name());
             return None;
         }
     };
@@ -366,6 +371,7 @@ async fn admit(
         ch,
         who,
         peer,
+        _slot: slot,
     };
     Some((call, body))
 }

@@ -39,6 +39,7 @@ mod verify;
 
 #[cfg(feature = "tokio")]
 mod asynch;
+pub mod gate;
 #[cfg(feature = "tokio")]
 pub use asynch::AsyncChannel;
 

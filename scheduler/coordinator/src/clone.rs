@@ -77,19 +77,26 @@ pub fn clone(
     Ok(report(spec, &targets, &r?, started))
 }
 
-/// Opens the clone's job at each target (its source the peer). A target
-/// that cannot be told refuses the clone, which says so in its outcome.
+/// Opens the clone's job at each target (its source the peer, sending
+/// the clones that land there). A target that cannot be told refuses the
+/// clone, which says so in its outcome.
 fn open_job(svc: &Services, spec: &CloneSpec, source: &HostView, targets: &[v1::CloneTarget]) {
+    let mut at: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     for t in targets {
+        at.entry(&t.addr).or_default().push(t.name.clone());
+    }
+    for (addr, vms) in at {
         let _ = svc.agents.open_job(
-            &t.addr,
+            addr,
             v1::JobOpen {
                 job: spec.job.clone(),
                 peers: vec![v1::JobPeer {
                     host: source.name.clone(),
                     role: v1::JobRole::Source as i32,
+                    vms,
                 }],
                 deadline_ms: 0,
+                qemu_connect: Vec::new(),
             },
         );
     }

@@ -671,3 +671,23 @@ fn writes_are_limited_to_what_the_certificate_allows() {
         );
     }
 }
+
+/// Connections that never finish a handshake hold no slot a real client
+/// needs: a peer keeping 640 idle connections open to each replica from 5
+/// loopback addresses (past the 128 a peer address and the 512 in all a
+/// replica keeps open) does not lock a client out. Before, every replica
+/// turned the client away until the idle ones timed out.
+#[test]
+fn idle_connections_from_many_addresses_lock_no_client_out_of_the_index() {
+    pagecast_tests::flood::raise_fd_limit();
+    let c = Cluster::start(1);
+    let targets: Vec<std::net::SocketAddr> =
+        c.addrs().split(',').map(|a| a.parse().unwrap()).collect();
+    let floods = pagecast_tests::flood::Flood::start_all(&targets, 5, 128);
+    // Within less than the replicas' 5 s handshake timeout, so an answer
+    // cannot come from waiting for the idle ones to be dropped.
+    let mut client = IndexClient::new(&[c.addrs()], operator()).unwrap();
+    client.timeout = Duration::from_secs(3);
+    client.hosts(false).unwrap();
+    drop(floods);
+}

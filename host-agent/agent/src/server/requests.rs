@@ -19,6 +19,8 @@ pub(super) struct Call {
     pub who: Identity,
     /// The caller's address, for logs.
     pub peer: String,
+    /// Its connection's slot, held while it is served.
+    pub _slot: pagecast_channel::gate::Admitted,
 }
 
 impl Call {

@@ -717,13 +717,15 @@ struct MigrateOut<'a> {
     progress_after: u64,
 }
 
-/// Tells the destination agent of a migration's job: the VM may arrive
-/// from `source` in it.
+/// Tells the destination agent of a migration's job: VM `vm` may arrive
+/// from `source` in it (and, on the libvirt route, be fed into the QEMU
+/// listening on `qemu_connect` there).
 fn open_migration_job(
     tls: &pagecast_channel::Tls,
     job: &str,
-    source: &str,
+    (source, vm): (&str, &str),
     to: &str,
+    qemu_connect: &str,
 ) -> anyhow::Result<()> {
     AgentClient::connect(to, tls)
         .and_then(|c| {
@@ -732,8 +734,13 @@ fn open_migration_job(
                 peers: vec![v1::JobPeer {
                     host: source.to_owned(),
                     role: v1::JobRole::Source as i32,
+                    vms: vec![vm.to_owned()],
                 }],
                 deadline_ms: 0,
+                qemu_connect: (!qemu_connect.is_empty())
+                    .then(|| qemu_connect.to_owned())
+                    .into_iter()
+                    .collect(),
             })
         })
         .with_context(|| format!("telling the destination agent at {to} of job {job}"))?;
@@ -750,7 +757,18 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
             .map_or(0, |d| d.as_millis());
         format!("migrate:{}:{ms}", a.vm)
     });
-    open_migration_job(&tls, &job, client.agent_name(), &a.to)?;
+    open_migration_job(
+        &tls,
+        &job,
+        (client.agent_name(), &a.vm),
+        &a.to,
+        // As the request says it (below): the QEMU at the destination
+        // listens where the source's does, unless told otherwise.
+        a.qemu_connect
+            .as_deref()
+            .or(a.qemu_listen.as_deref())
+            .unwrap_or_default(),
+    )?;
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {

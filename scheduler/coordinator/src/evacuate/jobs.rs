@@ -20,25 +20,35 @@ fn peer(host: &str, role: v1::JobRole) -> v1::JobPeer {
     v1::JobPeer {
         host: host.to_owned(),
         role: role as i32,
+        vms: Vec::new(),
     }
 }
 
-/// The peers of every host taking part, by host.
+/// The peers of every host taking part, by host: a destination's sources
+/// each with the VMs it sends there (a destination admits no other), a
+/// source's destinations.
 fn peers_of(prep: &Prepared) -> BTreeMap<String, Vec<v1::JobPeer>> {
-    let mut by: BTreeMap<String, BTreeSet<(String, i32)>> = BTreeMap::new();
+    let mut by: BTreeMap<String, BTreeMap<(String, i32), BTreeSet<String>>> = BTreeMap::new();
     for m in &prep.moving {
         by.entry(m.to.clone())
             .or_default()
-            .insert((m.from.clone(), v1::JobRole::Source as i32));
+            .entry((m.from.clone(), v1::JobRole::Source as i32))
+            .or_default()
+            .insert(m.name.clone());
         by.entry(m.from.clone())
             .or_default()
-            .insert((m.to.clone(), v1::JobRole::Destination as i32));
+            .entry((m.to.clone(), v1::JobRole::Destination as i32))
+            .or_default();
     }
     by.into_iter()
         .map(|(h, ps)| {
             let peers = ps
                 .into_iter()
-                .map(|(host, role)| v1::JobPeer { host, role })
+                .map(|((host, role), vms)| v1::JobPeer {
+                    host,
+                    role,
+                    vms: vms.into_iter().collect(),
+                })
                 .collect();
             (h, peers)
         })
@@ -60,6 +70,7 @@ pub(super) fn open(
             job: job.to_owned(),
             peers,
             deadline_ms: DEADLINE.as_millis() as u64,
+            qemu_connect: Vec::new(),
         };
         match svc.agents.open_job(prep.address(&host), r) {
             Ok(_) => opened.push(host),
@@ -90,6 +101,7 @@ pub(super) fn open_fetch(
                 job: job.to_owned(),
                 peers: vec![peer(other, role)],
                 deadline_ms: DEADLINE.as_millis() as u64,
+                qemu_connect: Vec::new(),
             },
         )?;
     }
