@@ -174,6 +174,7 @@ impl MigrationLink for Script {
     }
     fn recv(&mut self, _: Option<Duration>) -> Result<v1::migrate_frame::Body, MigrationError> {
         self.0.pop_front().unwrap_or(Err(MigrationError::Timeout {
+            peer: "the fuzzer".into(),
             what: "frame",
             after: Duration::ZERO,
         }))

@@ -89,8 +89,10 @@ pub enum MigrationError {
     #[error("verification failed: {0}")]
     Verification(String),
     /// The peer did not answer in time.
-    #[error("no {what} from the peer within {after:?}")]
+    #[error("no {what} from {peer} within {after:?} (is it frozen, or its network cut?)")]
     Timeout {
+        /// Who was silent (its host name, where known).
+        peer: String,
         /// What was awaited.
         what: &'static str,
         /// How long.
@@ -172,6 +174,10 @@ pub trait MigrationLink: Send {
         &mut self,
         timeout: Option<Duration>,
     ) -> Result<v1::migrate_frame::Body, MigrationError>;
+    /// Who is at the other end, for errors ("host NAME (ADDRESS)").
+    fn peer(&self) -> String {
+        "the peer".into()
+    }
 }
 
 /// A [`MigrationLink`] over an authenticated [`Channel`].
@@ -216,12 +222,17 @@ impl MigrationLink for ChannelLink {
                 ) =>
             {
                 Err(MigrationError::Timeout {
+                    peer: self.peer(),
                     what: "frame",
                     after: timeout.unwrap_or_default(),
                 })
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn peer(&self) -> String {
+        format!("host {} ({})", self.ch.peer_name(), self.ch.peer())
     }
 }
 

@@ -74,6 +74,17 @@ pub enum AuthError {
         #[source]
         source: std::io::Error,
     },
+    /// The peer took no data for the write timeout: frozen, or its
+    /// network cut (the connection stays open).
+    #[error("{who} at {peer} took no data for {after:?} (is it frozen, or its network cut?)")]
+    Stalled {
+        /// The peer's address.
+        peer: String,
+        /// Its certificate's name and role.
+        who: String,
+        /// How long this side waited.
+        after: std::time::Duration,
+    },
     /// The peer closed the connection.
     #[error("connection to {peer} closed")]
     Closed {
@@ -630,6 +641,8 @@ pub struct ChannelWriter {
     sock: TcpStream,
     shared: Arc<Shared>,
     peer: String,
+    /// The peer's identity, for errors.
+    who: String,
     sent_bytes: u64,
     out: Vec<u8>,
 }
@@ -706,6 +719,7 @@ impl Channel {
             w: ChannelWriter {
                 sock: other,
                 shared,
+                who: identity.to_string(),
                 peer,
                 sent_bytes: 0,
                 out: Vec::new(),
@@ -774,7 +788,65 @@ impl ChannelWriter {
         }
         // The socket write happens outside the lock, so the reader can go
         // on decrypting while a slow peer drains this.
-        self.sock.write_all(&self.out).map_err(io_err(&self.peer))
+        self.write_out()
+    }
+
+    /// Writes the frame's records within the write timeout for the whole
+    /// frame: a frozen peer's kernel still takes a few bytes now and then,
+    /// and a timeout per write call would let each trickle start it anew
+    /// (a frozen destination once held a send 40 s).
+    fn write_out(&mut self) -> Result<(), AuthError> {
+        let limit = self.sock.write_timeout().ok().flatten();
+        let started = std::time::Instant::now();
+        let mut off = 0;
+        let mut narrowed = false;
+        let result = loop {
+            if off == self.out.len() {
+                break Ok(());
+            }
+            match self.sock.write(&self.out[off..]) {
+                Ok(0) => {
+                    break Err(AuthError::Closed {
+                        peer: self.peer.clone(),
+                    });
+                }
+                Ok(n) => {
+                    off += n;
+                    if off < self.out.len()
+                        && let Some(l) = limit
+                    {
+                        let left = l.saturating_sub(started.elapsed());
+                        if left.is_zero() {
+                            break Err(self.stalled(l));
+                        }
+                        let _ = self.sock.set_write_timeout(Some(left));
+                        narrowed = true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break Err(self.stalled(limit.unwrap_or_default()));
+                }
+                Err(e) => break Err(io_err(&self.peer)(e)),
+            }
+        };
+        if narrowed {
+            let _ = self.sock.set_write_timeout(limit);
+        }
+        result
+    }
+
+    fn stalled(&self, after: std::time::Duration) -> AuthError {
+        AuthError::Stalled {
+            peer: self.peer.clone(),
+            who: self.who.clone(),
+            after,
+        }
     }
 
     /// Bytes sent so far, framing and TLS records included.

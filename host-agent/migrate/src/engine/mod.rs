@@ -294,7 +294,8 @@ impl Fleet<'_> {
                 }
                 Ok(b) => return Some(b),
                 Err(MigrationError::Timeout { after, .. }) => {
-                    self.fail(i, MigrationError::Timeout { what, after });
+                    let peer = self.dests[i].t.link.peer();
+                    self.fail(i, MigrationError::Timeout { peer, what, after });
                     return None;
                 }
                 Err(e) => {

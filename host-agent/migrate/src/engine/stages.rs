@@ -234,6 +234,7 @@ fn held(fleet: &mut Fleet, hold: &mut dyn Hold) -> Result<(), MigrationError> {
                 fleet.fail(
                     i,
                     MigrationError::Timeout {
+                        peer: fleet.dests[i].t.link.peer(),
                         what: "keep-alive while held",
                         after: timeout,
                     },
