@@ -637,12 +637,17 @@ fn handshake(
         rcvbuf_bytes: rcvbuf as u64,
         job: cfg.job.clone(),
     })))?;
+    // The sender says it is waiting (for other receivers) about once a
+    // second; a sender silent this long is gone.
     ch.set_read_timeout(Some(cfg.silent_after))?;
-    let w: v1::CastFrame = ch.recv("welcome")?;
-    let Some(v1::cast_frame::Body::Welcome(w)) = w.body else {
-        return Err(protocol(ch.peer(), "expected a welcome"));
-    };
-    Ok((ch, chain_listener, w))
+    loop {
+        let f: v1::CastFrame = ch.recv("welcome")?;
+        match f.body {
+            Some(v1::cast_frame::Body::Waiting(_)) => continue,
+            Some(v1::cast_frame::Body::Welcome(w)) => return Ok((ch, chain_listener, w)),
+            _ => return Err(protocol(ch.peer(), "expected a welcome")),
+        }
+    }
 }
 
 /// What a welcome says, checked: the session key, the pages this

@@ -173,8 +173,14 @@ pub fn send_on(
 ) -> Result<SendReport, CastError> {
     let total = src.pages();
     let groups = checked_groups(cfg, groups, total)?;
-    // 1. Receivers connect and authenticate.
-    let (mut peers, refused) = accept_receivers(listener, cfg, &groups, src, tls)?;
+    // 1. Receivers connect and authenticate; the session goes on with
+    // those that joined in time.
+    let (slots, refused) = accept_receivers(listener, cfg, tls)?;
+    let Seated {
+        mut peers,
+        groups,
+        missing,
+    } = seat(cfg, slots, groups, src)?;
     // 2. The session key, groups and page list.
     let shape = SessionShape::new(cfg, &peers)?;
     welcome(&mut peers, &groups, src, &shape)?;
@@ -248,8 +254,34 @@ pub fn send_on(
             Transport::Multicast => run.multicast(scope, tls)?,
             Transport::Chain => run.chain(scope, tls)?,
         };
-        Ok(run.finish(unicast))
+        let mut report = run.finish(unicast);
+        report
+            .receivers
+            .extend(missing.iter().map(|name| not_joined(cfg, name)));
+        Ok(report)
     })
+}
+
+/// The report of a receiver that did not join in time.
+fn not_joined(cfg: &SenderConfig, name: &str) -> PeerReport {
+    PeerReport {
+        id: 0,
+        name: name.to_owned(),
+        addr: String::new(),
+        status: PeerStatus::Dropped {
+            reason: format!(
+                "did not join (the others had joined and waited up to {:?} more)",
+                cfg.join_grace
+            ),
+        },
+        completion_s: None,
+        goodput_bps: None,
+        pages: 0,
+        unicast_pages: 0,
+        joins: 0,
+        leaves: 0,
+        counters: ReceiverCounters::default(),
+    }
 }
 
 /// The session's groups, checked against its pages and receivers.
@@ -315,33 +347,42 @@ fn checked_groups(cfg: &SenderConfig, groups: Groups, total: u32) -> Result<Vec<
     Ok(groups)
 }
 
-/// Waits for every receiver to connect, authenticate and say hello, until
-/// the accept timeout. Handshakes run on threads of their own, so a peer
-/// that connects and says nothing holds up no one (it is dropped at the
-/// handshake timeout). Returns the receivers in slot order and how many
-/// were refused.
+/// A receiver that joined: its channel and its hello.
+type Joined = (Channel, v1::CastHello);
+
+/// How often receivers that joined hear that the sender waits for others.
+const WAITING_EVERY: Duration = Duration::from_secs(1);
+
+/// Waits for the receivers to connect, authenticate and say hello: until
+/// every one has, or the accept timeout passes, or (once one has joined)
+/// [`SenderConfig::join_grace`] passes after the latest join. Handshakes
+/// run on threads of their own, so a peer that connects and says nothing
+/// holds up no one (it is dropped at the handshake timeout), and those
+/// joined hear each second that the sender is waiting, so they do not give
+/// it up. Returns each slot's receiver (`None`: it did not join) and how
+/// many were refused; fails only if none joined.
 fn accept_receivers(
     listener: TcpListener,
     cfg: &SenderConfig,
-    groups: &[Group],
-    src: &dyn PageSource,
     tls: &Tls,
-) -> Result<(Vec<Peer>, u64), CastError> {
+) -> Result<(Vec<Option<Joined>>, u64), CastError> {
     const MAX_HANDSHAKES: usize = 64;
     let mut refused = 0u64;
     let mut refuse = || {
         refused += 1;
         counter!(crate::metrics::REFUSED).increment(1);
     };
-    let mut slots: Vec<Option<Peer>> = (0..cfg.receivers).map(|_| None).collect();
-    let mut connected = 0usize;
+    let mut slots: Vec<Option<Joined>> = (0..cfg.receivers).map(|_| None).collect();
     let deadline = Instant::now() + cfg.accept_timeout;
+    let mut last_join: Option<Instant> = None;
+    let mut last_word = Instant::now();
     listener
         .set_nonblocking(true)
         .map_err(CastError::io("control listener"))?;
-    let (hs_tx, hs_rx) = mpsc::channel::<Result<(Channel, v1::CastHello), CastError>>();
+    let (hs_tx, hs_rx) = mpsc::channel::<Result<Joined, CastError>>();
     let mut in_flight = 0usize;
-    while connected < cfg.receivers {
+    let joined = |slots: &[Option<Joined>]| slots.iter().filter(|s| s.is_some()).count();
+    while joined(&slots) < cfg.receivers {
         while let Ok(res) = hs_rx.try_recv() {
             in_flight -= 1;
             let Ok((ch, hello)) = res else {
@@ -349,15 +390,30 @@ fn accept_receivers(
                 continue;
             };
             let certified = ch.identity().name.clone();
-            match slot_of(cfg, &slots, connected, &hello, &certified) {
+            match slot_of(cfg, &slots, &hello, &certified) {
                 Some(idx) => {
-                    slots[idx] = Some(new_peer(idx, ch, hello, groups, src)?);
-                    connected += 1;
+                    slots[idx] = Some((ch, hello));
+                    last_join = Some(Instant::now());
                 }
                 None => refuse(),
             }
         }
-        if connected >= cfg.receivers {
+        if joined(&slots) >= cfg.receivers {
+            break;
+        }
+        if last_word.elapsed() >= WAITING_EVERY {
+            last_word = Instant::now();
+            tell_waiting(&mut slots, cfg.receivers);
+        }
+        let now = Instant::now();
+        if now > deadline || last_join.is_some_and(|t| now > t + cfg.join_grace) {
+            if joined(&slots) == 0 {
+                return Err(CastError::Accept {
+                    got: 0,
+                    want: cfg.receivers,
+                    waited: cfg.accept_timeout,
+                });
+            }
             break;
         }
         match listener.accept() {
@@ -374,34 +430,38 @@ fn accept_receivers(
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(CastError::Accept {
-                        got: connected,
-                        want: cfg.receivers,
-                        waited: cfg.accept_timeout,
-                    });
-                }
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => return Err(CastError::io("accepting a receiver")(e)),
         }
     }
-    let peers = slots
-        .into_iter()
-        .map(|p| p.expect("every slot filled"))
-        .collect();
-    Ok((peers, refused))
+    Ok((slots, refused))
+}
+
+/// Tells each receiver that joined that the sender still waits for others;
+/// one that cannot be told loses its slot (it may join again).
+fn tell_waiting(slots: &mut [Option<Joined>], expected: usize) {
+    let joined = slots.iter().filter(|s| s.is_some()).count() as u32;
+    for s in slots.iter_mut() {
+        let Some((ch, _)) = s else { continue };
+        let word = frame(v1::cast_frame::Body::Waiting(v1::CastWaiting {
+            joined,
+            expected: expected as u32,
+        }));
+        if ch.send(&word).is_err() {
+            *s = None;
+        }
+    }
 }
 
 /// The slot a receiver's hello takes: where the caller named its
 /// receivers, the slot of the name its certificate holds (`certified`),
-/// which its hello must also say; else in order of arrival. `None`
+/// which its hello must also say; else the first free one. `None`
 /// refuses it (another job's receiver, a name not expected, a hello that
 /// claims another's name, or a slot already taken).
 fn slot_of(
     cfg: &SenderConfig,
-    slots: &[Option<Peer>],
-    connected: usize,
+    slots: &[Option<Joined>],
     hello: &v1::CastHello,
     certified: &str,
 ) -> Option<usize> {
@@ -409,7 +469,7 @@ fn slot_of(
         return None;
     }
     if cfg.expected.is_empty() {
-        return Some(connected);
+        return slots.iter().position(Option::is_none);
     }
     if hello.name != certified {
         return None;
@@ -418,6 +478,70 @@ fn slot_of(
         Some(i) if slots[i].is_none() => Some(i),
         _ => None,
     }
+}
+
+/// Who takes part in a session once the joining is over.
+struct Seated {
+    /// Those that joined, numbered anew in slot order.
+    peers: Vec<Peer>,
+    /// The groups with only them as members (a group left with no member
+    /// is not sent).
+    groups: Vec<Group>,
+    /// The names of the slots that did not join.
+    missing: Vec<String>,
+}
+
+/// Seats the receivers that joined (see [`Seated`]).
+fn seat(
+    cfg: &SenderConfig,
+    slots: Vec<Option<Joined>>,
+    groups: Vec<Group>,
+    src: &dyn PageSource,
+) -> Result<Seated, CastError> {
+    let mut renumbered = vec![None; slots.len()];
+    let mut missing = Vec::new();
+    let mut n = 0;
+    for (i, s) in slots.iter().enumerate() {
+        if s.is_some() {
+            renumbered[i] = Some(n);
+            n += 1;
+        } else {
+            missing.push(
+                cfg.expected
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("receiver {}", i + 1)),
+            );
+        }
+    }
+    let groups: Vec<Group> = groups
+        .into_iter()
+        .filter_map(|mut g| {
+            g.members = g
+                .members
+                .iter()
+                .filter_map(|&m| renumbered.get(m).copied().flatten())
+                .collect();
+            (!g.members.is_empty()).then_some(g)
+        })
+        .collect();
+    if groups.is_empty() {
+        return Err(CastError::Config(format!(
+            "the receivers that joined need none of the pages; missing: {}",
+            missing.join(", ")
+        )));
+    }
+    let peers = slots
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(idx, (ch, hello))| new_peer(idx, ch, hello, &groups, src))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Seated {
+        peers,
+        groups,
+        missing,
+    })
 }
 
 /// Receiver `idx` as its hello introduced it: its groups, pages and the

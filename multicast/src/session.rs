@@ -106,6 +106,11 @@ pub struct SenderConfig {
     pub window: u32,
     /// How long to wait for every receiver to connect.
     pub accept_timeout: Duration,
+    /// Once one receiver has joined, how long the others have after the
+    /// latest join: past it (or past `accept_timeout`), the session goes
+    /// on with those joined and reports the rest as dropped (a member
+    /// frozen before or during its join holds no one up).
+    pub join_grace: Duration,
     /// A receiver blocking the window this long moves to unicast repair.
     pub slow_after: Duration,
     /// A receiver silent this long is dropped.
@@ -133,6 +138,7 @@ impl SenderConfig {
             mtu: None,
             window: 8192,
             accept_timeout: Duration::from_secs(60),
+            join_grace: Duration::from_secs(10),
             slow_after: Duration::from_secs(3),
             silent_after: Duration::from_secs(5),
             name: "pagecast-sender".into(),

@@ -637,3 +637,87 @@ fn a_receiver_takes_the_slot_of_its_certificate_not_of_the_name_it_says() {
         assert_eq!(report.receivers[0].name, "victim");
     });
 }
+
+/// A member that freezes before it connects, after it connects but before
+/// its handshake, or after its handshake but before its hello holds no one
+/// up: the session goes on with the others once they have joined and
+/// waited the join grace, and reports it dropped; the others, told each
+/// second that the sender is waiting, do not give it up though their own
+/// silence limit is shorter than the wait. Before, the sender waited out
+/// its accept timeout and the healthy receivers gave up, keeping nothing.
+#[test]
+fn a_member_frozen_before_or_during_its_join_holds_no_one_up() {
+    if !needs(
+        "a_member_frozen_before_or_during_its_join_holds_no_one_up",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    let (a, b) = (
+        cluster().issue("r-a", Role::Host, 1).unwrap(),
+        cluster().issue("r-b", Role::Host, 1).unwrap(),
+    );
+    let frozen_tls = cluster().issue("r-frozen", Role::Host, 1).unwrap();
+    for phase in [
+        "before connecting",
+        "before its handshake",
+        "before its hello",
+    ] {
+        let (control, group) = endpoints();
+        let src = Source::new(300);
+        let mut cfg = SenderConfig::new(control, LO, 3);
+        cfg.transport = TransportChoice::Multicast;
+        cfg.expected = vec!["r-a".into(), "r-b".into(), "r-frozen".into()];
+        cfg.accept_timeout = Duration::from_secs(120);
+        cfg.join_grace = Duration::from_secs(4);
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
+            std::thread::sleep(Duration::from_millis(50));
+            // The frozen member: held open (or never made) for the session.
+            let _frozen = match phase {
+                "before connecting" => None,
+                "before its handshake" => {
+                    Some((Some(std::net::TcpStream::connect(control).unwrap()), None))
+                }
+                _ => {
+                    let t = std::net::TcpStream::connect(control).unwrap();
+                    Some((
+                        None,
+                        Some(pagecast_channel::Channel::client(t, &frozen_tls).unwrap()),
+                    ))
+                }
+            };
+            let t0 = std::time::Instant::now();
+            let healthy: Vec<_> = [("r-a", &a), ("r-b", &b)]
+                .into_iter()
+                .map(|(name, tls)| {
+                    s.spawn(move || {
+                        let mut rc = ReceiverConfig::new(control, LO, name);
+                        rc.silent_after = Duration::from_secs(2);
+                        let mut sink = Sink::default();
+                        receive(&rc, tls, &mut sink, &|_, _| {}).map(|_| sink)
+                    })
+                })
+                .collect();
+            for h in healthy {
+                let sink = h.join().unwrap().unwrap_or_else(|e| panic!("{phase}: {e}"));
+                check_sink(&sink, &src, &(0..300).collect::<Vec<_>>());
+            }
+            let report = sender.join().unwrap().unwrap();
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{phase}: the session waited {:?}",
+                t0.elapsed()
+            );
+            let by_name = |n: &str| report.receivers.iter().find(|r| r.name == n).unwrap();
+            for n in ["r-a", "r-b"] {
+                assert_eq!(by_name(n).status, PeerStatus::Complete, "{phase}: {n}");
+            }
+            assert!(
+                matches!(&by_name("r-frozen").status, PeerStatus::Dropped { reason } if reason.contains("did not join")),
+                "{phase}: {:?}",
+                by_name("r-frozen").status
+            );
+        });
+    }
+}
