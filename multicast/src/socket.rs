@@ -138,6 +138,7 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
 
 /// Sends every buffer of `bufs` to `to`, [`BATCH`] per system call.
 pub fn send_batch(sock: &UdpSocket, bufs: &[&[u8]], to: SocketAddrV4) -> io::Result<()> {
+    let mut busy = Backpressure::new(SEND_STALL);
     let mut addr = sockaddr(to);
     for chunk in bufs.chunks(BATCH) {
         let mut iovs: Vec<libc::iovec> = chunk
@@ -175,15 +176,17 @@ pub fn send_batch(sock: &UdpSocket, bufs: &[&[u8]], to: SocketAddrV4) -> io::Res
                 match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
                     // A full socket buffer, or the local queue dropped the
-                    // datagram: wait for it to drain and send it again.
+                    // datagram: wait for it to drain and send it again
+                    // (for a while: see `Backpressure`).
                     Some(libc::EAGAIN) | Some(libc::ENOBUFS) => {
-                        std::thread::sleep(Duration::from_micros(200));
+                        busy.wait()?;
                         continue;
                     }
                     _ => return Err(e),
                 }
             }
             done += n as usize;
+            busy.progress();
         }
     }
     Ok(())
@@ -208,6 +211,7 @@ pub fn send_segments(
     if !*gso || size == 0 || size * 2 > GSO_MAX_BYTES || bufs.iter().any(|b| b.len() != size) {
         return send_batch(sock, bufs, to);
     }
+    let mut busy = Backpressure::new(SEND_STALL);
     let per = (GSO_MAX_BYTES / size).min(GSO_MAX_SEGMENTS);
     let mut addr = sockaddr(to);
     for (i, chunk) in bufs.chunks(per).enumerate() {
@@ -244,14 +248,13 @@ pub fn send_segments(
             // reads them.
             let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
             if n >= 0 {
+                busy.progress();
                 break;
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) | Some(libc::ENOBUFS) => {
-                    std::thread::sleep(Duration::from_micros(200))
-                }
+                Some(libc::EAGAIN) | Some(libc::ENOBUFS) => busy.wait()?,
                 // No GSO here (old kernel, device without it): send this
                 // and every later chunk datagram by datagram.
                 Some(libc::EIO)
@@ -351,6 +354,47 @@ pub fn recv_batch(sock: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> {
     }
 }
 
+/// How long a send may find the local queue full without a datagram
+/// leaving before it fails.
+pub const SEND_STALL: Duration = Duration::from_secs(5);
+
+/// Retries of a send the local queue refuses (`EAGAIN`, `ENOBUFS`): a
+/// short sleep each, failing once no datagram has left for `limit` (before,
+/// the retries went on forever).
+pub struct Backpressure {
+    limit: Duration,
+    since: Option<std::time::Instant>,
+}
+
+impl Backpressure {
+    /// Retries failing after `limit` without progress.
+    pub fn new(limit: Duration) -> Self {
+        Backpressure { limit, since: None }
+    }
+
+    /// A datagram left: the clock starts again.
+    pub fn progress(&mut self) {
+        self.since = None;
+    }
+
+    /// The queue was full: waits a little, or fails if it has been full
+    /// for the whole limit.
+    pub fn wait(&mut self) -> io::Result<()> {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the local send queue stayed full for {:?} (no datagram left)",
+                    self.limit
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+        Ok(())
+    }
+}
+
 /// The MTU of the interface that has address `addr` (65536 for loopback).
 pub fn interface_mtu(addr: Ipv4Addr) -> io::Result<usize> {
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -402,6 +446,21 @@ pub fn interface_mtu(addr: Ipv4Addr) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_send_queue_full_for_the_whole_limit_fails_and_progress_restarts_the_clock() {
+        let mut b = Backpressure::new(Duration::from_millis(30));
+        let t0 = std::time::Instant::now();
+        while b.wait().is_ok() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never failed");
+        }
+        assert!(t0.elapsed() >= Duration::from_millis(30));
+        let e = b.wait().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("stayed full"), "{e}");
+        b.progress();
+        b.wait().expect("progress restarts the clock");
+    }
 
     #[test]
     fn loopback_multicast_batches_arrive_only_at_joined_sockets() {
