@@ -303,9 +303,9 @@ pub fn id_ok(id: &str) -> bool {
 }
 
 impl JobBook {
-    /// Opens `job` (or joins it, adding peers and moving its deadline
-    /// later) for `who`. Returns the job and whether it is new here. A job
-    /// that ended stays ended: it cannot be opened again.
+    /// Opens `job` (or joins it, adding peers and, if `deadline` is given,
+    /// moving its deadline later) for `who`. Returns the job and whether it
+    /// is new here. A job that ended stays ended: it cannot be opened again.
     pub fn open(
         &self,
         job: &str,
@@ -362,7 +362,8 @@ impl JobBook {
                 "job {job}: at most {MAX_PEERS} peers, each a host name"
             )));
         }
-        let deadline = deadline.unwrap_or(DEFAULT_DEADLINE).min(MAX_DEADLINE);
+        let asked = deadline.map(|d| d.min(MAX_DEADLINE));
+        let deadline = asked.unwrap_or(DEFAULT_DEADLINE);
         let mut jobs = lock(&self.jobs);
         Self::sweep(&mut jobs);
         if let Some(j) = jobs.get(job) {
@@ -372,9 +373,12 @@ impl JobBook {
                 )));
             }
             j.add_peers(peers, qemu_connect);
-            let mut g = lock(&j.inner);
-            g.deadline = g.deadline.max(Instant::now() + deadline);
-            drop(g);
+            // Only a deadline asked for moves it (later); a request that
+            // joins the job implicitly (a Migrate naming it) keeps it.
+            if let Some(d) = asked {
+                let mut g = lock(&j.inner);
+                g.deadline = g.deadline.max(Instant::now() + d);
+            }
             return Ok((j.clone(), false));
         }
         if jobs.len() >= MAX_JOBS {

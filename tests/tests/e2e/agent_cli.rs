@@ -1047,3 +1047,74 @@ fn a_migration_to_a_destination_frozen_mid_stream_fails_within_seconds_naming_it
     assert_eq!(l["vms"][0]["name"], "big", "{l}");
     assert_eq!(l["vms"][0]["state"], "running", "{l}");
 }
+
+/// A held migration whose coordinator says nothing more (frozen, or gone
+/// with its connection open) ends at its job's deadline: the source runs
+/// on and the destination lets the arriving VM's memory go. A request that
+/// joins the job implicitly (the Migrate naming it) does not move the
+/// deadline the operator set; before, it moved it to an hour.
+#[test]
+fn a_held_migration_ends_at_its_jobs_deadline() {
+    if !needs("a_held_migration_ends_at_its_jobs_deadline", &[Need::Kvm]) {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    let b = Agent::start(d, "host-b");
+    start_vm(d, &a, "held", "web", "64MiB", "0");
+    let op = pki::tls("operator", Role::Operator);
+    let client = |addr: &str| pagecast_agent_api::client::AgentClient::connect(addr, &op).unwrap();
+    let open = |addr: &str, host: &str, role: v1::JobRole, vms: Vec<String>| {
+        client(addr)
+            .open_job(v1::JobOpen {
+                job: "j-hold".into(),
+                peers: vec![v1::JobPeer {
+                    host: host.into(),
+                    role: role as i32,
+                    vms,
+                }],
+                deadline_ms: 3000,
+                ..Default::default()
+            })
+            .unwrap();
+    };
+    open(&a.addr, "host-b", v1::JobRole::Destination, Vec::new());
+    open(&b.addr, "host-a", v1::JobRole::Source, vec!["held".into()]);
+    let t0 = Instant::now();
+    let mut m = client(&a.addr)
+        .start_migrate(v1::MigrateRequest {
+            vm: "held".into(),
+            to: b.addr.clone(),
+            job: "j-hold".into(),
+            hold: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let result = loop {
+        match m.next_event().unwrap() {
+            pagecast_agent_api::client::MigrationEvent::Result(r) => break r,
+            _ => assert!(t0.elapsed() < Duration::from_secs(60), "still held"),
+        }
+    };
+    let took = t0.elapsed();
+    assert!(!result.ok, "{result:?}");
+    let why = pagecast_proto::refusal_text(&result.error);
+    assert!(why.contains("deadline"), "{why}");
+    assert!(
+        took < Duration::from_secs(30),
+        "ended {took:?} after it began"
+    );
+    let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
+    assert_eq!(l["vms"][0]["state"], "running", "{l}");
+    // The destination keeps nothing of it.
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let l = ok_json(d, &["vm", "list", "--agent", &b.addr, "--json"]);
+        if l["vms"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "the destination keeps {l}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
