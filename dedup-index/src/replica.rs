@@ -41,9 +41,9 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
 /// Handshakes under way from one peer address, and in all: past either,
 /// the oldest handshake is dropped to make room, so peers that connect and
 /// say nothing hold no slot a real client needs.
-pub const MAX_HANDSHAKES_PER_PEER: usize = 8;
+pub const MAX_HANDSHAKES_PER_PEER: usize = 64;
 /// See [`MAX_HANDSHAKES_PER_PEER`].
-pub const MAX_HANDSHAKES: usize = 256;
+pub const MAX_HANDSHAKES: usize = 512;
 
 /// How long a connection may take to say who it is (after TLS).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);

@@ -984,8 +984,9 @@ impl Session<'_> {
             .try_clone()
             .map_err(CastError::io("chain listener"))?;
         let tls = self.tls.clone();
+        let silent = self.cfg.silent_after;
         self.chain_thread = Some(std::thread::spawn(move || {
-            chain_link(listener, &tls, &s.chain_next, ctx)
+            chain_link(listener, &tls, &s, silent, ctx)
         }));
         Ok(())
     }
@@ -1051,33 +1052,87 @@ impl Session<'_> {
     }
 }
 
-/// One link of the TCP chain: take pages from the predecessor, hand each to
-/// the main loop and forward it to the successor.
-fn chain_link(listener: TcpListener, tls: &Tls, next: &str, tx: mpsc::SyncSender<ChainEv>) {
-    let _ = listener.set_nonblocking(false);
-    let accepted = listener
-        .accept()
-        .map_err(|e| e.to_string())
-        .and_then(|(s, _)| {
-            let ch = Channel::server(s, tls).map_err(|e| e.to_string())?;
-            pagecast_channel::require(ch.identity(), &[Role::Host], ch.peer(), "relay a cast")
-                .map_err(|e| e.to_string())?;
-            Ok(ch)
-        });
-    let mut prev = match accepted {
+/// The chain predecessor named `prev` (by certificate; "" for any host),
+/// connected to `listener` within `within`. Connections from anyone else
+/// are dropped and the wait goes on.
+fn chain_predecessor(
+    listener: &TcpListener,
+    tls: &Tls,
+    prev: &str,
+    within: Duration,
+) -> Result<Channel, String> {
+    let deadline = Instant::now() + within;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_nonblocking(false);
+                let Ok(ch) = Channel::server(s, tls) else {
+                    continue;
+                };
+                let role_ok = pagecast_channel::require(
+                    ch.identity(),
+                    &[Role::Host],
+                    ch.peer(),
+                    "relay a cast",
+                )
+                .is_ok();
+                if role_ok && (prev.is_empty() || ch.identity().name == prev) {
+                    return Ok(ch);
+                }
+                counter!(crate::metrics::REFUSED).increment(1);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "the chain predecessor {prev:?} did not connect within {within:?}"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// The chain successor at `next`, which must hold the certificate `name`
+/// ("" for any host).
+fn chain_successor(next: &str, name: &str, tls: &Tls) -> Result<ChannelWriter, String> {
+    let s = crate::session::connect(next).map_err(|e| e.to_string())?;
+    let ch = Channel::client(s, tls).map_err(|e| e.to_string())?;
+    if !name.is_empty() && ch.identity().name != name {
+        return Err(format!(
+            "it is {}, not the next receiver {name:?}",
+            ch.identity()
+        ));
+    }
+    ch.split().map(|(_, w)| w).map_err(|e| e.to_string())
+}
+
+/// One link of the TCP chain: take pages from the predecessor the start
+/// names (no other), hand each to the main loop and forward it to the
+/// successor it names. A predecessor that does not connect, or goes
+/// silent, for `silent` ends the link (the sender repairs by unicast).
+fn chain_link(
+    listener: TcpListener,
+    tls: &Tls,
+    start: &v1::CastStart,
+    silent: Duration,
+    tx: mpsc::SyncSender<ChainEv>,
+) {
+    let mut prev = match chain_predecessor(&listener, tls, &start.chain_prev, silent) {
         Ok(c) => c,
         Err(e) => {
             let _ = tx.send(ChainEv::Closed(e));
             return;
         }
     };
+    let _ = prev.set_read_timeout(Some(silent));
+    let next = &start.chain_next;
     let mut succ: Option<ChannelWriter> = None;
     if !next.is_empty() {
-        match crate::session::connect(next)
-            .map_err(|e| e.to_string())
-            .and_then(|s| Channel::client(s, tls).map_err(|e| e.to_string()))
-        {
-            Ok(c) => succ = c.split().ok().map(|(_, w)| w),
+        match chain_successor(next, &start.chain_next_name, tls) {
+            Ok(w) => succ = Some(w),
             Err(e) => {
                 let _ = tx.send(ChainEv::Closed(format!(
                     "cannot reach the next receiver {next}: {e}"
@@ -1150,6 +1205,72 @@ mod tests {
         let within = welcome(10, vec![(8, vec![0, 4, 2, 4])]);
         let e = check_welcome("s", &within).unwrap_err().to_string();
         assert!(e.contains("overlaps another"), "{e}");
+    }
+
+    fn page(n: u32) -> v1::CastFrame {
+        frame(v1::cast_frame::Body::Page(v1::CastPage {
+            page: n,
+            ..Default::default()
+        }))
+    }
+
+    /// A chain link takes pages only from the predecessor its start names
+    /// (by certificate): a host that connects first is dropped; one that
+    /// never comes ends the link within the silence limit. Before, the
+    /// link took whichever host connected first and waited for it forever.
+    #[test]
+    fn a_chain_link_takes_pages_only_from_its_named_predecessor() {
+        let ca = pagecast_channel::ca::Authority::generate().unwrap();
+        let [me, pred, intruder] =
+            ["me", "pred", "intruder"].map(|n| ca.issue(n, Role::Host, 1).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::sync_channel(16);
+        let start = v1::CastStart {
+            transport: v1::CastTransport::Chain as i32,
+            chain_prev: "pred".into(),
+            ..Default::default()
+        };
+        let link = {
+            let me = me.clone();
+            std::thread::spawn(move || {
+                chain_link(listener, &me, &start, Duration::from_secs(5), tx)
+            })
+        };
+        let feed = |tls: &Tls, n: u32| {
+            let s = TcpStream::connect(addr).unwrap();
+            let mut ch = Channel::client(s, tls).unwrap();
+            let _ = ch.send(&page(n));
+            let _ = ch.send(&frame(v1::cast_frame::Body::Finish(
+                v1::CastFinish::default(),
+            )));
+            ch
+        };
+        let _intruder = feed(&intruder, 666);
+        let _pred = feed(&pred, 7);
+        match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+            ChainEv::Page(p) => assert_eq!(p.page, 7, "a page from the intruder"),
+            ChainEv::Finish => panic!("finished before any page"),
+            ChainEv::Closed(e) => panic!("{e}"),
+        }
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            ChainEv::Finish
+        ));
+        link.join().unwrap();
+        // A predecessor that never connects ends the link.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx, rx) = mpsc::sync_channel(16);
+        let start = v1::CastStart {
+            transport: v1::CastTransport::Chain as i32,
+            chain_prev: "pred".into(),
+            ..Default::default()
+        };
+        chain_link(listener, &me, &start, Duration::from_millis(300), tx);
+        match rx.recv().unwrap() {
+            ChainEv::Closed(e) => assert!(e.contains("did not connect"), "{e}"),
+            _ => panic!("expected the link to end"),
+        }
     }
 
     proptest! {

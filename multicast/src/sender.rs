@@ -56,6 +56,8 @@ struct Peer {
     name: String,
     addr: String,
     chain_addr: String,
+    /// The name its certificate holds (chain links check it).
+    certified: String,
     rcvbuf: u64,
     writer: Option<ChannelWriter>,
     reader: Option<ChannelReader>,
@@ -212,7 +214,7 @@ pub fn send_on(
                 &mut seq,
             )?,
         };
-        start(transport, &mut peers)?;
+        start(transport, &mut peers, &tls.identity().name)?;
         // 5. The pages.
         let report = SendReport {
             transport,
@@ -562,6 +564,7 @@ fn new_peer(
         .collect();
     pages.sort_unstable();
     pages.dedup();
+    let certified = ch.identity().name.clone();
     let (reader, writer) = ch.split()?;
     let entries: Vec<_> = pages.iter().map(|&p| src.entry(p)).collect();
     Ok(Peer {
@@ -569,6 +572,7 @@ fn new_peer(
         name: hello.name,
         addr: writer.peer().to_owned(),
         chain_addr: hello.chain_addr,
+        certified,
         rcvbuf: hello.rcvbuf_bytes,
         writer: Some(writer),
         reader: Some(reader),
@@ -714,7 +718,10 @@ fn wait_ready(cfg: &SenderConfig, peers: &mut [Peer], rx: &mpsc::Receiver<Event>
 
 /// Tells each live receiver the transport and, on a chain, whom it
 /// forwards to (the chain runs through the receivers still in the session).
-fn start(transport: Transport, peers: &mut [Peer]) -> Result<(), CastError> {
+/// Tells each live receiver the transport; in a chain, also whom it takes
+/// pages from (the sender, `me`, for the first) and whom it passes them to,
+/// by certificate name.
+fn start(transport: Transport, peers: &mut [Peer], me: &str) -> Result<(), CastError> {
     let live: Vec<usize> = (0..peers.len())
         .filter(|&i| peers[i].state == State::Live)
         .collect();
@@ -724,9 +731,15 @@ fn start(transport: Transport, peers: &mut [Peer]) -> Result<(), CastError> {
         ));
     }
     for (k, &i) in live.iter().enumerate() {
-        let next = match (transport, live.get(k + 1)) {
-            (Transport::Chain, Some(&n)) => peers[n].chain_addr.clone(),
-            _ => String::new(),
+        let chained = transport == Transport::Chain;
+        let (next, next_name) = match live.get(k + 1) {
+            Some(&n) if chained => (peers[n].chain_addr.clone(), peers[n].certified.clone()),
+            _ => (String::new(), String::new()),
+        };
+        let prev = match k.checked_sub(1) {
+            _ if !chained => String::new(),
+            None => me.to_owned(),
+            Some(j) => peers[live[j]].certified.clone(),
         };
         let p = &mut peers[i];
         let start = frame(v1::cast_frame::Body::Start(v1::CastStart {
@@ -735,6 +748,8 @@ fn start(transport: Transport, peers: &mut [Peer]) -> Result<(), CastError> {
                 Transport::Chain => v1::CastTransport::Chain as i32,
             },
             chain_next: next,
+            chain_prev: prev,
+            chain_next_name: next_name,
         }));
         if let Err(e) = p.writer.as_mut().expect("writer").send(&start) {
             p.state = State::Dropped(format!("lost before the start: {e}"));
@@ -1526,6 +1541,16 @@ impl<'a> Run<'a> {
             .map_err(CastError::io(format!("connecting the chain to {first}")))?;
         let mut link = Channel::client(stream, tls)?;
         pagecast_channel::require(link.identity(), &[Role::Host], link.peer(), "relay a cast")?;
+        if link.identity().name != self.peers[head].certified {
+            return Err(CastError::Protocol {
+                peer: first,
+                why: format!(
+                    "the chain's first link is {}, not receiver {:?}",
+                    link.identity(),
+                    self.peers[head].certified
+                ),
+            });
+        }
         let mut page = [0u8; PAGE_SIZE];
         let total = self.src.pages();
         self.started = Instant::now();

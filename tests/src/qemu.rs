@@ -103,6 +103,8 @@ pub struct Guest {
     pub ram: PathBuf,
     /// Its console output.
     pub serial: PathBuf,
+    /// QEMU's own output (why it exited, when it did).
+    pub log: PathBuf,
 }
 
 /// How a guest starts.
@@ -121,7 +123,8 @@ impl Guest {
         let qmp = dir.join(format!("{name}.qmp"));
         let ram = dir.join(format!("{name}.ram"));
         let serial = dir.join(format!("{name}.serial"));
-        let log = std::fs::File::create(dir.join(format!("{name}.qemu.log"))).unwrap();
+        let log_path = dir.join(format!("{name}.qemu.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(qemu);
         cmd.args(["-accel", "tcg", "-m", &format!("{GUEST_MIB}M")])
             .arg("-object")
@@ -162,6 +165,7 @@ impl Guest {
             qmp,
             ram,
             serial,
+            log: log_path,
         };
         let until = Instant::now() + Duration::from_secs(20);
         while !g.qmp.exists() {
@@ -177,7 +181,11 @@ impl Guest {
         loop {
             match Qmp::connect(&self.qmp) {
                 Ok(q) => return q,
-                Err(e) if Instant::now() > until => panic!("QMP of {}: {e}", self.name),
+                Err(e) if Instant::now() > until => panic!(
+                    "QMP of {}: {e}; its QEMU said: {}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                ),
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }

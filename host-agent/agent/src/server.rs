@@ -35,9 +35,9 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// the oldest handshake (of that address, or of all) is dropped to make
 /// room, so peers that connect and say nothing hold no slot a real client
 /// needs ([`pagecast_channel::gate`]).
-pub const MAX_HANDSHAKES_PER_PEER: usize = 16;
+pub const MAX_HANDSHAKES_PER_PEER: usize = 64;
 /// See [`MAX_HANDSHAKES_PER_PEER`].
-pub const MAX_HANDSHAKES: usize = 1024;
+pub const MAX_HANDSHAKES: usize = 2048;
 
 fn gate() -> Arc<Gate> {
     Gate::new(Limits {
