@@ -334,3 +334,48 @@ fn hashes_match_their_copies_while_the_guest_writes() {
         "a hash did not match the copy it was computed from"
     );
 }
+
+/// A vCPU spinning in the guest without exits is still paused and stopped
+/// at once (kicked out of `KVM_RUN`). Before, pause, stop, migrate and
+/// shutdown waited for an exit that never came.
+#[test]
+fn a_guest_spinning_without_exits_is_paused_and_stopped_at_once() {
+    if !needs(
+        "a_guest_spinning_without_exits_is_paused_and_stopped_at_once",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let vm = std::sync::Arc::new(MicroVm::boot(&config(1000), InitialMemory::Zero).unwrap());
+    // Paused at a batch boundary: where it resumes, `jmp $`.
+    let rip = vm.vcpu_state().unwrap().regs.rip as usize;
+    vm.region().write_bytes(rip, &[0xeb, 0xfe]).unwrap();
+    vm.resume();
+    std::thread::sleep(Duration::from_millis(200));
+    let p0 = vm.progress().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(vm.progress().unwrap(), p0, "the guest still writes pages");
+    // Each within a deadline, on a thread: a hang fails the test.
+    let within = |what: &str, f: Box<dyn FnOnce() -> Result<(), VmError> + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t0 = std::time::Instant::now();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(r) => r.unwrap_or_else(|e| panic!("{what}: {e}")),
+            Err(_) => panic!("{what} did not return within 5 s of a spinning guest"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "{what} took {:?}",
+            t0.elapsed()
+        );
+    };
+    let v = vm.clone();
+    within("pause", Box::new(move || v.pause()));
+    vm.resume();
+    std::thread::sleep(Duration::from_millis(100));
+    let vm = std::sync::Arc::try_unwrap(vm).unwrap_or_else(|_| panic!("one owner"));
+    within("stop", Box::new(move || vm.stop()));
+}

@@ -210,6 +210,35 @@ struct Control {
 struct Shared {
     ctl: Mutex<Control>,
     cv: Condvar,
+    /// The vCPU thread while it runs, to kick out of `KVM_RUN` (cleared,
+    /// under this lock, before it exits).
+    vcpu_thread: Mutex<Option<libc::pthread_t>>,
+    /// `kvm_run.immediate_exit` of the vCPU (its mapping lives as long as
+    /// the `VcpuFd`, which outlives the thread), as an address.
+    immediate_exit: usize,
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (its handler does
+/// nothing: the interrupted ioctl returns `EINTR`).
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the kick signal's empty handler, once per process.
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; it names a handler that
+        // does nothing (async-signal-safe), with an empty mask.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
 }
 
 impl Shared {
@@ -217,6 +246,22 @@ impl Shared {
         // A poisoned lock only means a panicking holder; the state is plain
         // data and still meaningful.
         self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gets the vCPU out of the guest now, even one spinning without
+    /// exits: `immediate_exit` catches a thread about to enter `KVM_RUN`,
+    /// the signal one inside it. Call after changing `want`.
+    fn kick(&self) {
+        // SAFETY: `immediate_exit` points into the vCPU's kvm_run mapping,
+        // alive while the MicroVm (and so this Shared's owner) is; a byte
+        // written volatile, which KVM reads on entry.
+        unsafe { std::ptr::write_volatile(self.immediate_exit as *mut u8, 1) };
+        let t = self.vcpu_thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = *t {
+            // SAFETY: the thread is alive: it clears this under the same
+            // lock before it exits.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
     }
 }
 
@@ -378,7 +423,9 @@ impl MicroVm {
         self.shared.lock().throttle_pct
     }
 
-    fn start(kvm: Kvm, vm: VmFd, vcpu: VcpuFd, region: Region, config: &MicroVmConfig) -> Self {
+    fn start(kvm: Kvm, vm: VmFd, mut vcpu: VcpuFd, region: Region, config: &MicroVmConfig) -> Self {
+        install_kick_handler();
+        let immediate_exit = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit) as usize;
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Control {
                 want: Want::Run,
@@ -390,6 +437,8 @@ impl MicroVm {
                 fault: None,
             }),
             cv: Condvar::new(),
+            vcpu_thread: Mutex::new(None),
+            immediate_exit,
         });
         let vcpu = Arc::new(Mutex::new(vcpu));
         let thread = {
@@ -458,6 +507,9 @@ impl MicroVm {
         }
         c.want = Want::Pause;
         self.shared.cv.notify_all();
+        drop(c);
+        self.shared.kick();
+        let mut c = self.shared.lock();
         while !c.parked && !c.finished {
             c = self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
         }
@@ -510,6 +562,7 @@ impl MicroVm {
             c.want = Want::Stop;
             self.shared.cv.notify_all();
         }
+        self.shared.kick();
         if let Some(t) = self.thread.take() {
             t.join().map_err(|_| VmError::Panicked)?;
         }
@@ -579,6 +632,14 @@ fn classify(exit: &VcpuExit<'_>) -> GuestExit {
 }
 
 fn vcpu_loop(shared: &Shared, vcpu: &Mutex<VcpuFd>) {
+    // SAFETY: pthread_self has no preconditions.
+    *shared.vcpu_thread.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(unsafe { libc::pthread_self() });
+    vcpu_run_loop(shared, vcpu);
+    *shared.vcpu_thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+fn vcpu_run_loop(shared: &Shared, vcpu: &Mutex<VcpuFd>) {
     let mut pacer = Pacer::new(Instant::now());
     loop {
         let (rate, throttle) = {
@@ -611,8 +672,12 @@ fn vcpu_loop(shared: &Shared, vcpu: &Mutex<VcpuFd>) {
         };
         let exit = {
             let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
-            match v.run() {
-                Ok(exit) => classify(&exit),
+            let ran = v.run().map(|exit| classify(&exit));
+            // A kick asked this exit (or the next entry) to return at once:
+            // clear it before looking at what is wanted.
+            v.set_kvm_immediate_exit(0);
+            match ran {
+                Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => GuestExit::Unexpected(format!("KVM_RUN failed: {e}")),
             }
