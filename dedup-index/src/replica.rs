@@ -279,37 +279,44 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
     });
     std::thread::Builder::new()
         .name("accept".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let Ok(from) = conn.peer_addr() else { continue };
-                let Ok(handle) = conn.try_clone() else { continue };
-                let evict = Box::new(move || {
-                    let _ = handle.shutdown(std::net::Shutdown::Both);
-                });
-                let (arrival, dropped) = shared.gate.arrive(from.ip(), evict);
-                if dropped > 0 {
-                    metrics::counter!(crate::metrics::OVER_LIMIT).increment(dropped as u64);
-                }
-                let sh = shared.clone();
-                let _ = std::thread::Builder::new().name("conn".into()).spawn(move || {
-                    let peer = from.to_string();
-                    if let Err(e) = serve_conn(&sh, conn, arrival, &peer) {
-                        let quiet = matches!(&e, WireError::Io { source, .. }
-                            if matches!(source.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset));
-                        if !quiet {
-                            tracing::warn!("connection from {e}");
-                        }
-                    }
-                });
-            }
-        })
+        .spawn(move || accept_loop(&listener, &shared))
         .expect("spawn the accept thread");
     Ok(Replica {
         addr,
         store,
         stopped: Mutex::new(stopped_rx),
     })
+}
+
+/// Accepts connections for good: each handshake enters the gate (which
+/// may drop older idle ones, by shutting their sockets) and is served on
+/// a thread of its own.
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let Ok(from) = conn.peer_addr() else { continue };
+        let Ok(handle) = conn.try_clone() else {
+            continue;
+        };
+        let evict = Box::new(move || {
+            let _ = handle.shutdown(std::net::Shutdown::Both);
+        });
+        let (arrival, dropped) = shared.gate.arrive(from.ip(), evict);
+        if dropped > 0 {
+            metrics::counter!(crate::metrics::OVER_LIMIT).increment(dropped as u64);
+        }
+        let sh = shared.clone();
+        let _ = std::thread::Builder::new().name("conn".into()).spawn(move || {
+            let peer = from.to_string();
+            if let Err(e) = serve_conn(&sh, conn, arrival, &peer) {
+                let quiet = matches!(&e, WireError::Io { source, .. }
+                    if matches!(source.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset));
+                if !quiet {
+                    tracing::warn!("connection from {e}");
+                }
+            }
+        });
+    }
 }
 
 struct Shared {

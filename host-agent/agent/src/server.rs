@@ -135,19 +135,7 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
                         return Ok::<(), AgentError>(());
                     }
                     a = listener.accept() => match a {
-                        Ok((stream, from)) => {
-                            let evicted = Arc::new(tokio::sync::Notify::new());
-                            let wake = evicted.clone();
-                            let (arrival, dropped) =
-                                gate.arrive(from.ip(), Box::new(move || wake.notify_one()));
-                            if dropped > 0 {
-                                counter!(crate::metrics::OVER_LIMIT).increment(dropped as u64);
-                            }
-                            tokio::spawn(
-                                connection(agent.clone(), stream, (arrival, evicted))
-                                    .in_current_span(),
-                            );
-                        }
+                        Ok((stream, from)) => arrive(&gate, &agent, stream, from),
                         Err(e) => {
                             // Out of descriptors and the like: back off, keep serving.
                             warn!("accept failed: {e}");
@@ -163,6 +151,18 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
     stop(&agent, publisher);
     rt.shutdown_timeout(Duration::from_secs(5));
     result
+}
+
+/// A connection accepted: its handshake enters the gate (which may drop
+/// older idle ones) and it is served on a task of its own.
+fn arrive(gate: &Arc<Gate>, agent: &Arc<Agent>, stream: tokio::net::TcpStream, from: SocketAddr) {
+    let evicted = Arc::new(tokio::sync::Notify::new());
+    let wake = evicted.clone();
+    let (arrival, dropped) = gate.arrive(from.ip(), Box::new(move || wake.notify_one()));
+    if dropped > 0 {
+        counter!(crate::metrics::OVER_LIMIT).increment(dropped as u64);
+    }
+    tokio::spawn(connection(agent.clone(), stream, (arrival, evicted)).in_current_span());
 }
 
 /// Stops the agent's VMs and lets the publisher withdraw them from the
