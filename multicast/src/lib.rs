@@ -33,6 +33,7 @@
 //! pipelined TCP chain through the receivers instead, each keeping and
 //! forwarding every page, so the sender still sends each page once.
 
+mod handshakes;
 pub mod metrics;
 pub mod pacing;
 pub mod receiver;

@@ -9,6 +9,7 @@ use metrics::{counter, gauge};
 use pagecast_pages::{PAGE_SIZE, Page};
 use pagecast_proto::{MAX_CAST_GROUPS, MAX_CAST_PAGES, WIRE_VERSION, v1};
 
+use crate::handshakes::Handshakes;
 use crate::pacing::TokenBucket;
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
@@ -358,17 +359,16 @@ const WAITING_EVERY: Duration = Duration::from_secs(1);
 /// Waits for the receivers to connect, authenticate and say hello: until
 /// every one has, or the accept timeout passes, or (once one has joined)
 /// [`SenderConfig::join_grace`] passes after the latest join. Handshakes
-/// run on threads of their own, so a peer that connects and says nothing
-/// holds up no one (it is dropped at the handshake timeout), and those
-/// joined hear each second that the sender is waiting, so they do not give
-/// it up. Returns each slot's receiver (`None`: it did not join) and how
-/// many were refused; fails only if none joined.
+/// run on threads of their own ([`Handshakes`]: a peer that connects and
+/// says nothing is dropped at the handshake timeout, or sooner to make
+/// room), and those joined hear each second that the sender is waiting, so
+/// they do not give it up. Returns each slot's receiver (`None`: it did
+/// not join) and how many were refused; fails only if none joined.
 fn accept_receivers(
     listener: TcpListener,
     cfg: &SenderConfig,
     tls: &Tls,
 ) -> Result<(Vec<Option<Joined>>, u64), CastError> {
-    const MAX_HANDSHAKES: usize = 64;
     let mut refused = 0u64;
     let mut refuse = || {
         refused += 1;
@@ -381,12 +381,14 @@ fn accept_receivers(
     listener
         .set_nonblocking(true)
         .map_err(CastError::io("control listener"))?;
-    let (hs_tx, hs_rx) = mpsc::channel::<Result<Joined, CastError>>();
-    let mut in_flight = 0usize;
+    let handshakes: Handshakes<Joined> = Handshakes::new();
+    let shake = {
+        let tls = tls.clone();
+        move |s| accept_peer(s, &tls)
+    };
     let joined = |slots: &[Option<Joined>]| slots.iter().filter(|s| s.is_some()).count();
     while joined(&slots) < cfg.receivers {
-        while let Ok(res) = hs_rx.try_recv() {
-            in_flight -= 1;
+        while let Some(res) = handshakes.done() {
             let Ok((ch, hello)) = res else {
                 refuse();
                 continue;
@@ -418,24 +420,8 @@ fn accept_receivers(
             }
             break;
         }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if in_flight >= MAX_HANDSHAKES {
-                    refuse();
-                    continue;
-                }
-                let _ = stream.set_nonblocking(false);
-                in_flight += 1;
-                let (tx, tls) = (hs_tx.clone(), tls.clone());
-                std::thread::spawn(move || {
-                    let _ = tx.send(accept_peer(stream, &tls));
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(CastError::io("accepting a receiver")(e)),
-        }
+        handshakes.accept(&listener, &shake)?;
+        std::thread::sleep(Duration::from_millis(5));
     }
     Ok((slots, refused))
 }
@@ -716,9 +702,8 @@ fn wait_ready(cfg: &SenderConfig, peers: &mut [Peer], rx: &mpsc::Receiver<Event>
     }
 }
 
-/// Tells each live receiver the transport and, on a chain, whom it
-/// forwards to (the chain runs through the receivers still in the session).
-/// Tells each live receiver the transport; in a chain, also whom it takes
+/// Tells each live receiver the transport (a chain runs through the
+/// receivers still in the session); in a chain, also whom it takes
 /// pages from (the sender, `me`, for the first) and whom it passes them to,
 /// by certificate name.
 fn start(transport: Transport, peers: &mut [Peer], me: &str) -> Result<(), CastError> {
@@ -1525,6 +1510,48 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// The chain's first link: receiver `head`, by its certificate.
+    fn first_link(&self, head: usize, tls: &Tls) -> Result<Channel, String> {
+        let first = &self.peers[head].chain_addr;
+        let stream = crate::session::connect(first)
+            .map_err(|e| format!("connecting the chain to {first}: {e}"))?;
+        let link = Channel::client(stream, tls).map_err(|e| e.to_string())?;
+        pagecast_channel::require(link.identity(), &[Role::Host], link.peer(), "relay a cast")
+            .map_err(|e| e.to_string())?;
+        if link.identity().name != self.peers[head].certified {
+            return Err(format!(
+                "the chain's first link at {first} is {}, not this receiver",
+                link.identity()
+            ));
+        }
+        Ok(link)
+    }
+
+    /// Every page down the chain through `link` (receiver `head`), until
+    /// the end or the link fails (then `head` is dropped).
+    fn feed_chain(&mut self, link: &mut Channel, head: usize) -> Result<(), CastError> {
+        let mut page = [0u8; PAGE_SIZE];
+        let total = self.src.pages();
+        self.started = Instant::now();
+        for i in 0..total {
+            self.src
+                .read(i, &mut page)
+                .map_err(|source| CastError::Source { page: i, source })?;
+            let f = page_frame(self.src, i, &page);
+            if let Err(e) = link.send(&f) {
+                // The first receiver is gone; the rest come by unicast.
+                self.peers[head].state = State::Dropped(format!("chain link lost: {e}"));
+                break;
+            }
+            self.report.bytes_first += PAGE_SIZE as u64 + 32;
+            (self.progress)(i as u64 + 1, total as u64);
+            if i % 256 == 0 {
+                self.events(Duration::ZERO);
+            }
+        }
+        Ok(())
+    }
+
     fn chain<'s>(
         &mut self,
         scope: &'s std::thread::Scope<'s, '_>,
@@ -1536,44 +1563,18 @@ impl<'a> Run<'a> {
         let Some(head) = self.peers.iter().position(|p| p.state == State::Live) else {
             return Ok(Vec::new());
         };
-        let first = self.peers[head].chain_addr.clone();
-        let stream = crate::session::connect(&first)
-            .map_err(CastError::io(format!("connecting the chain to {first}")))?;
-        let mut link = Channel::client(stream, tls)?;
-        pagecast_channel::require(link.identity(), &[Role::Host], link.peer(), "relay a cast")?;
-        if link.identity().name != self.peers[head].certified {
-            return Err(CastError::Protocol {
-                peer: first,
-                why: format!(
-                    "the chain's first link is {}, not receiver {:?}",
-                    link.identity(),
-                    self.peers[head].certified
-                ),
-            });
-        }
-        let mut page = [0u8; PAGE_SIZE];
-        let total = self.src.pages();
-        self.started = Instant::now();
-        for i in 0..total {
-            self.src
-                .read(i, &mut page)
-                .map_err(|source| CastError::Source { page: i, source })?;
-            let f = page_frame(self.src, i, &page);
-            if let Err(e) = link.send(&f) {
-                // The first receiver is gone; the rest come by unicast below.
-                self.peers[head].state = State::Dropped(format!("chain link lost: {e}"));
-                break;
+        // A first link that cannot be reached, or is not the receiver it
+        // claims, drops that receiver: the rest come by unicast below.
+        match self.first_link(head, tls) {
+            Ok(mut link) => {
+                self.feed_chain(&mut link, head)?;
+                let _ = link.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
+                    ok: true,
+                    reason: String::new(),
+                })));
             }
-            self.report.bytes_first += PAGE_SIZE as u64 + 32;
-            (self.progress)(i as u64 + 1, total as u64);
-            if i % 256 == 0 {
-                self.events(Duration::ZERO);
-            }
+            Err(why) => self.peers[head].state = State::Dropped(why),
         }
-        let _ = link.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
-            ok: true,
-            reason: String::new(),
-        })));
         // Wait for every receiver; downstream of a dropped one, repair by
         // unicast from what each has reported.
         let mut unicast = Vec::new();

@@ -356,30 +356,30 @@ pub fn recv_batch(sock: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> {
 
 /// How long a send may find the local queue full without a datagram
 /// leaving before it fails.
-pub const SEND_STALL: Duration = Duration::from_secs(5);
+const SEND_STALL: Duration = Duration::from_secs(5);
 
 /// Retries of a send the local queue refuses (`EAGAIN`, `ENOBUFS`): a
 /// short sleep each, failing once no datagram has left for `limit` (before,
 /// the retries went on forever).
-pub struct Backpressure {
+struct Backpressure {
     limit: Duration,
     since: Option<std::time::Instant>,
 }
 
 impl Backpressure {
     /// Retries failing after `limit` without progress.
-    pub fn new(limit: Duration) -> Self {
+    fn new(limit: Duration) -> Self {
         Backpressure { limit, since: None }
     }
 
     /// A datagram left: the clock starts again.
-    pub fn progress(&mut self) {
+    fn progress(&mut self) {
         self.since = None;
     }
 
     /// The queue was full: waits a little, or fails if it has been full
     /// for the whole limit.
-    pub fn wait(&mut self) -> io::Result<()> {
+    fn wait(&mut self) -> io::Result<()> {
         let since = *self.since.get_or_insert_with(std::time::Instant::now);
         if since.elapsed() >= self.limit {
             return Err(io::Error::new(
