@@ -162,7 +162,8 @@ impl Gate {
     }
 
     /// Handshakes under way and authenticated connections, now.
-    pub fn counts(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
         let g = self.lock();
         (g.shaking.len(), g.open)
     }

@@ -643,6 +643,9 @@ pub struct ChannelWriter {
     peer: String,
     /// The peer's identity, for errors.
     who: String,
+    /// How long one frame's send may take ([`WRITE_TIMEOUT`], also the
+    /// socket's write timeout).
+    limit: std::time::Duration,
     sent_bytes: u64,
     out: Vec<u8>,
 }
@@ -720,6 +723,7 @@ impl Channel {
                 sock: other,
                 shared,
                 who: identity.to_string(),
+                limit: WRITE_TIMEOUT,
                 peer,
                 sent_bytes: 0,
                 out: Vec::new(),
@@ -796,7 +800,6 @@ impl ChannelWriter {
     /// and a timeout per write call would let each trickle start it anew
     /// (a frozen destination once held a send 40 s).
     fn write_out(&mut self) -> Result<(), AuthError> {
-        let limit = self.sock.write_timeout().ok().flatten();
         let started = std::time::Instant::now();
         let mut off = 0;
         let mut narrowed = false;
@@ -812,12 +815,12 @@ impl ChannelWriter {
                 }
                 Ok(n) => {
                     off += n;
-                    if off < self.out.len()
-                        && let Some(l) = limit
-                    {
-                        let left = l.saturating_sub(started.elapsed());
+                    // A partial write: what is left of the frame's time
+                    // bounds the next one.
+                    let left = self.limit.saturating_sub(started.elapsed());
+                    if off < self.out.len() {
                         if left.is_zero() {
-                            break Err(self.stalled(l));
+                            break Err(self.stalled());
                         }
                         let _ = self.sock.set_write_timeout(Some(left));
                         narrowed = true;
@@ -830,22 +833,22 @@ impl ChannelWriter {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    break Err(self.stalled(limit.unwrap_or_default()));
+                    break Err(self.stalled());
                 }
                 Err(e) => break Err(io_err(&self.peer)(e)),
             }
         };
         if narrowed {
-            let _ = self.sock.set_write_timeout(limit);
+            let _ = self.sock.set_write_timeout(Some(self.limit));
         }
         result
     }
 
-    fn stalled(&self, after: std::time::Duration) -> AuthError {
+    fn stalled(&self) -> AuthError {
         AuthError::Stalled {
             peer: self.peer.clone(),
             who: self.who.clone(),
-            after,
+            after: self.limit,
         }
     }
 
