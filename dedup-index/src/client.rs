@@ -516,7 +516,8 @@ pub struct VmContent {
 
 impl VmContent {
     /// The VM's record as the index keeps it (running, on no host yet: the
-    /// index sets the host from the writer's certificate).
+    /// writer sets its own host number, which the index checks against the
+    /// writer's certificate).
     pub fn record(&self, domain: &str) -> VmRecord {
         VmRecord {
             name: self.name.clone(),
@@ -704,19 +705,11 @@ pub fn load_vm(
             cmd(CmdOp::RegisterHost(RegisterHost { name: host.into() })),
         )?
         .host;
+    // Loaded images are in the cluster-wide dedup domain.
     let rec = VmRecord {
-        name: content.name.clone(),
         host: hostn,
-        image: content.image.clone(),
-        frames: content.frames,
-        nonzero_frames: content.nonzero_frames(),
-        distinct: content.counts.len() as u64,
-        digest: content.digest().to_vec().into(),
-        sketch: content.sketch.to_bytes().into(),
-        generation: 0,
         state: VmState::Loading as i32,
-        // Loaded images are in the cluster-wide dedup domain.
-        domain: String::new(),
+        ..content.record("")
     };
     let begun = c.write(0, cmd(CmdOp::BeginVm(BeginVm { vm: Some(rec) })))?;
     let client = session_id(hostn, &content.name, begun.generation, "load");

@@ -472,8 +472,8 @@ pub(crate) mod tests {
         );
     }
 
-    /// A hosted VM's backend over plain memory, for the crate's tests.
-    pub(crate) struct Fake(pub(crate) pagecast_memory::Region);
+    /// A hosted VM's backend over plain memory.
+    struct Fake(pagecast_memory::Region);
     impl GuestMemory for Fake {
         fn write_page(&self, f: u64, d: &pagecast_pages::Page) -> Result<(), MemoryError> {
             self.0.write_page(f, d)

@@ -74,7 +74,7 @@ struct JobInner {
     /// The VMs each source may send here, by the name they arrive under.
     arrivals: BTreeMap<String, BTreeSet<String>>,
     /// The QEMUs (loopback addresses) the job's QEMU streams may feed.
-    qemu_connect: BTreeSet<String>,
+    qemu_connect: BTreeSet<std::net::SocketAddr>,
     deadline: Instant,
     state: JobState,
     ended: Option<Instant>,
@@ -168,8 +168,8 @@ impl Job {
 
     /// Admits a QEMU stream into the QEMU listening on `addr`: only one
     /// the operator named when it opened the job here.
-    pub fn admit_qemu(&self, addr: &str) -> Result<(), AgentError> {
-        if lock(&self.inner).qemu_connect.contains(addr) {
+    pub fn admit_qemu(&self, addr: std::net::SocketAddr) -> Result<(), AgentError> {
+        if lock(&self.inner).qemu_connect.contains(&addr) {
             return Ok(());
         }
         Err(AgentError::Forbidden(format!(
@@ -195,7 +195,7 @@ impl Job {
             .collect()
     }
 
-    fn add_peers(&self, peers: &[v1::JobPeer], qemu_connect: &[String]) {
+    fn add_peers(&self, peers: &[v1::JobPeer], qemu_connect: &[std::net::SocketAddr]) {
         let mut g = lock(&self.inner);
         for p in peers {
             g.peers.entry(p.host.clone()).or_default().insert(p.role);
@@ -206,7 +206,7 @@ impl Job {
                     .extend(p.vms.iter().cloned());
             }
         }
-        g.qemu_connect.extend(qemu_connect.iter().cloned());
+        g.qemu_connect.extend(qemu_connect.iter().copied());
     }
 
     /// The arriving VMs' memory.
@@ -342,17 +342,16 @@ impl JobBook {
                 "job {job}: at most {MAX_ARRIVALS} arriving VMs, each a VM name"
             )));
         }
-        if qemu_connect.len() > MAX_QEMU_CONNECT
-            || qemu_connect.iter().any(|a| {
-                a.parse::<std::net::SocketAddr>()
-                    .map_or(true, |a| !a.ip().is_loopback())
-            })
-        {
+        if qemu_connect.len() > MAX_QEMU_CONNECT {
             return Err(AgentError::BadRequest(format!(
-                "job {job}: at most {MAX_QEMU_CONNECT} QEMU addresses, each a loopback address \
-                 and port"
+                "job {job}: at most {MAX_QEMU_CONNECT} QEMU addresses"
             )));
         }
+        let qemu_connect = qemu_connect
+            .iter()
+            .map(|a| crate::qemu::loopback(a, "a job's QEMU address"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let qemu_connect = &qemu_connect[..];
         if peers.len() > MAX_PEERS
             || peers
                 .iter()
@@ -531,8 +530,8 @@ mod tests {
         };
         book.open("j", &op(), &[more], None).unwrap();
         j.admit_arrival("s", "vm2").unwrap();
-        j.admit_qemu("127.0.0.1:4444").unwrap();
-        let e = j.admit_qemu("127.0.0.1:22").unwrap_err();
+        j.admit_qemu("127.0.0.1:4444".parse().unwrap()).unwrap();
+        let e = j.admit_qemu("127.0.0.1:22".parse().unwrap()).unwrap_err();
         assert!(
             e.to_string().contains("names no QEMU on 127.0.0.1:22"),
             "{e}"
@@ -543,12 +542,16 @@ mod tests {
             ..peer("s", v1::JobRole::Source)
         };
         assert!(book.open("j9", &op(), &[bad], None).is_err());
-        for addr in ["10.0.0.1:80", "nonsense"] {
+        for addr in ["10.0.0.1:80", "127.0.0.1:0", "nonsense"] {
             let e = book
                 .open_with("j9", &op(), &[], &[addr.into()], None)
                 .err()
                 .unwrap();
-            assert!(e.to_string().contains("loopback"), "{addr}: {e}");
+            assert!(
+                e.to_string().contains("a job's QEMU address"),
+                "{addr}: {e}"
+            );
+            assert_eq!(e.code(), v1::RefusalCode::Invalid, "{addr}: {e}");
         }
     }
 

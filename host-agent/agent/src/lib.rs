@@ -123,8 +123,8 @@ pub enum AgentError {
     /// A synthetic profile was refused.
     #[error(transparent)]
     Synth(#[from] SynthError),
-    /// The caller may not do this: it takes no part in the job named in
-    /// the role the request needs.
+    /// The caller may not do this: the job named does not list it in the
+    /// role the request needs, or not for the VM or QEMU address it names.
     #[error("{0}")]
     Forbidden(String),
     /// The hashing pool failed.
@@ -408,7 +408,6 @@ impl Agent {
         } else {
             self.all_vms()
         };
-        let n = shards;
         let mut fresh: HashMap<PageHash, u64> = HashMap::new();
         let mut hot = 0u64;
         for v in &vms {
@@ -431,13 +430,15 @@ impl Agent {
                 }
             }
         }
-        let mut fresh_sums = vec![HoldingSum::default(); n as usize];
+        let mut fresh_sums = vec![HoldingSum::default(); shards as usize];
         for (h, c) in &fresh {
-            fresh_sums[shard_of(h, n) as usize].change(h.as_bytes(), 0, *c);
+            fresh_sums[shard_of(h, shards) as usize].change(h.as_bytes(), 0, *c);
         }
         let ledger = self.index.as_ref().map(|l| {
             let g = l.ledger();
-            (0..n).map(|s| g.desired_sum(s, n)).collect::<Vec<_>>()
+            (0..shards)
+                .map(|s| g.desired_sum(s, shards))
+                .collect::<Vec<_>>()
         });
         Ok(v1::AuditResponse {
             fresh: fresh_sums
@@ -861,11 +862,10 @@ impl Agent {
             .fp
             .pool()
             .install(|| match vm.backend.look(state, force) {
-                Ok(Look::Frames(d)) => Ok(self.rehash(vm, d)),
-                Ok(Look::All) => Ok(self.rescan(vm)),
-                Ok(Look::NotDue) | Err(_) => Err(()),
+                Ok(Look::Frames(d)) => self.rehash(vm, d),
+                Ok(Look::All) => self.rescan(vm),
+                Ok(Look::NotDue) | Err(_) => None,
             });
-        let Ok(dirty) = dirty else { return };
         let Some(dirty) = dirty else { return };
         lock(&vm.rewrites).sample(dirty.count(), Instant::now());
         if let Some(link) = &self.index {
@@ -980,10 +980,7 @@ impl Agent {
         job: &Arc<jobs::Job>,
     ) -> Result<pagecast_migrate::IncomingReport, AgentError> {
         if !begin.connect.is_empty() {
-            if let Err(e) = job.admit_qemu(&begin.connect) {
-                return crate::qemu::refuse_begin(link, e);
-            }
-            return self.qemu_route_in(link, begin);
+            return self.qemu_route_in(link, begin, job);
         }
         let waiting = self.hosted(&begin.vm).and_then(|vm| {
             vm.change(v1::HostedVmState::Incoming, v1::HostedVmState::MigratingIn)?;

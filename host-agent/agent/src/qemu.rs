@@ -494,7 +494,7 @@ fn settled_migration(q: &mut Qmp) -> Result<(String, serde_json::Value), AgentEr
 
 /// `addr` as a loopback socket address: the libvirt route's ports carry a
 /// QEMU stream between QEMU and its own host's agent only.
-fn loopback(addr: &str, flag: &str) -> Result<SocketAddr, AgentError> {
+pub(crate) fn loopback(addr: &str, flag: &str) -> Result<SocketAddr, AgentError> {
     let at: SocketAddr = addr
         .parse()
         .map_err(|_| AgentError::BadRequest(format!("{flag} {addr:?} is not ADDR:PORT")))?;
@@ -700,7 +700,6 @@ impl QemuBackend {
     }
 }
 
-/// Refuses a migration at its first frame.
 /// Refuses a migration at its begin, with `e`'s code and text.
 pub(crate) fn refuse_begin<T>(
     link: &mut dyn MigrationLink,
@@ -749,8 +748,13 @@ impl Agent {
         &self,
         link: &mut dyn MigrationLink,
         begin: &v1::MigrateBegin,
+        job: &crate::jobs::Job,
     ) -> Result<IncomingReport, AgentError> {
-        let at = match loopback(&begin.connect, "the destination QEMU's address") {
+        // Only a QEMU the operator named in the job: never another local
+        // port a source names.
+        let at = match loopback(&begin.connect, "the destination QEMU's address")
+            .and_then(|at| job.admit_qemu(at).map(|()| at))
+        {
             Ok(a) => a,
             Err(e) => return refuse_begin(link, e),
         };

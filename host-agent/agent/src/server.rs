@@ -26,9 +26,10 @@ type Resp = v1::agent_response::Body;
 
 /// How long a client has to send its request once authenticated.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections open at once from one peer address.
+/// Most authenticated connections open at once from one peer address
+/// (handshakes under way are bounded apart: [`MAX_HANDSHAKES_PER_PEER`]).
 pub const MAX_CONNECTIONS_PER_PEER: usize = 256;
-/// Most connections open at once.
+/// Most authenticated connections open at once.
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Handshakes under way from one peer address, and in all: past either,
@@ -332,6 +333,8 @@ async fn admit(
     };
     let slot = match arrival.admit() {
         Ok(s) => s,
+        // Counted when it was dropped.
+        Err(pagecast_channel::gate::Refused::Evicted) => return None,
         Err(e) => {
             counter!(crate::metrics::OVER_LIMIT).increment(1);
             warn!("turned away {peer} ({}): {e}", ch.peer_name());

@@ -199,8 +199,8 @@ impl AgentClient {
 
     /// The distinct contents of a VM as the agent's content map holds them
     /// now: hashes, frames, non-zero frames, memory bytes.
-    /// `job` names the job it is read for (empty: for planning, which
-    /// only an operator or a reader may do).
+    /// Only an operator may read it; `job` names the job it is read for,
+    /// for the agent's log (empty: for planning).
     pub fn vm_content(mut self, name: &str, job: &str) -> Result<VmContentAnswer, ClientError> {
         self.send(Req::VmContent(v1::VmContentRequest {
             name: name.to_owned(),

@@ -84,7 +84,7 @@ impl MigrationLink for MemLink {
         match timeout {
             Some(t) => self.rx.recv_timeout(t).map_err(|e| match e {
                 RecvTimeoutError::Timeout => MigrationError::Timeout {
-                    peer: "the peer".into(),
+                    peer: self.peer(),
                     what: "frame",
                     after: t,
                 },

@@ -208,22 +208,22 @@ async fn clone(mut call: Call, r: v1::CloneRequest) {
     .await
 }
 
+/// Opens (or joins) a job: on a blocking thread, since a job may list
+/// tens of thousands of arriving VMs to check and keep.
 async fn job_open(call: Call, r: v1::JobOpen) {
-    let body = match call.agent.open_job(&r, &call.who) {
-        Ok(newly) => {
-            if newly {
-                info!(
-                    "job {} opened by {} with {} peer(s)",
-                    r.job,
-                    call.who,
-                    r.peers.len()
-                );
-            }
-            Resp::JobOpened(v1::JobOpened { newly })
+    let who = call.who.clone();
+    call.answer_blocking(move |a| {
+        let newly = a.open_job(&r, &who)?;
+        if newly {
+            info!(
+                "job {} opened by {who} with {} peer(s)",
+                r.job,
+                r.peers.len()
+            );
         }
-        Err(e) => Resp::Error(e.to_proto()),
-    };
-    call.answer(body).await
+        Ok(Resp::JobOpened(v1::JobOpened { newly }))
+    })
+    .await
 }
 
 /// A go alone names its job and VM.
@@ -243,6 +243,10 @@ async fn go(call: Call, g: v1::JobGo) {
 /// planning (readers see counts in `vm list`; no host needs another's
 /// list).
 async fn vm_content(call: Call, r: v1::VmContentRequest) {
+    info!(
+        "page list of VM {} for {} (job {:?})",
+        r.name, call.who, r.job
+    );
     call.blocking(
         "content request",
         move |a, mut ch| match crate::job::vm_content(&a, &r.name) {

@@ -757,17 +757,13 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
             .map_or(0, |d| d.as_millis());
         format!("migrate:{}:{ms}", a.vm)
     });
+    let req = migrate_request(&a, &job);
     open_migration_job(
         &tls,
         &job,
         (client.agent_name(), &a.vm),
         &a.to,
-        // As the request says it (below): the QEMU at the destination
-        // listens where the source's does, unless told otherwise.
-        a.qemu_connect
-            .as_deref()
-            .or(a.qemu_listen.as_deref())
-            .unwrap_or_default(),
+        &req.qemu_connect,
     )?;
     let bar = if a.quiet {
         ProgressBar::hidden()
@@ -787,7 +783,7 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
             )
         });
     }
-    let r = follow_migration(client, migrate_request(&a, &job), &bar);
+    let r = follow_migration(client, req, &bar);
     bar.finish_and_clear();
     // The job is over at both ends (a VM left in doubt is still settled:
     // that question is answered whatever the job's state).

@@ -293,8 +293,7 @@ impl Fleet<'_> {
                     return None;
                 }
                 Ok(b) => return Some(b),
-                Err(MigrationError::Timeout { after, .. }) => {
-                    let peer = self.dests[i].t.link.peer();
+                Err(MigrationError::Timeout { peer, after, .. }) => {
                     self.fail(i, MigrationError::Timeout { peer, what, after });
                     return None;
                 }
