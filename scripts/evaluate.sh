@@ -18,6 +18,6 @@ topology=$1 out=$2; shift 2
 ./scripts/setup.sh
 profile=${PAGECAST_EVAL_PROFILE:-release}
 echo "== building pagecast ($profile)" >&2
-cargo build --profile "$profile" --locked -p pagecast-cli --bin pagecast -p pagecast-evaluate
+cargo build --profile "$profile" --locked -p pagecast-cli --bin pagecast -p pagecast-evaluate --bin pagecast-evaluate
 case "$profile" in dev) dir=debug ;; *) dir=$profile ;; esac
 exec "${CARGO_TARGET_DIR:-$PWD/target}/$dir/pagecast-evaluate" --topology "$topology" --out "$out" "$@"

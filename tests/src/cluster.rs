@@ -36,7 +36,9 @@ pub fn free_port() -> u16 {
     panic!("no free port between {LOW} and {}", LOW + SPAN)
 }
 
-fn signal(child: &Child, sig: libc::c_int) {
+/// Sends `sig` to a child process (SIGSTOP freezes it, connections open;
+/// SIGCONT thaws it).
+pub fn signal(child: &Child, sig: libc::c_int) {
     // SAFETY: kill(2) on a child we spawned and have not reaped; a stale
     // pid at worst gets ESRCH, which we ignore.
     unsafe {

@@ -64,7 +64,7 @@ pub struct Flood {
 }
 
 /// New connections a flood opens each round after its first.
-pub const REOPEN_PER_ROUND: usize = 500;
+const REOPEN_PER_ROUND: usize = 500;
 /// Connections opened back to back before a short pause.
 const BURST: usize = 200;
 
@@ -87,7 +87,14 @@ impl Flood {
         started
             .into_iter()
             .map(|(f, ready)| {
-                let _ = ready.recv_timeout(Duration::from_secs(60));
+                let (got, want) = ready
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("the flood's first round");
+                // Short of descriptors, a flood would test nothing: fail.
+                assert_eq!(
+                    got, want,
+                    "the flood opened {got} of {want} connections (raise the open-file hard limit)"
+                );
                 f
             })
             .collect()
@@ -97,7 +104,7 @@ impl Flood {
         to: SocketAddr,
         addresses: u8,
         per_address: usize,
-    ) -> (Flood, std::sync::mpsc::Receiver<()>) {
+    ) -> (Flood, std::sync::mpsc::Receiver<(usize, usize)>) {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let s = stop.clone();
@@ -133,7 +140,7 @@ impl Flood {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     std::thread::sleep(Duration::from_millis(300));
-                    let _ = ready_tx.send(());
+                    let _ = ready_tx.send((held.len(), want));
                     budget = REOPEN_PER_ROUND;
                 }
                 std::thread::sleep(Duration::from_millis(50));

@@ -662,6 +662,8 @@ fn writes_are_limited_to_what_the_certificate_allows() {
     // A host's page hashes: listed to an operator and to that host, to no
     // other host and to no reader.
     assert_eq!(h1.list_holdings(0, n1, None, 10).unwrap().0.len(), 1);
+    let mut op = client("w-op", Role::Operator);
+    assert_eq!(op.list_holdings(0, n1, None, 10).unwrap().0.len(), 1);
     for (who, c) in [("another host", &mut h2), ("a reader", &mut reader)] {
         let e = c.list_holdings(0, n1, None, 10).unwrap_err();
         assert_eq!(e.code(), Some(RefusalCode::Forbidden), "{who}: {e}");
