@@ -812,47 +812,68 @@ fn a_host_reaches_another_hosts_vm_only_in_its_role_in_a_job() {
     let d = dir.path();
     let a = Agent::start(d, "host-a");
     start_vm(d, &a, "secret", "web", "64MiB", "0");
-    let op = pki::tls("operator", Role::Operator);
     let rogue = pki::tls("rogue", Role::Host);
-    let reader = pki::tls("auditor", Role::Reader);
-    let client =
-        |tls: &Tls| pagecast_agent_api::client::AgentClient::connect(&a.addr, tls).unwrap();
-    // The page list: an operator's to read, nobody else's.
-    let content = client(&op).vm_content("secret", "").unwrap();
+    let hashes = page_lists_only_to_operators(&a.addr, &rogue);
+    pages_only_to_listed_destinations(&a.addr, &rogue, &hashes[..64]);
+    arrivals_only_from_listed_sources(&a.addr, &rogue);
+    let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
+    let names: Vec<&str> = l["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["secret"], "{l}");
+}
+
+/// Opens `job` at the agent at `addr` as the operator, listing `host` in
+/// `role` (a source with `vms`).
+fn open_job_for(addr: &str, job: &str, host: &str, role: v1::JobRole, vms: &[&str]) {
+    pagecast_agent_api::client::AgentClient::connect(addr, &pki::tls("operator", Role::Operator))
+        .unwrap()
+        .open_job(v1::JobOpen {
+            job: job.into(),
+            peers: vec![v1::JobPeer {
+                host: host.into(),
+                role: role as i32,
+                vms: vms.iter().map(|v| v.to_string()).collect(),
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+}
+
+/// VM `secret`'s page list at `addr`: an operator's to read, not a host's
+/// (`rogue`) nor a reader's. Returns it.
+fn page_lists_only_to_operators(addr: &str, rogue: &Tls) -> Vec<pagecast_pages::PageHash> {
+    let client = |tls: &Tls| pagecast_agent_api::client::AgentClient::connect(addr, tls).unwrap();
+    let content = client(&pki::tls("operator", Role::Operator))
+        .vm_content("secret", "")
+        .unwrap();
     assert!(
         content.hashes.len() > 1000,
         "{} hashes",
         content.hashes.len()
     );
-    for (who, tls) in [("a host", &rogue), ("a reader", &reader)] {
+    let reader = pki::tls("auditor", Role::Reader);
+    for (who, tls) in [("a host", rogue), ("a reader", &reader)] {
         let e = client(tls)
             .vm_content("secret", "")
             .unwrap_err()
             .to_string();
         assert!(e.contains("may not read a VM's page list"), "{who}: {e}");
     }
-    let some = &content.hashes[..64];
-    // Pages: only to a host the job lists as a destination.
-    let e = fetch_as(&a.addr, &rogue, "j-none", some).unwrap_err();
+    content.hashes
+}
+
+/// Pages at `addr` go only to a host a job lists as a destination.
+fn pages_only_to_listed_destinations(addr: &str, rogue: &Tls, some: &[pagecast_pages::PageHash]) {
+    let e = fetch_as(addr, rogue, "j-none", some).unwrap_err();
     assert!(e.contains("job j-none is not open"), "{e}");
-    let open_with = |job: &str, host: &str, role: v1::JobRole, vms: &[&str]| {
-        client(&op)
-            .open_job(v1::JobOpen {
-                job: job.into(),
-                peers: vec![v1::JobPeer {
-                    host: host.into(),
-                    role: role as i32,
-                    vms: vms.iter().map(|v| v.to_string()).collect(),
-                }],
-                ..Default::default()
-            })
-            .unwrap();
-    };
-    let open = |job: &str, host: &str, role: v1::JobRole| open_with(job, host, role, &[]);
-    open("j-other", "host-b", v1::JobRole::Destination);
-    open("j-mate", "rogue", v1::JobRole::RackMate);
+    open_job_for(addr, "j-other", "host-b", v1::JobRole::Destination, &[]);
+    open_job_for(addr, "j-mate", "rogue", v1::JobRole::RackMate, &[]);
     for job in ["j-other", "j-mate"] {
-        let e = fetch_as(&a.addr, &rogue, job, some).unwrap_err();
+        let e = fetch_as(addr, rogue, job, some).unwrap_err();
         assert!(
             e.contains("rogue (host) may not fetch pages in job")
                 && e.contains("does not list it as a destination"),
@@ -860,15 +881,17 @@ fn a_host_reaches_another_hosts_vm_only_in_its_role_in_a_job() {
         );
     }
     // The same request from the destination the job names is served.
-    open("j-dest", "rogue", v1::JobRole::Destination);
-    assert_eq!(fetch_as(&a.addr, &rogue, "j-dest", some), Ok(64));
-    // A migration in: only from the host the job lists as its source, and
-    // only of the VMs it lists from it.
-    open_with("j-src", "rogue", v1::JobRole::Source, &["allowed"]);
-    // A QEMU stream on the libvirt route goes only into a QEMU the
-    // operator named at this host: a source naming any other loopback
-    // port (here a listener standing for some local service) is refused,
-    // and nothing connects there.
+    open_job_for(addr, "j-dest", "rogue", v1::JobRole::Destination, &[]);
+    assert_eq!(fetch_as(addr, rogue, "j-dest", some), Ok(64));
+}
+
+/// A migration arrives at `addr` only from the host a job lists as its
+/// source, only of the VMs it lists from it; a QEMU stream on the libvirt
+/// route goes only into a QEMU the operator named at this host: a source
+/// naming any other loopback port (here a listener standing for some
+/// local service) is refused, and nothing connects there.
+fn arrivals_only_from_listed_sources(addr: &str, rogue: &Tls) {
+    open_job_for(addr, "j-src", "rogue", v1::JobRole::Source, &["allowed"]);
     let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     service.set_nonblocking(true).unwrap();
     let elsewhere = service.local_addr().unwrap().to_string();
@@ -905,8 +928,8 @@ fn a_host_reaches_another_hosts_vm_only_in_its_role_in_a_job() {
         ),
     ] {
         let acc = arrival_answer(
-            &a.addr,
-            &rogue,
+            addr,
+            rogue,
             v1::MigrateBegin {
                 version: pagecast_proto::MIGRATE_WIRE_VERSION as i32,
                 memory_bytes: 64 << 20,
@@ -927,14 +950,6 @@ fn a_host_reaches_another_hosts_vm_only_in_its_role_in_a_job() {
         service.accept().is_err(),
         "the agent connected to {elsewhere}"
     );
-    let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
-    let names: Vec<&str> = l["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["secret"], "{l}");
 }
 
 /// A reader's audit names a shard count: bounded before anything is
