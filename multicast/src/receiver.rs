@@ -15,7 +15,8 @@ use crate::handshakes::Handshakes;
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
 use crate::wire::{
-    Body, Check, Datagram, MAX_NACK_RANGES, Replay, ReplayWindow, WireError, check_of, decode,
+    Body, CastKey, Check, Datagram, MAX_NACK_RANGES, MAX_TAGS, Opening, Replay, ReplayWindow,
+    Sealing, WireError, check_of, decode,
 };
 use pagecast_channel::{Channel, ChannelWriter, Role, Tls, random_bytes};
 
@@ -50,6 +51,11 @@ enum ChainEv {
 struct MemberGroup {
     index: usize,
     addr: SocketAddrV4,
+    /// The group's key (its datagrams are sealed under it).
+    key: CastKey,
+    /// Our place among its members: where our tag is in the sender's
+    /// datagrams.
+    slot: usize,
     pages: Vec<u32>,
     contiguous: u32,
     heard_through: u32,
@@ -69,7 +75,8 @@ struct State<'a> {
     held_count: u32,
     groups: Vec<MemberGroup>,
     by_index: HashMap<usize, usize>,
-    key: [u8; 32],
+    /// Our own key, shared with the sender only.
+    member_key: CastKey,
     session: u64,
     id: u32,
     frag: usize,
@@ -129,7 +136,7 @@ impl<'a> State<'a> {
             held_count: 0,
             groups: plan.groups,
             by_index,
-            key: plan.key,
+            member_key: plan.member_key,
             session: w.session_id,
             id: w.receiver_id,
             frag,
@@ -250,19 +257,38 @@ impl State<'_> {
                     }
                 }
             }
-            Body::Probe { nonce } => {
+            Body::Probe { nonce, .. } => {
                 self.probes.insert(nonce);
             }
         }
         Ok(())
     }
 
-    /// A datagram that opens, is not our own, and is fresh; the rest are
-    /// counted (stale, forged, replayed) and dropped.
+    /// A datagram of one of our groups that opens, is the sender's (its
+    /// tag for us checked) or another member's NACK, is not our own, and is
+    /// fresh; the rest are counted (stale, forged, replayed) and dropped.
     fn admit<'b>(&mut self, buf: &'b mut [u8]) -> Option<Datagram<'b>> {
         self.bytes += buf.len() as u64;
-        let d = match decode(buf, &self.key, self.session) {
-            Ok(d) => d,
+        let (groups, by_index, member_key) = (&self.groups, &self.by_index, &self.member_key);
+        let opening = |group: u32, from: u32| {
+            let g = &groups[*by_index.get(&(group as usize))?];
+            Some(Opening {
+                key: &g.key,
+                // Another member's NACK carries a tag only the sender can
+                // check; it serves only to hold back our own NACKs.
+                tag: (from == 0).then_some((g.slot, member_key)),
+            })
+        };
+        let d = match decode(buf, self.session, opening) {
+            Ok(d) if d.from == 0 || matches!(d.body, Body::Nack { .. }) => d,
+            Ok(_) => {
+                // Data, repairs, heartbeats or probes in a member's name.
+                self.counters.forged += 1;
+                counter!(crate::metrics::DROPPED, "why" => "forged").increment(1);
+                return None;
+            }
+            // Another group's traffic on a port we share with it.
+            Err(WireError::NoKey { .. }) => return None,
             Err(WireError::Stale { .. }) => {
                 self.counters.stale += 1;
                 counter!(crate::metrics::DROPPED, "why" => "stale").increment(1);
@@ -465,7 +491,13 @@ impl State<'_> {
                     ranges,
                 },
             }
-            .encode(&self.key, &mut b);
+            .encode(
+                &Sealing {
+                    key: &g.key,
+                    tags: std::slice::from_ref(&self.member_key),
+                },
+                &mut b,
+            );
             let nack_port = g.addr.port().wrapping_add(1);
             let sock = &socks[&nack_port];
             socket::send_batch(sock, &[&b], SocketAddrV4::new(*g.addr.ip(), nack_port))
@@ -647,10 +679,10 @@ fn handshake(
     }
 }
 
-/// What a welcome says, checked: the session key, the pages this
-/// receiver needs and the groups it is a member of.
+/// What a welcome says, checked: our own key, the pages this receiver
+/// needs and the groups it is a member of (with their keys).
 struct SessionPlan {
-    key: [u8; 32],
+    member_key: CastKey,
     needed: Vec<bool>,
     groups: Vec<MemberGroup>,
 }
@@ -676,11 +708,11 @@ impl SessionPlan {
                 format!("fragment size {}", w.fragment_payload),
             ));
         }
-        let key: [u8; 32] = w
-            .session_key
+        let member_key: CastKey = w
+            .member_key
             .as_ref()
             .try_into()
-            .map_err(|_| protocol(peer, "session key is not 32 bytes"))?;
+            .map_err(|_| protocol(peer, "member key is not 32 bytes"))?;
         let mut needed = vec![false; w.total_pages as usize];
         let mut groups = Vec::new();
         for (index, g) in w.groups.iter().enumerate() {
@@ -689,7 +721,7 @@ impl SessionPlan {
             }
         }
         Ok(SessionPlan {
-            key,
+            member_key,
             needed,
             groups,
         })
@@ -718,6 +750,17 @@ fn member_group(
         .map_err(|_| protocol(peer, format!("group address {:?}", g.addr)))?;
     if !addr.ip().is_multicast() {
         return Err(protocol(peer, format!("{addr} is not a multicast group")));
+    }
+    let key: CastKey = g
+        .key
+        .as_ref()
+        .try_into()
+        .map_err(|_| protocol(peer, format!("group {addr}: key is not 32 bytes")))?;
+    if g.slot as usize >= MAX_TAGS {
+        return Err(protocol(
+            peer,
+            format!("group {addr}: member place {}", g.slot),
+        ));
     }
     if !g.page_ranges.len().is_multiple_of(2) || g.page_ranges.len() / 2 > MAX_CAST_GROUP_RANGES {
         return Err(protocol(
@@ -759,6 +802,8 @@ fn member_group(
     Ok(MemberGroup {
         index,
         addr,
+        key,
+        slot: g.slot as usize,
         pages,
         contiguous: 0,
         heard_through: 0,
@@ -1171,7 +1216,7 @@ mod tests {
             version: WIRE_VERSION as i32,
             total_pages: total,
             fragment_payload: PAGE_SIZE as u32,
-            session_key: vec![7; 32].into(),
+            member_key: vec![7; 32].into(),
             groups: groups
                 .into_iter()
                 .enumerate()
@@ -1180,6 +1225,8 @@ mod tests {
                     member: true,
                     len,
                     page_ranges,
+                    key: vec![i as u8; 32].into(),
+                    slot: 0,
                 })
                 .collect(),
             ..Default::default()

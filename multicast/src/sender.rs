@@ -14,7 +14,8 @@ use crate::pacing::TokenBucket;
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
 use crate::wire::{
-    Body, Datagram, MAX_CODED, Replay, ReplayWindow, check_of, decode, fragment_payload,
+    Body, CastKey, Datagram, MAX_CODED, Opening, Replay, ReplayWindow, Sealing, check_of, decode,
+    fragment_payload,
 };
 use pagecast_channel::{Channel, ChannelReader, ChannelWriter, Role, Tls, random_bytes};
 
@@ -93,16 +94,24 @@ fn ranges(pages: &[u32]) -> Vec<u32> {
     out
 }
 
-fn welcome_groups(groups: &[Group], peer: usize) -> Vec<v1::CastGroup> {
+fn welcome_groups(groups: &[Group], peer: usize, keys: &Keys) -> Vec<v1::CastGroup> {
     groups
         .iter()
-        .map(|g| {
-            let member = g.members.contains(&peer);
+        .enumerate()
+        .map(|(gi, g)| {
+            let slot = g.members.iter().position(|&m| m == peer);
+            let member = slot.is_some();
             v1::CastGroup {
                 addr: g.addr.to_string(),
                 page_ranges: if member { ranges(&g.pages) } else { Vec::new() },
                 member,
                 len: g.pages.len() as u32,
+                key: if member {
+                    keys.groups[gi].to_vec().into()
+                } else {
+                    Default::default()
+                },
+                slot: slot.unwrap_or(0) as u32,
             }
         })
         .collect()
@@ -185,7 +194,7 @@ pub fn send_on(
         missing,
     } = seat(cfg, slots, groups, src)?;
     // 2. The session key, groups and page list.
-    let shape = SessionShape::new(cfg, &peers)?;
+    let shape = SessionShape::new(cfg, &peers, &groups)?;
     welcome(&mut peers, &groups, src, &shape)?;
     let (tx, rx) = mpsc::channel::<Event>();
     std::thread::scope(|scope| -> Result<SendReport, CastError> {
@@ -211,7 +220,7 @@ pub fn send_on(
                 &mut peers,
                 &rx,
                 shape.session_id,
-                &shape.key,
+                &shape.keys,
                 &mut seq,
             )?,
         };
@@ -244,7 +253,7 @@ pub fn send_on(
             peers: &mut peers,
             rx: &rx,
             session_id: shape.session_id,
-            key: shape.key,
+            keys: &shape.keys,
             frag: shape.frag,
             pack: shape.pack,
             window: shape.window,
@@ -574,10 +583,66 @@ fn new_peer(
     })
 }
 
-/// What every datagram of a session shares: its key and id, fragment
+/// A session's keys: each group's (secrecy: only its members get it) and
+/// each receiver's own (origin: shared with the sender only). See the
+/// wire module.
+struct Keys {
+    /// By group.
+    groups: Vec<CastKey>,
+    /// By receiver (peer index).
+    members: Vec<CastKey>,
+    /// By group: its members' keys in member order, the tags its
+    /// datagrams carry.
+    tags: Vec<Vec<CastKey>>,
+}
+
+impl Keys {
+    fn new(groups: &[Group], peers: usize) -> Result<Keys, CastError> {
+        let fresh = || -> Result<CastKey, CastError> {
+            let mut k = [0u8; 32];
+            random_bytes(&mut k)?;
+            Ok(k)
+        };
+        let groups_keys = groups.iter().map(|_| fresh()).collect::<Result<_, _>>()?;
+        let members: Vec<CastKey> = (0..peers).map(|_| fresh()).collect::<Result<_, _>>()?;
+        let tags = groups
+            .iter()
+            .map(|g| g.members.iter().map(|&m| members[m]).collect())
+            .collect();
+        Ok(Keys {
+            groups: groups_keys,
+            members,
+            tags,
+        })
+    }
+
+    /// What the sender seals a datagram to group `g` with.
+    fn sealing(&self, g: usize) -> Sealing<'_> {
+        Sealing {
+            key: &self.groups[g],
+            tags: &self.tags[g],
+        }
+    }
+
+    /// What opens a NACK to group `group` from receiver `from`: that
+    /// group's key and that receiver's tag, if it is a member.
+    fn nack_opening(&self, groups: &[Group], group: u32, from: u32) -> Option<Opening<'_>> {
+        let g = groups.get(group as usize)?;
+        let m = (from as usize).checked_sub(1)?;
+        if !g.members.contains(&m) {
+            return None;
+        }
+        Some(Opening {
+            key: &self.groups[group as usize],
+            tag: Some((0, &self.members[m])),
+        })
+    }
+}
+
+/// What every datagram of a session shares: its keys and id, fragment
 /// size, pages per datagram, and the window of pages in flight.
 struct SessionShape {
-    key: [u8; 32],
+    keys: Keys,
     session_id: u64,
     frag: usize,
     pack: usize,
@@ -585,9 +650,15 @@ struct SessionShape {
 }
 
 impl SessionShape {
-    fn new(cfg: &SenderConfig, peers: &[Peer]) -> Result<SessionShape, CastError> {
-        let mut key = [0u8; 32];
-        random_bytes(&mut key)?;
+    fn new(
+        cfg: &SenderConfig,
+        peers: &[Peer],
+        groups: &[Group],
+    ) -> Result<SessionShape, CastError> {
+        let keys = Keys::new(groups, peers.len())?;
+        // Datagrams carry a tag per member of their group: room for the
+        // largest group's.
+        let tags = groups.iter().map(|g| g.members.len()).max().unwrap_or(0);
         let mut sid = [0u8; 8];
         random_bytes(&mut sid)?;
         let mtu = match cfg.mtu {
@@ -595,7 +666,7 @@ impl SessionShape {
             None => socket::interface_mtu(cfg.iface)
                 .map_err(CastError::io(format!("finding the MTU of {}", cfg.iface)))?,
         };
-        let largest = fragment_payload(mtu);
+        let largest = fragment_payload(mtu, tags);
         if largest < crate::wire::MIN_FRAGMENT {
             return Err(CastError::Config(format!(
                 "MTU {mtu} is too small to carry pages"
@@ -606,7 +677,7 @@ impl SessionShape {
         let frag = PAGE_SIZE.div_ceil(PAGE_SIZE.div_ceil(largest));
         // Whole pages per datagram where the MTU allows more than one.
         let pack = if frag == PAGE_SIZE {
-            crate::wire::pages_per_datagram(mtu).max(1)
+            crate::wire::pages_per_datagram(mtu, tags).max(1)
         } else {
             1
         };
@@ -615,7 +686,7 @@ impl SessionShape {
         let smallest = peers.iter().map(|p| p.rcvbuf).min().unwrap_or(0) as usize;
         let fits = (smallest * 3 / 4 / socket::page_cost(frag, pack)).max(16) as u32;
         Ok(SessionShape {
-            key,
+            keys,
             session_id: u64::from_be_bytes(sid),
             frag,
             pack,
@@ -624,7 +695,8 @@ impl SessionShape {
     }
 }
 
-/// Hands each receiver the session key, its groups and the page list.
+/// Hands each receiver its own key, its groups (with the keys of its own)
+/// and the page list.
 fn welcome(
     peers: &mut [Peer],
     groups: &[Group],
@@ -640,10 +712,10 @@ fn welcome(
             version: WIRE_VERSION as i32,
             receiver_id: p.id,
             session_id: shape.session_id,
-            session_key: shape.key.to_vec().into(),
+            member_key: shape.keys.members[idx].to_vec().into(),
             fragment_payload: shape.frag as u32,
             total_pages: src.pages(),
-            groups: welcome_groups(groups, idx),
+            groups: welcome_groups(groups, idx, &shape.keys),
             image_frames: src.frames(),
         })))?;
     }
@@ -787,7 +859,7 @@ fn probe(
     peers: &mut [Peer],
     rx: &mpsc::Receiver<Event>,
     session_id: u64,
-    key: &[u8; 32],
+    keys: &Keys,
     seq: &mut u64,
 ) -> Result<Transport, CastError> {
     let mut n = [0u8; 4];
@@ -814,16 +886,19 @@ fn probe(
     let mut next_probe = Instant::now();
     while heard.iter().any(Option::is_none) && Instant::now() < deadline {
         if Instant::now() >= next_probe {
-            for g in groups {
+            for (gi, g) in groups.iter().enumerate() {
                 let mut b = Vec::new();
                 *seq += 1;
                 Datagram {
                     session: session_id,
                     seq: *seq,
                     from: 0,
-                    body: Body::Probe { nonce },
+                    body: Body::Probe {
+                        group: gi as u32,
+                        nonce,
+                    },
                 }
-                .encode(key, &mut b);
+                .encode(&keys.sealing(gi), &mut b);
                 // A send failure means multicast does not work here.
                 let _ = socket::send_batch(&sock, &[&b], g.addr);
             }
@@ -960,7 +1035,7 @@ struct Run<'a> {
     peers: &'a mut Vec<Peer>,
     rx: &'a mpsc::Receiver<Event>,
     session_id: u64,
-    key: [u8; 32],
+    keys: &'a Keys,
     frag: usize,
     pack: usize,
     window: u32,
@@ -1107,7 +1182,7 @@ impl<'a> Run<'a> {
                     payload: &payload,
                 },
             }
-            .encode(&self.key, &mut b);
+            .encode(&self.keys.sealing(g), &mut b);
             bytes += b.len();
             out.push(b);
             return Ok(bytes);
@@ -1140,7 +1215,7 @@ impl<'a> Run<'a> {
                     payload: piece,
                 },
             }
-            .encode(&self.key, &mut b);
+            .encode(&self.keys.sealing(g), &mut b);
             bytes += b.len();
             out.push(b);
         }
@@ -1181,7 +1256,7 @@ impl<'a> Run<'a> {
                 payload: &xor,
             },
         }
-        .encode(&self.key, &mut b);
+        .encode(&self.keys.sealing(g), &mut b);
         let n = b.len();
         out.push(b);
         Ok(n)
@@ -1202,7 +1277,7 @@ impl<'a> Run<'a> {
                 done: sent == len,
             },
         }
-        .encode(&self.key, &mut b);
+        .encode(&self.keys.sealing(g), &mut b);
         self.report.bytes_heartbeat += b.len() as u64;
         socket::send_batch(sock, &[&b], self.groups[g].addr)
             .map_err(CastError::io("sending a heartbeat"))
@@ -1325,7 +1400,12 @@ impl<'a> Run<'a> {
                 }
                 for k in 0..n {
                     let Some(buf) = f.rb.get_mut(k) else { continue };
-                    let Ok(d) = decode(buf, &self.key, self.session_id) else {
+                    // Opened under the NACK's group key and checked as
+                    // its member's: a member cannot ask in another's name.
+                    let (keys, groups) = (self.keys, self.groups);
+                    let Ok(d) = decode(buf, self.session_id, |g, from| {
+                        keys.nack_opening(groups, g, from)
+                    }) else {
                         continue;
                     };
                     if d.from == 0

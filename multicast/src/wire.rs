@@ -1,11 +1,13 @@
 //! UDP datagrams of a cast session.
 //!
-//! Every datagram is `[header][encrypted body][16-byte tag]`, big-endian:
+//! Every datagram is `[header][encrypted body][16-byte AEAD tag][member
+//! tags]`, big-endian:
 //!
 //! ```text
-//!  0  u8   version (1)            10  u64  sequence (per sender)
+//!  0  u8   version (2)            10  u64  sequence (per sender)
 //!  1  u8   kind                   18  u32  from (0: the sender, n: receiver n)
-//!  2  u64  session id             22  ...  body, then the MAC
+//!  2  u64  session id             22  u32  group
+//!                                 26  u8   member tags that follow the AEAD tag
 //! ```
 //!
 //! Bodies: **data** `u32 group, u32 index, u8 fragment, u8 fragments, u8
@@ -20,21 +22,37 @@
 //! **nack** `u32 group, u64 seen_through, u16 count, count x (u32 first, u32
 //! len)` (`seen_through`: the highest sender sequence the receiver had seen,
 //! so the sender can tell a NACK sent before a repair arrived); **probe**
-//! `u32 nonce`.
+//! `u32 nonce`. The body's group is the header's.
 //!
-//! Everything after the header is encrypted and authenticated with
-//! ChaCha20-Poly1305 under the session key (random per session, handed to
-//! each receiver over its authenticated control connection), the header
-//! being the associated data; the last 16 bytes are the Poly1305 tag. The
-//! nonce is the datagram's sender number and sequence number: each member
-//! numbers its own datagrams and never reuses a number, so no nonce repeats
-//! under a key. A receiver that is not a member learns the header and the
-//! datagram's length, nothing of the pages or their hashes.
+//! **Secrecy: one key per group.** Everything after the header is encrypted
+//! and authenticated with ChaCha20-Poly1305 under the key of the group the
+//! header names (random per session and group, handed over each member's
+//! authenticated control connection to that group's members only), the
+//! header being the associated data. The nonce is the datagram's sender
+//! number and sequence number: each member numbers its own datagrams and
+//! never reuses a number, so no nonce repeats under a key. A host that is
+//! not a member of a group, another receiver of the session included,
+//! learns the header and the datagram's length, nothing of its pages.
+//!
+//! **Origin: one tag per reader.** A group key is shared by the group's
+//! members, so it cannot tell the sender from a member. Each receiver also
+//! has a key of its own, shared with the sender only. A datagram from the
+//! sender carries one 8-byte tag per member of its group, in the group's
+//! member order: the keyed BLAKE3 hash, under that member's key, of the
+//! BLAKE3 hash of the header and the clear body up to its payload (a payload's pages are
+//! covered by their checks: every page is hashed on arrival and must match
+//! its check, so it is taken only as the sender tagged it; a member that
+//! alters a payload gets the page dropped and asked for again, no more). A receiver checks its own tag,
+//! so a member that holds the group key still cannot make another member
+//! take its datagrams for the sender's. A NACK carries one tag, under its
+//! sender's key, which the sender checks; the other members, which use a
+//! NACK only to hold back their own, cannot check it.
 //!
 //! [`decode`] checks, in order: length bounds, version, session id (a
-//! datagram of another session is *stale*), tag (*forged* if the datagram
-//! does not open),
-//! then every field: kind, fragment numbering, payload length, range counts.
+//! datagram of another session is *stale*), the group (*no key* where the
+//! reader is not a member), the AEAD tag (*forged* if the datagram does not
+//! open), the reader's tag (an *impostor* if it does not verify), then
+//! every field: kind, fragment numbering, payload length, range counts.
 //! The replay check (by sequence) is the caller's, with [`ReplayWindow`].
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
@@ -43,7 +61,7 @@ use pagecast_pages::{PAGE_SIZE, PageHash};
 use pagecast_proto::{DATAGRAM_VERSION, MAC_LEN, MAX_DATAGRAM_BYTES};
 
 /// Bytes of the common header.
-pub const HEADER_LEN: usize = 22;
+pub const HEADER_LEN: usize = 27;
 /// Bytes of a data body before its page entries.
 pub const DATA_HEAD: usize = 11;
 /// Bytes of each page entry of a data body.
@@ -64,12 +82,24 @@ pub const MAX_NACK_RANGES: usize = 64;
 pub const MAX_FRAGMENTS: u8 = 8;
 /// Smallest fragment payload (a page in at most [`MAX_FRAGMENTS`]).
 pub const MIN_FRAGMENT: usize = PAGE_SIZE / MAX_FRAGMENTS as usize;
+/// Bytes of one member tag. Eight, not sixteen, so that a page still
+/// takes three fragments at a 1,500-byte MTU to a group of three: a member
+/// tag can only be forged online, one datagram to its victim per guess,
+/// each counted as forged, so 2^64 guesses are out of reach (SRTP's tags
+/// are 4 to 10 bytes for the same reason).
+pub const TAG_LEN: usize = 8;
+/// Most member tags a datagram carries (a group has at most this many
+/// members).
+pub const MAX_TAGS: usize = 64;
 
 const KIND_DATA: u8 = 1;
 const KIND_HEARTBEAT: u8 = 2;
 const KIND_NACK: u8 = 3;
 const KIND_PROBE: u8 = 4;
 const KIND_CODED: u8 = 5;
+
+/// A 32-byte key: a group's (secrecy) or a member's (origin).
+pub type CastKey = [u8; 32];
 
 /// The check a datagram carries for a page: the first bytes of its hash.
 pub type Check = [u8; CHECK_LEN];
@@ -128,11 +158,26 @@ pub enum Body<'a> {
         /// `(first index, count)` ranges.
         ranges: Vec<(u32, u32)>,
     },
-    /// A reachability probe.
+    /// A reachability probe, sent to one group.
     Probe {
+        /// The group it was sent to.
+        group: u32,
         /// Nonce the control channel asks about.
         nonce: u32,
     },
+}
+
+impl Body<'_> {
+    /// The group the datagram belongs to (whose key seals it).
+    pub fn group(&self) -> u32 {
+        match self {
+            Body::Data { group, .. }
+            | Body::Coded { group, .. }
+            | Body::Heartbeat { group, .. }
+            | Body::Nack { group, .. }
+            | Body::Probe { group, .. } => *group,
+        }
+    }
 }
 
 /// A decoded datagram.
@@ -146,6 +191,30 @@ pub struct Datagram<'a> {
     pub from: u32,
     /// The body.
     pub body: Body<'a>,
+}
+
+/// The keys a datagram is sealed with: its group's, and one member key per
+/// tag to add (the group's members in order, for the sender; its own, for a
+/// receiver's NACK).
+#[derive(Debug, Clone, Copy)]
+pub struct Sealing<'k> {
+    /// The group key (secrecy).
+    pub key: &'k CastKey,
+    /// The member keys to tag the datagram under (origin), at most
+    /// [`MAX_TAGS`].
+    pub tags: &'k [CastKey],
+}
+
+/// The keys a reader opens a datagram of one group from one sender with.
+#[derive(Debug, Clone, Copy)]
+pub struct Opening<'k> {
+    /// The group key.
+    pub key: &'k CastKey,
+    /// The tag this reader checks: its place among the datagram's tags and
+    /// the member key it is made under. `None`: the group key alone (a
+    /// receiver hearing another member's NACK, which only the sender can
+    /// check).
+    pub tag: Option<(usize, &'k CastKey)>,
 }
 
 /// Why a datagram was dropped.
@@ -165,6 +234,18 @@ pub enum WireError {
         /// Ours.
         want: u64,
     },
+    /// Of a group (or from a sender) the reader holds no key for.
+    #[error("datagram of group {group} from {from}, which this reader holds no key for")]
+    NoKey {
+        /// The header's group.
+        group: u32,
+        /// The header's sender.
+        from: u32,
+    },
+    /// The reader's member tag is missing or does not verify: not from
+    /// whom the header names.
+    #[error("datagram is not from the member it names (its tag does not verify)")]
+    Impostor,
     /// The MAC does not verify.
     #[error("datagram fails authentication")]
     Forged,
@@ -174,8 +255,11 @@ pub enum WireError {
 }
 
 impl Datagram<'_> {
-    /// Appends the encoded, authenticated datagram to `out`.
-    pub fn encode(&self, key: &[u8; 32], out: &mut Vec<u8>) {
+    /// Appends the encoded, sealed datagram to `out`.
+    ///
+    /// # Panics
+    /// If `sealing` has more than [`MAX_TAGS`] member keys.
+    pub fn encode(&self, sealing: &Sealing, out: &mut Vec<u8>) {
         let start = out.len();
         let kind = match &self.body {
             Body::Data { .. } => KIND_DATA,
@@ -189,7 +273,16 @@ impl Datagram<'_> {
         out.extend_from_slice(&self.session.to_be_bytes());
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.from.to_be_bytes());
-        match &self.body {
+        out.extend_from_slice(&self.body.group().to_be_bytes());
+        out.push(0); // member tags: set by seal_at
+        self.body.encode_fields(out);
+        seal_at(sealing, out, start);
+    }
+}
+
+impl Body<'_> {
+    fn encode_fields(&self, out: &mut Vec<u8>) {
+        match self {
             Body::Data {
                 group,
                 index,
@@ -247,47 +340,107 @@ impl Datagram<'_> {
                     out.extend_from_slice(&n.to_be_bytes());
                 }
             }
-            Body::Probe { nonce } => out.extend_from_slice(&nonce.to_be_bytes()),
+            Body::Probe { nonce, .. } => out.extend_from_slice(&nonce.to_be_bytes()),
         }
-        seal_at(key, out, start);
     }
 }
 
 /// Seals raw datagram bytes in place: `buf` holds a header and a body in
-/// the clear; the body is encrypted under `key` with the nonce the header
-/// names and the tag appended. [`Datagram::encode`] does this; it is public
+/// the clear; the header's tag count is set, the body is encrypted under
+/// the group key with the nonce the header names, and the AEAD tag and the
+/// member tags are appended. [`Datagram::encode`] does this; it is public
 /// for fuzzing the decoder with arbitrary sealed bodies.
 ///
 /// # Panics
-/// If `buf` is shorter than a header.
-pub fn seal(key: &[u8; 32], buf: &mut Vec<u8>) {
-    seal_at(key, buf, 0);
+/// If `buf` is shorter than a header, or `sealing` has more than
+/// [`MAX_TAGS`] member keys.
+pub fn seal(sealing: &Sealing, buf: &mut Vec<u8>) {
+    seal_at(sealing, buf, 0);
 }
 
-fn seal_at(key: &[u8; 32], out: &mut Vec<u8>, start: usize) {
+fn seal_at(sealing: &Sealing, out: &mut Vec<u8>, start: usize) {
+    assert!(sealing.tags.len() <= MAX_TAGS, "too many member tags");
+    out[start + 26] = sealing.tags.len() as u8;
     let (from, seq) = (u32_at(out, start + 18), u64_at(out, start + 10));
     let (head, body) = out[start..].split_at_mut(HEADER_LEN);
+    // Member tags over the header and the body's head, in the clear.
+    let mut tags = [0u8; MAX_TAGS * TAG_LEN];
+    let digest = tagged_digest(head, &body[..tagged_len(head[1], body)]);
+    for (k, t) in sealing.tags.iter().zip(tags.chunks_exact_mut(TAG_LEN)) {
+        t.copy_from_slice(&member_tag(k, &digest));
+    }
     let mut tag = [0u8; MAC_LEN];
     if cleartext() {
-        tag.copy_from_slice(&blake3::keyed_hash(key, head).as_bytes()[..MAC_LEN]);
+        tag.copy_from_slice(&blake3::keyed_hash(sealing.key, head).as_bytes()[..MAC_LEN]);
     } else {
         tag.copy_from_slice(
-            &cipher(key)
+            &cipher(sealing.key)
                 .encrypt_in_place_detached(&nonce(from, seq), head, body)
                 .expect("a datagram is far below ChaCha20-Poly1305's length limit"),
         );
     }
     out.extend_from_slice(&tag);
+    out.extend_from_slice(&tags[..sealing.tags.len() * TAG_LEN]);
 }
 
-fn cipher(key: &[u8; 32]) -> ChaCha20Poly1305 {
+/// Bytes of a (clear) body that member tags cover: all of it but the
+/// payload of a data or coded datagram. Each page of a payload is checked
+/// on arrival against the check its entry carries, which the tag covers,
+/// so a page is taken only as the sender tagged it, without hashing the
+/// payload a second time.
+fn tagged_len(kind: u8, body: &[u8]) -> usize {
+    let head = match kind {
+        KIND_DATA if body.len() >= DATA_HEAD => DATA_HEAD + DATA_ENTRY * body[10] as usize,
+        KIND_CODED if body.len() >= CODED_HEAD => CODED_HEAD + CODED_ENTRY * body[4] as usize,
+        _ => body.len(),
+    };
+    head.min(body.len())
+}
+
+/// The BLAKE3 hash of a datagram's header and the covered head of its
+/// clear body, which each member tag is made from (hashed once, however
+/// many members a group has).
+fn tagged_digest(header: &[u8], covered: &[u8]) -> blake3::Hash {
+    // Every covered head (a NACK's, the longest, is 526 bytes) fits one
+    // buffer: one call of the one-shot hash, cheaper than a hasher.
+    let mut buf = [0u8; 640];
+    let n = header.len() + covered.len();
+    if n <= buf.len() {
+        buf[..header.len()].copy_from_slice(header);
+        buf[header.len()..n].copy_from_slice(covered);
+        blake3::hash(&buf[..n])
+    } else {
+        let mut h = blake3::Hasher::new();
+        h.update(header);
+        h.update(covered);
+        h.finalize()
+    }
+}
+
+/// A member's tag: the keyed hash, under its key, of the tagged digest.
+fn member_tag(key: &CastKey, digest: &blake3::Hash) -> [u8; TAG_LEN] {
+    blake3::keyed_hash(key, digest.as_bytes()).as_bytes()[..TAG_LEN]
+        .try_into()
+        .expect("a hash is longer than a tag")
+}
+
+/// Compares two tags of one length (at most 32 bytes) in constant time
+/// (by way of `blake3::Hash`'s constant-time equality).
+fn same_tag(a: &[u8], b: &[u8]) -> bool {
+    let (mut x, mut y) = ([0u8; 32], [0u8; 32]);
+    x[..a.len()].copy_from_slice(a);
+    y[..b.len()].copy_from_slice(b);
+    a.len() == b.len() && blake3::Hash::from(x) == blake3::Hash::from(y)
+}
+
+fn cipher(key: &CastKey) -> ChaCha20Poly1305 {
     ChaCha20Poly1305::new(Key::from_slice(key))
 }
 
 /// The nonce of a datagram: who sent it and its sequence number. Every
 /// session member numbers its own datagrams from 1 and never reuses a
 /// number, and member numbers are unique within a session, so no nonce is
-/// used twice under a session's key (keys are random per session).
+/// used twice under a group's key (keys are random per session and group).
 fn nonce(from: u32, seq: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[..4].copy_from_slice(&from.to_be_bytes());
@@ -325,50 +478,58 @@ fn check_at(b: &[u8], at: usize) -> Check {
     b[at..at + CHECK_LEN].try_into().expect("check bytes")
 }
 
+/// Bytes of a datagram's IPv4 and UDP headers, our header and its MACs
+/// with `tags` member tags.
+fn framing(tags: usize) -> usize {
+    20 + 8 + HEADER_LEN + MAC_LEN + tags * TAG_LEN
+}
+
 /// Payload bytes per single-page data datagram for a path MTU (IPv4 and
-/// UDP headers, our header, one page entry and the MAC subtracted), at most
-/// a page.
-pub fn fragment_payload(mtu: usize) -> usize {
-    mtu.saturating_sub(20 + 8 + HEADER_LEN + DATA_HEAD + DATA_ENTRY + MAC_LEN)
+/// UDP headers, our header, one page entry and the MACs of `tags` member
+/// tags subtracted), at most a page.
+pub fn fragment_payload(mtu: usize, tags: usize) -> usize {
+    mtu.saturating_sub(framing(tags) + DATA_HEAD + DATA_ENTRY)
         .min(PAGE_SIZE)
 }
 
-/// Whole pages one data datagram can carry at a path MTU (0 if not even
-/// one: pages are fragmented).
-pub fn pages_per_datagram(mtu: usize) -> usize {
+/// Whole pages one data datagram with `tags` member tags can carry at a
+/// path MTU (0 if not even one: pages are fragmented).
+pub fn pages_per_datagram(mtu: usize, tags: usize) -> usize {
     let room = mtu
         .min(MAX_DATAGRAM_BYTES + 28)
-        .saturating_sub(20 + 8 + HEADER_LEN + DATA_HEAD + MAC_LEN);
+        .saturating_sub(framing(tags) + DATA_HEAD);
     (room / (DATA_ENTRY + PAGE_SIZE)).min(MAX_PACK)
 }
 
 /// Bytes one page of a cast's first sends takes on an Ethernet link at a
-/// path MTU: its data and entry and its share of its datagram's headers
-/// (Ethernet 14, IPv4 20, UDP 8, this wire's header, data head and
-/// check), or, where pages are fragmented, every fragment's (fragments of
-/// one size, the last padded, as the sender makes them).
-pub fn link_bytes_per_page(mtu: usize) -> f64 {
-    let head = 14 + 20 + 8 + HEADER_LEN + DATA_HEAD + MAC_LEN;
-    let pack = pages_per_datagram(mtu);
+/// path MTU, sent to a group of `tags` members: its data and entry and its
+/// share of its datagram's headers (Ethernet 14, IPv4 20, UDP 8, this
+/// wire's header, data head, MAC and member tags), or, where pages are
+/// fragmented, every fragment's (fragments of one size, the last padded,
+/// as the sender makes them).
+pub fn link_bytes_per_page(mtu: usize, tags: usize) -> f64 {
+    let head = 14 + framing(tags) + DATA_HEAD;
+    let pack = pages_per_datagram(mtu, tags);
     if pack > 0 {
         head as f64 / pack as f64 + (DATA_ENTRY + PAGE_SIZE) as f64
     } else {
-        let n = PAGE_SIZE.div_ceil(fragment_payload(mtu).max(1));
+        let n = PAGE_SIZE.div_ceil(fragment_payload(mtu, tags).max(1));
         let frag = PAGE_SIZE.div_ceil(n);
         (n * (head + DATA_ENTRY + frag)) as f64
     }
 }
 
 /// Decodes, authenticates and decrypts (in place) a datagram of session
-/// `session`.
-pub fn decode<'a>(
+/// `session`. `keys` gives, for the header's group and sender, the keys
+/// the reader opens it with (`None`: it holds none, a group it is not in).
+pub fn decode<'a, 'k>(
     buf: &'a mut [u8],
-    key: &[u8; 32],
     session: u64,
+    keys: impl FnOnce(u32, u32) -> Option<Opening<'k>>,
 ) -> Result<Datagram<'a>, WireError> {
-    let (kind, seq, from, body) = open(buf, key, session)?;
-    // Authenticated: now every field is checked (any session member holds
-    // the key, so a datagram that opens proves no shape).
+    let (kind, seq, from, group, body) = open(buf, session, keys)?;
+    // Authenticated: now every field is checked (any member of the group
+    // holds its key, so a datagram that opens proves no shape).
     let body = match kind {
         KIND_DATA => data_body(body)?,
         KIND_CODED => coded_body(body)?,
@@ -379,11 +540,17 @@ pub fn decode<'a>(
                 return Err(WireError::Malformed("probe"));
             }
             Body::Probe {
+                group,
                 nonce: u32_at(body, 0),
             }
         }
         _ => return Err(WireError::Malformed("unknown kind")),
     };
+    if body.group() != group {
+        return Err(WireError::Malformed(
+            "body of another group than the header's",
+        ));
+    }
     Ok(Datagram {
         session,
         seq,
@@ -392,13 +559,16 @@ pub fn decode<'a>(
     })
 }
 
-/// Checks a datagram's header and opens it: its kind, sequence, sender
-/// and (decrypted) body.
-fn open<'a>(
+/// What [`open`] finds: kind, sequence, sender, group and decrypted body.
+type Opened<'a> = (u8, u64, u32, u32, &'a [u8]);
+
+/// Checks a datagram's header and opens it: its kind, sequence, sender,
+/// group and (decrypted) body.
+fn open<'a, 'k>(
     buf: &'a mut [u8],
-    key: &[u8; 32],
     session: u64,
-) -> Result<(u8, u64, u32, &'a [u8]), WireError> {
+    keys: impl FnOnce(u32, u32) -> Option<Opening<'k>>,
+) -> Result<Opened<'a>, WireError> {
     if buf.len() < HEADER_LEN + MAC_LEN || buf.len() > MAX_DATAGRAM_BYTES {
         return Err(WireError::Length(buf.len()));
     }
@@ -410,27 +580,43 @@ fn open<'a>(
         return Err(WireError::Stale { got, want: session });
     }
     let kind = buf[1];
-    let (seq, from) = (u64_at(buf, 10), u32_at(buf, 18));
-    let n = buf.len();
-    let (head, rest) = buf.split_at_mut(HEADER_LEN);
-    let (body, tag) = rest.split_at_mut(n - HEADER_LEN - MAC_LEN);
+    let (seq, from, group, tags) = (u64_at(buf, 10), u32_at(buf, 18), u32_at(buf, 22), buf[26]);
+    let tags = tags as usize;
+    if tags > MAX_TAGS || buf.len() < HEADER_LEN + MAC_LEN + tags * TAG_LEN {
+        return Err(WireError::Length(buf.len()));
+    }
+    let opening = keys(group, from).ok_or(WireError::NoKey { group, from })?;
+    let sealed_len = buf.len() - tags * TAG_LEN;
+    let (sealed, member_tags) = buf.split_at_mut(sealed_len);
+    let (head, rest) = sealed.split_at_mut(HEADER_LEN);
+    let (body, tag) = rest.split_at_mut(sealed_len - HEADER_LEN - MAC_LEN);
     let opened = if cleartext() {
-        // Constant-time comparison of the truncated MAC over the header.
-        let want = blake3::keyed_hash(key, head);
-        let mut a = [0u8; 32];
-        a[..MAC_LEN].copy_from_slice(tag);
-        let mut b = [0u8; 32];
-        b[..MAC_LEN].copy_from_slice(&want.as_bytes()[..MAC_LEN]);
-        blake3::Hash::from(a) == blake3::Hash::from(b)
+        same_tag(
+            tag,
+            &blake3::keyed_hash(opening.key, head).as_bytes()[..MAC_LEN],
+        )
     } else {
-        cipher(key)
+        cipher(opening.key)
             .decrypt_in_place_detached(&nonce(from, seq), head, body, Tag::from_slice(tag))
             .is_ok()
     };
     if !opened {
         return Err(WireError::Forged);
     }
-    Ok((kind, seq, from, body))
+    if let Some((slot, member)) = opening.tag {
+        if slot >= tags {
+            return Err(WireError::Impostor);
+        }
+        let want = member_tag(
+            member,
+            &tagged_digest(head, &body[..tagged_len(kind, body)]),
+        );
+        let at = slot * TAG_LEN;
+        if !same_tag(&member_tags[at..at + TAG_LEN], &want) {
+            return Err(WireError::Impostor);
+        }
+    }
+    Ok((kind, seq, from, group, body))
 }
 
 fn data_body(body: &[u8]) -> Result<Body<'_>, WireError> {
@@ -612,52 +798,86 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const KEY: [u8; 32] = [9; 32];
+    const KEY: CastKey = [9; 32];
+    /// The member keys of a group of two.
+    const MEMBERS: [CastKey; 2] = [[1; 32], [2; 32]];
+    const SEAL: Sealing<'static> = Sealing {
+        key: &KEY,
+        tags: &MEMBERS,
+    };
     const C: Check = [4; CHECK_LEN];
 
-    fn round(d: &Datagram) -> Datagram<'static> {
+    /// Opens as member `slot` of the group would (the tag checked where
+    /// the datagram is the sender's).
+    fn member(slot: usize) -> impl FnOnce(u32, u32) -> Option<Opening<'static>> {
+        move |_, from| {
+            Some(Opening {
+                key: &KEY,
+                tag: (from == 0).then_some((slot, &MEMBERS[slot])),
+            })
+        }
+    }
+
+    fn encoded(d: &Datagram) -> Vec<u8> {
         let mut b = Vec::new();
-        d.encode(&KEY, &mut b);
-        let leaked: &'static mut [u8] = Box::leak(b.into_boxed_slice());
-        decode(leaked, &KEY, d.session).unwrap()
+        d.encode(&SEAL, &mut b);
+        b
+    }
+
+    fn round(d: &Datagram) -> Datagram<'static> {
+        let leaked: &'static mut [u8] = Box::leak(encoded(d).into_boxed_slice());
+        decode(leaked, d.session, member(1)).unwrap()
     }
 
     /// What the planner is told a page costs on a link is what the
-    /// datagrams the sender makes take, headers included.
+    /// datagrams the sender makes take, headers and member tags included.
     #[test]
     fn a_page_on_the_link_is_its_datagrams_share() {
-        let encoded = |pages: usize, payload: usize| {
-            let data = vec![7u8; payload];
-            let mut b = Vec::new();
-            Datagram {
-                session: 1,
-                seq: 1,
-                from: 0,
-                body: Body::Data {
-                    group: 0,
-                    index: 0,
-                    fragment: 0,
-                    fragments: 1,
-                    pages: vec![(0, C); pages],
-                    payload: &data,
-                },
-            }
-            .encode(&KEY, &mut b);
-            b.len() + 14 + 20 + 8
-        };
-        // Jumbo frames: two pages a datagram.
-        assert_eq!(pages_per_datagram(9000), 2);
-        let two = encoded(2, 2 * PAGE_SIZE) as f64 / 2.0;
-        assert!((link_bytes_per_page(9000) - two).abs() < 1e-9, "{two}");
-        // 1500 bytes: fragments of one size, each a datagram.
-        assert_eq!(pages_per_datagram(1500), 0);
-        let n = PAGE_SIZE.div_ceil(fragment_payload(1500));
-        let frag = PAGE_SIZE.div_ceil(n);
-        // Each fragment's IP packet fits the MTU.
-        assert!(encoded(1, frag) - 14 <= 1500);
-        let page = (n * encoded(1, frag)) as f64;
-        assert!((link_bytes_per_page(1500) - page).abs() < 1e-9, "{page}");
-        assert!(link_bytes_per_page(1500) > link_bytes_per_page(9000));
+        for tags in [1, 2, 16] {
+            let keys = vec![[3u8; 32]; tags];
+            let sealing = Sealing {
+                key: &KEY,
+                tags: &keys,
+            };
+            let encoded = |pages: usize, payload: usize| {
+                let data = vec![7u8; payload];
+                let mut b = Vec::new();
+                Datagram {
+                    session: 1,
+                    seq: 1,
+                    from: 0,
+                    body: Body::Data {
+                        group: 0,
+                        index: 0,
+                        fragment: 0,
+                        fragments: 1,
+                        pages: vec![(0, C); pages],
+                        payload: &data,
+                    },
+                }
+                .encode(&sealing, &mut b);
+                b.len() + 14 + 20 + 8
+            };
+            // Jumbo frames: two pages a datagram.
+            assert_eq!(pages_per_datagram(9000, tags), 2);
+            let two = encoded(2, 2 * PAGE_SIZE) as f64 / 2.0;
+            assert!(
+                (link_bytes_per_page(9000, tags) - two).abs() < 1e-9,
+                "{two}"
+            );
+            // 1500 bytes: fragments of one size, each a datagram.
+            assert_eq!(pages_per_datagram(1500, tags), 0);
+            let n = PAGE_SIZE.div_ceil(fragment_payload(1500, tags));
+            let frag = PAGE_SIZE.div_ceil(n);
+            // Each fragment's IP packet fits the MTU.
+            assert!(encoded(1, frag) - 14 <= 1500);
+            let page = (n * encoded(1, frag)) as f64;
+            assert!(
+                (link_bytes_per_page(1500, tags) - page).abs() < 1e-9,
+                "{page}"
+            );
+            assert!(link_bytes_per_page(1500, tags) > link_bytes_per_page(9000, tags));
+        }
     }
 
     #[test]
@@ -697,15 +917,20 @@ mod tests {
                 seen_through: 1234,
                 ranges: vec![(0, 4), (9, 1)],
             },
-            Body::Probe { nonce: 42 },
+            Body::Probe {
+                group: 5,
+                nonce: 42,
+            },
         ] {
-            let d = Datagram {
-                session: 0xfeed,
-                seq: 99,
-                from: 4,
-                body,
-            };
-            assert_eq!(round(&d), d);
+            for from in [0, 4] {
+                let d = Datagram {
+                    session: 0xfeed,
+                    seq: 99,
+                    from,
+                    body: body.clone(),
+                };
+                assert_eq!(round(&d), d);
+            }
         }
     }
 
@@ -715,30 +940,63 @@ mod tests {
             session: 7,
             seq: 1,
             from: 0,
-            body: Body::Probe { nonce: 1 },
+            body: Body::Probe { group: 0, nonce: 1 },
         };
-        let mut b = Vec::new();
-        d.encode(&KEY, &mut b);
-        assert_eq!(decode(&mut b.clone(), &[8; 32], 7), Err(WireError::Forged));
+        let b = encoded(&d);
+        let other = |_, _| {
+            Some(Opening {
+                key: &[8; 32],
+                tag: None,
+            })
+        };
+        assert_eq!(decode(&mut b.clone(), 7, other), Err(WireError::Forged));
         assert_eq!(
-            decode(&mut b.clone(), &KEY, 8),
+            decode(&mut b.clone(), 8, member(0)),
             Err(WireError::Stale { got: 7, want: 8 })
+        );
+        assert_eq!(
+            decode(&mut b.clone(), 7, |_, _| None),
+            Err(WireError::NoKey { group: 0, from: 0 })
         );
         let mut flipped = b.clone();
         flipped[HEADER_LEN] ^= 1;
-        assert_eq!(decode(&mut flipped, &KEY, 7), Err(WireError::Forged));
+        assert_eq!(decode(&mut flipped, 7, member(0)), Err(WireError::Forged));
+        let mut tag_flipped = b.clone();
+        *tag_flipped.last_mut().unwrap() ^= 1;
         assert_eq!(
-            decode(&mut b.clone()[..20], &KEY, 7),
+            decode(&mut tag_flipped.clone(), 7, member(1)),
+            Err(WireError::Impostor)
+        );
+        assert!(
+            decode(&mut tag_flipped, 7, member(0)).is_ok(),
+            "member 0's tag is intact"
+        );
+        let unchecked = |_, _| {
+            Some(Opening {
+                key: &KEY,
+                tag: None,
+            })
+        };
+        assert_eq!(decode(&mut flipped, 7, unchecked), Err(WireError::Forged));
+        assert_eq!(
+            decode(&mut b.clone()[..20], 7, member(0)),
             Err(WireError::Length(20))
         );
-        let mut v2 = b.clone();
-        v2[0] = 2;
-        assert_eq!(decode(&mut v2, &KEY, 7), Err(WireError::Version(2)));
+        let mut v9 = b.clone();
+        v9[0] = 9;
+        assert_eq!(decode(&mut v9, 7, member(0)), Err(WireError::Version(9)));
         // The header is authenticated too: another sequence number (or
         // sender) is another nonce, and the datagram does not open.
         let mut reseq = b.clone();
         reseq[17] ^= 1;
-        assert_eq!(decode(&mut reseq, &KEY, 7), Err(WireError::Forged));
+        assert_eq!(decode(&mut reseq, 7, unchecked), Err(WireError::Forged));
+        // A tag count past the datagram, or past the most there can be.
+        let mut tags = b.clone();
+        tags[26] = 200;
+        assert!(matches!(
+            decode(&mut tags, 7, member(0)),
+            Err(WireError::Length(_))
+        ));
         // Authenticated but impossible: a fragment numbered past the count.
         let p = [0u8; 10];
         let page = [0u8; PAGE_SIZE];
@@ -755,24 +1013,21 @@ mod tests {
                 payload: if fragments == 1 { &page[..] } else { &p[..] },
             },
         };
-        let mut b = Vec::new();
-        data(3, 2).encode(&KEY, &mut b);
         assert_eq!(
-            decode(&mut b, &KEY, 7),
+            decode(&mut encoded(&data(3, 2)), 7, member(0)),
             Err(WireError::Malformed("fragment numbering"))
         );
         // Every byte is authenticated: the check in the head and the
         // payload alike.
-        let mut b = Vec::new();
-        data(0, 1).encode(&KEY, &mut b);
-        assert!(decode(&mut b.clone(), &KEY, 7).is_ok());
+        let b = encoded(&data(0, 1));
+        assert!(decode(&mut b.clone(), 7, member(0)).is_ok());
         let mut other = b.clone();
         other[HEADER_LEN + DATA_HEAD + 10] ^= 1;
-        assert_eq!(decode(&mut other, &KEY, 7), Err(WireError::Forged));
+        assert_eq!(decode(&mut other, 7, unchecked), Err(WireError::Forged));
         let mut payload_changed = b.clone();
         payload_changed[HEADER_LEN + DATA_HEAD + DATA_ENTRY] ^= 1;
         assert_eq!(
-            decode(&mut payload_changed, &KEY, 7),
+            decode(&mut payload_changed, 7, unchecked),
             Err(WireError::Forged)
         );
         // A coded repair must carry exactly one page of payload.
@@ -786,17 +1041,91 @@ mod tests {
                 payload: &p,
             },
         };
-        let mut b = Vec::new();
-        short.encode(&KEY, &mut b);
         assert!(matches!(
-            decode(&mut b, &KEY, 7),
+            decode(&mut encoded(&short), 7, member(0)),
             Err(WireError::Malformed(_))
         ));
+        // A body of another group than the header names.
+        let mut raw = raw_header(KIND_HEARTBEAT);
+        raw[22..26].copy_from_slice(&1u32.to_be_bytes());
+        for field in [0u32, 0, 1] {
+            raw.extend_from_slice(&field.to_be_bytes());
+        }
+        raw.push(0);
+        seal(&SEAL, &mut raw);
+        assert_eq!(
+            decode(&mut raw, 7, member(0)),
+            Err(WireError::Malformed(
+                "body of another group than the header's"
+            ))
+        );
+    }
+
+    /// A member holds its group's key and its own member key, and nothing
+    /// else: it cannot open another group's datagrams, and a datagram it
+    /// makes as the sender (sealed under the group key, with its own tag
+    /// right and a guess for the others') is refused by the other member.
+    #[test]
+    fn a_member_can_neither_open_other_groups_nor_speak_for_the_sender() {
+        let page = [0x11u8; PAGE_SIZE];
+        let d = Datagram {
+            session: 7,
+            seq: 5,
+            from: 0,
+            body: Body::Data {
+                group: 0,
+                index: 0,
+                fragment: 0,
+                fragments: 1,
+                pages: vec![(1, C)],
+                payload: &page,
+            },
+        };
+        // Another group's key does not open it.
+        let other_group = [0x77u8; 32];
+        let mut b = encoded(&d);
+        let foreign = |_, _| {
+            Some(Opening {
+                key: &other_group,
+                tag: None,
+            })
+        };
+        assert_eq!(decode(&mut b, 7, foreign), Err(WireError::Forged));
+        // Member 0 forges: the group key, its own key, and every other key
+        // it could guess (none is member 1's).
+        let guesses = [MEMBERS[0], [0u8; 32]];
+        let mut forged = Vec::new();
+        d.encode(
+            &Sealing {
+                key: &KEY,
+                tags: &guesses,
+            },
+            &mut forged,
+        );
+        assert!(decode(&mut forged.clone(), 7, member(0)).is_ok());
+        assert_eq!(
+            decode(&mut forged.clone(), 7, member(1)),
+            Err(WireError::Impostor)
+        );
+        // Nor does a datagram with fewer tags than member 1's place pass.
+        let mut one = Vec::new();
+        d.encode(
+            &Sealing {
+                key: &KEY,
+                tags: &MEMBERS[..1],
+            },
+            &mut one,
+        );
+        assert_eq!(decode(&mut one, 7, member(1)), Err(WireError::Impostor));
+        // The sender's own datagram opens for both.
+        for m in 0..2 {
+            assert_eq!(decode(&mut encoded(&d), 7, member(m)).unwrap(), d);
+        }
     }
 
     /// What an eavesdropper on the group sees: no byte of a page, no check
     /// of its hash; only the header (version, kind, session, sequence,
-    /// sender) is in the clear.
+    /// sender, group) is in the clear.
     #[test]
     fn pages_and_checks_travel_encrypted() {
         let page = [0x5au8; PAGE_SIZE];
@@ -814,8 +1143,7 @@ mod tests {
                 payload: &page,
             },
         };
-        let mut b = Vec::new();
-        d.encode(&KEY, &mut b);
+        let mut b = encoded(&d);
         let wire = &b[HEADER_LEN..];
         assert!(
             !wire.windows(16).any(|w| w == &page[..16]),
@@ -827,14 +1155,23 @@ mod tests {
         );
         // The same datagram under another sequence number encrypts
         // differently (a fresh nonce).
-        let mut again = Vec::new();
-        Datagram {
+        let again = encoded(&Datagram {
             seq: 4,
             ..d.clone()
-        }
-        .encode(&KEY, &mut again);
+        });
         assert_ne!(b[HEADER_LEN..], again[HEADER_LEN..]);
-        assert_eq!(decode(&mut b, &KEY, 7).unwrap(), d);
+        assert_eq!(decode(&mut b, 7, member(0)).unwrap(), d);
+    }
+
+    /// A header in the clear (tags counted by `seal`).
+    fn raw_header(kind: u8) -> Vec<u8> {
+        let mut b = vec![DATAGRAM_VERSION, kind];
+        b.extend_from_slice(&7u64.to_be_bytes());
+        b.extend_from_slice(&1u64.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.push(0);
+        b
     }
 
     /// Found by the `datagram` fuzz target: a data datagram with a body
@@ -844,14 +1181,11 @@ mod tests {
     fn truncated_heads_are_refused_whatever_the_mac() {
         for kind in [KIND_DATA, KIND_CODED] {
             for body_len in 0..12 {
-                let mut b = vec![DATAGRAM_VERSION, kind];
-                b.extend_from_slice(&7u64.to_be_bytes());
-                b.extend_from_slice(&1u64.to_be_bytes());
-                b.extend_from_slice(&0u32.to_be_bytes());
+                let mut b = raw_header(kind);
                 b.extend(std::iter::repeat_n(0xbe, body_len));
-                seal(&KEY, &mut b);
+                seal(&SEAL, &mut b);
                 assert!(matches!(
-                    decode(&mut b, &KEY, 7),
+                    decode(&mut b, 7, member(0)),
                     Err(WireError::Malformed(_) | WireError::Length(_))
                 ));
             }
@@ -874,36 +1208,38 @@ mod tests {
 
     #[test]
     fn mtus() {
-        assert_eq!(fragment_payload(65536), PAGE_SIZE);
-        assert_eq!(fragment_payload(9000), PAGE_SIZE);
+        assert_eq!(fragment_payload(65536, 3), PAGE_SIZE);
+        assert_eq!(fragment_payload(9000, 3), PAGE_SIZE);
         assert_eq!(
-            fragment_payload(1500),
-            1500 - 20 - 8 - HEADER_LEN - DATA_HEAD - DATA_ENTRY - MAC_LEN
+            fragment_payload(1500, 3),
+            1500 - 20 - 8 - HEADER_LEN - DATA_HEAD - DATA_ENTRY - MAC_LEN - 3 * TAG_LEN
         );
-        assert_eq!(pages_per_datagram(1500), 0);
-        assert_eq!(pages_per_datagram(4500), 1);
-        assert_eq!(pages_per_datagram(9000), 2);
-        assert_eq!(pages_per_datagram(65536), 2);
-        assert!(PAGE_SIZE.div_ceil(fragment_payload(1500)) <= MAX_FRAGMENTS as usize);
+        assert_eq!(pages_per_datagram(1500, 3), 0);
+        assert_eq!(pages_per_datagram(4500, 3), 1);
+        assert_eq!(pages_per_datagram(9000, 3), 2);
+        assert_eq!(pages_per_datagram(65536, 3), 2);
+        // Two pages fit a jumbo frame with the most tags.
+        assert_eq!(pages_per_datagram(9000, MAX_TAGS), 2);
+        // At 1,500 bytes a page takes three fragments to a group of up to
+        // three, and a group of the most members still fits it in eight.
+        assert_eq!(PAGE_SIZE.div_ceil(fragment_payload(1500, 3)), 3);
+        assert!(PAGE_SIZE.div_ceil(fragment_payload(1500, MAX_TAGS)) <= MAX_FRAGMENTS as usize);
     }
 
     proptest! {
         #[test]
         fn garbage_never_panics(mut b in proptest::collection::vec(any::<u8>(), 0..200), session in any::<u64>()) {
-            let _ = decode(&mut b, &KEY, session);
+            let _ = decode(&mut b, session, member(0));
         }
 
-        /// Any body sealed under the session key reaches the field checks,
+        /// Any body sealed under the group key, tagged, reaches the field checks,
         /// which refuse or accept it without panicking.
         #[test]
         fn sealed_garbage_never_panics(kind in 0u8..8, body in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let mut b = vec![DATAGRAM_VERSION, kind];
-            b.extend_from_slice(&7u64.to_be_bytes());
-            b.extend_from_slice(&1u64.to_be_bytes());
-            b.extend_from_slice(&0u32.to_be_bytes());
+            let mut b = raw_header(kind);
             b.extend_from_slice(&body);
-            seal(&KEY, &mut b);
-            if let Err(e) = decode(&mut b, &KEY, 7) {
+            seal(&SEAL, &mut b);
+            if let Err(e) = decode(&mut b, 7, member(1)) {
                 prop_assert!(matches!(e, WireError::Malformed(_) | WireError::Length(_)), "{e}");
             }
         }

@@ -257,10 +257,15 @@ fn four_receivers_get_identical_copies_over_loopback_multicast() {
         assert_eq!((p.joins, p.leaves), (1, 1));
     }
     // Each page crossed the sender's link once (plus whatever was repaired).
-    // Loopback's MTU fits two pages per datagram: 1,500 datagrams.
+    // Loopback's MTU fits two pages per datagram: 1,500 datagrams, each
+    // with its MAC and a tag per receiver.
     assert_eq!(report.pages_per_datagram, 2);
     let once = 1500
-        * (wire::HEADER_LEN + wire::DATA_HEAD + 2 * (wire::DATA_ENTRY + PAGE_SIZE) + 16) as u64;
+        * (wire::HEADER_LEN
+            + wire::DATA_HEAD
+            + 2 * (wire::DATA_ENTRY + PAGE_SIZE)
+            + 16
+            + 4 * wire::TAG_LEN) as u64;
     assert_eq!(report.bytes_first, once);
     assert!(
         report.bytes_repair <= once / 2,
@@ -724,4 +729,306 @@ fn a_member_frozen_before_or_during_its_join_holds_no_one_up() {
             );
         });
     }
+}
+
+/// What the hostile member of [`a_member_cannot_read_other_groups_or_speak_for_the_sender_or_others`]
+/// learnt and did.
+#[derive(Debug, Default)]
+struct Hostile {
+    /// Datagrams of a group it is not in that it captured, and opened with
+    /// a key it was given.
+    opened_foreign: u32,
+    captured_foreign: u32,
+    forged_data: u32,
+    forged_nacks: u32,
+}
+
+/// The hostile member: joins with its real host certificate, speaking the
+/// control protocol itself; then, while the session runs, captures group
+/// `foreign` (not its own) and tries every key its welcome gave it, sends
+/// data datagrams as the sender (wrong pages under their right frames,
+/// checks matching the wrong pages, and one with the highest sequence
+/// number) to its own group, which it shares with the victim, and sends
+/// NACKs for every page as each other member.
+fn hostile_member(
+    control: SocketAddr,
+    tls: &Tls,
+    foreign: SocketAddrV4,
+    stop: &Mutex<bool>,
+) -> Hostile {
+    use pagecast_proto::v1;
+    use v1::cast_frame::Body as F;
+    let frame = |b| v1::CastFrame { body: Some(b) };
+    let mut ch =
+        pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
+            .unwrap();
+    ch.send(&frame(F::Hello(v1::CastHello {
+        version: pagecast_proto::WIRE_VERSION as i32,
+        name: "hostile".into(),
+        chain_addr: "127.0.0.1:1".into(),
+        rcvbuf_bytes: 1 << 20,
+        job: String::new(),
+    })))
+    .unwrap();
+    let w = loop {
+        match ch.recv::<v1::CastFrame>("welcome").unwrap().body {
+            Some(F::Welcome(w)) => break w,
+            Some(F::Waiting(_)) => continue,
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    };
+    let own = w.groups.iter().position(|g| g.member).unwrap();
+    let own_addr: SocketAddrV4 = w.groups[own].addr.parse().unwrap();
+    let keys = hostile_keys(&w);
+    let spy =
+        pagecast_multicast::socket::group_socket(foreign.port(), &[*foreign.ip()], LO, 1).unwrap();
+    spy.set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
+    ch.send(&frame(F::Ready(v1::CastReady { joined: 1 })))
+        .unwrap();
+    let out = pagecast_multicast::socket::sender_socket(LO, 1).unwrap();
+    let mut h = Hostile::default();
+    let mut buf = [0u8; 9000];
+    let mut seq = 1u64 << 40;
+    let first = w.groups[own].page_ranges[0];
+    // From the start, until it has seen a share of the foreign group's
+    // traffic (the session lasts longer), then it leaves, so the sender
+    // need not wait out its silence.
+    loop {
+        match ch.recv::<v1::CastFrame>("start").unwrap().body {
+            Some(F::Start(_)) => break,
+            Some(F::Waiting(_)) => continue,
+            other => panic!("expected the start, got {other:?}"),
+        }
+    }
+    let began = std::time::Instant::now();
+    let enough = |h: &Hostile| {
+        h.captured_foreign >= 200 && began.elapsed() >= Duration::from_secs(1)
+            || began.elapsed() >= Duration::from_secs(10)
+    };
+    while !*stop.lock().unwrap() && !enough(&h) {
+        if let Ok(n) = spy.recv(&mut buf) {
+            h.captured_foreign += 1;
+            let opened = keys.iter().any(|k| {
+                let mut b = buf[..n].to_vec();
+                hostile_open(&mut b, k, w.session_id)
+            });
+            h.opened_foreign += u32::from(opened);
+        }
+        // A wrong page, named as page `first + i` of the group (frame
+        // 2 x page), its check matching the wrong bytes.
+        let wrong = [0xA5u8; PAGE_SIZE];
+        let check = wire::check_of(&ContentKey::CLUSTER.hash_page(&wrong));
+        for i in 0..4u32 {
+            seq += 1;
+            let b = hostile_data(
+                &w,
+                &keys,
+                own,
+                i,
+                u64::from(first + i) * 2,
+                check,
+                &wrong,
+                seq,
+            );
+            out.send_to(&b, own_addr).unwrap();
+            h.forged_data += 1;
+        }
+        let b = hostile_data(
+            &w,
+            &keys,
+            own,
+            0,
+            u64::from(first) * 2,
+            check,
+            &wrong,
+            u64::MAX,
+        );
+        out.send_to(&b, own_addr).unwrap();
+        h.forged_data += 1;
+        for as_member in (1..=3).filter(|&m| m != w.receiver_id) {
+            seq += 1;
+            let b = hostile_nack(&w, &keys, own, as_member, seq);
+            out.send_to(&b, SocketAddrV4::new(*own_addr.ip(), own_addr.port() + 1))
+                .unwrap();
+            h.forged_nacks += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    h
+}
+
+/// Every key a welcome hands its receiver: its own, and its groups'.
+fn hostile_keys(w: &pagecast_proto::v1::CastWelcome) -> Vec<wire::CastKey> {
+    let mut keys = vec![w.member_key.as_ref().try_into().unwrap()];
+    keys.extend(
+        w.groups
+            .iter()
+            .filter(|g| g.member)
+            .map(|g| <wire::CastKey>::try_from(g.key.as_ref()).unwrap()),
+    );
+    keys
+}
+
+/// Whether a captured datagram opens under `key` (as a group key, no tag
+/// checked).
+fn hostile_open(b: &mut [u8], key: &wire::CastKey, session: u64) -> bool {
+    wire::decode(b, session, |_, _| Some(wire::Opening { key, tag: None })).is_ok()
+}
+
+/// Seals as the hostile member can: under its group's key (`keys[1]`),
+/// with tags under every key it holds for every place of a group of
+/// three.
+fn hostile_seal(keys: &[wire::CastKey], d: &wire::Datagram) -> Vec<u8> {
+    let tags = [keys[0]; 3];
+    let mut b = Vec::new();
+    d.encode(
+        &wire::Sealing {
+            key: &keys[1],
+            tags: &tags,
+        },
+        &mut b,
+    );
+    b
+}
+
+/// A data datagram "from the sender" of page `index` of group `g`.
+#[allow(clippy::too_many_arguments)]
+fn hostile_data(
+    w: &pagecast_proto::v1::CastWelcome,
+    keys: &[wire::CastKey],
+    g: usize,
+    index: u32,
+    frame: u64,
+    check: wire::Check,
+    page: &Page,
+    seq: u64,
+) -> Vec<u8> {
+    hostile_seal(
+        keys,
+        &wire::Datagram {
+            session: w.session_id,
+            seq,
+            from: 0,
+            body: wire::Body::Data {
+                group: g as u32,
+                index,
+                fragment: 0,
+                fragments: 1,
+                pages: vec![(frame, check)],
+                payload: page,
+            },
+        },
+    )
+}
+
+/// A NACK of every page of group `g`, "from" receiver `as_member`.
+fn hostile_nack(
+    w: &pagecast_proto::v1::CastWelcome,
+    keys: &[wire::CastKey],
+    g: usize,
+    as_member: u32,
+    seq: u64,
+) -> Vec<u8> {
+    hostile_seal(
+        keys,
+        &wire::Datagram {
+            session: w.session_id,
+            seq,
+            from: as_member,
+            body: wire::Body::Nack {
+                group: g as u32,
+                seen_through: 0,
+                ranges: vec![(0, w.groups[g].len)],
+            },
+        },
+    )
+}
+
+/// A member holding a real host certificate, speaking the protocol itself,
+/// reads only its own groups, cannot pass for the sender, and cannot pass
+/// for another member: the victim, which shares a group with it, keeps the
+/// sender's pages (not the member's wrong ones, not shut out by a highest
+/// sequence number), the group it is not in stays closed to it, and the
+/// sender ignores the NACKs it sends as others. Before, one session key
+/// opened every group and sealed every member's datagrams.
+#[test]
+fn a_member_cannot_read_other_groups_or_speak_for_the_sender_or_others() {
+    if !needs(
+        "a_member_cannot_read_other_groups_or_speak_for_the_sender_or_others",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    let (control, g0) = endpoints();
+    let o = g0.ip().octets();
+    let g1 = SocketAddrV4::new(Ipv4Addr::new(o[0], o[1], o[2], o[3] + 100), g0.port());
+    let src = Source::new(3000);
+    let mut cfg = SenderConfig::new(control, LO, 3);
+    cfg.transport = TransportChoice::Multicast;
+    cfg.rate_bps = Some(40_000_000);
+    cfg.expected = vec!["victim".into(), "hostile".into(), "other".into()];
+    // Group 0: the victim and the hostile member; group 1: the victim and
+    // another.
+    let plan = vec![
+        GroupPlan {
+            addr: g0,
+            members: vec![0, 1],
+            pages: (0..1000).collect(),
+        },
+        GroupPlan {
+            addr: g1,
+            members: vec![0, 2],
+            pages: (1000..3000).collect(),
+        },
+    ];
+    let victim = cluster().issue("victim", Role::Host, 1).unwrap();
+    let other = cluster().issue("other", Role::Host, 1).unwrap();
+    let hostile = cluster().issue("hostile", Role::Host, 1).unwrap();
+    let stop = Mutex::new(false);
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Plan(plan), &src, &tls(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        let h = s.spawn(|| hostile_member(control, &hostile, g1, &stop));
+        let honest: Vec<_> = [("victim", &victim), ("other", &other)]
+            .into_iter()
+            .map(|(name, tls)| {
+                s.spawn(move || {
+                    let rc = ReceiverConfig::new(control, LO, name);
+                    let mut sink = Sink::default();
+                    let r = receive(&rc, tls, &mut sink, &|_, _| {});
+                    (r, sink)
+                })
+            })
+            .collect();
+        let mut got: Vec<_> = honest.into_iter().map(|h| h.join().unwrap()).collect();
+        *stop.lock().unwrap() = true;
+        let h = h.join().unwrap();
+        let report = sender.join().unwrap().unwrap();
+        let (other_r, other_sink) = got.pop().unwrap();
+        let (victim_r, victim_sink) = got.pop().unwrap();
+        let victim_r = victim_r.unwrap_or_else(|e| panic!("the victim failed: {e}"));
+        other_r.unwrap();
+        check_sink(&victim_sink, &src, &(0..3000).collect::<Vec<_>>());
+        check_sink(&other_sink, &src, &(1000..3000).collect::<Vec<_>>());
+        eprintln!(
+            "hostile: {h:?}; victim: {victim_r:?}; sender nacks {}",
+            report.nacks
+        );
+        assert!(h.forged_data > 100 && h.forged_nacks > 50, "{h:?}");
+        assert!(h.captured_foreign > 100, "{h:?}");
+        assert_eq!(h.opened_foreign, 0, "the member read a group it is not in");
+        assert!(
+            victim_r.counters.forged >= u64::from(h.forged_data) / 2,
+            "the victim took the member's datagrams as the sender's: {:?}",
+            victim_r.counters
+        );
+        assert_eq!(victim_r.pages_unicast, 0, "{victim_r:?}");
+        assert!(
+            report.nacks < u64::from(h.forged_nacks) / 4,
+            "the sender heard {} NACKs; the member sent {} as others",
+            report.nacks,
+            h.forged_nacks
+        );
+    });
 }

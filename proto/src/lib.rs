@@ -72,7 +72,7 @@ pub const MAX_CAST_PAGES: u32 = 4 << 20;
 pub const MAX_CAST_GROUPS: usize = 1024;
 
 /// Version byte of pagecast's UDP datagrams.
-pub const DATAGRAM_VERSION: u8 = 1;
+pub const DATAGRAM_VERSION: u8 = 2;
 
 /// Largest UDP datagram pagecast sends or accepts.
 pub const MAX_DATAGRAM_BYTES: usize = 9000;

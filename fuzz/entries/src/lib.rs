@@ -117,24 +117,38 @@ pub fn manifest_chunk(data: &[u8]) {
     }
 }
 
+/// The group key the `datagram` target and its seeds seal with.
+pub const DATAGRAM_KEY: [u8; 32] = [7; 32];
+/// The member keys they tag the datagrams with (the reader is member 1).
+pub const DATAGRAM_MEMBERS: [[u8; 32]; 2] = [[8; 32], [9; 32]];
+
 /// A cast datagram as received, then the same bytes sealed as a sender
-/// would (so the checks behind the tag run); an accepted datagram
+/// would (so the checks behind the tags run); an accepted datagram
 /// re-encodes byte for byte.
 pub fn datagram(data: &[u8]) {
-    use pagecast_multicast::wire::{decode, seal};
-    const KEY: [u8; 32] = [7; 32];
-    let _ = decode(&mut data.to_vec(), &KEY, 0x1234);
-    if data.len() < 22 {
+    use pagecast_multicast::wire::{HEADER_LEN, Opening, Sealing, decode, seal};
+    let open = |_, from| {
+        Some(Opening {
+            key: &DATAGRAM_KEY,
+            tag: (from == 0).then_some((1, &DATAGRAM_MEMBERS[1])),
+        })
+    };
+    let sealing = Sealing {
+        key: &DATAGRAM_KEY,
+        tags: &DATAGRAM_MEMBERS,
+    };
+    let _ = decode(&mut data.to_vec(), 0x1234, open);
+    if data.len() < HEADER_LEN {
         return;
     }
     let mut plain = data.to_vec();
     plain[2..10].copy_from_slice(&0x1234u64.to_be_bytes());
     let mut sealed = plain;
-    seal(&KEY, &mut sealed);
+    seal(&sealing, &mut sealed);
     let original = sealed.clone();
-    if let Ok(d) = decode(&mut sealed, &KEY, 0x1234) {
+    if let Ok(d) = decode(&mut sealed, 0x1234, open) {
         let mut again = Vec::new();
-        d.encode(&KEY, &mut again);
+        d.encode(&sealing, &mut again);
         assert_eq!(again, original);
     }
 }

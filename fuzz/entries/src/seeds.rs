@@ -81,7 +81,6 @@ fn manifest_chunk() -> Vec<Vec<u8>> {
 }
 
 fn datagram() -> Vec<Vec<u8>> {
-    const KEY: [u8; 32] = [7; 32];
     let page = vec![0x5au8; PAGE_SIZE];
     let bodies = [
         Body::Data {
@@ -116,7 +115,10 @@ fn datagram() -> Vec<Vec<u8>> {
             seen_through: 77,
             ranges: vec![(1, 2), (8, 1)],
         },
-        Body::Probe { nonce: 42 },
+        Body::Probe {
+            group: 1,
+            nonce: 42,
+        },
     ];
     bodies
         .into_iter()
@@ -129,7 +131,13 @@ fn datagram() -> Vec<Vec<u8>> {
                 from: (i % 2) as u32,
                 body,
             }
-            .encode(&KEY, &mut b);
+            .encode(
+                &pagecast_multicast::wire::Sealing {
+                    key: &crate::DATAGRAM_KEY,
+                    tags: &crate::DATAGRAM_MEMBERS,
+                },
+                &mut b,
+            );
             b
         })
         .collect()

@@ -455,8 +455,16 @@ fn prepared(
         if spec.method == Method::Precopy {
             tcp_headers(pages + tcp, mtu)
         } else {
-            let per_page =
-                pagecast_multicast::wire::link_bytes_per_page(mtu as usize) - PAGE_BYTES as f64;
+            // A cast datagram carries a tag per member of its group: at
+            // most one per destination of the plan.
+            let members = moving
+                .iter()
+                .map(|m| m.to.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                .max(1);
+            let per_page = pagecast_multicast::wire::link_bytes_per_page(mtu as usize, members)
+                - PAGE_BYTES as f64;
             (pages as f64 / PAGE_BYTES as f64 * per_page) as u64 + tcp_headers(tcp, mtu)
         }
     });
