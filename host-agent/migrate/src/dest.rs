@@ -388,7 +388,9 @@ pub fn receive_front<'a>(
         if opened {
             events.closed(&arrival.slot);
         }
-        let _ = arrival.link.send(Body::Abort(e.to_abort()));
+        if !e.link_is_gone() {
+            let _ = arrival.link.send(Body::Abort(e.to_abort()));
+        }
     }
     r.map(|()| arrival)
 }
@@ -452,7 +454,7 @@ impl Arrival<'_> {
     /// unless the VM already runs here (then it is left to ask).
     pub fn fail(&mut self, events: &mut dyn SlotEvents, e: &MigrationError) {
         events.closed(&self.slot);
-        if !self.started {
+        if !self.started && !e.link_is_gone() {
             let _ = self.link.send(Body::Abort(e.to_abort()));
         }
     }

@@ -143,6 +143,22 @@ impl MigrationError {
         }
     }
 
+    /// Whether the link to the peer is past use: the peer stopped taking
+    /// data or answering (frozen, or its network cut with the connection
+    /// open), or the connection broke. An Abort sent on such a link would
+    /// only wait out another write deadline (a frozen destination's
+    /// migration once failed 16 s after the freeze instead of 10).
+    pub fn link_is_gone(&self) -> bool {
+        match self {
+            MigrationError::Timeout { .. } => true,
+            MigrationError::Link(e) => matches!(
+                e,
+                AuthError::Stalled { .. } | AuthError::Closed { .. } | AuthError::Io { .. }
+            ),
+            _ => false,
+        }
+    }
+
     /// The error as a result's refusal.
     pub fn refusal(&self) -> v1::Refusal {
         pagecast_proto::refusal(self.code(), self.to_string())
@@ -185,9 +201,18 @@ pub struct ChannelLink {
     ch: Channel,
 }
 
+/// How long one frame's send to a migration peer may take before the peer
+/// counts as stalled: with the socket buffers (which fill first, under a
+/// second at the rates migrations run) a frozen peer is found within 10 s.
+pub const LINK_WRITE_LIMIT: Duration = Duration::from_secs(8);
+
 impl ChannelLink {
-    /// Wraps an authenticated channel.
-    pub fn new(ch: Channel) -> Self {
+    /// Wraps an authenticated channel; its sends stall after
+    /// [`LINK_WRITE_LIMIT`].
+    pub fn new(mut ch: Channel) -> Self {
+        // A socket that cannot take the option still has the channel's own
+        // (longer) limit.
+        let _ = ch.set_write_limit(LINK_WRITE_LIMIT);
         ChannelLink { ch }
     }
 

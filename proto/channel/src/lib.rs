@@ -767,6 +767,16 @@ impl Channel {
         self.w.shutdown();
     }
 
+    /// Sets how long one frame's send may take before the peer counts as
+    /// stalled ([`WRITE_TIMEOUT`] unless set).
+    pub fn set_write_limit(&mut self, limit: Duration) -> Result<(), AuthError> {
+        self.w.limit = limit;
+        self.w
+            .sock
+            .set_write_timeout(Some(limit))
+            .map_err(io_err(&self.w.peer))
+    }
+
     /// Splits into halves two threads can use at once.
     pub fn split(self) -> Result<(ChannelReader, ChannelWriter), AuthError> {
         Ok((self.r, self.w))

@@ -717,6 +717,51 @@ struct MigrateOut<'a> {
     progress_after: u64,
 }
 
+/// How long closing a job at its agents may hold up the end of a command:
+/// an agent that is frozen or cut off would hold the operator up to a
+/// handshake timeout, for a close the job's deadline makes anyway.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Closes `job` at every agent of `at` at once, waiting at most `wait`;
+/// returns the agents that did not confirm, with why.
+fn close_jobs(
+    tls: &pagecast_channel::Tls,
+    job: &str,
+    at: &[&str],
+    wait: Duration,
+) -> Vec<(String, String)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for &agent in at {
+        let (tx, tls, job, agent) = (tx.clone(), tls.clone(), job.to_owned(), agent.to_owned());
+        std::thread::spawn(move || {
+            let r = AgentClient::connect(&agent, &tls).and_then(|c| c.close_job(&job));
+            let _ = tx.send((agent, r.map(|_| ()).map_err(|e| e.to_string())));
+        });
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + wait;
+    let mut pending: Vec<String> = at.iter().map(|s| (*s).to_owned()).collect();
+    let mut failed = Vec::new();
+    while !pending.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((agent, r)) => {
+                pending.retain(|p| *p != agent);
+                if let Err(why) = r {
+                    failed.push((agent, why));
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    failed.extend(
+        pending
+            .into_iter()
+            .map(|p| (p, format!("no answer within {wait:?}"))),
+    );
+    failed
+}
+
 /// Tells the destination agent of a migration's job: VM `vm` may arrive
 /// from `source` in it (and, on the libvirt route, be fed into the QEMU
 /// listening on `qemu_connect` there).
@@ -787,8 +832,10 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     // The job is over at both ends (a VM left in doubt is still settled:
     // that question is answered whatever the job's state).
-    for at in [&a.from, &a.to] {
-        let _ = AgentClient::connect(at, &tls).and_then(|c| c.close_job(&job));
+    for (at, why) in close_jobs(&tls, &job, &[&a.from, &a.to], CLOSE_WAIT) {
+        eprintln!(
+            "warning: {at} did not confirm the job's close ({why}); its grant ends at the job's deadline"
+        );
     }
     let r = r?;
     let out = migrate_out(&a, &r);

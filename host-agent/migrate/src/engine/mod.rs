@@ -264,11 +264,14 @@ impl Fleet<'_> {
         }
     }
 
-    /// Drops destination `i` for `e`, telling it why.
+    /// Drops destination `i` for `e`, telling it why where its link still
+    /// carries anything.
     pub fn fail(&mut self, i: usize, e: MigrationError) {
         let d = &mut self.dests[i];
         if d.live() {
-            let _ = d.t.link.send(Body::Abort(e.to_abort()));
+            if !e.link_is_gone() {
+                let _ = d.t.link.send(Body::Abort(e.to_abort()));
+            }
             d.state = DestState::Failed(e);
         }
     }
