@@ -28,7 +28,7 @@
 //!
 //! Control frames travel on the mutual-TLS channel of
 //! `pagecast-channel`; datagrams are encrypted and authenticated
-//! (ChaCha20-Poly1305) under the per-session key and carry a sequence
+//! (AES-256-GCM) under their group's key and carry a sequence
 //! number checked against a replay window ([`wire`]). See `docs/transport.md` for the design as a whole. Where multicast is unavailable the pages travel a
 //! pipelined TCP chain through the receivers instead, each keeping and
 //! forwarding every page, so the sender still sends each page once.
