@@ -1,7 +1,7 @@
 //! Fingerprinting throughput against BLAKE3's best case.
 //!
 //! Hashes synthetic guest memory (1 GiB by default) page by page with
-//! pagecast's fingerprinter (eight pages side by side in the SIMD lanes,
+//! pagecast's fingerprinter (16 or 8 pages side by side in the SIMD lanes,
 //! zero pages skipped), with 1 and 2 threads, and in the same run:
 //! - plain per-page `blake3::hash` over rayon (what one writes first);
 //! - BLAKE3 over the same bytes as one buffer with `update_rayon`: the best

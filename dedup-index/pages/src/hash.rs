@@ -244,11 +244,36 @@ impl ContentKey {
         assert!(out.len() >= pages.len(), "output shorter than input");
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            let mode = avx2::Mode::of(self.key.as_ref());
+            let groups = pages.len() / avx512::PAGES;
+            for g in 0..groups {
+                let at = g * avx512::PAGES;
+                let group: &[&Page; avx512::PAGES] = pages[at..at + avx512::PAGES]
+                    .try_into()
+                    .expect("group of PAGES");
+                let mut hashes = [[0u8; 32]; avx512::PAGES];
+                // The first pages of the next group, prefetched meanwhile
+                // (the last group prefetches its own first pages again).
+                let next = match pages.get(at + avx512::PAGES..at + avx512::PAGES + 4) {
+                    Some(n) => [n[0], n[1], n[2], n[3]],
+                    None => [group[0], group[1], group[2], group[3]],
+                };
+                // SAFETY: `available()` confirmed at run time that this CPU
+                // supports AVX-512F, the only requirement of `hash16`.
+                unsafe { avx512::hash16(&mode, group, next, &mut hashes) };
+                for (o, h) in out[at..at + avx512::PAGES].iter_mut().zip(hashes) {
+                    *o = PageHash(h);
+                }
+            }
+            done = groups * avx512::PAGES;
+        }
+        #[cfg(target_arch = "x86_64")]
         if avx2::available() {
             let mode = avx2::Mode::of(self.key.as_ref());
-            let groups = pages.len() / avx2::PAGES;
+            let groups = (pages.len() - done) / avx2::PAGES;
             for g in 0..groups {
-                let at = g * avx2::PAGES;
+                let at = done + g * avx2::PAGES;
                 let group: &[&Page; avx2::PAGES] = pages[at..at + avx2::PAGES]
                     .try_into()
                     .expect("group of PAGES");
@@ -267,12 +292,95 @@ impl ContentKey {
                     *o = PageHash(h);
                 }
             }
-            done = groups * avx2::PAGES;
+            done += groups * avx2::PAGES;
         }
         for (page, o) in pages[done..].iter().zip(&mut out[done..]) {
             *o = self.hash_page(page);
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// One BLAKE3 round on every lane of a vector kernel (eight with AVX2,
+/// sixteen with AVX-512): the four column G functions, then the four
+/// diagonal ones, each step interleaved across the four. `add`, `xor`,
+/// `rot16`, `rot12`, `rot8`, `rot7` and `SCHEDULE` are the expanding
+/// module's.
+///
+/// A macro rather than a function: `#[target_feature]` functions cannot
+/// be `#[inline(always)]`, and a call per round costs a third of the speed.
+macro_rules! round {
+    ($v:ident, $m:ident, $r:expr) => {{
+        let v = &mut $v;
+        let m = &$m;
+        let s = &SCHEDULE[$r];
+        // Columns: G(0,4,8,12) G(1,5,9,13) G(2,6,10,14) G(3,7,11,15).
+        v[0] = add(add(v[0], m[s[0]]), v[4]);
+        v[1] = add(add(v[1], m[s[2]]), v[5]);
+        v[2] = add(add(v[2], m[s[4]]), v[6]);
+        v[3] = add(add(v[3], m[s[6]]), v[7]);
+        v[12] = rot16(xor(v[12], v[0]));
+        v[13] = rot16(xor(v[13], v[1]));
+        v[14] = rot16(xor(v[14], v[2]));
+        v[15] = rot16(xor(v[15], v[3]));
+        v[8] = add(v[8], v[12]);
+        v[9] = add(v[9], v[13]);
+        v[10] = add(v[10], v[14]);
+        v[11] = add(v[11], v[15]);
+        v[4] = rot12(xor(v[4], v[8]));
+        v[5] = rot12(xor(v[5], v[9]));
+        v[6] = rot12(xor(v[6], v[10]));
+        v[7] = rot12(xor(v[7], v[11]));
+        v[0] = add(add(v[0], m[s[1]]), v[4]);
+        v[1] = add(add(v[1], m[s[3]]), v[5]);
+        v[2] = add(add(v[2], m[s[5]]), v[6]);
+        v[3] = add(add(v[3], m[s[7]]), v[7]);
+        v[12] = rot8(xor(v[12], v[0]));
+        v[13] = rot8(xor(v[13], v[1]));
+        v[14] = rot8(xor(v[14], v[2]));
+        v[15] = rot8(xor(v[15], v[3]));
+        v[8] = add(v[8], v[12]);
+        v[9] = add(v[9], v[13]);
+        v[10] = add(v[10], v[14]);
+        v[11] = add(v[11], v[15]);
+        v[4] = rot7(xor(v[4], v[8]));
+        v[5] = rot7(xor(v[5], v[9]));
+        v[6] = rot7(xor(v[6], v[10]));
+        v[7] = rot7(xor(v[7], v[11]));
+        // Diagonals: G(0,5,10,15) G(1,6,11,12) G(2,7,8,13) G(3,4,9,14).
+        v[0] = add(add(v[0], m[s[8]]), v[5]);
+        v[1] = add(add(v[1], m[s[10]]), v[6]);
+        v[2] = add(add(v[2], m[s[12]]), v[7]);
+        v[3] = add(add(v[3], m[s[14]]), v[4]);
+        v[15] = rot16(xor(v[15], v[0]));
+        v[12] = rot16(xor(v[12], v[1]));
+        v[13] = rot16(xor(v[13], v[2]));
+        v[14] = rot16(xor(v[14], v[3]));
+        v[10] = add(v[10], v[15]);
+        v[11] = add(v[11], v[12]);
+        v[8] = add(v[8], v[13]);
+        v[9] = add(v[9], v[14]);
+        v[5] = rot12(xor(v[5], v[10]));
+        v[6] = rot12(xor(v[6], v[11]));
+        v[7] = rot12(xor(v[7], v[8]));
+        v[4] = rot12(xor(v[4], v[9]));
+        v[0] = add(add(v[0], m[s[9]]), v[5]);
+        v[1] = add(add(v[1], m[s[11]]), v[6]);
+        v[2] = add(add(v[2], m[s[13]]), v[7]);
+        v[3] = add(add(v[3], m[s[15]]), v[4]);
+        v[15] = rot8(xor(v[15], v[0]));
+        v[12] = rot8(xor(v[12], v[1]));
+        v[13] = rot8(xor(v[13], v[2]));
+        v[14] = rot8(xor(v[14], v[3]));
+        v[10] = add(v[10], v[15]);
+        v[11] = add(v[11], v[12]);
+        v[8] = add(v[8], v[13]);
+        v[9] = add(v[9], v[14]);
+        v[5] = rot7(xor(v[5], v[10]));
+        v[6] = rot7(xor(v[6], v[11]));
+        v[7] = rot7(xor(v[7], v[8]));
+        v[4] = rot7(xor(v[4], v[9]));
+    }};
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -294,22 +402,22 @@ mod avx2 {
     /// Pages hashed per call.
     pub const PAGES: usize = 8;
 
-    const IV: [u32; 8] = [
+    pub(super) const IV: [u32; 8] = [
         0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB,
         0x5BE0CD19,
     ];
-    const CHUNK_START: u32 = 1;
-    const CHUNK_END: u32 = 2;
-    const PARENT: u32 = 4;
-    const ROOT: u32 = 8;
+    pub(super) const CHUNK_START: u32 = 1;
+    pub(super) const CHUNK_END: u32 = 2;
+    pub(super) const PARENT: u32 = 4;
+    pub(super) const ROOT: u32 = 8;
     const KEYED_HASH: u32 = 16;
-    const BLOCK_LEN: u32 = 64;
-    const CHUNK_LEN: usize = 1024;
+    pub(super) const BLOCK_LEN: u32 = 64;
+    pub(super) const CHUNK_LEN: usize = 1024;
 
     const MSG_PERMUTATION: [usize; 16] = [2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8];
 
     /// `SCHEDULE[r][i]`: which original message word round `r` uses in slot `i`.
-    const SCHEDULE: [[usize; 16]; 7] = {
+    pub(super) const SCHEDULE: [[usize; 16]; 7] = {
         let mut s = [[0usize; 16]; 7];
         let mut i = 0;
         while i < 16 {
@@ -332,8 +440,8 @@ mod avx2 {
     /// starts from (the IV, or the key's words) and the flag bits every
     /// compression carries.
     pub struct Mode {
-        start: [u32; 8],
-        flags: u32,
+        pub(super) start: [u32; 8],
+        pub(super) flags: u32,
     }
 
     impl Mode {
@@ -429,85 +537,6 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     fn rot7(x: __m256i) -> __m256i {
         _mm256_or_si256(_mm256_srli_epi32(x, 7), _mm256_slli_epi32(x, 25))
-    }
-
-    /// One BLAKE3 round on eight lanes: the four column G functions, then
-    /// the four diagonal ones, each step interleaved across the four.
-    ///
-    /// A macro rather than a function: `#[target_feature]` functions cannot
-    /// be `#[inline(always)]`, and a call per round costs a third of the speed.
-    macro_rules! round {
-        ($v:ident, $m:ident, $r:expr) => {{
-            let v = &mut $v;
-            let m = &$m;
-            let s = &SCHEDULE[$r];
-            // Columns: G(0,4,8,12) G(1,5,9,13) G(2,6,10,14) G(3,7,11,15).
-            v[0] = add(add(v[0], m[s[0]]), v[4]);
-            v[1] = add(add(v[1], m[s[2]]), v[5]);
-            v[2] = add(add(v[2], m[s[4]]), v[6]);
-            v[3] = add(add(v[3], m[s[6]]), v[7]);
-            v[12] = rot16(xor(v[12], v[0]));
-            v[13] = rot16(xor(v[13], v[1]));
-            v[14] = rot16(xor(v[14], v[2]));
-            v[15] = rot16(xor(v[15], v[3]));
-            v[8] = add(v[8], v[12]);
-            v[9] = add(v[9], v[13]);
-            v[10] = add(v[10], v[14]);
-            v[11] = add(v[11], v[15]);
-            v[4] = rot12(xor(v[4], v[8]));
-            v[5] = rot12(xor(v[5], v[9]));
-            v[6] = rot12(xor(v[6], v[10]));
-            v[7] = rot12(xor(v[7], v[11]));
-            v[0] = add(add(v[0], m[s[1]]), v[4]);
-            v[1] = add(add(v[1], m[s[3]]), v[5]);
-            v[2] = add(add(v[2], m[s[5]]), v[6]);
-            v[3] = add(add(v[3], m[s[7]]), v[7]);
-            v[12] = rot8(xor(v[12], v[0]));
-            v[13] = rot8(xor(v[13], v[1]));
-            v[14] = rot8(xor(v[14], v[2]));
-            v[15] = rot8(xor(v[15], v[3]));
-            v[8] = add(v[8], v[12]);
-            v[9] = add(v[9], v[13]);
-            v[10] = add(v[10], v[14]);
-            v[11] = add(v[11], v[15]);
-            v[4] = rot7(xor(v[4], v[8]));
-            v[5] = rot7(xor(v[5], v[9]));
-            v[6] = rot7(xor(v[6], v[10]));
-            v[7] = rot7(xor(v[7], v[11]));
-            // Diagonals: G(0,5,10,15) G(1,6,11,12) G(2,7,8,13) G(3,4,9,14).
-            v[0] = add(add(v[0], m[s[8]]), v[5]);
-            v[1] = add(add(v[1], m[s[10]]), v[6]);
-            v[2] = add(add(v[2], m[s[12]]), v[7]);
-            v[3] = add(add(v[3], m[s[14]]), v[4]);
-            v[15] = rot16(xor(v[15], v[0]));
-            v[12] = rot16(xor(v[12], v[1]));
-            v[13] = rot16(xor(v[13], v[2]));
-            v[14] = rot16(xor(v[14], v[3]));
-            v[10] = add(v[10], v[15]);
-            v[11] = add(v[11], v[12]);
-            v[8] = add(v[8], v[13]);
-            v[9] = add(v[9], v[14]);
-            v[5] = rot12(xor(v[5], v[10]));
-            v[6] = rot12(xor(v[6], v[11]));
-            v[7] = rot12(xor(v[7], v[8]));
-            v[4] = rot12(xor(v[4], v[9]));
-            v[0] = add(add(v[0], m[s[9]]), v[5]);
-            v[1] = add(add(v[1], m[s[11]]), v[6]);
-            v[2] = add(add(v[2], m[s[13]]), v[7]);
-            v[3] = add(add(v[3], m[s[15]]), v[4]);
-            v[15] = rot8(xor(v[15], v[0]));
-            v[12] = rot8(xor(v[12], v[1]));
-            v[13] = rot8(xor(v[13], v[2]));
-            v[14] = rot8(xor(v[14], v[3]));
-            v[10] = add(v[10], v[15]);
-            v[11] = add(v[11], v[12]);
-            v[8] = add(v[8], v[13]);
-            v[9] = add(v[9], v[14]);
-            v[5] = rot7(xor(v[5], v[10]));
-            v[6] = rot7(xor(v[6], v[11]));
-            v[7] = rot7(xor(v[7], v[8]));
-            v[4] = rot7(xor(v[4], v[9]));
-        }};
     }
 
     /// Compresses one 64-byte block in each of eight lanes, updating `cv`.
@@ -692,6 +721,273 @@ mod avx2 {
         for (row, o) in rows.iter().zip(out.iter_mut()) {
             // SAFETY: `o` is 32 writable bytes; unaligned stores are allowed.
             unsafe { _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, *row) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! Sixteen BLAKE3 hashes of 4 KiB inputs at once with AVX-512F: the
+    //! AVX2 kernel's layout (state and message transposed, one lane per
+    //! chunk, then per parent, then per page) on vectors twice as wide.
+    //! Four pages fill the sixteen lanes of a chunk pass; their message
+    //! blocks are transposed with four butterfly stages of two-source
+    //! permutes.
+
+    use super::Page;
+    use super::avx2::{
+        BLOCK_LEN, CHUNK_END, CHUNK_LEN, CHUNK_START, IV, Mode, PARENT, ROOT, SCHEDULE,
+    };
+    use core::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    /// Pages hashed per call.
+    pub const PAGES: usize = 16;
+
+    /// Whether the running CPU has AVX-512F (checked once).
+    pub fn available() -> bool {
+        static AVX512: OnceLock<bool> = OnceLock::new();
+        *AVX512.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn add(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_add_epi32(a, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn xor(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_xor_si512(a, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn splat(x: u32) -> __m512i {
+        _mm512_set1_epi32(x as i32)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn rot16(x: __m512i) -> __m512i {
+        _mm512_ror_epi32::<16>(x)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn rot12(x: __m512i) -> __m512i {
+        _mm512_ror_epi32::<12>(x)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn rot8(x: __m512i) -> __m512i {
+        _mm512_ror_epi32::<8>(x)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn rot7(x: __m512i) -> __m512i {
+        _mm512_ror_epi32::<7>(x)
+    }
+
+    /// Compresses one 64-byte block in each of sixteen lanes, updating `cv`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn compress16(cv: &mut [__m512i; 8], m: &[__m512i; 16], counter: __m512i, flags: u32) {
+        let mut v = [
+            cv[0],
+            cv[1],
+            cv[2],
+            cv[3],
+            cv[4],
+            cv[5],
+            cv[6],
+            cv[7],
+            splat(IV[0]),
+            splat(IV[1]),
+            splat(IV[2]),
+            splat(IV[3]),
+            counter,
+            splat(0),
+            splat(BLOCK_LEN),
+            splat(flags),
+        ];
+        round!(v, m, 0);
+        round!(v, m, 1);
+        round!(v, m, 2);
+        round!(v, m, 3);
+        round!(v, m, 4);
+        round!(v, m, 5);
+        round!(v, m, 6);
+        for i in 0..8 {
+            cv[i] = xor(v[i], v[i + 8]);
+        }
+    }
+
+    /// The permute indices of one butterfly stage of block size `s`: row
+    /// `i` (bit `s` of `i` clear) keeps its columns with bit `s` clear and
+    /// takes row `i + s`'s first such columns into the others; row `i + s`
+    /// takes row `i`'s other columns into its first ones.
+    const fn stage(s: usize) -> ([i32; 16], [i32; 16]) {
+        let (mut lo, mut hi) = ([0i32; 16], [0i32; 16]);
+        let mut c = 0;
+        while c < 16 {
+            if c & s == 0 {
+                lo[c] = c as i32;
+                hi[c] = (c + s) as i32;
+            } else {
+                lo[c] = (16 + c - s) as i32;
+                hi[c] = (16 + c) as i32;
+            }
+            c += 1;
+        }
+        (lo, hi)
+    }
+
+    const STAGES: [([i32; 16], [i32; 16]); 4] = [stage(8), stage(4), stage(2), stage(1)];
+    const SIZES: [usize; 4] = [8, 4, 2, 1];
+
+    /// Transposes a 16x16 matrix of 32-bit words held as sixteen rows: at
+    /// each stage every off-diagonal block of the stage's size is swapped
+    /// with its mirror, which over sizes 8, 4, 2 and 1 is the transpose.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose(mut r: [__m512i; 16]) -> [__m512i; 16] {
+        for (k, (lo, hi)) in STAGES.iter().enumerate() {
+            let s = SIZES[k];
+            // SAFETY: each index table is 16 `i32`s, one 64-byte load.
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
+                    _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
+                )
+            };
+            for i in 0..16 {
+                if i & s == 0 {
+                    let (a, b) = (r[i], r[i + s]);
+                    r[i] = _mm512_permutex2var_epi32(a, lo, b);
+                    r[i + s] = _mm512_permutex2var_epi32(a, hi, b);
+                }
+            }
+        }
+        r
+    }
+
+    /// Lanes 0,2,..,14 of `a` then of `b`, and lanes 1,3,..,15 of `a`
+    /// then of `b`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn split_even_odd(a: __m512i, b: __m512i) -> (__m512i, __m512i) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        (
+            _mm512_permutex2var_epi32(a, even, b),
+            _mm512_permutex2var_epi32(a, odd, b),
+        )
+    }
+
+    /// Parent nodes of adjacent lane pairs: lane `j` of the result is the
+    /// parent of lanes `2j`, `2j+1` of the thirty-two inputs `lo` (lanes
+    /// 0..16) and `hi` (lanes 16..32).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn parents16(mode: &Mode, lo: &[__m512i; 8], hi: &[__m512i; 8], flags: u32) -> [__m512i; 8] {
+        let mut m = [splat(0); 16];
+        for w in 0..8 {
+            let (left, right) = split_even_odd(lo[w], hi[w]);
+            m[w] = left;
+            m[w + 8] = right;
+        }
+        let mut cv = [splat(0); 8];
+        for (c, w) in cv.iter_mut().zip(mode.start) {
+            *c = splat(w);
+        }
+        compress16(&mut cv, &m, splat(0), PARENT | flags | mode.flags);
+        cv
+    }
+
+    /// Chaining values of the sixteen chunks of four pages (lane `4p + c`
+    /// is chunk `c` of page `p`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn chunks16(mode: &Mode, pages: [&Page; 4], next: [&Page; 4]) -> [__m512i; 8] {
+        let mut lanes = [std::ptr::null::<u8>(); 16];
+        for (p, page) in pages.iter().enumerate() {
+            for c in 0..4 {
+                lanes[4 * p + c] = page[c * CHUNK_LEN..].as_ptr();
+            }
+        }
+        let counter = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+        let mut cv = [splat(0); 8];
+        for (c, w) in cv.iter_mut().zip(mode.start) {
+            *c = splat(w);
+        }
+        for block in 0..16 {
+            let off = block * 64;
+            // The next four pages are pulled into cache while these are
+            // hashed (one line per chunk per block: all of them by the end).
+            for page in next {
+                for c in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(page[c * CHUNK_LEN + off..].as_ptr() as *const i8);
+                }
+            }
+            let mut rows = [splat(0); 16];
+            for (l, row) in rows.iter_mut().enumerate() {
+                // SAFETY: every lane pointer starts a 1024-byte chunk inside a
+                // page, and `off + 64 <= 1024`; unaligned loads are allowed.
+                *row = unsafe { _mm512_loadu_si512(lanes[l].add(off) as *const __m512i) };
+            }
+            let m = transpose(rows);
+            let mut flags = mode.flags;
+            if block == 0 {
+                flags |= CHUNK_START;
+            }
+            if block == 15 {
+                flags |= CHUNK_END;
+            }
+            compress16(&mut cv, &m, counter, flags);
+        }
+        cv
+    }
+
+    /// BLAKE3-256 (plain or keyed, per `mode`) of sixteen 4 KiB pages;
+    /// `next` are prefetched meanwhile. Callers must first check that the
+    /// CPU supports AVX-512F (see [`available`]).
+    #[target_feature(enable = "avx512f")]
+    pub fn hash16(
+        mode: &Mode,
+        pages: &[&Page; PAGES],
+        next: [&Page; 4],
+        out: &mut [[u8; 32]; PAGES],
+    ) {
+        let quad = |q: usize| -> [&Page; 4] {
+            [
+                pages[4 * q],
+                pages[4 * q + 1],
+                pages[4 * q + 2],
+                pages[4 * q + 3],
+            ]
+        };
+        let c0 = chunks16(mode, quad(0), quad(1));
+        let c1 = chunks16(mode, quad(1), quad(2));
+        let c2 = chunks16(mode, quad(2), quad(3));
+        let c3 = chunks16(mode, quad(3), next);
+        // Lane j: parent j%2 of page j/2 (pages 0..8, then 8..16).
+        let p_lo = parents16(mode, &c0, &c1, 0);
+        let p_hi = parents16(mode, &c2, &c3, 0);
+        // Lane j: root of page j.
+        let roots = parents16(mode, &p_lo, &p_hi, ROOT);
+        let mut words = [[0u32; 16]; 8];
+        for (w, row) in roots.iter().zip(words.iter_mut()) {
+            // SAFETY: `row` is 64 writable bytes; unaligned stores are allowed.
+            unsafe { _mm512_storeu_si512(row.as_mut_ptr() as *mut __m512i, *w) };
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            for (w, bytes) in o.chunks_exact_mut(4).enumerate() {
+                bytes.copy_from_slice(&words[w][j].to_le_bytes());
+            }
         }
     }
 }

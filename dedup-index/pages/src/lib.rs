@@ -2,8 +2,8 @@
 //!
 //! [`PageHash`] names a page's content everywhere: in manifests, on the
 //! wire, in the content index and in plans. [`hash_pages`] is the batched
-//! BLAKE3 kernel that computes it (eight pages side by side where AVX2 is
-//! available), [`is_zero_page`] the test that keeps zero pages out of
+//! BLAKE3 kernel that computes it (sixteen pages side by side where
+//! AVX-512F is available, eight with AVX2), [`is_zero_page`] the test that keeps zero pages out of
 //! everything. [`ContentKey`] names pages within a dedup domain ([`domain`]):
 //! plain BLAKE3 for the cluster-wide one, keyed BLAKE3 for any other.
 //! [`Sketch`] (MinHash + HyperLogLog) answers sharing questions

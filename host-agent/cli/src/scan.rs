@@ -87,7 +87,7 @@ pub fn scan_images(
         let f = &img.fingerprints;
         seconds += img.elapsed.as_secs_f64();
         hashed += img.image.len_bytes();
-        let distinct = f.distinct();
+        let distinct = fp.pool().install(|| f.distinct());
         figures.push(ImageFigures {
             name: name.clone(),
             domain: pagecast_pages::domain::normalize(domain).to_owned(),
@@ -141,9 +141,12 @@ impl ScanSets {
     // Filling the symmetric matrix by index computes each pair once.
     #[allow(clippy::needless_range_loop)]
     pub fn report(self, hashed_bytes: u64, hash_seconds: f64, threads: usize) -> ScanReport {
+        // One image's set is already sorted and distinct.
         let mut all: Vec<PageHash> = self.sets.iter().flatten().copied().collect();
-        all.sort_unstable();
-        all.dedup();
+        if self.sets.len() > 1 {
+            all.sort_unstable();
+            all.dedup();
+        }
         let n = self.sets.len();
         let mut jac = vec![vec![0.0; n]; n];
         for i in 0..n {
