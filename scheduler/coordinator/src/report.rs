@@ -39,6 +39,12 @@ pub struct VmOutcome {
     /// The switchover lost contact: the source holds the VM paused, the
     /// destination may run it.
     pub in_doubt: bool,
+    /// How it switched over: "precopy" (pre-copy rounds, then a stop and
+    /// copy), "" if it did not.
+    pub switchover: String,
+    /// Seconds from the job's start until it left its source (it ran at
+    /// its destination); `None` if it did not.
+    pub left_s: Option<f64>,
 }
 
 /// Bytes by how they travelled.
@@ -77,6 +83,9 @@ pub struct EvacuationReport {
     pub bytes_by_class: BytesByClass,
     /// From the start until the last VM left its source.
     pub eviction_s: f64,
+    /// Per source host: seconds from the start until its last VM of the
+    /// job left it (`None`: a VM of the job is still there, it failed).
+    pub evicted_s: BTreeMap<String, Option<f64>>,
     /// From the start until everything ended.
     pub total_s: f64,
     /// What the plan predicted.

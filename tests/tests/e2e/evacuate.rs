@@ -234,6 +234,17 @@ fn a_rack_evacuates_verified_with_shared_pages_sent_once() {
     assert_eq!(rep["ok"], true);
     for v in rep["vms"].as_array().unwrap() {
         assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["switchover"], "precopy", "{v}");
+    }
+    // Each source evicted when its last VM left; the job when the last did.
+    let eviction = rep["eviction_s"].as_f64().unwrap();
+    let evicted = rep["evicted_s"].as_object().unwrap();
+    assert_eq!(evicted.len(), 2, "{rep}");
+    for (src, at) in evicted {
+        let at = at
+            .as_f64()
+            .unwrap_or_else(|| panic!("{src} not evicted: {rep}"));
+        assert!(at > 0.0 && at <= eviction, "{src} at {at}, job {eviction}");
     }
     // None at the sources, all at their destinations, running.
     assert!(r.vms_on("h1").is_empty() && r.vms_on("h2").is_empty());

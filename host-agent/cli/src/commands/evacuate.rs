@@ -45,9 +45,12 @@ use super::index::IndexAddrs;
 ///
 /// JSON (--json): {"job", "ok", "strategy", "dry_run", "vms": [{"name",
 /// "from", "to", "ok", "verified", "kind", "downtime_ms", "bytes_sent",
-/// "pages_local", "pages_short_haul", "pages_cast", "error", "in_doubt"}],
-/// "source_bytes", "core_bytes", "bytes_by_class": {"multicast",
-/// "unicast", "short_haul", "repair"}, "eviction_s", "total_s",
+/// "pages_local", "pages_short_haul", "pages_cast", "error", "in_doubt",
+/// "switchover" ("precopy", or "" if it did not), "left_s" (when it left
+/// its source, or null)}], "source_bytes", "core_bytes", "bytes_by_class":
+/// {"multicast", "unicast", "short_haul", "repair"}, "eviction_s",
+/// "evicted_s" ({SOURCE: seconds until its last VM left, or null if one
+/// stayed}), "total_s",
 /// "predicted": {"source_bytes", "rewrite_bytes", "manifest_bytes",
 /// "header_bytes", "core_bytes", "eviction_s",
 /// "bottleneck", "precopy_source_bytes", "placement"}, "bytes_by_source",
@@ -386,6 +389,12 @@ fn render(r: &EvacuationReport) -> String {
             "eviction {:.2} s, total {:.2} s",
             r.eviction_s, r.total_s
         );
+        for (host, at) in &r.evicted_s {
+            let _ = match at {
+                Some(t) => writeln!(s, "  {host}: evicted at {t:.2} s"),
+                None => writeln!(s, "  {host}: not evicted (a VM of the job is still there)"),
+            };
+        }
     }
     s
 }

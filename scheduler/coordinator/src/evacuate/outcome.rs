@@ -56,11 +56,15 @@ pub(super) fn measured(
         let k = per_dest_vms[m.to.as_str()].max(1);
         o.pages_short_haul = t.fetch_frames.get(&m.to).copied().unwrap_or(0) / k;
         o.pages_cast = t.cast_frames.get(&m.to).copied().unwrap_or(0) / k;
+        let mut left = None;
         if let Some((r, at)) = f.results.get(&i) {
             result(o, r, f.local.get(&i).copied());
             *report.bytes_by_source.entry(m.from.clone()).or_default() += r.bytes_sent;
             if r.ok {
                 eviction = eviction.max(*at);
+                left = Some(*at);
+                o.left_s = Some(*at);
+                o.switchover = "precopy".into();
             }
             link_bytes += r.bytes_sent;
             if prep.view.rack_of(&m.from) != prep.view.rack_of(&m.to) {
@@ -72,6 +76,13 @@ pub(super) fn measured(
             o.error = "stopped before it started".into();
         }
         all_ok &= o.ok && (o.verified || o.kind == "qemu");
+        // A source is evicted once its last VM of the job has left; one
+        // that stayed keeps it from being evicted at all.
+        let evicted = report.evicted_s.entry(m.from.clone()).or_insert(Some(0.0));
+        *evicted = match (*evicted, left) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
     }
     for (src, b) in &t.cast_bytes {
         *report.bytes_by_source.entry(src.clone()).or_default() += b;

@@ -276,6 +276,23 @@ fn every_migration_holds_then_each_content_is_cast_once_then_all_are_released() 
         let at = f.where_is(vm).unwrap();
         assert!(at == "b1" || at == "b2", "{vm} at {at}");
     }
+    // Every source is evicted when its last VM left; the job's eviction
+    // is the last of them.
+    let sources: Vec<&str> = rep.evicted_s.keys().map(String::as_str).collect();
+    assert_eq!(sources, ["a1", "a2"], "{rep:?}");
+    let last = rep
+        .evicted_s
+        .values()
+        .map(|t| t.unwrap())
+        .fold(0.0, f64::max);
+    assert_eq!(last, rep.eviction_s);
+    for v in &rep.vms {
+        assert_eq!(v.switchover, "precopy", "{v:?}");
+        assert!(
+            v.left_s.unwrap() <= rep.evicted_s[&v.from].unwrap(),
+            "{v:?}"
+        );
+    }
     let calls = f.calls();
     let pos = |p: &dyn Fn(&Call) -> bool| -> Vec<usize> {
         calls
@@ -355,6 +372,17 @@ fn a_failed_destination_fails_its_vms_which_stay_and_the_others_arrive() {
         }
     }
     assert!(failed > 0, "the plan sent nothing to b2: {rep:?}");
+    // A source a failed VM stays on is not evicted; one whose VMs all left
+    // is.
+    for v in &rep.vms {
+        let evicted = rep.evicted_s[&v.from];
+        if !v.ok {
+            assert_eq!(evicted, None, "{v:?}");
+            assert_eq!((v.switchover.as_str(), v.left_s), ("", None), "{v:?}");
+        } else if rep.vms.iter().all(|w| w.from != v.from || w.ok) {
+            assert!(evicted.unwrap() >= v.left_s.unwrap(), "{v:?}");
+        }
+    }
 }
 
 #[test]
