@@ -22,7 +22,8 @@
 //! /dev/kvm; says so and exits otherwise). Knobs: PAGECAST_BENCH_VM_MIB
 //! (512), PAGECAST_BENCH_RATE (1G), PAGECAST_BENCH_STRATEGIES (a comma
 //! list; the ratios need precopy and pagecast), PAGECAST_BENCH_NO_CLONE
-//! (set: skip the clone), PAGECAST_BENCH_STEPS (set: print each job's
+//! (set: skip the clone), PAGECAST_BENCH_EVACUATE_ARGS (more evacuate
+//! flags, e.g. `--release-early`), PAGECAST_BENCH_STEPS (set: print each job's
 //! steps with their times, and where the agents' logs are).
 
 use std::path::Path;
@@ -196,6 +197,12 @@ fn main() {
         "precopy,vmscatter,pagecast".to_owned(),
     );
     let show_steps = std::env::var_os("PAGECAST_BENCH_STEPS").is_some();
+    // More evacuate flags, e.g. PAGECAST_BENCH_EVACUATE_ARGS=--release-early.
+    let extra: Vec<String> = std::env::var("PAGECAST_BENCH_EVACUATE_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
     let mut rows = Vec::new();
     for strategy in strategies.split(',') {
         rig.populate();
@@ -215,7 +222,10 @@ fn main() {
                 "300",
                 "--json",
                 "--no-progress",
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
         );
         if show_steps {
             eprint!("{}", String::from_utf8_lossy(&out.stderr));

@@ -473,9 +473,12 @@ impl PageSource for Staged {
     }
 }
 
-/// Where a destination's cast pages go: into the job's arriving VMs.
+/// Where a destination's cast pages go: into the job's arriving VMs. It
+/// holds them weakly: a VM released while the cast runs (it lacks nothing
+/// the cast brings) takes its memory back at its switchover without
+/// waiting for the cast to end.
 pub struct SlotSink {
-    slots: Vec<Arc<IncomingSlot>>,
+    slots: Vec<std::sync::Weak<IncomingSlot>>,
     keys: HashMap<u64, PageHash>,
     /// Frames filled.
     pub filled: u64,
@@ -485,7 +488,7 @@ impl SlotSink {
     /// A sink filling `slots`.
     pub fn new(slots: Vec<Arc<IncomingSlot>>) -> Self {
         SlotSink {
-            slots,
+            slots: slots.iter().map(Arc::downgrade).collect(),
             keys: HashMap::new(),
             filled: 0,
         }
@@ -499,7 +502,7 @@ impl PageSink for SlotSink {
     fn put(&mut self, entry: &PageEntry, data: &Page) -> io::Result<()> {
         // The transport checked the page against its hash.
         self.keys.insert(entry.key, entry.hash);
-        for s in &self.slots {
+        for s in self.slots.iter().filter_map(std::sync::Weak::upgrade) {
             self.filled += s.fill(&entry.hash, data).map_err(io::Error::other)?;
         }
         Ok(())
@@ -509,7 +512,12 @@ impl PageSink for SlotSink {
             .keys
             .get(&key)
             .ok_or_else(|| io::Error::other(format!("page {key} was never received")))?;
-        if self.slots.iter().any(|s| s.copy(h, out)) {
+        if self
+            .slots
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .any(|s| s.copy(h, out))
+        {
             Ok(())
         } else {
             Err(io::Error::other(format!("page {key} is no longer held")))
@@ -748,7 +756,14 @@ pub fn fetch(agent: &Agent, job: &Job, r: &v1::FetchRequest) -> v1::FetchResult 
         // The job's arriving VMs by dedup domain: each domain's pages are
         // asked for, checked and filled apart from the others'.
         let mut domains: Vec<(String, ContentKey, Vec<Arc<IncomingSlot>>)> = Vec::new();
-        for s in job.slots() {
+        // Only the VMs that lack any of these pages: one that lacks none
+        // may have been released and must not be held up at its
+        // switchover by this fetch holding its memory.
+        for s in job
+            .slots()
+            .into_iter()
+            .filter(|s| hashes.iter().any(|h| s.wants(h)))
+        {
             match domains.iter_mut().find(|d| d.1 == *s.key()) {
                 Some(d) => d.2.push(s),
                 None => domains.push((s.domain().to_owned(), *s.key(), vec![s])),

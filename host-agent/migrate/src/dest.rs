@@ -799,6 +799,9 @@ impl Arrival<'_> {
     /// faulted in (a guest must not run on unpopulated memory: a page it
     /// faults in first can be missing from the dirty log).
     fn take_region(&mut self) -> Result<Region, MigrationError> {
+        /// How long a switchover waits for a transfer to let go of the
+        /// arriving VM's memory.
+        const SHARED_WAIT: Duration = Duration::from_secs(2);
         match self.populating.take().map(|t| t.join()) {
             Some(Ok(Ok(()))) => {}
             Some(Ok(Err(e))) => return Err(e.into()),
@@ -815,17 +818,30 @@ impl Arrival<'_> {
             (&self.slot.domain, self.slot.key),
             Region::anonymous(PAGE_SIZE as u64)?,
         ));
-        let slot = std::mem::replace(&mut self.slot, placeholder);
-        match Arc::try_unwrap(slot) {
-            Ok(IncomingSlot { region, state, .. }) => {
-                // The slot's tables hold an allocation per content: freeing
-                // them took 20-35 ms for 512 MiB, inside the downtime.
-                std::thread::spawn(move || drop(state));
-                Ok(region)
+        let mut slot = std::mem::replace(&mut self.slot, placeholder);
+        // A cast or a local copy may hold the slot for the page it is
+        // writing or reading (casts hold it weakly between pages): wait
+        // that out, briefly.
+        let deadline = std::time::Instant::now() + SHARED_WAIT;
+        loop {
+            match Arc::try_unwrap(slot) {
+                Ok(IncomingSlot { region, state, .. }) => {
+                    // The slot's tables hold an allocation per content:
+                    // freeing them took 20-35 ms for 512 MiB, inside the
+                    // downtime.
+                    std::thread::spawn(move || drop(state));
+                    return Ok(region);
+                }
+                Err(back) if std::time::Instant::now() < deadline => {
+                    slot = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => {
+                    return Err(MigrationError::Protocol(format!(
+                        "the arriving VM's memory is still shared with a cast after {SHARED_WAIT:?}"
+                    )));
+                }
             }
-            Err(_) => Err(MigrationError::Protocol(
-                "the arriving VM's memory is still shared with a cast".into(),
-            )),
         }
     }
 

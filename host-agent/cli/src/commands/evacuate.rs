@@ -112,6 +112,15 @@ pub struct EvacuateArgs {
     #[arg(long)]
     multicast_floods: bool,
 
+    /// Release each held VM to its own pre-copy rounds as soon as the
+    /// casts and fetches that bring what it lacks have ended, instead of
+    /// when the job's last transfer ends. Off by default: on this
+    /// project's benchmark its rounds then compete with the casts still
+    /// running for the same links, and it has not yet been measured on
+    /// shaped links (docs/evacuation.md).
+    #[arg(long)]
+    release_early: bool,
+
     /// Longest pause of each VM at switchover, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50)]
     max_downtime: u32,
@@ -412,6 +421,7 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         bandwidth_bps: a.bandwidth,
         mtu: a.mtu,
         multicast_floods: a.multicast_floods,
+        release_early: a.release_early,
         max_downtime_ms: a.max_downtime,
         objective: if a.objective == "bytes" {
             Objective::Bytes

@@ -109,6 +109,9 @@ pub struct EvacuateSpec {
     /// How casts travel (UNSPECIFIED: multicast where every receiver
     /// hears it, else the TCP chain).
     pub transport: v1::CastTransport,
+    /// Release each held VM once the transfers that bring what it lacks
+    /// have ended, not when the job's last one has.
+    pub release_early: bool,
 }
 
 /// A VM that moves.

@@ -1,7 +1,8 @@
 //! The migrations of a job: one worker per VM talks to its source agent.
 //! Held (pagecast, vmscatter): all start, each holds once its destination
 //! filled what it holds and says what it lacks; the casts and fetches of
-//! [`super::transfer`] fill those needs; then all are released. Queued
+//! [`super::transfer`] fill those needs, and each VM is released as soon
+//! as the transfers that bring what it lacks have ended. Queued
 //! (pre-copy): at most `parallel` at once per source, none held.
 
 use std::collections::{BTreeMap, HashMap};
@@ -197,6 +198,16 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Releases migration `i` if it was told nothing yet.
+    fn release(&self, i: usize) {
+        if let Some((c, told)) = lock(&self.controls).get_mut(&i)
+            && *told == Told::Nothing
+        {
+            *told = Told::Go;
+            let _ = c.go(false, "");
+        }
+    }
+
     /// Releases every migration under way not told anything yet.
     fn release_all(&self) {
         for (c, told) in lock(&self.controls).values_mut() {
@@ -220,7 +231,8 @@ impl<'a> Run<'a> {
     }
 
     /// Held migrations: all start; once every one is held (or ended), the
-    /// casts and fetches fill their needs; then all are released.
+    /// casts and fetches fill their needs, each VM released once its own
+    /// are filled; then any left are.
     pub(super) fn held(&self, stop: &AtomicBool) -> Finished {
         let n = self.prep.moving.len();
         (self.on)(Event::Step(format!(
@@ -237,7 +249,14 @@ impl<'a> Run<'a> {
             let needs = self.wait_held(&rx, stop, &mut fin);
             if !stop.load(Ordering::Relaxed) {
                 let filler = transfer::Filler::new(self.svc, self.spec, self.prep, self.on);
-                fin.traffic = filler.fill(&needs);
+                // Each VM goes once what it lacks has come (not on a stop:
+                // then none does).
+                let release = |i: usize| {
+                    if self.spec.release_early && !stop.load(Ordering::Relaxed) {
+                        self.release(i);
+                    }
+                };
+                fin.traffic = filler.fill(&needs, &release);
             }
             if stop.load(Ordering::Relaxed) {
                 self.stop_all();

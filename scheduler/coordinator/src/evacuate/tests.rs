@@ -3,7 +3,7 @@
 //! ([`crate::fake::FakeCluster`]), of its phases: planning to execution, a
 //! failed destination, a stop, hold and release.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,7 +11,10 @@ use pagecast_pages::PageHash;
 use pagecast_proto::v1;
 use prost::Message;
 
-use super::transfer::{CAST_CHUNK, CastTask, SourcePlan, cast_tasks, group_addr, schedule_casts};
+use super::transfer::{
+    CAST_CHUNK, CastTask, Fetches, Releases, SourcePlan, Unit, cast_tasks, group_addr,
+    schedule_casts,
+};
 use crate::lock;
 
 fn sends(from: u8, n: usize, ds: &[&str]) -> Vec<(PageHash, Vec<String>)> {
@@ -240,6 +243,7 @@ fn spec(method: Method) -> EvacuateSpec {
         dry_run: false,
         job: "ev-test".into(),
         transport: v1::CastTransport::Unspecified,
+        release_early: false,
     }
 }
 
@@ -312,6 +316,8 @@ fn every_migration_holds_then_each_content_is_cast_once_then_all_are_released() 
         held.iter().max() < fills.iter().min(),
         "every hold before any fill"
     );
+    // Without --release-early every VM goes once every transfer ended
+    // (with it, once its own have: each_vm_is_released_once_...).
     assert!(
         fills.iter().max() < gos.iter().min(),
         "every fill before any go"
@@ -345,6 +351,84 @@ fn every_migration_holds_then_each_content_is_cast_once_then_all_are_released() 
         !cast.iter().any(|h| (0..120).any(|i| *h == c(2, i))),
         "b3's pages were cast"
     );
+}
+
+/// With `release_early`, every VM still moves verified (the order of its
+/// release against the transfers is each_vm_is_released_once_...'s).
+#[test]
+fn with_release_early_every_vm_moves() {
+    let f = cluster();
+    let mut s = spec(Method::Pagecast);
+    s.release_early = true;
+    let rep = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap();
+    assert!(rep.ok, "{rep:?}");
+    for vm in MOVING {
+        let at = f.where_is(vm).unwrap();
+        assert!(at == "b1" || at == "b2", "{vm} at {at}");
+    }
+    let gos = f
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Go { abort: false, .. }))
+        .count();
+    assert_eq!(gos, MOVING.len(), "each VM released once");
+}
+
+/// A held VM goes as soon as the transfers that bring contents it lacks
+/// to its destination have ended, not when the job's last transfer does;
+/// one no transfer feeds goes at once.
+#[test]
+fn each_vm_is_released_once_the_transfers_that_bring_what_it_lacks_have_ended() {
+    let d = |s: &str| vec![s.to_owned()];
+    // VM 0 (to d1) lacks c(1,0..3), from two casts; VM 1 (to d1) lacks
+    // c(1,3), from the second; VM 2 (to d2) lacks what no transfer brings
+    // (its own migration does); VM 3 (to d2) lacks c(2,0), fetched, and
+    // c(1,3), which the second cast also brings to d2.
+    let needs: HashMap<usize, Vec<PageHash>> = [
+        (0, frames(&[(1, 0..3)])),
+        (1, vec![c(1, 3)]),
+        (2, vec![c(9, 0)]),
+        (3, vec![c(2, 0), c(1, 3)]),
+    ]
+    .into();
+    let task = |source: &str, sends: Vec<(PageHash, Vec<String>)>| CastTask {
+        source: source.into(),
+        sends,
+        reaches: BTreeSet::new(),
+        rate: None,
+        weight: 1.0,
+    };
+    let tasks = vec![
+        task("a1", vec![(c(1, 0), d("d1")), (c(1, 1), d("d1"))]),
+        task(
+            "a2",
+            vec![
+                (c(1, 2), d("d1")),
+                (c(1, 3), vec!["d1".into(), "d2".into()]),
+            ],
+        ),
+    ];
+    let fetches: Fetches = [(("d2".to_owned(), "m".to_owned()), vec![c(2, 0)])].into();
+    let released = Mutex::new(Vec::new());
+    let release = |i: usize| lock(&released).push(i);
+    let to = |i: usize| if i < 2 { "d1" } else { "d2" }.to_owned();
+    let r = Releases::new(&to, &needs, &tasks, &fetches, &release);
+    let got = || lock(&released).clone();
+    r.start();
+    assert_eq!(got(), [2]);
+    r.ended(&Unit::Cast(1, 0));
+    assert_eq!(got(), [2, 1], "VM 1 waited for the second cast only");
+    // Told twice, the second cast still counts once for VM 0.
+    r.ended(&Unit::Cast(1, 0));
+    assert_eq!(got(), [2, 1]);
+    r.ended(&Unit::Fetch("d2".into(), "m".into()));
+    assert_eq!(got(), [2, 1, 3]);
+    r.ended(&Unit::Cast(0, 0));
+    assert_eq!(got(), [2, 1, 3, 0]);
+    // A transfer that ends twice, or one no VM waits for, releases nothing.
+    r.ended(&Unit::Cast(0, 0));
+    r.ended(&Unit::Cast(7, 7));
+    assert_eq!(got(), [2, 1, 3, 0]);
 }
 
 #[test]

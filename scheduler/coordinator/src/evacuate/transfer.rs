@@ -324,7 +324,7 @@ fn by_destination_set(sends: &[(PageHash, Vec<String>)]) -> Vec<Vec<(PageHash, V
 /// 1 Gbit/s destination at once). Whenever a cast ends, the longest
 /// waiting ones that can start do.
 pub(super) fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &CastTask) + Sync)) {
-    tasks.sort_by(|a, b| b.weight.total_cmp(&a.weight));
+    order_casts(&mut tasks);
     let mut pending: Vec<(usize, CastTask)> = tasks.into_iter().enumerate().collect();
     let (tx, rx) = mpsc::channel::<(usize, CastTask)>();
     std::thread::scope(|s| {
@@ -360,6 +360,136 @@ pub(super) fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &Cas
             }
         }
     });
+}
+
+/// A transfer of a job: chunk `1` of cast task `0` (in the order
+/// [`order_casts`] gives), or the fetch into a destination from a
+/// rack-mate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum Unit {
+    Cast(usize, usize),
+    Fetch(String, String),
+}
+
+/// Releases each held VM once every transfer that brings its destination
+/// contents the VM lacks has ended (well or not: what a failed transfer
+/// did not bring travels in the VM's own migration), rather than when the
+/// job's last transfer ends. A VM no transfer feeds goes at once.
+pub(super) struct Releases<'r> {
+    /// Per transfer: the VMs waiting for it.
+    waiting: HashMap<Unit, Vec<usize>>,
+    /// Per held VM: transfers it still waits for.
+    left: Mutex<HashMap<usize, usize>>,
+    /// Transfers that ended (one that is told twice counts once).
+    ended: Mutex<HashSet<Unit>>,
+    release: &'r (dyn Fn(usize) + Sync),
+}
+
+impl<'r> Releases<'r> {
+    /// Which VM waits for which transfer: `needs` per VM (by index into
+    /// `to`, its destination), the casts in order and the fetches.
+    pub(super) fn new(
+        to: &dyn Fn(usize) -> String,
+        needs: &HashMap<usize, Vec<PageHash>>,
+        tasks: &[CastTask],
+        fetches: &Fetches,
+        release: &'r (dyn Fn(usize) + Sync),
+    ) -> Self {
+        // Per destination: each content it lacks, and the VMs lacking it.
+        let mut lacking: HashMap<String, HashMap<PageHash, Vec<usize>>> = HashMap::new();
+        for (&i, hs) in needs {
+            let by = lacking.entry(to(i)).or_default();
+            for h in hs {
+                by.entry(*h).or_default().push(i);
+            }
+        }
+        let mut waiting: HashMap<Unit, BTreeSet<usize>> = HashMap::new();
+        let mut feed = |unit: Unit, d: &str, h: &PageHash| {
+            if let Some(vms) = lacking.get(d).and_then(|m| m.get(h)) {
+                waiting.entry(unit).or_default().extend(vms.iter().copied());
+            }
+        };
+        for (n, t) in tasks.iter().enumerate() {
+            for (ci, chunk) in t.sends.chunks(CAST_CHUNK).enumerate() {
+                for (h, ds) in chunk {
+                    for d in ds {
+                        feed(Unit::Cast(n, ci), d, h);
+                    }
+                }
+            }
+        }
+        for ((d, mate), hs) in fetches {
+            for h in hs {
+                feed(Unit::Fetch(d.clone(), mate.clone()), d, h);
+            }
+        }
+        let mut left: HashMap<usize, usize> = needs.keys().map(|&i| (i, 0)).collect();
+        for vms in waiting.values() {
+            for i in vms {
+                *left.entry(*i).or_default() += 1;
+            }
+        }
+        Releases {
+            waiting: waiting
+                .into_iter()
+                .map(|(u, vms)| (u, vms.into_iter().collect()))
+                .collect(),
+            left: Mutex::new(left),
+            ended: Mutex::new(HashSet::new()),
+            release,
+        }
+    }
+
+    /// Releases the VMs that wait for no transfer.
+    pub(super) fn start(&self) {
+        let ready: Vec<usize> = {
+            let mut left = lock(&self.left);
+            let ready: Vec<usize> = left
+                .iter()
+                .filter(|&(_, &n)| n == 0)
+                .map(|(&i, _)| i)
+                .collect();
+            for i in &ready {
+                left.remove(i);
+            }
+            ready
+        };
+        for i in ready {
+            (self.release)(i);
+        }
+    }
+
+    /// Transfer `u` ended: releases the VMs it was the last wait of.
+    pub(super) fn ended(&self, u: &Unit) {
+        let Some(vms) = self.waiting.get(u) else {
+            return;
+        };
+        if !lock(&self.ended).insert(u.clone()) {
+            return;
+        }
+        let mut ready = Vec::new();
+        {
+            let mut left = lock(&self.left);
+            for i in vms {
+                if let Some(n) = left.get_mut(i) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        // Released once: gone from the waits.
+                        left.remove(i);
+                        ready.push(*i);
+                    }
+                }
+            }
+        }
+        for i in ready {
+            (self.release)(i);
+        }
+    }
+}
+
+/// The order casts are numbered and started in: the longest first.
+pub(super) fn order_casts(tasks: &mut [CastTask]) {
+    tasks.sort_by(|a, b| b.weight.total_cmp(&a.weight));
 }
 
 /// One cast session of a source: its request and what it carries.
@@ -398,21 +528,33 @@ impl<'a> Filler<'a> {
 
     /// Casts and fetches every need: rack-mates that can serve a
     /// destination's needs are the index's answer of a moment ago, asked
-    /// when planning.
-    pub(super) fn fill(self, needs: &HashMap<usize, Vec<PageHash>>) -> Traffic {
+    /// when planning. Each VM is released (`release`) once the transfers
+    /// that bring what it lacks have ended ([`Releases`]).
+    pub(super) fn fill(
+        self,
+        needs: &HashMap<usize, Vec<PageHash>>,
+        release: &(dyn Fn(usize) + Sync),
+    ) -> Traffic {
         let (plan, fetches) = plan_transfers(self.prep, needs, self.spec.method, &self.prep.held);
         let link = |h: &str| self.prep.view.host(h).map_or(0, |h| h.link_bps);
-        let tasks = cast_tasks(
+        let mut tasks = cast_tasks(
             &plan,
             &link,
             self.spec.bandwidth_bps,
             self.spec.multicast_floods,
         );
+        order_casts(&mut tasks);
+        let to = |i: usize| self.prep.moving[i].to.clone();
+        let releases = Releases::new(&to, needs, &tasks, &fetches, release);
+        releases.start();
         std::thread::scope(|s| {
-            let me = &self;
-            s.spawn(move || schedule_casts(tasks, &|n, t| me.casts(n, t)));
+            let (me, rel) = (&self, &releases);
+            s.spawn(move || schedule_casts(tasks, &|n, t| me.casts(n, t, rel)));
             for ((d, mate), hs) in &fetches {
-                s.spawn(move || me.fetch(d, mate, hs));
+                s.spawn(move || {
+                    me.fetch(d, mate, hs);
+                    rel.ended(&Unit::Fetch(d.clone(), mate.clone()));
+                });
             }
         });
         self.traffic.into_inner().unwrap_or_else(|e| e.into_inner())
@@ -451,16 +593,18 @@ impl<'a> Filler<'a> {
         }
     }
 
-    /// Runs cast task `t` (the `n`th of the job), chunk by chunk.
-    fn casts(&self, n: usize, t: &CastTask) {
+    /// Runs cast task `t` (the `n`th of the job), chunk by chunk, telling
+    /// `rel` as each chunk ends (or is given up with its source).
+    fn casts(&self, n: usize, t: &CastTask, rel: &Releases) {
+        let mut gave_up = false;
         for (ci, chunk) in t.sends.chunks(CAST_CHUNK).enumerate() {
-            let dead = lock(&self.traffic).dead.clone();
-            let Some(session) = self.session(chunk, &dead, n * 8 + ci % 8, t.rate) else {
-                continue;
-            };
-            if !self.cast(&t.source, session, t.rate) {
-                return;
+            if !gave_up {
+                let dead = lock(&self.traffic).dead.clone();
+                if let Some(session) = self.session(chunk, &dead, n * 8 + ci % 8, t.rate) {
+                    gave_up = !self.cast(&t.source, session, t.rate);
+                }
             }
+            rel.ended(&Unit::Cast(n, ci));
         }
     }
 
