@@ -15,8 +15,8 @@ use crate::handshakes::Handshakes;
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
 use crate::wire::{
-    Body, CastKey, Check, Datagram, MAX_NACK_RANGES, MAX_TAGS, Opening, Replay, ReplayWindow,
-    Sealing, WireError, check_of, decode,
+    Body, CastKey, Check, Datagram, GroupKey, MAX_NACK_RANGES, MAX_TAGS, Opening, Replay,
+    ReplayWindow, Sealing, WireError, check_of, decode,
 };
 use pagecast_channel::{Channel, ChannelWriter, Role, Tls, random_bytes};
 
@@ -52,7 +52,7 @@ struct MemberGroup {
     index: usize,
     addr: SocketAddrV4,
     /// The group's key (its datagrams are sealed under it).
-    key: CastKey,
+    key: GroupKey,
     /// Our place among its members: where our tag is in the sender's
     /// datagrams.
     slot: usize,
@@ -802,7 +802,7 @@ fn member_group(
     Ok(MemberGroup {
         index,
         addr,
-        key,
+        key: GroupKey::new(key),
         slot: g.slot as usize,
         pages,
         contiguous: 0,

@@ -14,8 +14,8 @@ use crate::pacing::TokenBucket;
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
 use crate::wire::{
-    Body, CastKey, Datagram, MAX_CODED, Opening, Replay, ReplayWindow, Sealing, check_of, decode,
-    fragment_payload,
+    Body, CastKey, Datagram, GroupKey, MAX_CODED, Opening, Replay, ReplayWindow, Sealing, check_of,
+    decode, fragment_payload,
 };
 use pagecast_channel::{Channel, ChannelReader, ChannelWriter, Role, Tls, random_bytes};
 
@@ -107,7 +107,7 @@ fn welcome_groups(groups: &[Group], peer: usize, keys: &Keys) -> Vec<v1::CastGro
                 member,
                 len: g.pages.len() as u32,
                 key: if member {
-                    keys.groups[gi].to_vec().into()
+                    keys.groups[gi].bytes().to_vec().into()
                 } else {
                     Default::default()
                 },
@@ -588,7 +588,7 @@ fn new_peer(
 /// wire module.
 struct Keys {
     /// By group.
-    groups: Vec<CastKey>,
+    groups: Vec<GroupKey>,
     /// By receiver (peer index).
     members: Vec<CastKey>,
     /// By group: its members' keys in member order, the tags its
@@ -603,7 +603,10 @@ impl Keys {
             random_bytes(&mut k)?;
             Ok(k)
         };
-        let groups_keys = groups.iter().map(|_| fresh()).collect::<Result<_, _>>()?;
+        let groups_keys = groups
+            .iter()
+            .map(|_| fresh().map(GroupKey::new))
+            .collect::<Result<_, _>>()?;
         let members: Vec<CastKey> = (0..peers).map(|_| fresh()).collect::<Result<_, _>>()?;
         let tags = groups
             .iter()

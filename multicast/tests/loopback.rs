@@ -756,51 +756,23 @@ fn hostile_member(
     foreign: SocketAddrV4,
     stop: &Mutex<bool>,
 ) -> Hostile {
-    use pagecast_proto::v1;
-    use v1::cast_frame::Body as F;
-    let frame = |b| v1::CastFrame { body: Some(b) };
-    let mut ch =
-        pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
-            .unwrap();
-    ch.send(&frame(F::Hello(v1::CastHello {
-        version: pagecast_proto::WIRE_VERSION as i32,
-        name: "hostile".into(),
-        chain_addr: "127.0.0.1:1".into(),
-        rcvbuf_bytes: 1 << 20,
-        job: String::new(),
-    })))
-    .unwrap();
-    let w = loop {
-        match ch.recv::<v1::CastFrame>("welcome").unwrap().body {
-            Some(F::Welcome(w)) => break w,
-            Some(F::Waiting(_)) => continue,
-            other => panic!("expected a welcome, got {other:?}"),
-        }
-    };
-    let own = w.groups.iter().position(|g| g.member).unwrap();
-    let own_addr: SocketAddrV4 = w.groups[own].addr.parse().unwrap();
-    let keys = hostile_keys(&w);
     let spy =
         pagecast_multicast::socket::group_socket(foreign.port(), &[*foreign.ip()], LO, 1).unwrap();
     spy.set_read_timeout(Some(Duration::from_millis(5)))
         .unwrap();
-    ch.send(&frame(F::Ready(v1::CastReady { joined: 1 })))
-        .unwrap();
+    // Held until the flood ends: then it leaves.
+    let (_ch, w) = hostile_join(control, tls);
+    let own = w.groups.iter().position(|g| g.member).unwrap();
+    let own_addr: SocketAddrV4 = w.groups[own].addr.parse().unwrap();
+    let keys = hostile_keys(&w);
     let out = pagecast_multicast::socket::sender_socket(LO, 1).unwrap();
     let mut h = Hostile::default();
     let mut buf = [0u8; 9000];
     let mut seq = 1u64 << 40;
     let first = w.groups[own].page_ranges[0];
     // From the start, until it has seen a share of the foreign group's
-    // traffic (the session lasts longer), then it leaves, so the sender
-    // need not wait out its silence.
-    loop {
-        match ch.recv::<v1::CastFrame>("start").unwrap().body {
-            Some(F::Start(_)) => break,
-            Some(F::Waiting(_)) => continue,
-            other => panic!("expected the start, got {other:?}"),
-        }
-    }
+    // traffic (the session lasts longer), then it leaves (dropping `_ch`),
+    // so the sender need not wait out its silence.
     let began = std::time::Instant::now();
     let enough = |h: &Hostile| {
         h.captured_foreign >= 200 && began.elapsed() >= Duration::from_secs(1)
@@ -858,6 +830,45 @@ fn hostile_member(
     h
 }
 
+/// The hostile member's join, the control protocol spoken directly: hello,
+/// welcome, ready, then the start. Returns its connection and welcome.
+fn hostile_join(
+    control: SocketAddr,
+    tls: &Tls,
+) -> (pagecast_channel::Channel, pagecast_proto::v1::CastWelcome) {
+    use pagecast_proto::v1;
+    use v1::cast_frame::Body as F;
+    let frame = |b| v1::CastFrame { body: Some(b) };
+    let mut ch =
+        pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
+            .unwrap();
+    ch.send(&frame(F::Hello(v1::CastHello {
+        version: pagecast_proto::WIRE_VERSION as i32,
+        name: "hostile".into(),
+        chain_addr: "127.0.0.1:1".into(),
+        rcvbuf_bytes: 1 << 20,
+        job: String::new(),
+    })))
+    .unwrap();
+    let w = loop {
+        match ch.recv::<v1::CastFrame>("welcome").unwrap().body {
+            Some(F::Welcome(w)) => break w,
+            Some(F::Waiting(_)) => continue,
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    };
+    ch.send(&frame(F::Ready(v1::CastReady { joined: 1 })))
+        .unwrap();
+    loop {
+        match ch.recv::<v1::CastFrame>("start").unwrap().body {
+            Some(F::Start(_)) => break,
+            Some(F::Waiting(_)) => continue,
+            other => panic!("expected the start, got {other:?}"),
+        }
+    }
+    (ch, w)
+}
+
 /// Every key a welcome hands its receiver: its own, and its groups'.
 fn hostile_keys(w: &pagecast_proto::v1::CastWelcome) -> Vec<wire::CastKey> {
     let mut keys = vec![w.member_key.as_ref().try_into().unwrap()];
@@ -873,7 +884,14 @@ fn hostile_keys(w: &pagecast_proto::v1::CastWelcome) -> Vec<wire::CastKey> {
 /// Whether a captured datagram opens under `key` (as a group key, no tag
 /// checked).
 fn hostile_open(b: &mut [u8], key: &wire::CastKey, session: u64) -> bool {
-    wire::decode(b, session, |_, _| Some(wire::Opening { key, tag: None })).is_ok()
+    let key = wire::GroupKey::new(*key);
+    wire::decode(b, session, |_, _| {
+        Some(wire::Opening {
+            key: &key,
+            tag: None,
+        })
+    })
+    .is_ok()
 }
 
 /// Seals as the hostile member can: under its group's key (`keys[1]`),
@@ -884,7 +902,7 @@ fn hostile_seal(keys: &[wire::CastKey], d: &wire::Datagram) -> Vec<u8> {
     let mut b = Vec::new();
     d.encode(
         &wire::Sealing {
-            key: &keys[1],
+            key: &wire::GroupKey::new(keys[1]),
             tags: &tags,
         },
         &mut b,

@@ -126,15 +126,16 @@ pub const DATAGRAM_MEMBERS: [[u8; 32]; 2] = [[8; 32], [9; 32]];
 /// would (so the checks behind the tags run); an accepted datagram
 /// re-encodes byte for byte.
 pub fn datagram(data: &[u8]) {
-    use pagecast_multicast::wire::{HEADER_LEN, Opening, Sealing, decode, seal};
+    use pagecast_multicast::wire::{GroupKey, HEADER_LEN, Opening, Sealing, decode, seal};
+    let key = GroupKey::new(DATAGRAM_KEY);
     let open = |_, from| {
         Some(Opening {
-            key: &DATAGRAM_KEY,
+            key: &key,
             tag: (from == 0).then_some((1, &DATAGRAM_MEMBERS[1])),
         })
     };
     let sealing = Sealing {
-        key: &DATAGRAM_KEY,
+        key: &key,
         tags: &DATAGRAM_MEMBERS,
     };
     let _ = decode(&mut data.to_vec(), 0x1234, open);

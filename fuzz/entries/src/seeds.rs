@@ -133,7 +133,7 @@ fn datagram() -> Vec<Vec<u8>> {
             }
             .encode(
                 &pagecast_multicast::wire::Sealing {
-                    key: &crate::DATAGRAM_KEY,
+                    key: &pagecast_multicast::wire::GroupKey::new(crate::DATAGRAM_KEY),
                     tags: &crate::DATAGRAM_MEMBERS,
                 },
                 &mut b,
