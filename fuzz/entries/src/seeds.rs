@@ -208,11 +208,30 @@ fn migrate_frames() -> Vec<Vec<u8>> {
         data: pages_data.into(),
         round: 0,
     }));
-    bodies.push(B::Switchover(v1::Switchover { round: 1 }));
-    bodies.push(B::Vcpu(v1::VcpuState {
+    // The same up to the switchover, then post-copy: frame 3 still to come.
+    let mut post = bodies.clone();
+    if let Some(B::Begin(b)) = post.first_mut() {
+        b.postcopy = true;
+    }
+    post.push(B::Switchover(v1::Switchover {
+        round: 1,
+        postcopy: true,
+    }));
+    post.push(B::PostcopyMissing(v1::PostcopyMissing {
+        frames: vec![3],
+        last: true,
+    }));
+    bodies.push(B::Switchover(v1::Switchover {
+        round: 1,
+        postcopy: false,
+    }));
+    let vcpu = B::Vcpu(v1::VcpuState {
         regs: vec![0; 144].into(),
         sregs: vec![0; 312].into(),
-    }));
+    });
+    post.push(vcpu.clone());
+    post.push(B::Commit(v1::Commit {}));
+    bodies.push(vcpu);
     bodies.push(B::Digest(v1::Digest {
         digest: vec![0; 32].into(),
         full: Vec::new().into(),
@@ -220,6 +239,7 @@ fn migrate_frames() -> Vec<Vec<u8>> {
     bodies.push(B::Commit(v1::Commit {}));
     vec![
         script(bodies),
+        script(post),
         script(vec![B::Begin(begin(1 << 40))]),
         script(vec![B::Begin(begin(2)), B::Abort(v1::Abort::default())]),
     ]

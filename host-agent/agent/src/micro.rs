@@ -14,7 +14,7 @@ use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_memory::{DirtyBitmap, GuestMemory, ImageFile, MemoryError, Region};
 use pagecast_migrate::{
     ChannelLink, Hold, How, IncomingReport, MigrateOptions, MigrationError, MigrationLink,
-    Progress, SourceVm, migrate_in_job, migrate_out_held,
+    Progress, SourceVm, Switchover, migrate_in_job, migrate_out_held,
 };
 use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
@@ -141,6 +141,7 @@ impl Backend for MicroBackend {
             job: r.job.clone(),
             no_local: r.no_local,
             per_frame: r.per_frame,
+            switchover: Switchover::from_proto(r.switchover),
             ..MigrateOptions::default()
         };
         let dest = link.peer_name().to_owned();
@@ -231,11 +232,18 @@ fn run_clone(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<v1::CloneResult, AgentError> {
     let agent = out.agent;
+    if Switchover::from_proto(r.switchover) == Switchover::Postcopy {
+        return Err(AgentError::BadRequest(
+            pagecast_migrate::engine::postcopy_refusal(pagecast_migrate::engine::Mode::Clone, true)
+                .into(),
+        ));
+    }
     let (targets, failed) = agent.clone_targets(r);
     let opts = MigrateOptions {
         bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
         max_downtime: downtime(r.max_downtime_ms),
         job: r.job.clone(),
+        switchover: Switchover::from_proto(r.switchover),
         ..MigrateOptions::default()
     };
     let vm = Outgoing { out, micro };
@@ -466,6 +474,16 @@ impl Agent {
         started: Option<Arc<Hosted>>,
     ) -> Result<IncomingReport, AgentError> {
         match (result, started) {
+            (Err(e @ MigrationError::PostcopyLost(_)), Some(vm)) => {
+                // It ran here on memory it can no longer complete: it must
+                // not run on (its source keeps its paused copy).
+                tracing::warn!(vm = %name, error = %e, "post-copy failed: stopping the arrived VM");
+                self.forget(name, None);
+                drop(vm);
+                counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "failed")
+                    .increment(1);
+                Err(e.into())
+            }
             (result, Some(vm)) => {
                 self.index(&vm);
                 counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "ok")

@@ -20,6 +20,7 @@ pub mod kvm;
 pub mod manifest;
 mod region;
 pub mod synth;
+mod userfault;
 
 use std::path::PathBuf;
 
@@ -27,6 +28,7 @@ pub use dirty::{AtomicBitmap, DirtyBitmap};
 pub use image::{ImageFile, MAX_IMAGE_BYTES};
 pub use pagecast_pages::{PAGE_SIZE, Page};
 pub use region::Region;
+pub use userfault::Userfault;
 
 /// Errors of guest memory sources. Messages are one line and name the file
 /// or the frame involved.

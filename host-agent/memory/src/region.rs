@@ -23,6 +23,10 @@ use crate::{MemoryError, PAGE_SIZE, Page};
 /// A page-aligned mapping that holds guest memory: anonymous memory (for
 /// synthetic and KVM guests) or a memory-mapped image file.
 pub struct Region {
+    /// Missing-page faults of this memory, caught while a post-copy
+    /// completes it: kept as long as the memory, so that no frame still
+    /// missing ever reads as zero to a guest running on it.
+    userfault: Option<std::sync::Arc<crate::Userfault>>,
     map: MmapRegion<()>,
     len: usize,
     writable: bool,
@@ -97,6 +101,46 @@ impl Region {
         Ok(())
     }
 
+    /// Keeps `uf` (registered on this region) until the region is dropped.
+    pub fn keep_userfault(&mut self, uf: std::sync::Arc<crate::Userfault>) {
+        self.userfault = Some(uf);
+    }
+
+    /// Drops `frames` of anonymous memory: each reads as zero again, and
+    /// is missing (absent until next touched) for [`crate::Userfault`].
+    pub fn discard(&self, frames: &[u64]) -> Result<(), MemoryError> {
+        if self.kind != "anonymous" {
+            return Err(MemoryError::ReadOnly);
+        }
+        for &f in frames {
+            if f >= self.pages() {
+                return Err(MemoryError::FrameOutOfRange {
+                    frame: f,
+                    pages: self.pages(),
+                });
+            }
+            // SAFETY: the page lies inside this private anonymous mapping,
+            // which lives as long as `self`; MADV_DONTNEED on it only drops
+            // its contents (it reads as zero afterwards), which every reader
+            // of the region copies through volatile accesses.
+            let r = unsafe {
+                libc::madvise(
+                    self.as_ptr().add(f as usize * PAGE_SIZE).cast(),
+                    PAGE_SIZE,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if r != 0 {
+                return Err(MemoryError::Map {
+                    what: "dropping guest pages".into(),
+                    bytes: PAGE_SIZE as u64,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn anonymous_with(len: u64, populate: libc::c_int) -> Result<Self, MemoryError> {
         if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
             return Err(MemoryError::Map {
@@ -119,6 +163,7 @@ impl Region {
             .build()
             .map_err(|e| vm_err("guest memory", len, e))?;
         Ok(Region {
+            userfault: None,
             map,
             len: size,
             writable: true,
@@ -157,6 +202,7 @@ impl Region {
             .build()
             .map_err(|e| vm_err(&what, len, e))?;
         Ok(Region {
+            userfault: None,
             map,
             len: size,
             writable,

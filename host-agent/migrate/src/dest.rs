@@ -30,8 +30,13 @@ pub struct IncomingReport {
     pub pages_received: u64,
     /// The guest's progress counter once resumed.
     pub progress: u64,
-    /// From the source's switchover message to resuming, as seen here.
+    /// From the source's switchover message to resuming, as seen here
+    /// (post-copy: to the last page arriving).
     pub switchover_ms: f64,
+    /// The VM resumed here before every page arrived (post-copy).
+    pub postcopy: bool,
+    /// Post-copy: frames asked for because the guest touched them.
+    pub postcopy_requested: u64,
 }
 
 /// A VM arriving here, while its memory fills: the engine writes pages it
@@ -664,6 +669,9 @@ impl Arrival<'_> {
             match self.next_frame()? {
                 Body::ByHash(b) => self.by_hash(&b)?,
                 Body::Pages(p) => self.pages(&p)?,
+                Body::Switchover(s) if s.postcopy => {
+                    return self.postcopy(begin, events, Instant::now(), start);
+                }
                 Body::Switchover(_) => switched = Some(Instant::now()),
                 Body::CastJoin(j) => self.join(events, &j),
                 Body::Vcpu(v) => vcpu = Some(VcpuState::from_bytes(&v.regs, &v.sregs)?),
@@ -689,6 +697,81 @@ impl Arrival<'_> {
                 }
             }
         }
+    }
+
+    /// A post-copy switchover: the frames still to come and the vCPU
+    /// state; Ready once every other frame is here, and at Commit the VM
+    /// starts while the missing frames arrive ([`crate::postcopy`]).
+    fn postcopy(
+        &mut self,
+        begin: &v1::MigrateBegin,
+        events: &mut dyn SlotEvents,
+        switched: Instant,
+        start: &mut dyn FnMut(Region, VcpuState) -> Result<u64, String>,
+    ) -> Result<IncomingReport, MigrationError> {
+        if !begin.postcopy {
+            return Err(MigrationError::Protocol(
+                "a post-copy switchover in a migration offered without post-copy".into(),
+            ));
+        }
+        let pages = self.mem().pages();
+        let missing = crate::postcopy::read_missing(&mut || self.next_frame(), pages)?;
+        let state = match self.next_frame()? {
+            Body::Vcpu(v) => VcpuState::from_bytes(&v.regs, &v.sregs)?,
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected the vCPU state, got {other:?}"
+                )));
+            }
+        };
+        let mut table = self.slot.lock().table.clone();
+        for &f in &missing {
+            table[f as usize] = Some(PageHash::ZERO_PAGE);
+        }
+        let verdict = match table.iter().position(Option::is_none) {
+            Some(f) => Err(MigrationError::Verification(format!(
+                "frame {f} never arrived and is not in the post-copy list"
+            ))),
+            None => Ok(()),
+        };
+        self.link.send(Body::Ready(v1::Ready {
+            ok: verdict.is_ok(),
+            reason: verdict
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            code: verdict.as_ref().err().map_or(0, |e| e.code() as i32),
+        }))?;
+        verdict?;
+        match self.next_frame()? {
+            Body::Commit(_) => {}
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected commit, got {other:?}"
+                )));
+            }
+        }
+        crate::failpoint::hit(crate::failpoint::Point::DestCommit)?;
+        events.closed(&self.slot);
+        let key = self.slot.key;
+        let region = self.take_region()?;
+        let mut state = Some(state);
+        let mut run = |region: Region| match state.take() {
+            Some(s) => start(region, s),
+            None => Err("started twice".into()),
+        };
+        let timeout = self.timeout;
+        let done =
+            crate::postcopy::complete(self.link, &key, region, table, &missing, timeout, &mut run);
+        self.started = !matches!(done, Err(MigrationError::Start(_)));
+        let done = done?;
+        self.report.progress = done.progress;
+        self.report.switchover_ms = switched.elapsed().as_secs_f64() * 1e3;
+        self.report.pages_received += done.placed;
+        self.report.postcopy = true;
+        self.report.postcopy_requested = done.requested;
+        Ok(self.report.clone())
     }
 
     /// Checks the digest and says whether the VM is ready to commit.
@@ -731,49 +814,9 @@ impl Arrival<'_> {
         Ok(self.report.clone())
     }
 
-    /// Checks a batch of page contents against their hashes (with the SIMD
-    /// kernel), returning the pages.
-    fn checked<'b>(
-        key: &ContentKey,
-        hashes: &[u8],
-        data: &'b [u8],
-        n: usize,
-    ) -> Result<Vec<(&'b Page, PageHash)>, MigrationError> {
-        if n > MAX_MIGRATE_PAGES_PER_FRAME || hashes.len() != n * 32 || data.len() != n * PAGE_SIZE
-        {
-            return Err(MigrationError::Protocol(format!(
-                "page batch of {n} pages with {} hash bytes and {} data bytes",
-                hashes.len(),
-                data.len()
-            )));
-        }
-        let pages: Vec<&Page> = data
-            .chunks_exact(PAGE_SIZE)
-            .map(|p| p.try_into().expect("page"))
-            .collect();
-        let mut got = vec![PageHash::ZERO_PAGE; n];
-        key.hash_pages(&pages, &mut got);
-        let mut out = Vec::with_capacity(n);
-        for (i, p) in pages.into_iter().enumerate() {
-            let want = PageHash::try_from(&hashes[i * 32..(i + 1) * 32]).expect("32 bytes");
-            let ok = if want.is_zero_page() {
-                is_zero_page(p)
-            } else {
-                got[i] == want
-            };
-            if !ok {
-                return Err(MigrationError::Verification(format!(
-                    "a received page does not match its hash {want}"
-                )));
-            }
-            out.push((p, want));
-        }
-        Ok(out)
-    }
-
     fn by_hash(&mut self, b: &v1::PagesByHash) -> Result<(), MigrationError> {
         let n = b.hashes.len() / 32;
-        for (page, h) in Self::checked(&self.slot.key, &b.hashes, &b.data, n)? {
+        for (page, h) in checked(&self.slot.key, &b.hashes, &b.data, n)? {
             if !self.slot.lock().frames_of.contains_key(&h) {
                 return Err(MigrationError::Protocol(format!(
                     "received {h}, which no frame needs"
@@ -847,7 +890,7 @@ impl Arrival<'_> {
 
     fn pages(&mut self, p: &v1::Pages) -> Result<(), MigrationError> {
         let n = p.frames.len();
-        let pages = Self::checked(&self.slot.key, &p.hashes, &p.data, n)?;
+        let pages = checked(&self.slot.key, &p.hashes, &p.data, n)?;
         for (&f, (page, h)) in p.frames.iter().zip(pages) {
             if f >= self.mem().pages() {
                 return Err(MigrationError::Protocol(format!(
@@ -891,4 +934,43 @@ impl Arrival<'_> {
         }
         Ok(())
     }
+}
+
+/// Checks a batch of page contents against their hashes (with the SIMD
+/// kernel), returning the pages.
+pub(crate) fn checked<'b>(
+    key: &ContentKey,
+    hashes: &[u8],
+    data: &'b [u8],
+    n: usize,
+) -> Result<Vec<(&'b Page, PageHash)>, MigrationError> {
+    if n > MAX_MIGRATE_PAGES_PER_FRAME || hashes.len() != n * 32 || data.len() != n * PAGE_SIZE {
+        return Err(MigrationError::Protocol(format!(
+            "page batch of {n} pages with {} hash bytes and {} data bytes",
+            hashes.len(),
+            data.len()
+        )));
+    }
+    let pages: Vec<&Page> = data
+        .chunks_exact(PAGE_SIZE)
+        .map(|p| p.try_into().expect("page"))
+        .collect();
+    let mut got = vec![PageHash::ZERO_PAGE; n];
+    key.hash_pages(&pages, &mut got);
+    let mut out = Vec::with_capacity(n);
+    for (i, p) in pages.into_iter().enumerate() {
+        let want = PageHash::try_from(&hashes[i * 32..(i + 1) * 32]).expect("32 bytes");
+        let ok = if want.is_zero_page() {
+            is_zero_page(p)
+        } else {
+            got[i] == want
+        };
+        if !ok {
+            return Err(MigrationError::Verification(format!(
+                "a received page does not match its hash {want}"
+            )));
+        }
+        out.push((p, want));
+    }
+    Ok(out)
 }

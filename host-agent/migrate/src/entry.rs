@@ -108,6 +108,12 @@ impl MigrationLink for Borrowed<'_> {
     ) -> Result<v1::migrate_frame::Body, MigrationError> {
         self.0.recv(timeout)
     }
+    fn peer(&self) -> String {
+        self.0.peer()
+    }
+    fn poll_frame(&mut self) -> Result<Option<v1::migrate_frame::Body>, MigrationError> {
+        self.0.poll_frame()
+    }
 }
 
 /// One clone's outcome.

@@ -16,6 +16,7 @@ mod entry;
 pub mod failpoint;
 pub mod mem;
 mod plug;
+mod postcopy;
 
 use std::time::Duration;
 
@@ -122,6 +123,11 @@ pub enum MigrationError {
     /// Every destination failed (each one's error says why).
     #[error("every destination failed")]
     NoneLeft,
+    /// Post-copy could not finish: the VM had resumed at its destination
+    /// before every page arrived, and the host holding the rest failed.
+    /// The VM cannot run on there; its source keeps its paused copy.
+    #[error("post-copy lost its source of pages: {0}")]
+    PostcopyLost(String),
 }
 
 impl MigrationError {
@@ -129,7 +135,9 @@ impl MigrationError {
     pub fn code(&self) -> RefusalCode {
         match self {
             MigrationError::Link(_) | MigrationError::Timeout { .. } => RefusalCode::Unavailable,
-            MigrationError::InDoubt(_) => RefusalCode::Unavailable,
+            MigrationError::InDoubt(_) | MigrationError::PostcopyLost(_) => {
+                RefusalCode::Unavailable
+            }
             MigrationError::Protocol(_) | MigrationError::Manifest(_) => RefusalCode::Invalid,
             MigrationError::Refused { code, .. }
             | MigrationError::Aborted { code, .. }
@@ -194,6 +202,16 @@ pub trait MigrationLink: Send {
     fn peer(&self) -> String {
         "the peer".into()
     }
+    /// A frame if one is there now (or arriving), else `None` at once:
+    /// a source pushing post-copy pages looks for requests between
+    /// batches this way. By default, a receive that waits 1 ms.
+    fn poll_frame(&mut self) -> Result<Option<v1::migrate_frame::Body>, MigrationError> {
+        match self.recv(Some(Duration::from_millis(1))) {
+            Ok(b) => Ok(Some(b)),
+            Err(MigrationError::Timeout { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// A [`MigrationLink`] over an authenticated [`Channel`].
@@ -224,6 +242,11 @@ impl ChannelLink {
     /// The name the peer gave in the handshake.
     pub fn peer_name(&self) -> &str {
         self.ch.peer_name()
+    }
+
+    /// Closes the connection both ways.
+    pub fn shutdown(&self) {
+        self.ch.shutdown();
     }
 }
 
@@ -258,6 +281,15 @@ impl MigrationLink for ChannelLink {
 
     fn peer(&self) -> String {
         format!("host {} ({})", self.ch.peer_name(), self.ch.peer())
+    }
+
+    fn poll_frame(&mut self) -> Result<Option<v1::migrate_frame::Body>, MigrationError> {
+        if !self.ch.readable() {
+            return Ok(None);
+        }
+        // Part of a frame is there: the rest follows within the reply
+        // timeout or the peer has failed.
+        self.recv(Some(REPLY_TIMEOUT)).map(Some)
     }
 }
 
@@ -349,6 +381,44 @@ pub struct MigrateOptions {
     /// A QEMU VM's stream goes to a QEMU listening on this loopback
     /// address at the destination ("": the adopted VM waiting there).
     pub connect: String,
+    /// How the VM switches over to its destination.
+    pub switchover: Switchover,
+}
+
+/// How a migration switches over to its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Switchover {
+    /// Stop and copy once the rest fits the downtime target; a guest that
+    /// dirties faster than the link is slowed down until it does.
+    Precopy,
+    /// Right after round 0 the VM resumes at its destination, which pulls
+    /// each page it lacks when its guest touches it while the source
+    /// pushes the rest (a move of a micro-VM only).
+    Postcopy,
+    /// Pre-copy, switching to post-copy where the rounds stop shrinking or
+    /// run out (a move of a micro-VM; anything else: pre-copy).
+    #[default]
+    Auto,
+}
+
+impl Switchover {
+    /// From the agent protocol's value (unspecified: auto).
+    pub fn from_proto(m: i32) -> Self {
+        match v1::SwitchoverMode::try_from(m) {
+            Ok(v1::SwitchoverMode::Precopy) => Switchover::Precopy,
+            Ok(v1::SwitchoverMode::Postcopy) => Switchover::Postcopy,
+            _ => Switchover::Auto,
+        }
+    }
+
+    /// As the agent protocol carries it.
+    pub fn to_proto(self) -> v1::SwitchoverMode {
+        match self {
+            Switchover::Precopy => v1::SwitchoverMode::Precopy,
+            Switchover::Postcopy => v1::SwitchoverMode::Postcopy,
+            Switchover::Auto => v1::SwitchoverMode::Auto,
+        }
+    }
 }
 
 impl Default for MigrateOptions {
@@ -363,6 +433,7 @@ impl Default for MigrateOptions {
             no_local: false,
             per_frame: false,
             connect: String::new(),
+            switchover: Switchover::Auto,
         }
     }
 }
@@ -419,6 +490,17 @@ pub struct MigrationReport {
     /// What ran the guest.
     #[serde(skip)]
     pub kind: v1::VmKind,
+    /// The switchover was post-copy (the VM resumed at its destination
+    /// before every page was there).
+    pub postcopy: bool,
+    /// Post-copy: pages the destination asked for when its guest touched
+    /// them.
+    pub postcopy_requested: u64,
+    /// Post-copy: pages sent after the VM resumed (those asked for too).
+    pub postcopy_pages: u64,
+    /// Post-copy: from the VM resuming at its destination to its last page
+    /// arriving there.
+    pub postcopy_ms: f64,
 }
 
 impl MigrationReport {
@@ -453,6 +535,10 @@ impl MigrationReport {
             in_doubt: false,
             contents_local: self.contents_local,
             kind: self.kind as i32,
+            postcopy: self.postcopy,
+            postcopy_requested: self.postcopy_requested,
+            postcopy_pages: self.postcopy_pages,
+            postcopy_ms: self.postcopy_ms,
         }
     }
 }

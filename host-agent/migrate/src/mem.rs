@@ -93,6 +93,14 @@ impl MigrationLink for MemLink {
             None => self.rx.recv().map_err(|_| closed()),
         }
     }
+
+    fn poll_frame(&mut self) -> Result<Option<Body>, MigrationError> {
+        match self.rx.try_recv() {
+            Ok(b) => Ok(Some(b)),
+            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(None),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(closed()),
+        }
+    }
 }
 
 /// A source VM over synthetic memory. Its guest (a thread) rewrites pages

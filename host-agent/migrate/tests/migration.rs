@@ -485,11 +485,13 @@ fn a_guest_dirtying_faster_than_the_link_converges_by_throttling() {
     let opts = MigrateOptions {
         bandwidth_bps: Some(100_000_000),
         max_downtime: Duration::from_millis(300),
+        switchover: Switchover::Precopy,
         ..MigrateOptions::default()
     };
     let out = migrate(&src, &NoLocalContent, opts, None);
     let report = out.report.unwrap();
     eprintln!("{}", serde_json::to_string(&report).unwrap());
+    assert!(!report.postcopy, "pre-copy was asked for");
     assert!(
         report.max_throttle_pct > 0,
         "throttled: {:?}",
@@ -503,4 +505,238 @@ fn a_guest_dirtying_faster_than_the_link_converges_by_throttling() {
     assert!(report.verified);
     out.dest_vm.unwrap().stop().unwrap();
     src.stop().unwrap();
+}
+
+/// The same guest under `auto`: where pre-copy stops shrinking, the VM
+/// resumes at its destination instead of being slowed down, and every
+/// page it lacked arrives afterwards, checked.
+#[test]
+fn auto_switches_a_guest_that_outruns_the_link_to_postcopy_unthrottled() {
+    if !needs(
+        "auto_switches_a_guest_that_outruns_the_link_to_postcopy_unthrottled",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let src = boot("web", 3, 32, 50_000, 4096);
+    let opts = MigrateOptions {
+        bandwidth_bps: Some(100_000_000),
+        max_downtime: Duration::from_millis(300),
+        ..MigrateOptions::default()
+    };
+    assert_eq!(opts.switchover, Switchover::Auto, "auto is the default");
+    let out = migrate(&src, &NoLocalContent, opts, None);
+    let report = out.report.unwrap();
+    eprintln!("{}", serde_json::to_string(&report).unwrap());
+    let incoming = out.incoming.unwrap();
+    assert!(
+        report.postcopy,
+        "switched to post-copy: {:?}",
+        report.rounds
+    );
+    assert!(incoming.postcopy);
+    assert_eq!(report.max_throttle_pct, 0, "never slowed down");
+    assert!(report.postcopy_pages > 0, "pages pushed after the resume");
+    assert!(report.verified, "the table matched the source's digest");
+    let dest = out.dest_vm.unwrap();
+    let p = dest.progress().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(dest.progress().unwrap() > p, "the guest runs on there");
+    dest.stop().unwrap();
+    src.stop().unwrap();
+}
+
+/// `postcopy` resumes right after round 0: the guest's touches of pages
+/// dirtied since are asked for and served first, the rest pushed; the
+/// memory it resumed on is the source's at the pause, frame for frame.
+#[test]
+fn postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches() {
+    if !needs(
+        "postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let src = boot("web", 0, 64, 20_000, 2048);
+    std::thread::sleep(Duration::from_millis(100));
+    let opts = MigrateOptions {
+        switchover: Switchover::Postcopy,
+        verify_full: true,
+        ..MigrateOptions::default()
+    };
+    let out = migrate(&src, &NoLocalContent, opts, None);
+    let report = out.report.unwrap();
+    eprintln!("{}", serde_json::to_string(&report).unwrap());
+    let incoming = out.incoming.unwrap();
+    assert!(report.postcopy && incoming.postcopy);
+    assert_eq!(
+        report.rounds.len(),
+        1,
+        "no pre-copy round: {:?}",
+        report.rounds
+    );
+    assert!(report.postcopy_pages > 0);
+    assert!(
+        incoming.postcopy_requested > 0 && report.postcopy_requested >= incoming.postcopy_requested,
+        "the guest touched missing pages and they were asked for: {} asked, {} heard",
+        incoming.postcopy_requested,
+        report.postcopy_requested
+    );
+    assert!(report.verified);
+    let dest = out.dest_vm.unwrap();
+    let p = dest.progress().unwrap();
+    assert!(p >= report.progress_after);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(dest.progress().unwrap() > p, "the guest runs on there");
+    dest.stop().unwrap();
+    src.stop().unwrap();
+}
+
+/// A clone cannot use post-copy (its source runs on): refused by name,
+/// before any destination hears of it.
+#[test]
+fn postcopy_is_refused_for_a_clone() {
+    assert!(engine::postcopy_refusal(engine::Mode::Clone, true).contains("post-copy is for moves"));
+    assert!(engine::postcopy_refusal(engine::Mode::Move, false).contains("QEMU"));
+}
+
+/// A source's link that fails after the Commit and `after` more frames:
+/// `frozen`, it keeps its connection open and sends nothing more (a
+/// source stopped with SIGSTOP, or cut off by a partition); otherwise it
+/// closes it (a source that died).
+struct SourceFails {
+    link: ChannelLink,
+    committed: bool,
+    after: u64,
+    frozen: bool,
+    failed: bool,
+}
+
+impl MigrationLink for SourceFails {
+    fn send(&mut self, body: v1::migrate_frame::Body) -> Result<(), MigrationError> {
+        if self.failed {
+            return if self.frozen { Ok(()) } else { Err(gone()) };
+        }
+        if self.committed {
+            if self.after == 0 {
+                self.failed = true;
+                if !self.frozen {
+                    self.link.shutdown();
+                    return Err(gone());
+                }
+                return Ok(());
+            }
+            self.after -= 1;
+        }
+        self.committed |= matches!(body, v1::migrate_frame::Body::Commit(_));
+        self.link.send(body)
+    }
+
+    fn recv(&mut self, t: Option<Duration>) -> Result<v1::migrate_frame::Body, MigrationError> {
+        self.link.recv(t)
+    }
+
+    fn poll_frame(&mut self) -> Result<Option<v1::migrate_frame::Body>, MigrationError> {
+        self.link.poll_frame()
+    }
+}
+
+/// Post-copy whose source fails after the VM resumed at the destination:
+/// the destination cannot complete the VM's memory, says so (post-copy
+/// lost) within its reply timeout, and its copy can be stopped even while
+/// its vCPU waits for a page; the source keeps its copy paused, in doubt.
+fn postcopy_source_fails(frozen: bool) {
+    let src = boot("web", 1, 32, 20_000, 2048);
+    std::thread::sleep(Duration::from_millis(100));
+    let opts = MigrateOptions {
+        switchover: Switchover::Postcopy,
+        reply_timeout: Duration::from_secs(3),
+        ..MigrateOptions::default()
+    };
+    let fp = Fingerprinter::new(2).unwrap();
+    let (a, mut b) = links();
+    let mut a = SourceFails {
+        link: a,
+        committed: false,
+        after: 3,
+        frozen,
+        failed: false,
+    };
+    let started: Mutex<Option<MicroVm>> = Mutex::new(None);
+    let t = std::time::Instant::now();
+    let (report, incoming) = std::thread::scope(|s| {
+        let dst = s.spawn(|| {
+            let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
+                v1::migrate_frame::Body::Begin(b) => b,
+                other => panic!("expected begin, got {other:?}"),
+            };
+            let r = migrate_in(
+                &mut b,
+                &begin,
+                &NoLocalContent,
+                &fp,
+                &mut |region, state| {
+                    let vm = MicroVm::restore(region, &state, begin.dirty_rate)
+                        .map_err(|e| e.to_string())?;
+                    let p = vm.progress().map_err(|e| e.to_string())?;
+                    *started.lock().unwrap() = Some(vm);
+                    Ok(p)
+                },
+            );
+            (r, t.elapsed())
+        });
+        let report = migrate_out(&Src(&src, None), &mut a, &fp, &opts, &mut |_| {});
+        (report, dst.join().unwrap())
+    });
+    let (incoming, gave_up_after) = incoming;
+    let err = incoming.unwrap_err();
+    eprintln!("destination: {err} after {gave_up_after:?}");
+    assert!(
+        matches!(err, MigrationError::PostcopyLost(_)),
+        "the destination lost its source of pages: {err}"
+    );
+    assert!(
+        gave_up_after < REPLY_TIMEOUT + Duration::from_secs(5),
+        "gave up after {gave_up_after:?}"
+    );
+    let err = report.unwrap_err();
+    assert!(
+        matches!(err, MigrationError::InDoubt(_)),
+        "the source's copy stays paused, in doubt: {err}"
+    );
+    let p = src.progress().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(src.progress().unwrap(), p, "the source never resumes it");
+    // The destination's copy stops although frames it waits for never came.
+    let dest = started.into_inner().unwrap().expect("it started");
+    let stopping = std::thread::spawn(move || dest.stop());
+    let t = std::time::Instant::now();
+    while !stopping.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(5), "the vCPU is stuck");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stopping.join().unwrap().unwrap();
+    src.stop().unwrap();
+}
+
+#[test]
+fn a_source_that_dies_during_postcopy_loses_the_vm_without_two_copies() {
+    if !needs(
+        "a_source_that_dies_during_postcopy_loses_the_vm_without_two_copies",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    postcopy_source_fails(false);
+}
+
+#[test]
+fn a_source_frozen_during_postcopy_is_given_up_on_within_the_reply_timeout() {
+    if !needs(
+        "a_source_frozen_during_postcopy_is_given_up_on_within_the_reply_timeout",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    postcopy_source_fails(true);
 }

@@ -762,6 +762,12 @@ impl Channel {
         self.r.set_read_timeout(t)
     }
 
+    /// Whether a receive would find something at once (a frame or part of
+    /// one), without waiting.
+    pub fn readable(&self) -> bool {
+        self.r.readable()
+    }
+
     /// Closes the connection both ways.
     pub fn shutdown(&self) {
         self.w.shutdown();
@@ -896,6 +902,22 @@ impl ChannelReader {
     /// Sets how long a receive may wait (`None`: forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), AuthError> {
         self.sock.set_read_timeout(t).map_err(io_err(&self.peer))
+    }
+
+    /// Whether a receive would find something at once (a frame or part of
+    /// one), without waiting.
+    pub fn readable(&self) -> bool {
+        if self.plain.len() > self.pos {
+            return true;
+        }
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call; a zero
+        // timeout only asks.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
     }
 
     /// Reads and decrypts until `n` plaintext bytes are buffered.

@@ -25,6 +25,9 @@ pub struct CloneSpec {
     pub bandwidth_bps: Option<u64>,
     /// Longest pause of the source VM.
     pub max_downtime_ms: u32,
+    /// How the clones switch over (post-copy is refused by the source
+    /// agent: a clone's source runs on).
+    pub switchover: v1::SwitchoverMode,
     /// The job's id.
     pub job: String,
 }
@@ -53,6 +56,7 @@ pub fn clone(
         job: spec.job.clone(),
         bandwidth_bps: rate,
         max_downtime_ms: spec.max_downtime_ms,
+        switchover: spec.switchover as i32,
     };
     // Each target takes the clone only for a job it was told of.
     open_job(svc, spec, &source, &targets);

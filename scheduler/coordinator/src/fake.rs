@@ -33,6 +33,8 @@ pub enum Call {
         to: String,
         /// Held for the job.
         hold: bool,
+        /// How it was asked to switch over.
+        switchover: v1::SwitchoverMode,
     },
     /// A migration said what its destination lacks.
     Held {
@@ -624,6 +626,8 @@ impl AgentApi for FakeCluster {
             vm: r.vm.clone(),
             to: to.clone(),
             hold: r.hold,
+            switchover: v1::SwitchoverMode::try_from(r.switchover)
+                .unwrap_or(v1::SwitchoverMode::Unspecified),
         });
         Ok(Box::new(FakeMigration {
             c: self.clone(),

@@ -632,6 +632,10 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MS", default_value_t = 50)]
     max_downtime: u32,
 
+    /// How the VM switches over: auto, precopy or postcopy (see each).
+    #[arg(long, value_enum, default_value = "auto")]
+    switchover: super::SwitchoverArg,
+
     /// At switchover also hash all memory on both sides (slower; the
     /// default check compares the hash of every page the source knows
     /// against the destination's).
@@ -715,6 +719,13 @@ struct MigrateOut<'a> {
     total_ms: f64,
     max_throttle_pct: u32,
     progress_after: u64,
+    /// "precopy" or "postcopy": how it switched over.
+    switchover: &'static str,
+    /// Post-copy: pages the destination asked for when its guest touched
+    /// them, pages sent after the VM resumed, and how long that took.
+    postcopy_requested: u64,
+    postcopy_pages: u64,
+    postcopy_ms: f64,
 }
 
 /// How long closing a job at its agents may hold up the end of a command:
@@ -871,6 +882,7 @@ fn migrate_request(a: &MigrateArgs, job: &str) -> v1::MigrateRequest {
         bandwidth_bps: a.bandwidth.unwrap_or(0),
         max_downtime_ms: a.max_downtime,
         verify_full: a.verify_full,
+        switchover: a.switchover.to_proto() as i32,
         qemu_listen: a.qemu_listen.clone().unwrap_or_default(),
         qemu_connect: a
             .qemu_connect
@@ -951,6 +963,10 @@ fn migrate_out<'a>(a: &'a MigrateArgs, r: &'a v1::MigrateResult) -> MigrateOut<'
         total_ms: r.total_ms,
         max_throttle_pct: r.max_throttle_pct,
         progress_after: r.progress_after,
+        switchover: if r.postcopy { "postcopy" } else { "precopy" },
+        postcopy_requested: r.postcopy_requested,
+        postcopy_pages: r.postcopy_pages,
+        postcopy_ms: r.postcopy_ms,
     }
 }
 
@@ -991,10 +1007,17 @@ fn render_report(o: &MigrateOut<'_>) -> String {
         format_bytes(o.bytes_vcpu),
         format_bytes(o.bytes_control)
     ));
-    s.push_str(&format!(
-        "  rounds: {} (the last is stop-and-copy)\n",
-        o.rounds
-    ));
+    if o.switchover == "postcopy" {
+        s.push_str(&format!(
+            "  rounds: {}, then post-copy: the VM resumed at the destination and {} pages followed in {:.0} ms ({} asked for by its guest)\n",
+            o.rounds, o.postcopy_pages, o.postcopy_ms, o.postcopy_requested
+        ));
+    } else {
+        s.push_str(&format!(
+            "  rounds: {} (the last is stop-and-copy)\n",
+            o.rounds
+        ));
+    }
     for r in &o.per_round {
         s.push_str(&format!(
             "    round {:>2}: {:>9} pages in {:>7.3} s, throttle {}%\n",

@@ -125,6 +125,12 @@ pub struct EvacuateArgs {
     #[arg(long, value_name = "MS", default_value_t = 50)]
     max_downtime: u32,
 
+    /// How pagecast's moves switch over: auto, precopy or postcopy (see
+    /// `pagecast migrate --help`). The baselines (--strategy precopy,
+    /// vmscatter) always use pre-copy, as the systems they are named after.
+    #[arg(long, value_enum, default_value = "auto")]
+    switchover: super::SwitchoverArg,
+
     /// What placement minimises first: eviction (the most loaded link's
     /// time) or bytes (that leave the sources).
     #[arg(long, default_value = "eviction", value_parser = ["eviction", "bytes"])]
@@ -203,6 +209,11 @@ pub struct CloneArgs {
     /// Longest pause of the source VM, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50)]
     max_downtime: u32,
+
+    /// How the clones switch over: auto or precopy (the same here: a
+    /// clone's source runs on, so post-copy is refused).
+    #[arg(long, value_enum, default_value = "auto")]
+    switchover: super::SwitchoverArg,
 
     /// The job's id (default: a new one), for `pagecast cancel`.
     #[arg(long, value_name = "ID")]
@@ -423,6 +434,7 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         multicast_floods: a.multicast_floods,
         release_early: a.release_early,
         max_downtime_ms: a.max_downtime,
+        switchover: a.switchover.to_proto(),
         objective: if a.objective == "bytes" {
             Objective::Bytes
         } else {
@@ -520,6 +532,7 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
         names: a.names.clone(),
         bandwidth_bps: a.bandwidth,
         max_downtime_ms: a.max_downtime,
+        switchover: a.switchover.to_proto(),
         job: job.clone(),
     };
     let progress = Progress::new(a.no_progress || a.json, 0);

@@ -125,6 +125,37 @@ pub struct TlsArg {
 }
 
 /// Loads the identity named by `--tls` or the environment.
+/// How a migration switches over to its destination (`--switchover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SwitchoverArg {
+    /// Pre-copy; where the rounds stop shrinking (a guest dirtying faster
+    /// than the link), resume at the destination and pull the rest
+    /// (post-copy) instead of slowing the guest down. Micro-VM moves only;
+    /// anything else: pre-copy.
+    Auto,
+    /// Stop and copy once the rest fits --max-downtime, slowing a guest
+    /// that dirties faster than the link until it does.
+    Precopy,
+    /// Resume at the destination right after the first full pass; the
+    /// destination pulls each page its guest touches and the rest is
+    /// pushed. Until the last page arrives the VM needs both hosts: if
+    /// either fails it is lost there and its source keeps it paused.
+    /// Micro-VM moves only (refused for clones and adopted QEMU VMs).
+    Postcopy,
+}
+
+impl SwitchoverArg {
+    /// As the agent protocol carries it.
+    pub fn to_proto(self) -> pagecast_proto::v1::SwitchoverMode {
+        use pagecast_proto::v1::SwitchoverMode as M;
+        match self {
+            SwitchoverArg::Auto => M::Auto,
+            SwitchoverArg::Precopy => M::Precopy,
+            SwitchoverArg::Postcopy => M::Postcopy,
+        }
+    }
+}
+
 pub fn load_tls(a: &TlsArg) -> anyhow::Result<pagecast_channel::Tls> {
     let dir = a.tls.as_ref().ok_or_else(|| {
         anyhow::anyhow!(

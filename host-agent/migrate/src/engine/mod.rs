@@ -11,8 +11,8 @@
 //! | cast | each lacking content once, multicast to those lacking it | [`stages`] |
 //! | refill | each destination says again what it lacks | [`stages`] |
 //! | transfer: round 0, pre-copy, switchover | [`Transfer`]: the engine's own rounds ([`rounds`], a micro-VM), or the VM's own stream relayed ([`stream`], QEMU) | |
-//! | post-copy | not yet: the VM would resume at its destinations before every page arrived, its missing pages pulled on demand ([`Transfer::postcopy`]) | |
 //! | commit | the destinations start the VM; the source hears they did | [`Transfer`] |
+//! | post-copy | a move that switched over before every page arrived: the destination pulls what its guest touches, the rest is pushed, the whole table checked ([`Transfer::postcopy`]) | [`postcopy`] |
 //! | finish | a move releases or hands everything back; a clone's source runs on | here |
 //!
 //! What passes between stages is typed: a [`Fleet`] of destinations, each
@@ -24,6 +24,7 @@
 //! with no word from the destination it is in doubt and the VM stays
 //! paused. A clone's source always runs on.
 
+mod postcopy;
 mod rounds;
 mod stages;
 mod stream;
@@ -38,9 +39,10 @@ use pagecast_proto::v1;
 
 use crate::{
     Caster, Hold, MigrateOptions, MigrationError, MigrationLink, MigrationReport, Progress,
-    SourceVm, wire_len,
+    SourceVm, Switchover, wire_len,
 };
 
+pub use stages::postcopy_refusal;
 pub use stream::{StreamEnd, StreamSource};
 
 type Body = v1::migrate_frame::Body;
@@ -198,6 +200,8 @@ pub(crate) struct Fleet<'a> {
     /// The destinations may run the VM from here on.
     pub committed: bool,
     pub started: Instant,
+    /// The engine's own rounds carry the pages (not a relayed stream).
+    pub rounds: bool,
 }
 
 impl Fleet<'_> {
@@ -320,6 +324,12 @@ impl Fleet<'_> {
         Ok(d)
     }
 
+    /// Whether this run may switch over with post-copy: a move of a VM
+    /// whose memory this host controls, not told to use pre-copy only.
+    pub fn postcopy_allowed(&self) -> bool {
+        self.mode == Mode::Move && self.rounds && self.opts.switchover != Switchover::Precopy
+    }
+
     /// Stops if the job was cancelled (the VM stays, running).
     pub fn check_cancel(&mut self, hold: &mut Option<&mut dyn Hold>) -> Result<(), MigrationError> {
         match hold.as_deref_mut().and_then(|h| h.cancelled()) {
@@ -343,16 +353,18 @@ pub(crate) trait Transfer {
         fp: &Fingerprinter,
     ) -> Result<(), MigrationError>;
 
-    /// The place of post-copy: the VM resumes at its destinations before
-    /// every page arrived and its missing pages are pulled on demand. No
-    /// transfer does it yet: every page has arrived when this runs.
+    /// The destinations start the VM; each says it runs (Done), failed
+    /// before starting it (Failed), or is not heard from (InDoubt). After a
+    /// post-copy switchover one that resumed stays in the run (Live) for
+    /// [`Transfer::postcopy`].
+    fn commit(&mut self, fleet: &mut Fleet) -> Result<(), MigrationError>;
+
+    /// Post-copy, after commit: the VM runs at its destination, which
+    /// pulls each missing page its guest touches while the rest is pushed,
+    /// then checks the whole table. Nothing to do after a stop-and-copy.
     fn postcopy(&mut self, _fleet: &mut Fleet) -> Result<(), MigrationError> {
         Ok(())
     }
-
-    /// The destinations start the VM; each says it runs (Done), failed
-    /// before starting it (Failed), or is not heard from (InDoubt).
-    fn commit(&mut self, fleet: &mut Fleet) -> Result<(), MigrationError>;
 }
 
 /// Runs one migration or clone: the stages in order, then the finish the
@@ -397,6 +409,7 @@ pub fn run(spec: Spec<'_>, fp: &Fingerprinter) -> Outcome {
         bytes_cast: 0,
         committed: false,
         started: Instant::now(),
+        rounds: matches!(how, How::Rounds),
     };
     let mut rounds = rounds::Rounds::default();
     let mut relay;

@@ -13,8 +13,9 @@ use pagecast_memory::fingerprint::{Fingerprinter, read_and_hash};
 use pagecast_pages::{PAGE_SIZE, PageHash};
 use pagecast_proto::{MAX_MIGRATE_PAGES_PER_FRAME, v1};
 
+use super::postcopy::Push;
 use super::{Body, Class, DestState, Fleet, Transfer, stages};
-use crate::{CAST_MIN_PAGES, Caster, Hold, MigrationError, Round, table_digest};
+use crate::{CAST_MIN_PAGES, Caster, Hold, MigrationError, Round, Switchover, table_digest};
 
 /// The rounds' state between stages.
 #[derive(Default)]
@@ -25,6 +26,16 @@ pub(crate) struct Rounds {
     throttle: u8,
     /// When the source paused.
     paused: Option<Instant>,
+    /// A post-copy switchover: what is still to push.
+    push: Option<Push>,
+}
+
+/// How pre-copy ended.
+enum Then {
+    /// Stop and copy what is left.
+    StopAndCopy,
+    /// Resume at the destination now and complete its memory after.
+    Postcopy,
 }
 
 /// Pre-copy ends when what is left would take this share of the downtime
@@ -42,12 +53,44 @@ impl Transfer for Rounds {
     ) -> Result<(), MigrationError> {
         let last = round_zero(fleet)?;
         fleet.any_left()?;
-        let rest = self.precopy(fleet, hold, caster, last)?;
+        let (rest, then) = self.precopy(fleet, hold, caster, last)?;
         fleet.check_cancel(hold)?;
-        self.switchover(fleet, caster, rest, fp)
+        match then {
+            Then::StopAndCopy => self.switchover(fleet, caster, rest, fp),
+            Then::Postcopy => self.postcopy_switchover(fleet, rest),
+        }
+    }
+
+    fn postcopy(&mut self, fleet: &mut Fleet) -> Result<(), MigrationError> {
+        let Some(push) = self.push.as_mut() else {
+            return Ok(());
+        };
+        if let Some(i) = fleet.alive().first().copied() {
+            fleet.tell(v1::MigratePhase::Postcopy);
+            push.finish(fleet, i);
+        }
+        fleet.report.postcopy_requested = push.requested;
+        fleet.report.postcopy_pages = push.pages;
+        fleet.report.postcopy_ms = push
+            .resumed
+            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        self.tally(fleet);
+        Ok(())
     }
 
     fn commit(&mut self, fleet: &mut Fleet) -> Result<(), MigrationError> {
+        if let Some(push) = self.push.as_mut() {
+            if let Some(i) = fleet.alive().first().copied() {
+                push.commit(fleet, i);
+            }
+            fleet.report.postcopy = true;
+            fleet.report.downtime_ms = match (self.paused, push.resumed) {
+                (Some(p), Some(r)) => r.duration_since(p).as_secs_f64() * 1e3,
+                (Some(p), None) => p.elapsed().as_secs_f64() * 1e3,
+                _ => 0.0,
+            };
+            return Ok(());
+        }
         // From here a destination may run the VM: a move never resumes it.
         fleet.committed = true;
         for i in fleet.alive() {
@@ -74,6 +117,14 @@ impl Transfer for Rounds {
         }
         let paused = self.paused.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
         fleet.report.downtime_ms = paused;
+        self.tally(fleet);
+        Ok(())
+    }
+}
+
+impl Rounds {
+    /// The report's verdict over the destinations that run the VM.
+    fn tally(&self, fleet: &mut Fleet) {
         let done: Vec<_> = fleet
             .dests
             .iter()
@@ -82,6 +133,29 @@ impl Transfer for Rounds {
         fleet.report.verified = !done.is_empty() && done.iter().all(|d| d.verified);
         fleet.report.verified_full = fleet.report.verified && fleet.opts.verify_full;
         fleet.report.progress_after = done.first().map_or(0, |d| d.progress_after);
+    }
+
+    /// Pause and resume at the destination without the last pages (see
+    /// [`Push`]).
+    fn postcopy_switchover(
+        &mut self,
+        fleet: &mut Fleet,
+        rest: DirtyBitmap,
+    ) -> Result<(), MigrationError> {
+        fleet.any_left()?;
+        let i = fleet.alive()[0];
+        fleet.tell(v1::MigratePhase::Switchover);
+        self.paused = Some(Instant::now());
+        fleet.vm.pause()?;
+        let round = self.round;
+        let s = v1::Switchover {
+            round,
+            postcopy: true,
+        };
+        fleet.send(i, Body::Switchover(s), Class::Control);
+        let mut rest = rest;
+        rest.merge(&fleet.take_dirty()?)?;
+        self.push = Some(Push::switchover(fleet, i, &rest, round)?);
         Ok(())
     }
 }
@@ -151,8 +225,9 @@ impl Rounds {
         hold: &mut Option<&mut dyn Hold>,
         caster: &mut Option<&mut dyn Caster>,
         mut last: Round,
-    ) -> Result<DirtyBitmap, MigrationError> {
+    ) -> Result<(DirtyBitmap, Then), MigrationError> {
         let budget = fleet.opts.max_downtime.mul_f64(DRAIN_SHARE);
+        let postcopy = fleet.postcopy_allowed();
         let mut previous = u64::MAX;
         let mut round = 1u32;
         loop {
@@ -163,17 +238,33 @@ impl Rounds {
             fleet.prog.dirty_pages = count;
             let rate = rate(fleet, &last);
             let drain = Duration::from_secs_f64(count as f64 * PAGE_SIZE as f64 / rate.max(1.0));
-            if drain <= budget || round > fleet.opts.max_rounds {
-                self.round = round;
-                return Ok(dirty);
+            self.round = round;
+            if postcopy && fleet.opts.switchover == Switchover::Postcopy {
+                return Ok((dirty, Then::Postcopy));
+            }
+            if drain <= budget {
+                return Ok((dirty, Then::StopAndCopy));
+            }
+            if round > fleet.opts.max_rounds {
+                let then = if postcopy {
+                    Then::Postcopy
+                } else {
+                    Then::StopAndCopy
+                };
+                return Ok((dirty, then));
             }
             // Not converging fast: the guest dirtied more than half of what
             // the last round sent while it was sent (or no fewer pages than
-            // the round before). Slow it down (auto-converge, with QEMU's
-            // trigger) rather than loop until the round limit.
-            if round >= 2
-                && (count as f64 > last.pages as f64 * 0.5 || count as f64 > previous as f64 * 0.9)
-            {
+            // the round before). Resume at the destination now where
+            // post-copy may be used, else slow the guest down
+            // (auto-converge, with QEMU's trigger) rather than loop until
+            // the round limit.
+            let stalled = round >= 2
+                && (count as f64 > last.pages as f64 * 0.5 || count as f64 > previous as f64 * 0.9);
+            if stalled && postcopy {
+                return Ok((dirty, Then::Postcopy));
+            }
+            if stalled {
                 self.throttle = if self.throttle == 0 {
                     50
                 } else {
@@ -217,7 +308,10 @@ impl Rounds {
         for i in fleet.alive() {
             fleet.send(
                 i,
-                Body::Switchover(v1::Switchover { round }),
+                Body::Switchover(v1::Switchover {
+                    round,
+                    postcopy: false,
+                }),
                 Class::Control,
             );
         }
@@ -297,7 +391,7 @@ fn rate(fleet: &Fleet, last: &Round) -> f64 {
 
 /// Reads `frames` now and sends them to the destinations `to`, 64 to a
 /// message, each batch read once whatever the number of destinations.
-fn send_frames(
+pub(super) fn send_frames(
     fleet: &mut Fleet,
     to: &[usize],
     frames: &[u64],

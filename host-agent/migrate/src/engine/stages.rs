@@ -10,7 +10,7 @@ use pagecast_pages::{PAGE_SIZE, PageHash};
 use pagecast_proto::{MAX_MANIFEST_CHUNK_FRAMES, MIGRATE_WIRE_VERSION, v1};
 
 use super::{Body, Class, Fleet, Mode, Transfer};
-use crate::{Caster, Hold, HoldPoll, MigrationError, wire_len};
+use crate::{Caster, Hold, HoldPoll, MigrationError, Switchover, wire_len};
 
 /// How often a held source tells the destinations it is alive, and
 /// expects the same back.
@@ -48,12 +48,32 @@ pub(super) fn run(
         needs(fleet);
         fleet.any_left()?;
     }
+    if fleet.opts.switchover == Switchover::Postcopy && !fleet.postcopy_allowed() {
+        return Err(MigrationError::Refused {
+            code: v1::RefusalCode::Invalid,
+            reason: postcopy_refusal(fleet.mode, fleet.rounds).into(),
+        });
+    }
     transfer.transfer(fleet, hold, caster, fp)?;
-    transfer.postcopy(fleet)?;
     fleet.any_left()?;
     transfer.commit(fleet)?;
+    transfer.postcopy(fleet)?;
     fleet.tell(v1::MigratePhase::Done);
     Ok(())
+}
+
+/// Why `--switchover postcopy` cannot be had for a run of `mode`
+/// (`rounds`: the engine's own rounds carry the pages).
+pub fn postcopy_refusal(mode: Mode, rounds: bool) -> &'static str {
+    if mode == Mode::Clone {
+        "post-copy is for moves: a clone's source runs on, so its memory keeps changing \
+         under the copies (use --switchover precopy or auto)"
+    } else if !rounds {
+        "post-copy is not offered for adopted QEMU VMs: their memory travels in QEMU's own \
+         stream (use --switchover precopy or auto)"
+    } else {
+        "post-copy is not possible here"
+    }
 }
 
 /// The hash of every frame: the VM's own map if it keeps one current
@@ -103,6 +123,7 @@ fn offer(fleet: &mut Fleet, held: bool) {
             domain_check: fleet.vm.content_key().check(),
             kind: fleet.vm.kind() as i32,
             connect: fleet.opts.connect.clone(),
+            postcopy: fleet.postcopy_allowed(),
         };
         fleet.send(i, Body::Begin(begin), Class::Control);
         match fleet.expect(i, "answer to the migration request") {

@@ -100,6 +100,9 @@ pub struct EvacuateSpec {
     pub multicast_floods: bool,
     /// Downtime target per VM.
     pub max_downtime_ms: u32,
+    /// How pagecast's own moves switch over (the baselines always use
+    /// pre-copy, as the systems they are named after do).
+    pub switchover: v1::SwitchoverMode,
     /// What placement minimises first.
     pub objective: Objective,
     /// Plan only.

@@ -144,6 +144,11 @@ impl<'a> Run<'a> {
             hold: method.holds(),
             no_local: method != Method::Pagecast,
             per_frame: method == Method::Precopy,
+            switchover: if method == Method::Pagecast {
+                self.spec.switchover as i32
+            } else {
+                v1::SwitchoverMode::Precopy as i32
+            },
             ..Default::default()
         }
     }

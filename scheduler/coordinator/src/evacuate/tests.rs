@@ -244,6 +244,7 @@ fn spec(method: Method) -> EvacuateSpec {
         job: "ev-test".into(),
         transport: v1::CastTransport::Unspecified,
         release_early: false,
+        switchover: v1::SwitchoverMode::Auto,
     }
 }
 
@@ -546,6 +547,38 @@ fn precopy_runs_at_most_parallel_per_source_and_holds_nothing() {
     }
 }
 
+/// pagecast's own moves switch over as asked; the baselines always use
+/// pre-copy, as QEMU and VMScatter do.
+#[test]
+fn only_pagecast_moves_switch_over_as_asked_and_baselines_use_precopy() {
+    use v1::SwitchoverMode as S;
+    for (method, asked, want) in [
+        (Method::Pagecast, S::Postcopy, S::Postcopy),
+        (Method::Pagecast, S::Auto, S::Auto),
+        (Method::Precopy, S::Postcopy, S::Precopy),
+        (Method::VmScatter, S::Auto, S::Precopy),
+    ] {
+        let f = cluster();
+        let mut s = spec(method);
+        s.switchover = asked;
+        let rep = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap();
+        assert!(rep.ok, "{rep:?}");
+        let modes: Vec<S> = f
+            .calls()
+            .iter()
+            .filter_map(|c| match c {
+                Call::Migrate { switchover, .. } => Some(*switchover),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(modes.len(), MOVING.len(), "{method:?}");
+        assert!(
+            modes.iter().all(|m| *m == want),
+            "{method:?} asked {asked:?}: {modes:?}"
+        );
+    }
+}
+
 #[test]
 fn vmscatter_sends_what_the_destinations_hold() {
     let f = cluster();
@@ -598,6 +631,7 @@ fn bad_requests_are_refused_by_name() {
 fn a_clone_goes_to_every_target_and_the_source_keeps_its_vm() {
     let f = cluster();
     let spec = crate::CloneSpec {
+        switchover: v1::SwitchoverMode::Auto,
         vm: "web1".into(),
         to: vec!["b1".into(), "b2".into()],
         names: "{vm}-{host}".into(),
