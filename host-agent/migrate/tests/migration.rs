@@ -582,7 +582,7 @@ fn postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches() {
         incoming.postcopy_requested,
         report.postcopy_requested
     );
-    assert!(report.verified);
+    assert!(report.verified && report.verified_full, "{report:?}");
     let dest = out.dest_vm.unwrap();
     let p = dest.progress().unwrap();
     assert!(p >= report.progress_after);

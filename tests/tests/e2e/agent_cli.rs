@@ -1136,3 +1136,113 @@ fn a_held_migration_ends_at_its_jobs_deadline() {
         }
     });
 }
+
+/// Post-copy through the CLI, with the source agent frozen (SIGSTOP) once
+/// the VM runs at the destination and pages are still arriving: the
+/// destination gives up within its reply timeout and stops its copy,
+/// which can no longer be completed; the source keeps its copy paused, in
+/// doubt, until the destination says it does not run the VM, then resumes
+/// it; never two copies running.
+#[test]
+fn a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source() {
+    if !needs(
+        "a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    let b = Agent::start(d, "host-b");
+    ok_json(
+        d,
+        &[
+            "vm",
+            "start",
+            "--agent",
+            &a.addr,
+            "--name",
+            "busy",
+            "--synthetic",
+            "web",
+            "--memory",
+            "128MiB",
+            "--dirty-rate",
+            "200000",
+            "--working-set",
+            "16384",
+            "--json",
+        ],
+    );
+    assert_advancing(d, &a, "busy");
+    // Every page of the working set is dirty again by the end of round 0,
+    // so 64 MiB follow the resume at 100 Mbit/s: about 5 s of post-copy.
+    let migrate = Command::new(pagecast_bin())
+        .args([
+            "migrate", "--vm", "busy", "--from", &a.addr, "--to", &b.addr,
+        ])
+        .args(["--switchover", "postcopy", "--bandwidth", "100M"])
+        .args(["--json", "--quiet"])
+        .env("PAGECAST_TLS", pki::operator())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    pagecast_tests::cluster::eventually(
+        Duration::from_secs(60),
+        "the VM resumed there",
+        || match vm(&vms(d, &b), "busy") {
+            Some(v) if v["state"] == "running" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    pagecast_tests::cluster::signal(&a.child, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let gone = pagecast_tests::cluster::eventually(
+        Duration::from_secs(30),
+        "the destination's copy stopped",
+        || match vm(&vms(d, &b), "busy") {
+            None => Ok(frozen.elapsed()),
+            Some(v) => Err(v.to_string()),
+        },
+    );
+    eprintln!("the destination stopped its copy {gone:?} after the source froze");
+    assert!(
+        gone < Duration::from_secs(20),
+        "the destination held on {gone:?}"
+    );
+    assert!(
+        b.log().contains("post-copy"),
+        "the destination says why: {}",
+        b.log()
+    );
+    pagecast_tests::cluster::signal(&a.child, libc::SIGCONT);
+    let out = migrate.wait_with_output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("in doubt"), "{all}");
+    // The source kept its copy, paused at the switchover; once the
+    // destination says it does not run the VM, the source resumes it from
+    // there (what the guest did at the destination is lost, as in a
+    // crash): exactly one copy runs.
+    pagecast_tests::cluster::eventually(
+        Duration::from_secs(30),
+        "the source's copy resumed",
+        || match vm(&vms(d, &a), "busy") {
+            Some(v) if v["state"] == "running" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_advancing(d, &a, "busy");
+    assert!(vm(&vms(d, &b), "busy").is_none());
+    assert!(
+        a.log().contains("never started it") || a.log().contains("resumed here"),
+        "{}",
+        a.log()
+    );
+}

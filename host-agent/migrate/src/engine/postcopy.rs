@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use pagecast_memory::DirtyBitmap;
+use pagecast_pages::PageHash;
 use pagecast_proto::{MAX_MIGRATE_PAGES_PER_FRAME, MAX_NEED_HASHES_PER_FRAME, v1};
 
 use super::rounds::send_frames;
@@ -34,6 +35,8 @@ pub(crate) struct Push {
     pub pages: u64,
     /// When the destination said the VM resumed.
     pub resumed: Option<Instant>,
+    /// `--verify-full`: every frame's hash, from all of the paused memory.
+    full: Option<Vec<PageHash>>,
 }
 
 impl Push {
@@ -45,6 +48,7 @@ impl Push {
         i: usize,
         missing: &DirtyBitmap,
         round: u32,
+        full: Option<Vec<PageHash>>,
     ) -> Result<Push, MigrationError> {
         let frames: Vec<u64> = missing.iter().collect();
         let mut chunks = frames.chunks(MAX_NEED_HASHES_PER_FRAME).peekable();
@@ -84,6 +88,7 @@ impl Push {
             requested: 0,
             pages: 0,
             resumed: None,
+            full,
         })
     }
 
@@ -108,18 +113,27 @@ impl Push {
     /// and the destination's verdict. Any failure leaves it in doubt.
     pub fn finish(&mut self, fleet: &mut Fleet, i: usize) {
         let r = self.pump(fleet, i, true).and_then(|()| {
+            if self.full.as_ref().is_some_and(|f| *f != fleet.table) {
+                return Err(MigrationError::Verification(
+                    "the pages pushed differ from the source's memory at the pause".into(),
+                ));
+            }
             let d = v1::Digest {
                 digest: table_digest(&fleet.table).to_vec().into(),
                 full: Vec::new().into(),
             };
             fleet.send(i, Body::Digest(d), Class::Control);
-            match fleet.expect(i, "the end of post-copy") {
-                Some(Body::PostcopyDone(d)) if d.ok => Ok(()),
-                Some(Body::PostcopyDone(d)) => Err(MigrationError::Verification(d.reason)),
-                Some(other) => Err(MigrationError::Protocol(format!(
-                    "expected the end of post-copy, got {other:?}"
-                ))),
-                None => Err(MigrationError::Protocol("the destination failed".into())),
+            loop {
+                return match fleet.expect(i, "the end of post-copy") {
+                    // Asked for while its page was on the way: sent already.
+                    Some(Body::PageRequest(_)) => continue,
+                    Some(Body::PostcopyDone(d)) if d.ok => Ok(()),
+                    Some(Body::PostcopyDone(d)) => Err(MigrationError::Verification(d.reason)),
+                    Some(other) => Err(MigrationError::Protocol(format!(
+                        "expected the end of post-copy, got {other:?}"
+                    ))),
+                    None => Err(MigrationError::Protocol("the destination failed".into())),
+                };
             }
         });
         let d = &mut fleet.dests[i];

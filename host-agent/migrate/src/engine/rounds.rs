@@ -57,7 +57,7 @@ impl Transfer for Rounds {
         fleet.check_cancel(hold)?;
         match then {
             Then::StopAndCopy => self.switchover(fleet, caster, rest, fp),
-            Then::Postcopy => self.postcopy_switchover(fleet, rest),
+            Then::Postcopy => self.postcopy_switchover(fleet, rest, fp),
         }
     }
 
@@ -141,6 +141,7 @@ impl Rounds {
         &mut self,
         fleet: &mut Fleet,
         rest: DirtyBitmap,
+        fp: &Fingerprinter,
     ) -> Result<(), MigrationError> {
         fleet.any_left()?;
         let i = fleet.alive()[0];
@@ -155,7 +156,26 @@ impl Rounds {
         fleet.send(i, Body::Switchover(s), Class::Control);
         let mut rest = rest;
         rest.merge(&fleet.take_dirty()?)?;
-        self.push = Some(Push::switchover(fleet, i, &rest, round)?);
+        // --verify-full: all of the paused memory hashed now. Every frame
+        // not dirty must be what was sent; the dirty ones must be what the
+        // push sends (checked at its end).
+        let full = if fleet.opts.verify_full {
+            let key = fleet.vm.content_key();
+            let f = fp
+                .pool()
+                .install(|| fp.fingerprint(fleet.vm, &key, &|_| {}));
+            let lost =
+                (0..f.hashes.len()).find(|&k| !rest.get(k as u64) && f.hashes[k] != fleet.table[k]);
+            if let Some(k) = lost {
+                return Err(MigrationError::Verification(format!(
+                    "frame {k} of the source differs from what it sent (dirty tracking lost it)"
+                )));
+            }
+            Some(f.hashes)
+        } else {
+            None
+        };
+        self.push = Some(Push::switchover(fleet, i, &rest, round, full)?);
         Ok(())
     }
 }
