@@ -448,6 +448,10 @@ impl FakeMigration {
             .expect("a migrating VM exists");
         v.host = self.to.clone();
         let frames = v.frames.len() as u64;
+        // Asked for post-copy, the VM resumes at its destination and the
+        // pages it still lacks follow (here: a tenth of what was sent, a
+        // third of them asked for by its guest).
+        let postcopy = self.req.switchover == v1::SwitchoverMode::Postcopy as i32;
         v1::MigrateResult {
             ok: true,
             verified: true,
@@ -455,6 +459,10 @@ impl FakeMigration {
             pages_sent: sent,
             nonzero_pages: frames,
             kind: v1::VmKind::MicroVm as i32,
+            postcopy,
+            postcopy_pages: if postcopy { sent / 10 } else { 0 },
+            postcopy_requested: if postcopy { sent / 30 } else { 0 },
+            postcopy_ms: if postcopy { 12.5 } else { 0.0 },
             ..Default::default()
         }
     }

@@ -40,8 +40,15 @@ pub struct VmOutcome {
     /// destination may run it.
     pub in_doubt: bool,
     /// How it switched over: "precopy" (pre-copy rounds, then a stop and
-    /// copy), "" if it did not.
+    /// copy), "postcopy" (it resumed at its destination before every page
+    /// was there), "" if it did not.
     pub switchover: String,
+    /// Post-copy: pages its guest touched at the destination before they
+    /// arrived (each one asked for).
+    pub postcopy_faults: u64,
+    /// Post-copy: seconds from its resume at the destination to its last
+    /// page arriving there.
+    pub postcopy_s: f64,
     /// Seconds from the job's start until it left its source (it ran at
     /// its destination); `None` if it did not.
     pub left_s: Option<f64>,

@@ -952,3 +952,50 @@ fn the_baselines_move_every_vm_verified() {
     where_each_runs(&r, &MOVING);
     assert!(r.vms_on("h1").is_empty() && r.vms_on("h2").is_empty());
 }
+
+/// A VM dirtying 50,000 pages/s, faster than its share of a 200 Mbit/s
+/// limit can carry: under `auto` (the default) it resumes at its
+/// destination by post-copy instead of holding the job, verified, and the
+/// report says so with what post-copy cost.
+#[test]
+fn auto_moves_a_vm_that_outruns_its_link_by_postcopy_verified() {
+    if !needs(
+        "auto_moves_a_vm_that_outruns_its_link_by_postcopy_verified",
+        RIG,
+    ) {
+        return;
+    }
+    let r = rig(&[]);
+    r.vm_start("h1", "hot1", "web:index=5", 48, 50_000);
+    r.vm_start("h1", "db1", "db:index=1", 48, 0);
+    r.vm_start("h4", "web0", "web:index=0", 48, 0);
+    r.wait_published(&["hot1", "db1", "web0"]);
+    let (out, rep) = r.evacuate(&[
+        "--from",
+        "h1",
+        "--to",
+        "h4,h5",
+        "--bandwidth",
+        "200M",
+        "--max-downtime",
+        "100",
+    ]);
+    eprintln!("{}", serde_json::to_string_pretty(&rep).unwrap());
+    assert!(
+        out.status.success(),
+        "{}\n{rep}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        r.logs()
+    );
+    assert_eq!(rep["ok"], true);
+    let vms = rep["vms"].as_array().unwrap();
+    for v in vms {
+        assert_eq!(v["verified"], true, "{v}");
+    }
+    let hot = vms.iter().find(|v| v["name"] == "hot1").unwrap();
+    assert_eq!(hot["switchover"], "postcopy", "{hot}");
+    assert!(hot["postcopy_s"].as_f64().unwrap() > 0.0, "{hot}");
+    let at = where_each_runs(&r, &["hot1", "db1"]);
+    assert!(at.values().all(|h| h == "h4" || h == "h5"), "{at:?}");
+    assert!(r.vms_on("h1").is_empty());
+}

@@ -46,8 +46,10 @@ use super::index::IndexAddrs;
 /// JSON (--json): {"job", "ok", "strategy", "dry_run", "vms": [{"name",
 /// "from", "to", "ok", "verified", "kind", "downtime_ms", "bytes_sent",
 /// "pages_local", "pages_short_haul", "pages_cast", "error", "in_doubt",
-/// "switchover" ("precopy", or "" if it did not), "left_s" (when it left
-/// its source, or null)}], "source_bytes", "core_bytes", "bytes_by_class":
+/// "switchover" ("precopy", "postcopy", or "" if it did not),
+/// "postcopy_faults" and "postcopy_s" (pages its guest asked for at the
+/// destination, and seconds until its last page arrived there), "left_s"
+/// (when it left its source, or null)}], "source_bytes", "core_bytes", "bytes_by_class":
 /// {"multicast", "unicast", "short_haul", "repair"}, "eviction_s",
 /// "evicted_s" ({SOURCE: seconds until its last VM left, or null if one
 /// stayed}), "total_s",
@@ -369,6 +371,13 @@ fn render(r: &EvacuationReport) -> String {
             v.pages_local,
             v.pages_short_haul,
             v.pages_cast
+        );
+    }
+    for v in r.vms.iter().filter(|v| v.switchover == "postcopy") {
+        let _ = writeln!(
+            s,
+            "  {}: post-copy: resumed at {} before its last pages, which followed in {:.2} s ({} asked for by its guest)",
+            v.name, v.to, v.postcopy_s, v.postcopy_faults
         );
     }
     for v in r.vms.iter().filter(|v| !v.error.is_empty()) {

@@ -64,7 +64,9 @@ pub(super) fn measured(
                 eviction = eviction.max(*at);
                 left = Some(*at);
                 o.left_s = Some(*at);
-                o.switchover = "precopy".into();
+                o.switchover = if r.postcopy { "postcopy" } else { "precopy" }.into();
+                o.postcopy_faults = r.postcopy_requested;
+                o.postcopy_s = r.postcopy_ms / 1e3;
             }
             link_bytes += r.bytes_sent;
             if prep.view.rack_of(&m.from) != prep.view.rack_of(&m.to) {

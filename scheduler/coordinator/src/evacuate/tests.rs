@@ -576,6 +576,17 @@ fn only_pagecast_moves_switch_over_as_asked_and_baselines_use_precopy() {
             modes.iter().all(|m| *m == want),
             "{method:?} asked {asked:?}: {modes:?}"
         );
+        // The report says how each VM switched over, and what post-copy
+        // cost it.
+        for v in &rep.vms {
+            let post = want == S::Postcopy;
+            assert_eq!(
+                v.switchover,
+                if post { "postcopy" } else { "precopy" },
+                "{v:?}"
+            );
+            assert_eq!(v.postcopy_s > 0.0, post, "{v:?}");
+        }
     }
 }
 
