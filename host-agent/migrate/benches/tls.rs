@@ -30,7 +30,7 @@ use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_memory::{DirtyBitmap, MemoryError, Region};
 use pagecast_migrate::{
     ChannelLink, MigrateOptions, MigrationError, MigrationLink, NoLocalContent, SourceVm,
-    migrate_in, migrate_out,
+    Switchover, migrate_in, migrate_out,
 };
 use pagecast_pages::Page;
 use pagecast_proto::v1;
@@ -187,6 +187,9 @@ fn run(mib: u64, rate: u64, tls: bool, fp: &Fingerprinter) -> (f64, f64, f64) {
         let opts = MigrateOptions {
             bandwidth_bps: Some(rate),
             max_downtime: Duration::from_millis(300),
+            // The plain link reports no timeouts, which post-copy's
+            // polling needs; this bench measures the link, not the mode.
+            switchover: Switchover::Precopy,
             ..MigrateOptions::default()
         };
         let cpu = thread_cpu();
