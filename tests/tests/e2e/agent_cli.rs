@@ -1137,24 +1137,9 @@ fn a_held_migration_ends_at_its_jobs_deadline() {
     });
 }
 
-/// Post-copy through the CLI, with the source agent frozen (SIGSTOP) once
-/// the VM runs at the destination and pages are still arriving: the
-/// destination gives up within its reply timeout and stops its copy,
-/// which can no longer be completed; the source keeps its copy paused, in
-/// doubt, until the destination says it does not run the VM, then resumes
-/// it; never two copies running.
-#[test]
-fn a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source() {
-    if !needs(
-        "a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source",
-        &[Need::Kvm],
-    ) {
-        return;
-    }
-    let dir = setup();
-    let d = dir.path();
-    let a = Agent::start(d, "host-a");
-    let b = Agent::start(d, "host-b");
+/// Starts a post-copy migration of a busy VM from `a` to `b` through the
+/// CLI and returns once the VM runs at `b` with pages still to come.
+fn postcopy_under_way(d: &Path, a: &Agent, b: &Agent) -> std::process::Child {
     ok_json(
         d,
         &[
@@ -1175,7 +1160,7 @@ fn a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source() {
             "--json",
         ],
     );
-    assert_advancing(d, &a, "busy");
+    assert_advancing(d, a, "busy");
     // Every page of the working set is dirty again by the end of round 0,
     // so 64 MiB follow the resume at 100 Mbit/s: about 5 s of post-copy.
     let migrate = Command::new(pagecast_bin())
@@ -1192,11 +1177,33 @@ fn a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source() {
     pagecast_tests::cluster::eventually(
         Duration::from_secs(60),
         "the VM resumed there",
-        || match vm(&vms(d, &b), "busy") {
+        || match vm(&vms(d, b), "busy") {
             Some(v) if v["state"] == "running" => Ok(()),
             other => Err(format!("{other:?}")),
         },
     );
+    migrate
+}
+
+/// Post-copy through the CLI, with the source agent frozen (SIGSTOP) once
+/// the VM runs at the destination and pages are still arriving: the
+/// destination gives up within its reply timeout and stops its copy,
+/// which can no longer be completed; the source keeps its copy paused, in
+/// doubt, until the destination says it does not run the VM, then resumes
+/// it; never two copies running.
+#[test]
+fn a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source() {
+    if !needs(
+        "a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    let b = Agent::start(d, "host-b");
+    let migrate = postcopy_under_way(d, &a, &b);
     pagecast_tests::cluster::signal(&a.child, libc::SIGSTOP);
     let frozen = Instant::now();
     let gone = pagecast_tests::cluster::eventually(
@@ -1245,4 +1252,42 @@ fn a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source() {
         "{}",
         a.log()
     );
+}
+
+/// Post-copy with the source agent killed (SIGKILL) once the VM runs at
+/// the destination: its paused copy dies with it, and the destination,
+/// which can no longer complete its copy, stops it at once and says why:
+/// the VM fails loudly and never runs on wrong pages.
+#[test]
+fn a_source_killed_during_postcopy_fails_the_vm_loudly_and_runs_no_wrong_pages() {
+    if !needs(
+        "a_source_killed_during_postcopy_fails_the_vm_loudly_and_runs_no_wrong_pages",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let mut a = Agent::start(d, "host-a");
+    let b = Agent::start(d, "host-b");
+    let migrate = postcopy_under_way(d, &a, &b);
+    a.kill();
+    let killed = Instant::now();
+    let gone = pagecast_tests::cluster::eventually(
+        Duration::from_secs(30),
+        "the destination's copy stopped",
+        || match vm(&vms(d, &b), "busy") {
+            None => Ok(killed.elapsed()),
+            Some(v) => Err(v.to_string()),
+        },
+    );
+    eprintln!("the destination stopped its copy {gone:?} after the source died");
+    assert!(gone < Duration::from_secs(12), "held on {gone:?}");
+    assert!(
+        b.log().contains("post-copy lost its source of pages"),
+        "{}",
+        b.log()
+    );
+    let out = migrate.wait_with_output().unwrap();
+    assert!(!out.status.success());
 }
