@@ -122,6 +122,12 @@ pub struct Predicted {
     pub bottleneck: String,
     /// Bytes a per-VM pre-copy of the same placement would send.
     pub precopy_source_bytes: u64,
+    /// Per source host: the moving VMs' pages that no other host holds
+    /// (they must leave it, whatever the plan), in bytes.
+    pub only_at_source_bytes: BTreeMap<String, u64>,
+    /// Per source host: those bytes over its link, the least time its
+    /// eviction can take (absent where its link rate is unknown).
+    pub lower_bound_s: BTreeMap<String, f64>,
     /// Where each VM goes.
     pub placement: BTreeMap<String, String>,
 }

@@ -279,6 +279,13 @@ fn a_rack_evacuates_verified_with_shared_pages_sent_once() {
             .as_f64()
             .unwrap_or_else(|| panic!("{src} not evicted: {rep}"));
         assert!(at > 0.0 && at <= eviction, "{src} at {at}, job {eviction}");
+        // No source leaves sooner than the pages only it holds take over
+        // its link.
+        let only = rep["predicted"]["only_at_source_bytes"][src].as_u64();
+        assert!(only.is_some_and(|b| b > 0), "{src}: {rep}");
+        if let Some(bound) = rep["predicted"]["lower_bound_s"][src].as_f64() {
+            assert!(at >= bound, "{src} evicted at {at} s, under its bound {bound} s");
+        }
     }
     // None at the sources, all at their destinations, running.
     assert!(r.vms_on("h1").is_empty() && r.vms_on("h2").is_empty());

@@ -55,7 +55,10 @@ use super::index::IndexAddrs;
 /// stayed}), "total_s",
 /// "predicted": {"source_bytes", "rewrite_bytes", "manifest_bytes",
 /// "header_bytes", "core_bytes", "eviction_s",
-/// "bottleneck", "precopy_source_bytes", "placement"}, "bytes_by_source",
+/// "bottleneck", "precopy_source_bytes", "placement", "only_at_source_bytes"
+/// ({SOURCE: bytes of the moving VMs' pages no other host holds}),
+/// "lower_bound_s" ({SOURCE: those bytes over its link, the least its
+/// eviction can take})}, "bytes_by_source",
 /// "phases": {VM: [{"phase", "at_s"}]}} (when each VM entered each phase:
 /// manifest, held, cast, round 0, pre-copy, switchover, done or failed,
 /// seconds from the command's start)
@@ -419,9 +422,26 @@ fn render(r: &EvacuationReport) -> String {
             r.eviction_s, r.total_s
         );
         for (host, at) in &r.evicted_s {
+            let bound = match (
+                r.predicted.lower_bound_s.get(host),
+                r.predicted.only_at_source_bytes.get(host),
+            ) {
+                (Some(b), Some(bytes)) => format!(
+                    " (lower bound {b:.2} s: {} only it holds, over its link{})",
+                    format_bytes(*bytes),
+                    match at {
+                        Some(t) if *b > 0.0 => format!("; {:.1}x", t / b),
+                        _ => String::new(),
+                    }
+                ),
+                _ => String::new(),
+            };
             let _ = match at {
-                Some(t) => writeln!(s, "  {host}: evicted at {t:.2} s"),
-                None => writeln!(s, "  {host}: not evicted (a VM of the job is still there)"),
+                Some(t) => writeln!(s, "  {host}: evicted at {t:.2} s{bound}"),
+                None => writeln!(
+                    s,
+                    "  {host}: not evicted (a VM of the job is still there){bound}"
+                ),
             };
         }
     }

@@ -60,7 +60,20 @@ pub(super) fn prepare(
     on(Event::Step(format!("planning ({})", spec.method.name())));
     let planner = Planner::new(&model.cluster, &model.evac, &content)?;
     let plan = plan(&planner, &model, spec)?;
-    Ok(prepared(view, &model, content, &plan, spec))
+    let prep = prepared(view, &model, content, &plan, spec);
+    if !prep.predicted.lower_bound_s.is_empty() {
+        let bounds: Vec<String> = prep
+            .predicted
+            .lower_bound_s
+            .iter()
+            .map(|(h, s)| format!("{h} {s:.2} s"))
+            .collect();
+        on(Event::Step(format!(
+            "eviction's lower bound (pages only each source holds, over its link): {}",
+            bounds.join(", ")
+        )));
+    }
+    Ok(prep)
 }
 
 /// The hosts that may receive, checked: every one known, with an agent,
@@ -424,6 +437,51 @@ fn tcp_headers(payload: u64, mtu: u32) -> u64 {
     (wire - payload as f64) as u64
 }
 
+/// Per source: the bytes of its moving VMs' pages that no other host
+/// holds, and those bytes over its link (where its rate is known): no plan
+/// evicts it sooner.
+fn lower_bounds(
+    cluster: &Cluster,
+    content: &ExactContent,
+    plan: &Plan,
+) -> (
+    std::collections::BTreeMap<String, u64>,
+    std::collections::BTreeMap<String, f64>,
+) {
+    let mut pages: HashMap<HostIdx, HashSet<PageHash>> = HashMap::new();
+    for (v, _) in plan.placement() {
+        let src = cluster.vms[v].host;
+        let set = pages.entry(src).or_default();
+        for h in content.vm_pages.get(&v).into_iter().flatten() {
+            if !h.is_zero_page() {
+                set.insert(*h);
+            }
+        }
+    }
+    let (mut bytes, mut secs) = (
+        std::collections::BTreeMap::new(),
+        std::collections::BTreeMap::new(),
+    );
+    for (src, set) in pages {
+        let only = set
+            .iter()
+            .filter(|h| {
+                !content
+                    .held
+                    .iter()
+                    .any(|(host, held)| *host != src && held.contains(*h))
+            })
+            .count() as u64
+            * PAGE_BYTES;
+        let host = &cluster.hosts[src];
+        bytes.insert(host.name.clone(), only);
+        if host.link_bps > 0.0 {
+            secs.insert(host.name.clone(), only as f64 * 8.0 / host.link_bps);
+        }
+    }
+    (bytes, secs)
+}
+
 /// The plan's moves and its prediction.
 fn prepared(
     view: ClusterView,
@@ -468,7 +526,10 @@ fn prepared(
             (pages as f64 / PAGE_BYTES as f64 * per_page) as u64 + tcp_headers(tcp, mtu)
         }
     });
+    let (only_at_source_bytes, lower_bound_s) = lower_bounds(cluster, &content, plan);
     let predicted = Predicted {
+        only_at_source_bytes,
+        lower_bound_s,
         source_bytes: cost.source_total + header_bytes,
         header_bytes,
         rewrite_bytes: cost.rewrite_bytes,

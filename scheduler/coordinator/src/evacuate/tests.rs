@@ -590,6 +590,35 @@ fn only_pagecast_moves_switch_over_as_asked_and_baselines_use_precopy() {
     }
 }
 
+/// Each source's lower bound counts the moving VMs' pages no other host
+/// holds: in the fake cluster a1's web1 and db1 hold 100 pages each of
+/// their own (contents 21 and 11), a2's web2 and db2 likewise (12 and 22);
+/// every family page is held by another host too (b1, b3 or the other
+/// source).
+#[test]
+fn each_sources_lower_bound_is_what_only_it_holds_over_its_link() {
+    let f = cluster();
+    let rep = run(
+        &f,
+        &spec(Method::Pagecast),
+        &|_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let only = &rep.predicted.only_at_source_bytes;
+    assert_eq!(only.keys().collect::<Vec<_>>(), ["a1", "a2"], "{only:?}");
+    for src in ["a1", "a2"] {
+        assert_eq!(
+            only[src],
+            200 * pagecast_pages::PAGE_BYTES,
+            "{src}: {only:?}"
+        );
+    }
+    for (src, s) in &rep.predicted.lower_bound_s {
+        assert!(*s > 0.0, "{src}: {s}");
+    }
+}
+
 #[test]
 fn vmscatter_sends_what_the_destinations_hold() {
     let f = cluster();
