@@ -709,26 +709,23 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Packets every shaper (tbf) of every namespace dropped so far.
-    fn shaper_drops(&self) -> u64 {
-        self.net
-            .made
-            .iter()
-            .map(|ns| {
-                let out = in_ns(ns, &["tc", "-s", "-j", "qdisc", "show"]).unwrap_or_default();
-                serde_json::from_str::<Value>(&out)
-                    .ok()
-                    .and_then(|v| {
-                        v.as_array().map(|qs| {
-                            qs.iter()
-                                .filter(|q| q["kind"] == "tbf")
-                                .map(|q| q["drops"].as_u64().unwrap_or(0))
-                                .sum::<u64>()
-                        })
-                    })
-                    .unwrap_or(0)
-            })
-            .sum()
+    /// Packets each shaper (tbf) dropped so far, by "namespace/device".
+    fn shaper_drops(&self) -> BTreeMap<String, u64> {
+        let mut by = BTreeMap::new();
+        for ns in &self.net.made {
+            let out = in_ns(ns, &["tc", "-s", "-j", "qdisc", "show"]).unwrap_or_default();
+            let Some(qs) = serde_json::from_str::<Value>(&out)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+            else {
+                continue;
+            };
+            for q in qs.iter().filter(|q| q["kind"] == "tbf") {
+                let dev = q["dev"].as_str().unwrap_or("?");
+                *by.entry(format!("{ns}/{dev}")).or_default() += q["drops"].as_u64().unwrap_or(0);
+            }
+        }
+        by
     }
 
     /// Per host: UDP datagrams its kernel dropped for a full socket buffer,
@@ -783,7 +780,20 @@ impl Ctx<'_> {
             wall_s,
             links: self.deltas(&before, &after),
             udp: self.udp_diff(&udp_before),
-            shaper_drops: self.shaper_drops().saturating_sub(shaped_before),
+            shaper_drops: {
+                // Which shapers dropped: a source's own (its sends wait and
+                // go again) or one on the way (the pages come back as
+                // repairs).
+                let mut total = 0;
+                for (at, n) in self.shaper_drops() {
+                    let d = n.saturating_sub(shaped_before.get(&at).copied().unwrap_or(0));
+                    if d > 0 {
+                        eprintln!("   shaper {at} dropped {d} packets");
+                        total += d;
+                    }
+                }
+                total
+            },
         })
     }
 

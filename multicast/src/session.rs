@@ -291,6 +291,15 @@ pub struct SendReport {
     pub window: u32,
     /// Wall time from the first page sent to the end, seconds.
     pub duration_s: f64,
+    /// Of that, seconds waiting for the rate limit (pacing).
+    pub paced_s: f64,
+    /// Of that, seconds with nothing to send: the window full until the
+    /// slowest receiver reports progress, or the last pages awaiting
+    /// every receiver's word.
+    pub waited_s: f64,
+    /// Of that, seconds in the socket calls that send pages (the kernel's
+    /// share, a full local queue's retries included).
+    pub socket_s: f64,
     /// Connections refused for failing authentication.
     pub refused: u64,
     /// Per receiver.

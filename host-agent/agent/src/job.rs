@@ -561,7 +561,9 @@ pub fn cast_send(
             "a cast needs receivers and groups".into(),
         ));
     }
+    let (t0, cpu0) = (std::time::Instant::now(), crate::sync::thread_cpu_s());
     let (staged, index) = agent.fp_pool().install(|| Staged::read(agent, &hashes));
+    let staged_s = t0.elapsed().as_secs_f64();
     let left_out = index.iter().filter(|i| i.is_none()).count() as u64;
     let mut plans = Vec::new();
     for g in &r.groups {
@@ -631,6 +633,25 @@ pub fn cast_send(
         &|_, _| {},
     );
     if let Ok(rep) = &res {
+        // Where a cast's time and CPU go, for operators and for tuning: the
+        // staging (reading and hash-checking the pages, on the hashing
+        // pool), then the sending (this thread's CPU per GB of pages).
+        let send_s = t0.elapsed().as_secs_f64() - staged_s;
+        let gb = (hashes.len() - left_out as usize) as f64 * PAGE_SIZE as f64 / 1e9;
+        tracing::info!(
+            "cast of {} pages to {} receivers at {} bit/s: staged in {staged_s:.2} s, sent in {send_s:.2} s \
+             ({:.2} Gbit/s of pages; pages on the wire {:.2} s: paced {:.2} s, waiting for \
+             receivers {:.2} s, in socket calls {:.2} s), {:.2} CPU-s/GB on the sending thread",
+            hashes.len() as u64 - left_out,
+            r.receivers.len(),
+            r.rate_bps,
+            gb * 8.0 / send_s.max(1e-9),
+            rep.duration_s,
+            rep.paced_s,
+            rep.waited_s,
+            rep.socket_s,
+            (crate::sync::thread_cpu_s() - cpu0) / gb.max(1e-9),
+        );
         ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "cast").increment(
             rep.bytes_first
                 + rep.bytes_repair
@@ -684,7 +705,20 @@ pub fn cast_recv(
         cfg.content_keys = keys;
     }
     let mut sink = SlotSink::new(slots);
+    let (t0, cpu0) = (std::time::Instant::now(), crate::sync::thread_cpu_s());
     let res = pagecast_multicast::receive(&cfg, agent.tls(), &mut sink, &|_, _| {});
+    let (took, cpu) = (
+        t0.elapsed().as_secs_f64(),
+        crate::sync::thread_cpu_s() - cpu0,
+    );
+    let gb = sink.filled as f64 * PAGE_SIZE as f64 / 1e9;
+    tracing::info!(
+        "cast received from {}: {} frames filled in {took:.2} s, {:.2} CPU-s/GB of frames on the \
+         receiving thread",
+        r.control,
+        sink.filled,
+        cpu / gb.max(1e-9),
+    );
     Ok(match res {
         Ok(rep) => v1::CastResult {
             ok: true,

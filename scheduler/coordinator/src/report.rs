@@ -49,6 +49,9 @@ pub struct VmOutcome {
     /// Post-copy: seconds from its resume at the destination to its last
     /// page arriving there.
     pub postcopy_s: f64,
+    /// The most its guest was slowed down to converge under pre-copy,
+    /// percent.
+    pub max_throttle_pct: u32,
     /// Seconds from the job's start until it left its source (it ran at
     /// its destination); `None` if it did not.
     pub left_s: Option<f64>,

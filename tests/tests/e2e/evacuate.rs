@@ -284,7 +284,10 @@ fn a_rack_evacuates_verified_with_shared_pages_sent_once() {
         let only = rep["predicted"]["only_at_source_bytes"][src].as_u64();
         assert!(only.is_some_and(|b| b > 0), "{src}: {rep}");
         if let Some(bound) = rep["predicted"]["lower_bound_s"][src].as_f64() {
-            assert!(at >= bound, "{src} evicted at {at} s, under its bound {bound} s");
+            assert!(
+                at >= bound,
+                "{src} evicted at {at} s, under its bound {bound} s"
+            );
         }
     }
     // None at the sources, all at their destinations, running.

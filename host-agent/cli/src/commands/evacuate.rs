@@ -48,7 +48,8 @@ use super::index::IndexAddrs;
 /// "pages_local", "pages_short_haul", "pages_cast", "error", "in_doubt",
 /// "switchover" ("precopy", "postcopy", or "" if it did not),
 /// "postcopy_faults" and "postcopy_s" (pages its guest asked for at the
-/// destination, and seconds until its last page arrived there), "left_s"
+/// destination, and seconds until its last page arrived there),
+/// "max_throttle_pct" (the most its guest was slowed under pre-copy), "left_s"
 /// (when it left its source, or null)}], "source_bytes", "core_bytes", "bytes_by_class":
 /// {"multicast", "unicast", "short_haul", "repair"}, "eviction_s",
 /// "evicted_s" ({SOURCE: seconds until its last VM left, or null if one

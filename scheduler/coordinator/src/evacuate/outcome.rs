@@ -125,4 +125,5 @@ fn result(o: &mut VmOutcome, r: &v1::MigrateResult, held_local: Option<u64>) {
     o.pages_local = held_local.unwrap_or(r.pages_local);
     o.error = pagecast_proto::refusal_text(&r.error).to_owned();
     o.in_doubt = r.in_doubt;
+    o.max_throttle_pct = r.max_throttle_pct;
 }
