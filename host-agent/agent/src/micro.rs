@@ -443,6 +443,10 @@ impl Agent {
             &self.fp,
             &mut events,
             &mut |region: Region, state: VcpuState| {
+                // Resumed by post-copy, its memory is not all here yet: it
+                // is still arriving (the source, asking where it stands,
+                // must not release its copy until it is complete).
+                let arriving = region.completing();
                 let vm = MicroVm::restore(region, &state, begin.dirty_rate)
                     .map_err(|e| e.to_string())?;
                 let p = vm.progress().map_err(|e| e.to_string())?;
@@ -453,7 +457,11 @@ impl Agent {
                     &begin.vm,
                     origin.clone(),
                     (&begin.domain, key),
-                    v1::HostedVmState::Running,
+                    if arriving {
+                        v1::HostedVmState::MigratingIn
+                    } else {
+                        v1::HostedVmState::Running
+                    },
                     Box::new(MicroBackend::new(vm)),
                 ));
                 self.arrived(&vm).map_err(|e| e.to_string())?;
@@ -474,7 +482,10 @@ impl Agent {
         started: Option<Arc<Hosted>>,
     ) -> Result<IncomingReport, AgentError> {
         match (result, started) {
-            (Err(e @ MigrationError::PostcopyLost(_)), Some(vm)) => {
+            (Err(e), Some(vm))
+                if matches!(e, MigrationError::PostcopyLost(_))
+                    || vm.state() == v1::HostedVmState::MigratingIn =>
+            {
                 // It ran here on memory it can no longer complete: it must
                 // not run on (its source keeps its paused copy).
                 tracing::warn!(vm = %name, error = %e, "post-copy failed: stopping the arrived VM");
@@ -485,6 +496,13 @@ impl Agent {
                 Err(e.into())
             }
             (result, Some(vm)) => {
+                if result.is_ok() {
+                    // A post-copy arrival is complete.
+                    let mut st = crate::sync::lock(&vm.state);
+                    if *st == v1::HostedVmState::MigratingIn {
+                        *st = v1::HostedVmState::Running;
+                    }
+                }
                 self.index(&vm);
                 counter!(crate::metrics::MIGRATIONS, "role" => "destination", "result" => "ok")
                     .increment(1);

@@ -106,6 +106,12 @@ impl Region {
         self.userfault = Some(uf);
     }
 
+    /// Whether frames of this memory may still be missing: a post-copy is
+    /// completing it (see [`Region::keep_userfault`]).
+    pub fn completing(&self) -> bool {
+        self.userfault.as_ref().is_some_and(|u| u.active())
+    }
+
     /// Drops `frames` of anonymous memory: each reads as zero again, and
     /// is missing (absent until next touched) for [`crate::Userfault`].
     pub fn discard(&self, frames: &[u64]) -> Result<(), MemoryError> {

@@ -90,6 +90,7 @@ pub struct Userfault {
     fd: OwnedFd,
     base: u64,
     len: u64,
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl Userfault {
@@ -137,7 +138,12 @@ impl Userfault {
                 std::io::Error::last_os_error(),
             ));
         }
-        Ok(Userfault { fd, base, len })
+        Ok(Userfault {
+            fd,
+            base,
+            len,
+            released: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// Frames of the region.
@@ -236,11 +242,19 @@ impl Userfault {
     }
 
     /// Stops catching faults: every thread waiting on a missing frame
-    /// goes on, and missing frames read as zero from now on. For a guest
-    /// that cannot be completed any more, so that it can be stopped; the
-    /// region must still be mapped. (Dropping the last handle does the
-    /// same for whatever is still registered.)
+    /// goes on, and missing frames read as zero from now on. Once every
+    /// frame is there (nothing can fault any more, and memory dropped later
+    /// must not wait for a handler that is gone), or for a guest that
+    /// cannot be completed, so that it can be stopped. The region must
+    /// still be mapped. (Dropping the last handle does the same for
+    /// whatever is still registered.)
     pub fn release(&self) {
+        if self
+            .released
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
         let mut r = UffdioRange {
             start: self.base,
             len: self.len,
@@ -248,6 +262,11 @@ impl Userfault {
         // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`; the
         // kernel only unregisters ranges this descriptor registered.
         unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut r) };
+    }
+
+    /// Whether faults are still caught (not released).
+    pub fn active(&self) -> bool {
+        !self.released.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn wake(&self, at: u64) -> Result<(), MemoryError> {
@@ -311,5 +330,22 @@ mod tests {
             assert_eq!(faulted, vec![2, 3], "only the missing frames fault");
         });
         assert!(uf.place(8, &early).is_err(), "beyond the region");
+    }
+
+    /// Memory a post-copy completes says so until its faults are released.
+    #[test]
+    fn a_region_is_completing_until_its_faults_are_released() {
+        let mut region = Region::anonymous(4 * PAGE_SIZE as u64).unwrap();
+        assert!(!region.completing());
+        let uf = std::sync::Arc::new(Userfault::register(&region).unwrap());
+        region.keep_userfault(uf.clone());
+        assert!(region.completing());
+        uf.release();
+        uf.release();
+        assert!(!region.completing());
+        // Released: a frame never placed reads as zero instead of waiting.
+        let mut p = [1u8; PAGE_SIZE];
+        region.read_page(2, &mut p).unwrap();
+        assert!(p.iter().all(|&b| b == 0));
     }
 }

@@ -108,12 +108,11 @@ pub(crate) fn complete(
                 done: Finished::default(),
             };
             let r = l.run(&faults_rx, &started_rx);
-            if r.is_err() {
-                // Whoever waits on a frame that will never come (the vCPU,
-                // or the start reading the guest) must go on so that the
-                // VM can be stopped: what it sees from now is never kept.
-                uf_ref.release();
-            }
+            // Every frame is there, or whoever waits on a frame that will
+            // never come (the vCPU, or the start reading the guest) must go
+            // on so that the VM can be stopped: what it sees from now is
+            // never kept. Either way nothing may wait on a fault any more.
+            uf_ref.release();
             stop_ref.store(true, Ordering::Relaxed);
             r.map(|()| l.done)
         });
