@@ -29,8 +29,9 @@ pub(crate) struct Push {
     next: usize,
     /// Frames sent since the switchover.
     sent: DirtyBitmap,
-    /// Frames asked for, to send first.
+    /// Frames asked for, to send first (each once: `queued`).
     urgent: VecDeque<u64>,
+    queued: DirtyBitmap,
     pub requested: u64,
     pub pages: u64,
     /// When the destination said the VM resumed.
@@ -85,6 +86,7 @@ impl Push {
             next: 0,
             sent: DirtyBitmap::new(fleet.vm.page_count()),
             urgent: VecDeque::new(),
+            queued: DirtyBitmap::new(fleet.vm.page_count()),
             requested: 0,
             pages: 0,
             resumed: None,
@@ -175,7 +177,10 @@ impl Push {
                                 )));
                             }
                             self.requested += 1;
-                            if !self.sent.get(f) {
+                            // A request repeated (or spammed) queues the
+                            // frame once: the queue never outgrows memory.
+                            if !self.sent.get(f) && !self.queued.get(f) {
+                                self.queued.set(f)?;
                                 self.urgent.push_back(f);
                             }
                         }
