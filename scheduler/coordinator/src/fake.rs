@@ -35,6 +35,8 @@ pub enum Call {
         hold: bool,
         /// How it was asked to switch over.
         switchover: v1::SwitchoverMode,
+        /// The rate it was paced to (0: unpaced).
+        bandwidth_bps: u64,
     },
     /// A migration said what its destination lacks.
     Held {
@@ -636,6 +638,7 @@ impl AgentApi for FakeCluster {
             hold: r.hold,
             switchover: v1::SwitchoverMode::try_from(r.switchover)
                 .unwrap_or(v1::SwitchoverMode::Unspecified),
+            bandwidth_bps: r.bandwidth_bps,
         });
         Ok(Box::new(FakeMigration {
             c: self.clone(),

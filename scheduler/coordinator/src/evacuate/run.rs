@@ -84,6 +84,8 @@ pub(super) struct Run<'a> {
     controls: Mutex<HashMap<usize, Control>>,
     /// Per source: the migrations it runs at once.
     at_once: HashMap<String, u64>,
+    /// Per destination: the migrations arriving there at once.
+    arriving: HashMap<String, u64>,
 }
 
 impl<'a> Run<'a> {
@@ -95,8 +97,10 @@ impl<'a> Run<'a> {
         started: Instant,
     ) -> Self {
         let mut per_source: HashMap<String, u64> = HashMap::new();
+        let mut arriving: HashMap<String, u64> = HashMap::new();
         for m in &prep.moving {
             *per_source.entry(m.from.clone()).or_default() += 1;
+            *arriving.entry(m.to.clone()).or_default() += 1;
         }
         let at_once = per_source
             .into_iter()
@@ -117,11 +121,13 @@ impl<'a> Run<'a> {
             started,
             controls: Mutex::new(HashMap::new()),
             at_once,
+            arriving,
         }
     }
 
     /// The request that starts `m`'s migration. A source's link is shared
-    /// by its migrations running at once: each gets its share of the
+    /// by its migrations running at once (and, for pagecast, a
+    /// destination's by those arriving there): each gets its share of the
     /// source's rate (`--bandwidth`, or the link rate its agent reported;
     /// unpaced if neither is known).
     fn request(&self, m: &Moving) -> v1::MigrateRequest {
@@ -134,10 +140,27 @@ impl<'a> Run<'a> {
             })
             .unwrap_or(0);
         let method = self.spec.method;
+        let mut bandwidth_bps = rate / self.at_once[&m.from].max(1);
+        // pagecast's own migrations also share their destination's link
+        // with the others arriving there (all held at once): a slower
+        // destination link paces them, so that the rounds plan their
+        // switchover with the rate the pages will really get, and no
+        // shaper before the destination drops what a source sent too fast.
+        // The baselines pace by the source only, as the systems they are
+        // named after do.
+        let dest = self.prep.view.host(&m.to).map_or(0, |h| h.link_bps);
+        if method == Method::Pagecast && dest > 0 {
+            let share = dest / self.arriving[&m.to].max(1);
+            bandwidth_bps = if bandwidth_bps == 0 {
+                share
+            } else {
+                bandwidth_bps.min(share)
+            };
+        }
         v1::MigrateRequest {
             vm: m.name.clone(),
             to: self.prep.address(&m.to).to_owned(),
-            bandwidth_bps: rate / self.at_once[&m.from].max(1),
+            bandwidth_bps,
             max_downtime_ms: self.spec.max_downtime_ms,
             verify_full: false,
             job: self.spec.job.clone(),

@@ -619,6 +619,52 @@ fn each_sources_lower_bound_is_what_only_it_holds_over_its_link() {
     }
 }
 
+/// pagecast paces each migration to its share of the slower of its
+/// source's and its destination's links; the baselines to their source's
+/// share only.
+#[test]
+fn pagecast_paces_to_the_slower_of_source_and_destination_shares() {
+    let slow_dest = || {
+        FakeCluster::new()
+            .host("a1", "A", 10_000_000_000, 4 * GB)
+            .host("a2", "A", 10_000_000_000, 4 * GB)
+            .host("b1", "B", 1_000_000_000, 4 * GB)
+            .host("b2", "B", 1_000_000_000, 4 * GB)
+            .host("b3", "B", 10_000_000_000, 4 * GB)
+            .vm("a1", "web1", frames(&[(1, 0..300), (11, 0..100)]))
+            .vm("a1", "db1", frames(&[(2, 0..200), (21, 0..100)]))
+            .vm("a2", "web2", frames(&[(1, 0..300), (12, 0..100)]))
+            .vm("a2", "db2", frames(&[(2, 0..200), (22, 0..100)]))
+    };
+    for method in [Method::Pagecast, Method::Precopy] {
+        let f = slow_dest();
+        let mut s = spec(method);
+        s.parallel = 2;
+        let rep = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap();
+        assert!(rep.ok, "{rep:?}");
+        let mut arriving: HashMap<String, u64> = HashMap::new();
+        for v in &rep.vms {
+            *arriving.entry(v.to.clone()).or_default() += 1;
+        }
+        for c in f.calls() {
+            let Call::Migrate {
+                vm, to, bandwidth_bps, ..
+            } = c
+            else {
+                continue;
+            };
+            // Each source runs its two migrations at once: 5 Gbit/s each.
+            let source_share = 10_000_000_000 / 2;
+            let want = if method == Method::Pagecast {
+                source_share.min(1_000_000_000 / arriving[&to])
+            } else {
+                source_share
+            };
+            assert_eq!(bandwidth_bps, want, "{method:?} {vm} to {to}");
+        }
+    }
+}
+
 #[test]
 fn vmscatter_sends_what_the_destinations_hold() {
     let f = cluster();
