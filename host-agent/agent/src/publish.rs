@@ -654,7 +654,15 @@ struct Loop<'a> {
     last_check: Instant,
     last_report: Option<Instant>,
     unreachable_since: Option<Instant>,
+    /// Per VM: since when the index has refused its record because another
+    /// host (the source of its migration) still holds it.
+    put_waits: HashMap<String, Instant>,
 }
+
+/// How long a VM record the index refuses because another host still
+/// holds it (a migration's source, whose move of the record has not landed
+/// yet) is tried again before it is given up.
+const PUT_WAIT: Duration = Duration::from_secs(60);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -697,6 +705,7 @@ pub fn run(link: &IndexLink, now: &dyn Fn() -> HostNow, records: &dyn Fn() -> Ve
         last_check: Instant::now(),
         last_report: None,
         unreachable_since: None,
+        put_waits: HashMap::new(),
     };
     let mut behind_since: Option<Instant> = None;
     while !link.stop.load(Ordering::Relaxed) {
@@ -898,6 +907,10 @@ impl Loop<'_> {
             let Some(op) = self.link.ledger().vm_ops.front().cloned() else {
                 return Ok(());
             };
+            let put = match &op {
+                VmOp::Put(r) => Some(r.name.clone()),
+                _ => None,
+            };
             let cmd = match op {
                 VmOp::Put(mut r) => {
                     r.host = self.host;
@@ -914,8 +927,35 @@ impl Loop<'_> {
                 }),
             };
             match self.write_meta(cmd) {
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(name) = &put {
+                        self.put_waits.remove(name);
+                    }
+                }
+                // An arrival's record, while its source's move of it has
+                // not landed: tried again on the next round, after the
+                // other changes, for a while (before, it was dropped and
+                // the record kept the source's content summary).
+                Err(e)
+                    if e.code() == Some(RefusalCode::Refused)
+                        && put.as_ref().is_some_and(|n| {
+                            self.put_waits
+                                .entry(n.clone())
+                                .or_insert_with(Instant::now)
+                                .elapsed()
+                                < PUT_WAIT
+                        }) =>
+                {
+                    let mut l = self.link.ledger();
+                    if let Some(op) = l.vm_ops.pop_front() {
+                        l.vm_ops.push_back(op);
+                    }
+                    return Ok(());
+                }
                 Err(e) if e.code().is_some_and(|c| !c.is_retryable()) => {
+                    if let Some(name) = &put {
+                        self.put_waits.remove(name);
+                    }
                     warn!("the index refused a VM record change: {e}");
                 }
                 Err(e) => return Err(e),

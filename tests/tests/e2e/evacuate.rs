@@ -300,6 +300,10 @@ fn a_rack_evacuates_verified_with_shared_pages_sent_once() {
             "{vm} runs on {host}: {on:?}"
         );
     }
+    // Every arrival's record reached the index: a destination's put that
+    // raced its source's move of the record is tried again, not dropped.
+    let logs = r.logs();
+    assert!(!logs.contains("refused a VM record change"), "{logs}");
     // Shared pages went out once: the sources sent less than the VMs'
     // non-zero pages, and multicast carried some of it.
     let by = &rep["bytes_by_class"];

@@ -648,7 +648,10 @@ fn pagecast_paces_to_the_slower_of_source_and_destination_shares() {
         }
         for c in f.calls() {
             let Call::Migrate {
-                vm, to, bandwidth_bps, ..
+                vm,
+                to,
+                bandwidth_bps,
+                ..
             } = c
             else {
                 continue;
