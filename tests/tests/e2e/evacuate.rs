@@ -328,6 +328,28 @@ fn a_vm_clones_live_to_three_hosts_and_runs_on() {
     r.vm_start("h4", "web0", "web:index=0", 48, 0);
     r.wait_published(&["tmpl", "web0"]);
     let addrs = r.idx.addrs();
+    // Post-copy is refused by name for a clone: its source runs on.
+    let out = cli(
+        r.d(),
+        &[
+            "clone",
+            "--index",
+            &addrs,
+            "--vm",
+            "tmpl",
+            "--to",
+            "h4",
+            "--switchover",
+            "postcopy",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("post-copy is for moves"), "{err}");
+    assert!(
+        r.vms_on("h4").iter().all(|(n, _)| n == "web0"),
+        "nothing cloned"
+    );
     let t = Instant::now();
     let out = cli(
         r.d(),
