@@ -220,6 +220,7 @@ fn migrate_frames() -> Vec<Vec<u8>> {
     post.push(B::PostcopyMissing(v1::PostcopyMissing {
         frames: vec![3],
         last: true,
+        digest: vec![0; 32].into(),
     }));
     bodies.push(B::Switchover(v1::Switchover {
         round: 1,

@@ -102,6 +102,7 @@ pub trait Backend: Send + Sync {
             ok: false,
             reason: e.to_string(),
             code: e.code() as i32,
+            postcopy: false,
         }));
         Err(e)
     }

@@ -1000,6 +1000,7 @@ impl Agent {
                     ok: false,
                     reason: e.to_string(),
                     code: e.code() as i32,
+                    postcopy: false,
                 }));
                 return Err(e);
             }

@@ -446,7 +446,7 @@ impl Agent {
                 // Resumed by post-copy, its memory is not all here yet: it
                 // is still arriving (the source, asking where it stands,
                 // must not release its copy until it is complete).
-                let arriving = region.completing();
+                let arriving = region.postcopy();
                 let vm = MicroVm::restore(region, &state, begin.dirty_rate)
                     .map_err(|e| e.to_string())?;
                 let p = vm.progress().map_err(|e| e.to_string())?;

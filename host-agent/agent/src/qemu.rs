@@ -731,6 +731,7 @@ pub(crate) fn refuse_begin<T>(
         ok: false,
         reason: e.to_string(),
         code: e.code() as i32,
+        postcopy: false,
     }));
     Err(e)
 }

@@ -106,10 +106,21 @@ impl Region {
         self.userfault = Some(uf);
     }
 
-    /// Whether frames of this memory may still be missing: a post-copy is
-    /// completing it (see [`Region::keep_userfault`]).
-    pub fn completing(&self) -> bool {
-        self.userfault.as_ref().is_some_and(|u| u.active())
+    /// Whether this memory arrived by post-copy (see
+    /// [`Region::keep_userfault`]): until the arrival says it is complete,
+    /// frames of it may be missing.
+    pub fn postcopy(&self) -> bool {
+        self.userfault.is_some()
+    }
+
+    /// The faults of its post-copy, if it arrived so.
+    pub fn userfault(&self) -> Option<std::sync::Arc<crate::Userfault>> {
+        self.userfault.clone()
+    }
+
+    /// Its post-copy failed: a guest on it must not run on.
+    pub fn postcopy_failed(&self) -> bool {
+        self.userfault.as_ref().is_some_and(|u| u.failed())
     }
 
     /// Drops `frames` of anonymous memory: each reads as zero again, and
@@ -321,6 +332,16 @@ impl Region {
     /// Which kind of mapping backs the region (for diagnostics).
     pub fn kind(&self) -> &'static str {
         self.kind
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // Before the mapping goes: nothing may place a page at its
+        // addresses any more (another mapping may take them).
+        if let Some(u) = &self.userfault {
+            u.gone();
+        }
     }
 }
 

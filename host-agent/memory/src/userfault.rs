@@ -90,7 +90,11 @@ pub struct Userfault {
     fd: OwnedFd,
     base: u64,
     len: u64,
+    /// The region is gone (unmapped or about to be): nothing may be placed
+    /// or unregistered by address any more. Held across each such call.
+    gone: std::sync::Mutex<bool>,
     released: std::sync::atomic::AtomicBool,
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Userfault {
@@ -142,8 +146,17 @@ impl Userfault {
             fd,
             base,
             len,
+            gone: std::sync::Mutex::new(false),
             released: std::sync::atomic::AtomicBool::new(false),
+            failed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether this process may catch missing-page faults at all (opens a
+    /// descriptor, shakes hands and closes it).
+    pub fn available() -> Result<(), MemoryError> {
+        let region = Region::anonymous_unpopulated(PAGE_SIZE as u64)?;
+        Userfault::register(&region).map(drop)
     }
 
     /// Frames of the region.
@@ -214,6 +227,12 @@ impl Userfault {
             });
         }
         let dst = self.base + frame * PAGE_SIZE as u64;
+        let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        if *gone {
+            return Err(os("placing a post-copy page", self.len)(
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the guest memory is gone"),
+            ));
+        }
         loop {
             let mut c = UffdioCopy {
                 dst,
@@ -224,7 +243,9 @@ impl Userfault {
             };
             // SAFETY: UFFDIO_COPY reads and writes one `struct uffdio_copy`;
             // it copies PAGE_SIZE bytes from `page`, which is that long, to
-            // `dst`, which the kernel checks lies in the registered range.
+            // `dst`, which lies in this region: `gone` is held, and the
+            // region marks it before it is unmapped (`Region`'s drop), so
+            // the range is still this region's mapping.
             let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
             if r == 0 {
                 return Ok(true);
@@ -249,9 +270,11 @@ impl Userfault {
     /// still be mapped. (Dropping the last handle does the same for
     /// whatever is still registered.)
     pub fn release(&self) {
-        if self
-            .released
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        if *gone
+            || self
+                .released
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
         {
             return;
         }
@@ -259,14 +282,34 @@ impl Userfault {
             start: self.base,
             len: self.len,
         };
-        // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`; the
-        // kernel only unregisters ranges this descriptor registered.
+        // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`, which
+        // is this region's mapping (`gone` is held and unset). A failure
+        // leaves the range registered until the descriptor closes.
         unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut r) };
+        drop(gone);
     }
 
     /// Whether faults are still caught (not released).
     pub fn active(&self) -> bool {
         !self.released.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks the memory as one that can no longer be completed: a guest
+    /// running on it must not run on (see [`Userfault::failed`]).
+    pub fn fail(&self) {
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether [`Userfault::fail`] was called.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The region is going away: every later call by address does nothing
+    /// (waits for one in progress first).
+    pub(crate) fn gone(&self) {
+        *self.gone.lock().unwrap_or_else(|e| e.into_inner()) = true;
     }
 
     fn wake(&self, at: u64) -> Result<(), MemoryError> {
@@ -332,20 +375,29 @@ mod tests {
         assert!(uf.place(8, &early).is_err(), "beyond the region");
     }
 
-    /// Memory a post-copy completes says so until its faults are released.
+    /// Memory a post-copy completes says so; once released a frame never
+    /// placed reads as zero; once the region is gone nothing is placed.
     #[test]
-    fn a_region_is_completing_until_its_faults_are_released() {
+    fn released_faults_read_zero_and_a_gone_region_takes_no_page() {
         let mut region = Region::anonymous(4 * PAGE_SIZE as u64).unwrap();
-        assert!(!region.completing());
+        assert!(!region.postcopy());
+        region.discard(&[2]).unwrap();
         let uf = std::sync::Arc::new(Userfault::register(&region).unwrap());
         region.keep_userfault(uf.clone());
-        assert!(region.completing());
+        assert!(region.postcopy() && uf.active() && !region.postcopy_failed());
+        uf.fail();
+        assert!(region.postcopy_failed());
         uf.release();
         uf.release();
-        assert!(!region.completing());
+        assert!(!uf.active());
         // Released: a frame never placed reads as zero instead of waiting.
         let mut p = [1u8; PAGE_SIZE];
         region.read_page(2, &mut p).unwrap();
         assert!(p.iter().all(|&b| b == 0));
+        drop(region);
+        assert!(
+            uf.place(1, &[3u8; PAGE_SIZE]).is_err(),
+            "placed into memory that is gone"
+        );
     }
 }

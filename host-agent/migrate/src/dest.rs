@@ -282,6 +282,7 @@ fn refuse<T>(
         ok: false,
         reason: why.clone(),
         code: code as i32,
+        postcopy: false,
     }));
     Err(MigrationError::Refused { code, reason: why })
 }
@@ -360,8 +361,13 @@ pub fn receive_front<'a>(
         },
         Shape::Contents => None,
     };
+    // Post-copy needs userfaultfd here: without it (no privilege), the
+    // source is told so and switches over by pre-copy.
+    let postcopy =
+        begin.postcopy && shape == Shape::Frames && pagecast_memory::Userfault::available().is_ok();
     link.send(Body::Accept(v1::MigrateAccept {
         ok: true,
+        postcopy,
         ..Default::default()
     }))?;
     let mut arrival = Arrival {
@@ -715,7 +721,7 @@ impl Arrival<'_> {
             ));
         }
         let pages = self.mem().pages();
-        let missing = crate::postcopy::read_missing(&mut || self.next_frame(), pages)?;
+        let (missing, masked) = crate::postcopy::read_missing(&mut || self.next_frame(), pages)?;
         let state = match self.next_frame()? {
             Body::Vcpu(v) => VcpuState::from_bytes(&v.regs, &v.sregs)?,
             other => {
@@ -726,12 +732,21 @@ impl Arrival<'_> {
         };
         let mut table = self.slot.lock().table.clone();
         for &f in &missing {
-            table[f as usize] = Some(PageHash::ZERO_PAGE);
+            table[f as usize] = Some(crate::postcopy::MASKED);
         }
+        // Every other frame is here and is the source's, checked before
+        // the VM may run on it.
         let verdict = match table.iter().position(Option::is_none) {
             Some(f) => Err(MigrationError::Verification(format!(
                 "frame {f} never arrived and is not in the post-copy list"
             ))),
+            None if table_digest(&table.iter().map(|h| h.expect("all")).collect::<Vec<_>>())
+                != masked.as_slice() =>
+            {
+                Err(MigrationError::Verification(
+                    "the frames held before post-copy differ from the source's".into(),
+                ))
+            }
             None => Ok(()),
         };
         self.link.send(Body::Ready(v1::Ready {

@@ -38,12 +38,17 @@ pub(crate) struct Finished {
     pub placed: u64,
 }
 
+/// What stands for a missing frame's hash in the digest checked before
+/// Ready (no page hashes to it: it is not a BLAKE3 output anyone chose).
+pub(crate) const MASKED: PageHash = PageHash::from_bytes([0xff; 32]);
+
 /// The frames still to come, as the source lists them after a post-copy
-/// switchover: each inside memory, none twice, at most every frame.
+/// switchover (each inside memory, none twice, at most every frame), and
+/// the digest of the table with those frames [`MASKED`].
 pub(crate) fn read_missing(
     next: &mut dyn FnMut() -> Result<Body, MigrationError>,
     pages: u64,
-) -> Result<Vec<u64>, MigrationError> {
+) -> Result<(Vec<u64>, Vec<u8>), MigrationError> {
     let mut seen = HashSet::new();
     loop {
         let m = match next()? {
@@ -62,9 +67,14 @@ pub(crate) fn read_missing(
             }
         }
         if m.last {
+            if m.digest.len() != 32 {
+                return Err(MigrationError::Protocol(
+                    "the post-copy frame list ends without its 32-byte digest".into(),
+                ));
+            }
             let mut v: Vec<u64> = seen.into_iter().collect();
             v.sort_unstable();
-            return Ok(v);
+            return Ok((v, m.digest.to_vec()));
         }
     }
 }
@@ -84,11 +94,21 @@ pub(crate) fn complete(
     timeout: Duration,
     start: &mut dyn FnMut(Region) -> Result<u64, String>,
 ) -> Result<Finished, MigrationError> {
-    region.discard(missing)?;
+    // Registered first, then dropped: a frame dropped before the region is
+    // registered could be filled in between (the kernel merging it into a
+    // huge page) and would then never fault.
+    let prepared = Userfault::register(&region).and_then(|uf| {
+        region.discard(missing)?;
+        Ok(uf)
+    });
+    let uf = match prepared {
+        Ok(uf) => Arc::new(uf),
+        // Nothing ran yet: the source hears the VM did not start.
+        Err(e) => return Err(MigrationError::Start(format!("post-copy: {e}"))),
+    };
     for &f in missing {
         table[f as usize] = None;
     }
-    let uf = Arc::new(Userfault::register(&region)?);
     region.keep_userfault(uf.clone());
     let stop = AtomicBool::new(false);
     let (uf_ref, stop_ref) = (&*uf, &stop);
@@ -108,11 +128,21 @@ pub(crate) fn complete(
                 done: Finished::default(),
             };
             let r = l.run(&faults_rx, &started_rx);
-            // Every frame is there, or whoever waits on a frame that will
-            // never come (the vCPU, or the start reading the guest) must go
-            // on so that the VM can be stopped: what it sees from now is
-            // never kept. Either way nothing may wait on a fault any more.
-            uf_ref.release();
+            if r.is_ok() {
+                // Every frame is there: nothing can fault any more, and
+                // memory dropped later must not wait for a handler.
+                uf_ref.release();
+            } else {
+                // The guest never runs on: marked failed, its vCPU is held
+                // at its next exit until the caller stops it. Whoever waits
+                // on a frame that will never come (the vCPU inside KVM,
+                // whose wait no signal interrupts, or a start reading the
+                // guest) is let go: until that exit the guest may read
+                // zeros where pages were missing, and nothing it does is
+                // kept.
+                uf_ref.fail();
+                uf_ref.release();
+            }
             stop_ref.store(true, Ordering::Relaxed);
             r.map(|()| l.done)
         });
@@ -263,7 +293,13 @@ impl Serve<'_> {
         for (&f, (page, h)) in p.frames.iter().zip(pages) {
             match self.table.get(f as usize) {
                 Some(None) => {
-                    self.uf.place(f, page)?;
+                    // A missing frame that turns out present was filled by
+                    // something else: its content cannot be trusted.
+                    if !self.uf.place(f, page)? {
+                        return Err(MigrationError::Verification(format!(
+                            "frame {f} was filled while it was missing"
+                        )));
+                    }
                     self.table[f as usize] = Some(h);
                     self.left -= 1;
                     self.done.placed += 1;

@@ -443,9 +443,10 @@ impl MicroVm {
         let vcpu = Arc::new(Mutex::new(vcpu));
         let thread = {
             let (shared, vcpu) = (shared.clone(), vcpu.clone());
+            let postcopy = region.userfault();
             std::thread::Builder::new()
                 .name("pagecast-vcpu".into())
-                .spawn(move || vcpu_loop(&shared, &vcpu))
+                .spawn(move || vcpu_loop(&shared, &vcpu, postcopy.as_deref()))
                 .expect("spawning the vCPU thread")
         };
         MicroVm {
@@ -631,21 +632,24 @@ fn classify(exit: &VcpuExit<'_>) -> GuestExit {
     }
 }
 
-fn vcpu_loop(shared: &Shared, vcpu: &Mutex<VcpuFd>) {
+fn vcpu_loop(shared: &Shared, vcpu: &Mutex<VcpuFd>, postcopy: Option<&crate::Userfault>) {
     // SAFETY: pthread_self has no preconditions.
     *shared.vcpu_thread.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(unsafe { libc::pthread_self() });
-    vcpu_run_loop(shared, vcpu);
+    vcpu_run_loop(shared, vcpu, postcopy);
     *shared.vcpu_thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
-fn vcpu_run_loop(shared: &Shared, vcpu: &Mutex<VcpuFd>) {
+fn vcpu_run_loop(shared: &Shared, vcpu: &Mutex<VcpuFd>, postcopy: Option<&crate::Userfault>) {
     let mut pacer = Pacer::new(Instant::now());
     loop {
         let (rate, throttle) = {
             let mut c = shared.lock();
             loop {
-                match c.want {
+                // Memory whose post-copy failed: the guest never runs on,
+                // it is held as if paused until it is stopped.
+                let held = postcopy.is_some_and(|u| u.failed()) && c.want == Want::Run;
+                match if held { Want::Pause } else { c.want } {
                     Want::Stop => {
                         c.finished = true;
                         c.parked = false;

@@ -165,6 +165,8 @@ pub(crate) struct Dest<'a> {
     pub needs: Vec<PageHash>,
     pub verified: bool,
     pub progress_after: u64,
+    /// It can resume the VM before every page is there (it said so).
+    pub postcopy: bool,
 }
 
 impl Dest<'_> {
@@ -324,10 +326,16 @@ impl Fleet<'_> {
         Ok(d)
     }
 
-    /// Whether this run may switch over with post-copy: a move of a VM
-    /// whose memory this host controls, not told to use pre-copy only.
-    pub fn postcopy_allowed(&self) -> bool {
+    /// Whether this run may offer post-copy: a move of a VM whose memory
+    /// this host controls, not told to use pre-copy only.
+    pub fn postcopy_offered(&self) -> bool {
         self.mode == Mode::Move && self.rounds && self.opts.switchover != Switchover::Precopy
+    }
+
+    /// Whether it may switch over with post-copy: offered, and every
+    /// destination still in the run said it can take it.
+    pub fn postcopy_allowed(&self) -> bool {
+        self.postcopy_offered() && self.dests.iter().filter(|d| d.live()).all(|d| d.postcopy)
     }
 
     /// Stops if the job was cancelled (the VM stays, running).
@@ -392,6 +400,7 @@ pub fn run(spec: Spec<'_>, fp: &Fingerprinter) -> Outcome {
                 needs: Vec::new(),
                 verified: false,
                 progress_after: 0,
+                postcopy: false,
             })
             .collect(),
         opts,

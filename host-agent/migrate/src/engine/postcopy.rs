@@ -52,6 +52,13 @@ impl Push {
         full: Option<Vec<PageHash>>,
     ) -> Result<Push, MigrationError> {
         let frames: Vec<u64> = missing.iter().collect();
+        // The table the destination must already hold: every frame not
+        // listed is as last sent (the VM is paused, none changed since).
+        let mut masked = fleet.table.clone();
+        for &f in &frames {
+            masked[f as usize] = crate::postcopy::MASKED;
+        }
+        let digest = table_digest(&masked).to_vec();
         let mut chunks = frames.chunks(MAX_NEED_HASHES_PER_FRAME).peekable();
         loop {
             let chunk = chunks.next().unwrap_or(&[]);
@@ -59,6 +66,11 @@ impl Push {
             let m = v1::PostcopyMissing {
                 frames: chunk.to_vec(),
                 last,
+                digest: if last {
+                    digest.clone().into()
+                } else {
+                    Default::default()
+                },
             };
             fleet.send(i, Body::PostcopyMissing(m), Class::Control);
             if last {

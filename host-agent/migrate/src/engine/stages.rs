@@ -48,7 +48,7 @@ pub(super) fn run(
         needs(fleet);
         fleet.any_left()?;
     }
-    if fleet.opts.switchover == Switchover::Postcopy && !fleet.postcopy_allowed() {
+    if fleet.opts.switchover == Switchover::Postcopy && !fleet.postcopy_offered() {
         return Err(MigrationError::Refused {
             code: v1::RefusalCode::Invalid,
             reason: postcopy_refusal(fleet.mode, fleet.rounds).into(),
@@ -102,6 +102,8 @@ fn offer(fleet: &mut Fleet, held: bool) {
     fleet.tell(v1::MigratePhase::Manifest);
     let pages = fleet.vm.page_count();
     let clone = fleet.mode == Mode::Clone;
+    let begin_postcopy = fleet.postcopy_offered();
+    let explicit = fleet.opts.switchover == Switchover::Postcopy;
     for i in 0..fleet.dests.len() {
         let begin = v1::MigrateBegin {
             version: MIGRATE_WIRE_VERSION as i32,
@@ -123,11 +125,23 @@ fn offer(fleet: &mut Fleet, held: bool) {
             domain_check: fleet.vm.content_key().check(),
             kind: fleet.vm.kind() as i32,
             connect: fleet.opts.connect.clone(),
-            postcopy: fleet.postcopy_allowed(),
+            postcopy: fleet.postcopy_offered(),
         };
         fleet.send(i, Body::Begin(begin), Class::Control);
         match fleet.expect(i, "answer to the migration request") {
-            Some(Body::Accept(a)) if a.ok => {}
+            Some(Body::Accept(a)) if a.ok && !a.postcopy && begin_postcopy && explicit => {
+                fleet.fail(
+                    i,
+                    MigrationError::Refused {
+                        code: v1::RefusalCode::Refused,
+                        reason: "the destination cannot take post-copy (userfaultfd is not \
+                                 permitted there: run its agent as root, or set \
+                                 vm.unprivileged_userfaultfd=1); use --switchover precopy or auto"
+                            .into(),
+                    },
+                );
+            }
+            Some(Body::Accept(a)) if a.ok => fleet.dests[i].postcopy = a.postcopy,
             Some(Body::Accept(a)) => fleet.fail(
                 i,
                 MigrationError::Refused {
