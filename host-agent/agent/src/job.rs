@@ -565,33 +565,7 @@ pub fn cast_send(
     let (staged, index) = agent.fp_pool().install(|| Staged::read(agent, &hashes));
     let staged_s = t0.elapsed().as_secs_f64();
     let left_out = index.iter().filter(|i| i.is_none()).count() as u64;
-    let mut plans = Vec::new();
-    for g in &r.groups {
-        let addr: std::net::SocketAddrV4 = g.addr.parse().map_err(|_| {
-            AgentError::BadRequest(format!("group address {:?} is not ADDR:PORT", g.addr))
-        })?;
-        let mut members = Vec::new();
-        for m in &g.members {
-            let Some(i) = r.receivers.iter().position(|x| x == m) else {
-                return Err(AgentError::BadRequest(format!(
-                    "group member {m} is not a receiver"
-                )));
-            };
-            members.push(i);
-        }
-        let pages: Vec<u32> = g
-            .pages
-            .iter()
-            .filter_map(|&p| index.get(p as usize).copied().flatten())
-            .collect();
-        if !pages.is_empty() {
-            plans.push(GroupPlan {
-                addr,
-                members,
-                pages,
-            });
-        }
-    }
+    let mut plans = group_plans(r, &index)?;
     let iface = agent.cast_iface();
     let listener = TcpListener::bind((iface, 0)).map_err(|source| AgentError::Bind {
         addr: format!("{iface}:0"),
@@ -633,24 +607,12 @@ pub fn cast_send(
         &|_, _| {},
     );
     if let Ok(rep) = &res {
-        // Where a cast's time and CPU go, for operators and for tuning: the
-        // staging (reading and hash-checking the pages, on the hashing
-        // pool), then the sending (this thread's CPU per GB of pages).
-        let send_s = t0.elapsed().as_secs_f64() - staged_s;
-        let gb = (hashes.len() - left_out as usize) as f64 * PAGE_SIZE as f64 / 1e9;
-        tracing::info!(
-            "cast of {} pages to {} receivers at {} bit/s: staged in {staged_s:.2} s, sent in {send_s:.2} s \
-             ({:.2} Gbit/s of pages; pages on the wire {:.2} s: paced {:.2} s, waiting for \
-             receivers {:.2} s, in socket calls {:.2} s), {:.2} CPU-s/GB on the sending thread",
+        log_sent(
             hashes.len() as u64 - left_out,
-            r.receivers.len(),
-            r.rate_bps,
-            gb * 8.0 / send_s.max(1e-9),
-            rep.duration_s,
-            rep.paced_s,
-            rep.waited_s,
-            rep.socket_s,
-            (crate::sync::thread_cpu_s() - cpu0) / gb.max(1e-9),
+            r,
+            rep,
+            (staged_s, t0.elapsed().as_secs_f64() - staged_s),
+            crate::sync::thread_cpu_s() - cpu0,
         );
         ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "cast").increment(
             rep.bytes_first
@@ -681,6 +643,69 @@ pub fn cast_send(
             ..Default::default()
         },
     })
+}
+
+/// Each group of a cast request as the sender plans it: its address, its
+/// members by receiver index, and its pages by their place among those
+/// staged (pages not staged left out; groups left empty dropped).
+fn group_plans(
+    r: &v1::CastSendRequest,
+    index: &[Option<u32>],
+) -> Result<Vec<GroupPlan>, AgentError> {
+    let mut plans = Vec::new();
+    for g in &r.groups {
+        let addr: std::net::SocketAddrV4 = g.addr.parse().map_err(|_| {
+            AgentError::BadRequest(format!("group address {:?} is not ADDR:PORT", g.addr))
+        })?;
+        let mut members = Vec::new();
+        for m in &g.members {
+            let Some(i) = r.receivers.iter().position(|x| x == m) else {
+                return Err(AgentError::BadRequest(format!(
+                    "group member {m} is not a receiver"
+                )));
+            };
+            members.push(i);
+        }
+        let pages: Vec<u32> = g
+            .pages
+            .iter()
+            .filter_map(|&p| index.get(p as usize).copied().flatten())
+            .collect();
+        if !pages.is_empty() {
+            plans.push(GroupPlan {
+                addr,
+                members,
+                pages,
+            });
+        }
+    }
+    Ok(plans)
+}
+
+/// Logs where a sent cast's time and CPU went, for operators and for
+/// tuning: the staging (reading and hash-checking the pages, on the
+/// hashing pool), then the sending (`cpu`: this thread's seconds).
+fn log_sent(
+    pages: u64,
+    r: &v1::CastSendRequest,
+    rep: &pagecast_multicast::SendReport,
+    (staged_s, send_s): (f64, f64),
+    cpu: f64,
+) {
+    let gb = pages as f64 * PAGE_SIZE as f64 / 1e9;
+    tracing::info!(
+        "cast of {pages} pages to {} receivers at {} bit/s: staged in {staged_s:.2} s, sent in \
+         {send_s:.2} s ({:.2} Gbit/s of pages; pages on the wire {:.2} s: paced {:.2} s, waiting \
+         for receivers {:.2} s, in socket calls {:.2} s), {:.2} CPU-s/GB on the sending thread",
+        r.receivers.len(),
+        r.rate_bps,
+        gb * 8.0 / send_s.max(1e-9),
+        rep.duration_s,
+        rep.paced_s,
+        rep.waited_s,
+        rep.socket_s,
+        cpu / gb.max(1e-9),
+    );
 }
 
 /// Receives a cast into the job's arriving VMs.

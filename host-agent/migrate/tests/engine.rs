@@ -498,3 +498,45 @@ fn a_clone_reaches_every_destination_identically_and_the_source_runs_on() {
     }
     let _ = v1::RefusalCode::Unspecified;
 }
+
+/// A destination that cannot catch missing-page faults (no userfaultfd
+/// there) says so in its answer: `--switchover postcopy` is refused at
+/// once, naming the setting, and the source never pauses; `auto` moves by
+/// pre-copy.
+#[test]
+fn a_destination_without_userfaultfd_refuses_postcopy_and_auto_precopies() {
+    /// The destination's answers, saying it cannot take post-copy.
+    struct NoUserfault(MemLink);
+    impl MigrationLink for NoUserfault {
+        fn send(&mut self, body: Body) -> Result<(), MigrationError> {
+            self.0.send(match body {
+                Body::Accept(a) => Body::Accept(v1::MigrateAccept {
+                    postcopy: false,
+                    ..a
+                }),
+                b => b,
+            })
+        }
+        fn recv(&mut self, t: Option<Duration>) -> Result<Body, MigrationError> {
+            self.0.recv(t)
+        }
+    }
+    let wrap = |l: MemLink| Box::new(NoUserfault(l)) as Box<dyn MigrationLink>;
+    let src = SyntheticSource::new("vm1", memory("web", 7, 4));
+    let opts = MigrateOptions {
+        switchover: Switchover::Postcopy,
+        ..MigrateOptions::default()
+    };
+    let out = migrate(&src, &NoLocalContent, opts, wrap, None);
+    match out.report {
+        Err(MigrationError::Refused { reason, .. }) => {
+            assert!(reason.contains("vm.unprivileged_userfaultfd"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(out.copy.is_none(), "nothing started there");
+    assert!(!src.is_paused());
+    let out = migrate(&src, &NoLocalContent, MigrateOptions::default(), wrap, None);
+    let report = out.report.unwrap();
+    assert!(report.verified && !report.postcopy, "{report:?}");
+}

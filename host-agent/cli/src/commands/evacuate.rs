@@ -422,31 +422,38 @@ fn render(r: &EvacuationReport) -> String {
             "eviction {:.2} s, total {:.2} s",
             r.eviction_s, r.total_s
         );
-        for (host, at) in &r.evicted_s {
-            let bound = match (
-                r.predicted.lower_bound_s.get(host),
-                r.predicted.only_at_source_bytes.get(host),
-            ) {
-                (Some(b), Some(bytes)) => format!(
-                    " (lower bound {b:.2} s: {} only it holds, over its link{})",
-                    format_bytes(*bytes),
-                    match at {
-                        Some(t) if *b > 0.0 => format!("; {:.1}x", t / b),
-                        _ => String::new(),
-                    }
-                ),
-                _ => String::new(),
-            };
-            let _ = match at {
-                Some(t) => writeln!(s, "  {host}: evicted at {t:.2} s{bound}"),
-                None => writeln!(
-                    s,
-                    "  {host}: not evicted (a VM of the job is still there){bound}"
-                ),
-            };
-        }
+        render_evicted(&mut s, r);
     }
     s
+}
+
+/// Each source's eviction beside its lower bound (the pages only it holds,
+/// over its link).
+fn render_evicted(s: &mut String, r: &EvacuationReport) {
+    use std::fmt::Write;
+    for (host, at) in &r.evicted_s {
+        let bound = match (
+            r.predicted.lower_bound_s.get(host),
+            r.predicted.only_at_source_bytes.get(host),
+        ) {
+            (Some(b), Some(bytes)) => format!(
+                " (lower bound {b:.2} s: {} only it holds, over its link{})",
+                format_bytes(*bytes),
+                match at {
+                    Some(t) if *b > 0.0 => format!("; {:.1}x", t / b),
+                    _ => String::new(),
+                }
+            ),
+            _ => String::new(),
+        };
+        let _ = match at {
+            Some(t) => writeln!(s, "  {host}: evicted at {t:.2} s{bound}"),
+            None => writeln!(
+                s,
+                "  {host}: not evicted (a VM of the job is still there){bound}"
+            ),
+        };
+    }
 }
 
 /// Runs `pagecast evacuate`.
