@@ -106,6 +106,9 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub enum Event {
     /// A step of the whole job.
     Step(String),
+    /// Per source host, the least time its eviction can take (the moving
+    /// VMs' pages only it holds, over its link), once the plan is made.
+    LowerBound(std::collections::BTreeMap<String, f64>),
     /// A VM's phase changed or it made progress.
     Vm {
         /// The VM.

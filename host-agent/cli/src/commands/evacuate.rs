@@ -267,6 +267,9 @@ struct Progress {
     vms: Mutex<BTreeMap<String, ProgressBar>>,
     done: Mutex<u64>,
     count: u64,
+    /// The sources' eviction bound, once the plan says it: kept on the
+    /// line beside every later step.
+    bound: Mutex<String>,
 }
 
 impl Progress {
@@ -288,13 +291,31 @@ impl Progress {
             vms: Mutex::new(BTreeMap::new()),
             done: Mutex::new(0),
             count,
+            bound: Mutex::new(String::new()),
         }
     }
 
     fn event(&self, e: Event) {
         match e {
+            Event::LowerBound(by_source) => {
+                let per_source: Vec<String> = by_source
+                    .iter()
+                    .map(|(h, s)| format!("{h} {s:.2} s"))
+                    .collect();
+                let line = format!(
+                    "eviction's lower bound (pages only each source holds, over its link): {}",
+                    per_source.join(", ")
+                );
+                *self.bound.lock().unwrap_or_else(|e| e.into_inner()) =
+                    format!("  [bound {}]", per_source.join(", "));
+                self.total.set_message(line.clone());
+                if self.multi.is_hidden() {
+                    tracing::info!("{line}");
+                }
+            }
             Event::Step(s) => {
-                self.total.set_message(s.clone());
+                let bound = self.bound.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                self.total.set_message(format!("{s}{bound}"));
                 if self.multi.is_hidden() {
                     tracing::info!("{s}");
                 }

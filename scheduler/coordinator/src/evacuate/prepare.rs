@@ -62,16 +62,7 @@ pub(super) fn prepare(
     let plan = plan(&planner, &model, spec)?;
     let prep = prepared(view, &model, content, &plan, spec);
     if !prep.predicted.lower_bound_s.is_empty() {
-        let bounds: Vec<String> = prep
-            .predicted
-            .lower_bound_s
-            .iter()
-            .map(|(h, s)| format!("{h} {s:.2} s"))
-            .collect();
-        on(Event::Step(format!(
-            "eviction's lower bound (pages only each source holds, over its link): {}",
-            bounds.join(", ")
-        )));
+        on(Event::LowerBound(prep.predicted.lower_bound_s.clone()));
     }
     Ok(prep)
 }

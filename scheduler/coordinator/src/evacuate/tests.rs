@@ -598,13 +598,18 @@ fn only_pagecast_moves_switch_over_as_asked_and_baselines_use_precopy() {
 #[test]
 fn each_sources_lower_bound_is_what_only_it_holds_over_its_link() {
     let f = cluster();
-    let rep = run(
-        &f,
-        &spec(Method::Pagecast),
-        &|_| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let told = Mutex::new(None);
+    let on = |e: Event| {
+        if let Event::LowerBound(b) = e {
+            *told.lock().unwrap() = Some(b);
+        }
+    };
+    let rep = run(&f, &spec(Method::Pagecast), &on, &AtomicBool::new(false)).unwrap();
+    assert_eq!(
+        told.into_inner().unwrap().as_ref(),
+        Some(&rep.predicted.lower_bound_s),
+        "the progress is told the bound"
+    );
     let only = &rep.predicted.only_at_source_bytes;
     assert_eq!(only.keys().collect::<Vec<_>>(), ["a1", "a2"], "{only:?}");
     for src in ["a1", "a2"] {
