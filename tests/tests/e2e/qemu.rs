@@ -182,6 +182,31 @@ fn qemu_guests_migrate_through_pagecast() {
         "running"
     );
 
+    // Post-copy is refused by name for an adopted QEMU VM (its memory
+    // travels in QEMU's own stream), before anything moves.
+    let out = cli(
+        dir,
+        &[
+            "migrate",
+            "--vm",
+            "vm1",
+            "--from",
+            &a.addr,
+            "--to",
+            &b.addr,
+            "--switchover",
+            "postcopy",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("not offered for adopted QEMU VMs"), "{err}");
+    assert_eq!(
+        vm1.qmp().status().unwrap(),
+        "running",
+        "it runs on, untouched"
+    );
+
     // Through pagecast.
     let before = vm1.ticks();
     let out = migrate(dir, "vm1", &a, &b);
