@@ -1294,3 +1294,50 @@ fn a_source_killed_during_postcopy_fails_the_vm_loudly_at_the_destination() {
     let out = migrate.wait_with_output().unwrap();
     assert!(!out.status.success());
 }
+
+/// Post-copy with the destination agent frozen (SIGSTOP) while pages are
+/// still arriving: the source gives up within its deadlines and keeps its
+/// copy paused, in doubt; once the destination runs again it finds its
+/// source gone, stops its copy, and the source, told the VM is not there,
+/// resumes its own: exactly one copy runs in the end.
+#[test]
+fn a_destination_frozen_during_postcopy_ends_with_one_copy_running_at_the_source() {
+    if !needs(
+        "a_destination_frozen_during_postcopy_ends_with_one_copy_running_at_the_source",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let a = Agent::start(d, "host-a");
+    let b = Agent::start(d, "host-b");
+    let migrate = postcopy_under_way(d, &a, &b);
+    pagecast_tests::cluster::signal(&b.child, libc::SIGSTOP);
+    let frozen = Instant::now();
+    let out = migrate.wait_with_output().unwrap();
+    let took = frozen.elapsed();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("the migration ended {took:?} after the destination froze");
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("in doubt"), "{all}");
+    assert!(took < Duration::from_secs(25), "held {took:?}: {all}");
+    // Paused at the source meanwhile: never two copies running.
+    let on_a = vms(d, &a);
+    let v = vm(&on_a, "busy").unwrap_or_else(|| panic!("the source let it go"));
+    assert_ne!(v["state"], "running", "{v}");
+    pagecast_tests::cluster::signal(&b.child, libc::SIGCONT);
+    pagecast_tests::cluster::eventually(
+        Duration::from_secs(60),
+        "the source's copy resumed",
+        || match (vm(&vms(d, &a), "busy"), vm(&vms(d, &b), "busy")) {
+            (Some(v), None) if v["state"] == "running" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_advancing(d, &a, "busy");
+}
