@@ -254,3 +254,50 @@ impl Push {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(missing: &[u64], pages: u64) -> Push {
+        Push {
+            round: 1,
+            missing: missing.to_vec(),
+            next: 0,
+            sent: DirtyBitmap::new(pages),
+            urgent: VecDeque::new(),
+            queued: DirtyBitmap::new(pages),
+            requested: 0,
+            pages: 0,
+            resumed: None,
+            full: None,
+        }
+    }
+
+    /// Frames asked for go before the rest, in the order asked; then the
+    /// missing frames in order; none twice, however often asked for; and
+    /// nothing but what was asked for until the VM has resumed.
+    #[test]
+    fn requests_go_first_and_every_frame_once() {
+        let mut p = push(&[1, 2, 3, 4, 5, 6], 16);
+        p.urgent.extend([5, 2]);
+        assert_eq!(
+            p.batch(false),
+            vec![5, 2],
+            "only requests before the resume"
+        );
+        assert_eq!(p.batch(false), Vec::<u64>::new());
+        p.urgent.extend([5, 9]);
+        assert_eq!(
+            p.batch(true),
+            vec![9, 1, 3, 4, 6],
+            "sent frames are skipped"
+        );
+        assert!(p.batch(true).is_empty());
+        assert_eq!(p.next, p.missing.len());
+        // A batch holds at most a frame's worth of pages.
+        let many: Vec<u64> = (0..200).collect();
+        let mut p = push(&many, 256);
+        assert_eq!(p.batch(true).len(), MAX_MIGRATE_PAGES_PER_FRAME);
+    }
+}
