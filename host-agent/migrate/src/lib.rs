@@ -395,8 +395,9 @@ pub enum Switchover {
     /// each page it lacks when its guest touches it while the source
     /// pushes the rest (a move of a micro-VM only).
     Postcopy,
-    /// Pre-copy, switching to post-copy where the rounds stop shrinking or
-    /// run out (a move of a micro-VM; anything else: pre-copy).
+    /// Pre-copy; where the rounds stop shrinking, one throttle step (half
+    /// speed), then post-copy if they still stall or run out (a move of a
+    /// micro-VM; anything else: pre-copy).
     #[default]
     Auto,
 }

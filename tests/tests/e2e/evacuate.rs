@@ -990,9 +990,10 @@ fn the_baselines_move_every_vm_verified() {
 }
 
 /// A VM dirtying 50,000 pages/s, faster than its share of a 200 Mbit/s
-/// limit can carry: under `auto` (the default) it resumes at its
-/// destination by post-copy instead of holding the job, verified, and the
-/// report says so with what post-copy cost.
+/// limit can carry: under `auto` (the default) it is slowed to half speed
+/// at most once, then resumes at its destination by post-copy instead of
+/// holding the job, verified, and the report says so with what post-copy
+/// cost.
 #[test]
 fn auto_moves_a_vm_that_outruns_its_link_by_postcopy_verified() {
     if !needs(
@@ -1030,6 +1031,10 @@ fn auto_moves_a_vm_that_outruns_its_link_by_postcopy_verified() {
     }
     let hot = vms.iter().find(|v| v["name"] == "hot1").unwrap();
     assert_eq!(hot["switchover"], "postcopy", "{hot}");
+    assert!(
+        hot["max_throttle_pct"].as_u64().is_some_and(|t| t <= 50),
+        "slowed at most once, to half speed: {hot}"
+    );
     assert!(hot["postcopy_s"].as_f64().unwrap() > 0.0, "{hot}");
     let at = where_each_runs(&r, &["hot1", "db1"]);
     assert!(at.values().all(|h| h == "h4" || h == "h5"), "{at:?}");

@@ -129,8 +129,9 @@ pub struct TlsArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SwitchoverArg {
     /// Pre-copy; where the rounds stop shrinking (a guest dirtying faster
-    /// than the link), resume at the destination and pull the rest
-    /// (post-copy) instead of slowing the guest down. Micro-VM moves only;
+    /// than the link) the guest is slowed to half speed once, and if they
+    /// still stall it resumes at the destination, which pulls the rest
+    /// (post-copy), instead of being slowed further. Micro-VM moves only;
     /// anything else: pre-copy.
     Auto,
     /// Stop and copy once the rest fits --max-downtime, slowing a guest

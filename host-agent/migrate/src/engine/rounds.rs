@@ -43,6 +43,11 @@ enum Then {
 /// switching over.
 const DRAIN_SHARE: f64 = 0.6;
 
+/// Under `auto`, the throttle tried before post-copy: a guest still too
+/// fast at half speed resumes at its destination rather than be slowed
+/// further.
+const AUTO_THROTTLE: u8 = 50;
+
 impl Transfer for Rounds {
     fn transfer(
         &mut self,
@@ -275,13 +280,13 @@ impl Rounds {
             }
             // Not converging fast: the guest dirtied more than half of what
             // the last round sent while it was sent (or no fewer pages than
-            // the round before). Resume at the destination now where
-            // post-copy may be used, else slow the guest down
-            // (auto-converge, with QEMU's trigger) rather than loop until
-            // the round limit.
+            // the round before). Slow the guest down (auto-converge, with
+            // QEMU's trigger) rather than loop until the round limit; where
+            // post-copy may be used, one step of that (half speed) first,
+            // and if the rounds still stall, resume at the destination.
             let stalled = round >= 2
                 && (count as f64 > last.pages as f64 * 0.5 || count as f64 > previous as f64 * 0.9);
-            if stalled && postcopy {
+            if stalled && postcopy && self.throttle >= AUTO_THROTTLE {
                 return Ok((dirty, Then::Postcopy));
             }
             if stalled {
