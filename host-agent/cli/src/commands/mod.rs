@@ -140,8 +140,12 @@ pub enum SwitchoverArg {
     /// Resume at the destination right after the first full pass; the
     /// destination pulls each page its guest touches and the rest is
     /// pushed. Until the last page arrives the VM needs both hosts: if
-    /// either fails it is lost there and its source keeps it paused.
-    /// Micro-VM moves only (refused for clones and adopted QEMU VMs).
+    /// either fails, the destination stops its copy and the source resumes
+    /// its own from the pause once it learns that (what the guest did at
+    /// the destination is lost). Micro-VM moves only, to a destination
+    /// whose agent may use userfaultfd (root, or
+    /// vm.unprivileged_userfaultfd=1); refused for clones and adopted QEMU
+    /// VMs.
     Postcopy,
 }
 
