@@ -139,10 +139,11 @@ pub enum SwitchoverArg {
     Precopy,
     /// Resume at the destination right after the first full pass; the
     /// destination pulls each page its guest touches and the rest is
-    /// pushed. Until the last page arrives the VM needs both hosts: if
-    /// either fails, the destination stops its copy and the source resumes
-    /// its own from the pause once it learns that (what the guest did at
-    /// the destination is lost). Micro-VM moves only, to a destination
+    /// pushed. Until the last page arrives the VM needs both hosts: if the
+    /// destination or the link fails, the destination's copy stops and the
+    /// source resumes its own from the pause once it learns that (what the
+    /// guest did at the destination is lost); if the source dies, the VM
+    /// is lost. Micro-VM moves only, to a destination
     /// whose agent may use userfaultfd (root, or
     /// vm.unprivileged_userfaultfd=1); refused for clones and adopted QEMU
     /// VMs.
