@@ -26,16 +26,13 @@ use std::time::{Duration, Instant};
 
 use pagecast_channel::ca::Authority;
 use pagecast_channel::{Channel, Role};
-use pagecast_memory::GuestMemory;
 use pagecast_memory::fingerprint::Fingerprinter;
-use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError};
+use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig};
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
-use pagecast_memory::{DirtyBitmap, MemoryError, Region};
 use pagecast_migrate::{
-    ChannelLink, MigrateOptions, MigrationLink, MigrationReport, NoLocalContent, SourceVm,
-    Switchover, migrate_in, migrate_out,
+    ChannelLink, MigrateOptions, MigrationLink, MigrationReport, NoLocalContent, Switchover,
+    migrate_in, migrate_out,
 };
-use pagecast_pages::Page;
 use pagecast_proto::v1;
 
 const MIB: u64 = 128;
@@ -52,47 +49,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-struct Src<'a>(&'a MicroVm);
-
-impl GuestMemory for Src<'_> {
-    fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
-        self.0.write_page(frame, data)
-    }
-    fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
-        self.0.take_dirty()
-    }
-    fn mark_dirty(&self, pages: &DirtyBitmap) -> Result<(), MemoryError> {
-        self.0.mark_dirty(pages)
-    }
-    fn region(&self) -> &Region {
-        self.0.region()
-    }
-}
-
-impl SourceVm for Src<'_> {
-    fn name(&self) -> &str {
-        "hot"
-    }
-    fn origin(&self) -> String {
-        "bench".into()
-    }
-    fn dirty_rate(&self) -> u64 {
-        self.0.dirty_rate()
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        self.0.pause()
-    }
-    fn resume(&self) {
-        self.0.resume()
-    }
-    fn vcpu_state(&self) -> Result<VcpuState, VmError> {
-        self.0.vcpu_state()
-    }
-    fn set_throttle(&self, pct: u8) {
-        self.0.set_throttle(pct)
-    }
 }
 
 /// One migration's figures.
@@ -160,7 +116,7 @@ fn run(mode: Switchover, bps: u64, fp: &Fingerprinter) -> Run {
             switchover: mode,
             ..MigrateOptions::default()
         };
-        let r = migrate_out(&Src(&vm), &mut link, fp, &opts, &mut |_| {}).expect("migration");
+        let r = migrate_out(&vm, &mut link, fp, &opts, &mut |_| {}).expect("migration");
         dst.join().expect("destination");
         r
     });

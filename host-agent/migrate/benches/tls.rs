@@ -23,16 +23,13 @@ use std::time::Duration;
 
 use pagecast_channel::ca::Authority;
 use pagecast_channel::{Channel, FrameDecoder, Role, frame};
-use pagecast_memory::GuestMemory;
 use pagecast_memory::fingerprint::Fingerprinter;
-use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig, VcpuState, VmError};
+use pagecast_memory::kvm::{InitialMemory, MicroVm, MicroVmConfig};
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
-use pagecast_memory::{DirtyBitmap, MemoryError, Region};
 use pagecast_migrate::{
-    ChannelLink, MigrateOptions, MigrationError, MigrationLink, NoLocalContent, SourceVm,
-    Switchover, migrate_in, migrate_out,
+    ChannelLink, MigrateOptions, MigrationError, MigrationLink, NoLocalContent, Switchover,
+    migrate_in, migrate_out,
 };
-use pagecast_pages::Page;
 use pagecast_proto::v1;
 use prost::Message;
 
@@ -82,47 +79,6 @@ impl MigrationLink for PlainLink {
             Ok(v1::MigrateFrame { body: Some(b) }) => Ok(b),
             _ => Err(MigrationError::Protocol("bad frame".into())),
         }
-    }
-}
-
-struct Src<'a>(&'a MicroVm);
-
-impl GuestMemory for Src<'_> {
-    fn write_page(&self, frame: u64, data: &Page) -> Result<(), MemoryError> {
-        self.0.write_page(frame, data)
-    }
-    fn take_dirty(&self) -> Result<DirtyBitmap, MemoryError> {
-        self.0.take_dirty()
-    }
-    fn mark_dirty(&self, pages: &DirtyBitmap) -> Result<(), MemoryError> {
-        self.0.mark_dirty(pages)
-    }
-    fn region(&self) -> &Region {
-        self.0.region()
-    }
-}
-
-impl SourceVm for Src<'_> {
-    fn name(&self) -> &str {
-        "bench"
-    }
-    fn origin(&self) -> String {
-        "bench".into()
-    }
-    fn dirty_rate(&self) -> u64 {
-        self.0.dirty_rate()
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        self.0.pause()
-    }
-    fn resume(&self) {
-        self.0.resume()
-    }
-    fn vcpu_state(&self) -> Result<VcpuState, VmError> {
-        self.0.vcpu_state()
-    }
-    fn set_throttle(&self, pct: u8) {
-        self.0.set_throttle(pct)
     }
 }
 
@@ -193,7 +149,7 @@ fn run(mib: u64, rate: u64, tls: bool, fp: &Fingerprinter) -> (f64, f64, f64) {
             ..MigrateOptions::default()
         };
         let cpu = thread_cpu();
-        let r = migrate_out(&Src(&vm), &mut *link, fp, &opts, &mut |_| {}).expect("migration");
+        let r = migrate_out(&vm, &mut *link, fp, &opts, &mut |_| {}).expect("migration");
         let src_cpu = thread_cpu() - cpu;
         ((r, src_cpu), dst.join().expect("destination"))
     });

@@ -685,7 +685,9 @@ impl Arrival<'_> {
                     let Some(state) = vcpu.take() else {
                         return Err(MigrationError::Protocol("digest before vCPU state".into()));
                     };
-                    self.ready(&d, begin.verify_full, fp)?;
+                    let verdict = self.verify(&d, begin.verify_full, fp);
+                    self.ready(&verdict)?;
+                    verdict?;
                     match self.next_frame()? {
                         Body::Commit(_) => {}
                         other => {
@@ -730,35 +732,12 @@ impl Arrival<'_> {
                 )));
             }
         };
-        let mut table = self.slot.lock().table.clone();
-        for &f in &missing {
-            table[f as usize] = Some(crate::postcopy::MASKED);
-        }
         // Every other frame is here and is the source's, checked before
         // the VM may run on it.
-        let verdict = match table.iter().position(Option::is_none) {
-            Some(f) => Err(MigrationError::Verification(format!(
-                "frame {f} never arrived and is not in the post-copy list"
-            ))),
-            None if table_digest(&table.iter().map(|h| h.expect("all")).collect::<Vec<_>>())
-                != masked.as_slice() =>
-            {
-                Err(MigrationError::Verification(
-                    "the frames held before post-copy differ from the source's".into(),
-                ))
-            }
-            None => Ok(()),
-        };
-        self.link.send(Body::Ready(v1::Ready {
-            ok: verdict.is_ok(),
-            reason: verdict
-                .as_ref()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
-            code: verdict.as_ref().err().map_or(0, |e| e.code() as i32),
-        }))?;
+        let verdict = self.held_before_postcopy(&missing, &masked);
+        self.ready(&verdict)?;
         verdict?;
+        let table = self.slot.lock().table.clone();
         match self.next_frame()? {
             Body::Commit(_) => {}
             other => {
@@ -790,13 +769,7 @@ impl Arrival<'_> {
     }
 
     /// Checks the digest and says whether the VM is ready to commit.
-    fn ready(
-        &mut self,
-        d: &v1::Digest,
-        full: bool,
-        fp: &Fingerprinter,
-    ) -> Result<(), MigrationError> {
-        let verdict = self.verify(d, full, fp);
+    fn ready(&mut self, verdict: &Result<(), MigrationError>) -> Result<(), MigrationError> {
         self.link.send(Body::Ready(v1::Ready {
             ok: verdict.is_ok(),
             reason: verdict
@@ -805,8 +778,32 @@ impl Arrival<'_> {
                 .map(|e| e.to_string())
                 .unwrap_or_default(),
             code: verdict.as_ref().err().map_or(0, |e| e.code() as i32),
-        }))?;
-        verdict
+        }))
+    }
+
+    /// Before a post-copy resume: every frame not in `missing` is here,
+    /// and the table with those frames masked has the source's digest.
+    fn held_before_postcopy(&self, missing: &[u64], masked: &[u8]) -> Result<(), MigrationError> {
+        let st = self.slot.lock();
+        let mut listed = vec![false; st.table.len()];
+        for &f in missing {
+            listed[f as usize] = true;
+        }
+        if let Some(f) = (0..st.table.len()).find(|&f| !listed[f] && st.table[f].is_none()) {
+            return Err(MigrationError::Verification(format!(
+                "frame {f} never arrived and is not in the post-copy list"
+            )));
+        }
+        let held = crate::digest_of(st.table.iter().zip(&listed).map(|(h, &l)| match h {
+            Some(h) if !l => *h,
+            _ => crate::postcopy::MASKED,
+        }));
+        if held != masked {
+            return Err(MigrationError::Verification(
+                "the frames held before post-copy differ from the source's".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Committed: the VM starts here on its memory and vCPU state.

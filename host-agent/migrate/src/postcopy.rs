@@ -19,7 +19,7 @@ use pagecast_pages::{ContentKey, PageHash};
 use pagecast_proto::{MAX_NEED_HASHES_PER_FRAME, v1};
 
 use crate::dest::checked;
-use crate::{MigrationError, MigrationLink, table_digest};
+use crate::{MigrationError, MigrationLink};
 
 type Body = v1::migrate_frame::Body;
 
@@ -317,8 +317,7 @@ impl Serve<'_> {
 
     /// Every frame is there: the table must be the source's.
     fn verdict(&mut self, digest: &[u8]) -> Result<(), MigrationError> {
-        let table: Vec<PageHash> = self.table.iter().map(|h| h.expect("all there")).collect();
-        let ok = digest == table_digest(&table);
+        let ok = digest == crate::digest_of(self.table.iter().map(|h| h.expect("all there")));
         let e = MigrationError::Verification(
             "page hashes after post-copy differ from the source's".into(),
         );

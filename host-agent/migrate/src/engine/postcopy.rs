@@ -54,11 +54,14 @@ impl Push {
         let frames: Vec<u64> = missing.iter().collect();
         // The table the destination must already hold: every frame not
         // listed is as last sent (the VM is paused, none changed since).
-        let mut masked = fleet.table.clone();
-        for &f in &frames {
-            masked[f as usize] = crate::postcopy::MASKED;
-        }
-        let digest = table_digest(&masked).to_vec();
+        let masked = fleet.table.iter().enumerate().map(|(f, h)| {
+            if missing.get(f as u64) {
+                crate::postcopy::MASKED
+            } else {
+                *h
+            }
+        });
+        let digest = crate::digest_of(masked).to_vec();
         let mut chunks = frames.chunks(MAX_NEED_HASHES_PER_FRAME).peekable();
         loop {
             let chunk = chunks.next().unwrap_or(&[]);
@@ -181,22 +184,7 @@ impl Push {
             }
             while let Some(b) = fleet.dests[i].t.link.poll_frame()? {
                 match b {
-                    Body::PageRequest(r) => {
-                        for f in r.frames {
-                            if f >= pages {
-                                return Err(MigrationError::Protocol(format!(
-                                    "request for frame {f} of {pages}"
-                                )));
-                            }
-                            self.requested += 1;
-                            // A request repeated (or spammed) queues the
-                            // frame once: the queue never outgrows memory.
-                            if !self.sent.get(f) && !self.queued.get(f) {
-                                self.queued.set(f)?;
-                                self.urgent.push_back(f);
-                            }
-                        }
-                    }
+                    Body::PageRequest(r) => self.asked(&r.frames, pages)?,
                     Body::Resumed(r) => {
                         fleet.dests[i].progress_after = r.progress;
                         self.resumed = Some(Instant::now());
@@ -232,6 +220,25 @@ impl Push {
             send_frames(fleet, &[i], &batch, self.round)?;
             self.pages += batch.len() as u64;
         }
+    }
+
+    /// Queues the frames a request names to go first. A frame asked for
+    /// again (or requests spammed by a hostile destination) is queued
+    /// once, so the queue never outgrows the VM's frames.
+    fn asked(&mut self, frames: &[u64], pages: u64) -> Result<(), MigrationError> {
+        for &f in frames {
+            if f >= pages {
+                return Err(MigrationError::Protocol(format!(
+                    "request for frame {f} of {pages}"
+                )));
+            }
+            self.requested += 1;
+            if !self.sent.get(f) && !self.queued.get(f) {
+                self.queued.set(f)?;
+                self.urgent.push_back(f);
+            }
+        }
+        Ok(())
     }
 
     /// The next frames to send: asked-for ones first, then (`background`)
@@ -299,5 +306,22 @@ mod tests {
         let many: Vec<u64> = (0..200).collect();
         let mut p = push(&many, 256);
         assert_eq!(p.batch(true).len(), MAX_MIGRATE_PAGES_PER_FRAME);
+    }
+
+    /// A destination asking for the same frames over and over (a hostile
+    /// one, or a guest that keeps faulting) grows the queue by each frame
+    /// once; a frame outside memory is refused.
+    #[test]
+    fn spammed_requests_queue_each_frame_once() {
+        let mut p = push(&[3, 4], 16);
+        for _ in 0..10_000 {
+            p.asked(&[3, 4, 3], 16).unwrap();
+        }
+        assert_eq!(p.urgent.len(), 2, "queued once each");
+        assert_eq!(p.requested, 30_000, "every request counted");
+        assert_eq!(p.batch(false), vec![3, 4]);
+        p.asked(&[3], 16).unwrap();
+        assert!(p.urgent.is_empty(), "a frame sent is not queued again");
+        assert!(p.asked(&[16], 16).is_err(), "beyond memory");
     }
 }
