@@ -1187,6 +1187,78 @@ fn postcopy_under_way(d: &Path, a: &Agent, b: &Agent) -> std::process::Child {
     migrate
 }
 
+/// Two agents, and a busy VM moving from the first to the second by
+/// post-copy through the CLI, caught while its pages are still arriving.
+struct Underway {
+    dir: tempfile::TempDir,
+    a: Agent,
+    b: Agent,
+    /// The CLI's `migrate`, until it is waited for.
+    migrate: Option<std::process::Child>,
+}
+
+impl Underway {
+    fn start() -> Underway {
+        let dir = setup();
+        let a = Agent::start(dir.path(), "host-a");
+        let b = Agent::start(dir.path(), "host-b");
+        let migrate = Some(postcopy_under_way(dir.path(), &a, &b));
+        Underway { dir, a, b, migrate }
+    }
+
+    /// How long after `since` the destination no longer lists the VM.
+    fn destination_gone_after(&self, since: Instant) -> Duration {
+        let gone = pagecast_tests::cluster::eventually(
+            Duration::from_secs(30),
+            "the destination's copy stopped",
+            || match vm(&vms(self.dir.path(), &self.b), "busy") {
+                None => Ok(since.elapsed()),
+                Some(v) => Err(v.to_string()),
+            },
+        );
+        eprintln!("the destination stopped its copy {gone:?} after the fault");
+        gone
+    }
+
+    /// The CLI's failed migration: its output, which must say it is in
+    /// doubt.
+    fn failed_in_doubt(&mut self) -> String {
+        let out = self
+            .migrate
+            .take()
+            .expect("under way")
+            .wait_with_output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{all}");
+        assert!(all.contains("in doubt"), "{all}");
+        all
+    }
+
+    /// The source kept its copy, paused at the switchover; once the
+    /// destination says it does not run the VM, the source resumes it from
+    /// there (what the guest did at the destination is lost, as in a
+    /// crash): exactly one copy runs.
+    fn source_resumes(&self) {
+        let d = self.dir.path();
+        pagecast_tests::cluster::eventually(
+            Duration::from_secs(60),
+            "the source's copy resumed",
+            || match (vm(&vms(d, &self.a), "busy"), vm(&vms(d, &self.b), "busy")) {
+                (Some(v), None) if v["state"] == "running" => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+        assert_advancing(d, &self.a, "busy");
+        let log = self.a.log();
+        assert!(log.contains("never started it"), "{log}");
+    }
+}
+
 /// Post-copy through the CLI, with the source agent frozen (SIGSTOP) once
 /// the VM runs at the destination and pages are still arriving: the
 /// destination gives up within its reply timeout and stops its copy,
@@ -1201,59 +1273,18 @@ fn a_source_frozen_during_postcopy_ends_with_one_copy_running_at_the_source() {
     ) {
         return;
     }
-    let dir = setup();
-    let d = dir.path();
-    let a = Agent::start(d, "host-a");
-    let b = Agent::start(d, "host-b");
-    let migrate = postcopy_under_way(d, &a, &b);
-    pagecast_tests::cluster::signal(&a.child, libc::SIGSTOP);
-    let frozen = Instant::now();
-    let gone = pagecast_tests::cluster::eventually(
-        Duration::from_secs(30),
-        "the destination's copy stopped",
-        || match vm(&vms(d, &b), "busy") {
-            None => Ok(frozen.elapsed()),
-            Some(v) => Err(v.to_string()),
-        },
-    );
-    eprintln!("the destination stopped its copy {gone:?} after the source froze");
+    let mut u = Underway::start();
+    pagecast_tests::cluster::signal(&u.a.child, libc::SIGSTOP);
+    let gone = u.destination_gone_after(Instant::now());
     assert!(
         gone < Duration::from_secs(20),
         "the destination held on {gone:?}"
     );
-    assert!(
-        b.log().contains("post-copy"),
-        "the destination says why: {}",
-        b.log()
-    );
-    pagecast_tests::cluster::signal(&a.child, libc::SIGCONT);
-    let out = migrate.wait_with_output().unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{all}");
-    assert!(all.contains("in doubt"), "{all}");
-    // The source kept its copy, paused at the switchover; once the
-    // destination says it does not run the VM, the source resumes it from
-    // there (what the guest did at the destination is lost, as in a
-    // crash): exactly one copy runs.
-    pagecast_tests::cluster::eventually(
-        Duration::from_secs(30),
-        "the source's copy resumed",
-        || match vm(&vms(d, &a), "busy") {
-            Some(v) if v["state"] == "running" => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    );
-    assert_advancing(d, &a, "busy");
-    assert!(vm(&vms(d, &b), "busy").is_none());
-    assert!(
-        a.log().contains("never started it") || a.log().contains("resumed here"),
-        "{}",
-        a.log()
-    );
+    let log = u.b.log();
+    assert!(log.contains("post-copy"), "the destination says why: {log}");
+    pagecast_tests::cluster::signal(&u.a.child, libc::SIGCONT);
+    u.failed_in_doubt();
+    u.source_resumes();
 }
 
 /// Post-copy with the source agent killed (SIGKILL) once the VM runs at
@@ -1269,29 +1300,13 @@ fn a_source_killed_during_postcopy_fails_the_vm_loudly_at_the_destination() {
     ) {
         return;
     }
-    let dir = setup();
-    let d = dir.path();
-    let mut a = Agent::start(d, "host-a");
-    let b = Agent::start(d, "host-b");
-    let migrate = postcopy_under_way(d, &a, &b);
-    a.kill();
-    let killed = Instant::now();
-    let gone = pagecast_tests::cluster::eventually(
-        Duration::from_secs(30),
-        "the destination's copy stopped",
-        || match vm(&vms(d, &b), "busy") {
-            None => Ok(killed.elapsed()),
-            Some(v) => Err(v.to_string()),
-        },
-    );
-    eprintln!("the destination stopped its copy {gone:?} after the source died");
+    let mut u = Underway::start();
+    u.a.kill();
+    let gone = u.destination_gone_after(Instant::now());
     assert!(gone < Duration::from_secs(12), "held on {gone:?}");
-    assert!(
-        b.log().contains("post-copy lost its source of pages"),
-        "{}",
-        b.log()
-    );
-    let out = migrate.wait_with_output().unwrap();
+    let log = u.b.log();
+    assert!(log.contains("post-copy lost its source of pages"), "{log}");
+    let out = u.migrate.take().unwrap().wait_with_output().unwrap();
     assert!(!out.status.success());
 }
 
@@ -1308,36 +1323,17 @@ fn a_destination_frozen_during_postcopy_ends_with_one_copy_running_at_the_source
     ) {
         return;
     }
-    let dir = setup();
-    let d = dir.path();
-    let a = Agent::start(d, "host-a");
-    let b = Agent::start(d, "host-b");
-    let migrate = postcopy_under_way(d, &a, &b);
-    pagecast_tests::cluster::signal(&b.child, libc::SIGSTOP);
+    let mut u = Underway::start();
+    pagecast_tests::cluster::signal(&u.b.child, libc::SIGSTOP);
     let frozen = Instant::now();
-    let out = migrate.wait_with_output().unwrap();
+    let all = u.failed_in_doubt();
     let took = frozen.elapsed();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     eprintln!("the migration ended {took:?} after the destination froze");
-    assert!(!out.status.success(), "{all}");
-    assert!(all.contains("in doubt"), "{all}");
     assert!(took < Duration::from_secs(25), "held {took:?}: {all}");
     // Paused at the source meanwhile: never two copies running.
-    let on_a = vms(d, &a);
+    let on_a = vms(u.dir.path(), &u.a);
     let v = vm(&on_a, "busy").unwrap_or_else(|| panic!("the source let it go"));
     assert_ne!(v["state"], "running", "{v}");
-    pagecast_tests::cluster::signal(&b.child, libc::SIGCONT);
-    pagecast_tests::cluster::eventually(
-        Duration::from_secs(60),
-        "the source's copy resumed",
-        || match (vm(&vms(d, &a), "busy"), vm(&vms(d, &b), "busy")) {
-            (Some(v), None) if v["state"] == "running" => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    );
-    assert_advancing(d, &a, "busy");
+    pagecast_tests::cluster::signal(&u.b.child, libc::SIGCONT);
+    u.source_resumes();
 }

@@ -45,6 +45,29 @@ fn migrate(
     )
 }
 
+/// `pagecast migrate --switchover postcopy` of adopted VM `vm` is refused
+/// by name (its memory travels in QEMU's own stream), before anything
+/// moves.
+fn postcopy_is_refused(dir: &std::path::Path, vm: &str, from: &AgentProc, to: &AgentProc) {
+    let out = cli(
+        dir,
+        &[
+            "migrate",
+            "--vm",
+            vm,
+            "--from",
+            &from.addr,
+            "--to",
+            &to.addr,
+            "--switchover",
+            "postcopy",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("not offered for adopted QEMU VMs"), "{err}");
+}
+
 /// Whether a socket listens on IPv4 `addr` here (/proc/net/tcp).
 fn listening(addr: &str) -> bool {
     let at: std::net::SocketAddrV4 = addr.parse().unwrap();
@@ -182,25 +205,7 @@ fn qemu_guests_migrate_through_pagecast() {
         "running"
     );
 
-    // Post-copy is refused by name for an adopted QEMU VM (its memory
-    // travels in QEMU's own stream), before anything moves.
-    let out = cli(
-        dir,
-        &[
-            "migrate",
-            "--vm",
-            "vm1",
-            "--from",
-            &a.addr,
-            "--to",
-            &b.addr,
-            "--switchover",
-            "postcopy",
-        ],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("not offered for adopted QEMU VMs"), "{err}");
+    postcopy_is_refused(dir, "vm1", &a, &b);
     assert_eq!(
         vm1.qmp().status().unwrap(),
         "running",
