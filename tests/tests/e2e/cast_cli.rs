@@ -13,7 +13,9 @@ use pagecast_tests::{Child, pagecast, repo_root};
 fn ports() -> (u16, String) {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let base = 33_000 + (std::process::id() % 1000) as u16 * 8 + n * 2;
+    // Below the kernel's ephemeral range (32768 and up), where another
+    // test's outgoing connection can take a port first.
+    let base = 8_000 + (std::process::id() % 500) as u16 * 8 + n * 2;
     (
         base,
         format!(
