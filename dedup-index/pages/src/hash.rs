@@ -315,71 +315,62 @@ macro_rules! round {
         let m = &$m;
         let s = &SCHEDULE[$r];
         // Columns: G(0,4,8,12) G(1,5,9,13) G(2,6,10,14) G(3,7,11,15).
-        v[0] = add(add(v[0], m[s[0]]), v[4]);
-        v[1] = add(add(v[1], m[s[2]]), v[5]);
-        v[2] = add(add(v[2], m[s[4]]), v[6]);
-        v[3] = add(add(v[3], m[s[6]]), v[7]);
-        v[12] = rot16(xor(v[12], v[0]));
-        v[13] = rot16(xor(v[13], v[1]));
-        v[14] = rot16(xor(v[14], v[2]));
-        v[15] = rot16(xor(v[15], v[3]));
-        v[8] = add(v[8], v[12]);
-        v[9] = add(v[9], v[13]);
-        v[10] = add(v[10], v[14]);
-        v[11] = add(v[11], v[15]);
-        v[4] = rot12(xor(v[4], v[8]));
-        v[5] = rot12(xor(v[5], v[9]));
-        v[6] = rot12(xor(v[6], v[10]));
-        v[7] = rot12(xor(v[7], v[11]));
-        v[0] = add(add(v[0], m[s[1]]), v[4]);
-        v[1] = add(add(v[1], m[s[3]]), v[5]);
-        v[2] = add(add(v[2], m[s[5]]), v[6]);
-        v[3] = add(add(v[3], m[s[7]]), v[7]);
-        v[12] = rot8(xor(v[12], v[0]));
-        v[13] = rot8(xor(v[13], v[1]));
-        v[14] = rot8(xor(v[14], v[2]));
-        v[15] = rot8(xor(v[15], v[3]));
-        v[8] = add(v[8], v[12]);
-        v[9] = add(v[9], v[13]);
-        v[10] = add(v[10], v[14]);
-        v[11] = add(v[11], v[15]);
-        v[4] = rot7(xor(v[4], v[8]));
-        v[5] = rot7(xor(v[5], v[9]));
-        v[6] = rot7(xor(v[6], v[10]));
-        v[7] = rot7(xor(v[7], v[11]));
+        g4!(
+            v,
+            m,
+            s,
+            [0, 1, 2, 3],
+            [4, 5, 6, 7],
+            [8, 9, 10, 11],
+            [12, 13, 14, 15],
+            0
+        );
         // Diagonals: G(0,5,10,15) G(1,6,11,12) G(2,7,8,13) G(3,4,9,14).
-        v[0] = add(add(v[0], m[s[8]]), v[5]);
-        v[1] = add(add(v[1], m[s[10]]), v[6]);
-        v[2] = add(add(v[2], m[s[12]]), v[7]);
-        v[3] = add(add(v[3], m[s[14]]), v[4]);
-        v[15] = rot16(xor(v[15], v[0]));
-        v[12] = rot16(xor(v[12], v[1]));
-        v[13] = rot16(xor(v[13], v[2]));
-        v[14] = rot16(xor(v[14], v[3]));
-        v[10] = add(v[10], v[15]);
-        v[11] = add(v[11], v[12]);
-        v[8] = add(v[8], v[13]);
-        v[9] = add(v[9], v[14]);
-        v[5] = rot12(xor(v[5], v[10]));
-        v[6] = rot12(xor(v[6], v[11]));
-        v[7] = rot12(xor(v[7], v[8]));
-        v[4] = rot12(xor(v[4], v[9]));
-        v[0] = add(add(v[0], m[s[9]]), v[5]);
-        v[1] = add(add(v[1], m[s[11]]), v[6]);
-        v[2] = add(add(v[2], m[s[13]]), v[7]);
-        v[3] = add(add(v[3], m[s[15]]), v[4]);
-        v[15] = rot8(xor(v[15], v[0]));
-        v[12] = rot8(xor(v[12], v[1]));
-        v[13] = rot8(xor(v[13], v[2]));
-        v[14] = rot8(xor(v[14], v[3]));
-        v[10] = add(v[10], v[15]);
-        v[11] = add(v[11], v[12]);
-        v[8] = add(v[8], v[13]);
-        v[9] = add(v[9], v[14]);
-        v[5] = rot7(xor(v[5], v[10]));
-        v[6] = rot7(xor(v[6], v[11]));
-        v[7] = rot7(xor(v[7], v[8]));
-        v[4] = rot7(xor(v[4], v[9]));
+        g4!(
+            v,
+            m,
+            s,
+            [0, 1, 2, 3],
+            [5, 6, 7, 4],
+            [10, 11, 8, 9],
+            [15, 12, 13, 14],
+            8
+        );
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Four BLAKE3 G functions, each step interleaved across the four: G on
+/// state words `a[k], b[k], c[k], d[k]` with message words
+/// `s[first + 2k]` and `s[first + 2k + 1]`.
+macro_rules! g4 {
+    ($v:ident, $m:ident, $s:ident, [$a0:expr, $a1:expr, $a2:expr, $a3:expr],
+     [$b0:expr, $b1:expr, $b2:expr, $b3:expr], [$c0:expr, $c1:expr, $c2:expr, $c3:expr],
+     [$d0:expr, $d1:expr, $d2:expr, $d3:expr], $first:expr) => {{
+        g4!(@half $v, $m, $s, [$a0, $a1, $a2, $a3], [$b0, $b1, $b2, $b3],
+            [$c0, $c1, $c2, $c3], [$d0, $d1, $d2, $d3], $first, rot16, rot12);
+        g4!(@half $v, $m, $s, [$a0, $a1, $a2, $a3], [$b0, $b1, $b2, $b3],
+            [$c0, $c1, $c2, $c3], [$d0, $d1, $d2, $d3], $first + 1, rot8, rot7);
+    }};
+    (@half $v:ident, $m:ident, $s:ident, [$a0:expr, $a1:expr, $a2:expr, $a3:expr],
+     [$b0:expr, $b1:expr, $b2:expr, $b3:expr], [$c0:expr, $c1:expr, $c2:expr, $c3:expr],
+     [$d0:expr, $d1:expr, $d2:expr, $d3:expr], $w:expr, $rd:ident, $rb:ident) => {{
+        $v[$a0] = add(add($v[$a0], $m[$s[$w]]), $v[$b0]);
+        $v[$a1] = add(add($v[$a1], $m[$s[$w + 2]]), $v[$b1]);
+        $v[$a2] = add(add($v[$a2], $m[$s[$w + 4]]), $v[$b2]);
+        $v[$a3] = add(add($v[$a3], $m[$s[$w + 6]]), $v[$b3]);
+        $v[$d0] = $rd(xor($v[$d0], $v[$a0]));
+        $v[$d1] = $rd(xor($v[$d1], $v[$a1]));
+        $v[$d2] = $rd(xor($v[$d2], $v[$a2]));
+        $v[$d3] = $rd(xor($v[$d3], $v[$a3]));
+        $v[$c0] = add($v[$c0], $v[$d0]);
+        $v[$c1] = add($v[$c1], $v[$d1]);
+        $v[$c2] = add($v[$c2], $v[$d2]);
+        $v[$c3] = add($v[$c3], $v[$d3]);
+        $v[$b0] = $rb(xor($v[$b0], $v[$c0]));
+        $v[$b1] = $rb(xor($v[$b1], $v[$c1]));
+        $v[$b2] = $rb(xor($v[$b2], $v[$c2]));
+        $v[$b3] = $rb(xor($v[$b3], $v[$c3]));
     }};
 }
 
