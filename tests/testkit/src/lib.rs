@@ -544,6 +544,47 @@ fn tmpfs() -> Result<String, String> {
     r.map(|()| "tmpfs mounts".into())
 }
 
+/// Free space a run of the suite needs where it writes, checked before
+/// anything is built: a cold build of the workspace and the fuzz targets
+/// takes about 3 GiB without incremental data, and a full disk shows up
+/// minutes later as a linker or compiler crash that names no cause.
+pub const MIN_FREE_GIB: u64 = 6;
+
+/// Bytes an unprivileged writer may still use on the filesystem that holds
+/// `path`, or that would hold it (the nearest existing ancestor).
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let mut at = path;
+    while !at.exists() {
+        at = at.parent().unwrap_or(Path::new("/"));
+    }
+    let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `st` is plain old data that statvfs(3) fills; `c` is a
+    // NUL-terminated path that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Whether `free` bytes at `path` (used for `what`) meet `min_gib`: `Ok`
+/// with a line to print, or `Err` with what to do.
+pub fn disk_verdict(what: &str, path: &Path, free: u64, min_gib: u64) -> Result<String, String> {
+    let gib = free as f64 / f64::from(1u32 << 30);
+    if free >= min_gib << 30 {
+        Ok(format!("{gib:.1} GiB free for {what} ({})", path.display()))
+    } else {
+        Err(format!(
+            "only {gib:.1} GiB free for {what} ({}), at least {min_gib} GiB needed: \
+             free space there (old target directories, leftover temporary \
+             directories) or set PAGECAST_MIN_FREE_GIB",
+            path.display()
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,5 +639,20 @@ mod tests {
             ]
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn short_disk_space_fails_with_what_to_do() {
+        let p = Path::new("/x/target");
+        let ok = disk_verdict("the build", p, 7 << 30, 6).unwrap();
+        assert!(ok.starts_with("7.0 GiB free for the build"), "{ok}");
+        let e = disk_verdict("the build", p, (6 << 30) - 1, 6).unwrap_err();
+        assert!(
+            e.contains("only 6.0 GiB") && e.contains("at least 6 GiB"),
+            "{e}"
+        );
+        // A path not yet created is measured on its nearest ancestor.
+        let free = free_bytes(&std::env::temp_dir().join("pctk-none/a/b")).unwrap();
+        assert!(free > 0);
     }
 }

@@ -2,15 +2,19 @@
 //!
 //! - `pagecast-testkit` prints one line per need (found, or why not) and,
 //!   under `PAGECAST_REQUIRE`, fails naming every required need that is
-//!   missing, so that CI stops before building anything.
+//!   missing, so that CI stops before building anything. It also fails
+//!   when the target directory or the temporary directory has less than
+//!   `MIN_FREE_GIB` free (`PAGECAST_MIN_FREE_GIB` overrides), always.
 //! - `pagecast-testkit skips FILE` prints the skips a run logged to
 //!   `PAGECAST_SKIP_LOG` (one line per test, then a count by need).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use pagecast_testkit::{Need, read_skip_log, required, unknown_required};
+use pagecast_testkit::{
+    MIN_FREE_GIB, Need, disk_verdict, free_bytes, read_skip_log, required, unknown_required,
+};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,14 +54,17 @@ fn table() -> ExitCode {
         };
         println!("  {:<10} {mark:<19} {what}", n.name());
     }
+    let disk_ok = disk();
     match std::env::var("PAGECAST_REQUIRE") {
         Ok(spec) if !spec.is_empty() => {
             println!("PAGECAST_REQUIRE={spec}: a test that cannot run its subject fails")
         }
         _ => println!("PAGECAST_REQUIRE is unset: a test that cannot run its subject skips"),
     }
-    if missing_required.is_empty() {
+    if missing_required.is_empty() && disk_ok {
         ExitCode::SUCCESS
+    } else if missing_required.is_empty() {
+        ExitCode::FAILURE
     } else {
         eprintln!(
             "error: required but missing: {} (scripts/setup.sh installs the packages; \
@@ -66,6 +73,35 @@ fn table() -> ExitCode {
         );
         ExitCode::FAILURE
     }
+}
+
+/// Prints the free space where the build and the tests write; false when
+/// either place is short of it.
+fn disk() -> bool {
+    let min = std::env::var("PAGECAST_MIN_FREE_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MIN_FREE_GIB);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    let mut ok = true;
+    for (what, path) in [
+        ("the build", target),
+        ("the tests' temporary files", std::env::temp_dir()),
+    ] {
+        let verdict = free_bytes(&path)
+            .map_err(|e| format!("cannot measure free space at {}: {e}", path.display()))
+            .and_then(|free| disk_verdict(what, &path, free, min));
+        match verdict {
+            Ok(line) => println!("  {:<10} {:<19} {line}", "disk", "yes"),
+            Err(why) => {
+                eprintln!("error: {why}");
+                ok = false;
+            }
+        }
+    }
+    ok
 }
 
 fn skips(file: &Path) -> ExitCode {
