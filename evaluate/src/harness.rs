@@ -98,6 +98,11 @@ pub struct EvaluateArgs {
     /// this program, as cargo builds them).
     #[arg(long, value_name = "PATH")]
     pagecast: Option<PathBuf>,
+    /// More `pagecast evacuate` arguments for the `pagecast` strategy only,
+    /// split at spaces (e.g. "--release-early"); the baselines run as
+    /// their systems do.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pagecast_args: Option<String>,
 }
 
 /// The `pagecast` binary: `given`, or the one beside this program.
@@ -492,13 +497,31 @@ impl Ctx<'_> {
     /// A pagecast command in the control namespace as the operator; its
     /// stdout as JSON.
     fn operator_json(&self, cl: &Cluster, args: &[&str]) -> anyhow::Result<Value> {
+        self.operator_json_logged(cl, args, None)
+    }
+
+    /// [`Self::operator_json`], its stderr (with each step's time, at
+    /// `RUST_LOG=info`) also written to `log`.
+    fn operator_json_logged(
+        &self,
+        cl: &Cluster,
+        args: &[&str],
+        log: Option<&Path>,
+    ) -> anyhow::Result<Value> {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.net.idx])
             .arg(&self.exe)
             .args(args)
             .env("PAGECAST_TLS", &cl.operator)
             .env("PAGECAST_INDEX", &cl.index)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .output()?;
+        if let Some(log) = log {
+            std::fs::write(log, &out.stderr)?;
+        }
         let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "pagecast {}: {}",
@@ -769,7 +792,7 @@ impl Ctx<'_> {
         let udp_before = self.udp_drops();
         let shaped_before = self.shaper_drops();
         let t = Instant::now();
-        let rep = self.operator_json(cl, args)?;
+        let rep = self.operator_json_logged(cl, args, Some(&save.with_extension("log")))?;
         let wall_s = t.elapsed().as_secs_f64();
         std::fs::write(save, serde_json::to_string_pretty(&rep)?)?;
         // Let the last segments reach the counters.
@@ -1110,6 +1133,10 @@ impl Ctx<'_> {
         }
         if !to.is_empty() {
             args.extend(["--to".into(), to.join(",")]);
+        }
+        if s == "pagecast" {
+            let more = a.pagecast_args.as_deref().unwrap_or_default();
+            args.extend(more.split_whitespace().map(str::to_owned));
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.out.join("logs").join(s).join("evacuate.json");

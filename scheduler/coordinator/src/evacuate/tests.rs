@@ -5,9 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use pagecast_pages::PageHash;
+use pagecast_pages::{PAGE_BYTES, PageHash};
 use pagecast_proto::v1;
 use prost::Message;
 
@@ -31,7 +32,7 @@ fn sends(from: u8, n: usize, ds: &[&str]) -> Vec<(PageHash, Vec<String>)> {
 }
 
 #[test]
-fn casts_are_split_by_destination_set_and_paced_to_the_slower_link() {
+fn casts_are_split_by_destination_set_and_share_every_link() {
     let mut plan: SourcePlan = BTreeMap::new();
     let mut a1 = sends(1, 3_000, &["b1", "b2"]);
     a1.extend(sends(2, 2_500, &["b1"]));
@@ -47,7 +48,7 @@ fn casts_are_split_by_destination_set_and_paced_to_the_slower_link() {
         }
     };
     let tasks = cast_tasks(&plan, &link, None, false);
-    let of = |src: &str| -> Vec<(Vec<&str>, usize, Option<u64>)> {
+    let of = |src: &str| -> Vec<(Vec<&str>, usize)> {
         let mut v: Vec<_> = tasks
             .iter()
             .filter(|t| t.source == src)
@@ -55,26 +56,57 @@ fn casts_are_split_by_destination_set_and_paced_to_the_slower_link() {
                 (
                     t.reaches.iter().map(String::as_str).collect(),
                     t.sends.len(),
-                    t.rate,
                 )
             })
             .collect();
         v.sort();
         v
     };
+    // The small sets go together.
     assert_eq!(
         of("a1"),
         vec![
-            (vec!["b1"], 2_500, Some(970_000_000)),
-            (vec!["b1", "b2"], 3_000, Some(970_000_000)),
-            // The small sets go together, at the slowest member's rate.
-            (vec!["b2", "b3"], 200, Some(97_000_000)),
+            (vec!["b1"], 2_500),
+            (vec!["b1", "b2"], 3_000),
+            (vec!["b2", "b3"], 200)
         ]
     );
-    assert_eq!(of("a2"), vec![(vec!["b2"], 10, Some(970_000_000))]);
-    // --bandwidth wins.
-    let capped = cast_tasks(&plan, &link, Some(5), false);
-    assert!(capped.iter().all(|t| t.rate == Some(5)));
+    assert_eq!(of("a2"), vec![(vec!["b2"], 10)]);
+    // No link end is asked for more than 97% of its rate.
+    let rate = |t: &CastTask| t.rate.expect("every link is known") as f64;
+    let mut ends: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for t in &tasks {
+        let cap_out = link(&t.source) as f64;
+        let e = ends
+            .entry(format!("out {}", t.source))
+            .or_insert((0.0, cap_out));
+        e.0 += rate(t);
+        for d in &t.reaches {
+            let e = ends
+                .entry(format!("in {d}"))
+                .or_insert((0.0, link(d) as f64));
+            e.0 += rate(t);
+        }
+    }
+    for (end, (sum, cap)) in &ends {
+        assert!(*sum <= cap * 0.97 + 4.0, "{end}: {sum} of {cap}");
+    }
+    // a1's sending side is the busiest end: all of it is used, and its
+    // casts end together, when a1 has sent its 5,700 pages at 97%.
+    let (sum, cap) = ends["out a1"];
+    assert!(sum >= cap * 0.97 - 4.0, "a1 sends at {sum}");
+    let expect_s = 5_700.0 * PAGE_BYTES as f64 * 8.0 / (1e9 * 0.97);
+    for t in tasks.iter().filter(|t| t.source == "a1") {
+        assert!((t.weight - expect_s).abs() < 1e-3, "{t:?}: {} s", t.weight);
+    }
+    // --bandwidth caps each source's sending side.
+    let capped = cast_tasks(&plan, &link, Some(50_000_000), false);
+    let a1_sum: u64 = capped
+        .iter()
+        .filter(|t| t.source == "a1")
+        .map(|t| t.rate.unwrap())
+        .sum();
+    assert!((48_499_990..=48_500_000).contains(&a1_sum), "{a1_sum}");
     // Unknown links: unpaced.
     assert!(
         cast_tasks(&plan, &|_| 0, None, false)
@@ -82,9 +114,41 @@ fn casts_are_split_by_destination_set_and_paced_to_the_slower_link() {
             .all(|t| t.rate.is_none())
     );
     // A flooding network brings every cast to every destination of
-    // the job.
+    // the job, and every cast then shares every destination's link.
     let flooded = cast_tasks(&plan, &link, None, true);
     assert!(flooded.iter().all(|t| t.reaches.len() == 3));
+    let into_b3: f64 = flooded.iter().map(|t| t.rate.unwrap() as f64).sum();
+    assert!(into_b3 <= 97_000_004.0, "{into_b3}");
+}
+
+/// Paced casts all start at once; unpaced ones take turns.
+#[test]
+fn paced_casts_run_at_once() {
+    let task = |src: &str, ds: &[&str], rate: Option<u64>| CastTask {
+        source: src.into(),
+        sends: Vec::new(),
+        reaches: ds.iter().map(|d| (*d).to_owned()).collect(),
+        rate,
+        weight: 1.0,
+    };
+    let tasks = vec![
+        task("a1", &["b1"], Some(1)),
+        task("a1", &["b2"], Some(1)),
+        task("a2", &["b1"], Some(1)),
+        task("a2", &["b2"], Some(1)),
+    ];
+    let running = AtomicUsize::new(0);
+    let most = AtomicUsize::new(0);
+    let ran = AtomicUsize::new(0);
+    schedule_casts(tasks, &|_, _| {
+        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+        most.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        running.fetch_sub(1, Ordering::SeqCst);
+        ran.fetch_add(1, Ordering::SeqCst);
+    });
+    assert_eq!(ran.load(Ordering::SeqCst), 4);
+    assert_eq!(most.load(Ordering::SeqCst), 4, "all four ran side by side");
 }
 
 #[test]
@@ -155,6 +219,20 @@ fn no_two_casts_feed_one_destination_at_once_and_disjoint_ones_overlap() {
     assert!(overlapped("a1>{\"b1\"}", "a2>{\"b2\"}"), "{starts:?}");
 }
 
+/// Casts running at once never share a multicast group.
+#[test]
+fn concurrent_casts_get_distinct_groups() {
+    let mut seen = HashSet::new();
+    for cast in 0..10_000 {
+        for g in 0..4 {
+            assert!(
+                seen.insert(group_addr("ev-1234abcd", cast, g)),
+                "cast {cast} group {g}"
+            );
+        }
+    }
+}
+
 /// A cast request of a full chunk fits one control frame, whatever
 /// the grouping (page numbers as large as they get, names as long as
 /// agents allow).
@@ -188,7 +266,7 @@ fn a_full_cast_request_fits_a_control_frame() {
 // ---- The phases, over the in-memory cluster. ----
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use pagecast_scheduler::Objective;
 

@@ -1,7 +1,7 @@
 //! Filling the held migrations' memory: from the destinations' exact needs,
 //! each content from one source once, to every destination that lacks it
 //! (a cast), or from a rack-mate of the destination (a fetch); the casts
-//! scheduled so that no destination hears two sources at once.
+//! paced so that they all run at once within every link's rate.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, mpsc};
@@ -212,14 +212,15 @@ fn rack_mates(
 }
 
 /// The multicast group of a job's cast `source` (its index among the
-/// job's casts) and its `group`.
+/// job's casts) and its `group`: distinct for every cast index below
+/// 10,000 and group below 250, since the job's casts run at once.
 pub(super) fn group_addr(job: &str, source: usize, group: usize) -> String {
     let j = job
         .bytes()
         .fold(7u32, |a, b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
-    let x = ((j as usize + source * 17) % 200) + 20;
+    let x = (j as usize + source) % 200 + 20;
     let y = group % 250 + 1;
-    let port = 40_000 + 2 * (group / 250) + 400 * (source % 50);
+    let port = 40_000 + 2 * (group / 250) + 400 * ((source / 200) % 50);
     format!("239.193.{x}.{y}:{port}")
 }
 
@@ -239,11 +240,13 @@ pub(super) struct CastTask {
 }
 
 /// Splits every source's sends into casts by destination set, smaller
-/// sets of a source merged into one cast, and gives each its rate: the
-/// operator's `--bandwidth` if given, else the slower of the source's link
-/// and its destinations' links, less 3% for the datagrams' headers (the
-/// casts are scheduled so that no two feed one destination at once, see
-/// [`schedule_casts`]).
+/// sets of a source merged into one cast, and paces them so that they can
+/// all run at once ([`share_links`]): each link is shared among the casts
+/// that cross it in proportion to their pages, so that every cast ends
+/// when the busiest link it crosses has carried all it must. A source's
+/// link is the operator's `--bandwidth` if given, else its own rate;
+/// unknown links leave the casts unpaced (and [`schedule_casts`] then runs
+/// them one per source and destination at a time).
 pub(super) fn cast_tasks(
     plan: &SourcePlan,
     link: &dyn Fn(&str) -> u64,
@@ -265,30 +268,71 @@ pub(super) fn cast_tasks(
                 .iter()
                 .flat_map(|(_, ds)| ds.iter().cloned())
                 .collect();
-            let rate = bandwidth.or_else(|| {
-                let own = link(src);
-                (own > 0).then(|| {
-                    let slowest = footprint
-                        .iter()
-                        .map(|d| link(d))
-                        .filter(|&l| l > 0)
-                        .min()
-                        .unwrap_or(own);
-                    own.min(slowest) / 100 * 97
-                })
-            });
-            let bits = sends.len() as f64 * PAGE_BYTES as f64 * 8.0;
-            let weight = rate.map_or(sends.len() as f64, |r| bits / r.max(1) as f64);
             tasks.push(CastTask {
                 source: src.clone(),
                 sends,
                 reaches: if floods { everyone.clone() } else { footprint },
-                rate,
-                weight,
+                rate: None,
+                weight: 0.0,
             });
         }
     }
+    let cap = |end: &LinkEnd| match end {
+        LinkEnd::Out(h) => bandwidth.unwrap_or_else(|| link(h)),
+        LinkEnd::In(h) => link(h),
+    };
+    share_links(&mut tasks, &cap);
+    for t in &mut tasks {
+        let bits = t.sends.len() as f64 * PAGE_BYTES as f64 * 8.0;
+        t.weight = t
+            .rate
+            .map_or(t.sends.len() as f64, |r| bits / r.max(1) as f64);
+    }
     tasks
+}
+
+/// One direction of a host's link.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum LinkEnd {
+    /// What the host sends.
+    Out(String),
+    /// What the host receives.
+    In(String),
+}
+
+/// Paces every cast for all of them to run at once: a cast gets, of each
+/// link end it crosses (its source's sending side, the receiving side of
+/// every host its datagrams reach), the share its pages are of all pages
+/// crossing that end, and its rate is the smallest of those shares, less
+/// 3% for the datagrams' headers. No link end is then asked for more than
+/// it carries, and the casts crossing the busiest end all end together,
+/// when it has carried its pages at its rate. A cast crossing an end of
+/// unknown rate (`cap` 0) is left unpaced.
+pub(super) fn share_links(tasks: &mut [CastTask], cap: &dyn Fn(&LinkEnd) -> u64) {
+    let ends = |t: &CastTask| -> Vec<LinkEnd> {
+        std::iter::once(LinkEnd::Out(t.source.clone()))
+            .chain(t.reaches.iter().map(|d| LinkEnd::In(d.clone())))
+            .collect()
+    };
+    let mut load: HashMap<LinkEnd, f64> = HashMap::new();
+    for t in tasks.iter() {
+        for e in ends(t) {
+            *load.entry(e).or_default() += t.sends.len() as f64;
+        }
+    }
+    for t in tasks.iter_mut() {
+        let pages = t.sends.len() as f64;
+        let shares: Option<Vec<f64>> = ends(t)
+            .iter()
+            .map(|e| {
+                let c = cap(e);
+                (c > 0).then(|| c as f64 * pages / load[e].max(1.0))
+            })
+            .collect();
+        t.rate = shares
+            .and_then(|s| s.into_iter().reduce(f64::min))
+            .map(|r| ((r * 0.97) as u64).max(1));
+    }
 }
 
 /// A source's sends grouped by destination set, the sets smaller than
@@ -315,19 +359,20 @@ fn by_destination_set(sends: &[(PageHash, Vec<String>)]) -> Vec<Vec<(PageHash, V
     own
 }
 
-/// Runs `tasks` with `run`, as many at once as can be without two of them
-/// sharing a source or a destination: a destination hears one source at a
-/// time, so each cast may use its whole link (datagrams beyond a
-/// destination's link are dropped there and come back as unicast repairs:
-/// `pagecast-evaluate` measured 600 packets dropped by the destinations'
-/// shapers and 16-111 MiB of repairs with two sources casting to one
-/// 1 Gbit/s destination at once). Whenever a cast ends, the longest
-/// waiting ones that can start do.
+/// Runs `tasks` with `run`: every paced cast at once (their rates share
+/// the links, [`share_links`]); an unpaced one only while no other unpaced
+/// cast shares its source or a destination, since a destination that hears
+/// two unpaced sources at once drops what its link cannot take
+/// (`pagecast-evaluate` measured 600 packets dropped by the destinations'
+/// shapers and 16-111 MiB of repairs with two sources casting at full
+/// rate to one 1 Gbit/s destination at once). Whenever a cast ends, the
+/// longest waiting ones that can start do.
 pub(super) fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &CastTask) + Sync)) {
     order_casts(&mut tasks);
     let mut pending: Vec<(usize, CastTask)> = tasks.into_iter().enumerate().collect();
     let (tx, rx) = mpsc::channel::<(usize, CastTask)>();
     std::thread::scope(|s| {
+        // What the running unpaced casts use.
         let mut sources: HashSet<String> = HashSet::new();
         let mut dests: HashSet<String> = HashSet::new();
         let mut running = 0usize;
@@ -335,13 +380,17 @@ pub(super) fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &Cas
             let mut i = 0;
             while i < pending.len() {
                 let t = &pending[i].1;
-                if sources.contains(&t.source) || t.reaches.iter().any(|d| dests.contains(d)) {
+                if t.rate.is_none()
+                    && (sources.contains(&t.source) || t.reaches.iter().any(|d| dests.contains(d)))
+                {
                     i += 1;
                     continue;
                 }
                 let (n, t) = pending.remove(i);
-                sources.insert(t.source.clone());
-                dests.extend(t.reaches.iter().cloned());
+                if t.rate.is_none() {
+                    sources.insert(t.source.clone());
+                    dests.extend(t.reaches.iter().cloned());
+                }
                 running += 1;
                 let tx = tx.clone();
                 s.spawn(move || {
@@ -354,9 +403,11 @@ pub(super) fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &Cas
             }
             let Ok((_, t)) = rx.recv() else { break };
             running -= 1;
-            sources.remove(&t.source);
-            for d in &t.reaches {
-                dests.remove(d);
+            if t.rate.is_none() {
+                sources.remove(&t.source);
+                for d in &t.reaches {
+                    dests.remove(d);
+                }
             }
         }
     });
