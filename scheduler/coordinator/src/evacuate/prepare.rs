@@ -320,7 +320,10 @@ fn holders(
         .enumerate()
         .map(|(i, h)| (h.index, i))
         .collect();
-    let all: Vec<PageHash> = vm_pages.values().flatten().copied().collect();
+    // Each content asked once: VMs of one family share most of theirs.
+    let mut all: Vec<PageHash> = vm_pages.values().flatten().copied().collect();
+    all.sort_unstable();
+    all.dedup();
     let mut held: HashMap<HostIdx, HashSet<PageHash>> = HashMap::new();
     for (host, p) in svc.index.holders(&all)? {
         if let Some(&h) = by_number.get(&host) {
