@@ -135,6 +135,7 @@ pub fn repo_root() -> PathBuf {
 pub mod capture;
 pub mod cluster;
 pub mod flood;
+pub mod history;
 pub mod host;
 pub mod pki;
 pub mod qemu;

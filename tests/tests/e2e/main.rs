@@ -12,6 +12,7 @@ mod evacuate;
 mod evaluate;
 mod host_faults;
 mod index_cli;
+mod index_history;
 mod live_index;
 mod plan_cli;
 mod qemu;
