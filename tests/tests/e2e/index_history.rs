@@ -419,17 +419,19 @@ fn a_history_under_kills_freezes_and_partitions_checks_out() {
     idx.wait_leaders();
     let fin = final_values(&mut c, &written);
     let ops = h.ops();
+    let t = Instant::now();
     let checked: Checked = check(&ops, &fin);
     eprintln!(
         "faults: {}; {} operations on {} keys: {} writes acknowledged, {} unknown, {} refused, \
-         {} reads",
+         {} reads; checked in {:?}",
         faults.join("; "),
         ops.len(),
         checked.keys,
         checked.acknowledged,
         checked.unknown,
         checked.failed,
-        checked.reads
+        checked.reads,
+        t.elapsed()
     );
     assert!(
         checked.violations.is_empty(),
