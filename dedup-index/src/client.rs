@@ -688,6 +688,28 @@ fn send_deltas(
     ))
 }
 
+/// Cordons host `name` (`on`, with `reason`) or lifts its cordon; refused
+/// for a host the index does not know.
+pub fn set_cordon(
+    c: &mut IndexClient,
+    name: &str,
+    on: bool,
+    reason: &str,
+) -> Result<WriteResponse, ClientError> {
+    c.write(
+        0,
+        IndexCommand {
+            client: 0,
+            seq: 0,
+            op: Some(CmdOp::SetCordon(pagecast_proto::v1::SetCordon {
+                name: name.to_owned(),
+                cordoned: on,
+                reason: reason.to_owned(),
+            })),
+        },
+    )
+}
+
 /// Publishes `content` as a VM held by host `host`.
 pub fn load_vm(
     addrs: &[String],

@@ -683,6 +683,12 @@ fn authorize(
     match op {
         Op::RegisterHost(r) => return named(&r.name),
         Op::HostReport(r) => return named(&r.name),
+        Op::SetCordon(c) => {
+            return Err(format!(
+                "{who} may not cordon or uncordon hosts (host {:?}): operators do",
+                c.name
+            ));
+        }
         _ => {}
     }
     // The rest name hosts by number: find this host's.
@@ -695,7 +701,7 @@ fn authorize(
         Op::RemoveVm(v) => vec![v.host],
         Op::DropVm(v) => vec![v.host],
         Op::MoveVm(v) => vec![v.from],
-        Op::RegisterHost(_) | Op::HostReport(_) => Vec::new(),
+        Op::RegisterHost(_) | Op::HostReport(_) | Op::SetCordon(_) => Vec::new(),
     };
     match numbers.iter().find(|&&n| n != mine) {
         None => Ok(()),

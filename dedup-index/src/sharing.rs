@@ -110,7 +110,9 @@ pub fn advise(
     let s = sketch_of(target)?;
     let mut by_host: BTreeMap<String, Sketch> = BTreeMap::new();
     let mut others: Vec<((String, String), Sketch)> = Vec::new();
-    for v in loaded(vms).filter(|v| v.name != vm && same_domain(v, target)) {
+    // A cordoned host takes no VM: never proposed, nor its VMs' places.
+    let cordoned = |host: u32| hosts.iter().any(|h| h.index == host && h.cordoned);
+    for v in loaded(vms).filter(|v| v.name != vm && same_domain(v, target) && !cordoned(v.host)) {
         let o = sketch_of(v)?;
         by_host
             .entry(host_name(hosts, v.host))
@@ -233,6 +235,19 @@ mod tests {
         .unwrap();
         assert!((p.shared_pages - 30_000.0).abs() <= 4_000.0);
         assert!(advise(&vms, &hosts(), "zz", 3).is_err());
+    }
+
+    #[test]
+    fn a_cordoned_host_is_never_proposed() {
+        let vms = vec![vm("a", 1, 0..1000), vm("b", 2, 0..1000), vm("c", 3, 0..900)];
+        let r = advise(&vms, &hosts(), "a", 5).unwrap();
+        assert_eq!(r.hosts[0].name, "h2");
+        let mut hs = hosts();
+        hs[1].cordoned = true;
+        let r = advise(&vms, &hs, "a", 5).unwrap();
+        assert!(r.hosts.iter().all(|c| c.host != "h2"), "{:?}", r.hosts);
+        assert!(r.vms.iter().all(|c| c.host != "h2"), "{:?}", r.vms);
+        assert_eq!(r.hosts[0].name, "h3");
     }
 
     #[test]

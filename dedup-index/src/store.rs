@@ -627,6 +627,7 @@ impl Apply<'_> {
             },
             Some(Op::DropVm(d)) => self.drop_vm(&d.name, d.host)?,
             Some(Op::MoveVm(m)) => self.move_vm(&m.name, m.from, &m.to)?,
+            Some(Op::SetCordon(c)) => self.set_cordon(c)?,
             None => Err(invalid("empty command")),
         };
         // Only an applied command ends its session's sequence number: a
@@ -745,6 +746,61 @@ impl Apply<'_> {
         Ok(Ok(WriteResponse::default()))
     }
 
+    /// The number of host `name` if it is registered.
+    fn registered(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        let nk = keys::host_name(name);
+        let Some(v) = self
+            .meta
+            .get(&nk[..])
+            .cloned()
+            .flatten()
+            .or(self.store.db.get_cf(self.store.cf(CF_META), nk)?)
+        else {
+            return Ok(None);
+        };
+        let n = u32::from_le_bytes(v[..].try_into().map_err(|_| StoreError::Corrupt {
+            what: "host name",
+            detail: "wrong length".into(),
+        })?);
+        Ok(Some(n))
+    }
+
+    /// Cordons a registered host or lifts its cordon.
+    fn set_cordon(
+        &mut self,
+        c: &pagecast_proto::v1::SetCordon,
+    ) -> Result<CommandResult, StoreError> {
+        if c.reason.len() > MAX_FIELD {
+            return Ok(Err(invalid(format!(
+                "a cordon's reason is at most {MAX_FIELD} bytes"
+            ))));
+        }
+        let Some(host) = self.registered(&c.name)? else {
+            return Ok(Err(not_found(format!(
+                "host {:?} is not in the index (`pagecast hosts` lists the hosts)",
+                c.name
+            ))));
+        };
+        let Some(mut h) = self.host_record(host)? else {
+            return Ok(Err(not_found(format!(
+                "host number {host} is not registered"
+            ))));
+        };
+        h.cordoned = c.cordoned;
+        h.cordon_reason = if c.cordoned {
+            c.reason.clone()
+        } else {
+            String::new()
+        };
+        self.meta_put(&keys::host(host), &h);
+        Ok(Ok(WriteResponse {
+            host,
+            cordoned: h.cordoned,
+            cordon_reason: h.cordon_reason,
+            ..Default::default()
+        }))
+    }
+
     fn register_host(&mut self, name: &str) -> Result<CommandResult, StoreError> {
         if !name_ok(name) {
             return Ok(Err(invalid(format!(
@@ -850,6 +906,8 @@ impl Apply<'_> {
         self.meta_put(&keys::host(host), &h);
         Ok(Ok(WriteResponse {
             host,
+            cordoned: h.cordoned,
+            cordon_reason: h.cordon_reason,
             ..Default::default()
         }))
     }
@@ -1126,5 +1184,6 @@ fn op_name(op: &Op) -> &'static str {
         Op::PutVm(_) => "put_vm",
         Op::DropVm(_) => "drop_vm",
         Op::MoveVm(_) => "move_vm",
+        Op::SetCordon(_) => "set_cordon",
     }
 }

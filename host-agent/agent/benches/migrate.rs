@@ -74,6 +74,7 @@ fn start(agent: &Agent, name: &str, image: &Path, rate: u64, ws: u64) {
             dirty_rate: rate,
             working_set_pages: ws,
             domain: String::new(),
+            force: false,
         })
         .unwrap();
 }

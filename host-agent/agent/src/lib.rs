@@ -127,6 +127,17 @@ pub enum AgentError {
     /// role the request needs, or not for the VM or QEMU address it names.
     #[error("{0}")]
     Forbidden(String),
+    /// This host is cordoned: no VM starts or is adopted here unless forced.
+    #[error(
+        "host {host} is cordoned ({reason}): no VM starts here; `pagecast uncordon {host}` \
+         lifts it, --force starts one anyway"
+    )]
+    Cordoned {
+        /// This host.
+        host: String,
+        /// Why, as the operator said.
+        reason: String,
+    },
     /// The hashing pool failed.
     #[error(transparent)]
     Fingerprint(#[from] FingerprintError),
@@ -146,7 +157,7 @@ impl AgentError {
     pub fn code(&self) -> RefusalCode {
         match self {
             AgentError::NoSuchVm(_) => RefusalCode::NotFound,
-            AgentError::VmExists(_) => RefusalCode::Refused,
+            AgentError::VmExists(_) | AgentError::Cordoned { .. } => RefusalCode::Refused,
             AgentError::BadName(_) | AgentError::BadRequest(_) | AgentError::Synth(_) => {
                 RefusalCode::Invalid
             }
@@ -348,6 +359,29 @@ impl Agent {
             self.name.clone(),
             meta,
         ));
+    }
+
+    /// Refuses unless `force`, when the index said at this host's last
+    /// report that it is cordoned.
+    pub fn check_cordon(&self, force: bool) -> Result<(), AgentError> {
+        let Some(reason) = self.index.as_ref().and_then(|l| l.status().cordon) else {
+            return Ok(());
+        };
+        if force {
+            tracing::warn!(
+                "host {} is cordoned ({reason}); going on as forced",
+                self.name()
+            );
+            return Ok(());
+        }
+        Err(AgentError::Cordoned {
+            host: self.name().to_owned(),
+            reason: if reason.is_empty() {
+                "no reason given".into()
+            } else {
+                reason
+            },
+        })
     }
 
     /// The link to the content index, if this agent publishes.

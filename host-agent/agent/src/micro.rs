@@ -291,6 +291,7 @@ impl Agent {
 
     /// Starts a micro-VM.
     pub fn vm_start(&self, r: &v1::VmStartRequest) -> Result<v1::VmInfo, AgentError> {
+        self.check_cordon(r.force)?;
         self.reserve(&r.name, v1::HostedVmState::Starting)?;
         match self.boot(r) {
             Ok(vm) => {

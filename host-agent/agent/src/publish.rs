@@ -464,6 +464,8 @@ pub struct PublishStatus {
     pub reconciliations: u64,
     /// Every shard checked equal at least once since the last change.
     pub in_sync: bool,
+    /// Cordoned, and why, as the index answered this host's last report.
+    pub cordon: Option<String>,
 }
 
 /// The agent's link to the index: the ledger, the publisher's status, and
@@ -809,7 +811,16 @@ impl Loop<'_> {
             reported_ms: now_ms(),
         }))?;
         self.host = w.host;
-        lock(&self.link.status).host = Some(w.host);
+        {
+            let mut st = lock(&self.link.status);
+            st.host = Some(w.host);
+            if w.cordoned && st.cordon.is_none() {
+                info!("this host is cordoned: {}", w.cordon_reason);
+            } else if !w.cordoned && st.cordon.is_some() {
+                info!("this host is no longer cordoned");
+            }
+            st.cordon = w.cordoned.then(|| w.cordon_reason.clone());
+        }
         self.last_report = Some(Instant::now());
         self.link.ledger().report_due = false;
         Ok(())

@@ -572,6 +572,7 @@ impl Agent {
     /// Takes on a running QEMU VM (or, with `incoming`, one waiting for a
     /// migration).
     pub fn vm_adopt(&self, r: &v1::VmAdoptRequest) -> Result<v1::VmInfo, AgentError> {
+        self.check_cordon(r.force)?;
         if !pagecast_proto::name_ok(&r.name) {
             return Err(AgentError::BadName(r.name.clone()));
         }

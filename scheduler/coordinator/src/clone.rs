@@ -143,6 +143,11 @@ fn targets(
         if host.address.is_empty() {
             return Err(CoordError::Invalid(format!("host {h} has no agent")));
         }
+        if host.cordoned {
+            return Err(CoordError::Invalid(format!(
+                "host {h} is cordoned (`pagecast uncordon {h}` lifts it)"
+            )));
+        }
         if !seen.insert(h.clone()) {
             return Err(CoordError::Invalid(format!("host {h} is named twice")));
         }

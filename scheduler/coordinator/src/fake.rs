@@ -25,6 +25,13 @@ use crate::{CoordError, IndexApi, lock};
 /// What the fake cluster was asked, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
+    /// A host was cordoned (`on`) or its cordon lifted.
+    Cordon {
+        /// The host.
+        host: String,
+        /// Cordoned.
+        on: bool,
+    },
     /// A migration started.
     Migrate {
         /// The VM.
@@ -111,6 +118,7 @@ struct FakeHost {
     capacity_bytes: u64,
     down: bool,
     refuses_incoming: bool,
+    cordoned: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +245,7 @@ impl FakeCluster {
                 capacity_bytes,
                 down: false,
                 refuses_incoming: false,
+                cordoned: false,
             });
         }
         self
@@ -318,6 +327,7 @@ impl IndexApi for FakeCluster {
                     .filter(|v| v.host == h.name)
                     .map(|v| v.name.clone())
                     .collect(),
+                cordoned: h.cordoned,
             })
             .collect();
         hosts.sort_by(|a, b| a.name.cmp(&b.name));
@@ -351,6 +361,19 @@ impl IndexApi for FakeCluster {
             out.extend(holds.into_iter().map(|p| (h.index, p)));
         }
         Ok(out)
+    }
+
+    fn set_cordon(&self, name: &str, on: bool, _reason: &str) -> Result<(), CoordError> {
+        let mut st = lock(&self.s.state);
+        let Some(h) = st.hosts.iter_mut().find(|h| h.name == name) else {
+            return Err(CoordError::Invalid(format!("unknown host {name}")));
+        };
+        h.cordoned = on;
+        st.calls.push(Call::Cordon {
+            host: name.to_owned(),
+            on,
+        });
+        Ok(())
     }
 }
 

@@ -19,6 +19,8 @@ pub trait IndexApi: Send + Sync {
     /// one of `hashes`: a hint (every page used is hash-checked), read from
     /// any replica.
     fn holders(&self, hashes: &[PageHash]) -> Result<Vec<(u32, PageHash)>, CoordError>;
+    /// Cordons host `name` (`on`, saying `reason`) or lifts its cordon.
+    fn set_cordon(&self, name: &str, on: bool, reason: &str) -> Result<(), CoordError>;
 }
 
 /// The index over the network, as the holder of `tls`.
@@ -49,6 +51,11 @@ impl IndexService {
 impl IndexApi for IndexService {
     fn cluster(&self) -> Result<ClusterView, CoordError> {
         ClusterView::read(&mut self.client()?)
+    }
+
+    fn set_cordon(&self, name: &str, on: bool, reason: &str) -> Result<(), CoordError> {
+        pagecast_index::client::set_cordon(&mut self.client()?, name, on, reason)?;
+        Ok(())
     }
 
     /// Every shard is asked at once, each from any replica's applied

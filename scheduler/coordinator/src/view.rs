@@ -26,6 +26,8 @@ pub struct HostView {
     pub used_bytes: u64,
     /// Its VMs.
     pub vms: Vec<String>,
+    /// Cordoned by an operator: takes no VM from any plan.
+    pub cordoned: bool,
 }
 
 /// A running VM.
@@ -74,6 +76,7 @@ impl ClusterView {
                 capacity_bytes: h.capacity_bytes,
                 used_bytes: h.used_bytes,
                 vms: h.vm_names,
+                cordoned: h.cordoned,
             })
             .collect();
         hosts.sort_by(|a, b| a.name.cmp(&b.name));

@@ -267,6 +267,9 @@ struct VmAdoptArgs {
     /// The VM's dedup domain (see `vm start --help`).
     #[arg(long, value_name = "NAME", default_value = pagecast_pages::CLUSTER_DOMAIN)]
     domain: String,
+    /// Adopt it even though the host is cordoned (`pagecast cordon`).
+    #[arg(long)]
+    force: bool,
 
     #[command(flatten)]
     tls: TlsArg,
@@ -377,6 +380,9 @@ struct VmStartArgs {
     /// its pages are shared only with VMs of the same domain.
     #[arg(long, value_name = "NAME", default_value = pagecast_pages::CLUSTER_DOMAIN)]
     domain: String,
+    /// Start it even though the host is cordoned (`pagecast cordon`).
+    #[arg(long)]
+    force: bool,
 
     #[command(flatten)]
     tls: TlsArg,
@@ -468,6 +474,7 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
                 dirty_rate: a.dirty_rate,
                 working_set_pages: a.working_set,
                 domain: a.domain,
+                force: a.force,
             };
             let agent = c.agent_name().to_owned();
             let v = c.vm_start(req)?;
@@ -494,6 +501,7 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
                 memory_file: a.memory_file,
                 incoming: a.incoming,
                 domain: a.domain,
+                force: a.force,
             })?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);

@@ -301,7 +301,8 @@ pub struct AdviseArgs {
 ///
 /// JSON (--json): {"hosts": [{"name", "address", "rack", "link_bps",
 /// "capacity_bytes", "used_bytes", "vms": [names], "pages", "hot_pages",
-/// "last_seen_s"}]} (last_seen_s is null for a host no agent reported).
+/// "last_seen_s", "cordoned", "cordon_reason"}]} (last_seen_s is null for
+/// a host no agent reported).
 ///
 /// Example:
 ///
@@ -317,6 +318,64 @@ pub struct HostsArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Cordons a host: no evacuation, clone or `plan` sends it VMs, `advise`
+/// never proposes it, and its agent refuses to start or adopt a VM unless
+/// told `--force` (the agent learns of the cordon at its next report to the
+/// index, within a few seconds). VMs already there keep running. Operators
+/// only. `pagecast uncordon HOST` lifts it; `pagecast hosts` shows it.
+///
+/// Example:
+///
+///   pagecast cordon b3 --reason "firmware update" --index 10.0.0.1:7600
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct CordonArgs {
+    /// The host, as `pagecast hosts` names it.
+    host: String,
+    /// Why, for `pagecast hosts` to show.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    reason: String,
+    #[command(flatten)]
+    index: IndexAddrs,
+}
+
+/// Lifts a host's cordon (`pagecast cordon --help`).
+///
+/// Example:
+///
+///   pagecast uncordon b3 --index 10.0.0.1:7600
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct UncordonArgs {
+    /// The host, as `pagecast hosts` names it.
+    host: String,
+    #[command(flatten)]
+    index: IndexAddrs,
+}
+
+/// Runs `pagecast cordon`.
+pub fn cordon(a: CordonArgs) -> anyhow::Result<()> {
+    set_cordon(&a.index, &a.host, true, &a.reason)
+}
+
+/// Runs `pagecast uncordon`.
+pub fn uncordon(a: UncordonArgs) -> anyhow::Result<()> {
+    set_cordon(&a.index, &a.host, false, "")
+}
+
+fn set_cordon(index: &IndexAddrs, host: &str, on: bool, reason: &str) -> anyhow::Result<()> {
+    let mut c = index.client()?;
+    c.timeout = Duration::from_secs(20);
+    client::set_cordon(&mut c, host, on, reason)
+        .with_context(|| format!("{} {host}", if on { "cordoning" } else { "uncordoning" }))?;
+    if on {
+        println!("{host} is cordoned: no VM goes there until `pagecast uncordon {host}`");
+    } else {
+        println!("{host} is no longer cordoned");
+    }
+    Ok(())
 }
 
 /// Runs `pagecast index ...`.
@@ -966,6 +1025,8 @@ pub fn hosts(a: HostsArgs) -> anyhow::Result<()> {
                 "pages": pages.get(&h.index).copied().unwrap_or(0),
                 "hot_pages": h.hot_pages,
                 "last_seen_s": last_seen,
+                "cordoned": h.cordoned,
+                "cordon_reason": h.cordon_reason,
             })
         })
         .collect();
@@ -977,15 +1038,15 @@ pub fn hosts(a: HostsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<14} {:<21} {:<8} {:>9} {:>10} {:>10} {:>10} {:>8} {:>6}  VMS",
-        "HOST", "ADDRESS", "RACK", "LINK", "CAPACITY", "USED", "PAGES", "HOT", "SEEN"
+        "{:<14} {:<21} {:<8} {:>9} {:>10} {:>10} {:>10} {:>8} {:>6} {:<8}  VMS",
+        "HOST", "ADDRESS", "RACK", "LINK", "CAPACITY", "USED", "PAGES", "HOT", "SEEN", "CORDON"
     );
     for (h, r) in hosts.iter().zip(&rows) {
         let seen = r["last_seen_s"]
             .as_f64()
             .map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));
         println!(
-            "{:<14} {:<21} {:<8} {:>9} {:>10} {:>10} {:>10} {:>8} {:>6}  {}",
+            "{:<14} {:<21} {:<8} {:>9} {:>10} {:>10} {:>10} {:>8} {:>6} {:<8}  {}",
             h.name,
             if h.address.is_empty() {
                 "-"
@@ -1003,8 +1064,17 @@ pub fn hosts(a: HostsArgs) -> anyhow::Result<()> {
             r["pages"].to_string(),
             h.hot_pages,
             seen,
+            if h.cordoned { "yes" } else { "-" },
             h.vm_names.join(",")
         );
+    }
+    for h in hosts.iter().filter(|h| h.cordoned) {
+        let why = if h.cordon_reason.is_empty() {
+            "no reason given"
+        } else {
+            &h.cordon_reason
+        };
+        println!("{} is cordoned: {why}", h.name);
     }
     Ok(())
 }

@@ -169,6 +169,7 @@ pub fn evacuate(
         report.total_s = now_s(started);
         return Ok(report);
     }
+    let cordoned = cordon_sources(svc, spec, &prep, on);
     let opened = jobs::open(svc, &prep, &spec.job, on);
     let run = run::Run::new(svc, spec, &prep, on, started);
     let finished = if spec.method.holds() {
@@ -182,7 +183,42 @@ pub fn evacuate(
     closing.sort();
     closing.dedup();
     jobs::close(svc, &prep, &spec.job, &closing);
+    for h in cordoned {
+        if let Err(e) = svc.index.set_cordon(&h, false, "") {
+            on(Event::Step(format!(
+                "could not lift the job's cordon of {h} ({e}): `pagecast uncordon {h}` does"
+            )));
+        }
+    }
     Ok(outcome::measured(
         report, &prep, finished, started, on, stop,
     ))
+}
+
+/// Cordons the sources not cordoned yet, so that no other job places a VM
+/// on them while they are emptied; returns those it cordoned (the job
+/// lifts their cordon at its end; a host an operator had cordoned stays
+/// so). A cordon that cannot be set is said and the job goes on: it only
+/// guards against other jobs. A job that dies leaves its cordons, the safe
+/// side: `pagecast uncordon` lifts them.
+fn cordon_sources(
+    svc: &Services,
+    spec: &EvacuateSpec,
+    prep: &Prepared,
+    on: &(dyn Fn(Event) + Sync),
+) -> Vec<String> {
+    let mut done = Vec::new();
+    for h in &spec.from {
+        if prep.view.host(h).is_some_and(|x| x.cordoned) {
+            continue;
+        }
+        let why = format!("being evacuated by job {}", spec.job);
+        match svc.index.set_cordon(h, true, &why) {
+            Ok(()) => done.push(h.clone()),
+            Err(e) => on(Event::Step(format!(
+                "could not cordon {h} for the job ({e}); going on"
+            ))),
+        }
+    }
+    done
 }

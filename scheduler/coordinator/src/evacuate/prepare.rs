@@ -88,7 +88,7 @@ fn destinations(view: &ClusterView, spec: &EvacuateSpec) -> Result<Vec<String>, 
     let to: Vec<String> = if spec.to.is_empty() {
         view.hosts
             .iter()
-            .filter(|h| !h.address.is_empty() && !spec.from.contains(&h.name))
+            .filter(|h| !h.address.is_empty() && !spec.from.contains(&h.name) && !h.cordoned)
             .map(|h| h.name.clone())
             .collect()
     } else {
@@ -99,12 +99,17 @@ fn destinations(view: &ClusterView, spec: &EvacuateSpec) -> Result<Vec<String>, 
                     "--to names {h}, which is being evacuated"
                 )));
             }
+            if view.host(h).is_some_and(|x| x.cordoned) {
+                return Err(CoordError::Invalid(format!(
+                    "--to names {h}, which is cordoned (`pagecast uncordon {h}` lifts it)"
+                )));
+            }
         }
         spec.to.clone()
     };
     if to.is_empty() {
         return Err(CoordError::Invalid(
-            "no destination host has an agent".into(),
+            "no destination host has an agent and is not cordoned".into(),
         ));
     }
     Ok(to)

@@ -928,3 +928,66 @@ fn a_destination_never_told_of_the_job_refuses_its_migrations() {
         assert_eq!(f.where_is(vm).as_deref(), Some("a1"));
     }
 }
+
+/// A cordoned host takes no VM: left out of the default destinations,
+/// refused by name; the sources are cordoned while the job runs and
+/// uncordoned at its end, except one an operator had cordoned.
+#[test]
+fn cordons_keep_vms_off_hosts_and_the_job_cordons_its_sources() {
+    use crate::index::IndexApi;
+    let f = cluster();
+    f.set_cordon("b2", true, "maintenance").unwrap();
+    f.set_cordon("a2", true, "retiring").unwrap();
+    let mut s = spec(Method::Pagecast);
+    let e = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap_err();
+    assert!(e.to_string().contains("b2, which is cordoned"), "{e}");
+    s.to.clear();
+    let rep = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap();
+    assert!(rep.ok, "{rep:?}");
+    for vm in MOVING {
+        let at = f.where_is(vm).unwrap();
+        assert!(at == "b1" || at == "b3", "{vm} went to {at}");
+    }
+    let cordons: Vec<(String, bool)> = f
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Cordon { host, on } => Some((host, on)),
+            _ => None,
+        })
+        .collect();
+    let migrations = f
+        .calls()
+        .iter()
+        .position(|c| matches!(c, Call::Migrate { .. }))
+        .unwrap();
+    let first_job_cordon = f
+        .calls()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c, Call::Cordon { .. }))
+        .nth(2)
+        .map(|(i, _)| i)
+        .unwrap();
+    assert!(
+        first_job_cordon < migrations,
+        "a1 cordoned before any VM moved"
+    );
+    // The operator's two, then the job's own for a1 (a2 was cordoned
+    // already) and its lifting at the end.
+    assert_eq!(
+        cordons,
+        [
+            ("b2".to_owned(), true),
+            ("a2".to_owned(), true),
+            ("a1".to_owned(), true),
+            ("a1".to_owned(), false)
+        ]
+    );
+    let view = f.cluster().unwrap();
+    assert!(
+        view.host("a2").unwrap().cordoned,
+        "the operator's cordon stays"
+    );
+    assert!(!view.host("a1").unwrap().cordoned);
+}
