@@ -361,10 +361,10 @@ impl Agent {
         ));
     }
 
-    /// Refuses unless `force`, when the index said at this host's last
-    /// report that it is cordoned.
+    /// Refuses unless `force`, when the index says this host is cordoned
+    /// (asked now; its last answer if it does not answer).
     pub fn check_cordon(&self, force: bool) -> Result<(), AgentError> {
-        let Some(reason) = self.index.as_ref().and_then(|l| l.status().cordon) else {
+        let Some(reason) = self.index.as_ref().and_then(|l| l.cordon_now()) else {
             return Ok(());
         };
         if force {

@@ -527,6 +527,34 @@ impl IndexLink {
         lock(&self.status).clone()
     }
 
+    /// Whether this host is cordoned, and why: asked of the index now
+    /// (within 2 s), so that a cordon set or lifted a moment ago counts;
+    /// what its last report was answered if the index does not answer.
+    pub fn cordon_now(&self) -> Option<String> {
+        let fresh = IndexClient::new(&self.addrs, self.tls.clone())
+            .and_then(|mut c| {
+                c.timeout = Duration::from_secs(2);
+                c.hosts(false)
+            })
+            .map(|hs| {
+                hs.into_iter()
+                    .find(|h| h.name == self.host)
+                    .and_then(|h| h.cordoned.then_some(h.cordon_reason))
+            });
+        match fresh {
+            Ok(c) => {
+                lock(&self.status).cordon = c.clone();
+                c
+            }
+            Err(e) => {
+                warn!(
+                    "cannot ask the index whether this host is cordoned ({e}); going by its last answer"
+                );
+                lock(&self.status).cordon.clone()
+            }
+        }
+    }
+
     /// Applies changes and wakes the publisher.
     pub fn apply(&self, changes: &[(PageHash, i64)]) {
         if changes.is_empty() {

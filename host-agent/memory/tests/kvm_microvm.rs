@@ -305,7 +305,14 @@ fn hashes_match_their_copies_while_the_guest_writes() {
     let mismatched = std::sync::atomic::AtomicU64::new(0);
     let mut distinct_passes = std::collections::HashSet::new();
     let p0 = vm.progress().unwrap();
-    for _ in 0..20 {
+    // At least 20 passes, and on until the guest has run 10,000 steps
+    // meanwhile (a busy machine gives its vCPU less time per pass).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut passes = 0;
+    while passes < 20
+        || (vm.progress().unwrap() <= p0 + 10_000 && std::time::Instant::now() < deadline)
+    {
+        passes += 1;
         let f = fp.fingerprint_observed(
             vm.region(),
             &pagecast_pages::ContentKey::CLUSTER,

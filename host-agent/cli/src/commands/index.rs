@@ -322,8 +322,8 @@ pub struct HostsArgs {
 
 /// Cordons a host: no evacuation, clone or `plan` sends it VMs, `advise`
 /// never proposes it, and its agent refuses to start or adopt a VM unless
-/// told `--force` (the agent learns of the cordon at its next report to the
-/// index, within a few seconds). VMs already there keep running. Operators
+/// told `--force` (the agent asks the index at each start). VMs already
+/// there keep running. Operators
 /// only. `pagecast uncordon HOST` lifts it; `pagecast hosts` shows it.
 ///
 /// Example:
