@@ -45,6 +45,29 @@ fn vm_err(what: &str, bytes: u64, e: vm_memory::mmap::MmapRegionError) -> Memory
     }
 }
 
+/// Whether anonymous memory mapped from now on is offered to KSM.
+static MERGEABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Offers (or stops offering) the anonymous guest memory this process maps
+/// from now on to the kernel's same-page merging (`MADV_MERGEABLE`): pages
+/// a destination filled with content its residents also hold can then be
+/// merged back into one physical page. Off unless the process turns it on
+/// (`pagecast agent` does, unless `--no-ksm`). Regions already mapped keep
+/// what they were given.
+pub fn set_mergeable(on: bool) {
+    MERGEABLE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether anonymous guest memory mapped now is offered to KSM.
+pub fn mergeable() -> bool {
+    MERGEABLE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether this kernel merges pages (KSM built in): `/sys/kernel/mm/ksm`.
+pub fn ksm_available() -> bool {
+    Path::new("/sys/kernel/mm/ksm/run").exists()
+}
+
 impl Region {
     /// Maps `len` bytes of zeroed anonymous memory, populated up front (every
     /// page faulted in, so a later write by a guest is a write to an existing
@@ -179,6 +202,15 @@ impl Region {
             .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | populate)
             .build()
             .map_err(|e| vm_err("guest memory", len, e))?;
+        if mergeable() {
+            // SAFETY: the range is exactly the mapping just made, which
+            // `map` owns; MADV_MERGEABLE changes no contents, only lets the
+            // kernel share identical pages copy-on-write. A kernel without
+            // KSM answers EINVAL, and the memory simply stays unmerged.
+            unsafe {
+                libc::madvise(map.as_ptr().cast(), size, libc::MADV_MERGEABLE);
+            }
+        }
         Ok(Region {
             userfault: None,
             map,
@@ -351,5 +383,50 @@ impl std::fmt::Debug for Region {
             .field("kind", &self.kind())
             .field("len", &self.len)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's flags of the mapping that starts at `addr`
+    /// (`/proc/self/smaps`, its `VmFlags` line).
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(l) = lines.next() {
+            let start = l.split('-').next().unwrap_or("");
+            if usize::from_str_radix(start, 16).ok() == Some(addr) {
+                for l in lines.by_ref() {
+                    if let Some(f) = l.strip_prefix("VmFlags:") {
+                        return f.trim().to_owned();
+                    }
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    #[test]
+    fn guest_memory_is_offered_to_ksm_only_when_asked() {
+        set_mergeable(false);
+        let plain = Region::anonymous(16 * PAGE_SIZE as u64).unwrap();
+        set_mergeable(true);
+        let merged = Region::anonymous(16 * PAGE_SIZE as u64).unwrap();
+        set_mergeable(false);
+        let flags = |r: &Region| vm_flags(r.map.as_ptr() as usize);
+        assert!(
+            !flags(&plain).split(' ').any(|f| f == "mg"),
+            "{}",
+            flags(&plain)
+        );
+        if ksm_available() {
+            assert!(
+                flags(&merged).split(' ').any(|f| f == "mg"),
+                "{}",
+                flags(&merged)
+            );
+        }
     }
 }

@@ -97,6 +97,14 @@ pub struct AgentArgs {
     /// address's IP).
     #[arg(long, value_name = "ADDR")]
     cast_addr: Option<String>,
+
+    /// Do not offer micro-VM guest memory to the kernel's same-page merging
+    /// (KSM). By default it is offered (`MADV_MERGEABLE`), so that pages a
+    /// migration filled from content this host's VMs already hold can be
+    /// merged back into one physical page; merging itself runs only while
+    /// /sys/kernel/mm/ksm/run is 1, which the host's administrator sets.
+    #[arg(long)]
+    no_ksm: bool,
 }
 
 /// The machine's memory, bytes (0 if unknown).
@@ -134,6 +142,17 @@ fn load_domain_secret(a: &TlsArg) -> anyhow::Result<Option<pagecast_pages::Domai
 
 pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
     let tls = load_tls(&a.tls)?;
+    pagecast_memory::set_mergeable(!a.no_ksm);
+    if !a.no_ksm {
+        let run = std::fs::read_to_string("/sys/kernel/mm/ksm/run").unwrap_or_default();
+        match run.trim() {
+            "" => tracing::info!("guest memory offered to KSM, but this kernel has none"),
+            "1" => tracing::info!("guest memory offered to KSM (merging runs)"),
+            _ => tracing::info!(
+                "guest memory offered to KSM; merging is off until /sys/kernel/mm/ksm/run is 1"
+            ),
+        }
+    }
     let domain_secret = load_domain_secret(&a.tls)?;
     if let Some(d) = &a.data {
         std::fs::create_dir_all(d)
