@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", commands::one_line(&e));
-            ExitCode::FAILURE
+            ExitCode::from(commands::exit_status(&e))
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `pagecast evacuate`, `pagecast clone` and `pagecast cancel`.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -64,6 +65,11 @@ use super::index::IndexAddrs;
 /// manifest, held, cast, round 0, pre-copy, switchover, done or failed,
 /// seconds from the command's start)
 ///
+/// Exit status: 0 every VM moved; 2 the job ran but some VMs did not move
+/// (the report lists them; they run at their sources unless in doubt;
+/// `--retry REPORT.json` moves them); 1 refused or failed before anything
+/// moved.
+///
 /// Examples:
 ///
 ///   pagecast evacuate --index 10.0.0.1:7600 --from h1,h2 --dry-run
@@ -71,20 +77,38 @@ use super::index::IndexAddrs;
 ///   pagecast evacuate --index 10.0.0.1:7600 --from h1,h2 --to h5,h6 --max-downtime 300
 ///
 ///   pagecast evacuate --index 10.0.0.1:7600 --from h1 --strategy precopy --parallel 2 --json
+///
+///   pagecast evacuate --index 10.0.0.1:7600 --from h1,h2 --json > job.json
+///   pagecast evacuate --index 10.0.0.1:7600 --retry job.json --to h6
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct EvacuateArgs {
     #[command(flatten)]
     index: IndexAddrs,
 
-    /// Hosts to empty.
+    /// Hosts to empty (with --retry: default, the sources of the VMs that
+    /// did not move).
     #[arg(
         long,
         value_name = "HOST[,HOST..]",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "retry"
     )]
     from: Vec<String>,
+
+    /// What a VM that fails does to the job: `continue` (the others go
+    /// on; the report lists it) or `stop` (the migrations not yet switched
+    /// over give up, as on Ctrl-C; their VMs stay at their sources).
+    #[arg(long, value_name = "WHAT", default_value = "continue", value_parser = ["continue", "stop"])]
+    on_failure: String,
+
+    /// Moves again only the VMs that did not move in an earlier job, from
+    /// its `--json` report (FILE, or - for standard input): re-planned from
+    /// the index as it is now, onto any destination; VMs that reached the
+    /// sources since are left alone, and a VM no longer on a source is
+    /// skipped with a note.
+    #[arg(long, value_name = "REPORT.json")]
+    retry: Option<PathBuf>,
 
     /// Hosts that may receive VMs (default: every other host whose agent
     /// reports to the index).
@@ -482,8 +506,17 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     let tls = a.index.identity()?;
     let stop = pagecast_cli::interrupts::catch();
     let job = a.job.clone().unwrap_or_else(|| new_job_id("ev"));
+    let retry = match &a.retry {
+        Some(f) => Retry::read(f)?,
+        None => Retry::default(),
+    };
+    let from = if a.from.is_empty() {
+        retry.from.clone()
+    } else {
+        a.from.clone()
+    };
     let spec = EvacuateSpec {
-        from: a.from.clone(),
+        from,
         to: a.to.clone(),
         method: Method::parse(&a.strategy).expect("clap checked the value"),
         parallel: a.parallel,
@@ -491,6 +524,8 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         mtu: a.mtu,
         multicast_floods: a.multicast_floods,
         release_early: a.release_early,
+        stop_on_failure: a.on_failure == "stop",
+        only: retry.only,
         max_downtime_ms: a.max_downtime,
         switchover: a.switchover.to_proto(),
         objective: if a.objective == "bytes" {
@@ -553,17 +588,75 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     }
     if !r.ok {
         let failed = r.vms.iter().filter(|v| !(v.ok && v.verified)).count();
-        anyhow::bail!(
+        return Err(anyhow::Error::new(super::NotAllMoved(format!(
             "{failed} of {} VM(s) did not move; they run at their sources{}",
             r.vms.len(),
             if stop.load(Ordering::Relaxed) {
                 " (stopped)"
             } else {
-                "; run the same command again to move them"
+                "; `--retry` with this command's --json report moves them"
             }
-        );
+        ))));
     }
     Ok(())
+}
+
+/// What `--retry` takes from an earlier job's report.
+#[derive(Default)]
+struct Retry {
+    /// The VMs that did not move.
+    only: Vec<String>,
+    /// Their sources.
+    from: Vec<String>,
+}
+
+impl Retry {
+    /// Reads a `pagecast evacuate --json` report (`-`: standard input).
+    fn read(path: &Path) -> anyhow::Result<Retry> {
+        let text = if path == Path::new("-") {
+            std::io::read_to_string(std::io::stdin().lock())?
+        } else {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--retry {}: cannot read it", path.display()))?
+        };
+        anyhow::ensure!(
+            text.len() <= 64 << 20,
+            "--retry {}: {} bytes, more than a report has",
+            path.display(),
+            text.len()
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--retry {}: not an `evacuate --json` report",
+                path.display()
+            )
+        })?;
+        let vms = v["vms"].as_array().with_context(|| {
+            format!(
+                "--retry {}: no \"vms\" list: not an `evacuate --json` report",
+                path.display()
+            )
+        })?;
+        let mut r = Retry::default();
+        for vm in vms {
+            let (Some(name), Some(from)) = (vm["name"].as_str(), vm["from"].as_str()) else {
+                anyhow::bail!("--retry {}: a VM without a name or source", path.display());
+            };
+            let moved = vm["ok"] == true && vm["verified"] == true;
+            if !moved {
+                r.only.push(name.to_owned());
+                if !r.from.iter().any(|f| f == from) {
+                    r.from.push(from.to_owned());
+                }
+            }
+        }
+        anyhow::ensure!(
+            !r.only.is_empty(),
+            "--retry {}: every VM of that job moved; nothing to retry",
+            path.display()
+        );
+        Ok(r)
+    }
 }
 
 /// Runs `pagecast clone`.

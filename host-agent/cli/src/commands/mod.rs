@@ -196,6 +196,30 @@ fn init_logging(format: LogFormat) {
     };
 }
 
+/// A job that ran but did not move everything it was asked to: the
+/// command exits with status 2 (1: refused or failed before anything
+/// moved).
+#[derive(Debug)]
+pub struct NotAllMoved(pub String);
+
+impl std::fmt::Display for NotAllMoved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotAllMoved {}
+
+/// The exit status for `e`: 2 when a job ran but not everything moved, 1
+/// otherwise.
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<NotAllMoved>().is_some() {
+        2
+    } else {
+        1
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(cli.log_format);

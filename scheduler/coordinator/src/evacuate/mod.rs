@@ -115,6 +115,11 @@ pub struct EvacuateSpec {
     /// Release each held VM once the transfers that bring what it lacks
     /// have ended, not when the job's last one has.
     pub release_early: bool,
+    /// Stop the job when a VM fails (`--on-failure stop`): the migrations
+    /// not yet switched over give up. Otherwise the others go on.
+    pub stop_on_failure: bool,
+    /// Move only these VMs of the sources (`--retry`); empty: all of them.
+    pub only: Vec<String>,
 }
 
 /// A VM that moves.

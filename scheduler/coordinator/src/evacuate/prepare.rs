@@ -33,7 +33,7 @@ pub(super) fn prepare(
     on: &(dyn Fn(Event) + Sync),
 ) -> Result<Prepared, CoordError> {
     on(Event::Step("reading the cluster from the index".into()));
-    let view = svc.index.cluster()?;
+    let view = only_these(svc.index.cluster()?, spec, on)?;
     let to = destinations(&view, spec)?;
     let mut model = Model::build(&view, spec, &to);
     on(Event::Step(format!(
@@ -65,6 +65,41 @@ pub(super) fn prepare(
         on(Event::LowerBound(prep.predicted.lower_bound_s.clone()));
     }
     Ok(prep)
+}
+
+/// With `spec.only` (a retry), the view without the sources' other VMs:
+/// only the named ones move. A named VM no longer on a source is said and
+/// skipped; none left is an error.
+fn only_these(
+    mut view: ClusterView,
+    spec: &EvacuateSpec,
+    on: &(dyn Fn(Event) + Sync),
+) -> Result<ClusterView, CoordError> {
+    if spec.only.is_empty() {
+        return Ok(view);
+    }
+    let on_source = |name: &str| {
+        view.vms
+            .iter()
+            .any(|v| v.name == name && spec.from.contains(&v.host))
+    };
+    let (left, gone): (Vec<&String>, Vec<&String>) = spec.only.iter().partition(|n| on_source(n));
+    for n in &gone {
+        on(Event::Step(format!(
+            "{n} is on none of {} any more: skipped",
+            spec.from.join(", ")
+        )));
+    }
+    if left.is_empty() {
+        return Err(CoordError::Invalid(format!(
+            "none of {} is on {} any more: nothing to retry",
+            spec.only.join(", "),
+            spec.from.join(", ")
+        )));
+    }
+    view.vms
+        .retain(|v| !spec.from.contains(&v.host) || spec.only.contains(&v.name));
+    Ok(view)
 }
 
 /// The hosts that may receive, checked: every one known, with an agent,

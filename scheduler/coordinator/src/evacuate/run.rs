@@ -313,12 +313,38 @@ impl<'a> Run<'a> {
                     fin.local.insert(i, l);
                     needs.insert(i, h);
                 }
-                Ok(r) => fin.take(r),
+                Ok(r) => self.take(fin, r, stop),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
         needs
+    }
+
+    /// Keeps what a VM's worker reported; under `--on-failure stop`, a VM
+    /// that failed stops the job (as Ctrl-C does): the migrations not yet
+    /// switched over give up and their VMs stay at their sources.
+    fn take(&self, fin: &mut Finished, r: Report, stop: &AtomicBool) {
+        let failed = match &r {
+            Report::Done(i, res, _) if !res.ok => Some((
+                *i,
+                res.error
+                    .as_ref()
+                    .map_or_else(|| "no reason given".to_owned(), |e| e.message.clone()),
+            )),
+            Report::Failed(i, e) => Some((*i, e.clone())),
+            _ => None,
+        };
+        fin.take(r);
+        if let Some((i, why)) = failed
+            && self.spec.stop_on_failure
+            && !stop.swap(true, Ordering::Relaxed)
+        {
+            (self.on)(Event::Step(format!(
+                "{} failed ({why}); stopping the job (--on-failure stop)",
+                self.prep.moving[i].name
+            )));
+        }
     }
 
     /// Collects every result; on a stop, first tells the migrations still
@@ -330,7 +356,7 @@ impl<'a> Run<'a> {
             }
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Report::Held(..)) => {}
-                Ok(r) => fin.take(r),
+                Ok(r) => self.take(fin, r, stop),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }

@@ -322,6 +322,8 @@ fn spec(method: Method) -> EvacuateSpec {
         job: "ev-test".into(),
         transport: v1::CastTransport::Unspecified,
         release_early: false,
+        stop_on_failure: false,
+        only: Vec::new(),
         switchover: v1::SwitchoverMode::Auto,
     }
 }
@@ -990,4 +992,69 @@ fn cordons_keep_vms_off_hosts_and_the_job_cordons_its_sources() {
         "the operator's cordon stays"
     );
     assert!(!view.host("a1").unwrap().cordoned);
+}
+
+/// `--on-failure stop`: the first VM that fails stops the job (said as a
+/// step); the VMs that did not move stay at their sources. `continue`
+/// moves every VM whose destination accepts it.
+#[test]
+fn a_failure_stops_the_job_only_when_asked() {
+    let steps: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let on = |e: Event| {
+        if let Event::Step(s) = e {
+            lock(&steps).push(s);
+        }
+    };
+    let mut s = spec(Method::Precopy);
+    s.parallel = 1;
+    let f = cluster();
+    f.refuse_incoming("b2");
+    let rep = run(&f, &s, &on, &AtomicBool::new(false)).unwrap();
+    let moved_continuing = rep.vms.iter().filter(|v| v.ok).count();
+    assert!(!rep.ok);
+    assert!(
+        rep.vms.iter().all(|v| v.ok == (v.to == "b1")),
+        "with continue, every VM bound for b1 moved: {:?}",
+        rep.vms
+    );
+    assert!(!lock(&steps).iter().any(|s| s.contains("stopping the job")));
+    s.stop_on_failure = true;
+    let f = cluster();
+    f.refuse_incoming("b2");
+    let stop = AtomicBool::new(false);
+    let rep = run(&f, &s, &on, &stop).unwrap();
+    assert!(stop.load(std::sync::atomic::Ordering::Relaxed));
+    assert!(
+        lock(&steps)
+            .iter()
+            .any(|s| s.contains("failed") && s.contains("stopping the job")),
+        "{:?}",
+        lock(&steps)
+    );
+    let moved = rep.vms.iter().filter(|v| v.ok).count();
+    assert!(moved <= moved_continuing, "{moved} > {moved_continuing}");
+    // Every VM runs in one place: moved, or still at its source.
+    for v in &rep.vms {
+        let at = f.where_is(&v.name).unwrap();
+        assert_eq!(&at, if v.ok { &v.to } else { &v.from }, "{v:?}");
+    }
+}
+
+/// `--retry`: only the named VMs move; the sources' other VMs stay, and a
+/// name no longer on a source is skipped (none left: refused).
+#[test]
+fn a_retry_moves_only_the_vms_it_names() {
+    let f = cluster();
+    let mut s = spec(Method::Pagecast);
+    s.only = vec!["web1".into(), "gone".into()];
+    let rep = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap();
+    assert!(rep.ok, "{rep:?}");
+    let names: Vec<&str> = rep.vms.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["web1"]);
+    assert!(matches!(f.where_is("web1").as_deref(), Some("b1" | "b2")));
+    assert_eq!(f.where_is("db1").as_deref(), Some("a1"));
+    assert_eq!(f.where_is("web2").as_deref(), Some("a2"));
+    s.only = vec!["gone".into()];
+    let e = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap_err();
+    assert!(e.to_string().contains("nothing to retry"), "{e}");
 }
