@@ -292,6 +292,15 @@ impl FakeCluster {
         lock(&self.s.state).most.get(host).copied().unwrap_or(0)
     }
 
+    /// The most migrations arriving at `host` at once.
+    pub fn most_arriving(&self, host: &str) -> usize {
+        lock(&self.s.state)
+            .most
+            .get(&format!("into {host}"))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Every call so far, in order.
     pub fn calls(&self) -> Vec<Call> {
         lock(&self.s.state).calls.clone()
@@ -522,8 +531,13 @@ impl Migration for FakeMigration {
         }
         self.ended = true;
         let r = self.finish();
-        if let Some(n) = lock(&self.c.s.state).running.get_mut(&self.from) {
-            *n -= 1;
+        {
+            let mut st = lock(&self.c.s.state);
+            for k in [self.from.clone(), format!("into {}", self.to)] {
+                if let Some(n) = st.running.get_mut(&k) {
+                    *n -= 1;
+                }
+            }
         }
         self.c.log(Call::Ended {
             vm: self.vm.clone(),
@@ -648,11 +662,13 @@ impl AgentApi for FakeCluster {
         if r.hold && refused.is_none() {
             script.push(MigrationEvent::Held(needs.clone(), local));
         }
-        let n = st.running.entry(from.clone()).or_default();
-        *n += 1;
-        let n = *n;
-        let most = st.most.entry(from.clone()).or_default();
-        *most = (*most).max(n);
+        for k in [from.clone(), format!("into {to}")] {
+            let n = st.running.entry(k.clone()).or_default();
+            *n += 1;
+            let n = *n;
+            let most = st.most.entry(k).or_default();
+            *most = (*most).max(n);
+        }
         drop(st);
         let id = self.s.next.fetch_add(1, Ordering::Relaxed);
         self.log(Call::Migrate {

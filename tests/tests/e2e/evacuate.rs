@@ -1184,3 +1184,45 @@ fn a_cordoned_host_takes_no_vm() {
     assert!(!out.status.success());
     assert!(err.contains("may not cordon"), "{err}");
 }
+
+/// `--max-incoming 1`: with real agents, no two VMs are under way into one
+/// destination at once (each VM's phases, from its first to `done`, do not
+/// overlap another's bound for the same host), and every VM moves verified.
+#[test]
+fn max_incoming_keeps_one_vm_arriving_per_host() {
+    if !needs("max_incoming_keeps_one_vm_arriving_per_host", RIG) {
+        return;
+    }
+    let r = rig(&[]);
+    populate(&r);
+    let (out, rep) = r.evacuate(&["--from", "h1,h2", "--to", "h4,h5", "--max-incoming", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut spans: Vec<(String, f64, f64)> = Vec::new();
+    for v in rep["vms"].as_array().unwrap() {
+        assert_eq!(v["verified"], true, "{v}");
+        let name = v["name"].as_str().unwrap();
+        let phases = rep["phases"][name].as_array().unwrap();
+        let at = |p: &serde_json::Value| p["at_s"].as_f64().unwrap();
+        spans.push((
+            v["to"].as_str().unwrap().to_owned(),
+            at(&phases[0]),
+            at(phases.last().unwrap()),
+        ));
+    }
+    assert_eq!(spans.len(), 4);
+    for (i, a) in spans.iter().enumerate() {
+        for b in &spans[i + 1..] {
+            if a.0 == b.0 {
+                assert!(
+                    a.2 <= b.1 || b.2 <= a.1,
+                    "two VMs arriving at {} at once: {a:?} {b:?}",
+                    a.0
+                );
+            }
+        }
+    }
+}

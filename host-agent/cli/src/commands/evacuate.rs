@@ -96,6 +96,19 @@ pub struct EvacuateArgs {
     )]
     from: Vec<String>,
 
+    /// Most VMs arriving at one destination at once (off by default). A
+    /// held job (pagecast, vmscatter) then moves in waves that keep to it,
+    /// each held, filled and released in turn; a pre-copy job starts a
+    /// VM only while its destination has room.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_incoming: Option<u32>,
+
+    /// Most VMs leaving one source at once (off by default; with
+    /// --strategy precopy, the smaller of it and --parallel). A held job
+    /// moves in waves that keep to it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_outgoing: Option<u32>,
+
     /// What a VM that fails does to the job: `continue` (the others go
     /// on; the report lists it) or `stop` (the migrations not yet switched
     /// over give up, as on Ctrl-C; their VMs stay at their sources).
@@ -526,6 +539,8 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         release_early: a.release_early,
         stop_on_failure: a.on_failure == "stop",
         only: retry.only,
+        max_incoming: a.max_incoming.map(|n| n as usize),
+        max_outgoing: a.max_outgoing.map(|n| n as usize),
         max_downtime_ms: a.max_downtime,
         switchover: a.switchover.to_proto(),
         objective: if a.objective == "bytes" {

@@ -120,6 +120,10 @@ pub struct EvacuateSpec {
     pub stop_on_failure: bool,
     /// Move only these VMs of the sources (`--retry`); empty: all of them.
     pub only: Vec<String>,
+    /// Most VMs arriving at one host at once (`--max-incoming`).
+    pub max_incoming: Option<usize>,
+    /// Most VMs leaving one host at once (`--max-outgoing`).
+    pub max_outgoing: Option<usize>,
 }
 
 /// A VM that moves.
@@ -137,10 +141,20 @@ struct Prepared {
     predicted: Predicted,
     /// Who held the moving VMs' contents when the plan was made, from the
     /// index (a hint: every page used is hash-checked).
-    held: HashMap<String, HashSet<PageHash>>,
+    held: std::sync::Arc<HashMap<String, HashSet<PageHash>>>,
 }
 
 impl Prepared {
+    /// The same plan for the moves `wave` (indices into `moving`) only.
+    fn wave(&self, wave: &[usize]) -> Prepared {
+        Prepared {
+            view: self.view.clone(),
+            moving: wave.iter().map(|&i| self.moving[i].clone()).collect(),
+            predicted: self.predicted.clone(),
+            held: self.held.clone(),
+        }
+    }
+
     /// The control address of `host`'s agent (every host of a plan has
     /// one: [`prepare`] checks).
     fn address(&self, host: &str) -> &str {
@@ -176,11 +190,10 @@ pub fn evacuate(
     }
     let cordoned = cordon_sources(svc, spec, &prep, on);
     let opened = jobs::open(svc, &prep, &spec.job, on);
-    let run = run::Run::new(svc, spec, &prep, on, started);
     let finished = if spec.method.holds() {
-        run.held(stop)
+        in_waves(svc, spec, &prep, on, started, stop)
     } else {
-        run.queued(stop)
+        run::Run::new(svc, spec, &prep, on, started).queued(stop)
     };
     let mut closing = opened;
     closing.extend(finished.traffic.fetch_frames.keys().cloned());
@@ -198,6 +211,77 @@ pub fn evacuate(
     Ok(outcome::measured(
         report, &prep, finished, started, on, stop,
     ))
+}
+
+/// The held migrations, in waves when `--max-incoming` or `--max-outgoing`
+/// bound how many arrive at or leave one host at once: each wave is held,
+/// filled and released as a whole job is, and the next starts when it has
+/// ended (its casts then find what the waves before brought, and the
+/// destinations fill it locally). One wave without bounds.
+fn in_waves(
+    svc: &Services,
+    spec: &EvacuateSpec,
+    prep: &Prepared,
+    on: &(dyn Fn(Event) + Sync),
+    started: Instant,
+    stop: &AtomicBool,
+) -> run::Finished {
+    let waves = waves(&prep.moving, spec.max_incoming, spec.max_outgoing);
+    if waves.len() == 1 {
+        return run::Run::new(svc, spec, prep, on, started).held(stop);
+    }
+    let mut all = run::Finished::default();
+    for (n, wave) in waves.iter().enumerate() {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        on(Event::Step(format!(
+            "wave {} of {}: {} VM(s)",
+            n + 1,
+            waves.len(),
+            wave.len()
+        )));
+        let part = prep.wave(wave);
+        let fin = run::Run::new(svc, spec, &part, on, started).held(stop);
+        all.absorb(fin, wave);
+    }
+    all
+}
+
+/// Splits the moves into waves in which no host sends more than
+/// `max_out` or receives more than `max_in` (each bound off when None),
+/// the moves in plan order, each in the first wave with room.
+fn waves(moving: &[Moving], max_in: Option<usize>, max_out: Option<usize>) -> Vec<Vec<usize>> {
+    /// A wave: its moves, and per host its departures and arrivals.
+    #[derive(Default)]
+    struct Wave<'m> {
+        moves: Vec<usize>,
+        leaving: HashMap<&'m str, usize>,
+        arriving: HashMap<&'m str, usize>,
+    }
+    let mut waves: Vec<Wave> = Vec::new();
+    for (i, m) in moving.iter().enumerate() {
+        let room = |count: &HashMap<&str, usize>, host: &str, most: Option<usize>| {
+            most.is_none_or(|k| count.get(host).copied().unwrap_or(0) < k.max(1))
+        };
+        let fits =
+            |w: &Wave| room(&w.leaving, &m.from, max_out) && room(&w.arriving, &m.to, max_in);
+        let at = match waves.iter().position(fits) {
+            Some(at) => at,
+            None => {
+                waves.push(Wave::default());
+                waves.len() - 1
+            }
+        };
+        let w = &mut waves[at];
+        w.moves.push(i);
+        *w.leaving.entry(m.from.as_str()).or_default() += 1;
+        *w.arriving.entry(m.to.as_str()).or_default() += 1;
+    }
+    if waves.is_empty() {
+        return vec![Vec::new()];
+    }
+    waves.into_iter().map(|w| w.moves).collect()
 }
 
 /// Cordons the sources not cordoned yet, so that no other job places a VM

@@ -577,11 +577,13 @@ fn prepared(
             .map(|m| (m.name.clone(), m.to.clone()))
             .collect(),
     };
-    let held = content
-        .held
-        .into_iter()
-        .map(|(h, s)| (cluster.hosts[h].name.clone(), s))
-        .collect();
+    let held = std::sync::Arc::new(
+        content
+            .held
+            .into_iter()
+            .map(|(h, s)| (cluster.hosts[h].name.clone(), s))
+            .collect(),
+    );
     Prepared {
         view,
         moving,

@@ -71,6 +71,17 @@ impl Finished {
     fn ended(&self) -> usize {
         self.results.len() + self.failures.len()
     }
+
+    /// Adds a wave's figures, its VMs numbered `wave[i]` in the whole job.
+    pub(super) fn absorb(&mut self, f: Finished, wave: &[usize]) {
+        self.results
+            .extend(f.results.into_iter().map(|(i, r)| (wave[i], r)));
+        self.failures
+            .extend(f.failures.into_iter().map(|(i, e)| (wave[i], e)));
+        self.local
+            .extend(f.local.into_iter().map(|(i, l)| (wave[i], l)));
+        self.traffic.absorb(f.traffic);
+    }
 }
 
 /// A job's migrations, as they run.
@@ -363,24 +374,32 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Per-VM pre-copy: at most `parallel` at once per source, each as
-    /// the one before it ends.
+    /// Per-VM pre-copy: at most `parallel` at once per source (and at most
+    /// `--max-outgoing`), each as the one before it ends; with
+    /// `--max-incoming`, a VM whose destination has that many arriving
+    /// waits, and its source's next VM for another destination goes first.
     pub(super) fn queued(&self, stop: &AtomicBool) -> Finished {
         let mut queues: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, m) in self.prep.moving.iter().enumerate() {
             queues.entry(m.from.as_str()).or_default().push(i);
         }
+        let per_source = self
+            .spec
+            .max_outgoing
+            .map_or(self.spec.parallel, |k| k.min(self.spec.parallel))
+            .max(1);
+        let arriving = Arrivals::new(self.spec.max_incoming);
         let (tx, rx) = mpsc::channel::<Report>();
         let mut fin = Finished::default();
         std::thread::scope(|s| {
             for (_, q) in queues {
                 let q = Arc::new(Mutex::new(q));
-                for _ in 0..self.spec.parallel.max(1) {
-                    let (q, tx) = (q.clone(), tx.clone());
+                for _ in 0..per_source {
+                    let (q, tx, arriving) = (q.clone(), tx.clone(), &arriving);
                     s.spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            let Some(i) = lock(&q).pop() else { return };
+                        while let Some(i) = arriving.next(&q, &self.prep.moving, stop) {
                             self.run_vm(i, &tx);
+                            arriving.ended(&self.prep.moving[i].to);
                         }
                     });
                 }
@@ -389,5 +408,62 @@ impl<'a> Run<'a> {
             self.collect(&rx, stop, &mut fin);
         });
         fin
+    }
+}
+
+/// The migrations arriving at each destination, bounded.
+struct Arrivals {
+    most: Option<usize>,
+    now: Mutex<HashMap<String, usize>>,
+    changed: std::sync::Condvar,
+}
+
+impl Arrivals {
+    fn new(most: Option<usize>) -> Self {
+        Arrivals {
+            most: most.map(|m| m.max(1)),
+            now: Mutex::new(HashMap::new()),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Takes from `q` the last VM whose destination has room (counting it
+    /// as arriving), waiting while none has; None when `q` is empty or the
+    /// job stops.
+    fn next(&self, q: &Mutex<Vec<usize>>, moving: &[Moving], stop: &AtomicBool) -> Option<usize> {
+        let mut now = lock(&self.now);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            let pick = {
+                let mut q = lock(q);
+                if q.is_empty() {
+                    return None;
+                }
+                let room = |i: &usize| {
+                    self.most
+                        .is_none_or(|k| now.get(&moving[*i].to).copied().unwrap_or(0) < k)
+                };
+                q.iter().rposition(room).map(|at| q.remove(at))
+            };
+            if let Some(i) = pick {
+                *now.entry(moving[i].to.clone()).or_default() += 1;
+                return Some(i);
+            }
+            now = self
+                .changed
+                .wait_timeout(now, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// A migration into `to` ended.
+    fn ended(&self, to: &str) {
+        if let Some(n) = lock(&self.now).get_mut(to) {
+            *n = n.saturating_sub(1);
+        }
+        self.changed.notify_all();
     }
 }

@@ -324,6 +324,8 @@ fn spec(method: Method) -> EvacuateSpec {
         release_early: false,
         stop_on_failure: false,
         only: Vec::new(),
+        max_incoming: None,
+        max_outgoing: None,
         switchover: v1::SwitchoverMode::Auto,
     }
 }
@@ -1057,4 +1059,80 @@ fn a_retry_moves_only_the_vms_it_names() {
     s.only = vec!["gone".into()];
     let e = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap_err();
     assert!(e.to_string().contains("nothing to retry"), "{e}");
+}
+
+/// `--max-incoming` and `--max-outgoing` hold, for held jobs (in waves)
+/// and queued ones; without them a held job moves all at once.
+#[test]
+fn bounds_on_arrivals_and_departures_hold() {
+    let f = cluster();
+    let rep = run(
+        &f,
+        &spec(Method::Pagecast),
+        &|_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(rep.ok);
+    assert_eq!(
+        f.most_at_once("a1"),
+        2,
+        "unbounded: both of a1's VMs at once"
+    );
+    let most_in = f.most_arriving("b1").max(f.most_arriving("b2"));
+    assert!(most_in >= 2, "unbounded: {most_in}");
+    for method in [Method::Pagecast, Method::Precopy] {
+        let f = cluster();
+        let mut s = spec(method);
+        s.max_incoming = Some(1);
+        s.parallel = 2;
+        let rep = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap();
+        assert!(rep.ok, "{rep:?}");
+        for h in ["b1", "b2"] {
+            assert!(
+                f.most_arriving(h) <= 1,
+                "{method:?}: {h} took {}",
+                f.most_arriving(h)
+            );
+        }
+        let f = cluster();
+        let mut s = spec(method);
+        s.max_outgoing = Some(1);
+        let rep = run(&f, &s, &|_| {}, &AtomicBool::new(false)).unwrap();
+        assert!(rep.ok, "{rep:?}");
+        for h in ["a1", "a2"] {
+            assert_eq!(f.most_at_once(h), 1, "{method:?}: {h}");
+        }
+        for vm in MOVING {
+            assert!(
+                matches!(f.where_is(vm).as_deref(), Some("b1" | "b2")),
+                "{vm}"
+            );
+        }
+    }
+}
+
+#[test]
+fn waves_bound_each_host() {
+    let m = |from: &str, to: &str| super::Moving {
+        name: format!("{from}>{to}"),
+        from: from.into(),
+        to: to.into(),
+    };
+    let moving = vec![
+        m("a1", "b1"),
+        m("a1", "b2"),
+        m("a2", "b1"),
+        m("a2", "b2"),
+        m("a1", "b1"),
+    ];
+    assert_eq!(super::waves(&moving, None, None), vec![vec![0, 1, 2, 3, 4]]);
+    let w = super::waves(&moving, Some(1), None);
+    assert_eq!(w, vec![vec![0, 1], vec![2, 3], vec![4]]);
+    let w = super::waves(&moving, None, Some(1));
+    assert_eq!(w, vec![vec![0, 2], vec![1, 3], vec![4]]);
+    assert_eq!(
+        super::waves(&[], Some(1), Some(1)),
+        vec![Vec::<usize>::new()]
+    );
 }

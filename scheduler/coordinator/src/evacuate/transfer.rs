@@ -47,6 +47,29 @@ pub(super) struct Traffic {
     pub mates: BTreeSet<String>,
 }
 
+impl Traffic {
+    /// Adds another part of the job's figures (a wave's).
+    pub(super) fn absorb(&mut self, t: Traffic) {
+        for (k, v) in t.cast_bytes {
+            *self.cast_bytes.entry(k).or_default() += v;
+        }
+        self.multicast += t.multicast;
+        self.unicast += t.unicast;
+        self.repair += t.repair;
+        self.short_haul += t.short_haul;
+        self.core += t.core;
+        for (k, v) in t.cast_frames {
+            *self.cast_frames.entry(k).or_default() += v;
+        }
+        for (k, v) in t.fetch_frames {
+            *self.fetch_frames.entry(k).or_default() += v;
+        }
+        self.errors.extend(t.errors);
+        self.dead.extend(t.dead);
+        self.mates.extend(t.mates);
+    }
+}
+
 /// One source's sends: per content, the destinations it goes to.
 pub(super) type SourcePlan = BTreeMap<String, Vec<(PageHash, Vec<String>)>>;
 
