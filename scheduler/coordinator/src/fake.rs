@@ -155,6 +155,10 @@ struct State {
     /// Per source host: migrations running now, and the most at once.
     running: HashMap<String, usize>,
     most: HashMap<String, usize>,
+    /// Milliseconds of pause per switchover under way at once (0: none).
+    pause_per_switchover: f64,
+    /// Switchovers under way now.
+    switching: usize,
 }
 
 impl State {
@@ -290,6 +294,12 @@ impl FakeCluster {
     /// The most migrations `host` ran at once as a source.
     pub fn most_at_once(&self, host: &str) -> usize {
         lock(&self.s.state).most.get(host).copied().unwrap_or(0)
+    }
+
+    /// Makes every switchover pause its VM `ms` for each switchover under
+    /// way at the same time (its own included).
+    pub fn pause_per_switchover(&self, ms: f64) {
+        lock(&self.s.state).pause_per_switchover = ms;
     }
 
     /// The most migrations arriving at `host` at once.
@@ -461,6 +471,17 @@ impl FakeMigration {
             // Long enough for migrations of one source to overlap.
             std::thread::sleep(Duration::from_millis(30));
         }
+        // Switchovers under way at once slow each other: each pauses its VM
+        // for its share of the load it saw.
+        let per = lock(&self.c.s.state).pause_per_switchover;
+        let mut paused = 0.0;
+        if per > 0.0 {
+            lock(&self.c.s.state).switching += 1;
+            std::thread::sleep(Duration::from_millis(40));
+            let mut st = lock(&self.c.s.state);
+            paused = per * st.switching as f64;
+            st.switching -= 1;
+        }
         let mut st = lock(&self.c.s.state);
         let refused = st
             .hosts
@@ -497,6 +518,7 @@ impl FakeMigration {
             postcopy_pages: if postcopy { sent / 10 } else { 0 },
             postcopy_requested: if postcopy { sent / 30 } else { 0 },
             postcopy_ms: if postcopy { 12.5 } else { 0.0 },
+            downtime_ms: paused,
             ..Default::default()
         }
     }

@@ -23,6 +23,8 @@ pub struct VmOutcome {
     pub kind: String,
     /// From pausing at the source to resuming at the destination.
     pub downtime_ms: f64,
+    /// The pause asked for (`--max-downtime`), beside `downtime_ms`.
+    pub max_downtime_ms: f64,
     /// Bytes its migration link carried (the cast bytes of the job are
     /// counted in the job's totals, not here).
     pub bytes_sent: u64,

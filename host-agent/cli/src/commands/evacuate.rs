@@ -45,7 +45,7 @@ use super::index::IndexAddrs;
 /// stay at their sources). Exits non-zero unless every VM moved verified.
 ///
 /// JSON (--json): {"job", "ok", "strategy", "dry_run", "vms": [{"name",
-/// "from", "to", "ok", "verified", "kind", "downtime_ms", "bytes_sent",
+/// "from", "to", "ok", "verified", "kind", "downtime_ms", "max_downtime_ms" (asked), "bytes_sent",
 /// "pages_local", "pages_short_haul", "pages_cast", "error", "in_doubt",
 /// "switchover" ("precopy", "postcopy", or "" if it did not),
 /// "postcopy_faults" and "postcopy_s" (pages its guest asked for at the
@@ -433,6 +433,25 @@ fn render(r: &EvacuationReport) -> String {
             v.pages_local,
             v.pages_short_haul,
             v.pages_cast
+        );
+    }
+    if !r.dry_run && !r.vms.is_empty() {
+        let asked = r.vms[0].max_downtime_ms;
+        let moved: Vec<&_> = r.vms.iter().filter(|v| v.ok).collect();
+        let over: Vec<String> = moved
+            .iter()
+            .filter(|v| v.downtime_ms > asked)
+            .map(|v| format!("{} {:.0} ms", v.name, v.downtime_ms))
+            .collect();
+        let most = moved.iter().map(|v| v.downtime_ms).fold(0.0, f64::max);
+        let _ = writeln!(
+            s,
+            "downtime: asked at most {asked:.0} ms, the longest {most:.0} ms; {}",
+            if over.is_empty() {
+                "every VM kept to it".to_owned()
+            } else {
+                format!("over it: {}", over.join(", "))
+            }
         );
     }
     for v in r.vms.iter().filter(|v| v.switchover == "postcopy") {

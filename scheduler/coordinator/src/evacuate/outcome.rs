@@ -26,6 +26,7 @@ pub(super) fn planned(spec: &EvacuateSpec, prep: &Prepared) -> EvacuationReport 
                 name: m.name.clone(),
                 from: m.from.clone(),
                 to: m.to.clone(),
+                max_downtime_ms: f64::from(spec.max_downtime_ms),
                 ..Default::default()
             })
             .collect(),

@@ -5,7 +5,7 @@
 //! as the transfers that bring what it lacks have ended. Queued
 //! (pre-copy): at most `parallel` at once per source, none held.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,11 @@ use pagecast_proto::v1;
 use super::transfer::{self, Traffic};
 use super::{EvacuateSpec, Method, Moving, Prepared, now_s};
 use crate::{Event, Services, lock};
+
+/// Most held VMs released to their rounds and switchover at once at
+/// first; [`Run::release_paced`] narrows it while switchovers overshoot
+/// the downtime target, and widens it again while they keep to it.
+pub(super) const RELEASE_WINDOW: usize = 8;
 
 /// What one VM's worker reports.
 pub(super) enum Report {
@@ -247,16 +252,6 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Releases every migration under way not told anything yet.
-    fn release_all(&self) {
-        for (c, told) in lock(&self.controls).values_mut() {
-            if *told == Told::Nothing {
-                *told = Told::Go;
-                let _ = c.go(false, "");
-            }
-        }
-    }
-
     /// Stops every migration under way not stopped yet (one released
     /// already gives up before its switchover). Called again while the
     /// job winds down, it reaches the migrations that started since.
@@ -297,15 +292,73 @@ impl<'a> Run<'a> {
                 };
                 fin.traffic = filler.fill(&needs, &release);
             }
+            (self.on)(Event::Step("finishing the migrations".into()));
             if stop.load(Ordering::Relaxed) {
                 self.stop_all();
             } else {
-                self.release_all();
+                self.release_paced(&rx, stop, &mut fin);
             }
-            (self.on)(Event::Step("finishing the migrations".into()));
             self.collect(&rx, stop, &mut fin);
         });
         fin
+    }
+
+    /// Releases the migrations still held, as many at once as keep each
+    /// switchover within `--max-downtime`: at first up to
+    /// [`RELEASE_WINDOW`] at once; a VM paused longer than the target
+    /// halves that window (down to one), one within it widens the window
+    /// by one. Returns once every VM was released (or the job stopped).
+    fn release_paced(&self, rx: &mpsc::Receiver<Report>, stop: &AtomicBool, fin: &mut Finished) {
+        let target = f64::from(self.spec.max_downtime_ms.max(1));
+        let mut waiting: std::collections::VecDeque<usize> = {
+            let controls = lock(&self.controls);
+            (0..self.prep.moving.len())
+                .filter(|i| controls.get(i).is_some_and(|(_, t)| *t == Told::Nothing))
+                .filter(|i| !fin.results.contains_key(i) && !fin.failures.contains_key(i))
+                .collect()
+        };
+        let mut window = waiting.len().clamp(1, RELEASE_WINDOW);
+        let mut under_way: HashSet<usize> = HashSet::new();
+        while !waiting.is_empty() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            while under_way.len() < window {
+                let Some(i) = waiting.pop_front() else { break };
+                self.release(i);
+                under_way.insert(i);
+            }
+            if waiting.is_empty() {
+                return;
+            }
+            let r = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Report::Held(..)) | Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let (i, paused) = match &r {
+                Report::Done(i, res, _) => (*i, res.ok.then_some(res.downtime_ms)),
+                Report::Failed(i, _) => (*i, None),
+                Report::Held(..) => unreachable!("skipped above"),
+            };
+            under_way.remove(&i);
+            match paused {
+                Some(ms) if ms > target => {
+                    let was = window;
+                    window = (window / 2).max(1);
+                    if window < was {
+                        (self.on)(Event::Step(format!(
+                            "{} paused {ms:.0} ms (target {target:.0} ms): switching over at most \
+                             {window} VM(s) at once",
+                            self.prep.moving[i].name
+                        )));
+                    }
+                }
+                Some(_) => window = (window + 1).min(self.prep.moving.len()),
+                None => {}
+            }
+            self.take(fin, r, stop);
+        }
     }
 
     /// Waits until every migration is held or has ended (or the job is
