@@ -117,6 +117,11 @@ impl Backend for MicroBackend {
         info.progress = self.vm.progress().unwrap_or(0);
         info.dirty_rate = self.vm.dirty_rate();
         info.throttle_pct = u32::from(self.vm.throttle());
+        info.identity = self
+            .vm
+            .identity()
+            .map(|id| pagecast_memory::kvm::identity_hex(&id))
+            .unwrap_or_default();
     }
 
     fn set_dirty_rate(&self, rate: u64) -> Result<(), AgentError> {
@@ -448,6 +453,12 @@ impl Agent {
                 // is still arriving (the source, asking where it stands,
                 // must not release its copy until it is complete).
                 let arriving = region.postcopy();
+                if begin.clone {
+                    // Verified as an exact copy; it must not run as one.
+                    let id =
+                        pagecast_memory::kvm::reidentify(&region).map_err(|e| e.to_string())?;
+                    tracing::info!(vm = %begin.vm, "clone given a fresh identity {}", pagecast_memory::kvm::identity_hex(&id));
+                }
                 let vm = MicroVm::restore(region, &state, begin.dirty_rate)
                     .map_err(|e| e.to_string())?;
                 let p = vm.progress().map_err(|e| e.to_string())?;

@@ -78,7 +78,9 @@ pub fn clone(
         let _ = svc.agents.close_job(&t.addr, &spec.job);
     }
     let _ = svc.agents.close_job(&source.address, &spec.job);
-    Ok(report(spec, &targets, &r?, started))
+    let mut rep = report(spec, &targets, &r?, started);
+    identities(svc, &source.address, &vm.name, &targets, &mut rep);
+    Ok(rep)
 }
 
 /// Opens the clone's job at each target (its source the peer, sending
@@ -190,6 +192,38 @@ fn rate(view: &ClusterView, spec: &CloneSpec, source: &HostView) -> u64 {
     })
 }
 
+/// What each clone's identity became, against its source's, as the agents
+/// list them (a micro-VM's clone gets a fresh one at its destination; an
+/// adopted QEMU VM has none pagecast can change).
+fn identities(
+    svc: &Services,
+    source_addr: &str,
+    vm: &str,
+    targets: &[v1::CloneTarget],
+    rep: &mut CloneReport,
+) {
+    let of = |addr: &str, name: &str| -> String {
+        svc.agents
+            .vm_list(addr)
+            .ok()
+            .and_then(|l| l.vms.into_iter().find(|v| v.name == name))
+            .map(|v| v.identity)
+            .unwrap_or_default()
+    };
+    rep.source_identity = of(source_addr, vm);
+    for c in &mut rep.clones {
+        if !c.ok {
+            continue;
+        }
+        if let Some(t) = targets.iter().find(|t| t.name == c.name) {
+            c.identity = of(&t.addr, &c.name);
+            if !c.identity.is_empty() && c.identity != rep.source_identity {
+                c.changed.push("identity".into());
+            }
+        }
+    }
+}
+
 fn report(
     spec: &CloneSpec,
     targets: &[v1::CloneTarget],
@@ -217,10 +251,12 @@ fn report(
                 ok: c.ok,
                 verified: c.verified,
                 error: pagecast_proto::refusal_text(&c.error).to_owned(),
+                ..CloneOutcome::default()
             })
             .collect(),
         source_bytes: r.bytes_sent,
         source_downtime_ms: r.downtime_ms,
         total_s: started.elapsed().as_secs_f64(),
+        source_identity: String::new(),
     }
 }

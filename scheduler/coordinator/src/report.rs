@@ -150,6 +150,11 @@ pub struct CloneOutcome {
     pub verified: bool,
     /// Why it failed.
     pub error: String,
+    /// Its identity as its guest reads it (a micro-VM's; "" for QEMU).
+    pub identity: String,
+    /// What the clone does not share with its source: "identity" when its
+    /// identity was made fresh.
+    pub changed: Vec<String>,
 }
 
 /// What a clone did.
@@ -165,6 +170,8 @@ pub struct CloneReport {
     pub source_bytes: u64,
     /// The longest the source VM was paused.
     pub source_downtime_ms: f64,
+    /// The source VM's identity (a micro-VM's; "" for QEMU).
+    pub source_identity: String,
     /// From the start until every clone ran.
     pub total_s: f64,
 }

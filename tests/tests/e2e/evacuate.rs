@@ -396,6 +396,34 @@ fn a_vm_clones_live_to_three_hosts_and_runs_on() {
             .iter()
             .any(|(n, s)| n == "tmpl" && s == "running")
     );
+    // No clone shares its source's identity, nor another clone's; the
+    // source keeps its own.
+    let source_id = rep["source_identity"].as_str().unwrap().to_owned();
+    assert_eq!(source_id.len(), 32, "{rep}");
+    let listed = cli_json(
+        r.d(),
+        &["vm", "list", "--agent", &r.agent("h1").addr, "--json"],
+    );
+    let tmpl = listed["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "tmpl")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        tmpl["identity"],
+        source_id.as_str(),
+        "the source's identity stays"
+    );
+    let mut ids = std::collections::BTreeSet::new();
+    for c in rep["clones"].as_array().unwrap() {
+        let id = c["identity"].as_str().unwrap();
+        assert_eq!(id.len(), 32, "{c}");
+        assert_ne!(id, source_id, "{c}");
+        assert!(ids.insert(id.to_owned()), "two clones share {id}");
+        assert_eq!(c["changed"], serde_json::json!(["identity"]), "{c}");
+    }
     // Each page left the source about once: far less than three copies.
     let one_copy = 64u64 << 20;
     let sent = rep["source_bytes"].as_u64().unwrap();

@@ -463,6 +463,7 @@ struct VmOut<'a> {
     origin: &'a str,
     domain: &'a str,
     kind: &'a str,
+    identity: &'a str,
 }
 
 fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
@@ -476,6 +477,7 @@ fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
         origin: &v.origin,
         domain: pagecast_pages::domain::normalize(&v.domain),
         kind: names::kind(v.kind()),
+        identity: &v.identity,
     }
 }
 

@@ -212,8 +212,17 @@ pub struct EvacuateArgs {
 /// destination, each clone is verified against the source's memory at that
 /// moment and starts under its own name, and the source runs on.
 ///
+/// A micro-VM's clone gets a fresh identity (16 random bytes in its
+/// parameter block, which its guest reads as a VM generation ID) before it
+/// first runs, so that no two copies share it; `vm list` shows each VM's.
+/// An adopted QEMU VM's clone keeps what QEMU migrated (its vmgenid and
+/// MAC addresses): the guest must reseed and renumber itself
+/// (docs/evacuation.md).
+///
 /// JSON (--json): {"job", "ok", "clones": [{"name", "host", "ok",
-/// "verified", "error"}], "source_bytes", "source_downtime_ms", "total_s"}
+/// "verified", "error", "identity", "changed": ["identity"] when it was
+/// made fresh}], "source_bytes", "source_downtime_ms", "source_identity",
+/// "total_s"}
 ///
 /// Example:
 ///

@@ -25,6 +25,10 @@ pub mod params {
     pub const CURRENT_OFFSET: usize = 0x10;
     /// `u64` progress counter.
     pub const PROGRESS: usize = 0x18;
+    /// 16 bytes: the VM's identity, random for each VM and each clone (as
+    /// a VM generation ID is): a guest that reads it can tell it was
+    /// cloned and reseed what must not repeat across copies.
+    pub const IDENTITY: usize = 0x20;
     /// First `{u32 first, u32 count}` range.
     pub const RANGES: usize = 0x100;
 }

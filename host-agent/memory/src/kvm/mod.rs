@@ -476,6 +476,12 @@ impl MicroVm {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// The VM's identity (16 bytes the guest can read in its parameter
+    /// block).
+    pub fn identity(&self) -> Result<[u8; IDENTITY_BYTES], MemoryError> {
+        read_identity(&self.region)
+    }
+
     /// Batches the vCPU has completed.
     pub fn batches(&self) -> u64 {
         self.shared.lock().batches
@@ -602,6 +608,47 @@ fn create(region: &Region) -> Result<(Kvm, VmFd, VcpuFd), VmError> {
     Ok((kvm, vm, vcpu))
 }
 
+/// Bytes of a micro-VM's identity.
+pub const IDENTITY_BYTES: usize = 16;
+
+/// A fresh random identity.
+pub fn new_identity() -> [u8; IDENTITY_BYTES] {
+    let mut id = [0u8; IDENTITY_BYTES];
+    let mut got = 0;
+    while got < id.len() {
+        // SAFETY: getrandom(2) writes at most `len - got` bytes into the
+        // rest of `id`, which lives across the call.
+        let n = unsafe { libc::getrandom(id[got..].as_mut_ptr().cast(), id.len() - got, 0) };
+        if n > 0 {
+            got += n as usize;
+        }
+    }
+    id
+}
+
+/// An identity as 32 lowercase hex digits.
+pub fn identity_hex(id: &[u8; IDENTITY_BYTES]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The identity in the parameter block of the memory `region` holds.
+pub fn read_identity(region: &Region) -> Result<[u8; IDENTITY_BYTES], MemoryError> {
+    let mut id = [0u8; IDENTITY_BYTES];
+    region.read_bytes(
+        guest::PARAMS_ADDR as usize + guest::params::IDENTITY,
+        &mut id,
+    )?;
+    Ok(id)
+}
+
+/// Gives the VM whose memory `region` holds (not running) a fresh identity:
+/// a clone must not share its source's. Returns the new one.
+pub fn reidentify(region: &Region) -> Result<[u8; IDENTITY_BYTES], MemoryError> {
+    let id = new_identity();
+    region.write_bytes(guest::PARAMS_ADDR as usize + guest::params::IDENTITY, &id)?;
+    Ok(id)
+}
+
 /// Writes the program, the GDT and the parameter block into frames 0 and 1.
 fn install_program(region: &Region, ws: &[Range<u64>], batch: u32) -> Result<(), MemoryError> {
     let mut frame0 = [0u8; PAGE_SIZE];
@@ -621,6 +668,8 @@ fn install_program(region: &Region, ws: &[Range<u64>], batch: u32) -> Result<(),
         put(&mut p, at, r.start as u32);
         put(&mut p, at + 4, (r.end - r.start) as u32);
     }
+    p[guest::params::IDENTITY..guest::params::IDENTITY + IDENTITY_BYTES]
+        .copy_from_slice(&new_identity());
     region.write_page(guest::PARAMS_ADDR / PAGE_SIZE as u64, &p)
 }
 

@@ -126,6 +126,7 @@ fn offer(fleet: &mut Fleet, held: bool) {
             kind: fleet.vm.kind() as i32,
             connect: fleet.opts.connect.clone(),
             postcopy: fleet.postcopy_offered(),
+            clone,
         };
         fleet.send(i, Body::Begin(begin), Class::Control);
         match fleet.expect(i, "answer to the migration request") {
