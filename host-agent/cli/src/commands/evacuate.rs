@@ -215,9 +215,9 @@ pub struct EvacuateArgs {
 /// A micro-VM's clone gets a fresh identity (16 random bytes in its
 /// parameter block, which its guest reads as a VM generation ID) before it
 /// first runs, so that no two copies share it; `vm list` shows each VM's.
-/// An adopted QEMU VM's clone keeps what QEMU migrated (its vmgenid and
-/// MAC addresses): the guest must reseed and renumber itself
-/// (docs/evacuation.md).
+/// An adopted QEMU VM's clone keeps what QEMU migrated (its vmgenid GUID
+/// and MAC addresses, not changed yet): its guest must be told by other
+/// means (docs/evacuation.md).
 ///
 /// JSON (--json): {"job", "ok", "clones": [{"name", "host", "ok",
 /// "verified", "error", "identity", "changed": ["identity"] when it was
