@@ -245,7 +245,7 @@ impl Hosted {
 /// or arriving.
 pub enum Slot {
     /// Held while a VM starts or arrives (the state says which).
-    Reserved(v1::HostedVmState),
+    Reserved(v1::HostedVmState, u64),
     /// A VM.
     Vm(Arc<Hosted>),
 }
@@ -261,7 +261,7 @@ impl Registry {
     pub fn vm(&self, name: &str) -> Option<&Arc<Hosted>> {
         match self.slots.get(name)? {
             Slot::Vm(v) => Some(v),
-            Slot::Reserved(_) => None,
+            Slot::Reserved(..) => None,
         }
     }
 
@@ -276,7 +276,7 @@ impl Registry {
             .values()
             .filter_map(|s| match s {
                 Slot::Vm(v) => Some(v.clone()),
-                Slot::Reserved(_) => None,
+                Slot::Reserved(..) => None,
             })
             .collect()
     }
@@ -286,7 +286,7 @@ impl Registry {
         self.slots
             .iter()
             .filter_map(|(n, s)| match s {
-                Slot::Reserved(st) => Some((n.clone(), *st)),
+                Slot::Reserved(st, _) => Some((n.clone(), *st)),
                 Slot::Vm(_) => None,
             })
             .collect()
@@ -300,6 +300,44 @@ impl Registry {
             .count()
     }
 
+    /// Memory of the VMs here and of those held for (their sizes as
+    /// reserved), bytes.
+    pub fn committed_bytes(&self) -> u64 {
+        self.slots
+            .values()
+            .map(|s| match s {
+                Slot::Vm(v) => v.memory_bytes(),
+                Slot::Reserved(_, b) => *b,
+            })
+            .sum()
+    }
+
+    /// Holds `name` in `state` for a VM of `bytes`, if that fits in
+    /// `capacity` (0: no bound) beside what is committed here; refuses a
+    /// name already taken, or a VM that does not fit.
+    pub fn reserve_sized(
+        &mut self,
+        name: &str,
+        state: v1::HostedVmState,
+        bytes: u64,
+        capacity: u64,
+    ) -> Result<(), AgentError> {
+        let committed = self.committed_bytes();
+        if capacity > 0 && committed.saturating_add(bytes) > capacity {
+            return Err(AgentError::NoRoom {
+                vm: name.to_owned(),
+                needs: bytes,
+                free: capacity.saturating_sub(committed),
+                capacity,
+            });
+        }
+        self.reserve(name, state)?;
+        if let Some(Slot::Reserved(_, b)) = self.slots.get_mut(name) {
+            *b = bytes;
+        }
+        Ok(())
+    }
+
     /// Holds `name` in `state`; refuses a name already taken.
     pub fn reserve(&mut self, name: &str, state: v1::HostedVmState) -> Result<(), AgentError> {
         if !pagecast_proto::name_ok(name) {
@@ -308,7 +346,7 @@ impl Registry {
         if self.slots.contains_key(name) {
             return Err(AgentError::VmExists(name.to_owned()));
         }
-        self.slots.insert(name.to_owned(), Slot::Reserved(state));
+        self.slots.insert(name.to_owned(), Slot::Reserved(state, 0));
         Ok(())
     }
 
@@ -324,7 +362,7 @@ impl Registry {
 
     /// Lets a reservation go (the VM did not start or arrive).
     pub fn release(&mut self, name: &str) {
-        if let Some(Slot::Reserved(_)) = self.slots.get(name) {
+        if let Some(Slot::Reserved(..)) = self.slots.get(name) {
             self.slots.remove(name);
         }
     }
@@ -336,7 +374,7 @@ impl Registry {
                 Some(Slot::Vm(v)) => Some(v),
                 _ => None,
             },
-            Slot::Reserved(_) => None,
+            Slot::Reserved(..) => None,
         }
     }
 
@@ -536,6 +574,32 @@ pub(crate) mod tests {
             v1::HostedVmState::Running,
             Box::new(Fake(region)),
         ))
+    }
+
+    /// Arrivals are held with their size: one that would take the host past
+    /// its capacity, counting the VMs and the arrivals under way, is refused.
+    #[test]
+    fn an_arrival_that_does_not_fit_is_refused() {
+        let mut r = Registry::default();
+        r.insert(vm("here")).unwrap(); // 16 KiB
+        let cap = 100 << 10;
+        r.reserve_sized("a", v1::HostedVmState::Incoming, 60 << 10, cap)
+            .unwrap();
+        assert_eq!(r.committed_bytes(), (60 << 10) + 16384);
+        let e = r
+            .reserve_sized("b", v1::HostedVmState::Incoming, 40 << 10, cap)
+            .unwrap_err();
+        assert!(
+            matches!(e, AgentError::NoRoom { free, .. } if free == cap - (60 << 10) - 16384),
+            "{e}"
+        );
+        assert!(r.vm("b").is_none() && !r.reserved().iter().any(|(n, _)| n == "b"));
+        // Without a bound, anything fits.
+        r.reserve_sized("b", v1::HostedVmState::Incoming, 1 << 40, 0)
+            .unwrap();
+        // An arrival that ends lets its memory go.
+        r.release("a");
+        assert_eq!(r.committed_bytes(), (1 << 40) + 16384);
     }
 
     #[test]

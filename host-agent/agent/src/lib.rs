@@ -127,6 +127,22 @@ pub enum AgentError {
     /// role the request needs, or not for the VM or QEMU address it names.
     #[error("{0}")]
     Forbidden(String),
+    /// A VM arriving would take more memory than this host offers.
+    #[error(
+        "no room for VM {vm:?} here: it needs {} MiB, {} MiB of {} MiB are free \
+         (the VMs here and those arriving)",
+        needs >> 20, free >> 20, capacity >> 20
+    )]
+    NoRoom {
+        /// The VM.
+        vm: String,
+        /// Its memory, bytes.
+        needs: u64,
+        /// What is free, bytes.
+        free: u64,
+        /// What this host offers VMs (`pagecast agent --capacity`), bytes.
+        capacity: u64,
+    },
     /// This host is cordoned: no VM starts or is adopted here unless forced.
     #[error(
         "host {host} is cordoned ({reason}): no VM starts here; `pagecast uncordon {host}` \
@@ -157,7 +173,9 @@ impl AgentError {
     pub fn code(&self) -> RefusalCode {
         match self {
             AgentError::NoSuchVm(_) => RefusalCode::NotFound,
-            AgentError::VmExists(_) | AgentError::Cordoned { .. } => RefusalCode::Refused,
+            AgentError::VmExists(_) | AgentError::Cordoned { .. } | AgentError::NoRoom { .. } => {
+                RefusalCode::Refused
+            }
             AgentError::BadName(_) | AgentError::BadRequest(_) | AgentError::Synth(_) => {
                 RefusalCode::Invalid
             }
@@ -214,7 +232,11 @@ pub struct AgentConfig {
     /// The cluster's dedup-domain secret (`domains.key` beside the TLS
     /// identity); without it only the cluster-wide domain can be used.
     pub domain_secret: Option<DomainSecret>,
+    /// Memory this host offers VMs, bytes (0: no bound): an arriving VM
+    /// that does not fit is refused.
+    pub capacity_bytes: u64,
 }
+
 /// The agent's state.
 pub struct Agent {
     name: String,
@@ -233,6 +255,9 @@ pub struct Agent {
     cast_iface: Mutex<std::net::Ipv4Addr>,
     /// The cluster's dedup-domain secret, if this host holds it.
     domain_secret: Option<DomainSecret>,
+    /// Memory this host offers VMs, bytes (0: no bound): an arriving VM
+    /// that would take more is refused.
+    capacity: std::sync::atomic::AtomicU64,
 }
 
 impl Agent {
@@ -267,7 +292,22 @@ impl Agent {
             jobs: JobBook::default(),
             cast_iface: Mutex::new(std::net::Ipv4Addr::LOCALHOST),
             domain_secret: None,
+            capacity: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Bounds the memory this host gives VMs (0: none): a migration in that
+    /// would take more than is free, counting the VMs here and those
+    /// arriving, is refused before anything moves.
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Holds `name` for an arriving VM of `bytes`, if it fits.
+    fn reserve_arrival(&self, name: &str, bytes: u64) -> Result<(), AgentError> {
+        let cap = self.capacity.load(std::sync::atomic::Ordering::Relaxed);
+        lock(&self.vms).reserve_sized(name, v1::HostedVmState::Incoming, bytes, cap)
     }
 
     /// Gives the agent the cluster's dedup-domain secret (before it is
@@ -418,7 +458,8 @@ impl Agent {
         let vms = self.all_vms();
         HostNow {
             vms: vms.iter().map(|v| v.name.clone()).collect(),
-            used_bytes: vms.iter().map(|v| v.memory_bytes()).sum(),
+            // Arrivals under way count: a planner must not send more.
+            used_bytes: lock(&self.vms).committed_bytes(),
             hot_pages: vms.iter().map(|v| lock(&v.publication).unpublished()).sum(),
         }
     }
@@ -704,7 +745,7 @@ impl Agent {
                 v1::HostedVmState::MigratingIn => v1::Whereabouts::Arriving,
                 _ => v1::Whereabouts::Running,
             },
-            Some(hosted::Slot::Reserved(_)) => v1::Whereabouts::Arriving,
+            Some(hosted::Slot::Reserved(..)) => v1::Whereabouts::Arriving,
             None => v1::Whereabouts::Absent,
         }
     }

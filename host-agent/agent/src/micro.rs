@@ -385,7 +385,7 @@ impl Agent {
         if begin.kind == v1::VmKind::Qemu as i32 {
             return self.qemu_in(link, &begin, &job);
         }
-        if let Err(e) = self.reserve(&begin.vm, v1::HostedVmState::Incoming) {
+        if let Err(e) = self.reserve_arrival(&begin.vm, begin.memory_bytes) {
             return crate::qemu::refuse_begin(link, e);
         }
         let mut started: Option<Arc<Hosted>> = None;

@@ -70,6 +70,7 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
         agent.set_index(addrs, meta);
     }
     agent.set_domain_secret(config.domain_secret.clone());
+    agent.set_capacity(config.capacity_bytes);
     agent.set_cast_iface(
         config
             .cast_iface

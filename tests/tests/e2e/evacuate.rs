@@ -466,6 +466,31 @@ fn bad_requests_are_refused_before_anything_moves() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("fits on no destination"), "{err}");
+    // Sent there anyway, past any planner: h6's agent refuses it before
+    // anything moves (480 of its 512 MiB are taken), and it runs on at h1.
+    let out = cli(
+        r.d(),
+        &[
+            "migrate",
+            "--vm",
+            "web1",
+            "--from",
+            &r.agent("h1").addr,
+            "--to",
+            &r.agent("h6").addr,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no room for VM \"web1\"") && err.contains("32 MiB of 512 MiB are free"),
+        "{err}"
+    );
+    assert!(
+        r.vms_on("h1")
+            .iter()
+            .any(|(n, s)| n == "web1" && s == "running")
+    );
     // A VM the index lists but its agent no longer runs.
     let mut c = r.idx.client();
     let host = c

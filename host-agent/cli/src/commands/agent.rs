@@ -89,7 +89,9 @@ pub struct AgentArgs {
     link: Option<u64>,
 
     /// Memory this host offers VMs (e.g. 64GiB); default: the machine's
-    /// total memory.
+    /// total memory. A migration in that would take more than is free (the
+    /// VMs here and those arriving) is refused before anything moves, and
+    /// the index is told the arrivals under way as used.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     capacity: Option<u64>,
 
@@ -193,6 +195,7 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
         tls,
         threads,
         index,
+        capacity_bytes: a.capacity.unwrap_or_else(total_memory),
         cast_iface: a
             .cast_addr
             .as_deref()
