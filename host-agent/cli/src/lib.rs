@@ -4,6 +4,7 @@
 //! themselves live in the binary (`src/commands/`).
 
 pub mod castio;
+pub mod forward;
 pub mod interrupts;
 pub mod scan;
 pub mod topology;

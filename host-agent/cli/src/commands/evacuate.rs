@@ -311,6 +311,8 @@ struct Progress {
     multi: MultiProgress,
     total: ProgressBar,
     vms: Mutex<BTreeMap<String, ProgressBar>>,
+    /// What each VM's line shows, kept from running backwards.
+    forward: Mutex<pagecast_cli::forward::Forward>,
     done: Mutex<u64>,
     count: u64,
     /// The sources' eviction bound, once the plan says it: kept on the
@@ -335,6 +337,7 @@ impl Progress {
             multi,
             total,
             vms: Mutex::new(BTreeMap::new()),
+            forward: Mutex::new(pagecast_cli::forward::Forward::default()),
             done: Mutex::new(0),
             count,
             bound: Mutex::new(String::new()),
@@ -382,6 +385,14 @@ impl Progress {
                     b.set_prefix(name.clone());
                     b
                 });
+                // A late event of an earlier phase is not shown: the line
+                // never runs backwards.
+                let shown = self
+                    .forward
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .update(&name, phase as i32, bytes);
+                let Some((_, bytes)) = shown else { return };
                 bar.set_message(format!(
                     "{:<12} {:>10} sent, {pages_local} pages filled at the destination",
                     pagecast_proto::names::phase(phase),
@@ -590,14 +601,17 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     let progress = Progress::new(a.no_progress || a.json, 0);
     // When each VM entered each phase, for the JSON report's timeline.
     let started = std::time::Instant::now();
-    let phases: Mutex<BTreeMap<String, Vec<(String, f64)>>> = Mutex::new(BTreeMap::new());
+    // Each phase once, in the phases' order: a late event of an earlier
+    // phase adds nothing (the timeline never runs backwards).
+    let phases: Mutex<BTreeMap<String, Vec<PhaseAt>>> = Mutex::new(BTreeMap::new());
     let on = |e: Event| {
         if let Event::Vm { name, phase, .. } = &e {
             let mut p = phases.lock().unwrap_or_else(|e| e.into_inner());
             let list = p.entry(name.clone()).or_default();
-            let phase = pagecast_proto::names::phase(*phase);
-            if list.last().is_none_or(|(last, _)| last != phase) {
-                list.push((phase.to_owned(), started.elapsed().as_secs_f64()));
+            let rank = *phase as i32;
+            if list.last().is_none_or(|(_, _, last)| rank > *last) {
+                let phase = pagecast_proto::names::phase(*phase);
+                list.push((phase.to_owned(), started.elapsed().as_secs_f64(), rank));
             }
         }
         progress.event(e)
@@ -619,7 +633,7 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
                 .map(|(vm, list)| {
                     let list: Vec<_> = list
                         .into_iter()
-                        .map(|(phase, at_s)| serde_json::json!({"phase": phase, "at_s": at_s}))
+                        .map(|(phase, at_s, _)| serde_json::json!({"phase": phase, "at_s": at_s}))
                         .collect();
                     (vm, serde_json::Value::Array(list))
                 })
@@ -643,6 +657,10 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A phase a VM entered: its name, when (seconds from the start), and its
+/// place in the phases' order.
+type PhaseAt = (String, f64, i32);
 
 /// What `--retry` takes from an earlier job's report.
 #[derive(Default)]
