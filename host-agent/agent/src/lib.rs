@@ -304,9 +304,15 @@ impl Agent {
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Holds `name` for an arriving VM of `bytes`, if it fits.
+    /// Holds `name` for an arriving VM of `bytes`, if it fits. A size no
+    /// micro-VM can have is held at 0 here and refused as malformed when
+    /// its begin is checked (so the error names what is wrong with it).
     fn reserve_arrival(&self, name: &str, bytes: u64) -> Result<(), AgentError> {
         let cap = self.capacity.load(std::sync::atomic::Ordering::Relaxed);
+        let valid = (pagecast_memory::kvm::MIN_MEMORY_BYTES
+            ..=pagecast_memory::kvm::MAX_MEMORY_BYTES)
+            .contains(&bytes);
+        let bytes = if valid { bytes } else { 0 };
         lock(&self.vms).reserve_sized(name, v1::HostedVmState::Incoming, bytes, cap)
     }
 
