@@ -34,12 +34,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use pagecast_benches::{env_or, free_port, process_cpu_seconds, raw_rocksdb};
+use pagecast_benches::{env_or, process_cpu_seconds, raw_rocksdb, start_replicas};
 use pagecast_channel::Role;
 use pagecast_channel::ca::Authority;
 use pagecast_index::client::IndexClient;
 use pagecast_index::keys::shard_of;
-use pagecast_index::replica::{self, ReplicaConfig};
+use pagecast_index::replica;
 use pagecast_pages::PageHash;
 use pagecast_proto::v1::{
     HolderDelta, HolderDeltas, IndexCommand, RegisterHost, index_command::Op,
@@ -168,27 +168,7 @@ fn main() {
     let root = tempfile::tempdir().unwrap();
     let ca = Authority::generate().unwrap();
     let tls = ca.issue("bench", Role::Operator, 1).unwrap();
-    let peers: BTreeMap<u64, String> = (1..=n_reps)
-        .map(|i| (i, format!("127.0.0.1:{}", free_port())))
-        .collect();
-    let reps: Vec<_> = (1..=n_reps)
-        .map(|id| {
-            replica::start(ReplicaConfig {
-                id,
-                listen: peers[&id].clone(),
-                peers: peers.clone(),
-                data: root.path().join(format!("r{id}")),
-                shards: f.shards,
-                sync: true,
-                compact_after: 512,
-                compact_bytes: 32 << 20,
-                raft_log_level: slog::Level::Warning,
-                tls: ca.issue(&format!("index-{id}"), Role::Index, 1).unwrap(),
-            })
-            .unwrap()
-        })
-        .collect();
-    let addrs: Vec<String> = peers.values().cloned().collect();
+    let (reps, addrs) = start_replicas(root.path(), &ca, n_reps, f.shards);
     let client = || {
         let mut c = IndexClient::new(&addrs, tls.clone()).unwrap();
         c.timeout = Duration::from_secs(120);

@@ -23,11 +23,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagecast_benches::{env_or, free_port, median, process_cpu_seconds, raw_rocksdb};
+use pagecast_benches::{env_or, median, process_cpu_seconds, raw_rocksdb, start_replicas};
 use pagecast_channel::Role;
 use pagecast_channel::ca::Authority;
 use pagecast_index::client::IndexClient;
-use pagecast_index::replica::{self, ReplicaConfig};
 use pagecast_index::store::Store;
 use pagecast_pages::PageHash;
 use pagecast_proto::v1::{HolderDelta, HolderDeltas, IndexCommand, index_command::Op};
@@ -70,28 +69,7 @@ fn main() {
     let root = tempfile::tempdir().unwrap();
     let ca = Authority::generate().unwrap();
     let client_tls = ca.issue("bench", Role::Operator, 1).unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers: BTreeMap<u64, String> = (1..=3u64)
-        .map(|i| (i, format!("127.0.0.1:{}", ports[i as usize - 1])))
-        .collect();
-    let reps: Vec<_> = (1..=3u64)
-        .map(|id| {
-            replica::start(ReplicaConfig {
-                id,
-                listen: peers[&id].clone(),
-                peers: peers.clone(),
-                data: root.path().join(format!("r{id}")),
-                shards: 1,
-                sync: true,
-                compact_after: 512,
-                compact_bytes: 32 << 20,
-                raft_log_level: slog::Level::Warning,
-                tls: ca.issue(&format!("index-{id}"), Role::Index, 1).unwrap(),
-            })
-            .unwrap()
-        })
-        .collect();
-    let addrs: Vec<String> = peers.values().cloned().collect();
+    let (reps, addrs) = start_replicas(root.path(), &ca, 3, 1);
     // Wait for a leader.
     let mut c = IndexClient::new(&addrs, client_tls.clone()).unwrap();
     let t = Instant::now();

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pagecast_benches::env_or;
-use pagecast_tests::cluster::{AgentProc, cli, cli_json};
+use pagecast_tests::cluster::{AgentProc, cli_json, start_vm};
 
 const KSM: &str = "/sys/kernel/mm/ksm";
 
@@ -62,29 +62,6 @@ impl Drop for Saved {
             let _ = std::fs::write(format!("{KSM}/{n}"), v.to_string());
         }
     }
-}
-
-fn start(dir: &Path, agent: &AgentProc, name: &str, profile: &str, mib: u64) {
-    let out = cli(
-        dir,
-        &[
-            "vm",
-            "start",
-            "--agent",
-            &agent.addr,
-            "--name",
-            name,
-            "--synthetic",
-            profile,
-            "--memory",
-            &format!("{mib}MiB"),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "vm start {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// What one run measured.
@@ -126,10 +103,11 @@ fn run(mib: u64, agent_args: &[&str]) -> Merged {
     let d = root.path();
     let src = AgentProc::start(d, "src", agent_args);
     let dst = AgentProc::start(d, "dst", agent_args);
-    start(d, &dst, "web0", "web:index=0", mib);
-    start(d, &dst, "db0", "db:index=0", mib);
-    start(d, &src, "web1", "web:index=1", mib);
-    start(d, &src, "db1", "db:index=1", mib);
+    let memory = format!("{mib}MiB");
+    start_vm(d, &dst.addr, "web0", "web:index=0", &memory, &[]);
+    start_vm(d, &dst.addr, "db0", "db:index=0", &memory, &[]);
+    start_vm(d, &src.addr, "web1", "web:index=1", &memory, &[]);
+    start_vm(d, &src.addr, "db1", "db:index=1", &memory, &[]);
     let mut filled_locally = 0;
     for vm in ["web1", "db1"] {
         let r = cli_json(

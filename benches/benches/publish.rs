@@ -35,7 +35,7 @@ use pagecast_index::holders::HoldingSum;
 use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_memory::synth::{SynthSpec, SyntheticVm};
 use pagecast_proto::v1::HolderDelta;
-use pagecast_tests::cluster::{AgentProc, IndexCluster, cli};
+use pagecast_tests::cluster::{AgentProc, IndexCluster, start_vm};
 
 const SHARDS: u32 = 4;
 
@@ -48,29 +48,15 @@ fn vm_start(
     rate: u64,
     ws: u64,
 ) {
-    let out = cli(
+    let (rate, ws) = (rate.to_string(), ws.to_string());
+    let extra = ["--dirty-rate", &rate, "--working-set", &ws];
+    start_vm(
         dir,
-        &[
-            "vm",
-            "start",
-            "--agent",
-            &agent.addr,
-            "--name",
-            name,
-            "--synthetic",
-            profile,
-            "--memory",
-            &format!("{mib}MiB"),
-            "--dirty-rate",
-            &rate.to_string(),
-            "--working-set",
-            &ws.to_string(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "vm start {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        &agent.addr,
+        name,
+        profile,
+        &format!("{mib}MiB"),
+        &extra,
     );
 }
 

@@ -72,3 +72,39 @@ pub fn raw_rocksdb(all: &[Vec<pagecast_proto::v1::HolderDelta>], batch: usize) -
     });
     n as f64 / t.elapsed().as_secs_f64()
 }
+
+/// Starts `n` index replicas in this process (`replica::start`, as `index
+/// serve` runs them: raft log synced, compaction after 512 entries or 32
+/// MiB), each on a free loopback port with data under `root` and a
+/// certificate from `ca`; returns them and their addresses, in id order.
+pub fn start_replicas(
+    root: &std::path::Path,
+    ca: &pagecast_channel::ca::Authority,
+    n: u64,
+    shards: u32,
+) -> (Vec<pagecast_index::replica::Replica>, Vec<String>) {
+    use pagecast_index::replica::{self, ReplicaConfig};
+    let peers: std::collections::BTreeMap<u64, String> = (1..=n)
+        .map(|i| (i, format!("127.0.0.1:{}", free_port())))
+        .collect();
+    let reps = (1..=n)
+        .map(|id| {
+            replica::start(ReplicaConfig {
+                id,
+                listen: peers[&id].clone(),
+                peers: peers.clone(),
+                data: root.join(format!("r{id}")),
+                shards,
+                sync: true,
+                compact_after: 512,
+                compact_bytes: 32 << 20,
+                raft_log_level: slog::Level::Warning,
+                tls: ca
+                    .issue(&format!("index-{id}"), pagecast_channel::Role::Index, 1)
+                    .expect("a replica certificate"),
+            })
+            .expect("a replica starts")
+        })
+        .collect();
+    (reps, peers.into_values().collect())
+}

@@ -121,6 +121,32 @@ impl IndexCluster {
         c
     }
 
+    /// As [`IndexCluster::start`], each replica in a cgroup of its own
+    /// (named `{tag}-{pid}-{n}`), so that a [`crate::host::Partition`] can
+    /// cut any one of them off; the groups, in replica order.
+    pub fn start_in_groups(
+        dir: &Path,
+        shards: u32,
+        tag: &str,
+    ) -> (IndexCluster, Vec<std::sync::Arc<crate::host::Group>>) {
+        let groups: Vec<std::sync::Arc<crate::host::Group>> = (1..=3)
+            .map(|i| {
+                std::sync::Arc::new(crate::host::Group::new(&format!(
+                    "{tag}-{}-{i}",
+                    std::process::id()
+                )))
+            })
+            .collect();
+        let opts = groups
+            .iter()
+            .map(|g| ReplicaOpts {
+                group: Some(g.clone()),
+                ..ReplicaOpts::default()
+            })
+            .collect();
+        (Self::start_with(dir, shards, opts), groups)
+    }
+
     /// Starts replica `i` (again).
     pub fn spawn(&mut self, i: usize) {
         let r = &mut self.reps[i];
@@ -509,6 +535,32 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Starts micro-VM `name` on the agent at address `agent` from synthetic
+/// `profile` with `memory` (e.g. "64MiB"; `extra`: more `vm start`
+/// arguments, e.g. `--dirty-rate`); panics with the agent's answer if it
+/// does not start.
+pub fn start_vm(dir: &Path, agent: &str, name: &str, profile: &str, memory: &str, extra: &[&str]) {
+    let mut args = vec![
+        "vm",
+        "start",
+        "--agent",
+        agent,
+        "--name",
+        name,
+        "--synthetic",
+        profile,
+        "--memory",
+        memory,
+    ];
+    args.extend_from_slice(extra);
+    let out = cli(dir, &args);
+    assert!(
+        out.status.success(),
+        "vm start {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs `pagecast` as the test operator, in `dir`; returns its output.

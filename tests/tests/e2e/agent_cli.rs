@@ -100,24 +100,8 @@ fn vm<'a>(list: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::V
 }
 
 fn start_vm(dir: &Path, agent: &Agent, name: &str, profile: &str, memory: &str, rate: &str) {
-    ok_json(
-        dir,
-        &[
-            "vm",
-            "start",
-            "--agent",
-            &agent.addr,
-            "--name",
-            name,
-            "--synthetic",
-            profile,
-            "--memory",
-            memory,
-            "--dirty-rate",
-            rate,
-            "--json",
-        ],
-    );
+    let extra = ["--dirty-rate", rate];
+    pagecast_tests::cluster::start_vm(dir, &agent.addr, name, profile, memory, &extra);
 }
 
 fn progress(dir: &Path, agent: &Agent, name: &str) -> u64 {

@@ -190,25 +190,7 @@ fn a_partitioned_leader_costs_seconds_and_no_read_goes_back() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let groups: Vec<Arc<Group>> = (1..=3)
-        .map(|i| {
-            Arc::new(Group::new(&format!(
-                "pagecast-part-{}-{i}",
-                std::process::id()
-            )))
-        })
-        .collect();
-    let mut idx = IndexCluster::start_with(
-        dir.path(),
-        1,
-        groups
-            .iter()
-            .map(|g| ReplicaOpts {
-                group: Some(g.clone()),
-                ..ReplicaOpts::default()
-            })
-            .collect(),
-    );
+    let (mut idx, groups) = IndexCluster::start_in_groups(dir.path(), 1, "pagecast-part");
     let load = Load::start(&idx);
     load.wait_acked(20, Duration::from_secs(30));
     let old = idx.leader_of(0).expect("a leader");

@@ -18,7 +18,7 @@ use pagecast_proto::v1::{
     index_command::Op,
 };
 use pagecast_testkit::{Need, needs};
-use pagecast_tests::cluster::{IndexCluster, ReplicaOpts};
+use pagecast_tests::cluster::IndexCluster;
 use pagecast_tests::history::{Checked, History, Kind, Op as HOp, Outcome, check};
 use pagecast_tests::host::{Group, Partition};
 
@@ -158,113 +158,132 @@ fn client(idx: &IndexCluster) -> IndexClient {
     c
 }
 
+/// What the client threads share: the history, the stop flag and the
+/// contents written so far, by shard (for the readers to sample).
+#[derive(Clone)]
+struct Shared {
+    h: Arc<History>,
+    stop: Arc<AtomicBool>,
+    written: Arc<std::sync::Mutex<Vec<Vec<PageHash>>>>,
+}
+
+impl Shared {
+    fn running(&self) -> bool {
+        !self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Delta writer `w`: a fresh content per write, round robin over the
+/// shards, each write under its own session's next sequence number.
+fn delta_writer(mut c: IndexClient, s: Shared, w: usize) {
+    let mut n = 0u64;
+    while s.running() {
+        let shard = (n % u64::from(SHARDS)) as u32;
+        let x = content(w, n, shard, SHARDS);
+        s.written.lock().unwrap()[shard as usize].push(x);
+        let t = Instant::now();
+        let delta = HolderDelta {
+            hash: x.as_bytes().to_vec().into(),
+            host: HOST,
+            frames: 1,
+        };
+        let cmd = IndexCommand {
+            client: 0x4157_0000 + w as u64,
+            seq: n + 1,
+            op: Some(Op::Deltas(HolderDeltas {
+                deltas: vec![delta],
+            })),
+        };
+        let r = c.write(shard, cmd).map(|_| ());
+        let kind = Kind::Write {
+            value: 1,
+            outcome: outcome(&r),
+        };
+        s.h.record(w, &x.to_string(), kind, t);
+        n += 1;
+    }
+}
+
+/// The VM-record writer: moves each record through versions (kept in its
+/// `frames` field).
+fn vm_writer(mut c: IndexClient, s: Shared, vm_host: u32) {
+    let mut version = 0u64;
+    while s.running() {
+        version += 1;
+        for (i, vm) in VMS.iter().enumerate() {
+            let rec = VmRecord {
+                name: (*vm).to_owned(),
+                host: vm_host,
+                frames: version,
+                digest: vec![0u8; 32].into(),
+                sketch: pagecast_pages::sketch::Sketch::default().to_bytes().into(),
+                state: VmState::Running as i32,
+                ..VmRecord::default()
+            };
+            let t = Instant::now();
+            let cmd = IndexCommand {
+                client: 0x564d_0000 + i as u64,
+                seq: version,
+                op: Some(Op::PutVm(PutVm { vm: Some(rec) })),
+            };
+            let r = c.write(0, cmd).map(|_| ());
+            let kind = Kind::Write {
+                value: version,
+                outcome: outcome(&r),
+            };
+            s.h.record(DELTA_WRITERS, vm, kind, t);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reader `process`: the newest contents of each shard in turn (some still
+/// being written) and a spread of older ones, and every fourth time the VM
+/// records.
+fn reader(mut c: IndexClient, s: Shared, process: usize) {
+    let mut n = 0u64;
+    while s.running() {
+        n += 1;
+        let shard = (n % u64::from(SHARDS)) as u32;
+        let sample: Vec<PageHash> = {
+            let all = &s.written.lock().unwrap()[shard as usize];
+            let newest = all.iter().rev().take(12);
+            let older = all.iter().step_by((all.len() / 12).max(1)).take(12);
+            newest.chain(older).copied().collect()
+        };
+        if !sample.is_empty() {
+            read_holders(&mut c, &s.h, process, shard, &sample);
+        }
+        if n.is_multiple_of(4) {
+            read_vms(&mut c, &s.h, process);
+        }
+    }
+}
+
 impl Clients {
     fn start(idx: &IndexCluster, h: &Arc<History>, vm_host: u32) -> Clients {
-        let stop = Arc::new(AtomicBool::new(false));
-        let written = Arc::new(std::sync::Mutex::new(vec![Vec::new(); SHARDS as usize]));
+        let shared = Shared {
+            h: h.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            written: Arc::new(std::sync::Mutex::new(vec![Vec::new(); SHARDS as usize])),
+        };
         let mut threads = Vec::new();
         for w in 0..DELTA_WRITERS {
-            let (mut c, h, s, wr) = (client(idx), h.clone(), stop.clone(), written.clone());
-            threads.push(std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !s.load(Ordering::SeqCst) {
-                    let shard = (n % u64::from(SHARDS)) as u32;
-                    let x = content(w, n, shard, SHARDS);
-                    wr.lock().unwrap()[shard as usize].push(x);
-                    let t = Instant::now();
-                    let r = c
-                        .write(
-                            shard,
-                            IndexCommand {
-                                client: 0x4157_0000 + w as u64,
-                                seq: n + 1,
-                                op: Some(Op::Deltas(HolderDeltas {
-                                    deltas: vec![HolderDelta {
-                                        hash: x.as_bytes().to_vec().into(),
-                                        host: HOST,
-                                        frames: 1,
-                                    }],
-                                })),
-                            },
-                        )
-                        .map(|_| ());
-                    let kind = Kind::Write {
-                        value: 1,
-                        outcome: outcome(&r),
-                    };
-                    h.record(w, &x.to_string(), kind, t);
-                    n += 1;
-                }
-            }));
+            let (c, s) = (client(idx), shared.clone());
+            threads.push(std::thread::spawn(move || delta_writer(c, s, w)));
         }
-        // VM records: one writer moves each record through versions (kept
-        // in its `frames` field).
-        {
-            let (mut c, h, s) = (client(idx), h.clone(), stop.clone());
-            threads.push(std::thread::spawn(move || {
-                let mut version = 0u64;
-                while !s.load(Ordering::SeqCst) {
-                    version += 1;
-                    for (i, vm) in VMS.iter().enumerate() {
-                        let rec = VmRecord {
-                            name: (*vm).to_owned(),
-                            host: vm_host,
-                            frames: version,
-                            digest: vec![0u8; 32].into(),
-                            sketch: pagecast_pages::sketch::Sketch::default().to_bytes().into(),
-                            state: VmState::Running as i32,
-                            ..VmRecord::default()
-                        };
-                        let t = Instant::now();
-                        let r = c
-                            .write(
-                                0,
-                                IndexCommand {
-                                    client: 0x564d_0000 + i as u64,
-                                    seq: version,
-                                    op: Some(Op::PutVm(PutVm { vm: Some(rec) })),
-                                },
-                            )
-                            .map(|_| ());
-                        let kind = Kind::Write {
-                            value: version,
-                            outcome: outcome(&r),
-                        };
-                        h.record(DELTA_WRITERS, vm, kind, t);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }));
-        }
+        let (c, s) = (client(idx), shared.clone());
+        threads.push(std::thread::spawn(move || vm_writer(c, s, vm_host)));
         for r in 0..2 {
-            let (mut c, h, s, wr) = (client(idx), h.clone(), stop.clone(), written.clone());
-            let process = DELTA_WRITERS + 1 + r;
+            let (c, s) = (client(idx), shared.clone());
             threads.push(std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !s.load(Ordering::SeqCst) {
-                    n += 1;
-                    let shard = (n % u64::from(SHARDS)) as u32;
-                    // The newest contents of the shard (some still being
-                    // written) and a spread of older ones.
-                    let sample: Vec<PageHash> = {
-                        let all = &wr.lock().unwrap()[shard as usize];
-                        let newest = all.iter().rev().take(12);
-                        let older = all.iter().step_by((all.len() / 12).max(1)).take(12);
-                        newest.chain(older).copied().collect()
-                    };
-                    if !sample.is_empty() {
-                        read_holders(&mut c, &h, process, shard, &sample);
-                    }
-                    if n.is_multiple_of(4) {
-                        read_vms(&mut c, &h, process);
-                    }
-                }
+                reader(c, s, DELTA_WRITERS + 1 + r)
             }));
         }
         Clients {
-            stop,
+            stop: shared.stop,
             threads,
-            written,
+            written: shared.written,
         }
     }
 
@@ -378,25 +397,7 @@ fn a_history_under_kills_freezes_and_partitions_checks_out() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let groups: Vec<Arc<Group>> = (1..=3)
-        .map(|i| {
-            Arc::new(Group::new(&format!(
-                "pagecast-hist-{}-{i}",
-                std::process::id()
-            )))
-        })
-        .collect();
-    let mut idx = IndexCluster::start_with(
-        dir.path(),
-        SHARDS,
-        groups
-            .iter()
-            .map(|g| ReplicaOpts {
-                group: Some(g.clone()),
-                ..ReplicaOpts::default()
-            })
-            .collect(),
-    );
+    let (mut idx, groups) = IndexCluster::start_in_groups(dir.path(), SHARDS, "pagecast-hist");
     let mut c = idx.client();
     let vm_host = c
         .write(

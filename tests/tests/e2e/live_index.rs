@@ -35,32 +35,16 @@ fn start_vm(dir: &Path, agent: &AgentProc, name: &str, profile: &str, rate: u64)
 }
 
 fn start_vm_in(dir: &Path, agent: &AgentProc, name: &str, profile: &str, rate: u64, domain: &str) {
-    let out = cli(
-        dir,
-        &[
-            "vm",
-            "start",
-            "--agent",
-            &agent.addr,
-            "--name",
-            name,
-            "--synthetic",
-            profile,
-            "--memory",
-            "32MiB",
-            "--dirty-rate",
-            &rate.to_string(),
-            "--working-set",
-            "3000",
-            "--domain",
-            domain,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "vm start {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let rate = rate.to_string();
+    let extra = [
+        "--dirty-rate",
+        &rate,
+        "--working-set",
+        "3000",
+        "--domain",
+        domain,
+    ];
+    pagecast_tests::cluster::start_vm(dir, &agent.addr, name, profile, "32MiB", &extra);
 }
 
 fn set_rate(dir: &Path, agent: &AgentProc, name: &str, rate: u64) {
