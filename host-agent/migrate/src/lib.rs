@@ -524,7 +524,8 @@ pub struct MigrationReport {
     /// Post-copy: pages the destination asked for when its guest touched
     /// them.
     pub postcopy_requested: u64,
-    /// Post-copy: pages sent after the VM resumed (those asked for too).
+    /// Post-copy: pages sent from Commit on, while and after the VM
+    /// resumed (those asked for too).
     pub postcopy_pages: u64,
     /// Post-copy: from the VM resuming at its destination to its last page
     /// arriving there.

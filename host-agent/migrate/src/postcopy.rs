@@ -34,7 +34,7 @@ pub(crate) struct Finished {
     pub progress: u64,
     /// Frames asked for because the guest (or the host) touched them.
     pub requested: u64,
-    /// Frames placed after the VM resumed.
+    /// Frames placed since Commit (before and after the VM resumed).
     pub placed: u64,
 }
 
@@ -128,21 +128,19 @@ pub(crate) fn complete(
                 done: Finished::default(),
             };
             let r = l.run(&faults_rx, &started_rx);
-            if r.is_ok() {
-                // Every frame is there: nothing can fault any more, and
-                // memory dropped later must not wait for a handler.
-                uf_ref.release();
-            } else {
+            if r.is_err() {
                 // The guest never runs on: marked failed, its vCPU is held
                 // at its next exit until the caller stops it. Whoever waits
                 // on a frame that will never come (the vCPU inside KVM,
                 // whose wait no signal interrupts, or a start reading the
-                // guest) is let go: until that exit the guest may read
-                // zeros where pages were missing, and nothing it does is
-                // kept.
+                // guest) is let go by the release below: until that exit
+                // the guest may read zeros where pages were missing, and
+                // nothing it does is kept.
                 uf_ref.fail();
-                uf_ref.release();
             }
+            // Done or failed, nothing is handled any more: memory dropped
+            // later must not wait for a handler.
+            uf_ref.release();
             stop_ref.store(true, Ordering::Relaxed);
             r.map(|()| l.done)
         });
@@ -162,8 +160,9 @@ pub(crate) fn complete(
                 Err(MigrationError::Start(why))
             }
             // The VM runs on memory it can no longer complete, or that
-            // does not match its source: either way it cannot run on.
-            Err(e @ MigrationError::PostcopyLost(_)) => Err(e),
+            // does not match its source: either way it cannot run on, and
+            // the error says which.
+            Err(e @ (MigrationError::PostcopyLost(_) | MigrationError::Verification(_))) => Err(e),
             Err(e) => Err(MigrationError::PostcopyLost(e.to_string())),
         }
     })

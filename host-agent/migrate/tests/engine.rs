@@ -536,7 +536,20 @@ fn a_destination_without_userfaultfd_refuses_postcopy_and_auto_precopies() {
     }
     assert!(out.copy.is_none(), "nothing started there");
     assert!(!src.is_paused());
-    let out = migrate(&src, &NoLocalContent, MigrateOptions::default(), wrap, None);
+    // A guest that outruns its link: `auto` would switch it to post-copy
+    // at the round limit; this destination cannot take it, so it stops
+    // and copies instead.
+    let busy = SyntheticSource::dirtying("vm2", memory("web", 7, 4), 20_000, 16..1000);
+    let opts = MigrateOptions {
+        bandwidth_bps: Some(40_000_000),
+        max_rounds: 3,
+        ..MigrateOptions::default()
+    };
+    let out = migrate(&busy, &NoLocalContent, opts, wrap, None);
     let report = out.report.unwrap();
     assert!(report.verified && !report.postcopy, "{report:?}");
+    assert!(
+        report.rounds.len() > 3 && report.max_throttle_pct > 0,
+        "the rounds stalled until the limit: {report:?}"
+    );
 }

@@ -125,7 +125,7 @@ fn offer(fleet: &mut Fleet, held: bool) {
             domain_check: fleet.vm.content_key().check(),
             kind: fleet.vm.kind() as i32,
             connect: fleet.opts.connect.clone(),
-            postcopy: fleet.postcopy_offered(),
+            postcopy: begin_postcopy,
             clone,
         };
         fleet.send(i, Body::Begin(begin), Class::Control);
