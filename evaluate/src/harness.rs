@@ -508,17 +508,20 @@ impl Ctx<'_> {
         args: &[&str],
         log: Option<&Path>,
     ) -> anyhow::Result<Value> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.net.idx])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.net.idx])
             .arg(&self.exe)
             .args(args)
             .env("PAGECAST_TLS", &cl.operator)
-            .env("PAGECAST_INDEX", &cl.index)
-            .env(
+            .env("PAGECAST_INDEX", &cl.index);
+        if log.is_some() {
+            // Each step with its time, for the log kept.
+            cmd.env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .output()?;
+            );
+        }
+        let out = cmd.output()?;
         if let Some(log) = log {
             std::fs::write(log, &out.stderr)?;
         }

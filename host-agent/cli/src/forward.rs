@@ -23,6 +23,13 @@ impl Forward {
         *e = (rank, e.1.max(bytes));
         Some(*e)
     }
+
+    /// Whether an event of phase `rank` moves VM `vm` into a later phase
+    /// than it showed (its first event does); it is then shown.
+    pub fn advances(&mut self, vm: &str, rank: i32) -> bool {
+        let before = self.shown.get(vm).map(|e| e.0);
+        before.is_none_or(|b| rank > b) && self.update(vm, rank, 0).is_some()
+    }
 }
 
 #[cfg(test)]
@@ -42,5 +49,11 @@ mod tests {
         assert_eq!(f.update("a", 6, 130), None, "nothing after done");
         // Each VM on its own.
         assert_eq!(f.update("b", 1, 7), Some((1, 7)));
+        // Advancing: only into a later phase.
+        let mut t = Forward::default();
+        assert!(t.advances("a", 2));
+        assert!(!t.advances("a", 2));
+        assert!(t.advances("a", 5));
+        assert!(!t.advances("a", 3));
     }
 }

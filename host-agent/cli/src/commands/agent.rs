@@ -162,6 +162,7 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
         anyhow::ensure!(d.is_dir(), "--data {}: not a directory", d.display());
     }
     let listen = resolve("--listen", &a.listen)?;
+    let capacity = a.capacity.unwrap_or_else(total_memory);
     let index = a.index.as_deref().map(|addrs| {
         let addrs: Vec<String> = addrs
             .split(',')
@@ -172,7 +173,7 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
             address: listen.to_string(),
             rack: a.rack.clone(),
             link_bps: a.link.unwrap_or(0),
-            capacity_bytes: a.capacity.unwrap_or_else(total_memory),
+            capacity_bytes: capacity,
             cast_addr: a
                 .cast_addr
                 .clone()
@@ -195,7 +196,7 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
         tls,
         threads,
         index,
-        capacity_bytes: a.capacity.unwrap_or_else(total_memory),
+        capacity_bytes: capacity,
         cast_iface: a
             .cast_addr
             .as_deref()

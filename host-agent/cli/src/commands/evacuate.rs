@@ -1,6 +1,7 @@
 //! `pagecast evacuate`, `pagecast clone` and `pagecast cancel`.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -149,9 +150,10 @@ pub struct EvacuateArgs {
     mtu: Option<u32>,
 
     /// The network delivers every multicast datagram to every host (no
-    /// IGMP snooping, or snooping without a querier): casts then run one
-    /// at a time, since two at once would overflow every host's link. By
-    /// default casts into different destinations run side by side.
+    /// IGMP snooping, or snooping without a querier): every cast then
+    /// counts against every destination's link when the casts' rates share
+    /// the links, since each reaches them all. By default a cast counts
+    /// only against its own destinations' links.
     #[arg(long)]
     multicast_floods: bool,
 
@@ -415,6 +417,26 @@ impl Progress {
     }
 }
 
+/// The downtime asked beside the longest achieved, naming the VMs over it.
+fn render_downtime(vms: &[pagecast_coordinator::VmOutcome]) -> String {
+    let asked = vms[0].max_downtime_ms;
+    let moved: Vec<&_> = vms.iter().filter(|v| v.ok).collect();
+    let over: Vec<String> = moved
+        .iter()
+        .filter(|v| v.downtime_ms > asked)
+        .map(|v| format!("{} {:.0} ms", v.name, v.downtime_ms))
+        .collect();
+    let most = moved.iter().map(|v| v.downtime_ms).fold(0.0, f64::max);
+    format!(
+        "downtime: asked at most {asked:.0} ms, the longest {most:.0} ms; {}\n",
+        if over.is_empty() {
+            "every VM kept to it".to_owned()
+        } else {
+            format!("over it: {}", over.join(", "))
+        }
+    )
+}
+
 fn render(r: &EvacuationReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
@@ -456,23 +478,7 @@ fn render(r: &EvacuationReport) -> String {
         );
     }
     if !r.dry_run && !r.vms.is_empty() {
-        let asked = r.vms[0].max_downtime_ms;
-        let moved: Vec<&_> = r.vms.iter().filter(|v| v.ok).collect();
-        let over: Vec<String> = moved
-            .iter()
-            .filter(|v| v.downtime_ms > asked)
-            .map(|v| format!("{} {:.0} ms", v.name, v.downtime_ms))
-            .collect();
-        let most = moved.iter().map(|v| v.downtime_ms).fold(0.0, f64::max);
-        let _ = writeln!(
-            s,
-            "downtime: asked at most {asked:.0} ms, the longest {most:.0} ms; {}",
-            if over.is_empty() {
-                "every VM kept to it".to_owned()
-            } else {
-                format!("over it: {}", over.join(", "))
-            }
-        );
+        s.push_str(&render_downtime(&r.vms));
     }
     for v in r.vms.iter().filter(|v| v.switchover == "postcopy") {
         let _ = writeln!(
@@ -601,18 +607,14 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     let progress = Progress::new(a.no_progress || a.json, 0);
     // When each VM entered each phase, for the JSON report's timeline.
     let started = std::time::Instant::now();
-    // Each phase once, in the phases' order: a late event of an earlier
-    // phase adds nothing (the timeline never runs backwards).
-    let phases: Mutex<BTreeMap<String, Vec<PhaseAt>>> = Mutex::new(BTreeMap::new());
+    let timeline = Mutex::new(Timeline::default());
     let on = |e: Event| {
         if let Event::Vm { name, phase, .. } = &e {
-            let mut p = phases.lock().unwrap_or_else(|e| e.into_inner());
-            let list = p.entry(name.clone()).or_default();
-            let rank = *phase as i32;
-            if list.last().is_none_or(|(_, _, last)| rank > *last) {
-                let phase = pagecast_proto::names::phase(*phase);
-                list.push((phase.to_owned(), started.elapsed().as_secs_f64(), rank));
-            }
+            let at = started.elapsed().as_secs_f64();
+            timeline
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(name, *phase, at);
         }
         progress.event(e)
     };
@@ -626,19 +628,10 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     };
     if a.json {
         let mut v = serde_json::to_value(&r)?;
-        let phases = phases.into_inner().unwrap_or_else(|e| e.into_inner());
-        v["phases"] = serde_json::json!(
-            phases
-                .into_iter()
-                .map(|(vm, list)| {
-                    let list: Vec<_> = list
-                        .into_iter()
-                        .map(|(phase, at_s, _)| serde_json::json!({"phase": phase, "at_s": at_s}))
-                        .collect();
-                    (vm, serde_json::Value::Array(list))
-                })
-                .collect::<serde_json::Map<_, _>>()
-        );
+        v["phases"] = timeline
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .to_json();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", render(&r));
@@ -658,9 +651,42 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A phase a VM entered: its name, when (seconds from the start), and its
-/// place in the phases' order.
-type PhaseAt = (String, f64, i32);
+/// When each VM entered each phase, for the JSON report: each phase once,
+/// in the phases' order (a late event of an earlier phase adds nothing:
+/// the timeline never runs backwards).
+#[derive(Default)]
+struct Timeline {
+    by_vm: BTreeMap<String, Vec<(&'static str, f64)>>,
+    forward: pagecast_cli::forward::Forward,
+}
+
+impl Timeline {
+    fn record(&mut self, vm: &str, phase: MigratePhase, at_s: f64) {
+        if self.forward.advances(vm, phase as i32) {
+            let name = pagecast_proto::names::phase(phase);
+            self.by_vm
+                .entry(vm.to_owned())
+                .or_default()
+                .push((name, at_s));
+        }
+    }
+
+    /// {VM: [{"phase", "at_s"}]}.
+    fn to_json(&self) -> serde_json::Value {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .by_vm
+            .iter()
+            .map(|(vm, list)| {
+                let list = list
+                    .iter()
+                    .map(|(phase, at_s)| serde_json::json!({"phase": phase, "at_s": at_s}))
+                    .collect();
+                (vm.clone(), serde_json::Value::Array(list))
+            })
+            .collect();
+        serde_json::Value::Object(map)
+    }
+}
 
 /// What `--retry` takes from an earlier job's report.
 #[derive(Default)]
@@ -674,17 +700,24 @@ struct Retry {
 impl Retry {
     /// Reads a `pagecast evacuate --json` report (`-`: standard input).
     fn read(path: &Path) -> anyhow::Result<Retry> {
-        let text = if path == Path::new("-") {
-            std::io::read_to_string(std::io::stdin().lock())?
+        // Read at most one byte more than a report may have, so that the
+        // bound holds before the whole input is in memory.
+        const MOST: u64 = 64 << 20;
+        let mut text = String::new();
+        let read = if path == Path::new("-") {
+            std::io::stdin()
+                .lock()
+                .take(MOST + 1)
+                .read_to_string(&mut text)
         } else {
-            std::fs::read_to_string(path)
-                .with_context(|| format!("--retry {}: cannot read it", path.display()))?
+            std::fs::File::open(path).and_then(|f| f.take(MOST + 1).read_to_string(&mut text))
         };
+        read.with_context(|| format!("--retry {}: cannot read it", path.display()))?;
         anyhow::ensure!(
-            text.len() <= 64 << 20,
-            "--retry {}: {} bytes, more than a report has",
+            text.len() as u64 <= MOST,
+            "--retry {}: more than {} MiB, more than a report has",
             path.display(),
-            text.len()
+            MOST >> 20
         );
         let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
             format!(

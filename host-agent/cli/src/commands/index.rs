@@ -320,8 +320,9 @@ pub struct HostsArgs {
     json: bool,
 }
 
-/// Cordons a host: no evacuation, clone or `plan` sends it VMs, `advise`
-/// never proposes it, and its agent refuses to start or adopt a VM unless
+/// Cordons a host: no evacuation or clone sends it VMs (nor their
+/// `--dry-run` plans), `advise` never proposes it, and its agent refuses to
+/// start or adopt a VM unless
 /// told `--force` (the agent asks the index at each start). VMs already
 /// there keep running. Operators
 /// only. `pagecast uncordon HOST` lifts it; `pagecast hosts` shows it.
@@ -371,7 +372,10 @@ fn set_cordon(index: &IndexAddrs, host: &str, on: bool, reason: &str) -> anyhow:
     client::set_cordon(&mut c, host, on, reason)
         .with_context(|| format!("{} {host}", if on { "cordoning" } else { "uncordoning" }))?;
     if on {
-        println!("{host} is cordoned: no VM goes there until `pagecast uncordon {host}`");
+        println!(
+            "{host} is cordoned: no plan sends it VMs and its agent starts or adopts none \
+             until `pagecast uncordon {host}`"
+        );
     } else {
         println!("{host} is no longer cordoned");
     }
@@ -849,8 +853,10 @@ fn advise_image(a: &AdviseArgs, image: &Path, threads: usize) -> anyhow::Result<
     let rep = client::holders_of(&addrs, &a.index.identity()?, &hashes, a.stale)?;
     let mut c = IndexClient::new(&addrs, a.index.identity()?)?;
     let hosts = c.hosts(a.stale)?;
+    // A cordoned host is never proposed.
     let mut rows: Vec<ImageHost> = hosts
         .iter()
+        .filter(|h| !h.cordoned)
         .map(|h| {
             let free = h.capacity_bytes.saturating_sub(h.used_bytes);
             let held = rep.by_host.get(&h.name).copied().unwrap_or(0);

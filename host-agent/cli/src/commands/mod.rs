@@ -126,7 +126,6 @@ pub struct TlsArg {
     pub tls: Option<PathBuf>,
 }
 
-/// Loads the identity named by `--tls` or the environment.
 /// How a migration switches over to its destination (`--switchover`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SwitchoverArg {
@@ -164,6 +163,7 @@ impl SwitchoverArg {
     }
 }
 
+/// Loads the identity named by `--tls` or the environment.
 pub fn load_tls(a: &TlsArg) -> anyhow::Result<pagecast_channel::Tls> {
     let dir = a.tls.as_ref().ok_or_else(|| {
         anyhow::anyhow!(

@@ -96,7 +96,8 @@ pub struct EvacuateSpec {
     /// The network's MTU: predictions then count the frames' headers.
     pub mtu: Option<u32>,
     /// The network delivers every multicast datagram to every host (no
-    /// IGMP snooping): casts then run one at a time.
+    /// IGMP snooping): every cast then counts against every destination's
+    /// link when the casts share the links.
     pub multicast_floods: bool,
     /// Downtime target per VM.
     pub max_downtime_ms: u32,

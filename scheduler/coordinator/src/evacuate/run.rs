@@ -102,6 +102,8 @@ pub(super) struct Run<'a> {
     at_once: HashMap<String, u64>,
     /// Per destination: the migrations arriving there at once.
     arriving: HashMap<String, u64>,
+    /// The job said it stops on a failure (`--on-failure stop`).
+    said_stop: AtomicBool,
 }
 
 impl<'a> Run<'a> {
@@ -118,16 +120,22 @@ impl<'a> Run<'a> {
             *per_source.entry(m.from.clone()).or_default() += 1;
             *arriving.entry(m.to.clone()).or_default() += 1;
         }
+        // How many run their rounds at once: held ones are released at most
+        // RELEASE_WINDOW at a time; queued ones `queued_per_source` a source.
+        let at_once_of = |n: u64| {
+            if spec.method.holds() {
+                n.min(RELEASE_WINDOW as u64)
+            } else {
+                (queued_per_source(spec) as u64).min(n)
+            }
+        };
         let at_once = per_source
             .into_iter()
-            .map(|(s, n)| {
-                let k = if spec.method.holds() {
-                    n
-                } else {
-                    (spec.parallel.max(1) as u64).min(n)
-                };
-                (s, k)
-            })
+            .map(|(s, n)| (s, at_once_of(n)))
+            .collect();
+        let arriving = arriving
+            .into_iter()
+            .map(|(d, n)| (d, at_once_of(n)))
             .collect();
         Run {
             svc,
@@ -138,6 +146,7 @@ impl<'a> Run<'a> {
             controls: Mutex::new(HashMap::new()),
             at_once,
             arriving,
+            said_stop: AtomicBool::new(false),
         }
     }
 
@@ -193,11 +202,12 @@ impl<'a> Run<'a> {
     }
 
     /// Runs VM `i`'s migration to its end: starts it, forwards its needs
-    /// when held, reports its result.
-    fn run_vm(&self, i: usize, tx: &mpsc::Sender<Report>) {
+    /// when held, reports its result; whether it moved.
+    fn run_vm(&self, i: usize, tx: &mpsc::Sender<Report>) -> bool {
         let m = &self.prep.moving[i];
         let failed = |e: String| {
             let _ = tx.send(Report::Failed(i, format!("{}: {e}", m.from)));
+            false
         };
         let mut s = match self
             .svc
@@ -235,8 +245,9 @@ impl<'a> Run<'a> {
                     let _ = tx.send(Report::Held(i, needs, local));
                 }
                 MigrationEvent::Result(r) => {
+                    let ok = r.ok;
                     let _ = tx.send(Report::Done(i, r, now_s(self.started)));
-                    return;
+                    return ok;
                 }
             }
         }
@@ -277,7 +288,9 @@ impl<'a> Run<'a> {
         std::thread::scope(|s| {
             for i in 0..n {
                 let tx = tx.clone();
-                s.spawn(move || self.run_vm(i, &tx));
+                s.spawn(move || {
+                    self.run_vm(i, &tx);
+                });
             }
             drop(tx);
             let needs = self.wait_held(&rx, stop, &mut fin);
@@ -390,20 +403,18 @@ impl<'a> Run<'a> {
     /// switched over give up and their VMs stay at their sources.
     fn take(&self, fin: &mut Finished, r: Report, stop: &AtomicBool) {
         let failed = match &r {
-            Report::Done(i, res, _) if !res.ok => Some((
-                *i,
-                res.error
-                    .as_ref()
-                    .map_or_else(|| "no reason given".to_owned(), |e| e.message.clone()),
-            )),
+            Report::Done(i, res, _) if !res.ok => {
+                Some((*i, pagecast_proto::refusal_text(&res.error).to_owned()))
+            }
             Report::Failed(i, e) => Some((*i, e.clone())),
             _ => None,
         };
         fin.take(r);
         if let Some((i, why)) = failed
             && self.spec.stop_on_failure
-            && !stop.swap(true, Ordering::Relaxed)
+            && !self.said_stop.swap(true, Ordering::Relaxed)
         {
+            stop.store(true, Ordering::Relaxed);
             (self.on)(Event::Step(format!(
                 "{} failed ({why}); stopping the job (--on-failure stop)",
                 self.prep.moving[i].name
@@ -436,11 +447,7 @@ impl<'a> Run<'a> {
         for (i, m) in self.prep.moving.iter().enumerate() {
             queues.entry(m.from.as_str()).or_default().push(i);
         }
-        let per_source = self
-            .spec
-            .max_outgoing
-            .map_or(self.spec.parallel, |k| k.min(self.spec.parallel))
-            .max(1);
+        let per_source = queued_per_source(self.spec);
         let arriving = Arrivals::new(self.spec.max_incoming);
         let (tx, rx) = mpsc::channel::<Report>();
         let mut fin = Finished::default();
@@ -451,8 +458,13 @@ impl<'a> Run<'a> {
                     let (q, tx, arriving) = (q.clone(), tx.clone(), &arriving);
                     s.spawn(move || {
                         while let Some(i) = arriving.next(&q, &self.prep.moving, stop) {
-                            self.run_vm(i, &tx);
+                            let moved = self.run_vm(i, &tx);
                             arriving.ended(&self.prep.moving[i].to);
+                            // Stopped here, before this worker takes its
+                            // next VM, not once the collector sees it.
+                            if !moved && self.spec.stop_on_failure {
+                                stop.store(true, Ordering::Relaxed);
+                            }
                         }
                     });
                 }
@@ -462,6 +474,14 @@ impl<'a> Run<'a> {
         });
         fin
     }
+}
+
+/// Pre-copy migrations a source runs at once: `--parallel`, at most
+/// `--max-outgoing`.
+fn queued_per_source(spec: &EvacuateSpec) -> usize {
+    spec.max_outgoing
+        .map_or(spec.parallel, |k| k.min(spec.parallel))
+        .max(1)
 }
 
 /// The migrations arriving at each destination, bounded.

@@ -1035,6 +1035,14 @@ fn a_failure_stops_the_job_only_when_asked() {
     );
     let moved = rep.vms.iter().filter(|v| v.ok).count();
     assert!(moved <= moved_continuing, "{moved} > {moved_continuing}");
+    // The queue stopped: a VM it had not reached yet never started.
+    assert!(
+        rep.vms
+            .iter()
+            .any(|v| v.error == "stopped before it started"),
+        "{:?}",
+        rep.vms
+    );
     // Every VM runs in one place: moved, or still at its source.
     for v in &rep.vms {
         let at = f.where_is(&v.name).unwrap();

@@ -235,8 +235,10 @@ fn rack_mates(
 }
 
 /// The multicast group of a job's cast `source` (its index among the
-/// job's casts) and its `group`: distinct for every cast index below
-/// 10,000 and group below 250, since the job's casts run at once.
+/// job's casts) and its `group`: distinct for every index below 10,000 and
+/// group below 250, since the job's casts run at once. The caller numbers
+/// chunk `c` of cast `n` as `n * 8 + c % 8`: distinct for the first 1,250
+/// casts of a job.
 pub(super) fn group_addr(job: &str, source: usize, group: usize) -> String {
     let j = job
         .bytes()
