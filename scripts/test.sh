@@ -2,7 +2,7 @@
 # Runs every check and test of pagecast, as CI does (.ci/run):
 #   1. what this machine offers the tests (KVM, root, packet capture,
 #      loopback multicast, namespaces, nftables, tc, QEMU with a kernel and
-#      busybox, binutils, cgroup v2, tmpfs); under PAGECAST_REQUIRE
+#      busybox, binutils, cgroup v2, tmpfs, KSM); under PAGECAST_REQUIRE
 #      (CI: all) a missing one fails here, before anything is built, and
 #      so does less than 6 GiB free for the target or temporary directory;
 #   2. formatting and clippy with warnings as errors;

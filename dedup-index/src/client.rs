@@ -698,15 +698,11 @@ pub fn set_cordon(
 ) -> Result<WriteResponse, ClientError> {
     c.write(
         0,
-        IndexCommand {
-            client: 0,
-            seq: 0,
-            op: Some(CmdOp::SetCordon(pagecast_proto::v1::SetCordon {
-                name: name.to_owned(),
-                cordoned: on,
-                reason: reason.to_owned(),
-            })),
-        },
+        cmd(CmdOp::SetCordon(pagecast_proto::v1::SetCordon {
+            name: name.to_owned(),
+            cordoned: on,
+            reason: reason.to_owned(),
+        })),
     )
 }
 

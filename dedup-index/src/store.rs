@@ -807,23 +807,13 @@ impl Apply<'_> {
                 "host name {name:?}: use 1 to {MAX_NAME} letters, digits, '-', '_' or '.'"
             ))));
         }
-        let nk = keys::host_name(name);
-        if let Some(v) = self
-            .meta
-            .get(&nk[..])
-            .cloned()
-            .flatten()
-            .or(self.store.db.get_cf(self.store.cf(CF_META), nk)?)
-        {
-            let host = u32::from_le_bytes(v[..].try_into().map_err(|_| StoreError::Corrupt {
-                what: "host name",
-                detail: "wrong length".into(),
-            })?);
+        if let Some(host) = self.registered(name)? {
             return Ok(Ok(WriteResponse {
                 host,
                 ..Default::default()
             }));
         }
+        let nk = keys::host_name(name);
         let host = self.applied.next_host.max(1);
         self.applied.next_host = host + 1;
         self.meta

@@ -331,22 +331,25 @@ impl Registry {
                 capacity,
             });
         }
-        self.reserve(name, state)?;
-        if let Some(Slot::Reserved(_, b)) = self.slots.get_mut(name) {
-            *b = bytes;
-        }
-        Ok(())
+        self.hold(name, state, bytes)
     }
 
     /// Holds `name` in `state`; refuses a name already taken.
     pub fn reserve(&mut self, name: &str, state: v1::HostedVmState) -> Result<(), AgentError> {
+        self.hold(name, state, 0)
+    }
+
+    /// Holds `name` in `state` for a VM of `bytes`; refuses a bad name or
+    /// one already taken.
+    fn hold(&mut self, name: &str, state: v1::HostedVmState, bytes: u64) -> Result<(), AgentError> {
         if !pagecast_proto::name_ok(name) {
             return Err(AgentError::BadName(name.to_owned()));
         }
         if self.slots.contains_key(name) {
             return Err(AgentError::VmExists(name.to_owned()));
         }
-        self.slots.insert(name.to_owned(), Slot::Reserved(state, 0));
+        self.slots
+            .insert(name.to_owned(), Slot::Reserved(state, bytes));
         Ok(())
     }
 

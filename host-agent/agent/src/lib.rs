@@ -211,6 +211,24 @@ impl AgentError {
     }
 }
 
+/// Refuses `--switchover postcopy` by name where it cannot be used
+/// (`mode`: a clone, or a move; `rounds`: whether the VM runs pagecast's
+/// own rounds): the reason says what to use instead.
+pub(crate) fn refuse_postcopy(
+    switchover: i32,
+    mode: pagecast_migrate::engine::Mode,
+    rounds: bool,
+) -> Result<(), AgentError> {
+    if pagecast_migrate::Switchover::from_proto(switchover)
+        == pagecast_migrate::Switchover::Postcopy
+    {
+        return Err(AgentError::BadRequest(
+            pagecast_migrate::engine::postcopy_refusal(mode, rounds).into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Settings of an agent.
 pub struct AgentConfig {
     /// This host's name.
@@ -257,7 +275,7 @@ pub struct Agent {
     domain_secret: Option<DomainSecret>,
     /// Memory this host offers VMs, bytes (0: no bound): an arriving VM
     /// that would take more is refused.
-    capacity: std::sync::atomic::AtomicU64,
+    capacity: u64,
 }
 
 impl Agent {
@@ -292,23 +310,23 @@ impl Agent {
             jobs: JobBook::default(),
             cast_iface: Mutex::new(std::net::Ipv4Addr::LOCALHOST),
             domain_secret: None,
-            capacity: std::sync::atomic::AtomicU64::new(0),
+            capacity: 0,
         })
     }
 
     /// Bounds the memory this host gives VMs (0: none): a migration in that
     /// would take more than is free, counting the VMs here and those
-    /// arriving, is refused before anything moves.
-    pub fn set_capacity(&self, bytes: u64) {
-        self.capacity
-            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    /// arriving, is refused before anything moves (before the agent is
+    /// shared).
+    pub fn set_capacity(&mut self, bytes: u64) {
+        self.capacity = bytes;
     }
 
     /// Holds `name` for an arriving VM of `bytes`, if it fits. A size no
     /// micro-VM can have is held at 0 here and refused as malformed when
     /// its begin is checked (so the error names what is wrong with it).
     fn reserve_arrival(&self, name: &str, bytes: u64) -> Result<(), AgentError> {
-        let cap = self.capacity.load(std::sync::atomic::Ordering::Relaxed);
+        let cap = self.capacity;
         let valid = (pagecast_memory::kvm::MIN_MEMORY_BYTES
             ..=pagecast_memory::kvm::MAX_MEMORY_BYTES)
             .contains(&bytes);

@@ -237,12 +237,7 @@ fn run_clone(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<v1::CloneResult, AgentError> {
     let agent = out.agent;
-    if Switchover::from_proto(r.switchover) == Switchover::Postcopy {
-        return Err(AgentError::BadRequest(
-            pagecast_migrate::engine::postcopy_refusal(pagecast_migrate::engine::Mode::Clone, true)
-                .into(),
-        ));
-    }
+    crate::refuse_postcopy(r.switchover, pagecast_migrate::engine::Mode::Clone, true)?;
     let (targets, failed) = agent.clone_targets(r);
     let opts = MigrateOptions {
         bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),

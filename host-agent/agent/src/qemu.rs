@@ -142,17 +142,7 @@ impl Backend for QemuBackend {
         progress: &mut dyn FnMut(&Progress),
         hold: Option<&mut dyn Hold>,
     ) -> Result<(v1::MigrateResult, String), AgentError> {
-        if pagecast_migrate::Switchover::from_proto(r.switchover)
-            == pagecast_migrate::Switchover::Postcopy
-        {
-            return Err(AgentError::BadRequest(
-                pagecast_migrate::engine::postcopy_refusal(
-                    pagecast_migrate::engine::Mode::Move,
-                    false,
-                )
-                .into(),
-            ));
-        }
+        crate::refuse_postcopy(r.switchover, pagecast_migrate::engine::Mode::Move, false)?;
         let route = route(r)?;
         check_capabilities(&mut self.qmp()?, &out.vm.name)?;
         let ch = out
@@ -188,17 +178,7 @@ impl Backend for QemuBackend {
         r: &v1::CloneRequest,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<v1::CloneResult, AgentError> {
-        if pagecast_migrate::Switchover::from_proto(r.switchover)
-            == pagecast_migrate::Switchover::Postcopy
-        {
-            return Err(AgentError::BadRequest(
-                pagecast_migrate::engine::postcopy_refusal(
-                    pagecast_migrate::engine::Mode::Clone,
-                    false,
-                )
-                .into(),
-            ));
-        }
+        crate::refuse_postcopy(r.switchover, pagecast_migrate::engine::Mode::Clone, false)?;
         check_capabilities(&mut self.qmp()?, &out.vm.name)?;
         let (targets, failed) = out.agent.clone_targets(r);
         let opts = MigrateOptions {

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 pub use dirty::{AtomicBitmap, DirtyBitmap};
 pub use image::{ImageFile, MAX_IMAGE_BYTES};
 pub use pagecast_pages::{PAGE_SIZE, Page};
-pub use region::{Region, ksm_available, mergeable, set_mergeable};
+pub use region::{Region, set_mergeable};
 pub use userfault::Userfault;
 
 /// Errors of guest memory sources. Messages are one line and name the file

@@ -61,11 +61,13 @@ pub enum Need {
     Cgroup2,
     /// tmpfs can be mounted (root, `mount`).
     Tmpfs,
+    /// The kernel merges same pages (KSM: `/sys/kernel/mm/ksm`).
+    Ksm,
 }
 
 impl Need {
     /// Every need, in the order the table lists them.
-    pub const ALL: [Need; 11] = [
+    pub const ALL: [Need; 12] = [
         Need::Kvm,
         Need::Root,
         Need::PacketCapture,
@@ -77,6 +79,7 @@ impl Need {
         Need::Binutils,
         Need::Cgroup2,
         Need::Tmpfs,
+        Need::Ksm,
     ];
 
     /// Its name in `PAGECAST_REQUIRE` and in messages.
@@ -93,6 +96,7 @@ impl Need {
             Need::Binutils => "binutils",
             Need::Cgroup2 => "cgroup2",
             Need::Tmpfs => "tmpfs",
+            Need::Ksm => "ksm",
         }
     }
 
@@ -227,6 +231,13 @@ fn probe(need: Need) -> Result<String, String> {
         Need::Binutils => binutils(),
         Need::Cgroup2 => cgroup2().map(|p| format!("cgroup v2 at {}", p.display())),
         Need::Tmpfs => tmpfs(),
+        Need::Ksm => {
+            if Path::new("/sys/kernel/mm/ksm/run").exists() {
+                Ok("KSM at /sys/kernel/mm/ksm".into())
+            } else {
+                Err("no /sys/kernel/mm/ksm: the kernel has no KSM".into())
+            }
+        }
     }
 }
 
