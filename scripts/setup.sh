@@ -8,15 +8,16 @@
 #     evaluation (iproute2, nftables), and cargo-nextest (the test runner;
 #     from crates.io when the machine lacks it);
 #   - what the QEMU tests boot: QEMU, a Debian kernel and a static busybox
-#     for the guests' initramfs, and ethtool (the evaluation switches
-#     offloads off with it). Tried, and where one does not install its
+#     for the guests' initramfs, ethtool (the evaluation switches
+#     offloads off with it), and libvirt's daemon, QEMU driver and virsh
+#     (the libvirt test runs two daemons as two hosts). Tried, and where one does not install its
 #     tests skip, saying so, unless PAGECAST_REQUIRE is set (CI sets it):
 #     then a package that does not install fails the set-up.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
 packages=(build-essential binutils pkg-config libclang-dev mold iproute2 nftables)
-optional=(ethtool qemu-system-x86 linux-image-amd64 busybox-static)
+optional=(ethtool qemu-system-x86 linux-image-amd64 busybox-static libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 strict=${PAGECAST_REQUIRE:+1}
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -65,6 +66,14 @@ if command -v dpkg-query >/dev/null 2>&1; then
             echo "note: $p is not installed: the tests that need it skip, saying so (without ethtool pagecast-evaluate keeps offloads on)" >&2
         fi
     done
+    # libvirt's QEMU driver looks its QEMU user up when it starts; Debian's
+    # libvirt-daemon-system (not installed: it starts system services)
+    # would add it.
+    if installed libvirt-daemon && ! getent passwd libvirt-qemu >/dev/null; then
+        "${sudo[@]}" groupadd -r libvirt-qemu 2>/dev/null || true
+        "${sudo[@]}" useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+        echo "added the user libvirt-qemu (libvirt's QEMU driver expects it)" >&2
+    fi
 else
     echo "note: not a Debian system; make sure these are installed: ${packages[*]} ${optional[*]}" >&2
 fi

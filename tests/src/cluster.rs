@@ -310,6 +310,8 @@ pub struct AgentProc {
     args: Vec<String>,
     env: Vec<(String, String)>,
     dir: PathBuf,
+    /// A prefix that runs it elsewhere (`nsenter ...`), or empty.
+    wrap: Vec<String>,
 }
 
 impl AgentProc {
@@ -318,7 +320,21 @@ impl AgentProc {
     /// arguments (e.g. `--index ADDRS --rack r1`); waits until it listens.
     pub fn start(dir: &Path, name: &str, extra: &[&str]) -> AgentProc {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Self::spawn(dir, name, args, Vec::new(), None, "127.0.0.1:0")
+        Self::spawn(dir, name, args, Vec::new(), None, "127.0.0.1:0", Vec::new())
+    }
+
+    /// As [`AgentProc::start`], run through `wrap` (a command prefix such
+    /// as `nsenter -t PID -n -m -u --`, to run it in another host's
+    /// namespaces) and listening on `listen`.
+    pub fn start_in(
+        dir: &Path,
+        name: &str,
+        listen: &str,
+        wrap: Vec<String>,
+        extra: &[&str],
+    ) -> AgentProc {
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(dir, name, args, Vec::new(), None, listen, wrap)
     }
 
     /// As [`AgentProc::start`], with a Prometheus endpoint.
@@ -340,7 +356,7 @@ impl AgentProc {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let m = format!("127.0.0.1:{}", free_port());
-        Self::spawn(dir, name, args, env, Some(m), "127.0.0.1:0")
+        Self::spawn(dir, name, args, env, Some(m), "127.0.0.1:0", Vec::new())
     }
 
     fn spawn(
@@ -350,6 +366,7 @@ impl AgentProc {
         env: Vec<(String, String)>,
         metrics: Option<String>,
         listen: &str,
+        wrap: Vec<String>,
     ) -> AgentProc {
         // A free port found by binding and closing can be taken by another
         // test before the agent binds it: pick another and try again.
@@ -362,6 +379,7 @@ impl AgentProc {
                 env.clone(),
                 metrics.clone(),
                 listen,
+                wrap.clone(),
             ) {
                 Ok(agent) => return agent,
                 Err(log) if metrics.is_some() && log.contains("Address already in use") => {
@@ -380,9 +398,17 @@ impl AgentProc {
         env: Vec<(String, String)>,
         metrics: Option<String>,
         listen: &str,
+        wrap: Vec<String>,
     ) -> Result<AgentProc, String> {
         let log = dir.join(format!("{name}.log"));
-        let mut cmd = Command::new(pagecast_bin());
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(pagecast_bin());
+                c
+            }
+            None => Command::new(pagecast_bin()),
+        };
         cmd.args(["agent", "--name", name, "--listen", listen])
             .arg("--tls")
             .arg(crate::pki::node(name, Role::Host))
@@ -438,6 +464,7 @@ impl AgentProc {
             args,
             env,
             dir: dir.to_owned(),
+            wrap,
         })
     }
 
@@ -453,6 +480,7 @@ impl AgentProc {
             self.env.clone(),
             self.metrics.clone(),
             &self.addr.clone(),
+            self.wrap.clone(),
         );
         *self = again;
     }

@@ -137,5 +137,6 @@ pub mod cluster;
 pub mod flood;
 pub mod history;
 pub mod host;
+pub mod libvirt;
 pub mod pki;
 pub mod qemu;

@@ -72,6 +72,10 @@ pub const TARGETS: &[Target] = &[
         run: qemu_stream,
     },
     Target {
+        name: "qemu_return_path",
+        run: qemu_return_path,
+    },
+    Target {
         name: "raft_chunks",
         run: raft_chunks,
     },
@@ -271,6 +275,44 @@ pub fn qemu_stream(data: &[u8]) {
     if proxy(&mut &data[..], &mut j).is_ok() {
         assert_eq!(j.0, data);
     }
+}
+
+/// What a destination host relays from its QEMU's return path, as the
+/// source agent checks it before its QEMU reads it: in pieces cut where the
+/// input's 0xff bytes are, an answer for each, never a panic; once refused,
+/// refused for good; and what passes is only whole `PONG`s and at most one
+/// final `SHUT`.
+pub fn qemu_return_path(data: &[u8]) {
+    use pagecast_qemu::return_path::{RP_PONG, RP_SHUT, ReturnPath, message};
+    let mut rp = ReturnPath::new();
+    let mut refused = false;
+    let mut passed = Vec::new();
+    for piece in data.split(|&b| b == 0xff) {
+        let r = rp.push(piece);
+        if refused && !piece.is_empty() {
+            assert!(r.is_err(), "a refused return path passed more");
+        }
+        if r.is_ok() && !refused {
+            passed.extend_from_slice(piece);
+        }
+        refused |= r.is_err();
+    }
+    if refused {
+        return;
+    }
+    // What passed is PONGs and maybe a SHUT, then the start of a message.
+    let whole = passed.len() / 8 * 8;
+    for (i, m) in passed[..whole].chunks(8).enumerate() {
+        let value = u32::from_be_bytes(m[4..].try_into().expect("4"));
+        let last = (i + 1) * 8 == whole;
+        let kind = u16::from_be_bytes([m[0], m[1]]);
+        assert!(kind == RP_PONG || (kind == RP_SHUT && last), "{m:?}");
+        assert_eq!(m, message(kind, value));
+    }
+    assert_eq!(
+        rp.pongs() + u64::from(rp.shut().is_some()),
+        (whole / 8) as u64
+    );
 }
 
 /// Raft messages in parts, as a replica's peer link reads them: index

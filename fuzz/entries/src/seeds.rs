@@ -24,6 +24,7 @@ pub fn of(name: &str) -> Vec<Vec<u8>> {
         "migrate_frames" => migrate_frames(),
         "index_frame" => index_frame(),
         "qemu_stream" => qemu_stream(),
+        "qemu_return_path" => qemu_return_path(),
         "raft_chunks" => raft_chunks(),
         "snapshot" => snapshot(),
         "agent_response" => agent_response(),
@@ -284,6 +285,13 @@ fn qemu_stream() -> Vec<Vec<u8>> {
             true,
         ),
     ]
+}
+
+fn qemu_return_path() -> Vec<Vec<u8>> {
+    use pagecast_qemu::return_path::{RP_PONG, RP_SHUT, message};
+    let mut pong_shut = message(RP_PONG, 1).to_vec();
+    pong_shut.extend_from_slice(&message(RP_SHUT, 0));
+    vec![message(RP_SHUT, 0).to_vec(), pong_shut]
 }
 
 fn raft_chunks() -> Vec<Vec<u8>> {

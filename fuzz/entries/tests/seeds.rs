@@ -98,6 +98,7 @@ targets!(
     migrate_frames,
     index_frame,
     qemu_stream,
+    qemu_return_path,
     raft_chunks,
     snapshot,
     agent_response,

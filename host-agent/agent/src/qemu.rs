@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 use pagecast_memory::{DirtyBitmap, GuestMemory, ImageFile, MemoryError, Page, Region};
 use pagecast_migrate::{
     Arrival, ChannelLink, Hold, How, IncomingReport, IncomingSlot, MigrateOptions, MigrationError,
-    MigrationLink, NoSlotEvents, Progress, Shape, SlotEvents, SourceVm, StreamEnd, StreamSource,
+    MigrationLink, NoSlotEvents, Progress, Shape, SlotEvents, SourceVm, Started, StreamEnd,
+    StreamSource,
 };
 use pagecast_pages::{ContentKey, PageHash};
 use pagecast_proto::v1;
@@ -366,13 +367,18 @@ impl StreamSource for Stream<'_> {
     fn start(
         &mut self,
         cancelled: &mut dyn FnMut() -> Option<String>,
-    ) -> Result<Box<dyn Read + Send>, MigrationError> {
+    ) -> Result<Started, MigrationError> {
         let Some((l, wait)) = &self.route else {
             let sock = self.sock.clone();
             let q = self.qmp().map_err(stream_err)?;
             let input = start_stream(q, &sock).map_err(stream_err);
             self.qmp = None;
-            return Ok(Box::new(input?));
+            let input = input?;
+            let back = return_path(input.try_clone(), |s| s.set_write_timeout(Some(STALL)))?;
+            return Ok(Started {
+                input: Box::new(input),
+                back: Some(back),
+            });
         };
         // QMP is let go meanwhile: QEMU serves one client at a time, and
         // whoever starts the migration needs it.
@@ -391,7 +397,11 @@ impl StreamSource for Stream<'_> {
             code: v1::RefusalCode::Invalid,
             reason: e.to_string(),
         })?;
-        Ok(Box::new(s))
+        let back = return_path(s.try_clone(), |c| c.set_write_timeout(Some(STALL)))?;
+        Ok(Started {
+            input: Box::new(s),
+            back: Some(back),
+        })
     }
 
     fn settled(&mut self) -> Result<StreamEnd, MigrationError> {
@@ -407,12 +417,26 @@ impl StreamSource for Stream<'_> {
     }
 }
 
+/// The source QEMU's end of its return path: the connection its stream
+/// comes on, written the other way (QEMU reads its destination's answers
+/// there when its `return-path` capability is on).
+fn return_path<S: Write + Send + 'static>(
+    clone: std::io::Result<S>,
+    limit: impl FnOnce(&S) -> std::io::Result<()>,
+) -> Result<Box<dyn Write + Send>, MigrationError> {
+    let s = clone.map_err(|e| stream_err(qemu_err(e)))?;
+    limit(&s).map_err(|e| stream_err(qemu_err(e)))?;
+    Ok(Box::new(s))
+}
+
 fn resume_source(a: &QemuBackend) {
     let Ok(mut q) = a.qmp() else {
         return;
     };
     match q.migration() {
-        Ok((s, _)) if s == "active" || s == "setup" || s == "pre-switchover" => {
+        // "device": its devices' state went and it waits for its
+        // destination's word on the return path.
+        Ok((s, _)) if s == "active" || s == "setup" || s == "pre-switchover" || s == "device" => {
             let _ = q.execute("migrate_cancel", json!({}));
         }
         _ => {}
@@ -678,7 +702,12 @@ impl QemuBackend {
                 ))
             })?;
         out.set_write_timeout(Some(STALL)).map_err(qemu_err)?;
-        let fed = feed(arrival, &mut out)?;
+        let answers = out
+            .try_clone()
+            .and_then(|c| c.set_read_timeout(Some(Duration::from_secs(1))).map(|()| c))
+            .map_err(qemu_err)?;
+        let answers = Answers::read(answers);
+        let fed = feed(arrival, &mut out, &answers)?;
         let _ = out.shutdown(std::net::Shutdown::Write);
         // QEMU loads the devices and resumes the guest.
         let until = Instant::now() + STALL;
@@ -825,49 +854,99 @@ fn route_feed(arrival: &mut Arrival<'_>, at: SocketAddr) -> Result<(u64, u64), A
         ))
     })?;
     out.set_write_timeout(Some(STALL)).map_err(qemu_err)?;
-    let fed = feed(arrival, &mut out)?;
+    let answers = out
+        .try_clone()
+        .and_then(|c| c.set_read_timeout(Some(Duration::from_secs(1))).map(|()| c))
+        .map_err(qemu_err)?;
+    let answers = Answers::read(answers);
+    let fed = feed(arrival, &mut out, &answers)?;
     let _ = out.shutdown(std::net::Shutdown::Write);
-    let _ = out.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut sink = [0u8; 64];
-    while matches!(out.read(&mut sink), Ok(n) if n > 0) {}
+    answers.closed_within(Duration::from_secs(10));
     Ok(fed)
 }
 
+/// Most bytes of one return-path frame.
+const MAX_ANSWER: usize = 64 << 10;
+/// How long the feeding waits for a part before it relays what its QEMU
+/// answered.
+const ANSWER_POLL: Duration = Duration::from_millis(10);
+
+/// What the QEMU here writes back on its migration socket (its return
+/// path, when the source turned it on), read by a thread of its own until
+/// QEMU closes its end or this is dropped.
+struct Answers {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Answers {
+    /// Reads `s`, which must have a read timeout (the thread looks at its
+    /// stop flag between reads).
+    fn read<S: Read + Send + 'static>(mut s: S) -> Answers {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_ANSWER];
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::TimedOut
+                                | std::io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        Answers { rx, stop }
+    }
+
+    /// Whether QEMU closed its end within `wait` (what it still said is
+    /// dropped: nobody waits for it any more).
+    fn closed_within(&self, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(_) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return true,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return false,
+            }
+        }
+    }
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Feeds the source's stream parts into `out`, each page named by its hash
-/// copied from the arrival's scratch frames; returns the stream's bytes
-/// and the pages from this host. Receiving and writing overlap: a thread
-/// writes to QEMU while the next parts arrive.
-fn feed(arrival: &mut Arrival<'_>, out: &mut (dyn Write + Send)) -> Result<(u64, u64), AgentError> {
+/// copied from the arrival's scratch frames, and relays what QEMU answers
+/// (`answers`) to the source; returns the stream's bytes and the pages
+/// from this host. Receiving and writing overlap: a thread writes to QEMU
+/// while the next parts arrive.
+fn feed(
+    arrival: &mut Arrival<'_>,
+    out: &mut (dyn Write + Send),
+    answers: &Answers,
+) -> Result<(u64, u64), AgentError> {
     arrival.set_timeout(STALL);
     let slot = arrival.slot().clone();
     let (tx, rx) = std::sync::mpsc::sync_channel::<v1::StreamPart>(PARTS_IN_FLIGHT);
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || write_parts(rx, &slot, out));
-        let mut failed = None;
-        loop {
-            let p = match arrival.next_frame() {
-                Ok(v1::migrate_frame::Body::Stream(p)) => p,
-                Ok(other) => {
-                    failed = Some(AgentError::BadRequest(format!(
-                        "expected the stream, got {other:?}"
-                    )));
-                    break;
-                }
-                Err(e) => {
-                    failed = Some(e.into());
-                    break;
-                }
-            };
-            if p.held.len() != 32 * p.held_at.len() || p.data.len() > MAX_PART_BYTES {
-                failed = Some(AgentError::BadRequest("a malformed stream part".into()));
-                break;
-            }
-            let last = p.last;
-            // The writer stopped (its error below), or the stream ended.
-            if tx.send(p).is_err() || last {
-                break;
-            }
-        }
+        let failed = receive_parts(arrival, &tx, answers).err();
         drop(tx);
         let wrote = writer
             .join()
@@ -877,6 +956,48 @@ fn feed(arrival: &mut Arrival<'_>, out: &mut (dyn Write + Send)) -> Result<(u64,
             (Ok(x), None) => Ok(x),
         }
     })
+}
+
+/// Hands the stream's parts to the writer until the last, relaying QEMU's
+/// answers between them; a source silent for [`STALL`] fails it.
+fn receive_parts(
+    arrival: &mut Arrival<'_>,
+    tx: &std::sync::mpsc::SyncSender<v1::StreamPart>,
+    answers: &Answers,
+) -> Result<(), AgentError> {
+    let mut heard = Instant::now();
+    loop {
+        while let Ok(data) = answers.rx.try_recv() {
+            arrival.send(v1::migrate_frame::Body::ReturnPath(v1::ReturnPath {
+                data: data.into(),
+            }))?;
+        }
+        let p = match arrival.wait_frame(ANSWER_POLL)? {
+            None if heard.elapsed() > STALL => {
+                return Err(AgentError::Migration(MigrationError::Timeout {
+                    peer: "the source".into(),
+                    what: "stream part",
+                    after: STALL,
+                }));
+            }
+            None => continue,
+            Some(v1::migrate_frame::Body::Stream(p)) => p,
+            Some(other) => {
+                return Err(AgentError::BadRequest(format!(
+                    "expected the stream, got {other:?}"
+                )));
+            }
+        };
+        heard = Instant::now();
+        if p.held.len() != 32 * p.held_at.len() || p.data.len() > MAX_PART_BYTES {
+            return Err(AgentError::BadRequest("a malformed stream part".into()));
+        }
+        let last = p.last;
+        // The writer stopped (its error comes from it), or the stream ended.
+        if tx.send(p).is_err() || last {
+            return Ok(());
+        }
+    }
 }
 
 /// Writes stream parts into `out`, each held page copied from `slot`.

@@ -495,6 +495,20 @@ impl Arrival<'_> {
         }
     }
 
+    /// As [`Arrival::next_frame`], but `None` if no frame came within
+    /// `within`.
+    pub fn wait_frame(&mut self, within: Duration) -> Result<Option<Body>, MigrationError> {
+        loop {
+            match self.link.wait_frame(within)? {
+                Some(Body::Abort(a)) => return Err(MigrationError::from_abort(a)),
+                Some(Body::KeepAlive(_)) => {
+                    self.link.send(Body::KeepAlive(v1::KeepAlive {}))?;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
     /// Sends the contents still missing, in NeedHashes frames.
     fn send_needs(&mut self, needed: &[PageHash]) -> Result<(), MigrationError> {
         let mut chunks = needed.chunks(MAX_NEED_HASHES_PER_FRAME).peekable();

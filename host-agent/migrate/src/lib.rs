@@ -31,7 +31,7 @@ pub use dest::{
     Arrival, IncomingReport, IncomingSlot, NoSlotEvents, Shape, SlotEvents, migrate_in,
     migrate_in_job, receive_front,
 };
-pub use engine::{How, StreamEnd, StreamSource};
+pub use engine::{How, Started, StreamEnd, StreamSource};
 pub use entry::{
     CloneReportAll, CloneResultOne, CloneTarget, clone_out, migrate_out, migrate_out_held, move_one,
 };
@@ -212,6 +212,19 @@ pub trait MigrationLink: Send {
             Err(e) => Err(e),
         }
     }
+    /// A frame if one comes within `within`, else `None`: a destination
+    /// that also answers its source between frames waits this way. By
+    /// default, a receive that waits that long.
+    fn wait_frame(
+        &mut self,
+        within: Duration,
+    ) -> Result<Option<v1::migrate_frame::Body>, MigrationError> {
+        match self.recv(Some(within)) {
+            Ok(b) => Ok(Some(b)),
+            Err(MigrationError::Timeout { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// A [`MigrationLink`] over an authenticated [`Channel`].
@@ -289,6 +302,18 @@ impl MigrationLink for ChannelLink {
         }
         // Part of a frame is there: the rest follows within the reply
         // timeout or the peer has failed.
+        self.recv(Some(REPLY_TIMEOUT)).map(Some)
+    }
+
+    fn wait_frame(
+        &mut self,
+        within: Duration,
+    ) -> Result<Option<v1::migrate_frame::Body>, MigrationError> {
+        // A receive cut off by its timeout mid-frame would lose the frame:
+        // wait for the first byte, then for the whole frame.
+        if !self.ch.readable_within(within) {
+            return Ok(None);
+        }
         self.recv(Some(REPLY_TIMEOUT)).map(Some)
     }
 }

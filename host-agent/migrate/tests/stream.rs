@@ -2,7 +2,8 @@
 //! in-memory links and a sample stream written as QEMU writes one: no
 //! QEMU, no sockets. These pin that every destination gets the exact
 //! stream, the pages it holds as hashes, and that a stream whose end went
-//! unconfirmed leaves the source paused, in doubt, never resumed.
+//! unconfirmed leaves the source paused, in doubt, never resumed, and
+//! that a source waiting on its return path hears its destination.
 
 use std::collections::HashMap;
 use std::io::{Cursor, Read};
@@ -95,12 +96,12 @@ struct Sample {
 }
 
 impl StreamSource for Sample {
-    fn start(
-        &mut self,
-        _: &mut dyn FnMut() -> Option<String>,
-    ) -> Result<Box<dyn Read + Send>, MigrationError> {
+    fn start(&mut self, _: &mut dyn FnMut() -> Option<String>) -> Result<Started, MigrationError> {
         self.started = true;
-        Ok(Box::new(Cursor::new(self.bytes.clone())))
+        Ok(Started {
+            input: Box::new(Cursor::new(self.bytes.clone())),
+            back: None,
+        })
     }
     fn settled(&mut self) -> Result<StreamEnd, MigrationError> {
         Ok(StreamEnd {
@@ -355,4 +356,210 @@ fn a_destination_that_fails_mid_stream_leaves_the_source_running() {
         "{res:?}"
     );
     assert_eq!(vm.resumes.load(Ordering::SeqCst), 1, "the source runs on");
+}
+
+/// Bytes of the stream's tail a source with a return path holds back until
+/// its destination said SHUT (QEMU sends its last bytes and closes only
+/// then).
+const HELD_BACK: usize = 1;
+
+/// A stream whose last bytes come only after the return path brought
+/// `SHUT`: as QEMU with the `return-path` capability.
+struct Waiting {
+    bytes: Vec<u8>,
+    /// What the return path brought, as the source VM read it.
+    heard: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// The return path's end at the source VM.
+struct Ear(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Ear {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads the stream; before its last bytes, waits (at most 10 s) for a
+/// `SHUT` on the return path, else fails the read.
+struct Withheld {
+    bytes: Cursor<Vec<u8>>,
+    heard: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Read for Withheld {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let len = self.bytes.get_ref().len() as u64;
+        let at = self.bytes.position();
+        let cut = len - HELD_BACK as u64;
+        if at < cut {
+            let n = out.len().min((cut - at) as usize);
+            return self.bytes.read(&mut out[..n]);
+        }
+        if at >= len {
+            return Ok(0);
+        }
+        // Everything but the held-back bytes went: wait for SHUT.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut rp = pagecast_qemu::return_path::ReturnPath::new();
+            rp.push(&self.heard.lock().unwrap())
+                .map_err(std::io::Error::other)?;
+            if rp.shut().is_some() {
+                return self.bytes.read(out);
+            }
+            if std::time::Instant::now() > until {
+                return Err(std::io::Error::other("no SHUT within 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl StreamSource for Waiting {
+    fn start(&mut self, _: &mut dyn FnMut() -> Option<String>) -> Result<Started, MigrationError> {
+        Ok(Started {
+            input: Box::new(Withheld {
+                bytes: Cursor::new(self.bytes.clone()),
+                heard: self.heard.clone(),
+            }),
+            back: Some(Box::new(Ear(self.heard.clone()))),
+        })
+    }
+    fn settled(&mut self) -> Result<StreamEnd, MigrationError> {
+        Ok(StreamEnd {
+            completed: true,
+            status: "completed".into(),
+            downtime_ms: 3.0,
+        })
+    }
+}
+
+/// A destination that answers on the return path (`answer`) once it has
+/// everything but the held-back bytes, then takes the rest.
+fn answering(mut link: MemLink, expect: usize, answer: Vec<u8>) -> Result<u64, MigrationError> {
+    let begin = match link.recv(Some(Duration::from_secs(10)))? {
+        Body::Begin(b) => b,
+        other => panic!("expected begin, got {other:?}"),
+    };
+    let holds = Holds::frames(0..0);
+    let mut arrival = receive_front(
+        &mut link,
+        &begin,
+        &holds,
+        &mut NoSlotEvents,
+        Shape::Contents,
+    )?;
+    let mut got = 0usize;
+    let mut answered = false;
+    loop {
+        let p = match arrival.next_frame()? {
+            Body::Stream(p) => p,
+            other => panic!("expected the stream, got {other:?}"),
+        };
+        got += p.data.len();
+        if !answered && got + HELD_BACK >= expect {
+            answered = true;
+            arrival.send(Body::ReturnPath(v1::ReturnPath {
+                data: answer.clone().into(),
+            }))?;
+        }
+        if p.last {
+            break;
+        }
+    }
+    arrival.started();
+    arrival.send(Body::Resumed(v1::Resumed { progress: 0 }))?;
+    let _ = link.recv(Some(Duration::from_secs(2)));
+    Ok(got as u64)
+}
+
+#[test]
+fn a_source_waiting_on_its_return_path_hears_its_destination_and_ends() {
+    use pagecast_qemu::return_path::{RP_PONG, RP_SHUT, message};
+    let vm = Adopted {
+        mem: memory(),
+        resumes: AtomicU64::new(0),
+    };
+    let fp = Fingerprinter::new(2).unwrap();
+    let bytes = stream();
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut source = Waiting {
+        bytes: bytes.clone(),
+        heard: heard.clone(),
+    };
+    let mut answer = message(RP_PONG, 1).to_vec();
+    answer.extend_from_slice(&message(RP_SHUT, 0));
+    let (a, b) = link_pair();
+    let expect = bytes.len();
+    let (res, got) = std::thread::scope(|s| {
+        let d = s.spawn(move || answering(b, expect, answer));
+        let res = move_one(
+            &vm,
+            Box::new(a),
+            &fp,
+            &MigrateOptions::default(),
+            &mut |_| {},
+            None,
+            How::Stream(&mut source),
+        );
+        (res, d.join().unwrap())
+    });
+    assert!(res.is_ok(), "{res:?}");
+    assert_eq!(got.unwrap(), bytes.len() as u64, "the whole stream went");
+    let mut want = message(RP_PONG, 1).to_vec();
+    want.extend_from_slice(&message(RP_SHUT, 0));
+    assert_eq!(
+        *heard.lock().unwrap(),
+        want,
+        "the source heard its destination"
+    );
+}
+
+#[test]
+fn a_return_path_message_post_copy_would_send_never_reaches_the_source() {
+    let vm = Adopted {
+        mem: memory(),
+        resumes: AtomicU64::new(0),
+    };
+    let fp = Fingerprinter::new(2).unwrap();
+    let bytes = stream();
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut source = Waiting {
+        bytes: bytes.clone(),
+        heard: heard.clone(),
+    };
+    // REQ_PAGES (type 4): a destination asking the source QEMU for pages.
+    let answer = vec![0, 4, 0, 4, 0, 0, 0, 1];
+    let (a, b) = link_pair();
+    let expect = bytes.len();
+    let res = std::thread::scope(|s| {
+        let d = s.spawn(move || answering(b, expect, answer));
+        let res = move_one(
+            &vm,
+            Box::new(a),
+            &fp,
+            &MigrateOptions {
+                reply_timeout: Duration::from_secs(2),
+                ..MigrateOptions::default()
+            },
+            &mut |_| {},
+            None,
+            How::Stream(&mut source),
+        );
+        let _ = d.join();
+        res
+    });
+    let err = res.expect_err("the migration must fail");
+    assert!(err.to_string().contains("type 4"), "{err}");
+    // The source QEMU hears only that its destination failed: it fails its
+    // migration and runs on.
+    assert_eq!(
+        *heard.lock().unwrap(),
+        pagecast_qemu::return_path::message(pagecast_qemu::return_path::RP_SHUT, 1)
+    );
 }

@@ -6,10 +6,14 @@
 //!   version 3, as QEMU 7.2 writes it for precopy) that hands RAM pages to
 //!   a sink one by one and everything else through byte for byte, and
 //!   refuses, by name, the stream features it does not parse.
+//! - [`return_path`]: the messages a destination QEMU sends back during a
+//!   pre-copy migration (`return-path`), checked before the source QEMU
+//!   reads them.
 //! - [`capabilities`]: which QEMU migration capabilities the proxy
 //!   refuses, checked over QMP before a migration starts.
 
 pub mod qmp;
+pub mod return_path;
 pub mod stream;
 
 pub use qmp::{Qmp, QmpError};
@@ -32,7 +36,6 @@ pub const REFUSED_CAPABILITIES: &[(&str, &str)] = &[
     ("background-snapshot", "is a snapshot, not a migration"),
     ("zero-copy-send", "goes with multifd"),
     ("mapped-ram", "writes RAM at fixed file offsets"),
-    ("return-path", "needs a stream back from the destination"),
 ];
 
 /// The first refused capability that `caps` (QMP's

@@ -101,6 +101,13 @@ pub trait Sink {
     /// A RAM page of `block` at byte `offset` in it; the record's header
     /// has gone through [`Sink::raw`] just before.
     fn page(&mut self, block: &str, offset: u64, page: &[u8; PAGE]) -> Result<(), StreamError>;
+    /// Everything handed over so far should go on now, not wait for more:
+    /// called for each piece of the stream's tail (the devices' state),
+    /// after which a source QEMU with a return path waits for the
+    /// destination's answer before it sends the rest.
+    fn drain(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
 }
 
 /// What a stream held.
@@ -309,6 +316,7 @@ pub fn proxy(input: &mut impl Read, sink: &mut impl Sink) -> Result<StreamStats,
                         r.at += 1;
                     }
                     r.flush()?;
+                    r.sink.drain()?;
                     let mut buf = vec![0u8; 64 << 10];
                     loop {
                         let n = match r.input.read(&mut buf) {
@@ -319,6 +327,7 @@ pub fn proxy(input: &mut impl Read, sink: &mut impl Sink) -> Result<StreamStats,
                         };
                         r.at += n as u64;
                         r.sink.raw(&buf[..n])?;
+                        r.sink.drain()?;
                     }
                     st.bytes = r.at;
                     return Ok(st);

@@ -768,6 +768,12 @@ impl Channel {
         self.r.readable()
     }
 
+    /// Whether a receive would find something within `within` (a frame or
+    /// part of one), waiting at most that long.
+    pub fn readable_within(&self, within: Duration) -> bool {
+        self.r.readable_within(within)
+    }
+
     /// Closes the connection both ways.
     pub fn shutdown(&self) {
         self.w.shutdown();
@@ -907,6 +913,12 @@ impl ChannelReader {
     /// Whether a receive would find something at once (a frame or part of
     /// one), without waiting.
     pub fn readable(&self) -> bool {
+        self.readable_within(Duration::ZERO)
+    }
+
+    /// Whether a receive would find something within `within` (a frame or
+    /// part of one), waiting at most that long.
+    pub fn readable_within(&self, within: Duration) -> bool {
         if self.plain.len() > self.pos {
             return true;
         }
@@ -915,9 +927,10 @@ impl ChannelReader {
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd for the duration of the call; a zero
-        // timeout only asks.
-        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+        let ms = i32::try_from(within.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the duration of the call, which
+        // waits at most `ms` and writes only its `revents`.
+        unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
     }
 
     /// Reads and decrypts until `n` plaintext bytes are buffered.

@@ -63,11 +63,15 @@ pub enum Need {
     Tmpfs,
     /// The kernel merges same pages (KSM: `/sys/kernel/mm/ksm`).
     Ksm,
+    /// libvirt's daemon and client (`libvirtd`, `virsh`), its QEMU driver
+    /// and the user it runs QEMU as, plus `unshare` and `nsenter` to run
+    /// one daemon per emulated host.
+    Libvirt,
 }
 
 impl Need {
     /// Every need, in the order the table lists them.
-    pub const ALL: [Need; 12] = [
+    pub const ALL: [Need; 13] = [
         Need::Kvm,
         Need::Root,
         Need::PacketCapture,
@@ -80,6 +84,7 @@ impl Need {
         Need::Cgroup2,
         Need::Tmpfs,
         Need::Ksm,
+        Need::Libvirt,
     ];
 
     /// Its name in `PAGECAST_REQUIRE` and in messages.
@@ -97,6 +102,7 @@ impl Need {
             Need::Cgroup2 => "cgroup2",
             Need::Tmpfs => "tmpfs",
             Need::Ksm => "ksm",
+            Need::Libvirt => "libvirt",
         }
     }
 
@@ -231,6 +237,7 @@ fn probe(need: Need) -> Result<String, String> {
         Need::Binutils => binutils(),
         Need::Cgroup2 => cgroup2().map(|p| format!("cgroup v2 at {}", p.display())),
         Need::Tmpfs => tmpfs(),
+        Need::Libvirt => libvirt(),
         Need::Ksm => {
             if Path::new("/sys/kernel/mm/ksm/run").exists() {
                 Ok("KSM at /sys/kernel/mm/ksm".into())
@@ -415,6 +422,28 @@ fn nftables() -> Result<String, String> {
         "ip", "netns", "exec", &ns.0, "nft", "add", "table", "inet", "pctk",
     ])?;
     Ok("nft tables".into())
+}
+
+fn libvirt() -> Result<String, String> {
+    root()?;
+    run(&["libvirtd", "--version"])
+        .map_err(|e| format!("libvirtd (package libvirt-daemon): {e}"))?;
+    run(&["virsh", "--version"]).map_err(|e| format!("virsh (package libvirt-clients): {e}"))?;
+    let driver = Path::new("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver");
+    if driver.is_dir()
+        && !std::fs::read_dir(driver)
+            .map_err(|e| format!("{}: {e}", driver.display()))?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("qemu"))
+    {
+        return Err("libvirt's QEMU driver (package libvirt-daemon-driver-qemu)".into());
+    }
+    run(&["getent", "passwd", "libvirt-qemu"]).map_err(|_| {
+        "the user libvirt's QEMU driver expects, libvirt-qemu (scripts/setup.sh adds it)".to_owned()
+    })?;
+    run(&["unshare", "--version"]).map_err(|e| format!("unshare: {e}"))?;
+    run(&["nsenter", "--version"]).map_err(|e| format!("nsenter: {e}"))?;
+    Ok("libvirtd, virsh and its QEMU driver".into())
 }
 
 fn binutils() -> Result<String, String> {

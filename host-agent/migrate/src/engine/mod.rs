@@ -43,7 +43,7 @@ use crate::{
 };
 
 pub use stages::postcopy_refusal;
-pub use stream::{StreamEnd, StreamSource};
+pub use stream::{Started, StreamEnd, StreamSource};
 
 type Body = v1::migrate_frame::Body;
 

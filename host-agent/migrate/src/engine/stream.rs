@@ -6,13 +6,14 @@
 //! the stream and sending overlap.
 
 use std::collections::HashSet;
-use std::io::Read;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::io::{Read, Write};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::time::Duration;
 
 use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_pages::{ContentKey, PageHash};
 use pagecast_proto::v1;
+use pagecast_qemu::return_path::ReturnPath;
 use pagecast_qemu::{PAGE, Sink, StreamError, StreamStats};
 
 use super::{Body, Class, DestState, Fleet, Transfer};
@@ -27,6 +28,19 @@ const PARTS_IN_FLIGHT: usize = 8;
 /// Longest a destination may take, once the stream ended, to say its VM
 /// runs (it waits up to a minute for its QEMU to load the devices).
 const LOAD_WAIT: Duration = Duration::from_secs(75);
+/// How often an idle sending thread looks for the destination's return
+/// path.
+const RETURN_POLL: Duration = Duration::from_millis(10);
+
+/// A VM's stream as its source started it.
+pub struct Started {
+    /// The stream.
+    pub input: Box<dyn Read + Send>,
+    /// Where the destination's answers go back to the VM, if it asked for
+    /// them (QEMU's return path): the first destination's are relayed,
+    /// checked, as they come.
+    pub back: Option<Box<dyn Write + Send>>,
+}
 
 /// A VM's own migration stream, as the engine relays it.
 pub trait StreamSource {
@@ -35,7 +49,7 @@ pub trait StreamSource {
     fn start(
         &mut self,
         cancelled: &mut dyn FnMut() -> Option<String>,
-    ) -> Result<Box<dyn Read + Send>, MigrationError>;
+    ) -> Result<Started, MigrationError>;
 
     /// After the stream ended: how the source saw its end.
     fn settled(&mut self) -> Result<StreamEnd, MigrationError>;
@@ -56,6 +70,8 @@ pub struct StreamEnd {
 pub(crate) struct Relay<'a> {
     source: &'a mut dyn StreamSource,
     stats: StreamStats,
+    /// Per destination: its answer, if it came while the stream was sent.
+    early: std::collections::HashMap<usize, Body>,
 }
 
 impl<'a> Relay<'a> {
@@ -63,6 +79,7 @@ impl<'a> Relay<'a> {
         Relay {
             source,
             stats: StreamStats::default(),
+            early: Default::default(),
         }
     }
 }
@@ -84,34 +101,102 @@ struct Sent<'l> {
     link: Box<dyn MigrationLink + 'l>,
     bytes: u64,
     error: Option<MigrationError>,
-    /// The stream's last part was handed to the link (it may have gone
-    /// even if the link then failed).
+    /// The stream's last part was handed to the link, or its tail had
+    /// begun (the destination may have all of it and run the VM even if
+    /// the link then failed).
     last_tried: bool,
+    /// A frame other than the return path that came meanwhile (the
+    /// destination's answer), for the commit to read first.
+    early: Option<Body>,
 }
 
-fn sender(mut link: Box<dyn MigrationLink + '_>, rx: Receiver<v1::StreamPart>) -> Sent<'_> {
-    let mut bytes = 0;
-    let mut last_tried = false;
-    for p in rx {
-        last_tried = p.last;
-        let body = Body::Stream(p);
-        let n = wire_len(&body);
-        if let Err(e) = link.send(body) {
-            return Sent {
-                link,
-                bytes,
-                error: Some(e),
-                last_tried,
-            };
+/// The return path of one destination, relayed to the source VM (`to`) or,
+/// for the other destinations of a clone, dropped.
+struct Back {
+    to: Option<Box<dyn Write + Send>>,
+    check: ReturnPath,
+}
+
+impl Back {
+    /// Checks and relays `data`; an error fails this destination. What
+    /// the check refuses never reaches the source VM: it hears that its
+    /// destination failed (`SHUT` 1), fails its migration and runs on.
+    fn relay(&mut self, data: &[u8]) -> Result<(), MigrationError> {
+        if let Err(e) = self.check.push(data) {
+            if let Some(to) = &mut self.to {
+                let shut =
+                    pagecast_qemu::return_path::message(pagecast_qemu::return_path::RP_SHUT, 1);
+                let _ = to.write_all(&shut);
+            }
+            return Err(MigrationError::Stream {
+                code: v1::RefusalCode::Invalid,
+                reason: format!("the destination's QEMU answered: {e}"),
+            });
         }
-        bytes += n;
+        if let Some(to) = &mut self.to {
+            to.write_all(data).map_err(|e| MigrationError::Stream {
+                code: v1::RefusalCode::Internal,
+                reason: format!("relaying the destination's answer to the source QEMU: {e}"),
+            })?;
+        }
+        Ok(())
     }
-    Sent {
-        link,
-        bytes,
+}
+
+/// Sends `rx`'s parts on `link`; between parts, and while none comes,
+/// relays what the destination sends back (QEMU's return path: a source
+/// QEMU waits for its destination's word before it ends the stream).
+fn sender<'l>(
+    mut link: Box<dyn MigrationLink + 'l>,
+    rx: Receiver<(v1::StreamPart, bool)>,
+    mut back: Back,
+) -> Sent<'l> {
+    let mut sent = Sent {
+        link: Box::new(Detached),
+        bytes: 0,
         error: None,
-        last_tried,
-    }
+        last_tried: false,
+        early: None,
+    };
+    let mut ended = false;
+    let error = loop {
+        match rx.recv_timeout(RETURN_POLL) {
+            Ok((p, tail)) => {
+                // Once a part of the tail went, the destination may hold
+                // all of the stream.
+                sent.last_tried = p.last || tail;
+                let body = Body::Stream(p);
+                let n = wire_len(&body);
+                if let Err(e) = link.send(body) {
+                    break Some(e);
+                }
+                sent.bytes += n;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => ended = true,
+        }
+        if ended {
+            break None;
+        }
+        if sent.early.is_some() {
+            continue;
+        }
+        match link.poll_frame() {
+            Ok(None) => {}
+            Ok(Some(Body::ReturnPath(r))) => {
+                if let Err(e) = back.relay(&r.data) {
+                    sent.link = link;
+                    sent.error = Some(e);
+                    return sent;
+                }
+            }
+            Ok(Some(other)) => sent.early = Some(other),
+            Err(e) => break Some(e),
+        }
+    };
+    sent.link = link;
+    sent.error = error;
+    sent
 }
 
 impl Transfer for Relay<'_> {
@@ -128,8 +213,9 @@ impl Transfer for Relay<'_> {
         let held = held_sets(fleet, &alive);
         let held_count = held.iter().map(|h| h.len() as u64).sum();
         let mut cancelled = || hold.as_deref_mut().and_then(|h| h.cancelled());
-        let input = self.source.start(&mut cancelled)?;
-        let mut input = std::io::BufReader::with_capacity(256 << 10, input);
+        let started = self.source.start(&mut cancelled)?;
+        let mut input = std::io::BufReader::with_capacity(256 << 10, started.input);
+        let mut to_source = started.back;
         let key = fleet.vm.content_key();
         let links: Vec<Box<dyn MigrationLink + '_>> = alive
             .iter()
@@ -140,7 +226,12 @@ impl Transfer for Relay<'_> {
             let mut threads = Vec::with_capacity(links.len());
             for (link, held) in links.into_iter().zip(held) {
                 let (tx, rx) = sync_channel(PARTS_IN_FLIGHT);
-                threads.push(scope.spawn(move || sender(link, rx)));
+                // The first destination's answers reach the source VM.
+                let back = Back {
+                    to: to_source.take(),
+                    check: ReturnPath::new(),
+                };
+                threads.push(scope.spawn(move || sender(link, rx, back)));
                 outs.push(Out::new(tx, held));
             }
             let mut fan = Fan {
@@ -165,6 +256,9 @@ impl Transfer for Relay<'_> {
         for (k, (s, pages_held)) in sent.into_iter().zip(outs).enumerate() {
             let i = alive[k];
             fleet.dests[i].t.link = s.link;
+            if let Some(b) = s.early {
+                self.early.insert(i, b);
+            }
             fleet.count(s.bytes, Class::Pages);
             fleet.report.pages_local += pages_held;
             match s.error {
@@ -205,7 +299,11 @@ impl Transfer for Relay<'_> {
         let end = self.source.settled();
         for i in fleet.alive() {
             let d = &mut fleet.dests[i];
-            d.state = match d.t.link.recv(Some(LOAD_WAIT)) {
+            let answer = match self.early.remove(&i) {
+                Some(b) => Ok(b),
+                None => d.t.link.recv(Some(LOAD_WAIT)),
+            };
+            d.state = match answer {
                 Ok(Body::Resumed(r)) => {
                     d.progress_after = r.progress;
                     DestState::Done
@@ -261,7 +359,9 @@ fn held_sets(fleet: &Fleet, alive: &[usize]) -> Vec<HashSet<PageHash>> {
 
 /// One destination's part being built.
 struct Out {
-    tx: Option<SyncSender<v1::StreamPart>>,
+    tx: Option<SyncSender<(v1::StreamPart, bool)>>,
+    /// Its parts are of the stream's tail.
+    tail: bool,
     held: HashSet<PageHash>,
     data: Vec<u8>,
     held_at: Vec<u32>,
@@ -270,9 +370,10 @@ struct Out {
 }
 
 impl Out {
-    fn new(tx: SyncSender<v1::StreamPart>, held: HashSet<PageHash>) -> Self {
+    fn new(tx: SyncSender<(v1::StreamPart, bool)>, held: HashSet<PageHash>) -> Self {
         Out {
             tx: Some(tx),
+            tail: false,
             held,
             data: Vec::with_capacity(PART_BYTES + PAGE),
             held_at: Vec::new(),
@@ -299,7 +400,7 @@ impl Out {
             held: std::mem::take(&mut self.hashes).into(),
             last,
         };
-        if tx.send(p).is_err() || last {
+        if tx.send((p, self.tail)).is_err() || last {
             self.tx = None;
         }
     }
@@ -341,6 +442,17 @@ impl Fan<'_> {
 }
 
 impl Sink for Fan<'_> {
+    fn drain(&mut self) -> Result<(), StreamError> {
+        for o in &mut self.outs {
+            // What comes from now on is the tail: the devices' state.
+            o.tail = true;
+            if !o.data.is_empty() || !o.held_at.is_empty() {
+                o.flush(false);
+            }
+        }
+        Ok(())
+    }
+
     fn raw(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
         let mut rest = bytes;
         while !rest.is_empty() {
