@@ -69,6 +69,8 @@ pub struct ReplicaOpts {
     pub group: Option<std::sync::Arc<crate::host::Group>>,
     /// More arguments of `index serve`.
     pub extra: Vec<String>,
+    /// The IP it listens on (default 127.0.0.1).
+    pub ip: Option<String>,
 }
 
 /// Three replicas of `pagecast index serve`.
@@ -96,7 +98,7 @@ impl IndexCluster {
             .zip(1..=3)
             .map(|(o, id)| Replica {
                 id,
-                addr: format!("127.0.0.1:{}", free_port()),
+                addr: format!("{}:{}", o.ip.as_deref().unwrap_or("127.0.0.1"), free_port()),
                 dir: o.data.unwrap_or_else(|| dir.join(format!("replica{id}"))),
                 log: dir.join(format!("replica{id}.log")),
                 child: None,

@@ -40,7 +40,19 @@ impl Bridge {
     /// Creates bridge `name` with `SUBNET.254/24` in the test's namespace.
     pub fn new(name: &str, subnet: &str) -> Bridge {
         let _ = run(&["ip", "link", "del", name]);
-        run(&["ip", "link", "add", name, "type", "bridge"]).expect("a bridge");
+        // Flooding multicast: every host sees every cast (as a switch with
+        // snooping off does).
+        run(&[
+            "ip",
+            "link",
+            "add",
+            name,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])
+        .expect("a bridge");
         let b = Bridge {
             name: name.to_owned(),
             subnet: subnet.to_owned(),

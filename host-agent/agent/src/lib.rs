@@ -253,6 +253,8 @@ pub struct AgentConfig {
     /// Memory this host offers VMs, bytes (0: no bound): an arriving VM
     /// that does not fit is refused.
     pub capacity_bytes: u64,
+    /// This host's libvirt, if the agent drives it.
+    pub libvirt: Option<Libvirt>,
 }
 
 /// The agent's state.
@@ -276,6 +278,18 @@ pub struct Agent {
     /// Memory this host offers VMs, bytes (0: no bound): an arriving VM
     /// that would take more is refused.
     capacity: u64,
+    /// This host's libvirt, if it runs one the agent may drive.
+    libvirt: Option<Libvirt>,
+}
+
+/// A host's libvirt, as its agent drives it.
+#[derive(Clone, Debug)]
+pub struct Libvirt {
+    /// The URI other hosts reach it at (`qemu+tls://HOST/system`): what
+    /// a source's libvirt connects to when a domain migrates here.
+    pub uri: String,
+    /// The URI this agent reaches it at (`qemu:///system`).
+    pub local: String,
 }
 
 impl Agent {
@@ -311,7 +325,19 @@ impl Agent {
             cast_iface: Mutex::new(std::net::Ipv4Addr::LOCALHOST),
             domain_secret: None,
             capacity: 0,
+            libvirt: None,
         })
+    }
+
+    /// Names this host's libvirt: adopted QEMU VMs that are its domains
+    /// migrate through it, and `vm list` tells coordinators where it is.
+    pub fn set_libvirt(&mut self, libvirt: Libvirt) {
+        self.libvirt = Some(libvirt);
+    }
+
+    /// This host's libvirt, if named.
+    pub fn libvirt(&self) -> Option<&Libvirt> {
+        self.libvirt.as_ref()
     }
 
     /// Bounds the memory this host gives VMs (0: none): a migration in that
@@ -731,6 +757,11 @@ impl Agent {
             agent: self.name.clone(),
             vms: infos,
             content_entries: read(&self.content).len() as u64,
+            libvirt: self
+                .libvirt
+                .as_ref()
+                .map(|l| l.uri.clone())
+                .unwrap_or_default(),
         }
     }
 

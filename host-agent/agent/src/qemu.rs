@@ -61,6 +61,8 @@ const PARTS_IN_FLIGHT: usize = 8;
 pub struct QemuBackend {
     qmp: PathBuf,
     image: ImageFile,
+    /// The libvirt domain it is, if libvirt runs it here.
+    libvirt_domain: Option<String>,
     last_scan: Mutex<Option<Instant>>,
     /// How long the last scan took.
     scan_took: Mutex<Duration>,
@@ -93,6 +95,10 @@ impl QemuBackend {
 impl Backend for QemuBackend {
     fn kind(&self) -> v1::VmKind {
         v1::VmKind::Qemu
+    }
+
+    fn status(&self, info: &mut v1::VmInfo) {
+        info.libvirt_domain = self.libvirt_domain.clone().unwrap_or_default();
     }
 
     fn memory(&self) -> &dyn GuestMemory {
@@ -144,7 +150,8 @@ impl Backend for QemuBackend {
         hold: Option<&mut dyn Hold>,
     ) -> Result<(v1::MigrateResult, String), AgentError> {
         crate::refuse_postcopy(r.switchover, pagecast_migrate::engine::Mode::Move, false)?;
-        let route = route(r)?;
+        let virsh = self.virsh(out.agent, &out.vm.name, r)?;
+        let route = route(r, virsh.is_some())?;
         check_capabilities(&mut self.qmp()?, &out.vm.name)?;
         let ch = out
             .agent
@@ -157,6 +164,7 @@ impl Backend for QemuBackend {
         };
         let src = Outgoing { out, q: self };
         let mut stream = Stream::new(self, out, "out", route);
+        stream.virsh = virsh;
         let rep = pagecast_migrate::move_one(
             &src,
             Box::new(ChannelLink::new(ch)),
@@ -289,13 +297,171 @@ impl SourceVm for Outgoing<'_> {
     }
 }
 
+impl QemuBackend {
+    /// The migration libvirt runs for this agent, if `r` names the
+    /// destination's libvirt: checked against this VM and this host.
+    fn virsh(
+        &self,
+        agent: &Agent,
+        name: &str,
+        r: &v1::MigrateRequest,
+    ) -> Result<Option<Virsh>, AgentError> {
+        if r.libvirt_to.is_empty() {
+            return Ok(None);
+        }
+        let Some(domain) = &self.libvirt_domain else {
+            return Err(AgentError::BadRequest(format!(
+                "QEMU VM {name} is no libvirt domain here (adopt it with --libvirt-domain)"
+            )));
+        };
+        let Some(libvirt) = agent.libvirt() else {
+            return Err(AgentError::BadRequest(
+                "this agent drives no libvirt (start it with --libvirt URI)".into(),
+            ));
+        };
+        let to = libvirt_uri(&r.libvirt_to)?;
+        let listen = loopback(&r.qemu_listen, "--qemu-listen")?;
+        let connect = loopback(&r.qemu_connect, "the destination QEMU's address")?;
+        Ok(Some(Virsh {
+            local: libvirt.local.clone(),
+            domain: domain.clone(),
+            to: to.to_owned(),
+            migrateuri: format!("tcp:{listen}"),
+            listen_address: connect.ip().to_string(),
+            child: None,
+        }))
+    }
+}
+
+/// `to` if it can be a libvirt URI given to virsh as one argument: not
+/// empty, at most 512 bytes, no blank or control character, not taken
+/// for an option.
+fn libvirt_uri(to: &str) -> Result<&str, AgentError> {
+    if to.is_empty()
+        || to.len() > 512
+        || to.starts_with('-')
+        || to.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(AgentError::BadRequest(format!(
+            "{to:?} is not a libvirt URI (qemu+tls://HOST/system)"
+        )));
+    }
+    Ok(to)
+}
+
+/// Most bytes of virsh's error kept for the report.
+const VIRSH_SAID: usize = 4096;
+/// Longest `virsh migrate` may take once QEMU's stream ended: libvirt's
+/// finish and confirm steps.
+const VIRSH_WAIT: Duration = Duration::from_secs(90);
+
+/// A live migration of a libvirt domain, run by this host's libvirt:
+/// `virsh -c LOCAL migrate --live DOMAIN TO --migrateuri tcp:ADDR:PORT
+/// --listen-address ADDR`, whose QEMU streams to this agent's loopback
+/// port, and whose destination QEMU listens on the destination host's.
+struct Virsh {
+    local: String,
+    domain: String,
+    to: String,
+    migrateuri: String,
+    listen_address: String,
+    child: Option<std::process::Child>,
+}
+
+impl Virsh {
+    /// Starts `virsh migrate`.
+    fn start(&mut self) -> Result<(), AgentError> {
+        let child = std::process::Command::new("virsh")
+            .args([
+                "-c",
+                &self.local,
+                "migrate",
+                "--live",
+                &self.domain,
+                &self.to,
+            ])
+            .args(["--migrateuri", &self.migrateuri])
+            .args(["--listen-address", &self.listen_address])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                AgentError::Qemu(format!("cannot run virsh (package libvirt-clients): {e}"))
+            })?;
+        info!(
+            "QEMU VM {}: virsh -c {} migrate --live {} {} --migrateuri {} --listen-address {}",
+            self.domain, self.local, self.domain, self.to, self.migrateuri, self.listen_address
+        );
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// virsh's failure, if it has ended and failed (`None` while it runs
+    /// or after it succeeded).
+    fn failed(&mut self) -> Option<String> {
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(st)) if !st.success() => Some(self.said(st)),
+            _ => None,
+        }
+    }
+
+    /// Waits for virsh to end (at most `within`): `Err` with what it said
+    /// if it failed or did not end.
+    fn wait(&mut self, within: Duration) -> Result<(), String> {
+        let Some(c) = self.child.as_mut() else {
+            return Ok(());
+        };
+        let until = Instant::now() + within;
+        loop {
+            match c.try_wait() {
+                Ok(Some(st)) if st.success() => return Ok(()),
+                Ok(Some(st)) => return Err(self.said(st)),
+                Ok(None) if Instant::now() > until => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return Err(format!("virsh migrate did not end within {within:?}"));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(format!("waiting for virsh: {e}")),
+            }
+        }
+    }
+
+    fn said(&mut self, st: std::process::ExitStatus) -> String {
+        let mut text = String::new();
+        if let Some(err) = self.child.as_mut().and_then(|c| c.stderr.as_mut()) {
+            let _ = err.take(VIRSH_SAID as u64).read_to_string(&mut text);
+        }
+        format!("virsh migrate failed ({st}): {}", text.trim())
+    }
+}
+
+impl Drop for Virsh {
+    fn drop(&mut self) {
+        // A migration given up here: libvirt aborts it when its client
+        // goes, and the guest runs on at the source.
+        if let Some(c) = self.child.as_mut()
+            && matches!(c.try_wait(), Ok(None))
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// The libvirt route, if `r` asks for it: the loopback port to wait on for
-/// QEMU's stream, and how long.
-fn route(r: &v1::MigrateRequest) -> Result<Option<(TcpListener, Duration)>, AgentError> {
+/// QEMU's stream, and how long. `driven`: this agent starts it through
+/// libvirt itself, so it may be held in a gang job.
+fn route(
+    r: &v1::MigrateRequest,
+    driven: bool,
+) -> Result<Option<(TcpListener, Duration)>, AgentError> {
     if r.qemu_listen.is_empty() {
         return Ok(None);
     }
-    if r.hold {
+    if r.hold && !driven {
         return Err(AgentError::BadRequest(
             "a QEMU VM migrated by libvirt (--qemu-listen) moves on its own, not in a gang job"
                 .into(),
@@ -324,6 +490,8 @@ struct Stream<'a> {
     qmp: Option<Qmp>,
     route: Option<(TcpListener, Duration)>,
     sock: PathBuf,
+    /// On the libvirt route, the migration this agent has libvirt run.
+    virsh: Option<Virsh>,
 }
 
 impl<'a> Stream<'a> {
@@ -339,6 +507,7 @@ impl<'a> Stream<'a> {
             qmp: None,
             route,
             sock: socket_path(out.agent, &out.vm.name, dir),
+            virsh: None,
         }
     }
 
@@ -388,7 +557,12 @@ impl StreamSource for Stream<'_> {
             self.name,
             l.local_addr().map(|a| a.to_string()).unwrap_or_default()
         );
-        let s = accept_qemu(l, *wait, cancelled).map_err(stream_err)?;
+        if let Some(v) = &mut self.virsh {
+            v.start().map_err(stream_err)?;
+        }
+        let virsh = &mut self.virsh;
+        let mut stopped = || cancelled().or_else(|| virsh.as_mut().and_then(Virsh::failed));
+        let s = accept_qemu(l, *wait, &mut stopped).map_err(stream_err)?;
         // Whoever started it set QEMU's capabilities just before.
         let name = self.name;
         let checked = check_capabilities(self.qmp().map_err(stream_err)?, name);
@@ -405,14 +579,32 @@ impl StreamSource for Stream<'_> {
     }
 
     fn settled(&mut self) -> Result<StreamEnd, MigrationError> {
-        let q = self.qmp().map_err(stream_err)?;
-        let settled = settled_migration(q);
+        let settled = self.qmp().and_then(settled_migration);
         self.qmp = None;
-        let (status, m) = settled.map_err(stream_err)?;
-        Ok(StreamEnd {
-            completed: status == "completed",
-            status,
-            downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),
+        let Some(v) = &mut self.virsh else {
+            let (status, m) = settled.map_err(stream_err)?;
+            return Ok(StreamEnd {
+                completed: status == "completed",
+                status,
+                downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),
+            });
+        };
+        // libvirt ends it: its confirm step stops the source QEMU (QMP may
+        // be gone by now), and virsh says how it went.
+        let downtime_ms = settled
+            .as_ref()
+            .map_or(0.0, |(_, m)| m["downtime"].as_f64().unwrap_or(0.0));
+        Ok(match v.wait(VIRSH_WAIT) {
+            Ok(()) => StreamEnd {
+                completed: true,
+                status: "completed".into(),
+                downtime_ms,
+            },
+            Err(why) => StreamEnd {
+                completed: false,
+                status: why,
+                downtime_ms,
+            },
         })
     }
 }
@@ -581,6 +773,16 @@ impl Agent {
             return Err(AgentError::BadName(r.name.clone()));
         }
         let key = self.domain_key(&r.domain)?;
+        if !r.libvirt_domain.is_empty() {
+            if r.incoming {
+                return Err(AgentError::BadRequest(
+                    "--libvirt-domain: libvirt starts the destination's QEMU of a domain itself; adopt only the running one".into(),
+                ));
+            }
+            if !pagecast_proto::name_ok(&r.libvirt_domain) {
+                return Err(AgentError::BadName(r.libvirt_domain.clone()));
+            }
+        }
         let image = ImageFile::open(&r.memory_file).map_err(|e| {
             AgentError::BadRequest(format!(
                 "--memory-file {}: {e} (start QEMU with -object memory-backend-file,...,mem-path=FILE,share=on)",
@@ -616,6 +818,7 @@ impl Agent {
             Box::new(QemuBackend {
                 qmp: PathBuf::from(&r.qmp),
                 image,
+                libvirt_domain: (!r.libvirt_domain.is_empty()).then(|| r.libvirt_domain.clone()),
                 last_scan: Mutex::new(None),
                 scan_took: Mutex::new(Duration::ZERO),
             }),
@@ -781,7 +984,7 @@ impl Agent {
         &self,
         link: &mut dyn MigrationLink,
         begin: &v1::MigrateBegin,
-        job: &crate::jobs::Job,
+        job: &Arc<crate::jobs::Job>,
     ) -> Result<IncomingReport, AgentError> {
         // Only a QEMU the operator named in the job: never another local
         // port a source names.
@@ -791,19 +994,26 @@ impl Agent {
             Ok(a) => a,
             Err(e) => return refuse_begin(link, e),
         };
-        if begin.held {
-            return refuse_begin(
-                link,
-                AgentError::BadRequest(
-                    "a QEMU VM migrated by libvirt moves on its own, not held in a gang job".into(),
-                ),
-            );
-        }
-        let mut events = NoSlotEvents;
+        // Held in a gang job (an evacuation the source agent has libvirt
+        // run): the job's casts and fetches land here as for any arrival.
+        let (local, mut slots, mut none) = (
+            JobContent { agent: self, job },
+            JobSlots {
+                agent: self,
+                job: job.clone(),
+            },
+            NoSlotEvents,
+        );
+        let (content, events): (&dyn pagecast_migrate::LocalContent, &mut dyn SlotEvents) =
+            if begin.held {
+                (&local, &mut slots)
+            } else {
+                (self, &mut none)
+            };
         let mut arrival =
-            pagecast_migrate::receive_front(link, begin, self, &mut events, Shape::Contents)?;
+            pagecast_migrate::receive_front(link, begin, content, events, Shape::Contents)?;
         let fed = route_feed(&mut arrival, at);
-        end_arrival(&mut arrival, &mut events, fed, |bytes, held| {
+        end_arrival(&mut arrival, events, fed, |bytes, held| {
             format!(
                 "QEMU VM {} handed to the QEMU on tcp:{at}: {bytes} stream bytes, {held} pages from this host",
                 begin.vm
@@ -1087,14 +1297,18 @@ mod tests {
             ..Default::default()
         };
         // No listen address: the agent's own route, nothing bound here.
-        assert!(route(&v1::MigrateRequest::default()).unwrap().is_none());
+        assert!(
+            route(&v1::MigrateRequest::default(), false)
+                .unwrap()
+                .is_none()
+        );
         r.hold = true;
-        let e = route(&r).unwrap_err().to_string();
+        let e = route(&r, false).unwrap_err().to_string();
         assert!(e.contains("not in a gang job"), "{e}");
         r.hold = false;
         r.qemu_listen = "127.0.0.1:1".into();
         r.qemu_connect = "192.0.2.1:5".into();
-        let e = route(&r).unwrap_err().to_string();
+        let e = route(&r, false).unwrap_err().to_string();
         assert!(e.contains("--qemu-connect"), "{e}");
         // A free port of our own: bound, with the default wait.
         let port = TcpListener::bind("127.0.0.1:0")
@@ -1104,13 +1318,31 @@ mod tests {
             .port();
         r.qemu_listen = format!("127.0.0.1:{port}");
         r.qemu_connect = "127.0.0.1:49153".into();
-        let (l, wait) = route(&r).unwrap().unwrap();
+        let (l, wait) = route(&r, false).unwrap().unwrap();
         assert_eq!(l.local_addr().unwrap().port(), port);
         assert_eq!(wait, Duration::from_secs(300));
         r.qemu_wait_s = 7;
         drop(l);
-        let (_, wait) = route(&r).unwrap().unwrap();
+        let (l, wait) = route(&r, false).unwrap().unwrap();
         assert_eq!(wait, Duration::from_secs(7));
+        drop(l);
+        // One this agent has libvirt run may be held in a job.
+        r.hold = true;
+        assert!(route(&r, true).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_libvirt_uri_is_one_argument_never_an_option() {
+        assert!(libvirt_uri("qemu+tls://host-b/system").is_ok());
+        for bad in [
+            "",
+            "--p2p",
+            "qemu+ssh://b/system --unsafe",
+            "qemu://b/system\n",
+        ] {
+            assert!(libvirt_uri(bad).is_err(), "{bad:?}");
+        }
+        assert!(libvirt_uri(&"q".repeat(600)).is_err());
     }
 
     #[test]

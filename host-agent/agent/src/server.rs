@@ -71,6 +71,9 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
     }
     agent.set_domain_secret(config.domain_secret.clone());
     agent.set_capacity(config.capacity_bytes);
+    if let Some(l) = config.libvirt.clone() {
+        agent.set_libvirt(l);
+    }
     agent.set_cast_iface(
         config
             .cast_iface

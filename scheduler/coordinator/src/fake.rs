@@ -591,6 +591,7 @@ impl AgentApi for FakeCluster {
         let st = lock(&self.s.state);
         let h = st.host_of_addr(agent)?;
         Ok(v1::VmList {
+            libvirt: String::new(),
             agent: h.name.clone(),
             vms: st
                 .vms

@@ -1,15 +1,19 @@
 //! A real libvirt: two `libvirtd` daemons on one machine as two hosts
 //! (`pagecast_tests::libvirt`), TCG domains defined from docs/qemu.md's
-//! XML, agents inside the hosts' namespaces. libvirt migrates a domain
-//! itself (`virsh migrate --live`), once directly and once through
-//! pagecast's route, in the same run: the domain runs at its destination
-//! according to libvirt, and fewer bytes leave the source through pagecast.
+//! XML, agents inside the hosts' namespaces, the index in the test's.
+//! libvirt migrates a domain itself (`virsh migrate --live`), once directly
+//! and once through pagecast's route, in the same run: the domain runs at
+//! its destination according to libvirt, and fewer bytes leave the source
+//! through pagecast. Then `pagecast evacuate` empties a host running two
+//! libvirt domains: its agent has libvirt move each, through pagecast.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pagecast_testkit::{Need, needs};
-use pagecast_tests::cluster::{AgentProc, cli, cli_json, free_port};
+use pagecast_tests::cluster::{
+    AgentProc, IndexCluster, ReplicaOpts, cli, cli_json, eventually, free_port,
+};
 use pagecast_tests::libvirt::{Bridge, LibvirtHost, domain_xml, ticks};
 
 /// Guest memory of each domain.
@@ -39,25 +43,31 @@ fn boot(dir: &Path, host: &LibvirtHost, name: &str, kernel: &Path) {
 }
 
 /// Adopts libvirt's domain `name` on `host` into `agent`, as docs/qemu.md
-/// says: its RAM file under the host's memory_backing_dir, its own QMP.
-fn adopt(dir: &Path, host: &LibvirtHost, agent: &AgentProc, name: &str) {
+/// says: its RAM file under the host's memory_backing_dir, its own QMP;
+/// `domain`: as a libvirt domain that evacuations move through libvirt.
+fn adopt(dir: &Path, host: &LibvirtHost, agent: &AgentProc, name: &str, domain: bool) {
     let ram = host.ram_file(name).display().to_string();
     let qmp = format!("/run/pagecast/{name}.qmp");
-    cli_json(
-        dir,
-        &[
-            "vm",
-            "adopt",
-            "--agent",
-            &agent.addr,
-            "--name",
-            name,
-            "--qmp",
-            &qmp,
-            "--memory-file",
-            &ram,
-            "--json",
-        ],
+    let mut args = vec![
+        "vm",
+        "adopt",
+        "--agent",
+        &agent.addr,
+        "--name",
+        name,
+        "--qmp",
+        &qmp,
+        "--memory-file",
+        &ram,
+        "--json",
+    ];
+    if domain {
+        args.extend(["--libvirt-domain", name]);
+    }
+    let v = cli_json(dir, &args);
+    assert_eq!(
+        v["libvirt_domain"].as_str().unwrap_or(""),
+        if domain { name } else { "" }
     );
 }
 
@@ -105,24 +115,43 @@ fn libvirt_migrates_a_domain_through_pagecast_with_fewer_bytes_than_its_own() {
     let bridge = Bridge::new("pclbr0", "10.213.7");
     let h1 = LibvirtHost::start(&bridge, dir, "lvh1", 1);
     let h2 = LibvirtHost::start(&bridge, dir, "lvh2", 2);
-    let a = AgentProc::start_in(
-        dir,
-        "lvh1",
-        &format!("{}:{}", h1.addr, free_port()),
-        h1.enter(),
-        &[],
+    // The index where both hosts reach it: on the bridge.
+    let idx = IndexCluster::start_with(
+        &dir.join("index"),
+        2,
+        vec![
+            ReplicaOpts {
+                ip: Some(bridge.addr()),
+                ..ReplicaOpts::default()
+            };
+            3
+        ],
     );
-    let b = AgentProc::start_in(
-        dir,
-        "lvh2",
-        &format!("{}:{}", h2.addr, free_port()),
-        h2.enter(),
-        &[],
-    );
+    let addrs = idx.addrs();
+    let agent = |h: &LibvirtHost, rack: &str| {
+        AgentProc::start_in(
+            dir,
+            &h.name,
+            &format!("{}:{}", h.addr, free_port()),
+            h.enter(),
+            &[
+                "--index",
+                &addrs,
+                "--rack",
+                rack,
+                "--link",
+                "10G",
+                "--libvirt",
+                &h.uri(),
+            ],
+        )
+    };
+    let a = agent(&h1, "r1");
+    let b = agent(&h2, "r2");
     // A resident of the same image at the destination, adopted there: its
     // pages are what the destination holds.
     boot(dir, &h2, "resident", &kernel);
-    adopt(dir, &h2, &b, "resident");
+    adopt(dir, &h2, &b, "resident", false);
     boot(dir, &h1, "guest", &kernel);
 
     // libvirt's own migration there and back: the baseline, same domain,
@@ -135,7 +164,7 @@ fn libvirt_migrates_a_domain_through_pagecast_with_fewer_bytes_than_its_own() {
     // Through pagecast: the source agent takes the stream on a loopback
     // port of h1, the destination agent hands it to the QEMU libvirt
     // starts on h2's loopback. libvirt turns QEMU's return path on.
-    adopt(dir, &h1, &a, "guest");
+    adopt(dir, &h1, &a, "guest", false);
     let port = free_port();
     let route = format!("127.0.0.1:{port}");
     let before = h1.sent_bytes();
@@ -208,5 +237,77 @@ fn libvirt_migrates_a_domain_through_pagecast_with_fewer_bytes_than_its_own() {
     assert!(
         (through as f64) < 0.8 * direct as f64,
         "through pagecast {through} bytes, libvirt directly {direct}"
+    );
+
+    evacuate_two_domains(dir, &kernel, &h1, &h2, &a, &addrs, direct);
+}
+
+/// `pagecast evacuate` of `h1` running two libvirt domains of the image,
+/// adopted as such: the planner places them, `h1`'s agent has libvirt
+/// migrate each to `h2`, held in the job, their streams through pagecast
+/// with what `h2` holds as hashes. libvirt reports both running at `h2`;
+/// less leaves `h1` than libvirt's own migration of one domain (`direct`)
+/// for each.
+fn evacuate_two_domains(
+    dir: &Path,
+    kernel: &Path,
+    h1: &LibvirtHost,
+    h2: &LibvirtHost,
+    a: &AgentProc,
+    addrs: &str,
+    direct: u64,
+) {
+    let names = ["e1", "e2"];
+    for n in names {
+        boot(dir, h1, n, kernel);
+        adopt(dir, h1, a, n, true);
+    }
+    eventually(Duration::from_secs(30), "the domains published", || {
+        let out = cli(dir, &["hosts", "--index", addrs, "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if names.iter().all(|n| text.contains(&format!("\"{n}\""))) {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    let before = h1.sent_bytes();
+    let out = cli(
+        dir,
+        &[
+            "evacuate", "--index", addrs, "--from", "lvh1", "--to", "lvh2", "--json",
+        ],
+    );
+    let sent = h1.sent_bytes() - before;
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(
+        out.status.success() && rep["ok"] == true,
+        "evacuate failed: {}\n{rep:#}\nsource agent:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log()
+    );
+    for n in names {
+        assert_eq!(h2.domstate(n), "running", "{n} at lvh2");
+        assert!(
+            h1.domstate(n).contains("failed to get domain"),
+            "{n} still at lvh1: {}",
+            h1.domstate(n)
+        );
+    }
+    println!(
+        "evacuating two domains: {sent} bytes left lvh1 ({:.2}x libvirt's own migration of one); by class {}",
+        sent as f64 / direct as f64,
+        rep["bytes_by_class"]
+    );
+    let kinds: Vec<&str> = rep["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["qemu", "qemu"], "{rep:#}");
+    assert!(
+        (sent as f64) < 2.0 * 0.8 * direct as f64,
+        "evacuating two domains sent {sent} bytes; libvirt sends {direct} for one"
     );
 }

@@ -107,6 +107,23 @@ pub struct AgentArgs {
     /// /sys/kernel/mm/ksm/run is 1, which the host's administrator sets.
     #[arg(long)]
     no_ksm: bool,
+
+    /// This host's libvirt as other hosts reach it (e.g.
+    /// qemu+tls://host-a/system). Adopted QEMU VMs that are its domains
+    /// (`vm adopt --libvirt-domain`) are evacuated with `virsh migrate`,
+    /// their stream through pagecast, and evacuations may send libvirt
+    /// domains here (docs/qemu.md).
+    #[arg(long, value_name = "URI")]
+    libvirt: Option<String>,
+
+    /// How this agent reaches its own host's libvirt.
+    #[arg(
+        long,
+        value_name = "URI",
+        default_value = "qemu:///system",
+        requires = "libvirt"
+    )]
+    libvirt_local: String,
 }
 
 /// The machine's memory, bytes (0 if unknown).
@@ -206,6 +223,10 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
             })
             .transpose()?,
         domain_secret,
+        libvirt: a.libvirt.map(|uri| pagecast_agent::Libvirt {
+            uri,
+            local: a.libvirt_local,
+        }),
     };
     server::serve(config, |addr| {
         let mut out = std::io::stdout().lock();
@@ -293,6 +314,13 @@ struct VmAdoptArgs {
     /// Adopt it even though the host is cordoned (`pagecast cordon`).
     #[arg(long)]
     force: bool,
+
+    /// The libvirt domain this QEMU is (libvirt runs it on this host): an
+    /// evacuation moves it with this host's libvirt (`virsh migrate`, its
+    /// stream through pagecast) to a host whose agent names its libvirt
+    /// (`agent --libvirt`); no QEMU need wait there.
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "incoming")]
+    libvirt_domain: Option<String>,
 
     #[command(flatten)]
     tls: TlsArg,
@@ -468,6 +496,8 @@ struct VmOut<'a> {
     domain: &'a str,
     kind: &'a str,
     identity: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    libvirt_domain: &'a str,
 }
 
 fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
@@ -482,6 +512,7 @@ fn vm_out(v: &v1::VmInfo) -> VmOut<'_> {
         domain: pagecast_pages::domain::normalize(&v.domain),
         kind: names::kind(v.kind()),
         identity: &v.identity,
+        libvirt_domain: &v.libvirt_domain,
     }
 }
 
@@ -527,6 +558,7 @@ pub fn run_vm(a: VmArgs) -> anyhow::Result<()> {
                 incoming: a.incoming,
                 domain: a.domain,
                 force: a.force,
+                libvirt_domain: a.libvirt_domain.unwrap_or_default(),
             })?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&vm_out(&v))?);

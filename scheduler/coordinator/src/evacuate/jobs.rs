@@ -66,11 +66,20 @@ pub(super) fn open(
 ) -> Vec<String> {
     let mut opened = Vec::new();
     for (host, peers) in peers_of(prep) {
+        // The QEMUs libvirt starts here for the job's domains: the only
+        // local addresses this agent may feed a stream into.
+        let qemu_connect = prep
+            .moving
+            .iter()
+            .filter(|m| m.to == host)
+            .filter_map(|m| m.libvirt.as_ref())
+            .map(|l| format!("127.0.0.1:{}", l.port))
+            .collect();
         let r = v1::JobOpen {
             job: job.to_owned(),
             peers,
             deadline_ms: DEADLINE.as_millis() as u64,
-            qemu_connect: Vec::new(),
+            qemu_connect,
         };
         match svc.agents.open_job(prep.address(&host), r) {
             Ok(_) => opened.push(host),
@@ -127,16 +136,19 @@ mod tests {
                 name: "v1".into(),
                 from: "a".into(),
                 to: "x".into(),
+                libvirt: None,
             },
             super::super::Moving {
                 name: "v2".into(),
                 from: "a".into(),
                 to: "y".into(),
+                libvirt: None,
             },
             super::super::Moving {
                 name: "v3".into(),
                 from: "b".into(),
                 to: "x".into(),
+                libvirt: None,
             },
         ];
         let prep = Prepared {

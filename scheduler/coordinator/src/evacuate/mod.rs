@@ -133,7 +133,23 @@ struct Moving {
     name: String,
     from: String,
     to: String,
+    /// A libvirt domain: moved by its source host's libvirt, its stream
+    /// through pagecast.
+    libvirt: Option<LibvirtMove>,
 }
+
+/// How a libvirt domain moves: its destination host's libvirt, and the
+/// loopback port its QEMUs stream on at both ends.
+#[derive(Debug, Clone)]
+struct LibvirtMove {
+    uri: String,
+    port: u16,
+}
+
+/// The first loopback port given a libvirt domain's stream (libvirt's own
+/// default range for migrations starts here); each domain of a job has
+/// its own.
+const LIBVIRT_PORT: u16 = 49152;
 
 /// Everything decided before anything moves.
 struct Prepared {

@@ -158,6 +158,11 @@ struct Model {
     host_vms: HashMap<HostIdx, Vec<VmIdx>>,
     /// The VMs on the hosts being emptied.
     moving: Vec<VmIdx>,
+    /// Adopted QEMU VMs that are libvirt domains with no waiting QEMU:
+    /// libvirt moves them.
+    libvirt_vms: HashSet<VmIdx>,
+    /// The destinations' libvirt URIs, where their agents name one.
+    libvirt_uris: HashMap<HostIdx, String>,
 }
 
 impl Model {
@@ -234,6 +239,8 @@ impl Model {
             sketches,
             host_vms,
             moving,
+            libvirt_vms: HashSet::new(),
+            libvirt_uris: HashMap::new(),
         }
     }
 
@@ -300,30 +307,37 @@ fn exact_contents(
 }
 
 /// Pins each adopted QEMU VM to the destination where the operator started
-/// its waiting QEMU (adopted there with `--incoming` under the same name).
+/// its waiting QEMU (adopted there with `--incoming` under the same name);
+/// a libvirt domain with none is left to the planner, its destination's
+/// libvirt to start one (every destination must name its libvirt).
 fn pin_qemu_vms(
     svc: &Services,
     view: &ClusterView,
     model: &mut Model,
     qemu_vms: &[VmIdx],
 ) -> Result<(), CoordError> {
-    let mut waiting: HashMap<String, Vec<HostIdx>> = HashMap::new();
-    for &d in &model.evac.to {
-        let h = &model.cluster.hosts[d].name;
+    let list = |h: &str| {
         let addr = &view.host(h).expect("known").address;
-        let list = svc
-            .agents
+        svc.agents
             .vm_list(addr)
             .map_err(|source| CoordError::Agent {
-                host: h.clone(),
+                host: h.to_owned(),
                 source,
-            })?;
-        for v in list.vms {
+            })
+    };
+    let mut waiting: HashMap<String, Vec<HostIdx>> = HashMap::new();
+    for &d in &model.evac.to {
+        let l = list(&model.cluster.hosts[d].name)?;
+        if !l.libvirt.is_empty() {
+            model.libvirt_uris.insert(d, l.libvirt);
+        }
+        for v in l.vms {
             if v.kind() == VmKind::Qemu && v.state() == HostedVmState::Incoming {
                 waiting.entry(v.name).or_default().push(d);
             }
         }
     }
+    let domains = libvirt_domains(model, qemu_vms, list)?;
     for &v in qemu_vms {
         let name = &model.cluster.vms[v].name;
         match waiting.get(name).map(Vec::as_slice) {
@@ -338,14 +352,56 @@ fn pin_qemu_vms(
                         .join(", ")
                 )));
             }
+            None if domains.contains(&v) => {
+                let lacking: Vec<&str> = model
+                    .evac
+                    .to
+                    .iter()
+                    .filter(|d| !model.libvirt_uris.contains_key(d))
+                    .map(|&d| model.cluster.hosts[d].name.as_str())
+                    .collect();
+                if !lacking.is_empty() {
+                    return Err(CoordError::Invalid(format!(
+                        "QEMU VM {name} is a libvirt domain, and {} name no libvirt (`pagecast agent --libvirt URI`): evacuate --to hosts that do",
+                        lacking.join(", ")
+                    )));
+                }
+                model.libvirt_vms.insert(v);
+            }
             None => {
                 return Err(CoordError::Invalid(format!(
-                    "QEMU VM {name} has no waiting QEMU on any destination: start one with -incoming defer on the host it should go to and adopt it there with `pagecast vm adopt --incoming --name {name}` (docs/qemu.md)"
+                    "QEMU VM {name} has no waiting QEMU on any destination: start one with -incoming defer on the host it should go to and adopt it there with `pagecast vm adopt --incoming --name {name}`, or, for a libvirt domain, adopt it with --libvirt-domain (docs/qemu.md)"
                 )));
             }
         }
     }
     Ok(())
+}
+
+/// Which of `qemu_vms` their source agents know as libvirt domains.
+fn libvirt_domains(
+    model: &Model,
+    qemu_vms: &[VmIdx],
+    list: impl Fn(&str) -> Result<pagecast_proto::v1::VmList, CoordError>,
+) -> Result<HashSet<VmIdx>, CoordError> {
+    let mut sources: Vec<HostIdx> = qemu_vms
+        .iter()
+        .map(|&v| model.cluster.vms[v].host)
+        .collect();
+    sources.sort_unstable();
+    sources.dedup();
+    let mut domains = HashSet::new();
+    for s in sources {
+        let l = list(&model.cluster.hosts[s].name)?;
+        for info in l.vms.iter().filter(|i| !i.libvirt_domain.is_empty()) {
+            if let Some(&v) = qemu_vms.iter().find(|&&v| {
+                model.cluster.vms[v].host == s && model.cluster.vms[v].name == info.name
+            }) {
+                domains.insert(v);
+            }
+        }
+    }
+    Ok(domains)
 }
 
 /// Who holds the moving VMs' contents, from the index, by host.
@@ -525,6 +581,7 @@ fn prepared(
     spec: &EvacuateSpec,
 ) -> Prepared {
     let cluster = &model.cluster;
+    let mut port = super::LIBVIRT_PORT;
     let moving: Vec<Moving> = plan
         .placement()
         .into_iter()
@@ -532,6 +589,13 @@ fn prepared(
             name: cluster.vms[v].name.clone(),
             from: cluster.hosts[cluster.vms[v].host].name.clone(),
             to: cluster.hosts[d].name.clone(),
+            libvirt: model.libvirt_vms.contains(&v).then(|| {
+                port += 1;
+                super::LibvirtMove {
+                    uri: model.libvirt_uris[&d].clone(),
+                    port: port - 1,
+                }
+            }),
         })
         .collect();
     let cost = if spec.method == Method::Precopy {

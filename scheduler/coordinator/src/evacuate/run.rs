@@ -182,9 +182,19 @@ impl<'a> Run<'a> {
                 bandwidth_bps.min(share)
             };
         }
+        // A libvirt domain: its source agent has libvirt migrate it, the
+        // stream on the same loopback port at both ends.
+        let (qemu_listen, libvirt_to, qemu_wait_s) = match &m.libvirt {
+            Some(l) => (format!("127.0.0.1:{}", l.port), l.uri.clone(), 120),
+            None => Default::default(),
+        };
         v1::MigrateRequest {
             vm: m.name.clone(),
             to: self.prep.address(&m.to).to_owned(),
+            qemu_connect: qemu_listen.clone(),
+            qemu_listen,
+            libvirt_to,
+            qemu_wait_s,
             bandwidth_bps,
             max_downtime_ms: self.spec.max_downtime_ms,
             verify_full: false,
@@ -197,7 +207,6 @@ impl<'a> Run<'a> {
             } else {
                 v1::SwitchoverMode::Precopy as i32
             },
-            ..Default::default()
         }
     }
 

@@ -1126,6 +1126,7 @@ fn waves_bound_each_host() {
         name: format!("{from}>{to}"),
         from: from.into(),
         to: to.into(),
+        libvirt: None,
     };
     let moving = vec![
         m("a1", "b1"),
