@@ -4,8 +4,9 @@
 # synthetic families (VMs of one family share content, as clones of one
 # template do). It shows the cluster as the index sees it, asks for
 # placement advice, plans the evacuation of rack A, evacuates it (every
-# unique page sent once, multicast, each VM verified) with a report, and
-# clones one VM to three hosts. One VM (web2) runs in a dedup domain of
+# unique page sent once, multicast, each VM verified) with a report while
+# a host of rack B is cordoned, and clones one VM to three hosts, each
+# clone with an identity of its own. One VM (web2) runs in a dedup domain of
 # its own, tenant-b: its memory is the web template's, yet it shares
 # nothing with the other VMs, and the plan's savings show the cost.
 # Everything it starts is stopped when it ends, Ctrl-C included.
@@ -123,13 +124,20 @@ echo "== web2 is a web VM too, but in dedup domain $tenant: pages are shared onl
 "$pagecast" advise --vm web2 --top 3
 "$pagecast" vm list --agent "${addr[a2]}"
 
+echo "== b3 is next for maintenance: cordoned, so no plan sends it VMs" >&2
+"$pagecast" cordon b3
+"$pagecast" hosts
+
 echo "== the plan for evacuating rack A (nothing moves)" >&2
 "$pagecast" evacuate --from a1,a2 --dry-run --no-progress
 
 echo "== evacuating rack A" >&2
 "$pagecast" evacuate --from a1,a2 --max-downtime 300
 
-echo "== cloning web0 to three hosts, live" >&2
+echo "== b3's maintenance is over: uncordoned" >&2
+"$pagecast" uncordon b3
+
+echo "== cloning web0 to three hosts, live: each clone gets an identity of its own" >&2
 "$pagecast" clone --vm web0 --to b2,b3,a1 --max-downtime 300
 
 echo "== the cluster afterwards" >&2

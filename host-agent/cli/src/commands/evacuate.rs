@@ -793,9 +793,21 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!("clone {} of {}:", r.job, a.vm);
+        if !r.source_identity.is_empty() {
+            println!("  {:<20} identity {}", a.vm, r.source_identity);
+        }
         for c in &r.clones {
             if c.ok && c.verified {
-                println!("  {:<20} on {:<12} verified, running", c.name, c.host);
+                // A micro-VM clone's identity, its guest reads, is its own.
+                let identity = if c.identity.is_empty() {
+                    String::new()
+                } else {
+                    format!(", identity {} (new)", c.identity)
+                };
+                println!(
+                    "  {:<20} on {:<12} verified, running{identity}",
+                    c.name, c.host
+                );
             } else {
                 println!("  {:<20} on {:<12} FAILED: {}", c.name, c.host, c.error);
             }

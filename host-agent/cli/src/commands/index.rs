@@ -321,11 +321,10 @@ pub struct HostsArgs {
 }
 
 /// Cordons a host: no evacuation or clone sends it VMs (nor their
-/// `--dry-run` plans), `advise` never proposes it, and its agent refuses to
-/// start or adopt a VM unless
-/// told `--force` (the agent asks the index at each start). VMs already
-/// there keep running. Operators
-/// only. `pagecast uncordon HOST` lifts it; `pagecast hosts` shows it.
+/// `--dry-run` plans), `advise` never proposes it, and its agent refuses
+/// to start or adopt a VM unless told `--force` (the agent asks the index
+/// at each start). VMs already there keep running. Operators only.
+/// `pagecast uncordon HOST` lifts it; `pagecast hosts` shows it.
 ///
 /// Example:
 ///
