@@ -117,9 +117,36 @@ pub enum Start<'a> {
     Listen(&'a str),
 }
 
+/// Devices that set a guest apart (for clones): a VM generation ID device
+/// with a GUID of its own (`guid`, or `auto`) and a virtio network card
+/// with MAC `mac`, on a hub with no other port (it reaches nothing).
+pub fn identity_devices(guid: &str, mac: &str) -> Vec<String> {
+    vec![
+        "-device".into(),
+        format!("vmgenid,id=vmgenid0,guid={guid}"),
+        "-netdev".into(),
+        "hubport,id=n0,hubid=0".into(),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=n0,mac={mac}"),
+    ]
+}
+
 impl Guest {
     /// Starts guest `name` in `dir`.
     pub fn start(dir: &Path, name: &str, qemu: &Path, kernel: &Path, how: Start<'_>) -> Guest {
+        Self::start_with(dir, name, qemu, kernel, how, &[])
+    }
+
+    /// As [`Guest::start`], with more arguments for QEMU (`extra`, such as
+    /// [`identity_devices`]).
+    pub fn start_with(
+        dir: &Path,
+        name: &str,
+        qemu: &Path,
+        kernel: &Path,
+        how: Start<'_>,
+        extra: &[String],
+    ) -> Guest {
         let qmp = dir.join(format!("{name}.qmp"));
         let ram = dir.join(format!("{name}.ram"));
         let serial = dir.join(format!("{name}.serial"));
@@ -140,7 +167,8 @@ impl Guest {
             .args(["-display", "none", "-nodefaults", "-no-reboot", "-serial"])
             .arg(format!("file:{}", serial.display()))
             .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .args(extra);
         match how {
             Start::Boot => {}
             Start::Defer => {

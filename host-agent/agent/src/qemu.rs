@@ -63,6 +63,8 @@ pub struct QemuBackend {
     image: ImageFile,
     /// The libvirt domain it is, if libvirt runs it here.
     libvirt_domain: Option<String>,
+    /// What sets it apart from other guests, as QEMU last said.
+    seen: Mutex<Seen>,
     last_scan: Mutex<Option<Instant>>,
     /// How long the last scan took.
     scan_took: Mutex<Duration>,
@@ -92,6 +94,28 @@ impl QemuBackend {
     }
 }
 
+/// What sets an adopted QEMU VM apart from other guests: its VM generation
+/// ID (the `vmgenid` device's GUID, "" without one) and its network cards'
+/// MAC addresses.
+#[derive(Clone, Debug, Default)]
+struct Seen {
+    generation_id: String,
+    macs: Vec<String>,
+}
+
+impl Seen {
+    /// Asks QEMU; what it cannot say stays empty.
+    fn ask(q: &mut Qmp) -> Seen {
+        Seen {
+            generation_id: q.vm_generation_id().ok().flatten().unwrap_or_default(),
+            macs: q
+                .macs()
+                .map(|m| m.into_iter().map(|(_, mac)| mac).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
 impl Backend for QemuBackend {
     fn kind(&self) -> v1::VmKind {
         v1::VmKind::Qemu
@@ -99,6 +123,9 @@ impl Backend for QemuBackend {
 
     fn status(&self, info: &mut v1::VmInfo) {
         info.libvirt_domain = self.libvirt_domain.clone().unwrap_or_default();
+        let seen = lock(&self.seen).clone();
+        info.identity = seen.generation_id;
+        info.macs = seen.macs;
     }
 
     fn memory(&self) -> &dyn GuestMemory {
@@ -193,6 +220,7 @@ impl Backend for QemuBackend {
         let opts = MigrateOptions {
             bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
             job: r.job.clone(),
+            vm_generation_id: lock(&self.seen).generation_id.clone(),
             ..MigrateOptions::default()
         };
         let src = Outgoing { out, q: self };
@@ -298,6 +326,28 @@ impl SourceVm for Outgoing<'_> {
 }
 
 impl QemuBackend {
+    /// Checks that a clone arriving into this waiting QEMU does not share
+    /// its source's VM generation ID (`source`, "" if it has no vmgenid):
+    /// the guest reseeds its random numbers and resets what it derived from
+    /// them only when the ID changes.
+    fn distinct_from(&self, source: &str) -> Result<(), AgentError> {
+        if source.is_empty() {
+            return Ok(());
+        }
+        let here = lock(&self.seen).generation_id.clone();
+        if here.is_empty() {
+            return Err(AgentError::BadRequest(
+                "the clone's QEMU has no vmgenid device and its source has one: start it with -device vmgenid,guid=auto".into(),
+            ));
+        }
+        if here == source.to_ascii_lowercase() {
+            return Err(AgentError::BadRequest(format!(
+                "the clone's QEMU has its source's VM generation ID {here}: the clone would not know it is a copy; start it with -device vmgenid,guid=auto"
+            )));
+        }
+        Ok(())
+    }
+
     /// The migration libvirt runs for this agent, if `r` names the
     /// destination's libvirt: checked against this VM and this host.
     fn virsh(
@@ -819,6 +869,7 @@ impl Agent {
                 qmp: PathBuf::from(&r.qmp),
                 image,
                 libvirt_domain: (!r.libvirt_domain.is_empty()).then(|| r.libvirt_domain.clone()),
+                seen: Mutex::new(Seen::ask(&mut q)),
                 last_scan: Mutex::new(None),
                 scan_took: Mutex::new(Duration::ZERO),
             }),
@@ -868,6 +919,11 @@ impl QemuBackend {
                     vm.domain
                 )),
             );
+        }
+        if begin.clone
+            && let Err(e) = self.distinct_from(&begin.vm_generation_id)
+        {
+            return refuse_begin(link, e);
         }
         let local = JobContent { agent, job };
         let mut events = JobSlots {
@@ -923,6 +979,8 @@ impl QemuBackend {
                 ));
             }
             if status == "running" || (m == "completed" && status == "paused") {
+                // What its guest now is, after the stream's device state.
+                *lock(&self.seen) = Seen::ask(&mut q);
                 return Ok(fed);
             }
             if Instant::now() > until {

@@ -435,6 +435,9 @@ pub struct MigrateOptions {
     pub connect: String,
     /// How the VM switches over to its destination.
     pub switchover: Switchover,
+    /// A QEMU VM's VM generation ID, for its clones' destinations to check
+    /// theirs differs ("" for none).
+    pub vm_generation_id: String,
 }
 
 /// How a migration switches over to its destination.
@@ -487,6 +490,7 @@ impl Default for MigrateOptions {
             per_frame: false,
             connect: String::new(),
             switchover: Switchover::Auto,
+            vm_generation_id: String::new(),
         }
     }
 }

@@ -176,4 +176,38 @@ impl Qmp {
     pub fn capabilities(&mut self) -> Result<Value, QmpError> {
         self.execute("query-migrate-capabilities", json!({}))
     }
+
+    /// The VM generation ID its `vmgenid` device gives the guest (lower
+    /// case), or `None` without such a device.
+    pub fn vm_generation_id(&mut self) -> Result<Option<String>, QmpError> {
+        match self.execute("query-vm-generation-id", json!({})) {
+            Ok(v) => Ok(v["guid"].as_str().map(str::to_ascii_lowercase)),
+            Err(QmpError::Refused { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The MAC addresses of its network cards that report them
+    /// (`query-rx-filter`: virtio-net), by card, in QEMU's order.
+    pub fn macs(&mut self) -> Result<Vec<(String, String)>, QmpError> {
+        let v = match self.execute("query-rx-filter", json!({})) {
+            Ok(v) => v,
+            // No card that reports its filter.
+            Err(QmpError::Refused { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(v.as_array()
+            .map(|cards| {
+                cards
+                    .iter()
+                    .filter_map(|c| {
+                        Some((
+                            c["name"].as_str()?.to_owned(),
+                            c["main-mac"].as_str()?.to_ascii_lowercase(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
 }

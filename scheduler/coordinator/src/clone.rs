@@ -193,8 +193,9 @@ fn rate(view: &ClusterView, spec: &CloneSpec, source: &HostView) -> u64 {
 }
 
 /// What each clone's identity became, against its source's, as the agents
-/// list them (a micro-VM's clone gets a fresh one at its destination; an
-/// adopted QEMU VM has none pagecast can change).
+/// list them: a micro-VM's clone gets a fresh identity at its destination;
+/// an adopted QEMU VM's clone the VM generation ID its QEMU was started
+/// with (checked to differ before the clone), and the MACs its cards carry.
 fn identities(
     svc: &Services,
     source_addr: &str,
@@ -202,26 +203,54 @@ fn identities(
     targets: &[v1::CloneTarget],
     rep: &mut CloneReport,
 ) {
-    let of = |addr: &str, name: &str| -> String {
+    let of = |addr: &str, name: &str| -> Option<v1::VmInfo> {
         svc.agents
             .vm_list(addr)
             .ok()
             .and_then(|l| l.vms.into_iter().find(|v| v.name == name))
-            .map(|v| v.identity)
-            .unwrap_or_default()
     };
-    rep.source_identity = of(source_addr, vm);
+    let source = of(source_addr, vm).unwrap_or_default();
+    rep.source_identity = source.identity.clone();
     for c in &mut rep.clones {
         if !c.ok {
             continue;
         }
-        if let Some(t) = targets.iter().find(|t| t.name == c.name) {
-            c.identity = of(&t.addr, &c.name);
-            if !c.identity.is_empty() && c.identity != rep.source_identity {
-                c.changed.push("identity".into());
+        let Some(info) = targets
+            .iter()
+            .find(|t| t.name == c.name)
+            .and_then(|t| of(&t.addr, &c.name))
+        else {
+            continue;
+        };
+        c.identity = info.identity.clone();
+        let (changed, kept) = compare(&source, &info);
+        c.changed = changed;
+        c.kept = kept;
+    }
+}
+
+/// What a clone (`clone`) changed and kept of its source's (`source`)
+/// identity.
+fn compare(source: &v1::VmInfo, clone: &v1::VmInfo) -> (Vec<String>, Vec<String>) {
+    let (mut changed, mut kept) = (Vec::new(), Vec::new());
+    if !clone.identity.is_empty() && clone.identity != source.identity {
+        changed.push(
+            if clone.kind() == v1::VmKind::Qemu {
+                "vm_generation_id"
+            } else {
+                "identity"
             }
+            .to_owned(),
+        );
+    }
+    if !clone.macs.is_empty() {
+        if clone.macs.iter().any(|m| source.macs.contains(m)) {
+            kept.push("mac".to_owned());
+        } else {
+            changed.push("mac".to_owned());
         }
     }
+    (changed, kept)
 }
 
 fn report(
@@ -258,5 +287,49 @@ fn report(
         source_downtime_ms: r.downtime_ms,
         total_s: started.elapsed().as_secs_f64(),
         source_identity: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::compare;
+    use pagecast_proto::v1;
+
+    fn vm(kind: v1::VmKind, identity: &str, macs: &[&str]) -> v1::VmInfo {
+        v1::VmInfo {
+            kind: kind as i32,
+            identity: identity.into(),
+            macs: macs.iter().map(|m| m.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_clone_says_what_it_changed_and_what_it_kept() {
+        let src = vm(v1::VmKind::Qemu, "aa", &["52:54:00:00:00:01"]);
+        // New generation ID, same MAC: the MAC is kept, not changed.
+        let c = vm(v1::VmKind::Qemu, "bb", &["52:54:00:00:00:01"]);
+        assert_eq!(
+            compare(&src, &c),
+            (vec!["vm_generation_id".into()], vec!["mac".into()])
+        );
+        // Its own MAC.
+        let c = vm(v1::VmKind::Qemu, "bb", &["52:54:00:00:00:02"]);
+        assert_eq!(
+            compare(&src, &c),
+            (vec!["vm_generation_id".into(), "mac".into()], vec![])
+        );
+        // The same ID (or none) is not a change; a micro-VM's is its
+        // identity.
+        assert_eq!(
+            compare(&src, &vm(v1::VmKind::Qemu, "aa", &[])),
+            (vec![], vec![])
+        );
+        assert_eq!(
+            compare(&src, &vm(v1::VmKind::Qemu, "", &[])),
+            (vec![], vec![])
+        );
+        let m = vm(v1::VmKind::MicroVm, "cc", &[]);
+        assert_eq!(compare(&src, &m), (vec!["identity".into()], vec![]));
     }
 }

@@ -150,11 +150,17 @@ pub struct CloneOutcome {
     pub verified: bool,
     /// Why it failed.
     pub error: String,
-    /// Its identity as its guest reads it (a micro-VM's; "" for QEMU).
+    /// Its identity as its guest reads it: a micro-VM's identity value, an
+    /// adopted QEMU VM's VM generation ID ("" without a vmgenid device).
     pub identity: String,
-    /// What the clone does not share with its source: "identity" when its
-    /// identity was made fresh.
+    /// What the clone does not share with its source: "identity" (a
+    /// micro-VM's, made fresh), "vm_generation_id" (a QEMU clone's), "mac"
+    /// (every network card's MAC differs).
     pub changed: Vec<String>,
+    /// What it still shares with its source that a guest or its operator
+    /// must change: "mac" when a network card kept its source's MAC (QEMU
+    /// carries a card's MAC in its device state).
+    pub kept: Vec<String>,
 }
 
 /// What a clone did.
@@ -170,7 +176,7 @@ pub struct CloneReport {
     pub source_bytes: u64,
     /// The longest the source VM was paused.
     pub source_downtime_ms: f64,
-    /// The source VM's identity (a micro-VM's; "" for QEMU).
+    /// The source VM's identity (as [`CloneOutcome::identity`]).
     pub source_identity: String,
     /// From the start until every clone ran.
     pub total_s: f64,

@@ -534,9 +534,26 @@ fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
     let a = agent("ga", "r1");
     let b = agent("gb", "r2");
     let c = agent("gc", "r2");
-    let vm1 = Guest::start(dir, "vm1", &qemu, &kernel, Start::Boot);
+    // vm1 is cloned at the end: it and the QEMUs it goes to have a VM
+    // generation ID and a network card.
+    let ids = |mac: &str| pagecast_tests::qemu::identity_devices("auto", mac);
+    let vm1 = Guest::start_with(
+        dir,
+        "vm1",
+        &qemu,
+        &kernel,
+        Start::Boot,
+        &ids("52:54:00:00:01:01"),
+    );
     let vm2 = Guest::start(dir, "vm2", &qemu, &kernel, Start::Boot);
-    let mut vm1_in = Guest::start(dir, "vm1-in", &qemu, &kernel, Start::Defer);
+    let mut vm1_in = Guest::start_with(
+        dir,
+        "vm1-in",
+        &qemu,
+        &kernel,
+        Start::Defer,
+        &ids("52:54:00:00:01:02"),
+    );
     let mut vm2_in = Guest::start(dir, "vm2-in", &qemu, &kernel, Start::Defer);
     for g in [&vm1, &vm2] {
         g.wait_booted(Duration::from_secs(240));
@@ -654,11 +671,59 @@ fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
         "the source sent {source} bytes; separate migrations would send {separate}, and {shared} contents are shared"
     );
 
+    // A clone into a QEMU started with its source's VM generation ID is
+    // refused before anything moves: the guest would not know it is a copy.
+    let source_id = vm1_id(dir, &c);
+    let mut same = Guest::start_with(
+        dir,
+        "vm1-ga",
+        &qemu,
+        &kernel,
+        Start::Defer,
+        &pagecast_tests::qemu::identity_devices(&source_id, "52:54:00:00:01:03"),
+    );
+    adopt(dir, &a, &same, true);
+    let out = cli(
+        dir,
+        &[
+            "clone", "--index", &addrs, "--vm", "vm1", "--to", "ga", "--json",
+        ],
+    );
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("VM generation ID"), "{err}");
+    cli_json(
+        dir,
+        &[
+            "vm", "stop", "--agent", &a.addr, "--name", "vm1-ga", "--json",
+        ],
+    );
+    same.kill();
+
     // Clone vm1 (now at gc) to ga, which holds nothing, and gb, which runs
     // vm2 of the same image: waiting QEMUs adopted there under the clone
-    // names. What they lack is cast once; the source runs on.
-    let c1 = Guest::start(dir, "vm1-ga", &qemu, &kernel, Start::Defer);
-    let c2 = Guest::start(dir, "vm1-gb", &qemu, &kernel, Start::Defer);
+    // names, each with a VM generation ID of its own. What they lack is
+    // cast once; the source runs on.
+    let c1 = Guest::start_with(
+        dir,
+        "vm1-ga",
+        &qemu,
+        &kernel,
+        Start::Defer,
+        &ids("52:54:00:00:01:04"),
+    );
+    let c2 = Guest::start_with(
+        dir,
+        "vm1-gb",
+        &qemu,
+        &kernel,
+        Start::Defer,
+        &ids("52:54:00:00:01:05"),
+    );
     adopt(dir, &a, &c1, true);
     adopt(dir, &b, &c2, true);
     let out = cli(
@@ -705,4 +770,31 @@ fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
         "cloning to two hosts sent {source} bytes, not much less than two copies ({})",
         2.0 * one_copy
     );
+    // Each clone has a VM generation ID of its own (its guest was told);
+    // its card kept the source's MAC, which QEMU's device state carries,
+    // and the report says so.
+    let source_id = rep["source_identity"].as_str().unwrap().to_owned();
+    assert_eq!(source_id.len(), 36, "{rep:#}");
+    let mut seen = vec![source_id];
+    for c in rep["clones"].as_array().unwrap() {
+        let id = c["identity"].as_str().unwrap().to_owned();
+        assert!(!seen.contains(&id) && id.len() == 36, "{rep:#}");
+        seen.push(id);
+        assert_eq!(c["changed"], json!(["vm_generation_id"]), "{rep:#}");
+        assert_eq!(c["kept"], json!(["mac"]), "{rep:#}");
+    }
+}
+
+/// The VM generation ID of vm1 as `agent` lists it.
+fn vm1_id(dir: &std::path::Path, agent: &AgentProc) -> String {
+    let l = cli_json(dir, &["vm", "list", "--agent", &agent.addr, "--json"]);
+    let id = l["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "vm1")
+        .map(|v| v["identity"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    assert_eq!(id.len(), 36, "vm1 lists no VM generation ID: {l:#}");
+    id
 }

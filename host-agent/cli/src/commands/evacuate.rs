@@ -217,14 +217,19 @@ pub struct EvacuateArgs {
 /// A micro-VM's clone gets a fresh identity (16 random bytes in its
 /// parameter block, which its guest reads as a VM generation ID) before it
 /// first runs, so that no two copies share it; `vm list` shows each VM's.
-/// An adopted QEMU VM's clone keeps what QEMU migrated (its vmgenid GUID
-/// and MAC addresses, not changed yet): its guest must be told by other
-/// means (docs/evacuation.md).
+/// An adopted QEMU VM's clone gets the VM generation ID of the QEMU that
+/// waits for it: start each clone's QEMU with -device vmgenid,guid=auto
+/// (a clone into a QEMU with its source's ID, or none when the source has
+/// one, is refused); QEMU writes it into the guest after the stream and
+/// tells the guest. Its network cards keep the source's MACs (QEMU carries
+/// them in the device state): the report says so, and the guest must change
+/// them itself (docs/evacuation.md).
 ///
 /// JSON (--json): {"job", "ok", "clones": [{"name", "host", "ok",
-/// "verified", "error", "identity", "changed": ["identity"] when it was
-/// made fresh}], "source_bytes", "source_downtime_ms", "source_identity",
-/// "total_s"}
+/// "verified", "error", "identity" (a QEMU clone's: its VM generation ID),
+/// "changed": what differs from the source ("identity", "vm_generation_id",
+/// "mac"), "kept": what it still shares ("mac")}], "source_bytes",
+/// "source_downtime_ms", "source_identity", "total_s"}
 ///
 /// Example:
 ///
@@ -798,7 +803,7 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
         }
         for c in &r.clones {
             if c.ok && c.verified {
-                // A micro-VM clone's identity, its guest reads, is its own.
+                // The identity its guest reads is its own.
                 let identity = if c.identity.is_empty() {
                     String::new()
                 } else {
@@ -808,6 +813,12 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
                     "  {:<20} on {:<12} verified, running{identity}",
                     c.name, c.host
                 );
+                if c.kept.iter().any(|k| k == "mac") {
+                    println!(
+                        "  {:<20} note: its network card kept the source's MAC; the guest must set its own (docs/evacuation.md)",
+                        ""
+                    );
+                }
             } else {
                 println!("  {:<20} on {:<12} FAILED: {}", c.name, c.host, c.error);
             }

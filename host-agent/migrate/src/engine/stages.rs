@@ -127,6 +127,7 @@ fn offer(fleet: &mut Fleet, held: bool) {
             connect: fleet.opts.connect.clone(),
             postcopy: begin_postcopy,
             clone,
+            vm_generation_id: fleet.opts.vm_generation_id.clone(),
         };
         fleet.send(i, Body::Begin(begin), Class::Control);
         match fleet.expect(i, "answer to the migration request") {
