@@ -10,7 +10,7 @@ use pagecast_pages::{PAGE_SIZE, Page};
 use pagecast_proto::{MAX_CAST_GROUPS, MAX_CAST_PAGES, WIRE_VERSION, v1};
 
 use crate::handshakes::Handshakes;
-use crate::pacing::TokenBucket;
+use crate::pacing::{Aimd, TokenBucket};
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
 use crate::wire::{
@@ -253,6 +253,8 @@ pub fn send_on(
             window: shape.window,
             duration_s: 0.0,
             paced_s: 0.0,
+            rate_cuts: 0,
+            lowest_rate_bps: cfg.rate_bps.unwrap_or(0),
             waited_s: 0.0,
             socket_s: 0.0,
             refused,
@@ -941,6 +943,9 @@ struct Flow {
     sock: UdpSocket,
     nack_socks: Vec<UdpSocket>,
     bucket: Option<TokenBucket>,
+    /// The paced rate lowered while receivers lose datagrams, raised back
+    /// when they stop (a paced cast only).
+    aimd: Option<Aimd>,
     /// Whether the kernel takes GSO sends (cleared on the first refusal).
     gso: bool,
     replay: HashMap<u32, ReplayWindow>,
@@ -990,6 +995,10 @@ impl Flow {
             bucket: cfg
                 .rate_bps
                 .map(|r| TokenBucket::new(r, PACING_BURST, Instant::now())),
+            aimd: cfg
+                .rate_bps
+                .filter(|_| cfg.loss_control)
+                .map(|r| Aimd::new(r, Instant::now())),
             gso: true,
             replay: HashMap::new(),
             repair: BTreeMap::new(),
@@ -1444,16 +1453,24 @@ impl<'a> Run<'a> {
                     self.report.nacks += 1;
                     counter!(crate::metrics::NACKS).increment(1);
                     let sent = f.next[group as usize];
+                    let mut lost = 0;
                     for (a, c) in ranges {
                         for idx in a..a.saturating_add(c).min(sent).min(grp.pages.len() as u32) {
                             if f.repaired_at
                                 .get(&(group, idx))
                                 .is_none_or(|&r| r <= seen_through)
                             {
-                                *f.repair.entry((group, idx)).or_default() |= requester(d.from);
+                                let asked = f.repair.entry((group, idx)).or_default();
+                                if *asked == 0 {
+                                    lost += 1;
+                                }
+                                *asked |= requester(d.from);
                                 f.oldest_request.get_or_insert_with(Instant::now);
                             }
                         }
+                    }
+                    if let Some(a) = f.aimd.as_mut() {
+                        a.lost(lost);
                     }
                 }
             }
@@ -1568,6 +1585,9 @@ impl<'a> Run<'a> {
             out.bytes += bytes;
             self.report.bytes_first += bytes as u64;
             f.sent_pages += n as u64;
+            if let Some(a) = f.aimd.as_mut() {
+                a.sent(n as u64);
+            }
             out.pages.extend(dgs.into_iter().map(|d| (bg, d)));
             k += n;
         }
@@ -1577,6 +1597,13 @@ impl<'a> Run<'a> {
     /// Paces, then sends repairs one by one and pages in runs per group
     /// address (one GSO send per run where the kernel allows).
     fn send_out(&mut self, f: &mut Flow, out: Outgoing) -> Result<(), CastError> {
+        if let (Some(a), Some(b)) = (f.aimd.as_mut(), f.bucket.as_mut())
+            && let Some(r) = a.tick(Instant::now())
+        {
+            b.set_rate(r);
+            self.report.rate_cuts = a.cuts();
+            self.report.lowest_rate_bps = a.lowest() as u64;
+        }
         if let Some(b) = f.bucket.as_mut() {
             let t = Instant::now();
             loop {

@@ -96,6 +96,10 @@ pub struct SenderConfig {
     pub receivers: usize,
     /// Pacing rate, bits per second (`None`: as fast as flow control allows).
     pub rate_bps: Option<u64>,
+    /// With a pacing rate: lower it while receivers lose datagrams and
+    /// raise it back when they stop ([`crate::pacing::Aimd`]), so that a
+    /// cast shares a congested link; off, the cast holds its rate.
+    pub loss_control: bool,
     /// Transport.
     pub transport: TransportChoice,
     /// Multicast TTL.
@@ -133,6 +137,7 @@ impl SenderConfig {
             iface,
             receivers,
             rate_bps: None,
+            loss_control: true,
             transport: TransportChoice::Auto,
             ttl: 1,
             mtu: None,
@@ -293,6 +298,12 @@ pub struct SendReport {
     pub duration_s: f64,
     /// Of that, seconds waiting for the rate limit (pacing).
     pub paced_s: f64,
+    /// Times the paced rate was cut because receivers lost more than 5% of
+    /// an interval's pages (`pacing::Aimd`).
+    pub rate_cuts: u64,
+    /// The lowest rate the cast was paced to, bits per second (its given
+    /// rate unless cut; 0 when unpaced).
+    pub lowest_rate_bps: u64,
     /// Of that, seconds with nothing to send: the window full until the
     /// slowest receiver reports progress, or the last pages awaiting
     /// every receiver's word.

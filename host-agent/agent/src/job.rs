@@ -696,7 +696,7 @@ fn log_sent(
     tracing::info!(
         "cast of {pages} pages to {} receivers at {} bit/s: staged in {staged_s:.2} s, sent in \
          {send_s:.2} s ({:.2} Gbit/s of pages; pages on the wire {:.2} s: paced {:.2} s, waiting \
-         for receivers {:.2} s, in socket calls {:.2} s), {:.2} CPU-s/GB on the sending thread",
+         for receivers {:.2} s, in socket calls {:.2} s), {:.2} CPU-s/GB on the sending thread;          rate cut {} times for loss (lowest {} bit/s), {} repair bytes",
         r.receivers.len(),
         r.rate_bps,
         gb * 8.0 / send_s.max(1e-9),
@@ -705,6 +705,9 @@ fn log_sent(
         rep.waited_s,
         rep.socket_s,
         cpu / gb.max(1e-9),
+        rep.rate_cuts,
+        rep.lowest_rate_bps,
+        rep.bytes_repair + rep.bytes_unicast,
     );
 }
 

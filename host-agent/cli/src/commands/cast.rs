@@ -90,6 +90,14 @@ struct SendArgs {
     #[arg(long, value_name = "BITS/S", value_parser = parse_bits_per_second)]
     rate: Option<u64>,
 
+    /// Hold --rate whatever the receivers lose. By default a paced cast
+    /// cuts its rate by 30% for each 100 ms in which receivers asked for
+    /// more than 5% of its pages again, and climbs back by 5% of --rate for
+    /// each in which they did not, so that it shares a congested link with
+    /// other traffic instead of taking it (docs/transport.md).
+    #[arg(long, requires = "rate")]
+    no_loss_control: bool,
+
     /// multicast, chain (TCP through the receivers), or auto (probe).
     #[arg(long, value_enum, default_value = "auto")]
     transport: TransportArg,
@@ -201,6 +209,7 @@ fn run_send(a: SendArgs, threads: usize) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let mut cfg = SenderConfig::new(a.control, a.iface, a.receivers);
     cfg.rate_bps = a.rate;
+    cfg.loss_control = !a.no_loss_control;
     cfg.transport = match a.transport {
         TransportArg::Multicast => TransportChoice::Multicast,
         TransportArg::Chain => TransportChoice::Chain,
