@@ -103,6 +103,13 @@ pub struct EvaluateArgs {
     /// their systems do.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pagecast_args: Option<String>,
+    /// A job of the jobs-together case, FROM=TO (host lists, e.g.
+    /// a1,a2=b1,b2); give it twice or more. Each job is evacuated alone
+    /// on a fresh cluster, then all at once on another (separate `pagecast
+    /// evacuate` commands, started together): each job's eviction
+    /// together against alone says how they shared the links they met on.
+    #[arg(long, value_name = "FROM=TO")]
+    together: Vec<String>,
 }
 
 /// The `pagecast` binary: `given`, or the one beside this program.
@@ -960,6 +967,21 @@ struct Report {
     multicast_flood: bool,
     strategies: Vec<Run>,
     clone: Option<Run>,
+    /// The jobs-together case, if asked for.
+    together: Vec<JobTogether>,
+}
+
+/// One job of the jobs-together case.
+#[derive(Debug, Serialize)]
+struct JobTogether {
+    from: Vec<String>,
+    to: Vec<String>,
+    /// Its eviction alone, on a fresh cluster, and all verified.
+    alone_s: f64,
+    alone_ok: bool,
+    /// Its eviction beside the others, and all verified.
+    together_s: f64,
+    together_ok: bool,
 }
 
 /// What the arguments ask for, checked against the topology.
@@ -968,13 +990,16 @@ struct Choice {
     strategies: Vec<String>,
     /// The VM to clone and to how many hosts.
     clone: Option<(usize, usize)>,
+    /// The jobs run together: (from, to) host names.
+    together: Vec<(Vec<String>, Vec<String>)>,
 }
 
 impl Choice {
     fn of(a: &EvaluateArgs) -> anyhow::Result<Choice> {
         let topo = Topology::load(&a.topology)?;
         let mut strategies = a.strategies.clone();
-        if strategies.is_empty() {
+        // The jobs-together case alone, unless strategies are named too.
+        if strategies.is_empty() && a.together.is_empty() {
             strategies = if a.quick {
                 vec!["precopy".into(), "pagecast".into()]
             } else {
@@ -990,12 +1015,46 @@ impl Choice {
             None => None,
             Some(c) => Some(clone_choice(&topo, c)?),
         };
+        let together = together_choice(&topo, &a.together)?;
         Ok(Choice {
             topo,
             strategies,
             clone,
+            together,
         })
     }
+}
+
+/// `--together FROM=TO`, each checked: known hosts, disjoint sources.
+fn together_choice(
+    topo: &Topology,
+    jobs: &[String],
+) -> anyhow::Result<Vec<(Vec<String>, Vec<String>)>> {
+    if jobs.len() == 1 {
+        bail!("--together: give two jobs or more");
+    }
+    let known = |h: &str| topo.cluster.hosts.iter().any(|x| x.name == h);
+    let mut out: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+    for j in jobs {
+        let (from, to) = j
+            .split_once('=')
+            .with_context(|| format!("--together {j}: give FROM=TO"))?;
+        let list = |l: &str| -> anyhow::Result<Vec<String>> {
+            let hs: Vec<String> = l.split(',').map(|h| h.trim().to_owned()).collect();
+            for h in &hs {
+                if !known(h) {
+                    bail!("--together {j}: no host {h:?} in the topology");
+                }
+            }
+            Ok(hs)
+        };
+        let (from, to) = (list(from)?, list(to)?);
+        if out.iter().any(|(f, _)| f.iter().any(|h| from.contains(h))) {
+            bail!("--together {j}: its sources are another job's");
+        }
+        out.push((from, to));
+    }
+    Ok(out)
 }
 
 /// `--clone VM:N`: the VM's index and N.
@@ -1090,6 +1149,11 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         None => None,
         Some((vi, n)) => Some(ctx.clone_case(vi, n)?),
     };
+    let together = if choice.together.is_empty() {
+        Vec::new()
+    } else {
+        ctx.together_case(&choice.together)?
+    };
     let report = Report {
         topology: a.topology.display().to_string(),
         commit: git_commit(),
@@ -1101,6 +1165,7 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
         multicast_flood: a.flood,
         strategies: runs,
         clone: clone_run,
+        together,
     };
     drop(net);
     let _ = std::fs::remove_dir_all(out.join("data"));
@@ -1110,6 +1175,91 @@ pub fn run(a: EvaluateArgs) -> anyhow::Result<()> {
 }
 
 impl Ctx<'_> {
+    /// `pagecast evacuate` of `from` onto `to` with pagecast, as the
+    /// strategies run it.
+    fn evacuate_args(&self, from: &[String], to: &[String]) -> Vec<String> {
+        vec![
+            "evacuate".to_owned(),
+            "--from".into(),
+            from.join(","),
+            "--to".into(),
+            to.join(","),
+            "--max-downtime".into(),
+            self.args.max_downtime.to_string(),
+            "--json".into(),
+            "--no-progress".into(),
+        ]
+    }
+
+    /// Each job alone on a fresh cluster, then all at once on another.
+    fn together_case(
+        &self,
+        jobs: &[(Vec<String>, Vec<String>)],
+    ) -> anyhow::Result<Vec<JobTogether>> {
+        let logs = self.out.join("logs").join("together");
+        std::fs::create_dir_all(&logs)?;
+        let mut alone = Vec::new();
+        for (k, (from, to)) in jobs.iter().enumerate() {
+            eprintln!("== job {}: alone on a fresh cluster", from.join(","));
+            let cl = self.start_cluster(&format!("alone{k}"))?;
+            let args = self.evacuate_args(from, to);
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let rep =
+                self.operator_json_logged(&cl, &refs, Some(&logs.join(format!("alone{k}.log"))))?;
+            alone.push((num(&rep["eviction_s"]), rep["ok"] == true));
+        }
+        eprintln!("== {} jobs together: starting a fresh cluster", jobs.len());
+        let cl = self.start_cluster("together")?;
+        let reps: Vec<anyhow::Result<Value>> = std::thread::scope(|s| {
+            let handles: Vec<_> = jobs
+                .iter()
+                .enumerate()
+                .map(|(k, (from, to))| {
+                    let (cl, logs) = (&cl, &logs);
+                    s.spawn(move || {
+                        let args = self.evacuate_args(from, to);
+                        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                        self.operator_json_logged(
+                            cl,
+                            &refs,
+                            Some(&logs.join(format!("together{k}.log"))),
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a job's thread panicked"))
+                .collect()
+        });
+        let mut out = Vec::new();
+        for (((from, to), (alone_s, alone_ok)), rep) in jobs.iter().zip(alone).zip(reps) {
+            let rep = rep?;
+            let j = JobTogether {
+                from: from.clone(),
+                to: to.clone(),
+                alone_s,
+                alone_ok,
+                together_s: num(&rep["eviction_s"]),
+                together_ok: rep["ok"] == true,
+            };
+            eprintln!(
+                "== job {}: eviction {:.2} s alone, {:.2} s together ({:.2}x), {}",
+                from.join(","),
+                j.alone_s,
+                j.together_s,
+                j.together_s / j.alone_s.max(1e-9),
+                if j.alone_ok && j.together_ok {
+                    "all verified"
+                } else {
+                    "NOT all verified"
+                }
+            );
+            out.push(j);
+        }
+        Ok(out)
+    }
+
     /// Strategy `s` on a fresh cluster: evacuates `from` (onto `to`, or
     /// where the planner chooses), measured.
     fn evacuation(&self, s: &str, from: &[String], to: &[String]) -> anyhow::Result<Run> {
@@ -1343,9 +1493,29 @@ fn write_report(out: &Path, r: &Report, from: &[String]) -> anyhow::Result<()> {
             cl.vms.len()
         ));
     }
+    if !r.together.is_empty() {
+        md.push_str("\n**Jobs together** (pagecast, each job alone on a fresh cluster, then all started at once on another):\n\n| job's sources | destinations | eviction alone | together | together / alone | verified |\n|---|---|---|---|---|---|\n");
+        for j in &r.together {
+            md.push_str(&format!(
+                "| {} | {} | {:.2} s | {:.2} s | {:.2}x | {} |\n",
+                j.from.join(","),
+                j.to.join(","),
+                j.alone_s,
+                j.together_s,
+                j.together_s / j.alone_s.max(1e-9),
+                if j.alone_ok && j.together_ok {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            ));
+        }
+    }
     md.push_str("\nPlots: `bytes.svg` (bytes per link class), `downtime.svg` (per VM), `predicted.svg` (measured against predicted source bytes), `timeline-STRATEGY.svg` (each VM's phases over time).\n");
     std::fs::write(out.join("report.md"), md)?;
-    plots(out, &r.strategies, from)?;
+    if !r.strategies.is_empty() {
+        plots(out, &r.strategies, from)?;
+    }
     Ok(())
 }
 

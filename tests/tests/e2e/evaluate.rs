@@ -265,3 +265,54 @@ fn ctrl_c_stops_everything_and_removes_the_namespaces() {
         String::from_utf8_lossy(&left.stdout)
     );
 }
+
+/// Two evacuations at once (racks A and C onto rack B, whose links are
+/// half the sources'), each first alone on a fresh cluster: both move
+/// every VM verified, and neither starves where they meet on B's links:
+/// each takes at most three times as long as alone (two jobs sharing a
+/// link fairly take about twice as long; one starved waits for the other).
+#[test]
+fn two_evacuations_at_once_share_the_links_they_meet_on() {
+    if !can_run("two_evacuations_at_once_share_the_links_they_meet_on") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("together");
+    let prefix = format!("pcj{}", std::process::id() % 10_000);
+    let run = Command::new(evaluate_bin())
+        .args(["--quick", "--prefix", &prefix, "--topology"])
+        .arg(repo_root().join("docs/examples/eval-two-jobs.toml"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--together", "a1,a2=b1,b2", "--together", "c1,c2=b1,b2"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "pagecast-evaluate --together failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let jobs = report["together"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2, "{report:#}");
+    for j in jobs {
+        assert_eq!(j["alone_ok"], true, "{j}");
+        assert_eq!(j["together_ok"], true, "{j}");
+        let (alone, together) = (
+            j["alone_s"].as_f64().unwrap(),
+            j["together_s"].as_f64().unwrap(),
+        );
+        println!(
+            "job {}: {alone:.2} s alone, {together:.2} s together",
+            j["from"]
+        );
+        assert!(alone > 0.0 && together > 0.0, "{j}");
+        assert!(
+            together < 3.0 * alone,
+            "job {} took {together:.2} s beside the other, {alone:.2} s alone",
+            j["from"]
+        );
+    }
+}
