@@ -119,7 +119,7 @@ pub enum Start<'a> {
 
 /// Devices that set a guest apart (for clones): a VM generation ID device
 /// with a GUID of its own (`guid`, or `auto`) and a virtio network card
-/// with MAC `mac`, on a hub with no other port (it reaches nothing).
+/// `nic0` with MAC `mac`, on a hub with no other port (it reaches nothing).
 pub fn identity_devices(guid: &str, mac: &str) -> Vec<String> {
     vec![
         "-device".into(),
@@ -127,7 +127,7 @@ pub fn identity_devices(guid: &str, mac: &str) -> Vec<String> {
         "-netdev".into(),
         "hubport,id=n0,hubid=0".into(),
         "-device".into(),
-        format!("virtio-net-pci,netdev=n0,mac={mac}"),
+        format!("virtio-net-pci,id=nic0,netdev=n0,mac={mac}"),
     ]
 }
 

@@ -100,7 +100,8 @@ impl QemuBackend {
 #[derive(Clone, Debug, Default)]
 struct Seen {
     generation_id: String,
-    macs: Vec<String>,
+    /// (card, MAC), in QEMU's order.
+    macs: Vec<(String, String)>,
 }
 
 impl Seen {
@@ -108,12 +109,78 @@ impl Seen {
     fn ask(q: &mut Qmp) -> Seen {
         Seen {
             generation_id: q.vm_generation_id().ok().flatten().unwrap_or_default(),
-            macs: q
-                .macs()
-                .map(|m| m.into_iter().map(|(_, mac)| mac).collect())
-                .unwrap_or_default(),
+            macs: q.macs().unwrap_or_default(),
         }
     }
+}
+
+/// How long a guest has to let go of a network card being replaced.
+const UNPLUG_WAIT: Duration = Duration::from_secs(10);
+
+/// Gives a clone's network cards back the MACs its QEMU was started with
+/// (`started`): QEMU's stream carried the source's, which the guest's
+/// driver also holds in its own memory, so changing QEMU's idea of it would
+/// not do. Each such card is unplugged (the guest lets go of it: ACPI PCI
+/// hotplug) and plugged again, on the same slot and network backend, with
+/// its own MAC, and the guest takes it as a new card. A card without an id
+/// of its own, or one the guest does not let go of within
+/// [`UNPLUG_WAIT`], keeps the source's MAC (the report says so).
+fn own_macs(q: &mut Qmp, started: &[(String, String)], vm: &str) {
+    let now = q.macs().unwrap_or_default();
+    for (card, mac) in now {
+        let Some((_, own)) = started.iter().find(|(c, _)| *c == card) else {
+            continue;
+        };
+        if *own == mac {
+            continue;
+        }
+        match replug(q, &card, own) {
+            Ok(()) => info!(
+                "clone {vm}: network card {card} now has its own MAC {own}, not its source's {mac}"
+            ),
+            Err(why) => tracing::warn!(
+                "clone {vm}: network card {card} keeps its source's MAC {mac}: {why}"
+            ),
+        }
+    }
+}
+
+/// Unplugs card `id` and plugs it again with MAC `mac`.
+fn replug(q: &mut Qmp, id: &str, mac: &str) -> Result<(), String> {
+    let path = format!("/machine/peripheral/{id}");
+    let get = |q: &mut Qmp, p: &str| -> Result<serde_json::Value, String> {
+        q.qom_get(&path, p)
+            .map_err(|e| format!("it has no id of its own to replug it by ({e})"))
+    };
+    let driver = get(q, "type")?;
+    let netdev = get(q, "netdev")?;
+    let devfn = get(q, "addr")?.as_u64().unwrap_or(0);
+    let (Some(driver), Some(netdev)) = (driver.as_str(), netdev.as_str()) else {
+        return Err("QEMU did not say its type and network backend".into());
+    };
+    let (driver, netdev) = (driver.to_owned(), netdev.to_owned());
+    q.execute("device_del", json!({ "id": id }))
+        .map_err(|e| format!("unplugging it: {e}"))?;
+    let gone = q
+        .wait_event("DEVICE_DELETED", |d| d["device"] == id, UNPLUG_WAIT)
+        .map_err(|e| e.to_string())?;
+    if !gone {
+        return Err(format!(
+            "the guest did not let go of it within {UNPLUG_WAIT:?} (no ACPI PCI hotplug?)"
+        ));
+    }
+    q.execute(
+        "device_add",
+        json!({
+            "driver": driver,
+            "id": id,
+            "netdev": netdev,
+            "mac": mac,
+            "addr": format!("{:x}.{:x}", devfn >> 3, devfn & 7),
+        }),
+    )
+    .map_err(|e| format!("plugging it again: {e}"))?;
+    Ok(())
 }
 
 impl Backend for QemuBackend {
@@ -125,7 +192,7 @@ impl Backend for QemuBackend {
         info.libvirt_domain = self.libvirt_domain.clone().unwrap_or_default();
         let seen = lock(&self.seen).clone();
         info.identity = seen.generation_id;
-        info.macs = seen.macs;
+        info.macs = seen.macs.into_iter().map(|(_, mac)| mac).collect();
     }
 
     fn memory(&self) -> &dyn GuestMemory {
@@ -934,7 +1001,7 @@ impl QemuBackend {
             pagecast_migrate::receive_front(link, begin, &local, &mut events, Shape::Contents)?;
         let sock = socket_path(agent, &vm.name, "in");
         let _cleanup = RemoveOnDrop(sock.clone());
-        let loaded = self.load(&mut arrival, &sock);
+        let loaded = self.load(&mut arrival, &sock, begin.clone.then_some(vm.name.as_str()));
         end_arrival(&mut arrival, &mut events, loaded, |bytes, held| {
             format!(
                 "QEMU VM {} arrived: {bytes} stream bytes, {held} pages from this host",
@@ -944,8 +1011,15 @@ impl QemuBackend {
     }
 
     /// Points the waiting QEMU at a socket of ours, feeds it the stream,
-    /// and waits until it runs the guest.
-    fn load(&self, arrival: &mut Arrival<'_>, sock: &Path) -> Result<(u64, u64), AgentError> {
+    /// and waits until it runs the guest; a clone (`clone`: its name) then
+    /// gets its network cards' own MACs back ([`own_macs`]).
+    fn load(
+        &self,
+        arrival: &mut Arrival<'_>,
+        sock: &Path,
+        clone: Option<&str>,
+    ) -> Result<(u64, u64), AgentError> {
+        let started = lock(&self.seen).macs.clone();
         let _ = std::fs::remove_file(sock);
         let mut q = self.qmp()?;
         q.execute(
@@ -979,6 +1053,9 @@ impl QemuBackend {
                 ));
             }
             if status == "running" || (m == "completed" && status == "paused") {
+                if let Some(name) = clone {
+                    own_macs(&mut q, &started, name);
+                }
                 // What its guest now is, after the stream's device state.
                 *lock(&self.seen) = Seen::ask(&mut q);
                 return Ok(fed);

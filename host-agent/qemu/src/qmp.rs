@@ -55,7 +55,13 @@ pub struct Qmp {
     path: PathBuf,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// Events that came while a command waited for its answer, the latest
+    /// [`EVENTS_KEPT`], for [`Qmp::wait_event`].
+    events: std::collections::VecDeque<Value>,
 }
+
+/// Events a connection keeps for a later [`Qmp::wait_event`].
+const EVENTS_KEPT: usize = 64;
 
 impl std::fmt::Debug for Qmp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,6 +84,7 @@ impl Qmp {
             path: path.to_owned(),
             reader: BufReader::new(s),
             writer,
+            events: std::collections::VecDeque::new(),
         };
         let greeting = q.line()?;
         if greeting.get("QMP").is_none() {
@@ -139,6 +146,10 @@ impl Qmp {
         loop {
             let v = self.line()?;
             if v.get("event").is_some() {
+                if self.events.len() == EVENTS_KEPT {
+                    self.events.pop_front();
+                }
+                self.events.push_back(v);
                 continue;
             }
             if let Some(r) = v.get("return") {
@@ -175,6 +186,57 @@ impl Qmp {
     /// `query-migrate-capabilities`.
     pub fn capabilities(&mut self) -> Result<Value, QmpError> {
         self.execute("query-migrate-capabilities", json!({}))
+    }
+
+    /// Waits at most `within` for event `name` whose `data` satisfies
+    /// `matches` (one that came while a command ran counts): whether it
+    /// came.
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        matches: impl Fn(&Value) -> bool,
+        within: Duration,
+    ) -> Result<bool, QmpError> {
+        let is = |v: &Value| v["event"] == name && matches(&v["data"]);
+        if let Some(i) = self.events.iter().position(is) {
+            self.events.remove(i);
+            return Ok(true);
+        }
+        let until = std::time::Instant::now() + within;
+        let restore = self
+            .reader
+            .get_ref()
+            .read_timeout()
+            .ok()
+            .flatten()
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let found = loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break Ok(false);
+            }
+            let _ = self.reader.get_ref().set_read_timeout(Some(left));
+            match self.line() {
+                Ok(v) if is(&v) => break Ok(true),
+                Ok(_) => {}
+                Err(QmpError::Io { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break Ok(false);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = self.reader.get_ref().set_read_timeout(Some(restore));
+        found
+    }
+
+    /// A property of a QOM object (`qom-get`).
+    pub fn qom_get(&mut self, path: &str, property: &str) -> Result<Value, QmpError> {
+        self.execute("qom-get", json!({ "path": path, "property": property }))
     }
 
     /// The VM generation ID its `vmgenid` device gives the guest (lower

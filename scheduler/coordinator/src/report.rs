@@ -159,7 +159,8 @@ pub struct CloneOutcome {
     pub changed: Vec<String>,
     /// What it still shares with its source that a guest or its operator
     /// must change: "mac" when a network card kept its source's MAC (QEMU
-    /// carries a card's MAC in its device state).
+    /// carries a card's MAC in its device state; a card its agent could not
+    /// replace keeps it).
     pub kept: Vec<String>,
 }
 

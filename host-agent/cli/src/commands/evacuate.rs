@@ -221,9 +221,10 @@ pub struct EvacuateArgs {
 /// waits for it: start each clone's QEMU with -device vmgenid,guid=auto
 /// (a clone into a QEMU with its source's ID, or none when the source has
 /// one, is refused); QEMU writes it into the guest after the stream and
-/// tells the guest. Its network cards keep the source's MACs (QEMU carries
-/// them in the device state): the report says so, and the guest must change
-/// them itself (docs/evacuation.md).
+/// tells the guest. The stream carries the source's MACs; once the clone
+/// runs, each network card with an id is unplugged and plugged again with
+/// the MAC its QEMU was started with (the guest takes it as a new card);
+/// one that cannot be is reported as kept (docs/evacuation.md).
 ///
 /// JSON (--json): {"job", "ok", "clones": [{"name", "host", "ok",
 /// "verified", "error", "identity" (a QEMU clone's: its VM generation ID),
@@ -815,7 +816,7 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
                 );
                 if c.kept.iter().any(|k| k == "mac") {
                     println!(
-                        "  {:<20} note: its network card kept the source's MAC; the guest must set its own (docs/evacuation.md)",
+                        "  {:<20} note: a network card kept the source's MAC; the guest must set its own (docs/evacuation.md)",
                         ""
                     );
                 }
