@@ -1052,6 +1052,12 @@ fn together_choice(
         if out.iter().any(|(f, _)| f.iter().any(|h| from.contains(h))) {
             bail!("--together {j}: its sources are another job's");
         }
+        if out
+            .iter()
+            .any(|(f, t)| f.iter().any(|h| to.contains(h)) || t.iter().any(|h| from.contains(h)))
+        {
+            bail!("--together {j}: a host is one job's source and another's destination");
+        }
         out.push((from, to));
     }
     Ok(out)

@@ -1597,10 +1597,10 @@ impl<'a> Run<'a> {
     /// Paces, then sends repairs one by one and pages in runs per group
     /// address (one GSO send per run where the kernel allows).
     fn send_out(&mut self, f: &mut Flow, out: Outgoing) -> Result<(), CastError> {
-        if let (Some(a), Some(b)) = (f.aimd.as_mut(), f.bucket.as_mut())
-            && let Some(r) = a.tick(Instant::now())
-        {
-            b.set_rate(r);
+        if let (Some(a), Some(b)) = (f.aimd.as_mut(), f.bucket.as_mut()) {
+            if let Some(r) = a.tick(Instant::now()) {
+                b.set_rate(r);
+            }
             self.report.rate_cuts = a.cuts();
             self.report.lowest_rate_bps = a.lowest() as u64;
         }

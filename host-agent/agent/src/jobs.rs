@@ -365,6 +365,17 @@ impl JobBook {
         let deadline = asked.unwrap_or(DEFAULT_DEADLINE);
         let mut jobs = lock(&self.jobs);
         Self::sweep(&mut jobs);
+        // A QEMU address belongs to one open job: two jobs naming one
+        // port would have this agent feed one job's stream into the QEMU
+        // libvirt started for the other's VM.
+        for (other, j) in jobs.iter().filter(|(id, j)| *id != job && j.is_open()) {
+            let g = lock(&j.inner);
+            if let Some(a) = qemu_connect.iter().find(|a| g.qemu_connect.contains(a)) {
+                return Err(AgentError::BadRequest(format!(
+                    "job {job}: the QEMU address {a} is job {other}'s here"
+                )));
+            }
+        }
         if let Some(j) = jobs.get(job) {
             if let Some(why) = j.stopped() {
                 return Err(AgentError::UnknownJob(format!(
@@ -531,6 +542,12 @@ mod tests {
         book.open("j", &op(), &[more], None).unwrap();
         j.admit_arrival("s", "vm2").unwrap();
         j.admit_qemu("127.0.0.1:4444".parse().unwrap()).unwrap();
+        // Another open job may not name the same QEMU.
+        let e = book
+            .open_with("other", &op(), &[], &["127.0.0.1:4444".into()], None)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("is job"), "{e}");
         let e = j.admit_qemu("127.0.0.1:22".parse().unwrap()).unwrap_err();
         assert!(
             e.to_string().contains("names no QEMU on 127.0.0.1:22"),

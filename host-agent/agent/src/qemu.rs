@@ -116,6 +116,9 @@ impl Seen {
 
 /// How long a guest has to let go of a network card being replaced.
 const UNPLUG_WAIT: Duration = Duration::from_secs(10);
+/// Cards replaced at most per clone: their waits fit well inside the 75 s
+/// the source gives a destination to say its VM runs.
+const MAX_REPLUGS: usize = 4;
 
 /// Gives a clone's network cards back the MACs its QEMU was started with
 /// (`started`): QEMU's stream carried the source's, which the guest's
@@ -127,7 +130,20 @@ const UNPLUG_WAIT: Duration = Duration::from_secs(10);
 /// [`UNPLUG_WAIT`], keeps the source's MAC (the report says so).
 fn own_macs(q: &mut Qmp, started: &[(String, String)], vm: &str) {
     let now = q.macs().unwrap_or_default();
-    for (card, mac) in now {
+    if now
+        .iter()
+        .all(|(c, m)| started.iter().all(|(sc, sm)| sc != c || sm == m))
+    {
+        return;
+    }
+    // A paused guest cannot let go of a card.
+    if q.status().ok().as_deref() != Some("running") {
+        tracing::warn!(
+            "clone {vm}: its guest is not running, so its network cards keep their source's MACs"
+        );
+        return;
+    }
+    for (card, mac) in now.into_iter().take(MAX_REPLUGS) {
         let Some((_, own)) = started.iter().find(|(c, _)| *c == card) else {
             continue;
         };
@@ -155,9 +171,13 @@ fn replug(q: &mut Qmp, id: &str, mac: &str) -> Result<(), String> {
     let driver = get(q, "type")?;
     let netdev = get(q, "netdev")?;
     let devfn = get(q, "addr")?.as_u64().unwrap_or(0);
-    let (Some(driver), Some(netdev)) = (driver.as_str(), netdev.as_str()) else {
-        return Err("QEMU did not say its type and network backend".into());
+    let bus = get(q, "parent_bus")?;
+    let (Some(driver), Some(netdev), Some(bus)) = (driver.as_str(), netdev.as_str(), bus.as_str())
+    else {
+        return Err("QEMU did not say its type, network backend and bus".into());
     };
+    // The bus by its id: the last part of its path.
+    let bus = bus.rsplit('/').next().unwrap_or(bus).to_owned();
     let (driver, netdev) = (driver.to_owned(), netdev.to_owned());
     q.execute("device_del", json!({ "id": id }))
         .map_err(|e| format!("unplugging it: {e}"))?;
@@ -176,10 +196,11 @@ fn replug(q: &mut Qmp, id: &str, mac: &str) -> Result<(), String> {
             "id": id,
             "netdev": netdev,
             "mac": mac,
+            "bus": bus,
             "addr": format!("{:x}.{:x}", devfn >> 3, devfn & 7),
         }),
     )
-    .map_err(|e| format!("plugging it again: {e}"))?;
+    .map_err(|e| format!("LOST: it was unplugged and could not be plugged again: {e}"))?;
     Ok(())
 }
 
@@ -246,7 +267,7 @@ impl Backend for QemuBackend {
         crate::refuse_postcopy(r.switchover, pagecast_migrate::engine::Mode::Move, false)?;
         let virsh = self.virsh(out.agent, &out.vm.name, r)?;
         let route = route(r, virsh.is_some())?;
-        check_capabilities(&mut self.qmp()?, &out.vm.name)?;
+        check_capabilities(&mut self.qmp()?, &out.vm.name, route.is_some())?;
         let ch = out
             .agent
             .open_incoming(&r.to, &r.job, "receive a migrated QEMU VM")?;
@@ -282,7 +303,7 @@ impl Backend for QemuBackend {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<v1::CloneResult, AgentError> {
         crate::refuse_postcopy(r.switchover, pagecast_migrate::engine::Mode::Clone, false)?;
-        check_capabilities(&mut self.qmp()?, &out.vm.name)?;
+        check_capabilities(&mut self.qmp()?, &out.vm.name, false)?;
         let (targets, failed) = out.agent.clone_targets(r);
         let opts = MigrateOptions {
             bandwidth_bps: (r.bandwidth_bps > 0).then_some(r.bandwidth_bps),
@@ -439,6 +460,12 @@ impl QemuBackend {
         let to = libvirt_uri(&r.libvirt_to)?;
         let listen = loopback(&r.qemu_listen, "--qemu-listen")?;
         let connect = loopback(&r.qemu_connect, "the destination QEMU's address")?;
+        // libvirt's destination QEMU listens on the port of --migrateuri.
+        if listen.port() != connect.port() {
+            return Err(AgentError::BadRequest(format!(
+                "libvirt's destination QEMU listens on the port its source migrates to: {listen} and {connect} differ"
+            )));
+        }
         Ok(Some(Virsh {
             local: libvirt.local.clone(),
             domain: domain.clone(),
@@ -450,18 +477,51 @@ impl QemuBackend {
     }
 }
 
-/// `to` if it can be a libvirt URI given to virsh as one argument: not
-/// empty, at most 512 bytes, no blank or control character, not taken
-/// for an option.
-fn libvirt_uri(to: &str) -> Result<&str, AgentError> {
-    if to.is_empty()
-        || to.len() > 512
-        || to.starts_with('-')
-        || to.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(AgentError::BadRequest(format!(
-            "{to:?} is not a libvirt URI (qemu+tls://HOST/system)"
-        )));
+/// `to` if it is a libvirt URI of a remote QEMU daemon that takes no
+/// options: `qemu+tls://`, `qemu+tcp://` or `qemu+ssh://`, then
+/// `[USER@]HOST[:PORT]` (letters, digits, `.-_` and an IPv6 address in
+/// brackets), then `/system` or `/session`, nothing else. A destination
+/// host names this URI, and the source's virsh connects to it: a query
+/// string could make virsh run a program of the destination's choosing
+/// (`?command=`, `qemu+ext://`), so none is taken.
+pub fn libvirt_uri(to: &str) -> Result<&str, AgentError> {
+    let bad = || {
+        AgentError::BadRequest(format!(
+            "{to:?} is not a libvirt URI pagecast uses (qemu+tls://HOST/system, qemu+tcp://, qemu+ssh://USER@HOST/system; no query)"
+        ))
+    };
+    if to.len() > 255 {
+        return Err(bad());
+    }
+    let rest = ["qemu+tls://", "qemu+tcp://", "qemu+ssh://"]
+        .iter()
+        .find_map(|p| to.strip_prefix(p))
+        .ok_or_else(bad)?;
+    let (authority, path) = rest.split_once('/').ok_or_else(bad)?;
+    if path != "system" && path != "session" {
+        return Err(bad());
+    }
+    let host = match authority.split_once('@') {
+        Some((user, host)) if to.starts_with("qemu+ssh://") => {
+            let user_ok = !user.is_empty()
+                && user
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !user_ok {
+                return Err(bad());
+            }
+            host
+        }
+        Some(_) => return Err(bad()),
+        None => authority,
+    };
+    let host_ok = !host.is_empty()
+        && !host.starts_with('-')
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_:[]".contains(c));
+    if !host_ok {
+        return Err(bad());
     }
     Ok(to)
 }
@@ -473,9 +533,12 @@ const VIRSH_SAID: usize = 4096;
 const VIRSH_WAIT: Duration = Duration::from_secs(90);
 
 /// A live migration of a libvirt domain, run by this host's libvirt:
-/// `virsh -c LOCAL migrate --live DOMAIN TO --migrateuri tcp:ADDR:PORT
-/// --listen-address ADDR`, whose QEMU streams to this agent's loopback
-/// port, and whose destination QEMU listens on the destination host's.
+/// `virsh -c LOCAL migrate --live --persistent --undefinesource --domain
+/// DOMAIN --desturi TO --migrateuri tcp:ADDR:PORT --listen-address ADDR`
+/// (the domain's definition moves with it, so that it does not start here
+/// again after the maintenance), whose QEMU streams to this agent's
+/// loopback port, and whose destination QEMU listens on the destination
+/// host's.
 struct Virsh {
     local: String,
     domain: String,
@@ -488,15 +551,12 @@ struct Virsh {
 impl Virsh {
     /// Starts `virsh migrate`.
     fn start(&mut self) -> Result<(), AgentError> {
+        // Named arguments: a name or URI is never read as an option. The
+        // definition moves with the domain.
         let child = std::process::Command::new("virsh")
-            .args([
-                "-c",
-                &self.local,
-                "migrate",
-                "--live",
-                &self.domain,
-                &self.to,
-            ])
+            .args(["-c", &self.local, "migrate", "--live", "--persistent"])
+            .args(["--undefinesource", "--domain", &self.domain])
+            .args(["--desturi", &self.to])
             .args(["--migrateuri", &self.migrateuri])
             .args(["--listen-address", &self.listen_address])
             .stdin(std::process::Stdio::null())
@@ -507,7 +567,7 @@ impl Virsh {
                 AgentError::Qemu(format!("cannot run virsh (package libvirt-clients): {e}"))
             })?;
         info!(
-            "QEMU VM {}: virsh -c {} migrate --live {} {} --migrateuri {} --listen-address {}",
+            "QEMU VM {}: virsh -c {} migrate --live --persistent --undefinesource --domain {} --desturi {} --migrateuri {} --listen-address {}",
             self.domain, self.local, self.domain, self.to, self.migrateuri, self.listen_address
         );
         self.child = Some(child);
@@ -525,8 +585,9 @@ impl Virsh {
     }
 
     /// Waits for virsh to end (at most `within`): `Err` with what it said
-    /// if it failed or did not end.
-    fn wait(&mut self, within: Duration) -> Result<(), String> {
+    /// if it failed, or if it did not end (then it is killed, and how the
+    /// migration ended is unknown).
+    fn wait(&mut self, within: Duration) -> Result<(), VirshEnd> {
         let Some(c) = self.child.as_mut() else {
             return Ok(());
         };
@@ -534,14 +595,20 @@ impl Virsh {
         loop {
             match c.try_wait() {
                 Ok(Some(st)) if st.success() => return Ok(()),
-                Ok(Some(st)) => return Err(self.said(st)),
+                Ok(Some(st)) => return Err(VirshEnd::Failed(self.said(st))),
                 Ok(None) if Instant::now() > until => {
                     let _ = c.kill();
                     let _ = c.wait();
-                    return Err(format!("virsh migrate did not end within {within:?}"));
+                    return Err(VirshEnd::Unknown(format!(
+                        "unknown: virsh migrate did not end within {within:?}"
+                    )));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => return Err(format!("waiting for virsh: {e}")),
+                Err(e) => {
+                    return Err(VirshEnd::Unknown(format!(
+                        "unknown: waiting for virsh: {e}"
+                    )));
+                }
             }
         }
     }
@@ -551,8 +618,16 @@ impl Virsh {
         if let Some(err) = self.child.as_mut().and_then(|c| c.stderr.as_mut()) {
             let _ = err.take(VIRSH_SAID as u64).read_to_string(&mut text);
         }
-        format!("virsh migrate failed ({st}): {}", text.trim())
+        format!("failed: virsh migrate ended with {st}: {}", text.trim())
     }
+}
+
+/// How `virsh migrate` ended, when not well.
+enum VirshEnd {
+    /// It said it failed: libvirt runs the guest at the source.
+    Failed(String),
+    /// It did not say.
+    Unknown(String),
 }
 
 impl Drop for Virsh {
@@ -592,7 +667,7 @@ fn route(
     })?;
     let wait = Duration::from_secs(match r.qemu_wait_s {
         0 => 300,
-        s => u64::from(s),
+        s => u64::from(s).min(QEMU_WAIT_MAX.as_secs()),
     });
     Ok(Some((l, wait)))
 }
@@ -682,7 +757,7 @@ impl StreamSource for Stream<'_> {
         let s = accept_qemu(l, *wait, &mut stopped).map_err(stream_err)?;
         // Whoever started it set QEMU's capabilities just before.
         let name = self.name;
-        let checked = check_capabilities(self.qmp().map_err(stream_err)?, name);
+        let checked = check_capabilities(self.qmp().map_err(stream_err)?, name, true);
         self.qmp = None;
         checked.map_err(|e| MigrationError::Stream {
             code: v1::RefusalCode::Invalid,
@@ -704,6 +779,7 @@ impl StreamSource for Stream<'_> {
                 completed: status == "completed",
                 status,
                 downtime_ms: m["downtime"].as_f64().unwrap_or(0.0),
+                ..StreamEnd::default()
             });
         };
         // libvirt ends it: its confirm step stops the source QEMU (QMP may
@@ -716,11 +792,23 @@ impl StreamSource for Stream<'_> {
                 completed: true,
                 status: "completed".into(),
                 downtime_ms,
+                decides: true,
+                unknown: false,
             },
-            Err(why) => StreamEnd {
+            Err(VirshEnd::Failed(why)) => StreamEnd {
                 completed: false,
                 status: why,
                 downtime_ms,
+                decides: true,
+                unknown: false,
+            },
+            // Killed while libvirt may have been finishing it.
+            Err(VirshEnd::Unknown(why)) => StreamEnd {
+                completed: false,
+                status: why,
+                downtime_ms,
+                decides: true,
+                unknown: true,
             },
         })
     }
@@ -867,9 +955,15 @@ fn accept_qemu(
 
 /// Refuses a migration stream the proxy cannot carry, naming the
 /// capability to turn off.
-fn check_capabilities(q: &mut Qmp, name: &str) -> Result<(), AgentError> {
+/// `libvirt`: libvirt runs this migration, so its return path is carried.
+fn check_capabilities(q: &mut Qmp, name: &str, libvirt: bool) -> Result<(), AgentError> {
     let caps = q.capabilities().map_err(qemu_err)?;
-    if let Some((cap, why)) = pagecast_qemu::refused_capability(&caps) {
+    let allowed: &[&str] = if libvirt {
+        &[pagecast_qemu::RETURN_PATH]
+    } else {
+        &[]
+    };
+    if let Some((cap, why)) = pagecast_qemu::refused_capability(&caps, allowed) {
         return Err(AgentError::BadRequest(format!(
             "QEMU VM {name} has migration capability {cap:?} on, which {why}; pagecast cannot carry that stream: turn it off (migrate-set-capabilities {cap} false) and migrate again"
         )));
@@ -1040,7 +1134,7 @@ impl QemuBackend {
             .and_then(|c| c.set_read_timeout(Some(Duration::from_secs(1))).map(|()| c))
             .map_err(qemu_err)?;
         let answers = Answers::read(answers);
-        let fed = feed(arrival, &mut out, &answers)?;
+        let fed = feed(arrival, &mut out, &answers, None)?;
         let _ = out.shutdown(std::net::Shutdown::Write);
         // QEMU loads the devices and resumes the guest.
         let until = Instant::now() + STALL;
@@ -1188,8 +1282,10 @@ fn end_arrival(
 /// `at`, which closes its end once it has loaded it (or exits if it
 /// refused it).
 fn route_feed(arrival: &mut Arrival<'_>, at: SocketAddr) -> Result<(u64, u64), AgentError> {
-    // The first part comes once the source QEMU has connected, by when
-    // libvirt's QEMU here listens.
+    // The stream's first part comes once the source QEMU has connected, by
+    // when libvirt's QEMU here listens (libvirt prepares it first); a held
+    // arrival waits for its job's casts before that.
+    let first = first_part(arrival)?;
     let mut out = connect_within(Duration::from_secs(10), || {
         TcpStream::connect_timeout(&at, Duration::from_secs(2))
     })
@@ -1204,10 +1300,47 @@ fn route_feed(arrival: &mut Arrival<'_>, at: SocketAddr) -> Result<(u64, u64), A
         .and_then(|c| c.set_read_timeout(Some(Duration::from_secs(1))).map(|()| c))
         .map_err(qemu_err)?;
     let answers = Answers::read(answers);
-    let fed = feed(arrival, &mut out, &answers)?;
+    let fed = feed(arrival, &mut out, &answers, Some(first))?;
     let _ = out.shutdown(std::net::Shutdown::Write);
     answers.closed_within(Duration::from_secs(10));
     Ok(fed)
+}
+
+/// Longest a source waits for its QEMU to connect on the libvirt route
+/// (`--qemu-wait` is held to it), and a destination for the stream's first
+/// part there (a source that gives up sooner says so).
+const QEMU_WAIT_MAX: Duration = Duration::from_secs(1200);
+
+/// The stream's first part on the libvirt route: keep-alives of a holding
+/// source answered; a source that sends nothing for [`QEMU_WAIT_MAX`] (it
+/// waits that long at most for someone to start libvirt's migration) fails
+/// the arrival.
+fn first_part(arrival: &mut Arrival<'_>) -> Result<v1::StreamPart, AgentError> {
+    let mut heard = Instant::now();
+    loop {
+        match arrival.wait_frame(Duration::from_millis(200))? {
+            None if heard.elapsed() > QEMU_WAIT_MAX + STALL => {
+                return Err(AgentError::Migration(MigrationError::Timeout {
+                    peer: "the source".into(),
+                    what: "stream part",
+                    after: QEMU_WAIT_MAX + STALL,
+                }));
+            }
+            None => {}
+            Some(v1::migrate_frame::Body::KeepAlive(_)) => heard = Instant::now(),
+            Some(v1::migrate_frame::Body::Stream(p)) => {
+                if p.held.len() != 32 * p.held_at.len() || p.data.len() > MAX_PART_BYTES {
+                    return Err(AgentError::BadRequest("a malformed stream part".into()));
+                }
+                return Ok(p);
+            }
+            Some(other) => {
+                return Err(AgentError::BadRequest(format!(
+                    "expected the stream, got {other:?}"
+                )));
+            }
+        }
+    }
 }
 
 /// Most bytes of one return-path frame.
@@ -1285,13 +1418,20 @@ fn feed(
     arrival: &mut Arrival<'_>,
     out: &mut (dyn Write + Send),
     answers: &Answers,
+    first: Option<v1::StreamPart>,
 ) -> Result<(u64, u64), AgentError> {
     arrival.set_timeout(STALL);
     let slot = arrival.slot().clone();
     let (tx, rx) = std::sync::mpsc::sync_channel::<v1::StreamPart>(PARTS_IN_FLIGHT);
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || write_parts(rx, &slot, out));
-        let failed = receive_parts(arrival, &tx, answers).err();
+        let last = first.as_ref().is_some_and(|p| p.last);
+        let failed = match first.map(|p| tx.send(p)) {
+            // The writer stopped at once: its error comes from it.
+            Some(Err(_)) => None,
+            _ if last => None,
+            _ => receive_parts(arrival, &tx, answers).err(),
+        };
         drop(tx);
         let wrote = writer
             .join()
@@ -1326,6 +1466,11 @@ fn receive_parts(
                 }));
             }
             None => continue,
+            // A holding source is alive.
+            Some(v1::migrate_frame::Body::KeepAlive(_)) => {
+                heard = Instant::now();
+                continue;
+            }
             Some(v1::migrate_frame::Body::Stream(p)) => p,
             Some(other) => {
                 return Err(AgentError::BadRequest(format!(
@@ -1467,17 +1612,32 @@ mod tests {
     }
 
     #[test]
-    fn a_libvirt_uri_is_one_argument_never_an_option() {
-        assert!(libvirt_uri("qemu+tls://host-b/system").is_ok());
+    fn a_libvirt_uri_names_a_remote_daemon_and_nothing_else() {
+        for good in [
+            "qemu+tls://host-b/system",
+            "qemu+tcp://10.0.0.2:16509/system",
+            "qemu+ssh://root@host-b/system",
+            "qemu+tls://[fd00::2]/session",
+        ] {
+            assert!(libvirt_uri(good).is_ok(), "{good:?}");
+        }
         for bad in [
             "",
             "--p2p",
-            "qemu+ssh://b/system --unsafe",
-            "qemu://b/system\n",
+            "qemu:///system",
+            "qemu+ext:///system?command=/bin/sh",
+            "qemu+ssh://b/system?command=/tmp/x",
+            "qemu+ssh://b/system?netcat=/tmp/x",
+            "qemu+tls://b/system?no_verify=1",
+            "qemu+tcp://b/system --unsafe",
+            "qemu+tls://-oProxyCommand=x/system",
+            "qemu+tls://user@b/system",
+            "qemu+tcp://b/other",
+            "qemu+tcp://b/system\n",
         ] {
             assert!(libvirt_uri(bad).is_err(), "{bad:?}");
         }
-        assert!(libvirt_uri(&"q".repeat(600)).is_err());
+        assert!(libvirt_uri(&format!("qemu+tcp://{}/system", "q".repeat(300))).is_err());
     }
 
     #[test]

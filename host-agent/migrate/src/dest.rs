@@ -496,16 +496,15 @@ impl Arrival<'_> {
     }
 
     /// As [`Arrival::next_frame`], but `None` if no frame came within
-    /// `within`.
+    /// `within`; a keep-alive is answered and returned (the source lives).
     pub fn wait_frame(&mut self, within: Duration) -> Result<Option<Body>, MigrationError> {
-        loop {
-            match self.link.wait_frame(within)? {
-                Some(Body::Abort(a)) => return Err(MigrationError::from_abort(a)),
-                Some(Body::KeepAlive(_)) => {
-                    self.link.send(Body::KeepAlive(v1::KeepAlive {}))?;
-                }
-                other => return Ok(other),
+        match self.link.wait_frame(within)? {
+            Some(Body::Abort(a)) => Err(MigrationError::from_abort(a)),
+            Some(Body::KeepAlive(k)) => {
+                self.link.send(Body::KeepAlive(v1::KeepAlive {}))?;
+                Ok(Some(Body::KeepAlive(k)))
             }
+            other => Ok(other),
         }
     }
 

@@ -108,6 +108,7 @@ impl StreamSource for Sample {
             completed: true,
             status: "completed".into(),
             downtime_ms: 12.0,
+            ..StreamEnd::default()
         })
     }
 }
@@ -435,6 +436,7 @@ impl StreamSource for Waiting {
             completed: true,
             status: "completed".into(),
             downtime_ms: 3.0,
+            ..StreamEnd::default()
         })
     }
 }

@@ -36,15 +36,29 @@ pub const REFUSED_CAPABILITIES: &[(&str, &str)] = &[
     ("background-snapshot", "is a snapshot, not a migration"),
     ("zero-copy-send", "goes with multifd"),
     ("mapped-ram", "writes RAM at fixed file offsets"),
+    (
+        "return-path",
+        "makes the source QEMU wait for its destination's word and, without it, fail the migration and run the guest again while the destination may run it too; pagecast carries it only when libvirt runs the migration (libvirt's destination QEMU waits paused until libvirt says)",
+    ),
 ];
 
+/// The one refused capability the libvirt route carries (libvirt turns it
+/// on, and libvirt's destination QEMU starts paused until libvirt knows the
+/// source completed).
+pub const RETURN_PATH: &str = "return-path";
+
 /// The first refused capability that `caps` (QMP's
-/// `query-migrate-capabilities` answer) has on, with why it is refused.
-pub fn refused_capability(caps: &serde_json::Value) -> Option<(String, &'static str)> {
+/// `query-migrate-capabilities` answer) has on, with why it is refused;
+/// those in `allowed` pass.
+pub fn refused_capability(
+    caps: &serde_json::Value,
+    allowed: &[&str],
+) -> Option<(String, &'static str)> {
     let list = caps.as_array()?;
     for c in list {
         let name = c["capability"].as_str().unwrap_or("");
         if c["state"] == true
+            && !allowed.contains(&name)
             && let Some((n, why)) = REFUSED_CAPABILITIES.iter().find(|(n, _)| *n == name)
         {
             return Some(((*n).to_owned(), why));
@@ -64,11 +78,15 @@ mod tests {
             {"capability": "auto-converge", "state": true},
             {"capability": "events", "state": true},
         ]);
-        assert_eq!(refused_capability(&off), None);
+        assert_eq!(refused_capability(&off, &[]), None);
         let on = serde_json::json!([
             {"capability": "auto-converge", "state": true},
             {"capability": "multifd", "state": true},
         ]);
-        assert_eq!(refused_capability(&on).unwrap().0, "multifd");
+        assert_eq!(refused_capability(&on, &[]).unwrap().0, "multifd");
+        // The return path passes where the caller carries it.
+        let rp = serde_json::json!([{"capability": "return-path", "state": true}]);
+        assert_eq!(refused_capability(&rp, &[]).unwrap().0, "return-path");
+        assert_eq!(refused_capability(&rp, &[super::RETURN_PATH]), None);
     }
 }

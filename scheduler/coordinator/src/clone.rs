@@ -209,7 +209,10 @@ fn identities(
             .ok()
             .and_then(|l| l.vms.into_iter().find(|v| v.name == name))
     };
-    let source = of(source_addr, vm).unwrap_or_default();
+    // Without the source's listing nothing can be said to have changed.
+    let Some(source) = of(source_addr, vm) else {
+        return;
+    };
     rep.source_identity = source.identity.clone();
     for c in &mut rep.clones {
         if !c.ok {

@@ -179,6 +179,9 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
         anyhow::ensure!(d.is_dir(), "--data {}: not a directory", d.display());
     }
     let listen = resolve("--listen", &a.listen)?;
+    if let Some(uri) = &a.libvirt {
+        pagecast_agent::qemu::libvirt_uri(uri).context("--libvirt")?;
+    }
     let capacity = a.capacity.unwrap_or_else(total_memory);
     let index = a.index.as_deref().map(|addrs| {
         let addrs: Vec<String> = addrs

@@ -64,6 +64,12 @@ pub struct StreamEnd {
     pub status: String,
     /// The guest's pause as the source measured it, ms.
     pub downtime_ms: f64,
+    /// The source's word decides where the guest runs: a destination's
+    /// Resumed says only that its QEMU took the stream (libvirt starts the
+    /// guest there once it knows the source completed).
+    pub decides: bool,
+    /// With `decides`: the source could not tell how it ended.
+    pub unknown: bool,
 }
 
 /// The relay's state between stages.
@@ -189,6 +195,12 @@ fn sender<'l>(
                     sent.error = Some(e);
                     return sent;
                 }
+            }
+            // The destination gave up (its QEMU refused the stream): it
+            // runs nothing, and nothing more goes to it.
+            Ok(Some(Body::Abort(a))) => {
+                sent.early = Some(Body::Abort(a));
+                break None;
             }
             Ok(Some(other)) => sent.early = Some(other),
             Err(e) => break Some(e),
@@ -318,15 +330,20 @@ impl Transfer for Relay<'_> {
         fleet.report.downtime_ms = end.downtime_ms;
         if !end.completed {
             for d in &mut fleet.dests {
-                if matches!(d.state, DestState::Done) {
+                if matches!(d.state, DestState::Done) && !end.decides {
                     // Its QEMU runs the guest: the source's status is late.
                     continue;
                 }
-                if matches!(d.state, DestState::Live) {
-                    d.state = DestState::Failed(MigrationError::Stream {
-                        code: v1::RefusalCode::Internal,
-                        reason: format!("the source QEMU says the migration is {}", end.status),
-                    });
+                if matches!(d.state, DestState::Live | DestState::Done) {
+                    let reason = format!("the source QEMU says the migration is {}", end.status);
+                    d.state = if end.unknown {
+                        DestState::InDoubt(reason)
+                    } else {
+                        DestState::Failed(MigrationError::Stream {
+                            code: v1::RefusalCode::Internal,
+                            reason,
+                        })
+                    };
                 }
             }
         }
@@ -444,11 +461,11 @@ impl Fan<'_> {
 impl Sink for Fan<'_> {
     fn drain(&mut self) -> Result<(), StreamError> {
         for o in &mut self.outs {
-            // What comes from now on is the tail: the devices' state.
-            o.tail = true;
             if !o.data.is_empty() || !o.held_at.is_empty() {
                 o.flush(false);
             }
+            // What comes from now on is the tail: the devices' state.
+            o.tail = true;
         }
         Ok(())
     }

@@ -146,10 +146,24 @@ struct LibvirtMove {
     port: u16,
 }
 
-/// The first loopback port given a libvirt domain's stream (libvirt's own
-/// default range for migrations starts here); each domain of a job has
-/// its own.
-const LIBVIRT_PORT: u16 = 49152;
+/// Loopback ports given libvirt domains' streams: each job takes a block
+/// of [`LIBVIRT_BLOCK`] from this range, chosen by its id, below libvirt's
+/// own default migration ports (49152 up), and each domain of the job one
+/// port of it. Two jobs that chose the same block and meet on a host are
+/// refused there by its agent (a QEMU address is one job's), never mixed.
+const LIBVIRT_PORTS: std::ops::Range<u16> = 40000..48000;
+/// Ports per job.
+const LIBVIRT_BLOCK: u16 = 64;
+
+/// The first port of job `job`'s block.
+fn libvirt_base(job: &str) -> u16 {
+    // FNV-1a: stable across runs and builds.
+    let h = job.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let blocks = (LIBVIRT_PORTS.end - LIBVIRT_PORTS.start) / LIBVIRT_BLOCK;
+    LIBVIRT_PORTS.start + (h % u64::from(blocks)) as u16 * LIBVIRT_BLOCK
+}
 
 /// Everything decided before anything moves.
 struct Prepared {

@@ -367,6 +367,12 @@ fn pin_qemu_vms(
                     )));
                 }
                 model.libvirt_vms.insert(v);
+                if model.libvirt_vms.len() > usize::from(super::LIBVIRT_BLOCK) {
+                    return Err(CoordError::Invalid(format!(
+                        "at most {} libvirt domains move in one job: evacuate these hosts in several",
+                        super::LIBVIRT_BLOCK
+                    )));
+                }
             }
             None => {
                 return Err(CoordError::Invalid(format!(
@@ -581,7 +587,7 @@ fn prepared(
     spec: &EvacuateSpec,
 ) -> Prepared {
     let cluster = &model.cluster;
-    let mut port = super::LIBVIRT_PORT;
+    let mut port = super::libvirt_base(&spec.job);
     let moving: Vec<Moving> = plan
         .placement()
         .into_iter()
