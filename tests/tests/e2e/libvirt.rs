@@ -239,7 +239,7 @@ fn libvirt_migrates_a_domain_through_pagecast_with_fewer_bytes_than_its_own() {
         "through pagecast {through} bytes, libvirt directly {direct}"
     );
 
-    evacuate_two_domains(dir, &kernel, &h1, &h2, &a, &addrs, direct);
+    evacuate_two_domains(dir, &kernel, &h1, &h2, (&a, &b), &addrs, direct);
 }
 
 /// `pagecast evacuate` of `h1` running two libvirt domains of the image,
@@ -253,7 +253,7 @@ fn evacuate_two_domains(
     kernel: &Path,
     h1: &LibvirtHost,
     h2: &LibvirtHost,
-    a: &AgentProc,
+    (a, b): (&AgentProc, &AgentProc),
     addrs: &str,
     direct: u64,
 ) {
@@ -271,6 +271,7 @@ fn evacuate_two_domains(
             Err(text)
         }
     });
+    a_uri_that_runs_a_program_is_refused(dir, h1, a, b, "e1");
     let before = h1.sent_bytes();
     let out = cli(
         dir,
@@ -310,4 +311,98 @@ fn evacuate_two_domains(
         (sent as f64) < 2.0 * 0.8 * direct as f64,
         "evacuating two domains sent {sent} bytes; libvirt sends {direct} for one"
     );
+}
+
+/// The attacker: a destination host that names, as its libvirt, a URI that
+/// would have the source's virsh run a program (`qemu+ext://...?command=`).
+/// The test does what a coordinator does on that word, with an operator's
+/// certificate over the wire: it opens a job at both agents (the
+/// destination's naming the QEMU port) and asks the source agent to have
+/// libvirt migrate the domain there. The source refuses before virsh runs:
+/// the program never runs, and the domain stays where it is.
+fn a_uri_that_runs_a_program_is_refused(
+    dir: &Path,
+    h1: &LibvirtHost,
+    a: &AgentProc,
+    b: &AgentProc,
+    vm: &str,
+) {
+    use pagecast_agent_api::client::{AgentClient, MigrationEvent};
+    use pagecast_proto::v1;
+    let marker = dir.join("ran");
+    let program = dir.join("program.sh");
+    std::fs::write(
+        &program,
+        format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let op = pagecast_tests::pki::tls("operator", pagecast_channel::Role::Operator);
+    let port = 47_990;
+    let job = "attack";
+    let open = |at: &str, peer: &str, role: v1::JobRole, vms: Vec<String>, qemu: Vec<String>| {
+        AgentClient::connect(at, &op)
+            .and_then(|c| {
+                c.open_job(v1::JobOpen {
+                    job: job.into(),
+                    peers: vec![v1::JobPeer {
+                        host: peer.into(),
+                        role: role as i32,
+                        vms,
+                    }],
+                    deadline_ms: 120_000,
+                    qemu_connect: qemu,
+                })
+            })
+            .unwrap_or_else(|e| panic!("opening the job at {at}: {e}"));
+    };
+    open(
+        &b.addr,
+        &a.name,
+        v1::JobRole::Source,
+        vec![vm.into()],
+        vec![format!("127.0.0.1:{port}")],
+    );
+    open(&a.addr, &b.name, v1::JobRole::Destination, vec![], vec![]);
+    let r = v1::MigrateRequest {
+        vm: vm.into(),
+        to: b.addr.clone(),
+        job: job.into(),
+        qemu_listen: format!("127.0.0.1:{port}"),
+        qemu_connect: format!("127.0.0.1:{port}"),
+        qemu_wait_s: 10,
+        libvirt_to: format!("qemu+ext:///system?command={}", program.display()),
+        ..Default::default()
+    };
+    let outcome = AgentClient::connect(&a.addr, &op)
+        .and_then(|c| c.start_migrate(r))
+        .and_then(|mut m| {
+            loop {
+                match m.next_event()? {
+                    MigrationEvent::Result(r) => break Ok(r),
+                    _ => continue,
+                }
+            }
+        });
+    let said = match outcome {
+        Ok(r) => {
+            assert!(!r.ok, "a migration to that URI went: {r:?}");
+            format!("{r:?}")
+        }
+        Err(e) => e.to_string(),
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !marker.exists(),
+        "virsh ran the destination's program: {said}"
+    );
+    assert!(said.contains("not a libvirt URI"), "{said}");
+    assert_eq!(h1.domstate(vm), "running");
+    for at in [&a.addr, &b.addr] {
+        let _ = AgentClient::connect(at, &op).and_then(|c| c.close_job(job));
+    }
 }
