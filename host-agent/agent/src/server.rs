@@ -519,6 +519,9 @@ fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest, job: Arc<crate
                 ok: false,
                 error: Some(e.refusal()),
                 in_doubt,
+                // The VM's kind, where it is still here, so that a report of
+                // a QEMU VM's failure does not read as a micro-VM's.
+                kind: agent.hosted(&r.vm).map_or(0, |v| v.info().kind),
                 ..Default::default()
             }
         }

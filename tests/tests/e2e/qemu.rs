@@ -288,6 +288,9 @@ fn qemu_guests_migrate_through_pagecast() {
         err.contains("\"multifd\"") && err.contains("turn it off"),
         "{err}"
     );
+    // The failure's report names the VM's kind.
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["kind"], "qemu", "{report:#}");
     let mut q3 = vm3.qmp();
     assert_eq!(q3.status().unwrap(), "running");
     q3.execute(
