@@ -565,3 +565,60 @@ fn a_return_path_message_post_copy_would_send_never_reaches_the_source() {
         pagecast_qemu::return_path::message(pagecast_qemu::return_path::RP_SHUT, 1)
     );
 }
+
+/// A destination whose QEMU refused the stream says Abort, then goes: the
+/// source stops sending to it and counts it failed, not in doubt, even
+/// though its link then fails while the stream's tail (the devices' state)
+/// is going, and the source VM runs on. (Sending on after the Abort, the
+/// failed send of a tail part made it in doubt, and the VM stayed paused.)
+#[test]
+fn a_destination_that_aborts_is_failed_even_if_its_link_then_breaks_in_the_tail() {
+    let vm = Adopted {
+        mem: memory(),
+        resumes: AtomicU64::new(0),
+    };
+    let fp = Fingerprinter::new(2).unwrap();
+    // 2 MiB of device state after RAM: many parts of tail.
+    let mut bytes = stream();
+    bytes.extend((0..2u32 << 20).map(|i| (i % 251) as u8));
+    let mut sample = Sample {
+        bytes,
+        started: false,
+    };
+    let (a, mut b) = link_pair();
+    let res = std::thread::scope(|s| {
+        s.spawn(move || {
+            let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
+                Body::Begin(x) => x,
+                other => panic!("expected begin, got {other:?}"),
+            };
+            let holds = Holds::frames(0..0);
+            let mut arrival =
+                receive_front(&mut b, &begin, &holds, &mut NoSlotEvents, Shape::Contents).unwrap();
+            assert!(matches!(arrival.next_frame().unwrap(), Body::Stream(_)));
+            arrival.fail(
+                &mut NoSlotEvents,
+                &MigrationError::Stream {
+                    code: v1::RefusalCode::Invalid,
+                    reason: "the destination QEMU refused the stream".into(),
+                },
+            );
+            // Gone before the tail is through: the source's next send fails.
+        });
+        move_one(
+            &vm,
+            Box::new(a),
+            &fp,
+            &MigrateOptions::default(),
+            &mut |_| {},
+            None,
+            How::Stream(&mut sample),
+        )
+    });
+    match res {
+        Err(MigrationError::InDoubt(why)) => panic!("an aborted destination is in doubt: {why}"),
+        Err(e) => assert!(e.to_string().contains("refused the stream"), "{e}"),
+        Ok(r) => panic!("moved to a destination that aborted: {r:?}"),
+    }
+    assert_eq!(vm.resumes.load(Ordering::SeqCst), 1, "the source runs on");
+}

@@ -174,6 +174,13 @@ fn sender<'l>(
                 let body = Body::Stream(p);
                 let n = wire_len(&body);
                 if let Err(e) = link.send(body) {
+                    // A destination that gave up says so before it goes:
+                    // its Abort, if it came, is the answer, not the failure.
+                    if let Ok(Some(Body::Abort(a))) = link.poll_frame() {
+                        sent.early = Some(Body::Abort(a));
+                        sent.last_tried = false;
+                        break None;
+                    }
                     break Some(e);
                 }
                 sent.bytes += n;
