@@ -984,6 +984,18 @@ struct JobTogether {
     together_ok: bool,
 }
 
+impl JobTogether {
+    /// Its eviction together over alone.
+    fn slowdown(&self) -> f64 {
+        self.together_s / self.alone_s.max(1e-9)
+    }
+
+    /// Every VM verified, alone and together.
+    fn verified(&self) -> bool {
+        self.alone_ok && self.together_ok
+    }
+}
+
 /// What the arguments ask for, checked against the topology.
 struct Choice {
     topo: Topology,
@@ -1254,8 +1266,8 @@ impl Ctx<'_> {
                 from.join(","),
                 j.alone_s,
                 j.together_s,
-                j.together_s / j.alone_s.max(1e-9),
-                if j.alone_ok && j.together_ok {
+                j.slowdown(),
+                if j.verified() {
                     "all verified"
                 } else {
                     "NOT all verified"
@@ -1508,12 +1520,8 @@ fn write_report(out: &Path, r: &Report, from: &[String]) -> anyhow::Result<()> {
                 j.to.join(","),
                 j.alone_s,
                 j.together_s,
-                j.together_s / j.alone_s.max(1e-9),
-                if j.alone_ok && j.together_ok {
-                    "yes"
-                } else {
-                    "NO"
-                }
+                j.slowdown(),
+                if j.verified() { "yes" } else { "NO" }
             ));
         }
     }

@@ -102,24 +102,54 @@ impl LibvirtHost {
         let ns = format!("pcl-{name}");
         let veth = format!("pcl{n}h");
         let addr = format!("{}.{n}", bridge.subnet);
-        let _ = run(&["ip", "netns", "del", &ns]);
-        let _ = run(&["ip", "link", "del", &veth]);
-        run(&["ip", "netns", "add", &ns]).expect("a namespace");
+        Self::network(bridge, &ns, &veth, &addr, n);
+        let hdir = dir.join(name);
+        Self::configure(&hdir, &addr, n);
+        let daemon = Self::daemon(&ns, &hdir, name);
+        let host = LibvirtHost {
+            name: name.to_owned(),
+            addr,
+            ns,
+            veth,
+            dir: hdir,
+            daemon,
+        };
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            match host.virsh(&["hostname"]) {
+                Ok(h) if h.trim() == name => break,
+                r => assert!(
+                    Instant::now() < until,
+                    "libvirtd of {name} did not answer within 30 s: {r:?}; it said: {}",
+                    std::fs::read_to_string(host.dir.join("libvirtd.out")).unwrap_or_default()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        host
+    }
+
+    /// Namespace `ns` on `bridge` through veth `veth`, at `addr`, with a
+    /// route for multicast.
+    fn network(bridge: &Bridge, ns: &str, veth: &str, addr: &str, n: u8) {
+        let _ = run(&["ip", "netns", "del", ns]);
+        let _ = run(&["ip", "link", "del", veth]);
+        run(&["ip", "netns", "add", ns]).expect("a namespace");
         let inner = format!("pcl{n}n");
         run(&[
-            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &inner,
+            "ip", "link", "add", veth, "type", "veth", "peer", "name", &inner,
         ])
         .expect("a veth pair");
-        run(&["ip", "link", "set", &inner, "netns", &ns]).expect("veth into the namespace");
-        run(&["ip", "link", "set", &veth, "master", &bridge.name]).expect("veth on the bridge");
-        run(&["ip", "link", "set", &veth, "up"]).expect("veth up");
+        run(&["ip", "link", "set", &inner, "netns", ns]).expect("veth into the namespace");
+        run(&["ip", "link", "set", veth, "master", &bridge.name]).expect("veth on the bridge");
+        run(&["ip", "link", "set", veth, "up"]).expect("veth up");
         for c in [
-            vec!["ip", "-n", &ns, "link", "set", "lo", "up"],
-            vec!["ip", "-n", &ns, "link", "set", &inner, "up"],
+            vec!["ip", "-n", ns, "link", "set", "lo", "up"],
+            vec!["ip", "-n", ns, "link", "set", &inner, "up"],
             vec![
                 "ip",
                 "-n",
-                &ns,
+                ns,
                 "addr",
                 "add",
                 &format!("{addr}/24"),
@@ -129,7 +159,10 @@ impl LibvirtHost {
         ] {
             run(&c).expect("namespace network");
         }
-        let hdir = dir.join(name);
+    }
+
+    /// The host's directories under `hdir` and libvirt's configuration.
+    fn configure(hdir: &Path, addr: &str, n: u8) {
         for d in ["etc", "lib", "log", "cache", "ram"] {
             std::fs::create_dir_all(hdir.join(d)).expect("host directories");
         }
@@ -164,6 +197,11 @@ impl LibvirtHost {
             ),
         )
         .expect("qemu.conf");
+    }
+
+    /// libvirtd in namespace `ns`, in mount and UTS namespaces of its own
+    /// over `hdir`'s directories, named `name`.
+    fn daemon(ns: &str, hdir: &Path, name: &str) -> Child {
         let script = format!(
             "set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/libvirt /run/lock /run/pagecast; \
              mount --bind {d}/etc /etc/libvirt; mount --bind {d}/lib /var/lib/libvirt; \
@@ -172,35 +210,14 @@ impl LibvirtHost {
             d = hdir.display()
         );
         let out = std::fs::File::create(hdir.join("libvirtd.out")).expect("daemon output");
-        let daemon = Command::new("ip")
-            .args(["netns", "exec", &ns, "unshare", "-m", "-u"])
+        Command::new("ip")
+            .args(["netns", "exec", ns, "unshare", "-m", "-u"])
             .args(["--propagation", "private", "sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
-            .expect("starting libvirtd");
-        let host = LibvirtHost {
-            name: name.to_owned(),
-            addr,
-            ns,
-            veth,
-            dir: hdir,
-            daemon,
-        };
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            match host.virsh(&["hostname"]) {
-                Ok(h) if h.trim() == name => break,
-                r => assert!(
-                    Instant::now() < until,
-                    "libvirtd of {name} did not answer within 30 s: {r:?}; it said: {}",
-                    std::fs::read_to_string(host.dir.join("libvirtd.out")).unwrap_or_default()
-                ),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        host
+            .expect("starting libvirtd")
     }
 
     /// Its daemon's URI as other hosts reach it.

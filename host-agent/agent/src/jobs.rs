@@ -316,6 +316,25 @@ impl JobBook {
         self.open_with(job, who, peers, &[], deadline)
     }
 
+    /// Refuses QEMU addresses another open job holds: two jobs naming one
+    /// port would have this agent feed one job's stream into the QEMU
+    /// libvirt started for the other's VM.
+    fn qemu_addresses_free(
+        jobs: &HashMap<String, Arc<Job>>,
+        job: &str,
+        qemu_connect: &[std::net::SocketAddr],
+    ) -> Result<(), AgentError> {
+        for (other, j) in jobs.iter().filter(|(id, j)| *id != job && j.is_open()) {
+            let g = lock(&j.inner);
+            if let Some(a) = qemu_connect.iter().find(|a| g.qemu_connect.contains(a)) {
+                return Err(AgentError::BadRequest(format!(
+                    "job {job}: the QEMU address {a} is job {other}'s here"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// [`JobBook::open`], also naming the QEMUs on this host the job's
     /// QEMU streams may feed (loopback addresses).
     pub fn open_with(
@@ -365,17 +384,7 @@ impl JobBook {
         let deadline = asked.unwrap_or(DEFAULT_DEADLINE);
         let mut jobs = lock(&self.jobs);
         Self::sweep(&mut jobs);
-        // A QEMU address belongs to one open job: two jobs naming one
-        // port would have this agent feed one job's stream into the QEMU
-        // libvirt started for the other's VM.
-        for (other, j) in jobs.iter().filter(|(id, j)| *id != job && j.is_open()) {
-            let g = lock(&j.inner);
-            if let Some(a) = qemu_connect.iter().find(|a| g.qemu_connect.contains(a)) {
-                return Err(AgentError::BadRequest(format!(
-                    "job {job}: the QEMU address {a} is job {other}'s here"
-                )));
-            }
-        }
+        Self::qemu_addresses_free(&jobs, job, qemu_connect)?;
         if let Some(j) = jobs.get(job) {
             if let Some(why) = j.stopped() {
                 return Err(AgentError::UnknownJob(format!(

@@ -1284,8 +1284,9 @@ fn end_arrival(
 fn route_feed(arrival: &mut Arrival<'_>, at: SocketAddr) -> Result<(u64, u64), AgentError> {
     // The stream's first part comes once the source QEMU has connected, by
     // when libvirt's QEMU here listens (libvirt prepares it first); a held
-    // arrival waits for its job's casts before that.
-    let first = first_part(arrival)?;
+    // arrival waits for its job's casts before that, and the source waits
+    // at most QEMU_WAIT_MAX for someone to start libvirt's migration.
+    let first = next_part(arrival, None, QEMU_WAIT_MAX + STALL)?;
     let mut out = connect_within(Duration::from_secs(10), || {
         TcpStream::connect_timeout(&at, Duration::from_secs(2))
     })
@@ -1307,26 +1308,43 @@ fn route_feed(arrival: &mut Arrival<'_>, at: SocketAddr) -> Result<(u64, u64), A
 }
 
 /// Longest a source waits for its QEMU to connect on the libvirt route
-/// (`--qemu-wait` is held to it), and a destination for the stream's first
-/// part there (a source that gives up sooner says so).
+/// (`--qemu-wait` is held to it), and (with [`STALL`]) a destination for
+/// the stream's first part there (a source that gives up sooner says so).
 const QEMU_WAIT_MAX: Duration = Duration::from_secs(1200);
 
-/// The stream's first part on the libvirt route: keep-alives of a holding
-/// source answered; a source that sends nothing for [`QEMU_WAIT_MAX`] (it
-/// waits that long at most for someone to start libvirt's migration) fails
-/// the arrival.
-fn first_part(arrival: &mut Arrival<'_>) -> Result<v1::StreamPart, AgentError> {
+/// The stream's next part: keep-alives of a holding source answered, and
+/// what this host's QEMU answered (`answers`) relayed between frames; a
+/// source that sends nothing for `limit` fails the arrival, and so does a
+/// malformed part.
+fn next_part(
+    arrival: &mut Arrival<'_>,
+    answers: Option<&Answers>,
+    limit: Duration,
+) -> Result<v1::StreamPart, AgentError> {
     let mut heard = Instant::now();
+    // Answers are relayed within this; with none to relay, waiting is
+    // cheaper.
+    let poll = if answers.is_some() {
+        ANSWER_POLL
+    } else {
+        Duration::from_millis(200)
+    };
     loop {
-        match arrival.wait_frame(Duration::from_millis(200))? {
-            None if heard.elapsed() > QEMU_WAIT_MAX + STALL => {
+        while let Some(data) = answers.and_then(|a| a.rx.try_recv().ok()) {
+            arrival.send(v1::migrate_frame::Body::ReturnPath(v1::ReturnPath {
+                data: data.into(),
+            }))?;
+        }
+        match arrival.wait_frame(poll)? {
+            None if heard.elapsed() > limit => {
                 return Err(AgentError::Migration(MigrationError::Timeout {
                     peer: "the source".into(),
                     what: "stream part",
-                    after: QEMU_WAIT_MAX + STALL,
+                    after: limit,
                 }));
             }
             None => {}
+            // A holding source is alive.
             Some(v1::migrate_frame::Body::KeepAlive(_)) => heard = Instant::now(),
             Some(v1::migrate_frame::Body::Stream(p)) => {
                 if p.held.len() != 32 * p.held_at.len() || p.data.len() > MAX_PART_BYTES {
@@ -1450,38 +1468,8 @@ fn receive_parts(
     tx: &std::sync::mpsc::SyncSender<v1::StreamPart>,
     answers: &Answers,
 ) -> Result<(), AgentError> {
-    let mut heard = Instant::now();
     loop {
-        while let Ok(data) = answers.rx.try_recv() {
-            arrival.send(v1::migrate_frame::Body::ReturnPath(v1::ReturnPath {
-                data: data.into(),
-            }))?;
-        }
-        let p = match arrival.wait_frame(ANSWER_POLL)? {
-            None if heard.elapsed() > STALL => {
-                return Err(AgentError::Migration(MigrationError::Timeout {
-                    peer: "the source".into(),
-                    what: "stream part",
-                    after: STALL,
-                }));
-            }
-            None => continue,
-            // A holding source is alive.
-            Some(v1::migrate_frame::Body::KeepAlive(_)) => {
-                heard = Instant::now();
-                continue;
-            }
-            Some(v1::migrate_frame::Body::Stream(p)) => p,
-            Some(other) => {
-                return Err(AgentError::BadRequest(format!(
-                    "expected the stream, got {other:?}"
-                )));
-            }
-        };
-        heard = Instant::now();
-        if p.held.len() != 32 * p.held_at.len() || p.data.len() > MAX_PART_BYTES {
-            return Err(AgentError::BadRequest("a malformed stream part".into()));
-        }
+        let p = next_part(arrival, Some(answers), STALL)?;
         let last = p.last;
         // The writer stopped (its error comes from it), or the stream ended.
         if tx.send(p).is_err() || last {

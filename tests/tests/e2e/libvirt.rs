@@ -115,6 +115,43 @@ fn libvirt_migrates_a_domain_through_pagecast_with_fewer_bytes_than_its_own() {
     let bridge = Bridge::new("pclbr0", "10.213.7");
     let h1 = LibvirtHost::start(&bridge, dir, "lvh1", 1);
     let h2 = LibvirtHost::start(&bridge, dir, "lvh2", 2);
+    let (idx, a, b) = cluster(dir, &bridge, &h1, &h2);
+    let addrs = idx.addrs();
+    // A resident of the same image at the destination, adopted there: its
+    // pages are what the destination holds.
+    boot(dir, &h2, "resident", &kernel);
+    adopt(dir, &h2, &b, "resident", false);
+    boot(dir, &h1, "guest", &kernel);
+
+    // libvirt's own migration there and back: the baseline, same domain,
+    // same run.
+    let direct = virsh_migrate(&h1, &h2, "guest");
+    assert_eq!(h2.domstate("guest"), "running");
+    virsh_migrate(&h2, &h1, "guest");
+    assert_eq!(h1.domstate("guest"), "running");
+
+    let through = through_pagecast(dir, (&h1, &h2), (&a, &b));
+    // The contents the resident holds did not cross.
+    println!(
+        "libvirt directly: {direct} bytes left h1; through pagecast: {through} ({:.2}x)",
+        through as f64 / direct as f64
+    );
+    assert!(
+        (through as f64) < 0.8 * direct as f64,
+        "through pagecast {through} bytes, libvirt directly {direct}"
+    );
+
+    evacuate_two_domains(dir, &kernel, &h1, &h2, (&a, &b), &addrs, direct);
+}
+
+/// The index, on the hosts' bridge, and an agent inside each host naming
+/// its libvirt.
+fn cluster(
+    dir: &Path,
+    bridge: &Bridge,
+    h1: &LibvirtHost,
+    h2: &LibvirtHost,
+) -> (IndexCluster, AgentProc, AgentProc) {
     // The index where both hosts reach it: on the bridge.
     let idx = IndexCluster::start_with(
         &dir.join("index"),
@@ -146,25 +183,21 @@ fn libvirt_migrates_a_domain_through_pagecast_with_fewer_bytes_than_its_own() {
             ],
         )
     };
-    let a = agent(&h1, "r1");
-    let b = agent(&h2, "r2");
-    // A resident of the same image at the destination, adopted there: its
-    // pages are what the destination holds.
-    boot(dir, &h2, "resident", &kernel);
-    adopt(dir, &h2, &b, "resident", false);
-    boot(dir, &h1, "guest", &kernel);
+    let (a, b) = (agent(h1, "r1"), agent(h2, "r2"));
+    (idx, a, b)
+}
 
-    // libvirt's own migration there and back: the baseline, same domain,
-    // same run.
-    let direct = virsh_migrate(&h1, &h2, "guest");
-    assert_eq!(h2.domstate("guest"), "running");
-    virsh_migrate(&h2, &h1, "guest");
-    assert_eq!(h1.domstate("guest"), "running");
-
-    // Through pagecast: the source agent takes the stream on a loopback
-    // port of h1, the destination agent hands it to the QEMU libvirt
-    // starts on h2's loopback. libvirt turns QEMU's return path on.
-    adopt(dir, &h1, &a, "guest", false);
+/// The domain `guest` migrated by libvirt from `h1` to `h2` through
+/// pagecast's route: the source agent takes the stream on a loopback port
+/// of h1, the destination agent hands it to the QEMU libvirt starts on
+/// h2's loopback (libvirt turns QEMU's return path on). It runs at h2,
+/// libvirt says so, and its console goes on; the bytes that left h1.
+fn through_pagecast(
+    dir: &Path,
+    (h1, h2): (&LibvirtHost, &LibvirtHost),
+    (a, b): (&AgentProc, &AgentProc),
+) -> u64 {
+    adopt(dir, h1, a, "guest", false);
     let port = free_port();
     let route = format!("127.0.0.1:{port}");
     let before = h1.sent_bytes();
@@ -191,7 +224,7 @@ fn libvirt_migrates_a_domain_through_pagecast_with_fewer_bytes_than_its_own() {
             )
         }
     });
-    wait_listening(&a);
+    wait_listening(a);
     let ticks_before = ticks(&dir.join("guest.serial"));
     let virsh = h1.virsh(&[
         "migrate",
@@ -229,17 +262,7 @@ fn libvirt_migrates_a_domain_through_pagecast_with_fewer_bytes_than_its_own() {
         assert!(Instant::now() < until, "the guest does not run at h2");
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The contents the resident holds did not cross.
-    println!(
-        "libvirt directly: {direct} bytes left h1; through pagecast: {through} ({:.2}x)",
-        through as f64 / direct as f64
-    );
-    assert!(
-        (through as f64) < 0.8 * direct as f64,
-        "through pagecast {through} bytes, libvirt directly {direct}"
-    );
-
-    evacuate_two_domains(dir, &kernel, &h1, &h2, (&a, &b), &addrs, direct);
+    through
 }
 
 /// `pagecast evacuate` of `h1` running two libvirt domains of the image,

@@ -674,38 +674,7 @@ fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
         "the source sent {source} bytes; separate migrations would send {separate}, and {shared} contents are shared"
     );
 
-    // A clone into a QEMU started with its source's VM generation ID is
-    // refused before anything moves: the guest would not know it is a copy.
-    let source_id = vm1_id(dir, &c);
-    let mut same = Guest::start_with(
-        dir,
-        "vm1-ga",
-        &qemu,
-        &kernel,
-        Start::Defer,
-        &pagecast_tests::qemu::identity_devices(&source_id, "52:54:00:00:01:03"),
-    );
-    adopt(dir, &a, &same, true);
-    let out = cli(
-        dir,
-        &[
-            "clone", "--index", &addrs, "--vm", "vm1", "--to", "ga", "--json",
-        ],
-    );
-    let err = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("VM generation ID"), "{err}");
-    cli_json(
-        dir,
-        &[
-            "vm", "stop", "--agent", &a.addr, "--name", "vm1-ga", "--json",
-        ],
-    );
-    same.kill();
+    a_clone_with_its_sources_generation_id_is_refused(dir, (&qemu, &kernel), &a, &c, &addrs);
 
     // Clone vm1 (now at gc) to ga, which holds nothing, and gb, which runs
     // vm2 of the same image: waiting QEMUs adopted there under the clone
@@ -773,9 +742,57 @@ fn qemu_guests_evacuate_and_clone_with_shared_pages_cast_once() {
         "cloning to two hosts sent {source} bytes, not much less than two copies ({})",
         2.0 * one_copy
     );
-    // Each clone has a VM generation ID of its own (its guest was told),
-    // and its network card the MAC its QEMU was started with: the stream
-    // carried the source's, so the card was unplugged and plugged again.
+    clones_have_their_own_identity(&rep);
+}
+
+/// A clone into a QEMU started with its source's (vm1's, listed by `c`)
+/// VM generation ID is refused before anything moves: the guest would not
+/// know it is a copy. The QEMU waits at `a` under the clone's name, and is
+/// forgotten and stopped after.
+fn a_clone_with_its_sources_generation_id_is_refused(
+    dir: &std::path::Path,
+    (qemu, kernel): (&std::path::Path, &std::path::Path),
+    a: &AgentProc,
+    c: &AgentProc,
+    addrs: &str,
+) {
+    let source_id = vm1_id(dir, c);
+    let mut same = Guest::start_with(
+        dir,
+        "vm1-ga",
+        qemu,
+        kernel,
+        Start::Defer,
+        &pagecast_tests::qemu::identity_devices(&source_id, "52:54:00:00:01:03"),
+    );
+    adopt(dir, a, &same, true);
+    let out = cli(
+        dir,
+        &[
+            "clone", "--index", addrs, "--vm", "vm1", "--to", "ga", "--json",
+        ],
+    );
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("VM generation ID"), "{err}");
+    cli_json(
+        dir,
+        &[
+            "vm", "stop", "--agent", &a.addr, "--name", "vm1-ga", "--json",
+        ],
+    );
+    same.kill();
+}
+
+/// Each clone of the report `rep` has a VM generation ID of its own (its
+/// guest was told), and its network card the MAC its QEMU was started
+/// with: the stream carried the source's, so the card was unplugged and
+/// plugged again.
+fn clones_have_their_own_identity(rep: &serde_json::Value) {
     let source_id = rep["source_identity"].as_str().unwrap().to_owned();
     assert_eq!(source_id.len(), 36, "{rep:#}");
     let mut seen = vec![source_id];
