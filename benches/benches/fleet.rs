@@ -136,11 +136,13 @@ fn deltas_cmd(client: u64, seq: u64, deltas: Vec<HolderDelta>) -> IndexCommand {
     }
 }
 
-fn delta(h: &PageHash, host: u32, frames: i64) -> HolderDelta {
+/// `frames` more of `h` at `host`, which held `before` (its own account).
+fn delta(h: &PageHash, host: u32, frames: i64, before: u64) -> HolderDelta {
     HolderDelta {
         hash: h.as_bytes().to_vec().into(),
         host,
         frames,
+        before,
     }
 }
 
@@ -151,7 +153,7 @@ fn cold_commands(f: &Fleet, host: usize, number: u32) -> Vec<(u32, Vec<HolderDel
         by_shard
             .entry(shard_of(&h, f.shards))
             .or_default()
-            .push(delta(&h, number, frames as i64));
+            .push(delta(&h, number, frames as i64, 0));
     }
     by_shard.into_iter().collect()
 }
@@ -328,11 +330,11 @@ fn steady(f: &Fleet, numbers: &[u32], client: &(dyn Fn() -> IndexClient + Sync),
                             let g = generation.entry((h, i)).or_insert(0);
                             let (old, new) = (heap_page(h, 0, i, *g), heap_page(h, 0, i, *g + 1));
                             *g += 1;
-                            for (x, d) in [(old, -1), (new, 1)] {
+                            for (x, d, before) in [(old, -1, 1), (new, 1, 0)] {
                                 by_shard
                                     .entry(shard_of(&x, f.shards))
                                     .or_default()
-                                    .push(delta(&x, numbers[h], d));
+                                    .push(delta(&x, numbers[h], d, before));
                             }
                         }
                         for (shard, d) in by_shard {
@@ -412,9 +414,7 @@ fn bytes_per_content(reps: &[replica::Replica], shards: u32, contents: u64) {
         let store = r.store();
         store.compact_all().unwrap();
         let by_cf = store.disk_bytes().unwrap();
-        let distinct: u64 = (0..shards)
-            .map(|s| store.applied(s).unwrap().distinct)
-            .sum();
+        let distinct: u64 = (0..shards).map(|s| store.count_distinct(s).unwrap()).sum();
         let state: u64 = by_cf.iter().filter(|c| c.0 != "log").map(|c| c.1).sum();
         let log: u64 = by_cf.iter().filter(|c| c.0 == "log").map(|c| c.1).sum();
         println!(

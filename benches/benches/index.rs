@@ -51,12 +51,14 @@ fn deltas(w: usize, n: u64) -> Vec<HolderDelta> {
             hash: h.clone().into(),
             host: 1,
             frames: 1,
+            before: 0,
         });
         if i.is_multiple_of(3) {
             out.push(HolderDelta {
                 hash: h.into(),
                 host: 2,
                 frames: 2,
+                before: 0,
             });
         }
         i += WRITERS as u64;
@@ -165,7 +167,7 @@ fn main() {
         let store: &Arc<Store> = r.store();
         store.compact_all().unwrap();
         let by_cf = store.disk_bytes().unwrap();
-        let distinct = store.applied(0).unwrap().distinct;
+        let distinct = store.count_distinct(0).unwrap();
         assert_eq!(distinct, n, "replica {} holds {distinct} hashes", i + 1);
         let per = |b: u64| b as f64 / distinct as f64;
         let log: u64 = by_cf.iter().filter(|c| c.0 == "log").map(|c| c.1).sum();

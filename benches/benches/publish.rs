@@ -298,6 +298,7 @@ fn main() {
                             .into(),
                         host: 1 + (i % 16) as u32,
                         frames: 1,
+                        before: 0,
                     })
                     .collect()
             })

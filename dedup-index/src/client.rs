@@ -283,10 +283,17 @@ impl IndexClient {
 
     /// The status of the replica at `addr` (all its shards).
     pub fn status_of(&mut self, addr: &str) -> Result<StatusResponse, String> {
+        self.status_counted(addr, false)
+    }
+
+    /// The status of the replica at `addr`; with `exact`, each shard's
+    /// distinct hashes counted by a scan of its holder lists rather than
+    /// estimated.
+    pub fn status_counted(&mut self, addr: &str, exact: bool) -> Result<StatusResponse, String> {
         let req = IndexRequest {
             shard: 0,
             stale: true,
-            op: Some(ReqOp::Status(StatusRequest {})),
+            op: Some(ReqOp::Status(StatusRequest { exact })),
         };
         match self.exchange(addr, &req)? {
             Resp::Status(s) => Ok(s),
@@ -638,6 +645,9 @@ fn send_deltas(
             hash: h.as_bytes().to_vec().into(),
             host,
             frames: if negative { -frames } else { frames },
+            // The host's own account for its distinct count: a loaded
+            // content new to it, an unloaded one held only by this VM.
+            before: if negative { *c } else { 0 },
         });
     }
     let batches = AtomicU64::new(0);
@@ -963,7 +973,7 @@ mod tests {
     fn status() -> IndexRequest {
         IndexRequest {
             shard: 0,
-            op: Some(ReqOp::Status(StatusRequest {})),
+            op: Some(ReqOp::Status(StatusRequest::default())),
             ..Default::default()
         }
     }

@@ -119,6 +119,32 @@ impl HolderList {
         }
     }
 
+    /// Adds `delta` frames for `host`, stopping at zero (the host is then
+    /// removed) and at `u64::MAX`; a new holder past [`MAX_HOLDERS`] is
+    /// left out.
+    pub fn apply_saturating(&mut self, host: u32, delta: i64) {
+        match self.0.binary_search_by_key(&host, |e| e.0) {
+            Ok(i) => {
+                let cur = self.0[i].1;
+                let new = if delta < 0 {
+                    cur.saturating_sub(delta.unsigned_abs())
+                } else {
+                    cur.saturating_add(delta as u64)
+                };
+                if new == 0 {
+                    self.0.remove(i);
+                } else {
+                    self.0[i].1 = new;
+                }
+            }
+            Err(i) => {
+                if delta > 0 && self.0.len() < MAX_HOLDERS {
+                    self.0.insert(i, (host, delta as u64));
+                }
+            }
+        }
+    }
+
     /// The stored form.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.0.len() * 3);
@@ -162,19 +188,86 @@ impl HolderList {
     }
 }
 
+/// A holder list's change as RocksDB's merge operator carries it: the
+/// `(host, delta)` pairs one apply made to one content, in order, each as
+/// a LEB128 host and a zigzag LEB128 delta. Applying deltas this way never
+/// reads the list; RocksDB folds the changes into it when it is read or
+/// compacted ([`merge`]). Two change lists concatenated are the change
+/// list of both, in order, which is how partial merges combine them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes(Vec<u8>);
+
+impl Changes {
+    /// Appends `delta` frames for `host`.
+    pub fn push(&mut self, host: u32, delta: i64) {
+        put_varint(&mut self.0, u64::from(host));
+        put_varint(&mut self.0, ((delta << 1) ^ (delta >> 63)) as u64);
+    }
+
+    /// The encoded operand.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// True when nothing was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Reads a change list's `(host, delta)` pairs, calling `f` for each.
+pub fn for_each_change(b: &[u8], mut f: impl FnMut(u32, i64)) -> Result<(), HolderError> {
+    let mut at = 0;
+    while at < b.len() {
+        let host = get_varint(b, &mut at, 32)? as u32;
+        let z = get_varint(b, &mut at, 64)?;
+        f(host, ((z >> 1) as i64) ^ -((z & 1) as i64));
+    }
+    Ok(())
+}
+
+/// Folds change lists into a stored holder list (`None`: no list yet), in
+/// order, and returns the new list's encoding (empty: no holder left).
+///
+/// Every replica applies the same changes in the same order, so the result
+/// is the same on each whenever RocksDB folds them. A change that would
+/// take a count below zero takes it to zero (the index no longer refuses
+/// it, having read nothing; the writer's own sum check then differs and it
+/// lists what the index holds); one past `u64::MAX` stops there; a new
+/// holder past [`MAX_HOLDERS`] is left out.
+pub fn merge<'a>(
+    base: Option<&[u8]>,
+    changes: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<u8>, HolderError> {
+    let mut l = match base {
+        Some(b) => HolderList::decode(b)?,
+        None => HolderList::default(),
+    };
+    for c in changes {
+        for_each_change(c, |host, delta| l.apply_saturating(host, delta))?;
+    }
+    Ok(l.encode())
+}
+
 /// What one host holds in one shard, summed: distinct contents, frames,
 /// and an order-independent digest of its `(hash, frames)` pairs (the sum,
-/// modulo 2^128, of a keyed BLAKE3 of each pair). The index keeps one per
-/// shard and host, updated by every delta; an agent computes the same over
-/// what it believes the index holds for it, so one small read tells
-/// whether the two agree, without listing anything.
+/// modulo 2^128, of each held content's [`holding_term`] times its frames).
+/// The index keeps one per shard and host, updated by every delta without
+/// reading any holder list; an agent computes the same over what it
+/// believes the index holds for it, so one small read tells whether the
+/// two agree ([`HoldingSum::same_holdings`]), without listing anything.
+///
+/// `frames` and `digest` are linear in the deltas, so the index keeps them
+/// exactly from the deltas alone. `distinct` is not: the index keeps it
+/// from each delta's `before`, the writer's own account of the frames it
+/// held, so it is what the writers say; it counts, it does not check.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HoldingSum {
-    /// Contents held in at least one frame.
+    /// Contents held in at least one frame (by the writers' account).
     pub distinct: u64,
     /// Frames, summed over contents.
     pub frames: u64,
-    /// Sum of [`holding_term`] over every held pair.
+    /// Sum of [`holding_term`] times frames over every held content.
     pub digest: u128,
 }
 
@@ -185,15 +278,12 @@ pub type HoldingsPage = (Vec<(crate::PageHash, u64)>, Option<crate::PageHash>);
 /// Bytes of an encoded [`HoldingSum`].
 pub const HOLDING_SUM_BYTES: usize = 32;
 
-/// The digest term of one held pair: content `hash` in `frames` frames.
-pub fn holding_term(hash: &[u8; 32], frames: u64) -> u128 {
-    let mut h = blake3::Hasher::new_keyed(&HOLDING_KEY);
-    h.update(hash);
-    h.update(&frames.to_le_bytes());
-    u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
+/// The digest term of content `hash`: its last 16 bytes. A BLAKE3 output
+/// is already uniform, and its first bytes choose the shard, so the tail
+/// is used; no hashing is spent per delta.
+pub fn holding_term(hash: &[u8; 32]) -> u128 {
+    u128::from_le_bytes(hash[16..].try_into().expect("16 bytes"))
 }
-
-const HOLDING_KEY: [u8; 32] = *b"pagecast holding digest, v1 ....";
 
 impl HoldingSum {
     /// Accounts for `hash` going from `before` to `after` frames.
@@ -201,16 +291,27 @@ impl HoldingSum {
         if before == after {
             return;
         }
-        if before > 0 {
-            self.distinct -= 1;
-            self.frames -= before;
-            self.digest = self.digest.wrapping_sub(holding_term(hash, before));
+        match (before > 0, after > 0) {
+            (false, true) => self.distinct = self.distinct.wrapping_add(1),
+            (true, false) => self.distinct = self.distinct.wrapping_sub(1),
+            _ => {}
         }
-        if after > 0 {
-            self.distinct += 1;
-            self.frames += after;
-            self.digest = self.digest.wrapping_add(holding_term(hash, after));
-        }
+        self.frames = self.frames.wrapping_sub(before).wrapping_add(after);
+        let d = after.wrapping_sub(before) as u128;
+        // (after - before) mod 2^128 times the term: two's complement of a
+        // negative difference, sign-extended, is its value mod 2^128.
+        let d = if after < before {
+            d | !(u64::MAX as u128)
+        } else {
+            d
+        };
+        self.digest = self.digest.wrapping_add(d.wrapping_mul(holding_term(hash)));
+    }
+
+    /// True when the frames and digest agree: the same contents in the same
+    /// counts, whatever `distinct` says (that one is the writers' account).
+    pub fn same_holdings(&self, other: &HoldingSum) -> bool {
+        self.frames == other.frames && self.digest == other.digest
     }
 
     /// The 32-byte encoding (little-endian distinct, frames, digest).
@@ -309,6 +410,88 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Folding change lists, however RocksDB groups them (partial
+        /// merges concatenate), gives what applying every change in order
+        /// to the list gives.
+        #[test]
+        fn merging_is_applying_in_order(
+            base in proptest::collection::vec((0u32..20, 1i64..9), 0..10),
+            ops in proptest::collection::vec((0u32..20, -12i64..12), 0..120),
+            cuts in proptest::collection::vec(0usize..120, 0..8),
+            joins in proptest::collection::vec(any::<bool>(), 0..8),
+        ) {
+            let mut start = HolderList::default();
+            for (h, d) in base {
+                start.apply_saturating(h, d);
+            }
+            let mut model = start.clone();
+            for &(h, d) in &ops {
+                model.apply_saturating(h, d);
+            }
+            // Cut the changes into operands, then concatenate some
+            // neighbours as a partial merge would.
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c < ops.len()).collect();
+            cuts.push(ops.len());
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut operands: Vec<Vec<u8>> = Vec::new();
+            let mut at = 0;
+            for (i, c) in cuts.into_iter().enumerate() {
+                let mut ch = Changes::default();
+                for &(h, d) in &ops[at..c] {
+                    ch.push(h, d);
+                }
+                at = c;
+                if joins.get(i).copied().unwrap_or(false) && !operands.is_empty() {
+                    operands.last_mut().unwrap().extend_from_slice(ch.as_bytes());
+                } else {
+                    operands.push(ch.as_bytes().to_vec());
+                }
+            }
+            let base_bytes = start.encode();
+            let got = merge(
+                (!start.is_empty()).then_some(&base_bytes[..]),
+                operands.iter().map(|o| &o[..]),
+            ).unwrap();
+            prop_assert_eq!(HolderList::decode(&got).unwrap(), model);
+        }
+
+        #[test]
+        fn change_lists_round_trip_and_garbage_never_panics(
+            ops in proptest::collection::vec((any::<u32>(), any::<i64>()), 0..40),
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut ch = Changes::default();
+            for &(h, d) in &ops {
+                ch.push(h, d);
+            }
+            let mut back = Vec::new();
+            for_each_change(ch.as_bytes(), |h, d| back.push((h, d))).unwrap();
+            prop_assert_eq!(back, ops);
+            let _ = for_each_change(&junk, |_, _| {});
+            let _ = merge(Some(&junk[..]), [&junk[..]]);
+        }
+    }
+
+    #[test]
+    fn counts_stop_at_zero_and_at_the_top() {
+        let mut l = HolderList::default();
+        l.apply_saturating(4, -3);
+        assert!(l.is_empty(), "no holder appears from a removal");
+        l.apply_saturating(4, 2);
+        l.apply_saturating(4, -5);
+        assert!(l.is_empty(), "a count below zero is zero");
+        l.apply_saturating(4, i64::MAX);
+        l.apply_saturating(4, i64::MAX);
+        l.apply_saturating(4, i64::MAX);
+        assert_eq!(l.frames_of(4), u64::MAX);
+        l.apply_saturating(4, i64::MIN);
+        assert_eq!(l.frames_of(4), u64::MAX - (1 << 63));
+        assert_eq!(merge(Some(&[1, 0][..]), []), Err(HolderError::Zero(1)));
+        assert_eq!(merge(None, [&[0x80][..]]), Err(HolderError::Truncated(0)));
+    }
+
     #[test]
     fn holding_sums_do_not_depend_on_order_and_undo_exactly() {
         let hs: Vec<[u8; 32]> = (0u8..50).map(|i| [i; 32]).collect();
@@ -334,5 +517,17 @@ mod tests {
         assert_eq!(c, HoldingSum::default());
         assert_eq!(HoldingSum::decode(&a.encode()), Some(a));
         assert_eq!(HoldingSum::decode(&[0; 31]), None);
+        // Frames and digest are linear: the same changes through other
+        // counts (or a wrong account of `before`) give the same two.
+        let mut d = HoldingSum::default();
+        d.change(&hs[0], 5, 9);
+        d.change(&hs[0], 9, 6);
+        let mut e = HoldingSum::default();
+        e.change(&hs[0], 0, 1);
+        assert!(d.same_holdings(&e) && d.distinct != e.distinct);
+        let mut f = e;
+        f.change(&hs[1], 0, 1);
+        f.change(&hs[2], 2, 1);
+        assert!(!f.same_holdings(&e), "a missed content shows");
     }
 }

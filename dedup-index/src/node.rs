@@ -550,10 +550,11 @@ impl ShardNode {
             applied: self.applied,
             first_index: st.first(),
             last_index: st.last(),
-            distinct_hashes: applied.distinct,
+            distinct_hashes: self.store.estimate_distinct(self.shard).unwrap_or(0),
             holder_frames: applied.frames,
             snapshots_sent: self.counters.snapshots_sent,
             snapshots_received: self.counters.snapshots_received,
+            distinct_exact: false,
         }
     }
 

@@ -773,6 +773,22 @@ fn handle_request(sh: &Shared, req: IndexRequest) -> IndexResponse {
                 _ => return err(RefusalCode::Internal, "unexpected status answer"),
             }
         }
+        if matches!(&req.op, Some(ReqOp::Status(r)) if r.exact) {
+            for st in &mut all.shards {
+                match sh.store.count_distinct(st.shard) {
+                    Ok(n) => {
+                        st.distinct_hashes = n;
+                        st.distinct_exact = true;
+                    }
+                    Err(e) => {
+                        return err(
+                            RefusalCode::Internal,
+                            &format!("cannot count shard {}'s hashes: {e}", st.shard),
+                        );
+                    }
+                }
+            }
+        }
         return IndexResponse {
             result: Some(Resp::Status(all)),
         };

@@ -9,6 +9,16 @@
 //! entries writes every state change and the new applied index in one
 //! `WriteBatch`, so a crash leaves the shard at some applied index, never
 //! between two.
+//!
+//! Holder deltas are blind writes: applying one never reads the content's
+//! holder list. Each apply writes, per content it touches, one RocksDB
+//! merge operand ([`crate::holders::Changes`]), and RocksDB folds the
+//! operands into the list when it is read or compacted
+//! ([`crate::holders::merge`]); a list left with no holder is an empty
+//! value, which compaction drops. What a delta changes besides the list is
+//! linear in the delta (a host's frames and digest, the shard's frames) or
+//! taken from the writer's own account (a host's distinct contents, from
+//! the delta's `before`), so nothing else needs the list either.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -19,12 +29,14 @@ use pagecast_proto::v1::{
     HostInfo, IndexCommand, Refusal, RefusalCode, VmRecord, VmState, WriteResponse,
     index_command::Op,
 };
+use rocksdb::compaction_filter::Decision as CompactionDecision;
+use rocksdb::merge_operator::MergeOperands;
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
     ReadOptions, WriteBatch, WriteOptions,
 };
 
-use crate::holders::{HolderList, HoldingSum, HoldingsPage};
+use crate::holders::{self, Changes, HolderList, HoldingSum, HoldingsPage};
 use crate::keys::{self, StateKind};
 use crate::snapshot;
 use crate::{PageHash, Sketch};
@@ -87,8 +99,6 @@ pub struct Applied {
     pub index: u64,
     /// Its term.
     pub term: u64,
-    /// Distinct hashes with at least one holder.
-    pub distinct: u64,
     /// Sum of all holders' frames.
     pub frames: u64,
     /// Next host number (shard 0 only).
@@ -100,7 +110,8 @@ impl Applied {
         let mut b = [0u8; 36];
         b[..8].copy_from_slice(&self.index.to_le_bytes());
         b[8..16].copy_from_slice(&self.term.to_le_bytes());
-        b[16..24].copy_from_slice(&self.distinct.to_le_bytes());
+        // Bytes 16..24 held a count of distinct hashes, which blind writes
+        // cannot keep; they stay zero ([`Store::count_distinct`] counts).
         b[24..32].copy_from_slice(&self.frames.to_le_bytes());
         b[32..].copy_from_slice(&self.next_host.to_le_bytes());
         b
@@ -117,7 +128,6 @@ impl Applied {
         Ok(Applied {
             index: u(0..8),
             term: u(8..16),
-            distinct: u(16..24),
             frames: u(24..32),
             next_host: u32::from_le_bytes(b[32..].try_into().expect("4")),
         })
@@ -156,6 +166,29 @@ fn cf_options(kind: &str) -> Options {
         o.set_block_based_table_factory(&t);
     }
     if kind == CF_HOLDERS {
+        o.set_merge_operator(
+            "pagecast-holders-v1",
+            |_key: &[u8], base: Option<&[u8]>, ops: &MergeOperands| {
+                // A list that does not decode is corruption: RocksDB
+                // reports it as such to the read or compaction.
+                holders::merge(base, ops.iter()).ok()
+            },
+            |_key: &[u8], _base: Option<&[u8]>, ops: &MergeOperands| {
+                // Change lists in order, concatenated: exact, whatever
+                // base they later meet.
+                Some(ops.iter().flatten().copied().collect())
+            },
+        );
+        o.set_compaction_filter(
+            "pagecast-empty-holders",
+            |_level: u32, _key: &[u8], value: &[u8]| {
+                if value.is_empty() {
+                    CompactionDecision::Remove
+                } else {
+                    CompactionDecision::Keep
+                }
+            },
+        );
         o.set_level_compaction_dynamic_level_bytes(true);
         // Most page hashes are new: a bloom filter over the memtable's keys
         // answers most lookups without walking its skip list.
@@ -434,7 +467,7 @@ impl Store {
             store: self,
             shard,
             applied: self.applied(shard)?,
-            holders: KeyMap::default(),
+            changes: KeyMap::default(),
             meta: HashMap::new(),
             sessions: HashMap::new(),
         };
@@ -450,15 +483,14 @@ impl Store {
         a.applied.term = term;
         let mut wb = WriteBatch::default();
         let hcf = self.cf(CF_HOLDERS);
-        // In key order: the memtable's skip list then finds each insert's
-        // place next to the previous one instead of from its top.
-        let mut staged: Vec<(&[u8; 33], &HolderList)> = a.holders.iter().collect();
+        // One merge operand per content touched, in key order: the
+        // memtable's skip list then finds each insert's place next to the
+        // previous one instead of from its top.
+        let mut staged: Vec<(&[u8; 33], &Changes)> = a.changes.iter().collect();
         staged.sort_unstable_by_key(|(k, _)| *k);
-        for (k, l) in staged {
-            if l.is_empty() {
-                wb.delete_cf(hcf, k);
-            } else {
-                wb.put_cf(hcf, k, l.encode());
+        for (k, c) in staged {
+            if !c.is_empty() {
+                wb.merge_cf(hcf, k, c.as_bytes());
             }
         }
         let mcf = self.cf(CF_META);
@@ -498,6 +530,10 @@ impl Store {
                 IteratorMode::From(&lo, Direction::Forward),
             ) {
                 let (k, v) = kv?;
+                // A holder list with no holder left is no record.
+                if column == snapshot::Column::Holders && v.is_empty() {
+                    continue;
+                }
                 snapshot::encode_record(&mut out, column, &k, &v);
             }
         }
@@ -527,6 +563,37 @@ impl Store {
             wb.put_cf(self.cf(cf), r.key, r.value);
         }
         Ok(())
+    }
+
+    /// The distinct hashes of `shard` with at least one holder, counted by
+    /// reading every holder list of the shard (blind writes keep no count).
+    pub fn count_distinct(&self, shard: u32) -> Result<u64, StoreError> {
+        let (lo, hi) = keys::holders_range(shard, self.shards);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(hi);
+        ro.fill_cache(false);
+        let mut n = 0;
+        for kv in self.db.iterator_cf_opt(
+            self.cf(CF_HOLDERS),
+            ro,
+            IteratorMode::From(&lo, Direction::Forward),
+        ) {
+            let (_, v) = kv?;
+            n += u64::from(!v.is_empty());
+        }
+        Ok(n)
+    }
+
+    /// RocksDB's estimate of the distinct hashes of `shard`: its estimate
+    /// of the holder keys of this replica, in the share of the hash space
+    /// the shard owns. Merge operands not yet folded count as keys.
+    pub fn estimate_distinct(&self, shard: u32) -> Result<u64, StoreError> {
+        let all = self
+            .db
+            .property_int_value_cf(self.cf(CF_HOLDERS), "rocksdb.estimate-num-keys")?
+            .unwrap_or(0);
+        let (lo, hi) = keys::shard_prefix_range(shard, self.shards);
+        Ok(((u128::from(all) * u128::from(hi - lo)) >> 16) as u64)
     }
 
     /// Bytes of live SST files of each column family.
@@ -561,7 +628,8 @@ struct Apply<'a> {
     store: &'a Store,
     shard: u32,
     applied: Applied,
-    holders: KeyMap<HolderList>,
+    /// Per content, the holder changes of this call, in order.
+    changes: KeyMap<Changes>,
     meta: HashMap<Vec<u8>, Option<Vec<u8>>>,
     sessions: HashMap<u64, u64>,
 }
@@ -667,82 +735,39 @@ impl Apply<'_> {
                     "delta {i}: the zero page is not indexed"
                 ))));
             }
-            parsed.push((keys::holders(&h), d.host, d.frames));
+            parsed.push((keys::holders(&h), d.host, d.frames, d.before));
         }
-        // Fetch what this call has not touched yet, in one multi-get.
-        let mut missing: Vec<[u8; 33]> = parsed
-            .iter()
-            .map(|p| p.0)
-            .filter(|k| !self.holders.contains_key(k))
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
-        let cf = self.store.cf(CF_HOLDERS);
-        let got = self.store.db.batched_multi_get_cf(cf, &missing, true);
-        let mut fetched = KeyMap::with_capacity_and_hasher(missing.len(), Default::default());
-        for (k, r) in missing.iter().zip(got) {
-            let l = match r? {
-                Some(v) => HolderList::decode(&v).map_err(|e| StoreError::Corrupt {
-                    what: "holders",
-                    detail: e.to_string(),
-                })?,
-                None => HolderList::default(),
-            };
-            fetched.insert(*k, l);
-        }
-        // Stage every change; a delta that would go below zero refuses the
-        // whole command, identically on every replica.
-        let mut staged: KeyMap<HolderList> = KeyMap::default();
-        let mut frames = self.applied.frames as i128;
-        for (i, (k, host, d)) in parsed.iter().enumerate() {
-            let l = staged.entry(*k).or_insert_with(|| {
-                self.holders
-                    .get(k)
-                    .or_else(|| fetched.get(k))
-                    .cloned()
-                    .unwrap_or_default()
-            });
-            if !l.apply(*host, *d) {
+        // A delta is judged by the writer's own account alone: nothing is
+        // read, and a refusal refuses the whole command, identically on
+        // every replica.
+        for (i, (k, host, d, before)) in parsed.iter().enumerate() {
+            if before.checked_add_signed(*d).is_none() {
                 let h = keys::parse_holders(k).expect("holder key");
                 return Ok(Err(refused(format!(
-                    "delta {i}: host {host} holds {} frames of {h}, cannot add {d}",
-                    l.frames_of(*host)
+                    "delta {i}: host {host} says it holds {before} frames of {h}, cannot add {d}"
                 ))));
             }
-            frames += i128::from(*d);
         }
-        // Each (content, host) pair touched: its host's totals in this shard.
-        let mut touched: Vec<([u8; 33], u32)> = parsed.iter().map(|p| (p.0, p.1)).collect();
-        touched.sort_unstable();
-        touched.dedup();
-        for (k, host) in touched {
-            let before = self
-                .holders
-                .get(&k)
-                .or_else(|| fetched.get(&k))
-                .map_or(0, |l| l.frames_of(host));
-            let after = staged.get(&k).map_or(0, |l| l.frames_of(host));
-            if before != after {
-                let mut sum = self.holding(host)?;
-                let hash: [u8; 32] = k[1..].try_into().expect("holder key");
-                sum.change(&hash, before, after);
-                self.set_holding(host, sum);
+        let mut frames = self.applied.frames as i128;
+        let mut sums: HashMap<u32, HoldingSum> = HashMap::new();
+        for (k, host, d, before) in parsed {
+            if d == 0 {
+                continue;
             }
+            self.changes.entry(k).or_default().push(host, d);
+            let sum = match sums.entry(host) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.holding(host)?),
+            };
+            let hash: [u8; 32] = k[1..].try_into().expect("holder key");
+            let after = before.checked_add_signed(d).expect("checked above");
+            sum.change(&hash, before, after);
+            frames += i128::from(d);
         }
-        for (k, l) in staged {
-            let before_empty = self
-                .holders
-                .get(&k)
-                .or_else(|| fetched.get(&k))
-                .is_none_or(|l| l.is_empty());
-            match (before_empty, l.is_empty()) {
-                (true, false) => self.applied.distinct += 1,
-                (false, true) => self.applied.distinct -= 1,
-                _ => {}
-            }
-            self.holders.insert(k, l);
+        for (host, sum) in sums {
+            self.set_holding(host, sum);
         }
-        self.applied.frames = frames.max(0) as u64;
+        self.applied.frames = frames.clamp(0, i128::from(u64::MAX)) as u64;
         Ok(Ok(WriteResponse::default()))
     }
 
@@ -1175,5 +1200,157 @@ fn op_name(op: &Op) -> &'static str {
         Op::DropVm(_) => "drop_vm",
         Op::MoveVm(_) => "move_vm",
         Op::SetCordon(_) => "set_cordon",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagecast_proto::v1::{HolderDelta, HolderDeltas};
+
+    fn hash(i: u8) -> PageHash {
+        let mut b = [i; 32];
+        b[0] = 0;
+        b[31] |= 1;
+        PageHash::from_bytes(b)
+    }
+
+    fn deltas(seq: u64, ds: &[(u8, u32, i64, u64)]) -> IndexCommand {
+        IndexCommand {
+            client: 7,
+            seq,
+            op: Some(Op::Deltas(HolderDeltas {
+                deltas: ds
+                    .iter()
+                    .map(|&(h, host, frames, before)| HolderDelta {
+                        hash: hash(h).as_bytes().to_vec().into(),
+                        host,
+                        frames,
+                        before,
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    fn open(dir: &Path) -> Store {
+        Store::open(dir, 1, 1, false).unwrap()
+    }
+
+    #[test]
+    fn deltas_are_applied_without_reading_the_holder_list() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        // A holder list that does not decode: a read-modify-write would
+        // fail on it; a blind write is taken, and the read reports it.
+        s.db()
+            .put_cf(s.cf(CF_HOLDERS), keys::holders(&hash(1)), [1u8, 0])
+            .unwrap();
+        let r = s
+            .apply(0, &[(1, Some(deltas(1, &[(1, 3, 1, 0)])))], 1)
+            .unwrap();
+        assert!(r[0].is_ok(), "{r:?}");
+        let e = s.holders(&[hash(1)]).unwrap_err();
+        assert!(e.to_string().contains("storage"), "{e}");
+    }
+
+    #[test]
+    fn holders_sums_and_snapshots_follow_the_deltas() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        let cmds = [
+            deltas(1, &[(1, 3, 2, 0), (2, 3, 1, 0), (1, 4, 1, 0)]),
+            deltas(2, &[(1, 3, -2, 2), (2, 5, 4, 0), (3, 3, 1, 0)]),
+            // Duplicate of seq 2: changes nothing.
+            deltas(2, &[(1, 3, -2, 2), (2, 5, 4, 0), (3, 3, 1, 0)]),
+        ];
+        let entries: Vec<(u64, Option<IndexCommand>)> = cmds
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as u64 + 1, Some(c.clone())))
+            .collect();
+        let r = s.apply(0, &entries, 1).unwrap();
+        assert!(r[2].as_ref().unwrap().duplicate);
+        let got = s.holders(&[hash(1), hash(2), hash(3), hash(4)]).unwrap();
+        assert_eq!(got[0].entries(), &[(4, 1)]);
+        assert_eq!(got[1].entries(), &[(3, 1), (5, 4)]);
+        assert_eq!(got[2].entries(), &[(3, 1)]);
+        assert!(got[3].is_empty());
+        assert_eq!(s.count_distinct(0).unwrap(), 3);
+        assert_eq!(s.applied(0).unwrap().frames, 7);
+        // Host 3 holds hash 2 and hash 3, one frame each.
+        let mut want = HoldingSum::default();
+        want.change(hash(2).as_bytes(), 0, 1);
+        want.change(hash(3).as_bytes(), 0, 1);
+        let sums = s.holdings(0, 3).unwrap();
+        assert_eq!(sums, vec![(3, want)]);
+
+        // Hash 2 loses every holder: an empty list, no record anywhere.
+        let r = s
+            .apply(
+                0,
+                &[(4, Some(deltas(3, &[(2, 3, -1, 1), (2, 5, -4, 4)])))],
+                1,
+            )
+            .unwrap();
+        assert!(r[0].is_ok());
+        assert!(s.holders(&[hash(2)]).unwrap()[0].is_empty());
+        assert_eq!(s.count_distinct(0).unwrap(), 2);
+        let page = s.list_holdings(0, 3, None, 10, 100).unwrap();
+        assert_eq!(page, (vec![(hash(3), 1)], None));
+        let snap = s.snapshot_data(0).unwrap();
+        let holder_records = snapshot::records(0, 1, &snap)
+            .filter(|r| r.as_ref().unwrap().column == snapshot::Column::Holders)
+            .count();
+        assert_eq!(holder_records, 2, "the emptied list is not carried");
+        s.compact_all().unwrap();
+        let live = s
+            .db()
+            .iterator_cf(s.cf(CF_HOLDERS), IteratorMode::Start)
+            .count();
+        assert_eq!(live, 2, "compaction drops the emptied list");
+
+        // A replica restored from the snapshot reads the same.
+        let d2 = tempfile::tempdir().unwrap();
+        let t = open(d2.path());
+        let mut wb = WriteBatch::default();
+        t.restore_snapshot(0, &snap, &mut wb).unwrap();
+        t.db().write(wb).unwrap();
+        assert_eq!(
+            t.holders(&[hash(1), hash(2), hash(3)]).unwrap(),
+            s.holders(&[hash(1), hash(2), hash(3)]).unwrap()
+        );
+        assert_eq!(t.holdings(0, 0).unwrap(), s.holdings(0, 0).unwrap());
+    }
+
+    #[test]
+    fn a_delta_below_the_writers_own_account_is_refused_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        let r = s
+            .apply(
+                0,
+                &[(1, Some(deltas(1, &[(1, 3, 1, 0), (2, 3, -2, 1)])))],
+                1,
+            )
+            .unwrap();
+        let e = r[0].as_ref().unwrap_err();
+        assert!(e.message.contains("says it holds 1 frames"), "{e:?}");
+        assert!(s.holders(&[hash(1)]).unwrap()[0].is_empty());
+        assert!(s.holdings(0, 0).unwrap().is_empty());
+        // A writer whose account is wrong cannot take a count below zero:
+        // the list stops at zero, and its frames and digest differ from
+        // the list's, which the writer's check then finds.
+        let r = s
+            .apply(0, &[(2, Some(deltas(2, &[(1, 3, -2, 2)])))], 1)
+            .unwrap();
+        assert!(r[0].is_ok());
+        assert!(s.holders(&[hash(1)]).unwrap()[0].is_empty());
+        assert_eq!(s.count_distinct(0).unwrap(), 0);
+        assert!(
+            !s.holdings(0, 3).unwrap()[0]
+                .1
+                .same_holdings(&HoldingSum::default())
+        );
     }
 }

@@ -307,6 +307,11 @@ impl Ledger {
         self.behind() == 0 && self.vm_ops.is_empty()
     }
 
+    /// Frames the index has acknowledged for this host for `h`.
+    pub fn acked_of(&self, h: &PageHash) -> u64 {
+        self.counts.get(h).map_or(0, |c| c.acked)
+    }
+
     /// Frames this host should be listed with for `h`.
     pub fn desired(&self, h: &PageHash) -> u64 {
         self.counts.get(h).map_or(0, |c| c.desired)
@@ -590,6 +595,10 @@ impl IndexLink {
 struct Inflight {
     seq: u64,
     deltas: Vec<(PageHash, i64)>,
+    /// Per delta, the frames the index had acknowledged for this host when
+    /// the batch was taken: the delta's `before`, by which the index counts
+    /// this host's distinct contents without reading its lists.
+    before: Vec<u64>,
 }
 
 /// What sends one shard's batches: its own client (connection), the next
@@ -622,13 +631,20 @@ fn flush_shard(
         let batch = match w.inflight.take() {
             Some(b) => b,
             None => {
-                let deltas = link.ledger().take_batch(shard, shards, BATCH);
+                let mut ledger = link.ledger();
+                let deltas = ledger.take_batch(shard, shards, BATCH);
                 if deltas.is_empty() {
                     return Ok(Flushed::Done);
                 }
+                let before = deltas.iter().map(|(h, _)| ledger.acked_of(h)).collect();
+                drop(ledger);
                 let seq = w.seq;
                 w.seq += 1;
-                Inflight { seq, deltas }
+                Inflight {
+                    seq,
+                    deltas,
+                    before,
+                }
             }
         };
         let cmd = IndexCommand {
@@ -638,10 +654,12 @@ fn flush_shard(
                 deltas: batch
                     .deltas
                     .iter()
-                    .map(|(h, d)| HolderDelta {
+                    .zip(&batch.before)
+                    .map(|((h, d), before)| HolderDelta {
                         hash: h.as_bytes().to_vec().into(),
                         host,
                         frames: *d,
+                        before: *before,
                     })
                     .collect(),
             })),
@@ -1043,7 +1061,9 @@ impl Loop<'_> {
     fn reconcile(&mut self, shard: u32) -> Result<(), ClientError> {
         let theirs = self.client.holdings(shard, self.host)?;
         let ours = self.link.ledger().acked_sum(shard, self.shards);
-        if theirs == ours {
+        // Frames and digest: the index keeps those exactly; its count of
+        // distinct contents is this host's own account.
+        if theirs.same_holdings(&ours) {
             return Ok(());
         }
         let mut actual: HashMap<PageHash, u64> = HashMap::new();

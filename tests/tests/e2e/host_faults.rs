@@ -34,6 +34,7 @@ fn add_one(c: &mut IndexClient, session: u64, seq: u64) -> Result<(), String> {
                     hash: x().as_bytes().to_vec().into(),
                     host: HOST,
                     frames: 1,
+                    before: 0,
                 }],
             })),
         },
@@ -265,6 +266,7 @@ fn burst(idx: &IndexCluster, n: u32) {
                     hash: h.to_vec().into(),
                     host: HOST + 1,
                     frames: 1,
+                    before: 0,
                 }
             })
             .collect();

@@ -124,10 +124,11 @@ impl Cluster {
             .collect()
     }
 
-    /// Status of replica `i`, or None if it does not answer.
+    /// Status of replica `i` (distinct hashes counted exactly), or None
+    /// if it does not answer.
     fn status(&self, i: usize) -> Option<pagecast_proto::v1::StatusResponse> {
         let mut c = IndexClient::new(&[self.reps[i].addr.clone()], operator()).unwrap();
-        c.status_of(&self.reps[i].addr).ok()
+        c.status_counted(&self.reps[i].addr, true).ok()
     }
 
     /// The replica index leading `shard`, among the running ones.
@@ -312,13 +313,14 @@ fn load_query_advise_and_unload_through_the_cli() {
         "{text}"
     );
 
-    let st = pagecast_json(&["index", "status", "--index", &first, "--json"]);
+    let st = pagecast_json(&["index", "status", "--index", &first, "--json", "--exact"]);
     let reps = st["replicas"].as_array().unwrap();
     assert_eq!(reps.len(), 3, "one address shows every replica: {st}");
     let distinct: u64 = reps
         .iter()
         .flat_map(|r| r["shards"].as_array().unwrap().clone())
         .filter(|s| s["role"] == "leader")
+        .inspect(|s| assert_eq!(s["distinct_exact"], true, "{s}"))
         .map(|s| s["distinct_hashes"].as_u64().unwrap())
         .sum();
     assert_eq!(distinct, 3000);
@@ -327,6 +329,7 @@ fn load_query_advise_and_unload_through_the_cli() {
         text.contains("SHARD") && text.contains("leader") && text.contains("follower"),
         "{text}"
     );
+    assert!(text.contains(" ~"), "without --exact, an estimate: {text}");
 
     // Unload a: only b's holders remain.
     let e = fails(&[
@@ -490,6 +493,7 @@ fn killed_leader_restarts_and_a_wiped_replica_catches_up() {
                         hash: hash(i).as_bytes().to_vec().into(),
                         host: 1,
                         frames: 1,
+                        before: 0,
                     })
                     .collect();
                 let cmd = IndexCommand {
@@ -594,6 +598,7 @@ fn writes_are_limited_to_what_the_certificate_allows() {
                 hash: hash(7).as_bytes().to_vec().into(),
                 host,
                 frames: 1,
+                before: 0,
             }],
         })),
     };

@@ -186,6 +186,7 @@ fn delta_writer(mut c: IndexClient, s: Shared, w: usize) {
             hash: x.as_bytes().to_vec().into(),
             host: HOST,
             frames: 1,
+            before: 0,
         };
         let cmd = IndexCommand {
             client: 0x4157_0000 + w as u64,
