@@ -432,6 +432,40 @@ impl IndexClient {
         }
     }
 
+    /// The part of `shard`'s snapshot `index` after `after` (empty: the
+    /// first) from the replica at `addr`, which only an index certificate
+    /// may ask: its records and where the next part starts (`None`: the
+    /// last part). `Ok(None)` when that replica no longer has the
+    /// snapshot.
+    #[allow(clippy::type_complexity)]
+    pub fn snapshot_part(
+        &mut self,
+        addr: &str,
+        shard: u32,
+        index: u64,
+        after: &[u8],
+    ) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, String> {
+        let req = IndexRequest {
+            shard,
+            stale: true,
+            op: Some(ReqOp::SnapshotPart(
+                pagecast_proto::v1::SnapshotPartRequest {
+                    index,
+                    after: after.to_vec().into(),
+                },
+            )),
+        };
+        match self.exchange(addr, &req)? {
+            Resp::SnapshotPart(p) => {
+                let next = (!p.done).then(|| p.next.to_vec());
+                Ok(Some((p.records.to_vec(), next)))
+            }
+            Resp::Error(e) if e.kind() == RefusalCode::NotFound => Ok(None),
+            Resp::Error(e) => Err(format!("{addr}: {e}")),
+            other => Err(format!("{addr}: unexpected answer {other:?}")),
+        }
+    }
+
     /// Up to `limit` (hash, frames) pairs host `host` holds in `shard`
     /// after `after`, and where the next page starts (`None`: done).
     pub fn list_holdings(

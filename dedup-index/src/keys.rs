@@ -59,6 +59,9 @@ pub enum StateKind {
     Compacted = 3,
     /// The shard count and replica id the directory was created with.
     Identity = 4,
+    /// Set while a snapshot is being installed (its index): a replica that
+    /// finds it at start was stopped half-way and starts the shard empty.
+    Restoring = 5,
 }
 
 /// The shard of `n` that owns `hash`.

@@ -6,7 +6,8 @@
 //! and sketches are the shared vocabulary of `pagecast-pages`; this crate
 //! owns key encoding ([`keys`]), holder lists ([`holders`]), the frame
 //! codec ([`wire`]), raft messages in parts ([`chunks`]), the snapshot
-//! record format ([`snapshot`]), the sharing answers over VM records ([`sharing`]) and
+//! record format ([`snapshot`]; streamed in parts by [`snapshot_in`]), the
+//! sharing answers over VM records ([`sharing`]) and
 //! (with the `replica` feature) the replicated store: RocksDB for state,
 //! raft-rs for replication, one raft group per shard of the hash space.
 //! The client ([`client`]) needs neither.
@@ -30,6 +31,8 @@ pub mod node;
 pub mod raftlog;
 #[cfg(feature = "replica")]
 pub mod replica;
+#[cfg(feature = "replica")]
+pub mod snapshot_in;
 #[cfg(feature = "replica")]
 pub mod store;
 

@@ -532,7 +532,9 @@ impl ShardNode {
                 let hosts = self.store.hosts().map_err(s)?;
                 sharing::pair(&vms, &hosts, p).map(Resp::Pair)
             }
-            ReqOp::Status(_) | ReqOp::Write(_) => Err(invalid("not a read".into())),
+            ReqOp::Status(_) | ReqOp::Write(_) | ReqOp::SnapshotPart(_) => {
+                Err(invalid("not a read".into()))
+            }
         }
     }
 
@@ -783,6 +785,7 @@ fn req_name(op: &ReqOp) -> &'static str {
         ReqOp::Pair(_) => "pair sharing",
         ReqOp::Holdings(_) => "holdings",
         ReqOp::ListHoldings(_) => "a holdings listing",
+        ReqOp::SnapshotPart(_) => "a snapshot part",
     }
 }
 

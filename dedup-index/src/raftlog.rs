@@ -17,6 +17,7 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
 use crate::keys::{self, StateKind};
+use crate::snapshot_in::Descriptor;
 use crate::store::{CF_LOG, CF_RAFT, Store, StoreError};
 
 #[derive(Default)]
@@ -53,6 +54,12 @@ impl ShardStorage {
     pub fn open(store: Arc<Store>, shard: u32, voters: &[u64]) -> Result<Self, StoreError> {
         let raft_cf = store.cf(CF_RAFT);
         let db = store.db();
+        if db
+            .get_cf(raft_cf, keys::raft_state(shard, StateKind::Restoring))?
+            .is_some()
+        {
+            forget_half_installed(&store, shard)?;
+        }
         let mut st = LogState::default();
         if let Some(v) = db.get_cf(raft_cf, keys::raft_state(shard, StateKind::HardState))? {
             st.hard = HardState::parse_from_bytes(&v).map_err(|e| corrupt("hard state", e))?;
@@ -194,22 +201,44 @@ impl ShardStorage {
         Ok(())
     }
 
-    /// Replaces the shard's state and log by `snap`, in one synced write.
+    /// Replaces the shard's state and log by `snap`, whose state was
+    /// staged whole beforehand ([`crate::snapshot_in::stage`]): a synced
+    /// write marks the shard as restoring and removes its state and log,
+    /// the staged table files are ingested, and a second synced write sets
+    /// the raft state to the snapshot's and clears the mark. A replica
+    /// stopped in between finds the mark at start and begins the shard
+    /// empty ([`ShardStorage::open`]), to be sent a snapshot again.
     pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
         let meta = snap.get_metadata();
+        let d = Descriptor::decode(&snap.data)
+            .filter(|d| d.shard == self.shard && d.index == meta.index && d.term == meta.term)
+            .ok_or_else(|| corrupt("snapshot", "its data is not this shard's descriptor"))?;
+        if !crate::snapshot_in::staged(&self.store, d) {
+            return Err(crate::snapshot_in::not_staged(d));
+        }
+        let rcf = self.store.cf(CF_RAFT);
         let mut wb = WriteBatch::default();
-        self.store
-            .restore_snapshot(self.shard, &snap.data, &mut wb)?;
-        let mut st = self.st.borrow_mut();
+        wb.put_cf(
+            rcf,
+            keys::raft_state(self.shard, StateKind::Restoring),
+            meta.index.to_le_bytes(),
+        );
+        self.store.clear_state(self.shard, &mut wb);
         wb.delete_range_cf(
             self.store.cf(CF_LOG),
             keys::log(self.shard, 0),
             keys::log(self.shard + 1, 0),
         );
+        self.store
+            .db()
+            .write_opt(wb, &self.store.log_write_options())?;
+        let dir = crate::snapshot_in::dir_of(&self.store, d);
+        self.store.ingest_staged(&dir)?;
+        let mut st = self.st.borrow_mut();
         let mut hard = st.hard.clone();
         hard.commit = hard.commit.max(meta.index);
         hard.term = hard.term.max(meta.term);
-        let rcf = self.store.cf(CF_RAFT);
+        let mut wb = WriteBatch::default();
         wb.put_cf(
             rcf,
             keys::raft_state(self.shard, StateKind::HardState),
@@ -224,9 +253,11 @@ impl ShardStorage {
         c[..8].copy_from_slice(&meta.index.to_le_bytes());
         c[8..].copy_from_slice(&meta.term.to_le_bytes());
         wb.put_cf(rcf, keys::raft_state(self.shard, StateKind::Compacted), c);
+        wb.delete_cf(rcf, keys::raft_state(self.shard, StateKind::Restoring));
         self.store
             .db()
             .write_opt(wb, &self.store.log_write_options())?;
+        self.store.clear_staging(self.shard);
         st.hard = hard;
         st.conf = meta.get_conf_state().clone();
         st.compacted_index = meta.index;
@@ -346,17 +377,65 @@ impl raft::Storage for ShardStorage {
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
-        let data = self.store.snapshot_data(self.shard).map_err(other)?;
+        // The state itself is streamed from a checkpoint in parts; the
+        // snapshot raft sends names it (crate::snapshot_in).
+        let Some(c) = self
+            .store
+            .checkpoint(self.shard, request_index)
+            .map_err(other)?
+        else {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        };
+        let d = Descriptor {
+            shard: self.shard,
+            index: c.index,
+            term: c.term,
+        };
         let mut snap = Snapshot {
-            data: data.into(),
+            data: d.encode().into(),
             ..Default::default()
         };
         let meta = snap.mut_metadata();
-        meta.index = applied.index;
-        meta.term = applied.term;
+        meta.index = c.index;
+        meta.term = c.term;
         meta.set_conf_state(self.st.borrow().conf.clone());
         Ok(snap)
     }
+}
+
+/// A shard whose snapshot was being installed when the replica stopped:
+/// its state, log and compaction point are removed and its commit index
+/// set to zero (its term and vote stay), so that it starts empty and its
+/// leader sends it a snapshot again.
+fn forget_half_installed(store: &Store, shard: u32) -> Result<(), StoreError> {
+    let rcf = store.cf(CF_RAFT);
+    let db = store.db();
+    let mut wb = WriteBatch::default();
+    store.clear_state(shard, &mut wb);
+    wb.delete_range_cf(
+        store.cf(CF_LOG),
+        keys::log(shard, 0),
+        keys::log(shard + 1, 0),
+    );
+    if let Some(v) = db.get_cf(rcf, keys::raft_state(shard, StateKind::HardState))? {
+        let mut hard = HardState::parse_from_bytes(&v).map_err(|e| corrupt("hard state", e))?;
+        hard.commit = 0;
+        wb.put_cf(
+            rcf,
+            keys::raft_state(shard, StateKind::HardState),
+            hard.write_to_bytes().expect("encodes"),
+        );
+    }
+    wb.delete_cf(rcf, keys::raft_state(shard, StateKind::Compacted));
+    wb.delete_cf(rcf, keys::raft_state(shard, StateKind::Restoring));
+    db.write_opt(wb, &store.log_write_options())?;
+    tracing::warn!(
+        "shard {shard}: a snapshot was being installed when this replica stopped; \
+         the shard starts empty and is sent one again"
+    );
+    Ok(())
 }
 
 /// The raft-rs `Storage` contract, against a real RocksDB in a temporary
@@ -520,11 +599,53 @@ mod tests {
         let d2 = tempfile::tempdir().unwrap();
         let t = open(d2.path());
         t.append(&[entry(1, 1, 1), entry(2, 1, 1)], None).unwrap();
+        // Not staged: refused, nothing changed.
+        assert!(t.apply_snapshot(&snap).is_err());
+        assert_eq!(t.last_index().unwrap(), 2);
+        let desc = Descriptor::decode(&snap.data).unwrap();
+        crate::snapshot_in::stage(&t.store, desc, |after| {
+            s.store
+                .snapshot_part(1, 5, after, 64)
+                .map_err(|e| e.to_string())
+        })
+        .unwrap();
         t.apply_snapshot(&snap).unwrap();
         assert_eq!((t.first_index().unwrap(), t.last_index().unwrap()), (6, 5));
         assert_eq!(t.term(5).unwrap(), 5);
         assert!(is(t.term(4), StorageError::Compacted));
         assert_eq!(t.store.applied(1).unwrap().index, 5);
         assert_eq!(t.initial_state().unwrap().hard_state.commit, 5);
+        assert!(!t.store.staging_dir(1, 5).exists(), "staging is cleared");
+    }
+
+    #[test]
+    fn a_snapshot_half_installed_leaves_the_shard_empty_at_restart() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = storage(d.path());
+            let hs = HardState {
+                term: 5,
+                vote: 2,
+                commit: 5,
+                ..Default::default()
+            };
+            s.append(&[], Some(&hs)).unwrap();
+            s.store
+                .db()
+                .put_cf(
+                    s.store.cf(CF_RAFT),
+                    keys::raft_state(1, StateKind::Restoring),
+                    9u64.to_le_bytes(),
+                )
+                .unwrap();
+        }
+        let s = open(d.path());
+        let st = s.initial_state().unwrap();
+        assert_eq!(
+            (st.hard_state.term, st.hard_state.vote, st.hard_state.commit),
+            (5, 2, 0)
+        );
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (1, 0));
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
     }
 }

@@ -26,10 +26,12 @@ use protobuf::Message as _;
 use raft::eraftpb::Message;
 
 use crate::node::{NodeConfig, NodeError, Reply, ShardNode, TICK};
+use crate::snapshot_in::Descriptor;
 use crate::store::{Store, StoreError};
 use crate::wire::{WireError, read_frame, write_frame};
 use pagecast_channel::gate::{Arrival, Gate, Limits, Refused};
 use pagecast_channel::{Identity, Role, Tls, TlsStream};
+use raft::eraftpb::MessageType;
 
 /// Bytes of one raft message part.
 pub const CHUNK: usize = 4 << 20;
@@ -141,6 +143,119 @@ enum Event {
     /// A replica opened a new link to this one.
     PeerConnected(u64),
     Request(IndexRequest, Reply),
+    /// A snapshot's parts were all fetched and staged (the records), or
+    /// fetching them failed.
+    Staged(Descriptor, Result<u64, String>),
+}
+
+/// How long one snapshot part may take to arrive.
+const PART_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The snapshot a shard is receiving: a raft snapshot names its state,
+/// which is fetched in parts from the replica that sent it on a thread of
+/// its own (so the shard goes on ticking), and only then handed to raft.
+struct Incoming {
+    store: Arc<Store>,
+    peers: BTreeMap<u64, String>,
+    tls: Tls,
+    tx: Sender<Event>,
+    shard: u32,
+    fetching: Option<Descriptor>,
+    /// The raft snapshot whose state is being fetched, stepped once staged.
+    pending: Option<Message>,
+}
+
+impl Incoming {
+    fn on_raft(&mut self, m: Message, node: &mut ShardNode) {
+        if m.get_msg_type() != MessageType::MsgSnapshot {
+            return node.step(m);
+        }
+        let Some(d) = Descriptor::decode(&m.get_snapshot().data).filter(|d| {
+            d.shard == self.shard
+                && d.index == m.get_snapshot().get_metadata().index
+                && d.term == m.get_snapshot().get_metadata().term
+        }) else {
+            tracing::warn!(
+                "shard {}: a snapshot from replica {} does not name this shard's state; dropped",
+                self.shard,
+                m.from
+            );
+            return;
+        };
+        if crate::snapshot_in::staged(&self.store, d) {
+            return node.step(m);
+        }
+        if let Some(f) = self.fetching {
+            if f == d {
+                self.pending = Some(m);
+            }
+            return;
+        }
+        let Some(addr) = self.peers.get(&m.from).cloned() else {
+            return;
+        };
+        tracing::info!(
+            "shard {}: fetching snapshot {} from replica {} ({addr})",
+            self.shard,
+            d.index,
+            m.from
+        );
+        self.fetching = Some(d);
+        self.pending = Some(m);
+        let (store, tls, tx) = (self.store.clone(), self.tls.clone(), self.tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("snapshot-{}", self.shard))
+            .spawn(move || {
+                let r = fetch_snapshot(&store, &addr, &tls, d);
+                let _ = tx.send(Event::Staged(d, r));
+            });
+        if spawned.is_err() {
+            self.fetching = None;
+            self.pending = None;
+        }
+    }
+
+    fn on_staged(&mut self, d: Descriptor, r: Result<u64, String>, node: &mut ShardNode) {
+        if self.fetching == Some(d) {
+            self.fetching = None;
+        }
+        let pending = self.pending.take();
+        match r {
+            Ok(n) => {
+                tracing::info!(
+                    "shard {}: snapshot {} staged ({n} records); installing",
+                    self.shard,
+                    d.index
+                );
+                if let Some(m) =
+                    pending.filter(|m| Descriptor::decode(&m.get_snapshot().data) == Some(d))
+                {
+                    node.step(m);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "shard {}: fetching snapshot {} failed: {e}; waiting for the leader to send one again",
+                    self.shard,
+                    d.index
+                );
+                self.store.clear_staging(self.shard);
+            }
+        }
+    }
+}
+
+/// Fetches `d`'s parts from the replica at `addr` into the staging
+/// directory, each part within [`PART_DEADLINE`].
+fn fetch_snapshot(store: &Store, addr: &str, tls: &Tls, d: Descriptor) -> Result<u64, String> {
+    let mut c = crate::client::IndexClient::new(&[addr.to_owned()], tls.clone())
+        .map_err(|e| e.to_string())?;
+    c.timeout = PART_DEADLINE;
+    c.attempt_timeout = PART_DEADLINE;
+    crate::snapshot_in::stage(store, d, |after| {
+        c.snapshot_part(addr, d.shard, d.index, after)
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// A running replica.
@@ -255,12 +370,21 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
         ncfg.keep_entries = ncfg.keep_entries.min(cfg.compact_after / 2);
         let node = ShardNode::new(store.clone(), s, ncfg, &logger)?;
         let (tx, rx) = mpsc::channel();
+        let incoming = Incoming {
+            store: store.clone(),
+            peers: cfg.peers.clone(),
+            tls: cfg.tls.clone(),
+            tx: tx.clone(),
+            shard: s,
+            fetching: None,
+            pending: None,
+        };
         shard_tx.push(tx);
         let links = links.clone();
         let stopped = stopped_tx.clone();
         std::thread::Builder::new()
             .name(format!("shard-{s}"))
-            .spawn(move || run_shard(node, rx, &links, &stopped))
+            .spawn(move || run_shard(node, incoming, rx, &links, &stopped))
             .expect("spawn a shard thread");
     }
     let shared = Arc::new(Shared {
@@ -338,6 +462,7 @@ impl Shared {
 
 fn run_shard(
     mut node: ShardNode,
+    mut incoming: Incoming,
     rx: Receiver<Event>,
     links: &BTreeMap<u64, SyncSender<(u32, Vec<u8>)>>,
     stopped: &Sender<Stopped>,
@@ -346,18 +471,19 @@ fn run_shard(
     let mut next_tick = Instant::now() + TICK;
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
-        let handle = |ev: Event, node: &mut ShardNode| match ev {
-            Event::Raft(m) => node.step(m),
+        let handle = |ev: Event, node: &mut ShardNode, incoming: &mut Incoming| match ev {
+            Event::Raft(m) => incoming.on_raft(m, node),
             Event::PeerConnected(id) => node.peer_connected(id),
             Event::Request(r, reply) => node.request(r, reply),
+            Event::Staged(d, r) => incoming.on_staged(d, r, node),
         };
         match rx.recv_timeout(wait) {
             Ok(ev) => {
-                handle(ev, &mut node);
+                handle(ev, &mut node, &mut incoming);
                 // Take whatever else is queued before one ready round.
                 for _ in 0..1024 {
                     match rx.try_recv() {
-                        Ok(ev) => handle(ev, &mut node),
+                        Ok(ev) => handle(ev, &mut node, &mut incoming),
                         Err(_) => break,
                     }
                 }
@@ -609,6 +735,44 @@ fn ask(sh: &Shared, shard: u32, req: IndexRequest) -> IndexResponse {
     }
 }
 
+/// Serves a part of a snapshot this replica sent, from its checkpoint, on
+/// the connection's thread (the shard's thread goes on).
+fn serve_snapshot_part(
+    sh: &Shared,
+    shard: u32,
+    p: &pagecast_proto::v1::SnapshotPartRequest,
+) -> IndexResponse {
+    // A position is a range number and a key of at most 33 bytes.
+    if p.after.len() > 64 {
+        return err(
+            RefusalCode::Invalid,
+            "a snapshot part position over 64 bytes",
+        );
+    }
+    match sh
+        .store
+        .snapshot_part(shard, p.index, &p.after, crate::store::SNAPSHOT_PART_BYTES)
+    {
+        Ok(Some((records, next))) => IndexResponse {
+            result: Some(Resp::SnapshotPart(
+                pagecast_proto::v1::SnapshotPartResponse {
+                    records: records.into(),
+                    done: next.is_none(),
+                    next: next.unwrap_or_default().into(),
+                },
+            )),
+        },
+        Ok(None) => err(
+            RefusalCode::NotFound,
+            &format!(
+                "replica {} no longer has snapshot {} of shard {shard}",
+                sh.id, p.index
+            ),
+        ),
+        Err(e) => err(RefusalCode::Internal, &format!("snapshot part: {e}")),
+    }
+}
+
 fn err(code: RefusalCode, m: &str) -> IndexResponse {
     IndexResponse {
         result: Some(Resp::Error(refusal(code, m))),
@@ -653,6 +817,13 @@ fn authorize(
     who: &Identity,
     host_number: &mut Option<u32>,
 ) -> Result<(), String> {
+    if matches!(req.op, Some(ReqOp::SnapshotPart(_))) {
+        // A shard's whole state, page hashes and all: replicas only.
+        return match who.role {
+            Role::Index => Ok(()),
+            _ => Err(format!("{who} may not read a snapshot (replicas do)")),
+        };
+    }
     if let Some(ReqOp::ListHoldings(l)) = &req.op {
         return match who.role {
             Role::Operator => Ok(()),
@@ -792,6 +963,11 @@ fn handle_request(sh: &Shared, req: IndexRequest) -> IndexResponse {
         return IndexResponse {
             result: Some(Resp::Status(all)),
         };
+    }
+    if req.shard < sh.shards
+        && let Some(ReqOp::SnapshotPart(p)) = &req.op
+    {
+        return serve_snapshot_part(sh, req.shard, p);
     }
     if req.shard >= sh.shards {
         return err(

@@ -50,6 +50,10 @@ pub const CF_META: &str = "meta";
 /// Column family of holder lists.
 pub const CF_HOLDERS: &str = "holders";
 
+/// The directory, inside a replica's data directory, of its snapshot
+/// checkpoints (`out`) and staged incoming snapshots (`in`).
+pub const SNAPSHOTS_DIR: &str = "pagecast-snapshots";
+
 /// Longest host or VM name.
 pub const MAX_NAME: usize = pagecast_proto::MAX_VM_NAME_BYTES;
 /// Most VMs one host report lists.
@@ -154,9 +158,90 @@ pub struct Store {
     db: DB,
     shards: u32,
     sync: bool,
+    dir: std::path::PathBuf,
+    /// Per shard, the checkpoint its last snapshot is served from.
+    checkpoints: std::sync::Mutex<HashMap<u32, std::sync::Arc<ShardCheckpoint>>>,
 }
 
-fn cf_options(kind: &str) -> Options {
+/// A consistent copy of the whole database (RocksDB hard-links its files),
+/// open read-only, from which one shard's snapshot is streamed in parts
+/// while the live database moves on. Removed from disk when dropped.
+pub struct ShardCheckpoint {
+    /// The shard whose snapshot this is.
+    pub shard: u32,
+    /// The shard's applied index in it: the snapshot's index.
+    pub index: u64,
+    /// Its term.
+    pub term: u64,
+    dir: std::path::PathBuf,
+    db: Option<DB>,
+    made: std::time::Instant,
+    last_used: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Drop for ShardCheckpoint {
+    fn drop(&mut self) {
+        drop(self.db.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A checkpoint is replaced by a newer one only once it is this old and
+/// no part of it was asked for this long ([`CHECKPOINT_IDLE`]): a replica
+/// fetching a large shard is not cut off by the leader's next snapshot.
+pub const CHECKPOINT_REUSE: std::time::Duration = std::time::Duration::from_secs(600);
+/// See [`CHECKPOINT_REUSE`].
+pub const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Bytes of records in one snapshot part.
+pub const SNAPSHOT_PART_BYTES: usize = 2 << 20;
+
+/// One part of a shard's snapshot: records in the snapshot encoding, and
+/// where the next part starts (`None`: this was the last).
+pub type SnapshotPart = (Vec<u8>, Option<Vec<u8>>);
+
+fn db_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    o.set_max_background_jobs(2);
+    o.set_keep_log_file_num(4);
+    // Each shard's node thread writes its own batches, sorted by key.
+    // Written one after another, a batch's inserts reuse the skip list's
+    // last position (it walks from there, not from the top); written
+    // concurrently, every insert searches from the top.
+    o.set_allow_concurrent_memtable_write(false);
+    o
+}
+
+fn descriptors() -> impl Iterator<Item = ColumnFamilyDescriptor> {
+    [CF_LOG, CF_RAFT, CF_META, CF_HOLDERS]
+        .into_iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, cf_options(n)))
+}
+
+/// The applied record of `shard` in `db`.
+fn read_applied(db: &DB, shard: u32) -> Result<Applied, StoreError> {
+    let cf = db
+        .cf_handle(CF_META)
+        .expect("column families are created at open");
+    match db.get_cf(cf, keys::applied(shard))? {
+        Some(v) => Applied::decode(&v),
+        None => Ok(Applied::default()),
+    }
+}
+
+/// The ranges a shard's snapshot carries, in the order it carries them:
+/// its holder lists, then its meta ranges (all increasing).
+fn snapshot_ranges(shard: u32, shards: u32) -> Vec<(snapshot::Column, Vec<u8>, Vec<u8>)> {
+    let (lo, hi) = keys::holders_range(shard, shards);
+    let mut r = vec![(snapshot::Column::Holders, lo, hi)];
+    for (lo, hi) in keys::meta_ranges(shard) {
+        r.push((snapshot::Column::Meta, lo, hi));
+    }
+    r
+}
+
+pub(crate) fn cf_options(kind: &str) -> Options {
     let mut o = Options::default();
     o.set_compression_type(rocksdb::DBCompressionType::None);
     if kind == CF_HOLDERS || kind == CF_META {
@@ -212,21 +297,16 @@ impl Store {
     /// `shards`-shard cluster in `dir`. `sync` makes every raft log write
     /// wait for the disk.
     pub fn open(dir: &Path, id: u64, shards: u32, sync: bool) -> Result<Self, StoreError> {
-        let mut o = Options::default();
-        o.create_if_missing(true);
-        o.create_missing_column_families(true);
-        o.set_max_background_jobs(2);
-        o.set_keep_log_file_num(4);
-        // Each shard's node thread writes its own batches, sorted by key.
-        // Written one after another, a batch's inserts reuse the skip
-        // list's last position (it walks from there, not from the top);
-        // written concurrently, every insert searches from the top.
-        o.set_allow_concurrent_memtable_write(false);
-        let cfs = [CF_LOG, CF_RAFT, CF_META, CF_HOLDERS]
-            .into_iter()
-            .map(|n| ColumnFamilyDescriptor::new(n, cf_options(n)));
-        let db = DB::open_cf_descriptors(&o, dir, cfs)?;
-        let s = Store { db, shards, sync };
+        let db = DB::open_cf_descriptors(&db_options(), dir, descriptors())?;
+        // Checkpoints and staged snapshots of a previous run are stale.
+        let _ = std::fs::remove_dir_all(dir.join(SNAPSHOTS_DIR));
+        let s = Store {
+            db,
+            shards,
+            sync,
+            dir: dir.to_path_buf(),
+            checkpoints: Default::default(),
+        };
         let key = keys::raft_state(0, StateKind::Identity);
         let mut want = [0u8; 12];
         want[..8].copy_from_slice(&id.to_le_bytes());
@@ -518,59 +598,170 @@ impl Store {
         Ok(results)
     }
 
-    /// Encodes every record of `shard`'s state machine for a snapshot.
-    pub fn snapshot_data(&self, shard: u32) -> Result<Vec<u8>, StoreError> {
-        let mut out = Vec::new();
-        let (lo, hi) = keys::holders_range(shard, self.shards);
-        let mut ranges = vec![(CF_HOLDERS, lo, hi)];
-        for (lo, hi) in keys::meta_ranges(shard) {
-            ranges.push((CF_META, lo, hi));
-        }
-        for (cf, lo, hi) in ranges {
-            let mut ro = ReadOptions::default();
-            ro.set_iterate_upper_bound(hi);
-            let column = if cf == CF_HOLDERS {
-                snapshot::Column::Holders
-            } else {
-                snapshot::Column::Meta
-            };
-            for kv in self.db.iterator_cf_opt(
-                self.cf(cf),
-                ro,
-                IteratorMode::From(&lo, Direction::Forward),
-            ) {
-                let (k, v) = kv?;
-                // A holder list with no holder left is no record.
-                if column == snapshot::Column::Holders && v.is_empty() {
-                    continue;
-                }
-                snapshot::encode_record(&mut out, column, &k, &v);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Adds to `wb` the replacement of `shard`'s state machine by snapshot
-    /// `data`, refusing records outside the shard's ranges.
-    pub fn restore_snapshot(
+    /// The checkpoint of `shard` a snapshot of index `at_least` or later
+    /// is served from: the current one if it is that recent and either
+    /// young or still being read, else a new one of the database as it is
+    /// now. `None` while the shard has applied nothing.
+    pub fn checkpoint(
         &self,
         shard: u32,
-        data: &[u8],
-        wb: &mut WriteBatch,
-    ) -> Result<(), StoreError> {
-        let (hlo, hhi) = keys::holders_range(shard, self.shards);
-        let meta = keys::meta_ranges(shard);
-        wb.delete_range_cf(self.cf(CF_HOLDERS), &hlo, &hhi);
-        for (lo, hi) in &meta {
-            wb.delete_range_cf(self.cf(CF_META), lo, hi);
+        at_least: u64,
+    ) -> Result<Option<std::sync::Arc<ShardCheckpoint>>, StoreError> {
+        let mut map = self.checkpoints.lock().expect("not poisoned");
+        if let Some(c) = map.get(&shard) {
+            let busy = c.last_used.lock().expect("not poisoned").elapsed() < CHECKPOINT_IDLE;
+            if c.index >= at_least && (c.made.elapsed() < CHECKPOINT_REUSE || busy) {
+                return Ok(Some(c.clone()));
+            }
         }
-        for r in snapshot::records(shard, self.shards, data) {
-            let r = r?;
-            let cf = match r.column {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let out = self.dir.join(SNAPSHOTS_DIR).join("out");
+        std::fs::create_dir_all(&out).map_err(|e| StoreError::Corrupt {
+            what: "snapshot directory",
+            detail: format!("{}: {e}", out.display()),
+        })?;
+        let dir = out.join(format!("shard-{shard}-{nanos}"));
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(&dir)?;
+        let mut c = ShardCheckpoint {
+            shard,
+            index: 0,
+            term: 0,
+            dir,
+            db: None,
+            made: std::time::Instant::now(),
+            last_used: std::sync::Mutex::new(std::time::Instant::now()),
+        };
+        let db = DB::open_cf_descriptors_read_only(&db_options(), &c.dir, descriptors(), false)?;
+        let applied = read_applied(&db, shard)?;
+        c.db = Some(db);
+        c.index = applied.index;
+        c.term = applied.term;
+        if applied.index == 0 {
+            return Ok(None);
+        }
+        let c = std::sync::Arc::new(c);
+        map.insert(shard, c.clone());
+        Ok(Some(c))
+    }
+
+    /// The part of `shard`'s snapshot `index` after `after` (empty: the
+    /// first part), records up to about `max_bytes` (the replica serves
+    /// [`SNAPSHOT_PART_BYTES`]), read from its checkpoint. `Ok(None)` when
+    /// this replica no longer has that snapshot (the one asking starts
+    /// again from the next).
+    pub fn snapshot_part(
+        &self,
+        shard: u32,
+        index: u64,
+        after: &[u8],
+        max_bytes: usize,
+    ) -> Result<Option<SnapshotPart>, StoreError> {
+        let c = match self.checkpoints.lock().expect("not poisoned").get(&shard) {
+            Some(c) if c.index == index => c.clone(),
+            _ => return Ok(None),
+        };
+        *c.last_used.lock().expect("not poisoned") = std::time::Instant::now();
+        let db = c.db.as_ref().expect("open while held");
+        let ranges = snapshot_ranges(shard, self.shards);
+        let (from_range, from_key) = match after.split_first() {
+            None => (0, None),
+            Some((&r, k)) if usize::from(r) < ranges.len() => (usize::from(r), Some(k)),
+            Some(_) => {
+                return Err(StoreError::Corrupt {
+                    what: "snapshot part request",
+                    detail: "no such range".into(),
+                });
+            }
+        };
+        let mut out = Vec::new();
+        for (r, (column, lo, hi)) in ranges.iter().enumerate().skip(from_range) {
+            let start = match from_key {
+                Some(k) if r == from_range => {
+                    // The smallest key after the last one sent.
+                    let mut s = k.to_vec();
+                    s.push(0);
+                    s
+                }
+                _ => lo.clone(),
+            };
+            let cf = match column {
                 snapshot::Column::Holders => CF_HOLDERS,
                 snapshot::Column::Meta => CF_META,
             };
-            wb.put_cf(self.cf(cf), r.key, r.value);
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(hi.clone());
+            ro.fill_cache(false);
+            let handle = db
+                .cf_handle(cf)
+                .expect("column families are created at open");
+            for kv in db.iterator_cf_opt(handle, ro, IteratorMode::From(&start, Direction::Forward))
+            {
+                let (k, v) = kv?;
+                // A holder list with no holder left is no record.
+                if *column == snapshot::Column::Holders && v.is_empty() {
+                    continue;
+                }
+                snapshot::encode_record(&mut out, *column, &k, &v);
+                if out.len() >= max_bytes {
+                    let mut next = vec![r as u8];
+                    next.extend_from_slice(&k);
+                    return Ok(Some((out, Some(next))));
+                }
+            }
+        }
+        Ok(Some((out, None)))
+    }
+
+    /// Where snapshots received for `shard` are staged before they are
+    /// installed.
+    pub fn staging_dir(&self, shard: u32, index: u64) -> std::path::PathBuf {
+        self.dir
+            .join(SNAPSHOTS_DIR)
+            .join("in")
+            .join(format!("shard-{shard}-{index}"))
+    }
+
+    /// Removes every staged snapshot of `shard`.
+    pub fn clear_staging(&self, shard: u32) {
+        let root = self.dir.join(SNAPSHOTS_DIR).join("in");
+        let prefix = format!("shard-{shard}-");
+        if let Ok(rd) = std::fs::read_dir(&root) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// Adds to `wb` the removal of `shard`'s whole state machine (its
+    /// holder lists and meta ranges), before a snapshot replaces it.
+    pub fn clear_state(&self, shard: u32, wb: &mut WriteBatch) {
+        for (column, lo, hi) in snapshot_ranges(shard, self.shards) {
+            let cf = match column {
+                snapshot::Column::Holders => CF_HOLDERS,
+                snapshot::Column::Meta => CF_META,
+            };
+            wb.delete_range_cf(self.cf(cf), &lo, &hi);
+        }
+    }
+
+    /// Moves a staged snapshot's table files (written by
+    /// [`crate::snapshot_in::stage`]) into the database.
+    pub fn ingest_staged(&self, dir: &Path) -> Result<(), StoreError> {
+        for (file, cf) in [
+            (crate::snapshot_in::HOLDERS_FILE, CF_HOLDERS),
+            (crate::snapshot_in::META_FILE, CF_META),
+        ] {
+            let path = dir.join(file);
+            if path.exists() {
+                let mut o = rocksdb::IngestExternalFileOptions::default();
+                o.set_move_files(true);
+                self.db
+                    .ingest_external_file_cf_opts(self.cf(cf), &o, vec![path])?;
+            }
         }
         Ok(())
     }
@@ -1308,29 +1499,63 @@ mod tests {
         assert_eq!(s.count_distinct(0).unwrap(), 2);
         let page = s.list_holdings(0, 3, None, 10, 100).unwrap();
         assert_eq!(page, (vec![(hash(3), 1)], None));
-        let snap = s.snapshot_data(0).unwrap();
-        let holder_records = snapshot::records(0, 1, &snap)
-            .filter(|r| r.as_ref().unwrap().column == snapshot::Column::Holders)
-            .count();
+        // A snapshot, in parts of about 64 bytes, from a checkpoint.
+        let c = s.checkpoint(0, 0).unwrap().unwrap();
+        assert_eq!(c.index, 4);
+        let mut holder_records = 0;
+        let mut parts = 0;
+        let mut after = Vec::new();
+        loop {
+            let (records, next) = s.snapshot_part(0, 4, &after, 64).unwrap().unwrap();
+            parts += 1;
+            holder_records += snapshot::records(0, 1, &records)
+                .filter(|r| r.as_ref().unwrap().column == snapshot::Column::Holders)
+                .count();
+            match next {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
         assert_eq!(holder_records, 2, "the emptied list is not carried");
+        assert!(parts > 2, "{parts} parts");
+        assert!(s.snapshot_part(0, 3, &[], 64).unwrap().is_none());
         s.compact_all().unwrap();
         let live = s
             .db()
             .iterator_cf(s.cf(CF_HOLDERS), IteratorMode::Start)
             .count();
         assert_eq!(live, 2, "compaction drops the emptied list");
+        // Later writes do not change the checkpoint's snapshot.
+        let sums_at_4 = s.holdings(0, 0).unwrap();
+        let r = s
+            .apply(0, &[(5, Some(deltas(4, &[(9, 3, 1, 0)])))], 1)
+            .unwrap();
+        assert!(r[0].is_ok());
 
-        // A replica restored from the snapshot reads the same.
+        // A replica staging the snapshot and ingesting it reads the same.
         let d2 = tempfile::tempdir().unwrap();
         let t = open(d2.path());
+        let desc = crate::snapshot_in::Descriptor {
+            shard: 0,
+            index: 4,
+            term: 1,
+        };
+        let n = crate::snapshot_in::stage(&t, desc, |after| {
+            s.snapshot_part(0, 4, after, 64).map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert!(n >= 2 + 3, "{n} records");
         let mut wb = WriteBatch::default();
-        t.restore_snapshot(0, &snap, &mut wb).unwrap();
+        t.clear_state(0, &mut wb);
         t.db().write(wb).unwrap();
+        t.ingest_staged(&t.staging_dir(0, 4)).unwrap();
+        assert_eq!(t.applied(0).unwrap().index, 4);
+        assert!(t.holders(&[hash(9)]).unwrap()[0].is_empty());
         assert_eq!(
             t.holders(&[hash(1), hash(2), hash(3)]).unwrap(),
             s.holders(&[hash(1), hash(2), hash(3)]).unwrap()
         );
-        assert_eq!(t.holdings(0, 0).unwrap(), s.holdings(0, 0).unwrap());
+        assert_eq!(t.holdings(0, 0).unwrap(), sums_at_4);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use pagecast_index::keys::shard_of;
 use pagecast_index::node::{NodeConfig, ShardNode};
+use pagecast_index::snapshot_in::{self, Descriptor};
 use pagecast_index::store::Store;
 use pagecast_pages::PageHash;
 use pagecast_proto::v1::{
@@ -113,6 +114,9 @@ impl Cluster {
         for _ in 0..steps {
             self.step += 1;
             for m in self.net.due(self.step) {
+                if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot && !self.stage(&m) {
+                    continue;
+                }
                 if let Some(n) = self.nodes.get_mut(&m.to) {
                     n.step(m);
                 }
@@ -126,6 +130,24 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// What a replica does before a snapshot reaches raft: fetch its parts
+    /// from the sender (here directly, in small parts) and stage them.
+    /// False when the sender no longer has it (the message is dropped).
+    fn stage(&self, m: &raft::eraftpb::Message) -> bool {
+        let d = Descriptor::decode(&m.get_snapshot().data).expect("a descriptor");
+        let (Some(from), Some(to)) = (self.stores.get(&m.from), self.stores.get(&m.to)) else {
+            return false;
+        };
+        if snapshot_in::staged(to, d) {
+            return true;
+        }
+        snapshot_in::stage(to, d, |after| {
+            from.snapshot_part(d.shard, d.index, after, 4096)
+                .map_err(|e| e.to_string())
+        })
+        .is_ok()
     }
 
     fn leader(&self) -> Option<u64> {
