@@ -574,6 +574,33 @@ fn killed_leader_restarts_and_a_wiped_replica_catches_up() {
     assert!(st.shards[0].snapshots_received >= 1, "{st:?}");
     assert_eq!(st.shards[0].distinct_hashes, distinct);
     check_acked(&[addrs[f].clone()], &acked, per_batch, true);
+
+    // The snapshot's state was streamed in parts from a checkpoint the
+    // sender keeps a while. Its page hashes are for replicas only: an
+    // attacker with a host certificate, speaking the protocol directly,
+    // is refused the very part a replica's certificate is given.
+    let index = st.shards[0].first_index - 1;
+    let sender = (0..3)
+        .filter(|i| *i != f)
+        .find(|i| {
+            c.status(*i)
+                .is_some_and(|s| s.shards[0].snapshots_sent >= 1)
+        })
+        .expect("the replica that sent the snapshot");
+    let at = addrs[sender].clone();
+    let mut replica =
+        IndexClient::new(std::slice::from_ref(&at), pki::tls("peer", Role::Index)).unwrap();
+    let (records, _) = replica
+        .snapshot_part(&at, 0, index, &[])
+        .unwrap()
+        .expect("the sender still holds the snapshot's checkpoint");
+    assert!(!records.is_empty());
+    for role in [Role::Host, Role::Operator, Role::Reader] {
+        let mut attacker =
+            IndexClient::new(std::slice::from_ref(&at), pki::tls("mallory", role)).unwrap();
+        let e = attacker.snapshot_part(&at, 0, index, &[]).unwrap_err();
+        assert!(e.contains("may not read a snapshot"), "{role:?}: {e}");
+    }
 }
 
 #[test]
