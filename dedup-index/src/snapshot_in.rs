@@ -22,8 +22,13 @@
 use crate::snapshot::{self, Column};
 use crate::store::{CF_HOLDERS, CF_META, SnapshotPart, Store, StoreError};
 
-/// The staged table file of the holder lists.
-pub const HOLDERS_FILE: &str = "holders.sst";
+/// The staged table files of the holder lists: `holders-NNNNNN.sst`, in
+/// key order, each of at most [`HOLDERS_PER_FILE`] lists.
+pub const HOLDERS_PREFIX: &str = "holders-";
+/// Holder lists per staged table file: a table writer keeps a hash of
+/// every key until it finishes the file (its filter), 8 bytes each, so
+/// files are cut to keep that at 32 MiB.
+pub const HOLDERS_PER_FILE: u64 = 4 << 20;
 /// The staged table file of the meta records.
 pub const META_FILE: &str = "meta.sst";
 /// Written last: the staged files are whole.
@@ -113,6 +118,16 @@ pub enum StageError {
 pub fn stage(
     store: &Store,
     d: Descriptor,
+    part: impl FnMut(&[u8]) -> Result<Option<SnapshotPart>, String>,
+) -> Result<u64, StageError> {
+    stage_in_files(store, d, HOLDERS_PER_FILE, part)
+}
+
+/// [`stage`], with at most `per_file` holder lists in each table file.
+pub fn stage_in_files(
+    store: &Store,
+    d: Descriptor,
+    per_file: u64,
     mut part: impl FnMut(&[u8]) -> Result<Option<SnapshotPart>, String>,
 ) -> Result<u64, StageError> {
     let dir = store.staging_dir(d.shard, d.index);
@@ -128,6 +143,7 @@ pub fn stage(
     let mut holders = rocksdb::SstFileWriter::create(&holders_opts);
     let mut meta = rocksdb::SstFileWriter::create(&meta_opts);
     let (mut holders_open, mut meta_open) = (false, false);
+    let (mut holders_files, mut in_file) = (0u32, 0u64);
     let mut after: Vec<u8> = Vec::new();
     let mut records = 0u64;
     for n in 1u64.. {
@@ -149,10 +165,19 @@ pub fn stage(
                     if meta_open {
                         return Err(bad("a holder list after the meta records".into()));
                     }
+                    if holders_open && in_file >= per_file.max(1) {
+                        holders.finish().map_err(|e| werr(&e))?;
+                        holders_open = false;
+                    }
                     if !holders_open {
-                        holders.open(dir.join(HOLDERS_FILE)).map_err(|e| werr(&e))?;
+                        holders_files += 1;
+                        in_file = 0;
+                        holders
+                            .open(dir.join(format!("{HOLDERS_PREFIX}{holders_files:06}.sst")))
+                            .map_err(|e| werr(&e))?;
                         holders_open = true;
                     }
+                    in_file += 1;
                     // The writer refuses a key not after the last one.
                     holders
                         .put(r.key, r.value)
@@ -206,4 +231,40 @@ pub fn not_staged(d: Descriptor) -> StoreError {
 /// The staging directory of `d`, for installing.
 pub fn dir_of(store: &Store, d: Descriptor) -> std::path::PathBuf {
     store.staging_dir(d.shard, d.index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn descriptors_round_trip_and_garbage_is_refused(
+            shard in any::<u32>(),
+            index in any::<u64>(),
+            term in any::<u64>(),
+            junk in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let d = Descriptor { shard, index, term };
+            prop_assert_eq!(Descriptor::decode(&d.encode()), Some(d));
+            if let Some(x) = Descriptor::decode(&junk) {
+                prop_assert_eq!(x.encode(), junk);
+            }
+        }
+    }
+
+    #[test]
+    fn a_descriptor_is_24_bytes_with_its_magic() {
+        let d = Descriptor {
+            shard: 3,
+            index: 9,
+            term: 2,
+        };
+        let mut b = d.encode();
+        assert_eq!(b.len(), 24);
+        b[0] = b'X';
+        assert_eq!(Descriptor::decode(&b), None);
+        assert_eq!(Descriptor::decode(&d.encode()[..23]), None);
+    }
 }

@@ -749,19 +749,35 @@ impl Store {
     }
 
     /// Moves a staged snapshot's table files (written by
-    /// [`crate::snapshot_in::stage`]) into the database.
+    /// [`crate::snapshot_in::stage`]) into the database: the holder lists'
+    /// files (disjoint, in key order) in one ingestion, then the meta file.
     pub fn ingest_staged(&self, dir: &Path) -> Result<(), StoreError> {
-        for (file, cf) in [
-            (crate::snapshot_in::HOLDERS_FILE, CF_HOLDERS),
-            (crate::snapshot_in::META_FILE, CF_META),
-        ] {
-            let path = dir.join(file);
-            if path.exists() {
-                let mut o = rocksdb::IngestExternalFileOptions::default();
-                o.set_move_files(true);
-                self.db
-                    .ingest_external_file_cf_opts(self.cf(cf), &o, vec![path])?;
-            }
+        let io = |e: std::io::Error| StoreError::Corrupt {
+            what: "staged snapshot",
+            detail: format!("{}: {e}", dir.display()),
+        };
+        let mut holders: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().is_some_and(|n| {
+                    n.to_string_lossy()
+                        .starts_with(crate::snapshot_in::HOLDERS_PREFIX)
+                })
+            })
+            .collect();
+        holders.sort();
+        let mut o = rocksdb::IngestExternalFileOptions::default();
+        o.set_move_files(true);
+        if !holders.is_empty() {
+            self.db
+                .ingest_external_file_cf_opts(self.cf(CF_HOLDERS), &o, holders)?;
+        }
+        let meta = dir.join(crate::snapshot_in::META_FILE);
+        if meta.exists() {
+            self.db
+                .ingest_external_file_cf_opts(self.cf(CF_META), &o, vec![meta])?;
         }
         Ok(())
     }
@@ -1540,10 +1556,13 @@ mod tests {
             index: 4,
             term: 1,
         };
-        let n = crate::snapshot_in::stage(&t, desc, |after| {
+        // One holder list a table file: the files are ingested together.
+        let n = crate::snapshot_in::stage_in_files(&t, desc, 1, |after| {
             s.snapshot_part(0, 4, after, 64).map_err(|e| e.to_string())
         })
         .unwrap();
+        let files = std::fs::read_dir(t.staging_dir(0, 4)).unwrap().count();
+        assert_eq!(files, 2 + 1 + 1, "two holder files, meta, done");
         assert!(n >= 2 + 3, "{n} records");
         let mut wb = WriteBatch::default();
         t.clear_state(0, &mut wb);

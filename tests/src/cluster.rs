@@ -204,6 +204,16 @@ impl IndexCluster {
         }
     }
 
+    /// Replica `i`'s process id, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.reps[i].child.as_ref().map(Child::id)
+    }
+
+    /// Replica `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> &Path {
+        &self.reps[i].dir
+    }
+
     /// Replica `i`'s log.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.reps[i].log).unwrap_or_default()
