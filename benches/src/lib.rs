@@ -102,6 +102,7 @@ pub fn start_replicas(
                 tls: ca
                     .issue(&format!("index-{id}"), pagecast_channel::Role::Index, 1)
                     .expect("a replica certificate"),
+                part_deadline: replica::PART_DEADLINE,
             })
             .expect("a replica starts")
         })

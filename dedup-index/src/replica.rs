@@ -105,6 +105,9 @@ pub struct ReplicaConfig {
     pub raft_log_level: slog::Level,
     /// This replica's identity: an `index` certificate of the cluster CA.
     pub tls: Tls,
+    /// How long one part of a snapshot this replica fetches may take
+    /// before the fetch is given up (the next snapshot starts it again).
+    pub part_deadline: Duration,
 }
 
 /// Parses `1=HOST:PORT,2=HOST:PORT,...`.
@@ -148,8 +151,8 @@ enum Event {
     Staged(Descriptor, Result<u64, String>),
 }
 
-/// How long one snapshot part may take to arrive.
-const PART_DEADLINE: Duration = Duration::from_secs(30);
+/// How long one snapshot part may take to arrive, by default.
+pub const PART_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The snapshot a shard is receiving: a raft snapshot names its state,
 /// which is fetched in parts from the replica that sent it on a thread of
@@ -160,6 +163,7 @@ struct Incoming {
     tls: Tls,
     tx: Sender<Event>,
     shard: u32,
+    deadline: Duration,
     fetching: Option<Descriptor>,
     /// The raft snapshot whose state is being fetched, stepped once staged.
     pending: Option<Message>,
@@ -203,10 +207,11 @@ impl Incoming {
         self.fetching = Some(d);
         self.pending = Some(m);
         let (store, tls, tx) = (self.store.clone(), self.tls.clone(), self.tx.clone());
+        let deadline = self.deadline;
         let spawned = std::thread::Builder::new()
             .name(format!("snapshot-{}", self.shard))
             .spawn(move || {
-                let r = fetch_snapshot(&store, &addr, &tls, d);
+                let r = fetch_snapshot(&store, &addr, &tls, d, deadline);
                 let _ = tx.send(Event::Staged(d, r));
             });
         if spawned.is_err() {
@@ -246,12 +251,18 @@ impl Incoming {
 }
 
 /// Fetches `d`'s parts from the replica at `addr` into the staging
-/// directory, each part within [`PART_DEADLINE`].
-fn fetch_snapshot(store: &Store, addr: &str, tls: &Tls, d: Descriptor) -> Result<u64, String> {
+/// directory, each part within `deadline`.
+fn fetch_snapshot(
+    store: &Store,
+    addr: &str,
+    tls: &Tls,
+    d: Descriptor,
+    deadline: Duration,
+) -> Result<u64, String> {
     let mut c = crate::client::IndexClient::new(&[addr.to_owned()], tls.clone())
         .map_err(|e| e.to_string())?;
-    c.timeout = PART_DEADLINE;
-    c.attempt_timeout = PART_DEADLINE;
+    c.timeout = deadline;
+    c.attempt_timeout = deadline;
     crate::snapshot_in::stage(store, d, |after| {
         c.snapshot_part(addr, d.shard, d.index, after)
     })
@@ -376,6 +387,7 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
             tls: cfg.tls.clone(),
             tx: tx.clone(),
             shard: s,
+            deadline: cfg.part_deadline,
             fetching: None,
             pending: None,
         };

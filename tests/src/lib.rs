@@ -140,3 +140,4 @@ pub mod host;
 pub mod libvirt;
 pub mod pki;
 pub mod qemu;
+pub mod shard_state;

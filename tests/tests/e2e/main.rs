@@ -13,6 +13,7 @@ mod evaluate;
 mod host_faults;
 mod index_cli;
 mod index_history;
+mod index_snapshot;
 mod libvirt;
 mod live_index;
 mod plan_cli;

@@ -92,6 +92,11 @@ pub struct ServeArgs {
     /// last compaction, whichever comes first.
     #[arg(long, default_value_t = 32, value_name = "MIB")]
     compact_log_mib: u64,
+    /// How long one part of a snapshot this replica fetches (when it is
+    /// far behind) may take; past it the fetch is given up and starts
+    /// again from the next snapshot its leader sends.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    snapshot_part_timeout: u64,
     /// Serve Prometheus metrics on this address.
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
@@ -427,6 +432,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         compact_bytes: a.compact_log_mib.max(1) << 20,
         raft_log_level: level,
         tls: load_tls(&a.tls)?,
+        part_deadline: Duration::from_secs(a.snapshot_part_timeout.clamp(1, 3600)),
     };
     wait_for_space(&a.data, a.min_free);
     let r = replica::start(cfg)?;
