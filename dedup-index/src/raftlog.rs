@@ -397,10 +397,17 @@ impl raft::Storage for ShardStorage {
             data: d.encode().into(),
             ..Default::default()
         };
+        // The members as of the snapshot's index: the checkpoint's.
+        let conf = match c.raft_state(StateKind::ConfState).map_err(other)? {
+            Some(v) => {
+                ConfState::parse_from_bytes(&v).map_err(|e| other(corrupt("conf state", e)))?
+            }
+            None => self.st.borrow().conf.clone(),
+        };
         let meta = snap.mut_metadata();
         meta.index = c.index;
         meta.term = c.term;
-        meta.set_conf_state(self.st.borrow().conf.clone());
+        meta.set_conf_state(conf);
         Ok(snap)
     }
 }

@@ -179,6 +179,18 @@ pub struct ShardCheckpoint {
     last_used: std::sync::Mutex<std::time::Instant>,
 }
 
+impl ShardCheckpoint {
+    /// A raft state record of the shard as the checkpoint holds it (its
+    /// conf state at the snapshot's index, say).
+    pub fn raft_state(&self, kind: StateKind) -> Result<Option<Vec<u8>>, StoreError> {
+        let db = self.db.as_ref().expect("open while held");
+        let cf = db
+            .cf_handle(CF_RAFT)
+            .expect("column families are created at open");
+        Ok(db.get_cf(cf, keys::raft_state(self.shard, kind))?)
+    }
+}
+
 impl Drop for ShardCheckpoint {
     fn drop(&mut self) {
         drop(self.db.take());
