@@ -103,6 +103,7 @@ pub fn start_replicas(
                     .issue(&format!("index-{id}"), pagecast_channel::Role::Index, 1)
                     .expect("a replica certificate"),
                 part_deadline: replica::PART_DEADLINE,
+                join: false,
             })
             .expect("a replica starts")
         })

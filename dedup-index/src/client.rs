@@ -330,6 +330,15 @@ impl IndexClient {
         }
     }
 
+    /// Sends a request answered by a write's answer (a membership change)
+    /// to its shard's leader.
+    pub fn write_request(&mut self, req: IndexRequest) -> Result<WriteResponse, ClientError> {
+        match self.call(req)? {
+            Resp::Write(w) => Ok(w),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Holders of `hashes` (all in `shard`), limited to `hosts` if any.
     pub fn lookup(
         &mut self,

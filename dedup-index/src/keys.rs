@@ -62,6 +62,9 @@ pub enum StateKind {
     /// Set while a snapshot is being installed (its index): a replica that
     /// finds it at start was stopped half-way and starts the shard empty.
     Restoring = 5,
+    /// The replica's members (`ID=HOST:PORT,...`) after configuration
+    /// changes (kept under shard 0; it is the replica's, not a shard's).
+    Members = 6,
 }
 
 /// The shard of `n` that owns `hash`.

@@ -147,7 +147,18 @@ pub struct ShardNode {
     log_bytes: u64,
     was_leader: bool,
     counters: NodeCounters,
+    /// Members added (with their address) or removed by configuration
+    /// changes applied since the last [`ShardNode::take_member_changes`].
+    member_changes: Vec<(u64, Option<String>)>,
+    /// A replica was added: compact the log through what is applied, so
+    /// that it is sent a snapshot (which carries the members) rather than
+    /// the log from its first entry (the members a shard started with are
+    /// in no entry).
+    compact_for_new_member: bool,
 }
+
+/// Longest replica address a membership change may carry.
+pub const MAX_MEMBER_ADDRESS: usize = 256;
 
 /// A logger for raft-rs that passes its messages at `min` or above to
 /// `tracing` (target `raft`), with the replica and shard as fields.
@@ -238,6 +249,8 @@ impl ShardNode {
             log_bytes: 0,
             was_leader: false,
             counters: NodeCounters::default(),
+            member_changes: Vec::new(),
+            compact_for_new_member: false,
         })
     }
 
@@ -323,6 +336,7 @@ impl ShardNode {
                 })),
             }),
             ReqOp::Write(cmd) => self.propose(cmd, reply),
+            ReqOp::Members(m) => self.change_members(&m, reply),
             op if req.stale => {
                 let r = self.read(&op);
                 reply(r)
@@ -352,6 +366,105 @@ impl ShardNode {
                 leader: self.leader(),
                 leader_addr: String::new(),
             })),
+        }
+    }
+
+    /// The shard's voters, as this replica's configuration has them.
+    pub fn voters(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.node.raft.prs().conf().voters().ids().iter().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Members added or removed by configuration changes applied since the
+    /// last call: `(id, Some(address))` added, `(id, None)` removed.
+    pub fn take_member_changes(&mut self) -> Vec<(u64, Option<String>)> {
+        std::mem::take(&mut self.member_changes)
+    }
+
+    /// Proposes adding or removing one voter; answered once applied.
+    fn change_members(&mut self, m: &pagecast_proto::v1::MembersRequest, reply: Reply) {
+        use raft::eraftpb::{ConfChangeSingle, ConfChangeType};
+        if !self.is_leader() {
+            return reply(self.not_leader());
+        }
+        let voters = self.voters();
+        let (change, id, context) = match (m.add_id, m.remove_id) {
+            (0, 0) | (1.., 1..) => {
+                return reply(error(
+                    RefusalCode::Invalid,
+                    "a membership change adds one replica or removes one",
+                ));
+            }
+            (id, 0) => {
+                if m.add_address.is_empty()
+                    || m.add_address.len() > MAX_MEMBER_ADDRESS
+                    || crate::replica::parse_peers(&format!("{id}={}", m.add_address)).is_err()
+                {
+                    return reply(error(
+                        RefusalCode::Invalid,
+                        format!("replica {id}: {:?} is not HOST:PORT", m.add_address),
+                    ));
+                }
+                (
+                    ConfChangeType::AddNode,
+                    id,
+                    m.add_address.as_bytes().to_vec(),
+                )
+            }
+            (0, id) => {
+                if voters.len() <= 1 {
+                    return reply(error(
+                        RefusalCode::Refused,
+                        format!("replica {id} is shard {}'s last voter", self.shard),
+                    ));
+                }
+                (ConfChangeType::RemoveNode, id, Vec::new())
+            }
+        };
+        let already = voters.contains(&id) == (change == ConfChangeType::AddNode);
+        if already {
+            // Done before (a retry, or another shard's leader on this
+            // replica answered first): nothing to change.
+            return reply(IndexResponse {
+                result: Some(Resp::Write(pagecast_proto::v1::WriteResponse {
+                    duplicate: true,
+                    ..Default::default()
+                })),
+            });
+        }
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change);
+        single.node_id = id;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        // The address travels in the change itself, which every replica
+        // applies (the entry's context is the proposer's).
+        cc.context = context.clone().into();
+        let term = self.node.raft.term;
+        match self.node.propose_conf_change(context, cc) {
+            Ok(()) => {
+                let index = self.node.raft.raft_log.last_index();
+                self.proposals.insert(
+                    index,
+                    Waiting {
+                        term,
+                        replies: vec![reply],
+                        since: Instant::now(),
+                    },
+                );
+            }
+            Err(raft::Error::ProposalDropped) => reply(error(
+                RefusalCode::Busy,
+                format!(
+                    "shard {}: another membership change is under way; try again",
+                    self.shard
+                ),
+            )),
+            Err(e) => reply(error(
+                RefusalCode::Refused,
+                format!("shard {}: membership change refused: {e}", self.shard),
+            )),
         }
     }
 
@@ -532,7 +645,7 @@ impl ShardNode {
                 let hosts = self.store.hosts().map_err(s)?;
                 sharing::pair(&vms, &hosts, p).map(Resp::Pair)
             }
-            ReqOp::Status(_) | ReqOp::Write(_) | ReqOp::SnapshotPart(_) => {
+            ReqOp::Status(_) | ReqOp::Write(_) | ReqOp::SnapshotPart(_) | ReqOp::Members(_) => {
                 Err(invalid("not a read".into()))
             }
         }
@@ -557,6 +670,7 @@ impl ShardNode {
             snapshots_sent: self.counters.snapshots_sent,
             snapshots_received: self.counters.snapshots_received,
             distinct_exact: false,
+            voters: self.voters(),
         }
     }
 
@@ -710,13 +824,16 @@ impl ShardNode {
                 }
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data).map_err(corrupt_conf_change)?;
-                    self.node.apply_conf_change(&cc)?;
+                    let cs = self.node.apply_conf_change(&cc)?;
+                    self.node.store().set_conf_state(&cs)?;
                     cmds.push((e.index, None));
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc =
                         ConfChangeV2::parse_from_bytes(&e.data).map_err(corrupt_conf_change)?;
-                    self.node.apply_conf_change(&cc)?;
+                    let cs = self.node.apply_conf_change(&cc)?;
+                    self.node.store().set_conf_state(&cs)?;
+                    self.note_member_changes(&cc);
                     cmds.push((e.index, None));
                 }
             }
@@ -754,9 +871,28 @@ impl ShardNode {
         Ok(())
     }
 
+    fn note_member_changes(&mut self, cc: &ConfChangeV2) {
+        use raft::eraftpb::ConfChangeType;
+        let address = String::from_utf8_lossy(&cc.context).into_owned();
+        for c in cc.get_changes() {
+            match c.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    self.member_changes.push((c.node_id, Some(address.clone())));
+                    self.compact_for_new_member = true;
+                }
+                ConfChangeType::RemoveNode => self.member_changes.push((c.node_id, None)),
+            }
+        }
+    }
+
     fn maybe_compact(&mut self) -> Result<(), NodeError> {
         let store = self.node.store();
         let first = store.first();
+        if std::mem::take(&mut self.compact_for_new_member) && self.applied >= first {
+            store.compact(self.applied)?;
+            self.log_bytes = 0;
+            return Ok(());
+        }
         if self.applied >= first
             && (self.applied - first + 1 >= self.cfg.compact_after
                 || self.log_bytes >= self.cfg.compact_bytes)
@@ -786,6 +922,7 @@ fn req_name(op: &ReqOp) -> &'static str {
         ReqOp::Holdings(_) => "holdings",
         ReqOp::ListHoldings(_) => "a holdings listing",
         ReqOp::SnapshotPart(_) => "a snapshot part",
+        ReqOp::Members(_) => "a membership change",
     }
 }
 

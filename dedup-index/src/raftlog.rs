@@ -201,6 +201,19 @@ impl ShardStorage {
         Ok(())
     }
 
+    /// Stores the shard's members after a configuration change.
+    pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StoreError> {
+        let mut st = self.st.borrow_mut();
+        self.store.db().put_cf_opt(
+            self.store.cf(CF_RAFT),
+            keys::raft_state(self.shard, StateKind::ConfState),
+            cs.write_to_bytes().expect("encodes"),
+            &self.store.log_write_options(),
+        )?;
+        st.conf = cs.clone();
+        Ok(())
+    }
+
     /// Replaces the shard's state and log by `snap`, whose state was
     /// staged whole beforehand ([`crate::snapshot_in::stage`]): a synced
     /// write marks the shard as restoring and removes its state and log,
@@ -379,11 +392,10 @@ impl raft::Storage for ShardStorage {
         }
         // The state itself is streamed from a checkpoint in parts; the
         // snapshot raft sends names it (crate::snapshot_in).
-        let Some(c) = self
-            .store
-            .checkpoint(self.shard, request_index)
-            .map_err(other)?
-        else {
+        // A follower continues from the snapshot with the log after it,
+        // so a checkpoint older than the log's start is of no use.
+        let at_least = request_index.max(self.st.borrow().compacted_index);
+        let Some(c) = self.store.checkpoint(self.shard, at_least).map_err(other)? else {
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));

@@ -108,6 +108,113 @@ pub struct ReplicaConfig {
     /// How long one part of a snapshot this replica fetches may take
     /// before the fetch is given up (the next snapshot starts it again).
     pub part_deadline: Duration,
+    /// A replica joining a running cluster: its shards start with no
+    /// voters (it is not one until `index members add` makes it one), and
+    /// `peers` are the members it was told of.
+    pub join: bool,
+}
+
+/// Who this replica's peers are and its link to each: fixed at start from
+/// `--peers` (or the members a previous run recorded, or those a joined
+/// replica was told of), changed as configuration changes apply.
+struct Members {
+    id: u64,
+    shards: u32,
+    tls: Tls,
+    store: Arc<Store>,
+    peers: std::sync::RwLock<BTreeMap<u64, String>>,
+    links: std::sync::RwLock<BTreeMap<u64, Link>>,
+}
+
+/// The queue of a link's sender thread: (shard, encoded raft message).
+type Link = SyncSender<(u32, Vec<u8>)>;
+
+impl Members {
+    fn new(
+        id: u64,
+        shards: u32,
+        tls: Tls,
+        store: Arc<Store>,
+        peers: BTreeMap<u64, String>,
+    ) -> Self {
+        let m = Members {
+            id,
+            shards,
+            tls,
+            store,
+            peers: std::sync::RwLock::new(BTreeMap::new()),
+            links: std::sync::RwLock::new(BTreeMap::new()),
+        };
+        for (pid, addr) in peers {
+            m.add(pid, addr);
+        }
+        m
+    }
+
+    fn peers(&self) -> BTreeMap<u64, String> {
+        self.peers.read().expect("not poisoned").clone()
+    }
+
+    fn address(&self, id: u64) -> Option<String> {
+        self.peers.read().expect("not poisoned").get(&id).cloned()
+    }
+
+    fn add(&self, id: u64, addr: String) {
+        if id != self.id && !self.links.read().expect("not poisoned").contains_key(&id) {
+            let link = spawn_link(self.id, id, addr.clone(), self.shards, self.tls.clone());
+            self.links.write().expect("not poisoned").insert(id, link);
+        }
+        self.peers.write().expect("not poisoned").insert(id, addr);
+    }
+
+    /// A configuration change applied in some shard: `Some(address)` adds
+    /// replica `id`, `None` removes it (its link ends; the first shard to
+    /// remove it decides, the others have quorum without it). Recorded so
+    /// that a restart knows the members.
+    fn apply(&self, id: u64, addr: Option<String>) {
+        match addr {
+            Some(a) => {
+                if self.address(id).as_deref() != Some(a.as_str()) {
+                    tracing::info!("replica {id} at {a} is a member");
+                }
+                self.add(id, a);
+            }
+            None => {
+                if id == self.id {
+                    tracing::warn!("this replica was removed from a shard's members");
+                    return;
+                }
+                if self
+                    .peers
+                    .write()
+                    .expect("not poisoned")
+                    .remove(&id)
+                    .is_some()
+                {
+                    tracing::info!("replica {id} is no longer a member");
+                }
+                self.links.write().expect("not poisoned").remove(&id);
+            }
+        }
+        if let Err(e) = self.store.set_members(&format_peers(&self.peers())) {
+            tracing::warn!("cannot record the members: {e}");
+        }
+    }
+
+    fn send(&self, to: u64, shard: u32, bytes: Vec<u8>) {
+        if let Some(link) = self.links.read().expect("not poisoned").get(&to) {
+            // A full queue drops the message; raft sends it again.
+            let _ = link.try_send((shard, bytes));
+        }
+    }
+}
+
+/// `1=HOST:PORT,2=HOST:PORT,...`, as [`parse_peers`] reads it.
+pub fn format_peers(p: &BTreeMap<u64, String>) -> String {
+    p.iter()
+        .map(|(i, a)| format!("{i}={a}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Parses `1=HOST:PORT,2=HOST:PORT,...`.
@@ -159,7 +266,7 @@ pub const PART_DEADLINE: Duration = Duration::from_secs(30);
 /// its own (so the shard goes on ticking), and only then handed to raft.
 struct Incoming {
     store: Arc<Store>,
-    peers: BTreeMap<u64, String>,
+    members: Arc<Members>,
     tls: Tls,
     tx: Sender<Event>,
     shard: u32,
@@ -195,7 +302,7 @@ impl Incoming {
             }
             return;
         }
-        let Some(addr) = self.peers.get(&m.from).cloned() else {
+        let Some(addr) = self.members.address(m.from) else {
             return;
         };
         tracing::info!(
@@ -361,17 +468,37 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
             source,
         })?;
     let logger = crate::node::raft_logger(cfg.raft_log_level);
-    let voters: Vec<u64> = cfg.peers.keys().copied().collect();
-    let mut links: BTreeMap<u64, SyncSender<(u32, Vec<u8>)>> = BTreeMap::new();
-    for (&pid, paddr) in &cfg.peers {
-        if pid != cfg.id {
-            links.insert(
-                pid,
-                spawn_link(cfg.id, pid, paddr.clone(), cfg.shards, cfg.tls.clone()),
-            );
+    // A shard's voters when it starts for the first time: every peer, or
+    // none for a replica joining (it becomes one by a configuration
+    // change). Later starts take them from the shard's stored state.
+    let voters: Vec<u64> = if cfg.join {
+        Vec::new()
+    } else {
+        cfg.peers.keys().copied().collect()
+    };
+    let peers = match store.members()? {
+        Some(recorded) => {
+            let recorded = parse_peers(&recorded).map_err(|e| {
+                ReplicaError::Config(format!("the members this replica recorded: {e}"))
+            })?;
+            if recorded != cfg.peers {
+                tracing::info!(
+                    "members as recorded by configuration changes: {} (not --peers {})",
+                    format_peers(&recorded),
+                    format_peers(&cfg.peers)
+                );
+            }
+            recorded
         }
-    }
-    let links = Arc::new(links);
+        None => cfg.peers.clone(),
+    };
+    let members = Arc::new(Members::new(
+        cfg.id,
+        cfg.shards,
+        cfg.tls.clone(),
+        store.clone(),
+        peers,
+    ));
     let (stopped_tx, stopped_rx) = mpsc::channel();
     let mut shard_tx = Vec::new();
     for s in 0..cfg.shards {
@@ -383,7 +510,7 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
         let (tx, rx) = mpsc::channel();
         let incoming = Incoming {
             store: store.clone(),
-            peers: cfg.peers.clone(),
+            members: members.clone(),
             tls: cfg.tls.clone(),
             tx: tx.clone(),
             shard: s,
@@ -392,17 +519,17 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
             pending: None,
         };
         shard_tx.push(tx);
-        let links = links.clone();
+        let m = members.clone();
         let stopped = stopped_tx.clone();
         std::thread::Builder::new()
             .name(format!("shard-{s}"))
-            .spawn(move || run_shard(node, incoming, rx, &links, &stopped))
+            .spawn(move || run_shard(node, incoming, rx, &m, &stopped))
             .expect("spawn a shard thread");
     }
     let shared = Arc::new(Shared {
         id: cfg.id,
         shards: cfg.shards,
-        peers: cfg.peers.clone(),
+        members: members.clone(),
         shard_tx: Mutex::new(shard_tx),
         gate: Gate::new(Limits {
             handshakes_per_peer: MAX_HANDSHAKES_PER_PEER,
@@ -458,7 +585,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
 struct Shared {
     id: u64,
     shards: u32,
-    peers: BTreeMap<u64, String>,
+    members: Arc<Members>,
     shard_tx: Mutex<Vec<Sender<Event>>>,
     gate: Arc<Gate>,
     tls: Tls,
@@ -476,7 +603,7 @@ fn run_shard(
     mut node: ShardNode,
     mut incoming: Incoming,
     rx: Receiver<Event>,
-    links: &BTreeMap<u64, SyncSender<(u32, Vec<u8>)>>,
+    members: &Members,
     stopped: &Sender<Stopped>,
 ) {
     let shard = node.shard();
@@ -512,25 +639,25 @@ fn run_shard(
         }
         match node.ready() {
             Ok(msgs) => {
+                // Members changed by configuration changes just applied:
+                // links to added replicas exist before messages go to them.
+                for (id, addr) in node.take_member_changes() {
+                    members.apply(id, addr);
+                }
                 for m in msgs {
-                    if let Some(link) = links.get(&m.to) {
-                        let bytes = m.write_to_bytes().expect("encodes");
-                        if bytes.len() > MAX_RAFT_MESSAGE_BYTES {
-                            // The peer would refuse it; say why here, where
-                            // the operator can act (more shards).
-                            tracing::warn!(
-                                "shard {shard}: a {:?} to replica {} is {} bytes, over the \
-                                 {MAX_RAFT_MESSAGE_BYTES} a raft message may carry; not sent \
-                                 (a shard this large needs a cluster with more shards)",
-                                m.get_msg_type(),
-                                m.to,
-                                bytes.len()
-                            );
-                            continue;
-                        }
-                        // A full queue drops the message: raft resends.
-                        let _ = link.try_send((shard, bytes));
+                    let bytes = m.write_to_bytes().expect("encodes");
+                    if bytes.len() > MAX_RAFT_MESSAGE_BYTES {
+                        // The peer would refuse it; say why here.
+                        tracing::warn!(
+                            "shard {shard}: a {:?} to replica {} is {} bytes, over the \
+                             {MAX_RAFT_MESSAGE_BYTES} a raft message may carry; not sent",
+                            m.get_msg_type(),
+                            m.to,
+                            bytes.len()
+                        );
+                        continue;
                     }
+                    members.send(m.to, shard, bytes);
                 }
             }
             Err(error) => {
@@ -681,7 +808,7 @@ fn serve_conn(sh: &Shared, conn: TcpStream, arrival: Arrival, peer: &str) -> Res
         tracing::warn!("{peer}: {who} may not speak raft (only index certificates); closing");
         return Ok(());
     }
-    if !sh.peers.contains_key(&hello.peer_id) || hello.peer_id == sh.id {
+    if sh.members.address(hello.peer_id).is_none() || hello.peer_id == sh.id {
         tracing::warn!("{peer}: replica {} is not a member; closing", hello.peer_id);
         return Ok(());
     }
@@ -829,6 +956,15 @@ fn authorize(
     who: &Identity,
     host_number: &mut Option<u32>,
 ) -> Result<(), String> {
+    if let Some(ReqOp::Members(m)) = &req.op {
+        return match who.role {
+            Role::Operator => Ok(()),
+            _ => Err(format!(
+                "{who} may not change the index's members (replica {} / {}): operators do",
+                m.add_id, m.remove_id
+            )),
+        };
+    }
     if matches!(req.op, Some(ReqOp::SnapshotPart(_))) {
         // A shard's whole state, page hashes and all: replicas only.
         return match who.role {
@@ -943,7 +1079,12 @@ fn handle_request(sh: &Shared, req: IndexRequest) -> IndexResponse {
         let mut all = StatusResponse {
             replica: sh.id,
             shards: Vec::new(),
-            peers: sh.peers.iter().map(|(i, a)| format!("{i}={a}")).collect(),
+            peers: sh
+                .members
+                .peers()
+                .iter()
+                .map(|(i, a)| format!("{i}={a}"))
+                .collect(),
         };
         for s in 0..sh.shards {
             match ask(sh, s, req.clone()).result {
@@ -992,9 +1133,9 @@ fn handle_request(sh: &Shared, req: IndexRequest) -> IndexResponse {
     }
     let mut resp = ask(sh, req.shard, req);
     if let Some(Resp::NotLeader(nl)) = &mut resp.result
-        && let Some(a) = sh.peers.get(&nl.leader)
+        && let Some(a) = sh.members.address(nl.leader)
     {
-        nl.leader_addr = a.clone();
+        nl.leader_addr = a;
     }
     resp
 }

@@ -726,6 +726,36 @@ impl Store {
         Ok(Some((out, None)))
     }
 
+    /// The members (`ID=HOST:PORT,...`) configuration changes left, if any
+    /// were applied on this replica.
+    pub fn members(&self) -> Result<Option<String>, StoreError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_RAFT), keys::raft_state(0, StateKind::Members))?
+        {
+            Some(v) => String::from_utf8(v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: "members",
+                    detail: e.to_string(),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Records the members after a configuration change.
+    pub fn set_members(&self, members: &str) -> Result<(), StoreError> {
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        self.db.put_cf_opt(
+            self.cf(CF_RAFT),
+            keys::raft_state(0, StateKind::Members),
+            members.as_bytes(),
+            &w,
+        )?;
+        Ok(())
+    }
+
     /// Where snapshots received for `shard` are staged before they are
     /// installed.
     pub fn staging_dir(&self, shard: u32, index: u64) -> std::path::PathBuf {

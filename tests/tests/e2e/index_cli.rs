@@ -133,13 +133,15 @@ impl Cluster {
 
     /// The replica index leading `shard`, among the running ones.
     fn leader_of(&self, shard: u32) -> Option<usize> {
-        (0..3).filter(|i| self.reps[*i].child.is_some()).find(|i| {
-            self.status(*i).is_some_and(|s| {
-                s.shards
-                    .iter()
-                    .any(|x| x.shard == shard && x.role == "leader")
+        (0..self.reps.len())
+            .filter(|i| self.reps[*i].child.is_some())
+            .find(|i| {
+                self.status(*i).is_some_and(|s| {
+                    s.shards
+                        .iter()
+                        .any(|x| x.shard == shard && x.role == "leader")
+                })
             })
-        })
     }
 
     fn wait_leaders(&self) {
@@ -156,14 +158,24 @@ impl Cluster {
     /// Waits until replica `i` has applied as far as the leader of every
     /// shard had when called.
     fn wait_caught_up(&self, i: usize) -> pagecast_proto::v1::StatusResponse {
+        self.wait_reaches(i, false)
+    }
+
+    /// Waits until replica `i` has applied what each shard's leader had
+    /// committed: now (`fixed`, while writes go on) or at each look.
+    fn wait_reaches(&self, i: usize, fixed: bool) -> pagecast_proto::v1::StatusResponse {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let target: Vec<u64> = (0..self.shards)
+        let commits = || -> Vec<u64> {
+            (0..self.shards)
                 .map(|s| {
                     let l = self.leader_of(s).expect("a leader");
                     self.status(l).unwrap().shards[s as usize].commit
                 })
-                .collect();
+                .collect()
+        };
+        let first = commits();
+        loop {
+            let target = if fixed { first.clone() } else { commits() };
             if let Some(st) = self.status(i)
                 && st.shards.iter().zip(&target).all(|(x, t)| x.applied >= *t)
             {
@@ -171,8 +183,9 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "replica {} did not catch up\n{}",
+                "replica {} did not catch up to {target:?}: {:?}\n{}",
                 i + 1,
+                self.status(i),
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -648,6 +661,34 @@ fn writes_are_limited_to_what_the_certificate_allows() {
         "{e}"
     );
     assert_eq!(reader.hosts(false).unwrap().len(), 2);
+    // Membership is the operator's: a host or a reader asking a shard's
+    // leader directly to add a replica it controls is refused, and the
+    // voters stay as they were.
+    for (who, cl) in [("w-h1", &mut h1), ("w-reader", &mut reader)] {
+        let e = cl
+            .write_request(pagecast_proto::v1::IndexRequest {
+                shard: 0,
+                stale: false,
+                op: Some(pagecast_proto::v1::index_request::Op::Members(
+                    pagecast_proto::v1::MembersRequest {
+                        add_id: 9,
+                        add_address: "127.0.0.1:9".into(),
+                        remove_id: 0,
+                    },
+                )),
+            })
+            .unwrap_err();
+        assert_eq!(e.code(), Some(RefusalCode::Forbidden), "{who}: {e}");
+        assert!(
+            e.to_string().contains("may not change the index's members"),
+            "{e}"
+        );
+    }
+    let st = c.status(0).unwrap();
+    assert!(
+        st.shards.iter().all(|s| s.voters == vec![1, 2, 3]),
+        "{st:?}"
+    );
     // The host's own holders go through.
     h2.write(0, deltas(n2, 503)).unwrap();
     let l = reader.lookup(0, &[hash(7)], &[], false).unwrap();
@@ -724,4 +765,184 @@ fn idle_connections_from_many_addresses_lock_no_client_out_of_the_index() {
     client.timeout = Duration::from_secs(3);
     client.hosts(false).unwrap();
     drop(floods);
+}
+
+/// The `i`th content of shard 0 of a two-shard cluster.
+fn shard0_hash(i: u64) -> PageHash {
+    let mut b = *hash(i).as_bytes();
+    b[0] &= 0x7f;
+    PageHash::from_bytes(b)
+}
+
+#[test]
+fn a_replica_joins_and_another_leaves_while_writes_go_on() {
+    let mut c = Cluster::start(2);
+    // Replica 4's address is known to the writer from the start; it
+    // answers once it runs.
+    let addr4 = format!("127.0.0.1:{}", free_port());
+    let mut addrs: Vec<String> = c.reps.iter().map(|r| r.addr.clone()).collect();
+    addrs.push(addr4.clone());
+    let per_batch = 100u64;
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, addrs) = (acked.clone(), stop.clone(), addrs.clone());
+        std::thread::spawn(move || {
+            let mut cl = IndexClient::new(&addrs, operator()).unwrap();
+            cl.timeout = Duration::from_secs(30);
+            let mut seq = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                seq += 1;
+                let deltas = (seq * per_batch..(seq + 1) * per_batch)
+                    .map(|i| HolderDelta {
+                        hash: shard0_hash(i).as_bytes().to_vec().into(),
+                        host: 1,
+                        frames: 1,
+                        before: 0,
+                    })
+                    .collect();
+                let cmd = IndexCommand {
+                    client: 77,
+                    seq,
+                    op: Some(Op::Deltas(HolderDeltas { deltas })),
+                };
+                cl.write(0, cmd).expect("a batch was never acknowledged");
+                acked.lock().unwrap().push(seq);
+            }
+        })
+    };
+    let wait_acks = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().unwrap().len() < n {
+            assert!(Instant::now() < deadline, "writes stalled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_acks(20);
+
+    // Replica 4 joins through replica 1: it learns the members and the
+    // shard count there, and votes nowhere until it is added.
+    let dir4 = c.reps[0].dir.with_file_name("r4");
+    let log4 = c.reps[0].log.with_file_name("r4.log");
+    let spawn4 = |join_at: &str| {
+        Command::new(pagecast_bin())
+            .args(["index", "serve", "--id", "4", "--listen", &addr4])
+            .args(["--join", join_at])
+            .args(["--compact-after", "16", "--raft-log", "warning", "--data"])
+            .arg(&dir4)
+            .arg("--tls")
+            .arg(pki::node("index-4", Role::Index))
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log4)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap()
+    };
+    let child = spawn4(&c.reps[0].addr);
+    c.reps.push(Replica {
+        id: 4,
+        addr: addr4.clone(),
+        dir: dir4.clone(),
+        log: log4.clone(),
+        child: Some(child),
+    });
+    let ix = c.reps[..3]
+        .iter()
+        .map(|r| r.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = ok(&[
+        "index",
+        "members",
+        "add",
+        "--index",
+        &ix,
+        "--id",
+        "4",
+        "--address",
+        &addr4,
+    ]);
+    assert!(
+        out.contains("shard 0: add replica 4") && out.contains("shard 1: add replica 4"),
+        "{out}"
+    );
+    let st = c.wait_reaches(3, true);
+    assert!(
+        st.shards.iter().all(|s| s.voters == vec![1, 2, 3, 4]),
+        "{st:?}"
+    );
+    let before = acked.lock().unwrap().len();
+    wait_acks(before + 20);
+
+    // A replica that leads no shard leaves; the others and replica 4 go on.
+    let leaders: Vec<usize> = (0..2).filter_map(|s| c.leader_of(s)).collect();
+    let gone = (0..3)
+        .find(|i| !leaders.contains(i))
+        .expect("a replica leading nothing");
+    let gone_id = c.reps[gone].id;
+    let out = ok(&[
+        "index",
+        "members",
+        "remove",
+        "--index",
+        &ix,
+        "--id",
+        &gone_id.to_string(),
+    ]);
+    assert!(
+        out.contains(&format!("shard 1: remove replica {gone_id}: done")),
+        "{out}"
+    );
+    c.kill(gone);
+    let before = acked.lock().unwrap().len();
+    wait_acks(before + 20);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let acked: Vec<u64> = acked.lock().unwrap().clone();
+
+    // Nothing acknowledged is lost, and replica 4 holds it all.
+    let live: Vec<String> = (0..4)
+        .filter(|i| *i != gone)
+        .map(|i| c.reps[i].addr.clone())
+        .collect();
+    let hashes: Vec<PageHash> = acked
+        .iter()
+        .flat_map(|b| (b * per_batch..(b + 1) * per_batch).map(shard0_hash))
+        .collect();
+    let st = c.wait_caught_up(3);
+    let want: Vec<u64> = [1u64, 2, 3, 4]
+        .into_iter()
+        .filter(|id| *id != gone_id)
+        .collect();
+    assert!(st.shards.iter().all(|s| s.voters == want), "{st:?}");
+    for (addrs, stale) in [(live.clone(), false), (vec![addr4.clone()], true)] {
+        let mut cl = IndexClient::new(&addrs, operator()).unwrap();
+        for chunk in hashes.chunks(4096) {
+            let l = cl.lookup(0, chunk, &[], stale).unwrap();
+            assert_eq!(
+                l.hash_index.len(),
+                chunk.len(),
+                "acknowledged hashes missing"
+            );
+            assert!(l.frames.iter().all(|f| *f == 1), "a batch applied twice");
+        }
+    }
+    // Replica 4 started again (joining through any member) keeps the
+    // members it recorded and catches up.
+    c.kill(3);
+    c.reps[3].child = Some(spawn4(&live[0]));
+    let st = c.wait_caught_up(3);
+    assert!(st.shards.iter().all(|s| s.voters == want), "{st:?}");
+    assert!(
+        st.peers
+            .iter()
+            .all(|p| !p.starts_with(&format!("{gone_id}="))),
+        "{:?}",
+        st.peers
+    );
 }

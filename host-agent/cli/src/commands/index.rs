@@ -32,6 +32,14 @@ use super::{TlsArg, load_tls};
 ///   pagecast index load --index 127.0.0.1:7401 --host h1 --vm web1=web1.img
 ///   pagecast index holders --index 127.0.0.1:7401 --image web2.img
 ///   pagecast advise --index 127.0.0.1:7401 --vm web1
+///
+/// Replacing replica 3 by a new replica 4 while the cluster runs:
+///
+///   pagecast index serve --id 4 --listen 127.0.0.1:7404 --data /tmp/ix4 \
+///       --join 127.0.0.1:7401 &
+///   pagecast index members add --index 127.0.0.1:7401 --id 4 --address 127.0.0.1:7404
+///   pagecast index status --index 127.0.0.1:7401     (replica 4 caught up)
+///   pagecast index members remove --index 127.0.0.1:7401 --id 3
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct IndexCmd {
@@ -46,6 +54,48 @@ enum IndexSub {
     Load(LoadArgs),
     Unload(UnloadArgs),
     Holders(HoldersArgs),
+    Members(MembersCmd),
+}
+
+/// Change which replicas are the shards' voters, while the cluster runs.
+///
+/// Each change is one raft configuration change in every shard, answered
+/// once applied there; writes go on meanwhile. Add a replica started with
+/// `index serve --join`, wait for `index status` to show it caught up,
+/// then remove the one it replaces (stop that process afterwards).
+#[derive(Debug, clap::Args)]
+pub struct MembersCmd {
+    #[command(subcommand)]
+    command: MembersSub,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum MembersSub {
+    /// Make replica --id (at --address) a voter of every shard.
+    Add(MembersAddArgs),
+    /// Stop replica --id being a voter of any shard.
+    Remove(MembersRemoveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MembersAddArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+    /// The new replica's id (not one in use).
+    #[arg(long, value_name = "N")]
+    id: u64,
+    /// Where the new replica listens (its `index serve --listen`).
+    #[arg(long, value_name = "HOST:PORT")]
+    address: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MembersRemoveArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+    /// The replica to remove.
+    #[arg(long, value_name = "N")]
+    id: u64,
 }
 
 /// Run one replica of the index until interrupted.
@@ -70,9 +120,19 @@ pub struct ServeArgs {
     /// Address to listen on for replicas and clients.
     #[arg(long, value_name = "HOST:PORT")]
     listen: String,
-    /// Every replica of the cluster, this one included.
-    #[arg(long, value_name = "1=HOST:PORT,2=HOST:PORT,...")]
-    peers: String,
+    /// Every replica of the cluster, this one included (or --join).
+    #[arg(
+        long,
+        value_name = "1=HOST:PORT,2=HOST:PORT,...",
+        required_unless_present = "join",
+        conflicts_with = "join"
+    )]
+    peers: Option<String>,
+    /// Join a running cluster through one of its replicas: learn its
+    /// members and shard count from it, start with no shard to vote in,
+    /// and wait for `index members add` to make this replica a voter.
+    #[arg(long, value_name = "HOST:PORT")]
+    join: Option<String>,
     /// RocksDB directory of this replica (created if missing).
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
@@ -402,11 +462,81 @@ pub fn run(cmd: IndexCmd, threads: usize) -> anyhow::Result<()> {
         IndexSub::Load(a) => load(a, threads),
         IndexSub::Unload(a) => unload(a, threads),
         IndexSub::Holders(a) => holders(a, threads),
+        IndexSub::Members(m) => match m.command {
+            MembersSub::Add(a) => members_change(&a.index, a.id, &a.address, 0),
+            MembersSub::Remove(a) => members_change(&a.index, 0, "", a.id),
+        },
     }
 }
 
+/// The members and shard count of the cluster the replica at `at` is in,
+/// this replica (`id` at `listen`) added.
+fn joined_peers(
+    at: &str,
+    id: u64,
+    listen: &str,
+    tls: &pagecast_channel::Tls,
+) -> anyhow::Result<(std::collections::BTreeMap<u64, String>, u32)> {
+    let mut c = IndexClient::new(&[at.to_owned()], tls.clone())?;
+    let st = c
+        .status_of(at)
+        .map_err(|e| anyhow::anyhow!("--join {at}: {e}"))?;
+    let mut peers = replica::parse_peers(&st.peers.join(","))
+        .map_err(|e| anyhow::anyhow!("--join {at}: its members: {e}"))?;
+    match peers.get(&id) {
+        // This replica again (a restart): the members it recorded rule.
+        Some(a) if a == listen => {}
+        Some(a) => {
+            bail!("--join {at}: replica {id} is already a member (at {a}); pick another --id")
+        }
+        None => {}
+    }
+    peers.insert(id, listen.to_owned());
+    Ok((peers, st.shards.len() as u32))
+}
+
+/// Runs `index members add` (`add` non-zero) or `remove`, every shard.
+fn members_change(ix: &IndexAddrs, add: u64, address: &str, remove: u64) -> anyhow::Result<()> {
+    use pagecast_proto::v1::{IndexRequest, MembersRequest, index_request::Op};
+    let mut c = ix.client()?;
+    c.timeout = Duration::from_secs(30);
+    let shards = c.shards()?;
+    let what = if add != 0 {
+        format!("add replica {add} at {address}")
+    } else {
+        format!("remove replica {remove}")
+    };
+    for s in 0..shards {
+        let req = IndexRequest {
+            shard: s,
+            stale: false,
+            op: Some(Op::Members(MembersRequest {
+                add_id: add,
+                add_address: address.to_owned(),
+                remove_id: remove,
+            })),
+        };
+        let w = c
+            .write_request(req)
+            .with_context(|| format!("shard {s}: {what}"))?;
+        println!(
+            "shard {s}: {what}: {}",
+            if w.duplicate { "already so" } else { "done" }
+        );
+    }
+    Ok(())
+}
+
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let peers = replica::parse_peers(&a.peers).map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
+    let tls = load_tls(&a.tls)?;
+    let (peers, shards) = match (&a.peers, &a.join) {
+        (Some(p), _) => (
+            replica::parse_peers(p).map_err(|e| anyhow::anyhow!("--peers: {e}"))?,
+            a.shards,
+        ),
+        (None, Some(at)) => joined_peers(at, a.id, &a.listen, &tls)?,
+        (None, None) => bail!("give --peers, or --join a running cluster"),
+    };
     let level = match a.raft_log.as_str() {
         "debug" => slog::Level::Debug,
         "info" => slog::Level::Info,
@@ -426,13 +556,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         listen: a.listen.clone(),
         peers: peers.clone(),
         data: a.data.clone(),
-        shards: a.shards,
+        shards,
         sync: !a.no_sync,
         compact_after: a.compact_after.max(2),
         compact_bytes: a.compact_log_mib.max(1) << 20,
         raft_log_level: level,
-        tls: load_tls(&a.tls)?,
+        tls,
         part_deadline: Duration::from_secs(a.snapshot_part_timeout.clamp(1, 3600)),
+        join: a.join.is_some(),
     };
     wait_for_space(&a.data, a.min_free);
     let r = replica::start(cfg)?;
@@ -440,7 +571,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         "index replica {} of {} serving {} shards on {}, data in {}",
         a.id,
         peers.len(),
-        a.shards,
+        shards,
         r.local_addr(),
         a.data.display()
     );
@@ -575,6 +706,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
                         "distinct_hashes": x.distinct_hashes, "distinct_exact": x.distinct_exact,
                         "holder_frames": x.holder_frames,
                         "snapshots_sent": x.snapshots_sent, "snapshots_received": x.snapshots_received,
+                        "voters": x.voters,
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -588,7 +720,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>5} {:>7} {:<21} {:<10} {:>6} {:>5} {:>9} {:>9} {:>8} {:>12} {:>5}",
+        "{:>5} {:>7} {:<21} {:<10} {:>6} {:>5} {:>9} {:>9} {:>8} {:>12} {:>5}  VOTERS",
         "SHARD",
         "REPLICA",
         "ADDRESS",
@@ -599,7 +731,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         "APPLIED",
         "ENTRIES",
         "DISTINCT",
-        "SNAPS"
+        "SNAPS",
     );
     let mut lines = Vec::new();
     for (addr, s) in &rows {
@@ -610,7 +742,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
     lines.sort_by_key(|l| (l.0, l.1));
     for (shard, rep, addr, x) in lines {
         println!(
-            "{:>5} {:>7} {:<21} {:<10} {:>6} {:>5} {:>9} {:>9} {:>8} {:>12} {:>5}",
+            "{:>5} {:>7} {:<21} {:<10} {:>6} {:>5} {:>9} {:>9} {:>8} {:>12} {:>5}  {}",
             shard,
             rep,
             addr,
@@ -625,7 +757,12 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
             } else {
                 format!("~{}", x.distinct_hashes)
             },
-            format!("{}/{}", x.snapshots_sent, x.snapshots_received)
+            format!("{}/{}", x.snapshots_sent, x.snapshots_received),
+            x.voters
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         );
     }
     for f in failures {
