@@ -19,6 +19,7 @@ pub mod chunks;
 pub mod client;
 pub mod holders;
 pub mod keys;
+pub mod placement;
 pub mod sharing;
 pub mod snapshot;
 pub mod wire;

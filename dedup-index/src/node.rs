@@ -337,6 +337,9 @@ impl ShardNode {
             }),
             ReqOp::Write(cmd) => self.propose(cmd, reply),
             ReqOp::Members(m) => self.change_members(&m, reply),
+            // A replica that is no voter of this shard holds no copy of
+            // it: the client asks another.
+            _ if req.stale && !self.is_voter() => reply(self.not_leader()),
             op if req.stale => {
                 let r = self.read(&op);
                 reply(r)
@@ -374,6 +377,11 @@ impl ShardNode {
         let mut v: Vec<u64> = self.node.raft.prs().conf().voters().ids().iter().collect();
         v.sort_unstable();
         v
+    }
+
+    /// Whether this replica votes in (and so holds a copy of) the shard.
+    pub fn is_voter(&self) -> bool {
+        self.node.raft.prs().conf().voters().contains(self.cfg.id)
     }
 
     /// Members added or removed by configuration changes applied since the
@@ -417,6 +425,32 @@ impl ShardNode {
                     return reply(error(
                         RefusalCode::Refused,
                         format!("replica {id} is shard {}'s last voter", self.shard),
+                    ));
+                }
+                if id == self.cfg.id {
+                    // A leader that removed itself would go on leading a
+                    // shard it no longer votes in (its heartbeats keep the
+                    // others from electing). Hand the lead over first: the
+                    // most caught-up other voter; the change is asked again.
+                    let to = self
+                        .node
+                        .raft
+                        .prs()
+                        .iter()
+                        .filter(|(v, _)| **v != id && voters.contains(v))
+                        .max_by_key(|(v, p)| (p.matched, std::cmp::Reverse(**v)))
+                        .map(|(v, _)| *v);
+                    if let Some(to) = to {
+                        self.node.transfer_leader(to);
+                    }
+                    return reply(error(
+                        RefusalCode::Busy,
+                        format!(
+                            "shard {}: replica {id} leads it; the lead moves to replica {} before \
+                             it is removed; try again",
+                            self.shard,
+                            to.unwrap_or(0)
+                        ),
                     ));
                 }
                 (ConfChangeType::RemoveNode, id, Vec::new())
@@ -658,7 +692,12 @@ impl ShardNode {
         ShardStatus {
             shard: self.shard,
             replica: self.cfg.id,
-            role: format!("{:?}", self.node.raft.state).to_lowercase(),
+            role: if self.is_voter() {
+                format!("{:?}", self.node.raft.state).to_lowercase()
+            } else {
+                // No copy of this shard here.
+                "none".into()
+            },
             leader: self.leader(),
             term: self.node.raft.term,
             commit: self.node.raft.raft_log.committed,

@@ -112,6 +112,10 @@ pub struct ReplicaConfig {
     /// voters (it is not one until `index members add` makes it one), and
     /// `peers` are the members it was told of.
     pub join: bool,
+    /// Voters of each shard in a new cluster, placed across the peers
+    /// ([`crate::placement::initial_voters`]); 0: every peer votes in
+    /// every shard.
+    pub voters_per_shard: usize,
 }
 
 /// Who this replica's peers are and its link to each: fixed at start from
@@ -168,9 +172,8 @@ impl Members {
     }
 
     /// A configuration change applied in some shard: `Some(address)` adds
-    /// replica `id`, `None` removes it (its link ends; the first shard to
-    /// remove it decides, the others have quorum without it). Recorded so
-    /// that a restart knows the members.
+    /// replica `id` (a link to it, recorded so that a restart knows it);
+    /// `None` removed it from that shard's voters.
     fn apply(&self, id: u64, addr: Option<String>) {
         match addr {
             Some(a) => {
@@ -180,20 +183,11 @@ impl Members {
                 self.add(id, a);
             }
             None => {
-                if id == self.id {
-                    tracing::warn!("this replica was removed from a shard's members");
-                    return;
-                }
-                if self
-                    .peers
-                    .write()
-                    .expect("not poisoned")
-                    .remove(&id)
-                    .is_some()
-                {
-                    tracing::info!("replica {id} is no longer a member");
-                }
-                self.links.write().expect("not poisoned").remove(&id);
+                // Kept in the address book: this replica cannot know
+                // whether `id` still votes in shards it does not hold
+                // itself, and a link to a stopped replica only retries.
+                tracing::info!("replica {id} was removed from a shard's voters");
+                return;
             }
         }
         if let Err(e) = self.store.set_members(&format_peers(&self.peers())) {
@@ -471,10 +465,13 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
     // A shard's voters when it starts for the first time: every peer, or
     // none for a replica joining (it becomes one by a configuration
     // change). Later starts take them from the shard's stored state.
-    let voters: Vec<u64> = if cfg.join {
-        Vec::new()
-    } else {
-        cfg.peers.keys().copied().collect()
+    let ids: Vec<u64> = cfg.peers.keys().copied().collect();
+    let voters_of = |s: u32| -> Vec<u64> {
+        if cfg.join {
+            Vec::new()
+        } else {
+            crate::placement::initial_voters(&ids, s, cfg.voters_per_shard)
+        }
     };
     let peers = match store.members()? {
         Some(recorded) => {
@@ -502,7 +499,7 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
     let (stopped_tx, stopped_rx) = mpsc::channel();
     let mut shard_tx = Vec::new();
     for s in 0..cfg.shards {
-        let mut ncfg = NodeConfig::new(cfg.id, voters.clone());
+        let mut ncfg = NodeConfig::new(cfg.id, voters_of(s));
         ncfg.compact_after = cfg.compact_after;
         ncfg.compact_bytes = cfg.compact_bytes;
         ncfg.keep_entries = ncfg.keep_entries.min(cfg.compact_after / 2);

@@ -40,8 +40,12 @@ struct Cluster {
 
 impl Cluster {
     fn start(shards: u32) -> Cluster {
+        Self::start_n(3, shards)
+    }
+
+    fn start_n(n: u64, shards: u32) -> Cluster {
         let root = tempfile::tempdir().unwrap();
-        let reps: Vec<Replica> = (1..=3)
+        let reps: Vec<Replica> = (1..=n)
             .map(|id| Replica {
                 id,
                 addr: format!("127.0.0.1:{}", free_port()),
@@ -61,7 +65,7 @@ impl Cluster {
             shards,
             _root: root,
         };
-        for i in 0..3 {
+        for i in 0..n as usize {
             c.spawn(i);
         }
         c.wait_leaders();
@@ -938,11 +942,199 @@ fn a_replica_joins_and_another_leaves_while_writes_go_on() {
     c.reps[3].child = Some(spawn4(&live[0]));
     let st = c.wait_caught_up(3);
     assert!(st.shards.iter().all(|s| s.voters == want), "{st:?}");
+}
+
+/// The `i`th content of shard `s` of a sixteen-shard cluster.
+fn hash16(s: u32, i: u64) -> PageHash {
+    let mut b = *hash(i).as_bytes();
+    b[0] = ((s as u8) << 4) | (b[0] & 0x0f);
+    PageHash::from_bytes(b)
+}
+
+#[test]
+fn five_servers_sixteen_shards_one_replaced_while_writes_go_on() {
+    const SHARDS: u32 = 16;
+    let mut c = Cluster::start_n(5, SHARDS);
+    let st = c.status(0).unwrap();
     assert!(
-        st.peers
-            .iter()
-            .all(|p| !p.starts_with(&format!("{gone_id}="))),
-        "{:?}",
-        st.peers
+        st.shards.iter().all(|s| s.voters.len() == 3),
+        "three voters a shard, placed across the servers: {st:?}"
     );
+    let addr6 = format!("127.0.0.1:{}", free_port());
+    let mut addrs: Vec<String> = c.reps.iter().map(|r| r.addr.clone()).collect();
+    addrs.push(addr6.clone());
+    let per_batch = 50u64;
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let batch_of = move |seq: u64| -> (u32, Vec<PageHash>) {
+        let s = (seq % u64::from(SHARDS)) as u32;
+        (
+            s,
+            (seq * per_batch..(seq + 1) * per_batch)
+                .map(|i| hash16(s, i))
+                .collect(),
+        )
+    };
+    let writer = {
+        let (acked, stop, addrs) = (acked.clone(), stop.clone(), addrs.clone());
+        std::thread::spawn(move || {
+            let mut cl = IndexClient::new(&addrs, operator()).unwrap();
+            cl.timeout = Duration::from_secs(30);
+            let mut seq = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                seq += 1;
+                let (shard, hashes) = batch_of(seq);
+                let deltas = hashes
+                    .iter()
+                    .map(|h| HolderDelta {
+                        hash: h.as_bytes().to_vec().into(),
+                        host: 1,
+                        frames: 1,
+                        before: 0,
+                    })
+                    .collect();
+                let cmd = IndexCommand {
+                    client: 55,
+                    seq,
+                    op: Some(Op::Deltas(HolderDeltas { deltas })),
+                };
+                cl.write(shard, cmd)
+                    .expect("a batch was never acknowledged");
+                acked.lock().unwrap().push(seq);
+            }
+        })
+    };
+    let wait_acks = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().unwrap().len() < n {
+            assert!(Instant::now() < deadline, "writes stalled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_acks(40);
+
+    // Server 6 joins; `index rebalance --without 2` gives it server 2's
+    // shards (and evens the spread), each move adding before removing.
+    let dir6 = c.reps[0].dir.with_file_name("r6");
+    let log6 = c.reps[0].log.with_file_name("r6.log");
+    let child = Command::new(pagecast_bin())
+        .args(["index", "serve", "--id", "6", "--listen", &addr6])
+        .args(["--join", &c.reps[0].addr])
+        .args(["--compact-after", "16", "--raft-log", "warning", "--data"])
+        .arg(&dir6)
+        .arg("--tls")
+        .arg(pki::node("index-6", Role::Index))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log6).unwrap())
+        .spawn()
+        .unwrap();
+    c.reps.push(Replica {
+        id: 6,
+        addr: addr6.clone(),
+        dir: dir6,
+        log: log6,
+        child: Some(child),
+    });
+    let ix = c.reps[..5]
+        .iter()
+        .map(|r| r.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let t = Instant::now();
+    while c.status(5).is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "replica 6 never answered"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let add6 = format!("6={addr6}");
+    let plan = ok(&[
+        "index",
+        "rebalance",
+        "--index",
+        &ix,
+        "--without",
+        "2",
+        "--add",
+        &add6,
+        "--dry-run",
+    ]);
+    assert!(plan.contains("add replica 6, then remove 2"), "{plan}");
+    let out = pagecast(&[
+        "index",
+        "rebalance",
+        "--index",
+        &ix,
+        "--without",
+        "2",
+        "--add",
+        &add6,
+        "--catch-up-timeout",
+        "20",
+    ]);
+    assert!(
+        out.status.success(),
+        "rebalance failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.contains("moves:") && out.contains("add replica 6"),
+        "{out}"
+    );
+    let before = acked.lock().unwrap().len();
+    wait_acks(before + 40);
+    c.kill(1);
+    let before = acked.lock().unwrap().len();
+    wait_acks(before + 40);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+
+    // Every shard has three voters, none of them server 2; server 6
+    // votes in its share; nothing acknowledged is lost.
+    // Each shard's voters as its leader has them.
+    let voters: Vec<Vec<u64>> = (0..SHARDS)
+        .map(|s| {
+            let l = c.leader_of(s).expect("a leader");
+            c.status(l).unwrap().shards[s as usize].voters.clone()
+        })
+        .collect();
+    for (s, v) in voters.iter().enumerate() {
+        assert_eq!(v.len(), 3, "shard {s}: {v:?}");
+        assert!(!v.contains(&2), "shard {s}: {v:?}");
+    }
+    let six = voters.iter().filter(|v| v.contains(&6)).count();
+    assert!(
+        six >= 9,
+        "server 6 votes in {six} of {SHARDS} shards: {voters:?}"
+    );
+    // Server 6 holds a copy of each shard it votes in, and of no other.
+    let st6 = c.status(5).unwrap();
+    for (s, v) in voters.iter().enumerate() {
+        assert_eq!(st6.shards[s].role != "none", v.contains(&6), "shard {s}");
+    }
+    let again = ok(&["index", "rebalance", "--index", &ix, "--without", "2"]);
+    assert!(again.contains("nothing to move"), "{again}");
+    let live: Vec<String> = (0..6)
+        .filter(|i| *i != 1)
+        .map(|i| c.reps[i].addr.clone())
+        .collect();
+    let mut cl = IndexClient::new(&live, operator()).unwrap();
+    cl.timeout = Duration::from_secs(30);
+    let acked: Vec<u64> = acked.lock().unwrap().clone();
+    for seq in &acked {
+        let (shard, hashes) = batch_of(*seq);
+        let l = cl.lookup(shard, &hashes, &[], false).unwrap();
+        assert_eq!(
+            l.hash_index.len(),
+            hashes.len(),
+            "batch {seq} of shard {shard} lost"
+        );
+        assert!(
+            l.frames.iter().all(|f| *f == 1),
+            "batch {seq} applied twice"
+        );
+    }
 }

@@ -55,6 +55,37 @@ enum IndexSub {
     Unload(UnloadArgs),
     Holders(HoldersArgs),
     Members(MembersCmd),
+    Rebalance(RebalanceArgs),
+}
+
+/// Move shards' voters so that every shard has --voters of the replicas
+/// allowed, spread evenly: a new replica (started with `index serve
+/// --join`, named by --add) takes its share, and replicas named by
+/// --without give theirs up (to be stopped afterwards).
+///
+/// Each move adds a voter to a shard, waits until it has caught up, then
+/// removes the voter it replaces; writes go on throughout. --dry-run
+/// prints the moves only.
+#[derive(Debug, clap::Args)]
+pub struct RebalanceArgs {
+    #[command(flatten)]
+    index: IndexAddrs,
+    /// A replica to move every shard off (repeatable).
+    #[arg(long, value_name = "ID")]
+    without: Vec<u64>,
+    /// A replica that votes in no shard yet, to take its share (repeatable):
+    /// one started with `index serve --join`.
+    #[arg(long, value_name = "ID=HOST:PORT")]
+    add: Vec<String>,
+    /// Voters per shard.
+    #[arg(long, default_value_t = 3, value_name = "K")]
+    voters: usize,
+    /// Print the moves, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// How long one added voter may take to catch up.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    catch_up_timeout: u64,
 }
 
 /// Change which replicas are the shards' voters, while the cluster runs.
@@ -128,6 +159,11 @@ pub struct ServeArgs {
         conflicts_with = "join"
     )]
     peers: Option<String>,
+    /// Voters of each shard when the cluster is created: placed across
+    /// the --peers so that shards spread evenly (0: every replica votes in
+    /// every shard). A replica holds a copy of the shards it votes in.
+    #[arg(long, default_value_t = 3, value_name = "K")]
+    voters_per_shard: usize,
     /// Join a running cluster through one of its replicas: learn its
     /// members and shard count from it, start with no shard to vote in,
     /// and wait for `index members add` to make this replica a voter.
@@ -462,6 +498,15 @@ pub fn run(cmd: IndexCmd, threads: usize) -> anyhow::Result<()> {
         IndexSub::Load(a) => load(a, threads),
         IndexSub::Unload(a) => unload(a, threads),
         IndexSub::Holders(a) => holders(a, threads),
+        IndexSub::Rebalance(a) => super::rebalance::run(
+            &a.index.list(),
+            a.index.identity()?,
+            &a.without,
+            &a.add,
+            a.voters,
+            a.dry_run,
+            Duration::from_secs(a.catch_up_timeout),
+        ),
         IndexSub::Members(m) => match m.command {
             MembersSub::Add(a) => members_change(&a.index, a.id, &a.address, 0),
             MembersSub::Remove(a) => members_change(&a.index, 0, "", a.id),
@@ -497,7 +542,6 @@ fn joined_peers(
 
 /// Runs `index members add` (`add` non-zero) or `remove`, every shard.
 fn members_change(ix: &IndexAddrs, add: u64, address: &str, remove: u64) -> anyhow::Result<()> {
-    use pagecast_proto::v1::{IndexRequest, MembersRequest, index_request::Op};
     let mut c = ix.client()?;
     c.timeout = Duration::from_secs(30);
     let shards = c.shards()?;
@@ -507,6 +551,27 @@ fn members_change(ix: &IndexAddrs, add: u64, address: &str, remove: u64) -> anyh
         format!("remove replica {remove}")
     };
     for s in 0..shards {
+        let w = members_request(&mut c, s, add, address, remove)
+            .with_context(|| format!("shard {s}: {what}"))?;
+        println!(
+            "shard {s}: {what}: {}",
+            if w.duplicate { "already so" } else { "done" }
+        );
+    }
+    Ok(())
+}
+
+/// One membership change in shard `s` (`add` non-zero: add replica `add`
+/// at `address`; else remove replica `remove`), at its leader.
+pub fn members_request(
+    c: &mut IndexClient,
+    s: u32,
+    add: u64,
+    address: &str,
+    remove: u64,
+) -> anyhow::Result<pagecast_proto::v1::WriteResponse> {
+    use pagecast_proto::v1::{IndexRequest, MembersRequest, index_request::Op};
+    {
         let req = IndexRequest {
             shard: s,
             stale: false,
@@ -516,15 +581,8 @@ fn members_change(ix: &IndexAddrs, add: u64, address: &str, remove: u64) -> anyh
                 remove_id: remove,
             })),
         };
-        let w = c
-            .write_request(req)
-            .with_context(|| format!("shard {s}: {what}"))?;
-        println!(
-            "shard {s}: {what}: {}",
-            if w.duplicate { "already so" } else { "done" }
-        );
+        Ok(c.write_request(req)?)
     }
-    Ok(())
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -564,6 +622,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tls,
         part_deadline: Duration::from_secs(a.snapshot_part_timeout.clamp(1, 3600)),
         join: a.join.is_some(),
+        voters_per_shard: a.voters_per_shard,
     };
     wait_for_space(&a.data, a.min_free);
     let r = replica::start(cfg)?;

@@ -6,6 +6,7 @@ mod evacuate;
 mod index;
 mod plan;
 mod progress;
+mod rebalance;
 mod scan;
 mod synth;
 
