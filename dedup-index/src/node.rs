@@ -160,6 +160,14 @@ pub struct ShardNode {
 /// Longest replica address a membership change may carry.
 pub const MAX_MEMBER_ADDRESS: usize = 256;
 
+/// One voter added or removed, as proposed to raft.
+struct MemberChange {
+    kind: raft::eraftpb::ConfChangeType,
+    id: u64,
+    /// The added replica's address (empty for a removal).
+    address: Vec<u8>,
+}
+
 /// A logger for raft-rs that passes its messages at `min` or above to
 /// `tracing` (target `raft`), with the replica and shard as fields.
 pub fn raft_logger(min: slog::Level) -> slog::Logger {
@@ -392,91 +400,34 @@ impl ShardNode {
 
     /// Proposes adding or removing one voter; answered once applied.
     fn change_members(&mut self, m: &pagecast_proto::v1::MembersRequest, reply: Reply) {
-        use raft::eraftpb::{ConfChangeSingle, ConfChangeType};
+        use raft::eraftpb::ConfChangeSingle;
         if !self.is_leader() {
             return reply(self.not_leader());
         }
-        let voters = self.voters();
-        let (change, id, context) = match (m.add_id, m.remove_id) {
-            (0, 0) | (1.., 1..) => {
-                return reply(error(
-                    RefusalCode::Invalid,
-                    "a membership change adds one replica or removes one",
-                ));
+        let change = match self.member_change(m) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                // Done before (a retry, or another shard's leader on this
+                // replica answered first): nothing to change.
+                return reply(IndexResponse {
+                    result: Some(Resp::Write(pagecast_proto::v1::WriteResponse {
+                        duplicate: true,
+                        ..Default::default()
+                    })),
+                });
             }
-            (id, 0) => {
-                if m.add_address.is_empty()
-                    || m.add_address.len() > MAX_MEMBER_ADDRESS
-                    || crate::replica::parse_peers(&format!("{id}={}", m.add_address)).is_err()
-                {
-                    return reply(error(
-                        RefusalCode::Invalid,
-                        format!("replica {id}: {:?} is not HOST:PORT", m.add_address),
-                    ));
-                }
-                (
-                    ConfChangeType::AddNode,
-                    id,
-                    m.add_address.as_bytes().to_vec(),
-                )
-            }
-            (0, id) => {
-                if voters.len() <= 1 {
-                    return reply(error(
-                        RefusalCode::Refused,
-                        format!("replica {id} is shard {}'s last voter", self.shard),
-                    ));
-                }
-                if id == self.cfg.id {
-                    // A leader that removed itself would go on leading a
-                    // shard it no longer votes in (its heartbeats keep the
-                    // others from electing). Hand the lead over first: the
-                    // most caught-up other voter; the change is asked again.
-                    let to = self
-                        .node
-                        .raft
-                        .prs()
-                        .iter()
-                        .filter(|(v, _)| **v != id && voters.contains(v))
-                        .max_by_key(|(v, p)| (p.matched, std::cmp::Reverse(**v)))
-                        .map(|(v, _)| *v);
-                    if let Some(to) = to {
-                        self.node.transfer_leader(to);
-                    }
-                    return reply(error(
-                        RefusalCode::Busy,
-                        format!(
-                            "shard {}: replica {id} leads it; the lead moves to replica {} before \
-                             it is removed; try again",
-                            self.shard,
-                            to.unwrap_or(0)
-                        ),
-                    ));
-                }
-                (ConfChangeType::RemoveNode, id, Vec::new())
-            }
+            Err(refused) => return reply(*refused),
         };
-        let already = voters.contains(&id) == (change == ConfChangeType::AddNode);
-        if already {
-            // Done before (a retry, or another shard's leader on this
-            // replica answered first): nothing to change.
-            return reply(IndexResponse {
-                result: Some(Resp::Write(pagecast_proto::v1::WriteResponse {
-                    duplicate: true,
-                    ..Default::default()
-                })),
-            });
-        }
         let mut single = ConfChangeSingle::default();
-        single.set_change_type(change);
-        single.node_id = id;
+        single.set_change_type(change.kind);
+        single.node_id = change.id;
         let mut cc = ConfChangeV2::default();
         cc.set_changes(vec![single].into());
         // The address travels in the change itself, which every replica
         // applies (the entry's context is the proposer's).
-        cc.context = context.clone().into();
+        cc.context = change.address.clone().into();
         let term = self.node.raft.term;
-        match self.node.propose_conf_change(context, cc) {
+        match self.node.propose_conf_change(change.address, cc) {
             Ok(()) => {
                 let index = self.node.raft.raft_log.last_index();
                 self.proposals.insert(
@@ -500,6 +451,87 @@ impl ShardNode {
                 format!("shard {}: membership change refused: {e}", self.shard),
             )),
         }
+    }
+
+    /// The change `m` asks of this shard's voters: `Ok(None)` when it is
+    /// already so, a refusal when it is malformed or must wait (a leader
+    /// asked to remove itself hands the lead over first).
+    fn member_change(
+        &mut self,
+        m: &pagecast_proto::v1::MembersRequest,
+    ) -> Result<Option<MemberChange>, Box<IndexResponse>> {
+        use raft::eraftpb::ConfChangeType;
+        let voters = self.voters();
+        let change = match (m.add_id, m.remove_id) {
+            (0, 0) | (1.., 1..) => {
+                return Err(Box::new(error(
+                    RefusalCode::Invalid,
+                    "a membership change adds one replica or removes one",
+                )));
+            }
+            (id, 0) => {
+                if m.add_address.is_empty()
+                    || m.add_address.len() > MAX_MEMBER_ADDRESS
+                    || crate::replica::parse_peers(&format!("{id}={}", m.add_address)).is_err()
+                {
+                    return Err(Box::new(error(
+                        RefusalCode::Invalid,
+                        format!("replica {id}: {:?} is not HOST:PORT", m.add_address),
+                    )));
+                }
+                MemberChange {
+                    kind: ConfChangeType::AddNode,
+                    id,
+                    address: m.add_address.as_bytes().to_vec(),
+                }
+            }
+            (0, id) => {
+                if voters.len() <= 1 {
+                    return Err(Box::new(error(
+                        RefusalCode::Refused,
+                        format!("replica {id} is shard {}'s last voter", self.shard),
+                    )));
+                }
+                if id == self.cfg.id {
+                    return Err(Box::new(self.hand_over_lead(&voters)));
+                }
+                MemberChange {
+                    kind: ConfChangeType::RemoveNode,
+                    id,
+                    address: Vec::new(),
+                }
+            }
+        };
+        let already = voters.contains(&change.id) == (change.kind == ConfChangeType::AddNode);
+        Ok((!already).then_some(change))
+    }
+
+    /// A leader that removed itself would go on leading a shard it no
+    /// longer votes in (its heartbeats keep the others from electing): it
+    /// hands the lead to the most caught-up other voter and answers that
+    /// the change is to be asked again.
+    fn hand_over_lead(&mut self, voters: &[u64]) -> IndexResponse {
+        let me = self.cfg.id;
+        let to = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(v, _)| **v != me && voters.contains(v))
+            .max_by_key(|(v, p)| (p.matched, std::cmp::Reverse(**v)))
+            .map(|(v, _)| *v);
+        if let Some(to) = to {
+            self.node.transfer_leader(to);
+        }
+        error(
+            RefusalCode::Busy,
+            format!(
+                "shard {}: replica {me} leads it; the lead moves to replica {} before it is \
+                 removed; try again",
+                self.shard,
+                to.unwrap_or(0)
+            ),
+        )
     }
 
     fn propose(&mut self, cmd: IndexCommand, reply: Reply) {

@@ -461,68 +461,15 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
             addr: cfg.listen.clone(),
             source,
         })?;
-    let logger = crate::node::raft_logger(cfg.raft_log_level);
-    // A shard's voters when it starts for the first time: every peer, or
-    // none for a replica joining (it becomes one by a configuration
-    // change). Later starts take them from the shard's stored state.
-    let ids: Vec<u64> = cfg.peers.keys().copied().collect();
-    let voters_of = |s: u32| -> Vec<u64> {
-        if cfg.join {
-            Vec::new()
-        } else {
-            crate::placement::initial_voters(&ids, s, cfg.voters_per_shard)
-        }
-    };
-    let peers = match store.members()? {
-        Some(recorded) => {
-            let recorded = parse_peers(&recorded).map_err(|e| {
-                ReplicaError::Config(format!("the members this replica recorded: {e}"))
-            })?;
-            if recorded != cfg.peers {
-                tracing::info!(
-                    "members as recorded by configuration changes: {} (not --peers {})",
-                    format_peers(&recorded),
-                    format_peers(&cfg.peers)
-                );
-            }
-            recorded
-        }
-        None => cfg.peers.clone(),
-    };
     let members = Arc::new(Members::new(
         cfg.id,
         cfg.shards,
         cfg.tls.clone(),
         store.clone(),
-        peers,
+        starting_members(&store, &cfg)?,
     ));
     let (stopped_tx, stopped_rx) = mpsc::channel();
-    let mut shard_tx = Vec::new();
-    for s in 0..cfg.shards {
-        let mut ncfg = NodeConfig::new(cfg.id, voters_of(s));
-        ncfg.compact_after = cfg.compact_after;
-        ncfg.compact_bytes = cfg.compact_bytes;
-        ncfg.keep_entries = ncfg.keep_entries.min(cfg.compact_after / 2);
-        let node = ShardNode::new(store.clone(), s, ncfg, &logger)?;
-        let (tx, rx) = mpsc::channel();
-        let incoming = Incoming {
-            store: store.clone(),
-            members: members.clone(),
-            tls: cfg.tls.clone(),
-            tx: tx.clone(),
-            shard: s,
-            deadline: cfg.part_deadline,
-            fetching: None,
-            pending: None,
-        };
-        shard_tx.push(tx);
-        let m = members.clone();
-        let stopped = stopped_tx.clone();
-        std::thread::Builder::new()
-            .name(format!("shard-{s}"))
-            .spawn(move || run_shard(node, incoming, rx, &m, &stopped))
-            .expect("spawn a shard thread");
-    }
+    let shard_tx = spawn_shards(&cfg, &store, &members, &stopped_tx)?;
     let shared = Arc::new(Shared {
         id: cfg.id,
         shards: cfg.shards,
@@ -546,6 +493,73 @@ pub fn start(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> {
         store,
         stopped: Mutex::new(stopped_rx),
     })
+}
+
+/// The members this replica starts with: those its configuration changes
+/// recorded, else `--peers` (or those a joining replica was told of).
+fn starting_members(
+    store: &Store,
+    cfg: &ReplicaConfig,
+) -> Result<BTreeMap<u64, String>, ReplicaError> {
+    let Some(recorded) = store.members()? else {
+        return Ok(cfg.peers.clone());
+    };
+    let recorded = parse_peers(&recorded)
+        .map_err(|e| ReplicaError::Config(format!("the members this replica recorded: {e}")))?;
+    if recorded != cfg.peers {
+        tracing::info!(
+            "members as recorded by configuration changes: {} (not --peers {})",
+            format_peers(&recorded),
+            format_peers(&cfg.peers)
+        );
+    }
+    Ok(recorded)
+}
+
+/// Starts one thread per shard; returns the senders of their events.
+fn spawn_shards(
+    cfg: &ReplicaConfig,
+    store: &Arc<Store>,
+    members: &Arc<Members>,
+    stopped_tx: &Sender<Stopped>,
+) -> Result<Vec<Sender<Event>>, ReplicaError> {
+    let logger = crate::node::raft_logger(cfg.raft_log_level);
+    // A shard's voters when it starts for the first time: placed across
+    // the peers, or none for a replica joining (it becomes one by a
+    // configuration change). Later starts take them from its stored state.
+    let ids: Vec<u64> = cfg.peers.keys().copied().collect();
+    let mut shard_tx = Vec::new();
+    for s in 0..cfg.shards {
+        let voters = if cfg.join {
+            Vec::new()
+        } else {
+            crate::placement::initial_voters(&ids, s, cfg.voters_per_shard)
+        };
+        let mut ncfg = NodeConfig::new(cfg.id, voters);
+        ncfg.compact_after = cfg.compact_after;
+        ncfg.compact_bytes = cfg.compact_bytes;
+        ncfg.keep_entries = ncfg.keep_entries.min(cfg.compact_after / 2);
+        let node = ShardNode::new(store.clone(), s, ncfg, &logger)?;
+        let (tx, rx) = mpsc::channel();
+        let incoming = Incoming {
+            store: store.clone(),
+            members: members.clone(),
+            tls: cfg.tls.clone(),
+            tx: tx.clone(),
+            shard: s,
+            deadline: cfg.part_deadline,
+            fetching: None,
+            pending: None,
+        };
+        shard_tx.push(tx);
+        let m = members.clone();
+        let stopped = stopped_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("shard-{s}"))
+            .spawn(move || run_shard(node, incoming, rx, &m, &stopped))
+            .expect("spawn a shard thread");
+    }
+    Ok(shard_tx)
 }
 
 /// Accepts connections for good: each handshake enters the gate (which

@@ -1023,7 +1023,11 @@ fn a_migration_to_a_destination_frozen_mid_stream_fails_within_seconds_naming_it
             false => Err(l.to_string()),
         }
     });
-    std::thread::sleep(Duration::from_secs(1));
+    // Past the manifest and the destination's list of needed pages (2-3 s
+    // when the machine is busy with other tests; 1 s was sometimes too
+    // little, and the freeze came before the stream). The stream itself
+    // takes about 40 s.
+    std::thread::sleep(Duration::from_secs(3));
     pagecast_tests::cluster::signal(&b.child, libc::SIGSTOP);
     let frozen = Instant::now();
     let out = migrate.wait_with_output().unwrap();
