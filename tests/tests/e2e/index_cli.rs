@@ -592,11 +592,15 @@ fn killed_leader_restarts_and_a_wiped_replica_catches_up() {
     assert_eq!(st.shards[0].distinct_hashes, distinct);
     check_acked(&[addrs[f].clone()], &acked, per_batch, true);
 
-    // The snapshot's state was streamed in parts from a checkpoint the
-    // sender keeps a while. Its page hashes are for replicas only: an
-    // attacker with a host certificate, speaking the protocol directly,
-    // is refused the very part a replica's certificate is given.
-    let index = st.shards[0].first_index - 1;
+    snapshot_parts_are_for_replicas_only(&c, f, &addrs, st.shards[0].first_index - 1);
+}
+
+/// The snapshot's state was streamed in parts from a checkpoint the
+/// sender keeps a while. Its page hashes are for replicas only: an
+/// attacker with a host, operator or reader certificate, speaking the
+/// protocol directly, is refused the very part (snapshot `index`) a
+/// replica's certificate is given by the replica that sent it to `f`.
+fn snapshot_parts_are_for_replicas_only(c: &Cluster, f: usize, addrs: &[String], index: u64) {
     let sender = (0..3)
         .filter(|i| *i != f)
         .find(|i| {
@@ -617,6 +621,31 @@ fn killed_leader_restarts_and_a_wiped_replica_catches_up() {
             IndexClient::new(std::slice::from_ref(&at), pki::tls("mallory", role)).unwrap();
         let e = attacker.snapshot_part(&at, 0, index, &[]).unwrap_err();
         assert!(e.contains("may not read a snapshot"), "{role:?}: {e}");
+    }
+}
+
+/// Membership is the operator's: a host or a reader asking a shard's
+/// leader directly to add a replica it controls is refused.
+fn members_are_for_operators_only(clients: &mut [(&str, &mut IndexClient)]) {
+    for (who, cl) in clients.iter_mut() {
+        let e = cl
+            .write_request(pagecast_proto::v1::IndexRequest {
+                shard: 0,
+                stale: false,
+                op: Some(pagecast_proto::v1::index_request::Op::Members(
+                    pagecast_proto::v1::MembersRequest {
+                        add_id: 9,
+                        add_address: "127.0.0.1:9".into(),
+                        remove_id: 0,
+                    },
+                )),
+            })
+            .unwrap_err();
+        assert_eq!(e.code(), Some(RefusalCode::Forbidden), "{who}: {e}");
+        assert!(
+            e.to_string().contains("may not change the index's members"),
+            "{e}"
+        );
     }
 }
 
@@ -665,29 +694,7 @@ fn writes_are_limited_to_what_the_certificate_allows() {
         "{e}"
     );
     assert_eq!(reader.hosts(false).unwrap().len(), 2);
-    // Membership is the operator's: a host or a reader asking a shard's
-    // leader directly to add a replica it controls is refused, and the
-    // voters stay as they were.
-    for (who, cl) in [("w-h1", &mut h1), ("w-reader", &mut reader)] {
-        let e = cl
-            .write_request(pagecast_proto::v1::IndexRequest {
-                shard: 0,
-                stale: false,
-                op: Some(pagecast_proto::v1::index_request::Op::Members(
-                    pagecast_proto::v1::MembersRequest {
-                        add_id: 9,
-                        add_address: "127.0.0.1:9".into(),
-                        remove_id: 0,
-                    },
-                )),
-            })
-            .unwrap_err();
-        assert_eq!(e.code(), Some(RefusalCode::Forbidden), "{who}: {e}");
-        assert!(
-            e.to_string().contains("may not change the index's members"),
-            "{e}"
-        );
-    }
+    members_are_for_operators_only(&mut [("w-h1", &mut h1), ("w-reader", &mut reader)]);
     let st = c.status(0).unwrap();
     assert!(
         st.shards.iter().all(|s| s.voters == vec![1, 2, 3]),
