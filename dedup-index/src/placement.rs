@@ -7,16 +7,31 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The shard every replica votes in: it holds the host and VM records,
+/// which each replica reads to judge a host's writes to any shard.
+pub const EVERYWHERE: u32 = 0;
+
+/// How many of `allowed` replicas vote in `shard` when each shard has
+/// `per_shard` (0: all).
+fn wanted(shard: u32, allowed: usize, per_shard: usize) -> usize {
+    if per_shard == 0 || shard == EVERYWHERE {
+        allowed
+    } else {
+        per_shard.min(allowed)
+    }
+}
+
 /// The voters of shard `shard` in a new cluster of `members` (any order):
 /// `per_shard` consecutive members in id order, starting `shard *
-/// per_shard` along, so shards spread evenly; every member when
-/// `per_shard` is 0 or at least the members' count.
+/// per_shard` along, so shards spread evenly; every member for shard
+/// [`EVERYWHERE`], or when `per_shard` is 0 or at least the members'
+/// count.
 pub fn initial_voters(members: &[u64], shard: u32, per_shard: usize) -> Vec<u64> {
     let mut ids: Vec<u64> = members.to_vec();
     ids.sort_unstable();
     ids.dedup();
     let n = ids.len();
-    if per_shard == 0 || per_shard >= n {
+    if wanted(shard, n, per_shard) >= n {
         return ids;
     }
     let start = shard as usize * per_shard;
@@ -44,11 +59,6 @@ pub struct Move {
 /// `allowed` (a replica being retired) are replaced first.
 pub fn rebalance(allowed: &[u64], current: &[Vec<u64>], per_shard: usize) -> Vec<Move> {
     let allowed: BTreeSet<u64> = allowed.iter().copied().collect();
-    let want = if per_shard == 0 {
-        allowed.len()
-    } else {
-        per_shard.min(allowed.len())
-    };
     let mut voters: Vec<BTreeSet<u64>> = current
         .iter()
         .map(|v| v.iter().copied().collect())
@@ -70,6 +80,7 @@ pub fn rebalance(allowed: &[u64], current: &[Vec<u64>], per_shard: usize) -> Vec
             .map(|(m, _)| *m)
     };
     for (s, v) in voters.iter_mut().enumerate() {
+        let want = wanted(s as u32, allowed.len(), per_shard);
         // Replace voters that are not allowed, then fill up to `want`.
         let outside: Vec<u64> = v.iter().filter(|m| !allowed.contains(m)).copied().collect();
         for old in outside {
@@ -161,7 +172,8 @@ mod tests {
     fn a_new_cluster_spreads_its_shards() {
         let members = [5, 1, 3, 2, 4];
         let mut load = BTreeMap::<u64, usize>::new();
-        for s in 0..16 {
+        assert_eq!(initial_voters(&members, 0, 3), vec![1, 2, 3, 4, 5]);
+        for s in 1..16 {
             let v = initial_voters(&members, s, 3);
             assert_eq!(v.len(), 3);
             for m in v {
@@ -181,7 +193,8 @@ mod tests {
         // Replica 6 joins, replica 2 retires.
         let moves = rebalance(&[1, 3, 4, 5, 6], &current, 3);
         let after = apply(&current, &moves);
-        assert!(after.iter().all(|v| v.len() == 3 && !v.contains(&2)));
+        assert_eq!(after[0], BTreeSet::from([1, 3, 4, 5, 6]));
+        assert!(after[1..].iter().all(|v| v.len() == 3 && !v.contains(&2)));
         let six = after.iter().filter(|v| v.contains(&6)).count();
         assert!(six >= 9, "replica 6 votes in {six} of 16 shards");
         // Each move adds before it removes: 2's shards, then evening out.
@@ -221,9 +234,9 @@ mod tests {
             allowed.extend((0..extra).map(|i| 100 + i as u64));
             let moves = rebalance(&allowed, &current, k);
             let after = apply(&current, &moves);
-            let want = k.min(allowed.len());
             let mut load: BTreeMap<u64, usize> = allowed.iter().map(|m| (*m, 0)).collect();
-            for v in &after {
+            for (s, v) in after.iter().enumerate() {
+                let want = if s == 0 { allowed.len() } else { k.min(allowed.len()) };
                 prop_assert!(v.iter().all(|m| allowed.contains(m)));
                 prop_assert_eq!(v.len(), want);
                 for m in v {

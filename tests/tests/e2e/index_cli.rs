@@ -1039,8 +1039,11 @@ fn five_servers_sixteen_shards_one_replaced_while_writes_go_on() {
     let mut c = Cluster::start_n(5, 16);
     let st = c.status(0).unwrap();
     assert!(
-        st.shards.iter().all(|s| s.voters.len() == 3),
-        "three voters a shard, placed across the servers: {st:?}"
+        st.shards
+            .iter()
+            .all(|s| s.voters.len() == if s.shard == 0 { 5 } else { 3 }),
+        "three voters a shard, placed across the servers, and shard 0 (host and VM records) on \
+         every server: {st:?}"
     );
     let six = c.add_replica(6);
     let addrs: Vec<String> = c.reps.iter().map(|r| r.addr.clone()).collect();
@@ -1092,7 +1095,8 @@ fn five_servers_sixteen_shards_one_replaced_while_writes_go_on() {
     // in its share and holds a copy of those shards only; nothing
     // acknowledged is lost.
     let voters = c.voters();
-    for (s, v) in voters.iter().enumerate() {
+    assert_eq!(voters[0], vec![1, 3, 4, 5, 6]);
+    for (s, v) in voters.iter().enumerate().skip(1) {
         assert_eq!(v.len(), 3, "shard {s}: {v:?}");
         assert!(!v.contains(&2), "shard {s}: {v:?}");
     }
@@ -1109,4 +1113,113 @@ fn five_servers_sixteen_shards_one_replaced_while_writes_go_on() {
         .map(|i| c.reps[i].addr.clone())
         .collect();
     check_batches(&live, &acked, sixteen_batch, false);
+}
+
+/// The same replacement as above with real agents publishing: two
+/// `pagecast agent`s, each running two micro-VMs that dirty memory, publish
+/// into five servers while server 6 joins and takes server 2's shards;
+/// afterwards the index lists, for each agent, exactly what its VMs hold.
+#[test]
+fn agents_publish_while_a_server_is_replaced() {
+    use pagecast_tests::cluster::{AgentProc, eventually, index_exact, start_vm};
+    if !pagecast_testkit::needs(
+        "agents_publish_while_a_server_is_replaced",
+        &[pagecast_testkit::Need::Kvm],
+    ) {
+        return;
+    }
+    let mut c = Cluster::start_n(5, 16);
+    let dir = tempfile::tempdir().unwrap();
+    let ix = c.addrs();
+    let agents: Vec<AgentProc> = ["pub-a", "pub-b"]
+        .iter()
+        .map(|n| AgentProc::start(dir.path(), n, &["--index", &ix]))
+        .collect();
+    for (i, a) in agents.iter().enumerate() {
+        for v in 0..2 {
+            let extra = ["--dirty-rate", "200", "--working-set", "3000"];
+            start_vm(
+                dir.path(),
+                &a.addr,
+                &format!("pub-vm{i}{v}"),
+                "web",
+                "32MiB",
+                &extra,
+            );
+        }
+    }
+    // Guests that stop dirtying: what their agents publish settles.
+    let set_rate = |rate: &str| {
+        for (i, a) in agents.iter().enumerate() {
+            for v in 0..2 {
+                let out = pagecast_tests::cluster::cli(
+                    dir.path(),
+                    &[
+                        "vm",
+                        "set",
+                        "--agent",
+                        &a.addr,
+                        "--name",
+                        &format!("pub-vm{i}{v}"),
+                        "--dirty-rate",
+                        rate,
+                    ],
+                );
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    };
+    let exact = |addrs: &[String], what: &str| {
+        let mut client = IndexClient::new(addrs, operator()).unwrap();
+        client.timeout = Duration::from_secs(20);
+        for a in &agents {
+            eventually(Duration::from_secs(60), what, || {
+                index_exact(&mut client, a, 16).map_err(|e| {
+                    let log = std::fs::read_to_string(dir.path().join(format!("{}.log", a.name)))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log
+                        .lines()
+                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                        .take(20)
+                        .collect();
+                    format!("{e}\n{}", tail.join("\n"))
+                })
+            });
+        }
+    };
+    set_rate("0");
+    exact(std::slice::from_ref(&ix), "published before");
+    set_rate("200");
+
+    let six = c.add_replica(6);
+    let first = c.reps[0].addr.clone();
+    c.spawn_joining(six, &first);
+    let add6 = format!("6={}", c.reps[six].addr);
+    let out = ok(&[
+        "index",
+        "rebalance",
+        "--index",
+        &ix,
+        "--without",
+        "2",
+        "--add",
+        &add6,
+        "--catch-up-timeout",
+        "30",
+    ]);
+    assert!(out.contains("add replica 6"), "{out}");
+    c.kill(1);
+    let live: Vec<String> = (0..6)
+        .filter(|i| *i != 1)
+        .map(|i| c.reps[i].addr.clone())
+        .collect();
+    set_rate("0");
+    exact(&live, "published after");
+    let voters = c.voters();
+    assert_eq!(voters[0], vec![1, 3, 4, 5, 6]);
+    assert!(voters[1..].iter().all(|v| v.len() == 3 && !v.contains(&2)));
 }
