@@ -426,18 +426,10 @@ impl ShardNode {
         // The address travels in the change itself, which every replica
         // applies (the entry's context is the proposer's).
         cc.context = change.address.clone().into();
-        let term = self.node.raft.term;
         match self.node.propose_conf_change(change.address, cc) {
+            // A leader appends a proposal to its log at once.
             Ok(()) => {
-                let index = self.node.raft.raft_log.last_index();
-                self.proposals.insert(
-                    index,
-                    Waiting {
-                        term,
-                        replies: vec![reply],
-                        since: Instant::now(),
-                    },
-                );
+                self.wait_for_last(reply);
             }
             Err(raft::Error::ProposalDropped) => reply(error(
                 RefusalCode::Busy,
@@ -534,6 +526,21 @@ impl ShardNode {
         )
     }
 
+    /// Answers `reply` once the entry just appended (the log's last) is
+    /// applied, or another leader's entry took its place; returns its index.
+    fn wait_for_last(&mut self, reply: Reply) -> u64 {
+        let index = self.node.raft.raft_log.last_index();
+        self.proposals.insert(
+            index,
+            Waiting {
+                term: self.node.raft.term,
+                replies: vec![reply],
+                since: Instant::now(),
+            },
+        );
+        index
+    }
+
     fn propose(&mut self, cmd: IndexCommand, reply: Reply) {
         if !self.is_leader() {
             return reply(self.not_leader());
@@ -572,15 +579,7 @@ impl ShardNode {
             Ok(()) => {
                 metrics::counter!(crate::metrics::PROPOSALS).increment(1);
                 // A leader appends a proposal to its log at once.
-                let index = self.node.raft.raft_log.last_index();
-                self.proposals.insert(
-                    index,
-                    Waiting {
-                        term,
-                        replies: vec![reply],
-                        since: Instant::now(),
-                    },
-                );
+                let index = self.wait_for_last(reply);
                 if let Some(k) = key {
                     self.in_flight.insert(k, (index, term));
                     self.in_flight_at.insert(index, k);

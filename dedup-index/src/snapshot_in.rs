@@ -12,11 +12,12 @@
 //!
 //! ```text
 //! leader                                   follower
-//!   MsgSnapshot{descriptor}  ----------->  held; stage() starts
+//!   MsgSnapshot{descriptor}  ----------->  held back; stage() starts
 //!   snapshot_part(index, after) <--------  part 1 .. n, each checked,
 //!   records, next            ----------->    appended to table files
-//!   MsgSnapshot (resent)     ----------->  staged: stepped into raft,
-//!                                          installed (ingest), answered
+//!                                          staged: the held MsgSnapshot
+//!                                          is stepped into raft, installed
+//!                                          (ingest) and answered
 //! ```
 
 use crate::snapshot::{self, Column};

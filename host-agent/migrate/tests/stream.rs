@@ -55,6 +55,15 @@ struct Adopted {
     resumes: AtomicU64,
 }
 
+/// The adopted VM every test moves, never resumed yet, and a fingerprinter.
+fn adopted() -> (Adopted, Fingerprinter) {
+    let vm = Adopted {
+        mem: memory(),
+        resumes: AtomicU64::new(0),
+    };
+    (vm, Fingerprinter::new(2).unwrap())
+}
+
 impl GuestMemory for Adopted {
     fn write_page(&self, f: u64, d: &Page) -> Result<(), MemoryError> {
         self.mem.write_page(f, d)
@@ -199,11 +208,7 @@ fn destination(mut link: MemLink, holds: &Holds, confirm: bool) -> Result<Got, M
 
 #[test]
 fn every_destination_gets_the_exact_stream_with_what_it_holds_as_hashes() {
-    let vm = Adopted {
-        mem: memory(),
-        resumes: AtomicU64::new(0),
-    };
-    let fp = Fingerprinter::new(2).unwrap();
+    let (vm, fp) = adopted();
     let original = stream();
     // One destination holds the first half of the filled pages, one the
     // second, one nothing.
@@ -273,11 +278,7 @@ fn every_destination_gets_the_exact_stream_with_what_it_holds_as_hashes() {
 
 #[test]
 fn a_move_whose_end_goes_unconfirmed_is_in_doubt_and_the_source_never_resumes() {
-    let vm = Adopted {
-        mem: memory(),
-        resumes: AtomicU64::new(0),
-    };
-    let fp = Fingerprinter::new(2).unwrap();
+    let (vm, fp) = adopted();
     let mut sample = Sample {
         bytes: stream(),
         started: false,
@@ -315,11 +316,7 @@ fn a_move_whose_end_goes_unconfirmed_is_in_doubt_and_the_source_never_resumes() 
 
 #[test]
 fn a_destination_that_fails_mid_stream_leaves_the_source_running() {
-    let vm = Adopted {
-        mem: memory(),
-        resumes: AtomicU64::new(0),
-    };
-    let fp = Fingerprinter::new(2).unwrap();
+    let (vm, fp) = adopted();
     // Long enough for several parts.
     let mut recs: Vec<Rec> = (0..200u64)
         .map(|f| Rec::Page(0, f, (f % 250) as u8))
@@ -483,11 +480,7 @@ fn answering(mut link: MemLink, expect: usize, answer: Vec<u8>) -> Result<u64, M
 #[test]
 fn a_source_waiting_on_its_return_path_hears_its_destination_and_ends() {
     use pagecast_qemu::return_path::{RP_PONG, RP_SHUT, message};
-    let vm = Adopted {
-        mem: memory(),
-        resumes: AtomicU64::new(0),
-    };
-    let fp = Fingerprinter::new(2).unwrap();
+    let (vm, fp) = adopted();
     let bytes = stream();
     let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut source = Waiting {
@@ -524,11 +517,7 @@ fn a_source_waiting_on_its_return_path_hears_its_destination_and_ends() {
 
 #[test]
 fn a_return_path_message_post_copy_would_send_never_reaches_the_source() {
-    let vm = Adopted {
-        mem: memory(),
-        resumes: AtomicU64::new(0),
-    };
-    let fp = Fingerprinter::new(2).unwrap();
+    let (vm, fp) = adopted();
     let bytes = stream();
     let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut source = Waiting {
@@ -573,11 +562,7 @@ fn a_return_path_message_post_copy_would_send_never_reaches_the_source() {
 /// failed send of a tail part made it in doubt, and the VM stayed paused.)
 #[test]
 fn a_destination_that_aborts_is_failed_even_if_its_link_then_breaks_in_the_tail() {
-    let vm = Adopted {
-        mem: memory(),
-        resumes: AtomicU64::new(0),
-    };
-    let fp = Fingerprinter::new(2).unwrap();
+    let (vm, fp) = adopted();
     // 2 MiB of device state after RAM: many parts of tail.
     let mut bytes = stream();
     bytes.extend((0..2u32 << 20).map(|i| (i % 251) as u8));

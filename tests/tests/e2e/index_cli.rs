@@ -72,7 +72,9 @@ impl Cluster {
         c
     }
 
-    fn spawn(&mut self, i: usize) {
+    /// Starts replica `i`'s `index serve`, told of the cluster by `how`
+    /// (`--peers ...` or `--join ADDR`).
+    fn serve(&mut self, i: usize, how: &[String]) {
         let r = &mut self.reps[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -88,7 +90,7 @@ impl Cluster {
                 "--listen",
                 &r.addr,
             ])
-            .args(["--peers", &self.peers, "--shards", &self.shards.to_string()])
+            .args(how)
             .args(["--compact-after", "16", "--raft-log", "warning", "--data"])
             .arg(&r.dir)
             .arg("--tls")
@@ -98,6 +100,11 @@ impl Cluster {
             .spawn()
             .expect("spawning a replica");
         r.child = Some(child);
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let how = ["--peers", &self.peers, "--shards", &self.shards.to_string()].map(String::from);
+        self.serve(i, &how);
     }
 
     fn kill(&mut self, i: usize) {
@@ -866,31 +873,7 @@ impl Cluster {
     /// Starts (or starts again) replica `i`, one that joined through the
     /// replica at `join_at`.
     fn spawn_joining(&mut self, i: usize, join_at: &str) {
-        let r = &mut self.reps[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&r.log)
-            .unwrap();
-        let child = Command::new(pagecast_bin())
-            .args([
-                "index",
-                "serve",
-                "--id",
-                &r.id.to_string(),
-                "--listen",
-                &r.addr,
-            ])
-            .args(["--join", join_at])
-            .args(["--compact-after", "16", "--raft-log", "warning", "--data"])
-            .arg(&r.dir)
-            .arg("--tls")
-            .arg(pki::node(&format!("index-{}", r.id), Role::Index))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        r.child = Some(child);
+        self.serve(i, &["--join".to_owned(), join_at.to_owned()]);
         let t = Instant::now();
         while self.status(i).is_none() {
             assert!(
@@ -1115,13 +1098,65 @@ fn five_servers_sixteen_shards_one_replaced_while_writes_go_on() {
     check_batches(&live, &acked, sixteen_batch, false);
 }
 
+/// Sets the dirty rate of `pub-vm{agent}{0,1}` on each of `agents`.
+fn set_dirty_rate(dir: &Path, agents: &[pagecast_tests::cluster::AgentProc], rate: &str) {
+    for (i, a) in agents.iter().enumerate() {
+        for v in 0..2 {
+            let name = format!("pub-vm{i}{v}");
+            let args = [
+                "vm",
+                "set",
+                "--agent",
+                &a.addr,
+                "--name",
+                &name,
+                "--dirty-rate",
+                rate,
+            ];
+            let out = pagecast_tests::cluster::cli(dir, &args);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// Waits (up to a minute each) until the index at `addrs` lists exactly
+/// what each agent's VMs hold; on a timeout, says what the agent warned.
+fn wait_exact(
+    dir: &Path,
+    agents: &[pagecast_tests::cluster::AgentProc],
+    addrs: &[String],
+    what: &str,
+) {
+    use pagecast_tests::cluster::{eventually, index_exact};
+    let mut client = IndexClient::new(addrs, operator()).unwrap();
+    client.timeout = Duration::from_secs(20);
+    for a in agents {
+        eventually(Duration::from_secs(60), what, || {
+            index_exact(&mut client, a, 16).map_err(|e| {
+                let log = std::fs::read_to_string(dir.join(format!("{}.log", a.name)))
+                    .unwrap_or_default();
+                let warned: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .take(20)
+                    .collect();
+                format!("{e}\n{}", warned.join("\n"))
+            })
+        });
+    }
+}
+
 /// The same replacement as above with real agents publishing: two
 /// `pagecast agent`s, each running two micro-VMs that dirty memory, publish
 /// into five servers while server 6 joins and takes server 2's shards;
 /// afterwards the index lists, for each agent, exactly what its VMs hold.
 #[test]
 fn agents_publish_while_a_server_is_replaced() {
-    use pagecast_tests::cluster::{AgentProc, eventually, index_exact, start_vm};
+    use pagecast_tests::cluster::{AgentProc, start_vm};
     if !pagecast_testkit::needs(
         "agents_publish_while_a_server_is_replaced",
         &[pagecast_testkit::Need::Kvm],
@@ -1149,51 +1184,14 @@ fn agents_publish_while_a_server_is_replaced() {
         }
     }
     // Guests that stop dirtying: what their agents publish settles.
-    let set_rate = |rate: &str| {
-        for (i, a) in agents.iter().enumerate() {
-            for v in 0..2 {
-                let out = pagecast_tests::cluster::cli(
-                    dir.path(),
-                    &[
-                        "vm",
-                        "set",
-                        "--agent",
-                        &a.addr,
-                        "--name",
-                        &format!("pub-vm{i}{v}"),
-                        "--dirty-rate",
-                        rate,
-                    ],
-                );
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
-    };
-    let exact = |addrs: &[String], what: &str| {
-        let mut client = IndexClient::new(addrs, operator()).unwrap();
-        client.timeout = Duration::from_secs(20);
-        for a in &agents {
-            eventually(Duration::from_secs(60), what, || {
-                index_exact(&mut client, a, 16).map_err(|e| {
-                    let log = std::fs::read_to_string(dir.path().join(format!("{}.log", a.name)))
-                        .unwrap_or_default();
-                    let tail: Vec<&str> = log
-                        .lines()
-                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                        .take(20)
-                        .collect();
-                    format!("{e}\n{}", tail.join("\n"))
-                })
-            });
-        }
-    };
-    set_rate("0");
-    exact(std::slice::from_ref(&ix), "published before");
-    set_rate("200");
+    set_dirty_rate(dir.path(), &agents, "0");
+    wait_exact(
+        dir.path(),
+        &agents,
+        std::slice::from_ref(&ix),
+        "published before",
+    );
+    set_dirty_rate(dir.path(), &agents, "200");
 
     let six = c.add_replica(6);
     let first = c.reps[0].addr.clone();
@@ -1217,8 +1215,8 @@ fn agents_publish_while_a_server_is_replaced() {
         .filter(|i| *i != 1)
         .map(|i| c.reps[i].addr.clone())
         .collect();
-    set_rate("0");
-    exact(&live, "published after");
+    set_dirty_rate(dir.path(), &agents, "0");
+    wait_exact(dir.path(), &agents, &live, "published after");
     let voters = c.voters();
     assert_eq!(voters[0], vec![1, 3, 4, 5, 6]);
     assert!(voters[1..].iter().all(|v| v.len() == 3 && !v.contains(&2)));

@@ -778,6 +778,15 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    print_status_table(&rows);
+    for f in failures {
+        println!("unreachable: {f}");
+    }
+    Ok(())
+}
+
+/// `index status`'s table: one line per shard and replica, by shard.
+fn print_status_table(rows: &[(String, pagecast_proto::v1::StatusResponse)]) {
     println!(
         "{:>5} {:>7} {:<21} {:<10} {:>6} {:>5} {:>9} {:>9} {:>8} {:>12} {:>5}  VOTERS",
         "SHARD",
@@ -793,7 +802,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         "SNAPS",
     );
     let mut lines = Vec::new();
-    for (addr, s) in &rows {
+    for (addr, s) in rows {
         for x in &s.shards {
             lines.push((x.shard, s.replica, addr.clone(), x.clone()));
         }
@@ -824,10 +833,6 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
                 .join(",")
         );
     }
-    for f in failures {
-        println!("unreachable: {f}");
-    }
-    Ok(())
 }
 
 fn fingerprint_image(
