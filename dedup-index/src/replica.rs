@@ -5,8 +5,10 @@
 //! its event queue between ticks; each connection has a reader thread;
 //! each peer has a sender thread with a bounded queue (a full queue drops
 //! the message, which raft retransmits). Raft messages larger than a frame
-//! (snapshots) are cut into parts of [`CHUNK`] bytes and reassembled up to
-//! [`MAX_RAFT_MESSAGE_BYTES`] ([`crate::chunks`]).
+//! are cut into parts of [`CHUNK`] bytes and reassembled up to
+//! [`MAX_RAFT_MESSAGE_BYTES`] ([`crate::chunks`]); a snapshot's state goes
+//! apart, fetched in parts by the replica receiving it
+//! ([`crate::snapshot_in`]).
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
@@ -175,22 +177,22 @@ impl Members {
     /// replica `id` (a link to it, recorded so that a restart knows it);
     /// `None` removed it from that shard's voters.
     fn apply(&self, id: u64, addr: Option<String>) {
-        match addr {
-            Some(a) => {
-                if self.address(id).as_deref() != Some(a.as_str()) {
-                    tracing::info!("replica {id} at {a} is a member");
-                }
-                self.add(id, a);
-            }
-            None => {
-                // Kept in the address book: this replica cannot know
-                // whether `id` still votes in shards it does not hold
-                // itself, and a link to a stopped replica only retries.
-                tracing::info!("replica {id} was removed from a shard's voters");
-                return;
-            }
+        let Some(a) = addr else {
+            // Kept in the address book: this replica cannot know whether
+            // `id` still votes in shards it does not hold itself, and a
+            // link to a stopped replica only retries.
+            tracing::info!("replica {id} was removed from a shard's voters");
+            return;
+        };
+        let new = self.address(id).as_deref() != Some(a.as_str());
+        if new {
+            tracing::info!("replica {id} at {a} is a member");
         }
-        if let Err(e) = self.store.set_members(&format_peers(&self.peers())) {
+        self.add(id, a);
+        // Every shard applies the same addition: record it once.
+        if (new || matches!(self.store.members(), Ok(None)))
+            && let Err(e) = self.store.set_members(&format_peers(&self.peers()))
+        {
             tracing::warn!("cannot record the members: {e}");
         }
     }
@@ -287,7 +289,10 @@ impl Incoming {
             );
             return;
         };
-        if crate::snapshot_in::staged(&self.store, d) {
+        // Staged already, or nothing to fetch: the shard has applied that
+        // far (a leader sends a snapshot again until it hears the first
+        // was installed), and raft answers it at once.
+        if node.applied() >= d.index || crate::snapshot_in::staged(&self.store, d) {
             return node.step(m);
         }
         if let Some(f) = self.fetching {
