@@ -33,7 +33,13 @@ fn a_snapshot_sender_frozen_mid_stream_costs_the_receiver_one_part_deadline() {
         extra: vec!["--snapshot-part-timeout".into(), PART_SECS.to_string()],
         ..ReplicaOpts::default()
     };
-    let c = IndexCluster::start_with(root.path(), 1, vec![opts; 3]);
+    let mut c = IndexCluster::start_with(root.path(), 1, vec![opts; 3]);
+    // Replica 3 may have caught up while the cluster elected its leader
+    // (on a busy machine that takes longer than the stream): start it
+    // again, empty, and watch its fetch from the beginning.
+    c.kill(2);
+    std::fs::remove_dir_all(c.data_dir(2)).unwrap();
+    c.spawn(2);
     let staging = c
         .data_dir(2)
         .join("pagecast-snapshots")
