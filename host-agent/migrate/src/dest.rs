@@ -1,6 +1,6 @@
 //! The destination side of a migration.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use pagecast_proto::{
 };
 use serde::Serialize;
 
+use crate::postcopy::Gather;
 use crate::{LocalContent, MigrationError, MigrationLink, REPLY_TIMEOUT, table_digest};
 use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_memory::kvm::{MAX_MEMORY_BYTES, MIN_MEMORY_BYTES, VcpuState};
@@ -37,6 +38,14 @@ pub struct IncomingReport {
     pub postcopy: bool,
     /// Post-copy: frames asked for because the guest touched them.
     pub postcopy_requested: u64,
+    /// Post-copy: frames filled from contents gathered from hosts other
+    /// than the source (a scatter-gather job's intermediaries).
+    pub postcopy_gathered: u64,
+    /// Post-copy: frames whose contents could not be gathered there and
+    /// were asked of the source instead.
+    pub postcopy_gather_lost: u64,
+    /// Why the first of those could not be gathered ("" if none).
+    pub postcopy_gather_error: String,
 }
 
 /// A VM arriving here, while its memory fills: the engine writes pages it
@@ -231,6 +240,14 @@ pub trait SlotEvents {
         let _ = (slot, control, by_frame);
         Err("this destination cannot join casts".into())
     }
+    /// After a gang job's hold, for a VM that may switch over by
+    /// post-copy: which of the contents `still` lacking the job will have
+    /// this host gather from other hosts once the VM runs here, and from
+    /// where. The source is not asked for those.
+    fn gather(&mut self, slot: &Arc<IncomingSlot>, still: &[PageHash]) -> Option<Gather> {
+        let _ = (slot, still);
+        None
+    }
 }
 
 /// No gang job: nobody else fills the slot.
@@ -270,6 +287,10 @@ pub struct Arrival<'a> {
     /// The VM runs here: whatever fails now, the source must not hear
     /// Abort (it would resume its copy).
     started: bool,
+    /// This host accepted post-copy.
+    postcopy: bool,
+    /// Contents to gather from other hosts after a post-copy switchover.
+    gather: Option<Gather>,
 }
 
 /// Refuses a migration at its first frame.
@@ -384,6 +405,8 @@ pub fn receive_front<'a>(
         },
         populating: None,
         started: false,
+        postcopy,
+        gather: None,
     };
     if let Some(region) = region {
         arrival.slot = Arc::new(IncomingSlot::new(&begin.vm, (&begin.domain, key), region));
@@ -508,8 +531,9 @@ impl Arrival<'_> {
         }
     }
 
-    /// Sends the contents still missing, in NeedHashes frames.
-    fn send_needs(&mut self, needed: &[PageHash]) -> Result<(), MigrationError> {
+    /// Sends the contents still missing, in NeedHashes frames, and
+    /// (`gathering`) the frames to be gathered elsewhere.
+    fn send_needs(&mut self, needed: &[PageHash], gathering: u64) -> Result<(), MigrationError> {
         let mut chunks = needed.chunks(MAX_NEED_HASHES_PER_FRAME).peekable();
         loop {
             let chunk = chunks.next().unwrap_or(&[]);
@@ -526,6 +550,7 @@ impl Arrival<'_> {
                 } else {
                     0
                 },
+                gathering: if last { gathering } else { 0 },
             }))?;
             if last {
                 return Ok(());
@@ -652,7 +677,7 @@ impl Arrival<'_> {
             events.opened(&self.slot);
             *opened = true;
         }
-        self.send_needs(&needed)?;
+        self.send_needs(&needed, 0)?;
         if begin.held {
             // A gang job fills what it can while the source holds; then the
             // source asks again.
@@ -667,10 +692,41 @@ impl Arrival<'_> {
                     }
                 }
             }
-            let still = self.slot.missing();
-            self.send_needs(&still)?;
+            let mut still = self.slot.missing();
+            let mut gathering = 0;
+            if self.postcopy
+                && shape == Shape::Frames
+                && let Some(g) = events.gather(&self.slot, &still)
+            {
+                still.retain(|h| !g.contents.contains(h));
+                gathering = self
+                    .gather_frames(&g)
+                    .values()
+                    .map(|fs| fs.len() as u64)
+                    .sum();
+                self.gather = Some(g);
+            }
+            self.send_needs(&still, gathering)?;
         }
         Ok(())
+    }
+
+    /// The frames still missing whose contents `g` gathers, by content.
+    fn gather_frames(&self, g: &Gather) -> HashMap<PageHash, Vec<u64>> {
+        let st = self.slot.lock();
+        g.contents
+            .iter()
+            .filter_map(|h| {
+                let fs: Vec<u64> = st
+                    .frames_of
+                    .get(h)?
+                    .iter()
+                    .copied()
+                    .filter(|&f| st.table[f as usize].is_none())
+                    .collect();
+                (!fs.is_empty()).then_some((*h, fs))
+            })
+            .collect()
     }
 
     /// A micro-VM's transfer: pages until switchover, then the rest, the
@@ -745,12 +801,32 @@ impl Arrival<'_> {
                 )));
             }
         };
+        // Frames this host gathers elsewhere: those still missing whose
+        // contents the job placed on other hosts (the source counts them
+        // as sent; one it sent since, or lists, is not gathered).
+        let listed: HashSet<u64> = missing.iter().copied().collect();
+        let gathering = self.gather.take().map(|g| {
+            let mut frames = self.gather_frames(&g);
+            for fs in frames.values_mut() {
+                fs.retain(|f| !listed.contains(f));
+            }
+            frames.retain(|_, fs| !fs.is_empty());
+            (g, frames)
+        });
+        let pending: HashMap<u64, PageHash> = gathering
+            .iter()
+            .flat_map(|(_, fr)| fr.iter())
+            .flat_map(|(h, fs)| fs.iter().map(move |&f| (f, *h)))
+            .collect();
         // Every other frame is here and is the source's, checked before
         // the VM may run on it.
-        let verdict = self.held_before_postcopy(&missing, &masked);
+        let verdict = self.held_before_postcopy(&missing, &pending, &masked);
         self.ready(&verdict)?;
         verdict?;
         let table = self.slot.lock().table.clone();
+        let mut missing = missing;
+        missing.extend(pending.keys().copied());
+        missing.sort_unstable();
         match self.next_frame()? {
             Body::Commit(_) => {}
             other => {
@@ -769,8 +845,9 @@ impl Arrival<'_> {
             None => Err("started twice".into()),
         };
         let timeout = self.timeout;
-        let done =
-            crate::postcopy::complete(self.link, &key, region, table, &missing, timeout, &mut run);
+        let done = crate::postcopy::complete(
+            self.link, &key, region, table, &missing, gathering, timeout, &mut run,
+        );
         self.started = !matches!(done, Err(MigrationError::Start(_)));
         let done = done?;
         self.report.progress = done.progress;
@@ -778,6 +855,9 @@ impl Arrival<'_> {
         self.report.pages_received += done.placed;
         self.report.postcopy = true;
         self.report.postcopy_requested = done.requested;
+        self.report.postcopy_gathered = done.gathered;
+        self.report.postcopy_gather_lost = done.gather_lost;
+        self.report.postcopy_gather_error = done.gather_error.unwrap_or_default();
         Ok(self.report.clone())
     }
 
@@ -794,21 +874,28 @@ impl Arrival<'_> {
         }))
     }
 
-    /// Before a post-copy resume: every frame not in `missing` is here,
-    /// and the table with those frames masked has the source's digest.
-    fn held_before_postcopy(&self, missing: &[u64], masked: &[u8]) -> Result<(), MigrationError> {
+    /// Before a post-copy resume: every frame not in `missing` is here or
+    /// `pending` (to be gathered: its content as the manifest said), and
+    /// the table with the `missing` frames masked has the source's digest.
+    fn held_before_postcopy(
+        &self,
+        missing: &[u64],
+        pending: &HashMap<u64, PageHash>,
+        masked: &[u8],
+    ) -> Result<(), MigrationError> {
         let st = self.slot.lock();
         let mut listed = vec![false; st.table.len()];
         for &f in missing {
             listed[f as usize] = true;
         }
-        if let Some(f) = (0..st.table.len()).find(|&f| !listed[f] && st.table[f].is_none()) {
+        let at = |f: usize| st.table[f].or_else(|| pending.get(&(f as u64)).copied());
+        if let Some(f) = (0..st.table.len()).find(|&f| !listed[f] && at(f).is_none()) {
             return Err(MigrationError::Verification(format!(
                 "frame {f} never arrived and is not in the post-copy list"
             )));
         }
-        let held = crate::digest_of(st.table.iter().zip(&listed).map(|(h, &l)| match h {
-            Some(h) if !l => *h,
+        let held = crate::digest_of((0..st.table.len()).map(|f| match at(f) {
+            Some(h) if !listed[f] => h,
             _ => crate::postcopy::MASKED,
         }));
         if held != masked {

@@ -36,6 +36,7 @@ pub use entry::{
     CloneReportAll, CloneResultOne, CloneTarget, clone_out, migrate_out, migrate_out_held, move_one,
 };
 pub use plug::{CAST_MIN_PAGES, CastOutcome, Caster, Hold, HoldPoll};
+pub use postcopy::{Gather, GatherSource};
 
 /// How long either side waits for the other's next answer; a peer silent
 /// this long (dead, frozen, or partitioned with the connection open) has
@@ -559,6 +560,10 @@ pub struct MigrationReport {
     /// Post-copy: from the VM resuming at its destination to its last page
     /// arriving there.
     pub postcopy_ms: f64,
+    /// Post-copy: from the VM resuming to the last page this host pushed
+    /// (below `postcopy_ms` where the destination gathered pages from
+    /// other hosts).
+    pub postcopy_pushed_ms: f64,
 }
 
 impl MigrationReport {
@@ -597,6 +602,7 @@ impl MigrationReport {
             postcopy_requested: self.postcopy_requested,
             postcopy_pages: self.postcopy_pages,
             postcopy_ms: self.postcopy_ms,
+            postcopy_pushed_ms: self.postcopy_pushed_ms,
         }
     }
 }

@@ -7,15 +7,21 @@
 //! Three threads share the work: the caller's starts the VM (which may
 //! itself touch missing frames), one turns faults into frame numbers, and
 //! one owns the link, asking for faulted frames and placing pages.
+//!
+//! In a scatter-gather job some missing frames are not the source's to
+//! send: their contents sit on other hosts (intermediaries), and a fourth
+//! thread gathers them from there ([`Gather`]), the contents of faulted
+//! frames first. A content it cannot get is asked of the source, whose
+//! paused memory holds every frame until post-copy ends.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pagecast_memory::{Region, Userfault};
-use pagecast_pages::{ContentKey, PageHash};
+use pagecast_pages::{ContentKey, Page, PageHash};
 use pagecast_proto::{MAX_NEED_HASHES_PER_FRAME, v1};
 
 use crate::dest::checked;
@@ -27,6 +33,10 @@ type Body = v1::migrate_frame::Body;
 /// again: the most a fault waits before it is asked for.
 const POLL: Duration = Duration::from_millis(1);
 
+/// How often a destination gathering from other hosts tells its waiting
+/// source it lives.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+
 /// What post-copy did at the destination.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Finished {
@@ -36,6 +46,98 @@ pub(crate) struct Finished {
     pub requested: u64,
     /// Frames placed since Commit (before and after the VM resumed).
     pub placed: u64,
+    /// Frames placed from contents gathered from other hosts.
+    pub gathered: u64,
+    /// Frames whose contents could not be gathered, asked of the source.
+    pub gather_lost: u64,
+    /// Why the first of those could not be.
+    pub gather_error: Option<String>,
+}
+
+/// Where an arriving VM's contents can be had other than from its
+/// source: a scatter-gather job's intermediaries.
+pub trait GatherSource: Send {
+    /// Fetches each content of `hashes` it can, handing every page to
+    /// `got` (the caller checks it against its hash). A content not handed
+    /// over is asked of the source; an error means nothing more will come
+    /// from here.
+    fn fetch(
+        &mut self,
+        hashes: &[PageHash],
+        got: &mut dyn FnMut(PageHash, &Page),
+    ) -> Result<(), String>;
+}
+
+/// What an arriving VM gathers after its post-copy switchover instead of
+/// asking its source for it.
+pub struct Gather {
+    /// The contents.
+    pub contents: HashSet<PageHash>,
+    /// Where from.
+    pub source: Box<dyn GatherSource>,
+}
+
+/// Contents asked of a [`GatherSource`] at once: a faulted frame waits at
+/// most for one such batch ahead of it (1 MiB).
+const GATHER_BATCH: usize = 256;
+
+/// What the gathering thread hands the link thread.
+enum Gathered {
+    Page(PageHash, Box<Page>),
+    /// Contents it could not get, and why.
+    Lost(Vec<PageHash>, String),
+}
+
+/// Gathers `order`'s contents from `src`, those sent on `urgent` first,
+/// until all were tried or `stop` is set.
+fn gather(
+    src: &mut dyn GatherSource,
+    mut order: VecDeque<PageHash>,
+    urgent: &mpsc::Receiver<PageHash>,
+    out: &mpsc::Sender<Gathered>,
+    stop: &AtomicBool,
+) {
+    let mut tried: HashSet<PageHash> = HashSet::new();
+    while !stop.load(Ordering::Relaxed) {
+        let mut batch = Vec::with_capacity(GATHER_BATCH);
+        while batch.len() < GATHER_BATCH {
+            match urgent.try_recv() {
+                Ok(h) if tried.insert(h) => batch.push(h),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        while batch.len() < GATHER_BATCH {
+            match order.pop_front() {
+                Some(h) if tried.insert(h) => batch.push(h),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let mut got: HashSet<PageHash> = HashSet::with_capacity(batch.len());
+        let r = src.fetch(&batch, &mut |h, page| {
+            if batch.contains(&h) && got.insert(h) {
+                let _ = out.send(Gathered::Page(h, Box::new(*page)));
+            }
+        });
+        let lost: Vec<PageHash> = batch.into_iter().filter(|h| !got.contains(h)).collect();
+        match r {
+            Ok(()) => {
+                if !lost.is_empty() {
+                    let _ = out.send(Gathered::Lost(lost, "not held there".into()));
+                }
+            }
+            Err(why) => {
+                let mut lost = lost;
+                lost.extend(order.drain(..).filter(|h| !tried.contains(h)));
+                let _ = out.send(Gathered::Lost(lost, why));
+                return;
+            }
+        }
+    }
 }
 
 /// What stands for a missing frame's hash in the digest checked before
@@ -85,12 +187,16 @@ pub(crate) fn read_missing(
 /// there and the table matches the source's digest; an error after
 /// `start` succeeded leaves a VM that cannot run on
 /// ([`MigrationError::PostcopyLost`] or a failed verification).
+/// `gathering`: the missing frames (included in `missing`) to be had from
+/// `Gather`'s hosts rather than the source, by content.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn complete(
     link: &mut dyn MigrationLink,
     key: &ContentKey,
     mut region: Region,
     mut table: Vec<Option<PageHash>>,
     missing: &[u64],
+    gathering: Option<(Gather, HashMap<PageHash, Vec<u64>>)>,
     timeout: Duration,
     start: &mut dyn FnMut(Region) -> Result<u64, String>,
 ) -> Result<Finished, MigrationError> {
@@ -114,8 +220,29 @@ pub(crate) fn complete(
     let (uf_ref, stop_ref) = (&*uf, &stop);
     let (faults_tx, faults_rx) = mpsc::channel::<u64>();
     let (started_tx, started_rx) = mpsc::channel::<Result<u64, String>>();
+    let (urgent_tx, urgent_rx) = mpsc::channel::<PageHash>();
+    let (gathered_tx, gathered_rx) = mpsc::channel::<Gathered>();
+    let (mut gather_src, gather_frames) = match gathering {
+        Some((g, frames)) => (Some(g.source), frames),
+        None => (None, HashMap::new()),
+    };
+    let gather_of: HashMap<u64, PageHash> = gather_frames
+        .iter()
+        .flat_map(|(h, fs)| fs.iter().map(move |&f| (f, *h)))
+        .collect();
+    let awaiting: HashSet<u64> = missing
+        .iter()
+        .copied()
+        .filter(|f| !gather_of.contains_key(f))
+        .collect();
+    let mut order: Vec<PageHash> = gather_frames.keys().copied().collect();
+    order.sort_unstable();
     std::thread::scope(|s| {
         let catcher = s.spawn(|| catch(&uf, &stop, faults_tx));
+        let gatherer = gather_src.as_mut().map(|src| {
+            let stop = &stop;
+            s.spawn(move || gather(&mut **src, order.into(), &urgent_rx, &gathered_tx, stop))
+        });
         let serving = s.spawn(move || {
             let mut l = Serve {
                 link,
@@ -124,10 +251,14 @@ pub(crate) fn complete(
                 table,
                 left: missing.len(),
                 asked: HashSet::new(),
+                awaiting,
+                gather_frames,
+                gather_of,
+                urgent: urgent_tx,
                 timeout,
                 done: Finished::default(),
             };
-            let r = l.run(&faults_rx, &started_rx);
+            let r = l.run(&faults_rx, &started_rx, &gathered_rx);
             if r.is_err() {
                 // The guest never runs on: marked failed, its vCPU is held
                 // at its next exit until the caller stops it. Whoever waits
@@ -154,6 +285,9 @@ pub(crate) fn complete(
         });
         stop.store(true, Ordering::Relaxed);
         let _ = catcher.join();
+        if let Some(g) = gatherer {
+            let _ = g.join();
+        }
         match r {
             Ok(done) => Ok(done),
             Err(MigrationError::PostcopyLost(why)) if failed_start => {
@@ -194,6 +328,14 @@ struct Serve<'a> {
     /// Missing frames not placed yet.
     left: usize,
     asked: HashSet<u64>,
+    /// Missing frames the source is to send, not placed yet: while any is
+    /// left, the source's silence is a failure.
+    awaiting: HashSet<u64>,
+    /// Frames still to be gathered from other hosts, by content.
+    gather_frames: HashMap<PageHash, Vec<u64>>,
+    gather_of: HashMap<u64, PageHash>,
+    /// Contents of faulted frames, for the gathering thread to get first.
+    urgent: mpsc::Sender<PageHash>,
     timeout: Duration,
     done: Finished,
 }
@@ -203,11 +345,22 @@ impl Serve<'_> {
         &mut self,
         faults: &mpsc::Receiver<u64>,
         started: &mpsc::Receiver<Result<u64, String>>,
+        gathered: &mpsc::Receiver<Gathered>,
     ) -> Result<(), MigrationError> {
         let mut resumed = false;
         let mut digest: Option<Vec<u8>> = None;
         let mut heard = Instant::now();
+        let mut told = Instant::now();
         loop {
+            while let Ok(g) = gathered.try_recv() {
+                self.gathered(g)?;
+            }
+            if !self.gather_frames.is_empty() && told.elapsed() >= KEEPALIVE_EVERY {
+                // The source waits for the end while pages come from
+                // elsewhere: it hears this host lives.
+                self.link.send(Body::KeepAlive(v1::KeepAlive {}))?;
+                told = Instant::now();
+            }
             if !resumed {
                 match started.try_recv() {
                     Ok(Ok(progress)) => {
@@ -253,7 +406,10 @@ impl Serve<'_> {
                     )));
                 }
                 Err(MigrationError::Timeout { .. }) => {
-                    if heard.elapsed() >= self.timeout {
+                    // Once the source has sent all it was to send, only a
+                    // page asked of it keeps the clock running.
+                    let owed = digest.is_none() || !self.awaiting.is_empty();
+                    if owed && heard.elapsed() >= self.timeout {
                         return Err(MigrationError::PostcopyLost(format!(
                             "{} sent nothing for {:?} with {} frames still missing",
                             self.link.peer(),
@@ -267,17 +423,30 @@ impl Serve<'_> {
         }
     }
 
-    /// Asks for every faulted frame not yet there nor asked for.
+    /// Asks for every faulted frame not yet there nor asked for: of the
+    /// gathering thread if its content is to be gathered, else of the
+    /// source.
     fn ask(&mut self, faults: &mpsc::Receiver<u64>) -> Result<(), MigrationError> {
         let mut want = Vec::new();
         while let Ok(f) = faults.try_recv() {
             let missing = self.table.get(f as usize).is_some_and(Option::is_none);
             if missing && self.asked.insert(f) {
-                want.push(f);
+                match self.gather_of.get(&f) {
+                    Some(h) if self.gather_frames.contains_key(h) => {
+                        self.done.requested += 1;
+                        let _ = self.urgent.send(*h);
+                    }
+                    _ => want.push(f),
+                }
             }
         }
-        for chunk in want.chunks(MAX_NEED_HASHES_PER_FRAME) {
-            self.done.requested += chunk.len() as u64;
+        self.done.requested += want.len() as u64;
+        self.request(&want)
+    }
+
+    /// Asks the source for `frames`.
+    fn request(&mut self, frames: &[u64]) -> Result<(), MigrationError> {
+        for chunk in frames.chunks(MAX_NEED_HASHES_PER_FRAME) {
             self.link.send(Body::PageRequest(v1::PageRequest {
                 frames: chunk.to_vec(),
             }))?;
@@ -290,28 +459,70 @@ impl Serve<'_> {
     fn place(&mut self, p: &v1::Pages) -> Result<(), MigrationError> {
         let pages = checked(self.key, &p.hashes, &p.data, p.frames.len())?;
         for (&f, (page, h)) in p.frames.iter().zip(pages) {
-            match self.table.get(f as usize) {
-                Some(None) => {
-                    // A missing frame that turns out present was filled by
-                    // something else: its content cannot be trusted.
-                    if !self.uf.place(f, page)? {
-                        return Err(MigrationError::Verification(format!(
-                            "frame {f} was filled while it was missing"
-                        )));
+            if f >= self.table.len() as u64 {
+                return Err(MigrationError::Protocol(format!(
+                    "post-copy page for frame {f}, beyond memory"
+                )));
+            }
+            self.place_one(f, page, h)?;
+        }
+        Ok(())
+    }
+
+    /// Places `page` (checked to be `h`) in frame `f` if it is missing.
+    fn place_one(&mut self, f: u64, page: &Page, h: PageHash) -> Result<bool, MigrationError> {
+        if self.table[f as usize].is_some() {
+            return Ok(false);
+        }
+        // A missing frame that turns out present was filled by something
+        // else: its content cannot be trusted.
+        if !self.uf.place(f, page)? {
+            return Err(MigrationError::Verification(format!(
+                "frame {f} was filled while it was missing"
+            )));
+        }
+        self.table[f as usize] = Some(h);
+        self.awaiting.remove(&f);
+        self.left -= 1;
+        self.done.placed += 1;
+        Ok(true)
+    }
+
+    /// A content gathered (placed in every frame still waiting for it, if
+    /// it hashes to what it was asked for) or lost (its frames asked of the
+    /// source).
+    fn gathered(&mut self, g: Gathered) -> Result<(), MigrationError> {
+        let lost = match g {
+            Gathered::Page(h, page) if self.key.hash_page(&page) == h => {
+                for f in self.gather_frames.remove(&h).unwrap_or_default() {
+                    if self.place_one(f, &page, h)? {
+                        self.done.gathered += 1;
                     }
-                    self.table[f as usize] = Some(h);
-                    self.left -= 1;
-                    self.done.placed += 1;
                 }
-                Some(Some(_)) => {}
-                None => {
-                    return Err(MigrationError::Protocol(format!(
-                        "post-copy page for frame {f}, beyond memory"
-                    )));
+                return Ok(());
+            }
+            Gathered::Page(h, _) => {
+                let why = format!("the page gathered for {h} has another content");
+                self.done.gather_error.get_or_insert(why);
+                vec![h]
+            }
+            Gathered::Lost(hashes, why) => {
+                self.done.gather_error.get_or_insert(why);
+                hashes
+            }
+        };
+        let mut frames = Vec::new();
+        for h in lost {
+            for f in self.gather_frames.remove(&h).unwrap_or_default() {
+                if self.table[f as usize].is_none() {
+                    self.awaiting.insert(f);
+                    self.asked.insert(f);
+                    frames.push(f);
                 }
             }
         }
-        Ok(())
+        self.done.gather_lost += frames.len() as u64;
+        self.request(&frames)
     }
 
     /// Every frame is there: the table must be the source's.

@@ -738,3 +738,206 @@ fn a_source_frozen_during_postcopy_is_given_up_on_within_the_reply_timeout() {
     }
     postcopy_source_fails(true);
 }
+
+/// A held migration's hold that lets it go at once.
+struct GoAtOnce;
+
+impl Hold for GoAtOnce {
+    fn needs(&mut self, _: &[PageHash], _: u64) -> Result<(), MigrationError> {
+        Ok(())
+    }
+    fn poll(&mut self) -> HoldPoll {
+        HoldPoll::Go
+    }
+}
+
+/// An intermediary of a scatter-gather job, in the test's memory: pages by
+/// content, copied from the source before the move. `dies_after`: it
+/// fails once it has given that many pages (its host died mid-gather).
+struct Stash {
+    pages: std::collections::HashMap<PageHash, Box<Page>>,
+    dies_after: Option<usize>,
+    given: usize,
+}
+
+impl GatherSource for Stash {
+    fn fetch(
+        &mut self,
+        hashes: &[PageHash],
+        got: &mut dyn FnMut(PageHash, &Page),
+    ) -> Result<(), String> {
+        for h in hashes {
+            if self.dies_after.is_some_and(|n| self.given >= n) {
+                return Err("the intermediary died".into());
+            }
+            if let Some(p) = self.pages.get(h) {
+                got(*h, p);
+                self.given += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A destination's job that gathers from one [`Stash`] whatever it holds
+/// of what the arriving VM still lacks.
+struct Gathering(Option<Stash>);
+
+impl SlotEvents for Gathering {
+    fn opened(&mut self, _: &std::sync::Arc<IncomingSlot>) {}
+    fn closed(&mut self, _: &std::sync::Arc<IncomingSlot>) {}
+    fn gather(&mut self, _: &std::sync::Arc<IncomingSlot>, still: &[PageHash]) -> Option<Gather> {
+        let stash = self.0.take()?;
+        let contents = still
+            .iter()
+            .filter(|h| stash.pages.contains_key(h))
+            .copied()
+            .collect();
+        Some(Gather {
+            contents,
+            source: Box::new(stash),
+        })
+    }
+}
+
+/// Every non-zero page of `vm`, by content, read while it is paused.
+fn stash_of(vm: &MicroVm, fp: &Fingerprinter) -> std::collections::HashMap<PageHash, Box<Page>> {
+    vm.pause().unwrap();
+    let f = fp.fingerprint(vm, &ContentKey::CLUSTER, &|_| {});
+    let mut pages = std::collections::HashMap::new();
+    for (frame, h) in f.hashes.iter().enumerate() {
+        if !h.is_zero_page() {
+            let mut p = Box::new([0u8; PAGE_SIZE]);
+            vm.read_page(frame as u64, &mut p).unwrap();
+            pages.insert(*h, p);
+        }
+    }
+    vm.resume();
+    pages
+}
+
+/// A held move whose destination gathers what it lacks from a stash
+/// (`dies_after`: one that fails mid-gather) instead of its source.
+fn gathered_move(dies_after: Option<usize>) -> (MigrationReport, IncomingReport, u64) {
+    let src = boot("web", 2, 32, 5_000, 512);
+    std::thread::sleep(Duration::from_millis(100));
+    let fp = Fingerprinter::new(2).unwrap();
+    let stash = Stash {
+        pages: stash_of(&src, &fp),
+        dies_after,
+        given: 0,
+    };
+    let opts = MigrateOptions {
+        verify_full: true,
+        ..MigrateOptions::default()
+    };
+    let (mut a, mut b) = links();
+    let started: Mutex<Option<MicroVm>> = Mutex::new(None);
+    let (report, incoming) = std::thread::scope(|s| {
+        let dst = s.spawn(|| {
+            let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
+                v1::migrate_frame::Body::Begin(b) => b,
+                other => panic!("expected begin, got {other:?}"),
+            };
+            let mut events = Gathering(Some(stash));
+            migrate_in_job(
+                &mut b,
+                &begin,
+                &NoLocalContent,
+                &fp,
+                &mut events,
+                &mut |region, state| {
+                    let vm = MicroVm::restore(region, &state, begin.dirty_rate)
+                        .map_err(|e| e.to_string())?;
+                    let p = vm.progress().map_err(|e| e.to_string())?;
+                    *started.lock().unwrap() = Some(vm);
+                    Ok(p)
+                },
+            )
+        });
+        let report = migrate_out_held(
+            &Src(&src, None),
+            &mut a,
+            &fp,
+            &opts,
+            &mut |_| {},
+            Some(&mut GoAtOnce),
+        );
+        (report, dst.join().unwrap())
+    });
+    let report = report.unwrap();
+    let incoming = incoming.unwrap();
+    eprintln!("{}", serde_json::to_string(&report).unwrap());
+    eprintln!("{}", serde_json::to_string(&incoming).unwrap());
+    let dest = started.into_inner().unwrap().expect("it started");
+    let p = dest.progress().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(dest.progress().unwrap() > p, "the guest runs on there");
+    dest.stop().unwrap();
+    let nonzero = report.nonzero_pages;
+    src.stop().unwrap();
+    (report, incoming, nonzero)
+}
+
+/// Scatter-gather's destination side: the contents the destination lacks
+/// sit on an intermediary, so it tells the source it will gather them,
+/// the move switches over by post-copy (it was offered `auto`), and the
+/// destination fills them from there while the VM runs; the source sends
+/// only what changed since. Every frame is checked against the source's
+/// paused memory (`verify_full`).
+#[test]
+fn a_destination_gathers_what_it_lacks_from_an_intermediary_after_switching_over() {
+    if !needs(
+        "a_destination_gathers_what_it_lacks_from_an_intermediary_after_switching_over",
+        &[Need::Kvm, Need::Root],
+    ) {
+        return;
+    }
+    let (report, incoming, nonzero) = gathered_move(None);
+    assert!(
+        report.postcopy && incoming.postcopy,
+        "switched by post-copy"
+    );
+    assert!(report.verified && report.verified_full, "{report:?}");
+    assert!(
+        incoming.postcopy_gathered > nonzero / 2,
+        "most frames gathered: {} of {nonzero}",
+        incoming.postcopy_gathered
+    );
+    assert_eq!(incoming.postcopy_gather_lost, 0);
+    assert!(
+        report.pages_sent < nonzero / 2,
+        "the source sent {} pages of {nonzero}",
+        report.pages_sent
+    );
+}
+
+/// An intermediary that dies mid-gather: what it did not give is asked of
+/// the source (paused, holding every frame until post-copy ends), and the
+/// VM still completes, verified.
+#[test]
+fn contents_an_intermediary_fails_to_give_are_asked_of_the_source() {
+    if !needs(
+        "contents_an_intermediary_fails_to_give_are_asked_of_the_source",
+        &[Need::Kvm, Need::Root],
+    ) {
+        return;
+    }
+    let (report, incoming, nonzero) = gathered_move(Some(300));
+    assert!(report.postcopy && incoming.postcopy);
+    assert!(report.verified && report.verified_full, "{report:?}");
+    assert!(
+        incoming.postcopy_gathered >= 300 && incoming.postcopy_gather_lost > 0,
+        "some gathered, the rest lost: {incoming:?}"
+    );
+    assert!(
+        incoming.postcopy_gather_error.contains("died"),
+        "{:?}",
+        incoming.postcopy_gather_error
+    );
+    assert!(
+        report.pages_sent >= incoming.postcopy_gather_lost.min(nonzero),
+        "the source sent what was lost: {} pages",
+        report.pages_sent
+    );
+}

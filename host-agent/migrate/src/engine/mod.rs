@@ -167,6 +167,9 @@ pub(crate) struct Dest<'a> {
     pub progress_after: u64,
     /// It can resume the VM before every page is there (it said so).
     pub postcopy: bool,
+    /// Frames it gathers from other hosts after a post-copy switchover
+    /// (counted as sent here): nonzero forces the post-copy switchover.
+    pub gathering: u64,
 }
 
 impl Dest<'_> {
@@ -401,6 +404,7 @@ pub fn run(spec: Spec<'_>, fp: &Fingerprinter) -> Outcome {
                 verified: false,
                 progress_after: 0,
                 postcopy: false,
+                gathering: 0,
             })
             .collect(),
         opts,

@@ -36,6 +36,9 @@ pub(crate) struct Push {
     pub pages: u64,
     /// When the destination said the VM resumed.
     pub resumed: Option<Instant>,
+    /// When every page this host was to push had gone (the destination may
+    /// still be gathering others elsewhere).
+    pub pushed: Option<Instant>,
     /// `--verify-full`: every frame's hash, from all of the paused memory.
     full: Option<Vec<PageHash>>,
 }
@@ -105,6 +108,7 @@ impl Push {
             requested: 0,
             pages: 0,
             resumed: None,
+            pushed: None,
             full,
         })
     }
@@ -140,10 +144,21 @@ impl Push {
                 full: Vec::new().into(),
             };
             fleet.send(i, Body::Digest(d), Class::Control);
+            self.pushed = Some(Instant::now());
             loop {
                 return match fleet.expect(i, "the end of post-copy") {
-                    // Asked for while its page was on the way: sent already.
-                    Some(Body::PageRequest(_)) => continue,
+                    // Asked for while its page was on the way (sent
+                    // already, skipped), or a page the destination was to
+                    // gather elsewhere and could not: sent now.
+                    Some(Body::PageRequest(r)) => {
+                        self.asked(&r.frames, fleet.vm.page_count())?;
+                        let batch = self.batch(false);
+                        if !batch.is_empty() {
+                            send_frames(fleet, &[i], &batch, self.round)?;
+                            self.pages += batch.len() as u64;
+                        }
+                        continue;
+                    }
                     Some(Body::PostcopyDone(d)) if d.ok => Ok(()),
                     Some(Body::PostcopyDone(d)) => Err(MigrationError::Verification(d.reason)),
                     Some(other) => Err(MigrationError::Protocol(format!(
@@ -277,6 +292,7 @@ mod tests {
             requested: 0,
             pages: 0,
             resumed: None,
+            pushed: None,
             full: None,
         }
     }

@@ -79,6 +79,10 @@ impl Transfer for Rounds {
         fleet.report.postcopy_ms = push
             .resumed
             .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        fleet.report.postcopy_pushed_ms = match (push.resumed, push.pushed) {
+            (Some(r), Some(p)) => p.saturating_duration_since(r).as_secs_f64() * 1e3,
+            _ => fleet.report.postcopy_ms,
+        };
         self.tally(fleet);
         Ok(())
     }
@@ -264,7 +268,10 @@ impl Rounds {
             let rate = rate(fleet, &last);
             let drain = Duration::from_secs_f64(count as f64 * PAGE_SIZE as f64 / rate.max(1.0));
             self.round = round;
-            if postcopy && fleet.opts.switchover == Switchover::Postcopy {
+            // A destination gathering pages from elsewhere cannot take a
+            // stop-and-copy: it lacks them until it runs the VM.
+            let gathering = fleet.dests.iter().any(|d| d.live() && d.gathering > 0);
+            if postcopy && (fleet.opts.switchover == Switchover::Postcopy || gathering) {
                 return Ok((dirty, Then::Postcopy));
             }
             if drain <= budget {

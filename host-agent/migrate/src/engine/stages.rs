@@ -177,8 +177,9 @@ fn offer(fleet: &mut Fleet, held: bool) {
 fn needs(fleet: &mut Fleet) {
     let mut local = 0;
     for i in fleet.alive() {
-        if let Some((n, filled)) = read_needs(fleet, i) {
+        if let Some((n, filled, gathering)) = read_needs(fleet, i) {
             fleet.dests[i].needs = n;
+            fleet.dests[i].gathering = gathering;
             local += filled;
         }
     }
@@ -186,8 +187,10 @@ fn needs(fleet: &mut Fleet) {
     fleet.prog.pages_local = local;
 }
 
-/// One batch of NeedHashes frames from destination `i` (up to `last`).
-fn read_needs(fleet: &mut Fleet, i: usize) -> Option<(Vec<PageHash>, u64)> {
+/// One batch of NeedHashes frames from destination `i` (up to `last`):
+/// the contents, the frames it filled itself, and the frames it will
+/// gather from other hosts after a post-copy switchover.
+fn read_needs(fleet: &mut Fleet, i: usize) -> Option<(Vec<PageHash>, u64, u64)> {
     let pages = fleet.table.len();
     let mut needed: Vec<PageHash> = Vec::new();
     loop {
@@ -205,8 +208,18 @@ fn read_needs(fleet: &mut Fleet, i: usize) -> Option<(Vec<PageHash>, u64)> {
                     );
                     return None;
                 }
+                if n.last && n.gathering > 0 && !fleet.dests[i].postcopy {
+                    fleet.fail(
+                        i,
+                        MigrationError::Protocol(
+                            "a destination that refused post-copy says it will gather pages".into(),
+                        ),
+                    );
+                    return None;
+                }
                 if n.last {
-                    return Some((needed, n.filled_locally.min(pages as u64)));
+                    let cap = pages as u64;
+                    return Some((needed, n.filled_locally.min(cap), n.gathering.min(cap)));
                 }
             }
             Body::Need(_) => {
