@@ -29,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pagecast_channel::ChannelWriter;
-use pagecast_migrate::{Hold, HoldPoll, IncomingSlot, LocalContent, MigrationError, SlotEvents};
+use pagecast_migrate::{
+    Gather, Hold, HoldPoll, IncomingSlot, LocalContent, MigrationError, SlotEvents,
+};
 use pagecast_multicast::{
     GroupPlan, Groups, PageEntry, PageSink, PageSource, ReceiverConfig, SenderConfig,
     TransportChoice,
@@ -67,6 +69,28 @@ impl SlotEvents for JobSlots<'_> {
     fn opened(&mut self, slot: &Arc<IncomingSlot>) {
         self.job.open_slot(slot);
     }
+    fn gather(&mut self, slot: &Arc<IncomingSlot>, still: &[PageHash]) -> Option<Gather> {
+        let plan = self.job.gather_plan(still);
+        if plan.is_empty() {
+            return None;
+        }
+        let contents = plan.iter().flat_map(|(_, hs)| hs.iter().copied()).collect();
+        let from = plan
+            .iter()
+            .flat_map(|(at, hs)| hs.iter().map(move |h| (*h, at.clone())))
+            .collect();
+        Some(Gather {
+            contents,
+            source: Box::new(FromIntermediaries {
+                tls: self.agent.tls().clone(),
+                job: self.job.id().to_owned(),
+                domain: slot.domain().to_owned(),
+                key: *slot.key(),
+                from,
+                links: HashMap::new(),
+            }),
+        })
+    }
     fn closed(&mut self, slot: &Arc<IncomingSlot>) {
         self.job.close_slot(slot);
     }
@@ -95,6 +119,63 @@ impl SlotEvents for JobSlots<'_> {
                 .map_err(|e| e.to_string())?;
             Ok(sink.filled)
         }
+    }
+}
+
+/// An arriving VM's gathering after its post-copy switchover: each
+/// content from the intermediary the job placed it on, one connection per
+/// intermediary. An intermediary that fails (refuses, breaks, or stays
+/// silent for the reply timeout) is not asked again: what it held is
+/// asked of the source instead.
+struct FromIntermediaries {
+    tls: pagecast_channel::Tls,
+    job: String,
+    domain: String,
+    key: ContentKey,
+    /// Where each content sits.
+    from: HashMap<PageHash, String>,
+    /// A connection per intermediary, or None once it failed.
+    links: HashMap<String, Option<pagecast_channel::Channel>>,
+}
+
+impl FromIntermediaries {
+    /// The connection to `at`, opened on first use; None if it failed.
+    fn link(&mut self, at: &str) -> Option<&mut pagecast_channel::Channel> {
+        if !self.links.contains_key(at) {
+            let ch = crate::connect_host(&self.tls, at, "give gathered pages").and_then(|ch| {
+                ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
+                Ok(ch)
+            });
+            if let Err(e) = &ch {
+                tracing::warn!(intermediary = at, "gathering: {e}");
+            }
+            self.links.insert(at.to_owned(), ch.ok());
+        }
+        self.links.get_mut(at).and_then(Option::as_mut)
+    }
+}
+
+impl pagecast_migrate::GatherSource for FromIntermediaries {
+    fn fetch(
+        &mut self,
+        hashes: &[PageHash],
+        got: &mut dyn FnMut(PageHash, &Page),
+    ) -> Result<(), String> {
+        let mut by: HashMap<String, Vec<PageHash>> = HashMap::new();
+        for h in hashes {
+            if let Some(at) = self.from.get(h) {
+                by.entry(at.clone()).or_default().push(*h);
+            }
+        }
+        for (at, hs) in by {
+            let (job, domain, key) = (self.job.clone(), self.domain.clone(), self.key);
+            let Some(ch) = self.link(&at) else { continue };
+            if let Err(e) = fetch_pages_from(ch, (&at, &job), &domain, &key, &hs, got) {
+                tracing::warn!(intermediary = %at, "gathering stopped: {e}");
+                self.links.insert(at, None);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -771,6 +852,7 @@ pub fn cast_recv(
 /// dedup domain `domain` hold.
 pub fn serve_fetch(
     agent: &Agent,
+    job: &Job,
     domain: &str,
     hashes: &[PageHash],
     send: &mut dyn FnMut(Resp) -> Result<(), AgentError>,
@@ -778,8 +860,11 @@ pub fn serve_fetch(
     let key = agent.domain_key(domain)?;
     let mut page = [0u8; PAGE_SIZE];
     let (mut hs, mut data) = (Vec::new(), Vec::new());
+    let mut stashed = false;
     for h in hashes {
-        if agent.copy(&key, h, &mut page) {
+        let held = agent.copy(&key, h, &mut page);
+        if held || job.stashed(&key, h, &mut page) {
+            stashed |= !held;
             hs.extend_from_slice(h.as_bytes());
             data.extend_from_slice(&page);
             if hs.len() / 32 == PAGES_PER_FETCH_FRAME {
@@ -787,6 +872,12 @@ pub fn serve_fetch(
                     hashes: std::mem::take(&mut hs).into(),
                     data: std::mem::take(&mut data).into(),
                 }))?;
+                if stashed {
+                    pagecast_migrate::failpoint::hit(
+                        pagecast_migrate::failpoint::Point::GatherServed,
+                    )
+                    .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+                }
             }
         }
     }
@@ -800,56 +891,32 @@ pub fn serve_fetch(
     send(Resp::Pages(v1::PagesByHash::default()))
 }
 
-/// Fetches pages from a rack-mate's agent into the job's arriving VMs.
+/// Does what a [`v1::FetchRequest`] asks: fetches pages from a rack-mate's
+/// agent into the job's arriving VMs, or from a source's into this
+/// intermediary's stash, or notes where the arriving VMs gather them.
 pub fn fetch(agent: &Agent, job: &Job, r: &v1::FetchRequest) -> v1::FetchResult {
-    let mut out = v1::FetchResult::default();
-    let run = || -> Result<(u64, u64, u64), AgentError> {
+    let mut missing = Vec::new();
+    let mut run = || -> Result<(u64, u64, u64), AgentError> {
         let hashes = hashes_of(&r.hashes)?;
-        let addr = parse_addr(&r.from)?;
-        let stream =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
-                AgentError::Connect {
-                    addr: r.from.clone(),
-                    source,
-                }
-            })?;
-        let mut ch = agent.host_channel(stream, "serve pages to fetch")?;
-        ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
-        // The job's arriving VMs by dedup domain: each domain's pages are
-        // asked for, checked and filled apart from the others'.
-        let mut domains: Vec<(String, ContentKey, Vec<Arc<IncomingSlot>>)> = Vec::new();
-        // Only the VMs that lack any of these pages: one that lacks none
-        // may have been released and must not be held up at its
-        // switchover by this fetch holding its memory.
-        for s in job
-            .slots()
-            .into_iter()
-            .filter(|s| hashes.iter().any(|h| s.wants(h)))
-        {
-            match domains.iter_mut().find(|d| d.1 == *s.key()) {
-                Some(d) => d.2.push(s),
-                None => domains.push((s.domain().to_owned(), *s.key(), vec![s])),
+        match v1::FetchMode::try_from(r.mode) {
+            Ok(v1::FetchMode::IntoVms) => fetch_into_vms(agent, job, r, hashes),
+            Ok(v1::FetchMode::IntoStash) => {
+                let (kept, bytes, lacking) = fetch_into_stash(agent, job, r, &hashes)?;
+                missing = lacking;
+                Ok((kept, 0, bytes))
             }
+            Ok(v1::FetchMode::GatherLater) => {
+                parse_addr(&r.from)?;
+                job.plan_gather(&r.from, &hashes)?;
+                Ok((hashes.len() as u64, 0, 0))
+            }
+            Err(_) => Err(AgentError::BadRequest(format!(
+                "fetch mode {} is not one this agent knows",
+                r.mode
+            ))),
         }
-        let (mut pages, mut frames, mut bytes) = (0u64, 0u64, 0u64);
-        for (domain, key, slots) in &domains {
-            let wanted: Vec<PageHash> = if domains.len() == 1 {
-                hashes.clone()
-            } else {
-                hashes
-                    .iter()
-                    .filter(|h| slots.iter().any(|s| s.wants(h)))
-                    .copied()
-                    .collect()
-            };
-            let at = (&r.from[..], &r.job[..]);
-            let (p, f, b) = fetch_domain(&mut ch, at, domain, key, slots, &wanted)?;
-            pages += p;
-            frames += f;
-            bytes += b;
-        }
-        Ok((pages, frames, bytes))
     };
+    let mut out = v1::FetchResult::default();
     match run() {
         Ok((p, f, b)) => {
             out.pages = p;
@@ -858,20 +925,132 @@ pub fn fetch(agent: &Agent, job: &Job, r: &v1::FetchRequest) -> v1::FetchResult 
         }
         Err(e) => out.error = Some(e.refusal()),
     }
+    out.missing = packed::pack(&missing).into();
     out
 }
 
+/// Fetches pages from a source's agent into this intermediary's stash for
+/// the job: pages kept, bytes received, and the contents the source did
+/// not give.
+fn fetch_into_stash(
+    agent: &Agent,
+    job: &Job,
+    r: &v1::FetchRequest,
+    hashes: &[PageHash],
+) -> Result<(u64, u64, Vec<PageHash>), AgentError> {
+    let key = agent.domain_key(&r.domain)?;
+    let mut ch = agent.connect_host(&r.from, "give pages to an intermediary")?;
+    ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
+    let at = (&r.from[..], &r.job[..]);
+    let mut kept = 0u64;
+    let mut err = None;
+    let mut got = std::collections::HashSet::with_capacity(hashes.len());
+    let (_, bytes) = fetch_pages_from(&mut ch, at, &r.domain, &key, hashes, &mut |h, page| {
+        if err.is_some() {
+            return;
+        }
+        // Kept now or kept already: there for the destinations either way.
+        match job.stash(key, h, page, agent.stash_room()) {
+            Ok(_) => {
+                kept += 1;
+                got.insert(h);
+            }
+            Err(e) => err = Some(e),
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    tracing::info!(
+        job = %r.job,
+        from = %r.from,
+        "kept {kept} pages for destinations to gather ({} MiB stashed here)",
+        job.stash_bytes() >> 20
+    );
+    let missing = hashes
+        .iter()
+        .filter(|h| !got.contains(h))
+        .copied()
+        .collect();
+    Ok((kept, bytes, missing))
+}
+
+/// Fetches pages from a rack-mate's agent into the job's arriving VMs.
+fn fetch_into_vms(
+    agent: &Agent,
+    job: &Job,
+    r: &v1::FetchRequest,
+    hashes: Vec<PageHash>,
+) -> Result<(u64, u64, u64), AgentError> {
+    let addr = parse_addr(&r.from)?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
+        AgentError::Connect {
+            addr: r.from.clone(),
+            source,
+        }
+    })?;
+    let mut ch = agent.host_channel(stream, "serve pages to fetch")?;
+    ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
+    // The job's arriving VMs by dedup domain: each domain's pages are
+    // asked for, checked and filled apart from the others'.
+    let mut domains: Vec<(String, ContentKey, Vec<Arc<IncomingSlot>>)> = Vec::new();
+    // Only the VMs that lack any of these pages: one that lacks none
+    // may have been released and must not be held up at its
+    // switchover by this fetch holding its memory.
+    for s in job
+        .slots()
+        .into_iter()
+        .filter(|s| hashes.iter().any(|h| s.wants(h)))
+    {
+        match domains.iter_mut().find(|d| d.1 == *s.key()) {
+            Some(d) => d.2.push(s),
+            None => domains.push((s.domain().to_owned(), *s.key(), vec![s])),
+        }
+    }
+    let (mut pages, mut frames, mut bytes) = (0u64, 0u64, 0u64);
+    for (domain, key, slots) in &domains {
+        let wanted: Vec<PageHash> = if domains.len() == 1 {
+            hashes.clone()
+        } else {
+            hashes
+                .iter()
+                .filter(|h| slots.iter().any(|s| s.wants(h)))
+                .copied()
+                .collect()
+        };
+        let at = (&r.from[..], &r.job[..]);
+        let mut f = 0u64;
+        let mut failed = None;
+        let (p, b) = fetch_pages_from(&mut ch, at, domain, key, &wanted, &mut |h, page| {
+            for s in slots {
+                match s.fill(&h, page) {
+                    Ok(n) => f += n,
+                    Err(e) => failed = Some(e),
+                }
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        pages += p;
+        frames += f;
+        bytes += b;
+    }
+    Ok((pages, frames, bytes))
+}
+
 /// Fetches the pages of `hashes` in dedup domain `domain` (key `key`) over
-/// `ch` into `slots`; returns pages, frames filled and bytes received.
-fn fetch_domain(
+/// `ch`, handing each page that matches its hash to `got`; returns pages
+/// got and bytes received.
+fn fetch_pages_from(
     ch: &mut pagecast_channel::Channel,
     (from, job): (&str, &str),
     domain: &str,
     key: &ContentKey,
-    slots: &[Arc<IncomingSlot>],
     hashes: &[PageHash],
-) -> Result<(u64, u64, u64), AgentError> {
-    let (mut pages, mut frames, mut bytes) = (0u64, 0u64, 0u64);
+    got: &mut dyn FnMut(PageHash, &Page),
+) -> Result<(u64, u64), AgentError> {
+    let (mut pages, mut bytes) = (0u64, 0u64);
     for chunk in hashes.chunks(HASHES_PER_FRAME) {
         ch.send(&v1::AgentRequest {
             body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
@@ -920,13 +1099,11 @@ fn fetch_domain(
                     continue;
                 }
                 pages += 1;
-                for s in slots {
-                    frames += s.fill(&h, page)?;
-                }
+                got(h, page);
             }
         }
     }
-    Ok((pages, frames, bytes))
+    Ok((pages, bytes))
 }
 
 /// The distinct contents of a VM, from the content map, in frames.

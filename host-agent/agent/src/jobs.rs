@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use pagecast_channel::Identity;
 use pagecast_migrate::{HoldPoll, IncomingSlot};
+use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 
 use crate::AgentError;
@@ -41,6 +42,9 @@ pub const MAX_PEERS: usize = 4096;
 pub const MAX_ARRIVALS: usize = 65_536;
 /// Most QEMU addresses one job may name.
 pub const MAX_QEMU_CONNECT: usize = 64;
+/// Most contents one job may have this host gather (a 1 TiB guest's
+/// worth of distinct pages: 1.5 GiB of notes at most).
+pub const MAX_GATHER: usize = 1 << 28;
 
 /// Where a job stands on this agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +86,22 @@ struct JobInner {
     slots: Vec<Arc<IncomingSlot>>,
     /// Held migrations out of here, by VM.
     holds: HashMap<String, HoldWord>,
+    /// Pages this host keeps for the job as an intermediary of a
+    /// scatter-gather eviction, by dedup domain key and content; freed
+    /// when the job ends.
+    stash: HashMap<(ContentKey, PageHash), Box<Page>>,
+    /// Contents the job's arriving VMs gather after their post-copy
+    /// switchover, and the intermediary (its agent's address) holding
+    /// each.
+    gather: HashMap<PageHash, String>,
+}
+
+impl JobInner {
+    /// The job ended: what it kept is freed.
+    fn free(&mut self) {
+        self.stash = HashMap::new();
+        self.gather = HashMap::new();
+    }
 }
 
 impl Job {
@@ -97,11 +117,89 @@ impl Job {
 
     /// Its state now (a job past its deadline has ended).
     pub fn state(&self) -> JobState {
-        let g = lock(&self.inner);
+        let mut g = lock(&self.inner);
         if g.state == JobState::Open && Instant::now() > g.deadline {
+            g.free();
             return JobState::Cancelled("its deadline passed".into());
         }
         g.state.clone()
+    }
+
+    /// Keeps `page` (content `h` in the domain of `key`, checked by the
+    /// caller) for the job, if it has `room` bytes left: true if kept now,
+    /// false if kept already. Refused once the job ended.
+    pub fn stash(
+        &self,
+        key: ContentKey,
+        h: PageHash,
+        page: &Page,
+        room: u64,
+    ) -> Result<bool, AgentError> {
+        if let Some(why) = self.stopped() {
+            return Err(AgentError::UnknownJob(format!(
+                "job {} ended here: {why}",
+                self.id
+            )));
+        }
+        let mut g = lock(&self.inner);
+        if g.stash.contains_key(&(key, h)) {
+            return Ok(false);
+        }
+        if room < PAGE_SIZE as u64 {
+            return Err(AgentError::NoRoom {
+                vm: format!("the stash of job {}", self.id),
+                needs: PAGE_SIZE as u64,
+                free: room,
+                capacity: room,
+            });
+        }
+        g.stash.insert((key, h), Box::new(*page));
+        Ok(true)
+    }
+
+    /// Copies content `h` (domain of `key`) from the job's stash.
+    pub fn stashed(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
+        match lock(&self.inner).stash.get(&(*key, *h)) {
+            Some(p) => {
+                out.copy_from_slice(&p[..]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Bytes the job's stash holds here.
+    pub fn stash_bytes(&self) -> u64 {
+        lock(&self.inner).stash.len() as u64 * PAGE_SIZE as u64
+    }
+
+    /// Notes that the job's arriving VMs gather `hashes` from the
+    /// intermediary at `from` after switching over (a later note for a
+    /// content replaces an earlier one).
+    pub fn plan_gather(&self, from: &str, hashes: &[PageHash]) -> Result<(), AgentError> {
+        let mut g = lock(&self.inner);
+        if g.gather.len().saturating_add(hashes.len()) > MAX_GATHER {
+            return Err(AgentError::BadRequest(format!(
+                "job {} would gather more than {MAX_GATHER} contents here",
+                self.id
+            )));
+        }
+        for h in hashes {
+            g.gather.insert(*h, from.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Of `still`, the contents to gather, grouped by intermediary.
+    pub fn gather_plan(&self, still: &[PageHash]) -> Vec<(String, Vec<PageHash>)> {
+        let g = lock(&self.inner);
+        let mut by: BTreeMap<&str, Vec<PageHash>> = BTreeMap::new();
+        for h in still {
+            if let Some(from) = g.gather.get(h) {
+                by.entry(from).or_default().push(*h);
+            }
+        }
+        by.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
 
     /// Whether requests naming it are served.
@@ -283,6 +381,7 @@ fn role_name(role: v1::JobRole) -> &'static str {
         v1::JobRole::Source => "source",
         v1::JobRole::Destination => "destination",
         v1::JobRole::RackMate => "rack-mate",
+        v1::JobRole::Intermediary => "intermediary",
         v1::JobRole::Unspecified => "peer",
     }
 }
@@ -418,6 +517,8 @@ impl JobBook {
                 ended: None,
                 slots: Vec::new(),
                 holds: HashMap::new(),
+                stash: HashMap::new(),
+                gather: HashMap::new(),
             }),
         });
         j.add_peers(peers, qemu_connect);
@@ -472,12 +573,19 @@ impl JobBook {
         }
         g.state = to;
         g.ended = Some(Instant::now());
+        g.free();
         true
     }
 
     /// How many jobs are open.
     pub fn open_count(&self) -> usize {
         lock(&self.jobs).values().filter(|j| j.is_open()).count()
+    }
+
+    /// Bytes every job's stash holds here.
+    pub fn stash_bytes(&self) -> u64 {
+        let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
+        jobs.iter().map(|j| j.stash_bytes()).sum()
     }
 
     /// Forgets jobs that ended (or expired) more than [`RETAIN`] ago.

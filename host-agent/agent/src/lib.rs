@@ -594,31 +594,66 @@ impl Agent {
     /// peer whose certificate is not a host's (it would be trusted to
     /// `what`).
     pub fn host_channel(&self, stream: TcpStream, what: &str) -> Result<Channel, AgentError> {
-        let ch = Channel::client(stream, &self.tls)?;
-        pagecast_channel::require(ch.identity(), &[Role::Host], ch.peer(), what)?;
-        Ok(ch)
+        host_channel(&self.tls, stream, what)
     }
 
     /// Connects to the agent at `to` (10 s deadline) as a host channel
     /// (see [`Agent::host_channel`]).
     pub(crate) fn connect_host(&self, to: &str, what: &str) -> Result<Channel, AgentError> {
-        let addr = to
-            .to_socket_addrs()
-            .map_err(|source| AgentError::Connect {
-                addr: to.to_owned(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| AgentError::BadRequest(format!("{to} resolves to no address")))?;
-        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(
-            |source| AgentError::Connect {
-                addr: to.to_owned(),
-                source,
-            },
-        )?;
-        self.host_channel(stream, what)
+        connect_host(&self.tls, to, what)
     }
 
+    /// Bytes this host may still keep in its jobs' stashes (as a
+    /// scatter-gather intermediary): what it offers VMs and does not give
+    /// them (`--capacity`), or [`MAX_STASH_BYTES`] where it bounds nothing.
+    pub fn stash_room(&self) -> u64 {
+        let stashed = self.jobs.stash_bytes();
+        let offered = if self.capacity > 0 {
+            self.capacity
+                .saturating_sub(lock(&self.vms).committed_bytes())
+                .min(MAX_STASH_BYTES)
+        } else {
+            MAX_STASH_BYTES
+        };
+        offered.saturating_sub(stashed)
+    }
+}
+
+/// Most bytes an agent keeps in its jobs' stashes at once.
+pub const MAX_STASH_BYTES: u64 = 16 << 30;
+
+/// A host channel over `stream` with `tls`: the peer must be a host.
+pub(crate) fn host_channel(
+    tls: &Tls,
+    stream: TcpStream,
+    what: &str,
+) -> Result<Channel, AgentError> {
+    let ch = Channel::client(stream, tls)?;
+    pagecast_channel::require(ch.identity(), &[Role::Host], ch.peer(), what)?;
+    Ok(ch)
+}
+
+/// Connects to the agent at `to` (10 s deadline) as a host channel.
+pub(crate) fn connect_host(tls: &Tls, to: &str, what: &str) -> Result<Channel, AgentError> {
+    let addr = to
+        .to_socket_addrs()
+        .map_err(|source| AgentError::Connect {
+            addr: to.to_owned(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| AgentError::BadRequest(format!("{to} resolves to no address")))?;
+    let stream =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|source| {
+            AgentError::Connect {
+                addr: to.to_owned(),
+                source,
+            }
+        })?;
+    host_channel(tls, stream, what)
+}
+
+impl Agent {
     /// Opens an incoming migration of job `job` at the agent at `to`: the
     /// channel the migration then runs on.
     pub(crate) fn open_incoming(

@@ -565,10 +565,25 @@ fn migrate_in(agent: &Agent, ch: Channel, source: &str, job: &str) {
     debug!("incoming migration from {from} (job {job})");
     let mut link = ChannelLink::new(ch);
     match agent.migrate_in(&mut link, source, job) {
-        Ok(rep) => info!(
-            "received {} from {from}: {} pages filled locally, {} received, running",
-            rep.vm, rep.pages_local, rep.pages_received
-        ),
+        Ok(rep) => {
+            info!(
+                "received {} from {from}: {} pages filled locally, {} received, running",
+                rep.vm, rep.pages_local, rep.pages_received
+            );
+            if rep.postcopy_gathered + rep.postcopy_gather_lost > 0 {
+                info!(
+                    "{}: {} pages gathered from intermediaries, {} asked of the source instead{}",
+                    rep.vm,
+                    rep.postcopy_gathered,
+                    rep.postcopy_gather_lost,
+                    if rep.postcopy_gather_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", rep.postcopy_gather_error)
+                    }
+                );
+            }
+        }
         Err(e) => warn!("incoming migration from {from} failed, nothing kept: {e}"),
     }
 }

@@ -7,7 +7,10 @@
 //! - `dest-commit`: the destination has received Commit and not yet
 //!   started the VM;
 //! - `dest-resumed`: the destination has started the VM and not yet told
-//!   the source (`Resumed`).
+//!   the source (`Resumed`);
+//! - `gather-served`: an intermediary of a scatter-gather job has given a
+//!   destination its first frame of stashed pages (the rest of the
+//!   gathering then meets whatever the action leaves).
 //!
 //! Actions: `exit` (the process exits at once with status 137, as if
 //! killed: nothing after the point runs) or `drop` (the migration's link
@@ -33,6 +36,9 @@ pub enum Point {
     DestCommit,
     /// The VM started, Resumed not yet sent.
     DestResumed,
+    /// An intermediary gave its first stashed pages to a gathering
+    /// destination.
+    GatherServed,
 }
 
 impl Point {
@@ -40,6 +46,7 @@ impl Point {
         match self {
             Point::DestCommit => "dest-commit",
             Point::DestResumed => "dest-resumed",
+            Point::GatherServed => "gather-served",
         }
     }
 }
@@ -48,7 +55,7 @@ fn parse(spec: &str) -> Vec<(Point, Action)> {
     let mut out = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let parsed = item.split_once(':').and_then(|(p, a)| {
-            let point = [Point::DestCommit, Point::DestResumed]
+            let point = [Point::DestCommit, Point::DestResumed, Point::GatherServed]
                 .into_iter()
                 .find(|x| x.name() == p)?;
             let action = match a {
@@ -61,7 +68,7 @@ fn parse(spec: &str) -> Vec<(Point, Action)> {
         match parsed {
             Some(x) => out.push(x),
             None => eprintln!(
-                "PAGECAST_FAILPOINT: ignoring {item:?} (points: dest-commit, dest-resumed; actions: exit, drop)"
+                "PAGECAST_FAILPOINT: ignoring {item:?} (points: dest-commit, dest-resumed, gather-served; actions: exit, drop)"
             ),
         }
     }
@@ -78,7 +85,7 @@ pub fn at(point: Point) -> Option<Action> {
 }
 
 /// Runs `point`'s action: exits, or returns the link failure to raise.
-pub(crate) fn hit(point: Point) -> Result<(), crate::MigrationError> {
+pub fn hit(point: Point) -> Result<(), crate::MigrationError> {
     match at(point) {
         None => Ok(()),
         Some(Action::Exit) => std::process::exit(137),
@@ -97,10 +104,11 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_items_are_skipped() {
         assert_eq!(
-            parse("dest-commit:exit, dest-resumed:drop"),
+            parse("dest-commit:exit, dest-resumed:drop,gather-served:exit"),
             vec![
                 (Point::DestCommit, Action::Exit),
-                (Point::DestResumed, Action::Drop)
+                (Point::DestResumed, Action::Drop),
+                (Point::GatherServed, Action::Exit)
             ]
         );
         assert_eq!(parse("nowhere:exit,dest-commit:explode,"), vec![]);

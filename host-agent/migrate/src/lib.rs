@@ -564,6 +564,9 @@ pub struct MigrationReport {
     /// (below `postcopy_ms` where the destination gathered pages from
     /// other hosts).
     pub postcopy_pushed_ms: f64,
+    /// Frames the destination gathered from other hosts instead (as it
+    /// said at the refill).
+    pub pages_gathered: u64,
 }
 
 impl MigrationReport {
@@ -603,6 +606,7 @@ impl MigrationReport {
             postcopy_pages: self.postcopy_pages,
             postcopy_ms: self.postcopy_ms,
             postcopy_pushed_ms: self.postcopy_pushed_ms,
+            pages_gathered: self.pages_gathered,
         }
     }
 }

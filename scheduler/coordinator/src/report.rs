@@ -51,6 +51,9 @@ pub struct VmOutcome {
     /// Post-copy: seconds from its resume at the destination to its last
     /// page arriving there.
     pub postcopy_s: f64,
+    /// Pages its destination gathered from intermediaries (`--scatter`)
+    /// instead of receiving them from its source.
+    pub pages_gathered: u64,
     /// The most its guest was slowed down to converge under pre-copy,
     /// percent.
     pub max_throttle_pct: u32,

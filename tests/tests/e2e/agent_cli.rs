@@ -864,9 +864,13 @@ fn pages_only_to_listed_destinations(addr: &str, rogue: &Tls, some: &[pagecast_p
             "{job}: {e}"
         );
     }
-    // The same request from the destination the job names is served.
+    // The same request from the destination the job names is served, and
+    // from a scatter-gather intermediary it names (which takes a source's
+    // pages).
     open_job_for(addr, "j-dest", "rogue", v1::JobRole::Destination, &[]);
     assert_eq!(fetch_as(addr, rogue, "j-dest", some), Ok(64));
+    open_job_for(addr, "j-inter", "rogue", v1::JobRole::Intermediary, &[]);
+    assert_eq!(fetch_as(addr, rogue, "j-inter", some), Ok(64));
 }
 
 /// A migration arrives at `addr` only from the host a job lists as its

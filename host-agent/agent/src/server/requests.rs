@@ -329,10 +329,22 @@ async fn fetch_pages(call: Call, r: v1::FetchPagesRequest) {
             let served = a
                 .jobs()
                 .get(&r.job)
-                .and_then(|j| j.admit(&who, v1::JobRole::Destination, "fetch pages"))
-                .and_then(|()| crate::job::hashes_of(&r.hashes))
-                .and_then(|h| {
-                    crate::job::serve_fetch(&a, &r.domain, &h, &mut |b| send_blocking(&mut ch, b))
+                .and_then(|j| {
+                    // A destination (of a rack-mate, or gathering from an
+                    // intermediary) or an intermediary taking a source's
+                    // pages.
+                    j.admit(&who, v1::JobRole::Destination, "fetch pages")
+                        .or_else(|e| {
+                            j.admit(&who, v1::JobRole::Intermediary, "fetch pages")
+                                .map_err(|_| e)
+                        })
+                        .map(|()| j)
+                })
+                .and_then(|j| Ok((j, crate::job::hashes_of(&r.hashes)?)))
+                .and_then(|(j, h)| {
+                    crate::job::serve_fetch(&a, &j, &r.domain, &h, &mut |b| {
+                        send_blocking(&mut ch, b)
+                    })
                 });
             if let Err(e) = served {
                 let _ = send_blocking(&mut ch, Resp::Error(e.to_proto()));

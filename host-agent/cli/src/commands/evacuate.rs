@@ -166,6 +166,20 @@ pub struct EvacuateArgs {
     #[arg(long)]
     release_early: bool,
 
+    /// Scatter-gather: where the destinations' links cannot take the
+    /// sources' pages in the time the sources' links send them (their
+    /// agents' --link rates), the contents one destination lacks beyond
+    /// what its link takes in that time go to intermediaries instead:
+    /// hosts with an agent, a known link and free memory that take no
+    /// other part in the job. They fetch them from the sources, and each
+    /// destination gathers them after its VM has switched over by
+    /// post-copy, while the VM runs. The sources are then evicted at
+    /// their own links' pace (evicted_s in the report). Needs
+    /// --strategy pagecast and a switchover that may be post-copy (auto
+    /// or postcopy).
+    #[arg(long)]
+    scatter: bool,
+
     /// Longest pause of each VM at switchover, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50)]
     max_downtime: u32,
@@ -567,6 +581,19 @@ fn render_evicted(s: &mut String, r: &EvacuationReport) {
 
 /// Runs `pagecast evacuate`.
 pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
+    if a.scatter && a.strategy != "pagecast" {
+        anyhow::bail!(
+            "--scatter needs --strategy pagecast ({} moves as the system it is named after); \
+             nothing was moved",
+            a.strategy
+        );
+    }
+    if a.scatter && matches!(a.switchover, super::SwitchoverArg::Precopy) {
+        anyhow::bail!(
+            "--scatter needs a switchover that may be post-copy (auto or postcopy): a destination \
+             gathers scattered pages while its VM runs; nothing was moved"
+        );
+    }
     let tls = a.index.identity()?;
     let stop = pagecast_cli::interrupts::catch();
     let job = a.job.clone().unwrap_or_else(|| new_job_id("ev"));
@@ -588,6 +615,7 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         mtu: a.mtu,
         multicast_floods: a.multicast_floods,
         release_early: a.release_early,
+        scatter: a.scatter,
         stop_on_failure: a.on_failure == "stop",
         only: retry.only,
         max_incoming: a.max_incoming.map(|n| n as usize),

@@ -79,6 +79,7 @@ impl Transfer for Rounds {
         fleet.report.postcopy_ms = push
             .resumed
             .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        fleet.report.pages_gathered = fleet.dests.iter().map(|d| d.gathering).sum();
         fleet.report.postcopy_pushed_ms = match (push.resumed, push.pushed) {
             (Some(r), Some(p)) => p.saturating_duration_since(r).as_secs_f64() * 1e3,
             _ => fleet.report.postcopy_ms,

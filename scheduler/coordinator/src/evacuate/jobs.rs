@@ -117,6 +117,40 @@ pub(super) fn open_fetch(
     Ok(())
 }
 
+/// Lets intermediary `inter` take pages from source `src` in `job`, and
+/// destinations `dests` gather them from it: the source knows it as an
+/// intermediary, it knows them as destinations.
+pub(super) fn open_stash(
+    svc: &Services,
+    prep: &Prepared,
+    job: &str,
+    (src, inter): (&str, &str),
+    dests: &[&str],
+) -> Result<(), pagecast_agent_api::ClientError> {
+    let opens = [
+        (src, vec![peer(inter, v1::JobRole::Intermediary)]),
+        (
+            inter,
+            dests
+                .iter()
+                .map(|d| peer(d, v1::JobRole::Destination))
+                .collect(),
+        ),
+    ];
+    for (at, peers) in opens {
+        svc.agents.open_job(
+            prep.address(at),
+            v1::JobOpen {
+                job: job.to_owned(),
+                peers,
+                deadline_ms: DEADLINE.as_millis() as u64,
+                qemu_connect: Vec::new(),
+            },
+        )?;
+    }
+    Ok(())
+}
+
 /// Closes `job` at `hosts` (and at rack-mates the job reached), best
 /// effort: a job left open at an agent ends at its deadline.
 pub(super) fn close(svc: &Services, prep: &Prepared, job: &str, hosts: &[String]) {

@@ -40,6 +40,7 @@ mod jobs;
 mod outcome;
 mod prepare;
 mod run;
+mod scatter;
 mod transfer;
 
 #[cfg(test)]
@@ -116,6 +117,10 @@ pub struct EvacuateSpec {
     /// Release each held VM once the transfers that bring what it lacks
     /// have ended, not when the job's last one has.
     pub release_early: bool,
+    /// Scatter-gather (pagecast only): what the destinations' links cannot
+    /// take in the sources' time goes to intermediaries, and the
+    /// destinations gather it after switching over by post-copy.
+    pub scatter: bool,
     /// Stop the job when a VM fails (`--on-failure stop`): the migrations
     /// not yet switched over give up. Otherwise the others go on.
     pub stop_on_failure: bool,

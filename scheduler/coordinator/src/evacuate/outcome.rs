@@ -62,12 +62,23 @@ pub(super) fn measured(
             result(o, r, f.local.get(&i).copied());
             *report.bytes_by_source.entry(m.from.clone()).or_default() += r.bytes_sent;
             if r.ok {
+                // After a post-copy switchover the source is free once it
+                // has pushed what it was to push: the rest comes from
+                // intermediaries (scatter-gather), while its paused copy
+                // only stands by for what they fail to give.
+                let gathering = if r.postcopy {
+                    (r.postcopy_ms - r.postcopy_pushed_ms).max(0.0) / 1e3
+                } else {
+                    0.0
+                };
+                let at = &(at - gathering).max(0.0);
                 eviction = eviction.max(*at);
                 left = Some(*at);
                 o.left_s = Some(*at);
                 o.switchover = if r.postcopy { "postcopy" } else { "precopy" }.into();
                 o.postcopy_faults = r.postcopy_requested;
                 o.postcopy_s = r.postcopy_ms / 1e3;
+                o.pages_gathered = r.pages_gathered;
             }
             link_bytes += r.bytes_sent;
             if prep.view.rack_of(&m.from) != prep.view.rack_of(&m.to) {
@@ -87,12 +98,12 @@ pub(super) fn measured(
             _ => None,
         };
     }
-    for (src, b) in &t.cast_bytes {
+    for (src, b) in t.cast_bytes.iter().chain(&t.scattered) {
         *report.bytes_by_source.entry(src.clone()).or_default() += b;
     }
     report.bytes_by_class = BytesByClass {
         multicast: t.multicast,
-        unicast: link_bytes + t.unicast,
+        unicast: link_bytes + t.unicast + t.scattered.values().sum::<u64>(),
         short_haul: t.short_haul,
         repair: t.repair,
     };

@@ -322,6 +322,7 @@ fn spec(method: Method) -> EvacuateSpec {
         job: "ev-test".into(),
         transport: v1::CastTransport::Unspecified,
         release_early: false,
+        scatter: false,
         stop_on_failure: false,
         only: Vec::new(),
         max_incoming: None,
@@ -495,7 +496,7 @@ fn each_vm_is_released_once_the_transfers_that_bring_what_it_lacks_have_ended() 
     let released = Mutex::new(Vec::new());
     let release = |i: usize| lock(&released).push(i);
     let to = |i: usize| if i < 2 { "d1" } else { "d2" }.to_owned();
-    let r = Releases::new(&to, &needs, &tasks, &fetches, &release);
+    let r = Releases::new(&to, &needs, &tasks, &fetches, &Default::default(), &release);
     let got = || lock(&released).clone();
     r.start();
     assert_eq!(got(), [2]);

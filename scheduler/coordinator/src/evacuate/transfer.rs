@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use pagecast_pages::{PAGE_BYTES, PageHash};
 use pagecast_proto::v1;
 
+use super::scatter::Stashes;
 use super::{EvacuateSpec, Method, Prepared};
 use crate::{Event, Services, lock};
 
@@ -24,6 +25,10 @@ pub(super) const CAST_CHUNK: usize = 65_536;
 /// set-up, its receivers joining and finishing, costs about as much as
 /// sending this many pages at 1 Gbit/s).
 const MIN_CAST_PAGES: usize = 2_048;
+
+/// Most contents one request to an intermediary takes from a source (64
+/// MiB): a chunk is gathered once all of it is there.
+const STASH_CHUNK: usize = 16_384;
 
 /// Cast and fetch figures of a job.
 #[derive(Default)]
@@ -43,8 +48,11 @@ pub(super) struct Traffic {
     /// out (their migrations fail anyway), so one stuck host holds up each
     /// chain of casts once, not once per cast.
     pub dead: HashSet<String>,
-    /// Rack-mates the job fetched from (the job was opened there).
+    /// Rack-mates the job fetched from, and intermediaries it scattered
+    /// to (the job was opened there).
     pub mates: BTreeSet<String>,
+    /// Per source: bytes intermediaries took from it.
+    pub scattered: BTreeMap<String, u64>,
 }
 
 impl Traffic {
@@ -67,6 +75,9 @@ impl Traffic {
         self.errors.extend(t.errors);
         self.dead.extend(t.dead);
         self.mates.extend(t.mates);
+        for (k, v) in t.scattered {
+            *self.scattered.entry(k).or_default() += v;
+        }
     }
 }
 
@@ -445,6 +456,9 @@ pub(super) fn schedule_casts(mut tasks: Vec<CastTask>, run: &(dyn Fn(usize, &Cas
 pub(super) enum Unit {
     Cast(usize, usize),
     Fetch(String, String),
+    /// An intermediary taking contents from a source (and telling the
+    /// destinations where to gather them).
+    Stash(String, String),
 }
 
 /// Releases each held VM once every transfer that brings its destination
@@ -469,6 +483,7 @@ impl<'r> Releases<'r> {
         needs: &HashMap<usize, Vec<PageHash>>,
         tasks: &[CastTask],
         fetches: &Fetches,
+        stashes: &Stashes,
         release: &'r (dyn Fn(usize) + Sync),
     ) -> Self {
         // Per destination: each content it lacks, and the VMs lacking it.
@@ -497,6 +512,11 @@ impl<'r> Releases<'r> {
         for ((d, mate), hs) in fetches {
             for h in hs {
                 feed(Unit::Fetch(d.clone(), mate.clone()), d, h);
+            }
+        }
+        for ((src, inter), items) in stashes {
+            for (h, d) in items {
+                feed(Unit::Stash(src.clone(), inter.clone()), d, h);
             }
         }
         let mut left: HashMap<usize, usize> = needs.keys().map(|&i| (i, 0)).collect();
@@ -611,8 +631,10 @@ impl<'a> Filler<'a> {
         needs: &HashMap<usize, Vec<PageHash>>,
         release: &(dyn Fn(usize) + Sync),
     ) -> Traffic {
-        let (plan, fetches) = plan_transfers(self.prep, needs, self.spec.method, &self.prep.held);
+        let (mut plan, fetches) =
+            plan_transfers(self.prep, needs, self.spec.method, &self.prep.held);
         let link = |h: &str| self.prep.view.host(h).map_or(0, |h| h.link_bps);
+        let stashes = self.scatter(&mut plan, &link);
         let mut tasks = cast_tasks(
             &plan,
             &link,
@@ -621,7 +643,7 @@ impl<'a> Filler<'a> {
         );
         order_casts(&mut tasks);
         let to = |i: usize| self.prep.moving[i].to.clone();
-        let releases = Releases::new(&to, needs, &tasks, &fetches, release);
+        let releases = Releases::new(&to, needs, &tasks, &fetches, &stashes, release);
         releases.start();
         std::thread::scope(|s| {
             let (me, rel) = (&self, &releases);
@@ -632,8 +654,138 @@ impl<'a> Filler<'a> {
                     rel.ended(&Unit::Fetch(d.clone(), mate.clone()));
                 });
             }
+            for ((src, inter), items) in &stashes {
+                s.spawn(move || {
+                    me.stash(src, inter, items);
+                    rel.ended(&Unit::Stash(src.clone(), inter.clone()));
+                });
+            }
         });
         self.traffic.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `--scatter`: takes out of `plan` what goes to intermediaries.
+    fn scatter(&self, plan: &mut SourcePlan, link: &dyn Fn(&str) -> u64) -> Stashes {
+        if !self.spec.scatter || self.spec.method != Method::Pagecast {
+            return Stashes::new();
+        }
+        let spare = super::scatter::intermediaries(self.prep);
+        let stashes = super::scatter::plan(plan, link, &spare);
+        let pages: usize = stashes.values().map(Vec::len).sum();
+        let to: BTreeSet<&str> = stashes.keys().map(|(_, i)| i.as_str()).collect();
+        (self.on)(Event::Step(if pages == 0 {
+            format!(
+                "scatter: nothing to scatter ({} intermediaries; the destinations' links keep \
+                 up with the sources', or a link is unknown)",
+                spare.len()
+            )
+        } else {
+            format!(
+                "scatter: {pages} pages to {} intermediaries ({}), gathered after post-copy",
+                to.len(),
+                to.into_iter().collect::<Vec<_>>().join(", ")
+            )
+        }));
+        stashes
+    }
+
+    /// Has intermediary `inter` take `items` from source `src`, a chunk at
+    /// a time, and tells each destination where to gather a chunk's
+    /// contents once they are all there. A chunk that fails is not
+    /// gathered: its contents travel in their VMs' own migrations.
+    fn stash(&self, src: &str, inter: &str, items: &[(PageHash, String)]) {
+        (self.on)(Event::Step(format!(
+            "{src}: {} pages to intermediary {inter}",
+            items.len()
+        )));
+        let mut dests: Vec<&str> = items.iter().map(|x| x.1.as_str()).collect();
+        dests.sort_unstable();
+        dests.dedup();
+        lock(&self.traffic).mates.insert(inter.to_owned());
+        let opened =
+            super::jobs::open_stash(self.svc, self.prep, &self.spec.job, (src, inter), &dests);
+        if let Err(e) = opened {
+            lock(&self.traffic)
+                .errors
+                .push(format!("scatter to {inter}: {e}"));
+            return;
+        }
+        for chunk in items.chunks(STASH_CHUNK) {
+            let hashes: Vec<PageHash> = chunk.iter().map(|x| x.0).collect();
+            let r = self.svc.agents.fetch(
+                self.prep.address(inter),
+                v1::FetchRequest {
+                    job: self.spec.job.clone(),
+                    from: self.prep.address(src).to_owned(),
+                    hashes: pagecast_pages::packed::pack(&hashes).into(),
+                    mode: v1::FetchMode::IntoStash as i32,
+                    domain: String::new(),
+                },
+                Duration::from_secs(30 + hashes.len() as u64 / 2_000),
+            );
+            let why = match r {
+                Ok(f) if f.error.is_none() => {
+                    *lock(&self.traffic)
+                        .scattered
+                        .entry(src.to_owned())
+                        .or_default() += f.bytes;
+                    // What the source no longer held (its guests rewrote
+                    // it) travels in the VM's own migration.
+                    let missing: HashSet<PageHash> =
+                        pagecast_pages::packed::unpack(&f.missing, hashes.len())
+                            .unwrap_or_else(|_| hashes.clone())
+                            .into_iter()
+                            .collect();
+                    let there: Vec<(PageHash, String)> = chunk
+                        .iter()
+                        .filter(|x| !missing.contains(&x.0))
+                        .cloned()
+                        .collect();
+                    self.gather_at(inter, &there);
+                    continue;
+                }
+                Ok(f) => {
+                    let e = pagecast_proto::refusal_text(&f.error).to_owned();
+                    format!("kept {} of {} pages: {e}", f.pages, hashes.len())
+                }
+                Err(e) => e.to_string(),
+            };
+            lock(&self.traffic)
+                .errors
+                .push(format!("scatter from {src} to {inter}: {why}"));
+            return;
+        }
+    }
+
+    /// Tells each destination of `items` to gather its contents from
+    /// intermediary `inter` after switching over.
+    fn gather_at(&self, inter: &str, items: &[(PageHash, String)]) {
+        let mut by: BTreeMap<&str, Vec<PageHash>> = BTreeMap::new();
+        for (h, d) in items {
+            by.entry(d.as_str()).or_default().push(*h);
+        }
+        for (d, hs) in by {
+            let r = self.svc.agents.fetch(
+                self.prep.address(d),
+                v1::FetchRequest {
+                    job: self.spec.job.clone(),
+                    from: self.prep.address(inter).to_owned(),
+                    hashes: pagecast_pages::packed::pack(&hs).into(),
+                    mode: v1::FetchMode::GatherLater as i32,
+                    domain: String::new(),
+                },
+                Duration::from_secs(10),
+            );
+            let failed = match r {
+                Ok(f) => f.error.map(|e| e.message),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
+                lock(&self.traffic)
+                    .errors
+                    .push(format!("gather plan at {d}: {e}"));
+            }
+        }
     }
 
     /// Fetches `hashes` into destination `d` from its rack-mate `mate`.
@@ -652,6 +804,7 @@ impl<'a> Filler<'a> {
                         job: self.spec.job.clone(),
                         from: self.prep.address(mate).to_owned(),
                         hashes: pagecast_pages::packed::pack(hashes).into(),
+                        ..Default::default()
                     },
                     within,
                 )
