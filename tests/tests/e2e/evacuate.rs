@@ -1301,13 +1301,26 @@ fn a_host_certificate_cannot_cordon() {
 /// r2, a tenth of that), and h7 (rack r3, 1 Gbit/s) takes no other part:
 /// the intermediary, started with `inter_env`. Two VMs on h1, dirtying.
 fn scatter_rig(inter_env: &[(&'static str, &'static str)]) -> Rig {
+    let hosts = [
+        ("h1", "r1", "1G", "512MiB"),
+        ("h4", "r2", "100M", "512MiB"),
+        ("h7", "r3", "1G", "512MiB"),
+    ];
+    scatter_rig_of(&hosts, inter_env)
+}
+
+/// [`scatter_rig`] with `hosts` (name, rack, link, capacity); h7 is the
+/// intermediary.
+fn scatter_rig_of(
+    hosts: &[(&str, &str, &str, &str)],
+    inter_env: &[(&'static str, &'static str)],
+) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let idx = IndexCluster::start(dir.path(), SHARDS);
     let addrs = idx.addrs();
-    let hosts = [("h1", "r1", "1G"), ("h4", "r2", "100M"), ("h7", "r3", "1G")];
     let agents = hosts
         .iter()
-        .map(|(name, rack, link)| {
+        .map(|(name, rack, link, capacity)| {
             let args = [
                 "--index",
                 &addrs,
@@ -1316,7 +1329,7 @@ fn scatter_rig(inter_env: &[(&'static str, &'static str)]) -> Rig {
                 "--link",
                 link,
                 "--capacity",
-                "512MiB",
+                capacity,
             ];
             let env: &[(&str, &str)] = if *name == "h7" { inter_env } else { &[] };
             AgentProc::start_with_env(dir.path(), name, &args, env)
@@ -1455,4 +1468,59 @@ fn an_intermediary_killed_mid_gather_leaves_the_rest_to_the_source() {
         );
     }
     assert!(r.vms_on("h1").is_empty(), "{:?}", r.vms_on("h1"));
+}
+
+/// Scatter with one destination frozen (SIGSTOP) before the job starts: its
+/// VM fails and runs on at the source, the job's other VM moves by
+/// post-copy, gathering from the intermediary, and the job ends well
+/// within a minute.
+#[test]
+fn scatter_goes_on_around_a_frozen_destination() {
+    let name = "scatter_goes_on_around_a_frozen_destination";
+    if !needs(name, &[Need::Kvm, Need::LoopbackMulticast, Need::Root]) {
+        return;
+    }
+    // Each destination has room for one VM.
+    let hosts = [
+        ("h1", "r1", "1G", "512MiB"),
+        ("h4", "r2", "100M", "64MiB"),
+        ("h5", "r2", "100M", "64MiB"),
+        ("h7", "r3", "1G", "512MiB"),
+    ];
+    let r = scatter_rig_of(&hosts, &[]);
+    r.agent("h5").freeze();
+    let t = Instant::now();
+    let (out, rep) = r.evacuate(&["--from", "h1", "--to", "h4,h5", "--scatter"]);
+    let took = t.elapsed();
+    r.agent("h5").thaw();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the job took {took:?}");
+    assert!(
+        took < Duration::from_secs(60),
+        "the job took {took:?}\n{err}"
+    );
+    assert_eq!(out.status.code(), Some(2), "some VMs did not move: {err}");
+    let vms = rep["vms"].as_array().expect("a report");
+    assert_eq!(vms.len(), 2, "{rep}");
+    for v in vms {
+        if v["to"] == "h5" {
+            assert_eq!(v["ok"], false, "{v}");
+            assert_eq!(v["in_doubt"], false, "{v}");
+        } else {
+            assert_eq!(v["verified"], true, "{v}\n{err}");
+            assert_eq!(v["switchover"], "postcopy", "{v}");
+            assert!(v["pages_gathered"].as_u64().unwrap() > 0, "{v}\n{err}");
+        }
+    }
+    // Thawed, h5 keeps nothing: each VM runs on one host.
+    std::thread::sleep(Duration::from_secs(2));
+    let at = where_each_runs(&r, &["web1", "db1"]);
+    for v in vms {
+        let want = if v["to"] == "h5" {
+            &v["from"]
+        } else {
+            &v["to"]
+        };
+        assert_eq!(at[v["name"].as_str().unwrap()], want.as_str().unwrap());
+    }
 }
