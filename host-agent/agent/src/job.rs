@@ -872,7 +872,10 @@ pub fn serve_fetch(
                     hashes: std::mem::take(&mut hs).into(),
                     data: std::mem::take(&mut data).into(),
                 }))?;
-                if stashed {
+                // The tests' failpoint, once per process.
+                static SERVED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if stashed && !SERVED.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     pagecast_migrate::failpoint::hit(
                         pagecast_migrate::failpoint::Point::GatherServed,
                     )

@@ -13,8 +13,10 @@
 //!   gathering then meets whatever the action leaves).
 //!
 //! Actions: `exit` (the process exits at once with status 137, as if
-//! killed: nothing after the point runs) or `drop` (the migration's link
-//! fails there, as a connection that breaks would). Unset, nothing
+//! killed: nothing after the point runs), `drop` (the migration's link
+//! fails there, as a connection that breaks would) or `stop` (the process
+//! stops itself with SIGSTOP there, as a frozen host would, until someone
+//! sends it SIGCONT). Unset, nothing
 //! happens; an unknown point or action is ignored with a warning on
 //! standard error.
 
@@ -27,6 +29,8 @@ pub enum Action {
     Exit,
     /// Fail the link.
     Drop,
+    /// Stop the process (SIGSTOP) until it is continued.
+    Stop,
 }
 
 /// A point where a failure can be injected.
@@ -61,6 +65,7 @@ fn parse(spec: &str) -> Vec<(Point, Action)> {
             let action = match a {
                 "exit" => Action::Exit,
                 "drop" => Action::Drop,
+                "stop" => Action::Stop,
                 _ => return None,
             };
             Some((point, action))
@@ -68,7 +73,7 @@ fn parse(spec: &str) -> Vec<(Point, Action)> {
         match parsed {
             Some(x) => out.push(x),
             None => eprintln!(
-                "PAGECAST_FAILPOINT: ignoring {item:?} (points: dest-commit, dest-resumed, gather-served; actions: exit, drop)"
+                "PAGECAST_FAILPOINT: ignoring {item:?} (points: dest-commit, dest-resumed, gather-served; actions: exit, drop, stop)"
             ),
         }
     }
@@ -89,6 +94,12 @@ pub fn hit(point: Point) -> Result<(), crate::MigrationError> {
     match at(point) {
         None => Ok(()),
         Some(Action::Exit) => std::process::exit(137),
+        Some(Action::Stop) => {
+            // SAFETY: raise(3) with a valid signal number has no memory
+            // effects; the process stops here and goes on when continued.
+            unsafe { libc::raise(libc::SIGSTOP) };
+            Ok(())
+        }
         Some(Action::Drop) => Err(crate::MigrationError::Link(
             pagecast_channel::AuthError::Closed {
                 peer: format!("failpoint {}", point.name()),
@@ -104,11 +115,11 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_items_are_skipped() {
         assert_eq!(
-            parse("dest-commit:exit, dest-resumed:drop,gather-served:exit"),
+            parse("dest-commit:exit, dest-resumed:drop,gather-served:stop"),
             vec![
                 (Point::DestCommit, Action::Exit),
                 (Point::DestResumed, Action::Drop),
-                (Point::GatherServed, Action::Exit)
+                (Point::GatherServed, Action::Stop)
             ]
         );
         assert_eq!(parse("nowhere:exit,dest-commit:explode,"), vec![]);

@@ -353,7 +353,11 @@ impl Serve<'_> {
         let mut told = Instant::now();
         loop {
             while let Ok(g) = gathered.try_recv() {
-                self.gathered(g)?;
+                if self.gathered(g)? {
+                    // The source, silent since its digest, is asked again:
+                    // its answer has the reply timeout from now.
+                    heard = Instant::now();
+                }
             }
             if !self.gather_frames.is_empty() && told.elapsed() >= KEEPALIVE_EVERY {
                 // The source waits for the end while pages come from
@@ -490,8 +494,8 @@ impl Serve<'_> {
 
     /// A content gathered (placed in every frame still waiting for it, if
     /// it hashes to what it was asked for) or lost (its frames asked of the
-    /// source).
-    fn gathered(&mut self, g: Gathered) -> Result<(), MigrationError> {
+    /// source). True if the source was asked for frames.
+    fn gathered(&mut self, g: Gathered) -> Result<bool, MigrationError> {
         let lost = match g {
             Gathered::Page(h, page) if self.key.hash_page(&page) == h => {
                 for f in self.gather_frames.remove(&h).unwrap_or_default() {
@@ -499,7 +503,7 @@ impl Serve<'_> {
                         self.done.gathered += 1;
                     }
                 }
-                return Ok(());
+                return Ok(false);
             }
             Gathered::Page(h, _) => {
                 let why = format!("the page gathered for {h} has another content");
@@ -522,7 +526,8 @@ impl Serve<'_> {
             }
         }
         self.done.gather_lost += frames.len() as u64;
-        self.request(&frames)
+        self.request(&frames)?;
+        Ok(!frames.is_empty())
     }
 
     /// Every frame is there: the table must be the source's.

@@ -1524,3 +1524,38 @@ fn scatter_goes_on_around_a_frozen_destination() {
         assert_eq!(at[v["name"].as_str().unwrap()], want.as_str().unwrap());
     }
 }
+
+/// An intermediary that freezes (SIGSTOP, raised by a failpoint so that
+/// it happens mid-gather) once it has given h4 its first stashed pages:
+/// h4 gives it up within its reply timeout, asks the paused source for
+/// the rest, and every VM arrives verified; the job does not wait for the
+/// frozen host.
+#[test]
+fn an_intermediary_frozen_mid_gather_is_given_up_and_the_source_sends_the_rest() {
+    let name = "an_intermediary_frozen_mid_gather_is_given_up_and_the_source_sends_the_rest";
+    if !needs(name, &[Need::Kvm, Need::LoopbackMulticast, Need::Root]) {
+        return;
+    }
+    let r = scatter_rig(&[("PAGECAST_FAILPOINT", "gather-served:stop")]);
+    let t = Instant::now();
+    let (out, rep) = r.evacuate(&["--from", "h1", "--to", "h4", "--scatter"]);
+    let took = t.elapsed();
+    r.agent("h7").thaw();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the job took {took:?}");
+    assert!(out.status.success(), "{err}\n{}", r.logs());
+    assert!(took < Duration::from_secs(60), "the job took {took:?}");
+    for v in rep["vms"].as_array().unwrap() {
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["switchover"], "postcopy", "{v}");
+    }
+    let (gathered, lost) = gathered_at(&r, "h4");
+    assert!(lost > 0, "gathered {gathered}, lost {lost}\n{}", r.logs());
+    assert!(
+        r.agent("h4").log().contains("h7") || r.agent("h4").log().contains("gathering"),
+        "{}",
+        r.agent("h4").log()
+    );
+    let at = where_each_runs(&r, &["web1", "db1"]);
+    assert!(at.values().all(|h| h == "h4"), "{at:?}");
+}

@@ -152,8 +152,11 @@ impl Push {
                     // gather elsewhere and could not: sent now.
                     Some(Body::PageRequest(r)) => {
                         self.asked(&r.frames, fleet.vm.page_count())?;
-                        let batch = self.batch(false);
-                        if !batch.is_empty() {
+                        loop {
+                            let batch = self.batch(false);
+                            if batch.is_empty() {
+                                break;
+                            }
                             send_frames(fleet, &[i], &batch, self.round)?;
                             self.pages += batch.len() as u64;
                         }
