@@ -222,26 +222,18 @@ pub(crate) fn complete(
     let (started_tx, started_rx) = mpsc::channel::<Result<u64, String>>();
     let (urgent_tx, urgent_rx) = mpsc::channel::<PageHash>();
     let (gathered_tx, gathered_rx) = mpsc::channel::<Gathered>();
-    let (mut gather_src, gather_frames) = match gathering {
-        Some((g, frames)) => (Some(g.source), frames),
-        None => (None, HashMap::new()),
-    };
-    let gather_of: HashMap<u64, PageHash> = gather_frames
-        .iter()
-        .flat_map(|(h, fs)| fs.iter().map(move |&f| (f, *h)))
-        .collect();
-    let awaiting: HashSet<u64> = missing
-        .iter()
-        .copied()
-        .filter(|f| !gather_of.contains_key(f))
-        .collect();
-    let mut order: Vec<PageHash> = gather_frames.keys().copied().collect();
-    order.sort_unstable();
+    let Owed {
+        mut source,
+        frames: gather_frames,
+        of: gather_of,
+        awaiting,
+        order,
+    } = Owed::of(missing, gathering);
     std::thread::scope(|s| {
         let catcher = s.spawn(|| catch(&uf, &stop, faults_tx));
-        let gatherer = gather_src.as_mut().map(|src| {
+        let gatherer = source.as_mut().map(|src| {
             let stop = &stop;
-            s.spawn(move || gather(&mut **src, order.into(), &urgent_rx, &gathered_tx, stop))
+            s.spawn(move || gather(&mut **src, order, &urgent_rx, &gathered_tx, stop))
         });
         let serving = s.spawn(move || {
             let mut l = Serve {
@@ -288,18 +280,65 @@ pub(crate) fn complete(
         if let Some(g) = gatherer {
             let _ = g.join();
         }
-        match r {
-            Ok(done) => Ok(done),
-            Err(MigrationError::PostcopyLost(why)) if failed_start => {
-                Err(MigrationError::Start(why))
-            }
-            // The VM runs on memory it can no longer complete, or that
-            // does not match its source: either way it cannot run on, and
-            // the error says which.
-            Err(e @ (MigrationError::PostcopyLost(_) | MigrationError::Verification(_))) => Err(e),
-            Err(e) => Err(MigrationError::PostcopyLost(e.to_string())),
-        }
+        outcome(r, failed_start)
     })
+}
+
+/// Post-copy's end as the caller hears it: a start that failed, or a VM
+/// that cannot run on (post-copy lost, or a failed verification).
+fn outcome(
+    r: Result<Finished, MigrationError>,
+    failed_start: bool,
+) -> Result<Finished, MigrationError> {
+    match r {
+        Ok(done) => Ok(done),
+        Err(MigrationError::PostcopyLost(why)) if failed_start => Err(MigrationError::Start(why)),
+        // The VM runs on memory it can no longer complete, or that does
+        // not match its source: either way it cannot run on, and the error
+        // says which.
+        Err(e @ (MigrationError::PostcopyLost(_) | MigrationError::Verification(_))) => Err(e),
+        Err(e) => Err(MigrationError::PostcopyLost(e.to_string())),
+    }
+}
+
+/// Who owes each missing frame: the source, or (by content) the hosts a
+/// [`Gather`] names.
+struct Owed {
+    source: Option<Box<dyn GatherSource>>,
+    /// Frames to gather, by content, and their content by frame.
+    frames: HashMap<PageHash, Vec<u64>>,
+    of: HashMap<u64, PageHash>,
+    /// Frames the source is to send.
+    awaiting: HashSet<u64>,
+    /// The contents to gather, in the order asked for.
+    order: VecDeque<PageHash>,
+}
+
+impl Owed {
+    fn of(missing: &[u64], gathering: Option<(Gather, HashMap<PageHash, Vec<u64>>)>) -> Owed {
+        let (source, frames) = match gathering {
+            Some((g, frames)) => (Some(g.source), frames),
+            None => (None, HashMap::new()),
+        };
+        let of: HashMap<u64, PageHash> = frames
+            .iter()
+            .flat_map(|(h, fs)| fs.iter().map(move |&f| (f, *h)))
+            .collect();
+        let awaiting = missing
+            .iter()
+            .copied()
+            .filter(|f| !of.contains_key(f))
+            .collect();
+        let mut order: Vec<PageHash> = frames.keys().copied().collect();
+        order.sort_unstable();
+        Owed {
+            source,
+            frames,
+            of,
+            awaiting,
+            order: order.into(),
+        }
+    }
 }
 
 /// Turns missing-page faults into frame numbers until told to stop.

@@ -1045,9 +1045,11 @@ fn a_migration_to_a_destination_frozen_mid_stream_fails_within_seconds_naming_it
     assert!(!out.status.success(), "{all}");
     eprintln!("the migration failed {took:?} after the destination froze");
     // Found within 10 s (the 8 s send deadline once the socket buffers
-    // are full), then at most 1 s closing the job at the frozen host.
+    // are full), then at most 1 s closing the job at the frozen host; a
+    // full run of the suite on two cores measured 12.3 s once (the
+    // sender's buffers fill more slowly under load), hence 15 s.
     assert!(
-        took < Duration::from_secs(12),
+        took < Duration::from_secs(15),
         "failed {took:?} after the freeze: {all}\n{}",
         std::fs::read_to_string(&a.log).unwrap_or_default()
     );
