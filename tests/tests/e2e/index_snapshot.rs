@@ -40,17 +40,37 @@ fn a_snapshot_sender_frozen_mid_stream_costs_the_receiver_one_part_deadline() {
     c.kill(2);
     std::fs::remove_dir_all(c.data_dir(2)).unwrap();
     c.spawn(2);
-    let staging = c
-        .data_dir(2)
-        .join("pagecast-snapshots")
-        .join("in")
-        .join(format!("shard-0-{AT}"));
+    let incoming = c.data_dir(2).join("pagecast-snapshots").join("in");
+    // The snapshot's index is AT or, once the leader has applied its own
+    // first entry of the new term, just after it: the staging directory
+    // is named after it.
+    let staged = |incoming: &std::path::Path| -> Option<std::path::PathBuf> {
+        std::fs::read_dir(incoming)
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("shard-0-"))
+                    && p.join("holders-000001.sst").exists()
+            })
+    };
 
     // Replica 3 starts fetching the leader's snapshot: its first table
     // file appears. Freeze the replica that sent it.
+    let mut staging = std::path::PathBuf::new();
     wait_for("the first part", Duration::from_secs(60), &c, || {
-        staging.join("holders-000001.sst").exists()
+        staged(&incoming).map(|p| staging = p).is_some()
     });
+    let index: u64 = staging
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("shard-0-"))
+        .and_then(|n| n.parse().ok())
+        .expect("shard-0-INDEX");
+    assert!(index >= AT, "a snapshot at {index}, before {AT}");
+    eprintln!("replica 3 fetches the snapshot at {index} (the shard was made at {AT})");
     let mut sender = None;
     wait_for("the sender", Duration::from_secs(10), &c, || {
         sender = (0..2).find(|i| {
@@ -80,7 +100,7 @@ fn a_snapshot_sender_frozen_mid_stream_costs_the_receiver_one_part_deadline() {
     );
     let log = c.log(2);
     assert!(
-        log.contains(&format!("fetching snapshot {AT} failed")),
+        log.contains(&format!("fetching snapshot {index} failed")),
         "the frozen sender's stream was given up: {log}"
     );
     let other = 1 - sender;
