@@ -85,7 +85,6 @@ impl SlotEvents for JobSlots<'_> {
                 tls: self.agent.tls().clone(),
                 job: self.job.id().to_owned(),
                 domain: slot.domain().to_owned(),
-                key: *slot.key(),
                 from,
                 links: HashMap::new(),
             }),
@@ -131,7 +130,6 @@ struct FromIntermediaries {
     tls: pagecast_channel::Tls,
     job: String,
     domain: String,
-    key: ContentKey,
     /// Where each content sits.
     from: HashMap<PageHash, String>,
     /// A connection per intermediary, or None once it failed.
@@ -168,9 +166,10 @@ impl pagecast_migrate::GatherSource for FromIntermediaries {
             }
         }
         for (at, hs) in by {
-            let (job, domain, key) = (self.job.clone(), self.domain.clone(), self.key);
+            let (job, domain) = (self.job.clone(), self.domain.clone());
             let Some(ch) = self.link(&at) else { continue };
-            if let Err(e) = fetch_pages_from(ch, (&at, &job), &domain, &key, &hs, got) {
+            // Unchecked here: the engine checks each page it is handed.
+            if let Err(e) = fetch_pages_from(ch, (&at, &job), &domain, &hs, got) {
                 tracing::warn!(intermediary = %at, "gathering stopped: {e}");
                 self.links.insert(at, None);
             }
@@ -948,8 +947,8 @@ fn fetch_into_stash(
     let mut kept = 0u64;
     let mut err = None;
     let mut got = std::collections::HashSet::with_capacity(hashes.len());
-    let (_, bytes) = fetch_pages_from(&mut ch, at, &r.domain, &key, hashes, &mut |h, page| {
-        if err.is_some() {
+    let bytes = fetch_pages_from(&mut ch, at, &r.domain, hashes, &mut |h, page| {
+        if err.is_some() || key.hash_page(page) != h {
             return;
         }
         // Kept now or kept already: there for the destinations either way.
@@ -1022,9 +1021,15 @@ fn fetch_into_vms(
                 .collect()
         };
         let at = (&r.from[..], &r.job[..]);
-        let mut f = 0u64;
+        let (mut p, mut f) = (0u64, 0u64);
         let mut failed = None;
-        let (p, b) = fetch_pages_from(&mut ch, at, domain, key, &wanted, &mut |h, page| {
+        let b = fetch_pages_from(&mut ch, at, domain, &wanted, &mut |h, page| {
+            if key.hash_page(page) != h {
+                // A rack-mate's page that does not match its hash is not
+                // used; the source sends it instead.
+                return;
+            }
+            p += 1;
             for s in slots {
                 match s.fill(&h, page) {
                     Ok(n) => f += n,
@@ -1042,18 +1047,17 @@ fn fetch_into_vms(
     Ok((pages, frames, bytes))
 }
 
-/// Fetches the pages of `hashes` in dedup domain `domain` (key `key`) over
-/// `ch`, handing each page that matches its hash to `got`; returns pages
-/// got and bytes received.
+/// Fetches the pages of `hashes` in dedup domain `domain` over `ch`,
+/// handing each page to `got` with the content it was sent as (unchecked:
+/// `got` checks it); returns the bytes received.
 fn fetch_pages_from(
     ch: &mut pagecast_channel::Channel,
     (from, job): (&str, &str),
     domain: &str,
-    key: &ContentKey,
     hashes: &[PageHash],
     got: &mut dyn FnMut(PageHash, &Page),
-) -> Result<(u64, u64), AgentError> {
-    let (mut pages, mut bytes) = (0u64, 0u64);
+) -> Result<u64, AgentError> {
+    let mut bytes = 0u64;
     for chunk in hashes.chunks(HASHES_PER_FRAME) {
         ch.send(&v1::AgentRequest {
             body: Some(v1::agent_request::Body::FetchPages(v1::FetchPagesRequest {
@@ -1096,17 +1100,11 @@ fn fetch_pages_from(
                 let page: &Page = p.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
                     .try_into()
                     .expect("page");
-                if key.hash_page(page) != h {
-                    // A rack-mate's page that does not match its hash
-                    // is not used; the source sends it instead.
-                    continue;
-                }
-                pages += 1;
                 got(h, page);
             }
         }
     }
-    Ok((pages, bytes))
+    Ok(bytes)
 }
 
 /// The distinct contents of a VM, from the content map, in frames.

@@ -670,10 +670,17 @@ fn a_frozen_destination_is_treated_as_failed() {
         }
     }
     // Thawed, h5 keeps nothing of them; each VM runs on one host.
+    settled_around(&r, rep["vms"].as_array().unwrap(), &MOVING, "h5");
+}
+
+/// Once `frozen` is thawed: each VM of `names` runs on exactly one host,
+/// at its source if the report's move took it to `frozen`, at its
+/// destination otherwise.
+fn settled_around(r: &Rig, vms: &[serde_json::Value], names: &[&str], frozen: &str) {
     std::thread::sleep(Duration::from_secs(2));
-    let at = where_each_runs(&r, &MOVING);
-    for v in rep["vms"].as_array().unwrap() {
-        let want = if v["to"] == "h5" {
+    let at = where_each_runs(r, names);
+    for v in vms {
+        let want = if v["to"] == frozen {
             &v["from"]
         } else {
             &v["to"]
@@ -1513,16 +1520,7 @@ fn scatter_goes_on_around_a_frozen_destination() {
         }
     }
     // Thawed, h5 keeps nothing: each VM runs on one host.
-    std::thread::sleep(Duration::from_secs(2));
-    let at = where_each_runs(&r, &["web1", "db1"]);
-    for v in vms {
-        let want = if v["to"] == "h5" {
-            &v["from"]
-        } else {
-            &v["to"]
-        };
-        assert_eq!(at[v["name"].as_str().unwrap()], want.as_str().unwrap());
-    }
+    settled_around(&r, vms, &["web1", "db1"], "h5");
 }
 
 /// An intermediary that freezes (SIGSTOP, raised by a failpoint so that
@@ -1551,10 +1549,10 @@ fn an_intermediary_frozen_mid_gather_is_given_up_and_the_source_sends_the_rest()
     }
     let (gathered, lost) = gathered_at(&r, "h4");
     assert!(lost > 0, "gathered {gathered}, lost {lost}\n{}", r.logs());
+    let h4 = r.agent("h4").log();
     assert!(
-        r.agent("h4").log().contains("h7") || r.agent("h4").log().contains("gathering"),
-        "{}",
-        r.agent("h4").log()
+        h4.contains("gathering stopped") || h4.contains("gathering: connection"),
+        "{h4}"
     );
     let at = where_each_runs(&r, &["web1", "db1"]);
     assert!(at.values().all(|h| h == "h4"), "{at:?}");

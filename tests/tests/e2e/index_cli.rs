@@ -115,11 +115,17 @@ impl Cluster {
     }
 
     fn addrs(&self) -> String {
-        self.reps
-            .iter()
-            .map(|r| r.addr.clone())
-            .collect::<Vec<_>>()
-            .join(",")
+        self.addrs_of(self.reps.len())
+    }
+
+    /// The first `n` replicas' addresses, comma-separated.
+    fn addrs_of(&self, n: usize) -> String {
+        self.addr_list()[..n].join(",")
+    }
+
+    /// Every replica's address.
+    fn addr_list(&self) -> Vec<String> {
+        self.reps.iter().map(|r| r.addr.clone()).collect()
     }
 
     fn logs(&self) -> String {
@@ -501,7 +507,7 @@ fn check_acked(addrs: &[String], acked: &[u64], per_batch: u64, stale: bool) {
 #[test]
 fn killed_leader_restarts_and_a_wiped_replica_catches_up() {
     let mut c = Cluster::start(1);
-    let addrs: Vec<String> = c.reps.iter().map(|r| r.addr.clone()).collect();
+    let addrs = c.addr_list();
     let per_batch = 200u64;
     let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -927,7 +933,7 @@ fn a_replica_joins_and_another_leaves_while_writes_go_on() {
     // answers once it runs.
     let four = c.add_replica(4);
     let addr4 = c.reps[four].addr.clone();
-    let addrs: Vec<String> = c.reps.iter().map(|r| r.addr.clone()).collect();
+    let addrs = c.addr_list();
     let publisher = Publisher::start(addrs, 77, shard0_batch);
     publisher.wait_more(20);
 
@@ -935,11 +941,7 @@ fn a_replica_joins_and_another_leaves_while_writes_go_on() {
     // shard count there, and votes nowhere until it is added.
     let first = c.reps[0].addr.clone();
     c.spawn_joining(four, &first);
-    let ix = c.reps[..3]
-        .iter()
-        .map(|r| r.addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
+    let ix = c.addrs_of(3);
     let out = ok(&[
         "index",
         "members",
@@ -1029,7 +1031,7 @@ fn five_servers_sixteen_shards_one_replaced_while_writes_go_on() {
          every server: {st:?}"
     );
     let six = c.add_replica(6);
-    let addrs: Vec<String> = c.reps.iter().map(|r| r.addr.clone()).collect();
+    let addrs = c.addr_list();
     let publisher = Publisher::start(addrs, 55, sixteen_batch);
     publisher.wait_more(40);
 
@@ -1038,11 +1040,7 @@ fn five_servers_sixteen_shards_one_replaced_while_writes_go_on() {
     // removing.
     let first = c.reps[0].addr.clone();
     c.spawn_joining(six, &first);
-    let ix = c.reps[..5]
-        .iter()
-        .map(|r| r.addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
+    let ix = c.addrs_of(5);
     let add6 = format!("6={}", c.reps[six].addr);
     let rebalance = |dry: bool| {
         let mut args = vec![

@@ -25,6 +25,26 @@ fn wait_for(what: &str, limit: Duration, c: &IndexCluster, mut f: impl FnMut() -
     }
 }
 
+/// The staging directory of the snapshot of shard 0 a replica fetches
+/// under `incoming`, once its first table file is there, and the
+/// snapshot's index. The index is AT or, once the leader has applied its
+/// own first entry of the new term, just after it.
+fn staged_snapshot(incoming: &std::path::Path) -> Option<(std::path::PathBuf, u64)> {
+    std::fs::read_dir(incoming)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find_map(|p| {
+            let index = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("shard-0-")?
+                .parse()
+                .ok()?;
+            p.join("holders-000001.sst").exists().then_some((p, index))
+        })
+}
+
 #[test]
 fn a_snapshot_sender_frozen_mid_stream_costs_the_receiver_one_part_deadline() {
     let root = tempfile::tempdir().unwrap();
@@ -41,34 +61,14 @@ fn a_snapshot_sender_frozen_mid_stream_costs_the_receiver_one_part_deadline() {
     std::fs::remove_dir_all(c.data_dir(2)).unwrap();
     c.spawn(2);
     let incoming = c.data_dir(2).join("pagecast-snapshots").join("in");
-    // The snapshot's index is AT or, once the leader has applied its own
-    // first entry of the new term, just after it: the staging directory
-    // is named after it.
-    let staged = |incoming: &std::path::Path| -> Option<std::path::PathBuf> {
-        std::fs::read_dir(incoming)
-            .ok()?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("shard-0-"))
-                    && p.join("holders-000001.sst").exists()
-            })
-    };
-
     // Replica 3 starts fetching the leader's snapshot: its first table
     // file appears. Freeze the replica that sent it.
-    let mut staging = std::path::PathBuf::new();
+    let mut staged = None;
     wait_for("the first part", Duration::from_secs(60), &c, || {
-        staged(&incoming).map(|p| staging = p).is_some()
+        staged = staged_snapshot(&incoming);
+        staged.is_some()
     });
-    let index: u64 = staging
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("shard-0-"))
-        .and_then(|n| n.parse().ok())
-        .expect("shard-0-INDEX");
+    let (staging, index) = staged.unwrap();
     assert!(index >= AT, "a snapshot at {index}, before {AT}");
     eprintln!("replica 3 fetches the snapshot at {index} (the shard was made at {AT})");
     let mut sender = None;

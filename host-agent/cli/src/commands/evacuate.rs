@@ -173,8 +173,9 @@ pub struct EvacuateArgs {
     /// hosts with an agent, a known link and free memory that take no
     /// other part in the job. They fetch them from the sources, and each
     /// destination gathers them after its VM has switched over by
-    /// post-copy, while the VM runs. The sources are then evicted at
-    /// their own links' pace (evicted_s in the report). Needs
+    /// post-copy, while the VM runs. A source then counts as evicted once
+    /// it has pushed its last page, not when its destination has every
+    /// page (evicted_s in the report). Needs
     /// --strategy pagecast and a switchover that may be post-copy (auto
     /// or postcopy).
     #[arg(long)]
@@ -580,7 +581,9 @@ fn render_evicted(s: &mut String, r: &EvacuationReport) {
 }
 
 /// Runs `pagecast evacuate`.
-pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
+/// `--scatter` only where it can work: pagecast's strategy, and a switchover
+/// that may be post-copy.
+fn check_scatter(a: &EvacuateArgs) -> anyhow::Result<()> {
     if a.scatter && a.strategy != "pagecast" {
         anyhow::bail!(
             "--scatter needs --strategy pagecast ({} moves as the system it is named after); \
@@ -594,6 +597,11 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
              gathers scattered pages while its VM runs; nothing was moved"
         );
     }
+    Ok(())
+}
+
+pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
+    check_scatter(&a)?;
     let tls = a.index.identity()?;
     let stop = pagecast_cli::interrupts::catch();
     let job = a.job.clone().unwrap_or_else(|| new_job_id("ev"));

@@ -71,10 +71,10 @@ pub(super) fn measured(
                 } else {
                     0.0
                 };
-                let at = &(at - gathering).max(0.0);
-                eviction = eviction.max(*at);
-                left = Some(*at);
-                o.left_s = Some(*at);
+                let at = (at - gathering).max(0.0);
+                eviction = eviction.max(at);
+                left = Some(at);
+                o.left_s = Some(at);
                 o.switchover = if r.postcopy { "postcopy" } else { "precopy" }.into();
                 o.postcopy_faults = r.postcopy_requested;
                 o.postcopy_s = r.postcopy_ms / 1e3;

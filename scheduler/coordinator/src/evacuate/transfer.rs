@@ -712,15 +712,10 @@ impl<'a> Filler<'a> {
         }
         for chunk in items.chunks(STASH_CHUNK) {
             let hashes: Vec<PageHash> = chunk.iter().map(|x| x.0).collect();
-            let r = self.svc.agents.fetch(
-                self.prep.address(inter),
-                v1::FetchRequest {
-                    job: self.spec.job.clone(),
-                    from: self.prep.address(src).to_owned(),
-                    hashes: pagecast_pages::packed::pack(&hashes).into(),
-                    mode: v1::FetchMode::IntoStash as i32,
-                    domain: String::new(),
-                },
+            let r = self.order_fetch(
+                (inter, src),
+                &hashes,
+                v1::FetchMode::IntoStash,
                 Duration::from_secs(30 + hashes.len() as u64 / 2_000),
             );
             let why = match r {
@@ -757,6 +752,28 @@ impl<'a> Filler<'a> {
         }
     }
 
+    /// Has the agent of `at` fetch `hashes` from the agent of `from` in
+    /// the job, as `mode` says (contents of the cluster-wide domain).
+    fn order_fetch(
+        &self,
+        (at, from): (&str, &str),
+        hashes: &[PageHash],
+        mode: v1::FetchMode,
+        within: Duration,
+    ) -> Result<v1::FetchResult, pagecast_agent_api::ClientError> {
+        self.svc.agents.fetch(
+            self.prep.address(at),
+            v1::FetchRequest {
+                job: self.spec.job.clone(),
+                from: self.prep.address(from).to_owned(),
+                hashes: pagecast_pages::packed::pack(hashes).into(),
+                mode: mode as i32,
+                domain: String::new(),
+            },
+            within,
+        )
+    }
+
     /// Tells each destination of `items` to gather its contents from
     /// intermediary `inter` after switching over.
     fn gather_at(&self, inter: &str, items: &[(PageHash, String)]) {
@@ -765,15 +782,10 @@ impl<'a> Filler<'a> {
             by.entry(d.as_str()).or_default().push(*h);
         }
         for (d, hs) in by {
-            let r = self.svc.agents.fetch(
-                self.prep.address(d),
-                v1::FetchRequest {
-                    job: self.spec.job.clone(),
-                    from: self.prep.address(inter).to_owned(),
-                    hashes: pagecast_pages::packed::pack(&hs).into(),
-                    mode: v1::FetchMode::GatherLater as i32,
-                    domain: String::new(),
-                },
+            let r = self.order_fetch(
+                (d, inter),
+                &hs,
+                v1::FetchMode::GatherLater,
                 Duration::from_secs(10),
             );
             let failed = match r {
@@ -796,19 +808,8 @@ impl<'a> Filler<'a> {
         )));
         let within = Duration::from_secs(30 + hashes.len() as u64 / 2_000);
         lock(&self.traffic).mates.insert(mate.to_owned());
-        let r =
-            super::jobs::open_fetch(self.svc, self.prep, &self.spec.job, d, mate).and_then(|()| {
-                self.svc.agents.fetch(
-                    self.prep.address(d),
-                    v1::FetchRequest {
-                        job: self.spec.job.clone(),
-                        from: self.prep.address(mate).to_owned(),
-                        hashes: pagecast_pages::packed::pack(hashes).into(),
-                        ..Default::default()
-                    },
-                    within,
-                )
-            });
+        let r = super::jobs::open_fetch(self.svc, self.prep, &self.spec.job, d, mate)
+            .and_then(|()| self.order_fetch((d, mate), hashes, v1::FetchMode::IntoVms, within));
         let mut t = lock(&self.traffic);
         match r {
             Ok(f) => {
