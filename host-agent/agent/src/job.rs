@@ -860,13 +860,15 @@ pub fn serve_fetch(
     let mut page = [0u8; PAGE_SIZE];
     let (mut hs, mut data) = (Vec::new(), Vec::new());
     let mut stashed = false;
+    let mut sent = 0u64;
     for h in hashes {
         let held = agent.copy(&key, h, &mut page);
-        if held || job.stashed(&key, h, &mut page) {
+        if held || job.take_stashed(&key, h, &mut page) {
             stashed |= !held;
             hs.extend_from_slice(h.as_bytes());
             data.extend_from_slice(&page);
             if hs.len() / 32 == PAGES_PER_FETCH_FRAME {
+                sent += (hs.len() + data.len()) as u64;
                 send(Resp::Pages(v1::PagesByHash {
                     hashes: std::mem::take(&mut hs).into(),
                     data: std::mem::take(&mut data).into(),
@@ -884,11 +886,14 @@ pub fn serve_fetch(
         }
     }
     if !hs.is_empty() {
+        sent += (hs.len() + data.len()) as u64;
         send(Resp::Pages(v1::PagesByHash {
             hashes: hs.into(),
             data: data.into(),
         }))?;
     }
+    // Counted as the fetching side counts them: hashes and pages.
+    ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "fetch").increment(sent);
     // The end: an empty frame.
     send(Resp::Pages(v1::PagesByHash::default()))
 }
@@ -941,6 +946,7 @@ fn fetch_into_stash(
     hashes: &[PageHash],
 ) -> Result<(u64, u64, Vec<PageHash>), AgentError> {
     let key = agent.domain_key(&r.domain)?;
+    let uses = gatherers_of(&r.gatherers, hashes)?;
     let mut ch = agent.connect_host(&r.from, "give pages to an intermediary")?;
     ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
     let at = (&r.from[..], &r.job[..]);
@@ -952,7 +958,8 @@ fn fetch_into_stash(
             return;
         }
         // Kept now or kept already: there for the destinations either way.
-        match job.stash(key, h, page, agent.stash_room()) {
+        let n = uses.get(&h).copied().unwrap_or(1);
+        match job.stash(key, h, page, (agent.stash_room(), n)) {
             Ok(_) => {
                 kept += 1;
                 got.insert(h);
@@ -975,6 +982,33 @@ fn fetch_into_stash(
         .copied()
         .collect();
     Ok((kept, bytes, missing))
+}
+
+/// How many VMs gather each of `hashes`, from a [`v1::FetchRequest`]'s
+/// `gatherers` (one byte each, 1 to 255; empty: one each, and the map is
+/// empty).
+pub fn gatherers_of(b: &[u8], hashes: &[PageHash]) -> Result<HashMap<PageHash, u8>, AgentError> {
+    if b.is_empty() {
+        return Ok(HashMap::new());
+    }
+    if b.len() != hashes.len() {
+        return Err(AgentError::BadRequest(format!(
+            "{} gatherer counts for {} contents",
+            b.len(),
+            hashes.len()
+        )));
+    }
+    if b.contains(&0) {
+        return Err(AgentError::BadRequest(
+            "a stashed content with no VM to gather it".into(),
+        ));
+    }
+    let mut m = HashMap::with_capacity(hashes.len());
+    for (h, &n) in hashes.iter().zip(b) {
+        let e = m.entry(*h).or_insert(n);
+        *e = (*e).max(n);
+    }
+    Ok(m)
 }
 
 /// Fetches pages from a rack-mate's agent into the job's arriving VMs.
@@ -1205,5 +1239,46 @@ mod tests {
         let too_many = vec![0u8; pagecast_proto::MAX_CONTROL_FRAME_BYTES + 32];
         let e = hashes_of(&too_many).unwrap_err();
         assert!(matches!(e, AgentError::BadRequest(_)), "{e}");
+    }
+
+    /// Gatherer counts, over many random inputs: accepted only one per
+    /// content and none zero; then every content has its count (the
+    /// largest where a content is named twice).
+    #[test]
+    fn gatherer_counts_are_one_per_content_and_never_zero() {
+        let hs: Vec<PageHash> = (0u8..6)
+            .map(|i| PageHash::of_page(&[i % 5; PAGE_SIZE]))
+            .collect();
+        assert!(
+            gatherers_of(&[], &hs).unwrap().is_empty(),
+            "empty: one each"
+        );
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2_000 {
+            let len = (next() % 9) as usize;
+            let b: Vec<u8> = (0..len).map(|_| (next() % 4) as u8).collect();
+            match gatherers_of(&b, &hs) {
+                Ok(m) if b.is_empty() => assert!(m.is_empty(), "empty: one each"),
+                Ok(m) => {
+                    assert_eq!(b.len(), hs.len(), "{b:?}");
+                    assert!(!b.contains(&0), "{b:?}");
+                    for (h, n) in hs.iter().zip(&b) {
+                        assert!(m[h] >= *n && m[h] > 0, "{b:?}");
+                    }
+                    // The fifth and sixth name one content.
+                    assert_eq!(m[&hs[5]], b[0].max(b[5]), "{b:?}");
+                }
+                Err(e) => {
+                    assert!(b.len() != hs.len() || b.contains(&0), "{b:?}: {e}");
+                    assert!(matches!(e, AgentError::BadRequest(_)), "{e}");
+                }
+            }
+        }
     }
 }

@@ -87,18 +87,28 @@ struct JobInner {
     /// Held migrations out of here, by VM.
     holds: HashMap<String, HoldWord>,
     /// Pages this host keeps for the job as an intermediary of a
-    /// scatter-gather eviction, by dedup domain key and content; freed
-    /// when the job ends.
-    stash: HashMap<(ContentKey, PageHash), Box<Page>>,
+    /// scatter-gather eviction, by dedup domain key and content; each
+    /// freed once served to every VM that gathers it (one that did not
+    /// receive it asks the source instead), the rest when the job ends.
+    stash: HashMap<(ContentKey, PageHash), Stashed>,
     /// Contents the job's arriving VMs gather after their post-copy
     /// switchover, and the intermediary (its agent's address) holding
     /// each.
     gather: HashMap<PageHash, String>,
 }
 
+/// A page an intermediary keeps, and how many more times it is to be
+/// served.
+struct Stashed {
+    page: Box<Page>,
+    left: u8,
+}
+
 impl JobInner {
     /// The job ended: what it kept is freed.
     fn free(&mut self) {
+        ::metrics::gauge!(crate::metrics::STASH_BYTES)
+            .decrement((self.stash.len() * PAGE_SIZE) as f64);
         self.stash = HashMap::new();
         self.gather = HashMap::new();
     }
@@ -126,14 +136,15 @@ impl Job {
     }
 
     /// Keeps `page` (content `h` in the domain of `key`, checked by the
-    /// caller) for the job, if it has `room` bytes left: true if kept now,
-    /// false if kept already. Refused once the job ended.
+    /// caller) for the job's `gatherers` arriving VMs that gather it, if
+    /// it has `room` bytes left: true if kept now, false if kept already.
+    /// Refused once the job ended.
     pub fn stash(
         &self,
         key: ContentKey,
         h: PageHash,
         page: &Page,
-        room: u64,
+        (room, gatherers): (u64, u8),
     ) -> Result<bool, AgentError> {
         if let Some(why) = self.stopped() {
             return Err(AgentError::UnknownJob(format!(
@@ -153,19 +164,29 @@ impl Job {
                 capacity: room,
             });
         }
-        g.stash.insert((key, h), Box::new(*page));
+        let kept = Stashed {
+            page: Box::new(*page),
+            left: gatherers.max(1),
+        };
+        g.stash.insert((key, h), kept);
+        ::metrics::gauge!(crate::metrics::STASH_BYTES).increment(PAGE_SIZE as f64);
         Ok(true)
     }
 
-    /// Copies content `h` (domain of `key`) from the job's stash.
-    pub fn stashed(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
-        match lock(&self.inner).stash.get(&(*key, *h)) {
-            Some(p) => {
-                out.copy_from_slice(&p[..]);
-                true
-            }
-            None => false,
+    /// Copies content `h` (domain of `key`) from the job's stash into
+    /// `out`, and frees it once served to as many VMs as gather it.
+    pub fn take_stashed(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
+        let mut g = lock(&self.inner);
+        let Some(s) = g.stash.get_mut(&(*key, *h)) else {
+            return false;
+        };
+        out.copy_from_slice(&s.page[..]);
+        s.left -= 1;
+        if s.left == 0 {
+            g.stash.remove(&(*key, *h));
+            ::metrics::gauge!(crate::metrics::STASH_BYTES).decrement(PAGE_SIZE as f64);
         }
+        true
     }
 
     /// Bytes the job's stash holds here.
@@ -717,6 +738,33 @@ mod tests {
             "an ended job is not opened again"
         );
         assert!(book.known("j1").is_some(), "remembered after it ended");
+    }
+
+    /// An intermediary's stash gives each content to as many VMs as gather
+    /// it and frees it then; what is left goes when the job ends.
+    #[test]
+    fn a_stashed_content_is_freed_once_served_and_the_rest_at_the_end() {
+        let book = JobBook::default();
+        let (j, _) = book.open("j4", &op(), &[], None).unwrap();
+        let key = ContentKey::CLUSTER;
+        let (a, b) = ([1u8; PAGE_SIZE], [2u8; PAGE_SIZE]);
+        let (ha, hb) = (key.hash_page(&a), key.hash_page(&b));
+        assert!(j.stash(key, ha, &a, (u64::MAX, 2)).unwrap());
+        assert!(!j.stash(key, ha, &a, (u64::MAX, 2)).unwrap(), "kept once");
+        assert!(j.stash(key, hb, &b, (u64::MAX, 1)).unwrap());
+        assert_eq!(j.stash_bytes(), 2 * PAGE_SIZE as u64);
+        let mut out = [0u8; PAGE_SIZE];
+        assert!(j.take_stashed(&key, &ha, &mut out));
+        assert_eq!(out, a);
+        assert_eq!(j.stash_bytes(), 2 * PAGE_SIZE as u64, "one more to serve");
+        out = [0; PAGE_SIZE];
+        assert!(j.take_stashed(&key, &ha, &mut out));
+        assert_eq!(out, a);
+        assert_eq!(j.stash_bytes(), PAGE_SIZE as u64, "freed once served");
+        assert!(!j.take_stashed(&key, &ha, &mut out), "served twice only");
+        assert!(book.close("j4"));
+        assert_eq!(j.stash_bytes(), 0, "the rest freed at the end");
+        assert!(!j.take_stashed(&key, &hb, &mut out));
     }
 
     #[test]

@@ -27,9 +27,11 @@ pub const IN_DOUBT_SETTLED: &str = "pagecast_migrations_in_doubt_settled_total";
 pub const DOWNTIME_SECONDS: &str = "pagecast_migration_downtime_seconds";
 /// Counter, label `class` (`pages`, `manifest`): bytes migrations sent.
 pub const MIGRATION_BYTES: &str = "pagecast_migration_bytes_total";
-/// Counter, label `kind` (`migration`, `cast`, `clone`): every protocol
-/// byte this agent sent moving VMs out (migration links with their
-/// framing, cast datagrams and control).
+/// Counter, label `kind` (`migration`, `cast`, `clone`, `fetch`): every
+/// protocol byte this agent sent moving VMs out (migration links with
+/// their framing, cast datagrams and control), and the hashes and pages
+/// it served to another host's fetch (a rack-mate's short haul, an
+/// intermediary's stash, a destination's gathering).
 pub const BYTES_SENT: &str = "pagecast_agent_bytes_sent_total";
 /// Counter: pages destinations filled from content they held.
 pub const PAGES_LOCAL: &str = "pagecast_migration_pages_local_total";
@@ -45,6 +47,9 @@ pub const INDEX_UNREACHABLE_SECONDS: &str = "pagecast_agent_index_unreachable_se
 /// Gauge: frames the index does not show as they are (hot, or waiting for
 /// the update bound).
 pub const HOT_PAGES: &str = "pagecast_agent_hot_pages";
+/// Gauge: bytes this host keeps for scatter-gather jobs as an
+/// intermediary (pages fetched from sources and not yet gathered).
+pub const STASH_BYTES: &str = "pagecast_agent_stash_bytes";
 /// Gauge: contents whose listing in the index is behind the agent's.
 pub const PUBLISH_BACKLOG: &str = "pagecast_agent_index_backlog";
 /// Histogram: seconds from a refresh of the content map until the index

@@ -175,11 +175,20 @@ pub struct EvacuateArgs {
     /// destination gathers them after its VM has switched over by
     /// post-copy, while the VM runs. A source then counts as evicted once
     /// it has pushed its last page, not when its destination has every
-    /// page (evicted_s in the report). Needs
-    /// --strategy pagecast and a switchover that may be post-copy (auto
-    /// or postcopy).
-    #[arg(long)]
+    /// page (evicted_s in the report).
+    ///
+    /// On by default wherever it can work (--strategy pagecast and a
+    /// switchover that may be post-copy, auto or postcopy); the plan
+    /// scatters nothing where the destinations' links keep up, or no
+    /// host is free to take pages. --scatter asks for it by name and is
+    /// refused where it cannot work; --no-scatter turns it off.
+    #[arg(long, conflicts_with = "no_scatter")]
     scatter: bool,
+
+    /// No scatter-gather: every page goes straight to its destinations
+    /// (see --scatter).
+    #[arg(long)]
+    no_scatter: bool,
 
     /// Longest pause of each VM at switchover, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50)]
@@ -580,7 +589,6 @@ fn render_evicted(s: &mut String, r: &EvacuationReport) {
     }
 }
 
-/// Runs `pagecast evacuate`.
 /// `--scatter` only where it can work: pagecast's strategy, and a switchover
 /// that may be post-copy.
 fn check_scatter(a: &EvacuateArgs) -> anyhow::Result<()> {
@@ -600,6 +608,17 @@ fn check_scatter(a: &EvacuateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the job may scatter: asked for by name (and checked by
+/// [`check_scatter`]), or by default where it can work.
+fn scatter_on(a: &EvacuateArgs) -> bool {
+    if a.no_scatter {
+        return false;
+    }
+    a.scatter
+        || (a.strategy == "pagecast" && !matches!(a.switchover, super::SwitchoverArg::Precopy))
+}
+
+/// Runs `pagecast evacuate`.
 pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
     check_scatter(&a)?;
     let tls = a.index.identity()?;
@@ -623,7 +642,7 @@ pub fn run_evacuate(a: EvacuateArgs) -> anyhow::Result<()> {
         mtu: a.mtu,
         multicast_floods: a.multicast_floods,
         release_early: a.release_early,
-        scatter: a.scatter,
+        scatter: scatter_on(&a),
         stop_on_failure: a.on_failure == "stop",
         only: retry.only,
         max_incoming: a.max_incoming.map(|n| n as usize),

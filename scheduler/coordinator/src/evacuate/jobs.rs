@@ -171,18 +171,21 @@ mod tests {
                 from: "a".into(),
                 to: "x".into(),
                 libvirt: None,
+                qemu: false,
             },
             super::super::Moving {
                 name: "v2".into(),
                 from: "a".into(),
                 to: "y".into(),
                 libvirt: None,
+                qemu: false,
             },
             super::super::Moving {
                 name: "v3".into(),
                 from: "b".into(),
                 to: "x".into(),
                 libvirt: None,
+                qemu: false,
             },
         ];
         let prep = Prepared {

@@ -141,6 +141,9 @@ struct Moving {
     /// A libvirt domain: moved by its source host's libvirt, its stream
     /// through pagecast.
     libvirt: Option<LibvirtMove>,
+    /// An adopted QEMU VM: its own stream switches it over, never by
+    /// pagecast's post-copy, so its destination cannot gather.
+    qemu: bool,
 }
 
 /// How a libvirt domain moves: its destination host's libvirt, and the

@@ -163,6 +163,8 @@ struct Model {
     libvirt_vms: HashSet<VmIdx>,
     /// The destinations' libvirt URIs, where their agents name one.
     libvirt_uris: HashMap<HostIdx, String>,
+    /// Adopted QEMU VMs (libvirt domains or not).
+    qemu_vms: HashSet<VmIdx>,
 }
 
 impl Model {
@@ -241,6 +243,7 @@ impl Model {
             moving,
             libvirt_vms: HashSet::new(),
             libvirt_uris: HashMap::new(),
+            qemu_vms: HashSet::new(),
         }
     }
 
@@ -259,6 +262,7 @@ impl Model {
             vm.rewrite_pages_per_s = c.rewrite_pages_per_s;
             if c.kind == VmKind::Qemu {
                 qemu.push(v);
+                self.qemu_vms.insert(v);
             }
             vm_pages.insert(v, c.hashes);
         }
@@ -602,6 +606,7 @@ fn prepared(
                     port: port - 1,
                 }
             }),
+            qemu: model.qemu_vms.contains(&v),
         })
         .collect();
     let cost = if spec.method == Method::Precopy {

@@ -11,7 +11,7 @@
 //! Planning is pure: [`plan`] takes contents out of the cast plan and says
 //! which intermediary takes each from which source.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use pagecast_pages::{PAGE_BYTES, PageHash};
 
@@ -52,15 +52,34 @@ pub(super) fn intermediaries(prep: &Prepared) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
+/// The destinations that may gather: those whose arriving VMs may all
+/// switch over by post-copy (an adopted QEMU VM never does).
+pub(super) fn gatherers(prep: &Prepared) -> BTreeSet<String> {
+    let qemu: BTreeSet<&str> = prep
+        .moving
+        .iter()
+        .filter(|m| m.qemu)
+        .map(|m| m.to.as_str())
+        .collect();
+    prep.moving
+        .iter()
+        .map(|m| m.to.as_str())
+        .filter(|d| !qemu.contains(d))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Takes out of `plan` the contents to scatter and says where each goes.
 /// `link(h)` is a host's link in bits/s (0: unknown); `spare` the
-/// intermediaries as [`intermediaries`] gives them. Nothing is scattered
+/// intermediaries as [`intermediaries`] gives them; `gatherers` the
+/// destinations that may gather ([`gatherers`]). Nothing is scattered
 /// where a source's or destination's link is unknown, or where every
 /// destination takes its pages within the slowest source's time.
 pub(super) fn plan(
     plan: &mut SourcePlan,
     link: &dyn Fn(&str) -> u64,
     spare: &[(String, u64, u64)],
+    gatherers: &BTreeSet<String>,
 ) -> Stashes {
     let mut stashes = Stashes::new();
     if spare.is_empty() || plan.is_empty() {
@@ -91,7 +110,7 @@ pub(super) fn plan(
             return stashes;
         }
         let takes = (bps as f64 * t_src / PAGE_BITS) as u64;
-        if n > takes {
+        if n > takes && gatherers.contains(d) {
             excess.insert(d.to_owned(), n - takes);
         }
     }
@@ -132,6 +151,37 @@ pub(super) fn plan(
     stashes
 }
 
+/// How many arriving VMs gather each scattered content at its
+/// destination (each VM gathers on its own, so an intermediary serves a
+/// content that often before freeing it): from `needs` (per moving VM,
+/// the contents it lacks) and `to` (a moving VM's destination). At least
+/// 1, at most 255.
+pub(super) fn gatherer_counts(
+    stashes: &Stashes,
+    needs: &HashMap<usize, Vec<PageHash>>,
+    to: &dyn Fn(usize) -> String,
+) -> HashMap<(PageHash, String), u8> {
+    let mut counts: HashMap<(PageHash, String), u8> = stashes
+        .values()
+        .flatten()
+        .map(|(h, d)| ((*h, d.clone()), 0))
+        .collect();
+    let scattered: HashSet<PageHash> = counts.keys().map(|k| k.0).collect();
+    for (&vm, hs) in needs {
+        let d = to(vm);
+        let mine: HashSet<&PageHash> = hs.iter().filter(|h| scattered.contains(h)).collect();
+        for h in mine {
+            if let Some(n) = counts.get_mut(&(*h, d.clone())) {
+                *n = n.saturating_add(1);
+            }
+        }
+    }
+    for n in counts.values_mut() {
+        *n = (*n).max(1);
+    }
+    counts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +212,11 @@ mod tests {
         (plan, link)
     }
 
+    /// Both destinations may gather.
+    fn both() -> BTreeSet<String> {
+        ["d".to_owned(), "e".to_owned()].into()
+    }
+
     /// The destination keeps what its link takes in the sources' time;
     /// the rest of what only it lacks goes to the intermediaries, in
     /// proportion to their links; contents two destinations lack stay in
@@ -174,7 +229,7 @@ mod tests {
             ("i1".to_owned(), 1_000_000_000, u64::MAX),
             ("i2".to_owned(), 3_000_000_000, u64::MAX),
         ];
-        let st = plan(&mut p, &link, &spare);
+        let st = plan(&mut p, &link, &spare, &both());
         let kept: u64 = p.values().map(|s| s.len() as u64).sum();
         let scattered: Vec<&(PageHash, String)> = st.values().flatten().collect();
         // The sources' time is 1,010 pages at 1 Gbit/s; d takes 101 pages
@@ -214,13 +269,51 @@ mod tests {
             }
         };
         let mut p = plan0.clone();
-        assert!(plan(&mut p, &fast, &spare).is_empty());
+        assert!(plan(&mut p, &fast, &spare, &both()).is_empty());
         assert_eq!(p, plan0);
         let unknown = |x: &str| if x == "d" { 0 } else { 1_000_000_000 };
         let mut p = plan0.clone();
-        assert!(plan(&mut p, &unknown, &spare).is_empty());
+        assert!(plan(&mut p, &unknown, &spare, &both()).is_empty());
         let (mut p, link) = slow_destination();
-        assert!(plan(&mut p, &link, &[]).is_empty(), "no intermediary");
+        assert!(
+            plan(&mut p, &link, &[], &both()).is_empty(),
+            "no intermediary"
+        );
+    }
+
+    /// A destination that cannot gather (an adopted QEMU VM arrives
+    /// there) has nothing scattered, however slow its link.
+    #[test]
+    fn nothing_is_scattered_for_a_destination_that_cannot_gather() {
+        let (plan0, link) = slow_destination();
+        let spare = vec![("i1".to_owned(), 1_000_000_000, u64::MAX)];
+        let mut p = plan0.clone();
+        let only_e: BTreeSet<String> = ["e".to_owned()].into();
+        assert!(plan(&mut p, &link, &spare, &only_e).is_empty());
+        assert_eq!(p, plan0);
+    }
+
+    /// A content two VMs of one destination lack is served twice before
+    /// it is freed; one VM naming it twice counts once; VMs of another
+    /// destination do not count.
+    #[test]
+    fn each_vm_that_gathers_a_content_counts_once() {
+        let mut st = Stashes::new();
+        st.insert(
+            ("s".into(), "i".into()),
+            vec![(h(1), "d".into()), (h(2), "d".into())],
+        );
+        let needs: HashMap<usize, Vec<PageHash>> = [
+            (0, vec![h(1), h(2), h(1)]),
+            (1, vec![h(1)]),
+            (2, vec![h(1), h(2)]),
+        ]
+        .into();
+        let to = |i: usize| if i == 2 { "e".into() } else { "d".into() };
+        let c = gatherer_counts(&st, &needs, &to);
+        assert_eq!(c[&(h(1), "d".into())], 2);
+        assert_eq!(c[&(h(2), "d".into())], 1);
+        assert_eq!(c.len(), 2, "only what was scattered");
     }
 
     /// An intermediary takes no more than its room; what fits nowhere
@@ -229,7 +322,7 @@ mod tests {
     fn intermediaries_take_no_more_than_their_room() {
         let (mut p, link) = slow_destination();
         let spare = vec![("i1".to_owned(), 1_000_000_000, 300)];
-        let st = plan(&mut p, &link, &spare);
+        let st = plan(&mut p, &link, &spare, &both());
         assert_eq!(st.values().map(Vec::len).sum::<usize>(), 300);
         let kept: usize = p.values().map(Vec::len).sum();
         assert_eq!(kept, 2_020 - 300);

@@ -1128,6 +1128,7 @@ fn waves_bound_each_host() {
         from: from.into(),
         to: to.into(),
         libvirt: None,
+        qemu: false,
     };
     let moving = vec![
         m("a1", "b1"),

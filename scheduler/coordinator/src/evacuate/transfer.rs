@@ -644,9 +644,10 @@ impl<'a> Filler<'a> {
         order_casts(&mut tasks);
         let to = |i: usize| self.prep.moving[i].to.clone();
         let releases = Releases::new(&to, needs, &tasks, &fetches, &stashes, release);
+        let uses = super::scatter::gatherer_counts(&stashes, needs, &to);
         releases.start();
         std::thread::scope(|s| {
-            let (me, rel) = (&self, &releases);
+            let (me, rel, uses) = (&self, &releases, &uses);
             s.spawn(move || schedule_casts(tasks, &|n, t| me.casts(n, t, rel)));
             for ((d, mate), hs) in &fetches {
                 s.spawn(move || {
@@ -656,7 +657,7 @@ impl<'a> Filler<'a> {
             }
             for ((src, inter), items) in &stashes {
                 s.spawn(move || {
-                    me.stash(src, inter, items);
+                    me.stash(src, inter, items, uses);
                     rel.ended(&Unit::Stash(src.clone(), inter.clone()));
                 });
             }
@@ -670,7 +671,8 @@ impl<'a> Filler<'a> {
             return Stashes::new();
         }
         let spare = super::scatter::intermediaries(self.prep);
-        let stashes = super::scatter::plan(plan, link, &spare);
+        let gatherers = super::scatter::gatherers(self.prep);
+        let stashes = super::scatter::plan(plan, link, &spare, &gatherers);
         let pages: usize = stashes.values().map(Vec::len).sum();
         let to: BTreeSet<&str> = stashes.keys().map(|(_, i)| i.as_str()).collect();
         (self.on)(Event::Step(if pages == 0 {
@@ -693,7 +695,13 @@ impl<'a> Filler<'a> {
     /// a time, and tells each destination where to gather a chunk's
     /// contents once they are all there. A chunk that fails is not
     /// gathered: its contents travel in their VMs' own migrations.
-    fn stash(&self, src: &str, inter: &str, items: &[(PageHash, String)]) {
+    fn stash(
+        &self,
+        src: &str,
+        inter: &str,
+        items: &[(PageHash, String)],
+        uses: &HashMap<(PageHash, String), u8>,
+    ) {
         (self.on)(Event::Step(format!(
             "{src}: {} pages to intermediary {inter}",
             items.len()
@@ -712,9 +720,13 @@ impl<'a> Filler<'a> {
         }
         for chunk in items.chunks(STASH_CHUNK) {
             let hashes: Vec<PageHash> = chunk.iter().map(|x| x.0).collect();
+            let gatherers: Vec<u8> = chunk
+                .iter()
+                .map(|x| uses.get(x).copied().unwrap_or(1))
+                .collect();
             let r = self.order_fetch(
                 (inter, src),
-                &hashes,
+                (&hashes, gatherers),
                 v1::FetchMode::IntoStash,
                 Duration::from_secs(30 + hashes.len() as u64 / 2_000),
             );
@@ -753,11 +765,12 @@ impl<'a> Filler<'a> {
     }
 
     /// Has the agent of `at` fetch `hashes` from the agent of `from` in
-    /// the job, as `mode` says (contents of the cluster-wide domain).
+    /// the job, as `mode` says (contents of the cluster-wide domain), with
+    /// how many VMs gather each (mode `INTO_STASH`; empty: one each).
     fn order_fetch(
         &self,
         (at, from): (&str, &str),
-        hashes: &[PageHash],
+        (hashes, gatherers): (&[PageHash], Vec<u8>),
         mode: v1::FetchMode,
         within: Duration,
     ) -> Result<v1::FetchResult, pagecast_agent_api::ClientError> {
@@ -769,6 +782,7 @@ impl<'a> Filler<'a> {
                 hashes: pagecast_pages::packed::pack(hashes).into(),
                 mode: mode as i32,
                 domain: String::new(),
+                gatherers: gatherers.into(),
             },
             within,
         )
@@ -784,7 +798,7 @@ impl<'a> Filler<'a> {
         for (d, hs) in by {
             let r = self.order_fetch(
                 (d, inter),
-                &hs,
+                (&hs, Vec::new()),
                 v1::FetchMode::GatherLater,
                 Duration::from_secs(10),
             );
@@ -808,8 +822,15 @@ impl<'a> Filler<'a> {
         )));
         let within = Duration::from_secs(30 + hashes.len() as u64 / 2_000);
         lock(&self.traffic).mates.insert(mate.to_owned());
-        let r = super::jobs::open_fetch(self.svc, self.prep, &self.spec.job, d, mate)
-            .and_then(|()| self.order_fetch((d, mate), hashes, v1::FetchMode::IntoVms, within));
+        let r =
+            super::jobs::open_fetch(self.svc, self.prep, &self.spec.job, d, mate).and_then(|()| {
+                self.order_fetch(
+                    (d, mate),
+                    (hashes, Vec::new()),
+                    v1::FetchMode::IntoVms,
+                    within,
+                )
+            });
         let mut t = lock(&self.traffic);
         match r {
             Ok(f) => {
