@@ -352,7 +352,9 @@ fn clone_group_addr(job: &str, cast: usize, group: usize) -> std::net::SocketAdd
 }
 
 /// What an arriving VM of a job copies locally: what this host's VMs hold,
-/// then what the job's other arriving VMs already received.
+/// then what the job's other arriving VMs already received, then what this
+/// host keeps as an intermediary of another job (the content index lists
+/// it here while it does).
 pub struct JobContent<'a> {
     /// The agent.
     pub agent: &'a Agent,
@@ -369,6 +371,7 @@ impl LocalContent for JobContent<'_> {
             .slots()
             .iter()
             .any(|s| s.key() == key && s.copy(h, out))
+            || self.agent.jobs().copy_stashed(key, h, out)
     }
 
     fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
@@ -947,6 +950,7 @@ fn fetch_into_stash(
 ) -> Result<(u64, u64, Vec<PageHash>), AgentError> {
     let key = agent.domain_key(&r.domain)?;
     let uses = gatherers_of(&r.gatherers, hashes)?;
+    agent.jobs().note_stashing();
     let mut ch = agent.connect_host(&r.from, "give pages to an intermediary")?;
     ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
     let at = (&r.from[..], &r.job[..]);

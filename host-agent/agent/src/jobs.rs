@@ -71,7 +71,15 @@ pub struct Job {
     /// Who opened it here.
     ordered_by: Identity,
     inner: Mutex<JobInner>,
+    /// Where changes to the stash are listed (this host's holdings in the
+    /// content index), if anywhere.
+    listing: Option<Listing>,
 }
+
+/// Changes to what this host holds, by content (+1: one more copy kept,
+/// -1: one freed), as the content index lists them: the agent's
+/// publication ledger.
+pub type Listing = Arc<dyn Fn(&[(PageHash, i64)]) + Send + Sync>;
 
 struct JobInner {
     peers: BTreeMap<String, BTreeSet<i32>>,
@@ -105,12 +113,16 @@ struct Stashed {
 }
 
 impl JobInner {
-    /// The job ended: what it kept is freed.
-    fn free(&mut self) {
+    /// The job ended: what it kept is freed; the contents freed, to take
+    /// off the listing.
+    #[must_use]
+    fn free(&mut self) -> Vec<(PageHash, i64)> {
         ::metrics::gauge!(crate::metrics::STASH_BYTES)
             .decrement((self.stash.len() * PAGE_SIZE) as f64);
+        let freed = self.stash.keys().map(|(_, h)| (*h, -1)).collect();
         self.stash = HashMap::new();
         self.gather = HashMap::new();
+        freed
     }
 }
 
@@ -129,10 +141,19 @@ impl Job {
     pub fn state(&self) -> JobState {
         let mut g = lock(&self.inner);
         if g.state == JobState::Open && Instant::now() > g.deadline {
-            g.free();
+            let freed = g.free();
+            drop(g);
+            self.list(&freed);
             return JobState::Cancelled("its deadline passed".into());
         }
         g.state.clone()
+    }
+
+    /// Lists changes to the stash where this host's holdings are listed.
+    fn list(&self, changes: &[(PageHash, i64)]) {
+        if let Some(l) = self.listing.as_ref().filter(|_| !changes.is_empty()) {
+            l(changes);
+        }
     }
 
     /// Keeps `page` (content `h` in the domain of `key`, checked by the
@@ -169,7 +190,9 @@ impl Job {
             left: gatherers.max(1),
         };
         g.stash.insert((key, h), kept);
+        drop(g);
         ::metrics::gauge!(crate::metrics::STASH_BYTES).increment(PAGE_SIZE as f64);
+        self.list(&[(h, 1)]);
         Ok(true)
     }
 
@@ -184,9 +207,23 @@ impl Job {
         s.left -= 1;
         if s.left == 0 {
             g.stash.remove(&(*key, *h));
+            drop(g);
             ::metrics::gauge!(crate::metrics::STASH_BYTES).decrement(PAGE_SIZE as f64);
+            self.list(&[(*h, -1)]);
         }
         true
+    }
+
+    /// Copies content `h` (domain of `key`) from the job's stash into
+    /// `out`, leaving it there for its gatherers.
+    fn copy_stashed(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
+        match lock(&self.inner).stash.get(&(*key, *h)) {
+            Some(s) => {
+                out.copy_from_slice(&s.page[..]);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Bytes the job's stash holds here.
@@ -411,6 +448,11 @@ fn role_name(role: v1::JobRole) -> &'static str {
 #[derive(Default)]
 pub struct JobBook {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// Where the jobs' stashes are listed, once the agent publishes.
+    listing: std::sync::OnceLock<Listing>,
+    /// Whether any job ever stashed here: local copies look in stashes
+    /// only then.
+    stashing: std::sync::atomic::AtomicBool,
 }
 
 /// A job id: 1 to 128 letters, digits, '-', '_', '.' or ':'.
@@ -528,6 +570,7 @@ impl JobBook {
         }
         let j = Arc::new(Job {
             id: job.to_owned(),
+            listing: self.listing.get().cloned(),
             ordered_by: who.clone(),
             inner: Mutex::new(JobInner {
                 peers: BTreeMap::new(),
@@ -594,8 +637,34 @@ impl JobBook {
         }
         g.state = to;
         g.ended = Some(Instant::now());
-        g.free();
+        let freed = g.free();
+        drop(g);
+        j.list(&freed);
         true
+    }
+
+    /// Lists every job's stash changes with `listing` from now on (the
+    /// agent's publication to the content index): an intermediary's
+    /// stashed contents are listed as held here while it keeps them.
+    pub fn list_stashes(&self, listing: Listing) {
+        let _ = self.listing.set(listing);
+    }
+
+    /// A job stashes here: local copies may look in stashes from now on.
+    pub fn note_stashing(&self) {
+        self.stashing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Copies content `h` (domain of `key`) into `out` from any open
+    /// job's stash here, leaving it there: for a destination that fills
+    /// what it lacks from what this host keeps for another job.
+    pub fn copy_stashed(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
+        if !self.stashing.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
+        jobs.iter().any(|j| j.copy_stashed(key, h, out))
     }
 
     /// How many jobs are open.
@@ -765,6 +834,46 @@ mod tests {
         assert!(book.close("j4"));
         assert_eq!(j.stash_bytes(), 0, "the rest freed at the end");
         assert!(!j.take_stashed(&key, &hb, &mut out));
+    }
+
+    /// While a job keeps a content, the host's listing in the index says
+    /// it holds it, and another job's arriving VMs may copy it; once freed
+    /// (served to its gatherers, or at the job's end) the listing drops it
+    /// again, to exactly what it was.
+    #[test]
+    fn a_stash_is_listed_while_kept_and_copied_by_other_jobs() {
+        let book = JobBook::default();
+        let listed: Arc<Mutex<HashMap<PageHash, i64>>> = Arc::default();
+        let l = listed.clone();
+        book.list_stashes(Arc::new(move |c| {
+            let mut m = lock(&l);
+            for (h, d) in c {
+                *m.entry(*h).or_default() += d;
+            }
+        }));
+        let (j, _) = book.open("j5", &op(), &[], None).unwrap();
+        let key = ContentKey::CLUSTER;
+        let (a, b) = ([3u8; PAGE_SIZE], [4u8; PAGE_SIZE]);
+        let (ha, hb) = (key.hash_page(&a), key.hash_page(&b));
+        let mut out = [0u8; PAGE_SIZE];
+        assert!(!book.copy_stashed(&key, &ha, &mut out), "nothing kept yet");
+        book.note_stashing();
+        j.stash(key, ha, &a, (u64::MAX, 1)).unwrap();
+        j.stash(key, hb, &b, (u64::MAX, 1)).unwrap();
+        assert!(!j.stash(key, hb, &b, (u64::MAX, 1)).unwrap());
+        assert_eq!(lock(&listed).get(&ha), Some(&1));
+        assert_eq!(lock(&listed).get(&hb), Some(&1), "listed once");
+        // Another job's arrival copies it, leaving it for its gatherer.
+        assert!(book.copy_stashed(&key, &ha, &mut out));
+        assert_eq!(out, a);
+        assert_eq!(j.stash_bytes(), 2 * PAGE_SIZE as u64);
+        let keyed = ContentKey::keyed([7; 32]);
+        assert!(!book.copy_stashed(&keyed, &ha, &mut out), "another domain");
+        assert!(j.take_stashed(&key, &ha, &mut out));
+        assert_eq!(lock(&listed).get(&ha), Some(&0), "freed once served");
+        assert!(book.close("j5"));
+        assert_eq!(lock(&listed).get(&hb), Some(&0), "freed at the end");
+        assert!(!book.copy_stashed(&key, &hb, &mut out));
     }
 
     #[test]

@@ -443,12 +443,12 @@ impl Agent {
     /// (before the agent is shared; [`Agent::publish_loop`] does the
     /// sending).
     pub fn set_index(&mut self, addrs: Vec<String>, meta: HostMeta) {
-        self.index = Some(IndexLink::new(
-            addrs,
-            self.tls.clone(),
-            self.name.clone(),
-            meta,
-        ));
+        let link = IndexLink::new(addrs, self.tls.clone(), self.name.clone(), meta);
+        // What an intermediary keeps for a job is listed as held here
+        // while it keeps it.
+        let to = link.clone();
+        self.jobs.list_stashes(Arc::new(move |c| to.apply(c)));
+        self.index = Some(link);
     }
 
     /// Refuses unless `force`, when the index says this host is cordoned

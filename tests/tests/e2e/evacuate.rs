@@ -1355,6 +1355,19 @@ fn scatter_rig_of(
     r
 }
 
+/// Contents the index lists at `host`, over every shard.
+fn listed_at(c: &mut pagecast_index::client::IndexClient, host: &str) -> Result<u64, String> {
+    let hosts = c.hosts(false).map_err(|e| e.to_string())?;
+    let Some(h) = hosts.iter().find(|h| h.name == host) else {
+        return Err(format!("{host} is not in the index"));
+    };
+    let mut n = 0;
+    for s in 0..SHARDS {
+        n += c.holdings(s, h.index).map_err(|e| e.to_string())?.distinct;
+    }
+    Ok(n)
+}
+
 /// Pages h4 gathered from intermediaries, and those asked of the source
 /// instead, as its log says for each VM.
 fn gathered_at(r: &Rig, host: &str) -> (u64, u64) {
@@ -1395,10 +1408,38 @@ fn scatter_sheds_the_source_through_an_intermediary_and_the_destination_gathers(
         return;
     }
     let r = scatter_rig(&[]);
-    let (out, rep) = r.evacuate(&["--from", "h1", "--to", "h4", "--scatter"]);
+    // h7 runs no VM: what the index lists there while the job runs is what
+    // it keeps for the job.
+    let mut c = r.idx.client();
+    assert_eq!(listed_at(&mut c, "h7"), Ok(0));
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let (most, (out, rep)) = std::thread::scope(|s| {
+        let watch = s.spawn(|| {
+            let mut most = 0;
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(listed_at(&mut c, "h7").unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        });
+        let done = r.evacuate(&["--from", "h1", "--to", "h4", "--scatter"]);
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        (watch.join().unwrap(), done)
+    });
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}\n{}", r.logs());
     assert!(err.contains("to 1 intermediaries (h7)"), "{err}");
+    assert!(most > 0, "the index never listed what h7 kept");
+    let mut c = r.idx.client();
+    eventually(
+        Duration::from_secs(10),
+        "h7's listing empty again",
+        || match listed_at(&mut c, "h7")? {
+            0 => Ok(()),
+            n => Err(format!("{n} contents listed")),
+        },
+    );
+    eprintln!("the index listed up to {most} contents at h7");
     for v in rep["vms"].as_array().unwrap() {
         assert_eq!(v["verified"], true, "{v}");
         assert_eq!(

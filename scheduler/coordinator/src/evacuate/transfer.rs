@@ -675,10 +675,14 @@ impl<'a> Filler<'a> {
         let stashes = super::scatter::plan(plan, link, &spare, &gatherers);
         let pages: usize = stashes.values().map(Vec::len).sum();
         let to: BTreeSet<&str> = stashes.keys().map(|(_, i)| i.as_str()).collect();
-        (self.on)(Event::Step(if pages == 0 {
+        (self.on)(Event::Step(if spare.is_empty() {
+            "scatter: nothing to scatter (no host to take pages: every other host with an \
+             agent, a known link and free memory is cordoned, or there is none)"
+                .to_owned()
+        } else if pages == 0 {
             format!(
-                "scatter: nothing to scatter ({} intermediaries; the destinations' links keep \
-                 up with the sources', or a link is unknown)",
+                "scatter: nothing to scatter ({} possible intermediaries; the destinations' \
+                 links keep up with the sources', or cannot gather, or a link is unknown)",
                 spare.len()
             )
         } else {
