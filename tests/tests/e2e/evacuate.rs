@@ -1604,3 +1604,32 @@ fn an_intermediary_frozen_mid_gather_is_given_up_and_the_source_sends_the_rest()
     let at = where_each_runs(&r, &["web1", "db1"]);
     assert!(at.values().all(|h| h == "h4"), "{at:?}");
 }
+
+/// An intermediary frozen (SIGSTOP) before the job: the coordinator
+/// cannot open the job there, so nothing is stashed on it and every page
+/// travels from the source; every VM arrives verified, and the job waits
+/// for the frozen host no longer than one request's deadline.
+#[test]
+fn an_intermediary_frozen_before_the_job_is_passed_over() {
+    let name = "an_intermediary_frozen_before_the_job_is_passed_over";
+    if !needs(name, &[Need::Kvm, Need::LoopbackMulticast, Need::Root]) {
+        return;
+    }
+    let r = scatter_rig(&[]);
+    r.agent("h7").freeze();
+    let t = Instant::now();
+    let (out, rep) = r.evacuate(&["--from", "h1", "--to", "h4"]);
+    let took = t.elapsed();
+    r.agent("h7").thaw();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}\nthe job took {took:?}");
+    assert!(out.status.success(), "{err}\n{}", r.logs());
+    assert!(err.contains("scatter to h7"), "{err}");
+    for v in rep["vms"].as_array().unwrap() {
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["pages_gathered"], 0, "{v}");
+    }
+    let at = where_each_runs(&r, &["web1", "db1"]);
+    assert!(at.values().all(|h| h == "h4"), "{at:?}");
+    assert!(took < Duration::from_secs(30), "the job took {took:?}");
+}
