@@ -1606,9 +1606,9 @@ fn an_intermediary_frozen_mid_gather_is_given_up_and_the_source_sends_the_rest()
 }
 
 /// An intermediary frozen (SIGSTOP) before the job: the coordinator
-/// cannot open the job there, so nothing is stashed on it and every page
-/// travels from the source; every VM arrives verified, and the job waits
-/// for the frozen host no longer than one request's deadline.
+/// cannot open the job there, so nothing is stashed on it and its share
+/// is cast from the source after all; every VM arrives verified, and the
+/// job waits for the frozen host no longer than one request's deadline.
 #[test]
 fn an_intermediary_frozen_before_the_job_is_passed_over() {
     let name = "an_intermediary_frozen_before_the_job_is_passed_over";
@@ -1625,6 +1625,8 @@ fn an_intermediary_frozen_before_the_job_is_passed_over() {
     eprintln!("{err}\nthe job took {took:?}");
     assert!(out.status.success(), "{err}\n{}", r.logs());
     assert!(err.contains("scatter to h7"), "{err}");
+    // The direct share's cast, then the intermediary's share's.
+    assert_eq!(err.matches("h1: casting").count(), 2, "{err}");
     for v in rep["vms"].as_array().unwrap() {
         assert_eq!(v["verified"], true, "{v}");
         assert_eq!(v["pages_gathered"], 0, "{v}");

@@ -30,6 +30,11 @@ const MIN_CAST_PAGES: usize = 2_048;
 /// MiB): a chunk is gathered once all of it is there.
 const STASH_CHUNK: usize = 16_384;
 
+/// The first group index of casts that carry what an intermediary failed
+/// to take: above the planned casts' (`n * 8 + c % 8`, n below 1,000), and
+/// below 10,000 for the first 250 stashes ([`group_addr`]).
+const FALLBACK_CASTS: usize = 8_000;
+
 /// Cast and fetch figures of a job.
 #[derive(Default)]
 pub(super) struct Traffic {
@@ -655,9 +660,9 @@ impl<'a> Filler<'a> {
                     rel.ended(&Unit::Fetch(d.clone(), mate.clone()));
                 });
             }
-            for ((src, inter), items) in &stashes {
+            for (k, ((src, inter), items)) in stashes.iter().enumerate() {
                 s.spawn(move || {
-                    me.stash(src, inter, items, uses);
+                    me.stash((k, src, inter), items, uses);
                     rel.ended(&Unit::Stash(src.clone(), inter.clone()));
                 });
             }
@@ -697,12 +702,13 @@ impl<'a> Filler<'a> {
 
     /// Has intermediary `inter` take `items` from source `src`, a chunk at
     /// a time, and tells each destination where to gather a chunk's
-    /// contents once they are all there. A chunk that fails is not
-    /// gathered: its contents travel in their VMs' own migrations.
+    /// contents once they are all there. Where the intermediary fails (the
+    /// job cannot be opened there, or a chunk fails), the rest is cast from
+    /// the source to its destinations instead ([`Filler::cast_instead`]).
+    /// `k` numbers the stash among the job's.
     fn stash(
         &self,
-        src: &str,
-        inter: &str,
+        (k, src, inter): (usize, &str, &str),
         items: &[(PageHash, String)],
         uses: &HashMap<(PageHash, String), u8>,
     ) {
@@ -713,16 +719,21 @@ impl<'a> Filler<'a> {
         let mut dests: Vec<&str> = items.iter().map(|x| x.1.as_str()).collect();
         dests.sort_unstable();
         dests.dedup();
-        lock(&self.traffic).mates.insert(inter.to_owned());
         let opened =
             super::jobs::open_stash(self.svc, self.prep, &self.spec.job, (src, inter), &dests);
+        // Closed at the end where it was opened: a host that did not
+        // answer (frozen) is not asked again.
+        if opened.is_ok() {
+            lock(&self.traffic).mates.insert(inter.to_owned());
+        }
         if let Err(e) = opened {
             lock(&self.traffic)
                 .errors
                 .push(format!("scatter to {inter}: {e}"));
+            self.cast_instead(k, src, items);
             return;
         }
-        for chunk in items.chunks(STASH_CHUNK) {
+        for (c, chunk) in items.chunks(STASH_CHUNK).enumerate() {
             let hashes: Vec<PageHash> = chunk.iter().map(|x| x.0).collect();
             let gatherers: Vec<u8> = chunk
                 .iter()
@@ -764,7 +775,35 @@ impl<'a> Filler<'a> {
             lock(&self.traffic)
                 .errors
                 .push(format!("scatter from {src} to {inter}: {why}"));
+            self.cast_instead(k, src, &items[c * STASH_CHUNK..]);
             return;
+        }
+    }
+
+    /// Casts `items` (contents an intermediary failed to take, each with
+    /// the destination that lacks it) from `src` after all, at the slower
+    /// of its link and theirs; the cast's loss control slows it where
+    /// other casts still share a link. Group addresses apart from the
+    /// job's planned casts (`k` numbers the stash).
+    fn cast_instead(&self, k: usize, src: &str, items: &[(PageHash, String)]) {
+        let link = |h: &str| self.prep.view.host(h).map_or(0, |h| h.link_bps);
+        let sends: Vec<(PageHash, Vec<String>)> =
+            items.iter().map(|(h, d)| (*h, vec![d.clone()])).collect();
+        let slowest = items
+            .iter()
+            .map(|(_, d)| link(d))
+            .chain([link(src)])
+            .min()
+            .unwrap_or(0);
+        let rate = (slowest > 0).then(|| slowest / 100 * 97);
+        for (ci, chunk) in sends.chunks(CAST_CHUNK).enumerate() {
+            let dead = lock(&self.traffic).dead.clone();
+            let idx = FALLBACK_CASTS + k * 8 + ci % 8;
+            if let Some(session) = self.session(chunk, &dead, idx, rate)
+                && !self.cast(src, session, rate)
+            {
+                return;
+            }
         }
     }
 
