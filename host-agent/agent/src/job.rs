@@ -870,7 +870,8 @@ pub fn serve_fetch(
     let mut page = [0u8; PAGE_SIZE];
     let (mut hs, mut data) = (Vec::new(), Vec::new());
     let mut stashed = false;
-    let mut sent = 0u64;
+    // Each frame counted once sent, as the fetching side counts them:
+    // hashes and pages.
     for h in hashes {
         let held = agent.copy(&key, h, &mut page);
         if held || job.take_stashed(&key, h, &mut page) {
@@ -878,11 +879,12 @@ pub fn serve_fetch(
             hs.extend_from_slice(h.as_bytes());
             data.extend_from_slice(&page);
             if hs.len() / 32 == PAGES_PER_FETCH_FRAME {
-                sent += (hs.len() + data.len()) as u64;
+                let n = (hs.len() + data.len()) as u64;
                 send(Resp::Pages(v1::PagesByHash {
                     hashes: std::mem::take(&mut hs).into(),
                     data: std::mem::take(&mut data).into(),
                 }))?;
+                ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "fetch").increment(n);
                 // The tests' failpoint, once per process.
                 static SERVED: std::sync::atomic::AtomicBool =
                     std::sync::atomic::AtomicBool::new(false);
@@ -896,14 +898,13 @@ pub fn serve_fetch(
         }
     }
     if !hs.is_empty() {
-        sent += (hs.len() + data.len()) as u64;
+        let n = (hs.len() + data.len()) as u64;
         send(Resp::Pages(v1::PagesByHash {
             hashes: hs.into(),
             data: data.into(),
         }))?;
+        ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "fetch").increment(n);
     }
-    // Counted as the fetching side counts them: hashes and pages.
-    ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "fetch").increment(sent);
     // The end: an empty frame.
     send(Resp::Pages(v1::PagesByHash::default()))
 }

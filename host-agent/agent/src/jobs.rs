@@ -142,7 +142,6 @@ impl Job {
         let mut g = lock(&self.inner);
         if g.state == JobState::Open && Instant::now() > g.deadline {
             let freed = g.free();
-            drop(g);
             self.list(&freed);
             return JobState::Cancelled("its deadline passed".into());
         }
@@ -150,6 +149,9 @@ impl Job {
     }
 
     /// Lists changes to the stash where this host's holdings are listed.
+    /// Called with the job's lock held, so that a content's -1 never
+    /// reaches the listing before its +1 (the listing takes only the
+    /// publication's own locks).
     fn list(&self, changes: &[(PageHash, i64)]) {
         if let Some(l) = self.listing.as_ref().filter(|_| !changes.is_empty()) {
             l(changes);
@@ -167,13 +169,17 @@ impl Job {
         page: &Page,
         (room, gatherers): (u64, u8),
     ) -> Result<bool, AgentError> {
-        if let Some(why) = self.stopped() {
+        let mut g = lock(&self.inner);
+        // Checked under the lock that inserts: a job that ends meanwhile
+        // has freed its stash, and would never free this page.
+        if g.state != JobState::Open || Instant::now() > g.deadline {
+            drop(g);
+            let why = self.stopped().unwrap_or_else(|| "it ended".into());
             return Err(AgentError::UnknownJob(format!(
                 "job {} ended here: {why}",
                 self.id
             )));
         }
-        let mut g = lock(&self.inner);
         if g.stash.contains_key(&(key, h)) {
             return Ok(false);
         }
@@ -190,7 +196,6 @@ impl Job {
             left: gatherers.max(1),
         };
         g.stash.insert((key, h), kept);
-        drop(g);
         ::metrics::gauge!(crate::metrics::STASH_BYTES).increment(PAGE_SIZE as f64);
         self.list(&[(h, 1)]);
         Ok(true)
@@ -207,7 +212,6 @@ impl Job {
         s.left -= 1;
         if s.left == 0 {
             g.stash.remove(&(*key, *h));
-            drop(g);
             ::metrics::gauge!(crate::metrics::STASH_BYTES).decrement(PAGE_SIZE as f64);
             self.list(&[(*h, -1)]);
         }
@@ -638,7 +642,6 @@ impl JobBook {
         g.state = to;
         g.ended = Some(Instant::now());
         let freed = g.free();
-        drop(g);
         j.list(&freed);
         true
     }
@@ -664,7 +667,8 @@ impl JobBook {
             return false;
         }
         let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
-        jobs.iter().any(|j| j.copy_stashed(key, h, out))
+        jobs.iter()
+            .any(|j| j.is_open() && j.copy_stashed(key, h, out))
     }
 
     /// How many jobs are open.
@@ -675,16 +679,28 @@ impl JobBook {
     /// Bytes every job's stash holds here.
     pub fn stash_bytes(&self) -> u64 {
         let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
-        jobs.iter().map(|j| j.stash_bytes()).sum()
+        // A job past its deadline frees its stash when looked at.
+        jobs.iter()
+            .map(|j| {
+                let _ = j.state();
+                j.stash_bytes()
+            })
+            .sum()
     }
 
     /// Forgets jobs that ended (or expired) more than [`RETAIN`] ago.
     fn sweep(jobs: &mut HashMap<String, Arc<Job>>) {
         let now = Instant::now();
         jobs.retain(|_, j| {
-            let g = lock(&j.inner);
+            let mut g = lock(&j.inner);
             let ended = g.ended.or((now > g.deadline).then_some(g.deadline));
-            ended.is_none_or(|t| now.saturating_duration_since(t) < RETAIN)
+            let keep = ended.is_none_or(|t| now.saturating_duration_since(t) < RETAIN);
+            if !keep {
+                // A job whose deadline passed unseen still held its stash.
+                let freed = g.free();
+                j.list(&freed);
+            }
+            keep
         });
     }
 }
@@ -874,6 +890,21 @@ mod tests {
         assert!(book.close("j5"));
         assert_eq!(lock(&listed).get(&hb), Some(&0), "freed at the end");
         assert!(!book.copy_stashed(&key, &hb, &mut out));
+        // Nothing is kept, or listed, once the job ended.
+        assert!(j.stash(key, hb, &b, (u64::MAX, 1)).is_err());
+        assert_eq!(lock(&listed).get(&hb), Some(&0));
+        assert_eq!(j.stash_bytes(), 0);
+        // A job whose deadline passes frees and unlists its stash when
+        // next looked at (here: the room left for stashing).
+        let (j, _) = book
+            .open("j6", &op(), &[], Some(Duration::from_millis(30)))
+            .unwrap();
+        j.stash(key, ha, &a, (u64::MAX, 1)).unwrap();
+        assert_eq!(book.stash_bytes(), PAGE_SIZE as u64);
+        assert_eq!(lock(&listed).get(&ha), Some(&1));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(book.stash_bytes(), 0);
+        assert_eq!(lock(&listed).get(&ha), Some(&0), "unlisted at its deadline");
     }
 
     #[test]

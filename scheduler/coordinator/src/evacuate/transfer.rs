@@ -30,11 +30,6 @@ const MIN_CAST_PAGES: usize = 2_048;
 /// MiB): a chunk is gathered once all of it is there.
 const STASH_CHUNK: usize = 16_384;
 
-/// The first group index of casts that carry what an intermediary failed
-/// to take: above the planned casts' (`n * 8 + c % 8`, n below 1,000), and
-/// below 10,000 for the first 250 stashes ([`group_addr`]).
-const FALLBACK_CASTS: usize = 8_000;
-
 /// Cast and fetch figures of a job.
 #[derive(Default)]
 pub(super) struct Traffic {
@@ -650,6 +645,9 @@ impl<'a> Filler<'a> {
         let to = |i: usize| self.prep.moving[i].to.clone();
         let releases = Releases::new(&to, needs, &tasks, &fetches, &stashes, release);
         let uses = super::scatter::gatherer_counts(&stashes, needs, &to);
+        // Casts instead of a failed stash are numbered after the planned
+        // ones, so that no two casts of the job share a group.
+        let planned = tasks.len();
         releases.start();
         std::thread::scope(|s| {
             let (me, rel, uses) = (&self, &releases, &uses);
@@ -662,7 +660,7 @@ impl<'a> Filler<'a> {
             }
             for (k, ((src, inter), items)) in stashes.iter().enumerate() {
                 s.spawn(move || {
-                    me.stash((k, src, inter), items, uses);
+                    me.stash((planned + k, src, inter), items, uses);
                     rel.ended(&Unit::Stash(src.clone(), inter.clone()));
                 });
             }
@@ -704,8 +702,8 @@ impl<'a> Filler<'a> {
     /// a time, and tells each destination where to gather a chunk's
     /// contents once they are all there. Where the intermediary fails (the
     /// job cannot be opened there, or a chunk fails), the rest is cast from
-    /// the source to its destinations instead ([`Filler::cast_instead`]).
-    /// `k` numbers the stash among the job's.
+    /// the source to its destinations instead ([`Filler::cast_instead`]),
+    /// as the job's cast number `k`.
     fn stash(
         &self,
         (k, src, inter): (usize, &str, &str),
@@ -783,8 +781,8 @@ impl<'a> Filler<'a> {
     /// Casts `items` (contents an intermediary failed to take, each with
     /// the destination that lacks it) from `src` after all, at the slower
     /// of its link and theirs; the cast's loss control slows it where
-    /// other casts still share a link. Group addresses apart from the
-    /// job's planned casts (`k` numbers the stash).
+    /// other casts still share a link. `k` is its number among the job's
+    /// casts (after the planned ones), which its groups are named by.
     fn cast_instead(&self, k: usize, src: &str, items: &[(PageHash, String)]) {
         let link = |h: &str| self.prep.view.host(h).map_or(0, |h| h.link_bps);
         let sends: Vec<(PageHash, Vec<String>)> =
@@ -798,7 +796,7 @@ impl<'a> Filler<'a> {
         let rate = (slowest > 0).then(|| slowest / 100 * 97);
         for (ci, chunk) in sends.chunks(CAST_CHUNK).enumerate() {
             let dead = lock(&self.traffic).dead.clone();
-            let idx = FALLBACK_CASTS + k * 8 + ci % 8;
+            let idx = k * 8 + ci % 8;
             if let Some(session) = self.session(chunk, &dead, idx, rate)
                 && !self.cast(src, session, rate)
             {
