@@ -23,10 +23,59 @@ pub const PAGE_SIZE: usize = 4096;
 /// One guest page.
 pub type Page = [u8; PAGE_SIZE];
 
+/// A hasher for maps and sets keyed by [`PageHash`]: a BLAKE3 output is
+/// already uniform, so it folds the key's bytes into a word instead of
+/// running SipHash over them (for planning's maps of every content a job
+/// moves). Keys are hashes of page contents, which nobody can steer
+/// towards one bucket.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PageHashHasher(u64);
+
+impl std::hash::Hasher for PageHashHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.0 = self.0.rotate_left(23) ^ u64::from_le_bytes(w);
+        }
+    }
+
+    /// What a [`PageHash`] writes: its folded word, taken as it is.
+    fn write_u64(&mut self, i: u64) {
+        self.0 = self.0.rotate_left(23) ^ i;
+    }
+}
+
+/// A map keyed by [`PageHash`], hashed by [`PageHashHasher`].
+pub type PageHashMap<V> =
+    std::collections::HashMap<PageHash, V, std::hash::BuildHasherDefault<PageHashHasher>>;
+
+/// A set of [`PageHash`]es, hashed by [`PageHashHasher`].
+pub type PageHashSet =
+    std::collections::HashSet<PageHash, std::hash::BuildHasherDefault<PageHashHasher>>;
+
 /// The BLAKE3-256 hash of a page's content. Ordered bytewise, so sorted
 /// lists, key ranges and shard prefixes agree; displayed as lowercase hex.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct PageHash([u8; 32]);
+
+impl std::hash::Hash for PageHash {
+    /// One word folded from the four: a BLAKE3 output is uniform, so this
+    /// keys a table as well as all 32 bytes do, at a fraction of the
+    /// hashing (equal hashes fold equally).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let w = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&self.0[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        state.write_u64(w(0) ^ w(1).rotate_left(16) ^ w(2).rotate_left(32) ^ w(3).rotate_left(48));
+    }
+}
 
 impl PageHash {
     /// The value stored for a zero page in per-frame tables. Zero pages are
@@ -986,6 +1035,41 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Maps keyed by page hashes work with the folding hasher, and hashes
+    /// that differ in any one of their four words (as tests' made-up ones
+    /// do) fold apart.
+    #[test]
+    fn page_hashes_key_maps_and_fold_apart_in_every_word() {
+        use std::hash::BuildHasher;
+        let b = std::hash::BuildHasherDefault::<PageHashHasher>::default();
+        let mut seen = std::collections::HashSet::new();
+        for word in 0..4 {
+            for v in 1..=64u8 {
+                let mut x = [0u8; 32];
+                x[word * 8 + (v as usize % 8)] = v;
+                assert!(
+                    seen.insert(b.hash_one(PageHash::from_bytes(x))),
+                    "{word} {v}"
+                );
+            }
+        }
+        let mut m: PageHashMap<u32> = PageHashMap::default();
+        let real: Vec<PageHash> = (0u8..200)
+            .map(|i| PageHash::of_page(&[i; PAGE_SIZE]))
+            .collect();
+        for (i, h) in real.iter().enumerate() {
+            m.insert(*h, i as u32);
+        }
+        assert_eq!(m.len(), 200);
+        assert!(real.iter().enumerate().all(|(i, h)| m[h] == i as u32));
+        let set: PageHashSet = real.iter().copied().collect();
+        assert!(set.contains(&real[7]));
+        assert_eq!(
+            b.hash_one(real[3]),
+            b.hash_one(PageHash::of_page(&[3; PAGE_SIZE]))
+        );
+    }
     use proptest::prelude::*;
 
     fn page_from_seed(seed: u64) -> Box<Page> {

@@ -24,7 +24,10 @@ pub mod sketch;
 pub mod units;
 
 pub use domain::{CLUSTER_DOMAIN, DomainError, DomainSecret};
-pub use hash::{ContentKey, PAGE_SIZE, Page, PageHash, ParseHashError, hash_pages, is_zero_page};
+pub use hash::{
+    ContentKey, PAGE_SIZE, Page, PageHash, PageHashHasher, PageHashMap, PageHashSet,
+    ParseHashError, hash_pages, is_zero_page,
+};
 pub use rng::SplitMix64;
 pub use sketch::{HyperLogLog, MinHash, Sketch, SketchError};
 

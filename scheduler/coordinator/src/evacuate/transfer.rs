@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use pagecast_pages::{PAGE_BYTES, PageHash};
+use pagecast_pages::{PAGE_BYTES, PageHash, PageHashMap, PageHashSet};
 use pagecast_proto::v1;
 
 use super::scatter::Stashes;
@@ -138,12 +138,9 @@ impl<'a> Hosts<'a> {
         &self,
         prep: &Prepared,
         needs: &HashMap<usize, Vec<PageHash>>,
-    ) -> (
-        BTreeMap<usize, HashSet<PageHash>>,
-        HashMap<PageHash, Vec<usize>>,
-    ) {
-        let mut dest_needs: BTreeMap<usize, HashSet<PageHash>> = BTreeMap::new();
-        let mut senders: HashMap<PageHash, Vec<usize>> = HashMap::new();
+    ) -> (BTreeMap<usize, PageHashSet>, PageHashMap<Vec<usize>>) {
+        let mut dest_needs: BTreeMap<usize, PageHashSet> = BTreeMap::new();
+        let mut senders: PageHashMap<Vec<usize>> = PageHashMap::default();
         let mut order: Vec<usize> = needs.keys().copied().collect();
         order.sort_unstable();
         for i in order {
@@ -165,10 +162,10 @@ impl<'a> Hosts<'a> {
     /// it, in content order (the plan is the same every time).
     fn senders_plan(
         &self,
-        dest_needs: &BTreeMap<usize, HashSet<PageHash>>,
-        senders: &HashMap<PageHash, Vec<usize>>,
+        dest_needs: &BTreeMap<usize, PageHashSet>,
+        senders: &PageHashMap<Vec<usize>>,
     ) -> SourcePlan {
-        let mut members: HashMap<PageHash, Vec<usize>> = HashMap::new();
+        let mut members: PageHashMap<Vec<usize>> = PageHashMap::default();
         for (&d, hs) in dest_needs {
             for h in hs {
                 members.entry(*h).or_default().push(d);
@@ -192,9 +189,12 @@ impl<'a> Hosts<'a> {
                 .entry(ds)
                 .or_insert_with_key(|ds| ds.iter().map(|&d| self.names[d].to_owned()).collect())
                 .clone();
-            plan.entry(self.names[src].to_owned())
-                .or_default()
-                .push((h, set));
+            match plan.get_mut(self.names[src]) {
+                Some(sends) => sends.push((h, set)),
+                None => {
+                    plan.insert(self.names[src].to_owned(), vec![(h, set)]);
+                }
+            }
         }
         plan
     }
@@ -206,7 +206,7 @@ impl<'a> Hosts<'a> {
 fn rack_mates(
     prep: &Prepared,
     hosts: &Hosts<'_>,
-    dest_needs: &mut BTreeMap<usize, HashSet<PageHash>>,
+    dest_needs: &mut BTreeMap<usize, PageHashSet>,
     held: &HashMap<String, HashSet<PageHash>>,
 ) -> Fetches {
     let sources: HashSet<&str> = prep.moving.iter().map(|m| m.from.as_str()).collect();
