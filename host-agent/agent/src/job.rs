@@ -998,6 +998,15 @@ fn fetch_into_stash(
             }
             Err(e) => err = Some(e),
         }
+        // The tests' failpoint, once per process.
+        static KEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if kept == 1_024
+            && !KEPT.swap(true, std::sync::atomic::Ordering::Relaxed)
+            && let Err(e) =
+                pagecast_migrate::failpoint::hit(pagecast_migrate::failpoint::Point::StashKept)
+        {
+            err = Some(AgentError::BadRequest(e.to_string()));
+        }
     })?;
     if let Some(e) = err {
         return Err(e);

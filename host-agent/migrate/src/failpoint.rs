@@ -10,7 +10,9 @@
 //!   the source (`Resumed`);
 //! - `gather-served`: an intermediary of a scatter-gather job has given a
 //!   destination its first frame of stashed pages (the rest of the
-//!   gathering then meets whatever the action leaves).
+//!   gathering then meets whatever the action leaves);
+//! - `stash-kept`: an intermediary has kept its first 1,024 pages fetched
+//!   from a source (the rest of its share then meets the action).
 //!
 //! Actions: `exit` (the process exits at once with status 137, as if
 //! killed: nothing after the point runs), `drop` (the migration's link
@@ -43,6 +45,8 @@ pub enum Point {
     /// An intermediary gave its first stashed pages to a gathering
     /// destination.
     GatherServed,
+    /// An intermediary kept its first pages fetched from a source.
+    StashKept,
 }
 
 impl Point {
@@ -51,6 +55,7 @@ impl Point {
             Point::DestCommit => "dest-commit",
             Point::DestResumed => "dest-resumed",
             Point::GatherServed => "gather-served",
+            Point::StashKept => "stash-kept",
         }
     }
 }
@@ -59,9 +64,14 @@ fn parse(spec: &str) -> Vec<(Point, Action)> {
     let mut out = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let parsed = item.split_once(':').and_then(|(p, a)| {
-            let point = [Point::DestCommit, Point::DestResumed, Point::GatherServed]
-                .into_iter()
-                .find(|x| x.name() == p)?;
+            let point = [
+                Point::DestCommit,
+                Point::DestResumed,
+                Point::GatherServed,
+                Point::StashKept,
+            ]
+            .into_iter()
+            .find(|x| x.name() == p)?;
             let action = match a {
                 "exit" => Action::Exit,
                 "drop" => Action::Drop,
@@ -73,7 +83,7 @@ fn parse(spec: &str) -> Vec<(Point, Action)> {
         match parsed {
             Some(x) => out.push(x),
             None => eprintln!(
-                "PAGECAST_FAILPOINT: ignoring {item:?} (points: dest-commit, dest-resumed, gather-served; actions: exit, drop, stop)"
+                "PAGECAST_FAILPOINT: ignoring {item:?} (points: dest-commit, dest-resumed, gather-served, stash-kept; actions: exit, drop, stop)"
             ),
         }
     }
@@ -115,11 +125,12 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_items_are_skipped() {
         assert_eq!(
-            parse("dest-commit:exit, dest-resumed:drop,gather-served:stop"),
+            parse("dest-commit:exit, dest-resumed:drop,gather-served:stop,stash-kept:stop"),
             vec![
                 (Point::DestCommit, Action::Exit),
                 (Point::DestResumed, Action::Drop),
-                (Point::GatherServed, Action::Stop)
+                (Point::GatherServed, Action::Stop),
+                (Point::StashKept, Action::Stop)
             ]
         );
         assert_eq!(parse("nowhere:exit,dest-commit:explode,"), vec![]);

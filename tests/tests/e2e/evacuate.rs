@@ -1635,3 +1635,33 @@ fn an_intermediary_frozen_before_the_job_is_passed_over() {
     assert!(at.values().all(|h| h == "h4"), "{at:?}");
     assert!(took < Duration::from_secs(30), "the job took {took:?}");
 }
+
+/// An intermediary that freezes (SIGSTOP, raised by a failpoint) once it
+/// has kept its first 1,024 pages from the source: the coordinator gives
+/// its fetch up at the stash's deadline (seconds, from the links) and
+/// casts the share from the source after all; nothing is gathered, every
+/// VM arrives verified.
+#[test]
+fn an_intermediary_frozen_mid_stash_is_given_up_and_its_share_cast() {
+    let name = "an_intermediary_frozen_mid_stash_is_given_up_and_its_share_cast";
+    if !needs(name, &[Need::Kvm, Need::LoopbackMulticast, Need::Root]) {
+        return;
+    }
+    let r = scatter_rig(&[("PAGECAST_FAILPOINT", "stash-kept:stop")]);
+    let t = Instant::now();
+    let (out, rep) = r.evacuate(&["--from", "h1", "--to", "h4"]);
+    let took = t.elapsed();
+    r.agent("h7").thaw();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}\nthe job took {took:?}");
+    assert!(out.status.success(), "{err}\n{}", r.logs());
+    assert!(err.contains("scatter from h1 to h7"), "{err}");
+    assert!(err.matches("h1: casting").count() >= 2, "{err}");
+    for v in rep["vms"].as_array().unwrap() {
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["pages_gathered"], 0, "{v}");
+    }
+    let at = where_each_runs(&r, &["web1", "db1"]);
+    assert!(at.values().all(|h| h == "h4"), "{at:?}");
+    assert!(took < Duration::from_secs(40), "the job took {took:?}");
+}

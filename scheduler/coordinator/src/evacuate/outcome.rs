@@ -114,7 +114,8 @@ pub(super) fn measured(
     report.ok = all_ok;
     if !t.errors.is_empty() {
         on(Event::Step(format!(
-            "some pages travelled in the migrations instead: {}",
+            "some transfers failed, and their pages went another way (an intermediary's share \
+             cast from its source; the rest in the migrations): {}",
             t.errors.join("; ")
         )));
     }

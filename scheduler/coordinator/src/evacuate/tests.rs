@@ -1187,3 +1187,24 @@ fn overshooting_switchovers_narrow_the_release_window() {
     // The first window overshoots; after it, most keep to the target.
     assert!(within >= 6, "{over} over the target: {:?}", rep.vms);
 }
+
+/// An intermediary's fetch may take four times its bits at the slower
+/// link, plus set-up; unknown links count as 1 Gbit/s.
+#[test]
+fn a_stash_fetch_is_given_the_slower_links_time() {
+    use super::transfer::stash_deadline;
+    let link = |h: &str| match h {
+        "fast" => 10_000_000_000,
+        "slow" => 100_000_000,
+        _ => 0,
+    };
+    let pages = 16_384; // 537 Mbit
+    let s = |a, b| stash_deadline(pages, &link, (a, b)).as_secs_f64();
+    assert!((s("fast", "slow") - (5.0 + 4.0 * 5.368_709_12)).abs() < 0.01);
+    assert_eq!(s("fast", "slow"), s("slow", "fast"));
+    assert!(
+        (s("x", "y") - (5.0 + 4.0 * 0.536_870_912)).abs() < 0.01,
+        "unknown"
+    );
+    assert!((s("fast", "y") - (5.0 + 4.0 * 0.053_687_091)).abs() < 0.01);
+}

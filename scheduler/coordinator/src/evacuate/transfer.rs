@@ -245,6 +245,25 @@ fn rack_mates(
     fetches
 }
 
+/// How long an intermediary may take to fetch `pages` from a source: four
+/// times their bits at the slower of the two links (1 Gbit/s where both
+/// are unknown; the source's is shared with its casts), plus 5 s to set
+/// up. One that has not answered by then (frozen) is given up, and the
+/// rest of its share cast instead.
+pub(super) fn stash_deadline(
+    pages: usize,
+    link: &dyn Fn(&str) -> u64,
+    (src, inter): (&str, &str),
+) -> Duration {
+    let bps = [link(src), link(inter)]
+        .into_iter()
+        .filter(|&b| b > 0)
+        .min()
+        .unwrap_or(1_000_000_000);
+    let secs = pages as f64 * PAGE_BYTES as f64 * 8.0 / bps as f64;
+    Duration::from_secs_f64(5.0 + 4.0 * secs)
+}
+
 /// The multicast group of a job's cast `source` (its index among the
 /// job's casts) and its `group`: distinct for every index below 10,000 and
 /// group below 250, since the job's casts run at once. The caller numbers
@@ -714,6 +733,7 @@ impl<'a> Filler<'a> {
             "{src}: {} pages to intermediary {inter}",
             items.len()
         )));
+        let link = |h: &str| self.prep.view.host(h).map_or(0, |h| h.link_bps);
         let mut dests: Vec<&str> = items.iter().map(|x| x.1.as_str()).collect();
         dests.sort_unstable();
         dests.dedup();
@@ -741,7 +761,7 @@ impl<'a> Filler<'a> {
                 (inter, src),
                 (&hashes, gatherers),
                 v1::FetchMode::IntoStash,
-                Duration::from_secs(30 + hashes.len() as u64 / 2_000),
+                stash_deadline(hashes.len(), &link, (src, inter)),
             );
             let why = match r {
                 Ok(f) if f.error.is_none() => {
