@@ -7,7 +7,7 @@
 //! - `dest-commit`: the destination has received Commit and not yet
 //!   started the VM;
 //! - `dest-resumed`: the destination has started the VM and not yet told
-//!   the source (`Resumed`);
+//!   the source (`Resumed`), by pre-copy or by post-copy;
 //! - `gather-served`: an intermediary of a scatter-gather job has given a
 //!   destination its first frame of stashed pages (the rest of the
 //!   gathering then meets whatever the action leaves);

@@ -409,6 +409,7 @@ impl Serve<'_> {
                     Ok(Ok(progress)) => {
                         resumed = true;
                         self.done.progress = progress;
+                        crate::failpoint::hit(crate::failpoint::Point::DestResumed)?;
                         self.link.send(Body::Resumed(v1::Resumed { progress }))?;
                     }
                     Ok(Err(why)) => {

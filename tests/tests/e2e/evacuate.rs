@@ -1328,6 +1328,20 @@ fn scatter_rig_of(
     hosts: &[(&str, &str, &str, &str)],
     inter_env: &[(&'static str, &'static str)],
 ) -> Rig {
+    scatter_rig_env(hosts, &|name| {
+        if name == "h7" {
+            inter_env.to_vec()
+        } else {
+            Vec::new()
+        }
+    })
+}
+
+/// [`scatter_rig_of`], each agent with `env(name)` in its environment.
+fn scatter_rig_env(
+    hosts: &[(&str, &str, &str, &str)],
+    env: &dyn Fn(&str) -> Vec<(&'static str, &'static str)>,
+) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let idx = IndexCluster::start(dir.path(), SHARDS);
     let addrs = idx.addrs();
@@ -1344,8 +1358,7 @@ fn scatter_rig_of(
                 "--capacity",
                 capacity,
             ];
-            let env: &[(&str, &str)] = if *name == "h7" { inter_env } else { &[] };
-            AgentProc::start_with_env(dir.path(), name, &args, env)
+            AgentProc::start_with_env(dir.path(), name, &args, &env(name))
         })
         .collect();
     let r = Rig { dir, idx, agents };
@@ -1664,4 +1677,49 @@ fn an_intermediary_frozen_mid_stash_is_given_up_and_its_share_cast() {
     let at = where_each_runs(&r, &["web1", "db1"]);
     assert!(at.values().all(|h| h == "h4"), "{at:?}");
     assert!(took < Duration::from_secs(40), "the job took {took:?}");
+}
+
+/// The link breaks at the switchover point of a post-copy move, after the
+/// destination started the VM (`PAGECAST_FAILPOINT=dest-resumed:drop` at
+/// h4; scatter makes the moves post-copy): the destination cannot have
+/// the pages it lacks, so its copy must not run on; the source never
+/// heard `Resumed`. Each VM ends up running on exactly one host, and that
+/// is its source, whose memory is whole.
+#[test]
+fn a_postcopy_move_whose_link_breaks_at_resume_runs_on_at_its_source() {
+    let name = "a_postcopy_move_whose_link_breaks_at_resume_runs_on_at_its_source";
+    if !needs(name, &[Need::Kvm, Need::LoopbackMulticast, Need::Root]) {
+        return;
+    }
+    let hosts = [
+        ("h1", "r1", "1G", "512MiB"),
+        ("h4", "r2", "100M", "512MiB"),
+        ("h7", "r3", "1G", "512MiB"),
+    ];
+    let r = scatter_rig_env(&hosts, &|name| {
+        if name == "h4" {
+            vec![("PAGECAST_FAILPOINT", "dest-resumed:drop")]
+        } else {
+            Vec::new()
+        }
+    });
+    let (out, rep) = r.evacuate(&["--from", "h1", "--to", "h4"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "{err}\n{}",
+        serde_json::to_string_pretty(&rep).unwrap_or_default()
+    );
+    assert!(!out.status.success(), "the moves went unconfirmed");
+    let at = eventually(
+        Duration::from_secs(30),
+        "every VM settled on one host",
+        || settled(&r, &["web1", "db1"]),
+    );
+    assert!(at.values().all(|h| h == "h1"), "{at:?}\n{}", r.logs());
+    // The destination's copy ran on post-copy, and was stopped.
+    let h4 = r.agent("h4").log();
+    assert!(
+        h4.contains("post-copy failed: stopping the arrived VM"),
+        "{h4}"
+    );
 }
