@@ -331,11 +331,7 @@ impl pagecast_migrate::Caster for AgentCaster<'_> {
         Ok(pagecast_migrate::CastOutcome {
             hashes: staged_hashes,
             complete,
-            bytes: rep.bytes_first
-                + rep.bytes_repair
-                + rep.bytes_heartbeat
-                + rep.bytes_unicast
-                + rep.bytes_control,
+            bytes: cast_bytes(&rep),
         })
     }
 }
@@ -694,17 +690,7 @@ pub fn cast_send(
             pages: Vec::new(),
         });
     }
-    let mut cfg = SenderConfig::new(control, iface, r.receivers.len());
-    cfg.name = agent.name().to_owned();
-    cfg.expected = r.receivers.clone();
-    cfg.job = r.job.clone();
-    cfg.rate_bps = (r.rate_bps > 0).then_some(r.rate_bps);
-    cfg.accept_timeout = Duration::from_secs(20);
-    cfg.transport = match v1::CastTransport::try_from(r.transport) {
-        Ok(v1::CastTransport::Multicast) => TransportChoice::Multicast,
-        Ok(v1::CastTransport::Chain) => TransportChoice::Chain,
-        _ => TransportChoice::Auto,
-    };
+    let cfg = sender_config(agent, r, (control, iface));
     let res = pagecast_multicast::send_on(
         listener,
         &cfg,
@@ -721,23 +707,14 @@ pub fn cast_send(
             (staged_s, t0.elapsed().as_secs_f64() - staged_s),
             (stage_cpu, crate::sync::thread_cpu_s() - cpu0),
         );
-        ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "cast").increment(
-            rep.bytes_first
-                + rep.bytes_repair
-                + rep.bytes_heartbeat
-                + rep.bytes_unicast
-                + rep.bytes_control,
-        );
+        ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "cast")
+            .increment(cast_bytes(rep));
     }
     Ok(match res {
         Ok(rep) => v1::CastResult {
             ok: true,
             error: None,
-            bytes_sent: rep.bytes_first
-                + rep.bytes_repair
-                + rep.bytes_heartbeat
-                + rep.bytes_unicast
-                + rep.bytes_control,
+            bytes_sent: cast_bytes(&rep),
             stats: Some(send_stats(&rep)),
             frames_filled: 0,
         },
@@ -750,6 +727,33 @@ pub fn cast_send(
             ..Default::default()
         },
     })
+}
+
+/// Every byte a cast sent: pages, repairs, heartbeats, unicast and
+/// control.
+fn cast_bytes(rep: &pagecast_multicast::SendReport) -> u64 {
+    rep.bytes_first + rep.bytes_repair + rep.bytes_heartbeat + rep.bytes_unicast + rep.bytes_control
+}
+
+/// The sender's settings for a cast request: its receivers, job, rate and
+/// transport, on the control listener at `control` over `iface`.
+fn sender_config(
+    agent: &Agent,
+    r: &v1::CastSendRequest,
+    (control, iface): (SocketAddr, Ipv4Addr),
+) -> SenderConfig {
+    let mut cfg = SenderConfig::new(control, iface, r.receivers.len());
+    cfg.name = agent.name().to_owned();
+    cfg.expected = r.receivers.clone();
+    cfg.job = r.job.clone();
+    cfg.rate_bps = (r.rate_bps > 0).then_some(r.rate_bps);
+    cfg.accept_timeout = Duration::from_secs(20);
+    cfg.transport = match v1::CastTransport::try_from(r.transport) {
+        Ok(v1::CastTransport::Multicast) => TransportChoice::Multicast,
+        Ok(v1::CastTransport::Chain) => TransportChoice::Chain,
+        _ => TransportChoice::Auto,
+    };
+    cfg
 }
 
 /// Each group of a cast request as the sender plans it: its address, its
@@ -978,7 +982,6 @@ fn fetch_into_stash(
 ) -> Result<(u64, u64, Vec<PageHash>), AgentError> {
     let key = agent.domain_key(&r.domain)?;
     let uses = gatherers_of(&r.gatherers, hashes)?;
-    agent.jobs().note_stashing();
     let mut ch = agent.connect_host(&r.from, "give pages to an intermediary")?;
     ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
     let at = (&r.from[..], &r.job[..]);

@@ -16,6 +16,7 @@
 //! are forgotten [`RETAIN`] after they end.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,8 @@ pub struct Job {
     /// Where changes to the stash are listed (this host's holdings in the
     /// content index), if anywhere.
     listing: Option<Listing>,
+    /// Pages every job's stash holds here (the book's count).
+    stashed: Arc<AtomicU64>,
 }
 
 /// Changes to what this host holds, by content (+1: one more copy kept,
@@ -117,8 +120,6 @@ impl JobInner {
     /// off the listing.
     #[must_use]
     fn free(&mut self) -> Vec<(PageHash, i64)> {
-        ::metrics::gauge!(crate::metrics::STASH_BYTES)
-            .decrement((self.stash.len() * PAGE_SIZE) as f64);
         let freed = self.stash.keys().map(|(_, h)| (*h, -1)).collect();
         self.stash = HashMap::new();
         self.gather = HashMap::new();
@@ -142,18 +143,30 @@ impl Job {
         let mut g = lock(&self.inner);
         if g.state == JobState::Open && Instant::now() > g.deadline {
             let freed = g.free();
-            self.list(&freed);
+            self.changed(&freed);
             return JobState::Cancelled("its deadline passed".into());
         }
         g.state.clone()
     }
 
-    /// Lists changes to the stash where this host's holdings are listed.
+    /// Accounts for changes to the stash (+1: a content kept, -1: one
+    /// freed): the gauge, the host's count of stashed pages (which local
+    /// copies check first), and the listing of this host's holdings.
     /// Called with the job's lock held, so that a content's -1 never
     /// reaches the listing before its +1 (the listing takes only the
     /// publication's own locks).
-    fn list(&self, changes: &[(PageHash, i64)]) {
-        if let Some(l) = self.listing.as_ref().filter(|_| !changes.is_empty()) {
+    fn changed(&self, changes: &[(PageHash, i64)]) {
+        if changes.is_empty() {
+            return;
+        }
+        let n: i64 = changes.iter().map(|c| c.1).sum();
+        ::metrics::gauge!(crate::metrics::STASH_BYTES).increment((n * PAGE_SIZE as i64) as f64);
+        if n >= 0 {
+            self.stashed.fetch_add(n.unsigned_abs(), Ordering::Relaxed);
+        } else {
+            self.stashed.fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
+        }
+        if let Some(l) = &self.listing {
             l(changes);
         }
     }
@@ -196,8 +209,7 @@ impl Job {
             left: gatherers.max(1),
         };
         g.stash.insert((key, h), kept);
-        ::metrics::gauge!(crate::metrics::STASH_BYTES).increment(PAGE_SIZE as f64);
-        self.list(&[(h, 1)]);
+        self.changed(&[(h, 1)]);
         Ok(true)
     }
 
@@ -212,8 +224,7 @@ impl Job {
         s.left -= 1;
         if s.left == 0 {
             g.stash.remove(&(*key, *h));
-            ::metrics::gauge!(crate::metrics::STASH_BYTES).decrement(PAGE_SIZE as f64);
-            self.list(&[(*h, -1)]);
+            self.changed(&[(*h, -1)]);
         }
         true
     }
@@ -454,9 +465,9 @@ pub struct JobBook {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// Where the jobs' stashes are listed, once the agent publishes.
     listing: std::sync::OnceLock<Listing>,
-    /// Whether any job ever stashed here: local copies look in stashes
-    /// only then.
-    stashing: std::sync::atomic::AtomicBool,
+    /// Pages every job's stash holds here: local copies look in stashes
+    /// only while some are.
+    stashed: Arc<AtomicU64>,
 }
 
 /// A job id: 1 to 128 letters, digits, '-', '_', '.' or ':'.
@@ -575,6 +586,7 @@ impl JobBook {
         let j = Arc::new(Job {
             id: job.to_owned(),
             listing: self.listing.get().cloned(),
+            stashed: self.stashed.clone(),
             ordered_by: who.clone(),
             inner: Mutex::new(JobInner {
                 peers: BTreeMap::new(),
@@ -642,7 +654,7 @@ impl JobBook {
         g.state = to;
         g.ended = Some(Instant::now());
         let freed = g.free();
-        j.list(&freed);
+        j.changed(&freed);
         true
     }
 
@@ -653,17 +665,11 @@ impl JobBook {
         let _ = self.listing.set(listing);
     }
 
-    /// A job stashes here: local copies may look in stashes from now on.
-    pub fn note_stashing(&self) {
-        self.stashing
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// Copies content `h` (domain of `key`) into `out` from any open
     /// job's stash here, leaving it there: for a destination that fills
     /// what it lacks from what this host keeps for another job.
     pub fn copy_stashed(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
-        if !self.stashing.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.stashed.load(Ordering::Relaxed) == 0 {
             return false;
         }
         let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
@@ -698,7 +704,7 @@ impl JobBook {
             if !keep {
                 // A job whose deadline passed unseen still held its stash.
                 let freed = g.free();
-                j.list(&freed);
+                j.changed(&freed);
             }
             keep
         });
@@ -873,7 +879,6 @@ mod tests {
         let (ha, hb) = (key.hash_page(&a), key.hash_page(&b));
         let mut out = [0u8; PAGE_SIZE];
         assert!(!book.copy_stashed(&key, &ha, &mut out), "nothing kept yet");
-        book.note_stashing();
         j.stash(key, ha, &a, (u64::MAX, 1)).unwrap();
         j.stash(key, hb, &b, (u64::MAX, 1)).unwrap();
         assert!(!j.stash(key, hb, &b, (u64::MAX, 1)).unwrap());

@@ -1314,13 +1314,15 @@ fn a_host_certificate_cannot_cordon() {
 /// r2, a tenth of that), and h7 (rack r3, 1 Gbit/s) takes no other part:
 /// the intermediary, started with `inter_env`. Two VMs on h1, dirtying.
 fn scatter_rig(inter_env: &[(&'static str, &'static str)]) -> Rig {
-    let hosts = [
-        ("h1", "r1", "1G", "512MiB"),
-        ("h4", "r2", "100M", "512MiB"),
-        ("h7", "r3", "1G", "512MiB"),
-    ];
-    scatter_rig_of(&hosts, inter_env)
+    scatter_rig_of(&SCATTER_HOSTS, inter_env)
 }
+
+/// [`scatter_rig`]'s hosts: name, rack, link, capacity.
+const SCATTER_HOSTS: [(&str, &str, &str, &str); 3] = [
+    ("h1", "r1", "1G", "512MiB"),
+    ("h4", "r2", "100M", "512MiB"),
+    ("h7", "r3", "1G", "512MiB"),
+];
 
 /// [`scatter_rig`] with `hosts` (name, rack, link, capacity); h7 is the
 /// intermediary.
@@ -1630,6 +1632,15 @@ fn an_intermediary_frozen_before_the_job_is_passed_over() {
     }
     let r = scatter_rig(&[]);
     r.agent("h7").freeze();
+    share_cast_around_frozen_h7(&r, "scatter to h7", Duration::from_secs(30));
+}
+
+/// Evacuates h1 onto h4 while the scatter rig's intermediary h7 is frozen
+/// (before or during the job), then thaws it: the progress says the
+/// stash `failed` and shows the direct share's cast and then h7's share's;
+/// nothing is gathered, every VM arrives verified at h4, and the job ends
+/// within `bound`.
+fn share_cast_around_frozen_h7(r: &Rig, failed: &str, bound: Duration) {
     let t = Instant::now();
     let (out, rep) = r.evacuate(&["--from", "h1", "--to", "h4"]);
     let took = t.elapsed();
@@ -1637,16 +1648,15 @@ fn an_intermediary_frozen_before_the_job_is_passed_over() {
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("{err}\nthe job took {took:?}");
     assert!(out.status.success(), "{err}\n{}", r.logs());
-    assert!(err.contains("scatter to h7"), "{err}");
-    // The direct share's cast, then the intermediary's share's.
+    assert!(err.contains(failed), "{err}");
     assert!(err.matches("h1: casting").count() >= 2, "{err}");
     for v in rep["vms"].as_array().unwrap() {
         assert_eq!(v["verified"], true, "{v}");
         assert_eq!(v["pages_gathered"], 0, "{v}");
     }
-    let at = where_each_runs(&r, &["web1", "db1"]);
+    let at = where_each_runs(r, &["web1", "db1"]);
     assert!(at.values().all(|h| h == "h4"), "{at:?}");
-    assert!(took < Duration::from_secs(30), "the job took {took:?}");
+    assert!(took < bound, "the job took {took:?}");
 }
 
 /// An intermediary that freezes (SIGSTOP, raised by a failpoint) once it
@@ -1661,22 +1671,7 @@ fn an_intermediary_frozen_mid_stash_is_given_up_and_its_share_cast() {
         return;
     }
     let r = scatter_rig(&[("PAGECAST_FAILPOINT", "stash-kept:stop")]);
-    let t = Instant::now();
-    let (out, rep) = r.evacuate(&["--from", "h1", "--to", "h4"]);
-    let took = t.elapsed();
-    r.agent("h7").thaw();
-    let err = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{err}\nthe job took {took:?}");
-    assert!(out.status.success(), "{err}\n{}", r.logs());
-    assert!(err.contains("scatter from h1 to h7"), "{err}");
-    assert!(err.matches("h1: casting").count() >= 2, "{err}");
-    for v in rep["vms"].as_array().unwrap() {
-        assert_eq!(v["verified"], true, "{v}");
-        assert_eq!(v["pages_gathered"], 0, "{v}");
-    }
-    let at = where_each_runs(&r, &["web1", "db1"]);
-    assert!(at.values().all(|h| h == "h4"), "{at:?}");
-    assert!(took < Duration::from_secs(40), "the job took {took:?}");
+    share_cast_around_frozen_h7(&r, "scatter from h1 to h7", Duration::from_secs(40));
 }
 
 /// The link breaks at the switchover point of a post-copy move, after the
@@ -1691,12 +1686,7 @@ fn a_postcopy_move_whose_link_breaks_at_resume_runs_on_at_its_source() {
     if !needs(name, &[Need::Kvm, Need::LoopbackMulticast, Need::Root]) {
         return;
     }
-    let hosts = [
-        ("h1", "r1", "1G", "512MiB"),
-        ("h4", "r2", "100M", "512MiB"),
-        ("h7", "r3", "1G", "512MiB"),
-    ];
-    let r = scatter_rig_env(&hosts, &|name| {
+    let r = scatter_rig_env(&SCATTER_HOSTS, &|name| {
         if name == "h4" {
             vec![("PAGECAST_FAILPOINT", "dest-resumed:drop")]
         } else {
