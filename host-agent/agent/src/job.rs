@@ -371,6 +371,16 @@ impl LocalContent for JobContent<'_> {
             || self.agent.jobs().copy_stashed(key, h, out)
     }
 
+    fn holds(&self, key: &ContentKey, h: &PageHash) -> bool {
+        self.agent.holds(key, h)
+            || self
+                .job
+                .slots()
+                .iter()
+                .any(|s| s.key() == key && s.holds(h))
+            || self.agent.jobs().holds_stashed(key, h)
+    }
+
     fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
         self.agent.domain_key(domain).map_err(|e| e.to_string())
     }

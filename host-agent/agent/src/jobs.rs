@@ -241,6 +241,11 @@ impl Job {
         }
     }
 
+    /// Whether the job's stash holds content `h` (domain of `key`).
+    fn holds_stashed(&self, key: &ContentKey, h: &PageHash) -> bool {
+        lock(&self.inner).stash.contains_key(&(*key, *h))
+    }
+
     /// Bytes the job's stash holds here.
     pub fn stash_bytes(&self) -> u64 {
         lock(&self.inner).stash.len() as u64 * PAGE_SIZE as u64
@@ -675,6 +680,16 @@ impl JobBook {
         let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
         jobs.iter()
             .any(|j| j.is_open() && j.copy_stashed(key, h, out))
+    }
+
+    /// Whether any open job's stash here holds content `h` (domain of
+    /// `key`).
+    pub fn holds_stashed(&self, key: &ContentKey, h: &PageHash) -> bool {
+        if self.stashed.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
+        jobs.iter().any(|j| j.is_open() && j.holds_stashed(key, h))
     }
 
     /// How many jobs are open.

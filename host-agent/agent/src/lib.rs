@@ -1269,6 +1269,12 @@ impl LocalContent for Agent {
         self.copy_any(h, out) == Some(*key)
     }
 
+    fn holds(&self, key: &ContentKey, h: &PageHash) -> bool {
+        read(&self.content)
+            .get(h)
+            .is_some_and(|(vm, _)| vm.key == *key)
+    }
+
     fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
         Agent::domain_key(self, domain).map_err(|e| e.to_string())
     }

@@ -567,8 +567,9 @@ fn migrate_in(agent: &Agent, ch: Channel, source: &str, job: &str) {
     match agent.migrate_in(&mut link, source, job) {
         Ok(rep) => {
             info!(
-                "received {} from {from}: {} pages filled locally, {} received, running",
-                rep.vm, rep.pages_local, rep.pages_received
+                "received {} from {from}: {} pages filled locally, {} received, running \
+                 (manifest read in {:.2} s, local fill {:.2} s)",
+                rep.vm, rep.pages_local, rep.pages_received, rep.manifest_s, rep.local_fill_s
             );
             if rep.postcopy_gathered + rep.postcopy_gather_lost > 0 {
                 info!(

@@ -1,6 +1,7 @@
 //! The destination side of a migration.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,11 @@ pub struct IncomingReport {
     pub postcopy_gather_lost: u64,
     /// Why the first of those could not be gathered ("" if none).
     pub postcopy_gather_error: String,
+    /// Seconds from the source's offer to its manifest read in full.
+    pub manifest_s: f64,
+    /// Seconds spent filling frames from what this host held, before the
+    /// first needs went back.
+    pub local_fill_s: f64,
 }
 
 /// A VM arriving here, while its memory fills: the engine writes pages it
@@ -189,6 +195,37 @@ impl IncomingSlot {
         self.region.read_page(f, out).is_ok() && self.key.hash_page(out) == *h
     }
 
+    /// Whether a frame of this VM already holds content `h`.
+    pub fn holds(&self, h: &PageHash) -> bool {
+        let st = self.lock();
+        st.here
+            .get(h)
+            .is_some_and(|&f| st.table[f as usize] == Some(*h))
+    }
+
+    /// Writes `page` (content `h`, checked by the caller) into `frames`.
+    fn write_frames(&self, frames: &[u64], h: PageHash, page: &Page) -> Result<(), MemoryError> {
+        let mut st = self.lock();
+        for &f in frames {
+            self.region.write_page(f, page)?;
+            st.table[f as usize] = Some(h);
+        }
+        if let Some(&f) = frames.first() {
+            st.here.insert(h, f);
+        }
+        Ok(())
+    }
+
+    /// Lets `frames` wait for content `h` with the frames the job's
+    /// transfers and the migration fill.
+    fn wait_for(&self, h: PageHash, frames: &[u64]) {
+        self.lock()
+            .frames_of
+            .entry(h)
+            .or_default()
+            .extend_from_slice(frames);
+    }
+
     /// Frames filled by a gang job's casts and fetches.
     pub fn filled_by_others(&self) -> u64 {
         self.lock().filled_by_others
@@ -218,6 +255,75 @@ impl IncomingSlot {
             st.here.insert(h, f);
         }
         Ok(())
+    }
+}
+
+/// Lowers the calling thread's priority (nice 10): preparing an arriving
+/// VM's memory (faulting it in, copying what this host holds) yields to
+/// the job's transfers on a busy host, which the whole job waits for.
+fn in_background() {
+    // SAFETY: gettid has no preconditions; setpriority on the calling
+    // thread's own id changes only how the scheduler weighs it.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
+/// The frames of an arriving VM this host can fill from pages it holds,
+/// by content, in the order of their first frames (planned by lookups;
+/// [`LocalPlan::fill`] copies them).
+#[derive(Default)]
+struct LocalPlan {
+    contents: Vec<(PageHash, Vec<u64>)>,
+}
+
+/// What [`LocalPlan::fill`] did.
+struct Copied {
+    /// Frames filled.
+    frames: u64,
+    /// Contents that could not be copied after all (changed or gone
+    /// since the lookup), or were not copied because the fill stopped:
+    /// their frames now wait with the others.
+    lost: Vec<PageHash>,
+    /// Seconds the copies took.
+    secs: f64,
+}
+
+impl LocalPlan {
+    /// Frames planned.
+    fn frames(&self) -> u64 {
+        self.contents.iter().map(|(_, fs)| fs.len() as u64).sum()
+    }
+
+    /// Copies each content once from `local` (hash-checked there) into
+    /// all its frames. What cannot be copied, and everything left once
+    /// `stop` is set, waits in `slot` for the job's transfers or the
+    /// migration.
+    fn fill(
+        &self,
+        slot: &IncomingSlot,
+        local: &dyn LocalContent,
+        stop: &AtomicBool,
+    ) -> Result<Copied, MemoryError> {
+        let t = Instant::now();
+        let mut page = [0u8; PAGE_SIZE];
+        let mut done = Copied {
+            frames: 0,
+            lost: Vec::new(),
+            secs: 0.0,
+        };
+        for (h, frames) in &self.contents {
+            if !stop.load(Ordering::Relaxed) && local.copy(&slot.key, h, &mut page) {
+                slot.write_frames(frames, *h, &page)?;
+                done.frames += frames.len() as u64;
+            } else {
+                slot.wait_for(*h, frames);
+                done.lost.push(*h);
+            }
+        }
+        done.secs = t.elapsed().as_secs_f64();
+        Ok(done)
     }
 }
 
@@ -284,6 +390,8 @@ pub struct Arrival<'a> {
     report: IncomingReport,
     /// Faulting in the arriving VM's memory, off the handshake's path.
     populating: Option<std::thread::JoinHandle<Result<(), pagecast_memory::MemoryError>>>,
+    /// Every page of the memory is faulted in.
+    faulted_in: bool,
     /// The VM runs here: whatever fails now, the source must not hear
     /// Abort (it would resume its copy).
     started: bool,
@@ -404,6 +512,7 @@ pub fn receive_front<'a>(
             ..IncomingReport::default()
         },
         populating: None,
+        faulted_in: false,
         started: false,
         postcopy,
         gather: None,
@@ -413,7 +522,10 @@ pub fn receive_front<'a>(
         let filling = arrival.slot.clone();
         arrival.populating = std::thread::Builder::new()
             .name("pagecast-populate".into())
-            .spawn(move || filling.region.populate())
+            .spawn(move || {
+                in_background();
+                filling.region.populate()
+            })
             .ok();
     }
     let mut opened = false;
@@ -588,37 +700,49 @@ impl Arrival<'_> {
         Ok(dec.finish()?.hashes)
     }
 
-    /// Fills a VM's own frames from what this host holds (unless told not
-    /// to reuse anything); a content already copied into the new VM is
-    /// copied within it. Returns what is still needed.
-    fn fill_frames(
+    /// Plans a VM's own frames: zero frames are done (fresh memory is
+    /// zero); the frames whose content this host holds (unless told not to
+    /// reuse anything) go in the returned [`LocalPlan`], by lookups only,
+    /// for [`LocalPlan::fill`] to copy; every other frame waits for its
+    /// content, and those contents are returned, sorted.
+    fn plan_frames(
         &mut self,
         manifest: &[PageHash],
         local: &dyn LocalContent,
         no_local: bool,
-    ) -> Result<Vec<PageHash>, MigrationError> {
+    ) -> (Vec<PageHash>, LocalPlan) {
+        let key = self.slot.key;
         let mut frames_of: HashMap<PageHash, Vec<u64>> = HashMap::new();
-        let mut page = [0u8; PAGE_SIZE];
+        let mut held: HashMap<PageHash, Vec<u64>> = HashMap::new();
+        let mut zero = Vec::new();
         for (f, h) in manifest.iter().enumerate() {
             let f = f as u64;
             if h.is_zero_page() {
-                // Fresh memory is zero.
-                self.slot.lock().table[f as usize] = Some(PageHash::ZERO_PAGE);
-                continue;
-            }
-            let filled = !no_local
-                && (self.slot.copy(h, &mut page) || local.copy(&self.slot.key, h, &mut page));
-            if filled {
-                self.slot.write(f, *h, &page)?;
-                self.report.pages_local += 1;
+                zero.push(f);
+            } else if let Some(fs) = held.get_mut(h) {
+                fs.push(f);
+            } else if let Some(fs) = frames_of.get_mut(h) {
+                fs.push(f);
+            } else if !no_local && local.holds(&key, h) {
+                held.insert(*h, vec![f]);
             } else {
-                frames_of.entry(*h).or_default().push(f);
+                frames_of.insert(*h, vec![f]);
             }
         }
         let mut needed: Vec<PageHash> = frames_of.keys().copied().collect();
         needed.sort_unstable();
-        self.slot.lock().frames_of = frames_of;
-        Ok(needed)
+        {
+            let mut st = self.slot.lock();
+            for f in zero {
+                st.table[f as usize] = Some(PageHash::ZERO_PAGE);
+            }
+            st.frames_of = frames_of;
+        }
+        let mut contents: Vec<(PageHash, Vec<u64>)> = held.into_iter().collect();
+        // In frame order: the copies then write the VM's memory front to
+        // back.
+        contents.sort_unstable_by_key(|(_, fs)| fs[0]);
+        (needed, LocalPlan { contents })
     }
 
     /// Makes the scratch frames of a QEMU VM, one per distinct content of
@@ -667,48 +791,108 @@ impl Arrival<'_> {
         opened: &mut bool,
     ) -> Result<(), MigrationError> {
         let frames = begin.memory_bytes / PAGE_SIZE as u64;
+        let t = std::time::Instant::now();
         let manifest = self.manifest(&begin.vm, frames)?;
-        let needed = match shape {
-            Shape::Frames => self.fill_frames(&manifest, local, begin.no_local)?,
-            Shape::Contents => self.fill_contents(begin, &manifest, local, key)?,
+        self.report.manifest_s = t.elapsed().as_secs_f64();
+        let (mut needed, plan) = match shape {
+            Shape::Frames => self.plan_frames(&manifest, local, begin.no_local),
+            Shape::Contents => (
+                self.fill_contents(begin, &manifest, local, key)?,
+                LocalPlan::default(),
+            ),
         };
         drop(manifest);
         if !begin.job.is_empty() {
             events.opened(&self.slot);
             *opened = true;
         }
+        if !begin.held {
+            let copied = plan.fill(&self.slot, local, &AtomicBool::new(false))?;
+            self.report.pages_local += copied.frames;
+            self.report.local_fill_s = copied.secs;
+            needed.extend(copied.lost);
+            needed.sort_unstable();
+            self.send_needs(&needed, 0)?;
+            return Ok(());
+        }
+        // A gang job: the needs go out at once, with the frames about to be
+        // filled here counted as filled, and the copies run while the
+        // source holds (and the job's casts fill the rest); a content that
+        // could no longer be copied waits with the others for the refill.
+        self.report.pages_local += plan.frames();
         self.send_needs(&needed, 0)?;
-        if begin.held {
-            // A gang job fills what it can while the source holds; then the
-            // source asks again.
-            loop {
-                match self.next_frame()? {
-                    Body::Refill(_) => break,
-                    Body::CastJoin(j) => self.join(events, &j),
-                    other => {
-                        return Err(MigrationError::Protocol(format!(
-                            "expected refill after a hold, got {other:?}"
-                        )));
-                    }
+        self.report.pages_local -= plan.frames();
+        let copied = self.copy_while_held(&plan, local, events)?;
+        self.report.pages_local += copied.frames;
+        self.report.local_fill_s = copied.secs;
+        // Faulting a VM's memory in ran in the background meanwhile: it
+        // ends here, before the rounds, never inside the switchover's pause.
+        if shape == Shape::Frames {
+            self.populated()?;
+        }
+        let mut still = self.slot.missing();
+        let mut gathering = 0;
+        if self.postcopy
+            && shape == Shape::Frames
+            && let Some(g) = events.gather(&self.slot, &still)
+        {
+            still.retain(|h| !g.contents.contains(h));
+            gathering = self
+                .gather_frames(&g)
+                .values()
+                .map(|fs| fs.len() as u64)
+                .sum();
+            self.gather = Some(g);
+        }
+        self.send_needs(&still, gathering)
+    }
+
+    /// Copies `plan` on a thread of its own while this one waits for the
+    /// source's refill, joining the casts it is invited to meanwhile;
+    /// the frames copied. A failure here stops the copies.
+    fn copy_while_held(
+        &mut self,
+        plan: &LocalPlan,
+        local: &dyn LocalContent,
+        events: &mut dyn SlotEvents,
+    ) -> Result<Copied, MigrationError> {
+        let stop = AtomicBool::new(false);
+        let slot = self.slot.clone();
+        std::thread::scope(|s| {
+            let copier = std::thread::Builder::new()
+                .name("pagecast-local-fill".into())
+                .spawn_scoped(s, || {
+                    in_background();
+                    plan.fill(&slot, local, &stop)
+                });
+            let waited = self.until_refill(events);
+            stop.store(waited.is_err(), Ordering::Relaxed);
+            let copied = match copier {
+                Ok(t) => t.join().map_err(|_| {
+                    MigrationError::Protocol("filling from local pages panicked".into())
+                })?,
+                // No thread: copy here, after the wait.
+                Err(_) => plan.fill(&slot, local, &stop),
+            };
+            waited?;
+            Ok(copied?)
+        })
+    }
+
+    /// Reads frames until the source's Refill, joining the casts it
+    /// invites to meanwhile.
+    fn until_refill(&mut self, events: &mut dyn SlotEvents) -> Result<(), MigrationError> {
+        loop {
+            match self.next_frame()? {
+                Body::Refill(_) => return Ok(()),
+                Body::CastJoin(j) => self.join(events, &j),
+                other => {
+                    return Err(MigrationError::Protocol(format!(
+                        "expected refill after a hold, got {other:?}"
+                    )));
                 }
             }
-            let mut still = self.slot.missing();
-            let mut gathering = 0;
-            if self.postcopy
-                && shape == Shape::Frames
-                && let Some(g) = events.gather(&self.slot, &still)
-            {
-                still.retain(|h| !g.contents.contains(h));
-                gathering = self
-                    .gather_frames(&g)
-                    .values()
-                    .map(|fs| fs.len() as u64)
-                    .sum();
-                self.gather = Some(g);
-            }
-            self.send_needs(&still, gathering)?;
         }
-        Ok(())
     }
 
     /// The frames still missing whose contents `g` gathers, by content.
@@ -950,6 +1134,22 @@ impl Arrival<'_> {
         }
     }
 
+    /// Waits until every page of the arriving VM's memory is faulted in
+    /// (populating it here if no thread does).
+    fn populated(&mut self) -> Result<(), MigrationError> {
+        match self.populating.take().map(|t| t.join()) {
+            Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e.into()),
+            Some(Err(_)) => Err(MigrationError::Protocol(
+                "populating the arriving VM's memory panicked".into(),
+            )),
+            None if self.faulted_in => Ok(()),
+            // The thread could not be spawned: populate here.
+            None => Ok(self.slot.region.populate()?),
+        }
+        .inspect(|()| self.faulted_in = true)
+    }
+
     /// The memory back from the slot once nobody else holds it, every page
     /// faulted in (a guest must not run on unpopulated memory: a page it
     /// faults in first can be missing from the dirty log).
@@ -957,17 +1157,7 @@ impl Arrival<'_> {
         /// How long a switchover waits for a transfer to let go of the
         /// arriving VM's memory.
         const SHARED_WAIT: Duration = Duration::from_secs(2);
-        match self.populating.take().map(|t| t.join()) {
-            Some(Ok(Ok(()))) => {}
-            Some(Ok(Err(e))) => return Err(e.into()),
-            Some(Err(_)) => {
-                return Err(MigrationError::Protocol(
-                    "populating the arriving VM's memory panicked".into(),
-                ));
-            }
-            // The thread could not be spawned: populate here.
-            None => self.slot.region.populate()?,
-        }
+        self.populated()?;
         let placeholder = Arc::new(IncomingSlot::new(
             &self.slot.vm,
             (&self.slot.domain, self.slot.key),

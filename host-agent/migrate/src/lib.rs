@@ -396,6 +396,15 @@ pub trait LocalContent: Sync {
     /// it changed). Pages of other domains never answer.
     fn copy(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool;
 
+    /// Whether a resident page of domain `key` holds content `h`, by
+    /// lookup only: an arriving VM plans its local copies with this and
+    /// makes them later with [`LocalContent::copy`], which checks the
+    /// page. By default, a copy.
+    fn holds(&self, key: &ContentKey, h: &PageHash) -> bool {
+        let mut page = [0u8; pagecast_pages::PAGE_SIZE];
+        self.copy(key, h, &mut page)
+    }
+
     /// The key of dedup domain `domain` on this host, or why there is none.
     /// By default only the cluster-wide domain is known.
     fn domain_key(&self, domain: &str) -> Result<ContentKey, String> {
@@ -408,6 +417,10 @@ pub struct NoLocalContent;
 
 impl LocalContent for NoLocalContent {
     fn copy(&self, _: &ContentKey, _: &PageHash, _: &mut Page) -> bool {
+        false
+    }
+
+    fn holds(&self, _: &ContentKey, _: &PageHash) -> bool {
         false
     }
 }

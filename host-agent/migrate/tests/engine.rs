@@ -412,6 +412,82 @@ fn a_held_migration_outlasts_the_reply_timeout_on_keepalives_then_goes() {
     assert_eq!(differing(&out.copy.unwrap(), &*src), Vec::<u64>::new());
 }
 
+/// Resident content whose pages `changed` were rewritten after the
+/// destination looked them up: the lookup still says held, the copy fails.
+struct Changed<'r> {
+    resident: &'r Resident,
+    changed: std::collections::HashSet<PageHash>,
+}
+
+impl LocalContent for Changed<'_> {
+    fn copy(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
+        !self.changed.contains(h) && self.resident.copy(key, h, out)
+    }
+    fn holds(&self, key: &ContentKey, h: &PageHash) -> bool {
+        self.resident.holds(key, h)
+    }
+}
+
+#[test]
+fn a_held_migration_copies_locally_while_held_and_takes_what_changed_meanwhile_from_its_source() {
+    let resident = Resident::new(memory("web", 2, 8));
+    let hold = || TimedHold {
+        needed: None,
+        local: 0,
+        until: Instant::now() + Duration::from_millis(300),
+        abort: false,
+    };
+    let src = SyntheticSource::new("vm1", memory("web", 1, 8));
+    let mut steady = hold();
+    let a = migrate(
+        &src,
+        &resident,
+        MigrateOptions::default(),
+        plain,
+        Some(&mut steady),
+    );
+    let ra = a.report.unwrap();
+    assert!(ra.verified && ra.pages_local > 0, "{ra:?}");
+    assert_eq!(
+        steady.local, ra.pages_local,
+        "the needs count the frames about to be copied"
+    );
+    // Twenty contents both hold change at the destination after its lookup.
+    let shared: std::collections::HashSet<PageHash> = fp()
+        .fingerprint(&*src, &ContentKey::CLUSTER, &|_| {})
+        .hashes
+        .into_iter()
+        .filter(|h| resident.by_hash.contains_key(h))
+        .collect();
+    let changed: std::collections::HashSet<PageHash> = shared.iter().take(20).copied().collect();
+    assert_eq!(changed.len(), 20);
+    let src = SyntheticSource::new("vm2", memory("web", 1, 8));
+    let mut fickle = hold();
+    let b = migrate(
+        &src,
+        &Changed {
+            resident: &resident,
+            changed: changed.clone(),
+        },
+        MigrateOptions::default(),
+        plain,
+        Some(&mut fickle),
+    );
+    let rb = b.report.unwrap();
+    assert!(rb.verified, "{rb:?}");
+    assert_eq!(differing(&b.copy.unwrap(), &*src), Vec::<u64>::new());
+    assert_eq!(
+        fickle.needed, steady.needed,
+        "the first needs come from lookups"
+    );
+    assert!(rb.pages_local <= ra.pages_local - 20, "{rb:?}");
+    assert_eq!(
+        rb.rounds[0].pages,
+        ra.rounds[0].pages + 20,
+        "what could not be copied came in round 0"
+    );
+}
+
 #[test]
 fn an_aborted_hold_is_a_cancel_and_the_source_runs_on() {
     let src = SyntheticSource::new("vm1", memory("web", 7, 4));
