@@ -196,7 +196,47 @@ pub fn send_on(
     let groups = checked_groups(cfg, groups, total)?;
     // 1. Receivers connect and authenticate; the session goes on with
     // those that joined in time.
-    let (slots, refused) = accept_receivers(listener, cfg, tls)?;
+    let (slots, refused) = accept_receivers(listener, cfg, tls, &|| true)?;
+    session(cfg, (slots, refused), groups, src, tls, progress)
+}
+
+/// [`send_on`] while the pages are still being prepared: `prepare` runs on
+/// a thread of its own (reading the pages into memory, typically) while
+/// the receivers connect and authenticate, and returns the session's
+/// groups and pages. Receivers that joined early hear that the sender is
+/// still waiting, as while others join, so none times out meanwhile.
+pub fn send_on_preparing<S: PageSource + Send>(
+    listener: TcpListener,
+    cfg: &SenderConfig,
+    prepare: impl FnOnce() -> (Groups, S) + Send,
+    tls: &Tls,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<SendReport, CastError> {
+    std::thread::scope(|sc| {
+        let job = std::thread::Builder::new()
+            .name("pagecast-cast-prepare".into())
+            .spawn_scoped(sc, prepare)
+            .map_err(CastError::io("starting the pages' preparation"))?;
+        let accepted = accept_receivers(listener, cfg, tls, &|| job.is_finished());
+        let (groups, src) = job
+            .join()
+            .map_err(|_| CastError::Config("preparing the cast's pages panicked".into()))?;
+        let groups = checked_groups(cfg, groups, src.pages())?;
+        session(cfg, accepted?, groups, &src, tls, progress)
+    })
+}
+
+/// A session's receivers seated, welcomed and sent every page, once they
+/// connected (`accepted`: their slots, and how many were refused).
+fn session(
+    cfg: &SenderConfig,
+    (slots, refused): (Vec<Option<Joined>>, u64),
+    groups: Vec<Group>,
+    src: &dyn PageSource,
+    tls: &Tls,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<SendReport, CastError> {
+    let total = src.pages();
     let Seated {
         mut peers,
         groups,
@@ -391,6 +431,7 @@ fn accept_receivers(
     listener: TcpListener,
     cfg: &SenderConfig,
     tls: &Tls,
+    ready: &dyn Fn() -> bool,
 ) -> Result<(Vec<Option<Joined>>, u64), CastError> {
     let mut refused = 0u64;
     let mut refuse = || {
@@ -410,7 +451,7 @@ fn accept_receivers(
         move |s| accept_peer(s, &tls)
     };
     let joined = |slots: &[Option<Joined>]| slots.iter().filter(|s| s.is_some()).count();
-    while joined(&slots) < cfg.receivers {
+    loop {
         while let Some(res) = handshakes.done() {
             let Ok((ch, hello)) = res else {
                 refuse();
@@ -425,25 +466,28 @@ fn accept_receivers(
                 None => refuse(),
             }
         }
-        if joined(&slots) >= cfg.receivers {
+        // Everyone is in, or the wait for the rest is over: done once the
+        // pages are ready too.
+        let all = joined(&slots) >= cfg.receivers;
+        let now = Instant::now();
+        let over = now > deadline || last_join.is_some_and(|t| now > t + cfg.join_grace);
+        if over && joined(&slots) == 0 {
+            return Err(CastError::Accept {
+                got: 0,
+                want: cfg.receivers,
+                waited: cfg.accept_timeout,
+            });
+        }
+        if (all || over) && ready() {
             break;
         }
         if last_word.elapsed() >= WAITING_EVERY {
             last_word = Instant::now();
             tell_waiting(&mut slots, cfg.receivers);
         }
-        let now = Instant::now();
-        if now > deadline || last_join.is_some_and(|t| now > t + cfg.join_grace) {
-            if joined(&slots) == 0 {
-                return Err(CastError::Accept {
-                    got: 0,
-                    want: cfg.receivers,
-                    waited: cfg.accept_timeout,
-                });
-            }
-            break;
+        if !all && !over {
+            handshakes.accept(&listener, &shake)?;
         }
-        handshakes.accept(&listener, &shake)?;
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok((slots, refused))

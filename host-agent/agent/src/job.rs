@@ -650,8 +650,8 @@ fn parse_addr(s: &str) -> Result<SocketAddr, AgentError> {
         .ok_or_else(|| AgentError::BadRequest(format!("{s} resolves to no address")))
 }
 
-/// Runs a cast from this agent: stages the pages, answers CastOpen on
-/// `writer`, sends, returns the outcome.
+/// Runs a cast from this agent: answers CastOpen on `writer`, stages the
+/// pages while the receivers join, sends, returns the outcome.
 pub fn cast_send(
     agent: &Agent,
     r: &v1::CastSendRequest,
@@ -670,15 +670,7 @@ pub fn cast_send(
             "a cast needs receivers and groups".into(),
         ));
     }
-    let t0 = std::time::Instant::now();
-    let (staged, index, stage_cpu) = agent.fp_pool().install(|| {
-        let c = crate::sync::thread_cpu_s();
-        let (s, i) = Staged::read(agent, &hashes);
-        (s, i, crate::sync::thread_cpu_s() - c)
-    });
-    let (staged_s, cpu0) = (t0.elapsed().as_secs_f64(), crate::sync::thread_cpu_s());
-    let left_out = index.iter().filter(|i| i.is_none()).count() as u64;
-    let mut plans = group_plans(r, &index)?;
+    let groups = parse_groups(r)?;
     let iface = agent.cast_iface();
     let listener = TcpListener::bind((iface, 0)).map_err(|source| AgentError::Bind {
         addr: format!("{iface}:0"),
@@ -688,34 +680,41 @@ pub fn cast_send(
         addr: format!("{iface}:0"),
         source,
     })?;
+    // The receivers are told where to join at once and join while the
+    // pages are staged; what the content map lacks is known now, a page
+    // that fails its check while staged is left out too.
+    let left_out = hashes.iter().filter(|h| !agent.has_content(h)).count() as u64;
     writer(Resp::CastOpen(v1::CastOpen {
         control: control.to_string(),
         left_out,
     }))?;
-    if plans.is_empty() {
-        // Nothing left to send: receivers are told so by an empty group.
-        plans.push(GroupPlan {
-            addr: r.groups[0].addr.parse().expect("checked above"),
-            members: (0..r.receivers.len()).collect(),
-            pages: Vec::new(),
-        });
-    }
     let cfg = sender_config(agent, r, (control, iface));
-    let res = pagecast_multicast::send_on(
-        listener,
-        &cfg,
-        Groups::Plan(plans),
-        &staged,
-        agent.tls(),
-        &|_, _| {},
-    );
+    let t0 = std::time::Instant::now();
+    let staging = Mutex::new(StagingFigures::default());
+    let prepare = || {
+        let (staged, index, cpu) = agent.fp_pool().install(|| {
+            let c = crate::sync::thread_cpu_s();
+            let (s, i) = Staged::read(agent, &hashes);
+            (s, i, crate::sync::thread_cpu_s() - c)
+        });
+        *lock(&staging) = StagingFigures {
+            secs: t0.elapsed().as_secs_f64(),
+            cpu,
+            pages: staged.pages().into(),
+        };
+        (Groups::Plan(plans_of(&groups, &index)), staged)
+    };
+    let cpu0 = crate::sync::thread_cpu_s();
+    let res =
+        pagecast_multicast::send_on_preparing(listener, &cfg, prepare, agent.tls(), &|_, _| {});
     if let Ok(rep) = &res {
+        let st = *lock(&staging);
         log_sent(
-            hashes.len() as u64 - left_out,
+            st.pages,
             r,
             rep,
-            (staged_s, t0.elapsed().as_secs_f64() - staged_s),
-            (stage_cpu, crate::sync::thread_cpu_s() - cpu0),
+            (st.secs, t0.elapsed().as_secs_f64() - st.secs),
+            (st.cpu, crate::sync::thread_cpu_s() - cpu0),
         );
         ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "cast")
             .increment(cast_bytes(rep));
@@ -766,41 +765,70 @@ fn sender_config(
     cfg
 }
 
-/// Each group of a cast request as the sender plans it: its address, its
-/// members by receiver index, and its pages by their place among those
-/// staged (pages not staged left out; groups left empty dropped).
-fn group_plans(
-    r: &v1::CastSendRequest,
-    index: &[Option<u32>],
-) -> Result<Vec<GroupPlan>, AgentError> {
-    let mut plans = Vec::new();
-    for g in &r.groups {
-        let addr: std::net::SocketAddrV4 = g.addr.parse().map_err(|_| {
-            AgentError::BadRequest(format!("group address {:?} is not ADDR:PORT", g.addr))
-        })?;
-        let mut members = Vec::new();
-        for m in &g.members {
-            let Some(i) = r.receivers.iter().position(|x| x == m) else {
-                return Err(AgentError::BadRequest(format!(
-                    "group member {m} is not a receiver"
-                )));
-            };
-            members.push(i);
-        }
-        let pages: Vec<u32> = g
-            .pages
-            .iter()
-            .filter_map(|&p| index.get(p as usize).copied().flatten())
-            .collect();
-        if !pages.is_empty() {
-            plans.push(GroupPlan {
-                addr,
-                members,
+/// A cast's staging, for its log line.
+#[derive(Default, Clone, Copy)]
+struct StagingFigures {
+    secs: f64,
+    cpu: f64,
+    pages: u64,
+}
+
+/// A group of a cast request, checked: its address, its members by
+/// receiver index, and its pages by their place in the request.
+type RequestGroup<'r> = (std::net::SocketAddrV4, Vec<usize>, &'r [u32]);
+
+/// Each group of a cast request, checked.
+fn parse_groups(r: &v1::CastSendRequest) -> Result<Vec<RequestGroup<'_>>, AgentError> {
+    r.groups
+        .iter()
+        .map(|g| {
+            let addr: std::net::SocketAddrV4 = g.addr.parse().map_err(|_| {
+                AgentError::BadRequest(format!("group address {:?} is not ADDR:PORT", g.addr))
+            })?;
+            let members = g
+                .members
+                .iter()
+                .map(|m| {
+                    r.receivers.iter().position(|x| x == m).ok_or_else(|| {
+                        AgentError::BadRequest(format!("group member {m} is not a receiver"))
+                    })
+                })
+                .collect::<Result<Vec<usize>, AgentError>>()?;
+            Ok((addr, members, g.pages.as_slice()))
+        })
+        .collect()
+}
+
+/// The groups as the sender plans them: their pages by their place among
+/// those staged (`index`: per page of the request, its place, None if
+/// left out), groups left empty dropped. With nothing left at all, the
+/// first group goes on empty, so that the receivers hear there is
+/// nothing to send.
+fn plans_of(groups: &[RequestGroup<'_>], index: &[Option<u32>]) -> Vec<GroupPlan> {
+    let mut plans: Vec<GroupPlan> = groups
+        .iter()
+        .filter_map(|(addr, members, pages)| {
+            let pages: Vec<u32> = pages
+                .iter()
+                .filter_map(|&p| index.get(p as usize).copied().flatten())
+                .collect();
+            (!pages.is_empty()).then(|| GroupPlan {
+                addr: *addr,
+                members: members.clone(),
                 pages,
-            });
-        }
+            })
+        })
+        .collect();
+    if plans.is_empty()
+        && let Some((addr, members, _)) = groups.first()
+    {
+        plans.push(GroupPlan {
+            addr: *addr,
+            members: members.clone(),
+            pages: Vec::new(),
+        });
     }
-    Ok(plans)
+    plans
 }
 
 /// Logs where a sent cast's time and CPU went, for operators and for

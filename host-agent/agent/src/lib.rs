@@ -1194,6 +1194,12 @@ impl Agent {
         write(&self.content).clear();
     }
 
+    /// Whether the content map lists `h` for some VM here (a lookup: the
+    /// page is checked only when copied).
+    pub fn has_content(&self, h: &PageHash) -> bool {
+        read(&self.content).contains_key(h)
+    }
+
     /// Copies a resident page whose content hashes to `h` in the domain of
     /// the VM holding it (checked under that VM's key) into `out`; returns
     /// that key. For a source's casts, which send what the coordinator
