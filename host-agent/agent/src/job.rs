@@ -222,24 +222,32 @@ pub struct AgentCaster<'a> {
     pub casts: usize,
 }
 
-impl pagecast_migrate::Caster for AgentCaster<'_> {
-    fn cast(
-        &mut self,
+/// A clone cast's pages read out of the VM: the staged pages, every
+/// frame's hash, and per set of receivers (by index) the staged pages it
+/// takes.
+struct CloneStage {
+    staged: Staged,
+    hashes: Vec<PageHash>,
+    groups: std::collections::BTreeMap<Vec<usize>, Vec<u32>>,
+}
+
+impl AgentCaster<'_> {
+    /// Reads and hashes every frame of `frames` now; frame `i` goes to
+    /// the receivers `members[i]` (all `receivers` if `members` is
+    /// empty). Zero pages do not travel in casts (their marker is not a
+    /// hash of their bytes); the engine sends them over the links.
+    fn stage(
+        &self,
         frames: &[u64],
         members: &[Vec<usize>],
-        _by_frame: bool,
-        receivers: &[String],
-        invite: &mut dyn FnMut(usize, &str) -> Result<(), MigrationError>,
-    ) -> Result<pagecast_migrate::CastOutcome, MigrationError> {
-        // Stage: read and hash every frame now. Zero pages do not travel
-        // in casts (their marker is not a hash of their bytes); the engine
-        // sends them over the links.
+        receivers: usize,
+    ) -> Result<CloneStage, MigrationError> {
         let (mut buf, mut hashes) = (Vec::new(), Vec::new());
         let mut entries = Vec::with_capacity(frames.len());
         let mut data = Vec::with_capacity(frames.len() * PAGE_SIZE);
         advise_huge(&mut data);
         let mut staged_hashes = Vec::with_capacity(frames.len());
-        let all: Vec<usize> = (0..receivers.len()).collect();
+        let all: Vec<usize> = (0..receivers).collect();
         let mut groups: std::collections::BTreeMap<Vec<usize>, Vec<u32>> = Default::default();
         for (c, chunk) in frames.chunks(64).enumerate() {
             pagecast_memory::fingerprint::read_and_hash(
@@ -270,7 +278,28 @@ impl pagecast_migrate::Caster for AgentCaster<'_> {
                 data.extend_from_slice(&buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
             }
         }
-        let staged = Staged { entries, data };
+        Ok(CloneStage {
+            staged: Staged { entries, data },
+            hashes: staged_hashes,
+            groups,
+        })
+    }
+}
+
+impl pagecast_migrate::Caster for AgentCaster<'_> {
+    fn cast(
+        &mut self,
+        frames: &[u64],
+        members: &[Vec<usize>],
+        _by_frame: bool,
+        receivers: &[String],
+        invite: &mut dyn FnMut(usize, &str) -> Result<(), MigrationError>,
+    ) -> Result<pagecast_migrate::CastOutcome, MigrationError> {
+        let CloneStage {
+            staged,
+            hashes: staged_hashes,
+            groups,
+        } = self.stage(frames, members, receivers.len())?;
         let mut complete = vec![true; receivers.len()];
         if groups.is_empty() {
             // Nothing to cast (every page zero): nothing is missing.
