@@ -571,6 +571,15 @@ fn migrate_in(agent: &Agent, ch: Channel, source: &str, job: &str) {
                  (manifest read in {:.2} s, local fill {:.2} s)",
                 rep.vm, rep.pages_local, rep.pages_received, rep.manifest_s, rep.local_fill_s
             );
+            if rep.postcopy {
+                let r = rep.resume;
+                info!(
+                    "{}: post-copy switchover here, in ms after the source's message: \
+                     missing list and vCPU read {:.0}, checked {:.0}, commit heard {:.0}, \
+                     memory ready {:.0}, started {:.0}",
+                    rep.vm, r.read_ms, r.checked_ms, r.commit_ms, r.memory_ms, r.started_ms
+                );
+            }
             if rep.postcopy_gathered + rep.postcopy_gather_lost > 0 {
                 info!(
                     "{}: {} pages gathered from intermediaries, {} asked of the source instead{}",

@@ -52,6 +52,27 @@ pub struct IncomingReport {
     /// Seconds spent filling frames from what this host held, before the
     /// first needs went back.
     pub local_fill_s: f64,
+    /// A post-copy switchover's steps here, in milliseconds since the
+    /// source's switchover message (all zero for pre-copy).
+    pub resume: ResumeSteps,
+}
+
+/// When each step of a post-copy switchover ended at the destination, in
+/// milliseconds since the source's switchover message: where a pause
+/// longer than the downtime target went.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+pub struct ResumeSteps {
+    /// The missing frames' list and the vCPU state read.
+    pub read_ms: f64,
+    /// The frames held checked against the source's digest, and Ready
+    /// sent.
+    pub checked_ms: f64,
+    /// The source's Commit heard.
+    pub commit_ms: f64,
+    /// The memory free of other users and faulted in.
+    pub memory_ms: f64,
+    /// The VM started.
+    pub started_ms: f64,
 }
 
 /// A VM arriving here, while its memory fills: the engine writes pages it
@@ -985,6 +1006,8 @@ impl Arrival<'_> {
                 )));
             }
         };
+        let ms = || switched.elapsed().as_secs_f64() * 1e3;
+        self.report.resume.read_ms = ms();
         // Frames this host gathers elsewhere: those still missing whose
         // contents the job placed on other hosts (the source counts them
         // as sent; one it sent since, or lists, is not gathered).
@@ -1007,6 +1030,7 @@ impl Arrival<'_> {
         let verdict = self.held_before_postcopy(&missing, &pending, &masked);
         self.ready(&verdict)?;
         verdict?;
+        self.report.resume.checked_ms = ms();
         let table = self.slot.lock().table.clone();
         let mut missing = missing;
         missing.extend(pending.keys().copied());
@@ -1019,13 +1043,20 @@ impl Arrival<'_> {
                 )));
             }
         }
+        self.report.resume.commit_ms = ms();
         crate::failpoint::hit(crate::failpoint::Point::DestCommit)?;
         events.closed(&self.slot);
         let key = self.slot.key;
         let region = self.take_region()?;
+        self.report.resume.memory_ms = ms();
         let mut state = Some(state);
+        let mut started_ms = 0.0;
         let mut run = |region: Region| match state.take() {
-            Some(s) => start(region, s),
+            Some(s) => {
+                let r = start(region, s);
+                started_ms = ms();
+                r
+            }
             None => Err("started twice".into()),
         };
         let timeout = self.timeout;
@@ -1034,6 +1065,7 @@ impl Arrival<'_> {
         );
         self.started = !matches!(done, Err(MigrationError::Start(_)));
         let done = done?;
+        self.report.resume.started_ms = started_ms;
         self.report.progress = done.progress;
         self.report.switchover_ms = switched.elapsed().as_secs_f64() * 1e3;
         self.report.pages_received += done.placed;

@@ -28,8 +28,8 @@ use prost::Message;
 use serde::Serialize;
 
 pub use dest::{
-    Arrival, IncomingReport, IncomingSlot, NoSlotEvents, Shape, SlotEvents, migrate_in,
-    migrate_in_job, receive_front,
+    Arrival, IncomingReport, IncomingSlot, NoSlotEvents, ResumeSteps, Shape, SlotEvents,
+    migrate_in, migrate_in_job, receive_front,
 };
 pub use engine::{How, Started, StreamEnd, StreamSource};
 pub use entry::{
