@@ -18,7 +18,7 @@ pub const WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion1;
 /// The version a migration's first frame ([`v1::MigrateBegin`]) carries:
 /// 2 since the VM's kind travels there and QEMU streams are migration
 /// frames. A destination refuses any other.
-pub const MIGRATE_WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion2;
+pub const MIGRATE_WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion3;
 
 /// Length of a page hash (BLAKE3-256) in bytes.
 pub const HASH_LEN: usize = 32;

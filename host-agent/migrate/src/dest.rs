@@ -997,7 +997,14 @@ impl Arrival<'_> {
             ));
         }
         let pages = self.mem().pages();
-        let (missing, masked) = crate::postcopy::read_missing(&mut || self.next_frame(), pages)?;
+        // The first working set (Pages) comes before the missing list.
+        let mut next = || loop {
+            match self.next_frame()? {
+                Body::Pages(p) => self.pages(&p)?,
+                other => return Ok(other),
+            }
+        };
+        let (missing, masked) = crate::postcopy::read_missing(&mut next, pages)?;
         let state = match self.next_frame()? {
             Body::Vcpu(v) => VcpuState::from_bytes(&v.regs, &v.sregs)?,
             other => {

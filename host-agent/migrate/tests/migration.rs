@@ -593,6 +593,42 @@ fn postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches() {
     src.stop().unwrap();
 }
 
+/// A guest whose working set fits the first working set a post-copy
+/// switchover sends (256 frames): every page it wrote during the last
+/// round arrives before it resumes, so it asks the source for none of the
+/// pages it goes on writing; the copy is verified frame for frame.
+#[test]
+fn a_small_working_set_goes_with_the_postcopy_switchover() {
+    if !needs(
+        "a_small_working_set_goes_with_the_postcopy_switchover",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let src = boot("web", 1, 64, 20_000, 64);
+    std::thread::sleep(Duration::from_millis(100));
+    let opts = MigrateOptions {
+        switchover: Switchover::Postcopy,
+        verify_full: true,
+        ..MigrateOptions::default()
+    };
+    let out = migrate(&src, &NoLocalContent, opts, None);
+    let report = out.report.unwrap();
+    let incoming = out.incoming.unwrap();
+    assert!(report.postcopy && incoming.postcopy);
+    assert!(report.verified && report.verified_full, "{report:?}");
+    let dest = out.dest_vm.unwrap();
+    let p = dest.progress().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(dest.progress().unwrap() > p, "the guest runs on there");
+    assert_eq!(
+        incoming.postcopy_requested, 0,
+        "the guest's pages came with the switchover"
+    );
+    dest.stop().unwrap();
+    src.stop().unwrap();
+}
+
 /// A source's link that fails after the Commit and `after` more frames:
 /// `frozen`, it keeps its connection open and sends nothing more (a
 /// source stopped with SIGSTOP, or cut off by a partition); otherwise it
