@@ -221,8 +221,9 @@ pub fn send_on_preparing<S: PageSource + Send>(
         let (groups, src) = job
             .join()
             .map_err(|_| CastError::Config("preparing the cast's pages panicked".into()))?;
+        let accepted = accepted?;
         let groups = checked_groups(cfg, groups, src.pages())?;
-        session(cfg, accepted?, groups, &src, tls, progress)
+        session(cfg, accepted, groups, &src, tls, progress)
     })
 }
 

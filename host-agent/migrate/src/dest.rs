@@ -849,6 +849,11 @@ impl Arrival<'_> {
         // Faulting a VM's memory in ran in the background meanwhile: it
         // ends here, before the rounds, never inside the switchover's pause.
         if shape == Shape::Frames {
+            let populating = self.populating.take();
+            if let Some(t) = &populating {
+                self.alive_until(&|| t.is_finished())?;
+            }
+            self.populating = populating;
             self.populated()?;
         }
         let mut still = self.slot.missing();
@@ -886,7 +891,12 @@ impl Arrival<'_> {
                     in_background();
                     plan.fill(&slot, local, &stop)
                 });
-            let waited = self.until_refill(events);
+            let mut waited = self.until_refill(events);
+            if waited.is_ok()
+                && let Ok(t) = &copier
+            {
+                waited = self.alive_until(&|| t.is_finished());
+            }
             stop.store(waited.is_err(), Ordering::Relaxed);
             let copied = match copier {
                 Ok(t) => t.join().map_err(|_| {
@@ -898,6 +908,23 @@ impl Arrival<'_> {
             waited?;
             Ok(copied?)
         })
+    }
+
+    /// Waits until `done`, telling the source five times a second that
+    /// this side lives: after its Refill it waits for the needs with a
+    /// reply timeout (its own setting, a second or more) that only silence
+    /// runs out, and the copies and the faulting-in, at nice 10 on a busy
+    /// host, can take longer than that.
+    fn alive_until(&mut self, done: &dyn Fn() -> bool) -> Result<(), MigrationError> {
+        let mut told = Instant::now();
+        while !done() {
+            std::thread::sleep(Duration::from_millis(10));
+            if told.elapsed() >= Duration::from_millis(200) {
+                self.link.send(Body::KeepAlive(v1::KeepAlive {}))?;
+                told = Instant::now();
+            }
+        }
+        Ok(())
     }
 
     /// Reads frames until the source's Refill, joining the casts it

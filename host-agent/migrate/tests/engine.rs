@@ -488,6 +488,53 @@ fn a_held_migration_copies_locally_while_held_and_takes_what_changed_meanwhile_f
     );
 }
 
+/// Resident content that is slow to copy (a busy host).
+struct Slow<'r> {
+    resident: &'r Resident,
+    per_copy: Duration,
+}
+
+impl LocalContent for Slow<'_> {
+    fn copy(&self, key: &ContentKey, h: &PageHash, out: &mut Page) -> bool {
+        std::thread::sleep(self.per_copy);
+        self.resident.copy(key, h, out)
+    }
+    fn holds(&self, key: &ContentKey, h: &PageHash) -> bool {
+        self.resident.holds(key, h)
+    }
+}
+
+#[test]
+fn local_copies_that_outlast_the_reply_timeout_after_the_refill_keep_the_source_waiting() {
+    let resident = Resident::new(memory("web", 2, 8));
+    let src = SyntheticSource::new("vm1", memory("web", 1, 8));
+    let opts = MigrateOptions {
+        reply_timeout: Duration::from_secs(1),
+        ..MigrateOptions::default()
+    };
+    let mut hold = TimedHold {
+        needed: None,
+        local: 0,
+        until: Instant::now() + Duration::from_millis(200),
+        abort: false,
+    };
+    let slow = Slow {
+        resident: &resident,
+        per_copy: Duration::from_millis(8),
+    };
+    let t = Instant::now();
+    let out = migrate(&src, &slow, opts, plain, Some(&mut hold));
+    let r = out.report.unwrap();
+    assert!(
+        t.elapsed() > Duration::from_millis(2200),
+        "the copies outlasted the hold and the reply timeout ({:?}, {} frames)",
+        t.elapsed(),
+        r.pages_local
+    );
+    assert!(r.verified && r.pages_local > 0, "{r:?}");
+    assert_eq!(differing(&out.copy.unwrap(), &*src), Vec::<u64>::new());
+}
+
 #[test]
 fn an_aborted_hold_is_a_cancel_and_the_source_runs_on() {
     let src = SyntheticSource::new("vm1", memory("web", 7, 4));
