@@ -224,11 +224,17 @@ impl IncomingSlot {
             .is_some_and(|&f| st.table[f as usize] == Some(*h))
     }
 
-    /// Writes `page` (content `h`, checked by the caller) into `frames`.
+    /// Writes `page` (content `h`, checked by the caller) into `frames`,
+    /// which no other writer fills (the local copies' own frames): the
+    /// pages are written, and faulted in, without the slot's lock, which
+    /// the job's casts take for every page (the copies run at a lower
+    /// priority and must not keep them waiting); the table says so after.
     fn write_frames(&self, frames: &[u64], h: PageHash, page: &Page) -> Result<(), MemoryError> {
-        let mut st = self.lock();
         for &f in frames {
             self.region.write_page(f, page)?;
+        }
+        let mut st = self.lock();
+        for &f in frames {
             st.table[f as usize] = Some(h);
         }
         if let Some(&f) = frames.first() {
