@@ -47,10 +47,10 @@ pub struct IncomingReport {
     pub postcopy_gather_lost: u64,
     /// Why the first of those could not be gathered ("" if none).
     pub postcopy_gather_error: String,
-    /// Seconds from the source's offer to its manifest read in full.
+    /// Seconds from accepting the migration to its manifest read in full.
     pub manifest_s: f64,
-    /// Seconds spent filling frames from what this host held, before the
-    /// first needs went back.
+    /// Seconds the copies of what this host held took (in a gang job,
+    /// while the source held, after the first needs went back).
     pub local_fill_s: f64,
     /// A post-copy switchover's steps here, in milliseconds since the
     /// source's switchover message (all zero for pre-copy).
@@ -671,8 +671,14 @@ impl Arrival<'_> {
     }
 
     /// Sends the contents still missing, in NeedHashes frames, and
-    /// (`gathering`) the frames to be gathered elsewhere.
-    fn send_needs(&mut self, needed: &[PageHash], gathering: u64) -> Result<(), MigrationError> {
+    /// (`gathering`) the frames to be gathered elsewhere; the frames
+    /// filled here count `copying` more, about to be copied.
+    fn send_needs(
+        &mut self,
+        needed: &[PageHash],
+        gathering: u64,
+        copying: u64,
+    ) -> Result<(), MigrationError> {
         let mut chunks = needed.chunks(MAX_NEED_HASHES_PER_FRAME).peekable();
         loop {
             let chunk = chunks.next().unwrap_or(&[]);
@@ -685,7 +691,7 @@ impl Arrival<'_> {
                 hashes: hashes.into(),
                 last,
                 filled_locally: if last {
-                    self.report.pages_local + self.slot.filled_by_others()
+                    self.report.pages_local + copying + self.slot.filled_by_others()
                 } else {
                     0
                 },
@@ -839,28 +845,21 @@ impl Arrival<'_> {
             self.report.local_fill_s = copied.secs;
             needed.extend(copied.lost);
             needed.sort_unstable();
-            self.send_needs(&needed, 0)?;
+            self.send_needs(&needed, 0, 0)?;
             return Ok(());
         }
         // A gang job: the needs go out at once, with the frames about to be
         // filled here counted as filled, and the copies run while the
         // source holds (and the job's casts fill the rest); a content that
         // could no longer be copied waits with the others for the refill.
-        self.report.pages_local += plan.frames();
-        self.send_needs(&needed, 0)?;
-        self.report.pages_local -= plan.frames();
+        self.send_needs(&needed, 0, plan.frames())?;
         let copied = self.copy_while_held(&plan, local, events)?;
         self.report.pages_local += copied.frames;
         self.report.local_fill_s = copied.secs;
         // Faulting a VM's memory in ran in the background meanwhile: it
         // ends here, before the rounds, never inside the switchover's pause.
         if shape == Shape::Frames {
-            let populating = self.populating.take();
-            if let Some(t) = &populating {
-                self.alive_until(&|| t.is_finished())?;
-            }
-            self.populating = populating;
-            self.populated()?;
+            self.populated(true)?;
         }
         let mut still = self.slot.missing();
         let mut gathering = 0;
@@ -876,7 +875,7 @@ impl Arrival<'_> {
                 .sum();
             self.gather = Some(g);
         }
-        self.send_needs(&still, gathering)
+        self.send_needs(&still, gathering, 0)
     }
 
     /// Copies `plan` on a thread of its own while this one waits for the
@@ -1207,9 +1206,14 @@ impl Arrival<'_> {
     }
 
     /// Waits until every page of the arriving VM's memory is faulted in
-    /// (populating it here if no thread does).
-    fn populated(&mut self) -> Result<(), MigrationError> {
-        match self.populating.take().map(|t| t.join()) {
+    /// (populating it here if no thread does); `tell_source`: telling the
+    /// source meanwhile that this side lives ([`Arrival::alive_until`]).
+    fn populated(&mut self, tell_source: bool) -> Result<(), MigrationError> {
+        let populating = self.populating.take();
+        if tell_source && let Some(t) = &populating {
+            self.alive_until(&|| t.is_finished())?;
+        }
+        match populating.map(|t| t.join()) {
             Some(Ok(Ok(()))) => Ok(()),
             Some(Ok(Err(e))) => Err(e.into()),
             Some(Err(_)) => Err(MigrationError::Protocol(
@@ -1229,7 +1233,7 @@ impl Arrival<'_> {
         /// How long a switchover waits for a transfer to let go of the
         /// arriving VM's memory.
         const SHARED_WAIT: Duration = Duration::from_secs(2);
-        self.populated()?;
+        self.populated(false)?;
         let placeholder = Arc::new(IncomingSlot::new(
             &self.slot.vm,
             (&self.slot.domain, self.slot.key),

@@ -370,6 +370,18 @@ struct TimedHold {
     abort: bool,
 }
 
+impl TimedHold {
+    /// A hold that says go (or, `abort`, abort) `after` from now.
+    fn after(after: Duration, abort: bool) -> Self {
+        TimedHold {
+            needed: None,
+            local: 0,
+            until: Instant::now() + after,
+            abort,
+        }
+    }
+}
+
 impl Hold for TimedHold {
     fn needs(&mut self, needed: &[PageHash], filled_locally: u64) -> Result<(), MigrationError> {
         self.needed = Some(needed.len());
@@ -394,12 +406,7 @@ fn a_held_migration_outlasts_the_reply_timeout_on_keepalives_then_goes() {
         reply_timeout: Duration::from_secs(1),
         ..MigrateOptions::default()
     };
-    let mut hold = TimedHold {
-        needed: None,
-        local: 0,
-        until: Instant::now() + Duration::from_millis(2500),
-        abort: false,
-    };
+    let mut hold = TimedHold::after(Duration::from_millis(2500), false);
     let t = Instant::now();
     let out = migrate(&src, &NoLocalContent, opts, plain, Some(&mut hold));
     let r = out.report.unwrap();
@@ -431,12 +438,7 @@ impl LocalContent for Changed<'_> {
 #[test]
 fn a_held_migration_copies_locally_while_held_and_takes_what_changed_meanwhile_from_its_source() {
     let resident = Resident::new(memory("web", 2, 8));
-    let hold = || TimedHold {
-        needed: None,
-        local: 0,
-        until: Instant::now() + Duration::from_millis(300),
-        abort: false,
-    };
+    let hold = || TimedHold::after(Duration::from_millis(300), false);
     let src = SyntheticSource::new("vm1", memory("web", 1, 8));
     let mut steady = hold();
     let a = migrate(
@@ -512,12 +514,7 @@ fn local_copies_that_outlast_the_reply_timeout_after_the_refill_keep_the_source_
         reply_timeout: Duration::from_secs(1),
         ..MigrateOptions::default()
     };
-    let mut hold = TimedHold {
-        needed: None,
-        local: 0,
-        until: Instant::now() + Duration::from_millis(200),
-        abort: false,
-    };
+    let mut hold = TimedHold::after(Duration::from_millis(200), false);
     let slow = Slow {
         resident: &resident,
         per_copy: Duration::from_millis(8),
@@ -538,12 +535,7 @@ fn local_copies_that_outlast_the_reply_timeout_after_the_refill_keep_the_source_
 #[test]
 fn an_aborted_hold_is_a_cancel_and_the_source_runs_on() {
     let src = SyntheticSource::new("vm1", memory("web", 7, 4));
-    let mut hold = TimedHold {
-        needed: None,
-        local: 0,
-        until: Instant::now() + Duration::from_millis(300),
-        abort: true,
-    };
+    let mut hold = TimedHold::after(Duration::from_millis(300), true);
     let out = migrate(
         &src,
         &NoLocalContent,

@@ -547,18 +547,12 @@ fn auto_slows_a_guest_that_outruns_the_link_once_then_resumes_it_by_postcopy() {
     src.stop().unwrap();
 }
 
-/// `postcopy` resumes right after round 0: the guest's touches of pages
-/// dirtied since are asked for and served first, the rest pushed; the
-/// memory it resumed on is the source's at the pause, frame for frame.
-#[test]
-fn postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches() {
-    if !needs(
-        "postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches",
-        &[Need::Kvm],
-    ) {
-        return;
-    }
-    let src = boot("web", 0, 64, 20_000, 2048);
+/// Boots guest `index` writing `ws` pages, moves it by `postcopy` with
+/// every frame verified, and checks that it runs on at its destination
+/// from where it paused; the two reports, and the source and destination
+/// VMs (stopped by [`stop_both`]).
+fn moved_by_postcopy(index: u32, ws: u64) -> (MigrationReport, IncomingReport, MicroVm, MicroVm) {
+    let src = boot("web", index, 64, 20_000, ws);
     std::thread::sleep(Duration::from_millis(100));
     let opts = MigrateOptions {
         switchover: Switchover::Postcopy,
@@ -570,6 +564,32 @@ fn postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches() {
     eprintln!("{}", serde_json::to_string(&report).unwrap());
     let incoming = out.incoming.unwrap();
     assert!(report.postcopy && incoming.postcopy);
+    assert!(report.verified && report.verified_full, "{report:?}");
+    let dest = out.dest_vm.unwrap();
+    let p = dest.progress().unwrap();
+    assert!(p >= report.progress_after);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(dest.progress().unwrap() > p, "the guest runs on there");
+    (report, incoming, src, dest)
+}
+
+fn stop_both(src: MicroVm, dest: MicroVm) {
+    dest.stop().unwrap();
+    src.stop().unwrap();
+}
+
+/// `postcopy` resumes right after round 0: the guest's touches of pages
+/// dirtied since are asked for and served first, the rest pushed; the
+/// memory it resumed on is the source's at the pause, frame for frame.
+#[test]
+fn postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches() {
+    if !needs(
+        "postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let (report, incoming, src, dest) = moved_by_postcopy(0, 2048);
     assert_eq!(
         report.rounds.len(),
         1,
@@ -583,14 +603,7 @@ fn postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches() {
         incoming.postcopy_requested,
         report.postcopy_requested
     );
-    assert!(report.verified && report.verified_full, "{report:?}");
-    let dest = out.dest_vm.unwrap();
-    let p = dest.progress().unwrap();
-    assert!(p >= report.progress_after);
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(dest.progress().unwrap() > p, "the guest runs on there");
-    dest.stop().unwrap();
-    src.stop().unwrap();
+    stop_both(src, dest);
 }
 
 /// A guest whose working set fits the first working set a post-copy
@@ -605,28 +618,12 @@ fn a_small_working_set_goes_with_the_postcopy_switchover() {
     ) {
         return;
     }
-    let src = boot("web", 1, 64, 20_000, 64);
-    std::thread::sleep(Duration::from_millis(100));
-    let opts = MigrateOptions {
-        switchover: Switchover::Postcopy,
-        verify_full: true,
-        ..MigrateOptions::default()
-    };
-    let out = migrate(&src, &NoLocalContent, opts, None);
-    let report = out.report.unwrap();
-    let incoming = out.incoming.unwrap();
-    assert!(report.postcopy && incoming.postcopy);
-    assert!(report.verified && report.verified_full, "{report:?}");
-    let dest = out.dest_vm.unwrap();
-    let p = dest.progress().unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(dest.progress().unwrap() > p, "the guest runs on there");
+    let (_, incoming, src, dest) = moved_by_postcopy(1, 64);
     assert_eq!(
         incoming.postcopy_requested, 0,
         "the guest's pages came with the switchover"
     );
-    dest.stop().unwrap();
-    src.stop().unwrap();
+    stop_both(src, dest);
 }
 
 /// A source's link that fails after the Commit and `after` more frames:
