@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use metrics::counter;
 use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::{
-    MAX_CAST_GROUP_RANGES, MAX_CAST_GROUPS, MAX_CAST_PAGES, MAX_MANIFEST_FRAMES, WIRE_VERSION, v1,
+    CAST_WIRE_VERSION, MAX_CAST_GROUP_RANGES, MAX_CAST_GROUPS, MAX_CAST_PAGES, MAX_MANIFEST_FRAMES,
+    v1,
 };
 
 use crate::handshakes::Handshakes;
@@ -72,7 +73,10 @@ struct State<'a> {
     /// The dedup domains the pages are named in (each is checked with them).
     content_keys: Vec<ContentKey>,
     need_count: u32,
+    /// Pages settled: held, or withdrawn by the sender.
     held_count: u32,
+    /// Of those, withdrawn (settled without their data).
+    withdrawn_count: u32,
     groups: Vec<MemberGroup>,
     by_index: HashMap<usize, usize>,
     /// Our own key, shared with the sender only.
@@ -134,6 +138,7 @@ impl<'a> State<'a> {
             needed: plan.needed,
             need_count,
             held_count: 0,
+            withdrawn_count: 0,
             groups: plan.groups,
             by_index,
             member_key: plan.member_key,
@@ -196,6 +201,26 @@ impl State<'_> {
         } else {
             self.pages_unicast += 1;
         }
+        self.advance_contiguous();
+        Ok(true)
+    }
+
+    /// Settles page `page` without its data, if it is wanted and not held:
+    /// the sender withdrew it (its content left the sender before it could
+    /// be read; whoever uses the session's pages takes it from elsewhere).
+    fn withdraw(&mut self, page: u32) {
+        let p = page as usize;
+        if p >= self.entries.len() || !self.needed[p] || self.held[p] {
+            return;
+        }
+        self.held[p] = true;
+        self.held_count += 1;
+        self.withdrawn_count += 1;
+        self.advance_contiguous();
+    }
+
+    /// Moves each group's contiguous mark past the pages settled.
+    fn advance_contiguous(&mut self) {
         for g in self.groups.iter_mut() {
             while (g.contiguous as usize) < g.pages.len()
                 && self.held[g.pages[g.contiguous as usize] as usize]
@@ -203,7 +228,23 @@ impl State<'_> {
                 g.contiguous += 1;
             }
         }
-        Ok(true)
+    }
+
+    /// A page that came over TCP (chain or unicast repair): stored, or
+    /// settled if the sender withdrew it.
+    fn tcp_page(&mut self, p: &v1::CastPage, main: bool, peer: &str) -> Result<(), CastError> {
+        if p.withdrawn {
+            if !p.data.is_empty() {
+                return Err(protocol(peer, "a withdrawn page with data"));
+            }
+            self.withdraw(p.page);
+            return Ok(());
+        }
+        let Some((key, check, data)) = page_of(p) else {
+            return Err(protocol(peer, "malformed page"));
+        };
+        self.store(p.page, key, check, data, main)?;
+        Ok(())
     }
 
     fn datagram(&mut self, buf: &mut [u8]) -> Result<(), CastError> {
@@ -259,6 +300,18 @@ impl State<'_> {
             }
             Body::Probe { nonce, .. } => {
                 self.probes.insert(nonce);
+            }
+            Body::Withdrawn {
+                group,
+                index,
+                count,
+            } => {
+                let Some(ids) = self.page_ids(group, index, count as usize) else {
+                    return Ok(());
+                };
+                for page in ids {
+                    self.withdraw(page);
+                }
             }
         }
         Ok(())
@@ -535,6 +588,7 @@ impl State<'_> {
         v1::CastDone {
             digest: digest(held.iter()).to_vec().into(),
             pages: self.held_count,
+            withdrawn: self.withdrawn_count,
             forged: self.counters.forged,
             replayed: self.counters.replayed,
             stale: self.counters.stale,
@@ -625,8 +679,9 @@ fn receive_inner(
     Ok(RecvReport {
         transport: run.transport.unwrap_or(Transport::Multicast),
         id: st.id,
-        pages: st.held_count,
-        page_bytes: u64::from(st.held_count) * PAGE_SIZE as u64,
+        pages: st.held_count - st.withdrawn_count,
+        withdrawn: st.withdrawn_count,
+        page_bytes: u64::from(st.held_count - st.withdrawn_count) * PAGE_SIZE as u64,
         pages_main: st.pages_main,
         pages_unicast: st.pages_unicast,
         bytes_received: st.bytes,
@@ -660,7 +715,7 @@ fn handshake(
     pagecast_channel::require(ch.identity(), &[Role::Host], ch.peer(), "send a cast")?;
     let rcvbuf = socket::receive_buffer().map_err(CastError::io("measuring the receive buffer"))?;
     ch.send(&frame(v1::cast_frame::Body::Hello(v1::CastHello {
-        version: WIRE_VERSION as i32,
+        version: CAST_WIRE_VERSION as i32,
         name: cfg.name.clone(),
         chain_addr: chain_addr.to_string(),
         rcvbuf_bytes: rcvbuf as u64,
@@ -689,10 +744,13 @@ struct SessionPlan {
 
 impl SessionPlan {
     fn of(peer: &str, w: &v1::CastWelcome) -> Result<SessionPlan, CastError> {
-        if w.version != WIRE_VERSION as i32 {
+        if w.version != CAST_WIRE_VERSION as i32 {
             return Err(protocol(
                 peer,
-                format!("wire version {} (this build speaks 1)", w.version),
+                format!(
+                    "cast wire version {} (this build speaks {})",
+                    w.version, CAST_WIRE_VERSION as i32
+                ),
             ));
         }
         if w.total_pages > MAX_CAST_PAGES
@@ -968,12 +1026,7 @@ impl Session<'_> {
         while let Ok(ev) = crx.try_recv() {
             st.last_heard = Instant::now();
             match ev {
-                ChainEv::Page(p) => {
-                    let Some((key, check, data)) = page_of(&p) else {
-                        return Err(protocol("chain", "malformed page"));
-                    };
-                    st.store(p.page, key, check, data, true)?;
-                }
+                ChainEv::Page(p) => st.tcp_page(&p, true, "chain")?,
                 ChainEv::Finish => {}
                 ChainEv::Closed(why) => self.chain_broken = Some(why),
             }
@@ -989,12 +1042,7 @@ impl Session<'_> {
                     self.pending_probe = Some((p.nonce, Instant::now() + PROBE_LISTEN))
                 }
                 Ctl::Start(s) => self.start(s)?,
-                Ctl::Page(p) => {
-                    let Some((key, check, data)) = page_of(&p) else {
-                        return Err(protocol(&self.peer, "malformed unicast page"));
-                    };
-                    st.store(p.page, key, check, data, false)?;
-                }
+                Ctl::Page(p) => st.tcp_page(&p, false, &self.peer)?,
                 Ctl::Finish(f) => self.finished = Some(f),
                 Ctl::Closed(why) => self.control_closed = Some(why),
             }
@@ -1213,7 +1261,7 @@ mod tests {
 
     fn welcome(total: u32, groups: Vec<(u32, Vec<u32>)>) -> v1::CastWelcome {
         v1::CastWelcome {
-            version: WIRE_VERSION as i32,
+            version: CAST_WIRE_VERSION as i32,
             total_pages: total,
             fragment_payload: PAGE_SIZE as u32,
             member_key: vec![7; 32].into(),

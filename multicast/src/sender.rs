@@ -1,13 +1,14 @@
 //! The sending side of a cast session.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
 use pagecast_pages::{PAGE_SIZE, Page};
-use pagecast_proto::{MAX_CAST_GROUPS, MAX_CAST_PAGES, WIRE_VERSION, v1};
+use pagecast_proto::{CAST_WIRE_VERSION, MAX_CAST_GROUPS, MAX_CAST_PAGES, v1};
 
 use crate::handshakes::Handshakes;
 use crate::pacing::{Aimd, TokenBucket};
@@ -41,6 +42,9 @@ const COALESCE: Duration = Duration::from_millis(50);
 const REPAIR_POOL: usize = 1024;
 /// How long receivers have to report a probe.
 const PROBE_WAIT: Duration = Duration::from_secs(2);
+/// How often a sender waiting for its source's next page looks again
+/// (TCP transports; the multicast loop waits on its receivers' events).
+const READY_POLL: Duration = Duration::from_millis(1);
 
 enum Event {
     Ready(usize),
@@ -78,7 +82,6 @@ struct Peer {
     lagging_since: Option<Instant>,
     groups: Vec<usize>,
     pages: Vec<u32>,
-    digest: [u8; 32],
     unicast_pages: u64,
     counters: ReceiverCounters,
 }
@@ -196,8 +199,9 @@ pub fn send_on(
     let groups = checked_groups(cfg, groups, total)?;
     // 1. Receivers connect and authenticate; the session goes on with
     // those that joined in time.
+    let began = Instant::now();
     let (slots, refused) = accept_receivers(listener, cfg, tls, &|| true)?;
-    session(cfg, (slots, refused), groups, src, tls, progress)
+    session(cfg, (slots, refused, began), groups, src, tls, progress)
 }
 
 /// [`send_on`] while the pages are still being prepared: `prepare` runs on
@@ -212,6 +216,7 @@ pub fn send_on_preparing<S: PageSource + Send>(
     tls: &Tls,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<SendReport, CastError> {
+    let began = Instant::now();
     std::thread::scope(|sc| {
         let job = std::thread::Builder::new()
             .name("pagecast-cast-prepare".into())
@@ -221,28 +226,30 @@ pub fn send_on_preparing<S: PageSource + Send>(
         let (groups, src) = job
             .join()
             .map_err(|_| CastError::Config("preparing the cast's pages panicked".into()))?;
-        let accepted = accepted?;
+        let (slots, refused) = accepted?;
         let groups = checked_groups(cfg, groups, src.pages())?;
-        session(cfg, accepted, groups, &src, tls, progress)
+        session(cfg, (slots, refused, began), groups, &src, tls, progress)
     })
 }
 
 /// A session's receivers seated, welcomed and sent every page, once they
-/// connected (`accepted`: their slots, and how many were refused).
+/// connected (`accepted`: their slots, how many were refused, and when
+/// the session began).
 fn session(
     cfg: &SenderConfig,
-    (slots, refused): (Vec<Option<Joined>>, u64),
+    (slots, refused, began): (Vec<Option<Joined>>, u64, Instant),
     groups: Vec<Group>,
     src: &dyn PageSource,
     tls: &Tls,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<SendReport, CastError> {
     let total = src.pages();
+    let joined_s = began.elapsed().as_secs_f64();
     let Seated {
         mut peers,
         groups,
         missing,
-    } = seat(cfg, slots, groups, src)?;
+    } = seat(cfg, slots, groups)?;
     // 2. The session key, groups and page list.
     let shape = SessionShape::new(cfg, &peers, &groups)?;
     welcome(&mut peers, &groups, src, &shape)?;
@@ -299,6 +306,9 @@ fn session(
             waited_s: 0.0,
             socket_s: 0.0,
             refused,
+            withdrawn: 0,
+            joined_s,
+            setup_s: 0.0,
             receivers: Vec::new(),
         };
         let mut run = Run {
@@ -317,6 +327,7 @@ fn session(
             started: Instant::now(),
             progress,
         };
+        run.report.setup_s = began.elapsed().as_secs_f64();
         let unicast = match transport {
             Transport::Multicast => run.multicast(scope, tls)?,
             Transport::Chain => run.chain(scope, tls)?,
@@ -552,7 +563,6 @@ fn seat(
     cfg: &SenderConfig,
     slots: Vec<Option<Joined>>,
     groups: Vec<Group>,
-    src: &dyn PageSource,
 ) -> Result<Seated, CastError> {
     let mut renumbered = vec![None; slots.len()];
     let mut missing = Vec::new();
@@ -591,7 +601,7 @@ fn seat(
         .into_iter()
         .flatten()
         .enumerate()
-        .map(|(idx, (ch, hello))| new_peer(idx, ch, hello, &groups, src))
+        .map(|(idx, (ch, hello))| new_peer(idx, ch, hello, &groups))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Seated {
         peers,
@@ -600,14 +610,12 @@ fn seat(
     })
 }
 
-/// Receiver `idx` as its hello introduced it: its groups, pages and the
-/// digest it must end with.
+/// Receiver `idx` as its hello introduced it: its groups and pages.
 fn new_peer(
     idx: usize,
     ch: Channel,
     hello: v1::CastHello,
     groups: &[Group],
-    src: &dyn PageSource,
 ) -> Result<Peer, CastError> {
     let member: Vec<usize> = (0..groups.len())
         .filter(|&g| groups[g].members.contains(&idx))
@@ -620,7 +628,6 @@ fn new_peer(
     pages.dedup();
     let certified = ch.identity().name.clone();
     let (reader, writer) = ch.split()?;
-    let entries: Vec<_> = pages.iter().map(|&p| src.entry(p)).collect();
     Ok(Peer {
         id: idx as u32 + 1,
         name: hello.name,
@@ -634,7 +641,6 @@ fn new_peer(
         contiguous: vec![0; groups.len()],
         last_heard: Instant::now(),
         lagging_since: None,
-        digest: digest(entries.iter()),
         groups: member,
         pages,
         unicast_pages: 0,
@@ -771,7 +777,7 @@ fn welcome(
             .as_mut()
             .expect("writer present until the session runs");
         w.send(&frame(v1::cast_frame::Body::Welcome(v1::CastWelcome {
-            version: WIRE_VERSION as i32,
+            version: CAST_WIRE_VERSION as i32,
             receiver_id: p.id,
             session_id: shape.session_id,
             member_key: shape.keys.members[idx].to_vec().into(),
@@ -882,16 +888,41 @@ fn frame(body: v1::cast_frame::Body) -> v1::CastFrame {
     v1::CastFrame { body: Some(body) }
 }
 
+/// The digest a receiver of `pages` must end with (over the entries of
+/// those not withdrawn, in page order) and how many of them were
+/// withdrawn. Called once every page has been sent: each is ready then.
+fn ended_with(src: &dyn PageSource, pages: &[u32]) -> ([u8; 32], u32) {
+    let held: Vec<PageEntry> = pages
+        .iter()
+        .filter(|&&p| !src.withdrawn(p))
+        .map(|&p| src.entry(p))
+        .collect();
+    (digest(held.iter()), (pages.len() - held.len()) as u32)
+}
+
 /// Page `id` as a TCP frame (unicast repair or chain), with its frame and
-/// hash.
-fn page_frame(src: &dyn PageSource, id: u32, data: &Page) -> v1::CastFrame {
+/// hash: its content, or none where the source withdrew it. Waits until
+/// the source has it ready.
+fn page_frame(src: &dyn PageSource, id: u32, page: &mut Page) -> io::Result<v1::CastFrame> {
+    while src.ready() <= id {
+        std::thread::sleep(READY_POLL);
+    }
     let e = src.entry(id);
-    frame(v1::cast_frame::Body::Page(v1::CastPage {
+    let withdrawn = src.withdrawn(id);
+    if !withdrawn {
+        src.read(id, page)?;
+    }
+    Ok(frame(v1::cast_frame::Body::Page(v1::CastPage {
         page: id,
-        data: data.to_vec().into(),
+        data: if withdrawn {
+            Default::default()
+        } else {
+            page.to_vec().into()
+        },
         key: e.key,
         hash: e.hash.as_bytes().to_vec().into(),
-    }))
+        withdrawn,
+    })))
 }
 
 fn accept_peer(stream: TcpStream, tls: &Tls) -> Result<(Channel, v1::CastHello), CastError> {
@@ -905,10 +936,13 @@ fn accept_peer(stream: TcpStream, tls: &Tls) -> Result<(Channel, v1::CastHello),
             why: "first frame is not a hello".into(),
         });
     };
-    if hello.version != WIRE_VERSION as i32 {
+    if hello.version != CAST_WIRE_VERSION as i32 {
         return Err(CastError::Protocol {
             peer: ch.peer().to_owned(),
-            why: format!("wire version {} (this build speaks 1)", hello.version),
+            why: format!(
+                "cast wire version {} (this build speaks {})",
+                hello.version, CAST_WIRE_VERSION as i32
+            ),
         });
     }
     ch.set_read_timeout(None)?;
@@ -1013,6 +1047,9 @@ struct Flow {
     /// Pages of all groups, and sent so far.
     total: u64,
     sent_pages: u64,
+    /// Withdrawn pages asked for again, `(group, index)`: each is told
+    /// withdrawn again with the next batch.
+    withdrawn_asked: BTreeSet<(u32, u32)>,
 }
 
 impl Flow {
@@ -1057,6 +1094,7 @@ impl Flow {
             last_check: Instant::now(),
             total: groups.iter().map(|g| g.pages.len() as u64).sum(),
             sent_pages: 0,
+            withdrawn_asked: BTreeSet::new(),
         })
     }
 
@@ -1143,8 +1181,10 @@ impl<'a> Run<'a> {
                 }
                 Event::Done(i, d) => {
                     let peer = &mut self.peers[i];
-                    let ok =
-                        d.digest.as_ref() == peer.digest && d.pages as usize == peer.pages.len();
+                    let (digest, withdrawn) = ended_with(self.src, &peer.pages);
+                    let ok = d.digest.as_ref() == digest
+                        && d.pages as usize == peer.pages.len()
+                        && d.withdrawn == withdrawn;
                     peer.counters = ReceiverCounters {
                         forged: d.forged,
                         replayed: d.replayed,
@@ -1387,8 +1427,7 @@ impl<'a> Run<'a> {
             let before = w.sent_bytes();
             let mut sent = 0u64;
             for id in pages {
-                let ok =
-                    src.read(id, &mut page).is_ok() && w.send(&page_frame(src, id, &page)).is_ok();
+                let ok = page_frame(src, id, &mut page).is_ok_and(|f| w.send(&f).is_ok());
                 if !ok {
                     let bytes = w.sent_bytes() - before;
                     return (None, sent, bytes);
@@ -1437,8 +1476,9 @@ impl<'a> Run<'a> {
                 break;
             }
             let units = f.ripe_repairs(self.frag == PAGE_SIZE);
+            let again = std::mem::take(&mut f.withdrawn_asked);
             let batch = self.new_pages(&mut f);
-            if batch.is_empty() && units.is_empty() {
+            if batch.is_empty() && units.is_empty() && again.is_empty() {
                 if f.g < self.groups.len() && f.last_beat.elapsed() >= HEARTBEAT_EVERY {
                     self.heartbeat(&f.sock, f.g, f.next[f.g])?;
                     f.last_beat = Instant::now();
@@ -1448,7 +1488,7 @@ impl<'a> Run<'a> {
                 self.report.waited_s += t.elapsed().as_secs_f64();
                 continue;
             }
-            let out = self.encode(&mut f, &units, &batch)?;
+            let out = self.encode(&mut f, &units, &again, &batch)?;
             self.send_out(&mut f, out)?;
             (self.progress)(f.sent_pages, f.total);
             if f.last_beat.elapsed() >= HEARTBEAT_EVERY && f.g < self.groups.len() {
@@ -1501,7 +1541,11 @@ impl<'a> Run<'a> {
                     let mut lost = 0;
                     for (a, c) in ranges {
                         for idx in a..a.saturating_add(c).min(sent).min(grp.pages.len() as u32) {
-                            if f.repaired_at
+                            if self.src.withdrawn(grp.pages[idx as usize]) {
+                                // Told again, never coded with pages.
+                                f.withdrawn_asked.insert((group, idx));
+                            } else if f
+                                .repaired_at
                                 .get(&(group, idx))
                                 .is_none_or(|&r| r <= seen_through)
                             {
@@ -1584,22 +1628,67 @@ impl<'a> Run<'a> {
             .min()
             .unwrap_or(len);
         let end = len.min(base.saturating_add(self.window));
-        while batch.len() < PAGES_PER_BATCH && f.next[g] < end {
+        let ready = self.src.ready();
+        while batch.len() < PAGES_PER_BATCH
+            && f.next[g] < end
+            && self.groups[g].pages[f.next[g] as usize] < ready
+        {
             batch.push((g, f.next[g]));
             f.next[g] += 1;
         }
         batch
     }
 
-    /// Repair units then new pages as datagrams (consecutive pages of a
-    /// group share a datagram where it fits).
+    /// Tells group `g` that `count` pages from `idx` are withdrawn, as a
+    /// datagram appended to `out`; returns its size.
+    fn withdrawn_datagram(
+        &mut self,
+        g: usize,
+        idx: u32,
+        count: u32,
+        out: &mut Vec<Vec<u8>>,
+    ) -> usize {
+        let seq = self.next_seq();
+        let mut b = Vec::with_capacity(96);
+        Datagram {
+            session: self.session_id,
+            seq,
+            from: 0,
+            body: Body::Withdrawn {
+                group: g as u32,
+                index: idx,
+                count,
+            },
+        }
+        .encode(&self.keys.sealing(g), &mut b);
+        let n = b.len();
+        out.push(b);
+        n
+    }
+
+    /// Whether page `idx` of group `g` was withdrawn by the source.
+    fn withdrawn(&self, g: usize, idx: u32) -> bool {
+        self.src.withdrawn(self.groups[g].pages[idx as usize])
+    }
+
+    /// Repair units, withdrawn pages asked for again, then new pages as
+    /// datagrams (consecutive pages of a group share a datagram where it
+    /// fits; a run of withdrawn ones is told in one).
     fn encode(
         &mut self,
         f: &mut Flow,
         units: &[Vec<(u32, u32)>],
+        again: &BTreeSet<(u32, u32)>,
         batch: &[(usize, u32)],
     ) -> Result<Outgoing, CastError> {
         let mut out = Outgoing::default();
+        for &(g, idx) in again {
+            let mut dgs = Vec::new();
+            let bytes = self.withdrawn_datagram(g as usize, idx, 1, &mut dgs);
+            out.bytes += bytes;
+            self.report.bytes_repair += bytes as u64;
+            out.repairs.extend(dgs.into_iter().map(|d| (g as usize, d)));
+        }
         for unit in units {
             let rg = unit[0].0 as usize;
             let mut dgs = Vec::new();
@@ -1621,12 +1710,25 @@ impl<'a> Run<'a> {
         let mut k = 0;
         while k < batch.len() {
             let (bg, idx) = batch[k];
+            let withdrawn = self.withdrawn(bg, idx);
+            // A run: of withdrawn pages (told in one datagram), or of pages
+            // a datagram carries together.
+            let most = if withdrawn { batch.len() } else { self.pack };
             let mut n = 1;
-            while n < self.pack && k + n < batch.len() && batch[k + n] == (bg, idx + n as u32) {
+            while n < most
+                && k + n < batch.len()
+                && batch[k + n] == (bg, idx + n as u32)
+                && self.withdrawn(bg, idx + n as u32) == withdrawn
+            {
                 n += 1;
             }
             let mut dgs = Vec::new();
-            let bytes = self.page_datagrams(bg, idx, n, &mut dgs, &mut f.page)?;
+            let bytes = if withdrawn {
+                self.report.withdrawn += n as u32;
+                self.withdrawn_datagram(bg, idx, n as u32, &mut dgs)
+            } else {
+                self.page_datagrams(bg, idx, n, &mut dgs, &mut f.page)?
+            };
             out.bytes += bytes;
             self.report.bytes_first += bytes as u64;
             f.sent_pages += n as u64;
@@ -1707,10 +1809,11 @@ impl<'a> Run<'a> {
         let total = self.src.pages();
         self.started = Instant::now();
         for i in 0..total {
-            self.src
-                .read(i, &mut page)
+            let f = page_frame(self.src, i, &mut page)
                 .map_err(|source| CastError::Source { page: i, source })?;
-            let f = page_frame(self.src, i, &page);
+            if self.src.withdrawn(i) {
+                self.report.withdrawn += 1;
+            }
             if let Err(e) = link.send(&f) {
                 // The first receiver is gone; the rest come by unicast.
                 self.peers[head].state = State::Dropped(format!("chain link lost: {e}"));

@@ -19,15 +19,34 @@ pub struct PageEntry {
 }
 
 /// Where a sender reads pages from.
+///
+/// Every page's frame and hash are known when the session starts; its
+/// content may come later. A source that reads its pages while the session
+/// runs says how far it got ([`PageSource::ready`]), and a page whose
+/// content it could no longer find is withdrawn
+/// ([`PageSource::withdrawn`]): the sender tells the page's receivers,
+/// which settle it without its data.
 pub trait PageSource: Sync {
     /// Pages in the session.
     fn pages(&self) -> u32;
     /// Page `i`'s frame and hash.
     fn entry(&self, i: u32) -> PageEntry;
-    /// Page `i`'s content.
+    /// Page `i`'s content (`i` below [`PageSource::ready`], not withdrawn).
     fn read(&self, i: u32, out: &mut Page) -> io::Result<()>;
     /// Frames of the image the pages come from (the rest are zero).
     fn frames(&self) -> u64;
+    /// Pages `0..ready()` can be read or are withdrawn; it only grows, up
+    /// to [`PageSource::pages`] (all of them, unless the source reads its
+    /// pages while the session runs). The sender sends no page before it
+    /// is ready.
+    fn ready(&self) -> u32 {
+        self.pages()
+    }
+    /// Whether ready page `i` was withdrawn: its content left the source
+    /// before it could be read.
+    fn withdrawn(&self, _i: u32) -> bool {
+        false
+    }
 }
 
 /// Where a receiver puts pages.
@@ -313,6 +332,17 @@ pub struct SendReport {
     pub socket_s: f64,
     /// Connections refused for failing authentication.
     pub refused: u64,
+    /// Pages withdrawn: the source could not read them, and their
+    /// receivers settled them without their data.
+    pub withdrawn: u32,
+    /// Seconds from the session's start until its receivers had joined
+    /// (connected, authenticated and said hello), or the wait for them
+    /// was over.
+    pub joined_s: f64,
+    /// Seconds from the session's start to its first page: the joining,
+    /// then the welcome, the receivers joining their groups, the probe
+    /// where the transport is probed, and the start.
+    pub setup_s: f64,
     /// Per receiver.
     pub receivers: Vec<PeerReport>,
 }
@@ -324,8 +354,11 @@ pub struct RecvReport {
     pub transport: Transport,
     /// This receiver's id.
     pub id: u32,
-    /// Pages it held at the end.
+    /// Pages it held at the end (withdrawn ones not counted).
     pub pages: u32,
+    /// Pages the sender withdrew, settled without their data (the sink
+    /// never saw them).
+    pub withdrawn: u32,
     /// Page bytes.
     pub page_bytes: u64,
     /// Pages that came by multicast (or chain).

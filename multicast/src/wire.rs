@@ -4,7 +4,7 @@
 //! tags]`, big-endian:
 //!
 //! ```text
-//!  0  u8   version (2)            10  u64  sequence (per sender)
+//!  0  u8   version (3)            10  u64  sequence (per sender)
 //!  1  u8   kind                   18  u32  from (0: the sender, n: receiver n)
 //!  2  u64  session id             22  u32  group
 //!                                 26  u8   member tags that follow the AEAD tag
@@ -22,7 +22,12 @@
 //! **nack** `u32 group, u64 seen_through, u16 count, count x (u32 first, u32
 //! len)` (`seen_through`: the highest sender sequence the receiver had seen,
 //! so the sender can tell a NACK sent before a repair arrived); **probe**
-//! `u32 nonce`. The body's group is the header's.
+//! `u32 nonce`; **withdrawn** `u32 group, u32 index, u32 count`: `count`
+//! consecutive pages of the group from `index` that the sender could not
+//! read (their content left it after the session's page list was fixed),
+//! which its receivers take as settled without them, sent where the pages
+//! would have gone and again for every NACK asking for one. The body's
+//! group is the header's.
 //!
 //! **Secrecy: one key per group.** Everything after the header is encrypted
 //! and authenticated with AES-256-GCM under the key of the group the
@@ -96,6 +101,7 @@ const KIND_HEARTBEAT: u8 = 2;
 const KIND_NACK: u8 = 3;
 const KIND_PROBE: u8 = 4;
 const KIND_CODED: u8 = 5;
+const KIND_WITHDRAWN: u8 = 6;
 
 /// A 32-byte key: a group's (secrecy) or a member's (origin).
 pub type CastKey = [u8; 32];
@@ -164,6 +170,16 @@ pub enum Body<'a> {
         /// Nonce the control channel asks about.
         nonce: u32,
     },
+    /// Pages the sender withdrew: their receivers settle them without
+    /// their data (and take them from elsewhere).
+    Withdrawn {
+        /// Group index.
+        group: u32,
+        /// Index within the group of the first page withdrawn.
+        index: u32,
+        /// Consecutive pages withdrawn from `index` (at least one).
+        count: u32,
+    },
 }
 
 impl Body<'_> {
@@ -174,7 +190,8 @@ impl Body<'_> {
             | Body::Coded { group, .. }
             | Body::Heartbeat { group, .. }
             | Body::Nack { group, .. }
-            | Body::Probe { group, .. } => *group,
+            | Body::Probe { group, .. }
+            | Body::Withdrawn { group, .. } => *group,
         }
     }
 }
@@ -297,6 +314,7 @@ impl Datagram<'_> {
             Body::Heartbeat { .. } => KIND_HEARTBEAT,
             Body::Nack { .. } => KIND_NACK,
             Body::Probe { .. } => KIND_PROBE,
+            Body::Withdrawn { .. } => KIND_WITHDRAWN,
         };
         out.push(DATAGRAM_VERSION);
         out.push(kind);
@@ -371,6 +389,15 @@ impl Body<'_> {
                 }
             }
             Body::Probe { nonce, .. } => out.extend_from_slice(&nonce.to_be_bytes()),
+            Body::Withdrawn {
+                group,
+                index,
+                count,
+            } => {
+                out.extend_from_slice(&group.to_be_bytes());
+                out.extend_from_slice(&index.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
+            }
         }
     }
 }
@@ -564,6 +591,7 @@ pub fn decode<'a, 'k>(
         KIND_CODED => coded_body(body)?,
         KIND_HEARTBEAT => heartbeat_body(body)?,
         KIND_NACK => nack_body(body)?,
+        KIND_WITHDRAWN => withdrawn_body(body)?,
         KIND_PROBE => {
             if body.len() != 4 {
                 return Err(WireError::Malformed("probe"));
@@ -737,6 +765,21 @@ fn heartbeat_body(body: &[u8]) -> Result<Body<'_>, WireError> {
         sent_through,
         group_len,
         done: body[12] == 1,
+    })
+}
+
+fn withdrawn_body(body: &[u8]) -> Result<Body<'_>, WireError> {
+    if body.len() != 12 {
+        return Err(WireError::Malformed("withdrawn"));
+    }
+    let (index, count) = (u32_at(body, 4), u32_at(body, 8));
+    if count == 0 || index.checked_add(count).is_none() {
+        return Err(WireError::Malformed("withdrawn range"));
+    }
+    Ok(Body::Withdrawn {
+        group: u32_at(body, 0),
+        index,
+        count,
     })
 }
 
@@ -954,6 +997,11 @@ mod tests {
                 group: 5,
                 nonce: 42,
             },
+            Body::Withdrawn {
+                group: 4,
+                index: 310,
+                count: 3,
+            },
         ] {
             for from in [0, 4] {
                 let d = Datagram {
@@ -1063,6 +1111,23 @@ mod tests {
             decode(&mut encoded(&data(3, 2)), 7, member(0)),
             Err(WireError::Malformed("fragment numbering"))
         );
+        // A withdrawal of no page, or of pages past the last index.
+        for (index, count) in [(5, 0), (u32::MAX, 2)] {
+            let w = Datagram {
+                session: 7,
+                seq: 1,
+                from: 0,
+                body: Body::Withdrawn {
+                    group: 0,
+                    index,
+                    count,
+                },
+            };
+            assert_eq!(
+                decode(&mut encoded(&w), 7, member(0)),
+                Err(WireError::Malformed("withdrawn range"))
+            );
+        }
         // Every byte is authenticated: the check in the head and the
         // payload alike.
         let b = encoded(&data(0, 1));

@@ -155,7 +155,7 @@ type Outcome = (
 fn run(
     cfg: SenderConfig,
     groups: Groups,
-    src: &Source,
+    src: &dyn PageSource,
     receivers: Vec<(Tls, Option<usize>)>,
 ) -> Outcome {
     run_keyed(cfg, groups, src, receivers, &[ContentKey::CLUSTER])
@@ -165,7 +165,7 @@ fn run(
 fn run_keyed(
     cfg: SenderConfig,
     groups: Groups,
-    src: &Source,
+    src: &dyn PageSource,
     receivers: Vec<(Tls, Option<usize>)>,
     keys: &[ContentKey],
 ) -> Outcome {
@@ -334,6 +334,170 @@ fn receivers_join_while_the_pages_are_prepared_and_wait_for_them() {
             "the receivers waited out the preparation ({took:?})"
         );
     }
+}
+
+/// A source that reads its pages while the session runs, as an agent's
+/// cast does: `step` more pages are ready every `every` from its start,
+/// and every page `i` with `i % 7 == 3` is withdrawn (its content was gone
+/// when the source came to read it). Reading a page before it is ready,
+/// or a withdrawn one, fails the sender.
+struct Trickling {
+    inner: Source,
+    started: std::time::Instant,
+    step: u32,
+    every: Duration,
+}
+
+impl Trickling {
+    fn new(pages: u32, step: u32, every: Duration) -> Self {
+        Trickling {
+            inner: Source::new(pages),
+            started: std::time::Instant::now(),
+            step,
+            every,
+        }
+    }
+    fn kept(&self) -> Vec<u32> {
+        (0..self.pages()).filter(|&i| !self.withdrawn(i)).collect()
+    }
+}
+
+impl PageSource for Trickling {
+    fn pages(&self) -> u32 {
+        self.inner.pages()
+    }
+    fn entry(&self, i: u32) -> PageEntry {
+        self.inner.entry(i)
+    }
+    fn read(&self, i: u32, out: &mut Page) -> std::io::Result<()> {
+        if i >= self.ready() || self.withdrawn(i) {
+            return Err(std::io::Error::other(format!(
+                "page {i} read before it was ready, or withdrawn"
+            )));
+        }
+        self.inner.read(i, out)
+    }
+    fn frames(&self) -> u64 {
+        self.inner.frames()
+    }
+    fn ready(&self) -> u32 {
+        let steps = self.started.elapsed().as_nanos() / self.every.as_nanos();
+        (steps as u64 * u64::from(self.step)).min(u64::from(self.pages())) as u32
+    }
+    fn withdrawn(&self, i: u32) -> bool {
+        i % 7 == 3
+    }
+}
+
+/// A sender whose source reads its pages while the session runs sends
+/// each page once it is ready, never before, and tells its receivers of
+/// the pages the source withdrew: they settle those without data (their
+/// sinks never see them) and complete, over multicast and over the chain.
+#[test]
+fn pages_go_as_their_source_reads_them_and_withdrawn_ones_settle_without_data() {
+    if !needs(
+        "pages_go_as_their_source_reads_them_and_withdrawn_ones_settle_without_data",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    for transport in [TransportChoice::Multicast, TransportChoice::Chain] {
+        let (control, group) = endpoints();
+        let mut cfg = SenderConfig::new(control, LO, 2);
+        cfg.transport = transport;
+        let src = Trickling::new(700, 50, Duration::from_millis(20));
+        let (sent, recvs) = run(
+            cfg,
+            Groups::Single(group),
+            &src,
+            (0..2).map(|_| (tls(), None)).collect(),
+        );
+        let report = sent.unwrap_or_else(|e| panic!("{transport:?}: {e}"));
+        let kept = src.kept();
+        assert_eq!(report.withdrawn, 100, "{transport:?}");
+        for p in &report.receivers {
+            assert_eq!(p.status, PeerStatus::Complete, "{transport:?}: {p:?}");
+        }
+        for (r, sink) in &recvs {
+            let r = r.as_ref().unwrap_or_else(|e| panic!("{transport:?}: {e}"));
+            assert_eq!((r.pages, r.withdrawn), (600, 100), "{transport:?}");
+            check_sink(sink, &src.inner, &kept);
+        }
+    }
+}
+
+/// A member that asks again for a withdrawn page (it lost the datagram
+/// that told it) is told again that the page is withdrawn, in a datagram
+/// of its own, never sent a page the source could not read: the member
+/// speaks the wire protocol itself, joining with a real host certificate
+/// and NACKing every page of its group once the sender has passed them.
+#[test]
+fn a_withdrawn_page_asked_for_again_is_told_withdrawn_again() {
+    if !needs(
+        "a_withdrawn_page_asked_for_again_is_told_withdrawn_again",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    let (control, group) = endpoints();
+    let mut cfg = SenderConfig::new(control, LO, 1);
+    cfg.transport = TransportChoice::Multicast;
+    cfg.silent_after = Duration::from_secs(3);
+    let src = Trickling::new(70, 70, Duration::from_millis(1));
+    let member = cluster().issue("asker", Role::Host, 1).unwrap();
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        let sock =
+            pagecast_multicast::socket::group_socket(group.port(), &[*group.ip()], LO, 1).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let (ch, w) = hostile_join(control, &member);
+        let keys = hostile_keys(&w);
+        let out = pagecast_multicast::socket::sender_socket(LO, 1).unwrap();
+        // Times page 3 (withdrawn) was told withdrawn, before and after
+        // the NACK; pages sent as data.
+        let (mut told, mut data, mut asked) = ([0u32; 2], 0u32, false);
+        let began = std::time::Instant::now();
+        let mut buf = [0u8; 9000];
+        while began.elapsed() < Duration::from_secs(3) && told[1] == 0 {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let key = wire::GroupKey::new(keys[1]);
+                let b = &mut buf[..n];
+                let opened = wire::decode(b, w.session_id, |_, _| {
+                    Some(wire::Opening {
+                        key: &key,
+                        tag: None,
+                    })
+                });
+                match opened.map(|d| d.body) {
+                    Ok(wire::Body::Withdrawn { index, count, .. })
+                        if (index..index + count).contains(&3) =>
+                    {
+                        told[usize::from(asked)] += 1
+                    }
+                    Ok(wire::Body::Data { .. }) => data += 1,
+                    _ => {}
+                }
+            }
+            if !asked && data >= 30 && began.elapsed() > Duration::from_millis(300) {
+                let b = hostile_nack(&w, &keys, 0, w.receiver_id, 1);
+                out.send_to(&b, SocketAddrV4::new(*group.ip(), group.port() + 1))
+                    .unwrap();
+                asked = true;
+            }
+        }
+        drop(ch);
+        let report = sender.join().unwrap();
+        let report = report.unwrap_or_else(|e| panic!("the sender failed: {e}"));
+        assert!(asked, "the member saw {data} data datagrams");
+        assert_eq!(
+            told,
+            [1, 1],
+            "page 3 told withdrawn (before, after the NACK)"
+        );
+        assert!(report.nacks >= 1, "{report:?}");
+    });
 }
 
 #[test]
@@ -905,7 +1069,7 @@ fn hostile_join(
         pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
             .unwrap();
     ch.send(&frame(F::Hello(v1::CastHello {
-        version: pagecast_proto::WIRE_VERSION as i32,
+        version: pagecast_proto::CAST_WIRE_VERSION as i32,
         name: "hostile".into(),
         chain_addr: "127.0.0.1:1".into(),
         rcvbuf_bytes: 1 << 20,

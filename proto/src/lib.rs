@@ -13,8 +13,13 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/pagecast.v1.rs"));
 }
 
-/// The wire protocol version this build speaks.
+/// The wire protocol version this build speaks (manifests).
 pub const WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion1;
+/// The version a cast's hello and welcome carry: 2 since a sender may
+/// withdraw a page mid-session (it casts pages as it reads them, and one
+/// whose content left it meanwhile is withdrawn). Each side refuses any
+/// other.
+pub const CAST_WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion2;
 /// The version a migration's first frame ([`v1::MigrateBegin`]) carries:
 /// 2 since the VM's kind travels there and QEMU streams are migration
 /// frames. A destination refuses any other.
@@ -72,7 +77,7 @@ pub const MAX_CAST_PAGES: u32 = 4 << 20;
 pub const MAX_CAST_GROUPS: usize = 1024;
 
 /// Version byte of pagecast's UDP datagrams.
-pub const DATAGRAM_VERSION: u8 = 2;
+pub const DATAGRAM_VERSION: u8 = 3;
 
 /// Largest UDP datagram pagecast sends or accepts.
 pub const MAX_DATAGRAM_BYTES: usize = 9000;

@@ -41,6 +41,7 @@ use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 
 use crate::jobs::Job;
+use crate::staging::{ReadFigures, Streamed};
 use crate::{Agent, AgentError};
 
 type Resp = v1::agent_response::Body;
@@ -543,50 +544,26 @@ impl Hold for JobCancel {
     }
 }
 
-/// Pages read out of this host's VMs for one cast, fixed for the session.
+/// Pages read out of this host's VMs for a clone's cast, fixed for the
+/// session.
 pub struct Staged {
     entries: Vec<PageEntry>,
     data: Vec<u8>,
 }
 
-impl Staged {
-    /// Reads each of `hashes` that some VM here holds (hash-checked); the
-    /// page's key is its index in `hashes`. Returns the staged pages and,
-    /// per input index, its index in the session (None: left out).
-    pub fn read(agent: &Agent, hashes: &[PageHash]) -> (Self, Vec<Option<u32>>) {
-        let mut entries = Vec::new();
-        let mut data: Vec<u8> = Vec::with_capacity(hashes.len() * PAGE_SIZE);
-        advise_huge(&mut data);
-        let mut index = Vec::with_capacity(hashes.len());
-        let mut page = [0u8; PAGE_SIZE];
-        for (i, h) in hashes.iter().enumerate() {
-            if agent.copy_any(h, &mut page).is_some() {
-                index.push(Some(entries.len() as u32));
-                entries.push(PageEntry {
-                    key: i as u64,
-                    hash: *h,
-                });
-                data.extend_from_slice(&page);
-            } else {
-                index.push(None);
-            }
-        }
-        (Staged { entries, data }, index)
-    }
-}
-
-/// Asks the kernel to back `buf`'s spare capacity with transparent huge
-/// pages: faulting in a fresh staging buffer 4 KiB at a time is most of a
-/// cast's staging (docs/evaluation.md, "Where the CPU goes").
+/// Asks the kernel to back `buf`'s allocation (its length and spare
+/// capacity) with transparent huge pages, best before it is first
+/// written: faulting in a fresh staging buffer 4 KiB at a time is most of
+/// a cast's staging (docs/evaluation.md, "Where the CPU goes").
 fn advise_huge(buf: &mut Vec<u8>) {
     const HUGE: usize = 2 << 20;
     let start = buf.as_mut_ptr() as usize;
     let end = start + buf.capacity();
     let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
     if b > a {
-        // SAFETY: [a, b) lies inside the allocation `buf` owns (its spare
-        // capacity, not yet written); MADV_HUGEPAGE changes only how the
-        // kernel backs those pages, not their contents or mapping.
+        // SAFETY: [a, b) lies inside the allocation `buf` owns;
+        // MADV_HUGEPAGE changes only how the kernel backs those pages, not
+        // their contents or mapping.
         unsafe {
             libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
         }
@@ -719,31 +696,42 @@ pub fn cast_send(
     }))?;
     let cfg = sender_config(agent, r, (control, iface));
     let t0 = std::time::Instant::now();
-    let staging = Mutex::new(StagingFigures::default());
-    let prepare = || {
-        let (staged, index, cpu) = agent.fp_pool().install(|| {
-            let c = crate::sync::thread_cpu_s();
-            let (s, i) = Staged::read(agent, &hashes);
-            (s, i, crate::sync::thread_cpu_s() - c)
-        });
-        *lock(&staging) = StagingFigures {
-            secs: t0.elapsed().as_secs_f64(),
-            cpu,
-            pages: staged.pages().into(),
-        };
-        (Groups::Plan(plans_of(&groups, &index)), staged)
-    };
+    let (entries, index) = send_order(agent, &hashes, &groups);
+    tracing::info!(
+        "cast of {} pages ({left_out} of the request's {} not here) to {}: receivers join at \
+         {control}",
+        entries.len(),
+        hashes.len(),
+        r.receivers.join(", ")
+    );
+    let src = Streamed::new(entries);
+    let mut buf = vec![0u8; src.buffer_len()];
+    advise_huge(&mut buf);
+    let plan = Groups::Plan(plans_of(&groups, &index));
     let cpu0 = crate::sync::thread_cpu_s();
-    let res =
-        pagecast_multicast::send_on_preparing(listener, &cfg, prepare, agent.tls(), &|_, _| {});
+    let (res, read) = std::thread::scope(|sc| {
+        let reader = std::thread::Builder::new()
+            .name("pagecast-cast-read".into())
+            .spawn_scoped(sc, || src.read_into(agent, &mut buf));
+        let res = match &reader {
+            Ok(_) => {
+                pagecast_multicast::send_on(listener, &cfg, plan, &src, agent.tls(), &|_, _| {})
+            }
+            Err(e) => Err(pagecast_multicast::CastError::Config(format!(
+                "cannot start reading the cast's pages: {e}"
+            ))),
+        };
+        src.stop();
+        let read = reader.ok().and_then(|t| t.join().ok()).unwrap_or_default();
+        (res, read)
+    });
     if let Ok(rep) = &res {
-        let st = *lock(&staging);
         log_sent(
-            st.pages,
+            &read,
             r,
             rep,
-            (st.secs, t0.elapsed().as_secs_f64() - st.secs),
-            (st.cpu, crate::sync::thread_cpu_s() - cpu0),
+            t0.elapsed().as_secs_f64(),
+            crate::sync::thread_cpu_s() - cpu0,
         );
         ::metrics::counter!(crate::metrics::BYTES_SENT, "kind" => "cast")
             .increment(cast_bytes(rep));
@@ -794,12 +782,34 @@ fn sender_config(
     cfg
 }
 
-/// A cast's staging, for its log line.
-#[derive(Default, Clone, Copy)]
-struct StagingFigures {
-    secs: f64,
-    cpu: f64,
-    pages: u64,
+/// A cast request's pages in the order the sender sends them (each
+/// group's in turn), those the content map lacks left out: their entries
+/// (keyed by their place in the request) and, per place in the request,
+/// its index in the session (None: left out).
+fn send_order(
+    agent: &Agent,
+    hashes: &[PageHash],
+    groups: &[RequestGroup<'_>],
+) -> (Vec<PageEntry>, Vec<Option<u32>>) {
+    let mut index: Vec<Option<u32>> = vec![None; hashes.len()];
+    let mut seen = vec![false; hashes.len()];
+    let mut entries = Vec::new();
+    for &(_, _, pages) in groups {
+        for &p in pages {
+            let Some(h) = hashes.get(p as usize) else {
+                continue;
+            };
+            if std::mem::replace(&mut seen[p as usize], true) || !agent.has_content(h) {
+                continue;
+            }
+            index[p as usize] = Some(entries.len() as u32);
+            entries.push(PageEntry {
+                key: u64::from(p),
+                hash: *h,
+            });
+        }
+    }
+    (entries, index)
 }
 
 /// A group of a cast request, checked: its address, its members by
@@ -861,26 +871,34 @@ fn plans_of(groups: &[RequestGroup<'_>], index: &[Option<u32>]) -> Vec<GroupPlan
 }
 
 /// Logs where a sent cast's time and CPU went, for operators and for
-/// tuning: the staging (reading and hash-checking the pages, on the
-/// hashing pool), then the sending (`cpu`: this thread's seconds).
+/// tuning: the reading of its pages (hash-checked, on a thread of its own
+/// beside the sending), and the session from its request (`secs`) and the
+/// sending thread's CPU (`cpu`).
 fn log_sent(
-    pages: u64,
+    read: &ReadFigures,
     r: &v1::CastSendRequest,
     rep: &pagecast_multicast::SendReport,
-    (staged_s, send_s): (f64, f64),
-    (stage_cpu, cpu): (f64, f64),
+    secs: f64,
+    cpu: f64,
 ) {
-    let gb = pages as f64 * PAGE_SIZE as f64 / 1e9;
+    let gb = read.read as f64 * PAGE_SIZE as f64 / 1e9;
     tracing::info!(
-        "cast of {pages} pages to {} receivers at {} bit/s: staged in {staged_s:.2} s \
-         ({:.2} CPU-s/GB reading and hash-checking), sent in {send_s:.2} s ({:.2} Gbit/s of \
-         pages; pages on the wire {:.2} s: paced {:.2} s, waiting for receivers {:.2} s, in \
-         socket calls {:.2} s), {:.2} CPU-s/GB on the sending thread; rate cut {} times for \
+        "cast of {} pages ({} withdrawn: no longer here when read) to {} receivers at {} \
+         bit/s: read in {:.2} s beside the sending ({:.2} CPU-s/GB reading and \
+         hash-checking), ended {secs:.2} s after the request ({:.2} Gbit/s of pages; \
+         receivers joined after {:.2} s, first page at {:.2} s, then pages on the wire {:.2} s: \
+         paced {:.2} s, waiting for receivers or pages {:.2} s, in socket calls {:.2} s), \
+         {:.2} CPU-s/GB on the sending thread; rate cut {} times for \
          loss (lowest {} bit/s), {} repair bytes",
+        read.read,
+        read.withdrawn,
         r.receivers.len(),
         r.rate_bps,
-        stage_cpu / gb.max(1e-9),
-        gb * 8.0 / send_s.max(1e-9),
+        read.secs,
+        read.cpu / gb.max(1e-9),
+        gb * 8.0 / secs.max(1e-9),
+        rep.joined_s,
+        rep.setup_s,
         rep.duration_s,
         rep.paced_s,
         rep.waited_s,
@@ -914,6 +932,7 @@ pub fn cast_recv(
         cfg.content_keys = keys;
     }
     let mut sink = SlotSink::new(slots);
+    tracing::info!("joining the cast at {control}");
     let (t0, cpu0) = (std::time::Instant::now(), crate::sync::thread_cpu_s());
     let res = pagecast_multicast::receive(&cfg, agent.tls(), &mut sink, &|_, _| {});
     let (took, cpu) = (
@@ -921,9 +940,11 @@ pub fn cast_recv(
         crate::sync::thread_cpu_s() - cpu0,
     );
     let gb = sink.filled as f64 * PAGE_SIZE as f64 / 1e9;
+    // From joining to the sender's start, then to the last page.
+    let started = res.as_ref().map_or(0.0, |rep| took - rep.duration_s);
     tracing::info!(
-        "cast received from {}: {} frames filled in {took:.2} s, {:.2} CPU-s/GB of frames on the \
-         receiving thread",
+        "cast received from {}: {} frames filled in {took:.2} s (the sender started after \
+         {started:.2} s), {:.2} CPU-s/GB of frames on the receiving thread",
         r.control,
         sink.filled,
         cpu / gb.max(1e-9),

@@ -13,6 +13,7 @@ pub mod micro;
 pub mod publish;
 pub mod qemu;
 pub mod server;
+pub mod staging;
 mod sync;
 
 use std::collections::HashMap;
