@@ -285,15 +285,69 @@ impl IncomingSlot {
     }
 }
 
-/// Lowers the calling thread's priority (nice 10): preparing an arriving
-/// VM's memory (faulting it in, copying what this host holds) yields to
-/// the job's transfers on a busy host, which the whole job waits for.
-fn in_background() {
-    // SAFETY: gettid has no preconditions; setpriority on the calling
-    // thread's own id changes only how the scheduler weighs it.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+/// The threads preparing an arriving VM's memory (faulting it in,
+/// copying what this host holds), at low priority (nice 10) while they run
+/// beside the job's transfers, which the whole job waits for on a busy
+/// host; once the migration waits for them instead (the source's refill,
+/// or the rounds), [`Background::hurry`] puts them back at normal
+/// priority.
+#[derive(Default)]
+struct Background {
+    /// Thread ids of those running at low priority.
+    tids: Mutex<Vec<libc::pid_t>>,
+    /// The migration waits for them: new ones start at normal priority.
+    hurried: AtomicBool,
+}
+
+/// A thread's place in [`Background`]: leaving it (the thread ends) takes
+/// the thread's id out, so a later id that reuses it is never touched.
+struct BackgroundThread<'a> {
+    of: &'a Background,
+    tid: libc::pid_t,
+}
+
+impl Drop for BackgroundThread<'_> {
+    fn drop(&mut self) {
+        lock_tids(&self.of.tids).retain(|&t| t != self.tid);
+    }
+}
+
+fn lock_tids(m: &Mutex<Vec<libc::pid_t>>) -> std::sync::MutexGuard<'_, Vec<libc::pid_t>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Sets thread `tid`'s nice value; false if the kernel refused (raising a
+/// priority takes CAP_SYS_NICE).
+fn set_nice(tid: libc::pid_t, nice: libc::c_int) -> bool {
+    // SAFETY: setpriority on a thread id of this process changes only how
+    // the scheduler weighs that thread; an id no longer in use fails with
+    // ESRCH.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0 }
+}
+
+impl Background {
+    /// Lowers the calling thread to nice 10, unless the migration already
+    /// waits for it; it stays in until the guard drops.
+    fn enter(&self) -> BackgroundThread<'_> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let mut tids = lock_tids(&self.tids);
+        if !self.hurried.load(Ordering::Relaxed) {
+            set_nice(tid, 10);
+            tids.push(tid);
+        }
+        BackgroundThread { of: self, tid }
+    }
+
+    /// Puts every thread in back at normal priority (nice 0), and those
+    /// that enter later stay there: the migration now waits for them.
+    /// Without CAP_SYS_NICE they stay at nice 10.
+    fn hurry(&self) {
+        let tids = lock_tids(&self.tids);
+        self.hurried.store(true, Ordering::Relaxed);
+        for &t in tids.iter() {
+            set_nice(t, 0);
+        }
     }
 }
 
@@ -426,6 +480,8 @@ pub struct Arrival<'a> {
     postcopy: bool,
     /// Contents to gather from other hosts after a post-copy switchover.
     gather: Option<Gather>,
+    /// The threads faulting in and filling its memory at low priority.
+    background: Arc<Background>,
 }
 
 /// Refuses a migration at its first frame.
@@ -543,14 +599,16 @@ pub fn receive_front<'a>(
         started: false,
         postcopy,
         gather: None,
+        background: Arc::default(),
     };
     if let Some(region) = region {
         arrival.slot = Arc::new(IncomingSlot::new(&begin.vm, (&begin.domain, key), region));
         let filling = arrival.slot.clone();
+        let background = arrival.background.clone();
         arrival.populating = std::thread::Builder::new()
             .name("pagecast-populate".into())
             .spawn(move || {
-                in_background();
+                let _low = background.enter();
                 filling.region.populate()
             })
             .ok();
@@ -889,14 +947,18 @@ impl Arrival<'_> {
     ) -> Result<Copied, MigrationError> {
         let stop = AtomicBool::new(false);
         let slot = self.slot.clone();
+        let background = self.background.clone();
         std::thread::scope(|s| {
             let copier = std::thread::Builder::new()
                 .name("pagecast-local-fill".into())
                 .spawn_scoped(s, || {
-                    in_background();
+                    let _low = background.enter();
                     plan.fill(&slot, local, &stop)
                 });
             let mut waited = self.until_refill(events);
+            // The casts are over: the rest of the job waits for the copies
+            // and the faulting-in now.
+            self.background.hurry();
             if waited.is_ok()
                 && let Ok(t) = &copier
             {
@@ -1209,6 +1271,7 @@ impl Arrival<'_> {
     /// (populating it here if no thread does); `tell_source`: telling the
     /// source meanwhile that this side lives ([`Arrival::alive_until`]).
     fn populated(&mut self, tell_source: bool) -> Result<(), MigrationError> {
+        self.background.hurry();
         let populating = self.populating.take();
         if tell_source && let Some(t) = &populating {
             self.alive_until(&|| t.is_finished())?;
@@ -1351,4 +1414,44 @@ pub(crate) fn checked<'b>(
         out.push((p, want));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nice_of(tid: libc::pid_t) -> libc::c_int {
+        // SAFETY: getpriority only reads the thread's nice value.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) }
+    }
+
+    /// Threads preparing an arriving VM run at nice 10 until the migration
+    /// waits for them, then at nice 0, and so do those that start after.
+    #[test]
+    fn background_threads_run_at_normal_priority_once_the_migration_waits_for_them() {
+        let bg = Background::default();
+        let (entered, hurried) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                let _low = bg.enter();
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                let before = nice_of(tid);
+                entered.wait();
+                hurried.wait();
+                (before, nice_of(tid))
+            });
+            entered.wait();
+            bg.hurry();
+            hurried.wait();
+            assert_eq!(t.join().unwrap(), (10, 0));
+            let late = s.spawn(|| {
+                let _low = bg.enter();
+                // SAFETY: gettid has no preconditions.
+                nice_of(unsafe { libc::gettid() })
+            });
+            assert_eq!(late.join().unwrap(), 0);
+        });
+        assert!(lock_tids(&bg.tids).is_empty(), "threads that ended are out");
+    }
 }
