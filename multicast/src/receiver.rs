@@ -95,6 +95,9 @@ struct State<'a> {
     pages_unicast: u64,
     bytes: u64,
     last_heard: Instant,
+    /// A datagram of the sender's arrived (authenticated): multicast
+    /// reaches us.
+    heard_sender: bool,
     seq: u64,
     seen_through: u64,
 }
@@ -156,6 +159,7 @@ impl<'a> State<'a> {
             pages_unicast: 0,
             bytes: 0,
             last_heard: Instant::now(),
+            heard_sender: false,
             seq: 0,
             seen_through: 0,
         }
@@ -364,6 +368,7 @@ impl State<'_> {
         if d.from == 0 {
             self.last_heard = Instant::now();
             self.seen_through = self.seen_through.max(d.seq);
+            self.heard_sender = true;
         }
         Some(d)
     }
@@ -1048,7 +1053,9 @@ impl Session<'_> {
             }
         }
         if let Some((nonce, deadline)) = self.pending_probe {
-            let heard = st.probes.contains(&nonce);
+            // Any of the sender's datagrams shows multicast reaches us
+            // (a lone receiver is probed while its pages go).
+            let heard = st.probes.contains(&nonce) || st.heard_sender;
             if heard || Instant::now() >= deadline {
                 self.writer.send(&frame(v1::cast_frame::Body::ProbeResult(
                     v1::CastProbeResult { nonce, heard },

@@ -327,6 +327,9 @@ pub struct SendReport {
     /// slowest receiver reports progress, or the last pages awaiting
     /// every receiver's word.
     pub waited_s: f64,
+    /// Of that, seconds waiting for the source to read the next page
+    /// (one that reads its pages while the session runs).
+    pub unread_s: f64,
     /// Of that, seconds in the socket calls that send pages (the kernel's
     /// share, a full local queue's retries included).
     pub socket_s: f64,
@@ -339,6 +342,9 @@ pub struct SendReport {
     /// (connected, authenticated and said hello), or the wait for them
     /// was over.
     pub joined_s: f64,
+    /// Seconds from the session's start until its receivers had joined
+    /// their groups (welcomed, and said they were ready).
+    pub ready_s: f64,
     /// Seconds from the session's start to its first page: the joining,
     /// then the welcome, the receivers joining their groups, the probe
     /// where the transport is probed, and the start.

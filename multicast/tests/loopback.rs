@@ -500,6 +500,72 @@ fn a_withdrawn_page_asked_for_again_is_told_withdrawn_again() {
     });
 }
 
+/// A lone receiver under `auto` gets its pages at once, by multicast,
+/// its probe running beside them; one that says it heard no probe gets
+/// every page over its control connection instead (as a chain of one would
+/// carry them) and completes. The receiver speaks the control protocol
+/// itself, with a real host certificate, and answers the probe "not heard".
+#[test]
+fn a_lone_receiver_is_probed_while_its_pages_go_and_takes_them_by_unicast_if_deaf() {
+    use pagecast_proto::v1;
+    use v1::cast_frame::Body as F;
+    if !needs(
+        "a_lone_receiver_is_probed_while_its_pages_go_and_takes_them_by_unicast_if_deaf",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    let (control, group) = endpoints();
+    let mut cfg = SenderConfig::new(control, LO, 1);
+    cfg.transport = TransportChoice::Auto;
+    let src = Source::new(300);
+    let deaf = cluster().issue("deaf", Role::Host, 1).unwrap();
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        // The start comes before any probe: no round trip precedes the pages.
+        let (mut ch, _w) = hostile_join(control, &deaf);
+        let frame = |b| v1::CastFrame { body: Some(b) };
+        let mut got: std::collections::BTreeMap<u32, PageEntry> = Default::default();
+        let mut probed = false;
+        while got.len() < 300 {
+            match ch.recv::<v1::CastFrame>("a frame").unwrap().body {
+                Some(F::Probe(p)) => {
+                    probed = true;
+                    ch.send(&frame(F::ProbeResult(v1::CastProbeResult {
+                        nonce: p.nonce,
+                        heard: false,
+                    })))
+                    .unwrap();
+                }
+                Some(F::Page(p)) => {
+                    let hash = pagecast_pages::PageHash::try_from(p.hash.as_ref()).unwrap();
+                    let data: &Page = p.data.as_ref().try_into().unwrap();
+                    assert_eq!(src.entry(p.page).hash, ContentKey::CLUSTER.hash_page(data));
+                    got.insert(p.page, PageEntry { key: p.key, hash });
+                }
+                Some(F::Waiting(_)) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(probed, "the receiver was probed");
+        ch.send(&frame(F::Done(v1::CastDone {
+            digest: digest(got.values()).to_vec().into(),
+            pages: 300,
+            ..Default::default()
+        })))
+        .unwrap();
+        let report = sender.join().unwrap().unwrap();
+        assert_eq!(report.transport, Transport::Multicast);
+        let r = &report.receivers[0];
+        assert_eq!(r.unicast_pages, 300, "{r:?}");
+        assert!(
+            matches!(&r.status, PeerStatus::Unicast { reason } if reason.contains("heard no multicast")),
+            "{r:?}"
+        );
+    });
+}
+
 #[test]
 fn small_mtu_fragments_pages_and_still_delivers() {
     if !needs(

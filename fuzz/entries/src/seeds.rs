@@ -120,6 +120,11 @@ fn datagram() -> Vec<Vec<u8>> {
             group: 1,
             nonce: 42,
         },
+        Body::Withdrawn {
+            group: 0,
+            index: 5,
+            count: 2,
+        },
     ];
     bodies
         .into_iter()

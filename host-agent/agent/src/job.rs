@@ -884,24 +884,29 @@ fn log_sent(
     let gb = read.read as f64 * PAGE_SIZE as f64 / 1e9;
     tracing::info!(
         "cast of {} pages ({} withdrawn: no longer here when read) to {} receivers at {} \
-         bit/s: read in {:.2} s beside the sending ({:.2} CPU-s/GB reading and \
+         bit/s by {:?}: read in {:.2} s beside the sending ({:.2} CPU-s/GB reading and \
          hash-checking), ended {secs:.2} s after the request ({:.2} Gbit/s of pages; \
-         receivers joined after {:.2} s, first page at {:.2} s, then pages on the wire {:.2} s: \
-         paced {:.2} s, waiting for receivers or pages {:.2} s, in socket calls {:.2} s), \
+         receivers joined after {:.2} s, in their groups at {:.2} s, first page at {:.2} s, then \
+         pages on the wire {:.2} s: \
+         paced {:.2} s, waiting {:.2} s (for pages still being read {:.2} s), in socket calls \
+         {:.2} s), \
          {:.2} CPU-s/GB on the sending thread; rate cut {} times for \
          loss (lowest {} bit/s), {} repair bytes",
         read.read,
         read.withdrawn,
         r.receivers.len(),
         r.rate_bps,
+        rep.transport,
         read.secs,
         read.cpu / gb.max(1e-9),
         gb * 8.0 / secs.max(1e-9),
         rep.joined_s,
+        rep.ready_s,
         rep.setup_s,
         rep.duration_s,
         rep.paced_s,
         rep.waited_s,
+        rep.unread_s,
         rep.socket_s,
         cpu / gb.max(1e-9),
         rep.rate_cuts,
