@@ -548,15 +548,20 @@ fn auto_slows_a_guest_that_outruns_the_link_once_then_resumes_it_by_postcopy() {
 }
 
 /// Boots guest `index` writing `ws` pages, moves it by `postcopy` with
-/// every frame verified, and checks that it runs on at its destination
-/// from where it paused; the two reports, and the source and destination
-/// VMs (stopped by [`stop_both`]).
-fn moved_by_postcopy(index: u32, ws: u64) -> (MigrationReport, IncomingReport, MicroVm, MicroVm) {
+/// every frame verified (at most `bandwidth_bps`), and checks that it runs
+/// on at its destination from where it paused; the two reports, and the
+/// source and destination VMs (stopped by [`stop_both`]).
+fn moved_by_postcopy(
+    index: u32,
+    ws: u64,
+    bandwidth_bps: Option<u64>,
+) -> (MigrationReport, IncomingReport, MicroVm, MicroVm) {
     let src = boot("web", index, 64, 20_000, ws);
     std::thread::sleep(Duration::from_millis(100));
     let opts = MigrateOptions {
         switchover: Switchover::Postcopy,
         verify_full: true,
+        bandwidth_bps,
         ..MigrateOptions::default()
     };
     let out = migrate(&src, &NoLocalContent, opts, None);
@@ -589,7 +594,10 @@ fn postcopy_resumes_after_round_zero_and_pulls_what_the_guest_touches() {
     ) {
         return;
     }
-    let (report, incoming, src, dest) = moved_by_postcopy(0, 2048);
+    // Paced, so that the push of the 7 MB missing outlasts the VM's start
+    // and the guest touches pages still missing: unpaced, on a busy host,
+    // the push could end before the guest ran, and nothing was asked for.
+    let (report, incoming, src, dest) = moved_by_postcopy(0, 2048, Some(300_000_000));
     assert_eq!(
         report.rounds.len(),
         1,
@@ -618,7 +626,7 @@ fn a_small_working_set_goes_with_the_postcopy_switchover() {
     ) {
         return;
     }
-    let (_, incoming, src, dest) = moved_by_postcopy(1, 64);
+    let (_, incoming, src, dest) = moved_by_postcopy(1, 64, None);
     assert_eq!(
         incoming.postcopy_requested, 0,
         "the guest's pages came with the switchover"
