@@ -95,9 +95,6 @@ struct State<'a> {
     pages_unicast: u64,
     bytes: u64,
     last_heard: Instant,
-    /// A datagram of the sender's arrived (authenticated): multicast
-    /// reaches us.
-    heard_sender: bool,
     seq: u64,
     seen_through: u64,
 }
@@ -159,7 +156,6 @@ impl<'a> State<'a> {
             pages_unicast: 0,
             bytes: 0,
             last_heard: Instant::now(),
-            heard_sender: false,
             seq: 0,
             seen_through: 0,
         }
@@ -368,7 +364,6 @@ impl State<'_> {
         if d.from == 0 {
             self.last_heard = Instant::now();
             self.seen_through = self.seen_through.max(d.seq);
-            self.heard_sender = true;
         }
         Some(d)
     }
@@ -1053,9 +1048,7 @@ impl Session<'_> {
             }
         }
         if let Some((nonce, deadline)) = self.pending_probe {
-            // Any of the sender's datagrams shows multicast reaches us
-            // (a lone receiver is probed while its pages go).
-            let heard = st.probes.contains(&nonce) || st.heard_sender;
+            let heard = st.probes.contains(&nonce);
             if heard || Instant::now() >= deadline {
                 self.writer.send(&frame(v1::cast_frame::Body::ProbeResult(
                     v1::CastProbeResult { nonce, heard },

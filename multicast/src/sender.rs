@@ -269,14 +269,9 @@ fn session(
         // numbers from the same counter as everything the sender multicasts:
         // receivers' replay windows follow one sequence per sender.
         let mut seq = 0u64;
-        let alone = peers.iter().filter(|p| p.state == State::Live).count() == 1;
         let transport = match cfg.transport {
             TransportChoice::Multicast => Transport::Multicast,
             TransportChoice::Chain => Transport::Chain,
-            // A lone receiver is probed while its pages go: if it hears
-            // nothing it takes them over its control connection, as a
-            // chain of one would, without the probe's round trips first.
-            TransportChoice::Auto if alone => Transport::Multicast,
             TransportChoice::Auto => probe(
                 cfg,
                 &groups,
@@ -288,41 +283,8 @@ fn session(
             )?,
         };
         start(transport, &mut peers, &tls.identity().name)?;
-        let lone = match cfg.transport {
-            TransportChoice::Auto if alone => Some(LoneProbe::ask(&mut peers)?),
-            _ => None,
-        };
         // 5. The pages.
-        let report = SendReport {
-            transport,
-            pages: total,
-            page_bytes: total as u64 * PAGE_SIZE as u64,
-            bytes_first: 0,
-            bytes_repair: 0,
-            bytes_unicast: 0,
-            bytes_control: 0,
-            bytes_heartbeat: 0,
-            nacks: 0,
-            repairs: 0,
-            coded_repairs: 0,
-            datagrams: 0,
-            fragments: PAGE_SIZE.div_ceil(shape.frag) as u32,
-            pages_per_datagram: shape.pack as u32,
-            window: shape.window,
-            duration_s: 0.0,
-            paced_s: 0.0,
-            rate_cuts: 0,
-            lowest_rate_bps: cfg.rate_bps.unwrap_or(0),
-            waited_s: 0.0,
-            unread_s: 0.0,
-            socket_s: 0.0,
-            refused,
-            withdrawn: 0,
-            joined_s,
-            ready_s,
-            setup_s: 0.0,
-            receivers: Vec::new(),
-        };
+        let report = shape.report(cfg, transport, total, (refused, joined_s, ready_s));
         let mut run = Run {
             cfg,
             groups: &groups,
@@ -338,7 +300,6 @@ fn session(
             report,
             started: Instant::now(),
             progress,
-            lone,
         };
         run.report.setup_s = began.elapsed().as_secs_f64();
         let unicast = match transport {
@@ -774,6 +735,48 @@ impl SessionShape {
             window: cfg.window.min(fits),
         })
     }
+
+    /// A session's report before its first page: how it will move its
+    /// pages, and how long the receivers took to join (`joined_s`) and to
+    /// be in their groups (`ready_s`); `refused`: connections refused.
+    fn report(
+        &self,
+        cfg: &SenderConfig,
+        transport: Transport,
+        total: u32,
+        (refused, joined_s, ready_s): (u64, f64, f64),
+    ) -> SendReport {
+        SendReport {
+            transport,
+            pages: total,
+            page_bytes: total as u64 * PAGE_SIZE as u64,
+            bytes_first: 0,
+            bytes_repair: 0,
+            bytes_unicast: 0,
+            bytes_control: 0,
+            bytes_heartbeat: 0,
+            nacks: 0,
+            repairs: 0,
+            coded_repairs: 0,
+            datagrams: 0,
+            fragments: PAGE_SIZE.div_ceil(self.frag) as u32,
+            pages_per_datagram: self.pack as u32,
+            window: self.window,
+            duration_s: 0.0,
+            paced_s: 0.0,
+            rate_cuts: 0,
+            lowest_rate_bps: cfg.rate_bps.unwrap_or(0),
+            waited_s: 0.0,
+            unread_s: 0.0,
+            socket_s: 0.0,
+            refused,
+            withdrawn: 0,
+            joined_s,
+            ready_s,
+            setup_s: 0.0,
+            receivers: Vec::new(),
+        }
+    }
 }
 
 /// Hands each receiver its own key, its groups (with the keys of its own)
@@ -1063,11 +1066,6 @@ struct Flow {
     /// Withdrawn pages asked for again, `(group, index)`: each is told
     /// withdrawn again with the next batch.
     withdrawn_asked: BTreeSet<(u32, u32)>,
-    /// Per group, pages below this index were first sent before a lone
-    /// receiver said it hears multicast: losing them says the path was
-    /// not up yet (a switch learning the group), not that a link is
-    /// full, so they do not cut the rate.
-    unproven: Vec<u32>,
 }
 
 impl Flow {
@@ -1113,7 +1111,6 @@ impl Flow {
             total: groups.iter().map(|g| g.pages.len() as u64).sum(),
             sent_pages: 0,
             withdrawn_asked: BTreeSet::new(),
-            unproven: vec![0; groups.len()],
         })
     }
 
@@ -1169,40 +1166,6 @@ struct Run<'a> {
     report: SendReport,
     started: Instant,
     progress: &'a (dyn Fn(u64, u64) + Sync),
-    /// The probe of a lone receiver, while the pages go.
-    lone: Option<LoneProbe>,
-}
-
-/// A lone receiver's probe, sent beside its pages: probe datagrams every
-/// 100 ms until it says whether it heard one (it answers within a second
-/// of the ask) or [`PROBE_WAIT`] passes.
-struct LoneProbe {
-    nonce: u32,
-    next: Instant,
-    until: Instant,
-    /// Its answer: the receiver, and whether it heard.
-    answer: Option<(usize, bool)>,
-}
-
-impl LoneProbe {
-    /// Asks the live receiver of `peers` to listen for probe datagrams.
-    fn ask(peers: &mut [Peer]) -> Result<LoneProbe, CastError> {
-        let mut n = [0u8; 4];
-        random_bytes(&mut n)?;
-        let nonce = u32::from_be_bytes(n);
-        for p in peers.iter_mut().filter(|p| p.state == State::Live) {
-            let ask = frame(v1::cast_frame::Body::Probe(v1::CastProbe { nonce }));
-            if let Err(e) = p.writer.as_mut().expect("writer").send(&ask) {
-                p.state = State::Dropped(format!("lost during the probe: {e}"));
-            }
-        }
-        Ok(LoneProbe {
-            nonce,
-            next: Instant::now(),
-            until: Instant::now() + PROBE_WAIT,
-            answer: None,
-        })
-    }
 }
 
 type UnicastJoin<'s> = std::thread::ScopedJoinHandle<'s, (Option<ChannelWriter>, u64, u64)>;
@@ -1263,12 +1226,7 @@ impl<'a> Run<'a> {
                         peer.contiguous[g] = self.groups[g].pages.len() as u32;
                     }
                 }
-                Event::Probe(i, r) => {
-                    if let Some(p) = self.lone.as_mut().filter(|p| p.nonce == r.nonce) {
-                        p.answer = Some((i, r.heard));
-                    }
-                }
-                Event::Ready(_) => {}
+                Event::Probe(..) | Event::Ready(_) => {}
                 Event::Closed(i, why) => {
                     let peer = &mut self.peers[i];
                     if matches!(peer.state, State::Live | State::Unicast(_)) {
@@ -1510,9 +1468,6 @@ impl<'a> Run<'a> {
         self.started = Instant::now();
         loop {
             self.events(Duration::ZERO);
-            if let Some((m, j)) = self.probe_lone(&mut f, scope)? {
-                unicast.push((m, j));
-            }
             self.hear_nacks(&mut f)?;
             if f.last_check.elapsed() > Duration::from_millis(20) {
                 f.last_check = Instant::now();
@@ -1565,58 +1520,6 @@ impl<'a> Run<'a> {
         Ok(unicast)
     }
 
-    /// The lone receiver's probe, beside its pages: probe datagrams until
-    /// it answers; if it heard none, it moves to unicast (returned).
-    fn probe_lone<'s>(
-        &mut self,
-        f: &mut Flow,
-        scope: &'s std::thread::Scope<'s, '_>,
-    ) -> Result<Option<(usize, UnicastJoin<'s>)>, CastError>
-    where
-        'a: 's,
-    {
-        let Some(p) = self.lone.as_mut() else {
-            return Ok(None);
-        };
-        if p.answer.is_none() {
-            f.unproven.clone_from(&f.next);
-        }
-        let now = Instant::now();
-        match p.answer {
-            Some((m, false)) if self.peers[m].state == State::Live => {
-                self.lone = None;
-                let why = "heard no multicast (probed)".to_owned();
-                return Ok(self.demote(scope, m, f.g, why).map(|j| (m, j)));
-            }
-            Some(_) => self.lone = None,
-            None if now >= p.until => self.lone = None,
-            None if now >= p.next => {
-                p.next = now + Duration::from_millis(100);
-                let nonce = p.nonce;
-                for g in 0..self.groups.len() {
-                    let seq = self.next_seq();
-                    let mut b = Vec::new();
-                    Datagram {
-                        session: self.session_id,
-                        seq,
-                        from: 0,
-                        body: Body::Probe {
-                            group: g as u32,
-                            nonce,
-                        },
-                    }
-                    .encode(&self.keys.sealing(g), &mut b);
-                    self.report.bytes_heartbeat += b.len() as u64;
-                    // A send failure means multicast does not work here:
-                    // the receiver will say it heard nothing.
-                    let _ = socket::send_batch(&f.sock, &[&b], self.groups[g].addr);
-                }
-            }
-            None => {}
-        }
-        Ok(None)
-    }
-
     /// Takes in the NACKs receivers multicast on the groups' NACK ports:
     /// each page asked for (sent already, and not repaired since the
     /// asker's `seen_through`) joins the repairs with the asker's bit.
@@ -1656,7 +1559,6 @@ impl<'a> Run<'a> {
                     self.report.nacks += 1;
                     counter!(crate::metrics::NACKS).increment(1);
                     let sent = f.next[group as usize];
-                    let unproven = f.unproven[group as usize];
                     let mut lost = 0;
                     for (a, c) in ranges {
                         for idx in a..a.saturating_add(c).min(sent).min(grp.pages.len() as u32) {
@@ -1669,7 +1571,7 @@ impl<'a> Run<'a> {
                                 .is_none_or(|&r| r <= seen_through)
                             {
                                 let asked = f.repair.entry((group, idx)).or_default();
-                                if *asked == 0 && idx >= unproven {
+                                if *asked == 0 {
                                     lost += 1;
                                 }
                                 *asked |= requester(d.from);
