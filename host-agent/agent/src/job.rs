@@ -41,7 +41,7 @@ use pagecast_pages::{ContentKey, PAGE_SIZE, Page, PageHash};
 use pagecast_proto::v1;
 
 use crate::jobs::Job;
-use crate::staging::{ReadFigures, Streamed};
+use crate::staging::{ReadFigures, advise_huge};
 use crate::{Agent, AgentError};
 
 type Resp = v1::agent_response::Body;
@@ -551,25 +551,6 @@ pub struct Staged {
     data: Vec<u8>,
 }
 
-/// Asks the kernel to back `buf`'s allocation (its length and spare
-/// capacity) with transparent huge pages, best before it is first
-/// written: faulting in a fresh staging buffer 4 KiB at a time is most of
-/// a cast's staging (docs/evaluation.md, "Where the CPU goes").
-fn advise_huge(buf: &mut Vec<u8>) {
-    const HUGE: usize = 2 << 20;
-    let start = buf.as_mut_ptr() as usize;
-    let end = start + buf.capacity();
-    let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
-    if b > a {
-        // SAFETY: [a, b) lies inside the allocation `buf` owns;
-        // MADV_HUGEPAGE changes only how the kernel backs those pages, not
-        // their contents or mapping.
-        unsafe {
-            libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
-        }
-    }
-}
-
 impl PageSource for Staged {
     fn pages(&self) -> u32 {
         self.entries.len() as u32
@@ -704,27 +685,9 @@ pub fn cast_send(
         hashes.len(),
         r.receivers.join(", ")
     );
-    let src = Streamed::new(entries);
-    let mut buf = vec![0u8; src.buffer_len()];
-    advise_huge(&mut buf);
     let plan = Groups::Plan(plans_of(&groups, &index));
     let cpu0 = crate::sync::thread_cpu_s();
-    let (res, read) = std::thread::scope(|sc| {
-        let reader = std::thread::Builder::new()
-            .name("pagecast-cast-read".into())
-            .spawn_scoped(sc, || src.read_into(agent, &mut buf));
-        let res = match &reader {
-            Ok(_) => {
-                pagecast_multicast::send_on(listener, &cfg, plan, &src, agent.tls(), &|_, _| {})
-            }
-            Err(e) => Err(pagecast_multicast::CastError::Config(format!(
-                "cannot start reading the cast's pages: {e}"
-            ))),
-        };
-        src.stop();
-        let read = reader.ok().and_then(|t| t.join().ok()).unwrap_or_default();
-        (res, read)
-    });
+    let (res, read) = crate::staging::send_as_read(agent, listener, &cfg, plan, entries);
     if let Ok(rep) = &res {
         log_sent(
             &read,

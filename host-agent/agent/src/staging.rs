@@ -12,10 +12,11 @@
 //! takes it from its source's rounds like any page a cast did not bring.
 
 use std::io;
+use std::net::TcpListener;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use pagecast_multicast::{PageEntry, PageSource};
+use pagecast_multicast::{CastError, Groups, PageEntry, PageSource, SendReport, SenderConfig};
 use pagecast_pages::{PAGE_SIZE, Page, PageHash};
 
 use crate::Agent;
@@ -136,6 +137,56 @@ impl<'b> Streamed<'b> {
 
     fn step(&self, i: u32) -> Option<&Step<'b>> {
         self.steps[i as usize / STEP].get()
+    }
+}
+
+/// Sends a cast of `entries` (in the order they go) on `listener` with
+/// `cfg` and `groups`, reading the pages on a thread of its own while the
+/// session runs: the session's result, and what the reading did.
+pub fn send_as_read(
+    agent: &Agent,
+    listener: TcpListener,
+    cfg: &SenderConfig,
+    groups: Groups,
+    entries: Vec<PageEntry>,
+) -> (Result<SendReport, CastError>, ReadFigures) {
+    let src = Streamed::new(entries);
+    let mut buf = vec![0u8; src.buffer_len()];
+    advise_huge(&mut buf);
+    std::thread::scope(|sc| {
+        let reader = std::thread::Builder::new()
+            .name("pagecast-cast-read".into())
+            .spawn_scoped(sc, || src.read_into(agent, &mut buf));
+        let res = match &reader {
+            Ok(_) => {
+                pagecast_multicast::send_on(listener, cfg, groups, &src, agent.tls(), &|_, _| {})
+            }
+            Err(e) => Err(CastError::Config(format!(
+                "cannot start reading the cast's pages: {e}"
+            ))),
+        };
+        src.stop();
+        let read = reader.ok().and_then(|t| t.join().ok()).unwrap_or_default();
+        (res, read)
+    })
+}
+
+/// Asks the kernel to back `buf`'s allocation (its length and spare
+/// capacity) with transparent huge pages, best before it is first
+/// written: faulting in a fresh staging buffer 4 KiB at a time is most of
+/// a cast's staging (docs/evaluation.md, "Where the CPU goes").
+pub(crate) fn advise_huge(buf: &mut Vec<u8>) {
+    const HUGE: usize = 2 << 20;
+    let start = buf.as_mut_ptr() as usize;
+    let end = start + buf.capacity();
+    let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+    if b > a {
+        // SAFETY: [a, b) lies inside the allocation `buf` owns;
+        // MADV_HUGEPAGE changes only how the kernel backs those pages, not
+        // their contents or mapping.
+        unsafe {
+            libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
+        }
     }
 }
 
