@@ -230,6 +230,17 @@ impl State<'_> {
         }
     }
 
+    /// A page a chain link passed on: stored if it checks. A withdrawal is
+    /// not taken from a link: only the sender withdraws a page, over our
+    /// control connection, so a predecessor cannot settle pages it never
+    /// sent us.
+    fn chain_page(&mut self, p: &v1::CastPage) -> Result<(), CastError> {
+        if p.withdrawn {
+            return Ok(());
+        }
+        self.tcp_page(p, true, "chain")
+    }
+
     /// A page that came over TCP (chain or unicast repair): stored, or
     /// settled if the sender withdrew it.
     fn tcp_page(&mut self, p: &v1::CastPage, main: bool, peer: &str) -> Result<(), CastError> {
@@ -1026,7 +1037,7 @@ impl Session<'_> {
         while let Ok(ev) = crx.try_recv() {
             st.last_heard = Instant::now();
             match ev {
-                ChainEv::Page(p) => st.tcp_page(&p, true, "chain")?,
+                ChainEv::Page(p) => st.chain_page(&p)?,
                 ChainEv::Finish => {}
                 ChainEv::Closed(why) => self.chain_broken = Some(why),
             }
@@ -1295,6 +1306,51 @@ mod tests {
         let within = welcome(10, vec![(8, vec![0, 4, 2, 4])]);
         let e = check_welcome("s", &within).unwrap_err().to_string();
         assert!(e.contains("overlaps another"), "{e}");
+    }
+
+    struct NoSink;
+
+    impl PageSink for NoSink {
+        fn begin(&mut self, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn put(&mut self, _: &PageEntry, _: &Page) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn get(&mut self, _: u64, _: &mut Page) -> std::io::Result<()> {
+            Err(std::io::Error::other("none"))
+        }
+        fn finish(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn abort(&mut self) {}
+    }
+
+    /// A withdrawal settles a page only from the sender, over the control
+    /// connection; one a chain link passes on is ignored (a receiver up the
+    /// chain cannot settle pages for those after it).
+    #[test]
+    fn only_the_sender_withdraws_a_page_a_chain_link_cannot() {
+        let w = welcome(4, vec![(4, vec![0, 4])]);
+        let mut w = w;
+        w.image_frames = 8;
+        let plan = SessionPlan::of("s", &w).unwrap();
+        let mut sink = NoSink;
+        let cfg = ReceiverConfig::new("127.0.0.1:1".parse().unwrap(), Ipv4Addr::LOCALHOST, "r");
+        let mut st = State::new(&mut sink, &cfg, &w, plan);
+        let withdrawn = |page| v1::CastPage {
+            page,
+            withdrawn: true,
+            ..Default::default()
+        };
+        st.chain_page(&withdrawn(1)).unwrap();
+        assert_eq!((st.held_count, st.withdrawn_count), (0, 0));
+        st.tcp_page(&withdrawn(1), false, "s").unwrap();
+        assert_eq!((st.held_count, st.withdrawn_count), (1, 1));
+        // A withdrawal that carries data is refused.
+        let mut bad = withdrawn(2);
+        bad.data = vec![0u8; PAGE_SIZE].into();
+        assert!(st.tcp_page(&bad, false, "s").is_err());
     }
 
     fn page(n: u32) -> v1::CastFrame {

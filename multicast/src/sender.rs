@@ -1660,8 +1660,8 @@ impl<'a> Run<'a> {
         batch
     }
 
-    /// Whether the next page of the group being sent is within the window
-    /// but not ready yet (the source is still reading it).
+    /// Whether the next page of the group being sent is not ready yet (the
+    /// source is still reading it; the window may be full as well).
     fn unread(&self, f: &Flow) -> bool {
         let g = f.g;
         g < self.groups.len()
@@ -1844,7 +1844,13 @@ impl<'a> Run<'a> {
             let f = page_frame(self.src, i, &mut page)
                 .map_err(|source| CastError::Source { page: i, source })?;
             if self.src.withdrawn(i) {
+                // Told by the sender itself, over each receiver's control
+                // connection: receivers take no withdrawal a chain link
+                // passes on, so a receiver up the chain cannot settle
+                // pages for those after it.
                 self.report.withdrawn += 1;
+                self.tell_live(&f);
+                continue;
             }
             if let Err(e) = link.send(&f) {
                 // The first receiver is gone; the rest come by unicast.
@@ -1858,6 +1864,16 @@ impl<'a> Run<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Sends `f` over every live receiver's control connection; one that
+    /// cannot be told is dropped.
+    fn tell_live(&mut self, f: &v1::CastFrame) {
+        for p in self.peers.iter_mut().filter(|p| p.state == State::Live) {
+            if let Some(Err(e)) = p.writer.as_mut().map(|w| w.send(f)) {
+                p.state = State::Dropped(format!("connection lost: {e}"));
+            }
+        }
     }
 
     fn chain<'s>(

@@ -335,8 +335,9 @@ pub struct SendReport {
     pub socket_s: f64,
     /// Connections refused for failing authentication.
     pub refused: u64,
-    /// Pages withdrawn: the source could not read them, and their
-    /// receivers settled them without their data.
+    /// Withdrawals the first pass sent (pages the source could not read,
+    /// which their receivers settled without data), counted per group a
+    /// page is in (the chain: once per page).
     pub withdrawn: u32,
     /// Seconds from the session's start until its receivers had joined
     /// (connected, authenticated and said hello), or the wait for them

@@ -637,8 +637,8 @@ fn parse_addr(s: &str) -> Result<SocketAddr, AgentError> {
         .ok_or_else(|| AgentError::BadRequest(format!("{s} resolves to no address")))
 }
 
-/// Runs a cast from this agent: answers CastOpen on `writer`, stages the
-/// pages while the receivers join, sends, returns the outcome.
+/// Runs a cast from this agent: answers CastOpen on `writer`, lists the
+/// pages and sends them as they are read, returns the outcome.
 pub fn cast_send(
     agent: &Agent,
     r: &v1::CastSendRequest,
@@ -667,9 +667,9 @@ pub fn cast_send(
         addr: format!("{iface}:0"),
         source,
     })?;
-    // The receivers are told where to join at once and join while the
-    // pages are staged; what the content map lacks is known now, a page
-    // that fails its check while staged is left out too.
+    // The receivers are told where to join at once. What the content map
+    // lacks is left out (counted here); a page that fails its check when
+    // read is withdrawn mid-session (counted in the cast's log line).
     let left_out = hashes.iter().filter(|h| !agent.has_content(h)).count() as u64;
     writer(Resp::CastOpen(v1::CastOpen {
         control: control.to_string(),

@@ -1429,6 +1429,13 @@ mod tests {
     /// waits for them, then at nice 0, and so do those that start after.
     #[test]
     fn background_threads_run_at_normal_priority_once_the_migration_waits_for_them() {
+        // Raising a thread's priority back to nice 0 takes CAP_SYS_NICE.
+        if !pagecast_testkit::needs(
+            "background_threads_run_at_normal_priority_once_the_migration_waits_for_them",
+            &[pagecast_testkit::Need::Root],
+        ) {
+            return;
+        }
         let bg = Background::default();
         let (entered, hurried) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
         std::thread::scope(|s| {
