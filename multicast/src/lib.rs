@@ -43,5 +43,5 @@ pub mod socket;
 pub mod wire;
 
 pub use receiver::receive;
-pub use sender::{send, send_on, send_on_preparing};
+pub use sender::{send, send_on};
 pub use session::*;

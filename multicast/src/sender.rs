@@ -200,36 +200,8 @@ pub fn send_on(
     // 1. Receivers connect and authenticate; the session goes on with
     // those that joined in time.
     let began = Instant::now();
-    let (slots, refused) = accept_receivers(listener, cfg, tls, &|| true)?;
+    let (slots, refused) = accept_receivers(listener, cfg, tls)?;
     session(cfg, (slots, refused, began), groups, src, tls, progress)
-}
-
-/// [`send_on`] while the pages are still being prepared: `prepare` runs on
-/// a thread of its own (reading the pages into memory, typically) while
-/// the receivers connect and authenticate, and returns the session's
-/// groups and pages. Receivers that joined early hear that the sender is
-/// still waiting, as while others join, so none times out meanwhile.
-pub fn send_on_preparing<S: PageSource + Send>(
-    listener: TcpListener,
-    cfg: &SenderConfig,
-    prepare: impl FnOnce() -> (Groups, S) + Send,
-    tls: &Tls,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<SendReport, CastError> {
-    let began = Instant::now();
-    std::thread::scope(|sc| {
-        let job = std::thread::Builder::new()
-            .name("pagecast-cast-prepare".into())
-            .spawn_scoped(sc, prepare)
-            .map_err(CastError::io("starting the pages' preparation"))?;
-        let accepted = accept_receivers(listener, cfg, tls, &|| job.is_finished());
-        let (groups, src) = job
-            .join()
-            .map_err(|_| CastError::Config("preparing the cast's pages panicked".into()))?;
-        let (slots, refused) = accepted?;
-        let groups = checked_groups(cfg, groups, src.pages())?;
-        session(cfg, (slots, refused, began), groups, &src, tls, progress)
-    })
 }
 
 /// A session's receivers seated, welcomed and sent every page, once they
@@ -417,7 +389,6 @@ fn accept_receivers(
     listener: TcpListener,
     cfg: &SenderConfig,
     tls: &Tls,
-    ready: &dyn Fn() -> bool,
 ) -> Result<(Vec<Option<Joined>>, u64), CastError> {
     let mut refused = 0u64;
     let mut refuse = || {
@@ -452,8 +423,7 @@ fn accept_receivers(
                 None => refuse(),
             }
         }
-        // Everyone is in, or the wait for the rest is over: done once the
-        // pages are ready too.
+        // Everyone is in, or the wait for the rest is over.
         let all = joined(&slots) >= cfg.receivers;
         let now = Instant::now();
         let over = now > deadline || last_join.is_some_and(|t| now > t + cfg.join_grace);
@@ -464,7 +434,7 @@ fn accept_receivers(
                 waited: cfg.accept_timeout,
             });
         }
-        if (all || over) && ready() {
+        if all || over {
             break;
         }
         if last_word.elapsed() >= WAITING_EVERY {

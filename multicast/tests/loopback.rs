@@ -277,65 +277,6 @@ fn four_receivers_get_identical_copies_over_loopback_multicast() {
     );
 }
 
-/// Receivers join while the sender still prepares its pages, for longer
-/// than a receiver waits in silence: told that the sender is waiting,
-/// they stay, and every page arrives once it is ready.
-#[test]
-fn receivers_join_while_the_pages_are_prepared_and_wait_for_them() {
-    if !needs(
-        "receivers_join_while_the_pages_are_prepared_and_wait_for_them",
-        &[Need::LoopbackMulticast],
-    ) {
-        return;
-    }
-    let (control, group) = endpoints();
-    let mut cfg = SenderConfig::new(control, LO, 2);
-    cfg.transport = TransportChoice::Multicast;
-    let silent = Duration::from_millis(1500);
-    let t0 = std::time::Instant::now();
-    let (sent, recvs) = std::thread::scope(|s| {
-        let sender = s.spawn(move || {
-            let listener = std::net::TcpListener::bind(control).unwrap();
-            send_on_preparing(
-                listener,
-                &cfg,
-                || {
-                    std::thread::sleep(silent * 2);
-                    (Groups::Single(group), Source::new(500))
-                },
-                &tls(),
-                &|_, _| {},
-            )
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        let handles: Vec<_> = (0..2)
-            .map(|i| {
-                s.spawn(move || {
-                    let mut sink = Sink::default();
-                    let mut rc = ReceiverConfig::new(control, LO, &format!("r{i}"));
-                    rc.silent_after = silent;
-                    let r = receive(&rc, &tls(), &mut sink, &|_, _| {});
-                    (r, sink, t0.elapsed())
-                })
-            })
-            .collect();
-        let recvs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        (sender.join().unwrap(), recvs)
-    });
-    let report = sent.unwrap();
-    assert_eq!(report.pages, 500);
-    let src = Source::new(500);
-    let all: Vec<u32> = (0..500).collect();
-    for (r, sink, took) in &recvs {
-        assert_eq!(r.as_ref().unwrap().pages, 500);
-        check_sink(sink, &src, &all);
-        assert!(
-            *took >= silent * 2,
-            "the receivers waited out the preparation ({took:?})"
-        );
-    }
-}
-
 /// A source that reads its pages while the session runs, as an agent's
 /// cast does: `step` more pages are ready every `every` from its start,
 /// and every page `i` with `i % 7 == 3` is withdrawn (its content was gone

@@ -670,14 +670,13 @@ pub fn cast_send(
     // The receivers are told where to join at once. What the content map
     // lacks is left out (counted here); a page that fails its check when
     // read is withdrawn mid-session (counted in the cast's log line).
-    let left_out = hashes.iter().filter(|h| !agent.has_content(h)).count() as u64;
+    let (entries, index, left_out) = send_order(agent, &hashes, &groups);
     writer(Resp::CastOpen(v1::CastOpen {
         control: control.to_string(),
         left_out,
     }))?;
     let cfg = sender_config(agent, r, (control, iface));
     let t0 = std::time::Instant::now();
-    let (entries, index) = send_order(agent, &hashes, &groups);
     tracing::info!(
         "cast of {} pages ({left_out} of the request's {} not here) to {}: receivers join at \
          {control}",
@@ -747,22 +746,27 @@ fn sender_config(
 
 /// A cast request's pages in the order the sender sends them (each
 /// group's in turn), those the content map lacks left out: their entries
-/// (keyed by their place in the request) and, per place in the request,
-/// its index in the session (None: left out).
+/// (keyed by their place in the request), per place in the request its
+/// index in the session (None: left out), and how many were left out.
 fn send_order(
     agent: &Agent,
     hashes: &[PageHash],
     groups: &[RequestGroup<'_>],
-) -> (Vec<PageEntry>, Vec<Option<u32>>) {
+) -> (Vec<PageEntry>, Vec<Option<u32>>, u64) {
     let mut index: Vec<Option<u32>> = vec![None; hashes.len()];
     let mut seen = vec![false; hashes.len()];
     let mut entries = Vec::new();
+    let mut left_out = 0;
     for &(_, _, pages) in groups {
         for &p in pages {
             let Some(h) = hashes.get(p as usize) else {
                 continue;
             };
-            if std::mem::replace(&mut seen[p as usize], true) || !agent.has_content(h) {
+            if std::mem::replace(&mut seen[p as usize], true) {
+                continue;
+            }
+            if !agent.has_content(h) {
+                left_out += 1;
                 continue;
             }
             index[p as usize] = Some(entries.len() as u32);
@@ -772,7 +776,7 @@ fn send_order(
             });
         }
     }
-    (entries, index)
+    (entries, index, left_out)
 }
 
 /// A group of a cast request, checked: its address, its members by

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use pagecast_multicast::{CastError, Groups, PageEntry, PageSource, SendReport, SenderConfig};
-use pagecast_pages::{PAGE_SIZE, Page, PageHash};
+use pagecast_pages::{PAGE_SIZE, Page};
 
 use crate::Agent;
 
@@ -112,7 +112,7 @@ impl<'b> Streamed<'b> {
             for (k, page) in chunk.chunks_exact_mut(PAGE_SIZE).enumerate() {
                 let page: &mut Page = page.try_into().expect("a page's bytes");
                 let hash = &self.entries[s * STEP + k].hash;
-                if read_page(agent, hash, page) {
+                if agent.copy_any(hash, page).is_some() {
                     fig.read += 1;
                 } else {
                     withdrawn |= 1 << k;
@@ -190,12 +190,6 @@ pub(crate) fn advise_huge(buf: &mut Vec<u8>) {
     }
 }
 
-/// Copies a page whose content hashes to `hash` out of a VM here into
-/// `page` (checked); false if no VM here holds it any more.
-fn read_page(agent: &Agent, hash: &PageHash, page: &mut Page) -> bool {
-    agent.copy_any(hash, page).is_some()
-}
-
 impl PageSource for Streamed<'_> {
     fn pages(&self) -> u32 {
         self.entries.len() as u32
@@ -233,6 +227,7 @@ impl PageSource for Streamed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pagecast_pages::PageHash;
 
     fn entries(n: usize) -> Vec<PageEntry> {
         (0..n)

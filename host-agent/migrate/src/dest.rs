@@ -308,12 +308,8 @@ struct BackgroundThread<'a> {
 
 impl Drop for BackgroundThread<'_> {
     fn drop(&mut self) {
-        lock_tids(&self.of.tids).retain(|&t| t != self.tid);
+        crate::lock(&self.of.tids).retain(|&t| t != self.tid);
     }
-}
-
-fn lock_tids(m: &Mutex<Vec<libc::pid_t>>) -> std::sync::MutexGuard<'_, Vec<libc::pid_t>> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Sets thread `tid`'s nice value; false if the kernel refused (raising a
@@ -331,7 +327,7 @@ impl Background {
     fn enter(&self) -> BackgroundThread<'_> {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        let mut tids = lock_tids(&self.tids);
+        let mut tids = crate::lock(&self.tids);
         if !self.hurried.load(Ordering::Relaxed) {
             set_nice(tid, 10);
             tids.push(tid);
@@ -343,7 +339,7 @@ impl Background {
     /// that enter later stay there: the migration now waits for them.
     /// Without CAP_SYS_NICE they stay at nice 10.
     fn hurry(&self) {
-        let tids = lock_tids(&self.tids);
+        let tids = crate::lock(&self.tids);
         self.hurried.store(true, Ordering::Relaxed);
         for &t in tids.iter() {
             set_nice(t, 0);
@@ -1459,6 +1455,9 @@ mod tests {
             });
             assert_eq!(late.join().unwrap(), 0);
         });
-        assert!(lock_tids(&bg.tids).is_empty(), "threads that ended are out");
+        assert!(
+            crate::lock(&bg.tids).is_empty(),
+            "threads that ended are out"
+        );
     }
 }
