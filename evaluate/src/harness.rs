@@ -37,6 +37,8 @@ use serde_json::Value;
 
 use pagecast_cli::topology::{Topology, VmSource};
 
+use crate::cpu::CpuUse;
+
 /// Run the evacuation strategies (and a clone) on an emulated multi-rack
 /// network and report bytes per link from the interfaces' counters.
 ///
@@ -446,6 +448,9 @@ struct LinkBytes {
 /// data (the replicas' databases; logs stay).
 struct Cluster {
     children: Vec<Child>,
+    /// Each child's name: its host's for an agent, `replicaN` for a
+    /// replica.
+    names: Vec<String>,
     data: PathBuf,
     index: String,
     operator: PathBuf,
@@ -562,6 +567,7 @@ impl Ctx<'_> {
             .collect();
         let mut cl = Cluster {
             children: Vec::new(),
+            names: Vec::new(),
             data: dir.clone(),
             index: index.join(","),
             operator: self.tls.join("operator"),
@@ -607,6 +613,7 @@ impl Ctx<'_> {
             .to_vec();
             let child = self.spawn(&self.net.idx, &args, &logs.join(format!("replica{id}.log")))?;
             cl.children.push(child);
+            cl.names.push(format!("replica{id}"));
         }
         let t = Instant::now();
         loop {
@@ -655,6 +662,7 @@ impl Ctx<'_> {
             let mut line = String::new();
             BufReader::new(child.stdout.take().context("agent stdout")?).read_line(&mut line)?;
             cl.children.push(child);
+            cl.names.push(h.name.clone());
             if !line.starts_with("listening on ") {
                 bail!(
                     "agent {} did not start (log: {})",
@@ -801,9 +809,12 @@ impl Ctx<'_> {
         let before = self.snapshot()?;
         let udp_before = self.udp_drops();
         let shaped_before = self.shaper_drops();
+        let pids: Vec<u32> = cl.children.iter().map(Child::id).collect();
+        let cpu_before = crate::cpu::Probe::take(&pids);
         let t = Instant::now();
         let rep = self.operator_json_logged(cl, args, Some(&save.with_extension("log")))?;
         let wall_s = t.elapsed().as_secs_f64();
+        let cpu = cpu_before.since(&pids, &cl.names);
         std::fs::write(save, serde_json::to_string_pretty(&rep)?)?;
         // Let the last segments reach the counters.
         std::thread::sleep(Duration::from_millis(500));
@@ -811,6 +822,7 @@ impl Ctx<'_> {
         Ok(Measured {
             rep,
             wall_s,
+            cpu,
             links: self.deltas(&before, &after),
             udp: self.udp_diff(&udp_before),
             shaper_drops: {
@@ -884,6 +896,8 @@ impl Ctx<'_> {
 struct Measured {
     rep: Value,
     wall_s: f64,
+    /// CPU spent while the command ran.
+    cpu: CpuUse,
     links: BTreeMap<String, LinkBytes>,
     udp: BTreeMap<String, (u64, u64)>,
     shaper_drops: u64,
@@ -939,6 +953,10 @@ struct Run {
     /// Per VM: when it entered each phase, seconds from the command's
     /// start (empty for the clone).
     phases: BTreeMap<String, Vec<Phase>>,
+    /// CPU spent while the command ran: the machine's and each process's.
+    cpu: CpuUse,
+    /// The same in a line, by role (empty for the clone).
+    cpu_text: String,
 }
 
 /// A VM entering a phase.
@@ -1335,6 +1353,8 @@ impl Ctx<'_> {
             bytes_by_link: m.links,
             udp_drops: m.udp,
             shaper_drops: m.shaper_drops,
+            cpu_text: self.cpu_text(&m.cpu, from, to),
+            cpu: m.cpu,
         };
         eprintln!(
             "== {s}: {} from the sources, {} into the core, eviction {:.2} s, {}",
@@ -1347,7 +1367,53 @@ impl Ctx<'_> {
                 "NOT all verified"
             }
         );
+        eprintln!("   {}", run.cpu_text);
         Ok(run)
+    }
+
+    /// Where a run's CPU went, in a line: cores busy, then CPU-seconds by
+    /// the agents at the sources, at the destinations (`to`, or every
+    /// other host if empty) and elsewhere, the replicas, the command, and
+    /// the rest (mostly the kernel's packet work).
+    fn cpu_text(&self, cpu: &CpuUse, from: &[String], to: &[String]) -> String {
+        let hosts: Vec<String> = self
+            .topo
+            .cluster
+            .hosts
+            .iter()
+            .map(|h| h.name.clone())
+            .collect();
+        let dests: Vec<String> = hosts
+            .iter()
+            .filter(|h| !from.contains(h) && (to.is_empty() || to.contains(h)))
+            .cloned()
+            .collect();
+        let others: Vec<String> = hosts
+            .iter()
+            .filter(|h| !from.contains(h) && !dests.contains(h))
+            .cloned()
+            .collect();
+        let replicas: Vec<String> = cpu
+            .by_process
+            .keys()
+            .filter(|k| k.starts_with("replica"))
+            .cloned()
+            .collect();
+        format!(
+            "cpu: {:.2} of {} cores busy over {:.2} s ({:.1} CPU-s: agents at the sources {:.1}, \
+             at the destinations {:.1}, elsewhere {:.1}; index replicas {:.1}; the command {:.1}; \
+             the kernel and the rest {:.1})",
+            cpu.cores_busy(),
+            cpu.cores,
+            cpu.wall_s,
+            cpu.machine_s,
+            cpu.of(from),
+            cpu.of(&dests),
+            cpu.of(&others),
+            cpu.of(&replicas),
+            cpu.of(&["command".to_owned()]),
+            cpu.elsewhere(),
+        )
     }
 
     /// The clone case on a fresh cluster: VM `vi` to `n` hosts, other
@@ -1396,6 +1462,8 @@ impl Ctx<'_> {
             bytes_by_link: m.links,
             udp_drops: m.udp,
             shaper_drops: m.shaper_drops,
+            cpu_text: String::new(),
+            cpu: m.cpu,
         })
     }
 }
@@ -1499,6 +1567,13 @@ fn write_report(out: &Path, r: &Report, from: &[String]) -> anyhow::Result<()> {
                 .source_bytes
                 .map_or("-".into(), |p| ratio(s.source_bytes as f64, p)),
         ));
+    }
+    md.push_str(
+        "\nCPU while each command ran (the emulated hosts share this machine's cores; a run \
+         with every core busy was bound by CPU, not by its links):\n\n",
+    );
+    for s in &r.strategies {
+        md.push_str(&format!("- {}: {}\n", s.strategy, s.cpu_text));
     }
     if let Some(cl) = &r.clone {
         md.push_str(&format!(

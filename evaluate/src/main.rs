@@ -3,6 +3,7 @@
 //! A harness, not part of the product: it drives the `pagecast` binary in
 //! network namespaces and measures what the interfaces counted.
 
+mod cpu;
 mod harness;
 
 use std::process::ExitCode;

@@ -320,6 +320,7 @@ async fn admit(
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
+    let t0 = Instant::now();
     let handshake = tokio::select! {
         r = AsyncChannel::server(stream, agent.tls()) => r,
         () = evicted.notified() => {
@@ -367,6 +368,11 @@ async fn admit(
         }
     };
     let who = ch.identity().clone();
+    debug!(
+        "{who} ({peer}) asks to {}: handshake and request in {:.3} s",
+        allowed(&body).1,
+        t0.elapsed().as_secs_f64()
+    );
     if let Some(why) = forbidden(&who, &body) {
         counter!(crate::metrics::FORBIDDEN).increment(1);
         warn!("refused a request from {peer}: {why}");
