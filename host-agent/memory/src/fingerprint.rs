@@ -114,14 +114,16 @@ impl Fingerprinter {
     /// time) and hashed from the copy. If a running guest writes a
     /// page while it is copied, the hash is of a torn copy; the page is in
     /// the dirty log from that write on, which every user of a fingerprint
-    /// consults before trusting it.
+    /// consults before trusting it. Memory that nobody can write meanwhile
+    /// (an image file under a read lease, [`GuestMemory::hold_still`]) is
+    /// hashed in place, without the copy.
     pub fn fingerprint(
         &self,
         mem: &dyn GuestMemory,
         key: &ContentKey,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Fingerprints {
-        self.fingerprint_region(mem.region(), key, progress)
+        self.hash_all(mem.region(), Some(mem), key, progress, &|_, _, _| {})
     }
 
     /// [`Fingerprinter::fingerprint`] of a bare region.
@@ -144,6 +146,19 @@ impl Fingerprinter {
         progress: &(dyn Fn(u64) + Sync),
         observe: &(dyn Fn(u64, &Page, &PageHash) + Sync),
     ) -> Fingerprints {
+        self.hash_all(region, None, key, progress, observe)
+    }
+
+    /// Every page of `region`, read in place where `mem` holds them still
+    /// ([`GuestMemory::hold_still`]), else copied out.
+    fn hash_all(
+        &self,
+        region: &Region,
+        mem: Option<&dyn GuestMemory>,
+        key: &ContentKey,
+        progress: &(dyn Fn(u64) + Sync),
+        observe: &(dyn Fn(u64, &Page, &PageHash) + Sync),
+    ) -> Fingerprints {
         let mut hashes = vec![PageHash::ZERO_PAGE; region.pages() as usize];
         let zero = self.pool.install(|| {
             hashes
@@ -151,7 +166,7 @@ impl Fingerprinter {
                 .enumerate()
                 .map(|(unit, out)| {
                     let first = (unit * UNIT_PAGES) as u64;
-                    let zero = hash_unit(region, key, first, out, observe);
+                    let zero = hash_unit((region, mem), key, first, out, observe);
                     progress(out.len() as u64);
                     zero
                 })
@@ -218,6 +233,9 @@ pub struct FingerprintedImage {
     pub fingerprints: Fingerprints,
     /// How long hashing it took.
     pub elapsed: std::time::Duration,
+    /// Pages hashed in place under a read lease (the rest were copied
+    /// out first: see [`ImageFile::take_lease`]).
+    pub pages_in_place: u64,
 }
 
 /// Opens every image of `paths` first (so a bad last image costs no
@@ -246,8 +264,13 @@ pub fn fingerprint_images<P: AsRef<std::path::Path>>(
         .map(|(i, image)| {
             on_image(i, &image);
             let t = std::time::Instant::now();
+            // Read in place while no one can write the file; copied where
+            // a lease cannot be had.
+            image.take_lease();
             let fingerprints = fp.fingerprint(&image, &keys[i], progress);
+            image.release_lease();
             FingerprintedImage {
+                pages_in_place: image.pages_in_place(),
                 image,
                 fingerprints,
                 elapsed: t.elapsed(),
@@ -267,10 +290,11 @@ thread_local! {
 }
 
 /// Hashes the unit of pages starting at frame `first` (as many as `out`
-/// holds), copying them out of the region 32 at a time (one volatile copy
-/// each) and hashing the copies; returns its zero-page count.
+/// holds), 32 at a time: in place where `mem` holds them still, else
+/// copied out of the region (one volatile copy each) and hashed from the
+/// copy; returns its zero-page count.
 fn hash_unit(
-    region: &Region,
+    (region, mem): (&Region, Option<&dyn GuestMemory>),
     key: &ContentKey,
     first: u64,
     out: &mut [PageHash],
@@ -283,10 +307,17 @@ fn hash_unit(
         let mut at = 0;
         while at < out.len() {
             let n = (out.len() - at).min(STAGE_PAGES);
-            let block = &mut stage[..n * PAGE_SIZE];
-            region
-                .read_pages(first + at as u64, block)
-                .expect("the unit lies inside the region");
+            let still = mem.and_then(|m| m.hold_still(first + at as u64, n));
+            let block: &[u8] = match &still {
+                Some(s) => s.bytes(),
+                None => {
+                    let copy = &mut stage[..n * PAGE_SIZE];
+                    region
+                        .read_pages(first + at as u64, copy)
+                        .expect("the unit lies inside the region");
+                    copy
+                }
+            };
             let mut refs: Vec<&Page> = Vec::with_capacity(n);
             let mut slots = [0usize; STAGE_PAGES];
             for (i, p) in block.chunks_exact(PAGE_SIZE).enumerate() {

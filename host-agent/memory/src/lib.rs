@@ -17,6 +17,7 @@ mod dirty;
 pub mod fingerprint;
 mod image;
 pub mod kvm;
+mod lease;
 pub mod manifest;
 mod region;
 pub mod synth;
@@ -26,6 +27,7 @@ use std::path::PathBuf;
 
 pub use dirty::{AtomicBitmap, DirtyBitmap};
 pub use image::{ImageFile, MAX_IMAGE_BYTES};
+pub use lease::Still;
 pub use pagecast_pages::{PAGE_SIZE, Page};
 pub use region::{Region, set_mergeable};
 pub use userfault::Userfault;
@@ -158,4 +160,11 @@ pub trait GuestMemory: Send + Sync {
 
     /// The mapping that holds the memory, for hashing it in place.
     fn region(&self) -> &Region;
+
+    /// Pages `first..first + pages` to read in place, where nobody can
+    /// write them while the returned guard lives (an image file under a
+    /// read lease); None where they must be copied out first.
+    fn hold_still(&self, _first: u64, _pages: usize) -> Option<Still<'_>> {
+        None
+    }
 }

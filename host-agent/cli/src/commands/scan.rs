@@ -17,7 +17,11 @@ use super::progress::pages_bar;
 ///
 /// An image is the raw file QEMU writes with
 /// `-object memory-backend-file,mem-path=FILE,...`: any length that is a
-/// multiple of 4096 bytes. `pagecast synth` makes synthetic ones.
+/// multiple of 4096 bytes. `pagecast synth` makes synthetic ones. An image
+/// nobody has open for writing is read under a read lease, hashed in place
+/// (about twice as fast); one a running QEMU writes is copied out a few
+/// pages at a time, as guest memory is. A process that opens a leased
+/// image for writing waits until the pages being read are done.
 ///
 /// Example:
 ///
