@@ -290,9 +290,10 @@ thread_local! {
 }
 
 /// Hashes the unit of pages starting at frame `first` (as many as `out`
-/// holds), 32 at a time: in place where `mem` holds them still, else
-/// copied out of the region (one volatile copy each) and hashed from the
-/// copy; returns its zero-page count.
+/// holds), 32 at a time: in place where `mem` holds them still (again from
+/// a copy if the hold did not last the block), else copied out of the
+/// region (one volatile copy each) and hashed from the copy; returns its
+/// zero-page count.
 fn hash_unit(
     (region, mem): (&Region, Option<&dyn GuestMemory>),
     key: &ContentKey,
@@ -303,43 +304,62 @@ fn hash_unit(
     STAGE.with(|stage| {
         let mut stage = stage.borrow_mut();
         let mut zero = 0;
-        let mut hashed = [PageHash::ZERO_PAGE; STAGE_PAGES];
         let mut at = 0;
         while at < out.len() {
             let n = (out.len() - at).min(STAGE_PAGES);
-            let still = mem.and_then(|m| m.hold_still(first + at as u64, n));
-            let block: &[u8] = match &still {
-                Some(s) => s.bytes(),
+            let frame = first + at as u64;
+            let block_out = &mut out[at..at + n];
+            let in_place = mem.and_then(|m| m.hold_still(frame, n)).and_then(|s| {
+                let z = hash_block(key, s.bytes(), frame, block_out, &|_, _, _| {});
+                s.kept().then_some(z)
+            });
+            zero += match in_place {
+                Some(z) => z,
                 None => {
                     let copy = &mut stage[..n * PAGE_SIZE];
                     region
-                        .read_pages(first + at as u64, copy)
+                        .read_pages(frame, copy)
                         .expect("the unit lies inside the region");
-                    copy
+                    hash_block(key, copy, frame, block_out, observe)
                 }
             };
-            let mut refs: Vec<&Page> = Vec::with_capacity(n);
-            let mut slots = [0usize; STAGE_PAGES];
-            for (i, p) in block.chunks_exact(PAGE_SIZE).enumerate() {
-                let page: &Page = p.try_into().expect("page-sized chunk");
-                if is_zero_page(page) {
-                    out[at + i] = PageHash::ZERO_PAGE;
-                    zero += 1;
-                } else {
-                    slots[refs.len()] = at + i;
-                    refs.push(page);
-                }
-            }
-            let k = refs.len();
-            key.hash_pages(&refs, &mut hashed[..k]);
-            for j in 0..k {
-                observe(first + slots[j] as u64, refs[j], &hashed[j]);
-                out[slots[j]] = hashed[j];
-            }
             at += n;
         }
         zero
     })
+}
+
+/// Hashes the pages of `block` (frames from `frame` on) into `out`, zero
+/// pages marked, calling `observe` for each non-zero one; returns how many
+/// were zero.
+fn hash_block(
+    key: &ContentKey,
+    block: &[u8],
+    frame: u64,
+    out: &mut [PageHash],
+    observe: &(dyn Fn(u64, &Page, &PageHash) + Sync),
+) -> u64 {
+    let mut zero = 0;
+    let mut hashed = [PageHash::ZERO_PAGE; STAGE_PAGES];
+    let mut refs: Vec<&Page> = Vec::with_capacity(STAGE_PAGES);
+    let mut slots = [0usize; STAGE_PAGES];
+    for (i, p) in block.chunks_exact(PAGE_SIZE).enumerate() {
+        let page: &Page = p.try_into().expect("page-sized chunk");
+        if is_zero_page(page) {
+            out[i] = PageHash::ZERO_PAGE;
+            zero += 1;
+        } else {
+            slots[refs.len()] = i;
+            refs.push(page);
+        }
+    }
+    let k = refs.len();
+    key.hash_pages(&refs, &mut hashed[..k]);
+    for j in 0..k {
+        observe(frame + slots[j] as u64, refs[j], &hashed[j]);
+        out[slots[j]] = hashed[j];
+    }
+    zero
 }
 
 fn hash_skipping_zero<'a>(

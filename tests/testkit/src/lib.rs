@@ -63,6 +63,9 @@ pub enum Need {
     Tmpfs,
     /// The kernel merges same pages (KSM: `/sys/kernel/mm/ksm`).
     Ksm,
+    /// A read lease (`F_SETLEASE`) on a file in the temporary directory,
+    /// on a local filesystem, with `fs.lease-break-time` of 5 s or more.
+    Leases,
     /// libvirt's daemon and client (`libvirtd`, `virsh`), its QEMU driver
     /// and the user it runs QEMU as, plus `unshare` and `nsenter` to run
     /// one daemon per emulated host.
@@ -71,7 +74,7 @@ pub enum Need {
 
 impl Need {
     /// Every need, in the order the table lists them.
-    pub const ALL: [Need; 13] = [
+    pub const ALL: [Need; 14] = [
         Need::Kvm,
         Need::Root,
         Need::PacketCapture,
@@ -84,6 +87,7 @@ impl Need {
         Need::Cgroup2,
         Need::Tmpfs,
         Need::Ksm,
+        Need::Leases,
         Need::Libvirt,
     ];
 
@@ -102,6 +106,7 @@ impl Need {
             Need::Cgroup2 => "cgroup2",
             Need::Tmpfs => "tmpfs",
             Need::Ksm => "ksm",
+            Need::Leases => "leases",
             Need::Libvirt => "libvirt",
         }
     }
@@ -238,6 +243,7 @@ fn probe(need: Need) -> Result<String, String> {
         Need::Cgroup2 => cgroup2().map(|p| format!("cgroup v2 at {}", p.display())),
         Need::Tmpfs => tmpfs(),
         Need::Libvirt => libvirt(),
+        Need::Leases => leases(),
         Need::Ksm => {
             if Path::new("/sys/kernel/mm/ksm/run").exists() {
                 Ok("KSM at /sys/kernel/mm/ksm".into())
@@ -245,6 +251,53 @@ fn probe(need: Need) -> Result<String, String> {
                 Err("no /sys/kernel/mm/ksm: the kernel has no KSM".into())
             }
         }
+    }
+}
+
+fn leases() -> Result<String, String> {
+    let t: u64 = std::fs::read_to_string("/proc/sys/fs/lease-break-time")
+        .map_err(|e| format!("no /proc/sys/fs/lease-break-time: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("fs.lease-break-time: {e}"))?;
+    if t < 5 {
+        return Err(format!("fs.lease-break-time is {t} s (5 or more wanted)"));
+    }
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("pagecast-lease-probe-{}", std::process::id()));
+    std::fs::write(&path, b"x").map_err(|e| format!("{}: {e}", path.display()))?;
+    // The filesystems pagecast-memory's lease.rs leases on.
+    const LOCAL: [u32; 6] = [
+        0xEF53,
+        0x5846_5342,
+        0x9123_683E,
+        0x0102_1994,
+        0x9584_58F6,
+        0xF2F5_2010,
+    ];
+    let leased = std::fs::File::open(&path).map(|f| {
+        // SAFETY: fstatfs fills a zeroed struct we own; fcntl works on a
+        // descriptor we own, and the lease ends when `f` closes, at the end
+        // of this closure.
+        unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::fstatfs(f.as_raw_fd(), &mut st) == 0
+                && LOCAL.contains(&(st.f_type as u32))
+                && libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) == 0
+        }
+    });
+    let why = std::io::Error::last_os_error();
+    let _ = std::fs::remove_file(&path);
+    match leased {
+        Ok(true) => Ok(format!(
+            "read leases in {}, break time {t} s",
+            dir.display()
+        )),
+        Ok(false) => Err(format!(
+            "no read lease on a file in {} (not a local filesystem, or: {why})",
+            dir.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
