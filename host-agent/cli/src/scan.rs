@@ -23,6 +23,10 @@ pub struct ImageFigures {
     /// Non-zero pages whose content already appeared in the same image
     /// (non-zero pages minus distinct).
     pub duplicates: u64,
+    /// Pages hashed in place under a read lease; the rest were copied out
+    /// first (all of them where a writer, such as a running QEMU, had the
+    /// file open, or no lease could be had).
+    pub in_place_pages: u64,
 }
 
 /// The whole report.
@@ -95,6 +99,7 @@ pub fn scan_images(
             zero: f.zero,
             distinct: distinct.len() as u64,
             duplicates: f.nonzero() - distinct.len() as u64,
+            in_place_pages: img.pages_in_place,
         });
         sets.push(distinct);
     }

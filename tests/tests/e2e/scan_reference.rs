@@ -257,3 +257,24 @@ fn scan_counts_sharing_within_dedup_domains_only() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An image nobody writes is hashed in place under a read lease; the same
+/// image held open for writing (as a running QEMU holds its memory file)
+/// is copied out, to the same figures.
+#[test]
+fn an_image_held_open_for_writing_is_copied_to_the_same_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("held.raw");
+    std::fs::write(&path, image(&[1, 2, 0, 3, 3, 7, 0, 9])).unwrap();
+    let p = path.to_str().unwrap();
+    let free = pagecast_json(&["scan", "--json", "--no-progress", p]);
+    assert_eq!(free["images"][0]["in_place_pages"], 8, "{free}");
+    let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let held = pagecast_json(&["scan", "--json", "--no-progress", p]);
+    drop(writer);
+    assert_eq!(held["images"][0]["in_place_pages"], 0, "{held}");
+    for k in ["pages", "zero", "distinct", "duplicates"] {
+        assert_eq!(held["images"][0][k], free["images"][0][k], "{k}");
+    }
+    assert_eq!(held["union_distinct"], free["union_distinct"]);
+}

@@ -18,10 +18,11 @@ use super::progress::pages_bar;
 /// An image is the raw file QEMU writes with
 /// `-object memory-backend-file,mem-path=FILE,...`: any length that is a
 /// multiple of 4096 bytes. `pagecast synth` makes synthetic ones. An image
-/// nobody has open for writing is read under a read lease, hashed in place
-/// (about twice as fast); one a running QEMU writes is copied out a few
-/// pages at a time, as guest memory is. A process that opens a leased
-/// image for writing waits until the pages being read are done.
+/// on a local filesystem that nobody has open for writing is read under a
+/// read lease and hashed in place (about twice as fast); one a running
+/// QEMU writes is copied out a few pages at a time, as guest memory is. A
+/// process that opens a leased image for writing waits until the pages
+/// being read are done (with O_NONBLOCK it is refused instead).
 ///
 /// Example:
 ///
@@ -45,7 +46,7 @@ pub struct ScanArgs {
     domains: Vec<String>,
 
     /// Print the figures as JSON on stdout (keys: images[].{name, pages,
-    /// zero, distinct, duplicates}, union_distinct, precopy_bytes,
+    /// zero, distinct, duplicates, in_place_pages}, union_distinct, precopy_bytes,
     /// gang_bytes, jaccard, hash_rate_gbps, ...).
     #[arg(long)]
     json: bool,
@@ -138,14 +139,28 @@ fn render(r: &ScanReport) -> String {
         format_bytes(r.gang_bytes),
         ratio
     );
+    let pages: u64 = r.images.iter().map(|i| i.pages).sum();
+    let in_place: u64 = r.images.iter().map(|i| i.in_place_pages).sum();
     let _ = writeln!(
         s,
-        "hashed {} in {:.2} s: {:.2} GB/s on {} thread{}",
+        "hashed {} in {:.2} s: {:.2} GB/s on {} thread{} ({})",
         format_bytes(r.hashed_bytes),
         r.hash_seconds,
         r.hash_rate_gbps,
         r.threads,
-        if r.threads == 1 { "" } else { "s" }
+        if r.threads == 1 { "" } else { "s" },
+        if in_place == pages {
+            "in place, under read leases".to_owned()
+        } else if in_place == 0 {
+            "copied out: no image could be leased (open for writing, or not on a local \
+             filesystem)"
+                .to_owned()
+        } else {
+            format!(
+                "{:.0}% in place under read leases, the rest copied out",
+                100.0 * in_place as f64 / pages.max(1) as f64
+            )
+        }
     );
     if r.images.len() > 1 {
         let _ = writeln!(s);
