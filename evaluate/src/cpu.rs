@@ -169,6 +169,8 @@ mod tests {
         assert!(busy > 0.0, "the busy child used no CPU: {u:?}");
         assert!(u.machine_s + 0.05 >= busy, "machine below a process: {u:?}");
         assert!(u.cores_busy() > 0.0 && u.cores >= 1);
+        // Nothing sums to zero, printed as 0.0 (an empty f64 sum is -0.0).
+        assert_eq!(format!("{:.1}", u.of(&[])), "0.0");
         // The reaped child now counts in the harness's children.
         let after = p.since(&pids, &names);
         assert!(after.by_process["command"] > 0.0, "{after:?}");
