@@ -1,8 +1,9 @@
 //! Where the CPU went while a measured command ran: the machine's busy
 //! time (from `/proc/stat`), each cluster process's (from
-//! `/proc/PID/stat`: an agent's or replica's threads, not the kernel's
-//! network work done for it) and the command's own (the harness's
-//! waited-for children, from `getrusage`).
+//! `/proc/PID/stat`: its threads' user and system time, the kernel work
+//! of its own system calls and page faults included, and for an agent its
+//! guests' vCPUs) and the operator command's (the harness's waited-for
+//! children, from `getrusage`).
 //!
 //! The emulated racks share this machine's cores: a run whose cores were
 //! all busy was bound by CPU, not by its links, and its times say so.
@@ -15,8 +16,8 @@ use serde::Serialize;
 /// CPU time counters at one moment.
 pub struct Probe {
     at: Instant,
-    /// The machine's busy and total time, in clock ticks.
-    machine: (u64, u64),
+    /// The machine's busy and stolen time, in clock ticks.
+    machine: MachineTicks,
     /// Each process's user and system time, in clock ticks (None: gone or
     /// unreadable).
     procs: Vec<Option<u64>>,
@@ -24,18 +25,32 @@ pub struct Probe {
     children_s: f64,
 }
 
+/// The first line of `/proc/stat`, summed as this module counts it.
+#[derive(Debug, Clone, Copy, Default)]
+struct MachineTicks {
+    /// user, nice, system, irq and softirq (guest time is inside user
+    /// and nice already).
+    busy: u64,
+    /// Time the hypervisor ran something else while this machine wanted
+    /// to run.
+    steal: u64,
+}
+
 /// CPU-seconds spent during a measured command.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct CpuUse {
     /// The command's wall time, seconds.
     pub wall_s: f64,
-    /// The machine's cores.
+    /// The machine's CPUs (`cpuN` lines of `/proc/stat`).
     pub cores: usize,
-    /// CPU-seconds the machine was busy (every process and the kernel).
+    /// CPU-seconds the machine was busy: user, nice, system, irq and
+    /// softirq time of every CPU.
     pub machine_s: f64,
+    /// CPU-seconds stolen by the hypervisor meanwhile (this machine is a
+    /// virtual machine): time its CPUs wanted and did not get.
+    pub steal_s: f64,
     /// CPU-seconds per cluster process (agents by host name, index
-    /// replicas as `replicaN`) and `command` (the operator command, with
-    /// the harness's own `ip`/`tc` calls).
+    /// replicas as `replicaN`) and `command` (the operator command).
     pub by_process: BTreeMap<String, f64>,
 }
 
@@ -55,9 +70,9 @@ impl CpuUse {
             + 0.0
     }
 
-    /// CPU-seconds the machine spent outside the cluster's processes and
-    /// the command: mostly the kernel moving packets through the veths,
-    /// bridges and shapers.
+    /// CPU-seconds the machine was busy outside the cluster's processes
+    /// and the command: interrupts and softirqs not charged to them,
+    /// kernel threads, the harness, and any profiler running.
     pub fn elsewhere(&self) -> f64 {
         (self.machine_s - self.by_process.values().sum::<f64>()).max(0.0)
     }
@@ -70,23 +85,39 @@ fn ticks_per_second() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-/// The machine's (busy, total) ticks from the first line of /proc/stat.
-fn machine_ticks() -> (u64, u64) {
+/// The machine's ticks from the first line of /proc/stat (user, nice,
+/// system, idle, iowait, irq, softirq, steal, guest, guest_nice).
+fn machine_ticks() -> MachineTicks {
     let Ok(s) = std::fs::read_to_string("/proc/stat") else {
-        return (0, 0);
+        return MachineTicks::default();
     };
     let Some(line) = s.lines().next() else {
-        return (0, 0);
+        return MachineTicks::default();
     };
     let v: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
-    let total: u64 = v.iter().sum();
-    // idle and iowait are the fourth and fifth fields.
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total.saturating_sub(idle), total)
+    let f = |i: usize| v.get(i).copied().unwrap_or(0);
+    MachineTicks {
+        busy: f(0) + f(1) + f(2) + f(5) + f(6),
+        steal: f(7),
+    }
+}
+
+/// The machine's CPUs: the `cpuN` lines of /proc/stat.
+fn cpus() -> usize {
+    std::fs::read_to_string("/proc/stat")
+        .map(|s| {
+            s.lines()
+                .filter(|l| {
+                    l.starts_with("cpu") && l[3..].starts_with(|c: char| c.is_ascii_digit())
+                })
+                .count()
+        })
+        .unwrap_or(0)
+        .max(1)
 }
 
 /// A process's user + system ticks from /proc/PID/stat.
@@ -138,8 +169,9 @@ impl Probe {
         );
         CpuUse {
             wall_s: now.at.duration_since(self.at).as_secs_f64(),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            machine_s: now.machine.0.saturating_sub(self.machine.0) as f64 / hz,
+            cores: cpus(),
+            machine_s: now.machine.busy.saturating_sub(self.machine.busy) as f64 / hz,
+            steal_s: now.machine.steal.saturating_sub(self.machine.steal) as f64 / hz,
             by_process,
         }
     }

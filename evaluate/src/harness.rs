@@ -1371,10 +1371,10 @@ impl Ctx<'_> {
         Ok(run)
     }
 
-    /// Where a run's CPU went, in a line: cores busy, then CPU-seconds by
-    /// the agents at the sources, at the destinations (`to`, or every
-    /// other host if empty) and elsewhere, the replicas, the command, and
-    /// the rest (mostly the kernel's packet work).
+    /// Where a run's CPU went, in a line: cores busy on average, then
+    /// CPU-seconds by the agents at the sources, at the destinations
+    /// (`to`, or every other host if empty) and elsewhere, the replicas,
+    /// the command, and the rest; and the time the hypervisor stole.
     fn cpu_text(&self, cpu: &CpuUse, from: &[String], to: &[String]) -> String {
         let hosts: Vec<String> = self
             .topo
@@ -1393,16 +1393,17 @@ impl Ctx<'_> {
             .filter(|h| !from.contains(h) && !dests.contains(h))
             .cloned()
             .collect();
+        // Every measured process that is neither an agent nor the command.
         let replicas: Vec<String> = cpu
             .by_process
             .keys()
-            .filter(|k| k.starts_with("replica"))
+            .filter(|k| !hosts.contains(k) && *k != "command")
             .cloned()
             .collect();
         format!(
-            "cpu: {:.2} of {} cores busy over {:.2} s ({:.1} CPU-s: agents at the sources {:.1}, \
-             at the destinations {:.1}, elsewhere {:.1}; index replicas {:.1}; the command {:.1}; \
-             the kernel and the rest {:.1})",
+            "cpu: {:.2} of {} cores busy on average over {:.2} s ({:.1} CPU-s: agents at the \
+             sources {:.1}, at the destinations {:.1}, elsewhere {:.1}; index replicas {:.1}; \
+             the command {:.1}; other {:.1}; {:.1} stolen by the hypervisor)",
             cpu.cores_busy(),
             cpu.cores,
             cpu.wall_s,
@@ -1413,6 +1414,7 @@ impl Ctx<'_> {
             cpu.of(&replicas),
             cpu.of(&["command".to_owned()]),
             cpu.elsewhere(),
+            cpu.steal_s,
         )
     }
 
@@ -1570,7 +1572,8 @@ fn write_report(out: &Path, r: &Report, from: &[String]) -> anyhow::Result<()> {
     }
     md.push_str(
         "\nCPU while each command ran (the emulated hosts share this machine's cores; a run \
-         with every core busy was bound by CPU, not by its links):\n\n",
+         with every core busy was bound by CPU, not by its links; a process's figure includes \
+         the kernel work of its own calls and faults, an agent's its guests' vCPUs):\n\n",
     );
     for s in &r.strategies {
         md.push_str(&format!("- {}: {}\n", s.strategy, s.cpu_text));

@@ -281,20 +281,29 @@ fn leases() -> Result<String, String> {
         // of this closure.
         unsafe {
             let mut st: libc::statfs = std::mem::zeroed();
-            libc::fstatfs(f.as_raw_fd(), &mut st) == 0
-                && LOCAL.contains(&(st.f_type as u32))
-                && libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) == 0
+            if libc::fstatfs(f.as_raw_fd(), &mut st) != 0 {
+                return Err(format!("fstatfs: {}", std::io::Error::last_os_error()));
+            }
+            if !LOCAL.contains(&(st.f_type as u32)) {
+                return Err(format!(
+                    "filesystem type {:#x} is not one leases are taken on",
+                    st.f_type as u32
+                ));
+            }
+            if libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) != 0 {
+                return Err(format!("F_SETLEASE: {}", std::io::Error::last_os_error()));
+            }
+            Ok(())
         }
     });
-    let why = std::io::Error::last_os_error();
     let _ = std::fs::remove_file(&path);
     match leased {
-        Ok(true) => Ok(format!(
+        Ok(Ok(())) => Ok(format!(
             "read leases in {}, break time {t} s",
             dir.display()
         )),
-        Ok(false) => Err(format!(
-            "no read lease on a file in {} (not a local filesystem, or: {why})",
+        Ok(Err(why)) => Err(format!(
+            "no read lease on a file in {}: {why}",
             dir.display()
         )),
         Err(e) => Err(format!("{}: {e}", path.display())),

@@ -268,7 +268,12 @@ fn an_image_held_open_for_writing_is_copied_to_the_same_figures() {
     std::fs::write(&path, image(&[1, 2, 0, 3, 3, 7, 0, 9])).unwrap();
     let p = path.to_str().unwrap();
     let free = pagecast_json(&["scan", "--json", "--no-progress", p]);
-    assert_eq!(free["images"][0]["in_place_pages"], 8, "{free}");
+    if pagecast_testkit::needs(
+        "an_image_held_open_for_writing_is_copied_to_the_same_figures",
+        &[pagecast_testkit::Need::Leases],
+    ) {
+        assert_eq!(free["images"][0]["in_place_pages"], 8, "{free}");
+    }
     let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     let held = pagecast_json(&["scan", "--json", "--no-progress", p]);
     drop(writer);

@@ -19,7 +19,7 @@ use super::progress::pages_bar;
 /// `-object memory-backend-file,mem-path=FILE,...`: any length that is a
 /// multiple of 4096 bytes. `pagecast synth` makes synthetic ones. An image
 /// on a local filesystem that nobody has open for writing is read under a
-/// read lease and hashed in place (about twice as fast); one a running
+/// read lease and hashed in place (up to twice as fast); one a running
 /// QEMU writes is copied out a few pages at a time, as guest memory is. A
 /// process that opens a leased image for writing waits until the pages
 /// being read are done (with O_NONBLOCK it is refused instead).
@@ -149,17 +149,15 @@ fn render(r: &ScanReport) -> String {
         r.hash_rate_gbps,
         r.threads,
         if r.threads == 1 { "" } else { "s" },
-        if in_place == pages {
+        if pages > 0 && in_place == pages {
             "in place, under read leases".to_owned()
         } else if in_place == 0 {
-            "copied out: no image could be leased (open for writing, or not on a local \
-             filesystem)"
+            "copied out: no image could be leased (open for writing elsewhere, not this \
+             user's without CAP_LEASE, not on a local filesystem, fs.lease-break-time under 5 \
+             s, or a writer came before the first block)"
                 .to_owned()
         } else {
-            format!(
-                "{:.0}% in place under read leases, the rest copied out",
-                100.0 * in_place as f64 / pages.max(1) as f64
-            )
+            format!("{in_place} of {pages} pages in place under read leases, the rest copied out")
         }
     );
     if r.images.len() > 1 {
