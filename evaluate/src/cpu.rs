@@ -34,6 +34,8 @@ struct MachineTicks {
     /// Time the hypervisor ran something else while this machine wanted
     /// to run.
     steal: u64,
+    /// The `cpuN` lines: the machine's CPUs.
+    cpus: usize,
 }
 
 /// CPU-seconds spent during a measured command.
@@ -86,7 +88,8 @@ fn ticks_per_second() -> f64 {
 }
 
 /// The machine's ticks from the first line of /proc/stat (user, nice,
-/// system, idle, iowait, irq, softirq, steal, guest, guest_nice).
+/// system, idle, iowait, irq, softirq, steal, guest, guest_nice), and its
+/// CPUs from the `cpuN` lines.
 fn machine_ticks() -> MachineTicks {
     let Ok(s) = std::fs::read_to_string("/proc/stat") else {
         return MachineTicks::default();
@@ -103,21 +106,14 @@ fn machine_ticks() -> MachineTicks {
     MachineTicks {
         busy: f(0) + f(1) + f(2) + f(5) + f(6),
         steal: f(7),
+        cpus: s
+            .lines()
+            .filter(|l| {
+                l.strip_prefix("cpu")
+                    .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .count(),
     }
-}
-
-/// The machine's CPUs: the `cpuN` lines of /proc/stat.
-fn cpus() -> usize {
-    std::fs::read_to_string("/proc/stat")
-        .map(|s| {
-            s.lines()
-                .filter(|l| {
-                    l.starts_with("cpu") && l[3..].starts_with(|c: char| c.is_ascii_digit())
-                })
-                .count()
-        })
-        .unwrap_or(0)
-        .max(1)
 }
 
 /// A process's user + system ticks from /proc/PID/stat.
@@ -169,7 +165,7 @@ impl Probe {
         );
         CpuUse {
             wall_s: now.at.duration_since(self.at).as_secs_f64(),
-            cores: cpus(),
+            cores: now.machine.cpus.max(1),
             machine_s: now.machine.busy.saturating_sub(self.machine.busy) as f64 / hz,
             steal_s: now.machine.steal.saturating_sub(self.machine.steal) as f64 / hz,
             by_process,

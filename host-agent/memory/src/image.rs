@@ -277,9 +277,20 @@ mod tests {
         );
     }
 
-    /// `pages` pages of varied content (every seventh zero) written to
-    /// `path`, and their hashes computed from memory this process owns.
-    fn varied_image(path: &Path, pages: usize) -> (Vec<pagecast_pages::PageHash>, ContentKeyed) {
+    /// An image of varied content (every seventh page zero) in a
+    /// directory of its own, and its hashes computed from memory this
+    /// process owns.
+    struct Varied {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        want: Vec<pagecast_pages::PageHash>,
+        fp: crate::fingerprint::Fingerprinter,
+        key: pagecast_pages::ContentKey,
+    }
+
+    fn varied(pages: usize) -> Varied {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.raw");
         let mut bytes = vec![0u8; pages * PAGE_SIZE];
         let mut rng = pagecast_pages::SplitMix64::new(7);
         for (i, p) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
@@ -289,18 +300,38 @@ mod tests {
                 }
             }
         }
-        std::fs::write(path, &bytes).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
         let fp = crate::fingerprint::Fingerprinter::new(2).unwrap();
         let key = pagecast_pages::ContentKey::CLUSTER;
         let mut want = vec![pagecast_pages::PageHash::ZERO_PAGE; pages];
         fp.fingerprint_bytes(&bytes, &key, &mut want, &|_| {});
-        (want, (fp, key))
+        Varied {
+            _dir: dir,
+            path,
+            want,
+            fp,
+            key,
+        }
     }
 
-    type ContentKeyed = (
-        crate::fingerprint::Fingerprinter,
-        pagecast_pages::ContentKey,
-    );
+    /// A varied image of `pages` pages, opened and leased; None where
+    /// `test` may skip for want of leases.
+    fn leased(test: &str, pages: usize) -> Option<(Varied, ImageFile)> {
+        if !leases(test) {
+            return None;
+        }
+        let v = varied(pages);
+        let img = ImageFile::open(&v.path).unwrap();
+        assert!(img.take_lease(), "a lease on a file this test owns");
+        Some((v, img))
+    }
+
+    /// Fingerprints `v`'s image the way scan does.
+    fn fingerprinted(v: &Varied) -> crate::fingerprint::FingerprintedImage {
+        crate::fingerprint::fingerprint_images(&[&v.path], &[v.key], &v.fp, &mut |_, _| {}, &|_| {})
+            .unwrap()
+            .remove(0)
+    }
 
     /// Whether this machine can run the lease tests (a skip only where
     /// `PAGECAST_REQUIRE` allows it).
@@ -329,33 +360,22 @@ mod tests {
         if !leases("a_leased_image_is_hashed_in_place_to_the_same_hashes") {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("still.raw");
-        let (want, (fp, key)) = varied_image(&path, 600);
-        let got =
-            crate::fingerprint::fingerprint_images(&[&path], &[key], &fp, &mut |_, _| {}, &|_| {})
-                .unwrap();
-        assert_eq!(got[0].fingerprints.hashes, want);
-        assert_eq!(got[0].pages_in_place, 600, "every page read in place");
-        assert!(
-            !got[0].image.lease_granted(),
-            "the lease was given up after"
-        );
+        let v = varied(600);
+        let got = fingerprinted(&v);
+        assert_eq!(got.fingerprints.hashes, v.want);
+        assert_eq!(got.pages_in_place, 600, "every page read in place");
+        assert!(!got.image.lease_granted(), "the lease was given up after");
     }
 
     /// An image open for writing elsewhere (here by this very process)
     /// gets no lease and is copied out, to the same hashes.
     #[test]
     fn an_image_open_for_writing_is_copied_not_leased() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("written.raw");
-        let (want, (fp, key)) = varied_image(&path, 100);
-        let writer = OpenOptions::new().write(true).open(&path).unwrap();
-        let got =
-            crate::fingerprint::fingerprint_images(&[&path], &[key], &fp, &mut |_, _| {}, &|_| {})
-                .unwrap();
-        assert_eq!(got[0].fingerprints.hashes, want);
-        assert_eq!(got[0].pages_in_place, 0, "no page read in place");
+        let v = varied(100);
+        let writer = OpenOptions::new().write(true).open(&v.path).unwrap();
+        let got = fingerprinted(&v);
+        assert_eq!(got.fingerprints.hashes, v.want);
+        assert_eq!(got.pages_in_place, 0, "no page read in place");
         drop(writer);
     }
 
@@ -366,28 +386,21 @@ mod tests {
     /// appending) goes on once the block is done.
     #[test]
     fn a_writer_waits_only_until_the_block_read_in_place_is_done() {
-        if !leases("a_writer_waits_only_until_the_block_read_in_place_is_done") {
+        let Some((v, img)) = leased(
+            "a_writer_waits_only_until_the_block_read_in_place_is_done",
+            64,
+        ) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("leased.raw");
-        let (want, (fp, key)) = varied_image(&path, 64);
-        let img = ImageFile::open(&path).unwrap();
-        assert!(img.take_lease(), "a lease on a file this test owns");
+        };
+        let path = &v.path;
         let still = img.hold_still(0, 32).expect("held still under the lease");
-        assert!(
-            refused(write_now(&path)),
-            "a writer is refused while leased"
-        );
+        assert!(refused(write_now(path)), "a writer is refused while leased");
         assert!(!img.lease_granted(), "the refused open broke the lease");
         assert!(
             img.hold_still(32, 32).is_none(),
             "nothing more in place once broken"
         );
-        assert!(
-            refused(write_now(&path)),
-            "held off while the block is read"
-        );
+        assert!(refused(write_now(path)), "held off while the block is read");
         let mut waiting = std::process::Command::new("sh")
             .args(["-c", "printf x >> \"$0\"", path.to_str().unwrap()])
             .spawn()
@@ -396,7 +409,7 @@ mod tests {
             !still.kept(),
             "a block read while the lease broke is not kept"
         );
-        assert!(write_now(&path).is_ok(), "let on once the block is done");
+        assert!(write_now(path).is_ok(), "let on once the block is done");
         let t = std::time::Instant::now();
         let status = loop {
             if let Some(s) = waiting.try_wait().unwrap() {
@@ -409,8 +422,8 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
         assert!(status.success());
-        let got = fp.fingerprint(&img, &key, &|_| {});
-        assert_eq!(got.hashes, want);
+        let got = v.fp.fingerprint(&img, &v.key, &|_| {});
+        assert_eq!(got.hashes, v.want);
         assert_eq!(img.pages_in_place(), 0, "nothing kept from in place");
     }
 
@@ -418,47 +431,42 @@ mod tests {
     /// kernel's lease until that block is done.
     #[test]
     fn a_lease_given_up_mid_block_holds_writers_off_until_the_block_is_done() {
-        if !leases("a_lease_given_up_mid_block_holds_writers_off_until_the_block_is_done") {
+        let Some((v, img)) = leased(
+            "a_lease_given_up_mid_block_holds_writers_off_until_the_block_is_done",
+            8,
+        ) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("given-up.raw");
-        varied_image(&path, 8);
-        let img = ImageFile::open(&path).unwrap();
-        assert!(img.take_lease());
+        };
+        let path = &v.path;
         let still = img.hold_still(0, 8).expect("held still under the lease");
         img.release_lease();
         assert!(!img.take_lease(), "a lease given up is not open again");
         assert!(img.hold_still(0, 8).is_none());
-        assert!(
-            refused(write_now(&path)),
-            "held off while the block is read"
-        );
+        assert!(refused(write_now(path)), "held off while the block is read");
         drop(still);
-        assert!(write_now(&path).is_ok(), "let on once the block is done");
+        assert!(write_now(path).is_ok(), "let on once the block is done");
     }
 
     /// With two blocks in flight when the lease breaks, the writer is let
     /// on only once the last of them is done.
     #[test]
     fn the_last_block_out_of_a_broken_lease_lets_the_writer_on() {
-        if !leases("the_last_block_out_of_a_broken_lease_lets_the_writer_on") {
+        let Some((v, img)) = leased(
+            "the_last_block_out_of_a_broken_lease_lets_the_writer_on",
+            16,
+        ) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("two-blocks.raw");
-        varied_image(&path, 16);
-        let img = ImageFile::open(&path).unwrap();
-        assert!(img.take_lease());
+        };
+        let path = &v.path;
         let first = img.hold_still(0, 8).expect("first block");
         let second = img.hold_still(8, 8).expect("second block");
-        assert!(refused(write_now(&path)), "refused while leased");
+        assert!(refused(write_now(path)), "refused while leased");
         assert!(!first.kept());
         assert!(
-            refused(write_now(&path)),
+            refused(write_now(path)),
             "held off while the second is read"
         );
         assert!(!second.kept());
-        assert!(write_now(&path).is_ok(), "let on once both are done");
+        assert!(write_now(path).is_ok(), "let on once both are done");
     }
 }

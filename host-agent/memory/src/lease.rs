@@ -19,8 +19,9 @@
 //! again after it was hashed. A block read while a break began is hashed
 //! again from a copy; once broken, the lease is released as soon as the
 //! blocks being read are done, and the rest is copied. So a writer waits
-//! for at most the blocks in flight (a few hundred microseconds from the
-//! page cache; longer where their pages must first be read from disk).
+//! for at most the blocks in flight: one block of 32 pages per hashing
+//! thread (not timed on its own; longer where the pages must first be
+//! read from disk).
 //!
 //! Leases are asked for only on local filesystems (ext4, XFS, btrfs,
 //! tmpfs, hugetlbfs, F2FS): on a network or FUSE filesystem a lease may
