@@ -204,6 +204,11 @@ impl Changes {
         put_varint(&mut self.0, ((delta << 1) ^ (delta >> 63)) as u64);
     }
 
+    /// Empties the list, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
     /// The encoded operand.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0

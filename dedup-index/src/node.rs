@@ -797,13 +797,30 @@ impl ShardNode {
     /// committed entries, answers what they complete, and returns the
     /// messages to send to peers.
     pub fn ready(&mut self) -> Result<Vec<Message>, NodeError> {
+        let mut early = Vec::new();
+        let mut out = self.ready_sending(&mut |m| early.extend(m))?;
+        early.append(&mut out);
+        Ok(early)
+    }
+
+    /// [`ready`](Self::ready), handing `send_now` the messages raft lets go
+    /// before this replica persists anything (a leader's appends to its
+    /// followers), so the followers write their logs while the leader
+    /// applies and writes its own; returns the messages that must wait
+    /// for this replica's writes.
+    pub fn ready_sending(
+        &mut self,
+        send_now: &mut dyn FnMut(Vec<Message>),
+    ) -> Result<Vec<Message>, NodeError> {
         let mut out = Vec::new();
         if !self.node.has_ready() {
             self.expire();
             return Ok(out);
         }
         let mut rd = self.node.ready();
-        out.extend(rd.take_messages());
+        let early = rd.take_messages();
+        self.report_snapshots_sent(&early);
+        send_now(early);
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
             self.node.store().apply_snapshot(&snap)?;
@@ -838,17 +855,22 @@ impl ShardNode {
         self.serve_reads();
         self.maybe_compact()?;
         self.expire();
-        let snap_to: Vec<u64> = out
+        self.report_snapshots_sent(&out);
+        Ok(out)
+    }
+
+    /// raft-rs holds a replica's progress until told how its snapshot
+    /// went. Report it delivered as soon as it is handed to the link: if
+    /// it was lost, the replica's next answer shows it still lacks the
+    /// entries and the leader probes (and sends a snapshot) again. A
+    /// replica that already reported holding the snapshot's index (one
+    /// wiped and restarted) would otherwise never be sent more.
+    fn report_snapshots_sent(&mut self, msgs: &[Message]) {
+        let snap_to: Vec<u64> = msgs
             .iter()
             .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
             .map(|m| m.to)
             .collect();
-        // raft-rs holds a replica's progress until told how its snapshot
-        // went. Report it delivered as soon as it is handed to the link: if
-        // it was lost, the replica's next answer shows it still lacks the
-        // entries and the leader probes (and sends a snapshot) again. A
-        // replica that already reported holding the snapshot's index (one
-        // wiped and restarted) would otherwise never be sent more.
         for to in &snap_to {
             self.node.report_snapshot(*to, raft::SnapshotStatus::Finish);
         }
@@ -857,7 +879,6 @@ impl ShardNode {
             self.counters.snapshots_sent += sent;
             metrics::counter!(crate::metrics::SNAPSHOTS_SENT).increment(sent);
         }
-        Ok(out)
     }
 
     fn serve_reads(&mut self) {
@@ -888,7 +909,10 @@ impl ShardNode {
                         // Only commands that decoded on the leader are
                         // proposed; one that does not decode here is
                         // applied as a no-op on every replica alike.
-                        IndexCommand::decode(&e.data[..]).ok()
+                        // Decoded from the entry's shared buffer, the
+                        // deltas' hashes point into it rather than each
+                        // being copied out.
+                        IndexCommand::decode(e.data.clone()).ok()
                     };
                     cmds.push((e.index, cmd));
                 }

@@ -653,28 +653,17 @@ fn run_shard(
                 next_tick = Instant::now() + TICK;
             }
         }
-        match node.ready() {
+        // A leader's appends go out before it writes its own log (raft
+        // allows it: a follower's ack counts only once the leader has its
+        // entries too), so the replicas' log writes overlap.
+        match node.ready_sending(&mut |msgs| send_raft(shard, msgs, members)) {
             Ok(msgs) => {
                 // Members changed by configuration changes just applied:
                 // links to added replicas exist before messages go to them.
                 for (id, addr) in node.take_member_changes() {
                     members.apply(id, addr);
                 }
-                for m in msgs {
-                    let bytes = m.write_to_bytes().expect("encodes");
-                    if bytes.len() > MAX_RAFT_MESSAGE_BYTES {
-                        // The peer would refuse it; say why here.
-                        tracing::warn!(
-                            "shard {shard}: a {:?} to replica {} is {} bytes, over the \
-                             {MAX_RAFT_MESSAGE_BYTES} a raft message may carry; not sent",
-                            m.get_msg_type(),
-                            m.to,
-                            bytes.len()
-                        );
-                        continue;
-                    }
-                    members.send(m.to, shard, bytes);
-                }
+                send_raft(shard, msgs, members);
             }
             Err(error) => {
                 // Storage failing under raft leaves no safe way on: stop
@@ -685,6 +674,25 @@ fn run_shard(
                 return;
             }
         }
+    }
+}
+
+/// Hands `msgs` of `shard` to the links to their replicas.
+fn send_raft(shard: u32, msgs: Vec<Message>, members: &Members) {
+    for m in msgs {
+        let bytes = m.write_to_bytes().expect("encodes");
+        if bytes.len() > MAX_RAFT_MESSAGE_BYTES {
+            // The peer would refuse it; say why here.
+            tracing::warn!(
+                "shard {shard}: a {:?} to replica {} is {} bytes, over the \
+                 {MAX_RAFT_MESSAGE_BYTES} a raft message may carry; not sent",
+                m.get_msg_type(),
+                m.to,
+                bytes.len()
+            );
+            continue;
+        }
+        members.send(m.to, shard, bytes);
     }
 }
 

@@ -21,7 +21,7 @@
 //! the delta's `before`), so nothing else needs the list either.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+
 use std::path::Path;
 
 use pagecast_proto::refusal;
@@ -569,7 +569,7 @@ impl Store {
             store: self,
             shard,
             applied: self.applied(shard)?,
-            changes: KeyMap::default(),
+            changes: Vec::new(),
             meta: HashMap::new(),
             sessions: HashMap::new(),
         };
@@ -587,12 +587,15 @@ impl Store {
         let hcf = self.cf(CF_HOLDERS);
         // One merge operand per content touched, in key order: the
         // memtable's skip list then finds each insert's place next to the
-        // previous one instead of from its top.
-        let mut staged: Vec<(&[u8; 33], &Changes)> = a.changes.iter().collect();
-        staged.sort_unstable_by_key(|(k, _)| *k);
-        for (k, c) in staged {
-            if !c.is_empty() {
-                wb.merge_cf(hcf, k, c.as_bytes());
+        // previous one instead of from its top. The sort is stable, so a
+        // content's changes stay in the order they came.
+        a.changes.sort_by_key(|c| c.0);
+        let mut op = Changes::default();
+        for (i, (k, host, d)) in a.changes.iter().enumerate() {
+            op.push(*host, *d);
+            if a.changes.get(i + 1).is_none_or(|next| next.0 != *k) {
+                wb.merge_cf(hcf, k, op.as_bytes());
+                op.clear();
             }
         }
         let mcf = self.cf(CF_META);
@@ -887,8 +890,9 @@ struct Apply<'a> {
     store: &'a Store,
     shard: u32,
     applied: Applied,
-    /// Per content, the holder changes of this call, in order.
-    changes: KeyMap<Changes>,
+    /// The holder changes of this call as they came: holder key, host and
+    /// frames added.
+    changes: Vec<([u8; 33], u32, i64)>,
     meta: HashMap<Vec<u8>, Option<Vec<u8>>>,
     sessions: HashMap<u64, u64>,
 }
@@ -1013,7 +1017,7 @@ impl Apply<'_> {
             if d == 0 {
                 continue;
             }
-            self.changes.entry(k).or_default().push(host, d);
+            self.changes.push((k, host, d));
             let sum = match sums.entry(host) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(self.holding(host)?),
@@ -1425,28 +1429,6 @@ impl Apply<'_> {
     }
 }
 
-/// A map keyed by holder keys. Their bytes after the prefix are a BLAKE3
-/// hash, already uniform, so the map hashes eight of them instead of
-/// running SipHash over all 33 (a tenth of apply's time went there).
-type KeyMap<V> = HashMap<[u8; 33], V, BuildHasherDefault<KeyHasher>>;
-
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // A key arrives whole (after its length); mix anything else in too.
-        let mut b = [0u8; 8];
-        let tail = bytes.get(1..9).unwrap_or(bytes);
-        b[..tail.len().min(8)].copy_from_slice(&tail[..tail.len().min(8)]);
-        self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
-    }
-}
-
 fn op_name(op: &Op) -> &'static str {
     match op {
         Op::Deltas(_) => "deltas",
@@ -1511,6 +1493,41 @@ mod tests {
         assert!(r[0].is_ok(), "{r:?}");
         let e = s.holders(&[hash(1)]).unwrap_err();
         assert!(e.to_string().contains("storage"), "{e}");
+    }
+
+    #[test]
+    fn a_contents_changes_in_one_apply_keep_their_order() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        // Host 3 adds and drops a frame of each of 64 contents four times
+        // over, interleaved with the others, and adds one more to the odd
+        // ones. A drop folded before its add would clamp at zero and leave
+        // a frame behind.
+        let mut ds = Vec::new();
+        for _ in 0..4 {
+            for h in 1..=64u8 {
+                ds.push((h, 3, 1, 0));
+            }
+            for h in 1..=64u8 {
+                ds.push((h, 3, -1, 1));
+            }
+        }
+        for h in (1..=64u8).filter(|h| h % 2 == 1) {
+            ds.push((h, 3, 1, 0));
+        }
+        let half = ds.len() / 2;
+        let entries = [
+            (1, Some(deltas(1, &ds[..half]))),
+            (2, Some(deltas(2, &ds[half..]))),
+        ];
+        let r = s.apply(0, &entries, 1).unwrap();
+        assert!(r.iter().all(Result::is_ok), "{r:?}");
+        let hashes: Vec<PageHash> = (1..=64u8).map(hash).collect();
+        for (i, l) in s.holders(&hashes).unwrap().iter().enumerate() {
+            let want: &[(u32, u64)] = if i % 2 == 0 { &[(3, 1)] } else { &[] };
+            assert_eq!(l.entries(), want, "content {}", i + 1);
+        }
+        assert_eq!(s.applied(0).unwrap().frames, 32);
     }
 
     #[test]

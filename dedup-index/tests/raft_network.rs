@@ -7,16 +7,16 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use pagecast_index::keys::shard_of;
+use pagecast_index::keys::{self, shard_of};
 use pagecast_index::node::{NodeConfig, ShardNode};
 use pagecast_index::snapshot_in::{self, Descriptor};
-use pagecast_index::store::Store;
+use pagecast_index::store::{CF_LOG, Store};
 use pagecast_pages::PageHash;
 use pagecast_proto::v1::{
     HolderDelta, HolderDeltas, IndexCommand, IndexRequest, IndexResponse, index_command::Op,
     index_request::Op as ReqOp, index_response::Result as Resp,
 };
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 
 /// xorshift64*: a seeded, repeatable source of network chaos.
 struct Rng(u64);
@@ -121,12 +121,18 @@ impl Cluster {
                     n.step(m);
                 }
             }
+            let (net, step) = (&mut self.net, self.step);
             for n in self.nodes.values_mut() {
-                if self.step.is_multiple_of(2) {
+                if step.is_multiple_of(2) {
                     n.tick();
                 }
-                for m in n.ready().unwrap() {
-                    self.net.send(self.step, m);
+                // As the replica's shard thread does: what raft lets go
+                // before this replica writes anything goes out first.
+                let late = n
+                    .ready_sending(&mut |ms| ms.into_iter().for_each(|m| net.send(step, m)))
+                    .unwrap();
+                for m in late {
+                    net.send(step, m);
                 }
             }
         }
@@ -243,6 +249,68 @@ fn holders_everywhere(c: &Cluster, upto: u64) -> Vec<Vec<u64>> {
                 .collect()
         })
         .collect()
+}
+
+#[test]
+fn a_leaders_appends_leave_before_it_writes_its_own_log() {
+    let mut c = Cluster::new(3, 11, 0, 0);
+    let l = c.wait_leader();
+    // Let the election's own entry settle first.
+    write_until_acked(&mut c, 1, &[1]);
+    let answers: Answers = Arc::default();
+    c.send(l, 0, write(7, 2, &[2, 3], 1, 1), &answers);
+    let store = c.stores[&l].clone();
+    let in_log = |i: u64| {
+        store
+            .db()
+            .get_cf(store.cf(CF_LOG), keys::log(0, i))
+            .unwrap()
+            .is_some()
+    };
+    // (index, already in the leader's log when the append left).
+    let mut sent = Vec::new();
+    let late = c
+        .nodes
+        .get_mut(&l)
+        .unwrap()
+        .ready_sending(&mut |ms| {
+            for m in ms
+                .iter()
+                .filter(|m| m.get_msg_type() == MessageType::MsgAppend)
+            {
+                sent.extend(m.get_entries().iter().map(|e| (e.index, in_log(e.index))));
+            }
+        })
+        .unwrap();
+    assert!(
+        late.iter()
+            .all(|m| m.get_msg_type() != MessageType::MsgAppend),
+        "appends wait for the leader's write: {late:?}"
+    );
+    assert!(
+        !sent.is_empty(),
+        "the new entry was not sent to the followers"
+    );
+    assert!(
+        sent.iter().all(|(_, before)| !before),
+        "entries written before their appends left: {sent:?}"
+    );
+    assert!(sent.iter().all(|(i, _)| in_log(*i)), "not written after");
+    // The write still completes, once a follower acknowledges it.
+    c.run(40);
+    let got = answers.lock().unwrap().pop();
+    assert!(
+        matches!(
+            got,
+            Some((
+                _,
+                IndexResponse {
+                    result: Some(Resp::Write(_))
+                }
+            ))
+        ),
+        "{got:?}"
+    );
 }
 
 #[test]
