@@ -66,25 +66,44 @@ fn deltas(w: usize, n: u64) -> Vec<HolderDelta> {
     out
 }
 
-/// Seconds until no replica's database runs or owes a flush or a
-/// compaction (seen three times in a row, 100 ms apart; at most 120 s).
+/// Seconds until no replica's database runs a flush or a compaction or
+/// has one pending in any column family, first seen then and confirmed
+/// by two more looks 100 ms apart (at most 120 s, said if reached).
 fn wait_idle(reps: &[pagecast_index::replica::Replica]) -> f64 {
+    use pagecast_index::store::{CF_HOLDERS, CF_LOG, CF_META, CF_RAFT};
     let t = Instant::now();
     let busy = |r: &pagecast_index::replica::Replica| {
-        let db = r.store().db();
-        let prop = |n: &str| db.property_int_value(n).ok().flatten().unwrap_or(0);
-        prop("rocksdb.num-running-compactions")
-            + prop("rocksdb.num-running-flushes")
-            + prop("rocksdb.compaction-pending")
-            + prop("rocksdb.mem-table-flush-pending")
-            > 0
+        let store = r.store();
+        let db = store.db();
+        let int = |v: Result<Option<u64>, rocksdb::Error>| v.ok().flatten().unwrap_or(0);
+        let running = int(db.property_int_value("rocksdb.num-running-compactions"))
+            + int(db.property_int_value("rocksdb.num-running-flushes"));
+        let pending: u64 = [CF_LOG, CF_RAFT, CF_META, CF_HOLDERS]
+            .into_iter()
+            .map(|cf| {
+                let cf = store.cf(cf);
+                int(db.property_int_value_cf(cf, "rocksdb.compaction-pending"))
+                    + int(db.property_int_value_cf(cf, "rocksdb.mem-table-flush-pending"))
+            })
+            .sum();
+        running + pending > 0
     };
-    let mut quiet = 0;
-    while quiet < 3 && t.elapsed() < Duration::from_secs(120) {
-        quiet = if reps.iter().any(busy) { 0 } else { quiet + 1 };
+    let mut quiet_since: Option<Duration> = None;
+    let mut looks = 0;
+    while looks < 3 {
+        if t.elapsed() > Duration::from_secs(120) {
+            println!("  (the replicas were still flushing or compacting after 120 s)");
+            break;
+        }
+        if reps.iter().any(busy) {
+            (quiet_since, looks) = (None, 0);
+        } else {
+            quiet_since.get_or_insert(t.elapsed());
+            looks += 1;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    t.elapsed().as_secs_f64()
+    quiet_since.unwrap_or(t.elapsed()).as_secs_f64()
 }
 
 fn main() {

@@ -794,20 +794,12 @@ impl ShardNode {
     }
 
     /// Handles raft's pending work: persists entries and state, applies
-    /// committed entries, answers what they complete, and returns the
-    /// messages to send to peers.
-    pub fn ready(&mut self) -> Result<Vec<Message>, NodeError> {
-        let mut early = Vec::new();
-        let mut out = self.ready_sending(&mut |m| early.extend(m))?;
-        early.append(&mut out);
-        Ok(early)
-    }
-
-    /// [`ready`](Self::ready), handing `send_now` the messages raft lets go
-    /// before this replica persists anything (a leader's appends to its
-    /// followers), so the followers write their logs while the leader
-    /// applies and writes its own; returns the messages that must wait
-    /// for this replica's writes.
+    /// committed entries and answers what they complete. Hands `send_now`
+    /// the messages raft lets go before this replica persists anything (a
+    /// leader's appends to its followers, so the followers write their
+    /// logs while the leader applies and writes its own; raft-rs gives a
+    /// follower or candidate none), and returns the messages that must
+    /// wait for this replica's writes.
     pub fn ready_sending(
         &mut self,
         send_now: &mut dyn FnMut(Vec<Message>),
@@ -819,7 +811,8 @@ impl ShardNode {
         }
         let mut rd = self.node.ready();
         let early = rd.take_messages();
-        self.report_snapshots_sent(&early);
+        // Reported after `advance`, as raft-rs asks of calls into the node.
+        let mut snap_to = snapshot_targets(&early);
         send_now(early);
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
@@ -855,7 +848,8 @@ impl ShardNode {
         self.serve_reads();
         self.maybe_compact()?;
         self.expire();
-        self.report_snapshots_sent(&out);
+        snap_to.extend(snapshot_targets(&out));
+        self.report_snapshots_sent(&snap_to);
         Ok(out)
     }
 
@@ -865,13 +859,8 @@ impl ShardNode {
     /// entries and the leader probes (and sends a snapshot) again. A
     /// replica that already reported holding the snapshot's index (one
     /// wiped and restarted) would otherwise never be sent more.
-    fn report_snapshots_sent(&mut self, msgs: &[Message]) {
-        let snap_to: Vec<u64> = msgs
-            .iter()
-            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
-            .map(|m| m.to)
-            .collect();
-        for to in &snap_to {
+    fn report_snapshots_sent(&mut self, snap_to: &[u64]) {
+        for to in snap_to {
             self.node.report_snapshot(*to, raft::SnapshotStatus::Finish);
         }
         let sent = snap_to.len() as u64;
@@ -1025,4 +1014,11 @@ fn corrupt_conf_change(e: protobuf::ProtobufError) -> NodeError {
         what: "conf change",
         detail: e.to_string(),
     })
+}
+/// The replicas `msgs` send a snapshot to.
+fn snapshot_targets(msgs: &[Message]) -> Vec<u64> {
+    msgs.iter()
+        .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+        .map(|m| m.to)
+        .collect()
 }

@@ -653,9 +653,10 @@ fn run_shard(
                 next_tick = Instant::now() + TICK;
             }
         }
-        // A leader's appends go out before it writes its own log (raft
-        // allows it: a follower's ack counts only once the leader has its
-        // entries too), so the replicas' log writes overlap.
+        // A leader's appends go out before it writes its own log, so the
+        // replicas' log writes overlap. raft-rs allows it: a majority of
+        // voters commits an entry, and the leader applies one only once it
+        // has written it too.
         match node.ready_sending(&mut |msgs| send_raft(shard, msgs, members)) {
             Ok(msgs) => {
                 // Members changed by configuration changes just applied:
