@@ -43,10 +43,20 @@ enum Ctl {
     Closed(String),
 }
 
+/// Where a chain link leaves its predecessor's sending half, so that the
+/// session can close the link from its own thread.
+type ChainCloser = std::sync::Arc<std::sync::Mutex<Option<ChannelWriter>>>;
+
 enum ChainEv {
     Page(v1::CastPage),
     Finish,
+    /// The link to the predecessor failed (it never came, went silent,
+    /// broke, or sent what a link does not carry): the rest must come by
+    /// unicast.
     Closed(String),
+    /// The successor could not be reached: pages are still taken, and the
+    /// sender repairs those after this receiver by unicast.
+    NoSuccessor(String),
 }
 
 struct MemberGroup {
@@ -81,6 +91,12 @@ struct State<'a> {
     by_index: HashMap<usize, usize>,
     /// Our own key, shared with the sender only.
     member_key: CastKey,
+    /// Why the chain link was given up (a page that did not check, or the
+    /// predecessor failed): nothing more is taken from it, and the sender
+    /// is told.
+    chain_refused: Option<String>,
+    /// The place after the last page the chain brought.
+    chain_next: u32,
     session: u64,
     id: u32,
     frag: usize,
@@ -142,6 +158,8 @@ impl<'a> State<'a> {
             groups: plan.groups,
             by_index,
             member_key: plan.member_key,
+            chain_refused: None,
+            chain_next: 0,
             session: w.session_id,
             id: w.receiver_id,
             frag,
@@ -173,6 +191,20 @@ impl State<'_> {
         data: &Page,
         main: bool,
     ) -> Result<bool, CastError> {
+        self.store_tagged(page, (key, check), data, main, None)
+    }
+
+    /// [`State::store`], for a page that came down the chain under the
+    /// sender's tag for hash `expect` (Some): taken only if its bytes hash
+    /// to exactly that; one that does not gives the chain link up.
+    fn store_tagged(
+        &mut self,
+        page: u32,
+        (key, check): (u64, Check),
+        data: &Page,
+        main: bool,
+        expect: Option<&PageHash>,
+    ) -> Result<bool, CastError> {
         let p = page as usize;
         if p >= self.entries.len() || !self.needed[p] {
             return Ok(false);
@@ -186,9 +218,13 @@ impl State<'_> {
             .iter()
             .map(|k| k.hash_page(data))
             .find(|h| check_of(h) == check);
-        let Some(hash) = hash.filter(|_| key < self.frames) else {
+        let hash = hash.filter(|h| key < self.frames && expect.is_none_or(|e| e == h));
+        let Some(hash) = hash else {
             self.counters.bad_hash += 1;
             counter!(crate::metrics::BAD_HASH).increment(1);
+            if expect.is_some() {
+                self.refuse_chain("a page came down it with bytes that do not match its hash");
+            }
             return Ok(false);
         };
         let entry = PageEntry { key, hash };
@@ -203,6 +239,11 @@ impl State<'_> {
         }
         self.advance_contiguous();
         Ok(true)
+    }
+
+    /// Gives the chain link up for `why` (the first reason is kept).
+    fn refuse_chain(&mut self, why: &str) {
+        self.chain_refused.get_or_insert_with(|| why.to_owned());
     }
 
     /// Settles page `page` without its data, if it is wanted and not held:
@@ -234,11 +275,35 @@ impl State<'_> {
     /// not taken from a link: only the sender withdraws a page, over our
     /// control connection, so a predecessor cannot settle pages it never
     /// sent us.
-    fn chain_page(&mut self, p: &v1::CastPage) -> Result<(), CastError> {
-        if p.withdrawn {
-            return Ok(());
+    ///
+    /// The tag is checked first, over the page's place, frame and hash as
+    /// the message names them (no hashing), so every page the sender put
+    /// on the chain counts as coming through, needed here or not; true if
+    /// this one did.
+    fn chain_page(&mut self, p: &v1::CastPage) -> Result<bool, CastError> {
+        if p.withdrawn || self.chain_refused.is_some() {
+            return Ok(false);
         }
-        self.tcp_page(p, true, "chain")
+        let Some((key, _, data)) = page_of(p) else {
+            self.refuse_chain("a malformed page came down it");
+            return Ok(false);
+        };
+        let named = PageHash::try_from(p.hash.as_ref()).expect("page_of checked it");
+        let tag = (self.session, p.page, key);
+        if !crate::wire::chain_tag_ok(&self.member_key, tag, &named, &p.tags, self.id) {
+            self.counters.forged += 1;
+            self.refuse_chain("a page came down it under a tag that is not the sender's");
+            return Ok(false);
+        }
+        // The sender puts each page on the chain once, in order: a page
+        // again, or out of order, is a replay.
+        if p.page < self.chain_next {
+            self.refuse_chain("a page came down it again, or out of order");
+            return Ok(false);
+        }
+        self.chain_next = p.page.saturating_add(1);
+        self.store_tagged(p.page, (key, check_of(&named)), data, true, Some(&named))?;
+        Ok(true)
     }
 
     /// A page that came over TCP (chain or unicast repair): stored, or
@@ -581,6 +646,7 @@ impl State<'_> {
             group: g.map_or(u32::MAX, |g| g.index as u32),
             contiguous: g.map_or(0, |g| g.contiguous),
             held: self.held_count,
+            chain_refused: self.chain_refused.clone().unwrap_or_default(),
         }
     }
 
@@ -673,16 +739,29 @@ fn receive_inner(
         last_progress: Instant::now(),
         chain_rx: None,
         chain_thread: None,
+        chain_closer: ChainCloser::default(),
         done_sent: false,
         leaves: 0,
         finished: None,
         finish_time: None,
         control_closed: None,
         chain_broken: None,
+        chain_through: None,
     };
     run.run(&mut st, &mut joined, progress)?;
     run.writer.shutdown();
     let _ = ctl_thread.join();
+    // A predecessor still sending (or trickling a frame a byte at a time)
+    // would otherwise hold the link's thread.
+    run.chain_rx = None;
+    if let Some(w) = run
+        .chain_closer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        w.shutdown();
+    }
     if let Some(t) = run.chain_thread.take() {
         let _ = t.join();
     }
@@ -975,12 +1054,17 @@ struct Session<'a> {
     last_progress: Instant,
     chain_rx: Option<mpsc::Receiver<ChainEv>>,
     chain_thread: Option<std::thread::JoinHandle<()>>,
+    /// The chain link's sending half, to close it from here.
+    chain_closer: ChainCloser,
     done_sent: bool,
     leaves: u32,
     finished: Option<v1::CastFinish>,
     finish_time: Option<Instant>,
     control_closed: Option<String>,
     chain_broken: Option<String>,
+    /// When the last page the sender tagged came down the chain (from the
+    /// start of the chain on).
+    chain_through: Option<Instant>,
 }
 
 impl Session<'_> {
@@ -1030,17 +1114,53 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Takes what the chain link passed on. The link is given up (and the
+    /// sender told at once, so that it sends the rest by unicast) when a
+    /// page does not check, the link fails, or no page the sender tagged
+    /// came for half the silence limit while pages are missing (whatever
+    /// else the predecessor sends meanwhile, or after it ended the chain:
+    /// it is not the sender speaking, and keeps no one waiting).
     fn chain_pages(&mut self, st: &mut State<'_>) -> Result<(), CastError> {
         let Some(crx) = &self.chain_rx else {
             return Ok(());
         };
         while let Ok(ev) = crx.try_recv() {
-            st.last_heard = Instant::now();
             match ev {
-                ChainEv::Page(p) => st.chain_page(&p)?,
+                ChainEv::Page(p) => {
+                    if st.chain_page(&p)? {
+                        st.last_heard = Instant::now();
+                        self.chain_through = Some(Instant::now());
+                    }
+                }
+                // Pages still missing may be withdrawals the sender tells
+                // over the control connection; an early end the timer
+                // below catches.
                 ChainEv::Finish => {}
-                ChainEv::Closed(why) => self.chain_broken = Some(why),
+                ChainEv::Closed(why) => {
+                    if !st.complete() {
+                        st.refuse_chain(&format!("the link from its predecessor failed: {why}"));
+                    }
+                    self.chain_broken = Some(why);
+                }
+                ChainEv::NoSuccessor(why) => self.chain_broken = Some(why),
             }
+            if st.chain_refused.is_some() {
+                break;
+            }
+        }
+        let within = self.cfg.silent_after / 2;
+        if !st.complete() && self.chain_through.is_some_and(|t| t.elapsed() > within) {
+            st.refuse_chain(&format!(
+                "its predecessor passed on no page of the sender's for {within:?}"
+            ));
+        }
+        if let Some(why) = &st.chain_refused {
+            // Say so at once, and let the link go: it ends when it next
+            // hands a page over, and forwards nothing more.
+            self.chain_broken.get_or_insert_with(|| why.clone());
+            self.chain_rx = None;
+            self.writer
+                .send(&frame(v1::cast_frame::Body::Progress(st.progress())))?;
         }
         Ok(())
     }
@@ -1086,8 +1206,10 @@ impl Session<'_> {
             .map_err(CastError::io("chain listener"))?;
         let tls = self.tls.clone();
         let silent = self.cfg.silent_after;
+        self.chain_through = Some(Instant::now());
+        let closer = self.chain_closer.clone();
         self.chain_thread = Some(std::thread::spawn(move || {
-            chain_link(listener, &tls, &s, silent, ctx)
+            chain_link(listener, &tls, &s, silent, (ctx, closer))
         }));
         Ok(())
     }
@@ -1144,6 +1266,11 @@ impl Session<'_> {
             return Err(CastError::Ended(format!("control connection lost: {why}")));
         }
         if st.last_heard.elapsed() > self.cfg.silent_after {
+            // Everything verified and reported: a sender that another
+            // receiver holds up (or that went away) undoes none of it.
+            if self.done_sent {
+                return Ok(true);
+            }
             return Err(CastError::Silent {
                 peer: self.peer.clone(),
                 after: self.cfg.silent_after,
@@ -1217,9 +1344,9 @@ fn chain_link(
     tls: &Tls,
     start: &v1::CastStart,
     silent: Duration,
-    tx: mpsc::SyncSender<ChainEv>,
+    (tx, closer): (mpsc::SyncSender<ChainEv>, ChainCloser),
 ) {
-    let mut prev = match chain_predecessor(&listener, tls, &start.chain_prev, silent) {
+    let prev = match chain_predecessor(&listener, tls, &start.chain_prev, silent) {
         Ok(c) => c,
         Err(e) => {
             let _ = tx.send(ChainEv::Closed(e));
@@ -1227,13 +1354,20 @@ fn chain_link(
         }
     };
     let _ = prev.set_read_timeout(Some(silent));
+    let Ok((mut prev, prev_w)) = prev.split() else {
+        let _ = tx.send(ChainEv::Closed("cannot split the link".into()));
+        return;
+    };
+    // The session closes the link when it ends, whatever the predecessor
+    // is doing (a read times out per read, not per frame).
+    *closer.lock().unwrap_or_else(|p| p.into_inner()) = Some(prev_w);
     let next = &start.chain_next;
     let mut succ: Option<ChannelWriter> = None;
     if !next.is_empty() {
         match chain_successor(next, &start.chain_next_name, tls) {
             Ok(w) => succ = Some(w),
             Err(e) => {
-                let _ = tx.send(ChainEv::Closed(format!(
+                let _ = tx.send(ChainEv::NoSuccessor(format!(
                     "cannot reach the next receiver {next}: {e}"
                 )));
             }
@@ -1380,7 +1514,13 @@ mod tests {
         let link = {
             let me = me.clone();
             std::thread::spawn(move || {
-                chain_link(listener, &me, &start, Duration::from_secs(5), tx)
+                chain_link(
+                    listener,
+                    &me,
+                    &start,
+                    Duration::from_secs(5),
+                    (tx, ChainCloser::default()),
+                )
             })
         };
         let feed = |tls: &Tls, n: u32| {
@@ -1401,7 +1541,7 @@ mod tests {
         match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
             ChainEv::Page(p) => assert_eq!(p.page, 7, "a page from the intruder"),
             ChainEv::Finish => panic!("finished before any page"),
-            ChainEv::Closed(e) => panic!("{e}"),
+            ChainEv::Closed(e) | ChainEv::NoSuccessor(e) => panic!("{e}"),
         }
         assert!(matches!(
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
@@ -1416,7 +1556,13 @@ mod tests {
             chain_prev: "pred".into(),
             ..Default::default()
         };
-        chain_link(listener, &me, &start, Duration::from_millis(300), tx);
+        chain_link(
+            listener,
+            &me,
+            &start,
+            Duration::from_millis(300),
+            (tx, ChainCloser::default()),
+        );
         match rx.recv().unwrap() {
             ChainEv::Closed(e) => assert!(e.contains("did not connect"), "{e}"),
             _ => panic!("expected the link to end"),

@@ -84,6 +84,8 @@ struct Peer {
     pages: Vec<u32>,
     unicast_pages: u64,
     counters: ReceiverCounters,
+    /// It gave up its chain link, for this reason.
+    chain_refused: Option<String>,
 }
 
 struct Group {
@@ -588,6 +590,7 @@ fn new_peer(
         groups: member,
         pages,
         unicast_pages: 0,
+        chain_refused: None,
         counters: ReceiverCounters::default(),
     })
 }
@@ -908,6 +911,7 @@ fn page_frame(src: &dyn PageSource, id: u32, page: &mut Page) -> io::Result<v1::
         key: e.key,
         hash: e.hash.as_bytes().to_vec().into(),
         withdrawn,
+        tags: Default::default(),
     })))
 }
 
@@ -1156,6 +1160,10 @@ impl<'a> Run<'a> {
                 Event::Progress(i, p) => {
                     let peer = &mut self.peers[i];
                     peer.last_heard = Instant::now();
+                    if peer.chain_refused.is_none() && !p.chain_refused.is_empty() {
+                        // Its words, bounded: they go into the report.
+                        peer.chain_refused = Some(p.chain_refused.chars().take(200).collect());
+                    }
                     let g = (p.group as usize).min(self.groups.len());
                     for earlier in 0..g {
                         peer.contiguous[earlier] = self.groups[earlier].pages.len() as u32;
@@ -1805,14 +1813,31 @@ impl<'a> Run<'a> {
     }
 
     /// Every page down the chain through `link` (receiver `head`), until
-    /// the end or the link fails (then `head` is dropped).
-    fn feed_chain(&mut self, link: &mut Channel, head: usize) -> Result<(), CastError> {
+    /// the end or the link fails (then `head` takes the rest by unicast,
+    /// and is dropped if its control connection is gone too). Receivers
+    /// that give their links up meanwhile are sent theirs by unicast at
+    /// once, not after the feed.
+    fn feed_chain<'s>(
+        &mut self,
+        (link, head): (&mut Channel, usize),
+        scope: &'s std::thread::Scope<'s, '_>,
+        unicast: &mut Vec<(usize, UnicastJoin<'s>)>,
+    ) -> Result<(), CastError>
+    where
+        'a: 's,
+    {
         let mut page = [0u8; PAGE_SIZE];
         let total = self.src.pages();
         self.started = Instant::now();
+        let mut looked = Instant::now();
         for i in 0..total {
-            let f = page_frame(self.src, i, &mut page)
+            let mut f = page_frame(self.src, i, &mut page)
                 .map_err(|source| CastError::Source { page: i, source })?;
+            if let Some(v1::cast_frame::Body::Page(p)) = &mut f.body
+                && !p.withdrawn
+            {
+                p.tags = self.chain_tags(p).into();
+            }
             if self.src.withdrawn(i) {
                 // Told by the sender itself, over each receiver's control
                 // connection: receivers take no withdrawal a chain link
@@ -1823,17 +1848,71 @@ impl<'a> Run<'a> {
                 continue;
             }
             if let Err(e) = link.send(&f) {
-                // The first receiver is gone; the rest come by unicast.
-                self.peers[head].state = State::Dropped(format!("chain link lost: {e}"));
+                // The first receiver is gone, or gave its link up: the
+                // rest go to it by unicast (and to those after it, as
+                // their links close and they give them up).
+                if self.peers[head].state == State::Live
+                    && let Some(j) = self.demote(scope, head, 0, format!("chain link lost: {e}"))
+                {
+                    unicast.push((head, j));
+                }
                 break;
             }
-            self.report.bytes_first += PAGE_SIZE as u64 + 32;
+            let tags = match &f.body {
+                Some(v1::cast_frame::Body::Page(p)) => p.tags.len() as u64,
+                _ => 0,
+            };
+            self.report.bytes_first += PAGE_SIZE as u64 + 32 + tags;
             (self.progress)(i as u64 + 1, total as u64);
-            if i % 256 == 0 {
+            if i % 256 == 0 || looked.elapsed() >= Duration::from_millis(100) {
+                looked = Instant::now();
                 self.events(Duration::ZERO);
+                self.demote_refused(scope, unicast);
             }
         }
         Ok(())
+    }
+
+    /// A receiver that gave its chain link up (a page that did not check,
+    /// or a predecessor that failed or passed nothing of ours on): it and
+    /// every live receiver after it take the rest by unicast.
+    fn demote_refused<'s>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        unicast: &mut Vec<(usize, UnicastJoin<'s>)>,
+    ) where
+        'a: 's,
+    {
+        let refused = self
+            .peers
+            .iter()
+            .position(|p| p.chain_refused.is_some() && p.state == State::Live);
+        let Some(r) = refused else { return };
+        let why = format!(
+            "receiver {} gave up its chain link: {}",
+            self.peers[r].id,
+            self.peers[r].chain_refused.as_deref().unwrap_or_default()
+        );
+        for i in r..self.peers.len() {
+            if self.peers[i].state == State::Live
+                && let Some(j) = self.demote(scope, i, 0, why.clone())
+            {
+                unicast.push((i, j));
+            }
+        }
+    }
+
+    /// The tags chain page `p` carries: one per receiver, in receiver-id
+    /// order, under its own key.
+    fn chain_tags(&self, p: &v1::CastPage) -> Vec<u8> {
+        let hash = self.src.entry(p.page).hash;
+        self.peers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, _)| {
+                crate::wire::chain_tag(&self.keys.members[i], self.session_id, p.page, p.key, &hash)
+            })
+            .collect()
     }
 
     /// Sends `f` over every live receiver's control connection; one that
@@ -1859,9 +1938,10 @@ impl<'a> Run<'a> {
         };
         // A first link that cannot be reached, or is not the receiver it
         // claims, drops that receiver: the rest come by unicast below.
+        let mut unicast = Vec::new();
         match self.first_link(head, tls) {
             Ok(mut link) => {
-                self.feed_chain(&mut link, head)?;
+                self.feed_chain((&mut link, head), scope, &mut unicast)?;
                 let _ = link.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
                     ok: true,
                     reason: String::new(),
@@ -1870,11 +1950,29 @@ impl<'a> Run<'a> {
             Err(why) => self.peers[head].state = State::Dropped(why),
         }
         // Wait for every receiver; downstream of a dropped one, repair by
-        // unicast from what each has reported.
-        let mut unicast = Vec::new();
+        // unicast from what each has reported. An honest chain empties
+        // within moments of the feed's end: a receiver still on it half a
+        // silence limit later is held up by a link before it (one that
+        // trickles the sender's pages, say), and takes the rest by
+        // unicast.
+        let fed = Instant::now();
         loop {
             self.events(Duration::from_millis(5));
             self.silent_check();
+            self.demote_refused(scope, &mut unicast);
+            if fed.elapsed() > self.cfg.silent_after / 2 {
+                for i in 0..self.peers.len() {
+                    let why = format!(
+                        "still on the chain {:?} after its feed ended",
+                        self.cfg.silent_after / 2
+                    );
+                    if self.peers[i].state == State::Live
+                        && let Some(j) = self.demote(scope, i, 0, why)
+                    {
+                        unicast.push((i, j));
+                    }
+                }
+            }
             let broken = self
                 .peers
                 .iter()

@@ -477,6 +477,50 @@ fn tagged_digest(header: &[u8], covered: &[u8]) -> blake3::Hash {
     }
 }
 
+/// The tag a chain page carries for the receiver whose key is `key`: the
+/// keyed hash, under that key, of the session, the page's place in it,
+/// its frame and its hash (`docs/transport.md`, "Fallback: the TCP
+/// chain").
+pub fn chain_tag(
+    key: &CastKey,
+    session: u64,
+    page: u32,
+    frame: u64,
+    hash: &PageHash,
+) -> [u8; TAG_LEN] {
+    const LABEL: &[u8] = b"pagecast chain page v1";
+    let mut m = [0u8; LABEL.len() + 8 + 4 + 8 + 32];
+    let (label, rest) = m.split_at_mut(LABEL.len());
+    label.copy_from_slice(LABEL);
+    rest[..8].copy_from_slice(&session.to_be_bytes());
+    rest[8..12].copy_from_slice(&page.to_be_bytes());
+    rest[12..20].copy_from_slice(&frame.to_be_bytes());
+    rest[20..].copy_from_slice(hash.as_bytes());
+    blake3::keyed_hash(key, &m).as_bytes()[..TAG_LEN]
+        .try_into()
+        .expect("a hash is longer than a tag")
+}
+
+/// Whether `tags` (a chain page's, in receiver-id order) holds receiver
+/// `id`'s tag, under `key`, for page `page` of `session` with `frame` and
+/// `hash`.
+pub fn chain_tag_ok(
+    key: &CastKey,
+    (session, page, frame): (u64, u32, u64),
+    hash: &PageHash,
+    tags: &[u8],
+    id: u32,
+) -> bool {
+    let Some(at) = (id as usize)
+        .checked_sub(1)
+        .and_then(|i| i.checked_mul(TAG_LEN))
+    else {
+        return false;
+    };
+    tags.get(at..at.saturating_add(TAG_LEN))
+        .is_some_and(|t| same_tag(t, &chain_tag(key, session, page, frame, hash)))
+}
+
 /// A member's tag: the keyed hash, under its key, of the tagged digest.
 fn member_tag(key: &CastKey, digest: &blake3::Hash) -> [u8; TAG_LEN] {
     blake3::keyed_hash(key, digest.as_bytes()).as_bytes()[..TAG_LEN]
@@ -873,6 +917,40 @@ impl ReplayWindow {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A chain page's tag checks only for the receiver, session, page,
+    /// frame and hash it was made for, at that receiver's place.
+    #[test]
+    fn a_chain_tag_checks_only_what_it_was_made_for() {
+        let (k1, k2) = ([1u8; 32], [2u8; 32]);
+        let h = PageHash::from_bytes([9; 32]);
+        let other = PageHash::from_bytes([8; 32]);
+        // Receivers 1 and 2, in id order.
+        let mut tags = chain_tag(&k1, 5, 3, 6, &h).to_vec();
+        tags.extend(chain_tag(&k2, 5, 3, 6, &h));
+        assert!(chain_tag_ok(&k1, (5, 3, 6), &h, &tags, 1));
+        assert!(chain_tag_ok(&k2, (5, 3, 6), &h, &tags, 2));
+        assert!(
+            !chain_tag_ok(&k2, (5, 3, 6), &h, &tags, 1),
+            "another's place"
+        );
+        assert!(
+            !chain_tag_ok(&k1, (5, 3, 6), &other, &tags, 1),
+            "another hash"
+        );
+        assert!(!chain_tag_ok(&k1, (5, 4, 6), &h, &tags, 1), "another page");
+        assert!(!chain_tag_ok(&k1, (5, 3, 7), &h, &tags, 1), "another frame");
+        assert!(
+            !chain_tag_ok(&k1, (4, 3, 6), &h, &tags, 1),
+            "another session"
+        );
+        assert!(!chain_tag_ok(&k1, (5, 3, 6), &h, &tags, 0), "no receiver 0");
+        assert!(
+            !chain_tag_ok(&k2, (5, 3, 6), &h, &tags[..12], 2),
+            "cut short"
+        );
+        assert!(!chain_tag_ok(&k1, (5, 3, 6), &h, &[], 1), "no tags");
+    }
 
     static KEY: std::sync::LazyLock<GroupKey> = std::sync::LazyLock::new(|| GroupKey::new([9; 32]));
     /// The member keys of a group of two.
@@ -1338,6 +1416,23 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever bytes a chain page carries as tags and whatever id,
+        /// the check never panics and passes only where the receiver's
+        /// place holds its own tag.
+        #[test]
+        fn a_chain_tag_check_takes_any_bytes(
+            tags in proptest::collection::vec(any::<u8>(), 0..200),
+            id in any::<u32>(),
+            page in any::<u32>(),
+        ) {
+            let (key, h) = ([3u8; 32], PageHash::from_bytes([4; 32]));
+            let ok = chain_tag_ok(&key, (1, page, 2), &h, &tags, id);
+            let want = (id as usize).checked_sub(1).and_then(|i| {
+                tags.get(i * TAG_LEN..(i + 1) * TAG_LEN)
+            }) == Some(&chain_tag(&key, 1, page, 2, &h)[..]);
+            prop_assert_eq!(ok, want);
+        }
+
         #[test]
         fn garbage_never_panics(mut b in proptest::collection::vec(any::<u8>(), 0..200), session in any::<u64>()) {
             let _ = decode(&mut b, session, member(0));

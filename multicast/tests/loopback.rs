@@ -280,13 +280,15 @@ fn four_receivers_get_identical_copies_over_loopback_multicast() {
 /// A source that reads its pages while the session runs, as an agent's
 /// cast does: `step` more pages are ready every `every` from its start,
 /// and every page `i` with `i % 7 == 3` is withdrawn (its content was gone
-/// when the source came to read it). Reading a page before it is ready,
-/// or a withdrawn one, fails the sender.
+/// when the source came to read it; unless made with
+/// [`Trickling::keeping_all`]). Reading a page before it is ready, or a
+/// withdrawn one, fails the sender.
 struct Trickling {
     inner: Source,
     started: std::time::Instant,
     step: u32,
     every: Duration,
+    withdraws: bool,
 }
 
 impl Trickling {
@@ -296,6 +298,14 @@ impl Trickling {
             started: std::time::Instant::now(),
             step,
             every,
+            withdraws: true,
+        }
+    }
+    /// As [`Trickling::new`], withdrawing nothing.
+    fn keeping_all(pages: u32, step: u32, every: Duration) -> Self {
+        Trickling {
+            withdraws: false,
+            ..Trickling::new(pages, step, every)
         }
     }
     fn kept(&self) -> Vec<u32> {
@@ -326,7 +336,7 @@ impl PageSource for Trickling {
         (steps as u64 * u64::from(self.step)).min(u64::from(self.pages())) as u32
     }
     fn withdrawn(&self, i: u32) -> bool {
-        i % 7 == 3
+        self.withdraws && i % 7 == 3
     }
 }
 
@@ -1214,6 +1224,288 @@ fn a_member_cannot_read_other_groups_or_speak_for_the_sender_or_others() {
             "the sender heard {} NACKs; the member sent {} as others",
             report.nacks,
             h.forged_nacks
+        );
+    });
+}
+
+/// What the hostile chain member of
+/// [`a_chain_member_cannot_pass_pages_of_its_own_down_the_chain`] did.
+#[derive(Debug, Default)]
+struct Relayed {
+    forwarded: u32,
+    forged: u32,
+    withheld: u32,
+    replayed: u32,
+}
+
+/// What the hostile chain member does with the pages it relays.
+#[derive(Clone, Copy, PartialEq)]
+enum Relay {
+    /// Every third replaced by one of its own.
+    Forge,
+    /// None passed on; the link kept busy with withdrawals.
+    Withhold,
+    /// The first passed on, then sent again and again, the rest kept.
+    Replay,
+}
+
+/// A chain member speaking the protocol itself with its real host
+/// certificate: joins first (so it heads the chain) and takes the sender's
+/// pages on its chain link. With `forge`, it passes them on to the receiver after it, every third one
+/// replaced by a page of its own making (its hash that of its bytes, the
+/// frame and the sender's tags kept), then stays connected and silent
+/// until `stop`, so the sender gives it up at its silence limit. With
+/// `Withhold` it passes none on, but keeps its link to the next receiver
+/// busy (a withdrawal every 100 ms, which a receiver takes only from the
+/// sender); with `Replay` it passes the first page on and then that same
+/// genuine, tagged page every 100 ms. Either way it tells the sender every
+/// 300 ms how few pages it holds, so that neither link nor control
+/// connection ever goes quiet.
+fn hostile_chain_member(
+    control: SocketAddr,
+    tls: &Tls,
+    (joined, relay): (std::sync::mpsc::Sender<()>, Relay),
+    stop: &Mutex<bool>,
+) -> Relayed {
+    let forge = relay == Relay::Forge;
+    use pagecast_proto::v1;
+    use std::time::Instant;
+    use v1::cast_frame::Body as F;
+    let frame = |b| v1::CastFrame { body: Some(b) };
+    let listener = std::net::TcpListener::bind((LO, 0)).unwrap();
+    let mut ch =
+        pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
+            .unwrap();
+    ch.send(&frame(F::Hello(v1::CastHello {
+        version: pagecast_proto::CAST_WIRE_VERSION as i32,
+        name: "hostile".into(),
+        chain_addr: listener.local_addr().unwrap().to_string(),
+        rcvbuf_bytes: 1 << 20,
+        job: String::new(),
+    })))
+    .unwrap();
+    joined.send(()).unwrap();
+    loop {
+        match ch.recv::<v1::CastFrame>("welcome").unwrap().body {
+            Some(F::Welcome(_)) => break,
+            Some(F::Waiting(_)) => continue,
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+    ch.send(&frame(F::Ready(v1::CastReady { joined: 1 })))
+        .unwrap();
+    let start = loop {
+        match ch.recv::<v1::CastFrame>("start").unwrap().body {
+            Some(F::Start(s)) => break s,
+            Some(F::Waiting(_)) => continue,
+            other => panic!("expected the start, got {other:?}"),
+        }
+    };
+    assert_eq!(start.transport, v1::CastTransport::Chain as i32);
+    let (from_sender, _) = listener.accept().unwrap();
+    let mut prev = pagecast_channel::Channel::server(from_sender, tls).unwrap();
+    let mut next = pagecast_channel::Channel::client(
+        std::net::TcpStream::connect(&start.chain_next).unwrap(),
+        tls,
+    )
+    .unwrap();
+    let mut junk = frame(F::Page(v1::CastPage {
+        withdrawn: true,
+        ..Default::default()
+    }));
+    let (mut r, mut open, mut busy, mut told) =
+        (Relayed::default(), true, Instant::now(), Instant::now());
+    let mut keep_busy = |next: &mut pagecast_channel::Channel,
+                         ch: &mut pagecast_channel::Channel,
+                         junk: &v1::CastFrame| {
+        if busy.elapsed() >= Duration::from_millis(100) {
+            let _ = next.send(junk);
+            busy = Instant::now();
+        }
+        if told.elapsed() >= Duration::from_millis(300) {
+            let _ = ch.send(&frame(F::Progress(v1::CastProgress::default())));
+            told = Instant::now();
+        }
+    };
+    loop {
+        let mut f: v1::CastFrame = prev.recv("chain page").unwrap();
+        let end = matches!(f.body, Some(F::Finish(_)));
+        if relay == Relay::Replay && r.forwarded == 0 && matches!(f.body, Some(F::Page(_))) {
+            // The sender's own first page, passed on, then kept to send
+            // again.
+            let _ = next.send(&f);
+            r.forwarded += 1;
+            junk = f.clone();
+        } else if !forge {
+            r.withheld += 1;
+            r.replayed += u32::from(relay == Relay::Replay);
+            keep_busy(&mut next, &mut ch, &junk);
+        } else if open {
+            if let Some(F::Page(p)) = &mut f.body
+                && !p.withdrawn
+                && p.page % 3 == 0
+            {
+                let mine = [(p.page % 251) as u8 ^ 0x5A; PAGE_SIZE];
+                p.data = mine.to_vec().into();
+                p.hash = ContentKey::CLUSTER
+                    .hash_page(&mine)
+                    .as_bytes()
+                    .to_vec()
+                    .into();
+                r.forged += 1;
+            }
+            // The receiver after it may have let the link go.
+            open = next.send(&f).is_ok();
+            r.forwarded += u32::from(open);
+        }
+        if end {
+            break;
+        }
+    }
+    while !*stop.lock().unwrap() {
+        if !forge {
+            keep_busy(&mut next, &mut ch, &junk);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop((ch, next));
+    r
+}
+
+/// A chain member holding a real host certificate, speaking the protocol
+/// itself, cannot pass pages of its own making down the chain as the
+/// sender's: the receiver after it takes none of them (each carries the
+/// sender's tag for the sender's page, not for this one), tells the sender
+/// at once, and takes the rest from the sender by unicast while the feed
+/// still runs, so it ends with exactly the sender's pages. Before, it took
+/// the member's pages as the session's, dropped the sender's as
+/// duplicates, and failed at the end (its digest did not match); and a
+/// receiver that gave its link up heard nothing until the feed ended.
+#[test]
+fn a_chain_member_cannot_pass_pages_of_its_own_down_the_chain() {
+    let (control, group) = endpoints();
+    // The source reads 20 pages every 100 ms: the feed lasts 3 s, longer
+    // than the victim's 2 s silence limit, and no withdrawal is told over
+    // the control connections meanwhile.
+    let src = Trickling::keeping_all(600, 20, Duration::from_millis(100));
+    let mut cfg = SenderConfig::new(control, LO, 2);
+    cfg.transport = TransportChoice::Chain;
+    cfg.silent_after = Duration::from_secs(3);
+    let hostile = cluster().issue("hostile", Role::Host, 1).unwrap();
+    let victim = cluster().issue("victim", Role::Host, 1).unwrap();
+    let stop = Mutex::new(false);
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        let (joined, hello_sent) = std::sync::mpsc::channel();
+        let h = s.spawn(|| hostile_chain_member(control, &hostile, (joined, Relay::Forge), &stop));
+        hello_sent.recv().unwrap();
+        let v = s.spawn(|| {
+            let mut rc = ReceiverConfig::new(control, LO, "victim");
+            rc.silent_after = Duration::from_secs(2);
+            let mut sink = Sink::default();
+            let r = receive(&rc, &victim, &mut sink, &|_, _| {});
+            (r, sink)
+        });
+        let (victim_r, victim_sink) = v.join().unwrap();
+        *stop.lock().unwrap() = true;
+        let h = h.join().unwrap();
+        let report = sender.join().unwrap().unwrap();
+        let victim_r = victim_r.unwrap_or_else(|e| panic!("the victim failed: {e}"));
+        eprintln!("hostile: {h:?}; victim: {victim_r:?}");
+        assert_eq!(report.transport, Transport::Chain);
+        assert!(h.forged > 0, "{h:?}");
+        check_sink(&victim_sink, &src.inner, &(0..600).collect::<Vec<_>>());
+        assert!(victim_r.counters.forged >= 1, "{:?}", victim_r.counters);
+        assert!(victim_r.pages_unicast > 0, "{victim_r:?}");
+        let v = report
+            .receivers
+            .iter()
+            .find(|r| r.name == "victim")
+            .unwrap();
+        assert!(
+            matches!(&v.status, PeerStatus::Unicast { reason } if reason.contains("tag that is not the sender's")),
+            "{:?}",
+            v.status
+        );
+    });
+}
+
+/// A chain member that takes the sender's pages and passes none on,
+/// keeping its link to the next receiver busy with frames that are not the
+/// sender's pages (or with the sender's first page, again and again) and
+/// its control connection alive, holds that receiver up for at most half
+/// its silence limit: the receiver gives the link up, tells the sender,
+/// and takes every page by unicast;
+/// once they are verified and reported it ends, though the member still
+/// holds the sender's session open. Before, it waited as long as such
+/// frames came (each one counted as hearing from the sender), and with a
+/// quiet link until its own silence limit, then failed.
+#[test]
+fn a_chain_member_that_withholds_pages_costs_half_a_silence_limit() {
+    for relay in [Relay::Withhold, Relay::Replay] {
+        withheld_by(relay);
+    }
+}
+
+/// [`a_chain_member_that_withholds_pages_costs_half_a_silence_limit`]
+/// with the member relaying as `relay`.
+fn withheld_by(relay: Relay) {
+    let (control, group) = endpoints();
+    let src = Source::new(600);
+    let mut cfg = SenderConfig::new(control, LO, 2);
+    cfg.transport = TransportChoice::Chain;
+    cfg.silent_after = Duration::from_secs(30);
+    let hostile = cluster().issue("hostile", Role::Host, 1).unwrap();
+    let victim = cluster().issue("victim", Role::Host, 1).unwrap();
+    let stop = Mutex::new(false);
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        let (joined, hello_sent) = std::sync::mpsc::channel();
+        let h = s.spawn(|| hostile_chain_member(control, &hostile, (joined, relay), &stop));
+        hello_sent.recv().unwrap();
+        let (t0, victim) = (std::time::Instant::now(), &victim);
+        let v = s.spawn(move || {
+            let mut rc = ReceiverConfig::new(control, LO, "victim");
+            rc.silent_after = Duration::from_secs(2);
+            let mut sink = Sink::default();
+            let r = receive(&rc, victim, &mut sink, &|_, _| {});
+            (r, sink, t0.elapsed())
+        });
+        // The victim is done once its pages are verified; the sender
+        // waits for the member too, which it finds silent only when told
+        // to stop.
+        let (victim_r, victim_sink, took) = v.join().unwrap();
+        *stop.lock().unwrap() = true;
+        let h = h.join().unwrap();
+        let report = sender.join();
+        let victim_r = victim_r.unwrap_or_else(|e| panic!("the victim failed: {e}"));
+        eprintln!("hostile: {h:?}; victim: {victim_r:?} in {took:?}; sender: {report:?}");
+        match relay {
+            Relay::Withhold => assert!(h.withheld > 0 && h.forwarded == 0, "{h:?}"),
+            _ => assert!(h.forwarded == 1 && h.replayed > 0, "{h:?}"),
+        }
+        check_sink(&victim_sink, &src, &(0..600).collect::<Vec<_>>());
+        // All by unicast, but for the first page where it was replayed.
+        assert!(victim_r.pages_unicast >= 599, "{victim_r:?}");
+        assert!(victim_r.chain_broken.is_some(), "{victim_r:?}");
+        let report = report.unwrap().unwrap();
+        let v = report
+            .receivers
+            .iter()
+            .find(|r| r.name == "victim")
+            .unwrap();
+        // The receiver's own reason, not the sender's limit after the feed.
+        let why = match relay {
+            Relay::Withhold => "passed on no page of the sender's",
+            _ => "came down it again, or out of order",
+        };
+        assert!(
+            matches!(&v.status, PeerStatus::Unicast { reason }
+                if reason.contains("gave up its chain link") && reason.contains(why)),
+            "{:?}",
+            v.status
         );
     });
 }

@@ -15,11 +15,11 @@ pub mod v1 {
 
 /// The wire protocol version this build speaks (manifests).
 pub const WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion1;
-/// The version a cast's hello and welcome carry: 2 since a sender may
-/// withdraw a page mid-session (it casts pages as it reads them, and one
-/// whose content left it meanwhile is withdrawn). Each side refuses any
-/// other.
-pub const CAST_WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion2;
+/// The version a cast's hello and welcome carry: 3 since pages sent down
+/// a TCP chain carry the sender's tag for each receiver and a receiver
+/// says when it gave its chain link up (2: a sender may withdraw a page
+/// mid-session). Each side refuses any other.
+pub const CAST_WIRE_VERSION: v1::WireVersion = v1::WireVersion::WireVersion3;
 /// The version a migration's first frame ([`v1::MigrateBegin`]) carries:
 /// 2 since the VM's kind travels there and QEMU streams are migration
 /// frames. A destination refuses any other.
