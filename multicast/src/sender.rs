@@ -86,6 +86,9 @@ struct Peer {
     counters: ReceiverCounters,
     /// It gave up its chain link, for this reason.
     chain_refused: Option<String>,
+    /// Since when it has had every page it needs (it reported the last
+    /// group held, or its unicast repair was sent): it owes its Done.
+    owes_done_since: Option<Instant>,
 }
 
 struct Group {
@@ -591,6 +594,7 @@ fn new_peer(
         pages,
         unicast_pages: 0,
         chain_refused: None,
+        owes_done_since: None,
         counters: ReceiverCounters::default(),
     })
 }
@@ -1231,6 +1235,38 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Drops every receiver that has had every page it needs for the
+    /// silence limit and still has not said it is done (its Done verifies
+    /// what it holds, so an honest one says it within moments): one that
+    /// stays otherwise alive, its progress reports coming, would hold the
+    /// session open until the job's deadline. A receiver owes its Done once
+    /// its unicast repair was sent (a finished thread in `unicast`), or,
+    /// over multicast, once it reported the last group held (marked by the
+    /// caller).
+    fn done_check(&mut self, unicast: &[(usize, UnicastJoin<'_>)]) {
+        let now = Instant::now();
+        for (i, j) in unicast {
+            if j.is_finished() {
+                self.peers[*i].owes_done_since.get_or_insert(now);
+            }
+        }
+        for p in self.peers.iter_mut() {
+            if matches!(p.state, State::Live | State::Unicast(_))
+                && p.owes_done_since
+                    .is_some_and(|t| now.duration_since(t) > self.cfg.silent_after)
+            {
+                p.state = State::Dropped(format!(
+                    "had every page for {:?} and did not say it was done",
+                    self.cfg.silent_after
+                ));
+                counter!(crate::metrics::RECEIVERS_DROPPED).increment(1);
+                if let Some(w) = &p.writer {
+                    w.shutdown();
+                }
+            }
+        }
+    }
+
     fn all_finished(&self) -> bool {
         self.peers
             .iter()
@@ -1388,7 +1424,8 @@ impl<'a> Run<'a> {
 
     /// Moves receiver `i` to unicast repair: a thread sends it, over its
     /// control connection, every page of its groups from `g` on that it may
-    /// lack.
+    /// lack, and ends once the receiver has acknowledged them (or closes
+    /// the connection if it stops taking them).
     fn demote<'s>(
         &mut self,
         scope: &'s std::thread::Scope<'s, '_>,
@@ -1423,12 +1460,23 @@ impl<'a> Run<'a> {
             for id in pages {
                 let ok = page_frame(src, id, &mut page).is_ok_and(|f| w.send(&f).is_ok());
                 if !ok {
+                    // A frame cut short leaves the stream unusable: closed,
+                    // so the receiver's reader ends and it is dropped.
+                    w.shutdown();
                     let bytes = w.sent_bytes() - before;
                     return (None, sent, bytes);
                 }
                 sent += 1;
             }
+            // Done once the receiver has the pages, not once they left for
+            // the socket buffers: its Done is owed from here
+            // (`Run::done_check`).
+            let drained = w.drain().is_ok();
             let bytes = w.sent_bytes() - before;
+            if !drained {
+                w.shutdown();
+                return (None, sent, bytes);
+            }
             (Some(w), sent, bytes)
         }))
     }
@@ -1450,6 +1498,15 @@ impl<'a> Run<'a> {
             if f.last_check.elapsed() > Duration::from_millis(20) {
                 f.last_check = Instant::now();
                 self.silent_check();
+                if f.g == self.groups.len() {
+                    // Every live receiver reported every group held.
+                    for p in self.peers.iter_mut() {
+                        if p.state == State::Live {
+                            p.owes_done_since.get_or_insert(f.last_check);
+                        }
+                    }
+                }
+                self.done_check(&unicast);
                 // Receivers holding the window back for too long go unicast.
                 for m in self.slow_receivers(&f) {
                     let why = format!("held the window back for over {:?}", self.cfg.slow_after);
@@ -1959,6 +2016,7 @@ impl<'a> Run<'a> {
         loop {
             self.events(Duration::from_millis(5));
             self.silent_check();
+            self.done_check(&unicast);
             self.demote_refused(scope, &mut unicast);
             if fed.elapsed() > self.cfg.silent_after / 2 {
                 for i in 0..self.peers.len() {

@@ -1509,3 +1509,223 @@ fn withheld_by(relay: Relay) {
         );
     });
 }
+
+/// How the member that never says it is done behaves.
+#[derive(Clone, Copy, Debug)]
+struct NeverDone {
+    /// It reports every group held (else it reports holding nothing, and
+    /// is sent everything by unicast).
+    claims_all: bool,
+    /// It reads its control connection (else it takes nothing sent there,
+    /// unicast repair included).
+    reads: bool,
+}
+
+/// A member speaking the protocol itself with its real host certificate
+/// that never says it is done: it reports every 300 ms (so it is never
+/// silent), every group held or nothing, reads its control connection or
+/// not, and on a chain passes on every frame faithfully. Returns the
+/// frames it took on its control connection once told to stop.
+fn never_done_member(
+    control: SocketAddr,
+    tls: &Tls,
+    (joined, how): (std::sync::mpsc::Sender<()>, NeverDone),
+    stop: &Mutex<bool>,
+) -> u64 {
+    use pagecast_proto::v1;
+    use v1::cast_frame::Body as F;
+    let frame = |b| v1::CastFrame { body: Some(b) };
+    let listener = std::net::TcpListener::bind((LO, 0)).unwrap();
+    let mut ch =
+        pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
+            .unwrap();
+    ch.send(&frame(F::Hello(v1::CastHello {
+        version: pagecast_proto::CAST_WIRE_VERSION as i32,
+        name: "never-done".into(),
+        chain_addr: listener.local_addr().unwrap().to_string(),
+        rcvbuf_bytes: 1 << 20,
+        job: String::new(),
+    })))
+    .unwrap();
+    joined.send(()).unwrap();
+    let mut welcomed = false;
+    let start = loop {
+        match ch.recv::<v1::CastFrame>("start").unwrap().body {
+            Some(F::Welcome(_)) if !welcomed => {
+                welcomed = true;
+                ch.send(&frame(F::Ready(v1::CastReady { joined: 1 })))
+                    .unwrap();
+            }
+            Some(F::Start(s)) => break s,
+            Some(F::Waiting(_)) => continue,
+            other => panic!("expected a welcome or the start, got {other:?}"),
+        }
+    };
+    let (mut rd, mut wr) = ch.split().unwrap();
+    let drained = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        if how.reads {
+            s.spawn(|| {
+                while rd.recv::<v1::CastFrame>("a frame").is_ok() {
+                    drained.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        if start.transport == v1::CastTransport::Chain as i32 {
+            s.spawn(|| {
+                let (from, _) = listener.accept().unwrap();
+                let mut prev = pagecast_channel::Channel::server(from, tls).unwrap();
+                let mut next = (!start.chain_next.is_empty()).then(|| {
+                    pagecast_channel::Channel::client(
+                        std::net::TcpStream::connect(&start.chain_next).unwrap(),
+                        tls,
+                    )
+                    .unwrap()
+                });
+                while let Ok(f) = prev.recv::<v1::CastFrame>("chain page") {
+                    if let Some(n) = next.as_mut() {
+                        let _ = n.send(&f);
+                    }
+                }
+            });
+        }
+        let report = frame(F::Progress(if how.claims_all {
+            v1::CastProgress {
+                group: u32::MAX,
+                ..Default::default()
+            }
+        } else {
+            v1::CastProgress::default()
+        }));
+        while !*stop.lock().unwrap() {
+            let _ = wr.send(&report);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        wr.shutdown();
+    });
+    drained.into_inner()
+}
+
+/// A member that never says it is done, though it keeps reporting, holds
+/// the sender for about a silence limit once it has had every page: over
+/// multicast from its report of the last group held, or from the end of
+/// its unicast repair (which ends once the member's kernel acknowledged
+/// the pages, on the chain and after a multicast member held the window
+/// back); a member that takes nothing on its control connection stalls
+/// its repair, which then closes the connection. The sender ends its
+/// session, the honest receiver verified. Before, the sender waited for
+/// the member's Done until the job's deadline, and a repair that failed
+/// left the connection open, so the member's reports kept the sender
+/// waiting.
+#[test]
+fn a_member_that_never_says_it_is_done_holds_the_sender_for_a_silence_limit() {
+    if !needs(
+        "a_member_that_never_says_it_is_done_holds_the_sender_for_a_silence_limit",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    let (all, nothing) = (
+        NeverDone {
+            claims_all: true,
+            reads: true,
+        },
+        NeverDone {
+            claims_all: false,
+            reads: true,
+        },
+    );
+    let deaf = NeverDone {
+        claims_all: false,
+        reads: false,
+    };
+    for (transport, how, pages, why) in [
+        (
+            TransportChoice::Multicast,
+            all,
+            600,
+            "did not say it was done",
+        ),
+        (
+            TransportChoice::Multicast,
+            nothing,
+            600,
+            "did not say it was done",
+        ),
+        (
+            TransportChoice::Chain,
+            nothing,
+            600,
+            "did not say it was done",
+        ),
+        // More than the socket buffers take, so the repair stalls.
+        (TransportChoice::Chain, deaf, 12_000, "connection lost"),
+    ] {
+        never_done_with(transport, how, pages, why);
+    }
+}
+
+/// [`a_member_that_never_says_it_is_done_holds_the_sender_for_a_silence_limit`]
+/// over `transport`, the member behaving as `how`, with `pages` pages; the
+/// member must be dropped for `why`.
+fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: &str) {
+    let (control, group) = endpoints();
+    let src = Source::new(pages);
+    let mut cfg = SenderConfig::new(control, LO, 2);
+    cfg.transport = transport;
+    cfg.silent_after = Duration::from_secs(3);
+    let hostile = cluster().issue("never-done", Role::Host, 1).unwrap();
+    let honest = cluster().issue("honest", Role::Host, 1).unwrap();
+    let stop = Mutex::new(false);
+    std::thread::scope(|s| {
+        let (ended, sender_ended) = std::sync::mpsc::channel();
+        let (src, cfg) = (&src, &cfg);
+        s.spawn(move || {
+            let r = send(cfg, Groups::Single(group), src, &tls(), &|_, _| {});
+            let _ = ended.send(r);
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let (joined, hello_sent) = std::sync::mpsc::channel();
+        let h = s.spawn(|| never_done_member(control, &hostile, (joined, how), &stop));
+        hello_sent.recv().unwrap();
+        let v = s.spawn(|| {
+            let rc = ReceiverConfig::new(control, LO, "honest");
+            let mut sink = Sink::default();
+            let r = receive(&rc, &honest, &mut sink, &|_, _| {});
+            (r, sink)
+        });
+        let (honest_r, honest_sink) = v.join().unwrap();
+        // The silence limit, the chain's half limit after its feed, a
+        // stalled repair's 10 s, and time for a busy machine; before, it
+        // waited for the stop.
+        let report = sender_ended.recv_timeout(Duration::from_secs(40));
+        *stop.lock().unwrap() = true;
+        let drained = h.join().unwrap();
+        let report = report
+            .unwrap_or_else(|_| panic!("{transport:?} {how:?}: the sender still waits"))
+            .unwrap();
+        let honest_r = honest_r.unwrap_or_else(|e| panic!("the honest receiver failed: {e}"));
+        eprintln!("{transport:?} {how:?}: member took {drained} frames; {honest_r:?}");
+        check_sink(&honest_sink, src, &(0..pages).collect::<Vec<_>>());
+        let m = report
+            .receivers
+            .iter()
+            .find(|r| r.name == "never-done")
+            .unwrap();
+        assert!(
+            matches!(&m.status, PeerStatus::Dropped { reason } if reason.contains(why)),
+            "{transport:?} {how:?}: {:?}",
+            m.status
+        );
+        let h = report
+            .receivers
+            .iter()
+            .find(|r| r.name == "honest")
+            .unwrap();
+        assert!(
+            matches!(h.status, PeerStatus::Complete | PeerStatus::Unicast { .. }),
+            "{:?}",
+            h.status
+        );
+    });
+}

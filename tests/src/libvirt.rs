@@ -273,6 +273,21 @@ impl LibvirtHost {
             .unwrap_or_else(|| panic!("no RAM file of {name} under {}", qemu.display()))
     }
 
+    /// The domain's state once it reads `want`, or the last one read when
+    /// `within` has passed. Once, under the whole suite's load, the state
+    /// read right after libvirt's own migration back said the domain that
+    /// had just arrived was not found (the test passed alone).
+    pub fn domstate_within(&self, name: &str, want: &str, within: std::time::Duration) -> String {
+        let until = std::time::Instant::now() + within;
+        loop {
+            let s = self.domstate(name);
+            if s == want || std::time::Instant::now() >= until {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     /// Domain `name`'s state as libvirt here reports it (`running`, or
     /// the error when it has no such domain).
     pub fn domstate(&self, name: &str) -> String {

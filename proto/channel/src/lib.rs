@@ -866,6 +866,49 @@ impl ChannelWriter {
         result
     }
 
+    /// Bytes sent on this connection that the peer's kernel has not yet
+    /// acknowledged (queued here or in flight).
+    pub fn unacked_bytes(&self) -> Result<usize, AuthError> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one c_int
+        // through the pointer, which points at `n`, live for the call; the
+        // descriptor is this writer's socket, open while `self` lives.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+                libc::TIOCOUTQ,
+                &mut n,
+            )
+        };
+        if r < 0 {
+            return Err(io_err(&self.peer)(std::io::Error::last_os_error()));
+        }
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// Waits until the peer's kernel has acknowledged every byte sent: a
+    /// sender that must know its frames reached the peer, not only its
+    /// own socket buffer, before it starts a clock on the peer's answer.
+    /// Fails as stalled (the write limit) when the peer acknowledges
+    /// nothing for that long.
+    pub fn drain(&mut self) -> Result<(), AuthError> {
+        let mut last = usize::MAX;
+        let mut moved = std::time::Instant::now();
+        loop {
+            let n = self.unacked_bytes()?;
+            if n == 0 {
+                return Ok(());
+            }
+            if n < last {
+                last = n;
+                moved = std::time::Instant::now();
+            } else if moved.elapsed() >= self.limit {
+                return Err(self.stalled());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     fn stalled(&self) -> AuthError {
         AuthError::Stalled {
             peer: self.peer.clone(),

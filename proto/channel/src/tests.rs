@@ -66,6 +66,45 @@ fn frames_flow_both_ways_and_each_side_knows_the_other() {
     assert_eq!(r.recv::<v1::CastProgress>("progress").unwrap(), m);
 }
 
+/// A writer's drain returns once the peer has taken every byte, and fails
+/// as stalled when the peer reads nothing for the write limit.
+#[test]
+fn a_drain_waits_for_the_peer_and_fails_on_one_that_reads_nothing() {
+    let ca = Authority::generate().unwrap();
+    let (srv, cli) = pair(
+        ca.issue("host-a", Role::Host, 1).unwrap(),
+        ca.issue("host-b", Role::Host, 1).unwrap(),
+    );
+    let (mut srv, mut cli) = (srv.unwrap(), cli.unwrap());
+    srv.set_write_limit(Duration::from_millis(500)).unwrap();
+    let (r, mut w) = srv.split().unwrap();
+    // Small frames the peer's kernel takes whole: acknowledged at once.
+    w.send(&v1::CastProbe { nonce: 1 }).unwrap();
+    w.drain().unwrap();
+    assert_eq!(w.unacked_bytes().unwrap(), 0);
+    assert_eq!(cli.recv::<v1::CastProbe>("probe").unwrap().nonce, 1);
+    // More than the peer's buffers hold, while it reads nothing: bytes
+    // stay unacknowledged, and the drain gives up at the limit.
+    let big = v1::VmInfo {
+        name: "x".repeat(1 << 20),
+        ..Default::default()
+    };
+    let mut sent = 0;
+    while sent < 64 && w.send(&big).is_ok() {
+        sent += 1;
+    }
+    let t = std::time::Instant::now();
+    let err = w.drain().unwrap_err();
+    assert!(matches!(err, AuthError::Stalled { .. }), "{err}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(w.unacked_bytes().unwrap() > 0);
+    drop((r, cli));
+}
+
 fn refused(server: Tls, client: Tls) -> (String, String) {
     let (s, c) = pair(server, client);
     let s = s.map(|_| ()).unwrap_err().to_string();

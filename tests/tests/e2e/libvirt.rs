@@ -126,9 +126,10 @@ fn libvirt_migrates_a_domain_through_pagecast_with_fewer_bytes_than_its_own() {
     // libvirt's own migration there and back: the baseline, same domain,
     // same run.
     let direct = virsh_migrate(&h1, &h2, "guest");
-    assert_eq!(h2.domstate("guest"), "running");
+    let settle = Duration::from_secs(10);
+    assert_eq!(h2.domstate_within("guest", "running", settle), "running");
     virsh_migrate(&h2, &h1, "guest");
-    assert_eq!(h1.domstate("guest"), "running");
+    assert_eq!(h1.domstate_within("guest", "running", settle), "running");
 
     let through = through_pagecast(dir, (&h1, &h2), (&a, &b));
     // The contents the resident holds did not cross.
