@@ -1146,6 +1146,48 @@ struct Run<'a> {
     progress: &'a (dyn Fn(u64, u64) + Sync),
 }
 
+/// The slowest a receiver may take what it is sent, in bytes per second
+/// of the time the sends to it waited: one that reads a frame now and then,
+/// each within a frame's write limit, would otherwise hold its unicast
+/// repair, or the chain's feed through it, for as long as it likes.
+const MIN_TAKE_RATE: f64 = (1u64 << 20) as f64;
+
+/// What a receiver took of what it was sent, timed only while the sends
+/// to it ran (so a source that reads slowly is not counted against it).
+#[derive(Default)]
+struct Taking {
+    waited: Duration,
+    bytes: u64,
+}
+
+impl Taking {
+    /// Runs `send`, of `bytes`, and counts how long it took.
+    fn send<T>(&mut self, bytes: u64, send: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = send();
+        self.waited += t.elapsed();
+        self.bytes += bytes;
+        r
+    }
+
+    /// Why the receiver is too slow to wait for: the sends to it waited
+    /// `over` in all, and it took less than [`MIN_TAKE_RATE`] over them.
+    fn too_slow(&self, over: Duration) -> Option<String> {
+        if self.waited < over {
+            return None;
+        }
+        let rate = self.bytes as f64 / self.waited.as_secs_f64();
+        (rate < MIN_TAKE_RATE).then(|| {
+            format!(
+                "took {:.0} KiB/s while the sends to it waited {:.1?} (at least {} MiB/s is asked)",
+                rate / 1024.0,
+                self.waited,
+                MIN_TAKE_RATE / f64::from(1u32 << 20)
+            )
+        })
+    }
+}
+
 type UnicastJoin<'s> = std::thread::ScopedJoinHandle<'s, (Option<ChannelWriter>, u64, u64)>;
 
 impl<'a> Run<'a> {
@@ -1452,14 +1494,16 @@ impl<'a> Run<'a> {
             };
             pages.extend(self.groups[pg].pages[from..].iter().copied());
         }
-        let src = self.src;
+        let (src, slow_over) = (self.src, self.cfg.silent_after);
         Some(scope.spawn(move || {
             let mut page = [0u8; PAGE_SIZE];
             let before = w.sent_bytes();
             let mut sent = 0u64;
+            let mut taking = Taking::default();
             for id in pages {
-                let ok = page_frame(src, id, &mut page).is_ok_and(|f| w.send(&f).is_ok());
-                if !ok {
+                let ok = page_frame(src, id, &mut page)
+                    .is_ok_and(|f| taking.send(PAGE_SIZE as u64, || w.send(&f)).is_ok());
+                if !ok || taking.too_slow(slow_over).is_some() {
                     // A frame cut short leaves the stream unusable: closed,
                     // so the receiver's reader ends and it is dropped.
                     w.shutdown();
@@ -1887,6 +1931,7 @@ impl<'a> Run<'a> {
         let total = self.src.pages();
         self.started = Instant::now();
         let mut looked = Instant::now();
+        let mut taking = Taking::default();
         for i in 0..total {
             let mut f = page_frame(self.src, i, &mut page)
                 .map_err(|source| CastError::Source { page: i, source })?;
@@ -1904,7 +1949,7 @@ impl<'a> Run<'a> {
                 self.tell_live(&f);
                 continue;
             }
-            if let Err(e) = link.send(&f) {
+            if let Err(e) = taking.send(PAGE_SIZE as u64, || link.send(&f)) {
                 // The first receiver is gone, or gave its link up: the
                 // rest go to it by unicast (and to those after it, as
                 // their links close and they give them up).
@@ -1912,6 +1957,20 @@ impl<'a> Run<'a> {
                     && let Some(j) = self.demote(scope, head, 0, format!("chain link lost: {e}"))
                 {
                     unicast.push((head, j));
+                }
+                break;
+            }
+            if let Some(why) = taking.too_slow(self.cfg.silent_after) {
+                // A first receiver that takes the chain's pages too slowly
+                // holds every receiver: all take the rest by unicast (the
+                // slow one's repair is held to the same pace).
+                let why = format!("the chain's first receiver {why}");
+                for i in head..self.peers.len() {
+                    if self.peers[i].state == State::Live
+                        && let Some(j) = self.demote(scope, i, 0, why.clone())
+                    {
+                        unicast.push((i, j));
+                    }
                 }
                 break;
             }

@@ -1516,15 +1516,27 @@ struct NeverDone {
     /// It reports every group held (else it reports holding nothing, and
     /// is sent everything by unicast).
     claims_all: bool,
-    /// It reads its control connection (else it takes nothing sent there,
-    /// unicast repair included).
-    reads: bool,
+    /// How it reads its control connection and its chain link.
+    reads: Reads,
+}
+
+/// How a member reads what it is sent.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Reads {
+    All,
+    /// Nothing on its control connection (unicast repair included).
+    Nothing,
+    /// A frame every 20 ms (about 200 KiB/s), on its control connection
+    /// and its chain link: each send to it ends well within a frame's
+    /// write limit.
+    Slowly,
 }
 
 /// A member speaking the protocol itself with its real host certificate
 /// that never says it is done: it reports every 300 ms (so it is never
 /// silent), every group held or nothing, reads its control connection or
-/// not, and on a chain passes on every frame faithfully. Returns the
+/// chain link (all of it, none, or slowly), and on a chain passes on every
+/// frame faithfully. Returns the
 /// frames it took on its control connection once told to stop.
 fn never_done_member(
     control: SocketAddr,
@@ -1564,10 +1576,16 @@ fn never_done_member(
     let (mut rd, mut wr) = ch.split().unwrap();
     let drained = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| {
-        if how.reads {
+        if how.reads != Reads::Nothing {
             s.spawn(|| {
                 while rd.recv::<v1::CastFrame>("a frame").is_ok() {
                     drained.fetch_add(1, Ordering::Relaxed);
+                    if how.reads == Reads::Slowly {
+                        if *stop.lock().unwrap() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                 }
             });
         }
@@ -1585,6 +1603,12 @@ fn never_done_member(
                 while let Ok(f) = prev.recv::<v1::CastFrame>("chain page") {
                     if let Some(n) = next.as_mut() {
                         let _ = n.send(&f);
+                    }
+                    if how.reads == Reads::Slowly {
+                        if *stop.lock().unwrap() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
                     }
                 }
             });
@@ -1612,11 +1636,14 @@ fn never_done_member(
 /// its unicast repair (which ends once the member's kernel acknowledged
 /// the pages, on the chain and after a multicast member held the window
 /// back); a member that takes nothing on its control connection stalls
-/// its repair, which then closes the connection. The sender ends its
-/// session, the honest receiver verified. Before, the sender waited for
-/// the member's Done until the job's deadline, and a repair that failed
-/// left the connection open, so the member's reports kept the sender
-/// waiting.
+/// its repair, which then closes the connection; one that takes a frame
+/// now and then (at the chain's head) is given up once the sends to it
+/// waited a silence limit at under 1 MiB/s, the feed and then its repair.
+/// The sender ends its session, the honest receiver verified. Before, the
+/// sender waited for the member's Done until the job's deadline, a repair
+/// that failed left the connection open, so the member's reports kept the
+/// sender waiting, and a slow reader held the feed for as long as it
+/// read a frame within each frame's write limit.
 #[test]
 fn a_member_that_never_says_it_is_done_holds_the_sender_for_a_silence_limit() {
     if !needs(
@@ -1625,20 +1652,9 @@ fn a_member_that_never_says_it_is_done_holds_the_sender_for_a_silence_limit() {
     ) {
         return;
     }
-    let (all, nothing) = (
-        NeverDone {
-            claims_all: true,
-            reads: true,
-        },
-        NeverDone {
-            claims_all: false,
-            reads: true,
-        },
-    );
-    let deaf = NeverDone {
-        claims_all: false,
-        reads: false,
-    };
+    let how = |claims_all, reads| NeverDone { claims_all, reads };
+    let (all, nothing) = (how(true, Reads::All), how(false, Reads::All));
+    let (deaf, slow) = (how(false, Reads::Nothing), how(false, Reads::Slowly));
     for (transport, how, pages, why) in [
         (
             TransportChoice::Multicast,
@@ -1660,6 +1676,9 @@ fn a_member_that_never_says_it_is_done_holds_the_sender_for_a_silence_limit() {
         ),
         // More than the socket buffers take, so the repair stalls.
         (TransportChoice::Chain, deaf, 12_000, "connection lost"),
+        // At the head of the chain (it joins first), taking the feed and
+        // then its repair a frame every 20 ms: both are given up.
+        (TransportChoice::Chain, slow, 12_000, "connection lost"),
     ] {
         never_done_with(transport, how, pages, why);
     }
@@ -1677,6 +1696,7 @@ fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: 
     let hostile = cluster().issue("never-done", Role::Host, 1).unwrap();
     let honest = cluster().issue("honest", Role::Host, 1).unwrap();
     let stop = Mutex::new(false);
+    let t0 = std::time::Instant::now();
     std::thread::scope(|s| {
         let (ended, sender_ended) = std::sync::mpsc::channel();
         let (src, cfg) = (&src, &cfg);
@@ -1699,13 +1719,17 @@ fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: 
         // stalled repair's 10 s, and time for a busy machine; before, it
         // waited for the stop.
         let report = sender_ended.recv_timeout(Duration::from_secs(40));
+        let took = t0.elapsed();
         *stop.lock().unwrap() = true;
         let drained = h.join().unwrap();
         let report = report
             .unwrap_or_else(|_| panic!("{transport:?} {how:?}: the sender still waits"))
             .unwrap();
         let honest_r = honest_r.unwrap_or_else(|e| panic!("the honest receiver failed: {e}"));
-        eprintln!("{transport:?} {how:?}: member took {drained} frames; {honest_r:?}");
+        eprintln!(
+            "{transport:?} {how:?}: sender ended after {took:.1?}, member took {drained} frames; \
+             {honest_r:?}"
+        );
         check_sink(&honest_sink, src, &(0..pages).collect::<Vec<_>>());
         let m = report
             .receivers
