@@ -89,6 +89,8 @@ struct Peer {
     /// Since when it has had every page it needs (it reported the last
     /// group held, or its unicast repair was sent): it owes its Done.
     owes_done_since: Option<Instant>,
+    /// Pages it reported held.
+    held: u32,
 }
 
 struct Group {
@@ -277,6 +279,7 @@ fn session(
             report,
             started: Instant::now(),
             progress,
+            sharing: Default::default(),
         };
         run.report.setup_s = began.elapsed().as_secs_f64();
         let unicast = match transport {
@@ -595,6 +598,7 @@ fn new_peer(
         unicast_pages: 0,
         chain_refused: None,
         owes_done_since: None,
+        held: 0,
         counters: ReceiverCounters::default(),
     })
 }
@@ -1144,6 +1148,8 @@ struct Run<'a> {
     report: SendReport,
     started: Instant,
     progress: &'a (dyn Fn(u64, u64) + Sync),
+    /// Receivers being sent pages over TCP at once ([`Taking`]).
+    sharing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The slowest a receiver may take what it is sent, in bytes per second
@@ -1152,39 +1158,84 @@ struct Run<'a> {
 /// repair, or the chain's feed through it, for as long as it likes.
 const MIN_TAKE_RATE: f64 = (1u64 << 20) as f64;
 
+/// How long a chain's first receiver may take to start taking its pages:
+/// its link connects to the next receiver (up to 10 s) and shakes hands
+/// (up to 5 s) before it reads a page, so until it reports one held the
+/// feed's pace is judged over this much more waiting.
+const CHAIN_SETUP: Duration = Duration::from_secs(15);
+
 /// What a receiver took of what it was sent, timed only while the sends
-/// to it ran (so a source that reads slowly is not counted against it).
-#[derive(Default)]
+/// to it ran (so a source that reads slowly is not counted against it),
+/// judged in windows of a silence limit of waiting each.
 struct Taking {
     waited: Duration,
     bytes: u64,
+    /// How many receivers are being sent pages over TCP at once (repairs
+    /// and the chain's feed): they share the sender's uplink, and so the
+    /// floor.
+    sharing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Taking {
-    /// Runs `send`, of `bytes`, and counts how long it took.
-    fn send<T>(&mut self, bytes: u64, send: impl FnOnce() -> T) -> T {
+    fn new(sharing: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        Taking {
+            waited: Duration::ZERO,
+            bytes: 0,
+            sharing,
+        }
+    }
+
+    /// Runs `send`, which returns its result and the bytes it wrote, and
+    /// counts how long it took.
+    fn send<T>(&mut self, send: impl FnOnce() -> (T, u64)) -> T {
         let t = Instant::now();
-        let r = send();
+        let (r, bytes) = send();
         self.waited += t.elapsed();
         self.bytes += bytes;
         r
     }
 
+    /// [`MIN_TAKE_RATE`], shared among the receivers sent pages at once.
+    fn floor(&self) -> f64 {
+        let n = self.sharing.load(std::sync::atomic::Ordering::Relaxed);
+        MIN_TAKE_RATE / n.max(1) as f64
+    }
+
     /// Why the receiver is too slow to wait for: the sends to it waited
-    /// `over` in all, and it took less than [`MIN_TAKE_RATE`] over them.
-    fn too_slow(&self, over: Duration) -> Option<String> {
+    /// `over` since the last window, and it took less than the floor over
+    /// them. Each window is judged on its own, so bytes taken fast at
+    /// first (or into the socket buffers) earn no time to trickle the rest.
+    fn too_slow(&mut self, over: Duration) -> Option<String> {
         if self.waited < over {
             return None;
         }
-        let rate = self.bytes as f64 / self.waited.as_secs_f64();
-        (rate < MIN_TAKE_RATE).then(|| {
+        let (rate, floor) = (self.bytes as f64 / self.waited.as_secs_f64(), self.floor());
+        let verdict = (rate < floor).then(|| {
             format!(
-                "took {:.0} KiB/s while the sends to it waited {:.1?} (at least {} MiB/s is asked)",
+                "took {:.0} KiB/s while the sends to it waited {:.1?} (at least {:.0} KiB/s is asked)",
                 rate / 1024.0,
                 self.waited,
-                MIN_TAKE_RATE / f64::from(1u32 << 20)
+                floor / 1024.0
             )
-        })
+        });
+        (self.waited, self.bytes) = (Duration::ZERO, 0);
+        verdict
+    }
+}
+
+/// One more receiver sent pages over TCP for as long as it lives.
+struct Sharing(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Sharing {
+    fn join(n: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Sharing(n.clone())
+    }
+}
+
+impl Drop for Sharing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -1206,6 +1257,7 @@ impl<'a> Run<'a> {
                 Event::Progress(i, p) => {
                     let peer = &mut self.peers[i];
                     peer.last_heard = Instant::now();
+                    peer.held = peer.held.max(p.held);
                     if peer.chain_refused.is_none() && !p.chain_refused.is_empty() {
                         // Its words, bounded: they go into the report.
                         peer.chain_refused = Some(p.chain_refused.chars().take(200).collect());
@@ -1495,14 +1547,22 @@ impl<'a> Run<'a> {
             pages.extend(self.groups[pg].pages[from..].iter().copied());
         }
         let (src, slow_over) = (self.src, self.cfg.silent_after);
+        let sharing = Sharing::join(&self.sharing);
         Some(scope.spawn(move || {
             let mut page = [0u8; PAGE_SIZE];
             let before = w.sent_bytes();
             let mut sent = 0u64;
-            let mut taking = Taking::default();
+            let mut taking = Taking::new(sharing.0.clone());
             for id in pages {
-                let ok = page_frame(src, id, &mut page)
-                    .is_ok_and(|f| taking.send(PAGE_SIZE as u64, || w.send(&f)).is_ok());
+                let ok = page_frame(src, id, &mut page).is_ok_and(|f| {
+                    taking
+                        .send(|| {
+                            let b = w.sent_bytes();
+                            let r = w.send(&f);
+                            (r, w.sent_bytes() - b)
+                        })
+                        .is_ok()
+                });
                 if !ok || taking.too_slow(slow_over).is_some() {
                     // A frame cut short leaves the stream unusable: closed,
                     // so the receiver's reader ends and it is dropped.
@@ -1515,7 +1575,12 @@ impl<'a> Run<'a> {
             // Done once the receiver has the pages, not once they left for
             // the socket buffers: its Done is owed from here
             // (`Run::done_check`).
-            let drained = w.drain().is_ok();
+            // The socket buffers' bytes at the floor, beyond the write limit.
+            let left = w.unacked_bytes().unwrap_or(0) as f64 / taking.floor();
+            let within =
+                pagecast_channel::WRITE_TIMEOUT + Duration::from_secs_f64(left.min(3600.0));
+            let drained = w.drain(within).is_ok();
+            drop(sharing);
             let bytes = w.sent_bytes() - before;
             if !drained {
                 w.shutdown();
@@ -1931,7 +1996,9 @@ impl<'a> Run<'a> {
         let total = self.src.pages();
         self.started = Instant::now();
         let mut looked = Instant::now();
-        let mut taking = Taking::default();
+        let _feeding = Sharing::join(&self.sharing);
+        let mut taking = Taking::new(self.sharing.clone());
+        let mut head_took = false;
         for i in 0..total {
             let mut f = page_frame(self.src, i, &mut page)
                 .map_err(|source| CastError::Source { page: i, source })?;
@@ -1949,7 +2016,12 @@ impl<'a> Run<'a> {
                 self.tell_live(&f);
                 continue;
             }
-            if let Err(e) = taking.send(PAGE_SIZE as u64, || link.send(&f)) {
+            let sent = taking.send(|| {
+                let b = link.sent_bytes();
+                let r = link.send(&f);
+                (r, link.sent_bytes() - b)
+            });
+            if let Err(e) = sent {
                 // The first receiver is gone, or gave its link up: the
                 // rest go to it by unicast (and to those after it, as
                 // their links close and they give them up).
@@ -1960,7 +2032,18 @@ impl<'a> Run<'a> {
                 }
                 break;
             }
-            if let Some(why) = taking.too_slow(self.cfg.silent_after) {
+            if !head_took && self.peers[head].held > 0 {
+                // Its link is set up: judged from here on a silence limit.
+                head_took = true;
+                taking = Taking::new(self.sharing.clone());
+            }
+            let over = self.cfg.silent_after
+                + if head_took {
+                    Duration::ZERO
+                } else {
+                    CHAIN_SETUP
+                };
+            if let Some(why) = taking.too_slow(over) {
                 // A first receiver that takes the chain's pages too slowly
                 // holds every receiver: all take the rest by unicast (the
                 // slow one's repair is held to the same pace).
@@ -2058,6 +2141,9 @@ impl<'a> Run<'a> {
         match self.first_link(head, tls) {
             Ok(mut link) => {
                 self.feed_chain((&mut link, head), scope, &mut unicast)?;
+                // A goodbye only: a first receiver that takes it slowly
+                // does not hold up the wait for everyone's Done.
+                let _ = link.set_write_limit(Duration::from_secs(1));
                 let _ = link.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
                     ok: true,
                     reason: String::new(),
@@ -2206,6 +2292,37 @@ impl<'a> Run<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A receiver's pace is judged once the sends to it waited the window,
+    /// each window on its own (bytes taken fast before earn no time to
+    /// trickle after), against a floor shared by those sent to at once.
+    #[test]
+    fn a_receivers_pace_is_judged_per_window_against_a_shared_floor() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sharing = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1));
+        let w = Duration::from_secs(5);
+        let mut t = Taking::new(sharing.clone());
+        let mib = 1u64 << 20;
+        let took = |t: &mut Taking, bytes: u64, secs: u64| {
+            t.waited += Duration::from_secs(secs);
+            t.bytes += bytes;
+        };
+        took(&mut t, 0, 4);
+        assert_eq!(t.too_slow(w), None, "not yet a window of waiting");
+        took(&mut t, 100 * mib, 1);
+        assert_eq!(t.too_slow(w), None, "20 MiB/s");
+        // A new window: the 100 MiB before count for nothing.
+        took(&mut t, mib, 5);
+        assert!(t.too_slow(w).is_some_and(|why| why.contains("205 KiB/s")));
+        // Four receivers at once: a quarter of the floor each.
+        sharing.store(4, Relaxed);
+        took(&mut t, 2 * mib, 5);
+        assert_eq!(t.too_slow(w), None, "410 KiB/s, above 256 KiB/s");
+        took(&mut t, mib / 2, 5);
+        assert!(t.too_slow(w).is_some(), "102 KiB/s, under a quarter");
+        let _ = Sharing::join(&sharing);
+        assert_eq!(sharing.load(Relaxed), 4, "a share ends with its receiver");
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -1716,9 +1716,10 @@ fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: 
         });
         let (honest_r, honest_sink) = v.join().unwrap();
         // The silence limit, the chain's half limit after its feed, a
-        // stalled repair's 10 s, and time for a busy machine; before, it
-        // waited for the stop.
-        let report = sender_ended.recv_timeout(Duration::from_secs(40));
+        // stalled repair's 10 s, a head's 15 s to set its link up, and
+        // time for a busy machine; before, it waited for the stop (a slow
+        // head: about 240 s).
+        let report = sender_ended.recv_timeout(Duration::from_secs(60));
         let took = t0.elapsed();
         *stop.lock().unwrap() = true;
         let drained = h.join().unwrap();
@@ -1751,5 +1752,17 @@ fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: 
             "{:?}",
             h.status
         );
+        if how.reads == Reads::Slowly {
+            // The feed's guard moved it, not a limit after the feed (the
+            // member joined first, so it heads the chain); the member took
+            // a small part of the pages.
+            assert!(
+                matches!(&h.status, PeerStatus::Unicast { reason }
+                    if reason.contains("the chain's first receiver took")),
+                "{:?}",
+                h.status
+            );
+            assert!(drained < u64::from(pages) / 2, "{drained}");
+        }
     });
 }

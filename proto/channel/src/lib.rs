@@ -789,6 +789,11 @@ impl Channel {
             .map_err(io_err(&self.w.peer))
     }
 
+    /// Bytes sent so far, on the wire.
+    pub fn sent_bytes(&self) -> u64 {
+        self.w.sent_bytes()
+    }
+
     /// Splits into halves two threads can use at once.
     pub fn split(self) -> Result<(ChannelReader, ChannelWriter), AuthError> {
         Ok((self.r, self.w))
@@ -889,14 +894,18 @@ impl ChannelWriter {
     /// Waits until the peer's kernel has acknowledged every byte sent: a
     /// sender that must know its frames reached the peer, not only its
     /// own socket buffer, before it starts a clock on the peer's answer.
-    /// Fails as stalled when that takes longer than the write limit (what
-    /// is left is at most the socket buffers, so a peer that takes it that
-    /// slowly, a few bytes now and then, is not waited for).
-    pub fn drain(&mut self) -> Result<(), AuthError> {
+    /// Fails as stalled when that takes longer than `within` (what is
+    /// left is at most the socket buffers, so the caller can bound it by
+    /// the slowest pace it accepts).
+    pub fn drain(&mut self, within: Duration) -> Result<(), AuthError> {
         let started = std::time::Instant::now();
         while self.unacked_bytes()? > 0 {
-            if started.elapsed() >= self.limit {
-                return Err(self.stalled());
+            if started.elapsed() >= within {
+                return Err(AuthError::Stalled {
+                    peer: self.peer.clone(),
+                    who: self.who.clone(),
+                    after: within,
+                });
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
