@@ -1239,7 +1239,20 @@ impl Drop for Sharing {
     }
 }
 
-type UnicastJoin<'s> = std::thread::ScopedJoinHandle<'s, (Option<ChannelWriter>, u64, u64)>;
+/// How a receiver's unicast repair ended.
+#[derive(Default)]
+struct Repaired {
+    /// Its control connection, for the goodbye (none once it failed).
+    writer: Option<ChannelWriter>,
+    /// Pages sent.
+    pages: u64,
+    /// Bytes sent.
+    bytes: u64,
+    /// Why it was given up.
+    failed: Option<String>,
+}
+
+type UnicastJoin<'s> = std::thread::ScopedJoinHandle<'s, Repaired>;
 
 impl<'a> Run<'a> {
     /// Handles receiver events; returns false once no receiver is live.
@@ -1553,22 +1566,31 @@ impl<'a> Run<'a> {
             let before = w.sent_bytes();
             let mut sent = 0u64;
             let mut taking = Taking::new(sharing.0.clone());
+            let failed = |w: ChannelWriter, pages, why| {
+                // A frame cut short leaves the stream unusable: closed,
+                // so the receiver's reader ends and it is dropped.
+                w.shutdown();
+                Repaired {
+                    bytes: w.sent_bytes() - before,
+                    pages,
+                    failed: Some(why),
+                    writer: None,
+                }
+            };
             for id in pages {
-                let ok = page_frame(src, id, &mut page).is_ok_and(|f| {
-                    taking
-                        .send(|| {
-                            let b = w.sent_bytes();
-                            let r = w.send(&f);
-                            (r, w.sent_bytes() - b)
-                        })
-                        .is_ok()
-                });
-                if !ok || taking.too_slow(slow_over).is_some() {
-                    // A frame cut short leaves the stream unusable: closed,
-                    // so the receiver's reader ends and it is dropped.
-                    w.shutdown();
-                    let bytes = w.sent_bytes() - before;
-                    return (None, sent, bytes);
+                let why = match page_frame(src, id, &mut page) {
+                    Err(e) => Some(format!("page {id} could not be read: {e}")),
+                    Ok(f) => match taking.send(|| {
+                        let b = w.sent_bytes();
+                        let r = w.send(&f);
+                        (r, w.sent_bytes() - b)
+                    }) {
+                        Err(e) => Some(e.to_string()),
+                        Ok(()) => taking.too_slow(slow_over),
+                    },
+                };
+                if let Some(why) = why {
+                    return failed(w, sent, why);
                 }
                 sent += 1;
             }
@@ -1579,14 +1601,17 @@ impl<'a> Run<'a> {
             let left = w.unacked_bytes().unwrap_or(0) as f64 / taking.floor();
             let within =
                 pagecast_channel::WRITE_TIMEOUT + Duration::from_secs_f64(left.min(3600.0));
-            let drained = w.drain(within).is_ok();
+            let drained = w.drain(within);
             drop(sharing);
-            let bytes = w.sent_bytes() - before;
-            if !drained {
-                w.shutdown();
-                return (None, sent, bytes);
+            if let Err(e) = drained {
+                return failed(w, sent, e.to_string());
             }
-            (Some(w), sent, bytes)
+            Repaired {
+                bytes: w.sent_bytes() - before,
+                pages: sent,
+                failed: None,
+                writer: Some(w),
+            }
         }))
     }
 
@@ -2200,10 +2225,14 @@ impl<'a> Run<'a> {
     fn finish<'s>(mut self, unicast: Vec<(usize, UnicastJoin<'s>)>) -> SendReport {
         let duration = self.started.elapsed().as_secs_f64();
         for (i, j) in unicast {
-            let (w, sent, bytes) = j.join().unwrap_or((None, 0, 0));
-            self.peers[i].writer = w;
-            self.peers[i].unicast_pages = sent;
-            self.report.bytes_unicast += bytes;
+            let r = j.join().unwrap_or_default();
+            let p = &mut self.peers[i];
+            (p.writer, p.unicast_pages) = (r.writer, r.pages);
+            self.report.bytes_unicast += r.bytes;
+            if let (Some(why), State::Dropped(then) | State::Unicast(then)) = (r.failed, &p.state) {
+                // The cause first: its connection closed because of it.
+                p.state = State::Dropped(format!("unicast repair given up: {why} ({then})"));
+            }
         }
         let start = self.started;
         for p in self.peers.iter_mut() {

@@ -1675,10 +1675,20 @@ fn a_member_that_never_says_it_is_done_holds_the_sender_for_a_silence_limit() {
             "did not say it was done",
         ),
         // More than the socket buffers take, so the repair stalls.
-        (TransportChoice::Chain, deaf, 12_000, "connection lost"),
+        (
+            TransportChoice::Chain,
+            deaf,
+            12_000,
+            "unicast repair given up",
+        ),
         // At the head of the chain (it joins first), taking the feed and
         // then its repair a frame every 20 ms: both are given up.
-        (TransportChoice::Chain, slow, 12_000, "connection lost"),
+        (
+            TransportChoice::Chain,
+            slow,
+            12_000,
+            "unicast repair given up: took",
+        ),
     ] {
         never_done_with(transport, how, pages, why);
     }
