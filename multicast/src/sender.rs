@@ -89,8 +89,6 @@ struct Peer {
     /// Since when it has had every page it needs (it reported the last
     /// group held, or its unicast repair was sent): it owes its Done.
     owes_done_since: Option<Instant>,
-    /// Pages it reported held.
-    held: u32,
 }
 
 struct Group {
@@ -598,7 +596,6 @@ fn new_peer(
         unicast_pages: 0,
         chain_refused: None,
         owes_done_since: None,
-        held: 0,
         counters: ReceiverCounters::default(),
     })
 }
@@ -1158,11 +1155,12 @@ struct Run<'a> {
 /// repair, or the chain's feed through it, for as long as it likes.
 const MIN_TAKE_RATE: f64 = (1u64 << 20) as f64;
 
-/// How long a chain's first receiver may take to start taking its pages:
-/// its link connects to the next receiver (up to 10 s) and shakes hands
-/// (up to 5 s) before it reads a page, so until it reports one held the
-/// feed's pace is judged over this much more waiting.
-const CHAIN_SETUP: Duration = Duration::from_secs(15);
+/// How much more waiting the chain's feed is judged over than a silence
+/// limit: its first receiver's link connects to the next receiver (up to
+/// 10 s) and shakes hands (up to 5 s) before it reads a page, and its
+/// relay to a next receiver that froze fails only at the 10 s write limit
+/// (then it goes on alone); neither is the first receiver being slow.
+const CHAIN_SLACK: Duration = Duration::from_secs(15);
 
 /// What a receiver took of what it was sent, timed only while the sends
 /// to it ran (so a source that reads slowly is not counted against it),
@@ -1270,7 +1268,6 @@ impl<'a> Run<'a> {
                 Event::Progress(i, p) => {
                     let peer = &mut self.peers[i];
                     peer.last_heard = Instant::now();
-                    peer.held = peer.held.max(p.held);
                     if peer.chain_refused.is_none() && !p.chain_refused.is_empty() {
                         // Its words, bounded: they go into the report.
                         peer.chain_refused = Some(p.chain_refused.chars().take(200).collect());
@@ -2023,7 +2020,6 @@ impl<'a> Run<'a> {
         let mut looked = Instant::now();
         let _feeding = Sharing::join(&self.sharing);
         let mut taking = Taking::new(self.sharing.clone());
-        let mut head_took = false;
         for i in 0..total {
             let mut f = page_frame(self.src, i, &mut page)
                 .map_err(|source| CastError::Source { page: i, source })?;
@@ -2057,17 +2053,7 @@ impl<'a> Run<'a> {
                 }
                 break;
             }
-            if !head_took && self.peers[head].held > 0 {
-                // Its link is set up: judged from here on a silence limit.
-                head_took = true;
-                taking = Taking::new(self.sharing.clone());
-            }
-            let over = self.cfg.silent_after
-                + if head_took {
-                    Duration::ZERO
-                } else {
-                    CHAIN_SETUP
-                };
+            let over = self.cfg.silent_after + CHAIN_SLACK;
             if let Some(why) = taking.too_slow(over) {
                 // A first receiver that takes the chain's pages too slowly
                 // holds every receiver: all take the rest by unicast (the

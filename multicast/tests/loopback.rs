@@ -1436,9 +1436,10 @@ fn a_chain_member_cannot_pass_pages_of_its_own_down_the_chain() {
 /// sender's pages (or with the sender's first page, again and again) and
 /// its control connection alive, holds that receiver up for at most half
 /// its silence limit: the receiver gives the link up, tells the sender,
-/// and takes every page by unicast;
-/// once they are verified and reported it ends, though the member still
-/// holds the sender's session open. Before, it waited as long as such
+/// and takes every page by unicast; once they are verified and reported
+/// it ends, while the sender still waits on the member (within the bounds
+/// `a_member_that_never_says_it_is_done_holds_the_sender_for_a_silence_limit`
+/// checks). Before, it waited as long as such
 /// frames came (each one counted as hearing from the sender), and with a
 /// quiet link until its own silence limit, then failed.
 #[test]
@@ -1474,8 +1475,8 @@ fn withheld_by(relay: Relay) {
             (r, sink, t0.elapsed())
         });
         // The victim is done once its pages are verified; the sender
-        // waits for the member too, which it finds silent only when told
-        // to stop.
+        // waits for the member too (30 s silence limit here), which the
+        // test then tells to stop.
         let (victim_r, victim_sink, took) = v.join().unwrap();
         *stop.lock().unwrap() = true;
         let h = h.join().unwrap();
@@ -1726,7 +1727,7 @@ fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: 
         });
         let (honest_r, honest_sink) = v.join().unwrap();
         // The silence limit, the chain's half limit after its feed, a
-        // stalled repair's 10 s, a head's 15 s to set its link up, and
+        // stalled repair's 10 s, the feed's 15 s of slack, and
         // time for a busy machine; before, it waited for the stop (a slow
         // head: about 240 s).
         let report = sender_ended.recv_timeout(Duration::from_secs(60));
