@@ -1158,8 +1158,11 @@ const MIN_TAKE_RATE: f64 = (1u64 << 20) as f64;
 /// How much more waiting the chain's feed is judged over than a silence
 /// limit: its first receiver's link connects to the next receiver (up to
 /// 10 s) and shakes hands (up to 5 s) before it reads a page, and its
-/// relay to a next receiver that froze fails only at the 10 s write limit
-/// (then it goes on alone); neither is the first receiver being slow.
+/// relay to a next receiver that froze fails only at the 10 s write limit;
+/// neither is the first receiver being slow, so the feed does not name it.
+/// (The first receiver itself gives its link up when no page comes for
+/// half its silence limit, which either can cause: see
+/// `docs/transport.md`.)
 const CHAIN_SLACK: Duration = Duration::from_secs(15);
 
 /// What a receiver took of what it was sent, timed only while the sends
