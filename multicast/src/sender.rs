@@ -1596,8 +1596,8 @@ impl<'a> Run<'a> {
             }
             // Done once the receiver has the pages, not once they left for
             // the socket buffers: its Done is owed from here
-            // (`Run::done_check`).
-            // The socket buffers' bytes at the floor, beyond the write limit.
+            // (`Run::done_check`). The wait allows the write limit plus
+            // what the buffers hold at the floor.
             let left = w.unacked_bytes().unwrap_or(0) as f64 / taking.floor();
             let within =
                 pagecast_channel::WRITE_TIMEOUT + Duration::from_secs_f64(left.min(3600.0));
@@ -2062,13 +2062,7 @@ impl<'a> Run<'a> {
                 // holds every receiver: all take the rest by unicast (the
                 // slow one's repair is held to the same pace).
                 let why = format!("the chain's first receiver {why}");
-                for i in head..self.peers.len() {
-                    if self.peers[i].state == State::Live
-                        && let Some(j) = self.demote(scope, i, 0, why.clone())
-                    {
-                        unicast.push((i, j));
-                    }
-                }
+                self.demote_from(scope, head, &why, unicast);
                 break;
             }
             let tags = match &f.body {
@@ -2106,9 +2100,23 @@ impl<'a> Run<'a> {
             self.peers[r].id,
             self.peers[r].chain_refused.as_deref().unwrap_or_default()
         );
-        for i in r..self.peers.len() {
+        self.demote_from(scope, r, &why, unicast);
+    }
+
+    /// Moves every live receiver from `from` on down the chain to unicast
+    /// repair of all its pages, for `why`.
+    fn demote_from<'s>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        from: usize,
+        why: &str,
+        unicast: &mut Vec<(usize, UnicastJoin<'s>)>,
+    ) where
+        'a: 's,
+    {
+        for i in from..self.peers.len() {
             if self.peers[i].state == State::Live
-                && let Some(j) = self.demote(scope, i, 0, why.clone())
+                && let Some(j) = self.demote(scope, i, 0, why.to_owned())
             {
                 unicast.push((i, j));
             }
@@ -2119,10 +2127,8 @@ impl<'a> Run<'a> {
     /// order, under its own key.
     fn chain_tags(&self, p: &v1::CastPage) -> Vec<u8> {
         let hash = self.src.entry(p.page).hash;
-        self.peers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, _)| {
+        (0..self.peers.len())
+            .flat_map(|i| {
                 crate::wire::chain_tag(&self.keys.members[i], self.session_id, p.page, p.key, &hash)
             })
             .collect()
@@ -2178,31 +2184,19 @@ impl<'a> Run<'a> {
             self.done_check(&unicast);
             self.demote_refused(scope, &mut unicast);
             if fed.elapsed() > self.cfg.silent_after / 2 {
-                for i in 0..self.peers.len() {
-                    let why = format!(
-                        "still on the chain {:?} after its feed ended",
-                        self.cfg.silent_after / 2
-                    );
-                    if self.peers[i].state == State::Live
-                        && let Some(j) = self.demote(scope, i, 0, why)
-                    {
-                        unicast.push((i, j));
-                    }
-                }
+                let why = format!(
+                    "still on the chain {:?} after its feed ended",
+                    self.cfg.silent_after / 2
+                );
+                self.demote_from(scope, 0, &why, &mut unicast);
             }
             let broken = self
                 .peers
                 .iter()
                 .position(|p| matches!(p.state, State::Dropped(_)));
             if let Some(b) = broken {
-                for i in b + 1..self.peers.len() {
-                    if self.peers[i].state == State::Live {
-                        let why = format!("chain broken at receiver {}", self.peers[b].id);
-                        if let Some(j) = self.demote(scope, i, 0, why) {
-                            unicast.push((i, j));
-                        }
-                    }
-                }
+                let why = format!("chain broken at receiver {}", self.peers[b].id);
+                self.demote_from(scope, b + 1, &why, &mut unicast);
             }
             if self.all_finished() {
                 break;

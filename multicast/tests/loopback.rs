@@ -403,7 +403,7 @@ fn a_withdrawn_page_asked_for_again_is_told_withdrawn_again() {
             pagecast_multicast::socket::group_socket(group.port(), &[*group.ip()], LO, 1).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
-        let (ch, w) = hostile_join(control, &member);
+        let (ch, w, _) = hostile_join(control, &member, ("hostile", "127.0.0.1:1"), None);
         let keys = hostile_keys(&w);
         let out = pagecast_multicast::socket::sender_socket(LO, 1).unwrap();
         // Times page 3 (withdrawn) was told withdrawn, before and after
@@ -938,7 +938,7 @@ fn hostile_member(
     spy.set_read_timeout(Some(Duration::from_millis(5)))
         .unwrap();
     // Held until the flood ends: then it leaves.
-    let (_ch, w) = hostile_join(control, tls);
+    let (_ch, w, _) = hostile_join(control, tls, ("hostile", "127.0.0.1:1"), None);
     let own = w.groups.iter().position(|g| g.member).unwrap();
     let own_addr: SocketAddrV4 = w.groups[own].addr.parse().unwrap();
     let keys = hostile_keys(&w);
@@ -1007,12 +1007,20 @@ fn hostile_member(
     h
 }
 
-/// The hostile member's join, the control protocol spoken directly: hello,
-/// welcome, ready, then the start. Returns its connection and welcome.
+/// A hostile member's join, the control protocol spoken directly: hello
+/// (under `name`, giving `chain_addr`; `joined` hears once it is sent),
+/// welcome, ready, then the start. Returns its connection, welcome and
+/// start.
 fn hostile_join(
     control: SocketAddr,
     tls: &Tls,
-) -> (pagecast_channel::Channel, pagecast_proto::v1::CastWelcome) {
+    (name, chain_addr): (&str, &str),
+    joined: Option<&std::sync::mpsc::Sender<()>>,
+) -> (
+    pagecast_channel::Channel,
+    pagecast_proto::v1::CastWelcome,
+    pagecast_proto::v1::CastStart,
+) {
     use pagecast_proto::v1;
     use v1::cast_frame::Body as F;
     let frame = |b| v1::CastFrame { body: Some(b) };
@@ -1021,12 +1029,15 @@ fn hostile_join(
             .unwrap();
     ch.send(&frame(F::Hello(v1::CastHello {
         version: pagecast_proto::CAST_WIRE_VERSION as i32,
-        name: "hostile".into(),
-        chain_addr: "127.0.0.1:1".into(),
+        name: name.into(),
+        chain_addr: chain_addr.into(),
         rcvbuf_bytes: 1 << 20,
         job: String::new(),
     })))
     .unwrap();
+    if let Some(j) = joined {
+        j.send(()).unwrap();
+    }
     let w = loop {
         match ch.recv::<v1::CastFrame>("welcome").unwrap().body {
             Some(F::Welcome(w)) => break w,
@@ -1036,14 +1047,14 @@ fn hostile_join(
     };
     ch.send(&frame(F::Ready(v1::CastReady { joined: 1 })))
         .unwrap();
-    loop {
+    let start = loop {
         match ch.recv::<v1::CastFrame>("start").unwrap().body {
-            Some(F::Start(_)) => break,
+            Some(F::Start(s)) => break s,
             Some(F::Waiting(_)) => continue,
             other => panic!("expected the start, got {other:?}"),
         }
-    }
-    (ch, w)
+    };
+    (ch, w, start)
 }
 
 /// Every key a welcome hands its receiver: its own, and its groups'.
@@ -1273,34 +1284,8 @@ fn hostile_chain_member(
     use v1::cast_frame::Body as F;
     let frame = |b| v1::CastFrame { body: Some(b) };
     let listener = std::net::TcpListener::bind((LO, 0)).unwrap();
-    let mut ch =
-        pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
-            .unwrap();
-    ch.send(&frame(F::Hello(v1::CastHello {
-        version: pagecast_proto::CAST_WIRE_VERSION as i32,
-        name: "hostile".into(),
-        chain_addr: listener.local_addr().unwrap().to_string(),
-        rcvbuf_bytes: 1 << 20,
-        job: String::new(),
-    })))
-    .unwrap();
-    joined.send(()).unwrap();
-    loop {
-        match ch.recv::<v1::CastFrame>("welcome").unwrap().body {
-            Some(F::Welcome(_)) => break,
-            Some(F::Waiting(_)) => continue,
-            other => panic!("expected a welcome, got {other:?}"),
-        }
-    }
-    ch.send(&frame(F::Ready(v1::CastReady { joined: 1 })))
-        .unwrap();
-    let start = loop {
-        match ch.recv::<v1::CastFrame>("start").unwrap().body {
-            Some(F::Start(s)) => break s,
-            Some(F::Waiting(_)) => continue,
-            other => panic!("expected the start, got {other:?}"),
-        }
-    };
+    let addr = listener.local_addr().unwrap().to_string();
+    let (mut ch, _, start) = hostile_join(control, tls, ("hostile", &addr), Some(&joined));
     assert_eq!(start.transport, v1::CastTransport::Chain as i32);
     let (from_sender, _) = listener.accept().unwrap();
     let mut prev = pagecast_channel::Channel::server(from_sender, tls).unwrap();
@@ -1549,31 +1534,8 @@ fn never_done_member(
     use v1::cast_frame::Body as F;
     let frame = |b| v1::CastFrame { body: Some(b) };
     let listener = std::net::TcpListener::bind((LO, 0)).unwrap();
-    let mut ch =
-        pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
-            .unwrap();
-    ch.send(&frame(F::Hello(v1::CastHello {
-        version: pagecast_proto::CAST_WIRE_VERSION as i32,
-        name: "never-done".into(),
-        chain_addr: listener.local_addr().unwrap().to_string(),
-        rcvbuf_bytes: 1 << 20,
-        job: String::new(),
-    })))
-    .unwrap();
-    joined.send(()).unwrap();
-    let mut welcomed = false;
-    let start = loop {
-        match ch.recv::<v1::CastFrame>("start").unwrap().body {
-            Some(F::Welcome(_)) if !welcomed => {
-                welcomed = true;
-                ch.send(&frame(F::Ready(v1::CastReady { joined: 1 })))
-                    .unwrap();
-            }
-            Some(F::Start(s)) => break s,
-            Some(F::Waiting(_)) => continue,
-            other => panic!("expected a welcome or the start, got {other:?}"),
-        }
-    };
+    let addr = listener.local_addr().unwrap().to_string();
+    let (ch, _, start) = hostile_join(control, tls, ("never-done", &addr), Some(&joined));
     let (mut rd, mut wr) = ch.split().unwrap();
     let drained = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| {
@@ -1638,8 +1600,9 @@ fn never_done_member(
 /// the pages, on the chain and after a multicast member held the window
 /// back); a member that takes nothing on its control connection stalls
 /// its repair, which then closes the connection; one that takes a frame
-/// now and then (at the chain's head) is given up once the sends to it
-/// waited a silence limit at under 1 MiB/s, the feed and then its repair.
+/// now and then (at the chain's head) is given up at under 1 MiB/s, the
+/// feed once the sends to it waited a silence limit and 15 s, then its
+/// repair once they waited a silence limit.
 /// The sender ends its session, the honest receiver verified. Before, the
 /// sender waited for the member's Done until the job's deadline, a repair
 /// that failed left the connection open, so the member's reports kept the

@@ -901,22 +901,22 @@ impl ChannelWriter {
         let started = std::time::Instant::now();
         while self.unacked_bytes()? > 0 {
             if started.elapsed() >= within {
-                return Err(AuthError::Stalled {
-                    peer: self.peer.clone(),
-                    who: self.who.clone(),
-                    after: within,
-                });
+                return Err(self.stalled_after(within));
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
     }
 
     fn stalled(&self) -> AuthError {
+        self.stalled_after(self.limit)
+    }
+
+    fn stalled_after(&self, after: Duration) -> AuthError {
         AuthError::Stalled {
             peer: self.peer.clone(),
             who: self.who.clone(),
-            after: self.limit,
+            after,
         }
     }
 
