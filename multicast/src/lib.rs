@@ -37,6 +37,7 @@ mod handshakes;
 pub mod metrics;
 pub mod pacing;
 pub mod receiver;
+mod relay;
 pub mod sender;
 pub mod session;
 pub mod socket;

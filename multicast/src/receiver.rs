@@ -2,7 +2,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use metrics::counter;
@@ -13,6 +14,7 @@ use pagecast_proto::{
 };
 
 use crate::handshakes::Handshakes;
+use crate::relay::{MAX_RELAY_WAIT, Relay};
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
 use crate::wire::{
@@ -54,8 +56,10 @@ enum ChainEv {
     /// broke, or sent what a link does not carry): the rest must come by
     /// unicast.
     Closed(String),
-    /// The successor could not be reached: pages are still taken, and the
-    /// sender repairs those after this receiver by unicast.
+    /// The successor could not be reached, failed, or took nothing for the
+    /// relay's wait and was given up: pages are still taken, and the
+    /// receivers after this one give their links up and take the rest by
+    /// unicast.
     NoSuccessor(String),
 }
 
@@ -747,6 +751,7 @@ fn receive_inner(
         control_closed: None,
         chain_broken: None,
         chain_through: None,
+        relay_held: Arc::default(),
     };
     run.run(&mut st, &mut joined, progress)?;
     run.writer.shutdown();
@@ -1065,6 +1070,9 @@ struct Session<'a> {
     /// When the last page the sender tagged came down the chain (from the
     /// start of the chain on).
     chain_through: Option<Instant>,
+    /// Set while the chain link waits for its successor to take a page:
+    /// the predecessor is not to blame for that time.
+    relay_held: Arc<AtomicBool>,
 }
 
 impl Session<'_> {
@@ -1148,6 +1156,13 @@ impl Session<'_> {
                 break;
             }
         }
+        // While the successor holds the link (for at most the relay's
+        // wait), no page comes, through no fault of the predecessor's or
+        // the sender's.
+        if self.relay_held.load(Ordering::Acquire) {
+            self.chain_through = Some(Instant::now());
+            st.last_heard = Instant::now();
+        }
         let within = self.cfg.silent_after / 2;
         if !st.complete() && self.chain_through.is_some_and(|t| t.elapsed() > within) {
             st.refuse_chain(&format!(
@@ -1207,9 +1222,9 @@ impl Session<'_> {
         let tls = self.tls.clone();
         let silent = self.cfg.silent_after;
         self.chain_through = Some(Instant::now());
-        let closer = self.chain_closer.clone();
+        let ends = (ctx, self.chain_closer.clone(), self.relay_held.clone());
         self.chain_thread = Some(std::thread::spawn(move || {
-            chain_link(listener, &tls, &s, silent, (ctx, closer))
+            chain_link(listener, &tls, &s, silent, ends)
         }));
         Ok(())
     }
@@ -1321,30 +1336,31 @@ fn chain_predecessor(
     }
 }
 
-/// The chain successor at `next`, which must hold the certificate `name`
-/// ("" for any host).
-fn chain_successor(next: &str, name: &str, tls: &Tls) -> Result<ChannelWriter, String> {
-    let s = crate::session::connect(next).map_err(|e| e.to_string())?;
-    let ch = Channel::client(s, tls).map_err(|e| e.to_string())?;
-    if !name.is_empty() && ch.identity().name != name {
-        return Err(format!(
-            "it is {}, not the next receiver {name:?}",
-            ch.identity()
-        ));
+/// How long the link waits for its successor to take a frame (what the
+/// start names, bounded; a quarter of the silence limit if it names none).
+fn relay_wait_of(start: &v1::CastStart, silent: Duration) -> Duration {
+    match start.chain_relay_wait_ms {
+        0 => silent / 4,
+        ms => Duration::from_millis(ms.into()).min(MAX_RELAY_WAIT),
     }
-    ch.split().map(|(_, w)| w).map_err(|e| e.to_string())
 }
 
+/// What a chain link hands back: its events, where it leaves its
+/// predecessor's sending half, and whether its successor holds it.
+type LinkEnds = (mpsc::SyncSender<ChainEv>, ChainCloser, Arc<AtomicBool>);
+
 /// One link of the TCP chain: take pages from the predecessor the start
-/// names (no other), hand each to the main loop and forward it to the
-/// successor it names. A predecessor that does not connect, or goes
-/// silent, for `silent` ends the link (the sender repairs by unicast).
+/// names (no other), pass each to the successor it names through a
+/// [`Relay`] (which gives a successor up that takes nothing for the
+/// start's wait) and hand it to the main loop. A predecessor that does not
+/// connect, or goes silent, for `silent` ends the link (the sender repairs
+/// by unicast).
 fn chain_link(
     listener: TcpListener,
     tls: &Tls,
     start: &v1::CastStart,
     silent: Duration,
-    (tx, closer): (mpsc::SyncSender<ChainEv>, ChainCloser),
+    (tx, closer, held): LinkEnds,
 ) {
     let prev = match chain_predecessor(&listener, tls, &start.chain_prev, silent) {
         Ok(c) => c,
@@ -1361,40 +1377,45 @@ fn chain_link(
     // The session closes the link when it ends, whatever the predecessor
     // is doing (a read times out per read, not per frame).
     *closer.lock().unwrap_or_else(|p| p.into_inner()) = Some(prev_w);
-    let next = &start.chain_next;
-    let mut succ: Option<ChannelWriter> = None;
-    if !next.is_empty() {
-        match chain_successor(next, &start.chain_next_name, tls) {
-            Ok(w) => succ = Some(w),
-            Err(e) => {
-                let _ = tx.send(ChainEv::NoSuccessor(format!(
-                    "cannot reach the next receiver {next}: {e}"
-                )));
-            }
-        }
-    }
+    // Connecting to the successor is the relay's own work: the link takes
+    // pages meanwhile.
+    let mut relay = (!start.chain_next.is_empty()).then(|| {
+        let wait = relay_wait_of(start, silent);
+        let (next, name) = (start.chain_next.clone(), start.chain_next_name.clone());
+        Relay::start(next, name, tls, wait, held)
+    });
     loop {
-        match prev.recv::<v1::CastFrame>("chain frame") {
-            Ok(f) => {
-                let finish = matches!(f.body, Some(v1::cast_frame::Body::Finish(_)));
-                // The successor died: the sender repairs it and everyone
-                // after it by unicast.
-                if succ.as_mut().is_some_and(|w| w.send(&f).is_err()) {
-                    succ = None;
-                }
-                let ev = match f.body {
-                    Some(v1::cast_frame::Body::Page(p)) => ChainEv::Page(p),
-                    Some(v1::cast_frame::Body::Finish(_)) => ChainEv::Finish,
-                    _ => ChainEv::Closed("unexpected chain frame".into()),
-                };
-                if tx.send(ev).is_err() || finish {
-                    return;
-                }
-            }
+        let f = match prev.recv::<v1::CastFrame>("chain frame") {
+            Ok(f) => f,
             Err(e) => {
                 let _ = tx.send(ChainEv::Closed(e.to_string()));
                 return;
             }
+        };
+        // A successor that failed or froze: the sender repairs it and
+        // everyone after it by unicast.
+        if let Some(r) = relay.as_mut()
+            && let Err(why) = r.pass(f.clone())
+        {
+            relay = None;
+            if tx.send(ChainEv::NoSuccessor(why)).is_err() {
+                return;
+            }
+        }
+        let ev = match f.body {
+            Some(v1::cast_frame::Body::Page(p)) => ChainEv::Page(p),
+            Some(v1::cast_frame::Body::Finish(_)) => ChainEv::Finish,
+            _ => ChainEv::Closed("unexpected chain frame".into()),
+        };
+        let finish = matches!(ev, ChainEv::Finish);
+        if tx.send(ev).is_err() {
+            return;
+        }
+        if finish {
+            if let Some(Err(why)) = relay.map(Relay::drain) {
+                let _ = tx.send(ChainEv::NoSuccessor(why));
+            }
+            return;
         }
     }
 }
@@ -1519,7 +1540,7 @@ mod tests {
                     &me,
                     &start,
                     Duration::from_secs(5),
-                    (tx, ChainCloser::default()),
+                    (tx, ChainCloser::default(), Default::default()),
                 )
             })
         };
@@ -1561,7 +1582,7 @@ mod tests {
             &me,
             &start,
             Duration::from_millis(300),
-            (tx, ChainCloser::default()),
+            (tx, ChainCloser::default(), Default::default()),
         );
         match rx.recv().unwrap() {
             ChainEv::Closed(e) => assert!(e.contains("did not connect"), "{e}"),

@@ -75,6 +75,8 @@ struct Peer {
     certified: String,
     rcvbuf: u64,
     writer: Option<ChannelWriter>,
+    /// Closes its connection while a repair thread holds the writer.
+    closer: Option<pagecast_channel::Closer>,
     reader: Option<ChannelReader>,
     state: State,
     contiguous: Vec<u32>,
@@ -89,6 +91,23 @@ struct Peer {
     /// Since when it has had every page it needs (it reported the last
     /// group held, or its unicast repair was sent): it owes its Done.
     owes_done_since: Option<Instant>,
+}
+
+impl Peer {
+    /// Drops it for `why` and closes its connection, whoever holds the
+    /// writer: a repair thread sending to it fails at once instead of at
+    /// its write limit (the session would otherwise wait for that thread
+    /// at its end).
+    fn cut(&mut self, why: String) {
+        self.state = State::Dropped(why);
+        counter!(crate::metrics::RECEIVERS_DROPPED).increment(1);
+        if let Some(w) = &self.writer {
+            w.shutdown();
+        }
+        if let Some(c) = &self.closer {
+            c.shutdown();
+        }
+    }
 }
 
 struct Group {
@@ -259,7 +278,12 @@ fn session(
                 &mut seq,
             )?,
         };
-        start(transport, &mut peers, &tls.identity().name)?;
+        start(
+            transport,
+            &mut peers,
+            &tls.identity().name,
+            cfg.silent_after,
+        )?;
         // 5. The pages.
         let report = shape.report(cfg, transport, total, (refused, joined_s, ready_s));
         let mut run = Run {
@@ -578,6 +602,7 @@ fn new_peer(
     pages.dedup();
     let certified = ch.identity().name.clone();
     let (reader, writer) = ch.split()?;
+    let closer = writer.closer().ok();
     Ok(Peer {
         id: idx as u32 + 1,
         name: hello.name,
@@ -586,6 +611,7 @@ fn new_peer(
         certified,
         rcvbuf: hello.rcvbuf_bytes,
         writer: Some(writer),
+        closer,
         reader: Some(reader),
         state: State::Live,
         contiguous: vec![0; groups.len()],
@@ -839,8 +865,14 @@ fn wait_ready(cfg: &SenderConfig, peers: &mut [Peer], rx: &mpsc::Receiver<Event>
 /// Tells each live receiver the transport (a chain runs through the
 /// receivers still in the session); in a chain, also whom it takes
 /// pages from (the sender, `me`, for the first) and whom it passes them to,
-/// by certificate name.
-fn start(transport: Transport, peers: &mut [Peer], me: &str) -> Result<(), CastError> {
+/// by certificate name, and how long it waits for that one to take a page
+/// ([`crate::relay::relay_wait`], from the silence limit `silent`).
+fn start(
+    transport: Transport,
+    peers: &mut [Peer],
+    me: &str,
+    silent: Duration,
+) -> Result<(), CastError> {
     let live: Vec<usize> = (0..peers.len())
         .filter(|&i| peers[i].state == State::Live)
         .collect();
@@ -860,6 +892,7 @@ fn start(transport: Transport, peers: &mut [Peer], me: &str) -> Result<(), CastE
             None => me.to_owned(),
             Some(j) => peers[live[j]].certified.clone(),
         };
+        let wait = crate::relay::relay_wait(silent, CHAIN_SLACK, live.len(), live.len() - k - 1);
         let p = &mut peers[i];
         let start = frame(v1::cast_frame::Body::Start(v1::CastStart {
             transport: match transport {
@@ -869,6 +902,11 @@ fn start(transport: Transport, peers: &mut [Peer], me: &str) -> Result<(), CastE
             chain_next: next,
             chain_prev: prev,
             chain_next_name: next_name,
+            chain_relay_wait_ms: if chained {
+                u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)
+            } else {
+                0
+            },
         }));
         if let Err(e) = p.writer.as_mut().expect("writer").send(&start) {
             p.state = State::Dropped(format!("lost before the start: {e}"));
@@ -1333,11 +1371,7 @@ impl<'a> Run<'a> {
             if matches!(p.state, State::Live | State::Unicast(_))
                 && now.duration_since(p.last_heard) > self.cfg.silent_after
             {
-                p.state = State::Dropped(format!("silent for {:?}", self.cfg.silent_after));
-                counter!(crate::metrics::RECEIVERS_DROPPED).increment(1);
-                if let Some(w) = &p.writer {
-                    w.shutdown();
-                }
+                p.cut(format!("silent for {:?}", self.cfg.silent_after));
             }
         }
     }
@@ -1362,14 +1396,10 @@ impl<'a> Run<'a> {
                 && p.owes_done_since
                     .is_some_and(|t| now.duration_since(t) > self.cfg.silent_after)
             {
-                p.state = State::Dropped(format!(
+                p.cut(format!(
                     "had every page for {:?} and did not say it was done",
                     self.cfg.silent_after
                 ));
-                counter!(crate::metrics::RECEIVERS_DROPPED).increment(1);
-                if let Some(w) = &p.writer {
-                    w.shutdown();
-                }
             }
         }
     }

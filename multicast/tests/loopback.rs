@@ -1740,3 +1740,161 @@ fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: 
         }
     });
 }
+
+/// Where the frozen chain member of
+/// [`a_chain_member_frozen_at_any_phase_holds_up_only_those_after_it`]
+/// stops.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Frozen {
+    /// Its predecessor's connection accepted (by the kernel), no TLS.
+    BeforeItsHandshake,
+    /// The first bytes of its predecessor's handshake read, no answer.
+    DuringItsHandshake,
+    /// The link's handshake done, no frame read, its successor never
+    /// reached.
+    AfterItsHandshake,
+    /// 200 frames relayed to its successor, then nothing more read,
+    /// written or reported.
+    MidStream,
+}
+
+/// A chain member speaking the protocol itself with its real host
+/// certificate that freezes at `at` (as a SIGSTOPped process would: every
+/// connection held open, nothing read or written) until `stop`.
+fn frozen_chain_member(control: SocketAddr, tls: &Tls, at: Frozen, stop: &Mutex<bool>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind((LO, 0)).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (ch, _, start) = hostile_join(control, tls, ("frozen", &addr), None);
+    let mut held: Vec<Box<dyn std::any::Any>> = vec![Box::new(ch)];
+    if at != Frozen::BeforeItsHandshake {
+        let (mut from_prev, _) = listener.accept().unwrap();
+        if at == Frozen::DuringItsHandshake {
+            let mut hello = [0u8; 5];
+            from_prev.read_exact(&mut hello).unwrap();
+            held.push(Box::new(from_prev));
+        } else {
+            let mut prev = pagecast_channel::Channel::server(from_prev, tls).unwrap();
+            if at == Frozen::MidStream {
+                let mut next = pagecast_channel::Channel::client(
+                    std::net::TcpStream::connect(&start.chain_next).unwrap(),
+                    tls,
+                )
+                .unwrap();
+                for _ in 0..200 {
+                    let f: pagecast_proto::v1::CastFrame = prev.recv("chain page").unwrap();
+                    next.send(&f).unwrap();
+                }
+                held.push(Box::new(next));
+            }
+            held.push(Box::new(prev));
+        }
+    }
+    while !*stop.lock().unwrap() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop((held, listener));
+}
+
+/// A chain member that freezes (its connections held open) before, during
+/// or after its link's handshake, or mid-stream, holds up only the
+/// receivers after it: the receiver before it gives it up once it took
+/// nothing for that receiver's relay wait (what the sender named, 0.75 s
+/// here) and takes every page from the chain; the receiver after it gives
+/// its own link up within half its silence limit and takes the rest by
+/// unicast; the sender drops the frozen member at its silence limit, and
+/// ends then. Before, the sender ended only once the unicast repair it had
+/// begun to the frozen member failed at the write limit (10 s), and the
+/// receiver before it wrote each page to it before taking the
+/// page itself, so it starved (for the 10 s write limit, or the 5 s of a
+/// handshake), gave its link up, and took its pages by unicast too.
+#[test]
+fn a_chain_member_frozen_at_any_phase_holds_up_only_those_after_it() {
+    let [head, frozen, tail] =
+        ["head", "frozen", "tail"].map(|n| cluster().issue(n, Role::Host, 1).unwrap());
+    // Enough pages (48 MB) to fill every buffer between the head and the
+    // frozen member many times over.
+    let src = Source::new(12_000);
+    let all: Vec<u32> = (0..12_000).collect();
+    for at in [
+        Frozen::BeforeItsHandshake,
+        Frozen::DuringItsHandshake,
+        Frozen::AfterItsHandshake,
+        Frozen::MidStream,
+    ] {
+        let (control, group) = endpoints();
+        let mut cfg = SenderConfig::new(control, LO, 3);
+        cfg.transport = TransportChoice::Chain;
+        cfg.silent_after = Duration::from_secs(3);
+        // Slots in this order: the chain runs head, frozen, tail.
+        cfg.expected = ["head", "frozen", "tail"].map(String::from).to_vec();
+        let stop = Mutex::new(false);
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
+            std::thread::sleep(Duration::from_millis(50));
+            let f = s.spawn(|| frozen_chain_member(control, &frozen, at, &stop));
+            let t0 = std::time::Instant::now();
+            let real: Vec<_> = [("head", &head), ("tail", &tail)]
+                .into_iter()
+                .map(|(name, tls)| {
+                    s.spawn(move || {
+                        let mut rc = ReceiverConfig::new(control, LO, name);
+                        rc.silent_after = Duration::from_secs(2);
+                        let mut sink = Sink::default();
+                        let r = receive(&rc, tls, &mut sink, &|_, _| {});
+                        (r, sink, t0.elapsed())
+                    })
+                })
+                .collect();
+            let mut real = real.into_iter().map(|h| h.join().unwrap());
+            let (head_r, head_sink, head_took) = real.next().unwrap();
+            let (tail_r, tail_sink, tail_took) = real.next().unwrap();
+            let report = sender.join().unwrap();
+            let sender_took = t0.elapsed();
+            *stop.lock().unwrap() = true;
+            f.join().unwrap();
+            let head_r = head_r.unwrap_or_else(|e| panic!("{at:?}: the head failed: {e}"));
+            let tail_r = tail_r.unwrap_or_else(|e| panic!("{at:?}: the tail failed: {e}"));
+            let report = report.unwrap();
+            eprintln!(
+                "{at:?}: head in {head_took:?} ({} by unicast, {:?}); tail in {tail_took:?} \
+                 ({} by unicast); sender in {sender_took:?}",
+                head_r.pages_unicast, head_r.chain_broken, tail_r.pages_unicast
+            );
+            assert_eq!(report.transport, Transport::Chain);
+            check_sink(&head_sink, &src, &all);
+            check_sink(&tail_sink, &src, &all);
+            let by_name = |n: &str| report.receivers.iter().find(|r| r.name == n).unwrap();
+            // The head took every page from the chain and gave the frozen
+            // member up itself.
+            assert_eq!(head_r.pages_unicast, 0, "{at:?}: {head_r:?}");
+            assert_eq!(by_name("head").status, PeerStatus::Complete, "{at:?}");
+            assert!(
+                head_r
+                    .chain_broken
+                    .as_deref()
+                    .is_some_and(|b| b.contains("the next receiver")),
+                "{at:?}: {:?}",
+                head_r.chain_broken
+            );
+            assert!(tail_r.pages_unicast > 0, "{at:?}: {tail_r:?}");
+            assert!(
+                matches!(&by_name("tail").status, PeerStatus::Unicast { .. }),
+                "{at:?}: {:?}",
+                by_name("tail").status
+            );
+            assert!(
+                matches!(&by_name("frozen").status, PeerStatus::Dropped { .. }),
+                "{at:?}: {:?}",
+                by_name("frozen").status
+            );
+            // Dropped at its silence limit (3 s), the frozen member holds
+            // the sender no longer: a repair sent to it is cut off then,
+            // not at its write limit.
+            assert!(
+                sender_took < pagecast_channel::WRITE_TIMEOUT,
+                "{at:?}: the sender ended after {sender_took:?}"
+            );
+        });
+    }
+}

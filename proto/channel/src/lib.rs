@@ -650,6 +650,18 @@ pub struct ChannelWriter {
     out: Vec<u8>,
 }
 
+/// Closes a [`Channel`]'s connection from outside the threads using it
+/// ([`ChannelWriter::closer`]).
+#[derive(Debug)]
+pub struct Closer(TcpStream);
+
+impl Closer {
+    /// Closes the connection both ways.
+    pub fn shutdown(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 /// A blocking, mutually authenticated connection carrying protobuf frames.
 pub struct Channel {
     r: ChannelReader,
@@ -928,6 +940,16 @@ impl ChannelWriter {
     /// Closes the connection both ways (the reader too).
     pub fn shutdown(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// A handle that closes this connection from another thread, while
+    /// this writer sends (a send blocked on a peer that stopped reading
+    /// then fails at once, not at its write limit).
+    pub fn closer(&self) -> Result<Closer, AuthError> {
+        self.sock
+            .try_clone()
+            .map(Closer)
+            .map_err(io_err(&self.peer))
     }
 
     /// The peer's address.
