@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use metrics::counter;
@@ -14,7 +14,7 @@ use pagecast_proto::{
 };
 
 use crate::handshakes::Handshakes;
-use crate::relay::{MAX_RELAY_WAIT, Relay};
+use crate::relay::{LinkFlags, MAX_RELAY_WAIT, Relay};
 use crate::session::*;
 use crate::socket::{self, RecvBatch};
 use crate::wire::{
@@ -751,14 +751,16 @@ fn receive_inner(
         control_closed: None,
         chain_broken: None,
         chain_through: None,
-        relay_held: Arc::default(),
+        link_flags: LinkFlags::default(),
     };
     run.run(&mut st, &mut joined, progress)?;
     run.writer.shutdown();
     let _ = ctl_thread.join();
-    // A predecessor still sending (or trickling a frame a byte at a time)
-    // would otherwise hold the link's thread.
+    // A predecessor still sending (or trickling a frame a byte at a time),
+    // or a successor the link waits on, would otherwise hold the link's
+    // thread.
     run.chain_rx = None;
+    run.link_flags.ended.store(true, Ordering::Release);
     if let Some(w) = run
         .chain_closer
         .lock()
@@ -1070,9 +1072,10 @@ struct Session<'a> {
     /// When the last page the sender tagged came down the chain (from the
     /// start of the chain on).
     chain_through: Option<Instant>,
-    /// Set while the chain link waits for its successor to take a page:
-    /// the predecessor is not to blame for that time.
-    relay_held: Arc<AtomicBool>,
+    /// Set while the chain link waits for its successor to take a page
+    /// (the predecessor is not to blame for that time), and by the session
+    /// when it ends.
+    link_flags: LinkFlags,
 }
 
 impl Session<'_> {
@@ -1159,7 +1162,7 @@ impl Session<'_> {
         // While the successor holds the link (for at most the relay's
         // wait), no page comes, through no fault of the predecessor's or
         // the sender's.
-        if self.relay_held.load(Ordering::Acquire) {
+        if self.link_flags.held.load(Ordering::Acquire) {
             self.chain_through = Some(Instant::now());
             st.last_heard = Instant::now();
         }
@@ -1222,7 +1225,7 @@ impl Session<'_> {
         let tls = self.tls.clone();
         let silent = self.cfg.silent_after;
         self.chain_through = Some(Instant::now());
-        let ends = (ctx, self.chain_closer.clone(), self.relay_held.clone());
+        let ends = (ctx, self.chain_closer.clone(), self.link_flags.clone());
         self.chain_thread = Some(std::thread::spawn(move || {
             chain_link(listener, &tls, &s, silent, ends)
         }));
@@ -1346,8 +1349,8 @@ fn relay_wait_of(start: &v1::CastStart, silent: Duration) -> Duration {
 }
 
 /// What a chain link hands back: its events, where it leaves its
-/// predecessor's sending half, and whether its successor holds it.
-type LinkEnds = (mpsc::SyncSender<ChainEv>, ChainCloser, Arc<AtomicBool>);
+/// predecessor's sending half, and the flags it shares with the session.
+type LinkEnds = (mpsc::SyncSender<ChainEv>, ChainCloser, LinkFlags);
 
 /// One link of the TCP chain: take pages from the predecessor the start
 /// names (no other), pass each to the successor it names through a
@@ -1360,7 +1363,7 @@ fn chain_link(
     tls: &Tls,
     start: &v1::CastStart,
     silent: Duration,
-    (tx, closer, held): LinkEnds,
+    (tx, closer, flags): LinkEnds,
 ) {
     let prev = match chain_predecessor(&listener, tls, &start.chain_prev, silent) {
         Ok(c) => c,
@@ -1381,8 +1384,8 @@ fn chain_link(
     // pages meanwhile.
     let mut relay = (!start.chain_next.is_empty()).then(|| {
         let wait = relay_wait_of(start, silent);
-        let (next, name) = (start.chain_next.clone(), start.chain_next_name.clone());
-        Relay::start(next, name, tls, wait, held)
+        let next = (start.chain_next.clone(), start.chain_next_name.clone());
+        Relay::start(next, tls, wait, flags)
     });
     loop {
         let f = match prev.recv::<v1::CastFrame>("chain frame") {

@@ -77,6 +77,9 @@ struct Peer {
     writer: Option<ChannelWriter>,
     /// Closes its connection while a repair thread holds the writer.
     closer: Option<pagecast_channel::Closer>,
+    /// The sender dropped it ([`Peer::cut`]): a repair that failed then
+    /// failed because of that.
+    cut: bool,
     reader: Option<ChannelReader>,
     state: State,
     contiguous: Vec<u32>,
@@ -100,6 +103,7 @@ impl Peer {
     /// at its end).
     fn cut(&mut self, why: String) {
         self.state = State::Dropped(why);
+        self.cut = true;
         counter!(crate::metrics::RECEIVERS_DROPPED).increment(1);
         if let Some(w) = &self.writer {
             w.shutdown();
@@ -602,7 +606,6 @@ fn new_peer(
     pages.dedup();
     let certified = ch.identity().name.clone();
     let (reader, writer) = ch.split()?;
-    let closer = writer.closer().ok();
     Ok(Peer {
         id: idx as u32 + 1,
         name: hello.name,
@@ -611,7 +614,8 @@ fn new_peer(
         certified,
         rcvbuf: hello.rcvbuf_bytes,
         writer: Some(writer),
-        closer,
+        closer: None,
+        cut: false,
         reader: Some(reader),
         state: State::Live,
         contiguous: vec![0; groups.len()],
@@ -1575,6 +1579,7 @@ impl<'a> Run<'a> {
     {
         let peer = &mut self.peers[i];
         let mut w = peer.writer.take()?;
+        peer.closer = w.closer().ok();
         peer.state = State::Unicast(why);
         counter!(crate::metrics::UNICAST_RECEIVERS).increment(1);
         let mut pages: Vec<u32> = Vec::new();
@@ -2242,7 +2247,9 @@ impl<'a> Run<'a> {
             let p = &mut self.peers[i];
             (p.writer, p.unicast_pages) = (r.writer, r.pages);
             self.report.bytes_unicast += r.bytes;
-            if let (Some(why), State::Dropped(then) | State::Unicast(then)) = (r.failed, &p.state) {
+            if let (Some(why), State::Dropped(then) | State::Unicast(then)) = (r.failed, &p.state)
+                && !p.cut
+            {
                 // The cause first: its connection closed because of it.
                 p.state = State::Dropped(format!("unicast repair given up: {why} ({then})"));
             }

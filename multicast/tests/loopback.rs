@@ -1741,11 +1741,12 @@ fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: 
     });
 }
 
-/// Where the frozen chain member of
+/// Where the chain member of
 /// [`a_chain_member_frozen_at_any_phase_holds_up_only_those_after_it`]
-/// stops.
+/// freezes, or that it trickles
+/// ([`a_chain_member_that_takes_pages_slowly_holds_up_only_those_after_it`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Frozen {
+enum Stuck {
     /// Its predecessor's connection accepted (by the kernel), no TLS.
     BeforeItsHandshake,
     /// The first bytes of its predecessor's handshake read, no answer.
@@ -1756,26 +1757,34 @@ enum Frozen {
     /// 200 frames relayed to its successor, then nothing more read,
     /// written or reported.
     MidStream,
+    /// Every frame relayed, one every 20 ms (about 200 KiB/s, each well
+    /// within any wait), an empty progress report to the sender every
+    /// 300 ms.
+    Trickling,
 }
 
 /// A chain member speaking the protocol itself with its real host
 /// certificate that freezes at `at` (as a SIGSTOPped process would: every
-/// connection held open, nothing read or written) until `stop`.
-fn frozen_chain_member(control: SocketAddr, tls: &Tls, at: Frozen, stop: &Mutex<bool>) {
+/// connection held open, nothing read or written), or trickles, until
+/// `stop`.
+fn stuck_chain_member(control: SocketAddr, tls: &Tls, at: Stuck, stop: &Mutex<bool>) {
     use std::io::Read;
     let listener = std::net::TcpListener::bind((LO, 0)).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let (ch, _, start) = hostile_join(control, tls, ("frozen", &addr), None);
+    let (mut ch, _, start) = hostile_join(control, tls, ("frozen", &addr), None);
+    if at == Stuck::Trickling {
+        trickle(&listener, tls, (&mut ch, &start.chain_next), stop);
+    }
     let mut held: Vec<Box<dyn std::any::Any>> = vec![Box::new(ch)];
-    if at != Frozen::BeforeItsHandshake {
+    if !matches!(at, Stuck::BeforeItsHandshake | Stuck::Trickling) {
         let (mut from_prev, _) = listener.accept().unwrap();
-        if at == Frozen::DuringItsHandshake {
+        if at == Stuck::DuringItsHandshake {
             let mut hello = [0u8; 5];
             from_prev.read_exact(&mut hello).unwrap();
             held.push(Box::new(from_prev));
         } else {
             let mut prev = pagecast_channel::Channel::server(from_prev, tls).unwrap();
-            if at == Frozen::MidStream {
+            if at == Stuck::MidStream {
                 let mut next = pagecast_channel::Channel::client(
                     std::net::TcpStream::connect(&start.chain_next).unwrap(),
                     tls,
@@ -1796,6 +1805,37 @@ fn frozen_chain_member(control: SocketAddr, tls: &Tls, at: Frozen, stop: &Mutex<
     drop((held, listener));
 }
 
+/// [`Stuck::Trickling`]: relays a frame every 20 ms, reporting to the
+/// sender every 300 ms, until its predecessor lets it go (or `stop`).
+fn trickle(
+    listener: &std::net::TcpListener,
+    tls: &Tls,
+    (ch, next): (&mut pagecast_channel::Channel, &str),
+    stop: &Mutex<bool>,
+) {
+    use pagecast_proto::v1;
+    let (from_prev, _) = listener.accept().unwrap();
+    let mut prev = pagecast_channel::Channel::server(from_prev, tls).unwrap();
+    let mut next =
+        pagecast_channel::Channel::client(std::net::TcpStream::connect(next).unwrap(), tls)
+            .unwrap();
+    let mut told = std::time::Instant::now();
+    while !*stop.lock().unwrap() {
+        let Ok(f) = prev.recv::<v1::CastFrame>("chain page") else {
+            return;
+        };
+        let _ = next.send(&f);
+        if told.elapsed() >= Duration::from_millis(300) {
+            let progress = v1::cast_frame::Body::Progress(v1::CastProgress::default());
+            let _ = ch.send(&v1::CastFrame {
+                body: Some(progress),
+            });
+            told = std::time::Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A chain member that freezes (its connections held open) before, during
 /// or after its link's handshake, or mid-stream, holds up only the
 /// receivers after it: the receiver before it gives it up once it took
@@ -1810,18 +1850,41 @@ fn frozen_chain_member(control: SocketAddr, tls: &Tls, at: Frozen, stop: &Mutex<
 /// handshake), gave its link up, and took its pages by unicast too.
 #[test]
 fn a_chain_member_frozen_at_any_phase_holds_up_only_those_after_it() {
+    for at in [
+        Stuck::BeforeItsHandshake,
+        Stuck::DuringItsHandshake,
+        Stuck::AfterItsHandshake,
+        Stuck::MidStream,
+    ] {
+        stuck_in_the_chain(at);
+    }
+}
+
+/// A chain member that takes its pages a frame every 20 ms (about
+/// 200 KiB/s) and passes them on holds up only the receivers after it
+/// (the tail, until the sender moves it to unicast half a silence limit
+/// after the feed): the receiver before it gives it up once its relay's
+/// write took nothing for the relay wait (the kernel wakes a write
+/// blocked on a full socket only once about a third of the send buffer
+/// has drained, megabytes here), and takes every page from the chain.
+/// Before, the receiver before it failed (`silent for 2s`): its link
+/// wrote each page to the member before taking it, and heard nothing while
+/// that write waited.
+#[test]
+fn a_chain_member_that_takes_pages_slowly_holds_up_only_those_after_it() {
+    stuck_in_the_chain(Stuck::Trickling);
+}
+
+/// A chain of head, a member stuck `at`, and tail: the head takes every
+/// page from the chain, the tail is verified by unicast.
+fn stuck_in_the_chain(at: Stuck) {
     let [head, frozen, tail] =
         ["head", "frozen", "tail"].map(|n| cluster().issue(n, Role::Host, 1).unwrap());
     // Enough pages (48 MB) to fill every buffer between the head and the
     // frozen member many times over.
     let src = Source::new(12_000);
     let all: Vec<u32> = (0..12_000).collect();
-    for at in [
-        Frozen::BeforeItsHandshake,
-        Frozen::DuringItsHandshake,
-        Frozen::AfterItsHandshake,
-        Frozen::MidStream,
-    ] {
+    {
         let (control, group) = endpoints();
         let mut cfg = SenderConfig::new(control, LO, 3);
         cfg.transport = TransportChoice::Chain;
@@ -1832,7 +1895,7 @@ fn a_chain_member_frozen_at_any_phase_holds_up_only_those_after_it() {
         std::thread::scope(|s| {
             let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
             std::thread::sleep(Duration::from_millis(50));
-            let f = s.spawn(|| frozen_chain_member(control, &frozen, at, &stop));
+            let f = s.spawn(|| stuck_chain_member(control, &frozen, at, &stop));
             let t0 = std::time::Instant::now();
             let real: Vec<_> = [("head", &head), ("tail", &tail)]
                 .into_iter()
@@ -1892,7 +1955,7 @@ fn a_chain_member_frozen_at_any_phase_holds_up_only_those_after_it() {
             // the sender no longer: a repair sent to it is cut off then,
             // not at its write limit.
             assert!(
-                sender_took < pagecast_channel::WRITE_TIMEOUT,
+                at == Stuck::Trickling || sender_took < pagecast_channel::WRITE_TIMEOUT,
                 "{at:?}: the sender ended after {sender_took:?}"
             );
         });
