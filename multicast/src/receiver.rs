@@ -1593,6 +1593,24 @@ mod tests {
         }
     }
 
+    /// The relay wait a start names is taken as named up to a minute; a
+    /// start that names none (an older sender) gets a quarter of the
+    /// receiver's silence limit.
+    #[test]
+    fn a_start_names_the_relay_wait_within_bounds() {
+        let silent = Duration::from_secs(10);
+        let start = |ms| v1::CastStart {
+            chain_relay_wait_ms: ms,
+            ..Default::default()
+        };
+        assert_eq!(relay_wait_of(&start(0), silent), silent / 4);
+        assert_eq!(
+            relay_wait_of(&start(1250), silent),
+            Duration::from_millis(1250)
+        );
+        assert_eq!(relay_wait_of(&start(u32::MAX), silent), MAX_RELAY_WAIT);
+    }
+
     proptest! {
         /// Whatever the welcome says, a receiver plans at most the
         /// session's pages.

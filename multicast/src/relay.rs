@@ -42,18 +42,19 @@ const MIN_STEP: Duration = Duration::from_millis(250);
 /// How long the receiver `after` receivers from the chain's end (of
 /// `chain` receivers) waits for the next one before it gives it up, for a
 /// sender that gives up a silent receiver after `silent` and judges the
-/// head's feed over that and `slack`: an eighth of the silence limit for
-/// each receiver after it (at least [`MIN_STEP`]), so the one before a
-/// frozen receiver gives it up first, by at least a step. The head is
-/// held for as long as its own wait, and the sender's send to it fails at
-/// the write limit: no wait is longer than three quarters of that limit
-/// (7.5 s), nor the silence limit and half the slack. A chain longer than
-/// those over the step (30 receivers) keeps the order in its last 30; the
-/// receivers before them share the longest wait.
+/// head's feed over that and `slack`: a quarter of the silence limit for
+/// each receiver after it (1.25 s by default), so the one before a frozen
+/// receiver gives it up first, by at least a step. The head is held for as
+/// long as its own wait, and the sender's send to it fails at the write
+/// limit: no wait is longer than three quarters of that limit (7.5 s), nor
+/// the silence limit and half the slack, so the step shrinks in long
+/// chains, to [`MIN_STEP`] at least. A chain longer than the longest wait
+/// over that (30 receivers) keeps the order in its last 30; the receivers
+/// before them share the longest wait.
 pub fn relay_wait(silent: Duration, slack: Duration, chain: usize, after: usize) -> Duration {
     let budget = (silent + slack / 2).min(pagecast_channel::WRITE_TIMEOUT * 3 / 4);
     let chain = u32::try_from(chain.max(1)).unwrap_or(u32::MAX);
-    let step = (silent / 8).min(budget / chain).max(MIN_STEP);
+    let step = (silent / 4).min(budget / chain).max(MIN_STEP);
     let after = u32::try_from(after).unwrap_or(u32::MAX).min(chain);
     step.checked_mul(after).unwrap_or(budget).min(budget)
 }
@@ -325,7 +326,11 @@ mod tests {
         }
         assert_eq!(
             relay_wait(Duration::from_secs(5), slack, 4, 3),
-            Duration::from_millis(1875)
+            Duration::from_millis(3750)
+        );
+        assert_eq!(
+            relay_wait(Duration::from_secs(5), slack, 3, 1),
+            Duration::from_millis(1250)
         );
     }
 }

@@ -1839,7 +1839,7 @@ fn trickle(
 /// A chain member that freezes (its connections held open) before, during
 /// or after its link's handshake, or mid-stream, holds up only the
 /// receivers after it: the receiver before it gives it up once it took
-/// nothing for that receiver's relay wait (what the sender named, 0.75 s
+/// nothing for that receiver's relay wait (what the sender named, 1.5 s
 /// here) and takes every page from the chain; the receiver after it gives
 /// its own link up within half its silence limit and takes the rest by
 /// unicast; the sender drops the frozen member at its silence limit, and
