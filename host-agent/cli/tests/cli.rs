@@ -86,3 +86,37 @@ fn usage_errors_fail_and_help_has_examples() {
         );
     }
 }
+
+/// `cast send --expect` names each receiver once, as many as
+/// `--receivers`: otherwise one line says what is wrong, before anything
+/// is read or hashed.
+#[test]
+fn cast_send_refuses_an_expect_that_does_not_name_each_receiver_once() {
+    let cases = [
+        ("a,b", "3", "names 2 receivers and --receivers says 3"),
+        ("a,b,a", "3", "names \"a\" twice"),
+        ("a,", "2", "empty name"),
+    ];
+    for (expect, n, want) in cases {
+        let out = pagecast(&[
+            "cast",
+            "send",
+            "--group",
+            "239.1.1.1:7000",
+            "--iface",
+            "127.0.0.1",
+            "--control",
+            "127.0.0.1:1",
+            "--receivers",
+            n,
+            "--expect",
+            expect,
+            "--tls",
+            "/nonexistent",
+            "/nonexistent.raw",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{expect}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(want), "{expect}: {err}");
+    }
+}

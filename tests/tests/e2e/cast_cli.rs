@@ -304,6 +304,101 @@ fn a_frozen_receiver_is_dropped_and_the_others_keep_their_copies() {
     }
 }
 
+/// Bytes process `pid` has written so far (`wchar` of /proc/PID/io: its
+/// output file and its sockets).
+fn written(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A receiver in the middle of a chain frozen (SIGSTOP) mid-stream, the
+/// receivers and sender real processes: the receiver before it gives it
+/// up after its relay wait and takes every page from the chain, the one
+/// after it is sent the rest by unicast, the sender drops the frozen one,
+/// and both others end with the image. Before, the receiver before it
+/// starved behind its write to the frozen one and failed (`silent for
+/// 2s` in the loopback test of the same case).
+#[test]
+fn a_chain_receiver_frozen_mid_stream_holds_up_only_those_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), "256MiB");
+    let (port, group) = ports();
+    let s = Session {
+        dir: dir.path(),
+        control: format!("127.0.0.1:{port}"),
+        group,
+        iface: "127.0.0.1",
+    };
+    let names = ["copy0.raw", "copy1.raw", "copy2.raw"];
+    let expect = names.join(",");
+    let sender = s.sender(&[], 3, &["--transport", "chain", "--expect", &expect]);
+    std::thread::sleep(Duration::from_millis(300));
+    let rs: Vec<Child> = names
+        .iter()
+        .map(|n| s.receiver(&[], "127.0.0.1", n))
+        .collect();
+    // Mid-stream: once the middle receiver has written 16 MiB (pages into
+    // its file and on to the last receiver) of the image's 256.
+    let middle = rs[1].0.id();
+    let t = std::time::Instant::now();
+    while written(middle) < 16 << 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the middle receiver wrote {} bytes in 60 s",
+            written(middle)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let at = written(middle);
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(middle as libc::pid_t, libc::SIGSTOP);
+    }
+    let sent = sender.wait(Duration::from_secs(60));
+    let mut rs = rs.into_iter();
+    let out0 = rs.next().unwrap().wait(Duration::from_secs(30));
+    let frozen = rs.next().unwrap();
+    let out2 = rs.next().unwrap().wait(Duration::from_secs(30));
+    drop(frozen);
+    eprintln!("frozen after it wrote {at} bytes");
+    let report = json(&sent);
+    let status = |n: &str| {
+        report["receivers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == n)
+            .map(|r| r["status"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
+    assert_eq!(report["transport"], "chain", "{report}");
+    assert_eq!(status("copy0.raw"), "complete", "{report}");
+    assert_eq!(status("copy1.raw"), "dropped", "{report}");
+    assert_eq!(status("copy2.raw"), "unicast", "{report}");
+    for (i, out) in [(0, &out0), (2, &out2)] {
+        assert!(
+            out.status.success(),
+            "receiver {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(same(
+            &dir.path().join("web-0.raw"),
+            &dir.path().join(format!("copy{i}.raw"))
+        ));
+    }
+    let head = json(&out0);
+    assert_eq!(head["pages_unicast"], 0, "{head}");
+    assert!(
+        head["chain_broken"]
+            .as_str()
+            .is_some_and(|b| b.contains("the next receiver took nothing")),
+        "{head}"
+    );
+}
+
 #[test]
 fn the_chain_delivers_the_same_image() {
     let dir = tempfile::tempdir().unwrap();

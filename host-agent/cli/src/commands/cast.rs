@@ -85,6 +85,13 @@ struct SendArgs {
     #[arg(long, value_name = "N")]
     receivers: usize,
 
+    /// Take only these receivers, by the names their certificates hold
+    /// (comma-separated, as many as --receivers), each once; a chain runs
+    /// through them in this order. Default: the first N hosts of the
+    /// cluster to join, in the order they join.
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+    expect: Vec<String>,
+
     /// Pacing rate in bits per second (e.g. 1G, 500M); default: as fast as
     /// the slowest receiver keeps up.
     #[arg(long, value_name = "BITS/S", value_parser = parse_bits_per_second)]
@@ -186,6 +193,27 @@ pub fn run(args: CastArgs, threads: usize) -> anyhow::Result<()> {
     }
 }
 
+/// `--expect`: none, or each of the `receivers` named once.
+fn check_expected(names: &[String], receivers: usize) -> anyhow::Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    if names.len() != receivers {
+        anyhow::bail!(
+            "--expect names {} receivers and --receivers says {receivers}: name each receiver once",
+            names.len()
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = names.iter().find(|n| !seen.insert(n.as_str())) {
+        anyhow::bail!("--expect names {twice:?} twice: name each receiver once");
+    }
+    if names.iter().any(|n| n.is_empty()) {
+        anyhow::bail!("--expect has an empty name");
+    }
+    Ok(())
+}
+
 #[derive(Serialize)]
 struct SendOut<'a> {
     #[serde(flatten)]
@@ -196,6 +224,7 @@ struct SendOut<'a> {
 }
 
 fn run_send(a: SendArgs, threads: usize) -> anyhow::Result<()> {
+    check_expected(&a.expect, a.receivers)?;
     let tls = load_tls(&a.tls)?;
     if !a.group.ip().is_multicast() {
         anyhow::bail!(
@@ -208,6 +237,7 @@ fn run_send(a: SendArgs, threads: usize) -> anyhow::Result<()> {
     let src = ImageSource::open(&a.image, &fp, &|n| bar.inc(n))?;
     bar.finish_and_clear();
     let mut cfg = SenderConfig::new(a.control, a.iface, a.receivers);
+    cfg.expected = a.expect.clone();
     cfg.rate_bps = a.rate;
     cfg.loss_control = !a.no_loss_control;
     cfg.transport = match a.transport {
