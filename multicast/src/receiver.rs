@@ -99,6 +99,9 @@ struct State<'a> {
     /// predecessor failed): nothing more is taken from it, and the sender
     /// is told.
     chain_refused: Option<String>,
+    /// Why it gave up passing pages to the next receiver, told to the
+    /// sender with every report from then on.
+    chain_next_lost: Option<String>,
     /// The place after the last page the chain brought.
     chain_next: u32,
     session: u64,
@@ -163,6 +166,7 @@ impl<'a> State<'a> {
             by_index,
             member_key: plan.member_key,
             chain_refused: None,
+            chain_next_lost: None,
             chain_next: 0,
             session: w.session_id,
             id: w.receiver_id,
@@ -651,6 +655,7 @@ impl State<'_> {
             contiguous: g.map_or(0, |g| g.contiguous),
             held: self.held_count,
             chain_refused: self.chain_refused.clone().unwrap_or_default(),
+            chain_next_lost: self.chain_next_lost.clone().unwrap_or_default(),
         }
     }
 
@@ -1153,7 +1158,14 @@ impl Session<'_> {
                     }
                     self.chain_broken = Some(why);
                 }
-                ChainEv::NoSuccessor(why) => self.chain_broken = Some(why),
+                ChainEv::NoSuccessor(why) => {
+                    // Said at once: the sender moves those after it to
+                    // unicast rather than wait for them to starve.
+                    st.chain_next_lost.get_or_insert_with(|| why.clone());
+                    self.chain_broken = Some(why);
+                    self.writer
+                        .send(&frame(v1::cast_frame::Body::Progress(st.progress())))?;
+                }
             }
             if st.chain_refused.is_some() {
                 break;

@@ -91,6 +91,11 @@ struct Peer {
     counters: ReceiverCounters,
     /// It gave up its chain link, for this reason.
     chain_refused: Option<String>,
+    /// It gave up passing pages to the next receiver, for this reason
+    /// (taken once; `None` again once those after it were moved).
+    chain_next_lost: Option<String>,
+    /// Its `chain_next_lost` was acted on.
+    next_lost_seen: bool,
     /// Since when it has had every page it needs (it reported the last
     /// group held, or its unicast repair was sent): it owes its Done.
     owes_done_since: Option<Instant>,
@@ -625,6 +630,8 @@ fn new_peer(
         pages,
         unicast_pages: 0,
         chain_refused: None,
+        chain_next_lost: None,
+        next_lost_seen: false,
         owes_done_since: None,
         counters: ReceiverCounters::default(),
     })
@@ -1316,6 +1323,10 @@ impl<'a> Run<'a> {
                     if peer.chain_refused.is_none() && !p.chain_refused.is_empty() {
                         // Its words, bounded: they go into the report.
                         peer.chain_refused = Some(p.chain_refused.chars().take(200).collect());
+                    }
+                    if !peer.next_lost_seen && !p.chain_next_lost.is_empty() {
+                        peer.next_lost_seen = true;
+                        peer.chain_next_lost = Some(p.chain_next_lost.chars().take(200).collect());
                     }
                     let g = (p.group as usize).min(self.groups.len());
                     for earlier in 0..g {
@@ -2117,7 +2128,8 @@ impl<'a> Run<'a> {
 
     /// A receiver that gave its chain link up (a page that did not check,
     /// or a predecessor that failed or passed nothing of ours on): it and
-    /// every live receiver after it take the rest by unicast.
+    /// every live receiver after it take the rest by unicast; one that gave
+    /// up its next receiver: every live receiver after it.
     fn demote_refused<'s>(
         &mut self,
         scope: &'s std::thread::Scope<'s, '_>,
@@ -2129,13 +2141,26 @@ impl<'a> Run<'a> {
             .peers
             .iter()
             .position(|p| p.chain_refused.is_some() && p.state == State::Live);
-        let Some(r) = refused else { return };
-        let why = format!(
-            "receiver {} gave up its chain link: {}",
-            self.peers[r].id,
-            self.peers[r].chain_refused.as_deref().unwrap_or_default()
-        );
-        self.demote_from(scope, r, &why, unicast);
+        if let Some(r) = refused {
+            let why = format!(
+                "receiver {} gave up its chain link: {}",
+                self.peers[r].id,
+                self.peers[r].chain_refused.as_deref().unwrap_or_default()
+            );
+            self.demote_from(scope, r, &why, unicast);
+        }
+        // A receiver that gave up the next one: those after it take the
+        // rest by unicast (a frozen next receiver passes nothing on, and a
+        // trickling one keeps those after it waiting at its pace).
+        let lost = self.peers.iter().position(|p| p.chain_next_lost.is_some());
+        if let Some(r) = lost {
+            let lost = self.peers[r].chain_next_lost.take().unwrap_or_default();
+            let why = format!(
+                "receiver {} gave up passing pages to the next receiver: {lost}",
+                self.peers[r].id
+            );
+            self.demote_from(scope, r + 1, &why, unicast);
+        }
     }
 
     /// Moves every live receiver from `from` on down the chain to unicast

@@ -1862,8 +1862,10 @@ fn a_chain_member_frozen_at_any_phase_holds_up_only_those_after_it() {
 
 /// A chain member that takes its pages a frame every 20 ms (about
 /// 200 KiB/s) and passes them on holds up only the receivers after it
-/// (the tail, until the sender moves it to unicast half a silence limit
-/// after the feed): the receiver before it gives it up once its relay's
+/// (the tail, which the sender moves to unicast once the receiver before
+/// the member says it gave the member up; before that report, it waited
+/// until half a silence limit after the feed): the receiver before it
+/// gives it up once its relay's
 /// write took nothing for the relay wait (the kernel wakes a write
 /// blocked on a full socket only once about a third of the send buffer
 /// has drained, megabytes here), and takes every page from the chain.
@@ -1946,6 +1948,16 @@ fn stuck_in_the_chain(at: Stuck) {
                 "{at:?}: {:?}",
                 by_name("tail").status
             );
+            // A trickled tail keeps taking the sender's pages: only the
+            // head's word moves it early.
+            if at == Stuck::Trickling {
+                assert!(
+                    matches!(&by_name("tail").status, PeerStatus::Unicast { reason }
+                        if reason.contains("gave up passing pages to the next receiver")),
+                    "{:?}",
+                    by_name("tail").status
+                );
+            }
             assert!(
                 matches!(&by_name("frozen").status, PeerStatus::Dropped { .. }),
                 "{at:?}: {:?}",

@@ -39,6 +39,7 @@ fn frames_flow_both_ways_and_each_side_knows_the_other() {
         contiguous: 2,
         held: 3,
         chain_refused: String::new(),
+        chain_next_lost: String::new(),
     };
     cli.send(&m).unwrap();
     assert_eq!(srv.recv::<v1::CastProgress>("progress").unwrap(), m);
