@@ -77,6 +77,8 @@ struct Peer {
     writer: Option<ChannelWriter>,
     /// Closes its connection while a repair thread holds the writer.
     closer: Option<pagecast_channel::Closer>,
+    /// Since when its repair thread has waited in one send, if it does.
+    sending: Option<Sending>,
     /// The sender dropped it ([`Peer::cut`]): a repair that failed then
     /// failed because of that.
     cut: bool,
@@ -99,6 +101,44 @@ struct Peer {
     /// Since when it has had every page it needs (it reported the last
     /// group held, or its unicast repair was sent): it owes its Done.
     owes_done_since: Option<Instant>,
+}
+
+/// When a repair thread's current send began, in milliseconds from
+/// `epoch` plus one (0: it is not in a send).
+#[derive(Clone)]
+struct Sending {
+    epoch: Instant,
+    since: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Sending {
+    fn new() -> Sending {
+        Sending {
+            epoch: Instant::now(),
+            since: Default::default(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Runs `send`, marked as in a send meanwhile.
+    fn during<T>(&self, send: impl FnOnce() -> T) -> T {
+        use std::sync::atomic::Ordering;
+        self.since.store(self.now(), Ordering::Release);
+        let r = send();
+        self.since.store(0, Ordering::Release);
+        r
+    }
+
+    /// How long the current send has waited (zero outside one).
+    fn waited(&self) -> Duration {
+        match self.since.load(std::sync::atomic::Ordering::Acquire) {
+            0 => Duration::ZERO,
+            t => Duration::from_millis(self.now().saturating_sub(t)),
+        }
+    }
 }
 
 impl Peer {
@@ -620,6 +660,7 @@ fn new_peer(
         rcvbuf: hello.rcvbuf_bytes,
         writer: Some(writer),
         closer: None,
+        sending: None,
         cut: false,
         reader: Some(reader),
         state: State::Live,
@@ -1382,11 +1423,22 @@ impl<'a> Run<'a> {
 
     fn silent_check(&mut self) {
         let now = Instant::now();
+        let limit = self.cfg.silent_after;
         for p in self.peers.iter_mut() {
             if matches!(p.state, State::Live | State::Unicast(_))
-                && now.duration_since(p.last_heard) > self.cfg.silent_after
+                && now.duration_since(p.last_heard) > limit
             {
-                p.cut(format!("silent for {:?}", self.cfg.silent_after));
+                p.cut(format!("silent for {limit:?}"));
+            }
+            // One send of its repair that waited a silence limit took
+            // nothing over a window of waiting, under any floor: given up
+            // now, not when that send fails at its write limit.
+            if matches!(p.state, State::Unicast(_))
+                && p.sending.as_ref().is_some_and(|s| s.waited() > limit)
+            {
+                p.cut(format!(
+                    "unicast repair given up: took nothing for {limit:?} (one send waited that long)"
+                ));
             }
         }
     }
@@ -1591,6 +1643,8 @@ impl<'a> Run<'a> {
         let peer = &mut self.peers[i];
         let mut w = peer.writer.take()?;
         peer.closer = w.closer().ok();
+        let sending = Sending::new();
+        peer.sending = Some(sending.clone());
         peer.state = State::Unicast(why);
         counter!(crate::metrics::UNICAST_RECEIVERS).increment(1);
         let mut pages: Vec<u32> = Vec::new();
@@ -1628,7 +1682,7 @@ impl<'a> Run<'a> {
                     Err(e) => Some(format!("page {id} could not be read: {e}")),
                     Ok(f) => match taking.send(|| {
                         let b = w.sent_bytes();
-                        let r = w.send(&f);
+                        let r = sending.during(|| w.send(&f));
                         (r, w.sent_bytes() - b)
                     }) {
                         Err(e) => Some(e.to_string()),

@@ -1726,6 +1726,16 @@ fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: 
             "{:?}",
             h.status
         );
+        if how.reads == Reads::Nothing {
+            // Given up once one send waited the silence limit, not when
+            // that send failed at its 10 s write limit.
+            assert!(
+                matches!(&m.status, PeerStatus::Dropped { reason }
+                    if reason.contains("one send waited that long")),
+                "{:?}",
+                m.status
+            );
+        }
         if how.reads == Reads::Slowly {
             // The feed's guard moved it, not a limit after the feed (the
             // member joined first, so it heads the chain); the member took
