@@ -79,6 +79,9 @@ struct Peer {
     closer: Option<pagecast_channel::Closer>,
     /// Since when its repair thread has waited in one send, if it does.
     sending: Option<Sending>,
+    /// While a send of its repair waits: the bytes its kernel had not
+    /// acknowledged when last looked at, and since when that stood.
+    unmoved: Option<(usize, Instant)>,
     /// The sender dropped it ([`Peer::cut`]): a repair that failed then
     /// failed because of that.
     cut: bool,
@@ -101,6 +104,12 @@ struct Peer {
     /// Since when it has had every page it needs (it reported the last
     /// group held, or its unicast repair was sent): it owes its Done.
     owes_done_since: Option<Instant>,
+}
+
+/// A receiver's words for the report: at most 200 characters, none of
+/// them control characters.
+fn printable(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
 /// When a repair thread's current send began, in milliseconds from
@@ -142,6 +151,24 @@ impl Sending {
 }
 
 impl Peer {
+    /// How long a send of its repair has waited with nothing acknowledged
+    /// by the receiver's kernel meanwhile (zero outside a send).
+    fn repair_unmoved_for(&mut self, now: Instant) -> Duration {
+        let waiting = self.sending.as_ref().is_some_and(|s| !s.waited().is_zero());
+        let unacked = self.closer.as_ref().and_then(|c| c.unacked_bytes().ok());
+        let (Some(unacked), true) = (unacked, waiting) else {
+            self.unmoved = None;
+            return Duration::ZERO;
+        };
+        match self.unmoved {
+            Some((was, since)) if was == unacked => now.duration_since(since),
+            _ => {
+                self.unmoved = Some((unacked, now));
+                Duration::ZERO
+            }
+        }
+    }
+
     /// Drops it for `why` and closes its connection, whoever holds the
     /// writer: a repair thread sending to it fails at once instead of at
     /// its write limit (the session would otherwise wait for that thread
@@ -661,6 +688,7 @@ fn new_peer(
         writer: Some(writer),
         closer: None,
         sending: None,
+        unmoved: None,
         cut: false,
         reader: Some(reader),
         state: State::Live,
@@ -1363,11 +1391,11 @@ impl<'a> Run<'a> {
                     peer.last_heard = Instant::now();
                     if peer.chain_refused.is_none() && !p.chain_refused.is_empty() {
                         // Its words, bounded: they go into the report.
-                        peer.chain_refused = Some(p.chain_refused.chars().take(200).collect());
+                        peer.chain_refused = Some(printable(&p.chain_refused));
                     }
                     if !peer.next_lost_seen && !p.chain_next_lost.is_empty() {
                         peer.next_lost_seen = true;
-                        peer.chain_next_lost = Some(p.chain_next_lost.chars().take(200).collect());
+                        peer.chain_next_lost = Some(printable(&p.chain_next_lost));
                     }
                     let g = (p.group as usize).min(self.groups.len());
                     for earlier in 0..g {
@@ -1430,12 +1458,19 @@ impl<'a> Run<'a> {
             {
                 p.cut(format!("silent for {limit:?}"));
             }
-            // One send of its repair that waited a silence limit took
-            // nothing over a window of waiting, under any floor: given up
-            // now, not when that send fails at its write limit.
-            if matches!(p.state, State::Unicast(_))
-                && p.sending.as_ref().is_some_and(|s| s.waited() > limit)
-            {
+        }
+        self.stalled_repairs();
+    }
+
+    /// Gives up each repair with a send that waited a silence limit while
+    /// the receiver's kernel acknowledged nothing: it took nothing over
+    /// that window, under any floor, and is given up now, not when that
+    /// send fails at its write limit. (A slow receiver still acknowledges
+    /// bytes; its pace is the guard's to judge.)
+    fn stalled_repairs(&mut self) {
+        let (now, limit) = (Instant::now(), self.cfg.silent_after);
+        for p in self.peers.iter_mut() {
+            if matches!(p.state, State::Unicast(_)) && p.repair_unmoved_for(now) > limit {
                 p.cut(format!(
                     "unicast repair given up: took nothing for {limit:?} (one send waited that long)"
                 ));
@@ -2175,6 +2210,7 @@ impl<'a> Run<'a> {
                 looked = Instant::now();
                 self.events(Duration::ZERO);
                 self.demote_refused(scope, unicast);
+                self.stalled_repairs();
             }
         }
         Ok(())

@@ -326,7 +326,7 @@ pub fn domain_xml(name: &str, mib: u64, kernel: &Path, initrd: &Path, serial: &P
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1</cmdline>
+    <cmdline>console=ttyS0 quiet panic=-1 no_timer_check</cmdline>
   </os>
   <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>
   <on_reboot>destroy</on_reboot>

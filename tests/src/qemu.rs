@@ -163,7 +163,7 @@ impl Guest {
             .arg(kernel)
             .arg("-initrd")
             .arg(dir.join("initrd.cpio"))
-            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .args(["-append", "console=ttyS0 quiet panic=-1 no_timer_check"])
             .args(["-display", "none", "-nodefaults", "-no-reboot", "-serial"])
             .arg(format!("file:{}", serial.display()))
             .arg("-qmp")

@@ -660,6 +660,32 @@ impl Closer {
     pub fn shutdown(&self) {
         let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
+
+    /// Bytes sent on the connection that the peer's kernel has not yet
+    /// acknowledged ([`ChannelWriter::unacked_bytes`]): while a send
+    /// waits, whether the peer takes anything at all.
+    pub fn unacked_bytes(&self) -> std::io::Result<usize> {
+        outq(&self.0)
+    }
+}
+
+/// Bytes queued on `sock` that its peer has not acknowledged.
+fn outq(sock: &TcpStream) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one c_int through
+    // the pointer, which points at `n`, live for the call; the descriptor
+    // is `sock`'s, open while the borrow lives.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(sock),
+            libc::TIOCOUTQ,
+            &mut n,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
 }
 
 /// A blocking, mutually authenticated connection carrying protobuf frames.
@@ -886,21 +912,7 @@ impl ChannelWriter {
     /// Bytes sent on this connection that the peer's kernel has not yet
     /// acknowledged (queued here or in flight).
     pub fn unacked_bytes(&self) -> Result<usize, AuthError> {
-        let mut n: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one c_int
-        // through the pointer, which points at `n`, live for the call; the
-        // descriptor is this writer's socket, open while `self` lives.
-        let r = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
-                libc::TIOCOUTQ,
-                &mut n,
-            )
-        };
-        if r < 0 {
-            return Err(io_err(&self.peer)(std::io::Error::last_os_error()));
-        }
-        Ok(usize::try_from(n).unwrap_or(0))
+        outq(&self.sock).map_err(io_err(&self.peer))
     }
 
     /// Waits until the peer's kernel has acknowledged every byte sent: a

@@ -87,8 +87,9 @@ struct SendArgs {
 
     /// Take only these receivers, by the names their certificates hold
     /// (comma-separated, as many as --receivers), each once; a chain runs
-    /// through them in this order. Default: the first N hosts of the
-    /// cluster to join, in the order they join.
+    /// through them in this order. A receiver must also give that name
+    /// (`cast recv` does unless given another --name). Default: the first
+    /// N hosts of the cluster to join, in the order they join.
     #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
     expect: Vec<String>,
 
@@ -166,7 +167,8 @@ struct RecvArgs {
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
 
-    /// This receiver's name in the sender's report (default: host:pid).
+    /// This receiver's name in the sender's report (default: the name its
+    /// certificate holds, which is what `cast send --expect` matches).
     #[arg(long)]
     name: Option<String>,
 
@@ -224,7 +226,8 @@ struct SendOut<'a> {
 }
 
 fn run_send(a: SendArgs, threads: usize) -> anyhow::Result<()> {
-    check_expected(&a.expect, a.receivers)?;
+    let expect: Vec<String> = a.expect.iter().map(|n| n.trim().to_owned()).collect();
+    check_expected(&expect, a.receivers)?;
     let tls = load_tls(&a.tls)?;
     if !a.group.ip().is_multicast() {
         anyhow::bail!(
@@ -237,7 +240,7 @@ fn run_send(a: SendArgs, threads: usize) -> anyhow::Result<()> {
     let src = ImageSource::open(&a.image, &fp, &|n| bar.inc(n))?;
     bar.finish_and_clear();
     let mut cfg = SenderConfig::new(a.control, a.iface, a.receivers);
-    cfg.expected = a.expect.clone();
+    cfg.expected = expect;
     cfg.rate_bps = a.rate;
     cfg.loss_control = !a.no_loss_control;
     cfg.transport = match a.transport {
@@ -371,10 +374,10 @@ struct RecvOut<'a> {
 
 fn run_recv(a: RecvArgs) -> anyhow::Result<()> {
     let tls = load_tls(&a.tls)?;
-    let name = a.name.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}:{}", host.trim(), std::process::id())
-    });
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| tls.identity().name.clone());
     let mut cfg = ReceiverConfig::new(a.control, a.iface, &name);
     cfg.silent_after = Duration::from_secs(a.silent_after);
     let mut sink = ImageSink::new(&a.out);
