@@ -148,13 +148,21 @@ impl Relay {
     /// is given up: it failed or took nothing for the relay's wait (or the
     /// session ended meanwhile); the link then goes on without it.
     pub(crate) fn pass(&mut self, f: v1::CastFrame) -> Result<(), String> {
-        let Some(tx) = self.tx.clone() else {
+        let r = self.queue(f);
+        r.map_err(|why| self.give_up(why))
+    }
+
+    /// [`Relay::pass`] up to the verdict: `Err(None)` when the relay
+    /// failed (for the reason it gave), `Err(Some(why))` when the link
+    /// gives the next receiver up.
+    fn queue(&self, f: v1::CastFrame) -> Result<(), Option<String>> {
+        let Some(tx) = &self.tx else {
             return Ok(());
         };
         let mut f = match tx.try_send(f) {
             Ok(()) => return Ok(()),
             Err(mpsc::TrySendError::Full(f)) => f,
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(self.give_up(None)),
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(None),
         };
         self.flags.held.store(true, Ordering::Release);
         let r = loop {
@@ -163,16 +171,16 @@ impl Relay {
                     "the next receiver took nothing for {:?}; gave it up",
                     self.wait
                 );
-                break Err(self.give_up(Some(why)));
+                break Err(Some(why));
             }
             if self.flags.ended.load(Ordering::Acquire) {
-                break Err(self.give_up(Some("the session ended".into())));
+                break Err(Some("the session ended".into()));
             }
             std::thread::sleep(HELD_POLL);
             f = match tx.try_send(f) {
                 Ok(()) => break Ok(()),
                 Err(mpsc::TrySendError::Full(f)) => f,
-                Err(mpsc::TrySendError::Disconnected(_)) => break Err(self.give_up(None)),
+                Err(mpsc::TrySendError::Disconnected(_)) => break Err(None),
             };
         };
         self.flags.held.store(false, Ordering::Release);

@@ -77,7 +77,7 @@ struct Peer {
     writer: Option<ChannelWriter>,
     /// Closes its connection while a repair thread holds the writer.
     closer: Option<pagecast_channel::Closer>,
-    /// Since when its repair thread has waited in one send, if it does.
+    /// Whether its repair thread is in a send.
     sending: Option<Sending>,
     /// While a send of its repair waits: the bytes its kernel had not
     /// acknowledged when last looked at, and since when that stood.
@@ -112,41 +112,23 @@ fn printable(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
-/// When a repair thread's current send began, in milliseconds from
-/// `epoch` plus one (0: it is not in a send).
-#[derive(Clone)]
-struct Sending {
-    epoch: Instant,
-    since: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
+/// Whether a repair thread is in a send (the silence check times how long
+/// the receiver's kernel then acknowledges nothing: [`Peer::repair_unmoved_for`]).
+#[derive(Clone, Default)]
+struct Sending(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
 impl Sending {
-    fn new() -> Sending {
-        Sending {
-            epoch: Instant::now(),
-            since: Default::default(),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
     /// Runs `send`, marked as in a send meanwhile.
     fn during<T>(&self, send: impl FnOnce() -> T) -> T {
         use std::sync::atomic::Ordering;
-        self.since.store(self.now(), Ordering::Release);
+        self.0.store(true, Ordering::Release);
         let r = send();
-        self.since.store(0, Ordering::Release);
+        self.0.store(false, Ordering::Release);
         r
     }
 
-    /// How long the current send has waited (zero outside one).
-    fn waited(&self) -> Duration {
-        match self.since.load(std::sync::atomic::Ordering::Acquire) {
-            0 => Duration::ZERO,
-            t => Duration::from_millis(self.now().saturating_sub(t)),
-        }
+    fn active(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -154,7 +136,7 @@ impl Peer {
     /// How long a send of its repair has waited with nothing acknowledged
     /// by the receiver's kernel meanwhile (zero outside a send).
     fn repair_unmoved_for(&mut self, now: Instant) -> Duration {
-        let waiting = self.sending.as_ref().is_some_and(|s| !s.waited().is_zero());
+        let waiting = self.sending.as_ref().is_some_and(Sending::active);
         let unacked = self.closer.as_ref().and_then(|c| c.unacked_bytes().ok());
         let (Some(unacked), true) = (unacked, waiting) else {
             self.unmoved = None;
@@ -1678,7 +1660,7 @@ impl<'a> Run<'a> {
         let peer = &mut self.peers[i];
         let mut w = peer.writer.take()?;
         peer.closer = w.closer().ok();
-        let sending = Sending::new();
+        let sending = Sending::default();
         peer.sending = Some(sending.clone());
         peer.state = State::Unicast(why);
         counter!(crate::metrics::UNICAST_RECEIVERS).increment(1);
@@ -2456,6 +2438,14 @@ impl<'a> Run<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A receiver's words reach the report with no control characters and
+    /// at most 200 characters, whatever it sent.
+    #[test]
+    fn a_receivers_words_are_printable_and_bounded() {
+        assert_eq!(printable("gave up\n\x1b[31mred\u{7}"), "gave up[31mred");
+        assert_eq!(printable(&"é".repeat(500)).chars().count(), 200);
+    }
 
     /// A receiver's pace is judged once the sends to it waited the window,
     /// each window on its own (bytes taken fast before earn no time to

@@ -1057,6 +1057,18 @@ fn hostile_join(
     (ch, w, start)
 }
 
+/// A hostile member's chain link from its predecessor: the first
+/// connection to `listener`, mutual TLS done.
+fn hostile_predecessor(listener: &std::net::TcpListener, tls: &Tls) -> pagecast_channel::Channel {
+    let (from, _) = listener.accept().unwrap();
+    pagecast_channel::Channel::server(from, tls).unwrap()
+}
+
+/// A hostile member's chain link to the next receiver at `next`.
+fn hostile_successor(next: &str, tls: &Tls) -> pagecast_channel::Channel {
+    pagecast_channel::Channel::client(std::net::TcpStream::connect(next).unwrap(), tls).unwrap()
+}
+
 /// Every key a welcome hands its receiver: its own, and its groups'.
 fn hostile_keys(w: &pagecast_proto::v1::CastWelcome) -> Vec<wire::CastKey> {
     let mut keys = vec![w.member_key.as_ref().try_into().unwrap()];
@@ -1287,13 +1299,8 @@ fn hostile_chain_member(
     let addr = listener.local_addr().unwrap().to_string();
     let (mut ch, _, start) = hostile_join(control, tls, ("hostile", &addr), Some(&joined));
     assert_eq!(start.transport, v1::CastTransport::Chain as i32);
-    let (from_sender, _) = listener.accept().unwrap();
-    let mut prev = pagecast_channel::Channel::server(from_sender, tls).unwrap();
-    let mut next = pagecast_channel::Channel::client(
-        std::net::TcpStream::connect(&start.chain_next).unwrap(),
-        tls,
-    )
-    .unwrap();
+    let mut prev = hostile_predecessor(&listener, tls);
+    let mut next = hostile_successor(&start.chain_next, tls);
     let mut junk = frame(F::Page(v1::CastPage {
         withdrawn: true,
         ..Default::default()
@@ -1554,15 +1561,9 @@ fn never_done_member(
         }
         if start.transport == v1::CastTransport::Chain as i32 {
             s.spawn(|| {
-                let (from, _) = listener.accept().unwrap();
-                let mut prev = pagecast_channel::Channel::server(from, tls).unwrap();
-                let mut next = (!start.chain_next.is_empty()).then(|| {
-                    pagecast_channel::Channel::client(
-                        std::net::TcpStream::connect(&start.chain_next).unwrap(),
-                        tls,
-                    )
-                    .unwrap()
-                });
+                let mut prev = hostile_predecessor(&listener, tls);
+                let mut next = (!start.chain_next.is_empty())
+                    .then(|| hostile_successor(&start.chain_next, tls));
                 while let Ok(f) = prev.recv::<v1::CastFrame>("chain page") {
                     if let Some(n) = next.as_mut() {
                         let _ = n.send(&f);
@@ -1706,49 +1707,63 @@ fn never_done_with(transport: TransportChoice, how: NeverDone, pages: u32, why: 
              {honest_r:?}"
         );
         check_sink(&honest_sink, src, &(0..pages).collect::<Vec<_>>());
-        let m = report
-            .receivers
-            .iter()
-            .find(|r| r.name == "never-done")
-            .unwrap();
+        what_the_sender_saw(&report, how, why, (pages, drained));
+    });
+}
+
+/// What [`never_done_with`] asks of the sender's report: the member
+/// dropped for `why` (a member that reads nothing, once one send waited the
+/// silence limit), the honest receiver verified, and a slow head's feed
+/// given up by the feed's guard after it took under half the `pages`.
+fn what_the_sender_saw(
+    report: &SendReport,
+    how: NeverDone,
+    why: &str,
+    (pages, drained): (u32, u64),
+) {
+    let transport = report.transport;
+    let m = report
+        .receivers
+        .iter()
+        .find(|r| r.name == "never-done")
+        .unwrap();
+    assert!(
+        matches!(&m.status, PeerStatus::Dropped { reason } if reason.contains(why)),
+        "{transport:?} {how:?}: {:?}",
+        m.status
+    );
+    let h = report
+        .receivers
+        .iter()
+        .find(|r| r.name == "honest")
+        .unwrap();
+    assert!(
+        matches!(h.status, PeerStatus::Complete | PeerStatus::Unicast { .. }),
+        "{:?}",
+        h.status
+    );
+    if how.reads == Reads::Nothing {
+        // Given up once one send waited the silence limit, not when
+        // that send failed at its 10 s write limit.
         assert!(
-            matches!(&m.status, PeerStatus::Dropped { reason } if reason.contains(why)),
-            "{transport:?} {how:?}: {:?}",
+            matches!(&m.status, PeerStatus::Dropped { reason }
+                if reason.contains("one send waited that long")),
+            "{:?}",
             m.status
         );
-        let h = report
-            .receivers
-            .iter()
-            .find(|r| r.name == "honest")
-            .unwrap();
+    }
+    if how.reads == Reads::Slowly {
+        // The feed's guard moved it, not a limit after the feed (the
+        // member joined first, so it heads the chain); the member took
+        // a small part of the pages.
         assert!(
-            matches!(h.status, PeerStatus::Complete | PeerStatus::Unicast { .. }),
+            matches!(&h.status, PeerStatus::Unicast { reason }
+                if reason.contains("the chain's first receiver took")),
             "{:?}",
             h.status
         );
-        if how.reads == Reads::Nothing {
-            // Given up once one send waited the silence limit, not when
-            // that send failed at its 10 s write limit.
-            assert!(
-                matches!(&m.status, PeerStatus::Dropped { reason }
-                    if reason.contains("one send waited that long")),
-                "{:?}",
-                m.status
-            );
-        }
-        if how.reads == Reads::Slowly {
-            // The feed's guard moved it, not a limit after the feed (the
-            // member joined first, so it heads the chain); the member took
-            // a small part of the pages.
-            assert!(
-                matches!(&h.status, PeerStatus::Unicast { reason }
-                    if reason.contains("the chain's first receiver took")),
-                "{:?}",
-                h.status
-            );
-            assert!(drained < u64::from(pages) / 2, "{drained}");
-        }
-    });
+        assert!(drained < u64::from(pages) / 2, "{drained}");
+    }
 }
 
 /// Where the chain member of
@@ -1795,11 +1810,7 @@ fn stuck_chain_member(control: SocketAddr, tls: &Tls, at: Stuck, stop: &Mutex<bo
         } else {
             let mut prev = pagecast_channel::Channel::server(from_prev, tls).unwrap();
             if at == Stuck::MidStream {
-                let mut next = pagecast_channel::Channel::client(
-                    std::net::TcpStream::connect(&start.chain_next).unwrap(),
-                    tls,
-                )
-                .unwrap();
+                let mut next = hostile_successor(&start.chain_next, tls);
                 for _ in 0..200 {
                     let f: pagecast_proto::v1::CastFrame = prev.recv("chain page").unwrap();
                     next.send(&f).unwrap();
@@ -1824,11 +1835,8 @@ fn trickle(
     stop: &Mutex<bool>,
 ) {
     use pagecast_proto::v1;
-    let (from_prev, _) = listener.accept().unwrap();
-    let mut prev = pagecast_channel::Channel::server(from_prev, tls).unwrap();
-    let mut next =
-        pagecast_channel::Channel::client(std::net::TcpStream::connect(next).unwrap(), tls)
-            .unwrap();
+    let mut prev = hostile_predecessor(listener, tls);
+    let mut next = hostile_successor(next, tls);
     let mut told = std::time::Instant::now();
     while !*stop.lock().unwrap() {
         let Ok(f) = prev.recv::<v1::CastFrame>("chain page") else {

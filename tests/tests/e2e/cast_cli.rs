@@ -59,7 +59,18 @@ struct Session<'a> {
     iface: &'a str,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
+    /// A session on loopback, its ports and group this test's own.
+    fn loopback(dir: &'a Path) -> Self {
+        let (port, group) = ports();
+        Session {
+            dir,
+            control: format!("127.0.0.1:{port}"),
+            group,
+            iface: "127.0.0.1",
+        }
+    }
+
     fn sender(&self, prefix: &[&str], receivers: usize, extra: &[&str]) -> Child {
         let tls = pagecast_tests::pki::node("cast-sender", pagecast_channel::Role::Host);
         let mut args = vec![
@@ -126,13 +137,7 @@ fn loopback_multicast_to_four_receivers_is_byte_identical() {
     }
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), "32MiB");
-    let (port, group) = ports();
-    let s = Session {
-        dir: dir.path(),
-        control: format!("127.0.0.1:{port}"),
-        group,
-        iface: "127.0.0.1",
-    };
+    let s = Session::loopback(dir.path());
     let sender = s.sender(&[], 4, &[]);
     std::thread::sleep(Duration::from_millis(300));
     let rs: Vec<Child> = (0..4)
@@ -180,13 +185,7 @@ fn a_killed_receiver_is_reported_and_the_others_complete() {
     }
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), "64MiB");
-    let (port, group) = ports();
-    let s = Session {
-        dir: dir.path(),
-        control: format!("127.0.0.1:{port}"),
-        group,
-        iface: "127.0.0.1",
-    };
+    let s = Session::loopback(dir.path());
     // Paced so the session lasts a few seconds.
     let sender = s.sender(&[], 3, &["--rate", "100M", "--transport", "multicast"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -248,13 +247,7 @@ fn a_frozen_receiver_is_dropped_and_the_others_keep_their_copies() {
     }
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), "64MiB");
-    let (port, group) = ports();
-    let s = Session {
-        dir: dir.path(),
-        control: format!("127.0.0.1:{port}"),
-        group,
-        iface: "127.0.0.1",
-    };
+    let s = Session::loopback(dir.path());
     let sender = s.sender(&[], 3, &["--rate", "100M", "--transport", "multicast"]);
     std::thread::sleep(Duration::from_millis(300));
     let rs: Vec<Child> = (0..3)
@@ -326,13 +319,7 @@ fn written(pid: u32) -> u64 {
 fn a_chain_receiver_frozen_mid_stream_holds_up_only_those_after_it() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), "128MiB");
-    let (port, group) = ports();
-    let s = Session {
-        dir: dir.path(),
-        control: format!("127.0.0.1:{port}"),
-        group,
-        iface: "127.0.0.1",
-    };
+    let s = Session::loopback(dir.path());
     let names = ["copy0.raw", "copy1.raw", "copy2.raw"];
     let expect = names.join(",");
     let sender = s.sender(&[], 3, &["--transport", "chain", "--expect", &expect]);
@@ -407,13 +394,7 @@ fn a_chain_receiver_frozen_mid_stream_holds_up_only_those_after_it() {
 fn the_chain_delivers_the_same_image() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), "16MiB");
-    let (port, group) = ports();
-    let s = Session {
-        dir: dir.path(),
-        control: format!("127.0.0.1:{port}"),
-        group,
-        iface: "127.0.0.1",
-    };
+    let s = Session::loopback(dir.path());
     let sender = s.sender(&[], 3, &["--transport", "chain"]);
     std::thread::sleep(Duration::from_millis(300));
     let rs: Vec<Child> = (0..3)
