@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use crate::wire::{
     Body, CastKey, Check, Datagram, GroupKey, MAX_NACK_RANGES, MAX_TAGS, Opening, Replay,
     ReplayWindow, Sealing, WireError, check_of, decode,
 };
-use pagecast_channel::{Channel, ChannelWriter, Role, Tls, random_bytes};
+use pagecast_channel::{AuthError, Channel, ChannelWriter, Role, Tls, random_bytes};
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(5);
 /// Don't ask again for a page just asked for. The sender ignores a NACK
@@ -827,7 +827,15 @@ fn handshake(
     // second; a sender silent this long is gone.
     ch.set_read_timeout(Some(cfg.silent_after))?;
     loop {
-        let f: v1::CastFrame = ch.recv("welcome")?;
+        let f: v1::CastFrame = ch.recv("welcome").map_err(|e| match e {
+            AuthError::Closed { peer } => protocol(
+                &peer,
+                "closed the connection before welcoming this receiver: it refused it \
+                 (another job's receiver, a name it does not expect, or a certificate \
+                 already taking part), or it went away",
+            ),
+            e => e.into(),
+        })?;
         match f.body {
             Some(v1::cast_frame::Body::Waiting(_)) => continue,
             Some(v1::cast_frame::Body::Welcome(w)) => return Ok((ch, chain_listener, w)),
@@ -1311,14 +1319,16 @@ impl Session<'_> {
 }
 
 /// The chain predecessor named `prev` (by certificate; "" for any host),
-/// connected to `listener` within `within`. Connections from anyone else
-/// are dropped and the wait goes on; handshakes run on threads of their
-/// own ([`Handshakes`]), so a peer that connects and says nothing holds up
-/// neither the predecessor nor the deadline.
+/// connected to `listener` within `within`, unless the session `ended`
+/// first (its pages came by unicast: it waits for no predecessor then).
+/// Connections from anyone else are dropped and the wait goes on;
+/// handshakes run on threads of their own ([`Handshakes`]), so a peer that
+/// connects and says nothing holds up neither the predecessor nor the
+/// deadline.
 fn chain_predecessor(
     listener: &TcpListener,
     tls: &Tls,
-    prev: &str,
+    (prev, ended): (&str, &AtomicBool),
     within: Duration,
 ) -> Result<Channel, String> {
     let deadline = Instant::now() + within;
@@ -1345,6 +1355,11 @@ fn chain_predecessor(
         if Instant::now() > deadline {
             return Err(format!(
                 "the chain predecessor {prev:?} did not connect within {within:?}"
+            ));
+        }
+        if ended.load(Ordering::Acquire) {
+            return Err(format!(
+                "the session ended before the chain predecessor {prev:?} connected"
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -1377,7 +1392,7 @@ fn chain_link(
     silent: Duration,
     (tx, closer, flags): LinkEnds,
 ) {
-    let prev = match chain_predecessor(&listener, tls, &start.chain_prev, silent) {
+    let prev = match chain_predecessor(&listener, tls, (&start.chain_prev, &flags.ended), silent) {
         Ok(c) => c,
         Err(e) => {
             let _ = tx.send(ChainEv::Closed(e));

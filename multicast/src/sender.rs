@@ -555,9 +555,11 @@ fn tell_waiting(slots: &mut [Option<Joined>], expected: usize) {
 
 /// The slot a receiver's hello takes: where the caller named its
 /// receivers, the slot of the name its certificate holds (`certified`),
-/// which its hello must also say; else the first free one. `None`
-/// refuses it (another job's receiver, a name not expected, a hello that
-/// claims another's name, or a slot already taken).
+/// which its hello must also say; else the first free one, if no slot
+/// holds the same certificate. `None` refuses it (another job's receiver,
+/// a name not expected, a hello that claims another's name, a slot
+/// already taken, or a certificate already seated: one certificate in two
+/// slots could stand on both sides of an honest receiver on the chain).
 fn slot_of(
     cfg: &SenderConfig,
     slots: &[Option<Joined>],
@@ -568,6 +570,13 @@ fn slot_of(
         return None;
     }
     if cfg.expected.is_empty() {
+        let seated = |s: &Option<Joined>| {
+            s.as_ref()
+                .is_some_and(|(ch, _)| ch.identity().name == certified)
+        };
+        if slots.iter().any(seated) {
+            return None;
+        }
         return slots.iter().position(Option::is_none);
     }
     if hello.name != certified {

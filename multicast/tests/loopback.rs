@@ -22,10 +22,13 @@ fn cluster() -> &'static Authority {
     CA.get_or_init(|| Authority::generate().expect("a CA"))
 }
 
-/// A host identity of this test process's cluster.
+/// A host identity of this test process's cluster, a new host's each call
+/// (a sender seats no certificate twice in one session).
 fn tls() -> Tls {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
     cluster()
-        .issue("host", Role::Host, 1)
+        .issue(&format!("host-{n}"), Role::Host, 1)
         .expect("a certificate")
 }
 
@@ -824,6 +827,91 @@ fn a_receiver_takes_the_slot_of_its_certificate_not_of_the_name_it_says() {
     });
 }
 
+/// Where the caller names no receivers (`pagecast cast send` without
+/// `--expect`), one certificate takes one slot: a member holding a real
+/// host certificate, speaking the protocol itself, that says hello on a
+/// second connection while its first is seated is refused before any
+/// welcome. Two slots could put it on both sides of an honest receiver on
+/// the chain. Before, the second connection was seated too, and took the
+/// slot the honest receiver then found full. Also: a chain member whose
+/// predecessor never connects ends with its session.
+#[test]
+fn a_certificate_takes_one_slot_of_a_session() {
+    if !needs(
+        "a_certificate_takes_one_slot_of_a_session",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    use pagecast_proto::v1;
+    let (control, group) = endpoints();
+    let src = Source::new(200);
+    let mut cfg = SenderConfig::new(control, LO, 2);
+    cfg.transport = TransportChoice::Chain;
+    cfg.silent_after = Duration::from_secs(3);
+    let hostile = cluster().issue("hostile", Role::Host, 1).unwrap();
+    let victim = cluster().issue("victim", Role::Host, 1).unwrap();
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        // Its first connection is seated: the sender tells it it waits.
+        let mut first = hostile_hello(control, &hostile, ("hostile", "127.0.0.1:1"));
+        first
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        match first.recv::<v1::CastFrame>("waiting").unwrap().body {
+            Some(v1::cast_frame::Body::Waiting(w)) => assert_eq!(w.joined, 1),
+            other => panic!("expected the sender to wait, got {other:?}"),
+        }
+        // Its second, under another name, is closed without a welcome.
+        let mut second = hostile_hello(control, &hostile, ("hostile-2", "127.0.0.1:2"));
+        second
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        match second.recv::<v1::CastFrame>("welcome") {
+            Err(pagecast_channel::AuthError::Closed { .. }) => {}
+            other => panic!("a certificate's second connection was not refused: {other:?}"),
+        }
+        // So is a real receiver with that certificate, and it says why.
+        let rc = ReceiverConfig::new(control, LO, "hostile-3");
+        let mut sink = Sink::default();
+        let e = receive(&rc, &hostile, &mut sink, &|_, _| {}).unwrap_err();
+        assert!(e.to_string().contains("refused it"), "{e}");
+        assert!(sink.got.is_empty() && sink.aborted);
+        // The honest receiver takes the other slot; the first connection
+        // joins and then leaves, and the sender drops it.
+        let hostile_rest = s.spawn(move || {
+            hostile_welcome_to_start(&mut first);
+            drop(first);
+        });
+        // Its predecessor never connects, and it does not wait for one
+        // once its pages came by unicast (before, it waited its whole
+        // silence limit after the session ended).
+        let mut rc = ReceiverConfig::new(control, LO, "victim");
+        rc.silent_after = Duration::from_secs(30);
+        let mut sink = Sink::default();
+        let t = std::time::Instant::now();
+        receive(&rc, &victim, &mut sink, &|_, _| {}).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the victim waited {:?} for a predecessor",
+            t.elapsed()
+        );
+        check_sink(&sink, &src, &(0..200).collect::<Vec<_>>());
+        hostile_rest.join().unwrap();
+        let report = sender.join().unwrap().unwrap();
+        assert_eq!(report.refused, 2);
+        let names: Vec<&str> = report.receivers.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["hostile", "victim"]);
+        // The hostile head left, so the victim took its pages by unicast.
+        assert!(
+            matches!(report.receivers[1].status, PeerStatus::Unicast { .. }),
+            "{:?}",
+            report.receivers[1].status
+        );
+    });
+}
+
 /// A member that freezes before it connects, after it connects but before
 /// its handshake, or after its handshake but before its hello holds no one
 /// up: the session goes on with the others once they have joined and
@@ -1021,23 +1109,48 @@ fn hostile_join(
     pagecast_proto::v1::CastWelcome,
     pagecast_proto::v1::CastStart,
 ) {
-    use pagecast_proto::v1;
-    use v1::cast_frame::Body as F;
-    let frame = |b| v1::CastFrame { body: Some(b) };
-    let mut ch =
-        pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
-            .unwrap();
-    ch.send(&frame(F::Hello(v1::CastHello {
-        version: pagecast_proto::CAST_WIRE_VERSION as i32,
-        name: name.into(),
-        chain_addr: chain_addr.into(),
-        rcvbuf_bytes: 1 << 20,
-        job: String::new(),
-    })))
-    .unwrap();
+    let mut ch = hostile_hello(control, tls, (name, chain_addr));
     if let Some(j) = joined {
         j.send(()).unwrap();
     }
+    let (w, start) = hostile_welcome_to_start(&mut ch);
+    (ch, w, start)
+}
+
+/// A hostile member's connection and hello (under `name`, giving
+/// `chain_addr`), the control protocol spoken directly.
+fn hostile_hello(
+    control: SocketAddr,
+    tls: &Tls,
+    (name, chain_addr): (&str, &str),
+) -> pagecast_channel::Channel {
+    use pagecast_proto::v1;
+    let mut ch =
+        pagecast_channel::Channel::client(std::net::TcpStream::connect(control).unwrap(), tls)
+            .unwrap();
+    ch.send(&v1::CastFrame {
+        body: Some(v1::cast_frame::Body::Hello(v1::CastHello {
+            version: pagecast_proto::CAST_WIRE_VERSION as i32,
+            name: name.into(),
+            chain_addr: chain_addr.into(),
+            rcvbuf_bytes: 1 << 20,
+            job: String::new(),
+        })),
+    })
+    .unwrap();
+    ch
+}
+
+/// A hostile member's join after its hello: the welcome, its ready, then
+/// the start.
+fn hostile_welcome_to_start(
+    ch: &mut pagecast_channel::Channel,
+) -> (
+    pagecast_proto::v1::CastWelcome,
+    pagecast_proto::v1::CastStart,
+) {
+    use pagecast_proto::v1;
+    use v1::cast_frame::Body as F;
     let w = loop {
         match ch.recv::<v1::CastFrame>("welcome").unwrap().body {
             Some(F::Welcome(w)) => break w,
@@ -1045,8 +1158,10 @@ fn hostile_join(
             other => panic!("expected a welcome, got {other:?}"),
         }
     };
-    ch.send(&frame(F::Ready(v1::CastReady { joined: 1 })))
-        .unwrap();
+    ch.send(&v1::CastFrame {
+        body: Some(F::Ready(v1::CastReady { joined: 1 })),
+    })
+    .unwrap();
     let start = loop {
         match ch.recv::<v1::CastFrame>("start").unwrap().body {
             Some(F::Start(s)) => break s,
@@ -1054,7 +1169,7 @@ fn hostile_join(
             other => panic!("expected the start, got {other:?}"),
         }
     };
-    (ch, w, start)
+    (w, start)
 }
 
 /// A hostile member's chain link from its predecessor: the first

@@ -89,7 +89,9 @@ struct SendArgs {
     /// (comma-separated, as many as --receivers), each once; a chain runs
     /// through them in this order. A receiver must also give that name
     /// (`cast recv` does unless given another --name). Default: the first
-    /// N hosts of the cluster to join, in the order they join.
+    /// N hosts of the cluster to join, in the order they join, each
+    /// certificate once (a second receiver with a certificate already
+    /// taking part is refused).
     #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
     expect: Vec<String>,
 
