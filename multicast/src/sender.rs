@@ -151,6 +151,96 @@ impl Peer {
         }
     }
 
+    /// Takes back what its unicast repair thread held, and names the
+    /// repair's failure as the cause of its drop (its connection closed
+    /// because of it) unless the sender cut it for a reason of its own.
+    fn repaired(&mut self, r: Repaired) {
+        (self.writer, self.unicast_pages) = (r.writer, r.pages);
+        if let (Some(why), State::Dropped(then) | State::Unicast(then)) = (r.failed, &self.state)
+            && !self.cut
+        {
+            self.state = State::Dropped(format!("unicast repair given up: {why} ({then})"));
+        }
+    }
+
+    /// Tells it how the session ended for it and closes its control
+    /// connection; returns the bytes sent over that connection.
+    fn goodbye(&mut self) -> u64 {
+        let (ok, reason) = match &self.state {
+            State::Done { ok: true, .. } => (true, String::new()),
+            State::Done { ok: false, .. } => (false, "digest mismatch".into()),
+            State::Dropped(r) | State::Unicast(r) => (false, r.clone()),
+            State::Live => (false, "did not finish".into()),
+        };
+        let Some(w) = self.writer.as_mut() else {
+            return 0;
+        };
+        let _ = w.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
+            ok,
+            reason,
+        })));
+        w.shutdown();
+        w.sent_bytes()
+    }
+
+    /// How it ended, and when it completed (seconds after `start`).
+    fn outcome(&self, start: Instant) -> (PeerStatus, Option<f64>) {
+        let since = |at: &Instant| Some(at.duration_since(start).as_secs_f64());
+        match &self.state {
+            State::Done {
+                at,
+                ok: true,
+                unicast: None,
+            } => (PeerStatus::Complete, since(at)),
+            State::Done {
+                at,
+                ok: true,
+                unicast: Some(r),
+            } => (PeerStatus::Unicast { reason: r.clone() }, since(at)),
+            State::Done { at, ok: false, .. } => (PeerStatus::Corrupt, since(at)),
+            State::Dropped(r) | State::Unicast(r) => {
+                (PeerStatus::Dropped { reason: r.clone() }, None)
+            }
+            State::Live => (
+                PeerStatus::Dropped {
+                    reason: "did not finish".into(),
+                },
+                None,
+            ),
+        }
+    }
+
+    /// Its line of the session's report, given its `outcome`.
+    fn report(
+        &self,
+        (status, completion): (PeerStatus, Option<f64>),
+        multicast: bool,
+    ) -> PeerReport {
+        let page_bytes = self.pages.len() as f64 * PAGE_SIZE as f64;
+        let joined = if multicast {
+            self.groups.len() as u32
+        } else {
+            0
+        };
+        PeerReport {
+            id: self.id,
+            name: self.name.clone(),
+            addr: self.addr.clone(),
+            goodput_bps: completion.map(|s| page_bytes * 8.0 / s.max(1e-9)),
+            completion_s: completion,
+            pages: self.pages.len() as u32,
+            unicast_pages: self.unicast_pages,
+            joins: joined,
+            leaves: if matches!(status, PeerStatus::Dropped { .. }) {
+                0
+            } else {
+                joined
+            },
+            counters: self.counters.clone(),
+            status,
+        }
+    }
+
     /// Drops it for `why` and closes its connection, whoever holds the
     /// writer: a repair thread sending to it fails at once instead of at
     /// its write limit (the session would otherwise wait for that thread
@@ -588,6 +678,12 @@ fn slot_of(
     }
 }
 
+/// How long a word to every live receiver in turn (a withdrawal during
+/// the chain's feed) may wait on one of them: one whose control
+/// connection takes nothing that long, its buffers full, has stopped
+/// reading it (an honest receiver reads it on a thread of its own).
+const TELL_WITHIN: Duration = Duration::from_secs(1);
+
 /// Who takes part in a session once the joining is over.
 struct Seated {
     /// Those that joined, numbered anew in slot order.
@@ -980,7 +1076,7 @@ fn start(
             },
         }));
         if let Err(e) = p.writer.as_mut().expect("writer").send(&start) {
-            p.state = State::Dropped(format!("lost before the start: {e}"));
+            p.cut(format!("lost before the start: {e}"));
         }
         p.last_heard = Instant::now();
     }
@@ -1072,7 +1168,7 @@ fn probe(
             .expect("writer")
             .send(&frame(v1::cast_frame::Body::Probe(v1::CastProbe { nonce })))
         {
-            p.state = State::Dropped(format!("lost during the probe: {e}"));
+            p.cut(format!("lost during the probe: {e}"));
         }
     }
     let sock = socket::sender_socket(cfg.iface, cfg.ttl)
@@ -2276,11 +2372,13 @@ impl<'a> Run<'a> {
     }
 
     /// Sends `f` over every live receiver's control connection; one that
-    /// cannot be told is dropped.
+    /// cannot be told within [`TELL_WITHIN`] (it stopped reading, and its
+    /// buffers are full) is dropped and its connection closed, so it holds
+    /// up the others (and the chain's feed) for that long at most.
     fn tell_live(&mut self, f: &v1::CastFrame) {
         for p in self.peers.iter_mut().filter(|p| p.state == State::Live) {
-            if let Some(Err(e)) = p.writer.as_mut().map(|w| w.send(f)) {
-                p.state = State::Dropped(format!("connection lost: {e}"));
+            if let Some(Err(e)) = p.writer.as_mut().map(|w| w.send_within(f, TELL_WITHIN)) {
+                p.cut(format!("connection lost: {e}"));
             }
         }
     }
@@ -2346,90 +2444,20 @@ impl<'a> Run<'a> {
         Ok(unicast)
     }
 
+    /// Ends the session: waits for the unicast repairs, says goodbye to
+    /// every receiver still connected and reports each.
     fn finish<'s>(mut self, unicast: Vec<(usize, UnicastJoin<'s>)>) -> SendReport {
         let duration = self.started.elapsed().as_secs_f64();
         for (i, j) in unicast {
             let r = j.join().unwrap_or_default();
-            let p = &mut self.peers[i];
-            (p.writer, p.unicast_pages) = (r.writer, r.pages);
             self.report.bytes_unicast += r.bytes;
-            if let (Some(why), State::Dropped(then) | State::Unicast(then)) = (r.failed, &p.state)
-                && !p.cut
-            {
-                // The cause first: its connection closed because of it.
-                p.state = State::Dropped(format!("unicast repair given up: {why} ({then})"));
-            }
+            self.peers[i].repaired(r);
         }
-        let start = self.started;
+        let multicast = self.report.transport == Transport::Multicast;
         for p in self.peers.iter_mut() {
-            let (ok, reason) = match &p.state {
-                State::Done { ok: true, .. } => (true, String::new()),
-                State::Done { ok: false, .. } => (false, "digest mismatch".into()),
-                State::Dropped(r) | State::Unicast(r) => (false, r.clone()),
-                State::Live => (false, "did not finish".into()),
-            };
-            if let Some(w) = p.writer.as_mut() {
-                let _ = w.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
-                    ok,
-                    reason,
-                })));
-                w.shutdown();
-                self.report.bytes_control += w.sent_bytes();
-            }
-            let (status, completion) = match &p.state {
-                State::Done {
-                    at,
-                    ok: true,
-                    unicast: None,
-                } => (
-                    PeerStatus::Complete,
-                    Some(at.duration_since(start).as_secs_f64()),
-                ),
-                State::Done {
-                    at,
-                    ok: true,
-                    unicast: Some(r),
-                } => (
-                    PeerStatus::Unicast { reason: r.clone() },
-                    Some(at.duration_since(start).as_secs_f64()),
-                ),
-                State::Done { at, ok: false, .. } => (
-                    PeerStatus::Corrupt,
-                    Some(at.duration_since(start).as_secs_f64()),
-                ),
-                State::Dropped(r) | State::Unicast(r) => {
-                    (PeerStatus::Dropped { reason: r.clone() }, None)
-                }
-                State::Live => (
-                    PeerStatus::Dropped {
-                        reason: "did not finish".into(),
-                    },
-                    None,
-                ),
-            };
-            let page_bytes = p.pages.len() as f64 * PAGE_SIZE as f64;
-            let joined = if self.report.transport == Transport::Multicast {
-                p.groups.len() as u32
-            } else {
-                0
-            };
-            self.report.receivers.push(PeerReport {
-                id: p.id,
-                name: p.name.clone(),
-                addr: p.addr.clone(),
-                goodput_bps: completion.map(|s| page_bytes * 8.0 / s.max(1e-9)),
-                completion_s: completion,
-                pages: p.pages.len() as u32,
-                unicast_pages: p.unicast_pages,
-                joins: joined,
-                leaves: if matches!(status, PeerStatus::Dropped { .. }) {
-                    0
-                } else {
-                    joined
-                },
-                counters: p.counters.clone(),
-                status,
-            });
+            self.report.bytes_control += p.goodbye();
+            let outcome = p.outcome(self.started);
+            self.report.receivers.push(p.report(outcome, multicast));
         }
         // Every datagram the sender encoded, probes included, took a sequence
         // number, and every one was sent.

@@ -1969,6 +1969,105 @@ fn trickle(
     }
 }
 
+/// Every page of this source was withdrawn: its content left the source
+/// before it was read (a busy VM wrote over them all).
+struct AllWithdrawn(u32);
+
+impl PageSource for AllWithdrawn {
+    fn pages(&self) -> u32 {
+        self.0
+    }
+    fn entry(&self, i: u32) -> PageEntry {
+        PageEntry {
+            key: u64::from(i),
+            hash: ContentKey::CLUSTER.hash_page(&[0u8; PAGE_SIZE]),
+        }
+    }
+    fn read(&self, _i: u32, out: &mut Page) -> std::io::Result<()> {
+        out.fill(0);
+        Ok(())
+    }
+    fn frames(&self) -> u64 {
+        u64::from(self.0)
+    }
+    fn withdrawn(&self, _i: u32) -> bool {
+        true
+    }
+}
+
+/// The sender tells every live receiver of each withdrawn page over its
+/// control connection while it feeds the chain. A member holding a real
+/// host certificate, speaking the protocol itself, that heads the chain
+/// (its link taken, nothing passed on) and then reads nothing on its
+/// control connection, its buffers filling, holds the feed up for a
+/// second: it is dropped and its connection closed, and the honest
+/// receiver settles every page. Before, the feed waited the 10 s write
+/// limit on it, and the goodbye to it another 10 s.
+#[test]
+fn a_member_that_stops_reading_withdrawals_holds_the_feed_for_a_second() {
+    if !needs(
+        "a_member_that_stops_reading_withdrawals_holds_the_feed_for_a_second",
+        &[Need::LoopbackMulticast],
+    ) {
+        return;
+    }
+    let (control, _group) = endpoints();
+    // Far more withdrawals than a connection's buffers hold (each is a
+    // frame of about 80 bytes on the wire).
+    let src = AllWithdrawn(300_000);
+    let mut cfg = SenderConfig::new(control, LO, 2);
+    cfg.transport = TransportChoice::Chain;
+    cfg.silent_after = Duration::from_secs(3);
+    let hostile = &cluster().issue("deaf", Role::Host, 1).unwrap();
+    let honest = cluster().issue("honest", Role::Host, 1).unwrap();
+    let listener = &std::net::TcpListener::bind((LO, 0)).unwrap();
+    let addr = &listener.local_addr().unwrap().to_string();
+    let stop = &Mutex::new(false);
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| send(&cfg, Groups::Single(_group), &src, &tls(), &|_, _| {}));
+        std::thread::sleep(Duration::from_millis(50));
+        let (joined_tx, joined_rx) = std::sync::mpsc::channel();
+        s.spawn(move || {
+            let (_ch, _, _) = hostile_join(control, hostile, ("deaf", addr), Some(&joined_tx));
+            // The sender's link to it, taken and held; then nothing read.
+            let _link = hostile_predecessor(listener, hostile);
+            while !*stop.lock().unwrap() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        joined_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        let rc = ReceiverConfig::new(control, LO, "honest");
+        let mut sink = Sink::default();
+        let got = receive(&rc, &honest, &mut sink, &|_, _| {});
+        let took = t.elapsed();
+        let report = sender.join().unwrap().unwrap();
+        *stop.lock().unwrap() = true;
+        let got = got.unwrap();
+        assert_eq!(got.withdrawn, 300_000);
+        assert!(sink.finished && sink.got.is_empty());
+        let names: Vec<&str> = report.receivers.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["deaf", "honest"]);
+        match &report.receivers[0].status {
+            PeerStatus::Dropped { reason } => assert!(
+                reason.contains("took no data for 1s"),
+                "dropped for {reason:?}"
+            ),
+            other => panic!("the deaf member was not dropped: {other:?}"),
+        }
+        assert!(
+            !matches!(report.receivers[1].status, PeerStatus::Dropped { .. }),
+            "{:?}",
+            report.receivers[1].status
+        );
+        assert!(
+            took < Duration::from_secs(8),
+            "the honest receiver took {took:?}"
+        );
+    });
+}
+
 /// A chain member that freezes (its connections held open) before, during
 /// or after its link's handshake, or mid-stream, holds up only the
 /// receivers after it: the receiver before it gives it up once it took

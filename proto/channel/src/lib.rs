@@ -860,6 +860,20 @@ impl ChannelWriter {
         self.write_out()
     }
 
+    /// Sends one message within `limit` (at most this writer's own write
+    /// limit): for a word the caller sends to many in turn, where one
+    /// peer that stopped reading must not hold the others up for long.
+    /// A send that fails leaves the connection mid-frame: close it.
+    pub fn send_within<M: Message>(&mut self, m: &M, limit: Duration) -> Result<(), AuthError> {
+        let own = self.limit;
+        self.limit = limit.min(own);
+        let _ = self.sock.set_write_timeout(Some(self.limit));
+        let r = self.send(m);
+        self.limit = own;
+        let _ = self.sock.set_write_timeout(Some(own));
+        r
+    }
+
     /// Writes the frame's records within the write timeout for the whole
     /// frame: a frozen peer's kernel still takes a few bytes now and then,
     /// and a timeout per write call would let each trickle start it anew

@@ -106,6 +106,50 @@ fn a_drain_waits_for_the_peer_and_fails_on_one_that_reads_nothing() {
     drop((r, cli));
 }
 
+/// A send within a shorter limit fails as stalled at that limit when the
+/// peer reads nothing, and the writer's own limit holds for the next.
+#[test]
+fn a_send_within_a_limit_gives_up_a_peer_that_reads_nothing_at_that_limit() {
+    let ca = Authority::generate().unwrap();
+    let (srv, cli) = pair(
+        ca.issue("host-a", Role::Host, 1).unwrap(),
+        ca.issue("host-b", Role::Host, 1).unwrap(),
+    );
+    let (mut srv, cli) = (srv.unwrap(), cli.unwrap());
+    srv.set_write_limit(Duration::from_secs(3)).unwrap();
+    let (r, mut w) = srv.split().unwrap();
+    let word = v1::CastProbe { nonce: 7 };
+    w.send_within(&word, Duration::from_millis(300)).unwrap();
+    // Fill the peer's buffers while it reads nothing.
+    let t = std::time::Instant::now();
+    let err = loop {
+        match w.send_within(&word, Duration::from_millis(300)) {
+            Ok(()) => assert!(t.elapsed() < Duration::from_secs(60), "never filled"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(err, AuthError::Stalled { after, .. } if after == Duration::from_millis(300)),
+        "{err}"
+    );
+    // The writer's own limit is back: a plain send that stalls waits it
+    // out (the peer's kernel may have taken a little more meanwhile).
+    let began = std::time::Instant::now();
+    let (err, waited) = loop {
+        let t = std::time::Instant::now();
+        match w.send(&word) {
+            Ok(()) => assert!(began.elapsed() < Duration::from_secs(60), "never stalled"),
+            Err(e) => break (e, t.elapsed()),
+        }
+    };
+    assert!(
+        matches!(err, AuthError::Stalled { after, .. } if after == Duration::from_secs(3)),
+        "{err}"
+    );
+    assert!(waited >= Duration::from_millis(2500), "{waited:?}");
+    drop((r, cli));
+}
+
 fn refused(server: Tls, client: Tls) -> (String, String) {
     let (s, c) = pair(server, client);
     let s = s.map(|_| ()).unwrap_err().to_string();
