@@ -5,7 +5,8 @@
 //! keeps a record of every host and VM with the VM's sketch. Page hashes
 //! and sketches are the shared vocabulary of `pagecast-pages`; this crate
 //! owns key encoding ([`keys`]), holder lists ([`holders`]), the frame
-//! codec ([`wire`]), raft messages in parts ([`chunks`]), the snapshot
+//! codec ([`wire`]), committed commands as replicas decode them
+//! ([`command`]), raft messages in parts ([`chunks`]), the snapshot
 //! record format ([`snapshot`]; streamed in parts by [`snapshot_in`]), the
 //! sharing answers over VM records ([`sharing`]) and
 //! (with the `replica` feature) the replicated store: RocksDB for state,
@@ -17,6 +18,7 @@
 
 pub mod chunks;
 pub mod client;
+pub mod command;
 pub mod holders;
 pub mod keys;
 pub mod placement;

@@ -25,6 +25,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
 
+use crate::command::Command;
 use crate::raftlog::ShardStorage;
 use crate::store::{Store, StoreError};
 use crate::{PageHash, sharing};
@@ -898,10 +899,7 @@ impl ShardNode {
                         // Only commands that decoded on the leader are
                         // proposed; one that does not decode here is
                         // applied as a no-op on every replica alike.
-                        // Decoded from the entry's shared buffer, the
-                        // deltas' hashes point into it rather than each
-                        // being copied out.
-                        IndexCommand::decode(e.data.clone()).ok()
+                        Command::decode(&e.data)
                     };
                     cmds.push((e.index, cmd));
                 }

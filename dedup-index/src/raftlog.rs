@@ -603,7 +603,9 @@ mod tests {
             StorageError::SnapshotTemporarilyUnavailable
         ));
         let cmd = pagecast_proto::v1::IndexCommand::default();
-        s.store.apply(1, &[(4, None), (5, Some(cmd))], 5).unwrap();
+        s.store
+            .apply(1, &[(4, None), (5, Some(cmd.into()))], 5)
+            .unwrap();
         let snap = s.snapshot(4, 2).unwrap();
         assert_eq!(
             (snap.get_metadata().index, snap.get_metadata().term),

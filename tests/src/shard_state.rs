@@ -72,7 +72,7 @@ pub fn prepare(dir: &Path, id: u64, table: &Path) {
         ..Default::default()
     };
     log.append(&entries, Some(&hs)).expect("entries");
-    let empty: Vec<(u64, Option<pagecast_proto::v1::IndexCommand>)> =
+    let empty: Vec<(u64, Option<pagecast_index::command::Command>)> =
         (1..=AT).map(|i| (i, None)).collect();
     store.apply(0, &empty, TERM).expect("applied");
     log.compact(AT).expect("compacted");
