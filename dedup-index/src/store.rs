@@ -886,8 +886,6 @@ impl Store {
     }
 }
 
-/// The state of one `apply` call: reads see the writes of earlier entries
-/// of the same call.
 /// Up to this many hosts in one command, a host's running sum is found
 /// by a scan rather than a map.
 const FEW_HOSTS: usize = 8;
@@ -911,6 +909,8 @@ fn key_order(changes: &[([u8; 33], u32, i64)]) -> Vec<u32> {
     order.into_iter().map(|(_, i)| i).collect()
 }
 
+/// The state of one `apply` call: reads see the writes of earlier entries
+/// of the same call.
 struct Apply<'a> {
     store: &'a Store,
     shard: u32,

@@ -175,10 +175,10 @@ impl Peer {
         let Some(w) = self.writer.as_mut() else {
             return 0;
         };
-        let _ = w.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
-            ok,
-            reason,
-        })));
+        // Not waited for on one that takes nothing (a receiver dropped
+        // for silence whose buffers are full).
+        let finish = frame(v1::cast_frame::Body::Finish(v1::CastFinish { ok, reason }));
+        let _ = w.send_unless_stalled(&finish, TELL_STALL);
         w.shutdown();
         w.sent_bytes()
     }
@@ -679,10 +679,12 @@ fn slot_of(
 }
 
 /// How long a word to every live receiver in turn (a withdrawal during
-/// the chain's feed) may wait on one of them: one whose control
-/// connection takes nothing that long, its buffers full, has stopped
-/// reading it (an honest receiver reads it on a thread of its own).
-const TELL_WITHIN: Duration = Duration::from_secs(1);
+/// the chain's feed) may wait on one of them while its kernel takes
+/// nothing: one whose control connection's buffers are full and that
+/// acknowledges no byte for that long has stopped reading it (an honest
+/// receiver reads it on a thread of its own); one that reads slowly is
+/// waited for, up to the write limit.
+const TELL_STALL: Duration = Duration::from_secs(1);
 
 /// Who takes part in a session once the joining is over.
 struct Seated {
@@ -2246,6 +2248,15 @@ impl<'a> Run<'a> {
         let _feeding = Sharing::join(&self.sharing);
         let mut taking = Taking::new(self.sharing.clone());
         for i in 0..total {
+            if matches!(self.peers[head].state, State::Dropped(_)) {
+                // The first receiver was dropped meanwhile (it stopped
+                // reading its control connection, say): it passes nothing
+                // on, so its link is not written to again, and those after
+                // it take the rest by unicast.
+                let why = format!("receiver {} before it was dropped", self.peers[head].id);
+                self.demote_from(scope, head + 1, &why, unicast);
+                break;
+            }
             let mut f = page_frame(self.src, i, &mut page)
                 .map_err(|source| CastError::Source { page: i, source })?;
             if let Some(v1::cast_frame::Body::Page(p)) = &mut f.body
@@ -2371,13 +2382,17 @@ impl<'a> Run<'a> {
             .collect()
     }
 
-    /// Sends `f` over every live receiver's control connection; one that
-    /// cannot be told within [`TELL_WITHIN`] (it stopped reading, and its
-    /// buffers are full) is dropped and its connection closed, so it holds
-    /// up the others (and the chain's feed) for that long at most.
+    /// Sends `f` over every live receiver's control connection; one whose
+    /// kernel takes nothing of it for [`TELL_STALL`] (it stopped reading,
+    /// and its buffers are full) is dropped and its connection closed, so
+    /// it holds up the others (and the chain's feed) for that long.
     fn tell_live(&mut self, f: &v1::CastFrame) {
         for p in self.peers.iter_mut().filter(|p| p.state == State::Live) {
-            if let Some(Err(e)) = p.writer.as_mut().map(|w| w.send_within(f, TELL_WITHIN)) {
+            if let Some(Err(e)) = p
+                .writer
+                .as_mut()
+                .map(|w| w.send_unless_stalled(f, TELL_STALL))
+            {
                 p.cut(format!("connection lost: {e}"));
             }
         }
@@ -2401,12 +2416,15 @@ impl<'a> Run<'a> {
             Ok(mut link) => {
                 self.feed_chain((&mut link, head), scope, &mut unicast)?;
                 // A goodbye only: a first receiver that takes it slowly
-                // does not hold up the wait for everyone's Done.
-                let _ = link.set_write_limit(Duration::from_secs(1));
-                let _ = link.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
-                    ok: true,
-                    reason: String::new(),
-                })));
+                // does not hold up the wait for everyone's Done (one
+                // dropped is not told).
+                if !matches!(self.peers[head].state, State::Dropped(_)) {
+                    let _ = link.set_write_limit(Duration::from_secs(1));
+                    let _ = link.send(&frame(v1::cast_frame::Body::Finish(v1::CastFinish {
+                        ok: true,
+                        reason: String::new(),
+                    })));
+                }
             }
             Err(why) => self.peers[head].state = State::Dropped(why),
         }

@@ -21,6 +21,7 @@ use pagecast_agent_api::answers::{ContentParts, MAX_HASHES, MigrationReports};
 use pagecast_agent_api::client::MigrationEvent;
 use pagecast_channel::FrameDecoder;
 use pagecast_index::chunks::{Reassembler, split};
+use pagecast_index::command::{Command, generic_deltas};
 use pagecast_index::holders::HolderList;
 use pagecast_index::snapshot::{encode_record, records};
 use pagecast_index::wire::{decode_frame, encode_frame, read_frame};
@@ -239,9 +240,13 @@ pub fn migrate_frames(data: &[u8]) {
     });
 }
 
-/// A stream of content-index frames, and the same bytes as a stored
-/// holder list: accepted frames and lists re-encode.
+/// A stream of content-index frames, the same bytes as a stored holder
+/// list, and as a committed command: accepted frames and lists re-encode,
+/// and a deltas command the replicas' fast path reads is what prost reads.
 pub fn index_frame(data: &[u8]) {
+    if let Some(c @ Command::Deltas { .. }) = Command::decode(data) {
+        assert_eq!(Some(c), generic_deltas(data));
+    }
     let mut rest = data;
     while let Ok((frame, used)) = decode_frame(rest, "fuzz") {
         let again = encode_frame(&frame);

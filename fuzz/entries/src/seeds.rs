@@ -271,7 +271,27 @@ fn index_frame() -> Vec<Vec<u8>> {
     let mut l = HolderList::default();
     l.apply(1, 3);
     l.apply(40, 1);
-    vec![encode_frame(&hello), both, l.encode()]
+    // A committed deltas command, as a replica reads it from its entry.
+    let deltas = v1::IndexCommand {
+        client: 9,
+        seq: 300,
+        op: Some(v1::index_command::Op::Deltas(v1::HolderDeltas {
+            deltas: (0..3u8)
+                .map(|i| v1::HolderDelta {
+                    hash: vec![i + 1; 32].into(),
+                    host: u32::from(i) * 200,
+                    frames: 1 - i64::from(i),
+                    before: u64::from(i),
+                })
+                .collect(),
+        })),
+    };
+    vec![
+        encode_frame(&hello),
+        both,
+        l.encode(),
+        prost::Message::encode_to_vec(&deltas),
+    ]
 }
 
 fn qemu_stream() -> Vec<Vec<u8>> {

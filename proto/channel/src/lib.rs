@@ -845,33 +845,87 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, rustls::Connection> {
 impl ChannelWriter {
     /// Sends one message.
     pub fn send<M: Message>(&mut self, m: &M) -> Result<(), AuthError> {
-        let f = frame(m);
-        self.sent_bytes += wire_bytes(f.len() - FRAME_HEAD);
-        self.out.clear();
-        {
-            let mut c = lock(&self.shared);
-            c.writer().write_all(&f).map_err(io_err(&self.peer))?;
-            while c.wants_write() {
-                c.write_tls(&mut self.out).map_err(io_err(&self.peer))?;
-            }
-        }
+        self.seal(m)?;
         // The socket write happens outside the lock, so the reader can go
         // on decrypting while a slow peer drains this.
         self.write_out()
     }
 
-    /// Sends one message within `limit` (at most this writer's own write
-    /// limit): for a word the caller sends to many in turn, where one
-    /// peer that stopped reading must not hold the others up for long.
-    /// A send that fails leaves the connection mid-frame: close it.
-    pub fn send_within<M: Message>(&mut self, m: &M, limit: Duration) -> Result<(), AuthError> {
-        let own = self.limit;
-        self.limit = limit.min(own);
+    /// Encrypts `m`'s frame into the records to write.
+    fn seal<M: Message>(&mut self, m: &M) -> Result<(), AuthError> {
+        let f = frame(m);
+        self.sent_bytes += wire_bytes(f.len() - FRAME_HEAD);
+        self.out.clear();
+        let mut c = lock(&self.shared);
+        c.writer().write_all(&f).map_err(io_err(&self.peer))?;
+        while c.wants_write() {
+            c.write_tls(&mut self.out).map_err(io_err(&self.peer))?;
+        }
+        Ok(())
+    }
+
+    /// Sends one message, giving the peer up once its kernel has taken
+    /// nothing (no byte written, none acknowledged) for `stall` while the
+    /// send waits, and at this writer's own limit in all: for a word the
+    /// caller sends to many in turn, where one peer that stopped reading
+    /// must not hold the others up for long, while one that reads slowly
+    /// still takes it. A send that fails leaves the connection mid-frame:
+    /// close it.
+    pub fn send_unless_stalled<M: Message>(
+        &mut self,
+        m: &M,
+        stall: Duration,
+    ) -> Result<(), AuthError> {
+        self.seal(m)?;
+        let stall = stall.clamp(Duration::from_millis(1), self.limit);
+        // Woken this often to look at what the peer's kernel took.
+        let look = (stall / 4).max(Duration::from_millis(1));
+        let _ = self.sock.set_write_timeout(Some(look));
+        let r = self.write_out_watching(stall);
         let _ = self.sock.set_write_timeout(Some(self.limit));
-        let r = self.send(m);
-        self.limit = own;
-        let _ = self.sock.set_write_timeout(Some(own));
         r
+    }
+
+    /// [`Self::write_out`], failing once nothing moved for `stall`.
+    fn write_out_watching(&mut self, stall: Duration) -> Result<(), AuthError> {
+        let started = std::time::Instant::now();
+        let queued = |w: &Self| outq(&w.sock).map_err(io_err(&w.peer));
+        let mut off = 0;
+        let (mut least, mut moved) = (queued(self)?, started);
+        while off < self.out.len() {
+            match self.sock.write(&self.out[off..]) {
+                Ok(0) => {
+                    return Err(AuthError::Closed {
+                        peer: self.peer.clone(),
+                    });
+                }
+                Ok(n) => {
+                    off += n;
+                    (least, moved) = (queued(self)?, std::time::Instant::now());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    // Fewer bytes queued than ever in this send: the peer
+                    // acknowledged some.
+                    let q = queued(self)?;
+                    if q < least {
+                        (least, moved) = (q, std::time::Instant::now());
+                    } else if moved.elapsed() >= stall {
+                        return Err(self.stalled_after(stall));
+                    }
+                    if started.elapsed() >= self.limit {
+                        return Err(self.stalled());
+                    }
+                }
+                Err(e) => return Err(io_err(&self.peer)(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Writes the frame's records within the write timeout for the whole
