@@ -1612,6 +1612,61 @@ mod tests {
         }
     }
 
+    /// A deltas command the fast path leaves to prost (here: handed over
+    /// as prost decoded it) is applied as the fast path's own, and one
+    /// with a hash of another length is refused by name.
+    #[test]
+    fn deltas_from_either_decoder_apply_alike() {
+        let ds = [(1, 3, 2, 0), (2, 3, 1, 0), (1, 4, 1, 0), (2, 3, -1, 1)];
+        let fast = deltas(1, &ds);
+        assert!(matches!(fast, Command::Deltas { .. }));
+        let c = IndexCommand {
+            client: 7,
+            seq: 1,
+            op: Some(Op::Deltas(HolderDeltas {
+                deltas: ds
+                    .iter()
+                    .map(|&(h, host, frames, before)| HolderDelta {
+                        hash: hash(h).as_bytes().to_vec().into(),
+                        host,
+                        frames,
+                        before,
+                    })
+                    .collect(),
+            })),
+        };
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (open(d1.path()), open(d2.path()));
+        a.apply(0, &[(1, Some(fast))], 1).unwrap();
+        b.apply(0, &[(1, Some(Command::Other(c.clone())))], 1)
+            .unwrap();
+        let hs = [hash(1), hash(2)];
+        let lists = |s: &Store| -> Vec<Vec<(u32, u64)>> {
+            s.holders(&hs)
+                .unwrap()
+                .iter()
+                .map(|l| l.entries().to_vec())
+                .collect()
+        };
+        assert_eq!(lists(&a), lists(&b));
+        assert_eq!(lists(&a), vec![vec![(3, 2), (4, 1)], vec![]]);
+        for host in [3, 4] {
+            assert_eq!(a.holdings(0, host).unwrap(), b.holdings(0, host).unwrap());
+        }
+        let mut odd = c;
+        odd.seq = 2;
+        if let Some(Op::Deltas(d)) = &mut odd.op {
+            d.deltas[1].hash = vec![5u8; 31].into();
+        }
+        let decoded = Command::decode(&prost::Message::encode_to_vec(&odd)).unwrap();
+        let r = b.apply(0, &[(2, Some(decoded))], 1).unwrap();
+        let e = r[0].as_ref().unwrap_err();
+        assert!(
+            e.message.contains("delta 1: a hash is 32 bytes, not 31"),
+            "{e:?}"
+        );
+    }
+
     /// A command naming many hosts, interleaved (past the few found by a
     /// scan), leaves each host's sum as commands of one host each do.
     #[test]
