@@ -2253,7 +2253,7 @@ impl<'a> Run<'a> {
                 // reading its control connection, say): it passes nothing
                 // on, so its link is not written to again, and those after
                 // it take the rest by unicast.
-                let why = format!("receiver {} before it was dropped", self.peers[head].id);
+                let why = format!("chain broken at receiver {} (dropped)", self.peers[head].id);
                 self.demote_from(scope, head + 1, &why, unicast);
                 break;
             }

@@ -877,10 +877,7 @@ impl ChannelWriter {
         stall: Duration,
     ) -> Result<(), AuthError> {
         self.seal(m)?;
-        let stall = stall.clamp(Duration::from_millis(1), self.limit);
-        // Woken this often to look at what the peer's kernel took.
-        let look = (stall / 4).max(Duration::from_millis(1));
-        let _ = self.sock.set_write_timeout(Some(look));
+        let stall = stall.min(self.limit).max(Duration::from_millis(1));
         let r = self.write_out_watching(stall);
         let _ = self.sock.set_write_timeout(Some(self.limit));
         r
@@ -890,9 +887,17 @@ impl ChannelWriter {
     fn write_out_watching(&mut self, stall: Duration) -> Result<(), AuthError> {
         let started = std::time::Instant::now();
         let queued = |w: &Self| outq(&w.sock).map_err(io_err(&w.peer));
+        // Woken this often to look at what the peer's kernel took.
+        let look = (stall / 4).max(Duration::from_millis(1));
         let mut off = 0;
         let (mut least, mut moved) = (queued(self)?, started);
         while off < self.out.len() {
+            // The writer's own limit bounds the whole frame.
+            let left = self.limit.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(self.stalled());
+            }
+            let _ = self.sock.set_write_timeout(Some(look.min(left)));
             match self.sock.write(&self.out[off..]) {
                 Ok(0) => {
                     return Err(AuthError::Closed {
@@ -917,9 +922,6 @@ impl ChannelWriter {
                         (least, moved) = (q, std::time::Instant::now());
                     } else if moved.elapsed() >= stall {
                         return Err(self.stalled_after(stall));
-                    }
-                    if started.elapsed() >= self.limit {
-                        return Err(self.stalled());
                     }
                 }
                 Err(e) => return Err(io_err(&self.peer)(e)),

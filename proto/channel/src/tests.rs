@@ -131,8 +131,8 @@ fn a_watched_send_waits_on_a_slow_reader_and_gives_up_a_deaf_one() {
     small_buffers(&raw, libc::SO_RCVBUF);
     let (_r, mut w) = cli.split().unwrap();
     small_buffers(&w.sock, libc::SO_SNDBUF);
-    // The peer's kernel takes what its process reads: 32 KiB every 10 ms
-    // (about 3 MB/s), read below TLS, until told to stop.
+    // The peer's kernel takes what its process reads: 32 KiB every 20 ms
+    // (about 1.6 MB/s), read below TLS, until told to stop.
     let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let reader = {
         let reading = reading.clone();
@@ -142,11 +142,11 @@ fn a_watched_send_waits_on_a_slow_reader_and_gives_up_a_deaf_one() {
                 if std::io::Read::read(&mut raw, &mut buf).unwrap_or(0) == 0 {
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(20));
             }
         })
     };
-    let stall = Duration::from_millis(500);
+    let stall = Duration::from_secs(1);
     let big = v1::VmInfo {
         name: "x".repeat(6 << 20),
         ..Default::default()
@@ -172,8 +172,8 @@ fn a_watched_send_waits_on_a_slow_reader_and_gives_up_a_deaf_one() {
         matches!(err, AuthError::Stalled { after, .. } if after == stall),
         "{err}"
     );
-    // The writer's own limit is back for a plain send.
-    assert_eq!(w.limit, WRITE_TIMEOUT);
+    // The writer's own limit is back on the socket for a plain send.
+    assert_eq!(w.sock.write_timeout().unwrap(), Some(WRITE_TIMEOUT));
 }
 
 /// Sets `sock`'s `which` buffer (SO_SNDBUF or SO_RCVBUF) to 256 KiB.
