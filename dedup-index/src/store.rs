@@ -587,15 +587,13 @@ impl Store {
         let hcf = self.cf(CF_HOLDERS);
         // One merge operand per content touched, in key order: the
         // memtable's skip list then finds each insert's place next to the
-        // previous one instead of from its top. A content's changes stay
-        // in the order they came.
-        let order = key_order(&a.changes);
+        // previous one instead of from its top. The sort is stable, so a
+        // content's changes stay in the order they came.
+        a.changes.sort_by_key(|c| c.0);
         let mut op = Changes::default();
-        for (i, &at) in order.iter().enumerate() {
-            let (k, host, d) = &a.changes[at as usize];
+        for (i, (k, host, d)) in a.changes.iter().enumerate() {
             op.push(*host, *d);
-            let next = order.get(i + 1).map(|&n| &a.changes[n as usize].0);
-            if next != Some(k) {
+            if a.changes.get(i + 1).is_none_or(|next| next.0 != *k) {
                 wb.merge_cf(hcf, k, op.as_bytes());
                 op.clear();
             }
@@ -889,25 +887,6 @@ impl Store {
 /// Up to this many hosts in one command, a host's running sum is found
 /// by a scan rather than a map.
 const FEW_HOSTS: usize = 8;
-
-/// The places of `changes` in order of their holder keys, and of arrival
-/// among a content's own. Sorted as (the key's first eight hash bytes,
-/// place) pairs, which nearly always differ in the first: several times
-/// cheaper than moving the changes themselves through a stable sort.
-fn key_order(changes: &[([u8; 33], u32, i64)]) -> Vec<u32> {
-    let prefix = |k: &[u8; 33]| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes"));
-    let mut order: Vec<(u64, u32)> = changes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (prefix(&c.0), i as u32))
-        .collect();
-    order.sort_unstable_by(|x, y| {
-        x.0.cmp(&y.0)
-            .then_with(|| changes[x.1 as usize].0.cmp(&changes[y.1 as usize].0))
-            .then(x.1.cmp(&y.1))
-    });
-    order.into_iter().map(|(_, i)| i).collect()
-}
 
 /// The state of one `apply` call: reads see the writes of earlier entries
 /// of the same call.
@@ -1513,7 +1492,13 @@ mod tests {
 
     /// A deltas command as a replica decodes it from its entry.
     fn deltas(seq: u64, ds: &[(u8, u32, i64, u64)]) -> Command {
-        let c = IndexCommand {
+        let c = deltas_command(seq, ds);
+        Command::decode(&prost::Message::encode_to_vec(&c)).expect("decodes")
+    }
+
+    /// A deltas command as a writer builds it.
+    fn deltas_command(seq: u64, ds: &[(u8, u32, i64, u64)]) -> IndexCommand {
+        IndexCommand {
             client: 7,
             seq,
             op: Some(Op::Deltas(HolderDeltas {
@@ -1527,8 +1512,7 @@ mod tests {
                     })
                     .collect(),
             })),
-        };
-        Command::decode(&prost::Message::encode_to_vec(&c)).expect("decodes")
+        }
     }
 
     fn open(dir: &Path) -> Store {
@@ -1587,31 +1571,6 @@ mod tests {
         assert_eq!(s.applied(0).unwrap().frames, 32);
     }
 
-    proptest::proptest! {
-        /// The order changes are merged in is that of a stable sort by
-        /// key, for keys that share their first bytes or all of them.
-        #[test]
-        fn changes_go_in_key_order_and_in_arrival_order_within_a_key(
-            keys in proptest::collection::vec((0u8..4, 0u8..4, 0u8..3), 0..300)
-        ) {
-            let changes: Vec<([u8; 33], u32, i64)> = keys
-                .iter()
-                .enumerate()
-                .map(|(i, &(a, b, c))| {
-                    let mut k = [0u8; 33];
-                    k[0] = b'h';
-                    k[1] = a;
-                    k[8] = b;
-                    k[9] = c;
-                    (k, i as u32, 1)
-                })
-                .collect();
-            let mut want: Vec<u32> = (0..changes.len() as u32).collect();
-            want.sort_by_key(|&i| changes[i as usize].0);
-            proptest::prop_assert_eq!(key_order(&changes), want);
-        }
-    }
-
     /// A deltas command the fast path leaves to prost (here: handed over
     /// as prost decoded it) is applied as the fast path's own, and one
     /// with a hash of another length is refused by name.
@@ -1620,21 +1579,7 @@ mod tests {
         let ds = [(1, 3, 2, 0), (2, 3, 1, 0), (1, 4, 1, 0), (2, 3, -1, 1)];
         let fast = deltas(1, &ds);
         assert!(matches!(fast, Command::Deltas { .. }));
-        let c = IndexCommand {
-            client: 7,
-            seq: 1,
-            op: Some(Op::Deltas(HolderDeltas {
-                deltas: ds
-                    .iter()
-                    .map(|&(h, host, frames, before)| HolderDelta {
-                        hash: hash(h).as_bytes().to_vec().into(),
-                        host,
-                        frames,
-                        before,
-                    })
-                    .collect(),
-            })),
-        };
+        let c = deltas_command(1, &ds);
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (a, b) = (open(d1.path()), open(d2.path()));
         a.apply(0, &[(1, Some(fast))], 1).unwrap();

@@ -854,15 +854,8 @@ fn a_certificate_takes_one_slot_of_a_session() {
     std::thread::scope(|s| {
         let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
         std::thread::sleep(Duration::from_millis(50));
-        // Its first connection is seated: the sender tells it it waits.
-        let mut first = hostile_hello(control, &hostile, ("hostile", "127.0.0.1:1"));
-        first
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        match first.recv::<v1::CastFrame>("waiting").unwrap().body {
-            Some(v1::cast_frame::Body::Waiting(w)) => assert_eq!(w.joined, 1),
-            other => panic!("expected the sender to wait, got {other:?}"),
-        }
+        // Its first connection is seated.
+        let mut first = hostile_seated(control, &hostile, ("hostile", "127.0.0.1:1"));
         // Its second, under another name, is closed without a welcome.
         let mut second = hostile_hello(control, &hostile, ("hostile-2", "127.0.0.1:2"));
         second
@@ -1138,6 +1131,23 @@ fn hostile_hello(
         })),
     })
     .unwrap();
+    ch
+}
+
+/// A hostile member's connection and hello, seated first in its session:
+/// the sender says it waits for the others, one receiver having joined.
+fn hostile_seated(
+    control: SocketAddr,
+    tls: &Tls,
+    (name, chain_addr): (&str, &str),
+) -> pagecast_channel::Channel {
+    use pagecast_proto::v1;
+    let mut ch = hostile_hello(control, tls, (name, chain_addr));
+    ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    match ch.recv::<v1::CastFrame>("waiting").unwrap().body {
+        Some(v1::cast_frame::Body::Waiting(w)) => assert_eq!(w.joined, 1),
+        other => panic!("expected the sender to wait, got {other:?}"),
+    }
     ch
 }
 
@@ -2030,7 +2040,6 @@ fn a_member_that_stops_reading_withdrawals_holds_the_feed_for_a_second() {
     ) {
         return;
     }
-    use pagecast_proto::v1;
     let (control, group) = endpoints();
     // Far more withdrawals than a connection's buffers hold (each is a
     // frame of about 80 bytes on the wire), then more genuine pages than
@@ -2049,14 +2058,8 @@ fn a_member_that_stops_reading_withdrawals_holds_the_feed_for_a_second() {
     std::thread::scope(|s| {
         let sender = s.spawn(|| send(&cfg, Groups::Single(group), &src, &tls(), &|_, _| {}));
         std::thread::sleep(Duration::from_millis(50));
-        // It joins first, so it heads the chain: seated once the sender
-        // says it waits for the other.
-        let mut ch = hostile_hello(control, hostile, ("deaf", addr));
-        ch.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        match ch.recv::<v1::CastFrame>("waiting").unwrap().body {
-            Some(v1::cast_frame::Body::Waiting(w)) => assert_eq!(w.joined, 1),
-            other => panic!("expected the sender to wait, got {other:?}"),
-        }
+        // It joins first, so it heads the chain.
+        let mut ch = hostile_seated(control, hostile, ("deaf", addr));
         s.spawn(move || {
             hostile_welcome_to_start(&mut ch);
             // The sender's link to it, taken and held; then nothing read.

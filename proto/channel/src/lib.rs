@@ -848,7 +848,7 @@ impl ChannelWriter {
         self.seal(m)?;
         // The socket write happens outside the lock, so the reader can go
         // on decrypting while a slow peer drains this.
-        self.write_out()
+        self.write_out(self.limit)
     }
 
     /// Encrypts `m`'s frame into the records to write.
@@ -877,67 +877,33 @@ impl ChannelWriter {
         stall: Duration,
     ) -> Result<(), AuthError> {
         self.seal(m)?;
-        let stall = stall.min(self.limit).max(Duration::from_millis(1));
-        let r = self.write_out_watching(stall);
-        let _ = self.sock.set_write_timeout(Some(self.limit));
-        r
-    }
-
-    /// [`Self::write_out`], failing once nothing moved for `stall`.
-    fn write_out_watching(&mut self, stall: Duration) -> Result<(), AuthError> {
-        let started = std::time::Instant::now();
-        let queued = |w: &Self| outq(&w.sock).map_err(io_err(&w.peer));
-        // Woken this often to look at what the peer's kernel took.
-        let look = (stall / 4).max(Duration::from_millis(1));
-        let mut off = 0;
-        let (mut least, mut moved) = (queued(self)?, started);
-        while off < self.out.len() {
-            // The writer's own limit bounds the whole frame.
-            let left = self.limit.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                return Err(self.stalled());
-            }
-            let _ = self.sock.set_write_timeout(Some(look.min(left)));
-            match self.sock.write(&self.out[off..]) {
-                Ok(0) => {
-                    return Err(AuthError::Closed {
-                        peer: self.peer.clone(),
-                    });
-                }
-                Ok(n) => {
-                    off += n;
-                    (least, moved) = (queued(self)?, std::time::Instant::now());
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    // Fewer bytes queued than ever in this send: the peer
-                    // acknowledged some.
-                    let q = queued(self)?;
-                    if q < least {
-                        (least, moved) = (q, std::time::Instant::now());
-                    } else if moved.elapsed() >= stall {
-                        return Err(self.stalled_after(stall));
-                    }
-                }
-                Err(e) => return Err(io_err(&self.peer)(e)),
-            }
-        }
-        Ok(())
+        self.write_out(stall.max(Duration::from_millis(1)))
     }
 
     /// Writes the frame's records within the write timeout for the whole
     /// frame: a frozen peer's kernel still takes a few bytes now and then,
     /// and a timeout per write call would let each trickle start it anew
-    /// (a frozen destination once held a send 40 s).
-    fn write_out(&mut self) -> Result<(), AuthError> {
+    /// (a frozen destination once held a send 40 s). With a `stall` below
+    /// that limit, it also fails once the peer's kernel has taken nothing
+    /// (no byte written, the unacknowledged count not falling) for `stall`.
+    fn write_out(&mut self, stall: Duration) -> Result<(), AuthError> {
         let started = std::time::Instant::now();
+        let watched = stall < self.limit;
+        // Woken this often to look at what the peer's kernel took; only
+        // at the limit when nothing is watched.
+        let look = if watched {
+            (stall / 4).max(Duration::from_millis(1))
+        } else {
+            self.limit
+        };
+        let mut narrowed = watched;
+        if watched {
+            let _ = self.sock.set_write_timeout(Some(look));
+        }
+        // The fewest bytes queued seen since the last write (`None`: not
+        // looked at since), and when something last moved.
+        let (mut least, mut moved) = (None, started);
         let mut off = 0;
-        let mut narrowed = false;
         let result = loop {
             if off == self.out.len() {
                 break Ok(());
@@ -950,16 +916,7 @@ impl ChannelWriter {
                 }
                 Ok(n) => {
                     off += n;
-                    // A partial write: what is left of the frame's time
-                    // bounds the next one.
-                    let left = self.limit.saturating_sub(started.elapsed());
-                    if off < self.out.len() {
-                        if left.is_zero() {
-                            break Err(self.stalled());
-                        }
-                        let _ = self.sock.set_write_timeout(Some(left));
-                        narrowed = true;
-                    }
+                    (least, moved) = (None, std::time::Instant::now());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
@@ -968,10 +925,36 @@ impl ChannelWriter {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    break Err(self.stalled());
+                    if watched {
+                        let q = match outq(&self.sock) {
+                            Ok(q) => q,
+                            Err(e) => break Err(io_err(&self.peer)(e)),
+                        };
+                        match least {
+                            // Fewer bytes queued: the peer acknowledged some.
+                            Some(l) if q < l => {
+                                (least, moved) = (Some(q), std::time::Instant::now())
+                            }
+                            Some(_) if moved.elapsed() >= stall => {
+                                break Err(self.stalled_after(stall));
+                            }
+                            Some(_) => {}
+                            None => least = Some(q),
+                        }
+                    }
                 }
                 Err(e) => break Err(io_err(&self.peer)(e)),
             }
+            if off == self.out.len() {
+                continue;
+            }
+            // What is left of the frame's time bounds the next wait.
+            let left = self.limit.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break Err(self.stalled());
+            }
+            let _ = self.sock.set_write_timeout(Some(look.min(left)));
+            narrowed = true;
         };
         if narrowed {
             let _ = self.sock.set_write_timeout(Some(self.limit));
