@@ -104,6 +104,8 @@ struct Peer {
     /// Since when it has had every page it needs (it reported the last
     /// group held, or its unicast repair was sent): it owes its Done.
     owes_done_since: Option<Instant>,
+    /// What it took of the words told to every live receiver.
+    told: Taking,
 }
 
 /// A receiver's words for the report: at most 200 characters, none of
@@ -680,10 +682,12 @@ fn slot_of(
 
 /// How long a word to every live receiver in turn (a withdrawal during
 /// the chain's feed) may wait on one of them while its kernel takes
-/// nothing: one whose control connection's buffers are full and that
-/// acknowledges no byte for that long has stopped reading it (an honest
-/// receiver reads it on a thread of its own); one that reads slowly is
-/// waited for, up to the write limit.
+/// nothing, and the window its pace is judged over: one whose control
+/// connection's buffers are full and that acknowledges no byte for that
+/// long has stopped reading it (an honest receiver reads it on a thread of
+/// its own), and one that takes less than [`MIN_TAKE_RATE`] over a window
+/// of waiting, in one send or across many, reads it too slowly to wait
+/// for.
 const TELL_STALL: Duration = Duration::from_secs(1);
 
 /// Who takes part in a session once the joining is over.
@@ -791,6 +795,7 @@ fn new_peer(
         chain_next_lost: None,
         next_lost_seen: false,
         owes_done_since: None,
+        told: Taking::alone(),
         counters: ReceiverCounters::default(),
     })
 }
@@ -1380,8 +1385,8 @@ struct Taking {
     bytes: u64,
     /// How many receivers are being sent pages over TCP at once (repairs
     /// and the chain's feed): they share the sender's uplink, and so the
-    /// floor.
-    sharing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// floor (`None`: the floor is not shared).
+    sharing: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Taking {
@@ -1389,7 +1394,16 @@ impl Taking {
         Taking {
             waited: Duration::ZERO,
             bytes: 0,
-            sharing,
+            sharing: Some(sharing),
+        }
+    }
+
+    /// Held to the whole [`MIN_TAKE_RATE`].
+    fn alone() -> Self {
+        Taking {
+            waited: Duration::ZERO,
+            bytes: 0,
+            sharing: None,
         }
     }
 
@@ -1405,7 +1419,10 @@ impl Taking {
 
     /// [`MIN_TAKE_RATE`], shared among the receivers sent pages at once.
     fn floor(&self) -> f64 {
-        let n = self.sharing.load(std::sync::atomic::Ordering::Relaxed);
+        let n = self
+            .sharing
+            .as_ref()
+            .map_or(1, |s| s.load(std::sync::atomic::Ordering::Relaxed));
         MIN_TAKE_RATE / n.max(1) as f64
     }
 
@@ -2271,6 +2288,8 @@ impl<'a> Run<'a> {
                 // pages for those after it.
                 self.report.withdrawn += 1;
                 self.tell_live(&f);
+                (self.progress)(i as u64 + 1, total as u64);
+                self.look_around(&mut looked, i, scope, unicast);
                 continue;
             }
             let sent = taking.send(|| {
@@ -2304,14 +2323,30 @@ impl<'a> Run<'a> {
             };
             self.report.bytes_first += PAGE_SIZE as u64 + 32 + tags;
             (self.progress)(i as u64 + 1, total as u64);
-            if i % 256 == 0 || looked.elapsed() >= Duration::from_millis(100) {
-                looked = Instant::now();
-                self.events(Duration::ZERO);
-                self.demote_refused(scope, unicast);
-                self.stalled_repairs();
-            }
+            self.look_around(&mut looked, i, scope, unicast);
         }
         Ok(())
+    }
+
+    /// Between the feed's pages (page `i` just sent or told), every 256
+    /// pages or 100 ms since it last `looked`: takes the receivers'
+    /// reports, moves those that gave their links up to unicast, and gives
+    /// up repairs that stalled.
+    fn look_around<'s>(
+        &mut self,
+        looked: &mut Instant,
+        i: u32,
+        scope: &'s std::thread::Scope<'s, '_>,
+        unicast: &mut Vec<(usize, UnicastJoin<'s>)>,
+    ) where
+        'a: 's,
+    {
+        if i.is_multiple_of(256) || looked.elapsed() >= Duration::from_millis(100) {
+            *looked = Instant::now();
+            self.events(Duration::ZERO);
+            self.demote_refused(scope, unicast);
+            self.stalled_repairs();
+        }
     }
 
     /// A receiver that gave its chain link up (a page that did not check,
@@ -2382,19 +2417,31 @@ impl<'a> Run<'a> {
             .collect()
     }
 
-    /// Sends `f` over every live receiver's control connection; one whose
-    /// kernel takes nothing of it for [`TELL_STALL`] (it stopped reading,
-    /// and its buffers are full) is dropped and its connection closed, so
-    /// it holds up the others (and the chain's feed) for that long.
+    /// Sends `f` over every live receiver's control connection. One whose
+    /// kernel takes less than [`MIN_TAKE_RATE`] over a [`TELL_STALL`] of
+    /// waiting, in this send or across the words told before (it stopped
+    /// reading, or reads slowly, and its buffers are full), is dropped and
+    /// its connection closed: it holds up the others (and the chain's
+    /// feed) for about that long.
     fn tell_live(&mut self, f: &v1::CastFrame) {
+        let least = MIN_TAKE_RATE as usize;
         for p in self.peers.iter_mut().filter(|p| p.state == State::Live) {
-            if let Some(Err(e)) = p
-                .writer
-                .as_mut()
-                .map(|w| w.send_unless_stalled(f, TELL_STALL))
-            {
-                p.cut(format!("connection lost: {e}"));
-            }
+            let Some(w) = p.writer.as_mut() else {
+                continue;
+            };
+            let sent = p.told.send(|| {
+                let b = w.sent_bytes();
+                let r = w.send_unless_slow(f, TELL_STALL, least);
+                (r, w.sent_bytes() - b)
+            });
+            let why = match sent {
+                Err(e) => format!("connection lost: {e}"),
+                Ok(()) => match p.told.too_slow(TELL_STALL) {
+                    Some(why) => format!("too slow to tell: {why}"),
+                    None => continue,
+                },
+            };
+            p.cut(why);
         }
     }
 

@@ -162,7 +162,10 @@ impl MigrationError {
             MigrationError::Timeout { .. } => true,
             MigrationError::Link(e) => matches!(
                 e,
-                AuthError::Stalled { .. } | AuthError::Closed { .. } | AuthError::Io { .. }
+                AuthError::Stalled { .. }
+                    | AuthError::Slow { .. }
+                    | AuthError::Closed { .. }
+                    | AuthError::Io { .. }
             ),
             _ => false,
         }

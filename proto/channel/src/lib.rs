@@ -85,6 +85,25 @@ pub enum AuthError {
         /// How long this side waited.
         after: std::time::Duration,
     },
+    /// The peer's kernel took some of a send, but less than the send
+    /// asked of it over a window of waiting: a peer reading slowly (on
+    /// purpose, or overloaded) that would otherwise hold the send until
+    /// the write timeout.
+    #[error(
+        "{who} at {peer} took {took} bytes in {over:?} while a send to it waited, under the {least} asked (overloaded, or reading slowly on purpose?)"
+    )]
+    Slow {
+        /// The peer's address.
+        peer: String,
+        /// Its certificate's name and role.
+        who: String,
+        /// Bytes its kernel acknowledged over the window.
+        took: usize,
+        /// The window.
+        over: std::time::Duration,
+        /// Bytes asked of it over the window.
+        least: usize,
+    },
     /// The peer closed the connection.
     #[error("connection to {peer} closed")]
     Closed {
@@ -838,6 +857,14 @@ impl Channel {
     }
 }
 
+/// What a watched send asks of its peer's kernel: at least `least` bytes
+/// acknowledged over each `window` of waiting.
+#[derive(Clone, Copy)]
+struct Watch {
+    window: Duration,
+    least: usize,
+}
+
 fn lock(s: &Shared) -> std::sync::MutexGuard<'_, rustls::Connection> {
     s.conn.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -848,7 +875,7 @@ impl ChannelWriter {
         self.seal(m)?;
         // The socket write happens outside the lock, so the reader can go
         // on decrypting while a slow peer drains this.
-        self.write_out(self.limit)
+        self.write_out(None)
     }
 
     /// Encrypts `m`'s frame into the records to write.
@@ -865,44 +892,57 @@ impl ChannelWriter {
     }
 
     /// Sends one message, giving the peer up once its kernel has taken
-    /// nothing (no byte written, none acknowledged) for `stall` while the
-    /// send waits, and at this writer's own limit in all: for a word the
-    /// caller sends to many in turn, where one peer that stopped reading
-    /// must not hold the others up for long, while one that reads slowly
-    /// still takes it. A send that fails leaves the connection mid-frame:
-    /// close it.
+    /// nothing (acknowledged no byte) for `stall` while the send waits,
+    /// and at this writer's own limit in all: for a word the caller sends
+    /// to many in turn, where one peer that stopped reading must not hold
+    /// the others up for long, while one that reads slowly still takes
+    /// it. A send that fails leaves the connection mid-frame: close it.
     pub fn send_unless_stalled<M: Message>(
         &mut self,
         m: &M,
         stall: Duration,
     ) -> Result<(), AuthError> {
+        self.send_unless_slow(m, stall, 1)
+    }
+
+    /// [`ChannelWriter::send_unless_stalled`], giving the peer up as
+    /// [`AuthError::Slow`] once its kernel has acknowledged fewer than
+    /// `least` bytes over a `window` of the send's waiting (`least` of 1:
+    /// stalled, [`AuthError::Stalled`], when it took none). Each window is
+    /// judged on its own, from the send's first wait on.
+    pub fn send_unless_slow<M: Message>(
+        &mut self,
+        m: &M,
+        window: Duration,
+        least: usize,
+    ) -> Result<(), AuthError> {
         self.seal(m)?;
-        self.write_out(stall.max(Duration::from_millis(1)))
+        self.write_out(Some(Watch {
+            window: window.max(Duration::from_millis(1)),
+            least: least.max(1),
+        }))
     }
 
     /// Writes the frame's records within the write timeout for the whole
     /// frame: a frozen peer's kernel still takes a few bytes now and then,
     /// and a timeout per write call would let each trickle start it anew
-    /// (a frozen destination once held a send 40 s). With a `stall` below
-    /// that limit, it also fails once the peer's kernel has taken nothing
-    /// (no byte written, the unacknowledged count not falling) for `stall`.
-    fn write_out(&mut self, stall: Duration) -> Result<(), AuthError> {
+    /// (a frozen destination once held a send 40 s). With a `watch` whose
+    /// window is below that limit, it also fails once the peer's kernel
+    /// took less than asked over a window of waiting.
+    fn write_out(&mut self, watch: Option<Watch>) -> Result<(), AuthError> {
         let started = std::time::Instant::now();
-        let watched = stall < self.limit;
+        let watch = watch.filter(|w| w.window < self.limit);
         // Woken this often to look at what the peer's kernel took; only
         // at the limit when nothing is watched.
-        let look = if watched {
-            (stall / 4).max(Duration::from_millis(1))
-        } else {
-            self.limit
-        };
-        let mut narrowed = watched;
-        if watched {
+        let look = watch.map_or(self.limit, |w| (w.window / 4).max(Duration::from_millis(1)));
+        let mut narrowed = watch.is_some();
+        if narrowed {
             let _ = self.sock.set_write_timeout(Some(look));
         }
-        // The fewest bytes queued seen since the last write (`None`: not
-        // looked at since), and when something last moved.
-        let (mut least, mut moved) = (None, started);
+        // Where the window being judged began: the bytes queued then, how
+        // much of the frame was written, and when (`None` until the first
+        // wait).
+        let mut since: Option<(usize, usize, std::time::Instant)> = None;
         let mut off = 0;
         let result = loop {
             if off == self.out.len() {
@@ -914,10 +954,7 @@ impl ChannelWriter {
                         peer: self.peer.clone(),
                     });
                 }
-                Ok(n) => {
-                    off += n;
-                    (least, moved) = (None, std::time::Instant::now());
-                }
+                Ok(n) => off += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
@@ -925,21 +962,23 @@ impl ChannelWriter {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    if watched {
+                    if let Some(w) = watch {
                         let q = match outq(&self.sock) {
                             Ok(q) => q,
                             Err(e) => break Err(io_err(&self.peer)(e)),
                         };
-                        match least {
-                            // Fewer bytes queued: the peer acknowledged some.
-                            Some(l) if q < l => {
-                                (least, moved) = (Some(q), std::time::Instant::now())
-                            }
-                            Some(_) if moved.elapsed() >= stall => {
-                                break Err(self.stalled_after(stall));
+                        match since {
+                            None => since = Some((q, off, std::time::Instant::now())),
+                            Some((q0, off0, t0)) if t0.elapsed() >= w.window => {
+                                // Acknowledged: what was queued, plus what
+                                // was written since, less what still is.
+                                let took = (q0 + (off - off0)).saturating_sub(q);
+                                if took < w.least {
+                                    break Err(self.too_slow(w, took));
+                                }
+                                since = Some((q, off, std::time::Instant::now()));
                             }
                             Some(_) => {}
-                            None => least = Some(q),
                         }
                     }
                 }
@@ -960,6 +999,21 @@ impl ChannelWriter {
             let _ = self.sock.set_write_timeout(Some(self.limit));
         }
         result
+    }
+
+    /// The error for a peer that took `took` bytes over a window of
+    /// `w`: stalled if none, slow if some.
+    fn too_slow(&self, w: Watch, took: usize) -> AuthError {
+        if took == 0 {
+            return self.stalled_after(w.window);
+        }
+        AuthError::Slow {
+            peer: self.peer.clone(),
+            who: self.who.clone(),
+            took,
+            over: w.window,
+            least: w.least,
+        }
     }
 
     /// Bytes sent on this connection that the peer's kernel has not yet

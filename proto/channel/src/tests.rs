@@ -106,65 +106,104 @@ fn a_drain_waits_for_the_peer_and_fails_on_one_that_reads_nothing() {
     drop((r, cli));
 }
 
+/// A writer whose peer's kernel takes what its process reads: `chunk`
+/// bytes every `every`, read below TLS, until told to stop. Small fixed
+/// buffers on both sides (no autotuning), so what the peer has not read
+/// soon holds a send up.
+struct PacedPeer {
+    w: ChannelWriter,
+    reading: Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    _kept: (ChannelReader, Channel),
+}
+
+impl PacedPeer {
+    fn new(chunk: usize, every: Duration) -> Self {
+        let ca = Authority::generate().unwrap();
+        let (server, client) = (
+            ca.issue("host-a", Role::Host, 1).unwrap(),
+            ca.issue("host-b", Role::Host, 1).unwrap(),
+        );
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let raw = s.try_clone().unwrap();
+            (Channel::server(s, &server).unwrap(), raw)
+        });
+        let stream = TcpStream::connect(addr).unwrap();
+        let cli = Channel::client(stream, &client).unwrap();
+        let (srv, mut raw) = t.join().unwrap();
+        small_buffers(&raw, libc::SO_RCVBUF);
+        let (r, w) = cli.split().unwrap();
+        small_buffers(&w.sock, libc::SO_SNDBUF);
+        let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let reader = {
+            let reading = reading.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; chunk];
+                while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                    if std::io::Read::read(&mut raw, &mut buf).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    std::thread::sleep(every);
+                }
+            })
+        };
+        PacedPeer {
+            w,
+            reading,
+            reader: Some(reader),
+            _kept: (r, srv),
+        }
+    }
+
+    fn stop_reading(&mut self) {
+        self.reading
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.reader.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for PacedPeer {
+    fn drop(&mut self) {
+        self.reading
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One frame of `mib` MiB.
+fn frame_of_mib(mib: usize) -> v1::VmInfo {
+    v1::VmInfo {
+        name: "x".repeat(mib << 20),
+        ..Default::default()
+    }
+}
+
 /// A send watched for stalls takes as long as a peer that reads slowly
 /// needs, and gives up one that reads nothing once nothing moved for the
 /// stall limit; the writer's own limit holds for the next plain send.
 #[test]
 fn a_watched_send_waits_on_a_slow_reader_and_gives_up_a_deaf_one() {
-    let ca = Authority::generate().unwrap();
-    let (server, client) = (
-        ca.issue("host-a", Role::Host, 1).unwrap(),
-        ca.issue("host-b", Role::Host, 1).unwrap(),
-    );
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let t = std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let raw = s.try_clone().unwrap();
-        (Channel::server(s, &server).unwrap(), raw)
-    });
-    let stream = TcpStream::connect(addr).unwrap();
-    let cli = Channel::client(stream, &client).unwrap();
-    let (_srv, mut raw) = t.join().unwrap();
-    // Small fixed buffers on both sides (no autotuning), so what the peer
-    // has not read soon holds the send up.
-    small_buffers(&raw, libc::SO_RCVBUF);
-    let (_r, mut w) = cli.split().unwrap();
-    small_buffers(&w.sock, libc::SO_SNDBUF);
-    // The peer's kernel takes what its process reads: 32 KiB every 20 ms
-    // (about 1.6 MB/s), read below TLS, until told to stop.
-    let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let reader = {
-        let reading = reading.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 32 << 10];
-            while reading.load(std::sync::atomic::Ordering::Relaxed) {
-                if std::io::Read::read(&mut raw, &mut buf).unwrap_or(0) == 0 {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    // 32 KiB every 20 ms: about 1.6 MB/s.
+    let mut peer = PacedPeer::new(32 << 10, Duration::from_millis(20));
     let stall = Duration::from_secs(1);
-    let big = v1::VmInfo {
-        name: "x".repeat(6 << 20),
-        ..Default::default()
-    };
     // 6 MiB at that pace, past what the socket buffers hold (about 1 MiB
     // in all), outlasts the stall limit.
+    let big = frame_of_mib(6);
     let t = std::time::Instant::now();
-    w.send_unless_stalled(&big, stall).unwrap();
+    peer.w.send_unless_stalled(&big, stall).unwrap();
     assert!(
         t.elapsed() > 2 * stall,
         "{:?}: not slow enough",
         t.elapsed()
     );
     // Now it reads nothing: given up once nothing moved for the limit.
-    reading.store(false, std::sync::atomic::Ordering::Relaxed);
-    reader.join().unwrap();
+    peer.stop_reading();
     let err = loop {
-        if let Err(e) = w.send_unless_stalled(&big, stall) {
+        if let Err(e) = peer.w.send_unless_stalled(&big, stall) {
             break e;
         }
     };
@@ -173,7 +212,55 @@ fn a_watched_send_waits_on_a_slow_reader_and_gives_up_a_deaf_one() {
         "{err}"
     );
     // The writer's own limit is back on the socket for a plain send.
-    assert_eq!(w.sock.write_timeout().unwrap(), Some(WRITE_TIMEOUT));
+    assert_eq!(peer.w.sock.write_timeout().unwrap(), Some(WRITE_TIMEOUT));
+}
+
+/// A send that asks a pace of its peer takes as long as a peer at that
+/// pace needs, and gives up one that takes less over a window of waiting
+/// though it takes something all along (so it never stalls). Only watched
+/// for stalls, as every send was before, the trickling peer held the send
+/// until the writer's own limit.
+#[test]
+fn a_send_that_asks_a_pace_gives_up_a_trickling_reader() {
+    let (window, least) = (Duration::from_secs(1), 1 << 20);
+    // About 3.2 MB/s, above 1 MiB a second: 6 MiB outlasts the window.
+    let mut fast = PacedPeer::new(64 << 10, Duration::from_millis(20));
+    let t = std::time::Instant::now();
+    fast.w
+        .send_unless_slow(&frame_of_mib(6), window, least)
+        .unwrap();
+    assert!(t.elapsed() > window, "{:?}: not slow enough", t.elapsed());
+    drop(fast);
+    // 64 KiB every 200 ms, about 330 KB a second: something moves in every
+    // window (the peer's kernel opens its window a loopback segment, 64
+    // KiB, at a time, once that much is free), under a third of what is
+    // asked.
+    let mut slow = PacedPeer::new(64 << 10, Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    let err = slow
+        .w
+        .send_unless_slow(&frame_of_mib(6), window, least)
+        .unwrap_err();
+    let waited = t.elapsed();
+    assert!(
+        matches!(&err, AuthError::Slow { over, least: l, took, .. }
+            if *over == window && *l == least && *took > 0 && *took < least),
+        "{err}"
+    );
+    assert!(waited < 3 * window, "given up after {waited:?}");
+    // Only watched for stalls (none for 2 s), the same peer holds a send
+    // to the writer's limit.
+    slow.w.limit = 4 * window;
+    let t = std::time::Instant::now();
+    let err = slow
+        .w
+        .send_unless_stalled(&frame_of_mib(6), 2 * window)
+        .unwrap_err();
+    assert!(
+        matches!(err, AuthError::Stalled { after, .. } if after == 4 * window),
+        "{err}"
+    );
+    assert!(t.elapsed() >= 4 * window, "{:?}", t.elapsed());
 }
 
 /// Sets `sock`'s `which` buffer (SO_SNDBUF or SO_RCVBUF) to 256 KiB.
