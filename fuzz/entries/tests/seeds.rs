@@ -72,6 +72,31 @@ fn run(name: &str) {
     }
 }
 
+/// The seeds committed as `seed-<n>` are those the seed writer makes now,
+/// for every target whose seeds are the same on every run: a change to an
+/// encoder that the seeds were not written again for leaves the fuzzer
+/// and the inputs above starting from stale encodings (as three targets'
+/// did, until their seeds were written again).
+#[test]
+fn committed_seeds_are_the_writers() {
+    for t in pagecast_fuzz_entries::TARGETS {
+        if pagecast_fuzz_entries::seeds::FRESH_EACH_RUN.contains(&t.name) {
+            continue;
+        }
+        let dir = root().join("fuzz/seeds").join(t.name);
+        for (i, want) in pagecast_fuzz_entries::seeds::of(t.name).iter().enumerate() {
+            let p = dir.join(format!("seed-{i}"));
+            let got = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(
+                &got == want,
+                "{} is not what the seed writer makes now: run pagecast-fuzz-seeds {}",
+                p.display(),
+                t.name
+            );
+        }
+    }
+}
+
 macro_rules! targets {
     ($($t:ident),* $(,)?) => {
         $(
