@@ -98,6 +98,13 @@ pub trait AgentApi: Send + Sync {
     fn close_job(&self, agent: &str, job: &str) -> Result<bool, ClientError>;
 }
 
+/// How long a job's bookkeeping request (opening, closing or cancelling
+/// it) waits for its answer: the agent answers those from memory at once,
+/// so one that has not answered in this time is frozen or cut off, and a
+/// coordinator telling many agents must not wait on it for
+/// [`client::ANSWER_TIMEOUT`].
+pub const JOB_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The agents over the network, as the holder of `tls`.
 #[derive(Clone)]
 pub struct Remote {
@@ -112,6 +119,11 @@ impl Remote {
 
     fn connect(&self, agent: &str) -> Result<AgentClient, ClientError> {
         AgentClient::connect(agent, &self.tls)
+    }
+
+    /// A connection for a job's bookkeeping ([`JOB_ANSWER_TIMEOUT`]).
+    fn for_job(&self, agent: &str) -> Result<AgentClient, ClientError> {
+        self.connect(agent)?.with_answer_timeout(JOB_ANSWER_TIMEOUT)
     }
 }
 
@@ -201,12 +213,70 @@ impl AgentApi for Remote {
     }
 
     fn cancel_job(&self, agent: &str, job: &str) -> Result<bool, ClientError> {
-        self.connect(agent)?.cancel_job(job)
+        self.for_job(agent)?.cancel_job(job)
     }
     fn open_job(&self, agent: &str, r: v1::JobOpen) -> Result<bool, ClientError> {
-        self.connect(agent)?.open_job(r)
+        self.for_job(agent)?.open_job(r)
     }
     fn close_job(&self, agent: &str, job: &str) -> Result<bool, ClientError> {
-        self.connect(agent)?.close_job(job)
+        self.for_job(agent)?.close_job(job)
+    }
+}
+
+#[cfg(test)]
+mod remote_tests {
+    use std::net::TcpListener;
+    use std::time::Instant;
+
+    use pagecast_channel::{Channel, Role, ca::Authority};
+
+    use super::*;
+
+    /// An agent (a real host certificate) that takes a job's request and
+    /// then never answers, as one frozen after its handshake would: the
+    /// caller gives up at [`JOB_ANSWER_TIMEOUT`], each request on its own
+    /// connection. Before, it waited the 300 s every answer was allowed.
+    #[test]
+    fn a_job_request_to_an_agent_that_never_answers_gives_up_at_its_deadline() {
+        let ca = Authority::generate().unwrap();
+        let agent = ca.issue("frozen", Role::Host, 1).unwrap();
+        let op = Remote::new(ca.issue("ops", Role::Operator, 1).unwrap());
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let Ok(mut ch) = Channel::server(s, &agent) else {
+                    continue;
+                };
+                // The request is read, and nothing is said.
+                let _ = ch.recv::<v1::AgentRequest>("request");
+                held.push(ch);
+            }
+        });
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            let calls = [
+                s.spawn(|| op.close_job(&addr, "j").map(|_| ())),
+                s.spawn(|| op.cancel_job(&addr, "j").map(|_| ())),
+                s.spawn(|| {
+                    let open = v1::JobOpen {
+                        job: "j".into(),
+                        ..Default::default()
+                    };
+                    op.open_job(&addr, open).map(|_| ())
+                }),
+            ];
+            for c in calls {
+                assert!(c.join().unwrap().is_err(), "an answer from nobody");
+            }
+        });
+        let took = t.elapsed();
+        assert!(took >= JOB_ANSWER_TIMEOUT, "gave up after {took:?}");
+        assert!(
+            took < JOB_ANSWER_TIMEOUT + Duration::from_secs(5),
+            "waited {took:?}"
+        );
     }
 }

@@ -74,24 +74,30 @@ pub fn clone(
             host: vm.host.clone(),
             source,
         });
-    for t in &targets {
-        let _ = svc.agents.close_job(&t.addr, &spec.job);
-    }
-    let _ = svc.agents.close_job(&source.address, &spec.job);
+    // All at once: a frozen target costs one request's deadline, not
+    // one each.
+    let mut closing: Vec<&str> = targets.iter().map(|t| t.addr.as_str()).collect();
+    closing.push(&source.address);
+    closing.sort_unstable();
+    closing.dedup();
+    crate::at_once(&closing, |addr| {
+        let _ = svc.agents.close_job(addr, &spec.job);
+    });
     let mut rep = report(spec, &targets, &r?, started);
     identities(svc, &source.address, &vm.name, &targets, &mut rep);
     Ok(rep)
 }
 
 /// Opens the clone's job at each target (its source the peer, sending
-/// the clones that land there). A target that cannot be told refuses the
-/// clone, which says so in its outcome.
+/// the clones that land there), all at once. A target that cannot be told
+/// refuses the clone, which says so in its outcome.
 fn open_job(svc: &Services, spec: &CloneSpec, source: &HostView, targets: &[v1::CloneTarget]) {
     let mut at: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     for t in targets {
         at.entry(&t.addr).or_default().push(t.name.clone());
     }
-    for (addr, vms) in at {
+    let at: Vec<(&str, Vec<String>)> = at.into_iter().collect();
+    crate::at_once(&at, |(addr, vms)| {
         let _ = svc.agents.open_job(
             addr,
             v1::JobOpen {
@@ -99,13 +105,13 @@ fn open_job(svc: &Services, spec: &CloneSpec, source: &HostView, targets: &[v1::
                 peers: vec![v1::JobPeer {
                     host: source.name.clone(),
                     role: v1::JobRole::Source as i32,
-                    vms,
+                    vms: vms.clone(),
                 }],
                 deadline_ms: 0,
                 qemu_connect: Vec::new(),
             },
         );
-    }
+    });
 }
 
 /// The VM to clone and its host, which must have an agent.
@@ -334,5 +340,63 @@ mod identity_tests {
         );
         let m = vm(v1::VmKind::MicroVm, "cc", &[]);
         assert_eq!(compare(&src, &m), (vec!["identity".into()], vec![]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use pagecast_pages::PageHash;
+    use pagecast_proto::v1;
+
+    use super::{CloneSpec, clone};
+    use crate::Services;
+    use crate::fake::FakeCluster;
+
+    /// A clone's job is opened and closed at its targets all at once: two
+    /// targets that each take 1.5 s to answer (as agents frozen until the
+    /// request's deadline would) cost the clone one such wait to open and
+    /// one to close, not one per target each time. Before, the targets
+    /// were told one after another: 6 s here.
+    #[test]
+    fn targets_slow_to_answer_cost_a_clone_one_wait_not_one_each() {
+        let gib = 1 << 30;
+        let frames: Vec<PageHash> = (1..=64u8).map(|b| PageHash::from_bytes([b; 32])).collect();
+        let f = FakeCluster::new()
+            .host("src", "r1", 1_000_000_000, 4 * gib)
+            .host("t1", "r2", 1_000_000_000, 4 * gib)
+            .host("t2", "r2", 1_000_000_000, 4 * gib)
+            .host("t3", "r2", 1_000_000_000, 4 * gib)
+            .vm("src", "web", frames);
+        let stall = Duration::from_millis(1500);
+        f.stall_jobs("t1", stall);
+        f.stall_jobs("t2", stall);
+        let svc = Services {
+            index: Arc::new(f.clone()),
+            agents: Arc::new(f.clone()),
+        };
+        let spec = CloneSpec {
+            vm: "web".into(),
+            to: vec!["t1".into(), "t2".into(), "t3".into()],
+            names: "{vm}-{host}".into(),
+            bandwidth_bps: None,
+            max_downtime_ms: 300,
+            switchover: v1::SwitchoverMode::Precopy,
+            job: "clone-test".into(),
+        };
+        let t = Instant::now();
+        let rep = clone(&svc, &spec, &|_| {}).unwrap();
+        let took = t.elapsed();
+        assert_eq!(rep.clones.len(), 3);
+        assert!(
+            rep.clones.iter().all(|c| c.error.is_empty()),
+            "{:?}",
+            rep.clones
+        );
+        // Two waits (open, close) and what the rest takes.
+        assert!(took >= 2 * stall, "{took:?}");
+        assert!(took < 3 * stall, "the clone took {took:?}");
     }
 }

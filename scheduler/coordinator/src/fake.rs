@@ -159,6 +159,9 @@ struct State {
     pause_per_switchover: f64,
     /// Switchovers under way now.
     switching: usize,
+    /// Per host: how long its agent takes to answer a job's opening or
+    /// closing (as one frozen until the request's deadline would).
+    job_stalls: HashMap<String, Duration>,
 }
 
 impl State {
@@ -270,6 +273,25 @@ impl FakeCluster {
         let mut st = lock(&self.s.state);
         if let Some(h) = st.hosts.iter_mut().find(|h| h.name == host) {
             h.down = true;
+        }
+    }
+
+    /// Makes `host`'s agent take `d` to answer each request that opens or
+    /// closes a job.
+    pub fn stall_jobs(&self, host: &str, d: Duration) {
+        lock(&self.s.state).job_stalls.insert(host.into(), d);
+    }
+
+    /// Waits out `agent`'s stall for a job's opening or closing.
+    fn job_stall(&self, agent: &str) {
+        let d = {
+            let st = lock(&self.s.state);
+            st.host_of_addr(agent)
+                .ok()
+                .and_then(|h| st.job_stalls.get(&h.name).copied())
+        };
+        if let Some(d) = d {
+            std::thread::sleep(d);
         }
     }
 
@@ -889,6 +911,7 @@ impl AgentApi for FakeCluster {
     }
 
     fn open_job(&self, agent: &str, r: v1::JobOpen) -> Result<bool, ClientError> {
+        self.job_stall(agent);
         let mut st = lock(&self.s.state);
         let host = st.host_of_addr(agent)?.name.clone();
         let newly = st
@@ -913,6 +936,7 @@ impl AgentApi for FakeCluster {
     }
 
     fn close_job(&self, agent: &str, job: &str) -> Result<bool, ClientError> {
+        self.job_stall(agent);
         let mut st = lock(&self.s.state);
         let host = st.host_of_addr(agent)?.name.clone();
         let was = st.jobs.get_mut(&host).is_some_and(|j| j.remove(job));

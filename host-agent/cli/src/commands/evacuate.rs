@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagecast_agent_api::client::AgentClient;
 use pagecast_coordinator::{CoordError, EvacuateSpec, EvacuationReport, Event, Method};
 use pagecast_pages::units::{format_bytes, parse_bits_per_second};
 use pagecast_proto::v1;
@@ -904,10 +903,17 @@ fn cancel_everywhere(
     let mut c = pagecast_index::client::IndexClient::new(index, tls.clone())?;
     c.timeout = Duration::from_secs(20);
     let hosts = c.hosts(true)?;
+    // Every agent at once, each answer within a job request's deadline:
+    // a frozen or cut-off host costs that deadline, not one per host.
+    let agents = pagecast_agent_api::Remote::new(tls.clone());
+    let reachable: Vec<_> = hosts.iter().filter(|h| !h.address.is_empty()).collect();
+    let answers = pagecast_coordinator::at_once(&reachable, |h| {
+        pagecast_agent_api::AgentApi::cancel_job(&agents, &h.address, job)
+    });
     let mut told = 0;
     let mut failed = Vec::new();
-    for h in hosts.iter().filter(|h| !h.address.is_empty()) {
-        match AgentClient::connect(&h.address, tls).and_then(|x| x.cancel_job(job)) {
+    for (h, r) in reachable.iter().zip(answers) {
+        match r {
             Ok(_) => told += 1,
             Err(e) => failed.push(format!("{}: {e}", h.name)),
         }

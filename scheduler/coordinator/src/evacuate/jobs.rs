@@ -156,15 +156,9 @@ pub(super) fn open_stash(
 /// deadline per 32, not one each: a job left open at an agent ends at its
 /// deadline.
 pub(super) fn close(svc: &Services, prep: &Prepared, job: &str, hosts: &[String]) {
-    for some in hosts.chunks(32) {
-        std::thread::scope(|s| {
-            for h in some {
-                s.spawn(move || {
-                    let _ = svc.agents.close_job(prep.address(h), job);
-                });
-            }
-        });
-    }
+    crate::at_once(hosts, |h| {
+        let _ = svc.agents.close_job(prep.address(h), job);
+    });
 }
 
 #[cfg(test)]
