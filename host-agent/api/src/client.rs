@@ -333,6 +333,13 @@ pub struct CastWait {
 }
 
 impl CastWait {
+    /// Waits at most `d` for the result from now on.
+    pub fn within(self, d: Duration) -> Result<Self, ClientError> {
+        Ok(CastWait {
+            client: self.client.with_answer_timeout(d)?,
+        })
+    }
+
     /// Waits for the cast's result.
     pub fn result(mut self) -> Result<v1::CastResult, ClientError> {
         match self.client.recv()? {

@@ -98,12 +98,21 @@ pub trait AgentApi: Send + Sync {
     fn close_job(&self, agent: &str, job: &str) -> Result<bool, ClientError>;
 }
 
-/// How long a job's bookkeeping request (opening, closing or cancelling
-/// it) waits for its answer: the agent answers those from memory at once,
-/// so one that has not answered in this time is frozen or cut off, and a
-/// coordinator telling many agents must not wait on it for
-/// [`client::ANSWER_TIMEOUT`].
-pub const JOB_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a bookkeeping request (a job's opening, closing or
+/// cancelling; an agent's VM list) waits for its answer: the agent
+/// answers those from memory at once, so one that has not answered in
+/// this time is frozen or cut off, and a coordinator telling many agents
+/// must not wait on it for [`client::ANSWER_TIMEOUT`].
+pub const QUICK_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long each part of a VM's content map may take to come: the agent
+/// reads it from its content map, not by hashing.
+pub const CONTENT_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a source agent may take to open a cast session and say where
+/// (it lists the cast's pages from its content map and answers; the pages
+/// are read while the session runs).
+pub const CAST_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The agents over the network, as the holder of `tls`.
 #[derive(Clone)]
@@ -121,9 +130,10 @@ impl Remote {
         AgentClient::connect(agent, &self.tls)
     }
 
-    /// A connection for a job's bookkeeping ([`JOB_ANSWER_TIMEOUT`]).
+    /// A connection for a bookkeeping request ([`QUICK_ANSWER_TIMEOUT`]).
     fn for_job(&self, agent: &str) -> Result<AgentClient, ClientError> {
-        self.connect(agent)?.with_answer_timeout(JOB_ANSWER_TIMEOUT)
+        self.connect(agent)?
+            .with_answer_timeout(QUICK_ANSWER_TIMEOUT)
     }
 }
 
@@ -154,11 +164,13 @@ impl CastPending for client::CastWait {
 
 impl AgentApi for Remote {
     fn vm_list(&self, agent: &str) -> Result<v1::VmList, ClientError> {
-        self.connect(agent)?.vm_list()
+        self.for_job(agent)?.vm_list()
     }
 
     fn vm_content(&self, agent: &str, vm: &str, job: &str) -> Result<VmContentAnswer, ClientError> {
-        self.connect(agent)?.vm_content(vm, job)
+        self.connect(agent)?
+            .with_answer_timeout(CONTENT_ANSWER_TIMEOUT)?
+            .vm_content(vm, job)
     }
 
     fn migrate(
@@ -176,11 +188,12 @@ impl AgentApi for Remote {
         r: v1::CastSendRequest,
         within: Duration,
     ) -> Result<(v1::CastOpen, Box<dyn CastPending>), ClientError> {
+        // The session's opening comes at once; its result at its end.
         let (open, wait) = self
             .connect(agent)?
-            .with_answer_timeout(within)?
+            .with_answer_timeout(within.min(CAST_OPEN_TIMEOUT))?
             .cast_send(r)?;
-        Ok((open, Box::new(wait)))
+        Ok((open, Box::new(wait.within(within)?)))
     }
 
     fn cast_recv(
@@ -209,7 +222,10 @@ impl AgentApi for Remote {
         r: v1::CloneRequest,
         progress: &mut dyn FnMut(&v1::MigrateProgress),
     ) -> Result<v1::CloneResult, ClientError> {
-        self.connect(agent)?.clone_vm(r, progress)
+        // The source reports every second while it clones.
+        self.connect(agent)?
+            .with_answer_timeout(client::MIGRATION_SILENCE)?
+            .clone_vm(r, progress)
     }
 
     fn cancel_job(&self, agent: &str, job: &str) -> Result<bool, ClientError> {
@@ -234,7 +250,7 @@ mod remote_tests {
 
     /// An agent (a real host certificate) that takes a job's request and
     /// then never answers, as one frozen after its handshake would: the
-    /// caller gives up at [`JOB_ANSWER_TIMEOUT`], each request on its own
+    /// caller gives up at [`QUICK_ANSWER_TIMEOUT`], each request on its own
     /// connection. Before, it waited the 300 s every answer was allowed.
     #[test]
     fn a_job_request_to_an_agent_that_never_answers_gives_up_at_its_deadline() {
@@ -273,9 +289,9 @@ mod remote_tests {
             }
         });
         let took = t.elapsed();
-        assert!(took >= JOB_ANSWER_TIMEOUT, "gave up after {took:?}");
+        assert!(took >= QUICK_ANSWER_TIMEOUT, "gave up after {took:?}");
         assert!(
-            took < JOB_ANSWER_TIMEOUT + Duration::from_secs(5),
+            took < QUICK_ANSWER_TIMEOUT + Duration::from_secs(5),
             "waited {took:?}"
         );
     }

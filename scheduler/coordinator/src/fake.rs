@@ -159,8 +159,8 @@ struct State {
     pause_per_switchover: f64,
     /// Switchovers under way now.
     switching: usize,
-    /// Per host: how long its agent takes to answer a job's opening or
-    /// closing (as one frozen until the request's deadline would).
+    /// Per host: how long its agent takes to answer a bookkeeping request
+    /// (as one frozen until the request's deadline would).
     job_stalls: HashMap<String, Duration>,
 }
 
@@ -276,13 +276,13 @@ impl FakeCluster {
         }
     }
 
-    /// Makes `host`'s agent take `d` to answer each request that opens or
-    /// closes a job.
+    /// Makes `host`'s agent take `d` to answer each bookkeeping request
+    /// (a job's opening or closing, its VM list).
     pub fn stall_jobs(&self, host: &str, d: Duration) {
         lock(&self.s.state).job_stalls.insert(host.into(), d);
     }
 
-    /// Waits out `agent`'s stall for a job's opening or closing.
+    /// Waits out `agent`'s stall for a bookkeeping request.
     fn job_stall(&self, agent: &str) {
         let d = {
             let st = lock(&self.s.state);
@@ -610,6 +610,7 @@ impl CastPending for FakePending {
 
 impl AgentApi for FakeCluster {
     fn vm_list(&self, agent: &str) -> Result<v1::VmList, ClientError> {
+        self.job_stall(agent);
         let st = lock(&self.s.state);
         let h = st.host_of_addr(agent)?;
         Ok(v1::VmList {

@@ -852,7 +852,7 @@ fn open_migration_job(
     qemu_connect: &str,
 ) -> anyhow::Result<()> {
     AgentClient::connect(to, tls)
-        .and_then(|c| c.with_answer_timeout(pagecast_agent_api::JOB_ANSWER_TIMEOUT))
+        .and_then(|c| c.with_answer_timeout(pagecast_agent_api::QUICK_ANSWER_TIMEOUT))
         .and_then(|c| {
             c.open_job(v1::JobOpen {
                 job: job.to_owned(),

@@ -64,24 +64,30 @@ pub(super) fn open(
     job: &str,
     on: &(dyn Fn(Event) + Sync),
 ) -> Vec<String> {
-    let mut opened = Vec::new();
-    for (host, peers) in peers_of(prep) {
+    // Every host at once: a frozen one costs one request's deadline, not
+    // one each.
+    let asked: Vec<_> = peers_of(prep).into_iter().collect();
+    let answers = crate::at_once(&asked, |(host, peers)| {
         // The QEMUs libvirt starts here for the job's domains: the only
         // local addresses this agent may feed a stream into.
         let qemu_connect = prep
             .moving
             .iter()
-            .filter(|m| m.to == host)
+            .filter(|m| m.to == *host)
             .filter_map(|m| m.libvirt.as_ref())
             .map(|l| format!("127.0.0.1:{}", l.port))
             .collect();
         let r = v1::JobOpen {
             job: job.to_owned(),
-            peers,
+            peers: peers.clone(),
             deadline_ms: DEADLINE.as_millis() as u64,
             qemu_connect,
         };
-        match svc.agents.open_job(prep.address(&host), r) {
+        svc.agents.open_job(prep.address(host), r)
+    });
+    let mut opened = Vec::new();
+    for ((host, _), r) in asked.into_iter().zip(answers) {
+        match r {
             Ok(_) => opened.push(host),
             Err(e) => on(Event::Step(format!(
                 "{host}: cannot open job {job} there: {e}"

@@ -330,8 +330,11 @@ fn pin_qemu_vms(
             })
     };
     let mut waiting: HashMap<String, Vec<HostIdx>> = HashMap::new();
-    for &d in &model.evac.to {
-        let l = list(&model.cluster.hosts[d].name)?;
+    // Every destination asked at once: a frozen one costs one request's
+    // deadline, not one each.
+    let lists = crate::at_once(&model.evac.to, |&d| list(&model.cluster.hosts[d].name));
+    for (&d, l) in model.evac.to.clone().iter().zip(lists) {
+        let l = l?;
         if !l.libvirt.is_empty() {
             model.libvirt_uris.insert(d, l.libvirt);
         }
@@ -392,7 +395,7 @@ fn pin_qemu_vms(
 fn libvirt_domains(
     model: &Model,
     qemu_vms: &[VmIdx],
-    list: impl Fn(&str) -> Result<pagecast_proto::v1::VmList, CoordError>,
+    list: impl Fn(&str) -> Result<pagecast_proto::v1::VmList, CoordError> + Sync,
 ) -> Result<HashSet<VmIdx>, CoordError> {
     let mut sources: Vec<HostIdx> = qemu_vms
         .iter()
@@ -401,8 +404,9 @@ fn libvirt_domains(
     sources.sort_unstable();
     sources.dedup();
     let mut domains = HashSet::new();
-    for s in sources {
-        let l = list(&model.cluster.hosts[s].name)?;
+    let lists = crate::at_once(&sources, |&s| list(&model.cluster.hosts[s].name));
+    for (s, l) in sources.into_iter().zip(lists) {
+        let l = l?;
         for info in l.vms.iter().filter(|i| !i.libvirt_domain.is_empty()) {
             if let Some(&v) = qemu_vms.iter().find(|&&v| {
                 model.cluster.vms[v].host == s && model.cluster.vms[v].name == info.name

@@ -349,6 +349,32 @@ fn run(
     evacuate(&services(f), s, on, stop)
 }
 
+/// The job is opened and closed at every host at once: two destinations
+/// that each take 2 s to answer (as agents frozen until the request's
+/// deadline would) cost the evacuation one such wait to open the job, one
+/// when each destination's fetch from its rack-mate opens the job there
+/// again (the destinations' fetches run at once), and one to close it.
+/// Before, the job was opened at one host after another: a fourth wait.
+#[test]
+fn hosts_slow_to_answer_cost_an_evacuation_one_wait_to_open_and_one_to_close() {
+    let f = cluster();
+    let stall = std::time::Duration::from_secs(2);
+    f.stall_jobs("b1", stall);
+    f.stall_jobs("b2", stall);
+    let t = std::time::Instant::now();
+    let rep = run(
+        &f,
+        &spec(Method::Pagecast),
+        &|_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let took = t.elapsed();
+    assert!(rep.ok, "{rep:?}");
+    assert!(took >= 3 * stall, "{took:?}");
+    assert!(took < 4 * stall, "the evacuation took {took:?}");
+}
+
 #[test]
 fn every_migration_holds_then_each_content_is_cast_once_then_all_are_released() {
     let f = cluster();

@@ -850,27 +850,39 @@ impl<'a> Filler<'a> {
     }
 
     /// Tells each destination of `items` to gather its contents from
-    /// intermediary `inter` after switching over.
+    /// intermediary `inter` after switching over: every destination at
+    /// once, leaving out those found dead or frozen. One that cannot be
+    /// reached is counted so (its migrations fail anyway), so that a
+    /// frozen destination costs the stash one request's deadline, not one
+    /// per chunk.
     fn gather_at(&self, inter: &str, items: &[(PageHash, String)]) {
+        let dead = lock(&self.traffic).dead.clone();
         let mut by: BTreeMap<&str, Vec<PageHash>> = BTreeMap::new();
-        for (h, d) in items {
+        for (h, d) in items.iter().filter(|(_, d)| !dead.contains(d)) {
             by.entry(d.as_str()).or_default().push(*h);
         }
-        for (d, hs) in by {
-            let r = self.order_fetch(
+        let by: Vec<(&str, Vec<PageHash>)> = by.into_iter().collect();
+        let answers = crate::at_once(&by, |(d, hs)| {
+            self.order_fetch(
                 (d, inter),
-                (&hs, Vec::new()),
+                (hs, Vec::new()),
                 v1::FetchMode::GatherLater,
                 Duration::from_secs(10),
-            );
+            )
+        });
+        let mut tr = lock(&self.traffic);
+        for ((d, _), r) in by.into_iter().zip(answers) {
             let failed = match r {
                 Ok(f) => f.error.map(|e| e.message),
-                Err(e) => Some(e.to_string()),
+                Err(e) => {
+                    if e.code() == v1::RefusalCode::Unavailable {
+                        tr.dead.insert(d.to_owned());
+                    }
+                    Some(e.to_string())
+                }
             };
             if let Some(e) = failed {
-                lock(&self.traffic)
-                    .errors
-                    .push(format!("gather plan at {d}: {e}"));
+                tr.errors.push(format!("gather plan at {d}: {e}"));
             }
         }
     }
