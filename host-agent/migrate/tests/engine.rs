@@ -614,6 +614,102 @@ fn a_clone_reaches_every_destination_identically_and_the_source_runs_on() {
     let _ = v1::RefusalCode::Unspecified;
 }
 
+/// A clone target as its source sees it when it freezes on being asked to
+/// verify (after the source paused): once the source has sent it the
+/// digest, nothing more comes from it, and each read waits out its
+/// timeout.
+struct FrozenAtVerification {
+    link: MemLink,
+    frozen: bool,
+}
+
+impl MigrationLink for FrozenAtVerification {
+    fn send(&mut self, body: Body) -> Result<(), MigrationError> {
+        self.frozen |= matches!(body, Body::Digest(_));
+        self.link.send(body)
+    }
+    fn recv(&mut self, t: Option<Duration>) -> Result<Body, MigrationError> {
+        if !self.frozen {
+            return self.link.recv(t);
+        }
+        let after = t.unwrap_or(Duration::from_secs(3600));
+        std::thread::sleep(after);
+        Err(MigrationError::Timeout {
+            peer: "frozen".into(),
+            what: "anything",
+            after,
+        })
+    }
+}
+
+/// Two of a clone's three targets freeze when asked to verify, while the
+/// source is paused: the source gives both up within one reply timeout of
+/// asking (their answers are owed from the same moment), and the third
+/// target's clone completes, verified. Before, the source read them one
+/// after another, a reply timeout each: two here, the source paused all
+/// that time.
+#[test]
+fn clone_targets_frozen_together_cost_the_paused_source_one_reply_timeout() {
+    let src = SyntheticSource::dirtying("tmpl", memory("web", 8, 8), 1000, 16..128);
+    let fp = fp();
+    let opts = MigrateOptions {
+        reply_timeout: Duration::from_secs(2),
+        ..MigrateOptions::default()
+    };
+    let report = std::thread::scope(|s| {
+        let mut targets = Vec::new();
+        let mut dests = Vec::new();
+        for i in 0..3 {
+            let (a, mut b) = link_pair();
+            let link: Box<dyn MigrationLink> = if i < 2 {
+                Box::new(FrozenAtVerification {
+                    link: a,
+                    frozen: false,
+                })
+            } else {
+                Box::new(a)
+            };
+            targets.push(CloneTarget {
+                name: format!("copy{i}"),
+                host: format!("h{i}"),
+                link,
+            });
+            let fp = &fp;
+            dests.push(s.spawn(move || {
+                let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
+                    Body::Begin(b) => b,
+                    other => panic!("{other:?}"),
+                };
+                migrate_in(&mut b, &begin, &NoLocalContent, fp, &mut |_, _| Ok(0))
+            }));
+        }
+        let r = clone_out(
+            &*src,
+            targets,
+            &mut NoCasts,
+            &fp,
+            &opts,
+            &mut |_| {},
+            None,
+            How::Rounds,
+        );
+        for (i, d) in dests.into_iter().enumerate() {
+            let got = d.join().unwrap();
+            assert_eq!(got.is_ok(), i == 2, "target {i}: {got:?}");
+        }
+        r
+    });
+    let ok: Vec<bool> = report.clones.iter().map(|c| c.ok && c.verified).collect();
+    assert_eq!(ok, [false, false, true], "{:?}", report.clones);
+    assert!(!src.is_paused(), "the source runs on after a clone");
+    let paused = Duration::from_secs_f64(report.downtime_ms / 1e3);
+    assert!(paused >= opts.reply_timeout, "paused {paused:?}");
+    assert!(
+        paused < opts.reply_timeout + Duration::from_millis(1500),
+        "the source was paused {paused:?}"
+    );
+}
+
 /// A destination that cannot catch missing-page faults (no userfaultfd
 /// there) says so in its answer: `--switchover postcopy` is refused at
 /// once, naming the setting, and the source never pauses; `auto` moves by

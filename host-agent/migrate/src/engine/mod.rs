@@ -293,19 +293,38 @@ impl Fleet<'_> {
         what: &'static str,
         timeout: Duration,
     ) -> Option<Body> {
+        self.expect_since(i, what, (Instant::now(), timeout))
+    }
+
+    /// [`Fleet::expect_within`] for a reply every destination owes at
+    /// once, asked for at `since`: destination `i` is given up once it has
+    /// been silent for `timeout` since then (or since its last
+    /// keep-alive), so that destinations read one after another that froze
+    /// together cost one wait, not one each.
+    pub fn expect_since(
+        &mut self,
+        i: usize,
+        what: &'static str,
+        (since, timeout): (Instant, Duration),
+    ) -> Option<Body> {
         if !self.dests[i].live() {
             return None;
         }
+        let mut by = since + timeout;
         loop {
-            match self.dests[i].t.link.recv(Some(timeout)) {
-                Ok(Body::KeepAlive(_)) => continue,
+            match self.dests[i].t.link.recv(Some(left_until(by))) {
+                Ok(Body::KeepAlive(_)) => {
+                    by = Instant::now() + timeout;
+                    continue;
+                }
                 Ok(Body::Abort(a)) => {
                     // It gave up: nothing to tell it.
                     self.dests[i].state = DestState::Failed(MigrationError::from_abort(a));
                     return None;
                 }
                 Ok(b) => return Some(b),
-                Err(MigrationError::Timeout { peer, after, .. }) => {
+                Err(MigrationError::Timeout { peer, .. }) => {
+                    let after = timeout;
                     self.fail(i, MigrationError::Timeout { peer, what, after });
                     return None;
                 }
@@ -498,4 +517,11 @@ fn finish(mut fleet: Fleet, ran: Result<(), MigrationError>) -> Outcome {
         dests,
         source_error,
     }
+}
+
+/// What is left until `by`, at least a millisecond: a reply already
+/// waiting is still taken once the time is up.
+pub fn left_until(by: Instant) -> Duration {
+    by.saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
 }

@@ -111,9 +111,12 @@ impl Transfer for Rounds {
                 fleet.dests[i].state = DestState::InDoubt(why);
             }
         }
+        // Every destination owes its answer from now: those that froze
+        // together cost the paused source one wait, not one each.
+        let by = Instant::now() + fleet.opts.reply_timeout;
         for i in fleet.alive() {
             let d = &mut fleet.dests[i];
-            d.state = match d.t.link.recv(Some(fleet.opts.reply_timeout)) {
+            d.state = match d.t.link.recv(Some(super::left_until(by))) {
                 Ok(Body::Resumed(r)) => {
                     d.progress_after = r.progress;
                     DestState::Done
@@ -399,8 +402,11 @@ impl Rounds {
             };
             fleet.send(i, Body::Digest(d), Class::Control);
         }
+        // Every destination owes its answer from now (see
+        // `Fleet::expect_since`).
+        let asked = (Instant::now(), fleet.opts.reply_timeout);
         for i in fleet.alive() {
-            match fleet.expect(i, "verification") {
+            match fleet.expect_since(i, "verification", asked) {
                 Some(Body::Ready(r)) if r.ok => fleet.dests[i].verified = true,
                 Some(Body::Ready(r)) => fleet.fail(i, MigrationError::Verification(r.reason)),
                 Some(other) => fleet.fail(

@@ -130,7 +130,12 @@ fn offer(fleet: &mut Fleet, held: bool) {
             vm_generation_id: fleet.opts.vm_generation_id.clone(),
         };
         fleet.send(i, Body::Begin(begin), Class::Control);
-        match fleet.expect(i, "answer to the migration request") {
+    }
+    // Every destination owes its answer from now (see
+    // `Fleet::expect_since`).
+    let asked = (std::time::Instant::now(), fleet.opts.reply_timeout);
+    for i in 0..fleet.dests.len() {
+        match fleet.expect_since(i, "answer to the migration request", asked) {
             Some(Body::Accept(a)) if a.ok && !a.postcopy && begin_postcopy && explicit => {
                 fleet.fail(
                     i,

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pagecast_memory::fingerprint::Fingerprinter;
 use pagecast_pages::{ContentKey, PageHash};
@@ -316,11 +316,14 @@ impl Transfer for Relay<'_> {
 
     fn commit(&mut self, fleet: &mut Fleet) -> Result<(), MigrationError> {
         let end = self.source.settled();
+        // Every destination owes its answer from now: those that froze
+        // together cost one wait, not one each.
+        let by = Instant::now() + LOAD_WAIT;
         for i in fleet.alive() {
             let d = &mut fleet.dests[i];
             let answer = match self.early.remove(&i) {
                 Some(b) => Ok(b),
-                None => d.t.link.recv(Some(LOAD_WAIT)),
+                None => d.t.link.recv(Some(super::left_until(by))),
             };
             d.state = match answer {
                 Ok(Body::Resumed(r)) => {
