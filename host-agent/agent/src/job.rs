@@ -431,22 +431,42 @@ pub struct CoordinatorHold {
 
 impl CoordinatorHold {
     /// Registers the migration of `vm` with `job` and starts reading from
-    /// `reader`. `holds`: it holds for a gang job (then the connection
-    /// dropping before the go aborts it; otherwise a client that goes away
-    /// does not stop the migration).
+    /// `reader`. `holding`: it holds for a gang job, and may hear nothing
+    /// from its coordinator for that long while held (then the connection
+    /// dropping, or that silence, before the go aborts it; otherwise a
+    /// client that goes away does not stop the migration).
     pub fn new(
         writer: Arc<Mutex<ChannelWriter>>,
         mut reader: pagecast_channel::ChannelReader,
-        holds: bool,
+        holding: Option<Duration>,
         job: Arc<Job>,
         vm: &str,
     ) -> Self {
         job.hold(vm);
+        let holds = holding.is_some();
         let (j, v) = (job.clone(), vm.to_owned());
         let _ = std::thread::Builder::new()
             .name("pagecast-hold".into())
             .spawn(move || {
                 loop {
+                    if let Some(silence) = holding
+                        && !reader.readable_within(silence)
+                    {
+                        if j.poll(&v) == HoldPoll::Wait {
+                            j.go(
+                                &v,
+                                true,
+                                &format!(
+                                    "the coordinator said nothing for {silence:?} while it held \
+                                     the migration (frozen, or its network cut)"
+                                ),
+                            );
+                            return;
+                        }
+                        // Released: the coordinator need not speak; a
+                        // later abort is still read.
+                        continue;
+                    }
                     let r: Result<v1::AgentRequest, _> = reader.recv("job go");
                     match r {
                         Ok(v1::AgentRequest {
@@ -457,6 +477,8 @@ impl CoordinatorHold {
                                 return;
                             }
                         }
+                        // A keep-alive, or anything else: the coordinator
+                        // lives.
                         Ok(_) => {}
                         Err(e) => {
                             if holds && j.poll(&v) == HoldPoll::Wait {

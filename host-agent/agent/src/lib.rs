@@ -256,7 +256,17 @@ pub struct AgentConfig {
     pub capacity_bytes: u64,
     /// This host's libvirt, if the agent drives it.
     pub libvirt: Option<Libvirt>,
+    /// How long a migration held for a gang job may hear nothing from its
+    /// coordinator before it is abandoned ([`HOLD_SILENCE`] by default).
+    pub hold_silence: Duration,
 }
+
+/// How long a held migration may hear nothing from its coordinator (which
+/// sends a keep-alive a second): one frozen, or cut off with its
+/// connection open, would otherwise hold the VM, and the memory reserved
+/// at its destination, until the job's deadline (hours for an
+/// evacuation).
+pub const HOLD_SILENCE: Duration = Duration::from_secs(30);
 
 /// The agent's state.
 pub struct Agent {
@@ -279,6 +289,7 @@ pub struct Agent {
     /// Memory this host offers VMs, bytes (0: no bound): an arriving VM
     /// that would take more is refused.
     capacity: u64,
+    hold_silence: Duration,
     /// This host's libvirt, if it runs one the agent may drive.
     libvirt: Option<Libvirt>,
 }
@@ -326,6 +337,7 @@ impl Agent {
             cast_iface: Mutex::new(std::net::Ipv4Addr::LOCALHOST),
             domain_secret: None,
             capacity: 0,
+            hold_silence: HOLD_SILENCE,
             libvirt: None,
         })
     }
@@ -347,6 +359,17 @@ impl Agent {
     /// shared).
     pub fn set_capacity(&mut self, bytes: u64) {
         self.capacity = bytes;
+    }
+
+    /// Sets how long a held migration may hear nothing from its
+    /// coordinator (before the agent is shared).
+    pub fn set_hold_silence(&mut self, d: Duration) {
+        self.hold_silence = d;
+    }
+
+    /// How long a held migration may hear nothing from its coordinator.
+    pub fn hold_silence(&self) -> Duration {
+        self.hold_silence
     }
 
     /// Holds `name` for an arriving VM of `bytes`, if it fits. A size no

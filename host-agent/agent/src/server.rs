@@ -71,6 +71,7 @@ pub fn serve(config: AgentConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), 
     }
     agent.set_domain_secret(config.domain_secret.clone());
     agent.set_capacity(config.capacity_bytes);
+    agent.set_hold_silence(config.hold_silence);
     if let Some(l) = config.libvirt.clone() {
         agent.set_libvirt(l);
     }
@@ -290,7 +291,7 @@ fn allowed(body: &v1::agent_request::Body) -> (&'static [Role], &'static str) {
         B::Migrate(_) => (&[Role::Operator], "migrate VMs"),
         B::Clone(_) => (&[Role::Operator], "clone VMs"),
         B::CancelJob(_) => (&[Role::Operator], "cancel jobs"),
-        B::Go(_) => (&[Role::Operator], "release held migrations"),
+        B::Go(_) | B::KeepAlive(_) => (&[Role::Operator], "release held migrations"),
         B::JobOpen(_) | B::JobClose(_) => (&[Role::Operator], "open and close jobs"),
         B::CastSend(_) | B::CastRecv(_) => (&[Role::Operator], "start casts"),
         B::Fetch(_) => (&[Role::Operator], "order fetches"),
@@ -503,7 +504,8 @@ fn migrate_out(agent: &Agent, ch: Channel, r: v1::MigrateRequest, job: Arc<crate
     };
     let writer = Arc::new(Mutex::new(writer));
     // A gang job's needs and go travel on this connection.
-    let mut hold = crate::job::CoordinatorHold::new(writer.clone(), reader, r.hold, job, &r.vm);
+    let holding = r.hold.then(|| agent.hold_silence());
+    let mut hold = crate::job::CoordinatorHold::new(writer.clone(), reader, holding, job, &r.vm);
     let link = ProgressLink::new(writer);
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let beat = link.heartbeat(stopped);

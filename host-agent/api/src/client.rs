@@ -394,6 +394,20 @@ impl MigrationHandle {
     }
 }
 
+impl MigrationHandle {
+    /// Tells the agent the coordinator lives (see
+    /// `MigrationControl::keep_alive`): a small frame, sent only while
+    /// nothing else holds the connection's writer.
+    pub fn keep_alive(&self) -> Result<(), ClientError> {
+        let Ok(mut w) = self.writer.try_lock() else {
+            return Ok(());
+        };
+        Ok(w.send(&v1::AgentRequest {
+            body: Some(Req::KeepAlive(v1::JobKeepAlive {})),
+        })?)
+    }
+}
+
 impl HeldMigration {
     /// A handle to release or stop it from another thread.
     pub fn handle(&self) -> MigrationHandle {

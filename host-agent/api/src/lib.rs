@@ -39,6 +39,13 @@ pub trait MigrationControl: Send + Sync {
     /// the release, `abort` stops the migration before its switchover: the
     /// VM stays at its source).
     fn go(&self, abort: bool, reason: &str) -> Result<(), ClientError>;
+
+    /// Tells the agent the coordinator lives: a held migration that hears
+    /// nothing from its coordinator for the agent's hold silence (30 s by
+    /// default) is abandoned. Sent about once a second while it is held.
+    fn keep_alive(&self) -> Result<(), ClientError> {
+        Ok(())
+    }
 }
 
 /// A cast under way at its sender: its result, when it ends.
@@ -153,6 +160,9 @@ impl Migration for RemoteMigration {
 impl MigrationControl for client::MigrationHandle {
     fn go(&self, abort: bool, reason: &str) -> Result<(), ClientError> {
         client::MigrationHandle::go(self, abort, reason)
+    }
+    fn keep_alive(&self) -> Result<(), ClientError> {
+        client::MigrationHandle::keep_alive(self)
     }
 }
 

@@ -27,10 +27,15 @@ impl Agent {
     }
 
     fn start_with(dir: &Path, name: &str, tls: &Path) -> Agent {
+        Self::start_args(dir, name, tls, &[])
+    }
+
+    fn start_args(dir: &Path, name: &str, tls: &Path, extra: &[&str]) -> Agent {
         let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(pagecast_bin())
             .args(["agent", "--name", name, "--listen", "127.0.0.1:0", "--tls"])
             .arg(tls)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -1129,6 +1134,110 @@ fn a_held_migration_ends_at_its_jobs_deadline() {
             false => Err(l.to_string()),
         }
     });
+}
+
+/// Two migrations held for a job whose deadline is far off, from an agent
+/// whose hold silence is 3 s: the one whose coordinator falls silent after
+/// the hold (as a coordinator frozen with Ctrl-Z or SIGSTOP, or cut off
+/// with its connection open) is abandoned about 3 s later, its VM running
+/// on at the source; the one whose coordinator sends keep-alives stays
+/// held past that, and moves once released. Before, a silent coordinator
+/// held its migration until the job's deadline (6 hours for an
+/// evacuation).
+#[test]
+fn a_held_migration_whose_coordinator_falls_silent_is_abandoned() {
+    if !needs(
+        "a_held_migration_whose_coordinator_falls_silent_is_abandoned",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let dir = setup();
+    let d = dir.path();
+    let silence = Duration::from_secs(3);
+    let a = Agent::start_args(
+        d,
+        "host-a",
+        &pki::node("host-a", Role::Host),
+        &["--hold-silence", "3"],
+    );
+    let b = Agent::start(d, "host-b");
+    start_vm(d, &a, "quiet", "web", "64MiB", "0");
+    start_vm(d, &a, "talking", "web", "64MiB", "0");
+    let op = pki::tls("operator", Role::Operator);
+    let client = |addr: &str| pagecast_agent_api::client::AgentClient::connect(addr, &op).unwrap();
+    let open = |addr: &str, host: &str, role: v1::JobRole, vms: Vec<String>| {
+        client(addr)
+            .open_job(v1::JobOpen {
+                job: "j-silent".into(),
+                peers: vec![v1::JobPeer {
+                    host: host.into(),
+                    role: role as i32,
+                    vms,
+                }],
+                deadline_ms: 600_000,
+                ..Default::default()
+            })
+            .unwrap();
+    };
+    open(&a.addr, "host-b", v1::JobRole::Destination, Vec::new());
+    let both = vec!["quiet".to_owned(), "talking".to_owned()];
+    open(&b.addr, "host-a", v1::JobRole::Source, both);
+    use pagecast_agent_api::client::MigrationEvent;
+    // Each runs to its end: the time from its hold to its end, and its
+    // result; `talking` keeps the coordinator's word for twice the silence.
+    let run = |vm: &str, talking: bool| {
+        let mut m = client(&a.addr)
+            .start_migrate(v1::MigrateRequest {
+                vm: vm.into(),
+                to: b.addr.clone(),
+                job: "j-silent".into(),
+                hold: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let h = m.handle();
+        let mut held = None;
+        loop {
+            match m.next_event().unwrap() {
+                MigrationEvent::Result(r) => return (held.map(|t: Instant| t.elapsed()), r),
+                MigrationEvent::Held(..) => held = Some(Instant::now()),
+                MigrationEvent::Progress(_) => {}
+            }
+            if talking {
+                h.keep_alive().unwrap();
+                if held.is_some_and(|t| t.elapsed() > 2 * silence) {
+                    h.go(false, "").unwrap();
+                }
+            }
+        }
+    };
+    let (quiet, talking) = std::thread::scope(|s| {
+        let q = s.spawn(|| run("quiet", false));
+        let t = s.spawn(|| run("talking", true));
+        (q.join().unwrap(), t.join().unwrap())
+    });
+    let (after, r) = quiet;
+    let after = after.expect("it was held");
+    assert!(!r.ok, "{r:?}");
+    let why = pagecast_proto::refusal_text(&r.error);
+    assert!(why.contains("said nothing"), "{why}");
+    assert!(
+        after >= silence && after < silence + Duration::from_secs(10),
+        "abandoned {after:?} after its hold"
+    );
+    let (after, r) = talking;
+    assert!(r.ok, "{r:?}");
+    assert!(after.expect("it was held") > 2 * silence);
+    let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
+    let names: Vec<&str> = l["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["quiet"], "{l}");
+    assert_eq!(l["vms"][0]["state"], "running", "{l}");
 }
 
 /// Starts a post-copy migration of a busy VM from `a` to `b` through the

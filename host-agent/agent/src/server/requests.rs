@@ -126,6 +126,13 @@ pub(super) async fn dispatch(call: Call, body: v1::agent_request::Body) {
                 .await
         }
         B::Go(g) => go(call, g).await,
+        B::KeepAlive(_) => {
+            call.answer(error(
+                RefusalCode::Invalid,
+                "a keep-alive belongs on a held migration's own connection",
+            ))
+            .await
+        }
         B::VmContent(r) => vm_content(call, r).await,
         B::CastSend(r) => cast_send(call, r).await,
         B::CastRecv(r) => cast_recv(call, r).await,

@@ -116,6 +116,15 @@ pub struct AgentArgs {
     #[arg(long, value_name = "URI")]
     libvirt: Option<String>,
 
+    /// How long a migration held for a gang job (an evacuation) may hear
+    /// nothing from its coordinator, which sends a keep-alive a second,
+    /// before it is abandoned and the VM stays here running: a coordinator
+    /// frozen (Ctrl-Z, SIGSTOP) or cut off with its connection open would
+    /// otherwise hold the VM, and the memory reserved at its destination,
+    /// until the job's deadline (6 hours for an evacuation).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    hold_silence: u64,
+
     /// How this agent reaches its own host's libvirt.
     #[arg(
         long,
@@ -230,6 +239,7 @@ pub fn run_agent(a: AgentArgs, threads: usize) -> anyhow::Result<()> {
             uri,
             local: a.libvirt_local,
         }),
+        hold_silence: std::time::Duration::from_secs(a.hold_silence.max(1)),
     };
     server::serve(config, |addr| {
         let mut out = std::io::stdout().lock();

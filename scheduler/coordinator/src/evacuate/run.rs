@@ -226,12 +226,21 @@ impl<'a> Run<'a> {
             Ok(s) => s,
             Err(e) => return failed(e.to_string()),
         };
-        lock(&self.controls).insert(i, (s.control(), Told::Nothing));
+        let control = s.control();
+        lock(&self.controls).insert(i, (control.clone(), Told::Nothing));
+        // The agent abandons a held migration that hears nothing from here
+        // for its hold silence: a keep-alive about once a second, on the
+        // agent's own reports (it sends one a second).
+        let mut alive = std::time::Instant::now();
         loop {
             let ev = match s.next_event() {
                 Ok(ev) => ev,
                 Err(e) => return failed(e.to_string()),
             };
+            if alive.elapsed() >= std::time::Duration::from_secs(1) {
+                alive = std::time::Instant::now();
+                let _ = control.keep_alive();
+            }
             let (phase, bytes, local) = match &ev {
                 MigrationEvent::Progress(p) => (p.phase(), p.bytes_sent, p.pages_local),
                 MigrationEvent::Held(_, local) => (v1::MigratePhase::Held, 0, *local),
