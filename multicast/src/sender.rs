@@ -1407,6 +1407,12 @@ impl Taking {
         }
     }
 
+    /// Counts a send that wrote `bytes` and took `waited`.
+    fn count(&mut self, waited: Duration, bytes: u64) {
+        self.waited += waited;
+        self.bytes += bytes;
+    }
+
     /// Runs `send`, which returns its result and the bytes it wrote, and
     /// counts how long it took.
     fn send<T>(&mut self, send: impl FnOnce() -> (T, u64)) -> T {
@@ -2429,11 +2435,19 @@ impl<'a> Run<'a> {
             let Some(w) = p.writer.as_mut() else {
                 continue;
             };
-            let sent = p.told.send(|| {
-                let b = w.sent_bytes();
-                let r = w.send_unless_slow(f, TELL_STALL, least);
-                (r, w.sent_bytes() - b)
-            });
+            let queued = w.unacked_bytes().unwrap_or(0) as u64;
+            let (t, b) = (Instant::now(), w.sent_bytes());
+            let sent = w.send_unless_slow(f, TELL_STALL, least);
+            // Only sends that waited are judged across words, by what the
+            // receiver's kernel acknowledged meanwhile: a quick send's
+            // time is mostly this thread's own (preempted, say), not the
+            // receiver's pace.
+            let took = t.elapsed();
+            if took >= TELL_STALL / 4 {
+                let left = w.unacked_bytes().map_or(queued, |q| q as u64);
+                let acked = (queued + (w.sent_bytes() - b)).saturating_sub(left);
+                p.told.count(took, acked);
+            }
             let why = match sent {
                 Err(e) => format!("connection lost: {e}"),
                 Ok(()) => match p.told.too_slow(TELL_STALL) {

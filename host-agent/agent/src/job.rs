@@ -432,9 +432,11 @@ pub struct CoordinatorHold {
 impl CoordinatorHold {
     /// Registers the migration of `vm` with `job` and starts reading from
     /// `reader`. `holding`: it holds for a gang job, and may hear nothing
-    /// from its coordinator for that long while held (then the connection
-    /// dropping, or that silence, before the go aborts it; otherwise a
-    /// client that goes away does not stop the migration).
+    /// from its coordinator for that long while held, once the coordinator
+    /// has said anything (a coordinator that sends no keep-alives, of an
+    /// earlier version, is not judged so); then the connection dropping,
+    /// or that silence, before the go aborts it. Otherwise a client that
+    /// goes away does not stop the migration.
     pub fn new(
         writer: Arc<Mutex<ChannelWriter>>,
         mut reader: pagecast_channel::ChannelReader,
@@ -448,8 +450,10 @@ impl CoordinatorHold {
         let _ = std::thread::Builder::new()
             .name("pagecast-hold".into())
             .spawn(move || {
+                let mut heard = false;
                 loop {
                     if let Some(silence) = holding
+                        && heard
                         && !reader.readable_within(silence)
                     {
                         if j.poll(&v) == HoldPoll::Wait {
@@ -468,6 +472,7 @@ impl CoordinatorHold {
                         continue;
                     }
                     let r: Result<v1::AgentRequest, _> = reader.recv("job go");
+                    heard |= r.is_ok();
                     match r {
                         Ok(v1::AgentRequest {
                             body: Some(v1::agent_request::Body::Go(g)),

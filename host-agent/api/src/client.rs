@@ -399,8 +399,10 @@ impl MigrationHandle {
     /// `MigrationControl::keep_alive`): a small frame, sent only while
     /// nothing else holds the connection's writer.
     pub fn keep_alive(&self) -> Result<(), ClientError> {
-        let Ok(mut w) = self.writer.try_lock() else {
-            return Ok(());
+        let mut w = match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
         };
         Ok(w.send(&v1::AgentRequest {
             body: Some(Req::KeepAlive(v1::JobKeepAlive {})),

@@ -112,10 +112,6 @@ pub trait AgentApi: Send + Sync {
 /// must not wait on it for [`client::ANSWER_TIMEOUT`].
 pub const QUICK_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long each part of a VM's content map may take to come: the agent
-/// reads it from its content map, not by hashing.
-pub const CONTENT_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// How long a source agent may take to open a cast session and say where
 /// (it lists the cast's pages from its content map and answers; the pages
 /// are read while the session runs).
@@ -178,9 +174,9 @@ impl AgentApi for Remote {
     }
 
     fn vm_content(&self, agent: &str, vm: &str, job: &str) -> Result<VmContentAnswer, ClientError> {
-        self.connect(agent)?
-            .with_answer_timeout(CONTENT_ANSWER_TIMEOUT)?
-            .vm_content(vm, job)
+        // A QEMU VM's memory is hashed afresh for it, which can take
+        // minutes: the answer has client::ANSWER_TIMEOUT.
+        self.connect(agent)?.vm_content(vm, job)
     }
 
     fn migrate(

@@ -954,7 +954,17 @@ impl ChannelWriter {
                         peer: self.peer.clone(),
                     });
                 }
-                Ok(n) => off += n,
+                Ok(n) => {
+                    off += n;
+                    // A write that took some bytes before its timeout
+                    // still ends a window that is over.
+                    if let Some(w) = watch
+                        && since.is_some_and(|(_, _, t0)| t0.elapsed() >= w.window)
+                        && let Err(e) = self.judge(w, &mut since, off)
+                    {
+                        break Err(e);
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
@@ -962,24 +972,10 @@ impl ChannelWriter {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    if let Some(w) = watch {
-                        let q = match outq(&self.sock) {
-                            Ok(q) => q,
-                            Err(e) => break Err(io_err(&self.peer)(e)),
-                        };
-                        match since {
-                            None => since = Some((q, off, std::time::Instant::now())),
-                            Some((q0, off0, t0)) if t0.elapsed() >= w.window => {
-                                // Acknowledged: what was queued, plus what
-                                // was written since, less what still is.
-                                let took = (q0 + (off - off0)).saturating_sub(q);
-                                if took < w.least {
-                                    break Err(self.too_slow(w, took));
-                                }
-                                since = Some((q, off, std::time::Instant::now()));
-                            }
-                            Some(_) => {}
-                        }
+                    if let Some(w) = watch
+                        && let Err(e) = self.judge(w, &mut since, off)
+                    {
+                        break Err(e);
                     }
                 }
                 Err(e) => break Err(io_err(&self.peer)(e)),
@@ -999,6 +995,34 @@ impl ChannelWriter {
             let _ = self.sock.set_write_timeout(Some(self.limit));
         }
         result
+    }
+
+    /// Looks at what the peer's kernel took since the window being judged
+    /// began (`since`: the bytes queued then, how much of the frame was
+    /// written, and when; `None`: this starts one), `off` bytes of the
+    /// frame written now: fails once a window is over in which it took
+    /// less than `w` asks, else starts the next.
+    fn judge(
+        &self,
+        w: Watch,
+        since: &mut Option<(usize, usize, std::time::Instant)>,
+        off: usize,
+    ) -> Result<(), AuthError> {
+        let q = outq(&self.sock).map_err(io_err(&self.peer))?;
+        match *since {
+            None => *since = Some((q, off, std::time::Instant::now())),
+            Some((q0, off0, t0)) if t0.elapsed() >= w.window => {
+                // Acknowledged: what was queued, plus what was written
+                // since, less what still is.
+                let took = (q0 + (off - off0)).saturating_sub(q);
+                if took < w.least {
+                    return Err(self.too_slow(w, took));
+                }
+                *since = Some((q, off, std::time::Instant::now()));
+            }
+            Some(_) => {}
+        }
+        Ok(())
     }
 
     /// The error for a peer that took `took` bytes over a window of
@@ -1114,10 +1138,19 @@ impl ChannelReader {
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = i32::try_from(within.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd for the duration of the call, which
-        // waits at most `ms` and writes only its `revents`.
-        unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+        let by = std::time::Instant::now() + within;
+        loop {
+            let left = by.saturating_duration_since(std::time::Instant::now());
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd for the duration of the call, which
+            // waits at most `ms` and writes only its `revents`.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            // A signal is no answer: wait out the rest.
+            if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return r > 0;
+        }
     }
 
     /// Reads and decrypts until `n` plaintext bytes are buffered.

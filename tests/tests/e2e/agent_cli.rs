@@ -1137,13 +1137,13 @@ fn a_held_migration_ends_at_its_jobs_deadline() {
 }
 
 /// Two migrations held for a job whose deadline is far off, from an agent
-/// whose hold silence is 3 s: the one whose coordinator falls silent after
-/// the hold (as a coordinator frozen with Ctrl-Z or SIGSTOP, or cut off
-/// with its connection open) is abandoned about 3 s later, its VM running
-/// on at the source; the one whose coordinator sends keep-alives stays
-/// held past that, and moves once released. Before, a silent coordinator
-/// held its migration until the job's deadline (6 hours for an
-/// evacuation).
+/// whose hold silence is 3 s, their coordinators sending keep-alives: the
+/// one whose coordinator falls silent at the hold (as a coordinator frozen
+/// with Ctrl-Z or SIGSTOP, or cut off with its connection open) is
+/// abandoned about 3 s later, its VM running on at the source; the one
+/// whose coordinator goes on sending them stays held past that, and moves
+/// once released. Before, a silent coordinator held its migration until
+/// the job's deadline (6 hours for an evacuation).
 #[test]
 fn a_held_migration_whose_coordinator_falls_silent_is_abandoned() {
     if !needs(
@@ -1199,16 +1199,20 @@ fn a_held_migration_whose_coordinator_falls_silent_is_abandoned() {
         let h = m.handle();
         let mut held = None;
         loop {
-            match m.next_event().unwrap() {
+            let at_hold = match m.next_event().unwrap() {
                 MigrationEvent::Result(r) => return (held.map(|t: Instant| t.elapsed()), r),
-                MigrationEvent::Held(..) => held = Some(Instant::now()),
-                MigrationEvent::Progress(_) => {}
-            }
-            if talking {
-                h.keep_alive().unwrap();
-                if held.is_some_and(|t| t.elapsed() > 2 * silence) {
-                    h.go(false, "").unwrap();
+                MigrationEvent::Held(..) => {
+                    held = Some(Instant::now());
+                    true
                 }
+                MigrationEvent::Progress(_) => false,
+            };
+            // The quiet one's last word is at the hold.
+            if talking || held.is_none() || at_hold {
+                h.keep_alive().unwrap();
+            }
+            if talking && held.is_some_and(|t| t.elapsed() > 2 * silence) {
+                h.go(false, "").unwrap();
             }
         }
     };

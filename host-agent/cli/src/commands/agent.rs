@@ -117,8 +117,9 @@ pub struct AgentArgs {
     libvirt: Option<String>,
 
     /// How long a migration held for a gang job (an evacuation) may hear
-    /// nothing from its coordinator, which sends a keep-alive a second,
-    /// before it is abandoned and the VM stays here running: a coordinator
+    /// nothing from its coordinator, which sends a keep-alive a second
+    /// (judged once one came), before it is abandoned and the VM stays
+    /// here running: a coordinator
     /// frozen (Ctrl-Z, SIGSTOP) or cut off with its connection open would
     /// otherwise hold the VM, and the memory reserved at its destination,
     /// until the job's deadline (6 hours for an evacuation).

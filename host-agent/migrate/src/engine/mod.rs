@@ -525,3 +525,21 @@ pub fn left_until(by: Instant) -> Duration {
     by.saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1))
 }
+
+/// The next frame on `link` until `by`, for a reply owed since `by` less
+/// `timeout`: a silence is reported as lasting `timeout`, not what was
+/// left of it when this link's turn came.
+pub fn recv_by(
+    link: &mut dyn MigrationLink,
+    by: Instant,
+    timeout: Duration,
+) -> Result<Body, MigrationError> {
+    link.recv(Some(left_until(by))).map_err(|e| match e {
+        MigrationError::Timeout { peer, what, .. } => MigrationError::Timeout {
+            peer,
+            what,
+            after: timeout,
+        },
+        e => e,
+    })
+}

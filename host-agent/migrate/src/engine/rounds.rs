@@ -113,10 +113,11 @@ impl Transfer for Rounds {
         }
         // Every destination owes its answer from now: those that froze
         // together cost the paused source one wait, not one each.
-        let by = Instant::now() + fleet.opts.reply_timeout;
+        let wait = fleet.opts.reply_timeout;
+        let by = Instant::now() + wait;
         for i in fleet.alive() {
             let d = &mut fleet.dests[i];
-            d.state = match d.t.link.recv(Some(super::left_until(by))) {
+            d.state = match super::recv_by(&mut *d.t.link, by, wait) {
                 Ok(Body::Resumed(r)) => {
                     d.progress_after = r.progress;
                     DestState::Done

@@ -130,12 +130,11 @@ fn offer(fleet: &mut Fleet, held: bool) {
             vm_generation_id: fleet.opts.vm_generation_id.clone(),
         };
         fleet.send(i, Body::Begin(begin), Class::Control);
-    }
-    // Every destination owes its answer from now (see
-    // `Fleet::expect_since`).
-    let asked = (std::time::Instant::now(), fleet.opts.reply_timeout);
-    for i in 0..fleet.dests.len() {
-        match fleet.expect_since(i, "answer to the migration request", asked) {
+        // Each answer is read before the next Begin: a destination that
+        // accepted waits for its manifest on its own reply timeout, so
+        // asking all first would let one frozen destination use up every
+        // other's (this way, only the timeouts of those before it).
+        match fleet.expect(i, "answer to the migration request") {
             Some(Body::Accept(a)) if a.ok && !a.postcopy && begin_postcopy && explicit => {
                 fleet.fail(
                     i,

@@ -323,7 +323,7 @@ impl Transfer for Relay<'_> {
             let d = &mut fleet.dests[i];
             let answer = match self.early.remove(&i) {
                 Some(b) => Ok(b),
-                None => d.t.link.recv(Some(super::left_until(by))),
+                None => super::recv_by(&mut *d.t.link, by, LOAD_WAIT),
             };
             d.state = match answer {
                 Ok(Body::Resumed(r)) => {
