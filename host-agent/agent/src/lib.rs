@@ -880,9 +880,19 @@ impl Agent {
                 (d.next <= now).then_some((v, d))
             })
             .collect();
-        for (v, d) in due {
-            let answer = ask_whereabouts(self, &d.to, &v.name, &d.job);
-            self.settle(&v, d, answer);
+        // Each asked on a thread of its own, 32 at a time: a destination
+        // frozen or cut off keeps no other VM paused while its question
+        // waits out its deadline.
+        let mut due = due.into_iter().peekable();
+        while due.peek().is_some() {
+            std::thread::scope(|s| {
+                for (v, d) in due.by_ref().take(32) {
+                    s.spawn(move || {
+                        let answer = ask_whereabouts(self, &d.to, &v.name, &d.job);
+                        self.settle(&v, d, answer);
+                    });
+                }
+            });
         }
     }
 
@@ -1334,6 +1344,76 @@ mod refresh_tests {
         let ca = pagecast_channel::ca::Authority::init(&dir.join("ca")).unwrap();
         ca.issue_to("h1", Role::Host, 1, &dir.join("h1")).unwrap();
         Agent::new("h1", Tls::load(&dir.join("h1")).unwrap(), None, 2).unwrap()
+    }
+
+    /// A destination that takes a question and never answers (a real host
+    /// certificate, frozen after its handshake), and one that answers that
+    /// the VM is absent there.
+    /// (Certified by the CA of [`agent`] in `dir`.)
+    fn destination(dir: &Path, answers: bool) -> String {
+        let ca = pagecast_channel::ca::Authority::load(&dir.join("ca")).unwrap();
+        let name = if answers { "live" } else { "frozen" };
+        ca.issue_to(name, Role::Host, 1, &dir.join(name)).unwrap();
+        let tls = Tls::load(&dir.join(name)).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let Ok(mut ch) = pagecast_channel::Channel::server(s, &tls) else {
+                    continue;
+                };
+                let _ = ch.recv::<v1::AgentRequest>("question");
+                if answers {
+                    let _ = ch.send(&v1::AgentResponse {
+                        body: Some(v1::agent_response::Body::Whereabouts(
+                            v1::VmWhereaboutsAnswer {
+                                state: v1::Whereabouts::Absent as i32,
+                            },
+                        )),
+                    });
+                }
+                held.push(ch);
+            }
+        });
+        addr
+    }
+
+    /// VMs in doubt are settled at once, each by its own destination: one
+    /// whose destination froze costs the others nothing. Before, they were
+    /// asked one after another, and a VM whose destination answers at once
+    /// stayed paused while the question to a frozen one waited out its
+    /// deadline (5 s) first.
+    #[test]
+    fn a_frozen_destination_keeps_no_other_vm_in_doubt_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(agent(dir.path()));
+        let mut doubtful = Vec::new();
+        for (vm, answers) in [("a-frozen", false), ("b-live", true)] {
+            let v = crate::hosted::tests::vm(vm);
+            a.register(v.clone()).unwrap();
+            let to = destination(dir.path(), answers);
+            *lock(&v.state) = v1::HostedVmState::InDoubt;
+            *lock(&v.in_doubt) = Some(InDoubt::new(&to, "j"));
+            doubtful.push(v);
+        }
+        let t = Instant::now();
+        let resolving = {
+            let a = a.clone();
+            std::thread::spawn(move || a.resolve_in_doubt())
+        };
+        while *lock(&doubtful[1].state) == v1::HostedVmState::InDoubt {
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "the VM whose destination answered is still in doubt"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(*lock(&doubtful[1].state), v1::HostedVmState::Running);
+        resolving.join().unwrap();
+        // The frozen destination's VM stays paused, to be asked again.
+        assert_eq!(*lock(&doubtful[0].state), v1::HostedVmState::InDoubt);
     }
 
     /// A refresh waiting for a VM's other refresh (or first hash) waits
