@@ -1150,8 +1150,20 @@ impl Agent {
     ) -> (Vec<pagecast_migrate::CloneTarget>, Vec<v1::CloneOne>) {
         let mut targets = Vec::new();
         let mut failed = Vec::new();
-        for t in &r.targets {
-            let opened = self.open_incoming(&t.addr, &r.job, "receive a clone");
+        // Every target reached at once: frozen ones cost one connection's
+        // deadline, not one each.
+        let opened: Vec<_> = std::thread::scope(|s| {
+            let opening: Vec<_> = r
+                .targets
+                .iter()
+                .map(|t| s.spawn(move || self.open_incoming(&t.addr, &r.job, "receive a clone")))
+                .collect();
+            opening
+                .into_iter()
+                .map(|o| o.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for (t, opened) in r.targets.iter().zip(opened) {
             match opened {
                 Ok(ch) => targets.push(pagecast_migrate::CloneTarget {
                     name: t.name.clone(),
@@ -1414,6 +1426,43 @@ mod refresh_tests {
         resolving.join().unwrap();
         // The frozen destination's VM stays paused, to be asked again.
         assert_eq!(*lock(&doubtful[0].state), v1::HostedVmState::InDoubt);
+    }
+
+    /// A clone's targets are reached at once: two that accept a connection
+    /// and never shake hands (frozen) cost one handshake deadline (5 s),
+    /// not one each.
+    #[test]
+    fn frozen_clone_targets_cost_one_handshake_deadline_not_one_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let mut held = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..2 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            targets.push(v1::CloneTarget {
+                name: format!("c{i}"),
+                addr: l.local_addr().unwrap().to_string(),
+            });
+            held.push(l);
+        }
+        let r = v1::CloneRequest {
+            vm: "v".into(),
+            targets,
+            job: "j".into(),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let (reached, failed) = a.clone_targets(&r);
+        let took = t.elapsed();
+        assert!(reached.is_empty());
+        let names: Vec<&str> = failed.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["c0", "c1"]);
+        assert!(took >= pagecast_channel::HANDSHAKE_TIMEOUT, "{took:?}");
+        assert!(
+            took < 2 * pagecast_channel::HANDSHAKE_TIMEOUT,
+            "reaching the targets took {took:?}"
+        );
+        drop(held);
     }
 
     /// A refresh waiting for a VM's other refresh (or first hash) waits

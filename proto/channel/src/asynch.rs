@@ -64,13 +64,27 @@ impl AsyncChannel {
         &self.identity
     }
 
-    /// Sends one message.
+    /// Sends one message, within [`crate::WRITE_TIMEOUT`]: a peer that
+    /// stopped reading does not hold the connection's task for good.
     pub async fn send<M: Message>(&mut self, m: &M) -> Result<(), AuthError> {
-        self.stream
-            .write_all(&frame(m))
-            .await
-            .map_err(io_err(&self.peer))?;
-        self.stream.flush().await.map_err(io_err(&self.peer))
+        let peer = self.peer.clone();
+        let write = async {
+            self.stream
+                .write_all(&frame(m))
+                .await
+                .map_err(io_err(&peer))?;
+            self.stream.flush().await.map_err(io_err(&peer))
+        };
+        match tokio::time::timeout(crate::WRITE_TIMEOUT, write).await {
+            Ok(r) => r,
+            Err(_) => Err(timed_out(
+                self.peer.clone(),
+                format!(
+                    "the peer took no frame within {:?} (is it frozen, or its network cut?)",
+                    crate::WRITE_TIMEOUT
+                ),
+            )),
+        }
     }
 
     /// Receives one message, waiting at most `timeout`.
