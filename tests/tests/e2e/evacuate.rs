@@ -1021,6 +1021,38 @@ fn cancel_stops_the_job_and_vms_stay() {
     where_each_runs(&r, &MOVING);
 }
 
+/// `pagecast cancel` tells every agent at once: two frozen agents (SIGSTOP,
+/// connections open) cost it one handshake deadline (5 s), not one each,
+/// and it names both; the others are told. Before, it told the agents one
+/// after another, each answer allowed 300 s.
+#[test]
+fn cancel_reaches_every_agent_at_once_past_frozen_ones() {
+    if !needs("cancel_reaches_every_agent_at_once_past_frozen_ones", RIG) {
+        return;
+    }
+    let r = rig(&[]);
+    // Every host has a VM, so the index lists all five.
+    populate(&r);
+    r.agent("h5").freeze();
+    r.agent("h6").freeze();
+    let t = std::time::Instant::now();
+    let out = cli(r.d(), &["cancel", "--index", &r.idx.addrs(), "ev-none"]);
+    let took = t.elapsed();
+    r.agent("h5").thaw();
+    r.agent("h6").thaw();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("on 3 agent(s)"), "{stdout} / {stderr}");
+    assert!(
+        stderr.contains("h5:") && stderr.contains("h6:"),
+        "the frozen agents are not named: {stderr} / {stdout}"
+    );
+    assert!(took < Duration::from_secs(9), "cancelling took {took:?}");
+}
+
 /// The report's bytes add up to what the source agents counted sending.
 #[test]
 fn the_report_adds_up_to_the_agents_counters() {
