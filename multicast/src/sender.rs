@@ -2435,8 +2435,7 @@ impl<'a> Run<'a> {
             let Some(w) = p.writer.as_mut() else {
                 continue;
             };
-            let queued = w.unacked_bytes().unwrap_or(0) as u64;
-            let (t, b) = (Instant::now(), w.sent_bytes());
+            let (t, acked) = (Instant::now(), w.acked_while_waiting());
             let sent = w.send_unless_slow(f, TELL_STALL, least);
             // Only sends that waited are judged across words, by what the
             // receiver's kernel acknowledged meanwhile: a quick send's
@@ -2444,9 +2443,7 @@ impl<'a> Run<'a> {
             // receiver's pace.
             let took = t.elapsed();
             if took >= TELL_STALL / 4 {
-                let left = w.unacked_bytes().map_or(queued, |q| q as u64);
-                let acked = (queued + (w.sent_bytes() - b)).saturating_sub(left);
-                p.told.count(took, acked);
+                p.told.count(took, w.acked_while_waiting() - acked);
             }
             let why = match sent {
                 Err(e) => format!("connection lost: {e}"),

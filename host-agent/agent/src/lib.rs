@@ -880,20 +880,13 @@ impl Agent {
                 (d.next <= now).then_some((v, d))
             })
             .collect();
-        // Each asked on a thread of its own, 32 at a time: a destination
-        // frozen or cut off keeps no other VM paused while its question
-        // waits out its deadline.
-        let mut due = due.into_iter().peekable();
-        while due.peek().is_some() {
-            std::thread::scope(|s| {
-                for (v, d) in due.by_ref().take(32) {
-                    s.spawn(move || {
-                        let answer = ask_whereabouts(self, &d.to, &v.name, &d.job);
-                        self.settle(&v, d, answer);
-                    });
-                }
-            });
-        }
+        // Each asked on a thread of its own: a destination frozen or cut
+        // off keeps no other VM paused while its question waits out its
+        // deadline.
+        pagecast_agent_api::at_once(&due, |(v, d)| {
+            let answer = ask_whereabouts(self, &d.to, &v.name, &d.job);
+            self.settle(v, d.clone(), answer);
+        });
     }
 
     fn settle(
@@ -1152,16 +1145,8 @@ impl Agent {
         let mut failed = Vec::new();
         // Every target reached at once: frozen ones cost one connection's
         // deadline, not one each.
-        let opened: Vec<_> = std::thread::scope(|s| {
-            let opening: Vec<_> = r
-                .targets
-                .iter()
-                .map(|t| s.spawn(move || self.open_incoming(&t.addr, &r.job, "receive a clone")))
-                .collect();
-            opening
-                .into_iter()
-                .map(|o| o.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
+        let opened = pagecast_agent_api::at_once(&r.targets, |t| {
+            self.open_incoming(&t.addr, &r.job, "receive a clone")
         });
         for (t, opened) in r.targets.iter().zip(opened) {
             match opened {

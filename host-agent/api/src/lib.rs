@@ -117,6 +117,29 @@ pub const QUICK_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// are read while the session runs).
 pub const CAST_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many agents requests to many agents (a job's opening, closing and
+/// cancelling; VM lists; a clone's targets; VMs in doubt) go to at once.
+pub const AT_ONCE: usize = 32;
+
+/// `call` on each of `items`, [`AT_ONCE`] at a time, the results in their
+/// order: for requests to many agents where one that is frozen must cost
+/// one request's deadline per [`AT_ONCE`] agents, not one each.
+pub fn at_once<I: Sync, T: Send>(items: &[I], call: impl Fn(&I) -> T + Sync) -> Vec<T> {
+    let call = &call;
+    let mut out = Vec::with_capacity(items.len());
+    for some in items.chunks(AT_ONCE) {
+        std::thread::scope(|s| {
+            let running: Vec<_> = some.iter().map(|i| s.spawn(move || call(i))).collect();
+            out.extend(
+                running
+                    .into_iter()
+                    .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+            );
+        });
+    }
+    out
+}
+
 /// The agents over the network, as the holder of `tls`.
 #[derive(Clone)]
 pub struct Remote {

@@ -666,6 +666,9 @@ pub struct ChannelWriter {
     /// socket's write timeout).
     limit: std::time::Duration,
     sent_bytes: u64,
+    /// Bytes the peer's kernel acknowledged while watched sends waited
+    /// ([`ChannelWriter::acked_while_waiting`]).
+    acked_waiting: u64,
     out: Vec<u8>,
 }
 
@@ -783,6 +786,7 @@ impl Channel {
                 limit: WRITE_TIMEOUT,
                 peer,
                 sent_bytes: 0,
+                acked_waiting: 0,
                 out: Vec::new(),
             },
             identity,
@@ -943,6 +947,9 @@ impl ChannelWriter {
         // much of the frame was written, and when (`None` until the first
         // wait).
         let mut since: Option<(usize, usize, std::time::Instant)> = None;
+        // The bytes queued as a watched send starts, to count what the peer
+        // took while it waited.
+        let queued = watch.and_then(|_| outq(&self.sock).ok());
         let mut off = 0;
         let result = loop {
             if off == self.out.len() {
@@ -956,10 +963,13 @@ impl ChannelWriter {
                 }
                 Ok(n) => {
                     off += n;
-                    // A write that took some bytes before its timeout
-                    // still ends a window that is over.
+                    // A write cut short found the buffers full: the send
+                    // waits, so a window starts, and one that is over ends
+                    // (a write that takes some bytes before its timeout
+                    // comes back this way, not as a timeout).
                     if let Some(w) = watch
-                        && since.is_some_and(|(_, _, t0)| t0.elapsed() >= w.window)
+                        && off < self.out.len()
+                        && since.is_none_or(|(_, _, t0)| t0.elapsed() >= w.window)
                         && let Err(e) = self.judge(w, &mut since, off)
                     {
                         break Err(e);
@@ -993,6 +1003,13 @@ impl ChannelWriter {
         };
         if narrowed {
             let _ = self.sock.set_write_timeout(Some(self.limit));
+        }
+        if result.is_ok()
+            && started.elapsed() >= look
+            && let Some(q0) = queued
+            && let Ok(q) = outq(&self.sock)
+        {
+            self.acked_waiting += (q0 + off).saturating_sub(q) as u64;
         }
         result
     }
@@ -1078,6 +1095,13 @@ impl ChannelWriter {
     /// Bytes sent so far, framing and TLS records included.
     pub fn sent_bytes(&self) -> u64 {
         self.sent_bytes
+    }
+
+    /// Bytes the peer's kernel acknowledged, so far, during watched sends
+    /// that succeeded after waiting a quarter of their window or more:
+    /// what a peer took while it held sends up.
+    pub fn acked_while_waiting(&self) -> u64 {
+        self.acked_waiting
     }
 
     /// Closes the connection both ways (the reader too).

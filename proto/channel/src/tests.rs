@@ -230,6 +230,14 @@ fn a_send_that_asks_a_pace_gives_up_a_trickling_reader() {
         .send_unless_slow(&frame_of_mib(6), window, least)
         .unwrap();
     assert!(t.elapsed() > window, "{:?}: not slow enough", t.elapsed());
+    // What its kernel took during the send, which waited, is counted:
+    // about the whole frame.
+    let acked = fast.w.acked_while_waiting();
+    assert!(
+        acked > 4 << 20 && acked <= fast.w.sent_bytes(),
+        "{acked} of {}",
+        fast.w.sent_bytes()
+    );
     drop(fast);
     // 64 KiB every 200 ms, about 330 KB a second: something moves in every
     // window (the peer's kernel opens its window a loopback segment, 64

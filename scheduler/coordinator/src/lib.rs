@@ -96,28 +96,7 @@ pub enum CoordError {
     Cancelled(String),
 }
 
-/// How many agents a job's bookkeeping requests (opening, closing and
-/// cancelling it) go to at once.
-pub const AT_ONCE: usize = 32;
-
-/// `call` on each of `items`, [`AT_ONCE`] at a time, the results in their
-/// order: for requests to many agents where one that is frozen must cost
-/// one request's deadline per [`AT_ONCE`] agents, not one each.
-pub fn at_once<I: Sync, T: Send>(items: &[I], call: impl Fn(&I) -> T + Sync) -> Vec<T> {
-    let call = &call;
-    let mut out = Vec::with_capacity(items.len());
-    for some in items.chunks(AT_ONCE) {
-        std::thread::scope(|s| {
-            let running: Vec<_> = some.iter().map(|i| s.spawn(move || call(i))).collect();
-            out.extend(
-                running
-                    .into_iter()
-                    .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
-            );
-        });
-    }
-    out
-}
+pub use pagecast_agent_api::{AT_ONCE, at_once};
 
 /// Locks `m`, taking over from a holder that panicked.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1067,6 +1067,35 @@ fn a_migration_to_a_destination_frozen_mid_stream_fails_within_seconds_naming_it
     assert_eq!(l["vms"][0]["state"], "running", "{l}");
 }
 
+/// Opens `job` (its deadline in milliseconds) for `vms` to move from agent
+/// `host-a` to agent `host-b`, as the operator `op`: each knows the other
+/// in its role.
+fn open_job_from_a_to_b(
+    op: &pagecast_channel::Tls,
+    (a, b): (&Agent, &Agent),
+    (job, deadline_ms): (&str, u64),
+    vms: &[&str],
+) {
+    let open = |at: &Agent, host: &str, role: v1::JobRole, vms: Vec<String>| {
+        pagecast_agent_api::client::AgentClient::connect(&at.addr, op)
+            .unwrap()
+            .open_job(v1::JobOpen {
+                job: job.into(),
+                peers: vec![v1::JobPeer {
+                    host: host.into(),
+                    role: role as i32,
+                    vms,
+                }],
+                deadline_ms,
+                ..Default::default()
+            })
+            .unwrap();
+    };
+    open(a, "host-b", v1::JobRole::Destination, Vec::new());
+    let vms = vms.iter().map(|v| (*v).to_owned()).collect();
+    open(b, "host-a", v1::JobRole::Source, vms);
+}
+
 /// A held migration whose coordinator says nothing more (frozen, or gone
 /// with its connection open) ends at its job's deadline: the source runs
 /// on and the destination lets the arriving VM's memory go. A request that
@@ -1084,22 +1113,7 @@ fn a_held_migration_ends_at_its_jobs_deadline() {
     start_vm(d, &a, "held", "web", "64MiB", "0");
     let op = pki::tls("operator", Role::Operator);
     let client = |addr: &str| pagecast_agent_api::client::AgentClient::connect(addr, &op).unwrap();
-    let open = |addr: &str, host: &str, role: v1::JobRole, vms: Vec<String>| {
-        client(addr)
-            .open_job(v1::JobOpen {
-                job: "j-hold".into(),
-                peers: vec![v1::JobPeer {
-                    host: host.into(),
-                    role: role as i32,
-                    vms,
-                }],
-                deadline_ms: 3000,
-                ..Default::default()
-            })
-            .unwrap();
-    };
-    open(&a.addr, "host-b", v1::JobRole::Destination, Vec::new());
-    open(&b.addr, "host-a", v1::JobRole::Source, vec!["held".into()]);
+    open_job_from_a_to_b(&op, (&a, &b), ("j-hold", 3000), &["held"]);
     let t0 = Instant::now();
     let mut m = client(&a.addr)
         .start_migrate(v1::MigrateRequest {
@@ -1166,23 +1180,7 @@ fn a_held_migration_whose_coordinator_falls_silent_is_abandoned() {
     start_vm(d, &a, "talking", "web", "64MiB", "0");
     let op = pki::tls("operator", Role::Operator);
     let client = |addr: &str| pagecast_agent_api::client::AgentClient::connect(addr, &op).unwrap();
-    let open = |addr: &str, host: &str, role: v1::JobRole, vms: Vec<String>| {
-        client(addr)
-            .open_job(v1::JobOpen {
-                job: "j-silent".into(),
-                peers: vec![v1::JobPeer {
-                    host: host.into(),
-                    role: role as i32,
-                    vms,
-                }],
-                deadline_ms: 600_000,
-                ..Default::default()
-            })
-            .unwrap();
-    };
-    open(&a.addr, "host-b", v1::JobRole::Destination, Vec::new());
-    let both = vec!["quiet".to_owned(), "talking".to_owned()];
-    open(&b.addr, "host-a", v1::JobRole::Source, both);
+    open_job_from_a_to_b(&op, (&a, &b), ("j-silent", 600_000), &["quiet", "talking"]);
     use pagecast_agent_api::client::MigrationEvent;
     // Each runs to its end: the time from its hold to its end, and its
     // result; `talking` keeps the coordinator's word for twice the silence.

@@ -907,7 +907,7 @@ fn cancel_everywhere(
     // a frozen or cut-off host costs that deadline, not one per host.
     let agents = pagecast_agent_api::Remote::new(tls.clone());
     let reachable: Vec<_> = hosts.iter().filter(|h| !h.address.is_empty()).collect();
-    let answers = pagecast_coordinator::at_once(&reachable, |h| {
+    let answers = pagecast_agent_api::at_once(&reachable, |h| {
         pagecast_agent_api::AgentApi::cancel_job(&agents, &h.address, job)
     });
     let mut told = 0;
