@@ -49,6 +49,13 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of a frame's head (its length).
 pub const FRAME_HEAD: usize = 4;
+/// The slowest pace a frame may arrive at, in bytes a second, on a
+/// connection with a read timeout: a receive gives up once the frame has
+/// taken that timeout plus a second for every this many bytes of it (64
+/// s more for the largest frame). The read timeout alone bounds each read,
+/// so without this a peer that sends one byte a little more often than
+/// that would hold a receive for as long as it liked.
+pub const SLOWEST_FRAME_PACE: usize = 64 << 10;
 /// Bytes TLS 1.3 adds to each record (header, content type, AEAD tag).
 pub const TLS_RECORD_OVERHEAD: usize = 5 + 1 + 16;
 /// Largest TLS record payload.
@@ -1126,14 +1133,27 @@ impl ChannelWriter {
 }
 
 impl ChannelReader {
-    /// Receives one message.
+    /// Receives one message. With a read timeout set, the whole frame
+    /// must arrive within it plus a second for every
+    /// [`SLOWEST_FRAME_PACE`] bytes, or the receive fails as timed out
+    /// (an I/O error of kind `WouldBlock`, as a read that timed out). What
+    /// arrived of the frame is kept: a later receive goes on with it.
     pub fn recv<M: Message + Default>(&mut self, what: &'static str) -> Result<M, AuthError> {
-        self.want(FRAME_HEAD)?;
+        let timeout = self.sock.read_timeout().map_err(io_err(&self.peer))?;
+        let started = std::time::Instant::now();
+        let by = |bytes: usize| {
+            timeout.map(|t| FrameDeadline {
+                at: started + t + pace_allowance(bytes),
+                timeout: t,
+                bytes,
+            })
+        };
+        self.want(FRAME_HEAD, by(FRAME_HEAD))?;
         let head: [u8; FRAME_HEAD] = self.plain[self.pos..self.pos + FRAME_HEAD]
             .try_into()
             .expect("4 bytes");
         let len = frame_len(head, &self.peer)?;
-        self.want(FRAME_HEAD + len)?;
+        self.want(FRAME_HEAD + len, by(FRAME_HEAD + len))?;
         let body = &self.plain[self.pos + FRAME_HEAD..self.pos + FRAME_HEAD + len];
         let m = decode(&self.peer, what, body);
         self.pos += FRAME_HEAD + len;
@@ -1177,13 +1197,17 @@ impl ChannelReader {
         }
     }
 
-    /// Reads and decrypts until `n` plaintext bytes are buffered.
-    fn want(&mut self, n: usize) -> Result<(), AuthError> {
+    /// Reads and decrypts until `n` plaintext bytes are buffered, by
+    /// `deadline` if there is one.
+    fn want(&mut self, n: usize, deadline: Option<FrameDeadline>) -> Result<(), AuthError> {
         if self.pos > 0 && self.plain.len() - self.pos < n {
             self.plain.drain(..self.pos);
             self.pos = 0;
         }
         while self.plain.len() - self.pos < n {
+            if let Some(d) = deadline {
+                d.wait_readable(&self.sock).map_err(io_err(&self.peer))?;
+            }
             let got = match self.sock.read(&mut self.raw) {
                 Ok(0) => {
                     return Err(AuthError::Closed {
@@ -1218,6 +1242,72 @@ impl ChannelReader {
             }
         }
         Ok(())
+    }
+}
+
+/// When a frame being received must have arrived.
+#[derive(Clone, Copy)]
+struct FrameDeadline {
+    at: std::time::Instant,
+    /// The connection's read timeout.
+    timeout: Duration,
+    /// The frame's bytes so far known (its head, then all of it).
+    bytes: usize,
+}
+
+/// What [`SLOWEST_FRAME_PACE`] allows `bytes` on top of the read timeout.
+fn pace_allowance(bytes: usize) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / SLOWEST_FRAME_PACE as f64)
+}
+
+impl FrameDeadline {
+    /// Waits until `sock` has something to read, failing as a read that
+    /// timed out once the deadline has passed. While more than the read
+    /// timeout is left, the read itself waits (its timeout comes first).
+    fn wait_readable(&self, sock: &TcpStream) -> std::io::Result<()> {
+        let late = || {
+            std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "a frame of {} bytes did not arrive within its {:?} \
+                     (the read timeout, {:?}, and a second for every {} KiB: \
+                     is the peer trickling it?)",
+                    self.bytes,
+                    self.timeout + pace_allowance(self.bytes),
+                    self.timeout,
+                    SLOWEST_FRAME_PACE >> 10
+                ),
+            )
+        };
+        loop {
+            let left = self.at.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(late());
+            }
+            if left >= self.timeout {
+                return Ok(());
+            }
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(sock),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Rounded up, so that a wait never ends just short of the
+            // deadline and polls again for nothing.
+            let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd for the duration of the call, which
+            // waits at most `ms` and writes only its `revents`.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r > 0 {
+                return Ok(());
+            }
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 

@@ -436,6 +436,71 @@ fn server_error_on(plaintext: &[u8], tamper: bool) -> String {
     srv.recv::<v1::CastProbe>("probe").unwrap_err().to_string()
 }
 
+/// Sends `bytes` one TLS record each, `every` apart, from the writer `w`
+/// (which a test owns: the records bypass its framing).
+fn trickle(w: &mut ChannelWriter, bytes: &[u8], every: Duration) {
+    for b in bytes {
+        let mut out = Vec::new();
+        {
+            let mut c = lock(&w.shared);
+            c.writer().write_all(std::slice::from_ref(b)).unwrap();
+            while c.wants_write() {
+                c.write_tls(&mut out).unwrap();
+            }
+        }
+        if w.sock.write_all(&out).is_err() {
+            return;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// A peer that sends a frame a byte at a time, each byte well within the
+/// read timeout, cannot hold a receive past the frame's deadline (the
+/// read timeout, plus a second for every 64 KiB); what arrived is kept,
+/// and a receive given longer returns the frame whole. Before, each read
+/// waited anew, and the trickled frame was taken after 2.5 s where the
+/// read timeout was 1 s.
+#[test]
+fn a_frame_trickled_a_byte_at_a_time_fails_at_its_deadline_and_loses_nothing() {
+    let ca = Authority::generate().unwrap();
+    let (srv, cli) = pair(
+        ca.issue("host-a", Role::Host, 1).unwrap(),
+        ca.issue("host-b", Role::Host, 1).unwrap(),
+    );
+    let (mut srv, cli) = (srv.unwrap(), cli.unwrap());
+    let (_, mut w) = cli.split().unwrap();
+    let m = v1::VmInfo {
+        name: "trickled".into(),
+        ..Default::default()
+    };
+    let bytes = frame(&m);
+    assert!(bytes.len() >= 12, "{}", bytes.len());
+    let n = bytes.len();
+    let t = std::thread::spawn(move || {
+        trickle(&mut w, &bytes, Duration::from_millis(2500 / n as u64));
+        w
+    });
+    srv.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let started = std::time::Instant::now();
+    let e = srv.recv::<v1::VmInfo>("vm").unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(&e, AuthError::Io { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock),
+        "{e:?}"
+    );
+    let text = e.to_string();
+    assert!(text.contains("did not arrive within"), "{text}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
+    // The rest arrives; a receive given the time takes the frame whole.
+    srv.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(srv.recv::<v1::VmInfo>("vm").unwrap(), m);
+    let _w = t.join().unwrap();
+}
+
 #[test]
 fn an_oversized_frame_or_tampered_record_ends_the_connection() {
     let e = server_error_on(&u32::MAX.to_be_bytes(), false);
