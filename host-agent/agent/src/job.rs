@@ -82,13 +82,12 @@ impl SlotEvents for JobSlots<'_> {
             .collect();
         Some(Gather {
             contents,
-            source: Box::new(FromIntermediaries {
-                tls: self.agent.tls().clone(),
-                job: self.job.id().to_owned(),
-                domain: slot.domain().to_owned(),
+            source: Box::new(FromIntermediaries::new(
+                self.agent.tls().clone(),
+                self.job.id(),
+                slot.domain(),
                 from,
-                links: HashMap::new(),
-            }),
+            )),
         })
     }
     fn closed(&mut self, slot: &Arc<IncomingSlot>) {
@@ -124,9 +123,10 @@ impl SlotEvents for JobSlots<'_> {
 
 /// An arriving VM's gathering after its post-copy switchover: each
 /// content from the intermediary the job placed it on, one connection per
-/// intermediary. An intermediary that fails (refuses, breaks, or stays
-/// silent for the reply timeout) is not asked again: what it held is
-/// asked of the source instead.
+/// intermediary, every intermediary of a batch asked at once (one that
+/// is frozen holds up only the pages it holds). An intermediary that
+/// fails (refuses, breaks, or stays silent for the reply timeout) is not
+/// asked again: what it held is asked of the source instead.
 struct FromIntermediaries {
     tls: pagecast_channel::Tls,
     job: String,
@@ -135,22 +135,93 @@ struct FromIntermediaries {
     from: HashMap<PageHash, String>,
     /// A connection per intermediary, or None once it failed.
     links: HashMap<String, Option<pagecast_channel::Channel>>,
+    /// How long an intermediary may be silent while asked.
+    reply_timeout: Duration,
+}
+
+/// One intermediary's part of a batch: its connection (if one is open)
+/// and the contents asked of it.
+struct Asking {
+    at: String,
+    link: Option<pagecast_channel::Channel>,
+    hashes: Vec<PageHash>,
 }
 
 impl FromIntermediaries {
-    /// The connection to `at`, opened on first use; None if it failed.
-    fn link(&mut self, at: &str) -> Option<&mut pagecast_channel::Channel> {
-        if !self.links.contains_key(at) {
-            let ch = crate::connect_host(&self.tls, at, "give gathered pages").and_then(|ch| {
-                ch.set_read_timeout(Some(pagecast_migrate::REPLY_TIMEOUT))?;
-                Ok(ch)
-            });
-            if let Err(e) = &ch {
-                tracing::warn!(intermediary = at, "gathering: {e}");
-            }
-            self.links.insert(at.to_owned(), ch.ok());
+    fn new(
+        tls: pagecast_channel::Tls,
+        job: &str,
+        domain: &str,
+        from: HashMap<PageHash, String>,
+    ) -> Self {
+        FromIntermediaries {
+            tls,
+            job: job.to_owned(),
+            domain: domain.to_owned(),
+            from,
+            links: HashMap::new(),
+            reply_timeout: pagecast_migrate::REPLY_TIMEOUT,
         }
-        self.links.get_mut(at).and_then(Option::as_mut)
+    }
+
+    /// The intermediaries `hashes` sit on, and what each holds of them,
+    /// leaving out those that failed.
+    fn split(&mut self, hashes: &[PageHash]) -> Vec<Asking> {
+        let mut by: HashMap<&str, Vec<PageHash>> = HashMap::new();
+        for h in hashes {
+            if let Some(at) = self.from.get(h) {
+                by.entry(at).or_default().push(*h);
+            }
+        }
+        let mut out = Vec::with_capacity(by.len());
+        for (at, hashes) in by {
+            let link = match self.links.remove(at) {
+                Some(None) => {
+                    self.links.insert(at.to_owned(), None);
+                    continue;
+                }
+                Some(Some(ch)) => Some(ch),
+                None => None,
+            };
+            out.push(Asking {
+                at: at.to_owned(),
+                link,
+                hashes,
+            });
+        }
+        out
+    }
+
+    /// Asks one intermediary (connecting first if need be), handing each
+    /// page to `got`; the connection back if it is still good.
+    fn ask(
+        &self,
+        a: Asking,
+        got: &mut dyn FnMut(PageHash, &Page),
+    ) -> Option<pagecast_channel::Channel> {
+        let Asking { at, link, hashes } = a;
+        let ch = match link {
+            Some(ch) => Ok(ch),
+            None => crate::connect_host(&self.tls, &at, "give gathered pages").and_then(|ch| {
+                ch.set_read_timeout(Some(self.reply_timeout))?;
+                Ok(ch)
+            }),
+        };
+        let mut ch = match ch {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::warn!(intermediary = %at, "gathering: {e}");
+                return None;
+            }
+        };
+        // Unchecked here: the engine checks each page it is handed.
+        match fetch_pages_from(&mut ch, (&at, &self.job), &self.domain, &hashes, got) {
+            Ok(_) => Some(ch),
+            Err(e) => {
+                tracing::warn!(intermediary = %at, "gathering stopped: {e}");
+                None
+            }
+        }
     }
 }
 
@@ -160,20 +231,38 @@ impl pagecast_migrate::GatherSource for FromIntermediaries {
         hashes: &[PageHash],
         got: &mut dyn FnMut(PageHash, &Page),
     ) -> Result<(), String> {
-        let mut by: HashMap<String, Vec<PageHash>> = HashMap::new();
-        for h in hashes {
-            if let Some(at) = self.from.get(h) {
-                by.entry(at.clone()).or_default().push(*h);
+        let asking = self.split(hashes);
+        let (tx, rx) = std::sync::mpsc::channel::<(PageHash, Box<Page>)>();
+        let this = &*self;
+        let back: Vec<(String, Option<pagecast_channel::Channel>)> = std::thread::scope(|s| {
+            let running: Vec<_> = asking
+                .into_iter()
+                .map(|a| {
+                    let tx = tx.clone();
+                    let at = a.at.clone();
+                    let h = std::thread::Builder::new()
+                        .name("gather".into())
+                        .spawn_scoped(s, move || {
+                            this.ask(a, &mut |h, p| {
+                                let _ = tx.send((h, Box::new(*p)));
+                            })
+                        });
+                    (at, h)
+                })
+                .collect();
+            drop(tx);
+            // Pages are handed over as they come, whichever intermediary
+            // sends them.
+            for (h, p) in rx {
+                got(h, &p);
             }
-        }
-        for (at, hs) in by {
-            let (job, domain) = (self.job.clone(), self.domain.clone());
-            let Some(ch) = self.link(&at) else { continue };
-            // Unchecked here: the engine checks each page it is handed.
-            if let Err(e) = fetch_pages_from(ch, (&at, &job), &domain, &hs, got) {
-                tracing::warn!(intermediary = %at, "gathering stopped: {e}");
-                self.links.insert(at, None);
-            }
+            running
+                .into_iter()
+                .map(|(at, h)| (at, h.ok().and_then(|h| h.join().ok()).flatten()))
+                .collect()
+        });
+        for (at, link) in back {
+            self.links.insert(at, link);
         }
         Ok(())
     }
@@ -1353,6 +1442,132 @@ fn recv_stats(r: &pagecast_multicast::RecvReport) -> v1::CastStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pagecast_migrate::GatherSource;
+    use std::time::Instant;
+
+    /// An intermediary with a real host certificate of the CA in `dir`:
+    /// with `pages` it serves the fetches asked of it from them; without,
+    /// it takes the first ask and never answers (frozen after its
+    /// handshake).
+    fn intermediary(dir: &std::path::Path, name: &str, pages: Option<Vec<Page>>) -> String {
+        let ca = pagecast_channel::ca::Authority::load(&dir.join("ca")).unwrap();
+        ca.issue_to(name, pagecast_channel::Role::Host, 1, &dir.join(name))
+            .unwrap();
+        let tls = pagecast_channel::Tls::load(&dir.join(name)).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let held: HashMap<PageHash, Page> = pages
+            .iter()
+            .flatten()
+            .map(|p| (PageHash::of_page(p), *p))
+            .collect();
+        std::thread::spawn(move || {
+            let mut frozen = Vec::new();
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let Ok(mut ch) = pagecast_channel::Channel::server(s, &tls) else {
+                    continue;
+                };
+                if pages.is_none() {
+                    let _ = ch.recv::<v1::AgentRequest>("ask");
+                    frozen.push(ch);
+                    continue;
+                }
+                while let Ok(v1::AgentRequest {
+                    body: Some(v1::agent_request::Body::FetchPages(r)),
+                }) = ch.recv("ask")
+                {
+                    let (mut hs, mut data) = (Vec::new(), Vec::new());
+                    for h in hashes_of(&r.hashes).unwrap() {
+                        if let Some(p) = held.get(&h) {
+                            hs.extend_from_slice(h.as_bytes());
+                            data.extend_from_slice(p);
+                        }
+                    }
+                    for body in [
+                        v1::PagesByHash {
+                            hashes: hs.into(),
+                            data: data.into(),
+                        },
+                        v1::PagesByHash::default(),
+                    ] {
+                        let _ = ch.send(&v1::AgentResponse {
+                            body: Some(Resp::Pages(body)),
+                        });
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    /// A post-copy gather asks every intermediary of a batch at once: the
+    /// pages of a live one arrive at once while two frozen ones (after
+    /// their handshakes) cost one reply timeout together, and once failed
+    /// they are passed over. Before, they were asked one after another:
+    /// the two frozen cost two reply timeouts (3 s here), and the live
+    /// one's pages waited behind whichever came first.
+    #[test]
+    fn a_frozen_intermediary_holds_up_only_the_pages_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pagecast_channel::ca::Authority::init(&dir.path().join("ca")).unwrap();
+        ca.issue_to(
+            "h1",
+            pagecast_channel::Role::Host,
+            1,
+            &dir.path().join("h1"),
+        )
+        .unwrap();
+        let tls = pagecast_channel::Tls::load(&dir.path().join("h1")).unwrap();
+        let pages: Vec<Page> = (1..=6u8).map(|i| [i; PAGE_SIZE]).collect();
+        let hashes: Vec<PageHash> = pages.iter().map(PageHash::of_page).collect();
+        let live = intermediary(dir.path(), "live", Some(pages[..2].to_vec()));
+        let frozen = [
+            intermediary(dir.path(), "frozen-1", None),
+            intermediary(dir.path(), "frozen-2", None),
+        ];
+        let mut from = HashMap::new();
+        for (i, h) in hashes.iter().enumerate() {
+            let at = match i {
+                0 | 1 => &live,
+                2 | 3 => &frozen[0],
+                _ => &frozen[1],
+            };
+            from.insert(*h, at.clone());
+        }
+        let mut g = FromIntermediaries::new(tls, "j", "", from);
+        g.reply_timeout = Duration::from_millis(1500);
+        let t = Instant::now();
+        let mut arrived = Vec::new();
+        g.fetch(&hashes, &mut |h, p| {
+            assert_eq!(PageHash::of_page(p), h);
+            arrived.push((h, t.elapsed()));
+        })
+        .unwrap();
+        let took = t.elapsed();
+        let mut got: Vec<PageHash> = arrived.iter().map(|a| a.0).collect();
+        got.sort_unstable();
+        let mut want = hashes[..2].to_vec();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        for (_, at) in &arrived {
+            assert!(
+                *at < Duration::from_secs(1),
+                "a live page arrived at {at:?}"
+            );
+        }
+        assert!(took >= g.reply_timeout, "{took:?}");
+        assert!(
+            took < g.reply_timeout + Duration::from_secs(1),
+            "the batch took {took:?}"
+        );
+        // Asked again, the frozen ones are not waited for.
+        let t = Instant::now();
+        let mut again = 0;
+        g.fetch(&hashes, &mut |_, _| again += 1).unwrap();
+        assert_eq!(again, 2);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
 
     #[test]
     fn packed_hashes_are_whole_and_bounded() {
