@@ -710,6 +710,104 @@ fn clone_targets_frozen_together_cost_the_paused_source_one_reply_timeout() {
     );
 }
 
+/// A clone target as its source sees it when it freezes on taking its
+/// manifest (before it lists what it lacks): nothing more comes from it.
+struct FrozenAtManifest {
+    link: MemLink,
+    frozen: bool,
+}
+
+impl MigrationLink for FrozenAtManifest {
+    fn send(&mut self, body: Body) -> Result<(), MigrationError> {
+        self.frozen |= matches!(body, Body::ManifestHeader(_));
+        self.link.send(body)
+    }
+    fn recv(&mut self, t: Option<Duration>) -> Result<Body, MigrationError> {
+        if !self.frozen {
+            return self.link.recv(t);
+        }
+        let after = t.unwrap_or(Duration::from_secs(3600));
+        std::thread::sleep(after);
+        Err(MigrationError::Timeout {
+            peer: "frozen".into(),
+            what: "anything",
+            after,
+        })
+    }
+}
+
+/// Two of a clone's three targets freeze on taking their manifests: the
+/// source gives both up within one reply timeout of sending the
+/// manifests (every list of needed pages is owed from then), and the
+/// third target's clone completes, verified. Before, it read the lists one
+/// after another, a reply timeout for each frozen target.
+#[test]
+fn targets_frozen_before_their_needs_cost_one_reply_timeout_not_one_each() {
+    let src = SyntheticSource::dirtying("tmpl", memory("web", 8, 8), 1000, 16..128);
+    let fp = fp();
+    let opts = MigrateOptions {
+        reply_timeout: Duration::from_secs(3),
+        ..MigrateOptions::default()
+    };
+    let started = Instant::now();
+    let report = std::thread::scope(|s| {
+        let mut targets = Vec::new();
+        let mut dests = Vec::new();
+        for i in 0..3 {
+            let (a, mut b) = link_pair();
+            let link: Box<dyn MigrationLink> = if i < 2 {
+                Box::new(FrozenAtManifest {
+                    link: a,
+                    frozen: false,
+                })
+            } else {
+                Box::new(a)
+            };
+            targets.push(CloneTarget {
+                name: format!("copy{i}"),
+                host: format!("h{i}"),
+                link,
+            });
+            let fp = &fp;
+            dests.push(s.spawn(move || {
+                let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
+                    Body::Begin(b) => b,
+                    other => panic!("{other:?}"),
+                };
+                migrate_in(&mut b, &begin, &NoLocalContent, fp, &mut |_, _| Ok(0))
+            }));
+        }
+        let r = clone_out(
+            &*src,
+            targets,
+            &mut NoCasts,
+            &fp,
+            &opts,
+            &mut |_| {},
+            None,
+            How::Rounds,
+        );
+        let took = started.elapsed();
+        for (i, d) in dests.into_iter().enumerate() {
+            let got = d.join().unwrap();
+            assert_eq!(got.is_ok(), i == 2, "target {i}: {got:?}");
+        }
+        (r, took)
+    });
+    let (report, took) = report;
+    let ok: Vec<bool> = report.clones.iter().map(|c| c.ok && c.verified).collect();
+    assert_eq!(ok, [false, false, true], "{:?}", report.clones);
+    for c in &report.clones[..2] {
+        let e = c.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
+        assert!(e.contains("list of needed pages"), "{e}");
+    }
+    assert!(took >= opts.reply_timeout, "{took:?}");
+    assert!(
+        took < 2 * opts.reply_timeout - Duration::from_millis(500),
+        "the clone took {took:?}"
+    );
+}
+
 /// A destination that cannot catch missing-page faults (no userfaultfd
 /// there) says so in its answer: `--switchover postcopy` is refused at
 /// once, naming the setting, and the source never pauses; `auto` moves by

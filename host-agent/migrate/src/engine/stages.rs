@@ -180,8 +180,11 @@ fn offer(fleet: &mut Fleet, held: bool) {
 /// filled from what it held.
 fn needs(fleet: &mut Fleet) {
     let mut local = 0;
+    // Every destination owes its list from now: read one after another,
+    // those that froze together cost one reply timeout, not one each.
+    let since = (Instant::now(), fleet.opts.reply_timeout);
     for i in fleet.alive() {
-        if let Some((n, filled, gathering)) = read_needs(fleet, i) {
+        if let Some((n, filled, gathering)) = read_needs(fleet, i, since) {
             fleet.dests[i].needs = n;
             fleet.dests[i].gathering = gathering;
             local += filled;
@@ -194,11 +197,25 @@ fn needs(fleet: &mut Fleet) {
 /// One batch of NeedHashes frames from destination `i` (up to `last`):
 /// the contents, the frames it filled itself, and the frames it will
 /// gather from other hosts after a post-copy switchover.
-fn read_needs(fleet: &mut Fleet, i: usize) -> Option<(Vec<PageHash>, u64, u64)> {
+/// The first frame is owed since `since`; each later one within the
+/// reply timeout of the one before.
+fn read_needs(
+    fleet: &mut Fleet,
+    i: usize,
+    since: (Instant, Duration),
+) -> Option<(Vec<PageHash>, u64, u64)> {
     let pages = fleet.table.len();
     let mut needed: Vec<PageHash> = Vec::new();
+    let mut first = true;
     loop {
-        match fleet.expect(i, "list of needed pages")? {
+        let what = "list of needed pages";
+        let next = if first {
+            fleet.expect_since(i, what, since)
+        } else {
+            fleet.expect(i, what)
+        };
+        first = false;
+        match next? {
             Body::Need(n) if n.hashes.len() % 32 == 0 => {
                 needed.extend(
                     n.hashes
