@@ -710,6 +710,89 @@ fn clone_targets_frozen_together_cost_the_paused_source_one_reply_timeout() {
     );
 }
 
+/// A link whose source is slow to send the Commit (by `delay`), as a
+/// source on a busy host may be once it gave up a frozen destination.
+struct SlowCommit {
+    link: MemLink,
+    delay: Duration,
+}
+
+impl MigrationLink for SlowCommit {
+    fn send(&mut self, body: Body) -> Result<(), MigrationError> {
+        if matches!(body, Body::Commit(_)) {
+            std::thread::sleep(self.delay);
+        }
+        self.link.send(body)
+    }
+    fn recv(&mut self, t: Option<Duration>) -> Result<Body, MigrationError> {
+        self.link.recv(t)
+    }
+}
+
+/// A clone target that answered its verification waits for the Commit on
+/// its own reply timeout (10 s), while the source waits out another
+/// target frozen at verification for the same 10 s: the source keeps the
+/// one that answered alive meanwhile, so a Commit that comes a little
+/// late (1.5 s here) still finds it, and its clone runs, verified.
+/// Before, it gave up just before the Commit came, and both clones failed.
+#[test]
+fn a_target_that_answered_outlives_another_frozen_at_verification() {
+    let src = SyntheticSource::dirtying("tmpl", memory("web", 8, 8), 1000, 16..128);
+    let fp = fp();
+    let opts = MigrateOptions {
+        reply_timeout: REPLY_TIMEOUT,
+        ..MigrateOptions::default()
+    };
+    let report = std::thread::scope(|s| {
+        let mut targets = Vec::new();
+        let mut dests = Vec::new();
+        for i in 0..2 {
+            let (a, mut b) = link_pair();
+            let link: Box<dyn MigrationLink> = if i == 0 {
+                Box::new(FrozenAtVerification {
+                    link: a,
+                    frozen: false,
+                })
+            } else {
+                Box::new(SlowCommit {
+                    link: a,
+                    delay: Duration::from_millis(1500),
+                })
+            };
+            targets.push(CloneTarget {
+                name: format!("copy{i}"),
+                host: format!("h{i}"),
+                link,
+            });
+            let fp = &fp;
+            dests.push(s.spawn(move || {
+                let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
+                    Body::Begin(b) => b,
+                    other => panic!("{other:?}"),
+                };
+                migrate_in(&mut b, &begin, &NoLocalContent, fp, &mut |_, _| Ok(0))
+            }));
+        }
+        let r = clone_out(
+            &*src,
+            targets,
+            &mut NoCasts,
+            &fp,
+            &opts,
+            &mut |_| {},
+            None,
+            How::Rounds,
+        );
+        for (i, d) in dests.into_iter().enumerate() {
+            let got = d.join().unwrap();
+            assert_eq!(got.is_ok(), i == 1, "target {i}: {got:?}");
+        }
+        r
+    });
+    let ok: Vec<bool> = report.clones.iter().map(|c| c.ok && c.verified).collect();
+    assert_eq!(ok, [false, true], "{:?}", report.clones);
+}
+
 /// A clone target as its source sees it when it freezes on taking its
 /// manifest (before it lists what it lacks): nothing more comes from it.
 struct FrozenAtManifest {

@@ -305,16 +305,45 @@ impl Fleet<'_> {
         &mut self,
         i: usize,
         what: &'static str,
+        asked: (Instant, Duration),
+    ) -> Option<Body> {
+        self.expect_since_keeping(i, what, asked, false)
+    }
+
+    /// [`Fleet::expect_since`]; with `keep_others`, telling every other
+    /// destination still in the run about once a second meanwhile that
+    /// this source lives ([`KEEP_ALIVE_EVERY`]). A destination that has
+    /// answered waits for what comes next on its own reply timeout, from
+    /// its answer: without this, a frozen destination read before it
+    /// could use that up while this source waits the frozen one out.
+    pub fn expect_since_keeping(
+        &mut self,
+        i: usize,
+        what: &'static str,
         (since, timeout): (Instant, Duration),
+        keep_others: bool,
     ) -> Option<Body> {
         if !self.dests[i].live() {
             return None;
         }
         let mut by = since + timeout;
         loop {
-            match self.dests[i].t.link.recv(Some(left_until(by))) {
+            let wait = if keep_others {
+                left_until(by).min(KEEP_ALIVE_EVERY)
+            } else {
+                left_until(by)
+            };
+            match self.dests[i].t.link.recv(Some(wait)) {
                 Ok(Body::KeepAlive(_)) => {
                     by = Instant::now() + timeout;
+                    continue;
+                }
+                Err(MigrationError::Timeout { .. }) if Instant::now() < by => {
+                    for j in self.alive() {
+                        if j != i {
+                            self.send(j, Body::KeepAlive(v1::KeepAlive {}), Class::Control);
+                        }
+                    }
                     continue;
                 }
                 Ok(Body::Abort(a)) => {
@@ -529,17 +558,28 @@ pub fn left_until(by: Instant) -> Duration {
 /// The next frame on `link` until `by`, for a reply owed since `by` less
 /// `timeout`: a silence is reported as lasting `timeout`, not what was
 /// left of it when this link's turn came.
+/// A destination's keep-alive (the answer to one from the source) is no
+/// reply, and is skipped.
 pub fn recv_by(
     link: &mut dyn MigrationLink,
     by: Instant,
     timeout: Duration,
 ) -> Result<Body, MigrationError> {
-    link.recv(Some(left_until(by))).map_err(|e| match e {
-        MigrationError::Timeout { peer, what, .. } => MigrationError::Timeout {
-            peer,
-            what,
-            after: timeout,
-        },
-        e => e,
-    })
+    loop {
+        match link.recv(Some(left_until(by))) {
+            Ok(Body::KeepAlive(_)) => {}
+            Err(MigrationError::Timeout { peer, what, .. }) => {
+                return Err(MigrationError::Timeout {
+                    peer,
+                    what,
+                    after: timeout,
+                });
+            }
+            r => return r,
+        }
+    }
 }
+
+/// How often a source waiting on one destination tells the others that
+/// it lives ([`Fleet::expect_since_keeping`]).
+pub const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(1);

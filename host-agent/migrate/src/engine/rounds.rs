@@ -404,10 +404,11 @@ impl Rounds {
             fleet.send(i, Body::Digest(d), Class::Control);
         }
         // Every destination owes its answer from now (see
-        // `Fleet::expect_since`).
+        // `Fleet::expect_since`); those that answered wait for the Commit,
+        // kept alive meanwhile.
         let asked = (Instant::now(), fleet.opts.reply_timeout);
         for i in fleet.alive() {
-            match fleet.expect_since(i, "verification", asked) {
+            match fleet.expect_since_keeping(i, "verification", asked, true) {
                 Some(Body::Ready(r)) if r.ok => fleet.dests[i].verified = true,
                 Some(Body::Ready(r)) => fleet.fail(i, MigrationError::Verification(r.reason)),
                 Some(other) => fleet.fail(
