@@ -614,18 +614,28 @@ fn a_clone_reaches_every_destination_identically_and_the_source_runs_on() {
     let _ = v1::RefusalCode::Unspecified;
 }
 
-/// A clone target as its source sees it when it freezes on being asked to
-/// verify (after the source paused): once the source has sent it the
-/// digest, nothing more comes from it, and each read waits out its
-/// timeout.
-struct FrozenAtVerification {
+/// A clone target as its source sees it once it froze: after the source
+/// sent it a frame that `at` matches, nothing more comes from it, and
+/// each read waits out its timeout.
+struct FrozenAfter {
     link: MemLink,
+    at: fn(&Body) -> bool,
     frozen: bool,
 }
 
-impl MigrationLink for FrozenAtVerification {
+impl FrozenAfter {
+    fn boxed(link: MemLink, at: fn(&Body) -> bool) -> Box<dyn MigrationLink> {
+        Box::new(FrozenAfter {
+            link,
+            at,
+            frozen: false,
+        })
+    }
+}
+
+impl MigrationLink for FrozenAfter {
     fn send(&mut self, body: Body) -> Result<(), MigrationError> {
-        self.frozen |= matches!(body, Body::Digest(_));
+        self.frozen |= (self.at)(&body);
         self.link.send(body)
     }
     fn recv(&mut self, t: Option<Duration>) -> Result<Body, MigrationError> {
@@ -640,74 +650,6 @@ impl MigrationLink for FrozenAtVerification {
             after,
         })
     }
-}
-
-/// Two of a clone's three targets freeze when asked to verify, while the
-/// source is paused: the source gives both up within one reply timeout of
-/// asking (their answers are owed from the same moment), and the third
-/// target's clone completes, verified. Before, the source read them one
-/// after another, a reply timeout each: two here, the source paused all
-/// that time.
-#[test]
-fn clone_targets_frozen_together_cost_the_paused_source_one_reply_timeout() {
-    let src = SyntheticSource::dirtying("tmpl", memory("web", 8, 8), 1000, 16..128);
-    let fp = fp();
-    let opts = MigrateOptions {
-        reply_timeout: Duration::from_secs(2),
-        ..MigrateOptions::default()
-    };
-    let report = std::thread::scope(|s| {
-        let mut targets = Vec::new();
-        let mut dests = Vec::new();
-        for i in 0..3 {
-            let (a, mut b) = link_pair();
-            let link: Box<dyn MigrationLink> = if i < 2 {
-                Box::new(FrozenAtVerification {
-                    link: a,
-                    frozen: false,
-                })
-            } else {
-                Box::new(a)
-            };
-            targets.push(CloneTarget {
-                name: format!("copy{i}"),
-                host: format!("h{i}"),
-                link,
-            });
-            let fp = &fp;
-            dests.push(s.spawn(move || {
-                let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
-                    Body::Begin(b) => b,
-                    other => panic!("{other:?}"),
-                };
-                migrate_in(&mut b, &begin, &NoLocalContent, fp, &mut |_, _| Ok(0))
-            }));
-        }
-        let r = clone_out(
-            &*src,
-            targets,
-            &mut NoCasts,
-            &fp,
-            &opts,
-            &mut |_| {},
-            None,
-            How::Rounds,
-        );
-        for (i, d) in dests.into_iter().enumerate() {
-            let got = d.join().unwrap();
-            assert_eq!(got.is_ok(), i == 2, "target {i}: {got:?}");
-        }
-        r
-    });
-    let ok: Vec<bool> = report.clones.iter().map(|c| c.ok && c.verified).collect();
-    assert_eq!(ok, [false, false, true], "{:?}", report.clones);
-    assert!(!src.is_paused(), "the source runs on after a clone");
-    let paused = Duration::from_secs_f64(report.downtime_ms / 1e3);
-    assert!(paused >= opts.reply_timeout, "paused {paused:?}");
-    assert!(
-        paused < opts.reply_timeout + Duration::from_millis(1500),
-        "the source was paused {paused:?}"
-    );
 }
 
 /// A link whose source is slow to send the Commit (by `delay`), as a
@@ -729,40 +671,33 @@ impl MigrationLink for SlowCommit {
     }
 }
 
-/// A clone target that answered its verification waits for the Commit on
-/// its own reply timeout (10 s), while the source waits out another
-/// target frozen at verification for the same 10 s: the source keeps the
-/// one that answered alive meanwhile, so a Commit that comes a little
-/// late (1.5 s here) still finds it, and its clone runs, verified.
-/// Before, it gave up just before the Commit came, and both clones failed.
-#[test]
-fn a_target_that_answered_outlives_another_frozen_at_verification() {
+/// What [`clone_through`] saw: the source's report, each target's own
+/// result, and how long the clone took at the source.
+struct Cloned {
+    report: CloneReportAll,
+    targets: Vec<bool>,
+    took: Duration,
+}
+
+/// Clones an 8 MiB dirtying VM to one target per entry of `links`, each
+/// given the source's end of its link (to wrap), each target running
+/// `migrate_in` at the other end.
+fn clone_through(
+    opts: &MigrateOptions,
+    links: &[&dyn Fn(MemLink) -> Box<dyn MigrationLink>],
+) -> Cloned {
     let src = SyntheticSource::dirtying("tmpl", memory("web", 8, 8), 1000, 16..128);
     let fp = fp();
-    let opts = MigrateOptions {
-        reply_timeout: REPLY_TIMEOUT,
-        ..MigrateOptions::default()
-    };
-    let report = std::thread::scope(|s| {
+    let started = Instant::now();
+    let cloned = std::thread::scope(|s| {
         let mut targets = Vec::new();
         let mut dests = Vec::new();
-        for i in 0..2 {
+        for (i, wrap) in links.iter().enumerate() {
             let (a, mut b) = link_pair();
-            let link: Box<dyn MigrationLink> = if i == 0 {
-                Box::new(FrozenAtVerification {
-                    link: a,
-                    frozen: false,
-                })
-            } else {
-                Box::new(SlowCommit {
-                    link: a,
-                    delay: Duration::from_millis(1500),
-                })
-            };
             targets.push(CloneTarget {
                 name: format!("copy{i}"),
                 host: format!("h{i}"),
-                link,
+                link: wrap(a),
             });
             let fp = &fp;
             dests.push(s.spawn(move || {
@@ -773,50 +708,95 @@ fn a_target_that_answered_outlives_another_frozen_at_verification() {
                 migrate_in(&mut b, &begin, &NoLocalContent, fp, &mut |_, _| Ok(0))
             }));
         }
-        let r = clone_out(
+        let report = clone_out(
             &*src,
             targets,
             &mut NoCasts,
             &fp,
-            &opts,
+            opts,
             &mut |_| {},
             None,
             How::Rounds,
         );
-        for (i, d) in dests.into_iter().enumerate() {
-            let got = d.join().unwrap();
-            assert_eq!(got.is_ok(), i == 1, "target {i}: {got:?}");
+        let took = started.elapsed();
+        let targets = dests
+            .into_iter()
+            .map(|d| d.join().unwrap().is_ok())
+            .collect();
+        Cloned {
+            report,
+            targets,
+            took,
         }
-        r
     });
-    let ok: Vec<bool> = report.clones.iter().map(|c| c.ok && c.verified).collect();
-    assert_eq!(ok, [false, true], "{:?}", report.clones);
+    assert!(!src.is_paused(), "the source runs on after a clone");
+    cloned
 }
 
-/// A clone target as its source sees it when it freezes on taking its
-/// manifest (before it lists what it lacks): nothing more comes from it.
-struct FrozenAtManifest {
-    link: MemLink,
-    frozen: bool,
+/// Which clones of `r` run, verified.
+fn verified(r: &CloneReportAll) -> Vec<bool> {
+    r.clones.iter().map(|c| c.ok && c.verified).collect()
 }
 
-impl MigrationLink for FrozenAtManifest {
-    fn send(&mut self, body: Body) -> Result<(), MigrationError> {
-        self.frozen |= matches!(body, Body::ManifestHeader(_));
-        self.link.send(body)
-    }
-    fn recv(&mut self, t: Option<Duration>) -> Result<Body, MigrationError> {
-        if !self.frozen {
-            return self.link.recv(t);
-        }
-        let after = t.unwrap_or(Duration::from_secs(3600));
-        std::thread::sleep(after);
-        Err(MigrationError::Timeout {
-            peer: "frozen".into(),
-            what: "anything",
-            after,
+fn at_digest(b: &Body) -> bool {
+    matches!(b, Body::Digest(_))
+}
+
+fn at_manifest(b: &Body) -> bool {
+    matches!(b, Body::ManifestHeader(_))
+}
+
+/// Two of a clone's three targets freeze when asked to verify, while the
+/// source is paused: the source gives both up within one reply timeout of
+/// asking (their answers are owed from the same moment), and the third
+/// target's clone completes, verified. Before, the source read them one
+/// after another, a reply timeout each: two here, the source paused all
+/// that time.
+#[test]
+fn clone_targets_frozen_together_cost_the_paused_source_one_reply_timeout() {
+    let opts = MigrateOptions {
+        reply_timeout: Duration::from_secs(2),
+        ..MigrateOptions::default()
+    };
+    let frozen = |l| FrozenAfter::boxed(l, at_digest);
+    let c = clone_through(&opts, &[&frozen, &frozen, &plain]);
+    assert_eq!(c.targets, [false, false, true]);
+    assert_eq!(
+        verified(&c.report),
+        [false, false, true],
+        "{:?}",
+        c.report.clones
+    );
+    let paused = Duration::from_secs_f64(c.report.downtime_ms / 1e3);
+    assert!(paused >= opts.reply_timeout, "paused {paused:?}");
+    assert!(
+        paused < opts.reply_timeout + Duration::from_millis(1500),
+        "the source was paused {paused:?}"
+    );
+}
+
+/// A clone target that answered its verification waits for the Commit on
+/// its own reply timeout (10 s), while the source waits out another
+/// target frozen at verification for the same 10 s: the source keeps the
+/// one that answered alive meanwhile, so a Commit that comes a little
+/// late (1.5 s here) still finds it, and its clone runs, verified.
+/// Before, it gave up just before the Commit came, and both clones failed.
+#[test]
+fn a_target_that_answered_outlives_another_frozen_at_verification() {
+    let opts = MigrateOptions {
+        reply_timeout: REPLY_TIMEOUT,
+        ..MigrateOptions::default()
+    };
+    let frozen = |l| FrozenAfter::boxed(l, at_digest);
+    let late = |link| -> Box<dyn MigrationLink> {
+        Box::new(SlowCommit {
+            link,
+            delay: Duration::from_millis(1500),
         })
-    }
+    };
+    let c = clone_through(&opts, &[&frozen, &late]);
+    assert_eq!(c.targets, [false, true]);
+    assert_eq!(verified(&c.report), [false, true], "{:?}", c.report.clones);
 }
 
 /// Two of a clone's three targets freeze on taking their manifests: the
@@ -826,68 +806,28 @@ impl MigrationLink for FrozenAtManifest {
 /// after another, a reply timeout for each frozen target.
 #[test]
 fn targets_frozen_before_their_needs_cost_one_reply_timeout_not_one_each() {
-    let src = SyntheticSource::dirtying("tmpl", memory("web", 8, 8), 1000, 16..128);
-    let fp = fp();
     let opts = MigrateOptions {
         reply_timeout: Duration::from_secs(3),
         ..MigrateOptions::default()
     };
-    let started = Instant::now();
-    let report = std::thread::scope(|s| {
-        let mut targets = Vec::new();
-        let mut dests = Vec::new();
-        for i in 0..3 {
-            let (a, mut b) = link_pair();
-            let link: Box<dyn MigrationLink> = if i < 2 {
-                Box::new(FrozenAtManifest {
-                    link: a,
-                    frozen: false,
-                })
-            } else {
-                Box::new(a)
-            };
-            targets.push(CloneTarget {
-                name: format!("copy{i}"),
-                host: format!("h{i}"),
-                link,
-            });
-            let fp = &fp;
-            dests.push(s.spawn(move || {
-                let begin = match b.recv(Some(Duration::from_secs(10))).unwrap() {
-                    Body::Begin(b) => b,
-                    other => panic!("{other:?}"),
-                };
-                migrate_in(&mut b, &begin, &NoLocalContent, fp, &mut |_, _| Ok(0))
-            }));
-        }
-        let r = clone_out(
-            &*src,
-            targets,
-            &mut NoCasts,
-            &fp,
-            &opts,
-            &mut |_| {},
-            None,
-            How::Rounds,
-        );
-        let took = started.elapsed();
-        for (i, d) in dests.into_iter().enumerate() {
-            let got = d.join().unwrap();
-            assert_eq!(got.is_ok(), i == 2, "target {i}: {got:?}");
-        }
-        (r, took)
-    });
-    let (report, took) = report;
-    let ok: Vec<bool> = report.clones.iter().map(|c| c.ok && c.verified).collect();
-    assert_eq!(ok, [false, false, true], "{:?}", report.clones);
-    for c in &report.clones[..2] {
-        let e = c.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
+    let frozen = |l| FrozenAfter::boxed(l, at_manifest);
+    let c = clone_through(&opts, &[&frozen, &frozen, &plain]);
+    assert_eq!(c.targets, [false, false, true]);
+    assert_eq!(
+        verified(&c.report),
+        [false, false, true],
+        "{:?}",
+        c.report.clones
+    );
+    for clone in &c.report.clones[..2] {
+        let e = clone.error.as_ref().map_or("", |e| e.message.as_str());
         assert!(e.contains("list of needed pages"), "{e}");
     }
-    assert!(took >= opts.reply_timeout, "{took:?}");
+    assert!(c.took >= opts.reply_timeout, "{:?}", c.took);
     assert!(
-        took < 2 * opts.reply_timeout - Duration::from_millis(500),
-        "the clone took {took:?}"
+        c.took < 2 * opts.reply_timeout - Duration::from_millis(500),
+        "the clone took {:?}",
+        c.took
     );
 }
 
