@@ -235,20 +235,33 @@ impl pagecast_migrate::GatherSource for FromIntermediaries {
         let (tx, rx) = std::sync::mpsc::channel::<(PageHash, Box<Page>)>();
         let this = &*self;
         let back: Vec<(String, Option<pagecast_channel::Channel>)> = std::thread::scope(|s| {
-            let running: Vec<_> = asking
-                .into_iter()
-                .map(|a| {
-                    let tx = tx.clone();
-                    let at = a.at.clone();
-                    let h = std::thread::Builder::new()
-                        .name("gather".into())
-                        .spawn_scoped(s, move || {
+            let mut running = Vec::new();
+            let mut here = Vec::new();
+            for a in asking {
+                let tx = tx.clone();
+                let at = a.at.clone();
+                let a = Arc::new(Mutex::new(Some(a)));
+                // The asking moves into the thread only once it runs: if
+                // no thread starts, it is asked here.
+                let h = std::thread::Builder::new()
+                    .name("gather".into())
+                    .spawn_scoped(s, {
+                        let a = a.clone();
+                        move || {
+                            let a = lock(&a).take()?;
                             this.ask(a, &mut |h, p| {
                                 let _ = tx.send((h, Box::new(*p)));
                             })
-                        });
-                    (at, h)
-                })
+                        }
+                    });
+                match h {
+                    Ok(h) => running.push((at, h)),
+                    Err(_) => here.extend(lock(&a).take()),
+                }
+            }
+            let mut back: Vec<_> = here
+                .into_iter()
+                .map(|a| (a.at.clone(), this.ask(a, got)))
                 .collect();
             drop(tx);
             // Pages are handed over as they come, whichever intermediary
@@ -256,10 +269,12 @@ impl pagecast_migrate::GatherSource for FromIntermediaries {
             for (h, p) in rx {
                 got(h, &p);
             }
-            running
-                .into_iter()
-                .map(|(at, h)| (at, h.ok().and_then(|h| h.join().ok()).flatten()))
-                .collect()
+            back.extend(
+                running
+                    .into_iter()
+                    .map(|(at, h)| (at, h.join().ok().flatten())),
+            );
+            back
         });
         for (at, link) in back {
             self.links.insert(at, link);

@@ -894,7 +894,7 @@ impl Arrival<'_> {
             *opened = true;
         }
         if !begin.held {
-            let copied = plan.fill(&self.slot, local, &AtomicBool::new(false))?;
+            let copied = self.fill_alive(&plan, local)?;
             self.report.pages_local += copied.frames;
             self.report.local_fill_s = copied.secs;
             needed.extend(copied.lost);
@@ -930,6 +930,35 @@ impl Arrival<'_> {
             self.gather = Some(g);
         }
         self.send_needs(&still, gathering, 0)
+    }
+
+    /// Copies `plan` on a thread of its own while this one tells the
+    /// source that this side lives ([`Arrival::alive_until`]): the source
+    /// waits for the needs that follow on its reply timeout, which only
+    /// silence runs out, and a large fill can take longer.
+    fn fill_alive(
+        &mut self,
+        plan: &LocalPlan,
+        local: &dyn LocalContent,
+    ) -> Result<Copied, MigrationError> {
+        let stop = AtomicBool::new(false);
+        let slot = self.slot.clone();
+        std::thread::scope(|s| {
+            let copier = std::thread::Builder::new()
+                .name("pagecast-local-fill".into())
+                .spawn_scoped(s, || plan.fill(&slot, local, &stop));
+            let Ok(t) = copier else {
+                // No thread: copy here, without telling.
+                return Ok(plan.fill(&slot, local, &stop)?);
+            };
+            let waited = self.alive_until(&|| t.is_finished());
+            stop.store(waited.is_err(), Ordering::Relaxed);
+            let copied = t.join().map_err(|_| {
+                MigrationError::Protocol("filling from local pages panicked".into())
+            })?;
+            waited?;
+            Ok(copied?)
+        })
     }
 
     /// Copies `plan` on a thread of its own while this one waits for the

@@ -506,6 +506,36 @@ impl LocalContent for Slow<'_> {
     }
 }
 
+/// Without a hold, a destination sends its list of needed pages only once
+/// its copies from pages it holds are done: it tells the source meanwhile
+/// that it lives, so copies that outlast the reply timeout keep the source
+/// waiting. Before, the source gave up on the destination after its reply
+/// timeout (1 s here).
+#[test]
+fn local_copies_that_outlast_the_reply_timeout_before_the_needs_keep_the_source_waiting() {
+    let resident = Resident::new(memory("web", 2, 8));
+    let src = SyntheticSource::new("vm1", memory("web", 1, 8));
+    let opts = MigrateOptions {
+        reply_timeout: Duration::from_secs(1),
+        ..MigrateOptions::default()
+    };
+    let slow = Slow {
+        resident: &resident,
+        per_copy: Duration::from_millis(8),
+    };
+    let t = Instant::now();
+    let out = migrate(&src, &slow, opts, plain, None);
+    let r = out.report.unwrap();
+    assert!(
+        t.elapsed() > Duration::from_millis(1500),
+        "the copies outlasted the reply timeout ({:?}, {} frames)",
+        t.elapsed(),
+        r.pages_local
+    );
+    assert!(r.verified && r.pages_local > 0, "{r:?}");
+    assert_eq!(differing(&out.copy.unwrap(), &*src), Vec::<u64>::new());
+}
+
 #[test]
 fn local_copies_that_outlast_the_reply_timeout_after_the_refill_keep_the_source_waiting() {
     let resident = Resident::new(memory("web", 2, 8));

@@ -50,9 +50,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of a frame's head (its length).
 pub const FRAME_HEAD: usize = 4;
 /// The slowest pace a frame may arrive at, in bytes a second, on a
-/// connection with a read timeout: a receive gives up once the frame has
-/// taken that timeout plus a second for every this many bytes of it (64
-/// s more for the largest frame). The read timeout alone bounds each read,
+/// connection with a read timeout: a receive gives up once the frame,
+/// from its head's arrival, has taken that timeout plus a second for
+/// every this many bytes of it (64 s more for the largest frame). The read timeout alone bounds each read,
 /// so without this a peer that sends one byte a little more often than
 /// that would hold a receive for as long as it liked.
 pub const SLOWEST_FRAME_PACE: usize = 64 << 10;
@@ -1133,15 +1133,16 @@ impl ChannelWriter {
 }
 
 impl ChannelReader {
-    /// Receives one message. With a read timeout set, the whole frame
-    /// must arrive within it plus a second for every
-    /// [`SLOWEST_FRAME_PACE`] bytes, or the receive fails as timed out
+    /// Receives one message. With a read timeout set, the frame's head
+    /// must come within it, and then the whole frame within it plus a
+    /// second for every [`SLOWEST_FRAME_PACE`] bytes, or the receive fails
+    /// as timed out
     /// (an I/O error of kind `WouldBlock`, as a read that timed out). What
     /// arrived of the frame is kept: a later receive goes on with it.
     pub fn recv<M: Message + Default>(&mut self, what: &'static str) -> Result<M, AuthError> {
         let timeout = self.sock.read_timeout().map_err(io_err(&self.peer))?;
-        let started = std::time::Instant::now();
         let by = |bytes: usize| {
+            let started = std::time::Instant::now();
             timeout.map(|t| FrameDeadline {
                 at: started + t + pace_allowance(bytes),
                 timeout: t,
@@ -1153,6 +1154,8 @@ impl ChannelReader {
             .try_into()
             .expect("4 bytes");
         let len = frame_len(head, &self.peer)?;
+        // The body's time runs from its head's arrival: waiting for a
+        // frame to start is the read timeout's alone.
         self.want(FRAME_HEAD + len, by(FRAME_HEAD + len))?;
         let body = &self.plain[self.pos + FRAME_HEAD..self.pos + FRAME_HEAD + len];
         let m = decode(&self.peer, what, body);

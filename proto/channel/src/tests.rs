@@ -457,10 +457,10 @@ fn trickle(w: &mut ChannelWriter, bytes: &[u8], every: Duration) {
 
 /// A peer that sends a frame a byte at a time, each byte well within the
 /// read timeout, cannot hold a receive past the frame's deadline (the
-/// read timeout, plus a second for every 64 KiB); what arrived is kept,
-/// and a receive given longer returns the frame whole. Before, each read
-/// waited anew, and the trickled frame was taken after 2.5 s where the
-/// read timeout was 1 s.
+/// read timeout from its head's arrival, plus a second for every 64 KiB);
+/// what arrived is kept, and a receive given longer returns the frame
+/// whole. Before, each read waited anew, and the trickled frame was taken
+/// whole after 3 s where the read timeout was 1 s.
 #[test]
 fn a_frame_trickled_a_byte_at_a_time_fails_at_its_deadline_and_loses_nothing() {
     let ca = Authority::generate().unwrap();
@@ -475,13 +475,16 @@ fn a_frame_trickled_a_byte_at_a_time_fails_at_its_deadline_and_loses_nothing() {
         ..Default::default()
     };
     let bytes = frame(&m);
+    let every = Duration::from_millis(250);
+    // The head's last byte comes after three waits, the frame's after
+    // many more than the read timeout's worth.
     assert!(bytes.len() >= 12, "{}", bytes.len());
-    let n = bytes.len();
     let t = std::thread::spawn(move || {
-        trickle(&mut w, &bytes, Duration::from_millis(2500 / n as u64));
+        trickle(&mut w, &bytes, every);
         w
     });
-    srv.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let timeout = Duration::from_secs(1);
+    srv.set_read_timeout(Some(timeout)).unwrap();
     let started = std::time::Instant::now();
     let e = srv.recv::<v1::VmInfo>("vm").unwrap_err();
     let took = started.elapsed();
@@ -491,8 +494,11 @@ fn a_frame_trickled_a_byte_at_a_time_fails_at_its_deadline_and_loses_nothing() {
     );
     let text = e.to_string();
     assert!(text.contains("did not arrive within"), "{text}");
+    // The head at about 0.75 s (within the read timeout), then the read
+    // timeout again.
     assert!(
-        took >= Duration::from_secs(1) && took < Duration::from_millis(2000),
+        took >= 3 * every + timeout - Duration::from_millis(100)
+            && took < 3 * every + timeout + Duration::from_millis(1000),
         "{took:?}"
     );
     // The rest arrives; a receive given the time takes the frame whole.

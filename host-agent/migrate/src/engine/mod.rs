@@ -338,12 +338,8 @@ impl Fleet<'_> {
                     by = Instant::now() + timeout;
                     continue;
                 }
-                Err(MigrationError::Timeout { .. }) if Instant::now() < by => {
-                    for j in self.alive() {
-                        if j != i {
-                            self.send(j, Body::KeepAlive(v1::KeepAlive {}), Class::Control);
-                        }
-                    }
+                Err(MigrationError::Timeout { .. }) if keep_others && Instant::now() < by => {
+                    self.keep_alive_others(i);
                     continue;
                 }
                 Ok(Body::Abort(a)) => {
@@ -361,6 +357,17 @@ impl Fleet<'_> {
                     self.fail(i, e);
                     return None;
                 }
+            }
+        }
+    }
+
+    /// Tells every destination still in the run but `i` that this source
+    /// lives. (A blocking send each: a frame this small waits only on a
+    /// destination whose socket buffers are already full.)
+    fn keep_alive_others(&mut self, i: usize) {
+        for j in self.alive() {
+            if j != i {
+                self.send(j, Body::KeepAlive(v1::KeepAlive {}), Class::Control);
             }
         }
     }
@@ -559,22 +566,24 @@ pub fn left_until(by: Instant) -> Duration {
 /// `timeout`: a silence is reported as lasting `timeout`, not what was
 /// left of it when this link's turn came.
 /// A destination's keep-alive (the answer to one from the source) is no
-/// reply, and is skipped.
+/// reply, and is skipped; the deadline holds all the same.
 pub fn recv_by(
     link: &mut dyn MigrationLink,
     by: Instant,
     timeout: Duration,
 ) -> Result<Body, MigrationError> {
+    let late = |peer: String, what: &'static str| MigrationError::Timeout {
+        peer,
+        what,
+        after: timeout,
+    };
     loop {
         match link.recv(Some(left_until(by))) {
-            Ok(Body::KeepAlive(_)) => {}
-            Err(MigrationError::Timeout { peer, what, .. }) => {
-                return Err(MigrationError::Timeout {
-                    peer,
-                    what,
-                    after: timeout,
-                });
+            Ok(Body::KeepAlive(_)) if Instant::now() >= by => {
+                return Err(late(link.peer(), "reply (only keep-alives came)"));
             }
+            Ok(Body::KeepAlive(_)) => {}
+            Err(MigrationError::Timeout { peer, what, .. }) => return Err(late(peer, what)),
             r => return r,
         }
     }
