@@ -916,13 +916,15 @@ mod tests {
         assert_eq!(j.stash_bytes(), 0);
         // A job whose deadline passes frees and unlists its stash when
         // next looked at (here: the room left for stashing).
+        // (A deadline long enough that a preempted test thread still sees
+        // the job open.)
         let (j, _) = book
-            .open("j6", &op(), &[], Some(Duration::from_millis(30)))
+            .open("j6", &op(), &[], Some(Duration::from_millis(600)))
             .unwrap();
         j.stash(key, ha, &a, (u64::MAX, 1)).unwrap();
         assert_eq!(book.stash_bytes(), PAGE_SIZE as u64);
         assert_eq!(lock(&listed).get(&ha), Some(&1));
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(700));
         assert_eq!(book.stash_bytes(), 0);
         assert_eq!(lock(&listed).get(&ha), Some(&0), "unlisted at its deadline");
     }
@@ -931,11 +933,11 @@ mod tests {
     fn a_job_past_its_deadline_has_ended_and_stops_its_migrations() {
         let book = JobBook::default();
         let (j, _) = book
-            .open("j2", &op(), &[], Some(Duration::from_millis(30)))
+            .open("j2", &op(), &[], Some(Duration::from_millis(600)))
             .unwrap();
         j.hold("vm1");
         assert_eq!(j.poll("vm1"), HoldPoll::Wait);
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(700));
         assert!(book.get("j2").is_err());
         assert!(matches!(j.poll("vm1"), HoldPoll::Abort(w) if w.contains("deadline")));
         assert!(j.cancelled("vm1").is_some());

@@ -177,8 +177,14 @@ fn memory_loads_from_a_synthetic_vm_and_guest_runs_on_it() {
     );
     // Now let it write.
     vm.set_dirty_rate(50_000).unwrap();
+    let p1 = vm.progress().unwrap();
     vm.resume();
-    std::thread::sleep(Duration::from_millis(50));
+    // Until it wrote the working set over at least once (10 frames; a
+    // starved vCPU thread may take longer than the 0.2 ms it needs).
+    let t = std::time::Instant::now();
+    while vm.progress().unwrap() < p1 + 20 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     vm.pause().unwrap();
     let d = vm.take_dirty().unwrap();
     assert!(
@@ -199,19 +205,26 @@ fn pacing_never_exceeds_the_rate_and_throttling_slows_the_guest() {
     }
     let vm = MicroVm::boot(&config(20_000), InitialMemory::Zero).unwrap();
     let window = Duration::from_millis(500);
-    let p0 = vm.progress().unwrap();
-    std::thread::sleep(window);
-    let fast = vm.progress().unwrap() - p0;
-    // 20,000 writes/s for 0.5 s is 10,000; allow the first burst of debt.
+    // Writes over a window timed as it was, not as asked (a sleep may
+    // oversleep on a loaded machine).
+    let count = || {
+        let (p, t) = (vm.progress().unwrap(), std::time::Instant::now());
+        std::thread::sleep(window);
+        let n = vm.progress().unwrap() - p;
+        (n, t.elapsed().as_secs_f64())
+    };
+    let (fast, secs) = count();
+    // 20,000 writes/s over the window; allow the first burst of debt.
     assert!(
-        fast > 0 && fast <= 11_500,
-        "unthrottled: {fast} writes in 0.5 s"
+        fast > 0 && fast as f64 <= 20_000.0 * secs + 1_500.0,
+        "unthrottled: {fast} writes in {secs:.3} s"
     );
     vm.set_throttle(90);
-    let p1 = vm.progress().unwrap();
-    std::thread::sleep(window);
-    let slow = vm.progress().unwrap() - p1;
-    assert!(slow <= 1_500, "throttled to 10%: {slow} writes in 0.5 s");
+    let (slow, secs) = count();
+    assert!(
+        slow as f64 <= 2_000.0 * secs + 500.0,
+        "throttled to 10%: {slow} writes in {secs:.3} s"
+    );
     vm.stop().unwrap();
 }
 

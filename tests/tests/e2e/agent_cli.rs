@@ -407,10 +407,16 @@ fn clients_of_another_ca_expired_or_without_a_certificate_are_refused() {
     drop(s);
     let l = ok_json(d, &["vm", "list", "--agent", &a.addr, "--json"]);
     assert_eq!(l["agent"], "host-a");
-    let log = a.log();
+    // The garbage's refusal is logged on a task of its own: waited for.
+    let log = pagecast_tests::cluster::eventually(Duration::from_secs(10), "3 refusals", || {
+        let log = a.log();
+        match log.matches("refused 127.0.0.1").count() {
+            3 => Ok(log),
+            n => Err(format!("{n} refusals: {log}")),
+        }
+    });
     assert!(log.contains("UnknownIssuer"), "{log}");
     assert!(log.contains("expired"), "{log}");
-    assert_eq!(log.matches("refused 127.0.0.1").count(), 3, "{log}");
 }
 
 #[test]
@@ -1042,8 +1048,8 @@ fn a_migration_to_a_destination_frozen_mid_stream_fails_within_seconds_naming_it
     // Past the manifest and the destination's list of needed pages (2-3 s
     // when the machine is busy with other tests; 1 s was sometimes too
     // little, and the freeze came before the stream). The stream itself
-    // takes about 40 s.
-    std::thread::sleep(Duration::from_secs(3));
+    // takes about 40 s, so 5 s is well inside it.
+    std::thread::sleep(Duration::from_secs(5));
     pagecast_tests::cluster::signal(&b.child, libc::SIGSTOP);
     let frozen = Instant::now();
     let out = migrate.wait_with_output().unwrap();
@@ -1059,9 +1065,10 @@ fn a_migration_to_a_destination_frozen_mid_stream_fails_within_seconds_naming_it
     // Found within 10 s (the 8 s send deadline once the socket buffers
     // are full), then at most 1 s closing the job at the frozen host; a
     // full run of the suite on two cores measured 12.3 s once (the
-    // sender's buffers fill more slowly under load), hence 15 s.
+    // sender's buffers fill more slowly under load). The bound, 25 s,
+    // leaves room for a loaded machine and still fails the 41-47 s of old.
     assert!(
-        took < Duration::from_secs(15),
+        took < Duration::from_secs(25),
         "failed {took:?} after the freeze: {all}\n{}",
         std::fs::read_to_string(&a.log).unwrap_or_default()
     );

@@ -95,7 +95,19 @@ impl<'a> Session<'a> {
         args.push(image.to_str().unwrap());
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Child::pagecast(prefix, &refs)
+        let mut c = Child::pagecast(prefix, &refs);
+        // Receivers connect once: start them only once the sender listens
+        // (it hashes its image first). Seen from the sender's own network
+        // namespace, without a probe connection it would take for one.
+        let port: u16 = self.control.rsplit(':').next().unwrap().parse().unwrap();
+        let t = std::time::Instant::now();
+        while !listening(c.0.id(), port) {
+            if c.0.try_wait().unwrap().is_some() || t.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        c
     }
 
     fn receiver(&self, prefix: &[&str], iface: &str, out: &str) -> Child {
@@ -757,4 +769,16 @@ fn two_casts(prefix: &str, image: &Path, extra: &[&str]) -> (u64, Vec<f64>) {
         times.push(r["duration_s"].as_f64().unwrap());
     }
     (repairs, times)
+}
+
+/// Whether process `pid` sees a TCP socket listening on `port` in its
+/// network namespace (`/proc/PID/net/tcp`, state `0A`).
+fn listening(pid: u32, port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+        })
+    })
 }

@@ -143,7 +143,12 @@ fn paced_casts_run_at_once() {
     schedule_casts(tasks, &|_, _| {
         let now = running.fetch_add(1, Ordering::SeqCst) + 1;
         most.fetch_max(now, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(100));
+        // Each waits (a while at most) for all four to run: run side by
+        // side they meet at once, run in turns none ever does.
+        let t = std::time::Instant::now();
+        while most.load(Ordering::SeqCst) < 4 && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         running.fetch_sub(1, Ordering::SeqCst);
         ran.fetch_add(1, Ordering::SeqCst);
     });
@@ -174,6 +179,15 @@ fn no_two_casts_feed_one_destination_at_once_and_disjoint_ones_overlap() {
     // Each cast as it starts, with the casts running then.
     let starts: Mutex<Vec<(String, Vec<String>)>> = Mutex::new(Vec::new());
     let name = |t: &CastTask| format!("{}>{:?}", t.source, t.reaches);
+    // The pairs that must run side by side (below): the one that starts
+    // first waits (a while at most) for the other to start.
+    let partner = |n: &str| match n {
+        "a1>{\"b1\", \"b2\"}" => Some("a3>{\"c1\"}"),
+        "a3>{\"c1\"}" => Some("a1>{\"b1\", \"b2\"}"),
+        "a1>{\"b1\"}" => Some("a2>{\"b2\"}"),
+        "a2>{\"b2\"}" => Some("a1>{\"b1\"}"),
+        _ => None,
+    };
     schedule_casts(tasks, &|_, t| {
         let mine: Vec<String> = std::iter::once(format!("src:{}", t.source))
             .chain(t.reaches.iter().cloned())
@@ -188,6 +202,14 @@ fn no_two_casts_feed_one_destination_at_once_and_disjoint_ones_overlap() {
             r.push(name(t));
         }
         std::thread::sleep(Duration::from_millis(40));
+        if let Some(p) = partner(&name(t)) {
+            let since = std::time::Instant::now();
+            while !lock(&starts).iter().any(|(n, _)| n == p)
+                && since.elapsed() < Duration::from_secs(2)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         lock(&running).retain(|x| *x != name(t));
         let mut b = lock(&busy);
         for r in &mine {
