@@ -7,6 +7,7 @@
 //! before the length is checked.
 
 use std::io::{Read, Write};
+use std::time::{Duration, Instant};
 
 use pagecast_proto::v1::IndexFrame;
 use pagecast_proto::{INDEX_FRAME_VERSION, MAX_INDEX_FRAME_BYTES};
@@ -127,15 +128,48 @@ pub fn decode_frame(buf: &[u8], peer: &str) -> Result<(IndexFrame, usize), WireE
     Ok((decode_body(body, peer)?, 4 + len))
 }
 
+/// How long the rest of a frame may take once its first byte came, plus
+/// a second for every [`pagecast_channel::SLOWEST_FRAME_PACE`] bytes of
+/// it: a peer that sends a frame a byte at a time, each byte within the
+/// socket's read timeout, no longer holds its connection (and the slot
+/// it takes at a replica) for as long as it likes. The check comes as
+/// each read returns, so a frame is given up at most one read timeout
+/// after this.
+pub const FRAME_REST: Duration = Duration::from_secs(10);
+
 /// Reads one frame. A connection closed cleanly before the frame starts is
-/// an `Io` error of kind `UnexpectedEof`.
+/// an `Io` error of kind `UnexpectedEof`; a frame whose rest takes longer
+/// than [`FRAME_REST`] (and its pace allowance) an `Io` error of kind
+/// `TimedOut`.
 pub fn read_frame(r: &mut impl Read, peer: &str) -> Result<IndexFrame, WireError> {
+    read_frame_within(r, peer, FRAME_REST)
+}
+
+/// [`read_frame`], the rest of the frame taking at most `rest` (and its
+/// pace allowance) from its first byte.
+pub(crate) fn read_frame_within(
+    r: &mut impl Read,
+    peer: &str,
+    rest: Duration,
+) -> Result<IndexFrame, WireError> {
     let io = |source| WireError::Io {
         peer: peer.into(),
         source,
     };
     let mut head = [0u8; 4];
-    r.read_exact(&mut head).map_err(io)?;
+    let mut have = 0;
+    let mut first = None;
+    while have < head.len() {
+        match r.read(&mut head[have..]) {
+            Ok(0) => return Err(io(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(e)),
+        }
+        let at = *first.get_or_insert_with(Instant::now);
+        late(at, rest, head.len(), peer)?;
+    }
+    let at = first.unwrap_or_else(Instant::now);
     let len = check_len(head, peer)?;
     let mut body = vec![0u8; len];
     let mut have = 0;
@@ -152,8 +186,25 @@ pub fn read_frame(r: &mut impl Read, peer: &str) -> Result<IndexFrame, WireError
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io(e)),
         }
+        late(at, rest, 4 + len, peer)?;
     }
     decode_body(&body, peer)
+}
+
+/// An error if a frame of `bytes` begun at `at` is past its time.
+fn late(at: Instant, rest: Duration, bytes: usize, peer: &str) -> Result<(), WireError> {
+    let allowed =
+        rest + Duration::from_secs_f64(bytes as f64 / pagecast_channel::SLOWEST_FRAME_PACE as f64);
+    if at.elapsed() <= allowed {
+        return Ok(());
+    }
+    Err(WireError::Io {
+        peer: peer.into(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("a frame of {bytes} bytes did not arrive within {allowed:?} of its first byte"),
+        ),
+    })
 }
 
 /// Writes one frame.
@@ -206,6 +257,64 @@ mod tests {
         let mut r = &buf[..];
         assert_eq!(read_frame(&mut r, "t").unwrap(), hello());
         assert_eq!(read_frame(&mut r, "t").unwrap(), raft);
+    }
+
+    /// Hands out `bytes` one at a time, `every` apart (the first at once).
+    struct Trickle {
+        bytes: Vec<u8>,
+        at: usize,
+        every: Duration,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.at == self.bytes.len() || buf.is_empty() {
+                return Ok(0);
+            }
+            if self.at > 0 {
+                std::thread::sleep(self.every);
+            }
+            buf[0] = self.bytes[self.at];
+            self.at += 1;
+            Ok(1)
+        }
+    }
+
+    /// A frame trickled a byte at a time is given up once its rest has
+    /// taken its time from its first byte, however long the wait before
+    /// that byte; the same bytes coming quickly make a frame. Before, each
+    /// read waited anew and the trickled frame was taken whole.
+    #[test]
+    fn a_trickled_frame_is_given_up_at_its_deadline() {
+        let bytes = encode_frame(&hello());
+        assert!(bytes.len() >= 8, "{}", bytes.len());
+        let every = Duration::from_millis(50);
+        let rest = Duration::from_millis(120);
+        let mut slow = Trickle {
+            bytes: bytes.clone(),
+            at: 0,
+            every,
+        };
+        let t = Instant::now();
+        let e = read_frame_within(&mut slow, "p", rest).unwrap_err();
+        let took = t.elapsed();
+        assert!(
+            matches!(&e, WireError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
+            "{e}"
+        );
+        assert!(e.to_string().contains("did not arrive within"), "{e}");
+        // Given up at the first read past the deadline: far short of the
+        // whole frame's time.
+        assert!(
+            took >= rest && took < every * (bytes.len() as u32 - 1),
+            "{took:?}"
+        );
+        let mut quick = Trickle {
+            bytes,
+            at: 0,
+            every: Duration::from_millis(1),
+        };
+        assert_eq!(read_frame_within(&mut quick, "p", rest).unwrap(), hello());
     }
 
     #[test]

@@ -799,6 +799,39 @@ fn idle_connections_from_many_addresses_lock_no_client_out_of_the_index() {
     drop(floods);
 }
 
+/// A client with a real host certificate that sends its hello a byte a
+/// second, each byte well within the replica's 5 s read timeout, is closed
+/// once the frame has taken its 10 s from its first byte: it no longer
+/// holds the connection, and the slot it takes, for as long as it likes.
+/// Before, each byte restarted the wait, and the connection stayed open
+/// for as long as bytes came.
+#[test]
+fn a_client_trickling_its_hello_is_closed_at_the_frames_deadline() {
+    use std::io::Write;
+    let c = Cluster::start(1);
+    let addr = c.addr_list()[0].clone();
+    let s = std::net::TcpStream::connect(&addr).unwrap();
+    let mut w = pki::tls("trickler", Role::Host).connect(s).unwrap();
+    // A head announcing a 200-byte frame, then its bytes, one a second.
+    w.write_all(&200u32.to_be_bytes()).unwrap();
+    w.flush().unwrap();
+    let started = Instant::now();
+    let closed = (0..60).find_map(|_| {
+        std::thread::sleep(Duration::from_secs(1));
+        w.write_all(&[0])
+            .and_then(|()| w.flush())
+            .err()
+            .map(|_| started.elapsed())
+    });
+    let closed = closed.expect("the replica still reads the trickled hello after 60 s");
+    // 10 s and at most one read's wait (a second here), then the close
+    // reaches this side's next write or the one after.
+    assert!(
+        closed >= Duration::from_secs(9) && closed < Duration::from_secs(15),
+        "closed after {closed:?}"
+    );
+}
+
 /// A client publishing numbered batches of holder deltas until stopped,
 /// batch `seq` to the shard and contents `batch(seq)` names, retrying each
 /// until acknowledged; it records every acknowledged batch.
