@@ -197,6 +197,18 @@ impl MigrationError {
 pub trait MigrationLink: Send {
     /// Sends one frame.
     fn send(&mut self, body: v1::migrate_frame::Body) -> Result<(), MigrationError>;
+    /// Sends one small frame that must not hold the sender up (a
+    /// keep-alive to one peer while it waits on another): a link that can
+    /// tell gives the peer up once it has taken nothing for `stall`. By
+    /// default, [`MigrationLink::send`].
+    fn send_brief(
+        &mut self,
+        body: v1::migrate_frame::Body,
+        stall: Duration,
+    ) -> Result<(), MigrationError> {
+        let _ = stall;
+        self.send(body)
+    }
     /// Receives one frame, waiting at most `timeout` (`None`: forever).
     fn recv(
         &mut self,
@@ -270,6 +282,16 @@ impl ChannelLink {
 impl MigrationLink for ChannelLink {
     fn send(&mut self, body: v1::migrate_frame::Body) -> Result<(), MigrationError> {
         Ok(self.ch.send(&v1::MigrateFrame { body: Some(body) })?)
+    }
+
+    fn send_brief(
+        &mut self,
+        body: v1::migrate_frame::Body,
+        stall: Duration,
+    ) -> Result<(), MigrationError> {
+        Ok(self
+            .ch
+            .send_unless_stalled(&v1::MigrateFrame { body: Some(body) }, stall)?)
     }
 
     fn recv(

@@ -829,6 +829,74 @@ fn a_target_that_answered_outlives_another_frozen_at_verification() {
     assert_eq!(verified(&c.report), [false, true], "{:?}", c.report.clones);
 }
 
+/// A target frozen at verification whose socket buffers are full: every
+/// send to it waits out a send deadline (8 s), and a brief one is given
+/// up after its stall limit.
+struct Stuffed {
+    link: FrozenAfter,
+}
+
+impl MigrationLink for Stuffed {
+    fn send(&mut self, body: Body) -> Result<(), MigrationError> {
+        if self.link.frozen {
+            std::thread::sleep(Duration::from_secs(8));
+            return Ok(());
+        }
+        self.link.send(body)
+    }
+    fn send_brief(&mut self, body: Body, stall: Duration) -> Result<(), MigrationError> {
+        if self.link.frozen {
+            std::thread::sleep(stall);
+            return Err(MigrationError::Timeout {
+                peer: "stuffed".into(),
+                what: "a keep-alive taken",
+                after: stall,
+            });
+        }
+        self.link.send(body)
+    }
+    fn recv(&mut self, t: Option<Duration>) -> Result<Body, MigrationError> {
+        self.link.recv(t)
+    }
+}
+
+/// While the paused source waits out one target frozen at verification,
+/// its keep-alives to the others do not wait on a second frozen target
+/// whose buffers are full: that one is given up after a second, and the
+/// source is paused about a reply timeout and that second. Before, each
+/// keep-alive to it waited out a whole send (8 s).
+#[test]
+fn keep_alives_do_not_wait_on_a_frozen_target_with_full_buffers() {
+    let opts = MigrateOptions {
+        reply_timeout: Duration::from_secs(3),
+        ..MigrateOptions::default()
+    };
+    let frozen = |l| FrozenAfter::boxed(l, at_digest);
+    let stuffed = |link| -> Box<dyn MigrationLink> {
+        Box::new(Stuffed {
+            link: FrozenAfter {
+                link,
+                at: at_digest,
+                frozen: false,
+            },
+        })
+    };
+    let c = clone_through(&opts, &[&frozen, &stuffed, &plain]);
+    assert_eq!(c.targets, [false, false, true]);
+    assert_eq!(
+        verified(&c.report),
+        [false, false, true],
+        "{:?}",
+        c.report.clones
+    );
+    let paused = Duration::from_secs_f64(c.report.downtime_ms / 1e3);
+    assert!(paused >= opts.reply_timeout, "paused {paused:?}");
+    assert!(
+        paused < opts.reply_timeout + Duration::from_millis(2500),
+        "the source was paused {paused:?}"
+    );
+}
+
 /// Two of a clone's three targets freeze on taking their manifests: the
 /// source gives both up within one reply timeout of sending the
 /// manifests (every list of needed pages is owed from then), and the

@@ -820,6 +820,16 @@ impl Channel {
         self.w.send(m)
     }
 
+    /// Sends one message, giving the peer up once it has taken nothing
+    /// for `stall` ([`ChannelWriter::send_unless_stalled`]).
+    pub fn send_unless_stalled<M: Message>(
+        &mut self,
+        m: &M,
+        stall: Duration,
+    ) -> Result<(), AuthError> {
+        self.w.send_unless_stalled(m, stall)
+    }
+
     /// Receives one message.
     pub fn recv<M: Message + Default>(&mut self, what: &'static str) -> Result<M, AuthError> {
         self.r.recv(what)

@@ -362,12 +362,20 @@ impl Fleet<'_> {
     }
 
     /// Tells every destination still in the run but `i` that this source
-    /// lives. (A blocking send each: a frame this small waits only on a
-    /// destination whose socket buffers are already full.)
+    /// lives. A destination that takes nothing of it for
+    /// [`KEEP_ALIVE_STALL`] (its socket buffers already full: frozen) is
+    /// given up, instead of holding this source, and the others, for a
+    /// whole send's deadline each time.
     fn keep_alive_others(&mut self, i: usize) {
         for j in self.alive() {
-            if j != i {
-                self.send(j, Body::KeepAlive(v1::KeepAlive {}), Class::Control);
+            if j == i {
+                continue;
+            }
+            let body = Body::KeepAlive(v1::KeepAlive {});
+            let n = wire_len(&body);
+            match self.dests[j].t.link.send_brief(body, KEEP_ALIVE_STALL) {
+                Ok(()) => self.count(n, Class::Control),
+                Err(e) => self.fail(j, e),
             }
         }
     }
@@ -592,3 +600,7 @@ pub fn recv_by(
 /// How often a source waiting on one destination tells the others that
 /// it lives ([`Fleet::expect_since_keeping`]).
 pub const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long such a keep-alive may wait on a destination that takes
+/// nothing before that destination is given up.
+pub const KEEP_ALIVE_STALL: Duration = Duration::from_secs(1);
