@@ -815,7 +815,7 @@ fn serve_conn(sh: &Shared, conn: TcpStream, arrival: Arrival, peer: &str) -> Res
     s.socket().set_read_timeout(Some(HELLO_TIMEOUT)).ok();
     let who = s.identity().clone();
     let mut r = std::io::BufReader::with_capacity(256 << 10, s);
-    let first = read_frame(&mut r, peer)?;
+    let first = crate::wire::read_hello(&mut r, peer)?;
     let Some(Kind::Hello(hello)) = first.kind else {
         tracing::warn!("{peer}: the first frame must be a hello; closing");
         return Ok(());

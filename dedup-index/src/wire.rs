@@ -142,15 +142,28 @@ pub const FRAME_REST: Duration = Duration::from_secs(10);
 /// than [`FRAME_REST`] (and its pace allowance) an `Io` error of kind
 /// `TimedOut`.
 pub fn read_frame(r: &mut impl Read, peer: &str) -> Result<IndexFrame, WireError> {
-    read_frame_within(r, peer, FRAME_REST)
+    read_frame_within(r, peer, FRAME_REST, MAX_INDEX_FRAME_BYTES)
+}
+
+/// Most bytes a connection's first frame, its hello, may have: a hello is
+/// a few bytes, so a peer cannot claim a large one to earn its pace
+/// allowance (or to have it allocated) before it is known.
+pub const MAX_HELLO_BYTES: usize = 1024;
+
+/// [`read_frame`] for a connection's first frame (at most
+/// [`MAX_HELLO_BYTES`]).
+pub fn read_hello(r: &mut impl Read, peer: &str) -> Result<IndexFrame, WireError> {
+    read_frame_within(r, peer, FRAME_REST, MAX_HELLO_BYTES)
 }
 
 /// [`read_frame`], the rest of the frame taking at most `rest` (and its
-/// pace allowance) from its first byte.
+/// pace allowance) from its first byte, and the frame at most `most`
+/// bytes.
 pub(crate) fn read_frame_within(
     r: &mut impl Read,
     peer: &str,
     rest: Duration,
+    most: usize,
 ) -> Result<IndexFrame, WireError> {
     let io = |source| WireError::Io {
         peer: peer.into(),
@@ -163,7 +176,7 @@ pub(crate) fn read_frame_within(
         match r.read(&mut head[have..]) {
             Ok(0) => return Err(io(std::io::ErrorKind::UnexpectedEof.into())),
             Ok(n) => have += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io(e)),
         }
         let at = *first.get_or_insert_with(Instant::now);
@@ -171,6 +184,13 @@ pub(crate) fn read_frame_within(
     }
     let at = first.unwrap_or_else(Instant::now);
     let len = check_len(head, peer)?;
+    if len > most {
+        return Err(WireError::TooLarge {
+            peer: peer.into(),
+            len,
+            max: most,
+        });
+    }
     let mut body = vec![0u8; len];
     let mut have = 0;
     while have < len {
@@ -296,7 +316,7 @@ mod tests {
             every,
         };
         let t = Instant::now();
-        let e = read_frame_within(&mut slow, "p", rest).unwrap_err();
+        let e = read_frame_within(&mut slow, "p", rest, MAX_HELLO_BYTES).unwrap_err();
         let took = t.elapsed();
         assert!(
             matches!(&e, WireError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
@@ -309,12 +329,19 @@ mod tests {
             took >= rest && took < every * (bytes.len() as u32 - 1),
             "{took:?}"
         );
+        // A hello claiming more than a hello's bytes is refused at once.
+        let claim = ((MAX_HELLO_BYTES + 1) as u32).to_be_bytes();
+        let e = read_hello(&mut &claim[..], "p").unwrap_err();
+        assert!(matches!(e, WireError::TooLarge { .. }), "{e}");
         let mut quick = Trickle {
             bytes,
             at: 0,
             every: Duration::from_millis(1),
         };
-        assert_eq!(read_frame_within(&mut quick, "p", rest).unwrap(), hello());
+        assert_eq!(
+            read_frame_within(&mut quick, "p", rest, MAX_HELLO_BYTES).unwrap(),
+            hello()
+        );
     }
 
     #[test]

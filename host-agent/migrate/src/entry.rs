@@ -114,6 +114,9 @@ impl MigrationLink for Borrowed<'_> {
     fn poll_frame(&mut self) -> Result<Option<v1::migrate_frame::Body>, MigrationError> {
         self.0.poll_frame()
     }
+    fn send_if_idle(&mut self, body: v1::migrate_frame::Body) -> Result<bool, MigrationError> {
+        self.0.send_if_idle(body)
+    }
 }
 
 /// One clone's outcome.

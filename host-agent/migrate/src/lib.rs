@@ -198,16 +198,12 @@ pub trait MigrationLink: Send {
     /// Sends one frame.
     fn send(&mut self, body: v1::migrate_frame::Body) -> Result<(), MigrationError>;
     /// Sends one small frame that must not hold the sender up (a
-    /// keep-alive to one peer while it waits on another): a link that can
-    /// tell gives the peer up once it has taken nothing for `stall`. By
-    /// default, [`MigrationLink::send`].
-    fn send_brief(
-        &mut self,
-        body: v1::migrate_frame::Body,
-        stall: Duration,
-    ) -> Result<(), MigrationError> {
-        let _ = stall;
-        self.send(body)
+    /// keep-alive to one peer while it waits on another), only if nothing
+    /// sent before is still on its way: true if it went. A link that
+    /// cannot tell sends it ([`MigrationLink::send`]).
+    fn send_if_idle(&mut self, body: v1::migrate_frame::Body) -> Result<bool, MigrationError> {
+        self.send(body)?;
+        Ok(true)
     }
     /// Receives one frame, waiting at most `timeout` (`None`: forever).
     fn recv(
@@ -284,14 +280,10 @@ impl MigrationLink for ChannelLink {
         Ok(self.ch.send(&v1::MigrateFrame { body: Some(body) })?)
     }
 
-    fn send_brief(
-        &mut self,
-        body: v1::migrate_frame::Body,
-        stall: Duration,
-    ) -> Result<(), MigrationError> {
+    fn send_if_idle(&mut self, body: v1::migrate_frame::Body) -> Result<bool, MigrationError> {
         Ok(self
             .ch
-            .send_unless_stalled(&v1::MigrateFrame { body: Some(body) }, stall)?)
+            .send_if_idle(&v1::MigrateFrame { body: Some(body) })?)
     }
 
     fn recv(

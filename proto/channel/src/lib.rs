@@ -820,14 +820,10 @@ impl Channel {
         self.w.send(m)
     }
 
-    /// Sends one message, giving the peer up once it has taken nothing
-    /// for `stall` ([`ChannelWriter::send_unless_stalled`]).
-    pub fn send_unless_stalled<M: Message>(
-        &mut self,
-        m: &M,
-        stall: Duration,
-    ) -> Result<(), AuthError> {
-        self.w.send_unless_stalled(m, stall)
+    /// Sends one small message only if nothing sent before is still
+    /// waiting for the peer's kernel ([`ChannelWriter::send_if_idle`]).
+    pub fn send_if_idle<M: Message>(&mut self, m: &M) -> Result<bool, AuthError> {
+        self.w.send_if_idle(m)
     }
 
     /// Receives one message.
@@ -910,6 +906,19 @@ impl ChannelWriter {
             c.write_tls(&mut self.out).map_err(io_err(&self.peer))?;
         }
         Ok(())
+    }
+
+    /// Sends one small message (a keep-alive) only if every byte sent
+    /// before has been acknowledged by the peer's kernel, so that it never
+    /// waits: true if it went. A peer with bytes still on their way has
+    /// something to read, and one that takes nothing (frozen, its buffers
+    /// full) is not waited on.
+    pub fn send_if_idle<M: Message>(&mut self, m: &M) -> Result<bool, AuthError> {
+        if self.unacked_bytes()? > 0 {
+            return Ok(false);
+        }
+        self.send(m)?;
+        Ok(true)
     }
 
     /// Sends one message, giving the peer up once its kernel has taken

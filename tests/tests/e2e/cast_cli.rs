@@ -99,12 +99,16 @@ impl<'a> Session<'a> {
         // Receivers connect once: start them only once the sender listens
         // (it hashes its image first). Seen from the sender's own network
         // namespace, without a probe connection it would take for one.
-        let port: u16 = self.control.rsplit(':').next().unwrap().parse().unwrap();
+        let control: std::net::SocketAddrV4 = self.control.parse().unwrap();
         let t = std::time::Instant::now();
-        while !listening(c.0.id(), port) {
-            if c.0.try_wait().unwrap().is_some() || t.elapsed() > Duration::from_secs(30) {
+        while !listening(c.0.id(), control) {
+            if c.0.try_wait().unwrap().is_some() {
                 break;
             }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the sender does not listen on {control} after 30 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         c
@@ -771,14 +775,17 @@ fn two_casts(prefix: &str, image: &Path, extra: &[&str]) -> (u64, Vec<f64>) {
     (repairs, times)
 }
 
-/// Whether process `pid` sees a TCP socket listening on `port` in its
-/// network namespace (`/proc/PID/net/tcp`, state `0A`).
-fn listening(pid: u32, port: u16) -> bool {
-    let want = format!(":{port:04X}");
+/// Whether process `pid` sees a TCP socket listening on `at` in its
+/// network namespace (`/proc/PID/net/tcp`, state `0A`; the address as
+/// the kernel writes it, in host byte order). A sender started in another
+/// namespace is looked at from there once it switched; before, the test's
+/// own namespace has no listener at that address.
+fn listening(pid: u32, at: std::net::SocketAddrV4) -> bool {
+    let want = format!("{:08X}:{:04X}", u32::from(*at.ip()).swap_bytes(), at.port());
     std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|t| {
         t.lines().skip(1).any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+            f.len() > 3 && f[1] == want && f[3] == "0A"
         })
     })
 }

@@ -362,10 +362,11 @@ impl Fleet<'_> {
     }
 
     /// Tells every destination still in the run but `i` that this source
-    /// lives. A destination that takes nothing of it for
-    /// [`KEEP_ALIVE_STALL`] (its socket buffers already full: frozen) is
-    /// given up, instead of holding this source, and the others, for a
-    /// whole send's deadline each time.
+    /// lives, where nothing sent to it before is still on its way
+    /// ([`MigrationLink::send_if_idle`]): one with frames still coming
+    /// has something to read, and one that takes nothing (frozen, its
+    /// socket buffers full) holds neither this source nor the others up
+    /// for a send's deadline; it is found where its answer is owed.
     fn keep_alive_others(&mut self, i: usize) {
         for j in self.alive() {
             if j == i {
@@ -373,8 +374,9 @@ impl Fleet<'_> {
             }
             let body = Body::KeepAlive(v1::KeepAlive {});
             let n = wire_len(&body);
-            match self.dests[j].t.link.send_brief(body, KEEP_ALIVE_STALL) {
-                Ok(()) => self.count(n, Class::Control),
+            match self.dests[j].t.link.send_if_idle(body) {
+                Ok(true) => self.count(n, Class::Control),
+                Ok(false) => {}
                 Err(e) => self.fail(j, e),
             }
         }
@@ -587,9 +589,16 @@ pub fn recv_by(
     };
     loop {
         match link.recv(Some(left_until(by))) {
-            Ok(Body::KeepAlive(_)) if Instant::now() >= by => {
-                return Err(late(link.peer(), "reply (only keep-alives came)"));
-            }
+            // Past the deadline, what is already here still counts: the
+            // keep-alives a destination answered earlier may sit ahead of
+            // its reply.
+            Ok(Body::KeepAlive(_)) if Instant::now() >= by => loop {
+                match link.poll_frame()? {
+                    Some(Body::KeepAlive(_)) => {}
+                    Some(b) => return Ok(b),
+                    None => return Err(late(link.peer(), "reply (only keep-alives came)")),
+                }
+            },
             Ok(Body::KeepAlive(_)) => {}
             Err(MigrationError::Timeout { peer, what, .. }) => return Err(late(peer, what)),
             r => return r,
@@ -600,7 +609,3 @@ pub fn recv_by(
 /// How often a source waiting on one destination tells the others that
 /// it lives ([`Fleet::expect_since_keeping`]).
 pub const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(1);
-
-/// How long such a keep-alive may wait on a destination that takes
-/// nothing before that destination is given up.
-pub const KEEP_ALIVE_STALL: Duration = Duration::from_secs(1);

@@ -209,6 +209,9 @@ fn sender<'l>(
                 sent.early = Some(Body::Abort(a));
                 break None;
             }
+            // The answer to a keep-alive sent while others were waited
+            // on: no answer.
+            Ok(Some(Body::KeepAlive(_))) => {}
             Ok(Some(other)) => sent.early = Some(other),
             Err(e) => break Some(e),
         }
