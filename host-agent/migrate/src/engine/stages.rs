@@ -209,11 +209,8 @@ fn read_needs(
     let mut first = true;
     loop {
         let what = "list of needed pages";
-        // Those that answered wait for what comes next on their own
-        // timers while a destination still copying locally keeps this
-        // source waiting on it with keep-alives: they are kept alive too.
         let next = if first {
-            fleet.expect_since_keeping(i, what, since, true)
+            fleet.expect_since(i, what, since)
         } else {
             fleet.expect(i, what)
         };
