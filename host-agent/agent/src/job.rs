@@ -1465,55 +1465,41 @@ mod tests {
     /// it takes the first ask and never answers (frozen after its
     /// handshake).
     fn intermediary(dir: &std::path::Path, name: &str, pages: Option<Vec<Page>>) -> String {
-        let ca = pagecast_channel::ca::Authority::load(&dir.join("ca")).unwrap();
-        ca.issue_to(name, pagecast_channel::Role::Host, 1, &dir.join(name))
-            .unwrap();
-        let tls = pagecast_channel::Tls::load(&dir.join(name)).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
         let held: HashMap<PageHash, Page> = pages
             .iter()
             .flatten()
             .map(|p| (PageHash::of_page(p), *p))
             .collect();
-        std::thread::spawn(move || {
-            let mut frozen = Vec::new();
-            for s in l.incoming() {
-                let Ok(s) = s else { return };
-                let Ok(mut ch) = pagecast_channel::Channel::server(s, &tls) else {
-                    continue;
-                };
-                if pages.is_none() {
-                    let _ = ch.recv::<v1::AgentRequest>("ask");
-                    frozen.push(ch);
-                    continue;
+        crate::test_hosts::peer(dir, name, move |mut ch| {
+            if pages.is_none() {
+                let _ = ch.recv::<v1::AgentRequest>("ask");
+                return Some(ch);
+            }
+            while let Ok(v1::AgentRequest {
+                body: Some(v1::agent_request::Body::FetchPages(r)),
+            }) = ch.recv("ask")
+            {
+                let (mut hs, mut data) = (Vec::new(), Vec::new());
+                for h in hashes_of(&r.hashes).unwrap() {
+                    if let Some(p) = held.get(&h) {
+                        hs.extend_from_slice(h.as_bytes());
+                        data.extend_from_slice(p);
+                    }
                 }
-                while let Ok(v1::AgentRequest {
-                    body: Some(v1::agent_request::Body::FetchPages(r)),
-                }) = ch.recv("ask")
-                {
-                    let (mut hs, mut data) = (Vec::new(), Vec::new());
-                    for h in hashes_of(&r.hashes).unwrap() {
-                        if let Some(p) = held.get(&h) {
-                            hs.extend_from_slice(h.as_bytes());
-                            data.extend_from_slice(p);
-                        }
-                    }
-                    for body in [
-                        v1::PagesByHash {
-                            hashes: hs.into(),
-                            data: data.into(),
-                        },
-                        v1::PagesByHash::default(),
-                    ] {
-                        let _ = ch.send(&v1::AgentResponse {
-                            body: Some(Resp::Pages(body)),
-                        });
-                    }
+                for body in [
+                    v1::PagesByHash {
+                        hashes: hs.into(),
+                        data: data.into(),
+                    },
+                    v1::PagesByHash::default(),
+                ] {
+                    let _ = ch.send(&v1::AgentResponse {
+                        body: Some(Resp::Pages(body)),
+                    });
                 }
             }
-        });
-        addr
+            None
+        })
     }
 
     /// A post-copy gather asks every intermediary of a batch at once: the
@@ -1525,15 +1511,7 @@ mod tests {
     #[test]
     fn a_frozen_intermediary_holds_up_only_the_pages_it_holds() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = pagecast_channel::ca::Authority::init(&dir.path().join("ca")).unwrap();
-        ca.issue_to(
-            "h1",
-            pagecast_channel::Role::Host,
-            1,
-            &dir.path().join("h1"),
-        )
-        .unwrap();
-        let tls = pagecast_channel::Tls::load(&dir.path().join("h1")).unwrap();
+        let tls = crate::test_hosts::tls(dir.path(), "h1");
         let pages: Vec<Page> = (1..=6u8).map(|i| [i; PAGE_SIZE]).collect();
         let hashes: Vec<PageHash> = pages.iter().map(PageHash::of_page).collect();
         let live = intermediary(dir.path(), "live", Some(pages[..2].to_vec()));

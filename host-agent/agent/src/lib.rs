@@ -1332,15 +1332,55 @@ fn ask_whereabouts(
 }
 
 #[cfg(test)]
+pub(crate) mod test_hosts {
+    //! Hosts for tests: real certificates of one CA, and peers that serve
+    //! them on loopback as a test scripts.
+    use super::*;
+
+    /// A host certificate named `name` from the CA in `dir/ca`, made there
+    /// first if there is none yet.
+    pub fn tls(dir: &Path, name: &str) -> Tls {
+        let at = dir.join("ca");
+        let ca = pagecast_channel::ca::Authority::load(&at)
+            .or_else(|_| pagecast_channel::ca::Authority::init(&at))
+            .unwrap();
+        ca.issue_to(name, Role::Host, 1, &dir.join(name)).unwrap();
+        Tls::load(&dir.join(name)).unwrap()
+    }
+
+    /// A peer with host certificate `name` listening on loopback: each
+    /// connection, once authenticated, goes to `serve`, and what it hands
+    /// back stays open for as long as the test runs (a frozen peer's).
+    /// Its address.
+    pub fn peer(
+        dir: &Path,
+        name: &str,
+        mut serve: impl FnMut(Channel) -> Option<Channel> + Send + 'static,
+    ) -> String {
+        let tls = tls(dir, name);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                if let Ok(ch) = Channel::server(s, &tls) {
+                    held.extend(serve(ch));
+                }
+            }
+        });
+        addr
+    }
+}
+
+#[cfg(test)]
 mod refresh_tests {
     use super::*;
     use std::sync::mpsc;
 
     /// An agent named `h1` with a hashing pool of two threads.
     fn agent(dir: &Path) -> Agent {
-        let ca = pagecast_channel::ca::Authority::init(&dir.join("ca")).unwrap();
-        ca.issue_to("h1", Role::Host, 1, &dir.join("h1")).unwrap();
-        Agent::new("h1", Tls::load(&dir.join("h1")).unwrap(), None, 2).unwrap()
+        Agent::new("h1", test_hosts::tls(dir, "h1"), None, 2).unwrap()
     }
 
     /// A destination that takes a question and never answers (a real host
@@ -1348,33 +1388,20 @@ mod refresh_tests {
     /// the VM is absent there.
     /// (Certified by the CA of [`agent`] in `dir`.)
     fn destination(dir: &Path, answers: bool) -> String {
-        let ca = pagecast_channel::ca::Authority::load(&dir.join("ca")).unwrap();
         let name = if answers { "live" } else { "frozen" };
-        ca.issue_to(name, Role::Host, 1, &dir.join(name)).unwrap();
-        let tls = Tls::load(&dir.join(name)).unwrap();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for s in l.incoming() {
-                let Ok(s) = s else { return };
-                let Ok(mut ch) = pagecast_channel::Channel::server(s, &tls) else {
-                    continue;
-                };
-                let _ = ch.recv::<v1::AgentRequest>("question");
-                if answers {
-                    let _ = ch.send(&v1::AgentResponse {
-                        body: Some(v1::agent_response::Body::Whereabouts(
-                            v1::VmWhereaboutsAnswer {
-                                state: v1::Whereabouts::Absent as i32,
-                            },
-                        )),
-                    });
-                }
-                held.push(ch);
+        test_hosts::peer(dir, name, move |mut ch| {
+            let _ = ch.recv::<v1::AgentRequest>("question");
+            if answers {
+                let _ = ch.send(&v1::AgentResponse {
+                    body: Some(v1::agent_response::Body::Whereabouts(
+                        v1::VmWhereaboutsAnswer {
+                            state: v1::Whereabouts::Absent as i32,
+                        },
+                    )),
+                });
             }
-        });
-        addr
+            Some(ch)
+        })
     }
 
     /// VMs in doubt are settled at once, each by its own destination: one

@@ -327,8 +327,9 @@ impl MigrationLink for ChannelLink {
         &mut self,
         within: Duration,
     ) -> Result<Option<v1::migrate_frame::Body>, MigrationError> {
-        // A receive cut off by its timeout mid-frame would lose the frame:
-        // wait for the first byte, then for the whole frame.
+        // Wait for the first byte, then give the whole frame the reply
+        // timeout (a receive cut off mid-frame keeps what came, but the
+        // caller would take it for no frame yet).
         if !self.ch.readable_within(within) {
             return Ok(None);
         }

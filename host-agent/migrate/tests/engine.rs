@@ -768,6 +768,26 @@ fn verified(r: &CloneReportAll) -> Vec<bool> {
     r.clones.iter().map(|c| c.ok && c.verified).collect()
 }
 
+/// Of three targets, only the last runs its clone, verified, by its own
+/// account and the source's.
+fn only_the_last_runs(c: &Cloned) {
+    assert_eq!(c.targets, [false, false, true]);
+    assert_eq!(
+        verified(&c.report),
+        [false, false, true],
+        "{:?}",
+        c.report.clones
+    );
+}
+
+/// The source was paused for at least `timeout` and less than `slack`
+/// more.
+fn paused_about(c: &Cloned, timeout: Duration, slack: Duration) {
+    let paused = Duration::from_secs_f64(c.report.downtime_ms / 1e3);
+    assert!(paused >= timeout, "paused {paused:?}");
+    assert!(paused < timeout + slack, "the source was paused {paused:?}");
+}
+
 fn at_digest(b: &Body) -> bool {
     matches!(b, Body::Digest(_))
 }
@@ -790,19 +810,8 @@ fn clone_targets_frozen_together_cost_the_paused_source_one_reply_timeout() {
     };
     let frozen = |l| FrozenAfter::boxed(l, at_digest);
     let c = clone_through(&opts, &[&frozen, &frozen, &plain]);
-    assert_eq!(c.targets, [false, false, true]);
-    assert_eq!(
-        verified(&c.report),
-        [false, false, true],
-        "{:?}",
-        c.report.clones
-    );
-    let paused = Duration::from_secs_f64(c.report.downtime_ms / 1e3);
-    assert!(paused >= opts.reply_timeout, "paused {paused:?}");
-    assert!(
-        paused < opts.reply_timeout + Duration::from_millis(1500),
-        "the source was paused {paused:?}"
-    );
+    only_the_last_runs(&c);
+    paused_about(&c, opts.reply_timeout, Duration::from_millis(1500));
 }
 
 /// A clone target that answered its verification waits for the Commit on
@@ -878,19 +887,8 @@ fn keep_alives_do_not_wait_on_a_frozen_target_with_full_buffers() {
         })
     };
     let c = clone_through(&opts, &[&frozen, &stuffed, &plain]);
-    assert_eq!(c.targets, [false, false, true]);
-    assert_eq!(
-        verified(&c.report),
-        [false, false, true],
-        "{:?}",
-        c.report.clones
-    );
-    let paused = Duration::from_secs_f64(c.report.downtime_ms / 1e3);
-    assert!(paused >= opts.reply_timeout, "paused {paused:?}");
-    assert!(
-        paused < opts.reply_timeout + Duration::from_millis(2500),
-        "the source was paused {paused:?}"
-    );
+    only_the_last_runs(&c);
+    paused_about(&c, opts.reply_timeout, Duration::from_millis(2500));
 }
 
 /// Two of a clone's three targets freeze on taking their manifests: the
@@ -906,13 +904,7 @@ fn targets_frozen_before_their_needs_cost_one_reply_timeout_not_one_each() {
     };
     let frozen = |l| FrozenAfter::boxed(l, at_manifest);
     let c = clone_through(&opts, &[&frozen, &frozen, &plain]);
-    assert_eq!(c.targets, [false, false, true]);
-    assert_eq!(
-        verified(&c.report),
-        [false, false, true],
-        "{:?}",
-        c.report.clones
-    );
+    only_the_last_runs(&c);
     for clone in &c.report.clones[..2] {
         let e = clone.error.as_ref().map_or("", |e| e.message.as_str());
         assert!(e.contains("list of needed pages"), "{e}");

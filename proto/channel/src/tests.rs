@@ -419,35 +419,33 @@ fn server_error_on(plaintext: &[u8], tamper: bool) -> String {
         ca.issue("ops", Role::Operator, 1).unwrap(),
     );
     let (mut srv, cli) = (srv.unwrap(), cli.unwrap());
-    let (_, mut w) = cli.split().unwrap();
-    let mut out = Vec::new();
-    {
-        let mut c = lock(&w.shared);
-        c.writer().write_all(plaintext).unwrap();
-        while c.wants_write() {
-            c.write_tls(&mut out).unwrap();
-        }
-    }
+    let (_, w) = cli.split().unwrap();
+    let mut out = records(&w, plaintext);
     if tamper {
         let n = out.len();
         out[n - 3] ^= 1;
     }
-    w.sock.write_all(&out).unwrap();
+    (&w.sock).write_all(&out).unwrap();
     srv.recv::<v1::CastProbe>("probe").unwrap_err().to_string()
+}
+
+/// `plaintext` sealed by the writer `w` as TLS records, bypassing its
+/// framing (the test owns the writer).
+fn records(w: &ChannelWriter, plaintext: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut c = lock(&w.shared);
+    c.writer().write_all(plaintext).unwrap();
+    while c.wants_write() {
+        c.write_tls(&mut out).unwrap();
+    }
+    out
 }
 
 /// Sends `bytes` one TLS record each, `every` apart, from the writer `w`
 /// (which a test owns: the records bypass its framing).
 fn trickle(w: &mut ChannelWriter, bytes: &[u8], every: Duration) {
     for b in bytes {
-        let mut out = Vec::new();
-        {
-            let mut c = lock(&w.shared);
-            c.writer().write_all(std::slice::from_ref(b)).unwrap();
-            while c.wants_write() {
-                c.write_tls(&mut out).unwrap();
-            }
-        }
+        let out = records(w, std::slice::from_ref(b));
         if w.sock.write_all(&out).is_err() {
             return;
         }
