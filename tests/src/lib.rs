@@ -141,3 +141,18 @@ pub mod libvirt;
 pub mod pki;
 pub mod qemu;
 pub mod shard_state;
+
+/// Whether a TCP socket listens on IPv4 `at` in the network namespace of
+/// process `proc` (a pid, or `self`): `/proc/PROC/net/tcp`, state `0A`,
+/// the address as the kernel writes it (host byte order). A child started
+/// in another namespace is seen from there once it switched; before, the
+/// test's own namespace has no listener at that address.
+pub fn listening(proc: &str, at: std::net::SocketAddrV4) -> bool {
+    let want = format!("{:08X}:{:04X}", u32::from(*at.ip()).swap_bytes(), at.port());
+    std::fs::read_to_string(format!("/proc/{proc}/net/tcp")).is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "0A"
+        })
+    })
+}

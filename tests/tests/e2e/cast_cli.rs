@@ -101,7 +101,7 @@ impl<'a> Session<'a> {
         // namespace, without a probe connection it would take for one.
         let control: std::net::SocketAddrV4 = self.control.parse().unwrap();
         let t = std::time::Instant::now();
-        while !listening(c.0.id(), control) {
+        while !pagecast_tests::listening(&c.0.id().to_string(), control) {
             if c.0.try_wait().unwrap().is_some() {
                 break;
             }
@@ -773,19 +773,4 @@ fn two_casts(prefix: &str, image: &Path, extra: &[&str]) -> (u64, Vec<f64>) {
         times.push(r["duration_s"].as_f64().unwrap());
     }
     (repairs, times)
-}
-
-/// Whether process `pid` sees a TCP socket listening on `at` in its
-/// network namespace (`/proc/PID/net/tcp`, state `0A`; the address as
-/// the kernel writes it, in host byte order). A sender started in another
-/// namespace is looked at from there once it switched; before, the test's
-/// own namespace has no listener at that address.
-fn listening(pid: u32, at: std::net::SocketAddrV4) -> bool {
-    let want = format!("{:08X}:{:04X}", u32::from(*at.ip()).swap_bytes(), at.port());
-    std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|t| {
-        t.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == want && f[3] == "0A"
-        })
-    })
 }

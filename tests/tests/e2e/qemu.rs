@@ -68,24 +68,6 @@ fn postcopy_is_refused(dir: &std::path::Path, vm: &str, from: &AgentProc, to: &A
     assert!(err.contains("not offered for adopted QEMU VMs"), "{err}");
 }
 
-/// Whether a socket listens on IPv4 `addr` here (/proc/net/tcp).
-fn listening(addr: &str) -> bool {
-    let at: std::net::SocketAddrV4 = addr.parse().unwrap();
-    let want = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(at.ip().octets()),
-        at.port()
-    );
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == want && f[3] == "0A"
-        })
-}
-
 fn wait_status(g: &Guest, want: &str, within: Duration) -> String {
     let until = Instant::now() + within;
     let mut q = g.qmp();
@@ -444,7 +426,7 @@ fn qemu_guests_migrate_through_pagecast() {
         }
     });
     let until = Instant::now() + Duration::from_secs(60);
-    while !listening(&route_src) {
+    while !pagecast_tests::listening("self", route_src.parse().unwrap()) {
         assert!(
             Instant::now() < until,
             "a's agent never listened on {route_src}\n{}",
